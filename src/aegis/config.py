@@ -1,0 +1,428 @@
+"""Static settings: one ``aegis.yaml`` plus ``AEGIS_*`` environment overrides, parsed once.
+
+Every key is validated up front and an error names the key and what is allowed. Environment
+variables override file values with ``__`` between levels: ``AEGIS_TOKENS__DEFAULT_LIFETIME=600``
+sets ``tokens.default_lifetime``; values are read as YAML scalars (``true``, ``600``, ``[a, b]``).
+
+Reloadable state (policies, keys, the registry) is not configuration and lives in the stores.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from aegis.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CONFIG_FILE",
+    "AegisConfig",
+    "DelegationSettings",
+    "ExternalIssuer",
+    "load_config",
+    "read_secret_file",
+]
+
+DEFAULT_CONFIG_FILE = "aegis.yaml"
+ENV_PREFIX = "AEGIS_"
+#: Tokens never live longer than this, whatever the configuration says.
+HARD_MAX_TOKEN_LIFETIME = 24 * 3600
+#: Agent certificates never live longer than this, whatever the configuration says.
+HARD_MAX_LEAF_LIFETIME = 7 * 24 * 3600
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    #: Largest request body the control plane accepts (bytes).
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+
+
+class DatabaseSettings(_Section):
+    #: ``sqlite:///relative/or/absolute.db`` or ``postgresql+psycopg://user@host:5432/db``.
+    url: str = "sqlite:///.aegis/aegis.db"
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not (v.startswith("sqlite:///") or v.startswith("postgresql+psycopg://")):
+            raise ValueError("use sqlite:///PATH or postgresql+psycopg://USER@HOST:PORT/DB")
+        return v
+
+
+class StoreSettings(_Section):
+    #: ``memory://`` (one process) or ``redis://host:port/db`` (shared by every replica).
+    replay: str = "memory://"
+    revocation: str = "memory://"
+    redis_prefix: str = "aegis:"
+    #: How long registry reads may be served from the in-process cache (seconds).
+    registry_cache_ttl: float = Field(default=0.25, ge=0.0, le=5.0)
+
+    @field_validator("replay", "revocation")
+    @classmethod
+    def _store_url(cls, v: str) -> str:
+        if not (v == "memory://" or v.startswith(("redis://", "rediss://"))):
+            raise ValueError("use memory:// or redis://HOST:PORT/DB (rediss:// for TLS)")
+        return v
+
+
+class TokenSettings(_Section):
+    #: Seconds; what a token request gets unless it asks for less.
+    default_lifetime: int = Field(default=300, ge=10)
+    #: Seconds; no token is issued for longer. The doctor warns above one hour.
+    max_lifetime: int = Field(default=3600, ge=10, le=HARD_MAX_TOKEN_LIFETIME)
+    #: Clock skew allowed on exp/nbf/iat (seconds).
+    leeway: int = Field(default=30, ge=0, le=300)
+    #: JWS alg written in headers; both are accepted on input for Ed25519 keys (RFC 9864).
+    signing_alg: Literal["EdDSA", "Ed25519"] = "EdDSA"
+    #: Audiences a client may ask for (RFC 8707 ``resource`` or ``audience``); the first is default.
+    audiences: tuple[str, ...] = ("aegis-gateway",)
+
+    @model_validator(mode="after")
+    def _lifetimes(self) -> TokenSettings:
+        if self.default_lifetime > self.max_lifetime:
+            raise ValueError("default_lifetime must not exceed max_lifetime")
+        if not self.audiences:
+            raise ValueError("audiences must name at least one audience")
+        return self
+
+
+class KeySettings(_Section):
+    #: Key-encryption key (32 bytes, base64) for private keys at rest. Prefer the env variable
+    #: AEGIS_KEYS__KEK or a file (kek_file) over writing it here.
+    kek: str | None = None
+    kek_file: str = ".aegis/kek"
+    rotation_interval: int = Field(default=86400, ge=0)
+    publish_lead: int = Field(default=300, ge=0)
+    #: How often a running server re-reads the key store (rotations by other processes).
+    reload_interval: float = Field(default=5.0, gt=0)
+
+
+class OAuthSettings(_Section):
+    #: Longest lifetime accepted for a private_key_jwt client assertion (seconds).
+    assertion_max_lifetime: int = Field(default=300, ge=10, le=3600)
+    #: Failed client authentications allowed per client and per source address per window.
+    auth_failure_limit: int = Field(default=10, ge=1)
+    auth_failure_window: int = Field(default=60, ge=1)
+
+
+class SecretSettings(_Section):
+    #: Key for the keyed hash (HMAC-SHA256) under which client secrets are stored.
+    pepper: str | None = None
+    pepper_file: str = ".aegis/pepper"
+    #: How long the previous secret keeps working after a rotation (seconds).
+    rotation_overlap: int = Field(default=86400, ge=0, le=30 * 86400)
+
+
+class PkiSettings(_Section):
+    """The internal CA (docs/pki.md). Key files are encrypted under a passphrase derived from the KEK."""
+
+    #: SPIFFE trust domain: lowercase letters, digits, '.', '-', '_' (SPIFFE ID spec §2.1).
+    trust_domain: str = "aegis.local"
+    #: Directory of the CA files; the root key (``root.key.pem``) may be moved offline after init.
+    ca_dir: str = ".aegis/pki"
+    root_cert_file: str = "root.pem"
+    root_key_file: str = "root.key.pem"
+    intermediate_cert_file: str = "intermediate.pem"
+    intermediate_key_file: str = "intermediate.key.pem"
+    #: Agent certificate lifetime when none is asked for (seconds).
+    leaf_default_lifetime: int = Field(default=3600, ge=5)
+    #: No agent certificate lives longer than this (seconds), nor beyond its issuer.
+    leaf_max_lifetime: int = Field(default=24 * 3600, ge=5, le=HARD_MAX_LEAF_LIFETIME)
+    #: How long a CRL is valid after it is signed (nextUpdate - thisUpdate, seconds).
+    crl_lifetime: int = Field(default=300, ge=10, le=86400)
+    #: How long a bootstrap enrolment token stays usable (seconds).
+    bootstrap_token_lifetime: int = Field(default=900, ge=10, le=86400)
+    #: Immediate peers (IP addresses) whose client-certificate header is believed.
+    trusted_proxies: tuple[str, ...] = ()
+    #: ``none`` ignores forwarded certificates; ``envoy`` reads ``x-forwarded-client-cert``;
+    #: ``nginx`` reads ``x-ssl-client-cert`` (``$ssl_client_escaped_cert``).
+    xfcc_mode: Literal["none", "envoy", "nginx"] = "none"
+    xfcc_header: str = ""
+
+    @field_validator("trust_domain")
+    @classmethod
+    def _trust_domain(cls, v: str) -> str:
+        if not v or len(v) > 255 or not re.fullmatch(r"[a-z0-9._-]+", v):
+            raise ValueError("use 1-255 lowercase letters, digits, '.', '-' or '_'")
+        return v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for addr in v:
+            try:
+                ipaddress.ip_address(addr)
+            except ValueError:
+                raise ValueError(f"{addr!r} is not an IP address") from None
+        return v
+
+    @model_validator(mode="after")
+    def _lifetimes(self) -> PkiSettings:
+        if self.leaf_default_lifetime > self.leaf_max_lifetime:
+            raise ValueError("leaf_default_lifetime must not exceed leaf_max_lifetime")
+        if self.xfcc_mode != "none" and not self.trusted_proxies:
+            raise ValueError("xfcc_mode needs trusted_proxies: name the proxy addresses")
+        return self
+
+
+class GatewayRoute(_Section):
+    """One upstream behind the gateway (docs/gateway.md): the longest matching prefix wins."""
+
+    path_prefix: str
+    #: When set, only requests whose Host (without port) equals this match the route.
+    host: str | None = None
+    #: Base URL the request is forwarded to (``http(s)://host:port[/base]``).
+    upstream: str
+    tool: str
+    tenant: str
+    env: str
+    #: An audience tokens must also carry for this route (besides ``gateway.audience``).
+    audience: str | None = None
+    #: Accept tokens without a single-use proof (no DPoP proof, not ``single_use``). Off: a stolen
+    #: bearer token could be replayed at will.
+    allow_bearer: bool = False
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/") or "?" in v or "#" in v:
+            raise ValueError("path_prefix must start with '/' and have no query or fragment")
+        return v
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")) or "?" in v or "#" in v:
+            raise ValueError("use an http(s) URL without a query or fragment")
+        return v.rstrip("/")
+
+
+class GatewayAllow(_Section):
+    """One allow-list entry, used only while no policy is active for the route's tenant/env."""
+
+    tool: str
+    #: Agent ids allowed; ``*`` allows any verified agent of the route's tenant and env.
+    agents: tuple[str, ...] = ("*",)
+
+
+class GatewaySettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8443, ge=1, le=65535)
+    #: The audience access tokens must carry to be accepted here.
+    audience: str = "aegis-gateway"
+    #: The public base URL agents use (scheme://host[:port]); DPoP ``htu`` is checked against it.
+    #: Unset: built from the request's scheme and Host header.
+    public_url: str | None = None
+    routes: tuple[GatewayRoute, ...] = ()
+    #: Default-deny fallback while no policy is active for a tenant/env (empty: deny everything).
+    allow: tuple[GatewayAllow, ...] = ()
+    #: Largest request body accepted (bytes); larger is 413 payload_too_large.
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    #: JSON bodies up to this size are parsed and shown to policy; larger ones are streamed.
+    policy_body_bytes: int = Field(default=64 * 1024, ge=0, le=16 * 1024 * 1024)
+    connect_timeout: float = Field(default=5.0, gt=0, le=300)
+    upstream_timeout: float = Field(default=30.0, gt=0, le=3600)
+    #: How often the gateway checks for a newly activated policy version (seconds).
+    policy_poll_interval: float = Field(default=2.0, gt=0, le=300)
+    #: How old a DPoP proof's ``iat`` may be, and how far ahead of this clock (seconds).
+    dpop_iat_window: float = Field(default=60.0, gt=0, le=600)
+    dpop_future_skew: float = Field(default=5.0, ge=0, le=60)
+    #: Set either to require DPoP server nonces (RFC 9449 §9): 32 bytes, base64, the same on
+    #: every replica (the nonces are HMACs under it). Unset: no nonces.
+    dpop_nonce_key: str | None = None
+    dpop_nonce_key_file: str | None = None
+    #: A nonce is accepted for between one and two lifetimes (seconds).
+    dpop_nonce_lifetime: float = Field(default=300.0, ge=10, le=3600)
+
+    def nonce_key(self, base_dir: str) -> bytes | None:
+        """The DPoP nonce key, or None when nonces are off; a bad key is a ``ConfigError``."""
+        if self.dpop_nonce_key is None and self.dpop_nonce_key_file is None:
+            return None
+        file = Path(base_dir) / (self.dpop_nonce_key_file or "")
+        return _key_bytes(self.dpop_nonce_key, file, "gateway.dpop_nonce_key")
+
+    @model_validator(mode="after")
+    def _unique_routes(self) -> GatewaySettings:
+        keys = [(r.host, r.path_prefix) for r in self.routes]
+        if len(set(keys)) != len(keys):
+            raise ValueError("two routes have the same host and path_prefix")
+        return self
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class ExternalIssuer(BaseModel):
+    """One trusted end-user token issuer (``delegation.external_issuers[]``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Exact ``iss`` of the user's tokens.
+    issuer: str
+    #: The tenant whose agents may act for this issuer's users.
+    tenant: str
+    #: A JWK Set given inline (``{"keys": [...]}``) ...
+    jwks: dict[str, Any] | None = None
+    #: ... or the path of a JWK Set file, read once at start-up.
+    jwks_file: str | None = None
+    #: A value the user token's ``aud`` must contain; default: the Aegis issuer URL.
+    audience: str | None = None
+    #: The user token's ``typ`` when present (RFC 8725 §3.11), e.g. ``jwt`` or ``at+jwt``.
+    typ: str = "jwt"
+    require_may_act: bool = True
+    #: Claim whose scopes narrow what the agent may do for the user; None: the user token does not.
+    scope_claim: str | None = "scope"
+    max_lifetime: int = Field(default=3600, ge=60, le=86400)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ExternalIssuer:
+        if (self.jwks is None) == (self.jwks_file is None):
+            raise ValueError("give exactly one of jwks (inline) or jwks_file")
+        return self
+
+
+class DelegationSettings(BaseModel):
+    """The ``delegation`` section of ``aegis.yaml``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Longest delegation chain (links). Gateways use the same value.
+    max_depth: int = Field(default=4, ge=1, le=8)
+    external_issuers: tuple[ExternalIssuer, ...] = ()
+    #: Tool name globs the doctor treats as high risk (policies must require a parent chain rule).
+    high_risk_tools: tuple[str, ...] = ()
+
+
+class AegisConfig(_Section):
+    #: The token issuer (``iss``) and the public base URL of the control plane.
+    issuer: str = "http://127.0.0.1:8080"
+    data_dir: str = ".aegis"
+    server: ServerSettings = ServerSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    stores: StoreSettings = StoreSettings()
+    tokens: TokenSettings = TokenSettings()
+    keys: KeySettings = KeySettings()
+    oauth: OAuthSettings = OAuthSettings()
+    secrets: SecretSettings = SecretSettings()
+    logging: LogSettings = LogSettings()
+    pki: PkiSettings = PkiSettings()
+    delegation: DelegationSettings = DelegationSettings()
+    gateway: GatewaySettings = GatewaySettings()
+    #: Directory the config file was read from; relative paths resolve against it.
+    base_dir: str = "."
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, v: str) -> str:
+        if not v.startswith(("https://", "http://")) or v.endswith("/") or "#" in v or "?" in v:
+            raise ValueError("use an http(s) URL without a trailing slash, query or fragment")
+        return v
+
+    def path(self, relative: str) -> Path:
+        p = Path(relative)
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+    def database_url(self) -> str:
+        url = self.database.url
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            return "sqlite:///" + str(self.path(url[len("sqlite:///") :]))
+        return url
+
+    def kek(self) -> bytes:
+        return _key_bytes(self.keys.kek, self.path(self.keys.kek_file), "keys.kek")
+
+    def pepper(self) -> bytes:
+        return _key_bytes(
+            self.secrets.pepper, self.path(self.secrets.pepper_file), "secrets.pepper"
+        )
+
+
+def read_secret_file(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def _key_bytes(inline: str | None, file: Path, key: str) -> bytes:
+    text = inline if inline is not None else read_secret_file(file)
+    if text is None:
+        raise ConfigError(
+            f"{key}: not set and {file} does not exist; run `aegis init` or set AEGIS_"
+            f"{key.upper().replace('.', '__')}",
+            key=key,
+        )
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except binascii.Error as exc:
+        raise ConfigError(f"{key}: must be 32 bytes encoded as base64", key=key) from exc
+    if len(raw) != 32:
+        raise ConfigError(f"{key}: must be 32 bytes encoded as base64", key=key)
+    return raw
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == "AEGIS_CONFIG":
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        try:
+            value = yaml.safe_load(raw) if raw else raw
+        except yaml.YAMLError:
+            value = raw
+        if path[-1] in ("kek", "pepper"):
+            value = raw  # secrets stay strings exactly as given
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"{name}: {'.'.join(path[:-1])} is not a section", key=".".join(path)
+                )
+            node = child
+        node[path[-1]] = value
+
+
+def load_config(
+    path: str | Path | None = None, *, environ: Mapping[str, str] | None = None
+) -> AegisConfig:
+    """Read ``path`` (or ``$AEGIS_CONFIG``, or ``./aegis.yaml`` if present, else defaults)."""
+    env = os.environ if environ is None else environ
+    chosen = Path(path) if path is not None else Path(env.get("AEGIS_CONFIG", DEFAULT_CONFIG_FILE))
+    data: dict[str, Any] = {}
+    if chosen.exists():
+        try:
+            loaded = yaml.safe_load(chosen.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{chosen}: not valid YAML: {exc}", key="") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{chosen}: the top level must be a mapping", key="")
+        data = loaded
+    elif path is not None:
+        raise ConfigError(f"config file {chosen} does not exist; run `aegis init`", key="")
+    data.setdefault("base_dir", str(chosen.resolve().parent))
+    _apply_env(data, env)
+    try:
+        return AegisConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting; check the spelling against docs/configuration.md"
+        raise ConfigError(f"{key}: {msg}", key=key) from exc

@@ -1,0 +1,180 @@
+"""Strict compact JWS (RFC 7515 §7.1) parsing and signing, for Ed25519 and ES256 only.
+
+Parsing is the dangerous part, so it is strict and bounded:
+
+* the input is ASCII, at most :data:`MAX_TOKEN_BYTES`, exactly three non-empty segments;
+* every segment is canonical base64url without padding;
+* header and payload are JSON objects without duplicate members (RFC 7515 §5.2: "the JWS Parser
+  MUST either reject JWSs with duplicate Header Parameter names or ..." — we reject), and without
+  ``NaN``/``Infinity``;
+* ``crit`` is rejected since Aegis understands no extension (RFC 7515 §4.1.11: "If any of the listed
+  extension Header Parameters are not understood ... then the JWS is invalid"), and so is
+  ``b64: false`` (RFC 7797).
+
+Which key verifies is never chosen by the token: the caller resolves the key from ``kid`` in its own
+key ring, and headers that carry or point at keys are judged by the caller's rules
+(:data:`KEY_CARRYING_HEADERS`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aegis.crypto.keys import b64u_decode, b64u_encode
+from aegis.errors import TokenError
+
+__all__ = [
+    "KEY_CARRYING_HEADERS",
+    "MAX_TOKEN_BYTES",
+    "ParsedJWS",
+    "encode_segment",
+    "parse_compact",
+    "sign_compact",
+]
+
+#: Tokens larger than this are refused before any decoding.
+MAX_TOKEN_BYTES: Final = 8192
+#: Headers that carry a key or tell a verifier where to fetch one. Aegis never follows them.
+KEY_CARRYING_HEADERS: Final = frozenset({"jku", "x5u", "jwk", "x5c"})
+_HEADER_CACHE_MAX: Final = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedJWS:
+    header: dict[str, Any]
+    payload: dict[str, Any]
+    signing_input: bytes
+    signature: bytes
+
+
+def _malformed(what: str) -> TokenError:
+    return TokenError(f"malformed token: {what}", code="malformed_token")
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _malformed("duplicate JSON member")
+    return obj
+
+
+def _no_constants(name: str) -> Any:
+    raise _malformed(f"JSON constant {name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    # ``1e400`` is valid JSON that Python reads as infinity, which would make ``exp`` never pass;
+    # RFC 8259 §6 leaves such numbers to the implementation: refuse them like NaN.
+    value = float(text)
+    if not math.isfinite(value):
+        raise _malformed("JSON number out of range")
+    return value
+
+
+_decoder = json.JSONDecoder(
+    object_pairs_hook=_object_without_duplicates,
+    parse_constant=_no_constants,
+    parse_float=_finite_float,
+)
+
+
+_scan_once: Callable[[str, int], tuple[Any, int]] = _decoder.scan_once  # type: ignore[attr-defined]
+
+
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        text = raw.decode("utf-8")
+        # Fast path for the compact form every signer emits: scan one value from offset 0 and
+        # require it to span the whole text. Anything else (surrounding whitespace, trailing
+        # data, a scan failure) takes the full decoder, so the accepted texts are exactly its.
+        value: Any = None
+        end = -1
+        if text[:1] == "{":
+            with contextlib.suppress(StopIteration):
+                value, end = _scan_once(text, 0)
+        if end != len(text):
+            value = _decoder.decode(text)
+    except TokenError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _malformed(f"{what} is not valid JSON") from exc
+    if not isinstance(value, dict):
+        raise _malformed(f"{what} is not a JSON object")
+    return value
+
+
+# Headers repeat across every token signed by one key, so their parsed form is cached by the exact
+# segment text. Parsing is a pure function of that text; the cache changes no outcome. Every caller
+# gets its own copy: a caller that edits the header it was given must not change what the next
+# token with the same segment parses to. Only headers whose values are all scalars are cached, so
+# that shallow copy is a whole copy; a header carrying an object or array (a DPoP ``jwk``) is
+# parsed afresh each time.
+_header_cache: dict[str, dict[str, Any]] = {}
+_SCALAR_TYPES: Final = frozenset({str, int, float, bool, type(None)})
+
+
+def _parse_header(segment: str) -> dict[str, Any]:
+    header = _header_cache.get(segment)
+    if header is not None:
+        return header.copy()
+    try:
+        raw = b64u_decode(segment)
+    except ValueError as exc:
+        raise _malformed("header is not canonical base64url") from exc
+    header = _json_object(raw, "header")
+    alg = header.get("alg")
+    if not isinstance(alg, str) or not alg:
+        raise _malformed("header has no alg")
+    if "crit" in header:
+        raise TokenError("unsupported critical header extension", code="forbidden_header")
+    if "b64" in header:
+        raise TokenError("unencoded payloads (b64) are not supported", code="forbidden_header")
+    if all(type(value) in _SCALAR_TYPES for value in header.values()):
+        if len(_header_cache) >= _HEADER_CACHE_MAX:
+            _header_cache.clear()
+        _header_cache[segment] = header.copy()
+    return header
+
+
+def parse_compact(token: str, *, max_bytes: int = MAX_TOKEN_BYTES) -> ParsedJWS:
+    """Split and decode a compact JWS. Verifies nothing: the caller checks ``alg`` and signature."""
+    if not isinstance(token, str):
+        raise _malformed("not a string")
+    if len(token) > max_bytes:
+        raise TokenError(f"token larger than {max_bytes} bytes", code="token_too_large")
+    if not token.isascii():
+        raise _malformed("non-ASCII characters")
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise _malformed(f"expected 3 segments, found {len(parts)}")
+    h, p, s = parts
+    if not h or not p or not s:
+        raise _malformed("empty segment")
+    header = _parse_header(h)
+    try:
+        payload_raw = b64u_decode(p)
+        signature = b64u_decode(s)
+    except ValueError as exc:
+        raise _malformed("segment is not canonical base64url") from exc
+    payload = _json_object(payload_raw, "payload")
+    # The signing input is the token up to its last '.', exactly as received (ASCII checked).
+    return ParsedJWS(header, payload, token[: len(h) + len(p) + 1].encode("ascii"), signature)
+
+
+def encode_segment(obj: dict[str, Any]) -> str:
+    """Compact JSON, base64url-encoded. Raises ``ValueError`` for NaN or infinity, which the
+    parser would refuse: never mint what we cannot verify."""
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return b64u_encode(text.encode("utf-8"))
+
+
+def sign_compact(header_segment: str, payload: dict[str, Any], sign: Any) -> str:
+    """Assemble a compact JWS from a pre-encoded header, a payload and a ``sign(bytes)`` callable."""
+    signing_input = f"{header_segment}.{encode_segment(payload)}"
+    signature = sign(signing_input.encode("ascii"))
+    return f"{signing_input}.{b64u_encode(signature)}"

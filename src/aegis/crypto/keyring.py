@@ -1,0 +1,258 @@
+"""The token-signing key ring: Ed25519 keys moving ``next -> active -> retired``.
+
+Invariants (each one is tested):
+
+* a key is published in the JWKS (as ``next``) before anything is signed with it, and a manual
+  rotation refuses to promote a ``next`` key younger than :attr:`KeyRingSettings.publish_lead`
+  unless forced, so verifiers that cache the JWKS have had time to see it;
+* a retired key stays published until every token it signed has expired
+  (``max token lifetime + leeway`` after retirement), then it is removed;
+* the JWKS never carries a private member; private keys are stored only as AES-256-GCM ciphertext
+  under the key-encryption key, with the ``kid`` as associated data so blobs cannot be swapped;
+* ``kid`` is the RFC 7638 thumbprint of the public key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from aegis.clock import Clock, random_bytes
+from aegis.crypto.keys import Ed25519SigningKey, PublicKey, public_key_from_jwk
+from aegis.errors import ConfigError, Conflict, Unavailable
+from aegis.stores.base import KeyStore
+from aegis.types import KeyState, SigningKeyRecord
+
+__all__ = ["KeyRing", "KeyRingSettings", "decrypt_seed", "encrypt_seed"]
+
+_AAD_PREFIX = b"aegis-signing-key:"
+
+
+def encrypt_seed(kek: bytes, kid: str, seed: bytes) -> bytes:
+    nonce = random_bytes(12)
+    return nonce + AESGCM(kek).encrypt(nonce, seed, _AAD_PREFIX + kid.encode())
+
+
+def decrypt_seed(kek: bytes, kid: str, blob: bytes) -> bytes:
+    try:
+        return AESGCM(kek).decrypt(blob[:12], blob[12:], _AAD_PREFIX + kid.encode())
+    except (InvalidTag, ValueError) as exc:
+        # ValueError: a blob shorter than its 12-byte nonce. Damaged data, same answer.
+        raise ConfigError(
+            f"cannot decrypt signing key {kid}: wrong key-encryption key (keys.kek) or damaged data",
+            key="keys.kek",
+        ) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRingSettings:
+    #: The longest lifetime any token signed by the ring can have (seconds).
+    max_token_lifetime: float = 3600.0
+    #: Clock skew verifiers allow; a retired key stays published this much longer.
+    leeway: float = 30.0
+    #: How long a ``next`` key must have been published before a normal rotation promotes it.
+    publish_lead: float = 300.0
+    #: Scheduled rotation interval; 0 disables scheduled rotation.
+    rotation_interval: float = 86400.0
+    #: JWS ``alg`` written in headers: ``EdDSA`` (widely deployed) or ``Ed25519`` (RFC 9864).
+    signing_alg: str = "EdDSA"
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    records: tuple[SigningKeyRecord, ...]
+    active: Ed25519SigningKey | None
+    public: dict[str, PublicKey]
+    loaded_at: float
+    #: ``remove_after`` of each retired key: past it the key verifies nothing.
+    remove_after: dict[str, float] = field(default_factory=dict)
+
+
+class KeyRing:
+    """Holds the current key records; signs with the active key; resolves public keys by kid."""
+
+    def __init__(
+        self, store: KeyStore, kek: bytes, clock: Clock, settings: KeyRingSettings | None = None
+    ) -> None:
+        if len(kek) != 32:
+            raise ConfigError("the key-encryption key must be 32 bytes", key="keys.kek")
+        self._store = store
+        self._kek = kek
+        self._clock = clock
+        self.settings = settings or KeyRingSettings()
+        self._lock = threading.Lock()
+        self._snap = _Snapshot((), None, {}, 0.0)
+        self._last_miss_reload = 0.0
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Read the records from the store and decrypt the active key."""
+        records = tuple(self._store.list_keys())
+        active = None
+        public: dict[str, PublicKey] = {}
+        remove_after: dict[str, float] = {}
+        for rec in records:
+            public[rec.kid] = public_key_from_jwk(rec.public_jwk)
+            if rec.state is KeyState.RETIRED and rec.remove_after is not None:
+                remove_after[rec.kid] = rec.remove_after
+            if rec.state is KeyState.ACTIVE and rec.private_blob is not None:
+                active = Ed25519SigningKey(decrypt_seed(self._kek, rec.kid, rec.private_blob))
+                if active.kid != rec.kid or active.public.to_jwk() != public[rec.kid].to_jwk():
+                    raise ConfigError(
+                        f"signing key {rec.kid} does not match its published public key",
+                        key="keys",
+                    )
+        self._snap = _Snapshot(records, active, public, self._clock.monotonic(), remove_after)
+
+    def ensure_initialized(self) -> None:
+        """Create an active and a next key if the store has no active key."""
+        with self._lock:
+            self.load()
+            if self._snap.active is not None:
+                return
+            now = self._clock.now()
+            records = [r for r in self._snap.records if r.state is not KeyState.ACTIVE]
+            records.append(replace(self._new_record(now), state=KeyState.ACTIVE, activated_at=now))
+            if not any(r.state is KeyState.NEXT for r in records):
+                records.append(self._new_record(now))
+            self._store.replace_all(records)
+            self.load()
+
+    def refresh_if_stale(self, max_age: float) -> None:
+        """Reload when the snapshot is older than ``max_age`` seconds (picks up other processes'
+        rotations). A failed reload keeps the current snapshot: it is still correct until then."""
+        if self._clock.monotonic() - self._snap.loaded_at >= max_age:
+            with contextlib.suppress(Unavailable):
+                self.load()
+
+    # -- using -----------------------------------------------------------------------------
+
+    def signing_key(self) -> Ed25519SigningKey:
+        key = self._snap.active
+        if key is None:
+            raise Unavailable(
+                "no active signing key; run `aegis keys rotate`", code="key_store_unavailable"
+            )
+        return key
+
+    def public_key(self, kid: str) -> PublicKey | None:
+        """The published key with this kid. On a miss, reload at most once a second so keys
+        rotated by another process are found without letting unknown kids hammer the store."""
+        key = self._snap.public.get(kid)
+        if key is None:
+            now = self._clock.monotonic()
+            if now - self._last_miss_reload >= 1.0:
+                self._last_miss_reload = now
+                try:
+                    self.load()
+                except Unavailable:
+                    return None
+                key = self._snap.public.get(kid)
+        if key is not None:
+            # A retired key past its overlap is gone from the JWKS; it must stop verifying at the
+            # same instant even if no rotation has pruned it from the store yet, or a leaked
+            # retired key would keep minting accepted tokens.
+            until = self._snap.remove_after.get(kid)
+            if until is not None and self._clock.now() >= until:
+                return None
+        return key
+
+    def records(self) -> tuple[SigningKeyRecord, ...]:
+        return self._snap.records
+
+    def jwks(self) -> dict[str, Any]:
+        """The public JWK Set: next, active, and retired keys still inside their overlap."""
+        now = self._clock.now()
+        keys = []
+        for rec in self._snap.records:
+            if (
+                rec.state is KeyState.RETIRED
+                and rec.remove_after is not None
+                and now >= rec.remove_after
+            ):
+                continue
+            jwk = {k: v for k, v in rec.public_jwk.items() if k in ("kty", "crv", "x", "y")}
+            keys.append({**jwk, "kid": rec.kid, "use": "sig", "alg": self.settings.signing_alg})
+        return {"keys": keys}
+
+    # -- rotating --------------------------------------------------------------------------
+
+    def rotate(self, *, force: bool = False) -> SigningKeyRecord:
+        """Promote ``next`` to active, retire the old active key, publish a new ``next``.
+
+        Returns the new active record. Raises ``Conflict`` if ``next`` has been published for
+        less than ``publish_lead`` and ``force`` is false."""
+        with self._lock:
+            self.load()
+            now = self._clock.now()
+            recs = list(self._snap.records)
+            nxt = next((r for r in recs if r.state is KeyState.NEXT), None)
+            if nxt is None:
+                nxt = self._new_record(now)
+                recs.append(nxt)
+                if not force:
+                    self._store.replace_all(recs)
+                    self.load()
+                    raise Conflict(
+                        "no next key was published; one is published now, rotate again after "
+                        f"{int(self.settings.publish_lead)} s or use --force"
+                    )
+            elif not force and now - nxt.created_at < self.settings.publish_lead:
+                wait = int(self.settings.publish_lead - (now - nxt.created_at)) + 1
+                raise Conflict(
+                    f"the next key was published {int(now - nxt.created_at)} s ago; verifiers may "
+                    f"not have fetched it yet: rotate again in {wait} s or use --force"
+                )
+            overlap = self.settings.max_token_lifetime + self.settings.leeway
+            out: list[SigningKeyRecord] = []
+            for r in recs:
+                if (
+                    r.state is KeyState.RETIRED
+                    and r.remove_after is not None
+                    and now >= r.remove_after
+                ):
+                    continue  # every token it signed has expired
+                if r.state is KeyState.ACTIVE:
+                    r = replace(
+                        r, state=KeyState.RETIRED, retired_at=now, remove_after=now + overlap
+                    )
+                elif r.kid == nxt.kid:
+                    r = replace(r, state=KeyState.ACTIVE, activated_at=now)
+                out.append(r)
+            out.append(self._new_record(now))
+            self._store.replace_all(out)
+            self.load()
+            return next(r for r in out if r.state is KeyState.ACTIVE)
+
+    def rotate_if_due(self) -> bool:
+        """Scheduled rotation: rotate when the active key is older than the interval."""
+        interval = self.settings.rotation_interval
+        if interval <= 0:
+            return False
+        active = next((r for r in self._snap.records if r.state is KeyState.ACTIVE), None)
+        if active is None or active.activated_at is None:
+            return False
+        if self._clock.now() - active.activated_at < interval:
+            return False
+        try:
+            self.rotate()
+        except Conflict:
+            return False
+        return True
+
+    def _new_record(self, now: float) -> SigningKeyRecord:
+        key = Ed25519SigningKey.generate()
+        return SigningKeyRecord(
+            kid=key.kid,
+            alg=self.settings.signing_alg,
+            state=KeyState.NEXT,
+            public_jwk=key.public.to_jwk(),
+            private_blob=encrypt_seed(self._kek, key.kid, key.seed()),
+            created_at=now,
+        )

@@ -1,0 +1,372 @@
+"""The agent registry: tenants, environments, agents, OAuth clients and their life cycles.
+
+Every operation validates all of its input before writing, writes its records and its lifecycle
+event in one transaction (a failed operation writes nothing), and returns the new record.
+
+Leaving ``active`` (suspend, quarantine, retire) sets the agent's ``tokens_not_before`` to now: every
+token issued before that instant is dead at once, everywhere, without storing each token. Retired is
+final. Quarantine means "under investigation": only an admin may release it.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from aegis.clock import Clock, new_id
+from aegis.crypto.keys import public_key_from_jwk
+from aegis.errors import ClientAuthError, Conflict, InvalidRequest, NotFound
+from aegis.registry.secrets import hash_secret, new_secret, secret_matches
+from aegis.stores.base import RegistryStore
+from aegis.types import (
+    AdminKey,
+    AdminRole,
+    Agent,
+    AgentStatus,
+    Client,
+    ClientAuthMethod,
+    ClientSecret,
+    Environment,
+    Event,
+    Tenant,
+    TenantStatus,
+)
+
+__all__ = [
+    "ID_PATTERN",
+    "SCOPE_PATTERN",
+    "AgentSpec",
+    "RegistryService",
+]
+
+#: Tenant, environment and agent ids: lowercase, digits, ``-`` and ``.``; they appear in SPIFFE IDs.
+ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9.-]{0,62}")
+#: RFC 6749 §3.3 scope-token characters, bounded in length.
+SCOPE_PATTERN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,128}")
+_OWNER_PATTERN = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+_SECRET_METHODS = (ClientAuthMethod.CLIENT_SECRET_BASIC, ClientAuthMethod.CLIENT_SECRET_POST)
+
+_TRANSITIONS: dict[AgentStatus, frozenset[AgentStatus]] = {
+    AgentStatus.ACTIVE: frozenset(
+        {AgentStatus.SUSPENDED, AgentStatus.QUARANTINED, AgentStatus.RETIRED}
+    ),
+    AgentStatus.SUSPENDED: frozenset(
+        {AgentStatus.ACTIVE, AgentStatus.QUARANTINED, AgentStatus.RETIRED}
+    ),
+    AgentStatus.QUARANTINED: frozenset({AgentStatus.ACTIVE, AgentStatus.RETIRED}),
+    AgentStatus.RETIRED: frozenset(),
+}
+
+
+def _check_id(value: str, what: str) -> str:
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value) or ".." in value:
+        raise InvalidRequest(
+            f"{what} {value!r} is not valid: use 1-63 lowercase letters, digits, '-' or '.'",
+            field=what,
+        )
+    return value
+
+
+def _check_scopes(scopes: tuple[str, ...]) -> tuple[str, ...]:
+    for s in scopes:
+        if not SCOPE_PATTERN.fullmatch(s):
+            raise InvalidRequest(f"scope {s!r} is not a valid RFC 6749 scope token", field="scopes")
+    return tuple(dict.fromkeys(scopes))
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSpec:
+    """Everything needed to register an agent."""
+
+    id: str
+    tenant_id: str
+    env: str
+    #: The accountable human, an e-mail address. Required.
+    owner: str
+    display_name: str = ""
+    roles: tuple[str, ...] = ()
+    allowed_scopes: tuple[str, ...] = ()
+    software_version: str | None = None
+    model: str | None = None
+    attributes: dict[str, Any] | None = None
+    jwks: tuple[dict[str, Any], ...] = ()
+
+
+class RegistryService:
+    def __init__(
+        self,
+        store: RegistryStore,
+        *,
+        clock: Clock,
+        pepper: bytes,
+        secret_overlap: float = 86400.0,
+    ) -> None:
+        self.store = store
+        self._clock = clock
+        self._pepper = pepper
+        self._overlap = secret_overlap
+        #: Called with the new record after every committed agent status change (the internal CA
+        #: revokes the agent's certificates here). A listener's error reaches the caller.
+        self.status_listeners: list[Callable[[Agent], None]] = []
+
+    def _event(
+        self, type_: str, actor: str, subject: str, tenant: str | None, **data: Any
+    ) -> Event:
+        event = Event(new_id(), self._clock.now(), type_, actor, subject, tenant, data)
+        self.store.append_event(event)
+        return event
+
+    # -- tenants and environments ----------------------------------------------------------
+
+    def ensure_tenant_env(self, tenant_id: str, env: str, *, actor: str) -> None:
+        """Create the tenant and environment if they do not exist yet (inside a transaction)."""
+        _check_id(tenant_id, "tenant")
+        _check_id(env, "env")
+        now = self._clock.now()
+        try:
+            tenant = self.store.get_tenant(tenant_id)
+        except NotFound:
+            tenant = Tenant(tenant_id, tenant_id, TenantStatus.ACTIVE, now)
+            self.store.create_tenant(tenant)
+            self._event("tenant.created", actor, f"tenant:{tenant_id}", tenant_id)
+        if tenant.status is not TenantStatus.ACTIVE:
+            raise Conflict(f"tenant {tenant_id} is {tenant.status}; reactivate it first")
+        if not any(e.name == env for e in self.store.list_environments(tenant_id)):
+            self.store.create_environment(Environment(tenant_id, env, now))
+            self._event("environment.created", actor, f"env:{tenant_id}/{env}", tenant_id)
+
+    def set_tenant_status(self, tenant_id: str, status: TenantStatus, *, actor: str) -> Tenant:
+        with self.store.atomic():
+            tenant = replace(self.store.get_tenant(tenant_id), status=status)
+            self.store.update_tenant(tenant)
+            self._event(f"tenant.{status.value}", actor, f"tenant:{tenant_id}", tenant_id)
+        return tenant
+
+    # -- agents ----------------------------------------------------------------------------
+
+    def register_agent(self, spec: AgentSpec, *, actor: str) -> Agent:
+        _check_id(spec.id, "agent")
+        if not isinstance(spec.owner, str) or not _OWNER_PATTERN.fullmatch(spec.owner):
+            raise InvalidRequest(
+                "owner must be the accountable human's e-mail address", field="owner"
+            )
+        scopes = _check_scopes(tuple(spec.allowed_scopes))
+        jwks = tuple(self._check_jwk(j) for j in spec.jwks)
+        now = self._clock.now()
+        agent = Agent(
+            id=spec.id,
+            tenant_id=spec.tenant_id,
+            env=spec.env,
+            display_name=spec.display_name or spec.id,
+            owner=spec.owner,
+            status=AgentStatus.ACTIVE,
+            created_at=now,
+            updated_at=now,
+            roles=tuple(dict.fromkeys(spec.roles)),
+            allowed_scopes=scopes,
+            software_version=spec.software_version,
+            model=spec.model,
+            attributes=dict(spec.attributes or {}),
+            jwks=jwks,
+        )
+        with self.store.atomic():
+            self.ensure_tenant_env(spec.tenant_id, spec.env, actor=actor)
+            self.store.create_agent(agent)
+            self._event(
+                "agent.registered", actor, f"agent:{agent.id}", agent.tenant_id, owner=agent.owner
+            )
+        return agent
+
+    def _check_jwk(self, jwk: dict[str, Any]) -> dict[str, Any]:
+        key = public_key_from_jwk(jwk)  # refuses private members and unknown key types
+        return {**key.to_jwk(), "kid": jwk.get("kid", key.kid)}
+
+    def set_agent_status(
+        self, agent_id: str, status: AgentStatus, *, actor: str, reason: str = ""
+    ) -> Agent:
+        with self.store.atomic():
+            agent = self.store.get_agent(agent_id)
+            if status not in _TRANSITIONS[agent.status]:
+                raise Conflict(
+                    f"agent {agent_id} is {agent.status.value}; cannot become {status.value}"
+                )
+            now = self._clock.now()
+            changes: dict[str, Any] = {"status": status, "updated_at": now}
+            if status is not AgentStatus.ACTIVE:
+                # Kill every live token of this agent at once (iat < now).
+                changes["tokens_not_before"] = now
+            agent = replace(agent, **changes)
+            self.store.update_agent(agent)
+            self._event(
+                f"agent.{status.value}", actor, f"agent:{agent_id}", agent.tenant_id, reason=reason
+            )
+        for listener in self.status_listeners:
+            listener(agent)
+        return agent
+
+    def update_agent(self, agent_id: str, *, actor: str, **fields: Any) -> Agent:
+        allowed = {
+            "display_name",
+            "roles",
+            "allowed_scopes",
+            "software_version",
+            "model",
+            "attributes",
+            "jwks",
+            "owner",
+        }
+        unknown = set(fields) - allowed
+        if unknown:
+            raise InvalidRequest(f"cannot update {sorted(unknown)}; allowed: {sorted(allowed)}")
+        if "allowed_scopes" in fields:
+            fields["allowed_scopes"] = _check_scopes(tuple(fields["allowed_scopes"]))
+        if "jwks" in fields:
+            fields["jwks"] = tuple(self._check_jwk(j) for j in fields["jwks"])
+        if "roles" in fields:
+            fields["roles"] = tuple(fields["roles"])
+        if "owner" in fields and not _OWNER_PATTERN.fullmatch(str(fields["owner"])):
+            raise InvalidRequest(
+                "owner must be the accountable human's e-mail address", field="owner"
+            )
+        with self.store.atomic():
+            agent = self.store.get_agent(agent_id)
+            if agent.status is AgentStatus.RETIRED:
+                raise Conflict(f"agent {agent_id} is retired and cannot change")
+            agent = replace(agent, updated_at=self._clock.now(), **fields)
+            self.store.update_agent(agent)
+            self._event(
+                "agent.updated", actor, f"agent:{agent_id}", agent.tenant_id, fields=sorted(fields)
+            )
+        return agent
+
+    # -- clients ---------------------------------------------------------------------------
+
+    def create_client(
+        self,
+        agent_id: str,
+        *,
+        auth_method: ClientAuthMethod = ClientAuthMethod.CLIENT_SECRET_BASIC,
+        dpop_bound: bool = False,
+        tls_san_uri: str | None = None,
+        actor: str,
+    ) -> tuple[Client, str | None]:
+        """Create a client for an agent. Returns the client and, for secret methods, the secret
+        in clear: shown once, never stored."""
+        now = self._clock.now()
+        secret = new_secret("aegis_cs_") if auth_method in _SECRET_METHODS else None
+        with self.store.atomic():
+            agent = self.store.get_agent(agent_id)
+            if agent.status is not AgentStatus.ACTIVE:
+                raise Conflict(
+                    f"agent {agent_id} is {agent.status.value}; clients need an active agent"
+                )
+            if auth_method is ClientAuthMethod.PRIVATE_KEY_JWT and not agent.jwks:
+                raise InvalidRequest(
+                    "private_key_jwt needs a registered public key: add --jwk to the agent"
+                )
+            client = Client(
+                client_id=f"{agent_id}.{new_id(6)}",
+                agent_id=agent_id,
+                auth_method=auth_method,
+                created_at=now,
+                secrets=(ClientSecret(hash_secret(self._pepper, secret), now),) if secret else (),
+                dpop_bound=dpop_bound,
+                tls_san_uri=tls_san_uri,
+            )
+            self.store.create_client(client)
+            self._event(
+                "client.created",
+                actor,
+                f"client:{client.client_id}",
+                agent.tenant_id,
+                agent=agent_id,
+                method=auth_method.value,
+            )
+        return client, secret
+
+    def rotate_secret(self, client_id: str, *, actor: str) -> tuple[Client, str]:
+        """A new secret; the previous one keeps working for the overlap window, older ones stop now."""
+        now = self._clock.now()
+        secret = new_secret("aegis_cs_")
+        with self.store.atomic():
+            client = self.store.get_client(client_id)
+            if client.auth_method not in _SECRET_METHODS:
+                raise Conflict(
+                    f"client {client_id} authenticates with {client.auth_method.value}, not a secret"
+                )
+            # At most two secrets live: the new one and the one it replaces (for the overlap).
+            # A secret already rotated away stops working now.
+            kept = [
+                replace(s, expires_at=now + self._overlap)
+                for s in client.secrets
+                if s.expires_at is None
+            ]
+            kept.append(ClientSecret(hash_secret(self._pepper, secret), now))
+            client = replace(client, secrets=tuple(kept))
+            self.store.update_client(client)
+            agent = self.store.get_agent(client.agent_id)
+            self._event("client.secret_rotated", actor, f"client:{client_id}", agent.tenant_id)
+        return client, secret
+
+    def set_client_active(self, client_id: str, active: bool, *, actor: str) -> Client:
+        with self.store.atomic():
+            client = replace(self.store.get_client(client_id), active=active)
+            self.store.update_client(client)
+            agent = self.store.get_agent(client.agent_id)
+            self._event(
+                "client.enabled" if active else "client.disabled",
+                actor,
+                f"client:{client_id}",
+                agent.tenant_id,
+            )
+        return client
+
+    def check_secret(self, client: Client, presented: str) -> None:
+        """Raise ``ClientAuthError`` unless ``presented`` matches a current secret. Every stored
+        secret is compared, so timing does not reveal which one matched."""
+        now = self._clock.now()
+        ok = False
+        for s in client.secrets:
+            if secret_matches(self._pepper, presented, s.hash) and (
+                s.expires_at is None or now < s.expires_at
+            ):
+                ok = True
+        if not ok:
+            raise ClientAuthError("client authentication failed")
+
+    # -- admin API keys --------------------------------------------------------------------
+
+    def create_admin_key(self, name: str, role: AdminRole, *, actor: str) -> tuple[AdminKey, str]:
+        key_id = secrets.token_hex(8)
+        secret = f"aegis_ak_{key_id}_{new_secret('')}"
+        key = AdminKey(key_id, name, role, hash_secret(self._pepper, secret), self._clock.now())
+        with self.store.atomic():
+            self.store.create_admin_key(key)
+            self._event(
+                "admin_key.created", actor, f"admin_key:{key_id}", None, role=role.value, name=name
+            )
+        return key, secret
+
+    def authenticate_admin(self, presented: str) -> AdminKey:
+        """Resolve an admin API key; raises ``ClientAuthError(code="unauthenticated")``."""
+        fail = ClientAuthError("a valid admin API key is required", code="unauthenticated")
+        parts = presented.split("_", 3) if presented.startswith("aegis_ak_") else []
+        if len(parts) != 4:
+            raise fail
+        try:
+            key = self.store.get_admin_key(parts[2])
+        except NotFound:
+            raise fail from None
+        if key.revoked or not secret_matches(self._pepper, presented, key.hash):
+            raise fail
+        return key
+
+    def revoke_admin_key(self, key_id: str, *, actor: str) -> AdminKey:
+        with self.store.atomic():
+            key = replace(self.store.get_admin_key(key_id), revoked=True)
+            self.store.update_admin_key(key)
+            self._event("admin_key.revoked", actor, f"admin_key:{key_id}", None)
+        return key

@@ -1,0 +1,1 @@
+"""SQL backends (SQLite, PostgreSQL) with Alembic migrations."""

@@ -1,0 +1,60 @@
+"""SQLAlchemy engines for the embedded default (SQLite, WAL mode) and PostgreSQL (psycopg 3).
+
+Engines are made with ``hide_parameters=True``: a driver error's text would otherwise quote every
+bound value of the failed statement (encrypted private keys, client secret and admin key hashes),
+and that text travels as the ``__cause__`` of the errors the stores raise, into logs and reports.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+
+from aegis.errors import ConfigError
+
+__all__ = ["make_engine"]
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; ``ConfigError`` naming ``database.url`` for any other kind of URL."""
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///") :]
+        if path.split("?")[0] in ("", ":memory:") or "mode=memory" in path:
+            # Each connection would get its own empty database: the migration would run on one
+            # and the stores would read another, and no transaction would be visible to others.
+            raise ConfigError(
+                "database.url: SQLite needs a file: use sqlite:///PATH, not an in-memory database",
+                key="database.url",
+            )
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url,
+            hide_parameters=True,
+            connect_args={"timeout": 5.0, "check_same_thread": False},
+        )
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=5000")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        return engine
+    if url.startswith("postgresql+psycopg://"):
+        return create_engine(
+            url,
+            hide_parameters=True,
+            pool_pre_ping=True,
+            pool_size=10,
+            max_overflow=10,
+            connect_args={"connect_timeout": 3},
+        )
+    raise ConfigError(
+        "database.url: use sqlite:///PATH or postgresql+psycopg://USER@HOST:PORT/DB",
+        key="database.url",
+    )

@@ -1,0 +1,38 @@
+"""Structured logs: one JSON object per line, fields named by constants, never a secret.
+
+Use :func:`log_event` with keyword fields; never format values into the message. Token values,
+secrets and assertions must not be passed at all: log a ``jti`` or a ``client_id`` instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+__all__ = ["configure_logging", "log_event", "logger"]
+
+logger = logging.getLogger("aegis")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "aegis_fields", {})
+        return json.dumps(
+            {"level": record.levelname.lower(), "event": record.getMessage(), **fields},
+            default=str,
+            separators=(",", ":"),
+        )
+
+
+def configure_logging(level: str = "info") -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(_JsonFormatter())
+    logger.handlers[:] = [handler]
+    logger.setLevel(level.upper())
+    logger.propagate = False
+
+
+def log_event(event: str, *, level: int = logging.INFO, **fields: Any) -> None:
+    if logger.isEnabledFor(level):
+        logger.log(level, event, extra={"aegis_fields": fields})

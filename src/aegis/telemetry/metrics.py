@@ -1,0 +1,108 @@
+"""Prometheus metrics: every name and label is a constant here, and nowhere else.
+
+Metrics live in one registry per process (:data:`REGISTRY`) served at ``/metrics``. Rejections are
+counted by their stable error code, so a dashboard reads the same vocabulary as the API.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+__all__ = [
+    "ADMIN_REQUESTS",
+    "APPROVAL_NEEDED",
+    "CERTS_ISSUED",
+    "DECISIONS",
+    "EXPIRED_TOKEN_REJECTIONS",
+    "FAILED_SIGNATURE_VERIFICATIONS",
+    "MTLS_REJECTIONS",
+    "OAUTH_REJECTIONS",
+    "PIPELINE_STEP_SECONDS",
+    "REGISTRY",
+    "REPLAY_ATTEMPTS",
+    "TOKENS_ISSUED",
+    "TOKEN_ENDPOINT_SECONDS",
+    "count_rejection",
+]
+
+REGISTRY: Final = CollectorRegistry(auto_describe=True)
+
+TOKENS_ISSUED: Final = Counter(
+    "aegis_tokens_issued_total",
+    "Access tokens issued by the token endpoint.",
+    ["grant_type", "auth_method"],
+    registry=REGISTRY,
+)
+OAUTH_REJECTIONS: Final = Counter(
+    "aegis_oauth_rejections_total",
+    "Requests refused by the OAuth endpoints, by endpoint and stable error code.",
+    ["endpoint", "code"],
+    registry=REGISTRY,
+)
+ADMIN_REQUESTS: Final = Counter(
+    "aegis_admin_requests_total",
+    "Admin API requests by outcome.",
+    ["outcome"],
+    registry=REGISTRY,
+)
+TOKEN_ENDPOINT_SECONDS: Final = Histogram(
+    "aegis_token_endpoint_seconds",
+    "Time spent serving token endpoint requests.",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+    registry=REGISTRY,
+)
+
+
+MTLS_REJECTIONS: Final = Counter(
+    "aegis_mtls_rejections_total",
+    "Peer certificates refused before any policy ran, by front door and stable error code.",
+    ["listener", "code"],
+    registry=REGISTRY,
+)
+CERTS_ISSUED: Final = Counter(
+    "aegis_certificates_issued_total",
+    "Agent certificates issued by the internal CA, by how the caller authenticated.",
+    ["auth"],
+    registry=REGISTRY,
+)
+
+# -- gateway decision pipeline (docs/gateway.md) ----------------------------------------------
+FAILED_SIGNATURE_VERIFICATIONS: Final = Counter(
+    "aegis_failed_signature_verifications_total",
+    "Access tokens or proofs whose signature did not verify at the gateway.",
+    registry=REGISTRY,
+)
+REPLAY_ATTEMPTS: Final = Counter(
+    "aegis_replay_attempts_total",
+    "Single-use proofs (DPoP jti, single-use token jti) presented a second time.",
+    registry=REGISTRY,
+)
+EXPIRED_TOKEN_REJECTIONS: Final = Counter(
+    "aegis_expired_token_rejections_total",
+    "Calls refused because the access token had expired.",
+    registry=REGISTRY,
+)
+APPROVAL_NEEDED: Final = Counter(
+    "aegis_approval_needed_total",
+    "Calls held because policy requires a human approval.",
+    registry=REGISTRY,
+)
+DECISIONS: Final = Counter(
+    "aegis_decisions",
+    "Gateway decisions by action and reason (the stable error code, or ok).",
+    ["action", "reason"],
+    registry=REGISTRY,
+)
+PIPELINE_STEP_SECONDS: Final = Histogram(
+    "aegis_pipeline_step_seconds",
+    "Time spent in each step of the gateway decision pipeline.",
+    ["step"],
+    buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0),
+    registry=REGISTRY,
+)
+
+
+def count_rejection(endpoint: str, code: str) -> None:
+    OAUTH_REJECTIONS.labels(endpoint=endpoint, code=code).inc()

@@ -1,0 +1,207 @@
+"""ReplayStore contract: every backend (memory, Redis) must pass each test here."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import pytest
+
+from aegis.clock import FrozenClock
+from aegis.errors import ReplayDetected, TokenError, Unavailable
+from aegis.stores import ReplayStore, open_replay_store
+from aegis.stores.memory import MemoryReplayStore
+from aegis.stores.redis import RedisReplayStore
+from tests.contracts.conftest import PATIENT_TIMEOUT, Fast
+
+DEAD_REDIS = "redis://127.0.0.1:1/0"
+
+
+async def test_first_use_passes_second_is_a_replay(replay: ReplayStore, fast: Fast) -> None:
+    exp = fast.clock.now() + 60
+    await replay.consume("dpop", "jti-1", exp)
+    with pytest.raises(ReplayDetected) as info:
+        await replay.consume("dpop", "jti-1", exp)
+    assert info.value.code == "replay_detected"
+    # A third attempt is still a replay: refusing does not reset anything.
+    with pytest.raises(ReplayDetected):
+        await replay.consume("dpop", "jti-1", exp + 600)
+
+
+async def test_different_jtis_are_independent(replay: ReplayStore, fast: Fast) -> None:
+    exp = fast.clock.now() + 60
+    # A lone surrogate is what json.loads makes of "\ud800"; it is still an identifier.
+    for jti in ("a", "b", "A", "a ", "ä", "a\x00", "\ud800", "\udc00", "\ud800\udc00", "𐀀"):
+        await replay.consume("dpop", jti, exp)
+
+
+async def test_any_text_is_single_use(replay: ReplayStore, fast: Fast) -> None:
+    for jti in ("\ud800", "x\udfffy", "\x00", "é" * 500):
+        await replay.consume("dpop", jti, fast.clock.now() + 60)
+        with pytest.raises(ReplayDetected):
+            await replay.consume("dpop", jti, fast.clock.now() + 60)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (("dpop", "x"), ("client_assertion", "x")),
+        # Namespace and jti joined naively ("a" + ":" + "b:c" == "a:b" + ":" + "c") must not collide.
+        (("a", "b:c"), ("a:b", "c")),
+        (("a:", "b"), ("a", ":b")),
+        (("a", "\x00b"), ("a\x00", "b")),
+    ],
+)
+async def test_namespaces_are_independent(
+    replay: ReplayStore, fast: Fast, first: tuple[str, str], second: tuple[str, str]
+) -> None:
+    exp = fast.clock.now() + 60
+    await replay.consume(*first, exp)
+    await replay.consume(*second, exp)
+    with pytest.raises(ReplayDetected):
+        await replay.consume(*first, exp)
+    with pytest.raises(ReplayDetected):
+        await replay.consume(*second, exp)
+
+
+async def test_concurrent_consumes_of_one_jti_let_exactly_one_through(
+    patient_replay: ReplayStore, fast: Fast
+) -> None:
+    exp = fast.clock.now() + 60
+    results = await asyncio.gather(
+        *(patient_replay.consume("dpop", "contended", exp) for _ in range(100)),
+        return_exceptions=True,
+    )
+    others = [r for r in results if not isinstance(r, ReplayDetected | None)]
+    assert others == []
+    assert results.count(None) == 1
+
+
+async def test_a_burst_of_distinct_consumes_all_pass(
+    patient_replay: ReplayStore, fast: Fast
+) -> None:
+    """Three hundred requests at once, each with its own jti: all are recorded, none refused."""
+    exp = fast.clock.now() + 60
+    results = await asyncio.gather(
+        *(patient_replay.consume("dpop", f"burst-{i}", exp) for i in range(300)),
+        return_exceptions=True,
+    )
+    assert [r for r in results if r is not None] == []
+
+
+async def test_two_redis_clients_share_one_spend(
+    redis_url: str, redis_prefix: str, frozen_clock: FrozenClock
+) -> None:
+    """Two replicas (two clients, two connection pools) racing on one jti: one wins."""
+    stores = [
+        RedisReplayStore.from_url(
+            redis_url,
+            clock=frozen_clock,
+            prefix=redis_prefix,
+            timeout=PATIENT_TIMEOUT,
+            connect_timeout=PATIENT_TIMEOUT,
+        )
+        for _ in "ab"
+    ]
+    try:
+        exp = frozen_clock.now() + 60
+        results = await asyncio.gather(
+            *(stores[i % 2].consume("dpop", "contended", exp) for i in range(100)),
+            return_exceptions=True,
+        )
+    finally:
+        for store in stores:
+            await store.close()
+    others = [r for r in results if not isinstance(r, ReplayDetected | None)]
+    assert others == []
+    assert results.count(None) == 1
+
+
+async def test_a_jti_is_remembered_until_it_expires(replay: ReplayStore, fast: Fast) -> None:
+    exp = fast.clock.now() + 1.0
+    await replay.consume("dpop", "short", exp)
+    await fast.pass_time(0.5)
+    with pytest.raises(ReplayDetected):
+        await replay.consume("dpop", "short", exp)
+    await fast.pass_time(0.7)
+    # Past its expiry the jti may be forgotten: whatever carried it is expired too.
+    await replay.consume("dpop", "short", fast.clock.now() + 60)
+    with pytest.raises(ReplayDetected):
+        await replay.consume("dpop", "short", fast.clock.now() + 60)
+
+
+async def test_an_already_expired_jti_is_still_recorded_briefly(
+    replay: ReplayStore, fast: Fast
+) -> None:
+    """An expiry in the past (clock skew, leeway) must not make the jti reusable at once."""
+    await replay.consume("dpop", "stale", fast.clock.now() - 30)
+    with pytest.raises(ReplayDetected):
+        await replay.consume("dpop", "stale", fast.clock.now() + 60)
+
+
+async def test_a_dead_redis_is_unavailable_quickly(frozen_clock: FrozenClock) -> None:
+    store = open_replay_store(DEAD_REDIS, clock=frozen_clock, prefix="aegis-test:")
+    try:
+        started = time.monotonic()
+        with pytest.raises(Unavailable) as info:
+            await store.consume("dpop", "jti", frozen_clock.now() + 60)
+        elapsed = time.monotonic() - started
+    finally:
+        await store.close()
+    assert info.value.code == "replay_store_unavailable"
+    assert info.value.status == 503
+    assert elapsed < 1.0, f"took {elapsed:.2f}s to report the dead store"
+
+
+async def test_a_full_memory_store_refuses_rather_than_forgets(frozen_clock: FrozenClock) -> None:
+    store = MemoryReplayStore(frozen_clock, max_entries=3)
+    for jti in "abc":
+        await store.consume("dpop", jti, frozen_clock.now() + 60)
+    with pytest.raises(Unavailable) as info:
+        await store.consume("dpop", "d", frozen_clock.now() + 60)
+    assert info.value.code == "replay_store_unavailable"
+    with pytest.raises(ReplayDetected):
+        await store.consume("dpop", "a", frozen_clock.now() + 60)
+    frozen_clock.advance(61)
+    await store.consume("dpop", "d", frozen_clock.now() + 60)
+
+
+@pytest.mark.parametrize("expires_at", [math.nan, math.inf, -math.inf])
+async def test_a_non_finite_expiry_is_refused(
+    replay: ReplayStore, fast: Fast, expires_at: float
+) -> None:
+    """A NaN expiry compares false with everything; stored, it would never be "seen" again."""
+    with pytest.raises(TokenError) as info:
+        await replay.consume("dpop", "weird", expires_at)
+    assert info.value.code == "invalid_claim"
+    # Nothing was recorded, and nothing was let through twice.
+    await replay.consume("dpop", "weird", fast.clock.now() + 60)
+    with pytest.raises(ReplayDetected):
+        await replay.consume("dpop", "weird", fast.clock.now() + 60)
+
+
+async def test_a_redis_that_never_answers_is_unavailable_quickly(frozen_clock: FrozenClock) -> None:
+    """A server that accepts connections and then hangs (stopped, overloaded) is an outage
+    within the store's timeout, not a request that waits for ever."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(1024):
+            pass
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = open_replay_store(f"redis://127.0.0.1:{port}/0", clock=frozen_clock)
+    try:
+        started = time.monotonic()
+        with pytest.raises(Unavailable) as info:
+            await store.consume("dpop", "jti", frozen_clock.now() + 60)
+        elapsed = time.monotonic() - started
+    finally:
+        await store.close()
+        server.close()
+        await server.wait_closed()
+    assert info.value.code == "replay_store_unavailable"
+    assert elapsed < 1.0, f"took {elapsed:.2f}s to give up on a silent server"
