@@ -1,0 +1,178 @@
+"""``aegis doctor``: find risky settings before they matter (token lifetimes, delegation rules).
+
+Checks, each a plain function returning :class:`Finding` records so tests and other front ends
+(the dashboard) can run them without the CLI:
+
+* ``token_lifetime`` — ``tokens.max_lifetime`` above one hour warns: a stolen token lives that long
+  and revocation must then carry the weight (docs/security.md).
+* ``delegation_depth`` — ``delegation.max_depth`` above the default of 4 warns.
+* ``high_risk_without_parent`` — a policy rule that allows a high-risk tool (``high_risk_tools``
+  globs, from ``delegation.high_risk_tools`` or ``--high-risk-tool``) without requiring a verified
+  delegation chain (a match on ``chain.parent`` or ``chain.depth``) is an error: such a tool should
+  be reached only through an accountable parent agent.
+
+The policy check reads rules through :class:`RuleView`, the small shape it needs (rule id, the tool
+patterns it matches, whether it allows, whether it requires a parent chain); the policy model
+provides it (see docs/delegation.md).
+
+Exit status: 1 if any finding is an error (or, with ``--strict``, a warning), else 0.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Final, Literal, Protocol
+
+import typer
+
+from aegis.config import AegisConfig, load_config
+from aegis.errors import AegisError
+from aegis.tokens.chain import DEFAULT_MAX_DEPTH
+from aegis.tokens.external import DelegationSettings
+
+__all__ = [
+    "MAX_RECOMMENDED_LIFETIME",
+    "Finding",
+    "RuleView",
+    "app",
+    "check_config",
+    "check_high_risk_rules",
+    "doctor",
+]
+
+#: Longest token lifetime the doctor accepts without a warning (seconds).
+MAX_RECOMMENDED_LIFETIME: Final = 3600
+
+Level = Literal["warn", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    level: Level
+    check: str
+    message: str
+    #: Where: a config key or a policy rule id.
+    subject: str
+
+
+class RuleView(Protocol):
+    """What the delegation check needs to know about one policy rule."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def tools(self) -> Sequence[str]:
+        """Tool names or globs the rule matches (``*`` for every tool)."""
+        ...
+
+    @property
+    def allows(self) -> bool:
+        """True when the rule's effect can let a call through (allow or sanitize)."""
+        ...
+
+    @property
+    def requires_parent(self) -> bool:
+        """True when the rule matches only calls with a verified chain (``chain.parent`` set or
+        ``chain.depth`` at least 1)."""
+        ...
+
+
+def _delegation(config: AegisConfig) -> DelegationSettings:
+    settings = getattr(config, "delegation", None)
+    return settings if isinstance(settings, DelegationSettings) else DelegationSettings()
+
+
+def check_config(config: AegisConfig) -> list[Finding]:
+    findings: list[Finding] = []
+    lifetime = config.tokens.max_lifetime
+    if lifetime > MAX_RECOMMENDED_LIFETIME:
+        findings.append(
+            Finding(
+                "warn",
+                "token_lifetime",
+                f"tokens.max_lifetime is {lifetime} s; keep it at or below "
+                f"{MAX_RECOMMENDED_LIFETIME} s (the default token lifetime is 300 s)",
+                "tokens.max_lifetime",
+            )
+        )
+    depth = _delegation(config).max_depth
+    if depth > DEFAULT_MAX_DEPTH:
+        findings.append(
+            Finding(
+                "warn",
+                "delegation_depth",
+                f"delegation.max_depth is {depth}; chains longer than {DEFAULT_MAX_DEPTH} "
+                "are hard to audit",
+                "delegation.max_depth",
+            )
+        )
+    return findings
+
+
+def _overlaps(pattern: str, high_risk: str) -> bool:
+    """Whether a rule's tool pattern can match a tool that a high-risk glob names."""
+    return fnmatch.fnmatchcase(pattern, high_risk) or fnmatch.fnmatchcase(high_risk, pattern)
+
+
+def check_high_risk_rules(rules: Iterable[RuleView], high_risk: Sequence[str]) -> list[Finding]:
+    """Flag rules that allow a high-risk tool while leaving ``parent_agent`` optional."""
+    findings: list[Finding] = []
+    for rule in rules:
+        if not rule.allows or rule.requires_parent:
+            continue
+        hits = sorted({g for g in high_risk for t in rule.tools if _overlaps(t, g)})
+        if hits:
+            findings.append(
+                Finding(
+                    "error",
+                    "high_risk_without_parent",
+                    f"rule {rule.id} allows high-risk tools {hits} without requiring a "
+                    "delegation chain; add a match on chain.parent or chain.depth",
+                    rule.id,
+                )
+            )
+    return findings
+
+
+app = typer.Typer(help="Check the configuration and policies for risky settings.")
+
+
+@app.command("doctor")
+def doctor(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="aegis.yaml (default: $AEGIS_CONFIG or ./aegis.yaml)"),
+    ] = None,
+    high_risk_tool: Annotated[
+        list[str] | None,
+        typer.Option("--high-risk-tool", help="A high-risk tool glob (repeatable)."),
+    ] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on warnings too.")] = False,
+) -> None:
+    """Run every check and print one line per finding."""
+    try:
+        cfg = load_config(config)
+    except AegisError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    globs = [*_delegation(cfg).high_risk_tools, *(high_risk_tool or [])]
+    findings = check_config(cfg)
+    rules = _policy_rules(cfg)
+    findings += check_high_risk_rules(rules, globs)
+    for f in findings:
+        typer.echo(f"{f.level}: {f.check}: {f.message}")
+    if not findings:
+        typer.echo("ok: no findings")
+    failing = {"error", "warn"} if strict else {"error"}
+    if any(f.level in failing for f in findings):
+        raise typer.Exit(1)
+
+
+def _policy_rules(config: AegisConfig) -> list[RuleView]:
+    """The active policies' rules, once the policy model provides :class:`RuleView` adapters."""
+    del config
+    return []

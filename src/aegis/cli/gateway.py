@@ -1,0 +1,61 @@
+"""``aegis gateway``: run the data plane, a reverse proxy deciding every call (docs/gateway.md).
+
+The gateway reads the same ``aegis.yaml`` as the control plane (database, stores, keys) and its
+``gateway:`` section (listen address, audience, routes, allow-list fallback, limits). It exits
+non-zero with a one-line reason when the configuration is wrong.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from aegis.errors import AegisError
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    help="Run the Aegis gateway (reverse proxy with the decision pipeline).", no_args_is_help=True
+)
+
+
+@app.callback()
+def gateway() -> None:
+    """The data plane: every call decided, attested and audited (docs/gateway.md)."""
+
+
+@app.command("run")
+def run(
+    host: Annotated[str | None, typer.Option(help="listen address (default: gateway.host)")] = None,
+    port: Annotated[int | None, typer.Option(help="listen port (default: gateway.port)")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="aegis.yaml (default: $AEGIS_CONFIG)")
+    ] = None,
+) -> None:
+    """Serve the gateway until interrupted."""
+    import uvicorn
+
+    from aegis.config import load_config
+    from aegis.gateway.app import create_gateway_app
+    from aegis.server.services import build_services
+
+    try:
+        cfg = load_config(config)
+        if not cfg.gateway.routes:
+            raise AegisError(
+                "gateway.routes is empty; configure at least one route", code="config_invalid"
+            )
+        services = build_services(cfg)
+        application = create_gateway_app(services, cfg.gateway)
+    except AegisError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
+    uvicorn.run(
+        application,
+        host=host or cfg.gateway.host,
+        port=port or cfg.gateway.port,
+        log_level=cfg.logging.level,
+        lifespan="on",
+    )

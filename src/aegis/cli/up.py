@@ -1,0 +1,109 @@
+"""``aegis up``: the whole control plane in one process on the embedded defaults.
+
+OAuth endpoints, admin API, JWKS, metrics and health are served by uvicorn from the configuration
+in the current directory (or ``--config``). Without a configuration file it runs ``aegis init``
+first, which prints the new admin API key once; apart from that nothing secret is printed. SIGTERM
+and SIGINT stop it gracefully (in-flight requests finish, the stores close) with exit status 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from collections.abc import Generator
+from dataclasses import asdict
+from typing import Annotated, Any
+
+import typer
+import uvicorn
+from rich.console import Console
+
+from aegis.cli import init as init_cmd
+from aegis.cli._common import JsonOpt, config_file, emit, load
+from aegis.server.services import build_services
+from aegis.telemetry.logging import configure_logging
+
+__all__ = ["up"]
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises a caught SIGTERM after its graceful shutdown, so the process would end
+    by the signal; a clean stop of ``aegis up`` should exit 0 instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in _SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _urls(base: str) -> dict[str, str]:
+    return {
+        "url": base,
+        "token_endpoint": f"{base}/oauth/token",
+        "introspection_endpoint": f"{base}/oauth/introspect",
+        "jwks_uri": f"{base}/.well-known/jwks.json",
+        "admin_api": f"{base}/v1/admin",
+        "openapi": f"{base}/v1/openapi.json",
+        "metrics": f"{base}/metrics",
+        "ready": f"{base}/readyz",
+    }
+
+
+def _show(info: dict[str, Any], console: Console) -> None:
+    console.print(f"aegis control plane on {info['url']} (issuer {info['issuer']})")
+    for name, url in info.items():
+        if name not in ("url", "issuer", "init"):
+            console.print(f"  {name:<24} {url}")
+    console.print("  admin API key: .aegis/admin.key (Authorization: Bearer ...); Ctrl-C stops")
+
+
+def up(
+    ctx: typer.Context,
+    host: Annotated[str | None, typer.Option(help="Listen address (default: server.host).")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="Listen port (default: server.port).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Serve the control plane until stopped; set it up first if there is no aegis.yaml."""
+    path = config_file(ctx)
+    created: dict[str, Any] = {}
+    if not path.exists():
+        result = init_cmd.initialise(path.parent)
+        if as_json:  # the one JSON document on stdout carries it
+            created = {"init": asdict(result)}
+        else:
+            init_cmd.show(result, Console(soft_wrap=True))
+    config = load(ctx)
+    server = config.server.model_copy(
+        update={"host": host or config.server.host, "port": port or config.server.port}
+    )
+    config = config.model_copy(update={"server": server})
+    from aegis.server.app import create_app  # the server stack loads only for `aegis up`
+
+    configure_logging(config.logging.level)
+    app = create_app(build_services(config))
+    shown_host = f"[{server.host}]" if ":" in server.host else server.host
+    info = {"issuer": config.issuer, **_urls(f"http://{shown_host}:{server.port}"), **created}
+    emit(info, as_json, lambda console: _show(info, console))
+    sys.stdout.flush()
+    uvicorn_server = _Server(
+        uvicorn.Config(
+            app,
+            host=server.host,
+            port=server.port,
+            log_level=config.logging.level,
+            lifespan="on",
+            server_header=False,
+        )
+    )
+    uvicorn_server.run()
+    if not uvicorn_server.started:
+        raise typer.Exit(1)

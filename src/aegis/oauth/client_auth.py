@@ -1,0 +1,282 @@
+"""OAuth client authentication at the token endpoint (RFC 6749 §2.3, RFC 7523 §3, RFC 7521 §4.2).
+
+Supported: ``client_secret_basic``, ``client_secret_post``, ``private_key_jwt``, and the mutual-TLS
+methods ``tls_client_auth`` and ``self_signed_tls_client_auth`` (RFC 8705 §2, checked in
+:mod:`aegis.pki.binding`; the request then carries only ``client_id``). A request must
+use exactly one method (RFC 6749 §2.3: "The client MUST NOT use more than one authentication method
+in each request"), and it must be the method the client registered. Failures are counted per client
+and per source address; past the limit the caller gets ``rate_limited`` until the window passes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import unquote_plus
+
+from aegis.clock import Clock
+from aegis.crypto.jws import parse_compact
+from aegis.crypto.keys import PublicKey, public_key_from_jwk
+from aegis.errors import AegisError, ClientAuthError, InvalidRequest, NotFound
+from aegis.pki.binding import check_self_signed_client, check_tls_client
+from aegis.pki.peer import PeerIdentity
+from aegis.registry.cache import RegistryCache
+from aegis.registry.service import RegistryService
+from aegis.stores.base import ReplayStore
+from aegis.tokens.verifier import VerifyRules, verify_jwt
+from aegis.types import Client, ClientAuthMethod
+
+__all__ = [
+    "JWT_BEARER_ASSERTION",
+    "AuthenticatedClient",
+    "ClientAuthenticator",
+    "FailureLimiter",
+]
+
+JWT_BEARER_ASSERTION: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+#: Client assertions may be signed with the agent's Ed25519 or P-256 key.
+ASSERTION_ALGS: Final = frozenset({"EdDSA", "Ed25519", "ES256"})
+
+
+@dataclass(frozen=True, slots=True)
+class AuthenticatedClient:
+    client: Client
+    method: ClientAuthMethod
+    #: For private_key_jwt: the assertion's (namespace, jti key, expiry) still to be consumed.
+    pending_jti: tuple[str, str, float] | None = None
+
+
+class FailureLimiter:
+    """Sliding-window count of failed authentications per key (client id, source address)."""
+
+    def __init__(self, clock: Clock, *, limit: int, window: float, max_keys: int = 50_000) -> None:
+        self._clock = clock
+        self._limit = limit
+        self._window = window
+        self._max_keys = max_keys
+        self._hits: dict[str, deque[float]] = {}
+
+    def _recent(self, key: str) -> deque[float]:
+        now = self._clock.monotonic()
+        q = self._hits.get(key)
+        if q is None:
+            if len(self._hits) >= self._max_keys:
+                self._hits.clear()  # bounded memory; errs towards forgetting, never towards blocking all
+            q = self._hits[key] = deque()
+        while q and now - q[0] >= self._window:
+            q.popleft()
+        return q
+
+    def check(self, *keys: str) -> None:
+        for key in keys:
+            if len(self._recent(key)) >= self._limit:
+                raise AegisError(
+                    "too many failed client authentications; wait and retry", code="rate_limited"
+                )
+
+    def record_failure(self, *keys: str) -> None:
+        now = self._clock.monotonic()
+        for key in keys:
+            self._recent(key).append(now)
+
+
+def _parse_basic(header: str) -> tuple[str, str]:
+    """RFC 6749 §2.3.1: id and secret are form-urlencoded, then joined by ':' and base64-encoded."""
+    try:
+        raw = base64.b64decode(header, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise ClientAuthError("malformed Basic credentials", basic=True) from exc
+    client_id, sep, secret = raw.partition(":")
+    if not sep or not client_id:
+        raise ClientAuthError("malformed Basic credentials", basic=True)
+    return unquote_plus(client_id), unquote_plus(secret)
+
+
+class ClientAuthenticator:
+    def __init__(
+        self,
+        registry: RegistryService,
+        cache: RegistryCache,
+        replay: ReplayStore,
+        *,
+        clock: Clock,
+        audiences: frozenset[str],
+        assertion_max_lifetime: float,
+        leeway: float,
+        limiter: FailureLimiter,
+    ) -> None:
+        self._registry = registry
+        self._cache = cache
+        self._replay = replay
+        self._clock = clock
+        self._audiences = audiences
+        self._max_life = assertion_max_lifetime
+        self._leeway = leeway
+        self.limiter = limiter
+
+    async def authenticate(
+        self,
+        form: Mapping[str, str],
+        authorization: str | None,
+        source: str,
+        *,
+        consume: bool = True,
+        peer: PeerIdentity | None = None,
+        client_cert: bytes | None = None,
+    ) -> AuthenticatedClient:
+        """Authenticate the caller of the token, introspection or revocation endpoint.
+
+        With ``consume=False`` a client assertion's jti is not recorded yet: the caller finishes
+        validating the request and then calls :meth:`consume`, so a refused request writes nothing.
+        """
+        basic = (
+            authorization[6:].strip()
+            if authorization and authorization[:6].lower() == "basic "
+            else None
+        )
+        methods = [basic is not None, "client_secret" in form, "client_assertion" in form]
+        if not any(methods) and client_cert is not None and form.get("client_id"):
+            return self._authenticate_mtls(form["client_id"], peer, client_cert, source)
+        if sum(methods) != 1:
+            raise InvalidRequest(
+                "use exactly one client authentication method (Basic, client_secret or client_assertion)"
+                if sum(methods)
+                else "client authentication is required",
+                code="invalid_request" if sum(methods) else "invalid_client",
+            )
+        if basic is not None:
+            client_id, secret = _parse_basic(basic)
+            method = ClientAuthMethod.CLIENT_SECRET_BASIC
+        elif "client_secret" in form:
+            client_id, secret = form.get("client_id", ""), form["client_secret"]
+            method = ClientAuthMethod.CLIENT_SECRET_POST
+        else:
+            if form.get("client_assertion_type") != JWT_BEARER_ASSERTION:
+                raise InvalidRequest(f"client_assertion_type must be {JWT_BEARER_ASSERTION}")
+            client_id, secret = "", ""
+            method = ClientAuthMethod.PRIVATE_KEY_JWT
+        keys = [f"addr:{source}"] + ([f"client:{client_id}"] if client_id else [])
+        self.limiter.check(*keys)
+        try:
+            pending = None
+            if method is ClientAuthMethod.PRIVATE_KEY_JWT:
+                client, pending = self._check_assertion(form)
+                keys.append(f"client:{client.client_id}")
+            else:
+                client = self._check_secret(client_id, secret, method, form)
+            auth = AuthenticatedClient(client, method, pending)
+            if consume:
+                await self.consume(auth)
+        except ClientAuthError:
+            self.limiter.record_failure(*keys)
+            raise
+        return auth
+
+    async def consume(self, auth: AuthenticatedClient) -> AuthenticatedClient:
+        """Record the client assertion's jti; a second use is ``invalid_client``."""
+        if auth.pending_jti is None:
+            return auth
+        namespace, key, expires_at = auth.pending_jti
+        try:
+            await self._replay.consume(namespace, key, expires_at)
+        except AegisError as exc:
+            if exc.code == "replay_detected":
+                raise ClientAuthError("client assertion was already used (jti replayed)") from exc
+            raise
+        return AuthenticatedClient(auth.client, auth.method, None)
+
+    def _authenticate_mtls(
+        self, client_id: str, peer: PeerIdentity | None, cert: bytes, source: str
+    ) -> AuthenticatedClient:
+        """RFC 8705 §2: the connection's client certificate authenticates ``client_id``."""
+        keys = [f"addr:{source}", f"client:{client_id}"]
+        self.limiter.check(*keys)
+        try:
+            client = self._load(client_id)
+            agent = self._cache.agent(client.agent_id)
+            if client.auth_method is ClientAuthMethod.TLS_CLIENT_AUTH:
+                check_tls_client(client, agent, peer)
+            else:
+                check_self_signed_client(client, agent, cert)
+        except ClientAuthError:
+            self.limiter.record_failure(*keys)
+            raise
+        return AuthenticatedClient(client, client.auth_method)
+
+    def _load(self, client_id: str) -> Client:
+        try:
+            client = self._cache.client(client_id)
+        except NotFound:
+            raise ClientAuthError("client authentication failed") from None
+        if not client.active:
+            raise ClientAuthError("client authentication failed")
+        return client
+
+    def _check_secret(
+        self, client_id: str, secret: str, method: ClientAuthMethod, form: Mapping[str, str]
+    ) -> Client:
+        if (
+            method is ClientAuthMethod.CLIENT_SECRET_BASIC
+            and form.get("client_id", client_id) != client_id
+        ):
+            raise InvalidRequest("client_id in the body differs from the Basic credentials")
+        client = self._load(client_id)
+        self._registry.check_secret(client, secret)  # constant-time over every stored secret
+        if client.auth_method is not method:
+            raise ClientAuthError(f"client is registered for {client.auth_method.value}")
+        return client
+
+    def _rules(self, client_id: str) -> VerifyRules:
+        return VerifyRules(
+            typ="jwt",
+            typ_required=False,
+            kid_required=False,
+            issuer=client_id,
+            audience=None,
+            algs=ASSERTION_ALGS,
+            leeway=self._leeway,
+            required=frozenset({"iss", "sub", "aud", "exp", "jti"}),
+            max_lifetime=self._max_life,
+        )
+
+    def _check_assertion(self, form: Mapping[str, str]) -> tuple[Client, tuple[str, str, float]]:
+        """RFC 7523 §3: iss = sub = client_id, aud = us, exp required and short, jti single-use."""
+        assertion = form.get("client_assertion", "")
+        try:
+            unverified = parse_compact(assertion).payload
+        except AegisError as exc:
+            raise ClientAuthError("client assertion is malformed") from exc
+        client_id = unverified.get("sub")
+        if not isinstance(client_id, str) or unverified.get("iss") != client_id:
+            raise ClientAuthError("client assertion must have iss = sub = client_id")
+        if form.get("client_id", client_id) != client_id:
+            raise InvalidRequest("client_id differs from the client assertion's subject")
+        client = self._load(client_id)
+        if client.auth_method is not ClientAuthMethod.PRIVATE_KEY_JWT:
+            raise ClientAuthError(f"client is registered for {client.auth_method.value}")
+        agent = self._cache.agent(client.agent_id)
+        keys: dict[str, PublicKey] = {}
+        for jwk in agent.jwks:
+            key = public_key_from_jwk({k: v for k, v in jwk.items() if k != "kid"})
+            keys[str(jwk.get("kid", key.kid))] = key
+            keys.setdefault(key.kid, key)
+        if len(agent.jwks) == 1:
+            # An assertion without kid is accepted only when exactly one key is registered.
+            keys[""] = keys[next(iter(keys))]
+        now = self._clock.now()
+        try:
+            claims = verify_jwt(assertion, keys.get, self._rules(client_id), now).payload
+        except AegisError as exc:
+            raise ClientAuthError(f"client assertion rejected: {exc.code}") from exc
+        aud = claims["aud"]
+        auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        if not self._audiences.intersection(a for a in auds if isinstance(a, str)):
+            raise ClientAuthError("client assertion audience must be the token endpoint or issuer")
+        exp = float(claims["exp"])
+        if exp - now > self._max_life:
+            raise ClientAuthError(f"client assertion must expire within {int(self._max_life)} s")
+        return client, ("client_assertion", f"{client_id}:{claims['jti']}", exp + self._leeway)

@@ -1,0 +1,129 @@
+"""The all-in-one ASGI application: OAuth endpoints, admin API, metrics and health.
+
+``create_app(services)`` composes the pieces; ``aegis up`` serves it with uvicorn. Background work
+(key store reloads, scheduled rotation) runs in the app's lifespan and stops with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+
+from aegis.oauth.endpoints import OAuthEndpoints
+from aegis.pki.api import PkiEndpoints
+from aegis.pki.middleware import PeerCertificateMiddleware
+from aegis.pki.service import PkiService
+
+try:  # TEMP until the admin API lands
+    from aegis.server.admin_api import create_admin_app
+except ImportError:
+    create_admin_app = None  # type: ignore[assignment]
+from aegis.server.services import Services
+from aegis.telemetry.logging import log_event
+from aegis.telemetry.metrics import REGISTRY
+
+__all__ = ["app_from_config", "create_app"]
+
+
+async def _maintenance(services: Services) -> None:
+    """Reload keys rotated elsewhere and rotate on schedule; never lets an error kill the loop."""
+    interval = services.config.keys.reload_interval
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            services.keyring.refresh_if_stale(interval)
+            if services.keyring.rotate_if_due():
+                log_event("keys.rotated", kid=services.keyring.signing_key().kid, reason="schedule")
+        except Exception as exc:  # keep serving with the current keys; the error is logged
+            log_event("keys.maintenance_failed", error=type(exc).__name__)
+
+
+def create_app(services: Services) -> Starlette:
+    cfg = services.config
+    oauth = OAuthEndpoints(
+        issuer_url=cfg.issuer,
+        tokens=services.tokens,
+        authenticator=services.authenticator,
+        registry=services.registry,
+        jwks=services.keyring.jwks,
+        max_body_bytes=cfg.server.max_body_bytes,
+        dpop=services.extras.get("dpop_hook"),  # type: ignore[arg-type]
+    )
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        try:
+            services.registry_store.list_tenants()
+            services.keyring.signing_key()
+        except Exception as exc:
+            return JSONResponse(
+                {"status": "unavailable", "reason": type(exc).__name__}, status_code=503
+            )
+        return JSONResponse({"status": "ready"})
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    routes: list[Any] = [
+        *oauth.routes(),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics),
+    ]
+    if create_admin_app is not None:
+        routes.append(Mount("/v1", app=create_admin_app(services)))
+    pki = services.extras.get("pki")
+    if isinstance(pki, PkiService):
+        routes.extend(PkiEndpoints(pki, max_body_bytes=cfg.server.max_body_bytes).routes())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        task = asyncio.create_task(_maintenance(services))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await services.aclose()
+
+    middleware: list[Middleware] = []
+    if isinstance(pki, PkiService):
+        # Transport identity (docs/pki.md): the client certificate of this connection, or one a
+        # trusted proxy forwarded, is validated before any route; the token endpoint binds to it.
+        p = cfg.pki
+        middleware.append(
+            Middleware(
+                PeerCertificateMiddleware,
+                validator=pki.validator(),
+                trusted_proxies=p.trusted_proxies,
+                mode=p.xfcc_mode,
+                header=p.xfcc_header,
+                required=lambda path: False,
+                self_signed_ok=lambda path: path == "/oauth/token",
+                listener="control_plane",
+            )
+        )
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
+    app.state.services = services
+    return app
+
+
+def app_from_config() -> Starlette:
+    """ASGI factory for ``uvicorn --factory aegis.server.app:app_from_config`` (reads
+    ``$AEGIS_CONFIG`` or ``./aegis.yaml``), for running the control plane under any ASGI server."""
+    from aegis.config import load_config
+    from aegis.server.services import build_services
+
+    return create_app(build_services(load_config()))

@@ -1,0 +1,286 @@
+"""Delegation chain validation: parent-agent grants and the RFC 8693 §4.1 ``act`` claim.
+
+One function, :func:`verify_links`, checks a presented chain for both the token service (at token
+exchange) and the gateway (:func:`verify_chain`, on every call). Every link is re-verified with its
+signer's *current* registered keys, so rotating or removing a parent's key, or retiring, suspending
+or quarantining any agent in the chain, ends every token that depends on it. The rules:
+
+* each link is signed by the agent it names as ``iss`` (a user-rooted first link by the token
+  service) and names the next signer as ``sub``; ``parent_chain`` binds it to its exact prefix;
+* depth: at most ``max_depth`` links, and each link's ``max_depth`` is below its parent's;
+* no cycles: an agent appears once; tenant and environment never change;
+* scopes and tools only narrow, and no link grants more than its signer may hold today;
+* every agent is active and no link predates its signer's ``tokens_not_before`` mark.
+
+Authorization uses only the token's subject (the current actor) and what these verified links say.
+Nested ``act`` entries are informational: they are never read to build a :class:`Chain`, so a forged
+nested entry can change no decision.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from aegis.crypto.jws import parse_compact
+from aegis.crypto.keys import PublicKey
+from aegis.errors import AegisError, NotFound, TokenError
+from aegis.registry.cache import RegistryCache
+from aegis.telemetry.logging import log_event
+from aegis.tokens.claims import AccessToken
+from aegis.tokens.delegation import (
+    ANY_TOOL,
+    Grant,
+    agent_key_resolver,
+    chain_digest,
+    split_chain,
+    verify_grant,
+)
+from aegis.types import AgentStatus
+
+__all__ = [
+    "DEFAULT_MAX_DEPTH",
+    "Chain",
+    "ChainRules",
+    "audit_rejection",
+    "presented_chain",
+    "verify_chain",
+    "verify_links",
+]
+
+#: Longest delegation chain accepted unless configured otherwise (links, not agents).
+DEFAULT_MAX_DEPTH: Final = 4
+
+
+@dataclass(frozen=True, slots=True)
+class ChainRules:
+    """Settings shared by the token service and the gateway. Build once."""
+
+    #: The token service URL: every grant's ``aud``, and the ``iss`` of user-rooted first links.
+    issuer: str
+    #: The token service's own keys (the key ring), for user-rooted first links only.
+    service_keys: Callable[[str], PublicKey | None]
+    max_depth: int = DEFAULT_MAX_DEPTH
+    leeway: float = 30.0
+    #: The longest access-token lifetime: how long after a link expires its child's token may live.
+    max_token_lifetime: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """A verified delegation chain, shaped for the policy input (``chain`` member)."""
+
+    #: Agents in order: the root first, the current actor last.
+    agents: tuple[str, ...]
+    #: The agent that delegated to the current actor (None when not delegated).
+    parent: str | None
+    #: Number of links (0 when not delegated).
+    depth: int
+    origin_user: str | None = None
+    origin_issuer: str | None = None
+    #: Tools the last link allows (None when not delegated: delegation restricts nothing).
+    tools: tuple[str, ...] | None = None
+    grants: tuple[Grant, ...] = field(default=(), repr=False)
+
+    def allows_tool(self, tool: str) -> bool:
+        return self.tools is None or ANY_TOOL in self.tools or tool in self.tools
+
+    def policy_input(self) -> dict[str, Any]:
+        return {
+            "agents": list(self.agents),
+            "parent": self.parent,
+            "depth": self.depth,
+            "origin_user": self.origin_user,
+        }
+
+
+def presented_chain(links: Sequence[str]) -> list[dict[str, Any]]:
+    """What was presented, for audit: issuer, subject, jti and scope of each link, unverified."""
+    out: list[dict[str, Any]] = []
+    for link in links[:16]:
+        try:
+            payload = parse_compact(link).payload
+        except AegisError:
+            out.append({"malformed": True})
+            continue
+        out.append(
+            {k: str(payload[k])[:128] for k in ("iss", "sub", "jti", "scope") if k in payload}
+        )
+    return out
+
+
+def _fail(message: str, code: str) -> TokenError:
+    return TokenError(message, code=code)
+
+
+def verify_links(
+    links: Sequence[str],
+    *,
+    cache: RegistryCache,
+    rules: ChainRules,
+    tenant: str,
+    env: str,
+    at: float,
+) -> Chain:
+    """Verify a whole chain. ``at`` is the instant the last link must be valid at (now for an
+    exchange; the token's ``iat`` at the gateway). Raises a typed error; registry outages propagate
+    as ``Unavailable`` (deny)."""
+    if not links:
+        raise _fail("the delegation chain is empty", "malformed_token")
+    if len(links) > rules.max_depth:
+        raise _fail(
+            f"delegation depth {len(links)} exceeds {rules.max_depth}", "delegation_too_deep"
+        )
+    grants: list[Grant] = []
+    agents: list[str] = []
+    for i, link in enumerate(links):
+        # Each link must be signed by the previous link's subject, so only the root's issuer is
+        # read before verification, and only to select its keys (verify_grant checks it).
+        iss = grants[-1].sub if i else parse_compact(link).payload.get("iss")
+        if not isinstance(iss, str) or not iss:
+            raise _fail("a grant has no issuer", "parent_signature_invalid")
+        if iss == rules.issuer and i == 0:
+            resolve, allowed = rules.service_keys, None
+        else:
+            try:
+                signer = cache.agent(iss)
+            except NotFound:
+                raise _fail(
+                    "a grant's issuer is not a registered agent", "parent_signature_invalid"
+                ) from None
+            resolve, allowed = agent_key_resolver(signer), signer.allowed_scopes
+            if i == 0:
+                agents.append(iss)  # an agent-rooted chain starts with the root agent
+        grant = verify_grant(
+            link, resolve, issuer=iss, audience=rules.issuer, now=at, leeway=float("inf")
+        )
+        if grant.parent_chain != chain_digest(links[:i]):
+            raise _fail("a grant was made for a different chain", "parent_signature_invalid")
+        if allowed is not None and not set(grant.scopes) <= set(allowed):
+            raise _fail(f"{iss} granted scopes it may not hold", "scope_widened")
+        if i:
+            prev = grants[-1]
+            if not set(grant.scopes) <= set(prev.scopes):
+                raise _fail(f"{iss} granted scopes beyond its own delegation", "scope_widened")
+            if ANY_TOOL not in prev.tools and not set(grant.tools) <= set(prev.tools):
+                raise _fail(f"{iss} granted tools beyond its own delegation", "scope_widened")
+            if prev.max_depth < 1 or grant.max_depth > prev.max_depth - 1:
+                raise _fail(f"{iss} may not delegate further", "delegation_too_deep")
+            # The parent signed this link while holding a token exchanged from the previous one.
+            if grant.iat + rules.leeway < prev.iat or (
+                grant.iat >= prev.exp + rules.max_token_lifetime + rules.leeway
+            ):
+                raise _fail("a link outlived the grant before it", "parent_expired")
+        elif grant.origin_user is not None and iss != rules.issuer:
+            raise _fail(
+                "only the token service may root a chain in a user", "parent_signature_invalid"
+            )
+        grants.append(grant)
+        agents.append(grant.sub)
+    last = grants[-1]
+    if not last.iat - rules.leeway <= at < last.exp + rules.leeway:
+        raise _fail("the parent grant has expired; ask the parent for a new one", "parent_expired")
+    if len(set(agents)) != len(agents):
+        raise _fail("an agent appears twice in the delegation chain", "delegation_cycle")
+    _check_agents(agents, grants, cache, tenant, env)
+    return Chain(
+        agents=tuple(agents),
+        parent=agents[-2] if len(agents) > 1 else None,
+        depth=len(grants),
+        origin_user=grants[0].origin_user,
+        origin_issuer=grants[0].origin_issuer,
+        tools=last.tools,
+        grants=tuple(grants),
+    )
+
+
+def _check_agents(
+    agents: list[str], grants: list[Grant], cache: RegistryCache, tenant: str, env: str
+) -> None:
+    signed_at = {g.iss: g.iat for g in grants}
+    for n, agent_id in enumerate(agents):
+        try:
+            agent = cache.agent(agent_id)
+        except NotFound:
+            raise _fail("an agent in the chain no longer exists", "parent_inactive") from None
+        if agent.tenant_id != tenant or agent.env != env:
+            raise _fail("the delegation chain crosses tenants or environments", "tenant_mismatch")
+        current = n == len(agents) - 1
+        if agent.status is not AgentStatus.ACTIVE:
+            raise _fail(
+                f"agent {agent_id} in the chain is {agent.status.value}",
+                "agent_inactive" if current else "parent_inactive",
+            )
+        if agent_id in signed_at and signed_at[agent_id] < agent.tokens_not_before:
+            raise _fail(f"{agent_id} signed its grant before it was suspended", "parent_inactive")
+
+
+def verify_chain(
+    token: AccessToken,
+    *,
+    cache: RegistryCache,
+    rules: ChainRules,
+    now: float,
+    tool: str | None = None,
+) -> Chain:
+    """Gateway step 6: re-verify the delegation chain of an already verified access token.
+
+    A token without ``parent_agent`` is not delegated: its chain is just its subject. Any failure
+    is logged (``delegation.rejected``) with the presented chain and raised with it in ``details``.
+    """
+    claims = token.claims
+    raw = claims.get("parent_agent")
+    links: list[str] = []
+    try:
+        if raw is None:
+            if any(k in claims for k in ("act", "delegation_depth", "origin_user")):
+                raise _fail("delegation claims without parent_agent", "invalid_claim")
+            chain = Chain(agents=(token.sub,), parent=None, depth=0)
+        else:
+            links = split_chain(raw, max_links=rules.max_depth)
+            chain = verify_links(
+                links, cache=cache, rules=rules, tenant=token.tenant, env=token.env, at=token.iat
+            )
+            act = claims.get("act")
+            if (
+                chain.agents[-1] != token.sub
+                or not isinstance(act, dict)
+                or act.get("sub") != token.sub
+            ):
+                raise _fail("the chain's current actor is not the token's subject", "invalid_claim")
+            if (
+                claims.get("delegation_depth") != chain.depth
+                or claims.get("origin_user") != chain.origin_user
+            ):
+                raise _fail("delegation claims disagree with the verified chain", "invalid_claim")
+            if not set(token.scopes) <= set(chain.grants[-1].scopes):
+                raise _fail("the token holds scopes its grant does not", "scope_widened")
+            if now >= chain.grants[-1].exp + rules.max_token_lifetime + rules.leeway:
+                raise _fail("the token outlived its delegation", "parent_expired")
+        if tool is not None and not chain.allows_tool(tool):
+            raise TokenError(
+                f"tool {tool!r} was not delegated to this agent", code="insufficient_scope"
+            )
+    except AegisError as exc:
+        audit_rejection(exc, stage="gateway", agent=token.sub, links=links)
+        raise
+    return chain
+
+
+def audit_rejection(
+    exc: AegisError, *, stage: str, agent: str | None, links: Sequence[str]
+) -> None:
+    """Record a refused chain (structured event; the audit log consumes the same fields)."""
+    presented = presented_chain(links)
+    exc.details.setdefault("chain", presented)
+    log_event(
+        "delegation.rejected",
+        level=logging.WARNING,
+        stage=stage,
+        code=exc.code,
+        reason=exc.message,
+        agent=agent,
+        chain=presented,
+    )

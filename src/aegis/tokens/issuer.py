@@ -1,0 +1,84 @@
+"""Minting Aegis access tokens (RFC 9068 JWT profile) with the key ring's active Ed25519 key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from aegis.clock import Clock, new_id
+from aegis.crypto.jws import encode_segment, sign_compact
+from aegis.crypto.keyring import KeyRing
+from aegis.tokens.claims import join_scopes
+from aegis.tokens.verifier import ACCESS_TOKEN_TYP
+
+__all__ = ["IssuedToken", "TokenIssuer"]
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    token: str
+    claims: dict[str, Any]
+    expires_in: int
+
+
+class TokenIssuer:
+    """Signs access tokens. The header is cached per signing key; only the payload varies."""
+
+    def __init__(self, keyring: KeyRing, *, issuer: str, clock: Clock) -> None:
+        self._keyring = keyring
+        self.issuer = issuer
+        self._clock = clock
+        self._header_cache: tuple[str, str] | None = None  # (kid, encoded header)
+
+    def _header(self, kid: str) -> str:
+        cached = self._header_cache
+        if cached is not None and cached[0] == kid:
+            return cached[1]
+        alg = self._keyring.settings.signing_alg
+        segment = encode_segment({"alg": alg, "typ": ACCESS_TOKEN_TYP, "kid": kid})
+        self._header_cache = (kid, segment)
+        return segment
+
+    def issue(
+        self,
+        *,
+        agent_id: str,
+        client_id: str,
+        tenant: str,
+        env: str,
+        scopes: tuple[str, ...],
+        audience: tuple[str, ...],
+        lifetime: int,
+        cnf: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> IssuedToken:
+        # Never mint what the verifier refuses: aud must be one non-empty string or a non-empty
+        # list of them (RFC 7519 §4.1.3; AccessToken.from_claims), and join_scopes refuses scopes
+        # that would not split back into themselves.
+        if not audience or not all(isinstance(a, str) and a for a in audience):
+            raise ValueError("an access token needs one or more non-empty audience strings")
+        key = self._keyring.signing_key()
+        # The ring keeps a retired key published for max_token_lifetime + leeway only: a longer
+        # token would outlive its key and fail later for no visible reason. Cap it here too.
+        lifetime = min(lifetime, int(self._keyring.settings.max_token_lifetime))
+        now = int(self._clock.now())
+        claims: dict[str, Any] = {
+            "iss": self.issuer,
+            "sub": agent_id,
+            "aud": audience[0] if len(audience) == 1 else list(audience),
+            "exp": now + lifetime,
+            "iat": now,
+            "nbf": now,
+            "jti": new_id(),
+            "client_id": client_id,
+            "scope": join_scopes(scopes),
+            "tenant": tenant,
+            "env": env,
+            "agent_id": agent_id,
+        }
+        if cnf:
+            claims["cnf"] = cnf
+        if extra:
+            claims.update({k: v for k, v in extra.items() if k not in claims})
+        token = sign_compact(self._header(key.kid), claims, key.sign)
+        return IssuedToken(token, claims, lifetime)

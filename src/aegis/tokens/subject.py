@@ -1,0 +1,48 @@
+"""Subject state: is the verified token's agent, client and tenant still allowed to act?
+
+Checked after the signature and claims, on every use (introspection, the gateway): the agent is
+active and the token was issued after the agent's ``tokens_not_before`` mark; the client is active
+and still belongs to that agent; the tenant is active and is the agent's tenant; the token's jti is
+not revoked and no subject-wide revocation mark is later than its ``iat``. Any store failure
+propagates as ``Unavailable``: the caller denies.
+"""
+
+from __future__ import annotations
+
+from aegis.errors import NotFound, TokenError
+from aegis.registry.cache import RegistryCache
+from aegis.stores.base import RevocationStore
+from aegis.tokens.claims import AccessToken
+from aegis.types import Agent, AgentStatus, TenantStatus
+
+__all__ = ["check_subject"]
+
+
+async def check_subject(
+    token: AccessToken, cache: RegistryCache, revocation: RevocationStore
+) -> Agent:
+    """Return the token's agent if every subject check passes; raise a typed error otherwise."""
+    try:
+        agent = cache.agent(token.agent_id)
+        client = cache.client(token.client_id)
+        tenant = cache.tenant(agent.tenant_id)
+    except NotFound:
+        raise TokenError(
+            "the token's agent or client no longer exists", code="token_revoked"
+        ) from None
+    if agent.status is not AgentStatus.ACTIVE:
+        raise TokenError(f"agent is {agent.status.value}", code="agent_inactive")
+    if token.iat < agent.tokens_not_before:
+        raise TokenError("token was revoked with the agent's earlier tokens", code="token_revoked")
+    if not client.active or client.agent_id != agent.id:
+        raise TokenError("client is disabled or not this agent's", code="client_inactive")
+    if tenant.status is not TenantStatus.ACTIVE:
+        raise TokenError("tenant is suspended", code="tenant_inactive")
+    if token.tenant != agent.tenant_id or token.env != agent.env:
+        raise TokenError(
+            "token tenant or environment differs from the agent's", code="tenant_mismatch"
+        )
+    await revocation.check(
+        token.jti, (f"agent:{agent.id}", f"client:{client.client_id}"), token.iat
+    )
+    return agent

@@ -1,0 +1,275 @@
+"""RFC 8693 token exchange for delegation chains: the happy path, each refusal with its own code,
+on-behalf-of a user from a configured issuer, and scope intersection as a property."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aegis.clock import new_id
+from aegis.crypto.jws import encode_segment, sign_compact
+from aegis.crypto.keys import Ed25519SigningKey
+from aegis.errors import AegisError, ConfigError
+from aegis.tokens.delegation import CHAIN_SEPARATOR
+from aegis.tokens.exchange import JWT_TYPE, nested_act
+from aegis.tokens.external import ExternalIssuer, load_trust
+from aegis.types import AgentStatus
+from tests.support.delegation import ISSUER, Handle, World
+
+USER_ISS = "https://login.example"
+USER_KEY = Ed25519SigningKey.generate()
+
+
+async def refused(world: World, child: Handle, subject: str, **form: str) -> AegisError:
+    with pytest.raises(AegisError) as exc:
+        await world.exchange(child, subject, **form)
+    return exc.value
+
+
+async def test_orchestrator_to_finance_to_payments() -> None:
+    w = World()
+    orch, fin, pay = w.agent("orchestrator"), w.agent("finance"), w.agent("payments")
+    issued = await w.exchange(fin, w.grant(orch, fin), scope="payments:write")
+    c = issued.claims
+    assert (c["sub"], c["client_id"], c["aud"]) == ("finance", fin.client_id, "aegis-gateway")
+    assert c["scope"] == "payments:write"
+    assert c["act"] == {"sub": "finance", "act": {"sub": "orchestrator"}}
+    assert c["delegation_depth"] == 1
+    assert c["tools"] == ["pay_invoice", "read_ledger"]
+    assert "origin_user" not in c
+    issued = await w.exchange(pay, w.grant(fin, pay, scopes=("payments:write",), max_depth=2))
+    c = issued.claims
+    assert c["act"] == nested_act(["orchestrator", "finance", "payments"])
+    assert c["act"]["act"]["act"] == {"sub": "orchestrator"}
+    assert c["delegation_depth"] == 2
+    assert c["scope"] == "payments:write"
+    assert len(c["parent_agent"].split(CHAIN_SEPARATOR)) == 2
+
+
+async def test_scopes_are_requested_and_granted_and_allowed() -> None:
+    w = World()
+    orch = w.agent("orchestrator")
+    fin = w.agent("finance", scopes=("payments:read", "ledger:read"))
+    grant = w.grant(orch, fin, scopes=("payments:read", "payments:write"))
+    err = await refused(w, fin, grant, scope="payments:write")  # granted, not allowed
+    assert err.code == "invalid_scope"
+    # A refused request spends nothing: the same grant still works.
+    issued = await w.exchange(fin, grant)
+    assert issued.claims["scope"] == "payments:read"
+
+
+async def test_audience_is_restricted() -> None:
+    w = World()
+    orch, fin = w.agent("orchestrator"), w.agent("finance")
+    assert (await refused(w, fin, w.grant(orch, fin), audience="evil-api")).code == "invalid_target"
+    err = await refused(w, fin, w.grant(orch, fin), audience="aegis-gateway payments-api")
+    assert err.code == "invalid_target"
+    issued = await w.exchange(fin, w.grant(orch, fin), audience="payments-api")
+    assert issued.claims["aud"] == "payments-api"
+
+
+async def test_each_refusal_has_its_own_code(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="aegis")
+    w = World()
+    orch = w.agent("orchestrator")
+    fin, pay = w.agent("finance"), w.agent("payments")
+    other = w.agent("other", tenant="globex")
+    intruder = w.agent("intruder")
+    cases: dict[str, Any] = {}
+    # A grant signed by another agent's key, claiming to be the orchestrator's.
+    cases["parent_signature_invalid"] = (fin, w.grant(orch, fin, key=intruder.key))
+    expired = w.grant(orch, fin, lifetime=60)
+    w.clock.advance(91)
+    cases["parent_expired"] = (fin, expired)
+    cases["scope_widened"] = (fin, w.grant(orch, fin, scopes=("payments:write", "admin:all")))
+    cases["tenant_mismatch"] = (other, w.grant(orch, other))
+    cases["invalid_grant"] = (pay, w.grant(orch, fin))  # made for finance, presented by payments
+    for code, (child, subject) in cases.items():
+        err = await refused(w, child, subject)
+        assert err.code == "invalid_request", code  # RFC 8693 §2.2.2
+        assert err.details["reason"] == code
+        assert f"({code})" in err.message
+        assert err.details["chain"][-1]["sub"] in {"finance", "globex", "other"}
+    events = [r for r in caplog.records if r.getMessage() == "delegation.rejected"]
+    assert [e.aegis_fields["code"] for e in events] == list(cases)  # type: ignore[attr-defined]
+    for event in events:
+        fields = event.aegis_fields  # type: ignore[attr-defined]
+        assert fields["stage"] == "exchange"
+        assert all(set(link) <= {"iss", "sub", "jti", "scope"} for link in fields["chain"])
+        assert "." not in str(fields["chain"]).replace("payments:", "")  # no compact token
+
+
+async def test_replayed_grant() -> None:
+    w = World()
+    orch, fin = w.agent("orchestrator"), w.agent("finance")
+    grant = w.grant(orch, fin)
+    await w.exchange(fin, grant)
+    err = await refused(w, fin, grant)
+    assert err.details["reason"] == "grant_replayed"
+
+
+async def test_depth_is_bounded_by_each_link_and_by_the_maximum() -> None:
+    w = World()
+    a, b, c = w.agent("a1"), w.agent("a2"), w.agent("a3")
+    await w.exchange(b, w.grant(a, b, max_depth=0))
+    err = await refused(w, c, w.grant(b, c, max_depth=0))
+    assert err.details["reason"] == "delegation_too_deep"  # a1 allowed no re-delegation
+    agents = [w.agent(f"hop{i}") for i in range(6)]
+    for i, (parent, child) in enumerate(itertools.pairwise(agents[:5])):
+        await w.exchange(child, w.grant(parent, child, max_depth=8 - i))
+    err = await refused(w, agents[5], w.grant(agents[4], agents[5], max_depth=0))
+    assert err.details["reason"] == "delegation_too_deep"  # five links, maximum four
+
+
+async def test_cycle_and_retired_parent() -> None:
+    w = World()
+    orch, fin, pay = w.agent("orchestrator"), w.agent("finance"), w.agent("payments")
+    await w.exchange(fin, w.grant(orch, fin))
+    err = await refused(w, orch, w.grant(fin, orch, max_depth=1))
+    assert err.details["reason"] == "delegation_cycle"
+    grant = w.grant(fin, pay, max_depth=1)
+    w.registry.set_agent_status("orchestrator", AgentStatus.RETIRED, actor="test")
+    err = await refused(w, pay, grant)
+    assert err.details["reason"] == "parent_inactive"
+
+
+async def test_forged_act_in_a_grant_or_assertion_grants_nothing() -> None:
+    w = World()
+    orch, fin = w.agent("orchestrator"), w.agent("finance")
+    grant = w.grant(orch, fin, act={"sub": "finance", "act": {"sub": "root-admin"}})
+    issued = await w.exchange(fin, grant)
+    assert issued.claims["act"] == {"sub": "finance", "act": {"sub": "orchestrator"}}
+
+
+async def test_request_shape_errors() -> None:
+    w = World()
+    orch, fin = w.agent("orchestrator"), w.agent("finance")
+    grant = w.grant(orch, fin)
+    for form in (
+        {"subject_token_type": "urn:example:unknown"},
+        {"actor_token_type": "urn:ietf:params:oauth:token-type:access_token"},
+        {"requested_token_type": "urn:ietf:params:oauth:token-type:refresh_token"},
+        {"client_secret": "x"},
+    ):
+        assert (await refused(w, fin, grant, **form)).code == "invalid_request"
+    err = await refused(w, fin, grant, actor_token="a.b.c")
+    assert err.details["reason"] == "invalid_client"
+    assert (await w.exchange(fin, grant)).claims["sub"] == "finance"  # nothing was spent
+
+
+def _user_token(**over: Any) -> str:
+    now = int(World().clock.now())
+    claims = {
+        "iss": USER_ISS,
+        "sub": "alice@example.com",
+        "aud": ISSUER,
+        "iat": now,
+        "exp": now + 600,
+        "jti": new_id(),
+        "scope": "payments:read payments:write",
+        "may_act": {"sub": "finance"},
+    }
+    claims.update(over)
+    claims = {k: v for k, v in claims.items() if v is not None}
+    header = encode_segment({"alg": "EdDSA", "typ": "JWT", "kid": USER_KEY.kid})
+    return sign_compact(header, claims, USER_KEY.sign)
+
+
+def _user_world(tmp_path: Path, **over: Any) -> World:
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [USER_KEY.public.to_jwk()]}))
+    settings = ExternalIssuer(issuer=USER_ISS, tenant="acme", jwks_file=str(path), **over)
+    return World(external=(load_trust(settings, base_dir=tmp_path, default_audience=ISSUER),))
+
+
+async def test_on_behalf_of_a_user_through_the_chain(tmp_path: Path) -> None:
+    w = _user_world(tmp_path)
+    fin, pay = w.agent("finance"), w.agent("payments")
+    issued = await w.exchange(fin, _user_token(), subject_type=JWT_TYPE)
+    c = issued.claims
+    assert (c["origin_user"], c["origin_iss"], c["delegation_depth"]) == (
+        "alice@example.com",
+        USER_ISS,
+        1,
+    )
+    assert c["act"] == {"sub": "finance"}
+    issued = await w.exchange(pay, w.grant(fin, pay, max_depth=1))
+    assert issued.claims["origin_user"] == "alice@example.com"
+    assert issued.claims["act"] == {"sub": "payments", "act": {"sub": "finance"}}
+
+
+async def test_user_token_refusals(tmp_path: Path) -> None:
+    w = _user_world(tmp_path)
+    fin, pay = w.agent("finance"), w.agent("payments")
+    other = w.agent("other", tenant="globex")
+    intruder = Ed25519SigningKey.generate()
+    forged = sign_compact(
+        encode_segment({"alg": "EdDSA", "kid": USER_KEY.kid}),
+        {"iss": USER_ISS, "sub": "alice", "aud": ISSUER, "iat": 1, "exp": 2},
+        intruder.sign,
+    )
+    cases = [
+        (pay, _user_token(), "access_denied"),  # may_act names finance only
+        (fin, _user_token(may_act=None), "access_denied"),  # required by default
+        (fin, _user_token(iss="https://other.example"), "invalid_grant"),
+        (fin, _user_token(aud="https://elsewhere"), "invalid_audience"),
+        (fin, forged, "invalid_signature"),
+        (other, _user_token(may_act={"sub": "other"}), "tenant_mismatch"),
+    ]
+    for child, token, reason in cases:
+        err = await refused(w, child, token, subject_type=JWT_TYPE)
+        assert (err.code, err.details["reason"]) == ("invalid_request", reason)
+    # The token service's own root link cannot be replayed as a grant.
+    await w.exchange(fin, _user_token(), subject_type=JWT_TYPE)
+    err = await refused(w, fin, CHAIN_SEPARATOR.join(fin.links))
+    assert err.details["reason"] == "invalid_grant"
+
+
+def test_external_issuer_config_is_strict(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        ExternalIssuer(issuer=USER_ISS, tenant="acme")
+    bad = ExternalIssuer(issuer=USER_ISS, tenant="acme", jwks={"keys": [USER_KEY.private_jwk()]})
+    with pytest.raises(ConfigError):
+        load_trust(bad, base_dir=tmp_path, default_audience=ISSUER)
+    missing = ExternalIssuer(issuer=USER_ISS, tenant="acme", jwks_file="nope.json")
+    with pytest.raises(ConfigError):
+        load_trust(missing, base_dir=tmp_path, default_audience=ISSUER)
+
+
+SCOPES = ["a", "b", "c", "d", "e"]
+scope_sets = st.sets(st.sampled_from(SCOPES))
+
+
+@settings(max_examples=40, deadline=None)
+@given(allowed=scope_sets, granted=scope_sets, requested=scope_sets, parent=scope_sets)
+def test_issued_scope_is_the_intersection(
+    allowed: set[str], granted: set[str], requested: set[str], parent: set[str]
+) -> None:
+    async def run() -> None:
+        w = World()
+        orch = w.agent("orchestrator", scopes=tuple(sorted(parent)) or ("z",))
+        fin = w.agent("finance", scopes=tuple(sorted(allowed)) or ("z",))
+        form = {"scope": " ".join(sorted(requested))} if requested else {}
+        grant = w.grant(orch, fin, scopes=tuple(sorted(granted)))
+        base = granted & allowed
+        if not granted <= (parent or {"z"}):
+            assert (await refused(w, fin, grant, **form)).details["reason"] == "scope_widened"
+            return
+        if not base or not requested <= base:
+            assert (await refused(w, fin, grant, **form)).code == "invalid_scope"
+            return
+        issued = await w.exchange(fin, grant, **form)
+        scopes = set(issued.claims["scope"].split())
+        assert scopes
+        assert scopes <= granted & allowed <= parent
+        assert scopes == (requested or granted & allowed)
+
+    asyncio.run(run())

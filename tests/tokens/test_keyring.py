@@ -1,0 +1,270 @@
+"""The signing key ring: publication before use, rotation, overlap, encryption at rest."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from aegis.clock import FrozenClock, random_bytes
+from aegis.crypto.keyring import KeyRing, KeyRingSettings, decrypt_seed, encrypt_seed
+from aegis.crypto.keys import PRIVATE_JWK_MEMBERS, jwk_thumbprint, public_key_from_jwk
+from aegis.errors import ConfigError, Conflict, TokenError
+from aegis.tokens.issuer import TokenIssuer
+from aegis.tokens.verifier import AccessTokenVerifier
+from aegis.types import KeyState
+from tests.crypto.fakes import MemoryKeyStore
+
+T0 = 1_800_000_000.0
+ISS = "https://aegis.example"
+AUD = "https://payments.example"
+SETTINGS = KeyRingSettings(max_token_lifetime=3600, leeway=30, publish_lead=300)
+OVERLAP = 3600 + 30
+
+
+def _ring(store: MemoryKeyStore | None = None, kek: bytes | None = None) -> KeyRing:
+    ring = KeyRing(store or MemoryKeyStore(), kek or bytes(range(32)), FrozenClock(T0), SETTINGS)
+    ring.ensure_initialized()
+    return ring
+
+
+def _clock(ring: KeyRing) -> FrozenClock:
+    clock = ring._clock
+    assert isinstance(clock, FrozenClock)
+    return clock
+
+
+def _kids(ring: KeyRing) -> list[str]:
+    return [k["kid"] for k in ring.jwks()["keys"]]
+
+
+def _state(ring: KeyRing, state: KeyState) -> list[str]:
+    return [r.kid for r in ring.records() if r.state is state]
+
+
+def test_initial_ring_has_an_active_and_a_published_next_key() -> None:
+    ring = _ring()
+    (active,) = _state(ring, KeyState.ACTIVE)
+    (nxt,) = _state(ring, KeyState.NEXT)
+    assert ring.signing_key().kid == active
+    assert set(_kids(ring)) == {active, nxt}
+
+
+def test_next_key_is_published_before_it_signs() -> None:
+    ring = _ring()
+    (nxt,) = _state(ring, KeyState.NEXT)
+    assert nxt in _kids(ring)
+    assert ring.signing_key().kid != nxt
+    _clock(ring).advance(300)
+    ring.rotate()
+    assert ring.signing_key().kid == nxt
+    # The new next key is again published, and is not the signer.
+    (new_next,) = _state(ring, KeyState.NEXT)
+    assert new_next in _kids(ring) and new_next != nxt
+
+
+def test_rotation_moves_next_to_active_and_active_to_retired() -> None:
+    ring = _ring()
+    (old,) = _state(ring, KeyState.ACTIVE)
+    (nxt,) = _state(ring, KeyState.NEXT)
+    _clock(ring).advance(300)
+    promoted = ring.rotate()
+    assert promoted.kid == nxt and promoted.state is KeyState.ACTIVE
+    assert promoted.activated_at == T0 + 300
+    (retired,) = [r for r in ring.records() if r.state is KeyState.RETIRED]
+    assert retired.kid == old
+    assert retired.retired_at == T0 + 300
+    assert retired.remove_after == T0 + 300 + OVERLAP
+
+
+def test_retired_key_is_published_until_the_overlap_ends_then_gone() -> None:
+    ring = _ring()
+    (old,) = _state(ring, KeyState.ACTIVE)
+    clock = _clock(ring)
+    clock.advance(300)
+    ring.rotate()
+    retired_at = clock.now()
+    clock.set(retired_at + OVERLAP - 1)
+    assert old in _kids(ring)
+    assert ring.public_key(old) is not None
+    clock.set(retired_at + OVERLAP)
+    assert old not in _kids(ring)
+    assert ring.public_key(old) is None
+    # A later rotation drops it from the store as well.
+    ring.rotate(force=True)
+    assert old not in {r.kid for r in ring.records()}
+
+
+def test_tokens_signed_before_a_rotation_verify_until_they_expire() -> None:
+    ring = _ring()
+    clock = _clock(ring)
+    issuer = TokenIssuer(ring, issuer=ISS, clock=clock)
+    verifier = AccessTokenVerifier(ring.public_key, issuer=ISS, audience=AUD, clock=clock)
+    clock.advance(300)
+    issued = issuer.issue(
+        agent_id="a", client_id="c", tenant="t", env="e", scopes=(), audience=(AUD,), lifetime=3600
+    )
+    ring.rotate()
+    assert ring.signing_key().kid != issued.claims.get("kid")
+    verifier.verify(issued.token)
+    clock.set(issued.claims["exp"] + 29)
+    verifier.verify(issued.token)
+    clock.set(issued.claims["exp"] + 30)
+    with pytest.raises(TokenError) as err:
+        verifier.verify(issued.token)
+    # The key's overlap ends at the same instant: it is the key lookup that refuses first.
+    assert clock.now() == T0 + 300 + OVERLAP
+    assert err.value.code == "unknown_key"
+
+
+def test_too_early_rotation_is_a_conflict_unless_forced() -> None:
+    ring = _ring()
+    (active,) = _state(ring, KeyState.ACTIVE)
+    _clock(ring).advance(299)
+    with pytest.raises(Conflict):
+        ring.rotate()
+    assert _state(ring, KeyState.ACTIVE) == [active]  # nothing changed
+    ring.rotate(force=True)
+    assert _state(ring, KeyState.ACTIVE) != [active]
+
+
+def test_rotation_at_exactly_the_publish_lead_is_allowed() -> None:
+    ring = _ring()
+    _clock(ring).advance(300)
+    ring.rotate()
+
+
+def test_rotation_without_a_next_key_publishes_one_and_refuses() -> None:
+    store = MemoryKeyStore()
+    ring = _ring(store)
+    (nxt,) = _state(ring, KeyState.NEXT)
+    store.delete_key(nxt)
+    ring.load()
+    (active,) = _state(ring, KeyState.ACTIVE)
+    with pytest.raises(Conflict):
+        ring.rotate()
+    assert _state(ring, KeyState.ACTIVE) == [active]
+    (published,) = _state(ring, KeyState.NEXT)
+    assert published in _kids(ring)
+    _clock(ring).advance(300)
+    assert ring.rotate().kid == published
+
+
+def test_scheduled_rotation() -> None:
+    ring = _ring()
+    clock = _clock(ring)
+    (active,) = _state(ring, KeyState.ACTIVE)
+    clock.advance(86400 - 1)
+    assert ring.rotate_if_due() is False
+    clock.advance(1)
+    assert ring.rotate_if_due() is True
+    assert _state(ring, KeyState.RETIRED) == [active]
+
+
+def test_jwks_never_carries_a_private_member() -> None:
+    ring = _ring()
+    clock = _clock(ring)
+    for _ in range(3):
+        clock.advance(300)
+        ring.rotate()
+    states = {r.state for r in ring.records()}
+    assert states == {KeyState.NEXT, KeyState.ACTIVE, KeyState.RETIRED}
+    for jwk in ring.jwks()["keys"]:
+        assert "d" not in jwk
+        assert not PRIVATE_JWK_MEMBERS.intersection(jwk)
+        assert set(jwk) == {"kty", "crv", "x", "kid", "use", "alg"}
+        assert jwk["kid"] == jwk_thumbprint(jwk)
+        assert public_key_from_jwk({k: v for k, v in jwk.items() if k != "kid"}).kid == jwk["kid"]
+
+
+def test_private_keys_are_stored_encrypted() -> None:
+    store = MemoryKeyStore()
+    ring = _ring(store)
+    seed = ring.signing_key().seed()
+    for rec in store.list_keys():
+        assert rec.private_blob is not None
+        assert seed not in rec.private_blob
+        assert len(rec.private_blob) == 12 + 32 + 16  # nonce, seed, tag
+
+
+def test_aad_binds_the_blob_to_its_kid() -> None:
+    kek = random_bytes(32)
+    seed = random_bytes(32)
+    blob = encrypt_seed(kek, "kid-a", seed)
+    assert decrypt_seed(kek, "kid-a", blob) == seed
+    with pytest.raises(ConfigError) as err:
+        decrypt_seed(kek, "kid-b", blob)
+    assert err.value.details["key"] == "keys.kek"
+
+
+def test_swapping_blobs_between_records_is_detected() -> None:
+    store = MemoryKeyStore()
+    ring = _ring(store)
+    active = next(r for r in store.list_keys() if r.state is KeyState.ACTIVE)
+    nxt = next(r for r in store.list_keys() if r.state is KeyState.NEXT)
+    store.put_key(dataclasses.replace(active, private_blob=nxt.private_blob))
+    with pytest.raises(ConfigError):
+        ring.load()
+
+
+def test_active_record_whose_public_key_does_not_match_is_refused() -> None:
+    store = MemoryKeyStore()
+    ring = _ring(store)
+    active = next(r for r in store.list_keys() if r.state is KeyState.ACTIVE)
+    nxt = next(r for r in store.list_keys() if r.state is KeyState.NEXT)
+    store.put_key(dataclasses.replace(active, public_jwk=nxt.public_jwk))
+    with pytest.raises(ConfigError):
+        ring.load()
+
+
+def test_wrong_kek_is_a_config_error() -> None:
+    store = MemoryKeyStore()
+    _ring(store, kek=bytes(range(32)))
+    other = KeyRing(store, bytes(32), FrozenClock(T0), SETTINGS)
+    with pytest.raises(ConfigError) as err:
+        other.load()
+    assert err.value.details["key"] == "keys.kek"
+
+
+@pytest.mark.parametrize("length", [0, 16, 31, 33])
+def test_kek_of_the_wrong_length(length: int) -> None:
+    with pytest.raises(ConfigError):
+        KeyRing(MemoryKeyStore(), bytes(length), FrozenClock(T0))
+
+
+@pytest.mark.parametrize("blob", [b"", b"short", bytes(12), bytes(27)])
+def test_damaged_blob_is_a_config_error(blob: bytes) -> None:
+    with pytest.raises(ConfigError):
+        decrypt_seed(bytes(32), "kid", blob)
+
+
+def test_a_rotation_by_another_process_is_found_on_a_kid_miss() -> None:
+    store = MemoryKeyStore()
+    ring_a = _ring(store)
+    ring_b = KeyRing(store, bytes(range(32)), _clock(ring_a), SETTINGS)
+    ring_b.load()
+    _clock(ring_a).advance(300)
+    ring_a.rotate()
+    (new_next,) = _state(ring_a, KeyState.NEXT)
+    assert new_next not in ring_b._snap.public
+    assert ring_b.public_key(new_next) is not None
+
+
+def test_unknown_kid_misses_reload_at_most_once_a_second() -> None:
+    store = MemoryKeyStore()
+    ring = _ring(store)
+    reads = 0
+    original = store.list_keys
+
+    def counting() -> list:  # type: ignore[type-arg]
+        nonlocal reads
+        reads += 1
+        return original()
+
+    store.list_keys = counting  # type: ignore[method-assign]
+    for i in range(100):
+        assert ring.public_key(f"nope-{i}") is None
+    assert reads == 1
+    _clock(ring).advance(1)
+    ring.public_key("nope")
+    assert reads == 2
