@@ -1,0 +1,206 @@
+"""The intermediate form both engines compile from: rules lowered to leaves and boolean nodes.
+
+A validated :class:`~aegis.policy.model.PolicyDocument` is lowered once. The ``match`` block is
+sugar: each selector becomes a leaf with an internal operator (``glob``, ``intersects``, ``in``,
+``contains``, ``gte``/``lte``) so that the Python evaluator and the Rego generator share one
+meaning for every selector. Leaves carry their human label and, for operators that can fail at run
+time, the exact error message both engines report.
+
+Run-time type rules (documented in ``docs/policy.md``):
+
+* a missing path makes every leaf false except ``exists: false``;
+* ``eq ne in not_in`` compare any JSON values (numbers by value; ``true`` is not ``1``);
+* ``lt lte gt gte`` need a number, ``regex`` a string of at most
+  :data:`~aegis.policy.safe_regex.MAX_SUBJECT_LENGTH` characters, ``contains`` a string or a list,
+  a time window a valid ``time.unix``. Any other present value is a *rule error*: the rule cannot
+  match and the decision is ``deny`` with code ``policy_error``, never an allow.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aegis.policy.decision import ApprovalRequirement, RuleOutcome, SanitizeObligation
+from aegis.policy.model import Condition, PolicyDocument, Rule, TimeWindow
+from aegis.policy.safe_regex import MAX_SUBJECT_LENGTH, SafeRegex, compile_safe, glob_to_regex
+
+__all__ = [
+    "FAILING_OPERATORS",
+    "MAX_UNIX",
+    "Leaf",
+    "LoweredPolicy",
+    "LoweredRule",
+    "Node",
+    "lower",
+]
+
+#: Largest ``time.unix`` a time window accepts (keeps nanoseconds inside a signed 64-bit int).
+MAX_UNIX: Final = 1 << 33
+#: Operators that raise a rule error on a present value of the wrong type.
+FAILING_OPERATORS: Final = frozenset({"contains", "lt", "lte", "gt", "gte", "regex", "time"})
+_NEEDS: Final = {
+    "contains": "a string or a list",
+    "lt": "a number",
+    "lte": "a number",
+    "gt": "a number",
+    "gte": "a number",
+    "regex": f"a string of at most {MAX_SUBJECT_LENGTH} characters",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    path: tuple[str, ...]
+    op: str
+    value: Any = None
+    regexes: tuple[SafeRegex, ...] = ()
+    window: TimeWindow | None = None
+    label: str = ""
+    error: str | None = None  # the rule-error message, for operators that can fail
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    kind: str  # all | any | not
+    children: tuple[Leaf | Node, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LoweredRule:
+    index: int
+    id: str
+    outcome: RuleOutcome
+    shadow: bool
+    tools: tuple[str, ...] | None  # None: any tool
+    match: tuple[Leaf, ...]  # selectors other than the tool, all must hold
+    tool_leaf: Leaf | None
+    when: Leaf | Node | None
+
+    @property
+    def can_error(self) -> bool:
+        return self.when is not None and any(leaf.error for leaf in leaves(self.when))
+
+
+@dataclass(frozen=True, slots=True)
+class LoweredPolicy:
+    name: str
+    mode: str
+    rules: tuple[LoweredRule, ...]
+
+    @property
+    def has_shadow(self) -> bool:
+        return self.mode == "shadow" or any(r.shadow for r in self.rules)
+
+
+def leaves(node: Leaf | Node) -> list[Leaf]:
+    if isinstance(node, Leaf):
+        return [node]
+    return [leaf for child in node.children for leaf in leaves(child)]
+
+
+def _label(path: tuple[str, ...], op: str, value: Any) -> str:
+    return f"{'.'.join(path)} {op} {json.dumps(value, sort_keys=True, ensure_ascii=False)}"
+
+
+def _leaf(rule_id: str, path: tuple[str, ...], op: str, value: Any) -> Leaf:
+    label = _label(path, op, value)
+    regexes: tuple[SafeRegex, ...] = ()
+    if op == "regex":
+        regexes = (compile_safe(value),)
+    elif op == "glob":
+        regexes = tuple(glob_to_regex(g) for g in value)
+    error = None
+    if op in _NEEDS:
+        error = f"policy_error: rule {rule_id}: {label} needs {_NEEDS[op]}"
+    return Leaf(path=path, op=op, value=value, regexes=regexes, label=label, error=error)
+
+
+def _condition(rule_id: str, cond: Condition) -> Leaf | Node:
+    op = cond.operator
+    if op in ("all", "any"):
+        return Node(op, tuple(_condition(rule_id, c) for c in cond.operand))
+    if op == "not":
+        return Node("not", (_condition(rule_id, cond.operand),))
+    if op == "time":
+        window: TimeWindow = cond.operand
+        label = f"time window {json.dumps(window.model_dump(mode='json', exclude_none=True), sort_keys=True)}"
+        return Leaf(
+            path=("time", "unix"),
+            op="time",
+            window=window,
+            label=label,
+            error=f"policy_error: rule {rule_id}: {label} needs time.unix in seconds",
+        )
+    assert cond.path is not None
+    return _leaf(rule_id, tuple(cond.path.split(".")), op, cond.operand)
+
+
+def _selectors(rule: Rule) -> list[Leaf]:
+    m, rid, out = rule.match, rule.id, []
+    if m.resources:
+        out.append(_leaf(rid, ("resource",), "glob", list(m.resources)))
+    for name, values in (("method", m.methods), ("tenant", m.tenants), ("env", m.envs)):
+        if values:
+            out.append(_leaf(rid, (name,), "in", list(values)))
+    if m.auth_methods:
+        out.append(_leaf(rid, ("auth", "method"), "in", list(m.auth_methods)))
+    if m.agent is not None:
+        if m.agent.ids:
+            out.append(_leaf(rid, ("agent", "id"), "in", list(m.agent.ids)))
+        if m.agent.roles:
+            out.append(_leaf(rid, ("agent", "roles"), "intersects", list(m.agent.roles)))
+        for key, value in sorted((m.agent.attributes or {}).items()):
+            out.append(_leaf(rid, ("agent", "attributes", key), "eq", value))
+    out.extend(_leaf(rid, ("token", "scopes"), "contains", s) for s in m.scopes or ())
+    if m.chain is not None:
+        c = m.chain
+        if c.parents:
+            out.append(_leaf(rid, ("chain", "parent"), "in", list(c.parents)))
+        if c.origin_users:
+            out.append(_leaf(rid, ("chain", "origin_user"), "in", list(c.origin_users)))
+        if c.min_depth is not None:
+            out.append(_leaf(rid, ("chain", "depth"), "gte", c.min_depth))
+        if c.max_depth is not None:
+            out.append(_leaf(rid, ("chain", "depth"), "lte", c.max_depth))
+    # Selectors read fields that build_input always fills with the right type; they never fail.
+    return [Leaf(**{**_fields(leaf), "error": None}) for leaf in out]
+
+
+def _fields(leaf: Leaf) -> dict[str, Any]:
+    return {f: getattr(leaf, f) for f in Leaf.__dataclass_fields__}
+
+
+def _outcome(rule: Rule) -> RuleOutcome:
+    obligations = tuple(
+        sorted(
+            SanitizeObligation(o.kind, o.target, o.path, o.pattern, o.header)
+            for o in rule.obligations or ()
+        )
+    )
+    approval = None
+    if rule.approval is not None:
+        a = rule.approval
+        approval = ApprovalRequirement(a.group, a.channel, a.expires_in)
+    return RuleOutcome(rule.id, rule.action, rule.effective_reason, obligations, approval)
+
+
+def lower(doc: PolicyDocument) -> LoweredPolicy:
+    """Lower a validated document; never fails on a document that passed the loader."""
+    rules = []
+    for i, rule in enumerate(doc.spec.rules):
+        tools = tuple(rule.match.tools) if rule.match.tools else None
+        rules.append(
+            LoweredRule(
+                index=i,
+                id=rule.id,
+                outcome=_outcome(rule),
+                shadow=rule.shadow or doc.spec.mode == "shadow",
+                tools=tools,
+                match=tuple(_selectors(rule)),
+                tool_leaf=_leaf(rule.id, ("tool",), "glob", list(tools)) if tools else None,
+                when=_condition(rule.id, rule.when) if rule.when is not None else None,
+            )
+        )
+    return LoweredPolicy(name=doc.metadata.name, mode=doc.spec.mode, rules=tuple(rules))

@@ -1,0 +1,149 @@
+"""Sanitization obligations: redact JSON paths, mask sensitive patterns, drop headers.
+
+The gateway applies a ``sanitize`` decision's obligations with these functions: to the request
+body and headers before forwarding (``target: request``) and to the response before answering
+(``target: response``). They never mutate their arguments. Masking covers e-mail addresses, payment
+card numbers (13-19 digits, optional spaces or dashes, Luhn-valid; the last four digits are kept)
+and common secret formats (cloud keys, provider API keys, JWTs, bearer credentials, PEM private
+keys). Masking is a best effort on top of redaction by path, never a substitute for it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final
+
+from aegis.policy.decision import SanitizeObligation
+
+__all__ = [
+    "EMAIL_MASK",
+    "REDACTED",
+    "SECRET_MASK",
+    "apply_to_body",
+    "apply_to_headers",
+    "mask_text",
+]
+
+REDACTED: Final = "[REDACTED]"
+EMAIL_MASK: Final = "[REDACTED:email]"
+SECRET_MASK: Final = "[REDACTED:secret]"
+
+_EMAIL: Final = re.compile(
+    r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){1,8}"
+)
+_CARD: Final = re.compile(r"(?<![0-9])[0-9](?:[ -]?[0-9]){12,18}(?![0-9])")
+_SECRETS: Final = (
+    re.compile(
+        r"-----BEGIN [A-Z ]{0,40}PRIVATE KEY-----.{0,10000}?-----END [A-Z ]{0,40}PRIVATE KEY-----",
+        re.DOTALL,
+    ),
+    re.compile(r"\bAKIA[0-9A-Z]{16}\b"),
+    re.compile(r"\b(?:sk|pk|rk)_(?:live|test)_[0-9A-Za-z]{16,128}"),
+    re.compile(r"\bgh[pousr]_[0-9A-Za-z]{36,255}"),
+    re.compile(r"\bxox[abprs]-[0-9A-Za-z-]{10,200}"),
+    re.compile(r"\beyJ[0-9A-Za-z_-]{4,}\.eyJ[0-9A-Za-z_-]{4,}\.[0-9A-Za-z_-]{4,}"),
+    re.compile(r"(?i)\bbearer\s{1,8}[0-9A-Za-z._~+/=-]{16,4096}"),
+)
+
+
+def _luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _mask_card(m: re.Match[str]) -> str:
+    text = m.group(0)
+    digits = re.sub(r"[^0-9]", "", text)
+    if not _luhn_ok(digits):
+        return text
+    keep = len(digits) - 4
+    out, seen = [], 0
+    for ch in text:
+        if ch.isdigit():
+            out.append("*" if seen < keep else ch)
+            seen += 1
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _mask_secrets(text: str) -> str:
+    for pattern in _SECRETS:
+        text = pattern.sub(SECRET_MASK, text)
+    return text
+
+
+_MASKERS: Final[dict[str, Callable[[str], str]]] = {
+    "email": lambda s: _EMAIL.sub(EMAIL_MASK, s),
+    "card_number": lambda s: _CARD.sub(_mask_card, s),
+    "secret": _mask_secrets,
+}
+
+
+def mask_text(text: str, patterns: Iterable[str]) -> str:
+    """Mask every occurrence of the named built-in ``patterns`` in ``text``."""
+    for name in patterns:
+        text = _MASKERS[name](text)
+    return text
+
+
+def _mask_values(value: Any, patterns: tuple[str, ...]) -> Any:
+    if isinstance(value, str):
+        return mask_text(value, patterns)
+    if isinstance(value, dict):
+        return {k: _mask_values(v, patterns) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask_values(v, patterns) for v in value]
+    return value
+
+
+def _redact(value: Any, keys: list[str]) -> Any:
+    if not keys:
+        return REDACTED
+    head, rest = keys[0], keys[1:]
+    if isinstance(value, list):  # a path walks through lists element by element
+        return [_redact(v, keys if head != "*" else rest) for v in value]
+    if not isinstance(value, dict):
+        return value
+    return {k: (_redact(v, rest) if head in ("*", k) else v) for k, v in value.items()}
+
+
+def _for(
+    obligations: Iterable[SanitizeObligation], target: str, kind: str
+) -> list[SanitizeObligation]:
+    return [o for o in obligations if o.target == target and o.kind == kind]
+
+
+def apply_to_body(body: Any, obligations: Iterable[SanitizeObligation], target: str) -> Any:
+    """A sanitized copy of a JSON ``body`` for ``target`` (``request`` or ``response``).
+
+    Redactions run first (the value becomes ``"[REDACTED]"``; ``*`` matches any key, and lists are
+    walked element by element), then masks over every string value that remains.
+    """
+    obligations = list(obligations)
+    for o in _for(obligations, target, "redact"):
+        assert o.path is not None
+        body = _redact(body, o.path.split("."))
+    patterns = tuple(sorted({o.pattern for o in _for(obligations, target, "mask") if o.pattern}))
+    return _mask_values(body, patterns) if patterns else body
+
+
+def apply_to_headers(
+    headers: Mapping[str, str], obligations: Iterable[SanitizeObligation], target: str
+) -> dict[str, str]:
+    """A copy of ``headers`` without the dropped ones (names compared case-insensitively) and with
+    masks applied to the remaining values."""
+    obligations = list(obligations)
+    drop = {o.header for o in _for(obligations, target, "drop_header") if o.header}
+    patterns = tuple(sorted({o.pattern for o in _for(obligations, target, "mask") if o.pattern}))
+    return {
+        k: mask_text(v, patterns) if patterns else v
+        for k, v in headers.items()
+        if k.lower() not in drop
+    }

@@ -1,0 +1,66 @@
+"""Publishing and activating policy versions, with an audit event for every change.
+
+``publish`` validates before it stores: a document that fails to load raises
+``PolicyError(policy_invalid)``, emits a ``policy.rejected`` event and leaves the active version
+untouched. Events are plain dicts passed to an ``emit`` hook; the audit log subscribes later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final
+
+from aegis.clock import Clock
+from aegis.errors import PolicyError
+from aegis.policy.loader import load_document
+from aegis.policy.store import Activation, PolicyStore
+
+__all__ = ["EVENT_ACTIVATED", "EVENT_REJECTED", "EVENT_STORED", "EventHook", "PolicyService"]
+
+EVENT_STORED: Final = "policy.stored"
+EVENT_ACTIVATED: Final = "policy.activated"
+EVENT_REJECTED: Final = "policy.rejected"
+
+EventHook = Callable[[dict[str, Any]], None]
+
+
+class PolicyService:
+    def __init__(self, store: PolicyStore, *, clock: Clock, emit: EventHook | None = None) -> None:
+        self._store = store
+        self._clock = clock
+        self._emit: EventHook = emit or (lambda _event: None)
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        self._emit({"event": kind, "time": self._clock.now(), **fields})
+
+    def store(self, text: str | bytes, *, file: str = "<policy>", actor: str) -> str:
+        """Validate and store a document; return its version. Activates nothing."""
+        try:
+            doc = load_document(text, file)
+        except PolicyError as exc:
+            self._event(EVENT_REJECTED, actor=actor, file=file, code=exc.code, message=exc.message)
+            raise
+        version = self._store.put(doc, now=self._clock.now())
+        self._event(EVENT_STORED, actor=actor, version=version, name=doc.metadata.name)
+        return version
+
+    def activate(self, tenant: str, env: str, version: str, *, actor: str) -> Activation:
+        """Make a stored version active for (tenant, env)."""
+        previous = self._store.active(tenant, env)
+        activation = self._store.activate(tenant, env, version, actor=actor, now=self._clock.now())
+        self._event(
+            EVENT_ACTIVATED,
+            actor=actor,
+            tenant=tenant,
+            env=env,
+            version=version,
+            previous=previous.version if previous else None,
+        )
+        return activation
+
+    def publish(
+        self, text: str | bytes, *, tenant: str, env: str, actor: str, file: str = "<policy>"
+    ) -> Activation:
+        """Validate, store and activate in one step; a rejected document changes nothing."""
+        version = self.store(text, file=file, actor=actor)
+        return self.activate(tenant, env, version, actor=actor)

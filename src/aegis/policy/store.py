@@ -1,0 +1,235 @@
+"""The policy store: content-addressed versions and per-(tenant, env) activations.
+
+``PolicyStore`` is the Protocol; :class:`MemoryPolicyStore` and :class:`SqlPolicyStore` both pass
+the contract tests in ``tests/policy/test_store.py``. Stores hold only validated documents (the
+service validates before storing) and re-check the content address on every read, so a row edited
+behind Aegis's back is refused rather than enforced. SQL failures are ``Unavailable`` with code
+``policy_unavailable``: callers keep their last good policy or fail closed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+from pydantic import ValidationError
+from sqlalchemy import Engine, create_engine, insert, select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from aegis.errors import AegisError, NotFound, PolicyError, Unavailable
+from aegis.policy.model import PolicyDocument
+from aegis.policy.sql_tables import METADATA, POLICY_ACTIVATIONS, POLICY_VERSIONS
+from aegis.policy.version import canonical_json, policy_version
+
+__all__ = ["Activation", "MemoryPolicyStore", "PolicyStore", "SqlPolicyStore", "StoredVersion"]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredVersion:
+    version: str
+    name: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Activation:
+    tenant: str
+    env: str
+    version: str
+    activated_at: float
+    actor: str
+
+
+class PolicyStore(Protocol):
+    def put(self, doc: PolicyDocument, *, now: float) -> str:
+        """Store a validated document (idempotent); return its version."""
+        ...
+
+    def get(self, version: str) -> PolicyDocument:
+        """The document of ``version``; ``NotFound`` if unknown."""
+        ...
+
+    def versions(self) -> list[StoredVersion]:
+        """Every stored version, oldest first."""
+        ...
+
+    def activate(
+        self, tenant: str, env: str, version: str, *, actor: str, now: float
+    ) -> Activation:
+        """Make ``version`` (which must be stored) active for the scope."""
+        ...
+
+    def active(self, tenant: str, env: str) -> Activation | None:
+        """The current activation of the scope, if any."""
+        ...
+
+    def history(self, tenant: str, env: str) -> list[Activation]:
+        """Every activation of the scope, oldest first."""
+        ...
+
+
+def _decode(version: str, text: str) -> PolicyDocument:
+    try:
+        doc = PolicyDocument.model_validate(json.loads(text))
+    except (ValueError, ValidationError) as exc:
+        raise PolicyError(
+            f"stored policy {version} no longer validates; restore it from source",
+            code="policy_error",
+        ) from exc
+    if policy_version(doc) != version:
+        raise PolicyError(
+            f"stored policy {version} does not hash to its version; restore it from source",
+            code="policy_error",
+        )
+    return doc
+
+
+def _not_found(version: str) -> NotFound:
+    return NotFound(f"policy version {version} is not stored; put the document first")
+
+
+class MemoryPolicyStore:
+    """A thread-safe in-memory store (single process, tests, ``aegis up``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._docs: dict[str, tuple[StoredVersion, str]] = {}
+        self._activations: list[Activation] = []
+
+    def put(self, doc: PolicyDocument, *, now: float) -> str:
+        version = policy_version(doc)
+        with self._lock:
+            if version not in self._docs:
+                record = StoredVersion(version, doc.metadata.name, now)
+                self._docs[version] = (record, canonical_json(doc.canonical()).decode())
+        return version
+
+    def get(self, version: str) -> PolicyDocument:
+        with self._lock:
+            found = self._docs.get(version)
+        if found is None:
+            raise _not_found(version)
+        return _decode(version, found[1])
+
+    def versions(self) -> list[StoredVersion]:
+        with self._lock:
+            return sorted((r for r, _ in self._docs.values()), key=lambda r: r.created_at)
+
+    def activate(
+        self, tenant: str, env: str, version: str, *, actor: str, now: float
+    ) -> Activation:
+        with self._lock:
+            if version not in self._docs:
+                raise _not_found(version)
+            activation = Activation(tenant, env, version, now, actor)
+            self._activations.append(activation)
+        return activation
+
+    def active(self, tenant: str, env: str) -> Activation | None:
+        history = self.history(tenant, env)
+        return history[-1] if history else None
+
+    def history(self, tenant: str, env: str) -> list[Activation]:
+        with self._lock:
+            return [a for a in self._activations if (a.tenant, a.env) == (tenant, env)]
+
+
+class SqlPolicyStore:
+    """SQLAlchemy Core store (SQLite embedded, PostgreSQL in production)."""
+
+    def __init__(self, engine: Engine | str) -> None:
+        self._engine = create_engine(engine) if isinstance(engine, str) else engine
+        with self._guard():
+            METADATA.create_all(self._engine, checkfirst=True)
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        try:
+            yield
+        except AegisError:
+            raise
+        except SQLAlchemyError as exc:
+            raise Unavailable(
+                "the policy store cannot answer; keep the last good policy or deny",
+                code="policy_unavailable",
+            ) from exc
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def put(self, doc: PolicyDocument, *, now: float) -> str:
+        version = policy_version(doc)
+        row = {
+            "version": version,
+            "name": doc.metadata.name,
+            "document": canonical_json(doc.canonical()).decode(),
+            "created_at": now,
+        }
+        with self._guard():
+            try:
+                with self._engine.begin() as conn:
+                    conn.execute(insert(POLICY_VERSIONS).values(**row))
+            except IntegrityError:
+                pass  # the same content is already stored: versions are immutable
+        return version
+
+    def get(self, version: str) -> PolicyDocument:
+        with self._guard(), self._engine.connect() as conn:
+            text = conn.execute(
+                select(POLICY_VERSIONS.c.document).where(POLICY_VERSIONS.c.version == version)
+            ).scalar_one_or_none()
+        if text is None:
+            raise _not_found(version)
+        return _decode(version, text)
+
+    def versions(self) -> list[StoredVersion]:
+        t = POLICY_VERSIONS
+        with self._guard(), self._engine.connect() as conn:
+            rows = conn.execute(
+                select(t.c.version, t.c.name, t.c.created_at).order_by(t.c.created_at)
+            )
+            return [StoredVersion(r.version, r.name, r.created_at) for r in rows]
+
+    def activate(
+        self, tenant: str, env: str, version: str, *, actor: str, now: float
+    ) -> Activation:
+        with self._guard(), self._engine.begin() as conn:
+            known = conn.execute(
+                select(POLICY_VERSIONS.c.version).where(POLICY_VERSIONS.c.version == version)
+            ).first()
+            if known is None:
+                raise _not_found(version)
+            conn.execute(
+                insert(POLICY_ACTIVATIONS).values(
+                    tenant=tenant, env=env, version=version, activated_at=now, actor=actor
+                )
+            )
+        return Activation(tenant, env, version, now, actor)
+
+    def active(self, tenant: str, env: str) -> Activation | None:
+        t = POLICY_ACTIVATIONS
+        with self._guard(), self._engine.connect() as conn:
+            row = conn.execute(
+                select(t)
+                .where(t.c.tenant == tenant, t.c.env == env)
+                .order_by(t.c.id.desc())
+                .limit(1)
+            ).first()
+        return _activation(row) if row is not None else None
+
+    def history(self, tenant: str, env: str) -> list[Activation]:
+        t = POLICY_ACTIVATIONS
+        with self._guard(), self._engine.connect() as conn:
+            rows = conn.execute(
+                select(t).where(t.c.tenant == tenant, t.c.env == env).order_by(t.c.id)
+            )
+            return [_activation(r) for r in rows]
+
+
+def _activation(row: object) -> Activation:
+    m = row._mapping  # type: ignore[attr-defined]
+    return Activation(m["tenant"], m["env"], m["version"], m["activated_at"], m["actor"])

@@ -1,0 +1,57 @@
+"""JSON value semantics shared by both engines: strict equality and the number test.
+
+Rego compares JSON values structurally, with ``1 == 1.0`` but ``true != 1`` and ``"1" != 1``.
+Python's ``==`` says ``True == 1``, so the in-process evaluator uses :func:`json_equal` wherever a
+policy compares values, and :func:`is_number` wherever it needs a number.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["MISSING", "is_number", "json_equal", "lookup"]
+
+
+class _Missing:
+    """The value of a path that is not in the input (Rego's *undefined*)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+
+
+def is_number(v: Any) -> bool:
+    """A JSON number: ``int`` or ``float``, never ``bool``."""
+    t = type(v)
+    return t is int or t is float
+
+
+def json_equal(a: Any, b: Any) -> bool:
+    """Structural JSON equality with Rego's rules (numbers by value, no bool/number mixing)."""
+    ta, tb = type(a), type(b)
+    if ta is str or tb is str:
+        return ta is tb and a == b
+    if is_number(a) or is_number(b):
+        return is_number(a) and is_number(b) and a == b
+    if ta is not tb:
+        return False
+    if ta is list:
+        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b, strict=True))
+    if ta is dict:
+        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+def lookup(doc: Any, keys: tuple[str, ...]) -> Any:
+    """The value at ``keys`` (object keys only), or :data:`MISSING`."""
+    for key in keys:
+        if type(doc) is not dict:
+            return MISSING
+        doc = doc.get(key, MISSING)
+        if doc is MISSING:
+            return MISSING
+    return doc

@@ -1,0 +1,138 @@
+"""YAML 1.1 documents read strictly, with the line of every node (for file:line:path errors).
+
+PyYAML's composer gives each node a start mark; this module turns the node tree into plain JSON
+values and keeps a map from JSON path (a tuple of keys and list indices) to a 1-based line number.
+It is stricter than ``yaml.safe_load`` on purpose, because a policy is security configuration:
+
+* duplicate mapping keys are an error (``safe_load`` silently keeps the last one);
+* anchors and aliases are refused (no shared subtrees, no "billion laughs");
+* only ``true`` / ``false`` are booleans: YAML 1.1 ``yes``/``no``/``on``/``off`` stay strings, so
+  a country code ``NO`` never turns into ``false``;
+* timestamps stay strings (dates in time windows are parsed by the model, not by YAML);
+* mapping keys must be strings, and documents are limited in size and depth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from aegis.errors import PolicyError
+
+__all__ = ["MAX_DEPTH", "MAX_DOCUMENT_BYTES", "SourceDoc", "parse_source"]
+
+#: A policy larger than this is refused before parsing (room for MAX_RULES rules, and no more).
+MAX_DOCUMENT_BYTES: Final = 8 << 20
+#: Nesting deeper than this is refused (conditions compose, but not without bound).
+MAX_DEPTH: Final = 64
+
+JsonPath = tuple[str | int, ...]
+
+
+@dataclass(slots=True)
+class SourceDoc:
+    """A parsed document: its JSON value, its file name and the line of each node."""
+
+    value: Any
+    file: str
+    lines: dict[JsonPath, int] = field(default_factory=dict)
+
+    def line_of(self, path: JsonPath) -> int | None:
+        """The line of ``path``, or of its closest ancestor that has one."""
+        for cut in range(len(path), -1, -1):
+            line = self.lines.get(tuple(path[:cut]))
+            if line is not None:
+                return line
+        return None
+
+
+def _fail(file: str, line: int | None, message: str, path: str = "") -> PolicyError:
+    where = f"{file}:{line}" if line else file
+    return PolicyError(
+        f"{where}: {message}", code="policy_invalid", file=file, line=line, path=path
+    )
+
+
+class _Converter:
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.lines: dict[JsonPath, int] = {}
+        self.seen: set[int] = set()
+
+    def convert(self, node: Node, path: JsonPath, depth: int) -> Any:
+        line = node.start_mark.line + 1
+        if depth > MAX_DEPTH:
+            raise _fail(self.file, line, f"document nests deeper than {MAX_DEPTH} levels")
+        if id(node) in self.seen:
+            raise _fail(self.file, line, "yaml anchors and aliases are not supported; repeat it")
+        self.seen.add(id(node))
+        self.lines[path] = line
+        if isinstance(node, MappingNode):
+            out: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
+                    raise _fail(
+                        self.file, key_node.start_mark.line + 1, "mapping keys must be strings"
+                    )
+                key = str(key_node.value)
+                if key == "<<":
+                    raise _fail(self.file, line, "yaml merge keys ('<<') are not supported")
+                if key in out:
+                    raise _fail(
+                        self.file,
+                        key_node.start_mark.line + 1,
+                        f"duplicate key {key!r}; each key may appear once",
+                    )
+                out[key] = self.convert(value_node, (*path, key), depth + 1)
+            return out
+        if isinstance(node, SequenceNode):
+            return [self.convert(v, (*path, i), depth + 1) for i, v in enumerate(node.value)]
+        assert isinstance(node, ScalarNode)
+        return self._scalar(node)
+
+    def _scalar(self, node: ScalarNode) -> Any:
+        tag, text = node.tag, str(node.value)
+        if tag == "tag:yaml.org,2002:null":
+            return None
+        if tag == "tag:yaml.org,2002:bool":
+            low = text.lower()
+            return low == "true" if low in ("true", "false") else text
+        if tag == "tag:yaml.org,2002:int":
+            value = yaml.SafeLoader.construct_yaml_int(_CONSTRUCTOR, node)
+            return int(value)
+        if tag == "tag:yaml.org,2002:float":
+            number = float(yaml.SafeLoader.construct_yaml_float(_CONSTRUCTOR, node))
+            if number != number or number in (float("inf"), float("-inf")):
+                raise _fail(self.file, node.start_mark.line + 1, "numbers must be finite")
+            return number
+        if tag in ("tag:yaml.org,2002:str", "tag:yaml.org,2002:timestamp"):
+            return text
+        raise _fail(self.file, node.start_mark.line + 1, f"unsupported yaml tag {tag!r}")
+
+
+_CONSTRUCTOR: Final = yaml.SafeLoader("")
+
+
+def parse_source(text: str | bytes, file: str = "<policy>") -> SourceDoc:
+    """Parse one YAML (or JSON) document; raise ``PolicyError(code="policy_invalid")``."""
+    raw = text.encode() if isinstance(text, str) else text
+    if len(raw) > MAX_DOCUMENT_BYTES:
+        raise _fail(file, None, f"document is larger than {MAX_DOCUMENT_BYTES} bytes; split it")
+    try:
+        nodes = list(yaml.compose_all(raw.decode("utf-8"), Loader=yaml.SafeLoader))
+    except UnicodeDecodeError as exc:
+        raise _fail(file, None, "document is not utf-8 text") from exc
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        line = mark.line + 1 if mark is not None else None
+        raise _fail(file, line, f"yaml syntax error: {exc.problem}") from exc
+    except yaml.YAMLError as exc:
+        raise _fail(file, None, f"yaml syntax error: {exc}") from exc
+    if len(nodes) != 1 or nodes[0] is None:
+        raise _fail(file, None, "expected exactly one yaml document")
+    conv = _Converter(file)
+    value = conv.convert(nodes[0], (), 0)
+    return SourceDoc(value=value, file=file, lines=conv.lines)

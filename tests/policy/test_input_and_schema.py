@@ -1,0 +1,79 @@
+"""The one input document, and the published JSON Schema."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from aegis.errors import InvalidRequest
+from aegis.policy.input import AgentInfo, ChainInfo, PolicyCall, build_input, call_from_dict
+from aegis.policy.schema import schema_text
+from tests.policy.conftest import REPO
+
+
+def test_input_document_shape() -> None:
+    call = PolicyCall(
+        tool="t",
+        agent=AgentInfo(id="a", roles=("r",), attributes={"k": 1}, version="1", owner="o"),
+        tenant="acme",
+        env="prod",
+        time=1700000000.9,
+        method="get",
+        scopes=("s",),
+        chain=ChainInfo(agents=("orchestrator", "planner"), origin_user="alice"),
+        body={"x": 1},
+        query={"q": ["1", "2"]},
+        headers={"X-Trace": "1", "Authorization": "Bearer secret", "Cookie": "c", "DPoP": "p"},
+    )
+    doc = build_input(call)
+    assert set(doc) == {
+        "tool",
+        "resource",
+        "method",
+        "path",
+        "tenant",
+        "env",
+        "agent",
+        "token",
+        "auth",
+        "chain",
+        "request",
+        "time",
+    }
+    assert doc["method"] == "GET"
+    assert doc["chain"] == {
+        "agents": ["orchestrator", "planner"],
+        "parent": "planner",
+        "depth": 2,
+        "origin_user": "alice",
+    }
+    assert doc["request"]["headers"] == {"x-trace": "1"}  # credentials never reach policy
+    assert doc["time"] == {"unix": 1700000000}
+    assert doc["request"]["query"] == {"q": ["1", "2"]}
+    json.dumps(doc)  # always plain JSON
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({}, "'tool' is required"),
+        ({"tool": "t", "tols": 1}, "unknown call field"),
+        ({"tool": "t", "scopes": "a"}, "list of strings"),
+        ({"tool": "t", "auth_method": "basic"}, "auth_method"),
+        ({"tool": "t", "time": "now"}, "unix seconds"),
+        ({"tool": "t", "agent": []}, "must be an object"),
+    ],
+)
+def test_call_json_is_checked(data: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        call_from_dict(data)
+
+
+def test_published_schema_is_current() -> None:
+    published = (REPO / "docs" / "policy-schema.json").read_text()
+    assert published == schema_text(), (
+        "regenerate: python -m aegis.policy.schema > docs/policy-schema.json"
+    )
+    schema = json.loads(published)
+    assert schema["properties"]["apiVersion"]["const"] == "aegis/v1"

@@ -1,0 +1,200 @@
+"""Loading refuses bad policies at load time, naming file, line, path and a fix."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from aegis.errors import PolicyError
+from aegis.policy.loader import load_document
+from aegis.policy.yamlsource import parse_source
+
+HEAD = "apiVersion: aegis/v1\nkind: Policy\nmetadata: {name: p}\nspec:\n  rules:\n"
+
+
+def _rules(body: str) -> str:
+    return HEAD + textwrap.indent(textwrap.dedent(body), "    ")
+
+
+def _error(text: str) -> PolicyError:
+    with pytest.raises(PolicyError) as info:
+        load_document(text, "p.yaml")
+    assert info.value.code == "policy_invalid"
+    return info.value
+
+
+BAD = [
+    # (rules yaml, expected line, path fragment, message fragment)
+    (
+        "- {id: a, action: allow, when: {path: tool, equals: x}}\n",
+        6,
+        "when.equals",
+        "unknown field 'equals'",
+    ),
+    (
+        "- {id: a, action: allow, when: {path: request.body.n, lt: '5'}}\n",
+        6,
+        "when.lt",
+        "expected a number",
+    ),
+    ("- {id: a, action: alow}\n", 6, "action", "'allow', 'deny'"),
+    (
+        "- {id: a, action: allow, when: {path: tool, regex: '(a+)+'}}\n",
+        6,
+        "when.regex",
+        "nested quantifiers",
+    ),
+    (
+        "- {id: a, action: allow, when: {path: tool, regex: '(a)\\1'}}\n",
+        6,
+        "when.regex",
+        "backreferences",
+    ),
+    (
+        "- {id: a, action: allow, when: {path: tool, regex: '(?=a)'}}\n",
+        6,
+        "when.regex",
+        "lookaround",
+    ),
+    ("- {id: a, action: allow, when: {path: tool, regex: '(a|ab)*'}}\n", 6, "when.regex", "'|'"),
+    ("- {id: a, action: allow, when: {path: tool, in: []}}\n", 6, "when.in", "at least 1"),
+    ("- {id: a, action: allow, match: {tools: []}}\n", 6, "match.tools", "at least 1"),
+    (
+        "- {id: a, action: allow, when: {path: tool, eq: 1, ne: 2}}\n",
+        6,
+        "when",
+        "exactly one operator",
+    ),
+    ("- {id: a, action: allow, when: {lt: 3}}\n", 6, "when", "needs a 'path'"),
+    (
+        "- {id: a, action: allow, when: {path: nothere.x, eq: 1}}\n",
+        6,
+        "when.path",
+        "must start with",
+    ),
+    ("- {id: a, action: allow}\n- {id: a, action: deny}\n", 7, "rules[1].id", "duplicate rule id"),
+    (
+        "- id: a\n  action: allow\n  when:\n    all:\n      - {path: request.body.n, lt: 5}\n      - {path: request.body.n, gt: 10}\n",
+        11,
+        "all[1]",
+        "can never match",
+    ),
+    (
+        "- id: a\n  action: allow\n  when:\n    all:\n      - {path: tenant, eq: x}\n      - {path: tenant, eq: y}\n",
+        11,
+        "all[1]",
+        "two different 'eq'",
+    ),
+    (
+        "- id: a\n  action: allow\n  when:\n    all:\n      - {path: tenant, eq: z}\n      - {path: tenant, in: [x, y]}\n",
+        10,
+        "all[0]",
+        "not in the 'in' list",
+    ),
+    (
+        "- {id: a, action: allow, when: {time: {tz: Mars/Base, hours: {start: '08:00', end: '09:00'}}}}\n",
+        6,
+        "time.tz",
+        "unknown time zone",
+    ),
+    (
+        "- {id: a, action: allow, when: {time: {hours: {start: '18:00', end: '08:00'}}}}\n",
+        6,
+        "hours",
+        "before hours.end",
+    ),
+    ("- {id: a, action: sanitize}\n", 6, "rules[0]", "'obligations' is required"),
+    ("- {id: a, action: approval_needed}\n", 6, "rules[0]", "'approval' is required"),
+    ("- {id: Bad Id, action: allow}\n", 6, "id", "must match"),
+    ("- {id: a, action: allow, match: {tools: ['a*b*c*d*e']}}\n", 6, "tools", "more than 3"),
+    (
+        "- {id: a, action: allow, match: {chain: {min_depth: 3, max_depth: 1}}}\n",
+        6,
+        "chain",
+        "never match",
+    ),
+    (
+        "- {id: a, action: allow, when: {path: tool, eq: yes}}\n- {id: a, action: deny}\n",
+        7,
+        "id",
+        "duplicate",
+    ),
+]
+
+
+@pytest.mark.parametrize(("rules", "line", "path", "message"), BAD)
+def test_bad_policies_name_line_path_and_problem(
+    rules: str, line: int, path: str, message: str
+) -> None:
+    err = _error(_rules(rules))
+    assert err.details["file"] == "p.yaml"
+    assert err.details["line"] == line, err.message
+    assert path in err.details["path"], err.message
+    assert message in err.message
+    assert err.message.startswith(f"p.yaml:{line}: ")
+    assert err.message == err.message.lower() or "'" in err.message  # lowercase prose
+
+
+def test_unknown_field_hint_suggests_the_closest_name() -> None:
+    err = _error(_rules("- {id: a, action: allow, when: {path: tool, regx: '^a'}}\n"))
+    assert "did you mean 'regex'?" in err.message
+
+
+def test_every_problem_is_listed() -> None:
+    err = _error(_rules("- {id: a, action: alow}\n- {id: b, action: allow, bogus: 1}\n"))
+    assert len(err.details["errors"]) == 2
+    assert "(and 1 more)" in err.message
+
+
+def test_top_level_problems() -> None:
+    assert (
+        "apiVersion"
+        in _error(
+            "apiVersion: aegis/v2\nkind: Policy\nmetadata: {name: p}\nspec: {rules: []}\n"
+        ).message
+    )
+    assert (
+        "kind"
+        in _error(
+            "apiVersion: aegis/v1\nmetadata: {name: p}\nspec: {rules: [{id: a, action: allow}]}\n"
+        ).message
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a: 1\na: 2\n", "duplicate key 'a'"),
+        ("a: &x {b: 1}\nc: *x\n", "anchors and aliases"),
+        ("a: [1,\n", "yaml syntax error"),
+        ("? [1]\n: 2\n", "keys must be strings"),
+        ("a: !!python/object:os.system x\n", "unsupported yaml tag"),
+        ("a: .nan\n", "finite"),
+        ("", "exactly one yaml document"),
+        ("a: 1\n---\nb: 2\n", "exactly one yaml document"),
+    ],
+)
+def test_yaml_is_read_strictly(text: str, message: str) -> None:
+    with pytest.raises(PolicyError, match=message):
+        parse_source(text, "x.yaml")
+
+
+def test_yaml_11_booleans_and_dates_stay_strings() -> None:
+    doc = parse_source("a: NO\nb: yes\nc: true\nd: 2025-01-01\ne: 0x10\n").value
+    assert doc == {"a": "NO", "b": "yes", "c": True, "d": "2025-01-01", "e": 16}
+
+
+def test_json_documents_load_too() -> None:
+    text = '{"apiVersion": "aegis/v1", "kind": "Policy", "metadata": {"name": "j"}, "spec": {"rules": [{"id": "a", "action": "allow"}]}}'
+    assert load_document(text).metadata.name == "j"
+
+
+def test_oversized_documents_are_refused() -> None:
+    with pytest.raises(PolicyError, match="larger than"):
+        parse_source(b"a: " + b"x" * (8 << 20))
+
+
+def test_eq_null_survives_canonical_form() -> None:
+    doc = load_document(_rules("- {id: a, action: allow, when: {path: chain.parent, eq: null}}\n"))
+    assert doc.canonical()["spec"]["rules"][0]["when"] == {"path": "chain.parent", "eq": None}

@@ -1,0 +1,84 @@
+"""Obligations: redaction by path, masks and dropped headers, never mutating the input."""
+
+from __future__ import annotations
+
+import copy
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aegis.policy.decision import SanitizeObligation as S
+from aegis.policy.obligations import (
+    EMAIL_MASK,
+    REDACTED,
+    SECRET_MASK,
+    apply_to_body,
+    apply_to_headers,
+    mask_text,
+)
+
+
+def test_redact_paths_with_wildcards_and_lists() -> None:
+    body = {
+        "customers": [{"ssn": "1", "name": "a"}, {"ssn": "2"}],
+        "meta": {"x": {"k": 1}, "y": {"k": 2}},
+    }
+    before = copy.deepcopy(body)
+    out = apply_to_body(
+        body,
+        [S("redact", "response", path="customers.ssn"), S("redact", "response", path="meta.*.k")],
+        "response",
+    )
+    assert out == {
+        "customers": [{"ssn": REDACTED, "name": "a"}, {"ssn": REDACTED}],
+        "meta": {"x": {"k": REDACTED}, "y": {"k": REDACTED}},
+    }
+    assert body == before
+
+
+def test_obligations_apply_only_to_their_target() -> None:
+    ob = [S("mask", "request", pattern="email")]
+    assert apply_to_body({"e": "a@b.co"}, ob, "response") == {"e": "a@b.co"}
+    assert apply_to_body({"e": "a@b.co"}, ob, "request") == {"e": EMAIL_MASK}
+
+
+def test_card_numbers_keep_the_last_four_luhn_valid_only() -> None:
+    assert mask_text("card 4111 1111 1111 1111.", ["card_number"]) == "card **** **** **** 1111."
+    assert mask_text("4111-1111-1111-1111", ["card_number"]) == "****-****-****-1111"
+    assert mask_text("order 4111111111111112", ["card_number"]) == "order 4111111111111112"
+
+
+def test_emails_and_secrets_are_masked() -> None:
+    text = "mail bob.smith+x@mail.example.org key AKIAABCDEFGHIJKLMNOP jwt eyJhbGciOi.eyJzdWIiOi.c2lnbmF0dXJl"
+    out = mask_text(text, ["email", "secret"])
+    assert "bob.smith" not in out
+    assert "AKIA" not in out
+    assert "eyJ" not in out
+    assert out.count(SECRET_MASK) == 2
+    assert EMAIL_MASK in out
+    pem = "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----"
+    assert mask_text(pem, ["secret"]) == SECRET_MASK
+    assert (
+        mask_text("Authorization: Bearer abcdefghijklmnopqrstu", ["secret"])
+        == f"Authorization: {SECRET_MASK}"
+    )
+
+
+def test_headers_are_dropped_case_insensitively_and_masked() -> None:
+    ob = [S("drop_header", "response", header="x-debug"), S("mask", "response", pattern="email")]
+    assert apply_to_headers({"X-Debug": "1", "X-User": "a@b.io"}, ob, "response") == {
+        "X-User": EMAIL_MASK
+    }
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(
+    local=st.from_regex(r"[a-z0-9._]{1,10}", fullmatch=True),
+    domain=st.from_regex(r"[a-z]{1,8}\.[a-z]{2,4}", fullmatch=True),
+    pad=st.text(alphabet=" ,;:", max_size=3),
+)
+def test_no_email_survives_masking(local: str, domain: str, pad: str) -> None:
+    out = apply_to_body(
+        {"n": [f"{pad}{local}@{domain}{pad}"]}, [S("mask", "response", pattern="email")], "response"
+    )
+    assert "@" not in out["n"][0]
