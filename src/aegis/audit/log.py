@@ -1,0 +1,188 @@
+"""The audit log: an append-only SHA-256 hash chain of canonical JSON records (tamper-evident).
+
+Each row stores ``prev_hash`` and ``hash = sha256(prev_hash || canonical_json(record))`` (hex, the
+previous hash as its 64 ASCII characters), so changing, removing or reordering any row breaks every
+hash after it; :meth:`AuditLog.verify_chain` walks the table and reports the first bad position.
+
+:meth:`AuditLog.append` returns only after the row is committed, so a caller that appends before it
+answers (the gateway) never answers for a decision that left no record. An append that cannot be
+written raises ``Unavailable(audit_unavailable)``: the caller fails closed. Appends are linear: a
+lock orders them inside one process, and the unique ``seq`` key orders them across processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+from sqlalchemy import Engine, create_engine, func, insert, select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from aegis.audit.sql_tables import AUDIT_RECORDS, METADATA
+from aegis.clock import Clock
+from aegis.errors import Unavailable
+
+__all__ = ["GENESIS_HASH", "AuditLog", "ChainReport", "canonical_json", "record_hash"]
+
+#: ``prev_hash`` of the first record.
+GENESIS_HASH: Final = "0" * 64
+_MAX_RETRIES: Final = 8
+
+
+def canonical_json(record: dict[str, Any]) -> str:
+    """Sorted keys, no insignificant whitespace, UTF-8 text; NaN and Infinity are refused."""
+    return json.dumps(
+        record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
+def record_hash(prev_hash: str, canonical: str) -> str:
+    return hashlib.sha256(prev_hash.encode("ascii") + canonical.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ChainReport:
+    """The result of walking the chain. ``first_bad`` is the ``seq`` of the first row whose position,
+    ``prev_hash`` or ``hash`` is wrong, or None when the whole chain verifies."""
+
+    records: int
+    first_bad: int | None
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.first_bad is None
+
+
+def _unavailable(exc: Exception) -> Unavailable:
+    return Unavailable("the audit log cannot be written; call refused", code="audit_unavailable")
+
+
+class AuditLog:
+    """An audit log in a SQL database (SQLite embedded, PostgreSQL shared by replicas)."""
+
+    def __init__(self, engine: Engine | str, *, clock: Clock) -> None:
+        self._engine = create_engine(engine) if isinstance(engine, str) else engine
+        self._clock = clock
+        self._lock = threading.Lock()
+        # Per event loop: records waiting for the next group commit, and loops with a flush running.
+        self._queues: dict[
+            asyncio.AbstractEventLoop, list[tuple[str, str, asyncio.Future[Any]]]
+        ] = {}
+        self._flushing: set[asyncio.AbstractEventLoop] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        try:
+            METADATA.create_all(self._engine, checkfirst=True)
+        except SQLAlchemyError as exc:
+            raise _unavailable(exc) from exc
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def append(self, kind: str, record: dict[str, Any]) -> tuple[int, str]:
+        """Append one record durably; return its ``(seq, hash)``."""
+        return self._append_batch([canonical_json({**record, "kind": kind})], [kind])[0]
+
+    def _append_batch(self, bodies: list[str], kinds: list[str]) -> list[tuple[int, str]]:
+        """Append records in order in one transaction (one commit, one disk wait)."""
+        now = self._clock.now()
+        with self._lock:
+            for _ in range(_MAX_RETRIES):
+                try:
+                    with self._engine.begin() as conn:
+                        last = conn.execute(
+                            select(AUDIT_RECORDS.c.seq, AUDIT_RECORDS.c.hash)
+                            .order_by(AUDIT_RECORDS.c.seq.desc())
+                            .limit(1)
+                        ).first()
+                        seq, prev = (last[0], last[1]) if last else (0, GENESIS_HASH)
+                        rows, out = [], []
+                        for body, kind in zip(bodies, kinds, strict=True):
+                            seq, digest = seq + 1, record_hash(prev, body)
+                            rows.append(
+                                {"seq": seq, "time": now, "kind": kind, "record": body}
+                                | {"prev_hash": prev, "hash": digest}
+                            )
+                            out.append((seq, digest))
+                            prev = digest
+                        conn.execute(insert(AUDIT_RECORDS), rows)
+                    return out
+                except IntegrityError:
+                    continue  # another process took this position; read the new tail and retry
+                except SQLAlchemyError as exc:
+                    raise _unavailable(exc) from exc
+        raise Unavailable("the audit log is contended; call refused", code="audit_unavailable")
+
+    async def append_async(self, kind: str, record: dict[str, Any]) -> tuple[int, str]:
+        """:meth:`append` off the event loop, with group commit: records that arrive while a
+        commit is in flight are written together in the next one. Each caller still returns only
+        once its own record is committed."""
+        body = canonical_json({**record, "kind": kind})
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[int, str]] = loop.create_future()
+        queue = self._queues.setdefault(loop, [])
+        queue.append((body, kind, future))
+        if len(queue) == 1 and loop not in self._flushing:
+            self._flushing.add(loop)
+            task = loop.create_task(self._flush(loop))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            while batch := self._queues.pop(loop, []):
+                try:
+                    results = await asyncio.to_thread(
+                        self._append_batch, [b for b, _, _ in batch], [k for _, k, _ in batch]
+                    )
+                except Exception as exc:  # every waiter fails closed with the same error
+                    error = exc if isinstance(exc, Unavailable) else _unavailable(exc)
+                    for _, _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(error)
+                    continue
+                for (_, _, fut), result in zip(batch, results, strict=True):
+                    if not fut.done():
+                        fut.set_result(result)
+        finally:
+            self._flushing.discard(loop)
+
+    def count(self) -> int:
+        with self._engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(AUDIT_RECORDS)).scalar_one())
+
+    def records(self, *, kind: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every record in chain order (decoded), optionally of one kind."""
+        query = select(AUDIT_RECORDS.c.record).order_by(AUDIT_RECORDS.c.seq)
+        if kind is not None:
+            query = query.where(AUDIT_RECORDS.c.kind == kind)
+        with self._engine.connect() as conn:
+            for (text,) in conn.execute(query):
+                yield json.loads(text)
+
+    def verify_chain(self) -> ChainReport:
+        """Recompute every hash in order; report the first position that does not verify."""
+        prev, expected, count = GENESIS_HASH, 1, 0
+        query = select(
+            AUDIT_RECORDS.c.seq,
+            AUDIT_RECORDS.c.record,
+            AUDIT_RECORDS.c.prev_hash,
+            AUDIT_RECORDS.c.hash,
+        ).order_by(AUDIT_RECORDS.c.seq)
+        with self._engine.connect() as conn:
+            for seq, body, prev_hash, digest in conn.execute(query):
+                count += 1
+                if seq != expected:
+                    return ChainReport(count, expected, "a record is missing at this position")
+                if prev_hash != prev:
+                    return ChainReport(count, seq, "prev_hash does not match the previous record")
+                if record_hash(prev_hash, body) != digest:
+                    return ChainReport(count, seq, "the record does not match its hash")
+                prev, expected = digest, expected + 1
+        return ChainReport(count, None)

@@ -1,0 +1,141 @@
+"""The gateway ASGI application (RFC 9110 reverse proxy): the proxy front door, ``/metrics`` and
+``/healthz``, built from the control-plane services and the ``gateway:`` settings.
+
+:func:`build_pipeline` is the one place the data plane is wired: the access-token verifier for the
+gateway's audience, the DPoP verifier (window and nonces from ``gateway:``, replay store shared with
+the token endpoint), the registry cache and revocation store, delegation rules, the active policies
+per tenant/environment (with the allow-list fallback), the attester (the key ring's active key) and
+the audit log. When the internal CA exists, client certificates are validated before any route
+(``aegis.pki.middleware``) and the verified peer reaches the pipeline; without it no
+certificate-bound token can pass (fail closed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route as StarletteRoute
+
+from aegis.audit.attest import Attester
+from aegis.audit.log import AuditLog
+from aegis.config import GatewaySettings
+from aegis.gateway.pipeline import LimitsHook, Pipeline
+from aegis.gateway.policies import PolicyDirectory
+from aegis.gateway.proxy import ReverseProxy
+from aegis.pki.middleware import PeerCertificateMiddleware
+from aegis.pki.service import PkiService
+from aegis.policy.store import PolicyStore, SqlPolicyStore
+from aegis.server.services import Services
+from aegis.telemetry.metrics import REGISTRY
+from aegis.tokens.chain import ChainRules
+from aegis.tokens.dpop import DpopVerifier, NonceSource
+from aegis.tokens.verifier import AccessTokenVerifier
+
+__all__ = ["METHODS", "build_pipeline", "create_gateway_app"]
+
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+def build_pipeline(
+    services: Services,
+    settings: GatewaySettings,
+    *,
+    policy_store: PolicyStore | None = None,
+    audit: AuditLog | None = None,
+    limits: LimitsHook | None = None,
+) -> Pipeline:
+    cfg, clock = services.config, services.clock
+    key = settings.nonce_key(cfg.base_dir)
+    dpop = DpopVerifier(
+        services.replay,
+        clock=clock,
+        iat_window=settings.dpop_iat_window,
+        future_skew=settings.dpop_future_skew,
+        nonces=None
+        if key is None
+        else NonceSource(key, clock, lifetime=settings.dpop_nonce_lifetime),
+    )
+    tok = cfg.tokens
+    verifier = AccessTokenVerifier(
+        services.keyring.public_key,
+        issuer=cfg.issuer,
+        audience=settings.audience,
+        clock=clock,
+        leeway=float(tok.leeway),
+        max_lifetime=float(tok.max_lifetime),
+    )
+    exchanger = services.tokens.exchanger
+    rules = (
+        exchanger.rules
+        if exchanger is not None
+        else ChainRules(issuer=cfg.issuer, service_keys=services.keyring.public_key)
+    )
+    store = policy_store if policy_store is not None else SqlPolicyStore(cfg.database_url())
+    return Pipeline(
+        verifier=verifier,
+        dpop=dpop,
+        replay=services.replay,
+        cache=services.cache,
+        revocation=services.revocation,
+        chain_rules=rules,
+        policies=PolicyDirectory(
+            store, clock=clock, interval=settings.policy_poll_interval, allow=settings.allow
+        ),
+        attester=Attester(services.keyring, issuer=cfg.issuer),
+        audit=audit if audit is not None else AuditLog(cfg.database_url(), clock=clock),
+        clock=clock,
+        public_url=settings.public_url,
+        limits=limits,
+    )
+
+
+def create_gateway_app(
+    services: Services, gateway_config: GatewaySettings, *, pipeline: Pipeline | None = None
+) -> Starlette:
+    proxy = ReverseProxy(pipeline or build_pipeline(services, gateway_config), gateway_config)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    routes: list[Any] = [
+        StarletteRoute("/healthz", healthz, methods=["GET"]),
+        StarletteRoute("/metrics", metrics, methods=["GET"]),
+        StarletteRoute("/{path:path}", proxy.handle, methods=METHODS),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await proxy.start()
+        try:
+            yield
+        finally:
+            await proxy.close()
+
+    middleware: list[Middleware] = []
+    pki = services.extras.get("pki")
+    if isinstance(pki, PkiService):
+        p = services.config.pki
+        middleware.append(
+            Middleware(
+                PeerCertificateMiddleware,
+                validator=pki.validator(),
+                trusted_proxies=p.trusted_proxies,
+                mode=p.xfcc_mode,
+                header=p.xfcc_header,
+                required=lambda path: False,
+                listener="gateway",
+            )
+        )
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
+    app.state.proxy = proxy
+    return app

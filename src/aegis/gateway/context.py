@@ -1,0 +1,180 @@
+"""The call context (RFC 9110 request semantics): what every front door hands the decision pipeline.
+
+A front door (reverse proxy, ext_authz, MCP proxy) translates its protocol into one
+:class:`CallContext` and nothing else; the pipeline never looks at a framework request. Headers are
+kept as an ordered list of ``(lowercase name, value)`` pairs, because how many times a header occurs
+is itself checked (two ``Authorization`` or two ``DPoP`` headers are refused). The peer identity is
+set only from a verified certificate (``aegis.pki.middleware``), never from client input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import unquote
+
+from aegis.config import GatewayRoute
+from aegis.errors import InvalidRequest
+from aegis.pki.peer import PeerIdentity
+
+__all__ = [
+    "EMPTY_BODY_DIGEST",
+    "STREAMED_BODY_DIGEST",
+    "CallContext",
+    "Route",
+    "body_digest",
+    "is_json_type",
+    "lower_pairs",
+    "parse_json_body",
+    "route_from_settings",
+    "vet_path",
+]
+
+#: ``sha256:`` digest of an empty body.
+EMPTY_BODY_DIGEST: Final = "sha256:" + hashlib.sha256(b"").hexdigest()
+#: The body digest of a call whose body is streamed to the upstream without being buffered.
+STREAMED_BODY_DIGEST: Final = "streamed"
+
+
+def body_digest(body: bytes) -> str:
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a call goes and what it is, from configuration (never from the request)."""
+
+    path_prefix: str
+    upstream: str
+    tool: str
+    tenant: str
+    env: str
+    host: str | None = None
+    allow_bearer: bool = False
+    #: An audience the token must carry for this route, besides the gateway's own.
+    audience: str | None = None
+
+
+def route_from_settings(r: GatewayRoute) -> Route:
+    return Route(
+        r.path_prefix, r.upstream, r.tool, r.tenant, r.env, r.host, r.allow_bearer, r.audience
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """One call, as the pipeline sees it."""
+
+    method: str
+    #: The absolute URL the client addressed (scheme, host, path, query): DPoP ``htu`` is
+    #: compared with it, and it is part of the request digest.
+    url: str
+    #: The Host header value (or the configured public host).
+    host: str
+    path: str
+    route: Route
+    #: ``(lowercase name, value)`` pairs in arrival order, repeats kept.
+    headers: tuple[tuple[str, str], ...] = ()
+    query: tuple[tuple[str, str], ...] = ()
+    #: ``sha256:<hex>`` of the whole body, or :data:`STREAMED_BODY_DIGEST`.
+    body_digest: str = EMPTY_BODY_DIGEST
+    #: The parsed JSON body when it was small enough to buffer, else None.
+    body: Any = None
+    #: The raw buffered body (None when streamed).
+    raw_body: bytes | None = b""
+    #: Set only from a certificate validated by the PKI layer.
+    peer: PeerIdentity | None = None
+    client: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def body_hidden(self) -> bool:
+        """The call has a body that policy does not see as JSON (streamed, over the buffering
+        limit, or of another content type)."""
+        if self.body_digest == EMPTY_BODY_DIGEST:
+            return False
+        return self.raw_body is None or not is_json_type(self.header("content-type"))
+
+    def header_values(self, name: str) -> list[str]:
+        """Every value of header ``name`` (case-insensitive), in arrival order."""
+        lname = name.lower()
+        return [v for k, v in self.headers if k == lname]
+
+    def header(self, name: str) -> str | None:
+        values = self.header_values(name)
+        return values[0] if values else None
+
+    def policy_headers(self) -> dict[str, str]:
+        """Single-valued view for the policy input (repeats joined by ``, `` per RFC 9110 §5.3);
+        credentials are removed again by ``build_input``."""
+        out: dict[str, str] = {}
+        for k, v in self.headers:
+            out[k] = f"{out[k]}, {v}" if k in out else v
+        return out
+
+    def policy_query(self) -> dict[str, str | list[str]]:
+        out: dict[str, str | list[str]] = {}
+        for k, v in self.query:
+            prev = out.get(k)
+            if prev is None:
+                out[k] = v
+            elif isinstance(prev, list):
+                prev.append(v)
+            else:
+                out[k] = [prev, v]
+        return out
+
+
+def is_json_type(content_type: str | None) -> bool:
+    """``application/json`` or a ``+json`` structured syntax suffix (RFC 6839 §3.1)."""
+    ctype = (content_type or "").split(";")[0].strip().lower()
+    return ctype == "application/json" or ctype.endswith("+json")
+
+
+def parse_json_body(raw: bytes, content_type: str | None) -> Any:
+    """The JSON body for policy, or None when the body is not JSON (then policy sees null).
+
+    A body that claims to be JSON and is not is refused: policy must never decide on a body the
+    upstream would read differently."""
+    if not raw or not is_json_type(content_type):
+        return None
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise InvalidRequest("the request body is not valid JSON") from None
+
+
+#: Percent-encodings of ``/``, ``\\`` and ``%``: decoding them changes how the path splits into
+#: segments, or leaves a second layer of encoding for the upstream to decode.
+_RESEGMENTING: Final = re.compile(r"%(?:2f|5c|25)", re.IGNORECASE)
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+def vet_path(raw_path: str) -> str:
+    """The decoded path of a request target that reads the same at the gateway and the upstream.
+
+    The route, and so the tool that policy decides on, is chosen from the path; the upstream then
+    resolves the same bytes. RFC 3986 §5.2.4 dot segments (``..``, ``.``, also encoded or with a
+    ``;`` parameter as some servers read them), encoded separators and double encoding would let
+    the two read different paths (``/payments/../admin`` decided as payments, served as admin),
+    so they are refused (``invalid_request``) rather than normalised.
+    """
+    if not raw_path.startswith("/") or _RESEGMENTING.search(raw_path):
+        raise InvalidRequest("send an absolute path without encoded '/', '\\' or '%'")
+    try:
+        path = unquote(raw_path, errors="strict")
+    except UnicodeDecodeError:
+        raise InvalidRequest("the request path is not valid utf-8 once decoded") from None
+    if _CONTROL.search(path):
+        raise InvalidRequest("the request path must not contain control characters or '\\'")
+    if any(seg.split(";", 1)[0] in (".", "..") for seg in path.split("/")):
+        raise InvalidRequest("the request path must not contain '.' or '..' segments")
+    return path
+
+
+def lower_pairs(pairs: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    return tuple((k.lower(), v) for k, v in pairs)

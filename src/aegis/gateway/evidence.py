@@ -1,0 +1,163 @@
+"""Evidence of one decision (ARCHITECTURE.md step 10): the facts gathered while deciding, the audit
+record built from them, span attributes (``aegis.telemetry.names``), refusal counters and the
+``WWW-Authenticate`` / ``DPoP-Nonce`` / ``Retry-After`` headers of a refusal (RFC 9449 §7.1, §8;
+RFC 6750 §3; RFC 9110 §10.2.3).
+
+The audit record names who, what, when and the outcome; it never holds a token, a proof or a
+secret: token and proof appear only by ``jti``, the request only by its digest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from aegis.errors import AegisError
+from aegis.gateway.auth import Scheme, challenge
+from aegis.gateway.context import CallContext
+from aegis.policy.decision import Decision, SanitizeObligation
+from aegis.policy.input import AuthMethod
+from aegis.telemetry import names
+from aegis.telemetry.metrics import (
+    APPROVAL_NEEDED,
+    EXPIRED_TOKEN_REJECTIONS,
+    FAILED_SIGNATURE_VERIFICATIONS,
+    REPLAY_ATTEMPTS,
+)
+from aegis.tokens.claims import AccessToken
+from aegis.tokens.dpop import DpopVerifier
+
+__all__ = ["EvidenceFacts", "Result", "audit_record", "count_refusal", "refusal_headers"]
+
+_SIGNATURE_CODES = frozenset({"invalid_signature", "parent_signature_invalid"})
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What the front door does: forward (``allowed``) or answer ``status`` with ``code``."""
+
+    decision_id: str
+    action: str
+    status: int
+    code: str | None
+    message: str
+    #: Headers for the caller's response (challenges, decision id, attestation).
+    headers: dict[str, str] = field(default_factory=dict)
+    #: Identity headers for the upstream (only on an allowed call).
+    upstream_headers: dict[str, str] = field(default_factory=dict)
+    obligations: tuple[SanitizeObligation, ...] = ()
+    #: The sanitized JSON body to forward instead of the original, when obligations changed it.
+    body: Any = None
+    body_changed: bool = False
+
+    @property
+    def allowed(self) -> bool:
+        return self.action in ("allow", "sanitize") and self.status == 200
+
+
+@dataclass(slots=True)
+class EvidenceFacts:
+    """What the pipeline learnt, step by step; filled in as far as the call got."""
+
+    decision_id: str
+    time: float
+    scheme: Scheme | None = None
+    token: AccessToken | None = None
+    auth_method: AuthMethod | None = None
+    proof_jti: str | None = None
+    verified: bool = False
+    jti_seen: bool | None = None
+    chain_validated: bool = False
+    chain: tuple[str, ...] = ()
+    decision: Decision | None = None
+    error: AegisError | None = None
+
+    @property
+    def agent_id(self) -> str | None:
+        return self.token.agent_id if self.token is not None else None
+
+    @property
+    def policy_version(self) -> str | None:
+        return self.decision.policy_version if self.decision is not None else None
+
+    def reason(self, result: Result) -> str:
+        if result.code is not None:
+            return result.code
+        if self.decision is not None and self.decision.reasons:
+            return self.decision.reasons[0]
+        return "allowed"
+
+    def span_attributes(self, result: Result) -> dict[str, Any]:
+        attrs: dict[str, Any] = {
+            names.DECISION_ID: self.decision_id,
+            names.VERIFICATION_RESULT: self.verified,
+            names.PARENT_CHAIN_VALIDATED: self.chain_validated,
+            names.DECISION: result.action,
+            names.DECISION_REASON: self.reason(result),
+        }
+        if self.jti_seen is not None:
+            attrs[names.JTI_SEEN] = self.jti_seen
+        if self.agent_id is not None:
+            attrs[names.AGENT_ID] = self.agent_id
+        if self.policy_version is not None:
+            attrs[names.POLICY_VERSION] = self.policy_version
+        return attrs
+
+
+def count_refusal(exc: AegisError) -> None:
+    """The dedicated counters; every refusal is also in ``aegis_decisions_total``."""
+    if exc.code in _SIGNATURE_CODES:
+        FAILED_SIGNATURE_VERIFICATIONS.inc()
+    elif exc.code == "replay_detected":
+        REPLAY_ATTEMPTS.inc()
+    elif exc.code == "token_expired":
+        EXPIRED_TOKEN_REJECTIONS.inc()
+    elif exc.code == "approval_needed":
+        APPROVAL_NEEDED.inc()
+
+
+def refusal_headers(exc: AegisError, scheme: Scheme | None, dpop: DpopVerifier) -> dict[str, str]:
+    headers: dict[str, str] = {"cache-control": "no-store"}
+    if exc.status == 401:
+        headers["www-authenticate"] = challenge(exc.code, scheme, exc.spec.oauth_error)
+    if exc.code == "use_dpop_nonce" and dpop.nonces is not None:
+        headers["dpop-nonce"] = dpop.nonces.issue()
+    if exc.spec.retryable and exc.status == 503:
+        headers["retry-after"] = "1"
+    return headers
+
+
+def audit_record(
+    ctx: CallContext, facts: EvidenceFacts, result: Result, digest: str, attestation: str | None
+) -> dict[str, Any]:
+    token, decision = facts.token, facts.decision
+    return {
+        "decision_id": facts.decision_id,
+        "time": facts.time,
+        "tool": ctx.route.tool,
+        "tenant": ctx.route.tenant,
+        "env": ctx.route.env,
+        "method": ctx.method,
+        "path": ctx.path,
+        "client": ctx.client,
+        "peer": ctx.peer.spiffe_id if ctx.peer is not None else None,
+        "agent_id": facts.agent_id,
+        "client_id": token.client_id if token is not None else None,
+        "token_jti": token.jti if token is not None else None,
+        "proof_jti": facts.proof_jti,
+        "auth_method": facts.auth_method,
+        "verified": facts.verified,
+        "jti_seen": facts.jti_seen,
+        "chain": list(facts.chain),
+        "action": result.action,
+        "status": result.status,
+        "code": result.code,
+        "reason": result.message,
+        "policy_version": facts.policy_version,
+        "rule_ids": list(decision.rule_ids) if decision is not None else [],
+        "shadow": decision.shadow.to_dict()
+        if decision is not None and decision.shadow is not None
+        else None,
+        "request_digest": digest,
+        "attestation": attestation,
+    }

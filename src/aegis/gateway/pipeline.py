@@ -1,0 +1,302 @@
+"""The decision pipeline (ARCHITECTURE.md steps 2-10; RFC 9068 tokens, RFC 9449 / RFC 8705 binding).
+
+Every front door calls :meth:`Pipeline.run` with a :class:`CallContext` and gets a :class:`Result`.
+The steps run in a fixed order and each one raises a typed error to refuse:
+
+token (signature, claims, gateway audience) → binding (DPoP ``cnf.jkt`` or ``cnf.x5t#S256``) →
+replay (one single-use proof per call) → subject state (+ route tenant/env) → delegation chain →
+policy → limits → enforcement → evidence (attestation, audit record, span, metrics).
+
+Fail closed: an ``Unavailable`` dependency is a 503 with its ``*_unavailable`` code; any exception
+nobody planned for is a 500 ``server_error``; neither ever forwards. A call is answered only after its
+audit record is committed; if the record cannot be written the call is refused (``audit_unavailable``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Final
+from urllib.parse import urlsplit
+
+from aegis.audit.attest import Attester, request_digest
+from aegis.audit.log import AuditLog
+from aegis.clock import Clock, new_id
+from aegis.errors import AegisError, TokenError, Unavailable
+from aegis.gateway.auth import Credentials, read_credentials
+from aegis.gateway.context import CallContext, Route
+from aegis.gateway.evidence import (
+    EvidenceFacts,
+    Result,
+    audit_record,
+    count_refusal,
+    refusal_headers,
+)
+from aegis.gateway.policies import PolicyDirectory
+from aegis.pki.binding import X5T_S256, check_certificate_binding
+from aegis.policy.decision import Decision
+from aegis.policy.input import AgentInfo, ChainInfo, PolicyCall, build_input
+from aegis.policy.obligations import apply_to_body
+from aegis.policy.shadow import record_shadow
+from aegis.registry.cache import RegistryCache
+from aegis.stores.base import ReplayStore, RevocationStore
+from aegis.telemetry import names
+from aegis.telemetry.logging import log_event
+from aegis.telemetry.metrics import DECISIONS, PIPELINE_STEP_SECONDS
+from aegis.telemetry.tracing import get_tracer
+from aegis.tokens.chain import ChainRules, verify_chain
+from aegis.tokens.claims import AccessToken
+from aegis.tokens.dpop import DpopVerifier
+from aegis.tokens.subject import check_subject
+from aegis.tokens.verifier import AccessTokenVerifier
+
+__all__ = ["STEPS", "LimitsHook", "Pipeline", "Result"]
+
+STEPS: Final = (
+    "token",
+    "binding",
+    "replay",
+    "subject",
+    "delegation",
+    "policy",
+    "limits",
+    "evidence",
+)
+TOKEN_REPLAY_NAMESPACE: Final = "token"
+#: Limits and budgets (step 8) plug in here; raising refuses the call.
+LimitsHook = Callable[[CallContext, AccessToken], Awaitable[None]]
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        verifier: AccessTokenVerifier,
+        dpop: DpopVerifier,
+        replay: ReplayStore,
+        cache: RegistryCache,
+        revocation: RevocationStore,
+        chain_rules: ChainRules,
+        policies: PolicyDirectory,
+        attester: Attester,
+        audit: AuditLog | None,
+        clock: Clock,
+        public_url: str | None = None,
+        limits: LimitsHook | None = None,
+    ) -> None:
+        self._verifier, self._dpop, self._replay = verifier, dpop, replay
+        self._cache, self._revocation, self._rules = cache, revocation, chain_rules
+        self._policies, self._attester, self._audit = policies, attester, audit
+        self._clock, self._public_url, self._limits = clock, public_url, limits
+        self._timers = {step: PIPELINE_STEP_SECONDS.labels(step) for step in STEPS}
+
+    def reads_body(self, route: Route) -> bool:
+        """Whether the policy in force reads request bodies for the route's tool (a front door
+        then buffers them); an unknown answer is False, and the policy step decides."""
+        try:
+            return self._policies.reads_body(route.tenant, route.env, route.tool)
+        except AegisError:
+            return False
+
+    def _htu(self, ctx: CallContext) -> str:
+        # The path as sent (percent-encoded), so that the proof's htu compares like with like.
+        return f"{self._public_url}{urlsplit(ctx.url).path}" if self._public_url else ctx.url
+
+    def _timed(self, step: str, started: float) -> float:
+        now = time.perf_counter()
+        self._timers[step].observe(now - started)
+        return now
+
+    async def run(self, ctx: CallContext) -> Result:
+        facts = EvidenceFacts(decision_id=new_id(), time=self._clock.now())
+        with get_tracer().start_as_current_span(names.SPAN_GATEWAY_DECIDE) as span:
+            try:
+                decision = await self._decide(ctx, facts)
+                result = self._enforce(ctx, facts, decision)
+            except AegisError as exc:
+                result = self._refuse(facts, exc)
+            except Exception as exc:  # a bug is a refusal, never a forward
+                log_event("gateway.internal_error", level=logging.ERROR, error=type(exc).__name__)
+                result = self._refuse(facts, AegisError("internal error", code="server_error"))
+            started = time.perf_counter()
+            result = await self._evidence(ctx, facts, result)
+            self._timed("evidence", started)
+            for key, value in facts.span_attributes(result).items():
+                span.set_attribute(key, value)
+        DECISIONS.labels(action=result.action, reason=result.code or "ok").inc()
+        return result
+
+    async def refuse(self, ctx: CallContext, exc: AegisError) -> Result:
+        """A front door's own refusal (oversized or malformed body): evidenced like any other."""
+        facts = EvidenceFacts(decision_id=new_id(), time=self._clock.now())
+        result = await self._evidence(ctx, facts, self._refuse(facts, exc))
+        DECISIONS.labels(action=result.action, reason=result.code or "ok").inc()
+        return result
+
+    async def _decide(self, ctx: CallContext, facts: EvidenceFacts) -> Decision:
+        t = time.perf_counter()
+        creds: Credentials = read_credentials(ctx)
+        facts.scheme = creds.scheme
+        token = self._verifier.verify(creds.token)
+        facts.token = token
+        cnf = token.cnf or {}
+        jkt, x5t = cnf.get("jkt"), cnf.get(X5T_S256)
+        if creds.scheme == "bearer" and jkt is not None:
+            raise TokenError("this token is DPoP-bound; use the DPoP scheme", code="invalid_token")
+        if creds.scheme == "dpop" and jkt is None:
+            raise TokenError(
+                "this token is not DPoP-bound; use the Bearer scheme", code="invalid_token"
+            )
+        if ctx.route.audience is not None and ctx.route.audience not in token.aud:
+            raise TokenError("token audience does not include this route", code="invalid_audience")
+        t = self._timed("token", t)
+        proof = None
+        if creds.proof is not None:
+            proof = self._dpop.verify(
+                creds.proof,
+                method=ctx.method,
+                url=self._htu(ctx),
+                access_token=creds.token,
+                jkt=jkt if isinstance(jkt, str) else None,
+            )
+            facts.proof_jti, facts.auth_method = proof.jti, "dpop"
+        if x5t is not None:
+            check_certificate_binding(token, ctx.peer)  # fails closed without a verified peer
+            facts.auth_method = facts.auth_method or "mtls"
+        facts.verified = True
+        t = self._timed("binding", t)
+        # Exactly one single-use proof per call (both when a single-use token is also DPoP-bound).
+        if proof is None and not token.single_use and not ctx.route.allow_bearer:
+            raise TokenError(
+                "this route needs a DPoP proof or a single-use token", code="invalid_token"
+            )
+        try:
+            if proof is not None:
+                await self._dpop.consume(proof)
+            if token.single_use:
+                expires = token.exp + self._verifier.rules.leeway
+                await self._replay.consume(TOKEN_REPLAY_NAMESPACE, token.jti, expires)
+        except AegisError as exc:
+            facts.jti_seen = exc.code == "replay_detected"
+            raise
+        facts.jti_seen = False
+        t = self._timed("replay", t)
+        agent = await check_subject(token, self._cache, self._revocation)
+        route = ctx.route
+        if (token.tenant, token.env) != (route.tenant, route.env):
+            raise TokenError(
+                "the token's tenant or environment is not this route's", code="tenant_mismatch"
+            )
+        t = self._timed("subject", t)
+        chain = verify_chain(
+            token, cache=self._cache, rules=self._rules, now=self._clock.now(), tool=route.tool
+        )
+        facts.chain_validated, facts.chain = True, chain.agents
+        t = self._timed("delegation", t)
+        call = PolicyCall(
+            tool=route.tool,
+            agent=AgentInfo(
+                id=agent.id,
+                roles=tuple(agent.roles),
+                attributes=dict(agent.attributes),
+                version=agent.software_version,
+                owner=agent.owner,
+            ),
+            tenant=route.tenant,
+            env=route.env,
+            time=facts.time,
+            method=ctx.method,
+            path=ctx.path,
+            scopes=token.scopes,
+            client_id=token.client_id,
+            jti=token.jti,
+            auth_method=facts.auth_method or "bearer",
+            chain=ChainInfo(agents=chain.agents[:-1], origin_user=chain.origin_user),
+            body=ctx.body,
+            query=ctx.policy_query(),
+            headers=ctx.policy_headers(),
+        )
+        decision = self._policies.decide(
+            route.tenant, route.env, route.tool, agent.id, build_input(call),
+            body_hidden=ctx.body_hidden,
+        )  # fmt: skip
+        facts.decision = decision
+        record_shadow(decision, route.tool)
+        t = self._timed("policy", t)
+        if self._limits is not None:
+            await self._limits(ctx, token)
+        self._timed("limits", t)
+        return decision
+
+    def _enforce(self, ctx: CallContext, facts: EvidenceFacts, decision: Decision) -> Result:
+        if decision.action == "approval_needed":
+            raise AegisError("this call needs a human approval", code="approval_needed")
+        if decision.action not in ("allow", "sanitize"):
+            reason = "; ".join(decision.reasons) or "denied by policy"
+            code = decision.code if decision.code in ("policy_error", "access_denied") else None
+            raise AegisError(reason, code=code or "access_denied")
+        body, changed = ctx.body, False
+        if decision.action == "sanitize":
+            on_body = [
+                o for o in decision.obligations if o.target == "request" and o.kind != "drop_header"
+            ]
+            if on_body and ctx.raw_body is None:
+                raise AegisError(
+                    "policy requires sanitizing a body that was not buffered", code="policy_error"
+                )
+            if on_body:
+                body = apply_to_body(ctx.body, decision.obligations, "request")
+                changed = body != ctx.body
+        token = facts.token
+        assert token is not None
+        return Result(
+            decision_id=facts.decision_id,
+            action=decision.action,
+            status=200,
+            code=None,
+            message="allowed",
+            upstream_headers={"x-aegis-agent-id": token.agent_id, "x-aegis-tenant": token.tenant},
+            obligations=decision.obligations,
+            body=body,
+            body_changed=changed,
+        )
+
+    def _refuse(self, facts: EvidenceFacts, exc: AegisError) -> Result:
+        facts.error = exc
+        count_refusal(exc)
+        action = "approval_needed" if exc.code == "approval_needed" else "deny"
+        headers = refusal_headers(exc, facts.scheme, self._dpop)
+        return Result(facts.decision_id, action, exc.status, exc.code, exc.message, headers)
+
+    async def _evidence(self, ctx: CallContext, facts: EvidenceFacts, result: Result) -> Result:
+        digest = request_digest(ctx.method, ctx.url, ctx.body_digest)
+        attestation: str | None = None
+        try:
+            attestation = self._attester.sign(
+                decision_id=facts.decision_id,
+                agent_id=facts.agent_id,
+                tool=ctx.route.tool,
+                timestamp=facts.time,
+                policy_version=facts.policy_version,
+                decision=result.action,
+                request_digest=digest,
+                jti=facts.proof_jti or (facts.token.jti if facts.token else None),
+            )
+        except Unavailable as exc:  # no signing key: refuse, but still leave an audit record
+            log_event("gateway.attestation_failed", level=logging.ERROR, code=exc.code)
+            result = self._refuse(facts, exc)
+        try:
+            if self._audit is not None:
+                record = audit_record(ctx, facts, result, digest, attestation)
+                await self._audit.append_async("gateway.decision", record)
+        except Unavailable as exc:
+            log_event("gateway.audit_failed", level=logging.ERROR, code=exc.code)
+            return self._refuse(facts, exc)
+        result.headers["x-aegis-decision-id"] = facts.decision_id
+        if attestation is not None:
+            result.headers["x-aegis-attestation"] = attestation
+            if result.allowed:
+                result.upstream_headers["x-aegis-decision-id"] = facts.decision_id
+                result.upstream_headers["x-aegis-attestation"] = attestation
+        return result

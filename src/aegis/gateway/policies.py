@@ -1,0 +1,171 @@
+"""Which policy decides a call: the active version for the route's tenant and environment, or the
+configured allow-list while none is active (ARCHITECTURE.md, pipeline step 7).
+
+One :class:`~aegis.policy.watcher.PolicyWatcher` per (tenant, env) polls the policy store and swaps
+in newly activated versions. Three cases, none of which can turn into an allow by accident:
+
+* a policy is in force: it decides (its evaluator turns any internal failure into a
+  ``policy_error`` deny);
+* the store answered and no version was ever activated: the allow-list decides, default deny
+  (``policy_version = "allowlist"``);
+* the store cannot answer and no policy was ever loaded: ``Unavailable(policy_unavailable)``, a
+  503. Once a policy was loaded it stays in force through a store outage (it was valid when
+  activated).
+
+A missing ``request.body`` makes every condition on it false (docs/policy.md), so a deny rule on
+the body would not fire for a body policy never saw (streamed, too large, or not sent as JSON). When
+the policy in force reads the body of a tool, such a call is refused (``invalid_request``) instead.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Final
+
+from aegis.clock import Clock
+from aegis.config import GatewayAllow
+from aegis.errors import AegisError, InvalidRequest, Unavailable
+from aegis.policy.decision import Decision
+from aegis.policy.evaluator import CompiledPolicy
+from aegis.policy.ir import leaves
+from aegis.policy.store import PolicyStore
+from aegis.policy.watcher import NO_POLICY_REASON, PolicyWatcher
+
+__all__ = [
+    "ALLOWLIST_REASON",
+    "ALLOWLIST_VERSION",
+    "PolicyDirectory",
+    "allowlist_decision",
+    "policy_reads_body",
+]
+
+ALLOWLIST_VERSION: Final = "allowlist"
+ALLOWLIST_REASON: Final = "no active policy; allowed by the gateway allow-list"
+_WILDCARD: Final = "*"
+_BODY: Final = ("request", "body")
+_MAX_CACHED: Final = 4096
+
+
+def policy_reads_body(policy: CompiledPolicy, tool: str) -> bool:
+    """Whether any rule that can apply to ``tool`` has a condition on the request body."""
+    for rule in policy.candidates(tool):
+        nodes = [*rule.lowered.match, *([rule.lowered.when] if rule.lowered.when else [])]
+        for leaf in (leaf for node in nodes for leaf in leaves(node)):
+            if leaf.path[:2] == _BODY or _BODY[: len(leaf.path)] == leaf.path:
+                return True
+    return False
+
+
+def allowlist_decision(allow: tuple[GatewayAllow, ...], tool: str, agent_id: str) -> Decision:
+    """Allow only a listed (tool, agent) pair; everything else is a default deny."""
+    for entry in allow:
+        if entry.tool == tool and (_WILDCARD in entry.agents or agent_id in entry.agents):
+            return Decision("allow", (ALLOWLIST_REASON,), (f"allowlist:{tool}",), ALLOWLIST_VERSION)
+    return Decision("deny", (NO_POLICY_REASON,), (), ALLOWLIST_VERSION, code="access_denied")
+
+
+class PolicyDirectory:
+    """Active policies per (tenant, env), each hot-reloaded by its own watcher."""
+
+    def __init__(
+        self,
+        store: PolicyStore | None,
+        *,
+        clock: Clock,
+        interval: float,
+        allow: tuple[GatewayAllow, ...] = (),
+    ) -> None:
+        self._store, self._clock, self._interval, self._allow = store, clock, interval, allow
+        self._watchers: dict[tuple[str, str], PolicyWatcher] = {}
+        self._lock = threading.Lock()
+        self._next_probe: dict[tuple[str, str], float] = {}
+        self._reads: dict[tuple[str, str], bool] = {}
+
+    def _watcher(self, tenant: str, env: str) -> PolicyWatcher | None:
+        if self._store is None:
+            return None
+        key = (tenant, env)
+        watcher = self._watchers.get(key)
+        if watcher is None:
+            with self._lock:
+                watcher = self._watchers.get(key)
+                if watcher is None:
+                    watcher = PolicyWatcher(
+                        self._store,
+                        tenant=tenant,
+                        env=env,
+                        clock=self._clock,
+                        interval=self._interval,
+                    )
+                    self._watchers[key] = watcher
+        return watcher
+
+    def _reads_body(self, policy: CompiledPolicy, tool: str) -> bool:
+        key = (policy.version, tool)
+        found = self._reads.get(key)
+        if found is None:
+            if len(self._reads) >= _MAX_CACHED:
+                self._reads.clear()
+            found = self._reads[key] = policy_reads_body(policy, tool)
+        return found
+
+    def reads_body(self, tenant: str, env: str, tool: str) -> bool:
+        """Whether the policy in force for the route reads request bodies of ``tool`` (the proxy
+        then buffers the body for it); False for the allow-list, which never does."""
+        watcher = self._watcher(tenant, env)
+        policy = watcher.current() if watcher is not None else None
+        return policy is not None and self._reads_body(policy, tool)
+
+    def decide(
+        self,
+        tenant: str,
+        env: str,
+        tool: str,
+        agent_id: str,
+        doc: dict[str, Any],
+        *,
+        body_hidden: bool = False,
+    ) -> Decision:
+        """The decision for one call; ``body_hidden`` says the call has a body that is not in
+        ``doc`` (streamed, over the buffering limit, or not JSON)."""
+        watcher = self._watcher(tenant, env)
+        policy = watcher.current() if watcher is not None else None
+        if policy is None and watcher is not None and watcher.last_error is not None:
+            if not self._recovered(watcher, tenant, env):
+                raise Unavailable(
+                    "the policy store cannot answer and no policy is loaded; call refused",
+                    code="policy_unavailable",
+                )
+            policy = watcher.current()
+        if policy is not None:
+            if body_hidden and self._reads_body(policy, tool):
+                raise InvalidRequest(
+                    "the policy for this tool reads the request body; send it as JSON "
+                    "(content-type application/json) within gateway.max_body_bytes"
+                )
+            return policy.evaluate(doc)
+        return allowlist_decision(self._allow, tool, agent_id)
+
+    def _recovered(self, watcher: PolicyWatcher, tenant: str, env: str) -> bool:
+        """The watcher keeps its last error until a version is activated; probe the store at
+        most once per interval so that a store that came back with nothing active falls back to
+        the allow-list instead of answering 503 forever."""
+        key = (tenant, env)
+        now = self._clock.monotonic()
+        if now < self._next_probe.get(key, float("-inf")):
+            return False
+        self._next_probe[key] = now + self._interval
+        try:
+            active = self._store.active(tenant, env) if self._store is not None else None
+        except AegisError:
+            return False
+        if active is not None:
+            watcher.poll()  # compiles and swaps in the active version, or records why not
+            return watcher.last_error is None
+        watcher.last_error = None
+        return True
+
+    def refresh(self) -> None:
+        """Poll every watcher now (after an activation in this process, and in tests)."""
+        for watcher in list(self._watchers.values()):
+            watcher.poll()

@@ -1,0 +1,293 @@
+"""The reverse-proxy front door (RFC 9110 §7.6 intermediaries): decide, then forward or refuse.
+
+Per request: match a configured route (longest ``path_prefix``, optional exact host), read the body
+within ``max_body_bytes`` (413 ``payload_too_large``), run the one decision pipeline, and forward an
+allowed call over one pooled ``aiohttp`` session. JSON bodies are buffered (policy and sanitization
+read them); other bodies are streamed through, still bounded, with the digest ``streamed``.
+
+Header hygiene, both directions: hop-by-hop fields (RFC 9110 §7.6.1: ``Connection`` and every field
+it names, ``Keep-Alive``, ``Proxy-*``, ``TE``, ``Trailer``, ``Transfer-Encoding``, ``Upgrade``) are
+dropped; the caller's ``Authorization``, ``DPoP``, ``Cookie`` is kept but credentials are not, and
+every incoming ``x-aegis-*`` field is removed so that identity headers upstream come only from the
+gateway. An upstream timeout is a 504, an unreachable upstream a 502.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import AsyncIterator
+from typing import Any, Final
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from yarl import URL
+
+from aegis.config import GatewaySettings
+from aegis.errors import AegisError, InvalidRequest, spec_for
+from aegis.gateway.context import (
+    EMPTY_BODY_DIGEST,
+    STREAMED_BODY_DIGEST,
+    CallContext,
+    Route,
+    body_digest,
+    is_json_type,
+    lower_pairs,
+    parse_json_body,
+    route_from_settings,
+    vet_path,
+)
+from aegis.gateway.pipeline import Pipeline, Result
+from aegis.pki.middleware import peer_from_scope
+from aegis.policy.obligations import apply_to_body, apply_to_headers
+from aegis.telemetry.metrics import DECISIONS
+
+__all__ = ["HOP_BY_HOP", "ReverseProxy", "forwardable"]
+
+HOP_BY_HOP: Final = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection"}
+    | {"te", "trailer", "transfer-encoding", "upgrade"}
+)
+#: Request fields never forwarded: credentials for the gateway, and fields the proxy sets itself.
+_REQUEST_DROP: Final = frozenset({"authorization", "dpop", "host", "content-length"})
+_RESPONSE_DROP: Final = frozenset({"content-length", "server", "date"})
+
+
+def forwardable(pairs: list[tuple[str, str]], drop: frozenset[str]) -> list[tuple[str, str]]:
+    """Headers safe to pass on: no hop-by-hop field, none named in ``Connection``, no ``x-aegis-*``."""
+    named = {t.strip().lower() for k, v in pairs if k.lower() == "connection" for t in v.split(",")}
+    out = []
+    for k, v in pairs:
+        name = k.lower()
+        if name in HOP_BY_HOP or name in named or name in drop or name.startswith("x-aegis-"):
+            continue
+        out.append((name, v))
+    return out
+
+
+def _response_rules(result: Result) -> bool:
+    return any(o.target == "response" and o.kind != "drop_header" for o in result.obligations)
+
+
+def _error(result: Result) -> JSONResponse:
+    body = {
+        "error": spec_for(result.code or "server_error").oauth_error,
+        "error_description": result.message,
+        "code": result.code,
+        "decision_id": result.decision_id,
+    }
+    return JSONResponse(body, status_code=result.status, headers=result.headers)
+
+
+class ReverseProxy:
+    def __init__(self, pipeline: Pipeline, settings: GatewaySettings) -> None:
+        self._pipeline, self._settings = pipeline, settings
+        self._routes = sorted(
+            (route_from_settings(r) for r in settings.routes),
+            key=lambda r: (len(r.path_prefix), r.host is not None),
+            reverse=True,
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=self._settings.connect_timeout,
+            sock_read=self._settings.upstream_timeout,
+        )
+        self._session = aiohttp.ClientSession(
+            timeout=timeout,
+            connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def match(self, host: str, path: str) -> Route | None:
+        bare = host.rsplit(":", 1)[0].lower() if not host.startswith("[") else host
+        for r in self._routes:
+            prefix = r.path_prefix.rstrip("/")
+            if r.host is not None and r.host.lower() != bare:
+                continue
+            if path == prefix or path.startswith(prefix + "/") or r.path_prefix == "/":
+                return r
+        return None
+
+    async def handle(self, request: Request) -> Response:
+        raw_path = request.scope.get("raw_path") or quote(request.url.path).encode()
+        target = raw_path.decode("latin-1")
+        host = request.headers.get("host", "")
+        try:
+            path, bad_path = vet_path(target), None
+        except InvalidRequest as exc:
+            path, bad_path = request.url.path, exc
+        route = self.match(host, path)
+        if route is None:  # no tool, so no decision to audit; still counted
+            if bad_path is not None:
+                DECISIONS.labels(action="deny", reason="invalid_request").inc()
+                detail = {"error": "invalid_request", "error_description": bad_path.message}
+                return JSONResponse(detail, 400)
+            DECISIONS.labels(action="deny", reason="not_found").inc()
+            return JSONResponse(
+                {"error": "not_found", "error_description": "no route for this path"}, 404
+            )
+        query = request.url.query
+        ctx = CallContext(
+            method=request.method.upper(),
+            # The target as the client sent it (still percent-encoded): DPoP htu and the request
+            # digest cover it, and it is what the upstream receives.
+            url=f"{request.url.scheme}://{request.url.netloc}{target}"
+            + (f"?{query}" if query else ""),
+            host=host,
+            path=path,
+            route=route,
+            headers=lower_pairs(request.headers.items()),
+            query=tuple(request.query_params.multi_items()),
+            peer=peer_from_scope(request.scope),
+            client=request.client.host if request.client else None,
+        )
+        limit = self._settings.max_body_bytes
+        raw: bytes | None = None
+        stream: AsyncIterator[bytes] | None = None
+        try:
+            if bad_path is not None:
+                raise bad_path
+            declared = request.headers.get("content-length")
+            if declared is not None and not declared.isdigit():
+                raise InvalidRequest("content-length must be a whole number")
+            if declared is not None and int(declared) > limit:
+                raise AegisError(
+                    f"request body larger than {limit} bytes", code="payload_too_large"
+                )
+            content_type = request.headers.get("content-type")
+            # A policy that reads this tool's bodies sees them whole, up to the body limit.
+            shown = limit if self._pipeline.reads_body(route) else self._settings.policy_body_bytes
+            small_declared = declared is not None and int(declared) <= shown
+            if is_json_type(content_type) or small_declared:
+                raw = await self._read(request, limit)
+                # Policy sees (and sanitization rewrites) only bodies it can hold whole.
+                small = len(raw) <= shown
+                body = parse_json_body(raw, content_type) if small else None
+                ctx = dataclasses.replace(
+                    ctx,
+                    body_digest=body_digest(raw) if raw else EMPTY_BODY_DIGEST,
+                    body=body,
+                    raw_body=raw if small else None,
+                )
+            elif declared is None and "transfer-encoding" not in request.headers:
+                raw = b""
+            else:
+                stream = self._bounded(request, limit)
+                ctx = dataclasses.replace(ctx, body_digest=STREAMED_BODY_DIGEST, raw_body=None)
+        except AegisError as exc:
+            return _error(await self._pipeline.refuse(ctx, exc))
+        result = await self._pipeline.run(ctx)
+        if not result.allowed:
+            return _error(result)
+        data: Any = raw if stream is None else stream
+        if result.body_changed:
+            data = json.dumps(result.body, separators=(",", ":")).encode()
+        return await self._forward(request, ctx, result, data)
+
+    async def _read(self, request: Request, limit: int) -> bytes:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise AegisError(
+                    f"request body larger than {limit} bytes", code="payload_too_large"
+                )
+        return bytes(body)
+
+    async def _bounded(self, request: Request, limit: int) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > limit:
+                raise AegisError(
+                    f"request body larger than {limit} bytes", code="payload_too_large"
+                )
+            yield chunk
+
+    async def _forward(
+        self, request: Request, ctx: CallContext, result: Result, data: Any
+    ) -> Response:
+        assert self._session is not None, "the proxy was not started"
+        headers = dict(forwardable(list(ctx.headers), _REQUEST_DROP))
+        headers = apply_to_headers(headers, result.obligations, "request")
+        headers.update(result.upstream_headers)
+        if _response_rules(result):
+            headers.pop("accept-encoding", None)  # the answer must be readable to be sanitized
+        if ctx.client:
+            headers["x-forwarded-for"] = ctx.client
+        # Forward the vetted target byte for byte (``encoded=True``): re-encoding or normalising it
+        # here could make the upstream read a path other than the one that was decided.
+        parts = urlsplit(ctx.url)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        url = URL(ctx.route.upstream.rstrip("/") + target, encoded=True)
+        try:
+            upstream = await self._session.request(
+                ctx.method, url, headers=headers, data=data, allow_redirects=False
+            )
+        except TimeoutError:
+            return self._gateway_error(
+                504, "upstream_timeout", "the upstream did not answer in time", result
+            )
+        except AegisError as exc:  # the streamed body went over the limit
+            return JSONResponse(
+                {"error": "invalid_request", "code": exc.code}, exc.status, result.headers
+            )
+        except aiohttp.ClientError:
+            return self._gateway_error(502, "bad_gateway", "the upstream cannot be reached", result)
+        out = forwardable(list(upstream.headers.items()), _RESPONSE_DROP)
+        out_headers = apply_to_headers(dict(out), result.obligations, "response")
+        out_headers.update(result.headers)
+        if _response_rules(result):
+            return await self._sanitized(upstream, out_headers, result)
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in upstream.content.iter_chunked(64 * 1024):
+                    yield chunk
+            finally:
+                upstream.release()
+
+        return StreamingResponse(relay(), status_code=upstream.status, headers=out_headers)
+
+    async def _sanitized(
+        self, upstream: aiohttp.ClientResponse, headers: dict[str, str], result: Result
+    ) -> Response:
+        """Apply response obligations to a whole answer; anything that cannot be read and
+        rewritten is refused (502) rather than passed through unsanitized."""
+        try:
+            raw = await upstream.read()
+        except (TimeoutError, aiohttp.ClientError):
+            return self._gateway_error(
+                504, "upstream_timeout", "the upstream did not answer in time", result
+            )
+        finally:
+            upstream.release()
+        ctype = upstream.headers.get("content-type")
+        encoding = upstream.headers.get("content-encoding", "identity").lower()
+        try:
+            if encoding != "identity":
+                raise InvalidRequest("encoded answer")
+            body: Any = parse_json_body(raw, ctype) if is_json_type(ctype) else raw.decode("utf-8")
+        except (InvalidRequest, UnicodeDecodeError):
+            return self._gateway_error(
+                502, "bad_gateway", "the upstream answer cannot be sanitized", result
+            )
+        clean = apply_to_body(body, result.obligations, "response")
+        data = json.dumps(clean).encode() if is_json_type(ctype) else str(clean).encode("utf-8")
+        headers.pop("content-encoding", None)
+        return Response(data, upstream.status, headers)
+
+    def _gateway_error(self, status: int, error: str, message: str, result: Result) -> JSONResponse:
+        body = {"error": error, "error_description": message, "decision_id": result.decision_id}
+        return JSONResponse(body, status_code=status, headers=result.headers)

@@ -1,0 +1,135 @@
+"""Real servers on loopback for gateway tests: an upstream that records what it saw, a gateway, and
+an agent that gets DPoP-bound tokens from the control plane and calls through the gateway."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from aegis.clock import new_id
+from aegis.crypto.jws import encode_segment, sign_compact
+from aegis.crypto.keys import Ed25519SigningKey
+from aegis.registry.service import AgentSpec
+from aegis.types import ClientAuthMethod
+from tests.gateway.helpers import mint_proof
+from tests.support.server import RunningServer, free_port
+
+
+class Upstream:
+    """A tool server: answers JSON and remembers the headers and body of every request."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+
+        async def handler(request: Request) -> Response:
+            if request.url.path.endswith("/slow"):
+                import asyncio
+
+                await asyncio.sleep(3)
+            body = await request.body()
+            self.seen.append(
+                {
+                    "headers": dict(request.headers),
+                    "body": body,
+                    "path": request.url.path,
+                    "raw_path": request.scope["raw_path"],
+                    "query": request.url.query,
+                }
+            )
+            return JSONResponse({"ok": True, "card": "4111 1111 1111 1111"})
+
+        self.app = Starlette(
+            routes=[Route("/{p:path}", handler, methods=["GET", "POST", "PUT", "DELETE"])]
+        )
+
+
+@contextmanager
+def serve(app: Any, port: int | None = None) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn in a thread on a loopback port; yield its base URL."""
+    port = port or free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+class AgentClient:
+    """An agent with an Ed25519 key and a DPoP-bound private_key_jwt client."""
+
+    def __init__(
+        self, srv: RunningServer, name: str, tenant: str = "acme", env: str = "prod"
+    ) -> None:
+        self.srv, self.key = srv, Ed25519SigningKey.generate()
+        self.id = f"{name}-{new_id(4).lower().replace('_', 'x').replace('-', 'x')}"
+        srv.services.registry.register_agent(
+            AgentSpec(
+                self.id,
+                tenant,
+                env,
+                "owner@example.com",
+                allowed_scopes=("payments:write",),
+                jwks=(self.key.public.to_jwk(),),
+            ),
+            actor="test",
+        )
+        client, _ = srv.services.registry.create_client(
+            self.id, auth_method=ClientAuthMethod.PRIVATE_KEY_JWT, dpop_bound=True, actor="test"
+        )
+        self.client_id = client.client_id
+
+    def assertion(self) -> str:
+        now = int(time.time())
+        claims = {
+            "iss": self.client_id,
+            "sub": self.client_id,
+            "jti": new_id(),
+            "aud": f"{self.srv.url}/oauth/token",
+            "iat": now,
+            "exp": now + 60,
+        }
+        header = encode_segment({"alg": "EdDSA", "typ": "JWT", "kid": self.key.kid})
+        return sign_compact(header, claims, self.key.sign)
+
+    def token(self, *, dpop: bool = True) -> httpx.Response:
+        url = f"{self.srv.url}/oauth/token"
+        headers = {"DPoP": mint_proof(self.key, "POST", url)} if dpop else {}
+        data = {
+            "grant_type": "client_credentials",
+            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            "client_assertion": self.assertion(),
+            "scope": "payments:write",
+        }
+        return httpx.post(url, data=data, headers=headers)
+
+    def access_token(self) -> str:
+        resp = self.token()
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["token_type"] == "DPoP"
+        return str(resp.json()["access_token"])
+
+    def headers(self, token: str, method: str, url: str, **kw: Any) -> dict[str, str]:
+        return {
+            "Authorization": f"DPoP {token}",
+            "DPoP": mint_proof(self.key, method, url, token=token, **kw),
+        }

@@ -1,0 +1,34 @@
+"""``aegis gateway run``: help text, and a one-line reason with a non-zero exit on bad config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from aegis.cli.gateway import app
+from tests.support.server import write_dev_config
+
+
+def test_help() -> None:
+    result = CliRunner().invoke(app, ["run", "--help"])
+    assert result.exit_code == 0
+    assert "--port" in result.output and "--host" in result.output
+
+
+def test_no_routes_is_a_one_line_error(tmp_path: Path) -> None:
+    config = write_dev_config(tmp_path, 8080)
+    result = CliRunner().invoke(app, ["run", "--config", str(config)])
+    assert result.exit_code == 2
+    assert "gateway.routes is empty" in result.output
+
+
+def test_bad_route_names_the_key(tmp_path: Path) -> None:
+    config = write_dev_config(
+        tmp_path,
+        8080,
+        "gateway:\n  routes:\n    - {path_prefix: pay, upstream: x, tool: t, tenant: a, env: p}\n",
+    )
+    result = CliRunner().invoke(app, ["run", "--config", str(config)])
+    assert result.exit_code == 2
+    assert "gateway.routes.0.path_prefix" in result.output

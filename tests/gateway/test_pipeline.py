@@ -1,0 +1,294 @@
+"""The decision pipeline in process: each step refusing on its own, with its code and evidence."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+from aegis.crypto.keys import b64u_decode, b64u_encode
+from aegis.errors import ConfigError, TokenError, Unavailable
+from aegis.gateway.app import build_pipeline
+from aegis.gateway.context import STREAMED_BODY_DIGEST, body_digest
+from aegis.pki.binding import X5T_S256
+from aegis.policy.loader import load_document
+from aegis.policy.store import MemoryPolicyStore
+from aegis.registry.cache import RegistryCache
+from tests.gateway.conftest import OPEN, PAY, Agent, Env, dpop_headers, make_ctx
+
+POLICY = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: gw}
+spec:
+  rules:
+    - id: pay-small
+      action: allow
+      reason: small payment
+      match: {tools: ["payments"]}
+      when: {path: request.body.amount, lte: 100}
+    - id: pay-mid
+      action: sanitize
+      reason: memo redacted
+      match: {tools: ["payments"]}
+      when: {all: [{path: request.body.amount, gt: 100}, {path: request.body.amount, lte: 1000}]}
+      obligations: [{kind: redact, target: request, path: memo}]
+    - id: pay-large
+      action: approval_needed
+      reason: large payment
+      match: {tools: ["payments"]}
+      when: {path: request.body.amount, gt: 1000}
+      approval: {group: finance, channel: slack, expires_in: 600}
+    - id: pay-negative
+      action: deny
+      reason: amount must be positive
+      match: {tools: ["payments"]}
+      when: {path: request.body.amount, lte: 0}
+"""
+
+
+async def test_allowed_with_allowlist_fallback_and_attested(env: Env) -> None:
+    agent = Agent(env)
+    token = agent.token()
+    result = await env.pipeline.run(make_ctx(dpop_headers(agent, token), body={"amount": 5}))
+    assert result.allowed, result
+    assert result.upstream_headers["x-aegis-agent-id"] == agent.id
+    att = result.headers["x-aegis-attestation"]
+    assert result.upstream_headers["x-aegis-attestation"] == att
+    header, payload = (b64u_decode(p) for p in att.split(".")[:2])
+    assert b'"typ":"aegis-attestation+jwt"' in header
+    assert b'"policy_version":"allowlist"' in payload and agent.id.encode() in payload
+    assert token.encode() not in payload
+
+
+def _zero_sig(token: str) -> str:
+    return token.rsplit(".", 1)[0] + "." + b64u_encode(bytes(64))
+
+
+@pytest.mark.parametrize(
+    ("build", "status", "code"),
+    [
+        (lambda a, t: [("authorization", f"Bearer {t}")], 401, "invalid_token"),  # downgrade
+        (lambda a, t: [*dpop_headers(a, t), ("dpop", a.proof(t))], 400, "invalid_request"),
+        (lambda a, t: [*dpop_headers(a, t), ("authorization", f"DPoP {t}")], 400, "invalid_request"),
+        (lambda a, t: [("authorization", f"Bearer {t}, DPoP {t}"), ("dpop", a.proof(t))], 400, "invalid_request"),
+        (lambda a, t: [("authorization", f"Bearer {t}"), ("dpop", a.proof(t))], 400, "invalid_request"),
+        (lambda a, t: [("authorization", f"DPoP {t}")], 401, "invalid_dpop_proof"),
+        (lambda a, t: [], 401, "unauthenticated"),
+        (lambda a, t: [("authorization", f"Basic {t}")], 401, "unauthenticated"),
+        (lambda a, t: dpop_headers(a, t, path="/payments/other"), 401, "invalid_dpop_proof"),
+        (lambda a, t: dpop_headers(a, t + "x"), 401, "malformed_token"),
+        (lambda a, t: dpop_headers(a, _zero_sig(t)), 401, "invalid_signature"),
+    ],
+    ids=["bearer-downgrade", "two-dpop", "two-auth", "two-schemes", "bearer-with-proof",
+         "dpop-without-proof", "none", "basic", "htu", "tampered-token", "zero-signature"],
+)  # fmt: skip
+async def test_credential_refusals(env: Env, build: object, status: int, code: str) -> None:
+    agent = Agent(env)
+    token = agent.token()
+    result = await env.pipeline.run(make_ctx(build(agent, token), body={"amount": 5}))  # type: ignore[operator]
+    assert (result.status, result.code) == (status, code), result
+    assert not result.allowed and not result.upstream_headers
+    if status == 401:
+        assert (
+            "algs=" in result.headers["www-authenticate"]
+            or "Bearer" in result.headers["www-authenticate"]
+        )
+    assert token not in result.message
+
+
+async def test_failed_proof_does_not_spend_its_jti(env: Env) -> None:
+    agent = Agent(env)
+    token = agent.token()
+    bad = [("authorization", f"DPoP {token}"), ("dpop", agent.proof(token, jti="J", htm="GET"))]
+    assert (await env.pipeline.run(make_ctx(bad, body={"amount": 1}))).code == "invalid_dpop_proof"
+    good = [("authorization", f"DPoP {token}"), ("dpop", agent.proof(token, jti="J"))]
+    assert (await env.pipeline.run(make_ctx(good, body={"amount": 1}))).allowed
+    assert (await env.pipeline.run(make_ctx(good, body={"amount": 1}))).code == "replay_detected"
+
+
+async def test_bearer_needs_a_single_use_token_or_an_open_route(env: Env) -> None:
+    agent = Agent(env)
+    plain = agent.token(dpop=False)
+    headers = [("authorization", f"Bearer {plain}")]
+    assert (await env.pipeline.run(make_ctx(headers, body={"amount": 1}))).code == "invalid_token"
+    open_call = make_ctx(headers, body={"amount": 1}, route=OPEN, path="/open/x")
+    assert (await env.pipeline.run(open_call)).allowed
+    once = [("authorization", f"Bearer {agent.token(dpop=False, single_use=True)}")]
+    assert (await env.pipeline.run(make_ctx(once, body={"amount": 1}))).allowed
+    assert (await env.pipeline.run(make_ctx(once, body={"amount": 1}))).code == "replay_detected"
+
+
+async def test_certificate_bound_token_without_peer_fails_closed(env: Env) -> None:
+    agent = Agent(env)
+    token = agent.token(cnf={X5T_S256: "A" * 43}, single_use=True)
+    result = await env.pipeline.run(make_ctx([("authorization", f"Bearer {token}")], body={}))
+    assert (result.status, result.code) == (401, "invalid_token")
+
+
+async def test_route_tenant_and_audience(env: Env) -> None:
+    other = Agent(env, "outsider", tenant="globex")
+    token = other.token()
+    result = await env.pipeline.run(make_ctx(dpop_headers(other, token), body={"amount": 1}))
+    assert (result.status, result.code) == (403, "tenant_mismatch")
+    agent = Agent(env)
+    wrong = agent.token(aud="another-service")
+    result = await env.pipeline.run(make_ctx(dpop_headers(agent, wrong), body={"amount": 1}))
+    assert result.code == "invalid_audience"
+    token = agent.token()
+    narrow = dataclasses.replace(PAY, audience="payments-api")
+    result = await env.pipeline.run(make_ctx(dpop_headers(agent, token), body={}, route=narrow))
+    assert (result.status, result.code) == (401, "invalid_audience")
+
+
+@pytest.mark.parametrize(
+    ("amount", "action", "status", "code"),
+    [
+        (5, "allow", 200, None),
+        (500, "sanitize", 200, None),
+        (5000, "approval_needed", 403, "approval_needed"),
+        (-1, "deny", 403, "access_denied"),
+        ("lots", "deny", 403, "policy_error"),
+        (None, "deny", 403, "policy_error"),
+    ],
+)
+async def test_policy_enforcement(
+    env: Env, amount: object, action: str, status: int, code: str | None
+) -> None:
+    env.policies.activate(
+        "acme", "prod", env.policies.put(load_document(POLICY), now=0), actor="t", now=0
+    )
+    agent = Agent(env)
+    token = agent.token()
+    body = {"amount": amount, "memo": "secret memo"}
+    result = await env.pipeline.run(make_ctx(dpop_headers(agent, token), body=body))
+    assert (result.action, result.status, result.code) == (action, status, code), result
+    if action == "sanitize":
+        assert result.body_changed and result.body["memo"] != "secret memo"
+    record = next(r for r in env.audit.records() if r["decision_id"] == result.decision_id)
+    assert record["policy_version"].startswith("sha256:")
+
+
+async def test_a_body_the_policy_reads_must_be_shown_to_it(env: Env) -> None:
+    env.policies.activate(
+        "acme", "prod", env.policies.put(load_document(POLICY), now=0), actor="t", now=0
+    )
+    agent = Agent(env)
+    streamed = dataclasses.replace(
+        make_ctx(dpop_headers(agent, agent.token())),
+        body_digest=STREAMED_BODY_DIGEST,
+        raw_body=None,
+    )
+    result = await env.pipeline.run(streamed)
+    assert (result.status, result.code) == (400, "invalid_request")
+    assert env.pipeline.reads_body(PAY)
+    raw = b'{"amount": 5000}'
+    plain = dataclasses.replace(
+        make_ctx([*dpop_headers(agent, agent.token()), ("content-type", "text/plain")]),
+        body_digest=body_digest(raw),
+        raw_body=raw,
+    )
+    result = await env.pipeline.run(plain)
+    assert (result.status, result.code) == (400, "invalid_request")
+
+
+class DownPolicyStore(MemoryPolicyStore):
+    def active(self, tenant: str, env: str) -> None:
+        raise Unavailable("policy store down", code="policy_unavailable")
+
+
+async def test_policy_store_down_is_503(env: Env) -> None:
+    pipeline = build_pipeline(
+        env.services, env.settings, policy_store=DownPolicyStore(), audit=env.audit
+    )
+    agent = Agent(env)
+    token = agent.token()
+    result = await pipeline.run(make_ctx(dpop_headers(agent, token), body={"amount": 1}))
+    assert (result.status, result.code) == (503, "policy_unavailable")
+    assert result.headers["retry-after"] == "1"
+
+
+class DownRegistry:
+    """A registry store that cannot answer (a fake for the RegistryStore protocol)."""
+
+    def _down(self, key: str) -> NoReturn:
+        raise Unavailable("registry down", code="registry_unavailable")
+
+    get_agent = get_client = get_tenant = _down
+
+
+async def test_registry_down_is_503(env: Env) -> None:
+    cache = RegistryCache(DownRegistry(), clock=env.services.clock)  # type: ignore[arg-type]
+    services = dataclasses.replace(env.services, cache=cache)
+    pipeline = build_pipeline(services, env.settings, policy_store=env.policies, audit=env.audit)
+    agent = Agent(env)
+    token = agent.token()
+    result = await pipeline.run(make_ctx(dpop_headers(agent, token), body={"amount": 1}))
+    assert (result.status, result.code) == (503, "registry_unavailable")
+    assert not result.allowed
+
+
+async def test_nonce_required(env: Env) -> None:
+    key = base64.b64encode(b"n" * 32).decode()
+    settings = env.settings.model_copy(update={"dpop_nonce_key": key})
+    pipeline = build_pipeline(env.services, settings, policy_store=env.policies, audit=env.audit)
+    agent = Agent(env)
+    token = agent.token()
+    result = await pipeline.run(make_ctx(dpop_headers(agent, token), body={"amount": 1}))
+    assert (result.status, result.code) == (401, "use_dpop_nonce")
+    nonce = result.headers["dpop-nonce"]
+    assert result.headers["www-authenticate"].startswith('DPoP error="use_dpop_nonce"')
+    ok = await pipeline.run(make_ctx(dpop_headers(agent, token, nonce=nonce), body={"amount": 1}))
+    assert ok.allowed
+
+
+async def test_proof_window_and_nonce_key_come_from_settings(env: Env, tmp_path: Path) -> None:
+    settings = env.settings.model_copy(update={"dpop_iat_window": 10.0})
+    pipeline = build_pipeline(env.services, settings, policy_store=env.policies, audit=env.audit)
+    agent = Agent(env)
+    token = agent.token()
+    now = env.services.clock.now()
+    old = await pipeline.run(make_ctx(dpop_headers(agent, token, iat=now - 11), body={"amount": 1}))
+    assert (old.status, old.code) == (401, "invalid_dpop_proof")
+    ok = await pipeline.run(make_ctx(dpop_headers(agent, token, iat=now - 9), body={"amount": 1}))
+    assert ok.allowed, ok
+    bad = env.settings.model_copy(update={"dpop_nonce_key_file": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match=r"gateway\.dpop_nonce_key"):
+        build_pipeline(env.services, bad, policy_store=env.policies, audit=env.audit)
+
+
+async def test_audit_unavailable_refuses_the_call(env: Env) -> None:
+    from sqlalchemy import text
+
+    with env.audit._engine.begin() as conn:
+        conn.execute(text("DROP TABLE audit_records"))
+    agent = Agent(env)
+    token = agent.token()
+    result = await env.pipeline.run(make_ctx(dpop_headers(agent, token), body={"amount": 1}))
+    assert (result.status, result.code) == (503, "audit_unavailable")
+    assert not result.allowed and not result.upstream_headers
+
+
+async def test_attestation_verifies_with_the_published_key(env: Env) -> None:
+    from aegis.audit.attest import attestation_rules, request_digest
+    from aegis.tokens.verifier import verify_jwt
+
+    agent = Agent(env)
+    token = agent.token()
+    ctx = make_ctx(dpop_headers(agent, token), body={"amount": 5})
+    result = await env.pipeline.run(ctx)
+    keyring = env.services.keyring
+    issuer = env.services.config.issuer
+    jws = verify_jwt(
+        result.headers["x-aegis-attestation"], keyring.public_key, attestation_rules(issuer), 0
+    )
+    claims = jws.payload
+    assert claims["decision"] == "allow" and claims["agent_id"] == agent.id
+    assert claims["decision_id"] == result.decision_id
+    assert claims["request_digest"] == request_digest("POST", ctx.url, ctx.body_digest)
+    forged = result.headers["x-aegis-attestation"].rsplit(".", 1)[0] + "." + b64u_encode(bytes(64))
+    with pytest.raises(TokenError):
+        verify_jwt(forged, keyring.public_key, attestation_rules(issuer), 0)

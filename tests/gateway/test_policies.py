@@ -1,0 +1,138 @@
+"""Which policy decides: the active version, the allow-list while none is active, 503 when unknown."""
+
+from __future__ import annotations
+
+import pytest
+
+from aegis.clock import FrozenClock
+from aegis.config import GatewayAllow
+from aegis.errors import InvalidRequest, Unavailable
+from aegis.gateway.policies import (
+    ALLOWLIST_VERSION,
+    PolicyDirectory,
+    allowlist_decision,
+    policy_reads_body,
+)
+from aegis.policy.evaluator import compile_policy
+from aegis.policy.loader import load_document
+from aegis.policy.store import MemoryPolicyStore
+
+DENY_ALL = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: deny-all}
+spec:
+  rules:
+    - {id: nope, action: deny, reason: closed, match: {tools: ["*"]}}
+"""
+
+
+def test_allowlist_is_default_deny() -> None:
+    allow = (GatewayAllow(tool="pay", agents=("a1",)), GatewayAllow(tool="read"))
+    assert allowlist_decision(allow, "pay", "a1").action == "allow"
+    assert allowlist_decision(allow, "pay", "a2").action == "deny"
+    assert allowlist_decision(allow, "read", "anyone").action == "allow"
+    denied = allowlist_decision(allow, "other", "a1")
+    assert (denied.action, denied.code, denied.policy_version) == (
+        "deny",
+        "access_denied",
+        ALLOWLIST_VERSION,
+    )
+    assert allowlist_decision((), "pay", "a1").action == "deny"
+
+
+def test_active_policy_replaces_the_allowlist_per_tenant_and_env() -> None:
+    clock = FrozenClock(0)
+    store = MemoryPolicyStore()
+    directory = PolicyDirectory(store, clock=clock, interval=1, allow=(GatewayAllow(tool="pay"),))
+    assert directory.decide("acme", "prod", "pay", "a", {"tool": "pay"}).action == "allow"
+    store.activate("acme", "prod", store.put(load_document(DENY_ALL), now=0), actor="t", now=0)
+    clock.advance(2)
+    decision = directory.decide("acme", "prod", "pay", "a", {"tool": "pay"})
+    assert decision.action == "deny" and decision.policy_version.startswith("sha256:")
+    assert directory.decide("acme", "dev", "pay", "a", {"tool": "pay"}).action == "allow"
+
+
+class DownStore(MemoryPolicyStore):
+    def active(self, tenant: str, env: str) -> None:
+        raise Unavailable("down", code="policy_unavailable")
+
+
+def test_unknown_policy_state_is_unavailable_not_allowlist() -> None:
+    directory = PolicyDirectory(
+        DownStore(), clock=FrozenClock(0), interval=1, allow=(GatewayAllow(tool="pay"),)
+    )
+    with pytest.raises(Unavailable) as info:
+        directory.decide("acme", "prod", "pay", "a", {"tool": "pay"})
+    assert info.value.code == "policy_unavailable"
+
+
+class FlakyStore(MemoryPolicyStore):
+    down = True
+
+    def active(self, tenant: str, env: str):  # type: ignore[no-untyped-def]
+        if self.down:
+            raise Unavailable("down", code="policy_unavailable")
+        return super().active(tenant, env)
+
+
+@pytest.mark.parametrize("activate", [False, True])
+def test_store_that_comes_back_is_used_again(activate: bool) -> None:
+    clock = FrozenClock(0)
+    store = FlakyStore()
+    directory = PolicyDirectory(store, clock=clock, interval=1, allow=(GatewayAllow(tool="pay"),))
+    with pytest.raises(Unavailable):
+        directory.decide("acme", "prod", "pay", "a", {"tool": "pay"})
+    store.down = False
+    if activate:
+        store.activate("acme", "prod", store.put(load_document(DENY_ALL), now=0), actor="t", now=0)
+    clock.advance(2)
+    decision = directory.decide("acme", "prod", "pay", "a", {"tool": "pay"})
+    if activate:
+        assert decision.action == "deny" and decision.policy_version.startswith("sha256:")
+    else:
+        assert (decision.action, decision.policy_version) == ("allow", ALLOWLIST_VERSION)
+
+
+BODY_RULES = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: body}
+spec:
+  rules:
+    - {id: pay, action: allow, reason: ok, match: {tools: [pay]}}
+    - id: pay-cap
+      action: deny
+      reason: too much
+      match: {tools: [pay]}
+      when: {path: request.body.amount, gt: 1000}
+    - {id: read, action: allow, reason: ok, match: {tools: [read]},
+       when: {path: request.headers.x-mode, eq: safe}}
+    - {id: whole, action: deny, reason: no, match: {tools: [audit]},
+       when: {path: request, exists: false}}
+"""
+
+
+def test_policy_reads_body_follows_conditions_of_the_tools_rules() -> None:
+    policy = compile_policy(load_document(BODY_RULES))
+    assert policy_reads_body(policy, "pay")
+    assert not policy_reads_body(policy, "read")
+    assert policy_reads_body(policy, "audit")  # a condition on all of request covers the body
+    assert not policy_reads_body(policy, "other")
+
+
+def test_a_body_hidden_from_a_policy_that_reads_it_is_refused_not_allowed() -> None:
+    clock = FrozenClock(0)
+    store = MemoryPolicyStore()
+    store.activate("acme", "prod", store.put(load_document(BODY_RULES), now=0), actor="t", now=0)
+    directory = PolicyDirectory(store, clock=clock, interval=1)
+    doc = {"tool": "pay", "request": {"body": None}}
+    # The deny rule cannot fire on a body policy never saw; without the check this is an allow.
+    assert compile_policy(load_document(BODY_RULES)).evaluate(doc).action == "allow"
+    with pytest.raises(InvalidRequest):
+        directory.decide("acme", "prod", "pay", "a", doc, body_hidden=True)
+    assert directory.reads_body("acme", "prod", "pay")
+    assert not directory.reads_body("acme", "prod", "read")
+    assert not directory.reads_body("acme", "dev", "pay")  # no policy there: the allow-list
+    read = {"tool": "read", "request": {"headers": {"x-mode": "safe"}}}
+    assert directory.decide("acme", "prod", "read", "a", read, body_hidden=True).action == "allow"

@@ -1,0 +1,108 @@
+"""Reverse-proxy rules that need no network: header hygiene (RFC 9110 §7.6.1), route matching and
+the request paths refused because an upstream could resolve them to another route (RFC 3986 §5.2.4)."""
+
+from __future__ import annotations
+
+import pytest
+
+from aegis.config import GatewaySettings
+from aegis.errors import InvalidRequest
+from aegis.gateway.context import vet_path
+from aegis.gateway.proxy import ReverseProxy, forwardable
+
+
+def test_hop_by_hop_and_connection_named_fields_are_dropped() -> None:
+    pairs = [
+        ("Connection", "keep-alive, X-Private"),
+        ("X-Private", "1"),
+        ("Keep-Alive", "timeout=5"),
+        ("Transfer-Encoding", "chunked"),
+        ("TE", "trailers"),
+        ("Upgrade", "websocket"),
+        ("Proxy-Authorization", "Basic x"),
+        ("X-Aegis-Agent-Id", "admin"),
+        ("x-aegis-attestation", "forged"),
+        ("Authorization", "DPoP t"),
+        ("DPoP", "p"),
+        ("Content-Type", "application/json"),
+        ("Accept", "*/*"),
+    ]
+    out = forwardable(pairs, frozenset({"authorization", "dpop"}))
+    assert out == [("content-type", "application/json"), ("accept", "*/*")]
+
+
+def test_longest_prefix_and_host_win() -> None:
+    settings = GatewaySettings.model_validate(
+        {
+            "routes": [
+                {"path_prefix": "/", "upstream": "http://a", "tool": "any", "tenant": "t", "env": "e"},
+                {"path_prefix": "/pay", "upstream": "http://b", "tool": "pay", "tenant": "t", "env": "e"},
+                {"path_prefix": "/pay", "host": "pay.example", "upstream": "http://c", "tool": "pay2",
+                 "tenant": "t", "env": "e"},
+            ]
+        }
+    )  # fmt: skip
+    proxy = ReverseProxy(None, settings)  # type: ignore[arg-type]
+    assert proxy.match("gw:8443", "/pay/x").tool == "pay"  # type: ignore[union-attr]
+    assert proxy.match("PAY.example:8443", "/pay").tool == "pay2"  # type: ignore[union-attr]
+    assert proxy.match("gw", "/payments").tool == "any"  # type: ignore[union-attr]
+    assert proxy.match("gw", "/other").tool == "any"  # type: ignore[union-attr]
+
+
+def test_route_without_catch_all_does_not_match_other_paths() -> None:
+    settings = GatewaySettings.model_validate(
+        {
+            "routes": [
+                {
+                    "path_prefix": "/pay/",
+                    "upstream": "http://b",
+                    "tool": "pay",
+                    "tenant": "t",
+                    "env": "e",
+                }
+            ]
+        }
+    )
+    proxy = ReverseProxy(None, settings)  # type: ignore[arg-type]
+    assert proxy.match("gw", "/payx") is None
+    assert proxy.match("gw", "/pay") is not None
+
+
+@pytest.mark.parametrize(
+    ("raw", "decoded"),
+    [
+        ("/payments/charge", "/payments/charge"),
+        ("/payments/a%20b%3Fc", "/payments/a b?c"),
+        ("/payments/v1.2/..x/.well", "/payments/v1.2/..x/.well"),
+        ("/payments/%41%2e1", "/payments/A.1"),
+        ("/payments//x", "/payments//x"),
+    ],
+)
+def test_paths_that_read_the_same_everywhere_pass(raw: str, decoded: str) -> None:
+    assert vet_path(raw) == decoded
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/payments/../admin",
+        "/payments/..",
+        "/payments/./x",
+        "/payments/%2e%2E/admin",
+        "/payments/.%2e/admin",
+        "/payments/..;jsessionid=1/admin",
+        "/payments%2F..%2Fadmin",
+        "/payments%2fx",
+        "/payments/..%5cadmin",
+        "/payments\\..\\admin",
+        "/payments/%252e%252e/admin",
+        "/payments/%00",
+        "/payments/%0d%0aX-Injected:%201",
+        "/payments/%ff",
+        "payments/x",
+        "*",
+    ],
+)
+def test_paths_another_server_could_read_differently_are_refused(raw: str) -> None:
+    with pytest.raises(InvalidRequest):
+        vet_path(raw)
