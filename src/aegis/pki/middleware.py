@@ -1,0 +1,176 @@
+"""Transport identity for ASGI apps: step 1 of the decision pipeline (RFC 8705 §2, X509-SVID).
+
+:class:`PeerCertificateMiddleware` finds the peer certificate and validates it before the wrapped
+app sees the request; a failure is answered here (401 with the stable code, the serial and the
+SPIFFE ID when known), counted in ``aegis_mtls_rejections_total`` and never reaches policy.
+
+Where the certificate comes from, in order:
+
+1. If the immediate peer address is a configured trusted proxy and a forwarded-certificate mode is
+   set, the certificate is the one the proxy forwarded (Envoy XFCC or nginx
+   ``$ssl_client_escaped_cert``). The proxy's own TLS certificate is the proxy's, not the caller's.
+2. Otherwise the certificate of this TLS connection, from the ASGI TLS extension that
+   :class:`~aegis.pki.listener.MTLSListener` sets from the handshake.
+
+Forwarded-certificate headers are removed from every request before the app runs: from an
+untrusted peer they are ignored, never believed, and nothing downstream can read them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import ssl
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final
+
+from cryptography import x509
+from starlette.responses import JSONResponse
+
+from aegis.errors import AegisError
+from aegis.pki.forwarded import ENVOY_HEADER, NGINX_HEADER, parse_nginx, parse_xfcc
+from aegis.pki.peer import PeerIdentity, PeerValidator
+from aegis.telemetry.logging import log_event
+from aegis.telemetry.metrics import MTLS_REJECTIONS
+
+__all__ = [
+    "CERT_SCOPE_KEY",
+    "PEER_SCOPE_KEY",
+    "PeerCertificateMiddleware",
+    "client_cert_from_scope",
+    "peer_from_scope",
+]
+
+#: Where the verified peer lives in the ASGI scope; only this middleware writes it.
+PEER_SCOPE_KEY: Final = "aegis.peer"
+_FORWARD_HEADERS: Final = (ENVOY_HEADER.encode(), NGINX_HEADER.encode())
+
+
+#: The raw DER client certificate (validated or, on self-signed-tolerant paths, not).
+CERT_SCOPE_KEY: Final = "aegis.client_cert"
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The peer address, normalised (an IPv4-mapped IPv6 address is its IPv4 address)."""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return None  # a unix socket or a name: never a trusted proxy
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def _self_issued(der: bytes) -> bool:
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return False
+    return cert.subject == cert.issuer
+
+
+def peer_from_scope(scope: Mapping[str, Any]) -> PeerIdentity | None:
+    peer = scope.get(PEER_SCOPE_KEY)
+    return peer if isinstance(peer, PeerIdentity) else None
+
+
+def client_cert_from_scope(scope: Mapping[str, Any]) -> bytes | None:
+    der = scope.get(CERT_SCOPE_KEY)
+    return der if isinstance(der, bytes) else None
+
+
+class PeerCertificateMiddleware:
+    def __init__(
+        self,
+        app: Any,
+        validator: PeerValidator,
+        *,
+        trusted_proxies: Iterable[str] = (),
+        mode: str = "none",
+        header: str = "",
+        required: Callable[[str], bool] = lambda path: True,
+        self_signed_ok: Callable[[str], bool] = lambda path: False,
+        listener: str = "gateway",
+    ) -> None:
+        if mode not in ("none", "envoy", "nginx"):
+            raise ValueError("mode must be none, envoy or nginx")
+        self.app = app
+        self._validator = validator
+        self._trusted = frozenset(ipaddress.ip_address(a) for a in trusted_proxies)
+        self._mode = mode
+        default = ENVOY_HEADER if mode == "envoy" else NGINX_HEADER
+        self._header = (header or default).lower().encode("latin-1")
+        self._strip = frozenset((*_FORWARD_HEADERS, self._header))
+        self._required = required
+        self._self_signed_ok = self_signed_ok
+        self._listener = listener
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        forwarded = [v for k, v in scope["headers"] if k == self._header]
+        scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in self._strip]
+        scope.pop(PEER_SCOPE_KEY, None)
+        scope.pop(CERT_SCOPE_KEY, None)
+        try:
+            der, source = self._certificate(scope, forwarded)
+            if der is None:
+                if self._required(scope["path"]):
+                    raise AegisError("a client certificate is required", code="cert_required")
+            else:
+                scope[CERT_SCOPE_KEY] = der
+                # RFC 8705 §2.2: a self-signed certificate is not the CA's to validate; where the
+                # route allows it (the token endpoint), its key is checked against the client's
+                # registered JWKs instead. The CA never issues self-issued agent certificates.
+                if not (self._self_signed_ok(scope["path"]) and _self_issued(der)):
+                    scope[PEER_SCOPE_KEY] = self._validator.validate(der, source=source)
+        except AegisError as exc:
+            await self._reject(exc, scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _certificate(
+        self, scope: dict[str, Any], forwarded: list[bytes]
+    ) -> tuple[bytes | None, str]:
+        client = scope.get("client")
+        if self._mode != "none" and client is not None and _address(client[0]) in self._trusted:
+            if len(forwarded) > 1:
+                raise AegisError(
+                    "forwarded client certificate header is repeated", code="cert_invalid"
+                )
+            if not forwarded:
+                return None, "forwarded"
+            value = forwarded[0].decode("latin-1")
+            der = parse_xfcc(value) if self._mode == "envoy" else parse_nginx(value)
+            return der, "forwarded"
+        tls = (scope.get("extensions") or {}).get("tls") or {}
+        chain = tls.get("client_cert_chain") or []
+        if not chain:
+            return None, "tls"
+        try:
+            return ssl.PEM_cert_to_DER_cert(chain[0]), "tls"
+        except ValueError:
+            raise AegisError(
+                "tls client certificate is not valid pem", code="cert_invalid"
+            ) from None
+
+    async def _reject(
+        self, exc: AegisError, scope: dict[str, Any], receive: Any, send: Any
+    ) -> None:
+        MTLS_REJECTIONS.labels(listener=self._listener, code=exc.code).inc()
+        client = scope.get("client")
+        log_event(
+            "mtls.peer_refused",
+            level=logging.WARNING,
+            listener=self._listener,
+            code=exc.code,
+            reason=exc.message,
+            source=client[0] if client else "unknown",
+            **{k: v for k, v in exc.details.items() if k in ("serial", "spiffe_id")},
+        )
+        if scope["type"] != "http":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        body = {"error": exc.spec.oauth_error, **exc.to_dict()}
+        await JSONResponse(body, status_code=exc.status)(scope, receive, send)

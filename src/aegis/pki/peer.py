@@ -1,0 +1,192 @@
+"""Peer certificate validation: RFC 5280 path validation plus the X509-SVID and Aegis rules.
+
+One function decides who is on the other end of a connection, whatever brought the certificate
+(a TLS handshake here, or a trusted proxy's header). In order, each failure with its stable code:
+
+1. the DER parses                                           ``cert_invalid``
+2. now within notBefore..notAfter (the injected clock)      ``cert_not_yet_valid`` / ``cert_expired``
+3. X509-SVID leaf: one SPIFFE URI SAN in our trust domain,  ``spiffe_id_invalid``
+   not a CA, digitalSignature, clientAuth                   ``cert_wrong_usage``
+4. a valid path to an Aegis root (cryptography's verifier)  ``cert_untrusted``
+5. issued here: serial known with this exact thumbprint     ``cert_untrusted``
+6. not revoked                                              ``cert_revoked``
+7. the registry agent exists, is active, and its tenant and
+   environment are the ones the SPIFFE ID names             ``cert_agent_mismatch`` / ``cert_revoked``
+
+Every error carries the serial and SPIFFE ID once they are known.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from cryptography import x509
+from cryptography.x509 import verification
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from aegis.clock import Clock
+from aegis.errors import AegisError, NotFound
+from aegis.pki.profile import serial_hex, x5t_s256
+from aegis.pki.spiffe import check_leaf_svid
+from aegis.pki.store import CertificateStore
+from aegis.registry.cache import RegistryCache
+from aegis.types import AgentStatus
+
+__all__ = ["PeerIdentity", "PeerValidator", "TrustBundle"]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerIdentity:
+    """Who is on the other end: set from a verified peer certificate, never from client input."""
+
+    spiffe_id: str
+    agent_id: str
+    tenant: str
+    env: str
+    serial: str
+    #: RFC 8705 §3.1 thumbprint of the DER certificate, for ``cnf.x5t#S256``.
+    x5t_s256: str
+    not_after: float
+    #: ``tls`` (this process terminated TLS) or ``forwarded`` (a trusted proxy did).
+    source: str = "tls"
+    der: bytes = field(default=b"", repr=False)
+
+
+class TrustBundle:
+    """Roots (self-signed) and intermediates, replaceable atomically during a CA rotation."""
+
+    def __init__(self, pem: bytes) -> None:
+        self._lock = threading.Lock()
+        self.replace(pem)
+
+    def replace(self, pem: bytes) -> None:
+        try:
+            certs = x509.load_pem_x509_certificates(pem)
+        except ValueError:
+            raise AegisError(
+                "trust bundle is not pem certificates", code="config_invalid"
+            ) from None
+        roots = [c for c in certs if c.subject == c.issuer]
+        if not roots:
+            raise AegisError("trust bundle has no root certificate", code="config_invalid")
+        store = verification.Store(roots)
+        with self._lock:
+            self._state = (store, [c for c in certs if c.subject != c.issuer], pem)
+
+    def current(self) -> tuple[verification.Store, list[x509.Certificate]]:
+        store, intermediates, _ = self._state
+        return store, intermediates
+
+    @property
+    def pem(self) -> bytes:
+        return self._state[2]
+
+
+def _fail(
+    message: str, code: str, serial: str | None = None, spiffe_id: str | None = None
+) -> AegisError:
+    details = {k: v for k, v in (("serial", serial), ("spiffe_id", spiffe_id)) if v}
+    return AegisError(message, code=code, **details)
+
+
+class PeerValidator:
+    def __init__(
+        self,
+        bundle: TrustBundle,
+        store: CertificateStore,
+        cache: RegistryCache,
+        *,
+        trust_domain: str,
+        clock: Clock,
+        eku: x509.ObjectIdentifier = ExtendedKeyUsageOID.CLIENT_AUTH,
+    ) -> None:
+        self.bundle = bundle
+        self._store = store
+        self._cache = cache
+        self._td = trust_domain
+        self._clock = clock
+        self._eku = eku
+
+    def validate(self, der: bytes, *, source: str = "tls") -> PeerIdentity:
+        try:
+            cert = x509.load_der_x509_certificate(der)
+            serial = serial_hex(cert)
+            _ = cert.extensions  # parse every extension now: a malformed one is cert_invalid
+        except ValueError:
+            raise _fail("peer certificate is not valid der", "cert_invalid") from None
+        sid: str | None = None
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+            sid = uris[0] if len(uris) == 1 else None
+        except (x509.ExtensionNotFound, ValueError):
+            pass
+        now = self._clock.now()
+        if now < cert.not_valid_before_utc.timestamp():
+            raise _fail(
+                "peer certificate is not valid yet; check the clocks",
+                "cert_not_yet_valid",
+                serial,
+                sid,
+            )
+        if now > cert.not_valid_after_utc.timestamp():
+            raise _fail("peer certificate has expired; renew it", "cert_expired", serial, sid)
+        try:
+            ident = check_leaf_svid(cert, self._td, eku=self._eku)
+        except AegisError as exc:
+            raise _fail(exc.message, exc.code, serial, sid) from None
+        sid = str(ident)
+        store, intermediates = self.bundle.current()
+        verifier = (
+            verification.PolicyBuilder()
+            .store(store)
+            .time(datetime.fromtimestamp(now, tz=UTC))
+            .max_chain_depth(2)
+            .build_client_verifier()
+        )
+        try:
+            verifier.verify(cert, intermediates)
+        except verification.VerificationError as exc:
+            raise _fail(
+                f"peer certificate does not chain to an aegis root: {str(exc)[:200]}",
+                "cert_untrusted",
+                serial,
+                sid,
+            ) from None
+        thumbprint = x5t_s256(der)
+        record = self._store.lookup(serial)
+        if record is None or record.x5t_s256 != thumbprint or record.spiffe_id != sid:
+            raise _fail("peer certificate was not issued by this ca", "cert_untrusted", serial, sid)
+        if record.revoked_at is not None:
+            raise _fail("peer certificate is revoked; enrol again", "cert_revoked", serial, sid)
+        try:
+            agent = self._cache.agent(ident.agent)
+        except NotFound:
+            raise _fail(
+                "the agent this certificate names is not registered",
+                "cert_agent_mismatch",
+                serial,
+                sid,
+            ) from None
+        if (agent.tenant_id, agent.env) != (ident.tenant, ident.env):
+            raise _fail(
+                "the certificate's spiffe id names another tenant or environment than the agent's",
+                "cert_agent_mismatch",
+                serial,
+                sid,
+            )
+        if agent.status is not AgentStatus.ACTIVE:
+            raise _fail(f"agent {agent.id} is {agent.status.value}", "cert_revoked", serial, sid)
+        return PeerIdentity(
+            sid,
+            ident.agent,
+            ident.tenant,
+            ident.env,
+            serial,
+            thumbprint,
+            cert.not_valid_after_utc.timestamp(),
+            source,
+            der,
+        )

@@ -1,0 +1,204 @@
+"""Agent certificate life cycle: enrol, then renew at two thirds of the lifetime (X509-SVID rotation).
+
+:class:`CertificateManager` generates a fresh P-256 key for every certificate (a renewal never
+reuses a key), asks ``POST /pki/v1/sign`` for a certificate, refreshes the trust bundle (so a CA
+rotation reaches the agent with its next certificate) and builds new SSL contexts. The swap is one
+reference assignment: connections already open keep the context, and the certificate, they were
+made with (it stays valid for the remaining third), while every new handshake uses the new one.
+
+A failed renewal is retried with a short backoff until the certificate expires; the manager never
+keeps serving an expired certificate silently (``current`` raises once it has expired).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Final
+from urllib.parse import quote_plus
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from aegis.clock import Clock
+from aegis.errors import AegisError
+from aegis.pki.tls import client_context, server_context
+from aegis.telemetry.logging import log_event
+
+__all__ = ["RENEW_FRACTION", "CertificateManager", "Credential", "Credentials", "basic_credentials"]
+
+#: Renew once this fraction of the certificate's life (from when it was received) has passed.
+RENEW_FRACTION: Final = 2 / 3
+#: Client authentication for the sign endpoint: extra form fields and headers, fresh per call (a
+#: private_key_jwt assertion is single-use).
+Credentials = Callable[[], Awaitable[tuple[dict[str, str], dict[str, str]]]]
+
+
+def basic_credentials(client_id: str, secret: str) -> Credentials:
+    """``client_secret_basic`` credentials for :class:`CertificateManager`."""
+    # RFC 6749 §2.3.1: both parts are form-urlencoded before they are joined and base64-encoded.
+    raw = f"{quote_plus(client_id)}:{quote_plus(secret)}".encode()
+    header = "Basic " + base64.b64encode(raw).decode("ascii")
+
+    async def creds() -> tuple[dict[str, str], dict[str, str]]:
+        return {}, {"Authorization": header}
+
+    return creds
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    key: ec.EllipticCurvePrivateKey = field(repr=False)
+    certificate: x509.Certificate
+    chain: tuple[x509.Certificate, ...]
+    spiffe_id: str
+    serial: str
+    x5t_s256: str
+    #: When this process received the certificate, and when it expires (epoch seconds).
+    received_at: float
+    not_after: float
+    trust_pem: bytes = field(repr=False)
+    client_context: ssl.SSLContext = field(repr=False)
+    server_context: ssl.SSLContext | None = field(repr=False, default=None)
+
+    @property
+    def renew_at(self) -> float:
+        return self.received_at + RENEW_FRACTION * (self.not_after - self.received_at)
+
+    def chain_pem(self) -> bytes:
+        certs = (self.certificate, *self.chain)
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+class CertificateManager:
+    def __init__(
+        self,
+        base_url: str,
+        credentials: Credentials,
+        *,
+        clock: Clock,
+        trust_pem: bytes,
+        verify: ssl.SSLContext | bool = True,
+        lifetime: int | None = None,
+        serving: bool = False,
+        on_renew: list[Callable[[Credential], None]] | None = None,
+    ) -> None:
+        self._url = base_url.rstrip("/")
+        self._credentials = credentials
+        self._clock = clock
+        self._trust = trust_pem
+        self._verify = verify
+        self._lifetime = lifetime
+        self._serving = serving
+        self.on_renew = list(on_renew or [])
+        self._current: Credential | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.renewals = 0
+
+    @property
+    def current(self) -> Credential:
+        cred = self._current
+        if cred is None:
+            raise AegisError("no certificate yet; call obtain() or start()", code="cert_required")
+        if self._clock.now() >= cred.not_after:
+            raise AegisError(
+                "the agent certificate expired before it could be renewed", code="cert_expired"
+            )
+        return cred
+
+    def client_context(self) -> ssl.SSLContext:
+        """The context for new outbound connections (the newest certificate)."""
+        return self.current.client_context
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = self.current.server_context
+        if ctx is None:
+            raise AegisError("this manager was not built with serving=True", code="cert_required")
+        return ctx
+
+    async def obtain(self) -> Credential:
+        """Enrol or renew now: new key, CSR, sign, bundle; then swap atomically."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([]))
+            .sign(key, hashes.SHA256())
+        )
+        form, headers = await self._credentials()
+        form = {**form, "csr": csr.public_bytes(serialization.Encoding.PEM).decode()}
+        if self._lifetime is not None:
+            form["lifetime"] = str(self._lifetime)
+        async with httpx.AsyncClient(verify=self._verify, timeout=10.0) as http:
+            response = await http.post(f"{self._url}/pki/v1/sign", data=form, headers=headers)
+            if response.status_code != 201:
+                raise AegisError(
+                    f"certificate enrolment refused ({response.status_code}): "
+                    f"{response.json().get('error_description', '')[:200]}",
+                    code="ca_unavailable",
+                )
+            bundle = await http.get(f"{self._url}/pki/v1/bundle")
+        body = response.json()
+        cert = x509.load_pem_x509_certificate(body["certificate"].encode())
+        if cert.public_key() != key.public_key():
+            raise AegisError("the ca returned a certificate for another key", code="cert_invalid")
+        chain = tuple(x509.load_pem_x509_certificates(body["chain"].encode()))
+        trust = bundle.content if bundle.status_code == 200 else self._trust
+        self._trust = trust
+        pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (cert, *chain))
+        cred = Credential(
+            key=key,
+            certificate=cert,
+            chain=chain,
+            spiffe_id=body["spiffe_id"],
+            serial=body["serial"],
+            x5t_s256=body["x5t#S256"],
+            received_at=self._clock.now(),
+            not_after=cert.not_valid_after_utc.timestamp(),
+            trust_pem=trust,
+            client_context=client_context(pem, key, trust),
+            server_context=server_context(pem, key, trust) if self._serving else None,
+        )
+        self._current = cred  # the swap: one reference assignment
+        self.renewals += 1
+        log_event(
+            "pki.certificate_renewed",
+            serial=cred.serial,
+            spiffe_id=cred.spiffe_id,
+            not_after=cred.not_after,
+        )
+        for callback in self.on_renew:
+            callback(cred)
+        return cred
+
+    async def start(self) -> Credential:
+        cred = await self.obtain()
+        self._task = asyncio.create_task(self._run())
+        return cred
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            cred = self._current
+            assert cred is not None
+            wait = cred.renew_at - self._clock.now()
+            if wait > 0:
+                await asyncio.sleep(min(wait, 1.0))
+                continue
+            try:
+                await self.obtain()
+            except (AegisError, httpx.HTTPError, ValueError, KeyError) as exc:
+                remaining = cred.not_after - self._clock.now()
+                log_event("pki.renewal_failed", error=type(exc).__name__, remaining=remaining)
+                await asyncio.sleep(max(0.2, min(5.0, remaining / 10)))

@@ -1,0 +1,264 @@
+"""Agent certificate issuance and revocation (RFC 5280 profile, X509-SVID identities), free of HTTP.
+
+* ``sign``: a CSR from an agent that proves who it is with its OAuth client credentials (any method
+  :class:`~aegis.oauth.client_auth.ClientAuthenticator` accepts) or with a one-time bootstrap token
+  for its first enrolment. The CSR is checked before anything is spent or written; the identity in
+  the certificate comes from the registry, never from the CSR.
+* Leaving ``active`` (suspend, quarantine, retire) revokes every live certificate of the agent at
+  once (:meth:`PkiService.on_agent_status`, a registry status listener); the peer validator also
+  refuses certificates of inactive agents, so revocation never waits for a CRL to propagate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from aegis.clock import Clock
+from aegis.config import AegisConfig, PkiSettings
+from aegis.errors import AegisError, ClientAuthError, Conflict, InvalidRequest, NotFound
+from aegis.oauth.client_auth import ClientAuthenticator
+from aegis.pki.ca import CaFiles, CertificateAuthority
+from aegis.pki.peer import PeerValidator, TrustBundle
+from aegis.pki.profile import (
+    AgentKey,
+    LeafRequest,
+    build_crl,
+    build_leaf,
+    parse_csr,
+    serial_hex,
+    x5t_s256,
+)
+from aegis.pki.spiffe import agent_spiffe_id
+from aegis.pki.store import CertificateRecord, CertificateStore
+from aegis.registry.cache import RegistryCache
+from aegis.registry.secrets import hash_secret, new_secret
+from aegis.registry.service import RegistryService
+from aegis.telemetry.metrics import CERTS_ISSUED
+from aegis.types import Agent, AgentStatus, TenantStatus
+
+__all__ = ["BOOTSTRAP_PREFIX", "IssuedCertificate", "PkiService", "is_serving", "open_pki"]
+
+BOOTSTRAP_PREFIX = "aegis_bt_"
+#: Agent certificates are backdated this much to absorb small clock differences between hosts.
+BACKDATE = 10.0
+
+
+def is_serving(agent: Agent) -> bool:
+    """Agents registered as serving (role ``server`` or attribute ``serving: true``) also get
+    serverAuth, so they can terminate mTLS themselves."""
+    return "server" in agent.roles or agent.attributes.get("serving") is True
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedCertificate:
+    certificate: x509.Certificate
+    #: The issuing intermediate, to send after the leaf in a TLS handshake.
+    chain: tuple[x509.Certificate, ...]
+    record: CertificateRecord
+
+    def to_json(self) -> dict[str, Any]:
+        pem = serialization.Encoding.PEM
+        return {
+            "certificate": self.certificate.public_bytes(pem).decode(),
+            "chain": "".join(c.public_bytes(pem).decode() for c in self.chain),
+            "serial": self.record.serial,
+            "spiffe_id": self.record.spiffe_id,
+            "not_before": int(self.record.not_before),
+            "not_after": int(self.record.not_after),
+            "x5t#S256": self.record.x5t_s256,
+        }
+
+
+class PkiService:
+    def __init__(
+        self,
+        ca: CertificateAuthority,
+        store: CertificateStore,
+        cache: RegistryCache,
+        *,
+        settings: PkiSettings,
+        clock: Clock,
+        pepper: bytes,
+        authenticator: ClientAuthenticator | None = None,
+    ) -> None:
+        self.ca = ca
+        self.store = store
+        self._cache = cache
+        self._settings = settings
+        self._clock = clock
+        self._pepper = pepper
+        self._auth = authenticator
+
+    # -- issuance --------------------------------------------------------------------------
+
+    def issue(
+        self,
+        agent_id: str,
+        public_key: AgentKey,
+        *,
+        lifetime: int | None = None,
+        via: str = "operator",
+    ) -> IssuedCertificate:
+        """Issue a certificate for a registered, active agent of an active tenant."""
+        try:
+            agent = self._cache.agent(agent_id)
+        except NotFound:
+            raise ClientAuthError(f"agent {agent_id} is not registered") from None
+        if agent.status is not AgentStatus.ACTIVE:
+            raise Conflict(
+                f"agent {agent_id} is {agent.status.value}; certificates need an active agent"
+            )
+        if self._cache.tenant(agent.tenant_id).status is not TenantStatus.ACTIVE:
+            raise Conflict(f"tenant {agent.tenant_id} is suspended")
+        s = self._settings
+        wanted = s.leaf_default_lifetime if lifetime is None else lifetime
+        if wanted <= 0:
+            raise InvalidRequest("lifetime must be a positive number of seconds")
+        now = self._clock.now()
+        not_after = min(now + min(wanted, s.leaf_max_lifetime), self.ca.not_after_cap())
+        if not_after <= now:
+            raise AegisError("the issuing ca has expired; rotate it", code="ca_unavailable")
+        spiffe_id = agent_spiffe_id(s.trust_domain, agent.tenant_id, agent.env, agent.id)
+        issuer = self.ca.current
+        req = LeafRequest(
+            public_key,
+            spiffe_id,
+            agent.id,
+            agent.tenant_id,
+            now - BACKDATE,
+            not_after,
+            is_serving(agent),
+        )
+        cert = build_leaf(req, issuer.cert, issuer.key)
+        record = CertificateRecord(
+            serial=serial_hex(cert),
+            agent_id=agent.id,
+            tenant_id=agent.tenant_id,
+            env=agent.env,
+            spiffe_id=spiffe_id,
+            issuer_ski=issuer.ski,
+            x5t_s256=x5t_s256(cert),
+            not_before=cert.not_valid_before_utc.timestamp(),
+            not_after=cert.not_valid_after_utc.timestamp(),
+            issued_at=now,
+        )
+        self.store.record(record)
+        CERTS_ISSUED.labels(auth=via).inc()
+        return IssuedCertificate(cert, (issuer.cert,), record)
+
+    async def sign(
+        self, form: Mapping[str, str], authorization: str | None, source: str
+    ) -> IssuedCertificate:
+        """``POST /pki/v1/sign``: check the CSR, authenticate, then issue."""
+        key = parse_csr(form.get("csr", ""))
+        lifetime = None
+        if "lifetime" in form:
+            if not form["lifetime"].isdigit():
+                raise InvalidRequest("lifetime must be a whole number of seconds")
+            lifetime = int(form["lifetime"])
+        if "bootstrap_token" in form:
+            if authorization or "client_secret" in form or "client_assertion" in form:
+                raise InvalidRequest("use either a bootstrap token or client credentials, not both")
+            token = form["bootstrap_token"]
+            agent_id = self.store.consume_bootstrap(hash_secret(self._pepper, token))
+            if agent_id is None:
+                raise ClientAuthError(
+                    "bootstrap token is unknown, used or expired; ask for a new one"
+                )
+            return self.issue(agent_id, key, lifetime=lifetime, via="bootstrap_token")
+        if self._auth is None:
+            raise ClientAuthError("client authentication is not configured on this server")
+        fields = {k: v for k, v in form.items() if k not in ("csr", "lifetime")}
+        auth = await self._auth.authenticate(fields, authorization, source, consume=False)
+        issued = self.issue(auth.client.agent_id, key, lifetime=lifetime, via=auth.method.value)
+        await self._auth.consume(auth)
+        return issued
+
+    def new_bootstrap_token(self, agent_id: str, *, lifetime: float | None = None) -> str:
+        """A single-use enrolment token for ``agent_id``; shown once, stored as a keyed hash."""
+        agent = self._cache.agent(agent_id)
+        if agent.status is not AgentStatus.ACTIVE:
+            raise Conflict(f"agent {agent_id} is {agent.status.value}")
+        token = new_secret(BOOTSTRAP_PREFIX)
+        ttl = self._settings.bootstrap_token_lifetime if lifetime is None else lifetime
+        self.store.add_bootstrap(
+            hash_secret(self._pepper, token), agent_id, self._clock.now() + ttl
+        )
+        return token
+
+    def validator(
+        self, *, eku: x509.ObjectIdentifier = ExtendedKeyUsageOID.CLIENT_AUTH
+    ) -> PeerValidator:
+        """A peer validator trusting this CA's current bundle (``serverAuth`` for upstreams)."""
+        bundle = TrustBundle(self.ca.bundle_pem())
+        return PeerValidator(
+            bundle,
+            self.store,
+            self._cache,
+            trust_domain=self._settings.trust_domain,
+            clock=self._clock,
+            eku=eku,
+        )
+
+    # -- revocation ------------------------------------------------------------------------
+
+    def on_agent_status(self, agent: Agent) -> None:
+        """Registry status listener: leaving ``active`` revokes the agent's live certificates."""
+        if agent.status is not AgentStatus.ACTIVE:
+            self.store.revoke_agent(agent.id, agent.status.value)
+
+    def crl_der(self) -> bytes:
+        """The current intermediate's CRL, DER (RFC 5280 §5), short ``nextUpdate``."""
+        return self._crl(0).public_bytes(serialization.Encoding.DER)
+
+    def crl_pem(self) -> bytes:
+        """Every trusted intermediate's CRL, PEM, concatenated (for nginx ``ssl_crl``)."""
+        pem = serialization.Encoding.PEM
+        return b"".join(self._crl(i).public_bytes(pem) for i in range(len(self.ca.intermediates())))
+
+    def _crl(self, index: int) -> x509.CertificateRevocationList:
+        issuer = self.ca.intermediates()[index]
+        revoked = [
+            (r.serial, r.revoked_at or 0.0, r.revocation_reason)
+            for r in self.store.revoked_by(issuer.ski)
+        ]
+        lifetime = float(self._settings.crl_lifetime)
+        return build_crl(issuer.cert, issuer.key, revoked, now=self._clock.now(), lifetime=lifetime)
+
+
+def open_pki(
+    config: AegisConfig,
+    *,
+    clock: Clock,
+    cache: RegistryCache,
+    registry: RegistryService,
+    authenticator: ClientAuthenticator | None,
+) -> PkiService | None:
+    """The PKI service if ``aegis ca init`` has created a CA, else None (the routes stay off).
+
+    Registers the revocation listener on ``registry`` so leaving ``active`` revokes at once.
+    """
+    files = CaFiles.from_config(config)
+    if not files.cert.exists():
+        return None
+    ca = CertificateAuthority(files, config.kek(), clock, config.pki.trust_domain)
+    store = CertificateStore(
+        config.database_url(), clock=clock, ttl=config.stores.registry_cache_ttl
+    )
+    service = PkiService(
+        ca,
+        store,
+        cache,
+        settings=config.pki,
+        clock=clock,
+        pepper=config.pepper(),
+        authenticator=authenticator,
+    )
+    registry.status_listeners.append(service.on_agent_status)
+    return service

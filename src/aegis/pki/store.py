@@ -1,0 +1,171 @@
+"""Issued certificates, revocations (RFC 5280 §5 CRL entries) and bootstrap tokens, in SQL.
+
+The store is the authority on revocation: the CRL is rendered from it, and every peer certificate
+is checked against it (through a per-serial cache of at most ``ttl`` seconds, like the registry
+cache). Any database failure is ``Unavailable`` and the caller fails closed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, insert, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from aegis.clock import Clock
+from aegis.errors import AegisError, Conflict, Unavailable
+from aegis.pki.sql_tables import BOOTSTRAP_TOKENS, CERTIFICATES, METADATA
+
+__all__ = ["CertificateRecord", "CertificateStore"]
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateRecord:
+    serial: str
+    agent_id: str
+    tenant_id: str
+    env: str
+    spiffe_id: str
+    issuer_ski: str
+    x5t_s256: str
+    not_before: float
+    not_after: float
+    issued_at: float
+    revoked_at: float | None = None
+    revocation_reason: str | None = None
+
+
+class CertificateStore:
+    def __init__(self, engine: Engine | str, *, clock: Clock, ttl: float = 0.25) -> None:
+        self._engine = create_engine(engine) if isinstance(engine, str) else engine
+        self._clock = clock
+        self._ttl = ttl
+        self._cache: dict[str, tuple[float, CertificateRecord]] = {}
+        with self._guard():
+            METADATA.create_all(self._engine, checkfirst=True)
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        try:
+            yield
+        except AegisError:
+            raise
+        except IntegrityError as exc:
+            raise Conflict("a certificate with this serial is already recorded") from exc
+        except SQLAlchemyError as exc:
+            raise Unavailable(
+                "the certificate store cannot answer; certificates are refused until it does",
+                code="revocation_store_unavailable",
+            ) from exc
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    # -- certificates ----------------------------------------------------------------------
+
+    def record(self, rec: CertificateRecord) -> None:
+        with self._guard(), self._engine.begin() as conn:
+            conn.execute(insert(CERTIFICATES).values(**_row(rec)))
+
+    def get(self, serial: str) -> CertificateRecord | None:
+        with self._guard(), self._engine.connect() as conn:
+            row = conn.execute(select(CERTIFICATES).where(CERTIFICATES.c.serial == serial)).first()
+        return CertificateRecord(**row._mapping) if row is not None else None
+
+    def for_agent(self, agent_id: str) -> list[CertificateRecord]:
+        with self._guard(), self._engine.connect() as conn:
+            rows = conn.execute(
+                select(CERTIFICATES)
+                .where(CERTIFICATES.c.agent_id == agent_id)
+                .order_by(CERTIFICATES.c.issued_at)
+            ).all()
+        return [CertificateRecord(**r._mapping) for r in rows]
+
+    def revoke_serial(self, serial: str, reason: str) -> bool:
+        """Revoke one certificate; True if it was live until now."""
+        now = self._clock.now()
+        with self._guard(), self._engine.begin() as conn:
+            result = conn.execute(
+                update(CERTIFICATES)
+                .where(CERTIFICATES.c.serial == serial, CERTIFICATES.c.revoked_at.is_(None))
+                .values(revoked_at=now, revocation_reason=reason)
+            )
+        self._cache.pop(serial, None)
+        return bool(result.rowcount)
+
+    def revoke_agent(self, agent_id: str, reason: str) -> list[str]:
+        """Revoke every unexpired certificate of ``agent_id``; returns their serials."""
+        now = self._clock.now()
+        cols = CERTIFICATES.c
+        live = (cols.agent_id == agent_id, cols.revoked_at.is_(None), cols.not_after > now)
+        with self._guard(), self._engine.begin() as conn:
+            serials = [r[0] for r in conn.execute(select(cols.serial).where(*live))]
+            conn.execute(
+                update(CERTIFICATES).where(*live).values(revoked_at=now, revocation_reason=reason)
+            )
+        for serial in serials:
+            self._cache.pop(serial, None)
+        return serials
+
+    def lookup(self, serial: str) -> CertificateRecord | None:
+        """The record of ``serial`` through a cache of at most ``ttl`` seconds (hot path)."""
+        now = self._clock.monotonic()
+        hit = self._cache.get(serial)
+        if hit is not None and now - hit[0] < self._ttl:
+            return hit[1]
+        rec = self.get(serial)
+        if rec is None:
+            return None  # nothing negative is cached: a certificate issued elsewhere works at once
+        if len(self._cache) > 100_000:
+            self._cache.clear()
+        self._cache[serial] = (now, rec)
+        return rec
+
+    def revoked_by(self, issuer_ski: str) -> list[CertificateRecord]:
+        """Revoked, unexpired certificates of one issuer (RFC 5280 §3.3: expired ones may go)."""
+        now = self._clock.now()
+        cols = CERTIFICATES.c
+        with self._guard(), self._engine.connect() as conn:
+            rows = conn.execute(
+                select(CERTIFICATES)
+                .where(
+                    cols.issuer_ski == issuer_ski,
+                    cols.revoked_at.is_not(None),
+                    cols.not_after > now,
+                )
+                .order_by(cols.serial)
+            ).all()
+        return [CertificateRecord(**r._mapping) for r in rows]
+
+    # -- bootstrap tokens ------------------------------------------------------------------
+
+    def add_bootstrap(self, token_hash: str, agent_id: str, expires_at: float) -> None:
+        with self._guard(), self._engine.begin() as conn:
+            conn.execute(
+                insert(BOOTSTRAP_TOKENS).values(
+                    token_hash=token_hash,
+                    agent_id=agent_id,
+                    created_at=self._clock.now(),
+                    expires_at=expires_at,
+                )
+            )
+
+    def consume_bootstrap(self, token_hash: str) -> str | None:
+        """Spend a bootstrap token atomically; the agent id, or None if unknown, used or expired."""
+        now = self._clock.now()
+        t = BOOTSTRAP_TOKENS.c
+        with self._guard(), self._engine.begin() as conn:
+            row = conn.execute(select(t.agent_id).where(t.token_hash == token_hash)).first()
+            result = conn.execute(
+                update(BOOTSTRAP_TOKENS)
+                .where(t.token_hash == token_hash, t.used_at.is_(None), t.expires_at > now)
+                .values(used_at=now)
+            )
+        return str(row[0]) if row is not None and result.rowcount == 1 else None
+
+
+def _row(rec: CertificateRecord) -> dict[str, Any]:
+    return {name: getattr(rec, name) for name in CertificateRecord.__slots__}

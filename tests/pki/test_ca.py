@@ -1,0 +1,279 @@
+"""The internal CA: key storage, the agent certificate profile, enrolment, revocation, rotation."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from starlette.applications import Starlette
+
+from aegis.clock import FrozenClock
+from aegis.errors import AegisError, ClientAuthError, Conflict
+from aegis.pki.api import PkiEndpoints
+from aegis.pki.ca import CaFiles, CertificateAuthority
+from aegis.pki.peer import TrustBundle
+from aegis.pki.profile import x5t_s256
+from aegis.pki.spiffe import check_leaf_svid
+from aegis.types import AgentStatus
+from tests.pki.conftest import TRUST_DOMAIN, Pki, build_pki, make_csr
+
+
+def test_init_writes_encrypted_keys_and_refuses_to_overwrite(pki: Pki) -> None:
+    files = pki.ca.files
+    for path in (files.root_key, files.key):
+        pem = path.read_bytes()
+        assert b"BEGIN ENCRYPTED PRIVATE KEY" in pem
+        assert path.stat().st_mode & 0o077 == 0
+        with pytest.raises(TypeError):
+            serialization.load_pem_private_key(pem, password=None)
+    with pytest.raises(Conflict, match="already exists"):
+        CertificateAuthority.init(files, pki.kek, pki.clock, TRUST_DOMAIN)
+    with pytest.raises(AegisError, match="cannot be decrypted"):
+        CertificateAuthority(files, b"\x01" * 32, pki.clock, TRUST_DOMAIN)
+
+
+def test_ca_certificates_are_p256_cas_with_path_limits(pki: Pki) -> None:
+    root, inter = pki.ca.root, pki.ca.current.cert
+    for cert, path_len in ((root, 1), (inter, 0)):
+        assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+        assert bc.critical
+        assert bc.value.ca
+        assert bc.value.path_length == path_len
+        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        assert ku.key_cert_sign
+        assert ku.crl_sign
+    assert inter.issuer == root.subject
+    assert inter.not_valid_after_utc <= root.not_valid_after_utc
+
+
+def test_root_key_can_be_kept_offline(pki: Pki, tmp_path: Path) -> None:
+    offline = tmp_path / "offline-root.key.pem"
+    pki.ca.files.root_key.rename(offline)
+    ca = CertificateAuthority(pki.ca.files, pki.kek, pki.clock, TRUST_DOMAIN)
+    key = ec.generate_private_key(ec.SECP256R1())
+    assert (
+        pki.service.issue("alpha", key.public_key()).certificate.issuer == ca.current.cert.subject
+    )
+    with pytest.raises(AegisError, match="does not exist"):
+        ca.rotate_intermediate(overlap=3600)
+
+
+def test_agent_certificate_profile(pki: Pki) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    issued = pki.service.issue("alpha", key.public_key())
+    cert = issued.certificate
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "spiffe://example.org/tenant/t1/env/prod/agent/alpha"
+    ]
+    assert len(list(san)) == 1
+    assert check_leaf_svid(cert, TRUST_DOMAIN, eku=ExtendedKeyUsageOID.CLIENT_AUTH).agent == "alpha"
+    assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.CLIENT_AUTH
+    ]
+    ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert ku.digital_signature
+    assert not ku.key_cert_sign
+    assert not ku.crl_sign
+    life = cert.not_valid_after_utc.timestamp() - cert.not_valid_before_utc.timestamp()
+    assert 3600 <= life <= 3600 + 11  # default 1 h, backdated by at most 10 s
+    assert issued.record.x5t_s256 == x5t_s256(cert)
+    assert pki.store.get(issued.record.serial) == issued.record
+
+
+def test_serving_agents_also_get_server_auth(pki: Pki) -> None:
+    pki.registry.update_agent("gamma", actor="test", roles=("server",))
+    cert = pki.key_and_cert("gamma")[1]
+    ekus = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    assert ekus == [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
+
+
+def test_lifetime_is_capped_and_never_beyond_the_issuer(tmp_path: Path) -> None:
+    clock = FrozenClock(1_800_000_000)
+    pki = build_pki(tmp_path, clock)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = pki.service.issue("alpha", key.public_key(), lifetime=10**9).certificate
+    assert cert.not_valid_after_utc.timestamp() == clock.now() + pki.config.pki.leaf_max_lifetime
+    clock.set(pki.ca.not_after_cap() - 100)
+    cert = pki.service.issue("alpha", key.public_key()).certificate
+    assert cert.not_valid_after_utc == pki.ca.current.cert.not_valid_after_utc
+    clock.set(pki.ca.not_after_cap() + 1)
+    with pytest.raises(AegisError, match="expired"):
+        pki.service.issue("alpha", key.public_key())
+
+
+def test_inactive_agents_get_nothing(pki: Pki) -> None:
+    pki.registry.set_agent_status("alpha", AgentStatus.SUSPENDED, actor="test")
+    with pytest.raises(Conflict, match="suspended"):
+        pki.key_and_cert("alpha")
+    with pytest.raises(ClientAuthError, match="not registered"):
+        pki.key_and_cert("nobody")
+
+
+@pytest.mark.parametrize(
+    ("csr", "words"),
+    [
+        (b"", "csr is empty"),
+        (b"hello", "exactly one PEM block"),
+        (
+            b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+            "not a valid DER",
+        ),
+        ("two", "exactly one PEM block"),
+        ("tampered", "signature does not verify"),
+        ("rsa1024", "at least 2048 bits"),
+        ("p521", "not allowed"),
+        (b"x" * 20000, "larger than"),
+    ],
+)
+def test_malformed_csrs_say_what_is_wrong_and_issue_nothing(
+    pki: Pki, csr: bytes | str, words: str
+) -> None:
+    if csr == "two":
+        csr = make_csr()[1] + make_csr()[1]
+    elif csr == "tampered":
+        der = bytearray(
+            x509.load_pem_x509_csr(make_csr()[1]).public_bytes(serialization.Encoding.DER)
+        )
+        der[-5] ^= 0x01  # inside the signature
+        csr = (
+            b"-----BEGIN CERTIFICATE REQUEST-----\n"
+            + base64.encodebytes(bytes(der))
+            + b"-----END CERTIFICATE REQUEST-----\n"
+        )
+    elif csr == "rsa1024":
+        csr = _csr_for(rsa.generate_private_key(65537, 1024))
+    elif csr == "p521":
+        csr = _csr_for(ec.generate_private_key(ec.SECP521R1()))
+    client_id, secret = pki.secrets["alpha"]
+    status, body = _post_sign(
+        pki, {"csr": csr.decode() if isinstance(csr, bytes) else csr}, (client_id, secret)
+    )
+    assert status == 400
+    assert body["code"] == "csr_invalid"
+    assert words in body["error_description"]
+    assert pki.store.for_agent("alpha") == []
+
+
+def _csr_for(
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey,
+) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+
+    algo = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, algo)
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def _post_sign(
+    pki: Pki, form: dict[str, str], basic: tuple[str, str] | None = None
+) -> tuple[int, dict[str, str]]:
+    import asyncio
+
+    app = Starlette(routes=PkiEndpoints(pki.service, max_body_bytes=64 * 1024).routes())
+
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            return await client.post("/pki/v1/sign", data=form, auth=basic)
+
+    response = asyncio.run(go())
+    return response.status_code, response.json()
+
+
+def test_sign_with_client_credentials(pki: Pki) -> None:
+    key, csr = make_csr()
+    # The CSR asks for another identity; the certificate names the authenticated agent anyway.
+    status, body = _post_sign(pki, {"csr": csr.decode()}, pki.secrets["alpha"])
+    assert status == 201, body
+    cert = x509.load_pem_x509_certificate(body["certificate"].encode())
+    assert body["spiffe_id"] == "spiffe://example.org/tenant/t1/env/prod/agent/alpha"
+    assert cert.public_key() == key.public_key()
+    assert x509.load_pem_x509_certificate(body["chain"].encode()) == pki.ca.current.cert
+    assert body["x5t#S256"] == x5t_s256(cert)
+
+
+def test_sign_refuses_wrong_credentials_and_writes_nothing(pki: Pki) -> None:
+    client_id, _ = pki.secrets["alpha"]
+    status, body = _post_sign(pki, {"csr": make_csr()[1].decode()}, (client_id, "aegis_cs_wrong"))
+    assert (status, body["code"]) == (401, "invalid_client")
+    status, body = _post_sign(pki, {"csr": make_csr()[1].decode()})
+    assert (status, body["code"]) == (401, "invalid_client")
+    assert pki.store.for_agent("alpha") == []
+
+
+def test_bootstrap_token_is_single_use_and_expires(tmp_path: Path) -> None:
+    clock = FrozenClock(1_800_000_000)
+    pki = build_pki(tmp_path, clock)
+    token = pki.service.new_bootstrap_token("beta", lifetime=60)
+    assert token.startswith("aegis_bt_")
+    status, body = _post_sign(pki, {"csr": make_csr()[1].decode(), "bootstrap_token": token})
+    assert status == 201
+    assert body["spiffe_id"].endswith("/tenant/t2/env/prod/agent/beta")
+    status, body = _post_sign(pki, {"csr": make_csr()[1].decode(), "bootstrap_token": token})
+    assert (status, body["code"]) == (401, "invalid_client")
+    late = pki.service.new_bootstrap_token("beta", lifetime=60)
+    clock.advance(61)
+    status, body = _post_sign(pki, {"csr": make_csr()[1].decode(), "bootstrap_token": late})
+    assert (status, body["code"]) == (401, "invalid_client")
+    # A malformed CSR does not spend the token.
+    fresh = pki.service.new_bootstrap_token("beta", lifetime=60)
+    assert _post_sign(pki, {"csr": "junk", "bootstrap_token": fresh})[0] == 400
+    assert _post_sign(pki, {"csr": make_csr()[1].decode(), "bootstrap_token": fresh})[0] == 201
+    assert token not in (tmp_path / "pki.db").read_bytes().decode("latin-1")
+
+
+def test_leaving_active_revokes_every_certificate_in_the_crl(pki: Pki) -> None:
+    serials = {
+        x509.load_der_x509_certificate(
+            pki.key_and_cert("alpha")[1].public_bytes(serialization.Encoding.DER)
+        ).serial_number
+        for _ in range(2)
+    }
+    other = pki.key_and_cert("beta")[1].serial_number
+    pki.registry.set_agent_status("alpha", AgentStatus.QUARANTINED, actor="test")
+    crl = x509.load_der_x509_crl(pki.service.crl_der())
+    assert crl.is_signature_valid(pki.ca.current.cert.public_key())  # type: ignore[arg-type]
+    assert {r.serial_number for r in crl} == serials
+    assert other not in {r.serial_number for r in crl}
+    assert crl.next_update_utc is not None
+    assert crl.last_update_utc is not None
+    assert (crl.next_update_utc - crl.last_update_utc).total_seconds() <= 301
+    reasons = {r.extensions.get_extension_for_class(x509.CRLReason).value.reason for r in crl}
+    assert reasons == {x509.ReasonFlags.privilege_withdrawn}
+
+
+def test_rotation_keeps_both_intermediates_in_the_bundle_during_overlap(tmp_path: Path) -> None:
+    clock = FrozenClock(1_800_000_000)
+    pki = build_pki(tmp_path, clock)
+    old = pki.ca.current.cert
+    old_leaf = pki.key_and_cert("alpha")[1]
+    new = pki.ca.rotate_intermediate(overlap=3600).cert
+    bundle = x509.load_pem_x509_certificates(pki.ca.bundle_pem())
+    assert bundle == [pki.ca.root, new, old]
+    assert pki.key_and_cert("alpha")[1].issuer == new.subject
+    pki.bundle.replace(pki.ca.bundle_pem())
+    der = old_leaf.public_bytes(serialization.Encoding.DER)
+    assert pki.validator.validate(der).agent_id == "alpha"  # old leaves still verify
+    assert pki.service.crl_pem().count(b"-----BEGIN X509 CRL-----") == 2
+    clock.advance(3601)
+    reloaded = CertificateAuthority(CaFiles.from_config(pki.config), pki.kek, clock, TRUST_DOMAIN)
+    assert x509.load_pem_x509_certificates(reloaded.bundle_pem()) == [pki.ca.root, new]
+    pki.bundle.replace(reloaded.bundle_pem())
+    with pytest.raises(AegisError) as info:
+        pki.validator.validate(der)
+    assert info.value.code in ("cert_untrusted", "cert_expired")
+
+
+def test_bundle_must_have_a_root(pki: Pki) -> None:
+    with pytest.raises(AegisError, match="not pem"):
+        TrustBundle(b"")
+    with pytest.raises(AegisError, match="no root"):
+        TrustBundle(pki.ca.current.cert.public_bytes(serialization.Encoding.PEM))

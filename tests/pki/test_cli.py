@@ -1,0 +1,128 @@
+"""``aegis ca``: init, rotate, bundle, and agent-cert against a live control plane."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from starlette.applications import Starlette
+from typer.testing import CliRunner
+
+from aegis.cli.ca import app
+from aegis.pki.api import PkiEndpoints
+from tests.pki.conftest import Pki
+from tests.pki.harness import gateway_server_context, serve
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    (tmp_path / "kek").write_text(base64.b64encode(os.urandom(32)).decode())
+    path = tmp_path / "aegis.yaml"
+    path.write_text("keys:\n  kek_file: kek\npki:\n  trust_domain: cli.example\n  ca_dir: ca\n")
+    return path
+
+
+def test_init_rotate_and_bundle(config: Path) -> None:
+    result = runner.invoke(app, ["init", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "trust domain cli.example" in result.output
+    again = runner.invoke(app, ["init", "--config", str(config)])
+    assert again.exit_code == 1
+    assert again.output.strip().splitlines() == [
+        "error: a ca already exists in " + str(config.parent / "ca") + "; use --force to replace it"
+    ]
+    bundle = runner.invoke(app, ["bundle", "--config", str(config)])
+    assert len(x509.load_pem_x509_certificates(bundle.output.encode())) == 2
+    rotated = runner.invoke(app, ["rotate", "--config", str(config), "--overlap", "600"])
+    assert rotated.exit_code == 0, rotated.output
+    out = config.parent / "bundle.pem"
+    assert runner.invoke(app, ["bundle", "--config", str(config), "--out", str(out)]).exit_code == 0
+    assert len(x509.load_pem_x509_certificates(out.read_bytes())) == 3
+
+
+def test_commands_without_a_ca_fail_with_one_line(config: Path) -> None:
+    result = runner.invoke(app, ["rotate", "--config", str(config)])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: no ca in ")
+    assert result.output.count("\n") == 1
+
+
+@pytest.fixture
+def control_plane_url(pki: Pki) -> Iterator[str]:
+    """The PKI endpoints on a real TLS port, in a thread with its own event loop."""
+    ready, stop = threading.Event(), threading.Event()
+    port: list[int] = []
+
+    async def main() -> None:
+        api = Starlette(routes=PkiEndpoints(pki.service, max_body_bytes=65536).routes())
+        async with serve(
+            api, gateway_server_context(pki, require_client_cert=False), name="cli"
+        ) as srv:
+            port.append(srv.port)
+            ready.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+
+    thread = threading.Thread(target=lambda: asyncio.run(main()), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    yield f"https://127.0.0.1:{port[0]}"
+    stop.set()
+    thread.join(10)
+
+
+def test_agent_cert_enrols_and_writes_private_files(
+    pki: Pki, control_plane_url: str, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "trust.pem"
+    bundle.write_bytes(pki.ca.bundle_pem())
+    client_id, secret = pki.secrets["alpha"]
+    out = tmp_path / "agent"
+    result = runner.invoke(
+        app,
+        [
+            "agent-cert",
+            "--url",
+            control_plane_url,
+            "--client-id",
+            client_id,
+            "--out-dir",
+            str(out),
+            "--bundle",
+            str(bundle),
+            "--lifetime",
+            "120",
+        ],
+        env={"AEGIS_CLIENT_SECRET": secret},
+    )
+    assert result.exit_code == 0, result.output
+    assert "spiffe://example.org/tenant/t1/env/prod/agent/alpha" in result.output
+    assert secret not in result.output
+    assert (out / "key.pem").stat().st_mode & 0o077 == 0
+    chain = x509.load_pem_x509_certificates((out / "cert.pem").read_bytes())
+    assert [c.issuer for c in chain] == [pki.ca.current.cert.subject, pki.ca.root.subject]
+    wrong = runner.invoke(
+        app,
+        [
+            "agent-cert",
+            "--url",
+            control_plane_url,
+            "--client-id",
+            client_id,
+            "--out-dir",
+            str(out),
+            "--bundle",
+            str(bundle),
+        ],
+        env={"AEGIS_CLIENT_SECRET": "aegis_cs_wrong"},
+    )
+    assert wrong.exit_code == 1
+    assert wrong.output.startswith("error: certificate enrolment refused (401)")

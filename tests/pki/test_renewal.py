@@ -1,0 +1,107 @@
+"""Certificates renew at two thirds of their life under load, with no failed call."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import ssl
+import time
+
+import pytest
+from starlette.applications import Starlette
+
+from aegis.errors import AegisError
+from aegis.pki.api import PkiEndpoints
+from aegis.pki.renewal import CertificateManager, basic_credentials
+from aegis.types import AgentStatus
+from tests.pki.conftest import Pki
+from tests.pki.harness import fetch, gateway_app, gateway_server_context, serve
+
+LIFETIME = 6  # seconds: renewals at ~4 s, ~8 s, ~12 s
+RUN_FOR = 13.0
+
+
+async def test_renewal_under_load_drops_no_call(pki: Pki) -> None:
+    name = "renewal"
+    ca_app = Starlette(routes=PkiEndpoints(pki.service, max_body_bytes=65536).routes())
+    ca_ctx = gateway_server_context(pki, require_client_cert=False)
+    trust = pki.ca.bundle_pem()
+    verify = ssl.create_default_context(cadata=trust.decode())
+    verify.check_hostname = False  # the control plane's certificate names a SPIFFE ID, not a host
+    async with (
+        serve(ca_app, ca_ctx, name="ca") as ca,
+        serve(gateway_app(pki, name=name), gateway_server_context(pki), name=name) as gw,
+    ):
+        manager = CertificateManager(
+            f"https://127.0.0.1:{ca.port}",
+            basic_credentials(*pki.secrets["alpha"]),
+            clock=pki.clock,
+            trust_pem=trust,
+            verify=verify,
+            lifetime=LIFETIME,
+        )
+        first = await manager.start()
+        life = first.not_after - first.received_at
+        assert 4.5 < life <= LIFETIME
+        assert abs(first.renew_at - (first.received_at + life * 2 / 3)) < 1e-6
+        serials: set[str] = set()
+        failures: list[str] = []
+        calls = 0
+        deadline = time.monotonic() + RUN_FOR
+
+        async def worker(path: str) -> None:
+            nonlocal calls
+            while time.monotonic() < deadline:
+                result = await fetch(gw.port, manager.client_context(), path)
+                calls += 1
+                if result.status != 200 or result.body is None:
+                    failures.append(f"{path}: {result}")
+                else:
+                    serials.add(result.body["peer"]["serial"])
+
+        await asyncio.gather(
+            *(worker(p) for p in ("/whoami", "/whoami", "/whoami", "/slow", "/slow"))
+        )
+        await manager.stop()
+    assert failures == []
+    assert calls > 50
+    assert manager.renewals >= 3  # the first certificate and at least two renewals
+    assert len(serials) >= 3  # the server saw every renewed certificate in use
+    # Each renewal happened before the previous certificate expired.
+    records = sorted(pki.store.for_agent("alpha"), key=lambda r: r.issued_at)
+    for before, after in itertools.pairwise(records):
+        assert after.issued_at < before.not_after
+        assert (
+            after.issued_at
+            >= before.issued_at + (before.not_after - before.issued_at) * 2 / 3 - 0.5
+        )
+
+
+async def test_failed_renewal_keeps_the_certificate_until_it_expires_then_refuses(pki: Pki) -> None:
+    ca_app = Starlette(routes=PkiEndpoints(pki.service, max_body_bytes=65536).routes())
+    trust = pki.ca.bundle_pem()
+    verify = ssl.create_default_context(cadata=trust.decode())
+    verify.check_hostname = False
+    async with serve(
+        ca_app, gateway_server_context(pki, require_client_cert=False), name="ca2"
+    ) as ca:
+        manager = CertificateManager(
+            f"https://127.0.0.1:{ca.port}",
+            basic_credentials(*pki.secrets["alpha"]),
+            clock=pki.clock,
+            trust_pem=trust,
+            verify=verify,
+            lifetime=5,
+        )
+        first = await manager.start()
+        # The agent is suspended: renewal is refused, and its live certificate is revoked too.
+        pki.registry.set_agent_status("alpha", AgentStatus.SUSPENDED, actor="test")
+        while pki.clock.now() < first.renew_at + 0.5:
+            assert manager.current is first
+            await asyncio.sleep(0.2)
+        assert manager.renewals == 1
+        await asyncio.sleep(max(0.0, first.not_after - pki.clock.now()) + 0.1)
+        with pytest.raises(AegisError) as info:
+            manager.client_context()
+        assert info.value.code == "cert_expired"
+        await manager.stop()
