@@ -1,0 +1,236 @@
+"""Gateway cost: the in-process decision pipeline against its raw Ed25519 work, and the latency and
+throughput the reverse proxy adds over calling the upstream directly.
+
+1. Pipeline, in process, one DPoP call at a time (token verify, proof verify, replay, subject,
+   delegation, allow-list policy, attestation), with and without the durable audit append (SQLite,
+   one commit per call). Compared with the sum of its raw Ed25519 operations measured in the same
+   run on the same keys: two verifications (access token, DPoP proof) and one signature
+   (attestation).
+2. Reverse proxy on loopback: an upstream (uvicorn) called directly and through the gateway
+   (uvicorn), sequential latency p50/p99 (with and without the durable audit commit) and
+   concurrent throughput. Every request carries a fresh
+   DPoP proof, minted before timing.
+
+Bounded and loopback only:  .venv/bin/python bench/bench_gateway.py [--calls 2000] [--http 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.gateway.harness import Upstream, serve
+from tests.gateway.helpers import jkt_of, mint_proof
+from tests.support.server import free_port, write_dev_config
+
+from aegis.audit.log import AuditLog
+from aegis.config import GatewaySettings, load_config
+from aegis.crypto.keys import Ed25519SigningKey
+from aegis.gateway.app import build_pipeline, create_gateway_app
+from aegis.gateway.context import CallContext, Route, body_digest
+from aegis.policy.store import MemoryPolicyStore
+from aegis.registry.service import AgentSpec
+from aegis.server.services import Services, build_services
+from aegis.types import ClientAuthMethod
+
+GW = "https://gw.bench"
+ROUTE = Route("/pay", "http://127.0.0.1:9", "payments", "acme", "prod")
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6
+
+
+def register(services: Services) -> tuple[Ed25519SigningKey, str, str]:
+    key = Ed25519SigningKey.generate()
+    services.registry.register_agent(
+        AgentSpec("bench-agent", "acme", "prod", "owner@example.com",
+                  allowed_scopes=("payments:write",), jwks=(key.public.to_jwk(),)),
+        actor="bench",
+    )  # fmt: skip
+    client, _ = services.registry.create_client(
+        "bench-agent", auth_method=ClientAuthMethod.PRIVATE_KEY_JWT, actor="bench"
+    )
+    token = services.issuer.issue(
+        agent_id="bench-agent", client_id=client.client_id, tenant="acme", env="prod",
+        scopes=("payments:write",), audience=("aegis-gateway",), lifetime=3600,
+        cnf={"jkt": jkt_of(key)},
+    ).token  # fmt: skip
+    return key, client.client_id, token
+
+
+def raw_ed25519(services: Services, key: Ed25519SigningKey, token: str, n: int) -> float:
+    """Median of (2 verifications + 1 signature) on the same keys and message sizes."""
+    proof = mint_proof(key, "POST", GW + "/pay/x", token=token)
+    signing_input, _, sig = proof.rpartition(".")
+    from aegis.crypto.keys import b64u_decode
+
+    psig = b64u_decode(sig)
+    tin, _, tsig = token.rpartition(".")
+    tkey = services.keyring.public_key(services.keyring.signing_key().kid)
+    assert tkey is not None
+    tsig_raw = b64u_decode(tsig)
+    signer = services.keyring.signing_key()
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        tkey.verify(tin.encode(), tsig_raw)
+        key.public.verify(signing_input.encode(), psig)
+        signer.sign(tin.encode())
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples)
+
+
+async def pipeline_bench(
+    services: Services, key: Any, token: str, n: int, audit: AuditLog | None
+) -> list[float]:
+    settings = GatewaySettings.model_validate({"public_url": GW, "allow": [{"tool": "payments"}]})
+    pipe = build_pipeline(services, settings, policy_store=MemoryPolicyStore(), audit=audit)
+    if audit is None:
+        pipe._audit = None  # measure the decision alone
+    body = b'{"amount": 5}'
+    ctxs = [
+        CallContext(
+            method="POST",
+            url=GW + "/pay/x",
+            host="gw.bench",
+            path="/pay/x",
+            route=ROUTE,
+            headers=(
+                ("authorization", f"DPoP {token}"),
+                ("dpop", mint_proof(key, "POST", GW + "/pay/x", token=token)),
+            ),
+            body_digest=body_digest(body),
+            body={"amount": 5},
+            raw_body=body,
+        )
+        for _ in range(n)
+    ]
+    samples = []
+    for ctx in ctxs:
+        t = time.perf_counter()
+        result = await pipe.run(ctx)
+        samples.append(time.perf_counter() - t)
+        assert result.allowed, result
+    return samples
+
+
+def http_bench(services: Services, key: Any, token: str, n: int) -> dict[str, float]:
+    upstream = Upstream()
+    out: dict[str, float] = {}
+    with serve(upstream.app) as up:
+        port = free_port()
+        public = f"http://127.0.0.1:{port}"
+        settings = GatewaySettings.model_validate({
+            "public_url": public, "allow": [{"tool": "payments"}],
+            "routes": [{"path_prefix": "/pay", "upstream": up, "tool": "payments",
+                        "tenant": "acme", "env": "prod"}],
+        })  # fmt: skip
+        pipe = build_pipeline(services, settings, policy_store=MemoryPolicyStore())
+        with serve(create_gateway_app(services, settings, pipeline=pipe), port) as gw:
+            url = gw + "/pay/x"
+            proofs = [mint_proof(key, "POST", url, token=token) for _ in range(n * 2)]
+            with httpx.Client() as client:
+                direct, proxied = [], []
+                for _ in range(n):
+                    t = time.perf_counter()
+                    client.post(
+                        up + "/pay/x",
+                        content=b'{"amount": 5}',
+                        headers={"content-type": "application/json"},
+                    )
+                    direct.append(time.perf_counter() - t)
+                for i in range(n):
+                    headers = {
+                        "authorization": f"DPoP {token}",
+                        "dpop": proofs[i],
+                        "content-type": "application/json",
+                    }
+                    t = time.perf_counter()
+                    r = client.post(url, content=b'{"amount": 5}', headers=headers)
+                    proxied.append(time.perf_counter() - t)
+                    assert r.status_code == 200, r.text
+                # The same calls with the durable audit append switched off, to show how much of
+                # the added latency is the commit (an fsync) rather than the proxy.
+                audit, pipe._audit, unaudited = pipe._audit, None, []
+                late = [mint_proof(key, "POST", url, token=token) for _ in range(n)]
+                for p in late:
+                    headers = {"authorization": f"DPoP {token}", "dpop": p}
+                    headers["content-type"] = "application/json"
+                    t = time.perf_counter()
+                    r = client.post(url, content=b'{"amount": 5}', headers=headers)
+                    unaudited.append(time.perf_counter() - t)
+                    assert r.status_code == 200, r.text
+                pipe._audit = audit
+            out.update(direct_p50=pct(direct, 0.5), direct_p99=pct(direct, 0.99))
+            out.update(proxy_p50=pct(proxied, 0.5), proxy_p99=pct(proxied, 0.99))
+            out.update(bare_p50=pct(unaudited, 0.5), bare_p99=pct(unaudited, 0.99))
+
+            async def burst() -> float:
+                # aiohttp as the load client: cheaper per request than httpx, so the figure is
+                # less about the client (which shares this process and its GIL with both servers).
+                connector = aiohttp.TCPConnector(limit=16)
+                async with aiohttp.ClientSession(connector=connector) as session:
+                    sem = asyncio.Semaphore(16)
+
+                    async def one(p: str) -> None:
+                        async with sem:
+                            h = {"authorization": f"DPoP {token}", "dpop": p}
+                            h["content-type"] = "application/json"
+                            async with session.post(url, data=b'{"amount": 5}', headers=h) as r:
+                                await r.read()
+                                assert r.status == 200, r.status
+
+                    t = time.perf_counter()
+                    await asyncio.gather(*(one(p) for p in proofs[n:]))
+                    return n / (time.perf_counter() - t)
+
+            out["proxy_rps"] = asyncio.run(burst())
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--http", type=int, default=400)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = load_config(write_dev_config(Path(tmp), 8080), environ={})
+        services = build_services(config)
+        key, _, token = register(services)
+        raw = raw_ed25519(services, key, token, args.calls) * 1e6
+        bare = asyncio.run(pipeline_bench(services, key, token, args.calls, None))
+        audit = AuditLog(config.database_url(), clock=services.clock)
+        audited = asyncio.run(pipeline_bench(services, key, token, min(args.calls, 500), audit))
+        print(f"raw Ed25519 (2 verify + 1 sign), median      {raw:8.1f} us")
+        print(f"pipeline without audit  p50 {pct(bare, .5):8.1f} us  p99 {pct(bare, .99):8.1f} us"
+              f"  ratio p50/raw {pct(bare, .5) / raw:5.2f}")  # fmt: skip
+        print(f"pipeline with audit     p50 {pct(audited, .5):8.1f} us  p99 {pct(audited, .99):8.1f} us"
+              "  (one SQLite commit per call)")  # fmt: skip
+        h = http_bench(services, key, token, args.http)
+        print(
+            f"direct upstream         p50 {h['direct_p50']:8.1f} us  p99 {h['direct_p99']:8.1f} us"
+        )
+        print(f"through gateway         p50 {h['proxy_p50']:8.1f} us  p99 {h['proxy_p99']:8.1f} us"
+              f"  added p50 {h['proxy_p50'] - h['direct_p50']:8.1f} us")  # fmt: skip
+        print(f"through gateway, no audit p50 {h['bare_p50']:6.1f} us  p99 {h['bare_p99']:8.1f} us"
+              f"  added p50 {h['bare_p50'] - h['direct_p50']:8.1f} us")  # fmt: skip
+        print(f"gateway throughput (16 concurrent, audited)  {h['proxy_rps']:8.0f} req/s"
+              f"  on {os.cpu_count()} cores shared with upstream and client")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Mutual-TLS handshakes per second (TLS 1.3, P-256 certificates from the Aegis CA), full and resumed.
+
+Server: the gateway's TLS front (``MTLSListener``: the handshake with a required client
+certificate, then HTTP/1.1) in its own process pinned to one core, answering ``GET /ping``.
+Clients, one connection at a time, each doing handshake + one request + close:
+
+* Python ``ssl`` (what the SDK uses) against the listener;
+* ``openssl s_time`` (C) against the listener;
+* ``openssl s_time`` against ``openssl s_server -WWW`` with the same certificates: the floor,
+  what OpenSSL alone does on this machine, measured in the same run.
+
+Resumed handshakes reuse the TLS 1.3 session ticket (the client certificate is not re-sent).
+Everything is on loopback and bounded (``--seconds`` per measurement).
+
+    .venv/bin/python bench/bench_mtls.py [--seconds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from aegis.clock import SystemClock
+from aegis.pki.ca import CaFiles, CertificateAuthority
+from aegis.pki.profile import LeafRequest, build_leaf
+from aegis.pki.tls import client_context, server_context
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pin(cpu: int) -> None:
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > cpu:
+        os.sched_setaffinity(0, {cpu})
+
+
+def _material(tmp: Path) -> dict[str, Path]:
+    """A CA, a serving certificate for the listener and a client certificate, as files."""
+    clock = SystemClock()
+    files = CaFiles(
+        tmp, tmp / "root.pem", tmp / "root.key.pem", tmp / "int.pem", tmp / "int.key.pem"
+    )
+    ca = CertificateAuthority.init(files, os.urandom(32), clock, "bench.example")
+    now = clock.now()
+    out: dict[str, Path] = {"bundle": tmp / "bundle.pem"}
+    out["bundle"].write_bytes(ca.bundle_pem())
+    for name, server in (("server", True), ("client", False)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        sid = f"spiffe://bench.example/tenant/t/env/e/agent/{name}"
+        req = LeafRequest(key.public_key(), sid, name, "t", now - 10, now + 3600, server)
+        cert = build_leaf(req, ca.current.cert, ca.current.key)
+        pem = serialization.Encoding.PEM
+        out[name] = tmp / f"{name}.pem"
+        out[name].write_bytes(cert.public_bytes(pem) + ca.current.cert.public_bytes(pem))
+        out[f"{name}_key"] = tmp / f"{name}.key"
+        out[f"{name}_key"].write_bytes(
+            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
+    return out
+
+
+def _serve_listener(files: dict[str, Path], port: int, ready: Any) -> None:
+    _pin(0)
+    from aegis.pki.listener import MTLSListener
+
+    key = serialization.load_pem_private_key(files["server_key"].read_bytes(), None)
+    ctx = server_context(files["server"].read_bytes(), key, files["bundle"].read_bytes())  # type: ignore[arg-type]
+
+    async def ping(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]}
+        )
+        await send({"type": "http.response.body", "body": b"pong"})
+
+    async def main() -> None:
+        listener = MTLSListener(ping, context=lambda: ctx, port=port, name="bench")
+        await listener.start()
+        ready.set()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def _python_client(port: int, files: dict[str, Path], seconds: float, resume: bool) -> float:
+    key = serialization.load_pem_private_key(files["client_key"].read_bytes(), None)
+    ctx = client_context(files["client"].read_bytes(), key, files["bundle"].read_bytes())  # type: ignore[arg-type]
+    session = None
+    count = 0
+    deadline = time.perf_counter() + seconds
+    start = time.perf_counter()
+    while time.perf_counter() < deadline:
+        with (
+            socket.create_connection(("127.0.0.1", port)) as raw,
+            ctx.wrap_socket(
+                raw, server_hostname="bench", session=session if resume else None
+            ) as tls,
+        ):
+            tls.sendall(b"GET /ping HTTP/1.0\r\nHost: bench\r\n\r\n")
+            while tls.recv(4096):
+                pass
+            if resume:
+                session = tls.session
+                if count > 2 and not tls.session_reused:
+                    raise SystemExit(
+                        "resumption did not happen; the figure would be a full handshake"
+                    )
+        count += 1
+    return count / (time.perf_counter() - start)
+
+
+def _s_time(
+    openssl: str, port: int, files: dict[str, Path], seconds: float, resume: bool, cwd: Path
+) -> float:
+    args = [
+        openssl,
+        "s_time",
+        "-connect",
+        f"127.0.0.1:{port}",
+        "-www",
+        "/ping",
+        "-time",
+        str(int(seconds)),
+        "-cert",
+        str(files["client"]),
+        "-key",
+        str(files["client_key"]),
+        "-CAfile",
+        str(files["bundle"]),
+        "-reuse" if resume else "-new",
+    ]
+    out = subprocess.run(args, capture_output=True, text=True, check=True, cwd=cwd).stdout
+    match = re.search(r"([\d.]+) connections/user sec", out)
+    total = re.search(r"(\d+) connections in ([\d.]+)s", out)
+    if total is None or match is None:
+        raise SystemExit(f"could not read openssl s_time output:\n{out}")
+    return int(total.group(1)) / float(seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    opts = parser.parse_args()
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise SystemExit("openssl is not installed")
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        files = _material(tmp)
+        (tmp / "ping").write_text("pong")
+        port, floor_port = _free_port(), _free_port()
+        ready = multiprocessing.get_context("fork").Event()
+        server = multiprocessing.get_context("fork").Process(
+            target=_serve_listener, args=(files, port, ready), daemon=True
+        )
+        server.start()
+        s_server = (
+            subprocess.Popen(
+                [
+                    "taskset",
+                    "-c",
+                    "0",
+                    openssl,
+                    "s_server",
+                    "-quiet",
+                    "-WWW",
+                    "-accept",
+                    str(floor_port),
+                    "-cert",
+                    str(files["server"]),
+                    "-key",
+                    str(files["server_key"]),
+                    "-CAfile",
+                    str(files["bundle"]),
+                    "-Verify",
+                    "2",
+                ],
+                cwd=tmp,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            if shutil.which("taskset")
+            else subprocess.Popen(
+                [
+                    openssl,
+                    "s_server",
+                    "-quiet",
+                    "-WWW",
+                    "-accept",
+                    str(floor_port),
+                    "-cert",
+                    str(files["server"]),
+                    "-key",
+                    str(files["server_key"]),
+                    "-CAfile",
+                    str(files["bundle"]),
+                    "-Verify",
+                    "2",
+                ],
+                cwd=tmp,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        try:
+            if not ready.wait(20):
+                raise SystemExit("the listener did not start")
+            time.sleep(0.3)  # let s_server bind
+            _pin(1)
+            rows = []
+            for label, resume in (("full", False), ("resumed", True)):
+                py = _python_client(port, files, opts.seconds, resume)
+                ours = _s_time(openssl, port, files, opts.seconds, resume, tmp)
+                floor = _s_time(openssl, floor_port, files, opts.seconds, resume, tmp)
+                rows.append((label, py, ours, floor))
+        finally:
+            server.terminate()
+            server.join(5)
+            s_server.terminate()
+            s_server.wait(5)
+    print(
+        f"mTLS handshakes/s (TLS 1.3, P-256, client cert required, 1 connection at a time, {opts.seconds:g} s each)"
+    )
+    print(
+        f"{'':9}{'python ssl → listener':>24}{'s_time → listener':>20}{'s_time → s_server':>20}{'listener/s_server':>20}"
+    )
+    for label, py, ours, floor in rows:
+        print(f"{label:9}{py:>24.0f}{ours:>20.0f}{floor:>20.0f}{ours / floor:>19.0%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Delegation chains end to end: a real control plane over HTTP (uvicorn on a loopback port).
+
+orchestrator -> finance -> payments, exchanged at ``/oauth/token`` (RFC 8693) and re-verified as a
+gateway would (``verify_chain``); then each refusal, each with its own stable code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from tests.support.server import RunningServer, run_server
+
+from aegis.clock import new_id
+from aegis.crypto.jws import encode_segment, sign_compact
+from aegis.crypto.keys import Ed25519SigningKey
+from aegis.errors import AegisError
+from aegis.registry.service import AgentSpec
+from aegis.tokens.chain import Chain, verify_chain
+from aegis.tokens.claims import AccessToken
+from aegis.tokens.delegation import CHAIN_SEPARATOR, mint_grant
+from aegis.tokens.exchange import DELEGATION_GRANT, JWT_TYPE, TOKEN_EXCHANGE
+from aegis.types import AgentStatus, ClientAuthMethod
+
+pytestmark = pytest.mark.slow
+SCOPES = ("payments:read", "payments:write")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    with run_server(tmp_path_factory.mktemp("delegation")) as srv:
+        yield srv
+
+
+class Agent:
+    def __init__(self, srv: RunningServer, name: str, tenant: str = "acme") -> None:
+        self.srv, self.key = srv, Ed25519SigningKey.generate()
+        self.id = f"{name}-{new_id(4).lower().replace('_', 'x').replace('-', 'x')}"
+        srv.services.registry.register_agent(
+            AgentSpec(self.id, tenant, "prod", "owner@example.com", allowed_scopes=SCOPES,
+                      jwks=(self.key.public.to_jwk(),)),
+            actor="test",
+        )  # fmt: skip
+        client, _ = srv.services.registry.create_client(
+            self.id, auth_method=ClientAuthMethod.PRIVATE_KEY_JWT, actor="test"
+        )
+        self.client_id = client.client_id
+        self.links: list[str] = []
+        self.token: AccessToken | None = None
+
+    def grant(self, child: Agent, **over: Any) -> str:
+        """What this agent hands to ``child``: its own chain plus a new link (the SDK's job)."""
+        args: dict[str, Any] = {"scopes": SCOPES, "tools": ("pay_invoice",), "max_depth": 3}
+        args.update(over)
+        link = mint_grant(
+            args.pop("key", self.key), parent=self.id, child=child.id, audience=self.srv.url,
+            parent_links=self.links, now=args.pop("now", time.time()), **args,
+        )  # fmt: skip
+        return CHAIN_SEPARATOR.join([*self.links, link])
+
+    def assertion(self) -> str:
+        now = int(time.time())
+        claims = {"iss": self.client_id, "sub": self.client_id, "jti": new_id(),
+                  "aud": f"{self.srv.url}/oauth/token", "iat": now, "exp": now + 60}  # fmt: skip
+        header = encode_segment({"alg": "EdDSA", "typ": "JWT", "kid": self.key.kid})
+        return sign_compact(header, claims, self.key.sign)
+
+    def exchange(self, subject_token: str, **form: str) -> httpx.Response:
+        data = {
+            "grant_type": TOKEN_EXCHANGE,
+            "subject_token": subject_token,
+            "subject_token_type": DELEGATION_GRANT,
+            "actor_token": self.assertion(),
+            "actor_token_type": JWT_TYPE,
+            **form,
+        }
+        resp = httpx.post(f"{self.srv.url}/oauth/token", data=data)
+        if resp.status_code == 200:
+            self.token = self.srv.services.verifier.verify(resp.json()["access_token"])
+            self.links = self.token.claims["parent_agent"].split(CHAIN_SEPARATOR)
+        return resp
+
+
+def gateway(srv: RunningServer, token: AccessToken | None, **kw: Any) -> Chain:
+    assert token is not None
+    exchanger = srv.services.tokens.exchanger
+    assert exchanger is not None
+    return verify_chain(
+        token, cache=srv.services.cache, rules=exchanger.rules, now=time.time(), **kw
+    )
+
+
+def refused_with(resp: httpx.Response, code: str) -> None:
+    assert resp.status_code == 400, resp.text
+    body = resp.json()
+    assert body["error"] == "invalid_request"  # RFC 8693 §2.2.2
+    assert body["error_description"].endswith(f"({code})"), body
+
+
+def test_orchestrator_finance_payments_allowed(server: RunningServer) -> None:
+    orch, fin, pay = (Agent(server, n) for n in ("orchestrator", "finance", "payments"))
+    resp = fin.exchange(orch.grant(fin), scope="payments:write payments:read")
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["issued_token_type"] == "urn:ietf:params:oauth:token-type:access_token"
+    assert body["token_type"] == "Bearer"
+    assert resp.headers["cache-control"] == "no-store"
+    assert pay.exchange(fin.grant(pay, scopes=("payments:write",), max_depth=2)).status_code == 200
+    assert pay.token is not None
+    assert pay.token.scopes == ("payments:write",)
+    assert pay.token.claims["act"] == {
+        "sub": pay.id, "act": {"sub": fin.id, "act": {"sub": orch.id}}
+    }  # fmt: skip
+    chain = gateway(server, pay.token, tool="pay_invoice")
+    assert chain.policy_input() == {
+        "agents": [orch.id, fin.id, pay.id], "parent": fin.id, "depth": 2, "origin_user": None
+    }  # fmt: skip
+    meta = httpx.get(f"{server.url}/.well-known/oauth-authorization-server").json()
+    assert TOKEN_EXCHANGE in meta["grant_types_supported"]
+
+
+def test_each_refusal_has_its_own_code(server: RunningServer) -> None:
+    orch, fin, pay = (Agent(server, n) for n in ("orchestrator", "finance", "payments"))
+    intruder, foreign = Agent(server, "intruder"), Agent(server, "foreign", tenant="globex")
+    assert fin.exchange(orch.grant(fin)).status_code == 200
+    refused_with(
+        pay.exchange(fin.grant(pay, key=intruder.key, max_depth=1)), "parent_signature_invalid"
+    )
+    refused_with(pay.exchange(fin.grant(pay, now=time.time() - 400, max_depth=1)), "parent_expired")
+    grant = fin.grant(pay, max_depth=1)
+    assert pay.exchange(grant).status_code == 200
+    refused_with(pay.exchange(grant), "grant_replayed")
+    refused_with(pay.exchange(fin.grant(pay, scopes=("payments:write", "admin:all"), max_depth=1)),
+                 "scope_widened")  # fmt: skip
+    refused_with(orch.exchange(pay.grant(orch, max_depth=0)), "delegation_cycle")
+    refused_with(foreign.exchange(fin.grant(foreign, max_depth=1)), "tenant_mismatch")
+
+
+def test_depth_over_the_limit(server: RunningServer) -> None:
+    hops = [Agent(server, f"hop{i}") for i in range(6)]
+    for i in range(4):
+        resp = hops[i + 1].exchange(hops[i].grant(hops[i + 1], max_depth=8 - i))
+        assert resp.status_code == 200, resp.text
+    assert gateway(server, hops[4].token).depth == 4
+    refused_with(hops[5].exchange(hops[4].grant(hops[5], max_depth=0)), "delegation_too_deep")
+
+
+def test_parent_retired_in_the_middle_of_the_chain(server: RunningServer) -> None:
+    orch, fin, pay, ledger = (Agent(server, n) for n in ("orch", "finance", "payments", "ledger"))
+    assert fin.exchange(orch.grant(fin)).status_code == 200
+    assert pay.exchange(fin.grant(pay, max_depth=2)).status_code == 200
+    next_grant = pay.grant(ledger, max_depth=1)
+    server.services.registry.set_agent_status(fin.id, AgentStatus.RETIRED, actor="test")
+    time.sleep(server.config.stores.registry_cache_ttl + 0.05)
+    refused_with(ledger.exchange(next_grant), "parent_inactive")
+    with pytest.raises(AegisError) as exc:
+        gateway(server, pay.token)
+    assert exc.value.code == "parent_inactive"
+    assert [link["sub"] for link in exc.value.details["chain"]] == [fin.id, pay.id]
+
+
+def test_forged_nested_act_grants_nothing(server: RunningServer) -> None:
+    orch, fin, pay = (Agent(server, n) for n in ("orchestrator", "finance", "payments"))
+    assert fin.exchange(orch.grant(fin)).status_code == 200
+    forged_grant = fin.grant(pay, max_depth=1, extra={"act": {"sub": "root-admin"}})
+    assert pay.exchange(forged_grant).status_code == 200
+    assert pay.token is not None
+    assert pay.token.claims["act"]["act"] == {"sub": fin.id, "act": {"sub": orch.id}}
+    honest = gateway(server, pay.token)
+    c = pay.token.claims
+    reissued = server.services.issuer.issue(
+        agent_id=c["sub"], client_id=c["client_id"], tenant=c["tenant"], env=c["env"],
+        scopes=pay.token.scopes, audience=(c["aud"],), lifetime=60,
+        extra={**{k: c[k] for k in ("parent_agent", "delegation_depth", "tools")},
+               "act": {"sub": pay.id, "act": {"sub": "root-admin", "act": {"sub": "ceo"}}}},
+    )  # fmt: skip
+    forged = gateway(server, server.services.verifier.verify(reissued.token))
+    assert (forged.agents, forged.parent, forged.depth) == (
+        honest.agents, honest.parent, honest.depth
+    )  # fmt: skip
+    assert "root-admin" not in forged.agents

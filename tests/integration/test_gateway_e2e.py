@@ -1,0 +1,406 @@
+"""The gateway end to end over real HTTP on loopback: control plane, gateway and tool server each in
+its own uvicorn server. A DPoP agent gets a token and calls the payments tool; then each attack or
+outage is refused with its own code, evidenced by an audit record, a span and a counter."""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from tests.gateway.harness import AgentClient, Upstream, serve
+from tests.support.server import RunningServer, free_port, run_server
+
+from aegis.audit.log import AuditLog
+from aegis.clock import FrozenClock
+from aegis.config import GatewaySettings
+from aegis.crypto.jws import sign_compact
+from aegis.crypto.keys import Ed25519SigningKey
+from aegis.gateway.app import build_pipeline, create_gateway_app
+from aegis.policy.loader import load_document
+from aegis.policy.store import MemoryPolicyStore
+from aegis.stores import open_replay_store
+from aegis.telemetry import names
+from aegis.telemetry.metrics import REGISTRY
+from aegis.telemetry.tracing import set_tracer_provider
+from aegis.tokens.issuer import TokenIssuer
+from aegis.types import AgentStatus
+
+pytestmark = pytest.mark.slow
+
+
+@dataclasses.dataclass
+class Stack:
+    srv: RunningServer
+    gateway: str
+    dead_gateway: str
+    upstream: Upstream
+    audit: AuditLog
+    spans: InMemorySpanExporter
+    refusals: list[str]
+    policies: MemoryPolicyStore
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    set_tracer_provider(provider)
+    upstream = Upstream()
+    with run_server(tmp_path_factory.mktemp("gateway")) as srv, serve(upstream.app) as up:
+        gw_port = free_port()
+        settings = GatewaySettings.model_validate(
+            {
+                "port": gw_port,
+                "routes": [
+                    {"path_prefix": "/payments", "upstream": up, "tool": "payments",
+                     "tenant": "acme", "env": "prod"},
+                    {"path_prefix": "/crm", "upstream": up, "tool": "crm",
+                     "tenant": "acme", "env": "prod"},
+                ],
+                "allow": [{"tool": "payments"}],
+                "upstream_timeout": 1.0,
+                "policy_poll_interval": 0.05,
+            }
+        )  # fmt: skip
+        audit = AuditLog(srv.config.database_url(), clock=srv.services.clock)
+        policies = MemoryPolicyStore()
+        pipeline = build_pipeline(srv.services, settings, policy_store=policies, audit=audit)
+        dead = dataclasses.replace(
+            srv.services,
+            replay=open_replay_store("redis://127.0.0.1:1", clock=srv.services.clock),
+            extras={},
+        )
+        dead_pipeline = build_pipeline(
+            dead, settings, policy_store=MemoryPolicyStore(), audit=audit
+        )
+        with (
+            serve(create_gateway_app(srv.services, settings, pipeline=pipeline), gw_port) as gw,
+            serve(create_gateway_app(dead, settings, pipeline=dead_pipeline)) as dead_gw,
+        ):
+            yield Stack(srv, gw, dead_gw, upstream, audit, exporter, [], policies)
+    set_tracer_provider(None)
+
+
+def call(
+    stack: Stack, agent: AgentClient, token: str, base: str | None = None, **kw: Any
+) -> httpx.Response:
+    url = f"{base or stack.gateway}/payments/charge"
+    resp = httpx.post(url, json={"amount": 12}, headers=agent.headers(token, "POST", url, **kw))
+    if resp.status_code != 200:
+        stack.refusals.append(resp.headers["x-aegis-decision-id"])
+    return resp
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels or None) or 0.0
+
+
+def test_dpop_agent_calls_payments_and_upstream_sees_identity(stack: Stack) -> None:
+    agent = AgentClient(stack.srv, "payer")
+    token = agent.access_token()
+    resp = call(stack, agent, token)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["ok"] is True
+    seen = stack.upstream.seen[-1]["headers"]
+    assert seen["x-aegis-agent-id"] == agent.id
+    assert seen["x-aegis-tenant"] == "acme"
+    assert seen["x-aegis-decision-id"] == resp.headers["x-aegis-decision-id"]
+    assert seen["x-aegis-attestation"] == resp.headers["x-aegis-attestation"]
+    assert "authorization" not in seen and "dpop" not in seen
+
+
+def test_forged_identity_headers_are_stripped(stack: Stack) -> None:
+    agent = AgentClient(stack.srv, "forger")
+    token = agent.access_token()
+    url = f"{stack.gateway}/payments/charge"
+    headers = {
+        **agent.headers(token, "POST", url),
+        "x-aegis-agent-id": "admin",
+        "Connection": "x-secret",
+        "x-secret": "1",
+    }
+    resp = httpx.post(url, json={}, headers=headers)
+    assert resp.status_code == 200
+    seen = stack.upstream.seen[-1]["headers"]
+    assert seen["x-aegis-agent-id"] == agent.id
+    assert "x-secret" not in seen
+
+
+def test_replayed_proof_is_refused(stack: Stack) -> None:
+    agent = AgentClient(stack.srv, "replayer")
+    token = agent.access_token()
+    url = f"{stack.gateway}/payments/charge"
+    headers = agent.headers(token, "POST", url)
+    before = metric("aegis_replay_attempts_total")
+    assert httpx.post(url, json={}, headers=headers).status_code == 200
+    again = httpx.post(url, json={}, headers=headers)
+    stack.refusals.append(again.headers["x-aegis-decision-id"])
+    assert again.status_code == 401
+    assert again.json()["code"] == "replay_detected"
+    assert again.headers["www-authenticate"].startswith('DPoP error="invalid_token"')
+    assert metric("aegis_replay_attempts_total") == before + 1
+
+
+def test_expired_token_is_refused(stack: Stack) -> None:
+    agent = AgentClient(stack.srv, "late")
+    svc = stack.srv.services
+    past = TokenIssuer(
+        svc.keyring, issuer=stack.srv.config.issuer, clock=FrozenClock(time.time() - 3600)
+    )
+    from tests.gateway.helpers import jkt_of
+
+    token = past.issue(
+        agent_id=agent.id, client_id=agent.client_id, tenant="acme", env="prod",
+        scopes=("payments:write",), audience=("aegis-gateway",), lifetime=300,
+        cnf={"jkt": jkt_of(agent.key)},
+    ).token  # fmt: skip
+    before = metric("aegis_expired_token_rejections_total")
+    resp = call(stack, agent, token)
+    assert resp.status_code == 401
+    assert resp.json()["code"] == "token_expired"
+    assert metric("aegis_expired_token_rejections_total") == before + 1
+
+
+def test_token_signed_by_swapped_key_ring_is_refused_and_traced(stack: Stack) -> None:
+    agent = AgentClient(stack.srv, "swapped")
+    head, payload, _ = agent.access_token().split(".")
+    import json
+
+    from aegis.crypto.keys import b64u_decode
+
+    forged = sign_compact(head, json.loads(b64u_decode(payload)), Ed25519SigningKey.generate().sign)
+    before = metric("aegis_failed_signature_verifications_total")
+    stack.spans.clear()
+    resp = call(stack, agent, forged)
+    assert resp.status_code == 401
+    assert resp.json()["code"] == "invalid_signature"
+    assert metric("aegis_failed_signature_verifications_total") == before + 1
+    spans = [s for s in stack.spans.get_finished_spans() if s.name == names.SPAN_GATEWAY_DECIDE]
+    assert spans, "no decision span"
+    attrs = spans[-1].attributes or {}
+    assert attrs[names.VERIFICATION_RESULT] is False
+    assert attrs[names.DECISION] == "deny"
+    assert attrs[names.DECISION_ID] == resp.headers["x-aegis-decision-id"]
+
+
+def test_suspended_agent_is_refused_within_one_second(stack: Stack) -> None:
+    agent = AgentClient(stack.srv, "suspended")
+    token = agent.access_token()
+    assert call(stack, agent, token).status_code == 200
+    stack.srv.services.registry.set_agent_status(agent.id, AgentStatus.SUSPENDED, actor="test")
+    started = time.monotonic()
+    while True:
+        resp = call(stack, agent, token)
+        if resp.status_code != 200 or time.monotonic() - started > 1.0:
+            break
+        time.sleep(0.05)
+    assert time.monotonic() - started <= 1.0
+    assert resp.status_code in (401, 403)
+    assert resp.json()["code"] in ("agent_inactive", "token_revoked")
+
+
+def test_dead_replay_store_fails_closed(stack: Stack) -> None:
+    agent = AgentClient(stack.srv, "outage")
+    token = agent.access_token()
+    for _ in range(3):
+        resp = call(stack, agent, token, base=stack.dead_gateway)
+        assert resp.status_code == 503, resp.text
+        assert resp.json()["code"] == "replay_store_unavailable"
+        assert resp.headers["retry-after"] == "1"
+
+
+def test_upstream_timeout_is_504(stack: Stack) -> None:
+    agent = AgentClient(stack.srv, "slow")
+    token = agent.access_token()
+    url = f"{stack.gateway}/payments/slow"
+    resp = httpx.post(url, json={}, headers=agent.headers(token, "POST", url), timeout=10)
+    assert resp.status_code == 504
+    assert resp.json()["error"] == "upstream_timeout"
+
+
+def test_oversized_body_is_413_and_audited(stack: Stack) -> None:
+    agent = AgentClient(stack.srv, "big")
+    token = agent.access_token()
+    url = f"{stack.gateway}/payments/charge"
+    resp = httpx.post(
+        url, content=b"x" * (2 * 1024 * 1024), headers=agent.headers(token, "POST", url)
+    )
+    assert resp.status_code == 413
+    assert resp.json()["code"] == "payload_too_large"
+    stack.refusals.append(resp.headers["x-aegis-decision-id"])
+
+
+def test_metrics_and_health(stack: Stack) -> None:
+    assert httpx.get(f"{stack.gateway}/healthz").json() == {"status": "ok"}
+    not_found = {"action": "deny", "reason": "not_found"}
+    before = metric("aegis_decisions_total", **not_found)
+    assert httpx.get(f"{stack.gateway}/nowhere").status_code == 404
+    assert metric("aegis_decisions_total", **not_found) == before + 1
+    text = httpx.get(f"{stack.gateway}/metrics").text
+    assert 'aegis_decisions_total{action="allow",reason="ok"}' in text
+    assert "aegis_pipeline_step_seconds_bucket" in text
+    assert 'aegis_decisions_total{action="deny",reason="not_found"}' in text
+
+
+def test_large_binary_body_is_streamed_through_intact(stack: Stack) -> None:
+    agent = AgentClient(stack.srv, "uploader")
+    token = agent.access_token()
+    url = f"{stack.gateway}/payments/upload"
+    payload = bytes(range(256)) * 800  # 200 KiB, above policy_body_bytes
+    headers = {**agent.headers(token, "POST", url), "content-type": "application/octet-stream"}
+    resp = httpx.post(url, content=payload, headers=headers)
+    assert resp.status_code == 200, resp.text
+    assert stack.upstream.seen[-1]["body"] == payload
+    record = next(
+        r for r in stack.audit.records(kind="gateway.decision")
+        if r["decision_id"] == resp.headers["x-aegis-decision-id"]
+    )  # fmt: skip
+    assert record["action"] == "allow" and record["request_digest"].startswith("sha256:")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/payments/../crm/lookup",
+        "/payments/%2e%2e/crm/lookup",
+        "/payments/%2E%2e/crm/lookup",
+        "/payments%2F..%2Fcrm/lookup",
+        "/payments/./../crm/lookup",
+        "/payments/..%5Ccrm/lookup",
+        "/payments/%252e%252e/crm/lookup",
+    ],
+)
+def test_dot_segments_cannot_reach_another_route(stack: Stack, path: str) -> None:
+    """The route and tool are decided on the path; a path the upstream would read as another
+    route's (dot segments, encoded separators) is refused, never forwarded under the wrong tool."""
+    agent = AgentClient(stack.srv, "walker")
+    token = agent.access_token()
+    url = f"{stack.gateway}{path}"
+    seen = len(stack.upstream.seen)
+    host, port = stack.gateway.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:  # http.client sends the path as written (httpx would remove the dot segments)
+        conn.request("POST", path, body=b"{}", headers={
+            **agent.headers(token, "POST", url), "content-type": "application/json"})  # fmt: skip
+        resp = conn.getresponse()
+        status, body, decision = (
+            resp.status,
+            json.loads(resp.read()),
+            resp.getheader("x-aegis-decision-id"),
+        )
+    finally:
+        conn.close()
+    assert status == 400, body
+    assert body["code"] == "invalid_request"
+    assert len(stack.upstream.seen) == seen
+    assert decision is not None
+    stack.refusals.append(decision)
+
+
+def test_encoded_path_is_forwarded_as_sent(stack: Stack) -> None:
+    agent = AgentClient(stack.srv, "encoder")
+    token = agent.access_token()
+    url = f"{stack.gateway}/payments/a%20b%3Fc?q=1"
+    resp = httpx.post(url, json={}, headers=agent.headers(token, "POST", url))
+    assert resp.status_code == 200, resp.text
+    seen = stack.upstream.seen[-1]
+    assert seen["raw_path"] == b"/payments/a%20b%3Fc"  # byte for byte: %3F is not a query
+    assert seen["query"] == "q=1"
+
+
+SANITIZE = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: e2e}
+spec:
+  rules:
+    - {id: pay, action: allow, reason: payments allowed, match: {tools: [payments]}}
+    - id: crm-sanitize
+      action: sanitize
+      reason: crm calls are sanitized
+      match: {tools: [crm]}
+      obligations:
+        - {kind: redact, target: request, path: ssn}
+        - {kind: drop_header, target: request, header: x-internal}
+        - {kind: mask, target: response, pattern: card_number}
+"""
+
+
+def test_sanitize_policy_rewrites_request_and_response(stack: Stack) -> None:
+    version = stack.policies.put(load_document(SANITIZE), now=time.time())
+    stack.policies.activate("acme", "prod", version, actor="test", now=time.time())
+    time.sleep(0.1)  # one poll interval
+    agent = AgentClient(stack.srv, "crm")
+    token = agent.access_token()
+    url = f"{stack.gateway}/crm/lookup"
+    headers = {**agent.headers(token, "POST", url), "x-internal": "secret"}
+    resp = httpx.post(url, json={"name": "ann", "ssn": "123-45-6789"}, headers=headers)
+    assert resp.status_code == 200, resp.text
+    seen = stack.upstream.seen[-1]
+    assert b"123-45-6789" not in seen["body"] and b"ann" in seen["body"]
+    assert "x-internal" not in seen["headers"]
+    assert "4111 1111 1111 1111" not in resp.text
+    record = next(
+        r for r in stack.audit.records(kind="gateway.decision")
+        if r["decision_id"] == resp.headers["x-aegis-decision-id"]
+    )  # fmt: skip
+    assert record["action"] == "sanitize" and record["policy_version"] == version
+
+
+BODY_CAP = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: body-cap}
+spec:
+  rules:
+    - {id: pay, action: allow, reason: payments allowed, match: {tools: [payments]}}
+    - {id: cap, action: deny, reason: over the cap, match: {tools: [payments]},
+       when: {path: request.body.amount, gt: 1000}}
+"""
+
+
+def test_a_body_rule_cannot_be_dodged_by_padding_or_content_type(stack: Stack) -> None:
+    """A deny rule on the body does not fire for a body policy never saw, so the gateway shows
+    policy every body it reads (whatever its size within the limit) and refuses the rest."""
+    version = stack.policies.put(load_document(BODY_CAP), now=time.time())
+    stack.policies.activate("acme", "prod", version, actor="test", now=time.time())
+    time.sleep(0.1)  # one poll interval
+    agent = AgentClient(stack.srv, "padder")
+    token = agent.access_token()
+    url = f"{stack.gateway}/payments/charge"
+
+    def send(content: bytes, ctype: str) -> httpx.Response:
+        headers = {**agent.headers(token, "POST", url), "content-type": ctype}
+        resp = httpx.post(url, content=content, headers=headers)
+        if resp.status_code != 200:
+            stack.refusals.append(resp.headers["x-aegis-decision-id"])
+        return resp
+
+    big = json.dumps({"amount": 5000, "pad": "x" * 200_000}).encode()  # > policy_body_bytes
+    assert send(big, "application/json").json()["code"] == "access_denied"
+    resp = send(b'{"amount": 5000}', "text/plain")
+    assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request")
+    assert send(b'{"amount": 5000}', "application/json").json()["code"] == "access_denied"
+    assert send(b'{"amount": 5}', "application/json").status_code == 200
+
+
+def test_audit_chain_verifies_and_every_refusal_is_recorded(stack: Stack) -> None:
+    report = stack.audit.verify_chain()
+    assert report.ok, report
+    assert report.records >= len(stack.refusals) > 5
+    recorded = {r["decision_id"]: r for r in stack.audit.records(kind="gateway.decision")}
+    for decision_id in stack.refusals:
+        assert decision_id in recorded
+        assert recorded[decision_id]["action"] != "allow"
+    dumped = " ".join(str(r) for r in recorded.values())
+    assert "Authorization" not in dumped and "DPoP " not in dumped

@@ -1,0 +1,117 @@
+"""``aegis init`` and ``aegis up`` as real processes, driven by the CLI while the server runs.
+
+The CLI writes to the database the server reads: a client created by ``aegis clients create`` gets
+a token at once, and an agent suspended by ``aegis agents suspend`` has its token refused by
+introspection within a second. SIGTERM stops the server cleanly (exit status 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from tests.support.server import free_port
+
+pytestmark = pytest.mark.slow
+
+AEGIS = [sys.executable, "-m", "aegis.cli.main"]
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("AEGIS_")}
+
+
+def aegis(cwd: Path, *args: str) -> Any:
+    """Run one CLI command to completion; return its JSON output."""
+    done = subprocess.run(
+        [*AEGIS, *args, "--json"], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[str, Path, str]]:
+    made = aegis(tmp_path, "init")
+    port = free_port()
+    log = (tmp_path / "up.out").open("w")
+    proc = subprocess.Popen(
+        [*AEGIS, "up", "--port", str(port)],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.poll() is None, (tmp_path / "up.out").read_text()
+            try:
+                if httpx.get(f"{url}/readyz", timeout=0.5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "aegis up was not ready within 20 s"
+            time.sleep(0.05)
+        yield url, tmp_path, made["admin_key"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0, (tmp_path / "up.out").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+def test_cli_changes_reach_the_running_server(server: tuple[str, Path, str]) -> None:
+    url, directory, admin_key = server
+    agent = aegis(
+        directory,
+        *("agents", "register", "finance-agent", "--tenant", "acme", "--env", "prod"),
+        *("--owner", "alice@example.com", "--scope", "payments:write"),
+    )
+    assert agent["status"] == "active"
+    client = aegis(directory, "clients", "create", "finance-agent")
+    client_id, secret = client["client_id"], client["client_secret"]
+
+    with httpx.Client(base_url=url, timeout=5) as http:
+        issued = http.post(
+            "/oauth/token", data={"grant_type": "client_credentials"}, auth=(client_id, secret)
+        )
+        assert issued.status_code == 200, issued.text
+        token = issued.json()["access_token"]
+        assert issued.json()["scope"] == "payments:write"
+
+        def introspect() -> dict[str, Any]:
+            answer = http.post(
+                "/oauth/introspect",
+                data={"token": token},
+                headers={"Authorization": f"Bearer {admin_key}"},
+            )
+            assert answer.status_code == 200, answer.text
+            body: dict[str, Any] = answer.json()
+            return body
+
+        assert introspect()["active"] is True
+        listed = http.get("/v1/admin/agents", headers={"Authorization": f"Bearer {admin_key}"})
+        assert [a["id"] for a in listed.json()["items"]] == ["finance-agent"]
+
+        aegis(directory, "agents", "suspend", "finance-agent", "--reason", "integration test")
+        suspended_at = time.monotonic()
+        while (answer := introspect()) != {"active": False}:
+            assert time.monotonic() - suspended_at < 1.0, answer
+            time.sleep(0.05)
+
+    out = (directory / "up.out").read_text()
+    assert secret not in out and admin_key not in out  # the server prints no secret
+    assert f"{url}/oauth/token" in out
