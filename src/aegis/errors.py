@@ -10,6 +10,7 @@
      │    └── ReplayDetected        a single-use proof was seen before
      ├── AccessDenied               authenticated, but not permitted (403)
      ├── PolicyError                a policy document or evaluation failed (deny, never allow)
+     ├── EvidenceError              audit evidence (export, proof, checkpoint) does not verify
      └── Unavailable                a dependency is down: a denial with a ``*_unavailable`` code
 
 Every instance carries a stable ``code``; :data:`CODES` maps the code to its HTTP status, the OAuth
@@ -30,6 +31,7 @@ __all__ = [
     "ConfigError",
     "Conflict",
     "ErrorSpec",
+    "EvidenceError",
     "GrantError",
     "InvalidRequest",
     "NotFound",
@@ -134,6 +136,9 @@ CODES: dict[str, ErrorSpec] = {
     "key_store_unavailable": _S(503, "temporarily_unavailable", retryable=True),
     "policy_unavailable": _S(503, "temporarily_unavailable", retryable=True),
     "audit_unavailable": _S(503, "temporarily_unavailable", retryable=True),
+    # audit evidence: exports, Merkle proofs and signed checkpoints (docs/audit.md)
+    "evidence_invalid": _S(422, "invalid_request"),
+    "invalid_proof": _S(422, "invalid_request"),
     "server_error": _S(500, "server_error"),
 }
 
@@ -226,6 +231,12 @@ class PolicyError(AegisError):
     """A policy could not be loaded or evaluated. At run time this is a deny, never an allow."""
 
     default_code = "policy_error"
+
+
+class EvidenceError(AegisError):
+    """Audit evidence does not verify: a damaged export, a bad proof, a forged checkpoint."""
+
+    default_code = "evidence_invalid"
 
 
 class Unavailable(AegisError):
