@@ -6,18 +6,27 @@ gateway would (``verify_chain``); then each refusal, each with its own stable co
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from tests.support.server import RunningServer, run_server
 
+from aegis.audit.log import AuditLog
 from aegis.clock import new_id
+from aegis.config import GatewaySettings
 from aegis.crypto.jws import encode_segment, sign_compact
 from aegis.crypto.keys import Ed25519SigningKey
 from aegis.errors import AegisError
+from aegis.gateway.app import build_pipeline
+from aegis.gateway.context import CallContext, Route
+from aegis.gateway.pipeline import Pipeline
+from aegis.policy.loader import load_document
+from aegis.policy.store import MemoryPolicyStore
 from aegis.registry.service import AgentSpec
 from aegis.tokens.chain import Chain, verify_chain
 from aegis.tokens.claims import AccessToken
@@ -29,9 +38,15 @@ pytestmark = pytest.mark.slow
 SCOPES = ("payments:read", "payments:write")
 
 
+USER_ISS = "https://login.example"
+USER_KEY = Ed25519SigningKey.generate()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    with run_server(tmp_path_factory.mktemp("delegation")) as srv:
+    jwks = json.dumps({"keys": [USER_KEY.public.to_jwk()]})
+    trust = f"delegation:\n  external_issuers:\n    - {{issuer: {USER_ISS}, tenant: acme, jwks: {jwks}}}\n"
+    with run_server(tmp_path_factory.mktemp("delegation"), trust) as srv:
         yield srv
 
 
@@ -50,6 +65,7 @@ class Agent:
         self.client_id = client.client_id
         self.links: list[str] = []
         self.token: AccessToken | None = None
+        self.raw = ""
 
     def grant(self, child: Agent, **over: Any) -> str:
         """What this agent hands to ``child``: its own chain plus a new link (the SDK's job)."""
@@ -72,14 +88,15 @@ class Agent:
         data = {
             "grant_type": TOKEN_EXCHANGE,
             "subject_token": subject_token,
-            "subject_token_type": DELEGATION_GRANT,
+            "subject_token_type": form.pop("subject_token_type", DELEGATION_GRANT),
             "actor_token": self.assertion(),
             "actor_token_type": JWT_TYPE,
             **form,
         }
         resp = httpx.post(f"{self.srv.url}/oauth/token", data=data)
         if resp.status_code == 200:
-            self.token = self.srv.services.verifier.verify(resp.json()["access_token"])
+            self.raw = resp.json()["access_token"]
+            self.token = self.srv.services.verifier.verify(self.raw)
             self.links = self.token.claims["parent_agent"].split(CHAIN_SEPARATOR)
         return resp
 
@@ -182,3 +199,143 @@ def test_forged_nested_act_grants_nothing(server: RunningServer) -> None:
         honest.agents, honest.parent, honest.depth
     )  # fmt: skip
     assert "root-admin" not in forged.agents
+
+
+# -- through the gateway pipeline: policy on the chain, audit of every record ----------------------
+
+PAY_ROUTE = Route("/pay", "http://127.0.0.1:9", "pay_invoice", "acme", "prod", allow_bearer=True)
+
+
+class Gateway:
+    """The real decision pipeline over the running control plane's services, with one policy."""
+
+    def __init__(self, srv: RunningServer, tmp_path: Path, rules: str) -> None:
+        self.audit = AuditLog(f"sqlite:///{tmp_path / 'audit.db'}", clock=srv.services.clock)
+        store = MemoryPolicyStore()
+        doc = load_document(
+            "apiVersion: aegis/v1\nkind: Policy\nmetadata: {name: chain}\nspec:\n  rules:\n" + rules
+        )
+        store.activate("acme", "prod", store.put(doc, now=0), actor="test", now=0)
+        settings = GatewaySettings.model_validate({"policy_poll_interval": 0.001})
+        self.pipeline: Pipeline = build_pipeline(
+            srv.services, settings, policy_store=store, audit=self.audit
+        )
+
+    async def call(self, agent: Agent) -> tuple[str | None, dict[str, Any]]:
+        ctx = CallContext(
+            method="POST", url="https://gw.example/pay/x", host="gw.example", path="/pay/x",
+            route=PAY_ROUTE, headers=(("authorization", f"Bearer {agent.raw}"),),
+        )  # fmt: skip
+        result = await self.pipeline.run(ctx)
+        [record] = [
+            r for r in self.audit.records(kind="gateway.decision")
+            if r["decision_id"] == result.decision_id
+        ]  # fmt: skip
+        return (None if result.allowed else result.code), record
+
+
+def own_token(agent: Agent) -> None:
+    """A plain client_credentials token: the agent acting on its own authority, no parent."""
+    resp = httpx.post(
+        f"{agent.srv.url}/oauth/token",
+        data={
+            "grant_type": "client_credentials",
+            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            "client_assertion": agent.assertion(),
+            "scope": "payments:write",
+        },
+    )
+    assert resp.status_code == 200, resp.text
+    agent.raw = resp.json()["access_token"]
+
+
+async def test_policy_requires_a_parent_and_restricts_the_edge(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    orch, fin, pay = (Agent(server, n) for n in ("orchestrator", "finance", "payments"))
+    gw = Gateway(server, tmp_path, f"""
+    - id: pay-only-via-finance
+      action: allow
+      match: {{tools: [pay_invoice], agent: {{ids: [{pay.id}]}}, chain: {{parents: [{fin.id}]}}}}
+""")  # fmt: skip
+    assert fin.exchange(orch.grant(fin)).status_code == 200
+    assert pay.exchange(fin.grant(pay, max_depth=1)).status_code == 200
+    code, record = await gw.call(pay)
+    assert code is None, record
+    assert record["chain"] == [orch.id, fin.id, pay.id]
+    assert record["rule_ids"] == ["pay-only-via-finance"]
+    # The same agent with no parent at all: the policy requires one, default deny.
+    own_token(pay)
+    code, record = await gw.call(pay)
+    assert (code, record["chain"]) == ("access_denied", [pay.id])
+    # A parent the policy does not allow for this child (orchestrator -> payments directly).
+    direct = Agent(server, "payments")
+    assert direct.exchange(orch.grant(direct)).status_code == 200
+    (tmp_path / "direct").mkdir()
+    gw2 = Gateway(server, tmp_path / "direct", f"""
+    - id: pay-only-via-finance
+      action: allow
+      match: {{tools: [pay_invoice], agent: {{ids: [{direct.id}]}}, chain: {{parents: [{fin.id}]}}}}
+""")  # fmt: skip
+    code, record = await gw2.call(direct)
+    assert (code, record["chain"]) == ("access_denied", [orch.id, direct.id])
+
+
+def signed_user_token(srv: RunningServer, sub: str, actor: str) -> str:
+    """An end user's token from the configured external issuer, naming ``actor`` in may_act."""
+    now = int(time.time())
+    claims = {"iss": USER_ISS, "sub": sub, "aud": srv.url, "iat": now, "exp": now + 300,
+              "jti": new_id(), "scope": " ".join(SCOPES), "may_act": {"sub": actor}}  # fmt: skip
+    header = encode_segment({"alg": "EdDSA", "typ": "JWT", "kid": USER_KEY.kid})
+    return sign_compact(header, claims, USER_KEY.sign)
+
+
+async def test_origin_user_reaches_policy_and_every_audit_record(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    fin, pay = Agent(server, "finance"), Agent(server, "payments")
+    gw = Gateway(server, tmp_path, """
+    - id: alice-may-pay
+      action: allow
+      match: {tools: [pay_invoice], chain: {origin_users: [alice@example.com]}}
+""")  # fmt: skip
+    resp = fin.exchange(signed_user_token(server, "alice@example.com", fin.id),
+                        subject_token_type=JWT_TYPE)  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    assert pay.exchange(fin.grant(pay, max_depth=1)).status_code == 200
+    for agent in (fin, pay):
+        code, record = await gw.call(agent)
+        assert (code, record["origin_user"]) == (None, "alice@example.com"), record
+    # Another user behind the same agents: the policy sees who, refuses, and the record says who.
+    mallory = Agent(server, "payments")
+    fin2 = Agent(server, "finance")
+    resp = fin2.exchange(signed_user_token(server, "mallory@example.com", fin2.id),
+                         subject_token_type=JWT_TYPE)  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    assert mallory.exchange(fin2.grant(mallory, max_depth=1)).status_code == 200
+    code, record = await gw.call(mallory)
+    assert (code, record["origin_user"]) == ("access_denied", "mallory@example.com")
+
+
+async def test_a_refused_chain_is_audited_as_presented(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    orch, fin, pay = (Agent(server, n) for n in ("orch", "finance", "payments"))
+    gw = Gateway(server, tmp_path, """
+    - id: any-delegated
+      action: allow
+      match: {tools: [pay_invoice], chain: {min_depth: 1}}
+""")  # fmt: skip
+    assert fin.exchange(orch.grant(fin)).status_code == 200
+    assert pay.exchange(fin.grant(pay, max_depth=1)).status_code == 200
+    assert (await gw.call(pay))[0] is None
+    server.services.registry.set_agent_status(fin.id, AgentStatus.RETIRED, actor="test")
+    time.sleep(server.config.stores.registry_cache_ttl + 0.05)
+    code, record = await gw.call(pay)
+    assert (code, record["action"]) == ("parent_inactive", "deny")
+    presented = record["chain_presented"]
+    assert [(link["iss"], link["sub"]) for link in presented] == [
+        (orch.id, fin.id), (fin.id, pay.id)
+    ]  # fmt: skip
+    assert all(link["jti"] for link in presented)
+    assert record["agent_id"] == pay.id

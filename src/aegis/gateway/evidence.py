@@ -141,6 +141,7 @@ def audit_record(
         "path": ctx.path,
         "client": ctx.client,
         "peer": ctx.peer.spiffe_id if ctx.peer is not None else None,
+        "peer_serial": ctx.peer.serial if ctx.peer is not None else None,
         "agent_id": facts.agent_id,
         "client_id": token.client_id if token is not None else None,
         "token_jti": token.jti if token is not None else None,
@@ -149,6 +150,12 @@ def audit_record(
         "verified": facts.verified,
         "jti_seen": facts.jti_seen,
         "chain": list(facts.chain),
+        # The end user the chain acts for: the verified token's claim (the token service set it
+        # from the verified chain, and step 6 checks they agree), so every record of the chain,
+        # allowed or refused, names the human behind it.
+        "origin_user": token.claims.get("origin_user") if token is not None else None,
+        # A refused chain is audited as it was presented (issuer, subject, jti, scope per link).
+        "chain_presented": facts.error.details.get("chain") if facts.error is not None else None,
         "action": result.action,
         "status": result.status,
         "code": result.code,
