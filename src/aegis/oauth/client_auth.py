@@ -40,6 +40,8 @@ __all__ = [
 JWT_BEARER_ASSERTION: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 #: Client assertions may be signed with the agent's Ed25519 or P-256 key.
 ASSERTION_ALGS: Final = frozenset({"EdDSA", "Ed25519", "ES256"})
+#: Longest client id used as a rate-limit key (registered ids are far shorter).
+_MAX_CLIENT_ID: Final = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +96,16 @@ def _parse_basic(header: str) -> tuple[str, str]:
     if not sep or not client_id:
         raise ClientAuthError("malformed Basic credentials", basic=True)
     return unquote_plus(client_id), unquote_plus(secret)
+
+
+def _assertion_subject(assertion: str) -> str:
+    """The unverified ``sub`` of a client assertion, or "" when there is none to read. Used only
+    as a rate-limit key; :meth:`ClientAuthenticator._check_assertion` verifies it."""
+    try:
+        sub = parse_compact(assertion).payload.get("sub")
+    except AegisError:
+        return ""
+    return sub if isinstance(sub, str) and 0 < len(sub) <= _MAX_CLIENT_ID else ""
 
 
 class ClientAuthenticator:
@@ -157,7 +169,9 @@ class ClientAuthenticator:
         else:
             if form.get("client_assertion_type") != JWT_BEARER_ASSERTION:
                 raise InvalidRequest(f"client_assertion_type must be {JWT_BEARER_ASSERTION}")
-            client_id, secret = "", ""
+            # The client an assertion names is counted before its signature is checked, so
+            # forged assertions for one client from many addresses still reach its limit.
+            client_id, secret = _assertion_subject(form.get("client_assertion", "")), ""
             method = ClientAuthMethod.PRIVATE_KEY_JWT
         keys = [f"addr:{source}"] + ([f"client:{client_id}"] if client_id else [])
         self.limiter.check(*keys)
@@ -165,7 +179,6 @@ class ClientAuthenticator:
             pending = None
             if method is ClientAuthMethod.PRIVATE_KEY_JWT:
                 client, pending = self._check_assertion(form)
-                keys.append(f"client:{client.client_id}")
             else:
                 client = self._check_secret(client_id, secret, method, form)
             auth = AuthenticatedClient(client, method, pending)
@@ -176,8 +189,11 @@ class ClientAuthenticator:
             raise
         return auth
 
-    async def consume(self, auth: AuthenticatedClient) -> AuthenticatedClient:
-        """Record the client assertion's jti; a second use is ``invalid_client``."""
+    async def consume(
+        self, auth: AuthenticatedClient, source: str | None = None
+    ) -> AuthenticatedClient:
+        """Record the client assertion's jti; a second use is ``invalid_client`` and, when
+        ``source`` is given, counts as a failure of that address and of the client."""
         if auth.pending_jti is None:
             return auth
         namespace, key, expires_at = auth.pending_jti
@@ -185,6 +201,8 @@ class ClientAuthenticator:
             await self._replay.consume(namespace, key, expires_at)
         except AegisError as exc:
             if exc.code == "replay_detected":
+                if source is not None:
+                    self.limiter.record_failure(f"addr:{source}", f"client:{auth.client.client_id}")
                 raise ClientAuthError("client assertion was already used (jti replayed)") from exc
             raise
         return AuthenticatedClient(auth.client, auth.method, None)

@@ -167,12 +167,9 @@ class OAuthEndpoints:
                 # RFC 8705 §3: bind the token to the certificate of this mutual-TLS connection.
                 req = type(req)(req.scopes, req.audiences, req.lifetime, {X5T_S256: bound})
             issued = self._tokens.client_credentials(auth.client, req)
-            # Only now, with the request fully validated, is the assertion's jti spent.
-            try:
-                await self._auth.consume(auth)
-            except ClientAuthError:
-                self._auth.limiter.record_failure(f"addr:{_client_ip(request)}")
-                raise
+            # Only now, with the request fully validated, is the assertion's jti spent; a replay
+            # counts against the address and the client.
+            await self._auth.consume(auth, _client_ip(request))
         except AegisError as exc:
             return self._error("token", exc, request)
         TOKENS_ISSUED.labels(grant_type=CLIENT_CREDENTIALS, auth_method=auth.method.value).inc()
