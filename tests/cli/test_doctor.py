@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,8 +12,12 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from aegis.cli.doctor import app, check_config, check_high_risk_rules
+from aegis.cli.doctor import app, check_config, check_high_risk_rules, rule_views
 from aegis.config import load_config
+from aegis.policy.loader import load_document
+from aegis.policy.store import SqlPolicyStore
+from aegis.registry.service import AgentSpec
+from aegis.server.services import build_services
 
 
 @dataclass(frozen=True)
@@ -70,3 +76,97 @@ def test_cli_exit_status(tmp_path: Path) -> None:
     assert "warn: token_lifetime" in strict.output
     missing = runner.invoke(app, ["--config", str(tmp_path / "nope.yaml")])
     assert missing.exit_code == 1
+
+
+POLICY = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: payments}
+spec:
+  rules:
+    - id: open-transfer
+      action: allow
+      match: {tools: [payments.transfer]}
+    - id: transfer-via-finance
+      action: allow
+      match: {tools: [payments.transfer], chain: {parents: [finance]}}
+    - id: refund-for-a-user
+      action: approval_needed
+      match: {tools: [payments.refund], chain: {origin_users: [alice@example.com]}}
+      approval: {group: finance}
+    - id: no-drops
+      action: deny
+      match: {tools: [db.drop_table]}
+    - id: trial-drop
+      action: allow
+      shadow: true
+      match: {tools: [db.drop_table]}
+    - id: read-docs
+      action: allow
+      match: {tools: [docs.read]}
+"""
+SAFE = POLICY.replace(
+    "id: open-transfer\n      action: allow", "id: open-transfer\n      action: deny"
+)
+RISKY = "delegation:\n  high_risk_tools: ['payments.*', 'db.*']\n"
+
+
+def test_policy_rules_are_read_from_documents() -> None:
+    views = {v.id: v for v in rule_views(load_document(POLICY))}
+    open_transfer = views["payments/open-transfer"]
+    assert (open_transfer.allows, open_transfer.requires_parent) == (True, False)
+    assert views["payments/transfer-via-finance"].requires_parent
+    assert views["payments/refund-for-a-user"].requires_parent
+    assert not views["payments/no-drops"].allows
+    assert not views["payments/trial-drop"].allows  # shadow rules never let a call through
+    shadow = load_document(POLICY.replace("spec:\n", "spec:\n  mode: shadow\n"))
+    [only] = rule_views(shadow)
+    assert (only.tools, only.allows, only.requires_parent) == (("*",), True, False)
+
+
+def test_a_policy_file_leaving_parent_optional_for_a_high_risk_tool_is_flagged(
+    tmp_path: Path,
+) -> None:
+    runner = CliRunner()
+    config = str(_config(tmp_path, RISKY))
+    risky, safe = tmp_path / "risky.yaml", tmp_path / "safe.yaml"
+    risky.write_text(POLICY)
+    safe.write_text(SAFE)
+    flagged = runner.invoke(app, ["--config", config, "--policy", str(risky)])
+    assert flagged.exit_code == 1, flagged.output
+    [line] = [ln for ln in flagged.output.splitlines() if "high_risk_without_parent" in ln]
+    assert "payments/open-transfer" in line and "payments.*" in line
+    ok = runner.invoke(app, ["--config", config, "--policy", str(safe)])
+    assert (ok.exit_code, ok.output.strip()) == (0, "ok: no findings")
+    as_json = runner.invoke(app, ["--config", config, "--policy", str(risky), "--json"])
+    assert as_json.exit_code == 1
+    [finding] = json.loads(as_json.stdout)["findings"]
+    assert (finding["check"], finding["subject"]) == (
+        "high_risk_without_parent",
+        "payments/open-transfer",
+    )
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("apiVersion: aegis/v1\nkind: Policy\n")
+    bad = runner.invoke(app, ["--config", config, "--policy", str(broken)])
+    assert bad.exit_code == 1
+    assert "broken.yaml" in bad.stderr
+
+
+def test_the_active_policies_in_the_database_are_checked(tmp_path: Path) -> None:
+    path = _config(tmp_path, RISKY)
+    cfg = load_config(path, environ={})
+    services = build_services(cfg)
+    services.registry.register_agent(
+        AgentSpec("payer", "acme", "prod", "owner@example.com"), actor="test"
+    )
+    store = SqlPolicyStore(cfg.database_url())
+    store.activate("acme", "prod", store.put(load_document(POLICY), now=1), actor="t", now=1)
+    runner = CliRunner()
+    flagged = runner.invoke(app, ["--config", str(path)])
+    assert flagged.exit_code == 1, flagged.output
+    assert "payments/open-transfer" in flagged.output
+    store.activate("acme", "prod", store.put(load_document(SAFE), now=2), actor="t", now=2)
+    ok = runner.invoke(app, ["--config", str(path)])
+    assert (ok.exit_code, ok.output.strip()) == (0, "ok: no findings")
+    store.close()
+    asyncio.run(services.aclose())

@@ -12,15 +12,21 @@ Checks, each a plain function returning :class:`Finding` records so tests and ot
   be reached only through an accountable parent agent.
 
 The policy check reads rules through :class:`RuleView`, the small shape it needs (rule id, the tool
-patterns it matches, whether it allows, whether it requires a parent chain); the policy model
-provides it (see docs/delegation.md).
+patterns it matches, whether it allows, whether it requires a parent chain); :func:`rule_views`
+builds them from policy documents: the files given with ``--policy``, else the version active for
+every tenant and environment in the database (see docs/delegation.md). A rule *requires a parent*
+when its ``match.chain`` names ``parents`` or ``origin_users`` or sets ``min_depth`` of at least 1;
+a shadow rule never lets a call through; a policy in shadow mode allows every call.
 
-Exit status: 1 if any finding is an error (or, with ``--strict``, a warning), else 0.
+Exit status: 1 if any finding is an error (or, with ``--strict``, a warning), else 0. ``--json``
+prints the findings as one JSON document instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,17 +36,21 @@ import typer
 
 from aegis.config import AegisConfig, load_config
 from aegis.errors import AegisError
+from aegis.policy.loader import load_file
+from aegis.policy.model import PolicyDocument
 from aegis.tokens.chain import DEFAULT_MAX_DEPTH
 from aegis.tokens.external import DelegationSettings
 
 __all__ = [
     "MAX_RECOMMENDED_LIFETIME",
     "Finding",
+    "PolicyRule",
     "RuleView",
     "app",
     "check_config",
     "check_high_risk_rules",
     "doctor",
+    "rule_views",
 ]
 
 #: Longest token lifetime the doctor accepts without a warning (seconds).
@@ -79,6 +89,38 @@ class RuleView(Protocol):
         """True when the rule matches only calls with a verified chain (``chain.parent`` set or
         ``chain.depth`` at least 1)."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRule:
+    """A :class:`RuleView` of one rule of a policy document."""
+
+    id: str
+    tools: tuple[str, ...]
+    allows: bool
+    requires_parent: bool
+
+
+def rule_views(doc: PolicyDocument) -> list[PolicyRule]:
+    """What the delegation check needs from each rule of ``doc`` (ids are ``<policy>/<rule>``)."""
+    name = doc.metadata.name
+    if doc.spec.mode == "shadow":  # every call is allowed, whatever the rules say
+        return [PolicyRule(f"{name} (shadow mode)", ("*",), True, False)]
+    views: list[PolicyRule] = []
+    for rule in doc.spec.rules:
+        chain = rule.match.chain
+        requires = chain is not None and bool(
+            chain.parents or chain.origin_users or (chain.min_depth or 0) >= 1
+        )
+        views.append(
+            PolicyRule(
+                f"{name}/{rule.id}",
+                tuple(rule.match.tools or ("*",)),
+                rule.action != "deny" and not rule.shadow,
+                requires,
+            )
+        )
+    return views
 
 
 def _delegation(config: AegisConfig) -> DelegationSettings:
@@ -151,28 +193,58 @@ def doctor(
         list[str] | None,
         typer.Option("--high-risk-tool", help="A high-risk tool glob (repeatable)."),
     ] = None,
+    policy: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--policy",
+            help="Check this policy file instead of the active policies (repeatable).",
+        ),
+    ] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on warnings too.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else.")
+    ] = False,
 ) -> None:
     """Run every check and print one line per finding."""
     try:
         cfg = load_config(config)
+        globs = [*_delegation(cfg).high_risk_tools, *(high_risk_tool or [])]
+        findings = check_config(cfg)
+        rules = _policy_rules(cfg, policy or []) if globs else []
+        findings += check_high_risk_rules(rules, globs)
     except AegisError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
+        typer.echo(f"error: {exc.code}: {' '.join(exc.message.split())}", err=True)
         raise typer.Exit(1) from None
-    globs = [*_delegation(cfg).high_risk_tools, *(high_risk_tool or [])]
-    findings = check_config(cfg)
-    rules = _policy_rules(cfg)
-    findings += check_high_risk_rules(rules, globs)
-    for f in findings:
+    if as_json:
+        typer.echo(json.dumps({"findings": [dataclasses.asdict(f) for f in findings]}, indent=2))
+    for f in findings if not as_json else ():
         typer.echo(f"{f.level}: {f.check}: {f.message}")
-    if not findings:
+    if not findings and not as_json:
         typer.echo("ok: no findings")
     failing = {"error", "warn"} if strict else {"error"}
     if any(f.level in failing for f in findings):
         raise typer.Exit(1)
 
 
-def _policy_rules(config: AegisConfig) -> list[RuleView]:
-    """The active policies' rules, once the policy model provides :class:`RuleView` adapters."""
-    del config
-    return []
+def _policy_rules(config: AegisConfig, files: Sequence[Path]) -> list[RuleView]:
+    """The rules of ``files``, else of the policy version active for each tenant/environment."""
+    if files:
+        return [view for f in files for view in rule_views(load_file(f))]
+    from aegis.policy.store import SqlPolicyStore
+    from aegis.stores import open_registry_store
+
+    url = config.database_url()
+    registry, store = open_registry_store(url), SqlPolicyStore(url)
+    try:
+        versions = {
+            active.version
+            for tenant in registry.list_tenants()
+            for env in registry.list_environments(tenant.id)
+            if (active := store.active(tenant.id, env.name)) is not None
+        }
+        return [view for v in sorted(versions) for view in rule_views(store.get(v))]
+    finally:
+        store.close()
+        close = getattr(registry, "close", None)
+        if close is not None:
+            close()
