@@ -1,0 +1,172 @@
+"""``httpx.Auth`` for agents: any httpx client gains Aegis with one argument (sync and async).
+
+    with httpx.Client(auth=agent.auth(audience="aegis-gateway", scope="payments:write")) as http:
+        http.post(f"{gateway}/payments/transfer", json={...})
+
+Per request the flow takes the cached token (fetching or refreshing it first), sets
+``Authorization: DPoP <token>`` and a freshly signed ``DPoP`` proof for exactly this method and URL,
+sends, and reads the answer. A gateway refusal becomes a typed :mod:`aegis.sdk.errors` exception
+(with ``code`` and ``decision_id``); what is retried and what never is, is decided in
+:mod:`aegis.sdk.retry`. An upstream's own error answers are returned untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, Generator
+from typing import TYPE_CHECKING
+
+import httpx
+
+from aegis.sdk.approvals import ApprovalWait
+from aegis.sdk.cache import CachedToken, TokenKey
+from aegis.sdk.errors import ApprovalRequiredError
+from aegis.sdk.retry import Attempts, Step, plan
+from aegis.sdk.wire import parse_body
+
+if TYPE_CHECKING:
+    from aegis.sdk.client import AgentClient
+
+__all__ = ["AegisAuth"]
+
+
+class AegisAuth(httpx.Auth):
+    """Authenticates requests as one agent, for one (audience, scope, tenant[, delegation])."""
+
+    def __init__(
+        self,
+        client: AgentClient,
+        key: TokenKey,
+        *,
+        subject_token: str | None = None,
+        raise_for_denial: bool = True,
+    ) -> None:
+        self._client = client
+        self._key = key
+        self._subject = subject_token
+        self._raise = raise_for_denial
+
+    # -- one attempt -------------------------------------------------------------------------
+
+    def _prepare(
+        self, request: httpx.Request, token: CachedToken, nonce: str | None, override: str | None
+    ) -> None:
+        signer = self._client.signer
+        if token.token_type.lower() == "dpop" and signer is not None:
+            request.headers["Authorization"] = f"DPoP {token.access_token}"
+            request.headers["DPoP"] = signer.proof(
+                request.method, str(request.url), access_token=token.access_token, nonce=nonce
+            )
+        else:
+            request.headers["Authorization"] = f"Bearer {token.access_token}"
+        if override is not None:
+            request.headers[self._client.approvals.header] = override
+
+    def _plan(self, response: httpx.Response, attempts: Attempts) -> Step:
+        c = self._client
+        return plan(
+            response,
+            attempts,
+            c.retry,
+            approvals=c.approvals.enabled,
+            raise_for_denial=self._raise,
+        )
+
+    def _poll_request(
+        self, wait: ApprovalWait, token: CachedToken, url: httpx.URL
+    ) -> httpx.Request:
+        target = url.join(wait.status_url)
+        request = httpx.Request("GET", target)
+        self._prepare(request, token, None, None)
+        return request
+
+    # -- sync --------------------------------------------------------------------------------
+
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        c = self._client
+        token = c.token_for(self._key, subject_token=self._subject)
+        attempts, nonce, override = Attempts(), None, None
+        while True:
+            self._prepare(request, token, nonce, override)
+            response = yield request
+            if response.status_code >= 400:
+                response.read()  # refusals are small; allowed answers stay streamed
+            step = self._plan(response, attempts)
+            if step.kind == "done":
+                return
+            if step.kind == "raise":
+                assert step.error is not None
+                raise step.error
+            if step.kind == "refresh":
+                c.tokens.discard(self._key, token.access_token)
+                token = c.token_for(self._key, subject_token=self._subject)
+            elif step.kind == "nonce":
+                nonce = step.nonce
+            elif step.kind == "backoff":
+                c.sleep(step.delay)
+            elif step.kind == "approval":
+                assert isinstance(step.error, ApprovalRequiredError)
+                override = self._wait_sync(step.error, token, request.url)
+
+    def _wait_sync(self, refusal: ApprovalRequiredError, token: CachedToken, url: httpx.URL) -> str:
+        c = self._client
+        wait = ApprovalWait(c.approvals, refusal, c.clock.monotonic())
+        while True:
+            c.sleep(wait.next_delay(c.clock.monotonic()))
+            response = c.http.send(self._poll_request(wait, token, url))
+            found = wait.interpret(response.status_code, parse_body(response))
+            if found is not None:
+                return found
+
+    # -- async -------------------------------------------------------------------------------
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        c = self._client
+        token = await c.atoken_for(self._key, subject_token=self._subject)
+        attempts, nonce, override = Attempts(), None, None
+        while True:
+            self._prepare(request, token, nonce, override)
+            response = yield request
+            if response.status_code >= 400:
+                await response.aread()
+            step = self._plan(response, attempts)
+            if step.kind == "done":
+                return
+            if step.kind == "raise":
+                assert step.error is not None
+                raise step.error
+            if step.kind == "refresh":
+                c.tokens.discard(self._key, token.access_token)
+                token = await c.atoken_for(self._key, subject_token=self._subject)
+            elif step.kind == "nonce":
+                nonce = step.nonce
+            elif step.kind == "backoff":
+                await c.asleep(step.delay)
+            elif step.kind == "approval":
+                assert isinstance(step.error, ApprovalRequiredError)
+                override = await self._wait_async(step.error, token, request.url)
+
+    async def _wait_async(
+        self, refusal: ApprovalRequiredError, token: CachedToken, url: httpx.URL
+    ) -> str:
+        c = self._client
+        wait = ApprovalWait(c.approvals, refusal, c.clock.monotonic())
+        while True:
+            await c.asleep(wait.next_delay(c.clock.monotonic()))
+            response = await c.ahttp.send(self._poll_request(wait, token, url))
+            found = wait.interpret(response.status_code, parse_body(response))
+            if found is not None:
+                return found
+
+
+def default_sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+async def default_asleep(seconds: float) -> None:
+    await asyncio.sleep(seconds)

@@ -1,0 +1,89 @@
+"""Access tokens an agent holds, one per (audience, scope, tenant, delegation), refreshed early.
+
+A token is used until ``expires_at - margin``, where the margin is
+``min(refresh_margin, lifetime / 2)``: a call never leaves with a token that could expire on the
+way, and a very short-lived token is still used for half its life. Times come from the injected
+clock. The cache is bounded; it never holds refresh tokens (Aegis issues none) or secrets.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aegis.clock import Clock
+
+__all__ = ["DEFAULT_REFRESH_MARGIN", "CachedToken", "TokenCache", "TokenKey"]
+
+#: Seconds before expiry at which a token is replaced.
+DEFAULT_REFRESH_MARGIN: Final = 30.0
+_MAX_ENTRIES: Final = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class TokenKey:
+    audience: str | None
+    #: Space-separated, sorted; None asks for the client's default scopes.
+    scope: str | None
+    tenant: str | None
+    #: Digest of the delegation chain the token acts under, None for the agent's own authority.
+    delegation: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CachedToken:
+    access_token: str
+    #: ``DPoP`` or ``Bearer`` (RFC 9449 §5).
+    token_type: str
+    issued_at: float
+    expires_at: float
+    scope: str
+    #: The token's claims as issued (decoded without verification: the gateway verifies them).
+    claims: dict[str, Any]
+
+    @property
+    def lifetime(self) -> float:
+        return self.expires_at - self.issued_at
+
+    def fresh_at(self, now: float, margin: float) -> bool:
+        return now < self.expires_at - min(margin, self.lifetime / 2)
+
+
+class TokenCache:
+    def __init__(self, clock: Clock, *, margin: float = DEFAULT_REFRESH_MARGIN) -> None:
+        self._clock = clock
+        self.margin = margin
+        self._tokens: dict[TokenKey, CachedToken] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: TokenKey) -> CachedToken | None:
+        """The token for ``key`` if it is still fresh; a stale one is dropped."""
+        with self._lock:
+            token = self._tokens.get(key)
+            if token is None:
+                return None
+            if token.fresh_at(self._clock.now(), self.margin):
+                return token
+            del self._tokens[key]
+            return None
+
+    def put(self, key: TokenKey, token: CachedToken) -> None:
+        with self._lock:
+            if len(self._tokens) >= _MAX_ENTRIES and key not in self._tokens:
+                self._tokens.clear()
+            self._tokens[key] = token
+
+    def discard(self, key: TokenKey, access_token: str | None = None) -> None:
+        """Forget ``key`` (only if it still holds ``access_token``, when given)."""
+        with self._lock:
+            held = self._tokens.get(key)
+            if held is not None and (access_token is None or held.access_token == access_token):
+                del self._tokens[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._tokens.clear()
+
+    def __len__(self) -> int:
+        return len(self._tokens)

@@ -1,0 +1,345 @@
+"""``AgentClient``: one agent's identity, its tokens, its proofs and its delegations.
+
+    agent = AgentClient("https://aegis.example.com", PrivateKey(client_id, key))
+    with agent.http(audience="aegis-gateway", scope="payments:write") as http:
+        http.post(f"{gateway}/payments/transfer", json={"amount": 120})
+
+Tokens come from ``{issuer}/oauth/token`` (client credentials, or RFC 8693 token exchange when
+acting for a parent), are cached per (audience, scope, tenant, delegation) and replaced
+``refresh_margin`` seconds before they expire (:mod:`aegis.sdk.cache`). With DPoP on (the default)
+every token request and every call carries a fresh proof from :class:`~aegis.sdk.proofs.DpopSigner`
+and tokens are bound to its key (``cnf.jkt``). A :class:`~aegis.sdk.credentials.PrivateKey` agent
+signs proofs with its own registered key; other kinds use a key made for this client (RFC 9449
+allows an ephemeral key), or ``dpop_key``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final
+
+import httpx
+
+from aegis.clock import Clock, SystemClock
+from aegis.crypto.jws import parse_compact
+from aegis.crypto.keys import Ed25519SigningKey
+from aegis.errors import AegisError
+from aegis.sdk.approvals import ApprovalPolicy
+from aegis.sdk.auth import AegisAuth, default_asleep, default_sleep
+from aegis.sdk.cache import DEFAULT_REFRESH_MARGIN, CachedToken, TokenCache, TokenKey
+from aegis.sdk.credentials import Certificate, Credential, PrivateKey
+from aegis.sdk.errors import AccessDeniedError, AegisClientError, InvalidRequestError
+from aegis.sdk.proofs import DpopSigner
+from aegis.sdk.retry import RetryPolicy
+from aegis.sdk.wire import error_from_response
+from aegis.tokens.delegation import CHAIN_SEPARATOR, mint_grant
+
+__all__ = ["AgentClient"]
+
+TOKEN_EXCHANGE: Final = "urn:ietf:params:oauth:grant-type:token-exchange"
+DELEGATION_GRANT: Final = "urn:aegis:params:oauth:token-type:delegation-grant"
+JWT_TYPE: Final = "urn:ietf:params:oauth:token-type:jwt"
+
+
+def _scope(scope: str | Sequence[str] | None) -> str | None:
+    if scope is None:
+        return None
+    parts = scope.split() if isinstance(scope, str) else list(scope)
+    return " ".join(sorted(set(parts))) or None
+
+
+class AgentClient:
+    def __init__(
+        self,
+        issuer_url: str,
+        credential: Credential,
+        *,
+        dpop: bool = True,
+        dpop_key: Ed25519SigningKey | None = None,
+        clock: Clock | None = None,
+        refresh_margin: float = DEFAULT_REFRESH_MARGIN,
+        token_lifetime: int | None = None,
+        retry: RetryPolicy | None = None,
+        approvals: ApprovalPolicy | None = None,
+        timeout: float = 10.0,
+        sleep: Callable[[float], None] = default_sleep,
+        asleep: Callable[[float], Awaitable[None]] = default_asleep,
+    ) -> None:
+        self.issuer_url = issuer_url.rstrip("/")
+        self.token_url = f"{self.issuer_url}/oauth/token"
+        self.credential = credential
+        self.clock = clock or SystemClock()
+        self.tokens = TokenCache(self.clock, margin=refresh_margin)
+        #: Lifetime (seconds) asked for in every token request; None takes the server's default.
+        self.token_lifetime = token_lifetime
+        self.retry = retry or RetryPolicy()
+        self.approvals = approvals or ApprovalPolicy()
+        self.sleep, self.asleep = sleep, asleep
+        self.signer: DpopSigner | None = None
+        if dpop:
+            key = dpop_key
+            if key is None:
+                key = credential.key if isinstance(credential, PrivateKey) else None
+            self.signer = DpopSigner(key or Ed25519SigningKey.generate(), clock=self.clock)
+        self._tls = credential.ssl_context()
+        self._timeout = timeout
+        self.http = httpx.Client(verify=self._tls or True, timeout=timeout)
+        self._ahttp: httpx.AsyncClient | None = None
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    @property
+    def ahttp(self) -> httpx.AsyncClient:
+        if self._ahttp is None:
+            self._ahttp = httpx.AsyncClient(verify=self._tls or True, timeout=self._timeout)
+        return self._ahttp
+
+    def close(self) -> None:
+        self.http.close()
+
+    async def aclose(self) -> None:
+        self.http.close()
+        if self._ahttp is not None:
+            await self._ahttp.aclose()
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> AgentClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def agent_key(self) -> Ed25519SigningKey:
+        """The agent's own registered key (private_key_jwt agents): it signs grants."""
+        if not isinstance(self.credential, PrivateKey):
+            raise InvalidRequestError(
+                "delegation needs the agent's own key; configure a PrivateKey credential",
+                code="invalid_request",
+            )
+        return self.credential.key
+
+    # -- tokens ------------------------------------------------------------------------------
+
+    def key(
+        self,
+        audience: str | None = None,
+        scope: str | Sequence[str] | None = None,
+        tenant: str | None = None,
+        subject_token: str | None = None,
+    ) -> TokenKey:
+        digest = hashlib.sha256(subject_token.encode()).hexdigest()[:32] if subject_token else None
+        return TokenKey(audience, _scope(scope), tenant, digest)
+
+    def _token_request(
+        self, key: TokenKey, subject_token: str | None
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        now = self.clock.now()
+        form: dict[str, str] = {}
+        headers: dict[str, str] = {}
+        if subject_token is None:
+            form["grant_type"] = "client_credentials"
+            self.credential.apply(form, headers, self.token_url, now)
+        else:
+            # RFC 8693 §2.1: the parent's chain is the subject; the agent authenticates with its
+            # own client assertion as the actor token, and with nothing else.
+            form.update(
+                grant_type=TOKEN_EXCHANGE,
+                subject_token=subject_token,
+                subject_token_type=DELEGATION_GRANT,
+                actor_token=self.agent_key_assertion(now),
+                actor_token_type=JWT_TYPE,
+            )
+        if key.scope:
+            form["scope"] = key.scope
+        if key.audience:
+            form["resource"] = key.audience
+        if self.token_lifetime is not None:
+            form["expires_in"] = str(self.token_lifetime)
+        if self.signer is not None:
+            headers["DPoP"] = self.signer.proof("POST", self.token_url)
+        return form, headers
+
+    def agent_key_assertion(self, now: float) -> str:
+        if not isinstance(self.credential, PrivateKey):
+            raise InvalidRequestError(
+                "acting for a parent needs a PrivateKey credential (the actor token is a "
+                "client assertion, RFC 7523)",
+                code="invalid_request",
+            )
+        return self.credential.assertion(self.token_url, now)
+
+    def _accept(self, key: TokenKey, response: httpx.Response) -> CachedToken:
+        if response.status_code != 200:
+            raise error_from_response(response)
+        body = response.json()
+        access_token = body.get("access_token")
+        expires_in = body.get("expires_in")
+        if not isinstance(access_token, str) or not isinstance(expires_in, int | float):
+            raise AegisClientError(
+                "the token endpoint answered without a token", code="server_error", status=200
+            )
+        try:
+            claims = parse_compact(access_token).payload
+        except AegisError as exc:
+            raise AegisClientError(
+                "the token endpoint answered with a malformed token", code="malformed_token"
+            ) from exc
+        if key.tenant is not None and claims.get("tenant") != key.tenant:
+            raise AccessDeniedError(
+                f"the token is for tenant {claims.get('tenant')!r}, not {key.tenant!r}",
+                code="tenant_mismatch",
+            )
+        now = self.clock.now()
+        token = CachedToken(
+            access_token=access_token,
+            token_type=str(body.get("token_type", "Bearer")),
+            issued_at=now,
+            expires_at=now + float(expires_in),
+            scope=str(body.get("scope", "")),
+            claims=claims,
+        )
+        self.tokens.put(key, token)
+        return token
+
+    def token_for(self, key: TokenKey, *, subject_token: str | None = None) -> CachedToken:
+        """The cached token for ``key``, or a new one from the token endpoint."""
+        cached = self.tokens.get(key)
+        if cached is not None:
+            return cached
+        form, headers = self._token_request(key, subject_token)
+        return self._accept(key, self.http.post(self.token_url, data=form, headers=headers))
+
+    async def atoken_for(self, key: TokenKey, *, subject_token: str | None = None) -> CachedToken:
+        cached = self.tokens.get(key)
+        if cached is not None:
+            return cached
+        form, headers = self._token_request(key, subject_token)
+        response = await self.ahttp.post(self.token_url, data=form, headers=headers)
+        return self._accept(key, response)
+
+    def token(
+        self,
+        audience: str | None = None,
+        scope: str | Sequence[str] | None = None,
+        tenant: str | None = None,
+        *,
+        on_behalf_of: str | None = None,
+    ) -> CachedToken:
+        return self.token_for(
+            self.key(audience, scope, tenant, on_behalf_of), subject_token=on_behalf_of
+        )
+
+    async def atoken(
+        self,
+        audience: str | None = None,
+        scope: str | Sequence[str] | None = None,
+        tenant: str | None = None,
+        *,
+        on_behalf_of: str | None = None,
+    ) -> CachedToken:
+        return await self.atoken_for(
+            self.key(audience, scope, tenant, on_behalf_of), subject_token=on_behalf_of
+        )
+
+    # -- calls -------------------------------------------------------------------------------
+
+    def auth(
+        self,
+        audience: str | None = None,
+        scope: str | Sequence[str] | None = None,
+        tenant: str | None = None,
+        *,
+        on_behalf_of: str | None = None,
+        raise_for_denial: bool = True,
+    ) -> AegisAuth:
+        """An ``httpx.Auth`` for this agent (acting for a parent with ``on_behalf_of``)."""
+        return AegisAuth(
+            self,
+            self.key(audience, scope, tenant, on_behalf_of),
+            subject_token=on_behalf_of,
+            raise_for_denial=raise_for_denial,
+        )
+
+    def client(self, base_url: str = "", **auth: Any) -> httpx.Client:
+        """An ``httpx.Client`` with :meth:`auth` and this agent's TLS identity."""
+        return httpx.Client(
+            base_url=base_url,
+            auth=self.auth(**auth),
+            verify=self._tls or True,
+            timeout=self._timeout,
+        )
+
+    def async_client(self, base_url: str = "", **auth: Any) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=base_url,
+            auth=self.auth(**auth),
+            verify=self._tls or True,
+            timeout=self._timeout,
+        )
+
+    # -- delegation --------------------------------------------------------------------------
+
+    def delegate(
+        self,
+        child: str,
+        *,
+        scopes: Sequence[str],
+        tools: Sequence[str],
+        max_depth: int = 0,
+        lifetime: int = 120,
+        under: str | None = None,
+        me: str | None = None,
+    ) -> str:
+        """A parent-agent grant for ``child`` (docs/delegation.md), signed with this agent's key.
+
+        ``under`` is the chain this agent itself acts under (the grant it was given), so the new
+        link extends it; the result is the ``~``-joined chain the child presents as its
+        ``subject_token`` (``on_behalf_of=``). ``me`` is this agent's id (default: the last link's
+        ``sub`` when ``under`` is given, else the client id's agent from a fresh token).
+        """
+        links = under.split(CHAIN_SEPARATOR) if under else []
+        parent = me or self._agent_id(links)
+        link = mint_grant(
+            self.agent_key,
+            parent=parent,
+            child=child,
+            audience=self.issuer_url,
+            scopes=scopes,
+            tools=tools,
+            max_depth=max_depth,
+            parent_links=links,
+            now=self.clock.now(),
+            lifetime=lifetime,
+        )
+        return CHAIN_SEPARATOR.join([*links, link])
+
+    def _agent_id(self, links: list[str]) -> str:
+        if links:
+            sub = parse_compact(links[-1]).payload.get("sub")
+            if isinstance(sub, str):
+                return sub
+        agent = self.token().claims.get("agent_id")
+        if not isinstance(agent, str):
+            raise AegisClientError("cannot tell this agent's id; pass me=", code="invalid_request")
+        return agent
+
+    # -- policy ------------------------------------------------------------------------------
+
+    def dry_run(self, admin_key: str, call: dict[str, Any], **which: Any) -> dict[str, Any]:
+        """``POST /v1/policy/dry-run`` on this control plane (see :func:`policy_dry_run`)."""
+        from aegis.sdk.policy import policy_dry_run
+
+        return policy_dry_run(self.issuer_url, admin_key, call, http=self.http, **which)
+
+    # -- certificate ------------------------------------------------------------------------
+
+    @property
+    def certificate(self) -> Certificate | None:
+        return self.credential if isinstance(self.credential, Certificate) else None

@@ -1,0 +1,64 @@
+"""DPoP proofs, RFC 9449 §4.2, signed by the agent: a fresh one for every request.
+
+The gateway (``aegis.tokens.dpop``) checks ``typ dpop+jwt``, ``alg``, the public ``jwk`` header,
+``htm``, ``htu`` (without query and fragment), ``iat`` within a minute, a ``jti`` it has never seen,
+``ath`` = base64url(SHA-256(access token)) and that the key's thumbprint is the token's ``cnf.jkt``.
+So a proof is never reused, not even for a retry of the same call: every send signs a new one.
+
+The header is the same for every proof of one key and is encoded once; ``ath`` is remembered for the
+last token. What is left per request is one small JSON payload and one Ed25519 signature.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+from aegis.clock import Clock, SystemClock, new_id
+from aegis.crypto.jws import encode_segment, sign_compact
+from aegis.crypto.keys import Ed25519SigningKey, jwk_thumbprint
+from aegis.tokens.dpop import DPOP_TYP, access_token_hash
+
+__all__ = ["DPOP_ALG", "DpopSigner", "htu_of"]
+
+DPOP_ALG: Final = "EdDSA"
+
+
+def htu_of(url: str) -> str:
+    """RFC 9449 §4.2 ``htu``: "The HTTP target URI ... without query and fragment parts"."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path or "/", "", ""))
+
+
+class DpopSigner:
+    """Signs proofs with one Ed25519 key; ``jkt`` is the key's RFC 7638 thumbprint."""
+
+    __slots__ = ("_ath", "_clock", "_header", "_key", "jkt")
+
+    def __init__(self, key: Ed25519SigningKey, *, clock: Clock | None = None) -> None:
+        self._key = key
+        self._clock = clock or SystemClock()
+        jwk = key.public.to_jwk()
+        self.jkt = jwk_thumbprint(jwk)
+        self._header = encode_segment({"typ": DPOP_TYP, "alg": DPOP_ALG, "jwk": jwk})
+        self._ath: tuple[str, str] = ("", "")
+
+    def proof(
+        self, method: str, url: str, *, access_token: str | None = None, nonce: str | None = None
+    ) -> str:
+        """A new proof for one request (``access_token`` adds ``ath``; ``nonce`` a server nonce)."""
+        claims: dict[str, Any] = {
+            "jti": new_id(),
+            "htm": method.upper(),
+            "htu": htu_of(url),
+            "iat": int(self._clock.now()),
+        }
+        if access_token is not None:
+            last_token, ath = self._ath
+            if last_token != access_token:
+                ath = access_token_hash(access_token)
+                self._ath = (access_token, ath)
+            claims["ath"] = ath
+        if nonce is not None:
+            claims["nonce"] = nonce
+        return sign_compact(self._header, claims, self._key.sign)

@@ -1,0 +1,88 @@
+"""Reading Aegis answers: which responses are refusals, and the typed error each one becomes.
+
+Three bodies reach an agent. The gateway refuses with ``{error, error_description, code,
+decision_id}`` (and the ``x-aegis-decision-id`` header); the admin API with ``{code, message,
+...details}``; the token endpoint with RFC 6749 §5.2 ``{error, error_description}``, where a refused
+token exchange (RFC 8693 §2.2.2, always ``invalid_request``) ends its description with the stable
+Aegis code in parentheses. This module is the one place that translates them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any, Final
+
+import httpx
+
+from aegis.errors import CODES
+from aegis.sdk.errors import AegisClientError, error_class
+
+__all__ = ["DECISION_HEADER", "error_from_response", "is_gateway_refusal", "parse_body"]
+
+DECISION_HEADER: Final = "x-aegis-decision-id"
+_TRAILING_CODE: Final = re.compile(r"\(([a-z0-9_]{1,64})\)\s*$")
+#: Error bodies larger than this are not parsed (a refusal is a few hundred bytes).
+_MAX_ERROR_BODY: Final = 64 * 1024
+
+
+def parse_body(response: httpx.Response) -> dict[str, Any]:
+    """The JSON object of an (already read) error response, or ``{}``."""
+    content = response.content
+    if not content or len(content) > _MAX_ERROR_BODY:
+        return {}
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def is_gateway_refusal(response: httpx.Response, body: Mapping[str, Any]) -> bool:
+    """A refusal the gateway itself made (not an upstream's own 4xx): an error status, a known
+    Aegis ``code`` and the decision id both in the body and in the header."""
+    return (
+        response.status_code >= 400
+        and isinstance(body.get("code"), str)
+        and body.get("code") in CODES
+        and body.get("decision_id") is not None
+        and body.get("decision_id") == response.headers.get(DECISION_HEADER)
+    )
+
+
+def _code_of(body: Mapping[str, Any], status: int) -> str:
+    code = body.get("code")
+    if isinstance(code, str) and code:
+        return code
+    description = body.get("error_description")
+    if isinstance(description, str):
+        found = _TRAILING_CODE.search(description)
+        if found and found.group(1) in CODES:
+            return found.group(1)
+    error = body.get("error")
+    if isinstance(error, str) and error:
+        return error
+    return "server_error" if status >= 500 else "invalid_request"
+
+
+def error_from_response(response: httpx.Response) -> AegisClientError:
+    """The typed error for an Aegis error response (the body must have been read)."""
+    body = parse_body(response)
+    status = response.status_code
+    code = _code_of(body, status)
+    message = body.get("error_description") or body.get("message") or f"http status {status}"
+    decision = body.get("decision_id") or response.headers.get(DECISION_HEADER)
+    details = {
+        k: v
+        for k, v in body.items()
+        if k not in ("code", "message", "error", "error_description", "decision_id")
+    }
+    cls = error_class(code, status)
+    return cls(
+        str(message)[:500],
+        code=code,
+        status=status,
+        decision_id=str(decision) if decision is not None else None,
+        details=details,
+    )
