@@ -8,6 +8,10 @@ hash after it; :meth:`AuditLog.verify_chain` walks the table and reports the fir
 answers (the gateway) never answers for a decision that left no record. An append that cannot be
 written raises ``Unavailable(audit_unavailable)``: the caller fails closed. Appends are linear: a
 lock orders them inside one process, and the unique ``seq`` key orders them across processes.
+
+SQLite runs in WAL mode with ``synchronous=FULL`` for this engine (a commit survives power loss, not
+only a process crash). On PostgreSQL the audit tables refuse UPDATE, DELETE and TRUNCATE by trigger
+(:mod:`aegis.audit.pg`); the only way past is the prune function, up to a signed checkpoint.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
-from sqlalchemy import Engine, create_engine, func, insert, select
+from sqlalchemy import Connection, Engine, event, func, insert, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from aegis.audit.sql_tables import AUDIT_RECORDS, METADATA
+from aegis.audit.pg import install_append_only
+from aegis.audit.sql_tables import AUDIT_CHECKPOINTS, AUDIT_RECORDS, METADATA
 from aegis.clock import Clock
 from aegis.errors import Unavailable
+from aegis.stores.sql.engine import make_engine
 
 __all__ = ["GENESIS_HASH", "AuditLog", "ChainReport", "canonical_json", "record_hash"]
 
@@ -59,6 +65,24 @@ class ChainReport:
         return self.first_bad is None
 
 
+def _durable_sqlite(dbapi_conn: Any, _record: Any) -> None:
+    # After make_engine's pragmas (WAL, synchronous=NORMAL): an audit commit must reach the disk.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.close()
+
+
+def _pruned_tail(conn: Connection) -> tuple[int, str]:
+    """Where the chain continues when the table is empty: after the last checkpoint (every record
+    was pruned up to it), or from the genesis."""
+    row = conn.execute(
+        select(AUDIT_CHECKPOINTS.c.tree_size, AUDIT_CHECKPOINTS.c.chain_hash)
+        .order_by(AUDIT_CHECKPOINTS.c.tree_size.desc())
+        .limit(1)
+    ).first()
+    return (int(row[0]), str(row[1])) if row else (0, GENESIS_HASH)
+
+
 def _unavailable(exc: Exception) -> Unavailable:
     return Unavailable("the audit log cannot be written; call refused", code="audit_unavailable")
 
@@ -67,7 +91,9 @@ class AuditLog:
     """An audit log in a SQL database (SQLite embedded, PostgreSQL shared by replicas)."""
 
     def __init__(self, engine: Engine | str, *, clock: Clock) -> None:
-        self._engine = create_engine(engine) if isinstance(engine, str) else engine
+        self._engine = make_engine(engine) if isinstance(engine, str) else engine
+        if self._engine.dialect.name == "sqlite":
+            event.listen(self._engine, "connect", _durable_sqlite)
         self._clock = clock
         self._lock = threading.Lock()
         # Per event loop: records waiting for the next group commit, and loops with a flush running.
@@ -78,8 +104,13 @@ class AuditLog:
         self._tasks: set[asyncio.Task[None]] = set()
         try:
             METADATA.create_all(self._engine, checkfirst=True)
+            install_append_only(self._engine)
         except SQLAlchemyError as exc:
             raise _unavailable(exc) from exc
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
 
     def close(self) -> None:
         self._engine.dispose()
@@ -100,7 +131,7 @@ class AuditLog:
                             .order_by(AUDIT_RECORDS.c.seq.desc())
                             .limit(1)
                         ).first()
-                        seq, prev = (last[0], last[1]) if last else (0, GENESIS_HASH)
+                        seq, prev = (last[0], last[1]) if last else _pruned_tail(conn)
                         rows, out = [], []
                         for body, kind in zip(bodies, kinds, strict=True):
                             seq, digest = seq + 1, record_hash(prev, body)
@@ -167,8 +198,24 @@ class AuditLog:
                 yield json.loads(text)
 
     def verify_chain(self) -> ChainReport:
-        """Recompute every hash in order; report the first position that does not verify."""
-        prev, expected, count = GENESIS_HASH, 1, 0
+        """Recompute every hash in order; report the first position that does not verify.
+
+        After a prune the walk starts at the first remaining record, whose ``prev_hash`` must be
+        the chain head that the signed checkpoint at the prune point recorded."""
+        with self._engine.connect() as conn:
+            first = conn.execute(select(func.min(AUDIT_RECORDS.c.seq))).scalar()
+            start = 0 if first is None or first == 1 else int(first) - 1
+            prev = GENESIS_HASH
+            if start:
+                head = conn.execute(
+                    select(AUDIT_CHECKPOINTS.c.chain_hash).where(
+                        AUDIT_CHECKPOINTS.c.tree_size == start
+                    )
+                ).scalar()
+                if head is None:
+                    return ChainReport(0, 1, "records before this position are missing")
+                prev = head
+        expected, count = start + 1, 0
         query = select(
             AUDIT_RECORDS.c.seq,
             AUDIT_RECORDS.c.record,

@@ -1,0 +1,201 @@
+"""Signed checkpoints (signed tree heads, RFC 9162 §4.10 in spirit) as compact JWS, RFC 7515 / 8037.
+
+A checkpoint says, under the key ring's Ed25519 key, "the first ``tree_size`` audit records have
+Merkle root ``root_hash`` and hash-chain head ``chain_hash``". It is a JWS with header
+``typ: aegis-checkpoint+jwt`` and claims::
+
+    iss         the Aegis issuer            tree_size   records covered (int >= 0)
+    iat         when it was signed          root_hash   hex RFC 9162 root of those records
+    purpose     "periodic" or "export"      chain_hash  hex hash of record ``tree_size``
+
+so anyone holding only the JWKS can check it (:func:`verify_checkpoint`). ``purpose: export`` marks
+the one checkpoint an export ends with: a periodic checkpoint cannot stand in for it, so cutting an
+export back to an earlier periodic checkpoint is detected. Periodic ones are stored in
+``audit_checkpoints`` (:class:`Checkpointer`) and survive pruning.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
+
+from aegis.audit.log import AuditLog
+from aegis.audit.sql_tables import AUDIT_CHECKPOINTS
+from aegis.audit.tree import MerkleStore, TreeHead
+from aegis.clock import Clock
+from aegis.crypto.jws import encode_segment, parse_compact, sign_compact
+from aegis.crypto.keyring import KeyRing
+from aegis.crypto.keys import PublicKey, public_key_from_jwk
+from aegis.errors import AegisError, EvidenceError
+from aegis.tokens.verifier import VerifyRules, verify_jwt
+
+__all__ = [
+    "CHECKPOINT_TYP",
+    "Checkpoint",
+    "Checkpointer",
+    "jwks_resolver",
+    "sign_checkpoint",
+    "verify_checkpoint",
+]
+
+CHECKPOINT_TYP: Final = "aegis-checkpoint+jwt"
+Purpose = Literal["periodic", "export"]
+_HEX64: Final = re.compile(r"[0-9a-f]{64}")
+_RULES: Final = VerifyRules(
+    typ=CHECKPOINT_TYP,
+    issuer=None,
+    audience=None,
+    required=frozenset({"iss", "iat", "tree_size", "root_hash", "chain_hash", "purpose"}),
+    leeway=float("inf"),  # a checkpoint is evidence of the past: it does not expire
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    tree_size: int
+    root_hash: bytes
+    chain_hash: str
+    time: float
+    purpose: str
+    issuer: str
+    kid: str
+    token: str
+
+
+def sign_checkpoint(
+    keyring: KeyRing, *, issuer: str, head: TreeHead, now: float, purpose: Purpose = "periodic"
+) -> str:
+    """Raises ``Unavailable(key_store_unavailable)`` when there is no active key."""
+    key = keyring.signing_key()
+    header = encode_segment(
+        {"alg": keyring.settings.signing_alg, "typ": CHECKPOINT_TYP, "kid": key.kid}
+    )
+    claims: dict[str, Any] = {
+        "iss": issuer,
+        "iat": int(now),
+        "tree_size": head.size,
+        "root_hash": head.root.hex(),
+        "chain_hash": head.chain_hash,
+        "purpose": purpose,
+    }
+    return sign_compact(header, claims, key.sign)
+
+
+def jwks_resolver(jwks: Any) -> Callable[[str], PublicKey | None]:
+    """A ``kid -> key`` lookup over a JWK Set document; a malformed set is ``evidence_invalid``."""
+    if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list):
+        raise EvidenceError("the JWKS must be a JSON object with a 'keys' array")
+    keys: dict[str, PublicKey] = {}
+    for jwk in jwks["keys"]:
+        kid = jwk.get("kid") if isinstance(jwk, dict) else None
+        if not isinstance(kid, str) or not kid:
+            raise EvidenceError("every key in the JWKS needs a kid")
+        try:
+            keys[kid] = public_key_from_jwk(jwk)
+        except AegisError as exc:
+            raise EvidenceError(f"JWKS key {kid}: {exc.message}") from exc
+    return keys.get
+
+
+def verify_checkpoint(
+    token: str, resolve_key: Callable[[str], PublicKey | None], *, issuer: str | None = None
+) -> Checkpoint:
+    """Signature (key from the JWKS by ``kid``), type and claims; raises ``EvidenceError``."""
+    try:
+        jws = verify_jwt(token, resolve_key, _RULES, 0.0)
+    except AegisError as exc:
+        raise EvidenceError(f"checkpoint signature does not verify: {exc.message}") from exc
+    c = jws.payload
+    size, root, chain, iss = c["tree_size"], c["root_hash"], c["chain_hash"], c["iss"]
+    if type(size) is not int or size < 0:
+        raise EvidenceError("checkpoint tree_size must be a non-negative integer")
+    if not isinstance(root, str) or not _HEX64.fullmatch(root):
+        raise EvidenceError("checkpoint root_hash must be 64 lowercase hex digits")
+    if not isinstance(chain, str) or not _HEX64.fullmatch(chain):
+        raise EvidenceError("checkpoint chain_hash must be 64 lowercase hex digits")
+    if c["purpose"] not in ("periodic", "export") or not isinstance(iss, str):
+        raise EvidenceError("checkpoint purpose must be periodic or export")
+    if issuer is not None and iss != issuer:
+        raise EvidenceError("checkpoint was signed by another issuer")
+    iat = c["iat"]
+    if type(iat) not in (int, float):
+        raise EvidenceError("checkpoint iat must be a number")
+    return Checkpoint(
+        size, bytes.fromhex(root), chain, float(iat), c["purpose"], iss, jws.header["kid"], token
+    )
+
+
+class Checkpointer:
+    """Extends the tree and stores a periodic checkpoint when the log has grown since the last."""
+
+    def __init__(self, log: AuditLog, keyring: KeyRing, *, issuer: str, clock: Clock) -> None:
+        self.log, self.tree = log, MerkleStore(log.engine)
+        self._keyring, self._issuer, self._clock = keyring, issuer, clock
+
+    def latest(self, *, at_least: int = 0) -> Checkpoint | None:
+        """The newest stored checkpoint, or the oldest covering ``at_least`` records."""
+        query = select(AUDIT_CHECKPOINTS.c.token)
+        if at_least:
+            query = query.where(AUDIT_CHECKPOINTS.c.tree_size >= at_least).order_by(
+                AUDIT_CHECKPOINTS.c.tree_size
+            )
+        else:
+            query = query.order_by(AUDIT_CHECKPOINTS.c.tree_size.desc())
+        with self.log.engine.connect() as conn:
+            token = conn.execute(query.limit(1)).scalar()
+        return None if token is None else self._decode(token)
+
+    def all(self) -> list[Checkpoint]:
+        query = select(AUDIT_CHECKPOINTS.c.token).order_by(AUDIT_CHECKPOINTS.c.tree_size)
+        with self.log.engine.connect() as conn:
+            return [self._decode(t) for (t,) in conn.execute(query)]
+
+    @staticmethod
+    def _decode(token: str) -> Checkpoint:
+        # Rows this log wrote itself; third parties verify with :func:`verify_checkpoint`. The
+        # signature is not re-checked here because the signing key may long be retired.
+        jws = parse_compact(token)
+        c = jws.payload
+        return Checkpoint(
+            int(c["tree_size"]),
+            bytes.fromhex(c["root_hash"]),
+            str(c["chain_hash"]),
+            float(c["iat"]),
+            str(c["purpose"]),
+            str(c["iss"]),
+            str(jws.header.get("kid", "")),
+            token,
+        )
+
+    def checkpoint(self) -> Checkpoint:
+        """Sync the tree; sign and store a checkpoint unless one already covers the whole log."""
+        head = self.tree.sync()
+        last = self.latest()
+        if last is not None and last.tree_size >= head.size:
+            return last
+        now = self._clock.now()
+        token = sign_checkpoint(self._keyring, issuer=self._issuer, head=head, now=now)
+        row = {"tree_size": head.size, "time": now, "root_hash": head.root.hex()}
+        row |= {"chain_hash": head.chain_hash, "token": token}
+        try:
+            with self.log.engine.begin() as conn:
+                conn.execute(insert(AUDIT_CHECKPOINTS), [row])
+        except IntegrityError:  # another process checkpointed this size first: keep theirs
+            pass
+        latest = self.latest()
+        assert latest is not None
+        return latest
+
+    def head_for_export(self) -> tuple[TreeHead, str]:
+        """Sync, and sign an ``export`` checkpoint of the whole log (not stored)."""
+        head = self.tree.sync()
+        now = self._clock.now()
+        token = sign_checkpoint(
+            self._keyring, issuer=self._issuer, head=head, now=now, purpose="export"
+        )
+        return head, token

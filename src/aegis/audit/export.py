@@ -1,0 +1,113 @@
+"""Verifiable audit exports: one JSON Lines file an auditor checks offline with only the JWKS.
+
+Line by line (every line one JSON object with a ``type``)::
+
+    {"type": "header", "format": "aegis-audit-export", "version": 1, "issuer": ..., "exported_at": ...}
+    {"type": "base", "tree_size": p, "compact_range": [hex, ...]}   only after a prune (p > 0)
+    {"type": "checkpoint", "token": JWS}                          the stored checkpoint at p, and
+                                                                  every later one, placed right
+                                                                  after the record it ends at
+    {"type": "record", "seq": n, "time": t, "kind": k, "record": "<canonical JSON>",
+     "prev_hash": hex, "hash": hex}
+    {"type": "end", "records": count, "token": JWS}               an ``export`` checkpoint of the
+                                                                  whole log, signed at export time
+
+``record`` is the exact text the hash chain and the Merkle leaf cover; ``time`` is the row's append
+time, informational (the record carries its own ``time``). :mod:`aegis.audit.verify` checks it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import IO, Any, Final
+
+from sqlalchemy import func, select
+
+from aegis.audit.checkpoint import Checkpointer
+from aegis.audit.sql_tables import AUDIT_RECORDS
+from aegis.errors import EvidenceError
+
+__all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "export_lines", "write_export"]
+
+EXPORT_FORMAT: Final = "aegis-audit-export"
+EXPORT_VERSION: Final = 1
+
+
+def _line(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def export_lines(checkpointer: Checkpointer, *, issuer: str, now: float) -> Iterator[str]:
+    """The export of everything the log still holds, as lines without newlines."""
+    head, end_token = checkpointer.head_for_export()
+    engine = checkpointer.log.engine
+    with engine.connect() as conn:
+        first = conn.execute(select(func.min(AUDIT_RECORDS.c.seq))).scalar()
+    base = 0 if first is None else int(first) - 1
+    if first is None and head.size:
+        base = head.size  # every record pruned: the export is a base and its checkpoint
+    checkpoints = [c for c in checkpointer.all() if base <= c.tree_size <= head.size]
+    yield _line(
+        {
+            "type": "header",
+            "format": EXPORT_FORMAT,
+            "version": EXPORT_VERSION,
+            "issuer": issuer,
+            "exported_at": now,
+        }
+    )
+    pending = iter(checkpoints)
+    nxt = next(pending, None)
+    if base:
+        if nxt is None or nxt.tree_size != base:
+            raise EvidenceError(f"no signed checkpoint at the prune point {base}; cannot export")
+        frontier = checkpointer.tree.compact_range(base)
+        yield _line(
+            {"type": "base", "tree_size": base, "compact_range": [h.hex() for h in frontier.hashes]}
+        )
+    while nxt is not None and nxt.tree_size <= base:
+        yield _line({"type": "checkpoint", "token": nxt.token})
+        nxt = next(pending, None)
+    query = (
+        select(
+            AUDIT_RECORDS.c.seq,
+            AUDIT_RECORDS.c.time,
+            AUDIT_RECORDS.c.kind,
+            AUDIT_RECORDS.c.record,
+            AUDIT_RECORDS.c.prev_hash,
+            AUDIT_RECORDS.c.hash,
+        )
+        .where(AUDIT_RECORDS.c.seq <= head.size)
+        .order_by(AUDIT_RECORDS.c.seq)
+    )
+    count = 0
+    with engine.connect() as conn:
+        for seq, time, kind, body, prev, digest in conn.execution_options(yield_per=2000).execute(
+            query
+        ):
+            count += 1
+            yield _line(
+                {
+                    "type": "record",
+                    "seq": seq,
+                    "time": time,
+                    "kind": kind,
+                    "record": body,
+                    "prev_hash": prev,
+                    "hash": digest,
+                }
+            )
+            while nxt is not None and nxt.tree_size == seq:
+                yield _line({"type": "checkpoint", "token": nxt.token})
+                nxt = next(pending, None)
+    yield _line({"type": "end", "records": count, "token": end_token})
+
+
+def write_export(checkpointer: Checkpointer, out: IO[str], *, issuer: str, now: float) -> int:
+    """Write the export to ``out``; return the number of records written."""
+    count = 0
+    for line in export_lines(checkpointer, issuer=issuer, now=now):
+        out.write(line + "\n")
+        count += line.startswith('{"hash"')  # records sort their keys: "hash" comes first
+    return count

@@ -1,0 +1,87 @@
+"""Append-only audit tables on PostgreSQL: triggers that refuse UPDATE, DELETE and TRUNCATE.
+
+``audit_records``, ``audit_tree_nodes`` and ``audit_checkpoints`` refuse every UPDATE and TRUNCATE,
+and every DELETE but one kind: the rows of ``audit_records`` up to a signed checkpoint, deleted by
+the prune function :data:`PRUNE_FUNCTION` (``aegis_audit_prune(upto)``), which is what retention
+calls. The function sets the transaction-local setting ``aegis.audit_prune_upto`` that the row
+trigger checks, and the trigger admits only rows with ``seq <= upto`` where a checkpoint of exactly
+``upto`` leaves exists, so whatever remains still starts right after a signed tree head and still
+verifies. Nothing else (no ``UPDATE``, no ``DELETE`` of a later row, no ``TRUNCATE``) gets past.
+
+Triggers stop the application's database role, and anyone who reuses it, from quietly editing the
+trail; a superuser can disable triggers, which is why the trail is also hash-chained, Merkle-hashed
+and checkpointed under the signing key (docs/audit.md, "Threat model"). Grant the application role
+``INSERT, SELECT`` on the audit tables and ``EXECUTE`` on the prune function only.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from sqlalchemy import Engine, text
+
+__all__ = ["PRUNE_FUNCTION", "install_append_only"]
+
+PRUNE_FUNCTION: Final = "aegis_audit_prune"
+
+_DDL: Final = """
+CREATE OR REPLACE FUNCTION aegis_audit_refuse() RETURNS trigger AS $$
+BEGIN
+  RAISE EXCEPTION 'the audit log is append-only: % on % is refused', TG_OP, TG_TABLE_NAME;
+END;
+$$ LANGUAGE plpgsql;
+
+CREATE OR REPLACE FUNCTION aegis_audit_records_guard() RETURNS trigger AS $$
+DECLARE
+  upto text := current_setting('aegis.audit_prune_upto', true);
+BEGIN
+  IF TG_OP = 'DELETE' AND upto IS NOT NULL AND upto <> '' THEN
+    IF OLD.seq <= upto::bigint
+       AND EXISTS (SELECT 1 FROM audit_checkpoints WHERE tree_size = upto::bigint) THEN
+      RETURN OLD;
+    END IF;
+  END IF;
+  RAISE EXCEPTION 'the audit log is append-only: % on % is refused', TG_OP, TG_TABLE_NAME;
+END;
+$$ LANGUAGE plpgsql;
+
+CREATE OR REPLACE FUNCTION aegis_audit_prune(upto bigint) RETURNS bigint AS $$
+DECLARE
+  n bigint;
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM audit_checkpoints WHERE tree_size = upto) THEN
+    RAISE EXCEPTION 'audit records may be pruned only up to a signed checkpoint';
+  END IF;
+  PERFORM set_config('aegis.audit_prune_upto', upto::text, true);
+  DELETE FROM audit_records WHERE seq <= upto;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  PERFORM set_config('aegis.audit_prune_upto', '', true);
+  RETURN n;
+END;
+$$ LANGUAGE plpgsql;
+
+CREATE OR REPLACE TRIGGER audit_records_append_only BEFORE UPDATE OR DELETE ON audit_records
+  FOR EACH ROW EXECUTE FUNCTION aegis_audit_records_guard();
+CREATE OR REPLACE TRIGGER audit_records_no_truncate BEFORE TRUNCATE ON audit_records
+  FOR EACH STATEMENT EXECUTE FUNCTION aegis_audit_refuse();
+CREATE OR REPLACE TRIGGER audit_tree_nodes_append_only BEFORE UPDATE OR DELETE ON audit_tree_nodes
+  FOR EACH ROW EXECUTE FUNCTION aegis_audit_refuse();
+CREATE OR REPLACE TRIGGER audit_tree_nodes_no_truncate BEFORE TRUNCATE ON audit_tree_nodes
+  FOR EACH STATEMENT EXECUTE FUNCTION aegis_audit_refuse();
+CREATE OR REPLACE TRIGGER audit_checkpoints_append_only BEFORE UPDATE OR DELETE
+  ON audit_checkpoints FOR EACH ROW EXECUTE FUNCTION aegis_audit_refuse();
+CREATE OR REPLACE TRIGGER audit_checkpoints_no_truncate BEFORE TRUNCATE ON audit_checkpoints
+  FOR EACH STATEMENT EXECUTE FUNCTION aegis_audit_refuse();
+"""
+
+
+def install_append_only(engine: Engine) -> None:
+    """Create or refresh the functions and triggers (idempotent; PostgreSQL only, else a no-op).
+
+    An advisory lock serialises replicas starting together: concurrent ``CREATE OR REPLACE`` of
+    one function can otherwise fail with "tuple concurrently updated"."""
+    if engine.dialect.name != "postgresql":
+        return
+    with engine.begin() as conn:
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('aegis_audit_ddl'))"))
+        conn.exec_driver_sql(_DDL)

@@ -1,0 +1,184 @@
+"""The RFC 9162 Merkle tree over the audit records, kept in SQL (``audit_tree_nodes``).
+
+Leaf ``i`` is ``leaf_hash(record)`` of the record with ``seq = i + 1``, where ``record`` is the
+UTF-8 canonical JSON the hash chain also covers. The tree is extended *off* the decision path:
+:meth:`MerkleStore.sync` reads the records appended since the last sync and stores the hash of every
+perfect subtree they complete (about two rows per record), from the compact range of the old size
+(O(log n) rows). A proof then reads O(log n) stored hashes; nothing is recomputed from records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from sqlalchemy import Connection, Engine, func, insert, select, tuple_
+from sqlalchemy.exc import IntegrityError
+
+from aegis.audit.log import GENESIS_HASH
+from aegis.audit.merkle import (
+    EMPTY_ROOT,
+    CompactRange,
+    HashRange,
+    consistency_proof,
+    inclusion_proof,
+    leaf_hash,
+    node_hash,
+)
+from aegis.audit.sql_tables import AUDIT_CHECKPOINTS, AUDIT_RECORDS, AUDIT_TREE_NODES
+from aegis.errors import EvidenceError, Unavailable
+
+__all__ = ["MerkleStore", "TreeHead", "blocks"]
+
+_SYNC_BATCH: Final = 5000
+_RETRIES: Final = 5
+
+
+@dataclass(frozen=True, slots=True)
+class TreeHead:
+    """What a checkpoint signs: the tree size, its root and the hash-chain head at that size."""
+
+    size: int
+    root: bytes
+    chain_hash: str
+
+
+def blocks(start: int, end: int) -> list[tuple[int, int]]:
+    """``[start, end)`` as maximal aligned perfect subtrees ``(level, index)``, left to right."""
+    out: list[tuple[int, int]] = []
+    while start < end:
+        level = (start & -start).bit_length() - 1 if start else (end - start).bit_length() - 1
+        while start + (1 << level) > end:
+            level -= 1
+        out.append((level, start >> level))
+        start += 1 << level
+    return out
+
+
+class MerkleStore:
+    """Reads and extends the stored tree. Every method opens its own short transaction."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def size(self) -> int:
+        with self._engine.connect() as conn:
+            return self._size(conn)
+
+    @staticmethod
+    def _size(conn: Connection) -> int:
+        top = conn.execute(
+            select(func.max(AUDIT_TREE_NODES.c.idx)).where(AUDIT_TREE_NODES.c.level == 0)
+        ).scalar()
+        return 0 if top is None else int(top) + 1
+
+    def _nodes(
+        self, conn: Connection, wanted: list[tuple[int, int]]
+    ) -> dict[tuple[int, int], bytes]:
+        if not wanted:
+            return {}
+        key = tuple_(AUDIT_TREE_NODES.c.level, AUDIT_TREE_NODES.c.idx)
+        rows = conn.execute(
+            select(AUDIT_TREE_NODES.c.level, AUDIT_TREE_NODES.c.idx, AUDIT_TREE_NODES.c.hash).where(
+                key.in_(wanted)
+            )
+        )
+        found = {(int(lv), int(ix)): bytes(h) for lv, ix, h in rows}
+        missing = [w for w in wanted if w not in found]
+        if missing:
+            raise EvidenceError(
+                f"the Merkle tree is missing node {missing[0]}; run `aegis audit checkpoint`",
+                code="evidence_invalid",
+            )
+        return found
+
+    def compact_range(self, size: int) -> CompactRange:
+        with self._engine.connect() as conn:
+            return self._compact(conn, size)
+
+    def _compact(self, conn: Connection, size: int) -> CompactRange:
+        wanted = blocks(0, size)
+        found = self._nodes(conn, wanted)
+        return CompactRange(size, [found[w] for w in wanted])
+
+    def hash_range(self, conn: Connection) -> HashRange:
+        """MTH(D[start:end]) from stored perfect subtrees (ranges as RFC 9162 proofs ask them)."""
+
+        def hash_range(start: int, end: int) -> bytes:
+            wanted = blocks(start, end)
+            found = self._nodes(conn, wanted)
+            digest = found[wanted[-1]]
+            for w in reversed(wanted[:-1]):
+                digest = node_hash(found[w], digest)
+            return digest
+
+        return hash_range
+
+    def root(self, size: int) -> bytes:
+        if size == 0:
+            return EMPTY_ROOT
+        with self._engine.connect() as conn:
+            return self.hash_range(conn)(0, size)
+
+    def inclusion(self, index: int, size: int) -> list[bytes]:
+        with self._engine.connect() as conn:
+            return inclusion_proof(index, size, self.hash_range(conn))
+
+    def consistency(self, first: int, second: int) -> list[bytes]:
+        with self._engine.connect() as conn:
+            return consistency_proof(first, second, self.hash_range(conn))
+
+    def sync(self) -> TreeHead:
+        """Add every record appended since the last sync; return the new head."""
+        for _ in range(_RETRIES):
+            try:
+                while True:
+                    head, more = self._sync_batch()
+                    if not more:
+                        return head
+            except IntegrityError:
+                continue  # another process extended the tree at the same time: re-read
+        raise Unavailable("the audit tree is contended; try again", code="audit_unavailable")
+
+    def _sync_batch(self) -> tuple[TreeHead, bool]:
+        with self._engine.begin() as conn:
+            size = self._size(conn)
+            rows = conn.execute(
+                select(AUDIT_RECORDS.c.seq, AUDIT_RECORDS.c.record, AUDIT_RECORDS.c.hash)
+                .where(AUDIT_RECORDS.c.seq > size)
+                .order_by(AUDIT_RECORDS.c.seq)
+                .limit(_SYNC_BATCH)
+            ).all()
+            tree = self._compact(conn, size)
+            chain = self._chain_head(conn, size)
+            new: list[dict[str, object]] = []
+            for seq, body, digest in rows:
+                if seq != tree.size + 1:
+                    raise EvidenceError(
+                        f"audit record {tree.size + 1} is missing; the tree cannot grow past it",
+                        code="evidence_invalid",
+                    )
+                for level, idx, h in tree.append(leaf_hash(body.encode("utf-8"))):
+                    new.append({"level": level, "idx": idx, "hash": h})
+                chain = digest
+            if new:
+                conn.execute(insert(AUDIT_TREE_NODES), new)
+            return TreeHead(tree.size, tree.root(), chain), len(rows) == _SYNC_BATCH
+
+    @staticmethod
+    def _chain_head(conn: Connection, size: int) -> str:
+        if size == 0:
+            return GENESIS_HASH
+        head = conn.execute(
+            select(AUDIT_RECORDS.c.hash).where(AUDIT_RECORDS.c.seq == size)
+        ).scalar()
+        if head is None:  # pruned: the checkpoint at the prune point recorded it
+            head = conn.execute(
+                select(AUDIT_CHECKPOINTS.c.chain_hash).where(AUDIT_CHECKPOINTS.c.tree_size == size)
+            ).scalar()
+        if head is None:
+            raise EvidenceError(
+                f"the chain head at {size} is unknown (records pruned without a checkpoint)",
+                code="evidence_invalid",
+            )
+        return str(head)

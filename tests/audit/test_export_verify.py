@@ -1,0 +1,162 @@
+"""Checkpoints, exports and offline verification: every kind of damage is found at its position."""
+
+from __future__ import annotations
+
+import pytest
+
+from aegis.audit.checkpoint import Checkpointer, jwks_resolver, sign_checkpoint, verify_checkpoint
+from aegis.audit.log import AuditLog
+from aegis.audit.merkle import leaf_hash, root_of
+from aegis.audit.tree import TreeHead
+from aegis.audit.verify import verify_export
+from aegis.clock import FrozenClock, random_bytes
+from aegis.crypto.keyring import KeyRing
+from aegis.errors import EvidenceError
+from tests.audit.conftest import ISSUER, dumps, export_text, fill, loads
+from tests.crypto.fakes import MemoryKeyStore
+
+
+def _verify(lines: list[str], keyring: KeyRing) -> None:
+    verify_export(lines, jwks_resolver(keyring.jwks()))
+
+
+def _damage(lines: list[str], keyring: KeyRing) -> tuple[str, int]:
+    with pytest.raises(EvidenceError) as info:
+        _verify(lines, keyring)
+    return info.value.details["damage"], info.value.details["position"]
+
+
+@pytest.fixture
+def exported(log: AuditLog, checkpointer: Checkpointer) -> list[str]:
+    fill(log, 5)
+    checkpointer.checkpoint()  # a periodic checkpoint after record 5
+    fill(log, 4, start=5)
+    return export_text(checkpointer)
+
+
+def _index(lines: list[str], seq: int) -> int:
+    return next(i for i, x in enumerate(lines) if loads(x).get("seq") == seq)
+
+
+def test_an_intact_export_verifies(exported: list[str], keyring: KeyRing) -> None:
+    summary = verify_export(exported, jwks_resolver(keyring.jwks()))
+    assert (summary.records, summary.first_seq, summary.last_seq) == (9, 1, 9)
+    assert summary.checkpoints == 2  # the periodic one and the export's own
+    records = [loads(x) for x in exported if loads(x)["type"] == "record"]
+    assert summary.root_hash == root_of([leaf_hash(r["record"].encode()) for r in records]).hex()
+
+
+def test_an_edited_record_is_found(exported: list[str], keyring: KeyRing) -> None:
+    i = _index(exported, 3)
+    obj = loads(exported[i])
+    obj["record"] = obj["record"].replace('"allow"', '"deny"')
+    exported[i] = dumps(obj)
+    assert _damage(exported, keyring) == ("record_edited", 3)
+
+
+def test_an_edited_record_with_a_recomputed_chain_fails_at_the_checkpoint(
+    exported: list[str], keyring: KeyRing
+) -> None:
+    from aegis.audit.log import record_hash
+
+    prev = None
+    for i, line in enumerate(exported):
+        obj = loads(line)
+        if obj["type"] != "record":
+            continue
+        if obj["seq"] == 2:
+            obj["record"] = obj["record"].replace('"allow"', '"deny"')
+        if prev is not None:
+            obj["prev_hash"] = prev
+        obj["hash"] = prev = record_hash(obj["prev_hash"], obj["record"])
+        exported[i] = dumps(obj)
+    assert _damage(exported, keyring) == ("checkpoint_mismatch", 5)
+
+
+def test_a_deleted_record_is_found(exported: list[str], keyring: KeyRing) -> None:
+    del exported[_index(exported, 4)]
+    assert _damage(exported, keyring) == ("record_missing", 4)
+
+
+def test_two_swapped_records_are_found(exported: list[str], keyring: KeyRing) -> None:
+    a, b = _index(exported, 6), _index(exported, 7)
+    exported[a], exported[b] = exported[b], exported[a]
+    assert _damage(exported, keyring) == ("records_swapped", 6)
+
+
+def test_a_repeated_record_is_found(exported: list[str], keyring: KeyRing) -> None:
+    exported.insert(_index(exported, 3), exported[_index(exported, 2)])
+    assert _damage(exported, keyring) == ("records_reordered", 3)
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3])
+def test_a_truncated_tail_is_found(exported: list[str], keyring: KeyRing, cut: int) -> None:
+    damage, position = _damage(exported[:-cut], keyring)
+    assert damage == "truncated"
+    assert position == 10 - cut + 1
+
+
+def test_cutting_back_to_a_periodic_checkpoint_is_found(
+    exported: list[str], keyring: KeyRing
+) -> None:
+    # Keep records 1-5 and the periodic checkpoint, and dress that checkpoint up as the end.
+    cp = loads(exported[_index(exported, 5) + 1])
+    assert cp["type"] == "checkpoint"
+    forged_end = dumps({"type": "end", "records": 5, "token": cp["token"]})
+    lines = [*exported[: _index(exported, 5) + 2], forged_end]
+    assert _damage(lines, keyring) == ("truncated", 5)
+
+
+def test_a_replaced_checkpoint_is_found(
+    exported: list[str], keyring: KeyRing, clock: FrozenClock
+) -> None:
+    i = _index(exported, 5) + 1
+    forged = sign_checkpoint(
+        keyring, issuer=ISSUER, head=TreeHead(5, b"\x11" * 32, "a" * 64), now=clock.now()
+    )
+    exported[i] = dumps({"type": "checkpoint", "token": forged})
+    assert _damage(exported, keyring) == ("checkpoint_mismatch", 5)
+    # One of another size in its place (validly signed, wrong position).
+    other = sign_checkpoint(
+        keyring, issuer=ISSUER, head=TreeHead(3, b"\x11" * 32, "a" * 64), now=clock.now()
+    )
+    exported[i] = dumps({"type": "checkpoint", "token": other})
+    assert _damage(exported, keyring) == ("checkpoint_misplaced", 3)
+
+
+def test_a_forged_checkpoint_signature_is_found(
+    exported: list[str], keyring: KeyRing, clock: FrozenClock
+) -> None:
+    i = _index(exported, 5) + 1
+    token = loads(exported[i])["token"]
+    head, payload, sig = token.split(".")
+    flipped = sig[:-2] + ("A" if sig[-2] != "A" else "B") + sig[-1]
+    exported[i] = dumps({"type": "checkpoint", "token": f"{head}.{payload}.{flipped}"})
+    assert _damage(exported, keyring) == ("checkpoint_signature_invalid", 5)
+    # Signed by a key that is not in the JWKS the auditor holds.
+    stranger = KeyRing(MemoryKeyStore(), random_bytes(32), clock)
+    stranger.ensure_initialized()
+    cp = verify_checkpoint(token, keyring.public_key)
+    forged = sign_checkpoint(
+        stranger, issuer=ISSUER, head=TreeHead(5, cp.root_hash, cp.chain_hash), now=clock.now()
+    )
+    exported[i] = dumps({"type": "checkpoint", "token": forged})
+    assert _damage(exported, keyring) == ("checkpoint_signature_invalid", 5)
+
+
+@pytest.mark.parametrize(
+    "line", ["not json", "[1]", '{"type":"mystery"}', '{"type":"record","seq":"x"}']
+)
+def test_garbage_lines_are_malformed(exported: list[str], keyring: KeyRing, line: str) -> None:
+    exported.insert(3, line)
+    assert _damage(exported, keyring)[0] == "malformed"
+
+
+def test_an_empty_or_headless_export_never_verifies(exported: list[str], keyring: KeyRing) -> None:
+    assert _damage([], keyring)[0] == "truncated"
+    assert _damage(exported[1:], keyring)[0] == "malformed"
+
+
+def test_an_empty_log_exports_and_verifies(checkpointer: Checkpointer, keyring: KeyRing) -> None:
+    summary = verify_export(export_text(checkpointer), jwks_resolver(keyring.jwks()))
+    assert summary.records == 0 and summary.first_seq is None
