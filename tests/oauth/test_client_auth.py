@@ -156,7 +156,8 @@ def test_assertion_audience_is_the_token_endpoint_or_the_issuer(server: RunningS
     for aud in (server.url, endpoint, [endpoint, "https://other.example"]):
         resp = _post(server, src, data=_with_assertion(_assertion(key.sign, "EdDSA", cid, aud)))
         assert resp.status_code == 200, (aud, resp.text)
-    for aud in (f"{server.url}/", f"{server.url}/oauth", ["https://other.example"], 7):
+    wrong: list[Any] = [f"{server.url}/", f"{server.url}/oauth", ["https://other.example"], 7]
+    for aud in wrong:
         assertion = _assertion(key.sign, "EdDSA", _key_client(server, agent_id), aud)
         resp = _post(server, _source(), data=_with_assertion(assertion))
         assert resp.status_code == 401, aud
