@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_CONFIG_FILE",
     "AegisConfig",
     "DelegationSettings",
+    "ExtAuthzSettings",
     "ExternalIssuer",
     "load_config",
     "read_secret_file",
@@ -219,6 +220,63 @@ class GatewayAllow(_Section):
     agents: tuple[str, ...] = ("*",)
 
 
+class ExtAuthzSettings(_Section):
+    """The ext_authz front doors beside a real proxy (``gateway.ext_authz``, docs/gateway.md).
+
+    Both are off unless a port is set. They decide with the same pipeline and ``gateway.routes``.
+    """
+
+    #: Envoy ext_authz v3 gRPC ``Authorization/Check`` (unset: off).
+    grpc_port: int | None = Field(default=None, ge=1, le=65535)
+    grpc_host: str = "127.0.0.1"
+    #: HTTP ext_authz: Envoy's HTTP service mode or nginx ``auth_request`` (unset: off).
+    http_port: int | None = Field(default=None, ge=1, le=65535)
+    http_host: str = "127.0.0.1"
+    #: ``envoy``: the check request's method and path are the original's (after ``path_prefix``);
+    #: ``nginx``: the original method and URI arrive in ``original_method_header`` and
+    #: ``original_uri_header``, believed only from ``trusted_proxies``.
+    http_mode: Literal["envoy", "nginx"] = "envoy"
+    #: Envoy mode: the ``path_prefix`` of Envoy's ``http_service``, removed from the check path.
+    path_prefix: str = ""
+    original_uri_header: str = "x-original-uri"
+    original_method_header: str = "x-original-method"
+    #: Immediate peers (IP addresses) whose forwarded request facts (original URI and method,
+    #: scheme, client certificate) are believed. Required in nginx mode.
+    trusted_proxies: tuple[str, ...] = ()
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for addr in v:
+            try:
+                ipaddress.ip_address(addr)
+            except ValueError:
+                raise ValueError(f"{addr!r} is not an IP address") from None
+        return v
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if v and (not v.startswith("/") or v.endswith("/") or "?" in v or "#" in v):
+            raise ValueError("use '' or a path starting with '/' without a trailing '/' or query")
+        return v
+
+    @field_validator("original_uri_header", "original_method_header")
+    @classmethod
+    def _header(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", v):
+            raise ValueError("use a header name of letters, digits and '-'")
+        return v.lower()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExtAuthzSettings:
+        if self.http_port is not None and self.http_mode == "nginx" and not self.trusted_proxies:
+            raise ValueError("http_mode nginx needs trusted_proxies: name the nginx addresses")
+        if self.grpc_port is not None and self.grpc_port == self.http_port:
+            raise ValueError("grpc_port and http_port must differ")
+        return self
+
+
 class GatewaySettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8443, ge=1, le=65535)
@@ -247,6 +305,8 @@ class GatewaySettings(_Section):
     dpop_nonce_key_file: str | None = None
     #: A nonce is accepted for between one and two lifetimes (seconds).
     dpop_nonce_lifetime: float = Field(default=300.0, ge=10, le=3600)
+    #: The Envoy / nginx ext_authz front doors (off by default).
+    ext_authz: ExtAuthzSettings = ExtAuthzSettings()
 
     def nonce_key(self, base_dir: str) -> bytes | None:
         """The DPoP nonce key, or None when nonces are off; a bad key is a ``ConfigError``."""
@@ -260,6 +320,8 @@ class GatewaySettings(_Section):
         keys = [(r.host, r.path_prefix) for r in self.routes]
         if len(set(keys)) != len(keys):
             raise ValueError("two routes have the same host and path_prefix")
+        if self.port in (self.ext_authz.grpc_port, self.ext_authz.http_port):
+            raise ValueError("ext_authz ports must differ from gateway.port")
         return self
 
 

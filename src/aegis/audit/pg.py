@@ -27,7 +27,7 @@ PRUNE_FUNCTION: Final = "aegis_audit_prune"
 _DDL: Final = """
 CREATE OR REPLACE FUNCTION aegis_audit_refuse() RETURNS trigger AS $$
 BEGIN
-  RAISE EXCEPTION 'the audit log is append-only: % on % is refused', TG_OP, TG_TABLE_NAME;
+  RAISE EXCEPTION 'the audit log is append-only: %% on %% is refused', TG_OP, TG_TABLE_NAME;
 END;
 $$ LANGUAGE plpgsql;
 
@@ -41,7 +41,7 @@ BEGIN
       RETURN OLD;
     END IF;
   END IF;
-  RAISE EXCEPTION 'the audit log is append-only: % on % is refused', TG_OP, TG_TABLE_NAME;
+  RAISE EXCEPTION 'the audit log is append-only: %% on %% is refused', TG_OP, TG_TABLE_NAME;
 END;
 $$ LANGUAGE plpgsql;
 

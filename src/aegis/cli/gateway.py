@@ -1,8 +1,9 @@
 """``aegis gateway``: run the data plane, a reverse proxy deciding every call (docs/gateway.md).
 
 The gateway reads the same ``aegis.yaml`` as the control plane (database, stores, keys) and its
-``gateway:`` section (listen address, audience, routes, allow-list fallback, limits). It exits
-non-zero with a one-line reason when the configuration is wrong.
+``gateway:`` section (listen address, audience, routes, allow-list fallback, limits, and the
+Envoy / nginx ext_authz doors under ``gateway.ext_authz``). It exits non-zero with a one-line
+reason when the configuration is wrong or a port cannot be bound.
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ def run(
         Path | None, typer.Option("--config", "-c", help="aegis.yaml (default: $AEGIS_CONFIG)")
     ] = None,
 ) -> None:
-    """Serve the gateway until interrupted."""
-    import uvicorn
+    """Serve the gateway (and the ext_authz doors configured) until interrupted."""
+    import asyncio
 
     from aegis.config import load_config
-    from aegis.gateway.app import create_gateway_app
+    from aegis.gateway.server import serve_gateway
     from aegis.server.services import build_services
 
     try:
@@ -48,14 +49,19 @@ def run(
                 "gateway.routes is empty; configure at least one route", code="config_invalid"
             )
         services = build_services(cfg)
-        application = create_gateway_app(services, cfg.gateway)
     except AegisError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from exc
-    uvicorn.run(
-        application,
-        host=host or cfg.gateway.host,
-        port=port or cfg.gateway.port,
-        log_level=cfg.logging.level,
-        lifespan="on",
-    )
+    try:
+        asyncio.run(
+            serve_gateway(
+                services,
+                cfg.gateway,
+                host=host or cfg.gateway.host,
+                port=port or cfg.gateway.port,
+                log_level=cfg.logging.level,
+            )
+        )
+    except (AegisError, OSError) as exc:
+        typer.echo(f"error: {getattr(exc, 'message', None) or exc}", err=True)
+        raise typer.Exit(2) from exc

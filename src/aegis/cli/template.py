@@ -89,6 +89,16 @@ COMMENTS: Final[dict[str, str]] = {
     "gateway.dpop_nonce_key": "base64 32-byte DPoP nonce key, same on every replica; null: no nonces",
     "gateway.dpop_nonce_key_file": "file holding the DPoP nonce key instead (relative to base_dir)",
     "gateway.dpop_nonce_lifetime": "a DPoP nonce is accepted for one to two lifetimes (seconds)",
+    "gateway.ext_authz": "ext_authz front doors beside Envoy or nginx (off unless a port is set)",
+    "gateway.ext_authz.grpc_port": "Envoy ext_authz v3 gRPC Check port; null: off",
+    "gateway.ext_authz.grpc_host": "gRPC ext_authz listen address",
+    "gateway.ext_authz.http_port": "HTTP ext_authz port (Envoy http_service or nginx auth_request); null: off",
+    "gateway.ext_authz.http_host": "HTTP ext_authz listen address",
+    "gateway.ext_authz.http_mode": "envoy (original method/path are the check's) or nginx (X-Original-* headers)",
+    "gateway.ext_authz.path_prefix": "envoy mode: Envoy http_service path_prefix removed from the check path",
+    "gateway.ext_authz.original_uri_header": "nginx mode: header carrying $request_uri",
+    "gateway.ext_authz.original_method_header": "nginx mode: header carrying $request_method",
+    "gateway.ext_authz.trusted_proxies": "proxy IP addresses whose forwarded request facts are believed",
 }
 
 #: Settings the loader fills in; never written.

@@ -89,6 +89,10 @@ class CallContext:
     #: Set only from a certificate validated by the PKI layer.
     peer: PeerIdentity | None = None
     client: str | None = None
+    #: Whether the front door can apply sanitize obligations (rewrite the body, headers and the
+    #: answer). An ext_authz door only answers allow or deny, so a sanitize decision with
+    #: obligations is refused there (``policy_error``) rather than forwarded unsanitized.
+    can_sanitize: bool = True
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property

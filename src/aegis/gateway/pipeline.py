@@ -237,6 +237,11 @@ class Pipeline:
             code = decision.code if decision.code in ("policy_error", "access_denied") else None
             raise AegisError(reason, code=code or "access_denied")
         body, changed = ctx.body, False
+        if decision.action == "sanitize" and decision.obligations and not ctx.can_sanitize:
+            raise AegisError(
+                "policy requires sanitizing this call; route the tool through the reverse proxy",
+                code="policy_error",
+            )
         if decision.action == "sanitize":
             on_body = [
                 o for o in decision.obligations if o.target == "request" and o.kind != "drop_header"

@@ -36,10 +36,10 @@ from aegis.gateway.context import (
     is_json_type,
     lower_pairs,
     parse_json_body,
-    route_from_settings,
     vet_path,
 )
 from aegis.gateway.pipeline import Pipeline, Result
+from aegis.gateway.routing import RouteTable
 from aegis.pki.middleware import peer_from_scope
 from aegis.policy.obligations import apply_to_body, apply_to_headers
 from aegis.telemetry.metrics import DECISIONS
@@ -77,6 +77,7 @@ def _error(result: Result) -> JSONResponse:
         "error_description": result.message,
         "code": result.code,
         "decision_id": result.decision_id,
+        **result.details,
     }
     return JSONResponse(body, status_code=result.status, headers=result.headers)
 
@@ -84,11 +85,7 @@ def _error(result: Result) -> JSONResponse:
 class ReverseProxy:
     def __init__(self, pipeline: Pipeline, settings: GatewaySettings) -> None:
         self._pipeline, self._settings = pipeline, settings
-        self._routes = sorted(
-            (route_from_settings(r) for r in settings.routes),
-            key=lambda r: (len(r.path_prefix), r.host is not None),
-            reverse=True,
-        )
+        self._routes = RouteTable(settings.routes)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -110,14 +107,7 @@ class ReverseProxy:
             self._session = None
 
     def match(self, host: str, path: str) -> Route | None:
-        bare = host.rsplit(":", 1)[0].lower() if not host.startswith("[") else host
-        for r in self._routes:
-            prefix = r.path_prefix.rstrip("/")
-            if r.host is not None and r.host.lower() != bare:
-                continue
-            if path == prefix or path.startswith(prefix + "/") or r.path_prefix == "/":
-                return r
-        return None
+        return self._routes.match(host, path)
 
     async def handle(self, request: Request) -> Response:
         raw_path = request.scope.get("raw_path") or quote(request.url.path).encode()

@@ -1,0 +1,67 @@
+"""Retention: prune old audit records so that what remains still verifies.
+
+Records are removed only as a prefix that ends exactly at a signed checkpoint: the newest stored
+checkpoint whose last record is older than the cut-off. What stays behind is enough for every
+remaining record and every later checkpoint to verify: the checkpoint at the prune point (its root
+and chain head), the Merkle node hashes (32 bytes each, no record content), and every checkpoint.
+An export after a prune starts with a ``base`` line holding the compact range at the prune point,
+which the verifier checks against that checkpoint's signed root.
+
+On PostgreSQL the delete goes through ``aegis_audit_prune(upto)`` (:mod:`aegis.audit.pg`), the one
+path past the append-only trigger; on SQLite it is a plain ``DELETE``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import delete, func, select, text
+
+from aegis.audit.log import AuditLog
+from aegis.audit.pg import PRUNE_FUNCTION
+from aegis.audit.sql_tables import AUDIT_CHECKPOINTS, AUDIT_RECORDS
+from aegis.telemetry.logging import log_event
+
+__all__ = ["PruneResult", "prune", "prune_point"]
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    #: Records now gone are ``seq <= upto`` (0: nothing pruned).
+    upto: int
+    deleted: int
+
+
+def prune_point(log: AuditLog, *, before: float) -> int:
+    """The largest checkpoint size whose last record was appended before ``before`` (0: none)."""
+    query = (
+        select(func.max(AUDIT_CHECKPOINTS.c.tree_size))
+        .select_from(
+            AUDIT_CHECKPOINTS.join(
+                AUDIT_RECORDS, AUDIT_RECORDS.c.seq == AUDIT_CHECKPOINTS.c.tree_size
+            )
+        )
+        .where(AUDIT_RECORDS.c.time < before)
+    )
+    with log.engine.connect() as conn:
+        upto = conn.execute(query).scalar()
+    return int(upto or 0)
+
+
+def prune(log: AuditLog, *, before: float) -> PruneResult:
+    """Delete records up to :func:`prune_point`; idempotent."""
+    upto = prune_point(log, before=before)
+    if upto == 0:
+        return PruneResult(0, 0)
+    with log.engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            deleted = conn.execute(
+                text(f"SELECT {PRUNE_FUNCTION}(:upto)"), {"upto": upto}
+            ).scalar_one()
+        else:
+            deleted = conn.execute(
+                delete(AUDIT_RECORDS).where(AUDIT_RECORDS.c.seq <= upto)
+            ).rowcount
+    log_event("audit.pruned", level=logging.INFO, upto=upto, deleted=int(deleted))
+    return PruneResult(upto, int(deleted))

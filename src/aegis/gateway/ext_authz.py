@@ -1,0 +1,189 @@
+"""What the ext_authz front doors share (Envoy ext_authz v3, nginx ``auth_request``): one checked
+request in, one pipeline :class:`~aegis.gateway.evidence.Result` out.
+
+An ext_authz door never sees the upstream; it tells a proxy (Envoy, nginx) to forward or to answer
+a refusal. Each door only translates its protocol into a :class:`CheckedRequest`; this module then
+does what the reverse proxy does before deciding: vet the path, choose the route with the same
+:class:`~aegis.gateway.routing.RouteTable`, bound the body, validate a forwarded client certificate
+and build the :class:`~aegis.gateway.context.CallContext` for :meth:`Pipeline.run`.
+
+Facts a proxy forwards about the original request (its client certificate, scheme, host, and for
+nginx its URI and method) are believed only from a configured trusted proxy address; the door
+checks the address and passes ``None`` otherwise. A body the door did not see whole is marked
+``streamed``, so that a policy that reads bodies refuses the call instead of deciding without it.
+Sanitize decisions cannot be applied here (no body rewriting through a check), so contexts are
+built with ``can_sanitize=False`` and the pipeline refuses them with ``policy_error``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+from urllib.parse import parse_qsl, urlsplit
+
+from aegis.config import GatewaySettings
+from aegis.errors import AegisError, InvalidRequest, spec_for
+from aegis.gateway.context import (
+    EMPTY_BODY_DIGEST,
+    STREAMED_BODY_DIGEST,
+    CallContext,
+    body_digest,
+    parse_json_body,
+    vet_path,
+)
+from aegis.gateway.evidence import Result
+from aegis.gateway.pipeline import Pipeline
+from aegis.gateway.routing import RouteTable
+from aegis.pki.forwarded import parse_nginx, parse_xfcc
+from aegis.pki.peer import PeerIdentity, PeerValidator
+from aegis.telemetry.metrics import DECISIONS
+
+__all__ = [
+    "CREDENTIAL_HEADERS",
+    "CheckedRequest",
+    "ExtAuthz",
+    "TrustedPeers",
+    "refusal_body",
+    "undecided",
+]
+
+#: Request headers a proxy should remove before forwarding an allowed call: the credentials were
+#: for the gateway, and ``x-aegis-*`` identity fields upstream must come only from the decision.
+CREDENTIAL_HEADERS: Final = ("authorization", "dpop")
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedRequest:
+    """The original request, as a proxy described it to an ext_authz door."""
+
+    method: str
+    #: The request target as sent (percent-encoded path, optional ``?query``).
+    target: str
+    host: str
+    scheme: str
+    #: ``(lowercase name, value)`` pairs of the original request, repeats kept.
+    headers: tuple[tuple[str, str], ...]
+    #: The whole body; None when the original may carry a body the door was not shown whole.
+    body: bytes | None
+    #: The client certificate forwarded by a trusted proxy, as forwarded (not yet parsed or
+    #: validated): a URL-encoded PEM (Envoy ``source.certificate``, nginx
+    #: ``$ssl_client_escaped_cert``) or an Envoy ``x-forwarded-client-cert`` value.
+    certificate: str | None = None
+    certificate_format: Literal["pem", "xfcc"] = "pem"
+    #: The original client's address, when known.
+    client: str | None = None
+
+
+class TrustedPeers:
+    """Immediate peer addresses whose forwarded request facts are believed."""
+
+    def __init__(self, addresses: Iterable[str]) -> None:
+        self._trusted = frozenset(ipaddress.ip_address(a) for a in addresses)
+
+    def __contains__(self, host: object) -> bool:
+        if not isinstance(host, str):
+            return False
+        try:
+            addr = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            return False  # a unix socket or a name: never trusted
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return addr in self._trusted
+
+
+def refusal_body(result: Result) -> dict[str, Any]:
+    """The JSON body of a refusal: the stable ``code``, the ``message``, the ``decision_id`` (null
+    when nothing was decided), and the OAuth-style ``error`` / ``error_description`` pair."""
+    return {
+        "code": result.code,
+        "message": result.message,
+        "decision_id": result.decision_id or None,
+        "error": spec_for(result.code or "server_error").oauth_error,
+        "error_description": result.message,
+    }
+
+
+def undecided(status: int, code: str, message: str) -> Result:
+    """A refusal before any route (so no tool, and no decision to attest or audit); counted."""
+    DECISIONS.labels(action="deny", reason=code).inc()
+    return Result("", "deny", status, code, message, {"cache-control": "no-store"})
+
+
+class ExtAuthz:
+    """Decide one checked request with the pipeline, exactly as the reverse proxy would."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        settings: GatewaySettings,
+        *,
+        validator: PeerValidator | None = None,
+    ) -> None:
+        self._pipeline, self._settings, self._validator = pipeline, settings, validator
+        self.routes = RouteTable(settings.routes)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self._settings.max_body_bytes
+
+    async def check(self, req: CheckedRequest) -> Result:
+        parts = urlsplit(req.target)
+        try:
+            path, bad = vet_path(parts.path), None
+        except InvalidRequest as exc:
+            path, bad = parts.path, exc
+        route = self.routes.match(req.host, path)
+        if route is None:
+            if bad is not None:
+                return undecided(400, "invalid_request", bad.message)
+            return undecided(404, "not_found", "no route for this path")
+        ctx = CallContext(
+            method=req.method.upper(),
+            url=f"{req.scheme}://{req.host}{req.target}",
+            host=req.host,
+            path=path,
+            route=route,
+            headers=req.headers,
+            query=tuple(parse_qsl(parts.query, keep_blank_values=True)),
+            body_digest=STREAMED_BODY_DIGEST,
+            raw_body=None,
+            client=req.client,
+            can_sanitize=False,
+        )
+        try:
+            if bad is not None:
+                raise bad
+            ctx = self._with_body(ctx, req.body)
+            if req.certificate:
+                ctx = dataclasses.replace(ctx, peer=self._peer(req))
+        except AegisError as exc:
+            return await self._pipeline.refuse(ctx, exc)
+        return await self._pipeline.run(ctx)
+
+    def _with_body(self, ctx: CallContext, raw: bytes | None) -> CallContext:
+        if raw is None:
+            return ctx  # not seen whole: digest "streamed", hidden from policy
+        limit = self._settings.max_body_bytes
+        if len(raw) > limit:
+            raise AegisError(f"request body larger than {limit} bytes", code="payload_too_large")
+        reads = self._pipeline.reads_body(ctx.route)
+        shown = limit if reads else self._settings.policy_body_bytes
+        small = len(raw) <= shown
+        body = parse_json_body(raw, ctx.header("content-type")) if small else None
+        digest = body_digest(raw) if raw else EMPTY_BODY_DIGEST
+        return dataclasses.replace(
+            ctx, body_digest=digest, body=body, raw_body=raw if small else None
+        )
+
+    def _peer(self, req: CheckedRequest) -> PeerIdentity | None:
+        text = req.certificate or ""
+        der = parse_xfcc(text) if req.certificate_format == "xfcc" else parse_nginx(text)
+        # Without the internal CA no certificate can be validated; the peer stays unknown, so a
+        # certificate-bound token fails its binding check (closed), while DPoP calls still work.
+        if der is None or self._validator is None:
+            return None
+        return self._validator.validate(der, source="forwarded")

@@ -1,0 +1,202 @@
+"""Envoy external authorization, gRPC (``envoy.service.auth.v3.Authorization/Check``).
+
+Built on Envoy's own API protos (the ``xds-protos`` package) and ``grpc.aio``. A ``CheckRequest``'s
+``attributes.request.http`` (method, path with query, host, scheme, headers, body) becomes a
+:class:`~aegis.gateway.ext_authz.CheckedRequest`, decided by the one pipeline, and the answer is:
+
+* **OK** (``google.rpc.Code.OK``) with ``ok_response.headers`` for the upstream (verified agent id,
+  tenant, decision id, attestation; each overwriting whatever the client sent), the credentials and
+  every incoming ``x-aegis-*`` field in ``headers_to_remove``, and the decision id and attestation
+  in ``response_headers_to_add`` for the caller;
+* **Denied** (``UNAUTHENTICATED`` for a 401, ``UNAVAILABLE`` for a 503, else
+  ``PERMISSION_DENIED``) with ``denied_response``: the HTTP status, ``WWW-Authenticate`` and the
+  other refusal headers, and a JSON body ``{code, message, decision_id, ...}``.
+
+Repeated headers: with ``encode_raw_headers`` Envoy sends each occurrence (``header_map``); without
+it, Envoy joins repeats with ``,``. A JWS never contains ``,``, so a joined ``Authorization`` or
+``DPoP`` value is split back and two credentials are refused as two. The peer certificate
+(``source.certificate``, sent with ``include_peer_certificate``) and the client address are
+believed only when the gRPC peer is in ``gateway.ext_authz.trusted_proxies``.
+
+Body (``with_request_body``): the call is decided on the body only when Envoy sent it whole (not
+``x-envoy-auth-partial-body: true``, length equal to ``content-length``); otherwise it is marked
+``streamed`` and a policy that reads bodies refuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Final
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.type.v3 import http_status_pb2
+from google.rpc import code_pb2, status_pb2
+
+from aegis.gateway.evidence import Result
+from aegis.gateway.ext_authz import (
+    CREDENTIAL_HEADERS,
+    CheckedRequest,
+    ExtAuthz,
+    TrustedPeers,
+    refusal_body,
+)
+from aegis.telemetry.logging import log_event
+
+__all__ = ["AuthorizationService", "check_to_request", "start_grpc_server"]
+
+_OVERWRITE: Final = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_PARTIAL_BODY: Final = "x-envoy-auth-partial-body"
+#: Caller-facing headers copied from the decision onto an allowed answer.
+_RESPONSE_HEADERS: Final = ("x-aegis-decision-id", "x-aegis-attestation")
+
+
+def peer_host(peer: str) -> str:
+    """The address in a gRPC peer string (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``, ``unix:...``)."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    if kind == "ipv6":
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return ""
+
+
+def _headers(
+    http: external_auth_pb2.attribute__context__pb2.AttributeContext.HttpRequest,
+) -> tuple[tuple[str, str], ...]:
+    if http.HasField("header_map"):
+        raw = [
+            (h.key.lower(), h.raw_value.decode("latin-1") if h.raw_value else h.value)
+            for h in http.header_map.headers
+        ]
+    else:
+        raw = [(k.lower(), v) for k, v in http.headers.items()]
+    out: list[tuple[str, str]] = []
+    for name, value in raw:
+        if name.startswith(":"):
+            continue  # pseudo-headers are given as method, path, host and scheme
+        if name in CREDENTIAL_HEADERS and "," in value:
+            out.extend((name, part.strip()) for part in value.split(","))
+        else:
+            out.append((name, value))
+    return tuple(out)
+
+
+def _body(
+    http: external_auth_pb2.attribute__context__pb2.AttributeContext.HttpRequest,
+    headers: tuple[tuple[str, str], ...],
+) -> bytes | None:
+    """The body when Envoy sent all of it, else None (a body policy must not decide without)."""
+    seen: bytes = http.raw_body or http.body.encode("utf-8")
+    values = dict(headers)
+    if values.get(_PARTIAL_BODY, "").lower() == "true":
+        return None
+    declared = values.get("content-length")
+    if declared is not None:
+        return seen if declared.isdigit() and int(declared) == len(seen) else None
+    if "transfer-encoding" in values:
+        return seen or None
+    # Without content-length or transfer-encoding an HTTP/1.x request has no body (RFC 9112
+    # §6.3); an HTTP/2 or HTTP/3 one may, so nothing seen there is not proof of no body.
+    if not seen and not http.protocol.upper().startswith("HTTP/1"):
+        return None
+    return seen
+
+
+def check_to_request(request: external_auth_pb2.CheckRequest, *, trusted: bool) -> CheckedRequest:
+    """The original request described by a ``CheckRequest``; forwarded facts (certificate,
+    client address) are read only when the sender is a trusted proxy."""
+    attrs = request.attributes
+    http = attrs.request.http
+    headers = _headers(http)
+    certificate: str | None = None
+    client: str | None = None
+    if trusted:
+        certificate = attrs.source.certificate or None  # URL-encoded PEM
+        client = attrs.source.address.socket_address.address or None
+    return CheckedRequest(
+        method=http.method,
+        target=http.path,
+        host=http.host,
+        scheme=http.scheme or "http",
+        headers=headers,
+        body=_body(http, headers),
+        certificate=certificate,
+        client=client,
+    )
+
+
+def _option(name: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, value=value), append_action=_OVERWRITE
+    )
+
+
+def _grpc_code(status: int) -> int:
+    if status == 401:
+        return int(code_pb2.UNAUTHENTICATED)
+    if status == 503:
+        return int(code_pb2.UNAVAILABLE)
+    return int(code_pb2.PERMISSION_DENIED)
+
+
+def to_response(result: Result, req: CheckedRequest) -> external_auth_pb2.CheckResponse:
+    if result.allowed:
+        sent = {name for name, _ in req.headers}
+        remove = sorted(
+            {n for n in sent if n in CREDENTIAL_HEADERS or n.startswith("x-aegis-")}
+            - set(result.upstream_headers)
+        )
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.OK),
+            ok_response=external_auth_pb2.OkHttpResponse(
+                headers=[_option(k, v) for k, v in result.upstream_headers.items()],
+                headers_to_remove=remove,
+                response_headers_to_add=[
+                    _option(k, result.headers[k]) for k in _RESPONSE_HEADERS if k in result.headers
+                ],
+            ),
+        )
+    headers = {**result.headers, "content-type": "application/json"}
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=_grpc_code(result.status), message=result.code or ""),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=result.status),
+            headers=[_option(k, v) for k, v in headers.items()],
+            body=json.dumps(refusal_body(result), separators=(",", ":")),
+        ),
+    )
+
+
+class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    """The ``Authorization`` service: every ``Check`` decided by the pipeline."""
+
+    def __init__(self, ext: ExtAuthz, trusted: TrustedPeers) -> None:
+        self._ext, self._trusted = ext, trusted
+
+    async def Check(  # the name is the gRPC method's
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> external_auth_pb2.CheckResponse:
+        trusted = peer_host(context.peer()) in self._trusted
+        req = check_to_request(request, trusted=trusted)
+        try:
+            result = await self._ext.check(req)
+        except Exception as exc:  # the pipeline refuses its own errors; this is a bug: deny
+            log_event("ext_authz.grpc_error", level=logging.ERROR, error=type(exc).__name__)
+            result = Result("", "deny", 500, "server_error", "internal error")
+        return to_response(result, req)
+
+
+async def start_grpc_server(
+    service: AuthorizationService, host: str, port: int
+) -> tuple[grpc.aio.Server, int]:
+    """Serve ``service`` on ``host:port`` (0: any free port); returns the server and its port."""
+    server = grpc.aio.server()
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(service, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen for gRPC ext_authz on {host}:{port}")
+    await server.start()
+    return server, bound

@@ -1,0 +1,152 @@
+"""HTTP external authorization: Envoy's ext_authz HTTP service mode and nginx ``auth_request``.
+
+The answer is the status alone, plus headers a proxy copies: **200** allows, with the identity for
+the upstream as ``x-aegis-agent-id``, ``x-aegis-tenant``, ``x-aegis-decision-id`` and
+``x-aegis-attestation`` (nginx: ``auth_request_set $aegis_agent $upstream_http_x_aegis_agent_id``;
+Envoy: ``allowed_upstream_headers``); a refusal answers its own status (401 with
+``WWW-Authenticate``, 403, 503 with ``Retry-After`` ...) and the JSON body
+``{code, message, decision_id, ...}``. nginx turns a subrequest status other than 2xx, 401 and 403
+into a 500: still a denial.
+
+Where the original request comes from (``gateway.ext_authz.http_mode``):
+
+* ``envoy`` -- the check request *is* the original one: its method, its path (after Envoy's
+  ``path_prefix``, configured here as ``path_prefix``), its headers, and its body when Envoy is
+  configured ``with_request_body``.
+* ``nginx`` -- the check is a subrequest; the original method and URI arrive in
+  ``original_method_header`` / ``original_uri_header`` (``proxy_set_header X-Original-URI
+  $request_uri``). They are believed only from ``trusted_proxies``; any other peer is refused. nginx
+  never passes the body, so it is ``streamed`` (unseen) and a policy that reads it refuses.
+
+From a trusted proxy only: ``x-forwarded-host``, ``x-forwarded-proto``, the rightmost
+``x-forwarded-for`` entry, and the client certificate (Envoy ``x-forwarded-client-cert``, nginx
+``x-ssl-client-cert`` from ``$ssl_client_escaped_cert``). From anyone else they are ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Final
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route as StarletteRoute
+
+from aegis.config import ExtAuthzSettings
+from aegis.gateway.evidence import Result
+from aegis.gateway.ext_authz import (
+    CheckedRequest,
+    ExtAuthz,
+    TrustedPeers,
+    refusal_body,
+    undecided,
+)
+from aegis.pki.forwarded import ENVOY_HEADER, NGINX_HEADER
+from aegis.telemetry.logging import log_event
+
+__all__ = ["HttpExtAuthz", "create_ext_authz_http_app"]
+
+#: Every method a proxy may check (the check request's own method in Envoy mode).
+_METHODS: Final = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
+_PARTIAL_BODY: Final = "x-envoy-auth-partial-body"
+#: Fields that describe the check request itself, or forwarded facts read separately: never
+#: handed to the pipeline as the original request's headers.
+_CHECK_ONLY: Final = frozenset(
+    {"content-length", "transfer-encoding", "connection", _PARTIAL_BODY}
+    | {"x-forwarded-host", "x-forwarded-proto", ENVOY_HEADER, NGINX_HEADER}
+)
+
+
+def _one(request: Request, name: str) -> str | None:
+    values = request.headers.getlist(name)
+    return values[0] if len(values) == 1 else None
+
+
+class HttpExtAuthz:
+    def __init__(self, ext: ExtAuthz, settings: ExtAuthzSettings) -> None:
+        self._ext, self._settings = ext, settings
+        self._trusted = TrustedPeers(settings.trusted_proxies)
+        self._facts = frozenset(
+            {settings.original_uri_header, settings.original_method_header}
+            if settings.http_mode == "nginx"
+            else ()
+        )
+
+    async def handle(self, request: Request) -> Response:
+        try:
+            result = await self._check(request)
+        except Exception as exc:  # a bug is a denial, never an allow
+            log_event("ext_authz.http_error", level=logging.ERROR, error=type(exc).__name__)
+            result = Result("", "deny", 500, "server_error", "internal error")
+        if result.allowed:
+            return Response(status_code=200, headers={**result.headers, **result.upstream_headers})
+        return JSONResponse(refusal_body(result), result.status, result.headers)
+
+    async def _check(self, request: Request) -> Result:
+        s = self._settings
+        peer = request.client.host if request.client else ""
+        trusted = peer in self._trusted
+        if s.http_mode == "nginx":
+            if not trusted:
+                return undecided(403, "access_denied", "this endpoint answers trusted proxies only")
+            method = _one(request, s.original_method_header)
+            target = _one(request, s.original_uri_header)
+            if not method or not target:
+                return undecided(400, "invalid_request", "send one original method and one URI")
+            body: bytes | None = None
+        else:
+            method = request.method
+            raw = (request.scope.get("raw_path") or b"").decode("latin-1")
+            query = request.scope.get("query_string", b"").decode("latin-1")
+            target = raw[len(s.path_prefix) :] if raw.startswith(s.path_prefix) else ""
+            if not target.startswith("/"):
+                return undecided(404, "not_found", "no route for this path")
+            target += f"?{query}" if query else ""
+            body = await self._body(request)
+        headers = tuple(
+            (k, v)
+            for k, v in ((k.lower(), v) for k, v in request.headers.items())
+            if k not in _CHECK_ONLY and k not in self._facts
+        )
+        host = request.headers.get("host", "")
+        scheme, client, cert = request.url.scheme, peer or None, None
+        if trusted:
+            host = _one(request, "x-forwarded-host") or host
+            scheme = _one(request, "x-forwarded-proto") or scheme
+            forwarded = request.headers.get("x-forwarded-for")
+            client = forwarded.split(",")[-1].strip() if forwarded else client
+            cert = _one(request, NGINX_HEADER if s.http_mode == "nginx" else ENVOY_HEADER)
+        return await self._ext.check(
+            CheckedRequest(
+                method=method.upper(),
+                target=target,
+                host=host,
+                scheme=scheme,
+                headers=headers,
+                body=body,
+                certificate=cert,
+                certificate_format="pem" if s.http_mode == "nginx" else "xfcc",
+                client=client,
+            )
+        )
+
+    async def _body(self, request: Request) -> bytes | None:
+        """Envoy's body when it sent it whole; an empty check body says nothing (Envoy without
+        ``with_request_body`` sends none), so it is unseen too."""
+        if request.headers.get(_PARTIAL_BODY, "").lower() == "true":
+            return None
+        limit, data = self._ext.max_body_bytes, bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                break  # over the limit: refused (413) like the reverse proxy would
+        return bytes(data) or None
+
+
+def create_ext_authz_http_app(ext: ExtAuthz, settings: ExtAuthzSettings) -> Starlette:
+    door = HttpExtAuthz(ext, settings)
+    routes: list[Any] = [StarletteRoute("/{path:path}", door.handle, methods=_METHODS)]
+    app = Starlette(routes=routes)
+    app.state.ext_authz = door
+    return app

@@ -1,0 +1,79 @@
+"""Running the data plane: the reverse proxy and, when configured, the ext_authz front doors, in one
+process sharing one decision pipeline (``aegis gateway run``).
+
+Every listener decides with the same :class:`~aegis.gateway.pipeline.Pipeline` instance: one
+policy watcher, one registry cache, one audit log. The process holds nothing another replica
+needs: replay, revocation and the registry live in the configured shared stores. When any listener
+stops (a signal, or a port that cannot be bound) the others are stopped too, so the process never
+keeps running with a front door silently missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+import uvicorn
+from starlette.applications import Starlette
+
+from aegis.config import GatewaySettings
+from aegis.gateway.app import build_pipeline, create_gateway_app
+from aegis.gateway.ext_authz import ExtAuthz, TrustedPeers
+from aegis.gateway.ext_authz_grpc import AuthorizationService, start_grpc_server
+from aegis.gateway.ext_authz_http import create_ext_authz_http_app
+from aegis.gateway.pipeline import Pipeline
+from aegis.pki.peer import PeerValidator
+from aegis.pki.service import PkiService
+from aegis.server.services import Services
+from aegis.telemetry.logging import log_event
+
+__all__ = ["build_ext_authz", "serve_gateway"]
+
+
+def build_ext_authz(services: Services, settings: GatewaySettings, pipeline: Pipeline) -> ExtAuthz:
+    """The ext_authz core over ``pipeline``; forwarded client certificates are validated against
+    the internal CA when it exists (without it none is believed)."""
+    pki = services.extras.get("pki")
+    validator: PeerValidator | None = pki.validator() if isinstance(pki, PkiService) else None
+    return ExtAuthz(pipeline, settings, validator=validator)
+
+
+async def serve_gateway(
+    services: Services,
+    settings: GatewaySettings,
+    *,
+    host: str,
+    port: int,
+    log_level: str = "info",
+) -> None:
+    """Serve until interrupted: the proxy on ``host:port``, plus each configured ext_authz door."""
+    pipeline = build_pipeline(services, settings)
+    app = create_gateway_app(services, settings, pipeline=pipeline)
+
+    def server(asgi: Starlette, h: str, p: int) -> uvicorn.Server:
+        return uvicorn.Server(
+            uvicorn.Config(asgi, host=h, port=p, log_level=log_level, lifespan="on")
+        )
+
+    servers = [server(app, host, port)]
+    ea = settings.ext_authz
+    ext = build_ext_authz(services, settings, pipeline)
+    if ea.http_port is not None:
+        servers.append(server(create_ext_authz_http_app(ext, ea), ea.http_host, ea.http_port))
+    grpc_server: grpc.aio.Server | None = None
+    if ea.grpc_port is not None:
+        service = AuthorizationService(ext, TrustedPeers(ea.trusted_proxies))
+        grpc_server, bound = await start_grpc_server(service, ea.grpc_host, ea.grpc_port)
+        log_event("gateway.ext_authz_grpc_listening", host=ea.grpc_host, port=bound)
+    tasks = [asyncio.create_task(s.serve()) for s in servers]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for s in servers:
+            s.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if grpc_server is not None:
+            await grpc_server.stop(grace=1.0)
+        await services.aclose()

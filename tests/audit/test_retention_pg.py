@@ -1,0 +1,125 @@
+"""Retention on SQLite and PostgreSQL, and PostgreSQL's append-only audit tables (real server)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from aegis.audit.checkpoint import Checkpointer, jwks_resolver
+from aegis.audit.log import AuditLog
+from aegis.audit.retention import prune
+from aegis.audit.verify import verify_export
+from aegis.clock import FrozenClock
+from aegis.crypto.keyring import KeyRing
+from aegis.errors import EvidenceError
+from tests.audit.conftest import ISSUER, dumps, export_text, fill, loads
+
+
+@pytest.fixture
+def pg_log(fresh_pg_url: str, clock: FrozenClock) -> Iterator[AuditLog]:
+    audit = AuditLog(fresh_pg_url, clock=clock)
+    yield audit
+    audit.close()
+
+
+def _aged_log(log: AuditLog, keyring: KeyRing, clock: FrozenClock) -> Checkpointer:
+    cp = Checkpointer(log, keyring, issuer=ISSUER, clock=clock)
+    fill(log, 4)
+    cp.checkpoint()  # at 4
+    fill(log, 3, start=4)
+    cp.checkpoint()  # at 7
+    clock.advance(86400)
+    fill(log, 3, start=7)  # 8-10 are young
+    return cp
+
+
+def _prune_and_verify(
+    log: AuditLog, cp: Checkpointer, keyring: KeyRing, clock: FrozenClock
+) -> None:
+    result = prune(log, before=clock.now() - 3600)
+    assert (result.upto, result.deleted) == (7, 7)
+    assert prune(log, before=clock.now() - 3600).deleted == 0  # idempotent
+    assert log.count() == 3 and log.verify_chain().ok
+    fill(log, 2, start=10)
+    lines = export_text(cp)
+    assert loads(lines[1])["type"] == "base"
+    summary = verify_export(lines, jwks_resolver(keyring.jwks()))
+    assert (summary.first_seq, summary.last_seq, summary.records) == (8, 12, 5)
+    # The base must match the signed checkpoint at the prune point.
+    base = loads(lines[1])
+    base["compact_range"][0] = "00" * 32
+    lines[1] = dumps(base)
+    with pytest.raises(EvidenceError, match="checkpoint_mismatch"):
+        verify_export(lines, jwks_resolver(keyring.jwks()))
+
+
+def test_prune_on_sqlite_keeps_what_remains_verifiable(
+    log: AuditLog, keyring: KeyRing, clock: FrozenClock
+) -> None:
+    cp = _aged_log(log, keyring, clock)
+    _prune_and_verify(log, cp, keyring, clock)
+
+
+def test_a_fully_pruned_log_continues_its_chain(
+    log: AuditLog, keyring: KeyRing, clock: FrozenClock
+) -> None:
+    cp = Checkpointer(log, keyring, issuer=ISSUER, clock=clock)
+    fill(log, 3)
+    cp.checkpoint()
+    clock.advance(10)
+    assert prune(log, before=clock.now()).deleted == 3
+    fill(log, 1, start=3)
+    assert log.verify_chain().ok and next(iter(log.records()))["n"] == 3
+    assert verify_export(export_text(cp), jwks_resolver(keyring.jwks())).first_seq == 4
+
+
+@pytest.mark.postgres
+def test_postgres_refuses_update_delete_and_truncate(
+    pg_log: AuditLog, keyring: KeyRing, clock: FrozenClock
+) -> None:
+    cp = Checkpointer(pg_log, keyring, issuer=ISSUER, clock=clock)
+    fill(pg_log, 3)
+    cp.checkpoint()
+    for statement in (
+        "UPDATE audit_records SET record = '{}' WHERE seq = 2",
+        "DELETE FROM audit_records WHERE seq = 3",
+        "TRUNCATE audit_records",
+        "UPDATE audit_checkpoints SET root_hash = repeat('0', 64)",
+        "DELETE FROM audit_checkpoints",
+        "DELETE FROM audit_tree_nodes",
+        "TRUNCATE audit_tree_nodes",
+        # The prune setting alone does not open a way past: only up to a checkpoint size.
+        "SELECT set_config('aegis.audit_prune_upto', '2', true); DELETE FROM audit_records WHERE seq = 1",
+        "SELECT aegis_audit_prune(2)",
+    ):
+        with (
+            pytest.raises(DBAPIError, match=r"append-only|only up to a signed checkpoint"),
+            pg_log.engine.begin() as conn,
+        ):
+            conn.exec_driver_sql(statement)
+    assert pg_log.count() == 3 and pg_log.verify_chain().ok
+
+
+@pytest.mark.postgres
+def test_prune_on_postgres_is_the_one_way_past_the_trigger(
+    pg_log: AuditLog, keyring: KeyRing, clock: FrozenClock
+) -> None:
+    cp = _aged_log(pg_log, keyring, clock)
+    _prune_and_verify(pg_log, cp, keyring, clock)
+    with pg_log.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM audit_checkpoints")).scalar() == 2
+
+
+@pytest.mark.postgres
+def test_postgres_appends_and_exports(
+    pg_log: AuditLog, keyring: KeyRing, clock: FrozenClock
+) -> None:
+    cp = Checkpointer(pg_log, keyring, issuer=ISSUER, clock=clock)
+    fill(pg_log, 6)
+    cp.checkpoint()
+    fill(pg_log, 2, start=6)
+    assert verify_export(export_text(cp), jwks_resolver(keyring.jwks())).records == 8
+    AuditLog(pg_log.engine, clock=clock)  # installing the triggers again is harmless
