@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from aegis.clock import FrozenClock, random_bytes
+from aegis.crypto.jws import parse_compact
 from aegis.crypto.keyring import KeyRing, KeyRingSettings, decrypt_seed, encrypt_seed
 from aegis.crypto.keys import PRIVATE_JWK_MEMBERS, jwk_thumbprint, public_key_from_jwk
 from aegis.errors import ConfigError, Conflict, TokenError
@@ -104,8 +105,11 @@ def test_tokens_signed_before_a_rotation_verify_until_they_expire() -> None:
     issued = issuer.issue(
         agent_id="a", client_id="c", tenant="t", env="e", scopes=(), audience=(AUD,), lifetime=3600
     )
+    signed_with = parse_compact(issued.token).header["kid"]
+    assert signed_with in _kids(ring)
     ring.rotate()
-    assert ring.signing_key().kid != issued.claims.get("kid")
+    assert ring.signing_key().kid != signed_with
+    assert signed_with in _state(ring, KeyState.RETIRED) and signed_with in _kids(ring)
     verifier.verify(issued.token)
     clock.set(issued.claims["exp"] + 29)
     verifier.verify(issued.token)
