@@ -46,6 +46,10 @@ spec:
     - id: finance-via-orchestrator
       action: allow
       match: {tools: ["finance.report"], chain: {parents: [orchestrator]}}
+    - id: finance-orchestrated-deeper
+      action: allow
+      match: {tools: ["finance.report"], chain: {min_depth: 2}}
+      when: {path: chain.agents, contains: orchestrator}
 """
 SCOPES = ("payments:write", "crm:read", "finance:read")
 
