@@ -228,3 +228,26 @@ def test_scopes_only_narrow(scope_path: list[set[str]]) -> None:
     chain = verify_links(links, cache=w.cache, rules=w.rules, tenant="acme", env="prod", at=T0)
     assert set(chain.grants[-1].scopes) == scope_path[-1]
     assert chain.agents == tuple(a.id for a in agents)
+
+
+async def test_memoized_links_follow_the_signers_current_keys() -> None:
+    """Verified links are memoized per signer key material: a hit equals re-verifying with the
+    registry's current keys, a forged link is never remembered."""
+    w = World()
+    _, fin, pay = await three_hops(w)
+    assert check(w, pay.token).depth == 2  # both links are memoized now
+    registered, other = fin.key.public.to_jwk(), Ed25519SigningKey.generate().public.to_jwk()
+    w.registry.update_agent("finance", actor="t", jwks=(other,))
+    assert refused(w, pay.token).code == "parent_signature_invalid"
+    w.registry.update_agent("finance", actor="t", jwks=(registered,))
+    assert check(w, pay.token).depth == 2
+    intruder = Ed25519SigningKey.generate()
+    forged = mint_grant(
+        intruder, parent="finance", child="payments", audience=ISSUER, scopes=("payments:write",),
+        tools=("pay_invoice",), max_depth=0, parent_links=pay.links[:1], now=w.clock.now(),
+    )  # fmt: skip
+    # The finance key's own header (its kid), so only the signature differs.
+    kid_header, rest = pay.links[1].partition(".")[0], forged.partition(".")[2]
+    token = reissue(w, pay.token, parent_agent=f"{pay.links[0]}~{kid_header}.{rest}")
+    for _ in range(2):
+        assert refused(w, token).code == "parent_signature_invalid"

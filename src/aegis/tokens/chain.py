@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from math import inf
 from typing import Any, Final
 
 from aegis.crypto.jws import parse_compact
@@ -33,9 +34,9 @@ from aegis.tokens.claims import AccessToken
 from aegis.tokens.delegation import (
     ANY_TOOL,
     Grant,
-    agent_key_resolver,
     chain_digest,
     split_chain,
+    verify_agent_grant,
     verify_grant,
 )
 from aegis.types import AgentStatus
@@ -141,8 +142,11 @@ def verify_links(
         iss = grants[-1].sub if i else parse_compact(link).payload.get("iss")
         if not isinstance(iss, str) or not iss:
             raise _fail("a grant has no issuer", "parent_signature_invalid")
+        allowed: Sequence[str] | None = None
         if iss == rules.issuer and i == 0:
-            resolve, allowed = rules.service_keys, None
+            grant = verify_grant(
+                link, rules.service_keys, issuer=iss, audience=rules.issuer, now=at, leeway=inf
+            )
         else:
             try:
                 signer = cache.agent(iss)
@@ -150,12 +154,10 @@ def verify_links(
                 raise _fail(
                     "a grant's issuer is not a registered agent", "parent_signature_invalid"
                 ) from None
-            resolve, allowed = agent_key_resolver(signer), signer.allowed_scopes
+            allowed = signer.allowed_scopes
             if i == 0:
                 agents.append(iss)  # an agent-rooted chain starts with the root agent
-        grant = verify_grant(
-            link, resolve, issuer=iss, audience=rules.issuer, now=at, leeway=float("inf")
-        )
+            grant = verify_agent_grant(link, signer, audience=rules.issuer)
         if grant.parent_chain != chain_digest(links[:i]):
             raise _fail("a grant was made for a different chain", "parent_signature_invalid")
         if allowed is not None and not set(grant.scopes) <= set(allowed):

@@ -47,9 +47,11 @@ __all__ = [
     "Grant",
     "agent_key_resolver",
     "chain_digest",
+    "forget_verified_links",
     "grant_rules",
     "mint_grant",
     "split_chain",
+    "verify_agent_grant",
     "verify_grant",
 ]
 
@@ -170,12 +172,22 @@ def grant_rules(audience: str, *, leeway: float = DEFAULT_LEEWAY) -> VerifyRules
 
 
 _key_cache: dict[tuple[str, ...], dict[str, PublicKey]] = {}
+#: Links whose signature and claims verified, by (exact compact link, audience, signer id, signer
+#: key material). A hit is exactly what re-verifying with the signer's current keys would return
+#: (verification is deterministic), and a rotated or removed key changes the material, so it misses.
+#: Only successes are kept; time, state and narrowing checks are the caller's, on every call.
+_verified: dict[tuple[str, str, str, tuple[str, ...]], Grant] = {}
+MAX_VERIFIED_LINKS: Final = 4096
+
+
+def _key_material(agent: Agent) -> tuple[str, ...]:
+    return tuple(str(j.get(m, "")) for j in agent.jwks for m in ("kid", "x", "y"))
 
 
 def agent_key_resolver(agent: Agent) -> Callable[[str], PublicKey | None]:
     """Resolve a ``kid`` among the agent's *current* registered keys (registered kid or RFC 7638
     thumbprint). Keys never come from the token. Imports are cached by the exact key material."""
-    cache_key = tuple(str(j.get(m, "")) for j in agent.jwks for m in ("kid", "x", "y"))
+    cache_key = _key_material(agent)
     keys = _key_cache.get(cache_key)
     if keys is None:
         keys = {}
@@ -229,6 +241,31 @@ def verify_grant(
             "the grant's iss is not the signing agent", code="parent_signature_invalid"
         )
     return _grant_from_claims(token, claims)
+
+
+def verify_agent_grant(token: str, signer: Agent, *, audience: str) -> Grant:
+    """:func:`verify_grant` of a link signed by agent ``signer``, structure and signature only
+    (``leeway=inf``: the chain checks time), memoized per link and per signer key material."""
+    memo_key = (token, audience, signer.id, _key_material(signer))
+    grant = _verified.get(memo_key)
+    if grant is None:
+        grant = verify_grant(
+            token,
+            agent_key_resolver(signer),
+            issuer=signer.id,
+            audience=audience,
+            now=0.0,
+            leeway=math.inf,
+        )
+        if len(_verified) >= MAX_VERIFIED_LINKS:
+            _verified.clear()
+        _verified[memo_key] = grant
+    return grant
+
+
+def forget_verified_links() -> None:
+    """Drop every memoized link (benchmarks measuring the cold path, tests)."""
+    _verified.clear()
 
 
 def _grant_from_claims(token: str, claims: dict[str, Any]) -> Grant:
