@@ -1,0 +1,143 @@
+"""HTTP ext_authz over a real socket: Envoy's HTTP service mode (the check request is the original
+request) and nginx ``auth_request`` (the original method and URI in headers, believed only from a
+trusted proxy). 200 allows with ``x-aegis-*`` headers; a refusal answers its status and JSON."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from aegis.config import ExtAuthzSettings, GatewaySettings
+from aegis.gateway.ext_authz import ExtAuthz
+from aegis.gateway.ext_authz_http import create_ext_authz_http_app
+from aegis.policy.loader import load_document
+from tests.gateway.conftest import Agent, Env
+from tests.gateway.harness import serve
+from tests.gateway.test_ext_authz_grpc import ROUTES
+from tests.gateway.test_pipeline import POLICY
+
+
+def door(env: Env, **ext: Any) -> Iterator[str]:
+    data = env.settings.model_dump()
+    data.update(routes=ROUTES, ext_authz=ext)
+    settings = GatewaySettings.model_validate(data)
+    app = create_ext_authz_http_app(ExtAuthz(env.pipeline, settings), settings.ext_authz)
+    with serve(app) as url:
+        yield url
+
+
+@pytest.fixture
+def envoy(env: Env) -> Iterator[str]:
+    yield from door(env, http_mode="envoy", path_prefix="/check")
+
+
+@pytest.fixture
+def nginx(env: Env) -> Iterator[str]:
+    yield from door(env, http_mode="nginx", trusted_proxies=["127.0.0.1"])
+
+
+@pytest.fixture
+def untrusted_nginx(env: Env) -> Iterator[str]:
+    yield from door(env, http_mode="nginx", trusted_proxies=["192.0.2.1"])
+
+
+def creds(agent: Agent, path: str = "/payments/charge", method: str = "POST") -> dict[str, str]:
+    token = agent.token()
+    return {"authorization": f"DPoP {token}", "dpop": agent.proof(token, method, path)}
+
+
+def test_envoy_mode_allows_with_identity_headers(env: Env, envoy: str) -> None:
+    agent = Agent(env)
+    forged = {"x-aegis-agent-id": "admin"}
+    resp = httpx.post(f"{envoy}/check/payments/charge", headers={**creds(agent), **forged})
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-aegis-agent-id"] == "payer"
+    assert resp.headers["x-aegis-tenant"] == "acme"
+    assert resp.headers["x-aegis-attestation"].count(".") == 2
+    record = next(
+        r for r in env.audit.records() if r["decision_id"] == resp.headers["x-aegis-decision-id"]
+    )
+    assert (record["action"], record["path"], record["method"]) == (
+        "allow",
+        "/payments/charge",
+        "POST",
+    )
+
+
+def test_envoy_mode_refusals_carry_status_challenge_and_json(env: Env, envoy: str) -> None:
+    agent = Agent(env)
+    headers = creds(agent)
+    assert httpx.post(f"{envoy}/check/payments/charge", headers=headers).status_code == 200
+    replay = httpx.post(f"{envoy}/check/payments/charge", headers=headers)
+    assert replay.status_code == 401
+    assert replay.json()["code"] == "replay_detected"
+    assert replay.json()["decision_id"] == replay.headers["x-aegis-decision-id"]
+    assert replay.headers["www-authenticate"].startswith("DPoP error=")
+    denied = httpx.post(f"{envoy}/check/crm/x", headers=creds(agent, "/crm/x"))
+    assert (denied.status_code, denied.json()["code"]) == (403, "access_denied")
+    assert "x-aegis-agent-id" not in denied.headers
+    none = httpx.post(f"{envoy}/check/payments/charge")
+    assert (none.status_code, none.json()["code"]) == (401, "unauthenticated")
+    # The proof was made for the path without Envoy's prefix; outside the prefix nothing routes.
+    outside = httpx.post(f"{envoy}/payments/charge", headers=creds(agent))
+    assert (outside.status_code, outside.json()["code"]) == (404, "not_found")
+    dots = httpx.post(f"{envoy}/check/payments/%2e%2e/admin", headers=creds(agent))
+    assert (dots.status_code, dots.json()["code"]) == (400, "invalid_request")
+
+
+def test_nginx_mode_reads_the_original_request_from_trusted_headers(env: Env, nginx: str) -> None:
+    agent = Agent(env)
+    headers = {
+        **creds(agent),
+        "x-original-uri": "/payments/charge?x=1",
+        "x-original-method": "POST",
+    }
+    resp = httpx.get(f"{nginx}/auth", headers=headers)
+    assert resp.status_code == 200, resp.text
+    record = next(
+        r for r in env.audit.records() if r["decision_id"] == resp.headers["x-aegis-decision-id"]
+    )
+    assert (record["method"], record["path"]) == ("POST", "/payments/charge")
+    # The method is part of the proof (htm): the same call announced as a GET is refused.
+    headers = {**creds(agent), "x-original-uri": "/payments/charge", "x-original-method": "GET"}
+    assert httpx.get(f"{nginx}/auth", headers=headers).status_code == 401
+    missing = httpx.get(f"{nginx}/auth", headers=creds(agent))
+    assert (missing.status_code, missing.json()["code"]) == (400, "invalid_request")
+    twice = httpx.get(
+        f"{nginx}/auth",
+        headers=[*creds(agent).items(), ("x-original-uri", "/payments/charge"),
+                 ("x-original-uri", "/crm/x"), ("x-original-method", "POST")],
+    )  # fmt: skip
+    assert twice.status_code == 400
+
+
+def test_nginx_mode_refuses_peers_that_are_not_trusted_proxies(
+    env: Env, untrusted_nginx: str
+) -> None:
+    agent = Agent(env)
+    headers = {**creds(agent), "x-original-uri": "/payments/charge", "x-original-method": "POST"}
+    resp = httpx.get(f"{untrusted_nginx}/auth", headers=headers)
+    assert (resp.status_code, resp.json()["code"]) == (403, "access_denied")
+
+
+def test_nginx_mode_never_shows_a_body_to_policy(env: Env, nginx: str) -> None:
+    env.policies.activate(
+        "acme", "prod", env.policies.put(load_document(POLICY), now=0), actor="t", now=0
+    )
+    agent = Agent(env)
+    headers = {**creds(agent), "x-original-uri": "/payments/charge", "x-original-method": "POST"}
+    # nginx withholds the body, so a policy that reads it cannot decide: refused, never allowed.
+    resp = httpx.get(f"{nginx}/auth", headers=headers)
+    assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request")
+
+
+def test_nginx_mode_needs_trusted_proxies() -> None:
+    with pytest.raises(ValueError, match="trusted_proxies"):
+        ExtAuthzSettings(http_port=9000, http_mode="nginx")
+    with pytest.raises(ValueError, match="ext_authz ports"):
+        GatewaySettings.model_validate({"port": 9000, "ext_authz": {"grpc_port": 9000}})
+    with pytest.raises(ValueError, match="not an IP"):
+        ExtAuthzSettings(trusted_proxies=("nginx.local",))
