@@ -26,6 +26,10 @@ from aegis.errors import ConfigError
 __all__ = [
     "DEFAULT_CONFIG_FILE",
     "AegisConfig",
+    "ApprovalChannel",
+    "ApprovalSettings",
+    "Approver",
+    "AuditSettings",
     "DelegationSettings",
     "ExtAuthzSettings",
     "ExternalIssuer",
@@ -325,6 +329,160 @@ class GatewaySettings(_Section):
         return self
 
 
+class Approver(_Section):
+    """One person who may decide approval requests (``approvals.approvers[]``, docs/approvals.md)."""
+
+    #: The approver's identity as audited, normally an e-mail address (compared case-insensitively
+    #: with an agent's ``owner`` for separation of duties).
+    id: str = Field(min_length=1, max_length=256)
+    #: Approver groups this person belongs to (a rule's ``approval.group`` names one).
+    groups: tuple[str, ...] = Field(min_length=1)
+    #: Admin API key ids (``aegis_ak_<key_id>_...``) that act as this approver over the admin API.
+    admin_keys: tuple[str, ...] = ()
+    #: The Slack user id (``U...``) whose button presses are this approver's.
+    slack_user: str | None = None
+    #: The Teams user (``from.aadObjectId``) whose replies are this approver's.
+    teams_user: str | None = None
+
+
+class ApprovalChannel(_Section):
+    """Where new approval requests are announced (``approvals.channels.<name>``)."""
+
+    kind: Literal["slack", "teams", "webhook"]
+    #: The incoming-webhook URL messages are posted to.
+    url: str
+    #: Slack signing secret / Teams outgoing-webhook key (base64) / webhook HMAC key. Prefer
+    #: ``secret_file`` (relative to the config file) over writing it here.
+    secret: str | None = None
+    secret_file: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("use an http(s) URL")
+        return v
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> ApprovalChannel:
+        if (self.secret is None) == (self.secret_file is None):
+            raise ValueError("give exactly one of secret or secret_file")
+        return self
+
+    def secret_bytes(self, base_dir: str, name: str) -> bytes:
+        """The channel's key; a missing file or an empty secret is a ``ConfigError``."""
+        key = f"approvals.channels.{name}.secret"
+        text = self.secret
+        if text is None:
+            text = read_secret_file(Path(base_dir) / (self.secret_file or ""))
+        if not text:
+            raise ConfigError(f"{key}: not set or {self.secret_file} is missing or empty", key=key)
+        return text.encode("utf-8")
+
+
+class ApprovalSettings(_Section):
+    """Human approvals (docs/approvals.md)."""
+
+    approvers: tuple[Approver, ...] = ()
+    channels: dict[str, ApprovalChannel] = Field(default_factory=dict)
+    #: Seconds an override token is usable after the approval (and the approval stays open).
+    override_lifetime: int = Field(default=300, ge=10, le=3600)
+    #: Refuse a decision by the agent's owner (or the call's origin user) on its own request.
+    separation_of_duties: bool = True
+    #: Base URL of the control plane for the status URL agents poll; unset: ``issuer``.
+    status_base_url: str | None = None
+    #: Notification delivery: attempts per message and the first back-off (doubling) in seconds.
+    delivery_attempts: int = Field(default=4, ge=1, le=10)
+    delivery_backoff: float = Field(default=0.5, ge=0.0, le=60.0)
+    delivery_timeout: float = Field(default=5.0, gt=0, le=60.0)
+
+    @model_validator(mode="after")
+    def _unique(self) -> ApprovalSettings:
+        for what in ("id", "slack_user", "teams_user"):
+            values = [getattr(a, what) for a in self.approvers if getattr(a, what) is not None]
+            if what == "id":
+                values = [v.lower() for v in values]
+            if len(set(values)) != len(values):
+                raise ValueError(f"two approvers have the same {what}")
+        for name in self.channels:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", name):
+                raise ValueError(f"channel name {name!r} must match [a-z0-9][a-z0-9._-]{{0,63}}")
+        keys = [k for a in self.approvers for k in a.admin_keys]
+        if len(set(keys)) != len(keys):
+            raise ValueError("an admin key is listed for two approvers")
+        return self
+
+
+class AuditJsonlSink(_Section):
+    """``audit.jsonl``: JSON Lines files, rotated by size (rotated files are never deleted here)."""
+
+    path: str
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=4096)
+
+
+class AuditSyslogSink(_Section):
+    """``audit.syslog``: RFC 5424 messages over TLS (RFC 5425, octet-counted framing)."""
+
+    host: str
+    port: int = Field(default=6514, ge=1, le=65535)
+    #: CA bundle (PEM) the receiver's certificate must chain to; TLS is not optional.
+    ca_file: str
+    #: Client certificate and key (PEM) when the receiver requires mutual TLS.
+    cert_file: str | None = None
+    key_file: str | None = None
+    #: Name checked against the receiver's certificate (default: ``host``).
+    server_name: str | None = None
+    app_name: str = Field(default="aegis", pattern=r"^[!-~]{1,48}$")
+    connect_timeout: float = Field(default=5.0, gt=0, le=300)
+
+    @model_validator(mode="after")
+    def _pair(self) -> AuditSyslogSink:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("give both cert_file and key_file, or neither")
+        return self
+
+
+class AuditOtlpSink(_Section):
+    """``audit.otlp``: OTLP/HTTP logs (protobuf) to a collector's ``/v1/logs``."""
+
+    endpoint: str
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout: float = Field(default=10.0, gt=0, le=300)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")) or "#" in v:
+            raise ValueError("use an http(s) URL such as http://127.0.0.1:4318/v1/logs")
+        return v
+
+
+class AuditSettings(_Section):
+    """The ``audit`` section (docs/audit.md): checkpoints, retention and export sinks."""
+
+    #: How often ``aegis audit run`` extends the Merkle tree and signs a checkpoint (seconds).
+    checkpoint_interval: float = Field(default=60.0, ge=1, le=86400)
+    #: Records older than this are pruned up to a signed checkpoint (days; 0 keeps everything).
+    retention_days: float = Field(default=0.0, ge=0, le=36500)
+    #: Export cursors and dead-letter files live here.
+    state_dir: str = ".aegis/audit-export"
+    batch_size: int = Field(default=500, ge=1, le=10000)
+    #: Retry backoff for a sink that is down: doubles from retry_initial up to retry_max seconds.
+    retry_initial: float = Field(default=0.5, gt=0, le=60)
+    retry_max: float = Field(default=30.0, gt=0, le=3600)
+    #: Attempts before a batch goes to the dead-letter file; 0 retries a down sink forever.
+    max_attempts: int = Field(default=0, ge=0, le=1000)
+    jsonl: AuditJsonlSink | None = None
+    syslog: AuditSyslogSink | None = None
+    otlp: AuditOtlpSink | None = None
+
+    @model_validator(mode="after")
+    def _backoff(self) -> AuditSettings:
+        if self.retry_initial > self.retry_max:
+            raise ValueError("retry_initial must not exceed retry_max")
+        return self
+
+
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -385,6 +543,8 @@ class AegisConfig(_Section):
     pki: PkiSettings = PkiSettings()
     delegation: DelegationSettings = DelegationSettings()
     gateway: GatewaySettings = GatewaySettings()
+    audit: AuditSettings = AuditSettings()
+    approvals: ApprovalSettings = ApprovalSettings()
     #: Directory the config file was read from; relative paths resolve against it.
     base_dir: str = "."
 

@@ -107,6 +107,23 @@ CODES: dict[str, ErrorSpec] = {
     "policy_invalid": _S(400, "invalid_request"),
     "policy_error": _S(403, "access_denied"),
     "approval_needed": _S(403, "approval_needed"),
+    # human approvals and one-time override tokens (docs/approvals.md)
+    "approval_not_found": _S(404, "not_found"),
+    "approval_decided": _S(409, "conflict"),
+    "approval_expired": _S(403, "access_denied"),
+    "approval_denied": _S(403, "access_denied"),
+    "approval_unbindable": _S(403, "access_denied"),
+    "approver_unknown": _S(403, "forbidden"),
+    "approver_not_in_group": _S(403, "forbidden"),
+    "self_approval_forbidden": _S(403, "forbidden"),
+    "callback_unsigned": _S(401, "unauthenticated"),
+    "callback_signature_invalid": _S(401, "unauthenticated"),
+    "callback_stale": _S(401, "unauthenticated"),
+    "override_invalid": _S(403, "access_denied"),
+    "override_expired": _S(403, "access_denied"),
+    "override_used": _S(403, "access_denied"),
+    "override_digest_mismatch": _S(403, "access_denied"),
+    "override_agent_mismatch": _S(403, "access_denied"),
     # delegation chains: parent-agent grants and RFC 8693 token exchange
     "parent_signature_invalid": _S(401, "invalid_grant"),
     "parent_expired": _S(401, "invalid_grant"),
@@ -139,6 +156,7 @@ CODES: dict[str, ErrorSpec] = {
     # audit evidence: exports, Merkle proofs and signed checkpoints (docs/audit.md)
     "evidence_invalid": _S(422, "invalid_request"),
     "invalid_proof": _S(422, "invalid_request"),
+    "approvals_unavailable": _S(503, "temporarily_unavailable", retryable=True),
     "server_error": _S(500, "server_error"),
 }
 

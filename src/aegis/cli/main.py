@@ -15,7 +15,7 @@ import typer
 from typer._click.core import Command  # typer vendors click since 0.26
 from typer.core import TyperGroup
 
-from aegis.cli import agents, ca, clients, doctor, gateway, init, keys, token, up
+from aegis.cli import agents, approvals, ca, clients, doctor, gateway, init, keys, token, up
 from aegis.cli._common import CliState, RootGroup
 
 __all__ = ["app", "main"]
@@ -67,6 +67,7 @@ app.add_typer(keys.app, name="keys")
 app.command("jwks")(keys.jwks)
 app.add_typer(ca.app, name="ca")
 app.add_typer(gateway.app, name="gateway")
+app.add_typer(approvals.app, name="approvals")
 app.command("doctor")(doctor.doctor)
 # `aegis policy` is optional: mounted when its module is present. An import error inside it is a
 # bug and stays loud.

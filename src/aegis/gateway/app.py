@@ -23,10 +23,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as StarletteRoute
 
+from aegis.approvals.wiring import approvals_for
 from aegis.audit.attest import Attester
 from aegis.audit.log import AuditLog
 from aegis.config import GatewaySettings
-from aegis.gateway.pipeline import LimitsHook, Pipeline
+from aegis.gateway.approval_gate import ApprovalGate
+from aegis.gateway.pipeline import ApprovalHook, LimitsHook, Pipeline
 from aegis.gateway.policies import PolicyDirectory
 from aegis.gateway.proxy import ReverseProxy
 from aegis.pki.middleware import PeerCertificateMiddleware
@@ -50,6 +52,7 @@ def build_pipeline(
     policy_store: PolicyStore | None = None,
     audit: AuditLog | None = None,
     limits: LimitsHook | None = None,
+    approvals: ApprovalHook | None = None,
 ) -> Pipeline:
     cfg, clock = services.config, services.clock
     key = settings.nonce_key(cfg.base_dir)
@@ -78,6 +81,9 @@ def build_pipeline(
         else ChainRules(issuer=cfg.issuer, service_keys=services.keyring.public_key)
     )
     store = policy_store if policy_store is not None else SqlPolicyStore(cfg.database_url())
+    audit = audit if audit is not None else AuditLog(cfg.database_url(), clock=clock)
+    # approval_needed holds the call in the approval service (docs/approvals.md).
+    gate = approvals if approvals is not None else ApprovalGate(approvals_for(services, audit=audit))
     return Pipeline(
         verifier=verifier,
         dpop=dpop,
@@ -89,10 +95,11 @@ def build_pipeline(
             store, clock=clock, interval=settings.policy_poll_interval, allow=settings.allow
         ),
         attester=Attester(services.keyring, issuer=cfg.issuer),
-        audit=audit if audit is not None else AuditLog(cfg.database_url(), clock=clock),
+        audit=audit,
         clock=clock,
         public_url=settings.public_url,
         limits=limits,
+        approvals=gate,
     )
 
 

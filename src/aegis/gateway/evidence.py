@@ -27,9 +27,24 @@ from aegis.telemetry.metrics import (
 from aegis.tokens.claims import AccessToken
 from aegis.tokens.dpop import DpopVerifier
 
-__all__ = ["EvidenceFacts", "Result", "audit_record", "count_refusal", "refusal_headers"]
+__all__ = [
+    "ANSWERED_DETAILS",
+    "EvidenceFacts",
+    "Result",
+    "answer_details",
+    "audit_record",
+    "count_refusal",
+    "refusal_headers",
+]
 
 _SIGNATURE_CODES = frozenset({"invalid_signature", "parent_signature_invalid"})
+#: Error details a refusal repeats to the caller (an approval the agent can poll); all others
+#: stay in the audit record only.
+ANSWERED_DETAILS = ("approval_id", "status_url", "approval_state", "expires_at")
+
+
+def answer_details(exc: AegisError) -> dict[str, Any]:
+    return {k: exc.details[k] for k in ANSWERED_DETAILS if k in exc.details}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +64,8 @@ class Result:
     #: The sanitized JSON body to forward instead of the original, when obligations changed it.
     body: Any = None
     body_changed: bool = False
+    #: Facts for the caller's error body (:data:`ANSWERED_DETAILS`), e.g. the approval id.
+    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def allowed(self) -> bool:
@@ -162,6 +179,7 @@ def audit_record(
         "reason": result.message,
         "policy_version": facts.policy_version,
         "rule_ids": list(decision.rule_ids) if decision is not None else [],
+        "approval_id": result.details.get("approval_id"),
         "shadow": decision.shadow.to_dict()
         if decision is not None and decision.shadow is not None
         else None,

@@ -29,6 +29,7 @@ from aegis.gateway.context import CallContext, Route
 from aegis.gateway.evidence import (
     EvidenceFacts,
     Result,
+    answer_details,
     audit_record,
     count_refusal,
     refusal_headers,
@@ -51,7 +52,7 @@ from aegis.tokens.dpop import DpopVerifier
 from aegis.tokens.subject import check_subject
 from aegis.tokens.verifier import AccessTokenVerifier
 
-__all__ = ["STEPS", "LimitsHook", "Pipeline", "Result"]
+__all__ = ["STEPS", "ApprovalHook", "LimitsHook", "Pipeline", "Result"]
 
 STEPS: Final = (
     "token",
@@ -66,6 +67,9 @@ STEPS: Final = (
 TOKEN_REPLAY_NAMESPACE: Final = "token"
 #: Limits and budgets (step 8) plug in here; raising refuses the call.
 LimitsHook = Callable[[CallContext, AccessToken], Awaitable[None]]
+#: Enforcement of ``approval_needed`` (``aegis.gateway.approval_gate``): returns the approved
+#: decision for a call that carries a valid override, else raises (``approval_needed`` and the id).
+ApprovalHook = Callable[[CallContext, EvidenceFacts, PolicyCall], Awaitable[Decision]]
 
 
 class Pipeline:
@@ -84,12 +88,14 @@ class Pipeline:
         clock: Clock,
         public_url: str | None = None,
         limits: LimitsHook | None = None,
+        approvals: ApprovalHook | None = None,
     ) -> None:
         self._verifier, self._dpop, self._replay = verifier, dpop, replay
         self._cache, self._revocation, self._rules = cache, revocation, chain_rules
         self._policies, self._attester, self._audit = policies, attester, audit
         self._clock, self._public_url, self._limits = clock, public_url, limits
         self._timers = {step: PIPELINE_STEP_SECONDS.labels(step) for step in STEPS}
+        self._approvals = approvals
 
     def reads_body(self, route: Route) -> bool:
         """Whether the policy in force reads request bodies for the route's tool (a front door
@@ -227,6 +233,9 @@ class Pipeline:
         if self._limits is not None:
             await self._limits(ctx, token)
         self._timed("limits", t)
+        if decision.action == "approval_needed" and self._approvals is not None:
+            decision = await self._approvals(ctx, facts, call)
+            facts.decision = decision
         return decision
 
     def _enforce(self, ctx: CallContext, facts: EvidenceFacts, decision: Decision) -> Result:
@@ -272,7 +281,9 @@ class Pipeline:
         count_refusal(exc)
         action = "approval_needed" if exc.code == "approval_needed" else "deny"
         headers = refusal_headers(exc, facts.scheme, self._dpop)
-        return Result(facts.decision_id, action, exc.status, exc.code, exc.message, headers)
+        result = Result(facts.decision_id, action, exc.status, exc.code, exc.message, headers)
+        result.details.update(answer_details(exc))
+        return result
 
     async def _evidence(self, ctx: CallContext, facts: EvidenceFacts, result: Result) -> Result:
         digest = request_digest(ctx.method, ctx.url, ctx.body_digest)

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aegis.errors import AegisError, InvalidRequest
+from aegis.server.admin_approvals import router as approvals_router
 from aegis.server.admin_auth import AdminAuthMiddleware, Reader, set_outcome
 from aegis.server.admin_policy import router as policy_router
 from aegis.server.admin_routes import router
@@ -82,6 +83,7 @@ def create_admin_app(services: Services) -> FastAPI:
     app.state.services = services
     app.include_router(router)
     app.include_router(policy_router)
+    app.include_router(approvals_router)
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(key: Reader) -> dict[str, Any]:

@@ -27,6 +27,7 @@ try:  # TEMP until the admin API lands
     from aegis.server.admin_api import create_admin_app
 except ImportError:
     create_admin_app = None  # type: ignore[assignment]
+from aegis.server.approvals_public import approval_routes
 from aegis.server.services import Services
 from aegis.telemetry.logging import log_event
 from aegis.telemetry.metrics import REGISTRY
@@ -80,6 +81,7 @@ def create_app(services: Services) -> Starlette:
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),
+        *approval_routes(services),  # status URL and signed Slack/Teams callbacks
     ]
     if create_admin_app is not None:
         routes.append(Mount("/v1", app=create_admin_app(services)))

@@ -8,11 +8,17 @@ from __future__ import annotations
 
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = [
     "ADMIN_REQUESTS",
+    "APPROVALS_PENDING",
+    "APPROVAL_DECISIONS",
+    "APPROVAL_DECISION_SECONDS",
     "APPROVAL_NEEDED",
+    "APPROVAL_NOTIFICATIONS",
+    "APPROVAL_REJECTIONS",
+    "APPROVAL_REQUESTS",
     "CERTS_ISSUED",
     "DECISIONS",
     "EXPIRED_TOKEN_REJECTIONS",
@@ -87,6 +93,43 @@ EXPIRED_TOKEN_REJECTIONS: Final = Counter(
 APPROVAL_NEEDED: Final = Counter(
     "aegis_approval_needed_total",
     "Calls held because policy requires a human approval.",
+    registry=REGISTRY,
+)
+# -- human approvals (docs/approvals.md) -------------------------------------------------------
+APPROVAL_REQUESTS: Final = Counter(
+    "aegis_approval_requests_total",
+    "Approval requests opened, by the policy rule that asked for them.",
+    ["rule"],
+    registry=REGISTRY,
+)
+APPROVAL_DECISIONS: Final = Counter(
+    "aegis_approval_decisions_total",
+    "Approval requests closed, by rule and outcome (approved, denied, expired, used).",
+    ["rule", "outcome"],
+    registry=REGISTRY,
+)
+APPROVALS_PENDING: Final = Gauge(
+    "aegis_approvals_pending",
+    "Approval requests waiting for a decision (as last seen by this process).",
+    registry=REGISTRY,
+)
+APPROVAL_DECISION_SECONDS: Final = Histogram(
+    "aegis_approval_decision_seconds",
+    "Time from an approval request to its decision, by outcome.",
+    ["outcome"],
+    buckets=(5, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 86400),
+    registry=REGISTRY,
+)
+APPROVAL_NOTIFICATIONS: Final = Counter(
+    "aegis_approval_notifications_total",
+    "Approval notifications by channel kind and outcome (delivered, retried, failed).",
+    ["kind", "outcome"],
+    registry=REGISTRY,
+)
+APPROVAL_REJECTIONS: Final = Counter(
+    "aegis_approval_rejections_total",
+    "Refused approval decisions, callbacks and override tokens, by stable error code.",
+    ["code"],
     registry=REGISTRY,
 )
 DECISIONS: Final = Counter(

@@ -1,0 +1,158 @@
+"""Approval requests: the record, its state machine, the call it holds and that call's digest.
+
+States (every arrow is one guarded write, ``UPDATE ... WHERE state = <from>``)::
+
+    pending ──approve──▶ approved ──override used──▶ used
+       │  └──deny──▶ denied          │
+       └──expire──▶ expired ◀──override window over
+
+A request is *open* while ``pending`` or ``approved``; at most one request is open per call digest
+(a unique column holds the digest only while open), so the same call asked again returns the same
+id. The digest binds the tenant, environment, agent, tool, method, path, the query (sorted) and the
+body byte for byte (its SHA-256): a payment of 12,001 is another call than one of 12,000.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final, Literal
+
+__all__ = [
+    "CLOSED_STATES",
+    "OPEN_STATES",
+    "REDACTED",
+    "ApprovalRequest",
+    "HeldCall",
+    "State",
+    "call_digest",
+    "redact_parameters",
+]
+
+State = Literal["pending", "approved", "denied", "expired", "used"]
+OPEN_STATES: Final[tuple[State, ...]] = ("pending", "approved")
+CLOSED_STATES: Final[tuple[State, ...]] = ("denied", "expired", "used")
+REDACTED: Final = "[redacted]"
+#: Body keys whose values approvers never see (lowercase substrings).
+_SECRET_KEYS: Final = ("password", "secret", "token", "authorization", "cookie", "card", "cvv")
+_MAX_SHOWN: Final = 4096
+_MAX_DEPTH: Final = 8
+
+
+@dataclass(frozen=True, slots=True)
+class HeldCall:
+    """One call that policy holds for a human, as the gateway saw it (all verified facts)."""
+
+    decision_id: str
+    tenant: str
+    env: str
+    agent_id: str
+    #: The accountable human of the agent (registry ``owner``), for separation of duties.
+    agent_owner: str
+    tool: str
+    method: str
+    path: str
+    query: tuple[tuple[str, str], ...]
+    #: ``sha256:<hex>`` of the raw body (``streamed`` cannot be bound and is refused).
+    body_digest: str
+    #: The parsed JSON body (for the redacted view), or None.
+    body: Any
+    chain: tuple[str, ...] = ()
+    origin_user: str | None = None
+    rule_ids: tuple[str, ...] = ()
+    policy_version: str | None = None
+    reasons: tuple[str, ...] = ()
+
+
+def call_digest(call: HeldCall) -> str:
+    """``sha256:<hex>`` over the canonical JSON of what makes the call this call."""
+    canonical = {
+        "v": 1,
+        "tenant": call.tenant,
+        "env": call.env,
+        "agent": call.agent_id,
+        "tool": call.tool,
+        "method": call.method.upper(),
+        "path": call.path,
+        "query": sorted([k, v] for k, v in call.query),
+        "body": call.body_digest,
+    }
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _redact(value: Any, depth: int) -> Any:
+    if depth > _MAX_DEPTH:
+        return REDACTED
+    if isinstance(value, dict):
+        return {
+            str(k): REDACTED
+            if any(s in str(k).lower() for s in _SECRET_KEYS)
+            else _redact(v, depth + 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_redact(v, depth + 1) for v in value[:100]]
+    return value
+
+
+def redact_parameters(body: Any) -> Any:
+    """What approvers see of the body: secret-looking keys redacted, at most 4 KiB of JSON."""
+    shown = _redact(body, 0)
+    if len(json.dumps(shown, default=str)) > _MAX_SHOWN:
+        return {"truncated": True}
+    return shown
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalRequest:
+    """One stored approval request."""
+
+    id: str
+    state: State
+    tenant: str
+    env: str
+    agent_id: str
+    agent_owner: str
+    tool: str
+    method: str
+    path: str
+    digest: str
+    parameters: Any
+    rule_ids: tuple[str, ...]
+    group: str
+    channel: str
+    created_at: float
+    expires_at: float
+    decision_id: str
+    chain: tuple[str, ...] = ()
+    origin_user: str | None = None
+    policy_version: str | None = None
+    reasons: tuple[str, ...] = ()
+    decided_at: float | None = None
+    decided_by: str | None = None
+    decided_via: str | None = None
+    decision_reason: str | None = None
+    #: Until when an approved request's override token is usable.
+    override_expires_at: float | None = None
+    #: ``queued``, ``delivered``, ``failed`` or ``no_channel``; attempts and the last error.
+    notify_state: str = "queued"
+    notify_attempts: int = 0
+    notify_error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rule(self) -> str:
+        return self.rule_ids[0] if self.rule_ids else "unknown"
+
+    @property
+    def is_open(self) -> bool:
+        return self.state in OPEN_STATES
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["rule_ids"], out["chain"] = list(self.rule_ids), list(self.chain)
+        out["reasons"] = list(self.reasons)
+        out.pop("extra")
+        return out

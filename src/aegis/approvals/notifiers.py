@@ -1,0 +1,177 @@
+"""Announcing approval requests where approvers work: Slack, Microsoft Teams, generic webhooks.
+
+* Slack: an incoming-webhook message (Block Kit) with *Approve* and *Deny* buttons whose
+  ``action_id`` is ``aegis_approve`` / ``aegis_deny`` and whose ``value`` is the approval id; the
+  press comes back to ``/approvals/slack/<channel>`` signed by Slack (:mod:`.signing`).
+* Teams: an incoming-webhook card (Adaptive Card) with the request and the replies that decide it
+  (``approve <id> <why>`` / ``deny <id> <why>``) sent to the Aegis outgoing webhook, whose calls
+  come back to ``/approvals/teams/<channel>`` with Teams' HMAC.
+* Webhook: the request as JSON, signed ``X-Aegis-Signature: v0=<hex>`` over ``v0:<ts>:<body>``.
+
+Delivery is retried with exponential back-off (``approvals.delivery_attempts``, first pause
+``delivery_backoff``, doubling) on network errors and any non-2xx answer; the outcome (delivered
+or failed, attempts, last error) is written to the request and counted in
+``aegis_approval_notifications_total``: a message is never dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from aegis.approvals.model import ApprovalRequest
+from aegis.approvals.signing import sign_v0
+from aegis.clock import Clock
+from aegis.config import ApprovalChannel
+from aegis.telemetry.metrics import APPROVAL_NOTIFICATIONS
+
+__all__ = ["Delivery", "Notifier", "message_for"]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    state: str  # delivered | failed
+    attempts: int
+    error: str | None = None
+
+
+def _summary(req: ApprovalRequest, status_url: str) -> dict[str, Any]:
+    return {
+        "approval_id": req.id,
+        "agent_id": req.agent_id,
+        "tool": req.tool,
+        "tenant": req.tenant,
+        "env": req.env,
+        "method": req.method,
+        "path": req.path,
+        "parameters": req.parameters,
+        "rule": req.rule,
+        "reasons": list(req.reasons),
+        "group": req.group,
+        "origin_user": req.origin_user,
+        "chain": list(req.chain),
+        "expires_at": int(req.expires_at),
+        "status_url": status_url,
+    }
+
+
+def _slack(s: dict[str, Any]) -> dict[str, Any]:
+    text = (
+        f"*Approval needed* ({s['rule']}): agent `{s['agent_id']}` calls `{s['tool']}` "
+        f"{s['method']} {s['path']} — group *{s['group']}*"
+    )
+    params = json.dumps(s["parameters"], indent=1)[:2500]
+    button = {"type": "button", "value": s["approval_id"]}
+    return {
+        "text": text,
+        "blocks": [
+            {"type": "section", "text": {"type": "mrkdwn", "text": text}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": f"```{params}```"}},
+            {
+                "type": "actions",
+                "block_id": f"aegis:{s['approval_id']}",
+                "elements": [
+                    button
+                    | {
+                        "action_id": "aegis_approve",
+                        "style": "primary",
+                        "text": {"type": "plain_text", "text": "Approve"},
+                    },
+                    button
+                    | {
+                        "action_id": "aegis_deny",
+                        "style": "danger",
+                        "text": {"type": "plain_text", "text": "Deny"},
+                    },
+                ],
+            },
+        ],
+    }
+
+
+def _teams(s: dict[str, Any]) -> dict[str, Any]:
+    facts = [{"title": k, "value": str(s[k])} for k in ("agent_id", "tool", "rule", "group")]
+    body: list[dict[str, Any]] = [
+        {"type": "TextBlock", "weight": "Bolder", "text": "Approval needed"},
+        {"type": "FactSet", "facts": facts},
+        {"type": "TextBlock", "wrap": True, "text": json.dumps(s["parameters"])[:2500]},
+        {"type": "TextBlock", "wrap": True,
+         "text": f"Reply `approve {s['approval_id']} <why>` or `deny {s['approval_id']} <why>`"},
+    ]  # fmt: skip
+    card = {"type": "AdaptiveCard", "version": "1.4", "body": body,
+            "actions": [{"type": "Action.OpenUrl", "title": "Status", "url": s["status_url"]}]}  # fmt: skip
+    return {
+        "type": "message",
+        "attachments": [
+            {"contentType": "application/vnd.microsoft.card.adaptive", "content": card}
+        ],
+    }
+
+
+def message_for(kind: str, req: ApprovalRequest, status_url: str) -> dict[str, Any]:
+    """The JSON document posted for ``req`` to a channel of ``kind``."""
+    s = _summary(req, status_url)
+    if kind == "slack":
+        return _slack(s)
+    if kind == "teams":
+        return _teams(s)
+    return {"type": "aegis.approval_requested", "request": s}
+
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class Notifier:
+    """Posts to one configured channel with retries."""
+
+    def __init__(
+        self,
+        channel: ApprovalChannel,
+        secret: bytes,
+        *,
+        clock: Clock,
+        attempts: int,
+        backoff: float,
+        timeout: float,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.channel, self._secret, self._clock = channel, secret, clock
+        self._attempts, self._backoff = attempts, backoff
+        self._timeout, self._sleep = timeout, sleep
+
+    def _headers(self, body: bytes) -> dict[str, str]:
+        headers = {"content-type": "application/json"}
+        if self.channel.kind == "webhook":
+            ts = str(int(self._clock.now()))
+            headers["x-aegis-timestamp"] = ts
+            headers["x-aegis-signature"] = sign_v0(self._secret, ts, body)
+        return headers
+
+    async def send(self, req: ApprovalRequest, status_url: str) -> Delivery:
+        kind = self.channel.kind
+        body = json.dumps(message_for(kind, req, status_url), separators=(",", ":")).encode()
+        error: str | None = None
+        timeout = aiohttp.ClientTimeout(total=self._timeout)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            for attempt in range(1, self._attempts + 1):
+                if attempt > 1:
+                    APPROVAL_NOTIFICATIONS.labels(kind=kind, outcome="retried").inc()
+                    await self._sleep(self._backoff * 2 ** (attempt - 2))
+                try:
+                    async with session.post(
+                        self.channel.url, data=body, headers=self._headers(body)
+                    ) as resp:
+                        await resp.read()
+                        if 200 <= resp.status < 300:
+                            APPROVAL_NOTIFICATIONS.labels(kind=kind, outcome="delivered").inc()
+                            return Delivery("delivered", attempt)
+                        error = f"http {resp.status}"
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    error = type(exc).__name__
+        APPROVAL_NOTIFICATIONS.labels(kind=kind, outcome="failed").inc()
+        return Delivery("failed", self._attempts, error)

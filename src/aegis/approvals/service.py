@@ -1,0 +1,300 @@
+"""The approval service: open requests for held calls, take decisions, expire, redeem overrides.
+
+Contract, for a security reviewer:
+
+* A decision is taken only by a configured approver, authenticated by its channel
+  (:mod:`.directory`), who belongs to the request's group and (with ``separation_of_duties``) is
+  neither the agent's owner nor the call's origin user. Anything else is refused with its own
+  code, audited as ``approval.rejected``, and leaves the request unchanged.
+* Only a ``pending`` request can be decided and only before ``expires_at``; every state change is
+  a guarded write, so of two racing decisions exactly one wins.
+* Every change is in the audit log (``approval.requested``, ``approval.decided``,
+  ``approval.expired``, ``approval.override_used``) with who, when, through which channel and why.
+* Redeeming an override (:meth:`ApprovalService.redeem`) checks the token, then that it names this
+  agent and this exact call, then the request's state, then spends the ``jti`` in the replay store
+  and moves the request to ``used``; a second use fails at either guard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from aegis.approvals.directory import ApproverDirectory, Via
+from aegis.approvals.model import ApprovalRequest, HeldCall, State, call_digest, redact_parameters
+from aegis.approvals.notifiers import Notifier
+from aegis.approvals.override import OVERRIDE_REPLAY_NAMESPACE, OverrideTokens
+from aegis.approvals.store import SqlApprovalStore
+from aegis.audit.log import AuditLog
+from aegis.clock import Clock, new_id
+from aegis.config import ApprovalSettings, Approver
+from aegis.errors import AegisError, ReplayDetected
+from aegis.policy.decision import ApprovalRequirement
+from aegis.stores.base import ReplayStore
+from aegis.telemetry.logging import log_event
+from aegis.telemetry.metrics import (
+    APPROVAL_DECISION_SECONDS,
+    APPROVAL_DECISIONS,
+    APPROVAL_NOTIFICATIONS,
+    APPROVAL_REJECTIONS,
+    APPROVAL_REQUESTS,
+    APPROVALS_PENDING,
+)
+
+__all__ = ["ApprovalService"]
+
+
+class ApprovalService:
+    def __init__(
+        self,
+        store: SqlApprovalStore,
+        *,
+        settings: ApprovalSettings,
+        overrides: OverrideTokens,
+        replay: ReplayStore,
+        audit: AuditLog | None,
+        clock: Clock,
+        status_base_url: str,
+        notifiers: dict[str, Notifier] | None = None,
+        owns_audit: bool = False,
+    ) -> None:
+        self.store, self.settings, self.overrides = store, settings, overrides
+        self.directory = ApproverDirectory(settings)
+        self._replay, self._audit, self._clock = replay, audit, clock
+        self._status_base = status_base_url.rstrip("/")
+        self._notifiers = notifiers or {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._owns_audit = owns_audit
+
+    def close(self) -> None:
+        self.store.close()
+        if self._owns_audit and self._audit is not None:
+            self._audit.close()
+
+    def status_url(self, approval_id: str) -> str:
+        return f"{self._status_base}/approvals/{approval_id}"
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.to_thread(fn, *args)
+
+    async def _record(self, kind: str, record: dict[str, Any]) -> None:
+        if self._audit is not None:
+            await self._audit.append_async(kind, {"time": self._clock.now(), **record})
+
+    async def _gauge(self) -> None:
+        APPROVALS_PENDING.set(await self._run(self.store.count_pending))
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def hold(self, call: HeldCall, need: ApprovalRequirement) -> ApprovalRequest:
+        """The open request for this call: the existing one for its digest, or a new one
+        (stored, audited, announced on ``need.channel``)."""
+        await self.expire_due()
+        now = self._clock.now()
+        fresh = ApprovalRequest(
+            id=f"apr_{new_id()}", state="pending", tenant=call.tenant, env=call.env,
+            agent_id=call.agent_id, agent_owner=call.agent_owner, tool=call.tool,
+            method=call.method, path=call.path, digest=call_digest(call),
+            parameters=redact_parameters(call.body), rule_ids=call.rule_ids, group=need.group,
+            channel=need.channel, created_at=now, expires_at=now + need.expires_in,
+            decision_id=call.decision_id, chain=call.chain, origin_user=call.origin_user,
+            policy_version=call.policy_version, reasons=call.reasons,
+        )  # fmt: skip
+        req, created = await self._run(self.store.insert_or_open, fresh)
+        if not created:
+            return req  # type: ignore[no-any-return]
+        APPROVAL_REQUESTS.labels(rule=req.rule).inc()
+        await self._gauge()
+        view = req.to_dict()
+        await self._record("approval.requested", {k: view[k] for k in (
+            "id", "agent_id", "agent_owner", "tool", "tenant", "env", "method", "path", "digest",
+            "parameters", "rule_ids", "group", "channel", "expires_at", "decision_id", "chain",
+            "origin_user", "policy_version")})  # fmt: skip
+        if req.channel not in self._notifiers:  # nothing to send: record it now
+            await self._notify(req)
+            return req  # type: ignore[no-any-return]
+        task = asyncio.get_running_loop().create_task(self._notify(req))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return req  # type: ignore[no-any-return]
+
+    async def _notify(self, req: ApprovalRequest) -> None:
+        notifier = self._notifiers.get(req.channel)
+        try:
+            if notifier is None:
+                APPROVAL_NOTIFICATIONS.labels(kind="none", outcome="failed").inc()
+                done = dataclasses.replace(
+                    req, notify_state="no_channel", notify_error=f"no channel {req.channel!r}"
+                )
+            else:
+                d = await notifier.send(req, self.status_url(req.id))
+                done = dataclasses.replace(
+                    req, notify_state=d.state, notify_attempts=d.attempts, notify_error=d.error
+                )
+            await self._run(self.store.set_delivery, done)
+            await self._record("approval.notified", {"id": req.id, "channel": req.channel,
+                               "state": done.notify_state, "attempts": done.notify_attempts,
+                               "error": done.notify_error})  # fmt: skip
+        except Exception as exc:  # visible in the log and the metric, never raised into nothing
+            APPROVAL_NOTIFICATIONS.labels(kind="internal", outcome="failed").inc()
+            log_event("approvals.notify_failed", level=logging.ERROR, error=type(exc).__name__)
+
+    async def drain(self) -> None:
+        """Wait for notifications in flight (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def get(self, approval_id: str) -> ApprovalRequest:
+        await self.expire_due()
+        req = await self._run(self.store.get, approval_id)
+        if req is None:
+            raise AegisError(f"no approval request {approval_id!r}", code="approval_not_found")
+        return req  # type: ignore[no-any-return]
+
+    async def list_requests(self, state: State | None = None) -> list[ApprovalRequest]:
+        await self.expire_due()
+        return await self._run(lambda: self.store.list_requests(state=state))  # type: ignore[no-any-return]
+
+    # -- decisions ---------------------------------------------------------------------------
+
+    async def _reject(
+        self, code: str, message: str, approval_id: str | None, claimed: str, via: str
+    ) -> NoReturn:
+        APPROVAL_REJECTIONS.labels(code=code).inc()
+        await self._record("approval.rejected", {"id": approval_id, "code": code,
+                           "claimed": claimed, "channel": via, "reason": message})  # fmt: skip
+        raise AegisError(message, code=code)
+
+    async def reject_callback(self, exc: AegisError, via: Via) -> NoReturn:
+        """Audit and re-raise a refused callback (bad signature, stale, malformed)."""
+        await self._reject(exc.code, exc.message, None, "unauthenticated", via)
+
+    async def decide(
+        self, approval_id: str, *, via: Via, credential: str, approve: bool, reason: str = ""
+    ) -> ApprovalRequest:
+        """Approve or deny ``approval_id`` as the approver behind ``credential``."""
+        who = self.directory.find(via, credential)
+        claimed = who.id if who is not None else f"{via}:{credential}"
+        await self.expire_due()
+        req: ApprovalRequest | None = await self._run(self.store.get, approval_id)
+        if req is None:
+            await self._reject("approval_not_found", f"no approval request {approval_id!r}",
+                               approval_id, claimed, via)  # fmt: skip
+        if who is None:
+            await self._reject("approver_unknown", "this identity is not a configured approver",
+                               req.id, claimed, via)  # fmt: skip
+        if not self._check_approver(who, req):
+            await self._refuse_approver(who, req, via)
+        if req.state != "pending":
+            code = "approval_expired" if req.state == "expired" else "approval_decided"
+            await self._reject(code, f"the request is already {req.state}", req.id, claimed, via)
+        now = self._clock.now()
+        state: State = "approved" if approve else "denied"
+        override_until = now + self.settings.override_lifetime if approve else None
+        done = dataclasses.replace(
+            req, state=state, decided_at=now, decided_by=who.id, decided_via=via,
+            decision_reason=reason, override_expires_at=override_until,
+        )  # fmt: skip
+        if not await self._run(self.store.transition, done, "pending"):
+            await self._reject("approval_decided", "another decision was taken first",
+                               req.id, claimed, via)  # fmt: skip
+        APPROVAL_DECISIONS.labels(rule=req.rule, outcome=state).inc()
+        APPROVAL_DECISION_SECONDS.labels(outcome=state).observe(max(0.0, now - req.created_at))
+        await self._gauge()
+        await self._record("approval.decided", {"id": req.id, "decision": state,
+                           "approver": who.id, "channel": via, "reason": reason, "at": now,
+                           "agent_id": req.agent_id, "tool": req.tool, "digest": req.digest,
+                           "rule_ids": list(req.rule_ids), "group": req.group})  # fmt: skip
+        return done
+
+    @staticmethod
+    def _in_group(who: Approver, req: ApprovalRequest) -> bool:
+        # Several rules may hold one call: the approver must be in every group they name.
+        return set(req.group.split(",")) <= set(who.groups)
+
+    def _check_approver(self, who: Approver, req: ApprovalRequest) -> bool:
+        if not self._in_group(who, req):
+            return False
+        if not self.settings.separation_of_duties:
+            return True
+        me = who.id.lower()
+        return me != req.agent_owner.lower() and me != (req.origin_user or "").lower()
+
+    async def _refuse_approver(self, who: Approver, req: ApprovalRequest, via: str) -> NoReturn:
+        if not self._in_group(who, req):
+            await self._reject("approver_not_in_group", f"{who.id} is not in group {req.group!r}",
+                               req.id, who.id, via)  # fmt: skip
+        await self._reject("self_approval_forbidden", "an agent's owner or the call's origin user"
+                           " cannot decide its own request", req.id, who.id, via)  # fmt: skip
+
+    # -- expiry ------------------------------------------------------------------------------
+
+    async def expire_due(self) -> int:
+        """Close every open request past its time (audited); return how many."""
+        now = self._clock.now()
+        closed = 0
+        for req in await self._run(self.store.due, now):
+            done = dataclasses.replace(req, state="expired")
+            if not await self._run(self.store.transition, done, req.state):
+                continue
+            closed += 1
+            APPROVAL_DECISIONS.labels(rule=req.rule, outcome="expired").inc()
+            if req.state == "pending":
+                APPROVAL_DECISION_SECONDS.labels(outcome="expired").observe(now - req.created_at)
+            await self._record("approval.expired", {"id": req.id, "from": req.state,
+                               "agent_id": req.agent_id, "tool": req.tool})  # fmt: skip
+        if closed:
+            await self._gauge()
+        return closed
+
+    # -- overrides ---------------------------------------------------------------------------
+
+    async def redeem(self, call: HeldCall, token: str) -> ApprovalRequest:
+        """Spend the override ``token`` on ``call``; raise its own code for every mismatch."""
+        now = self._clock.now()
+        ov = self.overrides.verify(token, now=now)
+        if ov.agent_id != call.agent_id:
+            raise AegisError(
+                "the override token is another agent's", code="override_agent_mismatch"
+            )
+        if ov.request_digest != call_digest(call):
+            raise AegisError(
+                "the override token was approved for a different call (tool or parameters)",
+                code="override_digest_mismatch",
+            )
+        await self.expire_due()
+        req: ApprovalRequest | None = await self._run(self.store.get, ov.approval_id)
+        if req is None or req.digest != ov.request_digest or req.agent_id != ov.agent_id:
+            raise AegisError("the override token names no such approval", code="override_invalid")
+        if req.state != "approved":
+            code = {"denied": "approval_denied", "expired": "approval_expired",
+                    "used": "override_used"}.get(req.state, "override_invalid")  # fmt: skip
+            raise AegisError(f"the approval is {req.state}", code=code)
+        try:
+            await self._replay.consume(OVERRIDE_REPLAY_NAMESPACE, ov.jti, ov.exp + 60)
+        except ReplayDetected:
+            raise AegisError("the override token was already used", code="override_used") from None
+        used = dataclasses.replace(req, state="used")
+        if not await self._run(self.store.transition, used, "approved"):
+            raise AegisError("the override token was already used", code="override_used")
+        APPROVAL_DECISIONS.labels(rule=req.rule, outcome="used").inc()
+        await self._record("approval.override_used", {"id": req.id, "agent_id": call.agent_id,
+                           "decision_id": call.decision_id, "digest": req.digest})  # fmt: skip
+        return used
+
+    async def status(self, approval_id: str, agent_id: str) -> dict[str, Any]:
+        """What the agent polls: the state, and the override token once approved."""
+        req = await self.get(approval_id)
+        if req.agent_id != agent_id:  # not the caller's: answered as unknown, leaking nothing
+            raise AegisError(f"no approval request {approval_id!r}", code="approval_not_found")
+        out: dict[str, Any] = {"approval_id": req.id, "state": req.state,
+                               "expires_at": int(req.expires_at), "tool": req.tool}  # fmt: skip
+        if req.state == "approved":
+            out["override_token"] = self.overrides.mint(req)
+            out["override_expires_at"] = int(req.override_expires_at or 0)
+        if req.state in ("approved", "denied"):
+            out["decision_reason"] = req.decision_reason
+        return out

@@ -1,0 +1,167 @@
+"""The approval store: requests in SQL (SQLite embedded, PostgreSQL shared by replicas).
+
+Every state change is one guarded ``UPDATE ... WHERE id = :id AND state = :from`` and reports
+whether it happened, so two approvers (or two replicas) racing on one request cannot both win.
+SQL failures are ``Unavailable`` with code ``approvals_unavailable``: the gateway then refuses the
+call (fail closed), it never lets it through.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from aegis.approvals.model import OPEN_STATES, ApprovalRequest, State
+from aegis.approvals.sql_tables import APPROVAL_REQUESTS, METADATA
+from aegis.errors import Unavailable
+from aegis.stores.sql.engine import make_engine
+
+__all__ = ["SqlApprovalStore"]
+
+T: Final = APPROVAL_REQUESTS
+_COLUMNS: Final = (
+    "id", "state", "digest", "tenant", "env", "agent_id", "agent_owner", "tool", "created_at",
+    "expires_at", "decided_at", "decided_by", "override_expires_at", "notify_state",
+    "notify_attempts",
+)  # fmt: skip
+_BODY: Final = (
+    "method", "path", "parameters", "rule_ids", "channel", "decision_id", "chain", "origin_user",
+    "policy_version", "reasons", "decided_via", "decision_reason", "notify_error",
+)  # fmt: skip
+_TUPLES: Final = frozenset({"rule_ids", "chain", "reasons"})
+
+
+def _unavailable() -> Unavailable:
+    return Unavailable("the approval store cannot answer", code="approvals_unavailable")
+
+
+def _row(req: ApprovalRequest) -> dict[str, Any]:
+    row = {c: getattr(req, c) for c in _COLUMNS}
+    row["grp"] = req.group
+    row["channel"] = req.channel
+    row["open_digest"] = req.digest if req.is_open else None
+    body = {k: getattr(req, k) for k in _BODY}
+    row["body"] = json.dumps(body, sort_keys=True, separators=(",", ":"), default=list)
+    return row
+
+
+def _request(row: Any) -> ApprovalRequest:
+    m = row._mapping
+    body = json.loads(m["body"])
+    fields = {c: m[c] for c in _COLUMNS}
+    fields.update({k: tuple(v) if k in _TUPLES else v for k, v in body.items() if k in _BODY})
+    return ApprovalRequest(group=m["grp"], **fields)
+
+
+class SqlApprovalStore:
+    def __init__(self, engine: Engine | str) -> None:
+        self._engine = make_engine(engine) if isinstance(engine, str) else engine
+        try:
+            METADATA.create_all(self._engine, checkfirst=True)
+        except SQLAlchemyError as exc:
+            raise _unavailable() from exc
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def insert_or_open(self, req: ApprovalRequest) -> tuple[ApprovalRequest, bool]:
+        """Store ``req``; if a request for the same digest is already open return that one
+        instead. Returns ``(request, created)``."""
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(insert(T).values(**_row(req)))
+            return req, True
+        except IntegrityError:
+            found = self.open_for(req.digest)
+            if found is None:  # closed between the insert and the read: try once more
+                return self.insert_or_open(req)
+            return found, False
+        except SQLAlchemyError as exc:
+            raise _unavailable() from exc
+
+    def get(self, approval_id: str) -> ApprovalRequest | None:
+        return self._one(select(T).where(T.c.id == approval_id))
+
+    def open_for(self, digest: str) -> ApprovalRequest | None:
+        return self._one(select(T).where(T.c.open_digest == digest))
+
+    def _one(self, query: Any) -> ApprovalRequest | None:
+        try:
+            with self._engine.connect() as conn:
+                row = conn.execute(query).first()
+        except SQLAlchemyError as exc:
+            raise _unavailable() from exc
+        return _request(row) if row is not None else None
+
+    def list_requests(
+        self, *, state: State | None = None, limit: int = 200
+    ) -> list[ApprovalRequest]:
+        query = select(T).order_by(T.c.created_at.desc()).limit(limit)
+        if state is not None:
+            query = query.where(T.c.state == state)
+        try:
+            with self._engine.connect() as conn:
+                return [_request(r) for r in conn.execute(query)]
+        except SQLAlchemyError as exc:
+            raise _unavailable() from exc
+
+    def due(self, now: float) -> list[ApprovalRequest]:
+        """Open requests past their time: pending past ``expires_at``, approved past the
+        override window."""
+        query = select(T).where(
+            ((T.c.state == "pending") & (T.c.expires_at <= now))
+            | ((T.c.state == "approved") & (T.c.override_expires_at <= now))
+        )
+        try:
+            with self._engine.connect() as conn:
+                return [_request(r) for r in conn.execute(query)]
+        except SQLAlchemyError as exc:
+            raise _unavailable() from exc
+
+    def count_pending(self) -> int:
+        query = select(func.count()).select_from(T).where(T.c.state == "pending")
+        try:
+            with self._engine.connect() as conn:
+                return int(conn.execute(query).scalar_one())
+        except SQLAlchemyError as exc:
+            raise _unavailable() from exc
+
+    def transition(self, req: ApprovalRequest, expected: State) -> bool:
+        """Write ``req`` (whose state is the new one) if the stored state is still
+        ``expected``; False when someone else changed it first."""
+        row = _row(req)
+        row.pop("id")
+        if req.state not in OPEN_STATES:
+            row["open_digest"] = None
+        try:
+            with self._engine.begin() as conn:
+                done = conn.execute(
+                    update(T).where(T.c.id == req.id, T.c.state == expected).values(**row)
+                )
+            return bool(done.rowcount == 1)
+        except SQLAlchemyError as exc:
+            raise _unavailable() from exc
+
+    def set_delivery(self, req: ApprovalRequest) -> None:
+        """Record the notification outcome (state-independent fields only)."""
+        try:
+            with self._engine.begin() as conn:
+                current = conn.execute(select(T).where(T.c.id == req.id)).first()
+                if current is None:
+                    return
+                body = json.loads(current._mapping["body"])
+                body["notify_error"] = req.notify_error
+                conn.execute(
+                    update(T)
+                    .where(T.c.id == req.id)
+                    .values(
+                        notify_state=req.notify_state,
+                        notify_attempts=req.notify_attempts,
+                        body=json.dumps(body, sort_keys=True, separators=(",", ":")),
+                    )
+                )
+        except SQLAlchemyError as exc:
+            raise _unavailable() from exc

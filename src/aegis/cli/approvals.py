@@ -1,0 +1,121 @@
+"""``aegis approvals``: list, show, approve and deny the requests of calls held for a human.
+
+The CLI opens the configured database, like every command, so whoever runs it has the rights of
+the database; ``--as`` names which configured approver decides (``approvals.approvers[].id``), and
+the service still checks that approver's group and separation of duties. Every decision (and every
+refused one) is in the audit log with ``channel: cli``. Refusals exit 1 with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import typer
+from rich.console import Console
+
+from aegis.approvals.service import ApprovalService
+from aegis.approvals.wiring import approvals_for
+from aegis.cli._common import JsonOpt, emit, open_services, table
+
+__all__ = ["app"]
+
+app = typer.Typer(help="Decide calls held for human approval.", no_args_is_help=True)
+
+ApprovalId = Annotated[str, typer.Argument(help="The approval id (apr_...).")]
+As = Annotated[str, typer.Option("--as", help="The configured approver who decides (its id).")]
+Reason = Annotated[str, typer.Option(help="Why (kept in the audit log, shown to the agent).")]
+StateOpt = Literal["pending", "approved", "denied", "expired", "used"]
+
+
+@contextmanager
+def _service(ctx: typer.Context) -> Iterator[ApprovalService]:
+    with open_services(ctx) as services:
+        service = approvals_for(services)
+        try:
+            yield service
+        finally:
+            service.close()
+
+
+def _when(t: float | None) -> str:
+    return "" if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _show(view: dict[str, Any], console: Console) -> None:
+    for name, value in view.items():
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+        if name.endswith("_at") and isinstance(value, float):
+            shown = _when(value)
+        console.print(f"{name:<20} {'' if shown is None else shown}", markup=False)
+
+
+@app.command("list")
+def list_approvals(
+    ctx: typer.Context,
+    state: Annotated[
+        str | None, typer.Option(help="Only this state: pending, approved, denied, expired, used.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List approval requests, newest first (expired ones are closed first)."""
+    if state not in (None, "pending", "approved", "denied", "expired", "used"):
+        raise typer.BadParameter(
+            "use pending, approved, denied, expired or used", param_hint="--state"
+        )
+    with _service(ctx) as service:
+        items = [r.to_dict() for r in asyncio.run(service.list_requests(state))]  # type: ignore[arg-type]
+    rows = [
+        [r["id"], r["state"], r["agent_id"], r["tool"], r["group"], _when(r["expires_at"])]
+        for r in items
+    ]
+    emit(
+        {"items": items},
+        as_json,
+        lambda c: c.print(table(["id", "state", "agent", "tool", "group", "expires"], rows)),
+    )
+
+
+@app.command()
+def show(ctx: typer.Context, approval_id: ApprovalId, as_json: JsonOpt = False) -> None:
+    """Show one approval request."""
+    with _service(ctx) as service:
+        view = asyncio.run(service.get(approval_id)).to_dict()
+    emit(view, as_json, lambda c: _show(view, c))
+
+
+def _decide(ctx: typer.Context, approval_id: str, who: str, approve: bool, reason: str,
+            as_json: bool) -> None:  # fmt: skip
+    with _service(ctx) as service:
+        req = asyncio.run(
+            service.decide(approval_id, via="cli", credential=who, approve=approve, reason=reason)
+        )
+    view = req.to_dict()
+    emit(view, as_json, lambda c: c.print(f"request {req.id} is {req.state} by {req.decided_by}"))
+
+
+@app.command()
+def approve(
+    ctx: typer.Context,
+    approval_id: ApprovalId,
+    who: As,
+    reason: Reason = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Approve a pending request: the agent may then retry that exact call once."""
+    _decide(ctx, approval_id, who, True, reason, as_json)
+
+
+@app.command()
+def deny(
+    ctx: typer.Context,
+    approval_id: ApprovalId,
+    who: As,
+    reason: Reason = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Deny a pending request."""
+    _decide(ctx, approval_id, who, False, reason, as_json)

@@ -1,0 +1,89 @@
+"""Enforcing ``approval_needed`` (ARCHITECTURE.md step 9): hold the call for a human, or let exactly
+the approved call through once with its override token.
+
+The pipeline calls :class:`ApprovalGate` only when policy answered ``approval_needed`` (a deny
+still wins over any override; an allowed call never spends one). Without an ``x-aegis-override``
+header the gate opens (or finds) the approval request for this call and refuses with
+``approval_needed``, the ``approval_id`` and the ``status_url`` the agent polls. With the header
+(exactly once) it redeems the token: it must be valid, this agent's, for this exact call (the
+digest of tenant, env, agent, tool, method, path, query and body bytes), approved, unexpired and
+unused; then the call proceeds as policy's approved form (sanitize obligations still apply).
+The header starts with ``x-aegis-``, so the proxy never forwards it upstream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from aegis.approvals.model import HeldCall
+from aegis.approvals.override import OVERRIDE_HEADER
+from aegis.approvals.service import ApprovalService
+from aegis.errors import AegisError, InvalidRequest
+from aegis.gateway.context import STREAMED_BODY_DIGEST, CallContext
+from aegis.gateway.evidence import EvidenceFacts
+from aegis.policy.decision import ApprovalRequirement, Decision
+from aegis.policy.input import PolicyCall
+from aegis.telemetry.metrics import APPROVAL_REJECTIONS
+
+__all__ = ["ApprovalGate", "requirement_of"]
+
+
+def requirement_of(decision: Decision) -> ApprovalRequirement:
+    """One requirement for the call: every named group (all must approve through one person in
+    each), the first channel, the shortest expiry. No requirement is a policy error (deny)."""
+    if not decision.approvals:
+        raise AegisError("approval_needed without an approval requirement", code="policy_error")
+    groups = sorted({a.group for a in decision.approvals})
+    return ApprovalRequirement(
+        group=",".join(groups),
+        channel=decision.approvals[0].channel,
+        expires_in=min(a.expires_in for a in decision.approvals),
+    )
+
+
+class ApprovalGate:
+    def __init__(self, service: ApprovalService) -> None:
+        self.service = service
+
+    async def __call__(self, ctx: CallContext, facts: EvidenceFacts, call: PolicyCall) -> Decision:
+        decision = facts.decision
+        assert decision is not None
+        if ctx.body_digest == STREAMED_BODY_DIGEST:
+            raise AegisError(
+                "a call held for approval must have a buffered body so that the approval can "
+                "be bound to it; send it as JSON within gateway.max_body_bytes",
+                code="approval_unbindable",
+            )
+        held = HeldCall(
+            decision_id=facts.decision_id, tenant=call.tenant, env=call.env,
+            agent_id=call.agent.id, agent_owner=call.agent.owner or "", tool=call.tool,
+            method=ctx.method, path=ctx.path, query=ctx.query, body_digest=ctx.body_digest,
+            body=ctx.body, chain=facts.chain, origin_user=call.chain.origin_user,
+            rule_ids=decision.rule_ids, policy_version=decision.policy_version,
+            reasons=decision.reasons,
+        )  # fmt: skip
+        tokens = ctx.header_values(OVERRIDE_HEADER)
+        if len(tokens) > 1:
+            raise InvalidRequest(f"send at most one {OVERRIDE_HEADER} header")
+        if tokens:
+            try:
+                req = await self.service.redeem(held, tokens[0].strip())
+            except AegisError as exc:
+                APPROVAL_REJECTIONS.labels(code=exc.code).inc()
+                raise
+            return dataclasses.replace(
+                decision,
+                action="sanitize" if decision.obligations else "allow",
+                code=None,
+                reasons=(f"approved by {req.decided_by} (approval {req.id})",),
+            )
+        req = await self.service.hold(held, requirement_of(decision))
+        raise AegisError(
+            "this call needs a human approval; poll status_url, then retry the same call once "
+            f"with the {OVERRIDE_HEADER} header",
+            code="approval_needed",
+            approval_id=req.id,
+            status_url=self.service.status_url(req.id),
+            approval_state=req.state,
+            expires_at=int(req.expires_at),
+        )

@@ -1,0 +1,186 @@
+"""The approval service on a real SQLite database: requests, decisions, expiry and redemption,
+with every refusal audited and leaving the request as it was."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from aegis.approvals.model import call_digest
+from aegis.errors import AegisError
+from aegis.telemetry.metrics import REGISTRY
+from tests.approvals.conftest import FINANCE, Setup, held, make_setup
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels or None) or 0.0
+
+
+async def _refused(coro: Any) -> str:
+    with pytest.raises(AegisError) as info:
+        await coro
+    return info.value.code
+
+
+async def test_same_call_while_open_gets_the_same_id(setup: Setup) -> None:
+    before = metric("aegis_approval_requests_total", rule="pay-large")
+    first = await setup.service.hold(held(), FINANCE)
+    again = await setup.service.hold(held(decision_id="dec-2"), FINANCE)
+    assert again.id == first.id and first.state == "pending"
+    assert first.expires_at == setup.clock.now() + 600
+    # Another amount, another query order of the same query, another agent: the first two are
+    # different calls, the query order is not.
+    other = await setup.service.hold(held(body_digest="sha256:" + "cd" * 32), FINANCE)
+    assert other.id != first.id
+    reordered = held(query=(("currency", "eur"),))
+    assert call_digest(reordered) == call_digest(held())
+    assert call_digest(held(agent_id="thief")) != call_digest(held())
+    assert metric("aegis_approval_requests_total", rule="pay-large") == before + 2
+    assert metric("aegis_approvals_pending") == 2
+    (record, _) = setup.audited("approval.requested")
+    assert record["id"] == first.id and record["group"] == "finance"
+    assert record["parameters"]["password"] == "[redacted]"
+    assert record["parameters"]["amount"] == 12000
+    # No slack channel is configured here: recorded on the request, never silently dropped.
+    stored = await setup.service.get(first.id)
+    assert stored.notify_state == "no_channel"
+
+
+async def test_approve_records_who_when_channel_and_why(setup: Setup) -> None:
+    req = await setup.service.hold(held(), FINANCE)
+    setup.clock.advance(42)
+    before = metric("aegis_approval_decision_seconds_count", outcome="approved")
+    done = await setup.service.decide(
+        req.id, via="slack", credential="UCAROL", approve=True, reason="invoice checked"
+    )
+    assert done.state == "approved" and done.decided_by == "carol@example.com"
+    assert done.override_expires_at == setup.clock.now() + 120
+    assert metric("aegis_approval_decision_seconds_count", outcome="approved") == before + 1
+    assert metric("aegis_approval_decisions_total", rule="pay-large", outcome="approved") >= 1
+    (record,) = setup.audited("approval.decided")
+    assert record["approver"] == "carol@example.com" and record["channel"] == "slack"
+    assert record["reason"] == "invoice checked" and record["at"] == setup.clock.now()
+    assert record["decision"] == "approved"
+
+
+@pytest.mark.parametrize(
+    ("via", "credential", "code"),
+    [
+        ("slack", "UNOBODY", "approver_unknown"),
+        ("api", "some-key-id", "approver_unknown"),
+        ("slack", "UDAVE", "approver_not_in_group"),  # security, not finance
+        ("slack", "UOWNER", "self_approval_forbidden"),  # the agent's owner (case-insensitive)
+        ("cli", "owner@example.com", "self_approval_forbidden"),
+    ],
+)
+async def test_refused_deciders_leave_the_request_pending(
+    setup: Setup, via: Any, credential: str, code: str
+) -> None:
+    req = await setup.service.hold(held(), FINANCE)
+    got = await _refused(setup.service.decide(req.id, via=via, credential=credential, approve=True))
+    assert got == code
+    assert (await setup.service.get(req.id)).state == "pending"
+    (record,) = setup.audited("approval.rejected")
+    assert record["code"] == code and record["id"] == req.id and record["channel"] == via
+
+
+async def test_origin_user_cannot_approve_the_call_made_for_them(setup: Setup) -> None:
+    req = await setup.service.hold(held(origin_user="carol@example.com"), FINANCE)
+    got = await _refused(setup.service.decide(req.id, via="slack", credential="UCAROL",
+                                              approve=True))  # fmt: skip
+    assert got == "self_approval_forbidden"
+
+
+async def test_separation_of_duties_can_be_turned_off(tmp_path: Any) -> None:
+    s = make_setup(tmp_path, "  separation_of_duties: false\n")
+    req = await s.service.hold(held(), FINANCE)
+    done = await s.service.decide(req.id, via="slack", credential="UOWNER", approve=True)
+    assert done.state == "approved"
+    s.service.close()
+
+
+async def test_every_group_of_a_multi_rule_hold_is_required(setup: Setup) -> None:
+    both = dataclasses.replace(FINANCE, group="finance,security")
+    req = await setup.service.hold(held(), both)
+    got = await _refused(setup.service.decide(req.id, via="slack", credential="UCAROL",
+                                              approve=True))  # fmt: skip
+    assert got == "approver_not_in_group"
+
+
+async def test_unknown_decided_and_expired_requests(setup: Setup) -> None:
+    svc = setup.service
+    code = await _refused(svc.decide("apr_nope", via="slack", credential="UCAROL", approve=True))
+    assert code == "approval_not_found"
+    req = await svc.hold(held(), FINANCE)
+    await svc.decide(req.id, via="slack", credential="UCAROL", approve=False, reason="no")
+    again = await _refused(svc.decide(req.id, via="slack", credential="UCAROL", approve=True))
+    assert again == "approval_decided"
+    assert (await svc.get(req.id)).state == "denied"
+    late = await svc.hold(held(body_digest="sha256:" + "ee" * 32), FINANCE)
+    setup.clock.advance(601)
+    code = await _refused(svc.decide(late.id, via="slack", credential="UCAROL", approve=True))
+    assert code == "approval_expired"
+    assert (await svc.get(late.id)).state == "expired"
+    expired = setup.audited("approval.expired")
+    assert [r["id"] for r in expired] == [late.id]
+    codes = [r["code"] for r in setup.audited("approval.rejected")]
+    assert codes == ["approval_not_found", "approval_decided", "approval_expired"]
+
+
+async def test_redeem_once_then_refused(setup: Setup) -> None:
+    svc = setup.service
+    req = await svc.hold(held(), FINANCE)
+    await svc.decide(req.id, via="cli", credential="carol@example.com", approve=True)
+    token = (await svc.status(req.id, "payer"))["override_token"]
+    used = await svc.redeem(held(decision_id="dec-retry"), token)
+    assert used.state == "used"
+    assert await _refused(svc.redeem(held(), token)) == "override_used"
+    (record,) = setup.audited("approval.override_used")
+    assert record["decision_id"] == "dec-retry"
+    # The call is free again: asking anew opens a new request.
+    assert (await svc.hold(held(), FINANCE)).id != req.id
+
+
+async def test_override_is_bound_to_agent_and_call(setup: Setup) -> None:
+    svc = setup.service
+    req = await svc.hold(held(), FINANCE)
+    await svc.decide(req.id, via="cli", credential="carol@example.com", approve=True)
+    token = (await svc.status(req.id, "payer"))["override_token"]
+    assert await _refused(svc.redeem(held(agent_id="thief"), token)) == "override_agent_mismatch"
+    changed = held(body_digest="sha256:" + "99" * 32)  # another amount or account
+    assert await _refused(svc.redeem(changed, token)) == "override_digest_mismatch"
+    assert await _refused(svc.redeem(held(tool="crm"), token)) == "override_digest_mismatch"
+    assert await _refused(svc.redeem(held(), "not.a.token")) == "override_invalid"
+    # None of those spent it.
+    assert (await svc.redeem(held(), token)).state == "used"
+
+
+async def test_denied_and_expired_approvals_refuse_their_override(setup: Setup) -> None:
+    svc = setup.service
+    req = await svc.hold(held(), FINANCE)
+    approved = await svc.decide(req.id, via="cli", credential="carol@example.com", approve=True)
+    token = svc.overrides.mint(approved)
+    # A token minted while approved, presented once the request is denied (e.g. a race): refused.
+    denied = dataclasses.replace(approved, state="denied")
+    assert svc.store.transition(denied, "approved")
+    assert await _refused(svc.redeem(held(), token)) == "approval_denied"
+    other = await svc.hold(held(body_digest="sha256:" + "77" * 32), FINANCE)
+    ok = await svc.decide(other.id, via="cli", credential="carol@example.com", approve=True)
+    late_token = svc.overrides.mint(ok)
+    setup.clock.advance(121 + setup.config.tokens.leeway)
+    call = held(body_digest="sha256:" + "77" * 32)
+    assert await _refused(svc.redeem(call, late_token)) == "override_expired"
+    assert (await svc.get(other.id)).state == "expired"
+
+
+async def test_status_is_only_for_the_agent_and_hides_the_token_until_approved(
+    setup: Setup,
+) -> None:
+    svc = setup.service
+    req = await svc.hold(held(), FINANCE)
+    pending = await svc.status(req.id, "payer")
+    assert pending["state"] == "pending" and "override_token" not in pending
+    assert await _refused(svc.status(req.id, "thief")) == "approval_not_found"
+    assert await _refused(svc.status("apr_missing", "payer")) == "approval_not_found"
