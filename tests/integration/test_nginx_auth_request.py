@@ -1,0 +1,195 @@
+"""A real nginx (the Debian package) in front of a tool server, with ``auth_request`` pointed at the
+Aegis HTTP ext_authz door: allowed calls reach the upstream with the verified identity, refused
+calls get nginx's 401/403 and never reach it. nginx runs from its own temporary prefix on a free
+loopback port, in the foreground, and is stopped at the end."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from tests.gateway.harness import AgentClient, Upstream, serve
+from tests.support.server import RunningServer, free_port, run_server
+
+from aegis.audit.log import AuditLog
+from aegis.config import GatewaySettings
+from aegis.gateway.app import build_pipeline
+from aegis.gateway.ext_authz import ExtAuthz
+from aegis.gateway.ext_authz_http import create_ext_authz_http_app
+from aegis.policy.store import MemoryPolicyStore
+
+NGINX = "/usr/sbin/nginx"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not os.path.exists(NGINX), reason="nginx is not installed"),
+]
+
+CONF = """
+{user}
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/body;
+  proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fastcgi;
+  uwsgi_temp_path {tmp}/uwsgi;
+  scgi_temp_path {tmp}/scgi;
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      auth_request /_aegis;
+      auth_request_set $aegis_agent $upstream_http_x_aegis_agent_id;
+      auth_request_set $aegis_tenant $upstream_http_x_aegis_tenant;
+      auth_request_set $aegis_decision $upstream_http_x_aegis_decision_id;
+      auth_request_set $aegis_attestation $upstream_http_x_aegis_attestation;
+      proxy_set_header X-Aegis-Agent-Id $aegis_agent;
+      proxy_set_header X-Aegis-Tenant $aegis_tenant;
+      proxy_set_header X-Aegis-Decision-Id $aegis_decision;
+      proxy_set_header X-Aegis-Attestation $aegis_attestation;
+      proxy_set_header Authorization "";
+      proxy_set_header DPoP "";
+      add_header X-Aegis-Decision-Id $aegis_decision always;
+      proxy_pass http://127.0.0.1:{upstream};
+    }}
+    location = /_aegis {{
+      internal;
+      proxy_pass http://127.0.0.1:{aegis}/auth;
+      proxy_pass_request_body off;
+      proxy_set_header Content-Length "";
+      proxy_set_header X-Original-URI $request_uri;
+      proxy_set_header X-Original-Method $request_method;
+      proxy_set_header X-Forwarded-Host $http_host;
+      proxy_set_header X-Forwarded-Proto $scheme;
+    }}
+  }}
+}}
+"""
+
+
+@dataclasses.dataclass
+class Front:
+    srv: RunningServer
+    url: str
+    upstream: Upstream
+
+
+def _wait_for(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"nginx exited: {log.read_text() if log.exists() else ''}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError("nginx did not start within 10 s")
+
+
+@pytest.fixture(scope="module")
+def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
+    upstream = Upstream()
+    tmp = tmp_path_factory.mktemp("nginx")
+    with run_server(tmp_path_factory.mktemp("cp")) as srv, serve(upstream.app) as up:
+        port = free_port()
+        settings = GatewaySettings.model_validate(
+            {
+                "public_url": f"http://127.0.0.1:{port}",
+                "routes": [
+                    {"path_prefix": "/payments", "upstream": up, "tool": "payments",
+                     "tenant": "acme", "env": "prod"},
+                    {"path_prefix": "/crm", "upstream": up, "tool": "crm",
+                     "tenant": "acme", "env": "prod"},
+                ],
+                "allow": [{"tool": "payments"}],
+                "ext_authz": {"http_port": free_port(), "http_mode": "nginx",
+                              "trusted_proxies": ["127.0.0.1"]},
+            }
+        )  # fmt: skip
+        audit = AuditLog(srv.config.database_url(), clock=srv.services.clock)
+        pipeline = build_pipeline(
+            srv.services, settings, policy_store=MemoryPolicyStore(), audit=audit
+        )
+        app = create_ext_authz_http_app(ExtAuthz(pipeline, settings), settings.ext_authz)
+        with serve(app) as aegis:
+            conf = tmp / "nginx.conf"
+            conf.write_text(
+                CONF.format(
+                    user="user root;" if os.geteuid() == 0 else "",
+                    tmp=tmp,
+                    port=port,
+                    upstream=up.rsplit(":", 1)[1],
+                    aegis=aegis.rsplit(":", 1)[1],
+                )
+            )
+            proc = subprocess.Popen(
+                [NGINX, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                _wait_for(port, proc, tmp / "error.log")
+                yield Front(srv, f"http://127.0.0.1:{port}", upstream)
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)
+                audit.close()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _post(front: Front, agent: AgentClient, token: str, path: str, **kw: str) -> httpx.Response:
+    url = f"{front.url}{path}"
+    headers = {**agent.headers(token, "POST", url), **kw}
+    return httpx.post(url, json={"amount": 12}, headers=headers, timeout=10)
+
+
+def test_allowed_call_reaches_upstream_with_verified_identity(front: Front) -> None:
+    agent = AgentClient(front.srv, "nginx-payer")
+    token = agent.access_token()
+    before = len(front.upstream.seen)
+    resp = _post(front, agent, token, "/payments/charge", **{"x-aegis-agent-id": "admin"})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["ok"] is True
+    assert len(front.upstream.seen) == before + 1
+    seen = front.upstream.seen[-1]
+    assert seen["path"] == "/payments/charge" and seen["body"] == b'{"amount":12}'
+    assert seen["headers"]["x-aegis-agent-id"] == agent.id  # not the forged value
+    assert seen["headers"]["x-aegis-tenant"] == "acme"
+    assert seen["headers"]["x-aegis-decision-id"] == resp.headers["x-aegis-decision-id"]
+    assert seen["headers"]["x-aegis-attestation"].count(".") == 2
+    assert "authorization" not in seen["headers"] and "dpop" not in seen["headers"]
+
+
+def test_refused_calls_never_reach_the_upstream(front: Front) -> None:
+    agent = AgentClient(front.srv, "nginx-refused")
+    token = agent.access_token()
+    before = len(front.upstream.seen)
+    denied = _post(front, agent, token, "/crm/lookup")  # no policy or allow entry for crm
+    assert denied.status_code == 403
+    url = f"{front.url}/payments/charge"
+    headers = agent.headers(token, "POST", url)
+    assert httpx.post(url, json={}, headers=headers, timeout=10).status_code == 200
+    replay = httpx.post(url, json={}, headers=headers, timeout=10)
+    assert replay.status_code == 401
+    assert replay.headers["www-authenticate"].startswith("DPoP error=")
+    bad = httpx.post(url, json={}, headers={"authorization": "DPoP x.y.z"}, timeout=10)
+    assert bad.status_code == 401
+    anonymous = httpx.post(url, json={}, timeout=10)
+    assert anonymous.status_code == 401
+    # Only the one allowed call got through.
+    assert len(front.upstream.seen) == before + 1
