@@ -8,6 +8,7 @@ The server is the production stack: :class:`MTLSListener` (handshake, TLS extens
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 from collections.abc import AsyncIterator, Iterable
@@ -159,12 +160,20 @@ async def fetch(
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="gateway"), timeout
         )
+    except (ssl.SSLError, ConnectionError, OSError) as exc:
+        return Result(None, None, f"{type(exc).__name__}: {exc}")
+    try:
         writer.write(("\r\n".join(lines) + "\r\n\r\n" + body).encode())
         await writer.drain()
         raw = await asyncio.wait_for(reader.read(), timeout)
-        writer.close()
     except (ssl.SSLError, ConnectionError, OSError) as exc:
         return Result(None, None, f"{type(exc).__name__}: {exc}")
+    finally:
+        # A refused client certificate surfaces on the first read (TLS 1.3): close the transport
+        # on every path, or it is left for the garbage collector to warn about in a later test.
+        writer.close()
+        with contextlib.suppress(ssl.SSLError, ConnectionError, OSError, TimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), 1.0)
     if not raw:
         return Result(None, None, "connection closed without a response")
     head, _, payload = raw.partition(b"\r\n\r\n")
