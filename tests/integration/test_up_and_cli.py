@@ -106,6 +106,11 @@ def test_cli_changes_reach_the_running_server(server: tuple[str, Path, str]) -> 
         listed = http.get("/v1/admin/agents", headers={"Authorization": f"Bearer {admin_key}"})
         assert [a["id"] for a in listed.json()["items"]] == ["finance-agent"]
 
+        # A careless client that puts the token or its secret in a URL: the access log drops
+        # query strings, so neither reaches the server's output.
+        http.get("/.well-known/jwks.json", params={"access_token": token})
+        http.post(f"/oauth/introspect?token={token}&client_secret={secret}", data={})
+
         aegis(directory, "agents", "suspend", "finance-agent", "--reason", "integration test")
         suspended_at = time.monotonic()
         while (answer := introspect()) != {"active": False}:
@@ -114,4 +119,6 @@ def test_cli_changes_reach_the_running_server(server: tuple[str, Path, str]) -> 
 
     out = (directory / "up.out").read_text()
     assert secret not in out and admin_key not in out  # the server prints no secret
+    assert token not in out and token.split(".")[1] not in out
+    assert '"GET /.well-known/jwks.json HTTP/1.1" 200' in out  # the access log is still there
     assert f"{url}/oauth/token" in out

@@ -9,6 +9,7 @@ and SIGINT stop it gracefully (in-flight requests finish, the stores close) with
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import sys
 from collections.abc import Generator
@@ -22,7 +23,7 @@ from rich.console import Console
 from aegis.cli import init as init_cmd
 from aegis.cli._common import JsonOpt, config_file, emit, load
 from aegis.server.services import build_services
-from aegis.telemetry.logging import configure_logging
+from aegis.telemetry.logging import QueryStringFilter, configure_logging
 
 __all__ = ["up"]
 
@@ -104,6 +105,8 @@ def up(
             server_header=False,
         )
     )
+    # uvicorn configured its loggers above; from now on its access log keeps no query string.
+    logging.getLogger("uvicorn.access").addFilter(QueryStringFilter())
     uvicorn_server.run()
     if not uvicorn_server.started:
         raise typer.Exit(1)

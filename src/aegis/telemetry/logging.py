@@ -10,7 +10,7 @@ import json
 import logging
 from typing import Any
 
-__all__ = ["configure_logging", "log_event", "logger"]
+__all__ = ["QueryStringFilter", "configure_logging", "log_event", "logger"]
 
 logger = logging.getLogger("aegis")
 
@@ -23,6 +23,21 @@ class _JsonFormatter(logging.Formatter):
             default=str,
             separators=(",", ":"),
         )
+
+
+class QueryStringFilter(logging.Filter):
+    """Drop the query string from uvicorn access-log lines.
+
+    A client may put a token or a secret in a URL (``?access_token=...``) although Aegis never
+    reads credentials from there; the access log must not keep what it was sent. uvicorn logs
+    ``(client, method, path with query, http version, status)`` as the record's arguments.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+            record.args = (args[0], args[1], args[2].split("?", 1)[0], args[3], args[4])
+        return True
 
 
 def configure_logging(level: str = "info") -> None:
