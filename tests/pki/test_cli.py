@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,9 +14,12 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from starlette.applications import Starlette
+from typer.core import TyperGroup
+from typer.main import get_command
 from typer.testing import CliRunner
 
 from aegis.cli.ca import app
+from aegis.cli.main import app as aegis
 from aegis.pki.api import PkiEndpoints
 from tests.pki.conftest import Pki
 from tests.pki.harness import gateway_server_context, serve
@@ -37,7 +42,9 @@ def test_init_rotate_and_bundle(config: Path) -> None:
     again = runner.invoke(app, ["init", "--config", str(config)])
     assert again.exit_code == 1
     assert again.output.strip().splitlines() == [
-        "error: a ca already exists in " + str(config.parent / "ca") + "; use --force to replace it"
+        "error: conflict: a ca already exists in "
+        + str(config.parent / "ca")
+        + "; use --force to replace it"
     ]
     bundle = runner.invoke(app, ["bundle", "--config", str(config)])
     assert len(x509.load_pem_x509_certificates(bundle.output.encode())) == 2
@@ -51,7 +58,7 @@ def test_init_rotate_and_bundle(config: Path) -> None:
 def test_commands_without_a_ca_fail_with_one_line(config: Path) -> None:
     result = runner.invoke(app, ["rotate", "--config", str(config)])
     assert result.exit_code == 1
-    assert result.output.startswith("error: no ca in ")
+    assert result.output.startswith("error: config_invalid: no ca in ")
     assert result.output.count("\n") == 1
 
 
@@ -125,4 +132,61 @@ def test_agent_cert_enrols_and_writes_private_files(
         env={"AEGIS_CLIENT_SECRET": "aegis_cs_wrong"},
     )
     assert wrong.exit_code == 1
-    assert wrong.output.startswith("error: certificate enrolment refused (401)")
+    assert wrong.output.startswith("error: ca_unavailable: certificate enrolment refused (401)")
+
+
+def test_every_ca_command_has_help_and_json(config: Path, tmp_path: Path) -> None:
+    group = get_command(app)
+    assert isinstance(group, TyperGroup)
+    for name in group.commands:
+        result = runner.invoke(app, [name, "--help"])
+        assert result.exit_code == 0, (name, result.output)
+        assert "--json" in result.output, name
+    created = runner.invoke(app, ["init", "--config", str(config), "--json"])
+    assert created.exit_code == 0, created.output
+    facts = json.loads(created.output)
+    assert facts["trust_domain"] == "cli.example"
+    assert int(facts["root_serial"], 16) and int(facts["intermediate_serial"], 16)
+    rotated = json.loads(runner.invoke(app, ["rotate", "--config", str(config), "--json"]).output)
+    assert rotated["intermediate_serial"] != facts["intermediate_serial"]
+    bundle = json.loads(runner.invoke(app, ["bundle", "--config", str(config), "--json"]).output)
+    assert len(x509.load_pem_x509_certificates(bundle["bundle"].encode())) == 3
+    (tmp_path / ".aegis").mkdir()
+    (tmp_path / ".aegis" / "pepper").write_text(base64.b64encode(os.urandom(32)).decode())
+    crl = tmp_path / "crl.pem"
+    wrote = runner.invoke(
+        app, ["crl", "--config", str(config), "--out", str(crl), "--pem", "--json"]
+    )
+    assert json.loads(wrote.output) == {"written": str(crl), "format": "pem"}
+    assert len(crl.read_bytes().split(b"BEGIN X509 CRL")) == 3  # both trusted intermediates
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_agents_cert_is_the_same_command_and_fails_in_one_line(
+    pki: Pki, control_plane_url: str, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "trust.pem"
+    bundle.write_bytes(pki.ca.bundle_pem())
+    client_id, secret = pki.secrets["beta"]
+    args = ["agents", "cert", "--client-id", client_id, "--out-dir", str(tmp_path / "beta"),
+            "--bundle", str(bundle), "--json"]  # fmt: skip
+    env = {"AEGIS_CLIENT_SECRET": secret}
+    result = runner.invoke(aegis, [*args, "--url", control_plane_url], env=env)
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.output)
+    assert facts["spiffe_id"] == "spiffe://example.org/tenant/t2/env/prod/agent/beta"
+    assert facts["renew_at"] < facts["not_after"]
+    assert pki.store.get(facts["serial"]) is not None
+    down = runner.invoke(aegis, [*args, "--url", f"https://127.0.0.1:{_closed_port()}"], env=env)
+    assert down.exit_code == 1
+    assert down.stderr.startswith("error: ca_unavailable: ConnectError")
+    assert down.stderr.count("\n") == 1
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a bundle")
+    bad = runner.invoke(aegis, [*args[:-2], str(junk), "--url", control_plane_url], env=env)
+    assert (bad.exit_code, bad.stderr.split(":")[:2]) == (1, ["error", " config_invalid"])

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from aegis.cli._common import JsonOpt, actor, emit, open_services, table
+from aegis.cli.certs import agent_cert
 from aegis.errors import InvalidRequest
 from aegis.registry.service import AgentSpec
 from aegis.server.admin_ops import STATUS_VERBS, agent_view, set_agent_status
@@ -152,3 +153,7 @@ _status_command(AgentStatus.SUSPENDED, "Suspend an agent: its tokens stop workin
 _status_command(AgentStatus.QUARANTINED, "Quarantine an agent under investigation.")
 _status_command(AgentStatus.RETIRED, "Retire an agent for good (cannot be undone).")
 _status_command(AgentStatus.ACTIVE, "Activate a suspended or quarantined agent again.")
+
+
+# An agent's own certificate: enrol, and with --watch renew at 2/3 of the lifetime (docs/pki.md).
+app.command("cert")(agent_cert)

@@ -2,17 +2,13 @@
 
 Commands: ``init``, ``rotate``, ``issue``, ``bootstrap-token``, ``revoke``, ``bundle``, ``crl`` for
 operators, and ``agent-cert`` for agents (enrol and keep renewing through ``/pki/v1/sign``).
-Every command exits non-zero with a one-line reason on failure; nothing prints a private key or a
-secret except the bootstrap token, once, by design.
+Every command exits non-zero with a one-line reason (``error: <code>: <message>``) on failure, and
+with ``--json`` prints one JSON document on stdout instead of prose (``agent-cert --watch``: one per
+certificate). Nothing prints a private key or a secret except the bootstrap token, once, by design.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import ssl
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,12 +16,16 @@ import typer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from aegis.cli._common import JsonOpt
+from aegis.cli.certs import agent_cert
+from aegis.cli.certs import fail_cleanly as _fail_cleanly
+from aegis.cli.certs import say as _say
+from aegis.cli.certs import write_file as _write
 from aegis.clock import SystemClock
 from aegis.config import AegisConfig, load_config
 from aegis.errors import AegisError
 from aegis.pki.ca import CaFiles, CertificateAuthority
 from aegis.pki.profile import parse_csr
-from aegis.pki.renewal import CertificateManager, Credential, basic_credentials
 from aegis.pki.service import PkiService
 
 __all__ = ["app"]
@@ -37,24 +37,6 @@ ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="aegis.yaml (default: $AEGIS_CONFIG or ./aegis.yaml)"),
 ]
-
-
-@contextmanager
-def _fail_cleanly() -> Iterator[None]:
-    try:
-        yield
-    except AegisError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        raise typer.Exit(1) from None
-
-
-def _write(path: Path, data: bytes, *, private: bool = False) -> None:
-    """Write atomically; private files are created 0600 before any byte is written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    tmp.replace(path)
 
 
 def _pki(config: AegisConfig) -> PkiService:
@@ -76,6 +58,7 @@ def init(
     intermediate_days: Annotated[
         int, typer.Option(min=1, help="intermediate validity in days")
     ] = 365,
+    as_json: JsonOpt = False,
 ) -> None:
     """Create the root and the issuing intermediate (P-256 keys, encrypted under the KEK)."""
     with _fail_cleanly():
@@ -90,8 +73,18 @@ def init(
             intermediate_days=intermediate_days,
             force=force,
         )
-    typer.echo(f"ca created in {files.directory} for trust domain {ca.trust_domain}")
-    typer.echo(f"keep {files.root_key} offline: only `aegis ca rotate` needs it")
+    _say(
+        as_json,
+        {
+            "directory": str(files.directory),
+            "trust_domain": ca.trust_domain,
+            "root_serial": format(ca.root.serial_number, "x"),
+            "intermediate_serial": format(ca.current.cert.serial_number, "x"),
+            "root_key": str(files.root_key),
+        },
+        f"ca created in {files.directory} for trust domain {ca.trust_domain}",
+        f"keep {files.root_key} offline: only `aegis ca rotate` needs it",
+    )
 
 
 @app.command()
@@ -100,6 +93,7 @@ def rotate(
     overlap: Annotated[
         int | None, typer.Option(help="seconds the old intermediate stays trusted")
     ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Replace the issuing intermediate; the old one stays in the bundle for the overlap."""
     with _fail_cleanly():
@@ -111,8 +105,11 @@ def rotate(
             overlap if overlap is not None else cfg.pki.leaf_max_lifetime + cfg.pki.crl_lifetime
         )
         new = ca.rotate_intermediate(overlap=float(window))
-    typer.echo(
-        f"new intermediate {format(new.cert.serial_number, 'x')}; old one trusted for {window} s"
+    serial = format(new.cert.serial_number, "x")
+    _say(
+        as_json,
+        {"intermediate_serial": serial, "overlap": window},
+        f"new intermediate {serial}; old one trusted for {window} s",
     )
 
 
@@ -125,6 +122,7 @@ def issue(
     ] = None,
     lifetime: Annotated[int | None, typer.Option(min=1, help="seconds (capped)")] = None,
     config: ConfigOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Issue an agent certificate as an operator (identity from the registry)."""
     with _fail_cleanly():
@@ -145,8 +143,12 @@ def issue(
             pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
         _write(out_dir / "key.pem", raw, private=True)
-    typer.echo(
-        f"issued {issued.record.serial} for {issued.record.spiffe_id} until {int(issued.record.not_after)}"
+    facts = {k: v for k, v in issued.to_json().items() if k not in ("certificate", "chain")}
+    _say(
+        as_json,
+        {**facts, "out_dir": str(out_dir), "key_written": key is not None},
+        f"issued {issued.record.serial} for {issued.record.spiffe_id} "
+        f"until {int(issued.record.not_after)}",
     )
 
 
@@ -155,11 +157,12 @@ def bootstrap_token(
     agent: Annotated[str, typer.Option(help="registered agent id")],
     ttl: Annotated[int | None, typer.Option(min=10, help="seconds the token stays usable")] = None,
     config: ConfigOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Print a single-use enrolment token for an agent's first certificate (shown once)."""
     with _fail_cleanly():
         token = _pki(load_config(config)).new_bootstrap_token(agent, lifetime=ttl)
-    typer.echo(token)
+    _say(as_json, {"agent": agent, "bootstrap_token": token}, token)
 
 
 @app.command()
@@ -170,6 +173,7 @@ def revoke(
     ] = None,
     reason: Annotated[str, typer.Option(help="key_compromise, superseded, ...")] = "unspecified",
     config: ConfigOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Revoke one certificate or all of an agent's; the next CRL lists them."""
     with _fail_cleanly():
@@ -179,84 +183,43 @@ def revoke(
         done = [serial] if serial and store.revoke_serial(serial.lower(), reason) else []
         if agent:
             done = store.revoke_agent(agent, reason)
-    typer.echo(f"revoked {len(done)} certificate(s)")
+    _say(as_json, {"revoked": done}, f"revoked {len(done)} certificate(s)")
 
 
 @app.command()
-def bundle(config: ConfigOpt = None, out: Annotated[Path | None, typer.Option()] = None) -> None:
+def bundle(
+    config: ConfigOpt = None,
+    out: Annotated[Path | None, typer.Option(help="write the PEM here instead of stdout")] = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Print (or write) the trust bundle: root and every trusted intermediate."""
     with _fail_cleanly():
         cfg = load_config(config)
         pem = CertificateAuthority(
             CaFiles.from_config(cfg), cfg.kek(), SystemClock(), cfg.pki.trust_domain
         ).bundle_pem()
-    if out is None:
-        typer.echo(pem.decode(), nl=False)
-    else:
+    if out is not None:
         _write(out, pem)
+        _say(as_json, {"written": str(out)})
+    elif as_json:
+        _say(True, {"bundle": pem.decode()})
+    else:
+        typer.echo(pem.decode(), nl=False)
 
 
 @app.command()
-def crl(out: Annotated[Path, typer.Option()], pem: bool = False, config: ConfigOpt = None) -> None:
+def crl(
+    out: Annotated[Path, typer.Option(help="file to write")],
+    pem: Annotated[bool, typer.Option(help="PEM, every trusted intermediate's CRL")] = False,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Write a fresh CRL (DER, or PEM for every trusted intermediate with --pem)."""
     with _fail_cleanly():
         pki = _pki(load_config(config))
         _write(out, pki.crl_pem() if pem else pki.crl_der())
-    typer.echo(f"wrote {out}")
+    _say(as_json, {"written": str(out), "format": "pem" if pem else "der"}, f"wrote {out}")
 
 
-@app.command("agent-cert")
-def agent_cert(
-    url: Annotated[str, typer.Option(help="control plane base URL, e.g. https://aegis:8443")],
-    client_id: Annotated[str, typer.Option(envvar="AEGIS_CLIENT_ID")],
-    out_dir: Annotated[Path, typer.Option(help="cert.pem (leaf and chain), key.pem, bundle.pem")],
-    bundle_file: Annotated[
-        Path, typer.Option("--bundle", help="trust bundle to verify the control plane")
-    ],
-    client_secret: Annotated[
-        str, typer.Option(envvar="AEGIS_CLIENT_SECRET", prompt=True, hide_input=True)
-    ],
-    lifetime: Annotated[int | None, typer.Option(min=5)] = None,
-    watch: Annotated[
-        bool, typer.Option(help="keep running and renew at 2/3 of the lifetime")
-    ] = False,
-) -> None:
-    """Enrol this agent (and with --watch keep its certificate renewed) through /pki/v1/sign."""
-    trust = bundle_file.read_bytes()
-    verify = ssl.create_default_context(cadata=trust.decode())
-    verify.check_hostname = (
-        False  # Aegis certificates name SPIFFE IDs; the chain is what is checked
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    def save(cred: Credential) -> None:
-        key = cred.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        _write(out_dir / "key.pem", key, private=True)
-        _write(out_dir / "cert.pem", cred.chain_pem())
-        _write(out_dir / "bundle.pem", cred.trust_pem)
-        typer.echo(f"certificate {cred.serial} for {cred.spiffe_id} until {int(cred.not_after)}")
-
-    manager = CertificateManager(
-        url,
-        basic_credentials(client_id, client_secret),
-        clock=SystemClock(),
-        trust_pem=trust,
-        verify=verify,
-        lifetime=lifetime,
-        on_renew=[save],
-    )
-    run: Callable[[], Any] = manager.obtain if not watch else _forever(manager)
-    with _fail_cleanly():
-        asyncio.run(run())
-
-
-def _forever(manager: CertificateManager) -> Callable[[], Any]:
-    async def loop() -> None:
-        await manager.start()
-        await asyncio.Event().wait()
-
-    return loop
+# Agents enrol themselves with the same command (also `aegis agents cert`).
+app.command("agent-cert")(agent_cert)

@@ -1,0 +1,131 @@
+"""Agent certificates from the command line: ``aegis agents cert`` (also ``aegis ca agent-cert``).
+
+An agent enrols through ``POST /pki/v1/sign`` with its client credentials, writes ``cert.pem`` (leaf
+and chain), ``key.pem`` (0600) and ``bundle.pem``, and with ``--watch`` keeps running and renews at
+two thirds of each certificate's lifetime (:class:`aegis.pki.renewal.CertificateManager`; each
+file is replaced atomically, ``key.pem`` first, ``cert.pem`` last). Also the helpers the
+``aegis ca`` commands share: one-line failures with the stable code, ``--json`` output, private
+files created 0600.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import ssl
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from cryptography.hazmat.primitives import serialization
+
+from aegis.cli._common import JsonOpt
+from aegis.clock import SystemClock
+from aegis.errors import AegisError
+from aegis.pki.renewal import CertificateManager, Credential, basic_credentials
+
+__all__ = ["agent_cert", "fail_cleanly", "say", "write_file"]
+
+
+@contextmanager
+def fail_cleanly() -> Iterator[None]:
+    try:
+        yield
+    except AegisError as exc:
+        typer.echo(f"error: {exc.code}: {' '.join(exc.message.split())}", err=True)
+        raise typer.Exit(1) from None
+    except (httpx.HTTPError, OSError) as exc:  # the control plane is unreachable or says nonsense
+        typer.echo(f"error: ca_unavailable: {type(exc).__name__}: {str(exc)[:200]}", err=True)
+        raise typer.Exit(1) from None
+
+
+def say(as_json: bool, data: dict[str, Any], *lines: str) -> None:
+    """One JSON document, or the human lines."""
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+    else:
+        for line in lines:
+            typer.echo(line)
+
+
+def write_file(path: Path, data: bytes, *, private: bool = False) -> None:
+    """Write atomically; private files are created 0600 before any byte is written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    tmp.replace(path)
+
+
+def agent_cert(
+    url: Annotated[str, typer.Option(help="control plane base URL, e.g. https://aegis:8443")],
+    client_id: Annotated[str, typer.Option(envvar="AEGIS_CLIENT_ID", help="the agent's client")],
+    out_dir: Annotated[Path, typer.Option(help="cert.pem (leaf and chain), key.pem, bundle.pem")],
+    bundle_file: Annotated[
+        Path, typer.Option("--bundle", help="trust bundle to verify the control plane")
+    ],
+    client_secret: Annotated[
+        str,
+        typer.Option(
+            envvar="AEGIS_CLIENT_SECRET", prompt=True, hide_input=True, help="never on argv"
+        ),
+    ],
+    lifetime: Annotated[int | None, typer.Option(min=5, help="seconds (capped by the CA)")] = None,
+    watch: Annotated[
+        bool, typer.Option(help="keep running and renew at 2/3 of the lifetime")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Enrol this agent (and with --watch keep its certificate renewed) through /pki/v1/sign."""
+    with fail_cleanly():
+        trust = bundle_file.read_bytes()
+        try:
+            verify = ssl.create_default_context(cadata=trust.decode())
+        except (ssl.SSLError, ValueError):
+            raise AegisError(
+                f"{bundle_file} is not a PEM trust bundle", code="config_invalid"
+            ) from None
+        verify.check_hostname = False  # Aegis certificates name SPIFFE IDs; the chain is checked
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    def save(cred: Credential) -> None:
+        key = cred.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        write_file(out_dir / "key.pem", key, private=True)
+        write_file(out_dir / "cert.pem", cred.chain_pem())
+        write_file(out_dir / "bundle.pem", cred.trust_pem)
+        facts = {"serial": cred.serial, "spiffe_id": cred.spiffe_id, "x5t#S256": cred.x5t_s256,
+                 "not_after": int(cred.not_after), "renew_at": int(cred.renew_at)}  # fmt: skip
+        text = f"certificate {cred.serial} for {cred.spiffe_id} until {int(cred.not_after)}"
+        if as_json:
+            typer.echo(json.dumps(facts))  # one line per certificate, also under --watch
+        else:
+            typer.echo(text)
+
+    manager = CertificateManager(
+        url,
+        basic_credentials(client_id, client_secret),
+        clock=SystemClock(),
+        trust_pem=trust,
+        verify=verify,
+        lifetime=lifetime,
+        on_renew=[save],
+    )
+    run: Callable[[], Any] = manager.obtain if not watch else _forever(manager)
+    with fail_cleanly():
+        asyncio.run(run())
+
+
+def _forever(manager: CertificateManager) -> Callable[[], Any]:
+    async def loop() -> None:
+        await manager.start()
+        await asyncio.Event().wait()
+
+    return loop
