@@ -1,7 +1,8 @@
 """Approval routes outside the admin API: the status URL agents poll and the Slack / Teams callbacks.
 
 * ``GET /approvals/{id}``: the agent whose call is held polls its request with its own access
-  token (``Authorization: Bearer|DPoP <token>``; signature, claims and subject state are checked).
+  token (``Authorization: Bearer|DPoP <token>``; signature, claims and subject state are checked,
+  and a DPoP-bound token needs a fresh proof for the status URL).
   Another agent's or an unknown id is ``approval_not_found``. Once approved, the answer carries the
   override token (the same single use however often it is fetched).
 * ``POST /approvals/slack/{channel}``: Slack's interactive callback (``block_actions``), verified
@@ -28,8 +29,10 @@ from aegis.approvals.directory import Via
 from aegis.approvals.service import ApprovalService
 from aegis.approvals.signing import verify_slack, verify_teams
 from aegis.approvals.wiring import approvals_for
-from aegis.errors import AegisError, ClientAuthError, InvalidRequest
+from aegis.errors import AegisError, ClientAuthError, InvalidRequest, TokenError
 from aegis.server.services import Services
+from aegis.tokens.claims import AccessToken
+from aegis.tokens.dpop import DpopVerifier
 from aegis.tokens.subject import check_subject
 
 __all__ = ["approval_routes"]
@@ -75,12 +78,31 @@ class _Handlers:
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() not in ("bearer", "dpop") or not token.strip():
                 raise ClientAuthError("send the agent's access token", code="unauthenticated")
+            approval_id = request.path_params["approval_id"]
             at = self._services.verifier.verify(token.strip())
+            await self._proof(request, scheme, token.strip(), at, approval_id)
             await check_subject(at, self._services.cache, self._services.revocation)
-            out = await self.service.status(request.path_params["approval_id"], at.agent_id)
+            out = await self.service.status(approval_id, at.agent_id)
         except AegisError as exc:
             return _error(exc)
         return JSONResponse(out, headers={"cache-control": "no-store"})
+
+    async def _proof(
+        self, request: Request, scheme: str, token: str, at: AccessToken, approval_id: str
+    ) -> None:
+        """A DPoP-bound token polls with a fresh proof for the status URL (RFC 9449 §7.1)."""
+        jkt = (at.cnf or {}).get("jkt")
+        if jkt is None:
+            return
+        proofs = request.headers.getlist("dpop")
+        if scheme.lower() != "dpop" or len(proofs) != 1:
+            raise TokenError("this token is DPoP-bound; send one DPoP proof", code="invalid_token")
+        dpop = self._services.extras.get("dpop_verifier")
+        if not isinstance(dpop, DpopVerifier):  # never skip the check: refuse
+            raise AegisError("no DPoP verifier is configured", code="server_error")
+        url = self.service.status_url(approval_id)
+        proof = dpop.verify(proofs[0], method="GET", url=url, access_token=token, jkt=str(jkt))
+        await dpop.consume(proof)
 
     async def slack(self, request: Request) -> Response:
         via: Via = "slack"

@@ -1,0 +1,287 @@
+"""Human approvals end to end over real HTTP: control plane, gateway, tool server, and recording
+servers standing in for Slack and Teams, each in its own uvicorn server on loopback.
+
+A payment of 12,000 is held (approval_needed) → Slack gets a message with buttons → a correctly
+signed Approve comes back → the agent polls its status URL and gets the override → the same call
+retried with it goes through once → a second retry is refused. Also: deny, expiry, Teams, and the
+tampering cases (unsigned, stale, changed body, reused override, changed amount)."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+import pytest
+
+from aegis.approvals import ApprovalService, build_approval_service
+from aegis.approvals.signing import sign_v0
+from aegis.audit.log import AuditLog
+from aegis.config import GatewaySettings
+from aegis.gateway.app import build_pipeline, create_gateway_app
+from aegis.policy.loader import load_document
+from aegis.policy.store import MemoryPolicyStore
+from tests.approvals.conftest import APPROVERS_YAML, Recorder
+from tests.gateway.harness import AgentClient, Upstream, serve
+from tests.gateway.helpers import mint_proof
+from tests.support.server import RunningServer, free_port, run_server
+
+pytestmark = pytest.mark.slow
+
+SLACK_SECRET = "slack-signing-secret-for-tests"
+TEAMS_KEY = base64.b64encode(b"t" * 32).decode()
+POLICY = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: approvals-e2e}
+spec:
+  rules:
+    - id: pay-small
+      action: allow
+      match: {tools: [payments]}
+      when: {path: request.body.amount, lte: 10000}
+    - id: pay-large
+      action: approval_needed
+      reason: payment above 10000
+      match: {tools: [payments]}
+      when: {path: request.body.amount, gt: 10000}
+      approval: {group: finance, channel: slack, expires_in: 600}
+    - id: crm-export
+      action: approval_needed
+      match: {tools: [crm]}
+      approval: {group: finance, channel: teams, expires_in: 600}
+"""
+
+
+class OffsetClock:
+    """The real clock plus an offset the test moves (to expire requests without waiting)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def now(self) -> float:
+        return time.time() + self.offset
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+
+@dataclasses.dataclass
+class Stack:
+    srv: RunningServer
+    gateway: str
+    upstream: Upstream
+    slack: Recorder
+    teams: Recorder
+    service: ApprovalService
+    clock: OffsetClock
+    audit: AuditLog
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    upstream, slack, teams = Upstream(), Recorder(), Recorder()
+    with serve(upstream.app) as up, serve(slack.app) as slack_url, serve(teams.app) as teams_url:
+        channels = (
+            "  channels:\n"
+            f"    slack: {{kind: slack, url: '{slack_url}/hook', secret: {SLACK_SECRET}}}\n"
+            f"    teams: {{kind: teams, url: '{teams_url}/hook', secret: '{TEAMS_KEY}'}}\n"
+        )
+        directory = tmp_path_factory.mktemp("approvals")
+        with run_server(directory, APPROVERS_YAML + channels) as srv:
+            clock = OffsetClock()
+            audit = AuditLog(srv.config.database_url(), clock=clock)
+            service = build_approval_service(
+                srv.config, clock=clock, keyring=srv.services.keyring,
+                replay=srv.services.replay, audit=audit,
+            )  # fmt: skip
+            srv.services.extras["approvals"] = service  # shared by gateway and control plane
+            settings = GatewaySettings.model_validate({"port": free_port(), "routes": [
+                {"path_prefix": "/payments", "upstream": up, "tool": "payments",
+                 "tenant": "acme", "env": "prod"},
+                {"path_prefix": "/crm", "upstream": up, "tool": "crm",
+                 "tenant": "acme", "env": "prod"},
+            ]})  # fmt: skip
+            policies = MemoryPolicyStore()
+            version = policies.put(load_document(POLICY), now=time.time())
+            policies.activate("acme", "prod", version, actor="test", now=time.time())
+            pipeline = build_pipeline(srv.services, settings, policy_store=policies, audit=audit)
+            app = create_gateway_app(srv.services, settings, pipeline=pipeline)
+            with serve(app, settings.port) as gw:
+                yield Stack(srv, gw, upstream, slack, teams, service, clock, audit)
+            service.close()
+            audit.close()
+
+
+class Caller:
+    def __init__(self, stack: Stack, name: str = "payer") -> None:
+        self.stack, self.agent = stack, AgentClient(stack.srv, name)
+        self.token = self.agent.access_token()
+
+    def pay(self, amount: int, override: str | None = None, path: str = "/payments/charge",
+            ) -> httpx.Response:  # fmt: skip
+        url = f"{self.stack.gateway}{path}"
+        headers = self.agent.headers(self.token, "POST", url)
+        if override is not None:
+            headers["X-Aegis-Override"] = override
+        return httpx.post(url, json={"amount": amount, "account": "DE00 1"}, headers=headers)
+
+    def status(self, status_url: str) -> httpx.Response:
+        proof = mint_proof(self.agent.key, "GET", status_url, token=self.token)
+        return httpx.get(status_url, headers={"Authorization": f"DPoP {self.token}", "DPoP": proof})
+
+
+def slack_click(stack: Stack, approval_id: str, action: str, user: str, *,
+                ts: int | None = None, sign: bool = True, tamper: bool = False) -> httpx.Response:  # fmt: skip
+    """What Slack sends when ``user`` presses a button, signed with the app's secret."""
+    payload = {"type": "block_actions", "user": {"id": user, "name": user.lower()},
+               "actions": [{"action_id": action, "value": approval_id}]}  # fmt: skip
+    body = urlencode({"payload": json.dumps(payload)}).encode()
+    stamp = str(ts if ts is not None else int(time.time()))
+    headers = {"content-type": "application/x-www-form-urlencoded"}
+    if sign:
+        headers["x-slack-request-timestamp"] = stamp
+        headers["x-slack-signature"] = sign_v0(SLACK_SECRET.encode(), stamp, body)
+    if tamper:
+        body = body.replace(b"aegis_deny", b"aegis_approve")
+    return httpx.post(f"{stack.srv.url}/approvals/slack/slack", content=body, headers=headers)
+
+
+def held(resp: httpx.Response) -> dict[str, Any]:
+    assert resp.status_code == 403, resp.text
+    body: dict[str, Any] = resp.json()
+    assert body["code"] == "approval_needed"
+    assert (
+        body["status_url"]
+        == f"{body['status_url'].split('/approvals/')[0]}/approvals/" + (body["approval_id"])
+    )
+    return body
+
+
+def test_payment_approved_on_slack_goes_through_exactly_once(stack: Stack) -> None:
+    caller = Caller(stack)
+    first = held(caller.pay(12_000))
+    assert held(caller.pay(12_000))["approval_id"] == first["approval_id"]  # same call, same id
+    approval_id = first["approval_id"]
+    (message,) = [m for m in stack.slack.wait(1) if approval_id in json.dumps(m)]
+    buttons = message["blocks"][2]["elements"]
+    assert [b["action_id"] for b in buttons] == ["aegis_approve", "aegis_deny"]
+    assert {b["value"] for b in buttons} == {approval_id}
+    assert "hunter2" not in json.dumps(message)
+
+    # Tampering with the callback: refused, audited, request still pending.
+    assert slack_click(stack, approval_id, "aegis_approve", "UCAROL", sign=False).json()[
+        "code"
+    ] == ("callback_unsigned")
+    stale = slack_click(stack, approval_id, "aegis_approve", "UCAROL", ts=int(time.time()) - 301)
+    assert (stale.status_code, stale.json()["code"]) == (401, "callback_stale")
+    changed = slack_click(stack, approval_id, "aegis_deny", "UCAROL", tamper=True)
+    assert (changed.status_code, changed.json()["code"]) == (401, "callback_signature_invalid")
+    outsider = slack_click(stack, approval_id, "aegis_approve", "UDAVE")
+    assert outsider.json()["code"] == "approver_not_in_group"
+    owner = slack_click(stack, approval_id, "aegis_approve", "UOWNER")
+    assert owner.json()["code"] == "self_approval_forbidden"
+    assert caller.status(first["status_url"]).json()["state"] == "pending"
+    garbage = caller.pay(12_000, override="not-a-token")
+    assert (garbage.status_code, garbage.json()["code"]) == (403, "override_invalid")
+
+    ok = slack_click(stack, approval_id, "aegis_approve", "UCAROL")
+    assert ok.status_code == 200, ok.text
+    status = caller.status(first["status_url"]).json()
+    assert status["state"] == "approved"
+    override = status["override_token"]
+
+    changed_amount = caller.pay(12_001, override=override)
+    assert (changed_amount.status_code, changed_amount.json()["code"]) == (
+        403, "override_digest_mismatch")  # fmt: skip
+    thief = Caller(stack, "thief")
+    stolen = thief.pay(12_000, override=override)
+    assert stolen.json()["code"] == "override_agent_mismatch"
+
+    seen = len(stack.upstream.seen)
+    allowed = caller.pay(12_000, override=override)
+    assert allowed.status_code == 200, allowed.text
+    assert len(stack.upstream.seen) == seen + 1
+    forwarded = stack.upstream.seen[-1]["headers"]
+    assert "x-aegis-override" not in forwarded
+    assert forwarded["x-aegis-agent-id"] == caller.agent.id
+    again = caller.pay(12_000, override=override)
+    assert (again.status_code, again.json()["code"]) == (403, "override_used")
+    assert len(stack.upstream.seen) == seen + 1
+
+    decided = [r for r in stack.audit.records(kind="approval.decided") if r["id"] == approval_id]
+    assert [(r["approver"], r["channel"], r["decision"]) for r in decided] == [
+        ("carol@example.com", "slack", "approved")]  # fmt: skip
+    rejected = {r["code"] for r in stack.audit.records(kind="approval.rejected")}
+    assert {"callback_unsigned", "callback_stale", "callback_signature_invalid",
+            "approver_not_in_group", "self_approval_forbidden"} <= rejected  # fmt: skip
+
+
+def test_denied_on_slack(stack: Stack) -> None:
+    caller = Caller(stack, "denied")
+    first = held(caller.pay(15_000))
+    stack.slack.wait(1)
+    resp = slack_click(stack, first["approval_id"], "aegis_deny", "UCAROL")
+    assert resp.status_code == 200 and "denied" in resp.json()["text"]
+    status = caller.status(first["status_url"]).json()
+    assert status["state"] == "denied" and "override_token" not in status
+    again = slack_click(stack, first["approval_id"], "aegis_approve", "UCAROL")
+    assert (again.status_code, again.json()["code"]) == (409, "approval_decided")
+    # The call itself is still held: asking again opens a new request.
+    assert held(caller.pay(15_000))["approval_id"] != first["approval_id"]
+
+
+def test_expired_request_is_closed_and_audited(stack: Stack) -> None:
+    caller = Caller(stack, "late")
+    first = held(caller.pay(20_000))
+    stack.clock.offset += 601
+    try:
+        assert caller.status(first["status_url"]).json()["state"] == "expired"
+        late = slack_click(stack, first["approval_id"], "aegis_approve", "UCAROL")
+        assert (late.status_code, late.json()["code"]) == (403, "approval_expired")
+    finally:
+        stack.clock.offset -= 601
+    expired = [r["id"] for r in stack.audit.records(kind="approval.expired")]
+    assert first["approval_id"] in expired
+
+
+def test_teams_reply_approves_and_unsigned_replies_are_refused(stack: Stack) -> None:
+    caller = Caller(stack, "exporter")
+    first = held(caller.pay(1, path="/crm/export"))
+    card = stack.teams.wait(1)[-1]
+    assert card["attachments"][0]["contentType"] == "application/vnd.microsoft.card.adaptive"
+    assert first["approval_id"] in json.dumps(card)
+    reply = json.dumps({"type": "message", "text": f"<at>Aegis</at> approve {first['approval_id']}"
+                        " export for the audit", "from": {"aadObjectId": "aad-carol"}}).encode()  # fmt: skip
+    url = f"{stack.srv.url}/approvals/teams/teams"
+    unsigned = httpx.post(url, content=reply)
+    assert (unsigned.status_code, unsigned.json()["code"]) == (401, "callback_unsigned")
+    mac = hmac.new(base64.b64decode(TEAMS_KEY), reply, hashlib.sha256).digest()
+    auth = "HMAC " + base64.b64encode(mac).decode()
+    forged = httpx.post(url, content=reply + b" ", headers={"authorization": auth})
+    assert forged.json()["code"] == "callback_signature_invalid"
+    ok = httpx.post(url, content=reply, headers={"authorization": auth})
+    assert ok.status_code == 200 and ok.json()["type"] == "message"
+    override = caller.status(first["status_url"]).json()["override_token"]
+    assert caller.pay(1, override=override, path="/crm/export").status_code == 200
+    decided = [r for r in stack.audit.records(kind="approval.decided")
+               if r["id"] == first["approval_id"]]  # fmt: skip
+    assert decided[0]["channel"] == "teams" and decided[0]["reason"] == "export for the audit"
+
+
+def test_status_url_needs_the_agents_own_token(stack: Stack, tmp_path: Path) -> None:
+    caller = Caller(stack, "poller")
+    first = held(caller.pay(30_000))
+    assert httpx.get(first["status_url"]).json()["code"] == "unauthenticated"
+    other = Caller(stack, "nosy")
+    assert other.status(first["status_url"]).json()["code"] == "approval_not_found"
+    no_proof = httpx.get(first["status_url"], headers={"Authorization": f"DPoP {caller.token}"})
+    assert no_proof.json()["code"] == "invalid_token"
