@@ -7,8 +7,6 @@ import dataclasses
 from collections.abc import Iterator
 
 import pytest
-from tests.gateway.harness import Upstream, serve
-from tests.support.server import RunningServer, free_port, run_server
 
 from aegis.audit.log import AuditLog
 from aegis.clock import new_id
@@ -21,6 +19,8 @@ from aegis.registry.service import AgentSpec
 from aegis.sdk import AgentClient, ClientSecret, PrivateKey
 from aegis.stores import open_replay_store
 from aegis.types import AdminRole, ClientAuthMethod
+from tests.gateway.harness import Upstream, serve
+from tests.support.server import RunningServer, free_port, run_server
 
 POLICY = """
 apiVersion: aegis/v1

@@ -9,7 +9,6 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.sdk.conftest import Stack
 
 from aegis.clock import FrozenClock
 from aegis.crypto.jws import parse_compact
@@ -24,6 +23,7 @@ from aegis.sdk.cache import CachedToken
 from aegis.sdk.wire import error_from_response
 from aegis.telemetry.metrics import REGISTRY
 from aegis.tokens.issuer import TokenIssuer
+from tests.sdk.conftest import Stack
 
 pytestmark = pytest.mark.slow
 GW_AUD = "aegis-gateway"

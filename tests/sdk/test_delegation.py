@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from tests.sdk.conftest import Stack
 
 from aegis.crypto.keys import Ed25519SigningKey
 from aegis.sdk import (
@@ -17,6 +16,7 @@ from aegis.sdk import (
     PrivateKey,
 )
 from aegis.tokens.delegation import CHAIN_SEPARATOR
+from tests.sdk.conftest import Stack
 
 pytestmark = pytest.mark.slow
 GW_AUD = "aegis-gateway"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from tests.sdk.conftest import POLICY, Stack
 
 from aegis.sdk import ClientAuthenticationError, InvalidRequestError, policy_dry_run
+from tests.sdk.conftest import POLICY, Stack
 
 pytestmark = pytest.mark.slow
 CALL = {"tool": "payments.transfer", "scopes": ["payments:write"], "body": {"amount": 100}}

@@ -182,10 +182,10 @@ def test_approval_wait_backs_off_and_reads_the_status() -> None:
     assert [wait.next_delay(0), wait.next_delay(0.5), wait.next_delay(1.5)] == [0.5, 1, 0.5]
     with pytest.raises(ApprovalTimeoutError):
         wait.next_delay(2)
-    assert wait.interpret(200, {"status": "pending"}) is None
-    assert wait.interpret(200, {"status": "approved", "override_token": "o"}) == "o"
-    for status, body in ((200, {"status": "denied"}), (200, {"status": "expired"}),
-                         (200, {"status": "approved"}), (404, {})):  # fmt: skip
+    assert wait.interpret(200, {"state": "pending"}) is None
+    assert wait.interpret(200, {"state": "approved", "override_token": "o"}) == "o"
+    for status, body in ((200, {"state": "denied"}), (200, {"state": "expired"}),
+                         (200, {"state": "used"}), (200, {"state": "approved"}), (404, {})):  # fmt: skip
         with pytest.raises(ApprovalDeniedError) as err:
             wait.interpret(status, body)
         assert err.value.decision_id == "d"

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from tests.support.server import free_port, write_dev_config
 
 from aegis.clock import SystemClock
 from aegis.config import load_config
@@ -25,6 +24,7 @@ from aegis.sdk import AgentClient, Certificate, ClientAuthenticationError
 from aegis.server.app import create_app
 from aegis.server.services import Services, build_services
 from aegis.types import ClientAuthMethod
+from tests.support.server import free_port, write_dev_config
 
 pytestmark = pytest.mark.slow
 

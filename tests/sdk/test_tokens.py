@@ -7,7 +7,6 @@ import time
 
 import httpx
 import pytest
-from tests.sdk.conftest import Stack
 
 from aegis.clock import FrozenClock
 from aegis.crypto.keys import Ed25519SigningKey
@@ -21,6 +20,7 @@ from aegis.sdk import (
 )
 from aegis.sdk.proofs import DpopSigner
 from aegis.types import ClientAuthMethod
+from tests.sdk.conftest import Stack
 
 pytestmark = pytest.mark.slow
 

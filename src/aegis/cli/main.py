@@ -15,7 +15,7 @@ import typer
 from typer._click.core import Command  # typer vendors click since 0.26
 from typer.core import TyperGroup
 
-from aegis.cli import agents, approvals, ca, clients, doctor, gateway, init, keys, token, up
+from aegis.cli import agents, approvals, ca, clients, demo, doctor, gateway, init, keys, token, up
 from aegis.cli._common import CliState, RootGroup
 
 __all__ = ["app", "main"]
@@ -60,6 +60,7 @@ def root(
 
 app.command("init")(init.init)
 app.command("up")(up.up)
+app.command("demo")(demo.demo)
 app.add_typer(agents.app, name="agents")
 app.add_typer(clients.app, name="clients")
 app.add_typer(token.app, name="token")

@@ -2,9 +2,9 @@
 
 The gateway answers a call that needs approval with 403 ``{code: approval_needed, approval_id,
 status_url}``. The SDK polls ``status_url`` (with the agent's own token and a fresh DPoP proof) with
-a doubling delay, up to :attr:`ApprovalPolicy.timeout`. The status document says ``pending``,
-``approved`` (with the one-time ``override_token``), or anything else (``denied``, ``expired``):
-final. With the override the call is sent exactly once more, carrying
+a doubling delay, up to :attr:`ApprovalPolicy.timeout`. The status document's ``state`` is ``pending``,
+``approved`` (with the one-time ``override_token``), or anything else (``denied``, ``expired``,
+``used``): final. With the override the call is sent exactly once more, carrying
 :attr:`ApprovalPolicy.header`; the override is bound to that exact request, so it is of no use for
 any other.
 """
@@ -58,7 +58,7 @@ class ApprovalWait:
         """The override token once approved; None while pending; raises when final."""
         if status >= 400:
             raise self._final(ApprovalDeniedError, f"the approval status answered {status}")
-        state = body.get("status")
+        state = body.get("state", body.get("status"))
         if state in _PENDING:
             return None
         if state == "approved":

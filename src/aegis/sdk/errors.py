@@ -162,6 +162,8 @@ _BY_CODE: Final[dict[str, type[AegisClientError]]] = {
     "invalid_dpop_proof": DpopProofError,
     "use_dpop_nonce": DpopProofError,
     "approval_needed": ApprovalRequiredError,
+    "approval_denied": ApprovalDeniedError,
+    "approval_expired": ApprovalDeniedError,
     "rate_limited": RateLimitedError,
     "invalid_client": ClientAuthenticationError,
     "unauthenticated": ClientAuthenticationError,

@@ -1,0 +1,66 @@
+"""``aegis demo --json`` as a user runs it: a subprocess that starts everything, runs every scenario
+through the SDK, stops everything and exits 0 only if every outcome was the expected one."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+EXPECTED = {
+    "allowed": "allowed",
+    "denied": "refused: access_denied",
+    "replay": "refused: replay_detected",
+    "forged_parent": "refused: parent_signature_invalid",
+    "pii": "sanitized",
+    "audit": "verified",
+}
+AEGIS = [sys.executable, "-m", "aegis.cli.main"]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_demo_json_reports_every_expected_outcome_and_stops(tmp_path: Path) -> None:
+    env = {**os.environ, "AEGIS_CONFIG": str(tmp_path / "absent.yaml")}
+    done = subprocess.run(
+        [*AEGIS, "demo", "--json"], capture_output=True, text=True, timeout=180, env=env,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
+    result = json.loads(done.stdout)
+    assert result["ok"] is True
+    outcomes = {o["name"]: o for o in result["scenarios"]}
+    for name, actual in EXPECTED.items():
+        assert outcomes[name]["ok"] is True, outcomes[name]
+        assert outcomes[name]["actual"] == actual
+        assert outcomes[name]["skipped"] is False
+    for name in ("allowed", "denied", "replay", "pii"):
+        assert outcomes[name]["decision_id"], f"{name} has no decision id"
+    approval = outcomes["approval"]
+    if importlib.util.find_spec("aegis.approvals") is not None:
+        assert approval["ok"] is True and approval["skipped"] is False, approval
+        assert approval["actual"].startswith("approval_needed → approved → allowed once")
+    else:
+        assert approval["skipped"] is True
+    # Everything it started is stopped: nothing listens on its ports any more.
+    ports = [int(url.rsplit(":", 1)[1]) for url in result["urls"].values()]
+    assert ports and not any(_listening(p) for p in ports)
+    assert not (tmp_path / "aegis.yaml").exists()  # the set-up lived in a temporary directory
+
+
+def test_demo_help_names_its_options() -> None:
+    done = subprocess.run([*AEGIS, "demo", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    for option in ("--url", "--keep", "--json", "--admin-key"):
+        assert option in done.stdout
