@@ -103,6 +103,10 @@ def test_cli_changes_reach_the_running_server(server: tuple[str, Path, str]) -> 
             return body
 
         assert introspect()["active"] is True
+        # `aegis up --port` moved the issuer set by `aegis init` along with the listen port.
+        meta = http.get("/.well-known/oauth-authorization-server").json()
+        assert meta["issuer"] == url and meta["token_endpoint"] == f"{url}/oauth/token"
+        assert introspect()["iss"] == url
         listed = http.get("/v1/admin/agents", headers={"Authorization": f"Bearer {admin_key}"})
         assert [a["id"] for a in listed.json()["items"]] == ["finance-agent"]
 

@@ -28,6 +28,7 @@ from aegis.telemetry.logging import QueryStringFilter, configure_logging
 __all__ = ["up"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_WILDCARDS = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 - recognised, never bound
 
 
 class _Server(uvicorn.Server):
@@ -42,6 +43,10 @@ class _Server(uvicorn.Server):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def _base_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _urls(base: str) -> dict[str, str]:
@@ -86,13 +91,20 @@ def up(
     server = config.server.model_copy(
         update={"host": host or config.server.host, "port": port or config.server.port}
     )
-    config = config.model_copy(update={"server": server})
+    update: dict[str, Any] = {"server": server}
+    if config.issuer == _base_url(config.server.host, config.server.port):
+        # The issuer is this server's own address (as `aegis init` writes it): it follows
+        # --host/--port, so token endpoint, metadata, `iss` and assertion audiences stay right.
+        # A wildcard listen address is no URL, so the issuer keeps its host then. An issuer set
+        # to any other public URL is kept as configured.
+        named = server.host if server.host not in _WILDCARDS else config.server.host
+        update["issuer"] = _base_url(named, server.port)
+    config = config.model_copy(update=update)
     from aegis.server.app import create_app  # the server stack loads only for `aegis up`
 
     configure_logging(config.logging.level)
     app = create_app(build_services(config))
-    shown_host = f"[{server.host}]" if ":" in server.host else server.host
-    info = {"issuer": config.issuer, **_urls(f"http://{shown_host}:{server.port}"), **created}
+    info = {"issuer": config.issuer, **_urls(_base_url(server.host, server.port)), **created}
     emit(info, as_json, lambda console: _show(info, console))
     sys.stdout.flush()
     uvicorn_server = _Server(
