@@ -137,6 +137,10 @@ class Checkpointer:
         self.log, self.tree = log, MerkleStore(log.engine)
         self._keyring, self._issuer, self._clock = keyring, issuer, clock
 
+    @property
+    def issuer(self) -> str:
+        return self._issuer
+
     def latest(self, *, at_least: int = 0) -> Checkpoint | None:
         """The newest stored checkpoint, or the oldest covering ``at_least`` records."""
         query = select(AUDIT_CHECKPOINTS.c.token)

@@ -15,7 +15,21 @@ import typer
 from typer._click.core import Command  # typer vendors click since 0.26
 from typer.core import TyperGroup
 
-from aegis.cli import agents, approvals, ca, clients, demo, doctor, gateway, init, keys, token, up
+from aegis.cli import (
+    agents,
+    approvals,
+    attest,
+    audit,
+    ca,
+    clients,
+    demo,
+    doctor,
+    gateway,
+    init,
+    keys,
+    token,
+    up,
+)
 from aegis.cli._common import CliState, RootGroup
 
 __all__ = ["app", "main"]
@@ -70,6 +84,8 @@ app.add_typer(ca.app, name="ca")
 app.add_typer(gateway.app, name="gateway")
 app.add_typer(approvals.app, name="approvals")
 app.command("doctor")(doctor.doctor)
+app.add_typer(audit.app, name="audit")
+app.add_typer(attest.app, name="attest")
 # `aegis policy` is optional: mounted when its module is present. An import error inside it is a
 # bug and stays loud.
 if importlib.util.find_spec("aegis.cli.policy") is not None:

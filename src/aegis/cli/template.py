@@ -99,6 +99,17 @@ COMMENTS: Final[dict[str, str]] = {
     "gateway.ext_authz.original_uri_header": "nginx mode: header carrying $request_uri",
     "gateway.ext_authz.original_method_header": "nginx mode: header carrying $request_method",
     "gateway.ext_authz.trusted_proxies": "proxy IP addresses whose forwarded request facts are believed",
+    "audit": "tamper-evident audit log: checkpoints, retention, export sinks (docs/audit.md)",
+    "audit.checkpoint_interval": "seconds between signed checkpoints (aegis audit run)",
+    "audit.retention_days": "prune records older than this, up to a checkpoint; 0: keep all",
+    "audit.state_dir": "export cursors and dead-letter files",
+    "audit.batch_size": "records per export batch",
+    "audit.retry_initial": "first retry delay for a down sink (seconds, doubling)",
+    "audit.retry_max": "longest retry delay for a down sink (seconds)",
+    "audit.max_attempts": "attempts before a batch is dead-lettered; 0: retry forever",
+    "audit.jsonl": "JSON Lines export: path, max_bytes (rotation); null: off",
+    "audit.syslog": "RFC 5424 syslog over TLS: host, port, ca_file; null: off",
+    "audit.otlp": "OTLP/HTTP logs: endpoint (/v1/logs), headers; null: off",
 }
 
 #: Settings the loader fills in; never written.

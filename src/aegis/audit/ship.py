@@ -1,0 +1,207 @@
+"""Shipping audit records to outside sinks (SIEM): cursor, retries, dead letters, resumption.
+
+The audit table is the queue. A :class:`Shipper` reads records after its cursor, hands a batch to
+its :class:`Sink`, and moves the cursor (a small file written atomically) only once the sink has
+taken the batch. Decisions never wait for a sink: the gateway commits to the table and answers; a
+sink that is down only makes its shipper fall behind, and it catches up from the cursor when the
+sink is back, so nothing is lost and, for the file sink, nothing is sent twice.
+
+Failures are of two kinds. :class:`SinkDown` (connection refused, timeout, 5xx, 429) is retried with
+exponential backoff, forever unless ``max_attempts`` is set; :class:`SinkRejected` (the receiver
+refuses the batch itself, e.g. HTTP 400) sends the batch to the dead-letter file
+``<state_dir>/<sink>.dead.jsonl`` and moves on, so one poison batch cannot stall the trail.
+A batch dead-lettered after ``max_attempts`` is kept there the same way; nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Protocol
+
+from sqlalchemy import select
+
+from aegis.audit.log import AuditLog
+from aegis.audit.sql_tables import AUDIT_RECORDS
+from aegis.clock import Clock
+from aegis.telemetry.logging import log_event
+
+__all__ = ["ShipStats", "ShippedRecord", "Shipper", "Sink", "SinkDown", "SinkRejected"]
+
+_CURSOR_VERSION: Final = 1
+
+
+class SinkDown(Exception):
+    """The sink cannot take records now; try the same batch again later."""
+
+
+class SinkRejected(Exception):
+    """The sink refuses this batch for good; it goes to the dead-letter file."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShippedRecord:
+    seq: int
+    time: float
+    kind: str
+    #: The canonical JSON text the hash chain covers.
+    record: str
+    hash: str
+
+    def line(self) -> str:
+        return json.dumps(
+            {"seq": self.seq, "time": self.time, "kind": self.kind, "hash": self.hash}
+            | {"record": json.loads(self.record)},
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+
+
+class Sink(Protocol):
+    name: str
+
+    def send(self, records: list[ShippedRecord]) -> None:
+        """Deliver every record or raise :class:`SinkDown` / :class:`SinkRejected`."""
+
+    def delivered(self) -> int:
+        """The last ``seq`` the sink itself knows it holds (0 if it cannot tell)."""
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ShipStats:
+    sent: int = 0
+    dead_lettered: int = 0
+    down: bool = False
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Shipper:
+    """Moves records from the log to one sink. Not thread-safe: one shipper per sink and cursor."""
+
+    def __init__(
+        self,
+        log: AuditLog,
+        sink: Sink,
+        *,
+        state_dir: Path,
+        clock: Clock,
+        batch_size: int = 500,
+        retry_initial: float = 0.5,
+        retry_max: float = 30.0,
+        max_attempts: int = 0,
+    ) -> None:
+        self.log, self.sink, self._clock = log, sink, clock
+        self._batch, self._initial, self._max = batch_size, retry_initial, retry_max
+        self._max_attempts = max_attempts
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.cursor_file = state_dir / f"{sink.name}.cursor"
+        self.dead_letter_file = state_dir / f"{sink.name}.dead.jsonl"
+        self.attempts = 0
+        self.retry_at = 0.0
+        # Resume from whichever is further: our cursor, or what the sink shows it already holds
+        # (a crash between the sink's write and the cursor's leaves the sink ahead).
+        self.cursor = max(self._read_cursor(), sink.delivered())
+
+    def _read_cursor(self) -> int:
+        try:
+            data = json.loads(self.cursor_file.read_text())
+        except FileNotFoundError:
+            return 0
+        seq = data.get("seq") if isinstance(data, dict) else None
+        if type(seq) is not int or seq < 0:
+            raise ValueError(f"{self.cursor_file} is damaged; fix or remove it to re-export")
+        return seq
+
+    def _advance(self, seq: int) -> None:
+        _write_atomic(self.cursor_file, json.dumps({"version": _CURSOR_VERSION, "seq": seq}))
+        self.cursor = seq
+
+    def pending(self) -> list[ShippedRecord]:
+        query = (
+            select(
+                AUDIT_RECORDS.c.seq,
+                AUDIT_RECORDS.c.time,
+                AUDIT_RECORDS.c.kind,
+                AUDIT_RECORDS.c.record,
+                AUDIT_RECORDS.c.hash,
+            )
+            .where(AUDIT_RECORDS.c.seq > self.cursor)
+            .order_by(AUDIT_RECORDS.c.seq)
+            .limit(self._batch)
+        )
+        with self.log.engine.connect() as conn:
+            return [
+                ShippedRecord(int(s), float(t), k, r, h) for s, t, k, r, h in conn.execute(query)
+            ]
+
+    def run_once(self) -> ShipStats:
+        """Ship batches until caught up, the sink is down, or a retry is not yet due."""
+        sent = dead = 0
+        while True:
+            if self.attempts and self._clock.now() < self.retry_at:
+                return ShipStats(sent, dead, down=True)
+            batch = self.pending()
+            if not batch:
+                return ShipStats(sent, dead)
+            try:
+                self.sink.send(batch)
+            except SinkRejected as exc:
+                self._dead_letter(batch, f"rejected: {exc}")
+                dead += len(batch)
+                continue
+            except SinkDown as exc:
+                self.attempts += 1
+                if self._max_attempts and self.attempts >= self._max_attempts:
+                    self._dead_letter(batch, f"gave up after {self.attempts} attempts: {exc}")
+                    dead += len(batch)
+                    continue
+                delay = min(self._max, self._initial * 2 ** (self.attempts - 1))
+                self.retry_at = self._clock.now() + delay
+                log_event(
+                    "audit.sink_down",
+                    level=logging.WARNING,
+                    sink=self.sink.name,
+                    attempts=self.attempts,
+                    retry_in=delay,
+                    error=str(exc)[:200],
+                )
+                return ShipStats(sent, dead, down=True)
+            self.attempts = 0
+            self._advance(batch[-1].seq)
+            sent += len(batch)
+
+    def _dead_letter(self, batch: list[ShippedRecord], reason: str) -> None:
+        with self.dead_letter_file.open("a", encoding="utf-8") as f:
+            for r in batch:
+                f.write(json.dumps({"reason": reason, "entry": json.loads(r.line())}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        log_event(
+            "audit.dead_lettered",
+            level=logging.ERROR,
+            sink=self.sink.name,
+            first=batch[0].seq,
+            last=batch[-1].seq,
+            reason=reason[:200],
+        )
+        self.attempts = 0
+        self._advance(batch[-1].seq)

@@ -1,0 +1,212 @@
+"""``aegis audit``: checkpoints, exports, offline verification, proofs, retention, shipping.
+
+``verify`` and ``check-proof`` need no configuration and no database: only the export (or proof)
+and the JWKS (``aegis jwks > jwks.json``; keep old copies: a key removed from the JWKS after its
+retirement overlap is still needed to check what it signed). The other commands work on the
+configured database and key ring (docs/audit.md).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from aegis.audit.checkpoint import Checkpointer, jwks_resolver
+from aegis.audit.export import write_export
+from aegis.audit.log import AuditLog
+from aegis.audit.proofs import check_proof, consistency_document, inclusion_document
+from aegis.audit.retention import prune
+from aegis.audit.runner import build_shippers
+from aegis.audit.verify import verify_export
+from aegis.cli._common import JsonOpt, emit, open_services
+from aegis.crypto.keys import PublicKey
+from aegis.errors import EvidenceError
+
+__all__ = ["app", "load_jwks"]
+
+app = typer.Typer(help="Tamper-evident audit log: verify, prove, export.", no_args_is_help=True)
+
+JwksOpt = Annotated[
+    list[Path],
+    typer.Option("--jwks", help="JWK Set file (repeat for archived sets).", exists=True),
+]
+IssuerOpt = Annotated[
+    str | None, typer.Option("--issuer", help="Require this issuer (default: any).")
+]
+
+
+def load_jwks(paths: list[Path]) -> Callable[[str], PublicKey | None]:
+    """One resolver over every given JWK Set (later files do not replace earlier kids)."""
+    keys: list[Any] = []
+    for path in paths:
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise EvidenceError(f"{path}: not a readable JSON JWK Set") from exc
+        if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+            raise EvidenceError(f"{path}: a JWK Set has a 'keys' array")
+        keys.extend(doc["keys"])
+    return jwks_resolver({"keys": keys})
+
+
+@contextmanager
+def _checkpointer(ctx: typer.Context) -> Iterator[Checkpointer]:
+    with open_services(ctx) as services:
+        log = AuditLog(services.config.database_url(), clock=services.clock)
+        try:
+            yield Checkpointer(
+                log, services.keyring, issuer=services.config.issuer, clock=services.clock
+            )
+        finally:
+            log.close()
+
+
+@app.command()
+def verify(
+    export: Annotated[Path, typer.Argument(help="Export file (`aegis audit export`).")],
+    jwks: JwksOpt,
+    issuer: IssuerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check a whole export offline: chain, Merkle tree, every checkpoint signature."""
+    resolve = load_jwks(jwks)
+    try:
+        with export.open(encoding="utf-8") as f:
+            summary = verify_export(f, resolve, issuer=issuer)
+    except UnicodeDecodeError as exc:
+        raise EvidenceError(f"{export}: not UTF-8 text", damage="malformed") from exc
+    data = {
+        "ok": True,
+        "records": summary.records,
+        "first_seq": summary.first_seq,
+        "last_seq": summary.last_seq,
+        "checkpoints": summary.checkpoints,
+        "root_hash": summary.root_hash,
+        "issuer": summary.issuer,
+    }
+    emit(
+        data,
+        as_json,
+        lambda c: c.print(
+            f"ok: {summary.records} records ({summary.first_seq}-{summary.last_seq}), "
+            f"{summary.checkpoints} signed checkpoints, root {summary.root_hash}"
+        ),
+    )
+
+
+@app.command("check-proof")
+def check_proof_cmd(
+    proof: Annotated[Path, typer.Argument(help="Proof file (`aegis audit prove`).")],
+    jwks: JwksOpt,
+    issuer: IssuerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check an inclusion or consistency proof offline against the JWKS."""
+    try:
+        doc = json.loads(proof.read_text())
+    except (OSError, ValueError) as exc:
+        raise EvidenceError(f"{proof}: not a JSON proof", code="invalid_proof") from exc
+    checkpoints = check_proof(doc, load_jwks(jwks), issuer=issuer)
+    sizes = [c.tree_size for c in checkpoints]
+    emit(
+        {"ok": True, "type": doc["type"], "tree_sizes": sizes},
+        as_json,
+        lambda c: c.print(f"ok: {doc['type']} verified against tree size(s) {sizes}"),
+    )
+
+
+@app.command()
+def prove(
+    ctx: typer.Context,
+    record_id: Annotated[str, typer.Argument(help="Record seq or decision id.")],
+) -> None:
+    """Print an inclusion proof (JSON) for one record, against a signed checkpoint."""
+    with _checkpointer(ctx) as cp:
+        doc = inclusion_document(cp, record_id)
+    typer.echo(json.dumps(doc, indent=2))
+
+
+@app.command()
+def consistency(
+    ctx: typer.Context,
+    first: Annotated[int, typer.Argument(help="Tree size of the older checkpoint.")],
+    second: Annotated[int, typer.Argument(help="Tree size of the newer checkpoint.")],
+) -> None:
+    """Print a consistency proof (JSON) between two stored checkpoints."""
+    with _checkpointer(ctx) as cp:
+        doc = consistency_document(cp, first, second)
+    typer.echo(json.dumps(doc, indent=2))
+
+
+@app.command()
+def checkpoint(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Extend the Merkle tree and sign a checkpoint now."""
+    with _checkpointer(ctx) as cp:
+        c = cp.checkpoint()
+    data = {"tree_size": c.tree_size, "root_hash": c.root_hash.hex(), "kid": c.kid}
+    emit(data, as_json, lambda con: con.print(f"checkpoint at {c.tree_size}: {data['root_hash']}"))
+
+
+@app.command()
+def export(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Argument(help="File to write (JSON Lines).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a verifiable export of every record the log holds."""
+    with _checkpointer(ctx) as cp, out.open("w", encoding="utf-8") as f:
+        count = write_export(cp, f, issuer=cp.issuer, now=time.time())
+    emit({"records": count, "file": str(out)}, as_json, lambda c: c.print(f"{count} records"))
+
+
+@app.command("prune")
+def prune_cmd(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Delete records older than audit.retention_days, up to a signed checkpoint."""
+    with open_services(ctx) as services:
+        days = services.config.audit.retention_days
+        if days <= 0:
+            emit({"upto": 0, "deleted": 0}, as_json, lambda c: c.print("retention is off"))
+            return
+        log = AuditLog(services.config.database_url(), clock=services.clock)
+        try:
+            result = prune(log, before=services.clock.now() - days * 86400)
+        finally:
+            log.close()
+    data = {"upto": result.upto, "deleted": result.deleted}
+    emit(data, as_json, lambda c: c.print(f"pruned {result.deleted} records (to {result.upto})"))
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
+) -> None:
+    """Checkpoint, ship to the configured sinks and apply retention, periodically."""
+    with open_services(ctx) as services:
+        cfg, clock = services.config, services.clock
+        log = AuditLog(cfg.database_url(), clock=clock)
+        cp = Checkpointer(log, services.keyring, issuer=cfg.issuer, clock=clock)
+        shippers = build_shippers(log, cfg, clock=clock)
+        next_checkpoint = 0.0
+        try:
+            while True:
+                if clock.now() >= next_checkpoint:
+                    cp.checkpoint()
+                    if cfg.audit.retention_days > 0:
+                        prune(log, before=clock.now() - cfg.audit.retention_days * 86400)
+                    next_checkpoint = clock.now() + cfg.audit.checkpoint_interval
+                for shipper in shippers:
+                    shipper.run_once()
+                if once:
+                    return
+                time.sleep(0.5)
+        finally:
+            for shipper in shippers:
+                shipper.sink.close()
+            log.close()

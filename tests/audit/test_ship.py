@@ -1,0 +1,180 @@
+"""Export sinks against real local receivers: JSON Lines, syslog over TLS, OTLP/HTTP.
+
+Every sink must receive every record exactly once across a receiver outage; a down sink never
+holds up appends; refused batches land in the dead-letter file, nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aegis.audit.log import AuditLog
+from aegis.audit.ship import ShippedRecord, Shipper
+from aegis.audit.sinks import JsonlSink, OtlpSink, SyslogSink, format_5424
+from aegis.clock import FrozenClock
+from tests.audit.conftest import fill
+from tests.audit.receivers import OtlpCollector, SyslogTlsReceiver, make_ca
+
+
+def _shipper(log: AuditLog, sink: object, tmp_path: Path, clock: FrozenClock, **kw: int) -> Shipper:
+    return Shipper(log, sink, state_dir=tmp_path / "state", clock=clock, batch_size=3, **kw)  # type: ignore[arg-type]
+
+
+def _jsonl_seqs(paths: list[Path]) -> list[int]:
+    return [json.loads(line)["seq"] for p in paths for line in p.read_text().splitlines()]
+
+
+def test_jsonl_rotates_and_resumes_without_gaps_or_duplicates(
+    log: AuditLog, tmp_path: Path, clock: FrozenClock
+) -> None:
+    sink = JsonlSink(tmp_path / "out" / "audit.jsonl", max_bytes=4096)
+    fill(log, 40)
+    shipper = _shipper(log, sink, tmp_path, clock)
+    assert shipper.run_once().sent == 40
+    files = [*sink.rotated(), sink.path]
+    assert len(files) > 1
+    assert _jsonl_seqs(files) == list(range(1, 41))
+    # A crash after the file write but before the cursor: the file itself says where to resume.
+    shipper.cursor_file.unlink()
+    fill(log, 5, start=40)
+    again = _shipper(log, JsonlSink(sink.path, max_bytes=4096), tmp_path, clock)
+    assert again.cursor == 40
+    assert again.run_once().sent == 5
+    assert _jsonl_seqs([*sink.rotated(), sink.path]) == list(range(1, 46))
+    line = json.loads(sink.path.read_text().splitlines()[-1])
+    assert line["record"]["decision_id"] == "d-44" and len(line["hash"]) == 64
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> tuple[Path, Path, Path]:
+    return make_ca(tmp_path)
+
+
+@pytest.fixture
+def receiver(tls: tuple[Path, Path, Path]) -> Iterator[SyslogTlsReceiver]:
+    r = SyslogTlsReceiver(tls[1], tls[2])
+    r.start()
+    yield r
+    r.stop()
+
+
+def _wait_for(receiver: SyslogTlsReceiver, n: int) -> list[int]:
+    deadline = time.monotonic() + 5
+    while len(receiver.seqs()) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return receiver.seqs()
+
+
+def test_syslog_over_tls_survives_a_receiver_restart(
+    log: AuditLog,
+    tmp_path: Path,
+    clock: FrozenClock,
+    tls: tuple[Path, Path, Path],
+    receiver: SyslogTlsReceiver,
+) -> None:
+    sink = SyslogSink(
+        "127.0.0.1", receiver.port, context=SyslogSink.context(str(tls[0])), server_name="localhost"
+    )
+    shipper = _shipper(log, sink, tmp_path, clock)
+    fill(log, 7)
+    assert shipper.run_once().sent == 7
+    assert _wait_for(receiver, 7) == list(range(1, 8))
+    receiver.stop()
+    time.sleep(0.05)
+    started = time.perf_counter()
+    fill(log, 4, start=7)  # decisions go on while the receiver is away
+    assert time.perf_counter() - started < 2
+    stats = shipper.run_once()
+    assert stats.down and stats.sent == 0 and shipper.cursor == 7
+    assert shipper.run_once().sent == 0  # backing off: not even tried
+    receiver.start()
+    clock.advance(60)
+    assert shipper.run_once().sent == 4
+    assert _wait_for(receiver, 11) == list(range(1, 12))
+    message = receiver.messages[0].decode("utf-8")
+    assert (
+        message.startswith("<110>1 ")
+        and ' aegis - gateway.decision [aegis@32473 seq="1"' in message
+    )
+    assert message.split("] ", 1)[1].startswith("\ufeff{")
+    sink.close()
+
+
+def test_syslog_refuses_a_receiver_it_cannot_authenticate(
+    log: AuditLog, tmp_path: Path, clock: FrozenClock, receiver: SyslogTlsReceiver
+) -> None:
+    (tmp_path / "other").mkdir()
+    other_ca = make_ca(tmp_path / "other")[0]
+    sink = SyslogSink("127.0.0.1", receiver.port, context=SyslogSink.context(str(other_ca)))
+    fill(log, 2)
+    shipper = _shipper(log, sink, tmp_path, clock)
+    assert shipper.run_once().down and shipper.cursor == 0
+    assert receiver.seqs() == []
+
+
+def test_syslog_format_escapes_structured_data() -> None:
+    record = ShippedRecord(3, 0.0, "gateway.decision", '{"a":"b"}', 'x"]\\')
+    text = format_5424(record, hostname="h", app_name="aegis").decode()
+    assert text == (
+        "<110>1 1970-01-01T00:00:00.000Z h aegis - gateway.decision "
+        '[aegis@32473 seq="3" hash="x\\"\\]\\\\"] \ufeff{"a":"b"}'
+    )
+
+
+@pytest.fixture
+def collector() -> Iterator[OtlpCollector]:
+    c = OtlpCollector()
+    yield c
+    c.close()
+
+
+def test_otlp_retries_a_down_collector_and_dead_letters_a_refused_batch(
+    log: AuditLog, tmp_path: Path, clock: FrozenClock, collector: OtlpCollector
+) -> None:
+    sink = OtlpSink(collector.url, timeout=5)
+    shipper = _shipper(log, sink, tmp_path, clock)
+    fill(log, 5)
+    collector.status = 503
+    assert shipper.run_once().down and shipper.cursor == 0
+    collector.status = 200
+    clock.advance(60)
+    assert shipper.run_once().sent == 5
+    assert collector.seqs() == [1, 2, 3, 4, 5]
+    body = collector.requests[0].resource_logs[0].scope_logs[0].log_records[0].body.string_value
+    assert json.loads(body)["decision_id"] == "d-0"
+    collector.status = 400  # the collector refuses the batch itself
+    fill(log, 2, start=5)
+    stats = shipper.run_once()
+    assert stats.dead_lettered == 2 and shipper.cursor == 7
+    dead = [json.loads(x) for x in shipper.dead_letter_file.read_text().splitlines()]
+    assert [d["entry"]["seq"] for d in dead] == [6, 7] and "400" in dead[0]["reason"]
+    sink.close()
+
+
+def test_a_collector_that_never_answers_is_dead_lettered_after_max_attempts(
+    log: AuditLog, tmp_path: Path, clock: FrozenClock
+) -> None:
+    sink = OtlpSink("http://127.0.0.1:9/v1/logs", timeout=1)  # discard port: refused
+    shipper = _shipper(log, sink, tmp_path, clock, max_attempts=3)
+    fill(log, 2)
+    for _ in range(2):
+        assert shipper.run_once().down
+        clock.advance(60)
+    assert shipper.run_once().dead_lettered == 2
+    assert len(shipper.dead_letter_file.read_text().splitlines()) == 2
+    sink.close()
+
+
+def test_a_damaged_cursor_is_an_error_not_a_silent_restart(
+    log: AuditLog, tmp_path: Path, clock: FrozenClock
+) -> None:
+    sink = JsonlSink(tmp_path / "a.jsonl")
+    shipper = _shipper(log, sink, tmp_path, clock)
+    shipper.cursor_file.write_text('{"seq": -4}')
+    with pytest.raises(ValueError, match="damaged"):
+        _shipper(log, sink, tmp_path, clock)
