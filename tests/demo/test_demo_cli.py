@@ -48,7 +48,7 @@ def test_demo_json_reports_every_expected_outcome_and_stops(tmp_path: Path) -> N
     for name in ("allowed", "denied", "replay", "pii"):
         assert outcomes[name]["decision_id"], f"{name} has no decision id"
     approval = outcomes["approval"]
-    if importlib.util.find_spec("aegis.approvals") is not None:
+    if importlib.util.find_spec("aegis.gateway.approval_gate") is not None:
         assert approval["ok"] is True and approval["skipped"] is False, approval
         assert approval["actual"].startswith("approval_needed → approved → allowed once")
     else:

@@ -5,8 +5,8 @@ The gateway (``aegis.tokens.dpop``) checks ``typ dpop+jwt``, ``alg``, the public
 ``ath`` = base64url(SHA-256(access token)) and that the key's thumbprint is the token's ``cnf.jkt``.
 So a proof is never reused, not even for a retry of the same call: every send signs a new one.
 
-The header is the same for every proof of one key and is encoded once; ``ath`` is remembered for the
-last token. What is left per request is one small JSON payload and one Ed25519 signature.
+The header is the same for every proof of one key and is encoded once; ``ath`` and ``htu`` are
+remembered for the last token and URL. What is left per request is one small JSON payload and one Ed25519 signature.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def htu_of(url: str) -> str:
 class DpopSigner:
     """Signs proofs with one Ed25519 key; ``jkt`` is the key's RFC 7638 thumbprint."""
 
-    __slots__ = ("_ath", "_clock", "_header", "_key", "jkt")
+    __slots__ = ("_ath", "_clock", "_header", "_htu", "_key", "jkt")
 
     def __init__(self, key: Ed25519SigningKey, *, clock: Clock | None = None) -> None:
         self._key = key
@@ -42,15 +42,20 @@ class DpopSigner:
         self.jkt = jwk_thumbprint(jwk)
         self._header = encode_segment({"typ": DPOP_TYP, "alg": DPOP_ALG, "jwk": jwk})
         self._ath: tuple[str, str] = ("", "")
+        self._htu: tuple[str, str] = ("", "")
 
     def proof(
         self, method: str, url: str, *, access_token: str | None = None, nonce: str | None = None
     ) -> str:
         """A new proof for one request (``access_token`` adds ``ath``; ``nonce`` a server nonce)."""
+        last_url, htu = self._htu
+        if last_url != url:
+            htu = htu_of(url)
+            self._htu = (url, htu)
         claims: dict[str, Any] = {
             "jti": new_id(),
             "htm": method.upper(),
-            "htu": htu_of(url),
+            "htu": htu,
             "iat": int(self._clock.now()),
         }
         if access_token is not None:
