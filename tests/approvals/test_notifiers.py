@@ -1,0 +1,86 @@
+"""Notifications over real HTTP to recording servers: the message shapes, the HMAC on generic
+webhooks, retries with back-off, and failures recorded on the request and in metrics."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+from aegis.approvals.signing import sign_v0
+from aegis.telemetry.metrics import REGISTRY
+from tests.approvals.conftest import FINANCE, Recorder, Setup, held, make_setup
+from tests.gateway.harness import serve
+from tests.support.server import free_port
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels or None) or 0.0
+
+
+def _with_channel(tmp_path: Path, kind: str, url: str, secret: str) -> Setup:
+    return make_setup(tmp_path, f"  channels:\n    slack: {{kind: {kind}, url: '{url}', "
+                                f"secret: '{secret}'}}\n")  # fmt: skip
+
+
+async def test_webhook_is_signed_and_retried_until_delivered(tmp_path: Path) -> None:
+    rec = Recorder(fail_first=2)
+    with serve(rec.app) as url:
+        s = _with_channel(tmp_path, "webhook", f"{url}/aegis", "hook-secret")
+        before = metric("aegis_approval_notifications_total", kind="webhook", outcome="retried")
+        req = await s.service.hold(held(), FINANCE)
+        await s.service.drain()
+        s.service.close()
+    assert len(rec.calls) == 3
+    last = rec.calls[-1]
+    ts, sig = last["headers"]["x-aegis-timestamp"], last["headers"]["x-aegis-signature"]
+    assert sig == sign_v0(b"hook-secret", ts, last["body"])
+    doc = rec.messages()[-1]
+    assert doc["type"] == "aegis.approval_requested"
+    assert doc["request"]["approval_id"] == req.id
+    assert doc["request"]["parameters"]["password"] == "[redacted]"
+    assert doc["request"]["status_url"].endswith(f"/approvals/{req.id}")
+    assert metric("aegis_approval_notifications_total", kind="webhook", outcome="retried") == (
+        before + 2
+    )
+    stored = s.service.store.get(req.id)
+    assert stored is not None
+    assert (stored.notify_state, stored.notify_attempts) == ("delivered", 3)
+
+
+async def test_undeliverable_message_is_recorded_not_dropped(tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/nothing-listens"
+    s = _with_channel(tmp_path, "slack", dead, "x")
+    before = metric("aegis_approval_notifications_total", kind="slack", outcome="failed")
+    req = await s.service.hold(held(), FINANCE)
+    await s.service.drain()
+    stored = s.service.store.get(req.id)
+    assert stored is not None
+    assert (stored.notify_state, stored.notify_attempts) == ("failed", 3)
+    assert stored.notify_error
+    assert stored.state == "pending"  # still decidable through the API or the CLI
+    assert metric("aegis_approval_notifications_total", kind="slack", outcome="failed") == (
+        before + 1
+    )
+    (record,) = s.audited("approval.notified")
+    assert record["state"] == "failed"
+    s.service.close()
+
+
+async def test_slack_message_has_buttons_and_teams_a_card(tmp_path: Path) -> None:
+    slack, teams = Recorder(), Recorder(fail_first=1)
+    with serve(slack.app) as s_url, serve(teams.app) as t_url:
+        key = base64.b64encode(b"k" * 32).decode()
+        s = make_setup(tmp_path, "  channels:\n"
+                       f"    slack: {{kind: slack, url: '{s_url}/x', secret: s}}\n"
+                       f"    teams: {{kind: teams, url: '{t_url}/x', secret: '{key}'}}\n")  # fmt: skip
+        a = await s.service.hold(held(), FINANCE)
+        b = await s.service.hold(held(tool="crm"), FINANCE.__class__("finance", "teams", 600))
+        await s.service.drain()
+        s.service.close()
+    (msg,) = slack.messages()
+    actions = msg["blocks"][2]
+    assert actions["type"] == "actions"
+    assert [e["value"] for e in actions["elements"]] == [a.id, a.id]
+    cards = teams.messages()
+    assert len(cards) == 2  # the first attempt failed and was retried
+    assert b.id in str(cards[-1]) and "approve " + b.id in str(cards[-1])
