@@ -9,8 +9,11 @@ secret: token and proof appear only by ``jti``, the request only by its digest.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
+
+from opentelemetry import trace
 
 from aegis.errors import AegisError
 from aegis.gateway.auth import Scheme, challenge
@@ -185,4 +188,37 @@ def audit_record(
         else None,
         "request_digest": digest,
         "attestation": attestation,
+        # docs/audit.md: scopes, every reason, the risk score (set by anomaly detection when it
+        # runs), trace and correlation ids, and query parameters as digests, never their values.
+        "scopes": list(token.scopes) if token is not None else [],
+        "reasons": list(decision.reasons) if decision is not None else [],
+        "risk_score": None,
+        "trace_id": _trace_id(),
+        "correlation_id": _correlation_id(ctx),
+        "params": _param_digests(ctx.query),
     }
+
+
+_MAX_PARAMS = 32
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:/")
+
+
+def _trace_id() -> str | None:
+    span = trace.get_current_span().get_span_context()
+    return f"{span.trace_id:032x}" if span.is_valid else None
+
+
+def _correlation_id(ctx: CallContext) -> str | None:
+    """The caller's ``x-correlation-id`` (or ``x-request-id``), kept only if it looks like an id."""
+    value = ctx.header("x-correlation-id") or ctx.header("x-request-id")
+    if value is None or not 0 < len(value) <= 128 or not set(value) <= _ID_CHARS:
+        return None
+    return value
+
+
+def _param_digests(query: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """Data minimisation: each query parameter by name with a SHA-256 digest of its value."""
+    out: dict[str, str] = {}
+    for name, value in query[:_MAX_PARAMS]:
+        out.setdefault(name[:64], "sha256:" + hashlib.sha256(value.encode("utf-8")).hexdigest())
+    return out
