@@ -46,12 +46,18 @@ spec:
     - id: finance-via-orchestrator
       action: allow
       match: {tools: ["finance.report"], chain: {parents: [orchestrator]}}
+    - id: treasury-needs-approval
+      action: approval_needed
+      match: {tools: ["treasury.transfer"], scopes: ["payments:write"]}
+      approval: {group: treasury, expires_in: 600}
     - id: finance-orchestrated-deeper
       action: allow
       match: {tools: ["finance.report"], chain: {min_depth: 2}}
       when: {path: chain.agents, contains: orchestrator}
 """
 SCOPES = ("payments:write", "crm:read", "finance:read")
+APPROVER = "approver@example.com"
+APPROVALS_YAML = f"approvals:\n  approvers:\n    - {{id: {APPROVER}, groups: [treasury]}}\n"
 
 
 @dataclasses.dataclass
@@ -111,7 +117,10 @@ class Stack:
 @pytest.fixture(scope="package")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     upstream = Upstream()
-    with run_server(tmp_path_factory.mktemp("sdk")) as srv, serve(upstream.app) as up:
+    with (
+        run_server(tmp_path_factory.mktemp("sdk"), APPROVALS_YAML) as srv,
+        serve(upstream.app) as up,
+    ):
         gw_port = free_port()
         settings = GatewaySettings.model_validate(
             {
@@ -122,6 +131,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                     {"path_prefix": "/crm", "upstream": up, "tool": "crm.customers",
                      "tenant": "acme", "env": "prod"},
                     {"path_prefix": "/finance", "upstream": up, "tool": "finance.report",
+                     "tenant": "acme", "env": "prod"},
+                    {"path_prefix": "/treasury", "upstream": up, "tool": "treasury.transfer",
                      "tenant": "acme", "env": "prod"},
                 ],
                 "upstream_timeout": 2.0,
