@@ -28,7 +28,10 @@ from tests.pki.harness import (
     serve,
 )
 
+from aegis.audit.log import AuditLog
+from aegis.errors import Unavailable
 from aegis.pki.ca import ca_passphrase
+from aegis.pki.middleware import MTLS_AUDIT_KIND
 from aegis.pki.profile import x5t_s256
 from aegis.types import AgentStatus, ClientAuthMethod
 
@@ -155,6 +158,57 @@ async def test_application_level_rejections_carry_reason_serial_and_spiffe_id(pk
             if code != "spiffe_id_invalid":
                 assert result.body["spiffe_id"].startswith("spiffe://example.org/tenant/"), case
             assert rejections(name, code) >= 1, case
+
+
+async def test_every_refusal_is_audited_with_serial_and_spiffe_id(pki: Pki) -> None:
+    """Refusals in the handshake and after it each leave an ``mtls.rejected`` audit record (the
+    real hash-chained log), with the certificate's serial and SPIFFE ID once they are known."""
+    name = _name()
+    audit = AuditLog(f"sqlite:///{pki.directory / 'audit.db'}", clock=pki.clock)
+    revoked_key, revoked = pki.key_and_cert("gamma")
+    pki.registry.set_agent_status("gamma", AgentStatus.SUSPENDED, actor="test")
+    now = pki.clock.now()
+    expired_key, expired = forge_leaf(pki, not_before=now - 600, not_after=now - 1)
+    app = gateway_app(pki, name=name, audit=audit.append_async)
+    async with serve(app, gateway_server_context(pki), name=name, audit=audit.append_async) as gw:
+        refused = await fetch(gw.port, client_ctx(pki, revoked_key, revoked, pki.ca.current.cert))
+        assert (refused.body or {}).get("code") == "cert_revoked"
+        handshake = await fetch(gw.port, client_ctx(pki, expired_key, expired, pki.ca.current.cert))
+        assert handshake.status is None
+        assert await _counted(name, "cert_expired") == 1
+        ok_key, ok = pki.key_and_cert("alpha")
+        assert (
+            await fetch(gw.port, client_ctx(pki, ok_key, ok, pki.ca.current.cert))
+        ).status == 200
+    records = [r for r in audit.records(kind=MTLS_AUDIT_KIND) if r["listener"] == name]
+    by_stage = {r["stage"]: r for r in records}
+    assert len(records) == 2, records  # the accepted call is the pipeline's to audit, not this
+    peer = by_stage["peer_certificate"]
+    assert (peer["code"], peer["serial"], peer["spiffe_id"]) == (
+        "cert_revoked",
+        format(revoked.serial_number, "x"),
+        "spiffe://example.org/tenant/t1/env/prod/agent/gamma",
+    )
+    assert (peer["path"], peer["certificate_source"], peer["client"]) == (
+        "/whoami",
+        "tls",
+        "127.0.0.1",
+    )
+    tls = by_stage["tls_handshake"]
+    assert (tls["code"], tls["client"]) == ("cert_expired", "127.0.0.1")
+    assert audit.verify_chain().ok
+    audit.close()
+
+
+async def test_a_failing_audit_sink_never_lets_a_refused_certificate_through(pki: Pki) -> None:
+    async def broken(kind: str, record: dict[str, object]) -> None:
+        raise Unavailable("the audit log cannot be written", code="audit_unavailable")
+
+    name = _name()
+    key, cert = forge_leaf(pki, ca=True)
+    async with serve(gateway_app(pki, name=name, audit=broken), gateway_server_context(pki), name=name) as gw:  # fmt: skip
+        result = await fetch(gw.port, client_ctx(pki, key, cert, pki.ca.current.cert))
+    assert (result.status, (result.body or {}).get("code")) == (401, "cert_wrong_usage")
 
 
 async def test_revocation_applies_to_open_connections_at_once(pki: Pki) -> None:

@@ -27,7 +27,7 @@ from starlette.routing import Route
 from aegis.errors import AegisError
 from aegis.pki.binding import check_certificate_binding
 from aegis.pki.listener import MTLSListener
-from aegis.pki.middleware import PeerCertificateMiddleware, peer_from_scope
+from aegis.pki.middleware import AuditSink, PeerCertificateMiddleware, peer_from_scope
 from aegis.pki.tls import client_context, server_context
 from aegis.telemetry.metrics import REGISTRY
 from aegis.tokens.verifier import AccessTokenVerifier
@@ -53,6 +53,7 @@ def gateway_app(
     trusted_proxies: Iterable[str] = (),
     mode: str = "none",
     required: bool = True,
+    audit: AuditSink | None = None,
 ) -> Any:
     async def whoami(request: Request) -> Response:
         peer = peer_from_scope(request.scope)
@@ -102,6 +103,7 @@ def gateway_app(
         mode=mode,
         listener=name,
         required=lambda path: required,
+        audit=audit,
     )
 
 
@@ -116,9 +118,11 @@ def gateway_server_context(pki: Pki, *, require_client_cert: bool = True) -> ssl
 
 
 @asynccontextmanager
-async def serve(app: Any, ctx: ssl.SSLContext | Any, *, name: str) -> AsyncIterator[MTLSListener]:
+async def serve(
+    app: Any, ctx: ssl.SSLContext | Any, *, name: str, audit: AuditSink | None = None
+) -> AsyncIterator[MTLSListener]:
     context = ctx if callable(ctx) else (lambda: ctx)
-    listener = MTLSListener(app, context=context, name=name)
+    listener = MTLSListener(app, context=context, name=name, audit=audit)
     await listener.start()
     try:
         yield listener

@@ -106,7 +106,8 @@ def build_pipeline(
 def create_gateway_app(
     services: Services, gateway_config: GatewaySettings, *, pipeline: Pipeline | None = None
 ) -> Starlette:
-    proxy = ReverseProxy(pipeline or build_pipeline(services, gateway_config), gateway_config)
+    pipeline = pipeline or build_pipeline(services, gateway_config)
+    proxy = ReverseProxy(pipeline, gateway_config)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -141,6 +142,8 @@ def create_gateway_app(
                 header=p.xfcc_header,
                 required=lambda path: False,
                 listener="gateway",
+                # Refused certificates are audited with their serial and SPIFFE ID.
+                audit=pipeline.audit.append_async if pipeline.audit is not None else None,
             )
         )
     app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)

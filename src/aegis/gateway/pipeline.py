@@ -97,6 +97,11 @@ class Pipeline:
         self._timers = {step: PIPELINE_STEP_SECONDS.labels(step) for step in STEPS}
         self._approvals = approvals
 
+    @property
+    def audit(self) -> AuditLog | None:
+        """Where decisions are recorded; front doors write their own refusals (mTLS) there too."""
+        return self._audit
+
     def reads_body(self, route: Route) -> bool:
         """Whether the policy in force reads request bodies for the route's tool (a front door
         then buffers them); an unknown answer is False, and the policy step decides."""

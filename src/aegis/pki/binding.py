@@ -21,10 +21,12 @@ from aegis.crypto.keys import b64u_encode, jwk_thumbprint
 from aegis.errors import ClientAuthError, TokenError
 from aegis.pki.peer import PeerIdentity
 from aegis.pki.profile import x5t_s256
+from aegis.telemetry.metrics import MTLS_REJECTIONS
 from aegis.tokens.claims import AccessToken
 from aegis.types import Agent, Client, ClientAuthMethod
 
 __all__ = [
+    "BINDING_LISTENER",
     "X5T_S256",
     "certificate_to_bind",
     "check_certificate_binding",
@@ -33,9 +35,13 @@ __all__ = [
 ]
 
 X5T_S256: Final = "x5t#S256"
+#: The ``listener`` label under which binding failures are counted in ``aegis_mtls_rejections_total``
+#: (code ``cert_token_mismatch``); on the wire they are ``invalid_token`` (RFC 6750 §3.1).
+BINDING_LISTENER: Final = "token_binding"
 
 
 def _mismatch(message: str) -> TokenError:
+    MTLS_REJECTIONS.labels(listener=BINDING_LISTENER, code="cert_token_mismatch").inc()
     return TokenError(message, code="invalid_token", reason="cert_token_mismatch")
 
 

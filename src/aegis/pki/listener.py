@@ -23,6 +23,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
+from aegis.pki.middleware import AuditSink, audit_refusal
 from aegis.pki.tls import classify_handshake_error
 from aegis.telemetry.logging import log_event
 from aegis.telemetry.metrics import MTLS_REJECTIONS
@@ -92,11 +93,15 @@ class MTLSListener:
         port: int = 0,
         name: str = "gateway",
         handshake_timeout: float = 10.0,
+        audit: AuditSink | None = None,
     ) -> None:
         self._context = context
         self._host, self._port = host, port
         self.name = name
         self._timeout = handshake_timeout
+        # OpenSSL refuses a bad certificate inside the handshake without showing it, so these
+        # records carry the code and the peer address but no serial or SPIFFE ID.
+        self._audit = audit
         # proxy_headers=False: X-Forwarded-For is never believed here (see PeerCertificateMiddleware).
         self._config = Config(
             app, http="h11", lifespan="off", proxy_headers=False, log_level="warning"
@@ -159,6 +164,16 @@ class MTLSListener:
                 detail=str(exc)[:200],
             )
             transport.abort()
+            await audit_refusal(
+                self._audit,
+                {
+                    "listener": self.name,
+                    "stage": "tls_handshake",
+                    "code": code,
+                    "reason": str(exc)[:200],
+                    "client": peer[0] if isinstance(peer, tuple) else None,
+                },
+            )
             return
         if tls is None:  # the peer went away during the handshake
             transport.abort()

@@ -14,6 +14,11 @@ Where the certificate comes from, in order:
 
 Forwarded-certificate headers are removed from every request before the app runs: from an
 untrusted peer they are ignored, never believed, and nothing downstream can read them.
+
+With an ``audit`` sink (the gateway passes its audit log's ``append_async``) every refusal is also
+written as an ``mtls.rejected`` record: the stable code, the reason, where the certificate came
+from, the caller's address, the method and path, and the certificate serial and SPIFFE ID when
+they are known. A sink that cannot write changes nothing about the answer: the call is refused.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final
 
 from cryptography import x509
@@ -35,8 +40,11 @@ from aegis.telemetry.metrics import MTLS_REJECTIONS
 
 __all__ = [
     "CERT_SCOPE_KEY",
+    "MTLS_AUDIT_KIND",
     "PEER_SCOPE_KEY",
+    "AuditSink",
     "PeerCertificateMiddleware",
+    "audit_refusal",
     "client_cert_from_scope",
     "peer_from_scope",
 ]
@@ -48,6 +56,20 @@ _FORWARD_HEADERS: Final = (ENVOY_HEADER.encode(), NGINX_HEADER.encode())
 
 #: The raw DER client certificate (validated or, on self-signed-tolerant paths, not).
 CERT_SCOPE_KEY: Final = "aegis.client_cert"
+#: The audit record kind of a refused peer certificate (here and in the TLS listener).
+MTLS_AUDIT_KIND: Final = "mtls.rejected"
+#: ``AuditLog.append_async``: (kind, record) -> committed.
+AuditSink = Callable[[str, dict[str, Any]], Awaitable[object]]
+
+
+async def audit_refusal(audit: AuditSink | None, record: dict[str, Any]) -> None:
+    """Write one ``mtls.rejected`` record; a failure is logged, never raised (already refused)."""
+    if audit is None:
+        return
+    try:
+        await audit(MTLS_AUDIT_KIND, record)
+    except Exception as exc:  # the refusal stands whatever the sink does
+        log_event("mtls.audit_failed", level=logging.ERROR, error=type(exc).__name__)
 
 
 def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -91,6 +113,7 @@ class PeerCertificateMiddleware:
         required: Callable[[str], bool] = lambda path: True,
         self_signed_ok: Callable[[str], bool] = lambda path: False,
         listener: str = "gateway",
+        audit: AuditSink | None = None,
     ) -> None:
         if mode not in ("none", "envoy", "nginx"):
             raise ValueError("mode must be none, envoy or nginx")
@@ -104,6 +127,7 @@ class PeerCertificateMiddleware:
         self._required = required
         self._self_signed_ok = self_signed_ok
         self._listener = listener
+        self._audit = audit
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -113,6 +137,7 @@ class PeerCertificateMiddleware:
         scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in self._strip]
         scope.pop(PEER_SCOPE_KEY, None)
         scope.pop(CERT_SCOPE_KEY, None)
+        source = "tls"
         try:
             der, source = self._certificate(scope, forwarded)
             if der is None:
@@ -126,7 +151,7 @@ class PeerCertificateMiddleware:
                 if not (self._self_signed_ok(scope["path"]) and _self_issued(der)):
                     scope[PEER_SCOPE_KEY] = self._validator.validate(der, source=source)
         except AegisError as exc:
-            await self._reject(exc, scope, receive, send)
+            await self._reject(exc, scope, receive, send, source)
             return
         await self.app(scope, receive, send)
 
@@ -156,10 +181,11 @@ class PeerCertificateMiddleware:
             ) from None
 
     async def _reject(
-        self, exc: AegisError, scope: dict[str, Any], receive: Any, send: Any
+        self, exc: AegisError, scope: dict[str, Any], receive: Any, send: Any, source: str
     ) -> None:
         MTLS_REJECTIONS.labels(listener=self._listener, code=exc.code).inc()
         client = scope.get("client")
+        cert = {k: exc.details.get(k) for k in ("serial", "spiffe_id")}
         log_event(
             "mtls.peer_refused",
             level=logging.WARNING,
@@ -167,7 +193,21 @@ class PeerCertificateMiddleware:
             code=exc.code,
             reason=exc.message,
             source=client[0] if client else "unknown",
-            **{k: v for k, v in exc.details.items() if k in ("serial", "spiffe_id")},
+            **{k: v for k, v in cert.items() if v},
+        )
+        await audit_refusal(
+            self._audit,
+            {
+                "listener": self._listener,
+                "stage": "peer_certificate",
+                "code": exc.code,
+                "reason": exc.message,
+                "certificate_source": source,
+                "client": client[0] if client else None,
+                "method": scope.get("method"),
+                "path": scope.get("path"),
+                **cert,
+            },
         )
         if scope["type"] != "http":
             await send({"type": "websocket.close", "code": 1008})

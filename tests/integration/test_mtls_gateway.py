@@ -1,0 +1,163 @@
+"""RFC 8705 end to end through the real gateway: the control plane and the gateway app, each behind
+the mTLS listener, the internal CA from ``aegis ca init``'s code, a real upstream.
+
+An agent gets a token at ``/oauth/token`` with ``tls_client_auth`` over certificate A; the gateway
+forwards it with A, refuses it with B (another valid certificate of the same agent) and with C (a
+valid certificate of another agent), and refuses a revoked certificate before any policy runs.
+Every refusal is in the gateway's audit log with the certificate's serial and SPIFFE ID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from tests.gateway.harness import Upstream
+from tests.gateway.harness import serve as serve_http
+from tests.pki.harness import fetch, pem, rejections, serve
+from tests.support.server import free_port, write_dev_config
+
+from aegis.clock import SystemClock
+from aegis.config import GatewaySettings, load_config
+from aegis.gateway.app import build_pipeline, create_gateway_app
+from aegis.pki.binding import BINDING_LISTENER
+from aegis.pki.ca import CaFiles, CertificateAuthority
+from aegis.pki.middleware import MTLS_AUDIT_KIND
+from aegis.pki.profile import x5t_s256
+from aegis.pki.service import PkiService
+from aegis.pki.tls import client_context, server_context
+from aegis.registry.service import AgentSpec
+from aegis.server.app import create_app
+from aegis.server.services import Services, build_services
+from aegis.types import ClientAuthMethod
+
+pytestmark = pytest.mark.slow
+TD = "mtls.example"
+
+
+@dataclass
+class World:
+    services: Services
+    pki: PkiService
+    tmp: Path
+
+    def cert(self, agent: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        return key, self.pki.issue(agent, key.public_key()).certificate
+
+    def ctx(self, key: ec.EllipticCurvePrivateKey | None, cert: x509.Certificate | None) -> Any:
+        bundle = self.pki.ca.bundle_pem()
+        if key is None or cert is None:
+            return client_context(None, None, bundle)
+        return client_context(pem(cert, self.pki.ca.current.cert), key, bundle)
+
+    def server_ctx(self, *, require: bool) -> Any:
+        key, cert = self.cert("gw")
+        return server_context(
+            pem(cert, self.pki.ca.current.cert),
+            key,
+            self.pki.ca.bundle_pem(),
+            require_client_cert=require,
+        )
+
+
+@asynccontextmanager
+async def world(tmp: Path) -> AsyncIterator[World]:
+    config = load_config(
+        write_dev_config(tmp, free_port(), f"pki:\n  trust_domain: {TD}\n"), environ={}
+    )
+    CertificateAuthority.init(CaFiles.from_config(config), config.kek(), SystemClock(), TD)
+    services = build_services(config)
+    pki = services.extras["pki"]
+    assert isinstance(pki, PkiService)
+    for agent, roles in (("alpha", ()), ("beta", ()), ("gw", ("server",))):
+        services.registry.register_agent(
+            AgentSpec(agent, "acme", "prod", "owner@example.com",
+                      allowed_scopes=("payments:write",), roles=roles),
+            actor="test",
+        )  # fmt: skip
+    try:
+        yield World(services, pki, tmp)
+    finally:
+        await services.aclose()
+
+
+async def test_a_certificate_bound_token_works_only_over_its_own_certificate(
+    tmp_path: Path,
+) -> None:
+    async with world(tmp_path) as w:
+        client, _ = w.services.registry.create_client(
+            "alpha",
+            auth_method=ClientAuthMethod.TLS_CLIENT_AUTH,
+            tls_san_uri=f"spiffe://{TD}/tenant/acme/env/prod/agent/alpha",
+            actor="test",
+        )
+        key_a, cert_a = w.cert("alpha")
+        key_b, cert_b = w.cert("alpha")
+        key_c, cert_c = w.cert("beta")
+        body = f"grant_type=client_credentials&client_id={client.client_id}&scope=payments:write"
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        async with serve(create_app(w.services), w.server_ctx(require=False), name="cp") as cp:
+            issued = await fetch(
+                cp.port, w.ctx(key_a, cert_a), "/oauth/token", method="POST", headers=form,
+                body=body,
+            )  # fmt: skip
+        assert issued.status == 200, issued
+        assert issued.body is not None
+        token = issued.body["access_token"]
+        claims = w.services.verifier.verify(token)
+        assert claims.cnf == {"x5t#S256": x5t_s256(cert_a)}
+
+        upstream = Upstream()
+        with serve_http(upstream.app) as up:
+            settings = GatewaySettings.model_validate(
+                {
+                    "routes": [{"path_prefix": "/pay", "upstream": up, "tool": "pay_invoice",
+                                "tenant": "acme", "env": "prod", "allow_bearer": True}],
+                    "allow": [{"tool": "pay_invoice"}],
+                }
+            )  # fmt: skip
+            pipeline = build_pipeline(w.services, settings)
+            gateway = create_gateway_app(w.services, settings, pipeline=pipeline)
+            bearer = {"Authorization": f"Bearer {token}"}
+            mismatches = rejections(BINDING_LISTENER, "cert_token_mismatch")
+            async with (
+                gateway.router.lifespan_context(gateway),
+                serve(gateway, w.server_ctx(require=True), name="gw-mtls") as gw,
+            ):
+                with_a = await fetch(gw.port, w.ctx(key_a, cert_a), "/pay/x", headers=bearer)
+                with_b = await fetch(gw.port, w.ctx(key_b, cert_b), "/pay/x", headers=bearer)
+                with_c = await fetch(gw.port, w.ctx(key_c, cert_c), "/pay/x", headers=bearer)
+                w.pki.store.revoke_serial(format(cert_a.serial_number, "x"), "key_compromise")
+                await asyncio.sleep(w.services.config.stores.registry_cache_ttl + 0.05)
+                revoked = await fetch(gw.port, w.ctx(key_a, cert_a), "/pay/x", headers=bearer)
+                no_cert = await fetch(gw.port, w.ctx(None, None), "/pay/x", headers=bearer)
+        assert (with_a.status, with_a.body) == (200, {"ok": True, "card": "4111 1111 1111 1111"})
+        assert len(upstream.seen) == 1  # nothing refused ever reached the tool
+        for refused in (with_b, with_c):
+            assert refused.status == 401, refused
+            assert refused.body is not None
+            assert refused.body["error"] == "invalid_token"
+        # Counted by their own reason as well as by the wire code.
+        assert rejections(BINDING_LISTENER, "cert_token_mismatch") == mismatches + 2
+        assert (revoked.status, (revoked.body or {}).get("code")) == (401, "cert_revoked")
+        assert no_cert.status is None  # the handshake itself requires a certificate
+
+        log = pipeline.audit  # the gateway's own log: decisions and certificate refusals
+        assert log is not None
+        decisions = list(log.records(kind="gateway.decision"))
+        refusals = [d for d in decisions if d["code"] == "invalid_token"]
+        assert sorted(d["peer_serial"] for d in refusals) == sorted(
+            format(c.serial_number, "x") for c in (cert_b, cert_c)
+        )
+        [rejected] = [r for r in log.records(kind=MTLS_AUDIT_KIND) if r["code"] == "cert_revoked"]
+        assert rejected["serial"] == format(cert_a.serial_number, "x")
+        assert rejected["spiffe_id"] == f"spiffe://{TD}/tenant/acme/env/prod/agent/alpha"
+        assert rejected["path"] == "/pay/x"
