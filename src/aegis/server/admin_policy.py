@@ -1,5 +1,7 @@
 """Policy dry runs over the admin API: ``POST /v1/policy/dry-run`` (operator or admin).
 
+Versions, activations and OPA bundles are in :mod:`aegis.server.admin_policy_versions`.
+
 The body names the policy in exactly one way: a ``policy`` document (the YAML/JSON form, as an
 object), a stored ``version``, or ``tenant`` and ``env`` for the version active there. The
 ``input`` is one call in its JSON form (see docs/policy.md). The answer is
@@ -18,11 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from aegis.errors import InvalidRequest, NotFound
 from aegis.policy import PolicyStore, SqlPolicyStore, dry_run, load_document
 from aegis.server.admin_auth import Operator
+from aegis.server.admin_policy_versions import router as versions_router
 from aegis.server.services import Services
 
 __all__ = ["DryRunIn", "router"]
 
 router = APIRouter()
+# Stored versions, activations and the OPA bundle live beside the dry run, under /v1/policy.
+router.include_router(versions_router)
 
 _Short = Annotated[str, Field(min_length=1, max_length=200)]
 
