@@ -23,6 +23,7 @@ from aegis.clock import FrozenClock
 from aegis.config import AegisConfig, load_config
 from aegis.policy.decision import ApprovalRequirement
 from aegis.server.services import Services, build_services
+from tests.gateway import conftest as gateway_fixtures
 from tests.gateway.harness import serve
 from tests.support.server import write_dev_config
 
@@ -38,6 +39,8 @@ approvals:
     - {id: Owner@Example.com, groups: [finance, security], slack_user: UOWNER}
 """
 FINANCE = ApprovalRequirement(group="finance", channel="slack", expires_in=600)
+#: The gateway's in-process fixture (services, pipeline, policies, audit), shared here.
+env = gateway_fixtures.env
 
 
 class Recorder:
@@ -82,7 +85,12 @@ class Setup:
 
 
 def make_setup(directory: Path, extra_yaml: str = "") -> Setup:
-    config = load_config(write_dev_config(directory, 8080, APPROVERS_YAML + extra_yaml), environ={})
+    """A setup in ``directory``; a second one there reopens it (a restart: same keys, same
+    database)."""
+    path = directory / "aegis.yaml"
+    if not path.exists():
+        write_dev_config(directory, 8080, APPROVERS_YAML + extra_yaml)
+    config = load_config(path, environ={})
     clock = FrozenClock(time.time())
     services = build_services(config, clock=clock)
     audit = AuditLog(config.database_url(), clock=clock)

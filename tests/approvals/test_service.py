@@ -184,3 +184,17 @@ async def test_status_is_only_for_the_agent_and_hides_the_token_until_approved(
     assert pending["state"] == "pending" and "override_token" not in pending
     assert await _refused(svc.status(req.id, "thief")) == "approval_not_found"
     assert await _refused(svc.status("apr_missing", "payer")) == "approval_not_found"
+
+
+async def test_pending_request_survives_a_restart(tmp_path: Any) -> None:
+    first = make_setup(tmp_path)
+    req = await first.service.hold(held(), FINANCE)
+    first.service.close()
+    # A new process on the same database: same id for the same call, and it can be decided and
+    # redeemed there.
+    second = make_setup(tmp_path)
+    assert (await second.service.hold(held(), FINANCE)).id == req.id
+    await second.service.decide(req.id, via="slack", credential="UCAROL", approve=True)
+    token = (await second.service.status(req.id, "payer"))["override_token"]
+    assert (await second.service.redeem(held(), token)).state == "used"
+    second.service.close()

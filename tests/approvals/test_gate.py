@@ -1,0 +1,173 @@
+"""The approval gate inside the decision pipeline (in process, real stores): what an agent gets
+back, what is audited, and the edges: deny still wins, an allowed call spends no override, two
+override headers, an unbindable streamed body, and a store outage failing closed."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import pytest
+
+from aegis.approvals import ApprovalService, build_approval_service
+from aegis.approvals.model import ApprovalRequest
+from aegis.config import ApprovalSettings
+from aegis.errors import Unavailable
+from aegis.gateway.app import build_pipeline
+from aegis.gateway.approval_gate import ApprovalGate
+from aegis.gateway.context import STREAMED_BODY_DIGEST
+from aegis.gateway.pipeline import Pipeline
+from aegis.policy.loader import load_document
+from aegis.telemetry.metrics import REGISTRY
+from tests.gateway.conftest import PAY, Agent, Env, dpop_headers, make_ctx
+
+POLICY = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: gate}
+spec:
+  rules:
+    - id: pay-small
+      action: allow
+      match: {tools: [payments]}
+      when: {path: request.body.amount, lte: 100}
+    - id: pay-large
+      action: approval_needed
+      match: {tools: [payments]}
+      when: {path: request.body.amount, gt: 1000}
+      approval: {group: finance, channel: slack, expires_in: 600}
+    - id: pay-negative
+      action: deny
+      match: {tools: [payments]}
+      when: {path: request.body.amount, lt: 0}
+    - id: uploads
+      action: approval_needed
+      match: {tools: [files], methods: [PUT]}
+      approval: {group: finance, expires_in: 600}
+"""
+
+
+@pytest.fixture
+def gated(env: Env) -> Iterator[tuple[Env, Pipeline, ApprovalService]]:
+    settings = ApprovalSettings.model_validate(
+        {"approvers": [{"id": "carol@example.com", "groups": ["finance"]}]}
+    )
+    config = env.services.config.model_copy(update={"approvals": settings})
+    service = build_approval_service(
+        config, clock=env.services.clock, keyring=env.services.keyring,
+        replay=env.services.replay, audit=env.audit,
+    )  # fmt: skip
+    pipeline = build_pipeline(
+        env.services, env.settings, policy_store=env.policies, audit=env.audit,
+        approvals=ApprovalGate(service),
+    )  # fmt: skip
+    env.policies.activate(
+        "acme", "prod", env.policies.put(load_document(POLICY), now=0), actor="t", now=0
+    )
+    yield env, pipeline, service
+    service.close()
+
+
+async def _approved_override(
+    env: Env, pipeline: Pipeline, service: ApprovalService, agent: Agent, amount: int
+) -> str:
+    held = await pipeline.run(make_ctx(dpop_headers(agent, agent.token()), body={"amount": amount}))
+    approval_id = held.details["approval_id"]
+    await service.decide(approval_id, via="cli", credential="carol@example.com", approve=True)
+    return str((await service.status(approval_id, agent.id))["override_token"])
+
+
+async def test_held_call_answers_with_its_approval_and_is_audited(
+    gated: tuple[Env, Pipeline, ApprovalService],
+) -> None:
+    env, pipeline, service = gated
+    agent = Agent(env)
+    before = REGISTRY.get_sample_value("aegis_approval_needed_total") or 0.0
+    result = await pipeline.run(make_ctx(dpop_headers(agent, agent.token()), body={"amount": 5000}))
+    assert (result.status, result.code, result.action) == (
+        403,
+        "approval_needed",
+        "approval_needed",
+    )
+    approval_id = result.details["approval_id"]
+    assert result.details["status_url"] == service.status_url(approval_id)
+    assert result.details["approval_state"] == "pending"
+    assert REGISTRY.get_sample_value("aegis_approval_needed_total") == before + 1
+    record = next(r for r in env.audit.records(kind="gateway.decision")
+                  if r["decision_id"] == result.decision_id)  # fmt: skip
+    assert record["approval_id"] == approval_id
+    req = await service.get(approval_id)
+    assert (req.agent_id, req.agent_owner, req.rule_ids) == (agent.id, "owner@example.com",
+                                                              ("pay-large",))  # fmt: skip
+
+
+async def test_deny_wins_and_allowed_calls_spend_no_override(
+    gated: tuple[Env, Pipeline, ApprovalService],
+) -> None:
+    env, pipeline, service = gated
+    agent = Agent(env)
+    override = await _approved_override(env, pipeline, service, agent, 5000)
+    with_override = [*dpop_headers(agent, agent.token()), ("x-aegis-override", override)]
+    denied = await pipeline.run(make_ctx(with_override, body={"amount": -5}))
+    assert denied.code == "access_denied"
+    small = [*dpop_headers(agent, agent.token()), ("x-aegis-override", override)]
+    assert (await pipeline.run(make_ctx(small, body={"amount": 5}))).allowed
+    # Still unspent: the approved call goes through with it once.
+    retry = [*dpop_headers(agent, agent.token()), ("x-aegis-override", override)]
+    ok = await pipeline.run(make_ctx(retry, body={"amount": 5000}))
+    assert ok.allowed and ok.action == "allow", ok
+    again = [*dpop_headers(agent, agent.token()), ("x-aegis-override", override)]
+    assert (await pipeline.run(make_ctx(again, body={"amount": 5000}))).code == "override_used"
+
+
+async def test_two_override_headers_are_refused(
+    gated: tuple[Env, Pipeline, ApprovalService],
+) -> None:
+    env, pipeline, service = gated
+    agent = Agent(env)
+    override = await _approved_override(env, pipeline, service, agent, 7000)
+    headers = [*dpop_headers(agent, agent.token()), ("x-aegis-override", override),
+               ("x-aegis-override", override)]  # fmt: skip
+    result = await pipeline.run(make_ctx(headers, body={"amount": 7000}))
+    assert (result.status, result.code) == (400, "invalid_request")
+
+
+async def test_streamed_body_cannot_be_bound(gated: tuple[Env, Pipeline, ApprovalService]) -> None:
+    env, pipeline, _ = gated
+    agent = Agent(env)
+    files = dataclasses.replace(PAY, path_prefix="/files", tool="files")
+    headers = dpop_headers(agent, agent.token(), method="PUT", path="/files/up")
+    ctx = dataclasses.replace(
+        make_ctx(headers, method="PUT", route=files, path="/files/up"),
+        body_digest=STREAMED_BODY_DIGEST,
+        raw_body=None,
+    )
+    result = await pipeline.run(ctx)
+    assert (result.status, result.code) == (403, "approval_unbindable")
+
+
+class DownStore:
+    """An approval store whose database is gone (every method fails like the SQL store does)."""
+
+    def __getattr__(self, name: str) -> object:
+        def fail(*args: object, **kwargs: object) -> ApprovalRequest:
+            raise Unavailable("the approval store cannot answer", code="approvals_unavailable")
+
+        return fail
+
+
+async def test_approval_store_outage_fails_closed(
+    gated: tuple[Env, Pipeline, ApprovalService],
+) -> None:
+    env, pipeline, service = gated
+    real = service.store
+    service.store = DownStore()  # type: ignore[assignment]
+    try:
+        agent = Agent(env)
+        result = await pipeline.run(
+            make_ctx(dpop_headers(agent, agent.token()), body={"amount": 5000})
+        )
+    finally:
+        service.store = real
+    assert (result.status, result.code) == (503, "approvals_unavailable")
+    assert not result.allowed
