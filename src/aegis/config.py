@@ -200,6 +200,9 @@ class GatewayRoute(_Section):
     #: Accept tokens without a single-use proof (no DPoP proof, not ``single_use``). Off: a stolen
     #: bearer token could be replayed at will.
     allow_bearer: bool = False
+    #: Refuse calls that did not come with a verified client certificate (mTLS from the caller, or
+    #: forwarded by a trusted proxy), before any token or policy is looked at (``cert_required``).
+    require_client_cert: bool = False
 
     @field_validator("path_prefix")
     @classmethod

@@ -161,3 +161,55 @@ async def test_a_certificate_bound_token_works_only_over_its_own_certificate(
         assert rejected["serial"] == format(cert_a.serial_number, "x")
         assert rejected["spiffe_id"] == f"spiffe://{TD}/tenant/acme/env/prod/agent/alpha"
         assert rejected["path"] == "/pay/x"
+
+
+async def test_client_certificates_are_required_per_route(tmp_path: Path) -> None:
+    """One listener (certificate optional in the handshake); the route decides. A route that
+    requires mTLS refuses a call without a verified certificate before the token is looked at."""
+    async with world(tmp_path) as w:
+        key, cert = w.cert("alpha")
+        client, _ = w.services.registry.create_client(
+            "alpha", auth_method=ClientAuthMethod.CLIENT_SECRET_BASIC, actor="test"
+        )
+        token = w.services.issuer.issue(
+            agent_id="alpha", client_id=client.client_id, tenant="acme", env="prod",
+            scopes=("payments:write",), audience=("aegis-gateway",), lifetime=60,
+        ).token  # fmt: skip
+        bearer = {"Authorization": f"Bearer {token}"}
+        upstream = Upstream()
+        with serve_http(upstream.app) as up:
+            route = {"upstream": up, "tenant": "acme", "env": "prod", "allow_bearer": True}
+            settings = GatewaySettings.model_validate(
+                {
+                    "routes": [
+                        {**route, "path_prefix": "/pay", "tool": "pay_invoice",
+                         "require_client_cert": True},
+                        {**route, "path_prefix": "/docs", "tool": "read_docs"},
+                    ],
+                    "allow": [{"tool": "pay_invoice"}, {"tool": "read_docs"}],
+                }
+            )  # fmt: skip
+            pipeline = build_pipeline(w.services, settings)
+            gateway = create_gateway_app(w.services, settings, pipeline=pipeline)
+            async with (
+                gateway.router.lifespan_context(gateway),
+                serve(gateway, w.server_ctx(require=False), name="gw-routes") as gw,
+            ):
+                bare = w.ctx(None, None)
+                secure_bare = await fetch(gw.port, bare, "/pay/x", headers=bearer)
+                secure_mtls = await fetch(gw.port, w.ctx(key, cert), "/pay/x", headers=bearer)
+                open_bare = await fetch(gw.port, bare, "/docs/x", headers=bearer)
+        assert (secure_bare.status, (secure_bare.body or {}).get("code")) == (401, "cert_required")
+        assert secure_mtls.status == 200, secure_mtls
+        assert open_bare.status == 200, open_bare
+        assert len(upstream.seen) == 2  # the refused call never reached the tool
+        log = pipeline.audit
+        assert log is not None
+        [refused] = [
+            r for r in log.records(kind="gateway.decision") if r["code"] == "cert_required"
+        ]
+        assert (refused["tool"], refused["verified"], refused["peer"]) == (
+            "pay_invoice",
+            False,
+            None,
+        )

@@ -57,12 +57,15 @@ class Route:
     allow_bearer: bool = False
     #: An audience the token must carry for this route, besides the gateway's own.
     audience: str | None = None
+    #: Calls without a verified peer certificate are refused (``cert_required``).
+    require_client_cert: bool = False
 
 
 def route_from_settings(r: GatewayRoute) -> Route:
     return Route(
-        r.path_prefix, r.upstream, r.tool, r.tenant, r.env, r.host, r.allow_bearer, r.audience
-    )
+        r.path_prefix, r.upstream, r.tool, r.tenant, r.env, r.host, r.allow_bearer, r.audience,
+        r.require_client_cert,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
