@@ -398,6 +398,8 @@ class ApprovalSettings(_Section):
     delivery_attempts: int = Field(default=4, ge=1, le=10)
     delivery_backoff: float = Field(default=0.5, ge=0.0, le=60.0)
     delivery_timeout: float = Field(default=5.0, gt=0, le=60.0)
+    #: How often the control plane closes (and audits) requests past their time, in seconds.
+    sweep_interval: float = Field(default=15.0, gt=0, le=3600)
 
     @model_validator(mode="after")
     def _unique(self) -> ApprovalSettings:

@@ -3,6 +3,7 @@ with every refusal audited and leaving the request as it was."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
@@ -198,3 +199,20 @@ async def test_pending_request_survives_a_restart(tmp_path: Any) -> None:
     token = (await second.service.status(req.id, "payer"))["override_token"]
     assert (await second.service.redeem(held(), token)).state == "used"
     second.service.close()
+
+
+async def test_sweeper_closes_and_audits_expired_requests(tmp_path: Any) -> None:
+    s = make_setup(tmp_path, "  sweep_interval: 0.01\n")
+    req = await s.service.hold(held(), FINANCE)
+    s.clock.advance(601)
+    task = asyncio.create_task(s.service.sweep_forever())
+    try:
+        for _ in range(200):
+            if s.service.store.get(req.id).state == "expired":  # type: ignore[union-attr]
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+    assert s.service.store.get(req.id).state == "expired"  # type: ignore[union-attr]
+    assert [r["id"] for r in s.audited("approval.expired")] == [req.id]
+    s.service.close()

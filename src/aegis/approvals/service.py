@@ -250,6 +250,16 @@ class ApprovalService:
             await self._gauge()
         return closed
 
+    async def sweep_forever(self) -> None:
+        """Close requests past their time every ``approvals.sweep_interval`` seconds (the
+        control plane runs this), so expiries are audited even when nobody asks."""
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval)
+            try:
+                await self.expire_due()
+            except Exception as exc:  # keep sweeping; the error is logged and retried
+                log_event("approvals.sweep_failed", level=logging.ERROR, error=type(exc).__name__)
+
     # -- overrides ---------------------------------------------------------------------------
 
     async def redeem(self, call: HeldCall, token: str) -> ApprovalRequest:

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
+from aegis.approvals.wiring import approvals_for
 from aegis.oauth.endpoints import OAuthEndpoints
 from aegis.pki.api import PkiEndpoints
 from aegis.pki.middleware import PeerCertificateMiddleware
@@ -92,12 +93,18 @@ def create_app(services: Services) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         task = asyncio.create_task(_maintenance(services))
+        approvals = approvals_for(services)
+        sweeper = asyncio.create_task(approvals.sweep_forever())  # expiries, docs/approvals.md
         try:
             yield
         finally:
             task.cancel()
+            sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            approvals.close()
             await services.aclose()
 
     middleware: list[Middleware] = []
