@@ -64,3 +64,43 @@ def test_demo_help_names_its_options() -> None:
     assert done.returncode == 0
     for option in ("--url", "--keep", "--json", "--admin-key"):
         assert option in done.stdout
+
+
+def test_keep_leaves_it_running_until_interrupted(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    import httpx
+
+    env = {**os.environ, "AEGIS_CONFIG": str(tmp_path / "absent.yaml"), "COLUMNS": "200"}
+    proc = subprocess.Popen(
+        [*AEGIS, "demo", "--keep"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.strip().startswith("admin API key"):
+                break
+        text = "".join(lines)
+        assert "still running" in text, text
+        urls = {
+            parts[0]: parts[1]
+            for parts in (ln.split() for ln in text.split("still running", 1)[1].splitlines())
+            if len(parts) == 2 and parts[1].startswith("http://")
+        }
+        assert httpx.get(f"{urls['gateway']}/healthz").json() == {"status": "ok"}
+        assert httpx.get(f"{urls['control-plane']}/healthz").status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+        proc.stdout.close()
+    assert code == 0
+    ports = [int(u.rsplit(":", 1)[1]) for u in urls.values()]
+    assert not any(_listening(p) for p in ports)

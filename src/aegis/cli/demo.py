@@ -46,6 +46,8 @@ def _admin_key(given: str | None, config: Path) -> str:
 
 
 def _report(result: dict[str, Any], console: Console) -> None:
+    if not console.is_terminal:
+        console.width = max(console.width, 140)  # a log or a pipe: one row per scenario
     console.print(f"[bold]Aegis demo[/] · tenant {result['tenant']} · {result['seconds']} s")
     for name, url in result["urls"].items():
         console.print(f"  {name:<14} {url}")
