@@ -114,6 +114,9 @@ class _Converter:
 
 
 _CONSTRUCTOR: Final = yaml.SafeLoader("")
+#: libyaml's parser when PyYAML was built with it: the same node tree and marks, about ten times
+#: faster than the pure-Python one (a 10,000-rule policy loads in seconds, not a minute).
+_LOADER: Final[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def parse_source(text: str | bytes, file: str = "<policy>") -> SourceDoc:
@@ -122,7 +125,7 @@ def parse_source(text: str | bytes, file: str = "<policy>") -> SourceDoc:
     if len(raw) > MAX_DOCUMENT_BYTES:
         raise _fail(file, None, f"document is larger than {MAX_DOCUMENT_BYTES} bytes; split it")
     try:
-        nodes = list(yaml.compose_all(raw.decode("utf-8"), Loader=yaml.SafeLoader))
+        nodes = list(yaml.compose_all(raw.decode("utf-8"), Loader=_LOADER))
     except UnicodeDecodeError as exc:
         raise _fail(file, None, "document is not utf-8 text") from exc
     except yaml.MarkedYAMLError as exc:
