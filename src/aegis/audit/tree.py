@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from sqlalchemy import Connection, Engine, func, insert, select, tuple_
+from sqlalchemy import Connection, Engine, bindparam, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from aegis.audit.log import GENESIS_HASH
@@ -31,6 +31,12 @@ from aegis.errors import EvidenceError, Unavailable
 __all__ = ["MerkleStore", "TreeHead", "blocks"]
 
 _SYNC_BATCH: Final = 5000
+#: Nodes covering at least 2**_CACHED_LEVEL leaves are cached (at most _CACHE_MAX of them).
+_CACHED_LEVEL: Final = 8
+_CACHE_MAX: Final = 65536
+_NODE_QUERY: Final = select(AUDIT_TREE_NODES.c.hash).where(
+    AUDIT_TREE_NODES.c.level == bindparam("lv"), AUDIT_TREE_NODES.c.idx == bindparam("ix")
+)
 _RETRIES: Final = 5
 
 
@@ -60,6 +66,9 @@ class MerkleStore:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        # A stored node is the hash of a perfect subtree: it never changes (the tables are
+        # append-only), so the upper levels, shared by most proofs, are kept in memory.
+        self._cache: dict[tuple[int, int], bytes] = {}
 
     def size(self) -> int:
         with self._engine.connect() as conn:
@@ -75,21 +84,26 @@ class MerkleStore:
     def _nodes(
         self, conn: Connection, wanted: list[tuple[int, int]]
     ) -> dict[tuple[int, int], bytes]:
-        if not wanted:
-            return {}
-        key = tuple_(AUDIT_TREE_NODES.c.level, AUDIT_TREE_NODES.c.idx)
-        rows = conn.execute(
-            select(AUDIT_TREE_NODES.c.level, AUDIT_TREE_NODES.c.idx, AUDIT_TREE_NODES.c.hash).where(
-                key.in_(wanted)
-            )
-        )
-        found = {(int(lv), int(ix)): bytes(h) for lv, ix, h in rows}
-        missing = [w for w in wanted if w not in found]
-        if missing:
-            raise EvidenceError(
-                f"the Merkle tree is missing node {missing[0]}; run `aegis audit checkpoint`",
-                code="evidence_invalid",
-            )
+        # One primary-key lookup per node with a statement compiled once: a proof needs a few dozen
+        # nodes, and building a fresh OR-ed or row-value query each time costs more than the reads
+        # (and a row-value IN list makes SQLite scan the whole table).
+        found: dict[tuple[int, int], bytes] = {}
+        for lv, ix in wanted:
+            h = self._cache.get((lv, ix))
+            if h is not None:
+                found[(lv, ix)] = h
+                continue
+            h = conn.execute(_NODE_QUERY, {"lv": lv, "ix": ix}).scalar()
+            if h is None:
+                raise EvidenceError(
+                    f"the Merkle tree is missing node {(lv, ix)}; run `aegis audit checkpoint`",
+                    code="evidence_invalid",
+                )
+            found[(lv, ix)] = bytes(h)
+            if lv >= _CACHED_LEVEL:
+                if len(self._cache) >= _CACHE_MAX:
+                    self._cache.clear()
+                self._cache[(lv, ix)] = bytes(h)
         return found
 
     def compact_range(self, size: int) -> CompactRange:
