@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from aegis.approvals import ApprovalService, build_approval_service
 from aegis.approvals.model import call_digest
 from aegis.errors import AegisError
 from aegis.telemetry.metrics import REGISTRY
@@ -216,3 +217,29 @@ async def test_sweeper_closes_and_audits_expired_requests(tmp_path: Any) -> None
     assert s.service.store.get(req.id).state == "expired"  # type: ignore[union-attr]
     assert [r["id"] for r in s.audited("approval.expired")] == [req.id]
     s.service.close()
+
+
+@pytest.mark.postgres
+async def test_pending_request_survives_a_restart_on_postgres(
+    setup: Setup, fresh_pg_url: str
+) -> None:
+    config = setup.config.model_copy(
+        update={"database": setup.config.database.model_copy(update={"url": fresh_pg_url})}
+    )
+
+    def service() -> ApprovalService:
+        return build_approval_service(
+            config, clock=setup.clock, keyring=setup.services.keyring,
+            replay=setup.services.replay,
+        )  # fmt: skip
+
+    first = service()
+    req = await first.hold(held(), FINANCE)
+    first.close()
+    second = service()
+    assert (await second.hold(held(decision_id="again"), FINANCE)).id == req.id
+    done = await second.decide(req.id, via="slack", credential="UCAROL", approve=True)
+    assert done.state == "approved"
+    token = (await second.status(req.id, "payer"))["override_token"]
+    assert (await second.redeem(held(), token)).state == "used"
+    second.close()
