@@ -3,7 +3,9 @@ server, a gateway whose replay store is down, and a policy; all uvicorn servers 
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -65,6 +67,8 @@ class Stack:
     srv: RunningServer
     gateway: str
     dead_gateway: str
+    #: A gateway that requires DPoP server nonces (RFC 9449 §9).
+    nonce_gateway: str
     upstream: Upstream
     audit: AuditLog
     admin_key: str
@@ -150,12 +154,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             extras={},
         )
         dead_pipeline = build_pipeline(dead, settings, policy_store=policies, audit=audit)
+        nonce_settings = settings.model_copy(
+            update={"dpop_nonce_key": base64.b64encode(os.urandom(32)).decode()}
+        )
+        nonce_pipeline = build_pipeline(
+            srv.services, nonce_settings, policy_store=policies, audit=audit
+        )
         _, admin_key = srv.services.registry.create_admin_key(
             "sdk-tests", AdminRole.OPERATOR, actor="test"
         )
         with (
             serve(create_gateway_app(srv.services, settings, pipeline=pipeline), gw_port) as gw,
             serve(create_gateway_app(dead, settings, pipeline=dead_pipeline)) as dead_gw,
+            serve(
+                create_gateway_app(srv.services, nonce_settings, pipeline=nonce_pipeline)
+            ) as nonce_gw,
         ):
-            yield Stack(srv, gw, dead_gw, upstream, audit, admin_key)
+            yield Stack(srv, gw, dead_gw, nonce_gw, upstream, audit, admin_key)
         audit.close()

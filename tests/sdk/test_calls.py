@@ -165,6 +165,32 @@ def test_an_outage_is_retried_with_bounded_backoff_then_raised(stack: Stack) -> 
     assert delays == [0.5, 0.5]  # Retry-After: 1, capped at backoff_max
 
 
+def test_a_server_nonce_is_taken_once_then_remembered(stack: Stack) -> None:
+    """RFC 9449 §9: the first call is answered use_dpop_nonce with a DPoP-Nonce; the SDK signs
+    again with it, once, and uses it for the next calls too."""
+    _, agent = stack.key_agent("nonced")
+    with agent, agent.client(stack.nonce_gateway, audience=GW_AUD, scope="payments:write") as http:
+        sent = _sent(http)
+        first = http.post("/payments/transfer", json={"amount": 4})
+        second = http.post("/payments/transfer", json={"amount": 5})
+    assert (first.status_code, second.status_code) == (200, 200), first.text
+    nonces = [parse_compact(r.headers["dpop"]).payload.get("nonce") for r in sent]
+    assert len(nonces) == 3  # the first call twice, the second call once
+    assert nonces[0] is None and nonces[1] is not None and nonces[2] == nonces[1]
+
+
+def test_a_wrong_nonce_is_not_retried_twice(stack: Stack) -> None:
+    _, agent = stack.key_agent("bad-nonce")
+    with agent:
+        auth = agent.auth(GW_AUD, "payments:write")
+        auth._nonce = "not-a-nonce-the-gateway-made"
+        with httpx.Client(auth=auth) as http:
+            sent = _sent(http)
+            resp = http.post(f"{stack.nonce_gateway}/payments/transfer", json={"amount": 6})
+    assert resp.status_code == 200
+    assert len(sent) == 2  # the stale nonce, then the one the gateway issued: no third try
+
+
 def test_sanitized_answer_reaches_the_agent_masked(stack: Stack) -> None:
     _, agent = stack.key_agent("crm")
     with agent, agent.client(stack.gateway, audience=GW_AUD, scope="crm:read") as http:

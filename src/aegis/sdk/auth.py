@@ -46,6 +46,9 @@ class AegisAuth(httpx.Auth):
         self._key = key
         self._subject = subject_token
         self._raise = raise_for_denial
+        #: The gateway's last DPoP nonce (RFC 9449 §8.2: used "until the server provides the
+        #: client with a new nonce"), so only the first call pays the extra round trip.
+        self._nonce: str | None = None
 
     # -- one attempt -------------------------------------------------------------------------
 
@@ -88,7 +91,7 @@ class AegisAuth(httpx.Auth):
     ) -> Generator[httpx.Request, httpx.Response, None]:
         c = self._client
         token = c.token_for(self._key, subject_token=self._subject)
-        attempts, nonce, override = Attempts(), None, None
+        attempts, nonce, override = Attempts(), self._nonce, None
         while True:
             self._prepare(request, token, nonce, override)
             response = yield request
@@ -104,7 +107,7 @@ class AegisAuth(httpx.Auth):
                 c.tokens.discard(self._key, token.access_token)
                 token = c.token_for(self._key, subject_token=self._subject)
             elif step.kind == "nonce":
-                nonce = step.nonce
+                nonce = self._nonce = step.nonce
             elif step.kind == "backoff":
                 c.sleep(step.delay)
             elif step.kind == "approval":
@@ -128,7 +131,7 @@ class AegisAuth(httpx.Auth):
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
         c = self._client
         token = await c.atoken_for(self._key, subject_token=self._subject)
-        attempts, nonce, override = Attempts(), None, None
+        attempts, nonce, override = Attempts(), self._nonce, None
         while True:
             self._prepare(request, token, nonce, override)
             response = yield request
@@ -144,7 +147,7 @@ class AegisAuth(httpx.Auth):
                 c.tokens.discard(self._key, token.access_token)
                 token = await c.atoken_for(self._key, subject_token=self._subject)
             elif step.kind == "nonce":
-                nonce = step.nonce
+                nonce = self._nonce = step.nonce
             elif step.kind == "backoff":
                 await c.asleep(step.delay)
             elif step.kind == "approval":

@@ -1,8 +1,8 @@
 """``AgentClient``: one agent's identity, its tokens, its proofs and its delegations.
 
     agent = AgentClient("https://aegis.example.com", PrivateKey(client_id, key))
-    with agent.http(audience="aegis-gateway", scope="payments:write") as http:
-        http.post(f"{gateway}/payments/transfer", json={"amount": 120})
+    with agent.client(gateway, audience="aegis-gateway", scope="payments:write") as http:
+        http.post("/payments/transfer", json={"amount": 120})
 
 Tokens come from ``{issuer}/oauth/token`` (client credentials, or RFC 8693 token exchange when
 acting for a parent), are cached per (audience, scope, tenant, delegation) and replaced
@@ -17,29 +17,23 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final
+from typing import Any
 
 import httpx
 
 from aegis.clock import Clock, SystemClock
-from aegis.crypto.jws import parse_compact
 from aegis.crypto.keys import Ed25519SigningKey
-from aegis.errors import AegisError
 from aegis.sdk.approvals import ApprovalPolicy
 from aegis.sdk.auth import AegisAuth, default_asleep, default_sleep
 from aegis.sdk.cache import DEFAULT_REFRESH_MARGIN, CachedToken, TokenCache, TokenKey
-from aegis.sdk.credentials import Certificate, Credential, PrivateKey
-from aegis.sdk.errors import AccessDeniedError, AegisClientError, InvalidRequestError
+from aegis.sdk.credentials import Credential, PrivateKey
+from aegis.sdk.errors import AegisClientError, InvalidRequestError
+from aegis.sdk.grants import chain_subject, exchange_form, extend_chain
 from aegis.sdk.proofs import DpopSigner
 from aegis.sdk.retry import RetryPolicy
-from aegis.sdk.wire import error_from_response
-from aegis.tokens.delegation import CHAIN_SEPARATOR, mint_grant
+from aegis.sdk.wire import token_from_response
 
 __all__ = ["AgentClient"]
-
-TOKEN_EXCHANGE: Final = "urn:ietf:params:oauth:grant-type:token-exchange"
-DELEGATION_GRANT: Final = "urn:aegis:params:oauth:token-type:delegation-grant"
-JWT_TYPE: Final = "urn:ietf:params:oauth:token-type:jwt"
 
 
 def _scope(scope: str | Sequence[str] | None) -> str | None:
@@ -147,15 +141,7 @@ class AgentClient:
             form["grant_type"] = "client_credentials"
             self.credential.apply(form, headers, self.token_url, now)
         else:
-            # RFC 8693 §2.1: the parent's chain is the subject; the agent authenticates with its
-            # own client assertion as the actor token, and with nothing else.
-            form.update(
-                grant_type=TOKEN_EXCHANGE,
-                subject_token=subject_token,
-                subject_token_type=DELEGATION_GRANT,
-                actor_token=self.agent_key_assertion(now),
-                actor_token_type=JWT_TYPE,
-            )
+            form.update(exchange_form(subject_token, self.agent_key_assertion(now)))
         if key.scope:
             form["scope"] = key.scope
         if key.audience:
@@ -176,35 +162,7 @@ class AgentClient:
         return self.credential.assertion(self.token_url, now)
 
     def _accept(self, key: TokenKey, response: httpx.Response) -> CachedToken:
-        if response.status_code != 200:
-            raise error_from_response(response)
-        body = response.json()
-        access_token = body.get("access_token")
-        expires_in = body.get("expires_in")
-        if not isinstance(access_token, str) or not isinstance(expires_in, int | float):
-            raise AegisClientError(
-                "the token endpoint answered without a token", code="server_error", status=200
-            )
-        try:
-            claims = parse_compact(access_token).payload
-        except AegisError as exc:
-            raise AegisClientError(
-                "the token endpoint answered with a malformed token", code="malformed_token"
-            ) from exc
-        if key.tenant is not None and claims.get("tenant") != key.tenant:
-            raise AccessDeniedError(
-                f"the token is for tenant {claims.get('tenant')!r}, not {key.tenant!r}",
-                code="tenant_mismatch",
-            )
-        now = self.clock.now()
-        token = CachedToken(
-            access_token=access_token,
-            token_type=str(body.get("token_type", "Bearer")),
-            issued_at=now,
-            expires_at=now + float(expires_in),
-            scope=str(body.get("scope", "")),
-            claims=claims,
-        )
+        token = token_from_response(response, now=self.clock.now(), tenant=key.tenant)
         self.tokens.put(key, token)
         return token
 
@@ -304,9 +262,8 @@ class AgentClient:
         ``subject_token`` (``on_behalf_of=``). ``me`` is this agent's id (default: the last link's
         ``sub`` when ``under`` is given, else the client id's agent from a fresh token).
         """
-        links = under.split(CHAIN_SEPARATOR) if under else []
-        parent = me or self._agent_id(links)
-        link = mint_grant(
+        parent = me or (chain_subject(under) if under else None) or self._agent_id()
+        return extend_chain(
             self.agent_key,
             parent=parent,
             child=child,
@@ -314,17 +271,12 @@ class AgentClient:
             scopes=scopes,
             tools=tools,
             max_depth=max_depth,
-            parent_links=links,
-            now=self.clock.now(),
             lifetime=lifetime,
+            now=self.clock.now(),
+            under=under,
         )
-        return CHAIN_SEPARATOR.join([*links, link])
 
-    def _agent_id(self, links: list[str]) -> str:
-        if links:
-            sub = parse_compact(links[-1]).payload.get("sub")
-            if isinstance(sub, str):
-                return sub
+    def _agent_id(self) -> str:
         agent = self.token().claims.get("agent_id")
         if not isinstance(agent, str):
             raise AegisClientError("cannot tell this agent's id; pass me=", code="invalid_request")
@@ -337,9 +289,3 @@ class AgentClient:
         from aegis.sdk.policy import policy_dry_run
 
         return policy_dry_run(self.issuer_url, admin_key, call, http=self.http, **which)
-
-    # -- certificate ------------------------------------------------------------------------
-
-    @property
-    def certificate(self) -> Certificate | None:
-        return self.credential if isinstance(self.credential, Certificate) else None

@@ -1,6 +1,7 @@
-"""Reading Aegis answers: which responses are refusals, and the typed error each one becomes.
+r"""Reading Aegis answers: which responses are refusals, and the typed error each one becomes.
 
-Three bodies reach an agent. The gateway refuses with ``{error, error_description, code,
+Token endpoint answers become :class:`~aegis.sdk.cache.CachedToken`\s. Three error bodies reach an
+agent. The gateway refuses with ``{error, error_description, code,
 decision_id}`` (and the ``x-aegis-decision-id`` header); the admin API with ``{code, message,
 ...details}``; the token endpoint with RFC 6749 §5.2 ``{error, error_description}``, where a refused
 token exchange (RFC 8693 §2.2.2, always ``invalid_request``) ends its description with the stable
@@ -16,10 +17,18 @@ from typing import Any, Final
 
 import httpx
 
-from aegis.errors import CODES
-from aegis.sdk.errors import AegisClientError, error_class
+from aegis.crypto.jws import parse_compact
+from aegis.errors import CODES, AegisError
+from aegis.sdk.cache import CachedToken
+from aegis.sdk.errors import AccessDeniedError, AegisClientError, error_class
 
-__all__ = ["DECISION_HEADER", "error_from_response", "is_gateway_refusal", "parse_body"]
+__all__ = [
+    "DECISION_HEADER",
+    "error_from_response",
+    "is_gateway_refusal",
+    "parse_body",
+    "token_from_response",
+]
 
 DECISION_HEADER: Final = "x-aegis-decision-id"
 _TRAILING_CODE: Final = re.compile(r"\(([a-z0-9_]{1,64})\)\s*$")
@@ -85,4 +94,38 @@ def error_from_response(response: httpx.Response) -> AegisClientError:
         status=status,
         decision_id=str(decision) if decision is not None else None,
         details=details,
+    )
+
+
+def token_from_response(
+    response: httpx.Response, *, now: float, tenant: str | None = None
+) -> CachedToken:
+    """A token endpoint answer (RFC 6749 §5.1) as a :class:`CachedToken`; a refusal raises its
+    typed error. ``tenant``, when given, must be the issued token's tenant (``tenant_mismatch``)."""
+    if response.status_code != 200:
+        raise error_from_response(response)
+    body = response.json()
+    access_token, expires_in = body.get("access_token"), body.get("expires_in")
+    if not isinstance(access_token, str) or not isinstance(expires_in, int | float):
+        raise AegisClientError(
+            "the token endpoint answered without a token", code="server_error", status=200
+        )
+    try:
+        claims = parse_compact(access_token).payload
+    except AegisError as exc:
+        raise AegisClientError(
+            "the token endpoint answered with a malformed token", code="malformed_token"
+        ) from exc
+    if tenant is not None and claims.get("tenant") != tenant:
+        raise AccessDeniedError(
+            f"the token is for tenant {claims.get('tenant')!r}, not {tenant!r}",
+            code="tenant_mismatch",
+        )
+    return CachedToken(
+        access_token=access_token,
+        token_type=str(body.get("token_type", "Bearer")),
+        issued_at=now,
+        expires_at=now + float(expires_in),
+        scope=str(body.get("scope", "")),
+        claims=claims,
     )
