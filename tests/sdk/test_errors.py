@@ -178,7 +178,9 @@ def test_approval_wait_backs_off_and_reads_the_status() -> None:
         "needs approval", code="approval_needed", status=403, decision_id="d",
         details={"approval_id": "a1", "status_url": "/s"},
     )  # fmt: skip
-    wait = ApprovalWait(ApprovalPolicy(timeout=2, poll_initial=0.5, poll_max=1), refusal, now=0)
+    policy = ApprovalPolicy(timeout=2, poll_initial=0.5, poll_max=1)
+    wait = ApprovalWait(policy, refusal, now=0, control_plane="https://aegis.example")
+    assert wait.status_url == "https://aegis.example/s"
     assert [wait.next_delay(0), wait.next_delay(0.5), wait.next_delay(1.5)] == [0.5, 1, 0.5]
     with pytest.raises(ApprovalTimeoutError):
         wait.next_delay(2)
@@ -190,3 +192,32 @@ def test_approval_wait_backs_off_and_reads_the_status() -> None:
             wait.interpret(status, body)
         assert err.value.decision_id == "d"
         assert err.value.approval_id == "a1"
+
+
+@pytest.mark.parametrize(
+    "status_url",
+    ["https://evil.example/approvals/a1", "http://aegis.example/approvals/a1",
+     "https://aegis.example:8443/approvals/a1", "//evil.example/a1", "javascript:alert(1)",
+     "https://aegis.example.evil.example/a1"],
+)  # fmt: skip
+def test_a_status_url_off_the_control_plane_is_never_polled(status_url: str) -> None:
+    """A refusal body can be forged by anything on the path (a tool behind the gateway sees the
+    decision id); the poll carries the agent's token, so it goes to the control plane only."""
+    refusal = ApprovalRequiredError(
+        "needs approval", code="approval_needed", status=403, decision_id="d",
+        details={"approval_id": "a1", "status_url": status_url},
+    )  # fmt: skip
+    with pytest.raises(ApprovalRequiredError) as err:
+        ApprovalWait(ApprovalPolicy(), refusal, now=0, control_plane="https://aegis.example")
+    assert "not polled" in err.value.message
+    assert err.value.decision_id == "d"
+
+
+def test_other_status_origins_can_be_trusted_explicitly() -> None:
+    refusal = ApprovalRequiredError(
+        "needs approval", code="approval_needed", status=403,
+        details={"approval_id": "a1", "status_url": "https://approvals.example:443/a1"},
+    )  # fmt: skip
+    policy = ApprovalPolicy(status_origins=("https://approvals.example",))
+    wait = ApprovalWait(policy, refusal, now=0, control_plane="https://aegis.example")
+    assert wait.status_url == "https://approvals.example:443/a1"

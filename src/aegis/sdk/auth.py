@@ -76,11 +76,8 @@ class AegisAuth(httpx.Auth):
             raise_for_denial=self._raise,
         )
 
-    def _poll_request(
-        self, wait: ApprovalWait, token: CachedToken, url: httpx.URL
-    ) -> httpx.Request:
-        target = url.join(wait.status_url)
-        request = httpx.Request("GET", target)
+    def _poll_request(self, wait: ApprovalWait, token: CachedToken) -> httpx.Request:
+        request = httpx.Request("GET", wait.status_url)
         self._prepare(request, token, None, None)
         return request
 
@@ -112,14 +109,14 @@ class AegisAuth(httpx.Auth):
                 c.sleep(step.delay)
             elif step.kind == "approval":
                 assert isinstance(step.error, ApprovalRequiredError)
-                override = self._wait_sync(step.error, token, request.url)
+                override = self._wait_sync(step.error, token)
 
-    def _wait_sync(self, refusal: ApprovalRequiredError, token: CachedToken, url: httpx.URL) -> str:
+    def _wait_sync(self, refusal: ApprovalRequiredError, token: CachedToken) -> str:
         c = self._client
-        wait = ApprovalWait(c.approvals, refusal, c.clock.monotonic())
+        wait = ApprovalWait(c.approvals, refusal, c.clock.monotonic(), control_plane=c.issuer_url)
         while True:
             c.sleep(wait.next_delay(c.clock.monotonic()))
-            response = c.http.send(self._poll_request(wait, token, url))
+            response = c.http.send(self._poll_request(wait, token))
             found = wait.interpret(response.status_code, parse_body(response))
             if found is not None:
                 return found
@@ -152,16 +149,14 @@ class AegisAuth(httpx.Auth):
                 await c.asleep(step.delay)
             elif step.kind == "approval":
                 assert isinstance(step.error, ApprovalRequiredError)
-                override = await self._wait_async(step.error, token, request.url)
+                override = await self._wait_async(step.error, token)
 
-    async def _wait_async(
-        self, refusal: ApprovalRequiredError, token: CachedToken, url: httpx.URL
-    ) -> str:
+    async def _wait_async(self, refusal: ApprovalRequiredError, token: CachedToken) -> str:
         c = self._client
-        wait = ApprovalWait(c.approvals, refusal, c.clock.monotonic())
+        wait = ApprovalWait(c.approvals, refusal, c.clock.monotonic(), control_plane=c.issuer_url)
         while True:
             await c.asleep(wait.next_delay(c.clock.monotonic()))
-            response = await c.ahttp.send(self._poll_request(wait, token, url))
+            response = await c.ahttp.send(self._poll_request(wait, token))
             found = wait.interpret(response.status_code, parse_body(response))
             if found is not None:
                 return found
