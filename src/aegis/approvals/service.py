@@ -81,6 +81,9 @@ class ApprovalService:
         return await asyncio.to_thread(fn, *args)
 
     async def _record(self, kind: str, record: dict[str, Any]) -> None:
+        # A log line per event (identifiers and codes only); the audit record has the details.
+        log_event(kind, approval_id=record.get("id"), code=record.get("code"),
+                  channel=record.get("channel"))  # fmt: skip
         if self._audit is not None:
             await self._audit.append_async(kind, {"time": self._clock.now(), **record})
 
