@@ -157,6 +157,10 @@ class PkiSettings(_Section):
     #: ``nginx`` reads ``x-ssl-client-cert`` (``$ssl_client_escaped_cert``).
     xfcc_mode: Literal["none", "envoy", "nginx"] = "none"
     xfcc_header: str = ""
+    #: The registered serving agent (role ``server``) whose certificate the gateway presents: to
+    #: callers on its mTLS listener and to upstreams on outbound mTLS. The gateway issues it from
+    #: this CA and renews it at two thirds of its lifetime. Unset: plain HTTP in and out.
+    gateway_agent: str | None = None
 
     @field_validator("trust_domain")
     @classmethod

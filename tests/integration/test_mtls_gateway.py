@@ -19,6 +19,10 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 from tests.gateway.harness import Upstream
 from tests.gateway.harness import serve as serve_http
 from tests.pki.harness import fetch, pem, rejections, serve
@@ -27,9 +31,10 @@ from tests.support.server import free_port, write_dev_config
 from aegis.clock import SystemClock
 from aegis.config import GatewaySettings, load_config
 from aegis.gateway.app import build_pipeline, create_gateway_app
+from aegis.gateway.server import serve_mtls
 from aegis.pki.binding import BINDING_LISTENER
 from aegis.pki.ca import CaFiles, CertificateAuthority
-from aegis.pki.middleware import MTLS_AUDIT_KIND
+from aegis.pki.middleware import MTLS_AUDIT_KIND, PeerCertificateMiddleware, peer_from_scope
 from aegis.pki.profile import x5t_s256
 from aegis.pki.service import PkiService
 from aegis.pki.tls import client_context, server_context
@@ -69,15 +74,15 @@ class World:
 
 
 @asynccontextmanager
-async def world(tmp: Path) -> AsyncIterator[World]:
+async def world(tmp: Path, pki_yaml: str = "") -> AsyncIterator[World]:
     config = load_config(
-        write_dev_config(tmp, free_port(), f"pki:\n  trust_domain: {TD}\n"), environ={}
+        write_dev_config(tmp, free_port(), f"pki:\n  trust_domain: {TD}\n{pki_yaml}"), environ={}
     )
     CertificateAuthority.init(CaFiles.from_config(config), config.kek(), SystemClock(), TD)
     services = build_services(config)
     pki = services.extras["pki"]
     assert isinstance(pki, PkiService)
-    for agent, roles in (("alpha", ()), ("beta", ()), ("gw", ("server",))):
+    for agent, roles in (("alpha", ()), ("beta", ()), ("gw", ("server",)), ("tool", ("server",))):
         services.registry.register_agent(
             AgentSpec(agent, "acme", "prod", "owner@example.com",
                       allowed_scopes=("payments:write",), roles=roles),
@@ -213,3 +218,72 @@ async def test_client_certificates_are_required_per_route(tmp_path: Path) -> Non
             False,
             None,
         )
+
+
+async def test_the_gateway_serves_mtls_and_calls_upstreams_with_its_own_certificate(
+    tmp_path: Path,
+) -> None:
+    """pki.gateway_agent: the gateway issues itself a certificate from the CA, presents it to
+    callers (serve_mtls, what `aegis gateway run` uses) and to an upstream that requires mTLS."""
+
+    async def whoami(request: Request) -> Response:
+        peer = peer_from_scope(request.scope)
+        return JSONResponse({"peer": peer.spiffe_id if peer else None})
+
+    async with world(tmp_path, "  gateway_agent: gw\n") as w:
+        key, cert = w.cert("alpha")
+        client, _ = w.services.registry.create_client(
+            "alpha", auth_method=ClientAuthMethod.CLIENT_SECRET_BASIC, actor="test"
+        )
+        token = w.services.issuer.issue(
+            agent_id="alpha", client_id=client.client_id, tenant="acme", env="prod",
+            scopes=("payments:write",), audience=("aegis-gateway",), lifetime=60,
+            cnf={"x5t#S256": x5t_s256(cert)},
+        ).token  # fmt: skip
+        tool_key, tool_cert = w.cert("tool")
+        tool = PeerCertificateMiddleware(
+            Starlette(routes=[Route("/{p:path}", whoami)]),
+            w.pki.validator(),
+            listener="tool",
+        )
+        tool_ctx = server_context(
+            pem(tool_cert, w.pki.ca.current.cert), tool_key, w.pki.ca.bundle_pem()
+        )  # require_client_cert: the gateway must present its own certificate
+        async with serve(tool, tool_ctx, name="tool") as up:
+            settings = GatewaySettings.model_validate(
+                {
+                    "routes": [{"path_prefix": "/tool", "upstream": f"https://127.0.0.1:{up.port}",
+                                "tool": "pay_invoice", "tenant": "acme", "env": "prod",
+                                "allow_bearer": True, "require_client_cert": True}],
+                    "allow": [{"tool": "pay_invoice"}],
+                }
+            )  # fmt: skip
+            pipeline = build_pipeline(w.services, settings)
+            app = create_gateway_app(w.services, settings, pipeline=pipeline)
+            assert app.state.certificates is not None
+            stop, ports = asyncio.Event(), asyncio.Queue[int]()
+            task = asyncio.create_task(
+                serve_mtls(app, app.state.certificates, "127.0.0.1", 0, stop,
+                           started=ports.put_nowait)
+            )  # fmt: skip
+            try:
+                port = await asyncio.wait_for(ports.get(), 10)
+                bearer = {"Authorization": f"Bearer {token}"}
+                called = await fetch(port, w.ctx(key, cert), "/tool/x", headers=bearer)
+                _, writer = await asyncio.open_connection(
+                    "127.0.0.1", port, ssl=w.ctx(key, cert), server_hostname="gw"
+                )
+                served_by = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+                writer.close()
+                await writer.wait_closed()
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, 10)
+    assert called.status == 200, called
+    assert called.body == {"peer": f"spiffe://{TD}/tenant/acme/env/prod/agent/gw"}
+    sans = x509.load_der_x509_certificate(served_by).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )  # fmt: skip
+    assert sans.value.get_values_for_type(x509.UniformResourceIdentifier) == [
+        f"spiffe://{TD}/tenant/acme/env/prod/agent/gw"
+    ]

@@ -68,6 +68,7 @@ COMMENTS: Final[dict[str, str]] = {
     "pki.trusted_proxies": "IP addresses whose forwarded client certificates are believed",
     "pki.xfcc_mode": "none, envoy (x-forwarded-client-cert) or nginx (x-ssl-client-cert)",
     "pki.xfcc_header": "header name overriding the mode's default",
+    "pki.gateway_agent": "serving agent whose certificate the gateway presents (mTLS in and out)",
     "delegation": "delegation chains (docs/delegation.md)",
     "delegation.max_depth": "longest delegation chain (links)",
     "delegation.external_issuers": "trusted end-user token issuers",

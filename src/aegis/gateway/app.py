@@ -32,6 +32,7 @@ from aegis.gateway.pipeline import ApprovalHook, LimitsHook, Pipeline
 from aegis.gateway.policies import PolicyDirectory
 from aegis.gateway.proxy import ReverseProxy
 from aegis.pki.middleware import PeerCertificateMiddleware
+from aegis.pki.renewal import CertificateManager
 from aegis.pki.service import PkiService
 from aegis.policy.store import PolicyStore, SqlPolicyStore
 from aegis.server.services import Services
@@ -107,7 +108,13 @@ def create_gateway_app(
     services: Services, gateway_config: GatewaySettings, *, pipeline: Pipeline | None = None
 ) -> Starlette:
     pipeline = pipeline or build_pipeline(services, gateway_config)
-    proxy = ReverseProxy(pipeline, gateway_config)
+    pki = services.extras.get("pki")
+    certificates = _gateway_certificates(services, pki)
+    proxy = ReverseProxy(
+        pipeline,
+        gateway_config,
+        upstream_tls=certificates.client_context if certificates is not None else None,
+    )
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -123,14 +130,17 @@ def create_gateway_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if certificates is not None:
+            await certificates.start()  # the first certificate before any connection
         await proxy.start()
         try:
             yield
         finally:
             await proxy.close()
+            if certificates is not None:
+                await certificates.stop()
 
     middleware: list[Middleware] = []
-    pki = services.extras.get("pki")
     if isinstance(pki, PkiService):
         p = services.config.pki
         middleware.append(
@@ -148,4 +158,23 @@ def create_gateway_app(
         )
     app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
     app.state.proxy = proxy
+    # Set when pki.gateway_agent is: the listener serves mTLS with certificates.server_context.
+    app.state.certificates = certificates
     return app
+
+
+def _gateway_certificates(services: Services, pki: object) -> CertificateManager | None:
+    """The gateway's own certificate (``pki.gateway_agent``), issued by the CA this process
+    holds and renewed at two thirds of its lifetime; None without a CA or without the setting."""
+    agent = services.config.pki.gateway_agent
+    if not isinstance(pki, PkiService) or agent is None:
+        return None
+    return CertificateManager(
+        "",
+        None,
+        clock=services.clock,
+        trust_pem=pki.ca.bundle_pem(),
+        serving=True,
+        require_client_cert=False,  # routes decide (GatewayRoute.require_client_cert)
+        enrol=pki.local_enrolment(agent),
+    )

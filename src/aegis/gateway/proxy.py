@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 from urllib.parse import quote, urlsplit
 
@@ -83,8 +84,17 @@ def _error(result: Result) -> JSONResponse:
 
 
 class ReverseProxy:
-    def __init__(self, pipeline: Pipeline, settings: GatewaySettings) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        settings: GatewaySettings,
+        *,
+        upstream_tls: Callable[[], ssl.SSLContext] | None = None,
+    ) -> None:
         self._pipeline, self._settings = pipeline, settings
+        # Outbound mTLS to https upstreams: the gateway's own certificate, the Aegis bundle as the
+        # only trust (aegis.pki.tls.client_context), fetched per request so renewal takes effect.
+        self._upstream_tls = upstream_tls
         self._routes = RouteTable(settings.routes)
         self._session: aiohttp.ClientSession | None = None
 
@@ -221,9 +231,12 @@ class ReverseProxy:
         parts = urlsplit(ctx.url)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         url = URL(ctx.route.upstream.rstrip("/") + target, encoded=True)
+        tls: dict[str, Any] = {}
+        if self._upstream_tls is not None and url.scheme == "https":
+            tls["ssl"] = self._upstream_tls()
         try:
             upstream = await self._session.request(
-                ctx.method, url, headers=headers, data=data, allow_redirects=False
+                ctx.method, url, headers=headers, data=data, allow_redirects=False, **tls
             )
         except TimeoutError:
             return self._gateway_error(

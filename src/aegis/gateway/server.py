@@ -6,12 +6,18 @@ policy watcher, one registry cache, one audit log. The process holds nothing ano
 needs: replay, revocation and the registry live in the configured shared stores. When any listener
 stops (a signal, or a port that cannot be bound) the others are stopped too, so the process never
 keeps running with a front door silently missing.
+
+With ``pki.gateway_agent`` set, the proxy is served behind :class:`~aegis.pki.listener.MTLSListener`
+with the gateway's own (renewed) certificate: TLS 1.2+ only, client certificates validated in the
+handshake and again by the PKI layer, required where a route says so; without it, plain HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+from collections.abc import Callable
 
 import grpc
 import uvicorn
@@ -23,12 +29,41 @@ from aegis.gateway.ext_authz import ExtAuthz, TrustedPeers
 from aegis.gateway.ext_authz_grpc import AuthorizationService, start_grpc_server
 from aegis.gateway.ext_authz_http import create_ext_authz_http_app
 from aegis.gateway.pipeline import Pipeline
+from aegis.pki.listener import MTLSListener
+from aegis.pki.middleware import AuditSink
 from aegis.pki.peer import PeerValidator
+from aegis.pki.renewal import CertificateManager
 from aegis.pki.service import PkiService
 from aegis.server.services import Services
 from aegis.telemetry.logging import log_event
 
-__all__ = ["build_ext_authz", "serve_gateway"]
+__all__ = ["build_ext_authz", "serve_gateway", "serve_mtls"]
+
+
+async def serve_mtls(
+    app: Starlette,
+    certificates: CertificateManager,
+    host: str,
+    port: int,
+    stop: asyncio.Event,
+    *,
+    audit: AuditSink | None = None,
+    started: Callable[[int], None] | None = None,
+) -> None:
+    """The proxy app behind the mTLS listener until ``stop`` is set (runs the app's lifespan,
+    which obtains the first certificate; refused handshakes go to ``audit``)."""
+    async with app.router.lifespan_context(app):
+        listener = MTLSListener(
+            app, context=certificates.server_context, host=host, port=port, audit=audit
+        )
+        await listener.start()
+        log_event("gateway.mtls_listening", host=host, port=listener.port)
+        if started is not None:
+            started(listener.port)
+        try:
+            await stop.wait()
+        finally:
+            await listener.stop()
 
 
 def build_ext_authz(services: Services, settings: GatewaySettings, pipeline: Pipeline) -> ExtAuthz:
@@ -56,7 +91,8 @@ async def serve_gateway(
             uvicorn.Config(asgi, host=h, port=p, log_level=log_level, lifespan="on")
         )
 
-    servers = [server(app, host, port)]
+    certificates = app.state.certificates
+    servers = [server(app, host, port)] if certificates is None else []
     ea = settings.ext_authz
     ext = build_ext_authz(services, settings, pipeline)
     if ea.http_port is not None:
@@ -67,9 +103,20 @@ async def serve_gateway(
         grpc_server, bound = await start_grpc_server(service, ea.grpc_host, ea.grpc_port)
         log_event("gateway.ext_authz_grpc_listening", host=ea.grpc_host, port=bound)
     tasks = [asyncio.create_task(s.serve()) for s in servers]
+    stop = asyncio.Event()
+    if certificates is not None:
+        audit = pipeline.audit.append_async if pipeline.audit is not None else None
+        tasks.append(
+            asyncio.create_task(serve_mtls(app, certificates, host, port, stop, audit=audit))
+        )
+        if not servers:  # no uvicorn server to catch the signals
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        stop.set()
         for s in servers:
             s.should_exit = True
         with contextlib.suppress(Exception):

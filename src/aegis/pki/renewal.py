@@ -8,6 +8,10 @@ made with (it stays valid for the remaining third), while every new handshake us
 
 A failed renewal is retried with a short backoff until the certificate expires; the manager never
 keeps serving an expired certificate silently (``current`` raises once it has expired).
+
+Enrolment is over HTTP by default; a process that holds the CA itself (the gateway, beside the
+control plane) passes ``enrol=PkiService.local_enrolment(agent_id)`` instead, with the same
+life cycle.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 from urllib.parse import quote_plus
 
 import httpx
@@ -31,13 +35,22 @@ from aegis.errors import AegisError
 from aegis.pki.tls import client_context, server_context
 from aegis.telemetry.logging import log_event
 
-__all__ = ["RENEW_FRACTION", "CertificateManager", "Credential", "Credentials", "basic_credentials"]
+__all__ = [
+    "RENEW_FRACTION",
+    "CertificateManager",
+    "Credential",
+    "Credentials",
+    "Enrol",
+    "basic_credentials",
+]
 
 #: Renew once this fraction of the certificate's life (from when it was received) has passed.
 RENEW_FRACTION: Final = 2 / 3
 #: Client authentication for the sign endpoint: extra form fields and headers, fresh per call (a
 #: private_key_jwt assertion is single-use).
 Credentials = Callable[[], Awaitable[tuple[dict[str, str], dict[str, str]]]]
+#: Enrolment: (PEM CSR, lifetime or None) -> (the sign endpoint's JSON answer, trust bundle PEM).
+Enrol = Callable[[str, int | None], Awaitable[tuple[dict[str, Any], bytes]]]
 
 
 def basic_credentials(client_id: str, secret: str) -> Credentials:
@@ -80,15 +93,19 @@ class CertificateManager:
     def __init__(
         self,
         base_url: str,
-        credentials: Credentials,
+        credentials: Credentials | None,
         *,
         clock: Clock,
         trust_pem: bytes,
         verify: ssl.SSLContext | bool = True,
         lifetime: int | None = None,
         serving: bool = False,
+        require_client_cert: bool = True,
         on_renew: list[Callable[[Credential], None]] | None = None,
+        enrol: Enrol | None = None,
     ) -> None:
+        if (credentials is None) == (enrol is None):
+            raise ValueError("give either credentials (enrol over HTTP) or enrol, not both")
         self._url = base_url.rstrip("/")
         self._credentials = credentials
         self._clock = clock
@@ -96,7 +113,11 @@ class CertificateManager:
         self._verify = verify
         self._lifetime = lifetime
         self._serving = serving
+        #: For ``serving``: False lets the handshake succeed without a client certificate, so
+        #: each route can decide (the gateway's ``require_client_cert``).
+        self._require_client_cert = require_client_cert
         self.on_renew = list(on_renew or [])
+        self._enrol: Enrol = enrol or self._enrol_http
         self._current: Credential | None = None
         self._task: asyncio.Task[None] | None = None
         self.renewals = 0
@@ -130,25 +151,13 @@ class CertificateManager:
             .subject_name(x509.Name([]))
             .sign(key, hashes.SHA256())
         )
-        form, headers = await self._credentials()
-        form = {**form, "csr": csr.public_bytes(serialization.Encoding.PEM).decode()}
-        if self._lifetime is not None:
-            form["lifetime"] = str(self._lifetime)
-        async with httpx.AsyncClient(verify=self._verify, timeout=10.0) as http:
-            response = await http.post(f"{self._url}/pki/v1/sign", data=form, headers=headers)
-            if response.status_code != 201:
-                raise AegisError(
-                    f"certificate enrolment refused ({response.status_code}): "
-                    f"{response.json().get('error_description', '')[:200]}",
-                    code="ca_unavailable",
-                )
-            bundle = await http.get(f"{self._url}/pki/v1/bundle")
-        body = response.json()
+        body, trust = await self._enrol(
+            csr.public_bytes(serialization.Encoding.PEM).decode(), self._lifetime
+        )
         cert = x509.load_pem_x509_certificate(body["certificate"].encode())
         if cert.public_key() != key.public_key():
             raise AegisError("the ca returned a certificate for another key", code="cert_invalid")
         chain = tuple(x509.load_pem_x509_certificates(body["chain"].encode()))
-        trust = bundle.content if bundle.status_code == 200 else self._trust
         self._trust = trust
         pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (cert, *chain))
         cred = Credential(
@@ -162,7 +171,11 @@ class CertificateManager:
             not_after=cert.not_valid_after_utc.timestamp(),
             trust_pem=trust,
             client_context=client_context(pem, key, trust),
-            server_context=server_context(pem, key, trust) if self._serving else None,
+            server_context=server_context(
+                pem, key, trust, require_client_cert=self._require_client_cert
+            )
+            if self._serving
+            else None,
         )
         self._current = cred  # the swap: one reference assignment
         self.renewals += 1
@@ -175,6 +188,24 @@ class CertificateManager:
         for callback in self.on_renew:
             callback(cred)
         return cred
+
+    async def _enrol_http(self, csr: str, lifetime: int | None) -> tuple[dict[str, Any], bytes]:
+        assert self._credentials is not None
+        form, headers = await self._credentials()
+        form = {**form, "csr": csr}
+        if lifetime is not None:
+            form["lifetime"] = str(lifetime)
+        async with httpx.AsyncClient(verify=self._verify, timeout=10.0) as http:
+            response = await http.post(f"{self._url}/pki/v1/sign", data=form, headers=headers)
+            if response.status_code != 201:
+                raise AegisError(
+                    f"certificate enrolment refused ({response.status_code}): "
+                    f"{response.json().get('error_description', '')[:200]}",
+                    code="ca_unavailable",
+                )
+            bundle = await http.get(f"{self._url}/pki/v1/bundle")
+        trust = bundle.content if bundle.status_code == 200 else self._trust
+        return response.json(), trust
 
     async def start(self) -> Credential:
         cred = await self.obtain()

@@ -34,6 +34,7 @@ from aegis.pki.profile import (
     serial_hex,
     x5t_s256,
 )
+from aegis.pki.renewal import Enrol
 from aegis.pki.spiffe import agent_spiffe_id
 from aegis.pki.store import CertificateRecord, CertificateStore
 from aegis.registry.cache import RegistryCache
@@ -179,6 +180,16 @@ class PkiService:
         issued = self.issue(auth.client.agent_id, key, lifetime=lifetime, via=auth.method.value)
         await self._auth.consume(auth)
         return issued
+
+    def local_enrolment(self, agent_id: str) -> Enrol:
+        """Enrolment for a process that holds this CA (the gateway's own certificate): the same
+        checks and records as ``POST /pki/v1/sign``, without HTTP or client credentials."""
+
+        async def enrol(csr: str, lifetime: int | None) -> tuple[dict[str, Any], bytes]:
+            issued = self.issue(agent_id, parse_csr(csr), lifetime=lifetime, via="local")
+            return issued.to_json(), self.ca.bundle_pem()
+
+        return enrol
 
     def new_bootstrap_token(self, agent_id: str, *, lifetime: float | None = None) -> str:
         """A single-use enrolment token for ``agent_id``; shown once, stored as a keyed hash."""
