@@ -4,6 +4,7 @@ per (audience, scope, tenant) and refresh before expiry on an injected clock."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -21,6 +22,7 @@ from aegis.sdk import (
 from aegis.sdk.proofs import DpopSigner
 from aegis.types import ClientAuthMethod
 from tests.sdk.conftest import Stack
+from tests.support.server import run_server
 
 pytestmark = pytest.mark.slow
 
@@ -141,3 +143,35 @@ def test_short_lived_tokens_are_kept_for_half_their_life(stack: Stack) -> None:
     token = CachedToken("t", "DPoP", issued_at=0, expires_at=40, scope="", claims={})
     assert token.fresh_at(19.9, margin=30)
     assert not token.fresh_at(20.0, margin=30)
+
+
+def test_a_token_service_outage_is_retried_with_fresh_proofs_then_raised(tmp_path: Path) -> None:
+    """The replay store behind the token endpoint is down: every request is 503; the SDK tries
+    a bounded number of times, each with a new assertion and proof, then raises."""
+    from aegis.registry.service import AgentSpec
+    from aegis.sdk import RetryPolicy, ServiceUnavailableError
+
+    with run_server(tmp_path, "stores:\n  replay: redis://127.0.0.1:1\n") as srv:
+        key = Ed25519SigningKey.generate()
+        srv.services.registry.register_agent(
+            AgentSpec("outage", "acme", "prod", "owner@example.com",
+                      allowed_scopes=("payments:write",), jwks=(key.public.to_jwk(),)),
+            actor="test",
+        )  # fmt: skip
+        client, _ = srv.services.registry.create_client(
+            "outage", auth_method=ClientAuthMethod.PRIVATE_KEY_JWT, actor="test"
+        )
+        delays: list[float] = []
+        agent = AgentClient(
+            srv.url, PrivateKey(client.client_id, key), sleep=delays.append,
+            retry=RetryPolicy(unavailable_attempts=2, backoff_base=0.01, backoff_max=0.05),
+        )  # fmt: skip
+        with agent:
+            seen = _count_token_requests(agent)
+            with pytest.raises(ServiceUnavailableError) as err:
+                agent.token()
+    assert err.value.status == 503
+    assert len(seen) == 3
+    assert len({r.headers["dpop"] for r in seen}) == 3
+    assert len({r.content for r in seen}) == 3  # a new client assertion each time
+    assert delays == [0.01, 0.02]

@@ -161,6 +161,13 @@ class AgentClient:
             )
         return self.credential.assertion(self.token_url, now)
 
+    def _unavailable(self, response: httpx.Response, attempt: int) -> float | None:
+        """The backoff before another token request, when the token service answered 503 (a
+        dependency is down) and attempts remain; None to take the answer as it is."""
+        if response.status_code != 503 or attempt >= self.retry.unavailable_attempts:
+            return None
+        return self.retry.delay(attempt, response.headers.get("retry-after"))
+
     def _accept(self, key: TokenKey, response: httpx.Response) -> CachedToken:
         token = token_from_response(response, now=self.clock.now(), tenant=key.tenant)
         self.tokens.put(key, token)
@@ -171,15 +178,27 @@ class AgentClient:
         cached = self.tokens.get(key)
         if cached is not None:
             return cached
-        form, headers = self._token_request(key, subject_token)
-        return self._accept(key, self.http.post(self.token_url, data=form, headers=headers))
+        for attempt in range(self.retry.unavailable_attempts + 1):
+            # A fresh assertion and proof per attempt: each jti is single use.
+            form, headers = self._token_request(key, subject_token)
+            response = self.http.post(self.token_url, data=form, headers=headers)
+            delay = self._unavailable(response, attempt)
+            if delay is None:
+                break
+            self.sleep(delay)
+        return self._accept(key, response)
 
     async def atoken_for(self, key: TokenKey, *, subject_token: str | None = None) -> CachedToken:
         cached = self.tokens.get(key)
         if cached is not None:
             return cached
-        form, headers = self._token_request(key, subject_token)
-        response = await self.ahttp.post(self.token_url, data=form, headers=headers)
+        for attempt in range(self.retry.unavailable_attempts + 1):
+            form, headers = self._token_request(key, subject_token)
+            response = await self.ahttp.post(self.token_url, data=form, headers=headers)
+            delay = self._unavailable(response, attempt)
+            if delay is None:
+                break
+            await self.asleep(delay)
         return self._accept(key, response)
 
     def token(
