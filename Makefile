@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench services clean
+.PHONY: install run demo test lint bench services clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ install: $(STAMP)
 ## admin API and metrics on http://127.0.0.1:8080.
 run: install
 	$(BIN)/aegis up
+
+## The reference multi-agent scenarios on a stack started in a temporary directory, with a
+## report of every outcome; exits non-zero if one was not as expected (docs/quickstart.md).
+demo: install
+	$(BIN)/aegis demo
 
 ## The whole test suite. Redis and PostgreSQL must be up on 127.0.0.1 (see `make services`).
 test: install services
