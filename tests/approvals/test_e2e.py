@@ -277,6 +277,22 @@ def test_teams_reply_approves_and_unsigned_replies_are_refused(stack: Stack) -> 
     assert decided[0]["channel"] == "teams" and decided[0]["reason"] == "export for the audit"
 
 
+def test_signed_callbacks_for_unknown_ids_or_garbage_are_refused_and_audited(stack: Stack) -> None:
+    unknown = slack_click(stack, "apr_doesnotexist", "aegis_approve", "UCAROL")
+    assert (unknown.status_code, unknown.json()["code"]) == (404, "approval_not_found")
+    body = b"payload=%7B%22type%22%3A%22view_submission%22%7D"
+    stamp = str(int(time.time()))
+    headers = {"x-slack-request-timestamp": stamp,
+               "x-slack-signature": sign_v0(SLACK_SECRET.encode(), stamp, body),
+               "content-type": "application/x-www-form-urlencoded"}  # fmt: skip
+    garbage = httpx.post(f"{stack.srv.url}/approvals/slack/slack", content=body, headers=headers)
+    assert (garbage.status_code, garbage.json()["code"]) == (400, "invalid_request")
+    wrong_kind = httpx.post(f"{stack.srv.url}/approvals/slack/teams", content=body, headers=headers)
+    assert wrong_kind.json()["code"] == "not_found"
+    codes = [r["code"] for r in stack.audit.records(kind="approval.rejected")]
+    assert "approval_not_found" in codes and "invalid_request" in codes
+
+
 def test_status_url_needs_the_agents_own_token(stack: Stack, tmp_path: Path) -> None:
     caller = Caller(stack, "poller")
     first = held(caller.pay(30_000))
