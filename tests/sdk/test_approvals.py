@@ -111,3 +111,31 @@ def test_no_decision_in_time_is_a_timeout_and_nothing_is_sent(stack: Stack) -> N
             http.post("/treasury/transfer", json={**BODY, "amount": 250_002})
     assert len(sent) == 1
     assert err.value.code == "approval_needed"
+
+
+async def test_async_flow_waits_and_retries_once_with_the_override(stack: Stack) -> None:
+    from aegis.approvals.wiring import approvals_for
+
+    agent_id, agent = stack.key_agent("async-treasurer")
+    service = approvals_for(stack.srv.services)
+
+    async def asleep(seconds: float) -> None:
+        pending = [r for r in await service.list_requests("pending") if r.agent_id == agent_id]
+        for req in pending:
+            await service.decide(req.id, via="cli", credential=APPROVER, approve=True)
+
+    agent.asleep = asleep
+    agent.approvals = ApprovalPolicy(timeout=3, poll_initial=0.01, poll_max=0.05)
+    async with (
+        agent,
+        agent.async_client(stack.gateway, audience=GW_AUD, scope="payments:write") as http,
+    ):
+        seen: list[bool] = []
+
+        async def record(request: httpx.Request) -> None:
+            seen.append(OVERRIDE_HEADER in request.headers)
+
+        http.event_hooks["request"].append(record)
+        resp = await http.post("/treasury/transfer", json={**BODY, "amount": 250_003})
+    assert resp.status_code == 200, resp.text
+    assert seen == [False, True]

@@ -233,3 +233,31 @@ async def test_async_auth_flow_calls_through_the_gateway(stack: Stack) -> None:
     assert len(sent) == 2
     assert err.value.decision_id is not None
     assert stack.upstream.seen[-1]["headers"]["x-aegis-agent-id"] == agent_id
+
+
+async def test_async_flow_refreshes_an_expired_token_once(stack: Stack) -> None:
+    agent_id, agent = stack.key_agent("async-late")
+    svc = stack.srv.services
+    past = TokenIssuer(
+        svc.keyring, issuer=stack.srv.config.issuer, clock=FrozenClock(time.time() - 3600)
+    )
+    async with agent:
+        assert agent.signer is not None
+        stale = past.issue(
+            agent_id=agent_id, client_id=agent.credential.client_id, tenant="acme", env="prod",
+            scopes=("payments:write",), audience=(GW_AUD,), lifetime=300,
+            cnf={"jkt": agent.signer.jkt},
+        ).token  # fmt: skip
+        now = time.time()
+        key = agent.key(GW_AUD, "payments:write")
+        agent.tokens.put(key, CachedToken(stale, "DPoP", now, now + 60, "payments:write", {}))
+        async with agent.async_client(
+            stack.gateway, audience=GW_AUD, scope="payments:write"
+        ) as http:
+            sent = _sent(http)
+            resp = await http.post("/payments/transfer", json={"amount": 8})
+    assert resp.status_code == 200, resp.text
+    assert len(sent) == 2
+    assert sent[0].headers["authorization"] == f"DPoP {stale}"
+    assert agent.tokens.get(key) is not None
+    assert agent.tokens.get(key).access_token != stale  # type: ignore[union-attr]
