@@ -70,17 +70,18 @@ class SqlApprovalStore:
     def insert_or_open(self, req: ApprovalRequest) -> tuple[ApprovalRequest, bool]:
         """Store ``req``; if a request for the same digest is already open return that one
         instead. Returns ``(request, created)``."""
-        try:
-            with self._engine.begin() as conn:
-                conn.execute(insert(T).values(**_row(req)))
-            return req, True
-        except IntegrityError:
-            found = self.open_for(req.digest)
-            if found is None:  # closed between the insert and the read: try once more
-                return self.insert_or_open(req)
-            return found, False
-        except SQLAlchemyError as exc:
-            raise _unavailable() from exc
+        for _ in range(2):  # the open one may close between the refused insert and the read
+            try:
+                with self._engine.begin() as conn:
+                    conn.execute(insert(T).values(**_row(req)))
+                return req, True
+            except IntegrityError:
+                found = self.open_for(req.digest)
+                if found is not None:
+                    return found, False
+            except SQLAlchemyError as exc:
+                raise _unavailable() from exc
+        raise _unavailable()
 
     def get(self, approval_id: str) -> ApprovalRequest | None:
         return self._one(select(T).where(T.c.id == approval_id))
