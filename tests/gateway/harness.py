@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import httpx
@@ -133,3 +133,26 @@ class AgentClient:
             "Authorization": f"DPoP {token}",
             "DPoP": mint_proof(self.key, method, url, token=token, **kw),
         }
+
+
+@asynccontextmanager
+async def serve_here(app: Any, port: int | None = None) -> AsyncIterator[str]:
+    """Serve an ASGI app with uvicorn on the running event loop (so it shares the loop, and the
+    loop-bound Redis clients, of the test); yield its base URL."""
+    import asyncio
+
+    port = port or free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    task = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or task.done():
+            raise RuntimeError("server did not start")
+        await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, timeout=10)
