@@ -9,6 +9,8 @@ configured database and key ring (docs/audit.md).
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +22,7 @@ import typer
 from aegis.audit.checkpoint import Checkpointer, jwks_resolver
 from aegis.audit.export import write_export
 from aegis.audit.log import AuditLog
+from aegis.audit.maintain import TICK, AuditMaintainer
 from aegis.audit.proofs import check_proof, consistency_document, inclusion_document
 from aegis.audit.retention import prune
 from aegis.audit.runner import build_shippers
@@ -29,6 +32,8 @@ from aegis.crypto.keys import PublicKey
 from aegis.errors import EvidenceError
 
 __all__ = ["app", "load_jwks"]
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 app = typer.Typer(help="Tamper-evident audit log: verify, prove, export.", no_args_is_help=True)
 
@@ -187,26 +192,22 @@ def run(
     ctx: typer.Context,
     once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
 ) -> None:
-    """Checkpoint, ship to the configured sinks and apply retention, periodically."""
+    """Checkpoint, ship to the configured sinks and apply retention, until SIGTERM or SIGINT."""
+    stop = threading.Event()
     with open_services(ctx) as services:
         cfg, clock = services.config, services.clock
         log = AuditLog(cfg.database_url(), clock=clock)
         cp = Checkpointer(log, services.keyring, issuer=cfg.issuer, clock=clock)
-        shippers = build_shippers(log, cfg, clock=clock)
-        next_checkpoint = 0.0
+        maintainer = AuditMaintainer(
+            cp, cfg.audit, clock=clock, shippers=build_shippers(log, cfg, clock=clock)
+        )
+        previous = {s: signal.signal(s, lambda *_: stop.set()) for s in _SIGNALS}
         try:
             while True:
-                if clock.now() >= next_checkpoint:
-                    cp.checkpoint()
-                    if cfg.audit.retention_days > 0:
-                        prune(log, before=clock.now() - cfg.audit.retention_days * 86400)
-                    next_checkpoint = clock.now() + cfg.audit.checkpoint_interval
-                for shipper in shippers:
-                    shipper.run_once()
-                if once:
+                maintainer.step()
+                if once or stop.wait(TICK):
                     return
-                time.sleep(0.5)
         finally:
-            for shipper in shippers:
-                shipper.sink.close()
-            log.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            maintainer.close()  # closes the log too

@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from aegis.approvals.wiring import approvals_for
+from aegis.audit.maintain import AuditMaintainer
 from aegis.oauth.endpoints import OAuthEndpoints
 from aegis.pki.api import PkiEndpoints
 from aegis.pki.middleware import PeerCertificateMiddleware
@@ -95,6 +96,9 @@ def create_app(services: Services) -> Starlette:
         task = asyncio.create_task(_maintenance(services))
         approvals = approvals_for(services)
         sweeper = asyncio.create_task(approvals.sweep_forever())  # expiries, docs/approvals.md
+        # Signed audit checkpoints and retention (docs/audit.md); shipping is `aegis audit run`.
+        audit = AuditMaintainer.for_control_plane(cfg, services.keyring, clock=services.clock)
+        upkeep = asyncio.create_task(audit.forever())
         try:
             yield
         finally:
@@ -104,6 +108,10 @@ def create_app(services: Services) -> Starlette:
                 await task
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
+            upkeep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await upkeep
+            audit.close()
             approvals.close()
             await services.aclose()
 

@@ -1,0 +1,93 @@
+"""Audit upkeep: the control plane signs checkpoints on its own; `aegis audit run` ships and prunes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from aegis.audit.checkpoint import Checkpointer
+from aegis.audit.log import AuditLog
+from aegis.audit.maintain import AuditMaintainer
+from aegis.cli.main import app
+from aegis.clock import FrozenClock, random_bytes
+from aegis.config import AuditSettings
+from aegis.crypto.keyring import KeyRing
+from tests.audit.conftest import ISSUER, fill
+from tests.crypto.fakes import MemoryKeyStore
+from tests.support.server import free_port, run_server, write_dev_config
+
+
+def test_the_control_plane_checkpoints_periodically(tmp_path: Path) -> None:
+    with run_server(tmp_path, "audit:\n  checkpoint_interval: 1\n") as srv:
+        log = AuditLog(srv.config.database_url(), clock=srv.services.clock)
+        try:
+            fill(log, 4)
+            cp = Checkpointer(
+                log, srv.services.keyring, issuer=srv.config.issuer, clock=srv.services.clock
+            )
+            deadline = time.monotonic() + 10
+            while (latest := cp.latest()) is None or latest.tree_size < 4:
+                assert time.monotonic() < deadline, "no checkpoint covering the records"
+                time.sleep(0.1)
+        finally:
+            log.close()
+
+
+def test_a_failing_step_is_logged_and_the_loop_goes_on(
+    log: AuditLog, keyring: KeyRing, clock: FrozenClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    keyless = KeyRing(MemoryKeyStore(), random_bytes(32), clock)  # no active key: cannot sign
+    settings = AuditSettings(checkpoint_interval=1)
+    fill(log, 2)
+    failing = AuditMaintainer(
+        Checkpointer(log, keyless, issuer=ISSUER, clock=clock), settings, clock=clock
+    )
+    with caplog.at_level(logging.ERROR):
+        failing.step()
+    assert any(r.getMessage() == "audit.maintenance_failed" for r in caplog.records)
+    working = Checkpointer(log, keyring, issuer=ISSUER, clock=clock)
+    assert working.latest() is None
+    maintainer = AuditMaintainer(working, settings, clock=clock)
+    maintainer.step()
+    latest = working.latest()
+    assert latest is not None and latest.tree_size == 2
+    maintainer.close()
+    maintainer.step()  # after close: a no-op, not an error
+    maintainer.close()
+
+
+def test_audit_run_once_ships_to_jsonl_and_prunes(tmp_path: Path) -> None:
+    config = write_dev_config(
+        tmp_path,
+        free_port(),
+        "audit:\n  retention_days: 1\n  jsonl:\n    path: export/audit.jsonl\n",
+    )
+    runner = CliRunner()
+    result = runner.invoke(app, ["--config", str(config), "audit", "run", "--once"])
+    assert result.exit_code == 0, result.output
+    from aegis.config import load_config
+    from aegis.server.services import build_services
+
+    services = build_services(load_config(config, environ={}))
+    log = AuditLog(services.config.database_url(), clock=services.clock)
+    try:
+        fill(log, 3)
+        result = runner.invoke(app, ["--config", str(config), "audit", "run", "--once"])
+        assert result.exit_code == 0, result.output
+        lines = (tmp_path / "export" / "audit.jsonl").read_text().splitlines()
+        assert [json.loads(x)["seq"] for x in lines] == [1, 2, 3]
+        assert (tmp_path / ".aegis" / "audit-export" / "jsonl.cursor").exists()
+        out = runner.invoke(app, ["--config", str(config), "audit", "prune", "--json"])
+        assert (
+            out.exit_code == 0 and json.loads(out.stdout)["deleted"] == 0
+        )  # all younger than a day
+    finally:
+        log.close()
+        import asyncio
+
+        asyncio.run(services.aclose())
