@@ -31,7 +31,7 @@ from aegis.registry.service import AgentSpec
 from aegis.tokens.chain import Chain, verify_chain
 from aegis.tokens.claims import AccessToken
 from aegis.tokens.delegation import CHAIN_SEPARATOR, mint_grant
-from aegis.tokens.exchange import DELEGATION_GRANT, JWT_TYPE, TOKEN_EXCHANGE
+from aegis.tokens.exchange import DELEGATION_GRANT, EXCHANGE_AUDIT_KIND, JWT_TYPE, TOKEN_EXCHANGE
 from aegis.types import AgentStatus, ClientAuthMethod
 
 pytestmark = pytest.mark.slow
@@ -154,6 +154,21 @@ def test_each_refusal_has_its_own_code(server: RunningServer) -> None:
                  "scope_widened")  # fmt: skip
     refused_with(orch.exchange(pay.grant(orch, max_depth=0)), "delegation_cycle")
     refused_with(foreign.exchange(fin.grant(foreign, max_depth=1)), "tenant_mismatch")
+    # Each refusal is in the control plane's audit log with the chain exactly as presented.
+    audit = server.services.extras["exchange_audit"]
+    assert isinstance(audit, AuditLog)
+    mine = {orch.id, fin.id, pay.id, foreign.id}
+    refused = {
+        r["code"]: r for r in audit.records(kind=EXCHANGE_AUDIT_KIND)
+        if r["action"] == "refused" and r["agent_id"] in mine
+    }  # fmt: skip
+    assert set(refused) == {"parent_signature_invalid", "parent_expired", "grant_replayed",
+                            "scope_widened", "delegation_cycle", "tenant_mismatch"}  # fmt: skip
+    cycle = refused["delegation_cycle"]["chain_presented"]
+    assert [(link["iss"], link["sub"]) for link in cycle] == [
+        (orch.id, fin.id), (fin.id, pay.id), (pay.id, orch.id)
+    ]  # fmt: skip
+    assert refused["scope_widened"]["chain_presented"][-1]["scope"] == "payments:write admin:all"
 
 
 def test_depth_over_the_limit(server: RunningServer) -> None:
@@ -306,6 +321,14 @@ async def test_origin_user_reaches_policy_and_every_audit_record(
     for agent in (fin, pay):
         code, record = await gw.call(agent)
         assert (code, record["origin_user"]) == (None, "alice@example.com"), record
+    audit = server.services.extras["exchange_audit"]
+    assert isinstance(audit, AuditLog)
+    issued = [
+        r for r in audit.records(kind=EXCHANGE_AUDIT_KIND) if r["agent_id"] in (fin.id, pay.id)
+    ]
+    assert [(r["action"], r["agent_id"], r["origin_user"]) for r in issued] == [
+        ("issued", fin.id, "alice@example.com"), ("issued", pay.id, "alice@example.com")
+    ]  # fmt: skip
     # Another user behind the same agents: the policy sees who, refuses, and the record says who.
     mallory = Agent(server, "payments")
     fin2 = Agent(server, "finance")

@@ -20,7 +20,7 @@ from aegis.registry.service import AgentSpec, RegistryService
 from aegis.tokens.chain import ChainRules
 from aegis.tokens.claims import AccessToken
 from aegis.tokens.delegation import CHAIN_SEPARATOR, mint_grant
-from aegis.tokens.exchange import DELEGATION_GRANT, JWT_TYPE, TokenExchanger
+from aegis.tokens.exchange import DELEGATION_GRANT, JWT_TYPE, AuditSink, TokenExchanger
 from aegis.tokens.external import ExternalTrust
 from aegis.tokens.issuer import IssuedToken, TokenIssuer
 from aegis.tokens.verifier import AccessTokenVerifier
@@ -57,7 +57,13 @@ def client_assertion(agent: Handle, now: float, audience: str = f"{ISSUER}/oauth
 
 
 class World:
-    def __init__(self, *, max_depth: int = 4, external: tuple[ExternalTrust, ...] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        max_depth: int = 4,
+        external: tuple[ExternalTrust, ...] = (),
+        audit: AuditSink | None = None,
+    ) -> None:
         self.clock = FrozenClock(T0)
         self.store = MemoryRegistryStore()
         self.registry = RegistryService(self.store, clock=self.clock, pepper=os.urandom(32))
@@ -94,6 +100,7 @@ class World:
             default_lifetime=300,
             max_lifetime=3600,
             external=external,
+            audit=audit,
         )
 
     def agent(

@@ -14,12 +14,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aegis.audit.log import AuditLog
 from aegis.clock import new_id
 from aegis.crypto.jws import encode_segment, sign_compact
 from aegis.crypto.keys import Ed25519SigningKey
-from aegis.errors import AegisError, ConfigError
+from aegis.errors import AegisError, ConfigError, Unavailable
 from aegis.tokens.delegation import CHAIN_SEPARATOR
-from aegis.tokens.exchange import JWT_TYPE, nested_act
+from aegis.tokens.exchange import EXCHANGE_AUDIT_KIND, JWT_TYPE, nested_act
 from aegis.tokens.external import ExternalIssuer, load_trust
 from aegis.types import AgentStatus
 from tests.support.delegation import ISSUER, Handle, World
@@ -273,3 +274,30 @@ def test_issued_scope_is_the_intersection(
         assert scopes == (requested or granted & allowed)
 
     asyncio.run(run())
+
+
+async def test_exchanges_are_audited_and_an_unwritable_log_issues_nothing(tmp_path: Path) -> None:
+    log = AuditLog(f"sqlite:///{tmp_path / 'audit.db'}", clock=World().clock)
+    w = World(audit=log.append_async)
+    orch, fin, pay = w.agent("orchestrator"), w.agent("finance"), w.agent("payments")
+    issued = await w.exchange(fin, w.grant(orch, fin))
+    await refused(w, pay, w.grant(fin, pay, scopes=("admin:all",), max_depth=1))
+    ok, no = list(log.records(kind=EXCHANGE_AUDIT_KIND))
+    assert (ok["action"], ok["chain"], ok["token_jti"]) == (
+        "issued",
+        ["orchestrator", "finance"],
+        issued.claims["jti"],
+    )
+    assert (no["action"], no["code"], no["agent_id"]) == ("refused", "scope_widened", "payments")
+    assert [link["sub"] for link in no["chain_presented"]] == ["finance", "payments"]
+    log.close()
+
+    async def unwritable(kind: str, record: dict[str, Any]) -> None:
+        raise Unavailable("the audit log cannot be written", code="audit_unavailable")
+
+    w = World(audit=unwritable)
+    orch, fin = w.agent("orchestrator"), w.agent("finance")
+    err = await refused(w, fin, w.grant(orch, fin))
+    assert err.code == "audit_unavailable"  # fail closed: no record, no token
+    # A refusal stands even when its record cannot be written.
+    assert (await refused(w, fin, "junk")).code == "invalid_request"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from aegis.audit.log import AuditLog
 from aegis.clock import Clock, SystemClock
 from aegis.config import AegisConfig
 from aegis.crypto.keyring import KeyRing, KeyRingSettings
@@ -54,6 +55,9 @@ class Services:
         pki = self.extras.get("pki")
         if pki is not None:
             pki.store.close()  # type: ignore[attr-defined]
+        exchange_audit = self.extras.get("exchange_audit")
+        if isinstance(exchange_audit, AuditLog):
+            exchange_audit.close()
         await self.replay.close()
         await self.revocation.close()
         for store in (self.registry_store, self.key_store):
@@ -127,6 +131,7 @@ def build_services(config: AegisConfig, *, clock: Clock | None = None) -> Servic
     )
     # Delegation chains (RFC 8693 token exchange); `delegation:` in aegis.yaml when present.
     dlg = config.delegation
+    exchange_audit = AuditLog(db_url, clock=clock)
     tokens.exchanger = TokenExchanger(
         issuer=issuer,
         keyring=keyring,
@@ -148,6 +153,8 @@ def build_services(config: AegisConfig, *, clock: Clock | None = None) -> Servic
             load_trust(t, base_dir=config.path("."), default_audience=config.issuer)
             for t in dlg.external_issuers
         ],
+        # Every exchange, issued or refused (with the presented chain), is audited.
+        audit=exchange_audit.append_async,
     )
     services = Services(
         config=config,
@@ -165,6 +172,7 @@ def build_services(config: AegisConfig, *, clock: Clock | None = None) -> Servic
         authenticator=authenticator,
     )
     # DPoP (RFC 9449) at the token endpoint: a valid proof binds the token to its key (cnf.jkt).
+    services.extras["exchange_audit"] = exchange_audit
     services.extras["dpop_verifier"] = dpop = DpopVerifier(replay, clock=clock)
     services.extras["dpop_hook"] = token_endpoint_hook(dpop, f"{config.issuer}/oauth/token")
     # The internal CA, when `aegis ca init` has created one (docs/pki.md).

@@ -12,11 +12,17 @@ gateways to re-verify), ``delegation_depth``, ``tools`` and, for a user, ``origi
 token's ``may_act`` (§4.4) is honoured. Errors (§2.2.2): a refused subject or actor token "MUST be
 the invalid_request error code"; the stable Aegis code (``parent_expired`` ...) is kept in the
 description, the log event and the error details. Unknown targets are ``invalid_target``.
+
+With an ``audit`` sink (the control plane's audit log) every exchange leaves a
+``delegation.exchange`` record: refused ones with the stable code and the whole chain as presented
+(issuer, subject, jti and scope of each link), issued ones with the verified chain, the origin
+user and the new token's ``jti``. An issued token is returned only once its record is written.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from aegis.clock import Clock
@@ -25,7 +31,8 @@ from aegis.crypto.keyring import KeyRing
 from aegis.errors import AegisError, GrantError, InvalidRequest, ReplayDetected, TokenError
 from aegis.registry.cache import RegistryCache
 from aegis.stores.base import ReplayStore
-from aegis.tokens.chain import Chain, ChainRules, audit_rejection, verify_links
+from aegis.telemetry.logging import log_event
+from aegis.tokens.chain import Chain, ChainRules, audit_rejection, presented_chain, verify_links
 from aegis.tokens.claims import split_scopes
 from aegis.tokens.delegation import ANY_TOOL, CHAIN_SEPARATOR, mint_grant, split_chain
 from aegis.tokens.external import ExternalTrust, verify_user_token
@@ -38,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ACCESS_TOKEN_TYPE",
     "DELEGATION_GRANT",
+    "EXCHANGE_AUDIT_KIND",
     "JWT_TYPE",
     "TOKEN_EXCHANGE",
     "TokenExchanger",
@@ -55,6 +63,9 @@ _CLIENT_AUTH_PARAMS: Final = ("client_secret", "client_assertion", "client_asser
 _WIRE_CODES: Final = frozenset(
     {"invalid_scope", "invalid_target", "rate_limited", "invalid_dpop_proof", "payload_too_large"}
 )
+EXCHANGE_AUDIT_KIND: Final = "delegation.exchange"
+#: ``AuditLog.append_async``: (kind, record) -> committed.
+AuditSink = Callable[[str, dict[str, Any]], Awaitable[object]]
 
 
 def nested_act(agents: Sequence[str]) -> dict[str, Any]:
@@ -82,6 +93,7 @@ class TokenExchanger:
         default_lifetime: int,
         max_lifetime: int,
         external: Sequence[ExternalTrust] = (),
+        audit: AuditSink | None = None,
     ) -> None:
         self._issuer = issuer
         self._keyring = keyring
@@ -94,6 +106,7 @@ class TokenExchanger:
         self._default_lifetime = default_lifetime
         self._max_lifetime = max_lifetime
         self._external = {t.issuer: t for t in external}
+        self._audit = audit
 
     async def exchange(
         self,
@@ -138,6 +151,8 @@ class TokenExchanger:
             audit_rejection(
                 exc, stage="exchange", agent=child.id if child else None, links=presented
             )
+            # A user's subject token is summarised like a link (iss, sub, jti, scope), unverified.
+            await self._record_refusal(exc, child, presented or ([subject] if subject else []))
             raise _on_the_wire(exc) from exc
         extra: dict[str, Any] = {
             "act": nested_act(chain.agents),
@@ -160,7 +175,44 @@ class TokenExchanger:
             cnf=cnf,
             extra=extra,
         )
+        if self._audit is not None:  # fails closed: no record, no token
+            await self._audit(
+                EXCHANGE_AUDIT_KIND,
+                {
+                    "action": "issued",
+                    "agent_id": child.id,
+                    "client_id": auth.client.client_id,
+                    "tenant": child.tenant_id,
+                    "env": child.env,
+                    "chain": list(chain.agents),
+                    "depth": chain.depth,
+                    "origin_user": chain.origin_user,
+                    "origin_iss": chain.origin_issuer,
+                    "grant_jti": chain.grants[-1].jti if links else None,
+                    "token_jti": issued.claims["jti"],
+                    "scope": " ".join(scopes),
+                },
+            )
         return issued, auth
+
+    async def _record_refusal(
+        self, exc: AegisError, child: Agent | None, presented: Sequence[str]
+    ) -> None:
+        """The refusal's audit record; a sink failure is logged, the refusal stands."""
+        if self._audit is None:
+            return
+        record = {
+            "action": "refused",
+            "code": exc.code,
+            "reason": exc.message,
+            "agent_id": child.id if child is not None else None,
+            "tenant": child.tenant_id if child is not None else None,
+            "chain_presented": presented_chain(presented),
+        }
+        try:
+            await self._audit(EXCHANGE_AUDIT_KIND, record)
+        except AegisError as failure:
+            log_event("delegation.audit_failed", level=logging.ERROR, code=failure.code)
 
     # -- steps -----------------------------------------------------------------------------
 
