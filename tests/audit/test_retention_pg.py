@@ -123,3 +123,43 @@ def test_postgres_appends_and_exports(
     fill(pg_log, 2, start=6)
     assert verify_export(export_text(cp), jwks_resolver(keyring.jwks())).records == 8
     AuditLog(pg_log.engine, clock=clock)  # installing the triggers again is harmless
+
+
+@pytest.mark.postgres
+def test_an_insert_only_role_appends_and_prunes_but_cannot_delete(
+    pg_log: AuditLog, keyring: KeyRing, clock: FrozenClock, fresh_pg_url: str
+) -> None:
+    import secrets
+
+    from sqlalchemy.engine import make_url
+
+    role = f"aegis_app_{secrets.token_hex(4)}"
+    cp = Checkpointer(pg_log, keyring, issuer=ISSUER, clock=clock)
+    fill(pg_log, 3)
+    cp.checkpoint()
+    tables = "audit_records, audit_tree_nodes, audit_checkpoints"
+    with pg_log.engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE ROLE {role} LOGIN")
+        conn.exec_driver_sql(f"GRANT SELECT, INSERT ON {tables} TO {role}")
+        conn.exec_driver_sql(f"GRANT EXECUTE ON FUNCTION aegis_audit_prune(bigint) TO {role}")
+    app_url = make_url(fresh_pg_url).set(username=role).render_as_string(hide_password=False)
+    app_log = AuditLog(app_url, clock=clock)  # starts without owning the DDL
+    try:
+        fill(app_log, 2, start=3)
+        for statement in (
+            "DELETE FROM audit_records WHERE seq = 5",
+            "UPDATE audit_records SET kind = 'x'",
+        ):
+            with (
+                pytest.raises(DBAPIError, match="permission denied"),
+                app_log.engine.begin() as conn,
+            ):
+                conn.exec_driver_sql(statement)
+        clock.advance(10)
+        assert prune(app_log, before=clock.now()).deleted == 3  # the sanctioned path, as owner
+        assert app_log.count() == 2 and app_log.verify_chain().ok
+    finally:
+        app_log.close()
+        with pg_log.engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP OWNED BY {role}")
+            conn.exec_driver_sql(f"DROP ROLE {role}")

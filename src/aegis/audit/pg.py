@@ -8,10 +8,11 @@ trigger checks, and the trigger admits only rows with ``seq <= upto`` where a ch
 ``upto`` leaves exists, so whatever remains still starts right after a signed tree head and still
 verifies. Nothing else (no ``UPDATE``, no ``DELETE`` of a later row, no ``TRUNCATE``) gets past.
 
-Triggers stop the application's database role, and anyone who reuses it, from quietly editing the
-trail; a superuser can disable triggers, which is why the trail is also hash-chained, Merkle-hashed
-and checkpointed under the signing key (docs/audit.md, "Threat model"). Grant the application role
-``INSERT, SELECT`` on the audit tables and ``EXECUTE`` on the prune function only.
+Triggers stop anyone who can write the tables, owner included, from quietly editing the trail;
+privileges narrow it further: let a separate role own the tables (it creates them on first start)
+and grant the application role ``SELECT, INSERT`` on them and ``EXECUTE`` on the prune function,
+which runs as its owner (``SECURITY DEFINER``). A superuser can still disable triggers, which is why
+the trail is also hash-chained, Merkle-hashed and checkpointed under the signing key.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ BEGIN
 END;
 $$ LANGUAGE plpgsql;
 
-CREATE OR REPLACE FUNCTION aegis_audit_prune(upto bigint) RETURNS bigint AS $$
+CREATE OR REPLACE FUNCTION aegis_audit_prune(upto bigint) RETURNS bigint
+SECURITY DEFINER SET search_path = public, pg_temp AS $$
 DECLARE
   n bigint;
 BEGIN
@@ -72,7 +74,13 @@ CREATE OR REPLACE TRIGGER audit_checkpoints_append_only BEFORE UPDATE OR DELETE
   ON audit_checkpoints FOR EACH ROW EXECUTE FUNCTION aegis_audit_refuse();
 CREATE OR REPLACE TRIGGER audit_checkpoints_no_truncate BEFORE TRUNCATE ON audit_checkpoints
   FOR EACH STATEMENT EXECUTE FUNCTION aegis_audit_refuse();
+REVOKE ALL ON FUNCTION aegis_audit_prune(bigint) FROM PUBLIC;
+COMMENT ON FUNCTION aegis_audit_records_guard() IS '{marker}';
 """
+
+#: Written as the guard function's comment; a database that carries it is left as it is, so a role
+#: that may only INSERT and SELECT (not the tables' owner) starts without touching the DDL.
+_MARKER: Final = "aegis audit append-only v1"
 
 
 def install_append_only(engine: Engine) -> None:
@@ -83,5 +91,13 @@ def install_append_only(engine: Engine) -> None:
     if engine.dialect.name != "postgresql":
         return
     with engine.begin() as conn:
+        installed = conn.execute(
+            text(
+                "SELECT obj_description(p.oid, 'pg_proc') FROM pg_proc p "
+                "WHERE p.proname = 'aegis_audit_records_guard'"
+            )
+        ).scalar()
+        if installed == _MARKER:
+            return
         conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('aegis_audit_ddl'))"))
-        conn.exec_driver_sql(_DDL)
+        conn.exec_driver_sql(_DDL.replace("{marker}", _MARKER))
