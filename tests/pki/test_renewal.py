@@ -17,8 +17,8 @@ from aegis.types import AgentStatus
 from tests.pki.conftest import Pki
 from tests.pki.harness import fetch, gateway_app, gateway_server_context, serve
 
-LIFETIME = 6  # seconds: renewals at ~4 s, ~8 s, ~12 s
-RUN_FOR = 13.0
+LIFETIME = 4  # seconds (not_after is whole seconds): renewals at ~2.5 s and ~5 s
+RUN_FOR = 6.5
 
 
 async def test_renewal_under_load_drops_no_call(pki: Pki) -> None:
@@ -42,7 +42,7 @@ async def test_renewal_under_load_drops_no_call(pki: Pki) -> None:
         )
         first = await manager.start()
         life = first.not_after - first.received_at
-        assert 4.5 < life <= LIFETIME
+        assert LIFETIME - 1.5 < life <= LIFETIME
         assert abs(first.renew_at - (first.received_at + life * 2 / 3)) < 1e-6
         serials: set[str] = set()
         failures: list[str] = []
@@ -64,7 +64,7 @@ async def test_renewal_under_load_drops_no_call(pki: Pki) -> None:
         )
         await manager.stop()
     assert failures == []
-    assert calls > 50
+    assert calls > 25
     assert manager.renewals >= 3  # the first certificate and at least two renewals
     assert len(serials) >= 3  # the server saw every renewed certificate in use
     # Each renewal happened before the previous certificate expired.
@@ -91,7 +91,7 @@ async def test_failed_renewal_keeps_the_certificate_until_it_expires_then_refuse
             clock=pki.clock,
             trust_pem=trust,
             verify=verify,
-            lifetime=5,
+            lifetime=3,
         )
         first = await manager.start()
         # The agent is suspended: renewal is refused, and its live certificate is revoked too.
