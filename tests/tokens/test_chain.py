@@ -251,3 +251,38 @@ async def test_memoized_links_follow_the_signers_current_keys() -> None:
     token = reissue(w, pay.token, parent_agent=f"{pay.links[0]}~{kid_header}.{rest}")
     for _ in range(2):
         assert refused(w, token).code == "parent_signature_invalid"
+
+
+async def test_a_token_minted_from_an_expired_chain_is_refused_at_the_gateway() -> None:
+    """What a minting bug could produce: a fresh token over a chain whose last grant expired."""
+    w = World()
+    _, _, pay = await three_hops(w)
+    assert check(w, pay.token).depth == 2
+    w.clock.advance(3600)
+    err = refused(w, reissue(w, pay.token))
+    assert err.code == "parent_expired"
+    assert [link["sub"] for link in err.details["chain"]] == ["finance", "payments"]
+    # The same token, kept past its grant by more than the longest token lifetime.
+    w.clock.advance(w.rules.max_token_lifetime)
+    assert refused(w, pay.token).code == "parent_expired"
+
+
+async def test_a_cyclic_chain_is_refused_at_the_gateway() -> None:
+    w = World()
+    orch, fin, _ = await three_hops(w)
+    back = mint_grant(
+        fin.key, parent="finance", child="orchestrator", audience=ISSUER,
+        scopes=("payments:write",), tools=("pay_invoice",), max_depth=0,
+        parent_links=fin.links, now=w.clock.now(),
+    )  # fmt: skip
+    assert fin.token is not None
+    token = reissue(
+        w, fin.token, sub="orchestrator", client_id=orch.client_id, scope="payments:write",
+        parent_agent=CHAIN_SEPARATOR.join([*fin.links, back]), delegation_depth=2,
+        act={"sub": "orchestrator", "act": {"sub": "finance", "act": {"sub": "orchestrator"}}},
+    )  # fmt: skip
+    err = refused(w, token)
+    assert err.code == "delegation_cycle"
+    assert [(link["iss"], link["sub"]) for link in err.details["chain"]] == [
+        ("orchestrator", "finance"), ("finance", "orchestrator")
+    ]  # fmt: skip
