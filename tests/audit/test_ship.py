@@ -17,12 +17,17 @@ from aegis.audit.log import AuditLog
 from aegis.audit.ship import ShippedRecord, Shipper
 from aegis.audit.sinks import JsonlSink, OtlpSink, SyslogSink, format_5424
 from aegis.clock import FrozenClock
+from aegis.telemetry.metrics import REGISTRY
 from tests.audit.conftest import fill
 from tests.audit.receivers import OtlpCollector, SyslogTlsReceiver, make_ca
 
 
 def _shipper(log: AuditLog, sink: object, tmp_path: Path, clock: FrozenClock, **kw: int) -> Shipper:
     return Shipper(log, sink, state_dir=tmp_path / "state", clock=clock, batch_size=3, **kw)  # type: ignore[arg-type]
+
+
+def _metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def _jsonl_seqs(paths: list[Path]) -> list[int]:
@@ -140,7 +145,9 @@ def test_otlp_retries_a_down_collector_and_dead_letters_a_refused_batch(
     shipper = _shipper(log, sink, tmp_path, clock)
     fill(log, 5)
     collector.status = 503
+    down_before = _metric("aegis_audit_sink_down_total", sink="otlp")
     assert shipper.run_once().down and shipper.cursor == 0
+    assert _metric("aegis_audit_sink_down_total", sink="otlp") == down_before + 1
     collector.status = 200
     clock.advance(60)
     assert shipper.run_once().sent == 5
@@ -153,6 +160,7 @@ def test_otlp_retries_a_down_collector_and_dead_letters_a_refused_batch(
     assert stats.dead_lettered == 2 and shipper.cursor == 7
     dead = [json.loads(x) for x in shipper.dead_letter_file.read_text().splitlines()]
     assert [d["entry"]["seq"] for d in dead] == [6, 7] and "400" in dead[0]["reason"]
+    assert _metric("aegis_audit_exported_total", sink="otlp", outcome="dead_lettered") >= 2
     sink.close()
 
 

@@ -32,6 +32,7 @@ from aegis.crypto.jws import encode_segment, parse_compact, sign_compact
 from aegis.crypto.keyring import KeyRing
 from aegis.crypto.keys import PublicKey, public_key_from_jwk
 from aegis.errors import AegisError, EvidenceError
+from aegis.telemetry.metrics import AUDIT_CHECKPOINT_SIZE
 from aegis.tokens.verifier import VerifyRules, verify_jwt
 
 __all__ = [
@@ -193,6 +194,7 @@ class Checkpointer:
             pass
         latest = self.latest()
         assert latest is not None
+        AUDIT_CHECKPOINT_SIZE.set(latest.tree_size)
         return latest
 
     def head_for_export(self) -> tuple[TreeHead, str]:

@@ -29,6 +29,7 @@ from aegis.audit.log import AuditLog
 from aegis.audit.sql_tables import AUDIT_RECORDS
 from aegis.clock import Clock
 from aegis.telemetry.logging import log_event
+from aegis.telemetry.metrics import AUDIT_EXPORTED, AUDIT_SINK_DOWN
 
 __all__ = ["ShipStats", "ShippedRecord", "Shipper", "Sink", "SinkDown", "SinkRejected"]
 
@@ -169,6 +170,7 @@ class Shipper:
                 dead += len(batch)
                 continue
             except SinkDown as exc:
+                AUDIT_SINK_DOWN.labels(sink=self.sink.name).inc()
                 self.attempts += 1
                 if self._max_attempts and self.attempts >= self._max_attempts:
                     self._dead_letter(batch, f"gave up after {self.attempts} attempts: {exc}")
@@ -187,6 +189,7 @@ class Shipper:
                 return ShipStats(sent, dead, down=True)
             self.attempts = 0
             self._advance(batch[-1].seq)
+            AUDIT_EXPORTED.labels(sink=self.sink.name, outcome="sent").inc(len(batch))
             sent += len(batch)
 
     def _dead_letter(self, batch: list[ShippedRecord], reason: str) -> None:
@@ -203,5 +206,6 @@ class Shipper:
             last=batch[-1].seq,
             reason=reason[:200],
         )
+        AUDIT_EXPORTED.labels(sink=self.sink.name, outcome="dead_lettered").inc(len(batch))
         self.attempts = 0
         self._advance(batch[-1].seq)

@@ -19,6 +19,9 @@ __all__ = [
     "APPROVAL_NOTIFICATIONS",
     "APPROVAL_REJECTIONS",
     "APPROVAL_REQUESTS",
+    "AUDIT_CHECKPOINT_SIZE",
+    "AUDIT_EXPORTED",
+    "AUDIT_SINK_DOWN",
     "CERTS_ISSUED",
     "DECISIONS",
     "EXPIRED_TOKEN_REJECTIONS",
@@ -130,6 +133,24 @@ APPROVAL_REJECTIONS: Final = Counter(
     "aegis_approval_rejections_total",
     "Refused approval decisions, callbacks and override tokens, by stable error code.",
     ["code"],
+    registry=REGISTRY,
+)
+# -- audit log (docs/audit.md) ----------------------------------------------------------------
+AUDIT_CHECKPOINT_SIZE: Final = Gauge(
+    "aegis_audit_checkpoint_tree_size",
+    "Records covered by the newest signed audit checkpoint this process made or saw.",
+    registry=REGISTRY,
+)
+AUDIT_EXPORTED: Final = Counter(
+    "aegis_audit_exported_total",
+    "Audit records handed to an export sink, by sink and outcome (sent, dead_lettered).",
+    ["sink", "outcome"],
+    registry=REGISTRY,
+)
+AUDIT_SINK_DOWN: Final = Counter(
+    "aegis_audit_sink_down_total",
+    "Failed attempts to deliver a batch to an export sink that is down (each is retried).",
+    ["sink"],
     registry=REGISTRY,
 )
 DECISIONS: Final = Counter(
