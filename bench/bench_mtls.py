@@ -1,7 +1,10 @@
 """Mutual-TLS handshakes per second (TLS 1.3, P-256 certificates from the Aegis CA), full and resumed.
 
 Server: the gateway's TLS front (``MTLSListener``: the handshake with a required client
-certificate, then HTTP/1.1) in its own process pinned to one core, answering ``GET /ping``.
+certificate, then HTTP/1.1) and its transport identity step (``PeerCertificateMiddleware`` with
+the real ``PeerValidator``: path validation, SPIFFE rules, the issued-certificate record and the
+registry, through their short caches) in its own process pinned to one core, answering
+``GET /ping``.
 Clients, one connection at a time, each doing handshake + one request + close:
 
 * Python ``ssl`` (what the SDK uses) against the listener;
@@ -34,9 +37,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from aegis.clock import SystemClock
+from aegis.config import AegisConfig
 from aegis.pki.ca import CaFiles, CertificateAuthority
 from aegis.pki.profile import LeafRequest, build_leaf
+from aegis.pki.service import PkiService
+from aegis.pki.store import CertificateStore
 from aegis.pki.tls import client_context, server_context
+from aegis.registry.cache import RegistryCache
+from aegis.registry.service import AgentSpec, RegistryService
+from aegis.stores import open_registry_store
+
+TRUST_DOMAIN = "bench.example"
 
 
 def _free_port() -> int:
@@ -56,15 +67,33 @@ def _material(tmp: Path) -> dict[str, Path]:
     files = CaFiles(
         tmp, tmp / "root.pem", tmp / "root.key.pem", tmp / "int.pem", tmp / "int.key.pem"
     )
-    ca = CertificateAuthority.init(files, os.urandom(32), clock, "bench.example")
+    ca = CertificateAuthority.init(files, os.urandom(32), clock, TRUST_DOMAIN)
     now = clock.now()
-    out: dict[str, Path] = {"bundle": tmp / "bundle.pem"}
+    out: dict[str, Path] = {"bundle": tmp / "bundle.pem", "db": tmp / "bench.db"}
     out["bundle"].write_bytes(ca.bundle_pem())
+    # The client is a registered agent with a certificate issued (and recorded) by the CA, so
+    # the listener's validator accepts it exactly as the gateway would.
+    url = f"sqlite:///{out['db']}"
+    store = open_registry_store(url)
+    registry = RegistryService(store, clock=clock, pepper=os.urandom(32))
+    registry.register_agent(AgentSpec("client", "t", "e", "bench@example.com"), actor="bench")
+    settings = AegisConfig.model_validate({"pki": {"trust_domain": TRUST_DOMAIN}}).pki
+    pki = PkiService(
+        ca,
+        CertificateStore(url, clock=clock),
+        RegistryCache(store, clock=clock),
+        settings=settings,
+        clock=clock,
+        pepper=os.urandom(32),
+    )
     for name, server in (("server", True), ("client", False)):
         key = ec.generate_private_key(ec.SECP256R1())
-        sid = f"spiffe://bench.example/tenant/t/env/e/agent/{name}"
-        req = LeafRequest(key.public_key(), sid, name, "t", now - 10, now + 3600, server)
-        cert = build_leaf(req, ca.current.cert, ca.current.key)
+        if server:
+            sid = f"spiffe://{TRUST_DOMAIN}/tenant/t/env/e/agent/{name}"
+            req = LeafRequest(key.public_key(), sid, name, "t", now - 10, now + 3600, server)
+            cert = build_leaf(req, ca.current.cert, ca.current.key)
+        else:
+            cert = pki.issue(name, key.public_key(), lifetime=3600).certificate
         pem = serialization.Encoding.PEM
         out[name] = tmp / f"{name}.pem"
         out[name].write_bytes(cert.public_bytes(pem) + ca.current.cert.public_bytes(pem))
@@ -78,9 +107,19 @@ def _material(tmp: Path) -> dict[str, Path]:
 def _serve_listener(files: dict[str, Path], port: int, ready: Any) -> None:
     _pin(0)
     from aegis.pki.listener import MTLSListener
+    from aegis.pki.middleware import PeerCertificateMiddleware
+    from aegis.pki.peer import PeerValidator, TrustBundle
 
     key = serialization.load_pem_private_key(files["server_key"].read_bytes(), None)
     ctx = server_context(files["server"].read_bytes(), key, files["bundle"].read_bytes())  # type: ignore[arg-type]
+    clock, url = SystemClock(), f"sqlite:///{files['db']}"
+    validator = PeerValidator(
+        TrustBundle(files["bundle"].read_bytes()),
+        CertificateStore(url, clock=clock),
+        RegistryCache(open_registry_store(url), clock=clock),
+        trust_domain=TRUST_DOMAIN,
+        clock=clock,
+    )
 
     async def ping(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send(
@@ -89,7 +128,8 @@ def _serve_listener(files: dict[str, Path], port: int, ready: Any) -> None:
         await send({"type": "http.response.body", "body": b"pong"})
 
     async def main() -> None:
-        listener = MTLSListener(ping, context=lambda: ctx, port=port, name="bench")
+        app = PeerCertificateMiddleware(ping, validator, listener="bench")
+        listener = MTLSListener(app, context=lambda: ctx, port=port, name="bench")
         await listener.start()
         ready.set()
         await asyncio.Event().wait()
@@ -112,8 +152,11 @@ def _python_client(port: int, files: dict[str, Path], seconds: float, resume: bo
             ) as tls,
         ):
             tls.sendall(b"GET /ping HTTP/1.0\r\nHost: bench\r\n\r\n")
-            while tls.recv(4096):
-                pass
+            answer = b""
+            while chunk := tls.recv(4096):
+                answer += chunk
+            if not answer.startswith(b"HTTP/1.1 200"):
+                raise SystemExit(f"the listener refused the call: {answer[:200]!r}")
             if resume:
                 session = tls.session
                 if count > 2 and not tls.session_reused:
