@@ -5,18 +5,20 @@ The gateway (``aegis.tokens.dpop``) checks ``typ dpop+jwt``, ``alg``, the public
 ``ath`` = base64url(SHA-256(access token)) and that the key's thumbprint is the token's ``cnf.jkt``.
 So a proof is never reused, not even for a retry of the same call: every send signs a new one.
 
-The header is the same for every proof of one key and is encoded once; ``ath`` and ``htu`` are
-remembered for the last token and URL. What is left per request is one small JSON payload and one Ed25519 signature.
+The header is the same for every proof of one key and is encoded once; ``ath`` and the JSON form of
+``htu`` are remembered for the last token and URL. What is left per request is one small JSON
+payload, assembled directly, and one Ed25519 signature.
 """
 
 from __future__ import annotations
 
-from typing import Any, Final
+import json
+from typing import Final
 from urllib.parse import urlsplit, urlunsplit
 
 from aegis.clock import Clock, SystemClock, new_id
-from aegis.crypto.jws import encode_segment, sign_compact
-from aegis.crypto.keys import Ed25519SigningKey, jwk_thumbprint
+from aegis.crypto.jws import encode_segment
+from aegis.crypto.keys import Ed25519SigningKey, b64u_encode, jwk_thumbprint
 from aegis.tokens.dpop import DPOP_TYP, access_token_hash
 
 __all__ = ["DPOP_ALG", "DpopSigner", "htu_of"]
@@ -48,22 +50,25 @@ class DpopSigner:
         self, method: str, url: str, *, access_token: str | None = None, nonce: str | None = None
     ) -> str:
         """A new proof for one request (``access_token`` adds ``ath``; ``nonce`` a server nonce)."""
-        last_url, htu = self._htu
+        last_url, htu_json = self._htu
         if last_url != url:
-            htu = htu_of(url)
-            self._htu = (url, htu)
-        claims: dict[str, Any] = {
-            "jti": new_id(),
-            "htm": method.upper(),
-            "htu": htu,
-            "iat": int(self._clock.now()),
-        }
+            htu_json = json.dumps(htu_of(url), ensure_ascii=False)
+            self._htu = (url, htu_json)
+        htm = method.upper()
+        # The payload is assembled from parts that need no JSON escaping (a base64url jti and
+        # ath, an integer iat, an alphabetic method) and parts escaped by json (htu, nonce).
+        htm_json = f'"{htm}"' if htm.isascii() and htm.isalpha() else json.dumps(htm)
+        payload = (
+            f'{{"jti":"{new_id()}","htm":{htm_json},"htu":{htu_json},"iat":{int(self._clock.now())}'
+        )
         if access_token is not None:
             last_token, ath = self._ath
             if last_token != access_token:
                 ath = access_token_hash(access_token)
                 self._ath = (access_token, ath)
-            claims["ath"] = ath
+            payload += f',"ath":"{ath}"'
         if nonce is not None:
-            claims["nonce"] = nonce
-        return sign_compact(self._header, claims, self._key.sign)
+            payload += f',"nonce":{json.dumps(nonce)}'
+        signing_input = f"{self._header}.{b64u_encode((payload + '}').encode('utf-8'))}"
+        signature = self._key.sign(signing_input.encode("ascii"))
+        return f"{signing_input}.{b64u_encode(signature)}"
