@@ -44,6 +44,10 @@ def _scope(scope: str | Sequence[str] | None) -> str | None:
 
 
 class AgentClient:
+    """One agent's client of Aegis. ``issuer_url`` is the control plane (the tokens' ``iss``);
+    ``credential`` is one of :mod:`aegis.sdk.credentials`. ``clock`` drives expiry and proof
+    times; ``sleep``/``asleep`` every wait (backoff, approvals), so tests can replace both."""
+
     def __init__(
         self,
         issuer_url: str,
