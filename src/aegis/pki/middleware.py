@@ -205,7 +205,7 @@ class PeerCertificateMiddleware:
                 "certificate_source": source,
                 "client": client[0] if client else None,
                 "method": scope.get("method"),
-                "path": scope.get("path"),
+                "path": str(scope.get("path", ""))[:512],  # the caller's; bounded
                 **cert,
             },
         )
