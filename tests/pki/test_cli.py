@@ -132,7 +132,7 @@ def test_agent_cert_enrols_and_writes_private_files(
         env={"AEGIS_CLIENT_SECRET": "aegis_cs_wrong"},
     )
     assert wrong.exit_code == 1
-    assert wrong.output.startswith("error: ca_unavailable: certificate enrolment refused (401)")
+    assert wrong.output.startswith("error: invalid_client: certificate enrolment refused (401)")
 
 
 def test_every_ca_command_has_help_and_json(config: Path, tmp_path: Path) -> None:

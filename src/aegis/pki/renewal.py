@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from aegis.clock import Clock
-from aegis.errors import AegisError
+from aegis.errors import CODES, AegisError
 from aegis.pki.tls import client_context, server_context
 from aegis.telemetry.logging import log_event
 
@@ -63,6 +63,22 @@ def basic_credentials(client_id: str, secret: str) -> Credentials:
         return {}, {"Authorization": header}
 
     return creds
+
+
+def _refused(response: httpx.Response) -> AegisError:
+    """The sign endpoint's refusal with its own stable code (``invalid_client``, ``csr_invalid``,
+    ``conflict`` ...); anything unrecognisable is ``ca_unavailable``."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    body = body if isinstance(body, dict) else {}
+    code = body.get("code")
+    description = str(body.get("error_description", ""))[:200]
+    return AegisError(
+        f"certificate enrolment refused ({response.status_code}): {description}",
+        code=code if isinstance(code, str) and code in CODES else "ca_unavailable",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,11 +214,7 @@ class CertificateManager:
         async with httpx.AsyncClient(verify=self._verify, timeout=10.0) as http:
             response = await http.post(f"{self._url}/pki/v1/sign", data=form, headers=headers)
             if response.status_code != 201:
-                raise AegisError(
-                    f"certificate enrolment refused ({response.status_code}): "
-                    f"{response.json().get('error_description', '')[:200]}",
-                    code="ca_unavailable",
-                )
+                raise _refused(response)
             bundle = await http.get(f"{self._url}/pki/v1/bundle")
         trust = bundle.content if bundle.status_code == 200 else self._trust
         return response.json(), trust
