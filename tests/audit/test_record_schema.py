@@ -56,3 +56,21 @@ def test_the_trace_id_of_the_decision_span_is_recorded() -> None:
     with tracer.start_as_current_span("decide") as span:
         want = f"{span.get_span_context().trace_id:032x}"
         assert _record()["trace_id"] == want
+
+
+def test_parameters_the_policy_redacts_are_not_even_hashed() -> None:
+    from aegis.policy.decision import Decision, SanitizeObligation
+
+    route = Route("/pay", "http://upstream", "payments", "acme", "prod")
+    ctx = CallContext(
+        method="POST", url="https://gw/pay", host="gw", path="/pay", route=route,
+        query=(("account", "12345"), ("memo", "x")),
+    )  # fmt: skip
+    facts = EvidenceFacts(decision_id="dec-1", time=1.0)
+    facts.decision = Decision(
+        "sanitize", ("pii",), ("r1",), "v1",
+        obligations=(SanitizeObligation("redact", "request", path="customer.account"),),
+    )  # fmt: skip
+    result = Result("dec-1", "sanitize", 200, None, "allowed")
+    params = audit_record(ctx, facts, result, "sha256:00", None)["params"]
+    assert params["account"] == "redacted" and params["memo"].startswith("sha256:")

@@ -195,7 +195,7 @@ def audit_record(
         "risk_score": None,
         "trace_id": _trace_id(),
         "correlation_id": _correlation_id(ctx),
-        "params": _param_digests(ctx.query),
+        "params": _param_digests(ctx.query, _redacted_names(decision)),
     }
 
 
@@ -216,9 +216,21 @@ def _correlation_id(ctx: CallContext) -> str | None:
     return value
 
 
-def _param_digests(query: tuple[tuple[str, str], ...]) -> dict[str, str]:
-    """Data minimisation: each query parameter by name with a SHA-256 digest of its value."""
+def _redacted_names(decision: Decision | None) -> frozenset[str]:
+    """Field names the policy redacts (the last key of each ``redact`` path): such a query
+    parameter is not even hashed in the record."""
+    if decision is None:
+        return frozenset()
+    return frozenset(
+        o.path.rsplit(".", 1)[-1] for o in decision.obligations if o.kind == "redact" and o.path
+    )
+
+
+def _param_digests(query: tuple[tuple[str, str], ...], redacted: frozenset[str]) -> dict[str, str]:
+    """Data minimisation: each query parameter by name with a SHA-256 digest of its value, or
+    ``redacted`` when policy redacts a field of that name."""
     out: dict[str, str] = {}
     for name, value in query[:_MAX_PARAMS]:
-        out.setdefault(name[:64], "sha256:" + hashlib.sha256(value.encode("utf-8")).hexdigest())
+        digest = "sha256:" + hashlib.sha256(value.encode("utf-8")).hexdigest()
+        out.setdefault(name[:64], "redacted" if name in redacted or "*" in redacted else digest)
     return out
