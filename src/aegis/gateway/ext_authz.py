@@ -97,13 +97,15 @@ class TrustedPeers:
 
 def refusal_body(result: Result) -> dict[str, Any]:
     """The JSON body of a refusal: the stable ``code``, the ``message``, the ``decision_id`` (null
-    when nothing was decided), and the OAuth-style ``error`` / ``error_description`` pair."""
+    when nothing was decided), the OAuth-style ``error`` / ``error_description`` pair, and the
+    details a refusal repeats to the caller (the ``approval_id`` of an ``approval_needed``)."""
     return {
         "code": result.code,
         "message": result.message,
         "decision_id": result.decision_id or None,
         "error": spec_for(result.code or "server_error").oauth_error,
         "error_description": result.message,
+        **result.details,
     }
 
 

@@ -77,6 +77,7 @@ def _error(result: Result) -> JSONResponse:
         "error": spec_for(result.code or "server_error").oauth_error,
         "error_description": result.message,
         "code": result.code,
+        "message": result.message,
         "decision_id": result.decision_id,
         **result.details,
     }
