@@ -1,4 +1,4 @@
-"""``aegis policy``: validate, build, evaluate, test and report on ``aegis/v1`` policies.
+"""``aegis policy``: validate, build, evaluate, test, store, activate and report on policies.
 
 Commands are built for CI: each prints a human summary or, with ``--json``, one JSON document, and
 exits non-zero with a one-line reason on failure (1: the policy or its tests failed, 2: bad usage
@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
+from aegis.cli import policy_versions
 from aegis.clock import SystemClock
 from aegis.errors import AegisError
 from aegis.policy.dryrun import dry_run
@@ -29,7 +30,8 @@ from aegis.policy.version import short_version
 __all__ = ["app"]
 
 app = typer.Typer(
-    help="Policies as code: validate, build OPA bundles, evaluate calls, run policy tests.",
+    help="Policies as code: validate, build OPA bundles, evaluate calls, run policy tests, "
+    "store and activate versions.",
     no_args_is_help=True,
 )
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document")]
@@ -204,3 +206,9 @@ def shadow_report_(
             lines.append(f"{key.removeprefix('by_')}:")
             lines.extend(f"  {n:6d}  {name}" for name, n in report[key].items())
         _emit(report, as_json, "\n".join(lines))
+
+
+# Versions in the configured database (store, activate, list): aegis.cli.policy_versions.
+app.command("store")(policy_versions.store)
+app.command("activate")(policy_versions.activate)
+app.command("versions")(policy_versions.versions)

@@ -10,18 +10,45 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Final
 
-from aegis.clock import Clock
+from aegis.clock import Clock, new_id
 from aegis.errors import PolicyError
 from aegis.policy.loader import load_document
 from aegis.policy.store import Activation, PolicyStore
+from aegis.stores.base import RegistryStore
+from aegis.types import Event
 
-__all__ = ["EVENT_ACTIVATED", "EVENT_REJECTED", "EVENT_STORED", "EventHook", "PolicyService"]
+__all__ = [
+    "EVENT_ACTIVATED",
+    "EVENT_REJECTED",
+    "EVENT_STORED",
+    "EventHook",
+    "PolicyService",
+    "registry_event_hook",
+]
 
 EVENT_STORED: Final = "policy.stored"
 EVENT_ACTIVATED: Final = "policy.activated"
 EVENT_REJECTED: Final = "policy.rejected"
 
 EventHook = Callable[[dict[str, Any]], None]
+
+
+def registry_event_hook(store: RegistryStore) -> EventHook:
+    """An ``emit`` hook that appends each policy event to the registry's lifecycle event log
+    (where agent and client events already are), subject ``policy:<tenant>/<env>`` for
+    activations and ``policy:<version>`` otherwise."""
+
+    def emit(event: dict[str, Any]) -> None:
+        data = {k: v for k, v in event.items() if k not in ("event", "time", "actor")}
+        tenant = data.get("tenant")
+        subject = (
+            f"policy:{tenant}/{data.get('env')}" if tenant else f"policy:{data.get('version')}"
+        )
+        store.append_event(
+            Event(new_id(), event["time"], event["event"], event["actor"], subject, tenant, data)
+        )
+
+    return emit
 
 
 class PolicyService:

@@ -26,13 +26,12 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from aegis.clock import new_id
 from aegis.errors import NotFound
 from aegis.policy import PolicyService, SqlPolicyStore, build_bundle, compile_policy
+from aegis.policy.service import registry_event_hook
 from aegis.policy.store import Activation
 from aegis.server.admin_auth import Operator, Reader, actor
 from aegis.server.services import Services
-from aegis.types import Event
 
 __all__ = ["ActivationIn", "VersionIn", "router"]
 
@@ -68,17 +67,7 @@ def _policy(request: Request) -> Iterator[tuple[PolicyService, SqlPolicyStore]]:
     """A policy service on the configured database whose events go to the registry event log."""
     services = _services(request)
     store = SqlPolicyStore(services.config.database_url())
-
-    def emit(event: dict[str, Any]) -> None:
-        fields = {k: v for k, v in event.items() if k not in ("event", "time", "actor")}
-        tenant = fields.get("tenant")
-        subject = (
-            f"policy:{tenant}/{fields['env']}" if tenant else f"policy:{fields.get('version')}"
-        )
-        services.registry_store.append_event(
-            Event(new_id(), event["time"], event["event"], event["actor"], subject, tenant, fields)
-        )
-
+    emit = registry_event_hook(services.registry_store)
     try:
         yield PolicyService(store, clock=services.clock, emit=emit), store
     finally:
