@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run demo test lint bench services clean
+.PHONY: install run up demo test lint bench services clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,15 +14,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## Aegis on embedded defaults (SQLite under ./.aegis, in-memory stores): token service,
-## admin API and metrics on http://127.0.0.1:8080.
-run: install
-	$(BIN)/aegis up
-
-## The reference multi-agent scenarios on a stack started in a temporary directory, with a
+## Aegis's main job on embedded defaults (SQLite + in-memory stores, in a temporary directory):
+## the all-in-one server and gateway, a small multi-agent system, the reference scenarios and a
 ## report of every outcome; exits non-zero if one was not as expected (docs/quickstart.md).
-demo: install
+run: install
 	$(BIN)/aegis demo
+
+demo: run
+
+## Aegis serving on embedded defaults (SQLite under ./.aegis, in-memory stores): token service,
+## admin API and metrics on http://127.0.0.1:8080, until interrupted.
+up: install
+	$(BIN)/aegis up
 
 ## The whole test suite. Redis and PostgreSQL must be up on 127.0.0.1 (see `make services`).
 test: install services
