@@ -51,9 +51,11 @@ def creds(agent: Agent, path: str = "/payments/charge", method: str = "POST") ->
 
 def test_envoy_mode_allows_with_identity_headers(env: Env, envoy: str) -> None:
     agent = Agent(env)
-    forged = {"x-aegis-agent-id": "admin"}
+    forged = {"x-aegis-agent-id": "admin", "x-aegis-role": "root"}
     resp = httpx.post(f"{envoy}/check/payments/charge", headers={**creds(agent), **forged})
     assert resp.status_code == 200, resp.text
+    # Envoy overwrites x-aegis-agent-id from this answer and removes the rest.
+    assert resp.headers["x-envoy-auth-headers-to-remove"] == "authorization,dpop,x-aegis-role"
     assert resp.headers["x-aegis-agent-id"] == "payer"
     assert resp.headers["x-aegis-tenant"] == "acme"
     assert resp.headers["x-aegis-attestation"].count(".") == 2
@@ -84,6 +86,10 @@ def test_envoy_mode_refusals_carry_status_challenge_and_json(env: Env, envoy: st
     # The proof was made for the path without Envoy's prefix; outside the prefix nothing routes.
     outside = httpx.post(f"{envoy}/payments/charge", headers=creds(agent))
     assert (outside.status_code, outside.json()["code"]) == (404, "not_found")
+    h = creds(agent)
+    two = [*h.items(), ("dpop", h["dpop"])]
+    twice = httpx.post(f"{envoy}/check/payments/charge", headers=two)
+    assert (twice.status_code, twice.json()["code"]) == (400, "invalid_request")
     dots = httpx.post(f"{envoy}/check/payments/%2e%2e/admin", headers=creds(agent))
     assert (dots.status_code, dots.json()["code"]) == (400, "invalid_request")
 

@@ -3,7 +3,8 @@
 The answer is the status alone, plus headers a proxy copies: **200** allows, with the identity for
 the upstream as ``x-aegis-agent-id``, ``x-aegis-tenant``, ``x-aegis-decision-id`` and
 ``x-aegis-attestation`` (nginx: ``auth_request_set $aegis_agent $upstream_http_x_aegis_agent_id``;
-Envoy: ``allowed_upstream_headers``); a refusal answers its own status (401 with
+Envoy: ``allowed_upstream_headers``), and in Envoy mode ``x-envoy-auth-headers-to-remove`` naming
+the credentials and every other incoming ``x-aegis-*`` field; a refusal answers its own status (401 with
 ``WWW-Authenticate``, 403, 503 with ``Retry-After`` ...) and the JSON body
 ``{code, message, decision_id, ...}``. nginx turns a subrequest status other than 2xx, 401 and 403
 into a 500: still a denial.
@@ -36,6 +37,7 @@ from starlette.routing import Route as StarletteRoute
 from aegis.config import ExtAuthzSettings
 from aegis.gateway.evidence import Result
 from aegis.gateway.ext_authz import (
+    CREDENTIAL_HEADERS,
     CheckedRequest,
     ExtAuthz,
     TrustedPeers,
@@ -50,6 +52,8 @@ __all__ = ["HttpExtAuthz", "create_ext_authz_http_app"]
 #: Every method a proxy may check (the check request's own method in Envoy mode).
 _METHODS: Final = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
 _PARTIAL_BODY: Final = "x-envoy-auth-partial-body"
+#: Envoy's HTTP ext_authz response header naming request headers to remove before the upstream.
+_HEADERS_TO_REMOVE: Final = "x-envoy-auth-headers-to-remove"
 #: Fields that describe the check request itself, or forwarded facts read separately: never
 #: handed to the pipeline as the original request's headers.
 _CHECK_ONLY: Final = frozenset(
@@ -80,7 +84,21 @@ class HttpExtAuthz:
             log_event("ext_authz.http_error", level=logging.ERROR, error=type(exc).__name__)
             result = Result("", "deny", 500, "server_error", "internal error")
         if result.allowed:
-            return Response(status_code=200, headers={**result.headers, **result.upstream_headers})
+            headers = {**result.headers, **result.upstream_headers}
+            if self._settings.http_mode == "envoy":
+                # Envoy removes these from the upstream request: the credentials were for the
+                # gateway, and x-aegis-* identity fields must come only from this answer.
+                drop = sorted(
+                    {
+                        k
+                        for k in request.headers
+                        if k in CREDENTIAL_HEADERS or k.startswith("x-aegis-")
+                    }
+                    - set(result.upstream_headers)
+                )
+                if drop:
+                    headers[_HEADERS_TO_REMOVE] = ",".join(drop)
+            return Response(status_code=200, headers=headers)
         return JSONResponse(refusal_body(result), result.status, result.headers)
 
     async def _check(self, request: Request) -> Result:
