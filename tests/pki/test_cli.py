@@ -20,8 +20,11 @@ from typer.testing import CliRunner
 
 from aegis.cli.ca import app
 from aegis.cli.main import app as aegis
+from aegis.config import load_config
 from aegis.pki.api import PkiEndpoints
-from tests.pki.conftest import Pki
+from aegis.registry.service import AgentSpec
+from aegis.server.services import build_services
+from tests.pki.conftest import Pki, make_csr
 from tests.pki.harness import gateway_server_context, serve
 
 runner = CliRunner()
@@ -190,3 +193,51 @@ def test_agents_cert_is_the_same_command_and_fails_in_one_line(
     junk.write_text("not a bundle")
     bad = runner.invoke(aegis, [*args[:-2], str(junk), "--url", control_plane_url], env=env)
     assert (bad.exit_code, bad.stderr.split(":")[:2]) == (1, ["error", " config_invalid"])
+
+
+def test_operator_issue_revoke_and_bootstrap(config: Path, tmp_path: Path) -> None:
+    (tmp_path / ".aegis").mkdir()
+    (tmp_path / ".aegis" / "pepper").write_text(base64.b64encode(os.urandom(32)).decode())
+    assert runner.invoke(app, ["init", "--config", str(config)]).exit_code == 0
+    cfg = load_config(config, environ={})
+    services = build_services(cfg)
+    services.registry.register_agent(
+        AgentSpec("payer", "acme", "prod", "owner@example.com"), actor="test"
+    )
+    base = ["--config", str(config), "--json"]
+    out = tmp_path / "issued"
+    made = runner.invoke(app, ["issue", "--agent", "payer", "--out-dir", str(out), *base])
+    assert made.exit_code == 0, made.output
+    facts = json.loads(made.output)
+    assert (facts["spiffe_id"], facts["key_written"]) == (
+        "spiffe://cli.example/tenant/acme/env/prod/agent/payer",
+        True,
+    )
+    assert "certificate" not in facts and "BEGIN" not in made.output  # no PEM, no key on stdout
+    assert (out / "key.pem").stat().st_mode & 0o077 == 0
+    assert x509.load_pem_x509_certificate((out / "cert.pem").read_bytes()).serial_number == int(
+        facts["serial"], 16
+    )
+    csr = tmp_path / "req.pem"
+    csr.write_bytes(make_csr()[1])
+    from_csr = runner.invoke(
+        app, ["issue", "--agent", "payer", "--out-dir", str(tmp_path / "csr"), "--csr", str(csr), *base]
+    )  # fmt: skip
+    assert json.loads(from_csr.output)["key_written"] is False
+    junk = tmp_path / "junk.pem"
+    junk.write_text(
+        "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+    )
+    bad = runner.invoke(app, ["issue", "--agent", "payer", "--out-dir", str(tmp_path / "x"), "--csr", str(junk), *base])  # fmt: skip
+    assert (bad.exit_code, bad.stderr.split(":")[1].strip()) == (1, "csr_invalid")
+    ghost = runner.invoke(app, ["issue", "--agent", "ghost", "--out-dir", str(tmp_path / "g"), *base])  # fmt: skip
+    assert ghost.exit_code == 1 and ghost.stderr.count("\n") == 1
+    one = runner.invoke(app, ["revoke", "--serial", facts["serial"], *base])
+    assert json.loads(one.output) == {"revoked": [facts["serial"]]}
+    rest = json.loads(runner.invoke(app, ["revoke", "--agent", "payer", *base]).output)
+    assert rest["revoked"] == [json.loads(from_csr.output)["serial"]]
+    both = runner.invoke(app, ["revoke", "--serial", "1", "--agent", "payer", *base])
+    assert both.stderr.startswith("error: invalid_request: give exactly one")
+    token = json.loads(runner.invoke(app, ["bootstrap-token", "--agent", "payer", *base]).output)
+    assert token["bootstrap_token"].startswith("aegis_bt_")
+    asyncio.run(services.aclose())
