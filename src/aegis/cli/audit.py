@@ -130,11 +130,13 @@ def check_proof_cmd(
 def prove(
     ctx: typer.Context,
     record_id: Annotated[str, typer.Argument(help="Record seq or decision id.")],
+    as_json: JsonOpt = False,
 ) -> None:
     """Print an inclusion proof (JSON) for one record, against a signed checkpoint."""
     with _checkpointer(ctx) as cp:
         doc = inclusion_document(cp, record_id)
-    typer.echo(json.dumps(doc, indent=2))
+    # JSON either way: the proof is the output. --json only makes it compact for scripts.
+    typer.echo(json.dumps(doc, indent=None if as_json else 2))
 
 
 @app.command()
@@ -142,11 +144,12 @@ def consistency(
     ctx: typer.Context,
     first: Annotated[int, typer.Argument(help="Tree size of the older checkpoint.")],
     second: Annotated[int, typer.Argument(help="Tree size of the newer checkpoint.")],
+    as_json: JsonOpt = False,
 ) -> None:
     """Print a consistency proof (JSON) between two stored checkpoints."""
     with _checkpointer(ctx) as cp:
         doc = consistency_document(cp, first, second)
-    typer.echo(json.dumps(doc, indent=2))
+    typer.echo(json.dumps(doc, indent=None if as_json else 2))
 
 
 @app.command()
@@ -191,6 +194,7 @@ def prune_cmd(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 def run(
     ctx: typer.Context,
     once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Checkpoint, ship to the configured sinks and apply retention, until SIGTERM or SIGINT."""
     stop = threading.Event()
@@ -206,8 +210,10 @@ def run(
             while True:
                 maintainer.step()
                 if once or stop.wait(TICK):
-                    return
+                    break
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             maintainer.close()  # closes the log too
+    cursors = {sh.sink.name: sh.cursor for sh in maintainer.shippers}
+    emit({"cursors": cursors}, as_json, lambda c: c.print(f"stopped; exported up to {cursors}"))
