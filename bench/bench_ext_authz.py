@@ -140,6 +140,9 @@ def main() -> None:
             target=serve, args=(str(config_path), not args.no_audit, child), daemon=True
         )
         proc.start()
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        if len(cpus) > 1:
+            os.sched_setaffinity(0, set(cpus[:-1]))  # the client keeps off the server's core
         try:
             port = parent.recv()
             failures: dict[str, int] = {}
