@@ -38,6 +38,7 @@ def test_jsonl_rotates_and_resumes_without_gaps_or_duplicates(
     log: AuditLog, tmp_path: Path, clock: FrozenClock
 ) -> None:
     sink = JsonlSink(tmp_path / "out" / "audit.jsonl", max_bytes=4096)
+    (tmp_path / "out" / "audit.notes-x.jsonl").write_text("not ours\n")
     fill(log, 40)
     shipper = _shipper(log, sink, tmp_path, clock)
     assert shipper.run_once().sent == 40

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from aegis.audit.ship import ShippedRecord, SinkDown
@@ -44,10 +45,16 @@ class JsonlSink:
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def rotated(self) -> list[Path]:
-        pattern = f"{self.path.stem}.*-*{self.path.suffix}"
-        return sorted(
-            self.path.parent.glob(pattern), key=lambda p: int(p.name.split(".")[-2].split("-")[0])
+        """Rotated files in order of position (other files in the directory are ignored)."""
+        pattern = re.compile(
+            rf"{re.escape(self.path.stem)}\.(\d+)-(\d+){re.escape(self.path.suffix)}"
         )
+        found = []
+        for p in self.path.parent.iterdir():
+            m = pattern.fullmatch(p.name)
+            if m:
+                found.append((int(m.group(1)), p))
+        return [p for _, p in sorted(found)]
 
     def delivered(self) -> int:
         seq = _last_seq(self.path)
