@@ -17,6 +17,7 @@ from aegis.audit.log import AuditLog
 from aegis.audit.ship import ShippedRecord, Shipper
 from aegis.audit.sinks import JsonlSink, OtlpSink, SyslogSink, format_5424
 from aegis.clock import FrozenClock
+from aegis.errors import ConfigError
 from aegis.telemetry.metrics import REGISTRY
 from tests.audit.conftest import fill
 from tests.audit.receivers import OtlpCollector, SyslogTlsReceiver, make_ca
@@ -184,6 +185,7 @@ def test_a_damaged_cursor_is_an_error_not_a_silent_restart(
 ) -> None:
     sink = JsonlSink(tmp_path / "a.jsonl")
     shipper = _shipper(log, sink, tmp_path, clock)
-    shipper.cursor_file.write_text('{"seq": -4}')
-    with pytest.raises(ValueError, match="damaged"):
-        _shipper(log, sink, tmp_path, clock)
+    for damaged in ('{"seq": -4}', "{not json", '{"seq": "7"}'):
+        shipper.cursor_file.write_text(damaged)
+        with pytest.raises(ConfigError, match="damaged"):
+            _shipper(log, sink, tmp_path, clock)

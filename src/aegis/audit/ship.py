@@ -28,6 +28,7 @@ from sqlalchemy import select
 from aegis.audit.log import AuditLog
 from aegis.audit.sql_tables import AUDIT_RECORDS
 from aegis.clock import Clock
+from aegis.errors import ConfigError
 from aegis.telemetry.logging import log_event
 from aegis.telemetry.metrics import AUDIT_EXPORTED, AUDIT_SINK_DOWN
 
@@ -127,9 +128,15 @@ class Shipper:
             data = json.loads(self.cursor_file.read_text())
         except FileNotFoundError:
             return 0
+        except ValueError:
+            data = None
         seq = data.get("seq") if isinstance(data, dict) else None
         if type(seq) is not int or seq < 0:
-            raise ValueError(f"{self.cursor_file} is damaged; fix or remove it to re-export")
+            # Never guess: restarting from 0 would send everything again, skipping would lose.
+            raise ConfigError(
+                f"{self.cursor_file} is damaged; fix it, or remove it to export everything again",
+                key="audit.state_dir",
+            )
         return seq
 
     def _advance(self, seq: int) -> None:
