@@ -110,6 +110,9 @@ def test_nginx_mode_reads_the_original_request_from_trusted_headers(env: Env, ng
     # The method is part of the proof (htm): the same call announced as a GET is refused.
     headers = {**creds(agent), "x-original-uri": "/payments/charge", "x-original-method": "GET"}
     assert httpx.get(f"{nginx}/auth", headers=headers).status_code == 401
+    for target in ("//admin/payments/charge", "http://evil.example/payments/charge"):
+        odd = {**creds(agent), "x-original-uri": target, "x-original-method": "POST"}
+        assert httpx.get(f"{nginx}/auth", headers=odd).status_code in (400, 404)
     missing = httpx.get(f"{nginx}/auth", headers=creds(agent))
     assert (missing.status_code, missing.json()["code"]) == (400, "invalid_request")
     twice = httpx.get(

@@ -22,7 +22,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 from aegis.config import GatewaySettings
 from aegis.errors import AegisError, InvalidRequest, spec_for
@@ -133,11 +133,14 @@ class ExtAuthz:
         return self._settings.max_body_bytes
 
     async def check(self, req: CheckedRequest) -> Result:
-        parts = urlsplit(req.target)
+        # Split by hand, never with urlsplit: a target such as ``//admin/payments/x`` would be read
+        # as host ``admin`` and path ``/payments/x`` there, while the upstream serves it as a path.
+        # Only origin-form targets are decided (vet_path refuses anything not starting with '/').
+        raw_path, _, query = req.target.partition("?")
         try:
-            path, bad = vet_path(parts.path), None
+            path, bad = vet_path(raw_path), None
         except InvalidRequest as exc:
-            path, bad = parts.path, exc
+            path, bad = raw_path, exc
         route = self.routes.match(req.host, path)
         if route is None:
             if bad is not None:
@@ -150,7 +153,7 @@ class ExtAuthz:
             path=path,
             route=route,
             headers=req.headers,
-            query=tuple(parse_qsl(parts.query, keep_blank_values=True)),
+            query=tuple(parse_qsl(query, keep_blank_values=True)),
             body_digest=STREAMED_BODY_DIGEST,
             raw_body=None,
             client=req.client,
