@@ -19,6 +19,7 @@ from aegis.pki.api import PkiEndpoints
 from aegis.pki.ca import CaFiles, CertificateAuthority
 from aegis.pki.peer import TrustBundle
 from aegis.pki.profile import x5t_s256
+from aegis.pki.service import PkiService
 from aegis.pki.spiffe import check_leaf_svid
 from aegis.types import AgentStatus
 from tests.pki.conftest import TRUST_DOMAIN, Pki, build_pki, make_csr
@@ -277,3 +278,29 @@ def test_bundle_must_have_a_root(pki: Pki) -> None:
         TrustBundle(b"")
     with pytest.raises(AegisError, match="no root"):
         TrustBundle(pki.ca.current.cert.public_bytes(serialization.Encoding.PEM))
+
+
+def test_a_running_service_follows_a_rotation_made_by_another_process(tmp_path: Path) -> None:
+    """`aegis ca rotate` runs in its own process: the running control plane and gateway must
+    start signing with the new intermediate, trust both during the overlap, then only the new."""
+    clock = FrozenClock(1_800_000_000)
+    pki = build_pki(tmp_path, clock)
+    validator = pki.service.validator()
+    old = pki.ca.current.cert
+    old_leaf = pki.key_and_cert("alpha")[1]
+    elsewhere = CertificateAuthority(CaFiles.from_config(pki.config), pki.kek, clock, TRUST_DOMAIN)
+    new = elsewhere.rotate_intermediate(overlap=600).cert
+    clock.advance(PkiService.REFRESH_INTERVAL)
+    new_leaf = pki.key_and_cert("alpha")[1]
+    new_leaf.verify_directly_issued_by(new)  # signed by the new intermediate, not the old one
+    assert x509.load_pem_x509_certificates(pki.service.bundle_pem()) == [pki.ca.root, new, old]
+    der = serialization.Encoding.DER
+    for leaf in (old_leaf, new_leaf):
+        assert validator.validate(leaf.public_bytes(der)).agent_id == "alpha"
+    assert pki.service.crl_pem().count(b"-----BEGIN X509 CRL-----") == 2
+    clock.advance(600)  # the overlap ends: the old intermediate is no longer trusted anywhere
+    with pytest.raises(AegisError) as info:
+        validator.validate(old_leaf.public_bytes(der))
+    assert info.value.code == "cert_untrusted"
+    assert validator.validate(new_leaf.public_bytes(der)).agent_id == "alpha"
+    assert pki.service.crl_pem().count(b"-----BEGIN X509 CRL-----") == 1

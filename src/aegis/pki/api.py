@@ -86,7 +86,7 @@ class PkiEndpoints:
     async def bundle(self, request: Request) -> Response:
         # Short max-age: during a rotation the new intermediate must reach verifiers quickly.
         return Response(
-            self._service.ca.bundle_pem(),
+            self._service.bundle_pem(),
             media_type=PEM_CHAIN,
             headers={"Cache-Control": "max-age=60"},
         )

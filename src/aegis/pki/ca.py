@@ -9,6 +9,9 @@ Layout of ``pki.ca_dir`` (every key PKCS#8, encrypted under a passphrase derived
 
 Keys are ECDSA P-256 with SHA-256: what every TLS stack, nginx and Envoy accept for client chains.
 Only :meth:`init` and :meth:`rotate_intermediate` need the root key.
+
+A running process sees a rotation made elsewhere (``aegis ca rotate``): :meth:`refresh` reloads the
+files when they changed or when the previous intermediate's overlap has ended.
 """
 
 from __future__ import annotations
@@ -195,11 +198,33 @@ class CertificateAuthority:
             ) from None
         self.current = Intermediate(cert, self._read_key(f.key))
         self.previous: Intermediate | None = None
+        self._previous_until: float | None = None
         if f.previous_cert.exists() and f.rotation.exists():
             until = float(json.loads(f.rotation.read_text())["previous_until"])
             if self._clock.now() < until:
                 prev = x509.load_pem_x509_certificate(f.previous_cert.read_bytes())
                 self.previous = Intermediate(prev, self._read_key(f.previous_key))
+                self._previous_until = until
+        self._stamp = self._files_stamp()
+
+    def _files_stamp(self) -> tuple[tuple[int, int] | None, ...]:
+        def stat(path: Path) -> tuple[int, int] | None:
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                return None
+            return (st.st_mtime_ns, st.st_size)
+
+        f = self.files
+        return tuple(stat(p) for p in (f.cert, f.rotation, f.previous_cert))
+
+    def refresh(self) -> bool:
+        """Reload if the CA files changed on disk or the rotation overlap ended; True if so."""
+        ended = self._previous_until is not None and self._clock.now() >= self._previous_until
+        if not ended and self._files_stamp() == self._stamp:
+            return False
+        self.reload()
+        return True
 
     @classmethod
     def init(

@@ -19,6 +19,7 @@ Every error carries the serial and SPIFFE ID once they are known.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -101,8 +102,11 @@ class PeerValidator:
         trust_domain: str,
         clock: Clock,
         eku: x509.ObjectIdentifier = ExtendedKeyUsageOID.CLIENT_AUTH,
+        refresh: Callable[[], None] | None = None,
     ) -> None:
         self.bundle = bundle
+        #: Called before each validation; cheap (PkiService rate-limits its file checks).
+        self._refresh = refresh
         self._store = store
         self._cache = cache
         self._td = trust_domain
@@ -110,6 +114,8 @@ class PeerValidator:
         self._eku = eku
 
     def validate(self, der: bytes, *, source: str = "tls") -> PeerIdentity:
+        if self._refresh is not None:
+            self._refresh()
         try:
             cert = x509.load_der_x509_certificate(der)
             serial = serial_hex(cert)

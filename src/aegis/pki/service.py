@@ -40,6 +40,7 @@ from aegis.pki.store import CertificateRecord, CertificateStore
 from aegis.registry.cache import RegistryCache
 from aegis.registry.secrets import hash_secret, new_secret
 from aegis.registry.service import RegistryService
+from aegis.telemetry.logging import log_event
 from aegis.telemetry.metrics import CERTS_ISSUED
 from aegis.types import Agent, AgentStatus, TenantStatus
 
@@ -95,6 +96,25 @@ class PkiService:
         self._clock = clock
         self._pepper = pepper
         self._auth = authenticator
+        #: Bundles handed to validators, replaced together when the CA files change.
+        self._bundles: list[TrustBundle] = []
+        self._checked = clock.monotonic()
+
+    #: How often (seconds) the CA files are checked for a rotation made by another process.
+    REFRESH_INTERVAL = 1.0
+
+    def refresh(self) -> None:
+        """Pick up ``aegis ca rotate`` from another process, and drop the previous intermediate
+        when its overlap ends: sign with the current one, trust exactly the current bundle."""
+        now = self._clock.monotonic()
+        if now - self._checked < self.REFRESH_INTERVAL:
+            return
+        self._checked = now
+        if self.ca.refresh():
+            pem = self.ca.bundle_pem()
+            for bundle in self._bundles:
+                bundle.replace(pem)
+            log_event("pki.ca_reloaded", intermediate=serial_hex(self.ca.current.cert))
 
     # -- issuance --------------------------------------------------------------------------
 
@@ -107,6 +127,7 @@ class PkiService:
         via: str = "operator",
     ) -> IssuedCertificate:
         """Issue a certificate for a registered, active agent of an active tenant."""
+        self.refresh()
         try:
             agent = self._cache.agent(agent_id)
         except NotFound:
@@ -208,6 +229,7 @@ class PkiService:
     ) -> PeerValidator:
         """A peer validator trusting this CA's current bundle (``serverAuth`` for upstreams)."""
         bundle = TrustBundle(self.ca.bundle_pem())
+        self._bundles.append(bundle)
         return PeerValidator(
             bundle,
             self.store,
@@ -215,6 +237,7 @@ class PkiService:
             trust_domain=self._settings.trust_domain,
             clock=self._clock,
             eku=eku,
+            refresh=self.refresh,
         )
 
     # -- revocation ------------------------------------------------------------------------
@@ -226,12 +249,19 @@ class PkiService:
 
     def crl_der(self) -> bytes:
         """The current intermediate's CRL, DER (RFC 5280 §5), short ``nextUpdate``."""
+        self.refresh()
         return self._crl(0).public_bytes(serialization.Encoding.DER)
 
     def crl_pem(self) -> bytes:
         """Every trusted intermediate's CRL, PEM, concatenated (for nginx ``ssl_crl``)."""
+        self.refresh()
         pem = serialization.Encoding.PEM
         return b"".join(self._crl(i).public_bytes(pem) for i in range(len(self.ca.intermediates())))
+
+    def bundle_pem(self) -> bytes:
+        """The trust bundle as of now (root, then every intermediate still trusted)."""
+        self.refresh()
+        return self.ca.bundle_pem()
 
     def _crl(self, index: int) -> x509.CertificateRevocationList:
         issuer = self.ca.intermediates()[index]
