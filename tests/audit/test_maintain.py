@@ -91,3 +91,43 @@ def test_audit_run_once_ships_to_jsonl_and_prunes(tmp_path: Path) -> None:
         import asyncio
 
         asyncio.run(services.aclose())
+
+
+def test_retention_never_prunes_what_a_sink_has_not_received(
+    log: AuditLog, keyring: KeyRing, clock: FrozenClock, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    from aegis.audit.maintain import PRUNE_INTERVAL
+    from aegis.audit.retention import prune
+    from aegis.audit.ship import Shipper
+    from aegis.audit.sinks import JsonlSink, OtlpSink
+
+    cp = Checkpointer(log, keyring, issuer=ISSUER, clock=clock)
+    fill(log, 4)
+    cp.checkpoint()
+    down = OtlpSink("http://127.0.0.1:9/v1/logs", timeout=1)  # refused: the sink is down
+    lagging = Shipper(log, down, state_dir=tmp_path / "s", clock=clock)
+    settings = AuditSettings(retention_days=1, checkpoint_interval=1)
+    maintainer = AuditMaintainer(cp, settings, clock=clock, shippers=[lagging])
+    clock.advance(3 * 86400)
+    maintainer.step()
+    assert log.count() == 4 and lagging.cursor == 0  # kept for the sink that is down
+    maintainer.shippers = (
+        Shipper(log, JsonlSink(tmp_path / "a.jsonl"), state_dir=tmp_path / "s", clock=clock),
+    )
+    maintainer.step()  # ships; pruning waits for its interval
+    clock.advance(PRUNE_INTERVAL + 1)
+    maintainer.step()
+    assert log.count() == 0  # received everywhere, old and checkpointed: pruned
+    down.close()
+    # A shipper in another process that fell behind a prune says so.
+    fill(log, 3, start=4)
+    cp.checkpoint()
+    clock.advance(3 * 86400)
+    assert prune(log, before=clock.now()).upto == 7
+    fill(log, 1, start=7)
+    behind = Shipper(log, JsonlSink(tmp_path / "b.jsonl"), state_dir=tmp_path / "b", clock=clock)
+    behind._advance(5)
+    with caplog.at_level(logging.ERROR):
+        assert behind.run_once().sent == 1
+    assert any(r.getMessage() == "audit.export_gap" for r in caplog.records)

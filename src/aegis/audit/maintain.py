@@ -76,7 +76,11 @@ class AuditMaintainer:
             self._next_checkpoint = now + self.settings.checkpoint_interval
         if self.settings.retention_days > 0 and now >= self._next_prune:
             cutoff = now - self.settings.retention_days * 86400
-            self._guard("prune", lambda: prune(self.checkpointer.log, before=cutoff))
+            # Never prune what a sink of this process has not received yet.
+            shipped = min((sh.cursor for sh in self.shippers), default=None)
+            self._guard(
+                "prune", lambda: prune(self.checkpointer.log, before=cutoff, at_most=shipped)
+            )
             self._next_prune = now + PRUNE_INTERVAL
         for shipper in self.shippers:
             self._guard("ship", shipper.run_once)

@@ -33,8 +33,9 @@ class PruneResult:
     deleted: int
 
 
-def prune_point(log: AuditLog, *, before: float) -> int:
-    """The largest checkpoint size whose last record was appended before ``before`` (0: none)."""
+def prune_point(log: AuditLog, *, before: float, at_most: int | None = None) -> int:
+    """The largest checkpoint size whose last record was appended before ``before`` and which is
+    not above ``at_most`` (records a sink has not received yet), or 0."""
     query = (
         select(func.max(AUDIT_CHECKPOINTS.c.tree_size))
         .select_from(
@@ -44,14 +45,16 @@ def prune_point(log: AuditLog, *, before: float) -> int:
         )
         .where(AUDIT_RECORDS.c.time < before)
     )
+    if at_most is not None:
+        query = query.where(AUDIT_CHECKPOINTS.c.tree_size <= at_most)
     with log.engine.connect() as conn:
         upto = conn.execute(query).scalar()
     return int(upto or 0)
 
 
-def prune(log: AuditLog, *, before: float) -> PruneResult:
+def prune(log: AuditLog, *, before: float, at_most: int | None = None) -> PruneResult:
     """Delete records up to :func:`prune_point`; idempotent."""
-    upto = prune_point(log, before=before)
+    upto = prune_point(log, before=before, at_most=at_most)
     if upto == 0:
         return PruneResult(0, 0)
     with log.engine.begin() as conn:

@@ -170,6 +170,16 @@ class Shipper:
             batch = self.pending()
             if not batch:
                 return ShipStats(sent, dead)
+            if batch[0].seq != self.cursor + 1 and self.cursor:
+                # Retention removed records this sink never received (an outage longer than
+                # audit.retention_days, with pruning in another process): say so, loudly.
+                log_event(
+                    "audit.export_gap",
+                    level=logging.ERROR,
+                    sink=self.sink.name,
+                    first_missing=self.cursor + 1,
+                    resumed_at=batch[0].seq,
+                )
             try:
                 self.sink.send(batch)
             except SinkRejected as exc:
