@@ -58,6 +58,12 @@ class Services:
         exchange_audit = self.extras.get("exchange_audit")
         if isinstance(exchange_audit, AuditLog):
             exchange_audit.close()
+        # The one approval service of the process (aegis.approvals.wiring.approvals_for) holds its
+        # own SQL engine; closing twice is harmless (engine disposal is idempotent).
+        approvals = self.extras.pop("approvals", None)
+        close_approvals = getattr(approvals, "close", None)
+        if close_approvals is not None:
+            close_approvals()
         await self.replay.close()
         await self.revocation.close()
         for store in (self.registry_store, self.key_store):
