@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import socket
 import ssl
 import threading
@@ -19,7 +20,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 
 
 def _name(cn: str) -> x509.Name:
@@ -173,22 +173,20 @@ class SyslogTlsReceiver:
 
 
 class OtlpCollector:
-    """An OTLP/HTTP logs endpoint that parses each protobuf request; ``status`` sets the answer."""
+    """An OTLP/HTTP logs endpoint that parses each JSON-encoded request (the OTLP "JSON Protobuf
+    Encoding"); ``status`` sets the answer."""
 
     def __init__(self) -> None:
-        self.requests: list[ExportLogsServiceRequest] = []
+        self.requests: list[dict[str, Any]] = []
         self.status = 200
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["content-length"]))
-                if (
-                    self.path == "/v1/logs"
-                    and self.headers["content-type"] == "application/x-protobuf"
-                ):
+                if self.path == "/v1/logs" and self.headers["content-type"] == "application/json":
                     if outer.status == 200:
-                        outer.requests.append(ExportLogsServiceRequest.FromString(body))
+                        outer.requests.append(json.loads(body))
                     self.send_response(outer.status)
                 else:
                     self.send_response(415)
@@ -206,11 +204,12 @@ class OtlpCollector:
     def seqs(self) -> list[int]:
         out = []
         for req in self.requests:
-            for rl in req.resource_logs:
-                for sl in rl.scope_logs:
-                    for lr in sl.log_records:
-                        attrs = {a.key: a.value for a in lr.attributes}
-                        out.append(attrs["aegis.audit.seq"].int_value)
+            for rl in req["resourceLogs"]:
+                for sl in rl["scopeLogs"]:
+                    for lr in sl["logRecords"]:
+                        attrs = {a["key"]: a["value"] for a in lr["attributes"]}
+                        # proto3 JSON: int64 is a decimal string.
+                        out.append(int(attrs["aegis.audit.seq"]["intValue"]))
         return out
 
     def close(self) -> None:

@@ -154,7 +154,9 @@ def test_otlp_retries_a_down_collector_and_dead_letters_a_refused_batch(
     clock.advance(60)
     assert shipper.run_once().sent == 5
     assert collector.seqs() == [1, 2, 3, 4, 5]
-    body = collector.requests[0].resource_logs[0].scope_logs[0].log_records[0].body.string_value
+    body = collector.requests[0]["resourceLogs"][0]["scopeLogs"][0]["logRecords"][0]["body"][
+        "stringValue"
+    ]
     assert json.loads(body)["decision_id"] == "d-0"
     collector.status = 400  # the collector refuses the batch itself
     fill(log, 2, start=5)

@@ -1,6 +1,12 @@
-"""OTLP/HTTP logs sink (OTLP specification 1.x, ``ExportLogsServiceRequest`` as protobuf).
+"""OTLP/HTTP logs sink (OTLP specification 1.x, ``ExportLogsServiceRequest`` in the JSON encoding).
 
-Each record becomes one ``LogRecord``: ``time_unix_nano`` from the record's append time, severity
+OTLP/HTTP carries the request either as binary protobuf or as the "JSON Protobuf Encoding" (proto3
+JSON mapping with lowerCamelCase field names, 64-bit integers as decimal strings, enums as numbers);
+every OTLP receiver accepts both. Aegis sends JSON: the binary form would need the
+``opentelemetry-proto`` package, whose modules collide with the copies that Envoy's ``xds-protos``
+ships under the same names, so which one a fresh install ends up with depends on install order.
+
+Each record becomes one ``LogRecord``: ``timeUnixNano`` from the record's append time, severity
 INFO, the canonical JSON as the string body, and attributes ``aegis.audit.seq``,
 ``aegis.audit.kind`` and ``aegis.audit.hash``. Per the OTLP/HTTP spec, 429, 502, 503 and 504 (and
 connection errors) are retryable: :class:`SinkDown`; any other non-2xx is :class:`SinkRejected`.
@@ -8,56 +14,53 @@ connection errors) are retryable: :class:`SinkDown`; any other non-2xx is :class
 
 from __future__ import annotations
 
-from typing import Final
+import json
+from typing import Any, Final
 
 import httpx
-from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
-from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from aegis.audit.ship import ShippedRecord, SinkDown, SinkRejected
 
 __all__ = ["OtlpSink", "encode_request"]
 
 _RETRYABLE: Final = frozenset({429, 502, 503, 504})
+#: ``SeverityNumber.SEVERITY_NUMBER_INFO`` in opentelemetry/proto/logs/v1/logs.proto.
 _SEVERITY_INFO: Final = 9
 
 
-def _kv(key: str, value: str | int) -> KeyValue:
+def _kv(key: str, value: str | int) -> dict[str, Any]:
+    # proto3 JSON mapping: int64 values are decimal strings.
     if isinstance(value, int):
-        return KeyValue(key=key, value=AnyValue(int_value=value))
-    return KeyValue(key=key, value=AnyValue(string_value=value))
+        return {"key": key, "value": {"intValue": str(value)}}
+    return {"key": key, "value": {"stringValue": value}}
 
 
 def encode_request(records: list[ShippedRecord], *, service: str = "aegis") -> bytes:
+    """An ``ExportLogsServiceRequest`` as OTLP JSON (UTF-8 bytes)."""
     logs = [
-        LogRecord(
-            time_unix_nano=int(r.time * 1e9),
-            observed_time_unix_nano=int(r.time * 1e9),
-            severity_number=_SEVERITY_INFO,  # type: ignore[arg-type]
-            severity_text="INFO",
-            body=AnyValue(string_value=r.record),
-            attributes=[
+        {
+            "timeUnixNano": str(int(r.time * 1e9)),
+            "observedTimeUnixNano": str(int(r.time * 1e9)),
+            "severityNumber": _SEVERITY_INFO,
+            "severityText": "INFO",
+            "body": {"stringValue": r.record},
+            "attributes": [
                 _kv("aegis.audit.seq", r.seq),
                 _kv("aegis.audit.kind", r.kind),
                 _kv("aegis.audit.hash", r.hash),
             ],
-        )
+        }
         for r in records
     ]
-    request = ExportLogsServiceRequest(
-        resource_logs=[
-            ResourceLogs(
-                resource=Resource(attributes=[_kv("service.name", service)]),
-                scope_logs=[
-                    ScopeLogs(scope=InstrumentationScope(name="aegis.audit"), log_records=logs)
-                ],
-            )
+    request = {
+        "resourceLogs": [
+            {
+                "resource": {"attributes": [_kv("service.name", service)]},
+                "scopeLogs": [{"scope": {"name": "aegis.audit"}, "logRecords": logs}],
+            }
         ]
-    )
-    data: bytes = request.SerializeToString()
-    return data
+    }
+    return json.dumps(request, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 class OtlpSink:
@@ -72,7 +75,7 @@ class OtlpSink:
         self.name, self._endpoint = name, endpoint
         self._client = httpx.Client(
             timeout=timeout,
-            headers={**(headers or {}), "content-type": "application/x-protobuf"},
+            headers={**(headers or {}), "content-type": "application/json"},
         )
 
     def delivered(self) -> int:
