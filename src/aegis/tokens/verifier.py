@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_LEEWAY",
     "ED25519_ALGS",
     "MAX_KID_LENGTH",
+    "MAX_VERIFIED_TOKENS",
     "AccessTokenVerifier",
     "VerifyRules",
     "verify_jwt",
@@ -37,6 +38,8 @@ ED25519_ALGS: Final = frozenset({"EdDSA", "Ed25519"})
 DEFAULT_LEEWAY: Final = 30.0
 MAX_KID_LENGTH: Final = 128
 _JUDGED_MAX: Final = 1024
+#: Distinct accepted access tokens whose parsed form one verifier remembers (cleared when full).
+MAX_VERIFIED_TOKENS: Final = 4096
 #: RFC 9068 §2.1: access tokens carry ``typ: at+jwt``.
 ACCESS_TOKEN_TYP: Final = "at+jwt"
 #: RFC 9068 §2.2 plus the Aegis claims every access token must carry.
@@ -228,6 +231,35 @@ class AccessTokenVerifier:
             max_lifetime=max_lifetime,
         )
 
+        #: Tokens that passed every check once, by their exact text: what parsing them gave
+        #: (alg, kid, the parsed JWS, the typed claims). An agent sends the same token on every
+        #: call for minutes, and parsing is a pure function of the text, so only parsing is saved:
+        #: on every use the key is resolved again, the signature is verified again with it and
+        #: the time claims are checked again at the current time. Only accepted tokens are kept
+        #: (an attacker cannot fill it without our signature), and it is bounded.
+        self._verified: dict[str, tuple[str, str, ParsedJWS, AccessToken]] = {}
+
     def verify(self, token: str) -> AccessToken:
-        jws = verify_jwt(token, self._resolve, self.rules, self._clock.now())
-        return AccessToken.from_claims(jws.payload)
+        now = self._clock.now()
+        # Only an exact str is looked up (anything else is refused by the parser below).
+        hit = self._verified.get(token) if type(token) is str else None
+        if hit is not None:
+            alg, kid, jws, access = hit
+            key = self._resolve(kid)
+            if key is None:
+                raise TokenError("no published key has this kid", code="unknown_key")
+            if alg not in key.algs:
+                raise TokenError(
+                    "algorithm does not match the key type", code="unsupported_algorithm"
+                )
+            key.verify(jws.signing_input, jws.signature)
+            check_claims(jws.payload, self.rules, now)
+            return access
+        jws = verify_jwt(token, self._resolve, self.rules, now)
+        access = AccessToken.from_claims(jws.payload)
+        judged = self.rules._judged.get(token[: token.index(".")])
+        if judged is not None:
+            if len(self._verified) >= MAX_VERIFIED_TOKENS:
+                self._verified.clear()
+            self._verified[token] = (*judged, jws, access)
+        return access

@@ -1,0 +1,121 @@
+"""The accepted-token cache of AccessTokenVerifier saves parsing only: every use still resolves the
+key, verifies the signature with it and checks the time claims, so a key that is removed, retired
+past its overlap or replaced, and a token that expires, are refused on the next call."""
+
+from __future__ import annotations
+
+import pytest
+
+from aegis.clock import FrozenClock
+from aegis.crypto.jws import encode_segment
+from aegis.crypto.keys import Ed25519SigningKey, PublicKey
+from aegis.errors import TokenError
+from aegis.tokens.verifier import MAX_VERIFIED_TOKENS, AccessTokenVerifier
+from tests.tokens.test_verifier_adversarial import (
+    AUD,
+    ISS,
+    LEEWAY,
+    T0,
+    Env,
+    _retired_signer,
+    env,
+    raw_token,
+)
+
+__all__ = ["env"]  # the fixture, shared with the adversarial suite
+
+
+def test_a_cached_token_is_refused_once_its_key_is_retired_past_the_overlap(env: Env) -> None:
+    old_kid = env.key.kid
+    env.clock.advance(301)
+    env.ring.rotate()
+    remove_after = T0 + 301 + 3600 + LEEWAY
+    # Signed with the retired key (say, leaked) and valid well past the key's removal.
+    token = env.token(
+        env.header(kid=old_kid),
+        env.claims(iat=remove_after - 10, nbf=remove_after - 10, exp=remove_after + 60),
+        signer=_retired_signer(env, old_kid),
+    )
+    env.clock.set(remove_after - 1)
+    env.verify(token)
+    env.verify(token)
+    assert token in env.verifier._verified
+    env.clock.set(remove_after)
+    env.refuse(token, "unknown_key")
+
+
+def test_a_cached_token_is_refused_when_its_kid_no_longer_resolves() -> None:
+    key = Ed25519SigningKey.generate()
+    keys: dict[str, PublicKey] = {key.kid: key.public}
+    verifier, token = _verifier(keys.get, key)
+    verifier.verify(token)
+    verifier.verify(token)
+    del keys[key.kid]  # removed from the key ring
+    with pytest.raises(TokenError) as err:
+        verifier.verify(token)
+    assert err.value.code == "unknown_key"
+
+
+def test_a_cached_token_is_refused_when_its_kid_resolves_to_another_key() -> None:
+    key = Ed25519SigningKey.generate()
+    keys: dict[str, PublicKey] = {key.kid: key.public}
+    verifier, token = _verifier(keys.get, key)
+    verifier.verify(token)
+    keys[key.kid] = Ed25519SigningKey.generate().public  # same kid, different key
+    with pytest.raises(TokenError) as err:
+        verifier.verify(token)
+    assert err.value.code == "invalid_signature"
+    keys[key.kid] = key.public
+    assert verifier.verify(token).jti == "jti-1"
+
+
+def test_a_cached_token_expires_at_the_same_instant_as_an_uncached_one(env: Env) -> None:
+    token = env.token()
+    env.verify(token)
+    env.clock.set(T0 + 300 + LEEWAY - 1)
+    env.verify(token)
+    env.clock.set(T0 + 300 + LEEWAY)
+    env.refuse(token, "token_expired")
+
+
+def test_only_accepted_tokens_are_cached_and_a_forged_signature_is_never_a_hit(env: Env) -> None:
+    good = env.token()
+    env.verify(good)
+    forged = good[: good.rindex(".") + 1] + good[good.rindex(".") + 1 :][::-1]
+    for _ in range(3):
+        with pytest.raises(TokenError):
+            env.verify(forged)
+    assert forged not in env.verifier._verified
+    other = Ed25519SigningKey.generate()
+    h, p, _ = good.split(".")
+    resigned = raw_token(h, p, other.sign)  # same header and claims, someone else's signature
+    env.refuse(resigned, "invalid_signature")
+    assert set(env.verifier._verified) == {good}
+
+
+def test_the_cache_is_bounded() -> None:
+    key = Ed25519SigningKey.generate()
+    verifier, _ = _verifier({key.kid: key.public}.get, key)
+    for i in range(MAX_VERIFIED_TOKENS + 5):
+        verifier.verify(_token(key, jti=f"jti-{i}"))
+        assert len(verifier._verified) <= MAX_VERIFIED_TOKENS
+
+
+def _verifier(resolve: object, key: Ed25519SigningKey) -> tuple[AccessTokenVerifier, str]:
+    verifier = AccessTokenVerifier(
+        resolve,  # type: ignore[arg-type]
+        issuer=ISS,
+        audience=AUD,
+        clock=FrozenClock(T0),
+        leeway=LEEWAY,
+    )
+    return verifier, _token(key)
+
+
+def _token(key: Ed25519SigningKey, jti: str = "jti-1") -> str:
+    claims = {
+        "iss": ISS, "sub": "agent-1", "aud": AUD, "exp": T0 + 300, "iat": T0, "jti": jti,
+        "client_id": "client-1", "tenant": "acme", "env": "prod", "agent_id": "agent-1",
+    }  # fmt: skip
+    header = encode_segment({"alg": "EdDSA", "typ": "at+jwt", "kid": key.kid})
+    return raw_token(header, encode_segment(claims), key.sign)
