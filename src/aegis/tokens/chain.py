@@ -34,12 +34,12 @@ from aegis.tokens.claims import AccessToken
 from aegis.tokens.delegation import (
     ANY_TOOL,
     Grant,
-    chain_digest,
+    PrefixDigest,
     split_chain,
     verify_agent_grant,
     verify_grant,
 )
-from aegis.types import AgentStatus
+from aegis.types import Agent, AgentStatus
 
 __all__ = [
     "DEFAULT_MAX_DEPTH",
@@ -136,6 +136,8 @@ def verify_links(
         )
     grants: list[Grant] = []
     agents: list[str] = []
+    signers: dict[str, Agent] = {}
+    prefix = PrefixDigest()
     for i, link in enumerate(links):
         # Each link must be signed by the previous link's subject, so only the root's issuer is
         # read before verification, and only to select its keys (verify_grant checks it).
@@ -155,11 +157,13 @@ def verify_links(
                     "a grant's issuer is not a registered agent", "parent_signature_invalid"
                 ) from None
             allowed = signer.allowed_scopes
+            signers[iss] = signer
             if i == 0:
                 agents.append(iss)  # an agent-rooted chain starts with the root agent
             grant = verify_agent_grant(link, signer, audience=rules.issuer)
-        if grant.parent_chain != chain_digest(links[:i]):
+        if grant.parent_chain != prefix.value():
             raise _fail("a grant was made for a different chain", "parent_signature_invalid")
+        prefix.add(link)
         if allowed is not None and not set(grant.scopes) <= set(allowed):
             raise _fail(f"{iss} granted scopes it may not hold", "scope_widened")
         if i:
@@ -186,7 +190,7 @@ def verify_links(
         raise _fail("the parent grant has expired; ask the parent for a new one", "parent_expired")
     if len(set(agents)) != len(agents):
         raise _fail("an agent appears twice in the delegation chain", "delegation_cycle")
-    _check_agents(agents, grants, cache, tenant, env)
+    _check_agents(agents, grants, signers, cache, tenant, env)
     return Chain(
         agents=tuple(agents),
         parent=agents[-2] if len(agents) > 1 else None,
@@ -199,14 +203,23 @@ def verify_links(
 
 
 def _check_agents(
-    agents: list[str], grants: list[Grant], cache: RegistryCache, tenant: str, env: str
+    agents: list[str],
+    grants: list[Grant],
+    signers: dict[str, Agent],
+    cache: RegistryCache,
+    tenant: str,
+    env: str,
 ) -> None:
+    """Every agent's state, judged on the same record its link's signature was checked with
+    (``signers``); the others are read from the cache."""
     signed_at = {g.iss: g.iat for g in grants}
     for n, agent_id in enumerate(agents):
-        try:
-            agent = cache.agent(agent_id)
-        except NotFound:
-            raise _fail("an agent in the chain no longer exists", "parent_inactive") from None
+        agent = signers.get(agent_id)
+        if agent is None:
+            try:
+                agent = cache.agent(agent_id)
+            except NotFound:
+                raise _fail("an agent in the chain no longer exists", "parent_inactive") from None
         if agent.tenant_id != tenant or agent.env != env:
             raise _fail("the delegation chain crosses tenants or environments", "tenant_mismatch")
         current = n == len(agents) - 1

@@ -45,6 +45,7 @@ __all__ = [
     "GRANT_ALGS",
     "MAX_GRANT_LIFETIME",
     "Grant",
+    "PrefixDigest",
     "agent_key_resolver",
     "chain_digest",
     "forget_verified_links",
@@ -99,6 +100,27 @@ class Grant:
 def chain_digest(links: Sequence[str]) -> str:
     """SHA-256 (base64url) of the compact chain ``links`` (the empty chain for a root parent)."""
     return b64u_encode(hashlib.sha256(CHAIN_SEPARATOR.join(links).encode("ascii")).digest())
+
+
+class PrefixDigest:
+    """:func:`chain_digest` of a chain that grows one link at a time: ``value()`` after ``n`` calls
+    to ``add`` equals ``chain_digest(links[:n])``, each link hashed once instead of once per later
+    link (SHA-256 state is copied by ``digest``, never finalized)."""
+
+    __slots__ = ("_empty", "_hash")
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._empty = True
+
+    def value(self) -> str:
+        return b64u_encode(self._hash.digest())
+
+    def add(self, link: str) -> None:
+        if not self._empty:
+            self._hash.update(CHAIN_SEPARATOR.encode("ascii"))
+        self._hash.update(link.encode("ascii"))
+        self._empty = False
 
 
 def split_chain(chain: str, *, max_links: int) -> list[str]:
@@ -181,13 +203,21 @@ MAX_VERIFIED_LINKS: Final = 4096
 
 
 def _key_material(agent: Agent) -> tuple[str, ...]:
-    return tuple(str(j.get(m, "")) for j in agent.jwks for m in ("kid", "x", "y"))
+    material: list[str] = []
+    for jwk in agent.jwks:
+        get = jwk.get
+        material += (str(get("kid", "")), str(get("x", "")), str(get("y", "")))
+    return tuple(material)
 
 
 def agent_key_resolver(agent: Agent) -> Callable[[str], PublicKey | None]:
     """Resolve a ``kid`` among the agent's *current* registered keys (registered kid or RFC 7638
     thumbprint). Keys never come from the token. Imports are cached by the exact key material."""
-    cache_key = _key_material(agent)
+    return _resolver(agent, _key_material(agent))
+
+
+def _resolver(agent: Agent, cache_key: tuple[str, ...]) -> Callable[[str], PublicKey | None]:
+    """:func:`agent_key_resolver` for key material the caller has already read from ``agent``."""
     keys = _key_cache.get(cache_key)
     if keys is None:
         keys = {}
@@ -246,12 +276,13 @@ def verify_grant(
 def verify_agent_grant(token: str, signer: Agent, *, audience: str) -> Grant:
     """:func:`verify_grant` of a link signed by agent ``signer``, structure and signature only
     (``leeway=inf``: the chain checks time), memoized per link and per signer key material."""
-    memo_key = (token, audience, signer.id, _key_material(signer))
+    material = _key_material(signer)
+    memo_key = (token, audience, signer.id, material)
     grant = _verified.get(memo_key)
     if grant is None:
         grant = verify_grant(
             token,
-            agent_key_resolver(signer),
+            _resolver(signer, material),
             issuer=signer.id,
             audience=audience,
             now=0.0,
