@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from typing import Any
 
 import pytest
@@ -208,8 +209,13 @@ async def test_sweeper_closes_and_audits_expired_requests(tmp_path: Any) -> None
     s.clock.advance(601)
     task = asyncio.create_task(s.service.sweep_forever())
     try:
-        for _ in range(200):
-            if s.service.store.get(req.id).state == "expired":  # type: ignore[union-attr]
+        # The sweeper moves the request to expired, then appends its audit record: wait for both
+        # (a bounded wait; a loaded machine may take more than one sweep interval).
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if s.service.store.get(req.id).state == "expired" and s.audited(  # type: ignore[union-attr]
+                "approval.expired"
+            ):
                 break
             await asyncio.sleep(0.01)
     finally:
