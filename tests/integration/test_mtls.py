@@ -20,6 +20,7 @@ from tests.pki.conftest import Pki, build_pki
 from tests.pki.forge import forge_ca, forge_leaf
 from tests.pki.harness import (
     client_ctx,
+    close_writer,
     control_plane,
     fetch,
     gateway_app,
@@ -316,7 +317,7 @@ async def _wait_for_port(port: int, proc: asyncio.subprocess.Process | None = No
     for _ in range(200):
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
+            await close_writer(writer)
             return
         except OSError:
             if proc is not None and proc.returncode is not None:
@@ -405,7 +406,7 @@ async def test_forwarded_certificate_honoured_from_nginx_and_ignored_from_anyone
             f"GET /whoami HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nX-SSL-Client-Cert: {valid}\r\n\r\n".encode()
         )
         raw = await reader.read()
-        writer.close()
+        await close_writer(writer)
         assert raw.startswith(b"HTTP/1.1 401"), raw[:200]
         assert b'"code":"cert_required"' in raw
         del spoof_key

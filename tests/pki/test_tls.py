@@ -14,7 +14,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from aegis.errors import AegisError
 from aegis.pki.tls import TLS12_CIPHERS, classify_handshake_error, client_context, server_context
 from tests.pki.conftest import Pki
-from tests.pki.harness import gateway_app, gateway_server_context, pem, rejections, serve
+from tests.pki.harness import (
+    close_writer,
+    gateway_app,
+    gateway_server_context,
+    pem,
+    rejections,
+    serve,
+)
 
 OPENSSL = shutil.which("openssl")
 
@@ -125,7 +132,7 @@ async def test_outbound_context_verifies_the_upstream_and_its_spiffe_id(pki: Pki
             "127.0.0.1", upstream.port, ssl=outbound, server_hostname="up"
         )
         der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-        writer.close()
+        await close_writer(writer)  # before the listener stops, or its socket outlives the test
     assert upstream_validator.validate(der).spiffe_id.endswith("/agent/gw")
     # An agent certificate without serverAuth cannot serve: the client refuses the handshake.
     bad_key, bad_cert = pki.key_and_cert("alpha")
