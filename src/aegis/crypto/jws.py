@@ -34,7 +34,9 @@ __all__ = [
     "ParsedJWS",
     "encode_segment",
     "parse_compact",
+    "parse_with_header",
     "sign_compact",
+    "split_compact",
 ]
 
 #: Tokens larger than this are refused before any decoding.
@@ -141,8 +143,9 @@ def _parse_header(segment: str) -> dict[str, Any]:
     return header
 
 
-def parse_compact(token: str, *, max_bytes: int = MAX_TOKEN_BYTES) -> ParsedJWS:
-    """Split and decode a compact JWS. Verifies nothing: the caller checks ``alg`` and signature."""
+def split_compact(token: str, *, max_bytes: int = MAX_TOKEN_BYTES) -> tuple[str, str, str]:
+    """The three segments of a compact JWS, after the structural checks (a string, at most
+    ``max_bytes``, ASCII, exactly three non-empty segments). Decodes nothing."""
     if not isinstance(token, str):
         raise _malformed("not a string")
     if len(token) > max_bytes:
@@ -155,7 +158,13 @@ def parse_compact(token: str, *, max_bytes: int = MAX_TOKEN_BYTES) -> ParsedJWS:
     h, p, s = parts
     if not h or not p or not s:
         raise _malformed("empty segment")
-    header = _parse_header(h)
+    return h, p, s
+
+
+def parse_with_header(h: str, p: str, s: str, header: dict[str, Any]) -> ParsedJWS:
+    """Decode the payload and signature of segments from :func:`split_compact` whose header
+    segment ``h`` the caller has already parsed (and judged) as ``header``: for a caller that
+    keeps its own record of header segments it accepted. ``header`` is returned as given."""
     try:
         payload_raw = b64u_decode(p)
         signature = b64u_decode(s)
@@ -163,7 +172,13 @@ def parse_compact(token: str, *, max_bytes: int = MAX_TOKEN_BYTES) -> ParsedJWS:
         raise _malformed("segment is not canonical base64url") from exc
     payload = _json_object(payload_raw, "payload")
     # The signing input is the token up to its last '.', exactly as received (ASCII checked).
-    return ParsedJWS(header, payload, token[: len(h) + len(p) + 1].encode("ascii"), signature)
+    return ParsedJWS(header, payload, f"{h}.{p}".encode("ascii"), signature)
+
+
+def parse_compact(token: str, *, max_bytes: int = MAX_TOKEN_BYTES) -> ParsedJWS:
+    """Split and decode a compact JWS. Verifies nothing: the caller checks ``alg`` and signature."""
+    h, p, s = split_compact(token, max_bytes=max_bytes)
+    return parse_with_header(h, p, s, _parse_header(h))
 
 
 def encode_segment(obj: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ spends its ``jti``; :meth:`DpopVerifier.consume` records it once everything else
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -18,7 +19,12 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from aegis.clock import Clock
-from aegis.crypto.jws import KEY_CARRYING_HEADERS, parse_compact
+from aegis.crypto.jws import (
+    KEY_CARRYING_HEADERS,
+    parse_compact,
+    parse_with_header,
+    split_compact,
+)
 from aegis.crypto.keys import (
     PublicKey,
     b64u_decode,
@@ -77,6 +83,7 @@ def _pct_normal(m: re.Match[str]) -> str:
     return chr(octet) if octet in _UNRESERVED else m.group(0).upper()
 
 
+@functools.lru_cache(maxsize=1024)
 def normalize_htu(url: str) -> str:
     """RFC 3986 §6 syntax-based normalisation of an HTTP URI, without query and fragment.
 
@@ -161,6 +168,9 @@ class DpopVerifier:
         self.iat_window, self.future_skew, self.algs = iat_window, future_skew, algs
         self.nonces = nonces
         self._keys: dict[tuple[tuple[str, str], ...], tuple[PublicKey, str]] = {}
+        #: Header segments that passed :meth:`_judge`, by their exact text: the parsed header,
+        #: its key and thumbprint. Bounded like ``_keys``; never handed to callers.
+        self._judged: dict[str, tuple[dict[str, Any], PublicKey, str]] = {}
 
     def _proof_key(self, jwk: Any) -> tuple[PublicKey, str]:
         """The ``jwk`` header as a key and its RFC 7638 thumbprint. An agent signs every proof
@@ -185,22 +195,10 @@ class DpopVerifier:
             self._keys[members] = found
         return found
 
-    def verify(
-        self,
-        proof: str,
-        *,
-        method: str,
-        url: str,
-        access_token: str | None = None,
-        jkt: str | None = None,
-    ) -> DpopProof:
-        """RFC 9449 §4.3 checks 2-12 (the caller has already checked there is one header)."""
-        # "the DPoP HTTP request header field value is a single and well-formed JWT"
-        try:
-            jws = parse_compact(proof, max_bytes=MAX_PROOF_BYTES)
-        except TokenError as exc:
-            raise _bad(exc.message) from None
-        header, claims = jws.header, jws.payload
+    def _judge(self, header: dict[str, Any]) -> tuple[dict[str, Any], PublicKey, str]:
+        """RFC 9449 §4.3 checks 3-6 on the header: a pure function of the header segment, so an
+        agent's proofs (one key, one header) are judged once; a refused header is never stored
+        and is refused again on every proof."""
         # "the typ JOSE Header Parameter has the value dpop+jwt" (exact: no application/ prefix)
         if header.get("typ") != DPOP_TYP:
             raise _bad("typ must be dpop+jwt")
@@ -215,6 +213,37 @@ class DpopVerifier:
         key, thumbprint = self._proof_key(header.get("jwk"))
         if header["alg"] not in key.algs:
             raise _bad("alg does not fit the jwk key type")
+        return header, key, thumbprint
+
+    def verify(
+        self,
+        proof: str,
+        *,
+        method: str,
+        url: str,
+        access_token: str | None = None,
+        jkt: str | None = None,
+    ) -> DpopProof:
+        """RFC 9449 §4.3 checks 2-12 (the caller has already checked there is one header)."""
+        # "the DPoP HTTP request header field value is a single and well-formed JWT"
+        try:
+            h, p, s = split_compact(proof, max_bytes=MAX_PROOF_BYTES)
+            judged = self._judged.get(h)
+            if judged is None:
+                jws = parse_compact(proof, max_bytes=MAX_PROOF_BYTES)
+            else:
+                jws = parse_with_header(h, p, s, judged[0])
+        except TokenError as exc:
+            raise _bad(exc.message) from None
+        if judged is None:
+            judged = self._judge(jws.header)
+            if len(self._judged) >= MAX_CACHED_KEYS:
+                self._judged.clear()
+            self._judged[h] = judged
+        header, key, thumbprint = judged
+        if header["alg"] not in self.algs:  # the allowlist is read on every proof
+            raise _bad("alg is not one of " + " ".join(sorted(self.algs)))
+        claims = jws.payload
         # "the JWT signature verifies with the public key contained in the jwk JOSE Header"
         try:
             key.verify(jws.signing_input, jws.signature)
