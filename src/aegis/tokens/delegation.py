@@ -27,8 +27,7 @@ import functools
 import hashlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from aegis.clock import new_id
 from aegis.crypto.jws import MAX_TOKEN_BYTES, encode_segment, sign_compact
@@ -69,9 +68,9 @@ ANY_TOOL: Final = "*"
 _MAX_TOOLS: Final = 64
 
 
-@dataclass(frozen=True, slots=True)
-class Grant:
-    """One verified link. Build only through :func:`verify_grant`."""
+class Grant(NamedTuple):
+    """One verified link. Build only through :func:`verify_grant`. Immutable (a named tuple: built
+    once per link on every cold verification, about three times cheaper than a frozen dataclass)."""
 
     token: str
     iss: str
@@ -303,18 +302,18 @@ def _grant_from_claims(token: str, claims: dict[str, Any]) -> Grant:
     def bad(name: str, what: str) -> TokenError:
         return TokenError(f"grant claim {name!r} {what}", code="invalid_claim", claim=name)
 
-    for name in ("iss", "sub", "parent_chain"):
-        if not isinstance(claims[name], str) or not claims[name]:
+    iss, sub, parent_chain = claims["iss"], claims["sub"], claims["parent_chain"]
+    for name, value in (("iss", iss), ("sub", sub), ("parent_chain", parent_chain)):
+        if type(value) is not str or not value:
             raise bad(name, "must be a non-empty string")
     tools = claims["tools"]
-    if (
-        not isinstance(tools, list)
-        or not 0 < len(tools) <= _MAX_TOOLS
-        or not all(isinstance(t, str) and t for t in tools)
-    ):
+    if type(tools) is not list or not 0 < len(tools) <= _MAX_TOOLS:
         raise bad("tools", f"must list 1-{_MAX_TOOLS} tool names")
+    for tool in tools:
+        if type(tool) is not str or not tool:
+            raise bad("tools", f"must list 1-{_MAX_TOOLS} tool names")
     depth = claims["max_depth"]
-    if not isinstance(depth, int) or isinstance(depth, bool) or not 0 <= depth <= 16:
+    if type(depth) is not int or not 0 <= depth <= 16:  # JSON gives exact types; bool is refused
         raise bad("max_depth", "must be a whole number from 0 to 16")
     origin = claims.get("origin_user")
     origin_iss = claims.get("origin_iss")
@@ -324,16 +323,16 @@ def _grant_from_claims(token: str, claims: dict[str, Any]) -> Grant:
     if not (math.isfinite(iat) and math.isfinite(exp)) or exp <= iat:
         raise bad("exp", "must be after iat")
     return Grant(
-        token=token,
-        iss=claims["iss"],
-        sub=claims["sub"],
-        jti=claims["jti"],
-        iat=iat,
-        exp=exp,
-        scopes=split_scopes(claims["scope"]),
-        tools=tuple(dict.fromkeys(tools)),
-        max_depth=depth,
-        parent_chain=claims["parent_chain"],
-        origin_user=origin,
-        origin_issuer=origin_iss if origin is not None else None,
+        token,
+        iss,
+        sub,
+        claims["jti"],
+        iat,
+        exp,
+        split_scopes(claims["scope"]),
+        tuple(dict.fromkeys(tools)),
+        depth,
+        parent_chain,
+        origin,
+        origin_iss if origin is not None else None,
     )
