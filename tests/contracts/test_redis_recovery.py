@@ -17,6 +17,7 @@ from redis.asyncio.connection import parse_url
 from aegis.clock import FrozenClock
 from aegis.errors import ReplayDetected, TokenError, Unavailable
 from aegis.stores.redis import RedisReplayStore, RedisRevocationStore
+from tests.contracts.conftest import PATIENT_TIMEOUT
 
 
 class Relay:
@@ -39,16 +40,22 @@ class Relay:
             writer.transport.abort()
         await self._server.wait_closed()
         self._server = None
+        await asyncio.sleep(0)  # an aborted socket is closed on the next loop iteration
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self._target)
-        self._writers |= {writer, up_writer}
+        # Known to stop() from the start: a cut while the upstream connection is still being made
+        # must close this one too, or it stays open past the test.
+        self._writers.add(writer)
+        up_writer: asyncio.StreamWriter | None = None
         try:
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+            self._writers.add(up_writer)
             await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
         finally:
             for w in (writer, up_writer):
-                self._writers.discard(w)
-                w.transport.abort()
+                if w is not None:
+                    self._writers.discard(w)
+                    w.transport.abort()
 
     @staticmethod
     async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
@@ -75,7 +82,11 @@ async def test_replay_store_recovers_when_redis_returns(
     relay: Relay, redis_prefix: str, frozen_clock: FrozenClock
 ) -> None:
     store = RedisReplayStore.from_url(
-        f"redis://127.0.0.1:{relay.port}/0", clock=frozen_clock, prefix=redis_prefix, timeout=1.0
+        f"redis://127.0.0.1:{relay.port}/0",
+        clock=frozen_clock,
+        prefix=redis_prefix,
+        timeout=PATIENT_TIMEOUT,
+        connect_timeout=PATIENT_TIMEOUT,
     )
     exp = frozen_clock.now() + 60
     try:
@@ -100,7 +111,11 @@ async def test_revocation_store_recovers_when_redis_returns(
     relay: Relay, redis_prefix: str, frozen_clock: FrozenClock
 ) -> None:
     store = RedisRevocationStore.from_url(
-        f"redis://127.0.0.1:{relay.port}/0", clock=frozen_clock, prefix=redis_prefix, timeout=1.0
+        f"redis://127.0.0.1:{relay.port}/0",
+        clock=frozen_clock,
+        prefix=redis_prefix,
+        timeout=PATIENT_TIMEOUT,
+        connect_timeout=PATIENT_TIMEOUT,
     )
     now = frozen_clock.now()
     try:
