@@ -6,10 +6,13 @@ throughput the reverse proxy adds over calling the upstream directly.
    one commit per call). Compared with the sum of its raw Ed25519 operations measured in the same
    run on the same keys: two verifications (access token, DPoP proof) and one signature
    (attestation).
-2. Reverse proxy on loopback: an upstream (uvicorn) called directly and through the gateway
-   (uvicorn), sequential latency p50/p99 (with and without the durable audit commit) and
-   concurrent throughput. Every request carries a fresh
-   DPoP proof, minted before timing.
+2. The same pipeline's CPU time per call and per step (thread CPU), which a loaded machine
+   distorts far less than wall time, against the raw floor measured in interleaved rounds.
+3. Reverse proxy on loopback (bench_proxy.py): upstream, gateway and client each in their own
+   process, the gateway pinned to one CPU; an upstream called directly and through the gateway,
+   sequential latency p50/p99 (with and without the durable audit commit), the gateway's CPU per
+   proxied call, and concurrent throughput. Every request carries a fresh DPoP proof, minted
+   before timing.
 
 Bounded and loopback only:  .venv/bin/python bench/bench_gateway.py [--calls 2000] [--http 400]
 """
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import tempfile
@@ -26,19 +28,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tests.gateway.harness import Upstream, serve
 from tests.gateway.helpers import jkt_of, mint_proof
-from tests.support.server import free_port, write_dev_config
+from tests.support.server import write_dev_config
 
 from aegis.audit.log import AuditLog
 from aegis.config import GatewaySettings, load_config
 from aegis.crypto.keys import Ed25519SigningKey, b64u_decode
-from aegis.gateway.app import build_pipeline, create_gateway_app
+from aegis.gateway.app import build_pipeline
 from aegis.gateway.context import CallContext, Route, body_digest
 from aegis.gateway.pipeline import STEPS
 from aegis.policy.store import MemoryPolicyStore
@@ -46,6 +45,7 @@ from aegis.registry.service import AgentSpec
 from aegis.server.services import Services, build_services
 from aegis.telemetry.metrics import PIPELINE_STEP_SECONDS
 from aegis.types import ClientAuthMethod
+from bench_proxy import proxy_bench, report
 
 GW = "https://gw.bench"
 ROUTE = Route("/pay", "http://127.0.0.1:9", "payments", "acme", "prod")
@@ -197,87 +197,14 @@ def _run_inline(coro: Any) -> Any:
     raise RuntimeError("the pipeline suspended; measure it with pipeline_bench instead")
 
 
-def http_bench(services: Services, key: Any, token: str, n: int) -> dict[str, float]:
-    upstream = Upstream()
-    out: dict[str, float] = {}
-    with serve(upstream.app) as up:
-        port = free_port()
-        public = f"http://127.0.0.1:{port}"
-        settings = GatewaySettings.model_validate({
-            "public_url": public, "allow": [{"tool": "payments"}],
-            "routes": [{"path_prefix": "/pay", "upstream": up, "tool": "payments",
-                        "tenant": "acme", "env": "prod"}],
-        })  # fmt: skip
-        pipe = build_pipeline(services, settings, policy_store=MemoryPolicyStore())
-        with serve(create_gateway_app(services, settings, pipeline=pipe), port) as gw:
-            url = gw + "/pay/x"
-            proofs = [mint_proof(key, "POST", url, token=token) for _ in range(n * 2)]
-            with httpx.Client() as client:
-                direct, proxied = [], []
-                for _ in range(n):
-                    t = time.perf_counter()
-                    client.post(
-                        up + "/pay/x",
-                        content=b'{"amount": 5}',
-                        headers={"content-type": "application/json"},
-                    )
-                    direct.append(time.perf_counter() - t)
-                for i in range(n):
-                    headers = {
-                        "authorization": f"DPoP {token}",
-                        "dpop": proofs[i],
-                        "content-type": "application/json",
-                    }
-                    t = time.perf_counter()
-                    r = client.post(url, content=b'{"amount": 5}', headers=headers)
-                    proxied.append(time.perf_counter() - t)
-                    assert r.status_code == 200, r.text
-                # The same calls with the durable audit append switched off, to show how much of
-                # the added latency is the commit (an fsync) rather than the proxy.
-                audit, pipe._audit, unaudited = pipe._audit, None, []
-                late = [mint_proof(key, "POST", url, token=token) for _ in range(n)]
-                for p in late:
-                    headers = {"authorization": f"DPoP {token}", "dpop": p}
-                    headers["content-type"] = "application/json"
-                    t = time.perf_counter()
-                    r = client.post(url, content=b'{"amount": 5}', headers=headers)
-                    unaudited.append(time.perf_counter() - t)
-                    assert r.status_code == 200, r.text
-                pipe._audit = audit
-            out.update(direct_p50=pct(direct, 0.5), direct_p99=pct(direct, 0.99))
-            out.update(proxy_p50=pct(proxied, 0.5), proxy_p99=pct(proxied, 0.99))
-            out.update(bare_p50=pct(unaudited, 0.5), bare_p99=pct(unaudited, 0.99))
-
-            async def burst() -> float:
-                # aiohttp as the load client: cheaper per request than httpx, so the figure is
-                # less about the client (which shares this process and its GIL with both servers).
-                connector = aiohttp.TCPConnector(limit=16)
-                async with aiohttp.ClientSession(connector=connector) as session:
-                    sem = asyncio.Semaphore(16)
-
-                    async def one(p: str) -> None:
-                        async with sem:
-                            h = {"authorization": f"DPoP {token}", "dpop": p}
-                            h["content-type"] = "application/json"
-                            async with session.post(url, data=b'{"amount": 5}', headers=h) as r:
-                                await r.read()
-                                assert r.status == 200, r.status
-
-                    t = time.perf_counter()
-                    await asyncio.gather(*(one(p) for p in proofs[n:]))
-                    return n / (time.perf_counter() - t)
-
-            out["proxy_rps"] = asyncio.run(burst())
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--http", type=int, default=400)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        config = load_config(write_dev_config(Path(tmp), 8080), environ={})
+        config_path = write_dev_config(Path(tmp), 8080)
+        config = load_config(config_path, environ={})
         services = build_services(config)
         key, _, token = register(services)
         raw = raw_ed25519(services, key, token, args.calls) * 1e6
@@ -295,16 +222,7 @@ def main() -> None:
               f" raw Ed25519 {cpu['raw']:.1f} us, pipeline {cpu['pipeline']:.1f} us,"
               f" ratio {cpu['pipeline'] / cpu['raw']:.2f}")  # fmt: skip
         print("  per step (CPU us): " + ", ".join(f"{s} {cpu['step_' + s]:.1f}" for s in STEPS))
-        h = http_bench(services, key, token, args.http)
-        print(
-            f"direct upstream         p50 {h['direct_p50']:8.1f} us  p99 {h['direct_p99']:8.1f} us"
-        )
-        print(f"through gateway         p50 {h['proxy_p50']:8.1f} us  p99 {h['proxy_p99']:8.1f} us"
-              f"  added p50 {h['proxy_p50'] - h['direct_p50']:8.1f} us")  # fmt: skip
-        print(f"through gateway, no audit p50 {h['bare_p50']:6.1f} us  p99 {h['bare_p99']:8.1f} us"
-              f"  added p50 {h['bare_p50'] - h['direct_p50']:8.1f} us")  # fmt: skip
-        print(f"gateway throughput (16 concurrent, audited)  {h['proxy_rps']:8.0f} req/s"
-              f"  on {os.cpu_count()} cores shared with upstream and client")  # fmt: skip
+        report(proxy_bench(config_path, key, token, args.http))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,239 @@
+"""Reverse-proxy cost on loopback, each server in its own process: what the gateway adds over calling
+the upstream directly, and how many calls per second it forwards on one core.
+
+Three processes, as in a deployment: the upstream (uvicorn), the gateway (uvicorn, pinned to one
+CPU, the full pipeline: token and DPoP proof verification, replay, subject, delegation, allow-list
+policy, attestation) and the load client. Run in one process, the three would share one GIL and
+each hop would wait for the others' switch interval, which measures Python, not the gateway. The
+gateway serves two ports from one event loop: one with the durable audit append (SQLite WAL +
+``synchronous=FULL``), one without it, so the commit's share of the latency shows.
+
+Used by bench_gateway.py; alone:  .venv/bin/python bench/bench_proxy.py [--http 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+import uvicorn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tests.gateway.harness import Upstream
+from tests.gateway.helpers import mint_proof
+from tests.support.server import free_port, write_dev_config
+
+from aegis.config import GatewaySettings, load_config
+from aegis.gateway.app import build_pipeline, create_gateway_app
+from aegis.policy.store import MemoryPolicyStore
+from aegis.server.services import build_services
+
+BODY = b'{"amount": 5}'
+
+
+def _pin(last: bool) -> None:
+    """The gateway takes the last CPU; the upstream and the client keep off it."""
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) > 1:
+        os.sched_setaffinity(0, {cpus[-1]} if last else set(cpus[:-1]))
+
+
+def _server(app: Any, port: int) -> uvicorn.Server:
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", access_log=False
+    )
+    return uvicorn.Server(config)
+
+
+async def _serve_until_told(servers: list[uvicorn.Server], conn: Connection) -> None:
+    tasks = [asyncio.create_task(s.serve()) for s in servers]
+    while not all(s.started for s in servers):
+        await asyncio.sleep(0.02)
+    conn.send("ready")
+    loop = asyncio.get_running_loop()
+    # Until told to stop, answer "cpu" with this process's CPU time so far (every thread: the
+    # event loop and the audit writer), which a loaded machine inflates far less than wall time.
+    while await loop.run_in_executor(None, conn.recv) == "cpu":
+        conn.send(time.process_time())
+    for s in servers:
+        s.should_exit = True
+    await asyncio.gather(*tasks)
+
+
+def serve_upstream(port: int, conn: Connection) -> None:
+    _pin(last=False)
+    asyncio.run(_serve_until_told([_server(Upstream().app, port)], conn))
+
+
+def serve_gateway(
+    config_path: str, upstream: str, ports: tuple[int, int], conn: Connection
+) -> None:
+    """Port 0 of ``ports`` with the durable audit append, port 1 without it."""
+    _pin(last=True)
+    config = load_config(config_path, environ={})
+    services = build_services(config)
+    servers = []
+    for audited, port in zip((True, False), ports, strict=True):
+        settings = GatewaySettings.model_validate({
+            "public_url": f"http://127.0.0.1:{port}", "allow": [{"tool": "payments"}],
+            "routes": [{"path_prefix": "/pay", "upstream": upstream, "tool": "payments",
+                        "tenant": "acme", "env": "prod"}],
+        })  # fmt: skip
+        pipe = build_pipeline(services, settings, policy_store=MemoryPolicyStore())
+        if not audited:
+            pipe._audit = None  # the decision and the forward alone
+        servers.append(_server(create_gateway_app(services, settings, pipeline=pipe), port))
+    asyncio.run(_serve_until_told(servers, conn))
+
+
+def _pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6
+
+
+def _sequential(
+    client: httpx.Client, url: str, proofs: list[str] | None, token: str
+) -> list[float]:
+    samples = []
+    for i in range(len(proofs) if proofs else 0):
+        headers = {"content-type": "application/json"}
+        if proofs is not None and token:
+            headers |= {"authorization": f"DPoP {token}", "dpop": proofs[i]}
+        t = time.perf_counter()
+        r = client.post(url, content=BODY, headers=headers)
+        samples.append(time.perf_counter() - t)
+        assert r.status_code == 200, r.text
+    return samples
+
+
+async def _burst(url: str, token: str, proofs: list[str]) -> float:
+    # aiohttp as the load client: cheaper per request than httpx, so the figure is less about
+    # the client (which shares a core with the upstream).
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16)) as session:
+        sem = asyncio.Semaphore(16)
+
+        async def one(p: str) -> None:
+            async with sem:
+                h = {
+                    "authorization": f"DPoP {token}",
+                    "dpop": p,
+                    "content-type": "application/json",
+                }
+                async with session.post(url, data=BODY, headers=h) as r:
+                    await r.read()
+                    assert r.status == 200, r.status
+
+        t = time.perf_counter()
+        await asyncio.gather(*(one(p) for p in proofs))
+        return len(proofs) / (time.perf_counter() - t)
+
+
+def proxy_bench(config_path: Path, key: Any, token: str, n: int) -> dict[str, float]:
+    """``n`` sequential calls direct, through the audited and the unaudited gateway; then ``n``
+    concurrent calls (16 in flight) through the audited gateway for throughput."""
+    ctx = mp.get_context("spawn")
+    up_port, gw_ports = free_port(), (free_port(), free_port())
+    upstream = f"http://127.0.0.1:{up_port}"
+    pipes = [ctx.Pipe(), ctx.Pipe()]
+    procs = [
+        ctx.Process(target=serve_upstream, args=(up_port, pipes[0][1]), daemon=True),
+        ctx.Process(
+            target=serve_gateway,
+            args=(str(config_path), upstream, gw_ports, pipes[1][1]),
+            daemon=True,
+        ),
+    ]
+    for p in procs:
+        p.start()
+    _pin(last=False)
+    out: dict[str, float] = {}
+    try:
+        for parent, _ in pipes:
+            if not parent.poll(60):
+                raise RuntimeError("a bench server did not start")
+            parent.recv()
+        audited, bare = (f"http://127.0.0.1:{p}/pay/x" for p in gw_ports)
+        gateway = pipes[1][0]
+
+        def gateway_cpu() -> float:
+            gateway.send("cpu")
+            return float(gateway.recv())
+
+        with httpx.Client() as client:
+            _sequential(client, upstream + "/pay/x", [""] * 20, "")  # warm both hops
+            _sequential(client, audited, [mint_proof(key, "POST", audited, token=token)], token)
+            _sequential(client, bare, [mint_proof(key, "POST", bare, token=token)], token)
+            direct = _sequential(client, upstream + "/pay/x", [""] * n, "")
+            proofs_a, proofs_b = _proofs(key, audited, token, n), _proofs(key, bare, token, n)
+            c0 = gateway_cpu()
+            a = _sequential(client, audited, proofs_a, token)
+            c1 = gateway_cpu()
+            b = _sequential(client, bare, proofs_b, token)
+            c2 = gateway_cpu()
+        out.update(direct_p50=_pct(direct, 0.5), direct_p99=_pct(direct, 0.99))
+        out.update(proxy_p50=_pct(a, 0.5), proxy_p99=_pct(a, 0.99))
+        out.update(bare_p50=_pct(b, 0.5), bare_p99=_pct(b, 0.99))
+        out.update(proxy_cpu=(c1 - c0) / n * 1e6, bare_cpu=(c2 - c1) / n * 1e6)
+        proofs_a, proofs_b = _proofs(key, audited, token, n), _proofs(key, bare, token, n)
+        out["proxy_rps"] = asyncio.run(_burst(audited, token, proofs_a))
+        c3 = gateway_cpu()
+        out["bare_rps"] = asyncio.run(_burst(bare, token, proofs_b))
+        out["burst_cpu"] = (gateway_cpu() - c3) / n * 1e6
+    finally:
+        for parent, _ in pipes:
+            parent.send("stop")
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return out
+
+
+def _proofs(key: Any, url: str, token: str, n: int) -> list[str]:
+    return [mint_proof(key, "POST", url, token=token) for _ in range(n)]
+
+
+def report(h: dict[str, float]) -> None:
+    print(f"direct upstream           p50 {h['direct_p50']:8.1f} us  p99 {h['direct_p99']:8.1f} us")
+    print(f"through gateway (audited) p50 {h['proxy_p50']:8.1f} us  p99 {h['proxy_p99']:8.1f} us"
+          f"  added p50 {h['proxy_p50'] - h['direct_p50']:8.1f} us  (goal <= 1000)")  # fmt: skip
+    print(f"through gateway, no audit p50 {h['bare_p50']:8.1f} us  p99 {h['bare_p99']:8.1f} us"
+          f"  added p50 {h['bare_p50'] - h['direct_p50']:8.1f} us")  # fmt: skip
+    print(f"gateway CPU per proxied call (process CPU of the gateway, all threads):"
+          f" sequential audited {h['proxy_cpu']:7.1f} us, sequential no audit {h['bare_cpu']:7.1f}"
+          f" us, 16 in flight no audit {h['burst_cpu']:7.1f} us"
+          f" -> {1e6 / h['burst_cpu']:6.0f} req/s per fully available core")  # fmt: skip
+    print(f"gateway throughput, gateway on one core (16 in flight): audited {h['proxy_rps']:6.0f}"
+          f" req/s, no audit {h['bare_rps']:6.0f} req/s  (goal >= 2500; client and upstream"
+          f" share the other {max(1, (os.cpu_count() or 2) - 1)} core(s))")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--http", type=int, default=400)
+    args = parser.parse_args()
+    from bench_gateway import register
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = write_dev_config(Path(tmp), 8080)
+        services = build_services(load_config(config_path, environ={}))
+        key, _, token = register(services)
+        report(proxy_bench(config_path, key, token, args.http))
+
+
+if __name__ == "__main__":
+    main()
