@@ -184,8 +184,13 @@ def parse_compact(token: str, *, max_bytes: int = MAX_TOKEN_BYTES) -> ParsedJWS:
 def encode_segment(obj: dict[str, Any]) -> str:
     """Compact JSON, base64url-encoded. Raises ``ValueError`` for NaN or infinity, which the
     parser would refuse: never mint what we cannot verify."""
-    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    text = _encoder.encode(obj)
     return b64u_encode(text.encode("utf-8"))
+
+
+# What ``json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)`` uses, built
+# once: json.dumps builds a new encoder on every call made with non-default options.
+_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def sign_compact(header_segment: str, payload: dict[str, Any], sign: Any) -> str:
