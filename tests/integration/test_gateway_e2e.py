@@ -199,12 +199,15 @@ def test_suspended_agent_is_refused_within_one_second(stack: Stack) -> None:
     assert call(stack, agent, token).status_code == 200
     stack.srv.services.registry.set_agent_status(agent.id, AgentStatus.SUSPENDED, actor="test")
     started = time.monotonic()
+    # Timed from when each call is sent: no call sent more than 1 s after the suspension may be
+    # let through (a loaded runner's slow round trip must not count against the gateway).
     while True:
+        sent = time.monotonic() - started
         resp = call(stack, agent, token)
-        if resp.status_code != 200 or time.monotonic() - started > 1.0:
+        if resp.status_code != 200:
             break
+        assert sent <= 1.0, f"a call sent {sent:.2f}s after the suspension was let through"
         time.sleep(0.05)
-    assert time.monotonic() - started <= 1.0
     assert resp.status_code in (401, 403)
     assert resp.json()["code"] in ("agent_inactive", "token_revoked")
 

@@ -130,14 +130,18 @@ async def test_an_agent_suspended_at_the_control_plane_is_refused_by_both_within
         "replica-suspended", AgentStatus.SUSPENDED, actor="test"
     )
     started = time.monotonic()
+    # Timed from when each call is sent: no call sent more than 1 s after the suspension may be
+    # let through by either replica (a slow round trip on a loaded runner is not the gateway's).
     refused: dict[str, float] = {}
-    while len(refused) < 2 and time.monotonic() - started < 1.5:
+    while len(refused) < 2:
         for gw in replicas.gateways:
             if gw not in refused:
+                sent = time.monotonic() - started
                 resp = await call(gw, key, token)
                 if resp.status_code != 200:
                     assert resp.json()["code"] in ("agent_inactive", "token_revoked"), resp.text
-                    refused[gw] = time.monotonic() - started
+                    refused[gw] = sent
+                else:
+                    assert sent <= 1.0, f"{gw} let a call sent {sent:.2f}s after through"
         await asyncio.sleep(0.02)
     assert set(refused) == set(replicas.gateways), refused
-    assert max(refused.values()) <= 1.0, refused
