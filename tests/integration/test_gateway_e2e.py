@@ -68,7 +68,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                      "tenant": "acme", "env": "prod"},
                 ],
                 "allow": [{"tool": "payments"}],
-                "upstream_timeout": 1.0,
+                # Every call below goes through this budget; /slow (3 s) must still exceed it.
+                "upstream_timeout": 2.0,
                 "policy_poll_interval": 0.05,
             }
         )  # fmt: skip
