@@ -37,6 +37,8 @@ def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
         ("tokens:\n  default_lifetime: 7200\n  max_lifetime: 3600\n", "tokens"),
         ("tokens:\n  signing_alg: HS256\n", "tokens.signing_alg"),
         ("stores:\n  replay: mysql://x\n", "stores.replay"),
+        ("stores:\n  redis_timeout: 0\n", "stores.redis_timeout"),
+        ("stores:\n  redis_connect_timeout: 60\n", "stores.redis_connect_timeout"),
         ("issuer: ftp://x\n", "issuer"),
         ("issuer: https://x/\n", "issuer"),
         ("server:\n  port: 0\n", "server.port"),

@@ -73,6 +73,11 @@ class StoreSettings(_Section):
     replay: str = "memory://"
     revocation: str = "memory://"
     redis_prefix: str = "aegis:"
+    #: Seconds Redis may take to answer a command (and to lend a pooled connection), and to
+    #: open a connection. Past either the store is unavailable and the call is refused (503):
+    #: a latency budget on the hot path, never a reason to allow.
+    redis_timeout: float = Field(default=0.25, gt=0.0, le=10.0)
+    redis_connect_timeout: float = Field(default=0.25, gt=0.0, le=10.0)
     #: How long registry reads may be served from the in-process cache (seconds).
     registry_cache_ttl: float = Field(default=0.25, ge=0.0, le=5.0)
 

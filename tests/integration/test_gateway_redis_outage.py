@@ -40,6 +40,10 @@ async def test_outage_is_503_throughout_and_the_gateway_recovers_unaided(
         "AEGIS_STORES__REPLAY": via,
         "AEGIS_STORES__REVOCATION": via,
         "AEGIS_STORES__REDIS_PREFIX": f"'{redis_prefix}'",
+        # A patient reply budget: the gateway runs on this test's own event loop, and a stall
+        # of the loop under load must not read as an outage (the outage itself is refused at once).
+        "AEGIS_STORES__REDIS_TIMEOUT": "2.0",
+        "AEGIS_STORES__REDIS_CONNECT_TIMEOUT": "2.0",
     }
     services = build_services(load_config(write_dev_config(tmp_path, 8080), environ=environ))
     key, token = agent_token(services, "outage-payer")

@@ -46,6 +46,10 @@ async def replicas(
         "AEGIS_STORES__REPLAY": redis_url,
         "AEGIS_STORES__REVOCATION": redis_url,
         "AEGIS_STORES__REDIS_PREFIX": f"'{redis_prefix}'",  # a YAML scalar
+        # A patient reply budget: the gateway runs on this test's own event loop, and a stall
+        # of the loop under load must not read as an outage (the outage itself is refused at once).
+        "AEGIS_STORES__REDIS_TIMEOUT": "2.0",
+        "AEGIS_STORES__REDIS_CONNECT_TIMEOUT": "2.0",
     }
     config = load_config(write_dev_config(tmp_path, 8080), environ=environ)
     # Three independent sets of clients: the control plane and one per replica.

@@ -31,6 +31,8 @@ COMMENTS: Final[dict[str, str]] = {
     "stores.replay": "memory:// (one process) or redis://HOST:PORT/DB (shared by replicas)",
     "stores.revocation": "memory:// (one process) or redis://HOST:PORT/DB (shared by replicas)",
     "stores.redis_prefix": "prefix of every Redis key",
+    "stores.redis_timeout": "seconds a Redis reply may take; slower is a refusal (503)",
+    "stores.redis_connect_timeout": "seconds a Redis connect may take; slower is a refusal (503)",
     "stores.registry_cache_ttl": "seconds registry reads may be served from the process cache",
     "tokens": "access tokens",
     "tokens.default_lifetime": "seconds a token lives unless less is asked for",

@@ -78,8 +78,14 @@ def build_services(config: AegisConfig, *, clock: Clock | None = None) -> Servic
     registry_store = open_registry_store(db_url)
     key_store = open_key_store(db_url)
     prefix = config.stores.redis_prefix
-    replay = open_replay_store(config.stores.replay, clock=clock, prefix=prefix)
-    revocation = open_revocation_store(config.stores.revocation, clock=clock, prefix=prefix)
+    budget = {
+        "timeout": config.stores.redis_timeout,
+        "connect_timeout": config.stores.redis_connect_timeout,
+    }
+    replay = open_replay_store(config.stores.replay, clock=clock, prefix=prefix, **budget)
+    revocation = open_revocation_store(
+        config.stores.revocation, clock=clock, prefix=prefix, **budget
+    )
     tok = config.tokens
     keyring = KeyRing(
         key_store,

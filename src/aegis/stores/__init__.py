@@ -17,7 +17,12 @@ from aegis.clock import Clock
 from aegis.errors import ConfigError
 from aegis.stores.base import KeyStore, RegistryStore, ReplayStore, RevocationStore
 from aegis.stores.memory import MemoryReplayStore, MemoryRevocationStore
-from aegis.stores.redis import RedisReplayStore, RedisRevocationStore
+from aegis.stores.redis import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    RedisReplayStore,
+    RedisRevocationStore,
+)
 from aegis.stores.sql.keys import SqlKeyStore
 from aegis.stores.sql.migrate import upgrade as _upgrade
 from aegis.stores.sql.registry import SqlRegistryStore
@@ -56,21 +61,41 @@ def open_key_store(sql_url: str) -> SqlKeyStore:
     return SqlKeyStore(sql_url)
 
 
-def open_replay_store(url: str, *, clock: Clock, prefix: str = "aegis:") -> ReplayStore:
-    """``memory://`` (one process) or ``redis://HOST:PORT/DB`` (shared by every replica)."""
+def open_replay_store(
+    url: str,
+    *,
+    clock: Clock,
+    prefix: str = "aegis:",
+    timeout: float = DEFAULT_TIMEOUT,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+) -> ReplayStore:
+    """``memory://`` (one process) or ``redis://HOST:PORT/DB`` (shared by every replica); the
+    timeouts bound each Redis reply and connect (``stores.redis_timeout``, ``..._connect_timeout``)."""
     if url in _MEMORY:
         return MemoryReplayStore(clock)
     if url.startswith(_REDIS):
-        return RedisReplayStore.from_url(url, clock=clock, prefix=prefix)
+        return RedisReplayStore.from_url(
+            url, clock=clock, prefix=prefix, timeout=timeout, connect_timeout=connect_timeout
+        )
     raise ConfigError("stores.replay: use memory:// or redis://HOST:PORT/DB", key="stores.replay")
 
 
-def open_revocation_store(url: str, *, clock: Clock, prefix: str = "aegis:") -> RevocationStore:
-    """``memory://`` (one process) or ``redis://HOST:PORT/DB`` (shared by every replica)."""
+def open_revocation_store(
+    url: str,
+    *,
+    clock: Clock,
+    prefix: str = "aegis:",
+    timeout: float = DEFAULT_TIMEOUT,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+) -> RevocationStore:
+    """``memory://`` (one process) or ``redis://HOST:PORT/DB`` (shared by every replica); the
+    timeouts as for :func:`open_replay_store`."""
     if url in _MEMORY:
         return MemoryRevocationStore(clock)
     if url.startswith(_REDIS):
-        return RedisRevocationStore.from_url(url, clock=clock, prefix=prefix)
+        return RedisRevocationStore.from_url(
+            url, clock=clock, prefix=prefix, timeout=timeout, connect_timeout=connect_timeout
+        )
     raise ConfigError(
         "stores.revocation: use memory:// or redis://HOST:PORT/DB", key="stores.revocation"
     )
