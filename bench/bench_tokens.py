@@ -1,8 +1,9 @@
 """Access-token verification and signing throughput against raw libsodium in the same run.
 
 ``AccessTokenVerifier.verify`` over N distinct freshly minted tokens (every header, payload and
-signature check; the key ring resolves the kid) is compared with PyNaCl ``VerifyKey.verify`` of the
-very same signing inputs and signatures. Signing compares ``TokenIssuer.issue`` with raw
+signature check; the key ring resolves the kid), both at first sight (a fresh verifier) and for
+tokens it accepted before (the parse is remembered; key, signature and times are checked again), is
+compared with PyNaCl ``VerifyKey.verify`` of the very same signing inputs and signatures. Signing compares ``TokenIssuer.issue`` with raw
 ``SigningKey.sign`` of the same signing inputs. Each figure is the best of several repeats
 (min-of-repeats: the least disturbed run). Goal: verify at >= 85% of raw.
 
@@ -87,7 +88,15 @@ def main() -> None:
         verifier.verify(t)
 
     def ours_verify() -> None:
+        # Tokens this verifier has accepted before (a gateway sees each token many times in its
+        # five-minute life): the parse is remembered; key, signature and times are checked anew.
         verify = verifier.verify
+        for t in tokens:
+            verify(t)
+
+    def ours_verify_cold() -> None:
+        # First sight of every token: a fresh verifier, nothing remembered.
+        verify = AccessTokenVerifier(ring.public_key, issuer=ISS, audience=AUD, clock=clock).verify
         for t in tokens:
             verify(t)
 
@@ -110,15 +119,21 @@ def main() -> None:
         for m in messages:
             sign(m)
 
-    t_raw_v, t_raw_o, t_ours_v, t_raw_s, t_ours_s = _interleaved(
-        [raw_verify, raw_open, ours_verify, raw_sign, ours_sign], args.repeats
+    t_raw_v, t_raw_o, t_ours_v, t_cold_v, t_raw_s, t_ours_s = _interleaved(
+        [raw_verify, raw_open, ours_verify, ours_verify_cold, raw_sign, ours_sign], args.repeats
     )
 
     t_raw = min(t_raw_v, t_raw_o)
     print(f"raw VerifyKey.verify:     {n / t_raw_v:10.0f} /s  ({t_raw_v / n * 1e6:6.1f} us)")
     print(f"raw crypto_sign_open:     {n / t_raw_o:10.0f} /s  ({t_raw_o / n * 1e6:6.1f} us)")
-    print(f"AccessTokenVerifier:      {n / t_ours_v:10.0f} /s  ({t_ours_v / n * 1e6:6.1f} us)")
-    print(f"verify ratio (vs faster raw): {t_raw / t_ours_v:6.1%}  (goal >= 85%)")
+    print(
+        f"AccessTokenVerifier, first sight: {n / t_cold_v:10.0f} /s  ({t_cold_v / n * 1e6:6.1f} us)"
+    )
+    print(
+        f"AccessTokenVerifier, seen before: {n / t_ours_v:10.0f} /s  ({t_ours_v / n * 1e6:6.1f} us)"
+    )
+    print(f"verify ratio, first sight (vs faster raw): {t_raw / t_cold_v:6.1%}  (goal >= 85%)")
+    print(f"verify ratio, seen before (vs faster raw): {t_raw / t_ours_v:6.1%}  (goal >= 85%)")
     print(f"raw PyNaCl sign:          {n / t_raw_s:10.0f} /s  ({t_raw_s / n * 1e6:6.1f} us)")
     print(f"TokenIssuer.issue:        {n / t_ours_s:10.0f} /s  ({t_ours_s / n * 1e6:6.1f} us)")
     print(f"sign ratio:               {t_raw_s / t_ours_s:10.1%}")
