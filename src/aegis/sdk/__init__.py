@@ -29,6 +29,7 @@ from aegis.sdk.errors import (
 )
 from aegis.sdk.policy import policy_dry_run
 from aegis.sdk.proofs import DpopSigner
+from aegis.sdk.renewing import RenewingCertificate
 from aegis.sdk.retry import RetryPolicy
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "InvalidRequestError",
     "PrivateKey",
     "RateLimitedError",
+    "RenewingCertificate",
     "ReplayDetectedError",
     "RetryPolicy",
     "ServerError",

@@ -85,5 +85,20 @@ class TokenCache:
         with self._lock:
             self._tokens.clear()
 
+    def keep_bound_to(self, x5t_s256: str) -> int:
+        """Drop every token bound (``cnf.x5t#S256``) to another certificate than ``x5t_s256``
+        (after a renewal); tokens bound otherwise (DPoP ``jkt``) stay. Returns how many went."""
+        with self._lock:
+            stale = [
+                key
+                for key, token in self._tokens.items()
+                if isinstance(cnf := token.claims.get("cnf"), dict)
+                and "x5t#S256" in cnf
+                and cnf["x5t#S256"] != x5t_s256
+            ]
+            for key in stale:
+                del self._tokens[key]
+            return len(stale)
+
     def __len__(self) -> int:
         return len(self._tokens)

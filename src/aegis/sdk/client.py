@@ -23,6 +23,7 @@ import httpx
 
 from aegis.clock import Clock, SystemClock
 from aegis.crypto.keys import Ed25519SigningKey
+from aegis.pki.renewal import Credential as Issued
 from aegis.sdk.approvals import ApprovalPolicy
 from aegis.sdk.auth import AegisAuth, default_asleep, default_sleep
 from aegis.sdk.cache import DEFAULT_REFRESH_MARGIN, CachedToken, TokenCache, TokenKey
@@ -30,6 +31,7 @@ from aegis.sdk.credentials import Credential, PrivateKey
 from aegis.sdk.errors import AegisClientError, InvalidRequestError
 from aegis.sdk.grants import chain_subject, exchange_form, extend_chain
 from aegis.sdk.proofs import DpopSigner
+from aegis.sdk.renewing import RenewingCertificate
 from aegis.sdk.retry import RetryPolicy
 from aegis.sdk.wire import token_from_response
 
@@ -82,7 +84,10 @@ class AgentClient:
             self.signer = DpopSigner(key or Ed25519SigningKey.generate(), clock=self.clock)
         self._tls = credential.ssl_context()
         self._timeout = timeout
-        self.http = httpx.Client(verify=self._tls or True, timeout=timeout)
+        self._renewing = credential if isinstance(credential, RenewingCertificate) else None
+        if self._renewing is not None:
+            self._renewing.manager.on_renew.append(self._renewed)
+        self.http = httpx.Client(timeout=timeout, **self._tls_options(sync=True))
         self._ahttp: httpx.AsyncClient | None = None
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -90,14 +95,29 @@ class AgentClient:
     @property
     def ahttp(self) -> httpx.AsyncClient:
         if self._ahttp is None:
-            self._ahttp = httpx.AsyncClient(verify=self._tls or True, timeout=self._timeout)
+            self._ahttp = httpx.AsyncClient(timeout=self._timeout, **self._tls_options())
         return self._ahttp
 
+    def _tls_options(self, *, sync: bool = False) -> dict[str, Any]:
+        """The TLS identity of a new httpx client: a renewing certificate's rotating transport
+        (:mod:`aegis.sdk.renewing`), else a fixed context (or the system trust store)."""
+        if self._renewing is None:
+            return {"verify": self._tls or True}
+        cred = self._renewing
+        return {"transport": cred.transport() if sync else cred.async_transport()}
+
+    def _renewed(self, issued: Issued) -> None:
+        # Tokens bound to the old certificate would be refused on connections presenting the new
+        # one: fetch the next token over a new connection, bound to the new certificate.
+        self.tokens.keep_bound_to(issued.x5t_s256)
+
     def close(self) -> None:
+        if self._renewing is not None and self._renewed in self._renewing.manager.on_renew:
+            self._renewing.manager.on_renew.remove(self._renewed)
         self.http.close()
 
     async def aclose(self) -> None:
-        self.http.close()
+        self.close()
         if self._ahttp is not None:
             await self._ahttp.aclose()
 
@@ -175,6 +195,8 @@ class AgentClient:
     def _accept(self, key: TokenKey, response: httpx.Response) -> CachedToken:
         token = token_from_response(response, now=self.clock.now(), tenant=key.tenant)
         self.tokens.put(key, token)
+        if self._renewing is not None:  # asked for on a connection older than a renewal?
+            self._renewed(self._renewing.manager.current)
         return token
 
     def token_for(self, key: TokenKey, *, subject_token: str | None = None) -> CachedToken:
@@ -253,16 +275,16 @@ class AgentClient:
         return httpx.Client(
             base_url=base_url,
             auth=self.auth(**auth),
-            verify=self._tls or True,
             timeout=self._timeout,
+            **self._tls_options(sync=True),
         )
 
     def async_client(self, base_url: str = "", **auth: Any) -> httpx.AsyncClient:
         return httpx.AsyncClient(
             base_url=base_url,
             auth=self.auth(**auth),
-            verify=self._tls or True,
             timeout=self._timeout,
+            **self._tls_options(),
         )
 
     # -- delegation --------------------------------------------------------------------------

@@ -5,7 +5,9 @@
   signed with the agent's registered Ed25519 key for every token request. The same key signs DPoP
   proofs and the parent-agent grants this agent hands to others;
 * :class:`Certificate` — ``tls_client_auth`` (RFC 8705 §2.1): the agent's X.509-SVID from the Aegis
-  CA presented on the TLS connection; the request carries only ``client_id``.
+  CA presented on the TLS connection; the request carries only ``client_id``;
+* :class:`~aegis.sdk.renewing.RenewingCertificate` — the same, with a certificate that a
+  ``CertificateManager`` renews at two thirds of its lifetime.
 
 Each kind adds what it needs to one token request and nothing else (RFC 6749 §2.3: "The client
 MUST NOT use more than one authentication method in each request").
@@ -26,6 +28,7 @@ from aegis.clock import new_id
 from aegis.crypto.jws import encode_segment, sign_compact
 from aegis.crypto.keys import Ed25519SigningKey
 from aegis.pki.tls import client_context
+from aegis.sdk.renewing import RenewingCertificate
 
 __all__ = [
     "ASSERTION_LIFETIME",
@@ -135,4 +138,4 @@ class Certificate:
         )
 
 
-Credential = ClientSecret | PrivateKey | Certificate
+Credential = ClientSecret | PrivateKey | Certificate | RenewingCertificate
