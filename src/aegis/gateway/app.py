@@ -84,7 +84,9 @@ def build_pipeline(
     store = policy_store if policy_store is not None else SqlPolicyStore(cfg.database_url())
     audit = audit if audit is not None else AuditLog(cfg.database_url(), clock=clock)
     # approval_needed holds the call in the approval service (docs/approvals.md).
-    gate = approvals if approvals is not None else ApprovalGate(approvals_for(services, audit=audit))
+    gate = (
+        approvals if approvals is not None else ApprovalGate(approvals_for(services, audit=audit))
+    )
     return Pipeline(
         verifier=verifier,
         dpop=dpop,

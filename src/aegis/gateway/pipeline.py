@@ -148,7 +148,9 @@ class Pipeline:
     async def _decide(self, ctx: CallContext, facts: EvidenceFacts) -> Decision:
         t = time.perf_counter()
         if ctx.route.require_client_cert and ctx.peer is None:  # step 1, for every front door
-            raise AegisError("this route requires a client certificate (mTLS)", code="cert_required")
+            raise AegisError(
+                "this route requires a client certificate (mTLS)", code="cert_required"
+            )
         creds: Credentials = read_credentials(ctx)
         facts.scheme = creds.scheme
         token = self._verifier.verify(creds.token)
