@@ -16,7 +16,7 @@ from cryptography import x509
 from starlette.applications import Starlette
 from typer.core import TyperGroup
 from typer.main import get_command
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from aegis.cli.ca import app
 from aegis.cli.main import app as aegis
@@ -241,3 +241,33 @@ def test_operator_issue_revoke_and_bootstrap(config: Path, tmp_path: Path) -> No
     token = json.loads(runner.invoke(app, ["bootstrap-token", "--agent", "payer", *base]).output)
     assert token["bootstrap_token"].startswith("aegis_bt_")
     asyncio.run(services.aclose())
+
+
+def test_agents_cert_with_server_id_enrols_only_at_the_pinned_control_plane(
+    pki: Pki, control_plane_url: str, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "trust.pem"
+    bundle.write_bytes(pki.ca.bundle_pem())
+    client_id, secret = pki.secrets["beta"]
+    env = {"AEGIS_CLIENT_SECRET": secret}
+
+    def enrol(server_id: str) -> Result:
+        args = ["agents", "cert", "--client-id", client_id, "--out-dir", str(tmp_path / "b"),
+                "--bundle", str(bundle), "--server-id", server_id, "--url", control_plane_url,
+                "--json"]  # fmt: skip
+        return runner.invoke(aegis, args, env=env)
+
+    before = len(pki.store.for_agent("beta"))
+    # The fixture serves the "gw" agent's certificate: pinned to another identity, it is refused
+    # at the handshake and the client credentials are never sent (nothing is issued).
+    wrong = enrol("spiffe://example.org/tenant/t1/env/prod/agent/control-plane")
+    assert wrong.exit_code == 1
+    assert wrong.stderr.startswith("error: server_untrusted: ")
+    assert "not the pinned" in wrong.stderr and wrong.stderr.count("\n") == 1
+    assert len(pki.store.for_agent("beta")) == before
+    bad = enrol("https://not-a-spiffe-id")
+    assert (bad.exit_code, bad.stderr.split(":")[:2]) == (1, ["error", " spiffe_id_invalid"])
+    good = enrol("spiffe://example.org/tenant/t1/env/prod/agent/gw")
+    assert good.exit_code == 0, good.output
+    assert json.loads(good.output)["spiffe_id"].endswith("/agent/beta")
+    assert len(pki.store.for_agent("beta")) == before + 1

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from aegis.cli._common import JsonOpt
 from aegis.clock import SystemClock
 from aegis.errors import AegisError
+from aegis.pki.pinning import pin_server_spiffe_id
 from aegis.pki.renewal import CertificateManager, Credential, basic_credentials
 
 __all__ = ["agent_cert", "fail_cleanly", "say", "write_file"]
@@ -39,8 +40,24 @@ def fail_cleanly() -> Iterator[None]:
         typer.echo(f"error: {exc.code}: {' '.join(exc.message.split())}", err=True)
         raise typer.Exit(1) from None
     except (httpx.HTTPError, OSError) as exc:  # the control plane is unreachable or says nonsense
+        if _refused_server(exc):
+            reason = " ".join(str(exc).split())[:200]
+            typer.echo(f"error: server_untrusted: {reason}", err=True)
+            raise typer.Exit(1) from None
         typer.echo(f"error: ca_unavailable: {type(exc).__name__}: {str(exc)[:200]}", err=True)
         raise typer.Exit(1) from None
+
+
+def _refused_server(exc: BaseException) -> bool:
+    """Whether the TLS handshake refused the server (the chain, or a pinned SPIFFE ID)."""
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in seen:
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return True
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def say(as_json: bool, data: dict[str, Any], *lines: str) -> None:
@@ -74,6 +91,12 @@ def agent_cert(
             envvar="AEGIS_CLIENT_SECRET", prompt=True, hide_input=True, help="never on argv"
         ),
     ],
+    server_id: Annotated[
+        str | None,
+        typer.Option(
+            help="the control plane's SPIFFE ID: refuse any other server before sending credentials"
+        ),
+    ] = None,
     lifetime: Annotated[int | None, typer.Option(min=5, help="seconds (capped by the CA)")] = None,
     watch: Annotated[
         bool, typer.Option(help="keep running and renew at 2/3 of the lifetime")
@@ -89,7 +112,12 @@ def agent_cert(
             raise AegisError(
                 f"{bundle_file} is not a PEM trust bundle", code="config_invalid"
             ) from None
-        verify.check_hostname = False  # Aegis certificates name SPIFFE IDs; the chain is checked
+        if server_id is not None:
+            pin_server_spiffe_id(verify, server_id)  # the control plane, by its SPIFFE ID
+        else:
+            # Aegis certificates name SPIFFE IDs, not hosts: without --server-id any certificate
+            # the bundle's CA issued with serverAuth is taken for the control plane (docs/pki.md).
+            verify.check_hostname = False
         out_dir.mkdir(parents=True, exist_ok=True)
 
     def save(cred: Credential) -> None:

@@ -1,0 +1,72 @@
+"""Pin the TLS server's SPIFFE ID on a client context (SPIFFE X509-SVID §5, "SVID Validation").
+
+Aegis certificates name SPIFFE IDs, not host names, so a client that talks to an Aegis-certified
+server (an agent enrolling at the control plane, say) cannot lean on host-name checking. Trusting the
+Aegis bundle alone would accept every certificate the CA issued with ``serverAuth``. A pinned context
+also requires the server's leaf to carry exactly one URI SAN, equal to the expected SPIFFE ID.
+
+The check runs inside the TLS handshake call, after OpenSSL has verified the chain against the bundle
+and before the client sends a byte of application data (credentials included): the context's
+``sslobject_class`` (asyncio, anyio, httpx's async client) and ``sslsocket_class`` (blocking sockets,
+httpx's sync client) are subclasses whose ``do_handshake`` refuses a mismatch with
+``ssl.SSLCertVerificationError``.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from cryptography import x509
+
+from aegis.pki.spiffe import parse_spiffe_id
+
+__all__ = ["pin_server_spiffe_id", "server_spiffe_id"]
+
+
+def server_spiffe_id(der: bytes | None) -> str:
+    """The one URI SAN of a DER leaf; raises ``ssl.SSLCertVerificationError`` otherwise."""
+    if not der:
+        raise ssl.SSLCertVerificationError("the server presented no certificate")
+    try:
+        leaf = x509.load_der_x509_certificate(der)
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        raise ssl.SSLCertVerificationError("the server's certificate has no SPIFFE ID") from None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        raise ssl.SSLCertVerificationError(
+            f"the server's certificate must carry exactly one URI SAN, not {len(uris)}"
+        )
+    return str(uris[0])
+
+
+def _check(der: bytes | None, expected: str) -> None:
+    found = server_spiffe_id(der)
+    if found != expected:
+        raise ssl.SSLCertVerificationError(
+            f"the server is {found!r}, not the pinned {expected!r}; check --server-id"
+        )
+
+
+def pin_server_spiffe_id(ctx: ssl.SSLContext, expected: str) -> ssl.SSLContext:
+    """Make ``ctx`` accept only a server whose certificate names ``expected`` (a valid SPIFFE ID,
+    else ``AegisError(spiffe_id_invalid)``). Host-name checking is replaced by this check; the chain is still
+    verified against the context's trust bundle. Returns ``ctx``."""
+    parse_spiffe_id(expected)
+    if ctx.verify_mode != ssl.CERT_REQUIRED:
+        raise ValueError("a pinned context must verify the server's certificate chain")
+
+    class PinnedObject(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            super().do_handshake()
+            _check(self.getpeercert(binary_form=True), expected)
+
+    class PinnedSocket(ssl.SSLSocket):
+        def do_handshake(self, block: bool = False) -> None:
+            super().do_handshake(block)
+            _check(self.getpeercert(binary_form=True), expected)
+
+    ctx.check_hostname = False
+    ctx.sslobject_class = PinnedObject
+    ctx.sslsocket_class = PinnedSocket
+    return ctx
