@@ -7,7 +7,6 @@ records, raises NotFound/Conflict like the contract says and commits ``atomic()`
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -20,8 +19,6 @@ from aegis.types import (
     Client,
     Environment,
     Event,
-    KeyState,
-    SigningKeyRecord,
     Tenant,
 )
 
@@ -142,41 +139,6 @@ class MemoryReplayStore:
 
     async def close(self) -> None:
         return None
-
-
-class MemoryKeyStore:
-    def __init__(self) -> None:
-        self.records: dict[str, SigningKeyRecord] = {}
-
-    def list_keys(self) -> list[SigningKeyRecord]:
-        return list(self.records.values())
-
-    def put_key(self, record: SigningKeyRecord) -> None:
-        self.records[record.kid] = record
-
-    def set_state(
-        self,
-        kid: str,
-        state: KeyState,
-        *,
-        activated_at: float | None = None,
-        retired_at: float | None = None,
-        remove_after: float | None = None,
-    ) -> None:
-        rec = self.records[kid]
-        self.records[kid] = dataclasses.replace(
-            rec,
-            state=state,
-            activated_at=activated_at if activated_at is not None else rec.activated_at,
-            retired_at=retired_at if retired_at is not None else rec.retired_at,
-            remove_after=remove_after if remove_after is not None else rec.remove_after,
-        )
-
-    def delete_key(self, kid: str) -> None:
-        self.records.pop(kid, None)
-
-    def replace_all(self, records: Sequence[SigningKeyRecord]) -> None:
-        self.records = {r.kid: r for r in records}
 
 
 class MemoryRevocationStore:

@@ -229,7 +229,8 @@ def control_plane(
     from aegis.oauth.endpoints import OAuthEndpoints
     from aegis.oauth.service import TokenService
     from aegis.tokens.issuer import TokenIssuer
-    from tests.pki.fakes import MemoryKeyStore, MemoryRevocationStore
+    from tests.crypto.fakes import MemoryKeyStore
+    from tests.pki.fakes import MemoryRevocationStore
 
     issuer_url = "https://aegis.example.org"
     keyring = KeyRing(MemoryKeyStore(), pki.kek, pki.clock, KeyRingSettings())

@@ -25,7 +25,8 @@ from aegis.tokens.external import ExternalTrust
 from aegis.tokens.issuer import IssuedToken, TokenIssuer
 from aegis.tokens.verifier import AccessTokenVerifier
 from aegis.types import ClientAuthMethod
-from tests.pki.fakes import MemoryKeyStore, MemoryRegistryStore, MemoryReplayStore
+from tests.crypto.fakes import MemoryKeyStore
+from tests.pki.fakes import MemoryRegistryStore, MemoryReplayStore
 
 ISSUER = "https://aegis.example"
 T0 = 1_800_000_000.0
