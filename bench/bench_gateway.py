@@ -172,14 +172,14 @@ def cpu_profile(services: Services, key: Any, token: str, n: int) -> dict[str, f
                 )
                 for _ in range(n)
             ]  # fmt: skip
-            before = {s: PIPELINE_STEP_SECONDS.labels(s)._sum.get() for s in STEPS}
+            before = {s: PIPELINE_STEP_SECONDS.sum(s) for s in STEPS}
             for ctx in ctxs:
                 t = time.thread_time()
                 result = _run_inline(pipe.run(ctx))
                 pipe_cpu.append(time.thread_time() - t)
                 assert result.allowed, result
             for s in STEPS:
-                steps[s].append((PIPELINE_STEP_SECONDS.labels(s)._sum.get() - before[s]) / n)
+                steps[s].append((PIPELINE_STEP_SECONDS.sum(s) - before[s]) / n)
     finally:
         pipeline_module.time = real_time
     out = {"raw": statistics.median(raw_cpu) * 1e6, "pipeline": statistics.median(pipe_cpu) * 1e6}

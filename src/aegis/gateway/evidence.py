@@ -91,6 +91,8 @@ class EvidenceFacts:
     chain: tuple[str, ...] = ()
     decision: Decision | None = None
     error: AegisError | None = None
+    #: ``(step index, seconds)`` of each pipeline step this call ran, recorded at its end.
+    step_times: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def agent_id(self) -> str | None:

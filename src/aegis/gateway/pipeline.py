@@ -20,6 +20,9 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 from urllib.parse import urlsplit
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
 from aegis.audit.attest import Attester, request_digest
 from aegis.audit.log import AuditLog
 from aegis.clock import Clock, new_id
@@ -44,7 +47,7 @@ from aegis.registry.cache import RegistryCache
 from aegis.stores.base import ReplayStore, RevocationStore
 from aegis.telemetry import names
 from aegis.telemetry.logging import log_event
-from aegis.telemetry.metrics import DECISIONS, PIPELINE_STEP_SECONDS
+from aegis.telemetry.metrics import PIPELINE_STEP_SECONDS, PIPELINE_STEPS, count_decision
 from aegis.telemetry.tracing import get_tracer
 from aegis.tokens.chain import ChainRules, verify_chain
 from aegis.tokens.claims import AccessToken
@@ -54,16 +57,8 @@ from aegis.tokens.verifier import AccessTokenVerifier
 
 __all__ = ["STEPS", "ApprovalHook", "LimitsHook", "Pipeline", "Result"]
 
-STEPS: Final = (
-    "token",
-    "binding",
-    "replay",
-    "subject",
-    "delegation",
-    "policy",
-    "limits",
-    "evidence",
-)
+STEPS: Final = PIPELINE_STEPS
+_TOKEN, _BINDING, _REPLAY, _SUBJECT, _DELEGATION, _POLICY, _LIMITS, _EVIDENCE = range(len(STEPS))
 TOKEN_REPLAY_NAMESPACE: Final = "token"
 #: Limits and budgets (step 8) plug in here; raising refuses the call.
 LimitsHook = Callable[[CallContext, AccessToken], Awaitable[None]]
@@ -94,7 +89,6 @@ class Pipeline:
         self._cache, self._revocation, self._rules = cache, revocation, chain_rules
         self._policies, self._attester, self._audit = policies, attester, audit
         self._clock, self._public_url, self._limits = clock, public_url, limits
-        self._timers = {step: PIPELINE_STEP_SECONDS.labels(step) for step in STEPS}
         self._approvals = approvals
 
     @property
@@ -114,14 +108,20 @@ class Pipeline:
         # The path as sent (percent-encoded), so that the proof's htu compares like with like.
         return f"{self._public_url}{urlsplit(ctx.url).path}" if self._public_url else ctx.url
 
-    def _timed(self, step: str, started: float) -> float:
+    @staticmethod
+    def _timed(facts: EvidenceFacts, step: int, started: float) -> float:
+        """Note the time ``step`` took; the call's step times are recorded together at its end."""
         now = time.perf_counter()
-        self._timers[step].observe(now - started)
+        facts.step_times.append((step, now - started))
         return now
 
     async def run(self, ctx: CallContext) -> Result:
         facts = EvidenceFacts(decision_id=new_id(), time=self._clock.now())
-        with get_tracer().start_as_current_span(names.SPAN_GATEWAY_DECIDE) as span:
+        # The span is current while the call is decided and evidenced (the audit record carries
+        # its trace id); attached by hand, which costs a fraction of start_as_current_span.
+        span = get_tracer().start_span(names.SPAN_GATEWAY_DECIDE)
+        attached = otel_context.attach(trace.set_span_in_context(span))
+        try:
             try:
                 decision = await self._decide(ctx, facts)
                 result = self._enforce(ctx, facts, decision)
@@ -132,17 +132,20 @@ class Pipeline:
                 result = self._refuse(facts, AegisError("internal error", code="server_error"))
             started = time.perf_counter()
             result = await self._evidence(ctx, facts, result)
-            self._timed("evidence", started)
-            for key, value in facts.span_attributes(result).items():
-                span.set_attribute(key, value)
-        DECISIONS.labels(action=result.action, reason=result.code or "ok").inc()
+            self._timed(facts, _EVIDENCE, started)
+            span.set_attributes(facts.span_attributes(result))
+        finally:
+            otel_context.detach(attached)
+            span.end()
+        PIPELINE_STEP_SECONDS.record(facts.step_times)
+        count_decision(result.action, result.code)
         return result
 
     async def refuse(self, ctx: CallContext, exc: AegisError) -> Result:
         """A front door's own refusal (oversized or malformed body): evidenced like any other."""
         facts = EvidenceFacts(decision_id=new_id(), time=self._clock.now())
         result = await self._evidence(ctx, facts, self._refuse(facts, exc))
-        DECISIONS.labels(action=result.action, reason=result.code or "ok").inc()
+        count_decision(result.action, result.code)
         return result
 
     async def _decide(self, ctx: CallContext, facts: EvidenceFacts) -> Decision:
@@ -165,7 +168,7 @@ class Pipeline:
             )
         if ctx.route.audience is not None and ctx.route.audience not in token.aud:
             raise TokenError("token audience does not include this route", code="invalid_audience")
-        t = self._timed("token", t)
+        t = self._timed(facts, _TOKEN, t)
         proof = None
         if creds.proof is not None:
             proof = self._dpop.verify(
@@ -180,7 +183,7 @@ class Pipeline:
             check_certificate_binding(token, ctx.peer)  # fails closed without a verified peer
             facts.auth_method = facts.auth_method or "mtls"
         facts.verified = True
-        t = self._timed("binding", t)
+        t = self._timed(facts, _BINDING, t)
         # Exactly one single-use proof per call (both when a single-use token is also DPoP-bound).
         if proof is None and not token.single_use and not ctx.route.allow_bearer:
             raise TokenError(
@@ -196,19 +199,19 @@ class Pipeline:
             facts.jti_seen = exc.code == "replay_detected"
             raise
         facts.jti_seen = False
-        t = self._timed("replay", t)
+        t = self._timed(facts, _REPLAY, t)
         agent = await check_subject(token, self._cache, self._revocation)
         route = ctx.route
         if (token.tenant, token.env) != (route.tenant, route.env):
             raise TokenError(
                 "the token's tenant or environment is not this route's", code="tenant_mismatch"
             )
-        t = self._timed("subject", t)
+        t = self._timed(facts, _SUBJECT, t)
         chain = verify_chain(
             token, cache=self._cache, rules=self._rules, now=self._clock.now(), tool=route.tool
         )
         facts.chain_validated, facts.chain = True, chain.agents
-        t = self._timed("delegation", t)
+        t = self._timed(facts, _DELEGATION, t)
         call = PolicyCall(
             tool=route.tool,
             agent=AgentInfo(
@@ -238,10 +241,10 @@ class Pipeline:
         )  # fmt: skip
         facts.decision = decision
         record_shadow(decision, route.tool)
-        t = self._timed("policy", t)
+        t = self._timed(facts, _POLICY, t)
         if self._limits is not None:
             await self._limits(ctx, token)
-        self._timed("limits", t)
+        self._timed(facts, _LIMITS, t)
         if decision.action == "approval_needed" and self._approvals is not None:
             decision = await self._approvals(ctx, facts, call)
             facts.decision = decision

@@ -6,9 +6,11 @@ counted by their stable error code, so a dashboard reads the same vocabulary as 
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from aegis.telemetry.steps import StepHistogram
 
 __all__ = [
     "ADMIN_REQUESTS",
@@ -28,11 +30,13 @@ __all__ = [
     "FAILED_SIGNATURE_VERIFICATIONS",
     "MTLS_REJECTIONS",
     "OAUTH_REJECTIONS",
+    "PIPELINE_STEPS",
     "PIPELINE_STEP_SECONDS",
     "REGISTRY",
     "REPLAY_ATTEMPTS",
     "TOKENS_ISSUED",
     "TOKEN_ENDPOINT_SECONDS",
+    "count_decision",
     "count_rejection",
 ]
 
@@ -159,13 +163,38 @@ DECISIONS: Final = Counter(
     ["action", "reason"],
     registry=REGISTRY,
 )
-PIPELINE_STEP_SECONDS: Final = Histogram(
+#: The gateway decision pipeline's steps, in order (``aegis.gateway.pipeline``).
+PIPELINE_STEPS: Final = (
+    "token",
+    "binding",
+    "replay",
+    "subject",
+    "delegation",
+    "policy",
+    "limits",
+    "evidence",
+)
+#: Recorded once per call for all its steps (``aegis.telemetry.steps``).
+PIPELINE_STEP_SECONDS: Final = StepHistogram(
     "aegis_pipeline_step_seconds",
     "Time spent in each step of the gateway decision pipeline.",
-    ["step"],
+    PIPELINE_STEPS,
     buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0),
     registry=REGISTRY,
 )
+
+
+_DECISION_COUNTERS: dict[tuple[str, str], Any] = {}
+
+
+def count_decision(action: str, code: str | None) -> None:
+    """One gateway decision in ``aegis_decisions_total`` (reason: the stable code, or ``ok``).
+    The labelled child is looked up once per (action, reason): the codes are a fixed set."""
+    key = (action, code or "ok")
+    child = _DECISION_COUNTERS.get(key)
+    if child is None:
+        child = _DECISION_COUNTERS[key] = DECISIONS.labels(action=key[0], reason=key[1])
+    child.inc()
 
 
 def count_rejection(endpoint: str, code: str) -> None:

@@ -17,16 +17,25 @@ __all__ = ["INSTRUMENTATION_NAME", "get_tracer", "set_tracer_provider"]
 INSTRUMENTATION_NAME: Final = "aegis"
 
 _provider: trace.TracerProvider | None = None
+#: The tracer of the provider in use, fetched once per provider: the gateway starts a span on every
+#: call. The global provider's tracer is a proxy that follows a provider installed later.
+_tracer: trace.Tracer | None = None
 
 
 def set_tracer_provider(provider: trace.TracerProvider | None) -> None:
     """Use ``provider`` for Aegis spans; None returns to the global provider."""
-    global _provider
-    _provider = provider
+    global _provider, _tracer
+    _provider, _tracer = provider, None
 
 
 def get_tracer() -> trace.Tracer:
     """The Aegis tracer: from the provider set here, else the global (no-op by default) one."""
-    if _provider is not None:
-        return _provider.get_tracer(INSTRUMENTATION_NAME)
-    return trace.get_tracer(INSTRUMENTATION_NAME)
+    global _tracer
+    tracer = _tracer
+    if tracer is None:
+        if _provider is not None:
+            tracer = _provider.get_tracer(INSTRUMENTATION_NAME)
+        else:
+            tracer = trace.get_tracer(INSTRUMENTATION_NAME)
+        _tracer = tracer
+    return tracer
