@@ -21,6 +21,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount
 from starlette.routing import Route as StarletteRoute
 
 from aegis.approvals.wiring import approvals_for
@@ -30,7 +31,7 @@ from aegis.config import GatewaySettings
 from aegis.gateway.approval_gate import ApprovalGate
 from aegis.gateway.pipeline import ApprovalHook, LimitsHook, Pipeline
 from aegis.gateway.policies import PolicyDirectory
-from aegis.gateway.proxy import ReverseProxy
+from aegis.gateway.proxy import METHODS, ReverseProxy
 from aegis.pki.middleware import PeerCertificateMiddleware
 from aegis.pki.renewal import CertificateManager
 from aegis.pki.service import PkiService
@@ -42,8 +43,6 @@ from aegis.tokens.dpop import DpopVerifier, NonceSource
 from aegis.tokens.verifier import AccessTokenVerifier
 
 __all__ = ["METHODS", "build_pipeline", "create_gateway_app"]
-
-METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
 def build_pipeline(
@@ -127,7 +126,8 @@ def create_gateway_app(
     routes: list[Any] = [
         StarletteRoute("/healthz", healthz, methods=["GET"]),
         StarletteRoute("/metrics", metrics, methods=["GET"]),
-        StarletteRoute("/{path:path}", proxy.handle, methods=METHODS),
+        # Everything else is the proxy, a plain ASGI app (it answers 405 to other methods).
+        Mount("", app=proxy),
     ]
 
     @contextlib.asynccontextmanager

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import unquote
@@ -28,7 +27,6 @@ __all__ = [
     "Route",
     "body_digest",
     "is_json_type",
-    "lower_pairs",
     "parse_json_body",
     "route_from_settings",
     "vet_path",
@@ -181,7 +179,3 @@ def vet_path(raw_path: str) -> str:
     if any(seg.split(";", 1)[0] in (".", "..") for seg in path.split("/")):
         raise InvalidRequest("the request path must not contain '.' or '..' segments")
     return path
-
-
-def lower_pairs(pairs: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
-    return tuple((k.lower(), v) for k, v in pairs)

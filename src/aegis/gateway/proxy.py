@@ -10,6 +10,12 @@ it names, ``Keep-Alive``, ``Proxy-*``, ``TE``, ``Trailer``, ``Transfer-Encoding`
 dropped; the caller's ``Authorization``, ``DPoP``, ``Cookie`` is kept but credentials are not, and
 every incoming ``x-aegis-*`` field is removed so that identity headers upstream come only from the
 gateway. An upstream timeout is a 504, an unreachable upstream a 502.
+
+The proxy is a plain ASGI application (:meth:`ReverseProxy.__call__`): it reads the request from
+the scope and ``receive`` and answers with ``send`` itself, with no framework request or response
+objects on the per-call path. An upstream answer whose ``content-length`` is at most
+:data:`WHOLE_ANSWER_BYTES` is read and sent in one message; anything larger or of unknown length
+is relayed chunk by chunk as it arrives.
 """
 
 from __future__ import annotations
@@ -19,11 +25,11 @@ import json
 import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import aiohttp
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import URL as RequestURL
+from starlette.types import Receive, Scope, Send
 from yarl import URL
 
 from aegis.config import GatewaySettings
@@ -35,7 +41,6 @@ from aegis.gateway.context import (
     Route,
     body_digest,
     is_json_type,
-    lower_pairs,
     parse_json_body,
     vet_path,
 )
@@ -43,9 +48,9 @@ from aegis.gateway.pipeline import Pipeline, Result
 from aegis.gateway.routing import RouteTable
 from aegis.pki.middleware import peer_from_scope
 from aegis.policy.obligations import apply_to_body, apply_to_headers
-from aegis.telemetry.metrics import DECISIONS
+from aegis.telemetry.metrics import count_decision
 
-__all__ = ["HOP_BY_HOP", "ReverseProxy", "forwardable"]
+__all__ = ["HOP_BY_HOP", "METHODS", "WHOLE_ANSWER_BYTES", "ReverseProxy", "forwardable"]
 
 HOP_BY_HOP: Final = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection"}
@@ -54,6 +59,11 @@ HOP_BY_HOP: Final = frozenset(
 #: Request fields never forwarded: credentials for the gateway, and fields the proxy sets itself.
 _REQUEST_DROP: Final = frozenset({"authorization", "dpop", "host", "content-length"})
 _RESPONSE_DROP: Final = frozenset({"content-length", "server", "date"})
+#: Upstream answers of at most this many bytes (by their ``content-length``) are sent in one piece.
+WHOLE_ANSWER_BYTES: Final = 64 * 1024
+_CHUNK: Final = 64 * 1024
+#: Methods the proxy forwards; anything else is answered 405.
+METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 def forwardable(pairs: list[tuple[str, str]], drop: frozenset[str]) -> list[tuple[str, str]]:
@@ -72,7 +82,23 @@ def _response_rules(result: Result) -> bool:
     return any(o.target == "response" and o.kind != "drop_header" for o in result.obligations)
 
 
-def _error(result: Result) -> JSONResponse:
+async def _answer(
+    send: Send, status: int, headers: dict[str, str] | list[tuple[str, str]], body: bytes
+) -> None:
+    """One whole answer: status, headers (with ``content-length``) and body in two messages."""
+    items = headers.items() if isinstance(headers, dict) else headers
+    raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in items]
+    raw.append((b"content-length", str(len(body)).encode("ascii")))
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
+    data = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    await _answer(send, status, [*headers.items(), ("content-type", "application/json")], data)
+
+
+async def _error(send: Send, result: Result) -> None:
     body = {
         "error": spec_for(result.code or "server_error").oauth_error,
         "error_description": result.message,
@@ -81,10 +107,12 @@ def _error(result: Result) -> JSONResponse:
         "decision_id": result.decision_id,
         **result.details,
     }
-    return JSONResponse(body, status_code=result.status, headers=result.headers)
+    await _json(send, result.status, body, result.headers)
 
 
 class ReverseProxy:
+    """The proxy front door as an ASGI application (``http`` scopes only)."""
+
     def __init__(
         self,
         pipeline: Pipeline,
@@ -120,38 +148,50 @@ class ReverseProxy:
     def match(self, host: str, path: str) -> Route | None:
         return self._routes.match(host, path)
 
-    async def handle(self, request: Request) -> Response:
-        raw_path = request.scope.get("raw_path") or quote(request.url.path).encode()
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = tuple(
+            (k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]
+        )
+        if scope["type"] != "http":  # no websocket or other protocol is proxied
+            return await send({"type": "websocket.close", "code": 1008})
+        if scope["method"] not in METHODS:
+            count_decision("deny", "method_not_allowed")
+            detail = {"error": "invalid_request", "error_description": "method not allowed"}
+            return await _json(send, 405, detail, {"allow": ", ".join(METHODS)})
+        values: dict[str, str] = {}  # the first value of each field, read by the checks below
+        for name, value in headers:
+            values.setdefault(name, value)
+        raw_path = scope.get("raw_path") or quote(scope["path"]).encode()
         target = raw_path.decode("latin-1")
-        host = request.headers.get("host", "")
+        host = values.get("host", "")
         try:
             path, bad_path = vet_path(target), None
         except InvalidRequest as exc:
-            path, bad_path = request.url.path, exc
+            path, bad_path = scope["path"], exc
         route = self.match(host, path)
         if route is None:  # no tool, so no decision to audit; still counted
             if bad_path is not None:
-                DECISIONS.labels(action="deny", reason="invalid_request").inc()
+                count_decision("deny", "invalid_request")
                 detail = {"error": "invalid_request", "error_description": bad_path.message}
-                return JSONResponse(detail, 400)
-            DECISIONS.labels(action="deny", reason="not_found").inc()
-            return JSONResponse(
-                {"error": "not_found", "error_description": "no route for this path"}, 404
-            )
-        query = request.url.query
+                return await _json(send, 400, detail, {})
+            count_decision("deny", "not_found")
+            detail = {"error": "not_found", "error_description": "no route for this path"}
+            return await _json(send, 404, detail, {})
+        query = scope.get("query_string", b"").decode("latin-1")
+        client = scope.get("client")
         ctx = CallContext(
-            method=request.method.upper(),
+            method=scope["method"].upper(),
             # The target as the client sent it (still percent-encoded): DPoP htu and the request
             # digest cover it, and it is what the upstream receives.
-            url=f"{request.url.scheme}://{request.url.netloc}{target}"
+            url=f"{scope.get('scheme', 'http')}://{RequestURL(scope=scope).netloc}{target}"
             + (f"?{query}" if query else ""),
             host=host,
             path=path,
             route=route,
-            headers=lower_pairs(request.headers.items()),
-            query=tuple(request.query_params.multi_items()),
-            peer=peer_from_scope(request.scope),
-            client=request.client.host if request.client else None,
+            headers=headers,
+            query=tuple(parse_qsl(query, keep_blank_values=True)),
+            peer=peer_from_scope(scope),
+            client=client[0] if client else None,
         )
         limit = self._settings.max_body_bytes
         raw: bytes | None = None
@@ -159,19 +199,19 @@ class ReverseProxy:
         try:
             if bad_path is not None:
                 raise bad_path
-            declared = request.headers.get("content-length")
+            declared = values.get("content-length")
             if declared is not None and not declared.isdigit():
                 raise InvalidRequest("content-length must be a whole number")
             if declared is not None and int(declared) > limit:
                 raise AegisError(
                     f"request body larger than {limit} bytes", code="payload_too_large"
                 )
-            content_type = request.headers.get("content-type")
+            content_type = values.get("content-type")
             # A policy that reads this tool's bodies sees them whole, up to the body limit.
             shown = limit if self._pipeline.reads_body(route) else self._settings.policy_body_bytes
             small_declared = declared is not None and int(declared) <= shown
             if is_json_type(content_type) or small_declared:
-                raw = await self._read(request, limit)
+                raw = await self._read(receive, limit)
                 # Policy sees (and sanitization rewrites) only bodies it can hold whole.
                 small = len(raw) <= shown
                 body = parse_json_body(raw, content_type) if small else None
@@ -181,24 +221,36 @@ class ReverseProxy:
                     body=body,
                     raw_body=raw if small else None,
                 )
-            elif declared is None and "transfer-encoding" not in request.headers:
+            elif declared is None and "transfer-encoding" not in values:
                 raw = b""
             else:
-                stream = self._bounded(request, limit)
+                stream = self._bounded(receive, limit)
                 ctx = dataclasses.replace(ctx, body_digest=STREAMED_BODY_DIGEST, raw_body=None)
         except AegisError as exc:
-            return _error(await self._pipeline.refuse(ctx, exc))
+            return await _error(send, await self._pipeline.refuse(ctx, exc))
         result = await self._pipeline.run(ctx)
         if not result.allowed:
-            return _error(result)
+            return await _error(send, result)
         data: Any = raw if stream is None else stream
         if result.body_changed:
             data = json.dumps(result.body, separators=(",", ":")).encode()
-        return await self._forward(request, ctx, result, data)
+        await self._forward(send, ctx, result, data)
 
-    async def _read(self, request: Request, limit: int) -> bytes:
+    @staticmethod
+    async def _chunks(receive: Receive) -> AsyncIterator[bytes]:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise InvalidRequest("the client went away before sending its whole body")
+            chunk = message.get("body", b"")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                return
+
+    async def _read(self, receive: Receive, limit: int) -> bytes:
         body = bytearray()
-        async for chunk in request.stream():
+        async for chunk in self._chunks(receive):
             body += chunk
             if len(body) > limit:
                 raise AegisError(
@@ -206,9 +258,9 @@ class ReverseProxy:
                 )
         return bytes(body)
 
-    async def _bounded(self, request: Request, limit: int) -> AsyncIterator[bytes]:
+    async def _bounded(self, receive: Receive, limit: int) -> AsyncIterator[bytes]:
         seen = 0
-        async for chunk in request.stream():
+        async for chunk in self._chunks(receive):
             seen += len(chunk)
             if seen > limit:
                 raise AegisError(
@@ -216,9 +268,7 @@ class ReverseProxy:
                 )
             yield chunk
 
-    async def _forward(
-        self, request: Request, ctx: CallContext, result: Result, data: Any
-    ) -> Response:
+    async def _forward(self, send: Send, ctx: CallContext, result: Result, data: Any) -> None:
         assert self._session is not None, "the proxy was not started"
         headers = dict(forwardable(list(ctx.headers), _REQUEST_DROP))
         headers = apply_to_headers(headers, result.obligations, "request")
@@ -240,43 +290,67 @@ class ReverseProxy:
                 ctx.method, url, headers=headers, data=data, allow_redirects=False, **tls
             )
         except TimeoutError:
-            return self._gateway_error(
-                504, "upstream_timeout", "the upstream did not answer in time", result
+            return await self._gateway_error(
+                send, 504, "upstream_timeout", "the upstream did not answer in time", result
             )
         except AegisError as exc:  # the streamed body went over the limit
-            return JSONResponse(
-                {"error": "invalid_request", "code": exc.code}, exc.status, result.headers
-            )
+            body = {"error": "invalid_request", "code": exc.code}
+            return await _json(send, exc.status, body, result.headers)
         except aiohttp.ClientError:
-            return self._gateway_error(502, "bad_gateway", "the upstream cannot be reached", result)
-        out = forwardable(list(upstream.headers.items()), _RESPONSE_DROP)
-        out_headers = apply_to_headers(dict(out), result.obligations, "response")
-        out_headers.update(result.headers)
-        if _response_rules(result):
-            return await self._sanitized(upstream, out_headers, result)
+            return await self._gateway_error(
+                send, 502, "bad_gateway", "the upstream cannot be reached", result
+            )
+        try:
+            out = forwardable(list(upstream.headers.items()), _RESPONSE_DROP)
+            out_headers = apply_to_headers(dict(out), result.obligations, "response")
+            out_headers.update(result.headers)
+            if _response_rules(result):
+                return await self._sanitized(send, upstream, out_headers, result)
+            await self._relay(send, ctx, upstream, out_headers, result)
+        finally:
+            upstream.release()
 
-        async def relay() -> AsyncIterator[bytes]:
+    async def _relay(
+        self,
+        send: Send,
+        ctx: CallContext,
+        upstream: aiohttp.ClientResponse,
+        headers: dict[str, str],
+        result: Result,
+    ) -> None:
+        """The upstream's answer to the caller: whole when it is small and of known length, else
+        chunk by chunk. Once the status is sent, a broken upstream can only cut the answer short."""
+        length = upstream.content_length
+        # A HEAD answer's content-length describes a body that is not sent: relay it as is.
+        if length is not None and length <= WHOLE_ANSWER_BYTES and ctx.method != "HEAD":
             try:
-                async for chunk in upstream.content.iter_chunked(64 * 1024):
-                    yield chunk
-            finally:
-                upstream.release()
-
-        return StreamingResponse(relay(), status_code=upstream.status, headers=out_headers)
+                data = await upstream.read()
+            except (TimeoutError, aiohttp.ClientError):
+                return await self._gateway_error(
+                    send, 504, "upstream_timeout", "the upstream did not answer in time", result
+                )
+            return await _answer(send, upstream.status, headers, data)
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        await send({"type": "http.response.start", "status": upstream.status, "headers": raw})
+        async for chunk in upstream.content.iter_chunked(_CHUNK):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
 
     async def _sanitized(
-        self, upstream: aiohttp.ClientResponse, headers: dict[str, str], result: Result
-    ) -> Response:
+        self,
+        send: Send,
+        upstream: aiohttp.ClientResponse,
+        headers: dict[str, str],
+        result: Result,
+    ) -> None:
         """Apply response obligations to a whole answer; anything that cannot be read and
         rewritten is refused (502) rather than passed through unsanitized."""
         try:
             raw = await upstream.read()
         except (TimeoutError, aiohttp.ClientError):
-            return self._gateway_error(
-                504, "upstream_timeout", "the upstream did not answer in time", result
+            return await self._gateway_error(
+                send, 504, "upstream_timeout", "the upstream did not answer in time", result
             )
-        finally:
-            upstream.release()
         ctype = upstream.headers.get("content-type")
         encoding = upstream.headers.get("content-encoding", "identity").lower()
         try:
@@ -284,14 +358,16 @@ class ReverseProxy:
                 raise InvalidRequest("encoded answer")
             body: Any = parse_json_body(raw, ctype) if is_json_type(ctype) else raw.decode("utf-8")
         except (InvalidRequest, UnicodeDecodeError):
-            return self._gateway_error(
-                502, "bad_gateway", "the upstream answer cannot be sanitized", result
+            return await self._gateway_error(
+                send, 502, "bad_gateway", "the upstream answer cannot be sanitized", result
             )
         clean = apply_to_body(body, result.obligations, "response")
         data = json.dumps(clean).encode() if is_json_type(ctype) else str(clean).encode("utf-8")
         headers.pop("content-encoding", None)
-        return Response(data, upstream.status, headers)
+        await _answer(send, upstream.status, headers, data)
 
-    def _gateway_error(self, status: int, error: str, message: str, result: Result) -> JSONResponse:
+    async def _gateway_error(
+        self, send: Send, status: int, error: str, message: str, result: Result
+    ) -> None:
         body = {"error": error, "error_description": message, "decision_id": result.decision_id}
-        return JSONResponse(body, status_code=status, headers=result.headers)
+        await _json(send, status, body, result.headers)
