@@ -39,7 +39,7 @@ from aegis.gateway.pipeline import Pipeline
 from aegis.gateway.routing import RouteTable
 from aegis.pki.forwarded import parse_nginx, parse_xfcc
 from aegis.pki.peer import PeerIdentity, PeerValidator
-from aegis.telemetry.metrics import DECISIONS
+from aegis.telemetry.metrics import count_decision
 
 __all__ = [
     "CREDENTIAL_HEADERS",
@@ -53,6 +53,7 @@ __all__ = [
 #: Request headers a proxy should remove before forwarding an allowed call: the credentials were
 #: for the gateway, and ``x-aegis-*`` identity fields upstream must come only from the decision.
 CREDENTIAL_HEADERS: Final = ("authorization", "dpop")
+_MAX_REMEMBERED_PEERS: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +83,21 @@ class TrustedPeers:
 
     def __init__(self, addresses: Iterable[str]) -> None:
         self._trusted = frozenset(ipaddress.ip_address(a) for a in addresses)
+        #: Answers by the exact text asked about (a pure function of it; bounded): a proxy keeps
+        #: its connections open, so the same few peer addresses are asked about on every call.
+        self._answers: dict[str, bool] = {}
 
     def __contains__(self, host: object) -> bool:
         if not isinstance(host, str):
             return False
+        answer = self._answers.get(host)
+        if answer is None:
+            if len(self._answers) >= _MAX_REMEMBERED_PEERS:
+                self._answers.clear()
+            answer = self._answers[host] = self._trusts(host)
+        return answer
+
+    def _trusts(self, host: str) -> bool:
         try:
             addr = ipaddress.ip_address(host.strip("[]"))
         except ValueError:
@@ -111,7 +123,7 @@ def refusal_body(result: Result) -> dict[str, Any]:
 
 def undecided(status: int, code: str, message: str) -> Result:
     """A refusal before any route (so no tool, and no decision to attest or audit); counted."""
-    DECISIONS.labels(action="deny", reason=code).inc()
+    count_decision("deny", code)
     return Result("", "deny", status, code, message, {"cache-control": "no-store"})
 
 
