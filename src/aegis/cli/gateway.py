@@ -36,10 +36,8 @@ def run(
     ] = None,
 ) -> None:
     """Serve the gateway (and the ext_authz doors configured) until interrupted."""
-    import asyncio
-
     from aegis.config import load_config
-    from aegis.gateway.server import serve_gateway
+    from aegis.gateway.server import run_event_loop, serve_gateway
     from aegis.server.services import build_services
 
     try:
@@ -53,7 +51,7 @@ def run(
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from exc
     try:
-        asyncio.run(
+        run_event_loop(
             serve_gateway(
                 services,
                 cfg.gateway,

@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import grpc
 import uvicorn
@@ -37,7 +38,20 @@ from aegis.pki.service import PkiService
 from aegis.server.services import Services
 from aegis.telemetry.logging import log_event
 
-__all__ = ["build_ext_authz", "serve_gateway", "serve_mtls"]
+__all__ = ["build_ext_authz", "run_event_loop", "serve_gateway", "serve_mtls"]
+
+T = TypeVar("T")
+
+
+def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run the data plane's event loop to completion: uvloop (libuv) where it is installed, as
+    uvicorn itself prefers, else asyncio's own loop. Every front door (uvicorn, grpc.aio, the
+    aiohttp client) runs on it; uvloop takes a tenth or more off the per-call cost of each."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency wherever it builds
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 async def serve_mtls(

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -40,9 +40,10 @@ class _Pending(asyncio.Protocol):
         self._listener = listener
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.pause_reading()  # the ClientHello waits for start_tls
-        self._listener._spawn(transport)
+        # A stream transport (asyncio's or uvloop's, which does not subclass asyncio.Transport).
+        stream = cast(asyncio.Transport, transport)
+        stream.pause_reading()  # the ClientHello waits for start_tls
+        self._listener._spawn(stream)
 
 
 class _Buffer(asyncio.Protocol):
