@@ -72,6 +72,16 @@ def _durable_sqlite(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _read_tail(conn: Connection) -> tuple[int, str]:
+    """``(seq, hash)`` of the last record, where the next one continues the chain."""
+    last = conn.execute(
+        select(AUDIT_RECORDS.c.seq, AUDIT_RECORDS.c.hash)
+        .order_by(AUDIT_RECORDS.c.seq.desc())
+        .limit(1)
+    ).first()
+    return (int(last[0]), str(last[1])) if last else _pruned_tail(conn)
+
+
 def _pruned_tail(conn: Connection) -> tuple[int, str]:
     """Where the chain continues when the table is empty: after the last checkpoint (every record
     was pruned up to it), or from the genesis."""
@@ -96,6 +106,11 @@ class AuditLog:
             event.listen(self._engine, "connect", _durable_sqlite)
         self._clock = clock
         self._lock = threading.Lock()
+        #: ``(seq, hash)`` of the last record this instance committed, so that an append needs no
+        #: read first. Another writer (process or replica) that appended since makes the insert
+        #: collide on the ``seq`` primary key; the tail is then read again and the append retried,
+        #: so a stale tail can delay an append but never fork or skip the chain.
+        self._tail: tuple[int, str] | None = None
         # Per event loop: records waiting for the next group commit, and loops with a flush running.
         self._queues: dict[
             asyncio.AbstractEventLoop, list[tuple[str, str, asyncio.Future[Any]]]
@@ -126,12 +141,7 @@ class AuditLog:
             for _ in range(_MAX_RETRIES):
                 try:
                     with self._engine.begin() as conn:
-                        last = conn.execute(
-                            select(AUDIT_RECORDS.c.seq, AUDIT_RECORDS.c.hash)
-                            .order_by(AUDIT_RECORDS.c.seq.desc())
-                            .limit(1)
-                        ).first()
-                        seq, prev = (last[0], last[1]) if last else _pruned_tail(conn)
+                        seq, prev = self._tail or _read_tail(conn)
                         rows, out = [], []
                         for body, kind in zip(bodies, kinds, strict=True):
                             seq, digest = seq + 1, record_hash(prev, body)
@@ -142,10 +152,14 @@ class AuditLog:
                             out.append((seq, digest))
                             prev = digest
                         conn.execute(insert(AUDIT_RECORDS), rows)
+                    self._tail = out[-1]
                     return out
                 except IntegrityError:
-                    continue  # another process took this position; read the new tail and retry
+                    # Another writer took this position: read the new tail and retry.
+                    self._tail = None
+                    continue
                 except SQLAlchemyError as exc:
+                    self._tail = None  # the commit may or may not have happened: read it back
                     raise _unavailable(exc) from exc
         raise Unavailable("the audit log is contended; call refused", code="audit_unavailable")
 
