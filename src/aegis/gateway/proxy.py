@@ -20,12 +20,11 @@ is relayed chunk by chunk as it arrives.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any, Final
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import parse_qsl, quote
 
 import aiohttp
 from starlette.datastructures import URL as RequestURL
@@ -62,11 +61,12 @@ _RESPONSE_DROP: Final = frozenset({"content-length", "server", "date"})
 #: Upstream answers of at most this many bytes (by their ``content-length``) are sent in one piece.
 WHOLE_ANSWER_BYTES: Final = 64 * 1024
 _CHUNK: Final = 64 * 1024
+_MAX_REMEMBERED_HOSTS: Final = 1024
 #: Methods the proxy forwards; anything else is answered 405.
 METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
-def forwardable(pairs: list[tuple[str, str]], drop: frozenset[str]) -> list[tuple[str, str]]:
+def forwardable(pairs: Collection[tuple[str, str]], drop: frozenset[str]) -> list[tuple[str, str]]:
     """Headers safe to pass on: no hop-by-hop field, none named in ``Connection``, no ``x-aegis-*``."""
     named = {t.strip().lower() for k, v in pairs if k.lower() == "connection" for t in v.split(",")}
     out = []
@@ -126,6 +126,7 @@ class ReverseProxy:
         self._upstream_tls = upstream_tls
         self._routes = RouteTable(settings.routes)
         self._session: aiohttp.ClientSession | None = None
+        self._netlocs: dict[tuple[str, str | None, Any], str] = {}
 
     async def start(self) -> None:
         timeout = aiohttp.ClientTimeout(
@@ -179,20 +180,20 @@ class ReverseProxy:
             return await _json(send, 404, detail, {})
         query = scope.get("query_string", b"").decode("latin-1")
         client = scope.get("client")
-        ctx = CallContext(
-            method=scope["method"].upper(),
-            # The target as the client sent it (still percent-encoded): DPoP htu and the request
-            # digest cover it, and it is what the upstream receives.
-            url=f"{scope.get('scheme', 'http')}://{RequestURL(scope=scope).netloc}{target}"
-            + (f"?{query}" if query else ""),
-            host=host,
-            path=path,
-            route=route,
-            headers=headers,
-            query=tuple(parse_qsl(query, keep_blank_values=True)),
-            peer=peer_from_scope(scope),
-            client=client[0] if client else None,
-        )
+        # The target as the client sent it (still percent-encoded): DPoP htu and the request
+        # digest cover it, and it is what the upstream receives.
+        sent = f"{target}?{query}" if query else target
+        facts: dict[str, Any] = {
+            "method": scope["method"].upper(),
+            "url": f"{scope.get('scheme', 'http')}://{self._netloc(scope, values)}{sent}",
+            "host": host,
+            "path": path,
+            "route": route,
+            "headers": headers,
+            "query": tuple(parse_qsl(query, keep_blank_values=True)),
+            "peer": peer_from_scope(scope),
+            "client": client[0] if client else None,
+        }
         limit = self._settings.max_body_bytes
         raw: bytes | None = None
         stream: AsyncIterator[bytes] | None = None
@@ -214,27 +215,35 @@ class ReverseProxy:
                 raw = await self._read(receive, limit)
                 # Policy sees (and sanitization rewrites) only bodies it can hold whole.
                 small = len(raw) <= shown
-                body = parse_json_body(raw, content_type) if small else None
-                ctx = dataclasses.replace(
-                    ctx,
-                    body_digest=body_digest(raw) if raw else EMPTY_BODY_DIGEST,
-                    body=body,
-                    raw_body=raw if small else None,
-                )
+                facts["body"] = parse_json_body(raw, content_type) if small else None
+                facts["body_digest"] = body_digest(raw) if raw else EMPTY_BODY_DIGEST
+                facts["raw_body"] = raw if small else None
             elif declared is None and "transfer-encoding" not in values:
                 raw = b""
             else:
                 stream = self._bounded(receive, limit)
-                ctx = dataclasses.replace(ctx, body_digest=STREAMED_BODY_DIGEST, raw_body=None)
+                facts["body_digest"], facts["raw_body"] = STREAMED_BODY_DIGEST, None
         except AegisError as exc:
-            return await _error(send, await self._pipeline.refuse(ctx, exc))
+            return await _error(send, await self._pipeline.refuse(CallContext(**facts), exc))
+        ctx = CallContext(**facts)
         result = await self._pipeline.run(ctx)
         if not result.allowed:
             return await _error(send, result)
         data: Any = raw if stream is None else stream
         if result.body_changed:
             data = json.dumps(result.body, separators=(",", ":")).encode()
-        await self._forward(send, ctx, result, data)
+        await self._forward(send, ctx, sent, result, data)
+
+    def _netloc(self, scope: Scope, values: dict[str, str]) -> str:
+        """The authority the client addressed, as Starlette reads it from the Host header (or the
+        server address); remembered per (scheme, Host, server), a pure function of the three."""
+        key = (scope.get("scheme", "http"), values.get("host"), scope.get("server"))
+        netloc = self._netlocs.get(key)
+        if netloc is None:
+            if len(self._netlocs) >= _MAX_REMEMBERED_HOSTS:
+                self._netlocs.clear()
+            netloc = self._netlocs[key] = RequestURL(scope=scope).netloc
+        return netloc
 
     @staticmethod
     async def _chunks(receive: Receive) -> AsyncIterator[bytes]:
@@ -268,10 +277,14 @@ class ReverseProxy:
                 )
             yield chunk
 
-    async def _forward(self, send: Send, ctx: CallContext, result: Result, data: Any) -> None:
+    async def _forward(
+        self, send: Send, ctx: CallContext, sent: str, result: Result, data: Any
+    ) -> None:
+        """Forward the allowed call; ``sent`` is the request target exactly as received."""
         assert self._session is not None, "the proxy was not started"
-        headers = dict(forwardable(list(ctx.headers), _REQUEST_DROP))
-        headers = apply_to_headers(headers, result.obligations, "request")
+        headers = dict(forwardable(ctx.headers, _REQUEST_DROP))
+        if result.obligations:
+            headers = apply_to_headers(headers, result.obligations, "request")
         headers.update(result.upstream_headers)
         if _response_rules(result):
             headers.pop("accept-encoding", None)  # the answer must be readable to be sanitized
@@ -279,9 +292,7 @@ class ReverseProxy:
             headers["x-forwarded-for"] = ctx.client
         # Forward the vetted target byte for byte (``encoded=True``): re-encoding or normalising it
         # here could make the upstream read a path other than the one that was decided.
-        parts = urlsplit(ctx.url)
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
-        url = URL(ctx.route.upstream.rstrip("/") + target, encoded=True)
+        url = URL(ctx.route.upstream.rstrip("/") + sent, encoded=True)
         tls: dict[str, Any] = {}
         if self._upstream_tls is not None and url.scheme == "https":
             tls["ssl"] = self._upstream_tls()
@@ -301,8 +312,9 @@ class ReverseProxy:
                 send, 502, "bad_gateway", "the upstream cannot be reached", result
             )
         try:
-            out = forwardable(list(upstream.headers.items()), _RESPONSE_DROP)
-            out_headers = apply_to_headers(dict(out), result.obligations, "response")
+            out_headers = dict(forwardable(upstream.headers.items(), _RESPONSE_DROP))
+            if result.obligations:
+                out_headers = apply_to_headers(out_headers, result.obligations, "response")
             out_headers.update(result.headers)
             if _response_rules(result):
                 return await self._sanitized(send, upstream, out_headers, result)
