@@ -43,6 +43,7 @@ from aegis.config import GatewaySettings, load_config
 from aegis.gateway.app import build_pipeline
 from aegis.gateway.ext_authz import ExtAuthz, TrustedPeers
 from aegis.gateway.ext_authz_grpc import AuthorizationService, start_grpc_server
+from aegis.gateway.server import run_event_loop
 from aegis.policy.store import MemoryPolicyStore
 from aegis.server.services import build_services
 from bench_gateway import pct, pipeline_bench, raw_ed25519, register
@@ -57,7 +58,8 @@ SETTINGS = {
 
 
 def serve(config_path: str, audit: bool, conn: Connection) -> None:
-    """The server process: one core, one event loop, the full pipeline behind gRPC."""
+    """The server process: one core, the event loop ``aegis gateway run`` uses, the full
+    pipeline behind gRPC."""
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
 
@@ -78,7 +80,7 @@ def serve(config_path: str, audit: bool, conn: Connection) -> None:
             conn.send(time.process_time())
         await server.stop(grace=None)
 
-    asyncio.run(main())
+    run_event_loop(main())
 
 
 def request(key: object, token: str) -> pb.CheckRequest:

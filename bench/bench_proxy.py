@@ -1,12 +1,15 @@
 """Reverse-proxy cost on loopback, each server in its own process: what the gateway adds over calling
 the upstream directly, and how many calls per second it forwards on one core.
 
-Three processes, as in a deployment: the upstream (uvicorn), the gateway (uvicorn, pinned to one
-CPU, the full pipeline: token and DPoP proof verification, replay, subject, delegation, allow-list
-policy, attestation) and the load client. Run in one process, the three would share one GIL and
-each hop would wait for the others' switch interval, which measures Python, not the gateway. The
-gateway serves two ports from one event loop: one with the durable audit append (SQLite WAL +
-``synchronous=FULL``), one without it, so the commit's share of the latency shows.
+Three processes, as in a deployment: the upstream (a minimal ASGI app under uvicorn), the gateway
+(uvicorn on the event loop ``aegis gateway run`` uses, pinned to one CPU, the full pipeline: token
+and DPoP proof verification, replay, subject, delegation, allow-list policy, attestation) and the
+load client. Run in one process, the three would share one GIL and each hop would wait for the
+others' switch interval, which measures Python, not the gateway. The gateway process serves three
+ports from one event loop: the gateway with the durable audit append (SQLite WAL +
+``synchronous=FULL``), the gateway without it, and the same-run floor: a pass-through proxy built
+from the same parts (uvicorn, a plain ASGI handler, one pooled aiohttp session) that decides
+nothing, so what the decision costs and what the HTTP machinery costs show apart.
 
 Used by bench_gateway.py; alone:  .venv/bin/python bench/bench_proxy.py [--http 400]
 """
@@ -31,16 +34,17 @@ import uvicorn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tests.gateway.harness import Upstream
 from tests.gateway.helpers import mint_proof
 from tests.support.server import free_port, write_dev_config
 
 from aegis.config import GatewaySettings, load_config
 from aegis.gateway.app import build_pipeline, create_gateway_app
+from aegis.gateway.server import run_event_loop
 from aegis.policy.store import MemoryPolicyStore
 from aegis.server.services import build_services
 
 BODY = b'{"amount": 5}'
+ANSWER = b'{"ok":true,"card":"4111 1111 1111 1111"}'
 
 
 def _pin(last: bool) -> None:
@@ -52,9 +56,9 @@ def _pin(last: bool) -> None:
         os.sched_setaffinity(0, {cpus[-1]} if last else set(cpus[:-1]))
 
 
-def _server(app: Any, port: int) -> uvicorn.Server:
+def _server(app: Any, port: int, lifespan: str = "on") -> uvicorn.Server:
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", access_log=False
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan, access_log=False
     )
     return uvicorn.Server(config)
 
@@ -74,20 +78,84 @@ async def _serve_until_told(servers: list[uvicorn.Server], conn: Connection) -> 
     await asyncio.gather(*tasks)
 
 
+async def _upstream_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The tool: reads the request body, answers a small JSON document (it is not what is
+    measured, and it shares a core with the load client, so it is kept cheap)."""
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        message = await receive()
+        more = message.get("more_body", False)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(ANSWER)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": ANSWER})
+
+
 def serve_upstream(port: int, conn: Connection) -> None:
     _pin(last=False)
-    asyncio.run(_serve_until_told([_server(Upstream().app, port)], conn))
+    run_event_loop(_serve_until_told([_server(_upstream_app, port, lifespan="off")], conn))
+
+
+def passthrough_app(upstream: str) -> Any:
+    """The floor: forward every request to ``upstream`` and relay the answer, deciding nothing
+    (same server, same client library and pool settings as the gateway's proxy)."""
+    session: dict[str, aiohttp.ClientSession] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                session["s"] = aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30),
+                    auto_decompress=False,
+                    skip_auto_headers=("User-Agent", "Accept-Encoding"),
+                )
+                await send({"type": "lifespan.startup.complete"})
+            await session["s"].close()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        drop = (b"host", b"content-length", b"authorization", b"dpop")
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k not in drop
+        ]
+        async with session["s"].request(
+            scope["method"], upstream + scope["path"], headers=headers, data=body
+        ) as r:
+            data = await r.read()
+            out = [
+                (k.lower().encode("latin-1"), v.encode("latin-1"))
+                for k, v in r.headers.items()
+                if k.lower() not in ("date", "server")
+            ]
+        await send({"type": "http.response.start", "status": r.status, "headers": out})
+        await send({"type": "http.response.body", "body": data})
+
+    return app
 
 
 def serve_gateway(
-    config_path: str, upstream: str, ports: tuple[int, int], conn: Connection
+    config_path: str, upstream: str, ports: tuple[int, int, int], conn: Connection
 ) -> None:
-    """Port 0 of ``ports`` with the durable audit append, port 1 without it."""
+    """Port 0 of ``ports`` with the durable audit append, port 1 without it, port 2 the
+    pass-through floor."""
     _pin(last=True)
     config = load_config(config_path, environ={})
     services = build_services(config)
     servers = []
-    for audited, port in zip((True, False), ports, strict=True):
+    for audited, port in zip((True, False), ports[:2], strict=True):
         settings = GatewaySettings.model_validate({
             "public_url": f"http://127.0.0.1:{port}", "allow": [{"tool": "payments"}],
             "routes": [{"path_prefix": "/pay", "upstream": upstream, "tool": "payments",
@@ -97,7 +165,8 @@ def serve_gateway(
         if not audited:
             pipe._audit = None  # the decision and the forward alone
         servers.append(_server(create_gateway_app(services, settings, pipeline=pipe), port))
-    asyncio.run(_serve_until_told(servers, conn))
+    servers.append(_server(passthrough_app(upstream), ports[2]))
+    run_event_loop(_serve_until_told(servers, conn))
 
 
 def _pct(samples: list[float], q: float) -> float:
@@ -146,7 +215,7 @@ def proxy_bench(config_path: Path, key: Any, token: str, n: int) -> dict[str, fl
     """``n`` sequential calls direct, through the audited and the unaudited gateway; then ``n``
     concurrent calls (16 in flight) through the audited gateway for throughput."""
     ctx = mp.get_context("spawn")
-    up_port, gw_ports = free_port(), (free_port(), free_port())
+    up_port, gw_ports = free_port(), (free_port(), free_port(), free_port())
     upstream = f"http://127.0.0.1:{up_port}"
     pipes = [ctx.Pipe(), ctx.Pipe()]
     procs = [
@@ -166,7 +235,7 @@ def proxy_bench(config_path: Path, key: Any, token: str, n: int) -> dict[str, fl
             if not parent.poll(60):
                 raise RuntimeError("a bench server did not start")
             parent.recv()
-        audited, bare = (f"http://127.0.0.1:{p}/pay/x" for p in gw_ports)
+        audited, bare, floor = (f"http://127.0.0.1:{p}/pay/x" for p in gw_ports)
         gateway = pipes[1][0]
 
         def gateway_cpu() -> float:
@@ -177,7 +246,11 @@ def proxy_bench(config_path: Path, key: Any, token: str, n: int) -> dict[str, fl
             _sequential(client, upstream + "/pay/x", [""] * 20, "")  # warm both hops
             _sequential(client, audited, [mint_proof(key, "POST", audited, token=token)], token)
             _sequential(client, bare, [mint_proof(key, "POST", bare, token=token)], token)
+            _sequential(client, floor, [""] * 20, "")
             direct = _sequential(client, upstream + "/pay/x", [""] * n, "")
+            c_floor = gateway_cpu()
+            passthrough = _sequential(client, floor, _proofs(key, floor, token, n), token)
+            out["floor_cpu"] = (gateway_cpu() - c_floor) / n * 1e6
             proofs_a, proofs_b = _proofs(key, audited, token, n), _proofs(key, bare, token, n)
             c0 = gateway_cpu()
             a = _sequential(client, audited, proofs_a, token)
@@ -185,6 +258,7 @@ def proxy_bench(config_path: Path, key: Any, token: str, n: int) -> dict[str, fl
             b = _sequential(client, bare, proofs_b, token)
             c2 = gateway_cpu()
         out.update(direct_p50=_pct(direct, 0.5), direct_p99=_pct(direct, 0.99))
+        out.update(floor_p50=_pct(passthrough, 0.5), floor_p99=_pct(passthrough, 0.99))
         out.update(proxy_p50=_pct(a, 0.5), proxy_p99=_pct(a, 0.99))
         out.update(bare_p50=_pct(b, 0.5), bare_p99=_pct(b, 0.99))
         out.update(proxy_cpu=(c1 - c0) / n * 1e6, bare_cpu=(c2 - c1) / n * 1e6)
@@ -193,6 +267,9 @@ def proxy_bench(config_path: Path, key: Any, token: str, n: int) -> dict[str, fl
         c3 = gateway_cpu()
         out["bare_rps"] = asyncio.run(_burst(bare, token, proofs_b))
         out["burst_cpu"] = (gateway_cpu() - c3) / n * 1e6
+        c4 = gateway_cpu()
+        out["floor_rps"] = asyncio.run(_burst(floor, token, _proofs(key, floor, token, n)))
+        out["floor_burst_cpu"] = (gateway_cpu() - c4) / n * 1e6
     finally:
         for parent, _ in pipes:
             parent.send("stop")
@@ -209,6 +286,8 @@ def _proofs(key: Any, url: str, token: str, n: int) -> list[str]:
 
 def report(h: dict[str, float]) -> None:
     print(f"direct upstream           p50 {h['direct_p50']:8.1f} us  p99 {h['direct_p99']:8.1f} us")
+    print(f"pass-through floor        p50 {h['floor_p50']:8.1f} us  p99 {h['floor_p99']:8.1f} us"
+          f"  added p50 {h['floor_p50'] - h['direct_p50']:8.1f} us  (same parts, no decision)")  # fmt: skip
     print(f"through gateway (audited) p50 {h['proxy_p50']:8.1f} us  p99 {h['proxy_p99']:8.1f} us"
           f"  added p50 {h['proxy_p50'] - h['direct_p50']:8.1f} us  (goal <= 1000)")  # fmt: skip
     print(f"through gateway, no audit p50 {h['bare_p50']:8.1f} us  p99 {h['bare_p99']:8.1f} us"
@@ -216,10 +295,15 @@ def report(h: dict[str, float]) -> None:
     print(f"gateway CPU per proxied call (process CPU of the gateway, all threads):"
           f" sequential audited {h['proxy_cpu']:7.1f} us, sequential no audit {h['bare_cpu']:7.1f}"
           f" us, 16 in flight no audit {h['burst_cpu']:7.1f} us"
-          f" -> {1e6 / h['burst_cpu']:6.0f} req/s per fully available core")  # fmt: skip
-    print(f"gateway throughput, gateway on one core (16 in flight): audited {h['proxy_rps']:6.0f}"
-          f" req/s, no audit {h['bare_rps']:6.0f} req/s  (goal >= 2500; client and upstream"
-          f" share the other {max(1, (os.cpu_count() or 2) - 1)} core(s))")  # fmt: skip
+          f" -> {1e6 / h['burst_cpu']:6.0f} req/s per fully available core (goal >= 2500)")  # fmt: skip
+    print(f"pass-through floor CPU per call: sequential {h['floor_cpu']:7.1f} us, 16 in flight"
+          f" {h['floor_burst_cpu']:7.1f} us -> {1e6 / h['floor_burst_cpu']:6.0f} req/s per core;"
+          f" the decision's share of the gateway's CPU:"
+          f" {1 - h['floor_burst_cpu'] / h['burst_cpu']:4.0%}")  # fmt: skip
+    print(f"throughput, gateway process on one core (16 in flight): audited {h['proxy_rps']:6.0f}"
+          f" req/s, no audit {h['bare_rps']:6.0f} req/s, pass-through floor {h['floor_rps']:6.0f}"
+          f" req/s  (client and upstream share the other"
+          f" {max(1, (os.cpu_count() or 2) - 1)} core(s))")  # fmt: skip
 
 
 def main() -> None:
