@@ -8,8 +8,10 @@ audit append. The client sends pre-built ``CheckRequest``s built from Envoy's pr
 fresh DPoP proof, open-loop at ``--rate`` per second for ``--seconds``: a call is started on
 schedule whether or not earlier ones returned, so queueing shows in the latency.
 
-Same-run baseline: the in-process pipeline p50/p99 (no gRPC, no network) on the same keys, and the
-sum of its raw Ed25519 operations (bench_gateway.py's crypto floor).
+Same-run baselines: the in-process pipeline p50/p99 (no gRPC, no network) on the same keys, the
+sum of its raw Ed25519 operations (bench_gateway.py's crypto floor), and the gRPC floor: a servicer
+on the same server stack, in the same process, that answers OK without deciding anything, paced
+the same way (what grpc.aio itself costs per Check on this machine).
 
 Bounded and loopback only:  .venv/bin/python bench/bench_ext_authz.py [--rate 1000] [--seconds 3]
 """
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from envoy.service.auth.v3 import attribute_context_pb2 as ac
 from envoy.service.auth.v3 import external_auth_pb2 as pb
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
-from google.rpc import code_pb2
+from google.rpc import code_pb2, status_pb2
 from tests.gateway.helpers import mint_proof
 from tests.support.server import write_dev_config
 
@@ -73,14 +75,23 @@ def serve(config_path: str, audit: bool, conn: Connection) -> None:
             pipe._audit = None  # the decision alone
         service = AuthorizationService(ExtAuthz(pipe, settings), TrustedPeers([]))
         server, port = await start_grpc_server(service, "127.0.0.1", 0)
-        conn.send(port)
+        floor, floor_port = await start_grpc_server(FloorService(), "127.0.0.1", 0)  # type: ignore[arg-type]
+        conn.send((port, floor_port))
         loop = asyncio.get_running_loop()
         # Until told to stop, answer "cpu" with this process's CPU time so far (all threads).
         while await loop.run_in_executor(None, conn.recv) == "cpu":
             conn.send(time.process_time())
         await server.stop(grace=None)
+        await floor.stop(grace=None)
 
     run_event_loop(main())
+
+
+class FloorService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
+    """The floor: every Check answered OK at once, nothing decided."""
+
+    async def Check(self, request: pb.CheckRequest, context: object) -> pb.CheckResponse:
+        return pb.CheckResponse(status=status_pb2.Status(code=code_pb2.OK))
 
 
 def request(key: object, token: str) -> pb.CheckRequest:
@@ -149,13 +160,17 @@ def main() -> None:
         if len(cpus) > 1:
             os.sched_setaffinity(0, set(cpus[:-1]))  # the client keeps off the server's core
         try:
-            port = parent.recv()
+            port, floor_port = parent.recv()
             failures: dict[str, int] = {}
             parent.send("cpu")
             cpu0 = parent.recv()
+            floor, floor_rate = asyncio.run(paced(floor_port, requests, args.rate, failures))
+            parent.send("cpu")
+            cpu1 = parent.recv()
             samples, achieved = asyncio.run(paced(port, requests, args.rate, failures))
             parent.send("cpu")
-            server_cpu = (parent.recv() - cpu0) / len(requests) * 1e6
+            server_cpu = (parent.recv() - cpu1) / len(requests) * 1e6
+            floor_cpu = (cpu1 - cpu0) / len(requests) * 1e6
         finally:
             parent.send("stop")
             proc.join(timeout=10)
@@ -164,6 +179,9 @@ def main() -> None:
         audit = "without audit" if args.no_audit else "with audit (one SQLite commit per group)"
         print(f"raw Ed25519 (2 verify + 1 sign), median        {raw:8.1f} us")
         print(f"pipeline in process, no audit  p50 {pct(bare, .5):8.1f} us  p99 {pct(bare, .99):8.1f} us")  # fmt: skip
+        print(f"gRPC floor (OK, nothing decided) at {args.rate:.0f}/s (achieved {floor_rate:.0f}/s):"
+              f" p50 {pct(floor, .5):8.1f} us  p99 {pct(floor, .99):8.1f} us,"
+              f" server CPU per Check {floor_cpu:7.1f} us")  # fmt: skip
         print(f"gRPC Check at {args.rate:.0f}/s for {args.seconds:.0f} s (achieved {achieved:.0f}/s), "
               f"server on one core, {audit}")  # fmt: skip
         print(f"  p50 {pct(samples, .5):8.1f} us  p99 {pct(samples, .99):8.1f} us"
