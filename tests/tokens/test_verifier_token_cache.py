@@ -1,8 +1,11 @@
-"""The accepted-token cache of AccessTokenVerifier saves parsing only: every use still resolves the
-key, verifies the signature with it and checks the time claims, so a key that is removed, retired
-past its overlap or replaced, and a token that expires, are refused on the next call."""
+"""The accepted-token cache of AccessTokenVerifier saves parsing and the claim checks that do not
+depend on time: every use still resolves the key, verifies the signature with it and checks the time
+claims, so a key that is removed, retired past its overlap or replaced, a token that expires or is
+not yet valid, and rules replaced since, are refused on the next call."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 
@@ -93,6 +96,41 @@ def test_only_accepted_tokens_are_cached_and_a_forged_signature_is_never_a_hit(e
     assert set(env.verifier._verified) == {good}
 
 
+def test_a_cached_token_not_yet_valid_or_issued_in_the_future_is_refused_at_that_instant() -> None:
+    key = Ed25519SigningKey.generate()
+    clock = FrozenClock(T0 + 10 - LEEWAY)
+    verifier = AccessTokenVerifier(
+        {key.kid: key.public}.get, issuer=ISS, audience=AUD, clock=clock, leeway=LEEWAY
+    )
+    early, plain = _token(key, nbf=T0 + 10), _token(key, jti="jti-2")
+    verifier.verify(early)
+    verifier.verify(plain)
+    assert {early, plain} <= set(verifier._verified)
+    clock.set(T0 + 10 - LEEWAY - 1)  # before nbf (beyond the skew) again
+    with pytest.raises(TokenError) as err:
+        verifier.verify(early)
+    assert err.value.code == "token_not_yet_valid"
+    clock.set(T0 - LEEWAY - 1)  # iat is now in the future, beyond the skew
+    with pytest.raises(TokenError) as err:
+        verifier.verify(plain)
+    assert err.value.code == "token_issued_in_future"
+
+
+def test_a_cached_token_is_checked_whole_again_under_replaced_rules() -> None:
+    key = Ed25519SigningKey.generate()
+    verifier, token = _verifier({key.kid: key.public}.get, key)
+    verifier.verify(token)
+    verifier.verify(token)
+    verifier.rules = dataclasses.replace(verifier.rules, audience="https://other.example")
+    with pytest.raises(TokenError) as err:
+        verifier.verify(token)
+    assert err.value.code == "invalid_audience"
+    verifier.rules = dataclasses.replace(verifier.rules, audience=AUD, issuer="https://elsewhere")
+    with pytest.raises(TokenError) as err:
+        verifier.verify(token)
+    assert err.value.code == "invalid_issuer"
+
+
 def test_the_cache_is_bounded() -> None:
     key = Ed25519SigningKey.generate()
     verifier, _ = _verifier({key.kid: key.public}.get, key)
@@ -112,10 +150,12 @@ def _verifier(resolve: object, key: Ed25519SigningKey) -> tuple[AccessTokenVerif
     return verifier, _token(key)
 
 
-def _token(key: Ed25519SigningKey, jti: str = "jti-1") -> str:
+def _token(key: Ed25519SigningKey, jti: str = "jti-1", nbf: float | None = None) -> str:
     claims = {
         "iss": ISS, "sub": "agent-1", "aud": AUD, "exp": T0 + 300, "iat": T0, "jti": jti,
         "client_id": "client-1", "tenant": "acme", "env": "prod", "agent_id": "agent-1",
     }  # fmt: skip
+    if nbf is not None:
+        claims["nbf"] = nbf
     header = encode_segment({"alg": "EdDSA", "typ": "at+jwt", "kid": key.kid})
     return raw_token(header, encode_segment(claims), key.sign)

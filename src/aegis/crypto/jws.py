@@ -18,7 +18,6 @@ key ring, and headers that carry or point at keys are judged by the caller's rul
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from collections.abc import Callable
@@ -97,8 +96,10 @@ def _json_object(raw: bytes, what: str) -> dict[str, Any]:
         value: Any = None
         end = -1
         if text[:1] == "{":
-            with contextlib.suppress(StopIteration):
+            try:
                 value, end = _scan_once(text, 0)
+            except StopIteration:  # not even one value: the full decoder below says why
+                end = -1
         if end != len(text):
             value = _decoder.decode(text)
     except TokenError:

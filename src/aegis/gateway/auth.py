@@ -38,8 +38,13 @@ class Credentials:
 
 def read_credentials(ctx: CallContext) -> Credentials:
     """The one access token of the call and its proof; raises a typed error on any ambiguity."""
-    auth = ctx.header_values("authorization")
-    proofs = ctx.header_values("dpop")
+    auth: list[str] = []
+    proofs: list[str] = []
+    for name, value in ctx.headers:  # one pass; names are lowercase in a CallContext
+        if name == "authorization":
+            auth.append(value)
+        elif name == "dpop":
+            proofs.append(value)
     if len(auth) > 1:
         raise InvalidRequest("send exactly one Authorization header")
     if len(proofs) > 1:

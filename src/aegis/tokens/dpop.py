@@ -71,6 +71,7 @@ def _bad(message: str) -> TokenError:
     return TokenError(f"dpop proof refused: {message}", code="invalid_dpop_proof")
 
 
+@functools.lru_cache(maxsize=1024)
 def access_token_hash(token: str) -> str:
     """RFC 9449 §4.2 ``ath``: "The value MUST be the result of a base64url encoding ... the SHA-256
     hash of the ASCII encoding of the associated access token's value"."""

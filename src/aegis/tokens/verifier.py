@@ -144,6 +144,26 @@ def _judge_header(header: dict[str, Any], rules: VerifyRules) -> tuple[str, str]
     return alg, kid
 
 
+def check_times(claims: dict[str, Any], rules: VerifyRules, now: float) -> None:
+    """The time-dependent checks of :func:`check_claims` (``exp``, ``nbf``, ``iat`` against
+    ``now``), on time claims already known to be NumericDates. Everything else ``check_claims``
+    checks is a function of the claims and the rules alone, so a token that passed it whole
+    under the same rules needs only this at a later ``now``."""
+    leeway = rules.leeway
+    exp = claims.get("exp")
+    # RFC 7519 §4.1.4: "MUST NOT be accepted for processing" on or after exp (plus skew).
+    if exp is not None and now >= exp + leeway:
+        raise TokenError("token has expired; request a new one", code="token_expired")
+    nbf = claims.get("nbf")
+    if nbf is not None and now + leeway < nbf:
+        raise TokenError("token is not valid yet", code="token_not_yet_valid")
+    iat = claims.get("iat")
+    if iat is not None and iat > now + leeway:
+        raise TokenError(
+            "token was issued in the future; check clocks", code="token_issued_in_future"
+        )
+
+
 def check_claims(claims: dict[str, Any], rules: VerifyRules, now: float) -> None:
     """Registered-claim checks (RFC 7519 §4.1) after the signature has been verified."""
     get = claims.get
@@ -152,29 +172,15 @@ def check_claims(claims: dict[str, Any], rules: VerifyRules, now: float) -> None
             raise TokenError(
                 f"required claim {name!r} is missing", code="missing_claim", claim=name
             )
-    leeway = rules.leeway
     # Each time claim: a NumericDate within +/- _MAX_TIME (inlined: this is the hot path).
-    exp = get("exp")
-    if exp is not None:
-        if type(exp) not in _NUMBER_TYPES or not -_MAX_TIME <= exp <= _MAX_TIME:
-            raise TokenError("claim 'exp' must be a number", code="invalid_claim", claim="exp")
-        # RFC 7519 §4.1.4: "MUST NOT be accepted for processing" on or after exp (plus skew).
-        if now >= exp + leeway:
-            raise TokenError("token has expired; request a new one", code="token_expired")
-    nbf = get("nbf")
-    if nbf is not None:
-        if type(nbf) not in _NUMBER_TYPES or not -_MAX_TIME <= nbf <= _MAX_TIME:
-            raise TokenError("claim 'nbf' must be a number", code="invalid_claim", claim="nbf")
-        if now + leeway < nbf:
-            raise TokenError("token is not valid yet", code="token_not_yet_valid")
-    iat = get("iat")
-    if iat is not None:
-        if type(iat) not in _NUMBER_TYPES or not -_MAX_TIME <= iat <= _MAX_TIME:
-            raise TokenError("claim 'iat' must be a number", code="invalid_claim", claim="iat")
-        if iat > now + leeway:
-            raise TokenError(
-                "token was issued in the future; check clocks", code="token_issued_in_future"
-            )
+    exp, nbf, iat = get("exp"), get("nbf"), get("iat")
+    if exp is not None and (type(exp) not in _NUMBER_TYPES or not -_MAX_TIME <= exp <= _MAX_TIME):
+        raise TokenError("claim 'exp' must be a number", code="invalid_claim", claim="exp")
+    if nbf is not None and (type(nbf) not in _NUMBER_TYPES or not -_MAX_TIME <= nbf <= _MAX_TIME):
+        raise TokenError("claim 'nbf' must be a number", code="invalid_claim", claim="nbf")
+    if iat is not None and (type(iat) not in _NUMBER_TYPES or not -_MAX_TIME <= iat <= _MAX_TIME):
+        raise TokenError("claim 'iat' must be a number", code="invalid_claim", claim="iat")
+    check_times(claims, rules, now)
     if (
         rules.max_lifetime is not None
         and exp is not None
@@ -232,19 +238,21 @@ class AccessTokenVerifier:
         )
 
         #: Tokens that passed every check once, by their exact text: what parsing them gave
-        #: (alg, kid, the parsed JWS, the typed claims). An agent sends the same token on every
-        #: call for minutes, and parsing is a pure function of the text, so only parsing is saved:
-        #: on every use the key is resolved again, the signature is verified again with it and
-        #: the time claims are checked again at the current time. Only accepted tokens are kept
-        #: (an attacker cannot fill it without our signature), and it is bounded.
-        self._verified: dict[str, tuple[str, str, ParsedJWS, AccessToken]] = {}
+        #: (alg, kid, the parsed JWS, the typed claims) and the rules they passed. An agent sends
+        #: the same token on every call for minutes, and parsing and the claim checks other than
+        #: time are pure functions of the text and the rules, so only those are saved: on every
+        #: use the key is resolved again, the signature is verified again with it and the time
+        #: claims are checked again at the current time (a rules object replaced since is a
+        #: miss). Only accepted tokens are kept (an attacker cannot fill it without our
+        #: signature), and it is bounded.
+        self._verified: dict[str, tuple[str, str, ParsedJWS, AccessToken, VerifyRules]] = {}
 
     def verify(self, token: str) -> AccessToken:
         now = self._clock.now()
         # Only an exact str is looked up (anything else is refused by the parser below).
         hit = self._verified.get(token) if type(token) is str else None
-        if hit is not None:
-            alg, kid, jws, access = hit
+        if hit is not None and hit[4] is self.rules:
+            alg, kid, jws, access, rules = hit
             key = self._resolve(kid)
             if key is None:
                 raise TokenError("no published key has this kid", code="unknown_key")
@@ -253,7 +261,7 @@ class AccessTokenVerifier:
                     "algorithm does not match the key type", code="unsupported_algorithm"
                 )
             key.verify(jws.signing_input, jws.signature)
-            check_claims(jws.payload, self.rules, now)
+            check_times(jws.payload, rules, now)
             return access
         jws = verify_jwt(token, self._resolve, self.rules, now)
         access = AccessToken.from_claims(jws.payload)
@@ -261,5 +269,5 @@ class AccessTokenVerifier:
         if judged is not None:
             if len(self._verified) >= MAX_VERIFIED_TOKENS:
                 self._verified.clear()
-            self._verified[token] = (*judged, jws, access)
+            self._verified[token] = (*judged, jws, access, self.rules)
         return access
