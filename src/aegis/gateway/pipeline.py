@@ -133,7 +133,8 @@ class Pipeline:
             started = time.perf_counter()
             result = await self._evidence(ctx, facts, result)
             self._timed(facts, _EVIDENCE, started)
-            span.set_attributes(facts.span_attributes(result))
+            if span.is_recording():  # without a tracing SDK the span records nothing
+                span.set_attributes(facts.span_attributes(result))
         finally:
             otel_context.detach(attached)
             span.end()
