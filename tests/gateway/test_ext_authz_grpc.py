@@ -242,3 +242,16 @@ async def test_a_forged_certificate_from_a_trusted_proxy_is_refused(
     req.attributes.source.certificate = "not%20a%20certificate"
     status, _, body = denied(await stub.Check(req))
     assert (status, body["code"]) == (401, "cert_invalid")
+
+
+def test_shared_header_options_are_copied_into_each_answer() -> None:
+    from aegis.gateway.ext_authz_grpc import _upstream_option
+
+    first = pb.OkHttpResponse(headers=[_upstream_option("x-aegis-tenant", "acme")])
+    first.headers[0].header.value = "changed"  # one answer edited after it was built
+    second = pb.OkHttpResponse(headers=[_upstream_option("x-aegis-tenant", "acme")])
+    assert second.headers[0].header.value == "acme"
+    assert _upstream_option("x-aegis-tenant", "acme").header.value == "acme"
+    assert _upstream_option("x-aegis-decision-id", "d1") is not _upstream_option(
+        "x-aegis-decision-id", "d1"
+    )  # a value that never repeats is not kept

@@ -17,7 +17,6 @@ built with ``can_sanitize=False`` and the pipeline refuses them with ``policy_er
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -158,43 +157,45 @@ class ExtAuthz:
             if bad is not None:
                 return undecided(400, "invalid_request", bad.message)
             return undecided(404, "not_found", "no route for this path")
-        ctx = CallContext(
-            method=req.method.upper(),
-            url=f"{req.scheme}://{req.host}{req.target}",
-            host=req.host,
-            path=path,
-            route=route,
-            headers=req.headers,
-            query=tuple(parse_qsl(query, keep_blank_values=True)),
-            body_digest=STREAMED_BODY_DIGEST,
-            raw_body=None,
-            client=req.client,
-            can_sanitize=False,
-        )
+        facts: dict[str, Any] = {
+            "method": req.method.upper(),
+            "url": f"{req.scheme}://{req.host}{req.target}",
+            "host": req.host,
+            "path": path,
+            "route": route,
+            "headers": req.headers,
+            "query": tuple(parse_qsl(query, keep_blank_values=True)),
+            "body_digest": STREAMED_BODY_DIGEST,
+            "raw_body": None,
+            "client": req.client,
+            "can_sanitize": False,
+        }
         try:
             if bad is not None:
                 raise bad
-            ctx = self._with_body(ctx, req.body)
+            self._body_facts(facts, req.body)
             if req.certificate:
-                ctx = dataclasses.replace(ctx, peer=self._peer(req))
+                facts["peer"] = self._peer(req)
         except AegisError as exc:
-            return await self._pipeline.refuse(ctx, exc)
-        return await self._pipeline.run(ctx)
+            return await self._pipeline.refuse(CallContext(**facts), exc)
+        return await self._pipeline.run(CallContext(**facts))
 
-    def _with_body(self, ctx: CallContext, raw: bytes | None) -> CallContext:
+    def _body_facts(self, facts: dict[str, Any], raw: bytes | None) -> None:
+        """Body fields of the context for a body seen whole (``raw``); a body not seen whole
+        (None) keeps the digest ``streamed`` and stays hidden from policy."""
         if raw is None:
-            return ctx  # not seen whole: digest "streamed", hidden from policy
+            return
         limit = self._settings.max_body_bytes
         if len(raw) > limit:
             raise AegisError(f"request body larger than {limit} bytes", code="payload_too_large")
-        reads = self._pipeline.reads_body(ctx.route)
+        reads = self._pipeline.reads_body(facts["route"])
         shown = limit if reads else self._settings.policy_body_bytes
         small = len(raw) <= shown
-        body = parse_json_body(raw, ctx.header("content-type")) if small else None
-        digest = body_digest(raw) if raw else EMPTY_BODY_DIGEST
-        return dataclasses.replace(
-            ctx, body_digest=digest, body=body, raw_body=raw if small else None
-        )
+        if small:
+            content_type = next((v for k, v in facts["headers"] if k == "content-type"), None)
+            facts["body"] = parse_json_body(raw, content_type)
+        facts["body_digest"] = body_digest(raw) if raw else EMPTY_BODY_DIGEST
+        facts["raw_body"] = raw if small else None
 
     def _peer(self, req: CheckedRequest) -> PeerIdentity | None:
         text = req.certificate or ""

@@ -134,6 +134,24 @@ def _option(name: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
+#: Options for header values that repeat call after call (an agent's id and tenant), built once:
+#: a message placed in a repeated field is copied there, so one instance serves every answer.
+_SHARED_OPTIONS: dict[tuple[str, str], base_pb2.HeaderValueOption] = {}
+_REPEATING: Final = frozenset({"x-aegis-agent-id", "x-aegis-tenant"})
+_MAX_SHARED_OPTIONS: Final = 4096
+
+
+def _upstream_option(name: str, value: str) -> base_pb2.HeaderValueOption:
+    if name not in _REPEATING:
+        return _option(name, value)
+    option = _SHARED_OPTIONS.get((name, value))
+    if option is None:
+        if len(_SHARED_OPTIONS) >= _MAX_SHARED_OPTIONS:
+            _SHARED_OPTIONS.clear()
+        option = _SHARED_OPTIONS[(name, value)] = _option(name, value)
+    return option
+
+
 def _grpc_code(status: int) -> int:
     if status == 401:
         return int(code_pb2.UNAUTHENTICATED)
@@ -152,7 +170,7 @@ def to_response(result: Result, req: CheckedRequest) -> external_auth_pb2.CheckR
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=external_auth_pb2.OkHttpResponse(
-                headers=[_option(k, v) for k, v in result.upstream_headers.items()],
+                headers=[_upstream_option(k, v) for k, v in result.upstream_headers.items()],
                 headers_to_remove=remove,
                 response_headers_to_add=[
                     _option(k, result.headers[k]) for k in _RESPONSE_HEADERS if k in result.headers
