@@ -24,6 +24,9 @@ from aegis.types import ClientAuthMethod
 from tests.gateway.helpers import mint_proof
 from tests.support.server import RunningServer, free_port
 
+#: What the tool answers on a path ending in ``/big``: 192 KiB, every byte value.
+BIG_ANSWER = bytes(range(256)) * 768
+
 
 class Upstream:
     """A tool server: answers JSON and remembers the headers and body of every request."""
@@ -46,6 +49,8 @@ class Upstream:
                     "query": request.url.query,
                 }
             )
+            if request.url.path.endswith("/big"):  # an answer too large to send in one piece
+                return Response(BIG_ANSWER, media_type="application/octet-stream")
             return JSONResponse({"ok": True, "card": "4111 1111 1111 1111"})
 
         self.app = Starlette(

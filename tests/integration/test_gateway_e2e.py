@@ -16,7 +16,7 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from tests.gateway.harness import AgentClient, Upstream, serve
+from tests.gateway.harness import BIG_ANSWER, AgentClient, Upstream, serve
 from tests.support.server import RunningServer, free_port, run_server
 
 from aegis.audit.log import AuditLog
@@ -254,6 +254,39 @@ def test_metrics_and_health(stack: Stack) -> None:
     assert 'aegis_decisions_total{action="allow",reason="ok"}' in text
     assert "aegis_pipeline_step_seconds_bucket" in text
     assert 'aegis_decisions_total{action="deny",reason="not_found"}' in text
+
+
+def test_methods_the_proxy_does_not_forward_are_405_and_counted(stack: Stack) -> None:
+    refused = {"action": "deny", "reason": "method_not_allowed"}
+    before, seen = metric("aegis_decisions_total", **refused), len(stack.upstream.seen)
+    resp = httpx.request("TRACE", f"{stack.gateway}/payments/x")
+    assert resp.status_code == 405
+    assert resp.json()["code"] == "method_not_allowed"
+    assert "POST" in resp.headers["allow"] and "TRACE" not in resp.headers["allow"]
+    assert metric("aegis_decisions_total", **refused) == before + 1
+    assert len(stack.upstream.seen) == seen
+
+
+def test_small_answers_are_sent_whole_and_large_ones_relayed_intact(stack: Stack) -> None:
+    agent = AgentClient(stack.srv, "reader")
+    token = agent.access_token()
+    small = call(stack, agent, token)
+    assert small.status_code == 200, small.text
+    assert small.headers["content-length"] == str(len(small.content))
+    assert "transfer-encoding" not in small.headers
+    url = f"{stack.gateway}/payments/big"
+    big = httpx.post(
+        url,
+        content=b"{}",
+        headers={
+            **agent.headers(agent.access_token(), "POST", url),
+            "content-type": "application/json",
+        },
+    )
+    assert big.status_code == 200, big.text
+    assert big.content == BIG_ANSWER
+    assert big.headers.get("transfer-encoding") == "chunked"  # relayed as it arrived
+    assert "x-aegis-attestation" in big.headers
 
 
 def test_large_binary_body_is_streamed_through_intact(stack: Stack) -> None:

@@ -157,7 +157,11 @@ class ReverseProxy:
             return await send({"type": "websocket.close", "code": 1008})
         if scope["method"] not in METHODS:
             count_decision("deny", "method_not_allowed")
-            detail = {"error": "invalid_request", "error_description": "method not allowed"}
+            detail = {
+                "error": spec_for("method_not_allowed").oauth_error,
+                "error_description": f"method not allowed; use one of {', '.join(METHODS)}",
+                "code": "method_not_allowed",
+            }
             return await _json(send, 405, detail, {"allow": ", ".join(METHODS)})
         values: dict[str, str] = {}  # the first value of each field, read by the checks below
         for name, value in headers:
