@@ -11,6 +11,7 @@ import pytest
 
 from aegis.audit.log import AuditLog, record_hash
 from aegis.clock import FrozenClock
+from aegis.errors import Unavailable
 
 
 def _pair(tmp_path: Path, clock: FrozenClock) -> tuple[AuditLog, AuditLog]:
@@ -70,3 +71,40 @@ async def test_group_commits_from_two_writers_interleave_without_loss(tmp_path: 
     finally:
         a.close()
         b.close()
+
+
+def test_a_broken_writer_connection_fails_closed_then_recovers(tmp_path: Path) -> None:
+    clock = FrozenClock(1_800_000_000.0)
+    log = AuditLog(f"sqlite:///{tmp_path / 'audit.db'}", clock=clock)
+    try:
+        log.append("test", {"n": 0})
+        log._writer().dbapi_connection.close()  # the connection dies under the writer
+        with pytest.raises(Unavailable) as err:
+            log.append("test", {"n": 1})
+        assert err.value.code == "audit_unavailable"
+        assert log.append("test", {"n": 2})[0] == 2  # a fresh connection, the chain goes on
+        assert log.verify_chain().ok
+        assert [r["n"] for r in log.records()] == [0, 2]
+    finally:
+        log.close()
+
+
+@pytest.mark.postgres
+def test_a_terminated_postgres_session_fails_closed_then_recovers(fresh_pg_url: str) -> None:
+    clock = FrozenClock(1_800_000_000.0)
+    log = AuditLog(fresh_pg_url, clock=clock)
+    other = AuditLog(fresh_pg_url, clock=clock)
+    try:
+        log.append("test", {"n": 0})
+        pid = log._writer().dbapi_connection.info.backend_pid
+        with other.engine.connect() as conn:  # as an operator or a failover would
+            conn.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+        with pytest.raises(Unavailable):
+            log.append("test", {"n": 1})
+        other.append("test", {"n": 2})  # meanwhile another writer moves the tail
+        assert log.append("test", {"n": 3})[0] == 3
+        assert log.verify_chain().ok
+        assert [r["n"] for r in log.records()] == [0, 2, 3]
+    finally:
+        log.close()
+        other.close()
