@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -96,7 +97,9 @@ def _demo_config(
         lines += [
             "approvals:",
             "  approvers:",
-            f"    - {{id: {APPROVER}, groups: [finance-approvers], admin_keys: [{approver_key}]}}",
+            # Quoted: a random key id such as 1234e5 or 0x1f would otherwise read as a number.
+            f"    - {{id: {json.dumps(APPROVER)}, groups: [finance-approvers],"
+            f" admin_keys: [{json.dumps(approver_key)}]}}",
         ]
     text = "\n".join(lines) + "\n"
     (directory / "aegis.yaml").write_text(text)
