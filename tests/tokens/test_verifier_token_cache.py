@@ -99,9 +99,7 @@ def test_only_accepted_tokens_are_cached_and_a_forged_signature_is_never_a_hit(e
 def test_a_cached_token_not_yet_valid_or_issued_in_the_future_is_refused_at_that_instant() -> None:
     key = Ed25519SigningKey.generate()
     clock = FrozenClock(T0 + 10 - LEEWAY)
-    verifier = AccessTokenVerifier(
-        {key.kid: key.public}.get, issuer=ISS, audience=AUD, clock=clock, leeway=LEEWAY
-    )
+    verifier, _ = _verifier({key.kid: key.public}.get, key, clock)
     early, plain = _token(key, nbf=T0 + 10), _token(key, jti="jti-2")
     verifier.verify(early)
     verifier.verify(plain)
@@ -139,12 +137,14 @@ def test_the_cache_is_bounded() -> None:
         assert len(verifier._verified) <= MAX_VERIFIED_TOKENS
 
 
-def _verifier(resolve: object, key: Ed25519SigningKey) -> tuple[AccessTokenVerifier, str]:
+def _verifier(
+    resolve: object, key: Ed25519SigningKey, clock: FrozenClock | None = None
+) -> tuple[AccessTokenVerifier, str]:
     verifier = AccessTokenVerifier(
         resolve,  # type: ignore[arg-type]
         issuer=ISS,
         audience=AUD,
-        clock=FrozenClock(T0),
+        clock=clock or FrozenClock(T0),
         leeway=LEEWAY,
     )
     return verifier, _token(key)
