@@ -123,7 +123,6 @@ async def test_gateway_run_serves_mtls_to_agents_of_its_own_ca_only(tmp_path: Pa
             through = await fetch(port, valid, "/pay/charge", headers=bearer)
             without = await fetch(port, bare, "/pay/charge", headers=bearer)
             other_ca = await fetch(port, foreign, "/pay/charge", headers=bearer)
-            print("DEBUG", other_ca)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:

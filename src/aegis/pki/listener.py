@@ -1,11 +1,16 @@
 """A TLS listener for ASGI apps that exposes the verified peer certificate (ASGI TLS extension).
 
-The handshake is run here (``loop.start_tls``), not inside the HTTP server, so that every refused
-handshake is seen and counted by its reason (``aegis_mtls_rejections_total``) before any request
-exists. A completed handshake hands the connection to uvicorn's HTTP/1.1 protocol, with
+Connections are accepted here and their TLS handshake awaited here
+(``loop.connect_accepted_socket`` with the SSL context), not inside the HTTP server, so that every
+refused handshake is seen and counted by its reason (``aegis_mtls_rejections_total``) before any
+request exists. A completed handshake hands the connection to uvicorn's HTTP/1.1 protocol, with
 ``scope["extensions"]["tls"]`` set from the TLS session itself (ASGI TLS extension:
 ``client_cert_chain`` as PEM, ``tls_version``, ``cipher_suite``), never from anything the client
 sent. :class:`~aegis.pki.middleware.PeerCertificateMiddleware` turns it into a ``PeerIdentity``.
+
+The TLS layer owns the socket from its first byte: there is no plain-TCP protocol that could read
+the ClientHello before TLS takes over (uvloop starts reading a new transport as soon as its
+protocol's ``connection_made`` returns, so a pause requested there does not hold).
 
 The SSL context is fetched per connection from ``context()``: renewing the listener's own
 certificate swaps the context for new handshakes while open connections carry on untouched.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any, cast
@@ -33,47 +39,20 @@ __all__ = ["MTLSListener"]
 _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
 
 
-class _Pending(asyncio.Protocol):
-    """Holds a fresh TCP connection, reading nothing, until the TLS handshake takes it over."""
+class _Handover(asyncio.Protocol):
+    """The protocol of a connection whose handshake completed: on ``connection_made`` (which the
+    loop calls only after the handshake) it hands the TLS transport to ``make_http``, which builds
+    the HTTP protocol with the session's facts; nothing can arrive before that."""
 
-    def __init__(self, listener: MTLSListener) -> None:
-        self._listener = listener
+    def __init__(self, make_http: Callable[[asyncio.Transport], asyncio.Protocol]) -> None:
+        self._make_http = make_http
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (asyncio's or uvloop's, which does not subclass asyncio.Transport).
         stream = cast(asyncio.Transport, transport)
-        stream.pause_reading()  # the ClientHello waits for start_tls
-        self._listener._spawn(stream)
-
-
-class _Buffer(asyncio.Protocol):
-    """Takes what arrives between the end of the handshake and the HTTP protocol's start (a TLS 1.3
-    client sends its request at once); replayed in order once the HTTP protocol is attached."""
-
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-        self.eof = False
-        self.lost: tuple[Exception | None] | None = None
-
-    def data_received(self, data: bytes) -> None:
-        self.chunks.append(data)
-
-    def eof_received(self) -> bool | None:
-        self.eof = True
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = (exc,)
-
-    def attach(self, transport: asyncio.Transport, protocol: asyncio.Protocol) -> None:
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        for chunk in self.chunks:
-            protocol.data_received(chunk)
-        if self.eof:
-            protocol.eof_received()
-        if self.lost is not None:
-            protocol.connection_lost(self.lost[0])
+        http = self._make_http(stream)
+        stream.set_protocol(http)
+        http.connection_made(stream)
 
 
 def _with_tls(app: Any, ext: dict[str, Any]) -> Any:
@@ -109,22 +88,31 @@ class MTLSListener:
         )
         self._config.load()
         self._state = ServerState()
-        self._server: asyncio.base_events.Server | None = None
+        self._sock: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def port(self) -> int:
-        assert self._server is not None, "start() the listener first"
-        return int(self._server.sockets[0].getsockname()[1])
+        assert self._sock is not None, "start() the listener first"
+        return int(self._sock.getsockname()[1])
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Pending(self), self._host, self._port)
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        sock = socket.create_server((self._host, self._port), family=family, backlog=512)
+        sock.setblocking(False)
+        self._sock = sock
+        self._accepting = loop.create_task(self._accept(sock))
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish, close idle connections."""
-        if self._server is not None:
-            self._server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(BaseException):
+                await self._accepting
+        if self._sock is not None:
+            self._sock.close()
         for conn in list(self._state.connections):
             conn.shutdown()
         for _ in range(100):
@@ -133,28 +121,36 @@ class MTLSListener:
             await asyncio.sleep(0.05)
         for task in list(self._tasks):
             task.cancel()
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
 
-    def _spawn(self, transport: asyncio.Transport) -> None:
-        task = asyncio.get_running_loop().create_task(self._handshake(transport))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _handshake(self, transport: asyncio.Transport) -> None:
+    async def _accept(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        buffer = _Buffer()
-        peer = transport.get_extra_info("peername")
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:  # e.g. out of file descriptors: back off, keep serving
+                log_event("mtls.accept_failed", listener=self.name, error=str(exc)[:200])
+                await asyncio.sleep(0.1)
+                continue
+            task = loop.create_task(self._handshake(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _handshake(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            tls = await loop.start_tls(
-                transport,
-                buffer,
-                self._context(),
-                server_side=True,
+            peer = conn.getpeername()
+        except OSError:  # already gone
+            conn.close()
+            return
+        try:
+            await loop.connect_accepted_socket(
+                lambda: _Handover(self._http),
+                conn,
+                ssl=self._context(),
                 ssl_handshake_timeout=self._timeout,
             )
         except Exception as exc:  # any failed handshake closes the connection, counted
+            conn.close()
             code = classify_handshake_error(exc)
             MTLS_REJECTIONS.labels(listener=self.name, code=code).inc()
             log_event(
@@ -164,7 +160,6 @@ class MTLSListener:
                 peer=str(peer),
                 detail=str(exc)[:200],
             )
-            transport.abort()
             await audit_refusal(
                 self._audit,
                 {
@@ -175,10 +170,10 @@ class MTLSListener:
                     "client": peer[0] if isinstance(peer, tuple) else None,
                 },
             )
-            return
-        if tls is None:  # the peer went away during the handshake
-            transport.abort()
-            return
+
+    def _http(self, tls: asyncio.Transport) -> asyncio.Protocol:
+        """uvicorn's HTTP/1.1 protocol for one handshaken connection, its app seeing the session's
+        facts as the ASGI TLS extension."""
         sslobj: ssl.SSLObject | None = tls.get_extra_info("ssl_object")
         der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
         cipher = sslobj.cipher() if sslobj is not None else None
@@ -194,4 +189,4 @@ class MTLSListener:
         }
         http = H11Protocol(config=self._config, server_state=self._state, app_state={})
         http.app = _with_tls(self._config.loaded_app, ext)
-        buffer.attach(tls, http)
+        return http
