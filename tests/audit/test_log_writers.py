@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from pathlib import Path
 
 import pytest
 
+from aegis.audit import log as audit_log
 from aegis.audit.log import AuditLog, record_hash
 from aegis.clock import FrozenClock
 from aegis.errors import Unavailable
@@ -108,3 +110,97 @@ def test_a_terminated_postgres_session_fails_closed_then_recovers(fresh_pg_url: 
     finally:
         log.close()
         other.close()
+
+
+def _appends_in_thread_loop(log: AuditLog, start: int, n: int) -> list[tuple[int, str]]:
+    async def run() -> list[tuple[int, str]]:
+        return list(
+            await asyncio.gather(*(log.append_async("t", {"n": start + i}) for i in range(n)))
+        )
+
+    return asyncio.run(run())
+
+
+def test_one_writer_thread_serves_callers_on_several_event_loops(tmp_path: Path) -> None:
+    """Callers on three loops (three threads) share one log: every record lands once, in one
+    chain, and each caller learns its own position."""
+    import concurrent.futures
+
+    log = AuditLog(f"sqlite:///{tmp_path / 'audit.db'}", clock=FrozenClock(1_800_000_000.0))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            parts = list(pool.map(lambda s: _appends_in_thread_loop(log, s, 40), (0, 100, 200)))
+        seqs = [seq for part in parts for seq, _ in part]
+        assert sorted(seqs) == list(range(1, 121))
+        by_seq = dict(zip(range(1, 121), log.records(), strict=True))
+        for start, part in zip((0, 100, 200), parts, strict=True):
+            assert [by_seq[seq]["n"] for seq, _ in part] == [start + i for i in range(40)]
+        assert log.verify_chain().ok
+    finally:
+        log.close()
+
+
+@pytest.mark.asyncio
+async def test_the_writer_thread_leaves_when_idle_and_comes_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit_log, "_WRITER_IDLE", 0.05)
+    log = AuditLog(f"sqlite:///{tmp_path / 'audit.db'}", clock=FrozenClock(1_800_000_000.0))
+    try:
+        assert (await log.append_async("t", {"n": 0}))[0] == 1
+        deadline = time.monotonic() + 5
+        while log._writer_running and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert not log._writer_running  # idle: gone
+        assert (await log.append_async("t", {"n": 1}))[0] == 2  # started again on demand
+        assert log.verify_chain().ok
+    finally:
+        log.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_a_dying_writer_thread_fails_its_waiters_and_the_next_append_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should the writer thread itself break (not the database), nobody waits forever: the batch
+    it held fails closed and the next append starts a new thread."""
+    log = AuditLog(f"sqlite:///{tmp_path / 'audit.db'}", clock=FrozenClock(1_800_000_000.0))
+    real = log._write
+    broken = [True]
+
+    def write(batch: list) -> None:  # type: ignore[type-arg]
+        if broken.pop() if broken else False:
+            raise KeyboardInterrupt  # not an Exception: it escapes _write and ends the thread
+        real(batch)
+
+    monkeypatch.setattr(log, "_write", write)
+    try:
+        with pytest.raises(Unavailable) as err:
+            await asyncio.wait_for(log.append_async("t", {"n": 0}), 5)
+        assert err.value.code == "audit_unavailable"
+        assert (await asyncio.wait_for(log.append_async("t", {"n": 1}), 5))[0] == 1
+        assert [r["n"] for r in log.records()] == [1]
+    finally:
+        log.close()
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_caller_still_leaves_its_record(tmp_path: Path) -> None:
+    """Cancelling the wait does not take the record back: it is committed all the same, and the
+    others in its batch are answered."""
+    log = AuditLog(f"sqlite:///{tmp_path / 'audit.db'}", clock=FrozenClock(1_800_000_000.0))
+    try:
+        first = asyncio.ensure_future(log.append_async("t", {"n": 0}))
+        second = asyncio.ensure_future(log.append_async("t", {"n": 1}))
+        await asyncio.sleep(0)
+        first.cancel()
+        assert (await second)[1]
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        deadline = time.monotonic() + 5
+        while log.count() < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert sorted(r["n"] for r in log.records()) == [0, 1]
+    finally:
+        log.close()

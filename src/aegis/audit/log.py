@@ -39,6 +39,22 @@ __all__ = ["GENESIS_HASH", "AuditLog", "ChainReport", "canonical_json", "record_
 #: ``prev_hash`` of the first record.
 GENESIS_HASH: Final = "0" * 64
 _MAX_RETRIES: Final = 8
+#: Seconds the writer thread of :meth:`AuditLog.append_async` waits for work before it leaves.
+_WRITER_IDLE: Final = 5.0
+
+#: A record waiting for the writer thread: its canonical body, kind, and who waits for it.
+_Waiting = tuple[str, str, asyncio.AbstractEventLoop, "asyncio.Future[tuple[int, str]]"]
+
+
+def _resolve(done: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    """On the waiting loop: resolve each future with its ``(seq, hash)`` or the batch's error."""
+    for future, result in done:
+        if future.done():  # the caller was cancelled; its record is committed all the same
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
 
 
 def canonical_json(record: dict[str, Any]) -> str:
@@ -94,7 +110,7 @@ def _pruned_tail(conn: Connection) -> tuple[int, str]:
     return (int(row[0]), str(row[1])) if row else (0, GENESIS_HASH)
 
 
-def _unavailable(exc: Exception) -> Unavailable:
+def _unavailable(exc: BaseException) -> Unavailable:
     return Unavailable("the audit log cannot be written; call refused", code="audit_unavailable")
 
 
@@ -119,12 +135,11 @@ class AuditLog:
         self._order: list[str] | None = compiled.positiontup
         self._dbapi: Any = self._engine.dialect.loaded_dbapi
         self._raw: Any = None
-        # Per event loop: records waiting for the next group commit, and loops with a flush running.
-        self._queues: dict[
-            asyncio.AbstractEventLoop, list[tuple[str, str, asyncio.Future[Any]]]
-        ] = {}
-        self._flushing: set[asyncio.AbstractEventLoop] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Records waiting for the writer thread (``_pending``, under ``_wake``), and whether that
+        # thread is running; see :meth:`append_async`.
+        self._wake = threading.Condition(threading.Lock())
+        self._pending: list[_Waiting] = []
+        self._writer_running = False
         try:
             METADATA.create_all(self._engine, checkfirst=True)
             install_append_only(self._engine)
@@ -136,6 +151,8 @@ class AuditLog:
         return self._engine
 
     def close(self) -> None:
+        with self._wake:  # an idle writer thread leaves now rather than after its idle wait
+            self._wake.notify()
         with self._lock:
             self._drop_writer()
         self._engine.dispose()
@@ -209,39 +226,72 @@ class AuditLog:
             self._drop_writer()
 
     async def append_async(self, kind: str, record: dict[str, Any]) -> tuple[int, str]:
-        """:meth:`append` off the event loop, with group commit: records that arrive while a
-        commit is in flight are written together in the next one. Each caller still returns only
-        once its own record is committed."""
+        """:meth:`append` without blocking the event loop, with group commit: the record goes to
+        this log's writer thread, which writes everything that queued up while its previous
+        commit was in flight in one transaction. Each caller still returns only once its own
+        record is committed (or fails closed with ``audit_unavailable`` when its batch failed).
+
+        One long-lived thread hands results back with ``call_soon_threadsafe``; a default-executor
+        hop per batch (``asyncio.to_thread``) costs about as much again in wake-ups and futures as
+        the append's own work. The thread starts on the first append and leaves after
+        :data:`_WRITER_IDLE` seconds without one."""
         body = canonical_json({**record, "kind": kind})
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[int, str]] = loop.create_future()
-        queue = self._queues.setdefault(loop, [])
-        queue.append((body, kind, future))
-        if len(queue) == 1 and loop not in self._flushing:
-            self._flushing.add(loop)
-            task = loop.create_task(self._flush(loop))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        with self._wake:
+            self._pending.append((body, kind, loop, future))
+            if self._writer_running:
+                self._wake.notify()
+            else:
+                writer = threading.Thread(target=self._write_loop, name="aegis-audit", daemon=True)
+                try:
+                    writer.start()
+                except RuntimeError as exc:  # no thread to be had: refuse, leave nothing queued
+                    self._pending.pop()
+                    raise _unavailable(exc) from exc
+                self._writer_running = True
         return await future
 
-    async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _write_loop(self) -> None:
+        """The writer thread: take everything pending, append it as one batch, deliver; leave
+        when idle. Should the thread itself fail, no caller is left waiting for it."""
+        batch: list[_Waiting] = []
         try:
-            while batch := self._queues.pop(loop, []):
-                try:
-                    results = await asyncio.to_thread(
-                        self._append_batch, [b for b, _, _ in batch], [k for _, k, _ in batch]
-                    )
-                except Exception as exc:  # every waiter fails closed with the same error
-                    error = exc if isinstance(exc, Unavailable) else _unavailable(exc)
-                    for _, _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(error)
-                    continue
-                for (_, _, fut), result in zip(batch, results, strict=True):
-                    if not fut.done():
-                        fut.set_result(result)
-        finally:
-            self._flushing.discard(loop)
+            while True:
+                with self._wake:
+                    if not self._pending:
+                        self._wake.wait(_WRITER_IDLE)
+                    if not self._pending:
+                        self._writer_running = False
+                        return
+                    batch, self._pending = self._pending, []
+                self._write(batch)
+                batch = []
+        except BaseException as exc:
+            with self._wake:
+                self._writer_running = False
+                stranded, self._pending = batch + self._pending, []
+            self._deliver(stranded, _unavailable(exc))
+            raise
+
+    def _write(self, batch: list[_Waiting]) -> None:
+        outcome: list[tuple[int, str]] | Exception
+        try:
+            outcome = self._append_batch([b for b, _, _, _ in batch], [k for _, k, _, _ in batch])
+        except Exception as exc:  # every waiter fails closed with the same error
+            outcome = exc if isinstance(exc, Unavailable) else _unavailable(exc)
+        self._deliver(batch, outcome)
+
+    @staticmethod
+    def _deliver(batch: list[_Waiting], outcome: list[tuple[int, str]] | Exception) -> None:
+        """Hand each waiter its ``(seq, hash)``, or the batch's error, on its own event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+        for i, (_, _, loop, future) in enumerate(batch):
+            result = outcome if isinstance(outcome, Exception) else outcome[i]
+            by_loop.setdefault(loop, []).append((future, result))
+        for loop, done in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits
+                loop.call_soon_threadsafe(_resolve, done)
 
     def count(self) -> int:
         with self._engine.connect() as conn:
