@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Final, cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount
 from starlette.routing import Route as StarletteRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aegis.approvals.wiring import approvals_for
 from aegis.audit.attest import Attester
@@ -37,12 +38,12 @@ from aegis.pki.renewal import CertificateManager
 from aegis.pki.service import PkiService
 from aegis.policy.store import PolicyStore, SqlPolicyStore
 from aegis.server.services import Services
-from aegis.telemetry.metrics import REGISTRY
+from aegis.telemetry.metrics import REGISTRY, count_decision
 from aegis.tokens.chain import ChainRules
 from aegis.tokens.dpop import DpopVerifier, NonceSource
 from aegis.tokens.verifier import AccessTokenVerifier
 
-__all__ = ["METHODS", "build_pipeline", "create_gateway_app"]
+__all__ = ["METHODS", "OWN_PATHS", "GatewayApp", "build_pipeline", "create_gateway_app"]
 
 
 def build_pipeline(
@@ -143,26 +144,63 @@ def create_gateway_app(
                 await certificates.stop()
 
     middleware: list[Middleware] = []
+    front: ASGIApp = proxy
     if isinstance(pki, PkiService):
         p = services.config.pki
-        middleware.append(
-            Middleware(
-                PeerCertificateMiddleware,
-                validator=pki.validator(),
-                trusted_proxies=p.trusted_proxies,
-                mode=p.xfcc_mode,
-                header=p.xfcc_header,
-                required=lambda path: False,
-                listener="gateway",
-                # Refused certificates are audited with their serial and SPIFFE ID.
-                audit=pipeline.audit.append_async if pipeline.audit is not None else None,
-            )
-        )
-    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
+        peer_check: dict[str, Any] = {
+            "validator": pki.validator(),
+            "trusted_proxies": p.trusted_proxies,
+            "mode": p.xfcc_mode,
+            "header": p.xfcc_header,
+            "required": lambda path: False,
+            "listener": "gateway",
+            # Refused certificates are audited with their serial and SPIFFE ID.
+            "audit": pipeline.audit.append_async if pipeline.audit is not None else None,
+        }
+        middleware.append(Middleware(PeerCertificateMiddleware, **peer_check))
+        front = cast(ASGIApp, PeerCertificateMiddleware(proxy, **peer_check))
+    app = GatewayApp(front, routes=routes, lifespan=lifespan, middleware=middleware)
     app.state.proxy = proxy
     # Set when pki.gateway_agent is: the listener serves mTLS with certificates.server_context.
     app.state.certificates = certificates
     return app
+
+
+#: Paths the gateway answers itself; every other HTTP request is a call for the proxy.
+OWN_PATHS: Final = frozenset({"/healthz", "/metrics"})
+
+
+class GatewayApp(Starlette):
+    """The gateway application. ``/healthz``, ``/metrics`` and the lifespan go through Starlette;
+    every other HTTP request goes straight to ``front`` (the proxy, behind the peer-certificate
+    check when there is a CA), without Starlette's exception layers and router on a path that
+    gains nothing from them and is paid on every proxied call. An unexpected error there is
+    answered ``500 server_error`` (JSON) if nothing was sent yet, then raised to the server,
+    which logs it, as Starlette's own error layer would."""
+
+    def __init__(self, front: ASGIApp, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._front = front
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OWN_PATHS:
+            return await super().__call__(scope, receive, send)
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._front(scope, receive, tracked)
+        except Exception:
+            if not started:
+                count_decision("deny", "server_error")
+                detail = {"error": "server_error", "code": "server_error",
+                          "error_description": "the gateway failed to handle this call"}  # fmt: skip
+                await JSONResponse(detail, status_code=500)(scope, receive, send)
+            raise
 
 
 def _gateway_certificates(services: Services, pki: object) -> CertificateManager | None:
