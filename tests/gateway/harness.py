@@ -19,6 +19,7 @@ from starlette.routing import Route
 from aegis.clock import new_id
 from aegis.crypto.jws import encode_segment, sign_compact
 from aegis.crypto.keys import Ed25519SigningKey
+from aegis.gateway.server import gateway_server
 from aegis.registry.service import AgentSpec
 from aegis.types import ClientAuthMethod
 from tests.gateway.helpers import mint_proof
@@ -60,11 +61,10 @@ class Upstream:
 
 @contextmanager
 def serve(app: Any, port: int | None = None) -> Iterator[str]:
-    """Serve an ASGI app with uvicorn in a thread on a loopback port; yield its base URL."""
+    """Serve an ASGI app with uvicorn in a thread on a loopback port, configured as the gateway
+    configures its own servers (``gateway_server``); yield its base URL."""
     port = port or free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
+    server = gateway_server(app, "127.0.0.1", port, log_level="warning")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

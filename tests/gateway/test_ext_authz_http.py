@@ -132,6 +132,18 @@ def test_nginx_mode_refuses_peers_that_are_not_trusted_proxies(
     assert (resp.status_code, resp.json()["code"]) == (403, "access_denied")
 
 
+def test_a_forwarded_address_does_not_make_a_peer_a_trusted_proxy(
+    env: Env, untrusted_nginx: str
+) -> None:
+    """Only 192.0.2.1 is a trusted proxy; a caller on loopback claiming to be it in
+    ``X-Forwarded-For`` (which uvicorn's default would have believed from 127.0.0.1) is not."""
+    agent = Agent(env)
+    headers = {**creds(agent), "x-original-uri": "/payments/charge", "x-original-method": "POST",
+               "x-forwarded-for": "192.0.2.1", "x-forwarded-proto": "https"}  # fmt: skip
+    resp = httpx.get(f"{untrusted_nginx}/auth", headers=headers)
+    assert (resp.status_code, resp.json()["code"]) == (403, "access_denied")
+
+
 def test_nginx_mode_never_shows_a_body_to_policy(env: Env, nginx: str) -> None:
     env.policies.activate(
         "acme", "prod", env.policies.put(load_document(POLICY), now=0), actor="t", now=0

@@ -115,6 +115,9 @@ def up(
             log_level=config.logging.level,
             lifespan="on",
             server_header=False,
+            # Forwarded client addresses are believed only from pki.trusted_proxies, judged by
+            # Aegis on the connection's own address (see aegis.gateway.server.gateway_server).
+            proxy_headers=False,
         )
     )
     # uvicorn configured its loggers above; from now on its access log keeps no query string.

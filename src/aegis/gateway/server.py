@@ -38,7 +38,7 @@ from aegis.pki.service import PkiService
 from aegis.server.services import Services
 from aegis.telemetry.logging import log_event
 
-__all__ = ["build_ext_authz", "run_event_loop", "serve_gateway", "serve_mtls"]
+__all__ = ["build_ext_authz", "gateway_server", "run_event_loop", "serve_gateway", "serve_mtls"]
 
 T = TypeVar("T")
 
@@ -52,6 +52,25 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
     except ImportError:  # pragma: no cover - uvloop is a dependency wherever it builds
         return asyncio.run(main)
     return uvloop.run(main)
+
+
+def gateway_server(app: Any, host: str, port: int, *, log_level: str = "info") -> uvicorn.Server:
+    """A uvicorn server for a gateway door. ``proxy_headers=False``: uvicorn's default believes
+    ``X-Forwarded-For`` and ``X-Forwarded-Proto`` from 127.0.0.1 and rewrites the client address
+    before any Aegis code sees it, so a local caller could claim a trusted proxy's address (and
+    with it forwarded certificates). Which peers are proxies is Aegis configuration
+    (``trusted_proxies``), judged on the connection's own address."""
+    return uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            lifespan="on",
+            proxy_headers=False,
+            server_header=False,
+        )
+    )
 
 
 async def serve_mtls(
@@ -101,9 +120,7 @@ async def serve_gateway(
     app = create_gateway_app(services, settings, pipeline=pipeline)
 
     def server(asgi: Starlette, h: str, p: int) -> uvicorn.Server:
-        return uvicorn.Server(
-            uvicorn.Config(asgi, host=h, port=p, log_level=log_level, lifespan="on")
-        )
+        return gateway_server(asgi, h, p, log_level=log_level)
 
     certificates = app.state.certificates
     servers = [server(app, host, port)] if certificates is None else []
