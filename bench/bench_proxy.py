@@ -2,9 +2,9 @@
 the upstream directly, and how many calls per second it forwards on one core.
 
 Three processes, as in a deployment: the upstream (a minimal ASGI app under uvicorn), the gateway
-(uvicorn on the event loop ``aegis gateway run`` uses, pinned to one CPU, the full pipeline: token
-and DPoP proof verification, replay, subject, delegation, allow-list policy, attestation) and the
-load client. Run in one process, the three would share one GIL and each hop would wait for the
+(uvicorn configured and on the event loop as ``aegis gateway run`` has them, pinned to one CPU, the
+full pipeline: token and DPoP proof verification, replay, subject, delegation, allow-list policy,
+attestation) and the load client. Run in one process, the three would share one GIL and each hop would wait for the
 others' switch interval, which measures Python, not the gateway. The gateway process serves three
 ports from one event loop: the gateway with the durable audit append (SQLite WAL +
 ``synchronous=FULL``), the gateway without it, and the same-run floor: a pass-through proxy built
@@ -39,7 +39,7 @@ from tests.support.server import free_port, write_dev_config
 
 from aegis.config import GatewaySettings, load_config
 from aegis.gateway.app import build_pipeline, create_gateway_app
-from aegis.gateway.server import run_event_loop
+from aegis.gateway.server import gateway_server, run_event_loop
 from aegis.policy.store import MemoryPolicyStore
 from aegis.server.services import build_services
 
@@ -164,8 +164,11 @@ def serve_gateway(
         pipe = build_pipeline(services, settings, policy_store=MemoryPolicyStore())
         if not audited:
             pipe._audit = None  # the decision and the forward alone
-        servers.append(_server(create_gateway_app(services, settings, pipeline=pipe), port))
-    servers.append(_server(passthrough_app(upstream), ports[2]))
+        app = create_gateway_app(services, settings, pipeline=pipe)
+        servers.append(gateway_server(app, "127.0.0.1", port, log_level="warning"))
+    servers.append(
+        gateway_server(passthrough_app(upstream), "127.0.0.1", ports[2], log_level="warning")
+    )
     run_event_loop(_serve_until_told(servers, conn))
 
 
