@@ -45,7 +45,7 @@ from aegis.config import GatewaySettings, load_config
 from aegis.gateway.app import build_pipeline
 from aegis.gateway.ext_authz import ExtAuthz, TrustedPeers
 from aegis.gateway.ext_authz_grpc import AuthorizationService, start_grpc_server
-from aegis.gateway.server import run_event_loop
+from aegis.gateway.server import freeze_startup_heap, run_event_loop
 from aegis.policy.store import MemoryPolicyStore
 from aegis.server.services import build_services
 from bench_gateway import pct, pipeline_bench, raw_ed25519, register
@@ -76,6 +76,7 @@ def serve(config_path: str, audit: bool, conn: Connection) -> None:
         service = AuthorizationService(ExtAuthz(pipe, settings), TrustedPeers([]))
         server, port = await start_grpc_server(service, "127.0.0.1", 0)
         floor, floor_port = await start_grpc_server(FloorService(), "127.0.0.1", 0)  # type: ignore[arg-type]
+        freeze_startup_heap()  # as aegis gateway run does before serving
         conn.send((port, floor_port))
         loop = asyncio.get_running_loop()
         # Until told to stop, answer "cpu" with this process's CPU time so far (all threads).

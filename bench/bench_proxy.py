@@ -39,7 +39,7 @@ from tests.support.server import free_port, write_dev_config
 
 from aegis.config import GatewaySettings, load_config
 from aegis.gateway.app import build_pipeline, create_gateway_app
-from aegis.gateway.server import gateway_server, run_event_loop
+from aegis.gateway.server import freeze_startup_heap, gateway_server, run_event_loop
 from aegis.policy.store import MemoryPolicyStore
 from aegis.server.services import build_services
 
@@ -169,6 +169,7 @@ def serve_gateway(
     servers.append(
         gateway_server(passthrough_app(upstream), "127.0.0.1", ports[2], log_level="warning")
     )
+    freeze_startup_heap()  # as aegis gateway run does before serving
     run_event_loop(_serve_until_told(servers, conn))
 
 

@@ -122,6 +122,9 @@ def up(
     )
     # uvicorn configured its loggers above; from now on its access log keeps no query string.
     logging.getLogger("uvicorn.access").addFilter(QueryStringFilter())
+    from aegis.gateway.server import freeze_startup_heap
+
+    freeze_startup_heap()
     uvicorn_server.run()
     if not uvicorn_server.started:
         raise typer.Exit(1)

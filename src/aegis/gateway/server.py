@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -38,7 +39,14 @@ from aegis.pki.service import PkiService
 from aegis.server.services import Services
 from aegis.telemetry.logging import log_event
 
-__all__ = ["build_ext_authz", "gateway_server", "run_event_loop", "serve_gateway", "serve_mtls"]
+__all__ = [
+    "build_ext_authz",
+    "freeze_startup_heap",
+    "gateway_server",
+    "run_event_loop",
+    "serve_gateway",
+    "serve_mtls",
+]
 
 T = TypeVar("T")
 
@@ -52,6 +60,16 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
     except ImportError:  # pragma: no cover - uvloop is a dependency wherever it builds
         return asyncio.run(main)
     return uvloop.run(main)
+
+
+def freeze_startup_heap() -> None:
+    """Collect once, then move every object that survived start-up (configuration, services,
+    compiled policies, imported modules, protobuf descriptors) out of the garbage collector's
+    view (``gc.freeze``). A full collection otherwise walks all of them and holds the event loop
+    meanwhile: measured here at about 80 ms, once every few seconds under load, which is every
+    in-flight call's p99. Objects made while serving are collected as before."""
+    gc.collect()
+    gc.freeze()
 
 
 def gateway_server(app: Any, host: str, port: int, *, log_level: str = "info") -> uvicorn.Server:
@@ -133,6 +151,7 @@ async def serve_gateway(
         service = AuthorizationService(ext, TrustedPeers(ea.trusted_proxies))
         grpc_server, bound = await start_grpc_server(service, ea.grpc_host, ea.grpc_port)
         log_event("gateway.ext_authz_grpc_listening", host=ea.grpc_host, port=bound)
+    freeze_startup_heap()  # everything the doors need exists; requests are yet to come
     tasks = [asyncio.create_task(s.serve()) for s in servers]
     stop = asyncio.Event()
     if certificates is not None:
