@@ -109,7 +109,7 @@ class MTLSListener:
         """Stop accepting, let in-flight requests finish, close idle connections."""
         if self._accepting is not None:
             self._accepting.cancel()
-            with contextlib.suppress(BaseException):
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._accepting
         if self._sock is not None:
             self._sock.close()
