@@ -131,6 +131,11 @@ class MTLSListener:
                 log_event("mtls.accept_failed", listener=self.name, error=str(exc)[:200])
                 await asyncio.sleep(0.1)
                 continue
+            # Small writes go out at once (as asyncio's own servers set it; a socket from
+            # socket.create_server has proto 0, for which asyncio leaves Nagle on, and a response
+            # whose head and body are two writes then waits ~40 ms for the peer's delayed ACK).
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = loop.create_task(self._handshake(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
