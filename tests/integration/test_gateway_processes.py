@@ -30,7 +30,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 READY_WITHIN = 30.0
 
 
-def _start(config: Path, port: int, environ: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def start_gateway(
+    config: Path, port: int, environ: dict[str, str], log: Path
+) -> subprocess.Popen[bytes]:
+    """``aegis gateway run`` for ``config`` on ``port``, ``environ`` over this one's."""
     with log.open("wb") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "aegis.cli.main", "gateway", "run", "--config", str(config),
@@ -39,7 +42,8 @@ def _start(config: Path, port: int, environ: dict[str, str], log: Path) -> subpr
         )  # fmt: skip
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_gateway(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then kill if it has not stopped within 15 s."""
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=15)
@@ -73,7 +77,7 @@ def gateways(
         control = build_services(load_config(config, environ=environ))
         ports = [free_port(), free_port()]
         logs = [tmp_path / f"gateway-{i}.log" for i in range(2)]
-        procs = [_start(config, p, environ, log) for p, log in zip(ports, logs, strict=True)]
+        procs = [start_gateway(config, p, environ, log) for p, log in zip(ports, logs, strict=True)]
         try:
             urls = [f"http://127.0.0.1:{p}" for p in ports]
             deadline = time.monotonic() + READY_WITHIN
@@ -90,7 +94,7 @@ def gateways(
             yield control, urls
         finally:
             for proc in procs:
-                _stop(proc)
+                stop_gateway(proc)
             asyncio.run(control.aclose())
 
 
