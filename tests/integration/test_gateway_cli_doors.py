@@ -5,9 +5,6 @@ process, each refusing a call without credentials, and one SIGTERM stops all of 
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +15,7 @@ from envoy.service.auth.v3 import attribute_context_pb2 as ac
 from envoy.service.auth.v3 import external_auth_pb2 as pb
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from google.rpc import code_pb2
+from tests.support.gateway_process import start_gateway, stop_gateway
 from tests.support.server import free_port, write_dev_config
 
 pytestmark = pytest.mark.slow
@@ -35,12 +33,7 @@ def test_gateway_run_serves_proxy_and_both_ext_authz_doors(tmp_path: Path) -> No
         " tenant: acme, env: prod}\n"
         f"  ext_authz: {{grpc_port: {grpc_port}, http_port: {http_port}}}\n",
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "aegis.cli.main", "gateway", "run", "--config", str(config)],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_gateway(config, {}, tmp_path / "gateway.log")
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -69,10 +62,5 @@ def test_gateway_run_serves_proxy_and_both_ext_authz_doors(tmp_path: Path) -> No
         assert resp.denied_response.status.code == 401
         assert json.loads(resp.denied_response.body)["code"] == "unauthenticated"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-            pytest.fail("aegis gateway run did not stop on SIGTERM")
+        stopped = stop_gateway(proc)
+    assert stopped, "aegis gateway run did not stop on SIGTERM"

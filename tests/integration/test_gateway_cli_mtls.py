@@ -11,10 +11,8 @@ killed if it does not stop.
 from __future__ import annotations
 
 import asyncio
-import signal
 import ssl
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tests.gateway.harness import Upstream
 from tests.gateway.harness import serve as serve_http
 from tests.pki.harness import Result, fetch, pem
+from tests.support.gateway_process import start_gateway, stop_gateway
 from tests.support.server import free_port, write_dev_config
 
 from aegis.clock import SystemClock
@@ -110,13 +109,7 @@ async def test_gateway_run_serves_mtls_to_agents_of_its_own_ca_only(tmp_path: Pa
             await rogue_services.aclose()
             await services.aclose()
         log = tmp_path / "gateway.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "aegis.cli.main", "gateway", "run", "--config", str(config)],
-                cwd=tmp_path,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        proc = start_gateway(config, {}, log)
         try:
             await _wait_ready(proc, port, valid, log)
             bearer = {"Authorization": f"Bearer {token}"}
@@ -124,13 +117,8 @@ async def test_gateway_run_serves_mtls_to_agents_of_its_own_ca_only(tmp_path: Pa
             without = await fetch(port, bare, "/pay/charge", headers=bearer)
             other_ca = await fetch(port, foreign, "/pay/charge", headers=bearer)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-                pytest.fail("aegis gateway run did not stop on SIGTERM")
+            stopped = stop_gateway(proc, within=5)
+        assert stopped, "aegis gateway run did not stop on SIGTERM"
     assert (through.status, through.body) == (200, {"ok": True, "card": "4111 1111 1111 1111"})
     assert (without.status, (without.body or {}).get("code")) == (401, "cert_required")
     assert _refused_or_cert_required(other_ca), other_ca

@@ -6,10 +6,6 @@ process, writing to the same database) is refused by both within one second."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +15,7 @@ import pytest
 from tests.gateway.harness import Upstream, serve
 from tests.gateway.helpers import mint_proof
 from tests.integration.test_gateway_replicas import PUBLIC, agent_token
+from tests.support.gateway_process import start_gateway, stop_gateway
 from tests.support.server import free_port, write_dev_config
 
 from aegis.config import load_config
@@ -28,28 +25,6 @@ from aegis.types import AgentStatus
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 READY_WITHIN = 30.0
-
-
-def start_gateway(
-    config: Path, port: int, environ: dict[str, str], log: Path
-) -> subprocess.Popen[bytes]:
-    """``aegis gateway run`` for ``config`` on ``port``, ``environ`` over this one's."""
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "aegis.cli.main", "gateway", "run", "--config", str(config),
-             "--port", str(port)],
-            cwd=config.parent, env={**os.environ, **environ}, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-
-def stop_gateway(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then kill if it has not stopped within 15 s."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture
@@ -77,7 +52,9 @@ def gateways(
         control = build_services(load_config(config, environ=environ))
         ports = [free_port(), free_port()]
         logs = [tmp_path / f"gateway-{i}.log" for i in range(2)]
-        procs = [start_gateway(config, p, environ, log) for p, log in zip(ports, logs, strict=True)]
+        procs = [
+            start_gateway(config, environ, log, port=p) for p, log in zip(ports, logs, strict=True)
+        ]
         try:
             urls = [f"http://127.0.0.1:{p}" for p in ports]
             deadline = time.monotonic() + READY_WITHIN
@@ -93,9 +70,9 @@ def gateways(
                     time.sleep(0.1)
             yield control, urls
         finally:
-            for proc in procs:
-                stop_gateway(proc)
+            stopped = [stop_gateway(proc) for proc in procs]
             asyncio.run(control.aclose())
+        assert all(stopped), "an aegis gateway run process did not stop on SIGTERM"
 
 
 def _call(

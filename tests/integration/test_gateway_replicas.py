@@ -58,14 +58,7 @@ async def replicas(
     audits = [AuditLog(fresh_pg_url, clock=s.clock) for s in (one, two)]
     try:
         with serve(upstream.app) as up:
-            settings = GatewaySettings.model_validate(
-                {
-                    "public_url": PUBLIC,
-                    "routes": [{"path_prefix": "/payments", "upstream": up, "tool": "payments",
-                                "tenant": "acme", "env": "prod"}],
-                    "allow": [{"tool": "payments"}],
-                }
-            )  # fmt: skip
+            settings = payments_settings(up)
             apps = [
                 create_gateway_app(
                     s, settings,
@@ -84,6 +77,19 @@ async def replicas(
             if close is not None:
                 close()
             await s.aclose()
+
+
+def payments_settings(upstream: str) -> GatewaySettings:
+    """The gateway of these tests: ``/payments`` to ``upstream`` as tool payments (acme/prod),
+    allowed by the allow-list, DPoP proofs addressed to :data:`PUBLIC`."""
+    return GatewaySettings.model_validate(
+        {
+            "public_url": PUBLIC,
+            "routes": [{"path_prefix": "/payments", "upstream": upstream, "tool": "payments",
+                        "tenant": "acme", "env": "prod"}],
+            "allow": [{"tool": "payments"}],
+        }
+    )  # fmt: skip
 
 
 def agent_token(services: Services, name: str) -> tuple[Ed25519SigningKey, str]:
