@@ -204,3 +204,26 @@ async def test_a_cancelled_caller_still_leaves_its_record(tmp_path: Path) -> Non
         assert sorted(r["n"] for r in log.records()) == [0, 1]
     finally:
         log.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.asyncio
+async def test_two_postgres_writers_group_commit_onto_one_chain(fresh_pg_url: str) -> None:
+    """Two logs on one PostgreSQL database (two replicas), each with its writer thread, appending
+    concurrently: stale tails collide on ``seq`` and are retried, nothing forks or is lost."""
+    clock = FrozenClock(1_800_000_000.0)
+    a, b = AuditLog(fresh_pg_url, clock=clock), AuditLog(fresh_pg_url, clock=clock)
+    try:
+        results = await asyncio.gather(
+            *(w.append_async("test", {"n": i, "w": name})
+              for i in range(40) for name, w in (("a", a), ("b", b)))
+        )  # fmt: skip
+        assert sorted(seq for seq, _ in results) == list(range(1, 81))
+        report = a.verify_chain()
+        assert report.ok and report.records == 80, report
+        seen = [(r["w"], r["n"]) for r in a.records()]
+        for name in ("a", "b"):  # each writer's records keep their order
+            assert [n for w, n in seen if w == name] == list(range(40))
+    finally:
+        a.close()
+        b.close()
