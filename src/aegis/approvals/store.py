@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from aegis.approvals.model import OPEN_STATES, ApprovalRequest, State
 from aegis.approvals.sql_tables import APPROVAL_REQUESTS, METADATA
 from aegis.errors import Unavailable
-from aegis.stores.sql.engine import make_engine
+from aegis.stores.sql.engine import create_tables, make_engine
 
 __all__ = ["SqlApprovalStore"]
 
@@ -60,7 +60,7 @@ class SqlApprovalStore:
     def __init__(self, engine: Engine | str) -> None:
         self._engine = make_engine(engine) if isinstance(engine, str) else engine
         try:
-            METADATA.create_all(self._engine, checkfirst=True)
+            create_tables(METADATA, self._engine)
         except SQLAlchemyError as exc:
             raise _unavailable() from exc
 

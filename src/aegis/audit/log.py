@@ -32,7 +32,7 @@ from aegis.audit.pg import install_append_only
 from aegis.audit.sql_tables import AUDIT_CHECKPOINTS, AUDIT_RECORDS, METADATA
 from aegis.clock import Clock
 from aegis.errors import Unavailable
-from aegis.stores.sql.engine import make_engine
+from aegis.stores.sql.engine import create_tables, make_engine
 
 __all__ = ["GENESIS_HASH", "AuditLog", "ChainReport", "canonical_json", "record_hash"]
 
@@ -141,7 +141,7 @@ class AuditLog:
         self._pending: list[_Waiting] = []
         self._writer_running = False
         try:
-            METADATA.create_all(self._engine, checkfirst=True)
+            create_tables(METADATA, self._engine)
             install_append_only(self._engine)
         except SQLAlchemyError as exc:
             raise _unavailable(exc) from exc

@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from aegis.clock import Clock
 from aegis.errors import AegisError, Conflict, Unavailable
 from aegis.pki.sql_tables import BOOTSTRAP_TOKENS, CERTIFICATES, METADATA
+from aegis.stores.sql.engine import create_tables
 
 __all__ = ["CertificateRecord", "CertificateStore"]
 
@@ -45,7 +46,7 @@ class CertificateStore:
         self._ttl = ttl
         self._cache: dict[str, tuple[float, CertificateRecord]] = {}
         with self._guard():
-            METADATA.create_all(self._engine, checkfirst=True)
+            create_tables(METADATA, self._engine)
 
     @contextmanager
     def _guard(self) -> Iterator[None]:

@@ -24,6 +24,7 @@ from aegis.errors import AegisError, NotFound, PolicyError, Unavailable
 from aegis.policy.model import PolicyDocument
 from aegis.policy.sql_tables import METADATA, POLICY_ACTIVATIONS, POLICY_VERSIONS
 from aegis.policy.version import canonical_json, policy_version
+from aegis.stores.sql.engine import create_tables
 
 __all__ = ["Activation", "MemoryPolicyStore", "PolicyStore", "SqlPolicyStore", "StoredVersion"]
 
@@ -144,7 +145,7 @@ class SqlPolicyStore:
     def __init__(self, engine: Engine | str) -> None:
         self._engine = create_engine(engine) if isinstance(engine, str) else engine
         with self._guard():
-            METADATA.create_all(self._engine, checkfirst=True)
+            create_tables(METADATA, self._engine)
 
     @contextmanager
     def _guard(self) -> Iterator[None]:

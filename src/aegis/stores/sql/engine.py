@@ -8,13 +8,32 @@ and that text travels as the ``__cause__`` of the errors the stores raise, into 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, MetaData, create_engine, event, text
 
 from aegis.errors import ConfigError
 
-__all__ = ["make_engine"]
+__all__ = ["SCHEMA_LOCK_KEY", "create_tables", "make_engine"]
+
+#: ``pg_advisory_xact_lock`` key of every schema change: the migrations, and the stores that
+#: create their own tables. Replicas starting together change the schema one after another; the
+#: later ones find it done and change nothing.
+SCHEMA_LOCK_KEY: Final = 0x6165676973  # "aegis"
+
+
+def create_tables(metadata: MetaData, engine: Engine) -> None:
+    """Create those of ``metadata``'s tables that do not exist yet, in one transaction.
+
+    On PostgreSQL the transaction first takes :data:`SCHEMA_LOCK_KEY`: two processes that both
+    find a table missing would otherwise both create it, and the later ``CREATE TABLE`` fails on
+    the catalogue's unique index once the first commits. (DDL is transactional there, so the
+    lock is held until the tables are committed.) SQLite serialises its writers itself.
+    SQLAlchemy errors propagate; each store reports them with its own code."""
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+        metadata.create_all(conn, checkfirst=True)
 
 
 def make_engine(url: str) -> Engine:
