@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Final
 
-from sqlalchemy import Engine, MetaData, create_engine, event, text
+from sqlalchemy import Connection, Engine, MetaData, create_engine, event, text
 
 from aegis.errors import ConfigError
 
-__all__ = ["SCHEMA_LOCK_KEY", "create_tables", "make_engine"]
+__all__ = ["SCHEMA_LOCK_KEY", "create_tables", "lock_schema", "make_engine"]
 
 #: ``pg_advisory_xact_lock`` key of every schema change: the migrations, and the stores that
 #: create their own tables. Replicas starting together change the schema one after another; the
@@ -22,17 +22,28 @@ __all__ = ["SCHEMA_LOCK_KEY", "create_tables", "make_engine"]
 SCHEMA_LOCK_KEY: Final = 0x6165676973  # "aegis"
 
 
-def create_tables(metadata: MetaData, engine: Engine) -> None:
-    """Create those of ``metadata``'s tables that do not exist yet, in one transaction.
+def lock_schema(conn: Connection) -> None:
+    """Make the transaction just begun on ``conn`` the only one changing the schema until it ends.
 
-    On PostgreSQL the transaction first takes :data:`SCHEMA_LOCK_KEY`: two processes that both
-    find a table missing would otherwise both create it, and the later ``CREATE TABLE`` fails on
-    the catalogue's unique index once the first commits. (DDL is transactional there, so the
-    lock is held until the tables are committed.) SQLite serialises its writers itself.
-    SQLAlchemy errors propagate; each store reports them with its own code."""
+    Two processes that both find a table missing would otherwise both create it and the later
+    ``CREATE TABLE`` fails. PostgreSQL: :data:`SCHEMA_LOCK_KEY` (DDL is transactional there, so
+    the lock is held until the tables are committed). SQLite: the Python driver runs DDL outside
+    any transaction unless one was begun explicitly; ``BEGIN IMMEDIATE`` takes the database's
+    write lock (waiting out ``busy_timeout``) and makes the check and the DDL one transaction.
+    Call it before the first statement of the transaction."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+    elif conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create_tables(metadata: MetaData, engine: Engine) -> None:
+    """Create those of ``metadata``'s tables that do not exist yet, in one transaction that holds
+    the schema lock (:func:`lock_schema`): replicas starting together all start, the later ones
+    finding the tables made. SQLAlchemy errors propagate; each store reports them with its own
+    code."""
     with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+        lock_schema(conn)
         metadata.create_all(conn, checkfirst=True)
 
 
