@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
 from aegis.errors import NotFound
 from aegis.types import KeyState, SigningKeyRecord
@@ -14,6 +15,7 @@ class MemoryKeyStore:
 
     def __init__(self) -> None:
         self._records: dict[str, SigningKeyRecord] = {}
+        self._update_lock = threading.Lock()
 
     def list_keys(self) -> list[SigningKeyRecord]:
         return list(self._records.values())
@@ -45,3 +47,13 @@ class MemoryKeyStore:
 
     def replace_all(self, records: Sequence[SigningKeyRecord]) -> None:
         self._records = {r.kid: r for r in records}
+
+    def update(
+        self, change: Callable[[list[SigningKeyRecord]], Sequence[SigningKeyRecord] | None]
+    ) -> list[SigningKeyRecord]:
+        with self._update_lock:
+            records = change(self.list_keys())
+            if records is None:
+                return self.list_keys()
+            self.replace_all(records)
+            return list(records)

@@ -165,6 +165,32 @@ def test_scheduled_rotation() -> None:
     assert _state(ring, KeyState.RETIRED) == [active]
 
 
+def test_replicas_finding_the_key_due_together_rotate_once() -> None:
+    """Each replica runs the schedule on its own snapshot: both see the key due, the second
+    must find it rotated when it comes to write, not rotate the fresh key again (with no
+    publish lead to refuse it)."""
+    store = MemoryKeyStore()
+    eager = dataclasses.replace(SETTINGS, publish_lead=0)
+    clock = FrozenClock(T0)
+    ring_a = KeyRing(store, bytes(range(32)), clock, eager)
+    ring_a.ensure_initialized()
+    ring_b = KeyRing(store, bytes(range(32)), clock, eager)
+    ring_b.load()
+    (first,) = _state(ring_a, KeyState.ACTIVE)
+    clock.advance(86400)
+    assert ring_a.rotate_if_due() is True
+    assert ring_b.rotate_if_due() is False
+    assert _state(ring_b, KeyState.RETIRED) == [first]  # and B now holds A's ring
+    assert ring_b.signing_key().kid == ring_a.signing_key().kid
+
+
+def test_a_ring_initialised_elsewhere_is_used_not_replaced() -> None:
+    store = MemoryKeyStore()
+    ring_a = _ring(store)
+    ring_b = _ring(store)
+    assert ring_b.records() == ring_a.records()
+
+
 def test_jwks_never_carries_a_private_member() -> None:
     ring = _ring()
     clock = _clock(ring)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -93,7 +94,9 @@ class KeyRing:
 
     def load(self) -> None:
         """Read the records from the store and decrypt the active key."""
-        records = tuple(self._store.list_keys())
+        self._install(tuple(self._store.list_keys()))
+
+    def _install(self, records: tuple[SigningKeyRecord, ...]) -> None:
         active = None
         public: dict[str, PublicKey] = {}
         remove_after: dict[str, float] = {}
@@ -111,18 +114,24 @@ class KeyRing:
         self._snap = _Snapshot(records, active, public, self._clock.monotonic(), remove_after)
 
     def ensure_initialized(self) -> None:
-        """Create an active and a next key if the store has no active key."""
-        with self._lock:
-            self.load()
-            if self._snap.active is not None:
-                return
+        """Create an active and a next key if the store has no active key.
+
+        The check and the write are one step of the store's :meth:`KeyStore.update`: replicas
+        starting together on one database end up with one active key, not each with its own
+        (the later write would unpublish the keys the earlier replica already signs with)."""
+
+        def initialise(records: list[SigningKeyRecord]) -> list[SigningKeyRecord] | None:
+            if any(r.state is KeyState.ACTIVE and r.private_blob is not None for r in records):
+                return None
             now = self._clock.now()
-            records = [r for r in self._snap.records if r.state is not KeyState.ACTIVE]
+            records = [r for r in records if r.state is not KeyState.ACTIVE]
             records.append(replace(self._new_record(now), state=KeyState.ACTIVE, activated_at=now))
             if not any(r.state is KeyState.NEXT for r in records):
                 records.append(self._new_record(now))
-            self._store.replace_all(records)
-            self.load()
+            return records
+
+        with self._lock:
+            self._install(tuple(self._store.update(initialise)))
 
     def refresh_if_stale(self, max_age: float) -> None:
         """Reload when the snapshot is older than ``max_age`` seconds (picks up other processes'
@@ -188,27 +197,61 @@ class KeyRing:
 
         Returns the new active record. Raises ``Conflict`` if ``next`` has been published for
         less than ``publish_lead`` and ``force`` is false."""
-        with self._lock:
-            self.load()
+        rotated = self._rotate(force=force, only_if_due=False)
+        assert rotated is not None
+        return rotated
+
+    def rotate_if_due(self) -> bool:
+        """Scheduled rotation: rotate when the active key is older than the interval.
+
+        Every replica runs this schedule; the age is checked again inside the store's update, so
+        when several find the key due at once, one rotates and the others find it fresh."""
+        interval = self.settings.rotation_interval
+        if interval <= 0 or not self._is_due(self._snap.records):
+            return False
+        try:
+            return self._rotate(force=False, only_if_due=True) is not None
+        except Conflict:
+            return False
+
+    def _is_due(self, records: Sequence[SigningKeyRecord]) -> bool:
+        active = next((r for r in records if r.state is KeyState.ACTIVE), None)
+        if active is None or active.activated_at is None:
+            return False
+        return self._clock.now() - active.activated_at >= self.settings.rotation_interval
+
+    def _rotate(self, *, force: bool, only_if_due: bool) -> SigningKeyRecord | None:
+        # A refusal found inside the update: raised once the update has committed, because the
+        # "no next key" refusal still publishes one.
+        refusal: list[Conflict] = []
+        promoted: list[SigningKeyRecord] = []
+
+        def rotation(recs: list[SigningKeyRecord]) -> list[SigningKeyRecord] | None:
             now = self._clock.now()
-            recs = list(self._snap.records)
+            if only_if_due and not self._is_due(recs):
+                return None
             nxt = next((r for r in recs if r.state is KeyState.NEXT), None)
             if nxt is None:
                 nxt = self._new_record(now)
                 recs.append(nxt)
                 if not force:
-                    self._store.replace_all(recs)
-                    self.load()
-                    raise Conflict(
-                        "no next key was published; one is published now, rotate again after "
-                        f"{int(self.settings.publish_lead)} s or use --force"
+                    refusal.append(
+                        Conflict(
+                            "no next key was published; one is published now, rotate again "
+                            f"after {int(self.settings.publish_lead)} s or use --force"
+                        )
                     )
+                    return recs
             elif not force and now - nxt.created_at < self.settings.publish_lead:
                 wait = int(self.settings.publish_lead - (now - nxt.created_at)) + 1
-                raise Conflict(
-                    f"the next key was published {int(now - nxt.created_at)} s ago; verifiers may "
-                    f"not have fetched it yet: rotate again in {wait} s or use --force"
+                refusal.append(
+                    Conflict(
+                        f"the next key was published {int(now - nxt.created_at)} s ago; "
+                        "verifiers may not have fetched it yet: rotate again in "
+                        f"{wait} s or use --force"
+                    )
                 )
+                return None
             overlap = self.settings.max_token_lifetime + self.settings.leeway
             out: list[SigningKeyRecord] = []
             for r in recs:
@@ -224,27 +267,17 @@ class KeyRing:
                     )
                 elif r.kid == nxt.kid:
                     r = replace(r, state=KeyState.ACTIVE, activated_at=now)
+                    promoted[:] = [r]
                 out.append(r)
             out.append(self._new_record(now))
-            self._store.replace_all(out)
-            self.load()
-            return next(r for r in out if r.state is KeyState.ACTIVE)
+            return out
 
-    def rotate_if_due(self) -> bool:
-        """Scheduled rotation: rotate when the active key is older than the interval."""
-        interval = self.settings.rotation_interval
-        if interval <= 0:
-            return False
-        active = next((r for r in self._snap.records if r.state is KeyState.ACTIVE), None)
-        if active is None or active.activated_at is None:
-            return False
-        if self._clock.now() - active.activated_at < interval:
-            return False
-        try:
-            self.rotate()
-        except Conflict:
-            return False
-        return True
+        with self._lock:
+            records = tuple(self._store.update(rotation))
+            self._install(records)
+        if refusal:
+            raise refusal[0]
+        return promoted[0] if promoted else None
 
     def _new_record(self, now: float) -> SigningKeyRecord:
         key = Ed25519SigningKey.generate()

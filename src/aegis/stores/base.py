@@ -10,7 +10,7 @@ Every backend translates its own failures into :class:`aegis.errors.Unavailable`
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol
 
@@ -99,6 +99,13 @@ class KeyStore(Protocol):
     def delete_key(self, kid: str) -> None: ...
     def replace_all(self, records: Sequence[SigningKeyRecord]) -> None:
         """Write a whole rotation (several state changes) in one transaction."""
+        ...
+
+    def update(
+        self, change: Callable[[list[SigningKeyRecord]], Sequence[SigningKeyRecord] | None]
+    ) -> list[SigningKeyRecord]:
+        """Read, ``change`` and write the ring as one step no other process interleaves with
+        (``change`` returning ``None`` writes nothing); returns the ring after it."""
         ...
 
 

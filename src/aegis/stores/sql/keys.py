@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Final
 
-from sqlalchemy import Row, delete, insert, select
+from sqlalchemy import Connection, Row, delete, false, insert, select, text
 
 from aegis.stores.sql.connection import SqlBase, check_values
 from aegis.stores.sql.schema import SIGNING_KEYS
 from aegis.types import KeyState, SigningKeyRecord
 
-__all__ = ["SqlKeyStore"]
+__all__ = ["KEY_RING_LOCK_KEY", "SqlKeyStore"]
+
+#: ``pg_advisory_xact_lock`` key held while a process reads and rewrites the key ring.
+KEY_RING_LOCK_KEY: Final = 0x6165676973_6B  # "aegisk"
+
+_ORDERED = select(SIGNING_KEYS).order_by(SIGNING_KEYS.c.created_at, SIGNING_KEYS.c.kid)
 
 
 def _row(r: SigningKeyRecord) -> dict[str, Any]:
@@ -47,9 +52,7 @@ class SqlKeyStore(SqlBase):
 
     def list_keys(self) -> list[SigningKeyRecord]:
         with self._connection() as conn:
-            rows = conn.execute(
-                select(SIGNING_KEYS).order_by(SIGNING_KEYS.c.created_at, SIGNING_KEYS.c.kid)
-            ).all()
+            rows = conn.execute(_ORDERED).all()
         return [_record(r) for r in rows]
 
     def put_key(self, record: SigningKeyRecord) -> None:
@@ -80,10 +83,44 @@ class SqlKeyStore(SqlBase):
 
     def replace_all(self, records: Sequence[SigningKeyRecord]) -> None:
         """One transaction: the ring never appears half rotated to another process."""
-        rows = [_row(r) for r in records]
-        for row in rows:
-            check_values(SIGNING_KEYS, row, "signing key")
+        rows = _checked_rows(records)
         with self.atomic(), self._connection() as conn:
-            conn.execute(delete(SIGNING_KEYS))
-            if rows:
-                conn.execute(insert(SIGNING_KEYS), rows)
+            _write(conn, rows)
+
+    def update(
+        self, change: Callable[[list[SigningKeyRecord]], Sequence[SigningKeyRecord] | None]
+    ) -> list[SigningKeyRecord]:
+        """Read the ring, let ``change`` compute the next one (``None``: leave it), and write it,
+        in one transaction that holds the ring's write lock from before the read.
+
+        Two processes initialising or rotating at once then run one after the other and the
+        second decides on what the first wrote; without the lock both would read the same ring
+        and the later write would silently discard the earlier one's keys (tokens signed with a
+        key that is then no longer published). Returns the ring as it is after the transaction.
+        An exception from ``change`` rolls back and propagates."""
+        with self.atomic(), self._connection() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": KEY_RING_LOCK_KEY})
+            else:
+                # SQLite: a write statement, even one that touches no row, takes the database's
+                # write lock (waiting out ``busy_timeout``) before the read below.
+                conn.execute(delete(SIGNING_KEYS).where(false()))
+            current = [_record(r) for r in conn.execute(_ORDERED).all()]
+            records = change(list(current))
+            if records is None:
+                return current
+            _write(conn, _checked_rows(records))
+            return list(records)
+
+
+def _checked_rows(records: Sequence[SigningKeyRecord]) -> list[dict[str, Any]]:
+    rows = [_row(r) for r in records]
+    for row in rows:
+        check_values(SIGNING_KEYS, row, "signing key")
+    return rows
+
+
+def _write(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    conn.execute(delete(SIGNING_KEYS))
+    if rows:
+        conn.execute(insert(SIGNING_KEYS), rows)
