@@ -222,7 +222,8 @@ def main() -> None:
               f" raw Ed25519 {cpu['raw']:.1f} us, pipeline {cpu['pipeline']:.1f} us,"
               f" ratio {cpu['pipeline'] / cpu['raw']:.2f}")  # fmt: skip
         print("  per step (CPU us): " + ", ".join(f"{s} {cpu['step_' + s]:.1f}" for s in STEPS))
-        report(proxy_bench(config_path, key, token, args.http))
+        if args.http > 0:  # --http 0: the in-process figures alone
+            report(proxy_bench(config_path, key, token, args.http))
 
 
 if __name__ == "__main__":
