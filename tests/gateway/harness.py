@@ -60,11 +60,13 @@ class Upstream:
 
 
 @contextmanager
-def serve(app: Any, port: int | None = None) -> Iterator[str]:
+def serve(app: Any, port: int | None = None, *, http: str = "auto") -> Iterator[str]:
     """Serve an ASGI app with uvicorn in a thread on a loopback port, configured as the gateway
-    configures its own servers (``gateway_server``); yield its base URL."""
+    configures its own servers (``gateway_server``); yield its base URL. ``http="h11"`` parses
+    requests as the mTLS listener does."""
     port = port or free_port()
     server = gateway_server(app, "127.0.0.1", port, log_level="warning")
+    server.config.http = http
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -8,7 +8,7 @@ import pytest
 from aegis.config import GatewaySettings
 from aegis.errors import InvalidRequest
 from aegis.gateway.context import vet_path
-from aegis.gateway.proxy import ReverseProxy, forwardable
+from aegis.gateway.proxy import ReverseProxy, forwardable, joined
 
 
 def test_hop_by_hop_and_connection_named_fields_are_dropped() -> None:
@@ -29,6 +29,26 @@ def test_hop_by_hop_and_connection_named_fields_are_dropped() -> None:
     ]
     out = forwardable(pairs, frozenset({"authorization", "dpop"}))
     assert out == [("content-type", "application/json"), ("accept", "*/*")]
+
+
+def test_identity_fields_are_dropped_however_spelled() -> None:
+    pairs = [
+        ("X_Aegis_Agent_Id", "admin"),
+        ("x-aegis_tenant", "other"),
+        ("Proxy-Status", "x"),
+        ("Proxy-Authentication-Info", "y"),
+        ("X-Aegis", "kept: not an Aegis field name"),
+        ("X-Trace_Id", "1"),
+    ]
+    assert forwardable(pairs, frozenset()) == [
+        ("x-aegis", "kept: not an Aegis field name"),
+        ("x-trace_id", "1"),
+    ]
+
+
+def test_repeated_fields_are_joined_as_rfc_9110_reads_them() -> None:
+    pairs = [("accept", "a"), ("cookie", "s=1"), ("accept", "b"), ("cookie", "t=2")]
+    assert joined(pairs) == {"accept": "a, b", "cookie": "s=1; t=2"}
 
 
 def test_longest_prefix_and_host_win() -> None:
@@ -101,6 +121,8 @@ def test_paths_that_read_the_same_everywhere_pass(raw: str, decoded: str) -> Non
         "/payments/%ff",
         "payments/x",
         "*",
+        "/payments/refund#x",
+        "/payments/#",
     ],
 )
 def test_paths_another_server_could_read_differently_are_refused(raw: str) -> None:

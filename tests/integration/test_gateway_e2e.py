@@ -41,6 +41,8 @@ pytestmark = pytest.mark.slow
 class Stack:
     srv: RunningServer
     gateway: str
+    #: The same gateway behind uvicorn's h11 parser (the one the mTLS listener uses).
+    h11_gateway: str
     dead_gateway: str
     upstream: Upstream
     audit: AuditLog
@@ -86,9 +88,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
         with (
             serve(create_gateway_app(srv.services, settings, pipeline=pipeline), gw_port) as gw,
+            serve(
+                create_gateway_app(srv.services, settings, pipeline=pipeline), http="h11"
+            ) as h11_gw,
             serve(create_gateway_app(dead, settings, pipeline=dead_pipeline)) as dead_gw,
         ):
-            yield Stack(srv, gw, dead_gw, upstream, audit, exporter, [], policies)
+            yield Stack(srv, gw, h11_gw, dead_gw, upstream, audit, exporter, [], policies)
     set_tracer_provider(None)
 
 
@@ -242,6 +247,23 @@ def test_oversized_body_is_413_and_audited(stack: Stack) -> None:
     assert resp.status_code == 413
     assert resp.json()["code"] == "payload_too_large"
     stack.refusals.append(resp.headers["x-aegis-decision-id"])
+
+
+def test_a_streamed_body_over_the_limit_is_413(stack: Stack) -> None:
+    agent = AgentClient(stack.srv, "stream")
+    token = agent.access_token()
+    url = f"{stack.gateway}/payments/charge"
+    chunk = b"x" * (256 * 1024)
+
+    def body() -> Iterator[bytes]:
+        for _ in range(8):  # 2 MiB with no content-length: past the 1 MiB limit mid-stream
+            yield chunk
+
+    headers = {**agent.headers(token, "POST", url), "content-type": "application/octet-stream"}
+    resp = httpx.post(url, content=body(), headers=headers, timeout=10)
+    assert resp.status_code == 413, resp.text
+    assert resp.json()["code"] == "payload_too_large"
+    assert resp.json()["decision_id"] == resp.headers["x-aegis-decision-id"]
 
 
 def test_metrics_and_health(stack: Stack) -> None:
@@ -429,6 +451,82 @@ def test_a_body_rule_cannot_be_dodged_by_padding_or_content_type(stack: Stack) -
     assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request")
     assert send(b'{"amount": 5000}', "application/json").json()["code"] == "access_denied"
     assert send(b'{"amount": 5}', "application/json").status_code == 200
+
+
+def test_a_second_content_type_is_refused_not_read_two_ways(stack: Stack) -> None:
+    """Policy reads the body by the first Content-Type; an upstream given both might read it by
+    the last (here as a form carrying amount=5000 past the cap). A field that must be single is
+    refused when repeated, and nothing reaches the upstream."""
+    agent = AgentClient(stack.srv, "twotypes")
+    token = agent.access_token()
+    url = f"{stack.gateway}/payments/charge"
+    seen = len(stack.upstream.seen)
+    body = b'{"note":"&amount=5000&x=","amount":1}'
+    headers = [
+        *agent.headers(token, "POST", url).items(),
+        ("content-type", "application/json"),
+        ("content-type", "application/x-www-form-urlencoded"),
+    ]
+    resp = httpx.post(url, content=body, headers=headers)
+    assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request"), resp.text
+    assert "content-type" in resp.json()["message"]
+    assert len(stack.upstream.seen) == seen
+    stack.refusals.append(resp.headers["x-aegis-decision-id"])
+
+
+def test_repeated_fields_reach_the_upstream_as_policy_saw_them(stack: Stack) -> None:
+    agent = AgentClient(stack.srv, "repeats")
+    token = agent.access_token()
+    url = f"{stack.gateway}/payments/charge"
+    headers = [*agent.headers(token, "POST", url).items(), ("x-trace", "a"), ("x-trace", "b")]
+    resp = httpx.post(url, json={"amount": 1}, headers=headers)
+    assert resp.status_code == 200, resp.text
+    assert stack.upstream.seen[-1]["headers"]["x-trace"] == "a, b"
+
+
+def test_identity_headers_cannot_be_spoofed_with_underscores_or_proxy_fields(stack: Stack) -> None:
+    """CGI and WSGI upstreams read X_Aegis_Agent_Id as X-Aegis-Agent-Id."""
+    agent = AgentClient(stack.srv, "underscore")
+    token = agent.access_token()
+    url = f"{stack.gateway}/payments/charge"
+    forged = {"X_Aegis_Agent_Id": "admin", "x_aegis-tenant": "other", "Proxy-Status": "x"}
+    resp = httpx.post(
+        url, json={"amount": 1}, headers={**agent.headers(token, "POST", url), **forged}
+    )
+    assert resp.status_code == 200, resp.text
+    seen = stack.upstream.seen[-1]["headers"]
+    assert not {k for k in seen if k.replace("_", "-").startswith(("x-aegis-", "proxy-"))} - {
+        "x-aegis-agent-id",
+        "x-aegis-tenant",
+        "x-aegis-decision-id",
+        "x-aegis-attestation",
+    }
+    assert seen["x-aegis-agent-id"] == agent.id and seen["x-aegis-tenant"] == "acme"
+    assert "x_aegis_agent_id" not in seen and "proxy-status" not in seen
+
+
+@pytest.mark.parametrize(
+    "target", ["/payments/charge#x", "/payments/charge?account=victim#", "/payments/a#/../crm"]
+)
+def test_a_fragment_in_the_target_is_refused(stack: Stack, target: str) -> None:
+    """h11 keeps ``#...`` in the path or the query; the upstream client would drop it, so policy
+    would decide on a target the upstream never receives."""
+    agent = AgentClient(stack.srv, "fragment")
+    token = agent.access_token()
+    base = stack.h11_gateway
+    seen = len(stack.upstream.seen)
+    conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=10)
+    try:
+        headers = agent.headers(token, "POST", f"{base}/payments/charge")
+        conn.request(
+            "POST", target, body=b"{}", headers={**headers, "content-type": "application/json"}
+        )
+        resp = conn.getresponse()
+        answer = json.loads(resp.read())
+    finally:
+        conn.close()
+    assert (resp.status, answer.get("code", answer.get("error"))) == (400, "invalid_request")
+    assert len(stack.upstream.seen) == seen
 
 
 def test_audit_chain_verifies_and_every_refusal_is_recorded(stack: Stack) -> None:

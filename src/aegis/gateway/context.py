@@ -170,6 +170,10 @@ def vet_path(raw_path: str) -> str:
     """
     if not raw_path.startswith("/") or _RESEGMENTING.search(raw_path):
         raise InvalidRequest("send an absolute path without encoded '/', '\\' or '%'")
+    if "#" in raw_path:
+        # Some parsers keep a fragment in the target; the upstream client would drop it, and
+        # policy would have decided on a path the upstream never sees.
+        raise InvalidRequest("the request target must not contain a fragment ('#')")
     try:
         path = unquote(raw_path, errors="strict")
     except UnicodeDecodeError:

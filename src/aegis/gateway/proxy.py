@@ -49,7 +49,15 @@ from aegis.pki.middleware import peer_from_scope
 from aegis.policy.obligations import apply_to_body, apply_to_headers
 from aegis.telemetry.metrics import count_decision
 
-__all__ = ["HOP_BY_HOP", "METHODS", "WHOLE_ANSWER_BYTES", "ReverseProxy", "forwardable"]
+__all__ = [
+    "HOP_BY_HOP",
+    "METHODS",
+    "SINGLE_FIELDS",
+    "WHOLE_ANSWER_BYTES",
+    "ReverseProxy",
+    "forwardable",
+    "joined",
+]
 
 HOP_BY_HOP: Final = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection"}
@@ -66,15 +74,37 @@ _MAX_REMEMBERED_HOSTS: Final = 1024
 METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
+#: Request fields a call may carry once: a second ``Content-Type`` (or length, encoding, host)
+#: would let policy read the body or the target one way and the upstream another.
+SINGLE_FIELDS: Final = frozenset({"host", "content-type", "content-length", "content-encoding"})
+
+
 def forwardable(pairs: Collection[tuple[str, str]], drop: frozenset[str]) -> list[tuple[str, str]]:
-    """Headers safe to pass on: no hop-by-hop field, none named in ``Connection``, no ``x-aegis-*``."""
+    """Headers safe to pass on: no hop-by-hop field, none named in ``Connection``, no ``proxy-*``,
+    and no ``x-aegis-*`` however spelled: CGI and WSGI servers read ``X_Aegis_Agent_Id`` as the
+    same variable as ``X-Aegis-Agent-Id``, so a client's underscored copy would reach the
+    upstream beside (and before) the identity the gateway sets."""
     named = {t.strip().lower() for k, v in pairs if k.lower() == "connection" for t in v.split(",")}
     out = []
     for k, v in pairs:
         name = k.lower()
-        if name in HOP_BY_HOP or name in named or name in drop or name.startswith("x-aegis-"):
+        if name in HOP_BY_HOP or name in named or name in drop:
+            continue
+        if name.startswith("proxy-") or name.replace("_", "-").startswith("x-aegis-"):
             continue
         out.append((name, v))
+    return out
+
+
+def joined(pairs: Collection[tuple[str, str]]) -> dict[str, str]:
+    """One value per field, repeats joined as RFC 9110 §5.3 reads them (``Cookie`` with ``; ``,
+    RFC 9113 §8.2.3): the upstream receives every value the policy saw, not only the last."""
+    out: dict[str, str] = {}
+    for k, v in pairs:
+        if k in out:
+            out[k] = f"{out[k]}{'; ' if k == 'cookie' else ', '}{v}"
+        else:
+            out[k] = v
     return out
 
 
@@ -164,7 +194,10 @@ class ReverseProxy:
             }
             return await _json(send, 405, detail, {"allow": ", ".join(METHODS)})
         values: dict[str, str] = {}  # the first value of each field, read by the checks below
+        repeated: str | None = None
         for name, value in headers:
+            if name in values and name in SINGLE_FIELDS:
+                repeated = name
             values.setdefault(name, value)
         raw_path = scope.get("raw_path") or quote(scope["path"]).encode()
         target = raw_path.decode("latin-1")
@@ -183,6 +216,10 @@ class ReverseProxy:
             detail = {"error": "not_found", "error_description": "no route for this path"}
             return await _json(send, 404, detail, {})
         query = scope.get("query_string", b"").decode("latin-1")
+        if bad_path is None and "#" in query:
+            # A parser that keeps a fragment in the query would let policy read it while the
+            # upstream client drops it; the path's own '#' is refused by vet_path.
+            bad_path = InvalidRequest("the request target must not contain a fragment ('#')")
         client = scope.get("client")
         # The target as the client sent it (still percent-encoded): DPoP htu and the request
         # digest cover it, and it is what the upstream receives.
@@ -199,11 +236,14 @@ class ReverseProxy:
             "client": client[0] if client else None,
         }
         limit = self._settings.max_body_bytes
+        overflow: list[AegisError] = []  # set when a streamed body goes over the limit
         raw: bytes | None = None
         stream: AsyncIterator[bytes] | None = None
         try:
             if bad_path is not None:
                 raise bad_path
+            if repeated is not None:
+                raise InvalidRequest(f"send the {repeated} header once")
             declared = values.get("content-length")
             if declared is not None and not declared.isdigit():
                 raise InvalidRequest("content-length must be a whole number")
@@ -225,7 +265,7 @@ class ReverseProxy:
             elif declared is None and "transfer-encoding" not in values:
                 raw = b""
             else:
-                stream = self._bounded(receive, limit)
+                stream = self._bounded(receive, limit, overflow)
                 facts["body_digest"], facts["raw_body"] = STREAMED_BODY_DIGEST, None
         except AegisError as exc:
             return await _error(send, await self._pipeline.refuse(CallContext(**facts), exc))
@@ -236,7 +276,7 @@ class ReverseProxy:
         data: Any = raw if stream is None else stream
         if result.body_changed:
             data = json.dumps(result.body, separators=(",", ":")).encode()
-        await self._forward(send, ctx, sent, result, data)
+        await self._forward(send, ctx, sent, result, data, overflow)
 
     def _netloc(self, scope: Scope, values: dict[str, str]) -> str:
         """The authority the client addressed, as Starlette reads it from the Host header (or the
@@ -271,22 +311,34 @@ class ReverseProxy:
                 )
         return bytes(body)
 
-    async def _bounded(self, receive: Receive, limit: int) -> AsyncIterator[bytes]:
+    async def _bounded(
+        self, receive: Receive, limit: int, overflow: list[AegisError]
+    ) -> AsyncIterator[bytes]:
+        """The body as it streams, cut off past ``limit``. The client library wraps what this
+        raises in its own error, so the refusal is also left in ``overflow`` for the caller."""
         seen = 0
         async for chunk in self._chunks(receive):
             seen += len(chunk)
             if seen > limit:
-                raise AegisError(
+                exc = AegisError(
                     f"request body larger than {limit} bytes", code="payload_too_large"
                 )
+                overflow.append(exc)
+                raise exc
             yield chunk
 
     async def _forward(
-        self, send: Send, ctx: CallContext, sent: str, result: Result, data: Any
+        self,
+        send: Send,
+        ctx: CallContext,
+        sent: str,
+        result: Result,
+        data: Any,
+        overflow: list[AegisError],
     ) -> None:
         """Forward the allowed call; ``sent`` is the request target exactly as received."""
         assert self._session is not None, "the proxy was not started"
-        headers = dict(forwardable(ctx.headers, _REQUEST_DROP))
+        headers = joined(forwardable(ctx.headers, _REQUEST_DROP))
         if result.obligations:
             headers = apply_to_headers(headers, result.obligations, "request")
         headers.update(result.upstream_headers)
@@ -308,18 +360,29 @@ class ReverseProxy:
             return await self._gateway_error(
                 send, 504, "upstream_timeout", "the upstream did not answer in time", result
             )
-        except AegisError as exc:  # the streamed body went over the limit
-            body = {"error": "invalid_request", "code": exc.code}
-            return await _json(send, exc.status, body, result.headers)
-        except aiohttp.ClientError:
+        except (AegisError, aiohttp.ClientError) as exc:
+            if overflow:  # the streamed body went over the limit (whatever wraps the error)
+                too_big = overflow[0]
+                body = {"error": spec_for(too_big.code).oauth_error, "code": too_big.code,
+                        "message": too_big.message, "decision_id": result.decision_id}  # fmt: skip
+                return await _json(send, too_big.status, body, result.headers)
+            if isinstance(exc, AegisError):
+                raise
             return await self._gateway_error(
                 send, 502, "bad_gateway", "the upstream cannot be reached", result
             )
         try:
-            out_headers = dict(forwardable(upstream.headers.items(), _RESPONSE_DROP))
+            out_headers = forwardable(upstream.headers.items(), _RESPONSE_DROP)
             if result.obligations:
-                out_headers = apply_to_headers(out_headers, result.obligations, "response")
-            out_headers.update(result.headers)
+                out_headers = [
+                    pair
+                    for k, v in out_headers
+                    for pair in apply_to_headers({k: v}, result.obligations, "response").items()
+                ]
+            # Each field the gateway sets replaces the upstream's; repeated upstream fields
+            # (several Set-Cookie) stay separate lines.
+            out_headers = [(k, v) for k, v in out_headers if k not in result.headers]
+            out_headers += result.headers.items()
             if _response_rules(result):
                 return await self._sanitized(send, upstream, out_headers, result)
             await self._relay(send, ctx, upstream, out_headers, result)
@@ -331,7 +394,7 @@ class ReverseProxy:
         send: Send,
         ctx: CallContext,
         upstream: aiohttp.ClientResponse,
-        headers: dict[str, str],
+        headers: list[tuple[str, str]],
         result: Result,
     ) -> None:
         """The upstream's answer to the caller: whole when it is small and of known length, else
@@ -346,7 +409,7 @@ class ReverseProxy:
                     send, 504, "upstream_timeout", "the upstream did not answer in time", result
                 )
             return await _answer(send, upstream.status, headers, data)
-        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
         await send({"type": "http.response.start", "status": upstream.status, "headers": raw})
         async for chunk in upstream.content.iter_chunked(_CHUNK):
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -356,7 +419,7 @@ class ReverseProxy:
         self,
         send: Send,
         upstream: aiohttp.ClientResponse,
-        headers: dict[str, str],
+        headers: list[tuple[str, str]],
         result: Result,
     ) -> None:
         """Apply response obligations to a whole answer; anything that cannot be read and
@@ -379,7 +442,7 @@ class ReverseProxy:
             )
         clean = apply_to_body(body, result.obligations, "response")
         data = json.dumps(clean).encode() if is_json_type(ctype) else str(clean).encode("utf-8")
-        headers.pop("content-encoding", None)
+        headers = [(k, v) for k, v in headers if k != "content-encoding"]
         await _answer(send, upstream.status, headers, data)
 
     async def _gateway_error(
