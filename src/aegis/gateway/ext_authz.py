@@ -9,15 +9,25 @@ and build the :class:`~aegis.gateway.context.CallContext` for :meth:`Pipeline.ru
 
 Facts a proxy forwards about the original request (its client certificate, scheme, host, and for
 nginx its URI and method) are believed only from a configured trusted proxy address; the door
-checks the address and passes ``None`` otherwise. A body the door did not see whole is marked
-``streamed``, so that a policy that reads bodies refuses the call instead of deciding without it.
-Sanitize decisions cannot be applied here (no body rewriting through a check), so contexts are
-built with ``can_sanitize=False`` and the pipeline refuses them with ``policy_error``.
+checks the address and passes ``None`` otherwise. A certificate *header* is read only when
+``xfcc_mode`` (``pki.xfcc_mode``) says that proxy sets it: nginx passes every header of the
+client on to an ``auth_request`` subrequest, so a header the proxy does not overwrite is the
+caller's, and a certificate is public data. The host and scheme are refused (400
+``invalid_request``) unless they are an RFC 3986 ``host [":" port]`` and ``http``/``https``,
+before any route is chosen: the URL built from them is what a DPoP proof's ``htu`` is compared
+with, and a host holding ``/``, ``?``, ``#`` or ``@`` would move the compared path away from the
+routed one.
+
+A body the door did not see whole is marked ``streamed``, so that a policy that reads bodies
+refuses the call instead of deciding without it. Sanitize decisions cannot be applied here (no
+body rewriting through a check), so contexts are built with ``can_sanitize=False`` and the
+pipeline refuses them with ``policy_error``.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -45,14 +55,31 @@ __all__ = [
     "CheckedRequest",
     "ExtAuthz",
     "TrustedPeers",
+    "XfccMode",
     "refusal_body",
     "undecided",
+    "vet_authority",
 ]
 
 #: Request headers a proxy should remove before forwarding an allowed call: the credentials were
 #: for the gateway, and ``x-aegis-*`` identity fields upstream must come only from the decision.
 CREDENTIAL_HEADERS: Final = ("authorization", "dpop")
 _MAX_REMEMBERED_PEERS: Final = 4096
+#: The only schemes a checked request may have been made with.
+_SCHEMES: Final = frozenset({"http", "https"})
+#: RFC 3986 §3.2.2 ``host``: a reg-name (which covers an IPv4 address) of unreserved, sub-delims
+#: and pct-encoded characters, or an IP-literal in brackets; then §3.2.3 ``[":" port]``, here one
+#: to five digits. Nothing else (``/``, ``?``, ``#``, ``@``, spaces) may sit in an authority.
+_AUTHORITY: Final = re.compile(
+    r"(?P<host>(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+"
+    r"|\[(?P<ip6>[0-9A-Fa-f:.]+)\]"
+    r"|\[v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+\])"
+    r"(?::(?P<port>[0-9]{1,5}))?"
+)
+_MAX_PORT: Final = 65535
+
+#: Which proxy sets a forwarded client certificate header (``pki.xfcc_mode``); ``none``: none does.
+XfccMode = Literal["none", "envoy", "nginx"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +147,28 @@ def refusal_body(result: Result) -> dict[str, Any]:
     }
 
 
+def vet_authority(host: str, scheme: str) -> None:
+    """Refuse (``invalid_request``) a host that is not RFC 3986 ``host [":" port]`` and a scheme
+    other than ``http``/``https``.
+
+    The pipeline compares a DPoP proof's ``htu`` (RFC 9449 §4.3) with a URL built from these and
+    parsed again; a host such as ``gw.example.com/payments/charge#`` would make that comparison
+    read a path the call was neither routed nor forwarded by.
+    """
+    if scheme.lower() not in _SCHEMES:
+        raise InvalidRequest("the request scheme must be http or https")
+    m = _AUTHORITY.fullmatch(host)
+    if m is None:
+        raise InvalidRequest("the request host must be an RFC 3986 host with an optional port")
+    if m["port"] is not None and int(m["port"]) > _MAX_PORT:
+        raise InvalidRequest(f"the request port must be at most {_MAX_PORT}")
+    if m["ip6"] is not None:
+        try:
+            ipaddress.IPv6Address(m["ip6"])
+        except ValueError:
+            raise InvalidRequest("the request host is not a valid ipv6 literal") from None
+
+
 def undecided(status: int, code: str, message: str) -> Result:
     """A refusal before any route (so no tool, and no decision to attest or audit); counted."""
     count_decision("deny", code)
@@ -135,8 +184,13 @@ class ExtAuthz:
         settings: GatewaySettings,
         *,
         validator: PeerValidator | None = None,
+        xfcc_mode: XfccMode = "none",
     ) -> None:
         self._pipeline, self._settings, self._validator = pipeline, settings, validator
+        #: ``pki.xfcc_mode``: which proxy, if any, sets a forwarded certificate header. The
+        #: default believes no such header: an unset mode must never let a caller name a
+        #: certificate.
+        self.xfcc_mode: XfccMode = xfcc_mode
         self.routes = RouteTable(settings.routes)
 
     @property
@@ -144,6 +198,11 @@ class ExtAuthz:
         return self._settings.max_body_bytes
 
     async def check(self, req: CheckedRequest) -> Result:
+        # The host and scheme first, before they choose a route or enter the URL htu is checked on.
+        try:
+            vet_authority(req.host, req.scheme)
+        except InvalidRequest as exc:
+            return undecided(400, "invalid_request", exc.message)
         # Split by hand, never with urlsplit: a target such as ``//admin/payments/x`` would be read
         # as host ``admin`` and path ``/payments/x`` there, while the upstream serves it as a path.
         # Only origin-form targets are decided (vet_path refuses anything not starting with '/').
@@ -159,7 +218,7 @@ class ExtAuthz:
             return undecided(404, "not_found", "no route for this path")
         facts: dict[str, Any] = {
             "method": req.method.upper(),
-            "url": f"{req.scheme}://{req.host}{req.target}",
+            "url": f"{req.scheme.lower()}://{req.host}{req.target}",
             "host": req.host,
             "path": path,
             "route": route,

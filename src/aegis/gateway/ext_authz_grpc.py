@@ -19,8 +19,9 @@ it, Envoy joins repeats with ``,``. A JWS never contains ``,``, so a joined ``Au
 believed only when the gRPC peer is in ``gateway.ext_authz.trusted_proxies``.
 
 Body (``with_request_body``): the call is decided on the body only when Envoy sent it whole (not
-``x-envoy-auth-partial-body: true``, length equal to ``content-length``); otherwise it is marked
-``streamed`` and a policy that reads bodies refuses it.
+``x-envoy-auth-partial-body: true``, length equal to ``content-length``) as bytes in ``raw_body``
+(``pack_as_bytes: true``); otherwise, and whenever only the UTF-8-sanitised string ``body`` came,
+it is marked ``streamed`` and a policy that reads bodies refuses it.
 """
 
 from __future__ import annotations
@@ -88,8 +89,16 @@ def _body(
     http: external_auth_pb2.attribute__context__pb2.AttributeContext.HttpRequest,
     headers: tuple[tuple[str, str], ...],
 ) -> bytes | None:
-    """The body when Envoy sent all of it, else None (a body policy must not decide without)."""
-    seen: bytes = http.raw_body or http.body.encode("utf-8")
+    """The body when Envoy sent all of it, else None (a body policy must not decide without).
+
+    Only ``raw_body`` (``pack_as_bytes: true``) holds the bytes Envoy forwards. The string ``body``
+    is UTF-8-sanitised (each invalid byte becomes ``!``, the length unchanged), so deciding,
+    digesting or attesting on it would vouch for bytes the upstream never receives: a body sent
+    only as a string is treated as unseen.
+    """
+    if http.body and not http.raw_body:
+        return None
+    seen: bytes = http.raw_body
     values = dict(headers)
     if values.get(_PARTIAL_BODY, "").lower() == "true":
         return None

@@ -19,9 +19,19 @@ Where the original request comes from (``gateway.ext_authz.http_mode``):
   $request_uri``). They are believed only from ``trusted_proxies``; any other peer is refused. nginx
   never passes the body, so it is ``streamed`` (unseen) and a policy that reads it refuses.
 
-From a trusted proxy only: ``x-forwarded-host``, ``x-forwarded-proto``, the rightmost
-``x-forwarded-for`` entry, and the client certificate (Envoy ``x-forwarded-client-cert``, nginx
-``x-ssl-client-cert`` from ``$ssl_client_escaped_cert``). From anyone else they are ignored.
+From a trusted proxy only: ``x-forwarded-proto``, the rightmost ``x-forwarded-for`` entry, in
+nginx mode ``x-forwarded-host``, and the client certificate (Envoy ``x-forwarded-client-cert``,
+nginx ``x-ssl-client-cert`` from ``$ssl_client_escaped_cert``). From anyone else they are ignored.
+The certificate header is read only when ``pki.xfcc_mode`` names the same proxy as ``http_mode``:
+an ``auth_request`` subrequest carries every header the client sent, so unless nginx is known to
+overwrite ``x-ssl-client-cert`` the value is the caller's choice of (public) certificate. In Envoy
+mode the check request's ``Host`` already is the original ``:authority``; Envoy never sets
+``x-forwarded-host``, so any such value came from the client and is ignored.
+
+Envoy sends the body it buffered (``with_request_body``) in the check request. With
+``pack_as_bytes: false`` (Envoy's default) it is the UTF-8-sanitised text of the body (an invalid
+byte becomes ``!``), not the forwarded bytes, and nothing here can tell the two apart: configure
+``pack_as_bytes: true`` when a policy reads bodies.
 """
 
 from __future__ import annotations
@@ -130,11 +140,15 @@ class HttpExtAuthz:
         host = request.headers.get("host", "")
         scheme, client, cert = request.url.scheme, peer or None, None
         if trusted:
-            host = _one(request, "x-forwarded-host") or host
+            if s.http_mode == "nginx":
+                # Envoy's check request keeps the original :authority as its Host; only nginx's
+                # subrequest needs the original host forwarded.
+                host = _one(request, "x-forwarded-host") or host
             scheme = _one(request, "x-forwarded-proto") or scheme
             forwarded = request.headers.get("x-forwarded-for")
             client = forwarded.split(",")[-1].strip() if forwarded else client
-            cert = _one(request, NGINX_HEADER if s.http_mode == "nginx" else ENVOY_HEADER)
+            if self._ext.xfcc_mode == s.http_mode:
+                cert = _one(request, NGINX_HEADER if s.http_mode == "nginx" else ENVOY_HEADER)
         return await self._ext.check(
             CheckedRequest(
                 method=method.upper(),

@@ -21,10 +21,14 @@ __all__ = ["RouteTable", "bare_host"]
 
 def bare_host(host: str) -> str:
     """``host[:port]`` without the port, lowercase; an IPv6 literal (``[::1]:80``) keeps its
-    brackets and is returned as given."""
+    brackets and is returned as given. Only a port of digits (RFC 3986 §3.2.3 ``*DIGIT``) is
+    removed, so that no other text after a ``:`` is dropped on the way to matching a route."""
     if host.startswith("["):
         return host
-    return host.rsplit(":", 1)[0].lower()
+    name, colon, port = host.rpartition(":")
+    if colon and port.isascii() and (port.isdigit() or not port):
+        return name.lower()
+    return host.lower()
 
 
 class RouteTable:

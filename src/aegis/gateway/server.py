@@ -119,10 +119,12 @@ async def serve_mtls(
 
 def build_ext_authz(services: Services, settings: GatewaySettings, pipeline: Pipeline) -> ExtAuthz:
     """The ext_authz core over ``pipeline``; forwarded client certificates are validated against
-    the internal CA when it exists (without it none is believed)."""
+    the internal CA when it exists (without it none is believed), and read only from the header
+    of the proxy ``pki.xfcc_mode`` names (a header the proxy does not set is the client's)."""
     pki = services.extras.get("pki")
     validator: PeerValidator | None = pki.validator() if isinstance(pki, PkiService) else None
-    return ExtAuthz(pipeline, settings, validator=validator)
+    xfcc_mode = services.config.pki.xfcc_mode
+    return ExtAuthz(pipeline, settings, validator=validator, xfcc_mode=xfcc_mode)
 
 
 async def serve_gateway(

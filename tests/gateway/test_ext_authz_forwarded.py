@@ -1,0 +1,413 @@
+"""Forwarded facts at the ext_authz doors that a caller must not choose: the host and scheme a
+DPoP ``htu`` is compared with, the host that picks a route in Envoy mode, a client certificate
+header nginx passes on unless told to overwrite it, and Envoy's UTF-8-sanitised string body."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import grpc
+import httpx
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from envoy.service.auth.v3 import external_auth_pb2 as pb
+from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+from google.rpc import code_pb2
+
+from aegis.clock import SystemClock
+from aegis.config import GatewaySettings, load_config
+from aegis.errors import InvalidRequest
+from aegis.gateway.app import build_pipeline
+from aegis.gateway.ext_authz import ExtAuthz, TrustedPeers, XfccMode, vet_authority
+from aegis.gateway.ext_authz_grpc import AuthorizationService, check_to_request, start_grpc_server
+from aegis.gateway.ext_authz_http import create_ext_authz_http_app
+from aegis.gateway.routing import bare_host
+from aegis.pki.ca import CaFiles, CertificateAuthority
+from aegis.pki.profile import x5t_s256
+from aegis.pki.service import PkiService
+from aegis.policy.loader import load_document
+from aegis.registry.service import AgentSpec
+from aegis.server.services import Services, build_services
+from aegis.types import ClientAuthMethod
+from tests.gateway.conftest import Agent, Env, dpop_headers
+from tests.gateway.harness import serve
+from tests.gateway.test_ext_authz_grpc import ROUTES, check, denied, settings_with_routes
+from tests.gateway.test_pipeline import POLICY
+
+#: Authorities a proxy might pass on unvalidated; each would let the htu comparison (or the route)
+#: read something other than what was routed and forwarded.
+BAD_HOSTS = [
+    "gw.example.com/payments/charge#",  # '/' then '#': htu path taken from the host
+    "gw.example.com:443#",  # '#': htu path collapses to '/'
+    "gw.example.com:1?",  # '?': likewise
+    "evil.example@gw.example.com",  # '@': userinfo
+    "gw.example.com extra",  # a space
+    "",  # no host at all
+    "gw.example.com:",  # an empty port
+    "gw.example.com:44x",  # a port that is not digits
+    "gw.example.com:123456",  # more than five digits
+    "gw.example.com:99999",  # five digits, above 65535
+    "[::1",  # an unclosed IP-literal
+    "[not-ip]:443",  # an IP-literal that is no address
+]
+GOOD_HOSTS = [
+    "gw.example.com",
+    "gw.example.com:8443",
+    "127.0.0.1:443",
+    "[::1]:443",
+    "GW.example.com",
+]
+
+
+@pytest.mark.parametrize("host", BAD_HOSTS)
+def test_vet_authority_refuses_what_is_not_an_rfc3986_authority(host: str) -> None:
+    with pytest.raises(InvalidRequest, match=r"request (host|port)") as info:
+        vet_authority(host, "https")
+    assert info.value.code == "invalid_request"
+
+
+@pytest.mark.parametrize("host", GOOD_HOSTS)
+def test_vet_authority_accepts_host_and_port(host: str) -> None:
+    vet_authority(host, "https")
+    vet_authority(host, "HTTP")
+
+
+def test_vet_authority_refuses_other_schemes() -> None:
+    for scheme in ("ftp", "", "https://x/", "javascript"):
+        with pytest.raises(InvalidRequest, match="scheme") as info:
+            vet_authority("gw.example.com", scheme)
+        assert info.value.code == "invalid_request"
+
+
+def test_bare_host_removes_only_a_port_of_digits() -> None:
+    assert bare_host("GW.example.com:8443") == "gw.example.com"
+    assert bare_host("gw.example.com:") == "gw.example.com"
+    assert bare_host("gw.example.com") == "gw.example.com"
+    assert bare_host("gw.example.com:x#") == "gw.example.com:x#"
+    wide = "gw.example.com:\uff14\uff14\uff13"  # fullwidth digits are not a port
+    assert bare_host(wide) == wide
+
+
+# -- gRPC door ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def stub(env: Env) -> AsyncIterator[pb_grpc.AuthorizationStub]:
+    ext = ExtAuthz(env.pipeline, settings_with_routes(env))
+    server, port = await start_grpc_server(
+        AuthorizationService(ext, TrustedPeers(["127.0.0.1"])), "127.0.0.1", 0
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield pb_grpc.AuthorizationStub(channel)
+    finally:
+        await server.stop(grace=None)
+
+
+def grpc_check(
+    headers: list[tuple[str, str]], *, host: str, path: str, scheme: str = "https"
+) -> pb.CheckRequest:
+    req = check(headers, path=path)
+    req.attributes.request.http.host = host
+    req.attributes.request.http.scheme = scheme
+    return req
+
+
+async def test_grpc_a_proof_for_one_path_cannot_ride_a_host_onto_another(
+    env: Env, stub: pb_grpc.AuthorizationStub
+) -> None:
+    """The proof's htu names /payments/charge; the call is /payments/refund. A host ending in
+    ``/payments/charge#`` made the pipeline read the proof's path back out of the URL."""
+    agent = Agent(env)
+    token = agent.token()
+    headers = dpop_headers(agent, token, path="/payments/charge")
+    req = grpc_check(headers, host="x/payments/charge#", path="/payments/refund")
+    status, _, body = denied(await stub.Check(req))
+    assert (status, body["code"]) == (400, "invalid_request")
+    # The same proof on its own path and an ordinary host:port is allowed.
+    ok = await stub.Check(grpc_check(headers, host="gw.example.com:443", path="/payments/charge"))
+    assert ok.status.code == code_pb2.OK, ok
+
+
+@pytest.mark.parametrize("host", BAD_HOSTS)
+async def test_grpc_refuses_hosts_that_are_not_authorities(
+    env: Env, stub: pb_grpc.AuthorizationStub, host: str
+) -> None:
+    agent = Agent(env)
+    req = grpc_check(dpop_headers(agent, agent.token()), host=host, path="/payments/charge")
+    status, _, body = denied(await stub.Check(req))
+    assert (status, body["code"]) == (400, "invalid_request")
+
+
+@pytest.mark.parametrize("host", GOOD_HOSTS)
+async def test_grpc_allows_ordinary_hosts(
+    env: Env, stub: pb_grpc.AuthorizationStub, host: str
+) -> None:
+    agent = Agent(env)
+    req = grpc_check(dpop_headers(agent, agent.token()), host=host, path="/payments/charge")
+    resp = await stub.Check(req)
+    assert resp.status.code == code_pb2.OK, resp
+
+
+async def test_grpc_refuses_schemes_other_than_http(
+    env: Env, stub: pb_grpc.AuthorizationStub
+) -> None:
+    agent = Agent(env)
+    req = grpc_check(
+        dpop_headers(agent, agent.token()), host="gw.example.com", path="/payments/charge",
+        scheme="ftp",
+    )  # fmt: skip
+    status, _, body = denied(await stub.Check(req))
+    assert (status, body["code"]) == (400, "invalid_request")
+
+
+def test_grpc_string_body_without_raw_body_is_unseen() -> None:
+    """Envoy's string ``body`` (``pack_as_bytes: false``) has each invalid UTF-8 byte replaced
+    with ``!`` at the same length, so it passes the content-length check yet is not the body."""
+    forwarded = b'{"amount": 5, "to": "acct\xff\xfe"}'
+    sanitised = forwarded.decode("utf-8", "replace").replace("\ufffd", "!")
+    assert len(sanitised.encode()) == len(forwarded)
+    req = check({"content-length": str(len(forwarded))})
+    req.attributes.request.http.body = sanitised
+    assert check_to_request(req, trusted=True).body is None
+    req.attributes.request.http.raw_body = forwarded
+    assert check_to_request(req, trusted=True).body == forwarded
+
+
+async def test_grpc_body_policy_refuses_a_string_body(
+    env: Env, stub: pb_grpc.AuthorizationStub
+) -> None:
+    env.policies.activate(
+        "acme", "prod", env.policies.put(load_document(POLICY), now=0), actor="t", now=0
+    )
+    agent = Agent(env)
+    body = json.dumps({"amount": 5, "memo": "m"})
+
+    def headers() -> list[tuple[str, str]]:
+        return [
+            *dpop_headers(agent, agent.token()),
+            ("content-type", "application/json"),
+            ("content-length", str(len(body))),
+        ]
+
+    req = check(headers())
+    req.attributes.request.http.body = body
+    status, _, answer = denied(await stub.Check(req))
+    assert (status, answer["code"]) == (400, "invalid_request")
+    # The same body as bytes (pack_as_bytes: true) is decided on.
+    req = check(headers())
+    req.attributes.request.http.raw_body = body.encode()
+    assert (await stub.Check(req)).status.code == code_pb2.OK
+
+
+# -- HTTP door ------------------------------------------------------------------------------------
+
+
+def door(
+    env: Env, routes: Any = ROUTES, ext: ExtAuthz | None = None, **settings: Any
+) -> Iterator[str]:
+    data = env.settings.model_dump()
+    data.update(routes=routes, ext_authz=settings)
+    gateway = GatewaySettings.model_validate(data)
+    core = ext or ExtAuthz(env.pipeline, gateway)
+    with serve(create_ext_authz_http_app(core, gateway.ext_authz)) as url:
+        yield url
+
+
+@pytest.fixture
+def envoy(env: Env) -> Iterator[str]:
+    yield from door(env, http_mode="envoy", path_prefix="/check", trusted_proxies=["127.0.0.1"])
+
+
+@pytest.fixture
+def nginx(env: Env) -> Iterator[str]:
+    yield from door(env, http_mode="nginx", trusted_proxies=["127.0.0.1"])
+
+
+def creds(agent: Agent, path: str = "/payments/charge") -> dict[str, str]:
+    return dict(dpop_headers(agent, agent.token(), path=path))
+
+
+def nginx_call(url: str, agent: Agent, target: str, **extra: str) -> httpx.Response:
+    path = target.partition("?")[0]
+    headers = {**creds(agent, path), "x-original-uri": target, "x-original-method": "POST", **extra}
+    return httpx.get(f"{url}/auth", headers=headers)
+
+
+def test_nginx_a_proof_for_one_path_cannot_ride_a_host_onto_another(env: Env, nginx: str) -> None:
+    agent = Agent(env)
+    headers = {
+        **creds(agent, "/payments/charge"),
+        "x-original-uri": "/payments/refund",
+        "x-original-method": "POST",
+        "x-forwarded-host": "gw.example.com:443/payments/charge#",
+    }
+    resp = httpx.get(f"{nginx}/auth", headers=headers)
+    assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request")
+
+
+@pytest.mark.parametrize("host", [h for h in BAD_HOSTS if h])  # an empty one is "not sent"
+def test_nginx_refuses_forwarded_hosts_that_are_not_authorities(
+    env: Env, nginx: str, host: str
+) -> None:
+    resp = nginx_call(nginx, Agent(env), "/payments/charge", **{"x-forwarded-host": host})
+    assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request")
+
+
+@pytest.mark.parametrize("host", GOOD_HOSTS)
+def test_nginx_allows_ordinary_forwarded_hosts(env: Env, nginx: str, host: str) -> None:
+    resp = nginx_call(nginx, Agent(env), "/payments/charge", **{"x-forwarded-host": host})
+    assert resp.status_code == 200, resp.text
+
+
+def test_nginx_refuses_a_forwarded_scheme_other_than_http(env: Env, nginx: str) -> None:
+    resp = nginx_call(nginx, Agent(env), "/payments/charge", **{"x-forwarded-proto": "gopher"})
+    assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request")
+
+
+# h11 refuses a Host with a space or an empty one before the door sees it; the rest reach it.
+ENVOY_BAD_HOSTS = [h for h in BAD_HOSTS if h and " " not in h]
+
+
+@pytest.mark.parametrize("host", ENVOY_BAD_HOSTS)
+def test_envoy_refuses_hosts_that_are_not_authorities(env: Env, envoy: str, host: str) -> None:
+    resp = httpx.post(f"{envoy}/check/payments/charge", headers={**creds(Agent(env)), "host": host})
+    assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request")
+
+
+@pytest.mark.parametrize("host", GOOD_HOSTS)
+def test_envoy_allows_ordinary_hosts(env: Env, envoy: str, host: str) -> None:
+    resp = httpx.post(f"{envoy}/check/payments/charge", headers={**creds(Agent(env)), "host": host})
+    assert resp.status_code == 200, resp.text
+
+
+#: Two routes on one path, told apart by host: only the public one's tool is allowed.
+SPLIT_ROUTES: Any = [
+    {"path_prefix": "/api", "host": "public.example.com", "upstream": "http://127.0.0.1:9",
+     "tool": "payments", "tenant": "acme", "env": "prod"},
+    {"path_prefix": "/api", "host": "admin.example.com", "upstream": "http://127.0.0.1:9",
+     "tool": "admin", "tenant": "acme", "env": "prod"},
+]  # fmt: skip
+
+
+def test_envoy_routes_by_the_check_host_never_a_forwarded_host(env: Env) -> None:
+    """Envoy routes and forwards by ``:authority`` (the check request's Host); a client's
+    ``X-Forwarded-Host`` passed on through ``allowed_headers`` must not pick another route."""
+    agent = Agent(env)
+    for url in door(env, SPLIT_ROUTES, http_mode="envoy", path_prefix="/check",
+                    trusted_proxies=["127.0.0.1"]):  # fmt: skip
+        admin = {**creds(agent, "/api/users"), "host": "admin.example.com"}
+        resp = httpx.post(f"{url}/check/api/users", headers=admin)
+        assert (resp.status_code, resp.json()["code"]) == (403, "access_denied")
+        forged = {**creds(agent, "/api/users"), "host": "admin.example.com",
+                  "x-forwarded-host": "public.example.com"}  # fmt: skip
+        resp = httpx.post(f"{url}/check/api/users", headers=forged)
+        assert (resp.status_code, resp.json()["code"]) == (403, "access_denied")
+        public = {**creds(agent, "/api/users"), "host": "public.example.com"}
+        assert httpx.post(f"{url}/check/api/users", headers=public).status_code == 200
+
+
+# -- forwarded client certificates ----------------------------------------------------------------
+
+TD = "mtls.example"
+
+
+class Pki:
+    """A real internal CA, an agent ``alpha`` with a certificate, and a token bound to it."""
+
+    def __init__(self, tmp: Path) -> None:
+        config = load_config(write_config(tmp), environ={})
+        CertificateAuthority.init(CaFiles.from_config(config), config.kek(), SystemClock(), TD)
+        self.services: Services = build_services(config)
+        pki = self.services.extras["pki"]
+        assert isinstance(pki, PkiService)
+        self.pki = pki
+        self.services.registry.register_agent(
+            AgentSpec("alpha", "acme", "prod", "o@example.com", allowed_scopes=("payments:write",)),
+            actor="t",
+        )
+        client, _ = self.services.registry.create_client(
+            "alpha", auth_method=ClientAuthMethod.TLS_CLIENT_AUTH,
+            tls_san_uri=f"spiffe://{TD}/tenant/acme/env/prod/agent/alpha", actor="t",
+        )  # fmt: skip
+        # Whoever steals the token can read the certificate (it is public), never its key.
+        cert = self.pki.issue("alpha", ec.generate_private_key(ec.SECP256R1()).public_key())
+        self.pem = cert.certificate.public_bytes(serialization.Encoding.PEM).decode()
+        self.token = self.services.issuer.issue(
+            agent_id="alpha", client_id=client.client_id, tenant="acme", env="prod",
+            scopes=("payments:write",), audience=("aegis-gateway",), lifetime=300,
+            cnf={"x5t#S256": x5t_s256(cert.certificate)},
+        ).token  # fmt: skip
+
+    def door(self, xfcc_mode: XfccMode) -> Iterator[str]:
+        settings = GatewaySettings.model_validate({
+            "public_url": "https://gw.example.com", "allow": [{"tool": "payments"}],
+            "routes": [{"path_prefix": "/payments", "upstream": "http://127.0.0.1:9",
+                        "tool": "payments", "tenant": "acme", "env": "prod",
+                        "allow_bearer": True, "require_client_cert": True}],
+            "ext_authz": {"http_mode": "nginx", "trusted_proxies": ["127.0.0.1"]},
+        })  # fmt: skip
+        pipeline = build_pipeline(self.services, settings)
+        ext = ExtAuthz(pipeline, settings, validator=self.pki.validator(), xfcc_mode=xfcc_mode)
+        with serve(create_ext_authz_http_app(ext, settings.ext_authz)) as url:
+            yield url
+
+
+def write_config(tmp: Path) -> Path:
+    from tests.support.server import free_port, write_dev_config
+
+    return write_dev_config(tmp, free_port(), f"pki:\n  trust_domain: {TD}\n")
+
+
+@pytest.fixture
+def mtls(tmp_path: Path) -> Iterator[Pki]:
+    pki = Pki(tmp_path)
+    yield pki
+    asyncio.run(pki.services.aclose())
+
+
+def cert_call(url: str, pki: Pki, **extra: str) -> httpx.Response:
+    headers = {"authorization": f"Bearer {pki.token}", "x-original-uri": "/payments/charge",
+               "x-original-method": "POST", **extra}  # fmt: skip
+    return httpx.get(f"{url}/auth", headers=headers)
+
+
+def test_nginx_ignores_a_certificate_header_unless_pki_says_nginx_sets_it(mtls: Pki) -> None:
+    """Without ``pki.xfcc_mode: nginx`` an ``X-SSL-Client-Cert`` reaching the door is the one the
+    client sent (``auth_request`` passes every header on): a public certificate would satisfy
+    ``require_client_cert`` and a stolen ``cnf.x5t#S256`` token without the private key."""
+    for url in mtls.door("none"):
+        assert cert_call(url, mtls).json()["code"] == "cert_required"
+        resp = cert_call(url, mtls, **{"x-ssl-client-cert": quote(mtls.pem)})
+        assert (resp.status_code, resp.json()["code"]) == (401, "cert_required")
+    for url in mtls.door("envoy"):  # another proxy's header mode is not nginx's
+        resp = cert_call(url, mtls, **{"x-ssl-client-cert": quote(mtls.pem)})
+        assert (resp.status_code, resp.json()["code"]) == (401, "cert_required")
+
+
+def test_nginx_believes_the_certificate_header_when_pki_says_nginx_sets_it(mtls: Pki) -> None:
+    for url in mtls.door("nginx"):
+        resp = cert_call(url, mtls, **{"x-ssl-client-cert": quote(mtls.pem)})
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["x-aegis-agent-id"] == "alpha"
+
+
+@pytest.mark.parametrize(("xfcc_mode", "code"), [("none", 200), ("envoy", 401)])
+def test_envoy_reads_xfcc_only_when_pki_says_envoy_sets_it(
+    env: Env, xfcc_mode: XfccMode, code: int
+) -> None:
+    """A malformed XFCC value shows whether the door read the header at all."""
+    gateway = settings_with_routes(env)
+    ext = ExtAuthz(env.pipeline, gateway, xfcc_mode=xfcc_mode)
+    agent = Agent(env)
+    for url in door(env, ext=ext, http_mode="envoy", path_prefix="/check",
+                    trusted_proxies=["127.0.0.1"]):  # fmt: skip
+        headers = {**creds(agent), "x-forwarded-client-cert": 'Cert="not%20a%20cert"'}
+        resp = httpx.post(f"{url}/check/payments/charge", headers=headers)
+        assert resp.status_code == code, resp.text
