@@ -78,8 +78,10 @@ class StoreSettings(_Section):
     #: a latency budget on the hot path, never a reason to allow.
     redis_timeout: float = Field(default=0.25, gt=0.0, le=10.0)
     redis_connect_timeout: float = Field(default=0.25, gt=0.0, le=10.0)
-    #: How long registry reads may be served from the in-process cache (seconds).
-    registry_cache_ttl: float = Field(default=0.25, ge=0.0, le=5.0)
+    #: How long registry reads may be served from the in-process cache (seconds). Capped at 1 s
+    #: because a suspended agent, disabled client or suspended tenant must be refused by every
+    #: replica within 1 s; a longer cache would let each replica keep allowing it that long.
+    registry_cache_ttl: float = Field(default=0.25, ge=0.0, le=1.0)
 
     @field_validator("replay", "revocation")
     @classmethod

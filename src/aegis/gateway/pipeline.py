@@ -194,7 +194,11 @@ class Pipeline:
             if proof is not None:
                 await self._dpop.consume(proof)
             if token.single_use:
-                expires = token.exp + self._verifier.rules.leeway
+                # A replica accepts the token until exp + leeway on its own clock, so one whose
+                # clock lags the replica that recorded the jti accepts it later than exp + leeway
+                # on that replica's clock. The second leeway keeps the record through a clock
+                # difference between replicas up to the leeway already allowed for token times.
+                expires = token.exp + 2 * self._verifier.rules.leeway
                 await self._replay.consume(TOKEN_REPLAY_NAMESPACE, token.jti, expires)
         except AegisError as exc:
             facts.jti_seen = exc.code == "replay_detected"

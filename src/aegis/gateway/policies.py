@@ -6,11 +6,12 @@ in newly activated versions. Three cases, none of which can turn into an allow b
 
 * a policy is in force: it decides (its evaluator turns any internal failure into a
   ``policy_error`` deny);
-* the store answered and no version was ever activated: the allow-list decides, default deny
-  (``policy_version = "allowlist"``);
-* the store cannot answer and no policy was ever loaded: ``Unavailable(policy_unavailable)``, a
-  503. Once a policy was loaded it stays in force through a store outage (it was valid when
-  activated).
+* the latest poll reached the store and it answered that no version is active: the allow-list
+  decides, default deny (``policy_version = "allowlist"``);
+* no policy is loaded and the store has not given that answer (no poll has succeeded yet, the
+  first one is under way, or the latest one failed in any way): ``Unavailable(policy_unavailable)``,
+  a 503. The allow-list is never a stand-in for a policy Aegis could not read. Once a policy was
+  loaded it stays in force through a store outage (it was valid when activated).
 
 A missing ``request.body`` makes every condition on it false (docs/policy.md), so a deny rule on
 the body would not fire for a body policy never saw (streamed, too large, or not sent as JSON). When
@@ -24,7 +25,7 @@ from typing import Any, Final
 
 from aegis.clock import Clock
 from aegis.config import GatewayAllow
-from aegis.errors import AegisError, InvalidRequest, Unavailable
+from aegis.errors import InvalidRequest, Unavailable
 from aegis.policy.decision import Decision
 from aegis.policy.evaluator import CompiledPolicy
 from aegis.policy.ir import leaves
@@ -78,7 +79,6 @@ class PolicyDirectory:
         self._store, self._clock, self._interval, self._allow = store, clock, interval, allow
         self._watchers: dict[tuple[str, str], PolicyWatcher] = {}
         self._lock = threading.Lock()
-        self._next_probe: dict[tuple[str, str], float] = {}
         self._reads: dict[tuple[str, str], bool] = {}
 
     def _watcher(self, tenant: str, env: str) -> PolicyWatcher | None:
@@ -130,13 +130,11 @@ class PolicyDirectory:
         ``doc`` (streamed, over the buffering limit, or not JSON)."""
         watcher = self._watcher(tenant, env)
         policy = watcher.current() if watcher is not None else None
-        if policy is None and watcher is not None and watcher.last_error is not None:
-            if not self._recovered(watcher, tenant, env):
-                raise Unavailable(
-                    "the policy store cannot answer and no policy is loaded; call refused",
-                    code="policy_unavailable",
-                )
-            policy = watcher.current()
+        if policy is None and watcher is not None and not watcher.nothing_active:
+            raise Unavailable(
+                "the policy store has not answered and no policy is loaded; call refused",
+                code="policy_unavailable",
+            )
         if policy is not None:
             if body_hidden and self._reads_body(policy, tool):
                 raise InvalidRequest(
@@ -145,25 +143,6 @@ class PolicyDirectory:
                 )
             return policy.evaluate(doc)
         return allowlist_decision(self._allow, tool, agent_id)
-
-    def _recovered(self, watcher: PolicyWatcher, tenant: str, env: str) -> bool:
-        """The watcher keeps its last error until a version is activated; probe the store at
-        most once per interval so that a store that came back with nothing active falls back to
-        the allow-list instead of answering 503 forever."""
-        key = (tenant, env)
-        now = self._clock.monotonic()
-        if now < self._next_probe.get(key, float("-inf")):
-            return False
-        self._next_probe[key] = now + self._interval
-        try:
-            active = self._store.active(tenant, env) if self._store is not None else None
-        except AegisError:
-            return False
-        if active is not None:
-            watcher.poll()  # compiles and swaps in the active version, or records why not
-            return watcher.last_error is None
-        watcher.last_error = None
-        return True
 
     def refresh(self) -> None:
         """Poll every watcher now (after an activation in this process, and in tests)."""

@@ -6,6 +6,13 @@ event in one transaction (a failed operation writes nothing), and returns the ne
 Leaving ``active`` (suspend, quarantine, retire) sets the agent's ``tokens_not_before`` to now: every
 token issued before that instant is dead at once, everywhere, without storing each token. Retired is
 final. Quarantine means "under investigation": only an admin may release it.
+
+Suspending a tenant and disabling a client end earlier tokens the same way, through the same durable
+mark on the agents concerned, so that reactivating the tenant or re-enabling the client never brings
+back a token issued before (for example one minted with a leaked secret that has since been
+rotated). The registry keeps no such mark per client, so disabling a client ends every earlier token
+of its agent, those of the agent's other clients included: ending too many tokens only makes their
+holders ask for new ones, keeping one alive would not be noticed.
 """
 
 from __future__ import annotations
@@ -139,11 +146,26 @@ class RegistryService:
             self._event("environment.created", actor, f"env:{tenant_id}/{env}", tenant_id)
 
     def set_tenant_status(self, tenant_id: str, status: TenantStatus, *, actor: str) -> Tenant:
+        """Set a tenant's status; leaving ``active`` ends every token its agents hold now."""
         with self.store.atomic():
             tenant = replace(self.store.get_tenant(tenant_id), status=status)
             self.store.update_tenant(tenant)
+            if status is not TenantStatus.ACTIVE:
+                for agent in self.store.list_agents(tenant_id=tenant_id):
+                    self._end_earlier_tokens(agent)
             self._event(f"tenant.{status.value}", actor, f"tenant:{tenant_id}", tenant_id)
         return tenant
+
+    def _end_earlier_tokens(self, agent: Agent) -> Agent:
+        """Move the agent's ``tokens_not_before`` to now (never back): every token issued to it
+        before this instant is refused with ``token_revoked`` from now on, whatever state the
+        agent, its clients or its tenant are in later. Call inside ``store.atomic()``."""
+        mark = max(agent.tokens_not_before, self._clock.now())
+        if mark == agent.tokens_not_before:
+            return agent
+        agent = replace(agent, tokens_not_before=mark)
+        self.store.update_agent(agent)
+        return agent
 
     # -- agents ----------------------------------------------------------------------------
 
@@ -312,10 +334,13 @@ class RegistryService:
         return client, secret
 
     def set_client_active(self, client_id: str, active: bool, *, actor: str) -> Client:
+        """Enable or disable a client; disabling ends every token its agent holds now."""
         with self.store.atomic():
             client = replace(self.store.get_client(client_id), active=active)
             self.store.update_client(client)
             agent = self.store.get_agent(client.agent_id)
+            if not active:
+                agent = self._end_earlier_tokens(agent)
             self._event(
                 "client.enabled" if active else "client.disabled",
                 actor,

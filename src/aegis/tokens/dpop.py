@@ -41,6 +41,7 @@ __all__ = [
     "DPOP_ALGS",
     "DPOP_TYP",
     "MAX_PROOF_BYTES",
+    "REPLAY_MARGIN",
     "DpopProof",
     "DpopVerifier",
     "NonceSource",
@@ -57,6 +58,9 @@ DEFAULT_IAT_WINDOW: Final = 60.0
 #: How far ahead a proof's ``iat`` may lie (client clock skew, seconds).
 DEFAULT_FUTURE_SKEW: Final = 5.0
 MAX_PROOF_BYTES: Final = 4096
+#: Extra time a spent proof ``jti`` is remembered past the last moment any replica can accept the
+#: proof (seconds), for replicas whose clocks differ; see :attr:`DpopProof.expires_at`.
+REPLAY_MARGIN: Final = 5.0
 #: Distinct proof keys remembered (parsed key and thumbprint); the cache is cleared when full.
 MAX_CACHED_KEYS: Final = 4096
 REPLAY_NAMESPACE: Final = "dpop"
@@ -142,7 +146,7 @@ class NonceSource:
 
 @dataclass(frozen=True, slots=True)
 class DpopProof:
-    """A verified proof. ``expires_at`` is when it stops being acceptable (the replay TTL)."""
+    """A verified proof. ``expires_at`` is how long its ``jti`` stays in the replay store."""
 
     jkt: str
     jti: str
@@ -289,7 +293,13 @@ class DpopVerifier:
             # public key from the DPoP proof" (RFC 7638 thumbprint against cnf.jkt, §6.1)
             if jkt is None or not hmac.compare_digest(jkt.encode(), thumbprint.encode()):
                 raise _bad("the proof key is not the key the access token is bound to")
-        return DpopProof(thumbprint, jti, float(iat), htm, htu, float(iat) + self.iat_window + 1)
+        # The replay record must outlive acceptance on every replica that shares the store, not
+        # only on this one. A replica whose clock lags this one by d seconds accepts the proof
+        # until iat + iat_window + d on this clock, and a record kept only until iat + iat_window
+        # would let it accept a replay for those d seconds. Replica clocks are trusted to agree
+        # within the skew already allowed for clients (future_skew) plus REPLAY_MARGIN.
+        keep_until = float(iat) + self.iat_window + self.future_skew + REPLAY_MARGIN
+        return DpopProof(thumbprint, jti, float(iat), htm, htu, keep_until)
 
     async def consume(self, proof: DpopProof) -> None:
         """Spend the proof's ``jti`` (RFC 9449 §11.1); ``ReplayDetected`` on a second sighting,

@@ -1,0 +1,90 @@
+"""Disabling a client or suspending a tenant ends the tokens issued before it for good: enabling
+the client or reactivating the tenant again does not bring them back (the "disable the client,
+rotate the leaked secret, re-enable" case)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aegis.clock import FrozenClock
+from aegis.config import load_config
+from aegis.errors import TokenError
+from aegis.server.services import build_services
+from aegis.tokens.subject import check_subject
+from aegis.types import TenantStatus
+from tests.registry.test_service import ACTOR, T0, Env
+from tests.support.server import write_dev_config
+
+
+@pytest.fixture
+def reg(tmp_path: Path) -> Iterator[Env]:
+    clock = FrozenClock(T0)
+    services = build_services(
+        load_config(write_dev_config(tmp_path, 8080), environ={}), clock=clock
+    )
+    try:
+        yield Env(services, clock)
+    finally:
+        asyncio.run(services.aclose())
+
+
+def _refusal(reg: Env, token: str) -> str | None:
+    """The subject check's code for ``token`` (None: accepted), read past the registry cache."""
+    reg.services.cache.invalidate()
+    verified = reg.services.verifier.verify(token)  # the signature and claims are still fine
+    try:
+        asyncio.run(check_subject(verified, reg.services.cache, reg.services.revocation))
+    except TokenError as exc:
+        return exc.code
+    return None
+
+
+def test_a_re_enabled_client_does_not_bring_back_its_earlier_tokens(reg: Env) -> None:
+    client, _ = reg.client(reg.agent())
+    old = reg.token(client.client_id)
+    assert _refusal(reg, old) is None
+    reg.clock.advance(1)
+    reg.registry.set_client_active(client.client_id, False, actor=ACTOR)
+    assert _refusal(reg, old) == "token_revoked"
+    reg.registry.rotate_secret(client.client_id, actor=ACTOR)
+    reg.clock.advance(1)
+    reg.registry.set_client_active(client.client_id, True, actor=ACTOR)
+    assert _refusal(reg, old) == "token_revoked"
+    assert reg.introspect(old) == {"active": False}
+    reg.clock.advance(1)
+    fresh = reg.token(client.client_id)
+    assert _refusal(reg, fresh) is None
+    assert reg.introspect(fresh)["active"] is True
+
+
+def test_disabling_a_client_twice_never_moves_the_mark_back(reg: Env) -> None:
+    agent = reg.agent()
+    client, _ = reg.client(agent)
+    reg.clock.advance(10)
+    reg.registry.set_client_active(client.client_id, False, actor=ACTOR)
+    mark = reg.services.registry_store.get_agent(agent).tokens_not_before
+    assert mark == T0 + 10
+    reg.clock.set(T0 + 5)  # a clock stepped back
+    reg.registry.set_client_active(client.client_id, False, actor=ACTOR)
+    assert reg.services.registry_store.get_agent(agent).tokens_not_before == mark
+
+
+def test_a_reactivated_tenant_does_not_bring_back_its_earlier_tokens(reg: Env) -> None:
+    first, _ = reg.client(reg.agent("finance-agent"))
+    second, _ = reg.client(reg.agent("ops-agent"))
+    outsider, _ = reg.client(reg.agent("globex-agent", tenant="globex"))
+    old = [reg.token(c.client_id) for c in (first, second)]
+    untouched = reg.token(outsider.client_id)
+    reg.clock.advance(1)
+    reg.registry.set_tenant_status("acme", TenantStatus.SUSPENDED, actor=ACTOR)
+    assert [_refusal(reg, t) for t in old] == ["token_revoked", "token_revoked"]
+    reg.clock.advance(1)
+    reg.registry.set_tenant_status("acme", TenantStatus.ACTIVE, actor=ACTOR)
+    assert [_refusal(reg, t) for t in old] == ["token_revoked", "token_revoked"]
+    assert _refusal(reg, untouched) is None  # another tenant's tokens are not affected
+    reg.clock.advance(1)
+    assert [_refusal(reg, reg.token(c.client_id)) for c in (first, second)] == [None, None]
