@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import grpc
 import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -24,8 +23,8 @@ from aegis.clock import SystemClock
 from aegis.config import GatewaySettings, load_config
 from aegis.errors import InvalidRequest
 from aegis.gateway.app import build_pipeline
-from aegis.gateway.ext_authz import ExtAuthz, TrustedPeers, XfccMode, vet_authority
-from aegis.gateway.ext_authz_grpc import AuthorizationService, check_to_request, start_grpc_server
+from aegis.gateway.ext_authz import ExtAuthz, XfccMode, vet_authority
+from aegis.gateway.ext_authz_grpc import check_to_request
 from aegis.gateway.ext_authz_http import create_ext_authz_http_app
 from aegis.gateway.routing import bare_host
 from aegis.pki.ca import CaFiles, CertificateAuthority
@@ -35,6 +34,7 @@ from aegis.policy.loader import load_document
 from aegis.registry.service import AgentSpec
 from aegis.server.services import Services, build_services
 from aegis.types import ClientAuthMethod
+from tests.gateway import test_ext_authz_grpc
 from tests.gateway.conftest import Agent, Env, dpop_headers
 from tests.gateway.harness import serve
 from tests.gateway.test_ext_authz_grpc import ROUTES, check, denied, settings_with_routes
@@ -96,18 +96,8 @@ def test_bare_host_removes_only_a_port_of_digits() -> None:
 
 # -- gRPC door ------------------------------------------------------------------------------------
 
-
-@pytest.fixture
-async def stub(env: Env) -> AsyncIterator[pb_grpc.AuthorizationStub]:
-    ext = ExtAuthz(env.pipeline, settings_with_routes(env))
-    server, port = await start_grpc_server(
-        AuthorizationService(ext, TrustedPeers(["127.0.0.1"])), "127.0.0.1", 0
-    )
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield pb_grpc.AuthorizationStub(channel)
-    finally:
-        await server.stop(grace=None)
+#: The gRPC door on a loopback port, as test_ext_authz_grpc serves it.
+stub = test_ext_authz_grpc.stub
 
 
 def grpc_check(

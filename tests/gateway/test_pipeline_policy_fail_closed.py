@@ -10,15 +10,8 @@ from aegis.gateway.app import build_pipeline
 from aegis.policy.loader import load_document
 from aegis.policy.store import MemoryPolicyStore
 from tests.gateway.conftest import Agent, Env, dpop_headers, make_ctx
+from tests.policy.test_watcher_fail_closed import DENY_PAYMENTS
 
-DENY_PAYMENTS = """
-apiVersion: aegis/v1
-kind: Policy
-metadata: {name: deny-all}
-spec:
-  rules:
-    - {id: no-payments, action: deny, reason: payments frozen, match: {tools: ["payments"]}}
-"""
 INTERVAL = 1.0
 
 

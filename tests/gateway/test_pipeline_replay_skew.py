@@ -23,22 +23,10 @@ from aegis.server.services import build_services
 from aegis.tokens.dpop import DEFAULT_IAT_WINDOW
 from tests.gateway.conftest import GW, Agent, Env, make_ctx
 from tests.support.server import write_dev_config
+from tests.tokens.test_dpop_replay_skew import LaggingClock
 
 START = 1_800_000_000.0
 TOKEN_LIFETIME = 300  # what Agent.token asks for
-
-
-class LaggingClock:
-    """The second replica's clock: ``lag`` seconds behind ``base``."""
-
-    def __init__(self, base: FrozenClock, lag: float) -> None:
-        self._base, self._lag = base, lag
-
-    def now(self) -> float:
-        return self._base.now() - self._lag
-
-    def monotonic(self) -> float:
-        return self._base.monotonic()
 
 
 @dataclasses.dataclass
