@@ -63,6 +63,7 @@ http {{
       proxy_set_header X-Aegis-Tenant $aegis_tenant;
       proxy_set_header X-Aegis-Decision-Id $aegis_decision;
       proxy_set_header X-Aegis-Attestation $aegis_attestation;
+      proxy_set_header X-Aegis-Override "";
       proxy_set_header Authorization "";
       proxy_set_header DPoP "";
       add_header X-Aegis-Decision-Id $aegis_decision always;
@@ -77,6 +78,8 @@ http {{
       proxy_set_header X-Original-Method $request_method;
       proxy_set_header X-Forwarded-Host $http_host;
       proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-For $remote_addr;
+      proxy_set_header X-SSL-Client-Cert $ssl_client_escaped_cert;
     }}
   }}
 }}
@@ -198,3 +201,30 @@ def test_refused_calls_never_reach_the_upstream(front: Front) -> None:
     assert anonymous.status_code == 401
     # Only the one allowed call got through.
     assert len(front.upstream.seen) == before + 1
+
+
+def test_what_the_client_claims_about_itself_goes_nowhere(front: Front) -> None:
+    """An auth_request subrequest carries every client header: the documented /_aegis location
+    overwrites each one the door believes, and the upstream sees only what Aegis decided."""
+    agent = AgentClient(front.srv, "nginx-claims")
+    token = agent.access_token()
+    claims = {
+        "x-forwarded-for": "10.9.9.9",
+        "x-aegis-tenant": "globex",
+        "x-aegis-override": "forged",
+        "x-ssl-client-cert": "-----BEGIN%20CERTIFICATE-----",
+    }
+    resp = _post(front, agent, token, "/payments/charge", **claims)
+    assert resp.status_code == 200, resp.text
+    seen = front.upstream.seen[-1]["headers"]
+    assert seen["x-aegis-tenant"] == "acme"
+    assert "x-aegis-override" not in seen
+    decision_id = resp.headers["x-aegis-decision-id"]
+    audit = AuditLog(front.srv.config.database_url(), clock=front.srv.services.clock)
+    try:
+        (record,) = [
+            r for r in audit.records(kind="gateway.decision") if r["decision_id"] == decision_id
+        ]
+    finally:
+        audit.close()
+    assert record["client"] == "127.0.0.1"  # nginx's view of the peer, not the claimed 10.9.9.9
