@@ -52,7 +52,11 @@ class Upstream:
             )
             if request.url.path.endswith("/big"):  # an answer too large to send in one piece
                 return Response(BIG_ANSWER, media_type="application/octet-stream")
-            return JSONResponse({"ok": True, "card": "4111 1111 1111 1111"})
+            answer = JSONResponse({"ok": True, "card": "4111 1111 1111 1111"})
+            if request.url.path.endswith("/cookies"):  # two Set-Cookie lines
+                answer.set_cookie("a", "1")
+                answer.set_cookie("b", "2")
+            return answer
 
         self.app = Starlette(
             routes=[Route("/{p:path}", handler, methods=["GET", "POST", "PUT", "DELETE"])]

@@ -453,6 +453,16 @@ def test_a_body_rule_cannot_be_dodged_by_padding_or_content_type(stack: Stack) -
     assert send(b'{"amount": 5}', "application/json").status_code == 200
 
 
+def test_every_set_cookie_line_of_the_answer_is_relayed(stack: Stack) -> None:
+    agent = AgentClient(stack.srv, "cookies")
+    token = agent.access_token()
+    url = f"{stack.gateway}/payments/cookies"
+    resp = httpx.post(url, json={"amount": 1}, headers=agent.headers(token, "POST", url))
+    assert resp.status_code == 200, resp.text
+    cookies = [v.split(";")[0] for k, v in resp.headers.multi_items() if k == "set-cookie"]
+    assert cookies == ["a=1", "b=2"]
+
+
 def test_a_second_content_type_is_refused_not_read_two_ways(stack: Stack) -> None:
     """Policy reads the body by the first Content-Type; an upstream given both might read it by
     the last (here as a form carrying amount=5000 past the cap). A field that must be single is
