@@ -102,9 +102,15 @@ class SqlBase:
     """
 
     unavailable_code = "registry_unavailable"
+    #: PostgreSQL ``statement_timeout`` (seconds) of an engine made from a URL; None: none.
+    statement_timeout: float | None = None
 
     def __init__(self, engine: Engine | str) -> None:
-        self.engine = make_engine(engine) if isinstance(engine, str) else engine
+        self.engine = (
+            make_engine(engine, statement_timeout=self.statement_timeout)
+            if isinstance(engine, str)
+            else engine
+        )
         self._tx: ContextVar[_Transaction | None] = ContextVar(
             f"aegis_sql_{id(self)}", default=None
         )

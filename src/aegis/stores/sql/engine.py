@@ -14,7 +14,7 @@ from sqlalchemy import Connection, Engine, MetaData, create_engine, event, text
 
 from aegis.errors import ConfigError
 
-__all__ = ["SCHEMA_LOCK_KEY", "create_tables", "lock_schema", "make_engine"]
+__all__ = ["PG_TCP", "SCHEMA_LOCK_KEY", "create_tables", "lock_schema", "make_engine"]
 
 #: ``pg_advisory_xact_lock`` key of every schema change: the migrations, and the stores that
 #: create their own tables. Replicas starting together change the schema one after another; the
@@ -47,8 +47,27 @@ def create_tables(metadata: MetaData, engine: Engine) -> None:
         metadata.create_all(conn, checkfirst=True)
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; ``ConfigError`` naming ``database.url`` for any other kind of URL."""
+#: libpq's TCP settings for every PostgreSQL connection: a database host that vanishes (no reset,
+#: no answer) is noticed within seconds, as an error the stores turn into ``*_unavailable``,
+#: instead of after the kernel's retransmission timeout (about a quarter of an hour), during which
+#: a caller would simply wait. ``tcp_user_timeout`` bounds unacknowledged data (milliseconds);
+#: keepalives find dead idle pooled connections.
+PG_TCP: Final = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 3,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 5000,
+}
+
+
+def make_engine(url: str, *, statement_timeout: float | None = None) -> Engine:
+    """An engine for ``url``; ``ConfigError`` naming ``database.url`` for any other kind of URL.
+
+    ``statement_timeout`` (seconds, PostgreSQL): the server cancels any statement running longer,
+    a lock wait included, and the store reports it unavailable. Set by the stores the gateway
+    reads on every call; not by those whose long scans or schema changes may rightly take longer.
+    """
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///") :]
         if path.split("?")[0] in ("", ":memory:") or "mode=memory" in path:
@@ -76,13 +95,16 @@ def make_engine(url: str) -> Engine:
 
         return engine
     if url.startswith("postgresql+psycopg://"):
+        connect_args: dict[str, Any] = {"connect_timeout": 3, **PG_TCP}
+        if statement_timeout is not None:
+            connect_args["options"] = f"-c statement_timeout={round(statement_timeout * 1000)}"
         return create_engine(
             url,
             hide_parameters=True,
             pool_pre_ping=True,
             pool_size=10,
             max_overflow=10,
-            connect_args={"connect_timeout": 3},
+            connect_args=connect_args,
         )
     raise ConfigError(
         "database.url: use sqlite:///PATH or postgresql+psycopg://USER@HOST:PORT/DB",

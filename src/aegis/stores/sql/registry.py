@@ -100,6 +100,11 @@ def _client(r: Row[Any]) -> Client:
 
 
 class SqlRegistryStore(SqlBase):
+    #: The gateway reads agents, clients and tenants on its calls' path: a database that stalls
+    #: (a lock held, a server that stopped answering) must turn into ``registry_unavailable``
+    #: within a bounded time, not hold the call, and every call behind it, indefinitely.
+    statement_timeout = 2.0
+
     # -- tenants ---------------------------------------------------------------------------
     def create_tenant(self, tenant: Tenant) -> None:
         self._insert(
