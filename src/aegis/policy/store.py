@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pydantic import ValidationError
-from sqlalchemy import Engine, create_engine, insert, select
+from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from aegis.errors import AegisError, NotFound, PolicyError, Unavailable
 from aegis.policy.model import PolicyDocument
 from aegis.policy.sql_tables import METADATA, POLICY_ACTIVATIONS, POLICY_VERSIONS
 from aegis.policy.version import canonical_json, policy_version
-from aegis.stores.sql.engine import create_tables
+from aegis.stores.sql.engine import HOT_PATH_STATEMENT_TIMEOUT, create_tables, make_engine
 
 __all__ = ["Activation", "MemoryPolicyStore", "PolicyStore", "SqlPolicyStore", "StoredVersion"]
 
@@ -143,7 +143,13 @@ class SqlPolicyStore:
     """SQLAlchemy Core store (SQLite embedded, PostgreSQL in production)."""
 
     def __init__(self, engine: Engine | str) -> None:
-        self._engine = create_engine(engine) if isinstance(engine, str) else engine
+        # The gateway polls the active version on its calls' path: a stalled database must be
+        # policy_unavailable (the last good policy stays in force) within a bounded time.
+        self._engine = (
+            make_engine(engine, statement_timeout=HOT_PATH_STATEMENT_TIMEOUT)
+            if isinstance(engine, str)
+            else engine
+        )
         with self._guard():
             create_tables(METADATA, self._engine)
 

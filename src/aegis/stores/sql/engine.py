@@ -14,7 +14,14 @@ from sqlalchemy import Connection, Engine, MetaData, create_engine, event, text
 
 from aegis.errors import ConfigError
 
-__all__ = ["PG_TCP", "SCHEMA_LOCK_KEY", "create_tables", "lock_schema", "make_engine"]
+__all__ = [
+    "HOT_PATH_STATEMENT_TIMEOUT",
+    "PG_TCP",
+    "SCHEMA_LOCK_KEY",
+    "create_tables",
+    "lock_schema",
+    "make_engine",
+]
 
 #: ``pg_advisory_xact_lock`` key of every schema change: the migrations, and the stores that
 #: create their own tables. Replicas starting together change the schema one after another; the
@@ -30,8 +37,11 @@ def lock_schema(conn: Connection) -> None:
     the lock is held until the tables are committed). SQLite: the Python driver runs DDL outside
     any transaction unless one was begun explicitly; ``BEGIN IMMEDIATE`` takes the database's
     write lock (waiting out ``busy_timeout``) and makes the check and the DDL one transaction.
-    Call it before the first statement of the transaction."""
+    Call it before the first statement of the transaction. Waiting for the lock, and the schema
+    change, are exempt from the engine's ``statement_timeout``: a replica that starts while
+    another migrates waits for it instead of failing."""
     if conn.dialect.name == "postgresql":
+        conn.execute(text("SET LOCAL statement_timeout = 0"))
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
     elif conn.dialect.name == "sqlite":
         conn.exec_driver_sql("BEGIN IMMEDIATE")
@@ -46,6 +56,10 @@ def create_tables(metadata: MetaData, engine: Engine) -> None:
         lock_schema(conn)
         metadata.create_all(conn, checkfirst=True)
 
+
+#: ``statement_timeout`` (seconds) of the stores the gateway reads on its calls' path (registry,
+#: policy): a stalled database becomes their ``*_unavailable`` after at most this long.
+HOT_PATH_STATEMENT_TIMEOUT: Final = 2.0
 
 #: libpq's TCP settings for every PostgreSQL connection: a database host that vanishes (no reset,
 #: no answer) is noticed within seconds, as an error the stores turn into ``*_unavailable``,

@@ -12,6 +12,7 @@ from sqlalchemy import Row, select
 
 from aegis.errors import InvalidRequest
 from aegis.stores.sql.connection import SqlBase, storable
+from aegis.stores.sql.engine import HOT_PATH_STATEMENT_TIMEOUT
 from aegis.stores.sql.schema import ADMIN_KEYS, AGENTS, CLIENTS, ENVIRONMENTS, EVENTS, TENANTS
 from aegis.types import (
     AdminKey,
@@ -103,7 +104,7 @@ class SqlRegistryStore(SqlBase):
     #: The gateway reads agents, clients and tenants on its calls' path: a database that stalls
     #: (a lock held, a server that stopped answering) must turn into ``registry_unavailable``
     #: within a bounded time, not hold the call, and every call behind it, indefinitely.
-    statement_timeout = 2.0
+    statement_timeout = HOT_PATH_STATEMENT_TIMEOUT
 
     # -- tenants ---------------------------------------------------------------------------
     def create_tenant(self, tenant: Tenant) -> None:
