@@ -267,8 +267,10 @@ def proxy_bench(config_path: Path, key: Any, token: str, n: int) -> dict[str, fl
         out.update(bare_p50=_pct(b, 0.5), bare_p99=_pct(b, 0.99))
         out.update(proxy_cpu=(c1 - c0) / n * 1e6, bare_cpu=(c2 - c1) / n * 1e6)
         proofs_a, proofs_b = _proofs(key, audited, token, n), _proofs(key, bare, token, n)
+        c_a = gateway_cpu()
         out["proxy_rps"] = asyncio.run(_burst(audited, token, proofs_a))
         c3 = gateway_cpu()
+        out["proxy_burst_cpu"] = (c3 - c_a) / n * 1e6
         out["bare_rps"] = asyncio.run(_burst(bare, token, proofs_b))
         out["burst_cpu"] = (gateway_cpu() - c3) / n * 1e6
         c4 = gateway_cpu()
@@ -298,8 +300,9 @@ def report(h: dict[str, float]) -> None:
           f"  added p50 {h['bare_p50'] - h['direct_p50']:8.1f} us")  # fmt: skip
     print(f"gateway CPU per proxied call (process CPU of the gateway, all threads):"
           f" sequential audited {h['proxy_cpu']:7.1f} us, sequential no audit {h['bare_cpu']:7.1f}"
-          f" us, 16 in flight no audit {h['burst_cpu']:7.1f} us"
-          f" -> {1e6 / h['burst_cpu']:6.0f} req/s per fully available core (goal >= 2500)")  # fmt: skip
+          f" us; 16 in flight: audited {h['proxy_burst_cpu']:7.1f} us"
+          f" -> {1e6 / h['proxy_burst_cpu']:6.0f} req/s per fully available core (goal >= 2500),"
+          f" no audit {h['burst_cpu']:7.1f} us -> {1e6 / h['burst_cpu']:6.0f} req/s")  # fmt: skip
     print(f"pass-through floor CPU per call: sequential {h['floor_cpu']:7.1f} us, 16 in flight"
           f" {h['floor_burst_cpu']:7.1f} us -> {1e6 / h['floor_burst_cpu']:6.0f} req/s per core;"
           f" the decision's share of the gateway's CPU:"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from aegis.audit import log as audit_log
 from aegis.audit.log import AuditLog, record_hash
 from aegis.clock import FrozenClock
 from aegis.errors import Unavailable
+from aegis.telemetry.metrics import REGISTRY
 
 
 def _pair(tmp_path: Path, clock: FrozenClock) -> tuple[AuditLog, AuditLog]:
@@ -227,3 +229,70 @@ async def test_two_postgres_writers_group_commit_onto_one_chain(fresh_pg_url: st
     finally:
         a.close()
         b.close()
+
+
+def _commits() -> tuple[float, float]:
+    """(commits, records) the audit logs of this process have made so far."""
+    count = REGISTRY.get_sample_value("aegis_audit_batch_records_count") or 0.0
+    total = REGISTRY.get_sample_value("aegis_audit_batch_records_sum") or 0.0
+    return count, total
+
+
+@pytest.mark.asyncio
+async def test_records_of_one_pass_of_the_loop_share_one_commit(tmp_path: Path) -> None:
+    """Twenty calls decided in the same pass of the event loop, each doing work that lets other
+    threads run (as socket writes do), are committed together: the writer thread is woken after
+    the pass, not by each record while the others are still being decided."""
+    log = AuditLog(f"sqlite:///{tmp_path / 'audit.db'}", clock=FrozenClock(1_800_000_000.0))
+    try:
+        await log.append_async("t", {"n": -1})  # the writer thread is up and waiting
+
+        async def decided(i: int) -> tuple[int, str]:
+            time.sleep(0.002)  # the call's other work in this pass drops the GIL, as I/O does
+            return await log.append_async("t", {"n": i})  # queued before its first await
+
+        before = _commits()
+        tasks = [asyncio.ensure_future(decided(i)) for i in range(20)]  # all run in one pass
+        done = await asyncio.gather(*tasks)
+        commits, records = (a - b for a, b in zip(_commits(), before, strict=True))
+        assert records == 20
+        assert commits <= 2
+        assert sorted(seq for seq, _ in done) == list(range(2, 22))
+        assert log.verify_chain().ok
+    finally:
+        log.close()
+
+
+@pytest.mark.asyncio
+async def test_a_wake_up_that_finds_the_batch_taken_does_not_end_the_writer(
+    tmp_path: Path,
+) -> None:
+    """A writer woken after it already took the records (it was mid-commit when they came) goes
+    back to waiting, rather than reading the empty queue as idle and leaving."""
+    log = AuditLog(f"sqlite:///{tmp_path / 'audit.db'}", clock=FrozenClock(1_800_000_000.0))
+    try:
+        await log.append_async("t", {"n": 0})
+        writers = {t for t in threading.enumerate() if t.name == "aegis-audit"}
+        assert len(writers) == 1
+        for i in range(1, 30):
+            await asyncio.gather(*(log.append_async("t", {"n": i * 10 + j}) for j in range(3)))
+            log._kick(asyncio.get_running_loop())  # a late wake-up, with nothing queued
+            await asyncio.sleep(0.001)
+            assert log._writer_running
+        assert {t for t in threading.enumerate() if t.name == "aegis-audit"} == writers
+        assert log.verify_chain().ok
+    finally:
+        log.close()
+
+
+def test_close_lets_an_idle_writer_leave_at_once(tmp_path: Path) -> None:
+    log = AuditLog(f"sqlite:///{tmp_path / 'audit.db'}", clock=FrozenClock(1_800_000_000.0))
+
+    async def one() -> None:
+        await log.append_async("t", {"n": 0})
+
+    asyncio.run(one())
+    (writer,) = [t for t in threading.enumerate() if t.name == "aegis-audit"]
+    log.close()
+    writer.join(1.0)  # its idle wait is 5 s
+    assert not writer.is_alive()

@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final
@@ -33,12 +34,16 @@ from aegis.audit.sql_tables import AUDIT_CHECKPOINTS, AUDIT_RECORDS, METADATA
 from aegis.clock import Clock
 from aegis.errors import Unavailable
 from aegis.stores.sql.engine import create_tables, make_engine
+from aegis.telemetry.metrics import AUDIT_BATCH_RECORDS
 
 __all__ = ["GENESIS_HASH", "AuditLog", "ChainReport", "canonical_json", "record_hash"]
 
 #: ``prev_hash`` of the first record.
 GENESIS_HASH: Final = "0" * 64
 _MAX_RETRIES: Final = 8
+#: Records the writer thread appends in one statement at most (6 parameters each, well inside
+#: SQLite's 999 bound parameters of older builds); more waiting are the next batch's.
+_MAX_BATCH: Final = 128
 #: Seconds the writer thread of :meth:`AuditLog.append_async` waits for work before it leaves.
 _WRITER_IDLE: Final = 5.0
 
@@ -128,11 +133,9 @@ class AuditLog:
         #: collide on the ``seq`` primary key; the tail is then read again and the append retried,
         #: so a stale tail can delay an append but never fork or skip the chain.
         self._tail: tuple[int, str] | None = None
-        # The INSERT in the engine's own dialect and parameter style (positional for SQLite, in
-        # ``_order``; named for psycopg), compiled once; the driver's error classes.
-        compiled = insert(AUDIT_RECORDS).compile(dialect=self._engine.dialect)
-        self._insert = str(compiled)
-        self._order: list[str] | None = compiled.positiontup
+        # The multi-row INSERT of each batch size, in the engine's own dialect and parameter
+        # style (compiled on first use, see ``_statement``); the driver's error classes.
+        self._inserts: dict[int, tuple[str, list[str] | None]] = {}
         self._dbapi: Any = self._engine.dialect.loaded_dbapi
         self._raw: Any = None
         # Records waiting for the writer thread (``_pending``, under ``_wake``), and whether that
@@ -140,6 +143,10 @@ class AuditLog:
         self._wake = threading.Condition(threading.Lock())
         self._pending: list[_Waiting] = []
         self._writer_running = False
+        #: Loops that will wake the writer thread once their current pass has run (see
+        #: :meth:`append_async`), and whether :meth:`close` was called (an idle writer leaves).
+        self._kicks: set[asyncio.AbstractEventLoop] = set()
+        self._closed = False
         try:
             create_tables(METADATA, self._engine)
             install_append_only(self._engine)
@@ -152,6 +159,7 @@ class AuditLog:
 
     def close(self) -> None:
         with self._wake:  # an idle writer thread leaves now rather than after its idle wait
+            self._closed = True
             self._wake.notify()
         with self._lock:
             self._drop_writer()
@@ -164,12 +172,31 @@ class AuditLog:
     def _writer(self) -> Any:
         """The DBAPI connection appends are written on, checked out of the engine's pool once and
         kept (under ``_lock``): the engine's connect hooks ran on it (WAL, ``synchronous=FULL``),
-        and a bare INSERT and commit on it cost a quarter of the same through a SQLAlchemy
-        ``Connection`` per batch. Any error but a lost race drops it; the next append takes a
-        fresh one."""
+        and a bare INSERT on it costs a quarter of the same through a SQLAlchemy ``Connection``
+        per batch. It is in autocommit mode where the driver has one (sqlite3, psycopg), so a
+        batch is one statement, atomic and durable by itself: one driver call, not BEGIN, INSERT
+        and COMMIT (each of which hands the GIL to the event loop and waits to take it back).
+        Any error but a lost race drops it; the next append takes a fresh one."""
         if self._raw is None:
-            self._raw = self._engine.raw_connection()
+            raw = self._engine.raw_connection()
+            driver: Any = raw.driver_connection
+            if self._engine.dialect.name == "sqlite":
+                driver.isolation_level = None  # no implicit BEGIN: each statement commits
+            elif hasattr(driver, "autocommit"):
+                driver.autocommit = True
+            self._raw = raw
         return self._raw
+
+    def _statement(self, rows: int) -> tuple[str, list[str] | None]:
+        """The INSERT of ``rows`` records and, for positional drivers, its parameters' order
+        (``seq_m0``, ``time_m0``, …); compiled once per batch size."""
+        known = self._inserts.get(rows)
+        if known is None:
+            columns = [c.name for c in AUDIT_RECORDS.c]
+            many = insert(AUDIT_RECORDS).values([dict.fromkeys(columns)] * rows)
+            compiled = many.compile(dialect=self._engine.dialect)
+            known = self._inserts[rows] = (str(compiled), compiled.positiontup)
+        return known
 
     def _drop_writer(self) -> None:
         raw, self._raw = self._raw, None
@@ -188,23 +215,25 @@ class AuditLog:
                         with self._engine.connect() as conn:
                             self._tail = _read_tail(conn)
                     seq, prev = self._tail
-                    rows: list[Any] = []
+                    params: dict[str, Any] = {}
                     out = []
-                    for body, kind in zip(bodies, kinds, strict=True):
+                    for i, (body, kind) in enumerate(zip(bodies, kinds, strict=True)):
                         seq, digest = seq + 1, record_hash(prev, body)
-                        row = {"seq": seq, "time": now, "kind": kind, "record": body}
-                        row |= {"prev_hash": prev, "hash": digest}
-                        rows.append(row if self._order is None else [row[c] for c in self._order])
+                        params[f"seq_m{i}"], params[f"time_m{i}"] = seq, now
+                        params[f"kind_m{i}"], params[f"record_m{i}"] = kind, body
+                        params[f"prev_hash_m{i}"], params[f"hash_m{i}"] = prev, digest
                         out.append((seq, digest))
                         prev = digest
+                    sql, order = self._statement(len(bodies))
                     raw = self._writer()
                     cursor = raw.cursor()
                     try:
-                        cursor.executemany(self._insert, rows)
+                        cursor.execute(sql, params if order is None else [params[k] for k in order])
                     finally:
                         cursor.close()
-                    raw.commit()
+                    raw.commit()  # nothing to do in autocommit mode; commits where there is none
                     self._tail = out[-1]
+                    AUDIT_BATCH_RECORDS.observe(len(out))
                     return out
                 except (IntegrityError, dbapi.IntegrityError):
                     # Another writer took this position: read the new tail and retry.
@@ -228,8 +257,13 @@ class AuditLog:
     async def append_async(self, kind: str, record: dict[str, Any]) -> tuple[int, str]:
         """:meth:`append` without blocking the event loop, with group commit: the record goes to
         this log's writer thread, which writes everything that queued up while its previous
-        commit was in flight in one transaction. Each caller still returns only once its own
+        commit was in flight in one statement. Each caller still returns only once its own
         record is committed (or fails closed with ``audit_unavailable`` when its batch failed).
+
+        A waiting writer is woken once per pass of the event loop, after the pass's other ready
+        callbacks, rather than once per record: the calls decided in the same pass share one
+        commit. On a busy core, waking it per record made nearly every batch one record long,
+        and the wake-ups and GIL hand-overs cost the loop more than the commits did.
 
         One long-lived thread hands results back with ``call_soon_threadsafe``; a default-executor
         hop per batch (``asyncio.to_thread``) costs about as much again in wake-ups and futures as
@@ -241,7 +275,9 @@ class AuditLog:
         with self._wake:
             self._pending.append((body, kind, loop, future))
             if self._writer_running:
-                self._wake.notify()
+                if loop not in self._kicks:  # the first record of this pass of the loop
+                    self._kicks.add(loop)
+                    loop.call_soon(self._kick, loop)
             else:
                 writer = threading.Thread(target=self._write_loop, name="aegis-audit", daemon=True)
                 try:
@@ -252,6 +288,11 @@ class AuditLog:
                 self._writer_running = True
         return await future
 
+    def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._wake:
+            self._kicks.discard(loop)
+            self._wake.notify()
+
     def _write_loop(self) -> None:
         """The writer thread: take everything pending, append it as one batch, deliver; leave
         when idle. Should the thread itself fail, no caller is left waiting for it."""
@@ -259,12 +300,15 @@ class AuditLog:
         try:
             while True:
                 with self._wake:
-                    if not self._pending:
-                        self._wake.wait(_WRITER_IDLE)
-                    if not self._pending:
-                        self._writer_running = False
-                        return
-                    batch, self._pending = self._pending, []
+                    idle_until = time.monotonic() + _WRITER_IDLE
+                    while not self._pending:  # a kick may find the batch already taken
+                        left = idle_until - time.monotonic()
+                        if self._closed or left <= 0:
+                            self._writer_running = False
+                            return
+                        self._wake.wait(left)
+                    batch = self._pending[:_MAX_BATCH]
+                    del self._pending[:_MAX_BATCH]
                 self._write(batch)
                 batch = []
         except BaseException as exc:

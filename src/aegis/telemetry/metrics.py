@@ -21,6 +21,7 @@ __all__ = [
     "APPROVAL_NOTIFICATIONS",
     "APPROVAL_REJECTIONS",
     "APPROVAL_REQUESTS",
+    "AUDIT_BATCH_RECORDS",
     "AUDIT_CHECKPOINT_SIZE",
     "AUDIT_EXPORTED",
     "AUDIT_SINK_DOWN",
@@ -140,6 +141,12 @@ APPROVAL_REJECTIONS: Final = Counter(
     registry=REGISTRY,
 )
 # -- audit log (docs/audit.md) ----------------------------------------------------------------
+AUDIT_BATCH_RECORDS: Final = Histogram(
+    "aegis_audit_batch_records",
+    "Records appended to the audit log per commit (group commit: calls decided together share one).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+    registry=REGISTRY,
+)
 AUDIT_CHECKPOINT_SIZE: Final = Gauge(
     "aegis_audit_checkpoint_tree_size",
     "Records covered by the newest signed audit checkpoint this process made or saw.",
