@@ -1,7 +1,8 @@
-"""The accepted-token cache of AccessTokenVerifier saves parsing and the claim checks that do not
-depend on time: every use still resolves the key, verifies the signature with it and checks the time
-claims, so a key that is removed, retired past its overlap or replaced, a token that expires or is
-not yet valid, and rules replaced since, are refused on the next call."""
+"""The accepted-token cache of AccessTokenVerifier saves parsing, the claim checks that do not
+depend on time and, while the key ring still serves the very key the signature verified with, the
+signature check: every use still resolves the key and checks the time claims, and verifies the
+signature again with any other key, so a key that is removed, retired past its overlap or replaced,
+a token that expires or is not yet valid, and rules replaced since, are refused on the next call."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from aegis.clock import FrozenClock
 from aegis.crypto.jws import encode_segment
-from aegis.crypto.keys import Ed25519SigningKey, PublicKey
+from aegis.crypto.keys import Ed25519PublicKey, Ed25519SigningKey, PublicKey
 from aegis.errors import TokenError
 from aegis.tokens.verifier import MAX_VERIFIED_TOKENS, AccessTokenVerifier
 from tests.tokens.test_verifier_adversarial import (
@@ -135,6 +136,78 @@ def test_the_cache_is_bounded() -> None:
     for i in range(MAX_VERIFIED_TOKENS + 5):
         verifier.verify(_token(key, jti=f"jti-{i}"))
         assert len(verifier._verified) <= MAX_VERIFIED_TOKENS
+
+
+class _Counting:
+    """A verification key that counts its signature checks."""
+
+    def __init__(self, key: PublicKey) -> None:
+        self.key, self.kid, self.algs, self.checks = key, key.kid, key.algs, 0
+
+    def verify(self, message: bytes, signature: bytes) -> None:
+        self.checks += 1
+        self.key.verify(message, signature)
+
+    def to_jwk(self) -> dict[str, object]:
+        return self.key.to_jwk()
+
+
+def test_the_signature_is_checked_once_while_the_ring_serves_the_same_key() -> None:
+    key = Ed25519SigningKey.generate()
+    counting = _Counting(key.public)
+    keys: dict[str, PublicKey] = {key.kid: counting}
+    verifier, token = _verifier(keys.get, key)
+    for _ in range(5):
+        assert verifier.verify(token).jti == "jti-1"
+    assert counting.checks == 1
+    other = _Counting(key.public)  # another object for the same kid: checked again, once
+    keys[key.kid] = other
+    for _ in range(3):
+        verifier.verify(token)
+    assert (counting.checks, other.checks) == (1, 1)
+
+
+def test_a_reloaded_ring_with_the_same_key_bytes_needs_no_new_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import aegis.crypto.keys as keys_module
+
+    key = Ed25519SigningKey.generate()
+    keys: dict[str, PublicKey] = {key.kid: key.public}
+    verifier, token = _verifier(keys.get, key)
+    verifier.verify(token)
+    real, checks = keys_module._crypto_sign_open, []
+
+    def counted(signed: bytes, pk: bytes) -> bytes:
+        checks.append(pk)
+        return real(signed, pk)
+
+    monkeypatch.setattr(keys_module, "_crypto_sign_open", counted)
+    keys[key.kid] = Ed25519PublicKey(key.public.raw)  # what a reload of the ring builds
+    verifier.verify(token)
+    assert checks == []
+    keys[key.kid] = Ed25519SigningKey.generate().public  # other bytes under the same kid
+    with pytest.raises(TokenError) as err:
+        verifier.verify(token)
+    assert err.value.code == "invalid_signature"
+    assert len(checks) == 1
+
+
+def test_the_cache_remembers_the_key_that_verified_not_a_later_lookup() -> None:
+    """The ring may change between the check and the caching (a reload in between): the entry
+    must name the key the signature verified with, or a later call resolving the new key would
+    skip a check that key never passed."""
+    key, swapped = Ed25519SigningKey.generate(), Ed25519SigningKey.generate().public
+    served: list[PublicKey] = [key.public]
+
+    def resolve(kid: str) -> PublicKey | None:
+        return served.pop(0) if served else swapped  # the real key once, then another
+
+    verifier, token = _verifier(resolve, key)
+    assert verifier.verify(token).jti == "jti-1"
+    with pytest.raises(TokenError) as err:
+        verifier.verify(token)
+    assert err.value.code == "invalid_signature"
 
 
 def _verifier(

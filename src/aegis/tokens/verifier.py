@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from aegis.clock import Clock
 from aegis.crypto.jws import KEY_CARRYING_HEADERS, MAX_TOKEN_BYTES, ParsedJWS, parse_compact
-from aegis.crypto.keys import PublicKey
+from aegis.crypto.keys import Ed25519PublicKey, PublicKey
 from aegis.errors import TokenError
 from aegis.tokens.claims import AccessToken
 
@@ -238,36 +238,61 @@ class AccessTokenVerifier:
         )
 
         #: Tokens that passed every check once, by their exact text: what parsing them gave
-        #: (alg, kid, the parsed JWS, the typed claims) and the rules they passed. An agent sends
-        #: the same token on every call for minutes, and parsing and the claim checks other than
-        #: time are pure functions of the text and the rules, so only those are saved: on every
-        #: use the key is resolved again, the signature is verified again with it and the time
-        #: claims are checked again at the current time (a rules object replaced since is a
-        #: miss). Only accepted tokens are kept (an attacker cannot fill it without our
-        #: signature), and it is bounded.
-        self._verified: dict[str, tuple[str, str, ParsedJWS, AccessToken, VerifyRules]] = {}
+        #: (alg, kid, the parsed JWS, the typed claims), the rules they passed and the key whose
+        #: signature check they passed. An agent sends the same token on every call for minutes,
+        #: and parsing, the signature check and the claim checks other than time are pure
+        #: functions of the text, the key and the rules. So on every use the key is resolved
+        #: again from the ring; the signature is verified again unless that key is the one it
+        #: verified with (same object or same key bytes: a key removed, retired past its overlap
+        #: or replaced under the same kid is a fresh verification or a refusal); the time claims
+        #: are checked again at the current time; a rules object replaced since is a miss. As
+        #: Envoy's jwt_authn cache of verified tokens. Only accepted tokens are kept (an attacker
+        #: cannot fill it without our signature), and it is bounded.
+        self._verified: dict[
+            str, tuple[str, str, ParsedJWS, AccessToken, VerifyRules, PublicKey]
+        ] = {}
 
     def verify(self, token: str) -> AccessToken:
         now = self._clock.now()
         # Only an exact str is looked up (anything else is refused by the parser below).
         hit = self._verified.get(token) if type(token) is str else None
         if hit is not None and hit[4] is self.rules:
-            alg, kid, jws, access, rules = hit
+            alg, kid, jws, access, rules, verified_with = hit
             key = self._resolve(kid)
             if key is None:
                 raise TokenError("no published key has this kid", code="unknown_key")
-            if alg not in key.algs:
-                raise TokenError(
-                    "algorithm does not match the key type", code="unsupported_algorithm"
-                )
-            key.verify(jws.signing_input, jws.signature)
+            if not _same_key(key, verified_with):
+                if alg not in key.algs:
+                    raise TokenError(
+                        "algorithm does not match the key type", code="unsupported_algorithm"
+                    )
+                key.verify(jws.signing_input, jws.signature)
+                self._verified[token] = (alg, kid, jws, access, rules, key)
             check_times(jws.payload, rules, now)
             return access
-        jws = verify_jwt(token, self._resolve, self.rules, now)
+        used: list[PublicKey] = []  # the very key the signature verified with, not a re-read
+
+        def resolve(kid: str) -> PublicKey | None:
+            key = self._resolve(kid)
+            if key is not None:
+                used.append(key)
+            return key
+
+        jws = verify_jwt(token, resolve, self.rules, now)
         access = AccessToken.from_claims(jws.payload)
         judged = self.rules._judged.get(token[: token.index(".")])
-        if judged is not None:
+        if judged is not None and len(used) == 1:
             if len(self._verified) >= MAX_VERIFIED_TOKENS:
                 self._verified.clear()
-            self._verified[token] = (*judged, jws, access, self.rules)
+            self._verified[token] = (*judged, jws, access, self.rules, used[0])
         return access
+
+
+def _same_key(key: PublicKey, known: PublicKey) -> bool:
+    """Whether ``key`` is the key ``known`` was: the same object, or an Ed25519 key with the same
+    32 bytes (the ring builds new key objects each time it reloads)."""
+    if key is known:
+        return True
+    return (
+        type(key) is Ed25519PublicKey and type(known) is Ed25519PublicKey and key.raw == known.raw
+    )
