@@ -5,14 +5,17 @@ changes are exempt: a replica starting while another migrates waits for it."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
 import psycopg
 import pytest
 
+from aegis.clock import SystemClock
 from aegis.errors import Unavailable
 from aegis.policy.store import SqlPolicyStore
+from aegis.registry.cache import RegistryCache
 from aegis.stores import open_registry_store
 from aegis.stores.sql.engine import HOT_PATH_STATEMENT_TIMEOUT, SCHEMA_LOCK_KEY
 from aegis.stores.sql.registry import SqlRegistryStore
@@ -89,4 +92,36 @@ def test_a_schema_change_waits_out_another_replicas_migration(fresh_pg_url: str)
         assert waited >= hold - 0.1
         assert store.active("t1", "prod") is None
     finally:
+        store.close()
+
+
+async def test_a_stalled_registry_read_leaves_the_event_loop_serving(fresh_pg_url: str) -> None:
+    """Through the cache's readers for event loops (what the gateway's subject check uses): the
+    call behind the lock fails closed within the statement timeout, and meanwhile the loop keeps
+    running everything else."""
+    store = open_registry_store(fresh_pg_url)
+    cache = RegistryCache(store, clock=SystemClock())
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    running = asyncio.ensure_future(ticker())
+    try:
+        with _locker(fresh_pg_url) as locker:
+            locker.execute("LOCK TABLE agents IN ACCESS EXCLUSIVE MODE")
+            started = time.monotonic()
+            with pytest.raises(Unavailable) as refused:
+                await cache.agent_async("any-agent")
+            waited = time.monotonic() - started
+            locker.rollback()
+        assert refused.value.code == "registry_unavailable"
+        assert HOT_PATH_STATEMENT_TIMEOUT <= waited < HOT_PATH_STATEMENT_TIMEOUT + 1
+        assert ticks >= 100  # about 200 in 2 s: the loop was never held
+    finally:
+        running.cancel()
+        cache.close()
         store.close()

@@ -66,6 +66,7 @@ class Services:
             close_approvals()
         await self.replay.close()
         await self.revocation.close()
+        self.cache.close()
         for store in (self.registry_store, self.key_store):
             close = getattr(store, "close", None)
             if close is not None:

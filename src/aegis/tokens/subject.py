@@ -23,9 +23,9 @@ async def check_subject(
 ) -> Agent:
     """Return the token's agent if every subject check passes; raise a typed error otherwise."""
     try:
-        agent = cache.agent(token.agent_id)
-        client = cache.client(token.client_id)
-        tenant = cache.tenant(agent.tenant_id)
+        agent = await cache.agent_async(token.agent_id)
+        client = await cache.client_async(token.client_id)
+        tenant = await cache.tenant_async(agent.tenant_id)
     except NotFound:
         raise TokenError(
             "the token's agent or client no longer exists", code="token_revoked"
