@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
 import time
 from pathlib import Path
 
@@ -181,6 +180,10 @@ async def test_a_dying_writer_thread_fails_its_waiters_and_the_next_append_recov
         with pytest.raises(Unavailable) as err:
             await asyncio.wait_for(log.append_async("t", {"n": 0}), 5)
         assert err.value.code == "audit_unavailable"
+        dying = log._thread
+        assert dying is not None
+        dying.join(5)  # it ends (with its error) within this test, not during the next one
+        assert not dying.is_alive()
         assert (await asyncio.wait_for(log.append_async("t", {"n": 1}), 5))[0] == 1
         assert [r["n"] for r in log.records()] == [1]
     finally:
@@ -272,14 +275,15 @@ async def test_a_wake_up_that_finds_the_batch_taken_does_not_end_the_writer(
     log = AuditLog(f"sqlite:///{tmp_path / 'audit.db'}", clock=FrozenClock(1_800_000_000.0))
     try:
         await log.append_async("t", {"n": 0})
-        writers = {t for t in threading.enumerate() if t.name == "aegis-audit"}
-        assert len(writers) == 1
+        writer = log._thread
+        assert writer is not None
         for i in range(1, 30):
             await asyncio.gather(*(log.append_async("t", {"n": i * 10 + j}) for j in range(3)))
             log._kick(asyncio.get_running_loop())  # a late wake-up, with nothing queued
             await asyncio.sleep(0.001)
             assert log._writer_running
-        assert {t for t in threading.enumerate() if t.name == "aegis-audit"} == writers
+            assert writer.is_alive()
+        assert log._thread is writer  # never replaced
         assert log.verify_chain().ok
     finally:
         log.close()
@@ -292,7 +296,8 @@ def test_close_lets_an_idle_writer_leave_at_once(tmp_path: Path) -> None:
         await log.append_async("t", {"n": 0})
 
     asyncio.run(one())
-    (writer,) = [t for t in threading.enumerate() if t.name == "aegis-audit"]
+    writer = log._thread
+    assert writer is not None and writer.is_alive()
     log.close()
     writer.join(1.0)  # its idle wait is 5 s
     assert not writer.is_alive()

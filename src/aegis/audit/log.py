@@ -147,6 +147,7 @@ class AuditLog:
         #: :meth:`append_async`), and whether :meth:`close` was called (an idle writer leaves).
         self._kicks: set[asyncio.AbstractEventLoop] = set()
         self._closed = False
+        self._thread: threading.Thread | None = None  # the latest writer thread started
         try:
             create_tables(METADATA, self._engine)
             install_append_only(self._engine)
@@ -285,7 +286,7 @@ class AuditLog:
                 except RuntimeError as exc:  # no thread to be had: refuse, leave nothing queued
                     self._pending.pop()
                     raise _unavailable(exc) from exc
-                self._writer_running = True
+                self._writer_running, self._thread = True, writer
         return await future
 
     def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
