@@ -179,7 +179,8 @@ def main() -> None:
                 proc.kill()
         audit = "without audit" if args.no_audit else "with audit (one SQLite commit per group)"
         print(f"raw Ed25519 (2 verify + 1 sign), median        {raw:8.1f} us")
-        print(f"pipeline in process, no audit  p50 {pct(bare, .5):8.1f} us  p99 {pct(bare, .99):8.1f} us")  # fmt: skip
+        print(f"pipeline in process, no audit  p50 {pct(bare, .5):8.1f} us  p99 {pct(bare, .99):8.1f} us"
+              "  (one access token for every call, as the Check calls below)")  # fmt: skip
         print(f"gRPC floor (OK, nothing decided) at {args.rate:.0f}/s (achieved {floor_rate:.0f}/s):"
               f" p50 {pct(floor, .5):8.1f} us  p99 {pct(floor, .99):8.1f} us,"
               f" server CPU per Check {floor_cpu:7.1f} us")  # fmt: skip

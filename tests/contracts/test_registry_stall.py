@@ -5,7 +5,6 @@ changes are exempt: a replica starting while another migrates waits for it."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 
@@ -19,6 +18,7 @@ from aegis.registry.cache import RegistryCache
 from aegis.stores import open_registry_store
 from aegis.stores.sql.engine import HOT_PATH_STATEMENT_TIMEOUT, SCHEMA_LOCK_KEY
 from aegis.stores.sql.registry import SqlRegistryStore
+from tests.support.loop import Ticker
 
 pytestmark = pytest.mark.postgres
 
@@ -101,27 +101,18 @@ async def test_a_stalled_registry_read_leaves_the_event_loop_serving(fresh_pg_ur
     running everything else."""
     store = open_registry_store(fresh_pg_url)
     cache = RegistryCache(store, clock=SystemClock())
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0.01)
-
-    running = asyncio.ensure_future(ticker())
     try:
-        with _locker(fresh_pg_url) as locker:
-            locker.execute("LOCK TABLE agents IN ACCESS EXCLUSIVE MODE")
-            started = time.monotonic()
-            with pytest.raises(Unavailable) as refused:
-                await cache.agent_async("any-agent")
-            waited = time.monotonic() - started
-            locker.rollback()
+        async with Ticker() as loop_ran:
+            with _locker(fresh_pg_url) as locker:
+                locker.execute("LOCK TABLE agents IN ACCESS EXCLUSIVE MODE")
+                started = time.monotonic()
+                with pytest.raises(Unavailable) as refused:
+                    await cache.agent_async("any-agent")
+                waited = time.monotonic() - started
+                locker.rollback()
         assert refused.value.code == "registry_unavailable"
         assert HOT_PATH_STATEMENT_TIMEOUT <= waited < HOT_PATH_STATEMENT_TIMEOUT + 1
-        assert ticks >= 100  # about 200 in 2 s: the loop was never held
+        assert loop_ran.ticks >= 100  # about 200 in 2 s: the loop was never held
     finally:
-        running.cancel()
         cache.close()
         store.close()

@@ -19,6 +19,7 @@ from aegis.registry.cache import RegistryCache
 from aegis.stores import open_registry_store
 from aegis.stores.sql.registry import SqlRegistryStore
 from aegis.types import Agent, AgentStatus, Environment, Tenant, TenantStatus
+from tests.support.loop import Ticker
 
 
 class Gated(SqlRegistryStore):
@@ -68,24 +69,16 @@ async def test_a_stalled_read_holds_only_its_callers_and_fails_closed_within_the
     monkeypatch.setattr(cache_module, "READ_BUDGET", 0.3)
     # An entry's age counts from when its read began: 1 s keeps it fresh past the stall here.
     cache = RegistryCache(store, clock=SystemClock(), ttl=1.0)
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0.01)
-
-    running = asyncio.ensure_future(ticker())
     try:
-        store.gate.clear()  # the database stops answering
-        started = time.monotonic()
-        with pytest.raises(Unavailable) as refused:
-            await cache.agent_async("finance-agent")
-        waited = time.monotonic() - started
+        async with Ticker() as loop_ran:
+            store.gate.clear()  # the database stops answering
+            started = time.monotonic()
+            with pytest.raises(Unavailable) as refused:
+                await cache.agent_async("finance-agent")
+            waited = time.monotonic() - started
         assert refused.value.code == "registry_unavailable"
         assert 0.3 <= waited < 1.0
-        assert ticks >= 15  # the loop went on serving while the read waited
+        assert loop_ran.ticks >= 15  # the loop went on serving while the read waited
         # The tenant is another record: read on another thread, answered at once.
         assert (await cache.tenant_async("acme")).id == "acme"
         store.gate.set()  # the database answers again; the read under way fills the cache
@@ -96,7 +89,6 @@ async def test_a_stalled_read_holds_only_its_callers_and_fails_closed_within_the
         assert (await cache.agent_async("finance-agent")).id == "finance-agent"
         assert store.reads == 1
     finally:
-        running.cancel()
         store.gate.set()
         cache.close()
 
