@@ -7,14 +7,17 @@ a rotated key (also under the same ``kid``), a removed key, a suspended or retir
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from aegis.crypto.keys import Ed25519SigningKey
-from aegis.errors import AegisError
-from aegis.tokens.chain import Chain, verify_chain
+from aegis.errors import AegisError, Unavailable
+from aegis.registry.cache import RegistryCache
+from aegis.tokens.chain import Chain, prefetch_chain_agents, verify_chain
 from aegis.tokens.claims import AccessToken
 from aegis.tokens.delegation import PrefixDigest, chain_digest, forget_verified_links
-from aegis.types import AgentStatus
+from aegis.types import Agent, AgentStatus
 from tests.support.delegation import Handle, World
 
 
@@ -93,3 +96,46 @@ def test_prefix_digest_equals_chain_digest_of_every_prefix() -> None:
         if n < len(links):
             prefix.add(links[n])
     assert chain_digest(["a.b.c~d.e.f"]) == chain_digest(["a.b.c", "d.e.f"])  # the wire form
+
+
+async def test_the_chain_agents_are_read_on_the_cache_readers_not_the_event_loop() -> None:
+    """The gateway fetches the agents a chain names before it verifies the chain synchronously:
+    every registry read happens on the cache's reader threads, and verification then finds all
+    of them in the cache."""
+    w = World()
+    _, _, pay = await _three_hops(w)
+    assert pay.token is not None
+    reads: list[str] = []
+    real = w.store.get_agent
+
+    def recorded(agent_id: str) -> Agent:
+        reads.append(threading.current_thread().name)
+        return real(agent_id)
+
+    w.store.get_agent = recorded  # type: ignore[method-assign]
+    cache = RegistryCache(w.store, clock=w.clock, ttl=1.0)
+    try:
+        await prefetch_chain_agents(pay.token, cache, w.rules)
+        assert len(reads) == 3  # orchestrator, finance, payments
+        assert threading.current_thread().name not in reads
+        verify_chain(pay.token, cache=cache, rules=w.rules, now=w.clock.now())
+        assert len(reads) == 3  # nothing read again, on the loop or elsewhere
+    finally:
+        cache.close()
+
+
+async def test_prefetch_leaves_refusals_to_verification_but_not_outages() -> None:
+    w = World()
+    _, _, pay = await _three_hops(w)
+    assert pay.token is not None
+    broken = AccessToken.from_claims({**pay.token.claims, "parent_agent": "not.a.chain~x"})
+    await prefetch_chain_agents(broken, w.cache, w.rules)  # malformed: verify_chain's to refuse
+    assert _refused(w, broken) in {"malformed_token", "parent_signature_invalid"}
+
+    def down(agent_id: str) -> Agent:
+        raise Unavailable("registry down", code="registry_unavailable")
+
+    w.store.get_agent = down  # type: ignore[method-assign]
+    with pytest.raises(Unavailable) as refused:
+        await prefetch_chain_agents(pay.token, w.cache, w.rules)
+    assert refused.value.code == "registry_unavailable"

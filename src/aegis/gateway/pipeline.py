@@ -49,7 +49,7 @@ from aegis.telemetry import names
 from aegis.telemetry.logging import log_event
 from aegis.telemetry.metrics import PIPELINE_STEP_SECONDS, PIPELINE_STEPS, count_decision
 from aegis.telemetry.tracing import get_tracer
-from aegis.tokens.chain import ChainRules, verify_chain
+from aegis.tokens.chain import ChainRules, prefetch_chain_agents, verify_chain
 from aegis.tokens.claims import AccessToken
 from aegis.tokens.dpop import DpopVerifier
 from aegis.tokens.subject import check_subject
@@ -212,6 +212,7 @@ class Pipeline:
                 "the token's tenant or environment is not this route's", code="tenant_mismatch"
             )
         t = self._timed(facts, _SUBJECT, t)
+        await prefetch_chain_agents(token, self._cache, self._rules)
         chain = verify_chain(
             token, cache=self._cache, rules=self._rules, now=self._clock.now(), tool=route.tool
         )

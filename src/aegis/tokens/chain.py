@@ -46,6 +46,7 @@ __all__ = [
     "Chain",
     "ChainRules",
     "audit_rejection",
+    "prefetch_chain_agents",
     "presented_chain",
     "verify_chain",
     "verify_links",
@@ -230,6 +231,30 @@ def _check_agents(
             )
         if agent_id in signed_at and signed_at[agent_id] < agent.tokens_not_before:
             raise _fail(f"{agent_id} signed its grant before it was suspended", "parent_inactive")
+
+
+async def prefetch_chain_agents(
+    token: AccessToken, cache: RegistryCache, rules: ChainRules
+) -> None:
+    """Bring the registry records :func:`verify_chain` will read (every agent its links name)
+    into ``cache`` through its readers for event loops, so that the synchronous verification
+    finds them there instead of reading the database on the event loop. The names are read from
+    the links unverified, and only to fetch: :func:`verify_chain` checks everything. A chain it
+    would refuse as malformed is left to it; an agent that does not exist is its to report; a
+    registry that cannot answer fails the call here, as it would there."""
+    raw = token.claims.get("parent_agent")
+    if raw is None:
+        return
+    try:
+        links = split_chain(raw, max_links=rules.max_depth)
+        named = {parse_compact(link).payload.get(k) for link in links for k in ("iss", "sub")}
+    except AegisError:
+        return
+    for agent_id in sorted(a for a in named if isinstance(a, str) and a and a != rules.issuer):
+        try:
+            await cache.agent_async(agent_id)
+        except NotFound:
+            continue
 
 
 def verify_chain(
