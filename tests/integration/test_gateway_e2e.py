@@ -25,6 +25,7 @@ from aegis.config import GatewaySettings
 from aegis.crypto.jws import sign_compact
 from aegis.crypto.keys import Ed25519SigningKey
 from aegis.gateway.app import build_pipeline, create_gateway_app
+from aegis.gateway.proxy import ReverseProxy
 from aegis.policy.loader import load_document
 from aegis.policy.store import MemoryPolicyStore
 from aegis.stores import open_replay_store
@@ -228,13 +229,40 @@ def test_dead_replay_store_fails_closed(stack: Stack) -> None:
         assert resp.headers["retry-after"] == "1"
 
 
-def test_upstream_timeout_is_504(stack: Stack) -> None:
+def _forward_failure(stack: Stack, decision_id: str) -> dict[str, object]:
+    (record,) = [
+        r
+        for r in stack.audit.records(kind="gateway.forward_failed")
+        if r["decision_id"] == decision_id
+    ]
+    return record
+
+
+def test_upstream_timeout_is_504_and_recorded_beside_the_allow(stack: Stack) -> None:
+    """The call was allowed (its decision record says so) but not delivered: a second record,
+    written before the 504 is answered, says what became of it."""
     agent = AgentClient(stack.srv, "slow")
     token = agent.access_token()
     url = f"{stack.gateway}/payments/slow"
+    labels = {"tool": "payments", "code": "upstream_timeout"}
+    before = metric("aegis_gateway_forward_failures_total", **labels)
     resp = httpx.post(url, json={}, headers=agent.headers(token, "POST", url), timeout=10)
     assert resp.status_code == 504
     assert resp.json()["error"] == "upstream_timeout"
+    decision_id = resp.json()["decision_id"]
+    assert resp.headers["x-aegis-decision-id"] == decision_id
+    (decided,) = [
+        r for r in stack.audit.records(kind="gateway.decision") if r["decision_id"] == decision_id
+    ]
+    assert decided["action"] == "allow"
+    failed = _forward_failure(stack, decision_id)
+    assert (failed["status"], failed["code"]) == (504, "upstream_timeout")
+    assert (failed["tool"], failed["path"], failed["agent_id"]) == (
+        "payments",
+        "/payments/slow",
+        agent.id,
+    )
+    assert metric("aegis_gateway_forward_failures_total", **labels) == before + 1
 
 
 def test_oversized_body_is_413_and_audited(stack: Stack) -> None:
@@ -264,6 +292,8 @@ def test_a_streamed_body_over_the_limit_is_413(stack: Stack) -> None:
     assert resp.status_code == 413, resp.text
     assert resp.json()["code"] == "payload_too_large"
     assert resp.json()["decision_id"] == resp.headers["x-aegis-decision-id"]
+    failed = _forward_failure(stack, resp.json()["decision_id"])
+    assert (failed["status"], failed["code"]) == (413, "payload_too_large")
 
 
 def test_metrics_and_health(stack: Stack) -> None:
@@ -549,3 +579,31 @@ def test_audit_chain_verifies_and_every_refusal_is_recorded(stack: Stack) -> Non
         assert recorded[decision_id]["action"] != "allow"
     dumped = " ".join(str(r) for r in recorded.values())
     assert "Authorization" not in dumped and "DPoP " not in dumped
+
+
+def test_a_gateway_failure_after_the_allow_is_500_and_recorded(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error of the gateway's own while forwarding an allowed call: the caller gets 500
+    ``server_error`` and the log says the allowed call was not delivered."""
+
+    async def broken(self: ReverseProxy, *args: object) -> None:
+        raise RuntimeError("a bug while relaying the answer")
+
+    monkeypatch.setattr(ReverseProxy, "_relay", broken)
+    agent = AgentClient(stack.srv, "glue")
+    token = agent.access_token()
+    url = f"{stack.gateway}/payments/charge"
+    resp = httpx.post(url, json={"amount": 3}, headers=agent.headers(token, "POST", url))
+    assert resp.status_code == 500
+    assert resp.json()["code"] == "server_error"
+    (failed,) = [
+        r for r in stack.audit.records(kind="gateway.forward_failed") if r["agent_id"] == agent.id
+    ]
+    assert (failed["status"], failed["code"]) == (500, "server_error")
+    (decided,) = [
+        r
+        for r in stack.audit.records(kind="gateway.decision")
+        if r["decision_id"] == failed["decision_id"]
+    ]
+    assert decided["action"] == "allow"

@@ -96,6 +96,10 @@ class Pipeline:
         """Where decisions are recorded; front doors write their own refusals (mTLS) there too."""
         return self._audit
 
+    def now(self) -> float:
+        """The pipeline's clock (decision times; front doors' own records use it too)."""
+        return self._clock.now()
+
     def reads_body(self, route: Route) -> bool:
         """Whether the policy in force reads request bodies for the route's tool (a front door
         then buffers them); an unknown answer is False, and the policy step decides."""

@@ -11,6 +11,12 @@ dropped; the caller's ``Authorization``, ``DPoP``, ``Cookie`` is kept but creden
 every incoming ``x-aegis-*`` field is removed so that identity headers upstream come only from the
 gateway. An upstream timeout is a 504, an unreachable upstream a 502.
 
+A call that was allowed but not delivered whole (upstream timeout or unreachable, an answer that
+cannot be sanitized, a streamed body over the limit, an error of the gateway's own while
+forwarding) leaves a second audit record, ``gateway.forward_failed``, naming the decision, before
+the caller gets its error, and is counted in ``aegis_gateway_forward_failures_total``: the
+decision record alone would read as a delivered call.
+
 The proxy is a plain ASGI application (:meth:`ReverseProxy.__call__`): it reads the request from
 the scope and ``receive`` and answers with ``send`` itself, with no framework request or response
 objects on the per-call path. An upstream answer whose ``content-length`` is at most
@@ -21,6 +27,7 @@ is relayed chunk by chunk as it arrives.
 from __future__ import annotations
 
 import json
+import logging
 import ssl
 from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any, Final
@@ -47,7 +54,8 @@ from aegis.gateway.pipeline import Pipeline, Result
 from aegis.gateway.routing import RouteTable
 from aegis.pki.middleware import peer_from_scope
 from aegis.policy.obligations import apply_to_body, apply_to_headers
-from aegis.telemetry.metrics import count_decision
+from aegis.telemetry.logging import log_event
+from aegis.telemetry.metrics import count_decision, count_forward_failure
 
 __all__ = [
     "HOP_BY_HOP",
@@ -276,7 +284,12 @@ class ReverseProxy:
         data: Any = raw if stream is None else stream
         if result.body_changed:
             data = json.dumps(result.body, separators=(",", ":")).encode()
-        await self._forward(send, ctx, sent, result, data, overflow)
+        try:
+            await self._forward(send, ctx, sent, result, data, overflow)
+        except Exception as exc:  # the gateway's own failure after the decision: 500, recorded
+            code = exc.code if isinstance(exc, AegisError) else "server_error"
+            await self._forward_failed(ctx, result, 500, code, "the gateway failed to forward")
+            raise
 
     def _netloc(self, scope: Scope, values: dict[str, str]) -> str:
         """The authority the client addressed, as Starlette reads it from the Host header (or the
@@ -358,18 +371,21 @@ class ReverseProxy:
             )
         except TimeoutError:
             return await self._gateway_error(
-                send, 504, "upstream_timeout", "the upstream did not answer in time", result
+                send, ctx, 504, "upstream_timeout", "the upstream did not answer in time", result
             )
         except (AegisError, aiohttp.ClientError) as exc:
             if overflow:  # the streamed body went over the limit (whatever wraps the error)
                 too_big = overflow[0]
+                await self._forward_failed(
+                    ctx, result, too_big.status, too_big.code, too_big.message
+                )
                 body = {"error": spec_for(too_big.code).oauth_error, "code": too_big.code,
                         "message": too_big.message, "decision_id": result.decision_id}  # fmt: skip
                 return await _json(send, too_big.status, body, result.headers)
             if isinstance(exc, AegisError):
                 raise
             return await self._gateway_error(
-                send, 502, "bad_gateway", "the upstream cannot be reached", result
+                send, ctx, 502, "bad_gateway", "the upstream cannot be reached", result
             )
         try:
             out_headers = forwardable(upstream.headers.items(), _RESPONSE_DROP)
@@ -384,7 +400,7 @@ class ReverseProxy:
             out_headers = [(k, v) for k, v in out_headers if k not in result.headers]
             out_headers += result.headers.items()
             if _response_rules(result):
-                return await self._sanitized(send, upstream, out_headers, result)
+                return await self._sanitized(send, ctx, upstream, out_headers, result)
             await self._relay(send, ctx, upstream, out_headers, result)
         finally:
             upstream.release()
@@ -406,7 +422,12 @@ class ReverseProxy:
                 data = await upstream.read()
             except (TimeoutError, aiohttp.ClientError):
                 return await self._gateway_error(
-                    send, 504, "upstream_timeout", "the upstream did not answer in time", result
+                    send,
+                    ctx,
+                    504,
+                    "upstream_timeout",
+                    "the upstream did not answer in time",
+                    result,
                 )
             return await _answer(send, upstream.status, headers, data)
         raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
@@ -418,6 +439,7 @@ class ReverseProxy:
     async def _sanitized(
         self,
         send: Send,
+        ctx: CallContext,
         upstream: aiohttp.ClientResponse,
         headers: list[tuple[str, str]],
         result: Result,
@@ -428,7 +450,7 @@ class ReverseProxy:
             raw = await upstream.read()
         except (TimeoutError, aiohttp.ClientError):
             return await self._gateway_error(
-                send, 504, "upstream_timeout", "the upstream did not answer in time", result
+                send, ctx, 504, "upstream_timeout", "the upstream did not answer in time", result
             )
         ctype = upstream.headers.get("content-type")
         encoding = upstream.headers.get("content-encoding", "identity").lower()
@@ -438,7 +460,7 @@ class ReverseProxy:
             body: Any = parse_json_body(raw, ctype) if is_json_type(ctype) else raw.decode("utf-8")
         except (InvalidRequest, UnicodeDecodeError):
             return await self._gateway_error(
-                send, 502, "bad_gateway", "the upstream answer cannot be sanitized", result
+                send, ctx, 502, "bad_gateway", "the upstream answer cannot be sanitized", result
             )
         clean = apply_to_body(body, result.obligations, "response")
         data = json.dumps(clean).encode() if is_json_type(ctype) else str(clean).encode("utf-8")
@@ -446,7 +468,39 @@ class ReverseProxy:
         await _answer(send, upstream.status, headers, data)
 
     async def _gateway_error(
-        self, send: Send, status: int, error: str, message: str, result: Result
+        self, send: Send, ctx: CallContext, status: int, error: str, message: str, result: Result
     ) -> None:
+        await self._forward_failed(ctx, result, status, error, message)
         body = {"error": error, "error_description": message, "decision_id": result.decision_id}
         await _json(send, status, body, result.headers)
+
+    async def _forward_failed(
+        self, ctx: CallContext, result: Result, status: int, code: str, message: str
+    ) -> None:
+        """Count, and record in the audit log before the caller is answered, that an allowed
+        call was not delivered whole. A record that cannot be written is logged: the caller gets
+        its error either way, and the decision record stands."""
+        count_forward_failure(ctx.route.tool, code)
+        audit = self._pipeline.audit
+        if audit is None:
+            return
+        record = {
+            "decision_id": result.decision_id,
+            "time": self._pipeline.now(),
+            "tool": ctx.route.tool,
+            "tenant": ctx.route.tenant,
+            "env": ctx.route.env,
+            "method": ctx.method,
+            "path": ctx.path,
+            "agent_id": result.upstream_headers.get("x-aegis-agent-id"),
+            "status": status,
+            "code": code,
+            "reason": message,
+        }
+        try:
+            await audit.append_async("gateway.forward_failed", record)
+        except AegisError as exc:
+            log_event(
+                "gateway.audit_failed", level=logging.ERROR, code=exc.code,
+                decision_id=result.decision_id,
+            )  # fmt: skip

@@ -29,6 +29,7 @@ __all__ = [
     "DECISIONS",
     "EXPIRED_TOKEN_REJECTIONS",
     "FAILED_SIGNATURE_VERIFICATIONS",
+    "FORWARD_FAILURES",
     "MTLS_REJECTIONS",
     "OAUTH_REJECTIONS",
     "PIPELINE_STEPS",
@@ -38,6 +39,7 @@ __all__ = [
     "TOKENS_ISSUED",
     "TOKEN_ENDPOINT_SECONDS",
     "count_decision",
+    "count_forward_failure",
     "count_rejection",
 ]
 
@@ -202,6 +204,19 @@ def count_decision(action: str, code: str | None) -> None:
     if child is None:
         child = _DECISION_COUNTERS[key] = DECISIONS.labels(action=key[0], reason=key[1])
     child.inc()
+
+
+FORWARD_FAILURES: Final = Counter(
+    "aegis_gateway_forward_failures",
+    "Allowed calls the reverse proxy did not deliver whole, by tool and code (upstream_timeout,"
+    " bad_gateway, payload_too_large, server_error).",
+    ["tool", "code"],
+    registry=REGISTRY,
+)
+
+
+def count_forward_failure(tool: str, code: str) -> None:
+    FORWARD_FAILURES.labels(tool=tool, code=code).inc()
 
 
 def count_rejection(endpoint: str, code: str) -> None:
