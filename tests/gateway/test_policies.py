@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
-from aegis.clock import FrozenClock
+from aegis.clock import FrozenClock, SystemClock
 from aegis.config import GatewayAllow
 from aegis.errors import InvalidRequest, Unavailable
 from aegis.gateway.policies import (
@@ -15,7 +18,7 @@ from aegis.gateway.policies import (
 )
 from aegis.policy.evaluator import compile_policy
 from aegis.policy.loader import load_document
-from aegis.policy.store import MemoryPolicyStore
+from aegis.policy.store import Activation, MemoryPolicyStore
 
 DENY_ALL = """
 apiVersion: aegis/v1
@@ -136,3 +139,43 @@ def test_a_body_hidden_from_a_policy_that_reads_it_is_refused_not_allowed() -> N
     assert not directory.reads_body("acme", "dev", "pay")  # no policy there: the allow-list
     read = {"tool": "read", "request": {"headers": {"x-mode": "safe"}}}
     assert directory.decide("acme", "prod", "read", "a", read, body_hidden=True).action == "allow"
+
+
+class GatedStore(MemoryPolicyStore):
+    """The memory store, whose ``active`` waits while ``gate`` is closed (a stalled database)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def active(self, tenant: str, env: str) -> Activation | None:
+        self.gate.wait(2)
+        return super().active(tenant, env)
+
+
+def test_with_background_polls_a_stalled_store_holds_no_decision() -> None:
+    """The gateway's directory polls on its own thread: a stalled store holds that thread while
+    calls go on with the answer in force, and an activation takes effect within about an
+    interval without any call having to wait for the read."""
+    store = GatedStore()
+    directory = PolicyDirectory(
+        store, clock=SystemClock(), interval=0.05, allow=(GatewayAllow(tool="pay"),),
+        background=True,
+    )  # fmt: skip
+    assert directory.decide("acme", "prod", "pay", "a", {"tool": "pay"}).action == "allow"
+    store.gate.clear()  # the database stops answering
+    time.sleep(0.2)  # the poll thread is now stuck in a read
+    for _ in range(20):
+        started = time.monotonic()
+        assert directory.decide("acme", "prod", "pay", "a", {"tool": "pay"}).action == "allow"
+        assert time.monotonic() - started < 0.1  # no call waits for the store
+        time.sleep(0.01)
+    store.activate("acme", "prod", store.put(load_document(DENY_ALL), now=0), actor="t", now=0)
+    store.gate.set()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if directory.decide("acme", "prod", "pay", "a", {"tool": "pay"}).action == "deny":
+            break
+        time.sleep(0.01)
+    assert directory.decide("acme", "prod", "pay", "a", {"tool": "pay"}).action == "deny"

@@ -95,7 +95,11 @@ def build_pipeline(
         revocation=services.revocation,
         chain_rules=rules,
         policies=PolicyDirectory(
-            store, clock=clock, interval=settings.policy_poll_interval, allow=settings.allow
+            store,
+            clock=clock,
+            interval=settings.policy_poll_interval,
+            allow=settings.allow,
+            background=True,  # polls on the directory's thread, not the event loop
         ),
         attester=Attester(services.keyring, issuer=cfg.issuer),
         audit=audit,

@@ -21,6 +21,8 @@ the policy in force reads the body of a tool, such a call is refused (``invalid_
 from __future__ import annotations
 
 import threading
+import time
+import weakref
 from typing import Any, Final
 
 from aegis.clock import Clock
@@ -75,8 +77,14 @@ class PolicyDirectory:
         clock: Clock,
         interval: float,
         allow: tuple[GatewayAllow, ...] = (),
+        background: bool = False,
     ) -> None:
         self._store, self._clock, self._interval, self._allow = store, clock, interval, allow
+        #: With ``background``, one thread polls every watcher each ``interval`` (real time) and
+        #: calls read the answer it left, so a slow policy store never holds a call or the event
+        #: loop (the gateway); the thread ends when the directory is gone.
+        self._background = background
+        self._polling = False
         self._watchers: dict[tuple[str, str], PolicyWatcher] = {}
         self._lock = threading.Lock()
         self._reads: dict[tuple[str, str], bool] = {}
@@ -96,8 +104,12 @@ class PolicyDirectory:
                         env=env,
                         clock=self._clock,
                         interval=self._interval,
+                        polled_elsewhere=self._background,
                     )
                     self._watchers[key] = watcher
+                    if self._background and not self._polling:
+                        self._polling = True
+                        _start_polling(weakref.ref(self), self._interval)
         return watcher
 
     def _reads_body(self, policy: CompiledPolicy, tool: str) -> bool:
@@ -144,7 +156,25 @@ class PolicyDirectory:
             return policy.evaluate(doc)
         return allowlist_decision(self._allow, tool, agent_id)
 
+    def poll_all(self) -> None:
+        """One round of the poll thread: every watcher, each failure recorded by its watcher."""
+        for watcher in list(self._watchers.values()):
+            watcher.poll_now()
+
     def refresh(self) -> None:
         """Poll every watcher now (after an activation in this process, and in tests)."""
         for watcher in list(self._watchers.values()):
             watcher.poll()
+
+
+def _start_polling(directory: weakref.ref[PolicyDirectory], interval: float) -> None:
+    def run() -> None:
+        while True:
+            time.sleep(interval)
+            alive = directory()
+            if alive is None:
+                return
+            alive.poll_all()
+            del alive  # no strong reference while sleeping: the directory may go
+
+    threading.Thread(target=run, name="aegis-policy", daemon=True).start()

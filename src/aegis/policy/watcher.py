@@ -11,6 +11,12 @@ Every failed poll is recorded in ``last_error``; an exception that escaped trans
 ``nothing_active`` is True only when the latest completed poll reached the store and it answered
 that no version is active. That answer, and nothing weaker (no poll completed yet, the first one
 under way, a failed poll), is what lets a caller fall back to another source of decisions.
+
+A watcher made with ``polled_elsewhere`` (the gateway's, whose
+:class:`~aegis.gateway.policies.PolicyDirectory` polls every watcher on its own thread each
+``interval``) does not poll in ``current()`` once it has an answer to serve (a policy, or the
+store's "nothing active"): a slow or stalled store then holds that thread, never a call or the
+event loop. Until the first answer, ``current()`` polls when due, as without it.
 """
 
 from __future__ import annotations
@@ -41,9 +47,11 @@ class PolicyWatcher:
         env: str,
         clock: Clock,
         interval: float = DEFAULT_POLL_INTERVAL,
+        polled_elsewhere: bool = False,
     ) -> None:
         self._store, self._tenant, self._env = store, tenant, env
         self._clock, self._interval = clock, interval
+        self._polled_elsewhere = polled_elsewhere
         self._lock = threading.Lock()
         self._policy: CompiledPolicy | None = None
         self._next_poll = float("-inf")
@@ -98,12 +106,20 @@ class PolicyWatcher:
         return True
 
     def current(self) -> CompiledPolicy | None:
-        """The policy in force, polling first if ``interval`` has passed."""
+        """The policy in force, polling first if ``interval`` has passed (unless polled
+        elsewhere and already answered, see the module docstring)."""
         if self._clock.monotonic() >= self._next_poll:
+            if self._polled_elsewhere and (self._policy is not None or self._nothing_active):
+                return self._policy
             with self._lock:
                 if self._clock.monotonic() >= self._next_poll:
                     self.poll()
         return self._policy
+
+    def poll_now(self) -> None:
+        """Poll, one poll at a time with ``current()`` (the directory's poll thread)."""
+        with self._lock:
+            self.poll()
 
     def evaluate(self, doc: dict[str, Any]) -> Decision:
         """Decide with the policy in force; deny with ``policy_unavailable`` if there is none."""
