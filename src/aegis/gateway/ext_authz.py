@@ -234,7 +234,7 @@ class ExtAuthz:
                 raise bad
             self._body_facts(facts, req.body)
             if req.certificate:
-                facts["peer"] = self._peer(req)
+                facts["peer"] = await self._peer(req)
         except AegisError as exc:
             return await self._pipeline.refuse(CallContext(**facts), exc)
         return await self._pipeline.run(CallContext(**facts))
@@ -256,11 +256,11 @@ class ExtAuthz:
         facts["body_digest"] = body_digest(raw) if raw else EMPTY_BODY_DIGEST
         facts["raw_body"] = raw if small else None
 
-    def _peer(self, req: CheckedRequest) -> PeerIdentity | None:
+    async def _peer(self, req: CheckedRequest) -> PeerIdentity | None:
         text = req.certificate or ""
         der = parse_xfcc(text) if req.certificate_format == "xfcc" else parse_nginx(text)
         # Without the internal CA no certificate can be validated; the peer stays unknown, so a
         # certificate-bound token fails its binding check (closed), while DPoP calls still work.
         if der is None or self._validator is None:
             return None
-        return self._validator.validate(der, source="forwarded")
+        return await self._validator.validate_async(der, source="forwarded")

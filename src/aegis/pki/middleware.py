@@ -149,7 +149,7 @@ class PeerCertificateMiddleware:
                 # route allows it (the token endpoint), its key is checked against the client's
                 # registered JWKs instead. The CA never issues self-issued agent certificates.
                 if not (self._self_signed_ok(scope["path"]) and _self_issued(der)):
-                    scope[PEER_SCOPE_KEY] = self._validator.validate(der, source=source)
+                    scope[PEER_SCOPE_KEY] = await self._validator.validate_async(der, source=source)
         except AegisError as exc:
             await self._reject(exc, scope, receive, send, source)
             return

@@ -31,9 +31,9 @@ from aegis.clock import Clock
 from aegis.errors import AegisError, NotFound
 from aegis.pki.profile import serial_hex, x5t_s256
 from aegis.pki.spiffe import check_leaf_svid
-from aegis.pki.store import CertificateStore
+from aegis.pki.store import CertificateRecord, CertificateStore
 from aegis.registry.cache import RegistryCache
-from aegis.types import AgentStatus
+from aegis.types import Agent, AgentStatus
 
 __all__ = ["PeerIdentity", "PeerValidator", "TrustBundle"]
 
@@ -53,6 +53,19 @@ class PeerIdentity:
     #: ``tls`` (this process terminated TLS) or ``forwarded`` (a trusted proxy did).
     source: str = "tls"
     der: bytes = field(default=b"", repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    """What checks 1-4 established about a certificate."""
+
+    serial: str
+    spiffe_id: str
+    agent: str
+    tenant: str
+    env: str
+    thumbprint: str
+    not_after: float
 
 
 class TrustBundle:
@@ -114,6 +127,27 @@ class PeerValidator:
         self._eku = eku
 
     def validate(self, der: bytes, *, source: str = "tls") -> PeerIdentity:
+        seen = self._inspect(der)
+        self._check_record(seen, self._store.lookup(seen.serial))
+        try:
+            agent = self._cache.agent(seen.agent)
+        except NotFound:
+            raise self._unregistered(seen) from None
+        return self._conclude(seen, agent, source, der)
+
+    async def validate_async(self, der: bytes, *, source: str = "tls") -> PeerIdentity:
+        """:meth:`validate`, with the certificate record and the agent, when not cached, read
+        off the event loop (the same checks in the same order)."""
+        seen = self._inspect(der)
+        self._check_record(seen, await self._store.lookup_async(seen.serial))
+        try:
+            agent = await self._cache.agent_async(seen.agent)
+        except NotFound:
+            raise self._unregistered(seen) from None
+        return self._conclude(seen, agent, source, der)
+
+    def _inspect(self, der: bytes) -> _Seen:
+        """Checks 1-4, which need no stored record."""
         if self._refresh is not None:
             self._refresh()
         try:
@@ -161,22 +195,34 @@ class PeerValidator:
                 serial,
                 sid,
             ) from None
-        thumbprint = x5t_s256(der)
-        record = self._store.lookup(serial)
-        if record is None or record.x5t_s256 != thumbprint or record.spiffe_id != sid:
+        return _Seen(
+            serial, sid, ident.agent, ident.tenant, ident.env, x5t_s256(der),
+            cert.not_valid_after_utc.timestamp(),
+        )  # fmt: skip
+
+    @staticmethod
+    def _check_record(seen: _Seen, record: CertificateRecord | None) -> None:
+        """Checks 5-6: issued here with this exact thumbprint, and not revoked."""
+        serial, sid = seen.serial, seen.spiffe_id
+        if record is None or record.x5t_s256 != seen.thumbprint or record.spiffe_id != sid:
             raise _fail("peer certificate was not issued by this ca", "cert_untrusted", serial, sid)
         if record.revoked_at is not None:
             raise _fail("peer certificate is revoked; enrol again", "cert_revoked", serial, sid)
-        try:
-            agent = self._cache.agent(ident.agent)
-        except NotFound:
-            raise _fail(
-                "the agent this certificate names is not registered",
-                "cert_agent_mismatch",
-                serial,
-                sid,
-            ) from None
-        if (agent.tenant_id, agent.env) != (ident.tenant, ident.env):
+
+    @staticmethod
+    def _unregistered(seen: _Seen) -> AegisError:
+        return _fail(
+            "the agent this certificate names is not registered",
+            "cert_agent_mismatch",
+            seen.serial,
+            seen.spiffe_id,
+        )
+
+    @staticmethod
+    def _conclude(seen: _Seen, agent: Agent, source: str, der: bytes) -> PeerIdentity:
+        """Check 7, on the agent's registry record."""
+        serial, sid = seen.serial, seen.spiffe_id
+        if (agent.tenant_id, agent.env) != (seen.tenant, seen.env):
             raise _fail(
                 "the certificate's spiffe id names another tenant or environment than the agent's",
                 "cert_agent_mismatch",
@@ -186,13 +232,6 @@ class PeerValidator:
         if agent.status is not AgentStatus.ACTIVE:
             raise _fail(f"agent {agent.id} is {agent.status.value}", "cert_revoked", serial, sid)
         return PeerIdentity(
-            sid,
-            ident.agent,
-            ident.tenant,
-            ident.env,
-            serial,
-            thumbprint,
-            cert.not_valid_after_utc.timestamp(),
-            source,
-            der,
-        )
+            sid, seen.agent, seen.tenant, seen.env, serial, seen.thumbprint, seen.not_after,
+            source, der,
+        )  # fmt: skip

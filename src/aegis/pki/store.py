@@ -7,18 +7,19 @@ cache). Any database failure is ``Unavailable`` and the caller fails closed.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, insert, select, update
+from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from aegis.clock import Clock
 from aegis.errors import AegisError, Conflict, Unavailable
 from aegis.pki.sql_tables import BOOTSTRAP_TOKENS, CERTIFICATES, METADATA
-from aegis.stores.sql.engine import create_tables
+from aegis.stores.sql.engine import HOT_PATH_STATEMENT_TIMEOUT, create_tables, make_engine
 
 __all__ = ["CertificateRecord", "CertificateStore"]
 
@@ -41,7 +42,13 @@ class CertificateRecord:
 
 class CertificateStore:
     def __init__(self, engine: Engine | str, *, clock: Clock, ttl: float = 0.25) -> None:
-        self._engine = create_engine(engine) if isinstance(engine, str) else engine
+        # Peer checks read it on calls' path: a stalled database is an error within the
+        # hot-path bound (callers fail closed), not an indefinite wait.
+        self._engine = (
+            make_engine(engine, statement_timeout=HOT_PATH_STATEMENT_TIMEOUT)
+            if isinstance(engine, str)
+            else engine
+        )
         self._clock = clock
         self._ttl = ttl
         self._cache: dict[str, tuple[float, CertificateRecord]] = {}
@@ -124,6 +131,13 @@ class CertificateStore:
             self._cache.clear()
         self._cache[serial] = (now, rec)
         return rec
+
+    async def lookup_async(self, serial: str) -> CertificateRecord | None:
+        """:meth:`lookup` for an event loop: a record not cached is read on a worker thread."""
+        hit = self._cache.get(serial)
+        if hit is not None and self._clock.monotonic() - hit[0] < self._ttl:
+            return hit[1]
+        return await asyncio.to_thread(self.lookup, serial)
 
     def revoked_by(self, issuer_ski: str) -> list[CertificateRecord]:
         """Revoked, unexpired certificates of one issuer (RFC 5280 §3.3: expired ones may go)."""
