@@ -179,3 +179,31 @@ def test_with_background_polls_a_stalled_store_holds_no_decision() -> None:
             break
         time.sleep(0.01)
     assert directory.decide("acme", "prod", "pay", "a", {"tool": "pay"}).action == "deny"
+
+
+def test_the_poll_thread_outlives_a_failed_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calls read what the poll thread leaves: a round that raises must not end it, or a later
+    activation would never be seen."""
+    store = MemoryPolicyStore()
+    directory = PolicyDirectory(
+        store, clock=SystemClock(), interval=0.02, allow=(GatewayAllow(tool="pay"),),
+        background=True,
+    )  # fmt: skip
+    assert directory.decide("acme", "prod", "pay", "a", {"tool": "pay"}).action == "allow"
+    real, failures = directory.poll_all, [RuntimeError("one bad round")]
+
+    def flaky() -> None:
+        if failures:
+            raise failures.pop()
+        real()
+
+    monkeypatch.setattr(directory, "poll_all", flaky)
+    time.sleep(0.1)
+    assert not failures  # the bad round happened
+    store.activate("acme", "prod", store.put(load_document(DENY_ALL), now=0), actor="t", now=0)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if directory.decide("acme", "prod", "pay", "a", {"tool": "pay"}).action == "deny":
+            break
+        time.sleep(0.01)
+    assert directory.decide("acme", "prod", "pay", "a", {"tool": "pay"}).action == "deny"

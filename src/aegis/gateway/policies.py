@@ -20,6 +20,7 @@ the policy in force reads the body of a tool, such a call is refused (``invalid_
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import weakref
@@ -33,6 +34,7 @@ from aegis.policy.evaluator import CompiledPolicy
 from aegis.policy.ir import leaves
 from aegis.policy.store import PolicyStore
 from aegis.policy.watcher import NO_POLICY_REASON, PolicyWatcher
+from aegis.telemetry.logging import log_event
 
 __all__ = [
     "ALLOWLIST_REASON",
@@ -174,7 +176,10 @@ def _start_polling(directory: weakref.ref[PolicyDirectory], interval: float) -> 
             alive = directory()
             if alive is None:
                 return
-            alive.poll_all()
+            try:
+                alive.poll_all()
+            except Exception as exc:  # the thread must outlive any one round: calls read it
+                log_event("policy.poll_round_failed", level=logging.ERROR, error=type(exc).__name__)
             del alive  # no strong reference while sleeping: the directory may go
 
     threading.Thread(target=run, name="aegis-policy", daemon=True).start()
