@@ -287,8 +287,9 @@ class ReverseProxy:
         try:
             await self._forward(send, ctx, sent, result, data, overflow)
         except Exception as exc:  # the gateway's own failure after the decision: 500, recorded
-            code = exc.code if isinstance(exc, AegisError) else "server_error"
-            await self._forward_failed(ctx, result, 500, code, "the gateway failed to forward")
+            if "forward_failed" not in result.details:  # once per call
+                code = exc.code if isinstance(exc, AegisError) else "server_error"
+                await self._forward_failed(ctx, result, 500, code, "the gateway failed to forward")
             raise
 
     def _netloc(self, scope: Scope, values: dict[str, str]) -> str:
@@ -480,6 +481,7 @@ class ReverseProxy:
         """Count, and record in the audit log before the caller is answered, that an allowed
         call was not delivered whole. A record that cannot be written is logged: the caller gets
         its error either way, and the decision record stands."""
+        result.details["forward_failed"] = code
         count_forward_failure(ctx.route.tool, code)
         audit = self._pipeline.audit
         if audit is None:
