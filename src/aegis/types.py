@@ -127,6 +127,8 @@ class Client:
     dpop_bound: bool = False
     #: For tls_client_auth: the SAN URI the client certificate must carry.
     tls_san_uri: str | None = None
+    #: Tokens issued to this client before this instant are invalid (it was disabled).
+    tokens_not_before: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

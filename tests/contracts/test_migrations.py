@@ -30,7 +30,7 @@ def engine(sql_url: str) -> Iterator[Engine]:
 
 
 def test_head_is_the_newest_revision_file() -> None:
-    assert HEAD == "0001"
+    assert HEAD == "0002"
     revisions = sorted(p.name.split("_")[0] for p in (MIGRATIONS / "versions").glob("[0-9]*.py"))
     assert revisions[-1] == HEAD
 

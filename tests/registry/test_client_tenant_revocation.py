@@ -49,7 +49,7 @@ def test_a_re_enabled_client_does_not_bring_back_its_earlier_tokens(reg: Env) ->
     assert _refusal(reg, old) is None
     reg.clock.advance(1)
     reg.registry.set_client_active(client.client_id, False, actor=ACTOR)
-    assert _refusal(reg, old) == "token_revoked"
+    assert _refusal(reg, old) == "client_inactive"
     reg.registry.rotate_secret(client.client_id, actor=ACTOR)
     reg.clock.advance(1)
     reg.registry.set_client_active(client.client_id, True, actor=ACTOR)
@@ -66,11 +66,29 @@ def test_disabling_a_client_twice_never_moves_the_mark_back(reg: Env) -> None:
     client, _ = reg.client(agent)
     reg.clock.advance(10)
     reg.registry.set_client_active(client.client_id, False, actor=ACTOR)
-    mark = reg.services.registry_store.get_agent(agent).tokens_not_before
+    mark = reg.stored(client.client_id).tokens_not_before
     assert mark == T0 + 10
     reg.clock.set(T0 + 5)  # a clock stepped back
     reg.registry.set_client_active(client.client_id, False, actor=ACTOR)
-    assert reg.services.registry_store.get_agent(agent).tokens_not_before == mark
+    assert reg.stored(client.client_id).tokens_not_before == mark
+    reg.registry.set_client_active(client.client_id, True, actor=ACTOR)
+    assert reg.stored(client.client_id).tokens_not_before == mark  # enabling keeps it
+
+
+def test_disabling_one_client_leaves_the_agents_other_clients_tokens(reg: Env) -> None:
+    """The mark is the client's own: an operator disabling a leaked client does not cut off the
+    same agent's other credentials, and the agent's own mark does not move."""
+    agent = reg.agent()
+    leaked, _ = reg.client(agent)
+    other, _ = reg.client(agent)
+    old_leaked, old_other = reg.token(leaked.client_id), reg.token(other.client_id)
+    reg.clock.advance(1)
+    reg.registry.set_client_active(leaked.client_id, False, actor=ACTOR)
+    reg.clock.advance(1)
+    reg.registry.set_client_active(leaked.client_id, True, actor=ACTOR)
+    assert _refusal(reg, old_leaked) == "token_revoked"
+    assert _refusal(reg, old_other) is None
+    assert reg.services.registry_store.get_agent(agent).tokens_not_before == 0.0
 
 
 def test_a_reactivated_tenant_does_not_bring_back_its_earlier_tokens(reg: Env) -> None:

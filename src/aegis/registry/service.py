@@ -334,13 +334,16 @@ class RegistryService:
         return client, secret
 
     def set_client_active(self, client_id: str, active: bool, *, actor: str) -> Client:
-        """Enable or disable a client; disabling ends every token its agent holds now."""
+        """Enable or disable a client; disabling ends every token this client holds now, for
+        good (its ``tokens_not_before`` moves to now and never back): enabling it again does not
+        revive them. The agent's other clients keep theirs."""
         with self.store.atomic():
             client = replace(self.store.get_client(client_id), active=active)
+            if not active:
+                mark = max(client.tokens_not_before, self._clock.now())
+                client = replace(client, tokens_not_before=mark)
             self.store.update_client(client)
             agent = self.store.get_agent(client.agent_id)
-            if not active:
-                agent = self._end_earlier_tokens(agent)
             self._event(
                 "client.enabled" if active else "client.disabled",
                 actor,

@@ -1,10 +1,11 @@
 """Subject state: is the verified token's agent, client and tenant still allowed to act?
 
 Checked after the signature and claims, on every use (introspection, the gateway): the agent is
-active and the token was issued after the agent's ``tokens_not_before`` mark; the client is active
-and still belongs to that agent; the tenant is active and is the agent's tenant; the token's jti is
-not revoked and no subject-wide revocation mark is later than its ``iat``. Any store failure
-propagates as ``Unavailable``: the caller denies.
+active and the token was issued after the agent's ``tokens_not_before`` mark; the client is
+active, still belongs to that agent, and the token was issued after the client's own mark; the
+tenant is active and is the agent's tenant; the token's jti is not revoked and no subject-wide
+revocation mark is later than its ``iat``. Any store failure propagates as ``Unavailable``: the
+caller denies.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ async def check_subject(
         raise TokenError("token was revoked with the agent's earlier tokens", code="token_revoked")
     if not client.active or client.agent_id != agent.id:
         raise TokenError("client is disabled or not this agent's", code="client_inactive")
+    if token.iat < client.tokens_not_before:
+        raise TokenError("token was revoked with the client's earlier tokens", code="token_revoked")
     if tenant.status is not TenantStatus.ACTIVE:
         raise TokenError("tenant is suspended", code="tenant_inactive")
     if token.tenant != agent.tenant_id or token.env != agent.env:

@@ -24,7 +24,7 @@ from aegis.stores.sql.engine import make_engine
 __all__ = ["HEAD", "current_revision", "upgrade"]
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-HEAD = "0001"
+HEAD = "0002"
 
 #: Alembic runs env.py through a module-level proxy (``alembic.context``), so two upgrades in one
 #: process must not overlap; across processes env.py takes a PostgreSQL advisory lock.

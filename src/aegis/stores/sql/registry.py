@@ -80,6 +80,7 @@ def _client_row(c: Client) -> dict[str, Any]:
         "active": c.active,
         "dpop_bound": c.dpop_bound,
         "tls_san_uri": c.tls_san_uri,
+        "tokens_not_before": c.tokens_not_before,
         "secrets": [
             {"hash": s.hash, "created_at": s.created_at, "expires_at": s.expires_at}
             for s in c.secrets
@@ -96,6 +97,7 @@ def _client(r: Row[Any]) -> Client:
         active=bool(r.active),
         dpop_bound=bool(r.dpop_bound),
         tls_san_uri=r.tls_san_uri,
+        tokens_not_before=float(r.tokens_not_before),
         secrets=tuple(ClientSecret(s["hash"], s["created_at"], s["expires_at"]) for s in r.secrets),
     )
 

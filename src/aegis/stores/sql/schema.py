@@ -83,6 +83,8 @@ CLIENTS: Final = Table(
     Column("secrets", JSON, nullable=False),
     Column("dpop_bound", Boolean, nullable=False),
     Column("tls_san_uri", String(2048)),
+    #: Tokens of this client issued before this instant are invalid (the client was disabled).
+    Column("tokens_not_before", Float, nullable=False, server_default="0"),
     Index("ix_clients_agent", "agent_id"),
 )
 
