@@ -182,3 +182,42 @@ def test_replicas_starting_together_all_migrate(empty_pg_url: str) -> None:
     outcomes = [(p.wait(60), p.communicate()[1].decode()[-400:]) for p in replicas]
     assert outcomes == [(0, "")] * 3
     assert current_revision(empty_pg_url) == HEAD
+
+
+def test_a_0001_database_with_clients_upgrades_keeping_them(sql_url: str, engine: Engine) -> None:
+    """0002 adds the client's own revocation mark: existing clients get 0 (no token of theirs was
+    refused by a client mark before) and stay readable through the store."""
+    from alembic import command
+
+    from aegis.stores.sql.migrate import _config
+
+    command.upgrade(_config(engine), "0001")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO tenants (id, display_name, status, created_at)"
+                " VALUES ('acme', 'Acme', 'active', 1)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO agents (id, tenant_id, env, display_name, owner, status, created_at,"
+                " updated_at, roles, allowed_scopes, attributes, jwks, tokens_not_before)"
+                " VALUES ('a1', 'acme', 'prod', 'A', 'o@example.com', 'active', 1, 1, '[]', '[]',"
+                " '{}', '[]', 0)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO clients (client_id, agent_id, auth_method, created_at, active, secrets,"
+                " dpop_bound) VALUES ('a1.c', 'a1', 'client_secret_basic', 1, true, '[]', false)"
+            )
+        )
+    upgrade(engine)
+    assert current_revision(engine) == HEAD
+    store = open_registry_store(sql_url)
+    try:
+        client = store.get_client("a1.c")
+        assert (client.agent_id, client.active, client.tokens_not_before) == ("a1", True, 0.0)
+    finally:
+        store.close()
