@@ -154,42 +154,54 @@ class GatedStore(MemoryPolicyStore):
         return super().active(tenant, env)
 
 
+def _background(store: MemoryPolicyStore, interval: float) -> PolicyDirectory:
+    """The gateway's kind of directory (polls on its own thread), allow-listing ``pay``."""
+    return PolicyDirectory(
+        store, clock=SystemClock(), interval=interval, allow=(GatewayAllow(tool="pay"),),
+        background=True,
+    )  # fmt: skip
+
+
+def _decides(directory: PolicyDirectory) -> str:
+    return directory.decide("acme", "prod", "pay", "a", {"tool": "pay"}).action
+
+
+def _activate_deny_all(store: MemoryPolicyStore) -> None:
+    store.activate("acme", "prod", store.put(load_document(DENY_ALL), now=0), actor="t", now=0)
+
+
+def _until_denied(directory: PolicyDirectory, seconds: float = 5) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and _decides(directory) != "deny":
+        time.sleep(0.01)
+    assert _decides(directory) == "deny"
+
+
 def test_with_background_polls_a_stalled_store_holds_no_decision() -> None:
     """The gateway's directory polls on its own thread: a stalled store holds that thread while
     calls go on with the answer in force, and an activation takes effect within about an
     interval without any call having to wait for the read."""
     store = GatedStore()
-    directory = PolicyDirectory(
-        store, clock=SystemClock(), interval=0.05, allow=(GatewayAllow(tool="pay"),),
-        background=True,
-    )  # fmt: skip
-    assert directory.decide("acme", "prod", "pay", "a", {"tool": "pay"}).action == "allow"
+    directory = _background(store, 0.05)
+    assert _decides(directory) == "allow"
     store.gate.clear()  # the database stops answering
     time.sleep(0.2)  # the poll thread is now stuck in a read
     for _ in range(20):
         started = time.monotonic()
-        assert directory.decide("acme", "prod", "pay", "a", {"tool": "pay"}).action == "allow"
+        assert _decides(directory) == "allow"
         assert time.monotonic() - started < 0.1  # no call waits for the store
         time.sleep(0.01)
-    store.activate("acme", "prod", store.put(load_document(DENY_ALL), now=0), actor="t", now=0)
+    _activate_deny_all(store)
     store.gate.set()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        if directory.decide("acme", "prod", "pay", "a", {"tool": "pay"}).action == "deny":
-            break
-        time.sleep(0.01)
-    assert directory.decide("acme", "prod", "pay", "a", {"tool": "pay"}).action == "deny"
+    _until_denied(directory)
 
 
 def test_the_poll_thread_outlives_a_failed_round(monkeypatch: pytest.MonkeyPatch) -> None:
     """Calls read what the poll thread leaves: a round that raises must not end it, or a later
     activation would never be seen."""
     store = MemoryPolicyStore()
-    directory = PolicyDirectory(
-        store, clock=SystemClock(), interval=0.02, allow=(GatewayAllow(tool="pay"),),
-        background=True,
-    )  # fmt: skip
-    assert directory.decide("acme", "prod", "pay", "a", {"tool": "pay"}).action == "allow"
+    directory = _background(store, 0.02)
+    assert _decides(directory) == "allow"
     real, failures = directory.poll_all, [RuntimeError("one bad round")]
 
     def flaky() -> None:
@@ -200,10 +212,5 @@ def test_the_poll_thread_outlives_a_failed_round(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(directory, "poll_all", flaky)
     time.sleep(0.1)
     assert not failures  # the bad round happened
-    store.activate("acme", "prod", store.put(load_document(DENY_ALL), now=0), actor="t", now=0)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        if directory.decide("acme", "prod", "pay", "a", {"tool": "pay"}).action == "deny":
-            break
-        time.sleep(0.01)
-    assert directory.decide("acme", "prod", "pay", "a", {"tool": "pay"}).action == "deny"
+    _activate_deny_all(store)
+    _until_denied(directory)
