@@ -4,12 +4,16 @@ those of the synchronous check."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from aegis.clock import Clock
 from aegis.errors import AegisError
+from aegis.pki.profile import serial_hex
+from aegis.pki.store import CertificateRecord, CertificateStore
 from aegis.types import AgentStatus
 from tests.pki.conftest import Pki
 
@@ -52,3 +56,35 @@ async def test_refusals_keep_their_codes_and_order(pki: Pki) -> None:
     with pytest.raises(AegisError) as garbage:
         await pki.validator.validate_async(b"not a certificate")
     assert garbage.value.code == "cert_invalid"
+
+
+class _LateStore(CertificateStore):
+    """The real certificate store, whose reads are delivered only when ``gate`` opens (a read
+    that was taken before a revocation and lands after it)."""
+
+    def __init__(self, url: str, clock: Clock) -> None:
+        super().__init__(url, clock=clock, ttl=60.0)
+        self.gate = threading.Event()
+
+    def get(self, serial: str) -> CertificateRecord | None:
+        record = super().get(serial)
+        self.gate.wait(5)
+        return record
+
+
+async def test_a_record_read_before_a_revocation_is_not_cached_after_it(pki: Pki) -> None:
+    _, cert = pki.key_and_cert("alpha")
+    serial = serial_hex(cert)
+    store = _LateStore(f"sqlite:///{pki.directory / 'pki.db'}", pki.clock)
+    try:
+        late = asyncio.ensure_future(store.lookup_async(serial))
+        await asyncio.sleep(0.05)  # read (live), not yet delivered
+        assert store.revoke_serial(serial, "keyCompromise")
+        store.gate.set()
+        before = await late
+        assert before is not None and before.revoked_at is None  # the caller that asked before
+        after = store.lookup(serial)
+        assert after is not None and after.revoked_at is not None  # everyone after sees it
+    finally:
+        store.gate.set()
+        store.close()

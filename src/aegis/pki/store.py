@@ -52,6 +52,9 @@ class CertificateStore:
         self._clock = clock
         self._ttl = ttl
         self._cache: dict[str, tuple[float, CertificateRecord]] = {}
+        #: Bumped by every revocation here: a record read before it is not cached after it (a
+        #: read may run on a worker thread while the revocation lands, see :meth:`lookup_async`).
+        self._generation = 0
         with self._guard():
             create_tables(METADATA, self._engine)
 
@@ -101,6 +104,7 @@ class CertificateStore:
                 .where(CERTIFICATES.c.serial == serial, CERTIFICATES.c.revoked_at.is_(None))
                 .values(revoked_at=now, revocation_reason=reason)
             )
+        self._generation += 1
         self._cache.pop(serial, None)
         return bool(result.rowcount)
 
@@ -114,30 +118,36 @@ class CertificateStore:
             conn.execute(
                 update(CERTIFICATES).where(*live).values(revoked_at=now, revocation_reason=reason)
             )
+        self._generation += 1
         for serial in serials:
             self._cache.pop(serial, None)
         return serials
 
+    def _cached(self, serial: str) -> CertificateRecord | None:
+        hit = self._cache.get(serial)
+        if hit is not None and self._clock.monotonic() - hit[0] < self._ttl:
+            return hit[1]
+        return None
+
     def lookup(self, serial: str) -> CertificateRecord | None:
         """The record of ``serial`` through a cache of at most ``ttl`` seconds (hot path)."""
-        now = self._clock.monotonic()
-        hit = self._cache.get(serial)
-        if hit is not None and now - hit[0] < self._ttl:
-            return hit[1]
+        hit = self._cached(serial)
+        if hit is not None:
+            return hit
+        now, generation = self._clock.monotonic(), self._generation
         rec = self.get(serial)
         if rec is None:
             return None  # nothing negative is cached: a certificate issued elsewhere works at once
-        if len(self._cache) > 100_000:
-            self._cache.clear()
-        self._cache[serial] = (now, rec)
+        if generation == self._generation:  # no revocation here since the read began
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            self._cache[serial] = (now, rec)
         return rec
 
     async def lookup_async(self, serial: str) -> CertificateRecord | None:
         """:meth:`lookup` for an event loop: a record not cached is read on a worker thread."""
-        hit = self._cache.get(serial)
-        if hit is not None and self._clock.monotonic() - hit[0] < self._ttl:
-            return hit[1]
-        return await asyncio.to_thread(self.lookup, serial)
+        hit = self._cached(serial)
+        return hit if hit is not None else await asyncio.to_thread(self.lookup, serial)
 
     def revoked_by(self, issuer_ski: str) -> list[CertificateRecord]:
         """Revoked, unexpired certificates of one issuer (RFC 5280 §3.3: expired ones may go)."""
