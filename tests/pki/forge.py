@@ -30,11 +30,17 @@ def forge_ca(
     signer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
     *,
     ca: bool = True,
+    not_before: float | None = None,
+    not_after: float | None = None,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A CA certificate (self-signed, or signed by ``signer``), valid from five minutes ago for
+    30 days unless ``not_before`` / ``not_after`` (unix seconds) say otherwise."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     issuer_cert, issuer_key = signer if signer else (None, key)
     now = dt.datetime.now(dt.UTC)
+    start = now - dt.timedelta(minutes=5) if not_before is None else _t(not_before)
+    end = now + dt.timedelta(days=30) if not_after is None else _t(not_after)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     b = (
         x509.CertificateBuilder()
@@ -42,8 +48,8 @@ def forge_ca(
         .issuer_name(issuer_cert.subject if issuer_cert else subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=30))
+        .not_valid_before(start)
+        .not_valid_after(end)
         .add_extension(
             x509.BasicConstraints(ca=ca, path_length=None if not ca else 1), critical=True
         )

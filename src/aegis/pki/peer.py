@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Final
 
 from cryptography import x509
 from cryptography.x509 import verification
@@ -36,6 +37,9 @@ from aegis.registry.cache import RegistryCache
 from aegis.types import Agent, AgentStatus
 
 __all__ = ["PeerIdentity", "PeerValidator", "TrustBundle"]
+
+#: Certificates remembered as having passed checks 1-4 (the cache is cleared when full).
+MAX_PASSED_CERTIFICATES: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +129,18 @@ class PeerValidator:
         self._td = trust_domain
         self._clock = clock
         self._eku = eku
+        #: Certificates that passed checks 1-4, by their exact DER: what those checks
+        #: established, the trust store the path was built to, and the time window in which
+        #: the answer holds (the latest notBefore and the earliest notAfter on the verified
+        #: path, leaf included). Checks 1-4 are a function of the DER, the trust store, the
+        #: validator's settings and the time, so inside that window and with the same store the
+        #: answer is the same; path validation and parsing cost a few hundred microseconds per
+        #: call otherwise, for every request on an mTLS route or with a forwarded certificate.
+        #: Checks 5-7 (issued here, not revoked, the agent active) run on every call. A bundle
+        #: replaced since (CA rotation) or a time outside the window is a full validation, with
+        #: its own errors. Only passes are kept, so only certificates that chain to an Aegis
+        #: root can fill it, and it is bounded.
+        self._passed: dict[bytes, tuple[_Seen, verification.Store, float, float]] = {}
 
     def validate(self, der: bytes, *, source: str = "tls") -> PeerIdentity:
         seen = self._inspect(der)
@@ -150,6 +166,12 @@ class PeerValidator:
         """Checks 1-4, which need no stored record."""
         if self._refresh is not None:
             self._refresh()
+        store, intermediates = self.bundle.current()
+        hit = self._passed.get(der) if type(der) is bytes else None
+        if hit is not None:
+            seen, trusted, start, end = hit
+            if trusted is store and start <= self._clock.now() <= end:
+                return seen
         try:
             cert = x509.load_der_x509_certificate(der)
             serial = serial_hex(cert)
@@ -178,7 +200,6 @@ class PeerValidator:
         except AegisError as exc:
             raise _fail(exc.message, exc.code, serial, sid) from None
         sid = str(ident)
-        store, intermediates = self.bundle.current()
         verifier = (
             verification.PolicyBuilder()
             .store(store)
@@ -187,7 +208,7 @@ class PeerValidator:
             .build_client_verifier()
         )
         try:
-            verifier.verify(cert, intermediates)
+            path = verifier.verify(cert, intermediates).chain
         except verification.VerificationError as exc:
             raise _fail(
                 f"peer certificate does not chain to an aegis root: {str(exc)[:200]}",
@@ -195,10 +216,17 @@ class PeerValidator:
                 serial,
                 sid,
             ) from None
-        return _Seen(
+        seen = _Seen(
             serial, sid, ident.agent, ident.tenant, ident.env, x5t_s256(der),
             cert.not_valid_after_utc.timestamp(),
         )  # fmt: skip
+        if type(der) is bytes:
+            start = max(c.not_valid_before_utc.timestamp() for c in (cert, *path))
+            end = min(c.not_valid_after_utc.timestamp() for c in (cert, *path))
+            if len(self._passed) >= MAX_PASSED_CERTIFICATES:
+                self._passed.clear()
+            self._passed[der] = (seen, store, start, end)
+        return seen
 
     @staticmethod
     def _check_record(seen: _Seen, record: CertificateRecord | None) -> None:
