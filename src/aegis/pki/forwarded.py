@@ -9,6 +9,7 @@ Envoy with ``forward_client_cert_details: SANITIZE_SET``), and exactly one PEM c
 
 from __future__ import annotations
 
+import re
 import ssl
 from typing import Final
 from urllib.parse import unquote
@@ -28,28 +29,30 @@ def _bad(message: str) -> AegisError:
     return AegisError(message, code="cert_invalid")
 
 
+def _field(sep: str) -> re.Pattern[str]:
+    # A field is a run of quoted strings (in which a backslash escapes the next character, a
+    # quote or a separator included) and characters that are neither a quote nor ``sep``. Every
+    # quantifier is possessive (nothing is given back), so matching is linear in the header's
+    # length whatever it holds; a character-by-character loop cost ~100 us per header.
+    return re.compile(r'(?:"(?:[^"\\]++|\\.)*+"|[^"' + re.escape(sep) + "]++)*+", re.DOTALL)
+
+
+_FIELDS: Final = {sep: _field(sep) for sep in ",;"}
+
+
 def _split(value: str, sep: str) -> list[str]:
-    """Split on ``sep`` outside double quotes (XFCC values such as Subject contain commas)."""
-    parts, current, quoted, escaped = [], [], False, False
-    for ch in value:
-        if escaped:
-            current.append(ch)
-            escaped = False
-        elif ch == "\\" and quoted:
-            current.append(ch)
-            escaped = True
-        elif ch == '"':
-            quoted = not quoted
-            current.append(ch)
-        elif ch == sep and not quoted:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    if quoted:
-        raise _bad("forwarded client certificate header has an unterminated quote")
-    parts.append("".join(current))
-    return parts
+    """Split on ``sep`` outside double quotes (XFCC values such as Subject contain commas); each
+    part is kept exactly as written, quotes and escapes included."""
+    field = _FIELDS[sep]
+    parts, pos, end = [], 0, len(value)
+    while True:
+        stop = field.match(value, pos).end()  # type: ignore[union-attr]  # matches "" at least
+        parts.append(value[pos:stop])
+        if stop == end:
+            return parts
+        if value[stop] != sep:  # a quote the field could not close
+            raise _bad("forwarded client certificate header has an unterminated quote")
+        pos = stop + 1
 
 
 def _pem_to_der(pem: str) -> bytes:
