@@ -107,22 +107,28 @@ def _material(tmp: Path) -> dict[str, Path]:
     return out
 
 
-def _serve_listener(files: dict[str, Path], port: int, ready: Any) -> None:
-    _pin(0)
-    from aegis.pki.listener import MTLSListener
-    from aegis.pki.middleware import PeerCertificateMiddleware
+def _validator(files: dict[str, Path]) -> Any:
+    """The gateway's peer validator over the bench CA, certificate store and registry."""
     from aegis.pki.peer import PeerValidator, TrustBundle
 
-    key = serialization.load_pem_private_key(files["server_key"].read_bytes(), None)
-    ctx = server_context(files["server"].read_bytes(), key, files["bundle"].read_bytes())  # type: ignore[arg-type]
     clock, url = SystemClock(), f"sqlite:///{files['db']}"
-    validator = PeerValidator(
+    return PeerValidator(
         TrustBundle(files["bundle"].read_bytes()),
         CertificateStore(url, clock=clock),
         RegistryCache(open_registry_store(url), clock=clock),
         trust_domain=TRUST_DOMAIN,
         clock=clock,
     )
+
+
+def _serve_listener(files: dict[str, Path], port: int, ready: Any) -> None:
+    _pin(0)
+    from aegis.pki.listener import MTLSListener
+    from aegis.pki.middleware import PeerCertificateMiddleware
+
+    key = serialization.load_pem_private_key(files["server_key"].read_bytes(), None)
+    ctx = server_context(files["server"].read_bytes(), key, files["bundle"].read_bytes())  # type: ignore[arg-type]
+    validator = _validator(files)
 
     async def ping(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send(
@@ -145,16 +151,7 @@ def _validation_cpu(files: dict[str, Path], n: int = 2000) -> tuple[float, float
     agent from their short caches), in microseconds: on first sight (parsing and RFC 5280 path
     validation) and for a certificate that passed before (what every later request on an mTLS
     route, or with the same forwarded certificate, costs)."""
-    from aegis.pki.peer import PeerValidator, TrustBundle
-
-    clock, url = SystemClock(), f"sqlite:///{files['db']}"
-    validator = PeerValidator(
-        TrustBundle(files["bundle"].read_bytes()),
-        CertificateStore(url, clock=clock),
-        RegistryCache(open_registry_store(url), clock=clock),
-        trust_domain=TRUST_DOMAIN,
-        clock=clock,
-    )
+    validator = _validator(files)
     leaf = x509.load_pem_x509_certificates(files["client"].read_bytes())[0]
     der = leaf.public_bytes(serialization.Encoding.DER)
     validator.validate(der)
