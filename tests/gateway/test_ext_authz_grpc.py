@@ -96,14 +96,24 @@ async def test_allowed_call_is_ok_with_identity_headers(
 ) -> None:
     agent = Agent(env)
     token = agent.token()
-    forged = [("x-aegis-agent-id", "admin"), ("x-aegis-role", "root")]
+    # An underscored spelling is the same variable to a CGI or WSGI upstream: removed as well.
+    forged = [
+        ("x-aegis-agent-id", "admin"),
+        ("x-aegis-role", "root"),
+        ("x_aegis_agent_id", "admin"),
+    ]
     resp = await stub.Check(check([*dpop_headers(agent, token), *forged]))
     assert resp.status.code == code_pb2.OK, resp
     ok = resp.ok_response
     up = {h.header.key: h.header.value for h in ok.headers}
     assert up["x-aegis-agent-id"] == "payer" and up["x-aegis-tenant"] == "acme"
     assert all(h.append_action == h.OVERWRITE_IF_EXISTS_OR_ADD for h in ok.headers)
-    assert set(ok.headers_to_remove) == {"authorization", "dpop", "x-aegis-role"}
+    assert set(ok.headers_to_remove) == {
+        "authorization",
+        "dpop",
+        "x-aegis-role",
+        "x_aegis_agent_id",
+    }
     back = {h.header.key: h.header.value for h in ok.response_headers_to_add}
     assert back["x-aegis-decision-id"] == up["x-aegis-decision-id"]
     claims = verify_jwt(

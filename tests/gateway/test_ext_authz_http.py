@@ -51,11 +51,15 @@ def creds(agent: Agent, path: str = "/payments/charge", method: str = "POST") ->
 
 def test_envoy_mode_allows_with_identity_headers(env: Env, envoy: str) -> None:
     agent = Agent(env)
-    forged = {"x-aegis-agent-id": "admin", "x-aegis-role": "root"}
+    forged = {"x-aegis-agent-id": "admin", "x-aegis-role": "root", "x_aegis_tenant": "evil"}
     resp = httpx.post(f"{envoy}/check/payments/charge", headers={**creds(agent), **forged})
     assert resp.status_code == 200, resp.text
-    # Envoy overwrites x-aegis-agent-id from this answer and removes the rest.
-    assert resp.headers["x-envoy-auth-headers-to-remove"] == "authorization,dpop,x-aegis-role"
+    # Envoy overwrites x-aegis-agent-id from this answer and removes the rest, an underscored
+    # spelling included (the same variable to a CGI or WSGI upstream).
+    assert (
+        resp.headers["x-envoy-auth-headers-to-remove"]
+        == "authorization,dpop,x-aegis-role,x_aegis_tenant"
+    )
     assert resp.headers["x-aegis-agent-id"] == "payer"
     assert resp.headers["x-aegis-tenant"] == "acme"
     assert resp.headers["x-aegis-attestation"].count(".") == 2

@@ -59,6 +59,7 @@ __all__ = [
     "refusal_body",
     "undecided",
     "vet_authority",
+    "withheld_from_upstream",
 ]
 
 #: Request headers a proxy should remove before forwarding an allowed call: the credentials were
@@ -80,6 +81,15 @@ _MAX_PORT: Final = 65535
 
 #: Which proxy sets a forwarded client certificate header (``pki.xfcc_mode``); ``none``: none does.
 XfccMode = Literal["none", "envoy", "nginx"]
+
+
+def withheld_from_upstream(name: str) -> bool:
+    """Whether an incoming request header (lowercase name) must be removed before an allowed call
+    goes upstream: the credentials, and every ``x-aegis-*`` field however spelled. CGI and WSGI
+    servers read ``X_Aegis_Agent_Id`` as the same variable as ``X-Aegis-Agent-Id``, and Envoy
+    passes names with underscores by default, so a client's underscored copy would stand beside
+    the identity the decision sets (the reverse proxy drops them the same way)."""
+    return name in CREDENTIAL_HEADERS or name.replace("_", "-").startswith("x-aegis-")
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,7 @@ from aegis.gateway.ext_authz import (
     ExtAuthz,
     TrustedPeers,
     refusal_body,
+    withheld_from_upstream,
 )
 from aegis.telemetry.logging import log_event
 
@@ -173,7 +174,7 @@ def to_response(result: Result, req: CheckedRequest) -> external_auth_pb2.CheckR
     if result.allowed:
         sent = {name for name, _ in req.headers}
         remove = sorted(
-            {n for n in sent if n in CREDENTIAL_HEADERS or n.startswith("x-aegis-")}
+            {n for n in sent if withheld_from_upstream(n)}
             - set(result.upstream_headers)
         )
         return external_auth_pb2.CheckResponse(

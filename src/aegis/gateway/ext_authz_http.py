@@ -47,12 +47,12 @@ from starlette.routing import Route as StarletteRoute
 from aegis.config import ExtAuthzSettings
 from aegis.gateway.evidence import Result
 from aegis.gateway.ext_authz import (
-    CREDENTIAL_HEADERS,
     CheckedRequest,
     ExtAuthz,
     TrustedPeers,
     refusal_body,
     undecided,
+    withheld_from_upstream,
 )
 from aegis.pki.forwarded import ENVOY_HEADER, NGINX_HEADER
 from aegis.telemetry.logging import log_event
@@ -99,11 +99,7 @@ class HttpExtAuthz:
                 # Envoy removes these from the upstream request: the credentials were for the
                 # gateway, and x-aegis-* identity fields must come only from this answer.
                 drop = sorted(
-                    {
-                        k
-                        for k in request.headers
-                        if k in CREDENTIAL_HEADERS or k.startswith("x-aegis-")
-                    }
+                    {k for k in request.headers if withheld_from_upstream(k)}
                     - set(result.upstream_headers)
                 )
                 if drop:
