@@ -213,12 +213,16 @@ def test_what_the_client_claims_about_itself_goes_nowhere(front: Front) -> None:
         "x-aegis-tenant": "globex",
         "x-aegis-override": "forged",
         "x-ssl-client-cert": "-----BEGIN%20CERTIFICATE-----",
+        # The same variable as X-Aegis-Agent-Id to a CGI or WSGI upstream: nginx's defaults
+        # (underscores_in_headers off) drop it.
+        "x_aegis_agent_id": "admin",
     }
     resp = _post(front, agent, token, "/payments/charge", **claims)
     assert resp.status_code == 200, resp.text
     seen = front.upstream.seen[-1]["headers"]
     assert seen["x-aegis-tenant"] == "acme"
     assert "x-aegis-override" not in seen
+    assert seen["x-aegis-agent-id"] == agent.id and "x_aegis_agent_id" not in seen
     decision_id = resp.headers["x-aegis-decision-id"]
     audit = AuditLog(front.srv.config.database_url(), clock=front.srv.services.clock)
     try:
