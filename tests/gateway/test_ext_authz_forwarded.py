@@ -26,7 +26,8 @@ from aegis.gateway.app import build_pipeline
 from aegis.gateway.ext_authz import ExtAuthz, XfccMode, vet_authority
 from aegis.gateway.ext_authz_grpc import check_to_request
 from aegis.gateway.ext_authz_http import create_ext_authz_http_app
-from aegis.gateway.routing import bare_host
+from aegis.gateway.routing import RouteTable, bare_host
+from aegis.gateway.server import build_ext_authz
 from aegis.pki.ca import CaFiles, CertificateAuthority
 from aegis.pki.profile import x5t_s256
 from aegis.pki.service import PkiService
@@ -92,6 +93,28 @@ def test_bare_host_removes_only_a_port_of_digits() -> None:
     assert bare_host("gw.example.com:x#") == "gw.example.com:x#"
     wide = "gw.example.com:\uff14\uff14\uff13"  # fullwidth digits are not a port
     assert bare_host(wide) == wide
+
+
+def test_a_trailing_dot_names_the_same_host() -> None:
+    """nginx drops one trailing dot before it picks a server block (and serves that block's
+    upstream): the route must be the same host's, not a host-less one on the same prefix."""
+    assert bare_host("Admin.Example.com.") == "admin.example.com"
+    assert bare_host("admin.example.com.:8443") == "admin.example.com"
+    routes = RouteTable(
+        GatewaySettings.model_validate({
+            "routes": [
+                {"path_prefix": "/api", "upstream": "http://127.0.0.1:9", "tool": "admin",
+                 "tenant": "acme", "env": "prod", "host": "admin.example.com"},
+                {"path_prefix": "/api", "upstream": "http://127.0.0.1:9", "tool": "payments",
+                 "tenant": "acme", "env": "prod"},
+            ]
+        }).routes
+    )  # fmt: skip
+    for host in ("admin.example.com", "admin.example.com.", "ADMIN.example.com.:443"):
+        route = routes.match(host, "/api/x")
+        assert route is not None and route.tool == "admin", host
+    other = routes.match("other.example.com.", "/api/x")
+    assert other is not None and other.tool == "payments"
 
 
 # -- gRPC door ------------------------------------------------------------------------------------
@@ -307,8 +330,8 @@ TD = "mtls.example"
 class Pki:
     """A real internal CA, an agent ``alpha`` with a certificate, and a token bound to it."""
 
-    def __init__(self, tmp: Path) -> None:
-        config = load_config(write_config(tmp), environ={})
+    def __init__(self, tmp: Path, pki_yaml: str = "") -> None:
+        config = load_config(write_config(tmp, pki_yaml), environ={})
         CertificateAuthority.init(CaFiles.from_config(config), config.kek(), SystemClock(), TD)
         self.services: Services = build_services(config)
         pki = self.services.extras["pki"]
@@ -345,10 +368,10 @@ class Pki:
             yield url
 
 
-def write_config(tmp: Path) -> Path:
+def write_config(tmp: Path, pki_yaml: str = "") -> Path:
     from tests.support.server import free_port, write_dev_config
 
-    return write_dev_config(tmp, free_port(), f"pki:\n  trust_domain: {TD}\n")
+    return write_dev_config(tmp, free_port(), f"pki:\n  trust_domain: {TD}\n{pki_yaml}")
 
 
 @pytest.fixture
@@ -384,6 +407,33 @@ def test_nginx_believes_the_certificate_header_when_pki_says_nginx_sets_it(mtls:
         assert resp.headers["x-aegis-agent-id"] == "alpha"
 
 
+def test_nginx_reads_only_the_certificate_header_pki_names(tmp_path: Path) -> None:
+    """With ``pki.xfcc_header`` set, nginx puts the certificate in that header and passes the
+    default ``X-SSL-Client-Cert`` on as the client sent it: the door (as ``aegis gateway``
+    builds it) must read the named header only, or a caller names any public certificate."""
+    pki = Pki(
+        tmp_path,
+        "  xfcc_mode: nginx\n  xfcc_header: X-Client-Cert\n  trusted_proxies: ['127.0.0.1']\n",
+    )
+    try:
+        settings = GatewaySettings.model_validate({
+            "public_url": "https://gw.example.com", "allow": [{"tool": "payments"}],
+            "routes": [{"path_prefix": "/payments", "upstream": "http://127.0.0.1:9",
+                        "tool": "payments", "tenant": "acme", "env": "prod",
+                        "allow_bearer": True, "require_client_cert": True}],
+            "ext_authz": {"http_mode": "nginx", "trusted_proxies": ["127.0.0.1"]},
+        })  # fmt: skip
+        ext = build_ext_authz(pki.services, settings, build_pipeline(pki.services, settings))
+        with serve(create_ext_authz_http_app(ext, settings.ext_authz)) as url:
+            forged = cert_call(url, pki, **{"x-ssl-client-cert": quote(pki.pem)})
+            assert (forged.status_code, forged.json()["code"]) == (401, "cert_required")
+            named = cert_call(url, pki, **{"x-client-cert": quote(pki.pem)})
+            assert named.status_code == 200, named.text
+            assert named.headers["x-aegis-agent-id"] == "alpha"
+    finally:
+        asyncio.run(pki.services.aclose())
+
+
 @pytest.mark.parametrize(("xfcc_mode", "code"), [("none", 200), ("envoy", 401)])
 def test_envoy_reads_xfcc_only_when_pki_says_envoy_sets_it(
     env: Env, xfcc_mode: XfccMode, code: int
@@ -397,3 +447,41 @@ def test_envoy_reads_xfcc_only_when_pki_says_envoy_sets_it(
         headers = {**creds(agent), "x-forwarded-client-cert": 'Cert="not%20a%20cert"'}
         resp = httpx.post(f"{url}/check/payments/charge", headers=headers)
         assert resp.status_code == code, resp.text
+
+
+# -- what the reverse proxy refuses, every door refuses -------------------------------------------
+
+
+async def test_grpc_refuses_a_fragment_in_the_query_and_methods_the_proxy_refuses(
+    env: Env, stub: pb_grpc.AuthorizationStub
+) -> None:
+    """``?action=delete#x``: policy would read ``action`` as ``delete#x`` while an upstream that
+    drops the fragment reads ``delete``; the reverse proxy answers 400, and so does this door.
+    A method the proxy answers 405 (``MOVE``, ``TRACE``) is 405 here too."""
+    agent = Agent(env)
+    token = agent.token()
+    headers = dpop_headers(agent, token, path="/payments/charge")
+    ok = await stub.Check(check(headers, path="/payments/charge?action=delete"))
+    assert ok.status.code == code_pb2.OK, ok
+    token = agent.token()
+    headers = dpop_headers(agent, token, path="/payments/charge")
+    status, _, body = denied(await stub.Check(check(headers, path="/payments/charge?a=delete#x")))
+    assert (status, body["code"]) == (400, "invalid_request")
+    for method in ("MOVE", "TRACE", "CONNECT"):
+        token = agent.token()
+        headers = dpop_headers(agent, token, method=method, path="/payments/charge")
+        status, sent, body = denied(await stub.Check(check(headers, method=method)))
+        assert (status, body["code"]) == (405, "method_not_allowed"), method
+        assert sent["allow"] == "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+
+
+def test_nginx_refuses_a_fragment_in_the_query_and_methods_the_proxy_refuses(
+    env: Env, nginx: str
+) -> None:
+    agent = Agent(env)
+    assert nginx_call(nginx, agent, "/payments/charge?action=delete").status_code == 200
+    resp = nginx_call(nginx, agent, "/payments/charge?action=delete#x")
+    assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request")
+    resp = nginx_call(nginx, agent, "/payments/charge", **{"x-original-method": "MOVE"})
+    assert (resp.status_code, resp.json()["code"]) == (405, "method_not_allowed")
+    assert resp.headers["allow"] == "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"

@@ -22,6 +22,7 @@ from aegis.pki.peer import PeerIdentity
 
 __all__ = [
     "EMPTY_BODY_DIGEST",
+    "METHODS",
     "STREAMED_BODY_DIGEST",
     "CallContext",
     "Route",
@@ -32,6 +33,9 @@ __all__ = [
     "vet_path",
 ]
 
+#: Methods a call may use at every front door (the proxy forwards them, ext_authz decides them);
+#: anything else is answered 405 before any route is chosen.
+METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 #: ``sha256:`` digest of an empty body.
 EMPTY_BODY_DIGEST: Final = "sha256:" + hashlib.sha256(b"").hexdigest()
 #: The body digest of a call whose body is streamed to the upstream without being buffered.

@@ -37,6 +37,7 @@ from aegis.config import GatewaySettings
 from aegis.errors import AegisError, InvalidRequest, spec_for
 from aegis.gateway.context import (
     EMPTY_BODY_DIGEST,
+    METHODS,
     STREAMED_BODY_DIGEST,
     CallContext,
     body_digest,
@@ -195,12 +196,17 @@ class ExtAuthz:
         *,
         validator: PeerValidator | None = None,
         xfcc_mode: XfccMode = "none",
+        xfcc_header: str = "",
     ) -> None:
         self._pipeline, self._settings, self._validator = pipeline, settings, validator
         #: ``pki.xfcc_mode``: which proxy, if any, sets a forwarded certificate header. The
         #: default believes no such header: an unset mode must never let a caller name a
         #: certificate.
         self.xfcc_mode: XfccMode = xfcc_mode
+        #: ``pki.xfcc_header``: the header that proxy sets the certificate in, when not its
+        #: default (``x-forwarded-client-cert`` for Envoy, ``x-ssl-client-cert`` for nginx). Only
+        #: that one is read: every other name reaches the door as the client sent it.
+        self.xfcc_header = xfcc_header.lower()
         self.routes = RouteTable(settings.routes)
 
     @property
@@ -209,6 +215,12 @@ class ExtAuthz:
 
     async def check(self, req: CheckedRequest) -> Result:
         # The host and scheme first, before they choose a route or enter the URL htu is checked on.
+        if req.method.upper() not in METHODS:  # as the reverse proxy answers it
+            refused = undecided(
+                405, "method_not_allowed", f"method not allowed; use one of {', '.join(METHODS)}"
+            )
+            refused.headers["allow"] = ", ".join(METHODS)
+            return refused
         try:
             vet_authority(req.host, req.scheme)
         except InvalidRequest as exc:
@@ -219,6 +231,10 @@ class ExtAuthz:
         raw_path, _, query = req.target.partition("?")
         try:
             path, bad = vet_path(raw_path), None
+            if "#" in query:
+                # As the reverse proxy refuses it: an upstream that drops the fragment would read
+                # another query than the one policy decided on (``?action=delete#x``).
+                raise InvalidRequest("the request target must not contain a fragment ('#')")
         except InvalidRequest as exc:
             path, bad = raw_path, exc
         route = self.routes.match(req.host, path)

@@ -131,7 +131,7 @@ class HttpExtAuthz:
         headers = tuple(
             (k, v)
             for k, v in ((k.lower(), v) for k, v in request.headers.items())
-            if k not in _CHECK_ONLY and k not in self._facts
+            if k not in _CHECK_ONLY and k not in self._facts and k != self._ext.xfcc_header
         )
         host = request.headers.get("host", "")
         scheme, client, cert = request.url.scheme, peer or None, None
@@ -144,7 +144,8 @@ class HttpExtAuthz:
             forwarded = request.headers.get("x-forwarded-for")
             client = forwarded.split(",")[-1].strip() if forwarded else client
             if self._ext.xfcc_mode == s.http_mode:
-                cert = _one(request, NGINX_HEADER if s.http_mode == "nginx" else ENVOY_HEADER)
+                default = NGINX_HEADER if s.http_mode == "nginx" else ENVOY_HEADER
+                cert = _one(request, self._ext.xfcc_header or default)
         return await self._ext.check(
             CheckedRequest(
                 method=method.upper(),

@@ -42,6 +42,7 @@ from aegis.config import GatewaySettings
 from aegis.errors import AegisError, InvalidRequest, spec_for
 from aegis.gateway.context import (
     EMPTY_BODY_DIGEST,
+    METHODS,
     STREAMED_BODY_DIGEST,
     CallContext,
     Route,
@@ -78,8 +79,6 @@ _RESPONSE_DROP: Final = frozenset({"content-length", "server", "date"})
 WHOLE_ANSWER_BYTES: Final = 64 * 1024
 _CHUNK: Final = 64 * 1024
 _MAX_REMEMBERED_HOSTS: Final = 1024
-#: Methods the proxy forwards; anything else is answered 405.
-METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 #: Request fields a call may carry once: a second ``Content-Type`` (or length, encoding, host)

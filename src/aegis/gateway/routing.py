@@ -26,9 +26,12 @@ def bare_host(host: str) -> str:
     if host.startswith("["):
         return host
     name, colon, port = host.rpartition(":")
-    if colon and port.isascii() and (port.isdigit() or not port):
-        return name.lower()
-    return host.lower()
+    if not (colon and port.isascii() and (port.isdigit() or not port)):
+        name = host
+    # One trailing dot names the same host (an absolute DNS name), and nginx drops it before it
+    # picks a server block: ``admin.example.com.`` must choose admin.example.com's route, not
+    # fall through to a host-less one on the same prefix.
+    return name.lower().removesuffix(".")
 
 
 class RouteTable:
@@ -49,7 +52,7 @@ class RouteTable:
         bare = bare_host(host)
         for r in self._routes:
             prefix = r.path_prefix.rstrip("/")
-            if r.host is not None and r.host.lower() != bare:
+            if r.host is not None and r.host.lower().removesuffix(".") != bare:
                 continue
             if path == prefix or path.startswith(prefix + "/") or r.path_prefix == "/":
                 return r

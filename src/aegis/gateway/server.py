@@ -123,8 +123,10 @@ def build_ext_authz(services: Services, settings: GatewaySettings, pipeline: Pip
     of the proxy ``pki.xfcc_mode`` names (a header the proxy does not set is the client's)."""
     pki = services.extras.get("pki")
     validator: PeerValidator | None = pki.validator() if isinstance(pki, PkiService) else None
-    xfcc_mode = services.config.pki.xfcc_mode
-    return ExtAuthz(pipeline, settings, validator=validator, xfcc_mode=xfcc_mode)
+    p = services.config.pki
+    return ExtAuthz(
+        pipeline, settings, validator=validator, xfcc_mode=p.xfcc_mode, xfcc_header=p.xfcc_header
+    )
 
 
 async def serve_gateway(
