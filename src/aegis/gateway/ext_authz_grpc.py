@@ -174,8 +174,7 @@ def to_response(result: Result, req: CheckedRequest) -> external_auth_pb2.CheckR
     if result.allowed:
         sent = {name for name, _ in req.headers}
         remove = sorted(
-            {n for n in sent if withheld_from_upstream(n)}
-            - set(result.upstream_headers)
+            {n for n in sent if withheld_from_upstream(n)} - set(result.upstream_headers)
         )
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
