@@ -15,7 +15,10 @@ Invariants (each one is tested):
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
+import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -27,6 +30,7 @@ from aegis.clock import Clock, random_bytes
 from aegis.crypto.keys import Ed25519SigningKey, PublicKey, public_key_from_jwk
 from aegis.errors import ConfigError, Conflict, Unavailable
 from aegis.stores.base import KeyStore
+from aegis.telemetry.logging import log_event
 from aegis.types import KeyState, SigningKeyRecord
 
 __all__ = ["KeyRing", "KeyRingSettings", "decrypt_seed", "encrypt_seed"]
@@ -89,12 +93,15 @@ class KeyRing:
         self._lock = threading.Lock()
         self._snap = _Snapshot((), None, {}, 0.0)
         self._last_miss_reload = 0.0
+        self._refreshing = False
 
     # -- loading ---------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Read the records from the store and decrypt the active key."""
-        self._install(tuple(self._store.list_keys()))
+        """Read the records from the store and decrypt the active key. Under the ring's lock, so
+        a read taken before a rotation in this process cannot be installed after it."""
+        with self._lock:
+            self._install(tuple(self._store.list_keys()))
 
     def _install(self, records: tuple[SigningKeyRecord, ...]) -> None:
         active = None
@@ -139,6 +146,20 @@ class KeyRing:
         if self._clock.monotonic() - self._snap.loaded_at >= max_age:
             with contextlib.suppress(Unavailable):
                 self.load()
+
+    def refresh_in_background(self, interval: float) -> None:
+        """Re-read the store every ``interval`` seconds (real time) on a daemon thread, for a
+        process that verifies and signs with the ring but does not run the control plane's
+        maintenance (a standalone gateway): a rotation made elsewhere must reach it within about
+        an interval, or it would keep signing with the retired key and keep accepting that key
+        past the end of its overlap (its own copy of the records never learns the key's
+        ``remove_after``). One thread per ring, however often called; it ends when the ring is
+        gone. A failed read keeps the current snapshot and is logged."""
+        with self._lock:
+            if self._refreshing:
+                return
+            self._refreshing = True
+        _start_refreshing(weakref.ref(self), interval)
 
     # -- using -----------------------------------------------------------------------------
 
@@ -289,3 +310,19 @@ class KeyRing:
             private_blob=encrypt_seed(self._kek, key.kid, key.seed()),
             created_at=now,
         )
+
+
+def _start_refreshing(ring: weakref.ref[KeyRing], interval: float) -> None:
+    def run() -> None:
+        while True:
+            time.sleep(interval)
+            alive = ring()
+            if alive is None:
+                return
+            try:
+                alive.load()
+            except Exception as exc:  # keep the current keys; the next round tries again
+                log_event("keys.reload_failed", level=logging.ERROR, error=type(exc).__name__)
+            del alive  # no strong reference while sleeping: the ring may go
+
+    threading.Thread(target=run, name="aegis-keyring", daemon=True).start()

@@ -56,6 +56,9 @@ def build_pipeline(
     approvals: ApprovalHook | None = None,
 ) -> Pipeline:
     cfg, clock = services.config, services.clock
+    # Keys rotated by the control plane (another process, or this one) reach the gateway's
+    # verifier and attester within keys.reload_interval.
+    services.keyring.refresh_in_background(cfg.keys.reload_interval)
     key = settings.nonce_key(cfg.base_dir)
     dpop = DpopVerifier(
         services.replay,
