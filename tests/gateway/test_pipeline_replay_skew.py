@@ -21,7 +21,7 @@ from aegis.gateway.pipeline import Pipeline
 from aegis.policy.store import MemoryPolicyStore
 from aegis.server.services import build_services
 from aegis.tokens.dpop import DEFAULT_IAT_WINDOW
-from tests.gateway.conftest import GW, Agent, Env, make_ctx
+from tests.gateway.conftest import GW, OPEN, Agent, Env, make_ctx
 from tests.support.server import write_dev_config
 from tests.tokens.test_dpop_replay_skew import LaggingClock
 
@@ -81,3 +81,18 @@ async def test_dpop_proof_replayed_to_a_lagging_replica_is_refused(replicas: Rep
     replay = await replicas.lagging.run(make_ctx(headers, body={"amount": 1}))
     assert not replay.allowed
     assert (replay.status, replay.code) == (401, "replay_detected")
+
+
+async def test_revoked_token_sent_to_a_lagging_replica_is_refused(replicas: Replicas) -> None:
+    agent = Agent(replicas.env)
+    token = agent.token(dpop=False)
+    headers = [("authorization", f"Bearer {token}")]
+    await replicas.env.services.tokens.revoke(token, client_id=None)
+    refused = await replicas.env.pipeline.run(make_ctx(headers, route=OPEN, path="/open/x"))
+    assert (refused.status, refused.code) == (401, "token_revoked")
+    # One second after the old record lifetime (exp + leeway) on the revoking replica's clock;
+    # the lagging replica still accepts the token's times.
+    replicas.clock.set(START + TOKEN_LIFETIME + replicas.leeway + 1)
+    late = await replicas.lagging.run(make_ctx(headers, route=OPEN, path="/open/x"))
+    assert not late.allowed
+    assert (late.status, late.code) == (401, "token_revoked")

@@ -297,4 +297,6 @@ class ClientAuthenticator:
         exp = float(claims["exp"])
         if exp - now > self._max_life:
             raise ClientAuthError(f"client assertion must expire within {int(self._max_life)} s")
-        return client, ("client_assertion", f"{client_id}:{claims['jti']}", exp + self._leeway)
+        # Remembered until exp + 2 x leeway: a replica whose clock lags this one's (within the
+        # leeway) still accepts the assertion at exp + leeway on this one's clock.
+        return client, ("client_assertion", f"{client_id}:{claims['jti']}", exp + 2 * self._leeway)

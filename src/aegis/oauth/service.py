@@ -166,4 +166,9 @@ class TokenService:
             return  # RFC 7009 §2.2: invalid tokens do not cause an error response
         if client_id is not None and verified.client_id != client_id:
             return  # not this client's token: nothing to do, and nothing to reveal
-        await self._revocation.revoke_jti(verified.jti, verified.exp + self._verifier.rules.leeway)
+        # Kept past the last moment any replica accepts the token: one whose clock lags this
+        # one (within the leeway already allowed for token times) accepts it until
+        # exp + leeway on its own clock, later than exp + leeway on this one's.
+        await self._revocation.revoke_jti(
+            verified.jti, verified.exp + 2 * self._verifier.rules.leeway
+        )

@@ -320,8 +320,10 @@ class TokenExchanger:
     async def _consume(self, chain: Chain) -> None:
         last = chain.grants[-1]
         try:
+            # exp + 2 x leeway: a replica whose clock lags this one's accepts the grant until
+            # exp + leeway on its own clock (see Pipeline's single-use tokens).
             await self._replay.consume(
-                "delegation_grant", f"{last.iss}:{last.jti}", last.exp + self.rules.leeway
+                "delegation_grant", f"{last.iss}:{last.jti}", last.exp + 2 * self.rules.leeway
             )
         except ReplayDetected as exc:
             raise TokenError(
