@@ -166,3 +166,44 @@ def test_nginx_mode_needs_trusted_proxies() -> None:
         GatewaySettings.model_validate({"port": 9000, "ext_authz": {"grpc_port": 9000}})
     with pytest.raises(ValueError, match="not an IP"):
         ExtAuthzSettings(trusted_proxies=("nginx.local",))
+
+
+CATCH_ALL_ROUTES: Any = [
+    {"path_prefix": "/", "upstream": "http://127.0.0.1:9", "tool": "payments",
+     "tenant": "acme", "env": "prod"},
+    {"path_prefix": "/billing", "upstream": "http://127.0.0.1:9", "tool": "billing",
+     "tenant": "acme", "env": "prod", "require_client_cert": True},
+]  # fmt: skip
+
+
+@pytest.fixture
+def catch_all(env: Env) -> Iterator[str]:
+    data = env.settings.model_dump()
+    data.update(routes=CATCH_ALL_ROUTES, ext_authz={"http_mode": "envoy", "path_prefix": "/check"})
+    settings = GatewaySettings.model_validate(data)
+    app = create_ext_authz_http_app(ExtAuthz(env.pipeline, settings), settings.ext_authz)
+    with serve(app) as url:
+        yield url
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code"),
+    [
+        ("/billing/charge", 401, "cert_required"),
+        # Served as /billing/charge by case-insensitive or ;parameter-dropping upstreams.
+        ("/Billing/charge", 401, "cert_required"),
+        ("/billing;x/charge", 401, "cert_required"),
+        # Envoy's prefix: /billing (and nginx's location /billing) match these as strings.
+        ("/billingX/charge", 400, "invalid_request"),
+        ("/billing-archive", 400, "invalid_request"),
+    ],
+)
+def test_a_path_another_route_may_claim_is_not_decided_as_the_catch_all(
+    env: Env, catch_all: str, path: str, status: int, code: str
+) -> None:
+    agent = Agent(env)
+    resp = httpx.post(f"{catch_all}/check{path}", headers=creds(agent, path))
+    assert (resp.status_code, resp.json()["code"]) == (status, code), resp.text
+    record = next(r for r in env.audit.records() if r["decision_id"] == resp.json()["decision_id"])
+    assert record["action"] == "deny"
+    assert httpx.post(f"{catch_all}/check/other", headers=creds(agent, "/other")).status_code == 200

@@ -168,7 +168,8 @@ def vet_path(raw_path: str) -> str:
 
     The route, and so the tool that policy decides on, is chosen from the path; the upstream then
     resolves the same bytes. RFC 3986 §5.2.4 dot segments (``..``, ``.``, also encoded or with a
-    ``;`` parameter as some servers read them), encoded separators and double encoding would let
+    ``;`` parameter as some servers read them), empty segments (merged by some servers),
+    encoded separators and double encoding would let
     the two read different paths (``/payments/../admin`` decided as payments, served as admin),
     so they are refused (``invalid_request``) rather than normalised.
     """
@@ -186,4 +187,8 @@ def vet_path(raw_path: str) -> str:
         raise InvalidRequest("the request path must not contain control characters or '\\'")
     if any(seg.split(";", 1)[0] in (".", "..") for seg in path.split("/")):
         raise InvalidRequest("the request path must not contain '.' or '..' segments")
+    if "//" in path:
+        # nginx merges slashes (merge_slashes), so ``//admin/x`` is served as ``/admin/x``
+        # while a segment match would choose the catch-all route.
+        raise InvalidRequest("the request path must not contain empty segments ('//')")
     return path

@@ -238,6 +238,14 @@ class ExtAuthz:
         except InvalidRequest as exc:
             path, bad = raw_path, exc
         route = self.routes.match(req.host, path)
+        if route is not None and bad is None:
+            clash = self.routes.clash(req.host, path, route)
+            if clash is not None:
+                bad = InvalidRequest(
+                    f"the path begins with the route prefix {clash!r} without being under it; "
+                    "the proxy in front may send it to that route's upstream (use Envoy's "
+                    "path_separated_prefix, or nginx locations ending in '/')"
+                )
         if route is None:
             if bad is not None:
                 return undecided(400, "invalid_request", bad.message)

@@ -7,6 +7,13 @@ the longest matching ``path_prefix`` wins, a route with a ``host`` matches only 
 port, case-insensitive), and a prefix matches whole segments (``/pay`` matches ``/pay`` and
 ``/pay/x``, never ``/payx``). The path given must already be vetted
 (:func:`aegis.gateway.context.vet_path`).
+
+Upstreams read paths more loosely than a byte comparison: Express matches case-insensitively,
+Tomcat and Spring drop ``;parameters`` from segments, IIS drops trailing dots and spaces. A
+request the gateway decided as one tool must not be served as another, so prefixes are compared
+with the path as the loosest of them reads it (:func:`match_key`): ``/Admin;x/users`` and
+``/admin./users`` are decided under the ``/admin`` route, not a shorter or catch-all one. Which
+upstream gets the call is unchanged (the proxy forwards the target as sent).
 """
 
 from __future__ import annotations
@@ -16,15 +23,30 @@ from collections.abc import Iterable
 from aegis.config import GatewayRoute
 from aegis.gateway.context import Route, route_from_settings
 
-__all__ = ["RouteTable", "bare_host"]
+__all__ = ["RouteTable", "bare_host", "match_key"]
+
+_LOOSE_END = (".", " ")
+
+
+def match_key(path: str) -> str:
+    """``path`` as the loosest common upstream reads it, for choosing a route: each segment
+    without its ``;parameters`` and trailing dots and spaces, lowercase."""
+    if ";" in path or "./" in path or " /" in path or path.endswith(_LOOSE_END):
+        path = "/".join(seg.split(";", 1)[0].rstrip(". ") for seg in path.split("/"))
+    return path.lower()
 
 
 def bare_host(host: str) -> str:
     """``host[:port]`` without the port, lowercase; an IPv6 literal (``[::1]:80``) keeps its
-    brackets and is returned as given. Only a port of digits (RFC 3986 §3.2.3 ``*DIGIT``) is
-    removed, so that no other text after a ``:`` is dropped on the way to matching a route."""
+    brackets. Only a port of digits (RFC 3986 §3.2.3 ``*DIGIT``) is removed, so that no other
+    text after a ``:`` is dropped on the way to matching a route."""
     if host.startswith("["):
-        return host
+        literal, bracket, port = host.partition("]")
+        if bracket and (
+            not port or (port[:1] == ":" and port[1:].isascii() and port[1:].isdigit())
+        ):
+            return f"{literal}]".lower()
+        return host.lower()
     name, colon, port = host.rpartition(":")
     if not (colon and port.isascii() and (port.isdigit() or not port)):
         name = host
@@ -43,17 +65,36 @@ class RouteTable:
             key=lambda r: (len(r.path_prefix), r.host is not None),
             reverse=True,
         )
+        #: Each route with its prefix and host as compared (match_key, bare_host).
+        self._keys = [
+            (r, match_key(r.path_prefix.rstrip("/")), None if r.host is None else bare_host(r.host))
+            for r in self._routes
+        ]
 
     def __len__(self) -> int:
         return len(self._routes)
 
     def match(self, host: str, path: str) -> Route | None:
         """The route for a request to ``host`` (a Host header value) and decoded ``path``."""
-        bare = bare_host(host)
-        for r in self._routes:
-            prefix = r.path_prefix.rstrip("/")
-            if r.host is not None and r.host.lower().removesuffix(".") != bare:
+        bare, key = bare_host(host), match_key(path)
+        for r, prefix, r_host in self._keys:
+            if r_host is not None and r_host != bare:
                 continue
-            if path == prefix or path.startswith(prefix + "/") or r.path_prefix == "/":
+            if key == prefix or key.startswith(prefix + "/") or r.path_prefix == "/":
                 return r
+        return None
+
+    def clash(self, host: str, path: str, chosen: Route) -> str | None:
+        """A longer route prefix that ``path`` begins with as a string but not at a segment
+        boundary (``/billingX`` against ``/billing``), if any. Envoy's ``prefix`` and nginx's
+        ``location /billing`` match such a path as a string, so in front of them the call may be
+        forwarded to that route's upstream while this table decides it as ``chosen``."""
+        bare, key = bare_host(host), match_key(path)
+        for r, prefix, r_host in self._keys:
+            if r is chosen:
+                return None  # the rest are shorter
+            if r_host is not None and r_host != bare:
+                continue
+            if r.path_prefix != "/" and key.startswith(prefix):
+                return r.path_prefix
         return None
