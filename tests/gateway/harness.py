@@ -52,6 +52,10 @@ class Upstream:
             )
             if request.url.path.endswith("/big"):  # an answer too large to send in one piece
                 return Response(BIG_ANSWER, media_type="application/octet-stream")
+            if request.url.path.endswith("/text-json"):  # JSON the upstream labels as text
+                return Response(
+                    '{"ok": true, "card": "4111 1111 1111 1111"}', media_type="text/plain"
+                )
             answer = JSONResponse({"ok": True, "card": "4111 1111 1111 1111"})
             if request.url.path.endswith("/cookies"):  # two Set-Cookie lines
                 answer.set_cookie("a", "1")

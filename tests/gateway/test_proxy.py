@@ -3,11 +3,15 @@ the request paths refused because an upstream could resolve them to another rout
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aegis.config import GatewayRoute, GatewaySettings
 from aegis.errors import InvalidRequest
-from aegis.gateway.context import vet_path
+from aegis.gateway.context import parse_json_body, vet_path
 from aegis.gateway.proxy import ReverseProxy, forwardable, joined
 from aegis.gateway.routing import RouteTable
 
@@ -178,3 +182,21 @@ def test_paths_that_read_the_same_everywhere_pass(raw: str, decoded: str) -> Non
 def test_paths_another_server_could_read_differently_are_refused(raw: str) -> None:
     with pytest.raises(InvalidRequest):
         vet_path(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"amount": 5000, "amount": 5}', b'{"a": {"b": 1, "b": 2}}', b'[{"k": 1}, {"k": 1, "k": 1}]'],
+)
+def test_a_json_body_repeating_a_member_is_refused(raw: bytes) -> None:
+    with pytest.raises(InvalidRequest, match="repeats the JSON member"):
+        parse_json_body(raw, "application/json")
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                    lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.text(max_size=3), inner, max_size=3), max_leaves=12))  # fmt: skip
+def test_json_without_repeats_reads_as_the_standard_decoder_reads_it(value: object) -> None:
+    raw = json.dumps(value).encode()
+    assert parse_json_body(raw, "application/json") == json.loads(raw)

@@ -446,6 +446,73 @@ def test_sanitize_policy_rewrites_request_and_response(stack: Stack) -> None:
     assert record["action"] == "sanitize" and record["policy_version"] == version
 
 
+STRICT_SANITIZE = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: strict-sanitize}
+spec:
+  rules:
+    - {id: pay, action: allow, reason: payments allowed, match: {tools: [payments]}}
+    - id: crm-sanitize
+      action: sanitize
+      reason: card data never reaches the crm
+      match: {tools: [crm]}
+      obligations:
+        - {kind: redact, target: request, path: card}
+        - {kind: mask, target: request, pattern: card_number}
+        - {kind: drop_header, target: request, header: x-internal}
+        - {kind: redact, target: response, path: card}
+"""
+CARD = "4111 1111 1111 1111"
+
+
+def test_sanitize_refuses_what_it_cannot_rewrite(stack: Stack) -> None:
+    """A sanitize decision is forwarded only as rewritten: a body, query or path it cannot
+    rewrite is refused, never passed on as it came."""
+    version = stack.policies.put(load_document(STRICT_SANITIZE), now=time.time())
+    stack.policies.activate("acme", "prod", version, actor="test", now=time.time())
+    time.sleep(0.1)  # one poll interval
+    agent = AgentClient(stack.srv, "carder")
+    token = agent.access_token()
+
+    def send(path: str, content: bytes, ctype: str, **extra: str) -> httpx.Response:
+        url = f"{stack.gateway}/crm/{path}"
+        headers = {**agent.headers(token, "POST", url), "content-type": ctype, **extra}
+        return httpx.post(url, content=content, headers=headers)
+
+    before = len(stack.upstream.seen)
+    refused = [
+        # Not JSON: a redaction of "card" finds no member, the mask was never applied.
+        (send("lookup", f"card={CARD}".encode(), "application/x-www-form-urlencoded"),
+         "policy_error"),
+        (send("lookup", json.dumps({"note": CARD}).encode(), "text/plain"), "policy_error"),
+        # Policy and the sanitizer read the last "card"; an upstream may read the first.
+        (send("lookup", b'{"card": "' + CARD.encode() + b'", "card": "x"}', "application/json"),
+         "invalid_request"),
+        # Data in the query string or the path is forwarded as sent.
+        (send("lookup?card=1", b'{"name": "ann"}', "application/json"), "policy_error"),
+        (send("lookup?q=" + CARD.replace(" ", "%20"), b"{}", "application/json"), "policy_error"),
+        (send("cards/4111111111111111", b"{}", "application/json"), "policy_error"),
+    ]  # fmt: skip
+    for resp, code in refused:
+        assert resp.json()["code"] == code, resp.text
+        assert resp.status_code in (400, 403)
+    assert len(stack.upstream.seen) == before  # none of them reached the tool
+
+    resp = send("lookup", json.dumps({"name": "ann", "card": CARD}).encode(), "application/json",
+                x_internal="secret")  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    seen = stack.upstream.seen[-1]
+    assert json.loads(seen["body"]) == {"name": "ann", "card": "[REDACTED]"}
+    # Dropped however spelled: a CGI or WSGI upstream reads x_internal as x-internal.
+    assert not {"x-internal", "x_internal"} & set(seen["headers"])
+    assert resp.json()["card"] == "[REDACTED]"
+    # JSON the upstream labels as text cannot be redacted by member: refused, not passed on.
+    resp = send("text-json", b"{}", "application/json")
+    assert (resp.status_code, resp.json()["error"]) == (502, "bad_gateway")
+    assert CARD not in resp.text
+
+
 BODY_CAP = """
 apiVersion: aegis/v1
 kind: Policy

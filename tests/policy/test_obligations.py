@@ -71,6 +71,12 @@ def test_headers_are_dropped_case_insensitively_and_masked() -> None:
     }
 
 
+def test_a_dropped_header_is_dropped_in_its_underscored_spelling_too() -> None:
+    ob = [S("drop_header", "request", header="X-Internal_Override")]
+    headers = {"x_internal_override": "a", "X-INTERNAL-OVERRIDE": "b", "x-internal": "c"}
+    assert apply_to_headers(headers, ob, "request") == {"x-internal": "c"}
+
+
 @settings(max_examples=100, deadline=None, derandomize=True)
 @given(
     local=st.from_regex(r"[a-z0-9._]{1,10}", fullmatch=True),

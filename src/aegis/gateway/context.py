@@ -144,15 +144,41 @@ def is_json_type(content_type: str | None) -> bool:
     return ctype == "application/json" or ctype.endswith("+json")
 
 
+class _RepeatedMember(ValueError):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _members_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise _RepeatedMember(name)
+            seen.add(name)
+    return obj
+
+
+_json_decoder: Final = json.JSONDecoder(object_pairs_hook=_members_once)
+
+
 def parse_json_body(raw: bytes, content_type: str | None) -> Any:
     """The JSON body for policy, or None when the body is not JSON (then policy sees null).
 
     A body that claims to be JSON and is not is refused: policy must never decide on a body the
-    upstream would read differently."""
+    upstream would read differently. So is an object that repeats a member (RFC 8259 §4: "the
+    behavior of software that receives such an object is unpredictable"): policy and
+    sanitization would read the last ``amount``, an upstream may read the first."""
     if not raw or not is_json_type(content_type):
         return None
     try:
-        return json.loads(raw)
+        return _json_decoder.decode(raw.decode("utf-8"))
+    except _RepeatedMember as exc:
+        raise InvalidRequest(
+            f"the body repeats the JSON member {exc.name[:64]!r}; send each member once"
+        ) from None
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise InvalidRequest("the request body is not valid JSON") from None
 

@@ -39,9 +39,9 @@ from aegis.gateway.evidence import (
 )
 from aegis.gateway.policies import PolicyDirectory
 from aegis.pki.binding import X5T_S256, check_certificate_binding
-from aegis.policy.decision import Decision
+from aegis.policy.decision import Decision, SanitizeObligation
 from aegis.policy.input import AgentInfo, ChainInfo, PolicyCall, build_input
-from aegis.policy.obligations import apply_to_body
+from aegis.policy.obligations import apply_to_body, mask_text
 from aegis.policy.shadow import record_shadow
 from aegis.registry.cache import RegistryCache
 from aegis.stores.base import ReplayStore, RevocationStore
@@ -65,6 +65,22 @@ LimitsHook = Callable[[CallContext, AccessToken], Awaitable[None]]
 #: Enforcement of ``approval_needed`` (``aegis.gateway.approval_gate``): returns the approved
 #: decision for a call that carries a valid override, else raises (``approval_needed`` and the id).
 ApprovalHook = Callable[[CallContext, EvidenceFacts, PolicyCall], Awaitable[Decision]]
+
+
+def _outside_body(ctx: CallContext, obligations: list[SanitizeObligation]) -> bool:
+    """Whether request obligations would change something the proxy forwards as sent: a query
+    parameter named like a redacted member (the last key of its path), or text in the query or
+    path that a mask rewrites."""
+    names = {o.path.rsplit(".", 1)[-1] for o in obligations if o.kind == "redact" and o.path}
+    patterns = tuple(sorted({o.pattern for o in obligations if o.kind == "mask" and o.pattern}))
+    if ctx.query and "*" in names:
+        return True
+    for name, value in ctx.query:
+        if name in names:
+            return True
+        if patterns and (mask_text(name, patterns) != name or mask_text(value, patterns) != value):
+            return True
+    return bool(patterns) and mask_text(ctx.path, patterns) != ctx.path
 
 
 class Pipeline:
@@ -277,13 +293,23 @@ class Pipeline:
             on_body = [
                 o for o in decision.obligations if o.target == "request" and o.kind != "drop_header"
             ]
-            if on_body and ctx.raw_body is None:
+            if on_body and ctx.body_hidden:
+                # Streamed, over the buffering limit, or not JSON: redactions name JSON members,
+                # so the bytes would be forwarded as they came.
                 raise AegisError(
-                    "policy requires sanitizing a body that was not buffered", code="policy_error"
+                    "policy requires sanitizing the request body; send it as JSON "
+                    "(content-type application/json) within gateway.max_body_bytes",
+                    code="policy_error",
                 )
-            if on_body:
-                body = apply_to_body(ctx.body, decision.obligations, "request")
-                changed = body != ctx.body
+            if on_body and _outside_body(ctx, on_body):
+                raise AegisError(
+                    "policy requires sanitizing data the call carries in its path or query "
+                    "string; send it in the JSON body",
+                    code="policy_error",
+                )
+            if on_body and ctx.body is not None:
+                # Forwarded as sanitized and re-encoded, never as the bytes received.
+                body, changed = apply_to_body(ctx.body, decision.obligations, "request"), True
         token = facts.token
         assert token is not None
         return Result(

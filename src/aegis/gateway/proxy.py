@@ -454,16 +454,23 @@ class ReverseProxy:
             )
         ctype = upstream.headers.get("content-type")
         encoding = upstream.headers.get("content-encoding", "identity").lower()
+        as_json = is_json_type(ctype)
         try:
             if encoding != "identity":
                 raise InvalidRequest("encoded answer")
-            body: Any = parse_json_body(raw, ctype) if is_json_type(ctype) else raw.decode("utf-8")
+            if not as_json and any(
+                o.target == "response" and o.kind == "redact" for o in result.obligations
+            ):
+                # A redaction names JSON members; in text (JSON labelled text/plain included)
+                # it would find nothing and pass the answer on whole.
+                raise InvalidRequest("a redaction applies only to a JSON answer")
+            body: Any = parse_json_body(raw, ctype) if as_json else raw.decode("utf-8")
         except (InvalidRequest, UnicodeDecodeError):
             return await self._gateway_error(
                 send, ctx, 502, "bad_gateway", "the upstream answer cannot be sanitized", result
             )
         clean = apply_to_body(body, result.obligations, "response")
-        data = json.dumps(clean).encode() if is_json_type(ctype) else str(clean).encode("utf-8")
+        data = json.dumps(clean).encode() if as_json else str(clean).encode("utf-8")
         headers = [(k, v) for k, v in headers if k != "content-encoding"]
         await _answer(send, upstream.status, headers, data)
 

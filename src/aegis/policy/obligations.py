@@ -137,13 +137,18 @@ def apply_to_body(body: Any, obligations: Iterable[SanitizeObligation], target: 
 def apply_to_headers(
     headers: Mapping[str, str], obligations: Iterable[SanitizeObligation], target: str
 ) -> dict[str, str]:
-    """A copy of ``headers`` without the dropped ones (names compared case-insensitively) and with
-    masks applied to the remaining values."""
+    """A copy of ``headers`` without the dropped ones and with masks applied to the remaining
+    values. Names compare case-insensitively and with ``_`` read as ``-``: CGI and WSGI servers
+    read ``X_Internal_Override`` as the same variable as ``X-Internal-Override``."""
     obligations = list(obligations)
-    drop = {o.header for o in _for(obligations, target, "drop_header") if o.header}
+    drop = {
+        o.header.lower().replace("_", "-")
+        for o in _for(obligations, target, "drop_header")
+        if o.header
+    }
     patterns = tuple(sorted({o.pattern for o in _for(obligations, target, "mask") if o.pattern}))
     return {
         k: mask_text(v, patterns) if patterns else v
         for k, v in headers.items()
-        if k.lower() not in drop
+        if k.lower().replace("_", "-") not in drop
     }
