@@ -18,6 +18,7 @@ from google.rpc import code_pb2
 
 from aegis.audit.attest import attestation_rules
 from aegis.config import GatewaySettings
+from aegis.gateway import ext_authz_grpc
 from aegis.gateway.ext_authz import ExtAuthz, TrustedPeers
 from aegis.gateway.ext_authz_grpc import (
     AuthorizationService,
@@ -265,3 +266,48 @@ def test_shared_header_options_are_copied_into_each_answer() -> None:
     assert _upstream_option("x-aegis-decision-id", "d1") is not _upstream_option(
         "x-aegis-decision-id", "d1"
     )  # a value that never repeats is not kept
+
+
+async def test_a_body_larger_than_grpcs_default_limit_is_answered_413(
+    env: Env, stub: pb_grpc.AuthorizationStub
+) -> None:
+    # Over grpc's 4 MiB default a Check would fail as RESOURCE_EXHAUSTED, which Envoy's
+    # failure_mode_allow lets through; the door answers it as the proxy would, 413.
+    agent = Agent(env)
+    token = agent.token()
+    body = b"a" * (5 * 1024 * 1024)
+    status, _, answer = denied(await stub.Check(check(dpop_headers(agent, token), body=body)))
+    assert (status, answer["code"]) == (413, "payload_too_large")
+
+
+@pytest.mark.parametrize("length", [b"\xb2", b"1\xb2", b"\xb9"])
+async def test_a_content_length_of_non_ascii_digits_is_no_error(
+    env: Env, stub: pb_grpc.AuthorizationStub, length: bytes
+) -> None:
+    # Raw header bytes read as latin-1: "\xb2" is "²", and "²".isdigit() holds but int("²")
+    # raises. The Check must still be answered.
+    agent = Agent(env)
+    request = check(dpop_headers(agent, agent.token()), raw_map=True)
+    request.attributes.request.http.header_map.headers.append(
+        base_pb2.HeaderValue(key="content-length", raw_value=length)
+    )
+    resp = await stub.Check(request)
+    assert resp.WhichOneof("http_response") in ("ok_response", "denied_response")
+
+
+async def test_a_failure_outside_the_pipeline_is_a_denied_answer(
+    env: Env, stub: pb_grpc.AuthorizationStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gRPC error is Envoy's "error", which failure_mode_allow turns into an allow: a failure
+    while reading the request or building the answer is a Denied 500 instead."""
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("bug")
+
+    agent = Agent(env)
+    for name in ("check_to_request", "to_response"):
+        with monkeypatch.context() as patch:
+            patch.setattr(ext_authz_grpc, name, broken)
+            resp = await stub.Check(check(dpop_headers(agent, agent.token())))
+        status, _, answer = denied(resp)
+        assert (status, answer["code"]) == (500, "server_error")

@@ -35,7 +35,7 @@ CONSISTENCY: str = "aegis-consistency-proof"
 def find_record(checkpointer: Checkpointer, record_id: str) -> tuple[int, str]:
     """A record by ``seq`` (digits) or by ``decision_id``; returns ``(seq, canonical text)``."""
     query = select(AUDIT_RECORDS.c.seq, AUDIT_RECORDS.c.record)
-    if record_id.isdigit():
+    if record_id.isascii() and record_id.isdigit():
         query = query.where(AUDIT_RECORDS.c.seq == int(record_id))
     else:
         # decision ids are inside the canonical JSON; the quoted form cannot match a substring

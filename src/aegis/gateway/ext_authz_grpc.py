@@ -46,6 +46,7 @@ from aegis.gateway.ext_authz import (
     withheld_from_upstream,
 )
 from aegis.telemetry.logging import log_event
+from aegis.telemetry.metrics import count_decision
 
 __all__ = ["AuthorizationService", "check_to_request", "start_grpc_server"]
 
@@ -105,7 +106,8 @@ def _body(
         return None
     declared = values.get("content-length")
     if declared is not None:
-        return seen if declared.isdigit() and int(declared) == len(seen) else None
+        whole = declared.isascii() and declared.isdigit()  # "²".isdigit(), but int("²") fails
+        return seen if whole and int(declared) == len(seen) else None
     if "transfer-encoding" in values:
         return seen or None
     # Without content-length or transfer-encoding an HTTP/1.x request has no body (RFC 9112
@@ -206,21 +208,48 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
     async def Check(  # the name is the gRPC method's
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
-        trusted = peer_host(context.peer()) in self._trusted
-        req = check_to_request(request, trusted=trusted)
+        # Any failure is answered as a Denied response: a gRPC error would be Envoy's "error",
+        # which its failure_mode_allow turns into an allow.
         try:
+            trusted = peer_host(context.peer()) in self._trusted
+            req = check_to_request(request, trusted=trusted)
             result = await self._ext.check(req)
+            return to_response(result, req)
         except Exception as exc:  # the pipeline refuses its own errors; this is a bug: deny
             log_event("ext_authz.grpc_error", level=logging.ERROR, error=type(exc).__name__)
-            result = Result("", "deny", 500, "server_error", "internal error")
-        return to_response(result, req)
+            count_decision("deny", "server_error")
+            return _INTERNAL_ERROR
+
+
+#: The answer to a Check that failed in a way nobody planned for (built once, at import).
+_INTERNAL_ERROR: Final = external_auth_pb2.CheckResponse(
+    status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message="server_error"),
+    denied_response=external_auth_pb2.DeniedHttpResponse(
+        status=http_status_pb2.HttpStatus(code=500),
+        headers=[_option("content-type", "application/json")],
+        body=json.dumps({"error": "server_error", "code": "server_error",
+                         "message": "internal error"}),
+    ),
+)  # fmt: skip
+
+
+#: Room in a CheckRequest for everything but the body (attributes, headers).
+MESSAGE_OVERHEAD: Final = 1024 * 1024
+#: Bodies up to this size are received whatever ``max_body_bytes`` is, so that one Envoy sends
+#: over the limit (its ``max_request_bytes`` set higher) is answered 413, not a gRPC error.
+MIN_RECEIVED_BODY: Final = 16 * 1024 * 1024
 
 
 async def start_grpc_server(
-    service: AuthorizationService, host: str, port: int
+    service: AuthorizationService, host: str, port: int, *, max_body_bytes: int = 1024 * 1024
 ) -> tuple[grpc.aio.Server, int]:
-    """Serve ``service`` on ``host:port`` (0: any free port); returns the server and its port."""
-    server = grpc.aio.server()
+    """Serve ``service`` on ``host:port`` (0: any free port); returns the server and its port.
+
+    A CheckRequest carrying a body up to ``max_body_bytes`` (at least :data:`MIN_RECEIVED_BODY`)
+    is received; over grpc's default limit (4 MiB) a Check fails as RESOURCE_EXHAUSTED, an error
+    Envoy's failure_mode_allow would let through, instead of the 413 the door answers."""
+    limit = max(max_body_bytes, MIN_RECEIVED_BODY) + MESSAGE_OVERHEAD
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(service, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

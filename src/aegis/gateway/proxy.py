@@ -252,7 +252,7 @@ class ReverseProxy:
             if repeated is not None:
                 raise InvalidRequest(f"send the {repeated} header once")
             declared = values.get("content-length")
-            if declared is not None and not declared.isdigit():
+            if declared is not None and not (declared.isascii() and declared.isdigit()):
                 raise InvalidRequest("content-length must be a whole number")
             if declared is not None and int(declared) > limit:
                 raise AegisError(

@@ -153,7 +153,9 @@ async def serve_gateway(
     grpc_server: grpc.aio.Server | None = None
     if ea.grpc_port is not None:
         service = AuthorizationService(ext, TrustedPeers(ea.trusted_proxies))
-        grpc_server, bound = await start_grpc_server(service, ea.grpc_host, ea.grpc_port)
+        grpc_server, bound = await start_grpc_server(
+            service, ea.grpc_host, ea.grpc_port, max_body_bytes=settings.max_body_bytes
+        )
         log_event("gateway.ext_authz_grpc_listening", host=ea.grpc_host, port=bound)
     freeze_startup_heap()  # everything the doors need exists; requests are yet to come
     tasks = [asyncio.create_task(s.serve()) for s in servers]

@@ -44,7 +44,9 @@ async def read_form(request: Request, max_bytes: int) -> tuple[dict[str, str], l
     if ctype != _FORM:
         raise InvalidRequest(f"content type must be {_FORM}")
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
+    if declared is not None and (
+        not (declared.isascii() and declared.isdigit()) or int(declared) > max_bytes
+    ):
         raise AegisError(f"request body larger than {max_bytes} bytes", code="payload_too_large")
     body = b""
     async for chunk in request.stream():

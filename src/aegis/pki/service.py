@@ -181,7 +181,7 @@ class PkiService:
         key = parse_csr(form.get("csr", ""))
         lifetime = None
         if "lifetime" in form:
-            if not form["lifetime"].isdigit():
+            if not (form["lifetime"].isascii() and form["lifetime"].isdigit()):
                 raise InvalidRequest("lifetime must be a whole number of seconds")
             lifetime = int(form["lifetime"])
         if "bootstrap_token" in form:

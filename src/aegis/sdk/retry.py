@@ -40,7 +40,7 @@ class RetryPolicy:
 
     def delay(self, attempt: int, retry_after: str | None) -> float:
         delay = float(self.backoff_base * (2**attempt))
-        if retry_after is not None and retry_after.isdigit():
+        if retry_after is not None and retry_after.isascii() and retry_after.isdigit():
             delay = max(delay, float(retry_after))
         return min(delay, self.backoff_max)
 

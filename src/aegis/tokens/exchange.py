@@ -336,7 +336,7 @@ def _lifetime(form: Mapping[str, str]) -> int | None:
     if "expires_in" not in form:
         return None
     raw = form["expires_in"]
-    if not raw.isdigit() or int(raw) <= 0:
+    if not (raw.isascii() and raw.isdigit()) or int(raw) <= 0:
         raise InvalidRequest("expires_in must be a positive whole number of seconds")
     return int(raw)
 
