@@ -292,3 +292,56 @@ async def test_attestation_verifies_with_the_published_key(env: Env) -> None:
     forged = result.headers["x-aegis-attestation"].rsplit(".", 1)[0] + "." + b64u_encode(bytes(64))
     with pytest.raises(TokenError):
         verify_jwt(forged, keyring.public_key, attestation_rules(issuer), 0)
+
+
+QUERY_RULE = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: query-rule}
+spec:
+  rules:
+    - {id: pay, action: allow, reason: payments, match: {tools: ["payments"]}}
+    - {id: no-delete, action: deny, reason: no deletes, match: {tools: ["payments"]},
+       when: {path: request.query.action, eq: delete}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "code"),
+    [
+        ((("action", "delete"),), 403, "access_denied"),
+        ((("action", "read"),), 200, None),
+        # ["read", "delete"] is not "delete", and an upstream may read either value.
+        ((("action", "read"), ("action", "delete")), 400, "invalid_request"),
+        ((("action", "delete"), ("action", "read")), 400, "invalid_request"),
+        # A repeated parameter no condition reads is no concern.
+        ((("action", "read"), ("tag", "a"), ("tag", "b")), 200, None),
+    ],
+)
+async def test_a_repeated_query_parameter_the_policy_reads_is_refused(
+    env: Env, query: tuple[tuple[str, str], ...], status: int, code: str | None
+) -> None:
+    env.policies.activate(
+        "acme", "prod", env.policies.put(load_document(QUERY_RULE), now=0), actor="t", now=0
+    )
+    agent = Agent(env)
+    ctx = dataclasses.replace(make_ctx(dpop_headers(agent, agent.token())), query=query)
+    result = await env.pipeline.run(ctx)
+    assert (result.status, result.code) == (status, code), result
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["x-http-method-override", "X-HTTP-Method", "x-method-override", "x_http_method_override",
+     "x-original-url", "X-Rewrite-URL"],
+)  # fmt: skip
+async def test_a_field_that_redirects_the_upstream_is_refused(env: Env, field: str) -> None:
+    # Decided as POST /payments/charge; Symfony, Laravel or an Express method-override would
+    # serve it as a DELETE, IIS URL rewrite as another path.
+    agent = Agent(env)
+    headers = [*dpop_headers(agent, agent.token()), (field, "DELETE")]
+    result = await env.pipeline.run(make_ctx(headers, body={"amount": 5}))
+    assert (result.status, result.code) == (400, "invalid_request"), result
+    assert field.lower() in result.message
+    record = next(r for r in env.audit.records() if r["decision_id"] == result.decision_id)
+    assert record["action"] == "deny"

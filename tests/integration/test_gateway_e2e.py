@@ -143,6 +143,25 @@ def test_forged_identity_headers_are_stripped(stack: Stack) -> None:
     assert "x-secret" not in seen
 
 
+def test_client_claims_about_proxies_are_replaced_by_what_the_gateway_saw(stack: Stack) -> None:
+    agent = AgentClient(stack.srv, "claimer")
+    token = agent.access_token()
+    url = f"{stack.gateway}/payments/charge"
+    claims = {
+        "x-forwarded-for": "10.0.0.1", "x-forwarded-proto": "https",
+        "x-forwarded-host": "admin.internal", "x_forwarded_host": "admin.internal",
+        "x-forwarded-port": "443", "forwarded": "for=10.0.0.1;proto=https", "x-real-ip": "10.0.0.1",
+    }  # fmt: skip
+    resp = httpx.post(url, json={}, headers={**agent.headers(token, "POST", url), **claims})
+    assert resp.status_code == 200, resp.text
+    seen = stack.upstream.seen[-1]["headers"]
+    host = url.split("/")[2]
+    assert (seen["x-forwarded-for"], seen["x-forwarded-proto"]) == ("127.0.0.1", "http")
+    assert seen["x-forwarded-host"] == host
+    for name in ("x-forwarded-port", "x_forwarded_host", "forwarded", "x-real-ip"):
+        assert name not in seen
+
+
 def test_replayed_proof_is_refused(stack: Stack) -> None:
     agent = AgentClient(stack.srv, "replayer")
     token = agent.access_token()
@@ -444,6 +463,37 @@ def test_sanitize_policy_rewrites_request_and_response(stack: Stack) -> None:
         if r["decision_id"] == resp.headers["x-aegis-decision-id"]
     )  # fmt: skip
     assert record["action"] == "sanitize" and record["policy_version"] == version
+
+
+DRY_RUN_ONLY = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: dry-run-only}
+spec:
+  rules:
+    - {id: dry, action: allow, reason: dry runs only, match: {tools: [crm]},
+       when: {path: request.headers.x-dry-run, eq: "1"}}
+    - {id: pay, action: allow, reason: payments allowed, match: {tools: [payments]}}
+"""
+
+
+def test_policy_does_not_decide_on_a_field_the_upstream_never_receives(stack: Stack) -> None:
+    version = stack.policies.put(load_document(DRY_RUN_ONLY), now=time.time())
+    stack.policies.activate("acme", "prod", version, actor="test", now=time.time())
+    time.sleep(0.1)  # one poll interval
+    agent = AgentClient(stack.srv, "dry-runner")
+    token = agent.access_token()
+    url = f"{stack.gateway}/crm/export"
+    ok = httpx.post(url, json={}, headers={**agent.headers(token, "POST", url), "x-dry-run": "1"})
+    assert ok.status_code == 200, ok.text
+    assert stack.upstream.seen[-1]["headers"]["x-dry-run"] == "1"
+    # Named in Connection, the field is hop-by-hop: dropped before forwarding, so the upstream
+    # would run the export for real. Policy must not see it either.
+    headers = {**agent.headers(token, "POST", url), "x-dry-run": "1", "connection": "x-dry-run"}
+    before = len(stack.upstream.seen)
+    resp = httpx.post(url, json={}, headers=headers)
+    assert (resp.status_code, resp.json()["code"]) == (403, "access_denied"), resp.text
+    assert len(stack.upstream.seen) == before
 
 
 STRICT_SANITIZE = """

@@ -23,12 +23,14 @@ from aegis.pki.peer import PeerIdentity
 __all__ = [
     "EMPTY_BODY_DIGEST",
     "METHODS",
+    "REDIRECTING_FIELDS",
     "STREAMED_BODY_DIGEST",
     "CallContext",
     "Route",
     "body_digest",
     "is_json_type",
     "parse_json_body",
+    "refuse_redirecting_fields",
     "route_from_settings",
     "vet_path",
 ]
@@ -136,6 +138,26 @@ class CallContext:
             else:
                 out[k] = [prev, v]
         return out
+
+
+#: Request fields that make common upstream frameworks serve another method or target than the
+#: request line's (Symfony, Laravel, Express method-override, IIS URL rewrite): policy would decide
+#: a POST to /public that is served as a DELETE, or as /admin.
+REDIRECTING_FIELDS: Final = frozenset(
+    {"x-http-method-override", "x-http-method", "x-method-override", "x-original-url",
+     "x-rewrite-url"}
+)  # fmt: skip
+
+
+def refuse_redirecting_fields(headers: tuple[tuple[str, str], ...]) -> None:
+    """Raise ``invalid_request`` for a call carrying one of :data:`REDIRECTING_FIELDS`, however
+    spelled (a CGI or WSGI upstream reads ``X_HTTP_Method_Override`` as the same variable)."""
+    for name, _ in headers:
+        if name.replace("_", "-") in REDIRECTING_FIELDS:
+            raise InvalidRequest(
+                f"the {name} header asks the upstream to serve another method or path than the "
+                "one decided on; send the method and path themselves"
+            )
 
 
 def is_json_type(content_type: str | None) -> bool:

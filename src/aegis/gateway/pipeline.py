@@ -28,7 +28,7 @@ from aegis.audit.log import AuditLog
 from aegis.clock import Clock, new_id
 from aegis.errors import AegisError, TokenError, Unavailable
 from aegis.gateway.auth import Credentials, read_credentials
-from aegis.gateway.context import CallContext, Route
+from aegis.gateway.context import CallContext, Route, refuse_redirecting_fields
 from aegis.gateway.evidence import (
     EvidenceFacts,
     Result,
@@ -175,6 +175,7 @@ class Pipeline:
             raise AegisError(
                 "this route requires a client certificate (mTLS)", code="cert_required"
             )
+        refuse_redirecting_fields(ctx.headers)
         creds: Credentials = read_credentials(ctx)
         facts.scheme = creds.scheme
         token = self._verifier.verify(creds.token)

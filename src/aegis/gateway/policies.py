@@ -41,6 +41,7 @@ __all__ = [
     "ALLOWLIST_VERSION",
     "PolicyDirectory",
     "allowlist_decision",
+    "policy_query_names",
     "policy_reads_body",
 ]
 
@@ -48,6 +49,9 @@ ALLOWLIST_VERSION: Final = "allowlist"
 ALLOWLIST_REASON: Final = "no active policy; allowed by the gateway allow-list"
 _WILDCARD: Final = "*"
 _BODY: Final = ("request", "body")
+_QUERY: Final = ("request", "query")
+#: ``_query_names`` of a policy that reads the whole query object (every name counts).
+_EVERY_NAME: Final = frozenset({"*"})
 _MAX_CACHED: Final = 4096
 
 
@@ -59,6 +63,20 @@ def policy_reads_body(policy: CompiledPolicy, tool: str) -> bool:
             if leaf.path[:2] == _BODY or _BODY[: len(leaf.path)] == leaf.path:
                 return True
     return False
+
+
+def policy_query_names(policy: CompiledPolicy, tool: str) -> frozenset[str]:
+    """The query parameters that conditions of rules that can apply to ``tool`` read
+    (:data:`_EVERY_NAME` when one reads the whole query object)."""
+    names: set[str] = set()
+    for rule in policy.candidates(tool):
+        nodes = [*rule.lowered.match, *([rule.lowered.when] if rule.lowered.when else [])]
+        for leaf in (leaf for node in nodes for leaf in leaves(node)):
+            if leaf.path[:2] == _QUERY and len(leaf.path) > 2:
+                names.add(leaf.path[2])
+            elif _QUERY[: len(leaf.path)] == leaf.path:
+                return _EVERY_NAME
+    return frozenset(names)
 
 
 def allowlist_decision(allow: tuple[GatewayAllow, ...], tool: str, agent_id: str) -> Decision:
@@ -90,6 +108,7 @@ class PolicyDirectory:
         self._watchers: dict[tuple[str, str], PolicyWatcher] = {}
         self._lock = threading.Lock()
         self._reads: dict[tuple[str, str], bool] = {}
+        self._query_names: dict[tuple[str, str], frozenset[str]] = {}
 
     def _watcher(self, tenant: str, env: str) -> PolicyWatcher | None:
         if self._store is None:
@@ -123,6 +142,20 @@ class PolicyDirectory:
             found = self._reads[key] = policy_reads_body(policy, tool)
         return found
 
+    def _repeated_and_read(self, policy: CompiledPolicy, tool: str, doc: dict[str, Any]) -> str:
+        """A query parameter the call repeats and a condition reads, else ``""``."""
+        query = doc.get("request", {}).get("query") or {}
+        repeated = [name for name, value in query.items() if isinstance(value, list)]
+        if not repeated:
+            return ""
+        key = (policy.version, tool)
+        names = self._query_names.get(key)
+        if names is None:
+            if len(self._query_names) >= _MAX_CACHED:
+                self._query_names.clear()
+            names = self._query_names[key] = policy_query_names(policy, tool)
+        return next((n for n in repeated if names is _EVERY_NAME or n in names), "")
+
     def reads_body(self, tenant: str, env: str, tool: str) -> bool:
         """Whether the policy in force for the route reads request bodies of ``tool`` (the proxy
         then buffers the body for it); False for the allow-list, which never does."""
@@ -154,6 +187,14 @@ class PolicyDirectory:
                 raise InvalidRequest(
                     "the policy for this tool reads the request body; send it as JSON "
                     "(content-type application/json) within gateway.max_body_bytes"
+                )
+            repeated = self._repeated_and_read(policy, tool, doc)
+            if repeated:
+                # A condition such as ``action eq delete`` is false for ["read", "delete"], while
+                # the upstream may read either value.
+                raise InvalidRequest(
+                    f"the query parameter {repeated[:64]!r} is repeated and the policy for this "
+                    "tool reads it; send it once"
                 )
             return policy.evaluate(doc)
         return allowlist_decision(self._allow, tool, agent_id)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from typing import Any, Final
 from urllib.parse import parse_qsl, quote
 
@@ -66,6 +66,8 @@ __all__ = [
     "ReverseProxy",
     "forwardable",
     "joined",
+    "proxy_claim",
+    "without_connection_named",
 ]
 
 HOP_BY_HOP: Final = frozenset(
@@ -103,7 +105,23 @@ def forwardable(pairs: Collection[tuple[str, str]], drop: frozenset[str]) -> lis
     return out
 
 
-def joined(pairs: Collection[tuple[str, str]]) -> dict[str, str]:
+def proxy_claim(name: str) -> bool:
+    """Whether a request field (lowercase name) is a claim about the client or the path through
+    proxies (``Forwarded``, ``X-Forwarded-*``, ``X-Real-IP``, however spelled): from a caller it
+    is unverified, and an upstream that believes it would take a spoofed address, scheme or host
+    for the gateway's word. The gateway sets its own ``X-Forwarded-For/Proto/Host``."""
+    norm = name.replace("_", "-")
+    return norm in ("forwarded", "x-real-ip") or norm.startswith("x-forwarded-")
+
+
+def without_connection_named(pairs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """``pairs`` (lowercase names) without the fields every ``Connection`` header names."""
+    named = {t.strip() for k, v in pairs if k == "connection" for t in v.lower().split(",")}
+    named.discard("")
+    return tuple((k, v) for k, v in pairs if k not in named)
+
+
+def joined(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
     """One value per field, repeats joined as RFC 9110 §5.3 reads them (``Cookie`` with ``; ``,
     RFC 9113 §8.2.3): the upstream receives every value the policy saw, not only the last."""
     out: dict[str, str] = {}
@@ -206,6 +224,11 @@ class ReverseProxy:
             if name in values and name in SINGLE_FIELDS:
                 repeated = name
             values.setdefault(name, value)
+        if "connection" in values:
+            # Fields the Connection header names are hop-by-hop (RFC 9110 §7.6.1) and never
+            # forwarded, so policy must not decide on them either: "x-dry-run: 1" with
+            # "Connection: x-dry-run" would pass a rule on it while the upstream never sees it.
+            headers = without_connection_named(headers)
         raw_path = scope.get("raw_path") or quote(scope["path"]).encode()
         target = raw_path.decode("latin-1")
         host = values.get("host", "")
@@ -351,14 +374,20 @@ class ReverseProxy:
     ) -> None:
         """Forward the allowed call; ``sent`` is the request target exactly as received."""
         assert self._session is not None, "the proxy was not started"
-        headers = joined(forwardable(ctx.headers, _REQUEST_DROP))
+        headers = joined(
+            (k, v) for k, v in forwardable(ctx.headers, _REQUEST_DROP) if not proxy_claim(k)
+        )
         if result.obligations:
             headers = apply_to_headers(headers, result.obligations, "request")
         headers.update(result.upstream_headers)
         if _response_rules(result):
             headers.pop("accept-encoding", None)  # the answer must be readable to be sanitized
+        # What the gateway itself saw, replacing any client claim (dropped above).
         if ctx.client:
             headers["x-forwarded-for"] = ctx.client
+        headers["x-forwarded-proto"] = ctx.url.partition(":")[0]
+        if ctx.host:
+            headers["x-forwarded-host"] = ctx.host
         # Forward the vetted target byte for byte (``encoded=True``): re-encoding or normalising it
         # here could make the upstream read a path other than the one that was decided.
         url = URL(ctx.route.upstream.rstrip("/") + sent, encoded=True)
