@@ -159,3 +159,29 @@ async def test_not_found_propagates_and_is_not_cached(store: Gated) -> None:
         assert not cache._clients
     finally:
         cache.close()
+
+
+async def test_a_read_older_than_the_ttl_is_not_joined(store: Gated) -> None:
+    """Another replica suspends the agent while a slow read of the active record is under way.
+    A call that comes more than ttl after that read began must not take its answer (an entry
+    that old would not be used either): it reads again and sees the suspension."""
+    cache = RegistryCache(store, clock=SystemClock(), ttl=0.1)
+    try:
+        store.gate.clear()
+        store.late = True
+        before = asyncio.ensure_future(cache.agent_async("finance-agent"))
+        young = asyncio.ensure_future(cache.agent_async("finance-agent"))  # at once: joins
+        await asyncio.sleep(0.05)  # read (active), not yet delivered
+        assert store.reads == 1
+        store.update_agent(_agent(time.time(), AgentStatus.SUSPENDED))  # elsewhere: no invalidate
+        await asyncio.sleep(0.1)
+        late = asyncio.ensure_future(cache.agent_async("finance-agent"))
+        await asyncio.sleep(0.05)
+        assert store.reads == 2  # the late call's own read
+        store.gate.set()
+        assert (await before).status is AgentStatus.ACTIVE
+        assert (await young).status is AgentStatus.ACTIVE  # asked before the write
+        assert (await late).status is AgentStatus.SUSPENDED
+    finally:
+        store.gate.set()
+        cache.close()

@@ -8,9 +8,11 @@ failure is never hidden: it propagates as ``Unavailable`` and the caller fails c
 On an event loop, use the ``*_async`` readers: a miss is read on the cache's own reader threads, so
 a slow or stalled database (a PostgreSQL round trip, a lock, a host gone) holds only the calls that
 need that record, never the loop and every other call on it. Concurrent misses for one record
-share one read; a caller waits at most :data:`READ_BUDGET` seconds and then fails closed with
-``registry_unavailable``, while the read goes on and fills the cache if it completes. An entry's
-age counts from when its read began, and a read that began before :meth:`invalidate` is not cached.
+share one read, unless it began more than ``ttl`` before the caller came (then the caller starts
+another: a slow read must not hand out a record older than an entry may be); a caller waits at
+most :data:`READ_BUDGET` seconds and then fails closed with ``registry_unavailable``, while the
+read goes on and fills the cache if it completes. An entry's age counts from when its read
+began, and a read that began before :meth:`invalidate` is not cached.
 """
 
 from __future__ import annotations
@@ -47,10 +49,10 @@ class RegistryCache:
         self._tenants: dict[str, tuple[float, Tenant]] = {}
         #: Bumped by :meth:`invalidate`: a read that began under an older generation is not kept.
         self._generation = 0
-        #: Reads under way for ``*_async`` callers, by (loop, table, key, generation): one read
-        #: per record.
+        #: Reads under way for ``*_async`` callers, by (loop, table, key, generation), with the
+        #: time each began: one read per record at a time.
         self._inflight: dict[
-            tuple[asyncio.AbstractEventLoop, int, str, int], asyncio.Future[Any]
+            tuple[asyncio.AbstractEventLoop, int, str, int], tuple[float, asyncio.Future[Any]]
         ] = {}
         self._readers: ThreadPoolExecutor | None = None
         self._readers_lock = threading.Lock()
@@ -81,13 +83,19 @@ class RegistryCache:
         loop, generation = asyncio.get_running_loop(), self._generation
         # A read begun before an invalidate() is not joined: it may predate this process's write.
         flight = (loop, id(table), key, generation)
-        read = self._inflight.get(flight)
-        if read is None:
+        under_way = self._inflight.get(flight)
+        # A read that began more than ttl before this call may have read the record before a
+        # change this call must see (a suspension, on any replica): like an entry that old, it
+        # is not used; a new read replaces it for later callers.
+        if under_way is not None and born - under_way[0] < self._ttl:
+            read = under_way[1]
+        else:
             read = loop.run_in_executor(self._reader_pool(), load, key)
-            self._inflight[flight] = read
+            entry = self._inflight[flight] = (born, read)
 
             def landed(done: asyncio.Future[Any]) -> None:
-                self._inflight.pop(flight, None)
+                if self._inflight.get(flight) is entry:
+                    del self._inflight[flight]
                 fine = not done.cancelled() and done.exception() is None
                 if fine and generation == self._generation:
                     self._put(table, key, born, done.result())
