@@ -13,7 +13,7 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from aegis.clock import new_id
@@ -52,6 +52,16 @@ class Upstream:
             )
             if request.url.path.endswith("/big"):  # an answer too large to send in one piece
                 return Response(BIG_ANSWER, media_type="application/octet-stream")
+            if request.url.path.endswith("/huge"):  # 2 MiB of text, length known or not
+                text = b"4111 1111 1111 1111 " * (2 * 1024 * 1024 // 20)
+                if request.url.query == "streamed":
+
+                    async def chunks() -> AsyncIterator[bytes]:
+                        for i in range(0, len(text), 65536):
+                            yield text[i : i + 65536]
+
+                    return StreamingResponse(chunks(), media_type="text/plain")
+                return Response(text, media_type="text/plain")
             if request.url.path.endswith("/text-json"):  # JSON the upstream labels as text
                 return Response(
                     '{"ok": true, "card": "4111 1111 1111 1111"}', media_type="text/plain"

@@ -563,6 +563,22 @@ def test_sanitize_refuses_what_it_cannot_rewrite(stack: Stack) -> None:
     assert CARD not in resp.text
 
 
+def test_an_answer_too_large_to_sanitize_is_refused_not_held(stack: Stack) -> None:
+    """An answer to be sanitized is read whole into memory, so only up to max_body_bytes
+    (1 MiB here): a 2 MiB one, with or without a content-length, is a 502."""
+    version = stack.policies.put(load_document(SANITIZE), now=time.time())
+    stack.policies.activate("acme", "prod", version, actor="test", now=time.time())
+    time.sleep(0.1)  # one poll interval
+    agent = AgentClient(stack.srv, "hoarder")
+    token = agent.access_token()
+    for target in ("huge", "huge?streamed"):
+        url = f"{stack.gateway}/crm/{target}"
+        resp = httpx.post(url, json={}, headers=agent.headers(token, "POST", url))
+        assert (resp.status_code, resp.json()["error"]) == (502, "bad_gateway"), resp.text[:200]
+        assert "larger than" in resp.json()["error_description"]
+        assert "4111 1111 1111 1111" not in resp.text
+
+
 BODY_CAP = """
 apiVersion: aegis/v1
 kind: Policy

@@ -474,13 +474,26 @@ class ReverseProxy:
         result: Result,
     ) -> None:
         """Apply response obligations to a whole answer; anything that cannot be read and
-        rewritten is refused (502) rather than passed through unsanitized."""
+        rewritten (over ``max_body_bytes`` included: it is held in memory) is refused (502)
+        rather than passed through unsanitized."""
+        limit = self._settings.max_body_bytes
+        raw = bytearray()
         try:
-            raw = await upstream.read()
+            if (upstream.content_length or 0) <= limit:
+                async for chunk in upstream.content.iter_chunked(_CHUNK):
+                    raw += chunk
+                    if len(raw) > limit:
+                        break
         except (TimeoutError, aiohttp.ClientError):
             return await self._gateway_error(
                 send, ctx, 504, "upstream_timeout", "the upstream did not answer in time", result
             )
+        if (upstream.content_length or 0) > limit or len(raw) > limit:
+            return await self._gateway_error(
+                send, ctx, 502, "bad_gateway",
+                f"the upstream answer is larger than {limit} bytes and cannot be sanitized",
+                result,
+            )  # fmt: skip
         ctype = upstream.headers.get("content-type")
         encoding = upstream.headers.get("content-encoding", "identity").lower()
         as_json = is_json_type(ctype)
@@ -493,7 +506,7 @@ class ReverseProxy:
                 # A redaction names JSON members; in text (JSON labelled text/plain included)
                 # it would find nothing and pass the answer on whole.
                 raise InvalidRequest("a redaction applies only to a JSON answer")
-            body: Any = parse_json_body(raw, ctype) if as_json else raw.decode("utf-8")
+            body: Any = parse_json_body(bytes(raw), ctype) if as_json else raw.decode("utf-8")
         except (InvalidRequest, UnicodeDecodeError):
             return await self._gateway_error(
                 send, ctx, 502, "bad_gateway", "the upstream answer cannot be sanitized", result
