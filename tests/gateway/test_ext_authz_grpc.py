@@ -182,6 +182,8 @@ async def test_two_dpop_headers_are_refused_joined_or_not(
      ("/payments/%2e%2e/admin", 400, "invalid_request"),
      # Read as host "admin" + path "/payments/x" by a URL parser; served as a path upstream.
      ("//admin/payments/x", 400, "invalid_request"),
+     ("/payments/x?action=read;action=delete", 400, "invalid_request"),
+     ("/%EF%BC%8E%EF%BC%8E/payments/x", 400, "invalid_request"),
      ("http://gw.example.com/payments/x", 400, "invalid_request")],
 )  # fmt: skip
 async def test_unroutable_paths_are_denied(

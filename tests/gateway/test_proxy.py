@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from aegis.config import GatewayRoute, GatewaySettings
 from aegis.errors import InvalidRequest
-from aegis.gateway.context import parse_json_body, vet_path
+from aegis.gateway.context import parse_json_body, vet_path, vet_query
 from aegis.gateway.proxy import ReverseProxy, forwardable, joined
 from aegis.gateway.routing import RouteTable
 
@@ -148,6 +148,8 @@ def test_a_string_prefix_clash_is_named() -> None:
         ("/payments/a%20b%3Fc", "/payments/a b?c"),
         ("/payments/v1.2/..x/.well", "/payments/v1.2/..x/.well"),
         ("/payments/%41%2e1", "/payments/A.1"),
+        ("/payments/caf%C3%A9", "/payments/caf\u00e9"),
+        ("/payments/%EF%BD%81", "/payments/\uff41"),  # FULLWIDTH a: no separator once normalised
     ],
 )
 def test_paths_that_read_the_same_everywhere_pass(raw: str, decoded: str) -> None:
@@ -177,6 +179,8 @@ def test_paths_that_read_the_same_everywhere_pass(raw: str, decoded: str) -> Non
         "/payments/#",
         "/payments//x",  # nginx merges slashes: //admin/x is served as /admin/x
         "//admin/x",
+        "/%EF%BC%8E%EF%BC%8E/admin",  # FULLWIDTH FULL STOPs: '..' once NFKC-normalised
+        "/payments/%EF%BC%8Fadmin",  # FULLWIDTH SOLIDUS: '/' once normalised
     ],
 )
 def test_paths_another_server_could_read_differently_are_refused(raw: str) -> None:
@@ -200,3 +204,28 @@ def test_a_json_body_repeating_a_member_is_refused(raw: bytes) -> None:
 def test_json_without_repeats_reads_as_the_standard_decoder_reads_it(value: object) -> None:
     raw = json.dumps(value).encode()
     assert parse_json_body(raw, "application/json") == json.loads(raw)
+
+
+def test_a_path_in_fullwidth_letters_is_decided_under_the_route_it_normalises_to() -> None:
+    table = _table(("/", "public", None), ("/admin", "admin", None))
+    route = table.match("gw", vet_path("/%EF%BD%81%EF%BD%84%EF%BD%8D%EF%BD%89%EF%BD%8E/users"))
+    assert route is not None and route.tool == "admin"
+
+
+@pytest.mark.parametrize(
+    ("query", "params"),
+    [("", ()), ("a=1&b=2", (("a", "1"), ("b", "2"))), ("a=%3B&a=2", (("a", ";"), ("a", "2"))),
+     ("q=line%0Abreak", (("q", "line\nbreak"),))],
+)  # fmt: skip
+def test_queries_that_read_the_same_everywhere_pass(
+    query: str, params: tuple[tuple[str, str], ...]
+) -> None:
+    assert vet_query(query) == params
+
+
+@pytest.mark.parametrize(
+    "query", ["action=read;action=delete", "a=1#x", "action%00=delete", "a%0D=1", "a=%00"]
+)
+def test_queries_another_server_could_read_differently_are_refused(query: str) -> None:
+    with pytest.raises(InvalidRequest):
+        vet_query(query)

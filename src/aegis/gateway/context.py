@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote
 
 from aegis.config import GatewayRoute
 from aegis.errors import InvalidRequest
@@ -33,6 +34,7 @@ __all__ = [
     "refuse_redirecting_fields",
     "route_from_settings",
     "vet_path",
+    "vet_query",
 ]
 
 #: Methods a call may use at every front door (the proxy forwards them, ext_authz decides them);
@@ -209,6 +211,28 @@ def parse_json_body(raw: bytes, content_type: str | None) -> Any:
 #: segments, or leaves a second layer of encoding for the upstream to decode.
 _RESEGMENTING: Final = re.compile(r"%(?:2f|5c|25)", re.IGNORECASE)
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f\\]")
+_CONTROL_CHAR: Final = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def vet_query(query: str) -> tuple[tuple[str, str], ...]:
+    """The parameters of a query string that reads the same at the gateway and the upstream.
+
+    Policy reads the parameters as split on ``&`` (WHATWG, Python); some servers also split on
+    ``;`` (older Rack, Go before 1.17), so ``action=read;action=delete`` would be one value here
+    and two there: an unencoded ``;`` is refused, as Go now refuses it. So is a ``#`` (a parser
+    that keeps a fragment would let policy read what the upstream client drops) and a NUL or other
+    control character in a parameter name (C parsers end the name there)."""
+    if "#" in query:
+        raise InvalidRequest("the request target must not contain a fragment ('#')")
+    if ";" in query:
+        raise InvalidRequest("encode ';' in the query string as %3B")
+    params = tuple(parse_qsl(query, keep_blank_values=True))
+    for name, value in params:
+        if _CONTROL_CHAR.search(name) or "\x00" in value:
+            raise InvalidRequest(
+                "query parameters must not carry control characters in names or NUL in values"
+            )
+    return params
 
 
 def vet_path(raw_path: str) -> str:
@@ -239,4 +263,18 @@ def vet_path(raw_path: str) -> str:
         # nginx merges slashes (merge_slashes), so ``//admin/x`` is served as ``/admin/x``
         # while a segment match would choose the catch-all route.
         raise InvalidRequest("the request path must not contain empty segments ('//')")
+    if not path.isascii():
+        # Servers that apply Unicode compatibility normalisation (NFKC) read two FULLWIDTH FULL
+        # STOPs as '..' and a FULLWIDTH SOLIDUS as '/': the path must split the same way once
+        # normalised.
+        folded = unicodedata.normalize("NFKC", path)
+        if folded != path and (
+            folded.count("/") != path.count("/")
+            or _CONTROL.search(folded)
+            or any(seg.split(";", 1)[0] in (".", "..") for seg in folded.split("/"))
+        ):
+            raise InvalidRequest(
+                "the request path reads differently once Unicode-normalised (NFKC); "
+                "send plain '.', '/' and '\\' only where they mean themselves"
+            )
     return path

@@ -31,7 +31,6 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
-from urllib.parse import parse_qsl
 
 from aegis.config import GatewaySettings
 from aegis.errors import AegisError, InvalidRequest, spec_for
@@ -43,6 +42,7 @@ from aegis.gateway.context import (
     body_digest,
     parse_json_body,
     vet_path,
+    vet_query,
 )
 from aegis.gateway.evidence import Result
 from aegis.gateway.pipeline import Pipeline
@@ -229,14 +229,14 @@ class ExtAuthz:
         # as host ``admin`` and path ``/payments/x`` there, while the upstream serves it as a path.
         # Only origin-form targets are decided (vet_path refuses anything not starting with '/').
         raw_path, _, query = req.target.partition("?")
+        path, bad = raw_path, None
+        params: tuple[tuple[str, str], ...] = ()
         try:
-            path, bad = vet_path(raw_path), None
-            if "#" in query:
-                # As the reverse proxy refuses it: an upstream that drops the fragment would read
-                # another query than the one policy decided on (``?action=delete#x``).
-                raise InvalidRequest("the request target must not contain a fragment ('#')")
+            path = vet_path(raw_path)
+            # As the reverse proxy refuses them: '#', an unencoded ';', control characters.
+            params = vet_query(query)
         except InvalidRequest as exc:
-            path, bad = raw_path, exc
+            bad = exc
         route = self.routes.match(req.host, path)
         if route is not None and bad is None:
             clash = self.routes.clash(req.host, path, route)
@@ -257,7 +257,7 @@ class ExtAuthz:
             "path": path,
             "route": route,
             "headers": req.headers,
-            "query": tuple(parse_qsl(query, keep_blank_values=True)),
+            "query": params,
             "body_digest": STREAMED_BODY_DIGEST,
             "raw_body": None,
             "client": req.client,

@@ -31,7 +31,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from typing import Any, Final
-from urllib.parse import parse_qsl, quote
+from urllib.parse import quote
 
 import aiohttp
 from starlette.datastructures import URL as RequestURL
@@ -50,6 +50,7 @@ from aegis.gateway.context import (
     is_json_type,
     parse_json_body,
     vet_path,
+    vet_query,
 )
 from aegis.gateway.pipeline import Pipeline, Result
 from aegis.gateway.routing import RouteTable
@@ -246,10 +247,11 @@ class ReverseProxy:
             detail = {"error": "not_found", "error_description": "no route for this path"}
             return await _json(send, 404, detail, {})
         query = scope.get("query_string", b"").decode("latin-1")
-        if bad_path is None and "#" in query:
-            # A parser that keeps a fragment in the query would let policy read it while the
-            # upstream client drops it; the path's own '#' is refused by vet_path.
-            bad_path = InvalidRequest("the request target must not contain a fragment ('#')")
+        params: tuple[tuple[str, str], ...] = ()
+        try:
+            params = vet_query(query)
+        except InvalidRequest as exc:
+            bad_path = bad_path or exc
         client = scope.get("client")
         # The target as the client sent it (still percent-encoded): DPoP htu and the request
         # digest cover it, and it is what the upstream receives.
@@ -261,7 +263,7 @@ class ReverseProxy:
             "path": path,
             "route": route,
             "headers": headers,
-            "query": tuple(parse_qsl(query, keep_blank_values=True)),
+            "query": params,
             "peer": peer_from_scope(scope),
             "client": client[0] if client else None,
         }

@@ -18,6 +18,7 @@ upstream gets the call is unchanged (the proxy forwards the target as sent).
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable
 
 from aegis.config import GatewayRoute
@@ -29,8 +30,11 @@ _LOOSE_END = (".", " ")
 
 
 def match_key(path: str) -> str:
-    """``path`` as the loosest common upstream reads it, for choosing a route: each segment
-    without its ``;parameters`` and trailing dots and spaces, lowercase."""
+    """``path`` as the loosest common upstream reads it, for choosing a route: Unicode
+    compatibility-normalised (NFKC: ``admin`` in FULLWIDTH letters is ``admin``), each segment without its
+    ``;parameters`` and trailing dots and spaces, lowercase."""
+    if not path.isascii():
+        path = unicodedata.normalize("NFKC", path)
     if ";" in path or "./" in path or " /" in path or path.endswith(_LOOSE_END):
         path = "/".join(seg.split(";", 1)[0].rstrip(". ") for seg in path.split("/"))
     return path.lower()
