@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import time
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +13,7 @@ from aegis.crypto.jws import parse_compact
 from aegis.crypto.keyring import KeyRing, KeyRingSettings, decrypt_seed, encrypt_seed
 from aegis.crypto.keys import PRIVATE_JWK_MEMBERS, jwk_thumbprint, public_key_from_jwk
 from aegis.errors import ConfigError, Conflict, TokenError
+from aegis.stores import open_key_store
 from aegis.tokens.issuer import TokenIssuer
 from aegis.tokens.verifier import AccessTokenVerifier
 from aegis.types import KeyState
@@ -298,3 +301,30 @@ def test_unknown_kid_misses_reload_at_most_once_a_second() -> None:
     _clock(ring).advance(1)
     ring.public_key("nope")
     assert reads == 2
+
+
+def test_background_refresh_reads_the_store_until_the_ring_is_closed(tmp_path: Path) -> None:
+    store = open_key_store(f"sqlite:///{tmp_path / 'keys.db'}")
+    ring = KeyRing(store, bytes(range(32)), FrozenClock(T0), SETTINGS)
+    ring.ensure_initialized()
+    reads = 0
+    original = store.list_keys
+
+    def counting() -> list:  # type: ignore[type-arg]
+        nonlocal reads
+        reads += 1
+        return original()
+
+    store.list_keys = counting  # type: ignore[method-assign]
+    ring.refresh_in_background(0.02)
+    ring.refresh_in_background(0.02)  # one thread per ring
+    deadline = time.monotonic() + 5
+    while reads < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert reads >= 3
+    ring.close()
+    time.sleep(0.05)  # a read under way finishes
+    after = reads
+    time.sleep(0.2)
+    assert reads == after  # a closed ring never reads its (soon closed) store again
+    store.close()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -94,6 +93,8 @@ class KeyRing:
         self._snap = _Snapshot((), None, {}, 0.0)
         self._last_miss_reload = 0.0
         self._refreshing = False
+        #: Set by :meth:`close`: the refresh thread stops, and never reads a closed store.
+        self._closed = threading.Event()
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -156,10 +157,14 @@ class KeyRing:
         ``remove_after``). One thread per ring, however often called; it ends when the ring is
         gone. A failed read keeps the current snapshot and is logged."""
         with self._lock:
-            if self._refreshing:
+            if self._refreshing or self._closed.is_set():
                 return
             self._refreshing = True
-        _start_refreshing(weakref.ref(self), interval)
+        _start_refreshing(weakref.ref(self), self._closed, interval)
+
+    def close(self) -> None:
+        """Stop the background refresh (before the key store is closed)."""
+        self._closed.set()
 
     # -- using -----------------------------------------------------------------------------
 
@@ -312,10 +317,9 @@ class KeyRing:
         )
 
 
-def _start_refreshing(ring: weakref.ref[KeyRing], interval: float) -> None:
+def _start_refreshing(ring: weakref.ref[KeyRing], closed: threading.Event, interval: float) -> None:
     def run() -> None:
-        while True:
-            time.sleep(interval)
+        while not closed.wait(interval):
             alive = ring()
             if alive is None:
                 return

@@ -67,6 +67,7 @@ class Services:
         await self.replay.close()
         await self.revocation.close()
         self.cache.close()
+        self.keyring.close()
         for store in (self.registry_store, self.key_store):
             close = getattr(store, "close", None)
             if close is not None:
