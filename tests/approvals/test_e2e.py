@@ -127,9 +127,9 @@ class Caller:
         self.token = self.agent.access_token()
 
     def pay(self, amount: int, override: str | None = None, path: str = "/payments/charge",
-            ) -> httpx.Response:  # fmt: skip
+            extra: dict[str, str] | None = None) -> httpx.Response:  # fmt: skip
         url = f"{self.stack.gateway}{path}"
-        headers = self.agent.headers(self.token, "POST", url)
+        headers = {**self.agent.headers(self.token, "POST", url), **(extra or {})}
         if override is not None:
             headers["X-Aegis-Override"] = override
         return httpx.post(url, json={"amount": amount, "account": "DE00 1"}, headers=headers)
@@ -201,6 +201,10 @@ def test_payment_approved_on_slack_goes_through_exactly_once(stack: Stack) -> No
 
     changed_amount = caller.pay(12_001, override=override)
     assert (changed_amount.status_code, changed_amount.json()["code"]) == (
+        403, "override_digest_mismatch")  # fmt: skip
+    # A header the upstream acts on, added after the approval: another call.
+    redirected = caller.pay(12_000, override=override, extra={"x-destination": "external"})
+    assert (redirected.status_code, redirected.json()["code"]) == (
         403, "override_digest_mismatch")  # fmt: skip
     thief = Caller(stack, "thief")
     stolen = thief.pay(12_000, override=override)

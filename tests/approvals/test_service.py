@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from aegis.approvals import ApprovalService, build_approval_service
-from aegis.approvals.model import call_digest
+from aegis.approvals.model import bound_headers, call_digest
 from aegis.errors import AegisError
 from aegis.telemetry.metrics import REGISTRY
 from tests.approvals.conftest import FINANCE, Setup, held, make_setup
@@ -249,3 +249,30 @@ async def test_pending_request_survives_a_restart_on_postgres(
     token = (await second.status(req.id, "payer"))["override_token"]
     assert (await second.redeem(held(), token)).state == "used"
     second.close()
+
+
+def test_the_digest_binds_what_the_upstream_acts_on_and_what_the_approval_stood_for() -> None:
+    base = held(query=(("to", "alice"), ("to", "mallory")), headers=(("x-account", "DE00"),),
+                host="pay.example.com", upstream="http://10.0.0.5", approval="finance")  # fmt: skip
+    others = [
+        dataclasses.replace(base, query=(("to", "mallory"), ("to", "alice"))),  # first `to` read
+        dataclasses.replace(base, headers=(("x-account", "XX99"),)),
+        dataclasses.replace(base, headers=(("x-account", "DE00"), ("x-destination", "ext"))),
+        dataclasses.replace(base, chain=("orchestrator",)),
+        dataclasses.replace(base, origin_user="bob@example.com"),
+        dataclasses.replace(base, approval="finance,security"),  # policy now needs security too
+        dataclasses.replace(base, host="admin.example.com"),
+        dataclasses.replace(base, upstream="http://10.0.0.6"),
+    ]
+    digests = {call_digest(c) for c in others}
+    assert len(digests) == len(others) and call_digest(base) not in digests
+
+
+def test_fields_that_differ_between_two_sendings_of_one_call_are_not_bound() -> None:
+    volatile = (
+        ("authorization", "DPoP t2"), ("dpop", "p2"), ("x-aegis-override", "o"),
+        ("traceparent", "00-ab-cd-01"), ("user-agent", "sdk/2"), ("x-request-id", "r2"),
+        ("x-forwarded-for", "10.0.0.9"), ("X_Forwarded_Proto", "https"), ("content-length", "7"),
+    )  # fmt: skip
+    kept = (("content-type", "application/json"), ("x-account", "DE00"))
+    assert bound_headers((*volatile, *kept)) == kept

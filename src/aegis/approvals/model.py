@@ -8,8 +8,13 @@ States (every arrow is one guarded write, ``UPDATE ... WHERE state = <from>``)::
 
 A request is *open* while ``pending`` or ``approved``; at most one request is open per call digest
 (a unique column holds the digest only while open), so the same call asked again returns the same
-id. The digest binds the tenant, environment, agent, tool, method, path, the query (sorted) and the
-body byte for byte (its SHA-256): a payment of 12,001 is another call than one of 12,000.
+id. The digest binds everything the upstream acts on and everything the approval stood for: the
+tenant, environment, agent, tool, the host and upstream of the route, method, path, the query (in
+order: an upstream may read the first ``to`` of two), the request headers the upstream receives
+(:func:`bound_headers`), the body byte for byte (its SHA-256: a payment of 12,001 is another call
+than one of 12,000), the delegation chain and origin user (separation of duties is judged on
+them), and the approval the policy required (its groups): an override approved by finance does not
+pass a call that policy now holds for security.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ __all__ = [
     "ApprovalRequest",
     "HeldCall",
     "State",
+    "bound_headers",
     "call_digest",
     "redact_parameters",
 ]
@@ -63,20 +69,56 @@ class HeldCall:
     rule_ids: tuple[str, ...] = ()
     policy_version: str | None = None
     reasons: tuple[str, ...] = ()
+    #: The host the call addressed and the upstream its route forwards to.
+    host: str = ""
+    upstream: str = ""
+    #: :func:`bound_headers` of the call, in arrival order.
+    headers: tuple[tuple[str, str], ...] = ()
+    #: The approval the policy required (its groups, comma-separated).
+    approval: str = ""
+
+
+#: Request fields that differ between two sendings of the same call, or that the upstream never
+#: receives: credentials, the override itself, tracing ids, transport and proxy fields.
+_UNBOUND: Final = frozenset(
+    {"authorization", "dpop", "host", "content-length", "connection", "keep-alive", "te",
+     "transfer-encoding", "upgrade", "user-agent", "accept-encoding", "date", "traceparent",
+     "tracestate", "baggage", "x-request-id", "x-correlation-id", "sentry-trace",
+     "x-amzn-trace-id", "x-cloud-trace-context", "forwarded", "x-real-ip"}
+)  # fmt: skip
+_UNBOUND_PREFIXES: Final = ("x-aegis-", "x-forwarded-", "x-envoy-", "x-b3-", "x-datadog-", "proxy-")
+
+
+def bound_headers(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """The request headers an approval is bound to: every one the upstream acts on, in order,
+    without the fields of :data:`_UNBOUND` (names compared with ``_`` read as ``-``)."""
+    out = []
+    for name, value in headers:
+        norm = name.lower().replace("_", "-")
+        if norm in _UNBOUND or norm.startswith(_UNBOUND_PREFIXES):
+            continue
+        out.append((name.lower(), value))
+    return tuple(out)
 
 
 def call_digest(call: HeldCall) -> str:
     """``sha256:<hex>`` over the canonical JSON of what makes the call this call."""
     canonical = {
-        "v": 1,
+        "v": 2,
         "tenant": call.tenant,
         "env": call.env,
         "agent": call.agent_id,
         "tool": call.tool,
+        "host": call.host.lower(),
+        "upstream": call.upstream,
         "method": call.method.upper(),
         "path": call.path,
-        "query": sorted([k, v] for k, v in call.query),
+        "query": [[k, v] for k, v in call.query],
+        "headers": [[k, v] for k, v in call.headers],
         "body": call.body_digest,
+        "chain": list(call.chain),
+        "origin_user": call.origin_user,
+        "approval": call.approval,
     }
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -6,8 +6,10 @@ still wins over any override; an allowed call never spends one). Without an ``x-
 header the gate opens (or finds) the approval request for this call and refuses with
 ``approval_needed``, the ``approval_id`` and the ``status_url`` the agent polls. With the header
 (exactly once) it redeems the token: it must be valid, this agent's, for this exact call (the
-digest of tenant, env, agent, tool, method, path, query and body bytes), approved, unexpired and
-unused; then the call proceeds as policy's approved form (sanitize obligations still apply).
+digest of ``aegis.approvals.model.call_digest``: route, method, path, query, the headers the
+upstream acts on, body bytes, delegation chain and the approval policy requires now), approved,
+unexpired and unused; then the call proceeds as policy's approved form (sanitize obligations
+still apply).
 The header starts with ``x-aegis-``, so the proxy never forwards it upstream.
 """
 
@@ -15,12 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from aegis.approvals.model import HeldCall
+from aegis.approvals.model import HeldCall, bound_headers
 from aegis.approvals.override import OVERRIDE_HEADER
 from aegis.approvals.service import ApprovalService
 from aegis.errors import AegisError, InvalidRequest
 from aegis.gateway.context import STREAMED_BODY_DIGEST, CallContext
 from aegis.gateway.evidence import EvidenceFacts
+from aegis.gateway.routing import bare_host
 from aegis.policy.decision import ApprovalRequirement, Decision
 from aegis.policy.input import PolicyCall
 from aegis.telemetry.metrics import APPROVAL_REJECTIONS
@@ -54,13 +57,15 @@ class ApprovalGate:
                 "be bound to it; send it as JSON within gateway.max_body_bytes",
                 code="approval_unbindable",
             )
+        need = requirement_of(decision)
         held = HeldCall(
             decision_id=facts.decision_id, tenant=call.tenant, env=call.env,
             agent_id=call.agent.id, agent_owner=call.agent.owner or "", tool=call.tool,
             method=ctx.method, path=ctx.path, query=ctx.query, body_digest=ctx.body_digest,
             body=ctx.body, chain=facts.chain, origin_user=call.chain.origin_user,
             rule_ids=decision.rule_ids, policy_version=decision.policy_version,
-            reasons=decision.reasons,
+            reasons=decision.reasons, host=bare_host(ctx.host), upstream=ctx.route.upstream,
+            headers=bound_headers(ctx.headers), approval=need.group,
         )  # fmt: skip
         tokens = ctx.header_values(OVERRIDE_HEADER)
         if len(tokens) > 1:
@@ -77,7 +82,7 @@ class ApprovalGate:
                 code=None,
                 reasons=(f"approved by {req.decided_by} (approval {req.id})",),
             )
-        req = await self.service.hold(held, requirement_of(decision))
+        req = await self.service.hold(held, need)
         raise AegisError(
             "this call needs a human approval; poll status_url, then retry the same call once "
             f"with the {OVERRIDE_HEADER} header",
