@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from envoy.service.auth.v3 import external_auth_pb2 as pb
@@ -21,7 +22,7 @@ from google.rpc import code_pb2
 
 from aegis.clock import SystemClock
 from aegis.config import GatewaySettings, load_config
-from aegis.errors import InvalidRequest
+from aegis.errors import AegisError, InvalidRequest
 from aegis.gateway.app import build_pipeline
 from aegis.gateway.ext_authz import ExtAuthz, XfccMode, vet_authority
 from aegis.gateway.ext_authz_grpc import check_to_request
@@ -34,7 +35,7 @@ from aegis.pki.service import PkiService
 from aegis.policy.loader import load_document
 from aegis.registry.service import AgentSpec
 from aegis.server.services import Services, build_services
-from aegis.types import ClientAuthMethod
+from aegis.types import ClientAuthMethod, TenantStatus
 from tests.gateway import test_ext_authz_grpc
 from tests.gateway.conftest import Agent, Env, dpop_headers
 from tests.gateway.harness import serve
@@ -485,3 +486,37 @@ def test_nginx_refuses_a_fragment_in_the_query_and_methods_the_proxy_refuses(
     resp = nginx_call(nginx, agent, "/payments/charge", **{"x-original-method": "MOVE"})
     assert (resp.status_code, resp.json()["code"]) == (405, "method_not_allowed")
     assert resp.headers["allow"] == "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+
+
+def test_a_required_certificate_must_name_the_tokens_agent(mtls: Pki) -> None:
+    """require_client_cert with a token not bound to a certificate: a valid certificate of
+    another agent (another tenant here) beside a stolen token must not satisfy it."""
+    registry = mtls.services.registry
+    registry.register_agent(AgentSpec("mallory", "globex", "prod", "m@example.com"), actor="t")
+    theirs = mtls.pki.issue("mallory", ec.generate_private_key(ec.SECP256R1()).public_key())
+    their_pem = theirs.certificate.public_bytes(serialization.Encoding.PEM).decode()
+    client, _ = registry.create_client(
+        "alpha", auth_method=ClientAuthMethod.CLIENT_SECRET_BASIC, actor="t"
+    )
+    unbound = mtls.services.issuer.issue(
+        agent_id="alpha", client_id=client.client_id, tenant="acme", env="prod",
+        scopes=("payments:write",), audience=("aegis-gateway",), lifetime=300,
+    ).token  # fmt: skip
+    for url in mtls.door("nginx"):
+        headers = {"authorization": f"Bearer {unbound}", "x-original-uri": "/payments/charge",
+                   "x-original-method": "POST"}  # fmt: skip
+        other = httpx.get(f"{url}/auth", headers={**headers, "x-ssl-client-cert": quote(their_pem)})
+        assert (other.status_code, other.json()["code"]) == (401, "invalid_token"), other.text
+        own = httpx.get(f"{url}/auth", headers={**headers, "x-ssl-client-cert": quote(mtls.pem)})
+        assert own.status_code == 200, own.text
+
+
+def test_a_suspended_tenants_certificates_stop_passing(mtls: Pki) -> None:
+    validator = mtls.pki.validator()
+    der = x509.load_pem_x509_certificate(mtls.pem.encode()).public_bytes(serialization.Encoding.DER)
+    assert validator.validate(der).agent_id == "alpha"
+    mtls.services.registry.set_tenant_status("acme", TenantStatus.SUSPENDED, actor="t")
+    mtls.services.cache.invalidate()
+    with pytest.raises(AegisError) as refused:
+        validator.validate(der)
+    assert refused.value.code == "cert_revoked"

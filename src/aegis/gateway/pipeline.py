@@ -38,7 +38,7 @@ from aegis.gateway.evidence import (
     refusal_headers,
 )
 from aegis.gateway.policies import PolicyDirectory
-from aegis.pki.binding import X5T_S256, check_certificate_binding
+from aegis.pki.binding import X5T_S256, check_certificate_binding, check_peer_is_subject
 from aegis.policy.decision import Decision, SanitizeObligation
 from aegis.policy.input import AgentInfo, ChainInfo, PolicyCall, build_input
 from aegis.policy.obligations import apply_to_body, mask_text
@@ -204,6 +204,8 @@ class Pipeline:
         if x5t is not None:
             check_certificate_binding(token, ctx.peer)  # fails closed without a verified peer
             facts.auth_method = facts.auth_method or "mtls"
+        elif ctx.route.require_client_cert and ctx.peer is not None:
+            check_peer_is_subject(token, ctx.peer)
         facts.verified = True
         t = self._timed(facts, _BINDING, t)
         # Exactly one single-use proof per call (both when a single-use token is also DPoP-bound).

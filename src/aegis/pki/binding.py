@@ -30,6 +30,7 @@ __all__ = [
     "X5T_S256",
     "certificate_to_bind",
     "check_certificate_binding",
+    "check_peer_is_subject",
     "check_self_signed_client",
     "check_tls_client",
 ]
@@ -55,6 +56,16 @@ def check_certificate_binding(token: AccessToken, peer: PeerIdentity | None) -> 
         raise _mismatch("token is certificate-bound but the connection has no client certificate")
     if not hmac.compare_digest(bound.encode("ascii", "replace"), peer.x5t_s256.encode("ascii")):
         raise _mismatch("token is bound to a different client certificate")
+    if (peer.agent_id, peer.tenant, peer.env) != (token.agent_id, token.tenant, token.env):
+        raise _mismatch(
+            "the client certificate names another agent, tenant or environment than the token"
+        )
+
+
+def check_peer_is_subject(token: AccessToken, peer: PeerIdentity) -> None:
+    """On a route that requires a client certificate, the certificate must name the agent,
+    tenant and environment of the token, bound to it or not: any valid certificate of another
+    agent (or tenant) beside a stolen unbound token would otherwise pass."""
     if (peer.agent_id, peer.tenant, peer.env) != (token.agent_id, token.tenant, token.env):
         raise _mismatch(
             "the client certificate names another agent, tenant or environment than the token"

@@ -10,8 +10,9 @@ One function decides who is on the other end of a connection, whatever brought t
 4. a valid path to an Aegis root (cryptography's verifier)  ``cert_untrusted``
 5. issued here: serial known with this exact thumbprint     ``cert_untrusted``
 6. not revoked                                              ``cert_revoked``
-7. the registry agent exists, is active, and its tenant and
-   environment are the ones the SPIFFE ID names             ``cert_agent_mismatch`` / ``cert_revoked``
+7. the registry agent exists, is active, its tenant is active,
+   and its tenant and environment are the ones the SPIFFE
+   ID names                                                 ``cert_agent_mismatch`` / ``cert_revoked``
 
 Every error carries the serial and SPIFFE ID once they are known.
 """
@@ -34,7 +35,7 @@ from aegis.pki.profile import serial_hex, x5t_s256
 from aegis.pki.spiffe import check_leaf_svid
 from aegis.pki.store import CertificateRecord, CertificateStore
 from aegis.registry.cache import RegistryCache
-from aegis.types import Agent, AgentStatus
+from aegis.types import Agent, AgentStatus, Tenant, TenantStatus
 
 __all__ = ["PeerIdentity", "PeerValidator", "TrustBundle"]
 
@@ -147,9 +148,10 @@ class PeerValidator:
         self._check_record(seen, self._store.lookup(seen.serial))
         try:
             agent = self._cache.agent(seen.agent)
+            tenant = self._cache.tenant(agent.tenant_id)
         except NotFound:
             raise self._unregistered(seen) from None
-        return self._conclude(seen, agent, source, der)
+        return self._conclude(seen, agent, tenant, source, der)
 
     async def validate_async(self, der: bytes, *, source: str = "tls") -> PeerIdentity:
         """:meth:`validate`, with the certificate record and the agent, when not cached, read
@@ -158,9 +160,10 @@ class PeerValidator:
         self._check_record(seen, await self._store.lookup_async(seen.serial))
         try:
             agent = await self._cache.agent_async(seen.agent)
+            tenant = await self._cache.tenant_async(agent.tenant_id)
         except NotFound:
             raise self._unregistered(seen) from None
-        return self._conclude(seen, agent, source, der)
+        return self._conclude(seen, agent, tenant, source, der)
 
     def _inspect(self, der: bytes) -> _Seen:
         """Checks 1-4, which need no stored record."""
@@ -247,8 +250,10 @@ class PeerValidator:
         )
 
     @staticmethod
-    def _conclude(seen: _Seen, agent: Agent, source: str, der: bytes) -> PeerIdentity:
-        """Check 7, on the agent's registry record."""
+    def _conclude(
+        seen: _Seen, agent: Agent, tenant: Tenant, source: str, der: bytes
+    ) -> PeerIdentity:
+        """Check 7, on the agent's and its tenant's registry records."""
         serial, sid = seen.serial, seen.spiffe_id
         if (agent.tenant_id, agent.env) != (seen.tenant, seen.env):
             raise _fail(
@@ -259,6 +264,10 @@ class PeerValidator:
             )
         if agent.status is not AgentStatus.ACTIVE:
             raise _fail(f"agent {agent.id} is {agent.status.value}", "cert_revoked", serial, sid)
+        # Suspending a tenant ends its tokens and its new certificates; its certificates already
+        # out must stop passing as well.
+        if tenant.status is not TenantStatus.ACTIVE:
+            raise _fail(f"tenant {tenant.id} is {tenant.status.value}", "cert_revoked", serial, sid)
         return PeerIdentity(
             sid, seen.agent, seen.tenant, seen.env, serial, seen.thumbprint, seen.not_after,
             source, der,
