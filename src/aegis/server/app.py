@@ -138,8 +138,11 @@ def create_app(services: Services) -> Starlette:
 
 
 def app_from_config() -> Starlette:
-    """ASGI factory for ``uvicorn --factory aegis.server.app:app_from_config`` (reads
-    ``$AEGIS_CONFIG`` or ``./aegis.yaml``), for running the control plane under any ASGI server."""
+    """ASGI factory for ``uvicorn --factory --no-proxy-headers aegis.server.app:app_from_config``
+    (reads ``$AEGIS_CONFIG`` or ``./aegis.yaml``), for running the control plane under any ASGI
+    server. Turn the server's own forwarded-header handling off, as ``aegis up`` does: uvicorn
+    otherwise rewrites the client address from ``X-Forwarded-For`` sent from 127.0.0.1, and the
+    trusted-proxy checks (forwarded client certificates) judge by that address."""
     from aegis.config import load_config
     from aegis.server.services import build_services
 
