@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from aegis.errors import AegisError, ClientAuthError, InvalidRequest
+from aegis.errors import AccessDenied, AegisError, ClientAuthError, InvalidRequest
 from aegis.oauth.client_auth import AuthenticatedClient, ClientAuthenticator
 from aegis.oauth.service import CLIENT_CREDENTIALS, TokenService
 from aegis.pki.binding import X5T_S256, certificate_to_bind
@@ -28,7 +28,7 @@ from aegis.registry.service import RegistryService
 from aegis.telemetry.logging import log_event
 from aegis.telemetry.metrics import TOKEN_ENDPOINT_SECONDS, TOKENS_ISSUED, count_rejection
 from aegis.tokens.exchange import ACCESS_TOKEN_TYPE, TOKEN_EXCHANGE
-from aegis.types import AdminKey
+from aegis.types import AdminKey, AdminRole
 
 __all__ = ["DpopHook", "OAuthEndpoints", "read_form"]
 
@@ -254,7 +254,12 @@ class OAuthEndpoints:
     async def revoke(self, request: Request) -> Response:
         try:
             form, _ = await read_form(request, self._max)
-            _, client_id, _ = await self._caller(request, form)
+            _, client_id, admin = await self._caller(request, form)
+            if admin is not None and admin.role is AdminRole.AUDITOR:
+                # As on the admin API: an auditor key reads, it never changes anything.
+                raise AccessDenied(
+                    "an auditor key may only read; it cannot revoke tokens", code="forbidden"
+                )
             if "token" not in form:
                 raise InvalidRequest("token is required")
             await self._tokens.revoke(form["token"], client_id=client_id)

@@ -18,6 +18,7 @@ from aegis.clock import Clock
 from aegis.errors import AegisError, GrantError, InvalidRequest, TokenError
 from aegis.registry.cache import RegistryCache
 from aegis.stores.base import RevocationStore
+from aegis.tokens.chain import prefetch_chain_agents, verify_chain
 from aegis.tokens.claims import AccessToken, split_scopes
 from aegis.tokens.issuer import IssuedToken, TokenIssuer
 from aegis.tokens.subject import check_subject
@@ -121,8 +122,21 @@ class TokenService:
         )
 
     async def _live(self, token: str) -> AccessToken:
+        """The token, if it is live now: signature, times, subject state and, for a delegated
+        token, its whole chain as the gateway checks it (a suspended parent ends it)."""
         verified = self._verifier.verify(token)
+        # The leeway is for other replicas' clocks; this server's own answer is exact
+        # (RFC 7662 §2.2: "active" means, among others, that it has not expired).
+        if verified.exp <= self._clock.now():
+            raise TokenError("token expired", code="token_expired")
         await check_subject(verified, self._cache, self._revocation)
+        if "parent_agent" in verified.claims or "act" in verified.claims:
+            if self.exchanger is None:
+                raise TokenError("delegated tokens are not accepted here", code="invalid_claim")
+            await prefetch_chain_agents(verified, self._cache, self.exchanger.rules)
+            verify_chain(
+                verified, cache=self._cache, rules=self.exchanger.rules, now=self._clock.now()
+            )
         return verified
 
     async def introspect(self, token: str, *, tenant: str | None) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from aegis.tokens.claims import split_scopes
 from aegis.tokens.delegation import ANY_TOOL, CHAIN_SEPARATOR, mint_grant, split_chain
 from aegis.tokens.external import ExternalTrust, verify_user_token
 from aegis.tokens.issuer import IssuedToken, TokenIssuer
-from aegis.types import Agent, AgentStatus
+from aegis.types import Agent, AgentStatus, TenantStatus
 
 if TYPE_CHECKING:
     from aegis.oauth.client_auth import AuthenticatedClient, ClientAuthenticator
@@ -135,6 +135,10 @@ class TokenExchanger:
             child = self._cache.agent(auth.client.agent_id)
             if child.status is not AgentStatus.ACTIVE:
                 raise TokenError(f"agent {child.id} is {child.status.value}", code="agent_inactive")
+            # As the client-credentials grant refuses it: suspending a tenant leaves its agents
+            # active, so their state alone would let a grant signed afterwards be exchanged.
+            if self._cache.tenant(child.tenant_id).status is not TenantStatus.ACTIVE:
+                raise TokenError(f"tenant {child.tenant_id} is suspended", code="tenant_inactive")
             now = self._clock.now()
             if links:
                 chain = self._delegated(links, child, now)
