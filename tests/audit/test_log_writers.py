@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from aegis.audit import log as audit_log
-from aegis.audit.log import AuditLog, record_hash
-from aegis.clock import FrozenClock
+from aegis.audit.log import AuditLog, canonical_json, record_hash
+from aegis.clock import FrozenClock, SystemClock
 from aegis.errors import Unavailable
 from aegis.telemetry.metrics import REGISTRY
 
@@ -301,3 +301,26 @@ def test_close_lets_an_idle_writer_leave_at_once(tmp_path: Path) -> None:
     log.close()
     writer.join(1.0)  # its idle wait is 5 s
     assert not writer.is_alive()
+
+
+async def test_a_record_with_a_lone_surrogate_spoils_neither_itself_nor_its_batch(
+    tmp_path: Path,
+) -> None:
+    """JSON "\\ud800" from a caller decodes to a string with no UTF-8 form. Its record is written
+    with non-ASCII escaped (still one canonical text per record), and the records that share its
+    group commit are written as well."""
+    log = AuditLog(f"sqlite:///{tmp_path / 'audit.db'}", clock=SystemClock())
+    try:
+        odd = {"memo": "\ud800", "name": "Zoë"}
+        results = await asyncio.gather(
+            *(log.append_async("t", {"n": i}) for i in range(3)),
+            log.append_async("t", odd),
+            *(log.append_async("t", {"n": i}) for i in range(3, 6)),
+        )
+        assert [seq for seq, _ in results] == list(range(1, 8))
+        assert canonical_json({**odd, "kind": "t"}).isascii()
+        assert canonical_json({**odd, "kind": "t"}) == canonical_json({"kind": "t", **odd})
+        assert log.verify_chain().ok
+        assert [r for r in log.records() if "memo" in r] == [{**odd, "kind": "t"}]
+    finally:
+        log.close()

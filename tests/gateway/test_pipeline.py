@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -17,7 +19,8 @@ from aegis.pki.binding import X5T_S256
 from aegis.policy.loader import load_document
 from aegis.policy.store import MemoryPolicyStore
 from aegis.registry.cache import RegistryCache
-from tests.gateway.conftest import OPEN, PAY, Agent, Env, dpop_headers, make_ctx
+from aegis.tokens.dpop import access_token_hash
+from tests.gateway.conftest import GW, OPEN, PAY, Agent, Env, dpop_headers, make_ctx
 
 POLICY = """
 apiVersion: aegis/v1
@@ -343,5 +346,42 @@ async def test_a_field_that_redirects_the_upstream_is_refused(env: Env, field: s
     result = await env.pipeline.run(make_ctx(headers, body={"amount": 5}))
     assert (result.status, result.code) == (400, "invalid_request"), result
     assert field.lower() in result.message
+    record = next(r for r in env.audit.records() if r["decision_id"] == result.decision_id)
+    assert record["action"] == "deny"
+
+
+async def test_a_proof_with_a_lone_surrogate_is_refused_and_evidenced(env: Env) -> None:
+    """JSON "\\ud800" in a proof's jti is valid escaping but no text: refused as malformed before
+    its jti is spent, and the refusal is attested and audited like any other."""
+    agent = Agent(env)
+    token = agent.token()
+    header = {"typ": "dpop+jwt", "alg": "EdDSA", "jwk": agent.key.public.to_jwk()}
+    claims = {"jti": "\ud800", "htm": "POST", "htu": GW + "/payments/charge",
+              "iat": int(time.time()), "ath": access_token_hash(token)}  # fmt: skip
+    h = b64u_encode(json.dumps(header).encode())
+    p = b64u_encode(json.dumps(claims).encode())  # ensure_ascii: the escape goes on the wire
+    proof = f"{h}.{p}.{b64u_encode(agent.key.sign(f'{h}.{p}'.encode()))}"
+    result = await env.pipeline.run(
+        make_ctx([("authorization", f"DPoP {token}"), ("dpop", proof)], body={"amount": 1})
+    )
+    assert (result.status, result.code) == (401, "invalid_dpop_proof")
+    assert "surrogate" in result.message
+    record = next(r for r in env.audit.records() if r["decision_id"] == result.decision_id)
+    assert record["action"] == "deny" and "x-aegis-attestation" in result.headers
+
+
+async def test_a_failure_while_evidencing_is_a_refusal_never_an_answer_without_evidence(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(**kwargs: object) -> str:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(env.pipeline._attester, "sign", broken)
+    agent = Agent(env)
+    result = await env.pipeline.run(
+        make_ctx(dpop_headers(agent, agent.token()), body={"amount": 1})
+    )
+    assert not result.allowed
+    assert (result.status, result.code) == (500, "server_error")
     record = next(r for r in env.audit.records() if r["decision_id"] == result.decision_id)
     assert record["action"] == "deny"

@@ -229,3 +229,12 @@ def test_queries_that_read_the_same_everywhere_pass(
 def test_queries_another_server_could_read_differently_are_refused(query: str) -> None:
     with pytest.raises(InvalidRequest):
         vet_query(query)
+
+
+def test_a_json_body_with_a_lone_surrogate_is_refused() -> None:
+    with pytest.raises(InvalidRequest, match="surrogate"):
+        parse_json_body(b'{"memo": "\\ud800"}', "application/json")
+    # An escaped pair is one character, and fine.
+    assert parse_json_body(b'{"memo": "\\ud83d\\ude00"}', "application/json") == {
+        "memo": "\U0001f600"
+    }

@@ -63,10 +63,21 @@ def _resolve(done: list[tuple[asyncio.Future[Any], Any]]) -> None:
 
 
 def canonical_json(record: dict[str, Any]) -> str:
-    """Sorted keys, no insignificant whitespace, UTF-8 text; NaN and Infinity are refused."""
-    return json.dumps(
+    """Sorted keys, no insignificant whitespace, UTF-8 text; NaN and Infinity are refused.
+
+    A string holding a lone surrogate (JSON ``"\\ud800"`` from a caller) has no UTF-8 form: such
+    a record is written with every non-ASCII character escaped instead, which is still its one
+    canonical text (the same record always gives the same text), so it cannot fail its own write
+    or the batch it shares."""
+    text = json.dumps(
         record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     )
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return text
 
 
 def record_hash(prev_hash: str, canonical: str) -> str:

@@ -9,7 +9,6 @@ and SIGINT stop it gracefully (in-flight requests finish, the stores close) with
 from __future__ import annotations
 
 import contextlib
-import logging
 import signal
 import sys
 from collections.abc import Generator
@@ -23,7 +22,7 @@ from rich.console import Console
 from aegis.cli import init as init_cmd
 from aegis.cli._common import JsonOpt, config_file, emit, load
 from aegis.server.services import build_services
-from aegis.telemetry.logging import QueryStringFilter, configure_logging
+from aegis.telemetry.logging import configure_logging, hide_access_log_queries
 
 __all__ = ["up"]
 
@@ -121,7 +120,7 @@ def up(
         )
     )
     # uvicorn configured its loggers above; from now on its access log keeps no query string.
-    logging.getLogger("uvicorn.access").addFilter(QueryStringFilter())
+    hide_access_log_queries()
     from aegis.gateway.server import freeze_startup_heap
 
     freeze_startup_heap()

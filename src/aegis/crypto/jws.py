@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -32,6 +33,7 @@ __all__ = [
     "MAX_TOKEN_BYTES",
     "ParsedJWS",
     "encode_segment",
+    "holds_lone_surrogate",
     "parse_compact",
     "parse_with_header",
     "sign_compact",
@@ -87,6 +89,23 @@ _decoder = json.JSONDecoder(
 _scan_once: Callable[[str, int], tuple[Any, int]] = _decoder.scan_once  # type: ignore[attr-defined]
 
 
+#: A ``\\u`` escape of a UTF-16 surrogate; only then can a decoded string hold a lone one.
+_SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def holds_lone_surrogate(text: str, value: Any) -> bool:
+    """Whether ``value``, decoded from the JSON ``text``, holds a string with a lone UTF-16
+    surrogate (``"\\ud800"``): valid JSON escaping, but no Unicode text, so nothing downstream
+    can encode it. Only text with such an escape is looked at closely."""
+    if "\\u" not in text or not _SURROGATE_ESCAPE.search(text):
+        return False
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _json_object(raw: bytes, what: str) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
@@ -108,6 +127,10 @@ def _json_object(raw: bytes, what: str) -> dict[str, Any]:
         raise _malformed(f"{what} is not valid JSON") from exc
     if not isinstance(value, dict):
         raise _malformed(f"{what} is not a JSON object")
+    # "\ud800" is valid JSON escaping but no Unicode text: every later use of the value (a jti in
+    # a replay key, an attestation, an audit record) would have to encode it and fail.
+    if holds_lone_surrogate(text, value):
+        raise _malformed(f"{what} holds a lone UTF-16 surrogate")
     return value
 
 
@@ -184,14 +207,19 @@ def parse_compact(token: str, *, max_bytes: int = MAX_TOKEN_BYTES) -> ParsedJWS:
 
 def encode_segment(obj: dict[str, Any]) -> str:
     """Compact JSON, base64url-encoded. Raises ``ValueError`` for NaN or infinity, which the
-    parser would refuse: never mint what we cannot verify."""
+    parser would refuse: never mint what we cannot verify. A string with a lone surrogate (no
+    UTF-8 form) is written ``\\u``-escaped rather than failing the signature."""
     text = _encoder.encode(obj)
-    return b64u_encode(text.encode("utf-8"))
+    try:
+        return b64u_encode(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return b64u_encode(_ascii_encoder.encode(obj).encode("ascii"))
 
 
 # What ``json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)`` uses, built
 # once: json.dumps builds a new encoder on every call made with non-default options.
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_ascii_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 def sign_compact(header_segment: str, payload: dict[str, Any], sign: Any) -> str:

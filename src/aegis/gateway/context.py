@@ -18,6 +18,7 @@ from typing import Any, Final
 from urllib.parse import parse_qsl, unquote
 
 from aegis.config import GatewayRoute
+from aegis.crypto.jws import holds_lone_surrogate
 from aegis.errors import InvalidRequest
 from aegis.pki.peer import PeerIdentity
 
@@ -198,7 +199,11 @@ def parse_json_body(raw: bytes, content_type: str | None) -> Any:
     if not raw or not is_json_type(content_type):
         return None
     try:
-        return _json_decoder.decode(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        value = _json_decoder.decode(text)
+        if holds_lone_surrogate(text, value):
+            raise InvalidRequest("the request body holds a lone UTF-16 surrogate ('\\ud800')")
+        return value
     except _RepeatedMember as exc:
         raise InvalidRequest(
             f"the body repeats the JSON member {exc.name[:64]!r}; send each member once"

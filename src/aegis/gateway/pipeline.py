@@ -151,7 +151,11 @@ class Pipeline:
                 log_event("gateway.internal_error", level=logging.ERROR, error=type(exc).__name__)
                 result = self._refuse(facts, AegisError("internal error", code="server_error"))
             started = time.perf_counter()
-            result = await self._evidence(ctx, facts, result)
+            try:
+                result = await self._evidence(ctx, facts, result)
+            except Exception as exc:  # never an answer without its evidence: refuse, logged
+                log_event("gateway.evidence_failed", level=logging.ERROR, error=type(exc).__name__)
+                result = self._refuse(facts, AegisError("internal error", code="server_error"))
             self._timed(facts, _EVIDENCE, started)
             if span.is_recording():  # without a tracing SDK the span records nothing
                 span.set_attributes(facts.span_attributes(result))
@@ -353,6 +357,9 @@ class Pipeline:
         except Unavailable as exc:  # no signing key: refuse, but still leave an audit record
             log_event("gateway.attestation_failed", level=logging.ERROR, code=exc.code)
             result = self._refuse(facts, exc)
+        except Exception as exc:  # a bug: refuse, and still leave an audit record
+            log_event("gateway.attestation_failed", level=logging.ERROR, error=type(exc).__name__)
+            result = self._refuse(facts, AegisError("internal error", code="server_error"))
         try:
             if self._audit is not None:
                 record = audit_record(ctx, facts, result, digest, attestation)

@@ -37,7 +37,7 @@ from aegis.pki.peer import PeerValidator
 from aegis.pki.renewal import CertificateManager
 from aegis.pki.service import PkiService
 from aegis.server.services import Services
-from aegis.telemetry.logging import log_event
+from aegis.telemetry.logging import hide_access_log_queries, log_event
 
 __all__ = [
     "build_ext_authz",
@@ -78,17 +78,19 @@ def gateway_server(app: Any, host: str, port: int, *, log_level: str = "info") -
     before any Aegis code sees it, so a local caller could claim a trusted proxy's address (and
     with it forwarded certificates). Which peers are proxies is Aegis configuration
     (``trusted_proxies``), judged on the connection's own address."""
-    return uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_level=log_level,
-            lifespan="on",
-            proxy_headers=False,
-            server_header=False,
-        )
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        lifespan="on",
+        proxy_headers=False,
+        server_header=False,
     )
+    # uvicorn configured its loggers just now; its access log keeps no query string (a caller's
+    # ?access_token=... or ?password=... would otherwise be written out verbatim).
+    hide_access_log_queries()
+    return uvicorn.Server(config)
 
 
 async def serve_mtls(

@@ -10,7 +10,13 @@ import json
 import logging
 from typing import Any
 
-__all__ = ["QueryStringFilter", "configure_logging", "log_event", "logger"]
+__all__ = [
+    "QueryStringFilter",
+    "configure_logging",
+    "hide_access_log_queries",
+    "log_event",
+    "logger",
+]
 
 logger = logging.getLogger("aegis")
 
@@ -38,6 +44,14 @@ class QueryStringFilter(logging.Filter):
         if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
             record.args = (args[0], args[1], args[2].split("?", 1)[0], args[3], args[4])
         return True
+
+
+def hide_access_log_queries() -> None:
+    """Add :class:`QueryStringFilter` to uvicorn's access log, once (call it after uvicorn has
+    configured its loggers, i.e. after building a ``uvicorn.Config``)."""
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, QueryStringFilter) for f in access.filters):
+        access.addFilter(QueryStringFilter())
 
 
 def configure_logging(level: str = "info") -> None:
