@@ -143,3 +143,15 @@ def test_help_and_missing_arguments(cli: Cli) -> None:
         assert cli.run(*group, "--help").exit_code == 0
     result = cli.run("audit", "verify", "nope.jsonl")
     assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
+
+
+def test_prove_names_the_decision_record_not_another_record_with_its_id(
+    cli: Cli, log: AuditLog
+) -> None:
+    # A held call's approval.requested is written before its decision, with the same id.
+    log.append("approval.requested", {"decision_id": "d-held", "id": "apr_1"})
+    log.append("gateway.decision", {"decision_id": "d-held", "action": "approval_needed"})
+    log.append("gateway.forward_failed", {"decision_id": "d-held", "code": "bad_gateway"})
+    doc = cli.json("audit", "prove", "d-held")
+    assert doc["seq"] == 2
+    assert json.loads(doc["record"])["kind"] == "gateway.decision"

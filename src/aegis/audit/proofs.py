@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import case, select
 
 from aegis.audit.checkpoint import Checkpoint, Checkpointer, verify_checkpoint
 from aegis.audit.merkle import leaf_hash, verify_consistency, verify_inclusion
@@ -29,6 +29,8 @@ from aegis.errors import EvidenceError, NotFound
 __all__ = ["check_proof", "consistency_document", "find_record", "inclusion_document"]
 
 INCLUSION: str = "aegis-inclusion-proof"
+#: The kind of the record a decision id names first (the gateway's own decision record).
+DECISION_KIND: str = "gateway.decision"
 CONSISTENCY: str = "aegis-consistency-proof"
 
 
@@ -38,9 +40,14 @@ def find_record(checkpointer: Checkpointer, record_id: str) -> tuple[int, str]:
     if record_id.isascii() and record_id.isdigit():
         query = query.where(AUDIT_RECORDS.c.seq == int(record_id))
     else:
-        # decision ids are inside the canonical JSON; the quoted form cannot match a substring
+        # decision ids are inside the canonical JSON; the quoted form cannot match a substring.
+        # Other records carry a decision's id too (approval.requested is written before the
+        # decision it holds, gateway.forward_failed after it): the decision record comes first,
+        # judged by the kind inside the hashed record, not the unhashed kind column.
         needle = f'"decision_id":"{record_id}"'
         query = query.where(AUDIT_RECORDS.c.record.contains(needle, autoescape=True))
+        decision = AUDIT_RECORDS.c.record.contains(f'"kind":"{DECISION_KIND}"', autoescape=True)
+        query = query.order_by(case((decision, 0), else_=1))
     with checkpointer.log.engine.connect() as conn:
         row = conn.execute(query.order_by(AUDIT_RECORDS.c.seq).limit(1)).first()
     if row is None:
