@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+from sqlalchemy import insert
 
 from aegis.audit.checkpoint import Checkpointer, jwks_resolver, sign_checkpoint, verify_checkpoint
 from aegis.audit.log import AuditLog
 from aegis.audit.merkle import leaf_hash, root_of
+from aegis.audit.sql_tables import AUDIT_CHECKPOINTS
 from aegis.audit.tree import TreeHead
 from aegis.audit.verify import verify_export
 from aegis.clock import FrozenClock, random_bytes
@@ -160,3 +164,23 @@ def test_an_empty_or_headless_export_never_verifies(exported: list[str], keyring
 def test_an_empty_log_exports_and_verifies(checkpointer: Checkpointer, keyring: KeyRing) -> None:
     summary = verify_export(export_text(checkpointer), jwks_resolver(keyring.jwks()))
     assert summary.records == 0 and summary.first_seq is None
+
+
+def test_a_stored_checkpoint_that_is_not_of_this_log_is_an_error_not_a_cover(
+    log: AuditLog, checkpointer: Checkpointer, keyring: KeyRing
+) -> None:
+    """A row written into the checkpoint table by anyone but this log's checkpointer (larger
+    than the log, or of another root) must not be taken as covering the log: it would stop
+    checkpointing for good."""
+    fill(log, 10)
+    genuine = checkpointer.checkpoint()
+    assert checkpointer.checkpoint() == genuine  # nothing new: the stored one covers the log
+    forged = dataclasses.replace(checkpointer.tree.sync(), size=10**9)
+    token = sign_checkpoint(keyring, issuer=ISSUER, head=forged, now=0.0)
+    row = {"tree_size": forged.size, "time": 0.0, "root_hash": forged.root.hex(),
+           "chain_hash": forged.chain_hash, "token": token}  # fmt: skip
+    with log.engine.begin() as conn:
+        conn.execute(insert(AUDIT_CHECKPOINTS), [row])
+    fill(log, 2, start=10)
+    with pytest.raises(EvidenceError, match="does not match the log"):
+        checkpointer.checkpoint()

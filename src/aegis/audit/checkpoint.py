@@ -181,7 +181,22 @@ class Checkpointer:
         """Sync the tree; sign and store a checkpoint unless one already covers the whole log."""
         head = self.tree.sync()
         last = self.latest()
+        if last is not None and last.tree_size > head.size:
+            head = self.tree.sync()  # another process may have appended and checkpointed since
         if last is not None and last.tree_size >= head.size:
+            # A stored checkpoint covering the whole log must be of this log: one larger than
+            # the log, or of another root or chain head, was not written by a checkpointer of
+            # this log, and taking it as cover would stop checkpointing for good.
+            if (last.tree_size, last.root_hash, last.chain_hash) != (
+                head.size,
+                head.root,
+                head.chain_hash,
+            ):
+                raise EvidenceError(
+                    f"the newest stored checkpoint (tree size {last.tree_size}) does not match "
+                    f"the log (tree size {head.size}): the checkpoint table or the log was "
+                    "changed outside Aegis"
+                )
             return last
         now = self._clock.now()
         token = sign_checkpoint(self._keyring, issuer=self._issuer, head=head, now=now)
