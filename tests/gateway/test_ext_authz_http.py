@@ -207,3 +207,16 @@ def test_a_path_another_route_may_claim_is_not_decided_as_the_catch_all(
     record = next(r for r in env.audit.records() if r["decision_id"] == resp.json()["decision_id"])
     assert record["action"] == "deny"
     assert httpx.post(f"{catch_all}/check/other", headers=creds(agent, "/other")).status_code == 200
+
+
+def test_refusals_before_any_route_are_audited(env: Env, envoy: str, untrusted_nginx: str) -> None:
+    answers = [
+        (httpx.post(f"{envoy}/check/nowhere", headers=creds(Agent(env))), 404, "not_found"),
+        (httpx.request("TRACE", f"{envoy}/check/payments/x"), 405, "method_not_allowed"),
+        (httpx.get(f"{untrusted_nginx}/auth"), 403, "access_denied"),
+    ]
+    records = {r["decision_id"]: r for r in env.audit.records(kind="gateway.refused")}
+    for resp, status, code in answers:
+        assert (resp.status_code, resp.json()["code"]) == (status, code), resp.text
+        record = records[resp.json()["decision_id"]]
+        assert (record["door"], record["status"], record["code"]) == ("ext_authz", status, code)

@@ -740,3 +740,21 @@ def test_a_gateway_failure_after_the_allow_is_500_and_recorded(
         if r["decision_id"] == failed["decision_id"]
     ]
     assert decided["action"] == "allow"
+
+
+def test_refusals_before_any_route_are_audited_too(stack: Stack) -> None:
+    """No route means no tool and no policy, but the refusal is still evidence: one
+    gateway.refused record each, committed before the answer, without the query string."""
+    answers = [
+        httpx.get(f"{stack.gateway}/nowhere?token=SECRET"),
+        httpx.request("TRACE", f"{stack.gateway}/payments/x"),
+        httpx.get(f"{stack.gateway}/nowhere/%2e%2e/x"),  # unreadable, and no route either way
+    ]
+    expected = [(404, "not_found"), (405, "method_not_allowed"), (400, "invalid_request")]
+    records = {r["decision_id"]: r for r in stack.audit.records(kind="gateway.refused")}
+    for resp, (status, code) in zip(answers, expected, strict=True):
+        assert (resp.status_code, resp.json()["code"]) == (status, code), resp.text
+        record = records[resp.headers["x-aegis-decision-id"]]
+        assert (record["status"], record["code"], record["door"]) == (status, code, "proxy")
+        assert record["client"] == "127.0.0.1"
+    assert all("SECRET" not in json.dumps(r) for r in records.values())

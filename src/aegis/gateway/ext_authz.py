@@ -49,16 +49,15 @@ from aegis.gateway.pipeline import Pipeline
 from aegis.gateway.routing import RouteTable
 from aegis.pki.forwarded import parse_nginx, parse_xfcc
 from aegis.pki.peer import PeerIdentity, PeerValidator
-from aegis.telemetry.metrics import count_decision
 
 __all__ = [
     "CREDENTIAL_HEADERS",
+    "Asked",
     "CheckedRequest",
     "ExtAuthz",
     "TrustedPeers",
     "XfccMode",
     "refusal_body",
-    "undecided",
     "vet_authority",
     "withheld_from_upstream",
 ]
@@ -180,10 +179,15 @@ def vet_authority(host: str, scheme: str) -> None:
             raise InvalidRequest("the request host is not a valid ipv6 literal") from None
 
 
-def undecided(status: int, code: str, message: str) -> Result:
-    """A refusal before any route (so no tool, and no decision to attest or audit); counted."""
-    count_decision("deny", code)
-    return Result("", "deny", status, code, message, {"cache-control": "no-store"})
+@dataclass(frozen=True, slots=True)
+class Asked:
+    """What a door was asked, as far as it read it: for the record of a refusal before any
+    route was chosen."""
+
+    method: str
+    target: str
+    host: str
+    client: str | None
 
 
 class ExtAuthz:
@@ -213,18 +217,28 @@ class ExtAuthz:
     def max_body_bytes(self) -> int:
         return self._settings.max_body_bytes
 
+    async def undecided(self, status: int, code: str, message: str, asked: Asked) -> Result:
+        """A refusal before any route (so no tool, no policy, no attestation): counted and
+        audited by the pipeline as ``gateway.refused``."""
+        return await self._pipeline.refuse_unrouted(
+            door="ext_authz", method=asked.method, target=asked.target, host=asked.host,
+            client=asked.client, status=status, code=code, message=message,
+        )  # fmt: skip
+
     async def check(self, req: CheckedRequest) -> Result:
+        seen = Asked(req.method, req.target, req.host, req.client)
         # The host and scheme first, before they choose a route or enter the URL htu is checked on.
         if req.method.upper() not in METHODS:  # as the reverse proxy answers it
-            refused = undecided(
-                405, "method_not_allowed", f"method not allowed; use one of {', '.join(METHODS)}"
-            )
+            refused = await self.undecided(
+                405, "method_not_allowed", f"method not allowed; use one of {', '.join(METHODS)}",
+                seen,
+            )  # fmt: skip
             refused.headers["allow"] = ", ".join(METHODS)
             return refused
         try:
             vet_authority(req.host, req.scheme)
         except InvalidRequest as exc:
-            return undecided(400, "invalid_request", exc.message)
+            return await self.undecided(400, "invalid_request", exc.message, seen)
         # Split by hand, never with urlsplit: a target such as ``//admin/payments/x`` would be read
         # as host ``admin`` and path ``/payments/x`` there, while the upstream serves it as a path.
         # Only origin-form targets are decided (vet_path refuses anything not starting with '/').
@@ -248,8 +262,8 @@ class ExtAuthz:
                 )
         if route is None:
             if bad is not None:
-                return undecided(400, "invalid_request", bad.message)
-            return undecided(404, "not_found", "no route for this path")
+                return await self.undecided(400, "invalid_request", bad.message, seen)
+            return await self.undecided(404, "not_found", "no route for this path", seen)
         facts: dict[str, Any] = {
             "method": req.method.upper(),
             "url": f"{req.scheme.lower()}://{req.host}{req.target}",

@@ -47,15 +47,16 @@ from starlette.routing import Route as StarletteRoute
 from aegis.config import ExtAuthzSettings
 from aegis.gateway.evidence import Result
 from aegis.gateway.ext_authz import (
+    Asked,
     CheckedRequest,
     ExtAuthz,
     TrustedPeers,
     refusal_body,
-    undecided,
     withheld_from_upstream,
 )
 from aegis.pki.forwarded import ENVOY_HEADER, NGINX_HEADER
 from aegis.telemetry.logging import log_event
+from aegis.telemetry.metrics import count_decision
 
 __all__ = ["HttpExtAuthz", "create_ext_authz_http_app"]
 
@@ -92,6 +93,7 @@ class HttpExtAuthz:
             result = await self._check(request)
         except Exception as exc:  # a bug is a denial, never an allow
             log_event("ext_authz.http_error", level=logging.ERROR, error=type(exc).__name__)
+            count_decision("deny", "server_error")
             result = Result("", "deny", 500, "server_error", "internal error")
         if result.allowed:
             headers = {**result.headers, **result.upstream_headers}
@@ -111,13 +113,23 @@ class HttpExtAuthz:
         s = self._settings
         peer = request.client.host if request.client else ""
         trusted = peer in self._trusted
+        seen = Asked(
+            request.method,
+            (request.scope.get("raw_path") or b"").decode("latin-1"),
+            request.headers.get("host", ""),
+            peer or None,
+        )
         if s.http_mode == "nginx":
             if not trusted:
-                return undecided(403, "access_denied", "this endpoint answers trusted proxies only")
+                return await self._ext.undecided(
+                    403, "access_denied", "this endpoint answers trusted proxies only", seen
+                )
             method = _one(request, s.original_method_header)
             target = _one(request, s.original_uri_header)
             if not method or not target:
-                return undecided(400, "invalid_request", "send one original method and one URI")
+                return await self._ext.undecided(
+                    400, "invalid_request", "send one original method and one URI", seen
+                )
             body: bytes | None = None
         else:
             method = request.method
@@ -125,7 +137,7 @@ class HttpExtAuthz:
             query = request.scope.get("query_string", b"").decode("latin-1")
             target = raw[len(s.path_prefix) :] if raw.startswith(s.path_prefix) else ""
             if not target.startswith("/"):
-                return undecided(404, "not_found", "no route for this path")
+                return await self._ext.undecided(404, "not_found", "no route for this path", seen)
             target += f"?{query}" if query else ""
             body = await self._body(request)
         headers = tuple(

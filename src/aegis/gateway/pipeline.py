@@ -166,6 +166,44 @@ class Pipeline:
         count_decision(result.action, result.code)
         return result
 
+    async def refuse_unrouted(
+        self,
+        *,
+        door: str,
+        method: str,
+        target: str,
+        host: str,
+        client: str | None,
+        status: int,
+        code: str,
+        message: str,
+    ) -> Result:
+        """A front door's refusal before any route was chosen (method not allowed, no route, a
+        target or host it cannot read): no tool, so no policy or attestation, but counted and
+        audited (``gateway.refused``) like every refusal, before it is answered. The path is
+        kept without its query; every field is bounded."""
+        decision_id = new_id()
+        count_decision("deny", code)
+        if self._audit is not None:
+            record = {
+                "decision_id": decision_id,
+                "time": self._clock.now(),
+                "door": door,
+                "method": method[:16],
+                "path": target.split("?", 1)[0][:512],
+                "host": host[:256],
+                "client": client,
+                "status": status,
+                "code": code,
+                "reason": message[:256],
+            }
+            try:
+                await self._audit.append_async("gateway.refused", record)
+            except AegisError as exc:  # refused either way; the missing record is logged
+                log_event("gateway.audit_failed", level=logging.ERROR, code=exc.code)
+        headers = {"cache-control": "no-store", "x-aegis-decision-id": decision_id}
+        return Result(decision_id, "deny", status, code, message, headers)
+
     async def refuse(self, ctx: CallContext, exc: AegisError) -> Result:
         """A front door's own refusal (oversized or malformed body): evidenced like any other."""
         facts = EvidenceFacts(decision_id=new_id(), time=self._clock.now())

@@ -57,7 +57,7 @@ from aegis.gateway.routing import RouteTable
 from aegis.pki.middleware import peer_from_scope
 from aegis.policy.obligations import apply_to_body, apply_to_headers
 from aegis.telemetry.logging import log_event
-from aegis.telemetry.metrics import count_decision, count_forward_failure
+from aegis.telemetry.metrics import count_forward_failure
 
 __all__ = [
     "HOP_BY_HOP",
@@ -154,7 +154,7 @@ async def _json(send: Send, status: int, body: dict[str, Any], headers: dict[str
     await _answer(send, status, [*headers.items(), ("content-type", "application/json")], data)
 
 
-async def _error(send: Send, result: Result) -> None:
+async def _error(send: Send, result: Result, extra: dict[str, str] | None = None) -> None:
     body = {
         "error": spec_for(result.code or "server_error").oauth_error,
         "error_description": result.message,
@@ -163,7 +163,7 @@ async def _error(send: Send, result: Result) -> None:
         "decision_id": result.decision_id,
         **result.details,
     }
-    await _json(send, result.status, body, result.headers)
+    await _json(send, result.status, body, {**result.headers, **(extra or {})})
 
 
 class ReverseProxy:
@@ -210,15 +210,16 @@ class ReverseProxy:
             (k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]
         )
         if scope["type"] != "http":  # no websocket or other protocol is proxied
+            await self._unrouted(scope, 400, "invalid_request", "websockets are not proxied")
             return await send({"type": "websocket.close", "code": 1008})
         if scope["method"] not in METHODS:
-            count_decision("deny", "method_not_allowed")
-            detail = {
-                "error": spec_for("method_not_allowed").oauth_error,
-                "error_description": f"method not allowed; use one of {', '.join(METHODS)}",
-                "code": "method_not_allowed",
-            }
-            return await _json(send, 405, detail, {"allow": ", ".join(METHODS)})
+            refused = await self._unrouted(
+                scope,
+                405,
+                "method_not_allowed",
+                f"method not allowed; use one of {', '.join(METHODS)}",
+            )
+            return await _error(send, refused, {"allow": ", ".join(METHODS)})
         values: dict[str, str] = {}  # the first value of each field, read by the checks below
         repeated: str | None = None
         for name, value in headers:
@@ -238,14 +239,12 @@ class ReverseProxy:
         except InvalidRequest as exc:
             path, bad_path = scope["path"], exc
         route = self.match(host, path)
-        if route is None:  # no tool, so no decision to audit; still counted
+        if route is None:  # no tool, so no policy: the refusal is still counted and audited
             if bad_path is not None:
-                count_decision("deny", "invalid_request")
-                detail = {"error": "invalid_request", "error_description": bad_path.message}
-                return await _json(send, 400, detail, {})
-            count_decision("deny", "not_found")
-            detail = {"error": "not_found", "error_description": "no route for this path"}
-            return await _json(send, 404, detail, {})
+                refused = await self._unrouted(scope, 400, "invalid_request", bad_path.message)
+            else:
+                refused = await self._unrouted(scope, 404, "not_found", "no route for this path")
+            return await _error(send, refused)
         query = scope.get("query_string", b"").decode("latin-1")
         params: tuple[tuple[str, str], ...] = ()
         try:
@@ -315,6 +314,20 @@ class ReverseProxy:
                 code = exc.code if isinstance(exc, AegisError) else "server_error"
                 await self._forward_failed(ctx, result, 500, code, "the gateway failed to forward")
             raise
+
+    async def _unrouted(self, scope: Scope, status: int, code: str, message: str) -> Result:
+        host = next((v for k, v in scope["headers"] if k.lower() == b"host"), b"")
+        client = scope.get("client")
+        return await self._pipeline.refuse_unrouted(
+            door="proxy",
+            method=str(scope.get("method", scope["type"])),
+            target=(scope.get("raw_path") or quote(scope["path"]).encode()).decode("latin-1"),
+            host=host.decode("latin-1"),
+            client=client[0] if client else None,
+            status=status,
+            code=code,
+            message=message,
+        )
 
     def _netloc(self, scope: Scope, values: dict[str, str]) -> str:
         """The authority the client addressed, as Starlette reads it from the Host header (or the
