@@ -163,3 +163,30 @@ def test_an_insert_only_role_appends_and_prunes_but_cannot_delete(
         with pg_log.engine.begin() as conn:
             conn.exec_driver_sql(f"DROP OWNED BY {role}")
             conn.exec_driver_sql(f"DROP ROLE {role}")
+
+
+@pytest.mark.postgres
+def test_a_dropped_or_disabled_trigger_is_installed_again_at_start(
+    pg_log: AuditLog, keyring: KeyRing, clock: FrozenClock, fresh_pg_url: str
+) -> None:
+    fill(pg_log, 3)
+    Checkpointer(pg_log, keyring, issuer=ISSUER, clock=clock).checkpoint()
+    with pg_log.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TRIGGER audit_records_append_only ON audit_records")
+        conn.exec_driver_sql(
+            "ALTER TABLE audit_checkpoints DISABLE TRIGGER audit_checkpoints_append_only"
+        )
+    restarted = AuditLog(fresh_pg_url, clock=clock)  # the guard function's marker is still there
+    try:
+        for statement in (
+            "DELETE FROM audit_records WHERE seq = 3",
+            "DELETE FROM audit_checkpoints",
+        ):
+            with (
+                pytest.raises(DBAPIError, match="append-only"),
+                restarted.engine.begin() as conn,
+            ):
+                conn.exec_driver_sql(statement)
+        assert restarted.count() == 3 and restarted.verify_chain().ok
+    finally:
+        restarted.close()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
 __all__ = ["PRUNE_FUNCTION", "install_append_only"]
 
@@ -47,7 +47,7 @@ END;
 $$ LANGUAGE plpgsql;
 
 CREATE OR REPLACE FUNCTION aegis_audit_prune(upto bigint) RETURNS bigint
-SECURITY DEFINER SET search_path = public, pg_temp AS $$
+SECURITY DEFINER SET search_path = {schema}, pg_temp AS $$
 DECLARE
   n bigint;
 BEGIN
@@ -74,9 +74,22 @@ CREATE OR REPLACE TRIGGER audit_checkpoints_append_only BEFORE UPDATE OR DELETE
   ON audit_checkpoints FOR EACH ROW EXECUTE FUNCTION aegis_audit_refuse();
 CREATE OR REPLACE TRIGGER audit_checkpoints_no_truncate BEFORE TRUNCATE ON audit_checkpoints
   FOR EACH STATEMENT EXECUTE FUNCTION aegis_audit_refuse();
+ALTER TABLE audit_records ENABLE TRIGGER audit_records_append_only;
+ALTER TABLE audit_records ENABLE TRIGGER audit_records_no_truncate;
+ALTER TABLE audit_tree_nodes ENABLE TRIGGER audit_tree_nodes_append_only;
+ALTER TABLE audit_tree_nodes ENABLE TRIGGER audit_tree_nodes_no_truncate;
+ALTER TABLE audit_checkpoints ENABLE TRIGGER audit_checkpoints_append_only;
+ALTER TABLE audit_checkpoints ENABLE TRIGGER audit_checkpoints_no_truncate;
 REVOKE ALL ON FUNCTION aegis_audit_prune(bigint) FROM PUBLIC;
 COMMENT ON FUNCTION aegis_audit_records_guard() IS '{marker}';
 """
+
+#: The triggers :data:`_DDL` creates; all of them, enabled, on the tables of this schema.
+_TRIGGERS: Final = (
+    "audit_records_append_only", "audit_records_no_truncate", "audit_tree_nodes_append_only",
+    "audit_tree_nodes_no_truncate", "audit_checkpoints_append_only",
+    "audit_checkpoints_no_truncate",
+)  # fmt: skip
 
 #: Written as the guard function's comment; a database that carries it is left as it is, so a role
 #: that may only INSERT and SELECT (not the tables' owner) starts without touching the DDL.
@@ -91,13 +104,33 @@ def install_append_only(engine: Engine) -> None:
     if engine.dialect.name != "postgresql":
         return
     with engine.begin() as conn:
-        installed = conn.execute(
-            text(
-                "SELECT obj_description(p.oid, 'pg_proc') FROM pg_proc p "
-                "WHERE p.proname = 'aegis_audit_records_guard'"
-            )
-        ).scalar()
-        if installed == _MARKER:
+        if _installed(conn):
             return
         conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('aegis_audit_ddl'))"))
-        conn.exec_driver_sql(_DDL.replace("{marker}", _MARKER))
+        schema = conn.execute(text("SELECT quote_ident(current_schema())")).scalar()
+        ddl = _DDL.replace("{marker}", _MARKER).replace("{schema}", str(schema))
+        conn.exec_driver_sql(ddl)
+
+
+def _installed(conn: Connection) -> bool:
+    """Whether this schema's guard function carries the marker and every trigger is on its
+    table, enabled. A dropped or disabled trigger (or a second Aegis schema in the database,
+    whose functions live elsewhere) is installed again, not taken as present."""
+    marker = conn.execute(
+        text(
+            "SELECT obj_description(p.oid, 'pg_proc') FROM pg_proc p "
+            "WHERE p.proname = 'aegis_audit_records_guard' "
+            "AND p.pronamespace = current_schema()::regnamespace"
+        )
+    ).scalar()
+    if marker != _MARKER:
+        return False
+    enabled = conn.execute(
+        text(
+            "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON t.tgrelid = c.oid "
+            "WHERE c.relnamespace = current_schema()::regnamespace AND NOT t.tgisinternal "
+            "AND t.tgenabled <> 'D' AND t.tgname = ANY(:names)"
+        ),
+        {"names": list(_TRIGGERS)},
+    ).scalar()
+    return enabled == len(_TRIGGERS)
