@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import sqlite3
+from pathlib import Path
 
 import pytest
 from sqlalchemy import insert
 
 from aegis.audit.checkpoint import Checkpointer, jwks_resolver, sign_checkpoint, verify_checkpoint
-from aegis.audit.log import AuditLog
+from aegis.audit.log import GENESIS_HASH, AuditLog, canonical_json, record_hash
 from aegis.audit.merkle import leaf_hash, root_of
 from aegis.audit.sql_tables import AUDIT_CHECKPOINTS
 from aegis.audit.tree import TreeHead
@@ -184,3 +187,39 @@ def test_a_stored_checkpoint_that_is_not_of_this_log_is_an_error_not_a_cover(
     fill(log, 2, start=10)
     with pytest.raises(EvidenceError, match="does not match the log"):
         checkpointer.checkpoint()
+
+
+def test_verify_chain_holds_the_log_to_its_checkpoints(
+    tmp_path: Path, log: AuditLog, checkpointer: Checkpointer
+) -> None:
+    """A chain recomputed after an edit, or cut short, verifies link by link; the chain heads the
+    checkpoints recorded are what it must still reach."""
+    fill(log, 5)
+    checkpointer.checkpoint()  # witnesses the head at 5
+    fill(log, 5, start=5)
+    checkpointer.checkpoint()  # and at 10
+    assert log.verify_chain().ok
+    db = sqlite3.connect(tmp_path / "audit.db")
+    try:
+        db.execute("DELETE FROM audit_records WHERE seq > 7")
+        db.commit()
+        cut = log.verify_chain()
+        assert (cut.ok, cut.reason) == (False, "records up to the checkpoint at 10 are missing")
+        prev = GENESIS_HASH  # rewrite record 3 and recompute every hash after it
+        rows = db.execute("SELECT seq, record FROM audit_records ORDER BY seq").fetchall()
+        for seq, body in rows:
+            record = json.loads(body)
+            record["action"] = "deny" if seq == 3 else record["action"]
+            text = canonical_json(record)
+            digest = record_hash(prev, text)
+            db.execute(
+                "UPDATE audit_records SET record = ?, prev_hash = ?, hash = ? WHERE seq = ?",
+                (text, prev, digest, seq),
+            )
+            prev = digest
+        db.commit()
+    finally:
+        db.close()
+    rewritten = log.verify_chain()
+    assert (rewritten.first_bad, rewritten.reason) == (
+        5, "the chain head differs from the checkpoint at this size")  # fmt: skip

@@ -380,6 +380,15 @@ class AuditLog:
                 if head is None:
                     return ChainReport(0, 1, "records before this position are missing")
                 prev = head
+        # Checkpoints recorded the chain head at their size: a chain recomputed after an edit,
+        # or cut short below a checkpoint, disagrees with them (records after the newest
+        # checkpoint have no such witness; checkpoint signatures are checked by export
+        # verification, which holds the keys).
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                select(AUDIT_CHECKPOINTS.c.tree_size, AUDIT_CHECKPOINTS.c.chain_hash)
+            )
+            witnessed = {int(size): str(head) for size, head in rows}
         expected, count = start + 1, 0
         query = select(
             AUDIT_RECORDS.c.seq,
@@ -396,5 +405,14 @@ class AuditLog:
                     return ChainReport(count, seq, "prev_hash does not match the previous record")
                 if record_hash(prev_hash, body) != digest:
                     return ChainReport(count, seq, "the record does not match its hash")
+                if seq in witnessed and witnessed[seq] != digest:
+                    return ChainReport(
+                        count, seq, "the chain head differs from the checkpoint at this size"
+                    )
                 prev, expected = digest, expected + 1
+        beyond = [size for size in witnessed if size >= expected]
+        if beyond:
+            return ChainReport(
+                count, expected, f"records up to the checkpoint at {max(beyond)} are missing"
+            )
         return ChainReport(count, None)
