@@ -14,6 +14,7 @@ from aegis.clock import FrozenClock
 from aegis.crypto.jws import parse_compact
 from aegis.sdk import (
     AccessDeniedError,
+    AegisClientError,
     ReplayDetectedError,
     RetryPolicy,
     ServiceUnavailableError,
@@ -200,12 +201,24 @@ def test_sanitized_answer_reaches_the_agent_masked(stack: Stack) -> None:
     assert resp.json()["card"].endswith("1111")
 
 
-def test_answers_without_an_aegis_decision_are_returned(stack: Stack) -> None:
-    """Only decided refusals become exceptions; a 404 for an unrouted path reaches the caller."""
+def test_the_gateways_own_404_is_a_refusal_with_its_decision(stack: Stack) -> None:
+    """An unrouted path is refused by the gateway itself, audited under a decision id: raised as
+    an error carrying it; with raise_for_denial off the answer reaches the caller."""
     _, agent = stack.key_agent("nowhere")
-    with agent, agent.client(stack.gateway, audience=GW_AUD, scope="payments:write") as http:
-        resp = http.get("/nowhere")
+    with (
+        agent,
+        agent.client(stack.gateway, audience=GW_AUD, scope="payments:write") as http,
+        pytest.raises(AegisClientError) as err,
+    ):
+        http.get("/nowhere")
+    assert err.value.code == "not_found" and err.value.decision_id
+    with (
+        agent,
+        httpx.Client(auth=agent.auth(GW_AUD, "payments:write", raise_for_denial=False)) as http,
+    ):
+        resp = http.get(f"{stack.gateway}/nowhere")
     assert resp.status_code == 404
+    assert resp.json()["decision_id"] == resp.headers["x-aegis-decision-id"]
 
 
 def test_raise_for_denial_off_returns_the_refusal(stack: Stack) -> None:
