@@ -238,3 +238,10 @@ def test_a_json_body_with_a_lone_surrogate_is_refused() -> None:
     assert parse_json_body(b'{"memo": "\\ud83d\\ude00"}', "application/json") == {
         "memo": "\U0001f600"
     }
+
+
+@pytest.mark.parametrize("raw", [b'{"amount": NaN}', b'{"amount": Infinity}', b'{"a": -Infinity}',
+                                 b'{"amount": 1e400}'])  # fmt: skip
+def test_a_json_body_with_a_non_finite_number_is_refused(raw: bytes) -> None:
+    with pytest.raises(InvalidRequest, match="not a JSON number"):
+        parse_json_body(raw, "application/json")

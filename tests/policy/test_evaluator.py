@@ -193,3 +193,15 @@ def test_selectors() -> None:
         ("chain", {"agents": ["q"]}),
     ]:
         assert decide(p, **{**good, key: bad})["action"] == "deny", key
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_number_is_no_number_to_a_numeric_rule(value: float) -> None:
+    """Every comparison with NaN is false: taken as a number, it would slip past
+    "deny when amount > 10000". It is a type error, so the call is refused."""
+    p = policy(
+        "- {id: cap, action: deny, when: {path: request.body.amount, gt: 10000}}\n"
+        "- {id: ok, action: allow, when: {path: request.body.amount, gte: 0}}\n"
+    )
+    got = decide(p, body={"amount": value})
+    assert got["action"] == "deny"

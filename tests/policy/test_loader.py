@@ -198,3 +198,31 @@ def test_oversized_documents_are_refused() -> None:
 def test_eq_null_survives_canonical_form() -> None:
     doc = load_document(_rules("- {id: a, action: allow, when: {path: chain.parent, eq: null}}\n"))
     assert doc.canonical()["spec"]["rules"][0]["when"] == {"path": "chain.parent", "eq": None}
+
+
+@pytest.mark.parametrize(
+    "when",
+    ["{path: request.body.x, exists: }", "{path: request.body.x, exists: ~}",
+     "{path: request.body.x, lt: null}", "{path: request.body.x, in: null}",
+     "{path: request.body.x, contains: null}", "{path: request.body.x, regex: null}",
+     "{time: null}", "{all: null}", "{any: null}", "{not: null}"],
+)  # fmt: skip
+def test_an_operator_without_a_value_is_refused(when: str) -> None:
+    """`exists:` with nothing after it reads as null in YAML: a deny rule on it would test
+    nothing (and its canonical form would lose the operator)."""
+    error = _error(_rules(f"- {{id: d, action: deny, when: {when}}}\n"))
+    assert "needs a value" in error.message
+
+
+def test_eq_and_ne_may_still_test_null() -> None:
+    for op in ("eq", "ne"):
+        load_document(
+            _rules(f"- {{id: d, action: deny, when: {{path: request.body.x, {op}: null}}}}\n")
+        )
+
+
+@pytest.mark.parametrize("tz", ["localtime", "posixrules", "Factory", "right/UTC", "posix/UTC"])
+def test_a_time_zone_outside_the_iana_database_is_refused(tz: str) -> None:
+    window = f"{{time: {{tz: {tz}, hours: {{from: 9, to: 17}}}}}}"
+    error = _error(_rules(f"- {{id: d, action: deny, when: {window}}}\n"))
+    assert "unknown time zone" in error.message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
 
@@ -10,7 +11,13 @@ import regorus
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aegis.policy.safe_regex import MAX_VARIABLE_REPEATS, RegexRejected, compile_safe, glob_to_regex
+from aegis.policy.safe_regex import (
+    MAX_SUBJECT_LENGTH,
+    MAX_VARIABLE_REPEATS,
+    RegexRejected,
+    compile_safe,
+    glob_to_regex,
+)
 
 ACCEPTED = [
     r"^[A-Z]{2}[0-9]{10}$",
@@ -130,3 +137,16 @@ def test_generated_patterns_agree_or_are_refused(
     except RegexRejected:
         return
     assert [regex.search(s) for s in subjects] == RUST.matches([(regex.rust, s) for s in subjects])
+
+
+@pytest.mark.parametrize("pattern", ["a*a*a*b", "a{0,1000}a{0,1000}a{0,1000}b", r"\w+\s?\w+="])
+def test_patterns_that_backtrack_for_minutes_in_python_are_matched_by_re2(pattern: str) -> None:
+    """Inside the subset, overlapping repeats still make a backtracking engine polynomial (about
+    a minute for a*a*a*b over 4,096 characters); a regex condition is matched by RE2 instead.
+    Bounded: the search runs on a worker thread and the test gives up after 10 s."""
+    regex = compile_safe(pattern)
+    subject = "a" * MAX_SUBJECT_LENGTH
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        found = pool.submit(regex.search, subject).result(timeout=10)
+    assert found is False
+    assert regex.search("a" * 20 + ("b" if pattern.endswith("b") else " a=")) is True

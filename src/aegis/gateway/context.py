@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -186,7 +187,26 @@ def _members_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-_json_decoder: Final = json.JSONDecoder(object_pairs_hook=_members_once)
+def _no_constant(name: str) -> Any:
+    raise _NotANumber(name)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 reads as infinity
+        raise _NotANumber(text[:32])
+    return value
+
+
+class _NotANumber(ValueError):
+    pass
+
+
+#: RFC 8259 JSON: no repeated members, no NaN or Infinity (Python's decoder accepts them, and
+#: every comparison with NaN is false: {"amount": NaN} would pass "deny when amount > 10000").
+_json_decoder: Final = json.JSONDecoder(
+    object_pairs_hook=_members_once, parse_constant=_no_constant, parse_float=_finite
+)
 
 
 def parse_json_body(raw: bytes, content_type: str | None) -> Any:
@@ -204,6 +224,10 @@ def parse_json_body(raw: bytes, content_type: str | None) -> Any:
         if holds_lone_surrogate(text, value):
             raise InvalidRequest("the request body holds a lone UTF-16 surrogate ('\\ud800')")
         return value
+    except _NotANumber as exc:
+        raise InvalidRequest(
+            f"the body holds {exc.args[0]!r}, which is not a JSON number; send finite numbers"
+        ) from None
     except _RepeatedMember as exc:
         raise InvalidRequest(
             f"the body repeats the JSON member {exc.name[:64]!r}; send each member once"

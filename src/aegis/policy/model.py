@@ -9,7 +9,9 @@ checks that need more than one field (duplicate ids, rules that can never match)
 
 from __future__ import annotations
 
+import functools
 import re
+import zoneinfo
 from typing import Annotated, Any, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -137,6 +139,11 @@ class DateRange(_Strict):
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 
 
+@functools.cache
+def _iana_zones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones()) - {"localtime", "Factory", "posixrules"}
+
+
 class TimeWindow(_Strict):
     """True when ``input.time.unix``, seen in time zone ``tz``, falls inside every given part."""
 
@@ -148,7 +155,12 @@ class TimeWindow(_Strict):
     @field_validator("tz")
     @classmethod
     def _zone(cls, v: str) -> str:
+        # Only names of the IANA database: ZoneInfo also opens any file of the system's zoneinfo
+        # directory ("localtime" is this host's own setting, "right/..." counts leap seconds),
+        # which Rego engines cannot read and which decide differently from host to host.
         try:
+            if v not in _iana_zones():
+                raise ValueError(v)
             ZoneInfo(v)
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(
@@ -240,6 +252,10 @@ class Condition(_Strict):
                 "combine several with 'all' or 'any'"
             )
         op = ops[0]
+        if self.operand is None and op not in ("eq", "ne"):
+            # `exists:` with no value reads as null in YAML: an operator without an operand
+            # would test nothing (or crash the evaluator, or read differently in Rego).
+            raise ValueError(f"operator {op!r} needs a value (only eq and ne may test null)")
         if op in LEAF_OPERATORS and self.path is None:
             raise ValueError(f"operator {op!r} needs a 'path'")
         if op in _COMPOSITES and self.path is not None:

@@ -132,7 +132,7 @@ def _leaf(leaf: Leaf) -> Pred:
 
         return ordered
     if op == "regex":
-        search = leaf.regexes[0].python.search
+        search = leaf.regexes[0].linear.search  # RE2: linear time in the subject
 
         def regex(d: Any, e: list[str]) -> bool:
             x = get(d)

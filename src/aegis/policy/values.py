@@ -7,6 +7,7 @@ policy compares values, and :func:`is_number` wherever it needs a number.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 __all__ = ["MISSING", "is_number", "json_equal", "lookup"]
@@ -25,9 +26,11 @@ MISSING: Any = _Missing()
 
 
 def is_number(v: Any) -> bool:
-    """A JSON number: ``int`` or ``float``, never ``bool``."""
+    """A JSON number: ``int`` or a finite ``float``, never ``bool``. NaN and infinity are not
+    JSON numbers; taken as numbers, NaN would make every comparison false and slip past a
+    numeric deny rule."""
     t = type(v)
-    return t is int or t is float
+    return t is int or (t is float and math.isfinite(v))
 
 
 def json_equal(a: Any, b: Any) -> bool:
