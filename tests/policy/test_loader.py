@@ -181,8 +181,25 @@ def test_yaml_is_read_strictly(text: str, message: str) -> None:
 
 
 def test_yaml_11_booleans_and_dates_stay_strings() -> None:
-    doc = parse_source("a: NO\nb: yes\nc: true\nd: 2025-01-01\ne: 0x10\n").value
-    assert doc == {"a": "NO", "b": "yes", "c": True, "d": "2025-01-01", "e": 16}
+    doc = parse_source("a: NO\nb: yes\nc: true\nd: 2025-01-01\ne: '0x10'\n").value
+    assert doc == {"a": "NO", "b": "yes", "c": True, "d": "2025-01-01", "e": "0x10"}
+
+
+@pytest.mark.parametrize("numeral", ["0777", "0x1F", "0b101", "10:30", "1_000", "1_0.5", "1:30.5"])
+def test_numerals_yaml_11_reads_otherwise_than_json_are_refused(numeral: str) -> None:
+    with pytest.raises(PolicyError, match=r"reads differently in YAML 1\.1 and JSON"):
+        parse_source(f"a: {numeral}\n")
+    assert parse_source(f"a: '{numeral}'\n").value == {"a": numeral}  # quoted: a string
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("1e+16", 1e16), ("1e-05", 1e-05), ("1E5", 1e5), ("-2e3", -2000.0), ("12", 12), ("-0", 0),
+     ("1.5", 1.5)],
+)  # fmt: skip
+def test_json_numerals_are_numbers(text: str, value: float) -> None:
+    assert parse_source(f"a: {text}\n").value == {"a": value}
+    assert parse_source(f'{{"a": {text}}}').value == {"a": value}
 
 
 def test_json_documents_load_too() -> None:

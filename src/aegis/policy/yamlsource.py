@@ -9,11 +9,14 @@ It is stricter than ``yaml.safe_load`` on purpose, because a policy is security 
 * only ``true`` / ``false`` are booleans: YAML 1.1 ``yes``/``no``/``on``/``off`` stay strings, so
   a country code ``NO`` never turns into ``false``;
 * timestamps stay strings (dates in time windows are parsed by the model, not by YAML);
+* numbers mean what they mean in JSON: YAML 1.1 octal, hex, binary, base-60 and ``_`` numerals
+  (``0777``, ``0x1F``, ``10:30``) are refused, and ``1e+16`` is a number, not a string;
 * mapping keys must be strings, and documents are limited in size and depth.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -101,18 +104,43 @@ class _Converter:
             low = text.lower()
             return low == "true" if low in ("true", "false") else text
         if tag == "tag:yaml.org,2002:int":
+            if not _DECIMAL_INT.fullmatch(text):
+                raise self._ambiguous(node, text)
             value = yaml.SafeLoader.construct_yaml_int(_CONSTRUCTOR, node)
             return int(value)
         if tag == "tag:yaml.org,2002:float":
-            number = float(yaml.SafeLoader.construct_yaml_float(_CONSTRUCTOR, node))
-            if number != number or number in (float("inf"), float("-inf")):
-                raise _fail(self.file, node.start_mark.line + 1, "numbers must be finite")
-            return number
+            if ":" in text or "_" in text:
+                raise self._ambiguous(node, text)
+            return self._finite(
+                node, float(yaml.SafeLoader.construct_yaml_float(_CONSTRUCTOR, node))
+            )
+        if tag == "tag:yaml.org,2002:str" and not node.style and _JSON_NUMBER.fullmatch(text):
+            # YAML 1.1 wants a '.' in a float: 1e+16 and 1e-05 (as json.dumps writes them) would
+            # stay strings, and an `in: [1e16]` deny would never match the number.
+            if _DECIMAL_INT.fullmatch(text):
+                return int(text)
+            return self._finite(node, float(text))
         if tag in ("tag:yaml.org,2002:str", "tag:yaml.org,2002:timestamp"):
             return text
         raise _fail(self.file, node.start_mark.line + 1, f"unsupported yaml tag {tag!r}")
 
+    def _finite(self, node: ScalarNode, number: float) -> float:
+        if number != number or number in (float("inf"), float("-inf")):
+            raise _fail(self.file, node.start_mark.line + 1, "numbers must be finite")
+        return number
 
+    def _ambiguous(self, node: ScalarNode, text: str) -> PolicyError:
+        return _fail(
+            self.file,
+            node.start_mark.line + 1,
+            f"the number {text!r} reads differently in YAML 1.1 and JSON (octal, hex, binary, "
+            "base 60 or with '_'); write it in decimal, or quote it for a string",
+        )
+
+
+#: A JSON number (RFC 8259 §6), and a plain decimal integer: the only numerals a policy may use.
+_JSON_NUMBER: Final = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_DECIMAL_INT: Final = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")
 _CONSTRUCTOR: Final = yaml.SafeLoader("")
 #: libyaml's parser when PyYAML was built with it: the same node tree and marks, about ten times
 #: faster than the pure-Python one (a 10,000-rule policy loads in seconds, not a minute).
