@@ -88,3 +88,10 @@ def test_no_email_survives_masking(local: str, domain: str, pad: str) -> None:
         {"n": [f"{pad}{local}@{domain}{pad}"]}, [S("mask", "response", pattern="email")], "response"
     )
     assert "@" not in out["n"][0]
+
+
+def test_masks_reach_object_keys_too() -> None:
+    body = {"bob@example.com": {"card": "4111 1111 1111 1111"}, "plain": "x"}
+    out = apply_to_body(body, [S("mask", "response", pattern="email"),
+                               S("mask", "response", pattern="card_number")], "response")  # fmt: skip
+    assert out == {EMAIL_MASK: {"card": "**** **** **** 1111"}, "plain": "x"}

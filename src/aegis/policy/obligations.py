@@ -97,7 +97,9 @@ def _mask_values(value: Any, patterns: tuple[str, ...]) -> Any:
     if isinstance(value, str):
         return mask_text(value, patterns)
     if isinstance(value, dict):
-        return {k: _mask_values(v, patterns) for k, v in value.items()}
+        # Keys too: {"bob@example.com": {...}} carries the address in the key. Two keys masked
+        # to the same text keep the later value: hiding wins over keeping.
+        return {mask_text(k, patterns): _mask_values(v, patterns) for k, v in value.items()}
     if isinstance(value, list):
         return [_mask_values(v, patterns) for v in value]
     return value
