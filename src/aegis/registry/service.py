@@ -218,8 +218,9 @@ class RegistryService:
             now = self._clock.now()
             changes: dict[str, Any] = {"status": status, "updated_at": now}
             if status is not AgentStatus.ACTIVE:
-                # Kill every live token of this agent at once (iat < now).
-                changes["tokens_not_before"] = now
+                # Kill every live token of this agent at once (iat < now). Never backwards: a
+                # replica whose clock lags would otherwise revive what an earlier mark ended.
+                changes["tokens_not_before"] = max(agent.tokens_not_before, now)
             agent = replace(agent, **changes)
             self.store.update_agent(agent)
             self._event(

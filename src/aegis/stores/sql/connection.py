@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import zlib
 from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, String, Table, insert, select, update
+from sqlalchemy import Connection, Engine, Row, String, Table, insert, select, text, update
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from aegis.errors import Conflict, InvalidRequest, NotFound, Unavailable
@@ -82,6 +83,14 @@ def _translate(exc: SQLAlchemyError, unavailable_code: str) -> Exception:
     return Unavailable("the database is unreachable or failed", code=unavailable_code)
 
 
+def _write_lock(conn: Connection, key: int) -> None:
+    """Serialise the transaction just begun on ``conn`` with the others that take ``key``."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    elif conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 class _Transaction:
     """The connection of the current ``atomic()`` block and the first write that failed in it."""
 
@@ -114,17 +123,33 @@ class SqlBase:
         self._tx: ContextVar[_Transaction | None] = ContextVar(
             f"aegis_sql_{id(self)}", default=None
         )
+        #: The advisory lock of this store's ``atomic()`` blocks (one per store class).
+        self._lock_key = zlib.crc32(f"aegis:{type(self).__name__}".encode())
 
     def close(self) -> None:
         self.engine.dispose()
 
     @contextlib.contextmanager
     def atomic(self) -> Iterator[None]:
+        """One transaction for a read-modify-write of this store's records, serialised with
+        every other ``atomic()`` block on the same database (any process): each one reads the
+        rows it rewrites, and without the serialisation a write committed between another
+        block's read and its write is lost (an agent edit overlapping a quarantine would write
+        the agent back active). PostgreSQL: a transaction-level advisory lock per store class;
+        SQLite: ``BEGIN IMMEDIATE`` (the database's write lock). Single statements outside a
+        block take no such lock."""
+        with self._begin(serialised=True):
+            yield
+
+    @contextlib.contextmanager
+    def _begin(self, *, serialised: bool) -> Iterator[None]:
         if self._tx.get() is not None:
             yield  # join the outer transaction
             return
         try:
             with self.engine.begin() as conn:
+                if serialised:
+                    _write_lock(conn, self._lock_key)
                 tx = _Transaction(conn)
                 token = self._tx.set(tx)
                 try:
@@ -140,7 +165,7 @@ class SqlBase:
     def _connection(self) -> Iterator[Connection]:
         tx = self._tx.get()
         if tx is None:
-            with self.atomic():
+            with self._begin(serialised=False):
                 tx = self._tx.get()
                 assert tx is not None
                 yield tx.conn
