@@ -21,7 +21,7 @@ from aegis.pki.peer import TrustBundle
 from aegis.pki.profile import x5t_s256
 from aegis.pki.service import PkiService
 from aegis.pki.spiffe import check_leaf_svid
-from aegis.types import AgentStatus
+from aegis.types import AgentStatus, TenantStatus
 from tests.pki.conftest import TRUST_DOMAIN, Pki, build_pki, make_csr
 
 
@@ -229,6 +229,35 @@ def test_bootstrap_token_is_single_use_and_expires(tmp_path: Path) -> None:
     assert _post_sign(pki, {"csr": "junk", "bootstrap_token": fresh})[0] == 400
     assert _post_sign(pki, {"csr": make_csr()[1].decode(), "bootstrap_token": fresh})[0] == 201
     assert token not in (tmp_path / "pki.db").read_bytes().decode("latin-1")
+
+
+def test_a_suspension_ends_earlier_bootstrap_tokens_and_certificates(tmp_path: Path) -> None:
+    """As with tokens: what ended the agent's credentials ends the enrolment tokens and the
+    certificates made before it, even once the agent (or its tenant) is active again."""
+    clock = FrozenClock(1_800_000_000)
+    pki = build_pki(tmp_path, clock)
+    token = pki.service.new_bootstrap_token("beta", lifetime=600)
+    _, cert = pki.key_and_cert("beta")
+    der = cert.public_bytes(serialization.Encoding.DER)
+    clock.advance(1)
+    pki.registry.set_agent_status("beta", AgentStatus.QUARANTINED, actor="admin")
+    clock.advance(1)
+    pki.registry.set_agent_status("beta", AgentStatus.ACTIVE, actor="admin")
+    status, body = _post_sign(pki, {"csr": make_csr()[1].decode(), "bootstrap_token": token})
+    assert (status, body["code"]) == (401, "invalid_client")
+    with pytest.raises(AegisError) as refused:
+        pki.validator.validate(der)
+    assert refused.value.code == "cert_revoked"
+    # The tenant's suspension ends them too (it moves its agents' marks, revoking nothing).
+    _, fresh = pki.key_and_cert("alpha")
+    fresh_der = fresh.public_bytes(serialization.Encoding.DER)
+    assert pki.validator.validate(fresh_der).agent_id == "alpha"
+    clock.advance(1)
+    pki.registry.set_tenant_status("t1", TenantStatus.SUSPENDED, actor="admin")
+    pki.registry.set_tenant_status("t1", TenantStatus.ACTIVE, actor="admin")
+    with pytest.raises(AegisError) as refused:
+        pki.validator.validate(fresh_der)
+    assert refused.value.code == "cert_revoked"
 
 
 def test_leaving_active_revokes_every_certificate_in_the_crl(pki: Pki) -> None:

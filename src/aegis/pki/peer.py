@@ -145,25 +145,25 @@ class PeerValidator:
 
     def validate(self, der: bytes, *, source: str = "tls") -> PeerIdentity:
         seen = self._inspect(der)
-        self._check_record(seen, self._store.lookup(seen.serial))
+        record = self._check_record(seen, self._store.lookup(seen.serial))
         try:
             agent = self._cache.agent(seen.agent)
             tenant = self._cache.tenant(agent.tenant_id)
         except NotFound:
             raise self._unregistered(seen) from None
-        return self._conclude(seen, agent, tenant, source, der)
+        return self._conclude(seen, record, agent, tenant, source, der)
 
     async def validate_async(self, der: bytes, *, source: str = "tls") -> PeerIdentity:
         """:meth:`validate`, with the certificate record and the agent, when not cached, read
         off the event loop (the same checks in the same order)."""
         seen = self._inspect(der)
-        self._check_record(seen, await self._store.lookup_async(seen.serial))
+        record = self._check_record(seen, await self._store.lookup_async(seen.serial))
         try:
             agent = await self._cache.agent_async(seen.agent)
             tenant = await self._cache.tenant_async(agent.tenant_id)
         except NotFound:
             raise self._unregistered(seen) from None
-        return self._conclude(seen, agent, tenant, source, der)
+        return self._conclude(seen, record, agent, tenant, source, der)
 
     def _inspect(self, der: bytes) -> _Seen:
         """Checks 1-4, which need no stored record."""
@@ -232,13 +232,14 @@ class PeerValidator:
         return seen
 
     @staticmethod
-    def _check_record(seen: _Seen, record: CertificateRecord | None) -> None:
+    def _check_record(seen: _Seen, record: CertificateRecord | None) -> CertificateRecord:
         """Checks 5-6: issued here with this exact thumbprint, and not revoked."""
         serial, sid = seen.serial, seen.spiffe_id
         if record is None or record.x5t_s256 != seen.thumbprint or record.spiffe_id != sid:
             raise _fail("peer certificate was not issued by this ca", "cert_untrusted", serial, sid)
         if record.revoked_at is not None:
             raise _fail("peer certificate is revoked; enrol again", "cert_revoked", serial, sid)
+        return record
 
     @staticmethod
     def _unregistered(seen: _Seen) -> AegisError:
@@ -251,7 +252,12 @@ class PeerValidator:
 
     @staticmethod
     def _conclude(
-        seen: _Seen, agent: Agent, tenant: Tenant, source: str, der: bytes
+        seen: _Seen,
+        record: CertificateRecord,
+        agent: Agent,
+        tenant: Tenant,
+        source: str,
+        der: bytes,
     ) -> PeerIdentity:
         """Check 7, on the agent's and its tenant's registry records."""
         serial, sid = seen.serial, seen.spiffe_id
@@ -268,6 +274,17 @@ class PeerValidator:
         # out must stop passing as well.
         if tenant.status is not TenantStatus.ACTIVE:
             raise _fail(f"tenant {tenant.id} is {tenant.status.value}", "cert_revoked", serial, sid)
+        # As for tokens (iat before the mark): what ended the agent's credentials (a suspension,
+        # quarantine, the tenant's suspension) ends certificates issued before it, even once the
+        # agent is active again.
+        if record.issued_at < agent.tokens_not_before:
+            raise _fail(
+                "peer certificate was issued before the agent's credentials were last ended; "
+                "enrol again",
+                "cert_revoked",
+                serial,
+                sid,
+            )
         return PeerIdentity(
             sid, seen.agent, seen.tenant, seen.env, serial, seen.thumbprint, seen.not_after,
             source, der,

@@ -188,10 +188,18 @@ class PkiService:
             if authorization or "client_secret" in form or "client_assertion" in form:
                 raise InvalidRequest("use either a bootstrap token or client credentials, not both")
             token = form["bootstrap_token"]
-            agent_id = self.store.consume_bootstrap(hash_secret(self._pepper, token))
-            if agent_id is None:
+            spent = self.store.consume_bootstrap(hash_secret(self._pepper, token))
+            if spent is None:
                 raise ClientAuthError(
                     "bootstrap token is unknown, used or expired; ask for a new one"
+                )
+            agent_id, created_at = spent
+            # Like the agent's tokens: a suspension or quarantine since the bootstrap token was
+            # made ends it, even once the agent is active again.
+            if created_at < self._cache.agent(agent_id).tokens_not_before:
+                raise ClientAuthError(
+                    "bootstrap token was made before the agent's credentials were last ended; "
+                    "ask for a new one"
                 )
             return self.issue(agent_id, key, lifetime=lifetime, via="bootstrap_token")
         if self._auth is None:

@@ -178,18 +178,23 @@ class CertificateStore:
                 )
             )
 
-    def consume_bootstrap(self, token_hash: str) -> str | None:
-        """Spend a bootstrap token atomically; the agent id, or None if unknown, used or expired."""
+    def consume_bootstrap(self, token_hash: str) -> tuple[str, float] | None:
+        """Spend a bootstrap token atomically; its agent id and creation time, or None if
+        unknown, used or expired."""
         now = self._clock.now()
         t = BOOTSTRAP_TOKENS.c
         with self._guard(), self._engine.begin() as conn:
-            row = conn.execute(select(t.agent_id).where(t.token_hash == token_hash)).first()
+            row = conn.execute(
+                select(t.agent_id, t.created_at).where(t.token_hash == token_hash)
+            ).first()
             result = conn.execute(
                 update(BOOTSTRAP_TOKENS)
                 .where(t.token_hash == token_hash, t.used_at.is_(None), t.expires_at > now)
                 .values(used_at=now)
             )
-        return str(row[0]) if row is not None and result.rowcount == 1 else None
+        if row is None or result.rowcount != 1:
+            return None
+        return str(row[0]), float(row[1])
 
 
 def _row(rec: CertificateRecord) -> dict[str, Any]:
