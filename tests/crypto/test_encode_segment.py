@@ -32,3 +32,9 @@ def test_refuses_what_the_parser_would_refuse(bad: float) -> None:
         encode_segment({"exp": bad})
     with pytest.raises(ValueError, match="not JSON compliant"):
         encode_segment({"nested": {"exp": [bad]}})
+
+
+def test_a_lone_surrogate_is_never_minted() -> None:
+    """The parser refuses it, so a token holding one could never be verified."""
+    with pytest.raises(ValueError, match="surrogate"):
+        encode_segment({"sub": "a\ud800b"})

@@ -385,3 +385,13 @@ async def test_a_failure_while_evidencing_is_a_refusal_never_an_answer_without_e
     assert (result.status, result.code) == (500, "server_error")
     record = next(r for r in env.audit.records() if r["decision_id"] == result.decision_id)
     assert record["action"] == "deny"
+
+
+async def test_a_method_override_in_the_query_is_refused(env: Env) -> None:
+    agent = Agent(env)
+    ctx = dataclasses.replace(
+        make_ctx(dpop_headers(agent, agent.token()), body={"amount": 5}),
+        query=(("_method", "DELETE"),),
+    )
+    result = await env.pipeline.run(ctx)
+    assert (result.status, result.code) == (400, "invalid_request"), result

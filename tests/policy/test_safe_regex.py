@@ -150,3 +150,9 @@ def test_patterns_that_backtrack_for_minutes_in_python_are_matched_by_re2(patter
         found = pool.submit(regex.search, subject).result(timeout=10)
     assert found is False
     assert regex.search("a" * 20 + ("b" if pattern.endswith("b") else " a=")) is True
+
+
+def test_a_pattern_re2_refuses_is_refused_at_load_with_a_reason() -> None:
+    # Nested fixed counts are in the subset, but RE2 caps a repetition at 1,000 in all.
+    with pytest.raises(RegexRejected, match="cannot be compiled"):
+        compile_safe("(?:x{100}){100}")

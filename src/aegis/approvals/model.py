@@ -83,22 +83,29 @@ class HeldCall:
 _UNBOUND: Final = frozenset(
     {"authorization", "dpop", "host", "content-length", "connection", "keep-alive", "te",
      "transfer-encoding", "upgrade", "user-agent", "accept-encoding", "date", "traceparent",
-     "tracestate", "baggage", "x-request-id", "x-correlation-id", "sentry-trace",
-     "x-amzn-trace-id", "x-cloud-trace-context", "forwarded", "x-real-ip"}
+     "tracestate", "baggage", "x-request-id", "x-correlation-id", "x-client-trace-id",
+     "sentry-trace", "x-amzn-trace-id", "x-cloud-trace-context", "b3", "uber-trace-id",
+     "x-ot-span-context", "sw8", "sw8-correlation", "sw8-x", "newrelic",
+     "elastic-apm-traceparent", "forwarded", "x-real-ip"}
 )  # fmt: skip
-_UNBOUND_PREFIXES: Final = ("x-aegis-", "x-forwarded-", "x-envoy-", "x-b3-", "x-datadog-", "proxy-")
+_UNBOUND_PREFIXES: Final = (
+    "x-aegis-", "x-forwarded-", "x-envoy-", "x-b3-", "x-datadog-", "uberctx-", "ot-tracer-",
+    "proxy-",
+)  # fmt: skip
 
 
 def bound_headers(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
-    """The request headers an approval is bound to: every one the upstream acts on, in order,
-    without the fields of :data:`_UNBOUND` (names compared with ``_`` read as ``-``)."""
+    """The request headers an approval is bound to: every one the upstream acts on, without the
+    fields of :data:`_UNBOUND` (names compared with ``_`` read as ``-``), ordered by name. The
+    order of different fields is not the caller's to keep (HTTP/2, proxies and Envoy's header
+    map reorder them); the order of one field's repeated values is, and a stable sort keeps it."""
     out = []
     for name, value in headers:
         norm = name.lower().replace("_", "-")
         if norm in _UNBOUND or norm.startswith(_UNBOUND_PREFIXES):
             continue
         out.append((name.lower(), value))
-    return tuple(out)
+    return tuple(sorted(out, key=lambda pair: pair[0]))
 
 
 def call_digest(call: HeldCall) -> str:

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -72,12 +73,12 @@ def canonical_json(record: dict[str, Any]) -> str:
     text = json.dumps(
         record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     )
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            text = json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    if not text.isascii() and _SURROGATE.search(text):
+        text = json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return text
+
+
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
 def record_hash(prev_hash: str, canonical: str) -> str:

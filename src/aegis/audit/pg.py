@@ -108,6 +108,8 @@ def install_append_only(engine: Engine) -> None:
             return
         conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('aegis_audit_ddl'))"))
         schema = conn.execute(text("SELECT quote_ident(current_schema())")).scalar()
+        if schema is None:
+            raise RuntimeError("no current schema: set the connection's search_path")
         ddl = _DDL.replace("{marker}", _MARKER).replace("{schema}", str(schema))
         conn.exec_driver_sql(ddl)
 
@@ -120,7 +122,8 @@ def _installed(conn: Connection) -> bool:
         text(
             "SELECT obj_description(p.oid, 'pg_proc') FROM pg_proc p "
             "WHERE p.proname = 'aegis_audit_records_guard' "
-            "AND p.pronamespace = current_schema()::regnamespace"
+            "AND p.pronamespace = "
+            "(SELECT oid FROM pg_namespace WHERE nspname = current_schema())"
         )
     ).scalar()
     if marker != _MARKER:
@@ -128,7 +131,9 @@ def _installed(conn: Connection) -> bool:
     enabled = conn.execute(
         text(
             "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON t.tgrelid = c.oid "
-            "WHERE c.relnamespace = current_schema()::regnamespace AND NOT t.tgisinternal "
+            "WHERE c.relnamespace = "
+            "(SELECT oid FROM pg_namespace WHERE nspname = current_schema()) "
+            "AND NOT t.tgisinternal "
             "AND t.tgenabled <> 'D' AND t.tgname = ANY(:names)"
         ),
         {"names": list(_TRIGGERS)},

@@ -206,20 +206,19 @@ def parse_compact(token: str, *, max_bytes: int = MAX_TOKEN_BYTES) -> ParsedJWS:
 
 
 def encode_segment(obj: dict[str, Any]) -> str:
-    """Compact JSON, base64url-encoded. Raises ``ValueError`` for NaN or infinity, which the
-    parser would refuse: never mint what we cannot verify. A string with a lone surrogate (no
-    UTF-8 form) is written ``\\u``-escaped rather than failing the signature."""
+    """Compact JSON, base64url-encoded. Raises ``ValueError`` for NaN or infinity and for a
+    string with a lone surrogate, which the parser would refuse: never mint what we cannot
+    verify."""
     text = _encoder.encode(obj)
     try:
         return b64u_encode(text.encode("utf-8"))
     except UnicodeEncodeError:
-        return b64u_encode(_ascii_encoder.encode(obj).encode("ascii"))
+        raise ValueError("a string holds a lone UTF-16 surrogate; it has no UTF-8 form") from None
 
 
 # What ``json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)`` uses, built
 # once: json.dumps builds a new encoder on every call made with non-default options.
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-_ascii_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 def sign_compact(header_segment: str, payload: dict[str, Any], sign: Any) -> str:

@@ -153,15 +153,23 @@ REDIRECTING_FIELDS: Final = frozenset(
 )  # fmt: skip
 
 
-def refuse_redirecting_fields(headers: tuple[tuple[str, str], ...]) -> None:
+def refuse_redirecting_fields(
+    headers: tuple[tuple[str, str], ...], query: tuple[tuple[str, str], ...] = ()
+) -> None:
     """Raise ``invalid_request`` for a call carrying one of :data:`REDIRECTING_FIELDS`, however
-    spelled (a CGI or WSGI upstream reads ``X_HTTP_Method_Override`` as the same variable)."""
+    spelled (a CGI or WSGI upstream reads ``X_HTTP_Method_Override`` as the same variable), or a
+    ``_method`` query parameter (Rails, Laravel, Symfony, Express method-override)."""
     for name, _ in headers:
         if name.replace("_", "-") in REDIRECTING_FIELDS:
             raise InvalidRequest(
                 f"the {name} header asks the upstream to serve another method or path than the "
                 "one decided on; send the method and path themselves"
             )
+    if any(name == "_method" for name, _ in query):
+        raise InvalidRequest(
+            "the _method query parameter asks the upstream to serve another method than the "
+            "one decided on; send the method itself"
+        )
 
 
 def is_json_type(content_type: str | None) -> bool:

@@ -217,7 +217,7 @@ class Pipeline:
             raise AegisError(
                 "this route requires a client certificate (mTLS)", code="cert_required"
             )
-        refuse_redirecting_fields(ctx.headers)
+        refuse_redirecting_fields(ctx.headers, ctx.query)
         creds: Credentials = read_credentials(ctx)
         facts.scheme = creds.scheme
         token = self._verifier.verify(creds.token)
