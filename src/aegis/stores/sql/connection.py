@@ -24,11 +24,11 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, String, Table, insert, select, text, update
+from sqlalchemy import Connection, Engine, Row, String, Table, insert, select, update
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from aegis.errors import Conflict, InvalidRequest, NotFound, Unavailable
-from aegis.stores.sql.engine import make_engine
+from aegis.stores.sql.engine import lock_transaction, make_engine
 
 __all__ = ["SqlBase", "check_values", "storable"]
 
@@ -81,14 +81,6 @@ def _translate(exc: SQLAlchemyError, unavailable_code: str) -> Exception:
     if isinstance(exc, DataError):
         return InvalidRequest("a value does not fit its database column")
     return Unavailable("the database is unreachable or failed", code=unavailable_code)
-
-
-def _write_lock(conn: Connection, key: int) -> None:
-    """Serialise the transaction just begun on ``conn`` with the others that take ``key``."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
-    elif conn.dialect.name == "sqlite":
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 class _Transaction:
@@ -149,7 +141,7 @@ class SqlBase:
         try:
             with self.engine.begin() as conn:
                 if serialised:
-                    _write_lock(conn, self._lock_key)
+                    lock_transaction(conn, self._lock_key)
                 tx = _Transaction(conn)
                 token = self._tx.set(tx)
                 try:

@@ -20,6 +20,7 @@ __all__ = [
     "SCHEMA_LOCK_KEY",
     "create_tables",
     "lock_schema",
+    "lock_transaction",
     "make_engine",
 ]
 
@@ -27,6 +28,17 @@ __all__ = [
 #: create their own tables. Replicas starting together change the schema one after another; the
 #: later ones find it done and change nothing.
 SCHEMA_LOCK_KEY: Final = 0x6165676973  # "aegis"
+
+
+def lock_transaction(conn: Connection, key: int) -> None:
+    """Serialise the transaction just begun on ``conn`` with every other one that takes ``key``
+    (any process): PostgreSQL, a transaction-level advisory lock; SQLite, ``BEGIN IMMEDIATE``,
+    the database's write lock (waiting out ``busy_timeout``). Call it before the transaction's
+    first statement."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    elif conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def lock_schema(conn: Connection) -> None:
@@ -42,9 +54,7 @@ def lock_schema(conn: Connection) -> None:
     another migrates waits for it instead of failing."""
     if conn.dialect.name == "postgresql":
         conn.execute(text("SET LOCAL statement_timeout = 0"))
-        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
-    elif conn.dialect.name == "sqlite":
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    lock_transaction(conn, SCHEMA_LOCK_KEY)
 
 
 def create_tables(metadata: MetaData, engine: Engine) -> None:

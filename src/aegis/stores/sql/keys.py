@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Any
 
-from sqlalchemy import Connection, Row, delete, false, insert, select, text
+from sqlalchemy import Connection, Row, delete, insert, select
 
 from aegis.stores.sql.connection import SqlBase, check_values
 from aegis.stores.sql.schema import SIGNING_KEYS
 from aegis.types import KeyState, SigningKeyRecord
 
-__all__ = ["KEY_RING_LOCK_KEY", "SqlKeyStore"]
-
-#: ``pg_advisory_xact_lock`` key held while a process reads and rewrites the key ring.
-KEY_RING_LOCK_KEY: Final = 0x6165676973_6B  # "aegisk"
+__all__ = ["SqlKeyStore"]
 
 _ORDERED = select(SIGNING_KEYS).order_by(SIGNING_KEYS.c.created_at, SIGNING_KEYS.c.kid)
 
@@ -98,13 +95,8 @@ class SqlKeyStore(SqlBase):
         and the later write would silently discard the earlier one's keys (tokens signed with a
         key that is then no longer published). Returns the ring as it is after the transaction.
         An exception from ``change`` rolls back and propagates."""
+        # atomic() holds this store's write lock from before the read (SqlBase.atomic).
         with self.atomic(), self._connection() as conn:
-            if conn.dialect.name == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": KEY_RING_LOCK_KEY})
-            else:
-                # SQLite: a write statement, even one that touches no row, takes the database's
-                # write lock (waiting out ``busy_timeout``) before the read below.
-                conn.execute(delete(SIGNING_KEYS).where(false()))
             current = [_record(r) for r in conn.execute(_ORDERED).all()]
             records = change(list(current))
             if records is None:
