@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from pathlib import Path
 
@@ -328,3 +329,30 @@ def test_background_refresh_reads_the_store_until_the_ring_is_closed(tmp_path: P
     time.sleep(0.2)
     assert reads == after  # a closed ring never reads its (soon closed) store again
     store.close()
+
+
+def test_a_read_begun_before_a_rotation_here_is_not_installed_after_it() -> None:
+    store = MemoryKeyStore()
+    ring = _ring(store)
+    _clock(ring).advance(300)
+    stale = store.list_keys()
+    original = store.list_keys
+
+    def rotating_meanwhile() -> list:  # type: ignore[type-arg]
+        store.list_keys = original  # type: ignore[method-assign]
+        ring.rotate()  # this process rotates while the read is on its way
+        return stale
+
+    store.list_keys = rotating_meanwhile  # type: ignore[method-assign]
+    before = ring.signing_key().kid
+    # On a worker thread, bounded: a load that held the ring's lock through its read would
+    # deadlock with the rotation here.
+    loading = threading.Thread(target=ring.load, daemon=True)
+    loading.start()
+    loading.join(10)
+    assert not loading.is_alive()
+    assert ring.signing_key().kid != before  # the rotation stands; the stale read was dropped
+    ring.load()  # a read begun after it is installed as usual
+    assert ring.signing_key().kid == next(
+        r.kid for r in store.list_keys() if r.state.value == "active"
+    )

@@ -93,16 +93,23 @@ class KeyRing:
         self._snap = _Snapshot((), None, {}, 0.0)
         self._last_miss_reload = 0.0
         self._refreshing = False
+        #: Bumped by every install: a read that began before one is not installed after it.
+        self._generation = 0
         #: Set by :meth:`close`: the refresh thread stops, and never reads a closed store.
         self._closed = threading.Event()
 
     # -- loading ---------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Read the records from the store and decrypt the active key. Under the ring's lock, so
-        a read taken before a rotation in this process cannot be installed after it."""
+        """Read the records from the store and decrypt the active key. The read holds no lock
+        (the event loop may be waiting on a kid miss); it is installed only if nothing was
+        installed since it began, so a read taken before a rotation in this process is never
+        installed after it."""
+        generation = self._generation
+        records = tuple(self._store.list_keys())
         with self._lock:
-            self._install(tuple(self._store.list_keys()))
+            if self._generation == generation:
+                self._install(records)
 
     def _install(self, records: tuple[SigningKeyRecord, ...]) -> None:
         active = None
@@ -120,6 +127,7 @@ class KeyRing:
                         key="keys",
                     )
         self._snap = _Snapshot(records, active, public, self._clock.monotonic(), remove_after)
+        self._generation += 1
 
     def ensure_initialized(self) -> None:
         """Create an active and a next key if the store has no active key.
