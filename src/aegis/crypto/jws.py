@@ -32,12 +32,14 @@ __all__ = [
     "KEY_CARRYING_HEADERS",
     "MAX_TOKEN_BYTES",
     "ParsedJWS",
+    "StrictJSONError",
     "encode_segment",
     "holds_lone_surrogate",
     "parse_compact",
     "parse_with_header",
     "sign_compact",
     "split_compact",
+    "strict_json",
 ]
 
 #: Tokens larger than this are refused before any decoding.
@@ -59,15 +61,26 @@ def _malformed(what: str) -> TokenError:
     return TokenError(f"malformed token: {what}", code="malformed_token")
 
 
+class StrictJSONError(ValueError):
+    """Valid JSON that Aegis refuses to read (the message says what): a repeated member, NaN or
+    Infinity, a number out of range, a lone surrogate."""
+
+
 def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
-        raise _malformed("duplicate JSON member")
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise StrictJSONError(
+                    f"repeats the JSON member {name[:64]!r}; send each member once"
+                )
+            seen.add(name)
     return obj
 
 
 def _no_constants(name: str) -> Any:
-    raise _malformed(f"JSON constant {name} is not allowed")
+    raise StrictJSONError(f"holds {name!r}, which is not a JSON number; send finite numbers")
 
 
 def _finite_float(text: str) -> float:
@@ -75,15 +88,29 @@ def _finite_float(text: str) -> float:
     # RFC 8259 §6 leaves such numbers to the implementation: refuse them like NaN.
     value = float(text)
     if not math.isfinite(value):
-        raise _malformed("JSON number out of range")
+        raise StrictJSONError(
+            f"holds {text[:32]!r}, which is not a JSON number in range; send finite numbers"
+        )
     return value
 
 
+#: RFC 8259 JSON as Aegis reads it everywhere (tokens, proofs, request bodies): no repeated
+#: members (RFC 8259 §4: "the behavior of software that receives such an object is
+#: unpredictable"), no NaN or Infinity (every comparison with NaN is false).
 _decoder = json.JSONDecoder(
     object_pairs_hook=_object_without_duplicates,
     parse_constant=_no_constants,
     parse_float=_finite_float,
 )
+
+
+def strict_json(text: str) -> Any:
+    """``text`` decoded by the strict reader; ``StrictJSONError`` for valid JSON Aegis refuses
+    (lone surrogates included), ``ValueError`` for text that is not JSON."""
+    value = _decoder.decode(text)
+    if holds_lone_surrogate(text, value):
+        raise StrictJSONError("holds a lone UTF-16 surrogate ('\\ud800')")
+    return value
 
 
 _scan_once: Callable[[str, int], tuple[Any, int]] = _decoder.scan_once  # type: ignore[attr-defined]
@@ -121,8 +148,8 @@ def _json_object(raw: bytes, what: str) -> dict[str, Any]:
                 end = -1
         if end != len(text):
             value = _decoder.decode(text)
-    except TokenError:
-        raise
+    except StrictJSONError as exc:
+        raise _malformed(f"{what} {exc}") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise _malformed(f"{what} is not valid JSON") from exc
     if not isinstance(value, dict):

@@ -10,8 +10,6 @@ set only from a verified certificate (``aegis.pki.middleware``), never from clie
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -19,7 +17,7 @@ from typing import Any, Final
 from urllib.parse import parse_qsl, unquote
 
 from aegis.config import GatewayRoute
-from aegis.crypto.jws import holds_lone_surrogate
+from aegis.crypto.jws import StrictJSONError, strict_json
 from aegis.errors import InvalidRequest
 from aegis.pki.peer import PeerIdentity
 
@@ -178,45 +176,6 @@ def is_json_type(content_type: str | None) -> bool:
     return ctype == "application/json" or ctype.endswith("+json")
 
 
-class _RepeatedMember(ValueError):
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
-
-
-def _members_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        for name, _ in pairs:
-            if name in seen:
-                raise _RepeatedMember(name)
-            seen.add(name)
-    return obj
-
-
-def _no_constant(name: str) -> Any:
-    raise _NotANumber(name)
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e400 reads as infinity
-        raise _NotANumber(text[:32])
-    return value
-
-
-class _NotANumber(ValueError):
-    pass
-
-
-#: RFC 8259 JSON: no repeated members, no NaN or Infinity (Python's decoder accepts them, and
-#: every comparison with NaN is false: {"amount": NaN} would pass "deny when amount > 10000").
-_json_decoder: Final = json.JSONDecoder(
-    object_pairs_hook=_members_once, parse_constant=_no_constant, parse_float=_finite
-)
-
-
 def parse_json_body(raw: bytes, content_type: str | None) -> Any:
     """The JSON body for policy, or None when the body is not JSON (then policy sees null).
 
@@ -227,19 +186,9 @@ def parse_json_body(raw: bytes, content_type: str | None) -> Any:
     if not raw or not is_json_type(content_type):
         return None
     try:
-        text = raw.decode("utf-8")
-        value = _json_decoder.decode(text)
-        if holds_lone_surrogate(text, value):
-            raise InvalidRequest("the request body holds a lone UTF-16 surrogate ('\\ud800')")
-        return value
-    except _NotANumber as exc:
-        raise InvalidRequest(
-            f"the body holds {exc.args[0]!r}, which is not a JSON number; send finite numbers"
-        ) from None
-    except _RepeatedMember as exc:
-        raise InvalidRequest(
-            f"the body repeats the JSON member {exc.name[:64]!r}; send each member once"
-        ) from None
+        return strict_json(raw.decode("utf-8"))
+    except StrictJSONError as exc:
+        raise InvalidRequest(f"the body {exc}") from None
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise InvalidRequest("the request body is not valid JSON") from None
 
