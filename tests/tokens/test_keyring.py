@@ -6,6 +6,7 @@ import dataclasses
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,6 +38,19 @@ def _clock(ring: KeyRing) -> FrozenClock:
     clock = ring._clock
     assert isinstance(clock, FrozenClock)
     return clock
+
+
+def _count_reads(store: Any) -> list[int]:
+    """Count the store's ``list_keys`` calls in the returned one-item list."""
+    reads = [0]
+    original = store.list_keys
+
+    def counting() -> list:  # type: ignore[type-arg]
+        reads[0] += 1
+        return original()  # type: ignore[no-any-return]
+
+    store.list_keys = counting
+    return reads
 
 
 def _kids(ring: KeyRing) -> list[str]:
@@ -287,47 +301,31 @@ def test_a_rotation_by_another_process_is_found_on_a_kid_miss() -> None:
 def test_unknown_kid_misses_reload_at_most_once_a_second() -> None:
     store = MemoryKeyStore()
     ring = _ring(store)
-    reads = 0
-    original = store.list_keys
-
-    def counting() -> list:  # type: ignore[type-arg]
-        nonlocal reads
-        reads += 1
-        return original()
-
-    store.list_keys = counting  # type: ignore[method-assign]
+    reads = _count_reads(store)
     for i in range(100):
         assert ring.public_key(f"nope-{i}") is None
-    assert reads == 1
+    assert reads[0] == 1
     _clock(ring).advance(1)
     ring.public_key("nope")
-    assert reads == 2
+    assert reads[0] == 2
 
 
 def test_background_refresh_reads_the_store_until_the_ring_is_closed(tmp_path: Path) -> None:
     store = open_key_store(f"sqlite:///{tmp_path / 'keys.db'}")
     ring = KeyRing(store, bytes(range(32)), FrozenClock(T0), SETTINGS)
     ring.ensure_initialized()
-    reads = 0
-    original = store.list_keys
-
-    def counting() -> list:  # type: ignore[type-arg]
-        nonlocal reads
-        reads += 1
-        return original()
-
-    store.list_keys = counting  # type: ignore[method-assign]
+    reads = _count_reads(store)
     ring.refresh_in_background(0.02)
     ring.refresh_in_background(0.02)  # one thread per ring
     deadline = time.monotonic() + 5
-    while reads < 3 and time.monotonic() < deadline:
+    while reads[0] < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert reads >= 3
+    assert reads[0] >= 3
     ring.close()
     time.sleep(0.5)  # a read under way (or just begun) finishes
-    after = reads
+    after = reads[0]
     time.sleep(0.2)
-    assert reads == after  # a closed ring never reads its (soon closed) store again
+    assert reads[0] == after  # a closed ring never reads its (soon closed) store again
     store.close()
 
 
