@@ -130,13 +130,13 @@ class TokenService:
         if verified.exp <= self._clock.now():
             raise TokenError("token expired", code="token_expired")
         await check_subject(verified, self._cache, self._revocation)
-        if "parent_agent" in verified.claims or "act" in verified.claims:
-            if self.exchanger is None:
-                raise TokenError("delegated tokens are not accepted here", code="invalid_claim")
+        if self.exchanger is not None:  # as the gateway's step 6, delegated or not
             await prefetch_chain_agents(verified, self._cache, self.exchanger.rules)
             verify_chain(
                 verified, cache=self._cache, rules=self.exchanger.rules, now=self._clock.now()
             )
+        elif any(k in verified.claims for k in ("parent_agent", "act", "origin_user")):
+            raise TokenError("delegated tokens are not accepted here", code="invalid_claim")
         return verified
 
     async def introspect(self, token: str, *, tenant: str | None) -> dict[str, Any]:
