@@ -216,6 +216,35 @@ async def test_grpc_body_policy_refuses_a_string_body(
     assert (await stub.Check(req)).status.code == code_pb2.OK
 
 
+async def test_grpc_body_policy_refuses_a_content_coded_body(
+    env: Env, stub: pb_grpc.AuthorizationStub
+) -> None:
+    """Under ``content-encoding`` the upstream decodes the bytes first and acts on the result, so
+    policy is not shown the encoded bytes read as JSON."""
+    env.policies.activate(
+        "acme", "prod", env.policies.put(load_document(POLICY), now=0), actor="t", now=0
+    )
+    agent = Agent(env)
+    body = json.dumps({"amount": 5, "memo": "m"}).encode()
+
+    def request(coding: str | None) -> pb.CheckRequest:
+        fields = [
+            *dpop_headers(agent, agent.token()),
+            ("content-type", "application/json"),
+            ("content-length", str(len(body))),
+        ]
+        req = check(fields + ([("content-encoding", coding)] if coding else []))
+        req.attributes.request.http.raw_body = body
+        return req
+
+    for coding in ("br", "GZIP", "identity,deflate"):
+        status, _, answer = denied(await stub.Check(request(coding)))
+        assert (status, answer["code"]) == (400, "invalid_request"), coding
+        assert "content-encoding" in answer["message"]
+    assert (await stub.Check(request("identity"))).status.code == code_pb2.OK
+    assert (await stub.Check(request(None))).status.code == code_pb2.OK
+
+
 # -- HTTP door ------------------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from aegis.config import GatewayRoute, GatewaySettings
 from aegis.errors import InvalidRequest
-from aegis.gateway.context import parse_json_body, vet_path, vet_query
+from aegis.gateway.context import is_encoded, parse_json_body, vet_path, vet_query
 from aegis.gateway.proxy import ReverseProxy, forwardable, joined
 from aegis.gateway.routing import RouteTable
 
@@ -229,6 +229,18 @@ def test_queries_that_read_the_same_everywhere_pass(
 def test_queries_another_server_could_read_differently_are_refused(query: str) -> None:
     with pytest.raises(InvalidRequest):
         vet_query(query)
+
+
+@pytest.mark.parametrize("coding", ["gzip", "br", "identity, br", " X-Custom "])
+def test_a_content_coded_body_is_not_read_as_json(coding: str) -> None:
+    assert is_encoded(coding)
+    assert parse_json_body(b'{"amount": 5}', "application/json", coding) is None
+
+
+@pytest.mark.parametrize("coding", [None, "", "identity", "Identity, identity"])
+def test_a_body_without_a_content_coding_is_read(coding: str | None) -> None:
+    assert not is_encoded(coding)
+    assert parse_json_body(b'{"amount": 5}', "application/json", coding) == {"amount": 5}
 
 
 def test_a_json_body_with_a_lone_surrogate_is_refused() -> None:

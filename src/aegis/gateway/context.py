@@ -29,6 +29,7 @@ __all__ = [
     "CallContext",
     "Route",
     "body_digest",
+    "is_encoded",
     "is_json_type",
     "parse_json_body",
     "refuse_redirecting_fields",
@@ -110,7 +111,11 @@ class CallContext:
         limit, or of another content type)."""
         if self.body_digest == EMPTY_BODY_DIGEST:
             return False
-        return self.raw_body is None or not is_json_type(self.header("content-type"))
+        return (
+            self.raw_body is None
+            or not is_json_type(self.header("content-type"))
+            or is_encoded(self.header("content-encoding"))
+        )
 
     def header_values(self, name: str) -> list[str]:
         """Every value of header ``name`` (case-insensitive), in arrival order."""
@@ -176,14 +181,26 @@ def is_json_type(content_type: str | None) -> bool:
     return ctype == "application/json" or ctype.endswith("+json")
 
 
-def parse_json_body(raw: bytes, content_type: str | None) -> Any:
+def is_encoded(content_encoding: str | None) -> bool:
+    """Whether a body carries a content coding (RFC 9110 §8.4) other than ``identity``."""
+    codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
+    return any(c not in ("", "identity") for c in codings)
+
+
+def parse_json_body(
+    raw: bytes, content_type: str | None, content_encoding: str | None = None
+) -> Any:
     """The JSON body for policy, or None when the body is not JSON (then policy sees null).
+
+    A body under a content coding (``gzip``, ``br``, …) is not read: the upstream decodes it
+    first and acts on what the coding yields, which need not be what the encoded bytes say read
+    as JSON. Policy sees null, so a policy that reads the body refuses the call.
 
     A body that claims to be JSON and is not is refused: policy must never decide on a body the
     upstream would read differently. So is an object that repeats a member (RFC 8259 §4: "the
     behavior of software that receives such an object is unpredictable"): policy and
     sanitization would read the last ``amount``, an upstream may read the first."""
-    if not raw or not is_json_type(content_type):
+    if not raw or not is_json_type(content_type) or is_encoded(content_encoding):
         return None
     try:
         return strict_json(raw.decode("utf-8"))

@@ -299,8 +299,10 @@ class ExtAuthz:
         shown = limit if reads else self._settings.policy_body_bytes
         small = len(raw) <= shown
         if small:
-            content_type = next((v for k, v in facts["headers"] if k == "content-type"), None)
-            facts["body"] = parse_json_body(raw, content_type)
+            fields = facts["headers"]
+            content_type = next((v for k, v in fields if k == "content-type"), None)
+            coding = next((v for k, v in fields if k == "content-encoding"), None)
+            facts["body"] = parse_json_body(raw, content_type, coding)
         facts["body_digest"] = body_digest(raw) if raw else EMPTY_BODY_DIGEST
         facts["raw_body"] = raw if small else None
 

@@ -186,7 +186,8 @@ class PolicyDirectory:
             if body_hidden and self._reads_body(policy, tool):
                 raise InvalidRequest(
                     "the policy for this tool reads the request body; send it as JSON "
-                    "(content-type application/json) within gateway.max_body_bytes"
+                    "(content-type application/json, no content-encoding) within "
+                    "gateway.max_body_bytes"
                 )
             repeated = self._repeated_and_read(policy, tool, doc)
             if repeated:

@@ -290,7 +290,11 @@ class ReverseProxy:
                 raw = await self._read(receive, limit)
                 # Policy sees (and sanitization rewrites) only bodies it can hold whole.
                 small = len(raw) <= shown
-                facts["body"] = parse_json_body(raw, content_type) if small else None
+                facts["body"] = (
+                    parse_json_body(raw, content_type, values.get("content-encoding"))
+                    if small
+                    else None
+                )
                 facts["body_digest"] = body_digest(raw) if raw else EMPTY_BODY_DIGEST
                 facts["raw_body"] = raw if small else None
             elif declared is None and "transfer-encoding" not in values:
