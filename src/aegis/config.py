@@ -312,6 +312,9 @@ class GatewaySettings(_Section):
     policy_body_bytes: int = Field(default=64 * 1024, ge=0, le=16 * 1024 * 1024)
     connect_timeout: float = Field(default=5.0, gt=0, le=300)
     upstream_timeout: float = Field(default=30.0, gt=0, le=3600)
+    #: Longest wait for the next part of a request body (seconds); a client that sends nothing
+    #: for longer is answered 408 ``request_timeout`` and its call goes no further.
+    client_body_timeout: float = Field(default=30.0, gt=0, le=3600)
     #: How often the gateway checks for a newly activated policy version (seconds).
     policy_poll_interval: float = Field(default=2.0, gt=0, le=300)
     #: How old a DPoP proof's ``iat`` may be, and how far ahead of this clock (seconds).

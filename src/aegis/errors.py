@@ -66,6 +66,7 @@ CODES: dict[str, ErrorSpec] = {
     "conflict": _S(409, "conflict"),
     "payload_too_large": _S(413, "invalid_request"),
     "method_not_allowed": _S(405, "invalid_request"),
+    "request_timeout": _S(408, "invalid_request", retryable=True),
     # OAuth token endpoint (RFC 6749 §5.2)
     "invalid_client": _S(401, "invalid_client"),
     "invalid_grant": _S(400, "invalid_grant"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import json
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -50,6 +51,7 @@ class Stack:
     spans: InMemorySpanExporter
     refusals: list[str]
     policies: MemoryPolicyStore
+    upstream_url: str
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +96,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             ) as h11_gw,
             serve(create_gateway_app(dead, settings, pipeline=dead_pipeline)) as dead_gw,
         ):
-            yield Stack(srv, gw, h11_gw, dead_gw, upstream, audit, exporter, [], policies)
+            yield Stack(srv, gw, h11_gw, dead_gw, upstream, audit, exporter, [], policies, up)
     set_tracer_provider(None)
 
 
@@ -764,3 +766,58 @@ def test_refusals_before_any_route_are_audited_too(stack: Stack) -> None:
         assert (record["status"], record["code"], record["door"]) == (status, code, "proxy")
         assert record["client"] == "127.0.0.1"
     assert all("SECRET" not in json.dumps(r) for r in records.values())
+
+
+def _stalled_call(base: str, headers: dict[str, str], ctype: str, length: int) -> bytes:
+    """Send a call's head and the first bytes of a ``length``-byte body, then nothing more;
+    return what the gateway answers on the same connection."""
+    host, _, port = base.removeprefix("http://").partition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        sock.sendall(
+            f"POST /payments/charge HTTP/1.1\r\nHost: {host}:{port}\r\n{head}"
+            f"content-type: {ctype}\r\ncontent-length: {length}\r\n\r\n".encode()
+            + b'{"amount": '
+        )
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+@pytest.mark.parametrize(
+    ("ctype", "length"),
+    [("application/json", 100), ("application/octet-stream", 200_000)],  # read whole; streamed
+)
+def test_a_client_that_stops_sending_its_body_is_408_and_audited(
+    stack: Stack, ctype: str, length: int
+) -> None:
+    settings = GatewaySettings.model_validate(
+        {"routes": [{"path_prefix": "/payments", "upstream": stack.upstream_url,
+                     "tool": "payments", "tenant": "acme", "env": "prod"}],
+         "allow": [{"tool": "payments"}], "client_body_timeout": 0.3}
+    )  # fmt: skip
+    services = stack.srv.services
+    pipeline = build_pipeline(
+        services, settings, policy_store=MemoryPolicyStore(), audit=stack.audit
+    )
+    agent = AgentClient(stack.srv, "stall")
+    before = len(stack.upstream.seen)
+    with serve(create_gateway_app(services, settings, pipeline=pipeline)) as base:
+        url = f"{base}/payments/charge"
+        started = time.monotonic()
+        answer = _stalled_call(
+            base, agent.headers(agent.access_token(), "POST", url), ctype, length
+        )
+        waited = time.monotonic() - started
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer[:200]
+    refusal = json.loads(body)
+    assert refusal["code"] == "request_timeout"
+    assert 0.3 <= waited < 5
+    assert len(stack.upstream.seen) == before  # no complete call reached the upstream
+    decided = [r for r in stack.audit.records() if r.get("decision_id") == refusal["decision_id"]]
+    assert decided and decided[-1]["code"] == "request_timeout"

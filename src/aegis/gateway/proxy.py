@@ -26,6 +26,7 @@ is relayed chunk by chunk as it arrives.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import ssl
@@ -344,10 +345,19 @@ class ReverseProxy:
             netloc = self._netlocs[key] = RequestURL(scope=scope).netloc
         return netloc
 
-    @staticmethod
-    async def _chunks(receive: Receive) -> AsyncIterator[bytes]:
+    async def _chunks(self, receive: Receive) -> AsyncIterator[bytes]:
+        """The body's chunks as the client sends them. A client that sends nothing for
+        ``client_body_timeout`` is refused (408): it would otherwise hold its call, and a
+        connection to the upstream once streaming, for as long as it likes."""
+        gap = self._settings.client_body_timeout
         while True:
-            message = await receive()
+            try:
+                async with asyncio.timeout(gap):
+                    message = await receive()
+            except TimeoutError:
+                raise AegisError(
+                    f"no part of the request body arrived for {gap:g} s", code="request_timeout"
+                ) from None
             if message["type"] == "http.disconnect":
                 raise InvalidRequest("the client went away before sending its whole body")
             chunk = message.get("body", b"")
@@ -369,18 +379,21 @@ class ReverseProxy:
     async def _bounded(
         self, receive: Receive, limit: int, overflow: list[AegisError]
     ) -> AsyncIterator[bytes]:
-        """The body as it streams, cut off past ``limit``. The client library wraps what this
-        raises in its own error, so the refusal is also left in ``overflow`` for the caller."""
+        """The body as it streams, cut off past ``limit`` or when the client stalls. The client
+        library wraps what this raises in its own error, so the refusal is also left in
+        ``overflow`` for the caller."""
         seen = 0
-        async for chunk in self._chunks(receive):
-            seen += len(chunk)
-            if seen > limit:
-                exc = AegisError(
-                    f"request body larger than {limit} bytes", code="payload_too_large"
-                )
-                overflow.append(exc)
-                raise exc
-            yield chunk
+        try:
+            async for chunk in self._chunks(receive):
+                seen += len(chunk)
+                if seen > limit:
+                    raise AegisError(
+                        f"request body larger than {limit} bytes", code="payload_too_large"
+                    )
+                yield chunk
+        except AegisError as exc:
+            overflow.append(exc)
+            raise
 
     async def _forward(
         self,
@@ -417,12 +430,9 @@ class ReverseProxy:
             upstream = await self._session.request(
                 ctx.method, url, headers=headers, data=data, allow_redirects=False, **tls
             )
-        except TimeoutError:
-            return await self._gateway_error(
-                send, ctx, 504, "upstream_timeout", "the upstream did not answer in time", result
-            )
-        except (AegisError, aiohttp.ClientError) as exc:
-            if overflow:  # the streamed body went over the limit (whatever wraps the error)
+        except (TimeoutError, AegisError, aiohttp.ClientError) as exc:
+            # The streamed body went over the limit or stalled (whatever wraps the error).
+            if overflow:
                 too_big = overflow[0]
                 await self._forward_failed(
                     ctx, result, too_big.status, too_big.code, too_big.message
@@ -430,6 +440,11 @@ class ReverseProxy:
                 body = {"error": spec_for(too_big.code).oauth_error, "code": too_big.code,
                         "message": too_big.message, "decision_id": result.decision_id}  # fmt: skip
                 return await _json(send, too_big.status, body, result.headers)
+            if isinstance(exc, TimeoutError):
+                return await self._gateway_error(
+                    send, ctx, 504, "upstream_timeout", "the upstream did not answer in time",
+                    result,
+                )  # fmt: skip
             if isinstance(exc, AegisError):
                 raise
             return await self._gateway_error(
