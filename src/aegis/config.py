@@ -49,11 +49,29 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _networks(v: tuple[str, ...]) -> tuple[str, ...]:
+    """Addresses or CIDR networks (``10.0.0.0/8``, ``::1``); the first that is neither is named."""
+    for value in v:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address or network") from None
+    return v
+
+
+#: Who may read ``/metrics`` unless told otherwise: this machine only.
+_LOOPBACK: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+
+
 class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
     #: Largest request body the control plane accepts (bytes).
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    #: Addresses or networks ``/metrics`` is served to (others: 403).
+    metrics_clients: tuple[str, ...] = _LOOPBACK
+
+    _metrics_clients = field_validator("metrics_clients")(_networks)
 
 
 class DatabaseSettings(_Section):
@@ -328,6 +346,10 @@ class GatewaySettings(_Section):
     dpop_nonce_lifetime: float = Field(default=300.0, ge=10, le=3600)
     #: The Envoy / nginx ext_authz front doors (off by default).
     ext_authz: ExtAuthzSettings = ExtAuthzSettings()
+    #: Addresses or networks ``/metrics`` is served to on the proxy port (others: 403).
+    metrics_clients: tuple[str, ...] = _LOOPBACK
+
+    _metrics_clients = field_validator("metrics_clients")(_networks)
 
     def nonce_key(self, base_dir: str) -> bytes | None:
         """The DPoP nonce key, or None when nonces are off; a bad key is a ``ConfigError``."""

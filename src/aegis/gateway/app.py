@@ -16,7 +16,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, Final, cast
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -38,7 +37,8 @@ from aegis.pki.renewal import CertificateManager
 from aegis.pki.service import PkiService
 from aegis.policy.store import PolicyStore, SqlPolicyStore
 from aegis.server.services import Services
-from aegis.telemetry.metrics import REGISTRY, count_decision
+from aegis.telemetry.metrics import count_decision
+from aegis.telemetry.scrape import metrics_endpoint
 from aegis.tokens.chain import ChainRules
 from aegis.tokens.dpop import DpopVerifier, NonceSource
 from aegis.tokens.verifier import AccessTokenVerifier
@@ -128,12 +128,13 @@ def create_gateway_app(
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    async def metrics(request: Request) -> Response:
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
-
     routes: list[Any] = [
         StarletteRoute("/healthz", healthz, methods=["GET"]),
-        StarletteRoute("/metrics", metrics, methods=["GET"]),
+        StarletteRoute(
+            "/metrics",
+            metrics_endpoint(gateway_config.metrics_clients, "gateway.metrics_clients"),
+            methods=["GET"],
+        ),
         # Everything else is the proxy, a plain ASGI app (it answers 405 to other methods).
         Mount("", app=proxy),
     ]

@@ -11,7 +11,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -32,7 +31,7 @@ except ImportError:
 from aegis.server.approvals_public import approval_routes
 from aegis.server.services import Services
 from aegis.telemetry.logging import log_event
-from aegis.telemetry.metrics import REGISTRY
+from aegis.telemetry.scrape import metrics_endpoint
 
 __all__ = ["app_from_config", "create_app"]
 
@@ -75,14 +74,11 @@ def create_app(services: Services) -> Starlette:
             )
         return JSONResponse({"status": "ready"})
 
-    async def metrics(request: Request) -> Response:
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
-
     routes: list[Any] = [
         *oauth.routes(),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
-        Route("/metrics", metrics),
+        Route("/metrics", metrics_endpoint(cfg.server.metrics_clients, "server.metrics_clients")),
         *approval_routes(services),  # status URL and signed Slack/Teams callbacks
     ]
     if create_admin_app is not None:
