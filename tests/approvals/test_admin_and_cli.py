@@ -1,5 +1,5 @@
 """Deciding through the admin API (real HTTP, admin keys mapped to approvers) and the CLI
-(``aegis approvals list|show|approve|deny`` on the same database, as after a restart)."""
+(``aegis approvals list|show|approve|deny|withdraw`` on the same database, as after a restart)."""
 
 from __future__ import annotations
 
@@ -152,3 +152,26 @@ def test_cli_refusals_exit_non_zero_with_one_line(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {code}: ")
     assert admin.get(f"/{req.id}", "carol").json()["state"] == "pending"
+
+
+def test_an_approval_is_withdrawn_over_the_api_and_the_cli(admin: Admin) -> None:
+    a, b = admin.hold(), admin.hold(query=(("to", "acct-9"),))
+    for req in (a, b):
+        assert admin.post(f"/{req.id}/approve", "carol").json()["state"] == "approved"
+    # Over the API: only an approver's key; the request is denied after all.
+    assert admin.post(f"/{a.id}/withdraw", "stranger").json()["code"] == "approver_unknown"
+    done = admin.post(f"/{a.id}/withdraw", "carol", {"reason": "wrong account"}).json()
+    assert (done["state"], done["decided_via"], done["decision_reason"]) == (
+        "denied", "api", "wrong account"
+    )  # fmt: skip
+    again = admin.post(f"/{a.id}/withdraw", "carol")
+    assert (again.status_code, again.json()["code"]) == (409, "approval_decided")
+    # Over the CLI, and `show` lists the query the approval is bound to.
+    cli = Cli(admin)
+    shown = cli.run("show", b.id)
+    assert shown.exit_code == 0 and "to=acct-9" in shown.stdout
+    withdrawn = cli.run("withdraw", b.id, "--as", "carol@example.com", "--json")
+    assert withdrawn.exit_code == 0, withdrawn.output
+    assert json.loads(withdrawn.stdout)["state"] == "denied"
+    refused = cli.run("withdraw", b.id, "--as", "carol@example.com")
+    assert refused.exit_code == 1 and "approval_decided" in refused.stderr

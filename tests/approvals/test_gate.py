@@ -12,12 +12,13 @@ import pytest
 from aegis.approvals import ApprovalService, build_approval_service
 from aegis.approvals.model import ApprovalRequest
 from aegis.config import ApprovalSettings
-from aegis.errors import Unavailable
+from aegis.errors import NotFound, Unavailable
 from aegis.gateway.app import build_pipeline
 from aegis.gateway.approval_gate import ApprovalGate
 from aegis.gateway.context import STREAMED_BODY_DIGEST
 from aegis.gateway.pipeline import Pipeline
 from aegis.policy.loader import load_document
+from aegis.registry.service import AgentSpec
 from aegis.telemetry.metrics import REGISTRY
 from tests.gateway.conftest import PAY, Agent, Env, dpop_headers, make_ctx
 
@@ -59,7 +60,7 @@ def gated(env: Env) -> Iterator[tuple[Env, Pipeline, ApprovalService]]:
     )  # fmt: skip
     pipeline = build_pipeline(
         env.services, env.settings, policy_store=env.policies, audit=env.audit,
-        approvals=ApprovalGate(service),
+        approvals=ApprovalGate(service, env.services.cache),
     )  # fmt: skip
     env.policies.activate(
         "acme", "prod", env.policies.put(load_document(POLICY), now=0), actor="t", now=0
@@ -171,3 +172,22 @@ async def test_approval_store_outage_fails_closed(
         service.store = real
     assert (result.status, result.code) == (503, "approvals_unavailable")
     assert not result.allowed
+
+
+async def test_the_gate_names_the_owner_of_every_agent_in_the_chain(
+    gated: tuple[Env, Pipeline, ApprovalService],
+) -> None:
+    """Separation of duties is judged on every agent that delegated the call: the gate reads
+    their owners from the registry (tested in test_service for the refusal itself)."""
+    env, _, service = gated
+    env.services.registry.register_agent(
+        AgentSpec("orchestrator", "acme", "prod", "Carol@Example.com"), actor="test"
+    )
+    payer = Agent(env)
+    gate = ApprovalGate(service, env.services.cache)
+    assert await gate._chain_owners(("orchestrator", payer.id)) == (
+        "Carol@Example.com", "owner@example.com"
+    )  # fmt: skip
+    assert await gate._chain_owners(()) == ()
+    with pytest.raises(NotFound):  # an agent the registry does not know: the call fails closed
+        await gate._chain_owners(("ghost",))

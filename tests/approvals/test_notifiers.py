@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
+from aegis.approvals.model import ApprovalRequest
+from aegis.approvals.notifiers import message_for
 from aegis.approvals.signing import sign_v0
 from aegis.telemetry.metrics import REGISTRY
 from tests.approvals.conftest import FINANCE, Recorder, Setup, held, make_setup
@@ -84,3 +86,25 @@ async def test_slack_message_has_buttons_and_teams_a_card(tmp_path: Path) -> Non
     cards = teams.messages()
     assert len(cards) == 2  # the first attempt failed and was retried
     assert b.id in str(cards[-1]) and "approve " + b.id in str(cards[-1])
+
+
+def test_a_slack_message_shows_the_query_and_headers_as_text_not_markup() -> None:
+    """The path, query and headers are the caller's: Slack must show them as they are, not as
+    links, mentions or the end of the code block."""
+    req = ApprovalRequest(
+        id="apr_1", state="pending", tenant="acme", env="prod", agent_id="payer",
+        agent_owner="o@example.com", tool="payments", method="POST",
+        path="/payments/<https://evil.example|approve>", digest="sha256:" + "aa" * 32,
+        parameters={"memo": "```<!channel>"}, rule_ids=("pay-large",), group="finance",
+        channel="slack", created_at=0.0, expires_at=600.0, decision_id="d1",
+        query=(("to", "acct-9"),), headers=(("x-payment-mode", "instant"),),
+    )  # fmt: skip
+    msg = message_for("slack", req, "https://aegis.example/approvals/apr_1")
+    header, detail = (b["text"]["text"] for b in msg["blocks"][:2])
+    assert "&lt;https://evil.example|approve&gt;" in header and "<https" not in header
+    assert "?to=acct-9" in detail and "x-payment-mode: instant" in detail
+    assert "&lt;!channel&gt;" in detail and detail.count("```") == 2
+    teams = str(message_for("teams", req, "https://aegis.example/approvals/apr_1"))
+    assert "?to=acct-9" in teams and "x-payment-mode: instant" in teams
+    webhook = message_for("webhook", req, "https://aegis.example/approvals/apr_1")["request"]
+    assert webhook["query"] == [["to", "acct-9"]]

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from aegis.approvals import ApprovalService, build_approval_service
-from aegis.approvals.model import bound_headers, call_digest
+from aegis.approvals.model import bound_headers, call_digest, redact_fields
 from aegis.errors import AegisError
 from aegis.telemetry.metrics import REGISTRY
 from tests.approvals.conftest import FINANCE, Setup, held, make_setup
@@ -287,3 +287,77 @@ def test_bound_headers_ignore_the_order_of_different_fields_not_of_repeats() -> 
     one = (("x-b", "1"), ("x-a", "1"), ("x-a", "2"))
     assert bound_headers(one) == bound_headers((("x-a", "1"), ("x-b", "1"), ("x-a", "2")))
     assert bound_headers(one) != bound_headers((("x-a", "2"), ("x-b", "1"), ("x-a", "1")))
+
+
+async def test_approvers_see_the_query_and_headers_the_approval_is_bound_to(setup: Setup) -> None:
+    call = held(
+        query=(("to", "acct-9"), ("api_key", "s3cr3t"), ("memo", "m" * 300)),
+        headers=(("x-api-key", "k-1"), ("x-payment-mode", "instant")),
+    )
+    req = await setup.service.hold(call, FINANCE)
+    view = (await setup.service.get(req.id)).to_dict()  # read back from the database
+    assert view["query"] == [["to", "acct-9"], ["api_key", "[redacted]"], ["memo", "m" * 256 + "…"]]
+    assert view["headers"] == [["x-api-key", "[redacted]"], ["x-payment-mode", "instant"]]
+    (record,) = setup.audited("approval.requested")
+    assert record["query"] == view["query"] and record["headers"] == view["headers"]
+    # What approvers do not see is still bound: another key is another call.
+    assert call_digest(held(query=(("to", "acct-9"), ("api_key", "other"), ("memo", "m" * 300)),
+                            headers=call.headers)) != call_digest(call)  # fmt: skip
+
+
+def test_at_most_64_fields_are_shown_and_the_rest_counted() -> None:
+    shown = redact_fields(tuple((f"f{i}", str(i)) for i in range(70)))
+    assert len(shown) == 65 and shown[-1] == ("…", "6 more")
+
+
+async def test_the_owner_of_an_agent_in_the_chain_cannot_decide(setup: Setup) -> None:
+    """carol owns the orchestrator that delegated this call: she may not approve it either."""
+    call = held(chain=("orchestrator",), chain_owners=("Carol@Example.com",))
+    req = await setup.service.hold(call, FINANCE)
+    assert (await setup.service.get(req.id)).chain_owners == ("Carol@Example.com",)
+    got = await _refused(setup.service.decide(req.id, via="slack", credential="UCAROL",
+                                              approve=True))  # fmt: skip
+    assert got == "self_approval_forbidden"
+    assert (await setup.service.get(req.id)).state == "pending"
+
+
+async def test_an_unused_approval_can_be_withdrawn_and_its_override_then_fails(
+    setup: Setup,
+) -> None:
+    svc = setup.service
+    req = await svc.hold(held(), FINANCE)
+    # Only an approved request can be withdrawn; a pending one is denied instead.
+    assert await _refused(svc.withdraw(req.id, via="cli", credential="carol@example.com")) == (
+        "approval_decided"
+    )
+    await svc.decide(req.id, via="cli", credential="carol@example.com", approve=True)
+    token = (await svc.status(req.id, "payer"))["override_token"]
+    # Only who may decide it may withdraw it.
+    assert await _refused(svc.withdraw(req.id, via="slack", credential="UDAVE")) == (
+        "approver_not_in_group"
+    )
+    assert await _refused(svc.withdraw(req.id, via="slack", credential="UOWNER")) == (
+        "self_approval_forbidden"
+    )
+    done = await svc.withdraw(req.id, via="slack", credential="UCAROL", reason="wrong account")
+    assert (done.state, done.decided_by, done.override_expires_at) == (
+        "denied",
+        "carol@example.com",
+        None,
+    )
+    assert (await svc.status(req.id, "payer"))["state"] == "denied"
+    assert await _refused(svc.redeem(held(decision_id="dec-retry"), token)) == "approval_denied"
+    (record,) = setup.audited("approval.withdrawn")
+    assert record["approver"] == "carol@example.com" and record["reason"] == "wrong account"
+    assert record["approved_by"] == "carol@example.com" and record["id"] == req.id
+
+
+async def test_a_used_override_cannot_be_withdrawn(setup: Setup) -> None:
+    svc = setup.service
+    req = await svc.hold(held(), FINANCE)
+    await svc.decide(req.id, via="cli", credential="carol@example.com", approve=True)
+    await svc.redeem(held(), (await svc.status(req.id, "payer"))["override_token"])
+    assert await _refused(svc.withdraw(req.id, via="cli", credential="carol@example.com")) == (
+        "approval_decided"
+    )
+    assert (await svc.get(req.id)).state == "used"

@@ -19,6 +19,8 @@ def _request(i: int = 1, digest: str = "sha256:" + "aa" * 32) -> ApprovalRequest
         digest=digest, parameters={"amount": 12000}, rule_ids=("pay-large",), group="finance",
         channel="slack", created_at=100.0, expires_at=700.0, decision_id="d1",
         chain=("orchestrator",), origin_user="u@example.com", reasons=("large",),
+        query=(("to", "acct-9"), ("to", "acct-10")), headers=(("x-mode", "instant"),),
+        chain_owners=("carol@example.com",),
     )  # fmt: skip
 
 

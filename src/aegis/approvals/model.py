@@ -3,7 +3,7 @@
 States (every arrow is one guarded write, ``UPDATE ... WHERE state = <from>``)::
 
     pending ──approve──▶ approved ──override used──▶ used
-       │  └──deny──▶ denied          │
+       │  └──deny──▶ denied ◀──withdraw──┤
        └──expire──▶ expired ◀──override window over
 
 A request is *open* while ``pending`` or ``approved``; at most one request is open per call digest
@@ -33,6 +33,7 @@ __all__ = [
     "State",
     "bound_headers",
     "call_digest",
+    "redact_fields",
     "redact_parameters",
 ]
 
@@ -76,6 +77,9 @@ class HeldCall:
     headers: tuple[tuple[str, str], ...] = ()
     #: The approval the policy required (its groups, comma-separated).
     approval: str = ""
+    #: The accountable humans of the agents in ``chain`` (separation of duties); not digested,
+    #: the chain itself is.
+    chain_owners: tuple[str, ...] = ()
 
 
 #: Request fields that differ between two sendings of the same call, or that the upstream never
@@ -146,6 +150,29 @@ def _redact(value: Any, depth: int) -> Any:
     return value
 
 
+#: Field names (query parameters, headers; lowercase substrings) whose values approvers never see.
+_SECRET_FIELDS: Final = (*_SECRET_KEYS, "key", "session", "signature", "auth", "credential")
+_MAX_FIELDS: Final = 64
+_MAX_FIELD_VALUE: Final = 256
+
+
+def redact_fields(pairs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """What approvers see of the query or the headers the approval is bound to: every name in
+    order, secret-looking values redacted, each value cut at 256 characters and at most 64
+    fields (then one ``("…", "<n> more")``). What the approver does not see is still bound: the
+    digest covers every field whole."""
+    out = []
+    for name, value in pairs[:_MAX_FIELDS]:
+        if any(s in name.lower() for s in _SECRET_FIELDS):
+            value = REDACTED
+        elif len(value) > _MAX_FIELD_VALUE:
+            value = value[:_MAX_FIELD_VALUE] + "…"
+        out.append((name[:_MAX_FIELD_VALUE], value))
+    if len(pairs) > _MAX_FIELDS:
+        out.append(("…", f"{len(pairs) - _MAX_FIELDS} more"))
+    return tuple(out)
+
+
 def redact_parameters(body: Any) -> Any:
     """What approvers see of the body: secret-looking keys redacted, at most 4 KiB of JSON."""
     shown = _redact(body, 0)
@@ -189,6 +216,11 @@ class ApprovalRequest:
     notify_state: str = "queued"
     notify_attempts: int = 0
     notify_error: str | None = None
+    #: The query and the bound headers as approvers see them (:func:`redact_fields`).
+    query: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
+    #: Owners of the agents in ``chain``: none of them may decide (separation of duties).
+    chain_owners: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -202,6 +234,8 @@ class ApprovalRequest:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["rule_ids"], out["chain"] = list(self.rule_ids), list(self.chain)
-        out["reasons"] = list(self.reasons)
+        out["reasons"], out["chain_owners"] = list(self.reasons), list(self.chain_owners)
+        out["query"] = [list(pair) for pair in self.query]
+        out["headers"] = [list(pair) for pair in self.headers]
         out.pop("extra")
         return out

@@ -49,6 +49,8 @@ def _summary(req: ApprovalRequest, status_url: str) -> dict[str, Any]:
         "env": req.env,
         "method": req.method,
         "path": req.path,
+        "query": [list(pair) for pair in req.query],
+        "headers": [list(pair) for pair in req.headers],
         "parameters": req.parameters,
         "rule": req.rule,
         "reasons": list(req.reasons),
@@ -60,12 +62,30 @@ def _summary(req: ApprovalRequest, status_url: str) -> dict[str, Any]:
     }
 
 
+def _request_lines(s: dict[str, Any]) -> str:
+    """The query and the bound headers, one ``name: value`` a line, for a human to read."""
+    lines = [f"?{k}={v}" for k, v in s["query"]] + [f"{k}: {v}" for k, v in s["headers"]]
+    return "\n".join(lines)[:1500]
+
+
+def _mrkdwn(text: object) -> str:
+    """``text`` shown as itself in Slack mrkdwn: ``&``, ``<`` and ``>`` escaped as Slack asks
+    (a caller's path or parameter could otherwise carry a link or an @-mention into the
+    approver's message) and backticks kept from closing a code span."""
+    escaped = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return escaped.replace("`", "`\u200b")
+
+
 def _slack(s: dict[str, Any]) -> dict[str, Any]:
     text = (
-        f"*Approval needed* ({s['rule']}): agent `{s['agent_id']}` calls `{s['tool']}` "
-        f"{s['method']} {s['path']} — group *{s['group']}*"
+        f"*Approval needed* ({_mrkdwn(s['rule'])}): agent `{_mrkdwn(s['agent_id'])}` calls "
+        f"`{_mrkdwn(s['tool'])}` {_mrkdwn(s['method'])} {_mrkdwn(s['path'])} — group "
+        f"*{_mrkdwn(s['group'])}*"
     )
-    params = json.dumps(s["parameters"], indent=1)[:2500]
+    fields = _request_lines(s)
+    params = _mrkdwn(
+        ((fields + "\n") if fields else "") + json.dumps(s["parameters"], indent=1)[:2500]
+    )
     button = {"type": "button", "value": s["approval_id"]}
     return {
         "text": text,
@@ -99,6 +119,7 @@ def _teams(s: dict[str, Any]) -> dict[str, Any]:
     body: list[dict[str, Any]] = [
         {"type": "TextBlock", "weight": "Bolder", "text": "Approval needed"},
         {"type": "FactSet", "facts": facts},
+        {"type": "TextBlock", "wrap": True, "text": _request_lines(s) or "(no query or headers)"},
         {"type": "TextBlock", "wrap": True, "text": json.dumps(s["parameters"])[:2500]},
         {"type": "TextBlock", "wrap": True,
          "text": f"Reply `approve {s['approval_id']} <why>` or `deny {s['approval_id']} <why>`"},

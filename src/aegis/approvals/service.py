@@ -8,8 +8,11 @@ Contract, for a security reviewer:
   code, audited as ``approval.rejected``, and leaves the request unchanged.
 * Only a ``pending`` request can be decided and only before ``expires_at``; every state change is
   a guarded write, so of two racing decisions exactly one wins.
+* An approval whose override is not yet used can be withdrawn by whoever may decide it
+  (:meth:`ApprovalService.withdraw`): the request becomes ``denied`` and redeeming fails.
 * Every change is in the audit log (``approval.requested``, ``approval.decided``,
-  ``approval.expired``, ``approval.override_used``) with who, when, through which channel and why.
+  ``approval.withdrawn``, ``approval.expired``, ``approval.override_used``) with who, when,
+  through which channel and why.
 * Redeeming an override (:meth:`ApprovalService.redeem`) checks the token, then that it names this
   agent and this exact call, then the request's state, then spends the ``jti`` in the replay store
   and moves the request to ``used``; a second use fails at either guard.
@@ -24,7 +27,14 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from aegis.approvals.directory import ApproverDirectory, Via
-from aegis.approvals.model import ApprovalRequest, HeldCall, State, call_digest, redact_parameters
+from aegis.approvals.model import (
+    ApprovalRequest,
+    HeldCall,
+    State,
+    call_digest,
+    redact_fields,
+    redact_parameters,
+)
 from aegis.approvals.notifiers import Notifier
 from aegis.approvals.override import OVERRIDE_REPLAY_NAMESPACE, OverrideTokens
 from aegis.approvals.store import SqlApprovalStore
@@ -105,6 +115,8 @@ class ApprovalService:
             channel=need.channel, created_at=now, expires_at=now + need.expires_in,
             decision_id=call.decision_id, chain=call.chain, origin_user=call.origin_user,
             policy_version=call.policy_version, reasons=call.reasons,
+            query=redact_fields(call.query), headers=redact_fields(call.headers),
+            chain_owners=call.chain_owners,
         )  # fmt: skip
         req, created = await self._run(self.store.insert_or_open, fresh)
         if not created:
@@ -115,7 +127,7 @@ class ApprovalService:
         await self._record("approval.requested", {k: view[k] for k in (
             "id", "agent_id", "agent_owner", "tool", "tenant", "env", "method", "path", "digest",
             "parameters", "rule_ids", "group", "channel", "expires_at", "decision_id", "chain",
-            "origin_user", "policy_version")})  # fmt: skip
+            "origin_user", "policy_version", "query", "headers", "chain_owners")})  # fmt: skip
         if req.channel not in self._notifiers:  # nothing to send: record it now
             await self._notify(req)
             return req  # type: ignore[no-any-return]
@@ -175,10 +187,11 @@ class ApprovalService:
         """Audit and re-raise a refused callback (bad signature, stale, malformed)."""
         await self._reject(exc.code, exc.message, None, "unauthenticated", via)
 
-    async def decide(
-        self, approval_id: str, *, via: Via, credential: str, approve: bool, reason: str = ""
-    ) -> ApprovalRequest:
-        """Approve or deny ``approval_id`` as the approver behind ``credential``."""
+    async def _decider(
+        self, approval_id: str, via: Via, credential: str
+    ) -> tuple[Approver, ApprovalRequest, str]:
+        """The approver behind ``credential`` and the request, once that approver may decide it
+        (configured, in its groups, not a party to the call); else an audited refusal."""
         who = self.directory.find(via, credential)
         claimed = who.id if who is not None else f"{via}:{credential}"
         await self.expire_due()
@@ -191,6 +204,13 @@ class ApprovalService:
                                req.id, claimed, via)  # fmt: skip
         if not self._check_approver(who, req):
             await self._refuse_approver(who, req, via)
+        return who, req, claimed
+
+    async def decide(
+        self, approval_id: str, *, via: Via, credential: str, approve: bool, reason: str = ""
+    ) -> ApprovalRequest:
+        """Approve or deny ``approval_id`` as the approver behind ``credential``."""
+        who, req, claimed = await self._decider(approval_id, via, credential)
         if req.state != "pending":
             code = "approval_expired" if req.state == "expired" else "approval_decided"
             await self._reject(code, f"the request is already {req.state}", req.id, claimed, via)
@@ -213,6 +233,35 @@ class ApprovalService:
                            "rule_ids": list(req.rule_ids), "group": req.group})  # fmt: skip
         return done
 
+    async def withdraw(
+        self, approval_id: str, *, via: Via, credential: str, reason: str = ""
+    ) -> ApprovalRequest:
+        """Take back an approval whose override has not been used: the request becomes
+        ``denied`` and every override token minted for it stops working (redemption needs the
+        request ``approved``). Whoever may decide the request may withdraw it; a pending request
+        is denied instead, a closed one cannot change."""
+        who, req, claimed = await self._decider(approval_id, via, credential)
+        if req.state != "approved":
+            code = "approval_expired" if req.state == "expired" else "approval_decided"
+            hint = "; deny it instead" if req.state == "pending" else ""
+            await self._reject(code, f"only an approved request can be withdrawn; this one is "
+                               f"{req.state}{hint}", req.id, claimed, via)  # fmt: skip
+        now = self._clock.now()
+        done = dataclasses.replace(
+            req, state="denied", decided_at=now, decided_by=who.id, decided_via=via,
+            decision_reason=reason, override_expires_at=None,
+        )  # fmt: skip
+        if not await self._run(self.store.transition, done, "approved"):
+            await self._reject("approval_decided", "the request changed first (its override "
+                               "was used, or it expired)", req.id, claimed, via)  # fmt: skip
+        APPROVAL_DECISIONS.labels(rule=req.rule, outcome="withdrawn").inc()
+        await self._gauge()
+        await self._record("approval.withdrawn", {"id": req.id, "approver": who.id,
+                           "approved_by": req.decided_by, "channel": via, "reason": reason,
+                           "at": now, "agent_id": req.agent_id, "tool": req.tool,
+                           "digest": req.digest})  # fmt: skip
+        return done
+
     @staticmethod
     def _in_group(who: Approver, req: ApprovalRequest) -> bool:
         # Several rules may hold one call: the approver must be in every group they name.
@@ -224,14 +273,16 @@ class ApprovalService:
         if not self.settings.separation_of_duties:
             return True
         me = who.id.lower()
-        return me != req.agent_owner.lower() and me != (req.origin_user or "").lower()
+        parties = {req.agent_owner, req.origin_user or "", *req.chain_owners}
+        return me not in {p.lower() for p in parties}
 
     async def _refuse_approver(self, who: Approver, req: ApprovalRequest, via: str) -> NoReturn:
         if not self._in_group(who, req):
             await self._reject("approver_not_in_group", f"{who.id} is not in group {req.group!r}",
                                req.id, who.id, via)  # fmt: skip
-        await self._reject("self_approval_forbidden", "an agent's owner or the call's origin user"
-                           " cannot decide its own request", req.id, who.id, via)  # fmt: skip
+        await self._reject("self_approval_forbidden", "the owner of the agent or of an agent in "
+                           "its delegation chain, or the call's origin user, cannot decide its "
+                           "own request", req.id, who.id, via)  # fmt: skip
 
     # -- expiry ------------------------------------------------------------------------------
 

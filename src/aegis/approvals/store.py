@@ -29,9 +29,11 @@ _COLUMNS: Final = (
 )  # fmt: skip
 _BODY: Final = (
     "method", "path", "parameters", "rule_ids", "channel", "decision_id", "chain", "origin_user",
-    "policy_version", "reasons", "decided_via", "decision_reason", "notify_error",
+    "policy_version", "reasons", "decided_via", "decision_reason", "notify_error", "query",
+    "headers", "chain_owners",
 )  # fmt: skip
-_TUPLES: Final = frozenset({"rule_ids", "chain", "reasons"})
+_TUPLES: Final = frozenset({"rule_ids", "chain", "reasons", "chain_owners"})
+_PAIRS: Final = frozenset({"query", "headers"})
 
 
 def _unavailable() -> Unavailable:
@@ -52,7 +54,11 @@ def _request(row: Any) -> ApprovalRequest:
     m = row._mapping
     body = json.loads(m["body"])
     fields = {c: m[c] for c in _COLUMNS}
-    fields.update({k: tuple(v) if k in _TUPLES else v for k, v in body.items() if k in _BODY})
+    for k, v in body.items():
+        if k in _PAIRS:
+            fields[k] = tuple((str(name), str(value)) for name, value in v)
+        elif k in _BODY:
+            fields[k] = tuple(v) if k in _TUPLES else v
     return ApprovalRequest(group=m["grp"], **fields)
 
 

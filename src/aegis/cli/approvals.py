@@ -47,6 +47,9 @@ def _when(t: float | None) -> str:
 
 def _show(view: dict[str, Any], console: Console) -> None:
     for name, value in view.items():
+        if name in ("query", "headers"):  # [name, value] pairs, one a line
+            pairs = [f"{k}={v}" if name == "query" else f"{k}: {v}" for k, v in value]
+            value = "\n" + "\n".join(f"  {p}" for p in pairs) if pairs else ""
         shown = ", ".join(map(str, value)) if isinstance(value, list) else value
         if name.endswith("_at") and isinstance(value, float):
             shown = _when(value)
@@ -119,3 +122,18 @@ def deny(
 ) -> None:
     """Deny a pending request."""
     _decide(ctx, approval_id, who, False, reason, as_json)
+
+
+@app.command()
+def withdraw(
+    ctx: typer.Context,
+    approval_id: ApprovalId,
+    who: As,
+    reason: Reason = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Withdraw an approval whose override has not been used yet: the call is denied after all."""
+    with _service(ctx) as service:
+        req = asyncio.run(service.withdraw(approval_id, via="cli", credential=who, reason=reason))
+    view = req.to_dict()
+    emit(view, as_json, lambda c: c.print(f"request {req.id} is withdrawn by {req.decided_by}"))

@@ -88,7 +88,9 @@ def build_pipeline(
     audit = audit if audit is not None else AuditLog(cfg.database_url(), clock=clock)
     # approval_needed holds the call in the approval service (docs/approvals.md).
     gate = (
-        approvals if approvals is not None else ApprovalGate(approvals_for(services, audit=audit))
+        approvals
+        if approvals is not None
+        else ApprovalGate(approvals_for(services, audit=audit), services.cache)
     )
     return Pipeline(
         verifier=verifier,

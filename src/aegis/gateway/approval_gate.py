@@ -26,6 +26,7 @@ from aegis.gateway.evidence import EvidenceFacts
 from aegis.gateway.routing import bare_host
 from aegis.policy.decision import ApprovalRequirement, Decision
 from aegis.policy.input import PolicyCall
+from aegis.registry.cache import RegistryCache
 from aegis.telemetry.metrics import APPROVAL_REJECTIONS
 
 __all__ = ["ApprovalGate", "requirement_of"]
@@ -45,8 +46,13 @@ def requirement_of(decision: Decision) -> ApprovalRequirement:
 
 
 class ApprovalGate:
-    def __init__(self, service: ApprovalService) -> None:
-        self.service = service
+    def __init__(self, service: ApprovalService, registry: RegistryCache) -> None:
+        self.service, self._registry = service, registry
+
+    async def _chain_owners(self, chain: tuple[str, ...]) -> tuple[str, ...]:
+        """The owners of the agents that delegated this call (the delegation step has checked
+        each is registered and active; a registry that cannot answer fails the call closed)."""
+        return tuple([(await self._registry.agent_async(a)).owner or "" for a in chain])
 
     async def __call__(self, ctx: CallContext, facts: EvidenceFacts, call: PolicyCall) -> Decision:
         decision = facts.decision
@@ -66,6 +72,7 @@ class ApprovalGate:
             rule_ids=decision.rule_ids, policy_version=decision.policy_version,
             reasons=decision.reasons, host=bare_host(ctx.host), upstream=ctx.route.upstream,
             headers=bound_headers(ctx.headers), approval=need.group,
+            chain_owners=await self._chain_owners(facts.chain),
         )  # fmt: skip
         tokens = ctx.header_values(OVERRIDE_HEADER)
         if len(tokens) > 1:

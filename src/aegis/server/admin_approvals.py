@@ -1,4 +1,4 @@
-"""Approvals over the admin API: ``/v1/admin/approvals`` (list, show, approve, deny).
+"""Approvals over the admin API: ``/v1/admin/approvals`` (list, show, approve, deny, withdraw).
 
 Reading needs any key (``Reader``); deciding needs an ``admin`` or ``operator`` key (``Operator``;
 auditors never get past the middleware with a POST) that is also listed as an approver's
@@ -69,5 +69,15 @@ async def deny(
 ) -> dict[str, Any]:
     req = await _service(request).decide(
         approval_id, via="api", credential=key.key_id, approve=False, reason=body.reason
+    )
+    return req.to_dict()
+
+
+@router.post("/{approval_id}/withdraw")
+async def withdraw(
+    approval_id: str, body: DecisionIn, key: Operator, request: Request
+) -> dict[str, Any]:
+    req = await _service(request).withdraw(
+        approval_id, via="api", credential=key.key_id, reason=body.reason
     )
     return req.to_dict()
