@@ -55,6 +55,9 @@ class KeyState(StrEnum):
     NEXT = "next"
     ACTIVE = "active"
     RETIRED = "retired"
+    #: Past its overlap: kept without its private key, out of the JWKS and verifying nothing, so
+    #: that what it signed (attestations, audit checkpoints) can still be checked.
+    ARCHIVED = "archived"
 
 
 class AdminRole(StrEnum):

@@ -96,7 +96,7 @@ def test_rotation_moves_next_to_active_and_active_to_retired() -> None:
     assert retired.remove_after == T0 + 300 + OVERLAP
 
 
-def test_retired_key_is_published_until_the_overlap_ends_then_gone() -> None:
+def test_retired_key_is_published_until_the_overlap_ends_then_archived() -> None:
     ring = _ring()
     (old,) = _state(ring, KeyState.ACTIVE)
     clock = _clock(ring)
@@ -109,9 +109,12 @@ def test_retired_key_is_published_until_the_overlap_ends_then_gone() -> None:
     clock.set(retired_at + OVERLAP)
     assert old not in _kids(ring)
     assert ring.public_key(old) is None
-    # A later rotation drops it from the store as well.
+    # A later rotation erases its private key and keeps its public half for the evidence set
+    # (tests/tokens/test_key_archive.py); it never verifies again.
     ring.rotate(force=True)
-    assert old not in {r.kid for r in ring.records()}
+    (archived,) = [r for r in ring.records() if r.kid == old]
+    assert (archived.state, archived.private_blob) == (KeyState.ARCHIVED, None)
+    assert old not in _kids(ring) and ring.public_key(old) is None
 
 
 def test_tokens_signed_before_a_rotation_verify_until_they_expire() -> None:

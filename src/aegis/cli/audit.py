@@ -1,8 +1,9 @@
 """``aegis audit``: checkpoints, exports, offline verification, proofs, retention, shipping.
 
 ``verify`` and ``check-proof`` need no configuration and no database: only the export (or proof)
-and the JWKS (``aegis jwks > jwks.json``; keep old copies: a key removed from the JWKS after its
-retirement overlap is still needed to check what it signed). The other commands work on the
+and the keys (``aegis jwks --evidence > keys.json``, or ``/.well-known/aegis-evidence-jwks.json``:
+every key ever used, archived ones included, since a key past its retirement overlap leaves the
+token JWKS but is still needed to check what it signed). The other commands work on the
 configured database and key ring (docs/audit.md).
 """
 

@@ -48,9 +48,21 @@ def rotate(
     emit(result, as_json, lambda c: c.print(f"active signing key is now {result['active']}"))
 
 
-def jwks(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+def jwks(
+    ctx: typer.Context,
+    evidence: Annotated[
+        bool,
+        typer.Option(
+            "--evidence",
+            help="Every key ever used, archived ones too: for `aegis audit verify` and "
+            "`check-proof` on old records (never for checking tokens).",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
     """Print the public JWK Set (what /.well-known/jwks.json serves)."""
     with open_services(ctx) as services:
-        document = services.keyring.jwks()
+        ring = services.keyring
+        document = ring.evidence_jwks() if evidence else ring.jwks()
     # JSON either way: the set is the output. --json only makes it compact for scripts.
     typer.echo(json.dumps(document, indent=None if as_json else 2))

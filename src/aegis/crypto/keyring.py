@@ -6,7 +6,9 @@ Invariants (each one is tested):
   rotation refuses to promote a ``next`` key younger than :attr:`KeyRingSettings.publish_lead`
   unless forced, so verifiers that cache the JWKS have had time to see it;
 * a retired key stays published until every token it signed has expired
-  (``max token lifetime + leeway`` after retirement), then it is removed;
+  (``max token lifetime + leeway`` after retirement), then it leaves the JWKS and stops
+  verifying; its public half is archived (private key erased) so that the attestations and
+  audit checkpoints it signed can still be checked (:meth:`KeyRing.evidence_jwks`);
 * the JWKS never carries a private member; private keys are stored only as AES-256-GCM ciphertext
   under the key-encryption key, with the ``kid`` as associated data so blobs cannot be swapped;
 * ``kid`` is the RFC 7638 thumbprint of the public key.
@@ -18,7 +20,7 @@ import contextlib
 import logging
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -116,6 +118,8 @@ class KeyRing:
         public: dict[str, PublicKey] = {}
         remove_after: dict[str, float] = {}
         for rec in records:
+            if rec.state is KeyState.ARCHIVED:
+                continue  # verifies nothing; only evidence_jwks() shows it
             public[rec.kid] = public_key_from_jwk(rec.public_jwk)
             if rec.state is KeyState.RETIRED and rec.remove_after is not None:
                 remove_after[rec.kid] = rec.remove_after
@@ -212,14 +216,24 @@ class KeyRing:
     def jwks(self) -> dict[str, Any]:
         """The public JWK Set: next, active, and retired keys still inside their overlap."""
         now = self._clock.now()
+        return self._key_set(
+            r
+            for r in self._snap.records
+            if r.state is not KeyState.ARCHIVED
+            and not (
+                r.state is KeyState.RETIRED and r.remove_after is not None and now >= r.remove_after
+            )
+        )
+
+    def evidence_jwks(self) -> dict[str, Any]:
+        """Every key this ring has had, archived ones included: for checking attestations and
+        audit checkpoints signed long ago. Never a token verifier's JWKS: a key past its
+        overlap must not make a token valid again."""
+        return self._key_set(self._snap.records)
+
+    def _key_set(self, records: Iterable[SigningKeyRecord]) -> dict[str, Any]:
         keys = []
-        for rec in self._snap.records:
-            if (
-                rec.state is KeyState.RETIRED
-                and rec.remove_after is not None
-                and now >= rec.remove_after
-            ):
-                continue
+        for rec in records:
             jwk = {k: v for k, v in rec.public_jwk.items() if k in ("kty", "crv", "x", "y")}
             keys.append({**jwk, "kid": rec.kid, "use": "sig", "alg": self.settings.signing_alg})
         return {"keys": keys}
@@ -294,7 +308,8 @@ class KeyRing:
                     and r.remove_after is not None
                     and now >= r.remove_after
                 ):
-                    continue  # every token it signed has expired
+                    # Every token it signed has expired: keep only its public half.
+                    r = replace(r, state=KeyState.ARCHIVED, private_blob=None)
                 if r.state is KeyState.ACTIVE:
                     r = replace(
                         r, state=KeyState.RETIRED, retired_at=now, remove_after=now + overlap

@@ -74,8 +74,15 @@ def create_app(services: Services) -> Starlette:
             )
         return JSONResponse({"status": "ready"})
 
+    async def evidence_jwks(request: Request) -> Response:
+        # Archived keys too: for checking old attestations and checkpoints, never tokens.
+        return JSONResponse(
+            services.keyring.evidence_jwks(), headers={"Cache-Control": "public, max-age=60"}
+        )
+
     routes: list[Any] = [
         *oauth.routes(),
+        Route("/.well-known/aegis-evidence-jwks.json", evidence_jwks, methods=["GET"]),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint(cfg.server.metrics_clients, "server.metrics_clients")),
