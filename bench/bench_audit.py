@@ -58,22 +58,32 @@ def _appends(log: AuditLog, n: int, concurrency: int) -> tuple[float, float]:
     return serial, grouped
 
 
-def _pg_log(url: str) -> AuditLog:
+def scratch_pg_database(url: str) -> str:
+    """A new, empty database beside ``url``'s (dropped by :func:`drop_pg_database`): the bench
+    leaves nothing in the database it was pointed at."""
     admin = make_engine(url)
     name = f"aegis_bench_{random.getrandbits(32):08x}"
     with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
-    return AuditLog(url.rsplit("/", 1)[0] + "/" + name, clock=SystemClock())
+    return url.rsplit("/", 1)[0] + "/" + name
+
+
+def drop_pg_database(url: str, scratch: str) -> None:
+    admin = make_engine(url)
+    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{scratch.rsplit("/", 1)[1]}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def _pg_log(url: str) -> AuditLog:
+    return AuditLog(scratch_pg_database(url), clock=SystemClock())
 
 
 def _drop_pg(url: str, log: AuditLog) -> None:
-    name = log.engine.url.database
+    scratch = log.engine.url.render_as_string(hide_password=False)
     log.close()
-    admin = make_engine(url)
-    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    drop_pg_database(url, scratch)
 
 
 def _build_tree(path: Path, n: int) -> tuple[MerkleStore, list[bytes], bytes]:

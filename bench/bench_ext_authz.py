@@ -13,7 +13,12 @@ sum of its raw Ed25519 operations (bench_gateway.py's crypto floor), and the gRP
 on the same server stack, in the same process, that answers OK without deciding anything, paced
 the same way (what grpc.aio itself costs per Check on this machine).
 
+With ``--audit-pg URL`` the audit log is a scratch database on that PostgreSQL server (created and
+dropped by the run), as gateways scaled out over several processes keep it: the commit's disk work
+is then the database server's, not the gateway process's.
+
 Bounded and loopback only:  .venv/bin/python bench/bench_ext_authz.py [--rate 1000] [--seconds 3]
+    [--no-audit] [--audit-pg postgresql+psycopg://postgres@127.0.0.1:5432/test]
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from aegis.gateway.ext_authz_grpc import AuthorizationService, start_grpc_server
 from aegis.gateway.server import freeze_startup_heap, run_event_loop
 from aegis.policy.store import MemoryPolicyStore
 from aegis.server.services import build_services
+from bench_audit import drop_pg_database, scratch_pg_database
 from bench_gateway import pct, pipeline_bench, raw_ed25519, register
 
 GW = "https://gw.bench"
@@ -59,7 +65,7 @@ SETTINGS = {
 }  # fmt: skip
 
 
-def serve(config_path: str, audit: bool, conn: Connection) -> None:
+def serve(config_path: str, audit: bool, conn: Connection, audit_url: str | None = None) -> None:
     """The server process: one core, the event loop ``aegis gateway run`` uses, the full
     pipeline behind gRPC."""
     if hasattr(os, "sched_setaffinity"):
@@ -69,7 +75,8 @@ def serve(config_path: str, audit: bool, conn: Connection) -> None:
         config = load_config(config_path, environ={})
         services = build_services(config)
         settings = GatewaySettings.model_validate(SETTINGS)
-        log = AuditLog(config.database_url(), clock=services.clock) if audit else None
+        url = audit_url or config.database_url()
+        log = AuditLog(url, clock=services.clock) if audit else None
         pipe = build_pipeline(services, settings, policy_store=MemoryPolicyStore(), audit=log)
         if log is None:
             pipe._audit = None  # the decision alone
@@ -142,6 +149,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--no-audit", action="store_true", help="leave out the audit commit")
+    parser.add_argument("--audit-pg", metavar="URL", help="append the audit log to a scratch "
+                        "database on this PostgreSQL server (postgresql+psycopg://...), as "
+                        "scaled-out gateways do, instead of the local SQLite file")  # fmt: skip
     args = parser.parse_args()
     n = int(args.rate * args.seconds)
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,8 +163,9 @@ def main() -> None:
         bare = asyncio.run(pipeline_bench(services, key, token, 1000, None))
         requests = [request(key, token) for _ in range(n + 50)]
         parent, child = mp.Pipe()
+        scratch = scratch_pg_database(args.audit_pg) if args.audit_pg else None
         proc = mp.get_context("spawn").Process(
-            target=serve, args=(str(config_path), not args.no_audit, child), daemon=True
+            target=serve, args=(str(config_path), not args.no_audit, child, scratch), daemon=True
         )
         proc.start()
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -177,7 +188,10 @@ def main() -> None:
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.kill()
-        audit = "without audit" if args.no_audit else "with audit (one SQLite commit per group)"
+            if scratch is not None:
+                drop_pg_database(args.audit_pg, scratch)
+        store = "PostgreSQL" if scratch else "SQLite"
+        audit = "without audit" if args.no_audit else f"with audit (one {store} commit per group)"
         print(f"raw Ed25519 (2 verify + 1 sign), median        {raw:8.1f} us")
         print(f"pipeline in process, no audit  p50 {pct(bare, .5):8.1f} us  p99 {pct(bare, .99):8.1f} us"
               "  (one access token for every call, as the Check calls below)")  # fmt: skip
