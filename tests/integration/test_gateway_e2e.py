@@ -5,6 +5,7 @@ outage is refused with its own code, evidenced by an audit record, a span and a 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import http.client
 import json
 import socket
@@ -376,6 +377,13 @@ def test_large_binary_body_is_streamed_through_intact(stack: Stack) -> None:
         if r["decision_id"] == resp.headers["x-aegis-decision-id"]
     )  # fmt: skip
     assert record["action"] == "allow" and record["request_digest"].startswith("sha256:")
+    # Decided (and attested) before the bytes arrived, so a second record binds the bytes that
+    # were forwarded to that decision.
+    (body,) = [r for r in stack.audit.records(kind="gateway.body")
+               if r["decision_id"] == record["decision_id"]]  # fmt: skip
+    assert body["body_digest"] == "sha256:" + hashlib.sha256(payload).hexdigest()
+    assert (body["bytes"], body["complete"], body["tool"]) == (len(payload), True, "payments")
+    assert body["agent_id"] == agent.id
 
 
 @pytest.mark.parametrize(

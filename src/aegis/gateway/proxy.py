@@ -27,6 +27,7 @@ is relayed chunk by chunk as it arrives.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import ssl
@@ -167,6 +168,19 @@ async def _error(send: Send, result: Result, extra: dict[str, str] | None = None
     await _json(send, result.status, body, {**result.headers, **(extra or {})})
 
 
+class _Streamed:
+    """What has passed of a streamed request body: its SHA-256 so far, its size, and whether
+    it ended."""
+
+    __slots__ = ("hash", "recorded", "size", "whole")
+
+    def __init__(self) -> None:
+        self.hash = hashlib.sha256()
+        self.size = 0
+        self.whole = False
+        self.recorded = False
+
+
 class ReverseProxy:
     """The proxy front door as an ASGI application (``http`` scopes only)."""
 
@@ -271,6 +285,7 @@ class ReverseProxy:
         overflow: list[AegisError] = []  # set when a streamed body goes over the limit
         raw: bytes | None = None
         stream: AsyncIterator[bytes] | None = None
+        streamed: _Streamed | None = None
         try:
             if bad_path is not None:
                 raise bad_path
@@ -301,7 +316,8 @@ class ReverseProxy:
             elif declared is None and "transfer-encoding" not in values:
                 raw = b""
             else:
-                stream = self._bounded(receive, limit, overflow)
+                streamed = _Streamed()
+                stream = self._bounded(receive, limit, overflow, streamed)
                 facts["body_digest"], facts["raw_body"] = STREAMED_BODY_DIGEST, None
         except AegisError as exc:
             return await _error(send, await self._pipeline.refuse(CallContext(**facts), exc))
@@ -313,12 +329,19 @@ class ReverseProxy:
         if result.body_changed:
             data = json.dumps(result.body, separators=(",", ":")).encode()
         try:
-            await self._forward(send, ctx, sent, result, data, overflow)
+            await self._forward(send, ctx, sent, result, data, overflow, streamed)
         except Exception as exc:  # the gateway's own failure after the decision: 500, recorded
             if "forward_failed" not in result.details:  # once per call
                 code = exc.code if isinstance(exc, AegisError) else "server_error"
                 await self._forward_failed(ctx, result, 500, code, "the gateway failed to forward")
             raise
+        if (
+            streamed is not None
+            and data is stream
+            and not streamed.recorded
+            and "forward_failed" not in result.details
+        ):
+            await self._body_forwarded(ctx, result, streamed)  # the upstream answered early
 
     async def _unrouted(self, scope: Scope, status: int, code: str, message: str) -> Result:
         host = next((v for k, v in scope["headers"] if k.lower() == b"host"), b"")
@@ -377,23 +400,50 @@ class ReverseProxy:
         return bytes(body)
 
     async def _bounded(
-        self, receive: Receive, limit: int, overflow: list[AegisError]
+        self, receive: Receive, limit: int, overflow: list[AegisError], streamed: _Streamed
     ) -> AsyncIterator[bytes]:
-        """The body as it streams, cut off past ``limit`` or when the client stalls. The client
-        library wraps what this raises in its own error, so the refusal is also left in
-        ``overflow`` for the caller."""
-        seen = 0
+        """The body as it streams, cut off past ``limit`` or when the client stalls, hashed into
+        ``streamed`` as it goes. The client library wraps what this raises in its own error, so
+        the refusal is also left in ``overflow`` for the caller."""
         try:
             async for chunk in self._chunks(receive):
-                seen += len(chunk)
-                if seen > limit:
+                streamed.size += len(chunk)
+                if streamed.size > limit:
                     raise AegisError(
                         f"request body larger than {limit} bytes", code="payload_too_large"
                     )
+                streamed.hash.update(chunk)
                 yield chunk
         except AegisError as exc:
             overflow.append(exc)
             raise
+        streamed.whole = True
+
+    async def _body_forwarded(self, ctx: CallContext, result: Result, streamed: _Streamed) -> None:
+        """Record what a streamed body turned out to be once it has passed: the decision and
+        its attestation were made before its bytes arrived (``body: streamed``), so this second
+        record (``gateway.body``) binds the bytes forwarded to the decision id. ``complete`` is
+        false when the upstream answered before reading the whole body."""
+        streamed.recorded = True
+        audit = self._pipeline.audit
+        if audit is None:
+            return
+        record = {
+            "decision_id": result.decision_id,
+            "time": self._pipeline.now(),
+            "tool": ctx.route.tool,
+            "agent_id": result.upstream_headers.get("x-aegis-agent-id"),
+            "body_digest": "sha256:" + streamed.hash.hexdigest(),
+            "bytes": streamed.size,
+            "complete": streamed.whole,
+        }
+        try:
+            await audit.append_async("gateway.body", record)
+        except AegisError as exc:  # the call stands either way; the missing record is logged
+            log_event(
+                "gateway.audit_failed", level=logging.ERROR, code=exc.code,
+                decision_id=result.decision_id,
+            )  # fmt: skip
 
     async def _forward(
         self,
@@ -403,6 +453,7 @@ class ReverseProxy:
         result: Result,
         data: Any,
         overflow: list[AegisError],
+        streamed: _Streamed | None = None,
     ) -> None:
         """Forward the allowed call; ``sent`` is the request target exactly as received."""
         assert self._session is not None, "the proxy was not started"
@@ -451,6 +502,9 @@ class ReverseProxy:
                 send, ctx, 502, "bad_gateway", "the upstream cannot be reached", result
             )
         try:
+            if streamed is not None and streamed.whole:
+                # The body has passed whole: its record is written before the caller is answered.
+                await self._body_forwarded(ctx, result, streamed)
             out_headers = forwardable(upstream.headers.items(), _RESPONSE_DROP)
             if result.obligations:
                 out_headers = [
