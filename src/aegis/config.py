@@ -21,7 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from aegis.errors import ConfigError
+from aegis.errors import AegisError, ConfigError
+from aegis.pki.spiffe import parse_spiffe_id
 
 __all__ = [
     "DEFAULT_CONFIG_FILE",
@@ -232,6 +233,9 @@ class GatewayRoute(_Section):
     #: Refuse calls that did not come with a verified client certificate (mTLS from the caller, or
     #: forwarded by a trusted proxy), before any token or policy is looked at (``cert_required``).
     require_client_cert: bool = False
+    #: For an ``https`` upstream certified by the Aegis CA: the SPIFFE ID its certificate must
+    #: name. Unset, any certificate the CA issued for serving is accepted for this upstream.
+    upstream_spiffe_id: str | None = None
 
     @field_validator("path_prefix")
     @classmethod
@@ -246,6 +250,22 @@ class GatewayRoute(_Section):
         if not v.startswith(("http://", "https://")) or "?" in v or "#" in v:
             raise ValueError("use an http(s) URL without a query or fragment")
         return v.rstrip("/")
+
+    @field_validator("upstream_spiffe_id")
+    @classmethod
+    def _upstream_id(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                parse_spiffe_id(v)
+            except AegisError as exc:
+                raise ValueError(exc.message) from None
+        return v
+
+    @model_validator(mode="after")
+    def _pinned_needs_tls(self) -> GatewayRoute:
+        if self.upstream_spiffe_id is not None and not self.upstream.startswith("https://"):
+            raise ValueError("upstream_spiffe_id needs an https upstream")
+        return self
 
 
 class GatewayAllow(_Section):

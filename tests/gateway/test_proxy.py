@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aegis.config import GatewayRoute, GatewaySettings
-from aegis.errors import InvalidRequest
+from aegis.errors import ConfigError, InvalidRequest
 from aegis.gateway.context import is_encoded, parse_json_body, vet_path, vet_query
 from aegis.gateway.proxy import ReverseProxy, forwardable, joined
 from aegis.gateway.routing import RouteTable
@@ -257,3 +257,29 @@ def test_a_json_body_with_a_lone_surrogate_is_refused() -> None:
 def test_a_json_body_with_a_non_finite_number_is_refused(raw: bytes) -> None:
     with pytest.raises(InvalidRequest, match="not a JSON number"):
         parse_json_body(raw, "application/json")
+
+
+@pytest.mark.parametrize(
+    ("upstream", "spiffe_id", "message"),
+    [
+        ("http://10.0.0.5", "spiffe://aegis.local/tenant/acme/env/prod/agent/ledger", "https"),
+        ("https://10.0.0.5", "https://ledger.example", "spiffe"),
+        ("https://10.0.0.5", "spiffe://aegis.local/a/../b", "spiffe"),
+    ],
+)
+def test_a_pinned_upstream_needs_https_and_a_valid_spiffe_id(
+    upstream: str, spiffe_id: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        GatewayRoute(path_prefix="/l", upstream=upstream, tool="t", tenant="a", env="p",
+                     upstream_spiffe_id=spiffe_id)  # fmt: skip
+
+
+def test_a_pinned_upstream_without_the_gateways_certificate_is_refused_at_start() -> None:
+    settings = GatewaySettings.model_validate(
+        {"routes": [{"path_prefix": "/l", "upstream": "https://10.0.0.5", "tool": "t",
+                     "tenant": "a", "env": "p",
+                     "upstream_spiffe_id": "spiffe://aegis.local/tenant/a/env/p/agent/ledger"}]}
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="pki.gateway_agent"):
+        ReverseProxy(None, settings)  # type: ignore[arg-type]

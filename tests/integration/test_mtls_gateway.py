@@ -226,8 +226,11 @@ async def test_the_gateway_serves_mtls_and_calls_upstreams_with_its_own_certific
     """pki.gateway_agent: the gateway issues itself a certificate from the CA, presents it to
     callers (serve_mtls, what `aegis gateway run` uses) and to an upstream that requires mTLS."""
 
+    served: list[str] = []
+
     async def whoami(request: Request) -> Response:
         peer = peer_from_scope(request.scope)
+        served.append(request.url.path)
         return JSONResponse({"peer": peer.spiffe_id if peer else None})
 
     async with world(tmp_path, "  gateway_agent: gw\n") as w:
@@ -254,7 +257,16 @@ async def test_the_gateway_serves_mtls_and_calls_upstreams_with_its_own_certific
                 {
                     "routes": [{"path_prefix": "/tool", "upstream": f"https://127.0.0.1:{up.port}",
                                 "tool": "pay_invoice", "tenant": "acme", "env": "prod",
-                                "allow_bearer": True, "require_client_cert": True}],
+                                "allow_bearer": True, "require_client_cert": True},
+                               # The same upstream with its SPIFFE ID pinned, rightly and not.
+                               {"path_prefix": "/pinned", "upstream": f"https://127.0.0.1:{up.port}",
+                                "tool": "pay_invoice", "tenant": "acme", "env": "prod",
+                                "allow_bearer": True,
+                                "upstream_spiffe_id": f"spiffe://{TD}/tenant/acme/env/prod/agent/tool"},
+                               {"path_prefix": "/impostor", "upstream": f"https://127.0.0.1:{up.port}",
+                                "tool": "pay_invoice", "tenant": "acme", "env": "prod",
+                                "allow_bearer": True,
+                                "upstream_spiffe_id": f"spiffe://{TD}/tenant/acme/env/prod/agent/ledger"}],
                     "allow": [{"tool": "pay_invoice"}],
                 }
             )  # fmt: skip
@@ -270,6 +282,8 @@ async def test_the_gateway_serves_mtls_and_calls_upstreams_with_its_own_certific
                 port = await asyncio.wait_for(ports.get(), 10)
                 bearer = {"Authorization": f"Bearer {token}"}
                 called = await fetch(port, w.ctx(key, cert), "/tool/x", headers=bearer)
+                pinned = await fetch(port, w.ctx(key, cert), "/pinned/x", headers=bearer)
+                impostor = await fetch(port, w.ctx(key, cert), "/impostor/x", headers=bearer)
                 _, writer = await asyncio.open_connection(
                     "127.0.0.1", port, ssl=w.ctx(key, cert), server_hostname="gw"
                 )
@@ -281,6 +295,11 @@ async def test_the_gateway_serves_mtls_and_calls_upstreams_with_its_own_certific
                 await asyncio.wait_for(task, 10)
     assert called.status == 200, called
     assert called.body == {"peer": f"spiffe://{TD}/tenant/acme/env/prod/agent/gw"}
+    assert pinned.status == 200, pinned
+    # A server the CA certified, but not the one pinned: refused in the handshake, before the
+    # request (and the gateway's credentials) reach it.
+    assert (impostor.status, impostor.body["error"]) == (502, "bad_gateway"), impostor
+    assert served == ["/tool/x", "/pinned/x"]
     sans = x509.load_der_x509_certificate(served_by).extensions.get_extension_for_class(
         x509.SubjectAlternativeName
     )  # fmt: skip

@@ -125,6 +125,7 @@ def create_gateway_app(
         pipeline,
         gateway_config,
         upstream_tls=certificates.client_context if certificates is not None else None,
+        pinned_tls=certificates.pinned_client_context if certificates is not None else None,
     )
 
     async def healthz(request: Request) -> Response:

@@ -66,12 +66,14 @@ class Route:
     audience: str | None = None
     #: Calls without a verified peer certificate are refused (``cert_required``).
     require_client_cert: bool = False
+    #: The SPIFFE ID an ``https`` upstream's certificate must name (None: any the CA issued).
+    upstream_spiffe_id: str | None = None
 
 
 def route_from_settings(r: GatewayRoute) -> Route:
     return Route(
         r.path_prefix, r.upstream, r.tool, r.tenant, r.env, r.host, r.allow_bearer, r.audience,
-        r.require_client_cert,
+        r.require_client_cert, r.upstream_spiffe_id,
     )  # fmt: skip
 
 

@@ -41,7 +41,7 @@ from starlette.types import Receive, Scope, Send
 from yarl import URL
 
 from aegis.config import GatewaySettings
-from aegis.errors import AegisError, InvalidRequest, spec_for
+from aegis.errors import AegisError, ConfigError, InvalidRequest, spec_for
 from aegis.gateway.context import (
     EMPTY_BODY_DIGEST,
     METHODS,
@@ -190,11 +190,20 @@ class ReverseProxy:
         settings: GatewaySettings,
         *,
         upstream_tls: Callable[[], ssl.SSLContext] | None = None,
+        pinned_tls: Callable[[str], ssl.SSLContext] | None = None,
     ) -> None:
         self._pipeline, self._settings = pipeline, settings
         # Outbound mTLS to https upstreams: the gateway's own certificate, the Aegis bundle as the
-        # only trust (aegis.pki.tls.client_context), fetched per request so renewal takes effect.
-        self._upstream_tls = upstream_tls
+        # only trust (aegis.pki.tls.client_context), fetched per request so renewal takes effect;
+        # for a route with upstream_spiffe_id, a context that accepts only that server.
+        self._upstream_tls, self._pinned_tls = upstream_tls, pinned_tls
+        pinned = [r.path_prefix for r in settings.routes if r.upstream_spiffe_id is not None]
+        if pinned and pinned_tls is None:
+            raise ConfigError(
+                f"gateway.routes {pinned[0]!r}: upstream_spiffe_id needs the gateway's own "
+                "certificate from the Aegis CA; set pki.gateway_agent",
+                key="gateway.routes",
+            )
         self._routes = RouteTable(settings.routes)
         self._session: aiohttp.ClientSession | None = None
         self._netlocs: dict[tuple[str, str | None, Any], str] = {}
@@ -475,7 +484,12 @@ class ReverseProxy:
         # here could make the upstream read a path other than the one that was decided.
         url = URL(ctx.route.upstream.rstrip("/") + sent, encoded=True)
         tls: dict[str, Any] = {}
-        if self._upstream_tls is not None and url.scheme == "https":
+        pin = ctx.route.upstream_spiffe_id
+        if pin is not None:  # never an unpinned fallback (the constructor checked pinned_tls)
+            if self._pinned_tls is None:
+                raise ConfigError("upstream_spiffe_id needs pki.gateway_agent", key="gateway")
+            tls["ssl"] = self._pinned_tls(pin)
+        elif self._upstream_tls is not None and url.scheme == "https":
             tls["ssl"] = self._upstream_tls()
         try:
             upstream = await self._session.request(

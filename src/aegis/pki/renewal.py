@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from aegis.clock import Clock
 from aegis.errors import CODES, AegisError
+from aegis.pki.pinning import pin_server_spiffe_id
 from aegis.pki.tls import client_context, server_context
 from aegis.telemetry.logging import log_event
 
@@ -95,6 +96,8 @@ class Credential:
     trust_pem: bytes = field(repr=False)
     client_context: ssl.SSLContext = field(repr=False)
     server_context: ssl.SSLContext | None = field(repr=False, default=None)
+    #: Outbound contexts pinned to one server SPIFFE ID each, built on first use.
+    pinned: dict[str, ssl.SSLContext] = field(repr=False, default_factory=dict)
 
     @property
     def renew_at(self) -> float:
@@ -152,6 +155,17 @@ class CertificateManager:
     def client_context(self) -> ssl.SSLContext:
         """The context for new outbound connections (the newest certificate)."""
         return self.current.client_context
+
+    def pinned_client_context(self, spiffe_id: str) -> ssl.SSLContext:
+        """A context for new outbound connections (the newest certificate) that accepts only a
+        server whose certificate names ``spiffe_id`` (:func:`aegis.pki.pinning.pin_server_spiffe_id`);
+        built once per certificate and ID."""
+        cred = self.current
+        ctx = cred.pinned.get(spiffe_id)
+        if ctx is None:
+            base = client_context(cred.chain_pem(), cred.key, cred.trust_pem)
+            ctx = cred.pinned[spiffe_id] = pin_server_spiffe_id(base, spiffe_id)
+        return ctx
 
     def server_context(self) -> ssl.SSLContext:
         ctx = self.current.server_context
