@@ -35,7 +35,7 @@ from aegis.gateway.server import serve_mtls
 from aegis.pki.binding import BINDING_LISTENER
 from aegis.pki.ca import CaFiles, CertificateAuthority
 from aegis.pki.middleware import MTLS_AUDIT_KIND, PeerCertificateMiddleware, peer_from_scope
-from aegis.pki.profile import x5t_s256
+from aegis.pki.profile import serial_hex, x5t_s256
 from aegis.pki.service import PkiService
 from aegis.pki.tls import client_context, server_context
 from aegis.registry.service import AgentSpec
@@ -82,7 +82,9 @@ async def world(tmp: Path, pki_yaml: str = "") -> AsyncIterator[World]:
     services = build_services(config)
     pki = services.extras["pki"]
     assert isinstance(pki, PkiService)
-    for agent, roles in (("alpha", ()), ("beta", ()), ("gw", ("server",)), ("tool", ("server",))):
+    serving = ("server",)
+    for agent, roles in (("alpha", ()), ("beta", ()), ("gw", serving), ("tool", serving),
+                         ("ledger", serving)):  # fmt: skip
         services.registry.register_agent(
             AgentSpec(agent, "acme", "prod", "owner@example.com",
                       allowed_scopes=("payments:write",), roles=roles),
@@ -252,7 +254,16 @@ async def test_the_gateway_serves_mtls_and_calls_upstreams_with_its_own_certific
         tool_ctx = server_context(
             pem(tool_cert, w.pki.ca.current.cert), tool_key, w.pki.ca.bundle_pem()
         )  # require_client_cert: the gateway must present its own certificate
-        async with serve(tool, tool_ctx, name="tool") as up:
+        # A second tool whose certificate is revoked (its key leaked, say).
+        ledger_key, ledger_cert = w.cert("ledger")
+        assert w.pki.store.revoke_serial(serial_hex(ledger_cert), "key_compromise")
+        ledger_ctx = server_context(
+            pem(ledger_cert, w.pki.ca.current.cert), ledger_key, w.pki.ca.bundle_pem()
+        )
+        async with (
+            serve(tool, tool_ctx, name="tool") as up,
+            serve(tool, ledger_ctx, name="ledger") as revoked,
+        ):
             settings = GatewaySettings.model_validate(
                 {
                     "routes": [{"path_prefix": "/tool", "upstream": f"https://127.0.0.1:{up.port}",
@@ -264,6 +275,14 @@ async def test_the_gateway_serves_mtls_and_calls_upstreams_with_its_own_certific
                                 "allow_bearer": True,
                                 "upstream_spiffe_id": f"spiffe://{TD}/tenant/acme/env/prod/agent/tool"},
                                {"path_prefix": "/impostor", "upstream": f"https://127.0.0.1:{up.port}",
+                                "tool": "pay_invoice", "tenant": "acme", "env": "prod",
+                                "allow_bearer": True,
+                                "upstream_spiffe_id": f"spiffe://{TD}/tenant/acme/env/prod/agent/ledger"},
+                               {"path_prefix": "/ledger", "upstream": f"https://127.0.0.1:{revoked.port}",
+                                "tool": "pay_invoice", "tenant": "acme", "env": "prod",
+                                "allow_bearer": True},
+                               {"path_prefix": "/ledger-pinned",
+                                "upstream": f"https://127.0.0.1:{revoked.port}",
                                 "tool": "pay_invoice", "tenant": "acme", "env": "prod",
                                 "allow_bearer": True,
                                 "upstream_spiffe_id": f"spiffe://{TD}/tenant/acme/env/prod/agent/ledger"}],
@@ -284,6 +303,10 @@ async def test_the_gateway_serves_mtls_and_calls_upstreams_with_its_own_certific
                 called = await fetch(port, w.ctx(key, cert), "/tool/x", headers=bearer)
                 pinned = await fetch(port, w.ctx(key, cert), "/pinned/x", headers=bearer)
                 impostor = await fetch(port, w.ctx(key, cert), "/impostor/x", headers=bearer)
+                ledger = [
+                    await fetch(port, w.ctx(key, cert), f"{path}/x", headers=bearer)
+                    for path in ("/ledger", "/ledger-pinned")
+                ]
                 _, writer = await asyncio.open_connection(
                     "127.0.0.1", port, ssl=w.ctx(key, cert), server_hostname="gw"
                 )
@@ -299,6 +322,8 @@ async def test_the_gateway_serves_mtls_and_calls_upstreams_with_its_own_certific
     # A server the CA certified, but not the one pinned: refused in the handshake, before the
     # request (and the gateway's credentials) reach it.
     assert (impostor.status, impostor.body["error"]) == (502, "bad_gateway"), impostor
+    # A revoked upstream certificate is refused too, pinned or not.
+    assert [(r.status, r.body["error"]) for r in ledger] == [(502, "bad_gateway")] * 2, ledger
     assert served == ["/tool/x", "/pinned/x"]
     sans = x509.load_der_x509_certificate(served_by).extensions.get_extension_for_class(
         x509.SubjectAlternativeName

@@ -13,9 +13,11 @@ certificate-bound token can pass (fail closed).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final, cast
 
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -28,6 +30,7 @@ from aegis.approvals.wiring import approvals_for
 from aegis.audit.attest import Attester
 from aegis.audit.log import AuditLog
 from aegis.config import GatewaySettings
+from aegis.errors import AegisError
 from aegis.gateway.approval_gate import ApprovalGate
 from aegis.gateway.pipeline import ApprovalHook, LimitsHook, Pipeline
 from aegis.gateway.policies import PolicyDirectory
@@ -228,4 +231,26 @@ def _gateway_certificates(services: Services, pki: object) -> CertificateManager
         serving=True,
         require_client_cert=False,  # routes decide (GatewayRoute.require_client_cert)
         enrol=pki.local_enrolment(agent),
+        verify_server=_upstream_check(pki),
     )
+
+
+def _upstream_check(pki: PkiService) -> Callable[[bytes | None], None]:
+    """What an https upstream's certificate must pass, inside each new connection's handshake and
+    before the request is sent: beyond the chain OpenSSL verified, issued by this CA and on
+    record, not revoked, serverAuth, and its agent and tenant active (``PeerValidator``). A
+    revoked or quarantined tool no longer receives calls. The record lookup is a store read on
+    the event loop, once per new upstream connection (they are pooled)."""
+    validator = pki.validator(eku=ExtendedKeyUsageOID.SERVER_AUTH)
+
+    def check(der: bytes | None) -> None:
+        if not der:
+            raise ssl.SSLCertVerificationError("the upstream presented no certificate")
+        try:
+            validator.validate(der, source="upstream")
+        except AegisError as exc:
+            raise ssl.SSLCertVerificationError(
+                f"the upstream's certificate is refused: {exc.message} ({exc.code})"
+            ) from None
+
+    return check

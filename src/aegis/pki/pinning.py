@@ -15,12 +15,13 @@ httpx's sync client) are subclasses whose ``do_handshake`` refuses a mismatch wi
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 
 from cryptography import x509
 
 from aegis.pki.spiffe import parse_spiffe_id
 
-__all__ = ["pin_server_spiffe_id", "server_spiffe_id"]
+__all__ = ["ServerCheck", "check_server", "pin_server_spiffe_id", "server_spiffe_id"]
 
 
 def server_spiffe_id(der: bytes | None) -> str:
@@ -48,25 +49,44 @@ def _check(der: bytes | None, expected: str) -> None:
         )
 
 
-def pin_server_spiffe_id(ctx: ssl.SSLContext, expected: str) -> ssl.SSLContext:
-    """Make ``ctx`` accept only a server whose certificate names ``expected`` (a valid SPIFFE ID,
-    else ``AegisError(spiffe_id_invalid)``). Host-name checking is replaced by this check; the chain is still
-    verified against the context's trust bundle. Returns ``ctx``."""
-    parse_spiffe_id(expected)
-    if ctx.verify_mode != ssl.CERT_REQUIRED:
-        raise ValueError("a pinned context must verify the server's certificate chain")
+ServerCheck = Callable[[bytes | None], None]
 
-    class PinnedObject(ssl.SSLObject):
+
+def check_server(ctx: ssl.SSLContext, check: ServerCheck) -> ssl.SSLContext:
+    """Make ``ctx`` run ``check`` on the server's DER leaf inside every handshake, after the
+    chain was verified and before any application data is sent; ``check`` refuses with
+    ``ssl.SSLCertVerificationError``. Returns ``ctx``."""
+    if ctx.verify_mode != ssl.CERT_REQUIRED:
+        raise ValueError("a checked context must verify the server's certificate chain")
+
+    class CheckedObject(ssl.SSLObject):
         def do_handshake(self) -> None:
             super().do_handshake()
-            _check(self.getpeercert(binary_form=True), expected)
+            check(self.getpeercert(binary_form=True))
 
-    class PinnedSocket(ssl.SSLSocket):
+    class CheckedSocket(ssl.SSLSocket):
         def do_handshake(self, block: bool = False) -> None:
             super().do_handshake(block)
-            _check(self.getpeercert(binary_form=True), expected)
+            check(self.getpeercert(binary_form=True))
+
+    ctx.sslobject_class = CheckedObject
+    ctx.sslsocket_class = CheckedSocket
+    return ctx
+
+
+def pin_server_spiffe_id(
+    ctx: ssl.SSLContext, expected: str, *, also: ServerCheck | None = None
+) -> ssl.SSLContext:
+    """Make ``ctx`` accept only a server whose certificate names ``expected`` (a valid SPIFFE ID,
+    else ``AegisError(spiffe_id_invalid)``), then pass ``also`` when given. Host-name checking is
+    replaced by this check; the chain is still verified against the context's trust bundle.
+    Returns ``ctx``."""
+    parse_spiffe_id(expected)
+
+    def pinned(der: bytes | None) -> None:
+        _check(der, expected)
+        if also is not None:
+            also(der)
 
     ctx.check_hostname = False
-    ctx.sslobject_class = PinnedObject
-    ctx.sslsocket_class = PinnedSocket
-    return ctx
+    return check_server(ctx, pinned)

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from aegis.clock import Clock
 from aegis.errors import CODES, AegisError
-from aegis.pki.pinning import pin_server_spiffe_id
+from aegis.pki.pinning import ServerCheck, check_server, pin_server_spiffe_id
 from aegis.pki.tls import client_context, server_context
 from aegis.telemetry.logging import log_event
 
@@ -122,6 +122,7 @@ class CertificateManager:
         require_client_cert: bool = True,
         on_renew: list[Callable[[Credential], None]] | None = None,
         enrol: Enrol | None = None,
+        verify_server: ServerCheck | None = None,
     ) -> None:
         if (credentials is None) == (enrol is None):
             raise ValueError("give either credentials (enrol over HTTP) or enrol, not both")
@@ -135,6 +136,9 @@ class CertificateManager:
         #: For ``serving``: False lets the handshake succeed without a client certificate, so
         #: each route can decide (the gateway's ``require_client_cert``).
         self._require_client_cert = require_client_cert
+        #: Run on every server certificate met by the outbound contexts, inside the handshake
+        #: (the gateway: issued here, not revoked, its agent active).
+        self._verify_server = verify_server
         self.on_renew = list(on_renew or [])
         self._enrol: Enrol = enrol or self._enrol_http
         self._current: Credential | None = None
@@ -156,6 +160,9 @@ class CertificateManager:
         """The context for new outbound connections (the newest certificate)."""
         return self.current.client_context
 
+    def _outbound(self, ctx: ssl.SSLContext) -> ssl.SSLContext:
+        return ctx if self._verify_server is None else check_server(ctx, self._verify_server)
+
     def pinned_client_context(self, spiffe_id: str) -> ssl.SSLContext:
         """A context for new outbound connections (the newest certificate) that accepts only a
         server whose certificate names ``spiffe_id`` (:func:`aegis.pki.pinning.pin_server_spiffe_id`);
@@ -164,7 +171,8 @@ class CertificateManager:
         ctx = cred.pinned.get(spiffe_id)
         if ctx is None:
             base = client_context(cred.chain_pem(), cred.key, cred.trust_pem)
-            ctx = cred.pinned[spiffe_id] = pin_server_spiffe_id(base, spiffe_id)
+            ctx = pin_server_spiffe_id(base, spiffe_id, also=self._verify_server)
+            cred.pinned[spiffe_id] = ctx
         return ctx
 
     def server_context(self) -> ssl.SSLContext:
@@ -200,7 +208,7 @@ class CertificateManager:
             received_at=self._clock.now(),
             not_after=cert.not_valid_after_utc.timestamp(),
             trust_pem=trust,
-            client_context=client_context(pem, key, trust),
+            client_context=self._outbound(client_context(pem, key, trust)),
             server_context=server_context(
                 pem, key, trust, require_client_cert=self._require_client_cert
             )
