@@ -205,3 +205,19 @@ def test_a_non_finite_number_is_no_number_to_a_numeric_rule(value: float) -> Non
     )
     got = decide(p, body={"amount": value})
     assert got["action"] == "deny"
+
+
+def test_a_rule_on_path_loose_holds_for_every_spelling_of_the_path() -> None:
+    p = policy("""\
+    - {id: tools, action: allow}
+    - {id: admin, action: deny, when: {path: path_loose, regex: "^/payments/admin(/|$)"}}
+    """)
+    for path in (
+        "/payments/admin",
+        "/Payments/ADMIN/x",
+        "/payments/admin;v=2",
+        "/payments/admin./x",
+    ):
+        assert decide(p, path=path)["action"] == "deny", path
+    assert decide(p, path="/payments/administrators")["action"] == "allow"
+    assert decide(p, path="/payments/charge")["action"] == "allow"

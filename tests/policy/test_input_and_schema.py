@@ -32,6 +32,7 @@ def test_input_document_shape() -> None:
         "resource",
         "method",
         "path",
+        "path_loose",
         "tenant",
         "env",
         "agent",
@@ -77,3 +78,17 @@ def test_published_schema_is_current() -> None:
     )
     schema = json.loads(published)
     assert schema["properties"]["apiVersion"]["const"] == "aegis/v1"
+
+
+@pytest.mark.parametrize(
+    ("path", "loose"),
+    [("/payments/charge", "/payments/charge"), ("/Payments/ADMIN", "/payments/admin"),
+     ("/payments;v=1/admin./x ", "/payments/admin/x"),
+     ("/\uff41\uff44\uff4d\uff49\uff4e/users", "/admin/users")],
+)  # fmt: skip
+def test_policy_sees_the_path_as_the_loosest_upstream_reads_it(path: str, loose: str) -> None:
+    """A rule on ``path_loose`` holds for every spelling an upstream serves as that path; the
+    route was chosen on the same reading."""
+    doc = build_input(PolicyCall(tool="t", agent=AgentInfo(id="a"), tenant="acme", env="prod",
+                                 time=0.0, path=path))  # fmt: skip
+    assert (doc["path"], doc["path_loose"]) == (path, loose)

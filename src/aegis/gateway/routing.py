@@ -18,26 +18,17 @@ upstream gets the call is unchanged (the proxy forwards the target as sent).
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Iterable
 
 from aegis.config import GatewayRoute
 from aegis.gateway.context import Route, route_from_settings
+from aegis.policy.input import loose_path
 
 __all__ = ["RouteTable", "bare_host", "match_key"]
 
-_LOOSE_END = (".", " ")
-
-
-def match_key(path: str) -> str:
-    """``path`` as the loosest common upstream reads it, for choosing a route: Unicode
-    compatibility-normalised (NFKC: ``admin`` in FULLWIDTH letters is ``admin``), each segment without its
-    ``;parameters`` and trailing dots and spaces, lowercase."""
-    if not path.isascii():
-        path = unicodedata.normalize("NFKC", path)
-    if ";" in path or "./" in path or " /" in path or path.endswith(_LOOSE_END):
-        path = "/".join(seg.split(";", 1)[0].rstrip(". ") for seg in path.split("/"))
-    return path.lower()
+#: ``path`` as the loosest common upstream reads it, for choosing a route (policy sees the same
+#: reading as ``path_loose``).
+match_key = loose_path
 
 
 def bare_host(host: str) -> str:

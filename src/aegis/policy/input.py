@@ -13,6 +13,7 @@ their inputs are logged.
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
@@ -26,6 +27,7 @@ __all__ = [
     "PolicyCall",
     "build_input",
     "call_from_dict",
+    "loose_path",
 ]
 
 #: Header names (lowercase) that never enter a policy input document.
@@ -77,6 +79,21 @@ class PolicyCall:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
+_LOOSE_END: Final = (".", " ")
+
+
+def loose_path(path: str) -> str:
+    """``path`` as the loosest common upstream reads it: Unicode compatibility-normalised (NFKC:
+    ``admin`` in FULLWIDTH letters is ``admin``), each segment without its ``;parameters`` and
+    trailing dots and spaces, lowercase. Routes are chosen on it, and policy sees it as
+    ``path_loose``: ``/Payments/Admin;x`` is ``/payments/admin`` to Express, Spring or IIS."""
+    if not path.isascii():
+        path = unicodedata.normalize("NFKC", path)
+    if ";" in path or "./" in path or " /" in path or path.endswith(_LOOSE_END):
+        path = "/".join(seg.split(";", 1)[0].rstrip(". ") for seg in path.split("/"))
+    return path.lower()
+
+
 def build_input(call: PolicyCall) -> dict[str, Any]:
     """The one input document (see ``docs/policy.md``). Fresh containers, safe to hand out."""
     agents = list(call.chain.agents)
@@ -85,6 +102,7 @@ def build_input(call: PolicyCall) -> dict[str, Any]:
         "resource": call.resource,
         "method": call.method.upper(),
         "path": call.path,
+        "path_loose": loose_path(call.path),
         "tenant": call.tenant,
         "env": call.env,
         "agent": {

@@ -61,7 +61,19 @@ MAX_RULES: Final = 20_000
 MAX_GLOB_STARS: Final = 3
 #: The top-level keys of the input document (see :mod:`aegis.policy.input`); paths start here.
 INPUT_ROOTS: Final = frozenset(
-    {"tool", "resource", "method", "path", "tenant", "env", "agent", "token", "auth", "chain"}
+    {
+        "tool",
+        "resource",
+        "method",
+        "path",
+        "path_loose",
+        "tenant",
+        "env",
+        "agent",
+        "token",
+        "auth",
+        "chain",
+    }
     | {"request", "time"}
 )
 #: Operators that test the value at ``path``.
