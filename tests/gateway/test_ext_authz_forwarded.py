@@ -245,6 +245,33 @@ async def test_grpc_body_policy_refuses_a_content_coded_body(
     assert (await stub.Check(request(None))).status.code == code_pb2.OK
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [("content-encoding", "identity"), ("content-encoding", "br")],  # upstream: "identity, br"
+        [("content-type", "text/plain")],  # a second type
+        [("content-encoding", "br"), ("connection", "content-encoding")],  # dropped on the way
+        [("connection", "Content-Type")],
+    ],
+)
+async def test_grpc_fields_the_body_is_read_by_must_be_single_and_forwarded(
+    env: Env, stub: pb_grpc.AuthorizationStub, extra: list[tuple[str, str]]
+) -> None:
+    """Envoy's ``header_map`` (``encode_raw_headers``) gives every occurrence: policy must not
+    read the body by one Content-Type or Content-Encoding while the upstream reads both, or
+    neither."""
+    env.policies.activate(
+        "acme", "prod", env.policies.put(load_document(POLICY), now=0), actor="t", now=0
+    )
+    agent = Agent(env)
+    body = json.dumps({"amount": 5, "memo": "m"}).encode()
+    fields = [*dpop_headers(agent, agent.token()), ("content-type", "application/json"), *extra]
+    status, _, answer = denied(await stub.Check(check(fields, body=body, raw_map=True)))
+    assert (status, answer["code"]) == (400, "invalid_request"), answer
+    fields = [*dpop_headers(agent, agent.token()), ("content-type", "application/json")]
+    assert (await stub.Check(check(fields, body=body, raw_map=True))).status.code == code_pb2.OK
+
+
 # -- HTTP door ------------------------------------------------------------------------------------
 
 

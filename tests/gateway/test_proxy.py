@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 
 from aegis.config import GatewayRoute, GatewaySettings
 from aegis.errors import ConfigError, InvalidRequest
-from aegis.gateway.context import is_encoded, parse_json_body, vet_path, vet_query
+from aegis.gateway.context import (
+    is_encoded,
+    parse_json_body,
+    vet_fields,
+    vet_path,
+    vet_query,
+)
 from aegis.gateway.proxy import ReverseProxy, forwardable, joined
 from aegis.gateway.routing import RouteTable
 
@@ -281,5 +287,20 @@ def test_a_pinned_upstream_without_the_gateways_certificate_is_refused_at_start(
                      "tenant": "a", "env": "p",
                      "upstream_spiffe_id": "spiffe://aegis.local/tenant/a/env/p/agent/ledger"}]}
     )  # fmt: skip
-    with pytest.raises(ConfigError, match="pki.gateway_agent"):
+    with pytest.raises(ConfigError, match=r"pki\.gateway_agent"):
         ReverseProxy(None, settings)  # type: ignore[arg-type]
+
+
+def test_fields_named_in_connection_are_left_out_and_single_fields_stay_single() -> None:
+    headers = (("host", "gw"), ("connection", "X-Dry-Run, keep-alive"), ("x-dry-run", "1"),
+               ("accept", "a"), ("accept", "b"))  # fmt: skip
+    kept, values = vet_fields(headers)
+    assert kept == (("host", "gw"), ("connection", "X-Dry-Run, keep-alive"), ("accept", "a"),
+                    ("accept", "b"))  # fmt: skip
+    assert values == {"host": "gw", "connection": "X-Dry-Run, keep-alive", "accept": "a"}
+    for bad in ((("content-type", "a/json"), ("content-type", "text/plain")),
+                (("host", "a"), ("host", "b")),
+                (("content-encoding", "gzip"), ("connection", "close, Content-Encoding")),
+                (("connection", "transfer-encoding"),)):  # fmt: skip
+        with pytest.raises(InvalidRequest):
+            vet_fields(bad)

@@ -630,6 +630,15 @@ def test_a_body_rule_cannot_be_dodged_by_padding_or_content_type(stack: Stack) -
         assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request"), coding
         assert "content-encoding" in resp.json()["message"]
     assert send(b'{"amount": 5}', "application/json", {"content-encoding": "identity"}).is_success
+    # A Connection header naming the coding or the type would drop it on the way, so the
+    # upstream would read the body without it while policy read it with it: refused.
+    seen = len(stack.upstream.seen)
+    for named, extra in (("content-encoding", {"content-encoding": "gzip"}),
+                         ("content-type", {}), ("content-length", {})):  # fmt: skip
+        resp = send(b'{"amount": 5000}', "application/json", {**extra, "connection": named})
+        assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request"), named
+        assert named in resp.json()["message"]
+    assert len(stack.upstream.seen) == seen
 
 
 def test_every_set_cookie_line_of_the_answer_is_relayed(stack: Stack) -> None:

@@ -25,6 +25,7 @@ __all__ = [
     "EMPTY_BODY_DIGEST",
     "METHODS",
     "REDIRECTING_FIELDS",
+    "SINGLE_FIELDS",
     "STREAMED_BODY_DIGEST",
     "CallContext",
     "Route",
@@ -34,6 +35,7 @@ __all__ = [
     "parse_json_body",
     "refuse_redirecting_fields",
     "route_from_settings",
+    "vet_fields",
     "vet_path",
     "vet_query",
 ]
@@ -175,6 +177,42 @@ def refuse_redirecting_fields(
             "the _method query parameter asks the upstream to serve another method than the "
             "one decided on; send the method itself"
         )
+
+
+#: Fields the gateway and the upstream must read alike: sent once (policy would read the body by
+#: one Content-Type, an upstream perhaps by the other), and never named in ``Connection``.
+SINGLE_FIELDS: Final = frozenset({"host", "content-type", "content-length", "content-encoding"})
+#: What ``Connection`` must not name: a field named there is dropped on the way (RFC 9110
+#: §7.6.1), so the upstream would read the body without the type or coding policy read it by.
+_NOT_HOP_BY_HOP: Final = SINGLE_FIELDS | {"transfer-encoding"}
+
+
+def vet_fields(
+    headers: tuple[tuple[str, str], ...],
+) -> tuple[tuple[tuple[str, str], ...], dict[str, str]]:
+    """The request's fields (lowercase names) as the upstream receives them, without those a
+    ``Connection`` header names, and the first value of each. Raises ``InvalidRequest`` for a
+    field of :data:`SINGLE_FIELDS` sent twice, or for a ``Connection`` that names one of them
+    (or ``Transfer-Encoding``): policy would read the body by a type or coding the upstream
+    never receives."""
+    values: dict[str, str] = {}
+    for name, value in headers:
+        if name not in values:
+            values[name] = value
+        elif name in SINGLE_FIELDS:
+            raise InvalidRequest(f"send the {name} header once")
+    if "connection" not in values:
+        return headers, values
+    named = {t.strip() for k, v in headers if k == "connection" for t in v.lower().split(",")}
+    named.discard("")
+    kept = named & _NOT_HOP_BY_HOP
+    if kept:
+        raise InvalidRequest(
+            f"the Connection header names {sorted(kept)[0]}, which the upstream must receive; "
+            "do not name it there"
+        )
+    headers = tuple((k, v) for k, v in headers if k not in named)
+    return headers, {k: v for k, v in values.items() if k not in named}
 
 
 def is_json_type(content_type: str | None) -> bool:

@@ -41,6 +41,7 @@ from aegis.gateway.context import (
     CallContext,
     body_digest,
     parse_json_body,
+    vet_fields,
     vet_path,
     vet_query,
 )
@@ -264,13 +265,19 @@ class ExtAuthz:
             if bad is not None:
                 return await self.undecided(400, "invalid_request", bad.message, seen)
             return await self.undecided(404, "not_found", "no route for this path", seen)
+        # As the proxy reads them: a repeated Content-Type or Content-Encoding, or one named in
+        # Connection, is refused; fields Connection names are not shown to policy.
+        try:
+            headers, _ = vet_fields(req.headers)
+        except InvalidRequest as exc:
+            headers, bad = req.headers, bad or exc
         facts: dict[str, Any] = {
             "method": req.method.upper(),
             "url": f"{req.scheme.lower()}://{req.host}{req.target}",
             "host": req.host,
             "path": path,
             "route": route,
-            "headers": req.headers,
+            "headers": headers,
             "query": params,
             "body_digest": STREAMED_BODY_DIGEST,
             "raw_body": None,

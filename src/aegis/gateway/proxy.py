@@ -51,6 +51,7 @@ from aegis.gateway.context import (
     body_digest,
     is_json_type,
     parse_json_body,
+    vet_fields,
     vet_path,
     vet_query,
 )
@@ -64,13 +65,11 @@ from aegis.telemetry.metrics import count_forward_failure
 __all__ = [
     "HOP_BY_HOP",
     "METHODS",
-    "SINGLE_FIELDS",
     "WHOLE_ANSWER_BYTES",
     "ReverseProxy",
     "forwardable",
     "joined",
     "proxy_claim",
-    "without_connection_named",
 ]
 
 HOP_BY_HOP: Final = frozenset(
@@ -84,11 +83,6 @@ _RESPONSE_DROP: Final = frozenset({"content-length", "server", "date"})
 WHOLE_ANSWER_BYTES: Final = 64 * 1024
 _CHUNK: Final = 64 * 1024
 _MAX_REMEMBERED_HOSTS: Final = 1024
-
-
-#: Request fields a call may carry once: a second ``Content-Type`` (or length, encoding, host)
-#: would let policy read the body or the target one way and the upstream another.
-SINGLE_FIELDS: Final = frozenset({"host", "content-type", "content-length", "content-encoding"})
 
 
 def forwardable(pairs: Collection[tuple[str, str]], drop: frozenset[str]) -> list[tuple[str, str]]:
@@ -115,13 +109,6 @@ def proxy_claim(name: str) -> bool:
     for the gateway's word. The gateway sets its own ``X-Forwarded-For/Proto/Host``."""
     norm = name.replace("_", "-")
     return norm in ("forwarded", "x-real-ip") or norm.startswith("x-forwarded-")
-
-
-def without_connection_named(pairs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
-    """``pairs`` (lowercase names) without the fields every ``Connection`` header names."""
-    named = {t.strip() for k, v in pairs if k == "connection" for t in v.lower().split(",")}
-    named.discard("")
-    return tuple((k, v) for k, v in pairs if k not in named)
 
 
 def joined(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
@@ -244,17 +231,15 @@ class ReverseProxy:
                 f"method not allowed; use one of {', '.join(METHODS)}",
             )
             return await _error(send, refused, {"allow": ", ".join(METHODS)})
-        values: dict[str, str] = {}  # the first value of each field, read by the checks below
-        repeated: str | None = None
-        for name, value in headers:
-            if name in values and name in SINGLE_FIELDS:
-                repeated = name
-            values.setdefault(name, value)
-        if "connection" in values:
-            # Fields the Connection header names are hop-by-hop (RFC 9110 §7.6.1) and never
-            # forwarded, so policy must not decide on them either: "x-dry-run: 1" with
-            # "Connection: x-dry-run" would pass a rule on it while the upstream never sees it.
-            headers = without_connection_named(headers)
+        # Fields the Connection header names are hop-by-hop (RFC 9110 §7.6.1) and never
+        # forwarded, so policy must not decide on them either: "x-dry-run: 1" with
+        # "Connection: x-dry-run" would pass a rule on it while the upstream never sees it. The
+        # checks below read the first value of each field as it is forwarded (``values``).
+        try:
+            headers, values = vet_fields(headers)
+            bad_fields = None
+        except InvalidRequest as exc:
+            values, bad_fields = dict(reversed(headers)), exc
         raw_path = scope.get("raw_path") or quote(scope["path"]).encode()
         target = raw_path.decode("latin-1")
         host = values.get("host", "")
@@ -298,8 +283,8 @@ class ReverseProxy:
         try:
             if bad_path is not None:
                 raise bad_path
-            if repeated is not None:
-                raise InvalidRequest(f"send the {repeated} header once")
+            if bad_fields is not None:
+                raise bad_fields
             declared = values.get("content-length")
             if declared is not None and not (declared.isascii() and declared.isdigit()):
                 raise InvalidRequest("content-length must be a whole number")
