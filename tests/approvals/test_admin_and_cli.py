@@ -169,7 +169,7 @@ def test_an_approval_is_withdrawn_over_the_api_and_the_cli(admin: Admin) -> None
     # Over the CLI, and `show` lists the query the approval is bound to.
     cli = Cli(admin)
     shown = cli.run("show", b.id)
-    assert shown.exit_code == 0 and "to=acct-9" in shown.stdout
+    assert shown.exit_code == 0 and 'query "to": "acct-9"' in shown.stdout
     withdrawn = cli.run("withdraw", b.id, "--as", "carol@example.com", "--json")
     assert withdrawn.exit_code == 0, withdrawn.output
     assert json.loads(withdrawn.stdout)["state"] == "denied"

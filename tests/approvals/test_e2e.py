@@ -172,7 +172,7 @@ def test_payment_approved_on_slack_goes_through_exactly_once(stack: Stack) -> No
     assert held(caller.pay(12_000))["approval_id"] == first["approval_id"]  # same call, same id
     approval_id = first["approval_id"]
     (message,) = [m for m in stack.slack.wait(1) if approval_id in json.dumps(m)]
-    buttons = message["blocks"][2]["elements"]
+    buttons = next(b for b in message["blocks"] if b["type"] == "actions")["elements"]
     assert [b["action_id"] for b in buttons] == ["aegis_approve", "aegis_deny"]
     assert {b["value"] for b in buttons} == {approval_id}
     assert "hunter2" not in json.dumps(message)

@@ -11,8 +11,9 @@ import pytest
 
 from aegis.approvals import ApprovalService, build_approval_service
 from aegis.approvals.model import ApprovalRequest
+from aegis.approvals.wiring import approvals_for
 from aegis.config import ApprovalSettings
-from aegis.errors import NotFound, Unavailable
+from aegis.errors import AegisError, NotFound, Unavailable
 from aegis.gateway.app import build_pipeline
 from aegis.gateway.approval_gate import ApprovalGate
 from aegis.gateway.context import STREAMED_BODY_DIGEST
@@ -20,6 +21,7 @@ from aegis.gateway.pipeline import Pipeline
 from aegis.policy.loader import load_document
 from aegis.registry.service import AgentSpec
 from aegis.telemetry.metrics import REGISTRY
+from tests.approvals.conftest import FINANCE, held
 from tests.gateway.conftest import PAY, Agent, Env, dpop_headers, make_ctx
 
 POLICY = """
@@ -191,3 +193,25 @@ async def test_the_gate_names_the_owner_of_every_agent_in_the_chain(
     assert await gate._chain_owners(()) == ()
     with pytest.raises(NotFound):  # an agent the registry does not know: the call fails closed
         await gate._chain_owners(("ghost",))
+
+
+async def test_the_wired_service_judges_chain_owners_from_the_registry(env: Env) -> None:
+    """approvals_for (what the gateway, admin API and CLI use) looks the chain agents' owners
+    up in the registry at decision time, even for a request stored without them."""
+    settings = ApprovalSettings.model_validate(
+        {"approvers": [{"id": "carol@example.com", "groups": ["finance"]}]}
+    )
+    config = env.services.config.model_copy(update={"approvals": settings})
+    services = dataclasses.replace(env.services, config=config, extras={})
+    env.services.registry.register_agent(
+        AgentSpec("orchestrator", "acme", "prod", "Carol@Example.com"), actor="test"
+    )
+    service = approvals_for(services, audit=env.audit)
+    try:
+        call = held(chain=("orchestrator",), agent_owner="someone@example.com")
+        req = await service.hold(call, FINANCE)
+        with pytest.raises(AegisError) as refused:
+            await service.decide(req.id, via="cli", credential="carol@example.com", approve=True)
+        assert refused.value.code == "self_approval_forbidden"
+    finally:
+        service.close()

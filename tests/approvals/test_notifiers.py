@@ -4,7 +4,10 @@ webhooks, retries with back-off, and failures recorded on the request and in met
 from __future__ import annotations
 
 import base64
+import dataclasses
+import json
 from pathlib import Path
+from typing import Any
 
 from aegis.approvals.model import ApprovalRequest
 from aegis.approvals.notifiers import message_for
@@ -80,7 +83,7 @@ async def test_slack_message_has_buttons_and_teams_a_card(tmp_path: Path) -> Non
         await s.service.drain()
         s.service.close()
     (msg,) = slack.messages()
-    actions = msg["blocks"][2]
+    actions = next(b for b in msg["blocks"] if b["type"] == "actions")
     assert actions["type"] == "actions"
     assert [e["value"] for e in actions["elements"]] == [a.id, a.id]
     cards = teams.messages()
@@ -88,23 +91,71 @@ async def test_slack_message_has_buttons_and_teams_a_card(tmp_path: Path) -> Non
     assert b.id in str(cards[-1]) and "approve " + b.id in str(cards[-1])
 
 
+_BASE = ApprovalRequest(
+    id="apr_1", state="pending", tenant="acme", env="prod", agent_id="payer",
+    agent_owner="o@example.com", tool="payments", method="POST", path="/payments/charge",
+    digest="sha256:" + "aa" * 32, parameters={"amount": 5}, rule_ids=("pay-large",),
+    group="finance", channel="slack", created_at=0.0, expires_at=600.0, decision_id="d1",
+    query=(("to", "acct-9"),), headers=(("x-payment-mode", "instant"),),
+)  # fmt: skip
+
+
+def _request(**over: Any) -> ApprovalRequest:
+    return dataclasses.replace(_BASE, **over)
+
+
+def _slack_sections(req: ApprovalRequest) -> list[str]:
+    msg = message_for("slack", req, "https://aegis.example/approvals/apr_1")
+    return [b["text"]["text"] for b in msg["blocks"] if b["type"] == "section"]
+
+
 def test_a_slack_message_shows_the_query_and_headers_as_text_not_markup() -> None:
     """The path, query and headers are the caller's: Slack must show them as they are, not as
     links, mentions or the end of the code block."""
-    req = ApprovalRequest(
-        id="apr_1", state="pending", tenant="acme", env="prod", agent_id="payer",
-        agent_owner="o@example.com", tool="payments", method="POST",
-        path="/payments/<https://evil.example|approve>", digest="sha256:" + "aa" * 32,
-        parameters={"memo": "```<!channel>"}, rule_ids=("pay-large",), group="finance",
-        channel="slack", created_at=0.0, expires_at=600.0, decision_id="d1",
-        query=(("to", "acct-9"),), headers=(("x-payment-mode", "instant"),),
-    )  # fmt: skip
-    msg = message_for("slack", req, "https://aegis.example/approvals/apr_1")
-    header, detail = (b["text"]["text"] for b in msg["blocks"][:2])
+    req = _request(path="/payments/<https://evil.example|approve>",
+                   parameters={"memo": "```<!channel>"})  # fmt: skip
+    header, fields, params = _slack_sections(req)
     assert "&lt;https://evil.example|approve&gt;" in header and "<https" not in header
-    assert "?to=acct-9" in detail and "x-payment-mode: instant" in detail
-    assert "&lt;!channel&gt;" in detail and detail.count("```") == 2
-    teams = str(message_for("teams", req, "https://aegis.example/approvals/apr_1"))
-    assert "?to=acct-9" in teams and "x-payment-mode: instant" in teams
+    assert 'query "to": "acct-9"' in fields and 'header x-payment-mode: "instant"' in fields
+    assert "&lt;!channel&gt;" in params and params.count("```") == 2
     webhook = message_for("webhook", req, "https://aegis.example/approvals/apr_1")["request"]
     assert webhook["query"] == [["to", "acct-9"]]
+
+
+def test_a_value_cannot_make_up_a_line_of_its_own() -> None:
+    """A newline or ``&`` in a value stays inside that value's quotes: the approver does not
+    see an ``amount=10`` that is not a field of the call."""
+    req = _request(query=(("to", "acct-1\n?amount=10&amount=1000000"),))
+    (fields,) = [s for s in _slack_sections(req) if "acct-1" in s]
+    lines = fields.strip("`").splitlines()
+    assert lines[0] == 'query "to": "acct-1\\n?amount=10&amp;amount=1000000"'
+    teams = json.dumps(message_for("teams", req, "https://aegis.example/approvals/apr_1"))
+    assert "acct-1\\\\n?amount" in teams
+
+
+def test_what_does_not_fit_is_announced_and_slack_sections_stay_within_its_limit() -> None:
+    """Slack refuses a whole message with a section over 3,000 characters, and escaping makes
+    text longer: each section is cut by whole lines after escaping, and the cut is announced."""
+    memos = [(f"memo{i}", "x" * 256) for i in range(6)]
+    req = _request(
+        query=(*memos, ("amount", "1000000")),
+        headers=(("x-http-mode", "y" * 256),) * 8,  # 15 lines of ~270 characters: too many
+        parameters={"memo": "<" * 1000},  # 4,000 characters once escaped
+    )
+    header, fields, params = _slack_sections(req)
+    assert max(len(header), len(fields), len(params)) <= 3000
+    assert 'query "amount": "1000000"' in fields  # the query comes first and fits whole
+    shown = fields.count("header x-http-mode")
+    assert 0 < shown < 8
+    assert f"{8 - shown} more lines not shown: aegis approvals show apr_1" in fields
+    assert "more lines not shown" in params  # the 4,000-character memo line
+
+
+def test_a_teams_card_shows_the_callers_text_without_markdown() -> None:
+    req = _request(query=(("memo", "[Approve now](https://evil.example/approve)"),))
+    card = message_for("teams", req, "https://aegis.example/approvals/apr_1")
+    body = card["attachments"][0]["content"]["body"]
+    markdown = [b["text"] for b in body if b["type"] == "TextBlock"]
+    assert not any("evil.example" in text for text in markdown)
+    runs = [i["text"] for b in body if b["type"] == "RichTextBlock" for i in b["inlines"]]
+    assert any("[Approve now](https://evil.example/approve)" in text for text in runs)

@@ -11,8 +11,15 @@ from typing import Any
 import pytest
 
 from aegis.approvals import ApprovalService, build_approval_service
-from aegis.approvals.model import bound_headers, call_digest, redact_fields
-from aegis.errors import AegisError
+from aegis.approvals.model import (
+    bound_headers,
+    call_digest,
+    is_secret_name,
+    redact_fields,
+    redact_parameters,
+)
+from aegis.approvals.service import party
+from aegis.errors import AegisError, NotFound
 from aegis.telemetry.metrics import REGISTRY
 from tests.approvals.conftest import FINANCE, Setup, held, make_setup
 
@@ -361,3 +368,61 @@ async def test_a_used_override_cannot_be_withdrawn(setup: Setup) -> None:
         "approval_decided"
     )
     assert (await svc.get(req.id)).state == "used"
+
+
+def test_one_person_is_one_party_however_the_id_is_spelled() -> None:
+    same = {party(n) for n in ("Carol@Example.com", "\uff43\uff41\uff52\uff4f\uff4c@example.com",
+                               "carol@example.com\u200b", " carol@example.com. ")}  # fmt: skip
+    assert same == {"carol@example.com"}
+    assert party("carol@example.org") != party("carol@example.com")
+
+
+async def test_chain_owners_are_read_from_the_registry_when_deciding(tmp_path: Any) -> None:
+    """A request stored without chain owners (before they were recorded, or the owner changed
+    since) is still judged on who owns the chain's agents now; an agent the registry no longer
+    knows leaves the question open, so the decision is refused."""
+    s = make_setup(tmp_path)
+    owners = {"orchestrator": "Carol@Example.com"}
+
+    def owner_of(agent_id: str) -> str:
+        if agent_id not in owners:
+            raise NotFound(f"no agent {agent_id}")
+        return owners[agent_id]
+
+    svc = build_approval_service(s.config, clock=s.clock, keyring=s.services.keyring,
+                                 replay=s.services.replay, audit=s.audit, owner_of=owner_of)  # fmt: skip
+    try:
+        req = await svc.hold(held(chain=("orchestrator",)), FINANCE)
+        assert req.chain_owners == ()
+        got = await _refused(svc.decide(req.id, via="slack", credential="UCAROL", approve=True))
+        assert got == "self_approval_forbidden"
+        ghost = await svc.hold(held(chain=("ghost",), body_digest="sha256:" + "ef" * 32), FINANCE)
+        got = await _refused(svc.decide(ghost.id, via="slack", credential="UCAROL", approve=True))
+        assert got == "self_approval_forbidden"
+        assert (await svc.get(ghost.id)).state == "pending"
+    finally:
+        svc.close()
+        s.service.close()
+
+
+async def test_redeeming_a_withdrawn_approval_says_so(setup: Setup) -> None:
+    svc = setup.service
+    req = await svc.hold(held(), FINANCE)
+    await svc.decide(req.id, via="cli", credential="carol@example.com", approve=True)
+    token = (await svc.status(req.id, "payer"))["override_token"]
+    await svc.withdraw(req.id, via="cli", credential="carol@example.com")
+    assert await _refused(svc.redeem(held(), token)) == "approval_denied"
+
+
+@pytest.mark.parametrize(
+    ("name", "secret"),
+    [("sig", True), ("X-Goog-IAP-JWT-Assertion", True), ("client_assertion", True),
+     ("X-Shopify-Hmac-Sha256", True), ("pwd", True), ("SAMLResponse", True), ("api_key", True),
+     ("sessionId", True), ("X-Api-Key", True), ("card_number", True), ("author", False),
+     ("discard", False), ("keyword", False), ("amount", False), ("to", False)],
+)  # fmt: skip
+def test_secret_looking_names_are_redacted_and_others_shown(name: str, secret: bool) -> None:
+    assert is_secret_name(name) is secret
+    shown = redact_parameters({name: "v"})[name]
+    assert (shown == "[redacted]") is secret
+    assert (redact_fields(((name, "v"),))[0][1] == "[redacted]") is secret

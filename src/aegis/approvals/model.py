@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final, Literal
 
@@ -33,6 +34,7 @@ __all__ = [
     "State",
     "bound_headers",
     "call_digest",
+    "is_secret_name",
     "redact_fields",
     "redact_parameters",
 ]
@@ -41,8 +43,19 @@ State = Literal["pending", "approved", "denied", "expired", "used"]
 OPEN_STATES: Final[tuple[State, ...]] = ("pending", "approved")
 CLOSED_STATES: Final[tuple[State, ...]] = ("denied", "expired", "used")
 REDACTED: Final = "[redacted]"
-#: Body keys whose values approvers never see (lowercase substrings).
-_SECRET_KEYS: Final = ("password", "secret", "token", "authorization", "cookie", "card", "cvv")
+#: Names (body keys, query parameters, headers) whose values approvers never see: any that
+#: contains one of these, lowercase ...
+_SECRET_PARTS: Final = (
+    "password", "passwd", "secret", "token", "authorization", "cookie", "credential", "apikey",
+    "signature", "assertion", "hmac", "cvv", "sessionid", "privatekey",
+)  # fmt: skip
+#: ... or has one of these as a word (split at punctuation and case changes: ``X-Api-Key``,
+#: ``api_key``, ``sessionId``, ``SAMLResponse``), so that ``author`` or ``keyword`` stay shown.
+_SECRET_WORDS: Final = frozenset(
+    {"key", "sig", "auth", "session", "sid", "jwt", "pwd", "pass", "pin", "otp", "card", "saml",
+     "csrf", "xsrf", "nonce"}
+)  # fmt: skip
+_WORDS: Final = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 _MAX_SHOWN: Final = 4096
 _MAX_DEPTH: Final = 8
 
@@ -135,14 +148,20 @@ def call_digest(call: HeldCall) -> str:
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def is_secret_name(name: str) -> bool:
+    """Whether a body key, query parameter or header named ``name`` is shown as ``[redacted]``."""
+    lower = name.lower()
+    if any(part in lower for part in _SECRET_PARTS):
+        return True
+    return any(w.lower() in _SECRET_WORDS for w in _WORDS.findall(name))
+
+
 def _redact(value: Any, depth: int) -> Any:
     if depth > _MAX_DEPTH:
         return REDACTED
     if isinstance(value, dict):
         return {
-            str(k): REDACTED
-            if any(s in str(k).lower() for s in _SECRET_KEYS)
-            else _redact(v, depth + 1)
+            str(k): REDACTED if is_secret_name(str(k)) else _redact(v, depth + 1)
             for k, v in value.items()
         }
     if isinstance(value, list):
@@ -150,8 +169,6 @@ def _redact(value: Any, depth: int) -> Any:
     return value
 
 
-#: Field names (query parameters, headers; lowercase substrings) whose values approvers never see.
-_SECRET_FIELDS: Final = (*_SECRET_KEYS, "key", "session", "signature", "auth", "credential")
 _MAX_FIELDS: Final = 64
 _MAX_FIELD_VALUE: Final = 256
 
@@ -163,7 +180,7 @@ def redact_fields(pairs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], 
     digest covers every field whole."""
     out = []
     for name, value in pairs[:_MAX_FIELDS]:
-        if any(s in name.lower() for s in _SECRET_FIELDS):
+        if is_secret_name(name):
             value = REDACTED
         elif len(value) > _MAX_FIELD_VALUE:
             value = value[:_MAX_FIELD_VALUE] + "…"

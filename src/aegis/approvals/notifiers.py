@@ -20,7 +20,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 
@@ -62,10 +62,32 @@ def _summary(req: ApprovalRequest, status_url: str) -> dict[str, Any]:
     }
 
 
-def _request_lines(s: dict[str, Any]) -> str:
-    """The query and the bound headers, one ``name: value`` a line, for a human to read."""
-    lines = [f"?{k}={v}" for k, v in s["query"]] + [f"{k}: {v}" for k, v in s["headers"]]
-    return "\n".join(lines)[:1500]
+def request_lines(query: Any, headers: Any) -> list[str]:
+    """The query and the bound headers, one field a line, each value JSON-quoted: a newline, a
+    ``&`` or a quote in a caller's value cannot make up a line or a field of its own."""
+    quoted = [f"query {json.dumps(k, ensure_ascii=False)}: {json.dumps(v, ensure_ascii=False)}"
+              for k, v in query]  # fmt: skip
+    return quoted + [f"header {k}: {json.dumps(v, ensure_ascii=False)}" for k, v in headers]
+
+
+def _fit(lines: list[str], limit: int, more: str) -> str:
+    """Whole lines up to ``limit`` characters, then a line saying how many were left out (never
+    a silent cut: an approver must know there is more than the message shows)."""
+    out: list[str] = []
+    used = 0
+    for i, line in enumerate(lines):
+        if used + len(line) + 1 > limit - len(more) - 40:
+            out.append(f"… {len(lines) - i} more lines not shown: {more}")
+            break
+        out.append(line)
+        used += len(line) + 1
+    return "\n".join(out)
+
+
+#: Slack refuses a section whose text is longer than 3,000 characters (the whole message then).
+_SLACK_SECTION: Final = 3000
+#: Characters of a caller's text in one Teams text block.
+_TEAMS_TEXT: Final = 4000
 
 
 def _mrkdwn(text: object) -> str:
@@ -76,22 +98,28 @@ def _mrkdwn(text: object) -> str:
     return escaped.replace("`", "`\u200b")
 
 
+def _slack_code(lines: list[str], more: str) -> dict[str, Any]:
+    """A section showing ``lines`` in a code block, escaped, within Slack's length limit."""
+    body = _fit([_mrkdwn(line) for line in lines], _SLACK_SECTION - 6, _mrkdwn(more))
+    return {"type": "section", "text": {"type": "mrkdwn", "text": f"```{body}```"}}
+
+
 def _slack(s: dict[str, Any]) -> dict[str, Any]:
     text = (
         f"*Approval needed* ({_mrkdwn(s['rule'])}): agent `{_mrkdwn(s['agent_id'])}` calls "
-        f"`{_mrkdwn(s['tool'])}` {_mrkdwn(s['method'])} {_mrkdwn(s['path'])} — group "
+        f"`{_mrkdwn(s['tool'])}` {_mrkdwn(s['method'])} {_mrkdwn(s['path'][:512])} — group "
         f"*{_mrkdwn(s['group'])}*"
     )
-    fields = _request_lines(s)
-    params = _mrkdwn(
-        ((fields + "\n") if fields else "") + json.dumps(s["parameters"], indent=1)[:2500]
-    )
+    more = f"aegis approvals show {s['approval_id']}"
+    fields = request_lines(s["query"], s["headers"]) or ["(no query or headers)"]
+    params = json.dumps(s["parameters"], indent=1, ensure_ascii=False).splitlines()
     button = {"type": "button", "value": s["approval_id"]}
     return {
         "text": text,
         "blocks": [
             {"type": "section", "text": {"type": "mrkdwn", "text": text}},
-            {"type": "section", "text": {"type": "mrkdwn", "text": f"```{params}```"}},
+            _slack_code(fields, more),
+            _slack_code(params, more),
             {
                 "type": "actions",
                 "block_id": f"aegis:{s['approval_id']}",
@@ -114,13 +142,23 @@ def _slack(s: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _plain(text: str) -> dict[str, Any]:
+    """A caller's text in a Teams card, shown as is: a TextRun takes no Markdown (a TextBlock
+    would turn ``[Approve](https://…)`` into a link)."""
+    return {"type": "RichTextBlock", "inlines": [{"type": "TextRun", "text": text}]}
+
+
 def _teams(s: dict[str, Any]) -> dict[str, Any]:
     facts = [{"title": k, "value": str(s[k])} for k in ("agent_id", "tool", "rule", "group")]
+    more = f"aegis approvals show {s['approval_id']}"
+    fields = request_lines(s["query"], s["headers"]) or ["(no query or headers)"]
+    params = json.dumps(s["parameters"], indent=1, ensure_ascii=False).splitlines()
     body: list[dict[str, Any]] = [
         {"type": "TextBlock", "weight": "Bolder", "text": "Approval needed"},
         {"type": "FactSet", "facts": facts},
-        {"type": "TextBlock", "wrap": True, "text": _request_lines(s) or "(no query or headers)"},
-        {"type": "TextBlock", "wrap": True, "text": json.dumps(s["parameters"])[:2500]},
+        _plain(f"{s['method']} {s['path'][:512]}"),
+        _plain(_fit(fields, _TEAMS_TEXT, more)),
+        _plain(_fit(params, _TEAMS_TEXT, more)),
         {"type": "TextBlock", "wrap": True,
          "text": f"Reply `approve {s['approval_id']} <why>` or `deny {s['approval_id']} <why>`"},
     ]  # fmt: skip

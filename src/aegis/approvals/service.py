@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import unicodedata
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -41,7 +42,7 @@ from aegis.approvals.store import SqlApprovalStore
 from aegis.audit.log import AuditLog
 from aegis.clock import Clock, new_id
 from aegis.config import ApprovalSettings, Approver
-from aegis.errors import AegisError, ReplayDetected
+from aegis.errors import AegisError, NotFound, ReplayDetected
 from aegis.policy.decision import ApprovalRequirement
 from aegis.stores.base import ReplayStore
 from aegis.telemetry.logging import log_event
@@ -54,7 +55,19 @@ from aegis.telemetry.metrics import (
     APPROVALS_PENDING,
 )
 
-__all__ = ["ApprovalService"]
+__all__ = ["ApprovalService", "party"]
+
+
+def party(name: str) -> str:
+    """A person's id as separation of duties compares them: NFKC-normalised, case-folded,
+    without format characters (a zero-width space), surrounding spaces or a trailing dot; so
+    ``Carol@Example.com``, ``carol@example.com`` in fullwidth letters and
+    ``carol@example.com`` followed by a zero-width space are one
+    person. (Look-alike letters from other scripts are not folded: keep owners and approver ids
+    ASCII.)"""
+    text = unicodedata.normalize("NFKC", name)
+    text = "".join(c for c in text if unicodedata.category(c) != "Cf")
+    return text.strip().rstrip(".").casefold()
 
 
 class ApprovalService:
@@ -70,6 +83,7 @@ class ApprovalService:
         status_base_url: str,
         notifiers: dict[str, Notifier] | None = None,
         owns_audit: bool = False,
+        owner_of: Callable[[str], str] | None = None,
     ) -> None:
         self.store, self.settings, self.overrides = store, settings, overrides
         self.directory = ApproverDirectory(settings)
@@ -78,6 +92,8 @@ class ApprovalService:
         self._notifiers = notifiers or {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._owns_audit = owns_audit
+        #: The registry's owner of an agent (raises NotFound), for separation of duties.
+        self._owner_of = owner_of
 
     def close(self) -> None:
         self.store.close()
@@ -202,8 +218,19 @@ class ApprovalService:
         if who is None:
             await self._reject("approver_unknown", "this identity is not a configured approver",
                                req.id, claimed, via)  # fmt: skip
-        if not self._check_approver(who, req):
-            await self._refuse_approver(who, req, via)
+        if not self._in_group(who, req):
+            await self._reject("approver_not_in_group", f"{who.id} is not in group {req.group!r}",
+                               req.id, who.id, via)  # fmt: skip
+        if self.settings.separation_of_duties:
+            try:
+                parties = await self._run(self._parties, req)
+            except NotFound as exc:
+                await self._reject("self_approval_forbidden", f"separation of duties cannot be "
+                                   f"judged: {exc.message}", req.id, who.id, via)  # fmt: skip
+            if party(who.id) in parties:
+                await self._reject("self_approval_forbidden", "the owner of the agent or of an "
+                                   "agent in its delegation chain, or the call's origin user, "
+                                   "cannot decide its own request", req.id, who.id, via)  # fmt: skip
         return who, req, claimed
 
     async def decide(
@@ -267,22 +294,16 @@ class ApprovalService:
         # Several rules may hold one call: the approver must be in every group they name.
         return set(req.group.split(",")) <= set(who.groups)
 
-    def _check_approver(self, who: Approver, req: ApprovalRequest) -> bool:
-        if not self._in_group(who, req):
-            return False
-        if not self.settings.separation_of_duties:
-            return True
-        me = who.id.lower()
-        parties = {req.agent_owner, req.origin_user or "", *req.chain_owners}
-        return me not in {p.lower() for p in parties}
-
-    async def _refuse_approver(self, who: Approver, req: ApprovalRequest, via: str) -> NoReturn:
-        if not self._in_group(who, req):
-            await self._reject("approver_not_in_group", f"{who.id} is not in group {req.group!r}",
-                               req.id, who.id, via)  # fmt: skip
-        await self._reject("self_approval_forbidden", "the owner of the agent or of an agent in "
-                           "its delegation chain, or the call's origin user, cannot decide its "
-                           "own request", req.id, who.id, via)  # fmt: skip
+    def _parties(self, req: ApprovalRequest) -> frozenset[str]:
+        """Who may not decide ``req`` (as :func:`party` compares them): the agent's owner, the
+        call's origin user, and the owners of the agents in its delegation chain, both as the
+        gateway saw them when it held the call and as the registry names them now (a request
+        stored before owners were recorded, or an owner changed since). Raises ``NotFound``
+        for a chain agent the registry no longer knows."""
+        names = {req.agent_owner, req.origin_user or "", *req.chain_owners}
+        if self._owner_of is not None:
+            names.update(self._owner_of(agent_id) for agent_id in req.chain)
+        return frozenset(party(n) for n in names if n)
 
     # -- expiry ------------------------------------------------------------------------------
 
@@ -343,6 +364,10 @@ class ApprovalService:
             raise AegisError("the override token was already used", code="override_used") from None
         used = dataclasses.replace(req, state="used")
         if not await self._run(self.store.transition, used, "approved"):
+            # Another change came first: a use elsewhere, or the approval was withdrawn.
+            now_req: ApprovalRequest | None = await self._run(self.store.get, req.id)
+            if now_req is not None and now_req.state == "denied":
+                raise AegisError("the approval was withdrawn", code="approval_denied")
             raise AegisError("the override token was already used", code="override_used")
         APPROVAL_DECISIONS.labels(rule=req.rule, outcome="used").inc()
         await self._record("approval.override_used", {"id": req.id, "agent_id": call.agent_id,

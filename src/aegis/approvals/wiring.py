@@ -5,6 +5,7 @@ key named), override tokens from the key ring, the shared replay store and an au
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from aegis.approvals.notifiers import Notifier, Sleep
@@ -15,6 +16,7 @@ from aegis.audit.log import AuditLog
 from aegis.clock import Clock
 from aegis.config import AegisConfig
 from aegis.crypto.keyring import KeyRing
+from aegis.registry.cache import RegistryCache
 from aegis.stores.base import ReplayStore
 
 __all__ = ["approvals_for", "build_approval_service"]
@@ -28,6 +30,7 @@ def build_approval_service(
     replay: ReplayStore,
     audit: AuditLog | None = None,
     sleep: Sleep | None = None,
+    owner_of: Callable[[str], str] | None = None,
 ) -> ApprovalService:
     settings = config.approvals
     notifiers: dict[str, Notifier] = {}
@@ -53,6 +56,7 @@ def build_approval_service(
         status_base_url=settings.status_base_url or config.issuer,
         notifiers=notifiers,
         owns_audit=audit is None,
+        owner_of=owner_of,
     )
 
 
@@ -63,6 +67,7 @@ class _Services(Protocol):
     clock: Clock
     keyring: KeyRing
     replay: ReplayStore
+    cache: RegistryCache
     extras: dict[str, object]
 
 
@@ -78,6 +83,8 @@ def approvals_for(services: _Services, *, audit: AuditLog | None = None) -> Appr
         keyring=services.keyring,
         replay=services.replay,
         audit=audit,
+        # Separation of duties reads the chain agents' owners from the registry at decision time.
+        owner_of=lambda agent_id: services.cache.agent(agent_id).owner or "",
     )
     services.extras["approvals"] = service
     return service

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 import typer
 from rich.console import Console
 
+from aegis.approvals.notifiers import request_lines
 from aegis.approvals.service import ApprovalService
 from aegis.approvals.wiring import approvals_for
 from aegis.cli._common import JsonOpt, emit, open_services, table
@@ -47,9 +48,9 @@ def _when(t: float | None) -> str:
 
 def _show(view: dict[str, Any], console: Console) -> None:
     for name, value in view.items():
-        if name in ("query", "headers"):  # [name, value] pairs, one a line
-            pairs = [f"{k}={v}" if name == "query" else f"{k}: {v}" for k, v in value]
-            value = "\n" + "\n".join(f"  {p}" for p in pairs) if pairs else ""
+        if name in ("query", "headers"):  # [name, value] pairs, one a line, values quoted
+            lines = request_lines(value, []) if name == "query" else request_lines([], value)
+            value = "".join(f"\n  {line}" for line in lines)
         shown = ", ".join(map(str, value)) if isinstance(value, list) else value
         if name.endswith("_at") and isinstance(value, float):
             shown = _when(value)
