@@ -73,3 +73,21 @@ def test_each_listener_serves_metrics_by_its_own_setting(tmp_path: Path) -> None
             assert httpx.get(f"{default}/metrics").status_code == 200
     finally:
         asyncio.run(services.aclose())
+
+
+@pytest.mark.parametrize("field", ["X-Forwarded-For", "forwarded", "X-Real-IP", "x-forwarded-host"])
+def test_metrics_are_not_served_through_a_proxy(field: str) -> None:
+    """A proxy on this host (a sidecar nginx or Envoy) connects from loopback: what it passes on
+    from anyone would pass the address check."""
+    with serve(_app(("127.0.0.0/8",))) as base:
+        answer = httpx.get(f"{base}/metrics", headers={field: "203.0.113.9"})
+    assert answer.status_code == 403
+    assert "proxy" in answer.json()["message"]
+
+
+def test_metrics_are_not_served_to_a_trusted_proxys_address() -> None:
+    app = Starlette(routes=[Route("/metrics", metrics_endpoint(
+        ("127.0.0.0/8",), "gateway.metrics_clients", proxies=("127.0.0.1",)))])  # fmt: skip
+    with serve(app) as base:
+        answer = httpx.get(f"{base}/metrics")
+    assert answer.status_code == 403 and "proxy" in answer.json()["message"]

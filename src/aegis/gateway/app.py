@@ -138,7 +138,11 @@ def create_gateway_app(
         StarletteRoute("/healthz", healthz, methods=["GET"]),
         StarletteRoute(
             "/metrics",
-            metrics_endpoint(gateway_config.metrics_clients, "gateway.metrics_clients"),
+            metrics_endpoint(
+                gateway_config.metrics_clients,
+                "gateway.metrics_clients",
+                proxies=services.config.pki.trusted_proxies,
+            ),
             methods=["GET"],
         ),
         # Everything else is the proxy, a plain ASGI app (it answers 405 to other methods).

@@ -85,7 +85,14 @@ def create_app(services: Services) -> Starlette:
         Route("/.well-known/aegis-evidence-jwks.json", evidence_jwks, methods=["GET"]),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
-        Route("/metrics", metrics_endpoint(cfg.server.metrics_clients, "server.metrics_clients")),
+        Route(
+            "/metrics",
+            metrics_endpoint(
+                cfg.server.metrics_clients,
+                "server.metrics_clients",
+                proxies=cfg.pki.trusted_proxies,
+            ),
+        ),
         *approval_routes(services),  # status URL and signed Slack/Teams callbacks
     ]
     if create_admin_app is not None:
