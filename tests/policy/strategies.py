@@ -7,7 +7,7 @@ type so that type mismatches, missing paths and near misses are all exercised.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from hypothesis import strategies as st
 
@@ -91,6 +91,10 @@ def _value_for(literals: list[Any]) -> st.SearchStrategy[Any]:
     return st.one_of(st.sampled_from(literals), st.sampled_from(literals), _JSON)
 
 
+#: ASCII letters to their FULLWIDTH forms (NFKC folds them back).
+_FULLWIDTH: Final = {c: c + 0xFEE0 for c in range(ord("a"), ord("z") + 1)}
+
+
 def calls(policy: CompiledPolicy) -> st.SearchStrategy[PolicyCall]:
     """Calls that exercise ``policy``: its tools, selectors and condition paths."""
     lit = _literals(policy)
@@ -143,6 +147,17 @@ def calls(policy: CompiledPolicy) -> st.SearchStrategy[PolicyCall]:
         lambda q: {k: v if isinstance(v, str) else str(v) for k, v in q.items()}
     )
     headers = nested(("request", "headers")).map(lambda h: {k: str(v) for k, v in h.items()})
+    # Paths the rules name (as received or loose), in the spellings a loose upstream serves
+    # alike: case, ;parameters, a trailing dot, fullwidth letters.
+    named = [v for key in (("path",), ("path_loose",)) for v in lit.get(key, [])]
+    bases = [v for v in named if isinstance(v, str) and v.startswith("/")] + ["/", "/payments/x"]
+    spellings = {
+        form
+        for p in bases
+        for form in (p, p.upper(), p.title(), p + ";v=1", p + ".", p + "/sub", p + "istrators",
+                     p.translate(_FULLWIDTH))
+    }  # fmt: skip
+    path = st.sampled_from(sorted(spellings))
     return st.builds(
         PolicyCall,
         tool=tools,
@@ -154,6 +169,7 @@ def calls(policy: CompiledPolicy) -> st.SearchStrategy[PolicyCall]:
             st.none(), strings(("resource",), ["docs/a/public", "secret/x", "wiki/home"])
         ),
         method=strings(("method",), ["GET", "POST", "DELETE", "get"]),
+        path=path,
         scopes=st.lists(
             strings(("token", "scopes"), ["kb:read", "kb:write", "payments:write"]), max_size=3
         ).map(tuple),

@@ -81,3 +81,15 @@ def test_payment_boundaries_agree(amount: float, hour: int, day: int) -> None:
         "time": when,
     }
     _agree("payments", build_input(call_from_dict(call)))
+
+
+@pytest.mark.parametrize("missing", ["path_loose", "request", "agent"])
+def test_the_bundle_denies_an_input_document_aegis_did_not_build(missing: str) -> None:
+    """A missing path makes every condition on it false, so a deny rule would not fire on a
+    document shaped otherwise (OPA given Envoy's own input): the bundle refuses it whole."""
+    doc = build_input(call_from_dict({"tool": "t", "path": "/Payments/Admin"}))
+    assert _agree("paths", doc)["rule_ids"] == ["admin"]
+    del doc[missing]
+    decision = corpus_engine("paths").evaluate(doc)
+    assert (decision["action"], decision["code"]) == ("deny", "policy_error")
+    assert missing in decision["reasons"][0]

@@ -20,6 +20,7 @@ from typing import Any, Final
 from aegis.policy.decision import DEFAULT_DENY_REASON, SHADOW_POLICY_REASON
 from aegis.policy.evaluator import CompiledPolicy
 from aegis.policy.ir import MAX_UNIX, Leaf, LoweredRule, Node
+from aegis.policy.model import INPUT_ROOTS
 from aegis.policy.safe_regex import MAX_SUBJECT_LENGTH, glob_to_regex
 
 __all__ = [
@@ -144,7 +145,26 @@ enforced := {{
 \t"approvals": [],
 }} if meta.mode == "shadow"
 
-decision := object.union(enforced, {{"policy_version": meta.version, "shadow": shadow}})
+# --- an input document other than the one Aegis builds --------------------------------------
+# A missing path makes every condition on it false, so a deny rule would not fire on a document
+# shaped otherwise (OPA given Envoy's own input, say): every top-level key must be present.
+
+input_roots := {input_roots}
+
+missing_input := {{k | some k in input_roots; not k in object.keys(input)}}
+
+final := {{
+	"action": "deny",
+	"reasons": [sprintf("the input document lacks %v: give OPA the document aegis.policy.input.build_input makes", [concat(", ", sort(missing_input))])],
+	"rule_ids": [],
+	"code": "policy_error",
+	"obligations": [],
+	"approvals": [],
+}} if {{
+	count(missing_input) > 0
+}} else := enforced
+
+decision := object.union(final, {{"policy_version": meta.version, "shadow": shadow}})
 """
 
 
@@ -303,7 +323,9 @@ def to_rego(policy: CompiledPolicy) -> str:
     parts.extend(_RuleWriter(rule).write() + "\n" for rule in policy.lowered.rules)
     parts.append(
         _COMBINE.format(
-            default_deny=_lit(DEFAULT_DENY_REASON), shadow_reason=_lit(SHADOW_POLICY_REASON)
+            default_deny=_lit(DEFAULT_DENY_REASON),
+            shadow_reason=_lit(SHADOW_POLICY_REASON),
+            input_roots="{" + ", ".join(_lit(k) for k in sorted(INPUT_ROOTS)) + "}",
         )
     )
     return "".join(parts)

@@ -145,4 +145,23 @@ enforced := {
 	"approvals": [],
 } if meta.mode == "shadow"
 
-decision := object.union(enforced, {"policy_version": meta.version, "shadow": shadow})
+# --- an input document other than the one Aegis builds --------------------------------------
+# A missing path makes every condition on it false, so a deny rule would not fire on a document
+# shaped otherwise (OPA given Envoy's own input, say): every top-level key must be present.
+
+input_roots := {"agent", "auth", "chain", "env", "method", "path", "path_loose", "request", "resource", "tenant", "time", "token", "tool"}
+
+missing_input := {k | some k in input_roots; not k in object.keys(input)}
+
+final := {
+	"action": "deny",
+	"reasons": [sprintf("the input document lacks %v: give OPA the document aegis.policy.input.build_input makes", [concat(", ", sort(missing_input))])],
+	"rule_ids": [],
+	"code": "policy_error",
+	"obligations": [],
+	"approvals": [],
+} if {
+	count(missing_input) > 0
+} else := enforced
+
+decision := object.union(final, {"policy_version": meta.version, "shadow": shadow})
