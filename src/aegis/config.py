@@ -353,6 +353,9 @@ class GatewaySettings(_Section):
     #: Longest wait for the next part of a request body (seconds); a client that sends nothing
     #: for longer is answered 408 ``request_timeout`` and its call goes no further.
     client_body_timeout: float = Field(default=30.0, gt=0, le=3600)
+    #: Longest time a whole request body may take to arrive (seconds), however steadily it drips:
+    #: a streamed call holds one of the pooled upstream connections meanwhile. Then 408.
+    client_body_deadline: float = Field(default=300.0, gt=0, le=86400)
     #: How often the gateway checks for a newly activated policy version (seconds).
     policy_poll_interval: float = Field(default=2.0, gt=0, le=300)
     #: How old a DPoP proof's ``iat`` may be, and how far ahead of this clock (seconds).

@@ -785,9 +785,11 @@ def test_refusals_before_any_route_are_audited_too(stack: Stack) -> None:
     assert all("SECRET" not in json.dumps(r) for r in records.values())
 
 
-def _stalled_call(base: str, headers: dict[str, str], ctype: str, length: int) -> bytes:
-    """Send a call's head and the first bytes of a ``length``-byte body, then nothing more;
-    return what the gateway answers on the same connection."""
+def _stalled_call(
+    base: str, headers: dict[str, str], ctype: str, length: int, drip: float | None
+) -> bytes:
+    """Send a call's head and the first bytes of a ``length``-byte body, then nothing more (or,
+    with ``drip``, one more byte every ``drip`` seconds); return what the gateway answers."""
     host, _, port = base.removeprefix("http://").partition(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
@@ -796,9 +798,14 @@ def _stalled_call(base: str, headers: dict[str, str], ctype: str, length: int) -
             f"content-type: {ctype}\r\ncontent-length: {length}\r\n\r\n".encode()
             + b'{"amount": '
         )
+        sock.settimeout(drip)
         answer = b""
         while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
-            chunk = sock.recv(65536)
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                sock.sendall(b"1")  # still sending, slowly
+                continue
             if not chunk:
                 break
             answer += chunk
@@ -809,13 +816,18 @@ def _stalled_call(base: str, headers: dict[str, str], ctype: str, length: int) -
     ("ctype", "length"),
     [("application/json", 100), ("application/octet-stream", 200_000)],  # read whole; streamed
 )
-def test_a_client_that_stops_sending_its_body_is_408_and_audited(
-    stack: Stack, ctype: str, length: int
+@pytest.mark.parametrize(
+    ("limits", "drip", "why"),
+    [({"client_body_timeout": 0.3}, None, "no part of the request body arrived"),
+     ({"client_body_timeout": 5, "client_body_deadline": 0.6}, 0.1, "took longer than 0.6 s")],
+)  # fmt: skip
+def test_a_client_that_stops_or_drips_its_body_is_408_and_audited(
+    stack: Stack, ctype: str, length: int, limits: dict[str, float], drip: float | None, why: str
 ) -> None:
     settings = GatewaySettings.model_validate(
         {"routes": [{"path_prefix": "/payments", "upstream": stack.upstream_url,
                      "tool": "payments", "tenant": "acme", "env": "prod"}],
-         "allow": [{"tool": "payments"}], "client_body_timeout": 0.3}
+         "allow": [{"tool": "payments"}], **limits}
     )  # fmt: skip
     services = stack.srv.services
     pipeline = build_pipeline(
@@ -827,14 +839,14 @@ def test_a_client_that_stops_sending_its_body_is_408_and_audited(
         url = f"{base}/payments/charge"
         started = time.monotonic()
         answer = _stalled_call(
-            base, agent.headers(agent.access_token(), "POST", url), ctype, length
+            base, agent.headers(agent.access_token(), "POST", url), ctype, length, drip
         )
         waited = time.monotonic() - started
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408"), answer[:200]
     refusal = json.loads(body)
-    assert refusal["code"] == "request_timeout"
-    assert 0.3 <= waited < 5
+    assert refusal["code"] == "request_timeout" and why in refusal["message"]
+    assert min(limits.values()) <= waited < 5
     assert len(stack.upstream.seen) == before  # no complete call reached the upstream
     decided = [r for r in stack.audit.records() if r.get("decision_id") == refusal["decision_id"]]
     assert decided and decided[-1]["code"] == "request_timeout"

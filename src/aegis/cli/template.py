@@ -88,6 +88,7 @@ COMMENTS: Final[dict[str, str]] = {
     "gateway.connect_timeout": "seconds to connect to an upstream",
     "gateway.upstream_timeout": "seconds to wait for an upstream answer",
     "gateway.client_body_timeout": "seconds to wait for the next part of a request body (408)",
+    "gateway.client_body_deadline": "seconds a whole request body may take to arrive (408)",
     "gateway.metrics_clients": "addresses or networks served /metrics on the proxy port",
     "gateway.policy_poll_interval": "seconds between checks for a newly activated policy",
     "gateway.dpop_iat_window": "how old a DPoP proof's iat may be (seconds)",

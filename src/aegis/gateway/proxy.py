@@ -155,6 +155,10 @@ async def _error(send: Send, result: Result, extra: dict[str, str] | None = None
     await _json(send, result.status, body, {**result.headers, **(extra or {})})
 
 
+#: Upstream connections the proxy keeps open at most, all upstreams together.
+_POOL: Final = 256
+
+
 class _Streamed:
     """What has passed of a streamed request body: its SHA-256 so far, its size, and whether
     it ended."""
@@ -203,7 +207,7 @@ class ReverseProxy:
         )
         self._session = aiohttp.ClientSession(
             timeout=timeout,
-            connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30),
+            connector=aiohttp.TCPConnector(limit=_POOL, keepalive_timeout=30),
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
@@ -364,17 +368,24 @@ class ReverseProxy:
 
     async def _chunks(self, receive: Receive) -> AsyncIterator[bytes]:
         """The body's chunks as the client sends them. A client that sends nothing for
-        ``client_body_timeout`` is refused (408): it would otherwise hold its call, and a
-        connection to the upstream once streaming, for as long as it likes."""
+        ``client_body_timeout``, or has not sent the whole body within ``client_body_deadline``,
+        is refused (408): it would otherwise hold its call, and a pooled connection to the
+        upstream once streaming, for as long as it likes."""
         gap = self._settings.client_body_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.client_body_deadline
         while True:
+            wait = min(gap, deadline - loop.time())
             try:
-                async with asyncio.timeout(gap):
+                async with asyncio.timeout(wait):
                     message = await receive()
             except TimeoutError:
-                raise AegisError(
-                    f"no part of the request body arrived for {gap:g} s", code="request_timeout"
-                ) from None
+                why = (
+                    f"no part of the request body arrived for {gap:g} s"
+                    if wait == gap
+                    else f"the request body took longer than {self._settings.client_body_deadline:g} s"
+                )
+                raise AegisError(why, code="request_timeout") from None
             if message["type"] == "http.disconnect":
                 raise InvalidRequest("the client went away before sending its whole body")
             chunk = message.get("body", b"")
@@ -490,6 +501,13 @@ class ReverseProxy:
                 body = {"error": spec_for(too_big.code).oauth_error, "code": too_big.code,
                         "message": too_big.message, "decision_id": result.decision_id}  # fmt: skip
                 return await _json(send, too_big.status, body, result.headers)
+            if isinstance(exc, aiohttp.ConnectionTimeoutError):
+                # Waiting for a free pooled connection counts against connect_timeout too.
+                why = (
+                    f"no connection to the upstream within {self._settings.connect_timeout:g} s "
+                    f"(it is unreachable, or all {_POOL} pooled connections are busy)"
+                )
+                return await self._gateway_error(send, ctx, 504, "upstream_timeout", why, result)
             if isinstance(exc, TimeoutError):
                 return await self._gateway_error(
                     send, ctx, 504, "upstream_timeout", "the upstream did not answer in time",
