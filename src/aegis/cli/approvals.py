@@ -91,14 +91,19 @@ def show(ctx: typer.Context, approval_id: ApprovalId, as_json: JsonOpt = False) 
     emit(view, as_json, lambda c: _show(view, c))
 
 
-def _decide(ctx: typer.Context, approval_id: str, who: str, approve: bool, reason: str,
-            as_json: bool) -> None:  # fmt: skip
+def _decide(ctx: typer.Context, approval_id: str, who: str,
+            action: Literal["approve", "deny", "withdraw"], reason: str, as_json: bool) -> None:  # fmt: skip
     with _service(ctx) as service:
         req = asyncio.run(
-            service.decide(approval_id, via="cli", credential=who, approve=approve, reason=reason)
+            service.withdraw(approval_id, via="cli", credential=who, reason=reason)
+            if action == "withdraw"
+            else service.decide(
+                approval_id, via="cli", credential=who, approve=action == "approve", reason=reason
+            )  # fmt: skip
         )
+    done = "withdrawn" if action == "withdraw" else req.state
     view = req.to_dict()
-    emit(view, as_json, lambda c: c.print(f"request {req.id} is {req.state} by {req.decided_by}"))
+    emit(view, as_json, lambda c: c.print(f"request {req.id} is {done} by {req.decided_by}"))
 
 
 @app.command()
@@ -110,7 +115,7 @@ def approve(
     as_json: JsonOpt = False,
 ) -> None:
     """Approve a pending request: the agent may then retry that exact call once."""
-    _decide(ctx, approval_id, who, True, reason, as_json)
+    _decide(ctx, approval_id, who, "approve", reason, as_json)
 
 
 @app.command()
@@ -122,7 +127,7 @@ def deny(
     as_json: JsonOpt = False,
 ) -> None:
     """Deny a pending request."""
-    _decide(ctx, approval_id, who, False, reason, as_json)
+    _decide(ctx, approval_id, who, "deny", reason, as_json)
 
 
 @app.command()
@@ -134,7 +139,4 @@ def withdraw(
     as_json: JsonOpt = False,
 ) -> None:
     """Withdraw an approval whose override has not been used yet: the call is denied after all."""
-    with _service(ctx) as service:
-        req = asyncio.run(service.withdraw(approval_id, via="cli", credential=who, reason=reason))
-    view = req.to_dict()
-    emit(view, as_json, lambda c: c.print(f"request {req.id} is withdrawn by {req.decided_by}"))
+    _decide(ctx, approval_id, who, "withdraw", reason, as_json)

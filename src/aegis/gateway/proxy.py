@@ -430,6 +430,16 @@ class ReverseProxy:
         record (``gateway.body``) binds the bytes forwarded to the decision id. ``complete`` is
         false when the upstream answered before reading the whole body."""
         streamed.recorded = True
+        await self._after_decision("gateway.body", ctx, result, {
+            "body_digest": "sha256:" + streamed.hash.hexdigest(), "bytes": streamed.size,
+            "complete": streamed.whole,
+        })  # fmt: skip
+
+    async def _after_decision(
+        self, kind: str, ctx: CallContext, result: Result, fields: dict[str, Any]
+    ) -> None:
+        """Append a second record about an allowed call: its decision id, time, tool and agent,
+        and ``fields``. One that cannot be written is logged; the call's outcome stands."""
         audit = self._pipeline.audit
         if audit is None:
             return
@@ -438,13 +448,11 @@ class ReverseProxy:
             "time": self._pipeline.now(),
             "tool": ctx.route.tool,
             "agent_id": result.upstream_headers.get("x-aegis-agent-id"),
-            "body_digest": "sha256:" + streamed.hash.hexdigest(),
-            "bytes": streamed.size,
-            "complete": streamed.whole,
+            **fields,
         }
         try:
-            await audit.append_async("gateway.body", record)
-        except AegisError as exc:  # the call stands either way; the missing record is logged
+            await audit.append_async(kind, record)
+        except AegisError as exc:
             log_event(
                 "gateway.audit_failed", level=logging.ERROR, code=exc.code,
                 decision_id=result.decision_id,
@@ -636,26 +644,7 @@ class ReverseProxy:
         its error either way, and the decision record stands."""
         result.details["forward_failed"] = code
         count_forward_failure(ctx.route.tool, code)
-        audit = self._pipeline.audit
-        if audit is None:
-            return
-        record = {
-            "decision_id": result.decision_id,
-            "time": self._pipeline.now(),
-            "tool": ctx.route.tool,
-            "tenant": ctx.route.tenant,
-            "env": ctx.route.env,
-            "method": ctx.method,
-            "path": ctx.path,
-            "agent_id": result.upstream_headers.get("x-aegis-agent-id"),
-            "status": status,
-            "code": code,
-            "reason": message,
-        }
-        try:
-            await audit.append_async("gateway.forward_failed", record)
-        except AegisError as exc:
-            log_event(
-                "gateway.audit_failed", level=logging.ERROR, code=exc.code,
-                decision_id=result.decision_id,
-            )  # fmt: skip
+        await self._after_decision("gateway.forward_failed", ctx, result, {
+            "tenant": ctx.route.tenant, "env": ctx.route.env, "method": ctx.method,
+            "path": ctx.path, "status": status, "code": code, "reason": message,
+        })  # fmt: skip
