@@ -94,13 +94,14 @@ def show(ctx: typer.Context, approval_id: ApprovalId, as_json: JsonOpt = False) 
 def _decide(ctx: typer.Context, approval_id: str, who: str,
             action: Literal["approve", "deny", "withdraw"], reason: str, as_json: bool) -> None:  # fmt: skip
     with _service(ctx) as service:
-        req = asyncio.run(
-            service.withdraw(approval_id, via="cli", credential=who, reason=reason)
-            if action == "withdraw"
-            else service.decide(
-                approval_id, via="cli", credential=who, approve=action == "approve", reason=reason
-            )  # fmt: skip
-        )
+        if action == "withdraw":
+            job = service.withdraw(approval_id, via="cli", credential=who, reason=reason)
+        else:
+            approve = action == "approve"
+            job = service.decide(
+                approval_id, via="cli", credential=who, approve=approve, reason=reason
+            )
+        req = asyncio.run(job)
     done = "withdrawn" if action == "withdraw" else req.state
     view = req.to_dict()
     emit(view, as_json, lambda c: c.print(f"request {req.id} is {done} by {req.decided_by}"))
