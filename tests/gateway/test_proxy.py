@@ -209,7 +209,20 @@ def test_a_json_body_repeating_a_member_is_refused(raw: bytes) -> None:
                     | st.dictionaries(st.text(max_size=3), inner, max_size=3), max_leaves=12))  # fmt: skip
 def test_json_without_repeats_reads_as_the_standard_decoder_reads_it(value: object) -> None:
     raw = json.dumps(value).encode()
-    assert parse_json_body(raw, "application/json") == json.loads(raw)
+    if _case_twins(value):  # names that differ only in case are refused, nothing else
+        with pytest.raises(InvalidRequest, match="differ only in case"):
+            parse_json_body(raw, "application/json")
+    else:
+        assert parse_json_body(raw, "application/json") == json.loads(raw)
+
+
+def _case_twins(value: object) -> bool:
+    if isinstance(value, dict):
+        folded = {str(k).casefold() for k in value}
+        return len(folded) != len(value) or any(_case_twins(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_case_twins(v) for v in value)
+    return False
 
 
 def test_a_path_in_fullwidth_letters_is_decided_under_the_route_it_normalises_to() -> None:
@@ -304,3 +317,43 @@ def test_fields_named_in_connection_are_left_out_and_single_fields_stay_single()
                 (("connection", "transfer-encoding"),)):  # fmt: skip
         with pytest.raises(InvalidRequest):
             vet_fields(bad)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"amount": 1, "AMOUNT": 5000}', b'{"k": 1, "\\u212a": 2}', b'{"a": {"Dist": 1, "dist": 2}}'],
+)
+def test_json_members_that_differ_only_in_case_are_refused(raw: bytes) -> None:
+    """Go's encoding/json matches member names without regard to case (the last wins): policy
+    would read amount 1 and the tool 5000."""
+    with pytest.raises(InvalidRequest, match="differ only in case"):
+        parse_json_body(raw, "application/json")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        (("content-type", "application/x-www-form-urlencoded, application/vnd.api+json"),),
+        (("content-type", "application/x-www-form-urlencoded application/vnd.api+json"),),
+        (("content-type", "text/plain;a=1,application/json"),),
+        (("transfer-encoding", "gzip, chunked"),),
+        (("content_type", "application/json"),),
+        (("Content_Encoding".lower(), "gzip"),),
+    ],
+)
+def test_fields_an_upstream_could_read_another_way_are_refused(
+    fields: tuple[tuple[str, str], ...],
+) -> None:
+    with pytest.raises(InvalidRequest):
+        vet_fields(fields)
+
+
+@pytest.mark.parametrize(
+    "ctype",
+    ["application/json", "application/json; charset=utf-8", 'multipart/form-data; boundary="a,b"',
+     "Application/JSON "],
+)  # fmt: skip
+def test_one_media_type_with_parameters_passes(ctype: str) -> None:
+    assert vet_fields((("content-type", ctype), ("transfer-encoding", "chunked")))[1] == {
+        "content-type": ctype, "transfer-encoding": "chunked"
+    }  # fmt: skip

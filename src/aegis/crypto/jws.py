@@ -104,14 +104,38 @@ _decoder = json.JSONDecoder(
 )
 
 
-def strict_json(text: str) -> Any:
+def strict_json(text: str, *, fold_case: bool = False) -> Any:
     """``text`` decoded by the strict reader; ``StrictJSONError`` for valid JSON Aegis refuses
-    (lone surrogates included), ``ValueError`` for text that is not JSON."""
-    value = _decoder.decode(text)
+    (lone surrogates included), ``ValueError`` for text that is not JSON. With ``fold_case``
+    (request bodies) an object may not hold two members whose names differ only in case."""
+    value = (_folding_decoder if fold_case else _decoder).decode(text)
     if holds_lone_surrogate(text, value):
         raise StrictJSONError("holds a lone UTF-16 surrogate ('\\ud800')")
     return value
 
+
+def _object_without_case_twins(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = _object_without_duplicates(pairs)
+    if len(obj) > 1 and len({name.casefold() for name in obj}) != len(obj):
+        seen: dict[str, str] = {}
+        for name in obj:
+            twin = seen.setdefault(name.casefold(), name)
+            if twin != name:
+                raise StrictJSONError(
+                    f"holds the JSON members {twin[:64]!r} and {name[:64]!r}, which differ only "
+                    "in case: some servers (Go's encoding/json) read them as one; send one"
+                )
+    return obj
+
+
+#: The reader of request bodies: as :data:`_decoder`, and names that differ only in case (or by
+#: a letter Unicode folds alike, such as the Kelvin sign) are one repeated member to Go's
+#: encoding/json and ASP.NET's default reader, which take the last; refused like a repeat.
+_folding_decoder = json.JSONDecoder(
+    object_pairs_hook=_object_without_case_twins,
+    parse_constant=_no_constants,
+    parse_float=_finite_float,
+)
 
 _scan_once: Callable[[str, int], tuple[Any, int]] = _decoder.scan_once  # type: ignore[attr-defined]
 

@@ -187,6 +187,13 @@ SINGLE_FIELDS: Final = frozenset({"host", "content-type", "content-length", "con
 _NOT_HOP_BY_HOP: Final = SINGLE_FIELDS | {"transfer-encoding"}
 
 
+#: A media type: ``type/subtype`` (RFC 9110 §8.3.1 tokens), then ``;parameters`` with no comma
+#: outside a quoted value.
+_TOKEN: Final = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_ONE_MEDIA_TYPE: Final = re.compile(rf"[ \t]*{_TOKEN}/{_TOKEN}[ \t]*(?:;[^,]*)?")
+_QUOTED: Final = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
 def vet_fields(
     headers: tuple[tuple[str, str], ...],
 ) -> tuple[tuple[tuple[str, str], ...], dict[str, str]]:
@@ -201,6 +208,19 @@ def vet_fields(
             values[name] = value
         elif name in SINGLE_FIELDS:
             raise InvalidRequest(f"send the {name} header once")
+        if "_" in name and name.replace("_", "-") in _NOT_HOP_BY_HOP:
+            # Older WSGI and CGI servers read Content_Type as CONTENT_TYPE, beside the real one.
+            raise InvalidRequest(f"send {name.replace('_', '-')} spelled with a hyphen")
+    ctype = values.get("content-type")
+    if ctype is not None and not _ONE_MEDIA_TYPE.fullmatch(_QUOTED.sub('""', ctype)):
+        # "application/x-www-form-urlencoded, application/vnd.api+json" ends in +json for
+        # policy, and is a form to Rack or PHP, which cut the list at ',' or ' '.
+        raise InvalidRequest(
+            "content-type must be one media type (type/subtype, then ;parameters), not a list"
+        )
+    coding = values.get("transfer-encoding")
+    if coding is not None and coding.strip().lower() != "chunked":
+        raise InvalidRequest("transfer-encoding may only be chunked; send the body uncoded")
     if "connection" not in values:
         return headers, values
     named = {t.strip() for k, v in headers if k == "connection" for t in v.lower().split(",")}
@@ -243,7 +263,7 @@ def parse_json_body(
     if not raw or not is_json_type(content_type) or is_encoded(content_encoding):
         return None
     try:
-        return strict_json(raw.decode("utf-8"))
+        return strict_json(raw.decode("utf-8"), fold_case=True)
     except StrictJSONError as exc:
         raise InvalidRequest(f"the body {exc}") from None
     except (UnicodeDecodeError, ValueError, RecursionError):

@@ -158,6 +158,11 @@ class HttpExtAuthz:
             if self._ext.xfcc_mode == s.http_mode:
                 default = NGINX_HEADER if s.http_mode == "nginx" else ENVOY_HEADER
                 cert = _one(request, self._ext.xfcc_header or default)
+        if s.http_mode == "nginx":
+            # The subrequest's own Host is nginx's (the auth location) and its X-Forwarded-For
+            # the door's: policy sees the original request's host instead, as at the other doors.
+            kept = ((k, v) for k, v in headers if k not in ("host", "x-forwarded-for"))
+            headers = (("host", host), *kept)
         return await self._ext.check(
             CheckedRequest(
                 method=method.upper(),
