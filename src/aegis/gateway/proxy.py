@@ -368,14 +368,15 @@ class ReverseProxy:
 
     async def _chunks(self, receive: Receive) -> AsyncIterator[bytes]:
         """The body's chunks as the client sends them. A client that sends nothing for
-        ``client_body_timeout``, or has not sent the whole body within ``client_body_deadline``,
-        is refused (408): it would otherwise hold its call, and a pooled connection to the
-        upstream once streaming, for as long as it likes."""
-        gap = self._settings.client_body_timeout
+        ``client_body_timeout``, or has kept the gateway waiting for ``client_body_deadline`` in
+        all, is refused (408): it would otherwise hold its call, and a pooled connection to the
+        upstream once streaming, for as long as it likes. Only the time spent waiting for the
+        client counts: a slow upstream holding back a streamed body is not the client's doing."""
+        gap, budget = self._settings.client_body_timeout, self._settings.client_body_deadline
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._settings.client_body_deadline
         while True:
-            wait = min(gap, deadline - loop.time())
+            wait = min(gap, budget)
+            started = loop.time()
             try:
                 async with asyncio.timeout(wait):
                     message = await receive()
@@ -383,9 +384,11 @@ class ReverseProxy:
                 why = (
                     f"no part of the request body arrived for {gap:g} s"
                     if wait == gap
-                    else f"the request body took longer than {self._settings.client_body_deadline:g} s"
+                    else "the client took longer than "
+                    f"{self._settings.client_body_deadline:g} s in all to send the request body"
                 )
                 raise AegisError(why, code="request_timeout") from None
+            budget -= loop.time() - started
             if message["type"] == "http.disconnect":
                 raise InvalidRequest("the client went away before sending its whole body")
             chunk = message.get("body", b"")
