@@ -159,3 +159,11 @@ def test_a_teams_card_shows_the_callers_text_without_markdown() -> None:
     assert not any("evil.example" in text for text in markdown)
     runs = [i["text"] for b in body if b["type"] == "RichTextBlock" for i in b["inlines"]]
     assert any("[Approve now](https://evil.example/approve)" in text for text in runs)
+
+
+def test_a_long_path_is_cut_with_a_mark_in_slack_and_teams() -> None:
+    req = _request(path="/payments/" + "x" * 493 + "/refund-all-accounts")
+    header = _slack_sections(req)[0]
+    assert "more characters)" in header and "refund-all-accounts" not in header
+    teams = json.dumps(message_for("teams", req, "https://aegis.example/approvals/apr_1"))
+    assert "more characters)" in teams

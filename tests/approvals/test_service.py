@@ -19,7 +19,7 @@ from aegis.approvals.model import (
     redact_parameters,
 )
 from aegis.approvals.service import party
-from aegis.errors import AegisError, NotFound
+from aegis.errors import AegisError, NotFound, Unavailable
 from aegis.telemetry.metrics import REGISTRY
 from tests.approvals.conftest import FINANCE, Setup, held, make_setup
 
@@ -426,3 +426,30 @@ def test_secret_looking_names_are_redacted_and_others_shown(name: str, secret: b
     shown = redact_parameters({name: "v"})[name]
     assert (shown == "[redacted]") is secret
     assert (redact_fields(((name, "v"),))[0][1] == "[redacted]") is secret
+
+
+def test_a_long_list_is_shown_with_how_many_items_were_left_out() -> None:
+    shown = redact_parameters({"transfers": [1] * 100 + [900_000]})["transfers"]
+    assert shown[:100] == [1] * 100 and shown[100] == "… 1 more items not shown"
+
+
+async def test_a_registry_that_cannot_answer_refuses_the_decision_and_says_so(
+    tmp_path: Any,
+) -> None:
+    s = make_setup(tmp_path)
+
+    def owner_of(agent_id: str) -> str:
+        raise Unavailable("the registry store cannot answer", code="registry_unavailable")
+
+    svc = build_approval_service(s.config, clock=s.clock, keyring=s.services.keyring,
+                                 replay=s.services.replay, audit=s.audit, owner_of=owner_of)  # fmt: skip
+    try:
+        req = await svc.hold(held(chain=("orchestrator",)), FINANCE)
+        got = await _refused(svc.decide(req.id, via="slack", credential="UCAROL", approve=True))
+        assert got == "registry_unavailable"
+        assert (await svc.get(req.id)).state == "pending"
+        (record,) = s.audited("approval.rejected")
+        assert record["code"] == "registry_unavailable" and record["id"] == req.id
+    finally:
+        svc.close()
+        s.service.close()

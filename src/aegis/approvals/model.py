@@ -165,7 +165,10 @@ def _redact(value: Any, depth: int) -> Any:
             for k, v in value.items()
         }
     if isinstance(value, list):
-        return [_redact(v, depth + 1) for v in value[:100]]
+        shown = [_redact(v, depth + 1) for v in value[:100]]
+        if len(value) > 100:  # never a silent cut: the approver is told there is more
+            shown.append(f"… {len(value) - 100} more items not shown")
+        return shown
     return value
 
 

@@ -84,6 +84,11 @@ def _fit(lines: list[str], limit: int, more: str) -> str:
     return "\n".join(out)
 
 
+def _cut(text: str, limit: int) -> str:
+    """``text`` up to ``limit`` characters, and a visible mark where it was cut."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
+
+
 #: Slack refuses a section whose text is longer than 3,000 characters (the whole message then).
 _SLACK_SECTION: Final = 3000
 #: Characters of a caller's text in one Teams text block.
@@ -107,7 +112,7 @@ def _slack_code(lines: list[str], more: str) -> dict[str, Any]:
 def _slack(s: dict[str, Any]) -> dict[str, Any]:
     text = (
         f"*Approval needed* ({_mrkdwn(s['rule'])}): agent `{_mrkdwn(s['agent_id'])}` calls "
-        f"`{_mrkdwn(s['tool'])}` {_mrkdwn(s['method'])} {_mrkdwn(s['path'][:512])} — group "
+        f"`{_mrkdwn(s['tool'])}` {_mrkdwn(s['method'])} {_mrkdwn(_cut(s['path'], 512))} — group "
         f"*{_mrkdwn(s['group'])}*"
     )
     more = f"aegis approvals show {s['approval_id']}"
@@ -156,7 +161,7 @@ def _teams(s: dict[str, Any]) -> dict[str, Any]:
     body: list[dict[str, Any]] = [
         {"type": "TextBlock", "weight": "Bolder", "text": "Approval needed"},
         {"type": "FactSet", "facts": facts},
-        _plain(f"{s['method']} {s['path'][:512]}"),
+        _plain(f"{s['method']} {_cut(s['path'], 512)}"),
         _plain(_fit(fields, _TEAMS_TEXT, more)),
         _plain(_fit(params, _TEAMS_TEXT, more)),
         {"type": "TextBlock", "wrap": True,

@@ -227,6 +227,9 @@ class ApprovalService:
             except NotFound as exc:
                 await self._reject("self_approval_forbidden", f"separation of duties cannot be "
                                    f"judged: {exc.message}", req.id, who.id, via)  # fmt: skip
+            except AegisError as exc:  # the registry cannot answer: refused, and audited
+                await self._reject(exc.code, f"separation of duties cannot be judged now: "
+                                   f"{exc.message}", req.id, who.id, via)  # fmt: skip
             if party(who.id) in parties:
                 await self._reject("self_approval_forbidden", "the owner of the agent or of an "
                                    "agent in its delegation chain, or the call's origin user, "
