@@ -141,7 +141,10 @@ def create_gateway_app(
             metrics_endpoint(
                 gateway_config.metrics_clients,
                 "gateway.metrics_clients",
-                proxies=services.config.pki.trusted_proxies,
+                proxies=(
+                    *services.config.pki.trusted_proxies,
+                    *gateway_config.ext_authz.trusted_proxies,
+                ),
             ),
             methods=["GET"],
         ),

@@ -90,7 +90,7 @@ def create_app(services: Services) -> Starlette:
             metrics_endpoint(
                 cfg.server.metrics_clients,
                 "server.metrics_clients",
-                proxies=cfg.pki.trusted_proxies,
+                proxies=(*cfg.pki.trusted_proxies, *cfg.gateway.ext_authz.trusted_proxies),
             ),
         ),
         *approval_routes(services),  # status URL and signed Slack/Teams callbacks
