@@ -307,6 +307,16 @@ async def test_the_gateway_serves_mtls_and_calls_upstreams_with_its_own_certific
                     await fetch(port, w.ctx(key, cert), f"{path}/x", headers=bearer)
                     for path in ("/ledger", "/ledger-pinned")
                 ]
+                # The tool's certificate is revoked now: within about a second the gateway stops
+                # reusing its pooled connections, and a new one fails the handshake check.
+                assert w.pki.store.revoke_serial(serial_hex(tool_cert), "key_compromise")
+                after_revocation: list[int | None] = []
+                for _ in range(40):
+                    again = await fetch(port, w.ctx(key, cert), "/tool/again", headers=bearer)
+                    after_revocation.append(again.status)
+                    if again.status == 502:
+                        break
+                    await asyncio.sleep(0.1)
                 _, writer = await asyncio.open_connection(
                     "127.0.0.1", port, ssl=w.ctx(key, cert), server_hostname="gw"
                 )
@@ -324,7 +334,8 @@ async def test_the_gateway_serves_mtls_and_calls_upstreams_with_its_own_certific
     assert (impostor.status, impostor.body["error"]) == (502, "bad_gateway"), impostor
     # A revoked upstream certificate is refused too, pinned or not.
     assert [(r.status, r.body["error"]) for r in ledger] == [(502, "bad_gateway")] * 2, ledger
-    assert served == ["/tool/x", "/pinned/x"]
+    assert after_revocation[-1] == 502, after_revocation
+    assert served == ["/tool/x", "/pinned/x"] + ["/tool/again"] * (len(after_revocation) - 1)
     sans = x509.load_der_x509_certificate(served_by).extensions.get_extension_for_class(
         x509.SubjectAlternativeName
     )  # fmt: skip

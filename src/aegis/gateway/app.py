@@ -239,6 +239,7 @@ def _gateway_certificates(services: Services, pki: object) -> CertificateManager
         require_client_cert=False,  # routes decide (GatewayRoute.require_client_cert)
         enrol=pki.local_enrolment(agent),
         verify_server=_upstream_check(pki),
+        outbound_epoch=pki.store.revocation_mark,
     )
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
+import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -123,6 +125,7 @@ class CertificateManager:
         on_renew: list[Callable[[Credential], None]] | None = None,
         enrol: Enrol | None = None,
         verify_server: ServerCheck | None = None,
+        outbound_epoch: Callable[[], object] | None = None,
     ) -> None:
         if (credentials is None) == (enrol is None):
             raise ValueError("give either credentials (enrol over HTTP) or enrol, not both")
@@ -139,6 +142,12 @@ class CertificateManager:
         #: Run on every server certificate met by the outbound contexts, inside the handshake
         #: (the gateway: issued here, not revoked, its agent active).
         self._verify_server = verify_server
+        #: A value that changes whenever a certificate is revoked (read on a worker thread about
+        #: once a second): then the outbound contexts are rebuilt, so the next calls open new
+        #: connections, whose handshake runs ``verify_server`` again, instead of reusing pooled
+        #: ones to a server whose certificate was revoked meanwhile.
+        self._outbound_epoch = outbound_epoch
+        self._epoch: object = None
         self.on_renew = list(on_renew or [])
         self._enrol: Enrol = enrol or self._enrol_http
         self._current: Credential | None = None
@@ -243,8 +252,33 @@ class CertificateManager:
 
     async def start(self) -> Credential:
         cred = await self.obtain()
+        if self._outbound_epoch is not None:
+            self._epoch = await asyncio.to_thread(self._outbound_epoch)
         self._task = asyncio.create_task(self._run())
         return cred
+
+    def refresh_outbound(self) -> None:
+        """New outbound context objects for the current certificate: connections pooled under
+        the old ones are not reused (a pool is keyed by its context), new ones are checked."""
+        cred = self._current
+        if cred is None:
+            return
+        fresh = self._outbound(client_context(cred.chain_pem(), cred.key, cred.trust_pem))
+        self._current = dataclasses.replace(cred, client_context=fresh, pinned={})
+
+    async def _recheck_outbound(self) -> None:
+        if self._outbound_epoch is None:
+            return
+        try:
+            epoch = await asyncio.to_thread(self._outbound_epoch)
+        except Exception as exc:  # keep the contexts; the next pass asks again
+            log_event("pki.revocation_check_failed", level=logging.WARNING,
+                      error=type(exc).__name__)  # fmt: skip
+            return
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self.refresh_outbound()
+            log_event("pki.outbound_connections_renewed")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -260,6 +294,7 @@ class CertificateManager:
             wait = cred.renew_at - self._clock.now()
             if wait > 0:
                 await asyncio.sleep(min(wait, 1.0))
+                await self._recheck_outbound()
                 continue
             try:
                 await self.obtain()

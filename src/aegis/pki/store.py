@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from aegis.clock import Clock
@@ -148,6 +148,16 @@ class CertificateStore:
         """:meth:`lookup` for an event loop: a record not cached is read on a worker thread."""
         hit = self._cached(serial)
         return hit if hit is not None else await asyncio.to_thread(self.lookup, serial)
+
+    def revocation_mark(self) -> tuple[int, float]:
+        """How many certificates are revoked and the latest revocation time: it changes with every
+        revocation, by this process or any other on the database."""
+        cols = CERTIFICATES.c
+        with self._guard(), self._engine.connect() as conn:
+            count, latest = conn.execute(
+                select(func.count(cols.revoked_at), func.max(cols.revoked_at))
+            ).one()
+        return int(count), float(latest or 0.0)
 
     def revoked_by(self, issuer_ski: str) -> list[CertificateRecord]:
         """Revoked, unexpired certificates of one issuer (RFC 5280 §3.3: expired ones may go)."""
