@@ -357,3 +357,33 @@ def test_one_media_type_with_parameters_passes(ctype: str) -> None:
     assert vet_fields((("content-type", ctype), ("transfer-encoding", "chunked")))[1] == {
         "content-type": ctype, "transfer-encoding": "chunked"
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "ctype",
+    ["application/json; charset=utf-7", 'application/json;charset="UTF-16"',
+     "application/json; charset=utf-8; charset=utf-7", "application/json; charset=hz"],
+)  # fmt: skip
+def test_a_json_body_labelled_with_another_charset_is_refused(ctype: str) -> None:
+    """body-parser and Django decode by the label: as UTF-7, '+ACI-' is a quote, so the upstream
+    would read members policy never saw."""
+    with pytest.raises(InvalidRequest, match="UTF-8"):
+        parse_json_body(b'{"amount": 1, "memo": "+ACIALAAiAGEAbQBvAHUAbgB0ACIAOgA1-"}', ctype)
+    assert parse_json_body(b'{"a": 1}', "application/json; charset=UTF-8") == {"a": 1}
+
+
+def test_an_answer_may_hold_members_that_differ_in_case() -> None:
+    """Only requests are held to it: a sanitized answer is the upstream's own JSON."""
+    body = b'{"id": "a1", "ID": 7}'
+    assert parse_json_body(body, "application/json", fold_case=False) == {"id": "a1", "ID": 7}
+
+
+def test_an_empty_content_type_is_no_type_and_an_unclosed_quote_is_refused_quickly() -> None:
+    assert vet_fields((("content-type", ""),))[1] == {"content-type": ""}
+    assert vet_fields((("content-type", "  "),))[1] == {"content-type": "  "}
+    # An unclosed quote of escapes: quadratic for a backtracking pattern (seconds at 60 KB);
+    # the pattern is possessive, and longer values are refused before it runs.
+    with pytest.raises(InvalidRequest):
+        vet_fields((("content-type", "application/json;a=" + '"\\' * 500),))
+    with pytest.raises(InvalidRequest):
+        vet_fields((("content-type", "application/json;a=" + "b" * 2000),))  # over 1,024

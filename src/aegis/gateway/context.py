@@ -188,10 +188,16 @@ _NOT_HOP_BY_HOP: Final = SINGLE_FIELDS | {"transfer-encoding"}
 
 
 #: A media type: ``type/subtype`` (RFC 9110 §8.3.1 tokens), then ``;parameters`` with no comma
-#: outside a quoted value.
-_TOKEN: Final = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_ONE_MEDIA_TYPE: Final = re.compile(rf"[ \t]*{_TOKEN}/{_TOKEN}[ \t]*(?:;[^,]*)?")
-_QUOTED: Final = re.compile(r'"(?:[^"\\]|\\.)*"')
+#: outside a quoted value. One unambiguous pattern with possessive repeats (nothing is tried
+#: twice), so matching stays linear on hostile input such as an unclosed quote of escapes.
+_TOKEN: Final = r"[!#$%&'*+.^_`|~0-9A-Za-z-]++"
+_ONE_MEDIA_TYPE: Final = re.compile(
+    rf'[ \t]*+{_TOKEN}/{_TOKEN}[ \t]*+(?:;(?:[^,"\\]++|"(?:[^"\\]++|\\.)*+")*+)?+'
+)
+#: A field value longer than this is no media type anyone sends.
+_MAX_CONTENT_TYPE: Final = 1024
+#: The ``charset`` parameter of a media type, quoted or not.
+_CHARSET: Final = re.compile(r';\s*charset\s*=\s*"?([^";\s]*)', re.IGNORECASE)
 
 
 def vet_fields(
@@ -212,7 +218,11 @@ def vet_fields(
             # Older WSGI and CGI servers read Content_Type as CONTENT_TYPE, beside the real one.
             raise InvalidRequest(f"send {name.replace('_', '-')} spelled with a hyphen")
     ctype = values.get("content-type")
-    if ctype is not None and not _ONE_MEDIA_TYPE.fullmatch(_QUOTED.sub('""', ctype)):
+    if ctype is not None and not ctype.strip():
+        ctype = None  # "Content-Type:" with nothing: no type, so the body is hidden from policy
+    elif ctype is not None and (
+        len(ctype) > _MAX_CONTENT_TYPE or not _ONE_MEDIA_TYPE.fullmatch(ctype)
+    ):
         # "application/x-www-form-urlencoded, application/vnd.api+json" ends in +json for
         # policy, and is a form to Rack or PHP, which cut the list at ',' or ' '.
         raise InvalidRequest(
@@ -248,7 +258,11 @@ def is_encoded(content_encoding: str | None) -> bool:
 
 
 def parse_json_body(
-    raw: bytes, content_type: str | None, content_encoding: str | None = None
+    raw: bytes,
+    content_type: str | None,
+    content_encoding: str | None = None,
+    *,
+    fold_case: bool = True,
 ) -> Any:
     """The JSON body for policy, or None when the body is not JSON (then policy sees null).
 
@@ -259,11 +273,21 @@ def parse_json_body(
     A body that claims to be JSON and is not is refused: policy must never decide on a body the
     upstream would read differently. So is an object that repeats a member (RFC 8259 §4: "the
     behavior of software that receives such an object is unpredictable"): policy and
-    sanitization would read the last ``amount``, an upstream may read the first."""
+    sanitization would read the last ``amount``, an upstream may read the first. With
+    ``fold_case`` (requests) so is one holding members that differ only in case.
+
+    JSON is UTF-8 (RFC 8259 §8.1); a body labelled with another ``charset`` is refused: an
+    upstream that decodes by the label (body-parser, Django) would read other text (UTF-7
+    turns ``+ACI-`` into a quote) than policy read as UTF-8."""
     if not raw or not is_json_type(content_type) or is_encoded(content_encoding):
         return None
+    for charset in _CHARSET.findall(content_type or ""):  # every one: a parser may take any
+        if charset.lower() not in ("utf-8", "utf8"):
+            raise InvalidRequest(
+                f"a JSON body is UTF-8 (RFC 8259); send charset=utf-8 or none, not {charset[:32]!r}"
+            )
     try:
-        return strict_json(raw.decode("utf-8"), fold_case=True)
+        return strict_json(raw.decode("utf-8"), fold_case=fold_case)
     except StrictJSONError as exc:
         raise InvalidRequest(f"the body {exc}") from None
     except (UnicodeDecodeError, ValueError, RecursionError):

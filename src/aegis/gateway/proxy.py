@@ -622,7 +622,11 @@ class ReverseProxy:
                 # A redaction names JSON members; in text (JSON labelled text/plain included)
                 # it would find nothing and pass the answer on whole.
                 raise InvalidRequest("a redaction applies only to a JSON answer")
-            body: Any = parse_json_body(bytes(raw), ctype) if as_json else raw.decode("utf-8")
+            body: Any = (
+                parse_json_body(bytes(raw), ctype, fold_case=False)
+                if as_json
+                else raw.decode("utf-8")
+            )
         except (InvalidRequest, UnicodeDecodeError):
             return await self._gateway_error(
                 send, ctx, 502, "bad_gateway", "the upstream answer cannot be sanitized", result
