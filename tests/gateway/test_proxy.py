@@ -359,16 +359,23 @@ def test_one_media_type_with_parameters_passes(ctype: str) -> None:
     }  # fmt: skip
 
 
+#: Policy reads amount 1; as UTF-7 the same bytes say '"memo": "", "amount": 5000, "x": ""'.
+UTF7_TRICK = b'{"amount": 1, "memo": "+ACI-, +ACI-amount+ACI-: 5000, +ACI-x+ACI-: +ACI-"}'
+
+
 @pytest.mark.parametrize(
     "ctype",
     ["application/json; charset=utf-7", 'application/json;charset="UTF-16"',
-     "application/json; charset=utf-8; charset=utf-7", "application/json; charset=hz"],
+     "application/json; charset=utf-8; charset=utf-7", "application/json; charset=hz",
+     "application/json; charset*=utf-7", "application/json; charset*=utf-8''utf-7",
+     "application/json; charset=utf-8; charset*=utf-8", 'application/json; a="x,charset=utf-7"'],
 )  # fmt: skip
 def test_a_json_body_labelled_with_another_charset_is_refused(ctype: str) -> None:
-    """body-parser and Django decode by the label: as UTF-7, '+ACI-' is a quote, so the upstream
-    would read members policy never saw."""
+    """body-parser and Django (which reads RFC 2231 charset*=) decode by the label, and Rack
+    finds one inside a quoted value: as UTF-7, '+ACI-' is a quote."""
+    assert json.loads(UTF7_TRICK.decode("utf-7"))["amount"] == 5000
     with pytest.raises(InvalidRequest, match="UTF-8"):
-        parse_json_body(b'{"amount": 1, "memo": "+ACIALAAiAGEAbQBvAHUAbgB0ACIAOgA1-"}', ctype)
+        parse_json_body(UTF7_TRICK, ctype)
     assert parse_json_body(b'{"a": 1}', "application/json; charset=UTF-8") == {"a": 1}
 
 

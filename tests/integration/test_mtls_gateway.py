@@ -30,13 +30,14 @@ from tests.support.server import free_port, write_dev_config
 
 from aegis.clock import SystemClock
 from aegis.config import GatewaySettings, load_config
-from aegis.gateway.app import build_pipeline, create_gateway_app
+from aegis.gateway.app import _revocations, build_pipeline, create_gateway_app
 from aegis.gateway.server import serve_mtls
 from aegis.pki.binding import BINDING_LISTENER
 from aegis.pki.ca import CaFiles, CertificateAuthority
 from aegis.pki.middleware import MTLS_AUDIT_KIND, PeerCertificateMiddleware, peer_from_scope
 from aegis.pki.profile import serial_hex, x5t_s256
 from aegis.pki.service import PkiService
+from aegis.pki.store import CertificateStore
 from aegis.pki.tls import client_context, server_context
 from aegis.registry.service import AgentSpec
 from aegis.server.app import create_app
@@ -342,3 +343,24 @@ async def test_the_gateway_serves_mtls_and_calls_upstreams_with_its_own_certific
     assert sans.value.get_values_for_type(x509.UniformResourceIdentifier) == [
         f"spiffe://{TD}/tenant/acme/env/prod/agent/gw"
     ]
+
+
+async def test_a_revocation_made_in_another_process_reaches_the_gateways_next_handshake(
+    tmp_path: Path,
+) -> None:
+    """The gateway's store caches certificate records for a moment; a revocation made by another
+    process (the control plane, another replica, `aegis ca revoke`) does not clear that cache.
+    When the revocation mark moves, the cache is dropped before the outbound contexts are
+    renewed, so the first new handshake reads the revocation itself."""
+    async with world(tmp_path) as w:
+        _, cert = w.cert("tool")
+        serial = serial_hex(cert)
+        mark = _revocations(w.pki)
+        mark()  # as the gateway reads it at start
+        elsewhere = CertificateStore(w.services.config.database_url(), clock=SystemClock())
+        assert w.pki.store.lookup(serial).revoked_at is None  # cached now, for 0.25 s
+        assert elsewhere.revoke_serial(serial, "key_compromise")
+        assert w.pki.store.lookup(serial).revoked_at is None  # still the cached record
+        before = mark()
+        assert w.pki.store.lookup(serial).revoked_at is not None
+        assert mark() == before  # unchanged mark: the cache is kept

@@ -239,8 +239,24 @@ def _gateway_certificates(services: Services, pki: object) -> CertificateManager
         require_client_cert=False,  # routes decide (GatewayRoute.require_client_cert)
         enrol=pki.local_enrolment(agent),
         verify_server=_upstream_check(pki),
-        outbound_epoch=pki.store.revocation_mark,
+        outbound_epoch=_revocations(pki),
     )
+
+
+def _revocations(pki: PkiService) -> Callable[[], object]:
+    """The certificate store's revocation mark, read about once a second on a worker thread.
+    When it moved (a revocation by this process or any other), the store's cached records are
+    dropped first, so the handshakes of the new connections read the revocation itself."""
+    seen: list[object] = [None]
+
+    def mark() -> object:
+        now = pki.store.revocation_mark()
+        if now != seen[0]:
+            seen[0] = now
+            pki.store.forget()
+        return now
+
+    return mark
 
 
 def _upstream_check(pki: PkiService) -> Callable[[bytes | None], None]:

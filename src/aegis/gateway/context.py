@@ -196,8 +196,9 @@ _ONE_MEDIA_TYPE: Final = re.compile(
 )
 #: A field value longer than this is no media type anyone sends.
 _MAX_CONTENT_TYPE: Final = 1024
-#: The ``charset`` parameter of a media type, quoted or not.
-_CHARSET: Final = re.compile(r';\s*charset\s*=\s*"?([^";\s]*)', re.IGNORECASE)
+#: Every ``charset`` in a media type, wherever it stands (a parser that splits on ``,`` finds one
+#: inside a quoted value): its RFC 2231 marks (``charset*=``, ``charset*0*=``) and its value.
+_CHARSET: Final = re.compile(r'charset\s*+(\*[0-9*]*+)?\s*+=\s*+"?+([^";,\s]*+)', re.IGNORECASE)
 
 
 def vet_fields(
@@ -281,10 +282,11 @@ def parse_json_body(
     turns ``+ACI-`` into a quote) than policy read as UTF-8."""
     if not raw or not is_json_type(content_type) or is_encoded(content_encoding):
         return None
-    for charset in _CHARSET.findall(content_type or ""):  # every one: a parser may take any
-        if charset.lower() not in ("utf-8", "utf8"):
+    for extended, charset in _CHARSET.findall(content_type or ""):  # a parser may take any
+        if extended or charset.lower() not in ("utf-8", "utf8"):
             raise InvalidRequest(
-                f"a JSON body is UTF-8 (RFC 8259); send charset=utf-8 or none, not {charset[:32]!r}"
+                "a JSON body is UTF-8 (RFC 8259); send charset=utf-8 or none, not "
+                f"{'charset' + extended + '=' + charset[:32]!r}"
             )
     try:
         return strict_json(raw.decode("utf-8"), fold_case=fold_case)

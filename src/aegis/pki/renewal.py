@@ -271,9 +271,13 @@ class CertificateManager:
             return
         try:
             epoch = await asyncio.to_thread(self._outbound_epoch)
-        except Exception as exc:  # keep the contexts; the next pass asks again
+        except Exception as exc:
+            # Whether anything was revoked cannot be told: pooled connections are not reused
+            # meanwhile, and each new one is checked in its handshake (fails closed likewise).
             log_event("pki.revocation_check_failed", level=logging.WARNING,
                       error=type(exc).__name__)  # fmt: skip
+            self._epoch = None
+            self.refresh_outbound()
             return
         if epoch != self._epoch:
             self._epoch = epoch
@@ -302,3 +306,4 @@ class CertificateManager:
                 remaining = cred.not_after - self._clock.now()
                 log_event("pki.renewal_failed", error=type(exc).__name__, remaining=remaining)
                 await asyncio.sleep(max(0.2, min(5.0, remaining / 10)))
+                await self._recheck_outbound()  # revocations still count while renewal fails

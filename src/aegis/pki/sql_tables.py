@@ -35,6 +35,15 @@ CERTIFICATES: Final = Table(
     Index("ix_pki_certificates_not_after", "not_after"),
 )
 
+#: The revoked certificates alone (a partial index): the gateway reads their count and latest
+#: time every second to notice a revocation made anywhere (``revocation_mark``).
+REVOKED_INDEX: Final = Index(
+    "ix_pki_certificates_revoked",
+    CERTIFICATES.c.revoked_at,
+    postgresql_where=CERTIFICATES.c.revoked_at.is_not(None),
+    sqlite_where=CERTIFICATES.c.revoked_at.is_not(None),
+)
+
 #: One-time enrolment tokens, stored only as a keyed hash.
 BOOTSTRAP_TOKENS: Final = Table(
     "pki_bootstrap_tokens",

@@ -18,8 +18,13 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from aegis.clock import Clock
 from aegis.errors import AegisError, Conflict, Unavailable
-from aegis.pki.sql_tables import BOOTSTRAP_TOKENS, CERTIFICATES, METADATA
-from aegis.stores.sql.engine import HOT_PATH_STATEMENT_TIMEOUT, create_tables, make_engine
+from aegis.pki.sql_tables import BOOTSTRAP_TOKENS, CERTIFICATES, METADATA, REVOKED_INDEX
+from aegis.stores.sql.engine import (
+    HOT_PATH_STATEMENT_TIMEOUT,
+    create_tables,
+    lock_schema,
+    make_engine,
+)
 
 __all__ = ["CertificateRecord", "CertificateStore"]
 
@@ -57,6 +62,9 @@ class CertificateStore:
         self._generation = 0
         with self._guard():
             create_tables(METADATA, self._engine)
+            with self._engine.begin() as conn:  # databases made before the index existed
+                lock_schema(conn)
+                REVOKED_INDEX.create(conn, checkfirst=True)
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
@@ -155,9 +163,15 @@ class CertificateStore:
         cols = CERTIFICATES.c
         with self._guard(), self._engine.connect() as conn:
             count, latest = conn.execute(
-                select(func.count(cols.revoked_at), func.max(cols.revoked_at))
+                select(func.count(), func.max(cols.revoked_at)).where(cols.revoked_at.is_not(None))
             ).one()
         return int(count), float(latest or 0.0)
+
+    def forget(self) -> None:
+        """Drop every cached record (a revocation was made elsewhere): the next lookups read the
+        store, and a read already under way is not cached."""
+        self._generation += 1
+        self._cache.clear()
 
     def revoked_by(self, issuer_ski: str) -> list[CertificateRecord]:
         """Revoked, unexpired certificates of one issuer (RFC 5280 §3.3: expired ones may go)."""
