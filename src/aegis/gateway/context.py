@@ -205,10 +205,12 @@ def vet_fields(
     headers: tuple[tuple[str, str], ...],
 ) -> tuple[tuple[tuple[str, str], ...], dict[str, str]]:
     """The request's fields (lowercase names) as the upstream receives them, without those a
-    ``Connection`` header names, and the first value of each. Raises ``InvalidRequest`` for a
-    field of :data:`SINGLE_FIELDS` sent twice, or for a ``Connection`` that names one of them
-    (or ``Transfer-Encoding``): policy would read the body by a type or coding the upstream
-    never receives."""
+    ``Connection`` header names, and the first value of each. Raises ``InvalidRequest`` where
+    policy and an upstream could read the body or its labels differently: a field of
+    :data:`SINGLE_FIELDS` sent twice or spelled with ``_``; a ``Connection`` naming one of them
+    or ``Transfer-Encoding``; a ``Content-Type`` that is not one media type (or is over 1,024
+    characters); a ``Transfer-Encoding`` other than ``chunked``. An empty ``Content-Type`` is
+    no type."""
     values: dict[str, str] = {}
     for name, value in headers:
         if name not in values:
