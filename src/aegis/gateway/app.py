@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, cast
 
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -128,6 +128,7 @@ def create_gateway_app(
         pipeline,
         gateway_config,
         upstream_tls=certificates.client_context if certificates is not None else None,
+        upstream_check=_upstream_check(cast(PkiService, pki)) if certificates else None,
         pinned_tls=certificates.pinned_client_context if certificates is not None else None,
     )
 
@@ -238,7 +239,6 @@ def _gateway_certificates(services: Services, pki: object) -> CertificateManager
         serving=True,
         require_client_cert=False,  # routes decide (GatewayRoute.require_client_cert)
         enrol=pki.local_enrolment(agent),
-        verify_server=_upstream_check(pki),
         outbound_epoch=_revocations(pki),
     )
 
@@ -246,7 +246,7 @@ def _gateway_certificates(services: Services, pki: object) -> CertificateManager
 def _revocations(pki: PkiService) -> Callable[[], object]:
     """The certificate store's revocation mark, read about once a second on a worker thread.
     When it moved (a revocation by this process or any other), the store's cached records are
-    dropped first, so the handshakes of the new connections read the revocation itself."""
+    dropped first, so the checks of the new connections read the revocation itself."""
     seen: list[object] = [None]
 
     def mark() -> object:
@@ -259,19 +259,19 @@ def _revocations(pki: PkiService) -> Callable[[], object]:
     return mark
 
 
-def _upstream_check(pki: PkiService) -> Callable[[bytes | None], None]:
-    """What an https upstream's certificate must pass, inside each new connection's handshake and
-    before the request is sent: beyond the chain OpenSSL verified, issued by this CA and on
-    record, not revoked, serverAuth, and its agent and tenant active (``PeerValidator``). A
-    revoked or quarantined tool no longer receives calls. The record lookup is a store read on
-    the event loop, once per new upstream connection (they are pooled)."""
+def _upstream_check(pki: PkiService) -> Callable[[bytes | None], Awaitable[None]]:
+    """What an https upstream's certificate must pass on each new connection, after the
+    handshake and before the request is sent: beyond the chain OpenSSL verified (and the pinned
+    SPIFFE ID), issued by this CA and on record, not revoked, serverAuth, and its agent and
+    tenant active (``PeerValidator``). A revoked or quarantined tool no longer receives calls.
+    Records not cached are read on a worker thread, never on the event loop."""
     validator = pki.validator(eku=ExtendedKeyUsageOID.SERVER_AUTH)
 
-    def check(der: bytes | None) -> None:
+    async def check(der: bytes | None) -> None:
         if not der:
             raise ssl.SSLCertVerificationError("the upstream presented no certificate")
         try:
-            validator.validate(der, source="upstream")
+            await validator.validate_async(der, source="upstream")
         except AegisError as exc:
             raise ssl.SSLCertVerificationError(
                 f"the upstream's certificate is refused: {exc.message} ({exc.code})"

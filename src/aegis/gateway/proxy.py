@@ -31,7 +31,7 @@ import hashlib
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator, Callable, Collection, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -158,6 +158,34 @@ async def _error(send: Send, result: Result, extra: dict[str, str] | None = None
 #: Upstream connections the proxy keeps open at most, all upstreams together.
 _POOL: Final = 256
 
+UpstreamCheck = Callable[[bytes | None], Awaitable[None]]
+
+
+class _CheckedConnector(aiohttp.TCPConnector):
+    """aiohttp's connector, with ``check`` awaited on the server certificate of every new TLS
+    connection before it carries a request. The check may read the certificate store; done here
+    rather than inside the handshake it runs on a worker thread, never stalling the event loop.
+    A refused connection is closed and never pooled (aiohttp drops a connection whose creation
+    raised)."""
+
+    def __init__(self, check: UpstreamCheck | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._check = check
+
+    async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> Any:
+        proto = await super()._create_connection(req, traces, timeout)
+        transport = proto.transport
+        tls = transport.get_extra_info("ssl_object") if transport is not None else None
+        if self._check is not None and tls is not None:
+            try:
+                await self._check(tls.getpeercert(binary_form=True))
+            except BaseException as exc:
+                proto.close()
+                if isinstance(exc, ssl.SSLError):
+                    raise aiohttp.ClientConnectionError(str(exc)) from exc
+                raise
+        return proto
+
 
 class _Streamed:
     """What has passed of a streamed request body: its SHA-256 so far, its size, and whether
@@ -182,12 +210,16 @@ class ReverseProxy:
         *,
         upstream_tls: Callable[[], ssl.SSLContext] | None = None,
         pinned_tls: Callable[[str], ssl.SSLContext] | None = None,
+        upstream_check: UpstreamCheck | None = None,
     ) -> None:
         self._pipeline, self._settings = pipeline, settings
         # Outbound mTLS to https upstreams: the gateway's own certificate, the Aegis bundle as the
         # only trust (aegis.pki.tls.client_context), fetched per request so renewal takes effect;
         # for a route with upstream_spiffe_id, a context that accepts only that server.
         self._upstream_tls, self._pinned_tls = upstream_tls, pinned_tls
+        #: Run on the certificate of every new https upstream connection before it carries a
+        #: request (issued here, unrevoked, its agent active); a refusal is a 502.
+        self._upstream_check = upstream_check
         pinned = [r.path_prefix for r in settings.routes if r.upstream_spiffe_id is not None]
         if pinned and pinned_tls is None:
             raise ConfigError(
@@ -207,7 +239,7 @@ class ReverseProxy:
         )
         self._session = aiohttp.ClientSession(
             timeout=timeout,
-            connector=aiohttp.TCPConnector(limit=_POOL, keepalive_timeout=30),
+            connector=_CheckedConnector(self._upstream_check, limit=_POOL, keepalive_timeout=30),
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )

@@ -273,7 +273,7 @@ class CertificateManager:
             epoch = await asyncio.to_thread(self._outbound_epoch)
         except Exception as exc:
             # Whether anything was revoked cannot be told: pooled connections are not reused
-            # meanwhile, and each new one is checked in its handshake (fails closed likewise).
+            # meanwhile, and each new one is checked again (fails closed likewise).
             log_event("pki.revocation_check_failed", level=logging.WARNING,
                       error=type(exc).__name__)  # fmt: skip
             self._epoch = None
