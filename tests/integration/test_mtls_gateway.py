@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -31,6 +32,7 @@ from tests.support.server import free_port, write_dev_config
 from aegis.clock import SystemClock
 from aegis.config import GatewaySettings, load_config
 from aegis.gateway.app import _revocations, build_pipeline, create_gateway_app
+from aegis.gateway.proxy import _CheckedConnector
 from aegis.gateway.server import serve_mtls
 from aegis.pki.binding import BINDING_LISTENER
 from aegis.pki.ca import CaFiles, CertificateAuthority
@@ -364,3 +366,34 @@ async def test_a_revocation_made_in_another_process_reaches_the_gateways_next_ha
         before = mark()
         assert w.pki.store.lookup(serial).revoked_at is not None
         assert mark() == before  # unchanged mark: the cache is kept
+
+
+async def test_any_failure_of_the_upstream_check_refuses_the_connection(tmp_path: Path) -> None:
+    """The proxy turns a refused connection into 502; an unexpected error in the check (a bug,
+    a store error of another kind) must be such a refusal too, not a 500 after which someone
+    might retry around it, and the connection must not be kept."""
+
+    async def hello(request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    async with world(tmp_path) as w:
+        tool_key, tool_cert = w.cert("tool")
+        gw_key, gw_cert = w.cert("gw")
+        tool_ctx = server_context(
+            pem(tool_cert, w.pki.ca.current.cert), tool_key, w.pki.ca.bundle_pem()
+        )
+        checked: list[bytes | None] = []
+
+        async def broken(der: bytes | None) -> None:
+            checked.append(der)
+            raise RuntimeError("a bug in the check")
+
+        async with serve(Starlette(routes=[Route("/x", hello)]), tool_ctx, name="tool") as up:
+            connector = _CheckedConnector(broken)
+            async with aiohttp.ClientSession(connector=connector) as session:
+                for _ in range(2):  # refused each time: nothing was pooled
+                    with pytest.raises(aiohttp.ClientConnectionError, match="a bug"):
+                        await session.get(
+                            f"https://127.0.0.1:{up.port}/x", ssl=w.ctx(gw_key, gw_cert)
+                        )
+    assert len(checked) == 2 and all(checked)

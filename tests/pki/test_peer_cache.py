@@ -11,9 +11,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from aegis.clock import FrozenClock
+from aegis.clock import FrozenClock, SystemClock
 from aegis.errors import AegisError
 from aegis.pki.profile import serial_hex
+from aegis.pki.store import CertificateRecord, CertificateStore
 from aegis.types import AgentStatus
 from tests.pki.conftest import Pki, build_pki
 from tests.pki.forge import forge_ca, forge_leaf
@@ -106,3 +107,33 @@ async def test_the_async_check_shares_the_pass_and_its_limits(
     with pytest.raises(AegisError) as info:
         await pki.validator.validate_async(der)
     assert info.value.code == "cert_expired"
+
+
+class _RacingCache(dict):  # type: ignore[type-arg]
+    """A cache whose store lands just after another thread's forget(): the race a lookup on a
+    worker thread can lose, since its generation check and its store are two steps."""
+
+    def __init__(self, store: CertificateStore) -> None:
+        super().__init__()
+        self.store = store
+
+    def __setitem__(self, key: object, value: object) -> None:
+        self.store.forget()
+        super().__setitem__(key, value)
+
+
+def test_a_record_stored_after_a_forget_is_not_served(tmp_path: Path) -> None:
+    """The record cache is dropped when a revocation made elsewhere is noticed; a read that was
+    under way then, and stores its unrevoked record afterwards, must not be served from it."""
+    url = f"sqlite:///{tmp_path / 'certs.db'}"
+    store = CertificateStore(url, clock=SystemClock(), ttl=60.0)
+    elsewhere = CertificateStore(url, clock=SystemClock())
+    store.record(CertificateRecord("ab01", "tool", "acme", "prod", "spiffe://x/tool", "ski",
+                                   "t", 0.0, 4e9, 0.0))  # fmt: skip
+    before = store.get("ab01")  # a read that began before the revocation ...
+    assert elsewhere.revoke_serial("ab01", "key_compromise")
+    fresh_get, store.get = store.get, lambda serial: before  # type: ignore[method-assign]
+    store._cache = _RacingCache(store)  # ... and stores its record just after forget() ran
+    assert store.lookup("ab01").revoked_at is None  # that read's own answer
+    store.get = fresh_get  # type: ignore[method-assign]
+    assert store.lookup("ab01").revoked_at is not None  # the stale entry is not served

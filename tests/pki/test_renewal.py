@@ -121,3 +121,37 @@ async def test_failed_renewal_keeps_the_certificate_until_it_expires_then_refuse
             manager.client_context()
         assert info.value.code == "cert_expired"
         await manager.stop()
+
+
+async def test_revocation_checks_go_on_when_renewal_fails_unexpectedly(pki: Pki) -> None:
+    """The renewal task is what reads the revocation mark; an error renewal did not plan for
+    (a CA file unreadable mid-rotation, say) must not end it, or revocations would stop
+    reaching pooled upstream connections. A mark that moves renews the outbound context."""
+    real = pki.service.local_enrolment("alpha")
+    calls = itertools.count()
+    reads = [0]
+    failed: list[tuple[int, ssl.SSLContext]] = []
+
+    async def enrol(csr: str, lifetime: int | None) -> tuple[dict[str, object], bytes]:
+        if next(calls):
+            if not failed:
+                failed.append((reads[0], manager.client_context()))
+            raise PermissionError("the CA's previous certificate is being replaced")
+        return await real(csr, lifetime)
+
+    def mark() -> int:
+        reads[0] += 1
+        return reads[0]  # moves at every read
+
+    manager = CertificateManager(
+        "", None, clock=pki.clock, trust_pem=pki.ca.bundle_pem(), enrol=enrol,
+        lifetime=LIFETIME, outbound_epoch=mark,
+    )  # fmt: skip
+    first = await manager.start()
+    while pki.clock.now() < first.renew_at + 1.2:  # renewal fails from renew_at on
+        await asyncio.sleep(0.2)
+    assert manager.renewals == 1 and manager.current.serial == first.serial and failed
+    read_then, context_then = failed[0]
+    assert reads[0] > read_then  # still read after renewal failed ...
+    assert manager.client_context() is not context_then  # ... and acted on
+    await manager.stop()

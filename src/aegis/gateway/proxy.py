@@ -174,16 +174,20 @@ class _CheckedConnector(aiohttp.TCPConnector):
 
     async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> Any:
         proto = await super()._create_connection(req, traces, timeout)
+        if self._check is None or not req.is_ssl():
+            return proto
         transport = proto.transport
         tls = transport.get_extra_info("ssl_object") if transport is not None else None
-        if self._check is not None and tls is not None:
-            try:
-                await self._check(tls.getpeercert(binary_form=True))
-            except BaseException as exc:
-                proto.close()
-                if isinstance(exc, ssl.SSLError):
-                    raise aiohttp.ClientConnectionError(str(exc)) from exc
-                raise
+        try:
+            if tls is None:  # https without a TLS object: nothing can be checked, so refused
+                raise ssl.SSLError("the upstream connection has no TLS session to check")
+            await self._check(tls.getpeercert(binary_form=True))
+        except Exception as exc:  # every refusal is the upstream's: 502, never a 500
+            proto.close()
+            raise aiohttp.ClientConnectionError(str(exc)[:300]) from exc
+        except BaseException:  # cancelled (a timeout): the half-made connection goes too
+            proto.close()
+            raise
         return proto
 
 

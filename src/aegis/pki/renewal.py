@@ -302,7 +302,7 @@ class CertificateManager:
                 continue
             try:
                 await self.obtain()
-            except (AegisError, httpx.HTTPError, ValueError, KeyError) as exc:
+            except Exception as exc:  # keep renewing, and keep the revocation checks running
                 remaining = cred.not_after - self._clock.now()
                 log_event("pki.renewal_failed", error=type(exc).__name__, remaining=remaining)
                 await asyncio.sleep(max(0.2, min(5.0, remaining / 10)))

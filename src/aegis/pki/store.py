@@ -56,7 +56,7 @@ class CertificateStore:
         )
         self._clock = clock
         self._ttl = ttl
-        self._cache: dict[str, tuple[float, CertificateRecord]] = {}
+        self._cache: dict[str, tuple[float, CertificateRecord, int]] = {}
         #: Bumped by every revocation here: a record read before it is not cached after it (a
         #: read may run on a worker thread while the revocation lands, see :meth:`lookup_async`).
         self._generation = 0
@@ -133,7 +133,13 @@ class CertificateStore:
 
     def _cached(self, serial: str) -> CertificateRecord | None:
         hit = self._cache.get(serial)
-        if hit is not None and self._clock.monotonic() - hit[0] < self._ttl:
+        # An entry of an older generation was read before a revocation or forget(): even if a
+        # reader stored it after that (its compare and store are not one step), it is not used.
+        if (
+            hit is not None
+            and hit[2] == self._generation
+            and self._clock.monotonic() - hit[0] < self._ttl
+        ):
             return hit[1]
         return None
 
@@ -149,7 +155,7 @@ class CertificateStore:
         if generation == self._generation:  # no revocation here since the read began
             if len(self._cache) > 100_000:
                 self._cache.clear()
-            self._cache[serial] = (now, rec)
+            self._cache[serial] = (now, rec, generation)
         return rec
 
     async def lookup_async(self, serial: str) -> CertificateRecord | None:
