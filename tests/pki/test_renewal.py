@@ -155,3 +155,27 @@ async def test_revocation_checks_go_on_when_renewal_fails_unexpectedly(pki: Pki)
     assert reads[0] > read_then  # still read after renewal failed ...
     assert manager.client_context() is not context_then  # ... and acted on
     await manager.stop()
+
+
+async def test_an_unreadable_revocation_mark_renews_the_outbound_context(pki: Pki) -> None:
+    """Whether anything was revoked cannot be told while the store does not answer: pooled
+    connections are not reused meanwhile, so each new one is checked (and fails closed)."""
+    down = [False]
+
+    def mark() -> int:
+        if down[0]:
+            raise OSError("the certificate store does not answer")
+        return 1
+
+    manager = CertificateManager(
+        "", None, clock=pki.clock, trust_pem=pki.ca.bundle_pem(),
+        enrol=pki.service.local_enrolment("alpha"), lifetime=LIFETIME, outbound_epoch=mark,
+    )  # fmt: skip
+    await manager.start()
+    context = manager.client_context()
+    await asyncio.sleep(1.5)  # the mark reads the same: the context is kept
+    assert manager.client_context() is context
+    down[0] = True
+    await asyncio.sleep(1.5)
+    assert manager.client_context() is not context
+    await manager.stop()
