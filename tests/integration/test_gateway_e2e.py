@@ -9,6 +9,7 @@ import hashlib
 import http.client
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -850,3 +851,60 @@ def test_a_client_that_stops_or_drips_its_body_is_408_and_audited(
     assert len(stack.upstream.seen) == before  # no complete call reached the upstream
     decided = [r for r in stack.audit.records() if r.get("decision_id") == refusal["decision_id"]]
     assert decided and decided[-1]["code"] == "request_timeout"
+
+
+class _SlowReader:
+    """An upstream on a raw socket that reads a request body slowly (TCP backpressure reaches
+    the gateway while it streams), then answers 200."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.received = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with self.sock, self.sock.accept()[0] as conn:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            seen = b""
+            while b"\r\n\r\n" not in seen:
+                seen += conn.recv(4096)
+            tail = seen.partition(b"\r\n\r\n")[2]  # the body is streamed chunked
+            self.received = len(tail)
+            while not tail.endswith(b"0\r\n\r\n"):
+                time.sleep(0.02)
+                chunk = conn.recv(16384)  # at most 16 KiB a read: 1 MiB takes 64 reads or more
+                if not chunk:
+                    return
+                self.received += len(chunk)
+                tail = (tail + chunk)[-16:]
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+
+
+def test_a_slow_upstream_does_not_spend_the_clients_body_deadline(stack: Stack) -> None:
+    """The deadline bounds the time the gateway waits for the client; a body the client sent at
+    once but the upstream reads slowly is delivered, not refused as the client's 408."""
+    upstream = _SlowReader()
+    settings = GatewaySettings.model_validate(
+        {"routes": [{"path_prefix": "/payments", "upstream": f"http://127.0.0.1:{upstream.port}",
+                     "tool": "payments", "tenant": "acme", "env": "prod"}],
+         "allow": [{"tool": "payments"}], "client_body_deadline": 0.3,
+         "max_body_bytes": 4 * 1024 * 1024}
+    )  # fmt: skip
+    services = stack.srv.services
+    pipeline = build_pipeline(
+        services, settings, policy_store=MemoryPolicyStore(), audit=stack.audit
+    )
+    agent = AgentClient(stack.srv, "bulk")
+    body = b"x" * (1024 * 1024)
+    with serve(create_gateway_app(services, settings, pipeline=pipeline)) as base:
+        url = f"{base}/payments/upload"
+        headers = {**agent.headers(agent.access_token(), "POST", url),
+                   "content-type": "application/octet-stream"}  # fmt: skip
+        started = time.monotonic()
+        resp = httpx.post(url, content=body, headers=headers, timeout=30)
+        took = time.monotonic() - started
+    assert (resp.status_code, resp.text) == (200, "ok"), resp.text
+    assert upstream.received > len(body)  # the whole body, in chunked framing
+    assert took > 0.6  # the upstream held the body back for longer than the deadline
