@@ -4,6 +4,7 @@ outage is refused with its own code, evidenced by an audit record, a span and a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import http.client
@@ -11,7 +12,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -19,6 +20,8 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from starlette.applications import Starlette
+from starlette.routing import Mount
 from tests.gateway.harness import BIG_ANSWER, AgentClient, Upstream, serve
 from tests.support.server import RunningServer, free_port, run_server
 
@@ -908,3 +911,40 @@ def test_a_slow_upstream_does_not_spend_the_clients_body_deadline(stack: Stack) 
     assert (resp.status_code, resp.text) == (200, "ok"), resp.text
     assert upstream.received > len(body)  # the whole body, in chunked framing
     assert took > 0.6  # the upstream held the body back for longer than the deadline
+
+
+def test_a_call_that_finds_no_free_upstream_connection_is_told_so(stack: Stack) -> None:
+    """Waiting for a pooled connection counts against connect_timeout; the 504 says that no
+    connection was free, rather than blaming the upstream for not answering."""
+    settings = GatewaySettings.model_validate(
+        {"routes": [{"path_prefix": "/payments", "upstream": stack.upstream_url,
+                     "tool": "payments", "tenant": "acme", "env": "prod"}],
+         "allow": [{"tool": "payments"}], "connect_timeout": 0.5}
+    )  # fmt: skip
+    pipeline = build_pipeline(
+        stack.srv.services, settings, policy_store=MemoryPolicyStore(), audit=stack.audit
+    )
+    proxy = ReverseProxy(pipeline, settings, pool=1)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await proxy.start()
+        yield
+        await proxy.close()
+
+    agent = AgentClient(stack.srv, "pool")
+    token = agent.access_token()
+    with serve(Starlette(routes=[Mount("", app=proxy)], lifespan=lifespan)) as base:
+
+        def call(path: str) -> httpx.Response:
+            url = f"{base}/payments/{path}"
+            return httpx.post(url, json={"amount": 1}, headers=agent.headers(token, "POST", url),
+                              timeout=10)  # fmt: skip
+
+        holder = threading.Thread(target=call, args=("slow",))  # holds the one connection 3 s
+        holder.start()
+        time.sleep(0.5)
+        resp = call("charge")
+        holder.join()
+    assert resp.status_code == 504, resp.text
+    assert "all 1 pooled connections are busy" in resp.json()["error_description"]

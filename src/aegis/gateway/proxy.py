@@ -215,6 +215,7 @@ class ReverseProxy:
         upstream_tls: Callable[[], ssl.SSLContext] | None = None,
         pinned_tls: Callable[[str], ssl.SSLContext] | None = None,
         upstream_check: UpstreamCheck | None = None,
+        pool: int = _POOL,
     ) -> None:
         self._pipeline, self._settings = pipeline, settings
         # Outbound mTLS to https upstreams: the gateway's own certificate, the Aegis bundle as the
@@ -224,6 +225,8 @@ class ReverseProxy:
         #: Run on the certificate of every new https upstream connection before it carries a
         #: request (issued here, unrevoked, its agent active); a refusal is a 502.
         self._upstream_check = upstream_check
+        #: Upstream connections kept open at most, all upstreams together.
+        self._pool = pool
         pinned = [r.path_prefix for r in settings.routes if r.upstream_spiffe_id is not None]
         if pinned and pinned_tls is None:
             raise ConfigError(
@@ -243,7 +246,9 @@ class ReverseProxy:
         )
         self._session = aiohttp.ClientSession(
             timeout=timeout,
-            connector=_CheckedConnector(self._upstream_check, limit=_POOL, keepalive_timeout=30),
+            connector=_CheckedConnector(
+                self._upstream_check, limit=self._pool, keepalive_timeout=30
+            ),
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
@@ -552,7 +557,7 @@ class ReverseProxy:
                 # Waiting for a free pooled connection counts against connect_timeout too.
                 why = (
                     f"no connection to the upstream within {self._settings.connect_timeout:g} s "
-                    f"(it is unreachable, or all {_POOL} pooled connections are busy)"
+                    f"(it is unreachable, or all {self._pool} pooled connections are busy)"
                 )
                 return await self._gateway_error(send, ctx, 504, "upstream_timeout", why, result)
             if isinstance(exc, TimeoutError):
