@@ -26,13 +26,9 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def _names(request: Request) -> set[bytes]:
-    return {name.lower() for name, _ in request.scope["headers"]}
-
-
 #: Fields a proxy adds on the way: a scraper talks to the listener directly, so a request that
 #: carries one came through a proxy, and its peer address is the proxy's, not the client's.
-_FORWARDED: Final = ("forwarded", "x-forwarded-for", "x-real-ip", "x-forwarded-host")
+_FORWARDED: Final = frozenset({b"forwarded", b"x-forwarded-for", b"x-real-ip", b"x-forwarded-host"})
 
 
 def _address(host: str | None) -> IPAddress | None:
@@ -62,7 +58,8 @@ def metrics_endpoint(
                 f"/metrics is served only to the addresses in {setting}; add the scraper's "
                 "address or network there"
             )
-        if addr in relays or any(f.encode() in _names(request) for f in _FORWARDED):
+        forwarded = any(name.lower() in _FORWARDED for name, _ in request.scope["headers"])
+        if addr in relays or forwarded:
             return "/metrics is not served through a proxy; let the scraper connect directly"
         return None
 
