@@ -123,7 +123,7 @@ def build_pki(directory: Path, clock: Clock | None = None) -> Pki:
         pepper=pepper,
         authenticator=authenticator,
     )
-    registry.status_listeners.append(service.on_agent_status)
+    service.listen(registry)
     bundle = TrustBundle(ca.bundle_pem())
     validator = PeerValidator(bundle, cert_store, cache, trust_domain=TRUST_DOMAIN, clock=clock)
     return Pki(

@@ -248,7 +248,7 @@ def test_a_suspension_ends_earlier_bootstrap_tokens_and_certificates(tmp_path: P
     with pytest.raises(AegisError) as refused:
         pki.validator.validate(der)
     assert refused.value.code == "cert_revoked"
-    # The tenant's suspension ends them too (it moves its agents' marks, revoking nothing).
+    # The tenant's suspension ends them too, and reactivating the tenant does not revive them.
     _, fresh = pki.key_and_cert("alpha")
     fresh_der = fresh.public_bytes(serialization.Encoding.DER)
     assert pki.validator.validate(fresh_der).agent_id == "alpha"
@@ -278,6 +278,28 @@ def test_leaving_active_revokes_every_certificate_in_the_crl(pki: Pki) -> None:
     assert (crl.next_update_utc - crl.last_update_utc).total_seconds() <= 301
     reasons = {r.extensions.get_extension_for_class(x509.CRLReason).value.reason for r in crl}
     assert reasons == {x509.ReasonFlags.privilege_withdrawn}
+
+
+def test_a_tenant_leaving_active_revokes_its_agents_certificates(tmp_path: Path) -> None:
+    """Every live certificate of every agent of the tenant is revoked (listed in the CRL, the
+    revocation mark moved, so gateways renew pooled upstream connections); another tenant's
+    certificates stay live."""
+    pki = build_pki(tmp_path, FrozenClock(1_800_000_000))
+    serial = lambda agent: pki.key_and_cert(agent)[1].serial_number  # noqa: E731
+    ours, theirs = {serial("alpha"), serial("gamma")}, serial("beta")
+    pki.clock.advance(1)  # type: ignore[attr-defined]
+    before = pki.store.revocation_mark()
+    pki.registry.set_tenant_status("t1", TenantStatus.SUSPENDED, actor="test")
+    assert pki.store.revocation_mark() != before
+    crl = x509.load_der_x509_crl(pki.service.crl_der())
+    assert {r.serial_number for r in crl} == ours
+    reasons = {r.extensions.get_extension_for_class(x509.CRLReason).value.reason for r in crl}
+    assert reasons == {x509.ReasonFlags.privilege_withdrawn}
+    record = pki.store.lookup(format(theirs, "x"))
+    assert record is not None and record.revoked_at is None
+    # Reactivating the tenant revokes nothing more and revives nothing.
+    pki.registry.set_tenant_status("t1", TenantStatus.ACTIVE, actor="test")
+    assert {r.serial_number for r in x509.load_der_x509_crl(pki.service.crl_der())} == ours
 
 
 def test_rotation_keeps_both_intermediates_in_the_bundle_during_overlap(tmp_path: Path) -> None:

@@ -5,8 +5,10 @@
   for its first enrolment. The CSR is checked before anything is spent or written; the identity in
   the certificate comes from the registry, never from the CSR.
 * Leaving ``active`` (suspend, quarantine, retire) revokes every live certificate of the agent at
-  once (:meth:`PkiService.on_agent_status`, a registry status listener); the peer validator also
-  refuses certificates of inactive agents, so revocation never waits for a CRL to propagate.
+  once (:meth:`PkiService.on_agent_status`, a registry status listener), and a tenant leaving
+  ``active`` revokes those of all its agents (:meth:`PkiService.on_tenant_status`); the peer
+  validator also refuses certificates of inactive agents and tenants, so revocation never waits
+  for a CRL to propagate.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from aegis.registry.secrets import hash_secret, new_secret
 from aegis.registry.service import RegistryService
 from aegis.telemetry.logging import log_event
 from aegis.telemetry.metrics import CERTS_ISSUED
-from aegis.types import Agent, AgentStatus, TenantStatus
+from aegis.types import Agent, AgentStatus, Tenant, TenantStatus
 
 __all__ = ["BOOTSTRAP_PREFIX", "IssuedCertificate", "PkiService", "is_serving", "open_pki"]
 
@@ -250,10 +252,24 @@ class PkiService:
 
     # -- revocation ------------------------------------------------------------------------
 
+    def listen(self, registry: RegistryService) -> None:
+        """Register this CA's status listeners on ``registry``, so that an agent or a tenant
+        leaving ``active`` revokes its certificates at once."""
+        registry.status_listeners.append(self.on_agent_status)
+        registry.tenant_listeners.append(self.on_tenant_status)
+
     def on_agent_status(self, agent: Agent) -> None:
         """Registry status listener: leaving ``active`` revokes the agent's live certificates."""
         if agent.status is not AgentStatus.ACTIVE:
             self.store.revoke_agent(agent.id, agent.status.value)
+
+    def on_tenant_status(self, tenant: Tenant) -> None:
+        """Registry tenant listener: a tenant leaving ``active`` revokes the live certificates of
+        every agent it holds, as if each agent had left ``active``. Its tokens end with the
+        status change; its certificates must too, or mTLS peers that check only the chain and
+        the CRL (nginx, Envoy) and connections pooled to its tools would outlive it."""
+        if tenant.status is not TenantStatus.ACTIVE:
+            self.store.revoke_tenant(tenant.id, tenant.status.value)
 
     def crl_der(self) -> bytes:
         """The current intermediate's CRL, DER (RFC 5280 §5), short ``nextUpdate``."""
@@ -309,5 +325,5 @@ def open_pki(
         pepper=config.pepper(),
         authenticator=authenticator,
     )
-    registry.status_listeners.append(service.on_agent_status)
+    service.listen(registry)
     return service

@@ -118,9 +118,16 @@ class CertificateStore:
 
     def revoke_agent(self, agent_id: str, reason: str) -> list[str]:
         """Revoke every unexpired certificate of ``agent_id``; returns their serials."""
+        return self._revoke_live(CERTIFICATES.c.agent_id == agent_id, reason)
+
+    def revoke_tenant(self, tenant_id: str, reason: str) -> list[str]:
+        """Revoke every unexpired certificate of every agent of ``tenant_id``; their serials."""
+        return self._revoke_live(CERTIFICATES.c.tenant_id == tenant_id, reason)
+
+    def _revoke_live(self, which: Any, reason: str) -> list[str]:
         now = self._clock.now()
         cols = CERTIFICATES.c
-        live = (cols.agent_id == agent_id, cols.revoked_at.is_(None), cols.not_after > now)
+        live = (which, cols.revoked_at.is_(None), cols.not_after > now)
         with self._guard(), self._engine.begin() as conn:
             serials = [r[0] for r in conn.execute(select(cols.serial).where(*live))]
             conn.execute(

@@ -118,6 +118,9 @@ class RegistryService:
         #: Called with the new record after every committed agent status change (the internal CA
         #: revokes the agent's certificates here). A listener's error reaches the caller.
         self.status_listeners: list[Callable[[Agent], None]] = []
+        #: Called likewise after every committed tenant status change (the internal CA revokes
+        #: the certificates of every agent of a tenant that leaves ``active``).
+        self.tenant_listeners: list[Callable[[Tenant], None]] = []
 
     def _event(
         self, type_: str, actor: str, subject: str, tenant: str | None, **data: Any
@@ -154,6 +157,8 @@ class RegistryService:
                 for agent in self.store.list_agents(tenant_id=tenant_id):
                     self._end_earlier_tokens(agent)
             self._event(f"tenant.{status.value}", actor, f"tenant:{tenant_id}", tenant_id)
+        for listener in self.tenant_listeners:
+            listener(tenant)
         return tenant
 
     def _end_earlier_tokens(self, agent: Agent) -> Agent:
