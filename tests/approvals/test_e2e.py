@@ -173,7 +173,8 @@ def test_payment_approved_on_slack_goes_through_exactly_once(stack: Stack) -> No
     approval_id = first["approval_id"]
     (message,) = [m for m in stack.slack.wait(1) if approval_id in json.dumps(m)]
     buttons = next(b for b in message["blocks"] if b["type"] == "actions")["elements"]
-    assert [b["action_id"] for b in buttons] == ["aegis_approve", "aegis_deny"]
+    assert [b["action_id"] for b in buttons] == ["aegis_approve", "aegis_deny", "aegis_withdraw"]
+    assert "confirm" in buttons[2]  # Slack asks before a withdrawal
     assert {b["value"] for b in buttons} == {approval_id}
     assert "hunter2" not in json.dumps(message)
 
@@ -243,6 +244,39 @@ def test_denied_on_slack(stack: Stack) -> None:
     assert held(caller.pay(15_000))["approval_id"] != first["approval_id"]
 
 
+def test_an_approval_withdrawn_on_slack_stops_its_override(stack: Stack) -> None:
+    """Withdraw: only an approved request, only by someone who may decide it; its override is
+    refused from then on, and the withdrawal is audited with who approved and who withdrew."""
+    caller = Caller(stack, "withdrawn")
+    first = held(caller.pay(13_000))
+    approval_id = first["approval_id"]
+    stack.slack.wait(1)
+    early = slack_click(stack, approval_id, "aegis_withdraw", "UCAROL")
+    assert (early.status_code, early.json()["code"]) == (409, "approval_decided")
+    assert "deny it instead" in early.json()["message"]
+    assert slack_click(stack, approval_id, "aegis_approve", "UCAROL").status_code == 200
+    override = caller.status(first["status_url"]).json()["override_token"]
+    outsider = slack_click(stack, approval_id, "aegis_withdraw", "UDAVE")
+    assert (outsider.status_code, outsider.json()["code"]) == (403, "approver_not_in_group")
+    owner = slack_click(stack, approval_id, "aegis_withdraw", "UOWNER")
+    assert owner.json()["code"] == "self_approval_forbidden"
+    assert caller.status(first["status_url"]).json()["state"] == "approved"
+
+    seen = len(stack.upstream.seen)
+    withdrawn = slack_click(stack, approval_id, "aegis_withdraw", "UCAROL")
+    assert withdrawn.status_code == 200 and "denied" in withdrawn.json()["text"], withdrawn.text
+    status = caller.status(first["status_url"]).json()
+    assert status["state"] == "denied" and "override_token" not in status
+    refused = caller.pay(13_000, override=override)
+    assert (refused.status_code, refused.json()["code"]) == (403, "approval_denied")
+    assert len(stack.upstream.seen) == seen
+    again = slack_click(stack, approval_id, "aegis_withdraw", "UCAROL")
+    assert (again.status_code, again.json()["code"]) == (409, "approval_decided")
+    [record] = [r for r in stack.audit.records(kind="approval.withdrawn") if r["id"] == approval_id]
+    assert (record["approver"], record["approved_by"], record["channel"]) == (
+        "carol@example.com", "carol@example.com", "slack")  # fmt: skip
+
+
 def test_expired_request_is_closed_and_audited(stack: Stack) -> None:
     caller = Caller(stack, "late")
     first = held(caller.pay(20_000))
@@ -279,6 +313,31 @@ def test_teams_reply_approves_and_unsigned_replies_are_refused(stack: Stack) -> 
     decided = [r for r in stack.audit.records(kind="approval.decided")
                if r["id"] == first["approval_id"]]  # fmt: skip
     assert decided[0]["channel"] == "teams" and decided[0]["reason"] == "export for the audit"
+    assert "withdraw " + first["approval_id"] in json.dumps(card)
+
+
+def test_a_teams_reply_withdraws_an_unused_approval(stack: Stack) -> None:
+    caller = Caller(stack, "unexported")
+    first = held(caller.pay(1, path="/crm/export"))
+    stack.teams.wait(1)
+    url = f"{stack.srv.url}/approvals/teams/teams"
+
+    def reply(verb: str, why: str) -> httpx.Response:
+        body = json.dumps({"type": "message", "from": {"aadObjectId": "aad-carol"},
+                           "text": f"<at>Aegis</at> {verb} {first['approval_id']} {why}"}).encode()  # fmt: skip
+        mac = hmac.new(base64.b64decode(TEAMS_KEY), body, hashlib.sha256).digest()
+        return httpx.post(url, content=body,
+                          headers={"authorization": "HMAC " + base64.b64encode(mac).decode()})  # fmt: skip
+
+    assert reply("approve", "fine").status_code == 200
+    override = caller.status(first["status_url"]).json()["override_token"]
+    taken_back = reply("withdraw", "wrong customer list")
+    assert taken_back.status_code == 200 and "denied" in taken_back.json()["text"]
+    refused = caller.pay(1, override=override, path="/crm/export")
+    assert (refused.status_code, refused.json()["code"]) == (403, "approval_denied")
+    [record] = [r for r in stack.audit.records(kind="approval.withdrawn")
+                if r["id"] == first["approval_id"]]  # fmt: skip
+    assert (record["channel"], record["reason"]) == ("teams", "wrong customer list")
 
 
 def test_signed_callbacks_for_unknown_ids_or_garbage_are_refused_and_audited(stack: Stack) -> None:

@@ -85,10 +85,11 @@ async def test_slack_message_has_buttons_and_teams_a_card(tmp_path: Path) -> Non
     (msg,) = slack.messages()
     actions = next(b for b in msg["blocks"] if b["type"] == "actions")
     assert actions["type"] == "actions"
-    assert [e["value"] for e in actions["elements"]] == [a.id, a.id]
+    assert [e["value"] for e in actions["elements"]] == [a.id, a.id, a.id]
     cards = teams.messages()
     assert len(cards) == 2  # the first attempt failed and was retried
     assert b.id in str(cards[-1]) and "approve " + b.id in str(cards[-1])
+    assert "withdraw " + b.id in str(cards[-1])
 
 
 _BASE = ApprovalRequest(

@@ -1,11 +1,13 @@
 """Announcing approval requests where approvers work: Slack, Microsoft Teams, generic webhooks.
 
-* Slack: an incoming-webhook message (Block Kit) with *Approve* and *Deny* buttons whose
-  ``action_id`` is ``aegis_approve`` / ``aegis_deny`` and whose ``value`` is the approval id; the
-  press comes back to ``/approvals/slack/<channel>`` signed by Slack (:mod:`.signing`).
+* Slack: an incoming-webhook message (Block Kit) with *Approve*, *Deny* and *Withdraw approval*
+  buttons whose ``action_id`` is ``aegis_approve`` / ``aegis_deny`` / ``aegis_withdraw`` and whose
+  ``value`` is the approval id; the press comes back to ``/approvals/slack/<channel>`` signed by
+  Slack (:mod:`.signing`). Withdraw (after an approval whose override is unused) asks Slack's
+  confirmation dialog first.
 * Teams: an incoming-webhook card (Adaptive Card) with the request and the replies that decide it
-  (``approve <id> <why>`` / ``deny <id> <why>``) sent to the Aegis outgoing webhook, whose calls
-  come back to ``/approvals/teams/<channel>`` with Teams' HMAC.
+  (``approve <id> <why>`` / ``deny <id> <why>``, later ``withdraw <id> <why>``) sent to the Aegis
+  outgoing webhook, whose calls come back to ``/approvals/teams/<channel>`` with Teams' HMAC.
 * Webhook: the request as JSON, signed ``X-Aegis-Signature: v0=<hex>`` over ``v0:<ts>:<body>``.
 
 Delivery is retried with exponential back-off (``approvals.delivery_attempts``, first pause
@@ -109,6 +111,16 @@ def _slack_code(lines: list[str], more: str) -> dict[str, Any]:
     return {"type": "section", "text": {"type": "mrkdwn", "text": f"```{body}```"}}
 
 
+#: Slack's confirmation dialog before a withdrawal (Block Kit ``confirm`` object).
+_WITHDRAW_CONFIRM: Final = {
+    "title": {"type": "plain_text", "text": "Withdraw this approval?"},
+    "text": {"type": "plain_text", "text": "The request becomes denied and its override token "
+             "stops working, unless the agent has already used it."},
+    "confirm": {"type": "plain_text", "text": "Withdraw"},
+    "deny": {"type": "plain_text", "text": "Keep it"},
+}  # fmt: skip
+
+
 def _slack(s: dict[str, Any]) -> dict[str, Any]:
     text = (
         f"*Approval needed* ({_mrkdwn(s['rule'])}): agent `{_mrkdwn(s['agent_id'])}` calls "
@@ -141,6 +153,12 @@ def _slack(s: dict[str, Any]) -> dict[str, Any]:
                         "style": "danger",
                         "text": {"type": "plain_text", "text": "Deny"},
                     },
+                    button
+                    | {
+                        "action_id": "aegis_withdraw",
+                        "text": {"type": "plain_text", "text": "Withdraw approval"},
+                        "confirm": _WITHDRAW_CONFIRM,
+                    },
                 ],
             },
         ],
@@ -165,7 +183,8 @@ def _teams(s: dict[str, Any]) -> dict[str, Any]:
         _plain(_fit(fields, _TEAMS_TEXT, more)),
         _plain(_fit(params, _TEAMS_TEXT, more)),
         {"type": "TextBlock", "wrap": True,
-         "text": f"Reply `approve {s['approval_id']} <why>` or `deny {s['approval_id']} <why>`"},
+         "text": f"Reply `approve {s['approval_id']} <why>` or `deny {s['approval_id']} <why>`; "
+                 f"to take an unused approval back, `withdraw {s['approval_id']} <why>`"},
     ]  # fmt: skip
     card = {"type": "AdaptiveCard", "version": "1.4", "body": body,
             "actions": [{"type": "Action.OpenUrl", "title": "Status", "url": s["status_url"]}]}  # fmt: skip

@@ -5,10 +5,11 @@
   and a DPoP-bound token needs a fresh proof for the status URL).
   Another agent's or an unknown id is ``approval_not_found``. Once approved, the answer carries the
   override token (the same single use however often it is fetched).
-* ``POST /approvals/slack/{channel}``: Slack's interactive callback (``block_actions``), verified
-  with the channel's signing secret (v0 HMAC, five-minute window) before anything is read.
-* ``POST /approvals/teams/{channel}``: a Teams outgoing-webhook reply ``approve|deny <id> [why]``,
-  verified with the channel's HMAC key.
+* ``POST /approvals/slack/{channel}``: Slack's interactive callback (``block_actions``: Approve,
+  Deny, or Withdraw an approval whose override is unused), verified with the channel's signing
+  secret (v0 HMAC, five-minute window) before anything is read.
+* ``POST /approvals/teams/{channel}``: a Teams outgoing-webhook reply
+  ``approve|deny|withdraw <id> [why]``, verified with the channel's HMAC key.
 
 A callback that fails verification is refused (401 with its code) and audited; the request's state
 is unchanged. Bodies are capped at ``server.max_body_bytes``.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qs
 
 from starlette.requests import Request
@@ -26,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from aegis.approvals.directory import Via
+from aegis.approvals.model import ApprovalRequest
 from aegis.approvals.service import ApprovalService
 from aegis.approvals.signing import verify_slack, verify_teams
 from aegis.approvals.wiring import approvals_for
@@ -37,8 +39,12 @@ from aegis.tokens.subject import check_subject
 
 __all__ = ["approval_routes"]
 
-_SLACK_ACTIONS = {"aegis_approve": True, "aegis_deny": False}
-_TEAMS_TEXT = re.compile(r"^\s*(approve|deny)\s+(apr_[A-Za-z0-9_-]{1,64})\s*(.*)$", re.DOTALL)
+#: What each Slack button (``action_id``) and Teams reply verb does with a request.
+_SLACK_ACTIONS: Final = {"aegis_approve": "approve", "aegis_deny": "deny",
+                         "aegis_withdraw": "withdraw"}  # fmt: skip
+_TEAMS_TEXT = re.compile(
+    r"^\s*(approve|deny|withdraw)\s+(apr_[A-Za-z0-9_-]{1,64})\s*(.*)$", re.DOTALL
+)
 _MENTION = re.compile(r"<at>.*?</at>")
 
 
@@ -104,6 +110,19 @@ class _Handlers:
         proof = dpop.verify(proofs[0], method="GET", url=url, access_token=token, jkt=str(jkt))
         await dpop.consume(proof)
 
+    async def _act(
+        self, approval_id: str, verb: str, *, via: Via, user: str, reason: str
+    ) -> ApprovalRequest:
+        """A verified callback's decision: approve, deny, or withdraw an approval whose
+        override is unused, with the same checks as the admin API and the CLI."""
+        if verb == "withdraw":
+            return await self.service.withdraw(
+                approval_id, via=via, credential=user, reason=reason
+            )
+        return await self.service.decide(
+            approval_id, via=via, credential=user, approve=verb == "approve", reason=reason
+        )
+
     async def slack(self, request: Request) -> Response:
         via: Via = "slack"
         try:
@@ -117,12 +136,10 @@ class _Handlers:
                     body=body,
                     now=self._services.clock.now(),
                 )
-                approval_id, approve, user = _slack_action(body)
+                approval_id, verb, user = _slack_action(body)
             except AegisError as exc:
                 await self.service.reject_callback(exc, via)
-            req = await self.service.decide(
-                approval_id, via=via, credential=user, approve=approve, reason="slack button"
-            )
+            req = await self._act(approval_id, verb, via=via, user=user, reason="slack button")
         except AegisError as exc:
             return _error(exc)
         return JSONResponse({"text": f"Aegis: request {req.id} {req.state} by {req.decided_by}"})
@@ -134,34 +151,32 @@ class _Handlers:
             body = await self._body(request)
             try:
                 verify_teams(secret, authorization=request.headers.get("authorization"), body=body)
-                approval_id, approve, user, why = _teams_reply(body)
+                approval_id, verb, user, why = _teams_reply(body)
             except AegisError as exc:
                 await self.service.reject_callback(exc, via)
-            req = await self.service.decide(
-                approval_id, via=via, credential=user, approve=approve, reason=why
-            )
+            req = await self._act(approval_id, verb, via=via, user=user, reason=why)
         except AegisError as exc:
             return _error(exc)
         text = f"Aegis: request {req.id} {req.state} by {req.decided_by}"
         return JSONResponse({"type": "message", "text": text})
 
 
-def _slack_action(body: bytes) -> tuple[str, bool, str]:
-    """``(approval id, approve?, Slack user id)`` from a verified ``block_actions`` payload."""
+def _slack_action(body: bytes) -> tuple[str, str, str]:
+    """``(approval id, verb, Slack user id)`` from a verified ``block_actions`` payload."""
     try:
         payload: Any = json.loads(parse_qs(body.decode("utf-8"), strict_parsing=True)["payload"][0])
         action = payload["actions"][0]
-        approve = _SLACK_ACTIONS[action["action_id"]]
+        verb = _SLACK_ACTIONS[action["action_id"]]
         approval_id, user = action["value"], payload["user"]["id"]
     except (ValueError, KeyError, IndexError, TypeError):
         raise InvalidRequest("not an Aegis approval action from Slack") from None
     if not isinstance(approval_id, str) or not isinstance(user, str):
         raise InvalidRequest("not an Aegis approval action from Slack")
-    return approval_id, approve, user
+    return approval_id, verb, user
 
 
-def _teams_reply(body: bytes) -> tuple[str, bool, str, str]:
-    """``(approval id, approve?, Teams user, why)`` from a verified outgoing-webhook message."""
+def _teams_reply(body: bytes) -> tuple[str, str, str, str]:
+    """``(approval id, verb, Teams user, why)`` from a verified outgoing-webhook message."""
     try:
         payload: Any = json.loads(body)
         text, user = payload["text"], payload["from"]["aadObjectId"]
@@ -169,8 +184,10 @@ def _teams_reply(body: bytes) -> tuple[str, bool, str, str]:
         raise InvalidRequest("not a Teams message") from None
     match = _TEAMS_TEXT.match(_MENTION.sub("", str(text))) if isinstance(user, str) else None
     if match is None:
-        raise InvalidRequest("reply 'approve <id> <why>' or 'deny <id> <why>'")
-    return match[2], match[1] == "approve", str(user), match[3].strip()
+        raise InvalidRequest(
+            "reply 'approve <id> <why>', 'deny <id> <why>' or 'withdraw <id> <why>'"
+        )
+    return match[2], match[1], str(user), match[3].strip()
 
 
 def approval_routes(services: Services) -> list[Route]:
