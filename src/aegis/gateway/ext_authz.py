@@ -39,6 +39,7 @@ from aegis.gateway.context import (
     METHODS,
     STREAMED_BODY_DIGEST,
     CallContext,
+    Route,
     body_digest,
     parse_json_body,
     vet_fields,
@@ -218,6 +219,26 @@ class ExtAuthz:
     def max_body_bytes(self) -> int:
         return self._settings.max_body_bytes
 
+    def _read_alike(
+        self, host: str, raw_path: str, path: str, route: Route
+    ) -> InvalidRequest | None:
+        """Why the proxy in front may send the call to another route's upstream than ``route``
+        (chosen on the path as upstreams read it), or None. Envoy compares the path as sent,
+        percent-encoded, and case-sensitively; nginx compares it decoded, case-sensitively. Both
+        must land on ``route``: ``/PUBLIC/x``, ``/public;v=1/x`` or ``/p%75blic/x`` under a
+        catch-all route would be decided as ``/public`` and served by the catch-all's upstream."""
+        for reading in (path, raw_path):
+            exact = self.routes.match_exact(host, reading)
+            if exact is not route:
+                there = "no route" if exact is None else f"the route {exact.path_prefix!r}"
+                return InvalidRequest(
+                    f"the path falls under {there} as the proxy in front compares it "
+                    f"(exactly, case-sensitively) but under the route {route.path_prefix!r} as "
+                    "upstreams read it (case-folded, without ';' parameters or trailing dots, "
+                    "percent-decoded); send the path as that route spells it"
+                )
+        return None
+
     async def undecided(self, status: int, code: str, message: str, asked: Asked) -> Result:
         """A refusal before any route (so no tool, no policy, no attestation): counted and
         audited by the pipeline as ``gateway.refused``."""
@@ -253,6 +274,8 @@ class ExtAuthz:
         except InvalidRequest as exc:
             bad = exc
         route = self.routes.match(req.host, path)
+        if route is not None and bad is None:
+            bad = self._read_alike(req.host, raw_path, path, route)
         if route is not None and bad is None:
             clash = self.routes.clash(req.host, path, route)
             if clash is not None:

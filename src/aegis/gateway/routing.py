@@ -14,6 +14,11 @@ request the gateway decided as one tool must not be served as another, so prefix
 with the path as the loosest of them reads it (:func:`match_key`): ``/Admin;x/users`` and
 ``/admin./users`` are decided under the ``/admin`` route, not a shorter or catch-all one. Which
 upstream gets the call is unchanged (the proxy forwards the target as sent).
+
+Behind the ext_authz doors the proxy in front (Envoy, nginx) chooses the upstream itself, on the
+path compared exactly (:meth:`RouteTable.match_exact`): a call whose exact and loose readings
+fall under different routes (``/PUBLIC/x`` sent to the catch-all's upstream, decided as
+``/public``) is refused there.
 """
 
 from __future__ import annotations
@@ -76,6 +81,19 @@ class RouteTable:
             if r_host is not None and r_host != bare:
                 continue
             if key == prefix or key.startswith(prefix + "/") or r.path_prefix == "/":
+                return r
+        return None
+
+    def match_exact(self, host: str, path: str) -> Route | None:
+        """The route ``path`` falls under when compared byte for byte, case-sensitively, as
+        Envoy's ``path_separated_prefix`` and nginx's ``location /prefix/`` compare (a front proxy
+        chooses the upstream that way, while :meth:`match` reads the path as upstreams do)."""
+        bare = bare_host(host)
+        for r, _, r_host in self._keys:
+            if r_host is not None and r_host != bare:
+                continue
+            prefix = r.path_prefix.rstrip("/")
+            if path == prefix or path.startswith(prefix + "/") or r.path_prefix == "/":
                 return r
         return None
 

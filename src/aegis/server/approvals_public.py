@@ -116,9 +116,7 @@ class _Handlers:
         """A verified callback's decision: approve, deny, or withdraw an approval whose
         override is unused, with the same checks as the admin API and the CLI."""
         if verb == "withdraw":
-            return await self.service.withdraw(
-                approval_id, via=via, credential=user, reason=reason
-            )
+            return await self.service.withdraw(approval_id, via=via, credential=user, reason=reason)
         return await self.service.decide(
             approval_id, via=via, credential=user, approve=verb == "approve", reason=reason
         )
