@@ -15,7 +15,7 @@ from aegis.config import load_config
 from aegis.errors import TokenError
 from aegis.server.services import build_services
 from aegis.tokens.subject import check_subject
-from aegis.types import TenantStatus
+from aegis.types import AgentStatus, TenantStatus
 from tests.registry.test_service import ACTOR, T0, Env
 from tests.support.server import write_dev_config
 
@@ -106,3 +106,41 @@ def test_a_reactivated_tenant_does_not_bring_back_its_earlier_tokens(reg: Env) -
     assert _refusal(reg, untouched) is None  # another tenant's tokens are not affected
     reg.clock.advance(1)
     assert [_refusal(reg, reg.token(c.client_id)) for c in (first, second)] == [None, None]
+
+
+def _minted_by_a_stale_replica(reg: Env, client_id: str) -> str:
+    """A token issued now by a token service whose registry cache has not yet seen the latest
+    status change (or whose clock runs ahead): signed and well-formed, ``iat`` now."""
+    client = reg.stored(client_id)
+    agent = reg.services.registry_store.get_agent(client.agent_id)
+    return reg.services.issuer.issue(
+        agent_id=agent.id, client_id=client_id, tenant=agent.tenant_id, env=agent.env,
+        scopes=("p:w",), audience=("aegis-gateway",), lifetime=3600,
+    ).token  # fmt: skip
+
+
+@pytest.mark.parametrize("what", ["agent", "tenant", "client"])
+def test_tokens_issued_while_inactive_stay_dead_after_reactivation(reg: Env, what: str) -> None:
+    """Refused while the agent, its tenant or its client is inactive, a token minted in that time
+    (a replica that had not seen the change yet) is not revived by the return to active; one
+    issued in the same second as the reactivation, after it, is accepted."""
+    agent = reg.agent()
+    client, _ = reg.client(agent)
+    change = {
+        "agent": lambda active: reg.registry.set_agent_status(
+            agent, AgentStatus.ACTIVE if active else AgentStatus.SUSPENDED, actor=ACTOR),
+        "tenant": lambda active: reg.registry.set_tenant_status(
+            "acme", TenantStatus.ACTIVE if active else TenantStatus.SUSPENDED, actor=ACTOR),
+        "client": lambda active: reg.registry.set_client_active(
+            client.client_id, active, actor=ACTOR),
+    }[what]  # fmt: skip
+    reg.clock.advance(100.9)
+    change(False)
+    reg.clock.advance(0.1)  # a whole second now: iat is past the mark (100.9)
+    stale = _minted_by_a_stale_replica(reg, client.client_id)
+    assert _refusal(reg, stale) in ("agent_inactive", "tenant_inactive", "client_inactive")
+    reg.clock.advance(60.5)
+    change(True)
+    assert _refusal(reg, stale) == "token_revoked"
+    reg.clock.advance(0.2)  # the same second as the reactivation (iat rounds down)
+    assert _refusal(reg, reg.token(client.client_id)) is None

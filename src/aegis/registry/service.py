@@ -13,10 +13,18 @@ back a token issued before (for example one minted with a leaked secret that has
 rotated). The registry keeps no such mark per client, so disabling a client ends every earlier token
 of its agent, those of the agent's other clients included: ending too many tokens only makes their
 holders ask for new ones, keeping one alive would not be noticed.
+
+Returning to ``active`` (an agent reactivated or released, a tenant reactivated, a client enabled
+again) moves the mark once more, to the start of the current second: a token service whose
+registry cache had not yet seen the suspension, or whose clock runs ahead, may have issued tokens
+with an ``iat`` past the suspension's mark, refused while the agent was inactive; without this
+they would come back with the reactivation. Tokens carry whole seconds (``iat``), so the mark is
+rounded down: a token issued just after the reactivation is not refused.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import secrets
 from collections.abc import Callable
@@ -102,6 +110,12 @@ class AgentSpec:
     jwks: tuple[dict[str, Any], ...] = ()
 
 
+def _reopening(now: float) -> float:
+    """The ``tokens_not_before`` mark of a return to active: the start of the current second,
+    as token ``iat`` values are whole seconds (see the module docstring)."""
+    return float(math.floor(now))
+
+
 class RegistryService:
     def __init__(
         self,
@@ -153,24 +167,30 @@ class RegistryService:
         with self.store.atomic():
             tenant = replace(self.store.get_tenant(tenant_id), status=status)
             self.store.update_tenant(tenant)
-            if status is not TenantStatus.ACTIVE:
-                for agent in self.store.list_agents(tenant_id=tenant_id):
+            for agent in self.store.list_agents(tenant_id=tenant_id):
+                if status is not TenantStatus.ACTIVE:
                     self._end_earlier_tokens(agent)
+                else:  # what was issued while it was suspended stays dead (module docstring)
+                    self._end_tokens_before(agent, _reopening(self._clock.now()))
             self._event(f"tenant.{status.value}", actor, f"tenant:{tenant_id}", tenant_id)
         for listener in self.tenant_listeners:
             listener(tenant)
         return tenant
 
-    def _end_earlier_tokens(self, agent: Agent) -> Agent:
-        """Move the agent's ``tokens_not_before`` to now (never back): every token issued to it
-        before this instant is refused with ``token_revoked`` from now on, whatever state the
-        agent, its clients or its tenant are in later. Call inside ``store.atomic()``."""
-        mark = max(agent.tokens_not_before, self._clock.now())
-        if mark == agent.tokens_not_before:
+    def _end_tokens_before(self, agent: Agent, mark: float) -> Agent:
+        """Move the agent's ``tokens_not_before`` to ``mark``, never back. Call inside
+        ``store.atomic()``."""
+        if mark <= agent.tokens_not_before:
             return agent
         agent = replace(agent, tokens_not_before=mark)
         self.store.update_agent(agent)
         return agent
+
+    def _end_earlier_tokens(self, agent: Agent) -> Agent:
+        """Move the agent's ``tokens_not_before`` to now (never back): every token issued to it
+        before this instant is refused with ``token_revoked`` from now on, whatever state the
+        agent, its clients or its tenant are in later. Call inside ``store.atomic()``."""
+        return self._end_tokens_before(agent, self._clock.now())
 
     # -- agents ----------------------------------------------------------------------------
 
@@ -222,10 +242,11 @@ class RegistryService:
                 )
             now = self._clock.now()
             changes: dict[str, Any] = {"status": status, "updated_at": now}
-            if status is not AgentStatus.ACTIVE:
-                # Kill every live token of this agent at once (iat < now). Never backwards: a
-                # replica whose clock lags would otherwise revive what an earlier mark ended.
-                changes["tokens_not_before"] = max(agent.tokens_not_before, now)
+            # Kill every live token of this agent at once (iat < now); on the way back to
+            # active, what was issued while it was inactive (module docstring). Never backwards:
+            # a replica whose clock lags would otherwise revive what an earlier mark ended.
+            mark = now if status is not AgentStatus.ACTIVE else _reopening(now)
+            changes["tokens_not_before"] = max(agent.tokens_not_before, mark)
             agent = replace(agent, **changes)
             self.store.update_agent(agent)
             self._event(
@@ -345,9 +366,9 @@ class RegistryService:
         revive them. The agent's other clients keep theirs."""
         with self.store.atomic():
             client = replace(self.store.get_client(client_id), active=active)
-            if not active:
-                mark = max(client.tokens_not_before, self._clock.now())
-                client = replace(client, tokens_not_before=mark)
+            now = self._clock.now()
+            mark = now if not active else _reopening(now)  # see the module docstring
+            client = replace(client, tokens_not_before=max(client.tokens_not_before, mark))
             self.store.update_client(client)
             agent = self.store.get_agent(client.agent_id)
             self._event(
