@@ -7,7 +7,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -331,6 +331,64 @@ async def test_a_repeated_query_parameter_the_policy_reads_is_refused(
     ctx = dataclasses.replace(make_ctx(dpop_headers(agent, agent.token())), query=query)
     result = await env.pipeline.run(ctx)
     assert (result.status, result.code) == (status, code), result
+
+
+SPELLING_RULES = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: spellings}
+spec:
+  rules:
+    - {id: pay, action: allow, reason: payments, match: {tools: ["payments"]}}
+    - {id: cap, action: deny, reason: over the cap, match: {tools: ["payments"]},
+       when: {path: request.body.payee.amount, gt: 1000}}
+    - {id: no-delete, action: deny, reason: no deletes, match: {tools: ["payments"]},
+       when: {path: request.query.action, eq: delete}}
+    - {id: blocked, action: deny, reason: blocked account, match: {tools: ["payments"]},
+       when: {path: request.headers.x-account, eq: "666"}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("body", "query", "fields", "status"),
+    [
+        # As the policy reads them: decided.
+        ({"payee": {"amount": 5}}, (("action", "read"),), (("x-account", "1"),), 200),
+        ({"payee": {"amount": 5000}}, (), (), 403),
+        ({}, (("action", "delete"),), (), 403),
+        ({}, (), (("x-account", "666"),), 403),
+        # Other spellings some upstreams read as the same field: refused, whatever the value.
+        ({"payee": {"Amount": 5000}}, (), (), 400),  # Go's encoding/json, ASP.NET
+        ({"PAYEE": {"amount": 5000}}, (), (), 400),
+        ({}, (("ACTION", "delete"),), (), 400),  # ASP.NET Core's Request.Query
+        ({}, (("action[]", "delete"),), (), 400),  # PHP, Node's qs
+        ({}, (("action", "read"), ("action[]", "delete")), (), 400),
+        ({}, (), (("x_account", "666"),), 400),  # CGI, WSGI
+        ({}, (), (("x-account", "1"), ("x_account", "666")), 400),
+        ({}, (), (("x-account", "666"), ("x-account", "1")), 400),  # Starlette reads the first
+        # Fields no condition reads are no concern, however spelled or repeated.
+        ({"payee": {"amount": 5}, "Note": 1}, (("Tag", "a"), ("tag[]", "b")),
+         (("x_trace", "a"), ("x-trace", "b")), 200),
+    ],
+)  # fmt: skip
+async def test_a_field_policy_reads_sent_under_another_spelling_is_refused(
+    env: Env,
+    body: dict[str, Any],
+    query: tuple[tuple[str, str], ...],
+    fields: tuple[tuple[str, str], ...],
+    status: int,
+) -> None:
+    env.policies.activate(
+        "acme", "prod", env.policies.put(load_document(SPELLING_RULES), now=0), actor="t", now=0
+    )
+    agent = Agent(env)
+    ctx = make_ctx([*dpop_headers(agent, agent.token()), *fields], body=body)
+    result = await env.pipeline.run(dataclasses.replace(ctx, query=query))
+    assert result.status == status, result
+    if status == 400:
+        assert result.code == "invalid_request" and "policy for this tool reads" in result.message
+        record = next(r for r in env.audit.records() if r["decision_id"] == result.decision_id)
+        assert record["action"] == "deny"
 
 
 @pytest.mark.parametrize(

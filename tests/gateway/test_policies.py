@@ -6,14 +6,19 @@ import threading
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aegis.clock import FrozenClock, SystemClock
 from aegis.config import GatewayAllow
-from aegis.errors import InvalidRequest, Unavailable
+from aegis.errors import InvalidRequest, PolicyError, Unavailable
 from aegis.gateway.policies import (
     ALLOWLIST_VERSION,
     PolicyDirectory,
+    ReadFields,
     allowlist_decision,
+    misspelled,
+    policy_reads,
     policy_reads_body,
 )
 from aegis.policy.evaluator import compile_policy
@@ -214,3 +219,78 @@ def test_the_poll_thread_outlives_a_failed_round(monkeypatch: pytest.MonkeyPatch
     assert not failures  # the bad round happened
     _activate_deny_all(store)
     _until_denied(directory)
+
+
+_NAMES = st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=12)
+
+
+@st.composite
+def _respelled(draw: st.DrawFn, name: str, kind: str = "query") -> str:
+    """Another spelling of ``name`` that lenient readers take for it: letters in another case,
+    and for query parameters a ``[...]`` suffix, for headers ``_`` for ``-``."""
+    cased = "".join(c.upper() if draw(st.booleans()) else c for c in name)
+    if kind == "header":
+        cased = cased.replace("-", "_") if "-" in name and draw(st.booleans()) else cased
+    elif kind == "query" and draw(st.booleans()):
+        cased += draw(st.sampled_from(["[]", "[0]", "[x]"]))
+    return cased
+
+
+@given(data=st.data(), name=_NAMES)
+def test_a_read_query_parameter_under_any_other_spelling_is_refused(
+    data: st.DataObject, name: str
+) -> None:
+    reads = ReadFields(query=frozenset({name}))
+    assert misspelled(reads, {"request": {"query": {name: "v"}}}) == ""
+    other = data.draw(_respelled(name))
+    refused = misspelled(reads, {"request": {"query": {other: "v"}}})
+    assert bool(refused) is (other != name), (other, refused)
+    assert misspelled(reads, {"request": {"query": {name: "v", other: "w"}}}) or other == name
+
+
+@given(data=st.data(), name=_NAMES)
+def test_a_read_header_under_any_other_spelling_or_twice_is_refused(
+    data: st.DataObject, name: str
+) -> None:
+    reads = ReadFields(headers=frozenset({name}))
+    assert misspelled(reads, {}, ((name, "v"), ("other", "x"))) == ""
+    other = data.draw(_respelled(name, "header")).lower()  # names arrive lowercased
+    assert bool(misspelled(reads, {}, ((other, "v"),))) is (other != name)
+    assert misspelled(reads, {}, ((name, "v"), (other, "w")))  # twice, however spelled
+
+
+@given(data=st.data(), path=st.lists(_NAMES, min_size=1, max_size=3), value=st.integers())
+def test_a_read_body_member_in_another_case_is_refused_at_any_depth(
+    data: st.DataObject, path: list[str], value: int
+) -> None:
+    reads = ReadFields(body=(tuple(path),))
+
+    def nest(names: list[str]) -> dict[str, object]:
+        out: object = value
+        for n in reversed(names):
+            out = {n: out}
+        assert isinstance(out, dict)
+        return out
+
+    assert misspelled(reads, {"request": {"body": nest(path)}}) == ""
+    depth = data.draw(st.integers(0, len(path) - 1))
+    respelled = [*path]
+    respelled[depth] = data.draw(_respelled(path[depth], "body"))
+    refused = misspelled(reads, {"request": {"body": nest(respelled)}})
+    assert bool(refused) is (respelled != path), (respelled, refused)
+
+
+def test_policy_reads_names_the_fields_a_tools_conditions_read() -> None:
+    policy = compile_policy(load_document(BODY_RULES))
+    assert policy_reads(policy, "pay") == ReadFields(body=(("amount",),))
+    assert policy_reads(policy, "read") == ReadFields(headers=frozenset({"x-mode"}))
+    whole = policy_reads(policy, "audit")  # a condition on all of request reads every name
+    assert whole.every_query and whole.every_header
+    assert not policy_reads(policy, "other").by_name
+
+
+@pytest.mark.parametrize("path", ["request.headers.X-Account", "request.headers.x_account"])
+def test_a_header_name_policy_input_never_holds_is_refused_at_load(path: str) -> None:
+    rule = f'match: {{tools: ["*"]}}, when: {{path: {path}, eq: "1"}}'
+    with pytest.raises(PolicyError, match=r"write request\.headers\.x-account"):
+        load_document(DENY_ALL.replace('match: {tools: ["*"]}', rule))

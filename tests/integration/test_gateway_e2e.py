@@ -507,6 +507,14 @@ def test_policy_does_not_decide_on_a_field_the_upstream_never_receives(stack: St
     before = len(stack.upstream.seen)
     resp = httpx.post(url, json={}, headers=headers)
     assert (resp.status_code, resp.json()["code"]) == (403, "access_denied"), resp.text
+    # A second spelling CGI and WSGI read as the same field, or the field twice: the upstream
+    # may read "0" (or "1,0") and run the export for real, so neither is decided.
+    for extra in ([("x-dry-run", "1"), ("x_dry_run", "0")], [("x-dry-run", "1"), ("x-dry-run", "0")],
+                  [("X_Dry_Run", "1")]):  # fmt: skip
+        resp = httpx.post(
+            url, json={}, headers=[*agent.headers(token, "POST", url).items(), *extra]
+        )
+        assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request"), extra
     assert len(stack.upstream.seen) == before
 
 
@@ -642,6 +650,11 @@ def test_a_body_rule_cannot_be_dodged_by_padding_or_content_type(stack: Stack) -
         resp = send(b'{"amount": 5000}', "application/json", {**extra, "connection": named})
         assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request"), named
         assert named in resp.json()["message"]
+    # Go's encoding/json and ASP.NET read "Amount" as the member amount the rule reads.
+    for spelled in (b'{"Amount": 5000}', b'{"AMOUNT": 5000, "note": 1}'):
+        resp = send(spelled, "application/json")
+        assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request"), spelled
+        assert "request.body.amount" in resp.json()["message"]
     assert len(stack.upstream.seen) == seen
 
 

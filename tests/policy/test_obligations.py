@@ -36,6 +36,17 @@ def test_redact_paths_with_wildcards_and_lists() -> None:
     assert body == before
 
 
+def test_redact_matches_member_names_in_any_case() -> None:
+    """Go's encoding/json and ASP.NET bind ``SSN`` to a field ``ssn``: it is hidden as ssn is."""
+    body = {"SSN": "123-45-6789", "Payee": {"Iban": "DE00", "name": "a"}, "ssnote": "keep"}
+    out = apply_to_body(
+        body,
+        [S("redact", "request", path="ssn"), S("redact", "request", path="payee.iban")],
+        "request",
+    )
+    assert out == {"SSN": REDACTED, "Payee": {"Iban": REDACTED, "name": "a"}, "ssnote": "keep"}
+
+
 def test_obligations_apply_only_to_their_target() -> None:
     ob = [S("mask", "request", pattern="email")]
     assert apply_to_body({"e": "a@b.co"}, ob, "response") == {"e": "a@b.co"}

@@ -107,6 +107,9 @@ class CallContext:
     #: answer). An ext_authz door only answers allow or deny, so a sanitize decision with
     #: obligations is refused there (``policy_error``) rather than forwarded unsanitized.
     can_sanitize: bool = True
+    #: Whether a field sent more than once may have arrived as one value joined with ``,``
+    #: (Envoy's gRPC ``headers`` map): policy then cannot tell one value from several.
+    fields_joined: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -114,6 +114,9 @@ class CheckedRequest:
     certificate_format: Literal["pem", "xfcc"] = "pem"
     #: The original client's address, when known.
     client: str | None = None
+    #: Whether a field sent more than once arrived as one value joined with ``,`` (Envoy's
+    #: ``headers`` map, without ``encode_raw_headers``): a comma may then separate repeats.
+    fields_joined: bool = False
 
 
 class TrustedPeers:
@@ -306,6 +309,7 @@ class ExtAuthz:
             "raw_body": None,
             "client": req.client,
             "can_sanitize": False,
+            "fields_joined": req.fields_joined,
         }
         try:
             if bad is not None:

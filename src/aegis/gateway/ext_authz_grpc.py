@@ -129,6 +129,7 @@ def check_to_request(request: external_auth_pb2.CheckRequest, *, trusted: bool) 
         certificate = attrs.source.certificate or None  # URL-encoded PEM
         client = attrs.source.address.socket_address.address or None
     return CheckedRequest(
+        fields_joined=not http.HasField("header_map"),
         method=http.method,
         target=http.path,
         host=http.host,

@@ -37,7 +37,7 @@ from aegis.gateway.evidence import (
     count_refusal,
     refusal_headers,
 )
-from aegis.gateway.policies import PolicyDirectory
+from aegis.gateway.policies import PolicyDirectory, query_key
 from aegis.pki.binding import X5T_S256, check_certificate_binding, check_peer_is_subject
 from aegis.policy.decision import Decision, SanitizeObligation
 from aegis.policy.input import AgentInfo, ChainInfo, PolicyCall, build_input
@@ -71,12 +71,14 @@ def _outside_body(ctx: CallContext, obligations: list[SanitizeObligation]) -> bo
     """Whether request obligations would change something the proxy forwards as sent: a query
     parameter named like a redacted member (the last key of its path), or text in the query or
     path that a mask rewrites."""
-    names = {o.path.rsplit(".", 1)[-1] for o in obligations if o.kind == "redact" and o.path}
+    names = {
+        query_key(o.path.rsplit(".", 1)[-1]) for o in obligations if o.kind == "redact" and o.path
+    }
     patterns = tuple(sorted({o.pattern for o in obligations if o.kind == "mask" and o.pattern}))
     if ctx.query and "*" in names:
         return True
     for name, value in ctx.query:
-        if name in names:
+        if query_key(name) in names:  # as lenient servers read it (``SSN``, ``ssn[]``)
             return True
         if patterns and (mask_text(name, patterns) != name or mask_text(value, patterns) != value):
             return True
@@ -308,7 +310,7 @@ class Pipeline:
         )
         decision = self._policies.decide(
             route.tenant, route.env, route.tool, agent.id, build_input(call),
-            body_hidden=ctx.body_hidden,
+            body_hidden=ctx.body_hidden, fields=ctx.headers, fields_joined=ctx.fields_joined,
         )  # fmt: skip
         facts.decision = decision
         record_shadow(decision, route.tool)

@@ -16,6 +16,13 @@ in newly activated versions. Three cases, none of which can turn into an allow b
 A missing ``request.body`` makes every condition on it false (docs/policy.md), so a deny rule on
 the body would not fire for a body policy never saw (streamed, too large, or not sent as JSON). When
 the policy in force reads the body of a tool, such a call is refused (``invalid_request``) instead.
+
+The same holds for a field policy reads by name but the upstream may find under another spelling
+(:func:`misspelled`): a condition on ``request.body.amount`` is false for ``{"Amount": 20000}``,
+which Go's ``encoding/json`` and ASP.NET bind to ``amount``; likewise ``?ACTION=`` or
+``?action[]=`` for ``action`` (ASP.NET, PHP, Node's qs), an ``X_Account`` header for
+``x-account`` (CGI and WSGI), and a header or parameter sent twice, whose values policy sees
+joined or as a list while the upstream may read either. Such a call is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import logging
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 from typing import Any, Final
 
 from aegis.clock import Clock
@@ -40,9 +48,13 @@ __all__ = [
     "ALLOWLIST_REASON",
     "ALLOWLIST_VERSION",
     "PolicyDirectory",
+    "ReadFields",
     "allowlist_decision",
-    "policy_query_names",
+    "header_key",
+    "misspelled",
+    "policy_reads",
     "policy_reads_body",
+    "query_key",
 ]
 
 ALLOWLIST_VERSION: Final = "allowlist"
@@ -50,8 +62,7 @@ ALLOWLIST_REASON: Final = "no active policy; allowed by the gateway allow-list"
 _WILDCARD: Final = "*"
 _BODY: Final = ("request", "body")
 _QUERY: Final = ("request", "query")
-#: ``_query_names`` of a policy that reads the whole query object (every name counts).
-_EVERY_NAME: Final = frozenset({"*"})
+_HEADERS: Final = ("request", "headers")
 _MAX_CACHED: Final = 4096
 
 
@@ -65,18 +76,124 @@ def policy_reads_body(policy: CompiledPolicy, tool: str) -> bool:
     return False
 
 
-def policy_query_names(policy: CompiledPolicy, tool: str) -> frozenset[str]:
-    """The query parameters that conditions of rules that can apply to ``tool`` read
-    (:data:`_EVERY_NAME` when one reads the whole query object)."""
-    names: set[str] = set()
+@dataclass(frozen=True, slots=True)
+class ReadFields:
+    """What the conditions of the rules that can apply to one tool read by name: query
+    parameters and headers (``every_*`` when one reads the whole object) and body members (each
+    path below ``request.body``)."""
+
+    query: frozenset[str] = frozenset()
+    every_query: bool = False
+    headers: frozenset[str] = frozenset()
+    every_header: bool = False
+    body: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def by_name(self) -> bool:
+        return bool(self.query or self.every_query or self.headers or self.every_header
+                    or self.body)  # fmt: skip
+
+
+def policy_reads(policy: CompiledPolicy, tool: str) -> ReadFields:
+    """The :class:`ReadFields` of the rules of ``policy`` that can apply to ``tool``."""
+    query: set[str] = set()
+    headers: set[str] = set()
+    body: set[tuple[str, ...]] = set()
+    every_query = every_header = False
     for rule in policy.candidates(tool):
         nodes = [*rule.lowered.match, *([rule.lowered.when] if rule.lowered.when else [])]
         for leaf in (leaf for node in nodes for leaf in leaves(node)):
-            if leaf.path[:2] == _QUERY and len(leaf.path) > 2:
-                names.add(leaf.path[2])
-            elif _QUERY[: len(leaf.path)] == leaf.path:
-                return _EVERY_NAME
-    return frozenset(names)
+            path = tuple(leaf.path)
+            if path[:2] == _QUERY and len(path) > 2:
+                query.add(path[2])
+            elif path[:2] == _HEADERS and len(path) > 2:
+                headers.add(path[2])
+            elif path[:2] == _BODY and len(path) > 2:
+                body.add(path[2:])
+            every_query |= _QUERY[: len(path)] == path
+            every_header |= _HEADERS[: len(path)] == path
+    return ReadFields(frozenset(query), every_query, frozenset(headers), every_header,
+                      tuple(sorted(body)))  # fmt: skip
+
+
+def query_key(name: str) -> str:
+    """The parameter a lenient server files ``name`` under: case-insensitively (ASP.NET Core),
+    without a ``[...]`` suffix (PHP and Node's qs read ``action[]`` as ``action``), with ``.`` and
+    spaces as ``_`` (PHP)."""
+    return name.split("[", 1)[0].replace(".", "_").replace(" ", "_").casefold()
+
+
+def header_key(name: str) -> str:
+    """The field a CGI or WSGI server files ``name`` under (``X_Account`` is ``x-account``)."""
+    return name.lower().replace("_", "-")
+
+
+def misspelled(
+    reads: ReadFields,
+    doc: dict[str, Any],
+    fields: tuple[tuple[str, str], ...] = (),
+    *,
+    joined: bool = False,
+) -> str:
+    """Why the call carries a field ``reads`` names under another spelling, or more than once
+    (``""``: it does not). ``fields`` are the request's header fields as the upstream gets them
+    (lowercase names, repeats kept); with ``joined``, a ``,`` in a value read may join repeats."""
+    request = doc.get("request") or {}
+    if reads.query or reads.every_query:
+        wanted = {query_key(n): n for n in reads.query}
+        seen: dict[str, str] = {}
+        for name, value in (request.get("query") or {}).items():
+            key = query_key(name)
+            if not reads.every_query and key not in wanted:
+                continue
+            if isinstance(value, list):
+                # ``action eq delete`` is false for ["read", "delete"]; the upstream may read
+                # either value.
+                return (f"the query parameter {name[:64]!r} is repeated and the policy for this "
+                        "tool reads it; send it once")  # fmt: skip
+            if key in seen:
+                return (f"the query parameters {seen[key][:64]!r} and {name[:64]!r} are one "
+                        "parameter to some servers (case-insensitive, '[]' suffixes) and the "
+                        "policy for this tool reads it; send it once")  # fmt: skip
+            seen[key] = name
+            if key in wanted and name != wanted[key]:
+                return (f"the query parameter {name[:64]!r} is read as {wanted[key]!r} by some "
+                        f"servers, and the policy for this tool reads {wanted[key]!r}; spell it "
+                        "so")  # fmt: skip
+    if (reads.headers or reads.every_header) and fields:
+        wanted = {header_key(n): n for n in reads.headers}
+        seen = {}
+        for name, value in fields:
+            key = header_key(name)
+            if not reads.every_header and key not in wanted:
+                continue
+            if joined and "," in value:
+                return (f"the header {name[:64]!r} holds ',' and the proxy joins repeated "
+                        "fields with ',', so policy cannot tell one value from several, and the "
+                        "policy for this tool reads it (set Envoy's encode_raw_headers)")  # fmt: skip
+            if key in seen:
+                return (f"the header {name[:64]!r} is sent more than once (or also as "
+                        f"{seen[key][:64]!r}) and the policy for this tool reads it; send it "
+                        "once")  # fmt: skip
+            seen[key] = name
+            if key in wanted and name != wanted[key]:
+                return (f"the header {name[:64]!r} is {wanted[key]!r} to CGI and WSGI servers, "
+                        f"and the policy for this tool reads {wanted[key]!r}; spell it so")  # fmt: skip
+    body = request.get("body")
+    for path in reads.body if isinstance(body, dict) else ():
+        node: Any = body
+        for depth, member in enumerate(path):
+            if type(node) is not dict:
+                break
+            folded = member.casefold()
+            for name in node:
+                if name != member and name.casefold() == folded:
+                    where = ".".join(path[: depth + 1])
+                    return (f"the body member {name[:64]!r} is {member!r} to case-insensitive "
+                            "readers (Go's encoding/json, ASP.NET), and the policy for this tool "
+                            f"reads request.body.{where}; spell it {member!r}")  # fmt: skip
+            node = node.get(member)
+    return ""
 
 
 def allowlist_decision(allow: tuple[GatewayAllow, ...], tool: str, agent_id: str) -> Decision:
@@ -108,7 +225,7 @@ class PolicyDirectory:
         self._watchers: dict[tuple[str, str], PolicyWatcher] = {}
         self._lock = threading.Lock()
         self._reads: dict[tuple[str, str], bool] = {}
-        self._query_names: dict[tuple[str, str], frozenset[str]] = {}
+        self._read_fields: dict[tuple[str, str], ReadFields] = {}
 
     def _watcher(self, tenant: str, env: str) -> PolicyWatcher | None:
         if self._store is None:
@@ -142,19 +259,14 @@ class PolicyDirectory:
             found = self._reads[key] = policy_reads_body(policy, tool)
         return found
 
-    def _repeated_and_read(self, policy: CompiledPolicy, tool: str, doc: dict[str, Any]) -> str:
-        """A query parameter the call repeats and a condition reads, else ``""``."""
-        query = doc.get("request", {}).get("query") or {}
-        repeated = [name for name, value in query.items() if isinstance(value, list)]
-        if not repeated:
-            return ""
+    def _fields_read(self, policy: CompiledPolicy, tool: str) -> ReadFields:
         key = (policy.version, tool)
-        names = self._query_names.get(key)
-        if names is None:
-            if len(self._query_names) >= _MAX_CACHED:
-                self._query_names.clear()
-            names = self._query_names[key] = policy_query_names(policy, tool)
-        return next((n for n in repeated if names is _EVERY_NAME or n in names), "")
+        found = self._read_fields.get(key)
+        if found is None:
+            if len(self._read_fields) >= _MAX_CACHED:
+                self._read_fields.clear()
+            found = self._read_fields[key] = policy_reads(policy, tool)
+        return found
 
     def reads_body(self, tenant: str, env: str, tool: str) -> bool:
         """Whether the policy in force for the route reads request bodies of ``tool`` (the proxy
@@ -172,9 +284,13 @@ class PolicyDirectory:
         doc: dict[str, Any],
         *,
         body_hidden: bool = False,
+        fields: tuple[tuple[str, str], ...] = (),
+        fields_joined: bool = False,
     ) -> Decision:
         """The decision for one call; ``body_hidden`` says the call has a body that is not in
-        ``doc`` (streamed, over the buffering limit, or not JSON)."""
+        ``doc`` (streamed, over the buffering limit, or not JSON); ``fields`` are its header
+        fields as the upstream gets them, ``fields_joined`` whether repeats may have arrived
+        joined with ``,`` (see :func:`misspelled`)."""
         watcher = self._watcher(tenant, env)
         policy = watcher.current() if watcher is not None else None
         if policy is None and watcher is not None and not watcher.nothing_active:
@@ -189,14 +305,11 @@ class PolicyDirectory:
                     "(content-type application/json, no content-encoding) within "
                     "gateway.max_body_bytes"
                 )
-            repeated = self._repeated_and_read(policy, tool, doc)
-            if repeated:
-                # A condition such as ``action eq delete`` is false for ["read", "delete"], while
-                # the upstream may read either value.
-                raise InvalidRequest(
-                    f"the query parameter {repeated[:64]!r} is repeated and the policy for this "
-                    "tool reads it; send it once"
-                )
+            reads = self._fields_read(policy, tool)
+            if reads.by_name:
+                why = misspelled(reads, doc, fields, joined=fields_joined)
+                if why:
+                    raise InvalidRequest(why)
             return policy.evaluate(doc)
         return allowlist_decision(self._allow, tool, agent_id)
 

@@ -242,6 +242,17 @@ class Condition(_Strict):
         if v.split(".")[0] not in INPUT_ROOTS:
             roots = ", ".join(sorted(INPUT_ROOTS))
             raise ValueError(f"path {v!r} must start with one of: {roots}")
+        parts = v.split(".")
+        if parts[:2] == ["request", "headers"] and len(parts) > 2:
+            name = parts[2]
+            if name != name.lower() or "_" in name:
+                # Input header names are lowercase as received: X-Account would never match,
+                # and x_account is x-account to CGI and WSGI servers.
+                fixed = name.lower().replace("_", "-")
+                raise ValueError(
+                    f"path {v!r}: header names are lowercase with '-' in policy input; write "
+                    f"request.headers.{fixed}"
+                )
         return v
 
     @field_validator("regex")

@@ -113,7 +113,13 @@ def _redact(value: Any, keys: list[str]) -> Any:
         return [_redact(v, keys if head != "*" else rest) for v in value]
     if not isinstance(value, dict):
         return value
-    return {k: (_redact(v, rest) if head in ("*", k) else v) for k, v in value.items()}
+    # Member names match case-insensitively: Go's encoding/json and ASP.NET read {"SSN": …} as
+    # the member ssn, so a redaction of ssn must hide it too (hiding more is the safe side).
+    folded = head.casefold()
+    return {
+        k: (_redact(v, rest) if head == "*" or k.casefold() == folded else v)
+        for k, v in value.items()
+    }
 
 
 def _for(
@@ -125,8 +131,9 @@ def _for(
 def apply_to_body(body: Any, obligations: Iterable[SanitizeObligation], target: str) -> Any:
     """A sanitized copy of a JSON ``body`` for ``target`` (``request`` or ``response``).
 
-    Redactions run first (the value becomes ``"[REDACTED]"``; ``*`` matches any key, and lists are
-    walked element by element), then masks over every string value that remains.
+    Redactions run first (the value becomes ``"[REDACTED]"``; ``*`` matches any key, names match
+    case-insensitively, and lists are walked element by element), then masks over every string
+    value that remains.
     """
     obligations = list(obligations)
     for o in _for(obligations, target, "redact"):
