@@ -720,6 +720,51 @@ def test_identity_headers_cannot_be_spoofed_with_underscores_or_proxy_fields(sta
     assert "x_aegis_agent_id" not in seen and "proxy-status" not in seen
 
 
+PAYMENTS_BY_METHOD = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: payments-by-method}
+spec:
+  rules:
+    - {id: pay, action: allow, reason: payments may be posted, match: {tools: [payments], methods: [POST]}}
+"""
+
+
+def test_a_post_body_overriding_the_method_is_refused(stack: Stack) -> None:
+    """Rails, Laravel and Symfony serve a POST carrying ``_method=DELETE`` as a DELETE: decided as
+    a POST, it never reaches the upstream whole. A multipart form is read as it streams and cut
+    off before the part naming the field is passed on."""
+    version = stack.policies.put(load_document(PAYMENTS_BY_METHOD), now=time.time())
+    stack.policies.activate("acme", "prod", version, actor="test", now=time.time())
+    time.sleep(0.1)  # one poll interval
+    agent = AgentClient(stack.srv, "overrider")
+    token = agent.access_token()
+    url = f"{stack.gateway}/payments/invoices/42"
+    seen = len(stack.upstream.seen)
+
+    def post(content: object, ctype: str) -> httpx.Response:
+        headers = {**agent.headers(token, "POST", url), "content-type": ctype}
+        return httpx.post(url, content=content, headers=headers, timeout=10)  # type: ignore[arg-type]
+
+    for content, ctype in ((b"_method=DELETE", "application/x-www-form-urlencoded"),
+                           (b'{"_method": "DELETE"}', "application/json")):  # fmt: skip
+        resp = post(content, ctype)
+        assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request"), resp.text
+        assert "_method" in resp.json()["message"]
+
+    def multipart() -> Iterator[bytes]:  # chunked, so it streams past the decision
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n'
+        yield b"x" * 300_000
+        yield b'\r\n--b\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--b--\r\n'
+
+    resp = post(multipart(), "multipart/form-data; boundary=b")
+    assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request"), resp.text
+    assert _forward_failure(stack, resp.headers["x-aegis-decision-id"])["code"] == "invalid_request"
+    assert all(b"DELETE" not in r["body"] for r in stack.upstream.seen[seen:])
+    # A form without the field goes through.
+    assert post(b"amount=5", "application/x-www-form-urlencoded").status_code == 200
+
+
 @pytest.mark.parametrize(
     "target", ["/payments/charge#x", "/payments/charge?account=victim#", "/payments/a#/../crm"]
 )

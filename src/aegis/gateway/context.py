@@ -14,7 +14,10 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, unquote, unquote_to_bytes
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from aegis.config import GatewayRoute
 from aegis.crypto.jws import StrictJSONError, strict_json
@@ -28,11 +31,18 @@ __all__ = [
     "SINGLE_FIELDS",
     "STREAMED_BODY_DIGEST",
     "CallContext",
+    "MethodOverrideWatch",
     "Route",
     "body_digest",
+    "header_key",
     "is_encoded",
+    "is_form_type",
     "is_json_type",
+    "overrides_method",
     "parse_json_body",
+    "query_key",
+    "refuse_coded_override",
+    "refuse_method_override",
     "refuse_redirecting_fields",
     "route_from_settings",
     "vet_fields",
@@ -175,11 +185,145 @@ def refuse_redirecting_fields(
                 f"the {name} header asks the upstream to serve another method or path than the "
                 "one decided on; send the method and path themselves"
             )
-    if any(name == "_method" for name, _ in query):
+    if any(query_key(name) == METHOD_OVERRIDE for name, _ in query):
         raise InvalidRequest(
             "the _method query parameter asks the upstream to serve another method than the "
             "one decided on; send the method itself"
         )
+
+
+def query_key(name: str) -> str:
+    """The parameter a lenient server files ``name`` under: case-insensitively (ASP.NET Core),
+    without a ``[...]`` suffix (PHP and Node's qs read ``action[]`` as ``action``), with ``.`` and
+    spaces as ``_`` (PHP)."""
+    return name.split("[", 1)[0].replace(".", "_").replace(" ", "_").casefold()
+
+
+def header_key(name: str) -> str:
+    """The field a CGI or WSGI server files ``name`` under (``X_Account`` is ``x-account``)."""
+    return name.lower().replace("_", "-")
+
+
+#: The body field (and query parameter) with which Rails (Rack::MethodOverride), Laravel and
+#: Symfony serve a POST as another method: a form field, a multipart part, or (Laravel) a JSON
+#: member.
+METHOD_OVERRIDE: Final = "_method"
+_OVERRIDE_REFUSED: Final = (
+    "the body's _method field asks the upstream to serve this POST as another method than the "
+    "one decided on; send the method itself"
+)
+
+
+def is_form_type(content_type: str | None) -> bool:
+    """``application/x-www-form-urlencoded``."""
+    ctype = (content_type or "").split(";")[0].strip().lower()
+    return ctype == "application/x-www-form-urlencoded"
+
+
+def _is_multipart_form(content_type: str | None) -> bool:
+    return (content_type or "").split(";")[0].strip().lower() == "multipart/form-data"
+
+
+def overrides_method(method: str, content_type: str | None) -> bool:
+    """Whether a body of ``content_type`` sent with ``method`` may carry a method override an
+    upstream framework honours: only a POST's form, multipart or JSON body."""
+    return method == "POST" and (
+        is_form_type(content_type) or _is_multipart_form(content_type) or is_json_type(content_type)
+    )
+
+
+def refuse_method_override(
+    method: str, content_type: str | None, raw: bytes, content_encoding: str | None = None
+) -> None:
+    """Raise ``invalid_request`` for a whole POST body that carries a ``_method`` field, however
+    spelled or encoded (``%5Fmethod``, ``_method[]``, ``"\\u005fmethod"``), or that may carry one
+    under a content coding (body-parser inflates gzip before Express reads ``req.body._method``)."""
+    if not raw or not overrides_method(method, content_type):
+        return
+    refuse_coded_override(content_encoding)
+    if _is_multipart_form(content_type):
+        watch = MethodOverrideWatch(content_type)
+        watch.feed(raw)
+        return
+    lowered = raw.lower()
+    if is_json_type(content_type):
+        if b"method" not in lowered and b"\\u" not in raw:
+            return
+        try:
+            value = strict_json(raw.decode("utf-8"))
+        except (ValueError, RecursionError):
+            return  # the upstream cannot read it either: no override
+        if isinstance(value, dict) and any(query_key(k) == METHOD_OVERRIDE for k in value):
+            raise InvalidRequest(_OVERRIDE_REFUSED)
+        return
+    if b"method" not in lowered and b"%" not in raw:
+        return
+    text = raw.decode("latin-1")
+    names = (n for n, _ in parse_qsl(text, keep_blank_values=True, errors="replace"))
+    if any(query_key(n) == METHOD_OVERRIDE for n in names):
+        raise InvalidRequest(_OVERRIDE_REFUSED)
+
+
+def refuse_coded_override(content_encoding: str | None) -> None:
+    """Raise ``invalid_request`` for a content coding on a body that may carry a method
+    override (see :func:`overrides_method`): the gateway cannot read the field in coded bytes."""
+    if is_encoded(content_encoding):
+        raise InvalidRequest(
+            "a POST form, multipart or JSON body may carry a _method override, which the gateway "
+            "cannot read under a content coding; send it without a content-encoding"
+        )
+
+
+class MethodOverrideWatch:
+    """Reads a ``multipart/form-data`` body as it streams (python-multipart's parser) and raises
+    ``invalid_request`` at the part header naming a ``_method`` field, before the chunk holding
+    it is passed on: the upstream never receives a whole body carrying the override (a framework
+    reads every part before it dispatches). A body the parser cannot read is refused too."""
+
+    def __init__(self, content_type: str | None) -> None:
+        _, params = parse_options_header(content_type or "")
+        boundary = params.get(b"boundary")
+        if not boundary:
+            raise InvalidRequest("a multipart/form-data body needs a boundary parameter")
+        self._field, self._value = bytearray(), bytearray()
+        self._parser = MultipartParser(
+            boundary,
+            callbacks={
+                "on_header_field": self._on_field,
+                "on_header_value": self._on_value,
+                "on_header_end": self._on_header_end,
+            },
+        )
+
+    def _on_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def _on_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _on_header_end(self) -> None:
+        field_name, value = bytes(self._field).lower(), bytes(self._value)
+        self._field.clear()
+        self._value.clear()
+        if field_name != b"content-disposition":
+            return
+        _, params = parse_options_header(value)
+        names = [params.get(b"name", b"")]
+        # RFC 5987 ``name*=UTF-8''_method``, which the parser leaves out.
+        names += re.findall(rb"name\*\s*=\s*[^']*'[^']*'([^;\s]*)", value, re.IGNORECASE)
+        for name in names:
+            text = unquote_to_bytes(name).decode("utf-8", "replace")
+            if query_key(text) == METHOD_OVERRIDE:
+                raise InvalidRequest(_OVERRIDE_REFUSED)
+
+    def feed(self, chunk: bytes) -> None:
+        """Read the next bytes of the body; raises before returning if they name ``_method``."""
+        try:
+            self._parser.write(chunk)
+        except MultipartParseError:
+            raise InvalidRequest(
+                "the multipart/form-data body cannot be read; send a well-formed one"
+            ) from None
 
 
 #: Fields the gateway and the upstream must read alike: sent once (policy would read the body by

@@ -42,6 +42,7 @@ from aegis.gateway.context import (
     Route,
     body_digest,
     parse_json_body,
+    refuse_method_override,
     vet_fields,
     vet_path,
     vet_query,
@@ -329,13 +330,14 @@ class ExtAuthz:
         limit = self._settings.max_body_bytes
         if len(raw) > limit:
             raise AegisError(f"request body larger than {limit} bytes", code="payload_too_large")
+        fields = facts["headers"]
+        content_type = next((v for k, v in fields if k == "content-type"), None)
+        coding = next((v for k, v in fields if k == "content-encoding"), None)
+        refuse_method_override(facts["method"], content_type, raw, coding)
         reads = self._pipeline.reads_body(facts["route"])
         shown = limit if reads else self._settings.policy_body_bytes
         small = len(raw) <= shown
         if small:
-            fields = facts["headers"]
-            content_type = next((v for k, v in fields if k == "content-type"), None)
-            coding = next((v for k, v in fields if k == "content-encoding"), None)
             facts["body"] = parse_json_body(raw, content_type, coding)
         facts["body_digest"] = body_digest(raw) if raw else EMPTY_BODY_DIGEST
         facts["raw_body"] = raw if small else None

@@ -28,7 +28,7 @@ from aegis.audit.log import AuditLog
 from aegis.clock import Clock, new_id
 from aegis.errors import AegisError, TokenError, Unavailable
 from aegis.gateway.auth import Credentials, read_credentials
-from aegis.gateway.context import CallContext, Route, refuse_redirecting_fields
+from aegis.gateway.context import CallContext, Route, query_key, refuse_redirecting_fields
 from aegis.gateway.evidence import (
     EvidenceFacts,
     Result,
@@ -37,7 +37,7 @@ from aegis.gateway.evidence import (
     count_refusal,
     refusal_headers,
 )
-from aegis.gateway.policies import PolicyDirectory, query_key
+from aegis.gateway.policies import PolicyDirectory
 from aegis.pki.binding import X5T_S256, check_certificate_binding, check_peer_is_subject
 from aegis.policy.decision import Decision, SanitizeObligation
 from aegis.policy.input import AgentInfo, ChainInfo, PolicyCall, build_input

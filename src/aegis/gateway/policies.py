@@ -37,6 +37,7 @@ from typing import Any, Final
 from aegis.clock import Clock
 from aegis.config import GatewayAllow
 from aegis.errors import InvalidRequest, Unavailable
+from aegis.gateway.context import header_key, query_key
 from aegis.policy.decision import Decision
 from aegis.policy.evaluator import CompiledPolicy
 from aegis.policy.ir import leaves
@@ -50,11 +51,9 @@ __all__ = [
     "PolicyDirectory",
     "ReadFields",
     "allowlist_decision",
-    "header_key",
     "misspelled",
     "policy_reads",
     "policy_reads_body",
-    "query_key",
 ]
 
 ALLOWLIST_VERSION: Final = "allowlist"
@@ -114,18 +113,6 @@ def policy_reads(policy: CompiledPolicy, tool: str) -> ReadFields:
             every_header |= _HEADERS[: len(path)] == path
     return ReadFields(frozenset(query), every_query, frozenset(headers), every_header,
                       tuple(sorted(body)))  # fmt: skip
-
-
-def query_key(name: str) -> str:
-    """The parameter a lenient server files ``name`` under: case-insensitively (ASP.NET Core),
-    without a ``[...]`` suffix (PHP and Node's qs read ``action[]`` as ``action``), with ``.`` and
-    spaces as ``_`` (PHP)."""
-    return name.split("[", 1)[0].replace(".", "_").replace(" ", "_").casefold()
-
-
-def header_key(name: str) -> str:
-    """The field a CGI or WSGI server files ``name`` under (``X_Account`` is ``x-account``)."""
-    return name.lower().replace("_", "-")
 
 
 def misspelled(

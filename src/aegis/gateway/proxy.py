@@ -47,10 +47,15 @@ from aegis.gateway.context import (
     METHODS,
     STREAMED_BODY_DIGEST,
     CallContext,
+    MethodOverrideWatch,
     Route,
     body_digest,
+    is_form_type,
     is_json_type,
+    overrides_method,
     parse_json_body,
+    refuse_coded_override,
+    refuse_method_override,
     vet_fields,
     vet_path,
     vet_query,
@@ -341,8 +346,12 @@ class ReverseProxy:
             # A policy that reads this tool's bodies sees them whole, up to the body limit.
             shown = limit if self._pipeline.reads_body(route) else self._settings.policy_body_bytes
             small_declared = declared is not None and int(declared) <= shown
-            if is_json_type(content_type) or small_declared:
+            # A POST form is read whole too: it may carry a _method override (checked below).
+            method = facts["method"]
+            form = method == "POST" and is_form_type(content_type)
+            if is_json_type(content_type) or form or small_declared:
                 raw = await self._read(receive, limit)
+                refuse_method_override(method, content_type, raw, values.get("content-encoding"))
                 # Policy sees (and sanitization rewrites) only bodies it can hold whole.
                 small = len(raw) <= shown
                 facts["body"] = (
@@ -355,8 +364,12 @@ class ReverseProxy:
             elif declared is None and "transfer-encoding" not in values:
                 raw = b""
             else:
+                watch = None
+                if overrides_method(method, content_type):  # a multipart form, read as it passes
+                    refuse_coded_override(values.get("content-encoding"))
+                    watch = MethodOverrideWatch(content_type)
                 streamed = _Streamed()
-                stream = self._bounded(receive, limit, overflow, streamed)
+                stream = self._bounded(receive, limit, overflow, streamed, watch)
                 facts["body_digest"], facts["raw_body"] = STREAMED_BODY_DIGEST, None
         except AegisError as exc:
             return await _error(send, await self._pipeline.refuse(CallContext(**facts), exc))
@@ -449,11 +462,17 @@ class ReverseProxy:
         return bytes(body)
 
     async def _bounded(
-        self, receive: Receive, limit: int, overflow: list[AegisError], streamed: _Streamed
+        self,
+        receive: Receive,
+        limit: int,
+        overflow: list[AegisError],
+        streamed: _Streamed,
+        watch: MethodOverrideWatch | None = None,
     ) -> AsyncIterator[bytes]:
-        """The body as it streams, cut off past ``limit`` or when the client stalls, hashed into
-        ``streamed`` as it goes. The client library wraps what this raises in its own error, so
-        the refusal is also left in ``overflow`` for the caller."""
+        """The body as it streams, cut off past ``limit``, when the client stalls, or (``watch``)
+        before a multipart part naming ``_method`` is passed on, hashed into ``streamed`` as it
+        goes. The client library wraps what this raises in its own error, so the refusal is also
+        left in ``overflow`` for the caller."""
         try:
             async for chunk in self._chunks(receive):
                 streamed.size += len(chunk)
@@ -461,6 +480,8 @@ class ReverseProxy:
                     raise AegisError(
                         f"request body larger than {limit} bytes", code="payload_too_large"
                     )
+                if watch is not None:
+                    watch.feed(chunk)
                 streamed.hash.update(chunk)
                 yield chunk
         except AegisError as exc:

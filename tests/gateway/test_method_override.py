@@ -1,0 +1,108 @@
+"""A POST whose body carries ``_method`` (Rails' Rack::MethodOverride, Laravel, Symfony, Express's
+method-override reading ``req.body``) is served as another method than the one decided on: such a
+body is refused however the field is spelled or encoded, whole or as it streams."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from aegis.errors import InvalidRequest
+from aegis.gateway.context import MethodOverrideWatch, refuse_method_override
+
+FORM = "application/x-www-form-urlencoded"
+JSON = "application/json"
+MULTIPART = "multipart/form-data; boundary=XyZ"
+
+
+def _part(disposition: bytes, value: bytes = b"DELETE") -> bytes:
+    return b"--XyZ\r\nContent-Disposition: " + disposition + b"\r\n\r\n" + value + b"\r\n"
+
+
+def _multipart(*parts: bytes) -> bytes:
+    return b"".join(parts) + b"--XyZ--\r\n"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        (FORM, b"amount=5&_method=DELETE"),
+        (FORM, b"%5Fmethod=DELETE"),
+        (FORM, b"_%6Dethod=DELETE"),
+        (FORM, b"_METHOD=delete"),
+        (FORM, b"_method[]=DELETE"),
+        (f"{FORM}; charset=utf-8", b"x=1&_method=PUT"),
+        (JSON, b'{"amount": 5, "_method": "DELETE"}'),
+        (JSON, b'{"\\u005fmethod": "DELETE"}'),
+        ("application/vnd.api+json", b'{"_Method": "DELETE"}'),
+        (MULTIPART, _multipart(_part(b'form-data; name="_method"'))),
+        (MULTIPART, _multipart(_part(b'form-data; name="file"; filename="a"', b"x" * 100),
+                               _part(b"form-data; name=_method"))),
+        (MULTIPART, _multipart(_part(b"form-data; name*=UTF-8''%5Fmethod"))),
+        ("multipart/form-data", _multipart(_part(b'form-data; name="a"'))),  # no boundary
+    ],
+)  # fmt: skip
+def test_a_post_body_carrying_a_method_override_is_refused(content_type: str, body: bytes) -> None:
+    with pytest.raises(InvalidRequest):
+        refuse_method_override("POST", content_type, body)
+
+
+@pytest.mark.parametrize(
+    ("method", "content_type", "body"),
+    [
+        ("POST", FORM, b"amount=5&method=card&note=_method"),
+        ("POST", JSON, b'{"payment": {"_method": "DELETE"}, "method": "card"}'),  # not top level
+        ("POST", JSON, b"not json _method"),  # nobody reads this as an object
+        ("POST", "text/plain", b"_method=DELETE"),
+        ("PUT", FORM, b"_method=DELETE"),  # frameworks override only a POST
+        ("POST", MULTIPART, _multipart(_part(b'form-data; name="method"'),
+                                       _part(b'form-data; name="f"; filename="_method"'))),
+    ],
+)  # fmt: skip
+def test_bodies_without_an_override_pass(method: str, content_type: str, body: bytes) -> None:
+    refuse_method_override(method, content_type, body)
+
+
+def test_a_content_coded_body_that_may_hide_an_override_is_refused() -> None:
+    with pytest.raises(InvalidRequest, match="content-encoding"):
+        refuse_method_override("POST", FORM, b"\x1f\x8b...", "gzip")
+    refuse_method_override("POST", FORM, b"a=1", "identity")
+    refuse_method_override("POST", "application/octet-stream", b"\x1f\x8b", "gzip")
+
+
+@given(split=st.integers(1, 200), size=st.integers(0, 3000))
+def test_the_streaming_watch_stops_before_the_chunk_naming_the_field(split: int, size: int) -> None:
+    """However the body is cut into chunks, the chunk completing the ``_method`` part header
+    raises before it is passed on: the bytes passed on never hold the whole header."""
+    head = _part(b'form-data; name="file"; filename="a"', b"_method " * (size // 8))
+    body = _multipart(head, _part(b'form-data; name="_method"'))
+    watch = MethodOverrideWatch(MULTIPART)
+    passed: list[bytes] = []
+
+    def stream() -> None:
+        for i in range(0, len(body), split):
+            watch.feed(body[i : i + split])
+            passed.append(body[i : i + split])
+
+    with pytest.raises(InvalidRequest):
+        stream()
+    assert b'name="_method"\r\n' not in b"".join(passed)
+
+
+@given(names=st.lists(st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=9), max_size=6))
+def test_forms_and_json_are_refused_exactly_when_a_top_level_name_is_the_override(
+    names: list[str],
+) -> None:
+    overriding = any(n.split("[")[0].casefold() == "_method" for n in names)
+    form = "&".join(f"{n}=v" for n in names).encode()
+    doc = json.dumps(dict.fromkeys(names, 1)).encode()
+    for content_type, body in ((FORM, form), (JSON, doc)):
+        try:
+            refuse_method_override("POST", content_type, body)
+        except InvalidRequest:
+            assert overriding, (content_type, body)
+        else:
+            assert not overriding, (content_type, body)
