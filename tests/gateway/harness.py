@@ -29,6 +29,17 @@ from tests.support.server import RunningServer, free_port
 BIG_ANSWER = bytes(range(256)) * 768
 
 
+#: A card number in text answers whose bytes hide its digits from a mask over UTF-8 text, by
+#: query string: ``(body, media type)``.
+HIDDEN_CARDS: dict[str, tuple[bytes, str]] = {
+    "utf16": ("4111 1111 1111 1111".encode("utf-16-le"), "text/plain; charset=utf-16le"),
+    "nul": ("4111 1111 1111 1111".encode("utf-16-le"), "text/plain"),
+    "json-escape": (b'{"card": "\\u0034111 1111 1111 1111"}', "text/plain"),
+    "entity": (b"<p>&#52;111 1111 1111 1111</p>", "text/html"),
+    "plain": (b"card 4111 1111 1111 1111", "text/plain; charset=us-ascii"),
+}
+
+
 class Upstream:
     """A tool server: answers JSON and remembers the headers and body of every request."""
 
@@ -62,6 +73,9 @@ class Upstream:
 
                     return StreamingResponse(chunks(), media_type="text/plain")
                 return Response(text, media_type="text/plain")
+            if request.url.path.endswith("/text-hidden"):  # card digits a text mask can miss
+                content, media_type = HIDDEN_CARDS[request.url.query]
+                return Response(content, media_type=media_type)
             if request.url.path.endswith("/text-json"):  # JSON the upstream labels as text
                 return Response(
                     '{"ok": true, "card": "4111 1111 1111 1111"}', media_type="text/plain"

@@ -585,6 +585,25 @@ def test_sanitize_refuses_what_it_cannot_rewrite(stack: Stack) -> None:
     assert CARD not in resp.text
 
 
+def test_a_text_answer_hiding_digits_from_the_mask_is_refused(stack: Stack) -> None:
+    """The mask reads a text answer as UTF-8; one the client reads otherwise (a UTF-16 label,
+    UTF-16 bytes under no label, digits written as JSON escapes or HTML references) is a 502,
+    never relayed with the card number in it."""
+    version = stack.policies.put(load_document(SANITIZE), now=time.time())
+    stack.policies.activate("acme", "prod", version, actor="test", now=time.time())
+    time.sleep(0.1)  # one poll interval
+    agent = AgentClient(stack.srv, "hider")
+    token = agent.access_token()
+    for form in ("utf16", "nul", "json-escape", "entity"):
+        url = f"{stack.gateway}/crm/text-hidden?{form}"
+        resp = httpx.post(url, json={}, headers=agent.headers(token, "POST", url))
+        assert (resp.status_code, resp.json()["error"]) == (502, "bad_gateway"), (form, resp.text)
+        assert "1111" not in resp.text
+    url = f"{stack.gateway}/crm/text-hidden?plain"
+    resp = httpx.post(url, json={}, headers=agent.headers(token, "POST", url))
+    assert resp.status_code == 200 and CARD not in resp.text and "card " in resp.text
+
+
 def test_an_answer_too_large_to_sanitize_is_refused_not_held(stack: Stack) -> None:
     """An answer to be sanitized is read whole into memory, so only up to max_body_bytes
     (1 MiB here): a 2 MiB one, with or without a content-length, is a 502."""

@@ -45,6 +45,7 @@ __all__ = [
     "refuse_method_override",
     "refuse_redirecting_fields",
     "route_from_settings",
+    "utf8_labelled",
     "vet_fields",
     "vet_path",
     "vet_query",
@@ -405,6 +406,15 @@ def is_encoded(content_encoding: str | None) -> bool:
     """Whether a body carries a content coding (RFC 9110 §8.4) other than ``identity``."""
     codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
     return any(c not in ("", "identity") for c in codings)
+
+
+def utf8_labelled(content_type: str | None) -> bool:
+    """Whether ``content_type`` names no charset but UTF-8 (or its subset US-ASCII): text under
+    any other label reads differently to the client than decoded here as UTF-8."""
+    return all(
+        not extended and charset.lower() in ("utf-8", "utf8", "us-ascii", "ascii")
+        for extended, charset in _CHARSET.findall(content_type or "")
+    )
 
 
 def parse_json_body(

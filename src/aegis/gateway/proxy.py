@@ -30,6 +30,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from typing import Any, Final
@@ -56,6 +57,7 @@ from aegis.gateway.context import (
     parse_json_body,
     refuse_coded_override,
     refuse_method_override,
+    utf8_labelled,
     vet_fields,
     vet_path,
     vet_query,
@@ -687,7 +689,7 @@ class ReverseProxy:
             body: Any = (
                 parse_json_body(bytes(raw), ctype, fold_case=False)
                 if as_json
-                else raw.decode("utf-8")
+                else _maskable_text(bytes(raw), ctype)
             )
         except (InvalidRequest, UnicodeDecodeError):
             return await self._gateway_error(
@@ -717,3 +719,20 @@ class ReverseProxy:
             "tenant": ctx.route.tenant, "env": ctx.route.env, "method": ctx.method,
             "path": ctx.path, "status": status, "code": code, "reason": message,
         })  # fmt: skip
+
+
+#: A digit written as an escape the client decodes and a mask over the text does not see: JSON
+#: ``\u0034``, an HTML numeric character reference ``&#52;`` or ``&#x34;``.
+_ESCAPED_DIGIT: Final = re.compile(r"\\u003[0-9]|&#0*(?:4[89]|5[0-7])\b|&#[xX]0*3[0-9]\b")
+
+
+def _maskable_text(raw: bytes, content_type: str | None) -> str:
+    """A text answer as the client will read it, for masks to rewrite; ``InvalidRequest`` when
+    the masks could not see what the client reads: a charset other than UTF-8 (UTF-16 text of
+    ASCII is valid UTF-8 holding NULs), a NUL, or a digit written as an escape."""
+    if not utf8_labelled(content_type):
+        raise InvalidRequest("a text answer to mask must be UTF-8")
+    text = raw.decode("utf-8")
+    if "\x00" in text or _ESCAPED_DIGIT.search(text):
+        raise InvalidRequest("a text answer to mask must show its digits as digits")
+    return text
