@@ -364,3 +364,29 @@ def test_status_url_needs_the_agents_own_token(stack: Stack, tmp_path: Path) -> 
     assert other.status(first["status_url"]).json()["code"] == "approval_not_found"
     no_proof = httpx.get(first["status_url"], headers={"Authorization": f"DPoP {caller.token}"})
     assert no_proof.json()["code"] == "invalid_token"
+
+
+def test_approvers_see_a_form_body_and_are_told_of_a_body_they_cannot_see(stack: Stack) -> None:
+    """A body policy did not parse is never shown as null (what a call without a body shows):
+    a form's fields are shown, anything else is marked as not shown, with its type and digest."""
+    agent = AgentClient(stack.srv, "former")
+    token = agent.access_token()
+    url = f"{stack.gateway}/crm/export"
+
+    def hold(content: bytes, ctype: str) -> dict[str, Any]:
+        headers = {**agent.headers(token, "POST", url), "content-type": ctype}
+        approval_id = held(httpx.post(url, content=content, headers=headers))["approval_id"]
+        [record] = [r for r in stack.audit.records(kind="approval.requested")
+                    if r["id"] == approval_id]  # fmt: skip
+        return record  # type: ignore[no-any-return]
+
+    form = hold(b"to=ATTACKER-IBAN&amount=9999999&to=x&api_key=s3cr3t",
+                "application/x-www-form-urlencoded")  # fmt: skip
+    assert form["parameters"] == {
+        "form": {"to": ["ATTACKER-IBAN", "x"], "amount": "9999999", "api_key": "[redacted]"}
+    }
+    blob = hold(b"\x00\x01binary", "application/octet-stream")
+    assert blob["parameters"] == {"body_not_shown": {
+        "content_type": "application/octet-stream",
+        "digest": "sha256:" + hashlib.sha256(b"\x00\x01binary").hexdigest(),
+    }}  # fmt: skip

@@ -16,12 +16,19 @@ The header starts with ``x-aegis-``, so the proxy never forwards it upstream.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
+from urllib.parse import parse_qsl
 
 from aegis.approvals.model import HeldCall, bound_headers
 from aegis.approvals.override import OVERRIDE_HEADER
 from aegis.approvals.service import ApprovalService
 from aegis.errors import AegisError, InvalidRequest
-from aegis.gateway.context import STREAMED_BODY_DIGEST, CallContext
+from aegis.gateway.context import (
+    EMPTY_BODY_DIGEST,
+    STREAMED_BODY_DIGEST,
+    CallContext,
+    is_form_type,
+)
 from aegis.gateway.evidence import EvidenceFacts
 from aegis.gateway.routing import bare_host
 from aegis.policy.decision import ApprovalRequirement, Decision
@@ -29,7 +36,7 @@ from aegis.policy.input import PolicyCall
 from aegis.registry.cache import RegistryCache
 from aegis.telemetry.metrics import APPROVAL_REJECTIONS
 
-__all__ = ["ApprovalGate", "requirement_of"]
+__all__ = ["ApprovalGate", "requirement_of", "shown_body"]
 
 
 def requirement_of(decision: Decision) -> ApprovalRequirement:
@@ -43,6 +50,27 @@ def requirement_of(decision: Decision) -> ApprovalRequirement:
         channel=decision.approvals[0].channel,
         expires_in=min(a.expires_in for a in decision.approvals),
     )
+
+
+def shown_body(ctx: CallContext) -> Any:
+    """The body as approvers are shown it: the parsed JSON body; a form's fields (as lists when
+    repeated); else, for a body policy did not read (not JSON, or over the size policy is shown),
+    a marker saying so, with its type and digest: never ``null``, which is what a call without a
+    body shows. The approval is bound to the body's bytes either way."""
+    if ctx.body is not None or ctx.body_digest == EMPTY_BODY_DIGEST:
+        return ctx.body
+    content_type = next((v for k, v in ctx.headers if k == "content-type"), "")
+    if is_form_type(content_type) and ctx.raw_body is not None:
+        fields: dict[str, Any] = {}
+        text = ctx.raw_body.decode("utf-8", "replace")
+        for name, value in parse_qsl(text, keep_blank_values=True):
+            prev = fields.get(name)
+            fields[name] = (
+                value if prev is None else [*([prev] if isinstance(prev, str) else prev), value]
+            )
+        return {"form": fields}
+    return {"body_not_shown": {"content_type": content_type[:128] or None,
+                               "digest": ctx.body_digest}}  # fmt: skip
 
 
 class ApprovalGate:
@@ -68,7 +96,7 @@ class ApprovalGate:
             decision_id=facts.decision_id, tenant=call.tenant, env=call.env,
             agent_id=call.agent.id, agent_owner=call.agent.owner or "", tool=call.tool,
             method=ctx.method, path=ctx.path, query=ctx.query, body_digest=ctx.body_digest,
-            body=ctx.body, chain=facts.chain, origin_user=call.chain.origin_user,
+            body=shown_body(ctx), chain=facts.chain, origin_user=call.chain.origin_user,
             rule_ids=decision.rule_ids, policy_version=decision.policy_version,
             reasons=decision.reasons, host=bare_host(ctx.host), upstream=ctx.route.upstream,
             headers=bound_headers(ctx.headers), approval=need.group,
