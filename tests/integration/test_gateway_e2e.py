@@ -470,6 +470,11 @@ def test_sanitize_policy_rewrites_request_and_response(stack: Stack) -> None:
     assert resp.status_code == 200, resp.text
     seen = stack.upstream.seen[-1]
     assert b"123-45-6789" not in seen["body"] and b"ann" in seen["body"]
+    # The decision's digest covers the body received; a second record the body forwarded.
+    [forwarded] = [r for r in stack.audit.records(kind="gateway.body")
+                   if r["decision_id"] == resp.headers["x-aegis-decision-id"]]  # fmt: skip
+    assert forwarded["sanitized"] and forwarded["bytes"] == len(seen["body"])
+    assert forwarded["body_digest"] == "sha256:" + hashlib.sha256(seen["body"]).hexdigest()
     assert "x-internal" not in seen["headers"]
     assert "4111 1111 1111 1111" not in resp.text
     record = next(

@@ -597,6 +597,13 @@ class ReverseProxy:
             if streamed is not None and streamed.whole:
                 # The body has passed whole: its record is written before the caller is answered.
                 await self._body_forwarded(ctx, result, streamed)
+            elif result.body_changed and isinstance(data, bytes):
+                # Sanitized: the decision's digest covers the body received, this record the
+                # body forwarded in its place.
+                await self._after_decision("gateway.body", ctx, result, {
+                    "body_digest": body_digest(data), "bytes": len(data), "complete": True,
+                    "sanitized": True,
+                })  # fmt: skip
             out_headers = forwardable(upstream.headers.items(), _RESPONSE_DROP)
             if result.obligations:
                 out_headers = [
