@@ -364,6 +364,16 @@ def test_status_url_needs_the_agents_own_token(stack: Stack, tmp_path: Path) -> 
     assert other.status(first["status_url"]).json()["code"] == "approval_not_found"
     no_proof = httpx.get(first["status_url"], headers={"Authorization": f"DPoP {caller.token}"})
     assert no_proof.json()["code"] == "invalid_token"
+    # A certificate-bound token of the same agent, sent without its certificate: refused, as
+    # the gateway refuses it (a stolen bound token must not read the override either).
+    verified = stack.srv.services.verifier.verify(caller.token)
+    bound = stack.srv.services.issuer.issue(
+        agent_id=verified.agent_id, client_id=verified.client_id, tenant=verified.tenant,
+        env=verified.env, scopes=verified.scopes, audience=verified.aud, lifetime=60,
+        cnf={"x5t#S256": "A" * 43},
+    ).token  # fmt: skip
+    unbound = httpx.get(first["status_url"], headers={"Authorization": f"Bearer {bound}"})
+    assert (unbound.status_code, unbound.json()["code"]) == (401, "invalid_token"), unbound.text
 
 
 def test_approvers_see_a_form_body_and_are_told_of_a_body_they_cannot_see(stack: Stack) -> None:

@@ -32,6 +32,8 @@ from aegis.approvals.service import ApprovalService
 from aegis.approvals.signing import verify_slack, verify_teams
 from aegis.approvals.wiring import approvals_for
 from aegis.errors import AegisError, ClientAuthError, InvalidRequest, TokenError
+from aegis.pki.binding import X5T_S256, check_certificate_binding
+from aegis.pki.middleware import peer_from_scope
 from aegis.server.services import Services
 from aegis.tokens.claims import AccessToken
 from aegis.tokens.dpop import DpopVerifier
@@ -96,7 +98,11 @@ class _Handlers:
     async def _proof(
         self, request: Request, scheme: str, token: str, at: AccessToken, approval_id: str
     ) -> None:
-        """A DPoP-bound token polls with a fresh proof for the status URL (RFC 9449 §7.1)."""
+        """A DPoP-bound token polls with a fresh proof for the status URL (RFC 9449 §7.1); a
+        certificate-bound one over a connection with its certificate (RFC 8705 §3), as at the
+        gateway: a stolen bound token must not read the override either."""
+        if (at.cnf or {}).get(X5T_S256) is not None:
+            check_certificate_binding(at, peer_from_scope(request.scope))
         jkt = (at.cnf or {}).get("jkt")
         if jkt is None:
             return
