@@ -50,7 +50,16 @@ def test_kill_9_loses_no_acknowledged_decision(tmp_path: Path) -> None:
         "    - {path_prefix: /tool, upstream: 'http://127.0.0.1:9', tool: t, tenant: acme, env: prod}\n",
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "aegis.cli.main", "gateway", "run", "--config", str(config)],
+        [
+            sys.executable,
+            "-m",
+            "aegis.cli.main",
+            "gateway",
+            "run",
+            "--config",
+            str(config),
+            "--local-stores",
+        ],
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -33,7 +33,7 @@ def test_gateway_run_serves_proxy_and_both_ext_authz_doors(tmp_path: Path) -> No
         " tenant: acme, env: prod}\n"
         f"  ext_authz: {{grpc_port: {grpc_port}, http_port: {http_port}}}\n",
     )
-    proc = start_gateway(config, {}, tmp_path / "gateway.log")
+    proc = start_gateway(config, {}, tmp_path / "gateway.log", local_stores=True)
     try:
         deadline = time.monotonic() + 20
         while True:

@@ -109,7 +109,7 @@ async def test_gateway_run_serves_mtls_to_agents_of_its_own_ca_only(tmp_path: Pa
             await rogue_services.aclose()
             await services.aclose()
         log = tmp_path / "gateway.log"
-        proc = start_gateway(config, {}, log)
+        proc = start_gateway(config, {}, log, local_stores=True)
         try:
             await _wait_ready(proc, port, valid, log)
             bearer = {"Authorization": f"Bearer {token}"}

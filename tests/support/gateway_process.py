@@ -11,13 +11,20 @@ from pathlib import Path
 
 
 def start_gateway(
-    config: Path, environ: dict[str, str], log: Path, *, port: int | None = None
+    config: Path,
+    environ: dict[str, str],
+    log: Path,
+    *,
+    port: int | None = None,
+    local_stores: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """``aegis gateway run --config config`` (``--port`` when given), with ``environ`` over this
-    process's environment, its output in ``log``."""
+    """``aegis gateway run --config config`` (``--port`` when given, ``--local-stores`` for
+    memory:// stores), with ``environ`` over this process's environment, its output in ``log``."""
     args = [sys.executable, "-m", "aegis.cli.main", "gateway", "run", "--config", str(config)]
     if port is not None:
         args += ["--port", str(port)]
+    if local_stores:
+        args.append("--local-stores")
     with log.open("wb") as out:
         return subprocess.Popen(
             args,

@@ -34,6 +34,15 @@ def run(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="aegis.yaml (default: $AEGIS_CONFIG)")
     ] = None,
+    local_stores: Annotated[
+        bool,
+        typer.Option(
+            "--local-stores",
+            help="run with memory:// replay or revocation stores: this process's own, shared "
+            "with no other (one gateway beside no other process; token revocations made "
+            "elsewhere never reach it)",
+        ),
+    ] = False,
 ) -> None:
     """Serve the gateway (and the ext_authz doors configured) until interrupted."""
     from aegis.config import load_config
@@ -45,6 +54,19 @@ def run(
         if not cfg.gateway.routes:
             raise AegisError(
                 "gateway.routes is empty; configure at least one route", code="config_invalid"
+            )
+        local = [name for name in ("replay", "revocation")
+                 if getattr(cfg.stores, name).startswith("memory://")]  # fmt: skip
+        if local and not local_stores:
+            # A gateway process beside the control plane shares nothing kept in memory: a
+            # token revoked there (/oauth/revoke) would still be accepted here.
+            raise AegisError(
+                f"stores.{' and stores.'.join(local)} {'is' if len(local) == 1 else 'are'} "
+                "memory://, this process's own: token revocations made by the control plane or "
+                "another gateway never reach it, and a proof spent at another gateway is not "
+                "seen here. Point them at Redis (redis://host:port/db), or pass --local-stores "
+                "to run with this process's own stores",
+                code="config_invalid",
             )
         services = build_services(cfg)
     except AegisError as exc:
