@@ -91,8 +91,12 @@ def test_postgres_refuses_update_delete_and_truncate(
         "DELETE FROM audit_checkpoints",
         "DELETE FROM audit_tree_nodes",
         "TRUNCATE audit_tree_nodes",
-        # The prune setting alone does not open a way past: only up to a checkpoint size.
+        # The prune setting alone does not open a way past: only up to a checkpoint size, and
+        # only the whole prefix up to it (a record in the middle stays).
         "SELECT set_config('aegis.audit_prune_upto', '2', true); DELETE FROM audit_records WHERE seq = 1",
+        "SELECT set_config('aegis.audit_prune_upto', '3', true); DELETE FROM audit_records WHERE seq = 2",
+        "SELECT set_config('aegis.audit_prune_upto', '3', true); "
+        "DELETE FROM audit_records WHERE seq IN (2, 3)",
         "SELECT aegis_audit_prune(2)",
     ):
         with (

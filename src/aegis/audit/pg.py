@@ -5,8 +5,11 @@ and every DELETE but one kind: the rows of ``audit_records`` up to a signed chec
 the prune function :data:`PRUNE_FUNCTION` (``aegis_audit_prune(upto)``), which is what retention
 calls. The function sets the transaction-local setting ``aegis.audit_prune_upto`` that the row
 trigger checks, and the trigger admits only rows with ``seq <= upto`` where a checkpoint of exactly
-``upto`` leaves exists, so whatever remains still starts right after a signed tree head and still
-verifies. Nothing else (no ``UPDATE``, no ``DELETE`` of a later row, no ``TRUNCATE``) gets past.
+``upto`` leaves exists, and a statement-level trigger then requires that the statement left no
+row with ``seq <= upto`` (the setting is only a transaction-local value, which a role with DELETE
+rights could set by hand: it opens no way past but the whole prefix), so whatever remains still
+starts right after a signed tree head and still verifies. Nothing else (no ``UPDATE``, no
+``DELETE`` of a later row or of a row in the middle, no ``TRUNCATE``) gets past.
 
 Triggers stop anyone who can write the tables, owner included, from quietly editing the trail;
 privileges narrow it further: let a separate role own the tables (it creates them on first start)
@@ -46,6 +49,19 @@ BEGIN
 END;
 $$ LANGUAGE plpgsql;
 
+CREATE OR REPLACE FUNCTION aegis_audit_records_prefix() RETURNS trigger AS $$
+DECLARE
+  upto text := current_setting('aegis.audit_prune_upto', true);
+BEGIN
+  IF upto IS NOT NULL AND upto <> ''
+     AND EXISTS (SELECT 1 FROM audit_records WHERE seq <= upto::bigint) THEN
+    RAISE EXCEPTION 'the audit log is append-only: records are pruned only as a whole prefix '
+      'up to a signed checkpoint';
+  END IF;
+  RETURN NULL;
+END;
+$$ LANGUAGE plpgsql;
+
 CREATE OR REPLACE FUNCTION aegis_audit_prune(upto bigint) RETURNS bigint
 SECURITY DEFINER SET search_path = {schema}, pg_temp AS $$
 DECLARE
@@ -66,6 +82,8 @@ CREATE OR REPLACE TRIGGER audit_records_append_only BEFORE UPDATE OR DELETE ON a
   FOR EACH ROW EXECUTE FUNCTION aegis_audit_records_guard();
 CREATE OR REPLACE TRIGGER audit_records_no_truncate BEFORE TRUNCATE ON audit_records
   FOR EACH STATEMENT EXECUTE FUNCTION aegis_audit_refuse();
+CREATE OR REPLACE TRIGGER audit_records_prune_prefix AFTER DELETE ON audit_records
+  FOR EACH STATEMENT EXECUTE FUNCTION aegis_audit_records_prefix();
 CREATE OR REPLACE TRIGGER audit_tree_nodes_append_only BEFORE UPDATE OR DELETE ON audit_tree_nodes
   FOR EACH ROW EXECUTE FUNCTION aegis_audit_refuse();
 CREATE OR REPLACE TRIGGER audit_tree_nodes_no_truncate BEFORE TRUNCATE ON audit_tree_nodes
@@ -76,6 +94,7 @@ CREATE OR REPLACE TRIGGER audit_checkpoints_no_truncate BEFORE TRUNCATE ON audit
   FOR EACH STATEMENT EXECUTE FUNCTION aegis_audit_refuse();
 ALTER TABLE audit_records ENABLE TRIGGER audit_records_append_only;
 ALTER TABLE audit_records ENABLE TRIGGER audit_records_no_truncate;
+ALTER TABLE audit_records ENABLE TRIGGER audit_records_prune_prefix;
 ALTER TABLE audit_tree_nodes ENABLE TRIGGER audit_tree_nodes_append_only;
 ALTER TABLE audit_tree_nodes ENABLE TRIGGER audit_tree_nodes_no_truncate;
 ALTER TABLE audit_checkpoints ENABLE TRIGGER audit_checkpoints_append_only;
@@ -86,14 +105,15 @@ COMMENT ON FUNCTION aegis_audit_records_guard() IS '{marker}';
 
 #: The triggers :data:`_DDL` creates; all of them, enabled, on the tables of this schema.
 _TRIGGERS: Final = (
-    "audit_records_append_only", "audit_records_no_truncate", "audit_tree_nodes_append_only",
+    "audit_records_append_only", "audit_records_no_truncate", "audit_records_prune_prefix",
+    "audit_tree_nodes_append_only",
     "audit_tree_nodes_no_truncate", "audit_checkpoints_append_only",
     "audit_checkpoints_no_truncate",
 )  # fmt: skip
 
 #: Written as the guard function's comment; a database that carries it is left as it is, so a role
 #: that may only INSERT and SELECT (not the tables' owner) starts without touching the DDL.
-_MARKER: Final = "aegis audit append-only v1"
+_MARKER: Final = "aegis audit append-only v2"
 
 
 def install_append_only(engine: Engine) -> None:
