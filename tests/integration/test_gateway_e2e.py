@@ -523,6 +523,35 @@ def test_policy_does_not_decide_on_a_field_the_upstream_never_receives(stack: St
     assert len(stack.upstream.seen) == before
 
 
+FROM_THE_OFFICE = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: from-the-office}
+spec:
+  rules:
+    - {id: office, action: allow, reason: office addresses only, match: {tools: [crm]},
+       when: {path: request.headers.x-forwarded-for, eq: "10.9.9.9"}}
+    - {id: pay, action: allow, reason: payments allowed, match: {tools: [payments]}}
+"""
+
+
+def test_policy_sees_the_proxy_fields_the_upstream_receives(stack: Stack) -> None:
+    """A caller's X-Forwarded-For is replaced by the gateway's own before forwarding, so a rule
+    on it must read the gateway's value too, not the claim."""
+    version = stack.policies.put(load_document(FROM_THE_OFFICE), now=time.time())
+    stack.policies.activate("acme", "prod", version, actor="test", now=time.time())
+    time.sleep(0.1)  # one poll interval
+    agent = AgentClient(stack.srv, "spoofer")
+    token = agent.access_token()
+    url = f"{stack.gateway}/crm/export"
+    before = len(stack.upstream.seen)
+    for claim in ("x-forwarded-for", "X_Forwarded_For"):
+        headers = {**agent.headers(token, "POST", url), claim: "10.9.9.9"}
+        resp = httpx.post(url, json={}, headers=headers)
+        assert (resp.status_code, resp.json()["code"]) == (403, "access_denied"), resp.text
+    assert len(stack.upstream.seen) == before
+
+
 STRICT_SANITIZE = """
 apiVersion: aegis/v1
 kind: Policy

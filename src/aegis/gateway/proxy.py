@@ -316,13 +316,19 @@ class ReverseProxy:
         # The target as the client sent it (still percent-encoded): DPoP htu and the request
         # digest cover it, and it is what the upstream receives.
         sent = f"{target}?{query}" if query else target
+        scheme = scope.get("scheme", "http")
+        # Policy sees the proxy fields the upstream will receive: the gateway's own, never the
+        # caller's claims, which are dropped on the way (a rule on x-forwarded-for must not pass
+        # on an address the upstream never sees).
+        own = [("x-forwarded-for", client[0])] if client else []
+        own += [("x-forwarded-proto", scheme)] + ([("x-forwarded-host", host)] if host else [])
         facts: dict[str, Any] = {
             "method": scope["method"].upper(),
-            "url": f"{scope.get('scheme', 'http')}://{self._netloc(scope, values)}{sent}",
+            "url": f"{scheme}://{self._netloc(scope, values)}{sent}",
             "host": host,
             "path": path,
             "route": route,
-            "headers": headers,
+            "headers": tuple(pair for pair in headers if not proxy_claim(pair[0])) + tuple(own),
             "query": params,
             "peer": peer_from_scope(scope),
             "client": client[0] if client else None,
