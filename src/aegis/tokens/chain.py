@@ -214,6 +214,7 @@ def _check_agents(
     """Every agent's state, judged on the same record its link's signature was checked with
     (``signers``); the others are read from the cache."""
     signed_at = {g.iss: g.iat for g in grants}
+    received_at = {g.sub: g.iat for g in grants}
     for n, agent_id in enumerate(agents):
         agent = signers.get(agent_id)
         if agent is None:
@@ -231,6 +232,14 @@ def _check_agents(
             )
         if agent_id in signed_at and signed_at[agent_id] < agent.tokens_not_before:
             raise _fail(f"{agent_id} signed its grant before it was suspended", "parent_inactive")
+        # A grant it holds is one of its credentials, ended with the others by a suspension (or
+        # a tenant's): reactivated, it must be granted anew.
+        if agent_id in received_at and received_at[agent_id] < agent.tokens_not_before:
+            raise _fail(
+                f"{agent_id} was granted this delegation before it was suspended; ask for a new "
+                "grant",
+                "token_revoked" if current else "parent_inactive",
+            )
 
 
 async def prefetch_chain_agents(
