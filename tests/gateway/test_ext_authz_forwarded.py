@@ -39,6 +39,7 @@ from aegis.types import ClientAuthMethod, TenantStatus
 from tests.gateway import test_ext_authz_grpc
 from tests.gateway.conftest import Agent, Env, dpop_headers
 from tests.gateway.harness import serve
+from tests.gateway.helpers import mint_proof
 from tests.gateway.test_ext_authz_grpc import ROUTES, check, denied, settings_with_routes
 from tests.gateway.test_pipeline import POLICY
 
@@ -307,8 +308,14 @@ def nginx(env: Env) -> Iterator[str]:
     yield from door(env, http_mode="nginx", trusted_proxies=["127.0.0.1"])
 
 
-def creds(agent: Agent, path: str = "/payments/charge") -> dict[str, str]:
-    return dict(dpop_headers(agent, agent.token(), path=path))
+def creds(agent: Agent, path: str = "/payments/charge", host: str | None = None) -> dict[str, str]:
+    """A token and a proof for ``path`` at the public URL, or (a host-specific route) at
+    ``https://host``."""
+    if host is None:
+        return dict(dpop_headers(agent, agent.token(), path=path))
+    token = agent.token()
+    return {"authorization": f"DPoP {token}",
+            "dpop": mint_proof(agent.key, "POST", f"https://{host}{path}", token=token)}  # fmt: skip
 
 
 def nginx_call(url: str, agent: Agent, target: str, **extra: str) -> httpx.Response:
@@ -379,14 +386,15 @@ def test_envoy_routes_by_the_check_host_never_a_forwarded_host(env: Env) -> None
     agent = Agent(env)
     for url in door(env, SPLIT_ROUTES, http_mode="envoy", path_prefix="/check",
                     trusted_proxies=["127.0.0.1"]):  # fmt: skip
-        admin = {**creds(agent, "/api/users"), "host": "admin.example.com"}
+        admin = {**creds(agent, "/api/users", "admin.example.com"), "host": "admin.example.com"}
         resp = httpx.post(f"{url}/check/api/users", headers=admin)
         assert (resp.status_code, resp.json()["code"]) == (403, "access_denied")
-        forged = {**creds(agent, "/api/users"), "host": "admin.example.com",
+        forged = {**creds(agent, "/api/users", "admin.example.com"), "host": "admin.example.com",
                   "x-forwarded-host": "public.example.com"}  # fmt: skip
         resp = httpx.post(f"{url}/check/api/users", headers=forged)
         assert (resp.status_code, resp.json()["code"]) == (403, "access_denied")
-        public = {**creds(agent, "/api/users"), "host": "public.example.com"}
+        # The public route's proof is for its own host.
+        public = {**creds(agent, "/api/users", "public.example.com"), "host": "public.example.com"}
         assert httpx.post(f"{url}/check/api/users", headers=public).status_code == 200
 
 

@@ -21,6 +21,7 @@ from aegis.policy.store import MemoryPolicyStore
 from aegis.registry.cache import RegistryCache
 from aegis.tokens.dpop import access_token_hash
 from tests.gateway.conftest import GW, OPEN, PAY, Agent, Env, dpop_headers, make_ctx
+from tests.gateway.helpers import mint_proof
 
 POLICY = """
 apiVersion: aegis/v1
@@ -453,3 +454,18 @@ async def test_a_method_override_in_the_query_is_refused(env: Env) -> None:
     )
     result = await env.pipeline.run(ctx)
     assert (result.status, result.code) == (400, "invalid_request"), result
+
+
+async def test_a_proof_for_another_hosts_route_is_refused_behind_a_public_url(env: Env) -> None:
+    """With ``public_url`` set, a route of its own host is addressed at that host: a proof made
+    for the same path on another host is not one for this call."""
+    agent = Agent(env)
+    admin = dataclasses.replace(PAY, host="admin.example.com")
+    token = agent.token()
+    elsewhere = [("authorization", f"DPoP {token}"), ("dpop", agent.proof(token))]  # gw.example.com
+    result = await env.pipeline.run(make_ctx(elsewhere, body={"amount": 1}, route=admin))
+    assert (result.status, result.code) == (401, "invalid_dpop_proof"), result
+    proof = mint_proof(agent.key, "POST", "https://admin.example.com/payments/charge", token=token)
+    here = [("authorization", f"DPoP {token}"), ("dpop", proof)]
+    result = await env.pipeline.run(make_ctx(here, body={"amount": 1}, route=admin))
+    assert result.allowed, result

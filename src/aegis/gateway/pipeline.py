@@ -128,7 +128,16 @@ class Pipeline:
 
     def _htu(self, ctx: CallContext) -> str:
         # The path as sent (percent-encoded), so that the proof's htu compares like with like.
-        return f"{self._public_url}{urlsplit(ctx.url).path}" if self._public_url else ctx.url
+        if not self._public_url:
+            return ctx.url
+        path = urlsplit(ctx.url).path
+        if ctx.route.host is not None:
+            # A route of its own host is addressed there: a proof made for another host's route
+            # with the same path is not one for this call.
+            public = urlsplit(self._public_url)
+            port = f":{public.port}" if public.port else ""
+            return f"{public.scheme}://{ctx.route.host}{port}{path}"
+        return f"{self._public_url}{path}"
 
     @staticmethod
     def _timed(facts: EvidenceFacts, step: int, started: float) -> float:
