@@ -367,6 +367,12 @@ spec:
         ({}, (), (("x_account", "666"),), 400),  # CGI, WSGI
         ({}, (), (("x-account", "1"), ("x_account", "666")), 400),
         ({}, (), (("x-account", "666"), ("x-account", "1")), 400),  # Starlette reads the first
+        # A name policy reads in one place, also sent in the other: one parameter to Rails'
+        # params, Laravel's input() or Symfony's get().
+        ({"payee": {"amount": 5}}, (("payee", "x"),), (), 400),
+        ({"payee": {"amount": 5}}, (("Payee[amount]", "5000"),), (), 400),
+        ({"action": "delete"}, (("action", "read"),), (), 400),
+        ({"ACTION": "delete"}, (), (), 400),
         # Fields no condition reads are no concern, however spelled or repeated.
         ({"payee": {"amount": 5}, "Note": 1}, (("Tag", "a"), ("tag[]", "b")),
          (("x_trace", "a"), ("x-trace", "b")), 200),
@@ -469,3 +475,28 @@ async def test_a_proof_for_another_hosts_route_is_refused_behind_a_public_url(en
     here = [("authorization", f"DPoP {token}"), ("dpop", proof)]
     result = await env.pipeline.run(make_ctx(here, body={"amount": 1}, route=admin))
     assert result.allowed, result
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown", "status"),
+    [
+        (b"note=1&amount=5", True, 200),
+        (b"note=1&action=delete", True, 400),  # Rails reads the form's action over the query's
+        (b"note=1&%41CTION=delete", True, 400),
+        (b"note=1", False, 400),  # a form the gateway did not hold may carry it
+    ],
+)
+async def test_a_form_body_shadowing_a_query_parameter_policy_reads_is_refused(
+    env: Env, raw: bytes, shown: bool, status: int
+) -> None:
+    env.policies.activate(
+        "acme", "prod", env.policies.put(load_document(QUERY_RULE), now=0), actor="t", now=0
+    )
+    agent = Agent(env)
+    ctx = dataclasses.replace(
+        make_ctx([*dpop_headers(agent, agent.token()),
+                  ("content-type", "application/x-www-form-urlencoded")]),
+        query=(("action", "read"),), body_digest=body_digest(raw), raw_body=raw if shown else None,
+    )  # fmt: skip
+    result = await env.pipeline.run(ctx)
+    assert result.status == status, result

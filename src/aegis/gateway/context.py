@@ -152,6 +152,22 @@ class CallContext:
             out[k] = f"{out[k]}, {v}" if k in out else v
         return out
 
+    def body_names(self) -> frozenset[str] | None:
+        """The top-level field names of the body as frameworks that merge body and query read
+        them: a JSON object's members, a form's fields; empty for no body or one of another
+        type; None for a form, multipart or JSON body the gateway did not read."""
+        if self.body_digest == EMPTY_BODY_DIGEST:
+            return frozenset()
+        if isinstance(self.body, dict):
+            return frozenset(self.body)
+        content_type = next((v for k, v in self.headers if k == "content-type"), None)
+        if is_form_type(content_type) and self.raw_body is not None:
+            text = self.raw_body.decode("latin-1")
+            return frozenset(n for n, _ in parse_qsl(text, keep_blank_values=True))
+        if self.body is None and overrides_method("POST", content_type):
+            return None  # JSON not parsed, a form not held, or a multipart form
+        return frozenset()
+
     def policy_query(self) -> dict[str, str | list[str]]:
         out: dict[str, str | list[str]] = {}
         for k, v in self.query:

@@ -121,11 +121,17 @@ def misspelled(
     fields: tuple[tuple[str, str], ...] = (),
     *,
     joined: bool = False,
+    body_names: frozenset[str] | None = frozenset(),
 ) -> str:
     """Why the call carries a field ``reads`` names under another spelling, or more than once
     (``""``: it does not). ``fields`` are the request's header fields as the upstream gets them
-    (lowercase names, repeats kept); with ``joined``, a ``,`` in a value read may join repeats."""
+    (lowercase names, repeats kept); with ``joined``, a ``,`` in a value read may join repeats.
+    ``body_names`` are the top-level field names of a JSON or form body (None: a body that may
+    hold fields the gateway did not read), which frameworks merge with the query's."""
     request = doc.get("request") or {}
+    why = _merged(reads, request.get("query") or {}, body_names)
+    if why:
+        return why
     if reads.query or reads.every_query:
         wanted = {query_key(n): n for n in reads.query}
         seen: dict[str, str] = {}
@@ -180,6 +186,34 @@ def misspelled(
                             "readers (Go's encoding/json, ASP.NET), and the policy for this tool "
                             f"reads request.body.{where}; spell it {member!r}")  # fmt: skip
             node = node.get(member)
+    return ""
+
+
+def _merged(reads: ReadFields, query: dict[str, Any], body_names: frozenset[str] | None) -> str:
+    """Rails' ``params``, Laravel's ``input()``, Symfony's ``get()`` and Flask's ``values`` read
+    query parameters and body fields as one set of names (some preferring the body, others the
+    query): a name policy reads in one place must not also come in the other."""
+    in_body = {query_key(path[0]) for path in reads.body}
+    in_query = {query_key(n) for n in reads.query}
+    if not (in_body or in_query or reads.every_query):
+        return ""
+    for name in query:
+        if query_key(name) in in_body:
+            return (f"the query parameter {name[:64]!r} is one parameter with the body member the "
+                    "policy for this tool reads, to frameworks that merge query and body (Rails "
+                    "params, Symfony's get()); send it in the body only")  # fmt: skip
+    if not (in_query or reads.every_query):
+        return ""
+    if body_names is None:
+        return ("the policy for this tool reads query parameters, which frameworks that merge "
+                "query and body (Rails params, Laravel's input()) may take from this body, and "
+                "the gateway did not read it; send a JSON or form body within "
+                "gateway.policy_body_bytes")  # fmt: skip
+    for name in body_names:
+        if reads.every_query or query_key(name) in in_query:
+            return (f"the body field {name[:64]!r} is one parameter with the query parameter the "
+                    "policy for this tool reads, to frameworks that merge query and body (Rails "
+                    "params, Laravel's input()); send it in the query only")  # fmt: skip
     return ""
 
 
@@ -273,11 +307,13 @@ class PolicyDirectory:
         body_hidden: bool = False,
         fields: tuple[tuple[str, str], ...] = (),
         fields_joined: bool = False,
+        body_names: frozenset[str] | None = frozenset(),
     ) -> Decision:
         """The decision for one call; ``body_hidden`` says the call has a body that is not in
         ``doc`` (streamed, over the buffering limit, or not JSON); ``fields`` are its header
         fields as the upstream gets them, ``fields_joined`` whether repeats may have arrived
-        joined with ``,`` (see :func:`misspelled`)."""
+        joined with ``,``, ``body_names`` the body's top-level field names (see
+        :func:`misspelled`)."""
         watcher = self._watcher(tenant, env)
         policy = watcher.current() if watcher is not None else None
         if policy is None and watcher is not None and not watcher.nothing_active:
@@ -294,7 +330,7 @@ class PolicyDirectory:
                 )
             reads = self._fields_read(policy, tool)
             if reads.by_name:
-                why = misspelled(reads, doc, fields, joined=fields_joined)
+                why = misspelled(reads, doc, fields, joined=fields_joined, body_names=body_names)
                 if why:
                     raise InvalidRequest(why)
             return policy.evaluate(doc)
