@@ -234,7 +234,7 @@ def test_a_path_in_fullwidth_letters_is_decided_under_the_route_it_normalises_to
 @pytest.mark.parametrize(
     ("query", "params"),
     [("", ()), ("a=1&b=2", (("a", "1"), ("b", "2"))), ("a=%3B&a=2", (("a", ";"), ("a", "2"))),
-     ("q=line%0Abreak", (("q", "line\nbreak"),))],
+     ("q=line%0Abreak", (("q", "line\nbreak"),)), ("caf%C3%A9=%E2%82%AC", (("café", "€"),))],
 )  # fmt: skip
 def test_queries_that_read_the_same_everywhere_pass(
     query: str, params: tuple[tuple[str, str], ...]
@@ -243,8 +243,10 @@ def test_queries_that_read_the_same_everywhere_pass(
 
 
 @pytest.mark.parametrize(
-    "query", ["action=read;action=delete", "a=1#x", "action%00=delete", "a%0D=1", "a=%00"]
-)
+    "query",
+    ["action=read;action=delete", "a=1#x", "action%00=delete", "a%0D=1", "a=%00",
+     "account=vict%FFim", "caf%E9=1"],
+)  # fmt: skip
 def test_queries_another_server_could_read_differently_are_refused(query: str) -> None:
     with pytest.raises(InvalidRequest):
         vet_query(query)

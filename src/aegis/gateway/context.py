@@ -490,7 +490,13 @@ def vet_query(query: str) -> tuple[tuple[str, str], ...]:
         raise InvalidRequest("the request target must not contain a fragment ('#')")
     if ";" in query:
         raise InvalidRequest("encode ';' in the query string as %3B")
-    params = tuple(parse_qsl(query, keep_blank_values=True))
+    try:
+        # Strict: policy would read an invalid UTF-8 escape as U+FFFD, PHP keeps the raw byte.
+        params = tuple(parse_qsl(query, keep_blank_values=True, errors="strict"))
+    except UnicodeDecodeError:
+        raise InvalidRequest(
+            "the query string holds a percent-encoding that is not UTF-8; encode text as UTF-8"
+        ) from None
     for name, value in params:
         if _CONTROL_CHAR.search(name) or "\x00" in value:
             raise InvalidRequest(
