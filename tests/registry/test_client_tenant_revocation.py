@@ -144,3 +144,14 @@ def test_tokens_issued_while_inactive_stay_dead_after_reactivation(reg: Env, wha
     assert _refusal(reg, stale) == "token_revoked"
     reg.clock.advance(0.2)  # the same second as the reactivation (iat rounds down)
     assert _refusal(reg, reg.token(client.client_id)) is None
+
+
+def test_activating_what_is_already_active_ends_no_token(reg: Env) -> None:
+    """Only a return to active moves the mark: re-activating an active tenant or enabling an
+    enabled client (an operator's retry, a script run twice) leaves every live token alone."""
+    client, _ = reg.client(reg.agent())
+    token = reg.token(client.client_id)
+    reg.clock.advance(5)
+    reg.registry.set_tenant_status("acme", TenantStatus.ACTIVE, actor=ACTOR)
+    reg.registry.set_client_active(client.client_id, True, actor=ACTOR)
+    assert _refusal(reg, token) is None

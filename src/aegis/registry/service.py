@@ -165,12 +165,14 @@ class RegistryService:
     def set_tenant_status(self, tenant_id: str, status: TenantStatus, *, actor: str) -> Tenant:
         """Set a tenant's status; leaving ``active`` ends every token its agents hold now."""
         with self.store.atomic():
-            tenant = replace(self.store.get_tenant(tenant_id), status=status)
+            before = self.store.get_tenant(tenant_id)
+            tenant = replace(before, status=status)
             self.store.update_tenant(tenant)
+            reopened = status is TenantStatus.ACTIVE and before.status is not TenantStatus.ACTIVE
             for agent in self.store.list_agents(tenant_id=tenant_id):
                 if status is not TenantStatus.ACTIVE:
                     self._end_earlier_tokens(agent)
-                else:  # what was issued while it was suspended stays dead (module docstring)
+                elif reopened:  # what was issued while it was suspended stays dead (module doc)
                     self._end_tokens_before(agent, _reopening(self._clock.now()))
             self._event(f"tenant.{status.value}", actor, f"tenant:{tenant_id}", tenant_id)
         for listener in self.tenant_listeners:
@@ -365,10 +367,12 @@ class RegistryService:
         good (its ``tokens_not_before`` moves to now and never back): enabling it again does not
         revive them. The agent's other clients keep theirs."""
         with self.store.atomic():
-            client = replace(self.store.get_client(client_id), active=active)
+            before = self.store.get_client(client_id)
+            client = replace(before, active=active)
             now = self._clock.now()
-            mark = now if not active else _reopening(now)  # see the module docstring
-            client = replace(client, tokens_not_before=max(client.tokens_not_before, mark))
+            if not active or not before.active:  # enabling an enabled client changes nothing
+                mark = now if not active else _reopening(now)  # see the module docstring
+                client = replace(client, tokens_not_before=max(client.tokens_not_before, mark))
             self.store.update_client(client)
             agent = self.store.get_agent(client.agent_id)
             self._event(
