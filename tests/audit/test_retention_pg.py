@@ -97,6 +97,15 @@ def test_postgres_refuses_update_delete_and_truncate(
         "SELECT set_config('aegis.audit_prune_upto', '3', true); DELETE FROM audit_records WHERE seq = 2",
         "SELECT set_config('aegis.audit_prune_upto', '3', true); "
         "DELETE FROM audit_records WHERE seq IN (2, 3)",
+        # The setting cleared by the statement itself, before a statement trigger reads it.
+        "SELECT set_config('aegis.audit_prune_upto', '3', true); DELETE FROM audit_records "
+        "WHERE seq = 2 RETURNING set_config('aegis.audit_prune_upto', '', true)",
+        # Temporary tables standing in for the checkpoints and records the triggers read.
+        "CREATE TEMP TABLE audit_checkpoints (tree_size bigint) ON COMMIT DROP; "
+        "CREATE TEMP TABLE audit_records (seq bigint) ON COMMIT DROP; "
+        "INSERT INTO pg_temp.audit_checkpoints VALUES (999999); "
+        "SELECT set_config('aegis.audit_prune_upto', '999999', true); "
+        "DELETE FROM public.audit_records WHERE seq >= 2",
         "SELECT aegis_audit_prune(2)",
     ):
         with (
@@ -194,3 +203,35 @@ def test_a_dropped_or_disabled_trigger_is_installed_again_at_start(
         assert restarted.count() == 3 and restarted.verify_chain().ok
     finally:
         restarted.close()
+
+
+@pytest.mark.postgres
+def test_an_upgrade_the_app_role_cannot_install_says_to_start_as_owner(
+    pg_log: AuditLog, clock: FrozenClock, fresh_pg_url: str
+) -> None:
+    """Triggers of an older version and a role that may only read and append: refused with the
+    way out (start once as the owner, which upgrades them), and the owner's start does."""
+    import secrets
+
+    from sqlalchemy.engine import make_url
+
+    from aegis.errors import Unavailable
+
+    role = f"aegis_app_{secrets.token_hex(4)}"
+    tables = "audit_records, audit_tree_nodes, audit_checkpoints"
+    with pg_log.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "COMMENT ON FUNCTION aegis_audit_records_guard() IS 'aegis audit append-only v1'"
+        )
+        conn.exec_driver_sql(f"CREATE ROLE {role} LOGIN")
+        conn.exec_driver_sql(f"GRANT SELECT, INSERT ON {tables} TO {role}")
+    app_url = make_url(fresh_pg_url).set(username=role).render_as_string(hide_password=False)
+    try:
+        with pytest.raises(Unavailable, match="once as the tables' owner"):
+            AuditLog(app_url, clock=clock)
+        AuditLog(fresh_pg_url, clock=clock).close()  # the owner upgrades them
+        AuditLog(app_url, clock=clock).close()  # and the role starts
+    finally:
+        with pg_log.engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP OWNED BY {role}")
+            conn.exec_driver_sql(f"DROP ROLE {role}")

@@ -163,8 +163,12 @@ class AuditLog:
         try:
             create_tables(METADATA, self._engine)
             install_append_only(self._engine)
-        except SQLAlchemyError as exc:
-            raise _unavailable(exc) from exc
+        except Exception as exc:
+            if isinstance(engine, str):  # ours: no connection outlives a log that never started
+                self._engine.dispose()
+            if isinstance(exc, SQLAlchemyError):
+                raise _unavailable(exc) from exc
+            raise
 
     @property
     def engine(self) -> Engine:
