@@ -244,6 +244,15 @@ class GatewayRoute(_Section):
             raise ValueError("path_prefix must start with '/' and have no query or fragment")
         return v
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str | None) -> str | None:
+        # Matched against the Host header without its port, and the host DPoP proofs name.
+        if v is not None and (not v or any(c in v for c in "/?#@ \t") or
+                              (":" in v and not v.startswith("["))):  # fmt: skip
+            raise ValueError("host is a host name or [IPv6] literal, without port, path or scheme")
+        return v
+
     @field_validator("upstream")
     @classmethod
     def _upstream(cls, v: str) -> str:

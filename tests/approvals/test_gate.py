@@ -215,3 +215,31 @@ async def test_the_wired_service_judges_chain_owners_from_the_registry(env: Env)
         assert refused.value.code == "self_approval_forbidden"
     finally:
         service.close()
+
+
+@pytest.mark.parametrize(
+    ("headers", "raw", "shown"),
+    [
+        ((("content-type", "application/x-www-form-urlencoded"),), b"to=A&amount=1",
+         {"form": {"to": "A", "amount": "1"}}),
+        # Read as a form, gzip's header comment would show fields the upstream never reads.
+        ((("content-type", "application/x-www-form-urlencoded"), ("content-encoding", "gzip")),
+         b"\x1f\x8b\x08\x10&to=ALICE&amount=12&\x00...", None),
+        ((("content-type", "application/x-www-form-urlencoded; charset=utf-16le"),),
+         "to=A".encode("utf-16-le"), None),
+    ],
+)  # fmt: skip
+def test_approvers_see_a_form_only_as_the_upstream_reads_it(
+    headers: tuple[tuple[str, str], ...], raw: bytes, shown: object
+) -> None:
+    from aegis.gateway.approval_gate import shown_body
+    from aegis.gateway.context import CallContext, Route, body_digest
+
+    route = Route("/crm", "http://127.0.0.1:9", "crm", "acme", "prod")
+    ctx = CallContext(method="PUT", url="https://gw/crm/x", host="gw", path="/crm/x", route=route,
+                      headers=headers, body_digest=body_digest(raw), raw_body=raw)  # fmt: skip
+    got = shown_body(ctx)
+    if shown is None:
+        assert isinstance(got, dict) and got["body_not_shown"]["digest"] == body_digest(raw)
+    else:
+        assert got == shown

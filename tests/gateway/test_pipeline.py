@@ -362,6 +362,8 @@ spec:
         ({"payee": {"Amount": 5000}}, (), (), 400),  # Go's encoding/json, ASP.NET
         ({"PAYEE": {"amount": 5000}}, (), (), 400),
         ({}, (("ACTION", "delete"),), (), 400),  # ASP.NET Core's Request.Query
+        ({}, (("act\u0131on", "delete"),), (), 400),  # dotless i: I to Go and .NET
+        ({}, ((" action", "delete"),), (), 400),  # PHP drops leading spaces
         ({}, (("action[]", "delete"),), (), 400),  # PHP, Node's qs
         ({}, (("action", "read"), ("action[]", "delete")), (), 400),
         ({}, (), (("x_account", "666"),), 400),  # CGI, WSGI
@@ -500,3 +502,47 @@ async def test_a_form_body_shadowing_a_query_parameter_policy_reads_is_refused(
     )  # fmt: skip
     result = await env.pipeline.run(ctx)
     assert result.status == status, result
+
+
+@pytest.mark.parametrize(
+    ("content_type", "raw", "status"),
+    [
+        (None, b"action=delete", 400),  # a POST without a type is a form to Rack
+        ("text/plain; x=/json", b'{"action": "delete"}', 400),  # JSON to Laravel
+        ("text/plain", b"action=delete", 200),  # a text body merges with nothing
+    ],
+)
+async def test_an_untyped_or_json_ish_body_shadowing_a_read_parameter_is_refused(
+    env: Env, content_type: str | None, raw: bytes, status: int
+) -> None:
+    env.policies.activate(
+        "acme", "prod", env.policies.put(load_document(QUERY_RULE), now=0), actor="t", now=0
+    )
+    agent = Agent(env)
+    typed = [("content-type", content_type)] if content_type else []
+    ctx = dataclasses.replace(
+        make_ctx([*dpop_headers(agent, agent.token()), *typed]),
+        query=(("action", "read"),), body_digest=body_digest(raw), raw_body=raw,
+    )  # fmt: skip
+    result = await env.pipeline.run(ctx)
+    assert result.status == status, result
+
+
+@pytest.mark.parametrize("host", ["admin.example.com:8443", "admin.example.com/x", "", "a b"])
+def test_a_route_host_is_a_bare_host(host: str) -> None:
+    """Matched against the Host header without its port, and named in DPoP htu: a port or path
+    there could never match and would refuse every call."""
+    from aegis.config import GatewayRoute
+
+    with pytest.raises(ValueError, match="without port"):
+        GatewayRoute(path_prefix="/p", host=host, upstream="http://u", tool="t", tenant="a",
+                     env="p")  # fmt: skip
+
+
+async def test_a_route_host_written_with_its_trailing_dot_names_the_host(env: Env) -> None:
+    agent = Agent(env)
+    token = agent.token()
+    route = dataclasses.replace(PAY, host="Admin.Example.com.")
+    proof = mint_proof(agent.key, "POST", "https://admin.example.com/payments/charge", token=token)
+    ctx = make_ctx([("authorization", f"DPoP {token}"), ("dpop", proof)], body={}, route=route)
+    assert (await env.pipeline.run(ctx)).allowed

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aegis.config import GatewayRoute, GatewaySettings
+from aegis.crypto.jws import fold_name
 from aegis.errors import ConfigError, InvalidRequest
 from aegis.gateway.context import (
     is_encoded,
@@ -203,6 +204,15 @@ def test_a_json_body_repeating_a_member_is_refused(raw: bytes) -> None:
         parse_json_body(raw, "application/json")
 
 
+@pytest.mark.parametrize(
+    "raw", [b'{"amount": 1, "AMOUNT": 2}', b'{"recipient": "ok", "rec\\u0131pient": "mallory"}']
+)
+def test_a_json_body_with_members_one_to_case_insensitive_readers_is_refused(raw: bytes) -> None:
+    """Go's encoding/json matches names case-insensitively, the dotless i as I: one member."""
+    with pytest.raises(InvalidRequest, match="differ only in case"):
+        parse_json_body(raw, "application/json")
+
+
 @settings(max_examples=200, deadline=None, derandomize=True)
 @given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
                     lambda inner: st.lists(inner, max_size=3)
@@ -218,7 +228,7 @@ def test_json_without_repeats_reads_as_the_standard_decoder_reads_it(value: obje
 
 def _case_twins(value: object) -> bool:
     if isinstance(value, dict):
-        folded = {str(k).casefold() for k in value}
+        folded = {fold_name(str(k)) for k in value}
         return len(folded) != len(value) or any(_case_twins(v) for v in value.values())
     if isinstance(value, list):
         return any(_case_twins(v) for v in value)

@@ -38,13 +38,16 @@ def test_redact_paths_with_wildcards_and_lists() -> None:
 
 def test_redact_matches_member_names_in_any_case() -> None:
     """Go's encoding/json and ASP.NET bind ``SSN`` to a field ``ssn``: it is hidden as ssn is."""
-    body = {"SSN": "123-45-6789", "Payee": {"Iban": "DE00", "name": "a"}, "ssnote": "keep"}
+    body = {"SSN": "123-45-6789", "Payee": {"Iban": "DE00", "name": "a"}, "ssnote": "keep",
+            "p\u0131n": "1234"}  # fmt: skip
     out = apply_to_body(
         body,
-        [S("redact", "request", path="ssn"), S("redact", "request", path="payee.iban")],
+        [S("redact", "request", path="ssn"), S("redact", "request", path="payee.iban"),
+         S("redact", "request", path="pin")],
         "request",
-    )
-    assert out == {"SSN": REDACTED, "Payee": {"Iban": REDACTED, "name": "a"}, "ssnote": "keep"}
+    )  # fmt: skip
+    assert out == {"SSN": REDACTED, "Payee": {"Iban": REDACTED, "name": "a"}, "ssnote": "keep",
+                   "p\u0131n": REDACTED}  # fmt: skip
 
 
 def test_obligations_apply_only_to_their_target() -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "ParsedJWS",
     "StrictJSONError",
     "encode_segment",
+    "fold_name",
     "holds_lone_surrogate",
     "parse_compact",
     "parse_with_header",
@@ -114,12 +115,23 @@ def strict_json(text: str, *, fold_case: bool = False) -> Any:
     return value
 
 
+def fold_name(name: str) -> str:
+    """``name`` as the most lenient case-insensitive reader compares it: Unicode case folding,
+    after a round trip through lower and upper case (Go's encoding/json matches U+0131, the
+    dotless i, to ``I``, and U+0130 to ``i``, which case folding alone keeps apart), without the
+    combining dot that folding U+0130 leaves. Names that fold alike here may be one name to some
+    server."""
+    if name.isascii():
+        return name.lower()
+    return name.lower().upper().casefold().replace("\u0307", "")
+
+
 def _object_without_case_twins(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = _object_without_duplicates(pairs)
-    if len(obj) > 1 and len({name.casefold() for name in obj}) != len(obj):
+    if len(obj) > 1 and len({fold_name(name) for name in obj}) != len(obj):
         seen: dict[str, str] = {}
         for name in obj:
-            twin = seen.setdefault(name.casefold(), name)
+            twin = seen.setdefault(fold_name(name), name)
             if twin != name:
                 raise StrictJSONError(
                     f"holds the JSON members {twin[:64]!r} and {name[:64]!r}, which differ only "

@@ -27,7 +27,9 @@ from aegis.gateway.context import (
     EMPTY_BODY_DIGEST,
     STREAMED_BODY_DIGEST,
     CallContext,
+    is_encoded,
     is_form_type,
+    utf8_labelled,
 )
 from aegis.gateway.evidence import EvidenceFacts
 from aegis.gateway.routing import bare_host
@@ -60,7 +62,11 @@ def shown_body(ctx: CallContext) -> Any:
     if ctx.body is not None or ctx.body_digest == EMPTY_BODY_DIGEST:
         return ctx.body
     content_type = next((v for k, v in ctx.headers if k == "content-type"), "")
-    if is_form_type(content_type) and ctx.raw_body is not None:
+    coding = next((v for k, v in ctx.headers if k == "content-encoding"), None)
+    # Under a content coding or another charset the bytes read as a form are not what the
+    # upstream reads (gzip's header may carry a comment that looks like one).
+    readable = not is_encoded(coding) and utf8_labelled(content_type)
+    if readable and is_form_type(content_type) and ctx.raw_body is not None:
         fields: dict[str, Any] = {}
         text = ctx.raw_body.decode("utf-8", "replace")
         for name, value in parse_qsl(text, keep_blank_values=True):

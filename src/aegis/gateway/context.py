@@ -10,6 +10,7 @@ set only from a verified certificate (``aegis.pki.middleware``), never from clie
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from aegis.config import GatewayRoute
-from aegis.crypto.jws import StrictJSONError, strict_json
+from aegis.crypto.jws import StrictJSONError, fold_name, strict_json
 from aegis.errors import InvalidRequest
 from aegis.pki.peer import PeerIdentity
 
@@ -41,6 +42,7 @@ __all__ = [
     "overrides_method",
     "parse_json_body",
     "query_key",
+    "read_whole_for_override",
     "refuse_coded_override",
     "refuse_method_override",
     "refuse_redirecting_fields",
@@ -155,18 +157,25 @@ class CallContext:
     def body_names(self) -> frozenset[str] | None:
         """The top-level field names of the body as frameworks that merge body and query read
         them: a JSON object's members, a form's fields; empty for no body or one of another
-        type; None for a form, multipart or JSON body the gateway did not read."""
+        type; None for a form, multipart or JSON body the gateway did not read (not held, under
+        a content coding, or multipart)."""
         if self.body_digest == EMPTY_BODY_DIGEST:
             return frozenset()
+        content_type = next((v for k, v in self.headers if k == "content-type"), None)
+        coding = next((v for k, v in self.headers if k == "content-encoding"), None)
+        if not (
+            _read_as_form(self.method, content_type)
+            or _read_as_json(content_type)
+            or _is_multipart_form(content_type)
+        ):
+            return frozenset()
+        if is_encoded(coding):
+            return None
         if isinstance(self.body, dict):
             return frozenset(self.body)
-        content_type = next((v for k, v in self.headers if k == "content-type"), None)
-        if is_form_type(content_type) and self.raw_body is not None:
-            text = self.raw_body.decode("latin-1")
-            return frozenset(n for n, _ in parse_qsl(text, keep_blank_values=True))
-        if self.body is None and overrides_method("POST", content_type):
-            return None  # JSON not parsed, a form not held, or a multipart form
-        return frozenset()
+        if self.raw_body is None or _is_multipart_form(content_type):
+            return None
+        return _top_level_names(self.raw_body, self.method, content_type) or frozenset()
 
     def policy_query(self) -> dict[str, str | list[str]]:
         out: dict[str, str | list[str]] = {}
@@ -210,10 +219,12 @@ def refuse_redirecting_fields(
 
 
 def query_key(name: str) -> str:
-    """The parameter a lenient server files ``name`` under: case-insensitively (ASP.NET Core),
-    without a ``[...]`` suffix (PHP and Node's qs read ``action[]`` as ``action``), with ``.`` and
-    spaces as ``_`` (PHP)."""
-    return name.split("[", 1)[0].replace(".", "_").replace(" ", "_").casefold()
+    """The parameter a lenient server files ``name`` under: case-insensitively (ASP.NET Core,
+    with :func:`~aegis.crypto.jws.fold_name`'s folding), without a ``[...]`` suffix (PHP and
+    Node's qs read ``action[]`` as ``action``), and as PHP registers it: cut at a NUL, without
+    leading spaces, with ``.`` and spaces as ``_``."""
+    name = name.split("\x00", 1)[0].lstrip(" ")
+    return fold_name(name.split("[", 1)[0].replace(".", "_").replace(" ", "_"))
 
 
 def header_key(name: str) -> str:
@@ -241,20 +252,55 @@ def _is_multipart_form(content_type: str | None) -> bool:
     return (content_type or "").split(";")[0].strip().lower() == "multipart/form-data"
 
 
+def _read_as_form(method: str, content_type: str | None) -> bool:
+    """A form to Rack: ``application/x-www-form-urlencoded``, or a POST without a type."""
+    return is_form_type(content_type) or (method == "POST" and not (content_type or "").strip())
+
+
+def _read_as_json(content_type: str | None) -> bool:
+    """JSON to Laravel (``isJson``): any type holding ``/json`` or ``+json``."""
+    ctype = (content_type or "").lower()
+    return "/json" in ctype or "+json" in ctype
+
+
 def overrides_method(method: str, content_type: str | None) -> bool:
     """Whether a body of ``content_type`` sent with ``method`` may carry a method override an
-    upstream framework honours: only a POST's form, multipart or JSON body."""
+    upstream framework honours: only a POST's form (or untyped), multipart or JSON body."""
     return method == "POST" and (
-        is_form_type(content_type) or _is_multipart_form(content_type) or is_json_type(content_type)
+        _read_as_form(method, content_type)
+        or _is_multipart_form(content_type)
+        or _read_as_json(content_type)
     )
+
+
+def read_whole_for_override(method: str, content_type: str | None) -> bool:
+    """Whether the proxy holds such a body whole to look for an override (a multipart form is
+    read as it streams, :class:`MethodOverrideWatch`)."""
+    return overrides_method(method, content_type) and not _is_multipart_form(content_type)
+
+
+def _top_level_names(raw: bytes, method: str, content_type: str | None) -> frozenset[str] | None:
+    """The top-level field names of a whole form or JSON body as frameworks read them; None for
+    JSON that is not an object or not JSON (nothing to read) is an empty set."""
+    if _read_as_json(content_type):
+        try:
+            value = strict_json(raw.decode("utf-8"))
+        except (ValueError, RecursionError):
+            return frozenset()  # the upstream cannot read it either
+        return frozenset(value) if isinstance(value, dict) else frozenset()
+    if _read_as_form(method, content_type):
+        text = raw.decode("latin-1")
+        return frozenset(n for n, _ in parse_qsl(text, keep_blank_values=True, errors="replace"))
+    return None
 
 
 def refuse_method_override(
     method: str, content_type: str | None, raw: bytes, content_encoding: str | None = None
 ) -> None:
     """Raise ``invalid_request`` for a whole POST body that carries a ``_method`` field, however
-    spelled or encoded (``%5Fmethod``, ``_method[]``, ``"\\u005fmethod"``), or that may carry one
-    under a content coding (body-parser inflates gzip before Express reads ``req.body._method``)."""
+    spelled or encoded (``%5Fmethod``, ``_method[]``, `` _method``, ``"\\u005fmethod"``), or that
+    may carry one under a content coding (body-parser inflates gzip before Express reads
+    ``req.body._method``)."""
     if not raw or not overrides_method(method, content_type):
         return
     refuse_coded_override(content_encoding)
@@ -262,21 +308,7 @@ def refuse_method_override(
         watch = MethodOverrideWatch(content_type)
         watch.feed(raw)
         return
-    lowered = raw.lower()
-    if is_json_type(content_type):
-        if b"method" not in lowered and b"\\u" not in raw:
-            return
-        try:
-            value = strict_json(raw.decode("utf-8"))
-        except (ValueError, RecursionError):
-            return  # the upstream cannot read it either: no override
-        if isinstance(value, dict) and any(query_key(k) == METHOD_OVERRIDE for k in value):
-            raise InvalidRequest(_OVERRIDE_REFUSED)
-        return
-    if b"method" not in lowered and b"%" not in raw:
-        return
-    text = raw.decode("latin-1")
-    names = (n for n, _ in parse_qsl(text, keep_blank_values=True, errors="replace"))
+    names = _top_level_names(raw, method, content_type) or frozenset()
     if any(query_key(n) == METHOD_OVERRIDE for n in names):
         raise InvalidRequest(_OVERRIDE_REFUSED)
 
@@ -291,26 +323,71 @@ def refuse_coded_override(content_encoding: str | None) -> None:
         )
 
 
+#: python-multipart logs a warning for each malformed body it is given; a client's bodies must not
+#: fill the gateway's log (the refusal itself is audited).
+logging.getLogger("python_multipart").setLevel(logging.ERROR)
+_WHITESPACE: Final = b"\r\n \t"
+_MULTIPART_UNREADABLE: Final = (
+    "the multipart/form-data body cannot be read the one way every server reads it; send a "
+    "well-formed one (CRLF line ends, no preamble or epilogue, every part named)"
+)
+
+
+def _loose_names(disposition: bytes) -> list[str]:
+    """Every name a ``Content-Disposition`` value may give its part to some parser: each
+    ``name``, ``name*`` or ``name*0`` parameter, unquoted (double or single quotes), without
+    backslash escapes, an RFC 5987 charset prefix or percent-encoding, cut at a NUL. Splitting on
+    ``;`` inside a quoted value only adds candidates."""
+    names = []
+    for segment in disposition.split(b";")[1:]:
+        key, eq, value = segment.partition(b"=")
+        if not eq or key.strip().lower().rstrip(b"*0123456789") != b"name":
+            continue
+        value = value.strip().strip(b"\"'").replace(b"\\", b"")
+        if b"''" in value:
+            value = value.split(b"''", 1)[1]
+        names.append(unquote_to_bytes(value).decode("utf-8", "replace"))
+    return names
+
+
 class MethodOverrideWatch:
     """Reads a ``multipart/form-data`` body as it streams (python-multipart's parser) and raises
     ``invalid_request`` at the part header naming a ``_method`` field, before the chunk holding
     it is passed on: the upstream never receives a whole body carrying the override (a framework
-    reads every part before it dispatches). A body the parser cannot read is refused too."""
+    reads every part before it dispatches).
+
+    Parsers disagree at the edges, so only a body they read alike passes: one ``boundary``
+    parameter (Rack takes the last, PHP the first), every part named (Rack names an unnamed part
+    by its ``Content-ID``), nothing but line ends after the closing delimiter (PHP and Rack read
+    parts placed there), and nothing python-multipart refuses (a preamble, bare LF line ends,
+    folded headers)."""
 
     def __init__(self, content_type: str | None) -> None:
+        if (content_type or "").lower().count("boundary") > 1:
+            raise InvalidRequest(_MULTIPART_UNREADABLE)
         _, params = parse_options_header(content_type or "")
         boundary = params.get(b"boundary")
         if not boundary:
             raise InvalidRequest("a multipart/form-data body needs a boundary parameter")
+        self._close = b"\r\n--" + boundary + b"--"
+        self._tail = b""
+        self._started = False
+        self._closed = False
+        self._named = False
         self._field, self._value = bytearray(), bytearray()
         self._parser = MultipartParser(
             boundary,
             callbacks={
+                "on_part_begin": self._on_part_begin,
                 "on_header_field": self._on_field,
                 "on_header_value": self._on_value,
                 "on_header_end": self._on_header_end,
+                "on_headers_finished": self._on_headers_finished,
             },
         )
+
+    def _on_part_begin(self) -> None:
+        self._named = False
 
     def _on_field(self, data: bytes, start: int, end: int) -> None:
         self._field += data[start:end]
@@ -319,28 +396,48 @@ class MethodOverrideWatch:
         self._value += data[start:end]
 
     def _on_header_end(self) -> None:
-        field_name, value = bytes(self._field).lower(), bytes(self._value)
+        field_name, value = bytes(self._field).strip().lower(), bytes(self._value)
         self._field.clear()
         self._value.clear()
         if field_name != b"content-disposition":
             return
         _, params = parse_options_header(value)
-        names = [params.get(b"name", b"")]
-        # RFC 5987 ``name*=UTF-8''_method``, which the parser leaves out.
-        names += re.findall(rb"name\*\s*=\s*[^']*'[^']*'([^;\s]*)", value, re.IGNORECASE)
-        for name in names:
-            text = unquote_to_bytes(name).decode("utf-8", "replace")
-            if query_key(text) == METHOD_OVERRIDE:
-                raise InvalidRequest(_OVERRIDE_REFUSED)
+        names = _loose_names(value)
+        if b"name" in params:
+            names.append(params[b"name"].decode("utf-8", "replace"))
+        self._named = self._named or bool(names)
+        if any(query_key(name) == METHOD_OVERRIDE for name in names):
+            raise InvalidRequest(_OVERRIDE_REFUSED)
+
+    def _on_headers_finished(self) -> None:
+        if not self._named:
+            raise InvalidRequest(_MULTIPART_UNREADABLE)
 
     def feed(self, chunk: bytes) -> None:
-        """Read the next bytes of the body; raises before returning if they name ``_method``."""
+        """Read the next bytes of the body; raises before returning if they name ``_method``,
+        or carry anything but line ends after the closing delimiter."""
+        if self._closed:
+            if chunk.strip(_WHITESPACE):
+                raise InvalidRequest(_MULTIPART_UNREADABLE)
+            return
         try:
             self._parser.write(chunk)
         except MultipartParseError:
-            raise InvalidRequest(
-                "the multipart/form-data body cannot be read; send a well-formed one"
-            ) from None
+            raise InvalidRequest(_MULTIPART_UNREADABLE) from None
+        data = self._tail + chunk
+        rest: bytes | None = None
+        if not self._started and data.startswith(self._close[2:]):
+            rest = data[len(self._close) - 2 :]  # a closing delimiter first: no part at all
+        else:
+            at = data.find(self._close)
+            if at >= 0:
+                rest = data[at + len(self._close) :]
+        self._started = self._started or bool(data)
+        if rest is not None:
+            self._closed = True
+            if rest.strip(_WHITESPACE):
+                raise InvalidRequest(_MULTIPART_UNREADABLE)
+        self._tail = data[-(len(self._close) - 1) :]
 
 
 #: Fields the gateway and the upstream must read alike: sent once (policy would read the body by

@@ -38,6 +38,7 @@ from aegis.gateway.evidence import (
     refusal_headers,
 )
 from aegis.gateway.policies import PolicyDirectory
+from aegis.gateway.routing import bare_host
 from aegis.pki.binding import X5T_S256, check_certificate_binding, check_peer_is_subject
 from aegis.policy.decision import Decision, SanitizeObligation
 from aegis.policy.input import AgentInfo, ChainInfo, PolicyCall, build_input
@@ -136,7 +137,7 @@ class Pipeline:
             # with the same path is not one for this call.
             public = urlsplit(self._public_url)
             port = f":{public.port}" if public.port else ""
-            return f"{public.scheme}://{ctx.route.host}{port}{path}"
+            return f"{public.scheme}://{bare_host(ctx.route.host)}{port}{path}"
         return f"{self._public_url}{path}"
 
     @staticmethod

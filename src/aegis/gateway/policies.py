@@ -36,6 +36,7 @@ from typing import Any, Final
 
 from aegis.clock import Clock
 from aegis.config import GatewayAllow
+from aegis.crypto.jws import fold_name
 from aegis.errors import InvalidRequest, Unavailable
 from aegis.gateway.context import header_key, query_key
 from aegis.policy.decision import Decision
@@ -178,9 +179,9 @@ def misspelled(
         for depth, member in enumerate(path):
             if type(node) is not dict:
                 break
-            folded = member.casefold()
+            folded = fold_name(member)
             for name in node:
-                if name != member and name.casefold() == folded:
+                if name != member and fold_name(name) == folded:
                     where = ".".join(path[: depth + 1])
                     return (f"the body member {name[:64]!r} is {member!r} to case-insensitive "
                             "readers (Go's encoding/json, ASP.NET), and the policy for this tool "

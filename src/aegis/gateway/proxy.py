@@ -51,10 +51,10 @@ from aegis.gateway.context import (
     MethodOverrideWatch,
     Route,
     body_digest,
-    is_form_type,
     is_json_type,
     overrides_method,
     parse_json_body,
+    read_whole_for_override,
     refuse_coded_override,
     refuse_method_override,
     utf8_labelled,
@@ -354,9 +354,10 @@ class ReverseProxy:
             # A policy that reads this tool's bodies sees them whole, up to the body limit.
             shown = limit if self._pipeline.reads_body(route) else self._settings.policy_body_bytes
             small_declared = declared is not None and int(declared) <= shown
-            # A POST form is read whole too: it may carry a _method override (checked below).
+            # A POST form (or untyped or JSON-ish body) is read whole too: it may carry a
+            # _method override (checked below).
             method = facts["method"]
-            form = method == "POST" and is_form_type(content_type)
+            form = read_whole_for_override(method, content_type)
             if is_json_type(content_type) or form or small_declared:
                 raw = await self._read(receive, limit)
                 refuse_method_override(method, content_type, raw, values.get("content-encoding"))

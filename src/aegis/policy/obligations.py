@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
+from aegis.crypto.jws import fold_name
 from aegis.policy.decision import SanitizeObligation
 
 __all__ = [
@@ -115,9 +116,9 @@ def _redact(value: Any, keys: list[str]) -> Any:
         return value
     # Member names match case-insensitively: Go's encoding/json and ASP.NET read {"SSN": …} as
     # the member ssn, so a redaction of ssn must hide it too (hiding more is the safe side).
-    folded = head.casefold()
+    folded = fold_name(head)
     return {
-        k: (_redact(v, rest) if head == "*" or k.casefold() == folded else v)
+        k: (_redact(v, rest) if head == "*" or fold_name(k) == folded else v)
         for k, v in value.items()
     }
 
