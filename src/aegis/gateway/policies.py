@@ -31,6 +31,7 @@ import logging
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -308,13 +309,13 @@ class PolicyDirectory:
         body_hidden: bool = False,
         fields: tuple[tuple[str, str], ...] = (),
         fields_joined: bool = False,
-        body_names: frozenset[str] | None = frozenset(),
+        body_names: Callable[[], frozenset[str] | None] | None = None,
     ) -> Decision:
         """The decision for one call; ``body_hidden`` says the call has a body that is not in
         ``doc`` (streamed, over the buffering limit, or not JSON); ``fields`` are its header
         fields as the upstream gets them, ``fields_joined`` whether repeats may have arrived
-        joined with ``,``, ``body_names`` the body's top-level field names (see
-        :func:`misspelled`)."""
+        joined with ``,``, ``body_names`` gives the body's top-level field names, asked only
+        when the policy reads names (see :func:`misspelled`)."""
         watcher = self._watcher(tenant, env)
         policy = watcher.current() if watcher is not None else None
         if policy is None and watcher is not None and not watcher.nothing_active:
@@ -331,7 +332,8 @@ class PolicyDirectory:
                 )
             reads = self._fields_read(policy, tool)
             if reads.by_name:
-                why = misspelled(reads, doc, fields, joined=fields_joined, body_names=body_names)
+                names = body_names() if body_names is not None else frozenset()
+                why = misspelled(reads, doc, fields, joined=fields_joined, body_names=names)
                 if why:
                     raise InvalidRequest(why)
             return policy.evaluate(doc)
