@@ -119,6 +119,14 @@ def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels or None) or 0.0
 
 
+def activate(stack: Stack, policy: str) -> str:
+    """Put ``policy`` and activate it for acme/prod; its version, once the gateway has polled."""
+    version = stack.policies.put(load_document(policy), now=time.time())
+    stack.policies.activate("acme", "prod", version, actor="test", now=time.time())
+    time.sleep(0.1)  # one poll interval
+    return version
+
+
 def test_dpop_agent_calls_payments_and_upstream_sees_identity(stack: Stack) -> None:
     agent = AgentClient(stack.srv, "payer")
     token = agent.access_token()
@@ -459,9 +467,7 @@ spec:
 
 
 def test_sanitize_policy_rewrites_request_and_response(stack: Stack) -> None:
-    version = stack.policies.put(load_document(SANITIZE), now=time.time())
-    stack.policies.activate("acme", "prod", version, actor="test", now=time.time())
-    time.sleep(0.1)  # one poll interval
+    version = activate(stack, SANITIZE)
     agent = AgentClient(stack.srv, "crm")
     token = agent.access_token()
     url = f"{stack.gateway}/crm/lookup"
@@ -497,9 +503,7 @@ spec:
 
 
 def test_policy_does_not_decide_on_a_field_the_upstream_never_receives(stack: Stack) -> None:
-    version = stack.policies.put(load_document(DRY_RUN_ONLY), now=time.time())
-    stack.policies.activate("acme", "prod", version, actor="test", now=time.time())
-    time.sleep(0.1)  # one poll interval
+    activate(stack, DRY_RUN_ONLY)
     agent = AgentClient(stack.srv, "dry-runner")
     token = agent.access_token()
     url = f"{stack.gateway}/crm/export"
@@ -538,9 +542,7 @@ spec:
 def test_policy_sees_the_proxy_fields_the_upstream_receives(stack: Stack) -> None:
     """A caller's X-Forwarded-For is replaced by the gateway's own before forwarding, so a rule
     on it must read the gateway's value too, not the claim."""
-    version = stack.policies.put(load_document(FROM_THE_OFFICE), now=time.time())
-    stack.policies.activate("acme", "prod", version, actor="test", now=time.time())
-    time.sleep(0.1)  # one poll interval
+    activate(stack, FROM_THE_OFFICE)
     agent = AgentClient(stack.srv, "spoofer")
     token = agent.access_token()
     url = f"{stack.gateway}/crm/export"
@@ -575,9 +577,7 @@ CARD = "4111 1111 1111 1111"
 def test_sanitize_refuses_what_it_cannot_rewrite(stack: Stack) -> None:
     """A sanitize decision is forwarded only as rewritten: a body, query or path it cannot
     rewrite is refused, never passed on as it came."""
-    version = stack.policies.put(load_document(STRICT_SANITIZE), now=time.time())
-    stack.policies.activate("acme", "prod", version, actor="test", now=time.time())
-    time.sleep(0.1)  # one poll interval
+    activate(stack, STRICT_SANITIZE)
     agent = AgentClient(stack.srv, "carder")
     token = agent.access_token()
 
@@ -623,9 +623,7 @@ def test_a_text_answer_hiding_digits_from_the_mask_is_refused(stack: Stack) -> N
     """The mask reads a text answer as UTF-8; one the client reads otherwise (a UTF-16 label,
     UTF-16 bytes under no label, digits written as JSON escapes or HTML references) is a 502,
     never relayed with the card number in it."""
-    version = stack.policies.put(load_document(SANITIZE), now=time.time())
-    stack.policies.activate("acme", "prod", version, actor="test", now=time.time())
-    time.sleep(0.1)  # one poll interval
+    activate(stack, SANITIZE)
     agent = AgentClient(stack.srv, "hider")
     token = agent.access_token()
     for form in ("utf16", "nul", "json-escape", "entity"):
@@ -641,9 +639,7 @@ def test_a_text_answer_hiding_digits_from_the_mask_is_refused(stack: Stack) -> N
 def test_an_answer_too_large_to_sanitize_is_refused_not_held(stack: Stack) -> None:
     """An answer to be sanitized is read whole into memory, so only up to max_body_bytes
     (1 MiB here): a 2 MiB one, with or without a content-length, is a 502."""
-    version = stack.policies.put(load_document(SANITIZE), now=time.time())
-    stack.policies.activate("acme", "prod", version, actor="test", now=time.time())
-    time.sleep(0.1)  # one poll interval
+    activate(stack, SANITIZE)
     agent = AgentClient(stack.srv, "hoarder")
     token = agent.access_token()
     for target in ("huge", "huge?streamed"):
@@ -669,9 +665,7 @@ spec:
 def test_a_body_rule_cannot_be_dodged_by_padding_or_content_type(stack: Stack) -> None:
     """A deny rule on the body does not fire for a body policy never saw, so the gateway shows
     policy every body it reads (whatever its size within the limit) and refuses the rest."""
-    version = stack.policies.put(load_document(BODY_CAP), now=time.time())
-    stack.policies.activate("acme", "prod", version, actor="test", now=time.time())
-    time.sleep(0.1)  # one poll interval
+    activate(stack, BODY_CAP)
     agent = AgentClient(stack.srv, "padder")
     token = agent.access_token()
     url = f"{stack.gateway}/payments/charge"
@@ -787,9 +781,7 @@ def test_a_post_body_overriding_the_method_is_refused(stack: Stack) -> None:
     """Rails, Laravel and Symfony serve a POST carrying ``_method=DELETE`` as a DELETE: decided as
     a POST, it never reaches the upstream whole. A multipart form is read as it streams and cut
     off before the part naming the field is passed on."""
-    version = stack.policies.put(load_document(PAYMENTS_BY_METHOD), now=time.time())
-    stack.policies.activate("acme", "prod", version, actor="test", now=time.time())
-    time.sleep(0.1)  # one poll interval
+    activate(stack, PAYMENTS_BY_METHOD)
     agent = AgentClient(stack.srv, "overrider")
     token = agent.access_token()
     url = f"{stack.gateway}/payments/invoices/42"
