@@ -282,10 +282,10 @@ def test_a_read_body_member_in_another_case_is_refused_at_any_depth(
 
 def test_policy_reads_names_the_fields_a_tools_conditions_read() -> None:
     policy = compile_policy(load_document(BODY_RULES))
-    assert policy_reads(policy, "pay") == ReadFields(body=(("amount",),))
+    assert policy_reads(policy, "pay") == ReadFields(body=(("amount",),), any_body=True)
     assert policy_reads(policy, "read") == ReadFields(headers=frozenset({"x-mode"}))
     whole = policy_reads(policy, "audit")  # a condition on all of request reads every name
-    assert whole.every_query and whole.every_header
+    assert whole.every_query and whole.every_header and whole.any_body
     assert not policy_reads(policy, "other").by_name
 
 

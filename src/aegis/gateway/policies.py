@@ -69,25 +69,21 @@ _MAX_CACHED: Final = 4096
 
 def policy_reads_body(policy: CompiledPolicy, tool: str) -> bool:
     """Whether any rule that can apply to ``tool`` has a condition on the request body."""
-    for rule in policy.candidates(tool):
-        nodes = [*rule.lowered.match, *([rule.lowered.when] if rule.lowered.when else [])]
-        for leaf in (leaf for node in nodes for leaf in leaves(node)):
-            if leaf.path[:2] == _BODY or _BODY[: len(leaf.path)] == leaf.path:
-                return True
-    return False
+    return policy_reads(policy, tool).any_body
 
 
 @dataclass(frozen=True, slots=True)
 class ReadFields:
     """What the conditions of the rules that can apply to one tool read by name: query
     parameters and headers (``every_*`` when one reads the whole object) and body members (each
-    path below ``request.body``)."""
+    path below ``request.body``); ``any_body`` when any condition reads the body at all."""
 
     query: frozenset[str] = frozenset()
     every_query: bool = False
     headers: frozenset[str] = frozenset()
     every_header: bool = False
     body: tuple[tuple[str, ...], ...] = ()
+    any_body: bool = False
 
     @property
     def by_name(self) -> bool:
@@ -100,7 +96,7 @@ def policy_reads(policy: CompiledPolicy, tool: str) -> ReadFields:
     query: set[str] = set()
     headers: set[str] = set()
     body: set[tuple[str, ...]] = set()
-    every_query = every_header = False
+    every_query = every_header = any_body = False
     for rule in policy.candidates(tool):
         nodes = [*rule.lowered.match, *([rule.lowered.when] if rule.lowered.when else [])]
         for leaf in (leaf for node in nodes for leaf in leaves(node)):
@@ -113,8 +109,9 @@ def policy_reads(policy: CompiledPolicy, tool: str) -> ReadFields:
                 body.add(path[2:])
             every_query |= _QUERY[: len(path)] == path
             every_header |= _HEADERS[: len(path)] == path
+            any_body |= path[:2] == _BODY or _BODY[: len(path)] == path
     return ReadFields(frozenset(query), every_query, frozenset(headers), every_header,
-                      tuple(sorted(body)))  # fmt: skip
+                      tuple(sorted(body)), any_body)  # fmt: skip
 
 
 def misspelled(
@@ -247,7 +244,6 @@ class PolicyDirectory:
         self._polling = False
         self._watchers: dict[tuple[str, str], PolicyWatcher] = {}
         self._lock = threading.Lock()
-        self._reads: dict[tuple[str, str], bool] = {}
         self._read_fields: dict[tuple[str, str], ReadFields] = {}
 
     def _watcher(self, tenant: str, env: str) -> PolicyWatcher | None:
@@ -274,13 +270,7 @@ class PolicyDirectory:
         return watcher
 
     def _reads_body(self, policy: CompiledPolicy, tool: str) -> bool:
-        key = (policy.version, tool)
-        found = self._reads.get(key)
-        if found is None:
-            if len(self._reads) >= _MAX_CACHED:
-                self._reads.clear()
-            found = self._reads[key] = policy_reads_body(policy, tool)
-        return found
+        return self._fields_read(policy, tool).any_body
 
     def _fields_read(self, policy: CompiledPolicy, tool: str) -> ReadFields:
         key = (policy.version, tool)
