@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -351,6 +352,25 @@ class GatewaySettings(_Section):
     #: Unset: built from the request's scheme and Host header.
     public_url: str | None = None
     routes: tuple[GatewayRoute, ...] = ()
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        try:
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:
+            port_ok = False
+        if (parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc
+                or parts.query or parts.fragment or "?" in v or "#" in v or not port_ok):  # fmt: skip
+            raise ValueError(
+                "public_url is what agents address: http(s)://host[:port][/base], without "
+                "user, query or fragment"
+            )
+        return v.rstrip("/")
+
     #: Default-deny fallback while no policy is active for a tenant/env (empty: deny everything).
     allow: tuple[GatewayAllow, ...] = ()
     #: Largest request body accepted (bytes); larger is 413 payload_too_large.

@@ -168,3 +168,24 @@ def test_a_long_path_is_cut_with_a_mark_in_slack_and_teams() -> None:
     assert "more characters)" in header and "refund-all-accounts" not in header
     teams = json.dumps(message_for("teams", req, "https://aegis.example/approvals/apr_1"))
     assert "more characters)" in teams
+
+
+def test_approvers_see_a_callers_layout_characters_as_escapes() -> None:
+    """A line separator (U+2028) or a bidi control in a value would draw lines or reorder text
+    of the caller's choosing in Slack or Teams: shown as escapes, one JSON member a line."""
+    from aegis.approvals.notifiers import json_lines, request_lines
+
+    lines = json_lines({"memo": "ok\u2028 \u02baamount\u02ba: 12", "amount": 50000})
+    assert lines == ["{", ' "memo": "ok\\u2028 \u02baamount\u02ba: 12",', ' "amount": 50000', "}"]
+    assert request_lines((("to", "acct\u202eLIVE"),), ()) == ['query "to": "acct\\u202eLIVE"']
+
+
+def test_a_long_body_is_shown_with_its_strings_cut_not_hidden() -> None:
+    from aegis.approvals.model import redact_parameters
+
+    shown = redact_parameters({"amount": 50000, "to": "acct-EVIL", "note": "x" * 5000})
+    assert shown["amount"] == 50000 and shown["to"] == "acct-EVIL"
+    assert shown["note"].endswith("(4744 more characters not shown)")
+    many = redact_parameters({f"k{i}": {"deep": "y" * 200} for i in range(40)} | {"amount": 1})
+    assert many["truncated"] and many["members"]["amount"] == 1
+    assert many["members"]["k0"] == "(dict not shown)"

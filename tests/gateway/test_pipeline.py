@@ -546,3 +546,39 @@ async def test_a_route_host_written_with_its_trailing_dot_names_the_host(env: En
     proof = mint_proof(agent.key, "POST", "https://admin.example.com/payments/charge", token=token)
     ctx = make_ctx([("authorization", f"DPoP {token}"), ("dpop", proof)], body={}, route=route)
     assert (await env.pipeline.run(ctx)).allowed
+
+
+@pytest.mark.parametrize(
+    ("cookie", "status"),
+    [("session=abc; action=delete", 400), ("session=abc; theme=dark", 200), (" ACTION=x", 400)],
+)
+async def test_a_cookie_named_like_a_read_parameter_is_refused(
+    env: Env, cookie: str, status: int
+) -> None:
+    """PHP's $_REQUEST reads cookies over the query (variables_order EGPCS)."""
+    env.policies.activate(
+        "acme", "prod", env.policies.put(load_document(QUERY_RULE), now=0), actor="t", now=0
+    )
+    agent = Agent(env)
+    ctx = dataclasses.replace(
+        make_ctx([*dpop_headers(agent, agent.token()), ("cookie", cookie)]),
+        query=(("action", "read"),),
+    )
+    assert (await env.pipeline.run(ctx)).status == status
+
+
+@pytest.mark.parametrize(
+    "url", ["gw.example.com", "https://gw.example.com:99999", "https://u@gw.example.com",
+            "https://gw.example.com/?x=1", "ftp://gw.example.com"],
+)  # fmt: skip
+def test_a_public_url_agents_cannot_address_is_refused_at_load(url: str) -> None:
+    from aegis.config import GatewaySettings
+
+    with pytest.raises(ValueError, match="public_url"):
+        GatewaySettings.model_validate({"public_url": url})
+
+
+def test_a_public_url_is_kept_without_its_trailing_slash() -> None:
+    from aegis.config import GatewaySettings
+
+    assert GatewaySettings.model_validate({"public_url": "https://gw/"}).public_url == "https://gw"

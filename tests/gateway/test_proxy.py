@@ -81,6 +81,40 @@ def test_longest_prefix_and_host_win() -> None:
     assert proxy.match("gw", "/other").tool == "any"  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize(
+    ("routes", "host", "path", "tool"),
+    [
+        # A host's routes are the only ones for it, however long another prefix is: nginx picks
+        # the server block, Envoy the virtual host, before any path.
+        ((("/", "admin", "admin.example.com"), ("/payments", "payments", None)),
+         "admin.example.com", "/payments/charge", "admin"),
+        ((("/payments", "admin", "admin.example.com"), ("/payments/", "payments", None)),
+         "Admin.Example.com.:8443", "/payments/x", "admin"),
+        ((("/payments", "admin", "admin.example.com"), ("/payments/refunds", "refunds", None)),
+         "admin.example.com", "/payments/refunds/1", "admin"),
+        # Other hosts never reach a host's routes.
+        ((("/", "admin", "admin.example.com"), ("/payments", "payments", None)),
+         "gw.example.com", "/payments/charge", "payments"),
+        ((("/", "admin", "admin.example.com"),), "gw.example.com", "/x", None),
+    ],
+)  # fmt: skip
+def test_the_host_chooses_its_routes_before_any_path(
+    routes: tuple[tuple[str, str, str | None], ...], host: str, path: str, tool: str | None
+) -> None:
+    table = _table(*routes)
+    for route in (table.match(host, path), table.match_exact(host, path)):
+        assert (route.tool if route else None) == tool
+
+
+def test_a_prefix_written_with_a_trailing_slash_is_literal_to_the_proxy_in_front() -> None:
+    """Envoy's ``prefix: /payments/`` sends ``/payments`` to the catch-all: the exact reading
+    says so, and the ext_authz doors refuse the call the two readings place differently."""
+    table = _table(("/", "public", None), ("/payments/", "payments", None))
+    assert table.match_exact("gw", "/payments").tool == "public"  # type: ignore[union-attr]
+    assert table.match_exact("gw", "/payments/x").tool == "payments"  # type: ignore[union-attr]
+    assert table.match("gw", "/payments").tool == "payments"  # type: ignore[union-attr]
+
+
 def test_route_without_catch_all_does_not_match_other_paths() -> None:
     settings = GatewaySettings.model_validate(
         {
@@ -406,3 +440,14 @@ def test_an_empty_content_type_is_no_type_and_an_unclosed_quote_is_refused_quick
         vet_fields((("content-type", "application/json;a=" + '"\\' * 500),))
     with pytest.raises(InvalidRequest):
         vet_fields((("content-type", "application/json;a=" + "b" * 2000),))  # over 1,024
+
+
+def test_too_many_or_too_large_header_fields_are_refused_before_anything_is_read() -> None:
+    from aegis.gateway.context import MAX_FIELD_BYTES, MAX_FIELDS
+
+    many = tuple((f"x-{i}", "v") for i in range(MAX_FIELDS + 1))
+    with pytest.raises(InvalidRequest, match="header fields"):
+        vet_fields(many)
+    with pytest.raises(InvalidRequest, match="header fields"):
+        vet_fields((("x-big", "v" * MAX_FIELD_BYTES),))
+    assert vet_fields(tuple((f"x-{i}", "v") for i in range(MAX_FIELDS)))[1]["x-0"] == "v"

@@ -539,6 +539,39 @@ spec:
 """
 
 
+NO_FORWARDING = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: no-forwarding}
+spec:
+  rules:
+    - id: crm-private
+      action: sanitize
+      reason: the crm is not told where calls come from
+      match: {tools: [crm]}
+      obligations:
+        - {kind: drop_header, target: request, header: x-forwarded-for}
+        - {kind: mask, target: request, pattern: card_number}
+    - {id: pay, action: allow, reason: payments allowed, match: {tools: [payments]}}
+"""
+
+
+def test_obligations_apply_to_the_gateways_own_fields_and_refuse_what_they_cannot_rewrite(
+    stack: Stack,
+) -> None:
+    activate(stack, NO_FORWARDING)
+    agent = AgentClient(stack.srv, "privacy")
+    token = agent.access_token()
+    url = f"{stack.gateway}/crm/lookup"
+    resp = httpx.post(url, json={}, headers=agent.headers(token, "POST", url))
+    assert resp.status_code == 200, resp.text
+    assert "x-forwarded-for" not in stack.upstream.seen[-1]["headers"]
+    # A mask cannot rewrite a header's name: refused rather than forwarded unmasked.
+    named = {**agent.headers(token, "POST", url), "x-note-4111-1111-1111-1111": "1"}
+    resp = httpx.post(url, json={}, headers=named)
+    assert (resp.status_code, resp.json()["code"]) == (403, "policy_error"), resp.text
+
+
 def test_policy_sees_the_proxy_fields_the_upstream_receives(stack: Stack) -> None:
     """A caller's X-Forwarded-For is replaced by the gateway's own before forwarding, so a rule
     on it must read the gateway's value too, not the claim."""

@@ -172,6 +172,17 @@ def _redact(value: Any, depth: int) -> Any:
     return value
 
 
+def _cut_values(value: Any, limit: int) -> Any:
+    """``value`` with every string longer than ``limit`` cut, and marked where it was cut."""
+    if isinstance(value, dict):
+        return {k: _cut_values(v, limit) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_cut_values(v, limit) for v in value]
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]}… ({len(value) - limit} more characters not shown)"
+    return value
+
+
 _MAX_FIELDS: Final = 64
 _MAX_FIELD_VALUE: Final = 256
 
@@ -194,9 +205,24 @@ def redact_fields(pairs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], 
 
 
 def redact_parameters(body: Any) -> Any:
-    """What approvers see of the body: secret-looking keys redacted, at most 4 KiB of JSON."""
+    """What approvers see of the body: secret-looking keys redacted, at most 4 KiB of JSON. A
+    larger body is shown with long strings cut (a padding member must not hide the amount
+    beside it), then, if still too large, as its top-level members with every string cut short
+    and every object or list named but not shown, and ``truncated``."""
     shown = _redact(body, 0)
-    if len(json.dumps(shown, default=str)) > _MAX_SHOWN:
+    if len(json.dumps(shown, default=str)) <= _MAX_SHOWN:
+        return shown
+    cut = _cut_values(shown, _MAX_FIELD_VALUE)
+    if len(json.dumps(cut, default=str)) <= _MAX_SHOWN:
+        return cut
+    if isinstance(shown, dict):
+        brief = {
+            k: (f"({type(v).__name__} not shown)" if isinstance(v, dict | list)
+                else _cut_values(v, 64))
+            for k, v in list(shown.items())[:_MAX_FIELDS]
+        }  # fmt: skip
+        if len(json.dumps(brief, default=str)) <= _MAX_SHOWN:
+            return {"truncated": True, "members": brief}
         return {"truncated": True}
     return shown
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -64,12 +65,33 @@ def _summary(req: ApprovalRequest, status_url: str) -> dict[str, Any]:
     }
 
 
+def _visible(text: str) -> str:
+    """``text`` with every character that can break, reorder or hide what follows it (line and
+    paragraph separators, bidi and zero-width controls, C0 and C1 controls) written as a
+    ``\\uXXXX`` escape: an approver reads the characters the caller sent, not a layout they
+    chose. Newlines are kept (the message's own lines are split on them only)."""
+    return "".join(
+        f"\\u{ord(c):04x}" if c != "\n" and unicodedata.category(c) in _INVISIBLE else c
+        for c in text
+    )
+
+
+_INVISIBLE: Final = frozenset({"Cc", "Cf", "Zl", "Zp", "Co", "Cs", "Cn"})
+
+
+def json_lines(value: Any) -> list[str]:
+    """``value`` as indented JSON, one line per member, split on newlines only (JSON escapes
+    those inside strings), invisible and layout characters made visible."""
+    return _visible(json.dumps(value, indent=1, ensure_ascii=False)).split("\n")
+
+
 def request_lines(query: Any, headers: Any) -> list[str]:
     """The query and the bound headers, one field a line, each value JSON-quoted: a newline, a
     ``&`` or a quote in a caller's value cannot make up a line or a field of its own."""
     quoted = [f"query {json.dumps(k, ensure_ascii=False)}: {json.dumps(v, ensure_ascii=False)}"
               for k, v in query]  # fmt: skip
-    return quoted + [f"header {k}: {json.dumps(v, ensure_ascii=False)}" for k, v in headers]
+    lines = quoted + [f"header {k}: {json.dumps(v, ensure_ascii=False)}" for k, v in headers]
+    return [_visible(line) for line in lines]
 
 
 def _fit(lines: list[str], limit: int, more: str) -> str:
@@ -124,12 +146,12 @@ _WITHDRAW_CONFIRM: Final = {
 def _slack(s: dict[str, Any]) -> dict[str, Any]:
     text = (
         f"*Approval needed* ({_mrkdwn(s['rule'])}): agent `{_mrkdwn(s['agent_id'])}` calls "
-        f"`{_mrkdwn(s['tool'])}` {_mrkdwn(s['method'])} {_mrkdwn(_cut(s['path'], 512))} — group "
+        f"`{_mrkdwn(s['tool'])}` {_mrkdwn(s['method'])} {_mrkdwn(_cut(_visible(s['path']), 512))} — group "
         f"*{_mrkdwn(s['group'])}*"
     )
     more = f"aegis approvals show {s['approval_id']}"
     fields = request_lines(s["query"], s["headers"]) or ["(no query or headers)"]
-    params = json.dumps(s["parameters"], indent=1, ensure_ascii=False).splitlines()
+    params = json_lines(s["parameters"])
     button = {"type": "button", "value": s["approval_id"]}
     return {
         "text": text,
@@ -175,11 +197,11 @@ def _teams(s: dict[str, Any]) -> dict[str, Any]:
     facts = [{"title": k, "value": str(s[k])} for k in ("agent_id", "tool", "rule", "group")]
     more = f"aegis approvals show {s['approval_id']}"
     fields = request_lines(s["query"], s["headers"]) or ["(no query or headers)"]
-    params = json.dumps(s["parameters"], indent=1, ensure_ascii=False).splitlines()
+    params = json_lines(s["parameters"])
     body: list[dict[str, Any]] = [
         {"type": "TextBlock", "weight": "Bolder", "text": "Approval needed"},
         {"type": "FactSet", "facts": facts},
-        _plain(f"{s['method']} {_cut(s['path'], 512)}"),
+        _plain(f"{s['method']} {_cut(_visible(s['path']), 512)}"),
         _plain(_fit(fields, _TEAMS_TEXT, more)),
         _plain(_fit(params, _TEAMS_TEXT, more)),
         {"type": "TextBlock", "wrap": True,

@@ -10,6 +10,7 @@ set only from a verified certificate (``aegis.pki.middleware``), never from clie
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import unicodedata
@@ -27,6 +28,8 @@ from aegis.pki.peer import PeerIdentity
 
 __all__ = [
     "EMPTY_BODY_DIGEST",
+    "MAX_FIELDS",
+    "MAX_FIELD_BYTES",
     "METHODS",
     "REDIRECTING_FIELDS",
     "SINGLE_FIELDS",
@@ -149,10 +152,10 @@ class CallContext:
     def policy_headers(self) -> dict[str, str]:
         """Single-valued view for the policy input (repeats joined by ``, `` per RFC 9110 §5.3);
         credentials are removed again by ``build_input``."""
-        out: dict[str, str] = {}
+        values: dict[str, list[str]] = {}
         for k, v in self.headers:
-            out[k] = f"{out[k]}, {v}" if k in out else v
-        return out
+            values.setdefault(k, []).append(v)
+        return {k: v[0] if len(v) == 1 else ", ".join(v) for k, v in values.items()}
 
     def body_names(self) -> frozenset[str] | None:
         """The top-level field names of the body as frameworks that merge body and query read
@@ -175,7 +178,7 @@ class CallContext:
             return frozenset(self.body)
         if self.raw_body is None or _is_multipart_form(content_type):
             return None
-        return _top_level_names(self.raw_body, self.method, content_type) or frozenset()
+        return _top_level_names(self.raw_body, self.method, content_type)
 
     def policy_query(self) -> dict[str, str | list[str]]:
         out: dict[str, str | list[str]] = {}
@@ -249,7 +252,9 @@ def is_form_type(content_type: str | None) -> bool:
 
 
 def _is_multipart_form(content_type: str | None) -> bool:
-    return (content_type or "").split(";")[0].strip().lower() == "multipart/form-data"
+    """Any ``multipart/*`` type: Rack parses ``multipart/mixed`` and ``multipart/related`` into
+    form parameters as it does ``multipart/form-data``."""
+    return (content_type or "").split(";")[0].strip().lower().startswith("multipart/")
 
 
 def _read_as_form(method: str, content_type: str | None) -> bool:
@@ -279,18 +284,40 @@ def read_whole_for_override(method: str, content_type: str | None) -> bool:
     return overrides_method(method, content_type) and not _is_multipart_form(content_type)
 
 
+class _Pairs(list[tuple[str, Any]]):
+    """A JSON object as a lenient reader keeps it: every member, repeats included."""
+
+
+#: JSON as the most lenient common reader takes it (PHP's json_decode, JavaScript's JSON.parse):
+#: repeated members, NaN and numbers out of range all read; only the names are wanted.
+_lenient_json = json.JSONDecoder(object_pairs_hook=_Pairs, parse_constant=lambda _: None)
+
+
 def _top_level_names(raw: bytes, method: str, content_type: str | None) -> frozenset[str] | None:
-    """The top-level field names of a whole form or JSON body as frameworks read them; None for
-    JSON that is not an object or not JSON (nothing to read) is an empty set."""
+    """The top-level field names of a whole form or JSON body as lenient frameworks read them
+    (repeats and all); an empty set for JSON that is no object; None for a body whose names
+    cannot be told: JSON or a form in another charset or not UTF-8, JSON no reader takes, or a
+    form holding an unencoded ``;`` (older Rack, Go and Python split form fields on it)."""
+    if not utf8_labelled(content_type):
+        return None
+    try:
+        text = raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8")  # body-parser drops a BOM
+    except UnicodeDecodeError:
+        return None
     if _read_as_json(content_type):
         try:
-            value = strict_json(raw.decode("utf-8"))
+            value = _lenient_json.decode(text)
         except (ValueError, RecursionError):
-            return frozenset()  # the upstream cannot read it either
-        return frozenset(value) if isinstance(value, dict) else frozenset()
+            return None
+        return frozenset(k for k, _ in value) if isinstance(value, _Pairs) else frozenset()
     if _read_as_form(method, content_type):
-        text = raw.decode("latin-1")
-        return frozenset(n for n, _ in parse_qsl(text, keep_blank_values=True, errors="replace"))
+        if ";" in text:
+            return None
+        try:
+            pairs = parse_qsl(text, keep_blank_values=True, errors="strict")
+        except UnicodeDecodeError:
+            return None
+        return frozenset(n for n, _ in pairs)
     return None
 
 
@@ -308,7 +335,12 @@ def refuse_method_override(
         watch = MethodOverrideWatch(content_type)
         watch.feed(raw)
         return
-    names = _top_level_names(raw, method, content_type) or frozenset()
+    names = _top_level_names(raw, method, content_type)
+    if names is None:
+        raise InvalidRequest(
+            "a POST form or JSON body may carry a _method override, and the gateway cannot read "
+            "this one's field names; send UTF-8 JSON, or a form without unencoded ';'"
+        )
     if any(query_key(n) == METHOD_OVERRIDE for n in names):
         raise InvalidRequest(_OVERRIDE_REFUSED)
 
@@ -327,6 +359,8 @@ def refuse_coded_override(content_encoding: str | None) -> None:
 #: fill the gateway's log (the refusal itself is audited).
 logging.getLogger("python_multipart").setLevel(logging.ERROR)
 _WHITESPACE: Final = b"\r\n \t"
+#: RFC 2046 §5.1.1 boundary characters, without the space every parser reads its own way.
+_BOUNDARY: Final = re.compile(rb"[0-9A-Za-z'()+_\-./:=?]{1,70}")
 _MULTIPART_UNREADABLE: Final = (
     "the multipart/form-data body cannot be read the one way every server reads it; send a "
     "well-formed one (CRLF line ends, no preamble or epilogue, every part named)"
@@ -338,7 +372,11 @@ def _loose_names(disposition: bytes) -> list[str]:
     ``name``, ``name*`` or ``name*0`` parameter, unquoted (double or single quotes), without
     backslash escapes, an RFC 5987 charset prefix or percent-encoding, cut at a NUL. Splitting on
     ``;`` inside a quoted value only adds candidates."""
-    names = []
+    # Older Rack took the last ``\sname=`` anywhere on the line, inside a quoted value too.
+    names = [
+        unquote_to_bytes(m).decode("utf-8", "replace")
+        for m in re.findall(rb"\sname\*?\s*=\s*[\"']?([^\"';]*)", disposition, re.IGNORECASE)
+    ]
     for segment in disposition.split(b";")[1:]:
         key, eq, value = segment.partition(b"=")
         if not eq or key.strip().lower().rstrip(b"*0123456789") != b"name":
@@ -369,6 +407,10 @@ class MethodOverrideWatch:
         boundary = params.get(b"boundary")
         if not boundary:
             raise InvalidRequest("a multipart/form-data body needs a boundary parameter")
+        if not _BOUNDARY.fullmatch(boundary):
+            # Rack stops a boundary at ',', ';' or '"' even inside quotes: it would split the body
+            # on another delimiter than this parser.
+            raise InvalidRequest(_MULTIPART_UNREADABLE)
         self._close = b"\r\n--" + boundary + b"--"
         self._tail = b""
         self._started = False
@@ -440,6 +482,10 @@ class MethodOverrideWatch:
         self._tail = data[-(len(self._close) - 1) :]
 
 
+#: Header fields a request may carry, and their names and values in all (bytes): past these a
+#: call is refused before anything is read (servers in front commonly allow 100 fields, 8-64 KiB).
+MAX_FIELDS: Final = 256
+MAX_FIELD_BYTES: Final = 64 * 1024
 #: Fields the gateway and the upstream must read alike: sent once (policy would read the body by
 #: one Content-Type, an upstream perhaps by the other), and never named in ``Connection``.
 SINGLE_FIELDS: Final = frozenset({"host", "content-type", "content-length", "content-encoding"})
@@ -472,6 +518,10 @@ def vet_fields(
     or ``Transfer-Encoding``; a ``Content-Type`` that is not one media type (or is over 1,024
     characters); a ``Transfer-Encoding`` other than ``chunked``. An empty ``Content-Type`` is
     no type."""
+    if len(headers) > MAX_FIELDS or sum(len(n) + len(v) for n, v in headers) > MAX_FIELD_BYTES:
+        raise InvalidRequest(
+            f"send at most {MAX_FIELDS} header fields of at most {MAX_FIELD_BYTES} bytes in all"
+        )
     values: dict[str, str] = {}
     for name, value in headers:
         if name not in values:

@@ -70,8 +70,8 @@ ApprovalHook = Callable[[CallContext, EvidenceFacts, PolicyCall], Awaitable[Deci
 
 def _outside_body(ctx: CallContext, obligations: list[SanitizeObligation]) -> bool:
     """Whether request obligations would change something the proxy forwards as sent: a query
-    parameter named like a redacted member (the last key of its path), or text in the query or
-    path that a mask rewrites."""
+    parameter named like a redacted member (the last key of its path), or text in the query,
+    the path, the host or a header's name that a mask rewrites."""
     names = {
         query_key(o.path.rsplit(".", 1)[-1]) for o in obligations if o.kind == "redact" and o.path
     }
@@ -83,7 +83,11 @@ def _outside_body(ctx: CallContext, obligations: list[SanitizeObligation]) -> bo
             return True
         if patterns and (mask_text(name, patterns) != name or mask_text(value, patterns) != value):
             return True
-    return bool(patterns) and mask_text(ctx.path, patterns) != ctx.path
+    if not patterns:
+        return False
+    # Masks rewrite values; a name (a header's, or the host the upstream is told) stays as sent.
+    texts = [ctx.path, ctx.host, *(name for name, _ in ctx.headers)]
+    return any(mask_text(text, patterns) != text for text in texts)
 
 
 class Pipeline:
@@ -137,7 +141,7 @@ class Pipeline:
             # with the same path is not one for this call.
             public = urlsplit(self._public_url)
             port = f":{public.port}" if public.port else ""
-            return f"{public.scheme}://{bare_host(ctx.route.host)}{port}{path}"
+            return f"{public.scheme}://{bare_host(ctx.route.host)}{port}{public.path}{path}"
         return f"{self._public_url}{path}"
 
     @staticmethod

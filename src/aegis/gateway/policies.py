@@ -128,7 +128,13 @@ def misspelled(
     ``body_names`` are the top-level field names of a JSON or form body (None: a body that may
     hold fields the gateway did not read), which frameworks merge with the query's."""
     request = doc.get("request") or {}
-    why = _merged(reads, request.get("query") or {}, body_names)
+    cookies = frozenset(
+        pair.split("=", 1)[0].strip()
+        for name, value in fields
+        if name == "cookie"
+        for pair in value.split(";")
+    )
+    why = _merged(reads, request.get("query") or {}, body_names, cookies)
     if why:
         return why
     if reads.query or reads.every_query:
@@ -188,14 +194,24 @@ def misspelled(
     return ""
 
 
-def _merged(reads: ReadFields, query: dict[str, Any], body_names: frozenset[str] | None) -> str:
+def _merged(
+    reads: ReadFields,
+    query: dict[str, Any],
+    body_names: frozenset[str] | None,
+    cookies: frozenset[str] = frozenset(),
+) -> str:
     """Rails' ``params``, Laravel's ``input()``, Symfony's ``get()`` and Flask's ``values`` read
     query parameters and body fields as one set of names (some preferring the body, others the
-    query): a name policy reads in one place must not also come in the other."""
+    query), and PHP's ``$_REQUEST`` cookies too: a name policy reads in one place must not also
+    come in another."""
     in_body = {query_key(path[0]) for path in reads.body}
     in_query = {query_key(n) for n in reads.query}
     if not (in_body or in_query or reads.every_query):
         return ""
+    for name in cookies:
+        if reads.every_query or query_key(name) in in_body | in_query:
+            return (f"the cookie {name[:64]!r} is one parameter with a field the policy for this "
+                    "tool reads, to PHP's $_REQUEST; send it in one place")  # fmt: skip
     for name in query:
         if query_key(name) in in_body:
             return (f"the query parameter {name[:64]!r} is one parameter with the body member the "

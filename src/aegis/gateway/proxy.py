@@ -121,13 +121,13 @@ def proxy_claim(name: str) -> bool:
 def joined(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
     """One value per field, repeats joined as RFC 9110 §5.3 reads them (``Cookie`` with ``; ``,
     RFC 9113 §8.2.3): the upstream receives every value the policy saw, not only the last."""
-    out: dict[str, str] = {}
+    values: dict[str, list[str]] = {}
     for k, v in pairs:
-        if k in out:
-            out[k] = f"{out[k]}{'; ' if k == 'cookie' else ', '}{v}"
-        else:
-            out[k] = v
-    return out
+        values.setdefault(k, []).append(v)
+    return {
+        k: v[0] if len(v) == 1 else ("; " if k == "cookie" else ", ").join(v)
+        for k, v in values.items()
+    }
 
 
 def _response_rules(result: Result) -> bool:
@@ -547,17 +547,18 @@ class ReverseProxy:
         headers = joined(
             (k, v) for k, v in forwardable(ctx.headers, _REQUEST_DROP) if not proxy_claim(k)
         )
-        if result.obligations:
-            headers = apply_to_headers(headers, result.obligations, "request")
-        headers.update(result.upstream_headers)
-        if _response_rules(result):
-            headers.pop("accept-encoding", None)  # the answer must be readable to be sanitized
-        # What the gateway itself saw, replacing any client claim (dropped above).
+        # What the gateway itself saw, replacing any client claim (dropped above); obligations
+        # then apply to these too (a policy may drop x-forwarded-for or mask the host).
         if ctx.client:
             headers["x-forwarded-for"] = ctx.client
         headers["x-forwarded-proto"] = ctx.url.partition(":")[0]
         if ctx.host:
             headers["x-forwarded-host"] = ctx.host
+        if result.obligations:
+            headers = apply_to_headers(headers, result.obligations, "request")
+        headers.update(result.upstream_headers)
+        if _response_rules(result):
+            headers.pop("accept-encoding", None)  # the answer must be readable to be sanitized
         # Forward the vetted target byte for byte (``encoded=True``): re-encoding or normalising it
         # here could make the upstream read a path other than the one that was decided.
         url = URL(ctx.route.upstream.rstrip("/") + sent, encoded=True)

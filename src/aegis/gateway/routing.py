@@ -3,8 +3,10 @@
 Every front door (reverse proxy, HTTP and gRPC ext_authz) chooses the route with the same
 :class:`RouteTable`, so that one request reaches the same tool, tenant and environment whichever
 door it came in by. The route comes only from configuration, never from the request's own claims:
-the longest matching ``path_prefix`` wins, a route with a ``host`` matches only that host (without
-port, case-insensitive), and a prefix matches whole segments (``/pay`` matches ``/pay`` and
+the host chooses first, compared without port and case-insensitively (a request to a host some
+route names is matched only against that host's routes, as nginx server blocks and Envoy virtual
+hosts choose; any other host only against the host-less routes), then the longest matching
+``path_prefix`` wins, and a prefix matches whole segments (``/pay`` matches ``/pay`` and
 ``/pay/x``, never ``/payx``). The path given must already be vetted
 (:func:`aegis.gateway.context.vet_path`).
 
@@ -57,12 +59,14 @@ def bare_host(host: str) -> str:
 
 
 class RouteTable:
-    """The configured routes, longest prefix first (host-specific before host-less on a tie)."""
+    """The configured routes, longest prefix first. As nginx server blocks and Envoy virtual
+    hosts do, the host chooses first: a request to a host some route names is matched only
+    against that host's routes, any other only against the host-less ones."""
 
     def __init__(self, routes: Iterable[GatewayRoute]) -> None:
         self._routes = sorted(
             (route_from_settings(r) for r in routes),
-            key=lambda r: (len(r.path_prefix), r.host is not None),
+            key=lambda r: len(r.path_prefix.rstrip("/")),
             reverse=True,
         )
         #: Each route with its prefix and host as compared (match_key, bare_host).
@@ -70,16 +74,20 @@ class RouteTable:
             (r, match_key(r.path_prefix.rstrip("/")), None if r.host is None else bare_host(r.host))
             for r in self._routes
         ]
+        self._hosts = frozenset(h for _, _, h in self._keys if h is not None)
+
+    def _for_host(self, host: str) -> list[tuple[Route, str, str | None]]:
+        bare = bare_host(host)
+        wanted = bare if bare in self._hosts else None
+        return [entry for entry in self._keys if entry[2] == wanted]
 
     def __len__(self) -> int:
         return len(self._routes)
 
     def match(self, host: str, path: str) -> Route | None:
         """The route for a request to ``host`` (a Host header value) and decoded ``path``."""
-        bare, key = bare_host(host), match_key(path)
-        for r, prefix, r_host in self._keys:
-            if r_host is not None and r_host != bare:
-                continue
+        key = match_key(path)
+        for r, prefix, _ in self._for_host(host):
             if key == prefix or key.startswith(prefix + "/") or r.path_prefix == "/":
                 return r
         return None
@@ -88,12 +96,12 @@ class RouteTable:
         """The route ``path`` falls under when compared byte for byte, case-sensitively, as
         Envoy's ``path_separated_prefix`` and nginx's ``location /prefix/`` compare (a front proxy
         chooses the upstream that way, while :meth:`match` reads the path as upstreams do)."""
-        bare = bare_host(host)
-        for r, _, r_host in self._keys:
-            if r_host is not None and r_host != bare:
+        for r, _, _ in self._for_host(host):
+            if r.path_prefix.endswith("/"):  # Envoy's prefix "/payments/" is not "/payments"
+                if path.startswith(r.path_prefix):
+                    return r
                 continue
-            prefix = r.path_prefix.rstrip("/")
-            if path == prefix or path.startswith(prefix + "/") or r.path_prefix == "/":
+            if path == r.path_prefix or path.startswith(r.path_prefix + "/"):
                 return r
         return None
 
@@ -102,12 +110,10 @@ class RouteTable:
         boundary (``/billingX`` against ``/billing``), if any. Envoy's ``prefix`` and nginx's
         ``location /billing`` match such a path as a string, so in front of them the call may be
         forwarded to that route's upstream while this table decides it as ``chosen``."""
-        bare, key = bare_host(host), match_key(path)
-        for r, prefix, r_host in self._keys:
+        key = match_key(path)
+        for r, prefix, _ in self._for_host(host):
             if r is chosen:
                 return None  # the rest are shorter
-            if r_host is not None and r_host != bare:
-                continue
             if r.path_prefix != "/" and key.startswith(prefix):
                 return r.path_prefix
         return None
