@@ -356,8 +356,9 @@ class GatewaySettings(_Section):
     @field_validator("public_url")
     @classmethod
     def _public_url(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
+        if v is None or not v.strip():
+            return None  # an empty value (an unset chart value, say) means unset
+        v = v.strip()
         parts = urlsplit(v)
         try:
             port_ok = parts.port is None or parts.port > 0

@@ -189,3 +189,4 @@ def test_a_long_body_is_shown_with_its_strings_cut_not_hidden() -> None:
     many = redact_parameters({f"k{i}": {"deep": "y" * 200} for i in range(40)} | {"amount": 1})
     assert many["truncated"] and many["members"]["amount"] == 1
     assert many["members"]["k0"] == "(dict not shown)"
+    assert redact_parameters([{f"m{i}": i for i in range(60)}] * 100) == {"truncated": True}

@@ -61,9 +61,10 @@ def _multipart(*parts: bytes) -> bytes:
         (None, b"x=1&_method=DELETE"),
         ("text/plain; x=/json", b'{"_method": "DELETE"}'),
         ("application/jsonp", b'{"_method": "DELETE"}'),
-        # Names the gateway cannot tell: JSON no reader takes, another charset, a ';' in a form.
-        (JSON, b"not json _method"),
+        # Read as other readers read it: in the charset the type names, split on ';' too.
         (f"{JSON}; charset=utf-16", '{"_method": 1}'.encode("utf-16")),
+        ("multipart/related; boundary=XyZ",
+         _multipart(b"--XyZ\r\nContent-ID: <_method>\r\n\r\nDELETE\r\n")),
         (FORM, b"a=1;_method=DELETE"),
         # Read as PHP and JavaScript read JSON: repeats, NaN and numbers out of range included.
         (JSON, b'{"_method": "DELETE", "a": 1, "a": 2, "n": 1e400}'),
@@ -94,10 +95,23 @@ def test_a_post_body_carrying_a_method_override_is_refused(
         ("POST", MULTIPART, _multipart(_part(b'form-data; name="method"'),
                                        _part(b'form-data; name="f"; filename="_method"'))),
         ("POST", MULTIPART, _multipart(_part(b'form-data; name="f"; filename="get_method.py"'))),
+        # Bodies no reader finds a field in, or none named _method, whatever their bytes.
+        ("POST", JSON, b"not json _method"),
+        ("POST", None, json.dumps({"sql": "SELECT 1; SELECT method"}).encode()),
+        ("POST", None, b"\x89PNG\r\n\x1a\n\xff\xfe_meth"),
+        ("POST", f"{FORM}; charset=ISO-8859-1", b"name=Ren%E9&amount=5"),
+        ("POST", "application/jsonl", b'{"a": 1}\n{"_method": "x"}\n'),
+        ("POST", JSON, b'{"n": ' + b"9" * 5000 + b"}"),
+        # multipart/related parts carry no name (an upload's metadata and media).
+        ("POST", "multipart/related; boundary=XyZ",
+         _multipart(b"--XyZ\r\nContent-Type: application/json\r\n\r\n{}\r\n",
+                    b"--XyZ\r\nContent-Type: image/png\r\n\r\nPNG\r\n")),
         ("POST", MULTIPART, _multipart(_part(b'form-data; name="a"')) + b"\r\n"),
     ],
 )  # fmt: skip
-def test_bodies_without_an_override_pass(method: str, content_type: str, body: bytes) -> None:
+def test_bodies_without_an_override_pass(
+    method: str, content_type: str | None, body: bytes
+) -> None:
     refuse_method_override(method, content_type, body)
 
 

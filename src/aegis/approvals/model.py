@@ -223,7 +223,7 @@ def redact_parameters(body: Any) -> Any:
         }  # fmt: skip
         if len(json.dumps(brief, default=str)) <= _MAX_SHOWN:
             return {"truncated": True, "members": brief}
-        return {"truncated": True}
+    return {"truncated": True}
     return shown
 
 

@@ -9,6 +9,7 @@ set only from a verified certificate (``aegis.pki.middleware``), never from clie
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -16,7 +17,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import parse_qsl, unquote, unquote_to_bytes
+from urllib.parse import parse_qsl, unquote, unquote_plus, unquote_to_bytes
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -289,36 +290,49 @@ class _Pairs(list[tuple[str, Any]]):
 
 
 #: JSON as the most lenient common reader takes it (PHP's json_decode, JavaScript's JSON.parse):
-#: repeated members, NaN and numbers out of range all read; only the names are wanted.
-_lenient_json = json.JSONDecoder(object_pairs_hook=_Pairs, parse_constant=lambda _: None)
+#: repeated members, NaN and numbers of any size or range all read; only the names are wanted.
+_lenient_json = json.JSONDecoder(
+    object_pairs_hook=_Pairs,
+    parse_constant=lambda _: None,
+    parse_int=lambda _: 0,
+    parse_float=lambda _: 0.0,
+)
 
 
-def _top_level_names(raw: bytes, method: str, content_type: str | None) -> frozenset[str] | None:
-    """The top-level field names of a whole form or JSON body as lenient frameworks read them
-    (repeats and all); an empty set for JSON that is no object; None for a body whose names
-    cannot be told: JSON or a form in another charset or not UTF-8, JSON no reader takes, or a
-    form holding an unencoded ``;`` (older Rack, Go and Python split form fields on it)."""
-    if not utf8_labelled(content_type):
-        return None
-    try:
-        text = raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8")  # body-parser drops a BOM
-    except UnicodeDecodeError:
-        return None
-    if _read_as_json(content_type):
-        try:
-            value = _lenient_json.decode(text)
-        except (ValueError, RecursionError):
-            return None
-        return frozenset(k for k, _ in value) if isinstance(value, _Pairs) else frozenset()
-    if _read_as_form(method, content_type):
-        if ";" in text:
-            return None
-        try:
-            pairs = parse_qsl(text, keep_blank_values=True, errors="strict")
-        except UnicodeDecodeError:
-            return None
-        return frozenset(n for n, _ in pairs)
-    return None
+def _readings(raw: bytes, content_type: str | None) -> set[str]:
+    """The texts readers may make of ``raw``: as UTF-8 (without a BOM, which body-parser drops),
+    as Latin-1, and in the charset the type names when Python knows it; bytes a reading cannot
+    decode are replaced, never a reason to read nothing."""
+    texts = {raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "replace"), raw.decode("latin-1")}
+    for _, charset in _CHARSET.findall(content_type or ""):
+        with contextlib.suppress(LookupError):  # a charset Python does not know
+            texts.add(raw.decode(charset, "replace"))
+    return texts
+
+
+_FORM_SEPARATORS: Final = re.compile(r"[&;]")
+
+
+def _top_level_names(raw: bytes, method: str, content_type: str | None) -> frozenset[str]:
+    """Every top-level field name some lenient framework may read in a whole form or JSON body:
+    the union over the texts of :func:`_readings`; for a form, fields split on ``&`` and on
+    ``;`` (older Rack, Go and Python split on both), names decoded as UTF-8 and as Latin-1. A
+    reading no reader takes (not JSON) gives no names, as it gives them none."""
+    names: set[str] = set()
+    for text in _readings(raw, content_type):
+        if _read_as_json(content_type):
+            try:
+                value = _lenient_json.decode(text.lstrip("\ufeff"))
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(value, _Pairs):
+                names.update(k for k, _ in value)
+        elif _read_as_form(method, content_type):
+            for field in _FORM_SEPARATORS.split(text):
+                name = field.split("=", 1)[0]
+                names.add(unquote_plus(name, encoding="utf-8", errors="replace"))
+                names.add(unquote_plus(name, encoding="latin-1"))
+    return frozenset(names)
 
 
 def refuse_method_override(
@@ -336,11 +350,6 @@ def refuse_method_override(
         watch.feed(raw)
         return
     names = _top_level_names(raw, method, content_type)
-    if names is None:
-        raise InvalidRequest(
-            "a POST form or JSON body may carry a _method override, and the gateway cannot read "
-            "this one's field names; send UTF-8 JSON, or a form without unencoded ';'"
-        )
     if any(query_key(n) == METHOD_OVERRIDE for n in names):
         raise InvalidRequest(_OVERRIDE_REFUSED)
 
@@ -411,6 +420,9 @@ class MethodOverrideWatch:
             # Rack stops a boundary at ',', ';' or '"' even inside quotes: it would split the body
             # on another delimiter than this parser.
             raise InvalidRequest(_MULTIPART_UNREADABLE)
+        self._form_data = (content_type or "").split(";")[0].strip().lower() == (
+            "multipart/form-data"
+        )
         self._close = b"\r\n--" + boundary + b"--"
         self._tail = b""
         self._started = False
@@ -441,6 +453,12 @@ class MethodOverrideWatch:
         field_name, value = bytes(self._field).strip().lower(), bytes(self._value)
         self._field.clear()
         self._value.clear()
+        if field_name == b"content-id":
+            # Rack names a part without a Content-Disposition name by its Content-ID.
+            names = [unquote_to_bytes(value.strip().strip(b"<>")).decode("utf-8", "replace")]
+            if any(query_key(name) == METHOD_OVERRIDE for name in names):
+                raise InvalidRequest(_OVERRIDE_REFUSED)
+            return
         if field_name != b"content-disposition":
             return
         _, params = parse_options_header(value)
@@ -452,7 +470,8 @@ class MethodOverrideWatch:
             raise InvalidRequest(_OVERRIDE_REFUSED)
 
     def _on_headers_finished(self) -> None:
-        if not self._named:
+        # A form's parts are named (RFC 7578 §4.2); multipart/related or mixed parts often not.
+        if self._form_data and not self._named:
             raise InvalidRequest(_MULTIPART_UNREADABLE)
 
     def feed(self, chunk: bytes) -> None:

@@ -34,6 +34,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import unquote
 
 from aegis.clock import Clock
 from aegis.config import GatewayAllow
@@ -209,7 +210,8 @@ def _merged(
     if not (in_body or in_query or reads.every_query):
         return ""
     for name in cookies:
-        if reads.every_query or query_key(name) in in_body | in_query:
+        # PHP percent-decodes cookie names too.
+        if query_key(unquote(name)) in in_body | in_query:
             return (f"the cookie {name[:64]!r} is one parameter with a field the policy for this "
                     "tool reads, to PHP's $_REQUEST; send it in one place")  # fmt: skip
     for name in query:
