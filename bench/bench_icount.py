@@ -1,0 +1,105 @@
+"""Pipeline cost in instructions, which a shared machine does not blur: the in-process pipeline
+(one token for every call, as bench_gateway.py's "one token" figure) against its raw Ed25519
+work (one proof verification and one attestation signature), each counted by valgrind's
+callgrind, which counts instructions retired, not time, so two runs give the same figure
+whatever else the machine is doing.
+
+Each figure is the difference between two runs that do the same set-up and then N1 or N2
+operations, divided by N2 - N1: set-up, imports and interpreter start cancel out.
+
+Needs valgrind (a Debian package); bounded and loopback-free:
+    .venv/bin/python bench/bench_icount.py [--calls 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WARM = 20
+SETUP = 400  # contexts built in every run, whatever N, so that set-up cancels out
+
+
+def _inner(mode: str, n: int) -> None:
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_gateway as bg
+    from aegis.config import GatewaySettings, load_config
+    from aegis.crypto.keys import b64u_decode
+    from aegis.gateway.app import build_pipeline
+    from aegis.gateway.context import CallContext, body_digest
+    from aegis.policy.store import MemoryPolicyStore
+    from aegis.server.services import build_services
+
+    with tempfile.TemporaryDirectory() as tmp:
+        services = build_services(load_config(bg.write_dev_config(Path(tmp), 8080), environ={}))
+        key, _, token = bg.register(services)
+        settings = GatewaySettings.model_validate({"public_url": bg.GW,
+                                                   "allow": [{"tool": "payments"}]})  # fmt: skip
+        pipe = build_pipeline(services, settings, policy_store=MemoryPolicyStore(), audit=None)
+        pipe._audit = None
+        body, url = b'{"amount": 5}', bg.GW + "/pay/x"
+        ctxs = [
+            CallContext(method="POST", url=url, host="gw.bench", path="/pay/x", route=bg.ROUTE,
+                        headers=(("authorization", f"DPoP {token}"),
+                                 ("dpop", bg.mint_proof(key, "POST", url, token=token)),
+                                 ("content-type", "application/json")),
+                        body_digest=body_digest(body), body={"amount": 5}, raw_body=body)
+            for _ in range(SETUP)
+        ]  # fmt: skip
+        proof_in, _, proof_sig = ctxs[0].headers[1][1].rpartition(".")
+        signer = services.keyring.signing_key()
+
+        async def run() -> None:
+            for ctx in ctxs[:WARM]:
+                assert (await pipe.run(ctx)).allowed
+            if mode == "pipeline":
+                for ctx in ctxs[WARM : WARM + n]:
+                    assert (await pipe.run(ctx)).allowed
+            else:
+                signing_input, signature = proof_in.encode(), b64u_decode(proof_sig)
+                for _ in range(n):
+                    key.public.verify(signing_input, signature)
+                    signer.sign(signing_input)
+
+        asyncio.run(run())
+
+
+def _count(mode: str, n: int) -> int:
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+         sys.executable, __file__, "--inner", mode, str(n)],
+        capture_output=True, text=True, check=True, timeout=1800,
+    )  # fmt: skip
+    found = re.search(r"Collected : (\d+)", out.stderr)
+    assert found, out.stderr[-2000:]
+    return int(found.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--inner", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inner:
+        return _inner(args.inner[0], int(args.inner[1]))
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed (apt-get install valgrind)")
+    n1, n2 = 20, 20 + args.calls
+    per = {}
+    for mode in ("raw", "pipeline"):
+        per[mode] = (_count(mode, n2) - _count(mode, n1)) / (n2 - n1)
+    print(f"raw Ed25519 (1 verify + 1 sign)   {per['raw']:>12,.0f} instructions per call")
+    print(f"pipeline, one token, no audit    {per['pipeline']:>12,.0f} instructions per call  "
+          f"ratio {per['pipeline'] / per['raw']:.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
