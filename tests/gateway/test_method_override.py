@@ -62,7 +62,6 @@ def _multipart(*parts: bytes) -> bytes:
         ("text/plain; x=/json", b'{"_method": "DELETE"}'),
         ("application/jsonp", b'{"_method": "DELETE"}'),
         # Read as other readers read it: in the charset the type names, split on ';' too.
-        (f"{JSON}; charset=utf-16", '{"_method": 1}'.encode("utf-16")),
         ("multipart/related; boundary=XyZ",
          _multipart(b"--XyZ\r\nContent-ID: <_method>\r\n\r\nDELETE\r\n")),
         (FORM, b"a=1;_method=DELETE"),
@@ -73,6 +72,22 @@ def _multipart(*parts: bytes) -> bytes:
         ("multipart/mixed; boundary=XyZ", _multipart(_part(b'form-data; name="_method"'))),
         ('multipart/form-data; boundary="a,b"', b"--a,b\r\n"),
         (MULTIPART, _multipart(_part(b'form-data; name="a"; x="b name=_method"'))),
+        # Charsets the gateway does not read names in (iconv-lite reads UTF-7 and UTF-16), or
+        # no text encoding at all: refused, never a crash.
+        (f"{JSON}; charset=utf-7", b'{"+AF8-method": "DELETE"}'),
+        (f"{JSON}; charset=utf-16", b'\x00{\x00"\x00a\x00"\x00:\x001\x00}'),
+        (f"{FORM}; charset=punycode", b"x-" + b"a" * 1000),
+        (f"{FORM}; charset=idna", b"a=1"),
+        (f"{FORM}; charset=undefined", b"a=1"),
+        # Rack 2 and qs read [_method] as _method; older Rack found names in look-alike headers.
+        (FORM, b"[_method]=DELETE"),
+        (FORM, b"%5B_method%5D=DELETE"),
+        (FORM, b"]_method=DELETE"),
+        (MULTIPART, _multipart(_part(b'form-data; name="[_method]"'))),
+        (MULTIPART, _multipart(b'--XyZ\r\nX-Content-Disposition: form-data; name="_method"\r\n'
+                               b'Content-Disposition: form-data; name="note"\r\n\r\nx\r\n')),
+        ("multipart/related; boundary=XyZ",
+         _multipart(b"--XyZ\r\nX-Content-ID: _method\r\n\r\nDELETE\r\n")),
         # PHP drops leading spaces from names and ends them at a NUL.
         (FORM, b"+_method=DELETE"),
         (FORM, b"_method%00x=DELETE"),
@@ -100,6 +115,7 @@ def test_a_post_body_carrying_a_method_override_is_refused(
         ("POST", None, json.dumps({"sql": "SELECT 1; SELECT method"}).encode()),
         ("POST", None, b"\x89PNG\r\n\x1a\n\xff\xfe_meth"),
         ("POST", f"{FORM}; charset=ISO-8859-1", b"name=Ren%E9&amount=5"),
+        ("POST", FORM, b"payee[account]=1&items[]=2"),
         ("POST", "application/jsonl", b'{"a": 1}\n{"_method": "x"}\n'),
         ("POST", JSON, b'{"n": ' + b"9" * 5000 + b"}"),
         # multipart/related parts carry no name (an upload's metadata and media).
@@ -155,3 +171,13 @@ def test_forms_and_json_are_refused_exactly_when_a_top_level_name_is_the_overrid
             assert overriding, (content_type, body)
         else:
             assert not overriding, (content_type, body)
+
+
+def test_a_body_in_a_charset_with_a_quadratic_decoder_costs_nothing() -> None:
+    """punycode's decoder is quadratic: a labelled body is refused before any decoding."""
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(InvalidRequest):
+        refuse_method_override("POST", f"{FORM}; charset=punycode", b"x-" + b"a" * 1_000_000)
+    assert time.perf_counter() - started < 1.0

@@ -224,7 +224,6 @@ def redact_parameters(body: Any) -> Any:
         if len(json.dumps(brief, default=str)) <= _MAX_SHOWN:
             return {"truncated": True, "members": brief}
     return {"truncated": True}
-    return shown
 
 
 @dataclass(frozen=True, slots=True)

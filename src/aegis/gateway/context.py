@@ -9,12 +9,12 @@ set only from a verified certificate (``aegis.pki.middleware``), never from clie
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import re
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import parse_qsl, unquote, unquote_plus, unquote_to_bytes
@@ -43,6 +43,7 @@ __all__ = [
     "is_encoded",
     "is_form_type",
     "is_json_type",
+    "name_keys",
     "overrides_method",
     "parse_json_body",
     "query_key",
@@ -177,7 +178,11 @@ class CallContext:
             return None
         if isinstance(self.body, dict):
             return frozenset(self.body)
-        if self.raw_body is None or _is_multipart_form(content_type):
+        if (
+            self.raw_body is None
+            or _is_multipart_form(content_type)
+            or not _readable_charset(self.method, content_type)
+        ):
             return None
         return _top_level_names(self.raw_body, self.method, content_type)
 
@@ -215,7 +220,7 @@ def refuse_redirecting_fields(
                 f"the {name} header asks the upstream to serve another method or path than the "
                 "one decided on; send the method and path themselves"
             )
-    if any(query_key(name) == METHOD_OVERRIDE for name, _ in query):
+    if _overrides(name for name, _ in query):
         raise InvalidRequest(
             "the _method query parameter asks the upstream to serve another method than the "
             "one decided on; send the method itself"
@@ -229,6 +234,26 @@ def query_key(name: str) -> str:
     leading spaces, with ``.`` and spaces as ``_``."""
     name = name.split("\x00", 1)[0].lstrip(" ")
     return fold_name(name.split("[", 1)[0].replace(".", "_").replace(" ", "_"))
+
+
+def name_keys(name: str) -> frozenset[str]:
+    """Every :func:`query_key` a lenient parser may file ``name`` under: as it is; without
+    leading brackets and cut at the first bracket (Rack 2 and qs read ``[_method]`` as
+    ``_method``); with an unclosed ``[`` as ``_`` (PHP reads ``account[id`` as ``account_id``)."""
+    base = name.split("\x00", 1)[0].lstrip(" ")
+    keys = {query_key(base), query_key(_BRACKETS.split(base.lstrip("[]"), 1)[0])}
+    opened = base.find("[")
+    if opened >= 0 and "]" not in base[opened:]:
+        keys.add(query_key(base[:opened] + "_" + base[opened + 1 :]))
+    return frozenset(keys)
+
+
+_BRACKETS: Final = re.compile(r"[\[\]]")
+
+
+def _overrides(names: Iterable[str]) -> bool:
+    """Whether any of ``names`` is read as ``_method`` by some parser (:func:`name_keys`)."""
+    return any(METHOD_OVERRIDE in name_keys(name) for name in names)
 
 
 def header_key(name: str) -> str:
@@ -299,15 +324,36 @@ _lenient_json = json.JSONDecoder(
 )
 
 
-def _readings(raw: bytes, content_type: str | None) -> set[str]:
-    """The texts readers may make of ``raw``: as UTF-8 (without a BOM, which body-parser drops),
-    as Latin-1, and in the charset the type names when Python knows it; bytes a reading cannot
-    decode are replaced, never a reason to read nothing."""
-    texts = {raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "replace"), raw.decode("latin-1")}
-    for _, charset in _CHARSET.findall(content_type or ""):
-        with contextlib.suppress(LookupError):  # a charset Python does not know
-            texts.add(raw.decode(charset, "replace"))
-    return texts
+def _readings(raw: bytes) -> set[str]:
+    """The texts readers may make of ``raw``: as UTF-8 (without a BOM, which body-parser drops)
+    and as Latin-1 and Windows-1252 (what a form labelled ISO-8859-1 is read as); bytes a reading
+    cannot decode are replaced, never a reason to read nothing. Other charsets are refused before
+    (:func:`_readable_charset`)."""
+    return {
+        raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "replace"),
+        raw.decode("latin-1"),
+        raw.decode("cp1252", "replace"),
+    }
+
+
+#: Charsets a form body may be labelled with (browsers send UTF-8; Java's HttpClient ISO-8859-1);
+#: JSON is UTF-8 (RFC 8259 §8.1) or its subset US-ASCII.
+_FORM_CHARSETS: Final = frozenset(
+    {"utf-8", "utf8", "us-ascii", "ascii", "iso-8859-1", "latin1", "latin-1", "windows-1252",
+     "cp1252"}
+)  # fmt: skip
+_JSON_CHARSETS: Final = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
+
+
+def _readable_charset(method: str, content_type: str | None) -> bool:
+    """Whether every charset the type names is one the names are read in: another one (UTF-7 or
+    UTF-16, read by body-parser's iconv-lite; a codec that is no text encoding at all) would
+    hide names from :func:`_readings`."""
+    allowed = _JSON_CHARSETS if _read_as_json(content_type) else _FORM_CHARSETS
+    return all(
+        not extended and charset.lower() in allowed
+        for extended, charset in _CHARSET.findall(content_type or "")
+    )
 
 
 _FORM_SEPARATORS: Final = re.compile(r"[&;]")
@@ -319,7 +365,7 @@ def _top_level_names(raw: bytes, method: str, content_type: str | None) -> froze
     ``;`` (older Rack, Go and Python split on both), names decoded as UTF-8 and as Latin-1. A
     reading no reader takes (not JSON) gives no names, as it gives them none."""
     names: set[str] = set()
-    for text in _readings(raw, content_type):
+    for text in _readings(raw):
         if _read_as_json(content_type):
             try:
                 value = _lenient_json.decode(text.lstrip("\ufeff"))
@@ -349,8 +395,13 @@ def refuse_method_override(
         watch = MethodOverrideWatch(content_type)
         watch.feed(raw)
         return
+    if not _readable_charset(method, content_type):
+        raise InvalidRequest(
+            "a POST form or JSON body may carry a _method override, which the gateway reads only "
+            "in UTF-8 (a form also in ISO-8859-1 or Windows-1252); send it so labelled"
+        )
     names = _top_level_names(raw, method, content_type)
-    if any(query_key(n) == METHOD_OVERRIDE for n in names):
+    if _overrides(names):
         raise InvalidRequest(_OVERRIDE_REFUSED)
 
 
@@ -453,20 +504,24 @@ class MethodOverrideWatch:
         field_name, value = bytes(self._field).strip().lower(), bytes(self._value)
         self._field.clear()
         self._value.clear()
-        if field_name == b"content-id":
+        # Older Rack found the name anywhere in the part's headers (``X-Content-ID`` too).
+        if field_name.endswith(b"content-id"):
             # Rack names a part without a Content-Disposition name by its Content-ID.
-            names = [unquote_to_bytes(value.strip().strip(b"<>")).decode("utf-8", "replace")]
-            if any(query_key(name) == METHOD_OVERRIDE for name in names):
+            names = [
+                unquote_to_bytes(v).decode("utf-8", "replace")
+                for v in (value.strip(), value.strip().strip(b"<>"))
+            ]
+            if _overrides(names):
                 raise InvalidRequest(_OVERRIDE_REFUSED)
             return
-        if field_name != b"content-disposition":
+        if not field_name.endswith(b"content-disposition"):
             return
         _, params = parse_options_header(value)
         names = _loose_names(value)
         if b"name" in params:
             names.append(params[b"name"].decode("utf-8", "replace"))
         self._named = self._named or bool(names)
-        if any(query_key(name) == METHOD_OVERRIDE for name in names):
+        if _overrides(names):
             raise InvalidRequest(_OVERRIDE_REFUSED)
 
     def _on_headers_finished(self) -> None:

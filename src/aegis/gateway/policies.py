@@ -34,13 +34,13 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_plus
 
 from aegis.clock import Clock
 from aegis.config import GatewayAllow
 from aegis.crypto.jws import fold_name
 from aegis.errors import InvalidRequest, Unavailable
-from aegis.gateway.context import header_key, query_key
+from aegis.gateway.context import header_key, name_keys, query_key
 from aegis.policy.decision import Decision
 from aegis.policy.evaluator import CompiledPolicy
 from aegis.policy.ir import leaves
@@ -209,13 +209,15 @@ def _merged(
     in_query = {query_key(n) for n in reads.query}
     if not (in_body or in_query or reads.every_query):
         return ""
+    present = {key for name in query for key in name_keys(name)} if reads.every_query else set()
     for name in cookies:
-        # PHP percent-decodes cookie names too.
-        if query_key(unquote(name)) in in_body | in_query:
+        # Older PHP decoded cookie names (``+`` as a space too) before filing them.
+        keys = name_keys(name) | name_keys(unquote(name)) | name_keys(unquote_plus(name))
+        if keys & (in_body | in_query | present):
             return (f"the cookie {name[:64]!r} is one parameter with a field the policy for this "
                     "tool reads, to PHP's $_REQUEST; send it in one place")  # fmt: skip
     for name in query:
-        if query_key(name) in in_body:
+        if name_keys(name) & in_body:
             return (f"the query parameter {name[:64]!r} is one parameter with the body member the "
                     "policy for this tool reads, to frameworks that merge query and body (Rails "
                     "params, Symfony's get()); send it in the body only")  # fmt: skip
@@ -227,7 +229,7 @@ def _merged(
                 "the gateway did not read it; send a JSON or form body within "
                 "gateway.policy_body_bytes")  # fmt: skip
     for name in body_names:
-        if reads.every_query or query_key(name) in in_query:
+        if reads.every_query or name_keys(name) & in_query:
             return (f"the body field {name[:64]!r} is one parameter with the query parameter the "
                     "policy for this tool reads, to frameworks that merge query and body (Rails "
                     "params, Laravel's input()); send it in the query only")  # fmt: skip
