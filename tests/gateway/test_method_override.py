@@ -88,6 +88,13 @@ def _multipart(*parts: bytes) -> bytes:
                                b'Content-Disposition: form-data; name="note"\r\n\r\nx\r\n')),
         ("multipart/related; boundary=XyZ",
          _multipart(b"--XyZ\r\nX-Content-ID: _method\r\n\r\nDELETE\r\n")),
+        (MULTIPART, _multipart(b"--XyZ\r\nX-Note: Content-Disposition: form-data; name=_method\r\n"
+                               b'Content-Disposition: form-data; name="foo"\r\n\r\nPUT\r\n')),
+        ("multipart/mixed; boundary=XyZ",
+         _multipart(b"--XyZ\r\nX-Note: Content-ID: _method\r\n\r\nPUT\r\n")),
+        # A form to Express and Rack, JSON to Laravel: read both ways.
+        (f'{FORM}; x="/json"', b"_method=DELETE"),
+        (f"{FORM}; profile=a/json", b"_method=DELETE"),
         # PHP drops leading spaces from names and ends them at a NUL.
         (FORM, b"+_method=DELETE"),
         (FORM, b"_method%00x=DELETE"),

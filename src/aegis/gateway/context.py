@@ -366,14 +366,16 @@ def _top_level_names(raw: bytes, method: str, content_type: str | None) -> froze
     reading no reader takes (not JSON) gives no names, as it gives them none."""
     names: set[str] = set()
     for text in _readings(raw):
+        # Both readings where both apply: Laravel reads any type holding /json as JSON, even a
+        # form type whose parameter holds it, which Express and Rack read as a form.
         if _read_as_json(content_type):
             try:
                 value = _lenient_json.decode(text.lstrip("\ufeff"))
             except (ValueError, RecursionError):
-                continue
+                value = None
             if isinstance(value, _Pairs):
                 names.update(k for k, _ in value)
-        elif _read_as_form(method, content_type):
+        if _read_as_form(method, content_type):
             for field in _FORM_SEPARATORS.split(text):
                 name = field.split("=", 1)[0]
                 names.add(unquote_plus(name, encoding="utf-8", errors="replace"))
@@ -504,6 +506,10 @@ class MethodOverrideWatch:
         field_name, value = bytes(self._field).strip().lower(), bytes(self._value)
         self._field.clear()
         self._value.clear()
+        lowered = value.lower()
+        if b"content-disposition:" in lowered or b"content-id:" in lowered:
+            # Rack 2 matched these over the whole header block, inside another field's value too.
+            raise InvalidRequest(_MULTIPART_UNREADABLE)
         # Older Rack found the name anywhere in the part's headers (``X-Content-ID`` too).
         if field_name.endswith(b"content-id"):
             # Rack names a part without a Content-Disposition name by its Content-ID.
