@@ -364,6 +364,7 @@ spec:
         ({}, (("ACTION", "delete"),), (), 400),  # ASP.NET Core's Request.Query
         ({}, (("act\u0131on", "delete"),), (), 400),  # dotless i: I to Go and .NET
         ({}, ((" action", "delete"),), (), 400),  # PHP drops leading spaces
+        ({}, (("[action]", "delete"),), (), 400),  # Rack 2 and qs read it as action
         ({}, (("action[]", "delete"),), (), 400),  # PHP, Node's qs
         ({}, (("action", "read"), ("action[]", "delete")), (), 400),
         ({}, (), (("x_account", "666"),), 400),  # CGI, WSGI
