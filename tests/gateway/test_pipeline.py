@@ -511,6 +511,9 @@ async def test_a_form_body_shadowing_a_query_parameter_policy_reads_is_refused(
     [
         (None, b"action=delete", 400),  # a POST without a type is a form to Rack
         ("text/plain; x=/json", b'{"action": "delete"}', 400),  # JSON to Laravel
+        ("text/x-json", b'{"action": "delete"}', 400),  # JSON to Rails
+        ("application/jsonrequest", b'{"action": "delete"}', 400),
+        ("text/x-json", b'{"note": "read"}', 200),
         ("text/plain", b"action=delete", 200),  # a text body merges with nothing
     ],
 )

@@ -13,6 +13,7 @@ from aegis.config import GatewayRoute, GatewaySettings
 from aegis.crypto.jws import fold_name
 from aegis.errors import ConfigError, InvalidRequest
 from aegis.gateway.context import (
+    MAX_QUERY_PARAMETERS,
     is_encoded,
     parse_json_body,
     vet_fields,
@@ -285,6 +286,18 @@ def test_queries_that_read_the_same_everywhere_pass(
 def test_queries_another_server_could_read_differently_are_refused(query: str) -> None:
     with pytest.raises(InvalidRequest):
         vet_query(query)
+
+
+def test_a_query_longer_than_the_parameter_limit_is_refused() -> None:
+    # Express and PHP keep the first 1,000 parameters: ``dry_run`` past them, or past 1,000
+    # bare ``&``, never reaches such an upstream while policy reads it.
+    padded = "&" * MAX_QUERY_PARAMETERS + "dry_run=true"
+    with pytest.raises(InvalidRequest, match="more than 256 parameters"):
+        vet_query(padded)
+    with pytest.raises(InvalidRequest, match="more than 256 parameters"):
+        vet_query("&".join(f"p{i}=" for i in range(MAX_QUERY_PARAMETERS)) + "&dry_run=true")
+    limit = "&".join(f"p{i}=" for i in range(MAX_QUERY_PARAMETERS - 1)) + "&dry_run=true"
+    assert vet_query(limit)[-1] == ("dry_run", "true")
 
 
 @pytest.mark.parametrize("coding", ["gzip", "br", "identity, br", " X-Custom "])

@@ -289,9 +289,11 @@ def _read_as_form(method: str, content_type: str | None) -> bool:
 
 
 def _read_as_json(content_type: str | None) -> bool:
-    """JSON to Laravel (``isJson``): any type holding ``/json`` or ``+json``."""
+    """JSON to Laravel (``isJson``): any type holding ``/json`` or ``+json``, parameters
+    included; and to Rails, which also registers ``text/x-json`` and ``application/jsonrequest``:
+    any media type whose name holds ``json``."""
     ctype = (content_type or "").lower()
-    return "/json" in ctype or "+json" in ctype
+    return "/json" in ctype or "+json" in ctype or "json" in ctype.split(";", 1)[0]
 
 
 def overrides_method(method: str, content_type: str | None) -> bool:
@@ -705,6 +707,12 @@ _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f\\]")
 _CONTROL_CHAR: Final = re.compile(r"[\x00-\x1f\x7f]")
 
 
+#: Most query parameters a call may carry, counting empty pieces: Express (``qs`` and Node's
+#: ``querystring``) and PHP (``max_input_vars``) keep the first 1,000 and drop the rest, so a
+#: parameter policy reads past that many would never reach such an upstream.
+MAX_QUERY_PARAMETERS: Final = 256
+
+
 def vet_query(query: str) -> tuple[tuple[str, str], ...]:
     """The parameters of a query string that reads the same at the gateway and the upstream.
 
@@ -712,7 +720,13 @@ def vet_query(query: str) -> tuple[tuple[str, str], ...]:
     ``;`` (older Rack, Go before 1.17), so ``action=read;action=delete`` would be one value here
     and two there: an unencoded ``;`` is refused, as Go now refuses it. So is a ``#`` (a parser
     that keeps a fragment would let policy read what the upstream client drops) and a NUL or other
-    control character in a parameter name (C parsers end the name there)."""
+    control character in a parameter name (C parsers end the name there). So is a query of more
+    than :data:`MAX_QUERY_PARAMETERS` pieces, empty ones included."""
+    if query.count("&") >= MAX_QUERY_PARAMETERS:
+        raise InvalidRequest(
+            f"the query string holds more than {MAX_QUERY_PARAMETERS} parameters; some upstreams "
+            "drop those past their own limit, which policy would still have read"
+        )
     if "#" in query:
         raise InvalidRequest("the request target must not contain a fragment ('#')")
     if ";" in query:
