@@ -64,6 +64,35 @@ def test_combining_is_order_independent_and_follows_precedence(
         assert got["obligations"] == [{"kind": "mask", "target": "response", "pattern": "email"}]
 
 
+@pytest.mark.parametrize(
+    "rule",
+    [
+        "- {id: ro, action: deny, match: {methods: [GET]}}",
+        "- {id: ro, action: deny, when: {path: method, eq: GET}}",
+        "- {id: ro, action: deny, when: {path: method, in: [GET, PUT]}}",
+    ],
+)
+def test_a_rule_naming_get_holds_for_head(rule: str) -> None:
+    """Servers answer HEAD with the GET handler: a GET denied is a HEAD denied."""
+    p = policy(rule + "\n- {id: rest, action: allow}\n")
+    assert decide(p, method="HEAD")["action"] == "deny"
+    assert decide(p, method="GET")["action"] == "deny"
+    assert decide(p, method="POST")["action"] == "allow"
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        "- {id: rw, action: deny, when: {path: method, ne: GET}}",
+        "- {id: rw, action: deny, when: {path: method, not_in: [GET]}}",
+    ],
+)
+def test_a_rule_excluding_get_excludes_head(rule: str) -> None:
+    p = policy(rule + "\n- {id: rest, action: allow}\n")
+    assert decide(p, method="HEAD")["action"] == "allow"
+    assert decide(p, method="DELETE")["action"] == "deny"
+
+
 def test_default_deny_lists_its_reason_and_version() -> None:
     p = policy("- {id: a, action: allow, match: {tools: [other]}}\n")
     got = decide(p)

@@ -104,8 +104,21 @@ def _label(path: tuple[str, ...], op: str, value: Any) -> str:
     return f"{'.'.join(path)} {op} {json.dumps(value, sort_keys=True, ensure_ascii=False)}"
 
 
+def _head_as_get(op: str, value: Any) -> tuple[str, Any]:
+    """A test of the method naming ``GET`` names ``HEAD`` too: common servers (Express, Rails,
+    Flask, Django, Starlette) answer HEAD with the GET handler, so a rule denying a GET must not
+    be passed by the same call sent as HEAD."""
+    if op in ("eq", "ne") and value == "GET":
+        return ("in" if op == "eq" else "not_in"), ["GET", "HEAD"]
+    if op in ("in", "not_in") and "GET" in value and "HEAD" not in value:
+        return op, [*value, "HEAD"]
+    return op, value
+
+
 def _leaf(rule_id: str, path: tuple[str, ...], op: str, value: Any) -> Leaf:
     label = _label(path, op, value)
+    if path == ("method",):
+        op, value = _head_as_get(op, value)
     regexes: tuple[SafeRegex, ...] = ()
     if op == "regex":
         regexes = (compile_safe(value),)

@@ -24,7 +24,7 @@ r0_1 if {
 
 r0_2 if {
 	x := input.method
-	x in ["GET", "POST"]
+	x in ["GET", "POST", "HEAD"]
 }
 
 r0_3 if {

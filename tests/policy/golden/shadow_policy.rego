@@ -19,7 +19,7 @@ default rule_errors := set()
 # rule allow-reads: allow (shadow)
 r0_1 if {
 	x := input.method
-	x in ["GET"]
+	x in ["GET", "HEAD"]
 }
 
 r0_match if {
