@@ -261,6 +261,24 @@ def _case_twins(value: object) -> bool:
     return False
 
 
+@pytest.mark.parametrize(
+    ("path", "tool"),
+    [("/admin.json", "admin"), ("/Admin.JSON/", "admin"), ("/payments/refund.json", "refunds"),
+     ("/payments/refund/", "refunds"), ("/adm\u0131n/users", "admin"),
+     ("/openapi.json", "spec"), ("/openapi", "public"), ("/payments/x.json", "payments")],
+)  # fmt: skip
+def test_a_path_is_decided_under_the_route_a_format_suffix_or_case_fold_serves_it(
+    path: str, tool: str
+) -> None:
+    """Rails serves ``/admin.json`` as ``/admin``, Java and .NET compare U+0131 equal to ``i``:
+    such a call is decided under that route, not the catch-all's."""
+    table = _table(("/", "public", None), ("/admin", "admin", None),
+                   ("/payments", "payments", None), ("/payments/refund", "refunds", None),
+                   ("/openapi.json", "spec", None))  # fmt: skip
+    route = table.match("gw", vet_path(path))
+    assert route is not None and route.tool == tool
+
+
 def test_a_path_in_fullwidth_letters_is_decided_under_the_route_it_normalises_to() -> None:
     table = _table(("/", "public", None), ("/admin", "admin", None))
     route = table.match("gw", vet_path("/%EF%BD%81%EF%BD%84%EF%BD%8D%EF%BD%89%EF%BD%8E/users"))

@@ -84,7 +84,10 @@ def test_published_schema_is_current() -> None:
     ("path", "loose"),
     [("/payments/charge", "/payments/charge"), ("/Payments/ADMIN", "/payments/admin"),
      ("/payments;v=1/admin./x ", "/payments/admin/x"),
-     ("/\uff41\uff44\uff4d\uff49\uff4e/users", "/admin/users")],
+     ("/\uff41\uff44\uff4d\uff49\uff4e/users", "/admin/users"),
+     ("/payments/refund/", "/payments/refund"), ("/Payments/Refund.JSON", "/payments/refund"),
+     ("/files/report.tar.gz", "/files/report.tar"), ("/adm\u0131n", "/admin"),
+     ("/.well-known", "/.well-known"), ("/", "/")],
 )  # fmt: skip
 def test_policy_sees_the_path_as_the_loosest_upstream_reads_it(path: str, loose: str) -> None:
     """A rule on ``path_loose`` holds for every spelling an upstream serves as that path; the
@@ -92,3 +95,16 @@ def test_policy_sees_the_path_as_the_loosest_upstream_reads_it(path: str, loose:
     doc = build_input(PolicyCall(tool="t", agent=AgentInfo(id="a"), tenant="acme", env="prod",
                                  time=0.0, path=path))  # fmt: skip
     assert (doc["path"], doc["path_loose"]) == (path, loose)
+
+
+@pytest.mark.parametrize("literal", ["/Payments/refund", "/payments/refund.json", "/refund/"])
+def test_a_path_loose_literal_it_never_holds_is_refused_at_load(literal: str) -> None:
+    """``deny when path_loose eq /payments/refund.json`` would never match, and so never deny."""
+    from aegis.errors import PolicyError
+    from aegis.policy.loader import load_document
+
+    for test in (f"eq: {literal}", f"in: [/x, {literal}]", f"not_in: [{literal}]"):
+        text = ("apiVersion: aegis/v1\nkind: Policy\nmetadata: {name: p}\nspec: {rules: "
+                f"[{{id: r, action: deny, when: {{path: path_loose, {test}}}}}]}}\n")  # fmt: skip
+        with pytest.raises(PolicyError, match="path_loose never holds"):
+            load_document(text)

@@ -11,10 +11,11 @@ hosts choose; any other host only against the host-less routes), then the longes
 (:func:`aegis.gateway.context.vet_path`).
 
 Upstreams read paths more loosely than a byte comparison: Express matches case-insensitively,
-Tomcat and Spring drop ``;parameters`` from segments, IIS drops trailing dots and spaces. A
-request the gateway decided as one tool must not be served as another, so prefixes are compared
-with the path as the loosest of them reads it (:func:`match_key`): ``/Admin;x/users`` and
-``/admin./users`` are decided under the ``/admin`` route, not a shorter or catch-all one. Which
+Tomcat and Spring drop ``;parameters`` from segments, IIS drops trailing dots and spaces, Rails
+serves ``/admin.json`` as ``/admin``. A request the gateway decided as one tool must not be served
+as another, so prefixes are compared with the path as the loosest of them reads it, with its
+final ``.format`` and without (:func:`match_key`): ``/Admin;x/users``, ``/admin./users`` and
+``/admin.json`` are decided under the ``/admin`` route, not a shorter or catch-all one. Which
 upstream gets the call is unchanged (the proxy forwards the target as sent).
 
 Behind the ext_authz doors the proxy in front (Envoy, nginx) chooses the upstream itself, on the
@@ -29,13 +30,22 @@ from collections.abc import Iterable
 
 from aegis.config import GatewayRoute
 from aegis.gateway.context import Route, route_from_settings
-from aegis.policy.input import loose_path
+from aegis.policy.input import loose_path, loose_reading, without_format
 
 __all__ = ["RouteTable", "bare_host", "match_key"]
 
 #: ``path`` as the loosest common upstream reads it, for choosing a route (policy sees the same
 #: reading as ``path_loose``).
 match_key = loose_path
+
+
+def _readings(path: str) -> tuple[str, ...]:
+    """The loose readings of a request path a route prefix is compared with: with its final
+    ``.format`` and without (Rails serves ``/admin.json`` as ``/admin``; a route named
+    ``/openapi.json`` still takes ``/openapi.json``)."""
+    full = loose_reading(path)
+    short = without_format(full)
+    return (full,) if short == full else (full, short)
 
 
 def bare_host(host: str) -> str:
@@ -71,7 +81,11 @@ class RouteTable:
         )
         #: Each route with its prefix and host as compared (match_key, bare_host).
         self._keys = [
-            (r, match_key(r.path_prefix.rstrip("/")), None if r.host is None else bare_host(r.host))
+            (
+                r,
+                loose_reading(r.path_prefix.rstrip("/")),
+                None if r.host is None else bare_host(r.host),
+            )
             for r in self._routes
         ]
         self._hosts = frozenset(h for _, _, h in self._keys if h is not None)
@@ -86,9 +100,11 @@ class RouteTable:
 
     def match(self, host: str, path: str) -> Route | None:
         """The route for a request to ``host`` (a Host header value) and decoded ``path``."""
-        key = match_key(path)
+        keys = _readings(path)
         for r, prefix, _ in self._for_host(host):
-            if key == prefix or key.startswith(prefix + "/") or r.path_prefix == "/":
+            if r.path_prefix == "/" or any(
+                key == prefix or key.startswith(prefix + "/") for key in keys
+            ):
                 return r
         return None
 
@@ -110,10 +126,10 @@ class RouteTable:
         boundary (``/billingX`` against ``/billing``), if any. Envoy's ``prefix`` and nginx's
         ``location /billing`` match such a path as a string, so in front of them the call may be
         forwarded to that route's upstream while this table decides it as ``chosen``."""
-        key = match_key(path)
+        keys = _readings(path)
         for r, prefix, _ in self._for_host(host):
             if r is chosen:
                 return None  # the rest are shorter
-            if r.path_prefix != "/" and key.startswith(prefix):
+            if r.path_prefix != "/" and any(key.startswith(prefix) for key in keys):
                 return r.path_prefix
         return None

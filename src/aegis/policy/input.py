@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from aegis.crypto.jws import fold_name
 from aegis.errors import InvalidRequest
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "build_input",
     "call_from_dict",
     "loose_path",
+    "loose_reading",
+    "without_format",
 ]
 
 #: Header names (lowercase) that never enter a policy input document.
@@ -82,16 +85,34 @@ class PolicyCall:
 _LOOSE_END: Final = (".", " ")
 
 
-def loose_path(path: str) -> str:
-    """``path`` as the loosest common upstream reads it: Unicode compatibility-normalised (NFKC:
-    ``admin`` in FULLWIDTH letters is ``admin``), each segment without its ``;parameters`` and
-    trailing dots and spaces, lowercase. Routes are chosen on it, and policy sees it as
-    ``path_loose``: ``/Payments/Admin;x`` is ``/payments/admin`` to Express, Spring or IIS."""
+def loose_reading(path: str) -> str:
+    """``path`` as the loosest common upstream reads it, but for a final ``.format`` (see
+    :func:`loose_path`): Unicode compatibility-normalised (NFKC: ``admin`` in FULLWIDTH letters
+    is ``admin``), each segment without its ``;parameters`` and trailing dots and spaces, case
+    folded (:func:`~aegis.crypto.jws.fold_name`: Java and .NET compare the dotless i (U+0131) equal
+    to ``i``), without a trailing ``/`` (Express and Rails serve ``/refund/`` as ``/refund``).
+    ``/Payments/Admin;x/`` is ``/payments/admin`` to Express, Spring or IIS."""
     if not path.isascii():
         path = unicodedata.normalize("NFKC", path)
     if ";" in path or "./" in path or " /" in path or path.endswith(_LOOSE_END):
         path = "/".join(seg.split(";", 1)[0].rstrip(". ") for seg in path.split("/"))
-    return path.lower()
+    path = fold_name(path)
+    return path[:-1] if len(path) > 1 and path.endswith("/") else path
+
+
+def without_format(path: str) -> str:
+    """``path`` without a ``.format`` ending its last segment: Rails routes take one on every
+    path (``/admin.json`` is ``/admin``), as Spring's suffix pattern match did."""
+    head, _, last = path.rpartition("/")
+    name, dot, _ = last.rpartition(".")
+    return f"{head}/{name}" if dot and name else path
+
+
+def loose_path(path: str) -> str:
+    """:func:`loose_reading` without a final ``.format`` (:func:`without_format`). Routes are
+    chosen on it, and policy sees it as ``path_loose``: a rule on ``/payments/refund`` there holds
+    for ``/Payments/Refund.json``, ``/payments/refund/`` and ``/payments/refund;x``."""
+    return without_format(loose_reading(path))
 
 
 def build_input(call: PolicyCall) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from aegis.policy.input import loose_path
 from aegis.policy.safe_regex import RegexRejected, compile_safe
 
 __all__ = [
@@ -254,6 +255,21 @@ class Condition(_Strict):
                     f"request.headers.{fixed}"
                 )
         return v
+
+    @model_validator(mode="after")
+    def _loose_literals(self) -> Condition:
+        # path_loose holds only loose readings: a literal it can never hold would make a deny
+        # rule on it pass every call.
+        if self.path != "path_loose":
+            return self
+        literals = [self.eq, self.ne, *(self.in_ or ()), *(self.not_in or ())]
+        for value in literals:
+            if isinstance(value, str) and loose_path(value) != value:
+                raise ValueError(
+                    f"path_loose never holds {value[:128]!r}: it is the path as the loosest "
+                    f"upstream reads it; write {loose_path(value)[:128]!r}"
+                )
+        return self
 
     @field_validator("regex")
     @classmethod
