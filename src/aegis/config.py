@@ -237,6 +237,11 @@ class GatewayRoute(_Section):
     #: For an ``https`` upstream certified by the Aegis CA: the SPIFFE ID its certificate must
     #: name. Unset, any certificate the CA issued for serving is accepted for this upstream.
     upstream_spiffe_id: str | None = None
+    #: The key a Rails upstream's ParamsWrapper (``wrap_parameters``, on for JSON by default)
+    #: files a JSON body's members under: the controller reads ``params[key]``, the body's own
+    #: ``key`` member when it sends one. Set, a body sending that member is refused when the
+    #: policy for the tool reads the body, which policy reads at the top level.
+    wrap_parameters: str | None = Field(default=None, min_length=1, max_length=128)
 
     @field_validator("path_prefix")
     @classmethod

@@ -598,3 +598,42 @@ def test_a_public_url_is_kept_without_its_trailing_slash() -> None:
         GatewaySettings.model_validate({"public_url": " https://gw\n"}).public_url == "https://gw"
     )
     assert GatewaySettings.model_validate({"public_url": ""}).public_url is None
+
+
+BODY_CAP_RULE = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: body-cap}
+spec:
+  rules:
+    - {id: pay, action: allow, reason: payments, match: {tools: ["payments"]}}
+    - {id: cap, action: deny, reason: over the cap, match: {tools: ["payments"]},
+       when: {path: request.body.amount, gt: 100}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("body", "wrapper", "status"),
+    [
+        ({"amount": 50, "payment": {"amount": 5000}}, "payment", 400),
+        ({"payment": {"amount": 5000}}, "payment", 400),
+        ({"amount": 50, "Payment": {"amount": 5000}}, "payment", 400),
+        ({"amount": 50, "fee": {"amount": 1}}, "payment", 200),
+        ({"amount": 5000}, "payment", 403),
+        ({"amount": 50, "payment": {"amount": 5000}}, None, 200),  # no wrapper configured
+    ],
+)
+async def test_a_body_sending_the_upstream_wrapper_key_is_refused(
+    env: Env, body: dict[str, Any], wrapper: str | None, status: int
+) -> None:
+    """Rails' ParamsWrapper files a JSON body's members under the controller's key unless the
+    body sends that key itself: the controller would read the nested amount, policy the top."""
+    env.policies.activate(
+        "acme", "prod", env.policies.put(load_document(BODY_CAP_RULE), now=0), actor="t", now=0
+    )
+    agent = Agent(env)
+    route = dataclasses.replace(PAY, wrap_parameters=wrapper)
+    result = await env.pipeline.run(
+        make_ctx(dpop_headers(agent, agent.token()), body=body, route=route)
+    )
+    assert result.status == status, result

@@ -88,12 +88,14 @@ class Route:
     require_client_cert: bool = False
     #: The SPIFFE ID an ``https`` upstream's certificate must name (None: any the CA issued).
     upstream_spiffe_id: str | None = None
+    #: The key the upstream files a JSON body's members under (Rails ``wrap_parameters``).
+    wrap_parameters: str | None = None
 
 
 def route_from_settings(r: GatewayRoute) -> Route:
     return Route(
         r.path_prefix, r.upstream, r.tool, r.tenant, r.env, r.host, r.allow_bearer, r.audience,
-        r.require_client_cert, r.upstream_spiffe_id,
+        r.require_client_cert, r.upstream_spiffe_id, r.wrap_parameters,
     )  # fmt: skip
 
 

@@ -331,7 +331,7 @@ class Pipeline:
         decision = self._policies.decide(
             route.tenant, route.env, route.tool, agent.id, build_input(call),
             body_hidden=ctx.body_hidden, fields=ctx.headers, fields_joined=ctx.fields_joined,
-            body_names=ctx.body_names,
+            body_names=ctx.body_names, wrapper=route.wrap_parameters,
         )  # fmt: skip
         facts.decision = decision
         record_shadow(decision, route.tool)

@@ -197,6 +197,16 @@ def misspelled(
     return ""
 
 
+def _sends_wrapper(doc: dict[str, Any], wrapper: str) -> bool:
+    """Whether the body names ``wrapper`` (in any case: the name may reach a case-insensitive
+    reader too)."""
+    body = doc.get("request", {}).get("body")
+    if not isinstance(body, dict):
+        return False
+    folded = fold_name(wrapper)
+    return any(fold_name(name) == folded for name in body)
+
+
 def _merged(
     reads: ReadFields,
     query: dict[str, Any],
@@ -322,12 +332,14 @@ class PolicyDirectory:
         fields: tuple[tuple[str, str], ...] = (),
         fields_joined: bool = False,
         body_names: Callable[[], frozenset[str] | None] | None = None,
+        wrapper: str | None = None,
     ) -> Decision:
         """The decision for one call; ``body_hidden`` says the call has a body that is not in
         ``doc`` (streamed, over the buffering limit, or not JSON); ``fields`` are its header
         fields as the upstream gets them, ``fields_joined`` whether repeats may have arrived
         joined with ``,``, ``body_names`` gives the body's top-level field names, asked only
-        when the policy reads names (see :func:`misspelled`)."""
+        when the policy reads names (see :func:`misspelled`), ``wrapper`` the key the upstream
+        files the body's members under (the route's ``wrap_parameters``)."""
         watcher = self._watcher(tenant, env)
         policy = watcher.current() if watcher is not None else None
         if policy is None and watcher is not None and not watcher.nothing_active:
@@ -341,6 +353,16 @@ class PolicyDirectory:
                     "the policy for this tool reads the request body; send it as JSON "
                     "(content-type application/json, no content-encoding) within "
                     "gateway.max_body_bytes"
+                )
+            if (
+                wrapper is not None
+                and _sends_wrapper(doc, wrapper)
+                and self._reads_body(policy, tool)
+            ):
+                raise InvalidRequest(
+                    f"the body sends {wrapper[:64]!r}, the member this tool's upstream reads "
+                    "the body's fields from (Rails wrap_parameters), while the policy for "
+                    "this tool reads them at the top level; send them at the top level only"
                 )
             reads = self._fields_read(policy, tool)
             if reads.by_name:
