@@ -108,3 +108,16 @@ def test_a_path_loose_literal_it_never_holds_is_refused_at_load(literal: str) ->
                 f"[{{id: r, action: deny, when: {{path: path_loose, {test}}}}}]}}\n")  # fmt: skip
         with pytest.raises(PolicyError, match="path_loose never holds"):
             load_document(text)
+
+
+@pytest.mark.parametrize("test", ["regex: '\\.exe$'", "regex: '[.]pdf'", "contains: .pdf"])  # fmt: skip
+def test_a_dot_test_on_path_loose_is_refused_at_load(test: str) -> None:
+    """path_loose holds no final '.format': a deny rule testing for ``.exe`` would never fire."""
+    from aegis.errors import PolicyError
+    from aegis.policy.loader import load_document
+
+    text = ("apiVersion: aegis/v1\nkind: Policy\nmetadata: {name: p}\nspec: {rules: "
+            f"[{{id: r, action: deny, when: {{path: path_loose, {test}}}}}]}}\n")  # fmt: skip
+    with pytest.raises(PolicyError, match="test the path as received"):
+        load_document(text)
+    load_document(text.replace("path_loose", "path"))

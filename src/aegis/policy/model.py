@@ -88,6 +88,8 @@ Number = StrictInt | StrictFloat
 Name = Annotated[StrictStr, Field(min_length=1, max_length=256)]
 NameList = Annotated[list[Name], Field(min_length=1, max_length=1000)]
 _RULE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+#: How a regex names a literal dot (the safe regex dialect has no ``\x`` escapes).
+_DOT_TESTS: Final = ("\\.", "[.]")
 _PATH = re.compile(r"^[A-Za-z0-9_$@:-]+(\.[A-Za-z0-9_$@:*-]+)*$")
 _HHMM = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$|^24:00$")
 _DATE = re.compile(r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$")
@@ -262,6 +264,17 @@ class Condition(_Strict):
         # rule on it pass every call.
         if self.path != "path_loose":
             return self
+        dot = self.contains if self.contains is not None and "." in self.contains else None
+        if dot is None and self.regex is not None:
+            dot = next((m for m in _DOT_TESTS if m in self.regex), None)
+        if dot is not None:
+            # A test for a dot would mostly look for a file extension, which path_loose no
+            # longer holds: a deny rule looking for ".exe" would never fire.
+            raise ValueError(
+                f"path_loose holds no '.format' ending the path (Rails serves /a.json as /a), so "
+                f"a test for {dot[:64]!r} there may never match; test the path as received "
+                "(path) instead"
+            )
         literals = [self.eq, self.ne, *(self.in_ or ()), *(self.not_in or ())]
         for value in literals:
             if isinstance(value, str) and loose_path(value) != value:
