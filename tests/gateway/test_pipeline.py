@@ -320,6 +320,10 @@ spec:
         ((("action", "delete"), ("action", "read")), 400, "invalid_request"),
         # A repeated parameter no condition reads is no concern.
         ((("action", "read"), ("tag", "a"), ("tag", "b")), 200, None),
+        # ASP.NET Core binds cmd.action to the action of a parameter named cmd, over action.
+        ((("action", "read"), ("cmd.action", "delete")), 400, "invalid_request"),
+        ((("cmd.action", "delete"),), 400, "invalid_request"),
+        ((("action", "read"), ("cmd.note", "x")), 200, None),
     ],
 )
 async def test_a_repeated_query_parameter_the_policy_reads_is_refused(

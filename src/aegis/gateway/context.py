@@ -241,9 +241,13 @@ def query_key(name: str) -> str:
 def name_keys(name: str) -> frozenset[str]:
     """Every :func:`query_key` a lenient parser may file ``name`` under: as it is; without
     leading brackets and cut at the first bracket (Rack 2 and qs read ``[_method]`` as
-    ``_method``); with an unclosed ``[`` as ``_`` (PHP reads ``account[id`` as ``account_id``)."""
+    ``_method``); with an unclosed ``[`` as ``_`` (PHP reads ``account[id`` as ``account_id``);
+    after its last ``.`` (ASP.NET Core binds ``t.amount`` to the ``amount`` of an action's
+    parameter ``t``, ahead of a plain ``amount``)."""
     base = name.split("\x00", 1)[0].lstrip(" ")
     keys = {query_key(base), query_key(_BRACKETS.split(base.lstrip("[]"), 1)[0])}
+    if "." in base and (last := base.rsplit(".", 1)[1]):
+        keys.add(query_key(last))
     opened = base.find("[")
     if opened >= 0 and "]" not in base[opened:]:
         keys.add(query_key(base[:opened] + "_" + base[opened + 1 :]))
