@@ -49,6 +49,21 @@ def test_lifetime_above_one_hour_warns(tmp_path: Path) -> None:
     assert "7200" in finding.message
 
 
+def test_host_less_routes_a_host_of_its_own_does_not_serve_warn(tmp_path: Path) -> None:
+    routes = """gateway:
+  routes:
+    - {path_prefix: /payments, upstream: "http://u", tool: p, tenant: t, env: e}
+    - {path_prefix: /status, upstream: "http://u", tool: s, tenant: t, env: e}
+    - {path_prefix: /status, host: Admin.Example.com, upstream: "http://u", tool: s, tenant: t,
+       env: e}
+    - {path_prefix: /, host: all.example.com, upstream: "http://u", tool: a, tenant: t, env: e}
+"""
+    [finding] = check_config(load_config(_config(tmp_path, routes), environ={}))
+    assert (finding.level, finding.check) == ("warn", "host_routes")
+    assert "admin.example.com" in finding.message and "/payments" in finding.message
+    assert "/status" not in finding.message
+
+
 def test_high_risk_tool_without_parent_is_flagged() -> None:
     rules = [
         Rule("open-payments", ["payments.*"]),

@@ -6,6 +6,9 @@ Checks, each a plain function returning :class:`Finding` records so tests and ot
 * ``token_lifetime`` — ``tokens.max_lifetime`` above one hour warns: a stolen token lives that long
   and revocation must then carry the weight (docs/security.md).
 * ``delegation_depth`` — ``delegation.max_depth`` above the default of 4 warns.
+* ``host_routes`` — a gateway host with routes of its own is matched only against them (as nginx
+  server blocks and Envoy virtual hosts choose): each host-less route it does not also name warns,
+  since calls to that host on that path are refused (``no_route``).
 * ``high_risk_without_parent`` — a policy rule that allows a high-risk tool (``high_risk_tools``
   globs, from ``delegation.high_risk_tools`` or ``--high-risk-tool``) without requiring a verified
   delegation chain (a match on ``chain.parent`` or ``chain.depth``) is an error: such a tool should
@@ -36,6 +39,7 @@ import typer
 
 from aegis.config import AegisConfig, load_config
 from aegis.errors import AegisError
+from aegis.gateway.routing import bare_host
 from aegis.policy.loader import load_file
 from aegis.policy.model import PolicyDocument
 from aegis.tokens.chain import DEFAULT_MAX_DEPTH
@@ -152,6 +156,36 @@ def check_config(config: AegisConfig) -> list[Finding]:
                 "delegation.max_depth",
             )
         )
+    findings.extend(_host_routes(config))
+    return findings
+
+
+def _host_routes(config: AegisConfig) -> list[Finding]:
+    """The host-less routes each host with routes of its own does not serve (see the module
+    docstring's ``host_routes``)."""
+    routes = config.gateway.routes
+    hostless = [r.path_prefix for r in routes if r.host is None]
+    own: dict[str, list[str]] = {}
+    for r in routes:
+        if r.host is not None:
+            own.setdefault(bare_host(r.host), []).append(r.path_prefix.rstrip("/"))
+    findings = []
+    for host, prefixes in sorted(own.items()):
+        unserved = [
+            p for p in hostless
+            if not any(q == "" or p.rstrip("/") == q or p.startswith(q + "/") for q in prefixes)
+        ]  # fmt: skip
+        if unserved:
+            findings.append(
+                Finding(
+                    "warn",
+                    "host_routes",
+                    f"calls to {host} are matched only against its own routes, so the host-less "
+                    f"routes {', '.join(unserved[:8])} are refused there (no_route); add them "
+                    "for that host too if it should serve them",
+                    f"gateway.routes (host {host})",
+                )
+            )
     return findings
 
 
