@@ -176,6 +176,40 @@ async def test_policy_enforcement(
     assert record["policy_version"].startswith("sha256:")
 
 
+CONVERTED = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: gw}
+spec:
+  rules:
+    - {id: pay, action: allow, match: {tools: ["payments"]}}
+    - {id: blocked-account, action: deny, match: {tools: ["payments"]},
+       when: {path: request.body.toAccount, in: [42]}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("account", "status", "code"),
+    [
+        (7, 200, None),
+        (42, 403, "access_denied"),
+        ("42", 403, "policy_error"),
+        (True, 403, "policy_error"),
+    ],
+)
+async def test_a_value_the_upstream_would_convert_is_refused(
+    env: Env, account: object, status: int, code: str | None
+) -> None:
+    """Spring binds {"toAccount": "42"} to an int field as 42: a deny on 42 must hold for it."""
+    env.policies.activate(
+        "acme", "prod", env.policies.put(load_document(CONVERTED), now=0), actor="t", now=0
+    )
+    agent = Agent(env)
+    body = {"toAccount": account}
+    result = await env.pipeline.run(make_ctx(dpop_headers(agent, agent.token()), body=body))
+    assert (result.status, result.code) == (status, code), result
+
+
 async def test_a_body_the_policy_reads_must_be_shown_to_it(env: Env) -> None:
     env.policies.activate(
         "acme", "prod", env.policies.put(load_document(POLICY), now=0), actor="t", now=0

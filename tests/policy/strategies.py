@@ -2,11 +2,13 @@
 
 Purely random inputs almost never hit ``amount <= 5000`` or a tool glob, so each strategy is seeded
 with the policy's own literals (and neighbours of its numbers), then mixes in values of every JSON
-type so that type mismatches, missing paths and near misses are all exercised.
+type so that type mismatches, missing paths and near misses are all exercised; each literal also
+brings the values of other types an upstream would read as it (``"42"`` for 42, ``1`` for true).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Final
 
 from hypothesis import strategies as st
@@ -46,10 +48,29 @@ def _glob_examples(glob: str) -> st.SearchStrategy[str]:
     )
 
 
+def _converted(value: Any) -> list[Any]:
+    """What an upstream binding JSON would read as ``value`` (Jackson: ``"42"`` for 42, ``1`` and
+    ``"true"`` for true, 42 for ``"42"``): each is a scalar of another type, a rule error."""
+    if isinstance(value, bool):
+        return [int(value), str(value).lower()]
+    if isinstance(value, int | float):
+        return [str(value), *([bool(value)] if value in (0, 1) else [])]
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("true", "false"):
+            return [text == "true"]
+        try:
+            number = float(text)
+        except ValueError:
+            return []
+        return [int(number) if number.is_integer() else number] if math.isfinite(number) else []
+    return []
+
+
 def _near(value: Any) -> list[Any]:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        return [value]
-    return [value, value - 1, value + 1, value + 0.5, value - 0.01, str(value)]
+        return [value, *_converted(value)]
+    return [value, value - 1, value + 1, value + 0.5, value - 0.01, *_converted(value)]
 
 
 def _literals(policy: CompiledPolicy) -> dict[tuple[str, ...], list[Any]]:

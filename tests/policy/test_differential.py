@@ -83,6 +83,77 @@ def test_payment_boundaries_agree(amount: float, hour: int, day: int) -> None:
     _agree("payments", build_input(call_from_dict(call)))
 
 
+#: comparisons.yaml for tool bank.transfer: each rule's body field and the JSON types of its
+#: literal. A string, number or boolean of another type there is a rule error.
+_TRANSFER = {
+    "account-in": ("toAccount", {"number"}),
+    "force-eq": ("force", {"boolean"}),
+    "currency-ne": ("currency", {"string"}),
+    "country-not-in": ("country", {"string"}),
+    "code-mixed": ("code", {"number", "string"}),
+}
+_JSON_TYPE = {str: "string", int: "number", float: "number", bool: "boolean"}
+_SAMPLES = [
+    42, 43, 42.0, "42", " 42", "042", 1, 0, 1.0, True, False, "true", "false", "1", "EUR", "GB",
+    "US", 7, "7", None, [42], ["GB"], {"n": 42},
+]  # fmt: skip
+_FIELD_VALUES = st.one_of(
+    st.sampled_from(_SAMPLES),
+    st.none(),
+    st.booleans(),
+    st.integers(-100, 100),
+    st.text(max_size=3),
+)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(body=st.fixed_dictionaries({}, optional={k: _FIELD_VALUES for k, _ in _TRANSFER.values()}))
+def test_a_scalar_of_another_type_is_a_rule_error_in_both_engines(body: dict[str, Any]) -> None:
+    """What an upstream would convert ("42" for 42, 1 or "true" for true) is a rule error in both
+    engines; null, lists and objects, and values of the literal's type, are not."""
+    doc = build_input(call_from_dict({"tool": "bank.transfer", "body": body}))
+    decision = _agree("comparisons", doc)
+    errored = {
+        r
+        for r in _TRANSFER
+        if any(m.startswith(f"policy_error: rule {r}:") for m in decision["reasons"])
+    }
+    expected = {
+        r
+        for r, (key, types) in _TRANSFER.items()
+        if key in body and _JSON_TYPE.get(type(body[key])) not in (None, *types)
+    }
+    assert errored == expected, body
+    assert (decision["code"] == "policy_error") == bool(expected)
+
+
+@pytest.mark.parametrize(
+    ("tool", "call", "rule"),
+    [
+        ("bank.list", {"query": {"page": "2"}}, "page-number"),
+        ("bank.list", {"body": {"dry_run": 0}}, "dry-run-under-not"),
+        ("bank.transfer", {"body": {"toAccount": "42"}}, "account-in"),
+        ("bank.transfer", {"body": {"force": "true"}}, "force-eq"),
+    ],
+)
+def test_the_engines_report_the_same_comparison_error(
+    tool: str, call: dict[str, Any], rule: str
+) -> None:
+    decision = _agree("comparisons", build_input(call_from_dict({"tool": tool, **call})))
+    assert (decision["action"], decision["code"]) == ("deny", "policy_error")
+    assert rule in decision["rule_ids"]
+
+
+def test_selectors_never_error_in_either_engine() -> None:
+    for level, code in ((3, "access_denied"), ("3", None)):
+        call = {
+            "tool": "bank.close",
+            "body": {"reason": "x"},
+            "agent": {"attributes": {"level": level}},
+        }
+        assert _agree("comparisons", build_input(call_from_dict(call)))["code"] == code
+
+
 @pytest.mark.parametrize("missing", ["path_loose", "request", "agent"])
 def test_the_bundle_denies_an_input_document_aegis_did_not_build(missing: str) -> None:
     """A missing path makes every condition on it false, so a deny rule would not fire on a

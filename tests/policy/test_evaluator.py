@@ -130,8 +130,154 @@ def test_errors_are_found_whatever_the_order_of_any() -> None:
 
 def test_equality_does_not_mix_booleans_and_numbers() -> None:
     p = policy("- {id: a, action: allow, when: {path: request.body.n, eq: 1}}\n")
-    assert decide(p, body={"n": True})["action"] == "deny"
+    assert (decide(p, body={"n": True})["action"], decide(p, body={"n": True})["code"]) == (
+        "deny",
+        "policy_error",
+    )
     assert decide(p, body={"n": 1.0})["action"] == "allow"
+
+
+CONVERTED = """\
+- {id: ok, action: allow}
+- {id: account, action: deny, when: {path: request.body.toAccount, in: [42]}}
+- {id: force, action: deny, when: {path: request.body.force, eq: true}}
+- {id: kind, action: deny, when: {path: request.body.kind, eq: wire}}
+"""
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"toAccount": "42"},  # Jackson binds it to an int field as 42
+        {"toAccount": " 42"},
+        {"toAccount": True},
+        {"force": 1},  # ... and these to a boolean as true
+        {"force": "true"},
+        {"force": 1.0},
+        {"force": "on"},
+        {"kind": 7},  # ... and numbers and booleans to a String as text
+        {"kind": False},
+    ],
+)
+def test_a_scalar_of_another_type_than_the_literal_is_a_policy_error(body: dict[str, Any]) -> None:
+    """Compared strictly, "42" would pass ``deny when toAccount in [42]``; an upstream that
+    converts it acts on 42. The rule cannot decide it, so the call is refused."""
+    got = decide(policy(CONVERTED), body=body)
+    assert (got["action"], got["code"]) == ("deny", "policy_error")
+    (rule,) = got["rule_ids"]
+    (reason,) = got["reasons"]
+    assert reason.startswith(f"policy_error: rule {rule}: request.body.")
+
+
+@pytest.mark.parametrize(
+    ("body", "action"),
+    [
+        ({"toAccount": 42}, "deny"),
+        ({"toAccount": 42.0}, "deny"),
+        ({"toAccount": 7}, "allow"),
+        ({"force": True}, "deny"),
+        ({"force": False}, "allow"),
+        ({"kind": "wire"}, "deny"),
+        ({"kind": "card"}, "allow"),
+        # null, lists and objects are compared as before: never an error
+        ({"force": None, "toAccount": None}, "allow"),
+        ({"force": [True], "toAccount": [42]}, "allow"),
+        ({"toAccount": {"n": 42}}, "allow"),
+        ({}, "allow"),
+    ],
+)
+def test_values_of_the_literal_type_null_lists_and_objects_compare_strictly(
+    body: dict[str, Any], action: str
+) -> None:
+    got = decide(policy(CONVERTED), body=body)
+    assert got["action"] == action
+    assert got["code"] != "policy_error"
+
+
+@pytest.mark.parametrize(
+    "condition",
+    [
+        "{path: request.body.role, ne: admin}",
+        "{path: request.body.role, not_in: [admin, root]}",
+        "{path: request.body.role, eq: reader}",
+        "{not: {path: request.body.role, eq: admin}}",
+        "{not: {path: request.body.role, in: [admin]}}",
+        "{any: [{path: request.body.ok, exists: false}, {path: request.body.role, ne: admin}]}",
+    ],
+)
+@pytest.mark.parametrize("value", [1, 0.5, True])
+def test_ne_not_in_and_not_never_allow_a_scalar_of_another_type(condition: str, value: Any) -> None:
+    p = policy(f"- {{id: a, action: allow, when: {condition}}}\n")
+    got = decide(p, body={"role": value})
+    assert (got["action"], got["code"], got["rule_ids"]) == ("deny", "policy_error", ["a"])
+    assert decide(p, body={"role": "reader"})["action"] == "allow"
+
+
+def test_the_error_says_what_to_send_and_what_to_write() -> None:
+    got = decide(policy(CONVERTED), body={"toAccount": "42"})
+    assert got["reasons"] == [
+        "policy_error: rule account: request.body.toAccount in [42] needs a number; servers"
+        ' convert strings, numbers and booleans into one another ("42" to 42, 1 or "true" to'
+        " true), so a value of another type is refused: send a number, or write the rule for the"
+        " type sent"
+    ]
+    p = policy("- {id: page, action: deny, when: {path: request.query.page, in: [2, 3]}}\n")
+    got = decide(p, query={"page": "2"})
+    assert (got["action"], got["code"]) == ("deny", "policy_error")
+    assert got["reasons"] == [
+        "policy_error: rule page: request.query.page in [2, 3] needs a number; query and header"
+        " values are always strings: write the rule's values quoted"
+    ]
+
+
+def test_query_and_header_values_compare_with_quoted_literals() -> None:
+    p = policy(
+        "- {id: ok, action: allow}\n"
+        "- {id: page, action: deny, when: {path: request.query.page, eq: '2'}}\n"
+        "- {id: limit, action: deny, when: {path: request.headers.x-limit, in: ['100']}}\n"
+    )
+    assert decide(p, query={"page": "2"})["code"] == "access_denied"
+    assert decide(p, headers={"x-limit": "100"})["code"] == "access_denied"
+    assert decide(p, query={"page": "1"}, headers={"x-limit": "10"})["action"] == "allow"
+    assert decide(p, query={"page": ["1", "2"]})["action"] == "allow"  # a list: no error
+
+
+def test_a_list_of_mixed_types_checks_only_the_types_it_lacks() -> None:
+    p = policy(
+        "- {id: ok, action: allow}\n"
+        "- {id: a, action: deny, when: {path: request.body.n, in: [42, '42', null]}}\n"
+        "- {id: b, action: deny, when: {path: request.body.m, not_in: [1, 'x', true]}}\n"
+    )
+    assert decide(p, body={"n": True})["code"] == "policy_error"
+    assert decide(p, body={"n": "42"})["code"] == "access_denied"
+    assert decide(p, body={"n": "042"})["action"] == "allow"  # compared strictly: see the docs
+    assert decide(p, body={"m": False})["code"] == "access_denied"  # every type held: no error
+    assert decide(p, body={"m": "x"})["action"] == "allow"
+
+
+def test_selectors_never_error() -> None:
+    p = policy(
+        "- {id: ok, action: allow}\n"
+        "- {id: lvl, action: deny, match: {agent: {attributes: {level: 3}}}}\n"
+    )
+    assert decide(p, agent={"attributes": {"level": 3}})["code"] == "access_denied"
+    got = decide(p, agent={"attributes": {"level": "3"}})
+    assert (got["action"], got["code"]) == ("allow", None)
+    assert p.lowered.rules[1].match[0].error is None
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_number_is_no_number_to_a_comparison(value: float) -> None:
+    p = policy(
+        "- {id: ok, action: allow}\n"
+        "- {id: five, action: deny, when: {path: request.body.n, ne: 5}}\n"
+        "- {id: x, action: deny, when: {path: request.body.s, eq: x}}\n"
+    )
+    doc = build_input(call_from_dict({"tool": "t", "body": {"n": 5}}))
+    doc["request"]["body"] = {"n": value}
+    assert p.evaluate(doc).code == "policy_error"
+    doc["request"]["body"] = {"s": value}
+    assert p.evaluate(doc).code == "policy_error"
 
 
 def test_regex_subject_over_the_limit_is_an_error() -> None:

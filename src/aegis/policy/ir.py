@@ -9,7 +9,12 @@ time, the exact error message both engines report.
 Run-time type rules (documented in ``docs/policy.md``):
 
 * a missing path makes every leaf false except ``exists: false``;
-* ``eq ne in not_in`` compare any JSON values (numbers by value; ``true`` is not ``1``);
+* ``eq ne in not_in`` compare JSON values strictly (numbers by value; ``true`` is not ``1``, ``"42"``
+  is not ``42``). In a condition, a present string, number or boolean whose JSON type is not the
+  type of the literal (for ``in``/``not_in``: of any scalar in the list) is a *rule error*:
+  upstream servers convert these types into one another (Jackson binds ``"42"`` to an ``int``
+  field, ``1`` and ``"true"`` to a ``boolean``), so a strict non-match there would be a wrong
+  allow. ``null``, lists and objects, as values or literals, never error; selectors never error;
 * ``lt lte gt gte`` need a number, ``regex`` a string of at most
   :data:`~aegis.policy.safe_regex.MAX_SUBJECT_LENGTH` characters, ``contains`` a string or a list,
   a time window a valid ``time.unix``. Any other present value is a *rule error*: the rule cannot
@@ -25,8 +30,10 @@ from typing import Any, Final
 from aegis.policy.decision import ApprovalRequirement, RuleOutcome, SanitizeObligation
 from aegis.policy.model import Condition, PolicyDocument, Rule, TimeWindow
 from aegis.policy.safe_regex import MAX_SUBJECT_LENGTH, SafeRegex, compile_safe, glob_to_regex
+from aegis.policy.values import scalar_types
 
 __all__ = [
+    "COMPARING_OPERATORS",
     "FAILING_OPERATORS",
     "MAX_UNIX",
     "Leaf",
@@ -38,8 +45,14 @@ __all__ = [
 
 #: Largest ``time.unix`` a time window accepts (keeps nanoseconds inside a signed 64-bit int).
 MAX_UNIX: Final = 1 << 33
-#: Operators that raise a rule error on a present value of the wrong type.
-FAILING_OPERATORS: Final = frozenset({"contains", "lt", "lte", "gt", "gte", "regex", "time"})
+#: Operators that raise a rule error on a present value of the wrong type (in conditions).
+FAILING_OPERATORS: Final = frozenset(
+    {"eq", "ne", "in", "not_in", "contains", "lt", "lte", "gt", "gte", "regex", "time"}
+)
+#: Operators that compare with literals of any JSON type and fail on a scalar of another type.
+COMPARING_OPERATORS: Final = frozenset({"eq", "ne", "in", "not_in"})
+_SCALAR_ORDER: Final = ("string", "number", "boolean")
+_STRING_ROOTS: Final = (("request", "query"), ("request", "headers"))
 _NEEDS: Final = {
     "contains": "a string or a list",
     "lt": "a number",
@@ -115,6 +128,20 @@ def _head_as_get(op: str, value: Any) -> tuple[str, Any]:
     return op, value
 
 
+def _comparison_error(
+    rule_id: str, path: tuple[str, ...], label: str, types: frozenset[str]
+) -> str:
+    need = " or ".join(f"a {t}" for t in _SCALAR_ORDER if t in types)
+    head = f"policy_error: rule {rule_id}: {label} needs {need}"
+    if path[:2] in _STRING_ROOTS and "string" not in types:
+        return f"{head}; query and header values are always strings: write the rule's values quoted"
+    return (
+        f'{head}; servers convert strings, numbers and booleans into one another ("42" to 42,'
+        f' 1 or "true" to true), so a value of another type is refused: send {need}, or write'
+        " the rule for the type sent"
+    )
+
+
 def _leaf(rule_id: str, path: tuple[str, ...], op: str, value: Any) -> Leaf:
     label = _label(path, op, value)
     if path == ("method",):
@@ -127,6 +154,10 @@ def _leaf(rule_id: str, path: tuple[str, ...], op: str, value: Any) -> Leaf:
     error = None
     if op in _NEEDS:
         error = f"policy_error: rule {rule_id}: {label} needs {_NEEDS[op]}"
+    elif op in COMPARING_OPERATORS:
+        types = scalar_types(value if op in ("in", "not_in") else (value,))
+        if types and len(types) < len(_SCALAR_ORDER):  # else no scalar can be of another type
+            error = _comparison_error(rule_id, path, label, types)
     return Leaf(path=path, op=op, value=value, regexes=regexes, label=label, error=error)
 
 
@@ -177,7 +208,8 @@ def _selectors(rule: Rule) -> list[Leaf]:
             out.append(_leaf(rid, ("chain", "depth"), "gte", c.min_depth))
         if c.max_depth is not None:
             out.append(_leaf(rid, ("chain", "depth"), "lte", c.max_depth))
-    # Selectors read fields that build_input always fills with the right type; they never fail.
+    # Selectors read fields that build_input always fills with the right type; they never fail
+    # (``agent.attributes`` values are registry data, compared strictly as before).
     return [Leaf(**{**_fields(leaf), "error": None}) for leaf in out]
 
 

@@ -8,6 +8,7 @@ evaluates every body too, so the two engines agree on which rules failed).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Final
@@ -15,7 +16,7 @@ from zoneinfo import ZoneInfo
 
 from aegis.policy.ir import MAX_UNIX, Leaf, Node
 from aegis.policy.safe_regex import MAX_SUBJECT_LENGTH
-from aegis.policy.values import MISSING, is_number, json_equal
+from aegis.policy.values import MISSING, SCALAR_TYPES, is_number, json_equal, scalar_types
 
 __all__ = ["Pred", "compile_node", "getter", "window_contains"]
 
@@ -71,8 +72,21 @@ def _minutes(hhmm: str) -> int:
     return int(hhmm[:2]) * 60 + int(hhmm[3:])
 
 
+def _wrong_types(leaf: Leaf) -> frozenset[type]:
+    """The Python types of a present value that make an ``eq ne in not_in`` leaf a rule error:
+    the scalar types the literal does not hold (none for a selector, which never errors)."""
+    if leaf.error is None:
+        return frozenset()
+    literals = leaf.value if leaf.op in ("in", "not_in") else (leaf.value,)
+    held = scalar_types(literals)
+    return frozenset(t for t, name in SCALAR_TYPES.items() if name not in held)
+
+
 def _leaf(leaf: Leaf) -> Pred:
     get, op, lit, err = getter(leaf.path), leaf.op, leaf.value, leaf.error or ""
+    wrong = _wrong_types(leaf) if op in ("eq", "ne", "in", "not_in") else frozenset()
+    if wrong:
+        return _strict(leaf, get, wrong)
     if op == "eq" and type(lit) is str:
         return lambda d, e: get(d) == lit
     if op == "eq":
@@ -155,6 +169,55 @@ def _leaf(leaf: Leaf) -> Pred:
 
         return in_window
     raise AssertionError(f"unknown operator {op!r}")  # the lowering never produces one
+
+
+def _strict(leaf: Leaf, get: Getter, wrong: frozenset[type]) -> Pred:
+    """``eq ne in not_in`` in a condition: a present value whose type is in ``wrong`` (a scalar
+    type the literal does not hold) is a rule error, and so is NaN or an infinity (no JSON number;
+    the gateway refuses them before policy runs). The equal case, the hot one, is decided before
+    the type is looked at; a missing value's type is never in ``wrong``."""
+    op, lit, err, finite = leaf.op, leaf.value, leaf.error or "", math.isfinite
+    if op == "eq" and type(lit) is str:
+
+        def eq_string(d: Any, e: list[str]) -> bool:
+            x = get(d)
+            if x == lit:  # only a str equals a str literal
+                return True
+            if (t := type(x)) in wrong or (t is float and not finite(x)):
+                e.append(err)
+            return False
+
+        return eq_string
+    if op in ("eq", "ne"):
+        want = op == "eq"
+
+        def compare(d: Any, e: list[str]) -> bool:
+            x = get(d)
+            if x is MISSING:
+                return False
+            if json_equal(x, lit):
+                return want
+            if (t := type(x)) in wrong or (t is float and not finite(x)):
+                e.append(err)
+                return False
+            return not want
+
+        return compare
+    strings = frozenset(lit) if all(type(v) is str for v in lit) else None
+    want = op == "in"
+
+    def member(d: Any, e: list[str]) -> bool:
+        x = get(d)
+        if (t := type(x)) is str and strings is not None:
+            return (x in strings) == want
+        if t in wrong or (t is float and not finite(x)):  # no element can equal it
+            e.append(err)
+            return False
+        if x is MISSING:
+            return False
+        return any(json_equal(x, v) for v in lit) == want
+
+    return member
 
 
 def compile_node(node: Leaf | Node, *, eager: bool) -> Pred:

@@ -22,6 +22,7 @@ from aegis.policy.evaluator import CompiledPolicy
 from aegis.policy.ir import MAX_UNIX, Leaf, LoweredRule, Node
 from aegis.policy.model import INPUT_ROOTS
 from aegis.policy.safe_regex import MAX_SUBJECT_LENGTH, glob_to_regex
+from aegis.policy.values import scalar_types
 
 __all__ = [
     "DECISION_QUERY",
@@ -54,6 +55,7 @@ _KEYWORDS: Final = frozenset(
         "with",
     ]
 )
+_SCALARS: Final = ("boolean", "number", "string")  # as type_name names them
 _DAY_NAMES: Final = {
     "mon": "Monday", "tue": "Tuesday", "wed": "Wednesday", "thu": "Thursday",
     "fri": "Friday", "sat": "Saturday", "sun": "Sunday",
@@ -207,14 +209,17 @@ class _RuleWriter:
         op, lit = leaf.op, leaf.value
         bodies: list[list[str]]
         errors: list[list[str]] = []
-        if op == "eq":
-            bodies = [[x, f"x == {_lit(lit)}"]]
-        elif op == "ne":
-            bodies = [[x, f"x != {_lit(lit)}"]]
-        elif op == "in":
-            bodies = [[x, f"x in {_lit(lit)}"]]
-        elif op == "not_in":
-            bodies = [[x, f"not x in {_lit(lit)}"]]
+        if op in ("eq", "ne", "in", "not_in"):
+            test = {"eq": "x == {}", "ne": "x != {}", "in": "x in {}", "not_in": "not x in {}"}[op]
+            bodies = [[x, test.format(_lit(lit))]]
+            # In a condition, a scalar of a type the literal does not hold is an error (ir.py),
+            # and the leaf is false for it, as in the evaluator (ne and not_in would hold).
+            held = scalar_types(lit if op in ("in", "not_in") else (lit,))
+            wrong = f"type_name(x) in {_lit([t for t in _SCALARS if t not in held])}"
+            if leaf.error is not None:
+                errors = [[x, wrong]]
+                if op in ("ne", "not_in"):
+                    bodies = [[x, f"not {wrong}", test.format(_lit(lit))]]
         elif op == "exists" and lit:
             bodies = [[x]]
         elif op == "exists":

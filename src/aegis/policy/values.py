@@ -1,16 +1,27 @@
-"""JSON value semantics shared by both engines: strict equality and the number test.
+"""JSON value semantics shared by both engines: strict equality, the number test, scalar types.
 
 Rego compares JSON values structurally, with ``1 == 1.0`` but ``true != 1`` and ``"1" != 1``.
 Python's ``==`` says ``True == 1``, so the in-process evaluator uses :func:`json_equal` wherever a
-policy compares values, and :func:`is_number` wherever it needs a number.
+policy compares values, and :func:`is_number` wherever it needs a number. :func:`scalar_types`
+names the JSON types of a comparison's literals, so that both engines refuse a value of another
+scalar type instead of comparing it (see :mod:`aegis.policy.ir`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Final
 
-__all__ = ["MISSING", "is_number", "json_equal", "lookup"]
+__all__ = ["MISSING", "SCALAR_TYPES", "is_number", "json_equal", "lookup", "scalar_types"]
+
+#: The JSON type of a scalar, by its exact Python type (``bool`` is not a number).
+SCALAR_TYPES: Final[dict[type, str]] = {
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+}
 
 
 class _Missing:
@@ -47,6 +58,12 @@ def json_equal(a: Any, b: Any) -> bool:
     if ta is dict:
         return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
     return bool(a == b)
+
+
+def scalar_types(values: Iterable[Any]) -> frozenset[str]:
+    """The JSON types (``string``, ``number``, ``boolean``) of the scalars among ``values``;
+    ``null``, lists and objects have none."""
+    return frozenset(t for v in values if (t := SCALAR_TYPES.get(type(v))) is not None)
 
 
 def lookup(doc: Any, keys: tuple[str, ...]) -> Any:

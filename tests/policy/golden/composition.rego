@@ -59,6 +59,13 @@ rule_errors contains ["any-of-two", msg] if {
 	msg := "policy_error: rule any-of-two: request.body.n gt 5 needs a number"
 }
 
+rule_errors contains ["any-of-two", msg] if {
+	r0_match
+	x := input.request.body.kind
+	type_name(x) in ["boolean", "number"]
+	msg := "policy_error: rule any-of-two: request.body.kind eq \"public\" needs a string; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true), so a value of another type is refused: send a string, or write the rule for the type sent"
+}
+
 # rule all-with-not: deny
 r1_1 if {
 	x := input.tool
@@ -71,6 +78,7 @@ r1_match if {
 
 r1_2 if {
 	x := input.request.body.kind
+	not type_name(x) in ["boolean", "number"]
 	x != "draft"
 }
 
@@ -92,6 +100,20 @@ hits contains "all-with-not" if {
 	r1_match
 	r1_5
 	not "all-with-not" in errored
+}
+
+rule_errors contains ["all-with-not", msg] if {
+	r1_match
+	x := input.request.body.kind
+	type_name(x) in ["boolean", "number"]
+	msg := "policy_error: rule all-with-not: request.body.kind ne \"draft\" needs a string; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true), so a value of another type is refused: send a string, or write the rule for the type sent"
+}
+
+rule_errors contains ["all-with-not", msg] if {
+	r1_match
+	x := input.agent.attributes.clearance
+	type_name(x) in ["boolean", "number"]
+	msg := "policy_error: rule all-with-not: agent.attributes.clearance in [\"high\", \"top\"] needs a string; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true), so a value of another type is refused: send a string, or write the rule for the type sent"
 }
 
 # rule nested: approval_needed

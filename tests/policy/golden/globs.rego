@@ -108,6 +108,13 @@ hits contains "any-tool-keyword-keys" if {
 	not "any-tool-keyword-keys" in errored
 }
 
+rule_errors contains ["any-tool-keyword-keys", msg] if {
+	r5_match
+	x := input.request.body["in"]["not"]
+	type_name(x) in ["boolean", "number"]
+	msg := "policy_error: rule any-tool-keyword-keys: request.body.in.not eq \"if\" needs a string; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true), so a value of another type is refused: send a string, or write the rule for the type sent"
+}
+
 # rule any-tool-dashes: allow
 r6_match := true
 
@@ -120,6 +127,13 @@ hits contains "any-tool-dashes" if {
 	r6_match
 	r6_1
 	not "any-tool-dashes" in errored
+}
+
+rule_errors contains ["any-tool-dashes", msg] if {
+	r6_match
+	x := input.request.query["page-size"]
+	type_name(x) in ["boolean", "number"]
+	msg := "policy_error: rule any-tool-dashes: request.query.page-size in [\"10\", \"20\"] needs a string; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true), so a value of another type is refused: send a string, or write the rule for the type sent"
 }
 
 # rule unicode: allow
@@ -186,6 +200,13 @@ hits contains "star-only" if {
 	r8_match
 	r8_2
 	not "star-only" in errored
+}
+
+rule_errors contains ["star-only", msg] if {
+	r8_match
+	x := input.request.body.blocked
+	type_name(x) in ["number", "string"]
+	msg := "policy_error: rule star-only: request.body.blocked eq true needs a boolean; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true), so a value of another type is refused: send a boolean, or write the rule for the type sent"
 }
 
 

@@ -37,6 +37,13 @@ hits contains "eq-string" if {
 	not "eq-string" in errored
 }
 
+rule_errors contains ["eq-string", msg] if {
+	r0_match
+	x := input.request.body.kind
+	type_name(x) in ["boolean", "number"]
+	msg := "policy_error: rule eq-string: request.body.kind eq \"invoice\" needs a string; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true), so a value of another type is refused: send a string, or write the rule for the type sent"
+}
+
 # rule eq-number: allow
 r1_1 if {
 	x := input.tool
@@ -58,6 +65,13 @@ hits contains "eq-number" if {
 	not "eq-number" in errored
 }
 
+rule_errors contains ["eq-number", msg] if {
+	r1_match
+	x := input.request.body.n
+	type_name(x) in ["boolean", "string"]
+	msg := "policy_error: rule eq-number: request.body.n eq 3 needs a number; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true), so a value of another type is refused: send a number, or write the rule for the type sent"
+}
+
 # rule eq-bool: deny
 r2_1 if {
 	x := input.tool
@@ -77,6 +91,13 @@ hits contains "eq-bool" if {
 	r2_match
 	r2_2
 	not "eq-bool" in errored
+}
+
+rule_errors contains ["eq-bool", msg] if {
+	r2_match
+	x := input.request.body.flag
+	type_name(x) in ["number", "string"]
+	msg := "policy_error: rule eq-bool: request.body.flag eq true needs a boolean; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true), so a value of another type is refused: send a boolean, or write the rule for the type sent"
 }
 
 # rule eq-null: sanitize
@@ -133,6 +154,7 @@ r5_match if {
 
 r5_2 if {
 	x := input.request.body.kind
+	not type_name(x) in ["boolean", "number"]
 	x != "invoice"
 }
 
@@ -140,6 +162,13 @@ hits contains "ne-string" if {
 	r5_match
 	r5_2
 	not "ne-string" in errored
+}
+
+rule_errors contains ["ne-string", msg] if {
+	r5_match
+	x := input.request.body.kind
+	type_name(x) in ["boolean", "number"]
+	msg := "policy_error: rule ne-string: request.body.kind ne \"invoice\" needs a string; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true), so a value of another type is refused: send a string, or write the rule for the type sent"
 }
 
 # rule in-mixed: allow
@@ -184,6 +213,13 @@ hits contains "in-strings" if {
 	not "in-strings" in errored
 }
 
+rule_errors contains ["in-strings", msg] if {
+	r7_match
+	x := input.request.body.kind
+	type_name(x) in ["boolean", "number"]
+	msg := "policy_error: rule in-strings: request.body.kind in [\"invoice\", \"receipt\"] needs a string; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true), so a value of another type is refused: send a string, or write the rule for the type sent"
+}
+
 # rule not-in: deny
 r8_1 if {
 	x := input.tool
@@ -196,6 +232,7 @@ r8_match if {
 
 r8_2 if {
 	x := input.request.body.kind
+	not type_name(x) in ["boolean", "number"]
 	not x in ["invoice", "receipt"]
 }
 
@@ -203,6 +240,13 @@ hits contains "not-in" if {
 	r8_match
 	r8_2
 	not "not-in" in errored
+}
+
+rule_errors contains ["not-in", msg] if {
+	r8_match
+	x := input.request.body.kind
+	type_name(x) in ["boolean", "number"]
+	msg := "policy_error: rule not-in: request.body.kind not_in [\"invoice\", \"receipt\"] needs a string; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true), so a value of another type is refused: send a string, or write the rule for the type sent"
 }
 
 # rule contains-text: allow
@@ -570,6 +614,13 @@ hits contains "header-eq" if {
 	r20_match
 	r20_2
 	not "header-eq" in errored
+}
+
+rule_errors contains ["header-eq", msg] if {
+	r20_match
+	x := input.request.headers["x-tenant"]
+	type_name(x) in ["boolean", "number"]
+	msg := "policy_error: rule header-eq: request.headers.x-tenant eq \"acme\" needs a string; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true), so a value of another type is refused: send a string, or write the rule for the type sent"
 }
 
 

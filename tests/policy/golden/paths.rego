@@ -69,6 +69,13 @@ hits contains "exact-reports" if {
 	not "exact-reports" in errored
 }
 
+rule_errors contains ["exact-reports", msg] if {
+	r2_match
+	x := input.path
+	type_name(x) in ["boolean", "number"]
+	msg := "policy_error: rule exact-reports: path eq \"/payments/Reports\" needs a string; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true), so a value of another type is refused: send a string, or write the rule for the type sent"
+}
+
 # rule exports: approval_needed
 r3_match := true
 
@@ -81,6 +88,13 @@ hits contains "exports" if {
 	r3_match
 	r3_1
 	not "exports" in errored
+}
+
+rule_errors contains ["exports", msg] if {
+	r3_match
+	x := input.path_loose
+	type_name(x) in ["boolean", "number"]
+	msg := "policy_error: rule exports: path_loose in [\"/payments/export\", \"/payments/export/all\"] needs a string; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true), so a value of another type is refused: send a string, or write the rule for the type sent"
 }
 
 

@@ -276,6 +276,13 @@ hits contains "finance-deny-direct" if {
 	not "finance-deny-direct" in errored
 }
 
+rule_errors contains ["finance-deny-direct", msg] if {
+	r7_match
+	x := input.chain.parent
+	type_name(x) in ["boolean", "number"]
+	msg := "policy_error: rule finance-deny-direct: chain.parent eq \"orchestrator\" needs a string; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true), so a value of another type is refused: send a string, or write the rule for the type sent"
+}
+
 
 # --- combining: deny > approval_needed > sanitize > allow, default deny --------------------------
 

@@ -69,6 +69,13 @@ hits contains "c-sanitize" if {
 	not "c-sanitize" in errored
 }
 
+rule_errors contains ["c-sanitize", msg] if {
+	r2_match
+	x := input.request.body.pii
+	type_name(x) in ["number", "string"]
+	msg := "policy_error: rule c-sanitize: request.body.pii eq true needs a boolean; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true), so a value of another type is refused: send a boolean, or write the rule for the type sent"
+}
+
 # rule d-sanitize: sanitize
 r3_1 if {
 	x := input.tool
@@ -88,6 +95,13 @@ hits contains "d-sanitize" if {
 	r3_match
 	r3_2
 	not "d-sanitize" in errored
+}
+
+rule_errors contains ["d-sanitize", msg] if {
+	r3_match
+	x := input.request.body.pii
+	type_name(x) in ["number", "string"]
+	msg := "policy_error: rule d-sanitize: request.body.pii eq true needs a boolean; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true), so a value of another type is refused: send a boolean, or write the rule for the type sent"
 }
 
 # rule e-approval: approval_needed
