@@ -26,6 +26,7 @@ from aegis.gateway.ext_authz_grpc import (
     peer_host,
     start_grpc_server,
 )
+from aegis.policy.decision import DEFAULT_DENY_REASON
 from aegis.policy.loader import load_document
 from aegis.tokens.verifier import verify_jwt
 from tests.gateway.conftest import Agent, Env, dpop_headers
@@ -359,3 +360,102 @@ async def test_a_failure_outside_the_pipeline_is_a_denied_answer(
             resp = await stub.Check(check(dpop_headers(agent, agent.token())))
         status, _, answer = denied(resp)
         assert (status, answer["code"]) == (500, "server_error")
+
+
+#: Rules on the fields a reverse proxy sets: the host, the scheme and the client address.
+FORWARDED_RULES = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: forwarded}
+spec:
+  rules:
+    - {id: admin-host, action: deny, reason: the admin host is not for agents,
+       match: {tools: ["payments"]}, when: {path: request.headers.host, regex: "^admin\\\\."}}
+    - {id: plaintext, action: deny, reason: plaintext calls are refused,
+       match: {tools: ["payments"]}, when: {path: request.headers.x-forwarded-proto, eq: http}}
+    - {id: internal, action: allow, reason: an internal client, match: {tools: ["payments"]},
+       when: {path: request.headers.x-forwarded-for, eq: "10.0.0.5"}}
+    - {id: internal-claimed, action: allow, reason: a claimed internal client,
+       match: {tools: ["payments"]}, when: {path: request.headers.x-real-ip, eq: "10.0.0.5"}}
+"""
+
+#: A caller's own forwarding claims, every one naming the internal address.
+CLAIMS = [("x-forwarded-for", "10.0.0.5"), ("x-real-ip", "10.0.0.5"), ("forwarded", "for=10.0.0.5")]
+
+
+@pytest.mark.parametrize(
+    ("host", "scheme", "client", "claims", "denied_by"),
+    [
+        ("gw.example.com", "https", "10.0.0.5", [], None),
+        # gRPC carries the host only as :authority; policy reads it as the proxy shows it.
+        ("admin.example.com", "https", "10.0.0.5", [], "the admin host is not for agents"),
+        ("gw.example.com", "http", "10.0.0.5", [], "plaintext calls are refused"),
+        # The client is the address Envoy reported, never one the caller claims.
+        ("gw.example.com", "https", "198.51.100.7", CLAIMS, DEFAULT_DENY_REASON),
+    ],
+)  # fmt: skip
+async def test_policy_sees_the_host_and_the_doors_own_forwarded_fields(
+    env: Env,
+    stub: pb_grpc.AuthorizationStub,
+    host: str,
+    scheme: str,
+    client: str,
+    claims: list[tuple[str, str]],
+    denied_by: str | None,
+) -> None:
+    env.policies.activate(
+        "acme", "prod", env.policies.put(load_document(FORWARDED_RULES), now=0), actor="t", now=0
+    )
+    agent = Agent(env)
+    request = check([*dpop_headers(agent, agent.token()), *claims], raw_map=True)
+    request.attributes.request.http.host = host
+    request.attributes.request.http.scheme = scheme
+    request.attributes.source.address.socket_address.address = client
+    resp = await stub.Check(request)
+    if denied_by is None:
+        assert resp.status.code == code_pb2.OK, resp
+        return
+    status, _, body = denied(resp)
+    assert (status, body["code"], body["message"]) == (403, "access_denied", denied_by)
+
+
+async def test_forwarding_claims_envoy_does_not_set_are_removed_before_the_upstream(
+    env: Env, stub: pb_grpc.AuthorizationStub
+) -> None:
+    """Policy never saw them; the upstream must not read them as the gateway's word. What Envoy
+    sets itself (X-Forwarded-For with the client appended, -Proto, -Port, -Client-Cert) stays."""
+    agent = Agent(env)
+    envoys = [("x-forwarded-for", "10.0.0.5, 198.51.100.7"), ("x-forwarded-proto", "https"),
+              ("x-forwarded-port", "443"), ("x-forwarded-client-cert", "Hash=00")]  # fmt: skip
+    claims = [("x-real-ip", "10.0.0.5"), ("forwarded", "for=10.0.0.5"),
+              ("x-forwarded-host", "admin.example.com"), ("x_forwarded_for", "10.0.0.5")]  # fmt: skip
+    resp = await stub.Check(check([*dpop_headers(agent, agent.token()), *envoys, *claims]))
+    assert resp.status.code == code_pb2.OK, resp
+    assert set(resp.ok_response.headers_to_remove) == {
+        "authorization",
+        "dpop",
+        "x-real-ip",
+        "forwarded",
+        "x-forwarded-host",
+        "x_forwarded_for",
+    }
+
+
+async def test_a_protocol_upgrade_is_refused_and_audited(
+    env: Env, stub: pb_grpc.AuthorizationStub
+) -> None:
+    """Allowed, Envoy would switch to a WebSocket and pass every later frame on undecided."""
+    agent = Agent(env)
+    upgrade = [("connection", "Upgrade"), ("upgrade", "websocket"),
+               ("sec-websocket-version", "13"), ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")]  # fmt: skip
+    request = check([*dpop_headers(agent, agent.token(), method="GET"), *upgrade], method="GET")
+    status, _, body = denied(await stub.Check(request))
+    assert (status, body["code"]) == (400, "invalid_request")
+    assert "Upgrade" in body["message"]
+    [record] = [r for r in env.audit.records(kind="gateway.refused")
+                if r["decision_id"] == body["decision_id"]]  # fmt: skip
+    assert (record["door"], record["status"], record["code"]) == (
+        "ext_authz",
+        400,
+        "invalid_request",
+    )

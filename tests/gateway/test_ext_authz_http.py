@@ -13,10 +13,11 @@ import pytest
 from aegis.config import ExtAuthzSettings, GatewaySettings
 from aegis.gateway.ext_authz import ExtAuthz
 from aegis.gateway.ext_authz_http import create_ext_authz_http_app
+from aegis.policy.decision import DEFAULT_DENY_REASON
 from aegis.policy.loader import load_document
 from tests.gateway.conftest import Agent, Env
 from tests.gateway.harness import serve
-from tests.gateway.test_ext_authz_grpc import ROUTES
+from tests.gateway.test_ext_authz_grpc import FORWARDED_RULES, ROUTES
 from tests.gateway.test_pipeline import POLICY
 
 
@@ -225,3 +226,110 @@ def test_refusals_before_any_route_are_audited(env: Env, envoy: str, untrusted_n
         assert (resp.status_code, resp.json()["code"]) == (status, code), resp.text
         record = records[resp.json()["decision_id"]]
         assert (record["door"], record["status"], record["code"]) == ("ext_authz", status, code)
+
+
+@pytest.fixture
+def trusted_envoy(env: Env) -> Iterator[str]:
+    yield from door(env, http_mode="envoy", path_prefix="/check", trusted_proxies=["127.0.0.1"])
+
+
+def _forwarded_rules(env: Env) -> None:
+    version = env.policies.put(load_document(FORWARDED_RULES), now=0)
+    env.policies.activate("acme", "prod", version, actor="t", now=0)
+
+
+@pytest.mark.parametrize(
+    ("fields", "denied_by"),
+    [
+        # The client is the rightmost X-Forwarded-For entry, the one Envoy appended.
+        ({"x-forwarded-for": "198.51.100.7, 10.0.0.5", "x-forwarded-proto": "https"}, None),
+        # Over plaintext Envoy sets X-Forwarded-Proto: http; policy sees it, as at the proxy.
+        ({"x-forwarded-for": "10.0.0.5", "x-forwarded-proto": "http"},
+         "plaintext calls are refused"),
+        ({"x-forwarded-for": "10.0.0.5, 198.51.100.7", "x-forwarded-proto": "https",
+          "x-real-ip": "10.0.0.5", "forwarded": "for=10.0.0.5"}, DEFAULT_DENY_REASON),
+        ({"x-forwarded-for": "10.0.0.5", "x-forwarded-proto": "https",
+          "host": "admin.example.com"}, "the admin host is not for agents"),
+    ],
+)  # fmt: skip
+def test_envoy_mode_policy_sees_the_doors_forwarded_fields_never_the_callers(
+    env: Env, trusted_envoy: str, fields: dict[str, str], denied_by: str | None
+) -> None:
+    _forwarded_rules(env)
+    resp = httpx.post(
+        f"{trusted_envoy}/check/payments/charge", headers={**creds(Agent(env)), **fields}
+    )
+    _assert_decided(resp, denied_by)
+
+
+def _assert_decided(resp: httpx.Response, denied_by: str | None) -> None:
+    if denied_by is None:
+        assert resp.status_code == 200, resp.text
+        return
+    assert (resp.status_code, resp.json()["message"]) == (403, denied_by), resp.text
+
+
+def test_envoy_mode_removes_the_forwarding_claims_envoy_does_not_set(
+    env: Env, trusted_envoy: str
+) -> None:
+    claims = {"x-forwarded-for": "10.0.0.5", "x-forwarded-proto": "https",
+              "x-forwarded-host": "admin.example.com", "forwarded": "for=10.0.0.5",
+              "x-real-ip": "10.0.0.5"}  # fmt: skip
+    resp = httpx.post(
+        f"{trusted_envoy}/check/payments/charge", headers={**creds(Agent(env)), **claims}
+    )
+    assert resp.status_code == 200, resp.text
+    assert (
+        resp.headers["x-envoy-auth-headers-to-remove"]
+        == "authorization,dpop,forwarded,x-forwarded-host,x-real-ip"
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "denied_by"),
+    [
+        ({"x-forwarded-for": "10.0.0.5"}, None),  # nginx's $remote_addr
+        ({"x-forwarded-for": "10.0.0.5", "x-forwarded-proto": "http"},
+         "plaintext calls are refused"),
+        # nginx passes the caller's own claims on to the subrequest: policy never reads them.
+        ({"x-forwarded-for": "198.51.100.7", "x-real-ip": "10.0.0.5",
+          "forwarded": "for=10.0.0.5"}, DEFAULT_DENY_REASON),
+    ],
+)  # fmt: skip
+def test_nginx_mode_policy_sees_the_doors_forwarded_fields_never_the_callers(
+    env: Env, nginx: str, fields: dict[str, str], denied_by: str | None
+) -> None:
+    _forwarded_rules(env)
+    headers = {**creds(Agent(env)), "x-original-uri": "/payments/charge",
+               "x-original-method": "POST", "x-forwarded-host": "gw.example.com",
+               "x-forwarded-proto": "https", **fields}  # fmt: skip
+    _assert_decided(httpx.get(f"{nginx}/auth", headers=headers), denied_by)
+
+
+#: A WebSocket handshake's fields (RFC 6455 §4.1).
+HANDSHAKE = {"connection": "Upgrade", "upgrade": "websocket", "sec-websocket-version": "13",
+             "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ=="}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"upgrade": "websocket"},  # passed on without Connection: the server reads plain HTTP
+        HANDSHAKE,  # taken by the server for a handshake: answered as one
+    ],
+)
+def test_a_protocol_upgrade_is_refused_and_audited(
+    env: Env, envoy: str, nginx: str, fields: dict[str, str]
+) -> None:
+    agent = Agent(env)
+    envoy_check = (f"{envoy}/check/payments/charge", creds(agent, method="GET"))
+    nginx_check = (f"{nginx}/auth", {**creds(agent, method="GET"),
+                                     "x-original-uri": "/payments/charge",
+                                     "x-original-method": "GET"})  # fmt: skip
+    for url, headers in (envoy_check, nginx_check):
+        resp = httpx.get(url, headers={**headers, **fields})
+        assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request"), resp.text
+        assert "Upgrade" in resp.json()["message"]
+        [record] = [r for r in env.audit.records(kind="gateway.refused")
+                    if r["decision_id"] == resp.json()["decision_id"]]  # fmt: skip
+        assert (record["door"], record["code"]) == ("ext_authz", "invalid_request")

@@ -4,7 +4,9 @@ the request paths refused because an upstream could resolve them to another rout
 from __future__ import annotations
 
 import json
+from typing import Any
 
+import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,6 +24,7 @@ from aegis.gateway.context import (
 )
 from aegis.gateway.proxy import ReverseProxy, forwardable, joined
 from aegis.gateway.routing import RouteTable
+from tests.gateway.conftest import Agent, Env, dpop_headers
 
 
 def test_hop_by_hop_and_connection_named_fields_are_dropped() -> None:
@@ -474,3 +477,100 @@ def test_too_many_or_too_large_header_fields_are_refused_before_anything_is_read
     with pytest.raises(InvalidRequest, match="header fields"):
         vet_fields((("x-big", "v" * MAX_FIELD_BYTES),))
     assert vet_fields(tuple((f"x-{i}", "v") for i in range(MAX_FIELDS)))[1]["x-0"] == "v"
+
+
+#: One path, two routes: admin.example.com's, and the host-less one every other host gets.
+HOST_ROUTES: Any = [
+    {"path_prefix": "/payments", "host": "admin.example.com", "upstream": "http://127.0.0.1:9",
+     "tool": "admin-payments", "tenant": "acme", "env": "prod"},
+    {"path_prefix": "/payments", "upstream": "http://127.0.0.1:9", "tool": "payments",
+     "tenant": "acme", "env": "prod"},
+]  # fmt: skip
+
+
+async def _proxied(env: Env, headers: dict[str, str]) -> httpx.Response:
+    data = env.settings.model_dump()
+    data["routes"] = HOST_ROUTES
+    proxy = ReverseProxy(env.pipeline, GatewaySettings.model_validate(data))
+    await proxy.start()
+    try:
+        transport = httpx.ASGITransport(app=proxy, client=("198.51.100.7", 5555))
+        async with httpx.AsyncClient(transport=transport, base_url="https://gw.example.com") as c:
+            agent = Agent(env)
+            return await c.post(
+                "/payments/charge", headers={**dict(dpop_headers(agent, agent.token())), **headers}
+            )
+    finally:
+        await proxy.close()
+
+
+def _refused_record(env: Env, resp: httpx.Response) -> dict[str, Any]:
+    assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request"), resp.text
+    [record] = [r for r in env.audit.records(kind="gateway.refused")
+                if r["decision_id"] == resp.json()["decision_id"]]  # fmt: skip
+    assert (record["door"], record["status"], record["code"]) == ("proxy", 400, "invalid_request")
+    return record
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        # Each would choose the host-less route here, while the upstream, told this host in
+        # X-Forwarded-Host, reads admin.example.com (Express drops a port and keeps a list's
+        # first member).
+        "admin.example.com:x",
+        "admin.example.com,x",
+        "admin.example.com:99999",
+        "gw.example.com/payments/charge#",
+        "",
+    ],
+)
+async def test_a_host_that_is_not_one_authority_is_refused_before_any_route(
+    env: Env, host: str
+) -> None:
+    _refused_record(env, await _proxied(env, {"host": host}))
+    assert not list(env.audit.records(kind="gateway.decision"))  # no route, so no decision
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"upgrade": "websocket", "connection": "Upgrade"}, {"upgrade": "h2c"}],
+)
+async def test_a_protocol_upgrade_is_refused_and_audited(env: Env, fields: dict[str, str]) -> None:
+    resp = await _proxied(env, fields)
+    assert "Upgrade" in resp.json()["message"]
+    _refused_record(env, resp)
+
+
+async def test_a_websocket_handshake_gets_the_refusal_as_an_http_answer(env: Env) -> None:
+    """Where the server offers the WebSocket Denial Response extension, the handshake is
+    answered with the same status and JSON as any refusal; elsewhere it is closed unaccepted."""
+    proxy = ReverseProxy(env.pipeline, GatewaySettings.model_validate(env.settings.model_dump()))
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    scope: dict[str, Any] = {
+        "type": "websocket", "path": "/payments/charge", "raw_path": b"/payments/charge",
+        "query_string": b"", "scheme": "wss", "client": ("198.51.100.7", 5555),
+        "headers": [(b"host", b"gw.example.com"), (b"upgrade", b"websocket")],
+        "extensions": {"websocket.http.response": {}},
+    }  # fmt: skip
+    await proxy(scope, receive, send)
+    assert [m["type"] for m in sent] == [
+        "websocket.http.response.start",
+        "websocket.http.response.body",
+    ]
+    assert sent[0]["status"] == 400
+    answer = json.loads(sent[1]["body"])
+    assert answer["code"] == "invalid_request" and "Upgrade" in answer["message"]
+    sent.clear()
+    del scope["extensions"]
+    await proxy(scope, receive, send)
+    assert sent == [{"type": "websocket.close", "code": 1008}]
+    refused = list(env.audit.records(kind="gateway.refused"))
+    assert [(r["door"], r["code"]) for r in refused] == [("proxy", "invalid_request")] * 2

@@ -35,6 +35,7 @@ __all__ = [
     "REDIRECTING_FIELDS",
     "SINGLE_FIELDS",
     "STREAMED_BODY_DIGEST",
+    "UPGRADE_REFUSED",
     "CallContext",
     "MethodOverrideWatch",
     "Route",
@@ -46,6 +47,7 @@ __all__ = [
     "name_keys",
     "overrides_method",
     "parse_json_body",
+    "proxy_claim",
     "query_key",
     "read_whole_for_override",
     "refuse_coded_override",
@@ -208,6 +210,25 @@ REDIRECTING_FIELDS: Final = frozenset(
     {"x-http-method-override", "x-http-method", "x-method-override", "x-original-url",
      "x-rewrite-url"}
 )  # fmt: skip
+
+
+#: Why a request carrying ``Upgrade`` (RFC 9110 §7.8) is refused at every door: once the
+#: connection switches protocols (a WebSocket, h2c), every later message reaches the upstream
+#: without a decision.
+UPGRADE_REFUSED: Final = (
+    "protocol upgrades (WebSocket, h2c) are not allowed: after the switch no message would be "
+    "decided; send each call as a plain HTTP request, without an Upgrade header"
+)
+
+
+def proxy_claim(name: str) -> bool:
+    """Whether a request field (lowercase name) is a claim about the client or the path through
+    proxies (``Forwarded``, ``X-Forwarded-*``, ``X-Real-IP``, however spelled): from a caller it
+    is unverified, and an upstream that believes it would take a spoofed address, scheme or host
+    for the gateway's word. Every door shows policy its own ``X-Forwarded-For/Proto/Host``
+    instead."""
+    norm = name.replace("_", "-")
+    return norm in ("forwarded", "x-real-ip") or norm.startswith("x-forwarded-")
 
 
 def refuse_redirecting_fields(

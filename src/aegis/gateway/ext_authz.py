@@ -18,6 +18,15 @@ before any route is chosen: the URL built from them is what a DPoP proof's ``htu
 with, and a host holding ``/``, ``?``, ``#`` or ``@`` would move the compared path away from the
 routed one.
 
+Policy sees the fields the reverse proxy would show it: the host decided on as ``host`` (gRPC
+carries it only as ``:authority``; an nginx subrequest's own Host is nginx's), none of the caller's
+claims about proxies (``Forwarded``, ``X-Real-IP``, ``X-Forwarded-*``: it can send any), and the
+door's own ``X-Forwarded-For`` (the client, only as a trusted proxy reported it), ``-Proto`` and
+``-Host`` from the scheme and host it decided on. Behind Envoy, the claims Envoy does not set
+itself are named for removal before the upstream. A request carrying ``Upgrade`` is refused
+first: once the proxy in front switched protocols (a WebSocket), no later message would be
+decided.
+
 A body the door did not see whole is marked ``streamed``, so that a policy that reads bodies
 refuses the call instead of deciding without it. Sanitize decisions cannot be applied here (no
 body rewriting through a check), so contexts are built with ``can_sanitize=False`` and the
@@ -38,10 +47,12 @@ from aegis.gateway.context import (
     EMPTY_BODY_DIGEST,
     METHODS,
     STREAMED_BODY_DIGEST,
+    UPGRADE_REFUSED,
     CallContext,
     Route,
     body_digest,
     parse_json_body,
+    proxy_claim,
     refuse_method_override,
     vet_fields,
     vet_path,
@@ -86,13 +97,28 @@ _MAX_PORT: Final = 65535
 XfccMode = Literal["none", "envoy", "nginx"]
 
 
+#: Forwarding fields Envoy's HttpConnectionManager sets itself before any filter runs
+#: (``X-Forwarded-For``, ``-Proto``, ``-Port`` with ``append_x_forwarded_port``, and
+#: ``X-Forwarded-Client-Cert`` with ``forward_client_cert_details``): never asked to be removed.
+_ENVOY_SETS: Final = frozenset(
+    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-port", "x-forwarded-client-cert"}
+)
+
+
 def withheld_from_upstream(name: str) -> bool:
     """Whether an incoming request header (lowercase name) must be removed before an allowed call
-    goes upstream: the credentials, and every ``x-aegis-*`` field however spelled. CGI and WSGI
-    servers read ``X_Aegis_Agent_Id`` as the same variable as ``X-Aegis-Agent-Id``, and Envoy
-    passes names with underscores by default, so a client's underscored copy would stand beside
-    the identity the decision sets (the reverse proxy drops them the same way)."""
-    return name in CREDENTIAL_HEADERS or name.replace("_", "-").startswith("x-aegis-")
+    goes upstream behind Envoy: the credentials, every ``x-aegis-*`` field however spelled, and
+    every forwarding claim Envoy does not set itself (``Forwarded``, ``X-Real-IP``,
+    ``X-Forwarded-Host``, underscore spellings ...). CGI and WSGI servers read
+    ``X_Aegis_Agent_Id`` as the same variable as ``X-Aegis-Agent-Id``, and Envoy passes names with
+    underscores by default, so a client's underscored copy would stand beside the identity the
+    decision sets; a client's ``X-Real-IP`` would be an address policy never saw (the reverse
+    proxy drops them the same way)."""
+    return (
+        name in CREDENTIAL_HEADERS
+        or name.replace("_", "-").startswith("x-aegis-")
+        or (proxy_claim(name) and name not in _ENVOY_SETS)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,10 +195,14 @@ def vet_authority(host: str, scheme: str) -> None:
 
     The pipeline compares a DPoP proof's ``htu`` (RFC 9449 §4.3) with a URL built from these and
     parsed again; a host such as ``gw.example.com/payments/charge#`` would make that comparison
-    read a path the call was neither routed nor forwarded by.
+    read a path the call was neither routed nor forwarded by. A ``,`` (an RFC 3986 sub-delim) is
+    refused too: the host is passed on as ``X-Forwarded-Host``, a list to its readers (Express
+    reads ``admin.example.com,x`` as ``admin.example.com``), while routes compare it whole.
     """
     if scheme.lower() not in _SCHEMES:
         raise InvalidRequest("the request scheme must be http or https")
+    if "," in host:
+        raise InvalidRequest("the request host must be one host, without ','")
     m = _AUTHORITY.fullmatch(host)
     if m is None:
         raise InvalidRequest("the request host must be an RFC 3986 host with an optional port")
@@ -183,6 +213,20 @@ def vet_authority(host: str, scheme: str) -> None:
             ipaddress.IPv6Address(m["ip6"])
         except ValueError:
             raise InvalidRequest("the request host is not a valid ipv6 literal") from None
+
+
+def _as_the_proxy_shows(
+    headers: tuple[tuple[str, str], ...], req: CheckedRequest
+) -> tuple[tuple[str, str], ...]:
+    """The fields policy sees, as the reverse proxy shows them: the host the door decided on as
+    ``host`` (gRPC carries it only as ``:authority``, an nginx subrequest's own Host is nginx's),
+    no claim of the caller's about proxies (``Forwarded``, ``X-Real-IP``, ``X-Forwarded-*``,
+    which it could set to anything), and the door's own ``X-Forwarded-For`` (the client only as
+    a trusted proxy reported it), ``-Proto`` and ``-Host`` from what it decided on."""
+    kept = tuple((k, v) for k, v in headers if k != "host" and not proxy_claim(k))
+    own = (("x-forwarded-for", req.client),) if req.client else ()
+    own += (("x-forwarded-proto", req.scheme.lower()), ("x-forwarded-host", req.host))
+    return (("host", req.host), *kept, *own)
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +297,10 @@ class ExtAuthz:
 
     async def check(self, req: CheckedRequest) -> Result:
         seen = Asked(req.method, req.target, req.host, req.client)
+        if any(name == "upgrade" for name, _ in req.headers):
+            # Allowed, the proxy in front would switch protocols (a WebSocket) and pass every
+            # later message on without a decision; the reverse proxy refuses it alike.
+            return await self.undecided(400, "invalid_request", UPGRADE_REFUSED, seen)
         # The host and scheme first, before they choose a route or enter the URL htu is checked on.
         if req.method.upper() not in METHODS:  # as the reverse proxy answers it
             refused = await self.undecided(
@@ -304,7 +352,7 @@ class ExtAuthz:
             "host": req.host,
             "path": path,
             "route": route,
-            "headers": headers,
+            "headers": _as_the_proxy_shows(headers, req),
             "query": params,
             "body_digest": STREAMED_BODY_DIGEST,
             "raw_body": None,

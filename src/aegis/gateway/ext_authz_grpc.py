@@ -5,9 +5,10 @@ Built on Envoy's own API protos (the ``xds-protos`` package) and ``grpc.aio``. A
 :class:`~aegis.gateway.ext_authz.CheckedRequest`, decided by the one pipeline, and the answer is:
 
 * **OK** (``google.rpc.Code.OK``) with ``ok_response.headers`` for the upstream (verified agent id,
-  tenant, decision id, attestation; each overwriting whatever the client sent), the credentials and
-  every incoming ``x-aegis-*`` field in ``headers_to_remove``, and the decision id and attestation
-  in ``response_headers_to_add`` for the caller;
+  tenant, decision id, attestation; each overwriting whatever the client sent), the credentials,
+  every incoming ``x-aegis-*`` field and every forwarding claim Envoy does not set itself
+  (``Forwarded``, ``X-Real-IP``, ``X-Forwarded-Host`` ...) in ``headers_to_remove``, and the
+  decision id and attestation in ``response_headers_to_add`` for the caller;
 * **Denied** (``UNAUTHENTICATED`` for a 401, ``UNAVAILABLE`` for a 503, else
   ``PERMISSION_DENIED``) with ``denied_response``: the HTTP status, ``WWW-Authenticate`` and the
   other refusal headers, and a JSON body ``{code, message, decision_id, ...}``.

@@ -4,7 +4,8 @@ The answer is the status alone, plus headers a proxy copies: **200** allows, wit
 the upstream as ``x-aegis-agent-id``, ``x-aegis-tenant``, ``x-aegis-decision-id`` and
 ``x-aegis-attestation`` (nginx: ``auth_request_set $aegis_agent $upstream_http_x_aegis_agent_id``;
 Envoy: ``allowed_upstream_headers``), and in Envoy mode ``x-envoy-auth-headers-to-remove`` naming
-the credentials and every other incoming ``x-aegis-*`` field; a refusal answers its own status (401 with
+the credentials, every other incoming ``x-aegis-*`` field and every forwarding claim Envoy does not
+set itself (``Forwarded``, ``X-Real-IP``, ``X-Forwarded-Host`` ...); a refusal answers its own status (401 with
 ``WWW-Authenticate``, 403, 503 with ``Retry-After`` ...) and the JSON body
 ``{code, message, decision_id, ...}``. nginx turns a subrequest status other than 2xx, 401 and 403
 into a 500: still a denial.
@@ -26,7 +27,8 @@ The certificate header is read only when ``pki.xfcc_mode`` names the same proxy 
 an ``auth_request`` subrequest carries every header the client sent, so unless nginx is known to
 overwrite ``x-ssl-client-cert`` the value is the caller's choice of (public) certificate. In Envoy
 mode the check request's ``Host`` already is the original ``:authority``; Envoy never sets
-``x-forwarded-host``, so any such value came from the client and is ignored.
+``x-forwarded-host``, so any such value came from the client and is ignored. Policy sees the door's
+own ``x-forwarded-for``, ``-proto`` and ``-host`` from these, never the fields as received.
 
 Envoy sends the body it buffered (``with_request_body``) in the check request. With
 ``pack_as_bytes: false`` (Envoy's default) it is the UTF-8-sanitised text of the body (an invalid
@@ -43,8 +45,11 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as StarletteRoute
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket
 
 from aegis.config import ExtAuthzSettings
+from aegis.gateway.context import UPGRADE_REFUSED
 from aegis.gateway.evidence import Result
 from aegis.gateway.ext_authz import (
     Asked,
@@ -65,11 +70,11 @@ _METHODS: Final = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "
 _PARTIAL_BODY: Final = "x-envoy-auth-partial-body"
 #: Envoy's HTTP ext_authz response header naming request headers to remove before the upstream.
 _HEADERS_TO_REMOVE: Final = "x-envoy-auth-headers-to-remove"
-#: Fields that describe the check request itself, or forwarded facts read separately: never
-#: handed to the pipeline as the original request's headers.
+#: Fields that describe the check request itself, or certificates read separately: never handed
+#: to the pipeline as the original request's headers. (Forwarding claims are replaced by the
+#: door's own values for policy: ExtAuthz.check.)
 _CHECK_ONLY: Final = frozenset(
-    {"content-length", "transfer-encoding", "connection", _PARTIAL_BODY}
-    | {"x-forwarded-host", "x-forwarded-proto", ENVOY_HEADER, NGINX_HEADER}
+    {"content-length", "transfer-encoding", "connection", _PARTIAL_BODY, ENVOY_HEADER, NGINX_HEADER}
 )
 
 
@@ -158,11 +163,6 @@ class HttpExtAuthz:
             if self._ext.xfcc_mode == s.http_mode:
                 default = NGINX_HEADER if s.http_mode == "nginx" else ENVOY_HEADER
                 cert = _one(request, self._ext.xfcc_header or default)
-        if s.http_mode == "nginx":
-            # The subrequest's own Host is nginx's (the auth location) and its X-Forwarded-For
-            # the door's: policy sees the original request's host instead, as at the other doors.
-            kept = ((k, v) for k, v in headers if k not in ("host", "x-forwarded-for"))
-            headers = (("host", host), *kept)
         return await self._ext.check(
             CheckedRequest(
                 method=method.upper(),
@@ -176,6 +176,19 @@ class HttpExtAuthz:
                 client=client,
             )
         )
+
+    async def upgrade(self, websocket: WebSocket) -> None:
+        """A check the server took for a WebSocket handshake (``Connection: upgrade``): refused
+        as any request carrying ``Upgrade`` is, with the same status and JSON body where the
+        server can answer a handshake with them (else closed before accepting: a 403)."""
+        peer = websocket.client.host if websocket.client else None
+        raw = (websocket.scope.get("raw_path") or b"").decode("latin-1")
+        asked = Asked("GET", raw, websocket.headers.get("host", ""), peer)
+        result = await self._ext.undecided(400, "invalid_request", UPGRADE_REFUSED, asked)
+        if "websocket.http.response" in websocket.scope.get("extensions", {}):
+            answer = JSONResponse(refusal_body(result), result.status, result.headers)
+            return await websocket.send_denial_response(answer)
+        await websocket.close(1008)
 
     async def _body(self, request: Request) -> bytes | None:
         """Envoy's body when it sent it whole; an empty check body says nothing (Envoy without
@@ -192,7 +205,10 @@ class HttpExtAuthz:
 
 def create_ext_authz_http_app(ext: ExtAuthz, settings: ExtAuthzSettings) -> Starlette:
     door = HttpExtAuthz(ext, settings)
-    routes: list[Any] = [StarletteRoute("/{path:path}", door.handle, methods=_METHODS)]
+    routes: list[Any] = [
+        StarletteRoute("/{path:path}", door.handle, methods=_METHODS),
+        WebSocketRoute("/{path:path}", door.upgrade),
+    ]
     app = Starlette(routes=routes)
     app.state.ext_authz = door
     return app

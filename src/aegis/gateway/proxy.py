@@ -9,7 +9,9 @@ Header hygiene, both directions: hop-by-hop fields (RFC 9110 §7.6.1: ``Connecti
 it names, ``Keep-Alive``, ``Proxy-*``, ``TE``, ``Trailer``, ``Transfer-Encoding``, ``Upgrade``) are
 dropped; the caller's ``Authorization``, ``DPoP``, ``Cookie`` is kept but credentials are not, and
 every incoming ``x-aegis-*`` field is removed so that identity headers upstream come only from the
-gateway. An upstream timeout is a 504, an unreachable upstream a 502.
+gateway. A request carrying ``Upgrade`` (a WebSocket, h2c) is refused, as is a ``Host`` that is not
+one RFC 3986 authority (it chooses the route and is passed on as ``X-Forwarded-Host``). An
+upstream timeout is a 504, an unreachable upstream a 502.
 
 A call that was allowed but not delivered whole (upstream timeout or unreachable, an answer that
 cannot be sanitized, a streamed body over the limit, an error of the gateway's own while
@@ -38,7 +40,7 @@ from urllib.parse import quote
 
 import aiohttp
 from starlette.datastructures import URL as RequestURL
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 from yarl import URL
 
 from aegis.config import GatewaySettings
@@ -47,6 +49,7 @@ from aegis.gateway.context import (
     EMPTY_BODY_DIGEST,
     METHODS,
     STREAMED_BODY_DIGEST,
+    UPGRADE_REFUSED,
     CallContext,
     MethodOverrideWatch,
     Route,
@@ -54,6 +57,7 @@ from aegis.gateway.context import (
     is_json_type,
     overrides_method,
     parse_json_body,
+    proxy_claim,
     read_whole_for_override,
     refuse_coded_override,
     refuse_method_override,
@@ -62,6 +66,7 @@ from aegis.gateway.context import (
     vet_path,
     vet_query,
 )
+from aegis.gateway.ext_authz import vet_authority
 from aegis.gateway.pipeline import Pipeline, Result
 from aegis.gateway.routing import RouteTable
 from aegis.pki.middleware import peer_from_scope
@@ -109,15 +114,6 @@ def forwardable(pairs: Collection[tuple[str, str]], drop: frozenset[str]) -> lis
     return out
 
 
-def proxy_claim(name: str) -> bool:
-    """Whether a request field (lowercase name) is a claim about the client or the path through
-    proxies (``Forwarded``, ``X-Forwarded-*``, ``X-Real-IP``, however spelled): from a caller it
-    is unverified, and an upstream that believes it would take a spoofed address, scheme or host
-    for the gateway's word. The gateway sets its own ``X-Forwarded-For/Proto/Host``."""
-    norm = name.replace("_", "-")
-    return norm in ("forwarded", "x-real-ip") or norm.startswith("x-forwarded-")
-
-
 def joined(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
     """One value per field, repeats joined as RFC 9110 §5.3 reads them (``Cookie`` with ``; ``,
     RFC 9113 §8.2.3): the upstream receives every value the policy saw, not only the last."""
@@ -148,6 +144,16 @@ async def _answer(
 async def _json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
     data = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
     await _answer(send, status, [*headers.items(), ("content-type", "application/json")], data)
+
+
+def _denial(send: Send) -> Send:
+    """``send`` for answering a WebSocket handshake as plain HTTP (the ASGI WebSocket Denial
+    Response extension): the refusal reaches the client with its status and JSON body."""
+
+    async def deny(message: Message) -> None:
+        await send({**message, "type": "websocket." + message["type"]})
+
+    return deny
 
 
 async def _error(send: Send, result: Result, extra: dict[str, str] | None = None) -> None:
@@ -272,8 +278,14 @@ class ReverseProxy:
         headers = tuple(
             (k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]
         )
-        if scope["type"] != "http":  # no websocket or other protocol is proxied
-            await self._unrouted(scope, 400, "invalid_request", "websockets are not proxied")
+        if scope["type"] != "http" or any(k == "upgrade" for k, _ in headers):
+            # No WebSocket or other protocol is proxied: after a switch, every message would
+            # reach the upstream without a decision. As the ext_authz doors answer it.
+            refused = await self._unrouted(scope, 400, "invalid_request", UPGRADE_REFUSED)
+            if scope["type"] == "http":
+                return await _error(send, refused)
+            if "websocket.http.response" in scope.get("extensions", {}):
+                return await _error(_denial(send), refused)
             return await send({"type": "websocket.close", "code": 1008})
         if scope["method"] not in METHODS:
             refused = await self._unrouted(
@@ -295,6 +307,15 @@ class ReverseProxy:
         raw_path = scope.get("raw_path") or quote(scope["path"]).encode()
         target = raw_path.decode("latin-1")
         host = values.get("host", "")
+        scheme = scope.get("scheme", "http")
+        # The Host chooses the route and is passed on as X-Forwarded-Host, so it must be one
+        # authority, as at the ext_authz doors: "admin.example.com:x" or "admin.example.com,x"
+        # would choose the host-less routes here, and Express reads either as admin.example.com.
+        try:
+            vet_authority(host, scheme)
+        except InvalidRequest as exc:
+            refused = await self._unrouted(scope, 400, "invalid_request", exc.message)
+            return await _error(send, refused)
         try:
             path, bad_path = vet_path(target), None
         except InvalidRequest as exc:
@@ -316,12 +337,11 @@ class ReverseProxy:
         # The target as the client sent it (still percent-encoded): DPoP htu and the request
         # digest cover it, and it is what the upstream receives.
         sent = f"{target}?{query}" if query else target
-        scheme = scope.get("scheme", "http")
         # Policy sees the proxy fields the upstream will receive: the gateway's own, never the
         # caller's claims, which are dropped on the way (a rule on x-forwarded-for must not pass
         # on an address the upstream never sees).
         own = [("x-forwarded-for", client[0])] if client else []
-        own += [("x-forwarded-proto", scheme)] + ([("x-forwarded-host", host)] if host else [])
+        own += [("x-forwarded-proto", scheme), ("x-forwarded-host", host)]
         facts: dict[str, Any] = {
             "method": scope["method"].upper(),
             "url": f"{scheme}://{self._netloc(scope, values)}{sent}",
@@ -552,8 +572,7 @@ class ReverseProxy:
         if ctx.client:
             headers["x-forwarded-for"] = ctx.client
         headers["x-forwarded-proto"] = ctx.url.partition(":")[0]
-        if ctx.host:
-            headers["x-forwarded-host"] = ctx.host
+        headers["x-forwarded-host"] = ctx.host  # the vetted Host the route was chosen by
         if result.obligations:
             headers = apply_to_headers(headers, result.obligations, "request")
         headers.update(result.upstream_headers)
