@@ -675,3 +675,31 @@ async def test_a_body_sending_the_upstream_wrapper_key_is_refused(
         make_ctx(dpop_headers(agent, agent.token()), body=body, route=route)
     )
     assert result.status == status, result
+
+
+HOST_RULE = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: host-rule}
+spec:
+  rules:
+    - {id: pay, action: allow, reason: payments, match: {tools: ["payments"]}}
+    - {id: admin, action: deny, reason: not on the admin host, match: {tools: ["payments"]},
+       when: {path: request.headers.host, regex: "^admin[.]example[.]com(:|$)"}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [("admin.example.com", 403), ("ADMIN.Example.com", 403), ("admin.example.com.", 403),
+     ("Admin.example.com.:8443", 403), ("gw.example.com", 200)],
+)  # fmt: skip
+async def test_policy_sees_the_host_as_routes_compare_it(env: Env, host: str, status: int) -> None:
+    """Host names are case-insensitive and a trailing dot names the same host: a rule on the
+    host holds for every spelling of it."""
+    env.policies.activate(
+        "acme", "prod", env.policies.put(load_document(HOST_RULE), now=0), actor="t", now=0
+    )
+    agent = Agent(env)
+    ctx = make_ctx([*dpop_headers(agent, agent.token()), ("host", host)], body={})
+    assert (await env.pipeline.run(ctx)).status == status

@@ -101,6 +101,17 @@ def route_from_settings(r: GatewayRoute) -> Route:
     )  # fmt: skip
 
 
+_HOST_FIELDS: Final = frozenset({"host", "x-forwarded-host"})
+
+
+def _canonical_host(value: str) -> str:
+    """``host[:port]`` lowercase, without the trailing dot of an absolute DNS name."""
+    name, colon, port = value.rpartition(":")
+    if colon and port.isascii() and port.isdigit():
+        return f"{name.lower().removesuffix('.')}:{port}"
+    return value.lower().removesuffix(".")
+
+
 @dataclass(frozen=True, slots=True)
 class CallContext:
     """One call, as the pipeline sees it."""
@@ -157,10 +168,13 @@ class CallContext:
 
     def policy_headers(self) -> dict[str, str]:
         """Single-valued view for the policy input (repeats joined by ``, `` per RFC 9110 §5.3);
-        credentials are removed again by ``build_input``."""
+        credentials are removed again by ``build_input``. ``host`` and ``x-forwarded-host`` are
+        shown as routes compare them, lowercase and without a trailing dot (RFC 3986 §3.2.2:
+        ``ADMIN.example.com.`` is admin.example.com), so that a rule on them holds for every
+        spelling of the host."""
         values: dict[str, list[str]] = {}
         for k, v in self.headers:
-            values.setdefault(k, []).append(v)
+            values.setdefault(k, []).append(_canonical_host(v) if k in _HOST_FIELDS else v)
         return {k: v[0] if len(v) == 1 else ", ".join(v) for k, v in values.items()}
 
     def body_names(self) -> frozenset[str] | None:

@@ -224,7 +224,7 @@ def _as_the_proxy_shows(
     which it could set to anything), and the door's own ``X-Forwarded-For`` (the client only as
     a trusted proxy reported it), ``-Proto`` and ``-Host`` from what it decided on."""
     kept = tuple((k, v) for k, v in headers if k != "host" and not proxy_claim(k))
-    own = (("x-forwarded-for", req.client),) if req.client else ()
+    own: tuple[tuple[str, str], ...] = (("x-forwarded-for", req.client),) if req.client else ()
     own += (("x-forwarded-proto", req.scheme.lower()), ("x-forwarded-host", req.host))
     return (("host", req.host), *kept, *own)
 
