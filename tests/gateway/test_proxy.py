@@ -226,6 +226,7 @@ def test_paths_that_read_the_same_everywhere_pass(raw: str, decoded: str) -> Non
         "//admin/x",
         "/%EF%BC%8E%EF%BC%8E/admin",  # FULLWIDTH FULL STOPs: '..' once NFKC-normalised
         "/payments/%EF%BC%8Fadmin",  # FULLWIDTH SOLIDUS: '/' once normalised
+        "/admin/;/users",  # Tomcat drops ";" and merges the empty segment left
     ],
 )
 def test_paths_another_server_could_read_differently_are_refused(raw: str) -> None:
@@ -265,21 +266,32 @@ def _case_twins(value: object) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("path", "tool"),
-    [("/admin.json", "admin"), ("/Admin.JSON/", "admin"), ("/payments/refund.json", "refunds"),
-     ("/payments/refund/", "refunds"), ("/adm\u0131n/users", "admin"),
-     ("/openapi.json", "spec"), ("/openapi", "public"), ("/payments/x.json", "payments")],
+    ("path", "tool", "other"),
+    [("/admin.json", "public", "/admin"), ("/Admin.JSON/", "public", "/admin"),
+     ("/payments/refund.json", "payments", "/payments/refund"),
+     ("/files/public.pdf", "files", "/files/public"), ("/payments/refund/", "refunds", None),
+     ("/adm\u0131n/users", "admin", None), ("/openapi.json", "spec", None),
+     ("/openapi", "public", None), ("/payments/x.json", "payments", None),
+     ("/files/public/a.pdf", "public", None)],
 )  # fmt: skip
-def test_a_path_is_decided_under_the_route_a_format_suffix_or_case_fold_serves_it(
-    path: str, tool: str
+def test_a_path_another_reading_routes_elsewhere_is_refused(
+    path: str, tool: str, other: str | None
 ) -> None:
-    """Rails serves ``/admin.json`` as ``/admin``, Java and .NET compare U+0131 equal to ``i``:
-    such a call is decided under that route, not the catch-all's."""
+    """Rails serves ``/admin.json`` as ``/admin`` and Express ``/refund/`` as ``/refund``, an
+    exact upstream serves ``/files/public.pdf`` as a file under ``/files``: when the two
+    readings fall under different routes the call is refused, not guessed. Java and .NET
+    compare U+0131 equal to ``i``."""
     table = _table(("/", "public", None), ("/admin", "admin", None),
                    ("/payments", "payments", None), ("/payments/refund", "refunds", None),
-                   ("/openapi.json", "spec", None))  # fmt: skip
+                   ("/openapi.json", "spec", None), ("/files", "files", None),
+                   ("/files/public", "public", None))  # fmt: skip
     route = table.match("gw", vet_path(path))
     assert route is not None and route.tool == tool
+    why = table.read_as_another("gw", vet_path(path), route)
+    if other is None:
+        assert why is None
+    else:
+        assert why is not None and repr(other) in why
 
 
 def test_a_path_in_fullwidth_letters_is_decided_under_the_route_it_normalises_to() -> None:

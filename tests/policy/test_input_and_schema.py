@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from aegis.errors import InvalidRequest
-from aegis.policy.input import AgentInfo, ChainInfo, PolicyCall, build_input, call_from_dict
+from aegis.policy.input import (
+    AgentInfo,
+    ChainInfo,
+    PolicyCall,
+    build_input,
+    call_from_dict,
+    path_variant,
+)
 from aegis.policy.schema import schema_text
 from tests.policy.conftest import REPO
 
@@ -85,9 +93,8 @@ def test_published_schema_is_current() -> None:
     [("/payments/charge", "/payments/charge"), ("/Payments/ADMIN", "/payments/admin"),
      ("/payments;v=1/admin./x ", "/payments/admin/x"),
      ("/\uff41\uff44\uff4d\uff49\uff4e/users", "/admin/users"),
-     ("/payments/refund/", "/payments/refund"), ("/Payments/Refund.JSON", "/payments/refund"),
-     ("/files/report.tar.gz", "/files/report.tar"), ("/adm\u0131n", "/admin"),
-     ("/.well-known", "/.well-known"), ("/", "/")],
+     ("/payments/refund/", "/payments/refund/"), ("/Payments/Refund.JSON", "/payments/refund.json"),
+     ("/adm\u0131n", "/admin"), ("/stra\u00dfe", "/stra\u00dfe"), ("/", "/")],
 )  # fmt: skip
 def test_policy_sees_the_path_as_the_loosest_upstream_reads_it(path: str, loose: str) -> None:
     """A rule on ``path_loose`` holds for every spelling an upstream serves as that path; the
@@ -97,27 +104,50 @@ def test_policy_sees_the_path_as_the_loosest_upstream_reads_it(path: str, loose:
     assert (doc["path"], doc["path_loose"]) == (path, loose)
 
 
-@pytest.mark.parametrize("literal", ["/Payments/refund", "/payments/refund.json", "/refund/"])
-def test_a_path_loose_literal_it_never_holds_is_refused_at_load(literal: str) -> None:
-    """``deny when path_loose eq /payments/refund.json`` would never match, and so never deny."""
-    from aegis.errors import PolicyError
+@pytest.mark.parametrize(
+    ("loose", "variant"),
+    [("/payments/refund/", "/payments/refund"), ("/payments/refund.json", "/payments/refund"),
+     ("/files/report.tar.gz", "/files/report"), ("/admin.x.y", "/admin"), ("/a.json/", "/a"),
+     ("/payments/refund", None), ("/.well-known", None), ("/", None), ("/v1.2/pay", None)],
+)  # fmt: skip
+def test_the_variant_reading_drops_a_trailing_slash_and_a_format(
+    loose: str, variant: str | None
+) -> None:
+    """Rails serves ``/refund.json`` and Express ``/refund/`` as ``/refund``; Spring's suffix
+    match served ``/admin.x.y`` as ``/admin``."""
+    assert path_variant(loose) == variant
+
+
+def _load_rule(path: str, test: str) -> None:
     from aegis.policy.loader import load_document
 
-    for test in (f"eq: {literal}", f"in: [/x, {literal}]", f"not_in: [{literal}]"):
-        text = ("apiVersion: aegis/v1\nkind: Policy\nmetadata: {name: p}\nspec: {rules: "
-                f"[{{id: r, action: deny, when: {{path: path_loose, {test}}}}}]}}\n")  # fmt: skip
-        with pytest.raises(PolicyError, match="path_loose never holds"):
-            load_document(text)
+    load_document("apiVersion: aegis/v1\nkind: Policy\nmetadata: {name: p}\nspec: {rules: "
+                  f"[{{id: r, action: deny, when: {{path: {path}, {test}}}}}]}}\n")  # fmt: skip
 
 
-@pytest.mark.parametrize("test", ["regex: '\\.exe$'", "regex: '[.]pdf'", "contains: .pdf"])  # fmt: skip
-def test_a_dot_test_on_path_loose_is_refused_at_load(test: str) -> None:
-    """path_loose holds no final '.format': a deny rule testing for ``.exe`` would never fire."""
+@pytest.mark.parametrize(
+    ("path", "literal", "fixed"),
+    [("path_loose", "/Payments/refund", "/payments/refund"), ("path_loose", "/admin;x", "/admin"),
+     ("method", "get", "GET"), ("request.headers.host", "Admin.Example.com", "admin.example.com"),
+     ("request.headers.host", "admin.example.com:443", "admin.example.com"),
+     ("request.headers.x-forwarded-host", "admin.example.com.", "admin.example.com")],
+)  # fmt: skip
+def test_a_literal_the_input_never_holds_is_refused_at_load(
+    path: str, literal: str, fixed: str
+) -> None:
+    """``deny when method eq get`` would never match, and so never deny."""
     from aegis.errors import PolicyError
-    from aegis.policy.loader import load_document
 
-    text = ("apiVersion: aegis/v1\nkind: Policy\nmetadata: {name: p}\nspec: {rules: "
-            f"[{{id: r, action: deny, when: {{path: path_loose, {test}}}}}]}}\n")  # fmt: skip
-    with pytest.raises(PolicyError, match="test the path as received"):
-        load_document(text)
-    load_document(text.replace("path_loose", "path"))
+    for test in (f"eq: '{literal}'", f"in: ['{literal}']", f"not_in: ['{literal}']"):
+        with pytest.raises(PolicyError, match=f"never holds .*write '{re.escape(fixed)}'"):
+            _load_rule(path, test)
+        _load_rule(path, test.replace(literal, fixed))
+
+
+@pytest.mark.parametrize("test", ["regex: '^GET$'", "contains: GET"])
+def test_a_pattern_on_the_method_is_refused_at_load(test: str) -> None:
+    """A pattern naming GET would not name HEAD, which servers answer with the GET handler."""
+    from aegis.errors import PolicyError
+
+    with pytest.raises(PolicyError, match="methods selector"):
+        _load_rule("method", test)

@@ -105,10 +105,14 @@ _HOST_FIELDS: Final = frozenset({"host", "x-forwarded-host"})
 
 
 def _canonical_host(value: str) -> str:
-    """``host[:port]`` lowercase, without the trailing dot of an absolute DNS name."""
+    """``host[:port]`` as routes compare it: lowercase, without port or the trailing dot of an
+    absolute DNS name (an IPv6 literal keeps its brackets)."""
+    if value.startswith("["):
+        literal, bracket, _ = value.partition("]")
+        return f"{literal}]".lower() if bracket else value.lower()
     name, colon, port = value.rpartition(":")
     if colon and port.isascii() and port.isdigit():
-        return f"{name.lower().removesuffix('.')}:{port}"
+        value = name
     return value.lower().removesuffix(".")
 
 
@@ -169,9 +173,9 @@ class CallContext:
     def policy_headers(self) -> dict[str, str]:
         """Single-valued view for the policy input (repeats joined by ``, `` per RFC 9110 §5.3);
         credentials are removed again by ``build_input``. ``host`` and ``x-forwarded-host`` are
-        shown as routes compare them, lowercase and without a trailing dot (RFC 3986 §3.2.2:
-        ``ADMIN.example.com.`` is admin.example.com), so that a rule on them holds for every
-        spelling of the host."""
+        shown as routes compare them, lowercase and without port or trailing dot (RFC 3986
+        §3.2.2: ``ADMIN.example.com.:443`` is admin.example.com), so that a rule on them holds
+        for every spelling of the host."""
         values: dict[str, list[str]] = {}
         for k, v in self.headers:
             values.setdefault(k, []).append(_canonical_host(v) if k in _HOST_FIELDS else v)
@@ -811,6 +815,10 @@ def vet_path(raw_path: str) -> str:
         raise InvalidRequest("the request path must not contain control characters or '\\'")
     if any(seg.split(";", 1)[0] in (".", "..") for seg in path.split("/")):
         raise InvalidRequest("the request path must not contain '.' or '..' segments")
+    if "/;" in path:
+        # Tomcat and Spring drop the parameters, then merge the empty segment left:
+        # ``/admin/;/users`` is ``/admin/users`` to them, ``/admin`` plus more to a route.
+        raise InvalidRequest("the request path must not contain segments empty before ';'")
     if "//" in path:
         # nginx merges slashes (merge_slashes), so ``//admin/x`` is served as ``/admin/x``
         # while a segment match would choose the catch-all route.

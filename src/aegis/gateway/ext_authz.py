@@ -336,6 +336,9 @@ class ExtAuthz:
                     "the proxy in front may send it to that route's upstream (use Envoy's "
                     "path_separated_prefix, or nginx locations ending in '/')"
                 )
+        if route is not None and bad is None:
+            other = self.routes.read_as_another(req.host, path, route)
+            bad = InvalidRequest(other) if other else None
         if route is None:
             if bad is not None:
                 return await self.undecided(400, "invalid_request", bad.message, seen)

@@ -43,6 +43,7 @@ from aegis.errors import InvalidRequest, Unavailable
 from aegis.gateway.context import header_key, name_keys, query_key
 from aegis.policy.decision import Decision
 from aegis.policy.evaluator import CompiledPolicy
+from aegis.policy.input import path_variant
 from aegis.policy.ir import leaves
 from aegis.policy.store import PolicyStore
 from aegis.policy.watcher import NO_POLICY_REASON, PolicyWatcher
@@ -197,14 +198,50 @@ def misspelled(
     return ""
 
 
-def _sends_wrapper(doc: dict[str, Any], wrapper: str) -> bool:
-    """Whether the body names ``wrapper`` (in any case: the name may reach a case-insensitive
-    reader too)."""
-    body = doc.get("request", {}).get("body")
-    if not isinstance(body, dict):
-        return False
-    folded = fold_name(wrapper)
-    return any(fold_name(name) == folded for name in body)
+def _alike_for_variant(policy: CompiledPolicy, doc: dict[str, Any], decision: Decision) -> Decision:
+    """``decision``, when the policy decides the path's variant reading
+    (:func:`~aegis.policy.input.path_variant`: without a trailing ``/`` or a final ``.format``)
+    alike or ``decision`` is a deny; the variant's decision when that is a deny; else
+    ``invalid_request``. Rails serves ``/payments/refund.json`` and Express
+    ``/payments/refund/`` as ``/payments/refund``, other upstreams as other paths: a rule on
+    ``path_loose`` must hold for both, and a call the two readings would decide apart is not
+    allowed."""
+    loose = doc.get("path_loose")
+    variant = path_variant(loose) if isinstance(loose, str) else None
+    if variant is None or decision.action == "deny":
+        return decision
+    other = policy.evaluate({**doc, "path_loose": variant})
+    if other.action == "deny":
+        return other
+    if (other.action, other.code, other.obligations, other.approvals) == (
+        decision.action, decision.code, decision.obligations, decision.approvals
+    ):  # fmt: skip
+        return decision
+    raise InvalidRequest(
+        f"the path is {variant[:128]!r} to upstreams that drop a trailing '/' or a '.format' "
+        f"(Rails, Express), and the policy for this tool decides that path otherwise "
+        f"({other.action}, not {decision.action}); send the path as the upstream reads it"
+    )
+
+
+def _sends_wrapper(
+    doc: dict[str, Any], wrapper: str, body_names: Callable[[], frozenset[str] | None] | None
+) -> str | None:
+    """Where the call names ``wrapper`` under any spelling a lenient parser files under it
+    (:func:`~aegis.gateway.context.name_keys`: ``Payment``, ``payment[amount]``), or None.
+    Rails wraps only when ``request.parameters`` lacks the key, and those hold the query and
+    a form body as well as JSON members."""
+    key = query_key(wrapper)
+    request = doc.get("request") or {}
+    body = request.get("body")
+    if isinstance(body, dict) and any(key in name_keys(name) for name in body):
+        return "body"
+    if any(key in name_keys(name) for name in request.get("query") or {}):
+        return "query"
+    names = body_names() if body_names is not None else frozenset()
+    if names is None or any(key in name_keys(name) for name in names):
+        return "body"
+    return None
 
 
 def _merged(
@@ -356,13 +393,13 @@ class PolicyDirectory:
                 )
             if (
                 wrapper is not None
-                and _sends_wrapper(doc, wrapper)
                 and self._reads_body(policy, tool)
+                and (where := _sends_wrapper(doc, wrapper, body_names))
             ):
                 raise InvalidRequest(
-                    f"the body sends {wrapper[:64]!r}, the member this tool's upstream reads "
-                    "the body's fields from (Rails wrap_parameters), while the policy for "
-                    "this tool reads them at the top level; send them at the top level only"
+                    f"the {where} sends {wrapper[:64]!r}, the parameter this tool's upstream "
+                    "reads the body's fields from (Rails wrap_parameters), while the policy for "
+                    "this tool reads them at the top level of the body; send them there only"
                 )
             reads = self._fields_read(policy, tool)
             if reads.by_name:
@@ -370,7 +407,7 @@ class PolicyDirectory:
                 why = misspelled(reads, doc, fields, joined=fields_joined, body_names=names)
                 if why:
                     raise InvalidRequest(why)
-            return policy.evaluate(doc)
+            return _alike_for_variant(policy, doc, policy.evaluate(doc))
         return allowlist_decision(self._allow, tool, agent_id)
 
     def poll_all(self) -> None:

@@ -327,6 +327,8 @@ class ReverseProxy:
             else:
                 refused = await self._unrouted(scope, 404, "not_found", "no route for this path")
             return await _error(send, refused)
+        if bad_path is None and (other := self._routes.read_as_another(host, path, route)):
+            bad_path = InvalidRequest(other)
         query = scope.get("query_string", b"").decode("latin-1")
         params: tuple[tuple[str, str], ...] = ()
         try:

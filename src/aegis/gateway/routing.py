@@ -11,12 +11,14 @@ hosts choose; any other host only against the host-less routes), then the longes
 (:func:`aegis.gateway.context.vet_path`).
 
 Upstreams read paths more loosely than a byte comparison: Express matches case-insensitively,
-Tomcat and Spring drop ``;parameters`` from segments, IIS drops trailing dots and spaces, Rails
-serves ``/admin.json`` as ``/admin``. A request the gateway decided as one tool must not be served
-as another, so prefixes are compared with the path as the loosest of them reads it, with its
-final ``.format`` and without (:func:`match_key`): ``/Admin;x/users``, ``/admin./users`` and
-``/admin.json`` are decided under the ``/admin`` route, not a shorter or catch-all one. Which
-upstream gets the call is unchanged (the proxy forwards the target as sent).
+Tomcat and Spring drop ``;parameters`` from segments, IIS drops trailing dots and spaces. A
+request the gateway decided as one tool must not be served as another, so prefixes are compared
+with the path as the loosest of them reads it (:func:`match_key`): ``/Admin;x/users`` and
+``/admin./users`` are decided under the ``/admin`` route, not a shorter or catch-all one. Which
+upstream gets the call is unchanged (the proxy forwards the target as sent). Rails also serves
+``/admin.json`` as ``/admin`` and Express ``/admin/`` as ``/admin``, while other upstreams serve
+them as other paths: a call whose reading without them falls under another route is refused
+(:meth:`RouteTable.read_as_another`).
 
 Behind the ext_authz doors the proxy in front (Envoy, nginx) chooses the upstream itself, on the
 path compared exactly (:meth:`RouteTable.match_exact`): a call whose exact and loose readings
@@ -30,7 +32,7 @@ from collections.abc import Iterable
 
 from aegis.config import GatewayRoute
 from aegis.gateway.context import Route, route_from_settings
-from aegis.policy.input import loose_path, loose_reading, without_format
+from aegis.policy.input import loose_path, path_variant
 
 __all__ = ["RouteTable", "bare_host", "match_key"]
 
@@ -38,14 +40,7 @@ __all__ = ["RouteTable", "bare_host", "match_key"]
 #: reading as ``path_loose``).
 match_key = loose_path
 
-
-def _readings(path: str) -> tuple[str, ...]:
-    """The loose readings of a request path a route prefix is compared with: with its final
-    ``.format`` and without (Rails serves ``/admin.json`` as ``/admin``; a route named
-    ``/openapi.json`` still takes ``/openapi.json``)."""
-    full = loose_reading(path)
-    short = without_format(full)
-    return (full,) if short == full else (full, short)
+_Entry = tuple[Route, str, str | None]
 
 
 def bare_host(host: str) -> str:
@@ -80,33 +75,55 @@ class RouteTable:
             reverse=True,
         )
         #: Each route with its prefix and host as compared (match_key, bare_host).
-        self._keys = [
-            (
-                r,
-                loose_reading(r.path_prefix.rstrip("/")),
-                None if r.host is None else bare_host(r.host),
-            )
+        self._keys: list[_Entry] = [
+            (r, match_key(r.path_prefix.rstrip("/")),
+             None if r.host is None else bare_host(r.host))
             for r in self._routes
+        ]  # fmt: skip
+        #: The same with each prefix as :func:`~aegis.policy.input.path_variant` reads it
+        #: (``/openapi.json`` as ``/openapi``), for matching a path's variant reading.
+        self._variant_keys: list[_Entry] = [
+            (r, path_variant(prefix) or prefix, h) for r, prefix, h in self._keys
         ]
         self._hosts = frozenset(h for _, _, h in self._keys if h is not None)
 
-    def _for_host(self, host: str) -> list[tuple[Route, str, str | None]]:
+    def _for_host(self, host: str, entries: list[_Entry] | None = None) -> list[_Entry]:
         bare = bare_host(host)
         wanted = bare if bare in self._hosts else None
-        return [entry for entry in self._keys if entry[2] == wanted]
+        return [entry for entry in (entries or self._keys) if entry[2] == wanted]
 
     def __len__(self) -> int:
         return len(self._routes)
 
     def match(self, host: str, path: str) -> Route | None:
         """The route for a request to ``host`` (a Host header value) and decoded ``path``."""
-        keys = _readings(path)
-        for r, prefix, _ in self._for_host(host):
-            if r.path_prefix == "/" or any(
-                key == prefix or key.startswith(prefix + "/") for key in keys
-            ):
+        return self._match(self._for_host(host), match_key(path))
+
+    @staticmethod
+    def _match(entries: list[_Entry], key: str) -> Route | None:
+        for r, prefix, _ in entries:
+            if key == prefix or key.startswith(prefix + "/") or r.path_prefix == "/":
                 return r
         return None
+
+    def read_as_another(self, host: str, path: str, chosen: Route) -> str | None:
+        """Why ``path``'s variant reading (:func:`~aegis.policy.input.path_variant`: without a
+        trailing ``/`` or a final ``.format``) falls under another route than ``chosen``, or
+        None. Rails serves ``/admin.json`` as ``/admin``: when routes share that upstream, the
+        call would be decided under the catch-all and served as admin. Refused rather than
+        guessed, since an upstream that compares paths exactly serves it as the other."""
+        loose = match_key(path)
+        variant = path_variant(loose)
+        if variant is None:
+            return None
+        other = self._match(self._for_host(host, self._variant_keys), variant)
+        if other is chosen:
+            return None
+        there = "no route" if other is None else f"the route {other.path_prefix!r}"
+        return (f"the path is {variant!r} to upstreams that drop a trailing '/' or a '.format' "
+                f"(Rails, Express), which falls under {there}, not the route "
+                f"{chosen.path_prefix!r} it falls under as sent; send the path without them, "
+                "or as the route spells it")  # fmt: skip
 
     def match_exact(self, host: str, path: str) -> Route | None:
         """The route ``path`` falls under when compared byte for byte, case-sensitively, as
@@ -126,10 +143,10 @@ class RouteTable:
         boundary (``/billingX`` against ``/billing``), if any. Envoy's ``prefix`` and nginx's
         ``location /billing`` match such a path as a string, so in front of them the call may be
         forwarded to that route's upstream while this table decides it as ``chosen``."""
-        keys = _readings(path)
+        key = match_key(path)
         for r, prefix, _ in self._for_host(host):
             if r is chosen:
                 return None  # the rest are shorter
-            if r.path_prefix != "/" and any(key.startswith(prefix) for key in keys):
+            if r.path_prefix != "/" and key.startswith(prefix):
                 return r.path_prefix
         return None

@@ -18,7 +18,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from aegis.crypto.jws import fold_name
 from aegis.errors import InvalidRequest
 
 __all__ = [
@@ -29,8 +28,7 @@ __all__ = [
     "build_input",
     "call_from_dict",
     "loose_path",
-    "loose_reading",
-    "without_format",
+    "path_variant",
 ]
 
 #: Header names (lowercase) that never enter a policy input document.
@@ -85,34 +83,31 @@ class PolicyCall:
 _LOOSE_END: Final = (".", " ")
 
 
-def loose_reading(path: str) -> str:
-    """``path`` as the loosest common upstream reads it, but for a final ``.format`` (see
-    :func:`loose_path`): Unicode compatibility-normalised (NFKC: ``admin`` in FULLWIDTH letters
-    is ``admin``), each segment without its ``;parameters`` and trailing dots and spaces, case
-    folded (:func:`~aegis.crypto.jws.fold_name`: Java and .NET compare the dotless i (U+0131) equal
-    to ``i``), without a trailing ``/`` (Express and Rails serve ``/refund/`` as ``/refund``).
-    ``/Payments/Admin;x/`` is ``/payments/admin`` to Express, Spring or IIS."""
+def loose_path(path: str) -> str:
+    """``path`` as the loosest common upstream reads it: Unicode compatibility-normalised (NFKC:
+    ``admin`` in FULLWIDTH letters is ``admin``), each segment without its ``;parameters`` and
+    trailing dots and spaces, lowercase, the dotless i (U+0131) as ``i`` (ASP.NET Core compares
+    paths ignoring case, and upper-cases it to ``I``). Routes are chosen on it, and policy sees it
+    as ``path_loose``: ``/Payments/Admin;x`` is ``/payments/admin`` to Express, Spring or IIS."""
     if not path.isascii():
         path = unicodedata.normalize("NFKC", path)
     if ";" in path or "./" in path or " /" in path or path.endswith(_LOOSE_END):
         path = "/".join(seg.split(";", 1)[0].rstrip(". ") for seg in path.split("/"))
-    path = fold_name(path)
-    return path[:-1] if len(path) > 1 and path.endswith("/") else path
+    return path.lower() if path.isascii() else path.lower().replace("\u0131", "i")
 
 
-def without_format(path: str) -> str:
-    """``path`` without a ``.format`` ending its last segment: Rails routes take one on every
-    path (``/admin.json`` is ``/admin``), as Spring's suffix pattern match did."""
+def path_variant(loose: str) -> str | None:
+    """The other path some upstreams serve a :func:`loose_path` as, or None: without a trailing
+    ``/`` (Express and Rails serve ``/refund/`` as ``/refund``) and without a ``.format`` ending
+    it, from the last segment's first dot (Rails routes take ``(.:format)`` on every path, and
+    Spring's suffix pattern match served ``/admin.x.y`` as ``/admin``). The gateway decides a
+    call whose path has one under both readings, and refuses it when they differ."""
+    path = loose[:-1] if len(loose) > 1 and loose.endswith("/") else loose
     head, _, last = path.rpartition("/")
-    name, dot, _ = last.rpartition(".")
-    return f"{head}/{name}" if dot and name else path
-
-
-def loose_path(path: str) -> str:
-    """:func:`loose_reading` without a final ``.format`` (:func:`without_format`). Routes are
-    chosen on it, and policy sees it as ``path_loose``: a rule on ``/payments/refund`` there holds
-    for ``/Payments/Refund.json``, ``/payments/refund/`` and ``/payments/refund;x``."""
-    return without_format(loose_reading(path))
+    name, dot, _ = last.partition(".")
+    if dot and name:
+        path = f"{head}/{name}"
+    return path if path != loose else None
 
 
 def build_input(call: PolicyCall) -> dict[str, Any]:

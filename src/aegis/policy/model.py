@@ -88,8 +88,28 @@ Number = StrictInt | StrictFloat
 Name = Annotated[StrictStr, Field(min_length=1, max_length=256)]
 NameList = Annotated[list[Name], Field(min_length=1, max_length=1000)]
 _RULE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-#: How a regex names a literal dot (the safe regex dialect has no ``\x`` escapes).
-_DOT_TESTS: Final = ("\\.", "[.]")
+
+
+def _bare_host(host: str) -> str:
+    """``host[:port]`` as policy sees a host: lowercase, without port or trailing dot."""
+    if host.startswith("["):
+        return host.partition("]")[0].lower() + "]" if "]" in host else host.lower()
+    name, colon, port = host.rpartition(":")
+    if colon and port.isascii() and port.isdigit():
+        host = name
+    return host.lower().removesuffix(".")
+
+
+#: Input paths whose values are canonical, each with its canonical form and how it reads.
+_CANONICAL_PATHS: Final = {
+    "path_loose": (loose_path, "the path as the loosest upstream reads it"),
+    "method": (str.upper, "the method in upper case"),
+    "request.headers.host": (_bare_host, "the host lowercase, without port or trailing dot"),
+    "request.headers.x-forwarded-host": (
+        _bare_host,
+        "the host lowercase, without port or trailing dot",
+    ),
+}
 _PATH = re.compile(r"^[A-Za-z0-9_$@:-]+(\.[A-Za-z0-9_$@:*-]+)*$")
 _HHMM = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$|^24:00$")
 _DATE = re.compile(r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$")
@@ -259,28 +279,21 @@ class Condition(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _loose_literals(self) -> Condition:
-        # path_loose holds only loose readings: a literal it can never hold would make a deny
-        # rule on it pass every call.
-        if self.path != "path_loose":
+    def _literals_it_can_hold(self) -> Condition:
+        # A literal the input never holds would make a deny rule on it pass every call.
+        if self.path not in _CANONICAL_PATHS:
             return self
-        dot = self.contains if self.contains is not None and "." in self.contains else None
-        if dot is None and self.regex is not None:
-            dot = next((m for m in _DOT_TESTS if m in self.regex), None)
-        if dot is not None:
-            # A test for a dot would mostly look for a file extension, which path_loose no
-            # longer holds: a deny rule looking for ".exe" would never fire.
+        if self.path == "method" and (self.regex is not None or self.contains is not None):
             raise ValueError(
-                f"path_loose holds no '.format' ending the path (Rails serves /a.json as /a), so "
-                f"a test for {dot[:64]!r} there may never match; test the path as received "
-                "(path) instead"
+                "test the method with eq, in or the methods selector, where GET names HEAD too "
+                "(servers answer HEAD with the GET handler)"
             )
-        literals = [self.eq, self.ne, *(self.in_ or ()), *(self.not_in or ())]
-        for value in literals:
-            if isinstance(value, str) and loose_path(value) != value:
+        canonical, how = _CANONICAL_PATHS[self.path]
+        for value in [self.eq, self.ne, *(self.in_ or ()), *(self.not_in or ())]:
+            if isinstance(value, str) and canonical(value) != value:
                 raise ValueError(
-                    f"path_loose never holds {value[:128]!r}: it is the path as the loosest "
-                    f"upstream reads it; write {loose_path(value)[:128]!r}"
+                    f"{self.path} never holds {value[:128]!r}: it is {how}; write "
+                    f"{canonical(value)[:128]!r}"
                 )
         return self
 
