@@ -195,6 +195,10 @@ spec:
         (42, 403, "access_denied"),
         ("42", 403, "policy_error"),
         (True, 403, "policy_error"),
+        (42.5, 403, "policy_error"),  # Jackson binds it to an int field as 42
+        (42.999, 403, "policy_error"),
+        (42.0, 403, "access_denied"),
+        (7.5, 403, "policy_error"),
     ],
 )
 async def test_a_value_the_upstream_would_convert_is_refused(

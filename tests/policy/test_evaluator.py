@@ -216,10 +216,18 @@ def test_ne_not_in_and_not_never_allow_a_scalar_of_another_type(condition: str, 
 def test_the_error_says_what_to_send_and_what_to_write() -> None:
     got = decide(policy(CONVERTED), body={"toAccount": "42"})
     assert got["reasons"] == [
-        "policy_error: rule account: request.body.toAccount in [42] needs a number; servers"
+        "policy_error: rule account: request.body.toAccount in [42] needs a whole number; servers"
         ' convert strings, numbers and booleans into one another ("42" to 42, 1 or "true" to'
-        " true), so a value of another type is refused: send a number, or write the rule for the"
-        " type sent"
+        " true) and drop the fraction of a number bound to an integer (42.5 to 42), so a value of"
+        " another type or a number with a fraction is refused: send a whole number, or write the"
+        " rule for the value sent"
+    ]
+    assert decide(policy(CONVERTED), body={"toAccount": 42.5})["reasons"] == got["reasons"]
+    got = decide(policy(CONVERTED), body={"kind": 7})
+    assert got["reasons"] == [
+        'policy_error: rule kind: request.body.kind eq "wire" needs a string; servers convert'
+        ' strings, numbers and booleans into one another ("42" to 42, 1 or "true" to true), so a'
+        " value of another type is refused: send a string, or write the rule for the type sent"
     ]
     p = policy("- {id: page, action: deny, when: {path: request.query.page, in: [2, 3]}}\n")
     got = decide(p, query={"page": "2"})
@@ -228,6 +236,45 @@ def test_the_error_says_what_to_send_and_what_to_write() -> None:
         "policy_error: rule page: request.query.page in [2, 3] needs a number; query and header"
         " values are always strings: write the rule's values quoted"
     ]
+
+
+@pytest.mark.parametrize("amount", [42.5, 42.999, 41.5, -42.5, 0.001])
+@pytest.mark.parametrize(
+    "condition",
+    [
+        "{path: request.body.n, in: [42]}",
+        "{path: request.body.n, eq: 42.0}",
+        "{path: request.body.n, ne: 7}",
+        "{path: request.body.n, not_in: [7, 8]}",
+        "{not: {path: request.body.n, in: [42, x, true]}}",
+    ],
+)
+def test_a_number_with_a_fraction_against_whole_numbers_is_a_policy_error(
+    condition: str, amount: float
+) -> None:
+    """Jackson binds 42.5 to an int field as 42 (as Rails ``to_i`` and PHP ``(int)`` read it):
+    compared by value, it would pass ``deny when toAccount in [42]``."""
+    p = policy(f"- {{id: ok, action: allow}}\n- {{id: a, action: deny, when: {condition}}}\n")
+    got = decide(p, body={"n": amount})
+    assert (got["action"], got["code"], got["rule_ids"]) == ("deny", "policy_error", ["a"])
+    assert "a whole number" in got["reasons"][0]
+    assert decide(p, body={"n": 42.0})["code"] != "policy_error"  # whole: compared by value
+
+
+def test_a_literal_with_a_fraction_compares_numbers_by_value() -> None:
+    p = policy(
+        "- {id: ok, action: allow}\n"
+        "- {id: a, action: deny, when: {path: request.body.n, in: [42, 42.5]}}\n"
+        "- {id: b, action: deny, when: {path: request.body.m, in: [x, null]}}\n"
+    )
+    assert decide(p, body={"n": 42.5})["code"] == "access_denied"
+    assert decide(p, body={"n": 42.25})["action"] == "allow"
+    assert decide(p, body={"m": 1.5})["reasons"][0].endswith("write the rule for the type sent")
+    assert p.lowered.rules[1].when.error.startswith(  # type: ignore[union-attr]
+        "policy_error: rule a: request.body.n in [42, 42.5] needs a number; servers convert"
+    )
+    lvl = policy("- {id: lvl, action: deny, match: {agent: {attributes: {level: 3}}}}\n")
+    assert decide(lvl, agent={"attributes": {"level": 3.5}})["code"] == "access_denied"
 
 
 def test_query_and_header_values_compare_with_quoted_literals() -> None:

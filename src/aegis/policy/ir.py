@@ -14,7 +14,10 @@ Run-time type rules (documented in ``docs/policy.md``):
   type of the literal (for ``in``/``not_in``: of any scalar in the list) is a *rule error*:
   upstream servers convert these types into one another (Jackson binds ``"42"`` to an ``int``
   field, ``1`` and ``"true"`` to a ``boolean``), so a strict non-match there would be a wrong
-  allow. ``null``, lists and objects, as values or literals, never error; selectors never error;
+  allow. When every number the literal holds is whole, a present number with a fraction is a rule
+  error too: servers drop the fraction when they bind it to an integer (Jackson reads ``42.5`` as
+  ``42``, as do Rails ``to_i`` and PHP ``(int)``). ``null``, lists and objects, as values or
+  literals, never error; selectors never error;
 * ``lt lte gt gte`` need a number, ``regex`` a string of at most
   :data:`~aegis.policy.safe_regex.MAX_SUBJECT_LENGTH` characters, ``contains`` a string or a list,
   a time window a valid ``time.unix``. Any other present value is a *rule error*: the rule cannot
@@ -30,7 +33,7 @@ from typing import Any, Final
 from aegis.policy.decision import ApprovalRequirement, RuleOutcome, SanitizeObligation
 from aegis.policy.model import Condition, PolicyDocument, Rule, TimeWindow
 from aegis.policy.safe_regex import MAX_SUBJECT_LENGTH, SafeRegex, compile_safe, glob_to_regex
-from aegis.policy.values import scalar_types
+from aegis.policy.values import scalar_types, whole_numbers
 
 __all__ = [
     "COMPARING_OPERATORS",
@@ -129,12 +132,28 @@ def _head_as_get(op: str, value: Any) -> tuple[str, Any]:
 
 
 def _comparison_error(
-    rule_id: str, path: tuple[str, ...], label: str, types: frozenset[str]
+    rule_id: str, path: tuple[str, ...], label: str, types: frozenset[str], whole: bool
 ) -> str:
-    need = " or ".join(f"a {t}" for t in _SCALAR_ORDER if t in types)
-    head = f"policy_error: rule {rule_id}: {label} needs {need}"
     if path[:2] in _STRING_ROOTS and "string" not in types:
-        return f"{head}; query and header values are always strings: write the rule's values quoted"
+        need = " or ".join(f"a {t}" for t in _SCALAR_ORDER if t in types)
+        return (
+            f"policy_error: rule {rule_id}: {label} needs {need}; query and header values are"
+            " always strings: write the rule's values quoted"
+        )
+    names = [
+        "a whole number" if t == "number" and whole else f"a {t}"
+        for t in _SCALAR_ORDER
+        if t in types
+    ]
+    need = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+    head = f"policy_error: rule {rule_id}: {label} needs {need}"
+    if whole:
+        return (
+            f'{head}; servers convert strings, numbers and booleans into one another ("42" to 42,'
+            ' 1 or "true" to true) and drop the fraction of a number bound to an integer (42.5 to'
+            " 42), so a value of another type or a number with a fraction is refused: send"
+            f" {need}, or write the rule for the value sent"
+        )
     return (
         f'{head}; servers convert strings, numbers and booleans into one another ("42" to 42,'
         f' 1 or "true" to true), so a value of another type is refused: send {need}, or write'
@@ -155,9 +174,11 @@ def _leaf(rule_id: str, path: tuple[str, ...], op: str, value: Any) -> Leaf:
     if op in _NEEDS:
         error = f"policy_error: rule {rule_id}: {label} needs {_NEEDS[op]}"
     elif op in COMPARING_OPERATORS:
-        types = scalar_types(value if op in ("in", "not_in") else (value,))
-        if types and len(types) < len(_SCALAR_ORDER):  # else no scalar can be of another type
-            error = _comparison_error(rule_id, path, label, types)
+        literals = value if op in ("in", "not_in") else (value,)
+        types, whole = scalar_types(literals), whole_numbers(literals)
+        # With every scalar type held and a fraction allowed, no value can be refused.
+        if types and (len(types) < len(_SCALAR_ORDER) or whole):
+            error = _comparison_error(rule_id, path, label, types, whole)
     return Leaf(path=path, op=op, value=value, regexes=regexes, label=label, error=error)
 
 

@@ -16,7 +16,14 @@ from zoneinfo import ZoneInfo
 
 from aegis.policy.ir import MAX_UNIX, Leaf, Node
 from aegis.policy.safe_regex import MAX_SUBJECT_LENGTH
-from aegis.policy.values import MISSING, SCALAR_TYPES, is_number, json_equal, scalar_types
+from aegis.policy.values import (
+    MISSING,
+    SCALAR_TYPES,
+    is_number,
+    json_equal,
+    scalar_types,
+    whole_numbers,
+)
 
 __all__ = ["Pred", "compile_node", "getter", "window_contains"]
 
@@ -72,21 +79,24 @@ def _minutes(hhmm: str) -> int:
     return int(hhmm[:2]) * 60 + int(hhmm[3:])
 
 
-def _wrong_types(leaf: Leaf) -> frozenset[type]:
-    """The Python types of a present value that make an ``eq ne in not_in`` leaf a rule error:
-    the scalar types the literal does not hold (none for a selector, which never errors)."""
+def _refused(leaf: Leaf) -> tuple[frozenset[type], bool]:
+    """What makes a present value a rule error for an ``eq ne in not_in`` leaf: the Python types of
+    the scalar types the literal does not hold, and whether a number with a fraction is refused
+    (every number of the literal is whole). Nothing for a selector, which never errors."""
     if leaf.error is None:
-        return frozenset()
+        return frozenset(), False
     literals = leaf.value if leaf.op in ("in", "not_in") else (leaf.value,)
     held = scalar_types(literals)
-    return frozenset(t for t, name in SCALAR_TYPES.items() if name not in held)
+    wrong = frozenset(t for t, name in SCALAR_TYPES.items() if name not in held)
+    return wrong, whole_numbers(literals)
 
 
 def _leaf(leaf: Leaf) -> Pred:
     get, op, lit, err = getter(leaf.path), leaf.op, leaf.value, leaf.error or ""
-    wrong = _wrong_types(leaf) if op in ("eq", "ne", "in", "not_in") else frozenset()
-    if wrong:
-        return _strict(leaf, get, wrong)
+    if op in ("eq", "ne", "in", "not_in"):
+        wrong, whole = _refused(leaf)
+        if wrong or whole:
+            return _strict(leaf, get, wrong, whole)
     if op == "eq" and type(lit) is str:
         return lambda d, e: get(d) == lit
     if op == "eq":
@@ -171,19 +181,23 @@ def _leaf(leaf: Leaf) -> Pred:
     raise AssertionError(f"unknown operator {op!r}")  # the lowering never produces one
 
 
-def _strict(leaf: Leaf, get: Getter, wrong: frozenset[type]) -> Pred:
+def _strict(leaf: Leaf, get: Getter, wrong: frozenset[type], whole: bool) -> Pred:
     """``eq ne in not_in`` in a condition: a present value whose type is in ``wrong`` (a scalar
     type the literal does not hold) is a rule error, and so is NaN or an infinity (no JSON number;
-    the gateway refuses them before policy runs). The equal case, the hot one, is decided before
-    the type is looked at; a missing value's type is never in ``wrong``."""
-    op, lit, err, finite = leaf.op, leaf.value, leaf.error or "", math.isfinite
+    the gateway refuses them before policy runs) and, when ``whole``, a number with a fraction
+    (no whole literal equals it; a server binding it to an integer reads a whole one). The equal
+    case, the hot one, is decided before the type is looked at; a missing value's type is never in
+    ``wrong``."""
+    op, lit, err = leaf.op, leaf.value, leaf.error or ""
+    # Which floats may be compared (NaN and the infinities are neither whole nor finite).
+    fits: Callable[[float], bool] = float.is_integer if whole else math.isfinite
     if op == "eq" and type(lit) is str:
 
         def eq_string(d: Any, e: list[str]) -> bool:
             x = get(d)
             if x == lit:  # only a str equals a str literal
                 return True
-            if (t := type(x)) in wrong or (t is float and not finite(x)):
+            if (t := type(x)) in wrong or (t is float and not fits(x)):
                 e.append(err)
             return False
 
@@ -197,7 +211,7 @@ def _strict(leaf: Leaf, get: Getter, wrong: frozenset[type]) -> Pred:
                 return False
             if json_equal(x, lit):
                 return want
-            if (t := type(x)) in wrong or (t is float and not finite(x)):
+            if (t := type(x)) in wrong or (t is float and not fits(x)):
                 e.append(err)
                 return False
             return not want
@@ -210,7 +224,7 @@ def _strict(leaf: Leaf, get: Getter, wrong: frozenset[type]) -> Pred:
         x = get(d)
         if (t := type(x)) is str and strings is not None:
             return (x in strings) == want
-        if t in wrong or (t is float and not finite(x)):  # no element can equal it
+        if t in wrong or (t is float and not fits(x)):  # no element can equal it
             e.append(err)
             return False
         if x is MISSING:

@@ -22,7 +22,7 @@ from aegis.policy.evaluator import CompiledPolicy
 from aegis.policy.ir import MAX_UNIX, Leaf, LoweredRule, Node
 from aegis.policy.model import INPUT_ROOTS
 from aegis.policy.safe_regex import MAX_SUBJECT_LENGTH, glob_to_regex
-from aegis.policy.values import scalar_types
+from aegis.policy.values import scalar_types, whole_numbers
 
 __all__ = [
     "DECISION_QUERY",
@@ -74,6 +74,11 @@ valid_unix(t) if {{
 \tt >= 0
 \tt < {max_unix}
 \tt == floor(t)
+}}
+
+fractional(x) if {{
+\tis_number(x)
+\tx != floor(x)
 }}
 
 """
@@ -214,12 +219,16 @@ class _RuleWriter:
             bodies = [[x, test.format(_lit(lit))]]
             # In a condition, a scalar of a type the literal does not hold is an error (ir.py),
             # and the leaf is false for it, as in the evaluator (ne and not_in would hold).
-            held = scalar_types(lit if op in ("in", "not_in") else (lit,))
-            wrong = f"type_name(x) in {_lit([t for t in _SCALARS if t not in held])}"
+            # When every number of the literal is whole, so is a number with a fraction.
+            literals = lit if op in ("in", "not_in") else (lit,)
+            held = scalar_types(literals)
+            lacked = [t for t in _SCALARS if t not in held]
+            refused = [f"type_name(x) in {_lit(lacked)}"] if lacked else []
+            refused += ["fractional(x)"] if whole_numbers(literals) else []
             if leaf.error is not None:
-                errors = [[x, wrong]]
+                errors = [[x, r] for r in refused]
                 if op in ("ne", "not_in"):
-                    bodies = [[x, f"not {wrong}", test.format(_lit(lit))]]
+                    bodies = [[x, *(f"not {r}" for r in refused), test.format(_lit(lit))]]
         elif op == "exists" and lit:
             bodies = [[x]]
         elif op == "exists":

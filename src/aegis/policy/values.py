@@ -4,7 +4,8 @@ Rego compares JSON values structurally, with ``1 == 1.0`` but ``true != 1`` and 
 Python's ``==`` says ``True == 1``, so the in-process evaluator uses :func:`json_equal` wherever a
 policy compares values, and :func:`is_number` wherever it needs a number. :func:`scalar_types`
 names the JSON types of a comparison's literals, so that both engines refuse a value of another
-scalar type instead of comparing it (see :mod:`aegis.policy.ir`).
+scalar type instead of comparing it, and :func:`whole_numbers` tells whether they refuse a number
+with a fraction too (see :mod:`aegis.policy.ir`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ import math
 from collections.abc import Iterable
 from typing import Any, Final
 
-__all__ = ["MISSING", "SCALAR_TYPES", "is_number", "json_equal", "lookup", "scalar_types"]
+__all__ = [
+    "MISSING",
+    "SCALAR_TYPES",
+    "is_number",
+    "json_equal",
+    "lookup",
+    "scalar_types",
+    "whole_numbers",
+]
 
 #: The JSON type of a scalar, by its exact Python type (``bool`` is not a number).
 SCALAR_TYPES: Final[dict[type, str]] = {
@@ -64,6 +73,14 @@ def scalar_types(values: Iterable[Any]) -> frozenset[str]:
     """The JSON types (``string``, ``number``, ``boolean``) of the scalars among ``values``;
     ``null``, lists and objects have none."""
     return frozenset(t for v in values if (t := SCALAR_TYPES.get(type(v))) is not None)
+
+
+def whole_numbers(values: Iterable[Any]) -> bool:
+    """Whether ``values`` hold a number and every number among them is whole (``42``, ``42.0``):
+    then no number with a fraction equals one of them, yet servers that drop the fraction (Jackson
+    binding ``42.5`` to an ``int``, Rails ``to_i``, PHP ``(int)``) read it as one."""
+    numbers = [v for v in values if is_number(v)]
+    return bool(numbers) and all(type(v) is int or v.is_integer() for v in numbers)
 
 
 def lookup(doc: Any, keys: tuple[str, ...]) -> Any:

@@ -12,6 +12,11 @@ valid_unix(t) if {
 	t == floor(t)
 }
 
+fractional(x) if {
+	is_number(x)
+	x != floor(x)
+}
+
 default hits := set()
 
 default rule_errors := set()
@@ -57,7 +62,14 @@ rule_errors contains ["account-in", msg] if {
 	r1_match
 	x := input.request.body.toAccount
 	type_name(x) in ["boolean", "string"]
-	msg := "policy_error: rule account-in: request.body.toAccount in [42, 43] needs a number; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true), so a value of another type is refused: send a number, or write the rule for the type sent"
+	msg := "policy_error: rule account-in: request.body.toAccount in [42, 43] needs a whole number; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true) and drop the fraction of a number bound to an integer (42.5 to 42), so a value of another type or a number with a fraction is refused: send a whole number, or write the rule for the value sent"
+}
+
+rule_errors contains ["account-in", msg] if {
+	r1_match
+	x := input.request.body.toAccount
+	fractional(x)
+	msg := "policy_error: rule account-in: request.body.toAccount in [42, 43] needs a whole number; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true) and drop the fraction of a number bound to an integer (42.5 to 42), so a value of another type or a number with a fraction is refused: send a whole number, or write the rule for the value sent"
 }
 
 # rule force-eq: deny
@@ -180,7 +192,14 @@ rule_errors contains ["code-mixed", msg] if {
 	r5_match
 	x := input.request.body.code
 	type_name(x) in ["boolean"]
-	msg := "policy_error: rule code-mixed: request.body.code in [7, \"7\", null] needs a string or a number; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true), so a value of another type is refused: send a string or a number, or write the rule for the type sent"
+	msg := "policy_error: rule code-mixed: request.body.code in [7, \"7\", null] needs a string or a whole number; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true) and drop the fraction of a number bound to an integer (42.5 to 42), so a value of another type or a number with a fraction is refused: send a string or a whole number, or write the rule for the value sent"
+}
+
+rule_errors contains ["code-mixed", msg] if {
+	r5_match
+	x := input.request.body.code
+	fractional(x)
+	msg := "policy_error: rule code-mixed: request.body.code in [7, \"7\", null] needs a string or a whole number; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true) and drop the fraction of a number bound to an integer (42.5 to 42), so a value of another type or a number with a fraction is refused: send a string or a whole number, or write the rule for the value sent"
 }
 
 # rule reason-null: deny
@@ -250,6 +269,13 @@ rule_errors contains ["page-number", msg] if {
 	r8_match
 	x := input.request.query.page
 	type_name(x) in ["boolean", "string"]
+	msg := "policy_error: rule page-number: request.query.page eq 2 needs a number; query and header values are always strings: write the rule's values quoted"
+}
+
+rule_errors contains ["page-number", msg] if {
+	r8_match
+	x := input.request.query.page
+	fractional(x)
 	msg := "policy_error: rule page-number: request.query.page eq 2 needs a number; query and header values are always strings: write the rule's values quoted"
 }
 

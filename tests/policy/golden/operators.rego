@@ -12,6 +12,11 @@ valid_unix(t) if {
 	t == floor(t)
 }
 
+fractional(x) if {
+	is_number(x)
+	x != floor(x)
+}
+
 default hits := set()
 
 default rule_errors := set()
@@ -69,7 +74,14 @@ rule_errors contains ["eq-number", msg] if {
 	r1_match
 	x := input.request.body.n
 	type_name(x) in ["boolean", "string"]
-	msg := "policy_error: rule eq-number: request.body.n eq 3 needs a number; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true), so a value of another type is refused: send a number, or write the rule for the type sent"
+	msg := "policy_error: rule eq-number: request.body.n eq 3 needs a whole number; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true) and drop the fraction of a number bound to an integer (42.5 to 42), so a value of another type or a number with a fraction is refused: send a whole number, or write the rule for the value sent"
+}
+
+rule_errors contains ["eq-number", msg] if {
+	r1_match
+	x := input.request.body.n
+	fractional(x)
+	msg := "policy_error: rule eq-number: request.body.n eq 3 needs a whole number; servers convert strings, numbers and booleans into one another (\"42\" to 42, 1 or \"true\" to true) and drop the fraction of a number bound to an integer (42.5 to 42), so a value of another type or a number with a fraction is refused: send a whole number, or write the rule for the value sent"
 }
 
 # rule eq-bool: deny

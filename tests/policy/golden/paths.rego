@@ -12,6 +12,11 @@ valid_unix(t) if {
 	t == floor(t)
 }
 
+fractional(x) if {
+	is_number(x)
+	x != floor(x)
+}
+
 default hits := set()
 
 default rule_errors := set()
