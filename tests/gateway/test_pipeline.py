@@ -362,6 +362,15 @@ spec:
         ((("action", "read"), ("cmd.action", "delete")), 400, "invalid_request"),
         ((("cmd.action", "delete"),), 400, "invalid_request"),
         ((("action", "read"), ("cmd.note", "x")), 200, None),
+        # ASP.NET Core's jQuery value providers read cmd[action] as cmd.action, so as action.
+        ((("cmd[action]", "delete"),), 400, "invalid_request"),
+        ((("action", "read"), ("cmd[action]", "delete")), 400, "invalid_request"),
+        ((("action", "read"), ("cmd[0][action]", "delete")), 400, "invalid_request"),
+        ((("action", "read"), ("cmd[note]", "x")), 200, None),
+        # Spring's WebDataBinder binds !action as action when no action is sent.
+        ((("!action", "delete"),), 400, "invalid_request"),
+        ((("action", "read"), ("!action", "delete")), 400, "invalid_request"),
+        ((("action", "read"), ("!note", "x")), 200, None),
     ],
 )
 async def test_a_repeated_query_parameter_the_policy_reads_is_refused(
@@ -529,6 +538,10 @@ async def test_a_proof_for_another_hosts_route_is_refused_behind_a_public_url(en
         (b"note=1&action=delete", True, 400),  # Rails reads the form's action over the query's
         (b"note=1&%41CTION=delete", True, 400),
         (b"note=1&[action]=delete", True, 400),  # Rack 2 and qs read it as action
+        (b"note=1&cmd[action]=delete", True, 400),  # ASP.NET Core's jQuery form provider
+        (b"note=1&cmd%5Baction%5D=delete", True, 400),
+        (b"note=1&!action=delete", True, 400),  # Spring's field default prefix
+        (b"note=1&cmd[note]=x&!note=y", True, 200),
         (b"note=1", False, 400),  # a form the gateway did not hold may carry it
     ],
 )

@@ -282,18 +282,31 @@ def name_keys(name: str) -> frozenset[str]:
     leading brackets and cut at the first bracket (Rack 2 and qs read ``[_method]`` as
     ``_method``); with an unclosed ``[`` as ``_`` (PHP reads ``account[id`` as ``account_id``);
     after its last ``.`` (ASP.NET Core binds ``t.amount`` to the ``amount`` of an action's
-    parameter ``t``, ahead of a plain ``amount``)."""
+    parameter ``t``, ahead of a plain ``amount``); as the name in its last ``[...]`` (ASP.NET
+    Core's jQuery form and query value providers read ``t[amount]`` as ``t.amount``); and each of
+    these without a leading ``!`` (Spring's WebDataBinder binds ``!amount`` as ``amount`` when no
+    ``amount`` is sent)."""
     base = name.split("\x00", 1)[0].lstrip(" ")
-    keys = {query_key(base), query_key(_BRACKETS.split(base.lstrip("[]"), 1)[0])}
-    if "." in base and (last := base.rsplit(".", 1)[1]):
-        keys.add(query_key(last))
-    opened = base.find("[")
-    if opened >= 0 and "]" not in base[opened:]:
-        keys.add(query_key(base[:opened] + "_" + base[opened + 1 :]))
+    keys = _keys(base)
+    if base.startswith("!"):
+        keys |= _keys(base[1:])
     return frozenset(keys)
 
 
+def _keys(base: str) -> set[str]:
+    keys = {query_key(base), query_key(_BRACKETS.split(base.lstrip("[]"), 1)[0])}
+    if "." in base and (last := base.rsplit(".", 1)[1]):
+        keys.add(query_key(last))
+    if inner := [n for n in _BRACKETED.findall(base) if n]:
+        keys.add(query_key(inner[-1]))
+    opened = base.find("[")
+    if opened >= 0 and "]" not in base[opened:]:
+        keys.add(query_key(base[:opened] + "_" + base[opened + 1 :]))
+    return keys
+
+
 _BRACKETS: Final = re.compile(r"[\[\]]")
+_BRACKETED: Final = re.compile(r"\[([^\[\]]*)\]")
 
 
 def _overrides(names: Iterable[str]) -> bool:
