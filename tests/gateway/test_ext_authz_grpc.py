@@ -419,6 +419,54 @@ async def test_policy_sees_the_host_and_the_doors_own_forwarded_fields(
     assert (status, body["code"], body["message"]) == (403, "access_denied", denied_by)
 
 
+@pytest.mark.parametrize(
+    ("scheme", "envoys", "denied_by"),
+    [
+        # h2c on a plaintext listener: the client's :scheme is http.scheme, Envoy's own
+        # x-forwarded-proto names the connection, as the upstream is told.
+        ("https", [("x-forwarded-proto", "http")], "plaintext calls are refused"),
+        ("http", [("x-forwarded-proto", "https")], None),
+        ("https", [("x-forwarded-proto", "https")], None),
+        # Not one value of http or https: the scheme decided on.
+        ("http", [], "plaintext calls are refused"),
+        ("http", [("x-forwarded-proto", "https, http")], "plaintext calls are refused"),
+        ("http", [("x-forwarded-proto", "HTTPS")], "plaintext calls are refused"),
+        ("http", [("x-forwarded-proto", "https"), ("x-forwarded-proto", "https")], "plaintext"
+         " calls are refused"),
+    ],
+)  # fmt: skip
+async def test_policy_sees_envoys_own_forwarded_proto_over_the_clients_scheme(
+    env: Env,
+    stub: pb_grpc.AuthorizationStub,
+    scheme: str,
+    envoys: list[tuple[str, str]],
+    denied_by: str | None,
+) -> None:
+    """For HTTP/2 and HTTP/3 Envoy passes the client's :scheme as http.scheme; an h2c client
+    can claim https on a plaintext connection, which a rule on x-forwarded-proto must not take."""
+    env.policies.activate(
+        "acme", "prod", env.policies.put(load_document(FORWARDED_RULES), now=0), actor="t", now=0
+    )
+    agent = Agent(env)
+    request = check([*dpop_headers(agent, agent.token()), *envoys], raw_map=True)
+    request.attributes.request.http.scheme = scheme
+    request.attributes.request.http.protocol = "HTTP/2"
+    request.attributes.source.address.socket_address.address = "10.0.0.5"
+    resp = await stub.Check(request)
+    if denied_by is None:
+        assert resp.status.code == code_pb2.OK, resp
+        return
+    status, _, body = denied(resp)
+    assert (status, body["code"], body["message"]) == (403, "access_denied", denied_by)
+
+
+def test_envoys_forwarded_proto_is_read_only_from_trusted_peers() -> None:
+    req = check({"x-forwarded-proto": "http"})
+    req.attributes.request.http.scheme = "https"
+    assert check_to_request(req, trusted=True).forwarded_proto == "http"
+    assert check_to_request(req, trusted=False).forwarded_proto is None  # the scheme: https
+
+
 async def test_forwarding_claims_envoy_does_not_set_are_removed_before_the_upstream(
     env: Env, stub: pb_grpc.AuthorizationStub
 ) -> None:

@@ -141,6 +141,11 @@ class CheckedRequest:
     certificate_format: Literal["pem", "xfcc"] = "pem"
     #: The original client's address, when known.
     client: str | None = None
+    #: The scheme of the connection the original request came on, as a trusted proxy reported it
+    #: in its own ``X-Forwarded-Proto`` when ``scheme`` may be the client's word (Envoy's gRPC
+    #: ``http.scheme`` is the client's ``:scheme`` on HTTP/2 and HTTP/3): what policy is shown
+    #: as ``x-forwarded-proto``, ``scheme`` when None.
+    forwarded_proto: str | None = None
     #: Whether a field sent more than once arrived as one value joined with ``,`` (Envoy's
     #: ``headers`` map, without ``encode_raw_headers``): a comma may then separate repeats.
     fields_joined: bool = False
@@ -222,10 +227,12 @@ def _as_the_proxy_shows(
     ``host`` (gRPC carries it only as ``:authority``, an nginx subrequest's own Host is nginx's),
     no claim of the caller's about proxies (``Forwarded``, ``X-Real-IP``, ``X-Forwarded-*``,
     which it could set to anything), and the door's own ``X-Forwarded-For`` (the client only as
-    a trusted proxy reported it), ``-Proto`` and ``-Host`` from what it decided on."""
+    a trusted proxy reported it), ``-Proto`` (the connection's scheme as a trusted proxy reported
+    it, else the scheme decided on) and ``-Host`` from what it decided on."""
     kept = tuple((k, v) for k, v in headers if k != "host" and not proxy_claim(k))
     own: tuple[tuple[str, str], ...] = (("x-forwarded-for", req.client),) if req.client else ()
-    own += (("x-forwarded-proto", req.scheme.lower()), ("x-forwarded-host", req.host))
+    proto = req.forwarded_proto or req.scheme.lower()
+    own += (("x-forwarded-proto", proto), ("x-forwarded-host", req.host))
     return (("host", req.host), *kept, *own)
 
 

@@ -16,8 +16,12 @@ Built on Envoy's own API protos (the ``xds-protos`` package) and ``grpc.aio``. A
 Repeated headers: with ``encode_raw_headers`` Envoy sends each occurrence (``header_map``); without
 it, Envoy joins repeats with ``,``. A JWS never contains ``,``, so a joined ``Authorization`` or
 ``DPoP`` value is split back and two credentials are refused as two. The peer certificate
-(``source.certificate``, sent with ``include_peer_certificate``) and the client address are
-believed only when the gRPC peer is in ``gateway.ext_authz.trusted_proxies``.
+(``source.certificate``, sent with ``include_peer_certificate``), the client address and Envoy's
+own ``x-forwarded-proto`` are believed only when the gRPC peer is in
+``gateway.ext_authz.trusted_proxies``. Policy is shown that ``x-forwarded-proto`` (one value,
+``http`` or ``https``) rather than ``http.scheme``: for HTTP/2 and HTTP/3 Envoy takes the scheme
+from the client's ``:scheme``, which an h2c client on a plaintext listener sets to ``https``,
+while its ``x-forwarded-proto`` names the connection, as the upstream is told.
 
 Body (``with_request_body``): the call is decided on the body only when Envoy sent it whole (not
 ``x-envoy-auth-partial-body: true``, length equal to ``content-length``) as bytes in ``raw_body``
@@ -53,6 +57,8 @@ __all__ = ["AuthorizationService", "check_to_request", "start_grpc_server"]
 
 _OVERWRITE: Final = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _PARTIAL_BODY: Final = "x-envoy-auth-partial-body"
+#: The values of an ``x-forwarded-proto`` Envoy sets from the downstream connection.
+_PROTOS: Final = frozenset({"http", "https"})
 #: Caller-facing headers copied from the decision onto an allowed answer.
 _RESPONSE_HEADERS: Final = ("x-aegis-decision-id", "x-aegis-attestation")
 
@@ -118,17 +124,25 @@ def _body(
     return seen
 
 
+def _envoy_proto(headers: tuple[tuple[str, str], ...]) -> str | None:
+    """Envoy's ``x-forwarded-proto`` when it is one value, ``http`` or ``https``, else None."""
+    values = [v for k, v in headers if k == "x-forwarded-proto"]
+    return values[0] if len(values) == 1 and values[0] in _PROTOS else None
+
+
 def check_to_request(request: external_auth_pb2.CheckRequest, *, trusted: bool) -> CheckedRequest:
     """The original request described by a ``CheckRequest``; forwarded facts (certificate,
-    client address) are read only when the sender is a trusted proxy."""
+    client address, the connection's scheme) are read only when the sender is a trusted proxy."""
     attrs = request.attributes
     http = attrs.request.http
     headers = _headers(http)
     certificate: str | None = None
     client: str | None = None
+    proto: str | None = None
     if trusted:
         certificate = attrs.source.certificate or None  # URL-encoded PEM
         client = attrs.source.address.socket_address.address or None
+        proto = _envoy_proto(headers)
     return CheckedRequest(
         fields_joined=not http.HasField("header_map"),
         method=http.method,
@@ -139,6 +153,7 @@ def check_to_request(request: external_auth_pb2.CheckRequest, *, trusted: bool) 
         body=_body(http, headers),
         certificate=certificate,
         client=client,
+        forwarded_proto=proto,
     )
 
 
