@@ -489,6 +489,28 @@ async def test_forwarding_claims_envoy_does_not_set_are_removed_before_the_upstr
     }
 
 
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        ([("content-length", "0"), ("transfer-encoding", "chunked")], "not both"),
+        ([("x-note", "a\x01b")], "control character"),
+        ([("x-note", "caf\xe9")], "outside ASCII"),  # the raw byte 0xE9, read as Latin-1
+    ],
+)
+async def test_ambiguous_framing_and_unsafe_field_values_are_refused_and_audited(
+    env: Env, stub: pb_grpc.AuthorizationStub, fields: list[tuple[str, str]], why: str
+) -> None:
+    agent = Agent(env)
+    request = check(dpop_headers(agent, agent.token()), raw_map=True)
+    request.attributes.request.http.header_map.headers.extend(
+        base_pb2.HeaderValue(key=k, raw_value=v.encode("latin-1")) for k, v in fields
+    )
+    status, _, body = denied(await stub.Check(request))
+    assert (status, body["code"]) == (400, "invalid_request") and why in body["message"]
+    [record] = [r for r in env.audit.records() if r["decision_id"] == body["decision_id"]]
+    assert (record["action"], record["code"]) == ("deny", "invalid_request")
+
+
 async def test_a_protocol_upgrade_is_refused_and_audited(
     env: Env, stub: pb_grpc.AuthorizationStub
 ) -> None:

@@ -309,6 +309,25 @@ def test_nginx_mode_policy_sees_the_doors_forwarded_fields_never_the_callers(
 
 
 #: A WebSocket handshake's fields (RFC 6455 §4.1).
+@pytest.mark.parametrize("value", [b"caf\xc3\xa9", b"\xa0"])
+def test_a_field_value_outside_ascii_is_refused_and_audited(
+    env: Env, envoy: str, nginx: str, value: bytes
+) -> None:
+    """Read as Latin-1 here; an upstream reading UTF-8 (or a proxy re-encoding it) reads other
+    characters than policy judged. (Control characters the door's own server refuses.)"""
+    agent = Agent(env)
+    envoy_check = (f"{envoy}/check/payments/charge", creds(agent))
+    nginx_check = (f"{nginx}/auth", {**creds(agent), "x-original-uri": "/payments/charge",
+                                     "x-original-method": "POST"})  # fmt: skip
+    for url, headers in (envoy_check, nginx_check):
+        resp = httpx.post(url, headers={**headers, "x-note": value})
+        assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request"), resp.text
+        assert "outside ASCII" in resp.json()["message"]
+        [record] = [r for r in env.audit.records()
+                    if r["decision_id"] == resp.json()["decision_id"]]  # fmt: skip
+        assert (record["action"], record["code"]) == ("deny", "invalid_request")
+
+
 HANDSHAKE = {"connection": "Upgrade", "upgrade": "websocket", "sec-websocket-version": "13",
              "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ=="}  # fmt: skip
 

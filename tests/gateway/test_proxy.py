@@ -1,9 +1,13 @@
 """Reverse-proxy rules that need no network: header hygiene (RFC 9110 §7.6.1), route matching and
-the request paths refused because an upstream could resolve them to another route (RFC 3986 §5.2.4)."""
+the request paths refused because an upstream could resolve them to another route (RFC 3986 §5.2.4);
+and the request framing the mTLS listener's parser accepts, sent through it on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import ssl
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,7 +28,10 @@ from aegis.gateway.context import (
 )
 from aegis.gateway.proxy import ReverseProxy, forwardable, joined
 from aegis.gateway.routing import RouteTable
+from aegis.pki.listener import MTLSListener
+from tests.audit.receivers import make_ca
 from tests.gateway.conftest import Agent, Env, dpop_headers
+from tests.pki.harness import close_writer
 
 
 def test_hop_by_hop_and_connection_named_fields_are_dropped() -> None:
@@ -433,6 +440,37 @@ def test_fields_an_upstream_could_read_another_way_are_refused(
 
 
 @pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        # RFC 9112 §6.3: one server frames the body by the length, another by the chunks.
+        ((("content-length", "5"), ("transfer-encoding", "chunked")), "not both"),
+        ((("transfer-encoding", "chunked"), ("content-length", "0")), "not both"),
+        # Control characters (h11 accepts \x01); a CR or LF is what a kept obs-fold leaves.
+        ((("x-note", "a\x01b"),), "control character"),
+        ((("x-note", "a\x00b"),), "control character"),
+        ((("x-note", "a\x7f"),), "control character"),
+        ((("x-note", "a\r\n b"),), "control character"),
+        ((("x-account", "1\n666"),), "control character"),
+        # Read as Latin-1 here, re-encoded as UTF-8 on the way: the upstream reads other bytes.
+        ((("x-note", "caf\xc3\xa9"),), "outside ASCII"),
+        ((("x-account", "\xa0666"),), "outside ASCII"),
+        ((("x-note", "\u2028"),), "outside ASCII"),
+    ],
+)
+def test_ambiguous_framing_and_unsafe_field_values_are_refused(
+    fields: tuple[tuple[str, str], ...], why: str
+) -> None:
+    with pytest.raises(InvalidRequest, match=why):
+        vet_fields((("host", "gw"), *fields))
+
+
+def test_printable_ascii_and_tabs_pass() -> None:
+    fields = (("x-note", "a\tb ~!"), ("content-length", "3"), ("te", "trailers"))
+    assert vet_fields(fields)[0] == fields
+    assert vet_fields((("transfer-encoding", "chunked"),))[1] == {"transfer-encoding": "chunked"}
+
+
+@pytest.mark.parametrize(
     "ctype",
     ["application/json", "application/json; charset=utf-8", 'multipart/form-data; boundary="a,b"',
      "Application/JSON "],
@@ -586,3 +624,65 @@ async def test_a_websocket_handshake_gets_the_refusal_as_an_http_answer(env: Env
     assert sent == [{"type": "websocket.close", "code": 1008}]
     refused = list(env.audit.records(kind="gateway.refused"))
     assert [(r["door"], r["code"]) for r in refused] == [("proxy", "invalid_request")] * 2
+
+
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        (b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", "not both"),
+        (b"X-Note: a\x01b\r\n", "control character"),
+        (b"X-Note: caf\xc3\xa9\r\n", "outside ASCII"),
+    ],
+)
+async def test_the_mtls_listener_refuses_ambiguous_framing_and_unsafe_values(
+    env: Env, tmp_path: Path, fields: bytes, why: str
+) -> None:
+    """h11, which parses requests on the mTLS listener, accepts each; the refusal is audited and
+    ends the connection, so nothing sent after the request is read as another one."""
+    ca, cert, key = make_ca(tmp_path)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    client = ssl.create_default_context(cafile=str(ca))
+    data = env.settings.model_dump()
+    data["routes"] = HOST_ROUTES
+    proxy = ReverseProxy(env.pipeline, GatewaySettings.model_validate(data))
+    await proxy.start()
+    listener = MTLSListener(proxy, context=lambda: server)
+    await listener.start()
+
+    async def exchange(head: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", listener.port, ssl=client, server_hostname="localhost"
+        )
+        try:
+            body = b"0\r\n\r\n" if b"chunked" in head else b""
+            framing = b"" if body else b"Content-Length: 0\r\n"
+            writer.write(
+                b"POST /payments/charge HTTP/1.1\r\nHost: gw.example.com\r\n" + head + framing
+                + b"\r\n" + body + b"GET /payments/x HTTP/1.1\r\nHost: gw.example.com\r\n\r\n"
+            )  # fmt: skip
+            await writer.drain()
+            answer = b""
+            while chunk := await asyncio.wait_for(reader.read(65536), 10):
+                answer += chunk
+                if not head and answer.count(b"HTTP/1.1 ") == 2:
+                    break  # kept open for the next request
+            return answer
+        finally:
+            await close_writer(writer)
+
+    try:
+        answer = await exchange(fields)
+        assert answer.count(b"HTTP/1.1 ") == 1, answer  # the second request was never read
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 ") and b"connection: close" in head.lower()
+        refusal = json.loads(payload)
+        assert refusal["code"] == "invalid_request" and why in refusal["message"]
+        [record] = [r for r in env.audit.records() if r["decision_id"] == refusal["decision_id"]]
+        assert (record["action"], record["code"]) == ("deny", "invalid_request")
+        # The same call with clean fields reaches the credentials check, on a connection kept.
+        clean = await exchange(b"")
+        assert clean.count(b"HTTP/1.1 401 ") == 2, clean
+    finally:
+        await listener.stop()
+        await proxy.close()

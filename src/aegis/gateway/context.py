@@ -626,6 +626,9 @@ class MethodOverrideWatch:
 #: call is refused before anything is read (servers in front commonly allow 100 fields, 8-64 KiB).
 MAX_FIELDS: Final = 256
 MAX_FIELD_BYTES: Final = 64 * 1024
+#: A character no field value may hold: a control character other than HTAB (h11 accepts
+#: ``\x01``; a CR or LF left by a parser keeping an obs-fold), or one outside ASCII.
+_UNSAFE_VALUE: Final = re.compile(r"[^\t\x20-\x7e]")
 #: Fields the gateway and the upstream must read alike: sent once (policy would read the body by
 #: one Content-Type, an upstream perhaps by the other), and never named in ``Connection``.
 SINGLE_FIELDS: Final = frozenset({"host", "content-type", "content-length", "content-encoding"})
@@ -656,14 +659,18 @@ def vet_fields(
     policy and an upstream could read the body or its labels differently: a field of
     :data:`SINGLE_FIELDS` sent twice or spelled with ``_``; a ``Connection`` naming one of them
     or ``Transfer-Encoding``; a ``Content-Type`` that is not one media type (or is over 1,024
-    characters); a ``Transfer-Encoding`` other than ``chunked``. An empty ``Content-Type`` is
-    no type."""
+    characters); a ``Transfer-Encoding`` other than ``chunked``, or one beside a
+    ``Content-Length``; a value holding a control character other than HTAB or a character
+    outside ASCII. An empty ``Content-Type`` is no type."""
     if len(headers) > MAX_FIELDS or sum(len(n) + len(v) for n, v in headers) > MAX_FIELD_BYTES:
         raise InvalidRequest(
             f"send at most {MAX_FIELDS} header fields of at most {MAX_FIELD_BYTES} bytes in all"
         )
     values: dict[str, str] = {}
     for name, value in headers:
+        # isascii() reads a flag and isprintable() is one pass in C: a common value needs no regex.
+        if not (value.isascii() and value.isprintable()) and (bad := _UNSAFE_VALUE.search(value)):
+            raise InvalidRequest(_unsafe_value(name, bad.group()))
         if name not in values:
             values[name] = value
         elif name in SINGLE_FIELDS:
@@ -685,6 +692,13 @@ def vet_fields(
     coding = values.get("transfer-encoding")
     if coding is not None and coding.strip().lower() != "chunked":
         raise InvalidRequest("transfer-encoding may only be chunked; send the body uncoded")
+    if coding is not None and "content-length" in values:
+        # RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, but a server or proxy that
+        # frames the body by the length would read another body, and another request after it.
+        raise InvalidRequest(
+            "send content-length or transfer-encoding, not both: servers and proxies could "
+            "frame the body, and the requests after it, differently"
+        )
     if "connection" not in values:
         return headers, values
     named = {t.strip() for k, v in headers if k == "connection" for t in v.lower().split(",")}
@@ -697,6 +711,19 @@ def vet_fields(
         )
     headers = tuple((k, v) for k, v in headers if k not in named)
     return headers, {k: v for k, v in values.items() if k not in named}
+
+
+def _unsafe_value(name: str, char: str) -> str:
+    """Why a field value holding ``char`` (see :data:`_UNSAFE_VALUE`) is refused."""
+    if char.isascii():
+        return (
+            f"the {name[:64]} header holds a control character ({char!r}); servers strip, cut "
+            "or keep it differently: send printable ASCII (and tabs) only"
+        )
+    return (
+        f"the {name[:64]} header holds a byte outside ASCII; the gateway and the upstream could "
+        "read it as other characters (Latin-1, UTF-8): send ASCII only, percent-encoded if need be"
+    )
 
 
 def is_json_type(content_type: str | None) -> bool:

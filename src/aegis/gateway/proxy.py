@@ -156,6 +156,10 @@ def _denial(send: Send) -> Send:
     return deny
 
 
+#: The answer field that ends the connection after the answer (RFC 9112 §9.6).
+_CLOSE: Final = {"connection": "close"}
+
+
 async def _error(send: Send, result: Result, extra: dict[str, str] | None = None) -> None:
     body = {
         "error": spec_for(result.code or "server_error").oauth_error,
@@ -301,9 +305,12 @@ class ReverseProxy:
         # checks below read the first value of each field as it is forwarded (``values``).
         try:
             headers, values = vet_fields(headers)
-            bad_fields = None
+            bad_fields, close = None, None
         except InvalidRequest as exc:
-            values, bad_fields = dict(reversed(headers)), exc
+            # A refusal for how the request is framed or its fields are spelled ends the
+            # connection (RFC 9112 §6.3 asks it after both Content-Length and Transfer-Encoding):
+            # what the server reads after it may not be the request the client meant.
+            values, bad_fields, close = dict(reversed(headers)), exc, _CLOSE
         raw_path = scope.get("raw_path") or quote(scope["path"]).encode()
         target = raw_path.decode("latin-1")
         host = values.get("host", "")
@@ -315,7 +322,7 @@ class ReverseProxy:
             vet_authority(host, scheme)
         except InvalidRequest as exc:
             refused = await self._unrouted(scope, 400, "invalid_request", exc.message)
-            return await _error(send, refused)
+            return await _error(send, refused, close)
         try:
             path, bad_path = vet_path(target), None
         except InvalidRequest as exc:
@@ -326,7 +333,7 @@ class ReverseProxy:
                 refused = await self._unrouted(scope, 400, "invalid_request", bad_path.message)
             else:
                 refused = await self._unrouted(scope, 404, "not_found", "no route for this path")
-            return await _error(send, refused)
+            return await _error(send, refused, close)
         if bad_path is None and (other := self._routes.read_as_another(host, path, route)):
             bad_path = InvalidRequest(other)
         query = scope.get("query_string", b"").decode("latin-1")
@@ -403,7 +410,7 @@ class ReverseProxy:
                 stream = self._bounded(receive, limit, overflow, streamed, watch)
                 facts["body_digest"], facts["raw_body"] = STREAMED_BODY_DIGEST, None
         except AegisError as exc:
-            return await _error(send, await self._pipeline.refuse(CallContext(**facts), exc))
+            return await _error(send, await self._pipeline.refuse(CallContext(**facts), exc), close)
         ctx = CallContext(**facts)
         result = await self._pipeline.run(ctx)
         if not result.allowed:
