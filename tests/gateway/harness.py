@@ -195,3 +195,103 @@ async def serve_here(app: Any, port: int | None = None) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, timeout=10)
+
+
+def raw_answer(
+    body: bytes, content_type: str | None, status: str = "200 OK", fields: bytes = b""
+) -> bytes:
+    """An HTTP/1.1 answer as bytes: ``fields`` are extra header lines, each ending in CRLF."""
+    head = f"HTTP/1.1 {status}\r\n".encode()
+    if content_type is not None:
+        head += f"Content-Type: {content_type}\r\n".encode()
+    return head + fields + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+class RawUpstream:
+    """A tool server written on the socket, for answers no framework would send (a 204 with a
+    type, header bytes outside Latin-1, a 206 nobody asked for): each request is answered with
+    the bytes ``answers`` holds for its path, else a small JSON answer, on a keep-alive
+    connection. ``heads`` keeps the header fields of every request (names lowercased),
+    ``bodies`` its body."""
+
+    def __init__(self, answers: dict[str, bytes] | None = None) -> None:
+        self.answers = dict(answers or {})
+        self.heads: list[dict[str, str]] = []
+        self.bodies: list[bytes] = []
+
+    async def _serve(self, reader: Any, writer: Any) -> None:
+        import asyncio
+
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                line, *lines = head.decode("latin-1").split("\r\n")
+                fields = {}
+                for text in filter(None, lines):
+                    name, _, value = text.partition(":")
+                    fields[name.strip().lower()] = value.strip()
+                self.heads.append(fields)
+                self.bodies.append(await reader.readexactly(int(fields.get("content-length", "0"))))
+                writer.write(self.answers.get(line.split(" ")[1].partition("?")[0],
+                                              raw_answer(b'{"ok":true}', "application/json")))  # fmt: skip
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[str]:
+        import asyncio
+
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        try:
+            yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        finally:
+            server.close()
+
+
+@asynccontextmanager
+async def gateway_here(app: Any) -> AsyncIterator[int]:
+    """Serve a gateway app as ``aegis gateway run`` does (``gateway_server``) on the running
+    event loop; yield its port."""
+    import asyncio
+
+    port = free_port()
+    server = gateway_server(app, "127.0.0.1", port, log_level="warning")
+    task = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or task.done():
+            raise RuntimeError("gateway did not start")
+        await asyncio.sleep(0.02)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, timeout=10)
+
+
+async def exchange(port: int, *requests: bytes) -> list[tuple[bytes, bytes]]:
+    """Send ``requests`` one after another on one keep-alive connection and read each answer
+    as an HTTP/1.1 client frames it: ``(head, body)`` per request. An answer framed wrongly
+    (a body on a 204, a length that does not match) shows up in the next one's head."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answers = []
+    try:
+        for request in requests:
+            writer.write(request)
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            lines = head.decode("latin-1").lower().split("\r\n")
+            status = int(lines[0].split(" ")[1])
+            length = next((int(v.split(":")[1]) for v in lines if v.startswith("content-length:")),
+                          0)  # fmt: skip
+            bodiless = request.startswith(b"HEAD ") or status in (204, 304) or status < 200
+            body = b"" if bodiless else await reader.readexactly(length)
+            answers.append((head, body))
+    finally:
+        writer.close()
+    return answers

@@ -91,6 +91,13 @@ HOP_BY_HOP: Final = frozenset(
 #: Request fields never forwarded: credentials for the gateway, and fields the proxy sets itself.
 _REQUEST_DROP: Final = frozenset({"authorization", "dpop", "host", "content-length"})
 _RESPONSE_DROP: Final = frozenset({"content-length", "server", "date"})
+#: Request fields that ask for a part of the answer (``Request-Range`` is Range to older
+#: servers), dropped when the answer is to be sanitized: a part holds no ``customer.ssn`` to
+#: redact, and a card number split over two parts is never masked.
+_PARTIAL_REQUEST: Final = frozenset({"range", "if-range", "request-range"})
+#: Fields of the upstream's answer that no sanitized answer keeps: it is sent whole, in no
+#: content coding, and the gateway serves no ranges of it.
+_SANITIZED_DROP: Final = frozenset({"content-encoding", "accept-ranges"})
 #: Upstream answers of at most this many bytes (by their ``content-length``) are sent in one piece.
 WHOLE_ANSWER_BYTES: Final = 64 * 1024
 _CHUNK: Final = 64 * 1024
@@ -587,6 +594,10 @@ class ReverseProxy:
         headers.update(result.upstream_headers)
         if _response_rules(result):
             headers.pop("accept-encoding", None)  # the answer must be readable to be sanitized
+            # Whole, or not at all; "If_Range" is If-Range to a CGI or WSGI upstream.
+            headers = {
+                k: v for k, v in headers.items() if k.replace("_", "-") not in _PARTIAL_REQUEST
+            }
         # Forward the vetted target byte for byte (``encoded=True``): re-encoding or normalising it
         # here could make the upstream read a path other than the one that was decided.
         url = URL(ctx.route.upstream.rstrip("/") + sent, encoded=True)
@@ -698,7 +709,24 @@ class ReverseProxy:
     ) -> None:
         """Apply response obligations to a whole answer; anything that cannot be read and
         rewritten (over ``max_body_bytes`` included: it is held in memory) is refused (502)
-        rather than passed through unsanitized."""
+        rather than passed through unsanitized. So is a part of an answer (a 206, a
+        ``Content-Range``, ``multipart/byteranges``), though none was asked for: a part is
+        sanitized on its own, without what redactions and masks look for around it."""
+        if (
+            upstream.status == 206
+            or "content-range" in upstream.headers
+            or any(
+                _media_type(v) == "multipart/byteranges"
+                for v in upstream.headers.getall("content-type", ())
+            )
+        ):
+            return await self._gateway_error(
+                send, ctx, 502, "bad_gateway",
+                "the upstream answered with a part of its content (a range), which cannot be "
+                "sanitized on its own; it must answer the whole",
+                result,
+            )  # fmt: skip
+        headers = [(k, v) for k, v in headers if k not in _SANITIZED_DROP]
         limit = self._settings.max_body_bytes
         raw = bytearray()
         try:
@@ -740,7 +768,6 @@ class ReverseProxy:
             )
         clean = apply_to_body(body, result.obligations, "response")
         data = json.dumps(clean).encode() if as_json else str(clean).encode("utf-8")
-        headers = [(k, v) for k, v in headers if k != "content-encoding"]
         await _answer(send, upstream.status, headers, data)
 
     async def _gateway_error(
@@ -762,6 +789,11 @@ class ReverseProxy:
             "tenant": ctx.route.tenant, "env": ctx.route.env, "method": ctx.method,
             "path": ctx.path, "status": status, "code": code, "reason": message,
         })  # fmt: skip
+
+
+def _media_type(content_type: str) -> str:
+    """``type/subtype`` of a ``Content-Type`` value, lowercased, without parameters."""
+    return content_type.partition(";")[0].strip().lower()
 
 
 #: A digit written as an escape the client decodes and a mask over the text does not see: JSON

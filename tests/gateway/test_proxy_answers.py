@@ -1,0 +1,154 @@
+"""Upstream answers through the reverse proxy over real sockets: what a sanitize decision lets
+reach the caller (whole answers only, no validator of the unsanitized body, masks that see what
+the client reads), answer framing, and header bytes as the upstream sent them."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from aegis.config import GatewaySettings
+from aegis.gateway.app import build_pipeline, create_gateway_app
+from aegis.policy.loader import load_document
+from tests.gateway.conftest import Agent, Env
+from tests.gateway.harness import RawUpstream, exchange, gateway_here, raw_answer
+
+POLICY = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: answers}
+spec:
+  rules:
+    - {id: pay, action: allow, reason: payments allowed, match: {tools: [payments]}}
+    - id: crm
+      action: sanitize
+      reason: no ssn or card number leaves the crm
+      match: {tools: [crm]}
+      obligations:
+        - {kind: redact, target: response, path: customer.ssn}
+        - {kind: mask, target: response, pattern: card_number}
+        - {kind: mask, target: response, pattern: email}
+    - id: notes
+      action: sanitize
+      reason: notes leave masked
+      match: {tools: [notes]}
+      obligations:
+        - {kind: mask, target: response, pattern: card_number}
+        - {kind: mask, target: response, pattern: email}
+        - {kind: mask, target: response, pattern: secret}
+    - id: ledger
+      action: sanitize
+      reason: no card number reaches the ledger
+      match: {tools: [ledger]}
+      obligations:
+        - {kind: mask, target: request, pattern: card_number}
+"""
+SSN, CARD = "123-45-6789", "4111111111111111"
+CUSTOMER = json.dumps({"customer": {"name": "ann", "ssn": SSN}, "card": CARD}).encode()
+
+
+@dataclass
+class Gateway:
+    port: int
+    upstream: RawUpstream
+    agent: Agent
+
+    def request(
+        self, method: str, path: str, fields: list[tuple[str, str]] | None = None,
+        body: bytes = b"",
+    ) -> bytes:  # fmt: skip
+        """A call with a fresh DPoP proof, as bytes."""
+        token = self.agent.token()
+        lines = [f"{method} {path} HTTP/1.1", "Host: gw.example.com",
+                 f"Authorization: DPoP {token}", f"DPoP: {self.agent.proof(token, method, path)}"]  # fmt: skip
+        lines += [f"{k}: {v}" for k, v in fields or []]
+        if body:
+            lines.append(f"Content-Length: {len(body)}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+    async def call(
+        self, method: str, path: str, fields: list[tuple[str, str]] | None = None,
+        body: bytes = b"",
+    ) -> tuple[int, dict[bytes, list[bytes]], bytes]:  # fmt: skip
+        """One call on its own connection: status, header fields (names lowercased), body."""
+        [(head, data)] = await exchange(self.port, self.request(method, path, fields, body))
+        status, *lines = head.rstrip(b"\r\n").split(b"\r\n")
+        fields_out: dict[bytes, list[bytes]] = {}
+        for line in lines:
+            name, _, value = line.partition(b":")
+            fields_out.setdefault(name.strip().lower(), []).append(value.strip())
+        return int(status.split(b" ")[1]), fields_out, data
+
+
+@pytest.fixture
+async def gateway(env: Env) -> AsyncIterator[Gateway]:
+    upstream = RawUpstream()
+    async with upstream.running() as url:
+        data = env.settings.model_dump()
+        data["routes"] = [
+            {"path_prefix": f"/{tool}", "upstream": url, "tool": tool, "tenant": "acme",
+             "env": "prod"}
+            for tool in ("payments", "crm", "notes", "ledger")
+        ]  # fmt: skip
+        settings = GatewaySettings.model_validate(data)
+        version = env.policies.put(load_document(POLICY), now=time.time())
+        env.policies.activate("acme", "prod", version, actor="test", now=time.time())
+        pipeline = build_pipeline(
+            env.services, settings, policy_store=env.policies, audit=env.audit
+        )
+        async with gateway_here(
+            create_gateway_app(env.services, settings, pipeline=pipeline)
+        ) as port:
+            yield Gateway(port, upstream, Agent(env, "reader"))
+
+
+async def test_a_sanitized_answer_is_never_asked_for_in_part(gateway: Gateway) -> None:
+    """A range of a JSON answer holds no ``customer.ssn`` to redact, and a card number split
+    over two ranges is never masked: a call under response obligations reaches the upstream
+    without ``Range``, ``If-Range`` (however spelled) or the older ``Request-Range``."""
+    gateway.upstream.answers["/crm/c"] = raw_answer(
+        CUSTOMER, "application/json", fields=b"Accept-Ranges: bytes\r\n"
+    )
+    asks = [("Range", "bytes=0-10"), ("If-Range", '"v1"'), ("If_Range", '"v1"'),
+            ("Request-Range", "bytes=0-10")]  # fmt: skip
+    status, fields, body = await gateway.call("GET", "/crm/c", asks)
+    assert status == 200, body
+    assert not {"range", "if-range", "if_range", "request-range"} & set(gateway.upstream.heads[-1])
+    assert json.loads(body)["customer"]["ssn"] == "[REDACTED]"
+    assert b"accept-ranges" not in fields  # the gateway does not serve ranges of it either
+    # Without response obligations the answer is relayed as it comes: ranges are the upstream's.
+    status, _, _ = await gateway.call("GET", "/payments/c", asks)
+    assert status == 200
+    assert gateway.upstream.heads[-1]["range"] == "bytes=0-10"
+
+
+@pytest.mark.parametrize(
+    ("path", "answer"),
+    [
+        # The ssn alone is valid JSON (a string) with no member to redact.
+        ("/crm/part", raw_answer(b'"' + SSN.encode() + b'"', "application/json",
+                                 "206 Partial Content", b"Content-Range: bytes 31-43/70\r\n")),
+        ("/crm/range", raw_answer(b'"' + SSN.encode() + b'"', "application/json",
+                                  fields=b"Content-Range: bytes 31-43/70\r\n")),
+        ("/notes/part", raw_answer(b"card 4111 1111", "text/plain", "206 Partial Content",
+                                   b"Content-Range: bytes 0-13/40\r\n")),
+        # Each part masked on its own, or the whole read as one text: neither is the card.
+        ("/notes/parts", raw_answer(
+            b"--B\r\nContent-Range: bytes 0-13/40\r\n\r\ncard 4111 1111\r\n--B\r\n"
+            b"Content-Range: bytes 14-23/40\r\n\r\n 1111 1111\r\n--B--\r\n",
+            "multipart/byteranges; boundary=B", "206 Partial Content")),
+        ("/notes/parts200", raw_answer(b"--B\r\n\r\n4111 1111\r\n--B--\r\n",
+                                       "Multipart/ByteRanges; boundary=B")),
+    ],
+)  # fmt: skip
+async def test_a_part_of_an_answer_is_refused_not_sanitized_alone(
+    gateway: Gateway, path: str, answer: bytes
+) -> None:
+    gateway.upstream.answers[path] = answer
+    status, _, body = await gateway.call("GET", path)
+    assert (status, json.loads(body)["error"]) == (502, "bad_gateway"), body
+    assert b"part" in body and SSN.encode() not in body and b"1111" not in body
