@@ -152,3 +152,35 @@ async def test_a_part_of_an_answer_is_refused_not_sanitized_alone(
     status, _, body = await gateway.call("GET", path)
     assert (status, json.loads(body)["error"]) == (502, "bad_gateway"), body
     assert b"part" in body and SSN.encode() not in body and b"1111" not in body
+
+
+#: Fields an upstream computes over the body it sent: Express's ETag is a SHA-1 of it.
+DIGESTS = (
+    b'ETag: W/"2f-yiQmv1YThgnMBF7t7zgbXL2pTwo"\r\nContent-MD5: Q2hlY2sgSW50ZWdyaXR5IQ==\r\n'
+    b"Digest: sha-256=X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=\r\n"
+    b"Repr-Digest: sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:\r\n"
+    b"Content-Digest: sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:\r\n"
+    b"X-Amz-Checksum-Sha256: X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=\r\n"
+    b"Last-Modified: Tue, 01 Dec 2026 10:00:00 GMT\r\n"
+)
+
+
+async def test_a_sanitized_answer_carries_no_digest_of_the_unsanitized_body(
+    gateway: Gateway,
+) -> None:
+    """The caller knows every member of a sanitized answer but the redacted one, so a hash of
+    the upstream's body (an ETag, a digest) lets it try every ssn offline until one matches.
+    Nor is the caller's ``If-None-Match`` passed on: 304 or 200 would answer each guess."""
+    gateway.upstream.answers["/crm/c"] = raw_answer(CUSTOMER, "application/json", fields=DIGESTS)
+    gateway.upstream.answers["/payments/c"] = gateway.upstream.answers["/crm/c"]
+    status, fields, body = await gateway.call("GET", "/crm/c", [("If-None-Match", 'W/"guess"')])
+    assert status == 200 and json.loads(body)["customer"]["ssn"] == "[REDACTED]"
+    digests = {b"etag", b"content-md5", b"digest", b"repr-digest", b"content-digest",
+               b"x-amz-checksum-sha256"}  # fmt: skip
+    assert not digests & set(fields)
+    assert fields[b"last-modified"] == [b"Tue, 01 Dec 2026 10:00:00 GMT"]
+    assert "if-none-match" not in gateway.upstream.heads[-1]
+    # An answer relayed as it came keeps them: they describe what the caller receives.
+    status, fields, body = await gateway.call("GET", "/payments/c", [("If-None-Match", '"x"')])
+    assert status == 200 and body == CUSTOMER and digests <= set(fields)
+    assert gateway.upstream.heads[-1]["if-none-match"] == '"x"'

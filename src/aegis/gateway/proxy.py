@@ -91,13 +91,22 @@ HOP_BY_HOP: Final = frozenset(
 #: Request fields never forwarded: credentials for the gateway, and fields the proxy sets itself.
 _REQUEST_DROP: Final = frozenset({"authorization", "dpop", "host", "content-length"})
 _RESPONSE_DROP: Final = frozenset({"content-length", "server", "date"})
-#: Request fields that ask for a part of the answer (``Request-Range`` is Range to older
-#: servers), dropped when the answer is to be sanitized: a part holds no ``customer.ssn`` to
-#: redact, and a card number split over two parts is never masked.
-_PARTIAL_REQUEST: Final = frozenset({"range", "if-range", "request-range"})
+#: Request fields dropped when the answer is to be sanitized. Those that ask for a part of the
+#: answer (``Request-Range`` is Range to older servers): a part holds no ``customer.ssn`` to
+#: redact, and a card number split over two parts is never masked. And ``If-None-Match``: the
+#: caller never sees the upstream's entity tag, and a 304 or a 200 would tell it whether a
+#: guessed one, computed over a guess of the unsanitized body, is right.
+_SANITIZED_REQUEST_DROP: Final = frozenset({"range", "if-range", "request-range", "if-none-match"})
 #: Fields of the upstream's answer that no sanitized answer keeps: it is sent whole, in no
-#: content coding, and the gateway serves no ranges of it.
-_SANITIZED_DROP: Final = frozenset({"content-encoding", "accept-ranges"})
+#: content coding, and the gateway serves no ranges of it. Nor does it keep a validator or a
+#: digest computed over the unsanitized body (Express's ETag is a SHA-1 of it): the caller knows
+#: all of it but what was redacted or masked, and could try every ssn until one matches.
+_SANITIZED_DROP: Final = frozenset(
+    {"content-encoding", "accept-ranges", "etag", "content-md5", "digest", "repr-digest"}
+    | {"content-digest", "x-goog-hash", "x-ms-content-md5", "x-ms-content-crc64"}
+)
+#: Object stores name a body's checksum by algorithm: ``x-amz-checksum-sha256``, ``-crc32`` …
+_SANITIZED_DROP_PREFIX: Final = "x-amz-checksum-"
 #: Upstream answers of at most this many bytes (by their ``content-length``) are sent in one piece.
 WHOLE_ANSWER_BYTES: Final = 64 * 1024
 _CHUNK: Final = 64 * 1024
@@ -594,9 +603,11 @@ class ReverseProxy:
         headers.update(result.upstream_headers)
         if _response_rules(result):
             headers.pop("accept-encoding", None)  # the answer must be readable to be sanitized
-            # Whole, or not at all; "If_Range" is If-Range to a CGI or WSGI upstream.
+            # Whole and unconditional; "If_Range" is If-Range to a CGI or WSGI upstream.
             headers = {
-                k: v for k, v in headers.items() if k.replace("_", "-") not in _PARTIAL_REQUEST
+                k: v
+                for k, v in headers.items()
+                if k.replace("_", "-") not in _SANITIZED_REQUEST_DROP
             }
         # Forward the vetted target byte for byte (``encoded=True``): re-encoding or normalising it
         # here could make the upstream read a path other than the one that was decided.
@@ -726,7 +737,11 @@ class ReverseProxy:
                 "sanitized on its own; it must answer the whole",
                 result,
             )  # fmt: skip
-        headers = [(k, v) for k, v in headers if k not in _SANITIZED_DROP]
+        headers = [
+            (k, v)
+            for k, v in headers
+            if k not in _SANITIZED_DROP and not k.startswith(_SANITIZED_DROP_PREFIX)
+        ]
         limit = self._settings.max_body_bytes
         raw = bytearray()
         try:
