@@ -184,3 +184,21 @@ async def test_a_sanitized_answer_carries_no_digest_of_the_unsanitized_body(
     status, fields, body = await gateway.call("GET", "/payments/c", [("If-None-Match", '"x"')])
     assert status == 200 and body == CUSTOMER and digests <= set(fields)
     assert gateway.upstream.heads[-1]["if-none-match"] == '"x"'
+
+
+async def test_a_card_number_written_as_a_json_number_is_masked_both_ways(
+    gateway: Gateway,
+) -> None:
+    numbers = b'{"card": 4111111111111111, "again": 4111111111111111.0, "count": 42}'
+    gateway.upstream.answers["/crm/n"] = raw_answer(numbers, "application/json")
+    status, _, body = await gateway.call("GET", "/crm/n")
+    assert status == 200 and b"4111111111111111" not in body, body
+    assert json.loads(body) == {"card": "************1111", "again": "************1111",
+                                "count": 42}  # fmt: skip
+    status, _, body = await gateway.call(
+        "POST", "/ledger/charge", [("Content-Type", "application/json")], numbers
+    )
+    assert status == 200, body
+    assert json.loads(gateway.upstream.bodies[-1]) == {
+        "card": "************1111", "again": "************1111", "count": 42
+    }  # fmt: skip

@@ -109,3 +109,20 @@ def test_masks_reach_object_keys_too() -> None:
     out = apply_to_body(body, [S("mask", "response", pattern="email"),
                                S("mask", "response", pattern="card_number")], "response")  # fmt: skip
     assert out == {EMAIL_MASK: {"card": "**** **** **** 1111"}, "plain": "x"}
+
+
+def test_a_card_number_written_as_a_json_number_is_masked() -> None:
+    """JSON carries ``{"card": 4111111111111111}`` as well as a string: a number is tested as
+    the decimal text a reader prints (JavaScript prints 4.111111111111117e18, re-encoded so, as
+    4111111111111117000, a Luhn-valid card number), and replaced by the masked text when a
+    pattern matches."""
+    body = {"card": 4111111111111111, "float": 4111111111111111.0, "neg": [-4111111111111111],
+            "big": 4.111111111111117e18, "order": 4111111111111112, "n": 42, "x": 1.5,
+            "e": 4.111111111111111e18, "ok": True}  # fmt: skip
+    for target in ("request", "response"):
+        out = apply_to_body(body, [S("mask", target, pattern="card_number")], target)
+        assert out == {"card": "************1111", "float": "************1111",
+                       "neg": ["-************1111"], "big": "***************7000",
+                       "order": 4111111111111112, "n": 42, "x": 1.5, "e": 4.111111111111111e18,
+                       "ok": True}  # fmt: skip
+    assert body["card"] == 4111111111111111  # the input is not changed

@@ -5,13 +5,15 @@ body and headers before forwarding (``target: request``) and to the response bef
 (``target: response``). They never mutate their arguments. Masking covers e-mail addresses, payment
 card numbers (13-19 digits, optional spaces or dashes, Luhn-valid; the last four digits are kept)
 and common secret formats (cloud keys, provider API keys, JWTs, bearer credentials, PEM private
-keys). Masking is a best effort on top of redaction by path, never a substitute for it.
+keys). Masks read JSON numbers too, as their decimal text (``{"card": 4111111111111111}``). Masking
+is a best effort on top of redaction by path, never a substitute for it.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
+from decimal import Decimal
 from typing import Any, Final
 
 from aegis.crypto.jws import fold_name
@@ -94,9 +96,26 @@ def mask_text(text: str, patterns: Iterable[str]) -> str:
     return text
 
 
+def _decimal_text(number: int | float) -> str:
+    """A JSON number as a reader prints it: an integer or a whole float in decimal digits (a
+    float by its shortest digits, as JavaScript prints 4.111111111111117e18:
+    ``4111111111111117000``), any other float as it is written out."""
+    if isinstance(number, int):
+        return str(number)
+    if number.is_integer():
+        return format(Decimal(repr(number)).to_integral_value(), "f")
+    return repr(number)
+
+
 def _mask_values(value: Any, patterns: tuple[str, ...]) -> Any:
     if isinstance(value, str):
         return mask_text(value, patterns)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        # {"card": 4111111111111111} carries the card number as well as a string does; a match
+        # turns the number into the masked text (a string: no number shows the mask).
+        text = _decimal_text(value)
+        masked = mask_text(text, patterns)
+        return value if masked == text else masked
     if isinstance(value, dict):
         # Keys too: {"bob@example.com": {...}} carries the address in the key. Two keys masked
         # to the same text keep the later value: hiding wins over keeping.
@@ -134,7 +153,8 @@ def apply_to_body(body: Any, obligations: Iterable[SanitizeObligation], target: 
 
     Redactions run first (the value becomes ``"[REDACTED]"``; ``*`` matches any key, names match
     case-insensitively, and lists are walked element by element), then masks over every string
-    value that remains.
+    value and key that remains, and every number read as its decimal text (a number a mask
+    matches becomes the masked string).
     """
     obligations = list(obligations)
     for o in _for(obligations, target, "redact"):
