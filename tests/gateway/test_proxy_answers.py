@@ -202,3 +202,47 @@ async def test_a_card_number_written_as_a_json_number_is_masked_both_ways(
     assert json.loads(gateway.upstream.bodies[-1]) == {
         "card": "************1111", "again": "************1111", "count": 42
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"card=%34111111111111111", "text/plain"),
+        (b"card=4111+1111+1111+1111", "application/x-www-form-urlencoded"),
+        (b"card=4111 1111 1111 1111", "Application/X-WWW-Form-Urlencoded; charset=utf-8"),
+        (b'var m = "ann\\x40example.com";', "application/javascript"),
+        (b'var c = "\\064111111111111111";', "text/javascript"),
+        (b'var c = "\\u{34}111111111111111";', "text/javascript"),
+        (b"c = %u0034111111111111111", "text/plain"),
+        (b"<p>ann&#64;example.com</p>", "text/html"),
+        (b"<p>&#x34111 1111 1111 1111</p>", "text/html"),
+        (b"<p>ann&commat;example.com</p>", "text/html"),
+        (b'{"mail":"ann\\u0040example.com"}\n', "application/x-ndjson"),
+        (b'{"k": "AKIA\\u0049OSFODNN7EXAMPLE"}', "text/plain"),
+        ("card \uff14\uff11\uff11\uff11 1111 1111 1111".encode(), "text/plain; charset=utf-8"),
+        ("card \u0664\u0661\u0661\u0661 1111 1111 1111".encode(), "text/plain"),
+        ("card \u2074\u00b9\u00b9\u00b9 1111 1111 1111".encode(), "text/plain"),  # superscripts
+    ],
+)  # fmt: skip
+async def test_a_text_answer_the_client_decodes_further_is_refused_under_masks(
+    gateway: Gateway, body: bytes, content_type: str
+) -> None:
+    """A mask over text sees the text as written; a client that decodes an escape, a form's
+    ``+`` or a fullwidth digit reads a card number, an address or a key the mask never saw."""
+    gateway.upstream.answers["/notes/n"] = raw_answer(body, content_type)
+    status, _, answer = await gateway.call("GET", "/notes/n")
+    assert (status, json.loads(answer)["error"]) == (502, "bad_gateway"), answer
+    assert "cannot be sanitized: a" in json.loads(answer)["error_description"]
+    assert b"example" not in answer and b"111" not in answer and b"OSFO" not in answer
+
+
+async def test_masks_see_json_escapes_decoded_and_plain_text_as_written(gateway: Gateway) -> None:
+    escaped = b'{"card": "\\u0034111111111111111", "mail": "ann\\u0040example.com"}'
+    gateway.upstream.answers["/notes/json"] = raw_answer(escaped, "application/json")
+    status, _, body = await gateway.call("GET", "/notes/json")
+    assert status == 200, body
+    assert json.loads(body) == {"card": "************1111", "mail": "[REDACTED:email]"}
+    plain = b"card 4111 1111 1111 1111, mail ann@example.com; 100% & more"
+    gateway.upstream.answers["/notes/text"] = raw_answer(plain, "text/plain; charset=utf-8")
+    status, _, body = await gateway.call("GET", "/notes/text")
+    assert (status, body) == (200, b"card **** **** **** 1111, mail [REDACTED:email]; 100% & more")

@@ -765,22 +765,28 @@ class ReverseProxy:
         as_json = is_json_type(ctype)
         try:
             if encoding != "identity":
-                raise InvalidRequest("encoded answer")
+                raise InvalidRequest("it is content-coded though no coding was accepted")
             if not as_json and any(
                 o.target == "response" and o.kind == "redact" for o in result.obligations
             ):
                 # A redaction names JSON members; in text (JSON labelled text/plain included)
                 # it would find nothing and pass the answer on whole.
                 raise InvalidRequest("a redaction applies only to a JSON answer")
-            body: Any = (
-                parse_json_body(bytes(raw), ctype, fold_case=False)
-                if as_json
-                else _maskable_text(bytes(raw), ctype)
-            )
-        except (InvalidRequest, UnicodeDecodeError):
+            if as_json:
+                try:
+                    body: Any = parse_json_body(bytes(raw), ctype, fold_case=False)
+                except InvalidRequest:
+                    raise InvalidRequest(
+                        "it is not JSON that reads one way (UTF-8, no member repeated)"
+                    ) from None
+            else:
+                body = _maskable_text(bytes(raw), ctype)
+        except (InvalidRequest, UnicodeDecodeError) as exc:
+            why = exc.message if isinstance(exc, InvalidRequest) else "it is not UTF-8"
             return await self._gateway_error(
-                send, ctx, 502, "bad_gateway", "the upstream answer cannot be sanitized", result
-            )
+                send, ctx, 502, "bad_gateway",
+                f"the upstream answer cannot be sanitized: {why}", result,
+            )  # fmt: skip
         clean = apply_to_body(body, result.obligations, "response")
         data = json.dumps(clean).encode() if as_json else str(clean).encode("utf-8")
         await _answer(send, upstream.status, headers, data)
@@ -811,18 +817,36 @@ def _media_type(content_type: str) -> str:
     return content_type.partition(";")[0].strip().lower()
 
 
-#: A digit written as an escape the client decodes and a mask over the text does not see: JSON
-#: ``\u0034``, an HTML numeric character reference ``&#52;`` or ``&#x34;``.
-_ESCAPED_DIGIT: Final = re.compile(r"\\u003[0-9]|&#0*(?:4[89]|5[0-7])\b|&#[xX]0*3[0-9]\b")
+#: An escape the client may decode and a mask over the text does not: ``\u0034``, ``\u{34}``,
+#: ``\U00000034``, ``\x34``, octal ``\064`` (JSON, JavaScript, Python, C); ``%34``, ``%u0034``
+#: (URL encoding); an HTML character reference, numeric (``&#52;``, ``&#x34``: the ``;`` is
+#: optional) or named (``&commat;`` is ``@``). Not only digits: ``ann\u0040example.com`` hides an
+#: address, ``AKIA\u0049…`` a key.
+_ESCAPE: Final = re.compile(
+    r"\\(?:[uUxX][0-9A-Fa-f{]|[0-7])|%(?:[0-9A-Fa-f]{2}|[uU][0-9A-Fa-f]{4})"
+    r"|&(?:#[0-9xX]|[A-Za-z][A-Za-z0-9]*;)"
+)
+_NON_ASCII: Final = re.compile(r"[^\x00-\x7f]")
+#: A form answer reads ``+`` as a space: ``4111+1111+1111+1111`` is a card number to the client.
+_FORM: Final = "application/x-www-form-urlencoded"
 
 
 def _maskable_text(raw: bytes, content_type: str | None) -> str:
     """A text answer as the client will read it, for masks to rewrite; ``InvalidRequest`` when
     the masks could not see what the client reads: a charset other than UTF-8 (UTF-16 text of
-    ASCII is valid UTF-8 holding NULs), a NUL, or a digit written as an escape."""
+    ASCII is valid UTF-8 holding NULs), a NUL, an escape (:data:`_ESCAPE`), a digit other than
+    ASCII 0-9 (fullwidth, Arabic-Indic, superscript: the client may read it as one), or a form
+    (``application/x-www-form-urlencoded``). Only JSON answers are parsed, their escapes decoded
+    before masking; any other text is masked as it is written."""
+    if _media_type(content_type or "") == _FORM:
+        raise InvalidRequest("a form answer cannot be masked: its '+' and '%XX' decode")
     if not utf8_labelled(content_type):
         raise InvalidRequest("a text answer to mask must be UTF-8")
     text = raw.decode("utf-8")
-    if "\x00" in text or _ESCAPED_DIGIT.search(text):
-        raise InvalidRequest("a text answer to mask must show its digits as digits")
+    if "\x00" in text or _ESCAPE.search(text):
+        raise InvalidRequest(
+            "a text answer to mask must hold no escape (\\u, \\x, %XX, &#, &name;) or NUL"
+        )
+    if not text.isascii() and any(ch.isdigit() for ch in _NON_ASCII.findall(text)):
+        raise InvalidRequest("a text answer to mask must write its digits as ASCII 0-9")
     return text
