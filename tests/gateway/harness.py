@@ -252,13 +252,14 @@ class RawUpstream:
 
 
 @asynccontextmanager
-async def gateway_here(app: Any) -> AsyncIterator[int]:
+async def gateway_here(app: Any, *, http: str = "auto") -> AsyncIterator[int]:
     """Serve a gateway app as ``aegis gateway run`` does (``gateway_server``) on the running
-    event loop; yield its port."""
+    event loop; yield its port. ``http="h11"`` parses and frames as the mTLS listener does."""
     import asyncio
 
     port = free_port()
     server = gateway_server(app, "127.0.0.1", port, log_level="warning")
+    server.config.http = http
     task = asyncio.create_task(server.serve())
     deadline = time.monotonic() + 10
     while not server.started:

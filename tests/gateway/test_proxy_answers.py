@@ -85,7 +85,9 @@ class Gateway:
 
 
 @pytest.fixture
-async def gateway(env: Env) -> AsyncIterator[Gateway]:
+async def gateway(env: Env, request: pytest.FixtureRequest) -> AsyncIterator[Gateway]:
+    """The gateway before a raw upstream, served by uvicorn's ``request.param`` protocol if
+    given (``h11``, as the mTLS listener serves), else the default one."""
     upstream = RawUpstream()
     async with upstream.running() as url:
         data = env.settings.model_dump()
@@ -100,9 +102,8 @@ async def gateway(env: Env) -> AsyncIterator[Gateway]:
         pipeline = build_pipeline(
             env.services, settings, policy_store=env.policies, audit=env.audit
         )
-        async with gateway_here(
-            create_gateway_app(env.services, settings, pipeline=pipeline)
-        ) as port:
+        app = create_gateway_app(env.services, settings, pipeline=pipeline)
+        async with gateway_here(app, http=getattr(request, "param", "auto")) as port:
             yield Gateway(port, upstream, Agent(env, "reader"))
 
 
@@ -246,3 +247,28 @@ async def test_masks_see_json_escapes_decoded_and_plain_text_as_written(gateway:
     gateway.upstream.answers["/notes/text"] = raw_answer(plain, "text/plain; charset=utf-8")
     status, _, body = await gateway.call("GET", "/notes/text")
     assert (status, body) == (200, b"card **** **** **** 1111, mail [REDACTED:email]; 100% & more")
+
+
+@pytest.mark.parametrize("gateway", ["httptools", "h11"], indirect=True)
+async def test_a_sanitized_answer_without_a_body_is_sent_without_one(gateway: Gateway) -> None:
+    """A 204, a 304, an answer to HEAD or an empty answer has nothing to sanitize: none gets a
+    body (JSON ``null`` with ``content-length: 4`` would be read by a keep-alive client as the
+    start of its next answer), and HEAD keeps the length the upstream gave."""
+    answers = gateway.upstream.answers
+    answers["/crm/204"] = b"HTTP/1.1 204 No Content\r\nContent-Type: application/json\r\n\r\n"
+    answers["/crm/304"] = b"HTTP/1.1 304 Not Modified\r\nContent-Type: application/json\r\n\r\n"
+    answers["/crm/head"] = answers["/payments/head"] = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 47\r\n\r\n"
+    )
+    answers["/crm/empty"] = raw_answer(b"", "application/json")
+    calls = [("GET", "/crm/204"), ("GET", "/crm/304"), ("HEAD", "/crm/head"),
+             ("GET", "/crm/empty"), ("HEAD", "/payments/head"), ("GET", "/payments/after")]  # fmt: skip
+    got = await exchange(gateway.port, *(gateway.request(m, p) for m, p in calls))
+    heads = [head.lower().split(b"\r\n") for head, _ in got]
+    assert [h[0] for h in heads] == [b"http/1.1 204 no content", b"http/1.1 304 not modified",
+                                     b"http/1.1 200 ok", b"http/1.1 200 ok", b"http/1.1 200 ok",
+                                     b"http/1.1 200 ok"]  # fmt: skip
+    lengths = [[f for f in h if f.startswith(b"content-length:")] for h in heads]
+    assert lengths[:5] == [[], [], [b"content-length: 47"], [b"content-length: 0"],
+                           [b"content-length: 47"]]  # fmt: skip
+    assert [body for _, body in got] == [b"", b"", b"", b"", b"", b'{"ok":true}']

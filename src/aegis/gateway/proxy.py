@@ -157,6 +157,19 @@ async def _answer(
     await send({"type": "http.response.body", "body": body})
 
 
+async def _bodiless(send: Send, status: int, headers: list[tuple[str, str]]) -> None:
+    """An answer that has no body (1xx, 204, 304, to HEAD): the headers as given, with no
+    ``content-length`` of the gateway's own, and no body."""
+    raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _has_no_body(method: str, status: int) -> bool:
+    """Whether an answer has no body whatever its fields say (RFC 9112 §6.3)."""
+    return method == "HEAD" or status < 200 or status in (204, 304)
+
+
 async def _json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
     data = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
     await _answer(send, status, [*headers.items(), ("content-type", "application/json")], data)
@@ -690,8 +703,12 @@ class ReverseProxy:
         """The upstream's answer to the caller: whole when it is small and of known length, else
         chunk by chunk. Once the status is sent, a broken upstream can only cut the answer short."""
         length = upstream.content_length
-        # A HEAD answer's content-length describes a body that is not sent: relay it as is.
-        if length is not None and length <= WHOLE_ANSWER_BYTES and ctx.method != "HEAD":
+        if _has_no_body(ctx.method, upstream.status):
+            # A HEAD answer's content-length describes a body that is not sent: relay it as is.
+            if ctx.method == "HEAD" and length is not None:
+                headers = [*headers, ("content-length", str(length))]
+            return await _bodiless(send, upstream.status, headers)
+        if length is not None and length <= WHOLE_ANSWER_BYTES:
             try:
                 data = await upstream.read()
             except (TimeoutError, aiohttp.ClientError):
@@ -742,6 +759,13 @@ class ReverseProxy:
             for k, v in headers
             if k not in _SANITIZED_DROP and not k.startswith(_SANITIZED_DROP_PREFIX)
         ]
+        if _has_no_body(ctx.method, upstream.status):
+            # Nothing to sanitize and nothing to send: JSON null here, with content-length 4,
+            # would be read by a keep-alive client as the start of its next answer. HEAD keeps
+            # the length the upstream gave.
+            if ctx.method == "HEAD" and upstream.content_length is not None:
+                headers.append(("content-length", str(upstream.content_length)))
+            return await _bodiless(send, upstream.status, headers)
         limit = self._settings.max_body_bytes
         raw = bytearray()
         try:
@@ -760,6 +784,8 @@ class ReverseProxy:
                 f"the upstream answer is larger than {limit} bytes and cannot be sanitized",
                 result,
             )  # fmt: skip
+        if not raw:  # an empty body stays empty (JSON null is not nothing)
+            return await _answer(send, upstream.status, headers, b"")
         ctype = upstream.headers.get("content-type")
         encoding = upstream.headers.get("content-encoding", "identity").lower()
         as_json = is_json_type(ctype)
