@@ -272,3 +272,23 @@ async def test_a_sanitized_answer_without_a_body_is_sent_without_one(gateway: Ga
     assert lengths[:5] == [[], [], [b"content-length: 47"], [b"content-length: 0"],
                            [b"content-length: 47"]]  # fmt: skip
     assert [body for _, body in got] == [b"", b"", b"", b"", b"", b'{"ok":true}']
+
+
+async def test_header_bytes_outside_latin_1_are_relayed_as_received(gateway: Gateway) -> None:
+    """``X-Name: €`` in UTF-8 is three bytes an ASGI server sends as they are; decoded by the
+    client library and encoded again as Latin-1 it was a 500 after the call was allowed."""
+    fields = "X-Name: caf\u00e9 \u20ac\r\nX-Card: 4111111111111111\r\n".encode()
+    fields += b"X-Control: a\x01b\r\nX-Delete: \x7f\r\nX-Tab: a\tb\r\n"  # no ASGI server sends them
+    big = b'{"pad": "' + b"x" * 100_000 + b'"}'  # relayed chunk by chunk
+    gateway.upstream.answers.update({
+        "/payments/u": raw_answer(b"{}", "application/json", fields=fields),
+        "/payments/big": raw_answer(big, "application/json", fields=fields),
+        "/crm/u": raw_answer(b"{}", "application/json", fields=fields),
+    })  # fmt: skip
+    for path in ("/payments/u", "/payments/big", "/crm/u"):
+        status, got, body = await gateway.call("GET", path)
+        assert status == 200, body
+        assert got[b"x-name"] == ["caf\u00e9 \u20ac".encode()]
+        card = b"************1111" if path.startswith("/crm") else b"4111111111111111"
+        assert got[b"x-card"] == [card]
+        assert got[b"x-tab"] == [b"a\tb"] and not {b"x-control", b"x-delete"} & set(got)

@@ -107,6 +107,8 @@ _SANITIZED_DROP: Final = frozenset(
 )
 #: Object stores name a body's checksum by algorithm: ``x-amz-checksum-sha256``, ``-crc32`` …
 _SANITIZED_DROP_PREFIX: Final = "x-amz-checksum-"
+#: A control character other than HTAB, which no field value may hold (RFC 9110 §5.5).
+_CONTROL_BYTE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 #: Upstream answers of at most this many bytes (by their ``content-length``) are sent in one piece.
 WHOLE_ANSWER_BYTES: Final = 64 * 1024
 _CHUNK: Final = 64 * 1024
@@ -675,7 +677,17 @@ class ReverseProxy:
                     "body_digest": body_digest(data), "bytes": len(data), "complete": True,
                     "sanitized": True,
                 })  # fmt: skip
-            out_headers = forwardable(upstream.headers.items(), _RESPONSE_DROP)
+            # The field bytes as received, each byte one character (Latin-1), so that they are
+            # sent on as they came: aiohttp decodes values as UTF-8, and "X-Name: \u20ac" would
+            # not encode again (a 500 after the call was allowed). Masks and drops read the
+            # ASCII they look for the same either way. A value holding a control character,
+            # which aiohttp accepts and the ASGI server refuses to send, is left out.
+            received = [
+                (k.decode("latin-1"), v.decode("latin-1"))
+                for k, v in upstream.raw_headers
+                if not _CONTROL_BYTE.search(v)
+            ]
+            out_headers = forwardable(received, _RESPONSE_DROP)
             if result.obligations:
                 out_headers = [
                     pair
