@@ -292,3 +292,29 @@ async def test_header_bytes_outside_latin_1_are_relayed_as_received(gateway: Gat
         card = b"************1111" if path.startswith("/crm") else b"4111111111111111"
         assert got[b"x-card"] == [card]
         assert got[b"x-tab"] == [b"a\tb"] and not {b"x-control", b"x-delete"} & set(got)
+
+
+@pytest.mark.parametrize(
+    ("given", "sent"),
+    [
+        ([], [b"private"]),
+        ([b"public, max-age=600"], [b"public, max-age=600", b"private"]),
+        ([b"max-age=600", b"s-maxage=600"], [b"max-age=600", b"s-maxage=600", b"private"]),
+        # Qualified, private lets a shared cache store all but the fields it names.
+        ([b'private="set-cookie", max-age=60'], [b'private="set-cookie", max-age=60', b"private"]),
+        ([b'no-cache="x, private"'], [b'no-cache="x, private"', b"private"]),
+        ([b"no-store"], [b"no-store"]),
+        ([b"Private, max-age=5"], [b"Private, max-age=5"]),
+    ],
+)  # fmt: skip
+async def test_a_proxied_answer_is_never_for_a_shared_cache(
+    gateway: Gateway, given: list[bytes], sent: list[bytes]
+) -> None:
+    """Each answer is the outcome of one caller's decision: a shared cache in front of the
+    gateway must not serve it to another agent, whose call would never be decided (RFC 9111
+    §3.5 lets it when the upstream says ``public``)."""
+    fields = b"".join(b"Cache-Control: " + v + b"\r\n" for v in given)
+    for path in ("/payments/c", "/crm/c"):
+        gateway.upstream.answers[path] = raw_answer(b"{}", "application/json", fields=fields)
+        status, got, _ = await gateway.call("GET", path)
+        assert (status, got.get(b"cache-control")) == (200, sent), path

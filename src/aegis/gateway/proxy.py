@@ -698,6 +698,7 @@ class ReverseProxy:
             # (several Set-Cookie) stay separate lines.
             out_headers = [(k, v) for k, v in out_headers if k not in result.headers]
             out_headers += result.headers.items()
+            out_headers = _private(out_headers)
             if _response_rules(result):
                 return await self._sanitized(send, ctx, upstream, out_headers, result)
             await self._relay(send, ctx, upstream, out_headers, result)
@@ -848,6 +849,23 @@ class ReverseProxy:
             "tenant": ctx.route.tenant, "env": ctx.route.env, "method": ctx.method,
             "path": ctx.path, "status": status, "code": code, "reason": message,
         })  # fmt: skip
+
+
+def _private(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``headers`` with ``Cache-Control: private`` added unless a field already says
+    ``private`` or ``no-store`` unqualified. Every answer is the outcome of one caller's
+    decision; a shared cache in front of the gateway that stored it (RFC 9111 §3.5 lets it when
+    the upstream says ``public``, even for a request with ``Authorization``) would serve it to
+    another agent whose call is never decided. ``private="set-cookie"`` lets a shared cache
+    store the rest, and a field with a quoted string is not read here: added then too (a second
+    ``private`` is harmless, a missing one is not)."""
+    said = {
+        directive.strip().lower()
+        for name, value in headers
+        if name == "cache-control" and '"' not in value
+        for directive in value.split(",")
+    }
+    return headers if said & {"private", "no-store"} else [*headers, ("cache-control", "private")]
 
 
 def _media_type(content_type: str) -> str:
