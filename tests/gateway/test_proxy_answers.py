@@ -318,3 +318,16 @@ async def test_a_proxied_answer_is_never_for_a_shared_cache(
         gateway.upstream.answers[path] = raw_answer(b"{}", "application/json", fields=fields)
         status, got, _ = await gateway.call("GET", path)
         assert (status, got.get(b"cache-control")) == (200, sent), path
+
+
+async def test_a_sanitized_answer_with_two_content_types_is_refused(gateway: Gateway) -> None:
+    """The masks read the text by the first type; a client may join the fields and take the
+    charset of the last (requests does): as UTF-7 ``+ADQ-`` is a ``4``."""
+    assert b"+ADQ-111 1111 1111 1111".decode("utf-7") == "4111 1111 1111 1111"
+    gateway.upstream.answers["/notes/two"] = raw_answer(
+        b"card +ADQ-111 1111 1111 1111", "text/plain",
+        fields=b"Content-Type: text/plain; charset=utf-7\r\n",
+    )  # fmt: skip
+    status, _, body = await gateway.call("GET", "/notes/two")
+    assert (status, json.loads(body)["error"]) == (502, "bad_gateway"), body
+    assert "Content-Type" in json.loads(body)["error_description"]

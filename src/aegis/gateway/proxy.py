@@ -803,6 +803,9 @@ class ReverseProxy:
         encoding = upstream.headers.get("content-encoding", "identity").lower()
         as_json = is_json_type(ctype)
         try:
+            if len(upstream.headers.getall("content-type", ())) > 1:
+                # Read here by the first; a client may join them and take the last charset.
+                raise InvalidRequest("it has more than one Content-Type field")
             if encoding != "identity":
                 raise InvalidRequest("it is content-coded though no coding was accepted")
             if not as_json and any(
