@@ -753,6 +753,8 @@ spec:
        when: {path: path_loose, eq: /payments/refund}}
     - {id: no-exe, action: deny, reason: no programs, match: {tools: ["payments"]},
        when: {path: path_loose, regex: "[.]exe$"}}
+    - {id: no-export, action: deny, reason: no exports, match: {tools: ["payments"]},
+       when: {path: path_loose, eq: /payments/export.json}}
 """
 
 
@@ -760,7 +762,9 @@ spec:
     ("path", "status"),
     [("/payments/refund", 403), ("/payments/refund.json", 403), ("/payments/Refund/", 403),
      ("/payments/refund.x.y", 403), ("/payments/charge.json", 200), ("/payments/charge/", 200),
-     ("/payments/setup.exe", 403)],
+     ("/payments/setup.exe", 403), ("/payments/setup.exe/", 403),
+     ("/payments/export.json/", 403), ("/payments/export.json", 403),
+     ("/payments/a.b.c.d.e.f.g.h.i.j", 400)],
 )  # fmt: skip
 async def test_a_path_the_policy_decides_apart_from_its_variant_is_refused(
     env: Env, path: str, status: int

@@ -294,3 +294,31 @@ def test_a_header_name_policy_input_never_holds_is_refused_at_load(path: str) ->
     rule = f'match: {{tools: ["*"]}}, when: {{path: {path}, eq: "1"}}'
     with pytest.raises(PolicyError, match=r"write request\.headers\.x-account"):
         load_document(DENY_ALL.replace('match: {tools: ["*"]}', rule))
+
+
+def test_a_shadow_policy_reports_what_a_variant_reading_would_refuse() -> None:
+    """Tried in shadow mode, a policy denying /payments/refund reports /payments/refund.json as a
+    would-be deny, as enforcing it would refuse it."""
+    from aegis.gateway.policies import _alike_for_variant
+    from aegis.policy.evaluator import compile_policy
+    from aegis.policy.input import AgentInfo, PolicyCall, build_input
+    from aegis.policy.loader import load_document
+
+    policy = compile_policy(
+        load_document("""
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: trial}
+spec:
+  mode: shadow
+  rules:
+    - {id: pay, action: allow, match: {tools: ["payments"]}}
+    - {id: no-refund, action: deny, match: {tools: ["payments"]},
+       when: {path: path_loose, eq: /payments/refund}}
+""")
+    )
+    doc = build_input(PolicyCall(tool="payments", agent=AgentInfo(id="a"), tenant="acme",
+                                 env="prod", time=0.0, path="/payments/refund.json"))  # fmt: skip
+    decision = _alike_for_variant(policy, doc, policy.evaluate(doc))
+    assert decision.action == "allow"
+    assert decision.shadow is not None and decision.shadow.action == "deny"

@@ -21,6 +21,7 @@ from aegis.errors import ConfigError, InvalidRequest
 from aegis.gateway.context import (
     MAX_QUERY_PARAMETERS,
     is_encoded,
+    name_keys,
     parse_json_body,
     vet_fields,
     vet_path,
@@ -279,7 +280,8 @@ def _case_twins(value: object) -> bool:
      ("/files/public.pdf", "files", "/files/public"), ("/payments/refund/", "refunds", None),
      ("/adm\u0131n/users", "admin", None), ("/openapi.json", "spec", None),
      ("/openapi", "public", None), ("/payments/x.json", "payments", None),
-     ("/files/public/a.pdf", "public", None)],
+     ("/files/public/a.pdf", "public", None), ("/api/v1.2/items.json", "api", None),
+     ("/api/v1.2/items/", "api", None), ("/payments/setup.exe/", "payments", None)],
 )  # fmt: skip
 def test_a_path_another_reading_routes_elsewhere_is_refused(
     path: str, tool: str, other: str | None
@@ -291,7 +293,7 @@ def test_a_path_another_reading_routes_elsewhere_is_refused(
     table = _table(("/", "public", None), ("/admin", "admin", None),
                    ("/payments", "payments", None), ("/payments/refund", "refunds", None),
                    ("/openapi.json", "spec", None), ("/files", "files", None),
-                   ("/files/public", "public", None))  # fmt: skip
+                   ("/files/public", "public", None), ("/api/v1.2", "api", None))  # fmt: skip
     route = table.match("gw", vet_path(path))
     assert route is not None and route.tool == tool
     why = table.read_as_another("gw", vet_path(path), route)
@@ -686,3 +688,14 @@ async def test_the_mtls_listener_refuses_ambiguous_framing_and_unsafe_values(
     finally:
         await listener.stop()
         await proxy.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [("transfer[max[amount", "transfer_max_amount"), ("account[id", "account_id"),
+     ("cmd[action]", "action"), ("!action", "action"), ("cmd.action", "action")],
+)  # fmt: skip
+def test_a_name_is_filed_under_each_key_a_lenient_parser_reads(name: str, key: str) -> None:
+    """PHP turns an unclosed ``[`` and every ``[`` after it into ``_``; ASP.NET Core reads
+    ``cmd[action]`` and ``cmd.action`` as ``action``; Spring binds ``!action`` as ``action``."""
+    assert key in name_keys(name)

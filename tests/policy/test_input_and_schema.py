@@ -14,7 +14,7 @@ from aegis.policy.input import (
     PolicyCall,
     build_input,
     call_from_dict,
-    path_variant,
+    path_variants,
 )
 from aegis.policy.schema import schema_text
 from tests.policy.conftest import REPO
@@ -105,17 +105,25 @@ def test_policy_sees_the_path_as_the_loosest_upstream_reads_it(path: str, loose:
 
 
 @pytest.mark.parametrize(
-    ("loose", "variant"),
-    [("/payments/refund/", "/payments/refund"), ("/payments/refund.json", "/payments/refund"),
-     ("/files/report.tar.gz", "/files/report"), ("/admin.x.y", "/admin"), ("/a.json/", "/a"),
-     ("/payments/refund", None), ("/.well-known", None), ("/", None), ("/v1.2/pay", None)],
+    ("loose", "variants"),
+    [("/payments/refund/", ("/payments/refund",)), ("/payments/refund.json", ("/payments/refund",)),
+     ("/files/report.tar.gz", ("/files/report", "/files/report.tar")),
+     ("/setup.exe/", ("/setup.exe", "/setup")), ("/payments/refund", ()), ("/.well-known", ()),
+     ("/", ()), ("/v1.2/pay", ())],
 )  # fmt: skip
-def test_the_variant_reading_drops_a_trailing_slash_and_a_format(
-    loose: str, variant: str | None
+def test_the_variant_readings_drop_a_trailing_slash_and_each_format(
+    loose: str, variants: tuple[str, ...]
 ) -> None:
-    """Rails serves ``/refund.json`` and Express ``/refund/`` as ``/refund``; Spring's suffix
-    match served ``/admin.x.y`` as ``/admin``."""
-    assert path_variant(loose) == variant
+    """Rails serves ``/refund.json`` and Express ``/refund/`` and ``/setup.exe/`` as ``/refund``
+    and ``/setup.exe``; Spring's suffix match served ``/admin.x.y`` as ``/admin``."""
+    assert path_variants(loose) == variants
+
+
+def test_a_last_segment_of_many_dots_is_refused() -> None:
+    """Each dot is a reading the call is decided under: their number is bounded."""
+    assert len(path_variants("/f/" + "a." * 8 + "z")) == 8
+    with pytest.raises(InvalidRequest, match="more than 8 dots"):
+        path_variants("/f/" + "a." * 9 + "z")
 
 
 def _load_rule(path: str, test: str) -> None:
@@ -130,7 +138,8 @@ def _load_rule(path: str, test: str) -> None:
     [("path_loose", "/Payments/refund", "/payments/refund"), ("path_loose", "/admin;x", "/admin"),
      ("method", "get", "GET"), ("request.headers.host", "Admin.Example.com", "admin.example.com"),
      ("request.headers.host", "admin.example.com:443", "admin.example.com"),
-     ("request.headers.x-forwarded-host", "admin.example.com.", "admin.example.com")],
+     ("request.headers.x-forwarded-host", "admin.example.com.", "admin.example.com"),
+     ("path_loose", "/payments/refund/", "/payments/refund"), ("method", "DELETE ", "DELETE")],
 )  # fmt: skip
 def test_a_literal_the_input_never_holds_is_refused_at_load(
     path: str, literal: str, fixed: str
@@ -151,3 +160,19 @@ def test_a_pattern_on_the_method_is_refused_at_load(test: str) -> None:
 
     with pytest.raises(PolicyError, match="methods selector"):
         _load_rule("method", test)
+
+
+@pytest.mark.parametrize(
+    ("path", "test"),
+    [("path_loose", "regex: '^/Admin'"), ("path_loose", "contains: Admin"),
+     ("path_loose", "contains: '/admin;'"), ("request.headers.host", "contains: ADMIN"),
+     ("request.headers.host", "regex: ':443$'")],
+)  # fmt: skip
+def test_a_pattern_the_input_never_holds_is_refused_at_load(path: str, test: str) -> None:
+    from aegis.errors import PolicyError
+
+    with pytest.raises(PolicyError, match="never holds what"):
+        _load_rule(path, test)
+    _load_rule(
+        path, test.replace("A", "a").replace("DMIN", "dmin").replace(";", "").replace(":443", "x")
+    )

@@ -301,7 +301,9 @@ def _keys(base: str) -> set[str]:
         keys.add(query_key(inner[-1]))
     opened = base.find("[")
     if opened >= 0 and "]" not in base[opened:]:
-        keys.add(query_key(base[:opened] + "_" + base[opened + 1 :]))
+        # PHP turns that [ into _ and every later [ as well (transfer[max[amount is
+        # transfer_max_amount).
+        keys.add(query_key(base[:opened] + "_" + base[opened + 1 :].replace("[", "_")))
     return keys
 
 

@@ -27,6 +27,7 @@ joined or as a list while the upstream may read either. Such a call is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -43,7 +44,7 @@ from aegis.errors import InvalidRequest, Unavailable
 from aegis.gateway.context import header_key, name_keys, query_key
 from aegis.policy.decision import Decision
 from aegis.policy.evaluator import CompiledPolicy
-from aegis.policy.input import path_variant
+from aegis.policy.input import path_variants
 from aegis.policy.ir import leaves
 from aegis.policy.store import PolicyStore
 from aegis.policy.watcher import NO_POLICY_REASON, PolicyWatcher
@@ -182,14 +183,22 @@ def misspelled(
                 return (f"the header {name[:64]!r} is {wanted[key]!r} to CGI and WSGI servers, "
                         f"and the policy for this tool reads {wanted[key]!r}; spell it so")  # fmt: skip
     body = request.get("body")
+    # Each object's names by their folded form, built once: every read path then looks its
+    # member up, rather than folding every name of the object again (a body of thousands of
+    # members read by hundreds of rules would hold the event loop).
+    folded_names: dict[int, dict[str, list[str]]] = {}
     for path in reads.body if isinstance(body, dict) else ():
         node: Any = body
         for depth, member in enumerate(path):
             if type(node) is not dict:
                 break
-            folded = fold_name(member)
-            for name in node:
-                if name != member and fold_name(name) == folded:
+            names = folded_names.get(id(node))
+            if names is None:
+                names = folded_names[id(node)] = {}
+                for name in node:
+                    names.setdefault(fold_name(name), []).append(name)
+            for name in names.get(fold_name(member), ()):
+                if name != member:
                     where = ".".join(path[: depth + 1])
                     return (f"the body member {name[:64]!r} is {member!r} to case-insensitive "
                             "readers (Go's encoding/json, ASP.NET), and the policy for this tool "
@@ -199,29 +208,38 @@ def misspelled(
 
 
 def _alike_for_variant(policy: CompiledPolicy, doc: dict[str, Any], decision: Decision) -> Decision:
-    """``decision``, when the policy decides the path's variant reading
-    (:func:`~aegis.policy.input.path_variant`: without a trailing ``/`` or a final ``.format``)
-    alike or ``decision`` is a deny; the variant's decision when that is a deny; else
-    ``invalid_request``. Rails serves ``/payments/refund.json`` and Express
+    """``decision``, when the policy decides each of the path's variant readings
+    (:func:`~aegis.policy.input.path_variants`: without a trailing ``/``, cut at a dot of the
+    last segment) alike or ``decision`` is a deny; a variant's decision when that is a deny;
+    else ``invalid_request``. Rails serves ``/payments/refund.json`` and Express
     ``/payments/refund/`` as ``/payments/refund``, other upstreams as other paths: a rule on
-    ``path_loose`` must hold for both, and a call the two readings would decide apart is not
-    allowed."""
+    ``path_loose`` must hold for every reading, and a call they would decide apart is not
+    allowed. A variant's shadow outcome that denies is kept, so that a policy tried in shadow
+    mode reports what it would refuse."""
     loose = doc.get("path_loose")
-    variant = path_variant(loose) if isinstance(loose, str) else None
-    if variant is None or decision.action == "deny":
+    variants = path_variants(loose) if isinstance(loose, str) else ()
+    if not variants or decision.action == "deny":
         return decision
-    other = policy.evaluate({**doc, "path_loose": variant})
-    if other.action == "deny":
-        return other
-    if (other.action, other.code, other.obligations, other.approvals) == (
-        decision.action, decision.code, decision.obligations, decision.approvals
-    ):  # fmt: skip
-        return decision
-    raise InvalidRequest(
-        f"the path is {variant[:128]!r} to upstreams that drop a trailing '/' or a '.format' "
-        f"(Rails, Express), and the policy for this tool decides that path otherwise "
-        f"({other.action}, not {decision.action}); send the path as the upstream reads it"
-    )
+    seen = (decision.action, decision.code, decision.obligations, decision.approvals)
+    shadow = decision.shadow
+    for variant in variants:
+        other = policy.evaluate({**doc, "path_loose": variant})
+        if other.action == "deny":
+            return other
+        if (other.action, other.code, other.obligations, other.approvals) != seen:
+            raise InvalidRequest(
+                f"the path is {variant[:128]!r} to upstreams that drop a trailing '/' or a "
+                "'.format' (Rails, Express), and the policy for this tool decides that path "
+                f"otherwise ({other.action}, not {decision.action}); send the path as the "
+                "upstream reads it"
+            )
+        if (
+            other.shadow is not None
+            and other.shadow.action == "deny"
+            and (shadow is None or shadow.action != "deny")
+        ):
+            shadow = other.shadow
+    return decision if shadow is decision.shadow else dataclasses.replace(decision, shadow=shadow)
 
 
 def _sends_wrapper(

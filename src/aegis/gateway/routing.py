@@ -31,8 +31,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from aegis.config import GatewayRoute
+from aegis.errors import InvalidRequest
 from aegis.gateway.context import Route, route_from_settings
-from aegis.policy.input import loose_path, path_variant
+from aegis.policy.input import loose_path, path_variants, without_format
 
 __all__ = ["RouteTable", "bare_host", "match_key"]
 
@@ -63,6 +64,10 @@ def bare_host(host: str) -> str:
     return name.lower().removesuffix(".")
 
 
+def _under(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix + "/")
+
+
 class RouteTable:
     """The configured routes, longest prefix first. As nginx server blocks and Envoy virtual
     hosts do, the host chooses first: a request to a host some route names is matched only
@@ -80,17 +85,17 @@ class RouteTable:
              None if r.host is None else bare_host(r.host))
             for r in self._routes
         ]  # fmt: skip
-        #: The same with each prefix as :func:`~aegis.policy.input.path_variant` reads it
-        #: (``/openapi.json`` as ``/openapi``), for matching a path's variant reading.
-        self._variant_keys: list[_Entry] = [
-            (r, path_variant(prefix) or prefix, h) for r, prefix, h in self._keys
-        ]
+        #: Each prefix also as :func:`~aegis.policy.input.without_format` reads it
+        #: (``/openapi.json`` as ``/openapi``), for matching a path's variant readings: a variant
+        #: falls under a route when it falls under either form (``/api/v1.2/items`` under
+        #: ``/api/v1.2``, ``/openapi`` under ``/openapi.json``).
+        self._variant_keys = [(r, prefix, without_format(prefix), h) for r, prefix, h in self._keys]
         self._hosts = frozenset(h for _, _, h in self._keys if h is not None)
 
-    def _for_host(self, host: str, entries: list[_Entry] | None = None) -> list[_Entry]:
+    def _for_host(self, host: str) -> list[_Entry]:
         bare = bare_host(host)
         wanted = bare if bare in self._hosts else None
-        return [entry for entry in (entries or self._keys) if entry[2] == wanted]
+        return [entry for entry in self._keys if entry[2] == wanted]
 
     def __len__(self) -> int:
         return len(self._routes)
@@ -107,23 +112,32 @@ class RouteTable:
         return None
 
     def read_as_another(self, host: str, path: str, chosen: Route) -> str | None:
-        """Why ``path``'s variant reading (:func:`~aegis.policy.input.path_variant`: without a
-        trailing ``/`` or a final ``.format``) falls under another route than ``chosen``, or
-        None. Rails serves ``/admin.json`` as ``/admin``: when routes share that upstream, the
-        call would be decided under the catch-all and served as admin. Refused rather than
-        guessed, since an upstream that compares paths exactly serves it as the other."""
-        loose = match_key(path)
-        variant = path_variant(loose)
-        if variant is None:
-            return None
-        other = self._match(self._for_host(host, self._variant_keys), variant)
-        if other is chosen:
-            return None
-        there = "no route" if other is None else f"the route {other.path_prefix!r}"
-        return (f"the path is {variant!r} to upstreams that drop a trailing '/' or a '.format' "
-                f"(Rails, Express), which falls under {there}, not the route "
-                f"{chosen.path_prefix!r} it falls under as sent; send the path without them, "
-                "or as the route spells it")  # fmt: skip
+        """Why one of ``path``'s variant readings (:func:`~aegis.policy.input.path_variants`:
+        without a trailing ``/``, cut at a dot of the last segment) falls under another route
+        than ``chosen``, or None. Rails serves ``/admin.json`` as ``/admin``: when routes share
+        that upstream, the call would be decided under the catch-all and served as admin.
+        Refused rather than guessed, since an upstream that compares paths exactly serves it as
+        the other."""
+        bare = bare_host(host)
+        wanted = bare if bare in self._hosts else None
+        entries = [e for e in self._variant_keys if e[3] == wanted]
+        try:
+            variants = path_variants(match_key(path))
+        except InvalidRequest as exc:
+            return exc.message
+        for variant in variants:
+            other = next(
+                (r for r, prefix, cut, _ in entries
+                 if r.path_prefix == "/" or _under(variant, prefix) or _under(variant, cut)),
+                None,
+            )  # fmt: skip
+            if other is not chosen:
+                there = "no route" if other is None else f"the route {other.path_prefix!r}"
+                return (f"the path is {variant!r} to upstreams that drop a trailing '/' or a "
+                        f"'.format' (Rails, Express), which falls under {there}, not the route "
+                        f"{chosen.path_prefix!r} it falls under as sent; send the path without "
+                        "them, or as the route spells it")  # fmt: skip
+        return None
 
     def match_exact(self, host: str, path: str) -> Route | None:
         """The route ``path`` falls under when compared byte for byte, case-sensitively, as

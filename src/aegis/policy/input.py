@@ -28,7 +28,8 @@ __all__ = [
     "build_input",
     "call_from_dict",
     "loose_path",
-    "path_variant",
+    "path_variants",
+    "without_format",
 ]
 
 #: Header names (lowercase) that never enter a policy input document.
@@ -96,18 +97,39 @@ def loose_path(path: str) -> str:
     return path.lower() if path.isascii() else path.lower().replace("\u0131", "i")
 
 
-def path_variant(loose: str) -> str | None:
-    """The other path some upstreams serve a :func:`loose_path` as, or None: without a trailing
-    ``/`` (Express and Rails serve ``/refund/`` as ``/refund``) and without a ``.format`` ending
-    it, from the last segment's first dot (Rails routes take ``(.:format)`` on every path, and
-    Spring's suffix pattern match served ``/admin.x.y`` as ``/admin``). The gateway decides a
-    call whose path has one under both readings, and refuses it when they differ."""
+#: Most dots the last segment of a path may hold: each is a reading the call is decided under.
+MAX_FORMAT_DOTS: Final = 8
+
+
+def path_variants(loose: str) -> tuple[str, ...]:
+    """The other paths some upstreams serve a :func:`loose_path` as: without a trailing ``/``
+    (Express and Rails serve ``/refund/`` as ``/refund``), and that cut at each dot of its last
+    segment (Rails routes take ``(.:format)`` on every path, Spring's suffix pattern match
+    served ``/admin.x.y`` as ``/admin``, and ``/setup.exe/`` is ``/setup.exe`` to Express). The
+    gateway decides a call under each, and denies when any is denied. Raises
+    ``InvalidRequest`` for a last segment of more than :data:`MAX_FORMAT_DOTS` dots."""
     path = loose[:-1] if len(loose) > 1 and loose.endswith("/") else loose
+    out = [path] if path != loose else []
     head, _, last = path.rpartition("/")
-    name, dot, _ = last.partition(".")
-    if dot and name:
-        path = f"{head}/{name}"
-    return path if path != loose else None
+    if last.count(".") > MAX_FORMAT_DOTS:
+        raise InvalidRequest(
+            f"the path's last segment holds more than {MAX_FORMAT_DOTS} dots; each is a format "
+            "some upstreams drop, and the call is decided under every reading"
+        )
+    at = last.find(".", 1)
+    while at > 0:
+        out.append(f"{head}/{last[:at]}")
+        at = last.find(".", at + 1)
+    return tuple(out)
+
+
+def without_format(path: str) -> str:
+    """``path`` without a trailing ``/`` and cut at its last segment's first dot: how a route
+    prefix is read when matching a path's variants (``/openapi.json`` as ``/openapi``)."""
+    path = path[:-1] if len(path) > 1 and path.endswith("/") else path
+    head, _, last = path.rpartition("/")
+    at = last.find(".", 1)
+    return f"{head}/{last[:at]}" if at > 0 else path
 
 
 def build_input(call: PolicyCall) -> dict[str, Any]:

@@ -100,10 +100,33 @@ def _bare_host(host: str) -> str:
     return host.lower().removesuffix(".")
 
 
+def _loose_literal(path: str) -> str:
+    """A path as a ``path_loose`` literal: its loose reading without a trailing ``/`` (a call
+    with one is also decided without it, one without never with it)."""
+    loose = loose_path(path)
+    return loose[:-1] if len(loose) > 1 and loose.endswith("/") else loose
+
+
+def _upper_outside_escapes(pattern: str) -> bool:
+    """Whether a regex names an upper-case ASCII letter itself (not ``\\D``, ``\\S`` ...)."""
+    escaped = False
+    for c in pattern:
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif "A" <= c <= "Z":
+            return True
+    return False
+
+
 #: Input paths whose values are canonical, each with its canonical form and how it reads.
 _CANONICAL_PATHS: Final = {
-    "path_loose": (loose_path, "the path as the loosest upstream reads it"),
-    "method": (str.upper, "the method in upper case"),
+    "path_loose": (
+        _loose_literal,
+        "the path as the loosest upstream reads it, without a trailing '/'",
+    ),
+    "method": (lambda m: m.strip().upper(), "the method in upper case"),
     "request.headers.host": (_bare_host, "the host lowercase, without port or trailing dot"),
     "request.headers.x-forwarded-host": (
         _bare_host,
@@ -289,6 +312,17 @@ class Condition(_Strict):
                 "(servers answer HEAD with the GET handler)"
             )
         canonical, how = _CANONICAL_PATHS[self.path]
+        pattern = self.contains if self.contains is not None else self.regex
+        if pattern is not None and (
+            (self.contains is not None and self.contains.lower() != self.contains)
+            or (self.regex is not None and _upper_outside_escapes(self.regex))
+            or (self.path == "path_loose" and ";" in pattern)
+            or (self.path != "path_loose" and ":" in pattern)
+        ):
+            raise ValueError(
+                f"{self.path} never holds what {pattern[:128]!r} looks for: it is {how}; "
+                "test it in that form"
+            )
         for value in [self.eq, self.ne, *(self.in_ or ()), *(self.not_in or ())]:
             if isinstance(value, str) and canonical(value) != value:
                 raise ValueError(
