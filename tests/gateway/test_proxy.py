@@ -235,6 +235,9 @@ def test_paths_that_read_the_same_everywhere_pass(raw: str, decoded: str) -> Non
         "/%EF%BC%8E%EF%BC%8E/admin",  # FULLWIDTH FULL STOPs: '..' once NFKC-normalised
         "/payments/%EF%BC%8Fadmin",  # FULLWIDTH SOLIDUS: '/' once normalised
         "/admin/;/users",  # Tomcat drops ";" and merges the empty segment left
+        "/payments/admin/.%20/users",  # IIS trims dots and spaces: an empty segment
+        "/payments/admin/%20/users",
+        "/payments/..%20/admin",
     ],
 )
 def test_paths_another_server_could_read_differently_are_refused(raw: str) -> None:
@@ -699,3 +702,19 @@ def test_a_name_is_filed_under_each_key_a_lenient_parser_reads(name: str, key: s
     """PHP turns an unclosed ``[`` and every ``[`` after it into ``_``; ASP.NET Core reads
     ``cmd[action]`` and ``cmd.action`` as ``action``; Spring binds ``!action`` as ``action``."""
     assert key in name_keys(name)
+
+
+@pytest.mark.parametrize(
+    ("path", "refused"),
+    [("/openapi.json", True), ("/openapi/", False), ("/openapi/x.json", False),
+     ("/api/v1.2", True), ("/api/v1.2/items", False)],
+)  # fmt: skip
+def test_a_variant_is_routed_as_it_would_be_sent(path: str, refused: bool) -> None:
+    """Rails serves /openapi.json through its /openapi action: with routes for both, the call
+    decided under /openapi.json would be served by /openapi's tool."""
+    table = _table(("/", "public", None), ("/openapi", "admin", None),
+                   ("/openapi.json", "spec", None), ("/api/v1", "v1", None),
+                   ("/api/v1.2", "v12", None))  # fmt: skip
+    route = table.match("gw", vet_path(path))
+    assert route is not None
+    assert (table.read_as_another("gw", vet_path(path), route) is not None) is refused

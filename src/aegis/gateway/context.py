@@ -833,6 +833,14 @@ def vet_query(query: str) -> tuple[tuple[str, str], ...]:
     return params
 
 
+def _dots_only(segment: str) -> bool:
+    """A segment of dots and spaces only, before its ``;parameters``: ``.`` and ``..`` are dot
+    segments (RFC 3986 §5.2.4), and a server that trims trailing dots and spaces (IIS) reads
+    ``. `` or ``.. `` as nothing, or as one."""
+    head = segment.split(";", 1)[0]
+    return bool(head) and not head.rstrip(". ")
+
+
 def vet_path(raw_path: str) -> str:
     """The decoded path of a request target that reads the same at the gateway and the upstream.
 
@@ -855,8 +863,11 @@ def vet_path(raw_path: str) -> str:
         raise InvalidRequest("the request path is not valid utf-8 once decoded") from None
     if _CONTROL.search(path):
         raise InvalidRequest("the request path must not contain control characters or '\\'")
-    if any(seg.split(";", 1)[0] in (".", "..") for seg in path.split("/")):
-        raise InvalidRequest("the request path must not contain '.' or '..' segments")
+    if any(_dots_only(seg) for seg in path.split("/")):
+        raise InvalidRequest(
+            "the request path must not contain '.' or '..' segments, or segments of dots and "
+            "spaces only (IIS trims them to nothing)"
+        )
     if "/;" in path:
         # Tomcat and Spring drop the parameters, then merge the empty segment left:
         # ``/admin/;/users`` is ``/admin/users`` to them, ``/admin`` plus more to a route.
@@ -873,7 +884,7 @@ def vet_path(raw_path: str) -> str:
         if folded != path and (
             folded.count("/") != path.count("/")
             or _CONTROL.search(folded)
-            or any(seg.split(";", 1)[0] in (".", "..") for seg in folded.split("/"))
+            or any(_dots_only(seg) for seg in folded.split("/"))
         ):
             raise InvalidRequest(
                 "the request path reads differently once Unicode-normalised (NFKC); "

@@ -79,7 +79,9 @@ def policy_reads_body(policy: CompiledPolicy, tool: str) -> bool:
 class ReadFields:
     """What the conditions of the rules that can apply to one tool read by name: query
     parameters and headers (``every_*`` when one reads the whole object) and body members (each
-    path below ``request.body``); ``any_body`` when any condition reads the body at all."""
+    path below ``request.body``); ``any_body`` when any condition reads the body at all;
+    ``loose_path`` when any reads ``path_loose`` (the call is then decided under each of the
+    path's variant readings too)."""
 
     query: frozenset[str] = frozenset()
     every_query: bool = False
@@ -87,6 +89,7 @@ class ReadFields:
     every_header: bool = False
     body: tuple[tuple[str, ...], ...] = ()
     any_body: bool = False
+    loose_path: bool = False
 
     @property
     def by_name(self) -> bool:
@@ -99,7 +102,7 @@ def policy_reads(policy: CompiledPolicy, tool: str) -> ReadFields:
     query: set[str] = set()
     headers: set[str] = set()
     body: set[tuple[str, ...]] = set()
-    every_query = every_header = any_body = False
+    every_query = every_header = any_body = loose = False
     for rule in policy.candidates(tool):
         nodes = [*rule.lowered.match, *([rule.lowered.when] if rule.lowered.when else [])]
         for leaf in (leaf for node in nodes for leaf in leaves(node)):
@@ -113,8 +116,9 @@ def policy_reads(policy: CompiledPolicy, tool: str) -> ReadFields:
             every_query |= _QUERY[: len(path)] == path
             every_header |= _HEADERS[: len(path)] == path
             any_body |= path[:2] == _BODY or _BODY[: len(path)] == path
+            loose |= path == ("path_loose",)
     return ReadFields(frozenset(query), every_query, frozenset(headers), every_header,
-                      tuple(sorted(body)), any_body)  # fmt: skip
+                      tuple(sorted(body)), any_body, loose)  # fmt: skip
 
 
 def misspelled(
@@ -425,7 +429,8 @@ class PolicyDirectory:
                 why = misspelled(reads, doc, fields, joined=fields_joined, body_names=names)
                 if why:
                     raise InvalidRequest(why)
-            return _alike_for_variant(policy, doc, policy.evaluate(doc))
+            decision = policy.evaluate(doc)
+            return _alike_for_variant(policy, doc, decision) if reads.loose_path else decision
         return allowlist_decision(self._allow, tool, agent_id)
 
     def poll_all(self) -> None:

@@ -118,19 +118,21 @@ class RouteTable:
         that upstream, the call would be decided under the catch-all and served as admin.
         Refused rather than guessed, since an upstream that compares paths exactly serves it as
         the other."""
-        bare = bare_host(host)
-        wanted = bare if bare in self._hosts else None
-        entries = [e for e in self._variant_keys if e[3] == wanted]
         try:
             variants = path_variants(match_key(path))
         except InvalidRequest as exc:
             return exc.message
+        entries = self._for_host(host)
+        bare = bare_host(host)
+        wanted = bare if bare in self._hosts else None
+        cut = [(r, c) for r, _, c, h in self._variant_keys if h == wanted and r.path_prefix != "/"]
         for variant in variants:
-            other = next(
-                (r for r, prefix, cut, _ in entries
-                 if r.path_prefix == "/" or _under(variant, prefix) or _under(variant, cut)),
-                None,
-            )  # fmt: skip
+            # As match() would choose for the variant sent as it is; only when that finds
+            # nothing but the catch-all, a route whose prefix holds a format (``/openapi``
+            # under ``/openapi.json``).
+            other = self._match(entries, variant)
+            if other is None or other.path_prefix == "/":
+                other = next((r for r, c in cut if _under(variant, c)), other)
             if other is not chosen:
                 there = "no route" if other is None else f"the route {other.path_prefix!r}"
                 return (f"the path is {variant!r} to upstreams that drop a trailing '/' or a "

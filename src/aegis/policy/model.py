@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 import zoneinfo
 from typing import Annotated, Any, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -118,6 +119,20 @@ def _upper_outside_escapes(pattern: str) -> bool:
         elif "A" <= c <= "Z":
             return True
     return False
+
+
+def _folds(pattern: str) -> bool:
+    """Whether ``pattern`` holds text the loose readings change (NFKC, the dotless i): the
+    input never holds ``refund`` in FULLWIDTH letters, or ``admin`` with a dotless i."""
+    return not pattern.isascii() and (
+        unicodedata.normalize("NFKC", pattern) != pattern or "\u0131" in pattern
+    )
+
+
+def _needs_slash_end(pattern: str) -> bool:
+    """Whether a test on ``path_loose`` looks for a ``/`` ending the path: the call without it,
+    which Express serves alike, is never decided with one."""
+    return any(end in pattern for end in ("/$", "/\\Z", "/\\z"))
 
 
 #: Input paths whose values are canonical, each with its canonical form and how it reads.
@@ -316,7 +331,8 @@ class Condition(_Strict):
         if pattern is not None and (
             (self.contains is not None and self.contains.lower() != self.contains)
             or (self.regex is not None and _upper_outside_escapes(self.regex))
-            or (self.path == "path_loose" and ";" in pattern)
+            or _folds(pattern)
+            or (self.path == "path_loose" and (";" in pattern or _needs_slash_end(pattern)))
             or (self.path != "path_loose" and ":" in pattern)
         ):
             raise ValueError(
@@ -403,6 +419,10 @@ class Match(_Strict):
     @field_validator("methods")
     @classmethod
     def _upper(cls, v: list[str] | None) -> list[str] | None:
+        for m in v or ():
+            if m != m.strip() or not m.strip():
+                # "POST " would never match a call, so a deny on it would never fire.
+                raise ValueError(f"method {m[:32]!r} holds spaces; write {m.strip().upper()!r}")
         return [m.upper() for m in v] if v else v
 
 
