@@ -320,6 +320,24 @@ async def test_a_proxied_answer_is_never_for_a_shared_cache(
         assert (status, got.get(b"cache-control")) == (200, sent), path
 
 
+async def test_no_proxied_answer_steers_a_cache_in_front_of_the_gateway(gateway: Gateway) -> None:
+    """nginx's ``X-Accel-Expires`` overrides ``Cache-Control: private`` (and ``X-Accel-Redirect``
+    makes it serve another location); CDNs obey ``Surrogate-Control`` and ``CDN-Cache-Control``
+    (RFC 9213). An upstream's copy of any of them would let a shared cache serve the answer to
+    another agent, so none leaves the gateway, sanitized or not."""
+    fields = (b"X-Accel-Expires: 600\r\nX-Accel-Redirect: /internal\r\nX_Accel_Buffering: no\r\n"
+              b"Surrogate-Control: max-age=600\r\nCDN-Cache-Control: public, max-age=600\r\n"
+              b"Cloudflare-CDN-Cache-Control: max-age=600\r\nX-Kept: 1\r\n")  # fmt: skip
+    for path in ("/payments/c", "/crm/c"):
+        gateway.upstream.answers[path] = raw_answer(b"{}", "application/json", fields=fields)
+        status, got, _ = await gateway.call("GET", path)
+        assert status == 200 and got[b"x-kept"] == [b"1"], path
+        assert got[b"cache-control"] == [b"private"], path
+        steering = {b"x-accel-expires", b"x-accel-redirect", b"x_accel_buffering",
+                    b"surrogate-control", b"cdn-cache-control", b"cloudflare-cdn-cache-control"}  # fmt: skip
+        assert not steering & set(got), path
+
+
 async def test_a_sanitized_answer_with_two_content_types_is_refused(gateway: Gateway) -> None:
     """The masks read the text by the first type; a client may join the fields and take the
     charset of the last (requests does): as UTF-7 ``+ADQ-`` is a ``4``."""

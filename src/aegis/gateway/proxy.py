@@ -91,6 +91,13 @@ HOP_BY_HOP: Final = frozenset(
 #: Request fields never forwarded: credentials for the gateway, and fields the proxy sets itself.
 _REQUEST_DROP: Final = frozenset({"authorization", "dpop", "host", "content-length"})
 _RESPONSE_DROP: Final = frozenset({"content-length", "server", "date"})
+#: Answer fields that steer a cache or proxy in front of the gateway past ``Cache-Control:
+#: private``: nginx's ``X-Accel-Expires`` overrides it (and ``X-Accel-Redirect`` makes nginx serve
+#: another location), CDNs obey ``Surrogate-Control`` and ``CDN-Cache-Control`` or a CDN's own
+#: ``*-CDN-Cache-Control`` (RFC 9213). None is meant for the caller; all are dropped.
+_SHARED_CACHE_DROP: Final = frozenset({"surrogate-control", "cdn-cache-control"})
+_SHARED_CACHE_PREFIX: Final = "x-accel-"
+_SHARED_CACHE_SUFFIX: Final = "-cdn-cache-control"
 #: Request fields dropped when the answer is to be sanitized. Those that ask for a part of the
 #: answer (``Request-Range`` is Range to older servers): a part holds no ``customer.ssn`` to
 #: redact, and a card number split over two parts is never masked. And ``If-None-Match``: the
@@ -687,7 +694,9 @@ class ReverseProxy:
                 for k, v in upstream.raw_headers
                 if not _CONTROL_BYTE.search(v)
             ]
-            out_headers = forwardable(received, _RESPONSE_DROP)
+            out_headers = [
+                (k, v) for k, v in forwardable(received, _RESPONSE_DROP) if not _steers_cache(k)
+            ]
             if result.obligations:
                 out_headers = [
                     pair
@@ -852,6 +861,17 @@ class ReverseProxy:
             "tenant": ctx.route.tenant, "env": ctx.route.env, "method": ctx.method,
             "path": ctx.path, "status": status, "code": code, "reason": message,
         })  # fmt: skip
+
+
+def _steers_cache(name: str) -> bool:
+    """Whether an answer field (lowercased name) is meant for a cache or proxy in front of the
+    gateway (:data:`_SHARED_CACHE_DROP`), however spelled (``X_Accel_Expires`` too)."""
+    name = name.replace("_", "-")
+    return (
+        name in _SHARED_CACHE_DROP
+        or name.startswith(_SHARED_CACHE_PREFIX)
+        or name.endswith(_SHARED_CACHE_SUFFIX)
+    )
 
 
 def _private(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
