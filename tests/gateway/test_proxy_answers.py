@@ -249,6 +249,29 @@ async def test_masks_see_json_escapes_decoded_and_plain_text_as_written(gateway:
     assert (status, body) == (200, b"card **** **** **** 1111, mail [REDACTED:email]; 100% & more")
 
 
+@pytest.mark.parametrize(
+    "field",
+    [("If-Match", '"guess"'), ("if_match", '"guess"'), ("If-Match", "*"),
+     ("If-Unmodified-Since", "Tue, 01 Dec 2026 10:00:00 GMT"),
+     ("If_Unmodified_Since", "Tue, 01 Dec 2026 10:00:00 GMT")],
+)  # fmt: skip
+async def test_a_precondition_on_a_sanitized_answer_is_refused(
+    gateway: Gateway, field: tuple[str, str]
+) -> None:
+    """Django's ConditionalGetMiddleware answers a wrong ``If-Match`` 412 and a right one 200:
+    with the ETag an MD5 of the unsanitized body, each call would test a guessed ssn. Dropped,
+    the precondition would make a conditional write unconditional, so the call is refused before
+    it reaches the upstream; a call relayed as it is keeps it."""
+    before = len(gateway.upstream.heads)
+    status, _, body = await gateway.call("PUT", "/crm/c", [field])
+    answer = json.loads(body)
+    assert (status, answer["error"]) == (400, "invalid_request"), body
+    assert "If-Match" in answer["error_description"]
+    assert len(gateway.upstream.heads) == before
+    status, _, body = await gateway.call("PUT", "/payments/c", [field])
+    assert status == 200 and gateway.upstream.heads[-1][field[0].lower()] == field[1]
+
+
 @pytest.mark.parametrize("gateway", ["httptools", "h11"], indirect=True)
 async def test_a_sanitized_answer_without_a_body_is_sent_without_one(gateway: Gateway) -> None:
     """A 204, a 304, an answer to HEAD or an empty answer has nothing to sanitize: none gets a

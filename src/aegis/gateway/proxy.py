@@ -104,6 +104,11 @@ _SHARED_CACHE_SUFFIX: Final = "-cdn-cache-control"
 #: caller never sees the upstream's entity tag, and a 304 or a 200 would tell it whether a
 #: guessed one, computed over a guess of the unsanitized body, is right.
 _SANITIZED_REQUEST_DROP: Final = frozenset({"range", "if-range", "request-range", "if-none-match"})
+#: Request preconditions refused when the answer is to be sanitized: a 412 or a 2xx would tell
+#: the caller whether a guessed entity tag (or date) of the unsanitized body is right, as
+#: ``If-None-Match`` would. Unlike it they guard writes: dropped, a conditional write would be
+#: made unconditionally, so the call is refused instead.
+_SANITIZED_REQUEST_REFUSE: Final = frozenset({"if-match", "if-unmodified-since"})
 #: Fields of the upstream's answer that no sanitized answer keeps: it is sent whole, in no
 #: content coding, and the gateway serves no ranges of it. Nor does it keep a validator or a
 #: digest computed over the unsanitized body (Express's ETag is a SHA-1 of it): the caller knows
@@ -611,6 +616,16 @@ class ReverseProxy:
     ) -> None:
         """Forward the allowed call; ``sent`` is the request target exactly as received."""
         assert self._session is not None, "the proxy was not started"
+        if _response_rules(result) and any(
+            k.replace("_", "-") in _SANITIZED_REQUEST_REFUSE for k, _ in ctx.headers
+        ):
+            return await self._gateway_error(
+                send, ctx, 400, "invalid_request",
+                "If-Match and If-Unmodified-Since cannot be sent on a call whose answer is "
+                "sanitized (its status would confirm a guess of the unsanitized body's entity "
+                "tag); send the call without them",
+                result,
+            )  # fmt: skip
         headers = joined(
             (k, v) for k, v in forwardable(ctx.headers, _REQUEST_DROP) if not proxy_claim(k)
         )
