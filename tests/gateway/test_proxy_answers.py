@@ -223,6 +223,13 @@ async def test_a_card_number_written_as_a_json_number_is_masked_both_ways(
         ("card \uff14\uff11\uff11\uff11 1111 1111 1111".encode(), "text/plain; charset=utf-8"),
         ("card \u0664\u0661\u0661\u0661 1111 1111 1111".encode(), "text/plain"),
         ("card \u2074\u00b9\u00b9\u00b9 1111 1111 1111".encode(), "text/plain"),  # superscripts
+        # JSON not labelled JSON: the client parses it, the masks read the number as written.
+        (b'{"card": 4.111111111111111e15}\n', "application/x-ndjson"),
+        (b'{"card": 4.111111111111111E15}', "text/json"),
+        (b'{"card": 4.111111111111111E15}', "text/plain"),
+        (b'{"card": 4.111111111111111E15}', None),
+        (b'{"card": 41111111111111110e-1}', "application/jsonl"),
+        (b'{"card":-4.111111111111111E+15}', "text/plain"),
     ],
 )  # fmt: skip
 async def test_a_text_answer_the_client_decodes_further_is_refused_under_masks(
@@ -239,6 +246,11 @@ async def test_a_text_answer_the_client_decodes_further_is_refused_under_masks(
 
 async def test_masks_see_json_escapes_decoded_and_plain_text_as_written(gateway: Gateway) -> None:
     escaped = b'{"card": "\\u0034111111111111111", "mail": "ann\\u0040example.com"}'
+    # Numbers with an exponent far from a card number's size, or inside a word, are plain text.
+    fine = b"1e5 2.5E-3 a1e5 3f2e1e4b 10e30"
+    gateway.upstream.answers["/notes/fine"] = raw_answer(fine, "text/plain")
+    status, _, body = await gateway.call("GET", "/notes/fine")
+    assert (status, body) == (200, fine)
     gateway.upstream.answers["/notes/json"] = raw_answer(escaped, "application/json")
     status, _, body = await gateway.call("GET", "/notes/json")
     assert status == 200, body

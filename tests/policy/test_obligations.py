@@ -126,3 +126,16 @@ def test_a_card_number_written_as_a_json_number_is_masked() -> None:
                        "order": 4111111111111112, "n": 42, "x": 1.5, "e": 4.111111111111111e18,
                        "ok": True}  # fmt: skip
     assert body["card"] == 4111111111111111  # the input is not changed
+
+
+def test_a_string_holding_a_card_number_with_an_exponent_is_masked() -> None:
+    """``float("4.111111111111111e15")`` is the card number; masks over the string as written
+    see none, so it is masked as the whole number it reads as."""
+    ob = [S("mask", "response", pattern="card_number")]
+    body = {"a": "4.111111111111111e15", "b": " 41111111111111110E-1", "c": "1e5", "d": "2.5e3x"}
+    assert apply_to_body(body, ob, "response") == {
+        "a": "************1111",
+        "b": "************1111",
+        "c": "1e5",
+        "d": "2.5e3x",
+    }

@@ -70,7 +70,7 @@ from aegis.gateway.ext_authz import vet_authority
 from aegis.gateway.pipeline import Pipeline, Result
 from aegis.gateway.routing import RouteTable
 from aegis.pki.middleware import peer_from_scope
-from aegis.policy.obligations import apply_to_body, apply_to_headers
+from aegis.policy.obligations import apply_to_body, apply_to_headers, exponent_number_digits
 from aegis.telemetry.logging import log_event
 from aegis.telemetry.metrics import count_forward_failure
 
@@ -921,6 +921,11 @@ _ESCAPE: Final = re.compile(
     r"|&(?:#[0-9xX]|[A-Za-z][A-Za-z0-9]*;)"
 )
 _NON_ASCII: Final = re.compile(r"[^\x00-\x7f]")
+#: A number with an exponent, not inside a word: JSON labelled text/plain or NDJSON, read by the
+#: client as JSON, holds ``4.111111111111111E15`` as a card number the masks over text miss.
+_EXPONENT_TOKEN: Final = re.compile(
+    r"(?<![0-9A-Za-z_.])(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][+-]?[0-9]+"
+)
 #: A form answer reads ``+`` as a space: ``4111+1111+1111+1111`` is a card number to the client.
 _FORM: Final = "application/x-www-form-urlencoded"
 
@@ -929,7 +934,9 @@ def _maskable_text(raw: bytes, content_type: str | None) -> str:
     """A text answer as the client will read it, for masks to rewrite; ``InvalidRequest`` when
     the masks could not see what the client reads: a charset other than UTF-8 (UTF-16 text of
     ASCII is valid UTF-8 holding NULs), a NUL, an escape (:data:`_ESCAPE`), a digit other than
-    ASCII 0-9 (fullwidth, Arabic-Indic, superscript: the client may read it as one), or a form
+    ASCII 0-9 (fullwidth, Arabic-Indic, superscript: the client may read it as one), a number
+    of card size written with an exponent (``4.111111111111111E15`` in JSON not labelled JSON:
+    the client reads it as JSON, the masks see no card number), or a form
     (``application/x-www-form-urlencoded``). Only JSON answers are parsed, their escapes decoded
     before masking; any other text is masked as it is written."""
     if _media_type(content_type or "") == _FORM:
@@ -943,4 +950,8 @@ def _maskable_text(raw: bytes, content_type: str | None) -> str:
         )
     if not text.isascii() and any(ch.isdigit() for ch in _NON_ASCII.findall(text)):
         raise InvalidRequest("a text answer to mask must write its digits as ASCII 0-9")
+    if any(exponent_number_digits(m.group(0)) for m in _EXPONENT_TOKEN.finditer(text)):
+        raise InvalidRequest(
+            "a text answer to mask must write no number of 13 to 19 digits with an exponent"
+        )
     return text

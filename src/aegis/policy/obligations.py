@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from typing import Any, Final
 
 from aegis.crypto.jws import fold_name
@@ -25,6 +25,7 @@ __all__ = [
     "SECRET_MASK",
     "apply_to_body",
     "apply_to_headers",
+    "exponent_number_digits",
     "mask_text",
 ]
 
@@ -107,9 +108,43 @@ def _decimal_text(number: int | float) -> str:
     return repr(number)
 
 
+#: A number written with an exponent, as a string may hold one: ``"4.111111111111111e15"`` is
+#: a card number to a client that reads it with ``float()`` or ``Number()``.
+_EXPONENT_NUMBER: Final = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][+-]?[0-9]+")
+
+
+def exponent_number_digits(token: str) -> tuple[str, ...]:
+    """The whole numbers a reader may take a number with an exponent for (truncated or rounded),
+    in decimal digits; none when ``token`` is not one or is too far from a card number's size
+    (13 to 19 digits) to matter."""
+    try:
+        number = Decimal(token.strip())
+    except InvalidOperation:
+        return ()
+    if not number.is_finite() or not 11 <= number.adjusted() <= 19:
+        return ()
+    return tuple(
+        dict.fromkeys(
+            format(number.to_integral_value(rounding), "f").lstrip("-")
+            for rounding in (ROUND_DOWN, None)
+        )
+    )
+
+
+def _mask_string(value: str, patterns: tuple[str, ...]) -> str:
+    """``value`` masked; a number written with an exponent is masked as the whole number it
+    reads as (masks over ``4.111111111111111e15`` as written see no card number)."""
+    if _EXPONENT_NUMBER.fullmatch(value.strip()):
+        for digits in exponent_number_digits(value):
+            masked = mask_text(digits, patterns)
+            if masked != digits:
+                return masked
+    return mask_text(value, patterns)
+
+
 def _mask_values(value: Any, patterns: tuple[str, ...]) -> Any:
     if isinstance(value, str):
-        return mask_text(value, patterns)
+        return _mask_string(value, patterns)
     if isinstance(value, int | float) and not isinstance(value, bool):
         # {"card": 4111111111111111} carries the card number as well as a string does; a match
         # turns the number into the masked text (a string: no number shows the mask).
