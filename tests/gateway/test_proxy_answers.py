@@ -223,6 +223,8 @@ async def test_a_card_number_written_as_a_json_number_is_masked_both_ways(
         ("card \uff14\uff11\uff11\uff11 1111 1111 1111".encode(), "text/plain; charset=utf-8"),
         ("card \u0664\u0661\u0661\u0661 1111 1111 1111".encode(), "text/plain"),
         ("card \u2074\u00b9\u00b9\u00b9 1111 1111 1111".encode(), "text/plain"),  # superscripts
+        ("mail ann\uff20example.com".encode(), "text/plain"),  # a fullwidth @
+        ("mail \uff41\uff4e\uff4e@example.com".encode(), "text/plain"),
         # JSON not labelled JSON: the client parses it, the masks read the number as written.
         (b'{"card": 4.111111111111111e15}\n', "application/x-ndjson"),
         (b'{"card": 4.111111111111111E15}', "text/json"),
@@ -242,6 +244,26 @@ async def test_a_text_answer_the_client_decodes_further_is_refused_under_masks(
     assert (status, json.loads(answer)["error"]) == (502, "bad_gateway"), answer
     assert "cannot be sanitized: a" in json.loads(answer)["error_description"]
     assert b"example" not in answer and b"111" not in answer and b"OSFO" not in answer
+
+
+async def test_masks_see_unicode_digits_and_at_signs_in_json_answers(gateway: Gateway) -> None:
+    """Python's ``int()`` reads fullwidth and Arabic-Indic digits as 0-9, and NFKC makes a fullwidth
+    at sign an ``@``: masks see JSON strings (decoded from escapes or not) as the client may read them."""
+    fullwidth = "\uff14\uff11\uff11\uff11" + " \uff11\uff11\uff11\uff11" * 3
+    body = json.dumps({"card": fullwidth, "arabic": "\u0664" + "\u0661" * 15,
+                       "mail": "ann\uff20example.com"}, ensure_ascii=False).encode()  # fmt: skip
+    escaped = json.dumps({"card": "\uff14" + "\uff11" * 15}).encode()  # \uff14… as escapes
+    for path, answer in (("/notes/j", body), ("/notes/e", escaped)):
+        gateway.upstream.answers[path] = raw_answer(answer, "application/json")
+        status, _, got = await gateway.call("GET", path)
+        assert status == 200, got
+        values = json.loads(got)
+        assert values["card"] in ("**** **** **** 1111", "************1111"), values
+        assert all("111111" not in v.replace(" ", "") for v in values.values())
+    assert json.loads(got) == {"card": "************1111"}
+    status, _, got = await gateway.call("GET", "/notes/j")
+    assert json.loads(got) == {"card": "**** **** **** 1111", "arabic": "************1111",
+                               "mail": "[REDACTED:email]"}  # fmt: skip
 
 
 async def test_masks_see_json_escapes_decoded_and_plain_text_as_written(gateway: Gateway) -> None:

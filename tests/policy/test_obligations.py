@@ -139,3 +139,15 @@ def test_a_string_holding_a_card_number_with_an_exponent_is_masked() -> None:
         "c": "1e5",
         "d": "2.5e3x",
     }
+
+
+def test_masks_see_unicode_digits_and_at_signs_as_a_reader_does() -> None:
+    """``int()`` reads fullwidth and Arabic-Indic digits as 0-9, NFKC a fullwidth at sign as ``@``:
+    request bodies and answers alike are masked as read, and returned in that form."""
+    ob = [S("mask", "request", pattern="card_number"), S("mask", "request", pattern="email")]
+    body = {"a": "\uff14" + "\uff11" * 15, "b": "\u0664" + "\u0661" * 15,
+            "c": "ann\uff20example.com", "d": "caf\u00e9 \uff11\uff12", "\uff41@b.co": 1}  # fmt: skip
+    assert apply_to_body(body, ob, "request") == {
+        "a": "************1111", "b": "************1111", "c": EMAIL_MASK,
+        "d": "caf\u00e9 \uff11\uff12", EMAIL_MASK: 1,
+    }  # fmt: skip

@@ -70,7 +70,12 @@ from aegis.gateway.ext_authz import vet_authority
 from aegis.gateway.pipeline import Pipeline, Result
 from aegis.gateway.routing import RouteTable
 from aegis.pki.middleware import peer_from_scope
-from aegis.policy.obligations import apply_to_body, apply_to_headers, exponent_number_digits
+from aegis.policy.obligations import (
+    apply_to_body,
+    apply_to_headers,
+    exponent_number_digits,
+    hidden_from_masks,
+)
 from aegis.telemetry.logging import log_event
 from aegis.telemetry.metrics import count_forward_failure
 
@@ -158,6 +163,23 @@ def joined(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
 
 def _response_rules(result: Result) -> bool:
     return any(o.target == "response" and o.kind != "drop_header" for o in result.obligations)
+
+
+def _mask_patterns(result: Result) -> tuple[str, ...]:
+    """The patterns the decision masks in the answer."""
+    return tuple(
+        o.pattern
+        for o in result.obligations
+        if o.target == "response" and o.kind == "mask"
+        if o.pattern
+    )
+
+
+#: Why text masked as written is refused when its Unicode forms hide what the masks look for.
+_HIDDEN_FROM_MASKS: Final = (
+    "a text answer to mask must write what the masks look for in ASCII (it holds a card "
+    "number, address or key in fullwidth, circled or other Unicode forms a client reads as ASCII)"
+)
 
 
 async def _answer(
@@ -847,6 +869,8 @@ class ReverseProxy:
                     ) from None
             else:
                 body = _maskable_text(bytes(raw), ctype)
+                if hidden_from_masks(body, _mask_patterns(result)):
+                    raise InvalidRequest(_HIDDEN_FROM_MASKS)
         except (InvalidRequest, UnicodeDecodeError) as exc:
             why = exc.message if isinstance(exc, InvalidRequest) else "it is not UTF-8"
             return await self._gateway_error(

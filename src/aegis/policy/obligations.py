@@ -12,6 +12,7 @@ is a best effort on top of redaction by path, never a substitute for it.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from typing import Any, Final
@@ -26,6 +27,7 @@ __all__ = [
     "apply_to_body",
     "apply_to_headers",
     "exponent_number_digits",
+    "hidden_from_masks",
     "mask_text",
 ]
 
@@ -90,11 +92,46 @@ _MASKERS: Final[dict[str, Callable[[str], str]]] = {
 }
 
 
-def mask_text(text: str, patterns: Iterable[str]) -> str:
-    """Mask every occurrence of the named built-in ``patterns`` in ``text``."""
+def _mask_written(text: str, patterns: Iterable[str]) -> str:
     for name in patterns:
         text = _MASKERS[name](text)
     return text
+
+
+def _as_read(text: str) -> str:
+    """``text`` as a lenient reader may take it: NFKC-normalised (fullwidth digits and at signs,
+    circled ``⑪``, superscript ``¹`` become ASCII) and every other decimal digit (Arabic-Indic
+    ``٤``, which NFKC keeps) as its ASCII digit, as Python's ``int()`` and many parsers read it."""
+    if text.isascii():
+        return text
+    text = unicodedata.normalize("NFKC", text)
+    if text.isascii():
+        return text
+    return "".join(
+        str(digit) if (digit := unicodedata.decimal(ch, None)) is not None else ch for ch in text
+    )
+
+
+def mask_text(text: str, patterns: Iterable[str]) -> str:
+    """Mask every occurrence of the named built-in ``patterns`` in ``text``. What the masks
+    find only in the text as read (:func:`_as_read`: fullwidth digits or at signs) is
+    masked too, and the text is then returned in that form: the client may read it so."""
+    patterns = tuple(patterns)
+    masked = _mask_written(text, patterns)
+    read = _as_read(masked)
+    if read == masked:
+        return masked
+    again = _mask_written(read, patterns)
+    return again if again != read else masked
+
+
+def hidden_from_masks(text: str, patterns: Iterable[str]) -> bool:
+    """Whether the masks find something in ``text`` as read (:func:`_as_read`) that they do
+    not find in it as written: for text that is masked as written, a reason to refuse it."""
+    patterns = tuple(patterns)
+    masked = _mask_written(text, patterns)
+    read = _as_read(masked)
+    return read != masked and _mask_written(read, patterns) != read
 
 
 def _decimal_text(number: int | float) -> str:
