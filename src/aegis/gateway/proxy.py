@@ -820,10 +820,9 @@ class ReverseProxy:
         ]
         if _has_no_body(ctx.method, upstream.status):
             # Nothing to sanitize and nothing to send: JSON null here, with content-length 4,
-            # would be read by a keep-alive client as the start of its next answer. HEAD keeps
-            # the length the upstream gave.
-            if ctx.method == "HEAD" and upstream.content_length is not None:
-                headers.append(("content-length", str(upstream.content_length)))
+            # would be read by a keep-alive client as the start of its next answer. HEAD gets no
+            # content-length: the upstream's is the length of the unsanitized body, which tells
+            # the caller how long a redacted value is, and the sanitized length is not known.
             return await _bodiless(send, upstream.status, headers)
         limit = self._settings.max_body_bytes
         raw = bytearray()
