@@ -734,6 +734,10 @@ class ReverseProxy:
             out_headers = [
                 (k, v) for k, v in forwardable(received, _RESPONSE_DROP) if not _steers_cache(k)
             ]
+            if patterns := _mask_patterns(result):
+                # A field the masks cannot read as the client does is left out, as one holding
+                # a control character is: a Location or Set-Cookie rarely carries what is masked.
+                out_headers = [(k, v) for k, v in out_headers if _maskable_field(v, patterns)]
             if result.obligations:
                 out_headers = [
                     pair
@@ -867,9 +871,7 @@ class ReverseProxy:
                         "it is not JSON that reads one way (UTF-8, no member repeated)"
                     ) from None
             else:
-                body = _maskable_text(bytes(raw), ctype)
-                if hidden_from_masks(body, _mask_patterns(result)):
-                    raise InvalidRequest(_HIDDEN_FROM_MASKS)
+                body = _maskable_text(bytes(raw), ctype, _mask_patterns(result))
         except (InvalidRequest, UnicodeDecodeError) as exc:
             why = exc.message if isinstance(exc, InvalidRequest) else "it is not UTF-8"
             return await self._gateway_error(
@@ -953,13 +955,10 @@ _EXPONENT_TOKEN: Final = re.compile(
 _FORM: Final = "application/x-www-form-urlencoded"
 
 
-def _maskable_text(raw: bytes, content_type: str | None) -> str:
+def _maskable_text(raw: bytes, content_type: str | None, patterns: tuple[str, ...]) -> str:
     """A text answer as the client will read it, for masks to rewrite; ``InvalidRequest`` when
     the masks could not see what the client reads: a charset other than UTF-8 (UTF-16 text of
-    ASCII is valid UTF-8 holding NULs), a NUL, an escape (:data:`_ESCAPE`), a digit other than
-    ASCII 0-9 (fullwidth, Arabic-Indic, superscript: the client may read it as one), a number
-    of card size written with an exponent (``4.111111111111111E15`` in JSON not labelled JSON:
-    the client reads it as JSON, the masks see no card number), or a form
+    ASCII is valid UTF-8 holding NULs), text :func:`_hidden_from_masks` refuses, or a form
     (``application/x-www-form-urlencoded``). Only JSON answers are parsed, their escapes decoded
     before masking; any other text is masked as it is written."""
     if _media_type(content_type or "") == _FORM:
@@ -967,14 +966,39 @@ def _maskable_text(raw: bytes, content_type: str | None) -> str:
     if not utf8_labelled(content_type):
         raise InvalidRequest("a text answer to mask must be UTF-8")
     text = raw.decode("utf-8")
-    if "\x00" in text or _ESCAPE.search(text):
-        raise InvalidRequest(
-            "a text answer to mask must hold no escape (\\u, \\x, %XX, &#, &name;) or NUL"
-        )
-    if not text.isascii() and any(ch.isdigit() for ch in _NON_ASCII.findall(text)):
-        raise InvalidRequest("a text answer to mask must write its digits as ASCII 0-9")
-    if any(exponent_number_digits(m.group(0)) for m in _EXPONENT_TOKEN.finditer(text)):
-        raise InvalidRequest(
-            "a text answer to mask must write no number of 13 to 19 digits with an exponent"
-        )
+    if (why := _hidden_from_masks(text, patterns)) is not None:
+        raise InvalidRequest(why)
     return text
+
+
+def _hidden_from_masks(text: str, patterns: tuple[str, ...]) -> str | None:
+    """Why masks over ``text`` as written could miss what a client reads in it, or ``None``: a
+    NUL, an escape (:data:`_ESCAPE`), a digit other than ASCII 0-9 (fullwidth, Arabic-Indic,
+    superscript: the client may read it as one), a number of card size written with an exponent
+    (``4.111111111111111E15`` in JSON not labelled JSON: the client reads it as JSON, the masks
+    see no card number), or anything the masks find only in its NFKC form (a fullwidth at
+    sign, circled numbers)."""
+    if "\x00" in text or _ESCAPE.search(text):
+        return "a text answer to mask must hold no escape (\\u, \\x, %XX, &#, &name;) or NUL"
+    if not text.isascii() and any(ch.isdigit() for ch in _NON_ASCII.findall(text)):
+        return "a text answer to mask must write its digits as ASCII 0-9"
+    if any(exponent_number_digits(m.group(0)) for m in _EXPONENT_TOKEN.finditer(text)):
+        return "a text answer to mask must write no number of 13 to 19 digits with an exponent"
+    if hidden_from_masks(text, patterns):
+        return _HIDDEN_FROM_MASKS
+    return None
+
+
+#: Digits joined by ``+``, a space once a query string or cookie value is form-decoded.
+_PLUS_DIGITS: Final = re.compile(r"[0-9]\+[0-9]")
+
+
+def _maskable_field(value: str, patterns: tuple[str, ...]) -> bool:
+    """Whether masks over an answer field's value (its bytes as Latin-1) see what the client
+    reads: the text tests of :func:`_hidden_from_masks`, over the bytes read as Latin-1 and as
+    UTF-8 both (a fullwidth digit is three bytes), and no digits joined by ``+``: a
+    ``Location`` query or a cookie value decodes ``%34`` and ``+`` as the masks do not."""
+    readings = [value, value.encode("latin-1").decode("utf-8", "replace")]
+    return not _PLUS_DIGITS.search(value) and all(
+        _hidden_from_masks(text, patterns) is None for text in readings
+    )
