@@ -194,6 +194,12 @@ async def test_a_card_number_written_as_a_json_number_is_masked_both_ways(
     gateway.upstream.answers["/crm/n"] = raw_answer(numbers, "application/json")
     status, _, body = await gateway.call("GET", "/crm/n")
     assert status == 200 and b"4111111111111111" not in body, body
+    # A 19-digit card read exactly (int(), %.0f), though its shortest form is not one.
+    gateway.upstream.answers["/crm/f"] = raw_answer(
+        b'{"card": 4111111111111111680.0}', "application/json"
+    )
+    status, _, exact = await gateway.call("GET", "/crm/f")
+    assert (status, json.loads(exact)) == (200, {"card": "***************1680"}), exact
     assert json.loads(body) == {"card": "************1111", "again": "************1111",
                                 "count": 42}  # fmt: skip
     status, _, body = await gateway.call(

@@ -151,3 +151,15 @@ def test_masks_see_unicode_digits_and_at_signs_as_a_reader_does() -> None:
         "a": "************1111", "b": "************1111", "c": EMAIL_MASK,
         "d": "caf\u00e9 \uff11\uff12", EMAIL_MASK: 1,
     }  # fmt: skip
+
+
+def test_a_float_is_masked_by_its_exact_value_too() -> None:
+    """``4111111111111111680.0`` prints as ``4.1111111111111117e+18`` (not Luhn-valid), but
+    ``int()`` and ``%.0f`` print its exact value, a valid 19-digit card number."""
+    ob = [S("mask", "response", pattern="card_number")]
+    body = {"n": 4111111111111111680.0, "s": "4.1111111111111117e18", "k": 1e18}
+    assert apply_to_body(body, ob, "response") == {
+        "n": "***************1680",
+        "s": "***************1680",
+        "k": 1e18,
+    }

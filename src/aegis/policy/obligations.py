@@ -134,15 +134,17 @@ def hidden_from_masks(text: str, patterns: Iterable[str]) -> bool:
     return read != masked and _mask_written(read, patterns) != read
 
 
-def _decimal_text(number: int | float) -> str:
-    """A JSON number as a reader prints it: an integer or a whole float in decimal digits (a
-    float by its shortest digits, as JavaScript prints 4.111111111111117e18:
-    ``4111111111111117000``), any other float as it is written out."""
+def _decimal_texts(number: int | float) -> tuple[str, ...]:
+    """A JSON number as readers print it: an integer in decimal digits; a whole float by its
+    shortest digits, as JavaScript prints 4.1111111111111117e18 (``4111111111111111700``), and
+    by its exact value, as C's ``%.0f`` and Python's ``int()`` do (``4111111111111111680``); any
+    other float as it is written out."""
     if isinstance(number, int):
-        return str(number)
+        return (str(number),)
     if number.is_integer():
-        return format(Decimal(repr(number)).to_integral_value(), "f")
-    return repr(number)
+        shortest = format(Decimal(repr(number)).to_integral_value(), "f")
+        return tuple(dict.fromkeys((shortest, format(Decimal(number), "f"))))
+    return (repr(number),)
 
 
 #: A number written with an exponent, as a string may hold one: ``"4.111111111111111e15"`` is
@@ -160,12 +162,9 @@ def exponent_number_digits(token: str) -> tuple[str, ...]:
         return ()
     if not number.is_finite() or not 11 <= number.adjusted() <= 19:
         return ()
-    return tuple(
-        dict.fromkeys(
-            format(number.to_integral_value(rounding), "f").lstrip("-")
-            for rounding in (ROUND_DOWN, None)
-        )
-    )
+    read = [number.to_integral_value(ROUND_DOWN), number.to_integral_value()]
+    read.append(Decimal(float(number)).to_integral_value())  # as float() reads it, exactly
+    return tuple(dict.fromkeys(format(n, "f").lstrip("-") for n in read))
 
 
 def _mask_string(value: str, patterns: tuple[str, ...]) -> str:
@@ -185,9 +184,11 @@ def _mask_values(value: Any, patterns: tuple[str, ...]) -> Any:
     if isinstance(value, int | float) and not isinstance(value, bool):
         # {"card": 4111111111111111} carries the card number as well as a string does; a match
         # turns the number into the masked text (a string: no number shows the mask).
-        text = _decimal_text(value)
-        masked = mask_text(text, patterns)
-        return value if masked == text else masked
+        for text in _decimal_texts(value):
+            masked = mask_text(text, patterns)
+            if masked != text:
+                return masked
+        return value
     if isinstance(value, dict):
         # Keys too: {"bob@example.com": {...}} carries the address in the key. Two keys masked
         # to the same text keep the later value: hiding wins over keeping.
