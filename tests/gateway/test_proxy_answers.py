@@ -230,6 +230,10 @@ async def test_a_card_number_written_as_a_json_number_is_masked_both_ways(
         ("card \u0664\u0661\u0661\u0661 1111 1111 1111".encode(), "text/plain"),
         ("card \u2074\u00b9\u00b9\u00b9 1111 1111 1111".encode(), "text/plain"),  # superscripts
         ("mail ann\uff20example.com".encode(), "text/plain"),  # a fullwidth @
+        # NFKC forms that are no digit to isdigit(): circled eleven, circled forty-one.
+        ("card 4111 1111 1111 \u246a\u246a".encode(), "text/plain"),
+        ("card \u32b6\u246a\u246a\u246a\u246a\u246a\u246a\u246a".encode(), "text/plain"),
+        (b"<p>card 4111 1111 1111 111&sup1</p>", "text/html"),  # HTML reads it without ';'
         ("mail \uff41\uff4e\uff4e@example.com".encode(), "text/plain"),
         # JSON not labelled JSON: the client parses it, the masks read the number as written.
         (b'{"card": 4.111111111111111e15}\n', "application/x-ndjson"),

@@ -939,11 +939,12 @@ def _media_type(content_type: str) -> str:
 #: An escape the client may decode and a mask over the text does not: ``\u0034``, ``\u{34}``,
 #: ``\U00000034``, ``\x34``, octal ``\064`` (JSON, JavaScript, Python, C); ``%34``, ``%u0034``
 #: (URL encoding); an HTML character reference, numeric (``&#52;``, ``&#x34``: the ``;`` is
-#: optional) or named (``&commat;`` is ``@``). Not only digits: ``ann\u0040example.com`` hides an
-#: address, ``AKIA\u0049…`` a key.
+#: optional) or named (``&commat;`` is ``@``; HTML reads the legacy ``&sup1``, ``&frac12`` …
+#: without the ``;`` too). Not only digits: ``ann\u0040example.com`` hides an address,
+#: ``AKIA\u0049…`` a key.
 _ESCAPE: Final = re.compile(
     r"\\(?:[uUxX][0-9A-Fa-f{]|[0-7])|%(?:[0-9A-Fa-f]{2}|[uU][0-9A-Fa-f]{4})"
-    r"|&(?:#[0-9xX]|[A-Za-z][A-Za-z0-9]*;)"
+    r"|&(?:#[0-9xX]|[A-Za-z][A-Za-z0-9]*;|sup[123]|frac[0-9]{2})"
 )
 _NON_ASCII: Final = re.compile(r"[^\x00-\x7f]")
 #: A number with an exponent, not inside a word: JSON labelled text/plain or NDJSON, read by the
