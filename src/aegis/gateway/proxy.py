@@ -122,8 +122,13 @@ _SANITIZED_DROP: Final = frozenset(
     {"content-encoding", "accept-ranges", "etag", "content-md5", "digest", "repr-digest"}
     | {"content-digest", "x-goog-hash", "x-ms-content-md5", "x-ms-content-crc64"}
 )
-#: Object stores name a body's checksum by algorithm: ``x-amz-checksum-sha256``, ``-crc32`` …
-_SANITIZED_DROP_PREFIX: Final = "x-amz-checksum-"
+#: Object stores name a body's checksum in their own ways (``x-amz-checksum-sha256``,
+#: ``x-bz-content-sha1``, ``x-oss-hash-crc64ecma``, ``x-ms-blob-content-md5`` …): any field whose
+#: name holds one of these words is taken for one and dropped too.
+_SANITIZED_DROP_WORDS: Final = (
+    *("md5", "sha1", "sha-1", "sha256", "sha-256", "sha512", "crc"),
+    *("hash", "digest", "checksum"),
+)
 #: A control character other than HTAB, which no field value may hold (RFC 9110 §5.5).
 _CONTROL_BYTE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 #: Upstream answers of at most this many bytes (by their ``content-length``) are sent in one piece.
@@ -820,7 +825,7 @@ class ReverseProxy:
         headers = [
             (k, v)
             for k, v in headers
-            if k not in _SANITIZED_DROP and not k.startswith(_SANITIZED_DROP_PREFIX)
+            if k not in _SANITIZED_DROP and not any(word in k for word in _SANITIZED_DROP_WORDS)
         ]
         if _has_no_body(ctx.method, upstream.status):
             # Nothing to sanitize and nothing to send: JSON null here, with content-length 4,
