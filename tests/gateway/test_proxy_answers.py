@@ -347,6 +347,27 @@ async def test_a_sanitized_answer_without_a_body_is_sent_without_one(gateway: Ga
     assert [body for _, body in got] == [b"", b"", b"", b"", b"", b'{"ok":true}']
 
 
+@pytest.mark.parametrize("gateway", ["httptools", "h11"], indirect=True)
+@pytest.mark.parametrize("path", ["/crm/101", "/payments/101"])
+async def test_an_interim_status_from_the_upstream_is_refused(gateway: Gateway, path: str) -> None:
+    """A 101 switches the connection to a protocol no decision covers (no Upgrade is forwarded
+    to ask for it): httptools relayed it, h11 failed on it. Either way it is a 502, and the
+    connection goes on serving the next call."""
+    gateway.upstream.answers[path] = (
+        b"HTTP/1.1 101 Switching Protocols\r\nContent-Type: application/json\r\n"
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n" + CUSTOMER
+    )
+    got = await exchange(
+        gateway.port, gateway.request("GET", path), gateway.request("GET", "/payments/after")
+    )
+    (head, body), (after, rest) = got
+    assert head.startswith(b"HTTP/1.1 502"), head
+    assert (
+        json.loads(body)["error"] == "bad_gateway" and b"101" in body and SSN.encode() not in body
+    )
+    assert after.startswith(b"HTTP/1.1 200") and rest == b'{"ok":true}'
+
+
 async def test_header_bytes_outside_latin_1_are_relayed_as_received(gateway: Gateway) -> None:
     """``X-Name: €`` in UTF-8 is three bytes an ASGI server sends as they are; decoded by the
     client library and encoded again as Latin-1 it was a 500 after the call was allowed."""

@@ -716,6 +716,17 @@ class ReverseProxy:
                 send, ctx, 502, "bad_gateway", "the upstream cannot be reached", result
             )
         try:
+            if upstream.status < 200:
+                # No 1xx reaches the answer path but one the caller did not ask for: a 101
+                # switches to a protocol no decision covers (no Upgrade is forwarded), and the
+                # ASGI servers either relay it or fail on it. The connection is not reused.
+                upstream.close()
+                return await self._gateway_error(
+                    send, ctx, 502, "bad_gateway",
+                    f"the upstream answered {upstream.status}, an interim status no request "
+                    "through the gateway asks for; it must send a final answer",
+                    result,
+                )  # fmt: skip
             if streamed is not None and streamed.whole:
                 # The body has passed whole: its record is written before the caller is answered.
                 await self._body_forwarded(ctx, result, streamed)
