@@ -475,8 +475,11 @@ async def test_forwarding_claims_envoy_does_not_set_are_removed_before_the_upstr
     agent = Agent(env)
     envoys = [("x-forwarded-for", "10.0.0.5, 198.51.100.7"), ("x-forwarded-proto", "https"),
               ("x-forwarded-port", "443"), ("x-forwarded-client-cert", "Hash=00")]  # fmt: skip
+    # Go chi's RealIP believes True-Client-IP, Rails' remote_ip Client-IP.
     claims = [("x-real-ip", "10.0.0.5"), ("forwarded", "for=10.0.0.5"),
-              ("x-forwarded-host", "admin.example.com"), ("x_forwarded_for", "10.0.0.5")]  # fmt: skip
+              ("x-forwarded-host", "admin.example.com"), ("x_forwarded_for", "10.0.0.5"),
+              ("true-client-ip", "10.0.0.1"), ("client-ip", "10.0.0.1"),
+              ("cf-connecting-ip", "10.0.0.1"), ("x-original-host", "admin.example.com")]  # fmt: skip
     resp = await stub.Check(check([*dpop_headers(agent, agent.token()), *envoys, *claims]))
     assert resp.status.code == code_pb2.OK, resp
     assert set(resp.ok_response.headers_to_remove) == {
@@ -486,6 +489,10 @@ async def test_forwarding_claims_envoy_does_not_set_are_removed_before_the_upstr
         "forwarded",
         "x-forwarded-host",
         "x_forwarded_for",
+        "true-client-ip",
+        "client-ip",
+        "cf-connecting-ip",
+        "x-original-host",
     }
 
 

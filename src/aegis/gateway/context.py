@@ -239,14 +239,24 @@ UPGRADE_REFUSED: Final = (
 )
 
 
+#: Fields naming the client's address or the host it asked for that common upstream code
+#: believes (Go chi's RealIP reads True-Client-IP, Rails' remote_ip Client-IP, CDNs set their
+#: own), besides ``Forwarded``, ``X-Real-IP`` and ``X-Forwarded-*``.
+PROXY_CLAIMS: Final = frozenset(
+    {"forwarded", "x-real-ip", "true-client-ip", "x-client-ip", "client-ip", "cf-connecting-ip",
+     "x-cluster-client-ip", "fastly-client-ip", "x-original-forwarded-for", "x-host",
+     "x-original-host", "x-proxyuser-ip"}
+)  # fmt: skip
+
+
 def proxy_claim(name: str) -> bool:
     """Whether a request field (lowercase name) is a claim about the client or the path through
-    proxies (``Forwarded``, ``X-Forwarded-*``, ``X-Real-IP``, however spelled): from a caller it
-    is unverified, and an upstream that believes it would take a spoofed address, scheme or host
+    proxies (:data:`PROXY_CLAIMS`, ``X-Forwarded-*``, however spelled): from a caller it is
+    unverified, and an upstream that believes it would take a spoofed address, scheme or host
     for the gateway's word. Every door shows policy its own ``X-Forwarded-For/Proto/Host``
     instead."""
     norm = name.replace("_", "-")
-    return norm in ("forwarded", "x-real-ip") or norm.startswith("x-forwarded-")
+    return norm in PROXY_CLAIMS or norm.startswith("x-forwarded-")
 
 
 def refuse_redirecting_fields(
