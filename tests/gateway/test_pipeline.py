@@ -54,6 +54,12 @@ spec:
 """
 
 
+def activate(env: Env, text: str) -> None:
+    """Put the policy ``text`` in force for acme/prod."""
+    env.policies.activate("acme", "prod", env.policies.put(load_document(text), now=0), actor="t",
+                          now=0)  # fmt: skip
+
+
 async def test_allowed_with_allowlist_fallback_and_attested(env: Env) -> None:
     agent = Agent(env)
     token = agent.token()
@@ -162,9 +168,7 @@ async def test_route_tenant_and_audience(env: Env) -> None:
 async def test_policy_enforcement(
     env: Env, amount: object, action: str, status: int, code: str | None
 ) -> None:
-    env.policies.activate(
-        "acme", "prod", env.policies.put(load_document(POLICY), now=0), actor="t", now=0
-    )
+    activate(env, POLICY)
     agent = Agent(env)
     token = agent.token()
     body = {"amount": amount, "memo": "secret memo"}
@@ -205,9 +209,7 @@ async def test_a_value_the_upstream_would_convert_is_refused(
     env: Env, account: object, status: int, code: str | None
 ) -> None:
     """Spring binds {"toAccount": "42"} to an int field as 42: a deny on 42 must hold for it."""
-    env.policies.activate(
-        "acme", "prod", env.policies.put(load_document(CONVERTED), now=0), actor="t", now=0
-    )
+    activate(env, CONVERTED)
     agent = Agent(env)
     body = {"toAccount": account}
     result = await env.pipeline.run(make_ctx(dpop_headers(agent, agent.token()), body=body))
@@ -215,9 +217,7 @@ async def test_a_value_the_upstream_would_convert_is_refused(
 
 
 async def test_a_body_the_policy_reads_must_be_shown_to_it(env: Env) -> None:
-    env.policies.activate(
-        "acme", "prod", env.policies.put(load_document(POLICY), now=0), actor="t", now=0
-    )
+    activate(env, POLICY)
     agent = Agent(env)
     streamed = dataclasses.replace(
         make_ctx(dpop_headers(agent, agent.token())),
@@ -376,9 +376,7 @@ spec:
 async def test_a_repeated_query_parameter_the_policy_reads_is_refused(
     env: Env, query: tuple[tuple[str, str], ...], status: int, code: str | None
 ) -> None:
-    env.policies.activate(
-        "acme", "prod", env.policies.put(load_document(QUERY_RULE), now=0), actor="t", now=0
-    )
+    activate(env, QUERY_RULE)
     agent = Agent(env)
     ctx = dataclasses.replace(make_ctx(dpop_headers(agent, agent.token())), query=query)
     result = await env.pipeline.run(ctx)
@@ -439,9 +437,7 @@ async def test_a_field_policy_reads_sent_under_another_spelling_is_refused(
     fields: tuple[tuple[str, str], ...],
     status: int,
 ) -> None:
-    env.policies.activate(
-        "acme", "prod", env.policies.put(load_document(SPELLING_RULES), now=0), actor="t", now=0
-    )
+    activate(env, SPELLING_RULES)
     agent = Agent(env)
     ctx = make_ctx([*dpop_headers(agent, agent.token()), *fields], body=body)
     result = await env.pipeline.run(dataclasses.replace(ctx, query=query))
@@ -548,9 +544,7 @@ async def test_a_proof_for_another_hosts_route_is_refused_behind_a_public_url(en
 async def test_a_form_body_shadowing_a_query_parameter_policy_reads_is_refused(
     env: Env, raw: bytes, shown: bool, status: int
 ) -> None:
-    env.policies.activate(
-        "acme", "prod", env.policies.put(load_document(QUERY_RULE), now=0), actor="t", now=0
-    )
+    activate(env, QUERY_RULE)
     agent = Agent(env)
     ctx = dataclasses.replace(
         make_ctx([*dpop_headers(agent, agent.token()),
@@ -575,9 +569,7 @@ async def test_a_form_body_shadowing_a_query_parameter_policy_reads_is_refused(
 async def test_an_untyped_or_json_ish_body_shadowing_a_read_parameter_is_refused(
     env: Env, content_type: str | None, raw: bytes, status: int
 ) -> None:
-    env.policies.activate(
-        "acme", "prod", env.policies.put(load_document(QUERY_RULE), now=0), actor="t", now=0
-    )
+    activate(env, QUERY_RULE)
     agent = Agent(env)
     typed = [("content-type", content_type)] if content_type else []
     ctx = dataclasses.replace(
@@ -623,9 +615,7 @@ async def test_a_cookie_named_like_a_read_parameter_is_refused(
     env: Env, cookie: str, status: int
 ) -> None:
     """PHP's $_REQUEST reads cookies over the query (variables_order EGPCS)."""
-    env.policies.activate(
-        "acme", "prod", env.policies.put(load_document(QUERY_RULE), now=0), actor="t", now=0
-    )
+    activate(env, QUERY_RULE)
     agent = Agent(env)
     ctx = dataclasses.replace(
         make_ctx([*dpop_headers(agent, agent.token()), ("cookie", cookie)]),
@@ -683,9 +673,7 @@ async def test_a_body_sending_the_upstream_wrapper_key_is_refused(
 ) -> None:
     """Rails' ParamsWrapper files a JSON body's members under the controller's key unless the
     body sends that key itself: the controller would read the nested amount, policy the top."""
-    env.policies.activate(
-        "acme", "prod", env.policies.put(load_document(BODY_CAP_RULE), now=0), actor="t", now=0
-    )
+    activate(env, BODY_CAP_RULE)
     agent = Agent(env)
     route = dataclasses.replace(PAY, wrap_parameters=wrapper)
     result = await env.pipeline.run(
@@ -714,9 +702,7 @@ spec:
 async def test_policy_sees_the_host_as_routes_compare_it(env: Env, host: str, status: int) -> None:
     """Host names are case-insensitive and a trailing dot names the same host: a rule on the
     host holds for every spelling of it."""
-    env.policies.activate(
-        "acme", "prod", env.policies.put(load_document(HOST_RULE), now=0), actor="t", now=0
-    )
+    activate(env, HOST_RULE)
     agent = Agent(env)
     ctx = make_ctx([*dpop_headers(agent, agent.token()), ("host", host)], body={})
     assert (await env.pipeline.run(ctx)).status == status
@@ -732,9 +718,7 @@ async def test_a_query_naming_the_upstream_wrapper_key_is_refused(
 ) -> None:
     """Rails wraps only when ``request.parameters`` lacks the key, and they hold the query: with
     ``?payment[amount]=5000`` the controller reads 5000 while policy read the body's amount."""
-    env.policies.activate(
-        "acme", "prod", env.policies.put(load_document(BODY_CAP_RULE), now=0), actor="t", now=0
-    )
+    activate(env, BODY_CAP_RULE)
     agent = Agent(env)
     route = dataclasses.replace(PAY, wrap_parameters="payment")
     ctx = make_ctx(dpop_headers(agent, agent.token()), body={"amount": 50}, route=route)
@@ -772,9 +756,7 @@ async def test_a_path_the_policy_decides_apart_from_its_variant_is_refused(
     """Rails serves ``/payments/refund.json`` and Express ``/payments/refund/`` as the refund
     path a rule denies; an exact upstream serves them as other paths. A deny under either
     reading denies; a rule testing the extension still holds."""
-    env.policies.activate(
-        "acme", "prod", env.policies.put(load_document(PATH_RULES), now=0), actor="t", now=0
-    )
+    activate(env, PATH_RULES)
     agent = Agent(env)
     token = agent.token()
     headers = [("authorization", f"DPoP {token}"),
@@ -798,10 +780,7 @@ spec:
 
 async def test_a_path_decided_apart_but_for_a_deny_is_refused(env: Env) -> None:
     """``/payments/refund.json`` is allowed as sent and needs an approval as Rails serves it."""
-    env.policies.activate(
-        "acme", "prod", env.policies.put(load_document(APPROVAL_PATH_RULES), now=0), actor="t",
-        now=0,
-    )  # fmt: skip
+    activate(env, APPROVAL_PATH_RULES)
     agent = Agent(env)
     token = agent.token()
     path = "/payments/refund.json"
