@@ -247,6 +247,15 @@ async def test_a_card_number_written_as_a_json_number_is_masked_both_ways(
         (b'{"card": 4.111111111111111E15}', None),
         (b'{"card": 41111111111111110e-1}', "application/jsonl"),
         (b'{"card":-4.111111111111111E+15}', "text/plain"),
+        # Parts decode on their own: quoted-printable, base64 or UTF-7 hide the card number.
+        (b"--b\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: quoted-printable"
+         b"\r\n\r\ncard =34111 1111 1111 1111\r\n--b--\r\n", "multipart/mixed; boundary=b"),
+        (b"--b\r\nContent-Transfer-Encoding: base64\r\n\r\nNDExMSAxMTExIDExMTEgMTExMQ==\r\n"
+         b"--b--\r\n", "Multipart/Related; boundary=b"),
+        (b"--b\r\nContent-Type: text/plain; charset=utf-7\r\n\r\ncard +ADQ-111 1111 1111 1111"
+         b"\r\n--b--\r\n", "multipart/alternative; boundary=b"),
+        (b"Content-Transfer-Encoding: quoted-printable\r\n\r\ncard =34111 1111 1111 1111",
+         "message/rfc822"),
     ],
 )  # fmt: skip
 async def test_a_text_answer_the_client_decodes_further_is_refused_under_masks(

@@ -976,10 +976,19 @@ def _maskable_text(raw: bytes, content_type: str | None, patterns: tuple[str, ..
     """A text answer as the client will read it, for masks to rewrite; ``InvalidRequest`` when
     the masks could not see what the client reads: a charset other than UTF-8 (UTF-16 text of
     ASCII is valid UTF-8 holding NULs), text :func:`_hidden_from_masks` refuses, or a form
-    (``application/x-www-form-urlencoded``). Only JSON answers are parsed, their escapes decoded
-    before masking; any other text is masked as it is written."""
-    if _media_type(content_type or "") == _FORM:
+    (``application/x-www-form-urlencoded``). Under masks, so is a ``multipart/*`` or
+    ``message/*`` answer: each part names its own transfer encoding and charset. Only JSON
+    answers are parsed, their escapes decoded before masking; any other text is masked as it is
+    written."""
+    media = _media_type(content_type or "")
+    if media == _FORM:
         raise InvalidRequest("a form answer cannot be masked: its '+' and '%XX' decode")
+    if patterns and media.partition("/")[0] in ("multipart", "message"):
+        # Each part names its own charset and Content-Transfer-Encoding: as quoted-printable,
+        # base64 or UTF-7 a part hides a card number the masks over the whole never see.
+        raise InvalidRequest(
+            "a multipart or message answer cannot be masked: its parts decode on their own"
+        )
     if not utf8_labelled(content_type):
         raise InvalidRequest("a text answer to mask must be UTF-8")
     text = raw.decode("utf-8")
