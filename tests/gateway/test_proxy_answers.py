@@ -308,6 +308,40 @@ async def test_masks_see_json_escapes_decoded_and_plain_text_as_written(gateway:
 
 
 @pytest.mark.parametrize(
+    "body",
+    [
+        b'{"html": "<p>&#52;111 1111 1111 1111</p>"}',
+        b'{"html": "ann&#64;example.com"}',
+        b'{"next": "/c?card=%34111%201111%201111%201111"}',
+        b'{"next": "/c?card=4111+1111+1111+1111"}',
+        b'{"s": "\\\\u0034111 1111 1111 1111"}',  # doubled: the string holds the escape
+        b'{"note": "card 4.111111111111111e15"}',
+        b'{"card &#52;111 1111 1111 1111": 1}',  # a member name
+        '{"note": "card \uff14.111111111111111e15"}'.encode(),
+    ],
+)  # fmt: skip
+async def test_a_json_string_the_client_decodes_further_is_refused_under_masks(
+    gateway: Gateway, body: bytes
+) -> None:
+    """The parser decodes JSON's escapes; a client may decode an HTML reference, ``%XX`` or a
+    ``+`` in a string, or read a number with an exponent inside it, as the masks do not."""
+    gateway.upstream.answers["/notes/s"] = raw_answer(body, "application/json")
+    status, _, answer = await gateway.call("GET", "/notes/s")
+    assert (status, json.loads(answer)["error"]) == (502, "bad_gateway"), answer
+    assert "cannot be sanitized: a JSON answer" in json.loads(answer)["error_description"]
+    assert b"111" not in answer and b"example" not in answer
+
+
+async def test_json_strings_that_read_as_written_are_masked_not_refused(gateway: Gateway) -> None:
+    body = json.dumps({"c": "\uff14.111111111111111e15", "n": "1.5e15 2+2", "x": "1e5"}).encode()
+    gateway.upstream.answers["/notes/ok"] = raw_answer(body, "application/json")
+    status, _, answer = await gateway.call("GET", "/notes/ok")
+    assert (status, json.loads(answer)) == (
+        200, {"c": "************1111", "n": "1.5e15 2+2", "x": "1e5"}
+    ), answer  # fmt: skip
+
+
+@pytest.mark.parametrize(
     "field",
     [("If-Match", '"guess"'), ("if_match", '"guess"'), ("If-Match", "*"),
      ("If-Unmodified-Since", "Tue, 01 Dec 2026 10:00:00 GMT"),

@@ -73,8 +73,10 @@ from aegis.pki.middleware import peer_from_scope
 from aegis.policy.obligations import (
     apply_to_body,
     apply_to_headers,
+    as_read,
     exponent_number_digits,
     hidden_from_masks,
+    mask_text,
 )
 from aegis.telemetry.logging import log_event
 from aegis.telemetry.metrics import count_forward_failure
@@ -888,13 +890,16 @@ class ReverseProxy:
                     ) from None
             else:
                 body = _maskable_text(bytes(raw), ctype, _mask_patterns(result))
+            clean = apply_to_body(body, result.obligations, "response")
+            patterns = _mask_patterns(result)
+            if as_json and patterns and (hidden := _hidden_in_json(clean, patterns)) is not None:
+                raise InvalidRequest(hidden)
         except (InvalidRequest, UnicodeDecodeError) as exc:
             why = exc.message if isinstance(exc, InvalidRequest) else "it is not UTF-8"
             return await self._gateway_error(
                 send, ctx, 502, "bad_gateway",
                 f"the upstream answer cannot be sanitized: {why}", result,
             )  # fmt: skip
-        clean = apply_to_body(body, result.obligations, "response")
         data = json.dumps(clean).encode() if as_json else str(clean).encode("utf-8")
         await _answer(send, upstream.status, headers, data)
 
@@ -1028,3 +1033,40 @@ def _maskable_field(value: str, patterns: tuple[str, ...]) -> bool:
     return not _PLUS_DIGITS.search(value) and all(
         _hidden_from_masks(text, patterns) is None for text in readings
     )
+
+
+def _hidden_in_json(clean: Any, patterns: tuple[str, ...]) -> str | None:
+    """Why masks over a JSON answer's strings (``clean``, already masked) could miss what a
+    client reads in one, or ``None``. The parser decodes JSON's own escapes only; a client may
+    decode more in a string or member name: an HTML reference (``"<p>&#52;111 …</p>"``), ``%34``,
+    a doubled ``\\u0034``, a form's ``+`` (``4111+1111+1111+1111``), or read a number with an
+    exponent inside longer text (``"card 4.111111111111111e15"``, fullwidth digits too)."""
+    stack = [clean]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str) and (why := _hidden_in_string(value, patterns)) is not None:
+            return why
+    return None
+
+
+def _hidden_in_string(text: str, patterns: tuple[str, ...]) -> str | None:
+    """The tests of :func:`_hidden_from_masks` for one masked JSON string: escapes and NULs
+    refuse it; a card-size number with an exponent, or digits joined by ``+`` read as spaces,
+    refuse it only where the masks would change what it reads as (JSON strings are read in
+    their NFKC form, so other Unicode digits are masked, not refused)."""
+    if "\x00" in text or _ESCAPE.search(text):
+        return (
+            "a JSON answer to mask must hold no escape (\\u, \\x, %XX, &#, &name;) or NUL "
+            "in a string"
+        )
+    for token in _EXPONENT_TOKEN.finditer(as_read(text)):
+        if any(mask_text(d, patterns) != d for d in exponent_number_digits(token.group(0))):
+            return "a JSON answer to mask must write no card number with an exponent in a string"
+    if "+" in text and mask_text(spaced := text.replace("+", " "), patterns) != spaced:
+        return "a JSON answer to mask must not join what the masks look for with '+'"
+    return None

@@ -26,6 +26,7 @@ __all__ = [
     "SECRET_MASK",
     "apply_to_body",
     "apply_to_headers",
+    "as_read",
     "exponent_number_digits",
     "hidden_from_masks",
     "mask_text",
@@ -98,7 +99,7 @@ def _mask_written(text: str, patterns: Iterable[str]) -> str:
     return text
 
 
-def _as_read(text: str) -> str:
+def as_read(text: str) -> str:
     """``text`` as a lenient reader may take it: NFKC-normalised (fullwidth digits and at signs,
     circled ``⑪``, superscript ``¹`` become ASCII) and every other decimal digit (Arabic-Indic
     ``٤``, which NFKC keeps) as its ASCII digit, as Python's ``int()`` and many parsers read it."""
@@ -114,11 +115,11 @@ def _as_read(text: str) -> str:
 
 def mask_text(text: str, patterns: Iterable[str]) -> str:
     """Mask every occurrence of the named built-in ``patterns`` in ``text``. What the masks
-    find only in the text as read (:func:`_as_read`: fullwidth digits or at signs) is
+    find only in the text as read (:func:`as_read`: fullwidth digits or at signs) is
     masked too, and the text is then returned in that form: the client may read it so."""
     patterns = tuple(patterns)
     masked = _mask_written(text, patterns)
-    read = _as_read(masked)
+    read = as_read(masked)
     if read == masked:
         return masked
     again = _mask_written(read, patterns)
@@ -126,11 +127,11 @@ def mask_text(text: str, patterns: Iterable[str]) -> str:
 
 
 def hidden_from_masks(text: str, patterns: Iterable[str]) -> bool:
-    """Whether the masks find something in ``text`` as read (:func:`_as_read`) that they do
+    """Whether the masks find something in ``text`` as read (:func:`as_read`) that they do
     not find in it as written: for text that is masked as written, a reason to refuse it."""
     patterns = tuple(patterns)
     masked = _mask_written(text, patterns)
-    read = _as_read(masked)
+    read = as_read(masked)
     return read != masked and _mask_written(read, patterns) != read
 
 
@@ -170,8 +171,9 @@ def exponent_number_digits(token: str) -> tuple[str, ...]:
 def _mask_string(value: str, patterns: tuple[str, ...]) -> str:
     """``value`` masked; a number written with an exponent is masked as the whole number it
     reads as (masks over ``4.111111111111111e15`` as written see no card number)."""
-    if _EXPONENT_NUMBER.fullmatch(value.strip()):
-        for digits in exponent_number_digits(value):
+    read = as_read(value).strip()
+    if _EXPONENT_NUMBER.fullmatch(read):  # as read: a fullwidth 4.1…e15 is one too
+        for digits in exponent_number_digits(read):
             masked = mask_text(digits, patterns)
             if masked != digits:
                 return masked
