@@ -62,6 +62,18 @@ def test_card_numbers_keep_the_last_four_luhn_valid_only() -> None:
     assert mask_text("order 4111111111111112", ["card_number"]) == "order 4111111111111112"
 
 
+def test_card_numbers_with_other_separators_are_masked() -> None:
+    """A reader takes doubled spaces, tabs, `` - ``, dots, underscores and Unicode dashes
+    between the digits for the same card number; up to three separators may stand between two."""
+    for sep in ("  ", "\t", " - ", ".", "_", "\u2011", "\u2013", "\u2212", "\u00a0", " \u2014 "):
+        text = sep.join(["4111", "1111", "1111", "1111"])
+        masked = mask_text(f"card {text}.", ["card_number"])
+        assert masked == f"card {sep.join(['****'] * 3 + ['1111'])}.", (sep, masked)
+    assert mask_text("4_111_111_111_111_111", ["card_number"]) == "*_***_***_***_**1_111"
+    assert mask_text("4111    1111 1111 1111", ["card_number"]) == "4111    1111 1111 1111"
+    assert mask_text("4111.1111.1111.1112", ["card_number"]) == "4111.1111.1111.1112"
+
+
 def test_emails_and_secrets_are_masked() -> None:
     text = "mail bob.smith+x@mail.example.org key AKIAABCDEFGHIJKLMNOP jwt eyJhbGciOi.eyJzdWIiOi.c2lnbmF0dXJl"
     out = mask_text(text, ["email", "secret"])

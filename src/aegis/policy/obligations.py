@@ -3,7 +3,8 @@
 The gateway applies a ``sanitize`` decision's obligations with these functions: to the request
 body and headers before forwarding (``target: request``) and to the response before answering
 (``target: response``). They never mutate their arguments. Masking covers e-mail addresses, payment
-card numbers (13-19 digits, optional spaces or dashes, Luhn-valid; the last four digits are kept)
+card numbers (13-19 digits, up to three spaces, dots, underscores or dashes between two, Luhn-valid;
+the last four digits are kept)
 and common secret formats (cloud keys, provider API keys, JWTs, bearer credentials, PEM private
 keys). Masks read JSON numbers too, as their decimal text (``{"card": 4111111111111111}``). Masking
 is a best effort on top of redaction by path, never a substitute for it.
@@ -39,7 +40,12 @@ SECRET_MASK: Final = "[REDACTED:secret]"
 _EMAIL: Final = re.compile(
     r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){1,8}"
 )
-_CARD: Final = re.compile(r"(?<![0-9])[0-9](?:[ -]?[0-9]){12,18}(?![0-9])")
+#: Up to three separators between digits: a reader (or a person) takes ``4111  1111``,
+#: ``4111\t1111``, ``4111 - 1111``, ``4111.1111``, ``4_111`` or a Unicode dash (U+2010-U+2015,
+#: U+2212) as one card number as readily as ``4111 1111``.
+_CARD: Final = re.compile(
+    r"(?<![0-9])[0-9](?:[\s._\-\u2010-\u2015\u2212]{0,3}[0-9]){12,18}(?![0-9])"
+)
 _SECRETS: Final = (
     re.compile(
         r"-----BEGIN [A-Z ]{0,40}PRIVATE KEY-----.{0,10000}?-----END [A-Z ]{0,40}PRIVATE KEY-----",
