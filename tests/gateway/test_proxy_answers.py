@@ -239,7 +239,6 @@ async def test_a_card_number_written_as_a_json_number_is_masked_both_ways(
         ("card 4111 1111 1111 \u246a\u246a".encode(), "text/plain"),
         ("card \u32b6\u246a\u246a\u246a\u246a\u246a\u246a\u246a".encode(), "text/plain"),
         (b"<p>card 4111 1111 1111 111&sup1</p>", "text/html"),  # HTML reads it without ';'
-        ("mail \uff41\uff4e\uff4e@example.com".encode(), "text/plain"),
         # JSON not labelled JSON: the client parses it, the masks read the number as written.
         (b'{"card": 4.111111111111111e15}\n', "application/x-ndjson"),
         (b'{"card": 4.111111111111111E15}', "text/json"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 
 from hypothesis import given, settings
@@ -88,6 +89,24 @@ def test_emails_and_secrets_are_masked() -> None:
         mask_text("Authorization: Bearer abcdefghijklmnopqrstu", ["secret"])
         == f"Authorization: {SECRET_MASK}"
     )
+
+
+def test_secrets_and_addresses_in_their_wider_forms_are_masked() -> None:
+    """Fine-grained GitHub tokens, AWS keys after ``_``, Unicode addresses (masked whole) and a
+    JWT whose header JSON holds whitespace (``eyAi…``) are masked; three base64url segments whose
+    first decodes to no JSON object are not a JWT."""
+    jwt = ".".join(
+        base64.urlsafe_b64encode(part).rstrip(b"=").decode()
+        for part in (b'{ "alg": "HS256", "typ": "JWT" }', b'{ "sub": "admin" }', b"signature")
+    )
+    pat = "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz0123456789"
+    text = f"t {pat} id ID_AKIAIOSFODNN7EXAMPLE s ASIAIOSFODNN7EXAMPLE j {jwt} n ew1234.abcd.efgh"
+    assert mask_text(text, ["secret"]) == (
+        f"t {SECRET_MASK} id ID_{SECRET_MASK} s {SECRET_MASK} j {SECRET_MASK} n ew1234.abcd.efgh"
+    )
+    mails = "ann@ex\u00e4mple.com, j\u00f6rg@example.com and o'neil@example.org"
+    assert mask_text(mails, ["email"]) == f"{EMAIL_MASK}, {EMAIL_MASK} and {EMAIL_MASK}"
+    assert mask_text("mail \uff41\uff4e\uff4e@example.com", ["email"]) == f"mail {EMAIL_MASK}"
 
 
 def test_headers_are_dropped_case_insensitively_and_masked() -> None:

@@ -12,6 +12,9 @@ is a best effort on top of redaction by path, never a substitute for it.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping
@@ -37,9 +40,9 @@ REDACTED: Final = "[REDACTED]"
 EMAIL_MASK: Final = "[REDACTED:email]"
 SECRET_MASK: Final = "[REDACTED:secret]"
 
-_EMAIL: Final = re.compile(
-    r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){1,8}"
-)
+#: Local part and domain labels are Unicode-aware (``\w``): ``jörg@example.com`` and
+#: ``ann@exämple.com`` (RFC 6531, IDNA) are addresses as whole as ``ann@example.com``.
+_EMAIL: Final = re.compile(r"[\w.%+!#$&'*=?^`{|}~/-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){1,8}")
 #: Up to three separators between digits: a reader (or a person) takes ``4111  1111``,
 #: ``4111\t1111``, ``4111 - 1111``, ``4111.1111``, ``4_111`` or a Unicode dash (U+2010-U+2015,
 #: U+2212) as one card number as readily as ``4111 1111``.
@@ -51,9 +54,11 @@ _SECRETS: Final = (
         r"-----BEGIN [A-Z ]{0,40}PRIVATE KEY-----.{0,10000}?-----END [A-Z ]{0,40}PRIVATE KEY-----",
         re.DOTALL,
     ),
-    re.compile(r"\bAKIA[0-9A-Z]{16}\b"),
+    # Not \b: "ID_AKIA…" has no word boundary before the key, which is still one.
+    re.compile(r"(?<![A-Za-z0-9])(?:AKIA|ASIA)[0-9A-Z]{16}(?![A-Za-z0-9])"),
     re.compile(r"\b(?:sk|pk|rk)_(?:live|test)_[0-9A-Za-z]{16,128}"),
     re.compile(r"\bgh[pousr]_[0-9A-Za-z]{36,255}"),
+    re.compile(r"(?<![A-Za-z0-9])github_pat_[0-9A-Za-z_]{22,255}"),  # a fine-grained token
     re.compile(r"\bxox[abprs]-[0-9A-Za-z-]{10,200}"),
     re.compile(r"\beyJ[0-9A-Za-z_-]{4,}\.eyJ[0-9A-Za-z_-]{4,}\.[0-9A-Za-z_-]{4,}"),
     re.compile(r"(?i)\bbearer\s{1,8}[0-9A-Za-z._~+/=-]{16,4096}"),
@@ -86,10 +91,28 @@ def _mask_card(m: re.Match[str]) -> str:
     return "".join(out)
 
 
+#: Three base64url segments whose first may be a JWT header written with whitespace (``{ "alg"``
+#: encodes as ``eyAi``, ``{\n`` as ``ew``): not ``eyJ``, so decoded to be sure (:func:`_jwt`).
+_JWT_LIKE: Final = re.compile(
+    r"(?<![0-9A-Za-z_-])(e[wy][0-9A-Za-z_-]{2,4096})\.[0-9A-Za-z_-]{4,}\.[0-9A-Za-z_-]{4,}"
+)
+
+
+def _jwt(m: re.Match[str]) -> str:
+    """The mask for a :data:`_JWT_LIKE` match whose first segment decodes to a JSON object (a
+    JWT header), else the match as it is."""
+    header = m.group(1)
+    try:
+        decoded = json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))
+    except (ValueError, binascii.Error, RecursionError):
+        return m.group(0)
+    return SECRET_MASK if isinstance(decoded, dict) else m.group(0)
+
+
 def _mask_secrets(text: str) -> str:
     for pattern in _SECRETS:
         text = pattern.sub(SECRET_MASK, text)
-    return text
+    return _JWT_LIKE.sub(_jwt, text)
 
 
 _MASKERS: Final[dict[str, Callable[[str], str]]] = {
