@@ -246,6 +246,14 @@ async def test_a_card_number_written_as_a_json_number_is_masked_both_ways(
         (b'{"card": 4.111111111111111E15}', None),
         (b'{"card": 41111111111111110e-1}', "application/jsonl"),
         (b'{"card":-4.111111111111111E+15}', "text/plain"),
+        # Another charset in the body: ISO-2022-JP's ESC switches to fullwidth digits.
+        (b'<html><head><meta charset="iso-2022-jp"></head><body>\x1b$B#4#1#1#1!!#1#1#1#1!!#1'
+         b'#1#1#1!!#1#1#1#1\x1b(B</body></html>', "text/html"),
+        (b'<meta charset="utf-7"><p>card +ADQ-111 1111 1111 1111</p>', "text/html"),
+        (b"<meta http-equiv=Content-Type content='text/html; charset=utf-7'>+ADQ-111 1111 1111 "
+         b"1111", "text/html"),
+        (b'<?xml version="1.0" encoding="UTF-7"?><c>+ADQ-111 1111 1111 1111</c>', "application/xml"),
+        (b"card \x1b$B#4#1#1#1\x1b(B111 1111 1111", "text/plain"),
         # Parts decode on their own: quoted-printable, base64 or UTF-7 hide the card number.
         (b"--b\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: quoted-printable"
          b"\r\n\r\ncard =34111 1111 1111 1111\r\n--b--\r\n", "multipart/mixed; boundary=b"),
@@ -304,6 +312,10 @@ async def test_masks_see_json_escapes_decoded_and_plain_text_as_written(gateway:
     gateway.upstream.answers["/notes/text"] = raw_answer(plain, "text/plain; charset=utf-8")
     status, _, body = await gateway.call("GET", "/notes/text")
     assert (status, body) == (200, b"card **** **** **** 1111, mail [REDACTED:email]; 100% & more")
+    html = b'<meta charset="UTF-8">\r\n<p>card\t4111 1111 1111 1111</p>'
+    gateway.upstream.answers["/notes/html"] = raw_answer(html, "text/html")
+    status, _, body = await gateway.call("GET", "/notes/html")
+    assert (status, body) == (200, b'<meta charset="UTF-8">\r\n<p>card\t**** **** **** 1111</p>')
 
 
 @pytest.mark.parametrize(

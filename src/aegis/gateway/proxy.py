@@ -973,6 +973,15 @@ _NON_ASCII: Final = re.compile(r"[^\x00-\x7f]")
 _EXPONENT_TOKEN: Final = re.compile(
     r"(?<![0-9A-Za-z_.])(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][+-]?[0-9]+"
 )
+#: A C0 control character other than TAB, LF and CR (ESC among them).
+_C0_CONTROL: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+#: A charset declared in an HTML or XML body (``<meta charset="iso-2022-jp">``, ``<meta
+#: http-equiv … content="text/html; charset=…">``, ``<?xml … encoding="…"?>``): an unlabelled
+#: answer is decoded by it.
+_DECLARED_CHARSET: Final = re.compile(
+    r"""(?i)<meta\b[^>]*?charset\s*=\s*["']?\s*([^\s"'>;/]*)"""
+    r"""|<\?xml\b[^>]*?encoding\s*=\s*["']?\s*([^\s"'>?]*)"""
+)
 #: A form answer reads ``+`` as a space: ``4111+1111+1111+1111`` is a card number to the client.
 _FORM: Final = "application/x-www-form-urlencoded"
 
@@ -997,6 +1006,20 @@ def _maskable_text(raw: bytes, content_type: str | None, patterns: tuple[str, ..
     if not utf8_labelled(content_type):
         raise InvalidRequest("a text answer to mask must be UTF-8")
     text = raw.decode("utf-8")
+    if patterns and _C0_CONTROL.search(text):
+        # ESC switches an ISO-2022 reader to another character set (fullwidth digits in bytes
+        # the masks read as ASCII punctuation); no text the masks read holds other controls.
+        raise InvalidRequest(
+            "a text answer to mask must hold no control character but TAB, CR and LF"
+        )
+    if patterns and any(
+        (m.group(1) or m.group(2) or "").lower() not in ("utf-8", "utf8", "us-ascii", "ascii")
+        for m in _DECLARED_CHARSET.finditer(text)
+    ):
+        raise InvalidRequest(
+            "a text answer to mask must declare no charset but UTF-8 in its body "
+            "(<meta charset>, <?xml encoding>): a client decodes by it"
+        )
     if (why := _hidden_from_masks(text, patterns)) is not None:
         raise InvalidRequest(why)
     return text
