@@ -528,3 +528,14 @@ async def test_a_sanitized_answer_with_two_content_types_is_refused(gateway: Gat
     status, _, body = await gateway.call("GET", "/notes/two")
     assert (status, json.loads(body)["error"]) == (502, "bad_gateway"), body
     assert "Content-Type" in json.loads(body)["error_description"]
+
+
+@pytest.mark.parametrize("depth", [600, 900, 3000])
+async def test_json_nested_too_deeply_to_sanitize_is_refused(gateway: Gateway, depth: int) -> None:
+    """Redaction and masks walk the answer recursively; an answer nested deeper than they can
+    walk is a 502 like any other that cannot be sanitized, never a 500."""
+    body = b'{"a":' * depth + b'"4111 1111 1111 1111"' + b"}" * depth
+    gateway.upstream.answers["/crm/deep"] = raw_answer(body, "application/json")
+    status, _, answer = await gateway.call("GET", "/crm/deep")
+    assert (status, json.loads(answer)["error"]) == (502, "bad_gateway"), answer[:200]
+    assert b"4111" not in answer

@@ -894,6 +894,13 @@ class ReverseProxy:
             patterns = _mask_patterns(result)
             if as_json and patterns and (hidden := _hidden_in_json(clean, patterns)) is not None:
                 raise InvalidRequest(hidden)
+        except RecursionError:
+            # Redaction and masks walk the JSON recursively: a few hundred levels of nesting
+            # must be a 502 like any other answer that cannot be sanitized, not a 500.
+            return await self._gateway_error(
+                send, ctx, 502, "bad_gateway",
+                "the upstream answer cannot be sanitized: it is JSON nested too deeply", result,
+            )  # fmt: skip
         except (InvalidRequest, UnicodeDecodeError) as exc:
             why = exc.message if isinstance(exc, InvalidRequest) else "it is not UTF-8"
             return await self._gateway_error(
