@@ -51,6 +51,22 @@ def test_redact_matches_member_names_in_any_case() -> None:
                    "p\u0131n": REDACTED}  # fmt: skip
 
 
+def test_redact_reads_dotted_member_names_as_paths() -> None:
+    """Elasticsearch-style readers take ``{"customer.ssn": …}`` for the path customer.ssn: a
+    member whose dotted name equals, reaches into or continues the redacted path is hidden."""
+    body = {"customer.ssn": "1", "Customer.SSN.last4": "2", "customer.name": "a",
+            "customer": {"ssn.value": "3", "name": "b"}, "customers.ssn": "4",
+            "a.customer": {"ssn": "5"}, "x": {"customer.ssn": "6"}}  # fmt: skip
+    out = apply_to_body(body, [S("redact", "response", path="customer.ssn")], "response")
+    assert out == {"customer.ssn": REDACTED, "Customer.SSN.last4": REDACTED,
+                   "customer.name": "a", "customer": {"ssn.value": REDACTED, "name": "b"},
+                   "customers.ssn": "4", "a.customer": {"ssn": "5"},
+                   "x": {"customer.ssn": "6"}}  # fmt: skip
+    deep = {"a.b": {"c": "1", "d": "2"}, "a": {"b.c": "3"}}
+    out = apply_to_body(deep, [S("redact", "response", path="a.*.c")], "response")
+    assert out == {"a.b": {"c": REDACTED, "d": "2"}, "a": {"b.c": REDACTED}}
+
+
 def test_obligations_apply_only_to_their_target() -> None:
     ob = [S("mask", "request", pattern="email")]
     assert apply_to_body({"e": "a@b.co"}, ob, "response") == {"e": "a@b.co"}

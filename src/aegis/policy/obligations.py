@@ -232,18 +232,25 @@ def _mask_values(value: Any, patterns: tuple[str, ...]) -> Any:
 def _redact(value: Any, keys: list[str]) -> Any:
     if not keys:
         return REDACTED
-    head, rest = keys[0], keys[1:]
     if isinstance(value, list):  # a path walks through lists element by element
-        return [_redact(v, keys if head != "*" else rest) for v in value]
+        return [_redact(v, keys if keys[0] != "*" else keys[1:]) for v in value]
     if not isinstance(value, dict):
         return value
     # Member names match case-insensitively: Go's encoding/json and ASP.NET read {"SSN": …} as
-    # the member ssn, so a redaction of ssn must hide it too (hiding more is the safe side).
-    folded = fold_name(head)
-    return {
-        k: (_redact(v, rest) if head == "*" or fold_name(k) == folded else v)
-        for k, v in value.items()
-    }
+    # the member ssn, so a redaction of ssn must hide it too (hiding more is the safe side). A
+    # dotted name is a path to Elasticsearch-style readers: {"customer.ssn": …} is customer.ssn,
+    # and {"ssn.last4": …} under customer lies inside it.
+    folded = ["*" if key == "*" else fold_name(key) for key in keys]
+    out = {}
+    for k, v in value.items():
+        parts = [fold_name(part) for part in k.split(".")]
+        if not all(key in ("*", part) for key, part in zip(folded, parts, strict=False)):
+            out[k] = v
+        elif len(parts) >= len(keys):
+            out[k] = REDACTED
+        else:
+            out[k] = _redact(v, keys[len(parts) :])
+    return out
 
 
 def _for(
