@@ -755,7 +755,15 @@ class ReverseProxy:
             if patterns := _mask_patterns(result):
                 # A field the masks cannot read as the client does is left out, as one holding
                 # a control character is: a Location or Set-Cookie rarely carries what is masked.
-                out_headers = [(k, v) for k, v in out_headers if _maskable_field(v, patterns)]
+                # So is a field whose name the masks would change (X-4111111111111111): a name
+                # cannot be masked and stay the field it was.
+                out_headers = [
+                    (k, v)
+                    for k, v in out_headers
+                    if _maskable_field(v, patterns)
+                    and _maskable_field(k, patterns)
+                    and mask_text(k, patterns) == k
+                ]
             if result.obligations:
                 out_headers = [
                     pair
