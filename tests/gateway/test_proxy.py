@@ -504,6 +504,10 @@ def test_a_json_body_labelled_with_another_charset_is_refused(ctype: str) -> Non
     with pytest.raises(InvalidRequest, match="UTF-8"):
         parse_json_body(UTF7_TRICK, ctype)
     assert parse_json_body(b'{"a": 1}', "application/json; charset=UTF-8") == {"a": 1}
+    for label in ("us-ascii", "ASCII", '"US-ASCII"'):  # UTF-8's subset, when the body is ASCII
+        assert parse_json_body(b'{"a": 1}', f"application/json; charset={label}") == {"a": 1}
+        with pytest.raises(InvalidRequest):
+            parse_json_body('{"a": "\u00e9"}'.encode(), f"application/json; charset={label}")
 
 
 def test_an_answer_may_hold_members_that_differ_in_case() -> None:

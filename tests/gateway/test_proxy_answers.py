@@ -540,3 +540,14 @@ async def test_json_nested_too_deeply_to_sanitize_is_refused(gateway: Gateway, d
     status, _, answer = await gateway.call("GET", "/crm/deep")
     assert (status, json.loads(answer)["error"]) == (502, "bad_gateway"), answer[:200]
     assert b"4111" not in answer
+
+
+async def test_a_json_answer_labelled_us_ascii_is_sanitized(gateway: Gateway) -> None:
+    """US-ASCII is UTF-8's subset, as it is for text answers: such an answer is read, not refused."""
+    for label in ("us-ascii", "ascii"):
+        answer = raw_answer(CUSTOMER, f"application/json; charset={label}")
+        gateway.upstream.answers["/crm/a"] = answer
+        status, _, body = await gateway.call("GET", "/crm/a")
+        assert (status, json.loads(body)) == (
+            200, {"customer": {"name": "ann", "ssn": "[REDACTED]"}, "card": "************1111"}
+        ), body  # fmt: skip

@@ -778,13 +778,16 @@ def parse_json_body(
     sanitization would read the last ``amount``, an upstream may read the first. With
     ``fold_case`` (requests) so is one holding members that differ only in case.
 
-    JSON is UTF-8 (RFC 8259 §8.1); a body labelled with another ``charset`` is refused: an
+    JSON is UTF-8 (RFC 8259 §8.1), or its subset US-ASCII when every byte is ASCII; a body labelled with another ``charset`` is refused: an
     upstream that decodes by the label (body-parser, Django) would read other text (UTF-7
     turns ``+ACI-`` into a quote) than policy read as UTF-8."""
     if not raw or not is_json_type(content_type) or is_encoded(content_encoding):
         return None
     for extended, charset in _CHARSET.findall(content_type or ""):  # a parser may take any
-        if extended or charset.lower() not in ("utf-8", "utf8"):
+        # US-ASCII is UTF-8's subset: ASCII bytes read the same by either label; any other byte
+        # is decoded differently (or not at all) by a reader that goes by the label.
+        ascii_ok = charset.lower() in ("us-ascii", "ascii") and raw.isascii()
+        if extended or not (ascii_ok or charset.lower() in ("utf-8", "utf8")):
             raise InvalidRequest(
                 "a JSON body is UTF-8 (RFC 8259); send charset=utf-8 or none, not "
                 f"{'charset' + extended + '=' + charset[:32]!r}"
