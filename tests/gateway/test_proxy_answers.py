@@ -227,7 +227,7 @@ async def test_a_card_number_written_as_a_json_number_is_masked_both_ways(
         (b'var c = "\\u{34}111111111111111";', "text/javascript"),
         (b"c = %u0034111111111111111", "text/plain"),
         (b"<p>ann&#64;example.com</p>", "text/html"),
-        (b"<p>&#x34111 1111 1111 1111</p>", "text/html"),
+        (b"<p>&#x34;111 1111 1111 1111</p>", "text/html"),
         (b"<p>ann&commat;example.com</p>", "text/html"),
         (b'{"mail":"ann\\u0040example.com"}\n', "application/x-ndjson"),
         (b'{"k": "AKIA\\u0049OSFODNN7EXAMPLE"}', "text/plain"),
@@ -474,6 +474,14 @@ async def test_an_answer_field_the_masks_cannot_read_is_left_out(
     assert status == 302 and name in got  # relayed as it is without masks
 
 
+async def test_an_answer_field_whose_escapes_hide_nothing_is_kept(gateway: Gateway) -> None:
+    """A redirect to a presigned URL or a file with a space in its name keeps its Location."""
+    location = b"Location: https://files.example.com/dl?name=Q1%20report.pdf&X-Amz-Date=2026+1\r\n"
+    gateway.upstream.answers["/notes/l"] = raw_answer(b"ok", "text/plain", "302 Found", location)
+    status, got, _ = await gateway.call("GET", "/notes/l")
+    assert status == 302 and got[b"location"] == [location[10:-2]], got
+
+
 @pytest.mark.parametrize(
     ("given", "sent"),
     [
@@ -551,3 +559,25 @@ async def test_a_json_answer_labelled_us_ascii_is_sanitized(gateway: Gateway) ->
         assert (status, json.loads(body)) == (
             200, {"customer": {"name": "ann", "ssn": "[REDACTED]"}, "card": "************1111"}
         ), body  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b'{"url": "https://cdn.example.com/files/Q1%20report.pdf", "card": "4111 1111 1111 1111"}',
+         "application/json"),
+        (b'{"html": "<a href=\\"/x?a=1&amp;b=2\\">Tom &amp; Jerry</a>"}', "application/json"),
+        (b'{"path": "C:\\\\builds\\\\x64\\\\2024\\\\out.log"}', "application/json"),
+        (b"<p>Tom &amp; Jerry &copy; 2026, card 4111 1111 1111 1111</p>", "text/html"),
+        (b"see https://files.example.com/dl?name=Q1%20report.pdf", "text/plain"),
+    ],
+)  # fmt: skip
+async def test_escapes_that_hide_nothing_are_masked_and_passed_on(
+    gateway: Gateway, body: bytes, content_type: str
+) -> None:
+    """A URL's %20 or HTML's &amp; decodes to nothing the masks look for: the answer is masked
+    and passed on, not refused."""
+    gateway.upstream.answers["/notes/plain"] = raw_answer(body, content_type)
+    status, _, answer = await gateway.call("GET", "/notes/plain")
+    assert status == 200, answer
+    assert b"4111 1111 1111 1111" not in answer

@@ -155,11 +155,15 @@ class CallContext:
         limit, or of another content type)."""
         if self.body_digest == EMPTY_BODY_DIGEST:
             return False
-        return (
-            self.raw_body is None
-            or not is_json_type(self.header("content-type"))
-            or is_encoded(self.header("content-encoding"))
-        )
+        if self.raw_body is None:
+            return True
+        ctype = coding = None
+        for k, v in self.headers:  # the first of each, in one pass
+            if k == "content-type" and ctype is None:
+                ctype = v
+            elif k == "content-encoding" and coding is None:
+                coding = v
+        return not is_json_type(ctype) or is_encoded(coding)
 
     def header_values(self, name: str) -> list[str]:
         """Every value of header ``name`` (case-insensitive), in arrival order."""
@@ -167,8 +171,8 @@ class CallContext:
         return [v for k, v in self.headers if k == lname]
 
     def header(self, name: str) -> str | None:
-        values = self.header_values(name)
-        return values[0] if values else None
+        lname = name.lower()
+        return next((v for k, v in self.headers if k == lname), None)
 
     def policy_headers(self) -> dict[str, str]:
         """Single-valued view for the policy input (repeats joined by ``, `` per RFC 9110 §5.3);
@@ -810,7 +814,7 @@ _CONTROL_CHAR: Final = re.compile(r"[\x00-\x1f\x7f]")
 #: Most query parameters a call may carry, counting empty pieces: Express (``qs`` and Node's
 #: ``querystring``) and PHP (``max_input_vars``) keep the first 1,000 and drop the rest, so a
 #: parameter policy reads past that many would never reach such an upstream.
-MAX_QUERY_PARAMETERS: Final = 256
+MAX_QUERY_PARAMETERS: Final = 1000
 
 
 def vet_query(query: str) -> tuple[tuple[str, str], ...]:

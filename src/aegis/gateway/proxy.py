@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import html
 import json
 import logging
 import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from typing import Any, Final
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import aiohttp
 from starlette.datastructures import URL as RequestURL
@@ -983,6 +984,41 @@ _ESCAPE: Final = re.compile(
     r"|&(?:#[0-9xX]|[A-Za-z][A-Za-z0-9]*;|sup[123]|frac[0-9]{2})"
 )
 _NON_ASCII: Final = re.compile(r"[^\x00-\x7f]")
+#: Backslash escapes a client may decode (JSON, JavaScript, Python, C) and ``%uXXXX``.
+_BACKSLASH_ESCAPE: Final = re.compile(
+    r"\\u\{([0-9A-Fa-f]{1,6})\}|\\u([0-9A-Fa-f]{4})|\\U([0-9A-Fa-f]{8})"
+    r"|\\[xX]([0-9A-Fa-f]{2})|\\([0-7]{1,3})|%[uU]([0-9A-Fa-f]{4})"
+)
+
+
+def _unescaped(text: str) -> str:
+    """``text`` with every escape :data:`_ESCAPE` names decoded once: HTML references, URL
+    percent-encoding, backslash escapes."""
+
+    def one(m: re.Match[str]) -> str:
+        digits, base = next((g, 8 if i == 4 else 16) for i, g in enumerate(m.groups()) if g)
+        code = int(digits, base)
+        return chr(code) if code <= 0x10FFFF and not 0xD800 <= code <= 0xDFFF else m.group(0)
+
+    return unquote(html.unescape(_BACKSLASH_ESCAPE.sub(one, text)), errors="replace")
+
+
+def _revealed_by_decoding(text: str, patterns: tuple[str, ...]) -> bool:
+    """Whether decoding the escapes in ``text`` (up to three layers: ``%2534`` is ``%34`` is
+    ``4``) shows the masks something they do not find in it as written. What they find as
+    written is masked first, so an ordinary ``%20`` in a URL or ``&amp;`` in HTML next to a
+    masked card does not count: only what the escapes hid."""
+    seen = mask_text(text, patterns)
+    for _ in range(3):
+        decoded = _unescaped(seen)
+        if decoded == seen:
+            return False
+        if mask_text(decoded, patterns) != decoded:
+            return True
+        seen = decoded
+    return _ESCAPE.search(seen) is not None  # still escaped after three layers: refuse
+
+
 #: A number with an exponent, not inside a word: JSON labelled text/plain or NDJSON, read by the
 #: client as JSON, holds ``4.111111111111111E15`` as a card number the masks over text miss.
 _EXPONENT_TOKEN: Final = re.compile(
@@ -1047,8 +1083,13 @@ def _hidden_from_masks(text: str, patterns: tuple[str, ...]) -> str | None:
     (``4.111111111111111E15`` in JSON not labelled JSON: the client reads it as JSON, the masks
     see no card number), or anything the masks find only in its NFKC form (a fullwidth at
     sign, circled numbers)."""
-    if "\x00" in text or _ESCAPE.search(text):
-        return "a text answer to mask must hold no escape (\\u, \\x, %XX, &#, &name;) or NUL"
+    if "\x00" in text:
+        return "a text answer to mask must hold no NUL"
+    if _ESCAPE.search(text) and _revealed_by_decoding(text, patterns):
+        return (
+            "a text answer to mask holds an escape (\\u, \\x, %XX, &#, &name;) that decodes "
+            "to what the masks look for"
+        )
     if not text.isascii() and any(ch.isdigit() for ch in _NON_ASCII.findall(text)):
         return "a text answer to mask must write its digits as ASCII 0-9"
     if any(exponent_number_digits(m.group(0)) for m in _EXPONENT_TOKEN.finditer(text)):
@@ -1058,17 +1099,15 @@ def _hidden_from_masks(text: str, patterns: tuple[str, ...]) -> str | None:
     return None
 
 
-#: Digits joined by ``+``, a space once a query string or cookie value is form-decoded.
-_PLUS_DIGITS: Final = re.compile(r"[0-9]\+[0-9]")
-
-
 def _maskable_field(value: str, patterns: tuple[str, ...]) -> bool:
     """Whether masks over an answer field's value (its bytes as Latin-1) see what the client
     reads: the text tests of :func:`_hidden_from_masks`, over the bytes read as Latin-1 and as
-    UTF-8 both (a fullwidth digit is three bytes), and no digits joined by ``+``: a
-    ``Location`` query or a cookie value decodes ``%34`` and ``+`` as the masks do not."""
+    UTF-8 both (a fullwidth digit is three bytes), and nothing the masks find once ``+`` reads
+    as a space: a ``Location`` query or a cookie value decodes ``%34`` and ``+`` as the masks
+    do not."""
     readings = [value, value.encode("latin-1").decode("utf-8", "replace")]
-    return not _PLUS_DIGITS.search(value) and all(
+    spaced = mask_text(value, patterns).replace("+", " ")
+    return (mask_text(spaced, patterns) == spaced) and all(
         _hidden_from_masks(text, patterns) is None for text in readings
     )
 
@@ -1097,10 +1136,12 @@ def _hidden_in_string(text: str, patterns: tuple[str, ...]) -> str | None:
     refuse it; a card-size number with an exponent, or digits joined by ``+`` read as spaces,
     refuse it only where the masks would change what it reads as (JSON strings are read in
     their NFKC form, so other Unicode digits are masked, not refused)."""
-    if "\x00" in text or _ESCAPE.search(text):
+    if "\x00" in text:
+        return "a JSON answer to mask must hold no NUL in a string"
+    if _ESCAPE.search(text) and _revealed_by_decoding(text, patterns):
         return (
-            "a JSON answer to mask must hold no escape (\\u, \\x, %XX, &#, &name;) or NUL "
-            "in a string"
+            "a JSON answer to mask holds a string with an escape (\\u, \\x, %XX, &#, "
+            "&name;) that decodes to what the masks look for"
         )
     for token in _EXPONENT_TOKEN.finditer(as_read(text)):
         if any(mask_text(d, patterns) != d for d in exponent_number_digits(token.group(0))):
