@@ -275,6 +275,9 @@ async def test_a_text_answer_the_client_decodes_further_is_refused_under_masks(
     assert (status, json.loads(answer)["error"]) == (502, "bad_gateway"), answer
     assert "cannot be sanitized: a" in json.loads(answer)["error_description"]
     assert b"example" not in answer and b"111" not in answer and b"OSFO" not in answer
+    # The shape of every refusal: code and message besides the OAuth pair.
+    refusal = json.loads(answer)
+    assert refusal["code"] == "bad_gateway" and refusal["message"] == refusal["error_description"]
 
 
 async def test_masks_see_unicode_digits_and_at_signs_in_json_answers(gateway: Gateway) -> None:

@@ -923,7 +923,10 @@ class ReverseProxy:
         self, send: Send, ctx: CallContext, status: int, error: str, message: str, result: Result
     ) -> None:
         await self._forward_failed(ctx, result, status, error, message)
-        body = {"error": error, "error_description": message, "decision_id": result.decision_id}
+        # The fields of every other refusal's body (code and message besides the OAuth pair),
+        # so that a client reads one shape whatever refused the call.
+        body = {"error": error, "error_description": message, "code": error, "message": message,
+                "decision_id": result.decision_id}  # fmt: skip
         await _json(send, status, body, result.headers)
 
     async def _forward_failed(
