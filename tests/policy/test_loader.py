@@ -141,6 +141,12 @@ def test_unknown_field_hint_suggests_the_closest_name() -> None:
     assert "did you mean 'regex'?" in err.message
 
 
+def test_a_field_of_another_level_is_named_as_misplaced() -> None:
+    """``obligations`` under ``when`` is a known field in the wrong place, not a misspelling."""
+    err = _error(_rules("- {id: a, action: allow, when: {path: tool, eq: x, obligations: []}}\n"))
+    assert "does not belong under" in err.message and "did you mean" not in err.message
+
+
 def test_every_problem_is_listed() -> None:
     err = _error(_rules("- {id: a, action: alow}\n- {id: b, action: allow, bogus: 1}\n"))
     assert len(err.details["errors"]) == 2

@@ -95,7 +95,12 @@ def _from_pydantic(src: SourceDoc, exc: ValidationError) -> list[dict[str, Any]]
             field = str(loc[-1]) if loc else "?"
             message = f"unknown field {field!r}"
             close = difflib.get_close_matches(field, _known_fields(), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else "remove it; see docs/policy.md"
+            if close and close[0] == field:
+                # A field of another level (obligations under when, approval under match).
+                where = ".".join(str(part) for part in loc[:-1]) or "the document"
+                hint = f"{field!r} does not belong under {where}; see docs/policy.md for its place"
+            else:
+                hint = f"did you mean {close[0]!r}?" if close else "remove it; see docs/policy.md"
         elif err["type"] == "missing":
             message = f"field {loc[-1]!r} is required" if loc else "a field is required"
         elif err["type"] in ("int_type", "float_type"):
