@@ -584,3 +584,11 @@ async def test_escapes_that_hide_nothing_are_masked_and_passed_on(
     status, _, answer = await gateway.call("GET", "/notes/plain")
     assert status == 200, answer
     assert b"4111 1111 1111 1111" not in answer
+
+
+async def test_a_binary_answer_under_masks_is_refused_naming_its_type(gateway: Gateway) -> None:
+    """Masks read text: a PDF is refused with a message that names its type and the fix."""
+    gateway.upstream.answers["/notes/f.pdf"] = raw_answer(b"%PDF-1.7\x00\x01", "application/pdf")
+    status, _, answer = await gateway.call("GET", "/notes/f.pdf")
+    assert status == 502, answer
+    assert "application/pdf answer cannot be sanitized" in json.loads(answer)["message"]

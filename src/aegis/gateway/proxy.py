@@ -883,7 +883,16 @@ class ReverseProxy:
                 # Read here by the first; a client may join them and take the last charset.
                 raise InvalidRequest("it has more than one Content-Type field")
             if encoding != "identity":
-                raise InvalidRequest("it is content-coded though no coding was accepted")
+                raise InvalidRequest(
+                    "it is content-coded, though the gateway asked the upstream for an uncoded "
+                    "answer (it sends no Accept-Encoding when the answer is sanitized)"
+                )
+            media = _media_type(ctype or "")
+            if media and not as_json and not _is_text(media):
+                raise InvalidRequest(
+                    f"a {media[:64]} answer cannot be sanitized, only JSON and text: leave this "
+                    "path out of the sanitize rule (match it by path or method)"
+                )
             if not as_json and any(
                 o.target == "response" and o.kind == "redact" for o in result.obligations
             ):
@@ -1038,6 +1047,29 @@ _DECLARED_CHARSET: Final = re.compile(
 )
 #: A form answer reads ``+`` as a space: ``4111+1111+1111+1111`` is a card number to the client.
 _FORM: Final = "application/x-www-form-urlencoded"
+
+
+#: Media types read as text besides ``text/*`` and the JSON types.
+_TEXT_TYPES: Final = frozenset(
+    {"application/xml", "application/javascript", "application/ecmascript", "application/yaml",
+     "application/x-yaml", "application/csv", "application/x-ndjson", "application/jsonl",
+     "application/json-seq", "application/graphql", "application/sql", "application/x-sh"}
+)  # fmt: skip
+
+
+def _is_text(media: str) -> bool:
+    """Whether a media type (``type/subtype``, lowercase) holds text a mask can read; other
+    answers (PDF, images, archives) are refused under sanitize with a message naming the type.
+    A form, a multipart or a message answer counts as text here and is refused by
+    :func:`_maskable_text` with its own reason."""
+    top, _, sub = media.partition("/")
+    return (
+        top in ("text", "multipart", "message")
+        or media in _TEXT_TYPES
+        or media == _FORM
+        or sub.endswith(("+xml", "+json", "+yaml"))
+        or "json" in sub
+    )
 
 
 def _maskable_text(raw: bytes, content_type: str | None, patterns: tuple[str, ...]) -> str:
