@@ -228,6 +228,11 @@ async def test_a_card_number_written_as_a_json_number_is_masked_both_ways(
         (b"c = %u0034111111111111111", "text/plain"),
         (b"<p>ann&#64;example.com</p>", "text/html"),
         (b"<p>&#x34;111 1111 1111 1111</p>", "text/html"),
+        (b'var c = "\\u{0000034}111 1111 1111 1111";', "text/javascript"),  # leading zeros
+        (b'p::after { content: "\\34 111 1111 1111 1111"; }', "text/css"),  # CSS, not octal
+        (b"<p>4111&#8203;1111&#8203;1111&#8203;1111</p>", "text/html"),  # zero-width spaces
+        (b"<p>4111&nbsp1111&nbsp1111&nbsp1111</p>", "text/html"),  # a legacy name, no ';'
+        (b"see /pay?c=4111+1111%201111+1111", "text/plain"),  # '+' and %20 read together
         (b"<p>ann&commat;example.com</p>", "text/html"),
         (b'{"mail":"ann\\u0040example.com"}\n', "application/x-ndjson"),
         (b'{"k": "AKIA\\u0049OSFODNN7EXAMPLE"}', "text/plain"),
@@ -459,6 +464,8 @@ async def test_header_bytes_outside_latin_1_are_relayed_as_received(gateway: Gat
         b"X-Card: \xb9111 1111 1111 1111\r\n",  # a superscript one in Latin-1
         b"X-Card: 4.111111111111111e15\r\n",
         b"X-4111111111111111: y\r\n",  # masks would change the name itself
+        b"Location: /pay?c=%34111+1111+1111+1111\r\n",  # %34 and '+' decoded together
+        b"Location: /pay?c=4%B9%B9%B9+1111+1111+1111\r\n",  # Latin-1 superscript ones
     ],
 )  # fmt: skip
 async def test_an_answer_field_the_masks_cannot_read_is_left_out(
@@ -592,3 +599,14 @@ async def test_a_binary_answer_under_masks_is_refused_naming_its_type(gateway: G
     status, _, answer = await gateway.call("GET", "/notes/f.pdf")
     assert status == 502, answer
     assert "application/pdf answer cannot be sanitized" in json.loads(answer)["message"]
+
+
+@pytest.mark.parametrize("value", ["/pay?c=4111+1111%201111+1111", "/pay?c=%34111+1111+1111+1111"])
+async def test_a_json_string_decoded_as_a_form_is_refused_under_masks(
+    gateway: Gateway, value: str
+) -> None:
+    """URLSearchParams reads '+' as a space and %XX as its byte in one pass."""
+    body = json.dumps({"u": value}).encode()
+    gateway.upstream.answers["/notes/u"] = raw_answer(body, "application/json")
+    status, _, answer = await gateway.call("GET", "/notes/u")
+    assert status == 502 and b"1111" not in answer, answer

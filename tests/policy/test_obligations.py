@@ -210,3 +210,22 @@ def test_a_float_is_masked_by_its_exact_value_too() -> None:
         "s": "***************1680",
         "k": 1e18,
     }
+
+
+def test_a_card_next_to_other_digits_is_masked_within_its_run() -> None:
+    """An expiry after the card, a quantity before it, a CVV beside it: the run of digit groups
+    fails the Luhn check as a whole, the card within it does not."""
+    for text, masked in [
+        ("card 4111 1111 1111 1111 12/27", "card **** **** **** 1111 12/27"),
+        ("qty 1 4111 1111 1111 1111", "qty 1 **** **** **** 1111"),
+        ("4111111111111111 123", "************1111 123"),
+    ]:
+        assert mask_text(text, ["card_number"]) == masked
+    assert mask_text("order 20261207123456", ["card_number"]) == "order 20261207123456"
+
+
+def test_format_characters_between_digits_do_not_hide_a_card() -> None:
+    """A zero-width space or a soft hyphen shows as nothing: the client reads one number."""
+    for sep in ("\u200b", "\u00ad", "\u2060", "\ufeff"):
+        assert "4111" + sep not in mask_text(sep.join(["4111", "1111", "1111", "1111"]),
+                                              ["card_number"])  # fmt: skip

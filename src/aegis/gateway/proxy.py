@@ -998,37 +998,67 @@ _ESCAPE: Final = re.compile(
 _NON_ASCII: Final = re.compile(r"[^\x00-\x7f]")
 #: Backslash escapes a client may decode (JSON, JavaScript, Python, C) and ``%uXXXX``.
 _BACKSLASH_ESCAPE: Final = re.compile(
-    r"\\u\{([0-9A-Fa-f]{1,6})\}|\\u([0-9A-Fa-f]{4})|\\U([0-9A-Fa-f]{8})"
+    r"\\u\{0*([0-9A-Fa-f]{1,6})\}|\\u([0-9A-Fa-f]{4})|\\U([0-9A-Fa-f]{8})"
     r"|\\[xX]([0-9A-Fa-f]{2})|\\([0-7]{1,3})|%[uU]([0-9A-Fa-f]{4})"
 )
+#: A CSS escape: one to six hex digits, then one optional white space (``\\34 111`` is ``4111``).
+_CSS_ESCAPE: Final = re.compile(r"\\([0-9A-Fa-f]{1,6})[ \t\n\r\f]?")
+#: Most readings of one text the decoding check follows; past it the text is refused.
+_MAX_READINGS: Final = 64
 
 
-def _unescaped(text: str) -> str:
-    """``text`` with every escape :data:`_ESCAPE` names decoded once: HTML references, URL
-    percent-encoding, backslash escapes."""
+def _code_point(digits: str, base: int, written: str) -> str:
+    code = int(digits, base)
+    return chr(code) if code <= 0x10FFFF and not 0xD800 <= code <= 0xDFFF else written
 
-    def one(m: re.Match[str]) -> str:
+
+def _readings(text: str) -> set[str]:
+    """The texts a client may read ``text`` as once it decodes one layer of escapes: backslash
+    escapes as JSON, JavaScript and C read them or as CSS does (``\\34 `` is ``4``, not octal),
+    then HTML references as browsers read them (legacy names without ``;`` too), then
+    percent-encoding as UTF-8 or as Latin-1 bytes, each with ``+`` kept or read as a space (a
+    query string or cookie value is form-decoded). ``text`` itself is left out."""
+
+    def backslash(m: re.Match[str]) -> str:
         digits, base = next((g, 8 if i == 4 else 16) for i, g in enumerate(m.groups()) if g)
-        code = int(digits, base)
-        return chr(code) if code <= 0x10FFFF and not 0xD800 <= code <= 0xDFFF else m.group(0)
+        return _code_point(digits, base, m.group(0))
 
-    return unquote(html.unescape(_BACKSLASH_ESCAPE.sub(one, text)), errors="replace")
+    out: set[str] = set()
+    for form in {text, text.replace("+", " ")}:
+        for unescaped in {
+            _BACKSLASH_ESCAPE.sub(backslash, form),
+            _CSS_ESCAPE.sub(lambda m: _code_point(m.group(1), 16, m.group(0)), form),
+        }:
+            referenced = html.unescape(unescaped)
+            out.add(unquote(referenced, errors="replace"))
+            out.add(unquote(referenced, encoding="latin-1"))
+    out.discard(text)
+    return out
 
 
 def _revealed_by_decoding(text: str, patterns: tuple[str, ...]) -> bool:
-    """Whether decoding the escapes in ``text`` (up to three layers: ``%2534`` is ``%34`` is
-    ``4``) shows the masks something they do not find in it as written. What they find as
-    written is masked first, so an ordinary ``%20`` in a URL or ``&amp;`` in HTML next to a
-    masked card does not count: only what the escapes hid."""
-    seen = mask_text(text, patterns)
+    """Whether decoding the escapes in ``text`` (every reading of :func:`_readings`, up to three
+    layers: ``%2534`` is ``%34`` is ``4``) shows the masks something they do not find in it as
+    written. What they find as written is masked first, so an ordinary ``%20`` in a URL or
+    ``&amp;`` in HTML next to a masked card does not count: only what the escapes hid. An
+    escape no reading decodes, more than three layers, or more than :data:`_MAX_READINGS`
+    readings, refuse it: the client may know a decoding the check does not."""
+    if not any(c in text for c in "\\%&+"):
+        return False
+    current = {mask_text(text, patterns)}
     for _ in range(3):
-        decoded = _unescaped(seen)
-        if decoded == seen:
-            return False
-        if mask_text(decoded, patterns) != decoded:
+        following: set[str] = set()
+        for seen in current:
+            for reading in _readings(seen):
+                if mask_text(reading, patterns) != reading:
+                    return True
+                following.add(reading)
+        if not following:
+            return any(_ESCAPE.search(seen) for seen in current)
+        if len(following) > _MAX_READINGS:
             return True
-        seen = decoded
-    return _ESCAPE.search(seen) is not None  # still escaped after three layers: refuse
+        current = following
+    return any(_ESCAPE.search(seen) for seen in current)  # still escaped after three layers
 
 
 #: A number with an exponent, not inside a word: JSON labelled text/plain or NDJSON, read by the
@@ -1120,7 +1150,7 @@ def _hidden_from_masks(text: str, patterns: tuple[str, ...]) -> str | None:
     sign, circled numbers)."""
     if "\x00" in text:
         return "a text answer to mask must hold no NUL"
-    if _ESCAPE.search(text) and _revealed_by_decoding(text, patterns):
+    if _revealed_by_decoding(text, patterns):
         return (
             "a text answer to mask holds an escape (\\u, \\x, %XX, &#, &name;) that decodes "
             "to what the masks look for"
@@ -1173,7 +1203,7 @@ def _hidden_in_string(text: str, patterns: tuple[str, ...]) -> str | None:
     their NFKC form, so other Unicode digits are masked, not refused)."""
     if "\x00" in text:
         return "a JSON answer to mask must hold no NUL in a string"
-    if _ESCAPE.search(text) and _revealed_by_decoding(text, patterns):
+    if _revealed_by_decoding(text, patterns):
         return (
             "a JSON answer to mask holds a string with an escape (\\u, \\x, %XX, &#, "
             "&name;) that decodes to what the masks look for"

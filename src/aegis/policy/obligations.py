@@ -46,9 +46,11 @@ _EMAIL: Final = re.compile(r"[\w.%+!#$&'*=?^`{|}~/-]{1,64}@[\w-]{1,63}(?:\.[\w-]
 #: Up to three separators between digits: a reader (or a person) takes ``4111  1111``,
 #: ``4111\t1111``, ``4111 - 1111``, ``4111.1111``, ``4_111`` or a Unicode dash (U+2010-U+2015,
 #: U+2212) as one card number as readily as ``4111 1111``.
-_CARD: Final = re.compile(
-    r"(?<![0-9])[0-9](?:[\s._\-\u2010-\u2015\u2212]{0,3}[0-9]){12,18}(?![0-9])"
-)
+#: A run of digit groups so joined, of any length: each span of whole groups holding 13 to 19
+#: digits is tested (:func:`_mask_card`), so that a card next to other digits (``4111 1111
+#: 1111 1111 12/27``, ``qty 1 4111…``) is found within its run.
+_CARD: Final = re.compile(r"(?<![0-9])[0-9]+(?:[\s._\-\u2010-\u2015\u2212]{1,3}[0-9]+)*")
+_DIGIT_GROUP: Final = re.compile(r"[0-9]+")
 _SECRETS: Final = (
     re.compile(
         r"-----BEGIN [A-Z ]{0,40}PRIVATE KEY-----.{0,10000}?-----END [A-Z ]{0,40}PRIVATE KEY-----",
@@ -76,19 +78,25 @@ def _luhn_ok(digits: str) -> bool:
 
 
 def _mask_card(m: re.Match[str]) -> str:
+    """Each span of whole digit groups of the run holding 13 to 19 digits that passes the Luhn
+    check is masked but for its last four digits."""
     text = m.group(0)
-    digits = re.sub(r"[^0-9]", "", text)
-    if not _luhn_ok(digits):
+    groups = [(g.start(), g.end()) for g in _DIGIT_GROUP.finditer(text)]
+    hidden: set[int] = set()
+    for i in range(len(groups)):
+        count = 0
+        for j in range(i, len(groups)):
+            count += groups[j][1] - groups[j][0]
+            if count > 19:
+                break
+            if count < 13:
+                continue
+            places = [k for a, b in groups[i : j + 1] for k in range(a, b)]
+            if _luhn_ok("".join(text[k] for k in places)):
+                hidden.update(places[:-4])
+    if not hidden:
         return text
-    keep = len(digits) - 4
-    out, seen = [], 0
-    for ch in text:
-        if ch.isdigit():
-            out.append("*" if seen < keep else ch)
-            seen += 1
-        else:
-            out.append(ch)
-    return "".join(out)
+    return "".join("*" if k in hidden else ch for k, ch in enumerate(text))
 
 
 #: Three base64url segments whose first may be a JWT header written with whitespace (``{ "alg"``
@@ -134,6 +142,9 @@ def as_read(text: str) -> str:
     ``٤``, which NFKC keeps) as its ASCII digit, as Python's ``int()`` and many parsers read it."""
     if text.isascii():
         return text
+    # Format characters (soft hyphen, zero-width space and joiners, word joiner, BOM) show as
+    # nothing: ``4111\u200b1111…`` reads as one number.
+    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
     text = unicodedata.normalize("NFKC", text)
     if text.isascii():
         return text
