@@ -610,3 +610,20 @@ async def test_a_json_string_decoded_as_a_form_is_refused_under_masks(
     gateway.upstream.answers["/notes/u"] = raw_answer(body, "application/json")
     status, _, answer = await gateway.call("GET", "/notes/u")
     assert status == 502 and b"1111" not in answer, answer
+
+
+async def test_a_large_answer_is_sanitized_off_the_event_loop_alike(gateway: Gateway) -> None:
+    """Over 16 KiB the masks run on a worker thread: the same masking, the same refusals."""
+    rows = [{"note": f"row {i}", "card": "4111 1111 1111 1111"} for i in range(600)]
+    gateway.upstream.answers["/notes/big"] = raw_answer(
+        json.dumps(rows).encode(), "application/json"
+    )
+    status, _, answer = await gateway.call("GET", "/notes/big")
+    assert status == 200 and len(answer) > 16 * 1024, answer[:200]
+    assert b"4111 1111" not in answer and answer.count(b"**** **** **** 1111") == 600
+    rows[599]["note"] = "&#52;111 1111 1111 1111"
+    gateway.upstream.answers["/notes/big"] = raw_answer(
+        json.dumps(rows).encode(), "application/json"
+    )
+    status, _, answer = await gateway.call("GET", "/notes/big")
+    assert status == 502 and b"1111" not in answer, answer[:200]

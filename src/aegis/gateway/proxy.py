@@ -899,19 +899,12 @@ class ReverseProxy:
                 # A redaction names JSON members; in text (JSON labelled text/plain included)
                 # it would find nothing and pass the answer on whole.
                 raise InvalidRequest("a redaction applies only to a JSON answer")
-            if as_json:
-                try:
-                    body: Any = parse_json_body(bytes(raw), ctype, fold_case=False)
-                except InvalidRequest:
-                    raise InvalidRequest(
-                        "it is not JSON that reads one way (UTF-8, no member repeated)"
-                    ) from None
+            if len(raw) > _SANITIZE_INLINE:
+                # Masks and the decoding check cost tens of milliseconds on a large answer:
+                # done on a worker thread, so the event loop keeps serving other calls.
+                clean = await asyncio.to_thread(_sanitized_body, bytes(raw), ctype, as_json, result)
             else:
-                body = _maskable_text(bytes(raw), ctype, _mask_patterns(result))
-            clean = apply_to_body(body, result.obligations, "response")
-            patterns = _mask_patterns(result)
-            if as_json and patterns and (hidden := _hidden_in_json(clean, patterns)) is not None:
-                raise InvalidRequest(hidden)
+                clean = _sanitized_body(bytes(raw), ctype, as_json, result)
         except RecursionError:
             # Redaction and masks walk the JSON recursively: a few hundred levels of nesting
             # must be a 502 like any other answer that cannot be sanitized, not a 500.
@@ -1077,6 +1070,29 @@ _DECLARED_CHARSET: Final = re.compile(
 )
 #: A form answer reads ``+`` as a space: ``4111+1111+1111+1111`` is a card number to the client.
 _FORM: Final = "application/x-www-form-urlencoded"
+
+
+#: Answers to sanitize larger than this are sanitized on a worker thread.
+_SANITIZE_INLINE: Final = 16 * 1024
+
+
+def _sanitized_body(raw: bytes, ctype: str | None, as_json: bool, result: Result) -> Any:
+    """The answer's body with the decision's response obligations applied; ``InvalidRequest``
+    (or ``RecursionError``, ``UnicodeDecodeError``) when it cannot be sanitized."""
+    if as_json:
+        try:
+            body: Any = parse_json_body(raw, ctype, fold_case=False)
+        except InvalidRequest:
+            raise InvalidRequest(
+                "it is not JSON that reads one way (UTF-8, no member repeated)"
+            ) from None
+    else:
+        body = _maskable_text(raw, ctype, _mask_patterns(result))
+    clean = apply_to_body(body, result.obligations, "response")
+    patterns = _mask_patterns(result)
+    if as_json and patterns and (hidden := _hidden_in_json(clean, patterns)) is not None:
+        raise InvalidRequest(hidden)
+    return clean
 
 
 #: Media types read as text besides ``text/*`` and the JSON types.
