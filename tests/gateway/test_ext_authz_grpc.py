@@ -379,7 +379,20 @@ spec:
        match: {tools: ["payments"]}, when: {path: request.headers.x-real-ip, eq: "10.0.0.5"}}
 """
 
+
 #: A caller's own forwarding claims, every one naming the internal address.
+async def _decided(
+    stub: pb_grpc.AuthorizationStub, request: pb.CheckRequest, denied_by: str | None
+) -> None:
+    """Check ``request``: OK when ``denied_by`` is None, else denied by that rule's reason."""
+    resp = await stub.Check(request)
+    if denied_by is None:
+        assert resp.status.code == code_pb2.OK, resp
+        return
+    status, _, body = denied(resp)
+    assert (status, body["code"], body["message"]) == (403, "access_denied", denied_by)
+
+
 CLAIMS = [("x-forwarded-for", "10.0.0.5"), ("x-real-ip", "10.0.0.5"), ("forwarded", "for=10.0.0.5")]
 
 
@@ -411,12 +424,7 @@ async def test_policy_sees_the_host_and_the_doors_own_forwarded_fields(
     request.attributes.request.http.host = host
     request.attributes.request.http.scheme = scheme
     request.attributes.source.address.socket_address.address = client
-    resp = await stub.Check(request)
-    if denied_by is None:
-        assert resp.status.code == code_pb2.OK, resp
-        return
-    status, _, body = denied(resp)
-    assert (status, body["code"], body["message"]) == (403, "access_denied", denied_by)
+    await _decided(stub, request, denied_by)
 
 
 @pytest.mark.parametrize(
@@ -452,12 +460,7 @@ async def test_policy_sees_envoys_own_forwarded_proto_over_the_clients_scheme(
     request.attributes.request.http.scheme = scheme
     request.attributes.request.http.protocol = "HTTP/2"
     request.attributes.source.address.socket_address.address = "10.0.0.5"
-    resp = await stub.Check(request)
-    if denied_by is None:
-        assert resp.status.code == code_pb2.OK, resp
-        return
-    status, _, body = denied(resp)
-    assert (status, body["code"], body["message"]) == (403, "access_denied", denied_by)
+    await _decided(stub, request, denied_by)
 
 
 def test_envoys_forwarded_proto_is_read_only_from_trusted_peers() -> None:
