@@ -996,8 +996,9 @@ _BACKSLASH_ESCAPE: Final = re.compile(
 )
 #: A CSS escape: one to six hex digits, then one optional white space (``\\34 111`` is ``4111``).
 _CSS_ESCAPE: Final = re.compile(r"\\([0-9A-Fa-f]{1,6})[ \t\n\r\f]?")
-#: Most readings of one text the decoding check follows; past it the text is refused.
-_MAX_READINGS: Final = 64
+#: Most readings of one text the decoding check masks, all layers together (each is one pass of
+#: the masks over text as long as the answer); past it the text is refused.
+_MAX_READINGS: Final = 12
 
 
 def _code_point(digits: str, base: int, written: str) -> str:
@@ -1035,21 +1036,22 @@ def _revealed_by_decoding(text: str, patterns: tuple[str, ...]) -> bool:
     written. What they find as written is masked first, so an ordinary ``%20`` in a URL or
     ``&amp;`` in HTML next to a masked card does not count: only what the escapes hid. An
     escape no reading decodes, more than three layers, or more than :data:`_MAX_READINGS`
-    readings, refuse it: the client may know a decoding the check does not."""
+    readings in all, refuse it: the client may know a decoding the check does not, and the
+    check's cost stays a bounded number of passes over the text."""
     if not any(c in text for c in "\\%&+"):
         return False
     current = {mask_text(text, patterns)}
+    masked = 0
     for _ in range(3):
         following: set[str] = set()
         for seen in current:
-            for reading in _readings(seen):
-                if mask_text(reading, patterns) != reading:
+            for reading in _readings(seen) - following:
+                masked += 1
+                if masked > _MAX_READINGS or mask_text(reading, patterns) != reading:
                     return True
                 following.add(reading)
         if not following:
             return any(_ESCAPE.search(seen) for seen in current)
-        if len(following) > _MAX_READINGS:
-            return True
         current = following
     return any(_ESCAPE.search(seen) for seen in current)  # still escaped after three layers
 

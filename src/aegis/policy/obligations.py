@@ -77,26 +77,52 @@ def _luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
+_DOUBLED: Final = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
+
+
 def _mask_card(m: re.Match[str]) -> str:
     """Each span of whole digit groups of the run holding 13 to 19 digits that passes the Luhn
-    check is masked but for its last four digits."""
+    check is masked but for its last four digits. Each span is checked in constant time from
+    prefix sums (a digit is doubled when its distance from the span's end is odd), so a long
+    run of short groups costs a few operations per group."""
     text = m.group(0)
-    groups = [(g.start(), g.end()) for g in _DIGIT_GROUP.finditer(text)]
-    hidden: set[int] = set()
-    for i in range(len(groups)):
-        count = 0
-        for j in range(i, len(groups)):
-            count += groups[j][1] - groups[j][0]
-            if count > 19:
-                break
-            if count < 13:
-                continue
-            places = [k for a, b in groups[i : j + 1] for k in range(a, b)]
-            if _luhn_ok("".join(text[k] for k in places)):
-                hidden.update(places[:-4])
-    if not hidden:
+    where = [g.start() + k for g in _DIGIT_GROUP.finditer(text) for k in range(len(g.group()))]
+    if len(where) < 13:
         return text
-    return "".join("*" if k in hidden else ch for k, ch in enumerate(text))
+    digits = [ord(text[k]) - 48 for k in where]
+    # plain[p][n], doubled[p][n]: sums over the first n digits at positions of parity p.
+    plain = [[0], [0]]
+    doubled = [[0], [0]]
+    for i, d in enumerate(digits):
+        for p in (0, 1):
+            plain[p].append(plain[p][-1] + (d if i % 2 == p else 0))
+            doubled[p].append(doubled[p][-1] + (_DOUBLED[d] if i % 2 == p else 0))
+    ends = []  # digit index where each group ends
+    count = 0
+    for g in _DIGIT_GROUP.finditer(text):
+        count += len(g.group())
+        ends.append(count)
+    starts = [0, *ends[:-1]]
+    hidden = bytearray(len(where))
+    for i, start in enumerate(starts):
+        for j in range(i, len(ends)):
+            end = ends[j]
+            n = end - start
+            if n > 19:
+                break
+            if n < 13:
+                continue
+            q = (end - 1) % 2
+            total = plain[q][end] - plain[q][start] + doubled[1 - q][end] - doubled[1 - q][start]
+            if total % 10 == 0:
+                hidden[start : end - 4] = b"\x01" * (n - 4)
+    if not any(hidden):
+        return text
+    out = list(text)
+    for k, flag in zip(where, hidden, strict=True):
+        if flag:
+            out[k] = "*"
+    return "".join(out)
 
 
 #: Three base64url segments whose first may be a JWT header written with whitespace (``{ "alg"``
