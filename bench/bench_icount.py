@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import shutil
 import subprocess
@@ -82,6 +83,9 @@ def _count(mode: str, n: int) -> int:
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
          sys.executable, __file__, "--inner", mode, str(n)],
         capture_output=True, text=True, check=True, timeout=1800,
+        # One string hash seed for every run: dict and set layouts, and so instruction counts,
+        # vary with it.
+        env={**os.environ, "PYTHONHASHSEED": "0"},
     )  # fmt: skip
     found = re.search(r"Collected : (\d+)", out.stderr)
     assert found, out.stderr[-2000:]
