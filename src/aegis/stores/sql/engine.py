@@ -7,6 +7,8 @@ and that text travels as the ``__cause__`` of the errors the stores raise, into 
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any, Final
 
@@ -28,6 +30,22 @@ __all__ = [
 #: create their own tables. Replicas starting together change the schema one after another; the
 #: later ones find it done and change nothing.
 SCHEMA_LOCK_KEY: Final = 0x6165676973  # "aegis"
+
+
+def _wal(cur: Any) -> None:
+    """Put a SQLite database in WAL mode (kept in the file, so set once). Switching needs the
+    database to itself, and SQLite answers "database is locked" at once, without waiting on
+    busy_timeout, while another process opening the same new file switches it too (replicas
+    starting together): retried for up to five seconds."""
+    for attempt in range(50):
+        try:
+            if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if ("locked" not in str(exc) and "busy" not in str(exc)) or attempt == 49:
+                raise
+            time.sleep(0.1)
 
 
 def lock_transaction(conn: Connection, key: int) -> None:
@@ -111,9 +129,9 @@ def make_engine(url: str, *, statement_timeout: float | None = None) -> Engine:
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=5000")
+            _wal(cur)
+            cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
 
