@@ -89,13 +89,16 @@ class RouteTable:
         #: (``/openapi.json`` as ``/openapi``), for matching a path's variant readings: a variant
         #: falls under a route when it falls under either form (``/api/v1.2/items`` under
         #: ``/api/v1.2``, ``/openapi`` under ``/openapi.json``).
-        self._variant_keys = [(r, prefix, without_format(prefix), h) for r, prefix, h in self._keys]
+        self._cut_keys: list[_Entry] = [
+            (r, without_format(prefix), h) for r, prefix, h in self._keys if r.path_prefix != "/"
+        ]
         self._hosts = frozenset(h for _, _, h in self._keys if h is not None)
 
-    def _for_host(self, host: str) -> list[_Entry]:
+    def _for_host(self, host: str, entries: list[_Entry] | None = None) -> list[_Entry]:
         bare = bare_host(host)
         wanted = bare if bare in self._hosts else None
-        return [entry for entry in self._keys if entry[2] == wanted]
+        return [entry for entry in (self._keys if entries is None else entries)
+                if entry[2] == wanted]  # fmt: skip
 
     def __len__(self) -> int:
         return len(self._routes)
@@ -123,16 +126,14 @@ class RouteTable:
         except InvalidRequest as exc:
             return exc.message
         entries = self._for_host(host)
-        bare = bare_host(host)
-        wanted = bare if bare in self._hosts else None
-        cut = [(r, c) for r, _, c, h in self._variant_keys if h == wanted and r.path_prefix != "/"]
+        cut = self._for_host(host, self._cut_keys)
         for variant in variants:
             # As match() would choose for the variant sent as it is; only when that finds
             # nothing but the catch-all, a route whose prefix holds a format (``/openapi``
             # under ``/openapi.json``).
             other = self._match(entries, variant)
             if other is None or other.path_prefix == "/":
-                other = next((r for r, c in cut if _under(variant, c)), other)
+                other = next((r for r, c, _ in cut if _under(variant, c)), other)
             if other is not chosen:
                 there = "no route" if other is None else f"the route {other.path_prefix!r}"
                 return (f"the path is {variant!r} to upstreams that drop a trailing '/' or a "
