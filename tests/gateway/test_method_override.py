@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aegis.errors import InvalidRequest
-from aegis.gateway.context import MethodOverrideWatch, refuse_method_override
+from aegis.gateway.overrides import MethodOverrideWatch, refuse_method_override
 
 FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"

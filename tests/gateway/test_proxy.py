@@ -18,17 +18,12 @@ from hypothesis import strategies as st
 from aegis.config import GatewayRoute, GatewaySettings
 from aegis.crypto.jws import fold_name
 from aegis.errors import ConfigError, InvalidRequest
-from aegis.gateway.context import (
-    MAX_QUERY_PARAMETERS,
-    is_encoded,
-    name_keys,
-    parse_json_body,
-    vet_fields,
-    vet_path,
-    vet_query,
-)
-from aegis.gateway.proxy import ReverseProxy, forwardable, joined
+from aegis.gateway.fields import is_encoded, parse_json_body, vet_fields
+from aegis.gateway.hygiene import forwardable, joined
+from aegis.gateway.names import name_keys
+from aegis.gateway.proxy import ReverseProxy
 from aegis.gateway.routing import RouteTable
+from aegis.gateway.target import MAX_QUERY_PARAMETERS, vet_path, vet_query
 from aegis.pki.listener import MTLSListener
 from tests.audit.receivers import make_ca
 from tests.gateway.conftest import Agent, Env, dpop_headers
@@ -528,7 +523,7 @@ def test_an_empty_content_type_is_no_type_and_an_unclosed_quote_is_refused_quick
 
 
 def test_too_many_or_too_large_header_fields_are_refused_before_anything_is_read() -> None:
-    from aegis.gateway.context import MAX_FIELD_BYTES, MAX_FIELDS
+    from aegis.gateway.fields import MAX_FIELD_BYTES, MAX_FIELDS
 
     many = tuple((f"x-{i}", "v") for i in range(MAX_FIELDS + 1))
     with pytest.raises(InvalidRequest, match="header fields"):

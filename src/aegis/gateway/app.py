@@ -32,9 +32,10 @@ from aegis.audit.log import AuditLog
 from aegis.config import GatewaySettings
 from aegis.errors import AegisError
 from aegis.gateway.approval_gate import ApprovalGate
+from aegis.gateway.context import METHODS
 from aegis.gateway.pipeline import ApprovalHook, LimitsHook, Pipeline
 from aegis.gateway.policies import PolicyDirectory
-from aegis.gateway.proxy import METHODS, ReverseProxy
+from aegis.gateway.proxy import ReverseProxy
 from aegis.pki.middleware import PeerCertificateMiddleware
 from aegis.pki.renewal import CertificateManager
 from aegis.pki.service import PkiService

@@ -23,15 +23,10 @@ from aegis.approvals.model import HeldCall, bound_headers
 from aegis.approvals.override import OVERRIDE_HEADER
 from aegis.approvals.service import ApprovalService
 from aegis.errors import AegisError, InvalidRequest
-from aegis.gateway.context import (
-    EMPTY_BODY_DIGEST,
-    STREAMED_BODY_DIGEST,
-    CallContext,
-    is_encoded,
-    is_form_type,
-    utf8_labelled,
-)
+from aegis.gateway.context import EMPTY_BODY_DIGEST, STREAMED_BODY_DIGEST, CallContext
 from aegis.gateway.evidence import EvidenceFacts
+from aegis.gateway.fields import is_encoded, utf8_labelled
+from aegis.gateway.overrides import is_form_type
 from aegis.gateway.routing import bare_host
 from aegis.policy.decision import ApprovalRequirement, Decision
 from aegis.policy.input import PolicyCall

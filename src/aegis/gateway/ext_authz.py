@@ -47,20 +47,16 @@ from aegis.gateway.context import (
     EMPTY_BODY_DIGEST,
     METHODS,
     STREAMED_BODY_DIGEST,
-    UPGRADE_REFUSED,
     CallContext,
     Route,
     body_digest,
-    parse_json_body,
-    proxy_claim,
-    refuse_method_override,
-    vet_fields,
-    vet_path,
-    vet_query,
 )
 from aegis.gateway.evidence import Result
+from aegis.gateway.fields import UPGRADE_REFUSED, parse_json_body, proxy_claim, vet_fields
+from aegis.gateway.overrides import refuse_method_override
 from aegis.gateway.pipeline import Pipeline
 from aegis.gateway.routing import RouteTable
+from aegis.gateway.target import vet_path, vet_query
 from aegis.pki.forwarded import parse_nginx, parse_xfcc
 from aegis.pki.peer import PeerIdentity, PeerValidator
 

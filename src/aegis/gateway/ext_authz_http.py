@@ -49,7 +49,6 @@ from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 
 from aegis.config import ExtAuthzSettings
-from aegis.gateway.context import UPGRADE_REFUSED
 from aegis.gateway.evidence import Result
 from aegis.gateway.ext_authz import (
     Asked,
@@ -59,6 +58,7 @@ from aegis.gateway.ext_authz import (
     refusal_body,
     withheld_from_upstream,
 )
+from aegis.gateway.fields import UPGRADE_REFUSED
 from aegis.pki.forwarded import ENVOY_HEADER, NGINX_HEADER
 from aegis.telemetry.logging import log_event
 from aegis.telemetry.metrics import count_decision

@@ -28,13 +28,7 @@ from aegis.audit.log import AuditLog
 from aegis.clock import Clock, new_id
 from aegis.errors import AegisError, TokenError, Unavailable
 from aegis.gateway.auth import Credentials, read_credentials
-from aegis.gateway.context import (
-    CallContext,
-    Route,
-    name_keys,
-    query_key,
-    refuse_redirecting_fields,
-)
+from aegis.gateway.context import CallContext, Route
 from aegis.gateway.evidence import (
     EvidenceFacts,
     Result,
@@ -43,6 +37,8 @@ from aegis.gateway.evidence import (
     count_refusal,
     refusal_headers,
 )
+from aegis.gateway.names import name_keys, query_key
+from aegis.gateway.overrides import refuse_redirecting_fields
 from aegis.gateway.policies import PolicyDirectory
 from aegis.gateway.routing import bare_host
 from aegis.pki.binding import X5T_S256, check_certificate_binding, check_peer_is_subject

@@ -41,7 +41,7 @@ from aegis.clock import Clock
 from aegis.config import GatewayAllow
 from aegis.crypto.jws import fold_name
 from aegis.errors import InvalidRequest, Unavailable
-from aegis.gateway.context import header_key, name_keys, query_key
+from aegis.gateway.names import header_key, name_keys, query_key
 from aegis.policy.decision import Decision
 from aegis.policy.evaluator import CompiledPolicy
 from aegis.policy.input import path_variants
@@ -250,7 +250,7 @@ def _sends_wrapper(
     doc: dict[str, Any], wrapper: str, body_names: Callable[[], frozenset[str] | None] | None
 ) -> str | None:
     """Where the call names ``wrapper`` under any spelling a lenient parser files under it
-    (:func:`~aegis.gateway.context.name_keys`: ``Payment``, ``payment[amount]``), or None.
+    (:func:`~aegis.gateway.names.name_keys`: ``Payment``, ``payment[amount]``), or None.
     Rails wraps only when ``request.parameters`` lacks the key, and those hold the query and
     a form body as well as JSON members."""
     key = query_key(wrapper)

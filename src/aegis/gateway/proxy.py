@@ -30,14 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import html
 import json
 import logging
-import re
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 import aiohttp
 from starlette.datastructures import URL as RequestURL
@@ -46,148 +44,67 @@ from yarl import URL
 
 from aegis.config import GatewaySettings
 from aegis.errors import AegisError, ConfigError, InvalidRequest, spec_for
+from aegis.gateway.answers import (
+    SANITIZE_INLINE,
+    SANITIZED_REQUEST_DROP,
+    SANITIZED_REQUEST_REFUSE,
+    mask_patterns,
+    maskable_field,
+    media_type,
+    response_rules,
+    sanitized_body,
+    sanitized_fields,
+    vet_answer,
+)
 from aegis.gateway.context import (
     EMPTY_BODY_DIGEST,
     METHODS,
     STREAMED_BODY_DIGEST,
-    UPGRADE_REFUSED,
     CallContext,
-    MethodOverrideWatch,
     Route,
     body_digest,
+)
+from aegis.gateway.ext_authz import vet_authority
+from aegis.gateway.fields import (
+    UPGRADE_REFUSED,
     is_json_type,
-    overrides_method,
     parse_json_body,
     proxy_claim,
+    vet_fields,
+)
+from aegis.gateway.hygiene import (
+    CONTROL_BYTE,
+    REQUEST_DROP,
+    RESPONSE_DROP,
+    forwardable,
+    joined,
+    marked_private,
+    steers_cache,
+)
+from aegis.gateway.overrides import (
+    MethodOverrideWatch,
+    overrides_method,
     read_whole_for_override,
     refuse_coded_override,
     refuse_method_override,
-    utf8_labelled,
-    vet_fields,
-    vet_path,
-    vet_query,
 )
-from aegis.gateway.ext_authz import vet_authority
 from aegis.gateway.pipeline import Pipeline, Result
 from aegis.gateway.routing import RouteTable
+from aegis.gateway.target import vet_path, vet_query
 from aegis.pki.middleware import peer_from_scope
 from aegis.policy.obligations import (
-    apply_to_body,
     apply_to_headers,
-    as_read,
-    exponent_number_digits,
-    hidden_from_masks,
     mask_text,
 )
 from aegis.telemetry.logging import log_event
 from aegis.telemetry.metrics import count_forward_failure
 
-__all__ = [
-    "HOP_BY_HOP",
-    "METHODS",
-    "WHOLE_ANSWER_BYTES",
-    "ReverseProxy",
-    "forwardable",
-    "joined",
-    "proxy_claim",
-]
+__all__ = ["WHOLE_ANSWER_BYTES", "ReverseProxy"]
 
-HOP_BY_HOP: Final = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection"}
-    | {"te", "trailer", "transfer-encoding", "upgrade"}
-)
-#: Request fields never forwarded: credentials for the gateway, and fields the proxy sets itself.
-_REQUEST_DROP: Final = frozenset({"authorization", "dpop", "host", "content-length"})
-_RESPONSE_DROP: Final = frozenset({"content-length", "server", "date"})
-#: Answer fields that steer a cache or proxy in front of the gateway past ``Cache-Control:
-#: private``: nginx's ``X-Accel-Expires`` overrides it (and ``X-Accel-Redirect`` makes nginx serve
-#: another location), CDNs obey ``Surrogate-Control`` and ``CDN-Cache-Control`` or a CDN's own
-#: ``*-CDN-Cache-Control`` (RFC 9213). None is meant for the caller; all are dropped.
-_SHARED_CACHE_DROP: Final = frozenset({"surrogate-control", "cdn-cache-control"})
-_SHARED_CACHE_PREFIX: Final = "x-accel-"
-_SHARED_CACHE_SUFFIX: Final = "-cdn-cache-control"
-#: Request fields dropped when the answer is to be sanitized. Those that ask for a part of the
-#: answer (``Request-Range`` is Range to older servers): a part holds no ``customer.ssn`` to
-#: redact, and a card number split over two parts is never masked. And ``If-None-Match``: the
-#: caller never sees the upstream's entity tag, and a 304 or a 200 would tell it whether a
-#: guessed one, computed over a guess of the unsanitized body, is right.
-_SANITIZED_REQUEST_DROP: Final = frozenset({"range", "if-range", "request-range", "if-none-match"})
-#: Request preconditions refused when the answer is to be sanitized: a 412 or a 2xx would tell
-#: the caller whether a guessed entity tag (or date) of the unsanitized body is right, as
-#: ``If-None-Match`` would. Unlike it they guard writes: dropped, a conditional write would be
-#: made unconditionally, so the call is refused instead.
-_SANITIZED_REQUEST_REFUSE: Final = frozenset({"if-match", "if-unmodified-since"})
-#: Fields of the upstream's answer that no sanitized answer keeps: it is sent whole, in no
-#: content coding, and the gateway serves no ranges of it. Nor does it keep a validator or a
-#: digest computed over the unsanitized body (Express's ETag is a SHA-1 of it): the caller knows
-#: all of it but what was redacted or masked, and could try every ssn until one matches.
-_SANITIZED_DROP: Final = frozenset(
-    {"content-encoding", "accept-ranges", "etag", "content-md5", "digest", "repr-digest"}
-    | {"content-digest", "x-goog-hash", "x-ms-content-md5", "x-ms-content-crc64"}
-)
-#: Object stores name a body's checksum in their own ways (``x-amz-checksum-sha256``,
-#: ``x-bz-content-sha1``, ``x-oss-hash-crc64ecma``, ``x-ms-blob-content-md5`` …): any field whose
-#: name holds one of these words is taken for one and dropped too.
-_SANITIZED_DROP_WORDS: Final = (
-    *("md5", "sha1", "sha-1", "sha256", "sha-256", "sha512", "crc"),
-    *("hash", "digest", "checksum"),
-)
-#: A control character other than HTAB, which no field value may hold (RFC 9110 §5.5).
-_CONTROL_BYTE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 #: Upstream answers of at most this many bytes (by their ``content-length``) are sent in one piece.
 WHOLE_ANSWER_BYTES: Final = 64 * 1024
 _CHUNK: Final = 64 * 1024
 _MAX_REMEMBERED_HOSTS: Final = 1024
-
-
-def forwardable(pairs: Collection[tuple[str, str]], drop: frozenset[str]) -> list[tuple[str, str]]:
-    """Headers safe to pass on: no hop-by-hop field, none named in ``Connection``, no ``proxy-*``,
-    and no ``x-aegis-*`` however spelled: CGI and WSGI servers read ``X_Aegis_Agent_Id`` as the
-    same variable as ``X-Aegis-Agent-Id``, so a client's underscored copy would reach the
-    upstream beside (and before) the identity the gateway sets."""
-    named = {t.strip().lower() for k, v in pairs if k.lower() == "connection" for t in v.split(",")}
-    out = []
-    for k, v in pairs:
-        name = k.lower()
-        if name in HOP_BY_HOP or name in named or name in drop:
-            continue
-        if name.startswith("proxy-") or name.replace("_", "-").startswith("x-aegis-"):
-            continue
-        out.append((name, v))
-    return out
-
-
-def joined(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """One value per field, repeats joined as RFC 9110 §5.3 reads them (``Cookie`` with ``; ``,
-    RFC 9113 §8.2.3): the upstream receives every value the policy saw, not only the last."""
-    values: dict[str, list[str]] = {}
-    for k, v in pairs:
-        values.setdefault(k, []).append(v)
-    return {
-        k: v[0] if len(v) == 1 else ("; " if k == "cookie" else ", ").join(v)
-        for k, v in values.items()
-    }
-
-
-def _response_rules(result: Result) -> bool:
-    return any(o.target == "response" and o.kind != "drop_header" for o in result.obligations)
-
-
-def _mask_patterns(result: Result) -> tuple[str, ...]:
-    """The patterns the decision masks in the answer."""
-    return tuple(
-        o.pattern
-        for o in result.obligations
-        if o.target == "response" and o.kind == "mask"
-        if o.pattern
-    )
-
-
-#: Why text masked as written is refused when its Unicode forms hide what the masks look for.
-_HIDDEN_FROM_MASKS: Final = (
-    "a text answer to mask must write what the masks look for in ASCII (it holds a card "
-    "number, address or key in fullwidth, circled or other Unicode forms a client reads as ASCII)"
-)
 
 
 async def _answer(
@@ -646,8 +563,8 @@ class ReverseProxy:
     ) -> None:
         """Forward the allowed call; ``sent`` is the request target exactly as received."""
         assert self._session is not None, "the proxy was not started"
-        if _response_rules(result) and any(
-            k.replace("_", "-") in _SANITIZED_REQUEST_REFUSE for k, _ in ctx.headers
+        if response_rules(result) and any(
+            k.replace("_", "-") in SANITIZED_REQUEST_REFUSE for k, _ in ctx.headers
         ):
             return await self._gateway_error(
                 send, ctx, 400, "invalid_request",
@@ -657,7 +574,7 @@ class ReverseProxy:
                 result,
             )  # fmt: skip
         headers = joined(
-            (k, v) for k, v in forwardable(ctx.headers, _REQUEST_DROP) if not proxy_claim(k)
+            (k, v) for k, v in forwardable(ctx.headers, REQUEST_DROP) if not proxy_claim(k)
         )
         # What the gateway itself saw, replacing any client claim (dropped above); obligations
         # then apply to these too (a policy may drop x-forwarded-for or mask the host).
@@ -668,13 +585,13 @@ class ReverseProxy:
         if result.obligations:
             headers = apply_to_headers(headers, result.obligations, "request")
         headers.update(result.upstream_headers)
-        if _response_rules(result):
+        if response_rules(result):
             headers.pop("accept-encoding", None)  # the answer must be readable to be sanitized
             # Whole and unconditional; "If_Range" is If-Range to a CGI or WSGI upstream.
             headers = {
                 k: v
                 for k, v in headers.items()
-                if k.replace("_", "-") not in _SANITIZED_REQUEST_DROP
+                if k.replace("_", "-") not in SANITIZED_REQUEST_DROP
             }
         # Forward the vetted target byte for byte (``encoded=True``): re-encoding or normalising it
         # here could make the upstream read a path other than the one that was decided.
@@ -748,12 +665,12 @@ class ReverseProxy:
             received = [
                 (k.decode("latin-1"), v.decode("latin-1"))
                 for k, v in upstream.raw_headers
-                if not _CONTROL_BYTE.search(v)
+                if not CONTROL_BYTE.search(v)
             ]
             out_headers = [
-                (k, v) for k, v in forwardable(received, _RESPONSE_DROP) if not _steers_cache(k)
+                (k, v) for k, v in forwardable(received, RESPONSE_DROP) if not steers_cache(k)
             ]
-            if patterns := _mask_patterns(result):
+            if patterns := mask_patterns(result):
                 # A field the masks cannot read as the client does is left out, as one holding
                 # a control character is: a Location or Set-Cookie rarely carries what is masked.
                 # So is a field whose name the masks would change (X-4111111111111111): a name
@@ -761,8 +678,8 @@ class ReverseProxy:
                 out_headers = [
                     (k, v)
                     for k, v in out_headers
-                    if _maskable_field(v, patterns)
-                    and _maskable_field(k, patterns)
+                    if maskable_field(v, patterns)
+                    and maskable_field(k, patterns)
                     and mask_text(k, patterns) == k
                 ]
             if result.obligations:
@@ -775,8 +692,8 @@ class ReverseProxy:
             # (several Set-Cookie) stay separate lines.
             out_headers = [(k, v) for k, v in out_headers if k not in result.headers]
             out_headers += result.headers.items()
-            out_headers = _private(out_headers)
-            if _response_rules(result):
+            out_headers = marked_private(out_headers)
+            if response_rules(result):
                 return await self._sanitized(send, ctx, upstream, out_headers, result)
             await self._relay(send, ctx, upstream, out_headers, result)
         finally:
@@ -834,7 +751,7 @@ class ReverseProxy:
             upstream.status == 206
             or "content-range" in upstream.headers
             or any(
-                _media_type(v) == "multipart/byteranges"
+                media_type(v) == "multipart/byteranges"
                 for v in upstream.headers.getall("content-type", ())
             )
         ):
@@ -844,11 +761,7 @@ class ReverseProxy:
                 "sanitized on its own; it must answer the whole",
                 result,
             )  # fmt: skip
-        headers = [
-            (k, v)
-            for k, v in headers
-            if k not in _SANITIZED_DROP and not any(word in k for word in _SANITIZED_DROP_WORDS)
-        ]
+        headers = sanitized_fields(headers)
         if _has_no_body(ctx.method, upstream.status):
             # Nothing to sanitize and nothing to send: JSON null here, with content-length 4,
             # would be read by a keep-alive client as the start of its next answer. HEAD gets no
@@ -879,32 +792,13 @@ class ReverseProxy:
         encoding = upstream.headers.get("content-encoding", "identity").lower()
         as_json = is_json_type(ctype)
         try:
-            if len(upstream.headers.getall("content-type", ())) > 1:
-                # Read here by the first; a client may join them and take the last charset.
-                raise InvalidRequest("it has more than one Content-Type field")
-            if encoding != "identity":
-                raise InvalidRequest(
-                    "it is content-coded, though the gateway asked the upstream for an uncoded "
-                    "answer (it sends no Accept-Encoding when the answer is sanitized)"
-                )
-            media = _media_type(ctype or "")
-            if media and not as_json and not _is_text(media):
-                raise InvalidRequest(
-                    f"a {media[:64]} answer cannot be sanitized, only JSON and text: leave this "
-                    "path out of the sanitize rule (match it by path or method)"
-                )
-            if not as_json and any(
-                o.target == "response" and o.kind == "redact" for o in result.obligations
-            ):
-                # A redaction names JSON members; in text (JSON labelled text/plain included)
-                # it would find nothing and pass the answer on whole.
-                raise InvalidRequest("a redaction applies only to a JSON answer")
-            if len(raw) > _SANITIZE_INLINE:
+            vet_answer(upstream.headers.getall("content-type", ()), encoding, result)
+            if len(raw) > SANITIZE_INLINE:
                 # Masks and the decoding check cost tens of milliseconds on a large answer:
                 # done on a worker thread, so the event loop keeps serving other calls.
-                clean = await asyncio.to_thread(_sanitized_body, bytes(raw), ctype, as_json, result)
+                clean = await asyncio.to_thread(sanitized_body, bytes(raw), ctype, as_json, result)
             else:
-                clean = _sanitized_body(bytes(raw), ctype, as_json, result)
+                clean = sanitized_body(bytes(raw), ctype, as_json, result)
         except RecursionError:
             # Redaction and masks walk the JSON recursively: a few hundred levels of nesting
             # must be a 502 like any other answer that cannot be sanitized, not a 500.
@@ -943,286 +837,3 @@ class ReverseProxy:
             "tenant": ctx.route.tenant, "env": ctx.route.env, "method": ctx.method,
             "path": ctx.path, "status": status, "code": code, "reason": message,
         })  # fmt: skip
-
-
-def _steers_cache(name: str) -> bool:
-    """Whether an answer field (lowercased name) is meant for a cache or proxy in front of the
-    gateway (:data:`_SHARED_CACHE_DROP`), however spelled (``X_Accel_Expires`` too)."""
-    name = name.replace("_", "-")
-    return (
-        name in _SHARED_CACHE_DROP
-        or name.startswith(_SHARED_CACHE_PREFIX)
-        or name.endswith(_SHARED_CACHE_SUFFIX)
-    )
-
-
-def _private(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """``headers`` with ``Cache-Control: private`` added unless a field already says
-    ``private`` or ``no-store`` unqualified. Every answer is the outcome of one caller's
-    decision; a shared cache in front of the gateway that stored it (RFC 9111 §3.5 lets it when
-    the upstream says ``public``, even for a request with ``Authorization``) would serve it to
-    another agent whose call is never decided. ``private="set-cookie"`` lets a shared cache
-    store the rest, and a field with a quoted string is not read here: added then too (a second
-    ``private`` is harmless, a missing one is not)."""
-    said = {
-        directive.strip().lower()
-        for name, value in headers
-        if name == "cache-control" and '"' not in value
-        for directive in value.split(",")
-    }
-    return headers if said & {"private", "no-store"} else [*headers, ("cache-control", "private")]
-
-
-def _media_type(content_type: str) -> str:
-    """``type/subtype`` of a ``Content-Type`` value, lowercased, without parameters."""
-    return content_type.partition(";")[0].strip().lower()
-
-
-#: An escape the client may decode and a mask over the text does not: ``\u0034``, ``\u{34}``,
-#: ``\U00000034``, ``\x34``, octal ``\064`` (JSON, JavaScript, Python, C); ``%34``, ``%u0034``
-#: (URL encoding); an HTML character reference, numeric (``&#52;``, ``&#x34``: the ``;`` is
-#: optional) or named (``&commat;`` is ``@``; HTML reads the legacy ``&sup1``, ``&frac12`` …
-#: without the ``;`` too). Not only digits: ``ann\u0040example.com`` hides an address,
-#: ``AKIA\u0049…`` a key.
-_ESCAPE: Final = re.compile(
-    r"\\(?:[uUxX][0-9A-Fa-f{]|[0-7])|%(?:[0-9A-Fa-f]{2}|[uU][0-9A-Fa-f]{4})"
-    r"|&(?:#[0-9xX]|[A-Za-z][A-Za-z0-9]*;|sup[123]|frac[0-9]{2})"
-)
-_NON_ASCII: Final = re.compile(r"[^\x00-\x7f]")
-#: Backslash escapes a client may decode (JSON, JavaScript, Python, C) and ``%uXXXX``.
-_BACKSLASH_ESCAPE: Final = re.compile(
-    r"\\u\{0*([0-9A-Fa-f]{1,6})\}|\\u([0-9A-Fa-f]{4})|\\U([0-9A-Fa-f]{8})"
-    r"|\\[xX]([0-9A-Fa-f]{2})|\\([0-7]{1,3})|%[uU]([0-9A-Fa-f]{4})"
-)
-#: A CSS escape: one to six hex digits, then one optional white space (``\\34 111`` is ``4111``).
-_CSS_ESCAPE: Final = re.compile(r"\\([0-9A-Fa-f]{1,6})[ \t\n\r\f]?")
-#: Most readings of one text the decoding check masks, all layers together (each is one pass of
-#: the masks over text as long as the answer); past it the text is refused.
-_MAX_READINGS: Final = 12
-
-
-def _code_point(digits: str, base: int, written: str) -> str:
-    code = int(digits, base)
-    return chr(code) if code <= 0x10FFFF and not 0xD800 <= code <= 0xDFFF else written
-
-
-def _readings(text: str) -> set[str]:
-    """The texts a client may read ``text`` as once it decodes one layer of escapes: backslash
-    escapes as JSON, JavaScript and C read them or as CSS does (``\\34 `` is ``4``, not octal),
-    then HTML references as browsers read them (legacy names without ``;`` too), then
-    percent-encoding as UTF-8 or as Latin-1 bytes, each with ``+`` kept or read as a space (a
-    query string or cookie value is form-decoded). ``text`` itself is left out."""
-
-    def backslash(m: re.Match[str]) -> str:
-        digits, base = next((g, 8 if i == 4 else 16) for i, g in enumerate(m.groups()) if g)
-        return _code_point(digits, base, m.group(0))
-
-    out: set[str] = set()
-    for form in {text, text.replace("+", " ")}:
-        for unescaped in {
-            _BACKSLASH_ESCAPE.sub(backslash, form),
-            _CSS_ESCAPE.sub(lambda m: _code_point(m.group(1), 16, m.group(0)), form),
-        }:
-            referenced = html.unescape(unescaped)
-            out.add(unquote(referenced, errors="replace"))
-            out.add(unquote(referenced, encoding="latin-1"))
-    out.discard(text)
-    return out
-
-
-def _revealed_by_decoding(text: str, patterns: tuple[str, ...]) -> bool:
-    """Whether decoding the escapes in ``text`` (every reading of :func:`_readings`, up to three
-    layers: ``%2534`` is ``%34`` is ``4``) shows the masks something they do not find in it as
-    written. What they find as written is masked first, so an ordinary ``%20`` in a URL or
-    ``&amp;`` in HTML next to a masked card does not count: only what the escapes hid. An
-    escape no reading decodes, more than three layers, or more than :data:`_MAX_READINGS`
-    readings in all, refuse it: the client may know a decoding the check does not, and the
-    check's cost stays a bounded number of passes over the text."""
-    if not any(c in text for c in "\\%&+"):
-        return False
-    current = {mask_text(text, patterns)}
-    masked = 0
-    for _ in range(3):
-        following: set[str] = set()
-        for seen in current:
-            for reading in _readings(seen) - following:
-                masked += 1
-                if masked > _MAX_READINGS or mask_text(reading, patterns) != reading:
-                    return True
-                following.add(reading)
-        if not following:
-            return any(_ESCAPE.search(seen) for seen in current)
-        current = following
-    return any(_ESCAPE.search(seen) for seen in current)  # still escaped after three layers
-
-
-#: A number with an exponent, not inside a word: JSON labelled text/plain or NDJSON, read by the
-#: client as JSON, holds ``4.111111111111111E15`` as a card number the masks over text miss.
-_EXPONENT_TOKEN: Final = re.compile(
-    r"(?<![0-9A-Za-z_.])(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][+-]?[0-9]+"
-)
-#: A C0 control character other than TAB, LF and CR (ESC among them).
-_C0_CONTROL: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
-#: A charset declared in an HTML or XML body (``<meta charset="iso-2022-jp">``, ``<meta
-#: http-equiv … content="text/html; charset=…">``, ``<?xml … encoding="…"?>``): an unlabelled
-#: answer is decoded by it.
-_DECLARED_CHARSET: Final = re.compile(
-    r"""(?i)<meta\b[^>]*?charset\s*=\s*["']?\s*([^\s"'>;/]*)"""
-    r"""|<\?xml\b[^>]*?encoding\s*=\s*["']?\s*([^\s"'>?]*)"""
-)
-#: A form answer reads ``+`` as a space: ``4111+1111+1111+1111`` is a card number to the client.
-_FORM: Final = "application/x-www-form-urlencoded"
-
-
-#: Answers to sanitize larger than this are sanitized on a worker thread.
-_SANITIZE_INLINE: Final = 16 * 1024
-
-
-def _sanitized_body(raw: bytes, ctype: str | None, as_json: bool, result: Result) -> Any:
-    """The answer's body with the decision's response obligations applied; ``InvalidRequest``
-    (or ``RecursionError``, ``UnicodeDecodeError``) when it cannot be sanitized."""
-    if as_json:
-        try:
-            body: Any = parse_json_body(raw, ctype, fold_case=False)
-        except InvalidRequest:
-            raise InvalidRequest(
-                "it is not JSON that reads one way (UTF-8, no member repeated)"
-            ) from None
-    else:
-        body = _maskable_text(raw, ctype, _mask_patterns(result))
-    clean = apply_to_body(body, result.obligations, "response")
-    patterns = _mask_patterns(result)
-    if as_json and patterns and (hidden := _hidden_in_json(clean, patterns)) is not None:
-        raise InvalidRequest(hidden)
-    return clean
-
-
-#: Media types read as text besides ``text/*`` and the JSON types.
-_TEXT_TYPES: Final = frozenset(
-    {"application/xml", "application/javascript", "application/ecmascript", "application/yaml",
-     "application/x-yaml", "application/csv", "application/x-ndjson", "application/jsonl",
-     "application/json-seq", "application/graphql", "application/sql", "application/x-sh"}
-)  # fmt: skip
-
-
-def _is_text(media: str) -> bool:
-    """Whether a media type (``type/subtype``, lowercase) holds text a mask can read; other
-    answers (PDF, images, archives) are refused under sanitize with a message naming the type.
-    A form, a multipart or a message answer counts as text here and is refused by
-    :func:`_maskable_text` with its own reason."""
-    top, _, sub = media.partition("/")
-    return (
-        top in ("text", "multipart", "message")
-        or media in _TEXT_TYPES
-        or media == _FORM
-        or sub.endswith(("+xml", "+json", "+yaml"))
-        or "json" in sub
-    )
-
-
-def _maskable_text(raw: bytes, content_type: str | None, patterns: tuple[str, ...]) -> str:
-    """A text answer as the client will read it, for masks to rewrite; ``InvalidRequest`` when
-    the masks could not see what the client reads: a charset other than UTF-8 (UTF-16 text of
-    ASCII is valid UTF-8 holding NULs), text :func:`_hidden_from_masks` refuses, or a form
-    (``application/x-www-form-urlencoded``). Under masks, so is a ``multipart/*`` or
-    ``message/*`` answer: each part names its own transfer encoding and charset. Only JSON
-    answers are parsed, their escapes decoded before masking; any other text is masked as it is
-    written."""
-    media = _media_type(content_type or "")
-    if media == _FORM:
-        raise InvalidRequest("a form answer cannot be masked: its '+' and '%XX' decode")
-    if patterns and media.partition("/")[0] in ("multipart", "message"):
-        # Each part names its own charset and Content-Transfer-Encoding: as quoted-printable,
-        # base64 or UTF-7 a part hides a card number the masks over the whole never see.
-        raise InvalidRequest(
-            "a multipart or message answer cannot be masked: its parts decode on their own"
-        )
-    if not utf8_labelled(content_type):
-        raise InvalidRequest("a text answer to mask must be UTF-8")
-    text = raw.decode("utf-8")
-    if patterns and _C0_CONTROL.search(text):
-        # ESC switches an ISO-2022 reader to another character set (fullwidth digits in bytes
-        # the masks read as ASCII punctuation); no text the masks read holds other controls.
-        raise InvalidRequest(
-            "a text answer to mask must hold no control character but TAB, CR and LF"
-        )
-    if patterns and any(
-        (m.group(1) or m.group(2) or "").lower() not in ("utf-8", "utf8", "us-ascii", "ascii")
-        for m in _DECLARED_CHARSET.finditer(text)
-    ):
-        raise InvalidRequest(
-            "a text answer to mask must declare no charset but UTF-8 in its body "
-            "(<meta charset>, <?xml encoding>): a client decodes by it"
-        )
-    if (why := _hidden_from_masks(text, patterns)) is not None:
-        raise InvalidRequest(why)
-    return text
-
-
-def _hidden_from_masks(text: str, patterns: tuple[str, ...]) -> str | None:
-    """Why masks over ``text`` as written could miss what a client reads in it, or ``None``: a
-    NUL, an escape (:data:`_ESCAPE`), a digit other than ASCII 0-9 (fullwidth, Arabic-Indic,
-    superscript: the client may read it as one), a number of card size written with an exponent
-    (``4.111111111111111E15`` in JSON not labelled JSON: the client reads it as JSON, the masks
-    see no card number), or anything the masks find only in its NFKC form (a fullwidth at
-    sign, circled numbers)."""
-    if "\x00" in text:
-        return "a text answer to mask must hold no NUL"
-    if _revealed_by_decoding(text, patterns):
-        return (
-            "a text answer to mask holds an escape (\\u, \\x, %XX, &#, &name;) that decodes "
-            "to what the masks look for"
-        )
-    if not text.isascii() and any(ch.isdigit() for ch in _NON_ASCII.findall(text)):
-        return "a text answer to mask must write its digits as ASCII 0-9"
-    if any(exponent_number_digits(m.group(0)) for m in _EXPONENT_TOKEN.finditer(text)):
-        return "a text answer to mask must write no number of 13 to 19 digits with an exponent"
-    if hidden_from_masks(text, patterns):
-        return _HIDDEN_FROM_MASKS
-    return None
-
-
-def _maskable_field(value: str, patterns: tuple[str, ...]) -> bool:
-    """Whether masks over an answer field's value (its bytes as Latin-1) see what the client
-    reads: the text tests of :func:`_hidden_from_masks`, over the bytes read as Latin-1 and as
-    UTF-8 both (a fullwidth digit is three bytes); a ``Location`` query or a cookie value
-    decodes ``%34`` and ``+`` (:func:`_readings`) as the masks do not."""
-    readings = [value, value.encode("latin-1").decode("utf-8", "replace")]
-    return all(_hidden_from_masks(text, patterns) is None for text in readings)
-
-
-def _hidden_in_json(clean: Any, patterns: tuple[str, ...]) -> str | None:
-    """Why masks over a JSON answer's strings (``clean``, already masked) could miss what a
-    client reads in one, or ``None``. The parser decodes JSON's own escapes only; a client may
-    decode more in a string or member name: an HTML reference (``"<p>&#52;111 …</p>"``), ``%34``,
-    a doubled ``\\u0034``, a form's ``+`` (``4111+1111+1111+1111``), or read a number with an
-    exponent inside longer text (``"card 4.111111111111111e15"``, fullwidth digits too)."""
-    stack = [clean]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, dict):
-            stack.extend(value.keys())
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
-        elif isinstance(value, str) and (why := _hidden_in_string(value, patterns)) is not None:
-            return why
-    return None
-
-
-def _hidden_in_string(text: str, patterns: tuple[str, ...]) -> str | None:
-    """The tests of :func:`_hidden_from_masks` for one masked JSON string: escapes and NULs
-    refuse it; a card-size number with an exponent, or digits joined by ``+`` read as spaces,
-    refuse it only where the masks would change what it reads as (JSON strings are read in
-    their NFKC form, so other Unicode digits are masked, not refused)."""
-    if "\x00" in text:
-        return "a JSON answer to mask must hold no NUL in a string"
-    if _revealed_by_decoding(text, patterns):
-        return (
-            "a JSON answer to mask holds a string with an escape (\\u, \\x, %XX, &#, "
-            "&name;) that decodes to what the masks look for"
-        )
-    for token in _EXPONENT_TOKEN.finditer(as_read(text)):
-        if any(mask_text(d, patterns) != d for d in exponent_number_digits(token.group(0))):
-            return "a JSON answer to mask must write no card number with an exponent in a string"
-    return None

@@ -8,7 +8,7 @@ route names is matched only against that host's routes, as nginx server blocks a
 hosts choose; any other host only against the host-less routes), then the longest matching
 ``path_prefix`` wins, and a prefix matches whole segments (``/pay`` matches ``/pay`` and
 ``/pay/x``, never ``/payx``). The path given must already be vetted
-(:func:`aegis.gateway.context.vet_path`).
+(:func:`aegis.gateway.target.vet_path`).
 
 Upstreams read paths more loosely than a byte comparison: Express matches case-insensitively,
 Tomcat and Spring drop ``;parameters`` from segments, IIS drops trailing dots and spaces. A
