@@ -21,6 +21,7 @@ from aegis.gateway.policies import (
     policy_reads,
     policy_reads_body,
 )
+from aegis.policy.decision import Decision
 from aegis.policy.evaluator import compile_policy
 from aegis.policy.loader import load_document
 from aegis.policy.store import Activation, MemoryPolicyStore
@@ -322,3 +323,58 @@ spec:
     decision = _alike_for_variant(policy, doc, policy.evaluate(doc))
     assert decision.action == "allow"
     assert decision.shadow is not None and decision.shadow.action == "deny"
+
+
+def _decide_path(rules: str, raw_path: str) -> Decision:
+    """As the gateway decides a GET to ``raw_path`` for the tool ``app``."""
+    from aegis.gateway.target import vet_path
+    from aegis.policy.input import AgentInfo, PolicyCall, build_input
+
+    store = MemoryPolicyStore()
+    text = "apiVersion: aegis/v1\nkind: Policy\nmetadata: {name: p}\nspec:\n  rules:\n" + rules
+    store.activate("t", "e", store.put(load_document(text), now=0), actor="x", now=0)
+    directory = PolicyDirectory(store, clock=FrozenClock(0), interval=1)
+    doc = build_input(PolicyCall(tool="app", agent=AgentInfo(id="a"), tenant="t", env="e",
+                                 time=0.0, method="GET", path=vet_path(raw_path)))  # fmt: skip
+    return directory.decide("t", "e", "app", "a", doc)
+
+
+_ALLOW_APP = "    - {id: all, action: allow, match: {tools: [app]}}\n"
+
+
+@pytest.mark.parametrize("raw", ["/admin.php/x", "/Admin.PHP/anything/else", "/admin.php/"])
+def test_a_script_is_denied_whatever_path_follows_it(raw: str) -> None:
+    """PHP (and CGI, classic ASP.NET) run ``/admin.php/x`` as ``/admin.php``."""
+    rules = _ALLOW_APP + "    - {id: no, action: deny, when: {path: path_loose, eq: /admin.php}}\n"
+    decision = _decide_path(rules, raw)
+    assert (decision.action, decision.rule_ids) == ("deny", ("no",))
+    assert _decide_path(rules, "/admin.html/x").action == "allow"  # not a script
+
+
+@pytest.mark.parametrize("test", ["regex: '^/admin/'", "contains: /admin/", "regex: '^/admin[/]'"])
+def test_a_deny_rule_on_a_subtree_denies_its_index_too(test: str) -> None:
+    """Express serves ``/admin`` as ``/admin/``: a deny rule on what follows ``/admin/`` must
+    not let ``/admin`` itself through."""
+    rules = _ALLOW_APP + f"    - {{id: no, action: deny, when: {{path: path_loose, {test}}}}}\n"
+    for raw in ("/admin", "/admin/", "/admin/users"):
+        decision = _decide_path(rules, raw)
+        assert (decision.action, decision.rule_ids) == ("deny", ("no",)), raw
+    assert _decide_path(rules, "/administrator").action == "allow"
+
+
+def test_an_allow_list_naming_a_path_still_allows_it_without_its_slash() -> None:
+    """The reading with a ``/`` added counts only when a deny rule matches it: a path an
+    allow-list names exactly is not denied because its slashed form is named nowhere."""
+    rules = "    - {id: ok, action: allow, when: {path: path_loose, eq: /status}}\n"
+    assert _decide_path(rules, "/status").action == "allow"
+
+
+def test_a_deny_from_a_variant_names_the_reading_it_came_from() -> None:
+    """An allow naming ``/openapi.json`` alone cannot allow it (Rails serves it as
+    ``/openapi``, which nothing allows): the deny says which reading and what to write."""
+    rules = "    - {id: spec, action: allow, when: {path: path_loose, eq: /openapi.json}}\n"
+    decision = _decide_path(rules, "/openapi.json")
+    assert decision.action == "deny"
+    assert any("'/openapi'" in r and "starts_with" in r for r in decision.reasons)
+    both = rules + "    - {id: spec2, action: allow, when: {path: path_loose, eq: /openapi}}\n"
+    assert _decide_path(both, "/openapi.json").action == "allow"

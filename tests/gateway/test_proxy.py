@@ -233,6 +233,9 @@ def test_paths_that_read_the_same_everywhere_pass(raw: str, decoded: str) -> Non
         "/payments/admin/.%20/users",  # IIS trims dots and spaces: an empty segment
         "/payments/admin/%20/users",
         "/payments/..%20/admin",
+        "/admin/%EF%BC%9Bx/users",  # FULLWIDTH SEMICOLON: an empty segment once normalised
+        "/admin%EF%BC%9Fx",  # FULLWIDTH QUESTION MARK: the path ends there once normalised
+        "/admin%EF%BC%83x",  # FULLWIDTH NUMBER SIGN
     ],
 )
 def test_paths_another_server_could_read_differently_are_refused(raw: str) -> None:
@@ -717,3 +720,15 @@ def test_a_variant_is_routed_as_it_would_be_sent(path: str, refused: bool) -> No
     route = table.match("gw", vet_path(path))
     assert route is not None
     assert (table.read_as_another("gw", vet_path(path), route) is not None) is refused
+
+
+@pytest.mark.parametrize("prefix", ["/api/v1.2.3", "/files/report.tar.gz"])
+def test_a_route_prefix_with_several_dots_serves_its_own_path(prefix: str) -> None:
+    """Each reading of such a path (``/api/v1.2``, ``/api/v1``) falls under the route's own
+    readings, not under the catch-all."""
+    table = _table(("/", "public", None), (prefix, "tool", None))
+    route = table.match("gw", vet_path(prefix))
+    assert route is not None and route.tool == "tool"
+    assert table.read_as_another("gw", vet_path(prefix), route) is None
+    inner = vet_path(prefix + "/x.json")
+    assert table.read_as_another("gw", inner, route) is None

@@ -42,7 +42,7 @@ from aegis.config import GatewayAllow
 from aegis.crypto.jws import fold_name
 from aegis.errors import InvalidRequest, Unavailable
 from aegis.gateway.names import header_key, name_keys, query_key
-from aegis.policy.decision import Decision
+from aegis.policy.decision import Decision, Outcome
 from aegis.policy.evaluator import CompiledPolicy
 from aegis.policy.input import path_variants
 from aegis.policy.ir import leaves
@@ -214,36 +214,56 @@ def misspelled(
 def _alike_for_variant(policy: CompiledPolicy, doc: dict[str, Any], decision: Decision) -> Decision:
     """``decision``, when the policy decides each of the path's variant readings
     (:func:`~aegis.policy.input.path_variants`: without a trailing ``/``, cut at a dot of the
-    last segment) alike or ``decision`` is a deny; a variant's decision when that is a deny;
-    else ``invalid_request``. Rails serves ``/payments/refund.json`` and Express
-    ``/payments/refund/`` as ``/payments/refund``, other upstreams as other paths: a rule on
-    ``path_loose`` must hold for every reading, and a call they would decide apart is not
-    allowed. A variant's shadow outcome that denies is kept, so that a policy tried in shadow
+    last segment, cut after a script) alike or ``decision`` is a deny; a variant's decision when
+    that is a deny; else ``invalid_request``. Rails serves ``/payments/refund.json`` and Express
+    ``/payments/refund/`` as ``/payments/refund``, PHP ``/admin.php/x`` as ``/admin.php``: a
+    rule on ``path_loose`` must hold for every reading, and a call they would decide apart is
+    not allowed. A path without a trailing ``/`` is also decided with one (Express serves
+    ``/admin`` as ``/admin/``), where only a deny rule that matches counts: a rule
+    ``regex: ^/admin/`` denies ``/admin`` too, while an allow-list naming ``/admin`` still
+    allows it. A variant's shadow outcome that denies is kept, so that a policy tried in shadow
     mode reports what it would refuse."""
     loose = doc.get("path_loose")
-    variants = path_variants(loose) if isinstance(loose, str) else ()
-    if not variants or decision.action == "deny":
+    if not isinstance(loose, str) or decision.action == "deny":
         return decision
+    variants = path_variants(loose)
     seen = (decision.action, decision.code, decision.obligations, decision.approvals)
     shadow = decision.shadow
     for variant in variants:
         other = policy.evaluate({**doc, "path_loose": variant})
         if other.action == "deny":
-            return other
+            return _as_variant(other, variant)
         if (other.action, other.code, other.obligations, other.approvals) != seen:
             raise InvalidRequest(
                 f"the path is {variant[:128]!r} to upstreams that drop a trailing '/' or a "
-                "'.format' (Rails, Express), and the policy for this tool decides that path "
-                f"otherwise ({other.action}, not {decision.action}); send the path as the "
-                "upstream reads it"
+                "'.format' (Rails, Express) or run a script (PHP), and the policy for this tool "
+                f"decides that path otherwise ({other.action}, not {decision.action}); send the "
+                "path as the upstream reads it"
             )
-        if (
-            other.shadow is not None
-            and other.shadow.action == "deny"
-            and (shadow is None or shadow.action != "deny")
-        ):
+        if _denies(other.shadow) and not _denies(shadow):
             shadow = other.shadow
+    if not loose.endswith("/"):
+        slashed = loose + "/"
+        other = policy.evaluate({**doc, "path_loose": slashed})
+        if other.action == "deny" and other.rule_ids:  # a deny rule matched, not the default
+            return _as_variant(other, slashed)
+        would = other.shadow
+        if would is not None and would.action == "deny" and would.rule_ids and not _denies(shadow):
+            shadow = would
     return decision if shadow is decision.shadow else dataclasses.replace(decision, shadow=shadow)
+
+
+def _denies(outcome: Outcome | None) -> bool:
+    return outcome is not None and outcome.action == "deny"
+
+
+def _as_variant(denied: Decision, variant: str) -> Decision:
+    """``denied`` (a variant reading's deny) with a reason naming the reading, and, where no
+    rule matched it, what would allow the call."""
+    why = f"decided as the path {variant[:128]!r}, which some upstreams serve the call as"
+    if not denied.rule_ids:
+        why += "; no rule allows that path: allow it too, or match the path with starts_with"
+    return dataclasses.replace(denied, reasons=(*denied.reasons, why))
 
 
 def _sends_wrapper(

@@ -64,6 +64,16 @@ def bare_host(host: str) -> str:
     return name.lower().removesuffix(".")
 
 
+def _prefix_readings(prefix: str) -> tuple[str, ...]:
+    """A route prefix's variant readings (:func:`~aegis.policy.input.path_variants`), or only
+    the first cut of its last segment (:func:`~aegis.policy.input.without_format`) for a prefix
+    with more dots than a path may hold."""
+    try:
+        return path_variants(prefix)
+    except InvalidRequest:
+        return (without_format(prefix),)
+
+
 def _under(key: str, prefix: str) -> bool:
     return key == prefix or key.startswith(prefix + "/")
 
@@ -85,12 +95,15 @@ class RouteTable:
              None if r.host is None else bare_host(r.host))
             for r in self._routes
         ]  # fmt: skip
-        #: Each prefix also as :func:`~aegis.policy.input.without_format` reads it
-        #: (``/openapi.json`` as ``/openapi``), for matching a path's variant readings: a variant
-        #: falls under a route when it falls under either form (``/api/v1.2/items`` under
-        #: ``/api/v1.2``, ``/openapi`` under ``/openapi.json``).
+        #: Each prefix also as each of its own variant readings reads it (``/openapi.json`` as
+        #: ``/openapi``, ``/api/v1.2.3`` as ``/api/v1.2`` and ``/api/v1``), for matching a
+        #: path's variant readings: a variant falls under a route when it falls under any form
+        #: (``/api/v1.2/items`` under ``/api/v1.2``, ``/openapi`` under ``/openapi.json``).
         self._cut_keys: list[_Entry] = [
-            (r, without_format(prefix), h) for r, prefix, h in self._keys if r.path_prefix != "/"
+            (r, cut, h)
+            for r, prefix, h in self._keys
+            if r.path_prefix != "/"
+            for cut in _prefix_readings(prefix)
         ]
         self._hosts = frozenset(h for _, _, h in self._keys if h is not None)
 
@@ -116,11 +129,11 @@ class RouteTable:
 
     def read_as_another(self, host: str, path: str, chosen: Route) -> str | None:
         """Why one of ``path``'s variant readings (:func:`~aegis.policy.input.path_variants`:
-        without a trailing ``/``, cut at a dot of the last segment) falls under another route
-        than ``chosen``, or None. Rails serves ``/admin.json`` as ``/admin``: when routes share
-        that upstream, the call would be decided under the catch-all and served as admin.
-        Refused rather than guessed, since an upstream that compares paths exactly serves it as
-        the other."""
+        without a trailing ``/``, cut at a dot of the last segment or after a script) falls
+        under another route than ``chosen``, or None. Rails serves ``/admin.json`` as
+        ``/admin``: when routes share that upstream, the call would be decided under the
+        catch-all and served as admin. Refused rather than guessed, since an upstream that
+        compares paths exactly serves it as the other."""
         try:
             variants = path_variants(match_key(path))
         except InvalidRequest as exc:
@@ -137,9 +150,9 @@ class RouteTable:
             if other is not chosen:
                 there = "no route" if other is None else f"the route {other.path_prefix!r}"
                 return (f"the path is {variant!r} to upstreams that drop a trailing '/' or a "
-                        f"'.format' (Rails, Express), which falls under {there}, not the route "
-                        f"{chosen.path_prefix!r} it falls under as sent; send the path without "
-                        "them, or as the route spells it")  # fmt: skip
+                        "'.format' (Rails, Express) or run a script (PHP), which falls under "
+                        f"{there}, not the route {chosen.path_prefix!r} it falls under as sent; "
+                        "send the path without them, or as the route spells it")  # fmt: skip
         return None
 
     def match_exact(self, host: str, path: str) -> Route | None:

@@ -109,15 +109,17 @@ def vet_path(raw_path: str) -> str:
     if not path.isascii():
         # Servers that apply Unicode compatibility normalisation (NFKC) read two FULLWIDTH FULL
         # STOPs as '..' and a FULLWIDTH SOLIDUS as '/': the path must split the same way once
-        # normalised.
+        # normalised. A FULLWIDTH SEMICOLON after a '/' would leave an empty segment once its
+        # parameters are dropped, a FULLWIDTH QUESTION MARK or NUMBER SIGN end the path.
         folded = unicodedata.normalize("NFKC", path)
         if folded != path and (
-            folded.count("/") != path.count("/")
+            any(folded.count(c) != path.count(c) for c in "/?#")
+            or "/;" in folded
             or _CONTROL.search(folded)
             or any(_dots_only(seg) for seg in folded.split("/"))
         ):
             raise InvalidRequest(
                 "the request path reads differently once Unicode-normalised (NFKC); "
-                "send plain '.', '/' and '\\' only where they mean themselves"
+                "send plain '.', '/', ';', '?', '#' and '\\' only where they mean themselves"
             )
     return path

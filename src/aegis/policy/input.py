@@ -27,6 +27,7 @@ __all__ = [
     "PolicyCall",
     "build_input",
     "call_from_dict",
+    "fold_case",
     "loose_path",
     "path_variants",
     "without_format",
@@ -84,30 +85,56 @@ class PolicyCall:
 _LOOSE_END: Final = (".", " ")
 
 
+def _fold_char(char: str) -> str:
+    """``char`` lowercased after its simple upper-case mapping, as ASP.NET Core compares route
+    text (``OrdinalIgnoreCase``): the dotless i (U+0131) is ``i``, the final sigma (U+03C2) the
+    sigma (U+03C3), and the long Cyrillic de (U+1C81) the de (U+0434). A character whose upper
+    case is longer (the sharp s) has no simple mapping and is only lowercased."""
+    upper = char.upper()
+    return upper.lower() if len(upper) == 1 else char.lower()
+
+
 def loose_path(path: str) -> str:
     """``path`` as the loosest common upstream reads it: Unicode compatibility-normalised (NFKC:
-    ``admin`` in FULLWIDTH letters is ``admin``), each segment without its ``;parameters`` and
-    trailing dots and spaces, lowercase, the dotless i (U+0131) as ``i`` (ASP.NET Core compares
-    paths ignoring case, and upper-cases it to ``I``). Routes are chosen on it, and policy sees it
-    as ``path_loose``: ``/Payments/Admin;x`` is ``/payments/admin`` to Express, Spring or IIS."""
+    ``admin`` in FULLWIDTH letters is ``admin``), each segment without its ``;parameters``,
+    trailing dots and spaces and leading spaces (Spring's path matcher trimmed tokens), in
+    lower case as ASP.NET Core folds it (:func:`_fold_char`). Routes are chosen on it, and
+    policy sees it as ``path_loose``: ``/Payments/Admin;x`` is ``/payments/admin`` to Express,
+    Spring or IIS."""
     if not path.isascii():
         path = unicodedata.normalize("NFKC", path)
-    if ";" in path or "./" in path or " /" in path or path.endswith(_LOOSE_END):
-        path = "/".join(seg.split(";", 1)[0].rstrip(". ") for seg in path.split("/"))
-    return path.lower() if path.isascii() else path.lower().replace("\u0131", "i")
+    if ";" in path or "./" in path or " /" in path or "/ " in path or path.endswith(_LOOSE_END):
+        path = "/".join(seg.split(";", 1)[0].rstrip(". ").lstrip(" ") for seg in path.split("/"))
+    return fold_case(path)
+
+
+def fold_case(text: str) -> str:
+    """``text`` in lower case as :func:`loose_path` folds it (:func:`_fold_char`)."""
+    return text.lower() if text.isascii() else "".join(map(_fold_char, text))
 
 
 #: Most dots the last segment of a path may hold: each is a reading the call is decided under.
 MAX_FORMAT_DOTS: Final = 8
+#: Extensions of scripts that servers run with the rest of the path as ``PATH_INFO``: PHP
+#: (Apache's mod_php, nginx with ``fastcgi_split_path_info``), CGI, classic ASP.NET and IIS
+#: ISAPI, ColdFusion. ``/admin.php/x`` runs ``/admin.php``.
+SCRIPT_EXTENSIONS: Final = frozenset(
+    {"php", "php3", "php4", "php5", "php7", "php8", "phtml", "phar", "cgi", "pl", "py", "asp",
+     "aspx", "asmx", "ashx", "axd", "svc", "cfm", "cfc", "dll", "exe"}
+)  # fmt: skip
+#: Most segments naming a script (:data:`SCRIPT_EXTENSIONS`) a path may hold before its last.
+MAX_SCRIPT_SEGMENTS: Final = 4
 
 
 def path_variants(loose: str) -> tuple[str, ...]:
     """The other paths some upstreams serve a :func:`loose_path` as: without a trailing ``/``
-    (Express and Rails serve ``/refund/`` as ``/refund``), and that cut at each dot of its last
+    (Express and Rails serve ``/refund/`` as ``/refund``), that cut at each dot of its last
     segment (Rails routes take ``(.:format)`` on every path, Spring's suffix pattern match
-    served ``/admin.x.y`` as ``/admin``, and ``/setup.exe/`` is ``/setup.exe`` to Express). The
-    gateway decides a call under each, and denies when any is denied. Raises
-    ``InvalidRequest`` for a last segment of more than :data:`MAX_FORMAT_DOTS` dots."""
+    served ``/admin.x.y`` as ``/admin``, and ``/setup.exe/`` is ``/setup.exe`` to Express), and
+    cut after each earlier segment naming a script (``/admin.php/x`` runs ``/admin.php``, see
+    :data:`SCRIPT_EXTENSIONS`). The gateway decides a call under each, and denies when any is
+    denied. Raises ``InvalidRequest`` for a last segment of more than :data:`MAX_FORMAT_DOTS`
+    dots, or more than :data:`MAX_SCRIPT_SEGMENTS` script segments."""
     path = loose[:-1] if len(loose) > 1 and loose.endswith("/") else loose
     out = [path] if path != loose else []
     head, _, last = path.rpartition("/")
@@ -120,6 +147,20 @@ def path_variants(loose: str) -> tuple[str, ...]:
     while at > 0:
         out.append(f"{head}/{last[:at]}")
         at = last.find(".", at + 1)
+    if "." in head:
+        segments = head.split("/")
+        scripts = [
+            "/".join(segments[: i + 1])
+            for i, segment in enumerate(segments)
+            if "." in segment[1:] and segment.rpartition(".")[2] in SCRIPT_EXTENSIONS
+        ]
+        if len(scripts) > MAX_SCRIPT_SEGMENTS:
+            raise InvalidRequest(
+                f"the path names more than {MAX_SCRIPT_SEGMENTS} scripts before its last segment "
+                "(such as x.php/); each is a path some upstreams run, and the call is decided "
+                "under every reading"
+            )
+        out += scripts
     return tuple(out)
 
 

@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from aegis.policy.input import loose_path
+from aegis.policy.input import fold_case, loose_path
 from aegis.policy.safe_regex import RegexRejected, compile_safe
 
 __all__ = [
@@ -109,29 +109,29 @@ def _loose_literal(path: str) -> str:
 
 
 def _upper_outside_escapes(pattern: str) -> bool:
-    """Whether a regex names an upper-case ASCII letter itself (not ``\\D``, ``\\S`` ...)."""
+    """Whether a regex names a letter the case folding of the input changes (``A``, ``Σ``, the
+    dotless i) itself, not in an escape (``\\D``, ``\\S`` ...)."""
     escaped = False
     for c in pattern:
         if escaped:
             escaped = False
         elif c == "\\":
             escaped = True
-        elif "A" <= c <= "Z":
+        elif fold_case(c) != c:
             return True
     return False
 
 
 def _folds(pattern: str) -> bool:
-    """Whether ``pattern`` holds text the loose readings change (NFKC, the dotless i): the
-    input never holds ``refund`` in FULLWIDTH letters, or ``admin`` with a dotless i."""
-    return not pattern.isascii() and (
-        unicodedata.normalize("NFKC", pattern) != pattern or "\u0131" in pattern
-    )
+    """Whether ``pattern`` holds text the loose readings change (NFKC): the input never holds
+    ``refund`` in FULLWIDTH letters."""
+    return not pattern.isascii() and unicodedata.normalize("NFKC", pattern) != pattern
 
 
 def _needs_slash_end(pattern: str) -> bool:
-    """Whether a test on ``path_loose`` looks for a ``/`` ending the path: the call without it,
-    which Express serves alike, is never decided with one."""
+    """Whether a test on ``path_loose`` looks for a ``/`` ending the path: a call with one is
+    decided without it (Express serves both alike), and a call without one is decided with it
+    only for deny rules, so an allow rule testing for it would never allow."""
     return any(end in pattern for end in ("/$", "/\\Z", "/\\z"))
 
 
@@ -148,6 +148,25 @@ _CANONICAL_PATHS: Final = {
         "the host lowercase, without port or trailing dot",
     ),
 }
+_HOST_PATHS: Final = frozenset({"request.headers.host", "request.headers.x-forwarded-host"})
+
+
+def _ascii_hosts(path: str, values: list[Any]) -> None:
+    """Refuse a non-ASCII host literal or pattern: the gateway admits only an ASCII ``Host``
+    (an internationalised name is sent as its A-label, ``xn--bcher-kva.example``), so a rule on
+    ``bücher.example`` would never match."""
+    for value in values:
+        if isinstance(value, str) and not value.isascii():
+            try:
+                label = value.encode("idna").decode("ascii")
+            except UnicodeError:
+                label = "its IDNA A-label (xn--...)"
+            raise ValueError(
+                f"{path} never holds {value[:128]!r}: a host is ASCII in policy input (a name "
+                f"outside ASCII arrives as its A-label); write {label[:128]!r}"
+            )
+
+
 _PATH = re.compile(r"^[A-Za-z0-9_$@:-]+(\.[A-Za-z0-9_$@:*-]+)*$")
 _HHMM = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$|^24:00$")
 _DATE = re.compile(r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$")
@@ -328,8 +347,11 @@ class Condition(_Strict):
             )
         canonical, how = _CANONICAL_PATHS[self.path]
         pattern = self.contains if self.contains is not None else self.regex
+        literals = [self.eq, self.ne, *(self.in_ or ()), *(self.not_in or ())]
+        if self.path in _HOST_PATHS:
+            _ascii_hosts(self.path, [pattern, *literals])
         if pattern is not None and (
-            (self.contains is not None and self.contains.lower() != self.contains)
+            (self.contains is not None and fold_case(self.contains) != self.contains)
             or (self.regex is not None and _upper_outside_escapes(self.regex))
             or _folds(pattern)
             or (self.path == "path_loose" and (";" in pattern or _needs_slash_end(pattern)))
@@ -339,11 +361,22 @@ class Condition(_Strict):
                 f"{self.path} never holds what {pattern[:128]!r} looks for: it is {how}; "
                 "test it in that form"
             )
-        for value in [self.eq, self.ne, *(self.in_ or ()), *(self.not_in or ())]:
-            if isinstance(value, str) and canonical(value) != value:
+        for value in literals:
+            if not isinstance(value, str):
+                continue
+            fixed = value
+            for _ in range(8):  # to a form that reads as itself: "a.example.." is a.example
+                if canonical(fixed) == fixed:
+                    break
+                fixed = canonical(fixed)
+            if self.path == "path_loose" and "//" in fixed:
                 raise ValueError(
-                    f"{self.path} never holds {value[:128]!r}: it is {how}; write "
-                    f"{canonical(value)[:128]!r}"
+                    f"path_loose never holds {value[:128]!r}: a path with empty, '.' or '..' "
+                    "segments is refused before policy reads it"
+                )
+            if fixed != value:
+                raise ValueError(
+                    f"{self.path} never holds {value[:128]!r}: it is {how}; write {fixed[:128]!r}"
                 )
         return self
 
