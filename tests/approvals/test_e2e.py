@@ -400,3 +400,69 @@ def test_approvers_see_a_form_body_and_are_told_of_a_body_they_cannot_see(stack:
         "content_type": "application/octet-stream",
         "digest": "sha256:" + hashlib.sha256(b"\x00\x01binary").hexdigest(),
     }}  # fmt: skip
+
+
+def _approved(stack: Stack, caller: Caller, path: str = "/payments/charge",
+              host: str | None = None) -> str:  # fmt: skip
+    """An override for ``caller``'s payment of 12,000 to ``path``, approved on Slack."""
+    first = held(_pay(stack, caller, path=path, host=host))
+    stack.slack.wait(1)
+    click = slack_click(stack, first["approval_id"], "aegis_approve", "UCAROL")
+    assert click.status_code == 200, click.text
+    return str(caller.status(first["status_url"]).json()["override_token"])
+
+
+def _pay(stack: Stack, caller: Caller, *, path: str = "/payments/charge", host: str | None = None,
+         override: str | None = None, extra: dict[str, str] | None = None) -> httpx.Response:  # fmt: skip
+    """A payment of 12,000 sent to the gateway, addressed to ``host`` when given."""
+    authority = host or stack.gateway.split("://", 1)[1]
+    headers = {**caller.agent.headers(caller.token, "POST", f"http://{authority}{path}"),
+               **(extra or {}), "host": authority}  # fmt: skip
+    if override is not None:
+        headers["X-Aegis-Override"] = override
+    return httpx.post(f"{stack.gateway}{path}", json={"amount": 12_000, "account": "DE00 1"},
+                      headers=headers)  # fmt: skip
+
+
+def test_an_approved_call_reaches_the_upstream_without_the_fields_it_is_not_bound_to(
+    stack: Stack,
+) -> None:
+    """Tracing and proxy fields are not bound (they differ between two sendings), so they must
+    not reach the upstream either: an x-envoy-retry-on added after the approval would make a
+    sidecar run the approved payment ten times."""
+    caller = Caller(stack, "retrier")
+    override = _approved(stack, caller)
+    added = {"x-envoy-retry-on": "5xx,reset", "x-envoy-max-retries": "10",
+             "baggage": "dry_run=false", "uberctx-account": "other", "x-request-id": "r-1",
+             "user-agent": "changed", "x_request_id": "r-2", "proxy_target": "evil.example",
+             "proxy": "http://evil.example"}  # fmt: skip
+    seen = len(stack.upstream.seen)
+    resp = _pay(stack, caller, override=override, extra=added)
+    assert resp.status_code == 200, resp.text
+    forwarded = stack.upstream.seen[seen]["headers"]
+    assert not set(added) & set(forwarded), forwarded
+    assert forwarded["x-aegis-agent-id"] == caller.agent.id
+
+
+@pytest.mark.parametrize(
+    ("approved", "sent"),
+    [("/payments/accounts/ACME%3Bx/charge", "/payments/accounts/ACME;x/charge"),
+     ("/payments/accounts/ACME;x/charge", "/payments/accounts/ACME%3Bx/charge")],
+)  # fmt: skip
+def test_an_override_is_bound_to_the_target_as_sent(stack: Stack, approved: str, sent: str) -> None:
+    """``%3B`` and ``;`` decode alike, but Tomcat and Spring read only ``;`` as the start of
+    path parameters (account ``ACME``, not ``ACME;x``): the upstream receives the bytes."""
+    caller = Caller(stack, "matrix" + str(len(approved)))
+    override = _approved(stack, caller, path=approved)
+    other = _pay(stack, caller, path=sent, override=override)
+    assert (other.status_code, other.json()["code"]) == (403, "override_digest_mismatch")
+    assert _pay(stack, caller, path=approved, override=override).status_code == 200
+
+
+def test_an_override_is_bound_to_the_host_as_sent(stack: Stack) -> None:
+    """The upstream receives the Host as sent (X-Forwarded-Host), port and all."""
+    caller = Caller(stack, "hosty")
+    override = _approved(stack, caller)
+    moved = _pay(stack, caller, host="127.0.0.1:1", override=override)
+    assert (moved.status_code, moved.json()["code"]) == (403, "override_digest_mismatch")
+    assert _pay(stack, caller, override=override).status_code == 200

@@ -243,3 +243,32 @@ def test_approvers_see_a_form_only_as_the_upstream_reads_it(
         assert isinstance(got, dict) and got["body_not_shown"]["digest"] == body_digest(raw)
     else:
         assert got == shown
+
+
+async def test_a_call_the_door_cannot_enforce_is_never_held_nor_an_override_spent(
+    gated: tuple[Env, Pipeline, ApprovalService],
+) -> None:
+    """At an ext_authz door (which rewrites nothing) a call whose approval would also bring
+    sanitize obligations is refused before it is held: an approval opened for it, or an
+    override spent on it, would be burnt on a refusal after the human said yes."""
+    env, pipeline, service = gated
+    masked = POLICY.replace(
+        "  rules:\n",
+        """  rules:
+    - id: mask-cards
+      action: sanitize
+      match: {tools: [payments]}
+      obligations:
+        - {kind: mask, target: response, pattern: card_number}
+""",
+    )
+    env.policies.activate(
+        "acme", "prod", env.policies.put(load_document(masked), now=1), actor="t", now=1
+    )
+    agent = Agent(env)
+    ctx = dataclasses.replace(
+        make_ctx(dpop_headers(agent, agent.token()), body={"amount": 5000}), can_sanitize=False
+    )
+    result = await pipeline.run(ctx)
+    assert (result.status, result.code) == (403, "policy_error")
+    assert await service.list_requests() == []  # nothing for a human to approve in vain

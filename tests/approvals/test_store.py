@@ -51,6 +51,9 @@ def _contract(url: str) -> None:
     third, created = store.insert_or_open(_request(3))
     assert created and third.id == "apr_3"
     assert [r.id for r in store.list_requests(state="used")] == ["apr_1"]
+    # An id of another shape is unknown, not an outage (PostgreSQL refuses a NUL in a query).
+    for odd in ("apr_\x00", "apr_1\x00", "apr_1'", "1", ""):
+        assert store.get(odd) is None
     store.close()
 
 

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Final, Literal
 
 __all__ = [
+    "APPROVAL_ID",
     "CLOSED_STATES",
     "OPEN_STATES",
     "REDACTED",
@@ -34,6 +35,7 @@ __all__ = [
     "State",
     "bound_headers",
     "call_digest",
+    "is_bound",
     "is_secret_name",
     "redact_fields",
     "redact_parameters",
@@ -83,8 +85,15 @@ class HeldCall:
     rule_ids: tuple[str, ...] = ()
     policy_version: str | None = None
     reasons: tuple[str, ...] = ()
-    #: The host the call addressed and the upstream its route forwards to.
+    #: The host the call addressed (lowercase, no port: shown to approvers) and the upstream its
+    #: route forwards to.
     host: str = ""
+    #: The ``Host`` exactly as sent (the upstream receives it as ``X-Forwarded-Host``) and the
+    #: request target exactly as sent (percent-encoded path and query), which the upstream
+    #: receives byte for byte: ``%3B`` and ``;`` decode alike, and Tomcat reads only ``;`` as
+    #: the start of path parameters.
+    authority: str = ""
+    target: str = ""
     upstream: str = ""
     #: :func:`bound_headers` of the call, in arrival order.
     headers: tuple[tuple[str, str], ...] = ()
@@ -103,7 +112,7 @@ _UNBOUND: Final = frozenset(
      "tracestate", "baggage", "x-request-id", "x-correlation-id", "x-client-trace-id",
      "sentry-trace", "x-amzn-trace-id", "x-cloud-trace-context", "b3", "uber-trace-id",
      "x-ot-span-context", "sw8", "sw8-correlation", "sw8-x", "newrelic",
-     "elastic-apm-traceparent", "forwarded", "x-real-ip"}
+     "elastic-apm-traceparent", "forwarded", "x-real-ip", "proxy"}
 )  # fmt: skip
 _UNBOUND_PREFIXES: Final = (
     "x-aegis-", "x-forwarded-", "x-envoy-", "x-b3-", "x-datadog-", "uberctx-", "ot-tracer-",
@@ -111,29 +120,38 @@ _UNBOUND_PREFIXES: Final = (
 )  # fmt: skip
 
 
+#: Approval ids as the service mints them (``apr_`` and a URL-safe random part); any other id is
+#: unknown without asking the store.
+APPROVAL_ID: Final = re.compile(r"apr_[A-Za-z0-9_-]{1,64}")
+
+
+def is_bound(name: str) -> bool:
+    """Whether an approval is bound to the request field ``name`` (see :func:`bound_headers`):
+    a field that is not reaches no upstream on a call that passes with an override."""
+    norm = name.lower().replace("_", "-")
+    return not (norm in _UNBOUND or norm.startswith(_UNBOUND_PREFIXES))
+
+
 def bound_headers(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
     """The request headers an approval is bound to: every one the upstream acts on, without the
     fields of :data:`_UNBOUND` (names compared with ``_`` read as ``-``), ordered by name. The
     order of different fields is not the caller's to keep (HTTP/2, proxies and Envoy's header
     map reorder them); the order of one field's repeated values is, and a stable sort keeps it."""
-    out = []
-    for name, value in headers:
-        norm = name.lower().replace("_", "-")
-        if norm in _UNBOUND or norm.startswith(_UNBOUND_PREFIXES):
-            continue
-        out.append((name.lower(), value))
+    out = [(name.lower(), value) for name, value in headers if is_bound(name)]
     return tuple(sorted(out, key=lambda pair: pair[0]))
 
 
 def call_digest(call: HeldCall) -> str:
     """``sha256:<hex>`` over the canonical JSON of what makes the call this call."""
     canonical = {
-        "v": 2,
+        "v": 3,
         "tenant": call.tenant,
         "env": call.env,
         "agent": call.agent_id,
         "tool": call.tool,
         "host": call.host.lower(),
+        "authority": call.authority,
+        "target": call.target,
         "upstream": call.upstream,
         "method": call.method.upper(),
         "path": call.path,

@@ -14,7 +14,7 @@ from typing import Any, Final
 from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from aegis.approvals.model import OPEN_STATES, ApprovalRequest, State
+from aegis.approvals.model import APPROVAL_ID, OPEN_STATES, ApprovalRequest, State
 from aegis.approvals.sql_tables import APPROVAL_REQUESTS, METADATA
 from aegis.errors import Unavailable
 from aegis.stores.sql.engine import create_tables, make_engine
@@ -90,6 +90,9 @@ class SqlApprovalStore:
         raise _unavailable()
 
     def get(self, approval_id: str) -> ApprovalRequest | None:
+        if not APPROVAL_ID.fullmatch(approval_id):
+            # No request has such an id; asked, PostgreSQL refuses a NUL, read as an outage.
+            return None
         return self._one(select(T).where(T.c.id == approval_id))
 
     def open_for(self, digest: str) -> ApprovalRequest | None:

@@ -6,10 +6,11 @@ still wins over any override; an allowed call never spends one). Without an ``x-
 header the gate opens (or finds) the approval request for this call and refuses with
 ``approval_needed``, the ``approval_id`` and the ``status_url`` the agent polls. With the header
 (exactly once) it redeems the token: it must be valid, this agent's, for this exact call (the
-digest of ``aegis.approvals.model.call_digest``: route, method, path, query, the headers the
-upstream acts on, body bytes, delegation chain and the approval policy requires now), approved,
-unexpired and unused; then the call proceeds as policy's approved form (sanitize obligations
-still apply).
+digest of ``aegis.approvals.model.call_digest``: route, host and target as sent, method, path,
+query, the headers the upstream acts on, body bytes, delegation chain and the approval policy
+requires now), approved, unexpired and unused; then the call proceeds as policy's approved form
+(sanitize obligations still apply), and no request field the digest leaves out reaches the
+upstream. A call the door could not enforce once approved is refused before it is held.
 The header starts with ``x-aegis-``, so the proxy never forwards it upstream.
 """
 
@@ -74,6 +75,13 @@ def shown_body(ctx: CallContext) -> Any:
                                "digest": ctx.body_digest}}  # fmt: skip
 
 
+def _target(url: str) -> str:
+    """The request target (path and query as sent) of the absolute URL a door recorded."""
+    rest = url.partition("://")[2]
+    slash = rest.find("/")
+    return rest[slash:] if slash >= 0 else "/"
+
+
 class ApprovalGate:
     def __init__(self, service: ApprovalService, registry: RegistryCache) -> None:
         self.service, self._registry = service, registry
@@ -99,7 +107,8 @@ class ApprovalGate:
             method=ctx.method, path=ctx.path, query=ctx.query, body_digest=ctx.body_digest,
             body=shown_body(ctx), chain=facts.chain, origin_user=call.chain.origin_user,
             rule_ids=decision.rule_ids, policy_version=decision.policy_version,
-            reasons=decision.reasons, host=bare_host(ctx.host), upstream=ctx.route.upstream,
+            reasons=decision.reasons, host=bare_host(ctx.host), authority=ctx.host,
+            target=_target(ctx.url), upstream=ctx.route.upstream,
             headers=bound_headers(ctx.headers), approval=need.group,
             chain_owners=await self._chain_owners(facts.chain),
         )  # fmt: skip
@@ -112,6 +121,7 @@ class ApprovalGate:
             except AegisError as exc:
                 APPROVAL_REJECTIONS.labels(code=exc.code).inc()
                 raise
+            facts.approval_id = req.id
             return dataclasses.replace(
                 decision,
                 action="sanitize" if decision.obligations else "allow",

@@ -67,6 +67,9 @@ class Result:
     #: The sanitized JSON body to forward instead of the original, when obligations changed it.
     body: Any = None
     body_changed: bool = False
+    #: Whether the call passes with an approval's override token: only the request fields the
+    #: approval is bound to (``aegis.approvals.model.is_bound``) may then reach the upstream.
+    approved: bool = False
     #: Facts for the caller's error body (:data:`ANSWERED_DETAILS`), e.g. the approval id.
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -90,6 +93,8 @@ class EvidenceFacts:
     chain_validated: bool = False
     chain: tuple[str, ...] = ()
     decision: Decision | None = None
+    #: The approval whose override token let the call through, if one did.
+    approval_id: str | None = None
     error: AegisError | None = None
     #: ``(step index, seconds)`` of each pipeline step this call ran, recorded at its end.
     step_times: list[tuple[int, float]] = field(default_factory=list)

@@ -41,6 +41,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from aegis.approvals.model import is_bound
 from aegis.config import GatewaySettings
 from aegis.errors import AegisError, InvalidRequest, spec_for
 from aegis.gateway.context import (
@@ -68,6 +69,7 @@ __all__ = [
     "TrustedPeers",
     "XfccMode",
     "refusal_body",
+    "removed_upstream",
     "vet_authority",
     "withheld_from_upstream",
 ]
@@ -110,11 +112,40 @@ def withheld_from_upstream(name: str) -> bool:
     underscores by default, so a client's underscored copy would stand beside the identity the
     decision sets; a client's ``X-Real-IP`` would be an address policy never saw (the reverse
     proxy drops them the same way)."""
+    norm = name.replace("_", "-")
     return (
         name in CREDENTIAL_HEADERS
-        or name.replace("_", "-").startswith("x-aegis-")
+        or norm.startswith(("x-aegis-", "proxy-"))
+        or norm == "proxy"  # HTTP_PROXY to a CGI upstream ("httpoxy")
         or (proxy_claim(name) and name not in _ENVOY_SETS)
     )
+
+
+#: Fields of the transport a proxy sets or checks itself: never asked to be removed.
+_TRANSPORT: Final = frozenset(
+    {"host", "content-length", "connection", "keep-alive", "te", "transfer-encoding", "upgrade"}
+)
+
+
+def removed_upstream(names: Iterable[str], result: Result) -> list[str]:
+    """The incoming request fields (lowercase ``names``) a proxy must remove before an allowed
+    call goes upstream: those :func:`withheld_from_upstream`, and on a call that passes with an
+    approval's override every field the approval is not bound to (tracing, ``x-envoy-*``,
+    ``baggage`` ...), which could otherwise be changed after the human approved the call. The
+    fields the answer sets itself are replaced, not removed."""
+    drop = {
+        n
+        for n in names
+        if withheld_from_upstream(n)
+        or (
+            result.approved
+            and not is_bound(n)
+            and n not in _TRANSPORT
+            and n not in _ENVOY_SETS
+            and not n.startswith(":")
+        )
+    }
+    return sorted(drop - set(result.upstream_headers))
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,7 +48,7 @@ from aegis.gateway.ext_authz import (
     ExtAuthz,
     TrustedPeers,
     refusal_body,
-    withheld_from_upstream,
+    removed_upstream,
 )
 from aegis.telemetry.logging import log_event
 from aegis.telemetry.metrics import count_decision
@@ -191,10 +191,7 @@ def _grpc_code(status: int) -> int:
 
 def to_response(result: Result, req: CheckedRequest) -> external_auth_pb2.CheckResponse:
     if result.allowed:
-        sent = {name for name, _ in req.headers}
-        remove = sorted(
-            {n for n in sent if withheld_from_upstream(n)} - set(result.upstream_headers)
-        )
+        remove = removed_upstream({name for name, _ in req.headers}, result)
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=external_auth_pb2.OkHttpResponse(

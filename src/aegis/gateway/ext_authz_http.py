@@ -56,7 +56,7 @@ from aegis.gateway.ext_authz import (
     ExtAuthz,
     TrustedPeers,
     refusal_body,
-    withheld_from_upstream,
+    removed_upstream,
 )
 from aegis.gateway.fields import UPGRADE_REFUSED
 from aegis.pki.forwarded import ENVOY_HEADER, NGINX_HEADER
@@ -105,10 +105,7 @@ class HttpExtAuthz:
             if self._settings.http_mode == "envoy":
                 # Envoy removes these from the upstream request: the credentials were for the
                 # gateway, and x-aegis-* identity fields must come only from this answer.
-                drop = sorted(
-                    {k for k in request.headers if withheld_from_upstream(k)}
-                    - set(result.upstream_headers)
-                )
+                drop = removed_upstream(request.headers.keys(), result)
                 if drop:
                     headers[_HEADERS_TO_REMOVE] = ",".join(drop)
             return Response(status_code=200, headers=headers)

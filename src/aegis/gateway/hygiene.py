@@ -43,17 +43,19 @@ CONTROL_BYTE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def forwardable(pairs: Collection[tuple[str, str]], drop: frozenset[str]) -> list[tuple[str, str]]:
-    """Headers safe to pass on: no hop-by-hop field, none named in ``Connection``, no ``proxy-*``,
-    and no ``x-aegis-*`` however spelled: CGI and WSGI servers read ``X_Aegis_Agent_Id`` as the
-    same variable as ``X-Aegis-Agent-Id``, so a client's underscored copy would reach the
-    upstream beside (and before) the identity the gateway sets."""
+    """Headers safe to pass on: no hop-by-hop field, none named in ``Connection``, no ``Proxy``
+    or ``proxy-*`` (a CGI upstream reads ``Proxy`` as ``HTTP_PROXY``, the proxy its own outgoing
+    calls take: "httpoxy"), and no ``x-aegis-*``, each however spelled: CGI and WSGI servers read
+    ``X_Aegis_Agent_Id`` as the same variable as ``X-Aegis-Agent-Id``, so a client's underscored
+    copy would reach the upstream beside (and before) the identity the gateway sets."""
     named = {t.strip().lower() for k, v in pairs if k.lower() == "connection" for t in v.split(",")}
     out = []
     for k, v in pairs:
         name = k.lower()
         if name in HOP_BY_HOP or name in named or name in drop:
             continue
-        if name.startswith("proxy-") or name.replace("_", "-").startswith("x-aegis-"):
+        norm = name.replace("_", "-")
+        if norm == "proxy" or norm.startswith(("proxy-", "x-aegis-")):
             continue
         out.append((name, v))
     return out

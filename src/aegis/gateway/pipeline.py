@@ -70,6 +70,34 @@ LimitsHook = Callable[[CallContext, AccessToken], Awaitable[None]]
 ApprovalHook = Callable[[CallContext, EvidenceFacts, PolicyCall], Awaitable[Decision]]
 
 
+def _enforceable(ctx: CallContext, decision: Decision) -> list[SanitizeObligation]:
+    """The request obligations of ``decision`` that rewrite the body; ``policy_error`` when this
+    door cannot apply its obligations to this call: an ext_authz door rewrites nothing, and a
+    body that is streamed, not JSON, or carries the data in its path or query cannot be
+    redacted (its bytes would be forwarded as they came)."""
+    if not decision.obligations:
+        return []
+    if not ctx.can_sanitize:
+        raise AegisError(
+            "policy requires sanitizing this call; route the tool through the reverse proxy",
+            code="policy_error",
+        )
+    on_body = [o for o in decision.obligations if o.target == "request" and o.kind != "drop_header"]
+    if on_body and ctx.body_hidden:
+        raise AegisError(
+            "policy requires sanitizing the request body; send it as JSON "
+            "(content-type application/json) within gateway.max_body_bytes",
+            code="policy_error",
+        )
+    if on_body and _outside_body(ctx, on_body):
+        raise AegisError(
+            "policy requires sanitizing data the call carries in its path or query "
+            "string; send it in the JSON body",
+            code="policy_error",
+        )
+    return on_body
+
+
 def _outside_body(ctx: CallContext, obligations: list[SanitizeObligation]) -> bool:
     """Whether request obligations would change something the proxy forwards as sent: a query
     parameter named like a redacted member (the last key of its path), or text in the query,
@@ -336,6 +364,9 @@ class Pipeline:
             await self._limits(ctx, token)
         self._timed(facts, _LIMITS, t)
         if decision.action == "approval_needed" and self._approvals is not None:
+            # A call this door cannot enforce once approved is refused before it is held or an
+            # override spent on it: the human's approval would be burnt on a refusal.
+            _enforceable(ctx, decision)
             decision = await self._approvals(ctx, facts, call)
             facts.decision = decision
         return decision
@@ -348,29 +379,8 @@ class Pipeline:
             code = decision.code if decision.code in ("policy_error", "access_denied") else None
             raise AegisError(reason, code=code or "access_denied")
         body, changed = ctx.body, False
-        if decision.action == "sanitize" and decision.obligations and not ctx.can_sanitize:
-            raise AegisError(
-                "policy requires sanitizing this call; route the tool through the reverse proxy",
-                code="policy_error",
-            )
         if decision.action == "sanitize":
-            on_body = [
-                o for o in decision.obligations if o.target == "request" and o.kind != "drop_header"
-            ]
-            if on_body and ctx.body_hidden:
-                # Streamed, over the buffering limit, or not JSON: redactions name JSON members,
-                # so the bytes would be forwarded as they came.
-                raise AegisError(
-                    "policy requires sanitizing the request body; send it as JSON "
-                    "(content-type application/json) within gateway.max_body_bytes",
-                    code="policy_error",
-                )
-            if on_body and _outside_body(ctx, on_body):
-                raise AegisError(
-                    "policy requires sanitizing data the call carries in its path or query "
-                    "string; send it in the JSON body",
-                    code="policy_error",
-                )
+            on_body = _enforceable(ctx, decision)
             if on_body and ctx.body is not None:
                 # Forwarded as sanitized and re-encoded, never as the bytes received.
                 body, changed = apply_to_body(ctx.body, decision.obligations, "request"), True
@@ -386,6 +396,7 @@ class Pipeline:
             obligations=decision.obligations,
             body=body,
             body_changed=changed,
+            approved=facts.approval_id is not None,
         )
 
     def _refuse(self, facts: EvidenceFacts, exc: AegisError) -> Result:

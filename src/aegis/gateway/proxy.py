@@ -42,6 +42,7 @@ from starlette.datastructures import URL as RequestURL
 from starlette.types import Message, Receive, Scope, Send
 from yarl import URL
 
+from aegis.approvals.model import is_bound
 from aegis.config import GatewaySettings
 from aegis.errors import AegisError, ConfigError, InvalidRequest, spec_for
 from aegis.gateway.answers import (
@@ -574,7 +575,9 @@ class ReverseProxy:
                 result,
             )  # fmt: skip
         headers = joined(
-            (k, v) for k, v in forwardable(ctx.headers, REQUEST_DROP) if not proxy_claim(k)
+            (k, v)
+            for k, v in forwardable(ctx.headers, REQUEST_DROP)
+            if not proxy_claim(k) and (not result.approved or is_bound(k))
         )
         # What the gateway itself saw, replacing any client claim (dropped above); obligations
         # then apply to these too (a policy may drop x-forwarded-for or mask the host).
