@@ -314,6 +314,12 @@ class ExtAuthzSettings(_Section):
     #: Immediate peers (IP addresses) whose forwarded request facts (original URI and method,
     #: scheme, client certificate) are believed. Required in nginx mode.
     trusted_proxies: tuple[str, ...] = ()
+    #: gRPC door: Envoy's ext_authz filter buffers every request body (``with_request_body`` on
+    #: every route, ``pack_as_bytes: true``), so a Check with no body and no ``content-length``
+    #: describes a request without one. Unset, such a body is unseen: Envoy removes
+    #: ``Transfer-Encoding`` before the check, and a chunked body it did not buffer looks like
+    #: none (a tool whose policy reads the body then refuses the call).
+    envoy_buffers_body: bool = False
 
     @field_validator("trusted_proxies")
     @classmethod

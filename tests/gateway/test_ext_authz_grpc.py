@@ -270,12 +270,49 @@ def test_partial_or_missing_bodies_are_unseen() -> None:
         req.attributes.request.http.protocol = protocol
         return check_to_request(req, trusted=False).body
 
-    assert body_of({}, b"") == b""
+    assert body_of({"content-length": "0"}, b"") == b""
     assert body_of({"content-length": "3"}, b"abc") == b"abc"
     assert body_of({"content-length": "9"}, b"abc") is None  # Envoy did not buffer it all
     assert body_of({"content-length": "3", "x-envoy-auth-partial-body": "true"}, b"abc") is None
     assert body_of({"transfer-encoding": "chunked"}, b"") is None
     assert body_of({}, b"", protocol="HTTP/2") is None
+    # Envoy removes Transfer-Encoding before the check: a chunked HTTP/1.1 body it did not
+    # buffer arrives with no length and no body, as a request without one would.
+    assert body_of({}, b"") is None
+    assert body_of({}, b"abc") == b"abc"  # buffered whole by with_request_body
+
+
+def test_a_request_without_body_or_length_has_none_where_envoy_buffers_every_body() -> None:
+    req = check({})
+    assert check_to_request(req, trusted=False, buffered=True).body == b""
+    assert check_to_request(req, trusted=False).body is None
+
+
+async def test_a_chunked_body_envoy_did_not_send_is_never_decided_as_empty(
+    env: Env, stub: pb_grpc.AuthorizationStub
+) -> None:
+    """A POST of ``{"amount": 5000}`` sent chunked reaches the check with neither length nor
+    body: a policy denying large amounts must not decide it as a call without a body."""
+    env.policies.activate(
+        "acme", "prod", env.policies.put(load_document(POLICY), now=0), actor="t", now=0
+    )
+    agent = Agent(env)
+    headers = [*dpop_headers(agent, agent.token()), ("content-type", "application/json")]
+    status, _, body = denied(await stub.Check(check(headers)))
+    assert (status, body["code"]) == (400, "invalid_request")
+    assert "reads the request body" in body["message"]
+
+
+@pytest.mark.parametrize(
+    ("peer", "host"),
+    [("ipv4:127.0.0.1:5000", "127.0.0.1"), ("ipv6:%5B::1%5D:48584", "::1"),
+     ("ipv6:[::1]:5", "::1"), ("unix:/tmp/s", "")],
+)  # fmt: skip
+def test_the_peer_address_is_read_from_grpcs_peer_string(peer: str, host: str) -> None:
+    """gRPC percent-encodes the brackets of an IPv6 peer: a trusted Envoy on ::1 is ::1."""
+    assert peer_host(peer) == host
+    if host:
+        assert host in TrustedPeers([host])
 
 
 def test_forwarded_facts_are_read_only_from_trusted_peers() -> None:

@@ -17,7 +17,7 @@ from aegis.policy.decision import DEFAULT_DENY_REASON
 from aegis.policy.loader import load_document
 from tests.gateway.conftest import Agent, Env
 from tests.gateway.harness import serve
-from tests.gateway.test_ext_authz_grpc import FORWARDED_RULES, ROUTES
+from tests.gateway.test_ext_authz_grpc import FORWARDED_RULES, HEADER_RULE, ROUTES
 from tests.gateway.test_pipeline import POLICY
 
 
@@ -354,3 +354,20 @@ def test_a_protocol_upgrade_is_refused_and_audited(
         [record] = [r for r in env.audit.records(kind="gateway.refused")
                     if r["decision_id"] == resp.json()["decision_id"]]  # fmt: skip
         assert (record["door"], record["code"]) == ("ext_authz", "invalid_request")
+
+
+@pytest.mark.parametrize(("value", "status"), [("666,1", 400), ("1", 200), ("666", 403)])
+def test_envoy_mode_reads_a_field_holding_a_comma_as_joined_repeats(
+    env: Env, envoy: str, value: str, status: int
+) -> None:
+    """Envoy's HTTP check request joins ``X-Account: 666`` and ``X-Account: 1`` into one line,
+    ``666,1``, while the upstream reads the first: a field policy reads must not hold a comma
+    there, as at the gRPC door."""
+    env.policies.activate(
+        "acme", "prod", env.policies.put(load_document(HEADER_RULE), now=0), actor="t", now=0
+    )
+    agent = Agent(env)
+    resp = httpx.post(
+        f"{envoy}/check/payments/charge", headers={**creds(agent), "x-account": value}
+    )
+    assert resp.status_code == status, resp.text

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 from typing import Final
+from urllib.parse import unquote
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -64,8 +65,10 @@ _RESPONSE_HEADERS: Final = ("x-aegis-decision-id", "x-aegis-attestation")
 
 
 def peer_host(peer: str) -> str:
-    """The address in a gRPC peer string (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``, ``unix:...``)."""
+    """The address in a gRPC peer string (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``, ``unix:...``);
+    gRPC writes the brackets of an IPv6 peer percent-encoded (``ipv6:%5B::1%5D:5``)."""
     kind, _, rest = peer.partition(":")
+    rest = unquote(rest)
     if kind == "ipv4":
         return rest.rsplit(":", 1)[0]
     if kind == "ipv6":
@@ -97,8 +100,15 @@ def _headers(
 def _body(
     http: external_auth_pb2.attribute__context__pb2.AttributeContext.HttpRequest,
     headers: tuple[tuple[str, str], ...],
+    *,
+    buffered: bool = False,
 ) -> bytes | None:
     """The body when Envoy sent all of it, else None (a body policy must not decide without).
+
+    Envoy removes ``Transfer-Encoding`` before any filter runs, so a chunked HTTP/1.1 body it did
+    not buffer arrives as a request with no ``content-length`` and no body, as an HTTP/2 one may:
+    nothing seen is proof of no body only when Envoy buffers every body (``buffered``: its
+    ``with_request_body`` on every route, ``gateway.ext_authz.envoy_buffers_body``).
 
     Only ``raw_body`` (``pack_as_bytes: true``) holds the bytes Envoy forwards. The string ``body``
     is UTF-8-sanitised (each invalid byte becomes ``!``, the length unchanged), so deciding,
@@ -117,11 +127,7 @@ def _body(
         return seen if whole and int(declared) == len(seen) else None
     if "transfer-encoding" in values:
         return seen or None
-    # Without content-length or transfer-encoding an HTTP/1.x request has no body (RFC 9112
-    # §6.3); an HTTP/2 or HTTP/3 one may, so nothing seen there is not proof of no body.
-    if not seen and not http.protocol.upper().startswith("HTTP/1"):
-        return None
-    return seen
+    return seen if seen or buffered else None
 
 
 def _envoy_proto(headers: tuple[tuple[str, str], ...]) -> str | None:
@@ -130,9 +136,12 @@ def _envoy_proto(headers: tuple[tuple[str, str], ...]) -> str | None:
     return values[0] if len(values) == 1 and values[0] in _PROTOS else None
 
 
-def check_to_request(request: external_auth_pb2.CheckRequest, *, trusted: bool) -> CheckedRequest:
+def check_to_request(
+    request: external_auth_pb2.CheckRequest, *, trusted: bool, buffered: bool = False
+) -> CheckedRequest:
     """The original request described by a ``CheckRequest``; forwarded facts (certificate,
-    client address, the connection's scheme) are read only when the sender is a trusted proxy."""
+    client address, the connection's scheme) are read only when the sender is a trusted proxy;
+    ``buffered`` says Envoy buffers every body (see :func:`_body`)."""
     attrs = request.attributes
     http = attrs.request.http
     headers = _headers(http)
@@ -150,7 +159,7 @@ def check_to_request(request: external_auth_pb2.CheckRequest, *, trusted: bool) 
         host=http.host,
         scheme=http.scheme or "http",
         headers=headers,
-        body=_body(http, headers),
+        body=_body(http, headers, buffered=buffered),
         certificate=certificate,
         client=client,
         forwarded_proto=proto,
@@ -216,8 +225,8 @@ def to_response(result: Result, req: CheckedRequest) -> external_auth_pb2.CheckR
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     """The ``Authorization`` service: every ``Check`` decided by the pipeline."""
 
-    def __init__(self, ext: ExtAuthz, trusted: TrustedPeers) -> None:
-        self._ext, self._trusted = ext, trusted
+    def __init__(self, ext: ExtAuthz, trusted: TrustedPeers, *, buffered: bool = False) -> None:
+        self._ext, self._trusted, self._buffered = ext, trusted, buffered
 
     async def Check(  # the name is the gRPC method's
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
@@ -226,7 +235,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         # which its failure_mode_allow turns into an allow.
         try:
             trusted = peer_host(context.peer()) in self._trusted
-            req = check_to_request(request, trusted=trusted)
+            req = check_to_request(request, trusted=trusted, buffered=self._buffered)
             result = await self._ext.check(req)
             return to_response(result, req)
         except Exception as exc:  # the pipeline refuses its own errors; this is a bug: deny

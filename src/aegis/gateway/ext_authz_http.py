@@ -51,6 +51,7 @@ from starlette.websockets import WebSocket
 from aegis.config import ExtAuthzSettings
 from aegis.gateway.evidence import Result
 from aegis.gateway.ext_authz import (
+    CREDENTIAL_HEADERS,
     Asked,
     CheckedRequest,
     ExtAuthz,
@@ -142,10 +143,15 @@ class HttpExtAuthz:
                 return await self._ext.undecided(404, "not_found", "no route for this path", seen)
             target += f"?{query}" if query else ""
             body = await self._body(request)
+        envoy = s.http_mode == "envoy"
         headers = tuple(
-            (k, v)
+            (k, part)
             for k, v in ((k.lower(), v) for k, v in request.headers.items())
             if k not in _CHECK_ONLY and k not in self._facts and k != self._ext.xfcc_header
+            # Envoy's check request joins a repeated field with ',': two credentials are two.
+            for part in (
+                [p.strip() for p in v.split(",")] if envoy and k in CREDENTIAL_HEADERS else [v]
+            )
         )
         host = request.headers.get("host", "")
         scheme, client, cert = request.url.scheme, peer or None, None
@@ -171,6 +177,9 @@ class HttpExtAuthz:
                 certificate=cert,
                 certificate_format="pem" if s.http_mode == "nginx" else "xfcc",
                 client=client,
+                # Envoy's HTTP check joins a repeated field into one value with ',' (nginx's
+                # subrequest keeps each line): policy cannot tell "666,1" from two values.
+                fields_joined=envoy,
             )
         )
 

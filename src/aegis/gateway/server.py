@@ -154,7 +154,9 @@ async def serve_gateway(
         servers.append(server(create_ext_authz_http_app(ext, ea), ea.http_host, ea.http_port))
     grpc_server: grpc.aio.Server | None = None
     if ea.grpc_port is not None:
-        service = AuthorizationService(ext, TrustedPeers(ea.trusted_proxies))
+        service = AuthorizationService(
+            ext, TrustedPeers(ea.trusted_proxies), buffered=ea.envoy_buffers_body
+        )
         grpc_server, bound = await start_grpc_server(
             service, ea.grpc_host, ea.grpc_port, max_body_bytes=settings.max_body_bytes
         )
