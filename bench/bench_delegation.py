@@ -107,7 +107,7 @@ def main() -> int:
     clock = SystemClock()
     store = _Agents()
     cache = RegistryCache(store, clock=clock, ttl=0.25)  # type: ignore[arg-type]
-    rules = ChainRules(issuer=ISSUER, service_keys=lambda kid: None, max_depth=4)
+    rules = ChainRules(issuer=ISSUER, service_keys=lambda kid, **_: None, max_depth=4)
     now = clock.now()
     tokens = {hops: _token(hops, store, now) for hops in range(1, 5)}
 

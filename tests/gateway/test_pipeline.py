@@ -120,6 +120,27 @@ async def test_failed_proof_does_not_spend_its_jti(env: Env) -> None:
     assert (await env.pipeline.run(make_ctx(good, body={"amount": 1}))).code == "replay_detected"
 
 
+async def test_challenges_name_the_proof_when_the_proof_is_at_fault(env: Env) -> None:
+    """RFC 9449 §7.1: a replayed proof, or the DPoP scheme without one, is ``invalid_dpop_proof``
+    (the client needs a new proof, not a new token); a replayed single-use token is
+    ``invalid_token``."""
+    agent = Agent(env)
+    token = agent.token()
+    headers = dpop_headers(agent, token)
+    assert (await env.pipeline.run(make_ctx(headers, body={"amount": 1}))).allowed
+    again = await env.pipeline.run(make_ctx(headers, body={"amount": 1}))
+    assert (again.status, again.code) == (401, "replay_detected")
+    assert again.headers["www-authenticate"].startswith('DPoP error="invalid_dpop_proof"')
+    bare = await env.pipeline.run(make_ctx([("authorization", f"DPoP {token}")]))
+    assert (bare.status, bare.code) == (401, "invalid_dpop_proof")
+    assert bare.headers["www-authenticate"].startswith('DPoP error="invalid_dpop_proof"')
+    once = [("authorization", f"Bearer {agent.token(dpop=False, single_use=True)}")]
+    assert (await env.pipeline.run(make_ctx(once, body={"amount": 1}))).allowed
+    replayed = await env.pipeline.run(make_ctx(once, body={"amount": 1}))
+    assert replayed.code == "replay_detected"
+    assert replayed.headers["www-authenticate"] == 'Bearer realm="aegis", error="invalid_token"'
+
+
 async def test_bearer_needs_a_single_use_token_or_an_open_route(env: Env) -> None:
     agent = Agent(env)
     plain = agent.token(dpop=False)

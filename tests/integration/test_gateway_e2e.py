@@ -188,7 +188,7 @@ def test_replayed_proof_is_refused(stack: Stack) -> None:
     stack.refusals.append(again.headers["x-aegis-decision-id"])
     assert again.status_code == 401
     assert again.json()["code"] == "replay_detected"
-    assert again.headers["www-authenticate"].startswith('DPoP error="invalid_token"')
+    assert again.headers["www-authenticate"].startswith('DPoP error="invalid_dpop_proof"')
     assert metric("aegis_replay_attempts_total") == before + 1
 
 

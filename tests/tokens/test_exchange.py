@@ -19,6 +19,7 @@ from aegis.clock import new_id
 from aegis.crypto.jws import encode_segment, sign_compact
 from aegis.crypto.keys import Ed25519SigningKey
 from aegis.errors import AegisError, ConfigError, Unavailable
+from aegis.tokens.chain import root_link_horizon, verify_chain
 from aegis.tokens.delegation import CHAIN_SEPARATOR
 from aegis.tokens.exchange import EXCHANGE_AUDIT_KIND, JWT_TYPE, nested_act
 from aegis.tokens.external import ExternalIssuer, load_trust
@@ -301,3 +302,24 @@ async def test_exchanges_are_audited_and_an_unwritable_log_issues_nothing(tmp_pa
     assert err.code == "audit_unavailable"  # fail closed: no record, no token
     # A refusal stands even when its record cannot be written.
     assert (await refused(w, fin, "junk")).code == "invalid_request"
+
+
+async def test_a_rotation_of_the_service_key_leaves_user_rooted_chains_valid(
+    tmp_path: Path,
+) -> None:
+    """The service signs a user-rooted chain's first link; tokens exchanged below it, after a
+    routine rotation, still carry it and verify until they expire."""
+    w = _user_world(tmp_path)
+    fin, pay = w.agent("finance"), w.agent("payments")
+    await w.exchange(fin, _user_token(), subject_type=JWT_TYPE, expires_in="3600")
+    w.clock.advance(3000)
+    w.keyring.rotate(force=True)  # the root link's key is retired
+    w.clock.advance(500)
+    await w.exchange(pay, w.grant(fin, pay, max_depth=1), expires_in="3600")
+    w.clock.advance(3200)  # past the access-token overlap of the retired key
+    assert pay.token is not None and w.clock.now() < pay.token.exp
+    assert verify_chain(pay.token, cache=w.cache, rules=w.rules, now=w.clock.now()).depth == 2
+    w.clock.advance(root_link_horizon(w.rules))  # long past any token the chain could carry
+    with pytest.raises(AegisError) as exc:
+        verify_chain(pay.token, cache=w.cache, rules=w.rules, now=w.clock.now())
+    assert exc.value.code in ("parent_signature_invalid", "parent_expired")

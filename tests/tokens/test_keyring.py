@@ -14,7 +14,7 @@ from aegis.clock import FrozenClock, random_bytes
 from aegis.crypto.jws import parse_compact
 from aegis.crypto.keyring import KeyRing, KeyRingSettings, decrypt_seed, encrypt_seed
 from aegis.crypto.keys import PRIVATE_JWK_MEMBERS, jwk_thumbprint, public_key_from_jwk
-from aegis.errors import ConfigError, Conflict, TokenError
+from aegis.errors import ConfigError, Conflict, TokenError, Unavailable
 from aegis.stores import open_key_store
 from aegis.tokens.issuer import TokenIssuer
 from aegis.tokens.verifier import AccessTokenVerifier
@@ -357,3 +357,51 @@ def test_a_read_begun_before_a_rotation_here_is_not_installed_after_it() -> None
     assert ring.signing_key().kid == next(
         r.kid for r in store.list_keys() if r.state.value == "active"
     )
+
+
+class _FlakyStore(MemoryKeyStore):
+    down = False
+
+    def list_keys(self) -> Any:
+        if self.down:
+            raise Unavailable("the key store is down", code="key_store_unavailable")
+        return super().list_keys()
+
+
+def test_a_key_store_outage_on_a_kid_miss_is_unavailable_not_an_unknown_key() -> None:
+    """A token from a key this ring has not loaded, while the store cannot answer, is a 503 the
+    client retries, never a 401 that has it throw a good token away."""
+    store = _FlakyStore()
+    control, gateway = _ring(store), KeyRing(store, bytes(range(32)), FrozenClock(T0), SETTINGS)
+    gateway.load()
+    for _ in range(2):  # the next key, then one the gateway never loaded, become active
+        _clock(control).advance(400)
+        _clock(gateway).advance(400)
+        control.rotate()
+    token = TokenIssuer(control, issuer=ISS, clock=_clock(control)).issue(
+        agent_id="a", client_id="c", tenant="t", env="e", scopes=("s",), audience=(AUD,),
+        lifetime=60,
+    ).token  # fmt: skip
+    store.down = True
+    verifier = AccessTokenVerifier(
+        gateway.public_key, issuer=ISS, audience=AUD, clock=_clock(gateway)
+    )
+    with pytest.raises(Unavailable) as err:
+        verifier.verify(token)
+    assert err.value.code == "key_store_unavailable"
+
+
+def test_a_retired_key_verifies_longer_only_where_asked() -> None:
+    """Past its overlap a retired key verifies no access token; a lookup that accepts keys
+    retired within a window (a delegation chain's first link) finds it within that window."""
+    ring = _ring()
+    old = ring.signing_key().kid
+    ring.rotate(force=True)
+    _clock(ring).advance(OVERLAP)
+    assert ring.public_key(old) is None
+    assert ring.public_key(old, retired_within=OVERLAP + 60) is not None
+    ring.rotate(force=True)  # archived now: still within the window
+    assert ring.public_key(old) is None
+    assert ring.public_key(old, retired_within=OVERLAP + 60) is not None
+    _clock(ring).advance(60)
+    assert ring.public_key(old, retired_within=OVERLAP + 60) is None

@@ -106,6 +106,7 @@ COMMENTS: Final[dict[str, str]] = {
     "gateway.ext_authz.original_uri_header": "nginx mode: header carrying $request_uri",
     "gateway.ext_authz.original_method_header": "nginx mode: header carrying $request_method",
     "gateway.ext_authz.trusted_proxies": "proxy IP addresses whose forwarded request facts are believed",
+    "gateway.ext_authz.envoy_buffers_body": "Envoy sends every body (with_request_body on all routes)",
     "approvals": "human approvals for approval_needed calls (docs/approvals.md)",
     "approvals.approvers": "who decides: id, groups, admin_keys, slack_user, teams_user",
     "approvals.channels": "name: {kind: slack|teams|webhook, url, secret or secret_file}",

@@ -77,6 +77,9 @@ class _Snapshot:
     loaded_at: float
     #: ``remove_after`` of each retired key: past it the key verifies nothing.
     remove_after: dict[str, float] = field(default_factory=dict)
+    #: Each retired or archived key with the time it was retired, for the lookups that accept a
+    #: key for longer after its retirement (``public_key(retired_within=...)``).
+    retired: dict[str, tuple[PublicKey, float]] = field(default_factory=dict)
 
 
 class KeyRing:
@@ -117,9 +120,12 @@ class KeyRing:
         active = None
         public: dict[str, PublicKey] = {}
         remove_after: dict[str, float] = {}
+        retired: dict[str, tuple[PublicKey, float]] = {}
         for rec in records:
+            if rec.retired_at is not None:
+                retired[rec.kid] = (public_key_from_jwk(rec.public_jwk), rec.retired_at)
             if rec.state is KeyState.ARCHIVED:
-                continue  # verifies nothing; only evidence_jwks() shows it
+                continue  # verifies nothing (but for retired_within); evidence_jwks() shows it
             public[rec.kid] = public_key_from_jwk(rec.public_jwk)
             if rec.state is KeyState.RETIRED and rec.remove_after is not None:
                 remove_after[rec.kid] = rec.remove_after
@@ -130,7 +136,9 @@ class KeyRing:
                         f"signing key {rec.kid} does not match its published public key",
                         key="keys",
                     )
-        self._snap = _Snapshot(records, active, public, self._clock.monotonic(), remove_after)
+        self._snap = _Snapshot(
+            records, active, public, self._clock.monotonic(), remove_after, retired
+        )
         self._generation += 1
 
     def ensure_initialized(self) -> None:
@@ -188,18 +196,19 @@ class KeyRing:
             )
         return key
 
-    def public_key(self, kid: str) -> PublicKey | None:
+    def public_key(self, kid: str, *, retired_within: float = 0.0) -> PublicKey | None:
         """The published key with this kid. On a miss, reload at most once a second so keys
-        rotated by another process are found without letting unknown kids hammer the store."""
+        rotated by another process are found without letting unknown kids hammer the store; a
+        store that cannot answer then raises ``Unavailable`` (503), never reads as an unknown
+        key. With ``retired_within``, a key retired (or archived) less than that many seconds
+        ago verifies too: a signature the ring made that outlives the tokens it signed (a
+        delegation chain's first link, carried by tokens exchanged after it)."""
         key = self._snap.public.get(kid)
-        if key is None:
+        if key is None and kid not in self._snap.retired:
             now = self._clock.monotonic()
             if now - self._last_miss_reload >= 1.0:
                 self._last_miss_reload = now
-                try:
-                    self.load()
-                except Unavailable:
-                    return None
+                self.load()
                 key = self._snap.public.get(kid)
         if key is not None:
             # A retired key past its overlap is gone from the JWKS; it must stop verifying at the
@@ -207,7 +216,11 @@ class KeyRing:
             # retired key would keep minting accepted tokens.
             until = self._snap.remove_after.get(kid)
             if until is not None and self._clock.now() >= until:
-                return None
+                key = None
+        if key is None and retired_within > 0 and (found := self._snap.retired.get(kid)):
+            retired_key, retired_at = found
+            if self._clock.now() < retired_at + retired_within:
+                return retired_key
         return key
 
     def records(self) -> tuple[SigningKeyRecord, ...]:

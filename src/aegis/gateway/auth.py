@@ -74,8 +74,10 @@ def challenge(code: str, scheme: Scheme | None, oauth_error: str) -> str:
     ``error`` (RFC 6750 §3.1: "the resource server SHOULD NOT include an error code").
     """
     dpop = f'DPoP algs="{DPOP_CHALLENGE_ALGS}"'
+    if code in ("invalid_dpop_proof", "use_dpop_nonce"):  # the DPoP scheme without its proof too
+        return f'DPoP error="{oauth_error}", algs="{DPOP_CHALLENGE_ALGS}"'
     if code == "unauthenticated" or scheme is None:
         return f'{dpop}, Bearer realm="aegis"'
-    if scheme == "dpop" or code in ("invalid_dpop_proof", "use_dpop_nonce"):
+    if scheme == "dpop":
         return f'DPoP error="{oauth_error}", algs="{DPOP_CHALLENGE_ALGS}"'
     return f'Bearer realm="aegis", error="{oauth_error}"'

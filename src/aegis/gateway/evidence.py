@@ -95,6 +95,8 @@ class EvidenceFacts:
     decision: Decision | None = None
     #: The approval whose override token let the call through, if one did.
     approval_id: str | None = None
+    #: Whether the call's DPoP proof was refused as seen before (not its single-use token).
+    proof_replayed: bool = False
     error: AegisError | None = None
     #: ``(step index, seconds)`` of each pipeline step this call ran, recorded at its end.
     step_times: list[tuple[int, float]] = field(default_factory=list)
@@ -143,10 +145,16 @@ def count_refusal(exc: AegisError) -> None:
         APPROVAL_NEEDED.inc()
 
 
-def refusal_headers(exc: AegisError, scheme: Scheme | None, dpop: DpopVerifier) -> dict[str, str]:
+def refusal_headers(
+    exc: AegisError, scheme: Scheme | None, dpop: DpopVerifier, *, proof_replayed: bool = False
+) -> dict[str, str]:
+    """The answer fields of a refusal. A replayed DPoP proof is challenged as a bad proof
+    (RFC 9449 §4.3: its ``jti`` must be new), not a bad token: the client needs a new proof,
+    not a new token."""
     headers: dict[str, str] = {"cache-control": "no-store"}
     if exc.status == 401:
-        headers["www-authenticate"] = challenge(exc.code, scheme, exc.spec.oauth_error)
+        oauth_error = "invalid_dpop_proof" if proof_replayed else exc.spec.oauth_error
+        headers["www-authenticate"] = challenge(exc.code, scheme, oauth_error)
     if exc.code == "use_dpop_nonce" and dpop.nonces is not None:
         headers["dpop-nonce"] = dpop.nonces.issue()
     if exc.spec.retryable and exc.status == 503:

@@ -303,7 +303,11 @@ class Pipeline:
             )
         try:
             if proof is not None:
-                await self._dpop.consume(proof)
+                try:
+                    await self._dpop.consume(proof)
+                except AegisError as exc:
+                    facts.proof_replayed = exc.code == "replay_detected"
+                    raise
             if token.single_use:
                 # A replica accepts the token until exp + leeway on its own clock, so one whose
                 # clock lags the replica that recorded the jti accepts it later than exp + leeway
@@ -403,7 +407,9 @@ class Pipeline:
         facts.error = exc
         count_refusal(exc)
         action = "approval_needed" if exc.code == "approval_needed" else "deny"
-        headers = refusal_headers(exc, facts.scheme, self._dpop)
+        headers = refusal_headers(
+            exc, facts.scheme, self._dpop, proof_replayed=facts.proof_replayed
+        )
         result = Result(facts.decision_id, action, exc.status, exc.code, exc.message, headers)
         result.details.update(answer_details(exc))
         return result

@@ -20,10 +20,11 @@ nested entry can change no decision.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from math import inf
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from aegis.crypto.jws import parse_compact
 from aegis.crypto.keys import PublicKey
@@ -33,6 +34,7 @@ from aegis.telemetry.logging import log_event
 from aegis.tokens.claims import AccessToken
 from aegis.tokens.delegation import (
     ANY_TOOL,
+    MAX_GRANT_LIFETIME,
     Grant,
     PrefixDigest,
     split_chain,
@@ -45,15 +47,32 @@ __all__ = [
     "DEFAULT_MAX_DEPTH",
     "Chain",
     "ChainRules",
+    "ServiceKeys",
     "audit_rejection",
     "prefetch_chain_agents",
     "presented_chain",
+    "root_link_horizon",
     "verify_chain",
     "verify_links",
 ]
 
 #: Longest delegation chain accepted unless configured otherwise (links, not agents).
 DEFAULT_MAX_DEPTH: Final = 4
+
+
+class ServiceKeys(Protocol):
+    """The key ring's lookup (:meth:`aegis.crypto.keyring.KeyRing.public_key`)."""
+
+    def __call__(self, kid: str, /, *, retired_within: float = ...) -> PublicKey | None: ...
+
+
+def root_link_horizon(rules: ChainRules) -> float:
+    """How long after the token service signs a chain's first link a token carrying it may
+    still be presented: each of up to ``max_depth`` links may be signed until the grant before
+    it (:data:`MAX_GRANT_LIFETIME`) and the token exchanged from it have both run out, and the
+    last token lives as long again. A key the service retired must keep verifying first links
+    that long, far past the overlap that covers the access tokens it signed."""
+    return rules.max_depth * (MAX_GRANT_LIFETIME + rules.max_token_lifetime + rules.leeway)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +82,7 @@ class ChainRules:
     #: The token service URL: every grant's ``aud``, and the ``iss`` of user-rooted first links.
     issuer: str
     #: The token service's own keys (the key ring), for user-rooted first links only.
-    service_keys: Callable[[str], PublicKey | None]
+    service_keys: ServiceKeys
     max_depth: int = DEFAULT_MAX_DEPTH
     leeway: float = 30.0
     #: The longest access-token lifetime: how long after a link expires its child's token may live.
@@ -148,7 +167,12 @@ def verify_links(
         allowed: Sequence[str] | None = None
         if iss == rules.issuer and i == 0:
             grant = verify_grant(
-                link, rules.service_keys, issuer=iss, audience=rules.issuer, now=at, leeway=inf
+                link,
+                partial(rules.service_keys, retired_within=root_link_horizon(rules)),
+                issuer=iss,
+                audience=rules.issuer,
+                now=at,
+                leeway=inf,
             )
         else:
             try:
