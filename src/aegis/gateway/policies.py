@@ -262,7 +262,7 @@ def _as_variant(denied: Decision, variant: str) -> Decision:
     rule matched it, what would allow the call."""
     why = f"decided as the path {variant[:128]!r}, which some upstreams serve the call as"
     if not denied.rule_ids:
-        why += "; no rule allows that path: allow it too, or match the path with starts_with"
+        why += "; no rule allows that path: allow it too, or match both paths with one regex"
     return dataclasses.replace(denied, reasons=(*denied.reasons, why))
 
 
