@@ -272,3 +272,20 @@ async def test_a_call_the_door_cannot_enforce_is_never_held_nor_an_override_spen
     result = await pipeline.run(ctx)
     assert (result.status, result.code) == (403, "policy_error")
     assert await service.list_requests() == []  # nothing for a human to approve in vain
+
+
+async def test_a_call_let_through_by_an_approval_is_recorded_with_its_id(
+    gated: tuple[Env, Pipeline, ApprovalService],
+) -> None:
+    """The decision record of an approved call names the approval (not only in its reasons)."""
+    env, pipeline, service = gated
+    agent = Agent(env)
+    override = await _approved_override(env, pipeline, service, agent, 5000)
+    headers = [*dpop_headers(agent, agent.token()), ("x-aegis-override", override)]
+    ok = await pipeline.run(make_ctx(headers, body={"amount": 5000}))
+    assert ok.allowed and ok.approved
+    record = next(
+        r for r in env.audit.records(kind="gateway.decision") if r["decision_id"] == ok.decision_id
+    )
+    assert record["approval_id"] is not None
+    assert record["approval_id"] in " ".join(record["reasons"])

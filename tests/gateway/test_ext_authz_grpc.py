@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -576,3 +578,38 @@ async def test_a_protocol_upgrade_is_refused_and_audited(
         400,
         "invalid_request",
     )
+
+
+async def test_a_check_envoy_stops_waiting_for_is_decided_recorded_and_marked_undelivered(
+    env: Env, stub: pb_grpc.AuthorizationStub
+) -> None:
+    """Envoy's timeout cancels the Check: the decision is still made, recorded and counted, and a
+    second record says its answer never reached Envoy (which applied its own failure mode), so an
+    allow on record is never the last word about a call Envoy refused."""
+    agent = Agent(env)
+    before = env.audit.count()
+    store: Any = env.services.cache._store
+    read = store.get_agent
+
+    def slow_read(agent_id: str) -> Any:  # a registry under load
+        time.sleep(0.6)
+        return read(agent_id)
+
+    store.get_agent = slow_read
+    env.services.cache.invalidate()
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Check(check(dpop_headers(agent, agent.token())), timeout=0.2)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(50):
+            await asyncio.sleep(0.05)
+            if env.audit.count() >= before + 2:
+                break
+    finally:
+        store.get_agent = read
+    records = list(env.audit.records())[before:]
+    decision = next(r for r in records if r["kind"] == "gateway.decision")
+    failed = next(r for r in records if r["kind"] == "gateway.forward_failed")
+    assert decision["action"] == "allow"
+    assert (failed["decision_id"], failed["code"], failed["action"]) == (
+        decision["decision_id"], "answer_not_delivered", "allow")  # fmt: skip

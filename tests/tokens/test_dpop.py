@@ -234,6 +234,18 @@ def test_nonces(clock: FrozenClock) -> None:
             nonces.check(junk)
 
 
+def test_a_replica_whose_clock_lags_accepts_a_nonce_from_the_next_window() -> None:
+    """Issued just after a window began by one replica, a nonce is from the future to another
+    whose clock is a little behind: accepted within the skew, refused beyond it."""
+    boundary = 1_800_000_000.0 - 1_800_000_000.0 % 300
+    ahead, behind = FrozenClock(boundary + 0.1), FrozenClock(boundary - 0.2)
+    nonce = NonceSource(b"k" * 32, ahead, lifetime=300).issue()
+    NonceSource(b"k" * 32, behind, lifetime=300, skew=5).check(nonce)
+    far_behind = FrozenClock(boundary - 6)
+    with pytest.raises(TokenError):
+        NonceSource(b"k" * 32, far_behind, lifetime=300, skew=5).check(nonce)
+
+
 def test_hand_built_proof_with_duplicate_member_is_refused(verifier: DpopVerifier) -> None:
     head = encode_segment({"typ": "dpop+jwt", "alg": "EdDSA", "jwk": KEY.public.to_jwk()})
     proof = sign_compact(head, {"jti": "x", "htm": "POST", "htu": URL, "iat": NOW}, KEY.sign)

@@ -42,6 +42,17 @@ __all__ = ["GENESIS_HASH", "AuditLog", "ChainReport", "canonical_json", "record_
 #: ``prev_hash`` of the first record.
 GENESIS_HASH: Final = "0" * 64
 _MAX_RETRIES: Final = 8
+#: ``pg_advisory_xact_lock`` key every PostgreSQL append holds until its commit ("auditapp"):
+#: replicas append one after the other instead of racing for the next ``seq`` (a replica that
+#: lost the race had to read the tail back while the winner, its tail cached, won again).
+_APPEND_LOCK: Final = 0x6175646974617070
+#: PostgreSQL ``statement_timeout`` of the appending connection (ms): a stalled table (a lock
+#: held elsewhere) refuses calls with ``audit_unavailable`` instead of holding them, and every
+#: call queued behind them, without end. The lock wait above counts.
+_APPEND_TIMEOUT_MS: Final = 3000
+#: A writer connection idle this long (seconds) is checked before use: one the database dropped
+#: while idle (a restart, a failover) is replaced rather than failing the first batch after.
+_IDLE_CHECK: Final = 1.0
 #: Records the writer thread appends in one statement at most (6 parameters each, well inside
 #: SQLite's 999 bound parameters of older builds); more waiting are the next batch's.
 _MAX_BATCH: Final = 128
@@ -131,6 +142,15 @@ def _unavailable(exc: BaseException) -> Unavailable:
     return Unavailable("the audit log cannot be written; call refused", code="audit_unavailable")
 
 
+def _connection_lost(exc: BaseException, dbapi: Any) -> bool:
+    """Whether a driver error is a lost connection (no SQLSTATE from the server, or class 08),
+    not an answer such as a statement timeout (57014) or a constraint."""
+    if not isinstance(exc, dbapi.OperationalError | dbapi.InterfaceError):
+        return False
+    state = getattr(exc, "sqlstate", None)
+    return state is None or str(state).startswith("08")
+
+
 class AuditLog:
     """An audit log in a SQL database (SQLite embedded, PostgreSQL shared by replicas)."""
 
@@ -150,6 +170,14 @@ class AuditLog:
         self._inserts: dict[int, tuple[str, list[str] | None]] = {}
         self._dbapi: Any = self._engine.dialect.loaded_dbapi
         self._raw: Any = None
+        self._raw_used = 0.0  # clock.monotonic() of the writer connection's last batch
+        self._serialised = self._engine.dialect.name == "postgresql"
+        self._tail_sql = str(
+            select(AUDIT_RECORDS.c.seq, AUDIT_RECORDS.c.hash)
+            .order_by(AUDIT_RECORDS.c.seq.desc())
+            .limit(1)
+            .compile(dialect=self._engine.dialect, compile_kwargs={"literal_binds": True})
+        )
         # Records waiting for the writer thread (``_pending``, under ``_wake``), and whether that
         # thread is running; see :meth:`append_async`.
         self._wake = threading.Condition(threading.Lock())
@@ -190,18 +218,39 @@ class AuditLog:
         """The DBAPI connection appends are written on, checked out of the engine's pool once and
         kept (under ``_lock``): the engine's connect hooks ran on it (WAL, ``synchronous=FULL``),
         and a bare INSERT on it costs a quarter of the same through a SQLAlchemy ``Connection``
-        per batch. It is in autocommit mode where the driver has one (sqlite3, psycopg), so a
-        batch is one statement, atomic and durable by itself: one driver call, not BEGIN, INSERT
-        and COMMIT (each of which hands the GIL to the event loop and waits to take it back).
-        Any error but a lost race drops it; the next append takes a fresh one."""
+        per batch. On SQLite it is in autocommit mode, so a batch is one statement, atomic and
+        durable by itself: one driver call, not BEGIN, INSERT and COMMIT (each of which hands
+        the GIL to the event loop and waits to take it back). On PostgreSQL a batch is one
+        transaction holding :data:`_APPEND_LOCK`, under :data:`_APPEND_TIMEOUT_MS`. Any error but
+        a lost race drops it; the next append takes a fresh one, as does one after the
+        connection sat idle and no longer answers."""
+        idle = self._clock.monotonic() - self._raw_used
+        if self._serialised and self._raw is not None and idle > _IDLE_CHECK:
+            try:
+                cursor = self._raw.cursor()
+                try:
+                    cursor.execute("SELECT 1")
+                finally:
+                    cursor.close()
+                self._raw.rollback()
+            except Exception:  # dropped while idle: a fresh one below
+                self._drop_writer()
         if self._raw is None:
             raw = self._engine.raw_connection()
             driver: Any = raw.driver_connection
             if self._engine.dialect.name == "sqlite":
                 driver.isolation_level = None  # no implicit BEGIN: each statement commits
+            elif self._serialised:
+                cursor = raw.cursor()
+                try:
+                    cursor.execute(f"SET statement_timeout = {_APPEND_TIMEOUT_MS}")
+                finally:
+                    cursor.close()
+                raw.commit()
             elif hasattr(driver, "autocommit"):
                 driver.autocommit = True
             self._raw = raw
+        self._raw_used = self._clock.monotonic()
         return self._raw
 
     def _statement(self, rows: int) -> tuple[str, list[str] | None]:
@@ -226,8 +275,15 @@ class AuditLog:
         now = self._clock.now()
         dbapi = self._dbapi
         with self._lock:
+            reconnected = False
             for _ in range(_MAX_RETRIES):
+                reused, committing = self._raw is not None, False
                 try:
+                    raw = self._writer()
+                    if self._serialised:
+                        # Held until the commit: no other replica appends in between, so a tail
+                        # read here is the tail the insert continues.
+                        self._locked_tail(raw)
                     if self._tail is None:
                         with self._engine.connect() as conn:
                             self._tail = _read_tail(conn)
@@ -242,12 +298,12 @@ class AuditLog:
                         out.append((seq, digest))
                         prev = digest
                     sql, order = self._statement(len(bodies))
-                    raw = self._writer()
                     cursor = raw.cursor()
                     try:
                         cursor.execute(sql, params if order is None else [params[k] for k in order])
                     finally:
                         cursor.close()
+                    committing = True
                     raw.commit()  # nothing to do in autocommit mode; commits where there is none
                     self._tail = out[-1]
                     AUDIT_BATCH_RECORDS.observe(len(out))
@@ -261,8 +317,35 @@ class AuditLog:
                     # The commit may or may not have happened: read the tail back next time.
                     self._tail = None
                     self._drop_writer()
+                    if (
+                        self._serialised
+                        and reused
+                        and not committing
+                        and not reconnected
+                        and _connection_lost(exc, dbapi)
+                    ):
+                        # The database dropped the kept connection (a restart, a failover)
+                        # before this batch's commit was sent, so nothing of it was written:
+                        # once more on a fresh connection rather than refusing its calls.
+                        reconnected = True
+                        continue
                     raise _unavailable(exc) from exc
         raise Unavailable("the audit log is contended; call refused", code="audit_unavailable")
+
+    def _locked_tail(self, raw: Any) -> None:
+        """Take :data:`_APPEND_LOCK` in the writer's transaction and, when the tail is not
+        known, read it there (the table is empty only once every record was pruned: the tail is
+        then read after the checkpoint, below)."""
+        cursor = raw.cursor()
+        try:
+            cursor.execute(f"SELECT pg_advisory_xact_lock({_APPEND_LOCK})")
+            if self._tail is None:
+                cursor.execute(self._tail_sql)
+                row = cursor.fetchone()
+                if row is not None:
+                    self._tail = (int(row[0]), str(row[1]))
+        finally:
+            cursor.close()
 
     def _rollback(self) -> None:
         try:

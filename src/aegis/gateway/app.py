@@ -71,7 +71,9 @@ def build_pipeline(
         future_skew=settings.dpop_future_skew,
         nonces=None
         if key is None
-        else NonceSource(key, clock, lifetime=settings.dpop_nonce_lifetime),
+        else NonceSource(
+            key, clock, lifetime=settings.dpop_nonce_lifetime, skew=settings.dpop_future_skew
+        ),
     )
     tok = cfg.tokens
     verifier = AccessTokenVerifier(

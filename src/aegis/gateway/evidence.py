@@ -197,7 +197,7 @@ def audit_record(
         "reason": result.message,
         "policy_version": facts.policy_version,
         "rule_ids": list(decision.rule_ids) if decision is not None else [],
-        "approval_id": result.details.get("approval_id"),
+        "approval_id": result.details.get("approval_id") or facts.approval_id,
         "shadow": decision.shadow.to_dict()
         if decision is not None and decision.shadow is not None
         else None,

@@ -36,10 +36,12 @@ pipeline refuses them with ``policy_error``.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
+from urllib.parse import unquote
 
 from aegis.approvals.model import is_bound
 from aegis.config import GatewaySettings
@@ -60,6 +62,8 @@ from aegis.gateway.routing import RouteTable
 from aegis.gateway.target import vet_path, vet_query
 from aegis.pki.forwarded import parse_nginx, parse_xfcc
 from aegis.pki.peer import PeerIdentity, PeerValidator
+from aegis.telemetry.logging import log_event
+from aegis.telemetry.metrics import count_forward_failure
 
 __all__ = [
     "CREDENTIAL_HEADERS",
@@ -328,6 +332,32 @@ class ExtAuthz:
             door="ext_authz", method=asked.method, target=asked.target, host=asked.host,
             client=asked.client, status=status, code=code, message=message,
         )  # fmt: skip
+
+    async def undelivered(self, req: CheckedRequest, result: Result) -> None:
+        """Record (``gateway.forward_failed``, code ``answer_not_delivered``) and count that the
+        answer to a decided call never reached the proxy: it stopped waiting (its ext_authz
+        timeout) and applied its own failure mode, so the decision record alone, an allow
+        perhaps, would not say what happened to the call."""
+        code, path = "answer_not_delivered", req.target.split("?", 1)[0]
+        try:
+            route = self.routes.match(req.host, unquote(path))
+        except ValueError:
+            route = None
+        count_forward_failure(route.tool if route is not None else "", code)
+        audit = self._pipeline.audit
+        if audit is None:
+            return
+        record = {
+            "decision_id": result.decision_id, "time": self._pipeline.now(),
+            "tool": route.tool if route is not None else None, "action": result.action,
+            "method": req.method[:16], "path": path[:512], "code": code,
+            "reason": "the proxy stopped waiting for the answer and applied its own failure mode",
+        }  # fmt: skip
+        try:
+            await audit.append_async("gateway.forward_failed", record)
+        except AegisError as exc:
+            log_event("gateway.audit_failed", level=logging.ERROR, code=exc.code,
+                      decision_id=result.decision_id)  # fmt: skip
 
     async def check(self, req: CheckedRequest) -> Result:
         seen = Asked(req.method, req.target, req.host, req.client)

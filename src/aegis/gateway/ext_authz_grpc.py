@@ -31,8 +31,10 @@ it is marked ``streamed`` and a policy that reads bodies refuses it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from functools import partial
 from typing import Final
 from urllib.parse import unquote
 
@@ -227,6 +229,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
 
     def __init__(self, ext: ExtAuthz, trusted: TrustedPeers, *, buffered: bool = False) -> None:
         self._ext, self._trusted, self._buffered = ext, trusted, buffered
+        self._pending: set[asyncio.Future[None]] = set()
 
     async def Check(  # the name is the gRPC method's
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
@@ -236,12 +239,27 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         try:
             trusted = peer_host(context.peer()) in self._trusted
             req = check_to_request(request, trusted=trusted, buffered=self._buffered)
-            result = await self._ext.check(req)
+            # Envoy's timeout cancels this handler; the decision is made and recorded all the
+            # same (its replay record, its evidence), and a second record says the answer was
+            # never delivered: half a decision, unrecorded or uncounted, is never left behind.
+            decided = asyncio.ensure_future(self._ext.check(req))
+            try:
+                result = await asyncio.shield(decided)
+            except asyncio.CancelledError:
+                decided.add_done_callback(partial(self._undelivered, req))
+                raise
             return to_response(result, req)
         except Exception as exc:  # the pipeline refuses its own errors; this is a bug: deny
             log_event("ext_authz.grpc_error", level=logging.ERROR, error=type(exc).__name__)
             count_decision("deny", "server_error")
             return _INTERNAL_ERROR
+
+    def _undelivered(self, req: CheckedRequest, decided: asyncio.Future[Result]) -> None:
+        if decided.cancelled() or decided.exception() is not None:
+            return
+        pending = asyncio.ensure_future(self._ext.undelivered(req, decided.result()))
+        self._pending.add(pending)
+        pending.add_done_callback(self._pending.discard)
 
 
 #: The answer to a Check that failed in a way nobody planned for (built once, at import).

@@ -113,13 +113,17 @@ class NonceSource:
     """Server nonces (RFC 9449 §8, §9) any replica can check: ``window || HMAC(key, window)``.
 
     A nonce is valid in the window it was made for and the one after, so it lives between
-    ``lifetime`` and twice that. Replicas sharing ``key`` accept each other's nonces without state.
+    ``lifetime`` and twice that. Replicas sharing ``key`` accept each other's nonces without state;
+    one whose clock is up to ``skew`` seconds behind the replica that issued a nonce accepts it
+    too when the issuer's window has already begun (its own is about to).
     """
 
-    def __init__(self, key: bytes, clock: Clock, *, lifetime: float = 300.0) -> None:
+    def __init__(
+        self, key: bytes, clock: Clock, *, lifetime: float = 300.0, skew: float = 5.0
+    ) -> None:
         if len(key) < 32:
             raise ValueError("a nonce key is at least 32 bytes")
-        self._key, self._clock, self._lifetime = key, clock, lifetime
+        self._key, self._clock, self._lifetime, self._skew = key, clock, lifetime, skew
 
     def _mac(self, window: int) -> bytes:
         return hmac.new(self._key, struct.pack(">Q", window), hashlib.sha256).digest()[:16]
@@ -130,14 +134,17 @@ class NonceSource:
 
     def check(self, nonce: Any) -> None:
         """Raise ``use_dpop_nonce`` unless ``nonce`` is one of ours and still fresh."""
-        current = int(self._clock.now() // self._lifetime)
+        now = self._clock.now()
+        current = int(now // self._lifetime)
+        ahead = int((now + self._skew) // self._lifetime)  # current, or the next one near its start
         try:
             raw = b64u_decode(nonce) if isinstance(nonce, str) else b""
         except ValueError:
             raw = b""
         if len(raw) == 24:
             (window,) = struct.unpack(">Q", raw[:8])
-            if window in (current, current - 1) and hmac.compare_digest(raw[8:], self._mac(window)):
+            fresh = window in (current - 1, current, ahead)
+            if fresh and hmac.compare_digest(raw[8:], self._mac(window)):
                 return
         raise TokenError(
             "a fresh server nonce is required in the dpop proof", code="use_dpop_nonce"
