@@ -28,8 +28,11 @@ HOP_BY_HOP: Final = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection"}
     | {"te", "trailer", "transfer-encoding", "upgrade"}
 )
-#: Request fields never forwarded: credentials for the gateway, and fields the proxy sets itself.
-REQUEST_DROP: Final = frozenset({"authorization", "dpop", "host", "content-length"})
+#: Request fields never forwarded: credentials for the gateway, fields the proxy sets itself, and
+#: ``Expect``: the gateway answers ``100 Continue`` to the caller itself and sends the upstream a
+#: body it already holds or streams, while an upstream that never sends ``100`` would hold the
+#: forwarded request, unbounded by ``upstream_timeout``.
+REQUEST_DROP: Final = frozenset({"authorization", "dpop", "host", "content-length", "expect"})
 RESPONSE_DROP: Final = frozenset({"content-length", "server", "date"})
 #: Answer fields that steer a cache or proxy in front of the gateway past ``Cache-Control:
 #: private``: nginx's ``X-Accel-Expires`` overrides it (and ``X-Accel-Redirect`` makes nginx serve

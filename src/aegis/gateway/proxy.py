@@ -163,6 +163,8 @@ async def _error(send: Send, result: Result, extra: dict[str, str] | None = None
     await _json(send, result.status, body, {**result.headers, **(extra or {})})
 
 
+#: Why an answer the upstream broke off is not delivered whole.
+_BROKEN_ANSWER: Final = "the upstream broke off its answer (cut short, or not HTTP)"
 #: Upstream connections the proxy keeps open at most, all upstreams together.
 _POOL: Final = 256
 
@@ -174,11 +176,21 @@ class _CheckedConnector(aiohttp.TCPConnector):
     connection before it carries a request. The check may read the certificate store; done here
     rather than inside the handshake it runs on a worker thread, never stalling the event loop.
     A refused connection is closed and never pooled (aiohttp drops a connection whose creation
-    raised)."""
+    raised). A pooled connection that holds bytes nobody asked for is never reused either."""
 
     def __init__(self, check: UpstreamCheck | None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._check = check
+
+    async def _get(self, key: Any, traces: Any) -> Any:
+        """A pooled connection to reuse, skipping (and closing) any on which the upstream wrote
+        after its answer, while the connection sat idle: aiohttp would read those bytes as the
+        answer to the next call, another agent's perhaps, whose request was never sent."""
+        while (conn := await super()._get(key, traces)) is not None:
+            if conn.protocol is not None and not conn.protocol.should_close:
+                return conn
+            conn.close()
+        return None
 
     async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> Any:
         proto = await super()._create_connection(req, traces, timeout)
@@ -258,7 +270,9 @@ class ReverseProxy:
                 self._upstream_check, limit=self._pool, keepalive_timeout=30
             ),
             auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            # Nothing the caller did not send and policy did not see: no Accept: */* or
+            # Content-Type: application/octet-stream of aiohttp's own.
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
         )
 
     async def close(self) -> None:
@@ -358,6 +372,7 @@ class ReverseProxy:
         raw: bytes | None = None
         stream: AsyncIterator[bytes] | None = None
         streamed: _Streamed | None = None
+        bodiless = False
         try:
             if bad_path is not None:
                 raise bad_path
@@ -391,7 +406,7 @@ class ReverseProxy:
                 facts["body_digest"] = body_digest(raw) if raw else EMPTY_BODY_DIGEST
                 facts["raw_body"] = raw if small else None
             elif declared is None and "transfer-encoding" not in values:
-                raw = b""
+                raw, bodiless = b"", True  # forwarded without a body or a Content-Length: 0
             else:
                 watch = None
                 if overrides_method(method, content_type):  # a multipart form, read as it passes
@@ -406,7 +421,7 @@ class ReverseProxy:
         result = await self._pipeline.run(ctx)
         if not result.allowed:
             return await _error(send, result)
-        data: Any = raw if stream is None else stream
+        data: Any = None if bodiless else raw if stream is None else stream
         if result.body_changed:
             data = json.dumps(result.body, separators=(",", ":")).encode()
         try:
@@ -607,10 +622,17 @@ class ReverseProxy:
             tls["ssl"] = self._pinned_tls(pin)
         elif self._upstream_tls is not None and url.scheme == "https":
             tls["ssl"] = self._upstream_tls()
+        # aiohttp's read timeout starts once the request is written: an upstream that does not
+        # read a streamed body (or never answers at all) must not hold the call, and one of the
+        # pooled connections every tool shares, for longer than the client and upstream budgets.
+        deadline = self._settings.connect_timeout + self._settings.upstream_timeout
+        if streamed is not None:
+            deadline += self._settings.client_body_deadline
         try:
-            upstream = await self._session.request(
-                ctx.method, url, headers=headers, data=data, allow_redirects=False, **tls
-            )
+            async with asyncio.timeout(deadline):
+                upstream = await self._session.request(
+                    ctx.method, url, headers=headers, data=data, allow_redirects=False, **tls
+                )
         except (TimeoutError, AegisError, aiohttp.ClientError) as exc:
             # The streamed body went over the limit or stalled (whatever wraps the error).
             if overflow:
@@ -639,15 +661,16 @@ class ReverseProxy:
                 send, ctx, 502, "bad_gateway", "the upstream cannot be reached", result
             )
         try:
-            if upstream.status < 200:
+            if not 200 <= upstream.status <= 599:
                 # No 1xx reaches the answer path but one the caller did not ask for: a 101
                 # switches to a protocol no decision covers (no Upgrade is forwarded), and the
-                # ASGI servers either relay it or fail on it. The connection is not reused.
+                # ASGI servers either relay it or fail on it; nor does a status past 599, which
+                # they cannot send at all. The connection is not reused.
                 upstream.close()
                 return await self._gateway_error(
                     send, ctx, 502, "bad_gateway",
-                    f"the upstream answered {upstream.status}, an interim status no request "
-                    "through the gateway asks for; it must send a final answer",
+                    f"the upstream answered {upstream.status}, not a final HTTP status "
+                    "(200 to 599); it must send one",
                     result,
                 )  # fmt: skip
             if streamed is not None and streamed.whole:
@@ -721,20 +744,27 @@ class ReverseProxy:
         if length is not None and length <= WHOLE_ANSWER_BYTES:
             try:
                 data = await upstream.read()
-            except (TimeoutError, aiohttp.ClientError):
+            except TimeoutError:
                 return await self._gateway_error(
-                    send,
-                    ctx,
-                    504,
-                    "upstream_timeout",
-                    "the upstream did not answer in time",
+                    send, ctx, 504, "upstream_timeout", "the upstream did not answer in time",
                     result,
+                )  # fmt: skip
+            except aiohttp.ClientError:
+                return await self._gateway_error(
+                    send, ctx, 502, "bad_gateway", _BROKEN_ANSWER, result
                 )
             return await _answer(send, upstream.status, headers, data)
         raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
         await send({"type": "http.response.start", "status": upstream.status, "headers": raw})
-        async for chunk in upstream.content.iter_chunked(_CHUNK):
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        try:
+            async for chunk in upstream.content.iter_chunked(_CHUNK):
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            # The status is sent: the caller learns of it only as a connection that ends before
+            # the answer does (raised on, the server drops it), never as a whole answer.
+            code = "upstream_timeout" if isinstance(exc, TimeoutError) else "bad_gateway"
+            await self._forward_failed(ctx, result, 502, code, _BROKEN_ANSWER)
+            raise
         await send({"type": "http.response.body", "body": b""})
 
     async def _sanitized(
