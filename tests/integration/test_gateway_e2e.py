@@ -303,12 +303,21 @@ def test_oversized_body_is_413_and_audited(stack: Stack) -> None:
     agent = AgentClient(stack.srv, "big")
     token = agent.access_token()
     url = f"{stack.gateway}/payments/charge"
+    stack.spans.clear()
     resp = httpx.post(
         url, content=b"x" * (2 * 1024 * 1024), headers=agent.headers(token, "POST", url)
     )
     assert resp.status_code == 413
     assert resp.json()["code"] == "payload_too_large"
-    stack.refusals.append(resp.headers["x-aegis-decision-id"])
+    decision_id = resp.headers["x-aegis-decision-id"]
+    stack.refusals.append(decision_id)
+    # A refusal the proxy makes before the pipeline runs has its decision span too, and its
+    # record names the span's trace.
+    [span] = [s for s in stack.spans.get_finished_spans() if s.name == names.SPAN_GATEWAY_DECIDE]
+    assert span.attributes is not None
+    assert span.attributes[names.DECISION_ID] == decision_id
+    record = next(r for r in stack.audit.records() if r.get("decision_id") == decision_id)
+    assert record["trace_id"] == f"{span.context.trace_id:032x}"
 
 
 def test_a_streamed_body_over_the_limit_is_413(stack: Stack) -> None:

@@ -251,9 +251,21 @@ class Pipeline:
         return Result(decision_id, "deny", status, code, message, headers)
 
     async def refuse(self, ctx: CallContext, exc: AegisError) -> Result:
-        """A front door's own refusal (oversized or malformed body): evidenced like any other."""
+        """A front door's own refusal (oversized or malformed body): evidenced like any other,
+        under its own decision span (the audit record carries its trace id)."""
         facts = EvidenceFacts(decision_id=new_id(), time=self._clock.now())
-        result = await self._evidence(ctx, facts, self._refuse(facts, exc))
+        span = get_tracer().start_span(names.SPAN_GATEWAY_DECIDE)
+        attached = otel_context.attach(trace.set_span_in_context(span))
+        try:
+            started = time.perf_counter()
+            result = await self._evidence(ctx, facts, self._refuse(facts, exc))
+            self._timed(facts, _EVIDENCE, started)
+            if span.is_recording():
+                span.set_attributes(facts.span_attributes(result))
+        finally:
+            otel_context.detach(attached)
+            span.end()
+        PIPELINE_STEP_SECONDS.record(facts.step_times)
         count_decision(result.action, result.code)
         return result
 
