@@ -93,3 +93,51 @@ async def test_the_first_append_after_the_database_returns_is_written(fresh_pg_u
     finally:
         await asyncio.to_thread(log.close)
         await relay.stop()
+
+
+def test_a_session_the_server_ended_is_replaced_without_refusing(fresh_pg_url: str) -> None:
+    """pg_terminate_backend (a fast restart, most failovers) ends the session with 57P01, not a
+    class-08 error: the batch that finds it so is written on a fresh connection."""
+    log = AuditLog(fresh_pg_url, clock=SystemClock())
+    url = make_url(fresh_pg_url)
+    admin = psycopg.connect(host=url.host, port=url.port, user=url.username, dbname=url.database,
+                            autocommit=True)  # fmt: skip
+    try:
+        log.append("gateway.decision", {"n": 1})
+        pid = log._raw.driver_connection.info.backend_pid
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        time.sleep(0.2)
+        log.append("gateway.decision", {"n": 2})
+        assert log.count() == 2 and log.verify_chain().ok
+    finally:
+        admin.close()
+        log.close()
+
+
+def test_a_failure_inside_an_append_never_leaves_the_lock_held(
+    fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever goes wrong after the append lock is taken, the connection holding it is closed:
+    another replica's append does not wait for it."""
+    one, two = (
+        AuditLog(fresh_pg_url, clock=SystemClock()),
+        AuditLog(fresh_pg_url, clock=SystemClock()),
+    )
+    try:
+        one.append("gateway.decision", {"n": 1})
+
+        def broken(rows: int) -> tuple[str, list[str] | None]:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(one, "_statement", broken)
+        with pytest.raises(RuntimeError):
+            one.append("gateway.decision", {"n": 2})
+        monkeypatch.undo()
+        started = time.monotonic()
+        two.append("gateway.decision", {"n": 3})
+        assert time.monotonic() - started < 1
+        one.append("gateway.decision", {"n": 4})
+        assert two.count() == 3 and two.verify_chain().ok
+    finally:
+        one.close()
+        two.close()

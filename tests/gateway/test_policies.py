@@ -378,3 +378,21 @@ def test_a_deny_from_a_variant_names_the_reading_it_came_from() -> None:
     assert any("'/openapi'" in r and "allow it too" in r for r in decision.reasons)
     both = rules + "    - {id: spec2, action: allow, when: {path: path_loose, eq: /openapi}}\n"
     assert _decide_path(both, "/openapi.json").action == "allow"
+
+
+def test_the_slashed_reading_holds_for_each_variant_and_every_restricting_rule() -> None:
+    """Rails serves /admin.json as /admin/ too; an approval or sanitize rule on a subtree must
+    hold the subtree's index as a deny rule does."""
+    deny = (
+        _ALLOW_APP + "    - {id: no, action: deny, when: {path: path_loose, regex: '^/admin/'}}\n"
+    )
+    for raw in ("/admin", "/admin.json", "/Admin.JSON", "/admin.html"):
+        assert _decide_path(deny, raw).action == "deny", raw
+    approve = _ALLOW_APP + (
+        "    - {id: pay, action: approval_needed, approval: {group: finance},"
+        " when: {path: path_loose, regex: '^/payments/'}}\n"
+    )
+    for raw in ("/payments", "/payments/", "/payments/x"):
+        decision = _decide_path(approve, raw)
+        assert (decision.action, decision.rule_ids) == ("approval_needed", ("pay",)), raw
+    assert _decide_path(approve, "/paymentsx").action == "allow"

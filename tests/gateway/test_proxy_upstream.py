@@ -269,3 +269,29 @@ async def test_an_answer_cut_short_is_recorded_as_the_upstreams_failure(gateway:
             break
         await asyncio.sleep(0.05)
     assert [(r["status"], r["code"]) for r in failed] == [(502, "bad_gateway")]
+
+
+async def test_an_answer_that_stalls_is_recorded_as_the_upstreams_timeout(gateway: Gateway) -> None:
+    """An upstream that stops in the middle of its answer: the caller's connection ends, and the
+    record says the upstream stalled (504), not that it broke off."""
+
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: object) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100000"
+                     b"\r\n\r\n" + b"x" * 10)  # fmt: skip
+        await writer.drain()
+        await gateway.upstream.done.wait()
+
+    gateway.upstream.script["/payments/stall"] = stall
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(gateway.request("GET", "/payments/stall"))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    rest = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    await _closed(writer)
+    assert head.startswith(b"HTTP/1.1 200") and len(rest) < 100000
+    for _ in range(50):
+        failed = list(gateway.env.audit.records(kind="gateway.forward_failed"))
+        if failed:
+            break
+        await asyncio.sleep(0.05)
+    assert [(r["status"], r["code"]) for r in failed] == [(504, "upstream_timeout")]

@@ -244,6 +244,10 @@ def test_a_replica_whose_clock_lags_accepts_a_nonce_from_the_next_window() -> No
     far_behind = FrozenClock(boundary - 6)
     with pytest.raises(TokenError):
         NonceSource(b"k" * 32, far_behind, lifetime=300, skew=5).check(nonce)
+    # A skew longer than the nonce lifetime spans more than one window.
+    issued = NonceSource(b"k" * 32, FrozenClock(1000.5), lifetime=10, skew=15).issue()
+    NonceSource(b"k" * 32, FrozenClock(999.5), lifetime=10, skew=15).check(issued)
+    NonceSource(b"k" * 32, FrozenClock(988.0), lifetime=10, skew=15).check(issued)
 
 
 def test_hand_built_proof_with_duplicate_member_is_refused(verifier: DpopVerifier) -> None:

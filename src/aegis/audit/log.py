@@ -142,13 +142,18 @@ def _unavailable(exc: BaseException) -> Unavailable:
     return Unavailable("the audit log cannot be written; call refused", code="audit_unavailable")
 
 
+_SESSION_ENDED: Final = frozenset({"57P01", "57P02", "57P03", "57P05"})
+
+
 def _connection_lost(exc: BaseException, dbapi: Any) -> bool:
-    """Whether a driver error is a lost connection (no SQLSTATE from the server, or class 08),
-    not an answer such as a statement timeout (57014) or a constraint."""
+    """Whether a driver error is a lost connection: no SQLSTATE from the server, class 08, or
+    the server ending the session (57P01 admin shutdown, as ``pg_terminate_backend``, a fast
+    restart or a failover do; 57P02 crash shutdown; 57P03 cannot connect now; 57P05 idle
+    session timeout); not an answer such as a statement timeout (57014) or a constraint."""
     if not isinstance(exc, dbapi.OperationalError | dbapi.InterfaceError):
         return False
     state = getattr(exc, "sqlstate", None)
-    return state is None or str(state).startswith("08")
+    return state is None or str(state).startswith("08") or state in _SESSION_ENDED
 
 
 class AuditLog:
@@ -330,6 +335,13 @@ class AuditLog:
                         reconnected = True
                         continue
                     raise _unavailable(exc) from exc
+                except BaseException:
+                    # Anything else (a bug, a cancellation): the connection may hold an open
+                    # transaction, and on PostgreSQL the append lock with it, which would stall
+                    # every replica's appends; it is closed, and the tail read back next time.
+                    self._tail = None
+                    self._drop_writer()
+                    raise
         raise Unavailable("the audit log is contended; call refused", code="audit_unavailable")
 
     def _locked_tail(self, raw: Any) -> None:

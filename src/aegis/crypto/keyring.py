@@ -97,6 +97,9 @@ class KeyRing:
         self._lock = threading.Lock()
         self._snap = _Snapshot((), None, {}, 0.0)
         self._last_miss_reload = 0.0
+        #: Whether the last reload on a kid miss failed: until the next one (at most a second
+        #: later) a miss is still the store's outage (503), not an unknown key (401).
+        self._miss_reload_failed = False
         self._refreshing = False
         #: Bumped by every install: a read that began before one is not installed after it.
         self._generation = 0
@@ -208,8 +211,18 @@ class KeyRing:
             now = self._clock.monotonic()
             if now - self._last_miss_reload >= 1.0:
                 self._last_miss_reload = now
-                self.load()
+                try:
+                    self.load()
+                except Unavailable:
+                    self._miss_reload_failed = True
+                    raise
+                self._miss_reload_failed = False
                 key = self._snap.public.get(kid)
+            elif self._miss_reload_failed:  # within the throttle, the store is still down
+                raise Unavailable(
+                    "the key store cannot be read to find this token's key",
+                    code="key_store_unavailable",
+                )
         if key is not None:
             # A retired key past its overlap is gone from the JWKS; it must stop verifying at the
             # same instant even if no rotation has pruned it from the store yet, or a leaked

@@ -218,11 +218,15 @@ def _alike_for_variant(policy: CompiledPolicy, doc: dict[str, Any], decision: De
     that is a deny; else ``invalid_request``. Rails serves ``/payments/refund.json`` and Express
     ``/payments/refund/`` as ``/payments/refund``, PHP ``/admin.php/x`` as ``/admin.php``: a
     rule on ``path_loose`` must hold for every reading, and a call they would decide apart is
-    not allowed. A path without a trailing ``/`` is also decided with one (Express serves
-    ``/admin`` as ``/admin/``), where only a deny rule that matches counts: a rule
-    ``regex: ^/admin/`` denies ``/admin`` too, while an allow-list naming ``/admin`` still
-    allows it. A variant's shadow outcome that denies is kept, so that a policy tried in shadow
-    mode reports what it would refuse."""
+    not allowed.
+
+    Each reading without a trailing ``/`` (the path and its variants) is also decided with one
+    (Express serves ``/admin`` as ``/admin/``, Rails ``/admin.json`` as ``/admin/`` too), where
+    only an outcome of a matched rule counts: a deny rule ``regex: ^/admin/`` denies ``/admin``
+    and ``/admin.json`` too, an approval rule on ``^/payments/`` holds ``/payments``, while an
+    allow-list naming ``/admin`` still allows it (the slashed path matching no rule). A
+    variant's shadow outcome that denies is kept, so that a policy tried in shadow mode reports
+    what it would refuse."""
     loose = doc.get("path_loose")
     if not isinstance(loose, str) or decision.action == "deny":
         return decision
@@ -233,24 +237,62 @@ def _alike_for_variant(policy: CompiledPolicy, doc: dict[str, Any], decision: De
         other = policy.evaluate({**doc, "path_loose": variant})
         if other.action == "deny":
             return _as_variant(other, variant)
-        if (other.action, other.code, other.obligations, other.approvals) != seen:
-            raise InvalidRequest(
-                f"the path is {variant[:128]!r} to upstreams that drop a trailing '/' or a "
-                "'.format' (Rails, Express) or run a script (PHP), and the policy for this tool "
-                f"decides that path otherwise ({other.action}, not {decision.action}); send the "
-                "path as the upstream reads it"
-            )
+        if (other.action, other.code, other.obligations, other.approvals) != seen and not (
+            _slashed_alike(policy, doc, variant, other, seen)
+        ):
+            raise InvalidRequest(_decided_apart(variant, other, decision))
         if _denies(other.shadow) and not _denies(shadow):
             shadow = other.shadow
-    if not loose.endswith("/"):
-        slashed = loose + "/"
-        other = policy.evaluate({**doc, "path_loose": slashed})
-        if other.action == "deny" and other.rule_ids:  # a deny rule matched, not the default
-            return _as_variant(other, slashed)
+    slashed = dict.fromkeys(f"{r}/" for r in (loose, *variants) if not r.endswith("/"))
+    for reading in slashed:
+        other = policy.evaluate({**doc, "path_loose": reading})
         would = other.shadow
         if would is not None and would.action == "deny" and would.rule_ids and not _denies(shadow):
             shadow = would
+        if not other.rule_ids or other.action == "allow":
+            continue  # no rule matched that reading, or one allows it: nothing against the call
+        if other.action == "deny":
+            return _as_variant(other, reading)
+        if (other.action, other.code, other.obligations, other.approvals) == seen:
+            continue
+        if _STRICTNESS[other.action] > _STRICTNESS[decision.action]:
+            # A rule on the subtree holds the call (approval) or sanitizes it: so it is decided.
+            return _as_variant(dataclasses.replace(other, shadow=shadow), reading)
+        raise InvalidRequest(_decided_apart(reading, other, decision))
     return decision if shadow is decision.shadow else dataclasses.replace(decision, shadow=shadow)
+
+
+def _slashed_alike(
+    policy: CompiledPolicy,
+    doc: dict[str, Any],
+    variant: str,
+    other: Decision,
+    seen: tuple[Any, ...],
+) -> bool:
+    """Whether ``variant``, decided as ``other``, is decided as ``seen`` once read with a
+    trailing ``/`` as well (by a matched rule at least as strict): ``/payments`` under an
+    approval rule on ``^/payments/`` is held like ``/payments/``."""
+    if variant.endswith("/"):
+        return False
+    again = policy.evaluate({**doc, "path_loose": variant + "/"})
+    return (
+        bool(again.rule_ids)
+        and (again.action, again.code, again.obligations, again.approvals) == seen
+        and _STRICTNESS[again.action] >= _STRICTNESS[other.action]
+    )
+
+
+#: How much an outcome restricts a call (the combining order of ``aegis.policy.decision``).
+_STRICTNESS: Final = {"allow": 0, "sanitize": 1, "approval_needed": 2, "deny": 3}
+
+
+def _decided_apart(reading: str, other: Decision, decision: Decision) -> str:
+    return (
+        f"the path is {reading[:128]!r} to upstreams that add or drop a trailing '/', drop a "
+        "'.format' (Rails, Express) or run a script (PHP), and the policy for this tool decides "
+        f"that path otherwise ({other.action}, not {decision.action}); send the path as the "
+        "upstream reads it"
+    )
 
 
 def _denies(outcome: Outcome | None) -> bool:
@@ -258,10 +300,10 @@ def _denies(outcome: Outcome | None) -> bool:
 
 
 def _as_variant(denied: Decision, variant: str) -> Decision:
-    """``denied`` (a variant reading's deny) with a reason naming the reading, and, where no
+    """``denied`` (a variant reading's outcome) with a reason naming the reading, and, where no
     rule matched it, what would allow the call."""
     why = f"decided as the path {variant[:128]!r}, which some upstreams serve the call as"
-    if not denied.rule_ids:
+    if not denied.rule_ids and denied.action == "deny":
         why += "; no rule allows that path: allow it too, or match both paths with one regex"
     return dataclasses.replace(denied, reasons=(*denied.reasons, why))
 

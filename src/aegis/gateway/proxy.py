@@ -762,8 +762,11 @@ class ReverseProxy:
         except (TimeoutError, aiohttp.ClientError) as exc:
             # The status is sent: the caller learns of it only as a connection that ends before
             # the answer does (raised on, the server drops it), never as a whole answer.
-            code = "upstream_timeout" if isinstance(exc, TimeoutError) else "bad_gateway"
-            await self._forward_failed(ctx, result, 502, code, _BROKEN_ANSWER)
+            if isinstance(exc, TimeoutError):
+                why = "the upstream stalled in the middle of its answer"
+                await self._forward_failed(ctx, result, 504, "upstream_timeout", why)
+            else:
+                await self._forward_failed(ctx, result, 502, "bad_gateway", _BROKEN_ANSWER)
             raise
         await send({"type": "http.response.body", "body": b""})
 
