@@ -402,10 +402,14 @@ def test_a_retired_key_verifies_longer_only_where_asked() -> None:
     old = ring.signing_key().kid
     ring.rotate(force=True)
     _clock(ring).advance(OVERLAP)
+    window = {"retired_within": OVERLAP + 60, "signed_at": T0}
     assert ring.public_key(old) is None
-    assert ring.public_key(old, retired_within=OVERLAP + 60) is not None
+    assert ring.public_key(old, **window) is not None
+    # Only for what the key signed while it was active: a leaked retired key mints nothing.
+    assert ring.public_key(old, retired_within=OVERLAP + 60, signed_at=T0 + 60) is None
+    assert ring.public_key(old, retired_within=OVERLAP + 60) is None
     ring.rotate(force=True)  # archived now: still within the window
     assert ring.public_key(old) is None
-    assert ring.public_key(old, retired_within=OVERLAP + 60) is not None
+    assert ring.public_key(old, **window) is not None
     _clock(ring).advance(60)
-    assert ring.public_key(old, retired_within=OVERLAP + 60) is None
+    assert ring.public_key(old, **window) is None

@@ -199,13 +199,17 @@ class KeyRing:
             )
         return key
 
-    def public_key(self, kid: str, *, retired_within: float = 0.0) -> PublicKey | None:
+    def public_key(
+        self, kid: str, *, retired_within: float = 0.0, signed_at: float | None = None
+    ) -> PublicKey | None:
         """The published key with this kid. On a miss, reload at most once a second so keys
         rotated by another process are found without letting unknown kids hammer the store; a
         store that cannot answer then raises ``Unavailable`` (503), never reads as an unknown
         key. With ``retired_within``, a key retired (or archived) less than that many seconds
-        ago verifies too: a signature the ring made that outlives the tokens it signed (a
-        delegation chain's first link, carried by tokens exchanged after it)."""
+        ago verifies too, for a signature the ring made that outlives the tokens it signed (a
+        delegation chain's first link, carried by tokens exchanged after it): only one that
+        says it was made (``signed_at``, within ``leeway``) while the key was still active,
+        so a retired key's leaked private half mints nothing new."""
         key = self._snap.public.get(kid)
         if key is None and kid not in self._snap.retired:
             now = self._clock.monotonic()
@@ -232,7 +236,10 @@ class KeyRing:
                 key = None
         if key is None and retired_within > 0 and (found := self._snap.retired.get(kid)):
             retired_key, retired_at = found
-            if self._clock.now() < retired_at + retired_within:
+            signed_in_time = (
+                signed_at is not None and signed_at <= retired_at + self.settings.leeway
+            )
+            if signed_in_time and self._clock.now() < retired_at + retired_within:
                 return retired_key
         return key
 

@@ -63,7 +63,9 @@ DEFAULT_MAX_DEPTH: Final = 4
 class ServiceKeys(Protocol):
     """The key ring's lookup (:meth:`aegis.crypto.keyring.KeyRing.public_key`)."""
 
-    def __call__(self, kid: str, /, *, retired_within: float = ...) -> PublicKey | None: ...
+    def __call__(
+        self, kid: str, /, *, retired_within: float = ..., signed_at: float | None = ...
+    ) -> PublicKey | None: ...
 
 
 def root_link_horizon(rules: ChainRules) -> float:
@@ -161,14 +163,23 @@ def verify_links(
     for i, link in enumerate(links):
         # Each link must be signed by the previous link's subject, so only the root's issuer is
         # read before verification, and only to select its keys (verify_grant checks it).
-        iss = grants[-1].sub if i else parse_compact(link).payload.get("iss")
+        claimed = parse_compact(link).payload if i == 0 else {}
+        iss = grants[-1].sub if i else claimed.get("iss")
         if not isinstance(iss, str) or not iss:
             raise _fail("a grant has no issuer", "parent_signature_invalid")
         allowed: Sequence[str] | None = None
         if iss == rules.issuer and i == 0:
+            # A retired service key verifies a first link only if the link says it was signed
+            # while the key was active; the signature then vouches for that iat.
+            iat = claimed.get("iat")
+            keys = partial(
+                rules.service_keys,
+                retired_within=root_link_horizon(rules),
+                signed_at=float(iat) if isinstance(iat, int | float) else None,
+            )
             grant = verify_grant(
                 link,
-                partial(rules.service_keys, retired_within=root_link_horizon(rules)),
+                keys,
                 issuer=iss,
                 audience=rules.issuer,
                 now=at,
