@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -289,3 +290,30 @@ async def test_a_call_let_through_by_an_approval_is_recorded_with_its_id(
     )
     assert record["approval_id"] is not None
     assert record["approval_id"] in " ".join(record["reasons"])
+
+
+async def test_an_audit_outage_when_the_override_is_presented_leaves_the_approval_unused(
+    gated: tuple[Env, Pipeline, ApprovalService],
+) -> None:
+    """Nothing is spent before the presentation is recorded: refused 503 while the audit log is
+    down, the very call the human approved passes once it is back."""
+    env, pipeline, service = gated
+    agent = Agent(env)
+    override = await _approved_override(env, pipeline, service, agent, 5000)
+    real = env.audit.append_async
+
+    async def down(kind: str, record: dict[str, Any]) -> tuple[int, str]:
+        raise Unavailable("the audit log cannot be written", code="audit_unavailable")
+
+    env.audit.append_async = down  # type: ignore[method-assign]
+    try:
+        first = await pipeline.run(make_ctx(
+            [*dpop_headers(agent, agent.token()), ("x-aegis-override", override)],
+            body={"amount": 5000}))  # fmt: skip
+    finally:
+        env.audit.append_async = real  # type: ignore[method-assign]
+    assert (first.status, first.code) == (503, "audit_unavailable")
+    retry = await pipeline.run(make_ctx(
+        [*dpop_headers(agent, agent.token()), ("x-aegis-override", override)],
+        body={"amount": 5000}))  # fmt: skip
+    assert retry.allowed, retry

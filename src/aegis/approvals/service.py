@@ -361,6 +361,10 @@ class ApprovalService:
             code = {"denied": "approval_denied", "expired": "approval_expired",
                     "used": "override_used"}.get(req.state, "override_invalid")  # fmt: skip
             raise AegisError(f"the approval is {req.state}", code=code)
+        # Recorded before anything is spent: an audit log that cannot be written refuses the
+        # call (503) with the approval still unused, instead of burning it on a refusal.
+        await self._record("approval.override_presented", {"id": req.id,
+                           "agent_id": call.agent_id, "decision_id": call.decision_id})  # fmt: skip
         try:
             await self._replay.consume(OVERRIDE_REPLAY_NAMESPACE, ov.jti, ov.exp + 60)
         except ReplayDetected:
