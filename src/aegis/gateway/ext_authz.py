@@ -61,9 +61,10 @@ from aegis.gateway.pipeline import Pipeline
 from aegis.gateway.routing import RouteTable
 from aegis.gateway.target import vet_path, vet_query
 from aegis.pki.forwarded import parse_nginx, parse_xfcc
+from aegis.pki.middleware import audit_refusal
 from aegis.pki.peer import PeerIdentity, PeerValidator
 from aegis.telemetry.logging import log_event
-from aegis.telemetry.metrics import count_forward_failure
+from aegis.telemetry.metrics import MTLS_REJECTIONS, count_forward_failure
 
 __all__ = [
     "CREDENTIAL_HEADERS",
@@ -464,4 +465,17 @@ class ExtAuthz:
         # certificate-bound token fails its binding check (closed), while DPoP calls still work.
         if der is None or self._validator is None:
             return None
-        return await self._validator.validate_async(der, source="forwarded")
+        try:
+            return await self._validator.validate_async(der, source="forwarded")
+        except AegisError as exc:
+            # Counted and recorded as every refused certificate is (mtls.rejected), besides the
+            # refusal of the call itself.
+            MTLS_REJECTIONS.labels(listener="ext_authz", code=exc.code).inc()
+            audit = self._pipeline.audit
+            await audit_refusal(audit.append_async if audit is not None else None, {
+                "listener": "ext_authz", "stage": "peer_certificate", "code": exc.code,
+                "reason": exc.message, "certificate_source": "forwarded", "client": req.client,
+                "method": req.method[:16], "path": req.target.split("?", 1)[0][:512],
+                **{k: exc.details.get(k) for k in ("serial", "spiffe_id")},
+            })  # fmt: skip
+            raise

@@ -15,6 +15,7 @@ import hmac
 from typing import Final
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from aegis.crypto.keys import b64u_encode, jwk_thumbprint
@@ -89,7 +90,7 @@ def check_tls_client(client: Client, agent: Agent, peer: PeerIdentity | None) ->
 def _cert_jwk(der: bytes) -> dict[str, str]:
     try:
         key = x509.load_der_x509_certificate(der).public_key()
-    except ValueError:
+    except (ValueError, UnsupportedAlgorithm):
         raise ClientAuthError("client certificate cannot be parsed") from None
     if isinstance(key, ed25519.Ed25519PublicKey):
         raw = key.public_bytes_raw()

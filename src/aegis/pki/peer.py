@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Final
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -110,6 +111,24 @@ def _fail(
     return AegisError(message, code=code, **details)
 
 
+#: What cryptography raises on a certificate it cannot read: malformed DER, a repeated extension,
+#: a general name of a type it does not support (x400Address, EDIPartyName).
+_UNPARSABLE: Final = (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+
+
+def _issued_by_one_of(cert: x509.Certificate, issuers: list[x509.Certificate]) -> bool:
+    """Whether one of ``issuers`` (the Aegis intermediates) signed ``cert``: the identity it
+    names was then written by the CA, even where the certificate is refused for another reason
+    (expired, a CA flag, a wrong usage)."""
+    for issuer in issuers:
+        try:
+            cert.verify_directly_issued_by(issuer)
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+            continue
+        return True
+    return False
+
+
 class PeerValidator:
     def __init__(
         self,
@@ -175,34 +194,36 @@ class PeerValidator:
             seen, trusted, start, end = hit
             if trusted is store and start <= self._clock.now() <= end:
                 return seen
+        sid: str | None = None
         try:
             cert = x509.load_der_x509_certificate(der)
             serial = serial_hex(cert)
             _ = cert.extensions  # parse every extension now: a malformed one is cert_invalid
-        except ValueError:
+            try:
+                san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+                sid = uris[0] if len(uris) == 1 else None
+            except x509.ExtensionNotFound:
+                pass
+        except _UNPARSABLE:
             raise _fail("peer certificate is not valid der", "cert_invalid") from None
-        sid: str | None = None
-        try:
-            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-            sid = uris[0] if len(uris) == 1 else None
-        except (x509.ExtensionNotFound, ValueError):
-            pass
+        # Until a signature vouches for it, nothing the certificate says (its serial, its SPIFFE
+        # ID) is reported as who presented it: anyone could make a refusal read as another
+        # agent's. One an Aegis intermediate signed is the CA's word, whatever else is wrong.
+        shown = (serial, sid) if _issued_by_one_of(cert, intermediates) else ("", None)
         now = self._clock.now()
         if now < cert.not_valid_before_utc.timestamp():
             raise _fail(
-                "peer certificate is not valid yet; check the clocks",
-                "cert_not_yet_valid",
-                serial,
-                sid,
+                "peer certificate is not valid yet; check the clocks", "cert_not_yet_valid", *shown
             )
         if now > cert.not_valid_after_utc.timestamp():
-            raise _fail("peer certificate has expired; renew it", "cert_expired", serial, sid)
+            raise _fail("peer certificate has expired; renew it", "cert_expired", *shown)
         try:
             ident = check_leaf_svid(cert, self._td, eku=self._eku)
         except AegisError as exc:
-            raise _fail(exc.message, exc.code, serial, sid) from None
-        sid = str(ident)
+            raise _fail(exc.message, exc.code, *shown) from None
+        except _UNPARSABLE:
+            raise _fail("peer certificate is not valid der", "cert_invalid", shown[0]) from None
         verifier = (
             verification.PolicyBuilder()
             .store(store)
@@ -212,13 +233,14 @@ class PeerValidator:
         )
         try:
             path = verifier.verify(cert, intermediates).chain
-        except verification.VerificationError as exc:
+        except (verification.VerificationError, *_UNPARSABLE) as exc:
             raise _fail(
                 f"peer certificate does not chain to an aegis root: {str(exc)[:200]}",
                 "cert_untrusted",
-                serial,
-                sid,
+                shown[0],
+                str(ident) if shown[0] else None,
             ) from None
+        sid = str(ident)
         seen = _Seen(
             serial, sid, ident.agent, ident.tenant, ident.env, x5t_s256(der),
             cert.not_valid_after_utc.timestamp(),

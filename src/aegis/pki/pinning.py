@@ -31,7 +31,8 @@ def server_spiffe_id(der: bytes | None) -> str:
     try:
         leaf = x509.load_der_x509_certificate(der)
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (ValueError, x509.ExtensionNotFound):
+    except (ValueError, x509.ExtensionNotFound, x509.DuplicateExtension,
+            x509.UnsupportedGeneralNameType):  # fmt: skip
         raise ssl.SSLCertVerificationError("the server's certificate has no SPIFFE ID") from None
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     if len(uris) != 1:
