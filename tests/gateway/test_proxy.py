@@ -253,7 +253,7 @@ def test_a_json_body_repeating_a_member_is_refused(raw: bytes) -> None:
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+@given(st.recursive(st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=5),
                     lambda inner: st.lists(inner, max_size=3)
                     | st.dictionaries(st.text(max_size=3), inner, max_size=3), max_leaves=12))  # fmt: skip
 def test_json_without_repeats_reads_as_the_standard_decoder_reads_it(value: object) -> None:
@@ -263,6 +263,15 @@ def test_json_without_repeats_reads_as_the_standard_decoder_reads_it(value: obje
             parse_json_body(raw, "application/json")
     else:
         assert parse_json_body(raw, "application/json") == json.loads(raw)
+
+
+@pytest.mark.parametrize("number", [2**53 + 1, -(2**53) - 1, 10**30])
+def test_an_integer_readers_would_round_is_refused(number: int) -> None:
+    """JavaScript's JSON.parse and Go's interface{} read 9007199254740993 as 9007199254740992:
+    policy and such an upstream would read two numbers."""
+    with pytest.raises(InvalidRequest, match="send it as a string"):
+        parse_json_body(json.dumps({"to": number}).encode(), "application/json")
+    assert parse_json_body(json.dumps({"to": 2**53}).encode(), "application/json") == {"to": 2**53}
 
 
 def _case_twins(value: object) -> bool:

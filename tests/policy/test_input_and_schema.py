@@ -237,3 +237,17 @@ def test_a_method_selector_with_spaces_is_refused_at_load() -> None:
     with pytest.raises(PolicyError, match="holds spaces"):
         load_document(text)
     load_document(text.replace("'POST '", "post"))
+
+
+@pytest.mark.parametrize(
+    ("path", "test"),
+    [("request.headers.cookie", "contains: admin"), ("request.headers.authorization", "exists: true"),
+     ("request.body.to", "eq: 9007199254740993"), ("request.body.n", "gt: -9007199254740993")],
+)  # fmt: skip
+def test_a_condition_policy_input_never_holds_is_refused_at_load(path: str, test: str) -> None:
+    """Credential headers are removed from the input, and a body integer beyond 2**53 is refused
+    before policy reads it: a rule on either would never match."""
+    from aegis.errors import PolicyError
+
+    with pytest.raises(PolicyError):
+        _load_rule(path, test)

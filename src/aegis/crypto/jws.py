@@ -30,6 +30,7 @@ from aegis.errors import TokenError
 
 __all__ = [
     "KEY_CARRYING_HEADERS",
+    "MAX_SAFE_INTEGER",
     "MAX_TOKEN_BYTES",
     "ParsedJWS",
     "StrictJSONError",
@@ -108,7 +109,8 @@ _decoder = json.JSONDecoder(
 def strict_json(text: str, *, fold_case: bool = False) -> Any:
     """``text`` decoded by the strict reader; ``StrictJSONError`` for valid JSON Aegis refuses
     (lone surrogates included), ``ValueError`` for text that is not JSON. With ``fold_case``
-    (request bodies) an object may not hold two members whose names differ only in case."""
+    (request bodies) an object may not hold two members whose names differ only in case, nor an
+    integer beyond +-2**53 (:data:`MAX_SAFE_INTEGER`)."""
     value = (_folding_decoder if fold_case else _decoder).decode(text)
     if holds_lone_surrogate(text, value):
         raise StrictJSONError("holds a lone UTF-16 surrogate ('\\ud800')")
@@ -143,10 +145,27 @@ def _object_without_case_twins(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 #: The reader of request bodies: as :data:`_decoder`, and names that differ only in case (or by
 #: a letter Unicode folds alike, such as the Kelvin sign) are one repeated member to Go's
 #: encoding/json and ASP.NET's default reader, which take the last; refused like a repeat.
+#: Largest magnitude of an integer every JSON reader reads as itself: readers that hold numbers
+#: as IEEE doubles (JavaScript's JSON.parse, Go's interface{}, PHP past its int) round anything
+#: beyond 2**53, so 9007199254740993 is 9007199254740992 to them.
+MAX_SAFE_INTEGER: Final = 2**53
+
+
+def _safe_int(text: str) -> int:
+    value = int(text)
+    if abs(value) > MAX_SAFE_INTEGER:
+        raise StrictJSONError(
+            f"holds the integer {text[:32]}, beyond +-2**53, which readers that hold numbers as "
+            "doubles (JavaScript, Go) read as another number; send it as a string"
+        )
+    return value
+
+
 _folding_decoder = json.JSONDecoder(
     object_pairs_hook=_object_without_case_twins,
     parse_constant=_no_constants,
     parse_float=_finite_float,
+    parse_int=_safe_int,
 )
 
 _scan_once: Callable[[str, int], tuple[Any, int]] = _decoder.scan_once  # type: ignore[attr-defined]

@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from aegis.policy.input import fold_case, loose_path
+from aegis.policy.input import CREDENTIAL_HEADERS, fold_case, loose_path
 from aegis.policy.safe_regex import RegexRejected, compile_safe
 
 __all__ = [
@@ -323,6 +323,15 @@ class Condition(_Strict):
             roots = ", ".join(sorted(INPUT_ROOTS))
             raise ValueError(f"path {v!r} must start with one of: {roots}")
         parts = v.split(".")
+        if (
+            parts[:2] == ["request", "headers"]
+            and len(parts) > 2
+            and parts[2] in CREDENTIAL_HEADERS
+        ):
+            raise ValueError(
+                f"path {v!r}: policy never sees the {parts[2]} header (credentials are removed "
+                "from its input); a rule on it would never match"
+            )
         if parts[:2] == ["request", "headers"] and len(parts) > 2:
             name = parts[2]
             if name != name.lower() or "_" in name:
@@ -334,6 +343,19 @@ class Condition(_Strict):
                     f"request.headers.{fixed}"
                 )
         return v
+
+    @model_validator(mode="after")
+    def _safe_integers(self) -> Condition:
+        # A body integer beyond 2**53 is refused before policy reads it (readers that hold
+        # numbers as doubles read it as another): a literal beyond it would never match.
+        for value in [self.eq, self.ne, *(self.in_ or ()), *(self.not_in or ()), self.lt,
+                      self.lte, self.gt, self.gte]:  # fmt: skip
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53:
+                raise ValueError(
+                    f"the integer {value} is beyond +-2**53, which JSON readers that hold numbers "
+                    "as doubles cannot tell from its neighbours; a body never holds it"
+                )
+        return self
 
     @model_validator(mode="after")
     def _literals_it_can_hold(self) -> Condition:
