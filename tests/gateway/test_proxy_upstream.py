@@ -295,3 +295,16 @@ async def test_an_answer_that_stalls_is_recorded_as_the_upstreams_timeout(gatewa
             break
         await asyncio.sleep(0.05)
     assert [(r["status"], r["code"]) for r in failed] == [(504, "upstream_timeout")]
+
+
+async def test_an_int64_id_passes_where_policy_does_not_read_the_body(gateway: Gateway) -> None:
+    """Integers beyond 2**53 are refused only in bodies policy reads: a typed upstream reads a
+    snowflake id exactly, and this tool's policy decides nothing on it."""
+    body = b'{"order_id": 9223372036854775807}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(gateway.request("POST", "/payments/orders",
+                                 [("Content-Type", "application/json")], body))  # fmt: skip
+    head, _ = await _answer(reader, 5)
+    writer.close()
+    await _closed(writer)
+    assert head.startswith(b"HTTP/1.1 200"), head

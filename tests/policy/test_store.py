@@ -144,3 +144,24 @@ def test_watcher_keeps_the_last_good_policy_when_the_store_fails() -> None:
     clock.advance(2.0)
     assert watcher.current() is not None
     assert watcher.last_error is not None
+
+
+def test_a_stored_policy_a_newer_check_would_refuse_still_loads(tmp_path: Path) -> None:
+    """A version stored before a load-time check was added (a rule that can never match) keeps
+    loading: refusing it now would make every call of its tenant a 503. A new put refuses it."""
+    from aegis.policy.model import STORED, PolicyDocument
+    from aegis.policy.yamlsource import parse_source
+
+    text = V1 + (
+        "    - {id: dead, action: deny, when: {path: request.headers.cookie, contains: admin}}\n"
+        "    - {id: big, action: deny, when: {path: request.body.to, eq: 18446744073709551615}}\n"
+    )
+    with pytest.raises(PolicyError):
+        load_document(text)
+    doc = PolicyDocument.model_validate(parse_source(text, "<old>").value, context=STORED)
+    sql = SqlPolicyStore(f"sqlite:///{tmp_path / 'old.db'}")
+    try:
+        version = sql.put(doc, now=1.0)
+        assert sql.get(version) == doc  # read back from its row, checks of its day only
+    finally:
+        sql.close()

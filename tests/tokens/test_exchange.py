@@ -323,3 +323,19 @@ async def test_a_rotation_of_the_service_key_leaves_user_rooted_chains_valid(
     with pytest.raises(AegisError) as exc:
         verify_chain(pay.token, cache=w.cache, rules=w.rules, now=w.clock.now())
     assert exc.value.code in ("parent_signature_invalid", "parent_expired")
+
+
+def test_a_first_link_with_an_iat_out_of_any_range_is_a_typed_refusal() -> None:
+    """The iat of a first link is read before its signature to choose the keys that may verify
+    it: a number no float holds must be a refusal, not an OverflowError (a 500)."""
+    from aegis.crypto.keys import b64u_encode
+    from aegis.tokens.chain import ChainRules, verify_links
+
+    head = b64u_encode(
+        json.dumps({"alg": "EdDSA", "typ": "aegis-delegation+jwt", "kid": "k"}).encode()
+    )
+    body = b64u_encode(('{"iss":"https://ts","iat":' + "9" * 400 + "}").encode())
+    link = f"{head}.{body}.{b64u_encode(b'x' * 64)}"
+    rules = ChainRules(issuer="https://ts", service_keys=lambda kid, **_: None)
+    with pytest.raises(AegisError):
+        verify_links([link], cache=None, rules=rules, tenant="t", env="e", at=0)  # type: ignore[arg-type]

@@ -106,12 +106,17 @@ _decoder = json.JSONDecoder(
 )
 
 
-def strict_json(text: str, *, fold_case: bool = False) -> Any:
+def strict_json(text: str, *, fold_case: bool = False, safe_integers: bool = False) -> Any:
     """``text`` decoded by the strict reader; ``StrictJSONError`` for valid JSON Aegis refuses
     (lone surrogates included), ``ValueError`` for text that is not JSON. With ``fold_case``
-    (request bodies) an object may not hold two members whose names differ only in case, nor an
-    integer beyond +-2**53 (:data:`MAX_SAFE_INTEGER`)."""
-    value = (_folding_decoder if fold_case else _decoder).decode(text)
+    (request bodies) an object may not hold two members whose names differ only in case; with
+    ``safe_integers`` (a body policy reads) nor an integer beyond +-2**53
+    (:data:`MAX_SAFE_INTEGER`)."""
+    if fold_case:
+        decoder = _safe_folding_decoder if safe_integers else _folding_decoder
+    else:
+        decoder = _decoder
+    value = decoder.decode(text)
     if holds_lone_surrogate(text, value):
         raise StrictJSONError("holds a lone UTF-16 surrogate ('\\ud800')")
     return value
@@ -142,9 +147,6 @@ def _object_without_case_twins(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-#: The reader of request bodies: as :data:`_decoder`, and names that differ only in case (or by
-#: a letter Unicode folds alike, such as the Kelvin sign) are one repeated member to Go's
-#: encoding/json and ASP.NET's default reader, which take the last; refused like a repeat.
 #: Largest magnitude of an integer every JSON reader reads as itself: readers that hold numbers
 #: as IEEE doubles (JavaScript's JSON.parse, Go's interface{}, PHP past its int) round anything
 #: beyond 2**53, so 9007199254740993 is 9007199254740992 to them.
@@ -161,7 +163,17 @@ def _safe_int(text: str) -> int:
     return value
 
 
+#: The reader of request bodies: as :data:`_decoder`, and names that differ only in case (or by
+#: a letter Unicode folds alike, such as the Kelvin sign) are one repeated member to Go's
+#: encoding/json and ASP.NET's default reader, which take the last; refused like a repeat.
 _folding_decoder = json.JSONDecoder(
+    object_pairs_hook=_object_without_case_twins,
+    parse_constant=_no_constants,
+    parse_float=_finite_float,
+)
+#: The reader of a body policy reads: as :data:`_folding_decoder`, and no integer a reader of
+#: doubles would read as another (policy and such an upstream would decide on two numbers).
+_safe_folding_decoder = json.JSONDecoder(
     object_pairs_hook=_object_without_case_twins,
     parse_constant=_no_constants,
     parse_float=_finite_float,

@@ -208,8 +208,9 @@ class KeyRing:
         key. With ``retired_within``, a key retired (or archived) less than that many seconds
         ago verifies too, for a signature the ring made that outlives the tokens it signed (a
         delegation chain's first link, carried by tokens exchanged after it): only one that
-        says it was made (``signed_at``, within ``leeway``) while the key was still active,
-        so a retired key's leaked private half mints nothing new."""
+        says it was made (``signed_at``, within ``leeway``) while the key was still active. A
+        leaked retired key can still sign a link dated before its retirement, but such a link
+        outlives its grant lifetime only through the tokens exchanged from it in time."""
         key = self._snap.public.get(kid)
         if key is None and kid not in self._snap.retired:
             now = self._clock.monotonic()

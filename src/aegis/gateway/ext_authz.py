@@ -454,7 +454,7 @@ class ExtAuthz:
         shown = limit if reads else self._settings.policy_body_bytes
         small = len(raw) <= shown
         if small:
-            facts["body"] = parse_json_body(raw, content_type, coding)
+            facts["body"] = parse_json_body(raw, content_type, coding, safe_integers=reads)
         facts["body_digest"] = body_digest(raw) if raw else EMPTY_BODY_DIGEST
         facts["raw_body"] = raw if small else None
 

@@ -189,6 +189,7 @@ def parse_json_body(
     content_encoding: str | None = None,
     *,
     fold_case: bool = True,
+    safe_integers: bool = False,
 ) -> Any:
     """The JSON body for policy, or None when the body is not JSON (then policy sees null).
 
@@ -200,7 +201,9 @@ def parse_json_body(
     upstream would read differently. So is an object that repeats a member (RFC 8259 §4: "the
     behavior of software that receives such an object is unpredictable"): policy and
     sanitization would read the last ``amount``, an upstream may read the first. With
-    ``fold_case`` (requests) so is one holding members that differ only in case.
+    ``fold_case`` (requests) so is one holding members that differ only in case, and with
+    ``safe_integers`` (a body policy reads) one holding an integer beyond +-2**53, which readers
+    that hold numbers as doubles read as another.
 
     JSON is UTF-8 (RFC 8259 §8.1), or its subset US-ASCII when every byte is ASCII; a body labelled with another ``charset`` is refused: an
     upstream that decodes by the label (body-parser, Django) would read other text (UTF-7
@@ -217,7 +220,7 @@ def parse_json_body(
                 f"{'charset' + extended + '=' + charset[:32]!r}"
             )
     try:
-        return strict_json(raw.decode("utf-8"), fold_case=fold_case)
+        return strict_json(raw.decode("utf-8"), fold_case=fold_case, safe_integers=safe_integers)
     except StrictJSONError as exc:
         raise InvalidRequest(f"the body {exc}") from None
     except (UnicodeDecodeError, ValueError, RecursionError):

@@ -212,86 +212,72 @@ def misspelled(
 
 
 def _alike_for_variant(policy: CompiledPolicy, doc: dict[str, Any], decision: Decision) -> Decision:
-    """``decision``, when the policy decides each of the path's variant readings
-    (:func:`~aegis.policy.input.path_variants`: without a trailing ``/``, cut at a dot of the
-    last segment, cut after a script) alike or ``decision`` is a deny; a variant's decision when
-    that is a deny; else ``invalid_request``. Rails serves ``/payments/refund.json`` and Express
-    ``/payments/refund/`` as ``/payments/refund``, PHP ``/admin.php/x`` as ``/admin.php``: a
-    rule on ``path_loose`` must hold for every reading, and a call they would decide apart is
-    not allowed.
+    """``decision`` combined with the decisions of the path's other readings, as some upstreams
+    read it: the variant readings (:func:`~aegis.policy.input.path_variants`: without a
+    trailing ``/``, cut at a dot of the last segment, cut after a script; Rails serves
+    ``/payments/refund.json`` and Express ``/payments/refund/`` as ``/payments/refund``, PHP
+    ``/admin.php/x`` as ``/admin.php``), and each reading without a trailing ``/`` read with one
+    (Express serves ``/admin`` as ``/admin/``, Rails ``/admin.json`` as ``/admin/`` too).
 
-    Each reading without a trailing ``/`` (the path and its variants) is also decided with one
-    (Express serves ``/admin`` as ``/admin/``, Rails ``/admin.json`` as ``/admin/`` too), where
-    only an outcome of a matched rule counts: a deny rule ``regex: ^/admin/`` denies ``/admin``
-    and ``/admin.json`` too, an approval rule on ``^/payments/`` holds ``/payments``, while an
-    allow-list naming ``/admin`` still allows it (the slashed path matching no rule). A
-    variant's shadow outcome that denies is kept, so that a policy tried in shadow mode reports
+    A rule on ``path_loose`` must hold for every reading, so the readings combine as rules do
+    (:mod:`aegis.policy.decision`): a deny under any denies (on a variant, the default deny
+    too: nothing allows the path some upstream serves); otherwise the strictest action wins,
+    with every approval and every obligation any reading carries. A slashed reading counts only
+    where a rule matched it and restricts the call (approval_needed, sanitize): an allow-list
+    naming ``/admin`` still allows it, a deny rule ``regex: ^/admin/`` denies ``/admin`` and
+    ``/admin.json`` too, and an approval rule on ``^/payments/`` holds ``/payments``. A
+    reading's shadow outcome that denies is kept, so that a policy tried in shadow mode reports
     what it would refuse."""
     loose = doc.get("path_loose")
     if not isinstance(loose, str) or decision.action == "deny":
         return decision
     variants = path_variants(loose)
-    seen = (decision.action, decision.code, decision.obligations, decision.approvals)
-    shadow = decision.shadow
-    for variant in variants:
-        other = policy.evaluate({**doc, "path_loose": variant})
-        if other.action == "deny":
-            return _as_variant(other, variant)
-        if (other.action, other.code, other.obligations, other.approvals) != seen and not (
-            _slashed_alike(policy, doc, variant, other, seen)
-        ):
-            raise InvalidRequest(_decided_apart(variant, other, decision))
-        if _denies(other.shadow) and not _denies(shadow):
-            shadow = other.shadow
-    slashed = dict.fromkeys(f"{r}/" for r in (loose, *variants) if not r.endswith("/"))
-    for reading in slashed:
+    slashed = [f"{r}/" for r in (loose, *variants) if not r.endswith("/")]
+    combined, shadow = decision, decision.shadow
+    for reading in dict.fromkeys([*variants, *slashed]):
+        if reading == loose:
+            continue
         other = policy.evaluate({**doc, "path_loose": reading})
+        counts = reading in variants or bool(other.rule_ids)
         would = other.shadow
-        if would is not None and would.action == "deny" and would.rule_ids and not _denies(shadow):
+        if (
+            would is not None and would.action == "deny" and not _denies(shadow)
+            and (reading in variants or would.rule_ids)
+        ):  # fmt: skip
             shadow = would
-        if not other.rule_ids or other.action == "allow":
-            continue  # no rule matched that reading, or one allows it: nothing against the call
+        if not counts or other.action == "allow":
+            continue
         if other.action == "deny":
             return _as_variant(other, reading)
-        if (other.action, other.code, other.obligations, other.approvals) == seen:
-            continue
-        if _STRICTNESS[other.action] > _STRICTNESS[decision.action]:
-            # A rule on the subtree holds the call (approval) or sanitizes it: so it is decided.
-            return _as_variant(dataclasses.replace(other, shadow=shadow), reading)
-        raise InvalidRequest(_decided_apart(reading, other, decision))
-    return decision if shadow is decision.shadow else dataclasses.replace(decision, shadow=shadow)
-
-
-def _slashed_alike(
-    policy: CompiledPolicy,
-    doc: dict[str, Any],
-    variant: str,
-    other: Decision,
-    seen: tuple[Any, ...],
-) -> bool:
-    """Whether ``variant``, decided as ``other``, is decided as ``seen`` once read with a
-    trailing ``/`` as well (by a matched rule at least as strict): ``/payments`` under an
-    approval rule on ``^/payments/`` is held like ``/payments/``."""
-    if variant.endswith("/"):
-        return False
-    again = policy.evaluate({**doc, "path_loose": variant + "/"})
-    return (
-        bool(again.rule_ids)
-        and (again.action, again.code, again.obligations, again.approvals) == seen
-        and _STRICTNESS[again.action] >= _STRICTNESS[other.action]
-    )
+        combined = _combined(combined, other, reading)
+    if combined is decision and shadow is decision.shadow:
+        return decision
+    return dataclasses.replace(combined, shadow=shadow)
 
 
 #: How much an outcome restricts a call (the combining order of ``aegis.policy.decision``).
 _STRICTNESS: Final = {"allow": 0, "sanitize": 1, "approval_needed": 2, "deny": 3}
 
 
-def _decided_apart(reading: str, other: Decision, decision: Decision) -> str:
-    return (
-        f"the path is {reading[:128]!r} to upstreams that add or drop a trailing '/', drop a "
-        "'.format' (Rails, Express) or run a script (PHP), and the policy for this tool decides "
-        f"that path otherwise ({other.action}, not {decision.action}); send the path as the "
-        "upstream reads it"
+def _combined(decision: Decision, other: Decision, reading: str) -> Decision:
+    """``decision`` and a reading's ``other`` (neither a deny) as one: the stricter action with
+    its code, every approval and obligation of both, every rule and reason."""
+    if (
+        _STRICTNESS[other.action] <= _STRICTNESS[decision.action]
+        and set(other.obligations) <= set(decision.obligations)
+        and set(other.approvals) <= set(decision.approvals)
+    ):
+        return decision  # nothing the reading adds
+    stricter = other if _STRICTNESS[other.action] > _STRICTNESS[decision.action] else decision
+    why = f"decided as the path {reading[:128]!r} too, which some upstreams serve the call as"
+    return dataclasses.replace(
+        decision,
+        action=stricter.action,
+        code=stricter.code,
+        obligations=tuple(sorted(set(decision.obligations) | set(other.obligations))),
+        approvals=tuple(sorted(set(decision.approvals) | set(other.approvals))),
+        rule_ids=tuple(sorted(set(decision.rule_ids) | set(other.rule_ids))),
+        reasons=tuple(dict.fromkeys([*decision.reasons, *other.reasons, why])),
     )
 
 

@@ -387,7 +387,8 @@ class ReverseProxy:
                 )
             content_type = values.get("content-type")
             # A policy that reads this tool's bodies sees them whole, up to the body limit.
-            shown = limit if self._pipeline.reads_body(route) else self._settings.policy_body_bytes
+            reads = self._pipeline.reads_body(route)
+            shown = limit if reads else self._settings.policy_body_bytes
             small_declared = declared is not None and int(declared) <= shown
             # A POST form (or untyped or JSON-ish body) is read whole too: it may carry a
             # _method override (checked below).
@@ -399,7 +400,9 @@ class ReverseProxy:
                 # Policy sees (and sanitization rewrites) only bodies it can hold whole.
                 small = len(raw) <= shown
                 facts["body"] = (
-                    parse_json_body(raw, content_type, values.get("content-encoding"))
+                    parse_json_body(
+                        raw, content_type, values.get("content-encoding"), safe_integers=reads
+                    )
                     if small
                     else None
                 )

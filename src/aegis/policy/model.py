@@ -26,6 +26,7 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
@@ -41,6 +42,7 @@ __all__ = [
     "LEAF_OPERATORS",
     "MAX_GLOB_STARS",
     "MAX_RULES",
+    "STORED",
     "Action",
     "AgentMatch",
     "Approval",
@@ -170,6 +172,18 @@ def _ascii_hosts(path: str, values: list[Any]) -> None:
 _PATH = re.compile(r"^[A-Za-z0-9_$@:-]+(\.[A-Za-z0-9_$@:*-]+)*$")
 _HHMM = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$|^24:00$")
 _DATE = re.compile(r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$")
+
+
+#: The validation context of a stored policy read back (``aegis.policy.store``): it loaded once,
+#: and a check added since that would refuse it now (a rule that never matches) must not make
+#: the active policy unloadable, every call of its tenant a 503. ``aegis policy check`` and a
+#: new put still apply every check.
+STORED: Final = {"stored": True}
+
+
+def _checking(info: ValidationInfo) -> bool:
+    """Whether the load-time checks of rules that can never match apply (not to stored ones)."""
+    return not (info.context or {}).get("stored")
 
 
 class _Strict(BaseModel):
@@ -314,7 +328,7 @@ class Condition(_Strict):
 
     @field_validator("path")
     @classmethod
-    def _path(cls, v: str | None) -> str | None:
+    def _path(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None:
             return v
         if not _PATH.match(v) or "*" in v:
@@ -327,6 +341,7 @@ class Condition(_Strict):
             parts[:2] == ["request", "headers"]
             and len(parts) > 2
             and parts[2] in CREDENTIAL_HEADERS
+            and _checking(info)
         ):
             raise ValueError(
                 f"path {v!r}: policy never sees the {parts[2]} header (credentials are removed "
@@ -345,9 +360,11 @@ class Condition(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _safe_integers(self) -> Condition:
+    def _safe_integers(self, info: ValidationInfo) -> Condition:
         # A body integer beyond 2**53 is refused before policy reads it (readers that hold
         # numbers as doubles read it as another): a literal beyond it would never match.
+        if not _checking(info):
+            return self
         for value in [self.eq, self.ne, *(self.in_ or ()), *(self.not_in or ()), self.lt,
                       self.lte, self.gt, self.gte]:  # fmt: skip
             if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53:
@@ -358,8 +375,10 @@ class Condition(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _literals_it_can_hold(self) -> Condition:
+    def _literals_it_can_hold(self, info: ValidationInfo) -> Condition:
         # A literal the input never holds would make a deny rule on it pass every call.
+        if not _checking(info):
+            return self
         if self.path not in _CANONICAL_PATHS:
             return self
         if self.path == "method" and (self.regex is not None or self.contains is not None):

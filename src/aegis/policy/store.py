@@ -21,7 +21,7 @@ from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from aegis.errors import AegisError, NotFound, PolicyError, Unavailable
-from aegis.policy.model import PolicyDocument
+from aegis.policy.model import STORED, PolicyDocument
 from aegis.policy.sql_tables import METADATA, POLICY_ACTIVATIONS, POLICY_VERSIONS
 from aegis.policy.version import canonical_json, policy_version
 from aegis.stores.sql.engine import HOT_PATH_STATEMENT_TIMEOUT, create_tables, make_engine
@@ -75,7 +75,7 @@ class PolicyStore(Protocol):
 
 def _decode(version: str, text: str) -> PolicyDocument:
     try:
-        doc = PolicyDocument.model_validate(json.loads(text))
+        doc = PolicyDocument.model_validate(json.loads(text), context=STORED)
     except (ValueError, ValidationError) as exc:
         raise PolicyError(
             f"stored policy {version} no longer validates; restore it from source",

@@ -170,12 +170,14 @@ def verify_links(
         allowed: Sequence[str] | None = None
         if iss == rules.issuer and i == 0:
             # A retired service key verifies a first link only if the link says it was signed
-            # while the key was active; the signature then vouches for that iat.
+            # while the key was active (read before the signature is checked, it only narrows
+            # which keys may verify it; a number out of range narrows it to none).
             iat = claimed.get("iat")
+            signed_at = None
+            if isinstance(iat, int | float) and not isinstance(iat, bool) and 0 <= iat < 2**40:
+                signed_at = float(iat)
             keys = partial(
-                rules.service_keys,
-                retired_within=root_link_horizon(rules),
-                signed_at=float(iat) if isinstance(iat, int | float) else None,
+                rules.service_keys, retired_within=root_link_horizon(rules), signed_at=signed_at
             )
             grant = verify_grant(
                 link,
