@@ -296,3 +296,17 @@ async def exchange(port: int, *requests: bytes) -> list[tuple[bytes, bytes]]:
     finally:
         writer.close()
     return answers
+
+
+def signed_call(
+    agent: Any, method: str, path: str, fields: list[tuple[str, str]] | None = None,
+    body: bytes = b"",
+) -> bytes:  # fmt: skip
+    """An HTTP/1.1 call to ``gw.example.com`` with a fresh token and DPoP proof, as bytes."""
+    token = agent.token()
+    lines = [f"{method} {path} HTTP/1.1", "Host: gw.example.com",
+             f"Authorization: DPoP {token}", f"DPoP: {agent.proof(token, method, path)}"]  # fmt: skip
+    lines += [f"{k}: {v}" for k, v in fields or []]
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body

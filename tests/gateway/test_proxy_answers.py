@@ -15,7 +15,7 @@ from aegis.config import GatewaySettings
 from aegis.gateway.app import build_pipeline, create_gateway_app
 from aegis.policy.loader import load_document
 from tests.gateway.conftest import Agent, Env
-from tests.gateway.harness import RawUpstream, exchange, gateway_here, raw_answer
+from tests.gateway.harness import RawUpstream, exchange, gateway_here, raw_answer, signed_call
 
 POLICY = """
 apiVersion: aegis/v1
@@ -57,18 +57,10 @@ class Gateway:
     upstream: RawUpstream
     agent: Agent
 
-    def request(
-        self, method: str, path: str, fields: list[tuple[str, str]] | None = None,
-        body: bytes = b"",
-    ) -> bytes:  # fmt: skip
+    def request(self, method: str, path: str, fields: list[tuple[str, str]] | None = None,
+                body: bytes = b"") -> bytes:  # fmt: skip
         """A call with a fresh DPoP proof, as bytes."""
-        token = self.agent.token()
-        lines = [f"{method} {path} HTTP/1.1", "Host: gw.example.com",
-                 f"Authorization: DPoP {token}", f"DPoP: {self.agent.proof(token, method, path)}"]  # fmt: skip
-        lines += [f"{k}: {v}" for k, v in fields or []]
-        if body:
-            lines.append(f"Content-Length: {len(body)}")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        return signed_call(self.agent, method, path, fields, body)
 
     async def call(
         self, method: str, path: str, fields: list[tuple[str, str]] | None = None,

@@ -18,7 +18,7 @@ from aegis.config import GatewaySettings
 from aegis.gateway.app import build_pipeline, create_gateway_app
 from aegis.policy.loader import load_document
 from tests.gateway.conftest import Agent, Env
-from tests.gateway.harness import gateway_here, raw_answer
+from tests.gateway.harness import gateway_here, raw_answer, signed_call
 
 POLICY = """
 apiVersion: aegis/v1
@@ -87,13 +87,8 @@ class Gateway:
 
     def request(self, method: str, path: str, fields: list[tuple[str, str]] | None = None,
                 body: bytes = b"") -> bytes:  # fmt: skip
-        token = self.agent.token()
-        lines = [f"{method} {path} HTTP/1.1", "Host: gw.example.com",
-                 f"Authorization: DPoP {token}", f"DPoP: {self.agent.proof(token, method, path)}"]  # fmt: skip
-        lines += [f"{k}: {v}" for k, v in fields or []]
-        if body:
-            lines.append(f"Content-Length: {len(body)}")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        """A call with a fresh DPoP proof, as bytes."""
+        return signed_call(self.agent, method, path, fields, body)
 
 
 @pytest.fixture
@@ -256,19 +251,7 @@ async def test_an_answer_cut_short_is_recorded_as_the_upstreams_failure(gateway:
         writer.close()
 
     gateway.upstream.script["/payments/short"] = short
-    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-    writer.write(gateway.request("GET", "/payments/short"))
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    rest = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
-    await _closed(writer)
-    assert head.startswith(b"HTTP/1.1 200") and len(rest) < 100000
-    for _ in range(50):
-        failed = list(gateway.env.audit.records(kind="gateway.forward_failed"))
-        if failed:
-            break
-        await asyncio.sleep(0.05)
-    assert [(r["status"], r["code"]) for r in failed] == [(502, "bad_gateway")]
+    assert await _cut_off(gateway, "/payments/short") == [(502, "bad_gateway")]
 
 
 async def test_an_answer_that_stalls_is_recorded_as_the_upstreams_timeout(gateway: Gateway) -> None:
@@ -282,8 +265,13 @@ async def test_an_answer_that_stalls_is_recorded_as_the_upstreams_timeout(gatewa
         await gateway.upstream.done.wait()
 
     gateway.upstream.script["/payments/stall"] = stall
+    assert await _cut_off(gateway, "/payments/stall") == [(504, "upstream_timeout")]
+
+
+async def _cut_off(gateway: Gateway, path: str) -> list[tuple[int, str]]:
+    """GET ``path``, whose answer starts (200) and ends early; the forward_failed records."""
     reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-    writer.write(gateway.request("GET", "/payments/stall"))
+    writer.write(gateway.request("GET", path))
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     rest = await asyncio.wait_for(reader.read(), 10)
     writer.close()
@@ -294,7 +282,7 @@ async def test_an_answer_that_stalls_is_recorded_as_the_upstreams_timeout(gatewa
         if failed:
             break
         await asyncio.sleep(0.05)
-    assert [(r["status"], r["code"]) for r in failed] == [(504, "upstream_timeout")]
+    return [(r["status"], r["code"]) for r in failed]
 
 
 async def test_an_int64_id_passes_where_policy_does_not_read_the_body(gateway: Gateway) -> None:
