@@ -317,3 +317,18 @@ async def test_an_audit_outage_when_the_override_is_presented_leaves_the_approva
         [*dpop_headers(agent, agent.token()), ("x-aegis-override", override)],
         body={"amount": 5000}))  # fmt: skip
     assert retry.allowed, retry
+
+
+async def test_a_body_approvers_would_read_differently_from_the_upstream_is_never_held(
+    gated: tuple[Env, Pipeline, ApprovalService],
+) -> None:
+    """Approvers read 9007199254740993; an upstream that holds numbers as doubles acts on
+    ...992. Such a call is refused, not held, even where no policy condition reads the body."""
+    env, pipeline, service = gated
+    agent = Agent(env)
+    files = dataclasses.replace(PAY, path_prefix="/files", tool="files")
+    headers = dpop_headers(agent, agent.token(), method="PUT", path="/files/up")
+    ctx = make_ctx(headers, route=files, path="/files/up", method="PUT", body={"to": 2**53 + 1})
+    result = await pipeline.run(ctx)
+    assert (result.status, result.code) == (400, "invalid_request"), result
+    assert await service.list_requests() == []

@@ -421,3 +421,42 @@ def test_readings_combine_their_approvals_and_obligations() -> None:
         decision = _decide_path(redact, raw)
         assert decision.action == "approval_needed", raw
         assert [o.path for o in decision.obligations] == ["card"], raw
+
+
+def test_a_combined_decision_names_the_rules_that_decided_it() -> None:
+    """Held because Rails serves /payments/refund.json as /payments/refund: the held call names
+    the approval rule, not the allow rule of the path as sent."""
+    rules = _ALLOW_APP + (
+        "    - {id: refund, action: approval_needed, approval: {group: finance},"
+        " when: {path: path_loose, eq: /payments/refund}}\n"
+    )
+    decision = _decide_path(rules, "/payments/refund.json")
+    assert (decision.action, decision.rule_ids) == ("approval_needed", ("refund",))
+
+
+def test_shadow_mode_reports_what_another_reading_would_hold() -> None:
+    """Tried in shadow mode, an approval rule on ^/payments/ reports /payments as held, as
+    enforcing it would hold it."""
+    rules = _ALLOW_APP + (
+        "    - {id: pay, action: approval_needed, approval: {group: finance}, shadow: true,"
+        " when: {path: path_loose, regex: '^/payments/'}}\n"
+    )
+    decision = _decide_path(rules, "/payments")
+    assert decision.action == "allow"
+    assert decision.shadow is not None and decision.shadow.action == "approval_needed"
+
+
+def test_a_body_policy_reads_with_an_integer_doubles_round_is_refused_when_decided() -> None:
+    """Parsed at the door before a policy reading bodies was in force, the body is still
+    refused when that policy decides it."""
+    from aegis.policy.input import AgentInfo, PolicyCall, build_input
+
+    store = MemoryPolicyStore()
+    text = ("apiVersion: aegis/v1\nkind: Policy\nmetadata: {name: p}\nspec:\n  rules:\n" + _ALLOW_APP
+            + "    - {id: no, action: deny, when: {path: request.body.to, eq: 9007199254740992}}\n")  # fmt: skip
+    store.activate("t", "e", store.put(load_document(text), now=0), actor="x", now=0)
+    directory = PolicyDirectory(store, clock=FrozenClock(0), interval=1)
+    doc = build_input(PolicyCall(tool="app", agent=AgentInfo(id="a"), tenant="t", env="e",
+                                 time=0.0, body={"to": 2**53 + 1}))  # fmt: skip
+    with pytest.raises(InvalidRequest, match="send it as a string"):
+        directory.decide("t", "e", "app", "a", doc)

@@ -37,6 +37,7 @@ __all__ = [
     "encode_segment",
     "fold_name",
     "holds_lone_surrogate",
+    "holds_unsafe_integer",
     "parse_compact",
     "parse_with_header",
     "sign_compact",
@@ -151,6 +152,21 @@ def _object_without_case_twins(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 #: as IEEE doubles (JavaScript's JSON.parse, Go's interface{}, PHP past its int) round anything
 #: beyond 2**53, so 9007199254740993 is 9007199254740992 to them.
 MAX_SAFE_INTEGER: Final = 2**53
+
+
+def holds_unsafe_integer(value: Any) -> bool:
+    """Whether a parsed JSON value holds an integer beyond +-2**53 (:data:`MAX_SAFE_INTEGER`)
+    anywhere, however deep (an iterative walk)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is int and abs(item) > MAX_SAFE_INTEGER:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _safe_int(text: str) -> int:

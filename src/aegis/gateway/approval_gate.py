@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl
 from aegis.approvals.model import HeldCall, bound_headers
 from aegis.approvals.override import OVERRIDE_HEADER
 from aegis.approvals.service import ApprovalService
+from aegis.crypto.jws import holds_unsafe_integer
 from aegis.errors import AegisError, InvalidRequest
 from aegis.gateway.context import EMPTY_BODY_DIGEST, STREAMED_BODY_DIGEST, CallContext
 from aegis.gateway.evidence import EvidenceFacts
@@ -99,6 +100,13 @@ class ApprovalGate:
                 "a call held for approval must have a buffered body so that the approval can "
                 "be bound to it; send it as JSON within gateway.max_body_bytes",
                 code="approval_unbindable",
+            )
+        if holds_unsafe_integer(ctx.body):
+            # Approvers read the body; an upstream that holds numbers as doubles would act on
+            # another number than the one they approved.
+            raise InvalidRequest(
+                "a call held for approval must hold no integer beyond +-2**53 in its body "
+                "(readers that hold numbers as doubles read it as another); send it as a string"
             )
         need = requirement_of(decision)
         held = HeldCall(

@@ -34,12 +34,12 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import unquote, unquote_plus
 
 from aegis.clock import Clock
 from aegis.config import GatewayAllow
-from aegis.crypto.jws import fold_name
+from aegis.crypto.jws import fold_name, holds_unsafe_integer
 from aegis.errors import InvalidRequest, Unavailable
 from aegis.gateway.names import header_key, name_keys, query_key
 from aegis.policy.decision import Decision, Outcome
@@ -238,14 +238,10 @@ def _alike_for_variant(policy: CompiledPolicy, doc: dict[str, Any], decision: De
         if reading == loose:
             continue
         other = policy.evaluate({**doc, "path_loose": reading})
-        counts = reading in variants or bool(other.rule_ids)
         would = other.shadow
-        if (
-            would is not None and would.action == "deny" and not _denies(shadow)
-            and (reading in variants or would.rule_ids)
-        ):  # fmt: skip
-            shadow = would
-        if not counts or other.action == "allow":
+        if shadow is not None and would is not None and (reading in variants or would.rule_ids):
+            shadow = _combined(shadow, would, reading)  # what shadow mode reports, alike
+        if not (reading in variants or other.rule_ids) or other.action == "allow":
             continue
         if other.action == "deny":
             return _as_variant(other, reading)
@@ -258,26 +254,47 @@ def _alike_for_variant(policy: CompiledPolicy, doc: dict[str, Any], decision: De
 #: How much an outcome restricts a call (the combining order of ``aegis.policy.decision``).
 _STRICTNESS: Final = {"allow": 0, "sanitize": 1, "approval_needed": 2, "deny": 3}
 
+_Result = TypeVar("_Result", Decision, Outcome)
 
-def _combined(decision: Decision, other: Decision, reading: str) -> Decision:
-    """``decision`` and a reading's ``other`` (neither a deny) as one: the stricter action with
-    its code, every approval and obligation of both, every rule and reason."""
-    if (
-        _STRICTNESS[other.action] <= _STRICTNESS[decision.action]
-        and set(other.obligations) <= set(decision.obligations)
-        and set(other.approvals) <= set(decision.approvals)
-    ):
-        return decision  # nothing the reading adds
-    stricter = other if _STRICTNESS[other.action] > _STRICTNESS[decision.action] else decision
+
+def _combined(base: _Result, other: Decision | Outcome, reading: str) -> _Result:
+    """``base`` and a reading's ``other`` as one, as :mod:`aegis.policy.decision` combines
+    rules: a deny wins; else the stricter action with its code, and every approval and
+    obligation of both. The rules and reasons are those that decided: the stricter side's, and
+    the other's only where it adds an approval or obligation."""
+    if other.action == "allow":
+        return base
+    if other.action == "deny":
+        return base if base.action == "deny" else dataclasses.replace(
+            base, action="deny", code=other.code, obligations=(), approvals=(),
+            rule_ids=other.rule_ids, reasons=other.reasons,
+        )  # fmt: skip
+    if base.action == "deny":
+        return base
+    adds = not (
+        set(other.obligations) <= set(base.obligations)
+        and set(other.approvals) <= set(base.approvals)
+    )
+    if _STRICTNESS[other.action] <= _STRICTNESS[base.action] and not adds:
+        return base  # nothing the reading adds
+    stricter = _STRICTNESS[other.action] > _STRICTNESS[base.action]
+    lead: Decision | Outcome = other if stricter else base
+    rest: Decision | Outcome = base if stricter else other
+    rest_adds: bool = _STRICTNESS[other.action] == _STRICTNESS[base.action] or not (
+        set(rest.obligations) <= set(lead.obligations)
+        and set(rest.approvals) <= set(lead.approvals)
+    )
     why = f"decided as the path {reading[:128]!r} too, which some upstreams serve the call as"
+    rules: list[str] = [*lead.rule_ids, *(rest.rule_ids if rest_adds else ())]
+    reasons: list[str] = [*lead.reasons, *(rest.reasons if rest_adds else ()), why]
     return dataclasses.replace(
-        decision,
-        action=stricter.action,
-        code=stricter.code,
-        obligations=tuple(sorted(set(decision.obligations) | set(other.obligations))),
-        approvals=tuple(sorted(set(decision.approvals) | set(other.approvals))),
-        rule_ids=tuple(sorted(set(decision.rule_ids) | set(other.rule_ids))),
-        reasons=tuple(dict.fromkeys([*decision.reasons, *other.reasons, why])),
+        base,
+        action=lead.action,
+        code=lead.code,
+        obligations=tuple(sorted(set(base.obligations) | set(other.obligations))),
+        approvals=tuple(sorted(set(base.approvals) | set(other.approvals))),
+        rule_ids=tuple(sorted(set(rules))),
+        reasons=tuple(dict.fromkeys(reasons)),
     )
 
 
@@ -455,6 +472,14 @@ class PolicyDirectory:
                 code="policy_unavailable",
             )
         if policy is not None:
+            if self._reads_body(policy, tool) and holds_unsafe_integer(
+                (doc.get("request") or {}).get("body")
+            ):
+                # Read at the door before a policy reading bodies was in force: decided now.
+                raise InvalidRequest(
+                    "the body holds an integer beyond +-2**53, which readers that hold numbers "
+                    "as doubles (JavaScript, Go) read as another number; send it as a string"
+                )
             if body_hidden and self._reads_body(policy, tool):
                 raise InvalidRequest(
                     "the policy for this tool reads the request body; send it as JSON "
