@@ -207,23 +207,29 @@ class PeerValidator:
                 pass
         except _UNPARSABLE:
             raise _fail("peer certificate is not valid der", "cert_invalid") from None
+
         # Until a signature vouches for it, nothing the certificate says (its serial, its SPIFFE
         # ID) is reported as who presented it: anyone could make a refusal read as another
         # agent's. One an Aegis intermediate signed is the CA's word, whatever else is wrong.
-        shown = (serial, sid) if _issued_by_one_of(cert, intermediates) else ("", None)
+        # Asked only on a refusal: a certificate that passes pays no second signature check.
+        def shown() -> tuple[str, str | None]:
+            return (serial, sid) if _issued_by_one_of(cert, intermediates) else ("", None)
+
         now = self._clock.now()
         if now < cert.not_valid_before_utc.timestamp():
             raise _fail(
-                "peer certificate is not valid yet; check the clocks", "cert_not_yet_valid", *shown
+                "peer certificate is not valid yet; check the clocks",
+                "cert_not_yet_valid",
+                *shown(),
             )
         if now > cert.not_valid_after_utc.timestamp():
-            raise _fail("peer certificate has expired; renew it", "cert_expired", *shown)
+            raise _fail("peer certificate has expired; renew it", "cert_expired", *shown())
         try:
             ident = check_leaf_svid(cert, self._td, eku=self._eku)
         except AegisError as exc:
-            raise _fail(exc.message, exc.code, *shown) from None
+            raise _fail(exc.message, exc.code, *shown()) from None
         except _UNPARSABLE:
-            raise _fail("peer certificate is not valid der", "cert_invalid", shown[0]) from None
+            raise _fail("peer certificate is not valid der", "cert_invalid", shown()[0]) from None
         verifier = (
             verification.PolicyBuilder()
             .store(store)
@@ -234,11 +240,12 @@ class PeerValidator:
         try:
             path = verifier.verify(cert, intermediates).chain
         except (verification.VerificationError, *_UNPARSABLE) as exc:
+            vouched = _issued_by_one_of(cert, intermediates)
             raise _fail(
                 f"peer certificate does not chain to an aegis root: {str(exc)[:200]}",
                 "cert_untrusted",
-                shown[0],
-                str(ident) if shown[0] else None,
+                serial if vouched else "",
+                str(ident) if vouched else None,
             ) from None
         sid = str(ident)
         seen = _Seen(
