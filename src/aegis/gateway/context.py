@@ -115,6 +115,9 @@ class CallContext:
     #: Whether a field sent more than once may have arrived as one value joined with ``,``
     #: (Envoy's gRPC ``headers`` map): policy then cannot tell one value from several.
     fields_joined: bool = False
+    #: Whether the door read the body refusing integers beyond +-2**53 (the policy in force then
+    #: read bodies); else policy checks it once it decides (a policy activated meanwhile).
+    integers_checked: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -457,6 +457,7 @@ class ExtAuthz:
             facts["body"] = parse_json_body(raw, content_type, coding, safe_integers=reads)
         facts["body_digest"] = body_digest(raw) if raw else EMPTY_BODY_DIGEST
         facts["raw_body"] = raw if small else None
+        facts["integers_checked"] = reads
 
     async def _peer(self, req: CheckedRequest) -> PeerIdentity | None:
         text = req.certificate or ""

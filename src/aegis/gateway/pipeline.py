@@ -370,7 +370,8 @@ class Pipeline:
         )
         decision = self._policies.decide(
             route.tenant, route.env, route.tool, agent.id, build_input(call),
-            body_hidden=ctx.body_hidden, fields=ctx.headers, fields_joined=ctx.fields_joined,
+            body_hidden=ctx.body_hidden, integers_checked=ctx.integers_checked,
+            fields=ctx.headers, fields_joined=ctx.fields_joined,
             body_names=ctx.body_names, wrapper=route.wrap_parameters,
         )  # fmt: skip
         facts.decision = decision

@@ -453,13 +453,15 @@ class PolicyDirectory:
         doc: dict[str, Any],
         *,
         body_hidden: bool = False,
+        integers_checked: bool = False,
         fields: tuple[tuple[str, str], ...] = (),
         fields_joined: bool = False,
         body_names: Callable[[], frozenset[str] | None] | None = None,
         wrapper: str | None = None,
     ) -> Decision:
         """The decision for one call; ``body_hidden`` says the call has a body that is not in
-        ``doc`` (streamed, over the buffering limit, or not JSON); ``fields`` are its header
+        ``doc`` (streamed, over the buffering limit, or not JSON), ``integers_checked`` that the
+        door read it refusing integers beyond +-2**53; ``fields`` are its header
         fields as the upstream gets them, ``fields_joined`` whether repeats may have arrived
         joined with ``,``, ``body_names`` gives the body's top-level field names, asked only
         when the policy reads names (see :func:`misspelled`), ``wrapper`` the key the upstream
@@ -472,8 +474,10 @@ class PolicyDirectory:
                 code="policy_unavailable",
             )
         if policy is not None:
-            if self._reads_body(policy, tool) and holds_unsafe_integer(
-                (doc.get("request") or {}).get("body")
+            if (
+                not integers_checked
+                and self._reads_body(policy, tool)
+                and holds_unsafe_integer((doc.get("request") or {}).get("body"))
             ):
                 # Read at the door before a policy reading bodies was in force: decided now.
                 raise InvalidRequest(

@@ -408,6 +408,7 @@ class ReverseProxy:
                 )
                 facts["body_digest"] = body_digest(raw) if raw else EMPTY_BODY_DIGEST
                 facts["raw_body"] = raw if small else None
+                facts["integers_checked"] = reads
             elif declared is None and "transfer-encoding" not in values:
                 raw, bodiless = b"", True  # forwarded without a body or a Content-Length: 0
             else:
