@@ -165,3 +165,37 @@ def test_a_stored_policy_a_newer_check_would_refuse_still_loads(tmp_path: Path) 
         assert sql.get(version) == doc  # read back from its row, checks of its day only
     finally:
         sql.close()
+
+
+def test_a_stored_version_a_newer_check_refuses_is_not_activated_anew(
+    store: PolicyStore,
+) -> None:
+    """A version stored before a check was added keeps loading while it is active, but making it
+    active again (a rollback) applies today's checks: a deny on a field policy input never holds
+    would silently never deny. The active version stays, and the refusal is an event."""
+    from aegis.policy.model import STORED, PolicyDocument
+    from aegis.policy.yamlsource import parse_source
+
+    events: list[dict[str, Any]] = []
+    service = PolicyService(store, clock=FrozenClock(100.0), emit=events.append)
+    good = service.publish(V1, tenant="acme", env="prod", actor="alice")
+    dead = V2 + (
+        "    - {id: dead, action: deny, when: {path: request.headers.cookie, contains: admin}}\n"
+    )
+    old = store.put(
+        PolicyDocument.model_validate(parse_source(dead, "<old>").value, context=STORED), now=1.0
+    )
+    with pytest.raises(PolicyError) as err:
+        service.activate("acme", "prod", old, actor="bob")
+    assert err.value.code == "policy_invalid"
+    assert err.value.status == 400
+    assert old in err.value.message and "publish a corrected version" in err.value.message
+    assert "cookie" in err.value.message
+    assert err.value.details["errors"]
+    active = store.active("acme", "prod")
+    assert active is not None and active.version == good.version
+    assert events[-1]["event"] == EVENT_REJECTED
+    assert events[-1] | {"actor": "bob", "version": old, "tenant": "acme"} == events[-1]
+    assert store.get(old) is not None  # still readable: only activating it anew is refused
+    fine = store.put(load_document(V2), now=2.0)
+    assert service.activate("acme", "prod", fine, actor="bob").version == fine

@@ -2,11 +2,15 @@
 
 ``publish`` validates before it stores: a document that fails to load raises
 ``PolicyError(policy_invalid)``, emits a ``policy.rejected`` event and leaves the active version
-untouched. Events are plain dicts passed to an ``emit`` hook; the audit log subscribes later.
+untouched. ``activate`` checks the stored version again, with today's load-time checks: a version
+stored before a check was added (a rule that can never match, say a deny on a field policy input
+never holds) stays readable, so the active policy keeps loading, but is not made active anew.
+Events are plain dicts passed to an ``emit`` hook; the audit log subscribes later.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -72,7 +76,19 @@ class PolicyService:
         return version
 
     def activate(self, tenant: str, env: str, version: str, *, actor: str) -> Activation:
-        """Make a stored version active for (tenant, env)."""
+        """Make a stored version active for (tenant, env), if it passes today's checks."""
+        doc = self._store.get(version)  # NotFound for a version never stored
+        try:
+            load_document(json.dumps(doc.canonical()), "<stored policy>")
+        except PolicyError as exc:
+            message = (
+                f"policy {version} no longer passes the checks a policy must pass to load, so it "
+                f"is not activated ({exc.message}); publish a corrected version"
+            )
+            self._event(EVENT_REJECTED, actor=actor, file="<stored policy>", code=exc.code,
+                        message=message, version=version, tenant=tenant, env=env)  # fmt: skip
+            raise PolicyError(message, code=exc.code, version=version, errors=exc.details.get(
+                "errors", [])) from exc  # fmt: skip
         previous = self._store.active(tenant, env)
         activation = self._store.activate(tenant, env, version, actor=actor, now=self._clock.now())
         self._event(
