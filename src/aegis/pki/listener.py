@@ -29,7 +29,8 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
-from aegis.pki.middleware import AuditSink, audit_refusal
+from aegis.pki.middleware import AuditSink
+from aegis.pki.refusals import HandshakeRefusals
 from aegis.pki.tls import classify_handshake_error
 from aegis.telemetry.logging import log_event
 from aegis.telemetry.metrics import MTLS_REJECTIONS
@@ -80,8 +81,9 @@ class MTLSListener:
         self.name = name
         self._timeout = handshake_timeout
         # OpenSSL refuses a bad certificate inside the handshake without showing it, so these
-        # records carry the code and the peer address but no serial or SPIFFE ID.
-        self._audit = audit
+        # records carry the code and the peer address but no serial or SPIFFE ID; how many are
+        # written is bounded (aegis.pki.refusals), every one is counted.
+        self._refusals = HandshakeRefusals(audit, listener=name)
         # proxy_headers=False: X-Forwarded-For is never believed here (see PeerCertificateMiddleware).
         self._config = Config(
             app, http="h11", lifespan="off", proxy_headers=False, log_level="warning"
@@ -121,6 +123,7 @@ class MTLSListener:
             await asyncio.sleep(0.05)
         for task in list(self._tasks):
             task.cancel()
+        await self._refusals.close()
 
     async def _accept(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -158,23 +161,13 @@ class MTLSListener:
             conn.close()
             code = classify_handshake_error(exc)
             MTLS_REJECTIONS.labels(listener=self.name, code=code).inc()
-            log_event(
-                "mtls.handshake_refused",
-                listener=self.name,
-                code=code,
-                peer=str(peer),
-                detail=str(exc)[:200],
-            )
-            await audit_refusal(
-                self._audit,
-                {
-                    "listener": self.name,
-                    "stage": "tls_handshake",
-                    "code": code,
-                    "reason": str(exc)[:200],
-                    "client": peer[0] if isinstance(peer, tuple) else None,
-                },
-            )
+            await self._refusals.refused({
+                "listener": self.name,
+                "stage": "tls_handshake",
+                "code": code,
+                "reason": str(exc)[:200],
+                "client": peer[0] if isinstance(peer, tuple) else None,
+            })  # fmt: skip
 
     def _http(self, tls: asyncio.Transport) -> asyncio.Protocol:
         """uvicorn's HTTP/1.1 protocol for one handshaken connection, its app seeing the session's
