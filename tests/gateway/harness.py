@@ -97,8 +97,9 @@ def serve(app: Any, port: int | None = None, *, http: str = "auto") -> Iterator[
     configures its own servers (``gateway_server``); yield its base URL. ``http="h11"`` parses
     requests as the mTLS listener does."""
     port = port or free_port()
-    server = gateway_server(app, "127.0.0.1", port, log_level="warning")
-    server.config.http = http
+    server = gateway_server(
+        app, "127.0.0.1", port, log_level="warning", http="httptools" if http == "auto" else http
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -258,8 +259,9 @@ async def gateway_here(app: Any, *, http: str = "auto") -> AsyncIterator[int]:
     import asyncio
 
     port = free_port()
-    server = gateway_server(app, "127.0.0.1", port, log_level="warning")
-    server.config.http = http
+    server = gateway_server(
+        app, "127.0.0.1", port, log_level="warning", http="httptools" if http == "auto" else http
+    )
     task = asyncio.create_task(server.serve())
     deadline = time.monotonic() + 10
     while not server.started:

@@ -296,3 +296,43 @@ async def test_an_int64_id_passes_where_policy_does_not_read_the_body(gateway: G
     writer.close()
     await _closed(writer)
     assert head.startswith(b"HTTP/1.1 200"), head
+
+
+@pytest.mark.parametrize("http", ["auto", "h11"])
+async def test_an_absolute_form_target_is_refused_under_either_parser(env: Env, http: str) -> None:
+    """``GET http://other.example/payments/x`` names another authority than the Host field, and
+    a server must take the target's (RFC 9112 §3.2.2). httptools kept only its path, so the call
+    was decided and forwarded as ``/payments/x`` of the Host; under h11 it was refused. Both
+    refuse it now, before the upstream sees anything."""
+    upstream = ScriptedUpstream()
+    async with upstream.running() as url:
+        data = env.settings.model_dump()
+        data["routes"] = [{"path_prefix": "/payments", "upstream": url, "tool": "payments",
+                           "tenant": "acme", "env": "prod"}]  # fmt: skip
+        settings = GatewaySettings.model_validate(data)
+        env.policies.activate("acme", "prod", env.policies.put(load_document(POLICY), now=0),
+                              actor="test", now=0)  # fmt: skip
+        pipeline = build_pipeline(
+            env.services, settings, policy_store=env.policies, audit=env.audit
+        )
+        app = create_gateway_app(env.services, settings, pipeline=pipeline)
+        agent = Agent(env, "caller")
+        async with gateway_here(app, http=http) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            call = signed_call(agent, "GET", "/payments/x")
+            writer.write(
+                call.replace(b"GET /payments/x ", b"GET http://other.example/payments/x ", 1)
+            )
+            head, body = await _answer(reader, 10)
+            writer.close()
+            await _closed(writer)
+            ok = signed_call(agent, "GET", "/payments/x?a=1")  # origin-form still passes
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(ok)
+            ok_head, _ = await _answer(reader, 10)
+            writer.close()
+            await _closed(writer)
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert json.loads(body)["code"] == "invalid_request"
+    assert ok_head.startswith(b"HTTP/1.1 200"), ok_head
+    assert [h[""] for h in upstream.heads] == ["GET /payments/x?a=1 HTTP/1.1"]
