@@ -337,6 +337,11 @@ def test_a_streamed_body_over_the_limit_is_413(stack: Stack) -> None:
     assert resp.json()["decision_id"] == resp.headers["x-aegis-decision-id"]
     failed = _forward_failure(stack, resp.json()["decision_id"])
     assert (failed["status"], failed["code"]) == (413, "payload_too_large")
+    # The part of the body that had gone on to the upstream before the cut is bound to the
+    # decision: at most the limit, all of it the bytes the client sent.
+    assert 0 < failed["bytes"] <= 1024 * 1024
+    assert failed["complete"] is False
+    assert failed["body_digest"] == "sha256:" + hashlib.sha256(b"x" * failed["bytes"]).hexdigest()
 
 
 def test_metrics_and_health(stack: Stack) -> None:

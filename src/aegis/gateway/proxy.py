@@ -218,7 +218,7 @@ class _Streamed:
     __slots__ = ("hash", "recorded", "size", "whole")
 
     def __init__(self) -> None:
-        self.hash = hashlib.sha256()
+        self.hash = hashlib.sha256()  # of the bytes passed on to the upstream
         self.size = 0
         self.whole = False
         self.recorded = False
@@ -433,15 +433,13 @@ class ReverseProxy:
         except Exception as exc:  # the gateway's own failure after the decision: 500, recorded
             if "forward_failed" not in result.details:  # once per call
                 code = exc.code if isinstance(exc, AegisError) else "server_error"
-                await self._forward_failed(ctx, result, 500, code, "the gateway failed to forward")
+                await self._forward_failed(
+                    ctx, result, 500, code, "the gateway failed to forward", streamed
+                )
             raise
-        if (
-            streamed is not None
-            and data is stream
-            and not streamed.recorded
-            and "forward_failed" not in result.details
-        ):
-            await self._body_forwarded(ctx, result, streamed)  # the upstream answered early
+        if streamed is not None and data is stream and not streamed.recorded:
+            # The upstream answered early, or the call failed after part of the body had gone.
+            await self._body_forwarded(ctx, result, streamed)
 
     async def _unrouted(self, scope: Scope, status: int, code: str, message: str) -> Result:
         host = next((v for k, v in scope["headers"] if k.lower() == b"host"), b"")
@@ -523,13 +521,13 @@ class ReverseProxy:
         left in ``overflow`` for the caller."""
         try:
             async for chunk in self._chunks(receive):
-                streamed.size += len(chunk)
-                if streamed.size > limit:
+                if streamed.size + len(chunk) > limit:
                     raise AegisError(
                         f"request body larger than {limit} bytes", code="payload_too_large"
                     )
                 if watch is not None:
                     watch.feed(chunk)
+                streamed.size += len(chunk)  # what is passed on, not what was received
                 streamed.hash.update(chunk)
                 yield chunk
         except AegisError as exc:
@@ -642,7 +640,7 @@ class ReverseProxy:
             if overflow:
                 too_big = overflow[0]
                 await self._forward_failed(
-                    ctx, result, too_big.status, too_big.code, too_big.message
+                    ctx, result, too_big.status, too_big.code, too_big.message, streamed
                 )
                 body = {"error": spec_for(too_big.code).oauth_error, "code": too_big.code,
                         "message": too_big.message, "decision_id": result.decision_id}  # fmt: skip
@@ -866,14 +864,29 @@ class ReverseProxy:
         await _json(send, status, body, result.headers)
 
     async def _forward_failed(
-        self, ctx: CallContext, result: Result, status: int, code: str, message: str
+        self,
+        ctx: CallContext,
+        result: Result,
+        status: int,
+        code: str,
+        message: str,
+        streamed: _Streamed | None = None,
     ) -> None:
         """Count, and record in the audit log before the caller is answered, that an allowed
         call was not delivered whole. A record that cannot be written is logged: the caller gets
-        its error either way, and the decision record stands."""
+        its error either way, and the decision record stands. For a streamed body the record
+        also binds what part of it had been passed on to the upstream (a body cut off over the
+        limit or stalled has reached it in part): its size and SHA-256."""
         result.details["forward_failed"] = code
         count_forward_failure(ctx.route.tool, code)
-        await self._after_decision("gateway.forward_failed", ctx, result, {
+        fields: dict[str, Any] = {
             "tenant": ctx.route.tenant, "env": ctx.route.env, "method": ctx.method,
             "path": ctx.path, "status": status, "code": code, "reason": message,
-        })  # fmt: skip
+        }  # fmt: skip
+        if streamed is not None:
+            streamed.recorded = True
+            fields.update({
+                "body_digest": "sha256:" + streamed.hash.hexdigest(), "bytes": streamed.size,
+                "complete": streamed.whole,
+            })  # fmt: skip
+        await self._after_decision("gateway.forward_failed", ctx, result, fields)
