@@ -176,3 +176,28 @@ def test_the_bundle_denies_an_input_document_aegis_did_not_build(missing: str) -
     decision = corpus_engine("paths").evaluate(doc)
     assert (decision["action"], decision["code"]) == ("deny", "policy_error")
     assert missing in decision["reasons"][0]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    when=st.one_of(
+        st.integers(0, 4_102_444_799),
+        st.sampled_from([4_102_444_799, 4_102_444_800, 4_338_207_403, 8_589_934_591]),
+    ),
+    tool=st.sampled_from(["batch.run", "deploy.app", "report.daily"]),
+)
+def test_time_windows_agree_over_every_year_they_decide(when: int, tool: str) -> None:
+    """The engines' time zone data part after 2099 (the Rust engine's zones stop changing to
+    summer time: 2107-06-22T17:36:43Z is 17:36 in London to it, 18:36 to Python), so a window
+    decides only times before 2100; a later one is a rule error in both, never an allow."""
+    decision = _agree("time_windows", build_input(call_from_dict({"tool": tool, "time": when})))
+    if when >= 4_102_444_800:
+        assert (decision["action"], decision["code"]) == ("deny", "policy_error"), decision
+        assert "before 2100" in " ".join(decision["reasons"])
+
+
+def test_a_summer_time_window_past_2099_is_a_rule_error_not_a_decision() -> None:
+    call = {"tool": "payments.transfer", "scopes": ["payments:write"],
+            "body": {"amount": 5, "account": "GB1234567890"}, "time": 4_338_207_403}  # fmt: skip
+    decision = _agree("payments", build_input(call_from_dict(call)))
+    assert (decision["action"], decision["code"]) == ("deny", "policy_error")

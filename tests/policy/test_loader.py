@@ -120,6 +120,12 @@ BAD = [
         "id",
         "duplicate",
     ),
+    (
+        "- {id: a, action: allow, when: {time: {dates: {start: '2100-01-02'}}}}\n",
+        6,
+        "when.time.dates",
+        "never reached",
+    ),
 ]
 
 

@@ -46,8 +46,11 @@ __all__ = [
     "lower",
 ]
 
-#: Largest ``time.unix`` a time window accepts (keeps nanoseconds inside a signed 64-bit int).
-MAX_UNIX: Final = 1 << 33
+#: A time window decides ``time.unix`` before this (2100-01-01T00:00:00Z), and a later time is a
+#: rule error. The engines' time zone data agree up to there and not beyond: past 2099 the Rust
+#: Rego engine's zones stop changing to summer time, while Python's (and Go's) go on applying the
+#: zone's rule, so a window in Europe/London would decide the same call two ways.
+MAX_UNIX: Final = 4_102_444_800
 #: Operators that raise a rule error on a present value of the wrong type (in conditions).
 FAILING_OPERATORS: Final = frozenset(
     {"eq", "ne", "in", "not_in", "contains", "lt", "lte", "gt", "gte", "regex", "time"}
@@ -196,7 +199,8 @@ def _condition(rule_id: str, cond: Condition) -> Leaf | Node:
             op="time",
             window=window,
             label=label,
-            error=f"policy_error: rule {rule_id}: {label} needs time.unix in seconds",
+            error=f"policy_error: rule {rule_id}: {label} needs time.unix in whole seconds "
+            "before 2100",
         )
     assert cond.path is not None
     return _leaf(rule_id, tuple(cond.path.split(".")), op, cond.operand)

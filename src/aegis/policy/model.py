@@ -239,6 +239,13 @@ class DateRange(_Strict):
             raise ValueError("dates needs start, end or both")
         if self.start and self.end and self.start > self.end:
             raise ValueError("dates.start must not be after dates.end")
+        # A call at 2100-01-01T00:00:00Z or later is a rule error (policy.ir.MAX_UNIX); the first
+        # local day of 2100 is still reached east of UTC.
+        if self.start and self.start > "2100-01-01":
+            raise ValueError(
+                f"dates.start {self.start} is never reached: a time window decides calls made "
+                "before 2100 only; write an earlier date"
+            )
         return self
 
 

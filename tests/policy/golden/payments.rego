@@ -8,7 +8,7 @@ meta := data.aegis.meta
 valid_unix(t) if {
 	is_number(t)
 	t >= 0
-	t < 8589934592
+	t < 4102444800
 	t == floor(t)
 }
 
@@ -214,7 +214,7 @@ rule_errors contains ["payments-deny-outside-hours", msg] if {
 	r4_match
 	x := input.time.unix
 	not valid_unix(x)
-	msg := "policy_error: rule payments-deny-outside-hours: time window {\"hours\": {\"end\": \"18:00\", \"start\": \"08:00\"}, \"tz\": \"Europe/London\", \"weekdays\": [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\"]} needs time.unix in seconds"
+	msg := "policy_error: rule payments-deny-outside-hours: time window {\"hours\": {\"end\": \"18:00\", \"start\": \"08:00\"}, \"tz\": \"Europe/London\", \"weekdays\": [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\"]} needs time.unix in whole seconds before 2100"
 }
 
 # rule crm-sanitize-responses: sanitize

@@ -8,7 +8,7 @@ meta := data.aegis.meta
 valid_unix(t) if {
 	is_number(t)
 	t >= 0
-	t < 8589934592
+	t < 4102444800
 	t == floor(t)
 }
 

@@ -8,7 +8,7 @@ meta := data.aegis.meta
 valid_unix(t) if {
 	is_number(t)
 	t >= 0
-	t < 8589934592
+	t < 4102444800
 	t == floor(t)
 }
 
@@ -53,7 +53,7 @@ rule_errors contains ["tokyo-business-hours", msg] if {
 	r0_match
 	x := input.time.unix
 	not valid_unix(x)
-	msg := "policy_error: rule tokyo-business-hours: time window {\"hours\": {\"end\": \"17:30\", \"start\": \"09:00\"}, \"tz\": \"Asia/Tokyo\", \"weekdays\": [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\"]} needs time.unix in seconds"
+	msg := "policy_error: rule tokyo-business-hours: time window {\"hours\": {\"end\": \"17:30\", \"start\": \"09:00\"}, \"tz\": \"Asia/Tokyo\", \"weekdays\": [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\"]} needs time.unix in whole seconds before 2100"
 }
 
 # rule new-york-weekend: deny
@@ -84,7 +84,7 @@ rule_errors contains ["new-york-weekend", msg] if {
 	r1_match
 	x := input.time.unix
 	not valid_unix(x)
-	msg := "policy_error: rule new-york-weekend: time window {\"tz\": \"America/New_York\", \"weekdays\": [\"sat\", \"sun\"]} needs time.unix in seconds"
+	msg := "policy_error: rule new-york-weekend: time window {\"tz\": \"America/New_York\", \"weekdays\": [\"sat\", \"sun\"]} needs time.unix in whole seconds before 2100"
 }
 
 # rule freeze-2025: deny
@@ -118,7 +118,7 @@ rule_errors contains ["freeze-2025", msg] if {
 	r2_match
 	x := input.time.unix
 	not valid_unix(x)
-	msg := "policy_error: rule freeze-2025: time window {\"dates\": {\"end\": \"2026-01-05\", \"start\": \"2025-12-20\"}, \"tz\": \"UTC\"} needs time.unix in seconds"
+	msg := "policy_error: rule freeze-2025: time window {\"dates\": {\"end\": \"2026-01-05\", \"start\": \"2025-12-20\"}, \"tz\": \"UTC\"} needs time.unix in whole seconds before 2100"
 }
 
 # rule deploy-window: allow
@@ -173,14 +173,14 @@ rule_errors contains ["deploy-window", msg] if {
 	r3_match
 	x := input.time.unix
 	not valid_unix(x)
-	msg := "policy_error: rule deploy-window: time window {\"hours\": {\"end\": \"12:00\", \"start\": \"06:00\"}, \"tz\": \"Europe/Berlin\"} needs time.unix in seconds"
+	msg := "policy_error: rule deploy-window: time window {\"hours\": {\"end\": \"12:00\", \"start\": \"06:00\"}, \"tz\": \"Europe/Berlin\"} needs time.unix in whole seconds before 2100"
 }
 
 rule_errors contains ["deploy-window", msg] if {
 	r3_match
 	x := input.time.unix
 	not valid_unix(x)
-	msg := "policy_error: rule deploy-window: time window {\"dates\": {\"start\": \"2025-01-01\"}, \"hours\": {\"end\": \"24:00\", \"start\": \"22:00\"}, \"tz\": \"Australia/Sydney\"} needs time.unix in seconds"
+	msg := "policy_error: rule deploy-window: time window {\"dates\": {\"start\": \"2025-01-01\"}, \"hours\": {\"end\": \"24:00\", \"start\": \"22:00\"}, \"tz\": \"Australia/Sydney\"} needs time.unix in whole seconds before 2100"
 }
 
 # rule before-2030: allow
@@ -217,7 +217,7 @@ rule_errors contains ["before-2030", msg] if {
 	r4_match
 	x := input.time.unix
 	not valid_unix(x)
-	msg := "policy_error: rule before-2030: time window {\"dates\": {\"end\": \"2029-12-31\"}, \"hours\": {\"end\": \"23:30\", \"start\": \"00:00\"}, \"tz\": \"Asia/Kolkata\"} needs time.unix in seconds"
+	msg := "policy_error: rule before-2030: time window {\"dates\": {\"end\": \"2029-12-31\"}, \"hours\": {\"end\": \"23:30\", \"start\": \"00:00\"}, \"tz\": \"Asia/Kolkata\"} needs time.unix in whole seconds before 2100"
 }
 
 
