@@ -190,3 +190,26 @@ def test_a_long_body_is_shown_with_its_strings_cut_not_hidden() -> None:
     assert many["truncated"] and many["members"]["amount"] == 1
     assert many["members"]["k0"] == "(dict not shown)"
     assert redact_parameters([{f"m{i}": i for i in range(60)}] * 100) == {"truncated": True}
+
+
+def test_slack_and_teams_show_where_and_for_whom_the_call_is_made() -> None:
+    """The same call in prod for one user and in staging for another are two approvals: each
+    message names the tenant, the environment, the origin user, the delegation chain and the
+    policy's reasons, the caller's text escaped as any other."""
+    prod = _request(env="prod", origin_user="alice@example.com", chain=("orchestrator",),
+                    reasons=("payment above 5000 needs finance approval",))  # fmt: skip
+    staging = _request(env="staging", origin_user="<!channel> bob`", chain=())
+    header = _slack_sections(prod)[0]
+    for shown in ("tenant: `acme`", "env: `prod`", "on behalf of: `alice@example.com`",
+                  "delegated by: `orchestrator`", "needs finance approval"):  # fmt: skip
+        assert shown in header, header
+    other = _slack_sections(staging)[0]
+    assert "env: `staging`" in other and "&lt;!channel&gt; bob`\u200b" in other
+    assert "delegated by" not in other
+    for req, who in ((prod, "alice@example.com"), (staging, "<!channel> bob`")):
+        card = message_for("teams", req, "https://aegis.example/approvals/apr_1")
+        body = card["attachments"][0]["content"]["body"]
+        runs = "\n".join(i["text"] for b in body if b["type"] == "RichTextBlock"
+                         for i in b["inlines"])  # fmt: skip
+        assert f"env: {req.env}" in runs and f"on behalf of: {who}" in runs
+        assert "tenant: acme" in runs

@@ -143,11 +143,26 @@ _WITHDRAW_CONFIRM: Final = {
 }  # fmt: skip
 
 
+def _context(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """Where and for whom the call is made, as approvers must read it: the same call in
+    ``staging`` for one user and in ``prod`` for another are two different approvals. The
+    origin user comes from the caller's token: shown escaped and cut like any caller text."""
+    out = [("tenant", s["tenant"]), ("env", s["env"])]
+    if s["origin_user"]:
+        out.append(("on behalf of", _cut(_visible(s["origin_user"]), 256)))
+    if s["chain"]:
+        out.append(("delegated by", " → ".join(s["chain"])))
+    if s["reasons"]:
+        out.append(("policy", _cut(_visible("; ".join(s["reasons"])), 512)))
+    return out
+
+
 def _slack(s: dict[str, Any]) -> dict[str, Any]:
+    context = "\n".join(f"{name}: `{_mrkdwn(value)}`" for name, value in _context(s))
     text = (
         f"*Approval needed* ({_mrkdwn(s['rule'])}): agent `{_mrkdwn(s['agent_id'])}` calls "
         f"`{_mrkdwn(s['tool'])}` {_mrkdwn(s['method'])} {_mrkdwn(_cut(_visible(s['path']), 512))} — group "
-        f"*{_mrkdwn(s['group'])}*"
+        f"*{_mrkdwn(s['group'])}*\n{context}"
     )
     more = f"aegis approvals show {s['approval_id']}"
     fields = request_lines(s["query"], s["headers"]) or ["(no query or headers)"]
@@ -201,6 +216,8 @@ def _teams(s: dict[str, Any]) -> dict[str, Any]:
     body: list[dict[str, Any]] = [
         {"type": "TextBlock", "weight": "Bolder", "text": "Approval needed"},
         {"type": "FactSet", "facts": facts},
+        # A FactSet value takes Markdown; the origin user and reasons are shown as plain text.
+        _plain("\n".join(f"{name}: {value}" for name, value in _context(s))),
         _plain(f"{s['method']} {_cut(_visible(s['path']), 512)}"),
         _plain(_fit(fields, _TEAMS_TEXT, more)),
         _plain(_fit(params, _TEAMS_TEXT, more)),
