@@ -17,7 +17,7 @@ from aegis.config import ApprovalSettings
 from aegis.errors import AegisError, NotFound, Unavailable
 from aegis.gateway.app import build_pipeline
 from aegis.gateway.approval_gate import ApprovalGate
-from aegis.gateway.context import STREAMED_BODY_DIGEST
+from aegis.gateway.context import STREAMED_BODY_DIGEST, body_digest
 from aegis.gateway.pipeline import Pipeline
 from aegis.policy.loader import load_document
 from aegis.registry.service import AgentSpec
@@ -332,3 +332,41 @@ async def test_a_body_approvers_would_read_differently_from_the_upstream_is_neve
     result = await pipeline.run(ctx)
     assert (result.status, result.code) == (400, "invalid_request"), result
     assert await service.list_requests() == []
+
+
+async def test_a_call_approvers_could_not_be_shown_whole_is_never_held(
+    gated: tuple[Env, Pipeline, ApprovalService],
+) -> None:
+    """More query parameters or bound headers than a request shows approvers (the rest would
+    be bound and seen by no one), or a form holding ';' (``memo=june;amount=999999`` is an
+    ``amount`` to upstreams that split forms at ';', not to the view approvers get): refused
+    with what to change, nothing held. At the limit, and ';' encoded, the call is held."""
+    env, pipeline, service = gated
+    agent = Agent(env)
+    files = dataclasses.replace(PAY, path_prefix="/files", tool="files")
+
+    def put(query: int = 0, headers: int = 0, form: bytes | None = None) -> Any:
+        sent = [*dpop_headers(agent, agent.token(), method="PUT", path="/files/up"),
+                *((f"x-field-{i}", "v") for i in range(headers))]  # fmt: skip
+        ctx = make_ctx(sent, route=files, path="/files/up", method="PUT")
+        params = (("amount", "10"), *((f"p{i}", "x") for i in range(query - 1)))
+        ctx = dataclasses.replace(ctx, query=params if query else ())
+        if form is not None:
+            ctx = dataclasses.replace(
+                ctx, headers=(*ctx.headers, ("content-type", "application/x-www-form-urlencoded")),
+                body_digest=body_digest(form), raw_body=form,
+            )  # fmt: skip
+        return pipeline.run(ctx)
+
+    refused = [await put(query=65), await put(headers=65),
+               await put(form=b"to=ACME&amount=10&memo=june;amount=999999")]  # fmt: skip
+    assert [(r.status, r.code) for r in refused] == [(400, "invalid_request")] * 3
+    assert "at most 64 query parameters" in refused[0].message
+    assert "at most 64 bound headers" in refused[1].message
+    assert "%3B" in refused[2].message
+    assert await service.list_requests() == []
+    held = [await put(query=64), await put(headers=60),
+            await put(form=b"to=ACME&amount=10&memo=june%3Bamount=999999")]  # fmt: skip
+    assert [r.code for r in held] == ["approval_needed"] * 3
+    shown = (await service.get(held[2].details["approval_id"])).parameters
+    assert shown == {"form": {"to": "ACME", "amount": "10", "memo": "june;amount=999999"}}

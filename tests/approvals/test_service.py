@@ -419,7 +419,10 @@ async def test_redeeming_a_withdrawn_approval_says_so(setup: Setup) -> None:
     [("sig", True), ("X-Goog-IAP-JWT-Assertion", True), ("client_assertion", True),
      ("X-Shopify-Hmac-Sha256", True), ("pwd", True), ("SAMLResponse", True), ("api_key", True),
      ("sessionId", True), ("X-Api-Key", True), ("card_number", True), ("author", False),
-     ("discard", False), ("keyword", False), ("amount", False), ("to", False)],
+     ("discard", False), ("keyword", False), ("amount", False), ("to", False),
+     ("passphrase", True), ("passcode", True), ("pincode", True), ("cvc", True),
+     ("accesskey", True), ("X-Authentication", True), ("seed_phrase", True), ("mnemonic", True),
+     ("seedPhrase", True), ("author_name", False), ("phrase", False)],
 )  # fmt: skip
 def test_secret_looking_names_are_redacted_and_others_shown(name: str, secret: bool) -> None:
     assert is_secret_name(name) is secret

@@ -28,6 +28,7 @@ from typing import Any, Final, Literal
 __all__ = [
     "APPROVAL_ID",
     "CLOSED_STATES",
+    "MAX_SHOWN_FIELDS",
     "OPEN_STATES",
     "REDACTED",
     "ApprovalRequest",
@@ -49,13 +50,15 @@ REDACTED: Final = "[redacted]"
 #: contains one of these, lowercase ...
 _SECRET_PARTS: Final = (
     "password", "passwd", "secret", "token", "authorization", "cookie", "credential", "apikey",
-    "signature", "assertion", "hmac", "cvv", "sessionid", "privatekey",
+    "signature", "assertion", "hmac", "cvv", "cvc", "sessionid", "privatekey", "privkey",
+    "passphrase", "passcode", "pincode", "accesskey", "authenticat", "mnemonic", "seedphrase",
+    "recoveryphrase",
 )  # fmt: skip
 #: ... or has one of these as a word (split at punctuation and case changes: ``X-Api-Key``,
 #: ``api_key``, ``sessionId``, ``SAMLResponse``), so that ``author`` or ``keyword`` stay shown.
 _SECRET_WORDS: Final = frozenset(
     {"key", "sig", "auth", "session", "sid", "jwt", "pwd", "pass", "pin", "otp", "card", "saml",
-     "csrf", "xsrf", "nonce"}
+     "csrf", "xsrf", "nonce", "seed"}
 )  # fmt: skip
 _WORDS: Final = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 _MAX_SHOWN: Final = 4096
@@ -201,7 +204,10 @@ def _cut_values(value: Any, limit: int) -> Any:
     return value
 
 
-_MAX_FIELDS: Final = 64
+#: The query parameters and bound headers approvers are shown, at most: a call carrying more
+#: is not held for approval (the gateway refuses it), so every field an approval binds is seen.
+MAX_SHOWN_FIELDS: Final = 64
+_MAX_FIELDS: Final = MAX_SHOWN_FIELDS
 _MAX_FIELD_VALUE: Final = 256
 
 

@@ -20,7 +20,7 @@ import dataclasses
 from typing import Any
 from urllib.parse import parse_qsl
 
-from aegis.approvals.model import HeldCall, bound_headers
+from aegis.approvals.model import MAX_SHOWN_FIELDS, HeldCall, bound_headers
 from aegis.approvals.override import OVERRIDE_HEADER
 from aegis.approvals.service import ApprovalService
 from aegis.crypto.jws import holds_unsafe_integer
@@ -76,6 +76,28 @@ def shown_body(ctx: CallContext) -> Any:
                                "digest": ctx.body_digest}}  # fmt: skip
 
 
+def _refuse_unshowable(ctx: CallContext, headers: tuple[tuple[str, str], ...]) -> None:
+    """Refuse a call approvers could not be shown as its upstream reads it: one whose query
+    or bound headers hold more fields than a request keeps for them (the rest would be bound
+    and never seen), or a form holding a ``;``, which older Rack, Go before 1.17 and Python
+    before 3.9.2 split a form at as at ``&`` (``amount=10&memo=x;amount=999999`` is shown
+    ``amount: 10`` and pays 999999 there), as the query already refuses it."""
+    for what, fields in (("query parameters", ctx.query), ("bound headers", headers)):
+        if len(fields) > MAX_SHOWN_FIELDS:
+            raise InvalidRequest(
+                f"a call held for approval may carry at most {MAX_SHOWN_FIELDS} {what} (it has "
+                f"{len(fields)}), so that approvers see every one; send the rest in the body"
+            )
+    content_type = next((v for k, v in ctx.headers if k == "content-type"), "")
+    coding = next((v for k, v in ctx.headers if k == "content-encoding"), None)
+    shown_as_form = is_form_type(content_type) and not is_encoded(coding)
+    if shown_as_form and ctx.raw_body is not None and b";" in ctx.raw_body:
+        raise InvalidRequest(
+            "a form held for approval must encode ';' as %3B: some upstreams split a form at ';' "
+            "as at '&', and would read other fields than approvers are shown"
+        )
+
+
 def _target(url: str) -> str:
     """The request target (path and query as sent) of the absolute URL a door recorded."""
     rest = url.partition("://")[2]
@@ -108,6 +130,8 @@ class ApprovalGate:
                 "a call held for approval must hold no integer beyond +-2**53 in its body "
                 "(readers that hold numbers as doubles read it as another); send it as a string"
             )
+        headers = bound_headers(ctx.headers)
+        _refuse_unshowable(ctx, headers)
         need = requirement_of(decision)
         held = HeldCall(
             decision_id=facts.decision_id, tenant=call.tenant, env=call.env,
@@ -117,7 +141,7 @@ class ApprovalGate:
             rule_ids=decision.rule_ids, policy_version=decision.policy_version,
             reasons=decision.reasons, host=bare_host(ctx.host), authority=ctx.host,
             target=_target(ctx.url), upstream=ctx.route.upstream,
-            headers=bound_headers(ctx.headers), approval=need.group,
+            headers=headers, approval=need.group,
             chain_owners=await self._chain_owners(facts.chain),
         )  # fmt: skip
         tokens = ctx.header_values(OVERRIDE_HEADER)
