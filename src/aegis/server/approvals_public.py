@@ -130,9 +130,9 @@ class _Handlers:
     async def slack(self, request: Request) -> Response:
         via: Via = "slack"
         try:
-            secret = self._secret(request.path_params["channel"], "slack")
-            body = await self._body(request)
-            try:
+            try:  # every refusal before the decision is audited, an unknown channel too
+                secret = self._secret(request.path_params["channel"], "slack")
+                body = await self._body(request)
                 verify_slack(
                     secret,
                     timestamp=request.headers.get("x-slack-request-timestamp"),
@@ -151,9 +151,9 @@ class _Handlers:
     async def teams(self, request: Request) -> Response:
         via: Via = "teams"
         try:
-            secret = self._secret(request.path_params["channel"], "teams")
-            body = await self._body(request)
-            try:
+            try:  # every refusal before the decision is audited, an unknown channel too
+                secret = self._secret(request.path_params["channel"], "teams")
+                body = await self._body(request)
                 verify_teams(secret, authorization=request.headers.get("authorization"), body=body)
                 approval_id, verb, user, why = _teams_reply(body)
             except AegisError as exc:
