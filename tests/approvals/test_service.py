@@ -456,3 +456,59 @@ async def test_a_registry_that_cannot_answer_refuses_the_decision_and_says_so(
     finally:
         svc.close()
         s.service.close()
+
+
+class _AuditDown:
+    """The audit log refusing every append while in use (as a full disk or a lost database)."""
+
+    def __init__(self, setup: Setup) -> None:
+        self._audit, self._real = setup.audit, setup.audit.append_async
+
+    def __enter__(self) -> None:
+        async def down(kind: str, record: dict[str, Any]) -> tuple[int, str]:
+            raise Unavailable("the audit log cannot be written", code="audit_unavailable")
+
+        self._audit.append_async = down  # type: ignore[method-assign]
+
+    def __exit__(self, *exc: object) -> None:
+        self._audit.append_async = self._real  # type: ignore[method-assign]
+
+
+async def test_an_approval_the_audit_log_cannot_take_does_not_take_effect(setup: Setup) -> None:
+    svc = setup.service
+    req = await svc.hold(held(), FINANCE)
+    with _AuditDown(setup), pytest.raises(AegisError) as info:
+        await svc.decide(req.id, via="slack", credential="UCAROL", approve=True)
+    assert info.value.code == "audit_unavailable" and "did not take effect" in info.value.message
+    assert (await svc.get(req.id)).state == "pending"
+    assert "override_token" not in await svc.status(req.id, "payer")
+    assert setup.audited("approval.decided") == []
+    # Once the log is back the approver decides again, recorded, and only then it counts.
+    await svc.decide(req.id, via="slack", credential="UCAROL", approve=True)
+    assert [r["decision"] for r in setup.audited("approval.decided")] == ["approved"]
+    assert "override_token" in await svc.status(req.id, "payer")
+
+
+async def test_a_denial_or_withdrawal_the_audit_log_cannot_take_still_closes(setup: Setup) -> None:
+    """Closing is the safe way to fail: the state stands and the error says so."""
+    svc = setup.service
+    denied = await svc.hold(held(), FINANCE)
+    with _AuditDown(setup), pytest.raises(AegisError) as info:
+        await svc.decide(denied.id, via="slack", credential="UCAROL", approve=False)
+    assert info.value.code == "audit_unavailable" and "is now denied" in info.value.message
+    assert (await svc.get(denied.id)).state == "denied"
+    approved = await svc.hold(held(body_digest="sha256:" + "cd" * 32), FINANCE)
+    await svc.decide(approved.id, via="slack", credential="UCAROL", approve=True)
+    with _AuditDown(setup), pytest.raises(AegisError):
+        await svc.withdraw(approved.id, via="slack", credential="UCAROL")
+    assert (await svc.get(approved.id)).state == "denied"
+
+
+async def test_a_request_the_audit_log_cannot_take_is_not_left_open(setup: Setup) -> None:
+    svc = setup.service
+    with _AuditDown(setup), pytest.raises(AegisError):
+        await svc.hold(held(), FINANCE)
+    assert [r.state for r in await svc.list_requests()] == ["expired"]
+    again = await svc.hold(held(), FINANCE)  # the retried call opens a new, recorded one
+    assert again.state == "pending"
+    assert [r["id"] for r in setup.audited("approval.requested")] == [again.id]

@@ -21,6 +21,7 @@ Contract, for a security reviewer:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import unicodedata
@@ -137,13 +138,22 @@ class ApprovalService:
         req, created = await self._run(self.store.insert_or_open, fresh)
         if not created:
             return req  # type: ignore[no-any-return]
+        view = req.to_dict()
+        try:
+            await self._record("approval.requested", {k: view[k] for k in (
+                "id", "agent_id", "agent_owner", "tool", "tenant", "env", "method", "path",
+                "digest", "parameters", "rule_ids", "group", "channel", "expires_at",
+                "decision_id", "chain", "origin_user", "policy_version", "query", "headers",
+                "chain_owners")})  # fmt: skip
+        except AegisError:
+            # A request the audit log does not hold must not stay open for an approver (nor be
+            # found again by the retried call): closed, the next attempt opens a new one.
+            closed = dataclasses.replace(req, state="expired")
+            with contextlib.suppress(AegisError):
+                await self._run(self.store.transition, closed, "pending")
+            raise
         APPROVAL_REQUESTS.labels(rule=req.rule).inc()
         await self._gauge()
-        view = req.to_dict()
-        await self._record("approval.requested", {k: view[k] for k in (
-            "id", "agent_id", "agent_owner", "tool", "tenant", "env", "method", "path", "digest",
-            "parameters", "rule_ids", "group", "channel", "expires_at", "decision_id", "chain",
-            "origin_user", "policy_version", "query", "headers", "chain_owners")})  # fmt: skip
         if req.channel not in self._notifiers:  # nothing to send: record it now
             await self._notify(req)
             return req  # type: ignore[no-any-return]
@@ -254,14 +264,47 @@ class ApprovalService:
         if not await self._run(self.store.transition, done, "pending"):
             await self._reject("approval_decided", "another decision was taken first",
                                req.id, claimed, via)  # fmt: skip
+        try:
+            await self._record("approval.decided", {"id": req.id, "decision": state,
+                               "approver": who.id, "channel": via, "reason": reason, "at": now,
+                               "agent_id": req.agent_id, "tool": req.tool, "digest": req.digest,
+                               "rule_ids": list(req.rule_ids), "group": req.group})  # fmt: skip
+        except AegisError as exc:
+            raise await self._unrecorded(req, done, exc) from exc
         APPROVAL_DECISIONS.labels(rule=req.rule, outcome=state).inc()
         APPROVAL_DECISION_SECONDS.labels(outcome=state).observe(max(0.0, now - req.created_at))
         await self._gauge()
-        await self._record("approval.decided", {"id": req.id, "decision": state,
-                           "approver": who.id, "channel": via, "reason": reason, "at": now,
-                           "agent_id": req.agent_id, "tool": req.tool, "digest": req.digest,
-                           "rule_ids": list(req.rule_ids), "group": req.group})  # fmt: skip
         return done
+
+    async def _unrecorded(
+        self, before: ApprovalRequest, done: ApprovalRequest, exc: AegisError
+    ) -> AegisError:
+        """The error for a decision the audit log could not take. An approval does not take
+        effect unrecorded: the request goes back to pending (no override can be redeemed
+        meanwhile: redeeming records its presentation first). A denial, a withdrawal, stands:
+        closing is the safe way to fail, and the log line names it."""
+        if done.state == "approved":
+            try:
+                reverted = await self._run(self.store.transition, before, "approved")
+            except AegisError:
+                reverted = False
+            if reverted:
+                return AegisError(
+                    f"the approval of {before.id} could not be recorded in the audit log "
+                    f"({exc.message}) and did not take effect; the request is still pending: "
+                    "decide again once the audit log is back",
+                    code=exc.code,
+                )
+            log_event("approvals.unrecorded_approval", level=logging.ERROR,
+                      approval_id=before.id, code=exc.code)  # fmt: skip
+            return exc
+        log_event("approvals.unrecorded_decision", level=logging.ERROR, approval_id=before.id,
+                  state=done.state, code=exc.code)  # fmt: skip
+        return AegisError(
+            f"{before.id} is now {done.state}, but this could not be recorded in the audit log "
+            f"({exc.message}); the log line approvals.unrecorded_decision names it",
+            code=exc.code,
+        )
 
     async def withdraw(
         self, approval_id: str, *, via: Via, credential: str, reason: str = ""
@@ -284,12 +327,15 @@ class ApprovalService:
         if not await self._run(self.store.transition, done, "approved"):
             await self._reject("approval_decided", "the request changed first (its override "
                                "was used, or it expired)", req.id, claimed, via)  # fmt: skip
+        try:
+            await self._record("approval.withdrawn", {"id": req.id, "approver": who.id,
+                               "approved_by": req.decided_by, "channel": via, "reason": reason,
+                               "at": now, "agent_id": req.agent_id, "tool": req.tool,
+                               "digest": req.digest})  # fmt: skip
+        except AegisError as exc:
+            raise await self._unrecorded(req, done, exc) from exc
         APPROVAL_DECISIONS.labels(rule=req.rule, outcome="withdrawn").inc()
         await self._gauge()
-        await self._record("approval.withdrawn", {"id": req.id, "approver": who.id,
-                           "approved_by": req.decided_by, "channel": via, "reason": reason,
-                           "at": now, "agent_id": req.agent_id, "tool": req.tool,
-                           "digest": req.digest})  # fmt: skip
         return done
 
     @staticmethod
