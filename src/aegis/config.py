@@ -446,6 +446,9 @@ class Approver(_Section):
     slack_user: str | None = None
     #: The Teams user (``from.aadObjectId``) whose replies are this approver's.
     teams_user: str | None = None
+    #: The tenants whose requests this person may decide; unset, every tenant's (group names are
+    #: one namespace across tenants: in a shared deployment, scope each approver here).
+    tenants: tuple[str, ...] | None = Field(default=None, min_length=1)
 
 
 class ApprovalChannel(_Section):

@@ -117,6 +117,7 @@ CODES: dict[str, ErrorSpec] = {
     "approval_unbindable": _S(403, "access_denied"),
     "approver_unknown": _S(403, "forbidden"),
     "approver_not_in_group": _S(403, "forbidden"),
+    "approver_not_in_tenant": _S(403, "forbidden"),
     "self_approval_forbidden": _S(403, "forbidden"),
     "callback_unsigned": _S(401, "unauthenticated"),
     "callback_signature_invalid": _S(401, "unauthenticated"),

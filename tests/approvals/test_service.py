@@ -512,3 +512,25 @@ async def test_a_request_the_audit_log_cannot_take_is_not_left_open(setup: Setup
     again = await svc.hold(held(), FINANCE)  # the retried call opens a new, recorded one
     assert again.state == "pending"
     assert [r["id"] for r in setup.audited("approval.requested")] == [again.id]
+
+
+async def test_an_approver_scoped_to_tenants_decides_only_theirs(tmp_path: Any) -> None:
+    """Group names are one namespace across tenants: ``tenants`` keeps an approver of group
+    finance to the tenants they serve; one without it decides every tenant's."""
+    s = make_setup(tmp_path, "    - {id: erin@example.com, groups: [finance], "
+                             "slack_user: UERIN, tenants: [acme]}\n")  # fmt: skip
+    try:
+        acme = await s.service.hold(held(tenant="acme"), FINANCE)
+        globex = await s.service.hold(held(tenant="globex"), FINANCE)
+        got = await _refused(
+            s.service.decide(globex.id, via="slack", credential="UERIN", approve=True)
+        )
+        assert got == "approver_not_in_tenant"
+        assert (await s.service.get(globex.id)).state == "pending"
+        assert [r["code"] for r in s.audited("approval.rejected")] == ["approver_not_in_tenant"]
+        await s.service.decide(acme.id, via="slack", credential="UERIN", approve=True)
+        await s.service.decide(globex.id, via="slack", credential="UCAROL", approve=True)
+        assert {(await s.service.get(r.id)).state for r in (acme, globex)} == {"approved"}
+    finally:
+        s.service.close()
+        s.audit.close()

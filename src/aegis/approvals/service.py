@@ -228,6 +228,9 @@ class ApprovalService:
         if who is None:
             await self._reject("approver_unknown", "this identity is not a configured approver",
                                req.id, claimed, via)  # fmt: skip
+        if who.tenants is not None and req.tenant not in who.tenants:
+            await self._reject("approver_not_in_tenant", f"{who.id} does not decide requests "
+                               f"of tenant {req.tenant!r}", req.id, who.id, via)  # fmt: skip
         if not self._in_group(who, req):
             await self._reject("approver_not_in_group", f"{who.id} is not in group {req.group!r}",
                                req.id, who.id, via)  # fmt: skip

@@ -29,7 +29,9 @@ GATEWAY_AUDIENCE: Final = "aegis-gateway"
 PAYMENT: Final = {"amount": 120, "account": "GB1234567890"}
 LARGE_PAYMENT: Final = {"amount": 12_000, "account": "GB1234567890"}
 #: Refusals of the demo's approval that mean "not configured here", not "Aegis got it wrong".
-_NOT_AN_APPROVER: Final = frozenset({"approver_unknown", "approver_not_in_group"})
+_NOT_AN_APPROVER: Final = frozenset(
+    {"approver_unknown", "approver_not_in_group", "approver_not_in_tenant"}
+)
 
 
 @dataclass
