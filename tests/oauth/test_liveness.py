@@ -124,3 +124,28 @@ def test_an_auditor_key_cannot_revoke(srv: RunningServer) -> None:
     headers = {"Authorization": f"Bearer {admin}"}
     assert httpx.post(f"{srv.url}/oauth/revoke", data={"token": token}, headers=headers).is_success
     assert victim.introspect(token) == {"active": False}
+
+
+@pytest.mark.parametrize("status", ["suspended", "quarantined", "retired", "tenant suspended"])
+def test_an_inactive_agent_cannot_introspect_its_tenants_tokens(
+    srv: RunningServer, status: str
+) -> None:
+    """An agent that may no longer get tokens may not ask which of its tenant's tokens are live,
+    and whose, either (a stolen one, say); it may still revoke its own."""
+    victim, spy = Agent(srv, "victim", tenant="spies"), Agent(srv, "spy", tenant="spies")
+    token = victim.token().json()["access_token"]
+    own = spy.token().json()["access_token"]
+    before = httpx.post(f"{srv.url}/oauth/introspect", data={"token": token, **spy.auth()})
+    assert before.json()["active"] is True
+    registry = srv.services.registry
+    if status == "tenant suspended":
+        registry.set_tenant_status("spies", TenantStatus.SUSPENDED, actor="test")
+    else:
+        if status == "retired":
+            registry.set_agent_status(spy.id, AgentStatus.SUSPENDED, actor="test")
+        registry.set_agent_status(spy.id, AgentStatus(status), actor="test")
+    refused = httpx.post(f"{srv.url}/oauth/introspect", data={"token": token, **spy.auth()})
+    assert (refused.status_code, refused.json()["error"]) == (401, "invalid_client"), refused.text
+    assert "cannot introspect" in refused.json()["error_description"]
+    revoked = httpx.post(f"{srv.url}/oauth/revoke", data={"token": own, **spy.auth()})
+    assert revoked.status_code == 200

@@ -28,7 +28,7 @@ from aegis.registry.service import RegistryService
 from aegis.telemetry.logging import log_event
 from aegis.telemetry.metrics import TOKEN_ENDPOINT_SECONDS, TOKENS_ISSUED, count_rejection
 from aegis.tokens.exchange import ACCESS_TOKEN_TYPE, TOKEN_EXCHANGE
-from aegis.types import AdminKey, AdminRole
+from aegis.types import AdminKey, AdminRole, Agent, AgentStatus, TenantStatus
 
 __all__ = ["DpopHook", "OAuthEndpoints", "read_form"]
 
@@ -225,21 +225,36 @@ class OAuthEndpoints:
     # -- introspection and revocation ------------------------------------------------------
 
     async def _caller(
-        self, request: Request, form: dict[str, str]
+        self, request: Request, form: dict[str, str], *, active: bool = False
     ) -> tuple[str | None, str | None, AdminKey | None]:
-        """(tenant, client_id, admin key) of the caller. Admins present an admin API key."""
+        """(tenant, client_id, admin key) of the caller. Admins present an admin API key.
+        ``active``: a client's agent and tenant must be active (:meth:`_active_caller`)."""
         authz = request.headers.get("authorization", "")
         if authz[:7].lower() == "bearer " and authz[7:].strip().startswith("aegis_ak_"):
             key = self._registry.authenticate_admin(authz[7:].strip())
             return None, None, key
         auth = await self._auth.authenticate(form, authz or None, _client_ip(request))
         agent = self._registry.store.get_agent(auth.client.agent_id)
+        if active:
+            self._active_caller(agent)
         return agent.tenant_id, auth.client.client_id, None
+
+    def _active_caller(self, agent: Agent) -> None:
+        """A client may introspect its tenant's tokens only while its agent and tenant are
+        active, as it may get tokens: a suspended, quarantined or retired agent must not keep
+        an oracle telling which of its tenant's tokens (a stolen one, say) are live, and whose.
+        (Revoking stays open to it: it can only end its own tokens.)"""
+        if agent.status is not AgentStatus.ACTIVE:
+            raise ClientAuthError(
+                f"agent {agent.id} is {agent.status.value}; its clients cannot introspect tokens"
+            )
+        if self._registry.store.get_tenant(agent.tenant_id).status is not TenantStatus.ACTIVE:
+            raise ClientAuthError("the agent's tenant is suspended; its clients cannot introspect")
 
     async def introspect(self, request: Request) -> Response:
         try:
             form, _ = await read_form(request, self._max)
-            tenant, _, _ = await self._caller(request, form)
+            tenant, _, _ = await self._caller(request, form, active=True)
             if "token" not in form:
                 raise InvalidRequest("token is required")
             result = await self._tokens.introspect(form["token"], tenant=tenant)
