@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from aegis.clock import Clock
-from aegis.errors import AegisError, GrantError, InvalidRequest, TokenError
+from aegis.errors import GrantError, InvalidRequest, TokenError
 from aegis.registry.cache import RegistryCache
 from aegis.stores.base import RevocationStore
 from aegis.tokens.chain import prefetch_chain_agents, verify_chain
@@ -176,8 +176,11 @@ class TokenService:
         """Revoke ``token``; ``client_id`` None means an admin caller. Silent for unknown tokens."""
         try:
             verified = self._verifier.verify(token)
-        except AegisError:
-            return  # RFC 7009 §2.2: invalid tokens do not cause an error response
+        except TokenError:
+            # RFC 7009 §2.2: invalid tokens do not cause an error response. A token that could
+            # not be judged (its key's store unavailable) is not one: 503, never a 200 that
+            # reads as done while the token stays live.
+            return
         if client_id is not None and verified.client_id != client_id:
             return  # not this client's token: nothing to do, and nothing to reveal
         # Kept past the last moment any replica accepts the token: one whose clock lags this
