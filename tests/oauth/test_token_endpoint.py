@@ -21,7 +21,7 @@ from aegis.clock import new_id
 from aegis.crypto.jws import encode_segment, sign_compact
 from aegis.crypto.keys import Ed25519SigningKey
 from aegis.registry.service import AgentSpec
-from aegis.types import AgentStatus, ClientAuthMethod
+from aegis.types import AdminRole, AgentStatus, ClientAuthMethod
 from tests.support.server import RunningServer, run_server
 
 ADMIN = "test-admin"
@@ -301,10 +301,15 @@ def test_retired_agent_token_inactive_and_refused(server: RunningServer) -> None
     token = _token(server, client_id, secret)
     server.services.registry.set_agent_status(agent_id, AgentStatus.RETIRED, actor=ADMIN)
     time.sleep(server.config.stores.registry_cache_ttl + 0.05)
-    intro = httpx.post(
+    _, admin = server.services.registry.create_admin_key("ops", AdminRole.ADMIN, actor=ADMIN)
+    intro = httpx.post(f"{server.url}/oauth/introspect", data={"token": token},
+                       headers={"Authorization": f"Bearer {admin}"})  # fmt: skip
+    assert intro.json() == {"active": False}
+    # Its own client may no longer introspect at all (nor get tokens).
+    own = httpx.post(
         f"{server.url}/oauth/introspect", data={"token": token}, auth=(client_id, secret)
     )
-    assert intro.json() == {"active": False}
+    assert (own.status_code, own.json()["error"]) == (401, "invalid_client")
     refused = httpx.post(
         f"{server.url}/oauth/token",
         data={"grant_type": "client_credentials"},
