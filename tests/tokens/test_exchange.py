@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from aegis.audit.log import AuditLog
 from aegis.clock import new_id
-from aegis.crypto.jws import encode_segment, sign_compact
+from aegis.crypto.jws import encode_segment, parse_compact, sign_compact
 from aegis.crypto.keys import Ed25519SigningKey
 from aegis.errors import AegisError, ConfigError, Unavailable
 from aegis.tokens.chain import root_link_horizon, verify_chain
@@ -233,6 +233,23 @@ async def test_user_token_refusals(tmp_path: Path) -> None:
     await w.exchange(fin, _user_token(), subject_type=JWT_TYPE)
     err = await refused(w, fin, CHAIN_SEPARATOR.join(fin.links))
     assert err.details["reason"] == "invalid_grant"
+
+
+async def test_a_token_acting_for_a_user_never_outlives_the_users_token(tmp_path: Path) -> None:
+    """The leeway forgives skew in judging the user's token, not a new token minted from it:
+    an expired user token (inside the leeway) is refused, and a live one bounds the token and
+    the root link Aegis signs for it, however long a life the agent asks for."""
+    w = _user_world(tmp_path)
+    fin = w.agent("finance")
+    now = int(w.clock.now())
+    err = await refused(w, fin, _user_token(iat=now - 600, exp=now - 10), subject_type=JWT_TYPE)
+    assert (err.code, err.details["reason"]) == ("invalid_request", "token_expired")
+    issued = await w.exchange(
+        fin, _user_token(iat=now - 60, exp=now + 45), subject_type=JWT_TYPE, expires_in="3600"
+    )
+    assert issued.claims["exp"] <= now + 45
+    root = parse_compact(issued.claims["parent_agent"].split(CHAIN_SEPARATOR)[0]).payload
+    assert root["exp"] <= now + 45
 
 
 def test_external_issuer_config_is_strict(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ user and the new token's ``jti``. An issued token is returned only once its reco
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -140,11 +141,14 @@ class TokenExchanger:
             if self._cache.tenant(child.tenant_id).status is not TenantStatus.ACTIVE:
                 raise TokenError(f"tenant {child.tenant_id} is suspended", code="tenant_inactive")
             now = self._clock.now()
+            user_exp: float | None = None
             if links:
                 chain = self._delegated(links, child, now)
                 parent_agent, granted = subject, chain.grants[-1].scopes
             else:
-                chain, parent_agent, granted = self._user_rooted(subject, child, auth, now)
+                chain, parent_agent, granted, user_exp = self._user_rooted(
+                    subject, child, auth, now
+                )
             scopes = self._scopes(form, granted, child)
             audience = self._audience(form, resources)
             cnf = confirm(auth) if confirm is not None else None
@@ -168,6 +172,8 @@ class TokenExchanger:
             extra["origin_user"] = chain.origin_user
             extra["origin_iss"] = chain.origin_issuer
         lifetime = min(_lifetime(form) or self._default_lifetime, self._max_lifetime)
+        if user_exp is not None:  # acting for a user: never past the user's own token
+            lifetime = min(lifetime, max(1, math.floor(user_exp - now)))
         issued = self._issuer.issue(
             agent_id=child.id,
             client_id=auth.client.client_id,
@@ -261,7 +267,9 @@ class TokenExchanger:
 
     def _user_rooted(
         self, subject: str, child: Agent, auth: AuthenticatedClient, now: float
-    ) -> tuple[Chain, str, tuple[str, ...]]:
+    ) -> tuple[Chain, str, tuple[str, ...], float]:
+        """The chain a user's token roots (a grant Aegis signs from itself to ``child``), the
+        root, the scopes it grants and the user token's ``exp``, which bounds the root too."""
         iss = parse_compact(subject).payload.get("iss")  # selects the trust only; verified below
         trust = self._external.get(iss) if isinstance(iss, str) else None
         if trust is None:
@@ -281,6 +289,7 @@ class TokenExchanger:
             tools=(ANY_TOOL,),
             max_depth=self.rules.max_depth - 1,
             now=now,
+            lifetime=min(300, max(1, math.floor(user.exp - now))),
             alg=self._keyring.settings.signing_alg,
             extra={"origin_user": user.sub, "origin_iss": trust.issuer},
         )
@@ -292,7 +301,7 @@ class TokenExchanger:
             env=child.env,
             at=now,
         )
-        return chain, root, granted
+        return chain, root, granted, user.exp
 
     def _scopes(
         self, form: Mapping[str, str], granted: Sequence[str], child: Agent

@@ -49,6 +49,8 @@ class UserIdentity:
     sub: str
     #: None when the issuer's tokens do not narrow scopes.
     scopes: tuple[str, ...] | None
+    #: The user token's ``exp``: nothing minted from it outlives it.
+    exp: float
 
 
 def load_trust(settings: ExternalIssuer, *, base_dir: Path, default_audience: str) -> ExternalTrust:
@@ -122,4 +124,11 @@ def verify_user_token(
     scopes = None
     if trust.scope_claim is not None:
         scopes = split_scopes(claims.get(trust.scope_claim))
-    return UserIdentity(sub, scopes)
+    exp = float(claims["exp"])
+    if exp <= now:
+        # The verification's leeway forgives clock skew in judging a token; a token minted from
+        # it would outlive the user's authority, however short its own life.
+        raise TokenError(
+            "the user token has expired; get a fresh one from its issuer", code="token_expired"
+        )
+    return UserIdentity(sub, scopes, exp)
