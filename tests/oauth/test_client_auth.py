@@ -268,3 +268,25 @@ def test_the_limit_lifts_once_the_window_has_passed(tmp_path: Path) -> None:
         # the limit must have lifted.
         time.sleep(max(0.0, counted + window + 0.1 - time.monotonic()))
         assert _grant(srv, src, client_id, secret) == 200
+
+
+def test_a_forged_assertion_learns_nothing_of_the_client_it_names(server: RunningServer) -> None:
+    """Before its signature is checked, an assertion for a secret client, a private_key_jwt
+    client and an unknown id get one answer: which ids exist, and how each authenticates, is
+    not for an unauthenticated caller to learn. The log keeps the reason."""
+    key = Ed25519SigningKey.generate()  # no agent registered this key
+    secret_client, _ = _secret_client(server)
+    jwt_agent = _agent(server, ({**Ed25519SigningKey.generate().public.to_jwk()},))
+    jwt_client, _ = server.services.registry.create_client(
+        jwt_agent, auth_method=ClientAuthMethod.PRIVATE_KEY_JWT, actor=ADMIN
+    )
+    answers = set()
+    for client_id in (secret_client, jwt_client.client_id, "agent-nobody.c1"):
+        claims = {"iss": client_id, "sub": client_id, "aud": f"{server.url}/oauth/token",
+                  "exp": int(time.time()) + 60, "jti": new_id()}  # fmt: skip
+        forged = sign_compact(encode_segment({"alg": "EdDSA", "kid": key.kid}), claims, key.sign)
+        resp = _post(server, _source(), data={"grant_type": "client_credentials",
+                     "client_assertion_type": ASSERTION_TYPE, "client_assertion": forged})  # fmt: skip
+        assert resp.status_code == 401
+        answers.add((resp.json()["error"], resp.json()["error_description"]))
+    assert answers == {("invalid_client", "client authentication failed")}

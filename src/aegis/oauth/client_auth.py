@@ -22,7 +22,7 @@ from aegis.clock import Clock
 from aegis.crypto.jws import parse_compact
 from aegis.crypto.keys import PublicKey, public_key_from_jwk
 from aegis.errors import AegisError, ClientAuthError, InvalidRequest, NotFound
-from aegis.pki.binding import check_self_signed_client, check_tls_client
+from aegis.pki.binding import check_self_signed_client, check_tls_client, unproven_client
 from aegis.pki.peer import PeerIdentity
 from aegis.registry.cache import RegistryCache
 from aegis.registry.service import RegistryService
@@ -229,9 +229,9 @@ class ClientAuthenticator:
         try:
             client = self._cache.client(client_id)
         except NotFound:
-            raise ClientAuthError("client authentication failed") from None
+            raise unproven_client("no such client") from None
         if not client.active:
-            raise ClientAuthError("client authentication failed")
+            raise unproven_client("the client is disabled")
         return client
 
     def _check_secret(
@@ -275,7 +275,7 @@ class ClientAuthenticator:
             raise InvalidRequest("client_id differs from the client assertion's subject")
         client = self._load(client_id)
         if client.auth_method is not ClientAuthMethod.PRIVATE_KEY_JWT:
-            raise ClientAuthError(f"client is registered for {client.auth_method.value}")
+            raise unproven_client(f"client is registered for {client.auth_method.value}")
         agent = self._cache.agent(client.agent_id)
         keys: dict[str, PublicKey] = {}
         for jwk in agent.jwks:
@@ -289,7 +289,7 @@ class ClientAuthenticator:
         try:
             claims = verify_jwt(assertion, keys.get, self._rules(client_id), now).payload
         except AegisError as exc:
-            raise ClientAuthError(f"client assertion rejected: {exc.code}") from exc
+            raise unproven_client(f"client assertion rejected: {exc.code}") from exc
         aud = claims["aud"]
         auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
         if not self._audiences.intersection(a for a in auds if isinstance(a, str)):

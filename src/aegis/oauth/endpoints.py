@@ -114,7 +114,7 @@ class OAuthEndpoints:
             level=logging.WARNING,
             endpoint=endpoint,
             code=exc.code,
-            reason=exc.message,
+            reason=exc.details.get("detail", exc.message),
             source=_client_ip(request),
         )
         headers = dict(_NO_STORE)

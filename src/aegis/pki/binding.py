@@ -73,10 +73,17 @@ def check_peer_is_subject(token: AccessToken, peer: PeerIdentity) -> None:
         )
 
 
+def unproven_client(detail: str) -> ClientAuthError:
+    """A refusal of a caller that has not proved it holds the client's credential: the wire
+    says only ``client authentication failed``, as for a client that does not exist, so that
+    nobody learns which client ids exist and how each authenticates; ``detail`` is logged."""
+    return ClientAuthError("client authentication failed", detail=detail)
+
+
 def check_tls_client(client: Client, agent: Agent, peer: PeerIdentity | None) -> None:
     """RFC 8705 §2.1.2 with ``tls_client_auth_san_uri``: exact match of the one URI SAN."""
     if client.auth_method is not ClientAuthMethod.TLS_CLIENT_AUTH:
-        raise ClientAuthError(f"client is registered for {client.auth_method.value}")
+        raise unproven_client(f"client is registered for {client.auth_method.value}")
     if peer is None:
         raise ClientAuthError("tls_client_auth needs a client certificate from the aegis ca")
     if not client.tls_san_uri or client.tls_san_uri != peer.spiffe_id:
@@ -109,13 +116,13 @@ def _cert_jwk(der: bytes) -> dict[str, str]:
 def check_self_signed_client(client: Client, agent: Agent, der: bytes | None) -> None:
     """RFC 8705 §2.2: the certificate's public key is one the agent registered."""
     if client.auth_method is not ClientAuthMethod.SELF_SIGNED_TLS_CLIENT_AUTH:
-        raise ClientAuthError(f"client is registered for {client.auth_method.value}")
+        raise unproven_client(f"client is registered for {client.auth_method.value}")
     if der is None:
         raise ClientAuthError("self_signed_tls_client_auth needs a client certificate")
     presented = jwk_thumbprint(_cert_jwk(der))
     registered = {jwk_thumbprint(j) for j in agent.jwks if j.get("kty") in ("OKP", "EC")}
     if presented not in registered:
-        raise ClientAuthError("client certificate key is not registered for this agent")
+        raise unproven_client("client certificate key is not registered for this agent")
 
 
 def certificate_to_bind(
