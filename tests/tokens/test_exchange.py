@@ -220,6 +220,12 @@ async def test_user_token_refusals(tmp_path: Path) -> None:
     )
     cases = [
         (pay, _user_token(), "access_denied"),  # may_act names finance only
+        # The identity provider's own "finance", not Aegis's agent of that name.
+        (
+            fin,
+            _user_token(may_act={"iss": "https://idp.example", "sub": "finance"}),
+            "access_denied",
+        ),
         (fin, _user_token(may_act=None), "access_denied"),  # required by default
         (fin, _user_token(iss="https://other.example"), "invalid_grant"),
         (fin, _user_token(aud="https://elsewhere"), "invalid_audience"),
@@ -230,7 +236,9 @@ async def test_user_token_refusals(tmp_path: Path) -> None:
         err = await refused(w, child, token, subject_type=JWT_TYPE)
         assert (err.code, err.details["reason"]) == ("invalid_request", reason)
     # The token service's own root link cannot be replayed as a grant.
-    await w.exchange(fin, _user_token(), subject_type=JWT_TYPE)
+    await w.exchange(
+        fin, _user_token(may_act={"iss": ISSUER, "sub": "finance"}), subject_type=JWT_TYPE
+    )  # naming Aegis as the actors' issuer is fine
     err = await refused(w, fin, CHAIN_SEPARATOR.join(fin.links))
     assert err.details["reason"] == "invalid_grant"
 

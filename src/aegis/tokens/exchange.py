@@ -274,7 +274,10 @@ class TokenExchanger:
         trust = self._external.get(iss) if isinstance(iss, str) else None
         if trust is None:
             raise GrantError("the subject_token's issuer is not trusted here", code="invalid_grant")
-        user = verify_user_token(subject, trust, actors=(child.id, auth.client.client_id), now=now)
+        user = verify_user_token(
+            subject, trust, actors=(child.id, auth.client.client_id), now=now,
+            actor_issuer=self.rules.issuer,
+        )  # fmt: skip
         if trust.tenant != child.tenant_id:
             raise TokenError("the user's issuer serves another tenant", code="tenant_mismatch")
         granted = user.scopes if user.scopes is not None else child.allowed_scopes

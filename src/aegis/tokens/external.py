@@ -101,9 +101,17 @@ def load_trust(settings: ExternalIssuer, *, base_dir: Path, default_audience: st
 
 
 def verify_user_token(
-    token: str, trust: ExternalTrust, *, actors: tuple[str, ...], now: float
+    token: str,
+    trust: ExternalTrust,
+    *,
+    actors: tuple[str, ...],
+    now: float,
+    actor_issuer: str | None = None,
 ) -> UserIdentity:
-    """Verify the user's token and that one of ``actors`` may act for the user."""
+    """Verify the user's token and that one of ``actors`` may act for the user. A ``may_act``
+    naming an issuer (RFC 8693 §4.4: ``iss`` with ``sub``) must name ``actor_issuer``, the
+    issuer that knows the actors by these ids: ``{"iss": "https://idp", "sub": "finance"}`` is
+    the identity provider's own ``finance``, not Aegis's agent of that name."""
     claims = verify_jwt(token, trust.keys.get, trust.rules, now).payload
     sub = claims["sub"]
     if not isinstance(sub, str) or not sub or len(sub) > 256:
@@ -120,6 +128,12 @@ def verify_user_token(
     elif not isinstance(may_act, dict) or may_act.get("sub") not in actors:
         raise TokenError(
             "this agent is not listed in the user token's may_act", code="access_denied"
+        )
+    elif "iss" in may_act and may_act["iss"] != actor_issuer:
+        raise TokenError(
+            "the user token's may_act names an actor of another issuer "
+            f"({str(may_act['iss'])[:128]!r}); it must name this token service or no issuer",
+            code="access_denied",
         )
     scopes = None
     if trust.scope_claim is not None:
