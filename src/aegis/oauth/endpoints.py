@@ -270,6 +270,7 @@ class OAuthEndpoints:
         try:
             form, _ = await read_form(request, self._max)
             _, client_id, admin = await self._caller(request, form)
+            who = f"admin_key:{admin.key_id}" if admin is not None else f"client:{client_id}"
             if admin is not None and admin.role is AdminRole.AUDITOR:
                 # As on the admin API: an auditor key reads, it never changes anything.
                 raise AccessDenied(
@@ -277,7 +278,12 @@ class OAuthEndpoints:
                 )
             if "token" not in form:
                 raise InvalidRequest("token is required")
-            await self._tokens.revoke(form["token"], client_id=client_id)
+            revoked = await self._tokens.revoke(form["token"], client_id=client_id)
+            if revoked is not None:  # who ended which token, as every admin change is recorded
+                self._registry.record(
+                    "token.revoked", who, f"agent:{revoked.agent_id}", revoked.tenant,
+                    jti=revoked.jti, client=revoked.client_id, exp=revoked.exp,
+                )  # fmt: skip
         except ClientAuthError as exc:
             if exc.code == "unauthenticated":
                 exc = ClientAuthError(exc.message)

@@ -172,20 +172,22 @@ class TokenService:
                 out[name] = claims[name]
         return out
 
-    async def revoke(self, token: str, *, client_id: str | None) -> None:
-        """Revoke ``token``; ``client_id`` None means an admin caller. Silent for unknown tokens."""
+    async def revoke(self, token: str, *, client_id: str | None) -> AccessToken | None:
+        """Revoke ``token``; ``client_id`` None means an admin caller. Silent for unknown tokens.
+        Returns the token revoked, None when there was nothing to do."""
         try:
             verified = self._verifier.verify(token)
         except TokenError:
             # RFC 7009 §2.2: invalid tokens do not cause an error response. A token that could
             # not be judged (its key's store unavailable) is not one: 503, never a 200 that
             # reads as done while the token stays live.
-            return
+            return None
         if client_id is not None and verified.client_id != client_id:
-            return  # not this client's token: nothing to do, and nothing to reveal
+            return None  # not this client's token: nothing to do, and nothing to reveal
         # Kept past the last moment any replica accepts the token: one whose clock lags this
         # one (within the leeway already allowed for token times) accepts it until
         # exp + leeway on its own clock, later than exp + leeway on this one's.
         await self._revocation.revoke_jti(
             verified.jti, verified.exp + 2 * self._verifier.rules.leeway
         )
+        return verified

@@ -32,8 +32,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from aegis.clock import Clock, new_id
-from aegis.crypto.keys import public_key_from_jwk
-from aegis.errors import ClientAuthError, Conflict, InvalidRequest, NotFound
+from aegis.crypto.keys import jwk_thumbprint, public_key_from_jwk
+from aegis.errors import AccessDenied, ClientAuthError, Conflict, InvalidRequest, NotFound
 from aegis.registry.secrets import hash_secret, new_secret, secret_matches
 from aegis.stores.base import RegistryStore
 from aegis.types import (
@@ -110,6 +110,23 @@ class AgentSpec:
     jwks: tuple[dict[str, Any], ...] = ()
 
 
+def _changes(before: Agent, after: Agent, fields: Any) -> dict[str, Any]:
+    """What an update changed, for its event: scopes, roles and owner before and after, keys by
+    thumbprint (the other fields are descriptions)."""
+    out: dict[str, Any] = {}
+    for name in ("allowed_scopes", "roles", "owner"):
+        if name in fields and getattr(before, name) != getattr(after, name):
+            old, new = getattr(before, name), getattr(after, name)
+            out[name] = {"from": list(old) if isinstance(old, tuple) else old,
+                         "to": list(new) if isinstance(new, tuple) else new}  # fmt: skip
+    if "jwks" in fields:
+        old_keys = [jwk_thumbprint(j) for j in before.jwks]
+        new_keys = [jwk_thumbprint(j) for j in after.jwks]
+        if old_keys != new_keys:
+            out["jwks"] = {"from": old_keys, "to": new_keys}
+    return out
+
+
 def _reopening(now: float) -> float:
     """The ``tokens_not_before`` mark of a return to active: the start of the current second,
     as token ``iat`` values are whole seconds (see the module docstring)."""
@@ -142,6 +159,12 @@ class RegistryService:
         event = Event(new_id(), self._clock.now(), type_, actor, subject, tenant, data)
         self.store.append_event(event)
         return event
+
+    def record(
+        self, type_: str, actor: str, subject: str, tenant: str | None, **data: Any
+    ) -> Event:
+        """Append an event of a change made outside the registry (a token revoked, minted)."""
+        return self._event(type_, actor, subject, tenant, **data)
 
     # -- tenants and environments ----------------------------------------------------------
 
@@ -258,7 +281,16 @@ class RegistryService:
             listener(agent)
         return agent
 
-    def update_agent(self, agent_id: str, *, actor: str, **fields: Any) -> Agent:
+    def update_agent(
+        self, agent_id: str, *, actor: str, may_change_quarantined: bool = True, **fields: Any
+    ) -> Agent:
+        """Change an agent's description. A token carrying a scope no longer allowed is refused
+        from now on (the subject check); removing a key from ``jwks`` (one that signs client
+        assertions or delegation grants) ends every earlier token of the agent, as a suspension
+        does: which key a token was obtained with is not recorded. A quarantined agent changes
+        only with ``may_change_quarantined`` (admins): a release must not bring back keys or
+        scopes set while it was under investigation. The event records what changed: for
+        scopes, roles and owner the values before and after, for keys their thumbprints."""
         allowed = {
             "display_name",
             "roles",
@@ -283,14 +315,23 @@ class RegistryService:
                 "owner must be the accountable human's e-mail address", field="owner"
             )
         with self.store.atomic():
-            agent = self.store.get_agent(agent_id)
-            if agent.status is AgentStatus.RETIRED:
+            before = self.store.get_agent(agent_id)
+            if before.status is AgentStatus.RETIRED:
                 raise Conflict(f"agent {agent_id} is retired and cannot change")
-            agent = replace(agent, updated_at=self._clock.now(), **fields)
+            if before.status is AgentStatus.QUARANTINED and not may_change_quarantined:
+                raise AccessDenied(
+                    f"agent {agent_id} is quarantined; only an admin key may change it",
+                    code="forbidden",
+                )
+            agent = replace(before, updated_at=self._clock.now(), **fields)
             self.store.update_agent(agent)
+            kept = {jwk_thumbprint(j) for j in agent.jwks}
+            if any(jwk_thumbprint(j) not in kept for j in before.jwks):
+                agent = self._end_earlier_tokens(agent)
             self._event(
-                "agent.updated", actor, f"agent:{agent_id}", agent.tenant_id, fields=sorted(fields)
-            )
+                "agent.updated", actor, f"agent:{agent_id}", agent.tenant_id,
+                fields=sorted(fields), changes=_changes(before, agent, fields),
+            )  # fmt: skip
         return agent
 
     # -- clients ---------------------------------------------------------------------------
@@ -344,6 +385,7 @@ class RegistryService:
         secret = new_secret("aegis_cs_")
         with self.store.atomic():
             client = self.store.get_client(client_id)
+            self._refuse_retired(client)
             if client.auth_method not in _SECRET_METHODS:
                 raise Conflict(
                     f"client {client_id} authenticates with {client.auth_method.value}, not a secret"
@@ -368,6 +410,8 @@ class RegistryService:
         revive them. The agent's other clients keep theirs."""
         with self.store.atomic():
             before = self.store.get_client(client_id)
+            if active:
+                self._refuse_retired(before)
             client = replace(before, active=active)
             now = self._clock.now()
             if not active or not before.active:  # enabling an enabled client changes nothing
@@ -382,6 +426,13 @@ class RegistryService:
                 agent.tenant_id,
             )
         return client
+
+    def _refuse_retired(self, client: Client) -> None:
+        """Retired is final: a retired agent's client gets no fresh secret and is not enabled."""
+        if self.store.get_agent(client.agent_id).status is AgentStatus.RETIRED:
+            raise Conflict(
+                f"client {client.client_id} belongs to a retired agent and cannot change"
+            )
 
     def check_secret(self, client: Client, presented: str) -> None:
         """Raise ``ClientAuthError`` unless ``presented`` matches a current secret. Every stored

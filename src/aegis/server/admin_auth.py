@@ -117,6 +117,10 @@ class AdminAuthMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                # Answers carry client secrets, admin keys, access tokens and registry state: no
+                # cache between the API and its caller keeps any of them.
+                headers = [(k, v) for k, v in message.get("headers", ()) if k != b"cache-control"]
+                message = {**message, "headers": [*headers, (b"cache-control", b"no-store")]}
             await send(message)
 
         try:

@@ -139,8 +139,15 @@ def admin_key_view(k: AdminKey) -> dict[str, Any]:
     }
 
 
-def _record(services: Services, type_: str, actor: str, subject: str, **data: Any) -> None:
-    event = Event(new_id(), services.clock.now(), type_, actor, subject, None, data)
+def _record(
+    services: Services,
+    type_: str,
+    actor: str,
+    subject: str,
+    tenant: str | None = None,
+    **data: Any,
+) -> None:
+    event = Event(new_id(), services.clock.now(), type_, actor, subject, tenant, data)
     services.registry_store.append_event(event)
 
 
@@ -224,6 +231,7 @@ def mint_token(
         "token.minted",
         actor,
         f"agent:{agent_id}",
+        claims["tenant"],
         client=client.client_id,
         jti=claims["jti"],
         scope=claims["scope"],

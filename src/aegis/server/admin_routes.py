@@ -127,7 +127,9 @@ def update_agent(agent_id: str, body: AgentPatch, key: Operator, s: Svc) -> dict
             raise InvalidRequest(f"{name} cannot be null", field=name)
     if "scopes" in fields:
         fields["allowed_scopes"] = tuple(fields.pop("scopes"))
-    agent = s.registry.update_agent(agent_id, actor=actor(key), **fields)
+    agent = s.registry.update_agent(
+        agent_id, actor=actor(key), may_change_quarantined=key.role is AdminRole.ADMIN, **fields
+    )
     s.cache.invalidate()
     return agent_view(agent)
 

@@ -3,8 +3,8 @@
 Checked after the signature and claims, on every use (introspection, the gateway): the agent is
 active and the token was issued after the agent's ``tokens_not_before`` mark; the client is
 active, still belongs to that agent, and the token was issued after the client's own mark; the
-tenant is active and is the agent's tenant; the token's jti is not revoked and no subject-wide
-revocation mark is later than its ``iat``. Any store failure propagates as ``Unavailable``: the
+tenant is active and is the agent's tenant; every scope the token carries is one the agent still
+holds; the token's jti is not revoked and no subject-wide revocation mark is later than its ``iat``. Any store failure propagates as ``Unavailable``: the
 caller denies.
 """
 
@@ -44,6 +44,14 @@ async def check_subject(
     if token.tenant != agent.tenant_id or token.env != agent.env:
         raise TokenError(
             "token tenant or environment differs from the agent's", code="tenant_mismatch"
+        )
+    allowed = agent.allowed_scopes
+    if any(s not in allowed for s in token.scopes):
+        # Narrowing an agent's scopes (an incident's first move) ends what its tokens carry at
+        # once, not when they expire.
+        raise TokenError(
+            "token carries a scope its agent no longer holds; get a new token",
+            code="token_revoked",
         )
     await revocation.check(
         token.jti, (f"agent:{agent.id}", f"client:{client.client_id}"), token.iat
