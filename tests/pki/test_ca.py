@@ -355,3 +355,52 @@ def test_a_running_service_follows_a_rotation_made_by_another_process(tmp_path: 
     assert info.value.code == "cert_untrusted"
     assert validator.validate(new_leaf.public_bytes(der)).agent_id == "alpha"
     assert pki.service.crl_pem().count(b"-----BEGIN X509 CRL-----") == 1
+
+
+def test_disabling_the_enrolling_client_ends_its_certificates(pki: Pki) -> None:
+    """A leaked secret enrolled a certificate; disabling its client (the answer to the leak)
+    ends that certificate as it ends the client's tokens (the validator refuses it, so it
+    authenticates no tls_client_auth client either), and for good: enabling the client again
+    does not revive it. A certificate another client enrolled stays good."""
+    leaked, secret = pki.secrets["alpha"]
+    other, other_secret = pki.registry.create_client("alpha", actor="t")
+    assert other_secret is not None
+    status, body = _post_sign(pki, {"csr": make_csr()[1].decode()}, (leaked, secret))
+    assert status == 201, body
+    stolen = x509.load_pem_x509_certificate(body["certificate"].encode())
+    status, body = _post_sign(pki, {"csr": make_csr()[1].decode()}, (other.client_id, other_secret))
+    kept = x509.load_pem_x509_certificate(body["certificate"].encode())
+    der, kept_der = (c.public_bytes(serialization.Encoding.DER) for c in (stolen, kept))
+    assert pki.store.get(body["serial"]).enrolled_by == other.client_id
+    pki.validator.validate(der)
+    pki.registry.set_client_active(leaked, False, actor="t")
+    pki.cache.invalidate()
+    with pytest.raises(AegisError) as info:
+        pki.validator.validate(der)
+    assert info.value.code == "cert_revoked" and leaked in info.value.message
+    pki.registry.set_client_active(leaked, True, actor="t")
+    pki.cache.invalidate()
+    with pytest.raises(AegisError):
+        pki.validator.validate(der)
+    assert pki.validator.validate(kept_der).agent_id == "alpha"
+
+
+def test_an_agent_no_longer_serving_does_not_pass_as_a_server(pki: Pki) -> None:
+    """The usage is in the certificate, the role in the registry: an agent whose server role is
+    withdrawn is refused as a server (an upstream) on the certificate it got before, and passes
+    as a client still."""
+    _, cert = pki.key_and_cert("gw")  # registered with role server: serverAuth and clientAuth
+    der = cert.public_bytes(serialization.Encoding.DER)
+    upstream = pki.service.validator(eku=ExtendedKeyUsageOID.SERVER_AUTH)
+    assert upstream.validate(der).agent_id == "gw"
+    pki.registry.update_agent("gw", actor="test", roles=())
+    pki.cache.invalidate()
+    with pytest.raises(AegisError) as info:
+        upstream.validate(der)
+    assert info.value.code == "cert_wrong_usage" and "no longer registered as serving" in str(
+        info.value.message
+    )
+    assert pki.validator.validate(der).agent_id == "gw"
+    pki.registry.update_agent("gw", actor="test", attributes={"serving": True})
+    pki.cache.invalidate()
+    assert upstream.validate(der).agent_id == "gw"

@@ -12,7 +12,10 @@ One function decides who is on the other end of a connection, whatever brought t
 6. not revoked                                              ``cert_revoked``
 7. the registry agent exists, is active, its tenant is active,
    and its tenant and environment are the ones the SPIFFE
-   ID names                                                 ``cert_agent_mismatch`` / ``cert_revoked``
+   ID names; the client that enrolled it (if any) is enabled
+   and was not disabled since; for serverAuth, the agent is
+   still registered as serving                              ``cert_agent_mismatch`` / ``cert_revoked``
+                                                            / ``cert_wrong_usage``
 
 Every error carries the serial and SPIFFE ID once they are known.
 """
@@ -32,11 +35,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from aegis.clock import Clock
 from aegis.errors import AegisError, NotFound
-from aegis.pki.profile import serial_hex, x5t_s256
+from aegis.pki.profile import is_serving, serial_hex, x5t_s256
 from aegis.pki.spiffe import check_leaf_svid
 from aegis.pki.store import CertificateRecord, CertificateStore
 from aegis.registry.cache import RegistryCache
-from aegis.types import Agent, AgentStatus, Tenant, TenantStatus
+from aegis.types import Agent, AgentStatus, Client, Tenant, TenantStatus
 
 __all__ = ["PeerIdentity", "PeerValidator", "TrustBundle"]
 
@@ -170,6 +173,12 @@ class PeerValidator:
             tenant = self._cache.tenant(agent.tenant_id)
         except NotFound:
             raise self._unregistered(seen) from None
+        if record.enrolled_by is not None:
+            try:
+                client: Client | None = self._cache.client(record.enrolled_by)
+            except NotFound:
+                client = None
+            self._enrolled(seen, record, client)
         return self._conclude(seen, record, agent, tenant, source, der)
 
     async def validate_async(self, der: bytes, *, source: str = "tls") -> PeerIdentity:
@@ -182,6 +191,12 @@ class PeerValidator:
             tenant = await self._cache.tenant_async(agent.tenant_id)
         except NotFound:
             raise self._unregistered(seen) from None
+        if record.enrolled_by is not None:
+            try:
+                client: Client | None = await self._cache.client_async(record.enrolled_by)
+            except NotFound:
+                client = None
+            self._enrolled(seen, record, client)
         return self._conclude(seen, record, agent, tenant, source, der)
 
     def _inspect(self, der: bytes) -> _Seen:
@@ -279,8 +294,8 @@ class PeerValidator:
             seen.spiffe_id,
         )
 
-    @staticmethod
     def _conclude(
+        self,
         seen: _Seen,
         record: CertificateRecord,
         agent: Agent,
@@ -299,6 +314,16 @@ class PeerValidator:
             )
         if agent.status is not AgentStatus.ACTIVE:
             raise _fail(f"agent {agent.id} is {agent.status.value}", "cert_revoked", serial, sid)
+        if self._eku == ExtendedKeyUsageOID.SERVER_AUTH and not is_serving(agent):
+            # The usage is the certificate's, the role the registry's: an agent no longer
+            # registered as serving does not pass as a server on a certificate it got before.
+            raise _fail(
+                f"agent {agent.id} is no longer registered as serving (role server or attribute "
+                "serving: true)",
+                "cert_wrong_usage",
+                serial,
+                sid,
+            )
         # Suspending a tenant ends its tokens and its new certificates; its certificates already
         # out must stop passing as well.
         if tenant.status is not TenantStatus.ACTIVE:
@@ -318,3 +343,17 @@ class PeerValidator:
             sid, seen.agent, seen.tenant, seen.env, serial, seen.thumbprint, seen.not_after,
             source, der,
         )  # fmt: skip
+
+    @staticmethod
+    def _enrolled(seen: _Seen, record: CertificateRecord, client: Client | None) -> None:
+        """Check 7, on the client that enrolled the certificate (``client`` None: it no longer
+        exists): disabling a client (a leaked secret's answer) ends the certificates enrolled
+        with its credentials, as it ends its tokens, even once it is enabled again."""
+        if client is None or not client.active or record.issued_at < client.tokens_not_before:
+            raise _fail(
+                f"peer certificate was enrolled by client {record.enrolled_by}, since disabled "
+                "or removed; enrol again",
+                "cert_revoked",
+                seen.serial,
+                seen.spiffe_id,
+            )

@@ -20,12 +20,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from aegis.errors import AegisError
+from aegis.types import Agent
 
 __all__ = [
     "MAX_CSR_BYTES",
     "LeafRequest",
     "build_crl",
     "build_leaf",
+    "is_serving",
     "parse_csr",
     "serial_hex",
     "x5t_s256",
@@ -196,3 +198,10 @@ def build_crl(
             entry = entry.add_extension(x509.CRLReason(_REASONS[reason]), critical=False)
         builder = builder.add_revoked_certificate(entry.build())
     return builder.sign(issuer_key, hashes.SHA256())
+
+
+def is_serving(agent: Agent) -> bool:
+    """Agents registered as serving (role ``server`` or attribute ``serving: true``) also get
+    serverAuth, so they can terminate mTLS themselves; a certificate passes as a server's only
+    while its agent still is one (:class:`aegis.pki.peer.PeerValidator`)."""
+    return "server" in agent.roles or agent.attributes.get("serving") is True

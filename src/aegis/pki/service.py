@@ -32,6 +32,7 @@ from aegis.pki.profile import (
     LeafRequest,
     build_crl,
     build_leaf,
+    is_serving,
     parse_csr,
     serial_hex,
     x5t_s256,
@@ -51,12 +52,6 @@ __all__ = ["BOOTSTRAP_PREFIX", "IssuedCertificate", "PkiService", "is_serving", 
 BOOTSTRAP_PREFIX = "aegis_bt_"
 #: Agent certificates are backdated this much to absorb small clock differences between hosts.
 BACKDATE = 10.0
-
-
-def is_serving(agent: Agent) -> bool:
-    """Agents registered as serving (role ``server`` or attribute ``serving: true``) also get
-    serverAuth, so they can terminate mTLS themselves."""
-    return "server" in agent.roles or agent.attributes.get("serving") is True
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +122,11 @@ class PkiService:
         *,
         lifetime: int | None = None,
         via: str = "operator",
+        client_id: str | None = None,
     ) -> IssuedCertificate:
-        """Issue a certificate for a registered, active agent of an active tenant."""
+        """Issue a certificate for a registered, active agent of an active tenant. ``client_id``:
+        the client whose credentials asked for it, recorded so that disabling that client ends
+        the certificate as it ends the client's tokens (a leaked secret's enrolment with it)."""
         self.refresh()
         try:
             agent = self._cache.agent(agent_id)
@@ -171,6 +169,7 @@ class PkiService:
             not_before=cert.not_valid_before_utc.timestamp(),
             not_after=cert.not_valid_after_utc.timestamp(),
             issued_at=now,
+            enrolled_by=client_id,
         )
         self.store.record(record)
         CERTS_ISSUED.labels(auth=via).inc()
@@ -208,7 +207,10 @@ class PkiService:
             raise ClientAuthError("client authentication is not configured on this server")
         fields = {k: v for k, v in form.items() if k not in ("csr", "lifetime")}
         auth = await self._auth.authenticate(fields, authorization, source, consume=False)
-        issued = self.issue(auth.client.agent_id, key, lifetime=lifetime, via=auth.method.value)
+        issued = self.issue(
+            auth.client.agent_id, key, lifetime=lifetime, via=auth.method.value,
+            client_id=auth.client.client_id,
+        )  # fmt: skip
         await self._auth.consume(auth)
         return issued
 

@@ -31,6 +31,9 @@ CERTIFICATES: Final = Table(
     Column("issued_at", Float, nullable=False),
     Column("revoked_at", Float, nullable=True),
     Column("revocation_reason", String(64), nullable=True),
+    #: The OAuth client whose credentials enrolled the certificate (None: a bootstrap token, an
+    #: operator, the CA's own process): disabling that client ends it, as it ends its tokens.
+    Column("enrolled_by", String(128), nullable=True),
     Index("ix_pki_certificates_agent", "agent_id"),
     Index("ix_pki_certificates_not_after", "not_after"),
 )

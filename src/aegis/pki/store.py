@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Engine, func, insert, inspect, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from aegis.clock import Clock
@@ -43,6 +43,7 @@ class CertificateRecord:
     issued_at: float
     revoked_at: float | None = None
     revocation_reason: str | None = None
+    enrolled_by: str | None = None
 
 
 class CertificateStore:
@@ -65,6 +66,12 @@ class CertificateStore:
             with self._engine.begin() as conn:  # databases made before the index existed
                 lock_schema(conn)
                 REVOKED_INDEX.create(conn, checkfirst=True)
+                # ... and before certificates recorded the client that enrolled them.
+                columns = {c["name"] for c in inspect(conn).get_columns(CERTIFICATES.name)}
+                if "enrolled_by" not in columns:
+                    conn.execute(text(
+                        f"ALTER TABLE {CERTIFICATES.name} ADD COLUMN enrolled_by VARCHAR(128)"
+                    ))  # fmt: skip
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
