@@ -193,6 +193,10 @@ def test_agents_cert_is_the_same_command_and_fails_in_one_line(
     junk.write_text("not a bundle")
     bad = runner.invoke(aegis, [*args[:-2], str(junk), "--url", control_plane_url], env=env)
     assert (bad.exit_code, bad.stderr.split(":")[:2]) == (1, ["error", " config_invalid"])
+    # Over http:// the secret would travel in clear and the bundle come from anyone on the path.
+    clear = control_plane_url.replace("https://", "http://")
+    plain = runner.invoke(aegis, [*args, "--url", clear], env=env)
+    assert (plain.exit_code, plain.stderr.split(":")[:2]) == (1, ["error", " invalid_request"])
 
 
 def test_operator_issue_revoke_and_bootstrap(config: Path, tmp_path: Path) -> None:
@@ -232,8 +236,16 @@ def test_operator_issue_revoke_and_bootstrap(config: Path, tmp_path: Path) -> No
     assert (bad.exit_code, bad.stderr.split(":")[1].strip()) == (1, "csr_invalid")
     ghost = runner.invoke(app, ["issue", "--agent", "ghost", "--out-dir", str(tmp_path / "g"), *base])  # fmt: skip
     assert ghost.exit_code == 1 and ghost.stderr.count("\n") == 1
-    one = runner.invoke(app, ["revoke", "--serial", facts["serial"], *base])
+    # As openssl x509 -serial prints it: upper case, an even number of digits.
+    printed = facts["serial"].upper().zfill(len(facts["serial"]) + len(facts["serial"]) % 2 + 2)
+    one = runner.invoke(app, ["revoke", "--serial", printed, *base])
     assert json.loads(one.output) == {"revoked": [facts["serial"]]}
+    again = runner.invoke(app, ["revoke", "--serial", facts["serial"], *base])
+    assert json.loads(again.output) == {"revoked": []}  # already revoked
+    unknown = runner.invoke(app, ["revoke", "--serial", "0a:bc", *base])
+    assert unknown.exit_code == 1 and "not_found" in unknown.stderr
+    junk_serial = runner.invoke(app, ["revoke", "--serial", "xyz", *base])
+    assert junk_serial.exit_code == 1 and "invalid_request" in junk_serial.stderr
     rest = json.loads(runner.invoke(app, ["revoke", "--agent", "payer", *base]).output)
     assert rest["revoked"] == [json.loads(from_csr.output)["serial"]]
     both = runner.invoke(app, ["revoke", "--serial", "1", "--agent", "payer", *base])

@@ -180,7 +180,21 @@ def revoke(
         if (serial is None) == (agent is None):
             raise AegisError("give exactly one of --serial or --agent", code="invalid_request")
         store = _pki(load_config(config)).store
-        done = [serial] if serial and store.revoke_serial(serial.lower(), reason) else []
+        done: list[str] = []
+        if serial is not None:
+            # As openssl prints it (01:AB, 0x..., a leading 0) or as Aegis does: one number.
+            wanted = serial.strip().lower().removeprefix("0x").replace(":", "")
+            try:
+                key = format(int(wanted, 16), "x")
+            except ValueError:
+                raise AegisError(
+                    f"--serial {serial[:64]!r} is not a hexadecimal serial number",
+                    code="invalid_request",
+                ) from None
+            if store.get(key) is None:
+                raise AegisError(f"no certificate with serial {key} was issued here",
+                                 code="not_found")  # fmt: skip
+            done = [key] if store.revoke_serial(key, reason) else []
         if agent:
             done = store.revoke_agent(agent, reason)
     _say(as_json, {"revoked": done}, f"revoked {len(done)} certificate(s)")

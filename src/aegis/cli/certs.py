@@ -105,6 +105,14 @@ def agent_cert(
 ) -> None:
     """Enrol this agent (and with --watch keep its certificate renewed) through /pki/v1/sign."""
     with fail_cleanly():
+        if not url.lower().startswith("https://"):
+            # The client secret would travel in clear, and the bundle answered, which the agent
+            # trusts from then on, would come from whoever is on the path.
+            raise AegisError(
+                f"--url must be https:// (got {url[:64]!r}): enrolment sends the client secret "
+                "and receives the trust bundle",
+                code="invalid_request",
+            )
         trust = bundle_file.read_bytes()
         try:
             verify = ssl.create_default_context(cadata=trust.decode())
