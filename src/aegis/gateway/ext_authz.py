@@ -367,7 +367,10 @@ class ExtAuthz:
             # later message on without a decision; the reverse proxy refuses it alike.
             return await self.undecided(400, "invalid_request", UPGRADE_REFUSED, seen)
         # The host and scheme first, before they choose a route or enter the URL htu is checked on.
-        if req.method.upper() not in METHODS:  # as the reverse proxy answers it
+        # Exactly as sent, as the reverse proxy answers it: methods are case-sensitive (RFC 9110
+        # §9.1), and the proxy in front forwards "get" as it came, to an upstream that may read
+        # it otherwise than the GET a decision upper-cased would describe.
+        if req.method not in METHODS:
             refused = await self.undecided(
                 405, "method_not_allowed", f"method not allowed; use one of {', '.join(METHODS)}",
                 seen,
@@ -415,7 +418,7 @@ class ExtAuthz:
         except InvalidRequest as exc:
             headers, bad = req.headers, bad or exc
         facts: dict[str, Any] = {
-            "method": req.method.upper(),
+            "method": req.method,
             "url": f"{req.scheme.lower()}://{req.host}{req.target}",
             "host": req.host,
             "path": path,

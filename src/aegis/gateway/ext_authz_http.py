@@ -168,7 +168,7 @@ class HttpExtAuthz:
                 cert = _one(request, self._ext.xfcc_header or default)
         return await self._ext.check(
             CheckedRequest(
-                method=method.upper(),
+                method=method,
                 target=target,
                 host=host,
                 scheme=scheme,
