@@ -223,3 +223,24 @@ def test_verify_chain_holds_the_log_to_its_checkpoints(
     rewritten = log.verify_chain()
     assert (rewritten.first_bad, rewritten.reason) == (
         5, "the chain head differs from the checkpoint at this size")  # fmt: skip
+
+
+def test_a_kid_two_key_sets_give_different_keys_is_refused(tmp_path: Path) -> None:
+    """An archived key set handed over by whoever is audited could re-publish a trusted kid with
+    a key of its own, and forged checkpoints would verify with it: refused, whichever file comes
+    first. The same key in two files (an archive overlapping the current set) is one key."""
+    from aegis.cli.audit import load_jwks
+    from aegis.crypto.keys import Ed25519SigningKey
+
+    real, evil = Ed25519SigningKey.generate(), Ed25519SigningKey.generate()
+    trusted = {"keys": [{**real.public.to_jwk(), "kid": "k1"}]}
+    rebinding = {"keys": [{**evil.public.to_jwk(), "kid": "k1"}]}
+    files = []
+    for name, doc in (("trusted", trusted), ("old", rebinding), ("again", trusted)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(doc))
+        files.append(tmp_path / f"{name}.json")
+    for order in ([files[0], files[1]], [files[1], files[0]]):
+        with pytest.raises(EvidenceError, match="two different keys"):
+            load_jwks(order)
+    resolve = load_jwks([files[0], files[2]])
+    assert resolve("k1") is not None and resolve("k1").to_jwk() == real.public.to_jwk()  # type: ignore[union-attr]

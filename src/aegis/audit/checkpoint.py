@@ -88,7 +88,10 @@ def sign_checkpoint(
 
 
 def jwks_resolver(jwks: Any) -> Callable[[str], PublicKey | None]:
-    """A ``kid -> key`` lookup over a JWK Set document; a malformed set is ``evidence_invalid``."""
+    """A ``kid -> key`` lookup over a JWK Set document; a malformed set is ``evidence_invalid``,
+    and so is a kid given two different keys: whichever won, one file (an archived set handed
+    over by whoever is audited, say) could re-publish a trusted kid with a key of its own, and
+    forged checkpoints would verify. The same key listed twice is one key."""
     if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list):
         raise EvidenceError("the JWKS must be a JSON object with a 'keys' array")
     keys: dict[str, PublicKey] = {}
@@ -97,9 +100,16 @@ def jwks_resolver(jwks: Any) -> Callable[[str], PublicKey | None]:
         if not isinstance(kid, str) or not kid:
             raise EvidenceError("every key in the JWKS needs a kid")
         try:
-            keys[kid] = public_key_from_jwk(jwk)
+            key = public_key_from_jwk(jwk)
         except AegisError as exc:
             raise EvidenceError(f"JWKS key {kid}: {exc.message}") from exc
+        known = keys.get(kid)
+        if known is not None and known.to_jwk() != key.to_jwk():
+            raise EvidenceError(
+                f"JWKS kid {kid[:64]!r} is given two different keys; verify with the key sets you "
+                "trust only, and find out where the other came from"
+            )
+        keys[kid] = key
     return keys.get
 
 

@@ -48,7 +48,7 @@ IssuerOpt = Annotated[
 
 
 def load_jwks(paths: list[Path]) -> Callable[[str], PublicKey | None]:
-    """One resolver over every given JWK Set (later files do not replace earlier kids)."""
+    """One resolver over every given JWK Set; a kid two files give different keys is refused."""
     keys: list[Any] = []
     for path in paths:
         try:
