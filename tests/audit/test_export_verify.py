@@ -13,7 +13,7 @@ from sqlalchemy import insert
 from aegis.audit.checkpoint import Checkpointer, jwks_resolver, sign_checkpoint, verify_checkpoint
 from aegis.audit.log import GENESIS_HASH, AuditLog, canonical_json, record_hash
 from aegis.audit.merkle import leaf_hash, root_of
-from aegis.audit.sql_tables import AUDIT_CHECKPOINTS
+from aegis.audit.sql_tables import AUDIT_CHECKPOINTS, AUDIT_TREE_NODES
 from aegis.audit.tree import TreeHead
 from aegis.audit.verify import verify_export
 from aegis.clock import FrozenClock, random_bytes
@@ -244,3 +244,46 @@ def test_a_kid_two_key_sets_give_different_keys_is_refused(tmp_path: Path) -> No
             load_jwks(order)
     resolve = load_jwks([files[0], files[2]])
     assert resolve("k1") is not None and resolve("k1").to_jwk() == real.public.to_jwk()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("where", ["next leaf", "leaf and its parents", "a later leaf"])
+def test_tree_nodes_inserted_outside_the_checkpointer_are_never_signed(
+    log: AuditLog, checkpointer: Checkpointer, keyring: KeyRing, where: str
+) -> None:
+    """The tree's size is read from the stored nodes, and INSERT on them is all a role needs to
+    write one: a leaf stored for the next position would stand in for the real record in the
+    next signed root, with an inclusion proof to show for it. Nodes past the newest checkpoint
+    this log signed are recomputed from the records first; any difference refuses to sign (or
+    export), and nothing is signed over them."""
+    fill(log, 3)
+    signed = checkpointer.checkpoint()
+    fake = canonical_json({"decision_id": "d-fake", "action": "allow", "kind": "gateway.decision"})
+    cr = checkpointer.tree.compact_range(3)
+    rows = [{"level": lv, "idx": ix, "hash": h} for lv, ix, h in cr.append(leaf_hash(fake.encode()))]
+    if where == "next leaf":
+        rows = [r for r in rows if r["level"] == 0]
+    elif where == "a later leaf":  # past a gap: the size read from the nodes skips records
+        rows = [{"level": 0, "idx": 6, "hash": leaf_hash(fake.encode())}]
+    with log.engine.begin() as conn:
+        conn.execute(insert(AUDIT_TREE_NODES), rows)
+    fill(log, 4, start=3)
+    with pytest.raises(EvidenceError, match="something other than Aegis"):
+        checkpointer.checkpoint()
+    with pytest.raises(EvidenceError, match="something other than Aegis"):
+        checkpointer.head_for_export()
+    assert checkpointer.latest() == signed  # nothing was signed over the stored nodes
+
+
+def test_honest_checkpoints_verify_what_was_synced_since_the_last(
+    log: AuditLog, checkpointer: Checkpointer, keyring: KeyRing
+) -> None:
+    """A sync without a stored checkpoint (an export) leaves nodes past the newest checkpoint:
+    they are the records' own, so the next checkpoint verifies them and signs."""
+    fill(log, 5)
+    checkpointer.checkpoint()
+    fill(log, 6, start=5)
+    checkpointer.head_for_export()  # the tree grows to 11, no checkpoint stored
+    fill(log, 2, start=11)
+    assert checkpointer.checkpoint().tree_size == 13
+    summary = verify_export(export_text(checkpointer), jwks_resolver(keyring.jwks()))
+    assert summary.records == 13

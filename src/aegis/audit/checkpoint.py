@@ -141,6 +141,10 @@ def verify_checkpoint(
     )
 
 
+#: How many of the newest stored checkpoints are tried for one this log signed.
+_TRUST_SCAN: Final = 16
+
+
 class Checkpointer:
     """Extends the tree and stores a periodic checkpoint when the log has grown since the last."""
 
@@ -187,9 +191,38 @@ class Checkpointer:
             token,
         )
 
+    def _trusted_size(self) -> int:
+        """The size of the newest stored checkpoint this log signed (its signature verifies with
+        a key of the ring, its root is the stored tree's at its size): what is stored up to there
+        is known good. A row that does not verify (written by something else) is passed over."""
+        resolve = jwks_resolver(self._keyring.evidence_jwks())
+        query = (
+            select(AUDIT_CHECKPOINTS.c.token)
+            .order_by(AUDIT_CHECKPOINTS.c.tree_size.desc())
+            .limit(_TRUST_SCAN)
+        )
+        with self.log.engine.connect() as conn:
+            tokens = [t for (t,) in conn.execute(query)]
+        for token in tokens:
+            try:
+                cp = verify_checkpoint(token, resolve, issuer=self._issuer)
+            except EvidenceError:
+                continue
+            stored = self.tree.size()  # read after the checkpoints: a sync precedes each
+            if cp.tree_size > stored or (
+                cp.tree_size and self.tree.root(cp.tree_size) != cp.root_hash
+            ):
+                raise EvidenceError(
+                    f"the newest stored checkpoint (tree size {cp.tree_size}) does not match the "
+                    f"log (stored tree size {stored}): the checkpoint table or the tree was "
+                    "changed outside Aegis; refusing to sign over it"
+                )
+            return cp.tree_size
+        return 0
+
     def checkpoint(self) -> Checkpoint:
         """Sync the tree; sign and store a checkpoint unless one already covers the whole log."""
-        head = self.tree.sync()
+        head = self.tree.sync(trusted=self._trusted_size())
         last = self.latest()
         if last is not None and last.tree_size > head.size:
             head = self.tree.sync()  # another process may have appended and checkpointed since
@@ -224,7 +257,7 @@ class Checkpointer:
 
     def head_for_export(self) -> tuple[TreeHead, str]:
         """Sync, and sign an ``export`` checkpoint of the whole log (not stored)."""
-        head = self.tree.sync()
+        head = self.tree.sync(trusted=self._trusted_size())
         now = self._clock.now()
         token = sign_checkpoint(
             self._keyring, issuer=self._issuer, head=head, now=now, purpose="export"

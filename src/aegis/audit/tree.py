@@ -142,8 +142,18 @@ class MerkleStore:
         with self._engine.connect() as conn:
             return consistency_proof(first, second, self.hash_range(conn))
 
-    def sync(self) -> TreeHead:
-        """Add every record appended since the last sync; return the new head."""
+    def sync(self, *, trusted: int | None = None) -> TreeHead:
+        """Add every record appended since the last sync; return the new head.
+
+        ``trusted``: the size up to which the stored tree is known good (that of the newest
+        checkpoint this log signed). The nodes stored past it are recomputed from the records
+        and compared first, and any difference refuses the sync (``evidence_invalid``): the
+        tree's size is read from what is stored, so a leaf someone else inserted for the next
+        position (an INSERT grant suffices) would otherwise stand in for the real record in the
+        next signed root, with an inclusion proof to show for it."""
+        if trusted is not None:
+            with self._engine.connect() as conn:
+                self._verify_stored(conn, trusted, self._size(conn))
         for _ in range(_RETRIES):
             try:
                 while True:
@@ -153,6 +163,56 @@ class MerkleStore:
             except IntegrityError:
                 continue  # another process extended the tree at the same time: re-read
         raise Unavailable("the audit tree is contended; try again", code="audit_unavailable")
+
+    def _verify_stored(self, conn: Connection, start: int, size: int) -> None:
+        """Recompute the stored nodes whose subtrees reach past ``start`` (up to ``size`` leaves)
+        from the records, over the trusted nodes before ``start``; raise on any difference."""
+        if size <= start:
+            return
+        expected: dict[tuple[int, int], bytes] = {}
+        seq_expected = start + 1
+        for seq, body in conn.execute(
+            select(AUDIT_RECORDS.c.seq, AUDIT_RECORDS.c.record)
+            .where(AUDIT_RECORDS.c.seq > start, AUDIT_RECORDS.c.seq <= size)
+            .order_by(AUDIT_RECORDS.c.seq)
+        ):
+            if seq != seq_expected:
+                break
+            expected[(0, seq - 1)] = leaf_hash(body.encode("utf-8"))
+            seq_expected += 1
+        if seq_expected != size + 1:
+            raise EvidenceError(
+                f"the Merkle tree holds {size} leaves but audit record {seq_expected} is missing: "
+                "nodes were written by something other than Aegis's checkpointer; refusing to "
+                "sign over them",
+                code="evidence_invalid",
+            )
+        level = 0
+        while True:
+            parents: dict[tuple[int, int], bytes] = {}
+            for idx in range(start >> (level + 1), size >> (level + 1)):
+                children = [(level, 2 * idx), (level, 2 * idx + 1)]
+                trusted = [c for c in children if c not in expected]
+                known = {**self._nodes(conn, trusted), **expected} if trusted else expected
+                parents[(level + 1, idx)] = node_hash(known[children[0]], known[children[1]])
+            if not parents:
+                break
+            expected.update(parents)
+            level += 1
+        for lv in range(level + 1):
+            lo = min(ix for (l2, ix) in expected if l2 == lv)
+            stored = dict(conn.execute(
+                select(AUDIT_TREE_NODES.c.idx, AUDIT_TREE_NODES.c.hash)
+                .where(AUDIT_TREE_NODES.c.level == lv, AUDIT_TREE_NODES.c.idx >= lo)
+            ).all())  # fmt: skip
+            for (l2, ix), digest in expected.items():
+                if l2 == lv and bytes(stored.get(ix, b"")) != digest:
+                    raise EvidenceError(
+                        f"the stored Merkle tree disagrees with the audit records at node "
+                        f"{(lv, ix)}: it was written by something other than Aegis's "
+                        "checkpointer; refusing to sign over it",
+                        code="evidence_invalid",
+                    )
 
     def _sync_batch(self) -> tuple[TreeHead, bool]:
         with self._engine.begin() as conn:
