@@ -179,6 +179,8 @@ class OtlpCollector:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.status = 200
+        #: The body of a 200 answer (an ExportLogsServiceResponse in the JSON encoding).
+        self.answer = b""
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -190,8 +192,10 @@ class OtlpCollector:
                     self.send_response(outer.status)
                 else:
                     self.send_response(415)
-                self.send_header("content-length", "0")
+                answer = outer.answer if outer.status == 200 else b""
+                self.send_header("content-length", str(len(answer)))
                 self.end_headers()
+                self.wfile.write(answer)
 
             def log_message(self, *args: Any) -> None:
                 return None

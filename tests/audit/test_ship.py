@@ -57,6 +57,30 @@ def test_jsonl_rotates_and_resumes_without_gaps_or_duplicates(
     assert line["record"]["decision_id"] == "d-44" and len(line["hash"]) == 64
 
 
+def test_a_record_after_a_line_torn_by_a_crash_is_a_line_of_its_own(
+    log: AuditLog, tmp_path: Path, clock: FrozenClock
+) -> None:
+    """Power lost while writing a batch: the file ends in part of a line and the cursor did not
+    move. The resumed sink ends the torn line first, so the records resent after it are readable
+    lines, not glued onto the fragment."""
+    sink = JsonlSink(tmp_path / "out" / "audit.jsonl")
+    fill(log, 3)
+    shipper = _shipper(log, sink, tmp_path, clock)
+    shipper.run_once()
+    lines = sink.path.read_text().splitlines()
+    sink.path.write_text(f"{lines[0]}\n{lines[1]}\n{lines[2][:25]}")  # record 3 torn
+    shipper.cursor_file.write_text(json.dumps({"version": 1, "seq": 2}))
+    again = _shipper(log, JsonlSink(sink.path), tmp_path, clock)
+    assert again.cursor == 2 and again.run_once().sent == 1
+    readable = []
+    for raw in sink.path.read_text().splitlines():
+        try:
+            readable.append(json.loads(raw)["seq"])
+        except ValueError:
+            readable.append("torn")
+    assert readable == [1, 2, "torn", 3]
+
+
 @pytest.fixture
 def tls(tmp_path: Path) -> tuple[Path, Path, Path]:
     return make_ca(tmp_path)
@@ -165,6 +189,19 @@ def test_otlp_retries_a_down_collector_and_dead_letters_a_refused_batch(
     dead = [json.loads(x) for x in shipper.dead_letter_file.read_text().splitlines()]
     assert [d["entry"]["seq"] for d in dead] == [6, 7] and "400" in dead[0]["reason"]
     assert _metric("aegis_audit_exported_total", sink="otlp", outcome="dead_lettered") >= 2
+    # A 200 that says part of the batch was refused is a refusal too, not a delivery.
+    collector.status = 200
+    collector.answer = json.dumps({"partialSuccess": {"rejectedLogRecords": "2",
+                                                      "errorMessage": "too old"}}).encode()  # fmt: skip
+    fill(log, 3, start=7)
+    stats = shipper.run_once()
+    assert stats.dead_lettered == 3 and shipper.cursor == 10
+    dead = [json.loads(x) for x in shipper.dead_letter_file.read_text().splitlines()]
+    assert [d["entry"]["seq"] for d in dead[-3:]] == [8, 9, 10]
+    assert "rejected 2 of 3" in dead[-1]["reason"] and "too old" in dead[-1]["reason"]
+    collector.answer = json.dumps({"partialSuccess": {}}).encode()  # nothing rejected
+    fill(log, 1, start=10)
+    assert shipper.run_once().sent == 1
     sink.close()
 
 

@@ -37,6 +37,12 @@ def _last_seq(path: Path) -> int:
     return 0
 
 
+def _ends_in_newline(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
 class JsonlSink:
     def __init__(
         self, path: Path, *, max_bytes: int = 64 * 1024 * 1024, name: str = "jsonl"
@@ -79,6 +85,10 @@ class JsonlSink:
             if size and size + len(text) > self.max_bytes:
                 self._rotate()
             with self.path.open("ab") as f:
+                if f.tell() and not _ends_in_newline(self.path):
+                    # A line torn by a crash mid-write: end it, so that the next record is a
+                    # line of its own, not glued onto the fragment (which readers skip).
+                    text = b"\n" + text
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())

@@ -87,10 +87,29 @@ class OtlpSink:
         except httpx.HTTPError as exc:
             raise SinkDown(f"OTLP endpoint unreachable: {type(exc).__name__}") from exc
         if 200 <= response.status_code < 300:
-            return
+            return _partial_success(response.content, len(records))
         if response.status_code in _RETRYABLE or response.status_code >= 500:
             raise SinkDown(f"OTLP endpoint answered {response.status_code}")
         raise SinkRejected(f"OTLP endpoint refused the batch with {response.status_code}")
 
     def close(self) -> None:
         self._client.close()
+
+
+def _partial_success(body: bytes, sent: int) -> None:
+    """A 2xx that says some records were refused (``partialSuccess.rejectedLogRecords``, OTLP
+    §"Partial Success") is a refusal: the spec says not to retry them, and which ones it does
+    not say, so the batch is dead-lettered whole (the accepted ones may then be in both)."""
+    if not body:
+        return
+    try:
+        partial = json.loads(body).get("partialSuccess") or {}
+        rejected = int(partial.get("rejectedLogRecords") or 0)
+    except (ValueError, AttributeError, TypeError):
+        return  # not the JSON encoding's answer: a 2xx is a delivery
+    if rejected > 0:
+        why = str(partial.get("errorMessage") or "")[:200]
+        raise SinkRejected(
+            f"OTLP endpoint rejected {rejected} of {sent} records of the batch"
+            + (f": {why}" if why else "")
+        )
