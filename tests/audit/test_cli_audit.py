@@ -155,3 +155,17 @@ def test_prove_names_the_decision_record_not_another_record_with_its_id(
     doc = cli.json("audit", "prove", "d-held")
     assert doc["seq"] == 2
     assert json.loads(doc["record"])["kind"] == "gateway.decision"
+
+
+def test_prove_is_not_led_astray_by_a_callers_body(cli: Cli, log: AuditLog) -> None:
+    """A body held for approval is written (redacted) in approval.requested before the decision:
+    a member "kind": "gateway.decision" in it, or the decision's id named inside it, must not
+    make that record the one proved. Only a record's own top-level members count."""
+    log.append("approval.requested", {"id": "apr_1", "decision_id": "d-held",
+                                      "parameters": {"kind": "gateway.decision", "amount": 5}})  # fmt: skip
+    log.append("approval.requested", {"id": "apr_2", "decision_id": "d-other",
+                                      "parameters": {"decision_id": "d-ghost"}})  # fmt: skip
+    log.append("gateway.decision", {"decision_id": "d-held", "action": "approval_needed"})
+    doc = cli.json("audit", "prove", "d-held")
+    assert (doc["seq"], json.loads(doc["record"])["kind"]) == (3, "gateway.decision")
+    cli.fails("audit", "prove", "d-ghost", code="not_found")

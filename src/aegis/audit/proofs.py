@@ -15,10 +15,11 @@ A consistency proof carries two signed checkpoints and the RFC 9162 §2.1.4 path
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import case, select
+from sqlalchemy import select
 
 from aegis.audit.checkpoint import Checkpoint, Checkpointer, verify_checkpoint
 from aegis.audit.merkle import leaf_hash, verify_consistency, verify_inclusion
@@ -44,15 +45,38 @@ def find_record(checkpointer: Checkpointer, record_id: str) -> tuple[int, str]:
         # Other records carry a decision's id too (approval.requested is written before the
         # decision it holds, gateway.forward_failed after it): the decision record comes first,
         # judged by the kind inside the hashed record, not the unhashed kind column.
+        # The text match only narrows the search: a caller's body held for approval may hold
+        # '"kind":"gateway.decision"' and this id too. The record's own top-level members, read
+        # from the hashed text, decide.
         needle = f'"decision_id":"{record_id}"'
         query = query.where(AUDIT_RECORDS.c.record.contains(needle, autoescape=True))
-        decision = AUDIT_RECORDS.c.record.contains(f'"kind":"{DECISION_KIND}"', autoescape=True)
-        query = query.order_by(case((decision, 0), else_=1))
+        with checkpointer.log.engine.connect() as conn:
+            rows = conn.execute(query.order_by(AUDIT_RECORDS.c.seq).limit(_CANDIDATES)).all()
+        named = [(int(seq), str(text)) for seq, text in rows if _names(str(text), record_id)]
+        for seq, text in named:
+            if json.loads(text).get("kind") == DECISION_KIND:
+                return seq, text
+        if named:
+            return named[0]
+        raise NotFound(f"no audit record {record_id!r} (pruned, or never written)")
     with checkpointer.log.engine.connect() as conn:
-        row = conn.execute(query.order_by(AUDIT_RECORDS.c.seq).limit(1)).first()
+        row = conn.execute(query.limit(1)).first()
     if row is None:
         raise NotFound(f"no audit record {record_id!r} (pruned, or never written)")
     return int(row[0]), str(row[1])
+
+
+#: Records of one decision looked at, at most (its decision, body, approval and failure records).
+_CANDIDATES = 64
+
+
+def _names(text: str, decision_id: str) -> bool:
+    """Whether the record's own top-level ``decision_id`` (not one inside its members) is it."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and doc.get("decision_id") == decision_id
 
 
 def inclusion_document(checkpointer: Checkpointer, record_id: str) -> dict[str, Any]:
