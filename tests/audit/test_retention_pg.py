@@ -71,6 +71,8 @@ def test_a_fully_pruned_log_continues_its_chain(
     cp.checkpoint()
     clock.advance(10)
     assert prune(log, before=clock.now()).deleted == 3
+    report = log.verify_chain()  # nothing left: pruned up to the newest checkpoint, intact
+    assert report.ok and report.records == 0, report
     fill(log, 1, start=3)
     assert log.verify_chain().ok and next(iter(log.records()))["n"] == 3
     assert verify_export(export_text(cp), jwks_resolver(keyring.jwks())).first_seq == 4

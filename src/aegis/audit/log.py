@@ -469,7 +469,9 @@ class AuditLog:
         the chain head that the signed checkpoint at the prune point recorded."""
         with self._engine.connect() as conn:
             first = conn.execute(select(func.min(AUDIT_RECORDS.c.seq))).scalar()
-            start = 0 if first is None or first == 1 else int(first) - 1
+            # An empty table is a log pruned up to its newest checkpoint (the chain continues
+            # from there, as appends do), or one never written.
+            start = _pruned_tail(conn)[0] if first is None else int(first) - 1
             prev = GENESIS_HASH
             if start:
                 head = conn.execute(
