@@ -259,7 +259,9 @@ def test_tree_nodes_inserted_outside_the_checkpointer_are_never_signed(
     signed = checkpointer.checkpoint()
     fake = canonical_json({"decision_id": "d-fake", "action": "allow", "kind": "gateway.decision"})
     cr = checkpointer.tree.compact_range(3)
-    rows = [{"level": lv, "idx": ix, "hash": h} for lv, ix, h in cr.append(leaf_hash(fake.encode()))]
+    rows = [
+        {"level": lv, "idx": ix, "hash": h} for lv, ix, h in cr.append(leaf_hash(fake.encode()))
+    ]
     if where == "next leaf":
         rows = [r for r in rows if r["level"] == 0]
     elif where == "a later leaf":  # past a gap: the size read from the nodes skips records
@@ -287,3 +289,32 @@ def test_honest_checkpoints_verify_what_was_synced_since_the_last(
     assert checkpointer.checkpoint().tree_size == 13
     summary = verify_export(export_text(checkpointer), jwks_resolver(keyring.jwks()))
     assert summary.records == 13
+
+
+def test_an_export_cut_at_its_start_does_not_pass_for_a_pruned_logs(
+    log: AuditLog, checkpointer: Checkpointer, keyring: KeyRing
+) -> None:
+    """Records 1-5 cut from an unpruned export and replaced by a base computed from them read,
+    link by link and checkpoint by checkpoint, as a log pruned at 5. The end checkpoint signs
+    where the records start, so the cut is named."""
+    from aegis.audit.merkle import CompactRange
+
+    fill(log, 5)
+    checkpointer.checkpoint()
+    fill(log, 4, start=5)
+    lines = export_text(checkpointer)
+    objs = [loads(x) for x in lines]
+    assert verify_export(lines, jwks_resolver(keyring.jwks())).first_seq == 1
+    dropped = [o for o in objs if o["type"] == "record" and o["seq"] <= 5]
+    frontier = CompactRange()
+    for o in dropped:
+        frontier.append(leaf_hash(o["record"].encode()))
+    at_five = next(o for o in objs if o["type"] == "checkpoint")
+    rest = [o for o in objs[1:] if o not in dropped and o is not at_five]
+    rest[-1]["records"] = 4
+    base = {"type": "base", "tree_size": 5, "compact_range": [h.hex() for h in frontier.hashes]}
+    forged = [lines[0], dumps(base), dumps(at_five), *(dumps(o) for o in rest)]
+    with pytest.raises(
+        EvidenceError, match=r"truncated.*starts after 5, its signed end says after 0"
+    ):
+        verify_export(forged, jwks_resolver(keyring.jwks()))

@@ -21,11 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from aegis.audit.log import AuditLog
-from aegis.audit.sql_tables import AUDIT_CHECKPOINTS
+from aegis.audit.sql_tables import AUDIT_CHECKPOINTS, AUDIT_RECORDS
 from aegis.audit.tree import MerkleStore, TreeHead
 from aegis.clock import Clock
 from aegis.crypto.jws import encode_segment, parse_compact, sign_compact
@@ -69,9 +69,17 @@ class Checkpoint:
 
 
 def sign_checkpoint(
-    keyring: KeyRing, *, issuer: str, head: TreeHead, now: float, purpose: Purpose = "periodic"
+    keyring: KeyRing,
+    *,
+    issuer: str,
+    head: TreeHead,
+    now: float,
+    purpose: Purpose = "periodic",
+    base: int | None = None,
 ) -> str:
-    """Raises ``Unavailable(key_store_unavailable)`` when there is no active key."""
+    """Raises ``Unavailable(key_store_unavailable)`` when there is no active key. ``base``: for
+    an export, the position its records start after (the prune point, 0 for the whole log),
+    signed so that an export cut at its start does not pass for a pruned log's."""
     key = keyring.signing_key()
     header = encode_segment(
         {"alg": keyring.settings.signing_alg, "typ": CHECKPOINT_TYP, "kid": key.kid}
@@ -84,6 +92,8 @@ def sign_checkpoint(
         "chain_hash": head.chain_hash,
         "purpose": purpose,
     }
+    if base is not None:
+        claims["base"] = base
     return sign_compact(header, claims, key.sign)
 
 
@@ -255,11 +265,16 @@ class Checkpointer:
         AUDIT_CHECKPOINT_SIZE.set(latest.tree_size)
         return latest
 
-    def head_for_export(self) -> tuple[TreeHead, str]:
-        """Sync, and sign an ``export`` checkpoint of the whole log (not stored)."""
+    def head_for_export(self) -> tuple[TreeHead, str, int]:
+        """Sync, and sign an ``export`` checkpoint of the whole log (not stored), naming where
+        the records still held start (after ``base``, the prune point; every record pruned,
+        the head). Returns the head, the token and the base."""
         head = self.tree.sync(trusted=self._trusted_size())
+        with self.log.engine.connect() as conn:
+            first = conn.execute(select(func.min(AUDIT_RECORDS.c.seq))).scalar()
+        base = head.size if first is None else int(first) - 1
         now = self._clock.now()
         token = sign_checkpoint(
-            self._keyring, issuer=self._issuer, head=head, now=now, purpose="export"
+            self._keyring, issuer=self._issuer, head=head, now=now, purpose="export", base=base
         )
-        return head, token
+        return head, token, base

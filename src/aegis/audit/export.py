@@ -22,7 +22,7 @@ import json
 from collections.abc import Iterator
 from typing import IO, Any, Final
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from aegis.audit.checkpoint import Checkpointer
 from aegis.audit.sql_tables import AUDIT_RECORDS
@@ -40,13 +40,10 @@ def _line(obj: dict[str, Any]) -> str:
 
 def export_lines(checkpointer: Checkpointer, *, issuer: str, now: float) -> Iterator[str]:
     """The export of everything the log still holds, as lines without newlines."""
-    head, end_token = checkpointer.head_for_export()
+    # base: the prune point (every record pruned: the head, and the export is a base and its
+    # checkpoint), signed in the end checkpoint.
+    head, end_token, base = checkpointer.head_for_export()
     engine = checkpointer.log.engine
-    with engine.connect() as conn:
-        first = conn.execute(select(func.min(AUDIT_RECORDS.c.seq))).scalar()
-    base = 0 if first is None else int(first) - 1
-    if first is None and head.size:
-        base = head.size  # every record pruned: the export is a base and its checkpoint
     checkpoints = [c for c in checkpointer.all() if base <= c.tree_size <= head.size]
     yield _line(
         {

@@ -22,6 +22,7 @@ from aegis.audit.checkpoint import Checkpoint, verify_checkpoint
 from aegis.audit.export import EXPORT_FORMAT, EXPORT_VERSION
 from aegis.audit.log import GENESIS_HASH, record_hash
 from aegis.audit.merkle import CompactRange, leaf_hash
+from aegis.crypto.jws import parse_compact
 from aegis.crypto.keys import PublicKey
 from aegis.errors import EvidenceError
 
@@ -187,6 +188,15 @@ def verify_export(
             cp = walk.checkpoint(number, obj, end=True)
             if obj.get("records") != walk.tree.size - (walk.first or walk.tree.size + 1) + 1:
                 raise _damage(number, cp.tree_size, "truncated", "record count does not match")
+            # Where the records start is signed: an export cut at its start, with a base made
+            # up from the records cut, does not pass for a pruned log's.
+            signed_base = parse_compact(obj["token"]).payload.get("base")
+            start = walk.first - 1 if walk.first is not None else cp.tree_size
+            if signed_base is not None and signed_base != start:
+                raise _damage(
+                    number, start, "truncated",
+                    f"the export starts after {start}, its signed end says after {signed_base}",
+                )  # fmt: skip
             if peeked is not None:
                 raise _damage(peeked[0], cp.tree_size, "malformed", "lines after the end line")
             return ExportSummary(
