@@ -5,17 +5,19 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import insert, text
 from sqlalchemy.exc import DBAPIError
 
-from aegis.audit.checkpoint import Checkpointer, jwks_resolver
+from aegis.audit.checkpoint import Checkpointer, jwks_resolver, sign_checkpoint
 from aegis.audit.log import AuditLog
 from aegis.audit.retention import prune
+from aegis.audit.sql_tables import AUDIT_CHECKPOINTS
 from aegis.audit.verify import verify_export
-from aegis.clock import FrozenClock
+from aegis.clock import FrozenClock, random_bytes
 from aegis.crypto.keyring import KeyRing
 from aegis.errors import EvidenceError
 from tests.audit.conftest import ISSUER, dumps, export_text, fill, loads
+from tests.crypto.fakes import MemoryKeyStore
 
 
 @pytest.fixture
@@ -237,3 +239,38 @@ def test_an_upgrade_the_app_role_cannot_install_says_to_start_as_owner(
         with pg_log.engine.begin() as conn:
             conn.exec_driver_sql(f"DROP OWNED BY {role}")
             conn.exec_driver_sql(f"DROP ROLE {role}")
+
+
+@pytest.mark.parametrize("token", ["not-a-jws", "forged"])
+def test_a_checkpoint_row_written_outside_aegis_is_no_prune_point(
+    log: AuditLog, keyring: KeyRing, clock: FrozenClock, token: str
+) -> None:
+    """The database knows only that a checkpoint row of a size exists; a role that may insert
+    into the table could write one (garbage, or signed with another key) to have records no
+    signature ever covered deleted. Retention checks the row is one this log signed first."""
+    cp = Checkpointer(log, keyring, issuer=ISSUER, clock=clock)
+    fill(log, 3)
+    cp.checkpoint()
+    fill(log, 4, start=3)
+    head = cp.tree.sync()
+    if token == "forged":
+        other = KeyRing(MemoryKeyStore(), random_bytes(32), clock)
+        other.ensure_initialized()
+        token = sign_checkpoint(other, issuer=ISSUER, head=head, now=clock.now())
+    row = {"tree_size": head.size, "time": clock.now(), "root_hash": head.root.hex(),
+           "chain_hash": head.chain_hash, "token": token}  # fmt: skip
+    with log.engine.begin() as conn:
+        conn.execute(insert(AUDIT_CHECKPOINTS), [row])
+    clock.advance(10)
+    with pytest.raises(EvidenceError, match="not one this log signed"):
+        prune(log, before=clock.now(), verify=cp.verify_stored)
+    assert log.count() == 7
+    if token == "not-a-jws":  # the table was tampered with: checkpointing says so and stops
+        with pytest.raises(EvidenceError, match="written outside Aegis"):
+            cp.checkpoint()
+        return
+    fill(log, 1, start=7)
+    real = cp.checkpoint()  # a signed one at 8: that one prunes
+    clock.advance(10)
+    assert real.tree_size == 8
+    assert prune(log, before=clock.now(), verify=cp.verify_stored).deleted == 8

@@ -187,12 +187,19 @@ class Checkpointer:
     @staticmethod
     def _decode(token: str) -> Checkpoint:
         # Rows this log wrote itself; third parties verify with :func:`verify_checkpoint`. The
-        # signature is not re-checked here because the signing key may long be retired.
-        jws = parse_compact(token)
-        c = jws.payload
+        # signature is not re-checked here because the signing key may long be retired. A row
+        # that is not a checkpoint at all was written outside Aegis: said so, not a crash.
+        try:
+            jws = parse_compact(token)
+            c = jws.payload
+            size, root = int(c["tree_size"]), bytes.fromhex(c["root_hash"])
+        except (AegisError, KeyError, TypeError, ValueError):
+            raise EvidenceError(
+                "a row of the checkpoint table is not a checkpoint; it was written outside Aegis"
+            ) from None
         return Checkpoint(
-            int(c["tree_size"]),
-            bytes.fromhex(c["root_hash"]),
+            size,
+            root,
             str(c["chain_hash"]),
             float(c["iat"]),
             str(c["purpose"]),
@@ -229,6 +236,25 @@ class Checkpointer:
                 )
             return cp.tree_size
         return 0
+
+    def verify_stored(self, size: int, token: str, chain_head: str) -> Checkpoint:
+        """That ``token``, stored as the checkpoint at ``size``, is one this log signed (a key of
+        the ring, this issuer) for that size and chain head; ``EvidenceError`` otherwise."""
+        try:
+            cp = verify_checkpoint(
+                token, jwks_resolver(self._keyring.evidence_jwks()), issuer=self._issuer
+            )
+        except EvidenceError as exc:
+            raise EvidenceError(
+                f"the checkpoint stored at {size} is not one this log signed ({exc.message}); "
+                "it was written outside Aegis: nothing is pruned"
+            ) from exc
+        if (cp.tree_size, cp.chain_hash) != (size, chain_head):
+            raise EvidenceError(
+                f"the checkpoint stored at {size} signs another size or chain head; it was "
+                "written outside Aegis: nothing is pruned"
+            )
+        return cp
 
     def checkpoint(self) -> Checkpoint:
         """Sync the tree; sign and store a checkpoint unless one already covers the whole log."""

@@ -79,7 +79,13 @@ class AuditMaintainer:
             # Never prune what a sink of this process has not received yet.
             shipped = min((sh.cursor for sh in self.shippers), default=None)
             self._guard(
-                "prune", lambda: prune(self.checkpointer.log, before=cutoff, at_most=shipped)
+                "prune",
+                lambda: prune(
+                    self.checkpointer.log,
+                    before=cutoff,
+                    at_most=shipped,
+                    verify=self.checkpointer.verify_stored,
+                ),
             )
             self._next_prune = now + PRUNE_INTERVAL
         for shipper in self.shippers:

@@ -14,6 +14,7 @@ path past the append-only trigger; on SQLite it is a plain ``DELETE``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import delete, func, select, text
@@ -52,11 +53,34 @@ def prune_point(log: AuditLog, *, before: float, at_most: int | None = None) -> 
     return int(upto or 0)
 
 
-def prune(log: AuditLog, *, before: float, at_most: int | None = None) -> PruneResult:
-    """Delete records up to :func:`prune_point`; idempotent."""
+#: Checks that the checkpoint row at a prune point is one this log signed: ``(size, token, chain
+#: head at size)``, raising ``EvidenceError`` if not (:meth:`Checkpointer.verify_stored`).
+CheckpointCheck = Callable[[int, str, str], object]
+
+
+def prune(
+    log: AuditLog,
+    *,
+    before: float,
+    at_most: int | None = None,
+    verify: CheckpointCheck | None = None,
+) -> PruneResult:
+    """Delete records up to :func:`prune_point`; idempotent. With ``verify`` (every Aegis caller
+    passes it), the checkpoint row there must be one this log signed for the chain as it stands:
+    the database only knows that a row of that size exists, and a role that may insert into the
+    checkpoint table could write one to have records no signature ever covered deleted."""
     upto = prune_point(log, before=before, at_most=at_most)
     if upto == 0:
         return PruneResult(0, 0)
+    if verify is not None:
+        with log.engine.connect() as conn:
+            token = conn.execute(
+                select(AUDIT_CHECKPOINTS.c.token).where(AUDIT_CHECKPOINTS.c.tree_size == upto)
+            ).scalar()
+            head = conn.execute(
+                select(AUDIT_RECORDS.c.hash).where(AUDIT_RECORDS.c.seq == upto)
+            ).scalar()
+        verify(upto, str(token), str(head))
     with log.engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             deleted = conn.execute(

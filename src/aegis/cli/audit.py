@@ -184,7 +184,12 @@ def prune_cmd(ctx: typer.Context, as_json: JsonOpt = False) -> None:
             return
         log = AuditLog(services.config.database_url(), clock=services.clock)
         try:
-            result = prune(log, before=services.clock.now() - days * 86400)
+            signer = Checkpointer(
+                log, services.keyring, issuer=services.config.issuer, clock=services.clock
+            )
+            result = prune(
+                log, before=services.clock.now() - days * 86400, verify=signer.verify_stored
+            )
         finally:
             log.close()
     data = {"upto": result.upto, "deleted": result.deleted}
