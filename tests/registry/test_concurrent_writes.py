@@ -88,10 +88,13 @@ def test_the_revocation_mark_never_moves_back(registry: RegistryService) -> None
     """A status change on a replica whose clock lags must not lower the mark an earlier one set
     (the tokens it ended would pass again)."""
     first = registry.set_agent_status("a1", AgentStatus.SUSPENDED, actor="admin")
-    registry.set_agent_status("a1", AgentStatus.ACTIVE, actor="admin")
+    # The return moves the mark to the start of its own second: later than the suspension's
+    # when the two straddle a second boundary, never earlier.
+    back = registry.set_agent_status("a1", AgentStatus.ACTIVE, actor="admin")
+    assert back.tokens_not_before >= first.tokens_not_before
     lagging = RegistryService(registry.store, clock=_Behind(SystemClock(), 60.0), pepper=b"p" * 32)
     again = lagging.set_agent_status("a1", AgentStatus.SUSPENDED, actor="admin")
-    assert again.tokens_not_before == first.tokens_not_before
+    assert again.tokens_not_before == back.tokens_not_before
 
 
 class _Behind:
