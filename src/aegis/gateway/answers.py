@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 from urllib.parse import unquote
 
@@ -184,6 +184,41 @@ def _readings(text: str) -> set[str]:
     return out
 
 
+#: Markup a reader of HTML or XML does not show: a tag (``<span>``, ``<wbr>``) or a comment.
+_MARKUP: Final = re.compile(r"<!--.*?(?:-->|\Z)|<[A-Za-z/!?][^<>]*>", re.DOTALL)
+#: A Markdown (CommonMark) backslash escape of ASCII punctuation: ``ann\@example.com``.
+_MARKDOWN_ESCAPE: Final = re.compile(r"\\([!-/:-@\[-`{-~])")
+#: Quoted-printable (vCard 2.1, MIME parts): ``=40`` is ``@``, ``=`` at a line's end joins it.
+_QUOTED_PRINTABLE: Final = re.compile(r"=([0-9A-Fa-f]{2})|=\r?\n")
+
+
+def _renderings(text: str) -> list[str]:
+    """What readers of markup show of ``text`` besides it: HTML or XML with its tags and
+    comments gone (read as nothing or as a space), Markdown with its backslash escapes read,
+    quoted-printable decoded."""
+    out = []
+    if "<" in text:
+        out += [_MARKUP.sub(gap, text) for gap in ("", " ")]
+    if "\\" in text:
+        out.append(_MARKDOWN_ESCAPE.sub(r"\1", text))
+    if "=" in text:
+        out.append(
+            _QUOTED_PRINTABLE.sub(lambda m: chr(int(m.group(1), 16)) if m.group(1) else "", text)
+        )
+    return [r for r in out if r != text]
+
+
+def _revealed_by_rendering(text: str, patterns: tuple[str, ...]) -> bool:
+    """Whether ``text`` read as markup (:func:`_renderings`) shows something the masks find
+    that they do not find in it as written: ``<span>4111</span> <span>1111</span> …``,
+    ``<b>ann</b>@example.com``, ``ann\\@example.com``, ``ann=40example.com``. What they find as
+    written is masked first, so markup around an already masked card does not count."""
+    if not any(c in text for c in "<\\="):
+        return False
+    masked = mask_text(text, patterns)
+    return any(mask_text(r, patterns) != r for r in _renderings(masked))
+
+
 def _revealed_by_decoding(text: str, patterns: tuple[str, ...]) -> bool:
     """Whether decoding the escapes in ``text`` (every reading of :func:`_readings`, up to three
     layers: ``%2534`` is ``%34`` is ``4``) shows the masks something they do not find in it as
@@ -327,12 +362,48 @@ def _hidden_from_masks(text: str, patterns: tuple[str, ...]) -> str | None:
             "a text answer to mask holds an escape (\\u, \\x, %XX, &#, &name;) that decodes "
             "to what the masks look for"
         )
+    if _revealed_by_rendering(text, patterns):
+        return (
+            "a text answer to mask holds markup (a tag, a comment, a Markdown or quoted-printable "
+            "escape) inside what the masks look for: rendered, it shows it whole"
+        )
     if not text.isascii() and any(ch.isdigit() for ch in _NON_ASCII.findall(text)):
         return "a text answer to mask must write its digits as ASCII 0-9"
     if any(exponent_number_digits(m.group(0)) for m in _EXPONENT_TOKEN.finditer(text)):
         return "a text answer to mask must write no number of 13 to 19 digits with an exponent"
     if hidden_from_masks(text, patterns):
         return _HIDDEN_FROM_MASKS
+    return None
+
+
+def request_mask_patterns(result: Result) -> tuple[str, ...]:
+    """The patterns the decision masks in the request."""
+    return tuple(
+        o.pattern
+        for o in result.obligations
+        if o.target == "request" and o.kind == "mask"
+        if o.pattern
+    )
+
+
+def hidden_from_request_masks(
+    result: Result, headers: Iterable[tuple[str, str]], body: Any
+) -> str | None:
+    """Why request masks could miss what the upstream reads, or ``None``: the checks answers get
+    (:func:`_hidden_in_json`, :func:`maskable_field`), over the forwarded body (already masked)
+    and header values. An upstream decodes ``%34``, a form's ``+`` in a cookie or a Referer
+    query, ``&#52;`` in a string, as a client would in an answer."""
+    patterns = request_mask_patterns(result)
+    if not patterns:
+        return None
+    if body is not None and (why := _hidden_in_json(body, patterns)) is not None:
+        return why
+    for name, value in headers:
+        if not maskable_field(value, patterns):
+            return (
+                f"the {name[:64]} header writes what the masks look for in an encoded form the "
+                "upstream may decode (%XX, +, an HTML reference, Unicode look-alikes)"
+            )
     return None
 
 
@@ -375,6 +446,11 @@ def _hidden_in_string(text: str, patterns: tuple[str, ...]) -> str | None:
         return (
             "a JSON answer to mask holds a string with an escape (\\u, \\x, %XX, &#, "
             "&name;) that decodes to what the masks look for"
+        )
+    if _revealed_by_rendering(text, patterns):
+        return (
+            "a JSON answer to mask holds a string with markup (a tag, a comment, a Markdown or "
+            "quoted-printable escape) inside what the masks look for: rendered, it shows it whole"
         )
     for token in _EXPONENT_TOKEN.finditer(as_read(text)):
         if any(mask_text(d, patterns) != d for d in exponent_number_digits(token.group(0))):

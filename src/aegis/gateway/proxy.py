@@ -49,6 +49,7 @@ from aegis.gateway.answers import (
     SANITIZE_INLINE,
     SANITIZED_REQUEST_DROP,
     SANITIZED_REQUEST_REFUSE,
+    hidden_from_request_masks,
     mask_patterns,
     maskable_field,
     media_type,
@@ -604,6 +605,15 @@ class ReverseProxy:
         headers["x-forwarded-host"] = ctx.host  # the vetted Host the route was chosen by
         if result.obligations:
             headers = apply_to_headers(headers, result.obligations, "request")
+            # Masks rewrite what they see as written; what an upstream decodes they do not see.
+            forwarded = result.body if result.body_changed else None
+            if why := hidden_from_request_masks(result, headers.items(), forwarded):
+                return await self._gateway_error(
+                    send, ctx, 403, "policy_error",
+                    f"policy masks this request, which cannot be masked as the upstream reads "
+                    f"it: {why}; send the data as plain text",
+                    result,
+                )  # fmt: skip
         headers.update(result.upstream_headers)
         if response_rules(result):
             headers.pop("accept-encoding", None)  # the answer must be readable to be sanitized

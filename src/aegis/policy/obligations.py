@@ -271,6 +271,8 @@ def _redact(value: Any, keys: list[str]) -> Any:
         return REDACTED
     if isinstance(value, list):  # a path walks through lists element by element
         return [_redact(v, keys if keys[0] != "*" else keys[1:]) for v in value]
+    if isinstance(value, str):
+        return _redact_encoded(value, keys)
     if not isinstance(value, dict):
         return value
     # Member names match case-insensitively: Go's encoding/json and ASP.NET read {"SSN": …} as
@@ -288,6 +290,22 @@ def _redact(value: Any, keys: list[str]) -> Any:
         else:
             out[k] = _redact(v, keys[len(parts) :])
     return out
+
+
+def _redact_encoded(value: str, keys: list[str]) -> str:
+    """A string on a redacted path that holds a JSON document (double-encoded JSON, which many
+    APIs send: ``{"customer": "{\\"ssn\\": …}"}``) is read as a client parsing it reads it:
+    redacted inside, and written back as JSON; any other string stays as it is."""
+    if not value.lstrip().startswith(("{", "[")):
+        return value
+    try:
+        inner = json.loads(value)
+    except ValueError:
+        return value
+    if not isinstance(inner, dict | list):
+        return value
+    redacted = _redact(inner, keys)
+    return value if redacted == inner else json.dumps(redacted, ensure_ascii=False)
 
 
 def _for(
