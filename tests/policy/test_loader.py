@@ -129,6 +129,43 @@ BAD = [
 ]
 
 
+#: A trailing newline (what a YAML block scalar ``path: |`` adds) passed the checks, whose ``$``
+#: matches before a final newline: Python then read the member "amount\n" (never there) and
+#: the Rego bundle read ``.amount`` with a line break after it, so a deny over 5000 fired in
+#: one engine and not in the other.
+NEWLINES = [
+    '- {id: a, action: deny, when: {path: "request.body.amount\\n", gt: 5000}}\n',
+    '- {id: a, action: allow, when: {path: "agent.attributes.tier\\n", eq: gold}}\n',
+    '- {id: a, action: allow, when: {time: {dates: {start: "2025-01-01\\n"}}}}\n',
+    '- {id: a, action: allow, when: {time: {hours: {start: "08:00\\n", end: "09:00"}}}}\n',
+    '- {id: "a\\n", action: allow}\n',
+    "- {id: a, action: sanitize, obligations: [{kind: redact, target: response, "
+    'path: "customer.ssn\\n"}]}\n',
+    "- {id: a, action: sanitize, obligations: [{kind: drop_header, target: request, "
+    'header: "x-a\\nb"}]}\n',
+    '- {id: a, action: approval_needed, approval: {group: "finance\\n"}}\n',
+]
+
+
+@pytest.mark.parametrize("rules", NEWLINES)
+def test_a_name_ending_in_a_newline_is_refused(rules: str) -> None:
+    err = _error(_rules(rules))
+    assert err.code == "policy_invalid"
+
+
+def test_a_block_scalar_path_is_refused_with_its_line() -> None:
+    text = _rules("""\
+        - id: a
+          action: deny
+          when:
+            path: |
+              request.body.amount
+            gt: 5000
+    """)
+    err = _error(text)
+    assert "path" in err.details["path"], err.message
+
+
 @pytest.mark.parametrize(("rules", "line", "path", "message"), BAD)
 def test_bad_policies_name_line_path_and_problem(
     rules: str, line: int, path: str, message: str

@@ -88,7 +88,11 @@ _COMPOSITES: Final = ("all", "any", "not", "time")
 
 Action = Literal["allow", "deny", "sanitize", "approval_needed"]
 Number = StrictInt | StrictFloat
-Name = Annotated[StrictStr, Field(min_length=1, max_length=256)]
+#: A name policy gives (an approver group, a channel): printable, no control character (a
+#: newline would start another line of the generated Rego, or of a log).
+Name = Annotated[StrictStr, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+#: An HTTP field name (RFC 9110 §5.1 token).
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 NameList = Annotated[list[Name], Field(min_length=1, max_length=1000)]
 _RULE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
@@ -208,7 +212,7 @@ class HourRange(_Strict):
     @field_validator("start", "end")
     @classmethod
     def _hhmm(cls, v: str) -> str:
-        if not _HHMM.match(v):
+        if not _HHMM.fullmatch(v):
             raise ValueError(f"hour {v!r} must be HH:MM between 00:00 and 24:00")
         return v
 
@@ -229,7 +233,7 @@ class DateRange(_Strict):
     @field_validator("start", "end")
     @classmethod
     def _date(cls, v: str | None) -> str | None:
-        if v is not None and not _DATE.match(v):
+        if v is not None and not _DATE.fullmatch(v):
             raise ValueError(f"date {v!r} must be YYYY-MM-DD")
         return v
 
@@ -338,7 +342,7 @@ class Condition(_Strict):
     def _path(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None:
             return v
-        if not _PATH.match(v) or "*" in v:
+        if not _PATH.fullmatch(v) or "*" in v:
             raise ValueError(f"path {v!r} must be dotted keys such as request.body.amount")
         if v.split(".")[0] not in INPUT_ROOTS:
             roots = ", ".join(sorted(INPUT_ROOTS))
@@ -524,7 +528,7 @@ class Obligation(_Strict):
         given = {f for f in ("path", "pattern", "header") if getattr(self, f) is not None}
         if given != {need}:
             raise ValueError(f"a {self.kind} obligation takes exactly '{need}'")
-        if self.path is not None and not _PATH.match(self.path):
+        if self.path is not None and not _PATH.fullmatch(self.path):
             raise ValueError(
                 f"redact path {self.path!r} must be dotted keys such as customer.email"
             )
@@ -533,6 +537,8 @@ class Obligation(_Strict):
     @field_validator("header")
     @classmethod
     def _lower(cls, v: str | None) -> str | None:
+        if v is not None and not _TOKEN.fullmatch(v):
+            raise ValueError(f"header {v[:64]!r} is not an HTTP field name (RFC 9110 token)")
         return v.lower() if v is not None else v
 
 
@@ -560,7 +566,7 @@ class Rule(_Strict):
     @field_validator("id")
     @classmethod
     def _id(cls, v: str) -> str:
-        if not _RULE_ID.match(v):
+        if not _RULE_ID.fullmatch(v):
             raise ValueError(f"rule id {v!r} must match [a-z0-9][a-z0-9._-]{{0,63}}")
         return v
 

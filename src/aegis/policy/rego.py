@@ -182,7 +182,9 @@ def _lit(value: Any) -> str:
 def _ref(path: tuple[str, ...]) -> str:
     parts = ["input"]
     for key in path:
-        parts.append(f".{key}" if _IDENT.match(key) and key not in _KEYWORDS else f"[{_lit(key)}]")
+        parts.append(
+            f".{key}" if _IDENT.fullmatch(key) and key not in _KEYWORDS else f"[{_lit(key)}]"
+        )
     return "".join(parts)
 
 
