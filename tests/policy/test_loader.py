@@ -219,6 +219,14 @@ def test_top_level_problems() -> None:
         ("a: [1,\n", "yaml syntax error"),
         ("? [1]\n: 2\n", "keys must be strings"),
         ("a: !!python/object:os.system x\n", "unsupported yaml tag"),
+        # A tag on a collection was dropped, and !!str on a numeral read as the number.
+        ("a: !!python/object/apply:os.system {b: x}\n", "unsupported yaml tag"),
+        ("a: !custom [1, 2]\n", "unsupported yaml tag"),
+        ("a: !!set {b, c}\n", "unsupported yaml tag"),
+        ("a: !!str 42\n", "unsupported yaml tag"),
+        ("a: !!int '42'\n", "unsupported yaml tag"),
+        # libyaml's composer recursed in C: this many '[' crashed the process.
+        ("a: " + "[" * 100_000 + "]" * 100_000 + "\n", "nests deeper than 64"),
         ("a: .nan\n", "finite"),
         ("", "exactly one yaml document"),
         ("a: 1\n---\nb: 2\n", "exactly one yaml document"),

@@ -73,6 +73,14 @@ class _Converter:
             raise _fail(self.file, line, "yaml anchors and aliases are not supported; repeat it")
         self.seen.add(id(node))
         self.lines[path] = line
+        if node.tag != _implicit_tag(node):
+            # A tag says how to read what follows: on a collection it was dropped, and "!!str 42"
+            # was read as the number. Policy text has one reading, the one JSON would give.
+            raise _fail(
+                self.file, line,
+                f"unsupported yaml tag {node.tag!r}; write the value without a tag (quote it "
+                "for a string)",
+            )  # fmt: skip
         if isinstance(node, MappingNode):
             out: dict[str, Any] = {}
             for key_node, value_node in node.value:
@@ -147,15 +155,56 @@ _CONSTRUCTOR: Final = yaml.SafeLoader("")
 _LOADER: Final[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+#: Brackets (``[``, ``{``) open at once that refuse a document before it is parsed: far above
+#: :data:`MAX_DEPTH` (brackets inside quoted strings count too, so this bounds the nesting
+#: from above), far below what crashes the composer. Block nesting needs indentation, which the
+#: document size bounds to a depth the composer survives.
+_MAX_FLOW_NESTING: Final = 1000
+_BRACKETS: Final = re.compile(r"[\[\]{}]")
+
+
+def _flow_nesting_exceeds(text: str, limit: int) -> bool:
+    depth = 0
+    for m in _BRACKETS.finditer(text):
+        if m.group(0) in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif depth:
+            depth -= 1
+    return False
+
+
+_RESOLVER: Final = yaml.SafeLoader("")
+
+
+def _implicit_tag(node: Node) -> str:
+    """The tag YAML gives ``node`` without one written: a map, a sequence, a quoted scalar's
+    string, a plain scalar's by its text."""
+    if isinstance(node, MappingNode):
+        return "tag:yaml.org,2002:map"
+    if isinstance(node, SequenceNode):
+        return "tag:yaml.org,2002:seq"
+    assert isinstance(node, ScalarNode)
+    plain = not node.style
+    return str(_RESOLVER.resolve(ScalarNode, node.value, (plain, not plain)))  # type: ignore[no-untyped-call]
+
+
 def parse_source(text: str | bytes, file: str = "<policy>") -> SourceDoc:
     """Parse one YAML (or JSON) document; raise ``PolicyError(code="policy_invalid")``."""
     raw = text.encode() if isinstance(text, str) else text
     if len(raw) > MAX_DOCUMENT_BYTES:
         raise _fail(file, None, f"document is larger than {MAX_DOCUMENT_BYTES} bytes; split it")
     try:
-        nodes = list(yaml.compose_all(raw.decode("utf-8"), Loader=_LOADER))
+        source = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _fail(file, None, "document is not utf-8 text") from exc
+    if _flow_nesting_exceeds(source, _MAX_FLOW_NESTING):
+        # libyaml's composer recurses in C: a few hundred thousand '[' crash the process before
+        # the converter's depth check could refuse the document.
+        raise _fail(file, None, f"document nests deeper than {MAX_DEPTH} levels")
+    try:
+        nodes = list(yaml.compose_all(source, Loader=_LOADER))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         line = mark.line + 1 if mark is not None else None
