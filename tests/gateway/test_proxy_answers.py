@@ -42,10 +42,11 @@ spec:
         - {kind: mask, target: response, pattern: secret}
     - id: ledger
       action: sanitize
-      reason: no card number reaches the ledger
+      reason: no card number or address reaches the ledger
       match: {tools: [ledger]}
       obligations:
         - {kind: mask, target: request, pattern: card_number}
+        - {kind: mask, target: request, pattern: email}
 """
 SSN, CARD = "123-45-6789", "4111111111111111"
 CUSTOMER = json.dumps({"customer": {"name": "ann", "ssn": SSN}, "card": CARD}).encode()

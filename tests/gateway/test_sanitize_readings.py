@@ -8,70 +8,16 @@ gateway before a raw upstream."""
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import AsyncIterator
 
 import pytest
 
-from aegis.config import GatewaySettings
-from aegis.gateway.app import build_pipeline, create_gateway_app
-from aegis.policy.loader import load_document
-from tests.gateway.conftest import Agent, Env
-from tests.gateway.harness import RawUpstream, gateway_here, raw_answer
-from tests.gateway.test_proxy_answers import Gateway
-
-POLICY = """
-apiVersion: aegis/v1
-kind: Policy
-metadata: {name: review}
-spec:
-  rules:
-    - id: crm
-      action: sanitize
-      reason: no ssn leaves the crm
-      match: {tools: [crm]}
-      obligations:
-        - {kind: redact, target: response, path: customer.ssn}
-        - {kind: mask, target: response, pattern: card_number}
-        - {kind: mask, target: response, pattern: email}
-    - id: notes
-      action: sanitize
-      reason: notes leave masked
-      match: {tools: [notes]}
-      obligations:
-        - {kind: mask, target: response, pattern: card_number}
-        - {kind: mask, target: response, pattern: email}
-        - {kind: mask, target: response, pattern: secret}
-    - id: ledger
-      action: sanitize
-      reason: no card number or address reaches the ledger
-      match: {tools: [ledger]}
-      obligations:
-        - {kind: mask, target: request, pattern: card_number}
-        - {kind: mask, target: request, pattern: email}
-"""
-CARD = "4111111111111111"
+from tests.gateway.harness import raw_answer
+from tests.gateway.test_proxy_answers import Gateway, gateway  # noqa: F401  (fixture)
 
 
 @pytest.fixture
-async def gateway(env: Env) -> AsyncIterator[Gateway]:
-    upstream = RawUpstream()
-    async with upstream.running() as url:
-        data = env.settings.model_dump()
-        data["routes"] = [
-            {"path_prefix": f"/{tool}", "upstream": url, "tool": tool, "tenant": "acme",
-             "env": "prod"}
-            for tool in ("crm", "notes", "ledger")
-        ]  # fmt: skip
-        settings = GatewaySettings.model_validate(data)
-        version = env.policies.put(load_document(POLICY), now=time.time())
-        env.policies.activate("acme", "prod", version, actor="test", now=time.time())
-        pipeline = build_pipeline(
-            env.services, settings, policy_store=env.policies, audit=env.audit
-        )
-        app = create_gateway_app(env.services, settings, pipeline=pipeline)
-        async with gateway_here(app) as port:
-            yield Gateway(port, upstream, Agent(env, "reader"))
+def gw(gateway: Gateway) -> Gateway:  # noqa: F811  (the answers tests' gateway and policy)
+    return gateway
 
 
 @pytest.mark.parametrize(
@@ -85,12 +31,13 @@ async def gateway(env: Env) -> AsyncIterator[Gateway]:
     ],
 )
 async def test_html_markup_hides_card_and_address_from_text_masks(
-    gateway: Gateway, body: bytes
+    gw: Gateway,
+    body: bytes,
 ) -> None:
     """A text/html answer is masked as written; markup between the digits (or around the local
     part) is invisible to a reader of the rendered text but breaks the mask's run."""
-    gateway.upstream.answers["/notes/n"] = raw_answer(body, "text/html; charset=utf-8")
-    status, _, out = await gateway.call("GET", "/notes/n")
+    gw.upstream.answers["/notes/n"] = raw_answer(body, "text/html; charset=utf-8")
+    status, _, out = await gw.call("GET", "/notes/n")
     assert status == 502, (status, out)
 
 
@@ -102,10 +49,11 @@ async def test_html_markup_hides_card_and_address_from_text_masks(
     ],
 )
 async def test_html_markup_in_json_string_hides_card_from_masks(
-    gateway: Gateway, body: bytes
+    gw: Gateway,
+    body: bytes,
 ) -> None:
-    gateway.upstream.answers["/notes/j"] = raw_answer(body, "application/json")
-    status, _, out = await gateway.call("GET", "/notes/j")
+    gw.upstream.answers["/notes/j"] = raw_answer(body, "application/json")
+    status, _, out = await gw.call("GET", "/notes/j")
     assert status == 502, (status, out)
 
 
@@ -119,15 +67,15 @@ async def test_html_markup_in_json_string_hides_card_from_masks(
         "ann%40example.com",
     ],
 )
-async def test_request_json_string_escapes_pass_request_masks(gateway: Gateway, value: str) -> None:
-    """The same strings that a response mask refuses (docs/gateway.md "Masks see what the
+async def test_request_json_string_escapes_pass_request_masks(gw: Gateway, value: str) -> None:
+    """The same strings that a response mask refuses (docs/gw.md "Masks see what the
     client reads") pass a request mask unmasked: the upstream receives them as sent."""
     body = json.dumps({"memo": value}).encode()
-    status, _, out = await gateway.call(
+    status, _, out = await gw.call(
         "POST", "/ledger/charge", [("Content-Type", "application/json")], body
     )
     assert (status, json.loads(out)["code"]) == (403, "policy_error"), (status, out)
-    assert gateway.upstream.bodies == [], "forwarded"
+    assert gw.upstream.bodies == [], "forwarded"
 
 
 @pytest.mark.parametrize(
@@ -139,14 +87,16 @@ async def test_request_json_string_escapes_pass_request_masks(gateway: Gateway, 
     ],
 )
 async def test_request_header_encodings_pass_request_masks(
-    gateway: Gateway, name: str, value: str
+    gw: Gateway,
+    name: str,
+    value: str,
 ) -> None:
     body = json.dumps({"amount": 1}).encode()
-    status, _, out = await gateway.call(
+    status, _, out = await gw.call(
         "POST", "/ledger/charge", [("Content-Type", "application/json"), (name, value)], body
     )
     assert (status, json.loads(out)["code"]) == (403, "policy_error"), (status, out)
-    assert gateway.upstream.bodies == [], "forwarded"
+    assert gw.upstream.bodies == [], "forwarded"
 
 
 @pytest.mark.parametrize(
@@ -164,33 +114,35 @@ async def test_request_header_encodings_pass_request_masks(
     ],
 )
 async def test_text_escapes_the_checks_do_not_know_pass_unmasked(
-    gateway: Gateway, body: bytes, ctype: str
+    gw: Gateway,
+    body: bytes,
+    ctype: str,
 ) -> None:
-    gateway.upstream.answers["/notes/m"] = raw_answer(body, ctype)
-    status, _, out = await gateway.call("GET", "/notes/m")
+    gw.upstream.answers["/notes/m"] = raw_answer(body, ctype)
+    status, _, out = await gw.call("GET", "/notes/m")
     assert status == 502, (status, out)
 
 
-async def test_redaction_misses_a_member_inside_a_json_encoded_string(gateway: Gateway) -> None:
+async def test_redaction_misses_a_member_inside_a_json_encoded_string(gw: Gateway) -> None:
     """``customer`` holds the customer as a JSON document in a string (double-encoded JSON, as
     many APIs send): a client parses it and reads customer.ssn; the redaction never sees it."""
     inner = json.dumps({"name": "ann", "ssn": "123-45-6789"})
     body = json.dumps({"customer": inner}).encode()
-    gateway.upstream.answers["/crm/c"] = raw_answer(body, "application/json")
-    status, _, out = await gateway.call("GET", "/crm/c")
+    gw.upstream.answers["/crm/c"] = raw_answer(body, "application/json")
+    status, _, out = await gw.call("GET", "/crm/c")
     assert status == 200, out
     assert json.loads(json.loads(out)["customer"]) == {"name": "ann", "ssn": "[REDACTED]"}
 
 
-async def test_plain_markup_and_masked_values_still_pass(gateway: Gateway) -> None:
+async def test_plain_markup_and_masked_values_still_pass(gw: Gateway) -> None:
     """Markup around what the masks already found, or holding nothing they look for, is an
     answer like any other; a request whose data the masks see as written is masked and sent."""
     page = b"<p>Card: <b>4111 1111 1111 1111</b> <i>a=1&amp;b=2</i> 5 \\* 3</p>"
-    gateway.upstream.answers["/notes/ok"] = raw_answer(page, "text/html; charset=utf-8")
-    status, _, out = await gateway.call("GET", "/notes/ok")
+    gw.upstream.answers["/notes/ok"] = raw_answer(page, "text/html; charset=utf-8")
+    status, _, out = await gw.call("GET", "/notes/ok")
     assert status == 200 and b"4111 1111 1111 1111" not in out and b"<b>" in out, out
     body = json.dumps({"memo": "card 4111 1111 1111 1111"}).encode()
-    status, _, out = await gateway.call("POST", "/ledger/charge",
+    status, _, out = await gw.call("POST", "/ledger/charge",
                                         [("Content-Type", "application/json")], body)  # fmt: skip
     assert status == 200, out
-    assert "4111 1111 1111 1111" not in json.loads(gateway.upstream.bodies[-1])["memo"]
+    assert "4111 1111 1111 1111" not in json.loads(gw.upstream.bodies[-1])["memo"]
