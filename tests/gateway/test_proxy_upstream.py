@@ -92,7 +92,9 @@ class Gateway:
 
 
 @pytest.fixture
-async def gateway(env: Env) -> AsyncIterator[Gateway]:
+async def gateway(env: Env, request: pytest.FixtureRequest) -> AsyncIterator[Gateway]:
+    """The gateway before a scripted upstream, served by uvicorn's ``request.param`` protocol
+    if given (``h11``), else the default one."""
     upstream = ScriptedUpstream()
     async with upstream.running() as url:
         data = env.settings.model_dump()
@@ -107,7 +109,7 @@ async def gateway(env: Env) -> AsyncIterator[Gateway]:
             env.services, settings, policy_store=env.policies, audit=env.audit
         )
         app = create_gateway_app(env.services, settings, pipeline=pipeline)
-        async with gateway_here(app) as port:
+        async with gateway_here(app, http=getattr(request, "param", "auto")) as port:
             yield Gateway(port, upstream, Agent(env, "caller"), env)
 
 
@@ -298,41 +300,23 @@ async def test_an_int64_id_passes_where_policy_does_not_read_the_body(gateway: G
     assert head.startswith(b"HTTP/1.1 200"), head
 
 
-@pytest.mark.parametrize("http", ["auto", "h11"])
-async def test_an_absolute_form_target_is_refused_under_either_parser(env: Env, http: str) -> None:
+@pytest.mark.parametrize("gateway", ["auto", "h11"], indirect=True)
+async def test_an_absolute_form_target_is_refused_under_either_parser(gateway: Gateway) -> None:
     """``GET http://other.example/payments/x`` names another authority than the Host field, and
     a server must take the target's (RFC 9112 §3.2.2). httptools kept only its path, so the call
     was decided and forwarded as ``/payments/x`` of the Host; under h11 it was refused. Both
     refuse it now, before the upstream sees anything."""
-    upstream = ScriptedUpstream()
-    async with upstream.running() as url:
-        data = env.settings.model_dump()
-        data["routes"] = [{"path_prefix": "/payments", "upstream": url, "tool": "payments",
-                           "tenant": "acme", "env": "prod"}]  # fmt: skip
-        settings = GatewaySettings.model_validate(data)
-        env.policies.activate("acme", "prod", env.policies.put(load_document(POLICY), now=0),
-                              actor="test", now=0)  # fmt: skip
-        pipeline = build_pipeline(
-            env.services, settings, policy_store=env.policies, audit=env.audit
-        )
-        app = create_gateway_app(env.services, settings, pipeline=pipeline)
-        agent = Agent(env, "caller")
-        async with gateway_here(app, http=http) as port:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            call = signed_call(agent, "GET", "/payments/x")
-            writer.write(
-                call.replace(b"GET /payments/x ", b"GET http://other.example/payments/x ", 1)
-            )
-            head, body = await _answer(reader, 10)
-            writer.close()
-            await _closed(writer)
-            ok = signed_call(agent, "GET", "/payments/x?a=1")  # origin-form still passes
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(ok)
-            ok_head, _ = await _answer(reader, 10)
-            writer.close()
-            await _closed(writer)
+    call = gateway.request("GET", "/payments/x")
+    absolute = call.replace(b"GET /payments/x ", b"GET http://other.example/payments/x ", 1)
+    results = []
+    for raw in (absolute, gateway.request("GET", "/payments/x?a=1")):  # origin form passes
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer.write(raw)
+        results.append(await _answer(reader, 10))
+        writer.close()
+        await _closed(writer)
+    (head, body), (ok_head, _) = results
     assert head.startswith(b"HTTP/1.1 400"), head
     assert json.loads(body)["code"] == "invalid_request"
     assert ok_head.startswith(b"HTTP/1.1 200"), ok_head
-    assert [h[""] for h in upstream.heads] == ["GET /payments/x?a=1 HTTP/1.1"]
+    assert [h[""] for h in gateway.upstream.heads] == ["GET /payments/x?a=1 HTTP/1.1"]
