@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,24 @@ async def _garbage_handshake(port: int) -> None:
     writer.close()
 
 
+@contextmanager
+def _audited(pki: Pki) -> Iterator[tuple[str, AuditLog]]:
+    """A listener name of its own and a real audit log for it: (name, log)."""
+    audit = AuditLog(f"sqlite:///{pki.directory / 'audit.db'}", clock=pki.clock)
+    try:
+        yield f"flood-{uuid.uuid4().hex[:8]}", audit
+    finally:
+        audit.close()
+
+
+@asynccontextmanager
+async def _serving(pki: Pki, name: str, audit: AuditLog) -> AsyncIterator[int]:
+    """The mTLS listener ``name``, auditing to ``audit``, while in use: its port."""
+    app = gateway_app(pki, name=name, audit=audit.append_async)
+    async with serve(app, gateway_server_context(pki), name=name, audit=audit.append_async) as gw:
+        yield gw.port
+
+
 async def _until(check: object, seconds: float = 5.0) -> None:
     deadline = time.monotonic() + seconds
     while not check() and time.monotonic() < deadline:  # type: ignore[operator]
@@ -44,16 +64,11 @@ async def test_a_flood_is_counted_whole_and_audited_within_bounds(
 ) -> None:
     monkeypatch.setattr(refusals, "PER_CLIENT", 3)
     monkeypatch.setattr(refusals, "WINDOW", 2.0)
-    name = f"flood-{uuid.uuid4().hex[:8]}"
-    audit = AuditLog(f"sqlite:///{pki.directory / 'audit.db'}", clock=pki.clock)
-    app = gateway_app(pki, name=name, audit=audit.append_async)
-    try:
-        async with serve(
-            app, gateway_server_context(pki), name=name, audit=audit.append_async
-        ) as gw:
+    with _audited(pki) as (name, audit):
+        async with _serving(pki, name, audit) as port:
             started = time.monotonic()
             for _ in range(25):
-                await _garbage_handshake(gw.port)
+                await _garbage_handshake(port)
             await _until(lambda: rejections(name, "tls_handshake_failed") >= 25)
             assert rejections(name, "tls_handshake_failed") == 25  # every one counted
             assert time.monotonic() - started < 2.0, "the flood must fit in one window"
@@ -70,13 +85,11 @@ async def test_a_flood_is_counted_whole_and_audited_within_bounds(
             assert summary["by_client"] == {"127.0.0.1": 22}
             assert summary["clients"] == 1
             # A new window: the same client is written one by one again.
-            await _garbage_handshake(gw.port)
+            await _garbage_handshake(port)
             await _until(lambda: len(mine(MTLS_AUDIT_KIND)) == 4)
             assert len(mine(MTLS_AUDIT_KIND)) == 4
         assert len(mine(SUMMARY_KIND)) == 1  # nothing was only counted in the last window
         assert audit.verify_chain().ok
-    finally:
-        audit.close()
 
 
 async def test_the_listener_wide_bound_holds_and_stop_writes_the_open_window(
@@ -85,18 +98,11 @@ async def test_the_listener_wide_bound_holds_and_stop_writes_the_open_window(
     """Addresses spread over many clients are bounded by the listener's own limit, and what the
     window only counted is written when the listener stops, not lost."""
     monkeypatch.setattr(refusals, "PER_LISTENER", 2)
-    name = f"flood-{uuid.uuid4().hex[:8]}"
-    audit = AuditLog(f"sqlite:///{pki.directory / 'audit.db'}", clock=pki.clock)
-    app = gateway_app(pki, name=name, audit=audit.append_async)
-    try:
-        async with serve(
-            app, gateway_server_context(pki), name=name, audit=audit.append_async
-        ) as gw:
+    with _audited(pki) as (name, audit):
+        async with _serving(pki, name, audit) as port:
             for _ in range(6):
-                await _garbage_handshake(gw.port)
+                await _garbage_handshake(port)
             await _until(lambda: rejections(name, "tls_handshake_failed") >= 6)
         records = [r for r in audit.records() if r.get("listener") == name]
         assert [r["kind"] for r in records] == [MTLS_AUDIT_KIND] * 2 + [SUMMARY_KIND]
         assert records[-1]["suppressed"] == 4
-    finally:
-        audit.close()
