@@ -73,12 +73,12 @@ def response_rules(result: Result) -> bool:
     return any(o.target == "response" and o.kind != "drop_header" for o in result.obligations)
 
 
-def mask_patterns(result: Result) -> tuple[str, ...]:
-    """The patterns the decision masks in the answer."""
+def mask_patterns(result: Result, target: str = "response") -> tuple[str, ...]:
+    """The patterns the decision masks in the answer (or the request)."""
     return tuple(
         o.pattern
         for o in result.obligations
-        if o.target == "response" and o.kind == "mask"
+        if o.target == target and o.kind == "mask"
         if o.pattern
     )
 
@@ -376,16 +376,6 @@ def _hidden_from_masks(text: str, patterns: tuple[str, ...]) -> str | None:
     return None
 
 
-def request_mask_patterns(result: Result) -> tuple[str, ...]:
-    """The patterns the decision masks in the request."""
-    return tuple(
-        o.pattern
-        for o in result.obligations
-        if o.target == "request" and o.kind == "mask"
-        if o.pattern
-    )
-
-
 def hidden_from_request_masks(
     result: Result, headers: Iterable[tuple[str, str]], body: Any
 ) -> str | None:
@@ -393,7 +383,7 @@ def hidden_from_request_masks(
     (:func:`_hidden_in_json`, :func:`maskable_field`), over the forwarded body (already masked)
     and header values. An upstream decodes ``%34``, a form's ``+`` in a cookie or a Referer
     query, ``&#52;`` in a string, as a client would in an answer."""
-    patterns = request_mask_patterns(result)
+    patterns = mask_patterns(result, "request")
     if not patterns:
         return None
     if body is not None and (why := _hidden_in_json(body, patterns)) is not None:
