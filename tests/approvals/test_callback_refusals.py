@@ -40,3 +40,47 @@ def test_refused_callbacks_are_all_audited(tmp_path: Path) -> None:
     finally:
         s.service.close()
         s.audit.close()
+
+
+def test_refusals_at_the_status_url_are_counted_and_audited(tmp_path: Path) -> None:
+    """The URL an agent fetches its override from is where a forged or garbage credential, or
+    another agent guessing ids, is tried: each refusal there is counted and audited, the
+    caller's id cut short."""
+    from aegis.audit.log import AuditLog
+    from aegis.telemetry.metrics import REGISTRY
+    from tests.approvals.conftest import APPROVERS_YAML
+    from tests.support.server import run_server
+
+    def rejected(code: str) -> float:
+        return REGISTRY.get_sample_value("aegis_approval_rejections_total", {"code": code}) or 0.0
+
+    with run_server(tmp_path, APPROVERS_YAML) as srv:
+        token = srv.services.issuer.issue(
+            agent_id="a", client_id="c", tenant="acme", env="prod", scopes=(),
+            audience=("aegis",), lifetime=60,
+        ).token  # fmt: skip
+        forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+        before = rejected("invalid_signature"), rejected("unauthenticated")
+        signatures = REGISTRY.get_sample_value("aegis_failed_signature_verifications_total") or 0
+        long_id = "apr_" + "x" * 5000
+        answers = [
+            httpx.get(
+                f"{srv.url}/approvals/{long_id}", headers={"authorization": f"Bearer {forged}"}
+            ),
+            httpx.get(f"{srv.url}/approvals/apr_x", headers={"authorization": "Basic eA=="}),
+        ]
+        assert [a.status_code for a in answers] == [401, 401]
+        assert (rejected("invalid_signature"), rejected("unauthenticated")) == (
+            before[0] + 1, before[1] + 1)  # fmt: skip
+        assert (
+            REGISTRY.get_sample_value("aegis_failed_signature_verifications_total")
+            == signatures + 1
+        )
+        audit = AuditLog(srv.config.database_url(), clock=srv.services.clock)
+        try:
+            records = list(audit.records(kind="approval.rejected"))
+        finally:
+            audit.close()
+        assert [(r["code"], r["channel"]) for r in records] == [
+            ("invalid_signature", "status"), ("unauthenticated", "status")]  # fmt: skip
+        assert len(records[0]["id"]) == 128

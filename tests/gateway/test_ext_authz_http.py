@@ -221,6 +221,10 @@ def test_refusals_before_any_route_are_audited(env: Env, envoy: str, untrusted_n
     answers = [
         (httpx.post(f"{envoy}/check/nowhere", headers=creds(Agent(env))), 404, "not_found"),
         (httpx.request("TRACE", f"{envoy}/check/payments/x"), 405, "method_not_allowed"),
+        # Methods outside any list (WebDAV, extensions) reach the door too, not the router's
+        # plain-text 405: Envoy checks with the call's own method.
+        (httpx.request("PROPFIND", f"{envoy}/check/payments/x"), 405, "method_not_allowed"),
+        (httpx.request("PURGE", f"{envoy}/check/payments/x"), 405, "method_not_allowed"),
         (httpx.get(f"{untrusted_nginx}/auth"), 403, "access_denied"),
     ]
     records = {r["decision_id"]: r for r in env.audit.records(kind="gateway.refused")}

@@ -205,9 +205,17 @@ class ApprovalService:
         self, code: str, message: str, approval_id: str | None, claimed: str, via: str
     ) -> NoReturn:
         APPROVAL_REJECTIONS.labels(code=code).inc()
-        await self._record("approval.rejected", {"id": approval_id, "code": code,
-                           "claimed": claimed, "channel": via, "reason": message})  # fmt: skip
+        # Bounded: the id, the claimed identity and the reason may hold the caller's text.
+        await self._record("approval.rejected", {
+            "id": approval_id[:128] if approval_id else approval_id, "code": code,
+            "claimed": claimed[:256], "channel": via, "reason": message[:512],
+        })  # fmt: skip
         raise AegisError(message, code=code)
+
+    async def reject_status(self, exc: AegisError, approval_id: str | None) -> NoReturn:
+        """Audit and re-raise a refusal at the status URL (the agent's credential, its proof,
+        or the request it names)."""
+        await self._reject(exc.code, exc.message, approval_id, "status_url", "status")
 
     async def reject_callback(self, exc: AegisError, via: Via) -> NoReturn:
         """Audit and re-raise a refused callback (bad signature, stale, malformed)."""

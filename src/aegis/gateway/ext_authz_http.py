@@ -39,13 +39,15 @@ byte becomes ``!``), not the forwarded bytes, and nothing here can tell the two 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as StarletteRoute
-from starlette.routing import WebSocketRoute
+from starlette.routing import WebSocketRoute, request_response
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from aegis.config import ExtAuthzSettings
@@ -66,8 +68,6 @@ from aegis.telemetry.metrics import count_decision
 
 __all__ = ["HttpExtAuthz", "create_ext_authz_http_app"]
 
-#: Every method a proxy may check (the check request's own method in Envoy mode).
-_METHODS: Final = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
 _PARTIAL_BODY: Final = "x-envoy-auth-partial-body"
 #: Envoy's HTTP ext_authz response header naming request headers to remove before the upstream.
 _HEADERS_TO_REMOVE: Final = "x-envoy-auth-headers-to-remove"
@@ -209,10 +209,23 @@ class HttpExtAuthz:
         return bytes(data) or None
 
 
+class _EveryMethod:
+    """An endpoint as an ASGI application: Starlette gives a function endpoint its GET/HEAD
+    default, an application every method."""
+
+    def __init__(self, handle: Callable[[Request], Awaitable[Response]]) -> None:
+        self._app = request_response(handle)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
+
+
 def create_ext_authz_http_app(ext: ExtAuthz, settings: ExtAuthzSettings) -> Starlette:
     door = HttpExtAuthz(ext, settings)
     routes: list[Any] = [
-        StarletteRoute("/{path:path}", door.handle, methods=_METHODS),
+        # Every method reaches the door (Envoy checks with the call's own): one outside the list
+        # is refused there, counted and audited (405), not by the router's plain-text 405.
+        StarletteRoute("/{path:path}", _EveryMethod(door.handle)),
         WebSocketRoute("/{path:path}", door.upgrade),
     ]
     app = Starlette(routes=routes)

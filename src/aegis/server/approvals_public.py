@@ -17,6 +17,7 @@ is unchanged. Bodies are capped at ``server.max_body_bytes``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from typing import Any, Final
@@ -32,6 +33,7 @@ from aegis.approvals.service import ApprovalService
 from aegis.approvals.signing import verify_slack, verify_teams
 from aegis.approvals.wiring import approvals_for
 from aegis.errors import AegisError, ClientAuthError, InvalidRequest, TokenError
+from aegis.gateway.evidence import count_refusal
 from aegis.pki.binding import X5T_S256, check_certificate_binding
 from aegis.pki.middleware import peer_from_scope
 from aegis.server.services import Services
@@ -78,7 +80,8 @@ class _Handlers:
     def _secret(self, channel: str, kind: str) -> bytes:
         found = self._services.config.approvals.channels.get(channel)
         if found is None or found.kind != kind:
-            raise AegisError(f"no {kind} approval channel {channel!r}", code="not_found")
+            # The name is the caller's: not echoed (nor written to the audit log whole).
+            raise AegisError(f"no such {kind} approval channel", code="not_found")
         return found.secret_bytes(str(self._services.config.path(".")), channel)
 
     async def status(self, request: Request) -> Response:
@@ -92,6 +95,11 @@ class _Handlers:
             await check_subject(at, self._services.cache, self._services.revocation)
             out = await self.service.status(approval_id, at.agent_id)
         except AegisError as exc:
+            # The URL an override is fetched from: refusals there (a forged or replayed
+            # credential, another agent guessing ids) are counted and audited like any other.
+            count_refusal(exc)
+            with contextlib.suppress(AegisError):
+                await self.service.reject_status(exc, request.path_params.get("approval_id"))
             return _error(exc)
         return JSONResponse(out, headers={"cache-control": "no-store"})
 
