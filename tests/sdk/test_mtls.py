@@ -126,3 +126,67 @@ async def test_a_certificate_of_another_agent_is_refused(tls: TlsStack) -> None:
         with pytest.raises(ClientAuthenticationError) as err:
             await agent.atoken()
     assert err.value.code == "invalid_client"
+
+
+async def test_an_agent_pinned_to_its_servers_refuses_another_serving_certificate(
+    tls: TlsStack,
+) -> None:
+    """Any agent registered as serving holds a serverAuth certificate of the same CA: pointed at
+    one (a hijacked route, a poisoned config), an agent pinned to its control plane and gateway
+    refuses it in the handshake, before a token, a proof or a body is sent."""
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import httpx
+
+    tls.services.registry.register_agent(
+        AgentSpec("some-tool", "other", "prod", "o@example.com", roles=("server",)), actor="test"
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    issued = tls.pki.issue("some-tool", key.public_key())
+    pem = serialization.Encoding.PEM
+    chain = b"".join(c.public_bytes(pem) for c in (issued.certificate, *issued.chain))
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            seen.append(self.headers.get("authorization", ""))
+            self.send_response(200)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    ctx = server_context(chain, key, tls.pki.ca.bundle_pem(), require_client_cert=False)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    impostor = f"https://127.0.0.1:{server.server_address[1]}"
+    domain = tls.pki.ca.trust_domain
+    control_plane = f"spiffe://{domain}/tenant/acme/env/prod/agent/control-plane"
+    gateway = f"spiffe://{domain}/tenant/acme/env/prod/agent/gateway"
+    try:
+        plain = tls.enrol("pinned-payer")
+        pinned = Certificate(plain.client_id, plain.cert_file, plain.key_file, plain.ca_file,
+                             servers=(control_plane, gateway))  # fmt: skip
+        async with AgentClient(tls.url, pinned) as agent:
+            await agent.atoken(audience="aegis-gateway", scope="payments:write")  # its own: fine
+            async with agent.async_client(
+                impostor, audience="aegis-gateway", scope="payments:write"
+            ) as http:
+                with pytest.raises(httpx.ConnectError, match="pinned"):
+                    await http.post("/payments/transfer", json={"amount": 120})
+        assert seen == []
+        async with (  # unpinned: what pinning prevents
+            AgentClient(tls.url, plain) as agent,
+            agent.async_client(impostor, audience="aegis-gateway", scope="payments:write") as http,
+        ):
+            await http.post("/payments/transfer", json={"amount": 120})
+        assert len(seen) == 1 and seen[0].startswith("DPoP ")
+        assert isinstance(pinned.ssl_context(), ssl.SSLContext)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -21,7 +21,13 @@ from cryptography import x509
 
 from aegis.pki.spiffe import parse_spiffe_id
 
-__all__ = ["ServerCheck", "check_server", "pin_server_spiffe_id", "server_spiffe_id"]
+__all__ = [
+    "ServerCheck",
+    "check_server",
+    "pin_server_spiffe_id",
+    "pin_server_spiffe_ids",
+    "server_spiffe_id",
+]
 
 
 def server_spiffe_id(der: bytes | None) -> str:
@@ -73,6 +79,24 @@ def check_server(ctx: ssl.SSLContext, check: ServerCheck) -> ssl.SSLContext:
     ctx.sslobject_class = CheckedObject
     ctx.sslsocket_class = CheckedSocket
     return ctx
+
+
+def pin_server_spiffe_ids(ctx: ssl.SSLContext, expected: tuple[str, ...]) -> ssl.SSLContext:
+    """:func:`pin_server_spiffe_id` for a client that talks to several servers (an agent: the
+    control plane and the gateway): the server's certificate must name one of ``expected``."""
+    for spiffe_id in expected:
+        parse_spiffe_id(spiffe_id)
+    allowed = frozenset(expected)
+
+    def pinned(der: bytes | None) -> None:
+        found = server_spiffe_id(der)
+        if found not in allowed:
+            raise ssl.SSLCertVerificationError(
+                f"the server is {found!r}, not one of the pinned {sorted(allowed)!r}"
+            )
+
+    ctx.check_hostname = False
+    return check_server(ctx, pinned)
 
 
 def pin_server_spiffe_id(

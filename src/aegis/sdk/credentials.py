@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from aegis.clock import new_id
 from aegis.crypto.jws import encode_segment, sign_compact
 from aegis.crypto.keys import Ed25519SigningKey
+from aegis.pki.pinning import pin_server_spiffe_ids
 from aegis.pki.tls import client_context
 from aegis.sdk.renewing import RenewingCertificate
 
@@ -119,6 +120,11 @@ class Certificate:
     ca_file: Path
     #: Passphrase of an encrypted key file, if any.
     key_password: bytes | None = field(default=None, repr=False)
+    #: The SPIFFE IDs of the servers this agent talks to (the control plane, the gateway): a
+    #: server whose certificate names another is refused in the handshake, before a token or a
+    #: proof is sent. Empty, any server certificate the Aegis CA issued is taken for them (an
+    #: agent registered as serving, in any tenant, could pose as the gateway): set it.
+    servers: tuple[str, ...] = ()
 
     def apply(
         self, form: dict[str, str], headers: dict[str, str], token_url: str, now: float
@@ -131,11 +137,12 @@ class Certificate:
         key = serialization.load_pem_private_key(
             Path(self.key_file).read_bytes(), password=self.key_password
         )
-        return client_context(
+        ctx = client_context(
             Path(self.cert_file).read_bytes(),
             key,  # type: ignore[arg-type]
             Path(self.ca_file).read_bytes(),
         )
+        return pin_server_spiffe_ids(ctx, self.servers) if self.servers else ctx
 
 
 Credential = ClientSecret | PrivateKey | Certificate | RenewingCertificate

@@ -13,6 +13,7 @@ certificate, so the next call fetches one bound to the new certificate.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,8 +21,10 @@ from typing import Generic, TypeVar, cast
 
 import httpx
 
+from aegis.pki.pinning import pin_server_spiffe_ids
 from aegis.pki.renewal import CertificateManager
 from aegis.pki.renewal import Credential as Issued
+from aegis.pki.tls import client_context
 
 __all__ = ["RenewingCertificate", "RotatingAsyncTransport", "RotatingTransport"]
 
@@ -201,6 +204,8 @@ class RenewingCertificate:
 
     client_id: str
     manager: CertificateManager = field(repr=False)
+    #: The SPIFFE IDs of the servers this agent talks to (see :class:`~aegis.sdk.Certificate`).
+    servers: tuple[str, ...] = ()
 
     def apply(
         self, form: dict[str, str], headers: dict[str, str], token_url: str, now: float
@@ -209,6 +214,14 @@ class RenewingCertificate:
 
     def ssl_context(self) -> None:
         return None  # the transports below take the newest context for each new connection
+
+    def _context(self, m: CertificateManager) -> ssl.SSLContext:
+        """The newest certificate's context for new connections, pinned to ``servers``."""
+        if not self.servers:
+            return m.client_context()
+        cred = m.current
+        ctx = client_context(cred.chain_pem(), cred.key, cred.trust_pem)
+        return pin_server_spiffe_ids(ctx, self.servers)
 
     def _hook(self, rotation: _Rotation[T], rotate: Callable[[Issued], None]) -> None:
         hooks = self.manager.on_renew
@@ -223,13 +236,13 @@ class RenewingCertificate:
     def async_transport(self) -> RotatingAsyncTransport:
         m = self.manager
         transport = RotatingAsyncTransport(
-            lambda: httpx.AsyncHTTPTransport(verify=m.client_context())
+            lambda: httpx.AsyncHTTPTransport(verify=self._context(m))
         )
         self._hook(transport, transport.rotate)
         return transport
 
     def transport(self) -> RotatingTransport:
         m = self.manager
-        transport = RotatingTransport(lambda: httpx.HTTPTransport(verify=m.client_context()))
+        transport = RotatingTransport(lambda: httpx.HTTPTransport(verify=self._context(m)))
         self._hook(transport, transport.rotate)
         return transport
