@@ -46,15 +46,27 @@ class AegisAuth(httpx.Auth):
         self._key = key
         self._subject = subject_token
         self._raise = raise_for_denial
-        #: The gateway's last DPoP nonce (RFC 9449 §8.2: used "until the server provides the
-        #: client with a new nonce"), so only the first call pays the extra round trip.
-        self._nonce: str | None = None
+        #: Each server's last DPoP nonce, by origin (RFC 9449 §8.2: used "until the server
+        #: provides the client with a new nonce"; a nonce is its server's, never another's), so
+        #: only the first call to each pays the extra round trip.
+        self._nonces: dict[str, str] = {}
 
     # -- one attempt -------------------------------------------------------------------------
+
+    def _nonce_for(self, request: httpx.Request) -> str | None:
+        return self._nonces.get(_origin(request.url))
+
+    def _keep_nonce(self, request: httpx.Request, nonce: str | None) -> str | None:
+        if nonce is not None:
+            if len(self._nonces) >= _MAX_NONCES:
+                self._nonces.clear()
+            self._nonces[_origin(request.url)] = nonce
+        return nonce
 
     def _prepare(
         self, request: httpx.Request, token: CachedToken, nonce: str | None, override: str | None
     ) -> None:
+        refuse_cleartext(request.url)
         signer = self._client.signer
         if token.token_type.lower() == "dpop" and signer is not None:
             request.headers["Authorization"] = f"DPoP {token.access_token}"
@@ -88,7 +100,7 @@ class AegisAuth(httpx.Auth):
     ) -> Generator[httpx.Request, httpx.Response, None]:
         c = self._client
         token = c.token_for(self._key, subject_token=self._subject)
-        attempts, nonce, override = Attempts(), self._nonce, None
+        attempts, nonce, override = Attempts(), self._nonce_for(request), None
         while True:
             self._prepare(request, token, nonce, override)
             response = yield request
@@ -104,7 +116,7 @@ class AegisAuth(httpx.Auth):
                 c.tokens.discard(self._key, token.access_token)
                 token = c.token_for(self._key, subject_token=self._subject)
             elif step.kind == "nonce":
-                nonce = self._nonce = step.nonce
+                nonce = self._keep_nonce(request, step.nonce)
             elif step.kind == "backoff":
                 c.sleep(step.delay)
             elif step.kind == "approval":
@@ -112,12 +124,24 @@ class AegisAuth(httpx.Auth):
                 override = self._wait_sync(step.error, token)
 
     def _wait_sync(self, refusal: ApprovalRequiredError, token: CachedToken) -> str:
+        """Poll until the human decided. Each poll takes the cached token anew (a wait outlasts
+        a token's last minutes), and one the server finds expired is refreshed once and the
+        poll repeated: an expired token is not a denial."""
         c = self._client
         wait = ApprovalWait(c.approvals, refusal, c.clock.monotonic(), control_plane=c.issuer_url)
+        refreshed = False
         while True:
-            c.sleep(wait.next_delay(c.clock.monotonic()))
+            if not refreshed:
+                c.sleep(wait.next_delay(c.clock.monotonic()))
+            token = c.token_for(self._key, subject_token=self._subject)
             response = c.http.send(self._poll_request(wait, token))
-            found = wait.interpret(response.status_code, parse_body(response))
+            body = parse_body(response)
+            if _expired(response, body) and not refreshed:
+                c.tokens.discard(self._key, token.access_token)
+                refreshed = True
+                continue
+            refreshed = False
+            found = wait.interpret(response.status_code, body)
             if found is not None:
                 return found
 
@@ -128,7 +152,7 @@ class AegisAuth(httpx.Auth):
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
         c = self._client
         token = await c.atoken_for(self._key, subject_token=self._subject)
-        attempts, nonce, override = Attempts(), self._nonce, None
+        attempts, nonce, override = Attempts(), self._nonce_for(request), None
         while True:
             self._prepare(request, token, nonce, override)
             response = yield request
@@ -144,7 +168,7 @@ class AegisAuth(httpx.Auth):
                 c.tokens.discard(self._key, token.access_token)
                 token = await c.atoken_for(self._key, subject_token=self._subject)
             elif step.kind == "nonce":
-                nonce = self._nonce = step.nonce
+                nonce = self._keep_nonce(request, step.nonce)
             elif step.kind == "backoff":
                 await c.asleep(step.delay)
             elif step.kind == "approval":
@@ -152,14 +176,49 @@ class AegisAuth(httpx.Auth):
                 override = await self._wait_async(step.error, token)
 
     async def _wait_async(self, refusal: ApprovalRequiredError, token: CachedToken) -> str:
+        """:meth:`_wait_sync`, asynchronously."""
         c = self._client
         wait = ApprovalWait(c.approvals, refusal, c.clock.monotonic(), control_plane=c.issuer_url)
+        refreshed = False
         while True:
-            await c.asleep(wait.next_delay(c.clock.monotonic()))
+            if not refreshed:
+                await c.asleep(wait.next_delay(c.clock.monotonic()))
+            token = await c.atoken_for(self._key, subject_token=self._subject)
             response = await c.ahttp.send(self._poll_request(wait, token))
-            found = wait.interpret(response.status_code, parse_body(response))
+            body = parse_body(response)
+            if _expired(response, body) and not refreshed:
+                c.tokens.discard(self._key, token.access_token)
+                refreshed = True
+                continue
+            refreshed = False
+            found = wait.interpret(response.status_code, body)
             if found is not None:
                 return found
+
+
+#: Servers whose nonces one auth keeps, at most (then it starts over).
+_MAX_NONCES = 64
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def _expired(response: httpx.Response, body: dict[str, object]) -> bool:
+    return response.status_code == 401 and body.get("code") == "token_expired"
+
+
+def _origin(url: httpx.URL) -> str:
+    return f"{url.scheme}://{url.host}:{url.port or ''}"
+
+
+def refuse_cleartext(url: httpx.URL | str) -> None:
+    """Credentials (a client secret, an assertion, a token, a proof, an override) travel over
+    ``https`` only, or to this host's loopback (a local gateway or test server): over ``http``
+    anyone on the path reads them, and a token with its proof is good for that call."""
+    url = httpx.URL(url) if isinstance(url, str) else url
+    if url.scheme != "https" and not (url.scheme == "http" and url.host in _LOOPBACK):
+        raise ValueError(
+            f"{url.scheme}://{url.host}: credentials are sent over https only (or to loopback); "
+            "use an https URL"
+        )
 
 
 def default_sleep(seconds: float) -> None:

@@ -9,7 +9,7 @@ clock. The cache is bounded; it never holds refresh tokens (Aegis issues none) o
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from aegis.clock import Clock
@@ -33,14 +33,15 @@ class TokenKey:
 
 @dataclass(frozen=True, slots=True)
 class CachedToken:
-    access_token: str
+    #: Kept out of the repr: a token printed in a debug line or a traceback is a live credential.
+    access_token: str = field(repr=False)
     #: ``DPoP`` or ``Bearer`` (RFC 9449 §5).
     token_type: str
     issued_at: float
     expires_at: float
     scope: str
     #: The token's claims as issued (decoded without verification: the gateway verifies them).
-    claims: dict[str, Any]
+    claims: dict[str, Any] = field(repr=False)
 
     @property
     def lifetime(self) -> float:

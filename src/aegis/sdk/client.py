@@ -25,7 +25,7 @@ from aegis.clock import Clock, SystemClock
 from aegis.crypto.keys import Ed25519SigningKey
 from aegis.pki.renewal import Credential as Issued
 from aegis.sdk.approvals import ApprovalPolicy
-from aegis.sdk.auth import AegisAuth, default_asleep, default_sleep
+from aegis.sdk.auth import AegisAuth, default_asleep, default_sleep, refuse_cleartext
 from aegis.sdk.cache import DEFAULT_REFRESH_MARGIN, CachedToken, TokenCache, TokenKey
 from aegis.sdk.credentials import Credential, PrivateKey
 from aegis.sdk.errors import AegisClientError, InvalidRequestError
@@ -68,6 +68,7 @@ class AgentClient:
     ) -> None:
         self.issuer_url = issuer_url.rstrip("/")
         self.token_url = f"{self.issuer_url}/oauth/token"
+        refuse_cleartext(self.token_url)  # the client's credentials go there
         self.credential = credential
         self.clock = clock or SystemClock()
         self.tokens = TokenCache(self.clock, margin=refresh_margin)

@@ -1,0 +1,125 @@
+"""What the SDK sends where: a DPoP nonce goes back to the server that issued it only; client
+credentials, tokens and proofs travel over https only (or to loopback); a cached token's repr
+holds no token; an approval wait refreshes a token that expired meanwhile. Against real loopback servers that record every request."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from aegis.crypto.keys import Ed25519SigningKey
+from aegis.sdk import AgentClient, CachedToken, ClientSecret, PrivateKey
+from aegis.sdk.auth import AegisAuth
+from tests.sdk.recording import Answer, recording_server, refusal
+
+T0 = 1_800_000_000.0
+
+
+def _payload(jws: str) -> dict[str, Any]:
+    seg = jws.split(".")[1]
+    return dict(json.loads(base64.urlsafe_b64decode(seg + "=" * (-len(seg) % 4))))
+
+
+def _agent_with_token() -> tuple[AgentClient, AegisAuth]:
+    agent = AgentClient("http://127.0.0.1:9", PrivateKey("client-1", Ed25519SigningKey.generate()))
+    auth = agent.auth(audience="aegis-gateway", scope="payments:write")
+    now = agent.clock.now()
+    agent.tokens.put(
+        auth._key, CachedToken("header.payload.sig", "DPoP", now, now + 300, "payments:write", {})
+    )
+    return agent, auth
+
+
+def test_a_dpop_nonce_goes_back_only_to_the_server_that_issued_it() -> None:
+    def demand_nonce(method: str, path: str, headers: dict[str, str]) -> Answer:
+        if _payload(headers["dpop"]).get("nonce") != "nonce-from-A":
+            status, fields, body = refusal(401, "use_dpop_nonce")
+            return status, {**fields, "DPoP-Nonce": "nonce-from-A"}, body
+        return 200, {}, b"{}"
+
+    agent, auth = _agent_with_token()
+    with (
+        recording_server(demand_nonce) as (a_url, a_seen),
+        recording_server() as (b_url, b_seen),
+        httpx.Client(auth=auth) as http,
+    ):
+        assert http.get(f"{a_url}/tool").status_code == 200
+        assert http.get(f"{b_url}/other-tool").status_code == 200
+        assert http.get(f"{a_url}/tool").status_code == 200  # A's nonce kept for A: one trip
+    assert "nonce" not in _payload(b_seen[0]["headers"]["dpop"])
+    assert [_payload(s["headers"]["dpop"]).get("nonce") for s in a_seen] == [
+        None, "nonce-from-A", "nonce-from-A"]  # fmt: skip
+    agent.close()
+
+
+@pytest.mark.parametrize("url", ["http://aegis.example.com", "ftp://aegis.example.com"])
+def test_credentials_are_not_sent_in_clear(url: str) -> None:
+    with pytest.raises(ValueError, match="https only"):
+        AgentClient(url, ClientSecret("cid", "s3cret"))
+    agent, auth = _agent_with_token()
+    with httpx.Client(auth=auth) as http, pytest.raises(ValueError, match="https only"):
+        http.get("http://gateway.example.com/payments")
+    agent.close()
+
+
+def test_a_cached_tokens_repr_holds_no_token() -> None:
+    token = CachedToken("eyJsecret.access.token", "DPoP", 0.0, 300.0, "s", {"sub": "a"})
+    assert "eyJsecret" not in repr(token) and "sub" not in repr(token)
+
+
+# -- an approval wait outliving the token ---------------------------------------------------
+
+
+def _jws(claims: dict[str, object]) -> str:
+    def enc(d: dict[str, object]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
+
+    return f"{enc({'alg': 'EdDSA', 'typ': 'at+jwt'})}.{enc(claims)}.c2ln"
+
+
+def test_an_approval_wait_outliving_the_token_refreshes_it() -> None:
+    """A token fetched a while ago is used until 30 s before it expires; an approval wait lasts
+    minutes. Each poll takes the cached token anew, and one the server refuses as expired (its
+    clock ahead of the agent's) is refreshed and the poll repeated: a human's approval is not
+    lost to an expired token."""
+    from aegis.clock import FrozenClock
+    from aegis.sdk import ApprovalPolicy
+
+    clock = FrozenClock(T0)
+    old = _jws({"jti": "old", "exp": T0 + 60})
+    new = _jws({"jti": "new", "exp": T0 + 10_000})
+
+    def server(method: str, path: str, headers: dict[str, str]) -> Answer:
+        token = headers.get("authorization", "").split(" ", 1)[-1]
+        if path == "/oauth/token":
+            body = {"access_token": new, "token_type": "DPoP", "expires_in": 9_000}
+            return 200, {"content-type": "application/json"}, json.dumps(body).encode()
+        if token == old and clock.now() >= T0 + 10:  # the server's clock runs ahead
+            return refusal(401, "token_expired", decision="d-exp")
+        if path.startswith("/v1/approvals/"):
+            state = "pending" if clock.now() < T0 + 90 else "approved"
+            answer = {"state": state, "override_token": "ovr-1"}
+            return 200, {"content-type": "application/json"}, json.dumps(answer).encode()
+        if headers.get("x-aegis-override") == "ovr-1":
+            return 200, {}, b"{}"
+        return refusal(403, "approval_needed", decision="d-1", approval_id="a1",
+                       status_url="/v1/approvals/a1")  # fmt: skip
+
+    with recording_server(server) as (url, seen):
+        agent = AgentClient(url, PrivateKey("c", Ed25519SigningKey.generate()), clock=clock,
+                            approvals=ApprovalPolicy(timeout=120, poll_initial=5, poll_max=5),
+                            sleep=clock.advance)  # fmt: skip
+        auth = agent.auth(audience="aegis-gateway")
+        # Fetched a while ago, still fresh by the cache's rule (more than 30 s left).
+        agent.tokens.put(auth._key, CachedToken(old, "DPoP", T0 - 240, T0 + 60, "", {}))
+        with httpx.Client(auth=auth) as http:
+            response = http.post(f"{url}/treasury/transfer", json={"amount": 250_000})
+        assert response.status_code == 200
+        agent.close()
+    polls = [s["headers"]["authorization"].split(" ", 1)[1] for s in seen
+             if s["path"].startswith("/v1/approvals/")]  # fmt: skip
+    assert old in polls and polls[-1] == new  # the expired one refreshed once, then polled on
