@@ -123,3 +123,31 @@ def test_an_approval_wait_outliving_the_token_refreshes_it() -> None:
     polls = [s["headers"]["authorization"].split(" ", 1)[1] for s in seen
              if s["path"].startswith("/v1/approvals/")]  # fmt: skip
     assert old in polls and polls[-1] == new  # the expired one refreshed once, then polled on
+
+
+def test_a_redirect_to_another_origin_carries_no_proof_nor_override() -> None:
+    """httpx strips Authorization on a redirect to another origin but keeps the rest: the
+    agent's clients remove a DPoP proof made for another origin, and the override with it;
+    a redirect within the origin keeps both (its proof is that origin's)."""
+    agent, _ = _agent_with_token()  # the client's own auth finds the same cached token
+    with recording_server() as (elsewhere, elsewhere_seen):
+
+        def redirect(method: str, path: str, headers: dict[str, str]) -> Answer:
+            if path == "/payments/transfer":
+                return 307, {"location": f"{elsewhere}/collect"}, b""
+            if path == "/here":
+                return 307, {"location": "/payments/done"}, b""
+            return 200, {}, b"{}"
+
+        with (
+            recording_server(redirect) as (gw, gw_seen),
+            agent.client(gw, audience="aegis-gateway", scope="payments:write") as http,
+        ):
+            http.post("/payments/transfer", json={"amount": 1}, follow_redirects=True,
+                      headers={"x-aegis-override": "ovr-1"})  # fmt: skip
+            http.get("/here", follow_redirects=True)
+    got = elsewhere_seen[0]["headers"]
+    assert "authorization" not in got and "dpop" not in got and "x-aegis-override" not in got
+    same = gw_seen[-1]["headers"]  # /payments/done, redirected within the gateway's origin
+    assert gw_seen[-1]["path"] == "/payments/done" and "dpop" in same
+    agent.close()

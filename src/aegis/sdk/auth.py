@@ -13,6 +13,8 @@ sends, and reads the answer. A gateway refusal becomes a typed :mod:`aegis.sdk.e
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import time
 from collections.abc import AsyncGenerator, Generator
 from typing import TYPE_CHECKING
@@ -54,13 +56,13 @@ class AegisAuth(httpx.Auth):
     # -- one attempt -------------------------------------------------------------------------
 
     def _nonce_for(self, request: httpx.Request) -> str | None:
-        return self._nonces.get(_origin(request.url))
+        return self._nonces.get(origin_of(request.url))
 
     def _keep_nonce(self, request: httpx.Request, nonce: str | None) -> str | None:
         if nonce is not None:
             if len(self._nonces) >= _MAX_NONCES:
                 self._nonces.clear()
-            self._nonces[_origin(request.url)] = nonce
+            self._nonces[origin_of(request.url)] = nonce
         return nonce
 
     def _prepare(
@@ -205,8 +207,19 @@ def _expired(response: httpx.Response, body: dict[str, object]) -> bool:
     return response.status_code == 401 and body.get("code") == "token_expired"
 
 
-def _origin(url: httpx.URL) -> str:
+def origin_of(url: httpx.URL) -> str:
+    """``scheme://host:port`` of ``url`` (the port empty when it is the scheme's default)."""
     return f"{url.scheme}://{url.host}:{url.port or ''}"
+
+
+def proof_origin(proof: str) -> str | None:
+    """The origin of the URL a DPoP proof was made for (its ``htu``), or None if unreadable."""
+    try:
+        segment = proof.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+        return origin_of(httpx.URL(str(claims["htu"])))
+    except (IndexError, ValueError, KeyError, TypeError, httpx.InvalidURL):
+        return None
 
 
 def refuse_cleartext(url: httpx.URL | str) -> None:

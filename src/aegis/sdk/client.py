@@ -25,7 +25,14 @@ from aegis.clock import Clock, SystemClock
 from aegis.crypto.keys import Ed25519SigningKey
 from aegis.pki.renewal import Credential as Issued
 from aegis.sdk.approvals import ApprovalPolicy
-from aegis.sdk.auth import AegisAuth, default_asleep, default_sleep, refuse_cleartext
+from aegis.sdk.auth import (
+    AegisAuth,
+    default_asleep,
+    default_sleep,
+    origin_of,
+    proof_origin,
+    refuse_cleartext,
+)
 from aegis.sdk.cache import DEFAULT_REFRESH_MARGIN, CachedToken, TokenCache, TokenKey
 from aegis.sdk.credentials import Credential, PrivateKey
 from aegis.sdk.errors import AegisClientError, InvalidRequestError
@@ -272,21 +279,38 @@ class AgentClient:
         )
 
     def client(self, base_url: str = "", **auth: Any) -> httpx.Client:
-        """An ``httpx.Client`` with :meth:`auth` and this agent's TLS identity."""
+        """An ``httpx.Client`` with :meth:`auth` and this agent's TLS identity. A redirect it
+        follows to another origin carries no proof and no override (:meth:`_foreign`)."""
         return httpx.Client(
             base_url=base_url,
             auth=self.auth(**auth),
             timeout=self._timeout,
+            event_hooks={"request": [self._foreign]},
             **self._tls_options(sync=True),
         )
 
     def async_client(self, base_url: str = "", **auth: Any) -> httpx.AsyncClient:
+        async def foreign(request: httpx.Request) -> None:
+            self._foreign(request)
+
         return httpx.AsyncClient(
             base_url=base_url,
             auth=self.auth(**auth),
             timeout=self._timeout,
+            event_hooks={"request": [foreign]},
             **self._tls_options(),
         )
+
+    def _foreign(self, request: httpx.Request) -> None:
+        """Run on every request the client sends, redirects included: httpx strips
+        ``Authorization`` on a redirect to another origin but keeps the other fields, so a
+        ``DPoP`` proof made for another origin (its ``htu``), and the override sent with it,
+        are removed before they reach a host they were not for."""
+        proof = request.headers.get("dpop")
+        if proof is None or proof_origin(proof) == origin_of(request.url):
+            return
+        del request.headers["dpop"]
+        request.headers.pop(self.approvals.header, None)
 
     # -- delegation --------------------------------------------------------------------------
 
