@@ -446,6 +446,15 @@ def test_lifetime_over_the_maximum(env: Env) -> None:
     env.refuse(env.token(claims=env.claims(exp=T0 + 3601)), "invalid_claim")
 
 
+@pytest.mark.parametrize(
+    "cnf", [{"jwk": {"kty": "OKP"}}, {"x5t": "abc"}, {"jkt": "a", "kid": "k"}], ids=repr
+)
+def test_a_confirmation_method_no_door_checks_is_refused(env: Env, cnf: dict[str, Any]) -> None:
+    """Bound in its issuer's mind, unbound at every door that reads only jkt and x5t#S256."""
+    env.refuse(env.token(claims=env.claims(cnf=cnf)), "invalid_claim")
+    env.verify(env.token(claims=env.claims(cnf={"jkt": "a", "x5t#S256": "b"})))
+
+
 @pytest.mark.parametrize("name", ["exp", "nbf", "iat"])
 @pytest.mark.parametrize("value", [True, False, "1800000000", [T0], {"t": T0}], ids=repr)
 def test_time_claims_must_be_numbers(env: Env, name: str, value: Any) -> None:

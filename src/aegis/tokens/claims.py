@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from aegis.errors import TokenError
 
 __all__ = ["AccessToken", "join_scopes", "split_scopes"]
+
+#: The confirmation methods (RFC 7800 ``cnf`` members) the doors check.
+_CHECKED_CNF: Final = frozenset({"jkt", "x5t#S256"})
 
 
 def split_scopes(value: Any) -> tuple[str, ...]:
@@ -78,6 +81,15 @@ class AccessToken:
         cnf = claims.get("cnf")
         if cnf is not None and not isinstance(cnf, dict):
             raise TokenError("claim 'cnf' must be an object", code="invalid_claim", claim="cnf")
+        if cnf is not None and (unknown := set(cnf) - _CHECKED_CNF):
+            # A confirmation method no check here reads (jwk, x5t with SHA-1, ...) would leave
+            # the token bound in its issuer's mind and unbound at every door: refused instead.
+            raise TokenError(
+                f"claim 'cnf' names a confirmation method Aegis does not check: "
+                f"{sorted(unknown)[:4]!r}; only jkt (RFC 9449) and x5t#S256 (RFC 8705)",
+                code="invalid_claim",
+                claim="cnf",
+            )
         single_use = claims.get("single_use", False)
         if not isinstance(single_use, bool):
             raise TokenError(
