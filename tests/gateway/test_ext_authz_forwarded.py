@@ -58,6 +58,8 @@ BAD_HOSTS = [
     "gw.example.com:99999",  # five digits, above 65535
     "[::1",  # an unclosed IP-literal
     "[not-ip]:443",  # an IP-literal that is no address
+    "%61dmin.example.com",  # admin.example.com to a URL parser, another host to host rules
+    "gw.example.com%3a443",
 ]
 GOOD_HOSTS = [
     "gw.example.com",

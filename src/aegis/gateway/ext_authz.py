@@ -85,11 +85,14 @@ CREDENTIAL_HEADERS: Final = ("authorization", "dpop")
 _MAX_REMEMBERED_PEERS: Final = 4096
 #: The only schemes a checked request may have been made with.
 _SCHEMES: Final = frozenset({"http", "https"})
-#: RFC 3986 §3.2.2 ``host``: a reg-name (which covers an IPv4 address) of unreserved, sub-delims
-#: and pct-encoded characters, or an IP-literal in brackets; then §3.2.3 ``[":" port]``, here one
-#: to five digits. Nothing else (``/``, ``?``, ``#``, ``@``, spaces) may sit in an authority.
+#: RFC 3986 §3.2.2 ``host``: a reg-name (which covers an IPv4 address) of unreserved and
+#: sub-delims characters, or an IP-literal in brackets; then §3.2.3 ``[":" port]``, here one to
+#: five digits. Nothing else (``/``, ``?``, ``#``, ``@``, spaces) may sit in an authority. The
+#: pct-encoded characters RFC 3986 also allows in a reg-name are refused: ``%61dmin.example.com``
+#: is ``admin.example.com`` to a URL parser (§6.2.2.2, WHATWG) but another host to host rules and
+#: routes, and no client needs to send one.
 _AUTHORITY: Final = re.compile(
-    r"(?P<host>(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+"
+    r"(?P<host>[A-Za-z0-9\-._~!$&'()*+,;=]+"
     r"|\[(?P<ip6>[0-9A-Fa-f:.]+)\]"
     r"|\[v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+\])"
     r"(?::(?P<port>[0-9]{1,5}))?"
@@ -240,6 +243,11 @@ def vet_authority(host: str, scheme: str) -> None:
         raise InvalidRequest("the request scheme must be http or https")
     if "," in host:
         raise InvalidRequest("the request host must be one host, without ','")
+    if "%" in host:
+        raise InvalidRequest(
+            "the request host must not be percent-encoded: a URL parser reads %61dmin as admin, "
+            "host rules and routes would not"
+        )
     m = _AUTHORITY.fullmatch(host)
     if m is None:
         raise InvalidRequest("the request host must be an RFC 3986 host with an optional port")

@@ -37,11 +37,15 @@ __all__ = [
 
 
 #: Request fields that make common upstream frameworks serve another method or target than the
-#: request line's (Symfony, Laravel, Express method-override, IIS URL rewrite): policy would decide
-#: a POST to /public that is served as a DELETE, or as /admin.
+#: request line's (Symfony, Laravel, Express method-override, IIS URL rewrite; gunicorn's
+#: ``forwarder_headers`` SCRIPT_NAME and PATH_INFO, trusted from loopback by default, and the
+#: X-Script-Name of Flask's reverse-proxy recipe, cut from the front of the path; the original-
+#: path fields proxies and rewriters read back): policy would decide a POST to /public that is
+#: served as a DELETE, or /payments/x/admin served as /admin.
 REDIRECTING_FIELDS: Final = frozenset(
     {"x-http-method-override", "x-http-method", "x-method-override", "x-original-url",
-     "x-rewrite-url"}
+     "x-rewrite-url", "script-name", "path-info", "x-script-name", "x-original-uri",
+     "x-original-path", "x-envoy-original-path"}
 )  # fmt: skip
 
 
