@@ -8,48 +8,19 @@ sockets, before a scripted upstream."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
-from aegis.config import GatewaySettings
-from aegis.gateway.app import build_pipeline, create_gateway_app
-from aegis.policy.loader import load_document
-from tests.gateway.conftest import Agent, Env
-from tests.gateway.harness import gateway_here, signed_call
-from tests.gateway.test_proxy_upstream import ScriptedUpstream
+from tests.gateway.conftest import Agent
+from tests.gateway.harness import signed_call
+from tests.gateway.test_proxy_upstream import Gateway, ScriptedUpstream, gateway  # noqa: F401
 
-POLICY = """
-apiVersion: aegis/v1
-kind: Policy
-metadata: {name: rerouting}
-spec:
-  rules:
-    - {id: no-admin-host, action: deny, reason: admin host denied,
-       match: {tools: [payments]}, when: {path: request.headers.host, eq: admin.example.com}}
-    - {id: no-admin-path, action: deny, reason: admin path denied,
-       match: {tools: [payments]}, when: {path: path_loose, regex: '^/payments/admin(/|$)'}}
-    - {id: pay, action: allow, reason: payments allowed, match: {tools: [payments]}}
-"""
 Proxy = tuple[int, ScriptedUpstream, Agent]
 
 
 @pytest.fixture
-async def proxy(env: Env) -> AsyncIterator[Proxy]:
-    upstream = ScriptedUpstream()
-    async with upstream.running() as url:
-        data = env.settings.model_dump()
-        data["routes"] = [{"path_prefix": "/payments", "upstream": url, "tool": "payments",
-                           "tenant": "acme", "env": "prod"}]  # fmt: skip
-        settings = GatewaySettings.model_validate(data)
-        env.policies.activate("acme", "prod", env.policies.put(load_document(POLICY), now=0),
-                              actor="test", now=0)  # fmt: skip
-        pipeline = build_pipeline(
-            env.services, settings, policy_store=env.policies, audit=env.audit
-        )
-        app = create_gateway_app(env.services, settings, pipeline=pipeline)
-        async with gateway_here(app) as port:
-            yield port, upstream, Agent(env, "caller")
+def proxy(gateway: Gateway) -> Proxy:  # noqa: F811  (the upstream tests' gateway and policy)
+    return gateway.port, gateway.upstream, gateway.agent
 
 
 async def _status(port: int, raw: bytes) -> int:

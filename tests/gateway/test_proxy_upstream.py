@@ -27,6 +27,10 @@ metadata: {name: upstreams}
 spec:
   rules:
     - {id: pay, action: allow, reason: payments allowed, match: {tools: [payments]}}
+    - {id: no-admin-host, action: deny, reason: admin host denied,
+       match: {tools: [payments]}, when: {path: request.headers.host, eq: admin.example.com}}
+    - {id: no-admin-path, action: deny, reason: admin path denied,
+       match: {tools: [payments]}, when: {path: path_loose, regex: '^/payments/admin(/|$)'}}
 """
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, dict[str, str]], Awaitable[None]]
