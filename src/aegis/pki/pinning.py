@@ -48,14 +48,6 @@ def server_spiffe_id(der: bytes | None) -> str:
     return str(uris[0])
 
 
-def _check(der: bytes | None, expected: str) -> None:
-    found = server_spiffe_id(der)
-    if found != expected:
-        raise ssl.SSLCertVerificationError(
-            f"the server is {found!r}, not the pinned {expected!r}; check --server-id"
-        )
-
-
 ServerCheck = Callable[[bytes | None], None]
 
 
@@ -81,19 +73,27 @@ def check_server(ctx: ssl.SSLContext, check: ServerCheck) -> ssl.SSLContext:
     return ctx
 
 
-def pin_server_spiffe_ids(ctx: ssl.SSLContext, expected: tuple[str, ...]) -> ssl.SSLContext:
-    """:func:`pin_server_spiffe_id` for a client that talks to several servers (an agent: the
-    control plane and the gateway): the server's certificate must name one of ``expected``."""
+def pin_server_spiffe_ids(
+    ctx: ssl.SSLContext, expected: tuple[str, ...], *, also: ServerCheck | None = None
+) -> ssl.SSLContext:
+    """Make ``ctx`` accept only a server whose certificate names one of ``expected`` (valid
+    SPIFFE IDs, else ``AegisError(spiffe_id_invalid)``; an agent talks to its control plane and
+    its gateway), then pass ``also`` when given. Host-name checking is replaced by this check
+    (Aegis certificates name SPIFFE IDs, not hosts); the chain is still verified against the
+    context's trust bundle. Returns ``ctx``."""
     for spiffe_id in expected:
         parse_spiffe_id(spiffe_id)
     allowed = frozenset(expected)
+    shown = expected[0] if len(expected) == 1 else sorted(allowed)
 
     def pinned(der: bytes | None) -> None:
         found = server_spiffe_id(der)
         if found not in allowed:
             raise ssl.SSLCertVerificationError(
-                f"the server is {found!r}, not one of the pinned {sorted(allowed)!r}"
+                f"the server is {found!r}, not the pinned {shown!r}; check --server-id"
             )
+        if also is not None:
+            also(der)
 
     ctx.check_hostname = False
     return check_server(ctx, pinned)
@@ -102,16 +102,5 @@ def pin_server_spiffe_ids(ctx: ssl.SSLContext, expected: tuple[str, ...]) -> ssl
 def pin_server_spiffe_id(
     ctx: ssl.SSLContext, expected: str, *, also: ServerCheck | None = None
 ) -> ssl.SSLContext:
-    """Make ``ctx`` accept only a server whose certificate names ``expected`` (a valid SPIFFE ID,
-    else ``AegisError(spiffe_id_invalid)``), then pass ``also`` when given. Host-name checking is
-    replaced by this check; the chain is still verified against the context's trust bundle.
-    Returns ``ctx``."""
-    parse_spiffe_id(expected)
-
-    def pinned(der: bytes | None) -> None:
-        _check(der, expected)
-        if also is not None:
-            also(der)
-
-    ctx.check_hostname = False
-    return check_server(ctx, pinned)
+    """:func:`pin_server_spiffe_ids` for one server."""
+    return pin_server_spiffe_ids(ctx, (expected,), also=also)
