@@ -160,6 +160,9 @@ DIGESTS = (
     b"X-Bz-Content-Sha1: 2fd4e1c67a2d28fced849ee1bb76e7391b93eb12\r\n"
     b"x-oss-hash-crc64ecma: 1234567890\r\nx-cos-hash-crc64ecma: 1234567890\r\n"
     b"x-ms-blob-content-md5: Q2hlY2sgSW50ZWdyaXR5IQ==\r\nX_Custom_Digest: abc\r\n"
+    # The unsanitized body's length, which tells how long the redacted value was.
+    b"X-Original-Content-Length: 47\r\nx-goog-stored-content-length: 47\r\n"
+    b"X-Body-Size: 47\r\n"
 )
 
 
@@ -167,7 +170,8 @@ async def test_a_sanitized_answer_carries_no_digest_of_the_unsanitized_body(
     gateway: Gateway,
 ) -> None:
     """The caller knows every member of a sanitized answer but the redacted one, so a hash of
-    the upstream's body (an ETag, a digest) lets it try every ssn offline until one matches.
+    the upstream's body (an ETag, a digest) lets it try every ssn offline until one matches,
+    and the body's length tells how long the redacted value was.
     Nor is the caller's ``If-None-Match`` passed on: 304 or 200 would answer each guess."""
     gateway.upstream.answers["/crm/c"] = raw_answer(CUSTOMER, "application/json", fields=DIGESTS)
     gateway.upstream.answers["/payments/c"] = gateway.upstream.answers["/crm/c"]
@@ -175,7 +179,9 @@ async def test_a_sanitized_answer_carries_no_digest_of_the_unsanitized_body(
     assert status == 200 and json.loads(body)["customer"]["ssn"] == "[REDACTED]"
     digests = {b"etag", b"content-md5", b"digest", b"repr-digest", b"content-digest",
                b"x-amz-checksum-sha256", b"x-bz-content-sha1", b"x-oss-hash-crc64ecma",
-               b"x-cos-hash-crc64ecma", b"x-ms-blob-content-md5", b"x_custom_digest"}  # fmt: skip
+               b"x-cos-hash-crc64ecma", b"x-ms-blob-content-md5", b"x_custom_digest",
+               b"x-original-content-length", b"x-goog-stored-content-length",
+               b"x-body-size"}  # fmt: skip
     assert not digests & set(fields)
     assert fields[b"last-modified"] == [b"Tue, 01 Dec 2026 10:00:00 GMT"]
     assert "if-none-match" not in gateway.upstream.heads[-1]

@@ -62,10 +62,13 @@ _SANITIZED_DROP: Final = frozenset(
 )
 #: Object stores name a body's checksum in their own ways (``x-amz-checksum-sha256``,
 #: ``x-bz-content-sha1``, ``x-oss-hash-crc64ecma``, ``x-ms-blob-content-md5`` …): any field whose
-#: name holds one of these words is taken for one and dropped too.
+#: name holds one of these words is taken for one and dropped too. So is one that gives the
+#: unsanitized body's length (``X-Original-Content-Length``, ``x-goog-stored-content-length``,
+#: ``X-Body-Size``): set against the sanitized answer, it tells how long a redacted value was.
+#: The gateway sets the ``Content-Length`` of what it sends itself.
 _SANITIZED_DROP_WORDS: Final = (
     *("md5", "sha1", "sha-1", "sha256", "sha-256", "sha512", "crc"),
-    *("hash", "digest", "checksum"),
+    *("hash", "digest", "checksum", "length", "size"),
 )
 
 
