@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -123,6 +124,59 @@ def test_secrets_and_addresses_in_their_wider_forms_are_masked() -> None:
     mails = "ann@ex\u00e4mple.com, j\u00f6rg@example.com and o'neil@example.org"
     assert mask_text(mails, ["email"]) == f"{EMAIL_MASK}, {EMAIL_MASK} and {EMAIL_MASK}"
     assert mask_text("mail \uff41\uff4e\uff4e@example.com", ["email"]) == f"mail {EMAIL_MASK}"
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "sk-" + "A1b2C3d4E5f6G7h8I9j0" * 2 + "T3BlbkFJ",  # OpenAI, the first format
+        "sk-proj-" + "Ab3_x-Yz9" * 16,  # OpenAI project key
+        "sk-svcacct-" + "q8R_2fLm" * 10,
+        "sk-ant-api03-" + "Zx9_Qw-8Er" * 9 + "AA",  # Anthropic
+        "AIzaSyD-9tSrke72PouQMnMX-a7eZSW0jkFMBWY",  # Google
+        "glpat-" + "xY7_aB3-cD9eF1gH2iJ4",  # GitLab personal access token
+        "gldt-" + "k2L9mN4pQ7rS1tU5vW8x",  # GitLab deploy token
+        "hf_" + "aBcDeFgHiJkLmNoPqRsTuVwXyZ01234567",  # Hugging Face
+        "npm_" + "a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8",
+        "pypi-AgEIcHlwaS5vcmc" + "CJDk3ZjVmZTc3LWI2NzgtNGM" * 3,
+    ],
+)
+def test_provider_api_keys_are_masked(key: str) -> None:
+    for text, expected in (
+        (f"key {key} end", f"key {SECRET_MASK} end"),
+        (f'{{"k": "{key}"}}', f'{{"k": "{SECRET_MASK}"}}'),
+        (f"OPENAI_API_KEY={key}", f"OPENAI_API_KEY={SECRET_MASK}"),
+    ):
+        assert mask_text(text, ["secret"]) == expected, (key, text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "see sk-learn-tutorial-page-for-beginners",  # a slug: no digit
+        "sk-1",  # too short
+        "AIzaShort",
+        "global-configuration-settings-page",
+        "glpat-short",
+        "task-3f9a for the handbook",
+    ],
+)
+def test_words_that_only_resemble_keys_are_kept(text: str) -> None:
+    assert mask_text(text, ["secret"]) == text
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        '"ann lee"@example.com',
+        '"ann\\"x"@example.com',
+        "ann@[192.0.2.1]",
+        "ann@[IPv6:2001:db8::1]",
+        '"a@b"@example.org',
+    ],
+)
+def test_quoted_local_parts_and_address_literals_are_masked_whole(address: str) -> None:
+    assert mask_text(f"mail {address} now", ["email"]) == f"mail {EMAIL_MASK} now", address
 
 
 def test_headers_are_dropped_case_insensitively_and_masked() -> None:

@@ -5,8 +5,8 @@ body and headers before forwarding (``target: request``) and to the response bef
 (``target: response``). They never mutate their arguments. Masking covers e-mail addresses, payment
 card numbers (13-19 digits, up to three spaces, dots, underscores or dashes between two, Luhn-valid;
 the last four digits are kept)
-and common secret formats (cloud keys, provider API keys, JWTs, bearer credentials, PEM private
-keys). Masks read JSON numbers too, as their decimal text (``{"card": 4111111111111111}``). Masking
+and common secret formats (cloud keys, provider API keys, AI providers' and package registries'
+tokens, JWTs, bearer credentials, PEM private keys). Masks read JSON numbers too, as their decimal text (``{"card": 4111111111111111}``). Masking
 is a best effort on top of redaction by path, never a substitute for it.
 """
 
@@ -41,8 +41,13 @@ EMAIL_MASK: Final = "[REDACTED:email]"
 SECRET_MASK: Final = "[REDACTED:secret]"
 
 #: Local part and domain labels are Unicode-aware (``\w``): ``jörg@example.com`` and
-#: ``ann@exämple.com`` (RFC 6531, IDNA) are addresses as whole as ``ann@example.com``.
-_EMAIL: Final = re.compile(r"[\w.%+!#$&'*=?^`{|}~/-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){1,8}")
+#: ``ann@exämple.com`` (RFC 6531, IDNA) are addresses as whole as ``ann@example.com``. A local
+#: part may also be a quoted string (``"ann lee"@example.com``, RFC 5321 §4.1.2), and a domain an
+#: address literal (``ann@[192.0.2.1]``, ``ann@[IPv6:2001:db8::1]``): mail is delivered to both.
+_EMAIL: Final = re.compile(
+    r"(?:\"(?:[^\"\\\r\n]|\\.){1,64}\"|[\w.%+!#$&'*=?^`{|}~/-]{1,64})"
+    r"@(?:[\w-]{1,63}(?:\.[\w-]{1,63}){1,8}|\[(?:IPv6:)?[0-9A-Fa-f:.]{2,45}\])"
+)
 #: Up to three separators between digits: a reader (or a person) takes ``4111  1111``,
 #: ``4111\t1111``, ``4111 - 1111``, ``4111.1111``, ``4_111`` or a Unicode dash (U+2010-U+2015,
 #: U+2212) as one card number as readily as ``4111 1111``.
@@ -62,6 +67,17 @@ _SECRETS: Final = (
     re.compile(r"\bgh[pousr]_[0-9A-Za-z]{36,255}"),
     re.compile(r"(?<![A-Za-z0-9])github_pat_[0-9A-Za-z_]{22,255}"),  # a fine-grained token
     re.compile(r"\bxox[abprs]-[0-9A-Za-z-]{10,200}"),
+    # OpenAI (sk-…, sk-proj-…, sk-svcacct-…) and Anthropic (sk-ant-api03-…) keys: a run with a
+    # digit in it, so that a slug such as "sk-learn-tutorial-page" is not taken for one.
+    re.compile(r"(?<![0-9A-Za-z_-])sk-(?=[A-Za-z_-]{0,512}[0-9])[0-9A-Za-z_-]{20,512}"),
+    re.compile(r"(?<![0-9A-Za-z_-])AIza[0-9A-Za-z_-]{35}(?![0-9A-Za-z_-])"),  # Google API key
+    # GitLab tokens: personal, deploy, runner, trigger, CI job, feed, incoming mail, OAuth …
+    re.compile(
+        r"(?<![0-9A-Za-z_-])gl(?:pat|dt|rt|ptt|cbt|ft|imt|soat|oas|agent)-[0-9A-Za-z_-]{20,255}"
+    ),
+    re.compile(r"(?<![0-9A-Za-z_-])hf_[0-9A-Za-z]{30,64}(?![0-9A-Za-z_-])"),  # Hugging Face
+    re.compile(r"(?<![0-9A-Za-z_-])npm_[0-9A-Za-z]{36}(?![0-9A-Za-z_-])"),  # npm
+    re.compile(r"(?<![0-9A-Za-z_-])pypi-AgE[0-9A-Za-z_-]{50,512}"),  # PyPI (a macaroon)
     re.compile(r"\beyJ[0-9A-Za-z_-]{4,}\.eyJ[0-9A-Za-z_-]{4,}\.[0-9A-Za-z_-]{4,}"),
     re.compile(r"(?i)\bbearer\s{1,8}[0-9A-Za-z._~+/=-]{16,4096}"),
 )
