@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import create_engine, text, update
 
 from aegis.clock import FrozenClock
-from aegis.errors import NotFound, PolicyError
+from aegis.errors import InvalidRequest, NotFound, PolicyError
 from aegis.policy.input import build_input, call_from_dict
 from aegis.policy.loader import load_document
 from aegis.policy.service import EVENT_ACTIVATED, EVENT_REJECTED, PolicyService
@@ -82,7 +82,24 @@ def test_a_tampered_row_is_refused(tmp_path: Path) -> None:
     engine.dispose()
     with pytest.raises(PolicyError, match="does not hash"):
         sql.get(version)
+    # As the refusal asks, storing the source again restores the row.
+    assert sql.put(load_document(V1 + "# again\n"), now=2.0) == version
+    assert sql.get(version) == load_document(V1)
     sql.close()
+
+
+def test_activation_refuses_a_tenant_or_env_the_registry_would_not_accept(
+    store: PolicyStore,
+) -> None:
+    """``Acme`` can never match a route (ids are lowercase), and a 65-character one does not fit
+    the activation's column: both are the caller's mistake (400), not the store's (503)."""
+    service = PolicyService(store, clock=FrozenClock(100.0))
+    version = service.store(V1, actor="alice")
+    for tenant, env in (("Acme", "prod"), ("t" * 65, "prod"), ("acme", "e" * 65), ("acme", "")):
+        with pytest.raises(InvalidRequest) as err:
+            service.activate(tenant, env, version, actor="alice")
+        assert err.value.status == 400
+    assert store.active("acme", "prod") is None
 
 
 def test_a_rejected_document_never_replaces_the_active_one(store: PolicyStore) -> None:

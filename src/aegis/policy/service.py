@@ -17,7 +17,8 @@ from typing import Any, Final
 from aegis.clock import Clock, new_id
 from aegis.errors import PolicyError
 from aegis.policy.loader import load_document
-from aegis.policy.store import Activation, PolicyStore
+from aegis.policy.store import Activation, PolicyStore, SqlPolicyStore
+from aegis.registry.service import check_id
 from aegis.stores.base import RegistryStore
 from aegis.types import Event
 
@@ -27,6 +28,7 @@ __all__ = [
     "EVENT_STORED",
     "EventHook",
     "PolicyService",
+    "RegistryEvents",
     "registry_event_hook",
 ]
 
@@ -37,22 +39,30 @@ EVENT_REJECTED: Final = "policy.rejected"
 EventHook = Callable[[dict[str, Any]], None]
 
 
-def registry_event_hook(store: RegistryStore) -> EventHook:
+def _as_event(event: dict[str, Any]) -> Event:
+    data = {k: v for k, v in event.items() if k not in ("event", "time", "actor")}
+    tenant = data.get("tenant")
+    subject = f"policy:{tenant}/{data.get('env')}" if tenant else f"policy:{data.get('version')}"
+    return Event(new_id(), event["time"], event["event"], event["actor"], subject, tenant, data)
+
+
+class RegistryEvents:
     """An ``emit`` hook that appends each policy event to the registry's lifecycle event log
     (where agent and client events already are), subject ``policy:<tenant>/<env>`` for
-    activations and ``policy:<version>`` otherwise."""
+    activations and ``policy:<version>`` otherwise. When the policy store keeps its tables in
+    the registry's database, an activation's event is written in the activation's own
+    transaction (:meth:`PolicyService.activate`)."""
 
-    def emit(event: dict[str, Any]) -> None:
-        data = {k: v for k, v in event.items() if k not in ("event", "time", "actor")}
-        tenant = data.get("tenant")
-        subject = (
-            f"policy:{tenant}/{data.get('env')}" if tenant else f"policy:{data.get('version')}"
-        )
-        store.append_event(
-            Event(new_id(), event["time"], event["event"], event["actor"], subject, tenant, data)
-        )
+    def __init__(self, store: RegistryStore) -> None:
+        self.store = store
 
-    return emit
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.store.append_event(_as_event(event))
+
+
+def registry_event_hook(store: RegistryStore) -> EventHook:
+    """A :class:`RegistryEvents` hook on ``store``."""
+    return RegistryEvents(store)
 
 
 class PolicyService:
@@ -76,7 +86,11 @@ class PolicyService:
         return version
 
     def activate(self, tenant: str, env: str, version: str, *, actor: str) -> Activation:
-        """Make a stored version active for (tenant, env), if it passes today's checks."""
+        """Make a stored version active for (tenant, env), if it passes today's checks. The
+        tenant and env must be ids the registry accepts: ``Acme`` could never match a route, and
+        an operator would believe a policy in force that no call is decided by."""
+        check_id(tenant, "tenant")
+        check_id(env, "env")
         doc = self._store.get(version)  # NotFound for a version never stored
         try:
             load_document(json.dumps(doc.canonical()), "<stored policy>")
@@ -89,16 +103,28 @@ class PolicyService:
                         message=message, version=version, tenant=tenant, env=env)  # fmt: skip
             raise PolicyError(message, code=exc.code, version=version, errors=exc.details.get(
                 "errors", [])) from exc  # fmt: skip
-        previous = self._store.active(tenant, env)
-        activation = self._store.activate(tenant, env, version, actor=actor, now=self._clock.now())
-        self._event(
-            EVENT_ACTIVATED,
-            actor=actor,
-            tenant=tenant,
-            env=env,
-            version=version,
-            previous=previous.version if previous else None,
+        # The event is made inside the store's transaction, which serialises activations, so it
+        # names the version this one really replaced and is timed after the one before. Where
+        # the store shares the registry's database, it is written in that transaction: an
+        # activation never takes effect unrecorded. Elsewhere it is appended once committed.
+        in_store = (
+            isinstance(self._emit, RegistryEvents)
+            and isinstance(self._store, SqlPolicyStore)
+            and self._store.shares_database(self._emit.store)
         )
+        made: list[dict[str, Any]] = []
+
+        def record(activation: Activation, previous: str | None) -> Event | None:
+            made.append({"event": EVENT_ACTIVATED, "time": self._clock.now(), "actor": actor,
+                         "tenant": tenant, "env": env, "version": version,
+                         "previous": previous})  # fmt: skip
+            return _as_event(made[-1]) if in_store else None
+
+        activation = self._store.activate(
+            tenant, env, version, actor=actor, now=self._clock.now(), record=record
+        )
+        if not in_store:
+            self._emit(made[-1])
         return activation
 
     def publish(

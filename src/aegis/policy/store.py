@@ -11,22 +11,37 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from pydantic import ValidationError
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from aegis.errors import AegisError, NotFound, PolicyError, Unavailable
 from aegis.policy.model import STORED, PolicyDocument
 from aegis.policy.sql_tables import METADATA, POLICY_ACTIVATIONS, POLICY_VERSIONS
 from aegis.policy.version import canonical_json, policy_version
-from aegis.stores.sql.engine import HOT_PATH_STATEMENT_TIMEOUT, create_tables, make_engine
+from aegis.stores.sql.engine import (
+    HOT_PATH_STATEMENT_TIMEOUT,
+    create_tables,
+    lock_transaction,
+    make_engine,
+)
+from aegis.stores.sql.schema import EVENTS
+from aegis.types import Event
 
-__all__ = ["Activation", "MemoryPolicyStore", "PolicyStore", "SqlPolicyStore", "StoredVersion"]
+__all__ = [
+    "Activation",
+    "MemoryPolicyStore",
+    "PolicyStore",
+    "Recorder",
+    "SqlPolicyStore",
+    "StoredVersion",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +60,17 @@ class Activation:
     actor: str
 
 
+#: Called inside an activation's transaction (one activation of the store at a time) with the
+#: activation and the version it replaces (None: none was active). A SQL store writes the event
+#: it returns to the ``events`` table of its own database in that transaction, so that the
+#: activation and its record commit together; None writes nothing there. An error it raises
+#: undoes the activation.
+Recorder = Callable[[Activation, str | None], Event | None]
+#: Serialises activations (any scope, any process) on PostgreSQL: ids then follow commit order,
+#: so the newest id is the active version and each activation knows the one it replaced.
+_ACTIVATION_LOCK: Final = zlib.crc32(b"aegis:policy-activation")
+
+
 class PolicyStore(Protocol):
     def put(self, doc: PolicyDocument, *, now: float) -> str:
         """Store a validated document (idempotent); return its version."""
@@ -59,9 +85,17 @@ class PolicyStore(Protocol):
         ...
 
     def activate(
-        self, tenant: str, env: str, version: str, *, actor: str, now: float
+        self,
+        tenant: str,
+        env: str,
+        version: str,
+        *,
+        actor: str,
+        now: float,
+        record: Recorder | None = None,
     ) -> Activation:
-        """Make ``version`` (which must be stored) active for the scope."""
+        """Make ``version`` (which must be stored) active for the scope; ``record`` is called
+        before the activation is committed (:data:`Recorder`)."""
         ...
 
     def active(self, tenant: str, env: str) -> Activation | None:
@@ -121,12 +155,22 @@ class MemoryPolicyStore:
             return sorted((r for r, _ in self._docs.values()), key=lambda r: r.created_at)
 
     def activate(
-        self, tenant: str, env: str, version: str, *, actor: str, now: float
+        self,
+        tenant: str,
+        env: str,
+        version: str,
+        *,
+        actor: str,
+        now: float,
+        record: Recorder | None = None,
     ) -> Activation:
         with self._lock:
             if version not in self._docs:
                 raise _not_found(version)
             activation = Activation(tenant, env, version, now, actor)
+            scope = [a for a in self._activations if (a.tenant, a.env) == (tenant, env)]
+            if record is not None:
+                record(activation, scope[-1].version if scope else None)
             self._activations.append(activation)
         return activation
 
@@ -181,8 +225,29 @@ class SqlPolicyStore:
                 with self._engine.begin() as conn:
                     conn.execute(insert(POLICY_VERSIONS).values(**row))
             except IntegrityError:
-                pass  # the same content is already stored: versions are immutable
+                self._restore(version, row)  # stored already: versions are immutable
         return version
+
+    def _restore(self, version: str, row: dict[str, object]) -> None:
+        """Put back the document of a row edited behind Aegis's back (it no longer hashes to
+        its version), as storing its source again asks; a row that still reads as its version
+        is left as it is."""
+        t = POLICY_VERSIONS
+        with self._engine.begin() as conn:
+            stored = conn.execute(
+                select(t.c.document).where(t.c.version == version).with_for_update()
+            ).scalar_one()
+            if stored == row["document"]:
+                return
+            try:
+                _decode(version, stored)
+                return
+            except PolicyError:
+                conn.execute(
+                    update(t)
+                    .where(t.c.version == version)
+                    .values(document=row["document"], name=row["name"])
+                )
 
     def get(self, version: str) -> PolicyDocument:
         with self._guard(), self._engine.connect() as conn:
@@ -202,20 +267,49 @@ class SqlPolicyStore:
             return [StoredVersion(r.version, r.name, r.created_at) for r in rows]
 
     def activate(
-        self, tenant: str, env: str, version: str, *, actor: str, now: float
+        self,
+        tenant: str,
+        env: str,
+        version: str,
+        *,
+        actor: str,
+        now: float,
+        record: Recorder | None = None,
     ) -> Activation:
+        t = POLICY_ACTIVATIONS
+        activation = Activation(tenant, env, version, now, actor)
         with self._guard(), self._engine.begin() as conn:
+            lock_transaction(conn, _ACTIVATION_LOCK)  # SQLite: BEGIN IMMEDIATE
             known = conn.execute(
                 select(POLICY_VERSIONS.c.version).where(POLICY_VERSIONS.c.version == version)
             ).first()
             if known is None:
                 raise _not_found(version)
+            previous = conn.execute(
+                select(t.c.version)
+                .where(t.c.tenant == tenant, t.c.env == env)
+                .order_by(t.c.id.desc())
+                .limit(1)
+            ).scalar_one_or_none()
             conn.execute(
-                insert(POLICY_ACTIVATIONS).values(
+                insert(t).values(
                     tenant=tenant, env=env, version=version, activated_at=now, actor=actor
                 )
             )
-        return Activation(tenant, env, version, now, actor)
+            event = record(activation, previous) if record is not None else None
+            if event is not None:
+                conn.execute(
+                    insert(EVENTS).values(
+                        id=event.id, at=event.at, type=event.type, actor=event.actor,
+                        subject=event.subject, tenant_id=event.tenant_id, data=event.data,
+                    )
+                )  # fmt: skip
+        return activation
+
+    def shares_database(self, other: object) -> bool:
+        """Whether ``other`` (a SQL registry store) keeps its tables in this store's database."""
+        engine = getattr(other, "engine", None)
+        return isinstance(engine, Engine) and engine.url == self._engine.url
 
     def active(self, tenant: str, env: str) -> Activation | None:
         t = POLICY_ACTIVATIONS

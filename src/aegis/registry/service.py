@@ -55,6 +55,7 @@ __all__ = [
     "SCOPE_PATTERN",
     "AgentSpec",
     "RegistryService",
+    "check_id",
 ]
 
 #: Tenant, environment and agent ids: lowercase, digits, ``-`` and ``.``; they appear in SPIFFE IDs.
@@ -76,7 +77,8 @@ _TRANSITIONS: dict[AgentStatus, frozenset[AgentStatus]] = {
 }
 
 
-def _check_id(value: str, what: str) -> str:
+def check_id(value: str, what: str) -> str:
+    """``value`` if it is a valid tenant, environment or agent id, else ``InvalidRequest``."""
     if not isinstance(value, str) or not ID_PATTERN.fullmatch(value) or ".." in value:
         raise InvalidRequest(
             f"{what} {value!r} is not valid: use 1-63 lowercase letters, digits, '-' or '.'",
@@ -170,8 +172,8 @@ class RegistryService:
 
     def ensure_tenant_env(self, tenant_id: str, env: str, *, actor: str) -> None:
         """Create the tenant and environment if they do not exist yet (inside a transaction)."""
-        _check_id(tenant_id, "tenant")
-        _check_id(env, "env")
+        check_id(tenant_id, "tenant")
+        check_id(env, "env")
         now = self._clock.now()
         try:
             tenant = self.store.get_tenant(tenant_id)
@@ -220,7 +222,7 @@ class RegistryService:
     # -- agents ----------------------------------------------------------------------------
 
     def register_agent(self, spec: AgentSpec, *, actor: str) -> Agent:
-        _check_id(spec.id, "agent")
+        check_id(spec.id, "agent")
         if not isinstance(spec.owner, str) or not _OWNER_PATTERN.fullmatch(spec.owner):
             raise InvalidRequest(
                 "owner must be the accountable human's e-mail address", field="owner"
