@@ -147,6 +147,54 @@ def test_a_body_hidden_from_a_policy_that_reads_it_is_refused_not_allowed() -> N
     assert directory.decide("acme", "prod", "read", "a", read, body_hidden=True).action == "allow"
 
 
+@pytest.mark.parametrize("mode", ["rule", "policy"])
+def test_a_body_read_only_in_shadow_refuses_no_call(mode: str) -> None:
+    """Trying a body rule out in shadow changes no outcome: a body policy cannot read (hidden,
+    an unsafe integer, a member spelled otherwise) is refused only when an enforced rule reads
+    it. The shadow rule still judges the calls whose body was read, and reports them."""
+    text = BODY_RULES.replace(
+        "      reason: too much\n", "      reason: too much\n      shadow: true\n"
+    )
+    if mode == "policy":
+        text = BODY_RULES.replace("spec:\n", "spec:\n  mode: shadow\n")
+    store = MemoryPolicyStore()
+    store.activate("acme", "prod", store.put(load_document(text), now=0), actor="t", now=0)
+    directory = PolicyDirectory(store, clock=FrozenClock(0), interval=1)
+    assert directory.reads_body("acme", "prod", "pay")  # buffered, for the shadow rule to see
+    assert not directory.reads_body("acme", "prod", "pay", enforced=True)
+    for doc, hidden in (
+        ({"tool": "pay", "request": {"body": None}}, True),
+        ({"tool": "pay", "request": {"body": {"amount": 2**60}}}, False),
+        ({"tool": "pay", "request": {"body": {"Amount": 5000}}}, False),
+    ):
+        decision = directory.decide(
+            "acme", "prod", "pay", "a", doc, body_hidden=hidden, body_names=lambda: NAMES
+        )
+        assert decision.action == "allow", doc
+    big = {"tool": "pay", "request": {"body": {"amount": 5000}}}
+    decision = directory.decide("acme", "prod", "pay", "a", big)
+    assert decision.action == "allow"
+    assert decision.shadow is not None and decision.shadow.action == "deny"
+    # Enforced, the same rule refuses each of them.
+    enforced = MemoryPolicyStore()
+    enforced.activate("acme", "prod", enforced.put(load_document(BODY_RULES), now=0), actor="t",
+                      now=0)  # fmt: skip
+    strict = PolicyDirectory(enforced, clock=FrozenClock(0), interval=1)
+    with pytest.raises(InvalidRequest):
+        strict.decide("acme", "prod", "pay", "a", {"tool": "pay", "request": {"body": None}},
+                      body_hidden=True)  # fmt: skip
+    with pytest.raises(InvalidRequest):
+        strict.decide("acme", "prod", "pay", "a",
+                      {"tool": "pay", "request": {"body": {"amount": 2**60}}})  # fmt: skip
+    with pytest.raises(InvalidRequest, match="Amount"):
+        strict.decide("acme", "prod", "pay", "a",
+                      {"tool": "pay", "request": {"body": {"Amount": 5000}}},
+                      body_names=lambda: NAMES)  # fmt: skip
+
+
+NAMES = frozenset({"Amount"})
+
+
 class GatedStore(MemoryPolicyStore):
     """The memory store, whose ``active`` waits while ``gate`` is closed (a stalled database)."""
 

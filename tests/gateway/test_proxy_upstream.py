@@ -304,6 +304,35 @@ async def test_an_int64_id_passes_where_policy_does_not_read_the_body(gateway: G
     assert head.startswith(b"HTTP/1.1 200"), head
 
 
+async def test_a_body_rule_tried_in_shadow_refuses_no_call(gateway: Gateway) -> None:
+    """A body rule rolled out in shadow mode must not change outcomes: a snowflake id, a member
+    spelled ``Amount``, a body that is not JSON, each passed before the rule and passes with
+    it; the rule judges the bodies it can read, and its would-be deny is audited."""
+    shadow = (
+        POLICY
+        + """    - {id: cap, action: deny, reason: too much, shadow: true,
+       match: {tools: [payments]}, when: {path: request.body.amount, gt: 1000}}
+"""
+    )
+    policies = gateway.env.policies
+    policies.activate("acme", "prod", policies.put(load_document(shadow), now=1), actor="test",
+                      now=1)  # fmt: skip
+    await asyncio.sleep(0.05)  # the gateway polls every millisecond
+    calls = [(b'{"order_id": 9223372036854775807}', "application/json"),
+             (b'{"Amount": 5000}', "application/json"), (b"amount=5000", "text/plain"),
+             (b'{"amount": 5000}', "application/json")]  # fmt: skip
+    for body, ctype in calls:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer.write(gateway.request("POST", "/payments/orders", [("Content-Type", ctype)], body))
+        head, answer = await _answer(reader, 5)
+        writer.close()
+        await _closed(writer)
+        assert head.startswith(b"HTTP/1.1 200"), (body, head, answer)
+    decisions = list(gateway.env.audit.records(kind="gateway.decision"))[-len(calls) :]
+    assert [d["action"] for d in decisions] == ["allow"] * 4
+    assert [(d["shadow"] or {}).get("action") for d in decisions] == ["allow"] * 3 + ["deny"]
+
+
 @pytest.mark.parametrize("gateway", ["auto", "h11"], indirect=True)
 async def test_an_absolute_form_target_is_refused_under_either_parser(gateway: Gateway) -> None:
     """``GET http://other.example/payments/x`` names another authority than the Host field, and

@@ -462,13 +462,14 @@ class ExtAuthz:
         coding = next((v for k, v in fields if k == "content-encoding"), None)
         refuse_method_override(facts["method"], content_type, raw, coding)
         reads = self._pipeline.reads_body(facts["route"])
+        strict = reads and self._pipeline.reads_body(facts["route"], enforced=True)
         shown = limit if reads else self._settings.policy_body_bytes
         small = len(raw) <= shown
         if small:
-            facts["body"] = parse_json_body(raw, content_type, coding, safe_integers=reads)
+            facts["body"] = parse_json_body(raw, content_type, coding, safe_integers=strict)
         facts["body_digest"] = body_digest(raw) if raw else EMPTY_BODY_DIGEST
         facts["raw_body"] = raw if small else None
-        facts["integers_checked"] = reads
+        facts["integers_checked"] = strict
 
     async def _peer(self, req: CheckedRequest) -> PeerIdentity | None:
         text = req.certificate or ""

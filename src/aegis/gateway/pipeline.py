@@ -153,11 +153,13 @@ class Pipeline:
         """The pipeline's clock (decision times; front doors' own records use it too)."""
         return self._clock.now()
 
-    def reads_body(self, route: Route) -> bool:
+    def reads_body(self, route: Route, *, enforced: bool = False) -> bool:
         """Whether the policy in force reads request bodies for the route's tool (a front door
-        then buffers them); an unknown answer is False, and the policy step decides."""
+        then buffers them); with ``enforced``, whether a rule whose outcome is enforced does (a
+        door then refuses bodies policy cannot read alike). An unknown answer is False, and the
+        policy step decides."""
         try:
-            return self._policies.reads_body(route.tenant, route.env, route.tool)
+            return self._policies.reads_body(route.tenant, route.env, route.tool, enforced=enforced)
         except AegisError:
             return False
 

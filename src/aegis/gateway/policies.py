@@ -97,13 +97,18 @@ class ReadFields:
                     or self.body)  # fmt: skip
 
 
-def policy_reads(policy: CompiledPolicy, tool: str) -> ReadFields:
-    """The :class:`ReadFields` of the rules of ``policy`` that can apply to ``tool``."""
+def policy_reads(policy: CompiledPolicy, tool: str, *, enforced: bool = False) -> ReadFields:
+    """The :class:`ReadFields` of the rules of ``policy`` that can apply to ``tool``; with
+    ``enforced``, of those alone whose outcome is enforced (none in a policy in shadow mode)."""
     query: set[str] = set()
     headers: set[str] = set()
     body: set[tuple[str, ...]] = set()
     every_query = every_header = any_body = loose = False
+    if enforced and policy.lowered.mode == "shadow":
+        return ReadFields()
     for rule in policy.candidates(tool):
+        if enforced and rule.lowered.shadow:
+            continue
         nodes = [*rule.lowered.match, *([rule.lowered.when] if rule.lowered.when else [])]
         for leaf in (leaf for node in nodes for leaf in leaves(node)):
             path = tuple(leaf.path)
@@ -400,7 +405,7 @@ class PolicyDirectory:
         self._polling = False
         self._watchers: dict[tuple[str, str], PolicyWatcher] = {}
         self._lock = threading.Lock()
-        self._read_fields: dict[tuple[str, str], ReadFields] = {}
+        self._read_fields: dict[tuple[str, str, bool], ReadFields] = {}
 
     def _watcher(self, tenant: str, env: str) -> PolicyWatcher | None:
         if self._store is None:
@@ -428,21 +433,24 @@ class PolicyDirectory:
     def _reads_body(self, policy: CompiledPolicy, tool: str) -> bool:
         return self._fields_read(policy, tool).any_body
 
-    def _fields_read(self, policy: CompiledPolicy, tool: str) -> ReadFields:
-        key = (policy.version, tool)
+    def _fields_read(
+        self, policy: CompiledPolicy, tool: str, *, enforced: bool = False
+    ) -> ReadFields:
+        key = (policy.version, tool, enforced)
         found = self._read_fields.get(key)
         if found is None:
             if len(self._read_fields) >= _MAX_CACHED:
                 self._read_fields.clear()
-            found = self._read_fields[key] = policy_reads(policy, tool)
+            found = self._read_fields[key] = policy_reads(policy, tool, enforced=enforced)
         return found
 
-    def reads_body(self, tenant: str, env: str, tool: str) -> bool:
+    def reads_body(self, tenant: str, env: str, tool: str, *, enforced: bool = False) -> bool:
         """Whether the policy in force for the route reads request bodies of ``tool`` (the proxy
-        then buffers the body for it); False for the allow-list, which never does."""
+        then buffers the body for it); with ``enforced``, whether a rule whose outcome is
+        enforced does. False for the allow-list, which never does."""
         watcher = self._watcher(tenant, env)
         policy = watcher.current() if watcher is not None else None
-        return policy is not None and self._reads_body(policy, tool)
+        return policy is not None and self._fields_read(policy, tool, enforced=enforced).any_body
 
     def decide(
         self,
@@ -474,9 +482,14 @@ class PolicyDirectory:
                 code="policy_unavailable",
             )
         if policy is not None:
+            # A call is refused for what the rules it is decided by read, never for what a rule
+            # in shadow (or a policy in shadow mode) reads: trying a rule out changes no outcome.
+            # Shadow rules still see the body when it was read (reads_body buffers it for them);
+            # when it was not, they judge the call without it.
+            reads = self._fields_read(policy, tool, enforced=True)
             if (
                 not integers_checked
-                and self._reads_body(policy, tool)
+                and reads.any_body
                 and holds_unsafe_integer((doc.get("request") or {}).get("body"))
             ):
                 # Read at the door before a policy reading bodies was in force: decided now.
@@ -484,7 +497,7 @@ class PolicyDirectory:
                     "the body holds an integer beyond +-2**53, which readers that hold numbers "
                     "as doubles (JavaScript, Go) read as another number; send it as a string"
                 )
-            if body_hidden and self._reads_body(policy, tool):
+            if body_hidden and reads.any_body:
                 raise InvalidRequest(
                     "the policy for this tool reads the request body; send it as JSON "
                     "(content-type application/json, no content-encoding) within "
@@ -492,7 +505,7 @@ class PolicyDirectory:
                 )
             if (
                 wrapper is not None
-                and self._reads_body(policy, tool)
+                and reads.any_body
                 and (where := _sends_wrapper(doc, wrapper, body_names))
             ):
                 raise InvalidRequest(
@@ -500,14 +513,15 @@ class PolicyDirectory:
                     "reads the body's fields from (Rails wrap_parameters), while the policy for "
                     "this tool reads them at the top level of the body; send them there only"
                 )
-            reads = self._fields_read(policy, tool)
             if reads.by_name:
                 names = body_names() if body_names is not None else frozenset()
                 why = misspelled(reads, doc, fields, joined=fields_joined, body_names=names)
                 if why:
                     raise InvalidRequest(why)
             decision = policy.evaluate(doc)
-            return _alike_for_variant(policy, doc, decision) if reads.loose_path else decision
+            if self._fields_read(policy, tool).loose_path:
+                return _alike_for_variant(policy, doc, decision)
+            return decision
         return allowlist_decision(self._allow, tool, agent_id)
 
     def poll_all(self) -> None:

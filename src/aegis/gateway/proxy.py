@@ -387,8 +387,10 @@ class ReverseProxy:
                     f"request body larger than {limit} bytes", code="payload_too_large"
                 )
             content_type = values.get("content-type")
-            # A policy that reads this tool's bodies sees them whole, up to the body limit.
+            # A policy that reads this tool's bodies sees them whole, up to the body limit; only
+            # the rules it enforces refuse a body they would read unlike some upstream.
             reads = self._pipeline.reads_body(route)
+            strict = reads and self._pipeline.reads_body(route, enforced=True)
             shown = limit if reads else self._settings.policy_body_bytes
             small_declared = declared is not None and int(declared) <= shown
             # A POST form (or untyped or JSON-ish body) is read whole too: it may carry a
@@ -402,14 +404,14 @@ class ReverseProxy:
                 small = len(raw) <= shown
                 facts["body"] = (
                     parse_json_body(
-                        raw, content_type, values.get("content-encoding"), safe_integers=reads
+                        raw, content_type, values.get("content-encoding"), safe_integers=strict
                     )
                     if small
                     else None
                 )
                 facts["body_digest"] = body_digest(raw) if raw else EMPTY_BODY_DIGEST
                 facts["raw_body"] = raw if small else None
-                facts["integers_checked"] = reads
+                facts["integers_checked"] = strict
             elif declared is None and "transfer-encoding" not in values:
                 raw, bodiless = b"", True  # forwarded without a body or a Content-Length: 0
             else:
