@@ -65,3 +65,24 @@ def test_report_summarises_by_rule_agent_and_tool_within_the_window() -> None:
 def test_report_refuses_lines_that_are_not_decisions() -> None:
     with pytest.raises(InvalidRequest, match="line 1"):
         shadow_report(['{"time": 1}'])
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"time": 1, "decision": {"action": "allow", "shadow": "deny"}}',
+        '{"time": 1, "decision": {"action": "allow", "shadow": {"action": "deny", "rule_ids": 5}}}',
+        '{"time": 1, "decision": {"action": "allow", "shadow": {"action": "deny", '
+        '"rule_ids": [{}]}}}',
+        '{"time": 1, "decision": {"action": [], "shadow": {"action": "deny"}}}',
+        '{"time": 1, "decision": {"action": "allow", "shadow": {"action": 1}}}',
+        '{"time": 1, "decision": "allow"}',
+        "[1, 2]",
+    ],
+)
+def test_a_record_of_the_wrong_shape_is_named_not_a_traceback(line: str) -> None:
+    """``aegis policy shadow-report`` printed a traceback (AttributeError, TypeError) for a
+    record whose members had the wrong types, instead of naming the line."""
+    good = '{"time": 1, "decision": {"action": "allow"}}'
+    with pytest.raises(InvalidRequest, match="line 2 is not a decision record"):
+        shadow_report([good, line])

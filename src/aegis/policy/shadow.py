@@ -77,6 +77,16 @@ def decision_record(doc: dict[str, Any], decision: Decision) -> dict[str, Any]:
     }
 
 
+def _is_outcome(shadow: object) -> bool:
+    """A record's ``shadow``: none, or an object with a string action and a list of rule ids."""
+    if shadow is None:
+        return True
+    if not isinstance(shadow, dict) or not isinstance(shadow.get("action"), str):
+        return False
+    rules = shadow.get("rule_ids")
+    return rules is None or (isinstance(rules, list) and all(isinstance(r, str) for r in rules))
+
+
 def shadow_report(
     lines: Iterable[str], *, since: float | None = None, until: float | None = None
 ) -> dict[str, Any]:
@@ -94,7 +104,9 @@ def shadow_report(
             decision = record["decision"]
             action = decision["action"]
             shadow = decision.get("shadow")
-        except (ValueError, KeyError, TypeError) as exc:
+            if not isinstance(action, str) or not _is_outcome(shadow):
+                raise TypeError("not a decision")
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise InvalidRequest(
                 f"decision log line {number} is not a decision record; see docs/policy.md"
             ) from exc
