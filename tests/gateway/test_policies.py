@@ -348,10 +348,10 @@ def test_a_header_name_policy_input_never_holds_is_refused_at_load(path: str) ->
 def test_a_shadow_policy_reports_what_a_variant_reading_would_refuse() -> None:
     """Tried in shadow mode, a policy denying /payments/refund reports /payments/refund.json as a
     would-be deny, as enforcing it would refuse it."""
-    from aegis.gateway.policies import _alike_for_variant
     from aegis.policy.evaluator import compile_policy
     from aegis.policy.input import AgentInfo, PolicyCall, build_input
     from aegis.policy.loader import load_document
+    from aegis.policy.readings import decide_readings
 
     policy = compile_policy(
         load_document("""
@@ -368,7 +368,7 @@ spec:
     )
     doc = build_input(PolicyCall(tool="payments", agent=AgentInfo(id="a"), tenant="acme",
                                  env="prod", time=0.0, path="/payments/refund.json"))  # fmt: skip
-    decision = _alike_for_variant(policy, doc, policy.evaluate(doc))
+    decision = decide_readings(policy, doc, policy.evaluate(doc))
     assert decision.action == "allow"
     assert decision.shadow is not None and decision.shadow.action == "deny"
 

@@ -1,8 +1,9 @@
 """Dry runs: the full decision for one call, with a trace of every rule, changing nothing.
 
-The decision comes from the same :meth:`CompiledPolicy.evaluate` the gateway uses; the trace is
-computed separately, leaf by leaf, for every rule (not only the index candidates) so that a policy
-author sees why each rule did or did not match. Nothing is stored, counted or emitted.
+The decision comes from the same :meth:`CompiledPolicy.evaluate` the gateway uses, under each
+reading of the path as the gateway decides it (:func:`~aegis.policy.readings.decide_readings`); the
+trace is computed separately, leaf by leaf, for every rule (not only the index candidates) so that
+a policy author sees why each rule did or did not match. Nothing is stored, counted or emitted.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from aegis.policy.input import PolicyCall, build_input, call_from_dict
 from aegis.policy.ir import Leaf, Node
 from aegis.policy.model import PolicyDocument
 from aegis.policy.predicates import compile_node
+from aegis.policy.readings import decide_readings
 from aegis.policy.store import PolicyStore
 
 __all__ = ["dry_run", "explain_rule"]
@@ -89,7 +91,9 @@ def dry_run(
     version, and return ``{"policy_version", "input", "decision", "trace"}``."""
     compiled = _policy(policy, store)
     doc = build_input(call if isinstance(call, PolicyCall) else call_from_dict(call))
-    decision = compiled.evaluate(doc)
+    # Under each reading of the path some upstream serves the call as, as the gateway decides
+    # it; for a policy that reads no path_loose, every reading gives the same decision.
+    decision = decide_readings(compiled, doc, compiled.evaluate(doc))
     return {
         "policy_version": compiled.version,
         "input": doc,
