@@ -283,3 +283,86 @@ def test_agents_cert_with_server_id_enrols_only_at_the_pinned_control_plane(
     assert good.exit_code == 0, good.output
     assert json.loads(good.output)["spiffe_id"].endswith("/agent/beta")
     assert len(pki.store.for_agent("beta")) == before + 1
+
+
+def test_revocations_name_a_known_agent_and_an_rfc_5280_reason(
+    config: Path, tmp_path: Path
+) -> None:
+    """A mistyped ``--agent`` (revoking a compromised agent) is ``not_found``, not "revoked 0
+    certificate(s)"; ``--reason`` is one of RFC 5280's, in either spelling, and reaches the CRL
+    entry: ``keyCompromise`` was stored as free text and the CRL carried no reason code."""
+    (tmp_path / ".aegis").mkdir()
+    (tmp_path / ".aegis" / "pepper").write_text(base64.b64encode(os.urandom(32)).decode())
+    assert runner.invoke(app, ["init", "--config", str(config)]).exit_code == 0
+    services = build_services(load_config(config, environ={}))
+    services.registry.register_agent(
+        AgentSpec("payer", "acme", "prod", "owner@example.com"), actor="test"
+    )
+    base = ["--config", str(config), "--json"]
+    typo = runner.invoke(app, ["revoke", "--agent", "payr", "--reason", "key_compromise", *base])
+    assert typo.exit_code == 1 and typo.stderr.startswith("error: not_found"), typo.output
+    bogus = runner.invoke(app, ["revoke", "--agent", "payer", "--reason", "stolen", *base])
+    assert bogus.exit_code == 1 and "key_compromise" in bogus.stderr, bogus.output
+    serials = {}
+    for reason in ("keyCompromise", "superseded", "aACompromise", "unspecified"):
+        made = runner.invoke(app, ["issue", "--agent", "payer", "--out-dir",
+                                   str(tmp_path / reason), *base])  # fmt: skip
+        serial = json.loads(made.output)["serial"]
+        done = runner.invoke(app, ["revoke", "--serial", serial, "--reason", reason, *base])
+        assert json.loads(done.output) == {"revoked": [serial]}, done.output
+        serials[int(serial, 16)] = reason
+    out = tmp_path / "crl.der"
+    assert runner.invoke(app, ["crl", "--config", str(config), "--out", str(out)]).exit_code == 0
+    crl = x509.load_der_x509_crl(out.read_bytes())
+    found = {}
+    for number, given in serials.items():
+        entry = crl.get_revoked_certificate_by_serial_number(number)
+        assert entry is not None
+        codes = [e.value.reason for e in entry.extensions if isinstance(e.value, x509.CRLReason)]
+        found[given] = codes
+    assert found == {
+        "keyCompromise": [x509.ReasonFlags.key_compromise],
+        "superseded": [x509.ReasonFlags.superseded],
+        "aACompromise": [x509.ReasonFlags.aa_compromise],
+        "unspecified": [],  # RFC 5280 §5.3.1: no reason code rather than unspecified
+    }
+    asyncio.run(services.aclose())
+
+
+@pytest.mark.parametrize(
+    "args", [["revoke", "--serial", "1"], ["bootstrap-token", "--agent", "a"], ["bundle"]]
+)
+def test_ca_commands_without_a_configuration_refuse_and_create_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    """Run where there is no aegis.yaml, they created ``./.aegis/aegis.db`` (0644) there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AEGIS_CONFIG", raising=False)
+    monkeypatch.delenv("AEGIS_DATABASE__URL", raising=False)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("error: config_invalid: aegis.yaml does not exist")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_private_file_never_takes_the_mode_or_place_of_a_file_found_there(
+    tmp_path: Path,
+) -> None:
+    """A stale (or planted) ``.key.pem.tmp`` of mode 0644 gave the key its mode, and a link there
+    would have sent the key elsewhere: the temporary file is always a new one."""
+    from aegis.cli.certs import write_file
+
+    stale = tmp_path / ".key.pem.tmp"
+    stale.write_text("")
+    stale.chmod(0o644)
+    elsewhere = tmp_path / "elsewhere"
+    (tmp_path / ".cert.pem.tmp").symlink_to(elsewhere)
+    write_file(tmp_path / "key.pem", b"secret", private=True)
+    write_file(tmp_path / "cert.pem", b"public")
+    assert (tmp_path / "key.pem").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "cert.pem").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "key.pem").read_bytes() == b"secret"
+    assert not elsewhere.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".cert.pem.tmp", ".key.pem.tmp", "cert.pem", "key.pem"
+    ]  # fmt: skip

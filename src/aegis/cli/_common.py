@@ -37,6 +37,7 @@ __all__ = [
     "actor",
     "config_file",
     "emit",
+    "existing_config",
     "load",
     "open_services",
     "table",
@@ -70,15 +71,23 @@ def config_file(ctx: typer.Context) -> Path:
     return Path(os.environ.get("AEGIS_CONFIG", DEFAULT_CONFIG_FILE))
 
 
-def load(ctx: typer.Context) -> AegisConfig:
-    """The validated configuration. A missing file is an error (unless the database is set in the
-    environment): commands would otherwise create an empty database wherever they ran."""
-    path = config_file(ctx)
-    if not path.exists() and "AEGIS_DATABASE__URL" not in os.environ:
+def existing_config(given: Path | None) -> Path | None:
+    """``given``, else ``$AEGIS_CONFIG``, else ``./aegis.yaml``, which must exist (None: it does
+    not, and the database is set in the environment). A missing file is an error: commands would
+    otherwise create an empty database (and its directory) wherever they ran."""
+    path = given if given is not None else Path(os.environ.get("AEGIS_CONFIG", DEFAULT_CONFIG_FILE))
+    if path.exists():
+        return path
+    if "AEGIS_DATABASE__URL" not in os.environ:
         raise ConfigError(
             f"{path} does not exist; run `aegis init` here or pass --config PATH", key=""
         )
-    config = load_config(path if path.exists() else None)
+    return None
+
+
+def load(ctx: typer.Context) -> AegisConfig:
+    """The validated configuration (see :func:`existing_config`)."""
+    config = load_config(existing_config(config_file(ctx)))
     config.kek()  # fail on missing key files before any store is opened
     config.pepper()
     return config

@@ -10,13 +10,13 @@ certificate). Nothing prints a private key or a secret except the bootstrap toke
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from aegis.cli._common import JsonOpt
+from aegis.cli._common import JsonOpt, existing_config
 from aegis.cli.certs import agent_cert
 from aegis.cli.certs import fail_cleanly as _fail_cleanly
 from aegis.cli.certs import say as _say
@@ -25,8 +25,11 @@ from aegis.clock import SystemClock
 from aegis.config import AegisConfig, load_config
 from aegis.errors import AegisError
 from aegis.pki.ca import CaFiles, CertificateAuthority
-from aegis.pki.profile import parse_csr
+from aegis.pki.profile import parse_csr, revocation_reason
 from aegis.pki.service import PkiService
+
+if TYPE_CHECKING:
+    from aegis.server.services import Services
 
 __all__ = ["app"]
 
@@ -40,12 +43,17 @@ ConfigOpt = Annotated[
 
 
 def _pki(config: AegisConfig) -> PkiService:
+    return _services(config)[1]
+
+
+def _services(config: AegisConfig) -> tuple[Services, PkiService]:
     from aegis.server.services import build_services
 
-    pki = build_services(config).extras.get("pki")
+    services = build_services(config)
+    pki = services.extras.get("pki")
     if not isinstance(pki, PkiService):
         raise AegisError("no ca yet; run `aegis ca init` first", code="config_invalid")
-    return pki
+    return services, pki
 
 
 @app.command()
@@ -62,7 +70,7 @@ def init(
 ) -> None:
     """Create the root and the issuing intermediate (P-256 keys, encrypted under the KEK)."""
     with _fail_cleanly():
-        cfg = load_config(config)
+        cfg = load_config(existing_config(config))
         files = CaFiles.from_config(cfg)
         ca = CertificateAuthority.init(
             files,
@@ -97,7 +105,7 @@ def rotate(
 ) -> None:
     """Replace the issuing intermediate; the old one stays in the bundle for the overlap."""
     with _fail_cleanly():
-        cfg = load_config(config)
+        cfg = load_config(existing_config(config))
         ca = CertificateAuthority(
             CaFiles.from_config(cfg), cfg.kek(), SystemClock(), cfg.pki.trust_domain
         )
@@ -126,7 +134,7 @@ def issue(
 ) -> None:
     """Issue an agent certificate as an operator (identity from the registry)."""
     with _fail_cleanly():
-        pki = _pki(load_config(config))
+        pki = _pki(load_config(existing_config(config)))
         key = None
         if csr is None:
             key = ec.generate_private_key(ec.SECP256R1())
@@ -161,7 +169,7 @@ def bootstrap_token(
 ) -> None:
     """Print a single-use enrolment token for an agent's first certificate (shown once)."""
     with _fail_cleanly():
-        token = _pki(load_config(config)).new_bootstrap_token(agent, lifetime=ttl)
+        token = _pki(load_config(existing_config(config))).new_bootstrap_token(agent, lifetime=ttl)
     _say(as_json, {"agent": agent, "bootstrap_token": token}, token)
 
 
@@ -171,7 +179,9 @@ def revoke(
     agent: Annotated[
         str | None, typer.Option(help="revoke every live certificate of this agent")
     ] = None,
-    reason: Annotated[str, typer.Option(help="key_compromise, superseded, ...")] = "unspecified",
+    reason: Annotated[
+        str, typer.Option(help="RFC 5280 reason: key_compromise, superseded, ... (keyCompromise)")
+    ] = "unspecified",
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -179,7 +189,9 @@ def revoke(
     with _fail_cleanly():
         if (serial is None) == (agent is None):
             raise AegisError("give exactly one of --serial or --agent", code="invalid_request")
-        store = _pki(load_config(config)).store
+        reason = revocation_reason(reason)
+        services, pki = _services(load_config(existing_config(config)))
+        store = pki.store
         done: list[str] = []
         if serial is not None:
             # As openssl prints it (01:AB, 0x..., a leading 0) or as Aegis does: one number.
@@ -196,6 +208,8 @@ def revoke(
                                  code="not_found")  # fmt: skip
             done = [key] if store.revoke_serial(key, reason) else []
         if agent:
+            # A mistyped id (revoking a compromised agent) is not "revoked 0 certificates".
+            services.registry_store.get_agent(agent)  # not_found for an agent never registered
             done = store.revoke_agent(agent, reason)
     _say(as_json, {"revoked": done}, f"revoked {len(done)} certificate(s)")
 
@@ -208,7 +222,7 @@ def bundle(
 ) -> None:
     """Print (or write) the trust bundle: root and every trusted intermediate."""
     with _fail_cleanly():
-        cfg = load_config(config)
+        cfg = load_config(existing_config(config))
         pem = CertificateAuthority(
             CaFiles.from_config(cfg), cfg.kek(), SystemClock(), cfg.pki.trust_domain
         ).bundle_pem()
@@ -230,7 +244,7 @@ def crl(
 ) -> None:
     """Write a fresh CRL (DER, or PEM for every trusted intermediate with --pem)."""
     with _fail_cleanly():
-        pki = _pki(load_config(config))
+        pki = _pki(load_config(existing_config(config)))
         _write(out, pki.crl_pem() if pem else pki.crl_der())
     _say(as_json, {"written": str(out), "format": "pem" if pem else "der"}, f"wrote {out}")
 

@@ -11,9 +11,11 @@ files created 0600.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import ssl
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,12 +72,21 @@ def say(as_json: bool, data: dict[str, Any], *lines: str) -> None:
 
 
 def write_file(path: Path, data: bytes, *, private: bool = False) -> None:
-    """Write atomically; private files are created 0600 before any byte is written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    tmp.replace(path)
+    """Write atomically; private files are created 0600 before any byte is written. The
+    temporary file is a new one (``mkstemp``: ``O_EXCL``, mode 0600), never one found in place:
+    a stale or planted ``.key.pem.tmp`` of mode 0644, or a link to elsewhere, would otherwise
+    give the key its mode or its place."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        if not private:
+            os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+        raise
 
 
 def agent_cert(

@@ -19,16 +19,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from aegis.errors import AegisError
+from aegis.errors import AegisError, InvalidRequest
 from aegis.types import Agent
 
 __all__ = [
     "MAX_CSR_BYTES",
+    "OPERATOR_REASONS",
     "LeafRequest",
     "build_crl",
     "build_leaf",
     "is_serving",
     "parse_csr",
+    "revocation_reason",
     "serial_hex",
     "x5t_s256",
 ]
@@ -166,8 +168,34 @@ _REASONS: Final = {
     "quarantined": x509.ReasonFlags.privilege_withdrawn,
     "retired": x509.ReasonFlags.cessation_of_operation,
     "key_compromise": x509.ReasonFlags.key_compromise,
+    "ca_compromise": x509.ReasonFlags.ca_compromise,
+    "affiliation_changed": x509.ReasonFlags.affiliation_changed,
     "superseded": x509.ReasonFlags.superseded,
+    "cessation_of_operation": x509.ReasonFlags.cessation_of_operation,
+    "privilege_withdrawn": x509.ReasonFlags.privilege_withdrawn,
+    "aa_compromise": x509.ReasonFlags.aa_compromise,
 }
+#: The reasons an operator may give (RFC 5280 §5.3.1, without certificateHold and
+#: removeFromCRL, which this CA's revocations never are); ``unspecified`` puts no reason code
+#: in the CRL entry, as §5.3.1 asks.
+OPERATOR_REASONS: Final = (
+    *("unspecified", "key_compromise", "ca_compromise", "affiliation_changed", "superseded"),
+    *("cessation_of_operation", "privilege_withdrawn", "aa_compromise"),
+)
+_SPELLINGS: Final = {r.replace("_", ""): r for r in OPERATOR_REASONS}
+
+
+def revocation_reason(given: str) -> str:
+    """An operator's revocation reason in Aegis's spelling (``key_compromise``), from it or from
+    RFC 5280's (``keyCompromise``, ``aACompromise``); ``InvalidRequest`` for any other, which
+    would otherwise revoke with no reason code in the CRL."""
+    name = _SPELLINGS.get(given.strip().lower().replace("_", "").replace("-", ""))
+    if name is None:
+        raise InvalidRequest(
+            f"revocation reason {given[:64]!r} is not one of {', '.join(OPERATOR_REASONS)}",
+            field="reason",
+        )
+    return name
 
 
 def build_crl(
