@@ -66,6 +66,18 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
     assert cfg.stores.replay == "redis://127.0.0.1:6379/0"
 
 
+def test_credentials_commands_read_from_the_environment_are_not_settings(tmp_path: Path) -> None:
+    """``aegis demo`` documents $AEGIS_ADMIN_KEY and ``aegis agents cert`` $AEGIS_CLIENT_ID and
+    $AEGIS_CLIENT_SECRET, to keep them off the command line; read as settings, each failed the
+    command with ``admin_key: unknown setting`` before it was used."""
+    credentials = {"AEGIS_ADMIN_KEY": "aegis_ak_x", "AEGIS_CLIENT_ID": "c",
+                   "AEGIS_CLIENT_SECRET": "s"}  # fmt: skip
+    cfg = load_config(_write(tmp_path, ""), environ=credentials)
+    assert "aegis_ak_x" not in repr(cfg.model_dump())
+    with pytest.raises(ConfigError, match="unknown setting"):
+        load_config(_write(tmp_path, ""), environ={"AEGIS_ADMIN_KEYS": "x"})
+
+
 def test_bad_environment_value_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(_write(tmp_path, ""), environ={"AEGIS_TOKENS__LEEWAY": "lots"})

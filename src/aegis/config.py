@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -41,6 +41,11 @@ __all__ = [
 
 DEFAULT_CONFIG_FILE = "aegis.yaml"
 ENV_PREFIX = "AEGIS_"
+#: ``AEGIS_*`` variables that are not settings: the configuration file's path, and credentials
+#: CLI commands take from the environment to keep them off their command line.
+NOT_SETTINGS: Final = frozenset(
+    {"AEGIS_CONFIG", "AEGIS_ADMIN_KEY", "AEGIS_CLIENT_ID", "AEGIS_CLIENT_SECRET"}
+)
 #: Tokens never live longer than this, whatever the configuration says.
 HARD_MAX_TOKEN_LIFETIME = 24 * 3600
 #: Agent certificates never live longer than this, whatever the configuration says.
@@ -708,7 +713,7 @@ def _key_bytes(inline: str | None, file: Path, key: str) -> bytes:
 
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == "AEGIS_CONFIG":
+        if not name.startswith(ENV_PREFIX) or name in NOT_SETTINGS:
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
         try:

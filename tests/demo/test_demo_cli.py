@@ -104,3 +104,49 @@ def test_keep_leaves_it_running_until_interrupted(tmp_path: Path) -> None:
     assert code == 0
     ports = [int(u.rsplit(":", 1)[1]) for u in urls.values()]
     assert not any(_listening(p) for p in ports)
+
+
+def _site(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A directory set up by ``aegis init``, and an environment with no proxy and no Aegis
+    settings of the caller's."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("AEGIS_") and k.lower() not in ("http_proxy", "https_proxy")}  # fmt: skip
+    site = tmp_path / "site"
+    site.mkdir()
+    done = subprocess.run([*AEGIS, "init", "--json"], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=site)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return site, env
+
+
+def test_a_remote_control_plane_over_http_is_refused_before_the_admin_key_travels(
+    tmp_path: Path,
+) -> None:
+    """``--url http://aegis.example.com`` sent the admin API key, the most powerful credential,
+    in clear; loopback stays allowed for a local control plane. A control plane that cannot be
+    reached is one ``error:`` line, not a traceback."""
+    site, env = _site(tmp_path)
+    remote = subprocess.run(
+        [*AEGIS, "demo", "--url", "http://aegis-control.example.com:8080"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=site,
+    )  # fmt: skip
+    assert remote.returncode == 1, remote.stderr
+    assert remote.stderr.startswith("error: config_invalid: --url: http://aegis-control.example")
+    assert "https" in remote.stderr and remote.stderr.count("\n") == 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    down = subprocess.run(
+        [*AEGIS, "demo", "--url", f"http://127.0.0.1:{closed}"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=site,
+    )  # fmt: skip
+    assert down.returncode == 1 and "Traceback" not in down.stderr, down.stderr[-2000:]
+    assert down.stderr.startswith(f"error: registry_unavailable: the control plane at "
+                                  f"http://127.0.0.1:{closed} could not set the demo up")  # fmt: skip
+    # The documented $AEGIS_ADMIN_KEY is a credential, not a setting the configuration refuses.
+    keyed = subprocess.run(
+        [*AEGIS, "demo", "--url", f"http://127.0.0.1:{closed}"],
+        capture_output=True, text=True, timeout=120, env={**env, "AEGIS_ADMIN_KEY": "k"},
+        cwd=site,
+    )  # fmt: skip
+    assert keyed.stderr.startswith("error: registry_unavailable"), keyed.stderr[-2000:]
