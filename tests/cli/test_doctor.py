@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from aegis.cli.doctor import app, check_config, check_high_risk_rules, rule_views
@@ -185,3 +186,31 @@ def test_the_active_policies_in_the_database_are_checked(tmp_path: Path) -> None
     assert (ok.exit_code, ok.output.strip()) == (0, "ok: no findings")
     store.close()
     asyncio.run(services.aclose())
+
+
+def test_doctor_checks_something_or_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run where there is no aegis.yaml, doctor checked the defaults and an empty database it
+    created there, and answered ``ok: no findings``: a CI gate that checked nothing passed. A
+    ``--policy`` file was never read unless high-risk tools were configured, so a missing or
+    broken one passed too."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AEGIS_CONFIG", raising=False)
+    monkeypatch.delenv("AEGIS_DATABASE__URL", raising=False)
+    runner = CliRunner()
+    nowhere = runner.invoke(app, ["--high-risk-tool", "payments.*"])
+    assert nowhere.exit_code == 1 and "aegis.yaml does not exist" in nowhere.output
+    assert list(tmp_path.iterdir()) == []
+    config = _config(tmp_path)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("apiVersion: aegis/v1\nkind: [this is not a policy\n")
+    for given in (tmp_path / "missing.yaml", broken):
+        result = runner.invoke(app, ["--config", str(config), "--policy", str(given)])
+        assert result.exit_code == 1 and result.output.startswith("error: policy_invalid"), (
+            given,
+            result.output,
+        )
+    good = tmp_path / "good.yaml"
+    good.write_text("apiVersion: aegis/v1\nkind: Policy\nmetadata: {name: p}\nspec:\n  rules:\n"
+                    "    - {id: a, action: allow, match: {tools: [read]}}\n")  # fmt: skip
+    fine = runner.invoke(app, ["--config", str(config), "--policy", str(good)])
+    assert (fine.exit_code, fine.output) == (0, "ok: no findings\n")

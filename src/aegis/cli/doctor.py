@@ -37,6 +37,7 @@ from typing import Annotated, Final, Literal, Protocol
 
 import typer
 
+from aegis.cli._common import existing_config
 from aegis.config import AegisConfig, load_config
 from aegis.errors import AegisError
 from aegis.gateway.routing import bare_host
@@ -241,10 +242,13 @@ def doctor(
 ) -> None:
     """Run every check and print one line per finding."""
     try:
-        cfg = load_config(config)
+        # Run where there is no aegis.yaml, it checked the defaults and an empty database it
+        # created there, and passed: a CI gate that checked nothing.
+        cfg = load_config(existing_config(config))
         globs = [*_delegation(cfg).high_risk_tools, *(high_risk_tool or [])]
         findings = check_config(cfg)
-        rules = _policy_rules(cfg, policy or []) if globs else []
+        # A --policy file is read (and must load) whether or not any check needs its rules.
+        rules = _policy_rules(cfg, policy or []) if globs or policy else []
         findings += check_high_risk_rules(rules, globs)
     except AegisError as exc:
         typer.echo(f"error: {exc.code}: {' '.join(exc.message.split())}", err=True)
