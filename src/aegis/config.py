@@ -573,6 +573,10 @@ class AuditOtlpSink(_Section):
 class AuditSettings(_Section):
     """The ``audit`` section (docs/audit.md): checkpoints, retention and export sinks."""
 
+    #: The issuer signed checkpoints name (default: the top-level ``issuer`` as configured).
+    #: ``aegis up --port`` moves the token issuer to the port it serves on; checkpoints keep
+    #: naming the configured one, so the CLI's exports and verification agree with the server.
+    issuer: str | None = None
     #: How often ``aegis audit run`` extends the Merkle tree and signs a checkpoint (seconds).
     checkpoint_interval: float = Field(default=60.0, ge=1, le=86400)
     #: Records older than this are pruned up to a signed checkpoint (days; 0 keeps everything).
@@ -671,6 +675,10 @@ class AegisConfig(_Section):
     def path(self, relative: str) -> Path:
         p = Path(relative)
         return p if p.is_absolute() else Path(self.base_dir) / p
+
+    def evidence_issuer(self) -> str:
+        """The issuer audit checkpoints and exports name (``audit.issuer``, else ``issuer``)."""
+        return self.audit.issuer or self.issuer
 
     def database_url(self) -> str:
         url = self.database.url

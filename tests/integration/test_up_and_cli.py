@@ -131,3 +131,59 @@ def test_cli_changes_reach_the_running_server(server: tuple[str, Path, str]) -> 
     assert token not in out and token.split(".")[1] not in out
     assert '"GET /.well-known/jwks.json HTTP/1.1" 200' in out  # the access log is still there
     assert f"{url}/oauth/token" in out
+
+
+def test_an_export_of_a_log_up_served_on_another_port_verifies(
+    server: tuple[str, Path, str],
+) -> None:
+    """``aegis up --port`` moves the token issuer to its port; the checkpoints it signs kept
+    naming that issuer too, while ``aegis audit export`` signs as aegis.yaml's issuer: an
+    untouched log's export then failed ``audit verify`` ("signed by another issuer")."""
+    _, directory, _ = server
+    deadline = time.monotonic() + 20
+    while True:  # the server's maintenance signs a checkpoint over the records
+        exported = subprocess.run([*AEGIS, "audit", "export", "export.jsonl"], cwd=directory,
+                                  env=_env(), capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert exported.returncode == 0, exported.stderr
+        lines = [json.loads(x) for x in (directory / "export.jsonl").read_text().splitlines()]
+        if any(x["type"] == "checkpoint" for x in lines):  # one the server signed
+            break
+        assert time.monotonic() < deadline, "the server signed no checkpoint within 20 s"
+        time.sleep(0.5)
+    evidence = subprocess.run([*AEGIS, "jwks", "--evidence"], cwd=directory, env=_env(),
+                              capture_output=True, text=True, timeout=30)  # fmt: skip
+    (directory / "evidence.json").write_text(evidence.stdout)
+    verified = subprocess.run(
+        [*AEGIS, "audit", "verify", "export.jsonl", "--jwks", "evidence.json", "--json"],
+        cwd=directory, env=_env(), capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert verified.returncode == 0, verified.stderr
+    assert json.loads(verified.stdout)["issuer"] == "http://127.0.0.1:8080"  # aegis.yaml's
+
+
+def test_up_sets_up_the_configuration_file_it_was_given(tmp_path: Path) -> None:
+    """``aegis --config DIR/custom.yaml up`` where nothing is set up wrote DIR/aegis.yaml (and
+    printed an admin key for it), then failed: custom.yaml still did not exist."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [*AEGIS, "--config", str(tmp_path / "custom.yaml"), "up", "--port", str(port), "--json"],
+        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=0.5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "aegis up was not ready within 30 s"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert (tmp_path / "custom.yaml").exists() and not (tmp_path / "aegis.yaml").exists()
+    first, _ = json.JSONDecoder().raw_decode(out)  # the server's access log follows it
+    assert first["init"]["config"] == str(tmp_path / "custom.yaml")

@@ -60,7 +60,9 @@ class AuditMaintainer:
         """Checkpoints and retention on the configured database, no shipping."""
         log = AuditLog(config.database_url(), clock=clock)
         return cls(
-            Checkpointer(log, keyring, issuer=config.issuer, clock=clock), config.audit, clock=clock
+            Checkpointer(log, keyring, issuer=config.evidence_issuer(), clock=clock),
+            config.audit,
+            clock=clock,
         )
 
     def step(self) -> None:

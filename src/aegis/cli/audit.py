@@ -67,7 +67,10 @@ def _checkpointer(ctx: typer.Context) -> Iterator[Checkpointer]:
         log = AuditLog(services.config.database_url(), clock=services.clock)
         try:
             yield Checkpointer(
-                log, services.keyring, issuer=services.config.issuer, clock=services.clock
+                log,
+                services.keyring,
+                issuer=services.config.evidence_issuer(),
+                clock=services.clock,
             )
         finally:
             log.close()
@@ -100,8 +103,10 @@ def verify(
         data,
         as_json,
         lambda c: c.print(
-            f"ok: {summary.records} records ({summary.first_seq}-{summary.last_seq}), "
-            f"{summary.checkpoints} signed checkpoints, root {summary.root_hash}"
+            f"ok: {summary.records} records"
+            + (f" ({summary.first_seq}-{summary.last_seq})" if summary.records else "")
+            + f", {summary.checkpoints} signed checkpoints by {summary.issuer}, "
+            f"root {summary.root_hash}"
         ),
     )
 
@@ -185,7 +190,10 @@ def prune_cmd(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         log = AuditLog(services.config.database_url(), clock=services.clock)
         try:
             signer = Checkpointer(
-                log, services.keyring, issuer=services.config.issuer, clock=services.clock
+                log,
+                services.keyring,
+                issuer=services.config.evidence_issuer(),
+                clock=services.clock,
             )
             result = prune(
                 log, before=services.clock.now() - days * 86400, verify=signer.verify_stored
@@ -207,7 +215,7 @@ def run(
     with open_services(ctx) as services:
         cfg, clock = services.config, services.clock
         log = AuditLog(cfg.database_url(), clock=clock)
-        cp = Checkpointer(log, services.keyring, issuer=cfg.issuer, clock=clock)
+        cp = Checkpointer(log, services.keyring, issuer=cfg.evidence_issuer(), clock=clock)
         maintainer = AuditMaintainer(
             cp, cfg.audit, clock=clock, shippers=build_shippers(log, cfg, clock=clock)
         )

@@ -53,10 +53,13 @@ def _random_key() -> str:
     return base64.b64encode(os.urandom(32)).decode() + "\n"
 
 
-def initialise(directory: Path, *, force: bool = False) -> InitResult:
-    """Create a development setup in ``directory`` (see the module docstring)."""
+def initialise(
+    directory: Path, *, force: bool = False, config_name: str = DEFAULT_CONFIG_FILE
+) -> InitResult:
+    """Create a development setup in ``directory`` (see the module docstring), its configuration
+    file named ``config_name``."""
     directory = directory.resolve()
-    config_path = directory / DEFAULT_CONFIG_FILE
+    config_path = directory / config_name
     layout = AegisConfig(base_dir=str(directory))
     data_dir = layout.path(layout.data_dir)
     if (config_path.exists() or data_dir.exists()) and not force:

@@ -118,6 +118,7 @@ COMMENTS: Final[dict[str, str]] = {
     "approvals.delivery_timeout": "seconds per notification attempt",
     "approvals.sweep_interval": "seconds between closing expired requests",
     "audit": "tamper-evident audit log: checkpoints, retention, export sinks (docs/audit.md)",
+    "audit.issuer": "the issuer checkpoints name; default: issuer above, as written here",
     "audit.checkpoint_interval": "seconds between signed checkpoints (aegis audit run)",
     "audit.retention_days": "prune records older than this, up to a checkpoint; 0: keep all",
     "audit.state_dir": "export cursors and dead-letter files",

@@ -81,7 +81,8 @@ def up(
     path = config_file(ctx)
     created: dict[str, Any] = {}
     if not path.exists():
-        result = init_cmd.initialise(path.parent)
+        # The file asked for (``--config DIR/custom.yaml``), not DIR/aegis.yaml beside it.
+        result = init_cmd.initialise(path.parent, config_name=path.name)
         if as_json:  # the one JSON document on stdout carries it
             created = {"init": asdict(result)}
         else:
@@ -98,6 +99,9 @@ def up(
         # to any other public URL is kept as configured.
         named = server.host if server.host not in _WILDCARDS else config.server.host
         update["issuer"] = _base_url(named, server.port)
+        # Audit checkpoints keep naming the configured issuer, as the CLI's audit commands do:
+        # an export of an untouched log must verify whatever port served it.
+        update["audit"] = config.audit.model_copy(update={"issuer": config.evidence_issuer()})
     config = config.model_copy(update=update)
     from aegis.server.app import create_app  # the server stack loads only for `aegis up`
 
