@@ -580,6 +580,26 @@ async def test_a_protocol_upgrade_is_refused_and_audited(
     )
 
 
+@pytest.mark.parametrize("raw_map", [False, True])
+async def test_a_host_field_beside_another_authority_is_refused_and_audited(
+    env: Env, stub: pb_grpc.AuthorizationStub, raw_map: bool
+) -> None:
+    """An HTTP/2 client may send a ``host`` field beside ``:authority``, and Envoy passes it on:
+    the call was decided on ``:authority`` (gw.example.com) while an upstream may read the
+    other. The same host sent twice, in any case, is no conflict."""
+    agent = Agent(env)
+    other = check([*dpop_headers(agent, agent.token()), ("host", "admin.internal")],
+                  raw_map=raw_map)  # fmt: skip
+    status, _, body = denied(await stub.Check(other))
+    assert (status, body["code"]) == (400, "invalid_request") and ":authority" in body["message"]
+    [record] = [r for r in env.audit.records(kind="gateway.refused")
+                if r["decision_id"] == body["decision_id"]]  # fmt: skip
+    assert (record["door"], record["status"]) == ("ext_authz", 400)
+    same = check([*dpop_headers(agent, agent.token()), ("host", "GW.example.com")],
+                 raw_map=raw_map)  # fmt: skip
+    assert (await stub.Check(same)).status.code == code_pb2.OK
+
+
 async def test_a_check_envoy_stops_waiting_for_is_decided_recorded_and_marked_undelivered(
     env: Env, stub: pb_grpc.AuthorizationStub
 ) -> None:

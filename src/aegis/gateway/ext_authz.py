@@ -184,6 +184,9 @@ class CheckedRequest:
     #: Whether a field sent more than once arrived as one value joined with ``,`` (Envoy's
     #: ``headers`` map, without ``encode_raw_headers``): a comma may then separate repeats.
     fields_joined: bool = False
+    #: Why the door refuses the request before anything is decided (400 ``invalid_request``),
+    #: for what only its protocol shows: refused, audited and counted as every refusal is.
+    refused: str | None = None
 
 
 class TrustedPeers:
@@ -370,6 +373,8 @@ class ExtAuthz:
 
     async def check(self, req: CheckedRequest) -> Result:
         seen = Asked(req.method, req.target, req.host, req.client)
+        if req.refused is not None:
+            return await self.undecided(400, "invalid_request", req.refused, seen)
         if any(name == "upgrade" for name, _ in req.headers):
             # Allowed, the proxy in front would switch protocols (a WebSocket) and pass every
             # later message on without a decision; the reverse proxy refuses it alike.

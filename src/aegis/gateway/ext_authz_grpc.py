@@ -138,6 +138,22 @@ def _envoy_proto(headers: tuple[tuple[str, str], ...]) -> str | None:
     return values[0] if len(values) == 1 and values[0] in _PROTOS else None
 
 
+def _two_hosts(authority: str, headers: tuple[tuple[str, str], ...]) -> str | None:
+    """Why a request naming a ``host`` field beside its ``:authority`` is refused, or None.
+
+    Envoy carries an HTTP/1.1 Host as ``:authority``; an HTTP/2 or HTTP/3 client may send a
+    ``host`` field as well (RFC 9113 §8.3.1), which Envoy passes on. The decision is made on
+    ``:authority``, while an upstream may read the other (a Host an HTTP/1.1 upstream is sent
+    from it, or the field itself): two hosts that differ are refused, not guessed between."""
+    named = [v for k, v in headers if k == "host"]
+    if not named or all(v.lower() == authority.lower() for v in named):
+        return None
+    return (
+        "the request names a host field other than its :authority; send one host (the "
+        ":authority alone, or a host field equal to it)"
+    )
+
+
 def check_to_request(
     request: external_auth_pb2.CheckRequest, *, trusted: bool, buffered: bool = False
 ) -> CheckedRequest:
@@ -155,6 +171,7 @@ def check_to_request(
         client = attrs.source.address.socket_address.address or None
         proto = _envoy_proto(headers)
     return CheckedRequest(
+        refused=_two_hosts(http.host, headers),
         fields_joined=not http.HasField("header_map"),
         method=http.method,
         target=http.path,
