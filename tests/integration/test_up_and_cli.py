@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,20 @@ def aegis(cwd: Path, *args: str) -> Any:
     return json.loads(done.stdout)
 
 
+def _wait_ready(proc: subprocess.Popen[Any], url: str, output: Callable[[], object]) -> None:
+    """Until ``aegis up`` at ``url`` is ready (at most 30 s); ``output`` tells why it ended."""
+    deadline = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None, output()
+        try:
+            if httpx.get(f"{url}/readyz", timeout=0.5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "aegis up was not ready within 30 s"
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[str, Path, str]]:
     made = aegis(tmp_path, "init")
@@ -53,16 +67,7 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path, str]]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert proc.poll() is None, (tmp_path / "up.out").read_text()
-            try:
-                if httpx.get(f"{url}/readyz", timeout=0.5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "aegis up was not ready within 20 s"
-            time.sleep(0.05)
+        _wait_ready(proc, url, lambda: (tmp_path / "up.out").read_text())
         yield url, tmp_path, made["admin_key"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0, (tmp_path / "up.out").read_text()
@@ -170,16 +175,7 @@ def test_up_sets_up_the_configuration_file_it_was_given(tmp_path: Path) -> None:
         cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, proc.communicate()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=0.5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "aegis up was not ready within 30 s"
-            time.sleep(0.1)
+        _wait_ready(proc, f"http://127.0.0.1:{port}", proc.communicate)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)
