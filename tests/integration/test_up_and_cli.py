@@ -181,5 +181,6 @@ def test_up_sets_up_the_configuration_file_it_was_given(tmp_path: Path) -> None:
         out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert (tmp_path / "custom.yaml").exists() and not (tmp_path / "aegis.yaml").exists()
-    first, _ = json.JSONDecoder().raw_decode(out)  # the server's access log follows it
-    assert first["init"]["config"] == str(tmp_path / "custom.yaml")
+    # stdout is the one JSON document --json promises; the access log went to stderr.
+    assert json.loads(out)["init"]["config"] == str(tmp_path / "custom.yaml")
+    assert '"GET /readyz HTTP/1.1" 200' in err

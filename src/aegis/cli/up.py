@@ -9,6 +9,7 @@ and SIGINT stop it gracefully (in-flight requests finish, the stores close) with
 from __future__ import annotations
 
 import contextlib
+import copy
 import signal
 import sys
 from collections.abc import Generator
@@ -69,6 +70,14 @@ def _show(info: dict[str, Any], console: Console) -> None:
     console.print("  admin API key: .aegis/admin.key (Authorization: Bearer ...); Ctrl-C stops")
 
 
+def _log_config(*, to_stderr: bool) -> dict[str, Any]:
+    """uvicorn's logging configuration, its access log on stderr when ``to_stderr``."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    if to_stderr:
+        config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    return config
+
+
 def up(
     ctx: typer.Context,
     host: Annotated[str | None, typer.Option(help="Listen address (default: server.host).")] = None,
@@ -118,6 +127,8 @@ def up(
             log_level=config.logging.level,
             lifespan="on",
             server_header=False,
+            # With --json, stdout holds the one JSON document: the access log goes to stderr.
+            log_config=_log_config(to_stderr=as_json),
             # Forwarded client addresses are believed only from pki.trusted_proxies, judged by
             # Aegis on the connection's own address (see aegis.gateway.server.gateway_server).
             proxy_headers=False,
