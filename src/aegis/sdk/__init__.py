@@ -31,6 +31,7 @@ from aegis.sdk.policy import policy_dry_run
 from aegis.sdk.proofs import DpopSigner
 from aegis.sdk.renewing import RenewingCertificate
 from aegis.sdk.retry import RetryPolicy
+from aegis.sdk.revocation import InvalidCrl, ServerRevocations
 
 __all__ = [
     "OVERRIDE_HEADER",
@@ -51,6 +52,7 @@ __all__ = [
     "DpopProofError",
     "DpopSigner",
     "GrantRefusedError",
+    "InvalidCrl",
     "InvalidRequestError",
     "PrivateKey",
     "RateLimitedError",
@@ -58,6 +60,7 @@ __all__ = [
     "ReplayDetectedError",
     "RetryPolicy",
     "ServerError",
+    "ServerRevocations",
     "ServiceUnavailableError",
     "TokenCache",
     "TokenExpiredError",

@@ -27,9 +27,9 @@ from cryptography.hazmat.primitives import serialization
 from aegis.clock import new_id
 from aegis.crypto.jws import encode_segment, sign_compact
 from aegis.crypto.keys import Ed25519SigningKey
-from aegis.pki.pinning import pin_server_spiffe_ids
 from aegis.pki.tls import client_context
 from aegis.sdk.renewing import RenewingCertificate
+from aegis.sdk.revocation import ServerRevocations, guard_server
 
 __all__ = [
     "ASSERTION_LIFETIME",
@@ -125,6 +125,9 @@ class Certificate:
     #: proof is sent. Empty, any server certificate the Aegis CA issued is taken for them (an
     #: agent registered as serving, in any tenant, could pose as the gateway): set it.
     servers: tuple[str, ...] = ()
+    #: Refuse a server certificate the Aegis CA revoked (:class:`~aegis.sdk.ServerRevocations`,
+    #: kept current by its owner); None, a revoked server certificate is taken until it expires.
+    revocations: ServerRevocations | None = None
 
     def apply(
         self, form: dict[str, str], headers: dict[str, str], token_url: str, now: float
@@ -142,7 +145,7 @@ class Certificate:
             key,  # type: ignore[arg-type]
             Path(self.ca_file).read_bytes(),
         )
-        return pin_server_spiffe_ids(ctx, self.servers) if self.servers else ctx
+        return guard_server(ctx, self.servers, self.revocations)
 
 
 Credential = ClientSecret | PrivateKey | Certificate | RenewingCertificate

@@ -21,10 +21,10 @@ from typing import Generic, TypeVar, cast
 
 import httpx
 
-from aegis.pki.pinning import pin_server_spiffe_ids
 from aegis.pki.renewal import CertificateManager
 from aegis.pki.renewal import Credential as Issued
 from aegis.pki.tls import client_context
+from aegis.sdk.revocation import ServerRevocations, guard_server
 
 __all__ = ["RenewingCertificate", "RotatingAsyncTransport", "RotatingTransport"]
 
@@ -206,6 +206,8 @@ class RenewingCertificate:
     manager: CertificateManager = field(repr=False)
     #: The SPIFFE IDs of the servers this agent talks to (see :class:`~aegis.sdk.Certificate`).
     servers: tuple[str, ...] = ()
+    #: Refuse a revoked server certificate (see :class:`~aegis.sdk.Certificate`).
+    revocations: ServerRevocations | None = None
 
     def apply(
         self, form: dict[str, str], headers: dict[str, str], token_url: str, now: float
@@ -216,12 +218,13 @@ class RenewingCertificate:
         return None  # the transports below take the newest context for each new connection
 
     def _context(self, m: CertificateManager) -> ssl.SSLContext:
-        """The newest certificate's context for new connections, pinned to ``servers``."""
-        if not self.servers:
+        """The newest certificate's context for new connections, pinned to ``servers`` and
+        refusing revoked server certificates (when asked)."""
+        if not self.servers and self.revocations is None:
             return m.client_context()
         cred = m.current
         ctx = client_context(cred.chain_pem(), cred.key, cred.trust_pem)
-        return pin_server_spiffe_ids(ctx, self.servers)
+        return guard_server(ctx, self.servers, self.revocations)
 
     def _hook(self, rotation: _Rotation[T], rotate: Callable[[Issued], None]) -> None:
         hooks = self.manager.on_renew
