@@ -11,7 +11,6 @@ and per source address; past the limit the caller gets ``rate_limited`` until th
 from __future__ import annotations
 
 import base64
-import binascii
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -89,8 +88,10 @@ class FailureLimiter:
 def _parse_basic(header: str) -> tuple[str, str]:
     """RFC 6749 §2.3.1: id and secret are form-urlencoded, then joined by ':' and base64-encoded."""
     try:
+        # A header byte >= 0x80 arrives as a non-ASCII character, which b64decode refuses with a
+        # plain ValueError (binascii.Error is one too).
         raw = base64.b64decode(header, validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError) as exc:
+    except ValueError as exc:
         raise ClientAuthError("malformed Basic credentials", basic=True) from exc
     client_id, sep, secret = raw.partition(":")
     if not sep or not client_id:

@@ -182,9 +182,15 @@ class PkiService:
         key = parse_csr(form.get("csr", ""))
         lifetime = None
         if "lifetime" in form:
-            if not (form["lifetime"].isascii() and form["lifetime"].isdigit()):
-                raise InvalidRequest("lifetime must be a whole number of seconds")
-            lifetime = int(form["lifetime"])
+            # Checked whole before the bootstrap token is spent: a lifetime of 0 must not burn
+            # the single-use token its corrected retry needs. At most 9 digits (the CA caps the
+            # lifetime anyway; int() refuses a string of over 4300 with a plain ValueError).
+            raw = form["lifetime"]
+            if not (raw.isascii() and raw.isdigit()) or len(raw) > 9 or int(raw) <= 0:
+                raise InvalidRequest(
+                    "lifetime must be a positive whole number of seconds (9 digits at most)"
+                )
+            lifetime = int(raw)
         if "bootstrap_token" in form:
             if authorization or "client_secret" in form or "client_assertion" in form:
                 raise InvalidRequest("use either a bootstrap token or client credentials, not both")

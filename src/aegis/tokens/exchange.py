@@ -140,6 +140,9 @@ class TokenExchanger:
             # active, so their state alone would let a grant signed afterwards be exchanged.
             if self._cache.tenant(child.tenant_id).status is not TenantStatus.ACTIVE:
                 raise TokenError(f"tenant {child.tenant_id} is suspended", code="tenant_inactive")
+            # Read before anything single-use (the client assertion, the grant) is spent: a
+            # mistyped expires_in must not burn the grant its corrected retry needs.
+            requested = _lifetime(form)
             now = self._clock.now()
             user_exp: float | None = None
             if links:
@@ -171,7 +174,7 @@ class TokenExchanger:
         if chain.origin_user is not None:
             extra["origin_user"] = chain.origin_user
             extra["origin_iss"] = chain.origin_issuer
-        lifetime = min(_lifetime(form) or self._default_lifetime, self._max_lifetime)
+        lifetime = min(requested or self._default_lifetime, self._max_lifetime)
         if user_exp is not None:  # acting for a user: never past the user's own token
             lifetime = min(lifetime, max(1, math.floor(user_exp - now)))
         issued = self._issuer.issue(
@@ -352,8 +355,11 @@ def _lifetime(form: Mapping[str, str]) -> int | None:
     if "expires_in" not in form:
         return None
     raw = form["expires_in"]
-    if not (raw.isascii() and raw.isdigit()) or int(raw) <= 0:
-        raise InvalidRequest("expires_in must be a positive whole number of seconds")
+    # At most 9 digits: more is capped by the maximum lifetime anyway, and int() refuses (a
+    # ValueError, not a typed refusal) a string of over 4300.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9 or int(raw) <= 0:
+        raise InvalidRequest("expires_in must be a positive whole number of seconds (9 digits "
+                             "at most)")  # fmt: skip
     return int(raw)
 
 
