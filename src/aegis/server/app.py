@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -28,9 +29,11 @@ try:  # TEMP until the admin API lands
     from aegis.server.admin_api import create_admin_app
 except ImportError:
     create_admin_app = None  # type: ignore[assignment]
+from aegis.errors import spec_for
 from aegis.server.approvals_public import approval_routes
 from aegis.server.services import Services
 from aegis.telemetry.logging import log_event
+from aegis.telemetry.metrics import count_rejection
 from aegis.telemetry.scrape import metrics_endpoint
 
 __all__ = ["app_from_config", "create_app"]
@@ -142,9 +145,39 @@ def create_app(services: Services) -> Starlette:
                 listener="control_plane",
             )
         )
-    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=middleware,
+        exception_handlers={HTTPException: _router_refusal},
+    )
     app.state.services = services
     return app
+
+
+#: The OAuth endpoints' names in ``aegis_oauth_rejections_total``; any other path counts as
+#: ``other`` (a bounded label, whatever paths callers try).
+_ENDPOINTS = {"/oauth/token": "token", "/oauth/introspect": "introspect", "/oauth/revoke": "revoke"}
+_ROUTER_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def _router_refusal(request: Request, exc: Exception) -> Response:
+    """What the router refuses (an unknown path, a method a route does not take), typed and
+    counted as every other refusal: Starlette's default is plain text, uncounted."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    code = _ROUTER_CODES.get(status, "invalid_request")
+    spec = spec_for(code)
+    message = (
+        "no such path on the control plane" if status == 404
+        else f"method {request.method[:16]} is not allowed here" if status == 405
+        else "the request cannot be served"
+    )  # fmt: skip
+    count_rejection(_ENDPOINTS.get(request.url.path, "other"), code)
+    log_event("control_plane.refused", status=status, code=code)
+    headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else {}
+    body = {"code": code, "message": message, "error": spec.oauth_error,
+            "error_description": message}  # fmt: skip
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def app_from_config() -> Starlette:
