@@ -172,6 +172,21 @@ class PkiService:
             enrolled_by=client_id,
         )
         self.store.record(record)
+        # A suspension (of the agent or its tenant) that committed after the checks above, and
+        # whose listener ran before this record was written, revoked every certificate of the
+        # agent but this one, which the CRL would then never list. Read both again, from the
+        # store, now that the record is there: a change committed later finds it and revokes it.
+        now_agent = self._cache.agent_from_store(agent.id)
+        now_tenant = self._cache.tenant_from_store(agent.tenant_id)
+        left = now_agent.status if now_agent.status is not AgentStatus.ACTIVE else (
+            now_tenant.status if now_tenant.status is not TenantStatus.ACTIVE else None
+        )  # fmt: skip
+        if left is not None:
+            self.store.revoke_serial(record.serial, left.value)
+            raise Conflict(
+                f"agent {agent.id} (or its tenant) became {left.value} while its certificate was "
+                "issued; the certificate is revoked"
+            )
         CERTS_ISSUED.labels(auth=via).inc()
         return IssuedCertificate(cert, (issuer.cert,), record)
 

@@ -135,6 +135,15 @@ class RegistryCache:
     def tenant(self, tenant_id: str) -> Tenant:
         return self._get(self._tenants, tenant_id, self._store.get_tenant)
 
+    def agent_from_store(self, agent_id: str) -> Agent:
+        """The agent as the store holds it now, past any cached copy (for a check that must see
+        a change committed a moment ago)."""
+        return self._store.get_agent(agent_id)
+
+    def tenant_from_store(self, tenant_id: str) -> Tenant:
+        """The tenant as the store holds it now (see :meth:`agent_from_store`)."""
+        return self._store.get_tenant(tenant_id)
+
     def invalidate(self) -> None:
         """Forget everything (this process just wrote to the registry), and what reads under
         way would bring back."""
