@@ -321,3 +321,35 @@ def test_a_retired_agent_gets_no_new_token(env: Env) -> None:
     with pytest.raises(AegisError) as err:
         env.token(client.client_id)
     assert err.value.code == "unauthorized_client"
+
+
+@pytest.mark.parametrize("status", [AgentStatus.SUSPENDED, AgentStatus.QUARANTINED])
+def test_what_follows_a_status_change_can_be_retried(env: Env, status: AgentStatus) -> None:
+    """The listeners (the CA revoking the agent's certificates) run once the status committed;
+    one that failed could never be run again, since suspending a suspended agent was a conflict.
+    Asking again now runs them again, and is recorded; nothing else changes."""
+    agent_id = env.agent()
+    calls: list[AgentStatus] = []
+
+    def flaky(agent: Any) -> None:
+        calls.append(agent.status)
+        if len(calls) == 1:
+            raise AegisError("the certificate store timed out", code="ca_unavailable")
+
+    env.registry.status_listeners.append(flaky)
+    with pytest.raises(AegisError, match="timed out"):
+        env.registry.set_agent_status(agent_id, status, actor=ACTOR, reason="first")
+    before = env.services.registry_store.get_agent(agent_id)
+    again = env.registry.set_agent_status(agent_id, status, actor=ACTOR, reason="retry")
+    assert calls == [status, status]
+    assert again == before  # the same record: no new mark, no new update time
+    recorded = [(e.type, e.data) for e in env.services.registry_store.list_events(limit=10_000)
+                if e.type == f"agent.{status.value}"]  # fmt: skip
+    assert sorted(recorded, key=str) == [
+        (f"agent.{status.value}", {"reason": "first"}),
+        (f"agent.{status.value}", {"reason": "retry", "reapplied": True}),
+    ]
+    env.registry.status_listeners.remove(flaky)
+    env.registry.set_agent_status(agent_id, AgentStatus.RETIRED, actor=ACTOR)
+    with pytest.raises(Conflict):  # retired stays retired
+        env.registry.set_agent_status(agent_id, AgentStatus.ACTIVE, actor=ACTOR)

@@ -263,24 +263,38 @@ class RegistryService:
     ) -> Agent:
         with self.store.atomic():
             agent = self.store.get_agent(agent_id)
-            if status not in _TRANSITIONS[agent.status]:
+            if status is agent.status and status is not AgentStatus.ACTIVE:
+                # Asked again: what follows the change (the listeners revoke the agent's
+                # certificates) runs again, since it may have failed after the status
+                # committed, and there would otherwise be no way to retry it.
+                self._event(f"agent.{status.value}", actor, f"agent:{agent_id}", agent.tenant_id,
+                            reason=reason, reapplied=True)  # fmt: skip
+            elif status not in _TRANSITIONS[agent.status]:
                 raise Conflict(
                     f"agent {agent_id} is {agent.status.value}; cannot become {status.value}"
                 )
-            now = self._clock.now()
-            changes: dict[str, Any] = {"status": status, "updated_at": now}
-            # Kill every live token of this agent at once (iat < now); on the way back to
-            # active, what was issued while it was inactive (module docstring). Never backwards:
-            # a replica whose clock lags would otherwise revive what an earlier mark ended.
-            mark = now if status is not AgentStatus.ACTIVE else _reopening(now)
-            changes["tokens_not_before"] = max(agent.tokens_not_before, mark)
-            agent = replace(agent, **changes)
-            self.store.update_agent(agent)
-            self._event(
-                f"agent.{status.value}", actor, f"agent:{agent_id}", agent.tenant_id, reason=reason
-            )
+            else:
+                agent = self._change_status(agent, status, actor=actor, reason=reason)
         for listener in self.status_listeners:
             listener(agent)
+        return agent
+
+    def _change_status(
+        self, agent: Agent, status: AgentStatus, *, actor: str, reason: str
+    ) -> Agent:
+        """Inside ``store.atomic()``: the agent in ``status``, recorded."""
+        now = self._clock.now()
+        changes: dict[str, Any] = {"status": status, "updated_at": now}
+        # Kill every live token of this agent at once (iat < now); on the way back to
+        # active, what was issued while it was inactive (module docstring). Never backwards:
+        # a replica whose clock lags would otherwise revive what an earlier mark ended.
+        mark = now if status is not AgentStatus.ACTIVE else _reopening(now)
+        changes["tokens_not_before"] = max(agent.tokens_not_before, mark)
+        agent = replace(agent, **changes)
+        self.store.update_agent(agent)
+        self._event(
+            f"agent.{status.value}", actor, f"agent:{agent.id}", agent.tenant_id, reason=reason
+        )
         return agent
 
     def update_agent(
