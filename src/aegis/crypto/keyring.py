@@ -20,7 +20,7 @@ import contextlib
 import logging
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -32,7 +32,7 @@ from aegis.crypto.keys import Ed25519SigningKey, PublicKey, public_key_from_jwk
 from aegis.errors import ConfigError, Conflict, Unavailable
 from aegis.stores.base import KeyStore
 from aegis.telemetry.logging import log_event
-from aegis.types import KeyState, SigningKeyRecord
+from aegis.types import Event, KeyState, SigningKeyRecord
 
 __all__ = ["KeyRing", "KeyRingSettings", "decrypt_seed", "encrypt_seed"]
 
@@ -274,12 +274,15 @@ class KeyRing:
 
     # -- rotating --------------------------------------------------------------------------
 
-    def rotate(self, *, force: bool = False) -> SigningKeyRecord:
+    def rotate(
+        self, *, force: bool = False, event: Callable[[SigningKeyRecord], Event] | None = None
+    ) -> SigningKeyRecord:
         """Promote ``next`` to active, retire the old active key, publish a new ``next``.
 
         Returns the new active record. Raises ``Conflict`` if ``next`` has been published for
-        less than ``publish_lead`` and ``force`` is false."""
-        rotated = self._rotate(force=force, only_if_due=False)
+        less than ``publish_lead`` and ``force`` is false. ``event``, given the new active
+        record, is the lifecycle event the store writes in the rotation's own transaction."""
+        rotated = self._rotate(force=force, only_if_due=False, event=event)
         assert rotated is not None
         return rotated
 
@@ -302,7 +305,13 @@ class KeyRing:
             return False
         return self._clock.now() - active.activated_at >= self.settings.rotation_interval
 
-    def _rotate(self, *, force: bool, only_if_due: bool) -> SigningKeyRecord | None:
+    def _rotate(
+        self,
+        *,
+        force: bool,
+        only_if_due: bool,
+        event: Callable[[SigningKeyRecord], Event] | None = None,
+    ) -> SigningKeyRecord | None:
         # A refusal found inside the update: raised once the update has committed, because the
         # "no next key" refusal still publishes one.
         refusal: list[Conflict] = []
@@ -355,8 +364,14 @@ class KeyRing:
             out.append(self._new_record(now))
             return out
 
+        def events(written: Sequence[SigningKeyRecord]) -> list[Event]:
+            return [event(promoted[0])] if event is not None and promoted else []
+
         with self._lock:
-            records = tuple(self._store.update(rotation))
+            if event is None:
+                records = tuple(self._store.update(rotation))
+            else:
+                records = tuple(self._store.update(rotation, events=events))
             self._install(records)
         if refusal:
             raise refusal[0]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import Engine
+
 from aegis.clock import new_id
 from aegis.errors import AccessDenied, Conflict
 from aegis.oauth.service import TokenRequest
@@ -249,7 +251,23 @@ def mint_token(
 
 
 def rotate_keys(services: Services, *, force: bool, actor: str) -> dict[str, Any]:
-    """Rotate the signing keys (see KeyRing.rotate) and record it."""
-    active = services.keyring.rotate(force=force)
-    _record(services, "keys.rotated", actor, f"key:{active.kid}", force=force)
+    """Rotate the signing keys (see KeyRing.rotate) and record it. Where the key store keeps its
+    table in the registry's database, the event is written in the rotation's own transaction: a
+    rotation never commits unrecorded (an operator retrying it would rotate twice)."""
+
+    def event(active: SigningKeyRecord) -> Event:
+        return Event(new_id(), services.clock.now(), "keys.rotated", actor, f"key:{active.kid}",
+                     None, {"force": force})  # fmt: skip
+
+    if _same_database(services.key_store, services.registry_store):
+        active = services.keyring.rotate(force=force, event=event)
+    else:
+        active = services.keyring.rotate(force=force)
+        services.registry_store.append_event(event(active))
     return {"active": active.kid, "keys": [key_view(r) for r in services.keyring.records()]}
+
+
+def _same_database(one: object, other: object) -> bool:
+    """Whether two SQL stores keep their tables in one database."""
+    a, b = getattr(one, "engine", None), getattr(other, "engine", None)
+    return isinstance(a, Engine) and isinstance(b, Engine) and a.url == b.url

@@ -102,10 +102,16 @@ class KeyStore(Protocol):
         ...
 
     def update(
-        self, change: Callable[[list[SigningKeyRecord]], Sequence[SigningKeyRecord] | None]
+        self,
+        change: Callable[[list[SigningKeyRecord]], Sequence[SigningKeyRecord] | None],
+        *,
+        events: Callable[[Sequence[SigningKeyRecord]], Sequence[Event]] | None = None,
     ) -> list[SigningKeyRecord]:
         """Read, ``change`` and write the ring as one step no other process interleaves with
-        (``change`` returning ``None`` writes nothing); returns the ring after it."""
+        (``change`` returning ``None`` writes nothing); returns the ring after it. ``events``,
+        given the ring written, names the lifecycle events to write in the same transaction (to
+        the registry's event log in the store's own database), so the change and its record
+        commit together."""
         ...
 
 

@@ -8,8 +8,8 @@ from typing import Any
 from sqlalchemy import Connection, Row, delete, insert, select
 
 from aegis.stores.sql.connection import SqlBase, check_values
-from aegis.stores.sql.schema import SIGNING_KEYS
-from aegis.types import KeyState, SigningKeyRecord
+from aegis.stores.sql.schema import EVENTS, SIGNING_KEYS
+from aegis.types import Event, KeyState, SigningKeyRecord
 
 __all__ = ["SqlKeyStore"]
 
@@ -85,7 +85,10 @@ class SqlKeyStore(SqlBase):
             _write(conn, rows)
 
     def update(
-        self, change: Callable[[list[SigningKeyRecord]], Sequence[SigningKeyRecord] | None]
+        self,
+        change: Callable[[list[SigningKeyRecord]], Sequence[SigningKeyRecord] | None],
+        *,
+        events: Callable[[Sequence[SigningKeyRecord]], Sequence[Event]] | None = None,
     ) -> list[SigningKeyRecord]:
         """Read the ring, let ``change`` compute the next one (``None``: leave it), and write it,
         in one transaction that holds the ring's write lock from before the read.
@@ -102,6 +105,13 @@ class SqlKeyStore(SqlBase):
             if records is None:
                 return current
             _write(conn, _checked_rows(records))
+            for event in events(records) if events is not None else ():
+                conn.execute(
+                    insert(EVENTS).values(
+                        id=event.id, at=event.at, type=event.type, actor=event.actor,
+                        subject=event.subject, tenant_id=event.tenant_id, data=event.data,
+                    )
+                )  # fmt: skip
             return list(records)
 
 
