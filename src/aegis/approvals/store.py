@@ -9,6 +9,7 @@ call (fail closed), it never lets it through.
 from __future__ import annotations
 
 import json
+import zlib
 from typing import Any, Final
 
 from sqlalchemy import Engine, func, insert, select, update
@@ -17,7 +18,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from aegis.approvals.model import APPROVAL_ID, OPEN_STATES, ApprovalRequest, State
 from aegis.approvals.sql_tables import APPROVAL_REQUESTS, METADATA
 from aegis.errors import Unavailable
-from aegis.stores.sql.engine import create_tables, make_engine
+from aegis.stores.sql.engine import create_tables, lock_transaction, make_engine
 
 __all__ = ["SqlApprovalStore"]
 
@@ -60,6 +61,12 @@ def _request(row: Any) -> ApprovalRequest:
         elif k in _BODY:
             fields[k] = tuple(v) if k in _TUPLES else v
     return ApprovalRequest(group=m["grp"], **fields)
+
+
+def _row_lock(request_id: str) -> int:
+    """The lock key of one request's row: its read-modify-writes run one at a time (PostgreSQL,
+    a transaction-level advisory lock; SQLite, the database's write lock)."""
+    return zlib.crc32(f"aegis:approval:{request_id}".encode())
 
 
 class SqlApprovalStore:
@@ -141,13 +148,25 @@ class SqlApprovalStore:
 
     def transition(self, req: ApprovalRequest, expected: State) -> bool:
         """Write ``req`` (whose state is the new one) if the stored state is still
-        ``expected``; False when someone else changed it first."""
+        ``expected``; False when someone else changed it first. The delivery outcome is
+        :meth:`set_delivery`'s and is kept as stored: ``req`` was read before it may have been
+        recorded, and would write it back."""
         row = _row(req)
         row.pop("id")
         if req.state not in OPEN_STATES:
             row["open_digest"] = None
         try:
             with self._engine.begin() as conn:
+                lock_transaction(conn, _row_lock(req.id))
+                current = conn.execute(select(T).where(T.c.id == req.id)).first()
+                if current is None or current._mapping["state"] != expected:
+                    return False
+                stored = current._mapping
+                row["notify_state"] = stored["notify_state"]
+                row["notify_attempts"] = stored["notify_attempts"]
+                body = json.loads(row["body"])
+                body["notify_error"] = json.loads(stored["body"]).get("notify_error")
+                row["body"] = json.dumps(body, sort_keys=True, separators=(",", ":"))
                 done = conn.execute(
                     update(T).where(T.c.id == req.id, T.c.state == expected).values(**row)
                 )
@@ -156,9 +175,11 @@ class SqlApprovalStore:
             raise _unavailable() from exc
 
     def set_delivery(self, req: ApprovalRequest) -> None:
-        """Record the notification outcome (state-independent fields only)."""
+        """Record the notification outcome (state-independent fields only), read and written
+        under the row's lock: a decision committed meanwhile keeps its own fields."""
         try:
             with self._engine.begin() as conn:
+                lock_transaction(conn, _row_lock(req.id))
                 current = conn.execute(select(T).where(T.c.id == req.id)).first()
                 if current is None:
                     return
