@@ -4,11 +4,14 @@ plane behind the Aegis mTLS listener, the server is a real TLS server on loopbac
 from __future__ import annotations
 
 import asyncio
+import re
+import socket
 import ssl
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,6 +23,7 @@ from aegis.pki.profile import build_crl
 from aegis.pki.tls import server_context
 from aegis.registry.service import AgentSpec
 from aegis.sdk import AgentClient, Certificate, InvalidCrl, ServerRevocations
+from tests.pki.conftest import build_pki
 from tests.sdk.test_mtls import TlsStack, tls  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -188,3 +192,158 @@ def _leaf_der(tool: Tool) -> bytes:
     assert der is not None
     assert format(x509.load_der_x509_certificate(der).serial_number, "x") == tool.serial
     return der
+
+
+def test_the_crls_of_both_intermediates_of_a_rotation_overlap_are_installed(
+    tmp_path: Path,
+) -> None:
+    """After ``aegis ca rotate`` the current and the previous intermediate share one subject.
+    Keyed by subject, only one of them was kept: the other's CRL failed its signature check,
+    the whole document was refused, and (failing closed) every server was refused for the
+    overlap."""
+    pki = build_pki(tmp_path)
+    pki.ca.rotate_intermediate(overlap=3600)
+    bundle = pki.ca.bundle_pem()
+    crls = pki.service.crl_pem()  # what GET /pki/v1/crl.pem answers: current, then previous
+    assert crls.count(b"BEGIN X509 CRL") == 2
+    revocations = ServerRevocations("https://127.0.0.1:9", bundle)
+    revocations.load(crls, bundle)
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = pki.service.issue("alpha", key.public_key()).certificate
+    revocations.check(leaf.public_bytes(serialization.Encoding.DER))  # current: held, unlisted
+
+
+def test_one_intermediates_crl_never_vouches_for_the_others_certificates(
+    tmp_path: Path,
+) -> None:
+    """CRLs were held and looked up by issuer name, which both intermediates of a rotation
+    share: the previous one's genuine CRL vouched for the new one's leaves, which it cannot
+    list, and a revoked server certificate was taken. They are held by signing key now."""
+    pki = build_pki(tmp_path)
+    old = pki.ca.current
+    pki.ca.rotate_intermediate(overlap=3600)
+    new = pki.ca.current
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = pki.service.issue("gw", key.public_key()).certificate
+    assert leaf.issuer == new.cert.subject == old.cert.subject
+    pki.store.revoke_serial(format(leaf.serial_number, "x"), "key_compromise")
+    blocks = re.findall(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----",
+                        pki.service.crl_pem(), re.DOTALL)  # fmt: skip
+    old_crl = next(b for b in blocks
+                   if x509.load_pem_x509_crl(b).is_signature_valid(old.cert.public_key()))  # fmt: skip
+    bundle = pki.ca.bundle_pem()  # root, new, previous: what the control plane serves
+    revocations = ServerRevocations("https://127.0.0.1:9", bundle)
+    revocations.load(old_crl, bundle)  # genuine and current: installed, for the old key only
+    with pytest.raises(ssl.SSLCertVerificationError, match="no current CRL"):
+        revocations.check(leaf.public_bytes(serialization.Encoding.DER))
+
+
+def test_a_refresh_is_bounded_by_its_timeout_against_a_trickling_server(
+    tmp_path: Path,
+) -> None:
+    """httpx's timeout bounds each read, not the whole fetch: a server trickling a byte every
+    0.3 s held refresh() (and start()) far past ``timeout``, up to the 4 MiB cap."""
+    pki = build_pki(tmp_path)
+    key = ec.generate_private_key(ec.SECP256R1())
+    issued = pki.service.issue("gw", key.public_key())
+    pem = serialization.Encoding.PEM
+    chain = b"".join(c.public_bytes(pem) for c in (issued.certificate, *issued.chain))
+    ctx = server_context(chain, key, pki.ca.bundle_pem(), require_client_cert=False)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    done = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with ctx.wrap_socket(conn, server_side=True) as tls_conn:
+            tls_conn.recv(65536)
+            tls_conn.sendall(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/x-pem-file\r\n"
+                b"transfer-encoding: chunked\r\n\r\n"
+            )
+            while not done.is_set():
+                try:
+                    tls_conn.sendall(b"1\r\nA\r\n")
+                except OSError:
+                    return
+                time.sleep(0.3)
+
+    threading.Thread(target=serve, daemon=True).start()
+    revocations = ServerRevocations(f"https://127.0.0.1:{port}", pki.ca.bundle_pem(), timeout=1)
+    finished = threading.Event()
+
+    failed: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            revocations.refresh()
+        except Exception as exc:  # the refusal, told below
+            failed.append(exc)
+        finished.set()
+
+    threading.Thread(target=fetch, daemon=True).start()
+    try:
+        assert finished.wait(5), "refresh() with timeout=1 still running after 5 s"
+        assert isinstance(failed[0], TimeoutError)
+    finally:
+        done.set()
+        listener.close()
+
+
+def test_a_refresh_holds_no_more_than_the_cap_against_a_compressed_answer(
+    tmp_path: Path,
+) -> None:
+    """The cap was compared with chunks httpx had already decoded: ``content-encoding: gzip,
+    gzip`` turned under 100 KB into one 64 MiB chunk. A content coding is refused now."""
+    import gzip
+    import tracemalloc
+
+    pki = build_pki(tmp_path)
+    key = ec.generate_private_key(ec.SECP256R1())
+    issued = pki.service.issue("gw", key.public_key())
+    pem = serialization.Encoding.PEM
+    chain = b"".join(c.public_bytes(pem) for c in (issued.certificate, *issued.chain))
+    ctx = server_context(chain, key, pki.ca.bundle_pem(), require_client_cert=False)
+    body = gzip.compress(gzip.compress(b"\0" * (64 * 1024 * 1024), 9), 9)
+    assert len(body) < 100_000
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        try:
+            with ctx.wrap_socket(conn, server_side=True) as tls_conn:
+                tls_conn.recv(65536)
+                tls_conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip, gzip\r\n"
+                                 b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+                                 + body)  # fmt: skip
+        except OSError:
+            pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    revocations = ServerRevocations(f"https://127.0.0.1:{port}", pki.ca.bundle_pem(), timeout=5)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidCrl, match="content-coded"):
+            revocations.refresh()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        listener.close()
+    assert peak < 16 * 1024 * 1024, f"refresh() held {peak // 2**20} MiB at its peak"
+
+
+async def test_the_crls_may_be_read_from_a_pinned_control_plane_only(
+    tls: TlsStack,  # noqa: F811
+    tool: Tool,
+) -> None:
+    """Any serving certificate of the bundle could answer the CRL fetch (and serve an older,
+    still current CRL); ``server_id`` pins the control plane's SPIFFE ID on that connection."""
+    bundle = tls.pki.ca.bundle_pem()
+    domain = tls.pki.ca.trust_domain
+    control_plane = f"spiffe://{domain}/tenant/acme/env/prod/agent/control-plane"
+    pinned = ServerRevocations(tls.url, bundle, server_id=control_plane)
+    await asyncio.to_thread(pinned.refresh)
+    impostor = ServerRevocations(tool.url, bundle, server_id=control_plane)
+    with pytest.raises(httpx.ConnectError, match="pinned"):
+        await asyncio.to_thread(impostor.refresh)

@@ -67,12 +67,17 @@ class ServerRevocations:
         every: float = 60.0,
         clock: Callable[[], float] = time.time,
         timeout: float = 10.0,
+        server_id: str | None = None,
     ) -> None:
         refuse_cleartext(control_plane)
         self._url = control_plane.rstrip("/") + "/pki/v1/crl.pem"
         self._bundle = bundle if callable(bundle) else (lambda: bundle)
         self._every, self._clock, self._timeout = every, clock, timeout
-        #: Per issuer (its subject, DER), the newest CRL it signed that was read.
+        #: The control plane's SPIFFE ID, pinned on the connection the CRLs are read over.
+        self._server_id = server_id
+        #: Per issuing key (its key identifier, RFC 5280 §4.2.1.2), the newest CRL it signed
+        #: that was read. By key, not by name: the intermediates of a rotation overlap share
+        #: their subject, and one's CRL must never vouch for the other's certificates.
         self._crls: dict[bytes, _Crl] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -89,16 +94,27 @@ class ServerRevocations:
             bundle = self._bundle()
             ctx = ssl.create_default_context(cadata=bundle.decode("ascii"))
             ctx.check_hostname = False  # Aegis certificates name SPIFFE IDs, not hosts
+            if self._server_id is not None:
+                pin_server_spiffe_ids(ctx, (self._server_id,))
+            # The whole read within ``timeout`` (httpx bounds each network read, and a server
+            # trickling a byte at a time would hold a refresh for days), and the bytes as sent:
+            # a content coding is refused, so that a small answer cannot inflate past the cap.
+            deadline = time.monotonic() + self._timeout
             data = bytearray()
             with (
                 httpx.Client(verify=ctx, timeout=self._timeout) as http,
-                http.stream("GET", self._url) as answer,
+                http.stream("GET", self._url, headers={"Accept-Encoding": "identity"}) as answer,
             ):
                 answer.raise_for_status()
-                for chunk in answer.iter_bytes():
+                coding = answer.headers.get("content-encoding", "identity").strip().lower()
+                if coding != "identity":
+                    raise InvalidCrl(f"the CRLs came content-coded ({coding[:32]})")
+                for chunk in answer.iter_raw():
                     data += chunk
                     if len(data) > _MAX_CRL_BYTES:
                         raise InvalidCrl(f"the CRLs at {self._url} exceed {_MAX_CRL_BYTES} bytes")
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"the CRLs were not read within {self._timeout:g} s")
             self.load(bytes(data), bundle)
         except Exception as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"[:300]
@@ -109,7 +125,7 @@ class ServerRevocations:
         """Install the CRLs of ``pem`` (one or more, PEM): each must be signed by an
         intermediate of ``bundle`` (default: the bundle given), be current, and be no older than
         the one already held for its issuer. Any failure installs none of them."""
-        issuers = _issuers(bundle if bundle is not None else self._bundle())
+        cas = _cas(bundle if bundle is not None else self._bundle())
         blocks = _PEM_CRL.findall(pem)
         if not blocks or len(blocks) > _MAX_CRLS:
             raise InvalidCrl(f"expected 1 to {_MAX_CRLS} PEM CRLs, found {len(blocks)}")
@@ -120,15 +136,19 @@ class ServerRevocations:
                 crl = x509.load_pem_x509_crl(block)
             except ValueError as exc:
                 raise InvalidCrl(f"a CRL does not parse: {exc}") from None
-            issuer = issuers.get(crl.issuer.public_bytes())
-            if issuer is None or not _signed_by(crl, issuer):
+            name = crl.issuer.public_bytes()
+            signer = next(
+                (key_id for subject, key_id, ca in cas if subject == name and _signed_by(crl, ca)),
+                None,
+            )
+            if signer is None:
                 raise InvalidCrl("a CRL is not signed by an intermediate of the trust bundle")
             this_update = crl.last_update_utc.timestamp()
             next_update = crl.next_update_utc
             if next_update is None or next_update.timestamp() <= now:
                 raise InvalidCrl("a CRL is past its nextUpdate (or has none)")
             revoked = frozenset(r.serial_number for r in crl)
-            read[crl.issuer.public_bytes()] = _Crl(revoked, this_update, next_update.timestamp())
+            read[signer] = _Crl(revoked, this_update, next_update.timestamp())
         with self._lock:
             for name, entry in read.items():
                 held = self._crls.get(name)
@@ -145,8 +165,9 @@ class ServerRevocations:
         if not der:
             raise ssl.SSLCertVerificationError("the server presented no certificate")
         leaf = x509.load_der_x509_certificate(der)
+        issuer_key = _authority_key_id(leaf)
         with self._lock:
-            crl = self._crls.get(leaf.issuer.public_bytes())
+            crl = self._crls.get(issuer_key) if issuer_key is not None else None
         if crl is None or crl.next_update <= self._clock():
             why = f" (last refresh: {self.last_error})" if self.last_error else ""
             raise ssl.SSLCertVerificationError(
@@ -195,11 +216,33 @@ def guard_server(
     return check_server(ctx, also) if also is not None else ctx
 
 
-def _issuers(bundle: bytes) -> dict[bytes, x509.Certificate]:
-    """The CA certificates of the bundle, by subject."""
-    return {
-        c.subject.public_bytes(): c for c in x509.load_pem_x509_certificates(bundle) if _is_ca(c)
-    }
+def _cas(bundle: bytes) -> list[tuple[bytes, bytes, x509.Certificate]]:
+    """The CA certificates of the bundle: (subject, key identifier, certificate) each. Several
+    may share a subject (the intermediates of a rotation overlap)."""
+    return [
+        (c.subject.public_bytes(), _key_id(c), c)
+        for c in x509.load_pem_x509_certificates(bundle)
+        if _is_ca(c)
+    ]
+
+
+def _key_id(cert: x509.Certificate) -> bytes:
+    """The certificate's subject key identifier, or the RFC 5280 method 1 one of its key."""
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        key = cert.public_key()
+        return x509.SubjectKeyIdentifier.from_public_key(key).digest
+
+
+def _authority_key_id(leaf: x509.Certificate) -> bytes | None:
+    """The key identifier of the leaf's issuer (its authority key identifier), if it names one:
+    Aegis leaves do; one that does not cannot be matched to a CRL, and is refused."""
+    try:
+        aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return None
+    return aki.key_identifier
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
