@@ -138,6 +138,27 @@ def _pruned_tail(conn: Connection) -> tuple[int, str]:
     return (int(row[0]), str(row[1])) if row else (0, GENESIS_HASH)
 
 
+#: SQLite: a record at or below the newest checkpoint's tree size is refused, as a collision is.
+#: Pruning stops at a checkpoint and keeps every record after the newest one, so with the
+#: ``seq`` primary key every position a stale writer could take is refused. Only checkpoints
+#: within the log count (a row written into the checkpoint table claiming more records than
+#: there are is the checkpointer's to refuse, and must not stop every append).
+_SQLITE_GUARD: Final = """
+CREATE TRIGGER IF NOT EXISTS audit_records_after_checkpoints BEFORE INSERT ON audit_records
+WHEN NEW.seq <= (
+  SELECT COALESCE(MAX(tree_size), 0) FROM audit_checkpoints
+  WHERE tree_size <= COALESCE((SELECT MAX(seq) FROM audit_records), tree_size)
+)
+BEGIN SELECT RAISE(ABORT, 'aegis: an audit record at or below a signed checkpoint'); END
+"""
+
+
+def _install_sqlite_guard(engine: Engine) -> None:
+    if engine.dialect.name == "sqlite":
+        with engine.begin() as conn:
+            conn.exec_driver_sql(_SQLITE_GUARD)
+
+
 def _unavailable(exc: BaseException) -> Unavailable:
     return Unavailable("the audit log cannot be written; call refused", code="audit_unavailable")
 
@@ -166,9 +187,13 @@ class AuditLog:
         self._clock = clock
         self._lock = threading.Lock()
         #: ``(seq, hash)`` of the last record this instance committed, so that an append needs no
-        #: read first. Another writer (process or replica) that appended since makes the insert
-        #: collide on the ``seq`` primary key; the tail is then read again and the append retried,
-        #: so a stale tail can delay an append but never fork or skip the chain.
+        #: read first on SQLite. Another writer (process or replica) that appended since makes the
+        #: insert collide on the ``seq`` primary key; the tail is then read again and the append
+        #: retried. A prune may have freed the position after a stale tail, which then no longer
+        #: collides: on SQLite a trigger refuses a record at or below a checkpoint's tree size
+        #: (pruning stops at a checkpoint, and every record past the newest one is kept), and on
+        #: PostgreSQL the tail is read under the append lock for every batch. So a stale tail can
+        #: delay an append but never fork or skip the chain.
         self._tail: tuple[int, str] | None = None
         # The multi-row INSERT of each batch size, in the engine's own dialect and parameter
         # style (compiled on first use, see ``_statement``); the driver's error classes.
@@ -196,6 +221,7 @@ class AuditLog:
         try:
             create_tables(METADATA, self._engine)
             install_append_only(self._engine)
+            _install_sqlite_guard(self._engine)
         except Exception as exc:
             if isinstance(engine, str):  # ours: no connection outlives a log that never started
                 self._engine.dispose()
@@ -345,17 +371,16 @@ class AuditLog:
         raise Unavailable("the audit log is contended; call refused", code="audit_unavailable")
 
     def _locked_tail(self, raw: Any) -> None:
-        """Take :data:`_APPEND_LOCK` in the writer's transaction and, when the tail is not
-        known, read it there (the table is empty only once every record was pruned: the tail is
-        then read after the checkpoint, below)."""
+        """Take :data:`_APPEND_LOCK` in the writer's transaction and read the tail there, the
+        one the insert continues: a tail this instance remembers may be stale and its next
+        position freed by a prune, which no collision would then reveal. (The table is empty
+        only once every record was pruned: the tail is then read after the checkpoint, below.)"""
         cursor = raw.cursor()
         try:
             cursor.execute(f"SELECT pg_advisory_xact_lock({_APPEND_LOCK})")
-            if self._tail is None:
-                cursor.execute(self._tail_sql)
-                row = cursor.fetchone()
-                if row is not None:
-                    self._tail = (int(row[0]), str(row[1]))
+            cursor.execute(self._tail_sql)
+            row = cursor.fetchone()
+            self._tail = (int(row[0]), str(row[1])) if row is not None else None
         finally:
             cursor.close()
 
