@@ -18,13 +18,14 @@ time, informational (the record carries its own ``time``). :mod:`aegis.audit.ver
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from typing import IO, Any, Final
 
 from sqlalchemy import select
 
-from aegis.audit.checkpoint import Checkpointer
+from aegis.audit.checkpoint import Checkpoint, Checkpointer
 from aegis.audit.sql_tables import AUDIT_RECORDS
 from aegis.errors import EvidenceError
 
@@ -32,6 +33,8 @@ __all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "export_lines", "write_export"]
 
 EXPORT_FORMAT: Final = "aegis-audit-export"
 EXPORT_VERSION: Final = 1
+#: How often an export starts over when a prune keeps moving the prune point under it.
+_ATTEMPTS: Final = 5
 
 
 def _line(obj: dict[str, Any]) -> str:
@@ -39,12 +42,53 @@ def _line(obj: dict[str, Any]) -> str:
 
 
 def export_lines(checkpointer: Checkpointer, *, issuer: str, now: float) -> Iterator[str]:
-    """The export of everything the log still holds, as lines without newlines."""
-    # base: the prune point (every record pruned: the head, and the export is a base and its
-    # checkpoint), signed in the end checkpoint.
-    head, end_token, base = checkpointer.head_for_export()
-    engine = checkpointer.log.engine
-    checkpoints = [c for c in checkpointer.all() if base <= c.tree_size <= head.size]
+    """The export of everything the log still holds, as lines without newlines.
+
+    The records are read in one statement, which sees one snapshot of the table; a prune that
+    committed after the head and the prune point were read (another process's retention) is
+    found at the first record read, before anything is written, and the export starts over from
+    the new prune point. A prune after that cannot change what the statement reads."""
+    for _ in range(_ATTEMPTS):
+        # base: the prune point (every record pruned: the head, and the export is a base and its
+        # checkpoint), signed in the end checkpoint.
+        head, end_token, base = checkpointer.head_for_export()
+        checkpoints = [c for c in checkpointer.all() if base <= c.tree_size <= head.size]
+        query = (
+            select(
+                AUDIT_RECORDS.c.seq,
+                AUDIT_RECORDS.c.time,
+                AUDIT_RECORDS.c.kind,
+                AUDIT_RECORDS.c.record,
+                AUDIT_RECORDS.c.prev_hash,
+                AUDIT_RECORDS.c.hash,
+            )
+            .where(AUDIT_RECORDS.c.seq > base, AUDIT_RECORDS.c.seq <= head.size)
+            .order_by(AUDIT_RECORDS.c.seq)
+        )
+        with checkpointer.log.engine.connect() as conn:
+            result = conn.execution_options(yield_per=2000).execute(query)
+            rows = iter(result)
+            first = next(rows, None)
+            if (first is None) != (head.size == base) or (
+                first is not None and first[0] != base + 1
+            ):
+                result.close()
+                continue  # pruned meanwhile: from the new prune point
+            yield from _lines(checkpointer, issuer, now, base, checkpoints, end_token, first, rows)
+            return
+    raise EvidenceError("the log was pruned again and again while it was exported; retry")
+
+
+def _lines(
+    checkpointer: Checkpointer,
+    issuer: str,
+    now: float,
+    base: int,
+    checkpoints: list[Checkpoint],
+    end_token: str,
+    first: Any,
+    rows: Iterator[Any],
+) -> Iterator[str]:
     yield _line(
         {
             "type": "header",
@@ -66,38 +110,23 @@ def export_lines(checkpointer: Checkpointer, *, issuer: str, now: float) -> Iter
     while nxt is not None and nxt.tree_size <= base:
         yield _line({"type": "checkpoint", "token": nxt.token})
         nxt = next(pending, None)
-    query = (
-        select(
-            AUDIT_RECORDS.c.seq,
-            AUDIT_RECORDS.c.time,
-            AUDIT_RECORDS.c.kind,
-            AUDIT_RECORDS.c.record,
-            AUDIT_RECORDS.c.prev_hash,
-            AUDIT_RECORDS.c.hash,
-        )
-        .where(AUDIT_RECORDS.c.seq <= head.size)
-        .order_by(AUDIT_RECORDS.c.seq)
-    )
     count = 0
-    with engine.connect() as conn:
-        for seq, time, kind, body, prev, digest in conn.execution_options(yield_per=2000).execute(
-            query
-        ):
-            count += 1
-            yield _line(
-                {
-                    "type": "record",
-                    "seq": seq,
-                    "time": time,
-                    "kind": kind,
-                    "record": body,
-                    "prev_hash": prev,
-                    "hash": digest,
-                }
-            )
-            while nxt is not None and nxt.tree_size == seq:
-                yield _line({"type": "checkpoint", "token": nxt.token})
-                nxt = next(pending, None)
+    for seq, time, kind, body, prev, digest in itertools.chain((first,) if first else (), rows):
+        count += 1
+        yield _line(
+            {
+                "type": "record",
+                "seq": seq,
+                "time": time,
+                "kind": kind,
+                "record": body,
+                "prev_hash": prev,
+                "hash": digest,
+            }
+        )
+        while nxt is not None and nxt.tree_size == seq:
+            yield _line({"type": "checkpoint", "token": nxt.token})
+            nxt = next(pending, None)
     yield _line({"type": "end", "records": count, "token": end_token})
 
 
