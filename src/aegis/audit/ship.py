@@ -167,6 +167,12 @@ class Shipper:
         while True:
             if self.attempts and self._clock.now() < self.retry_at:
                 return ShipStats(sent, dead, down=True)
+            if self.attempts:
+                # A send that failed partway (a disk filling up) may have left part of the batch
+                # with the sink: resume after what it holds, not from the unmoved cursor.
+                held = self.sink.delivered()
+                if held > self.cursor:
+                    self._advance(held)
             batch = self.pending()
             if not batch:
                 return ShipStats(sent, dead)
