@@ -348,6 +348,12 @@ class AuditLog:
                     # The commit may or may not have happened: read the tail back next time.
                     self._tail = None
                     self._drop_writer()
+                    if committing and self._committed(out[-1]):
+                        # The reply was lost, not the commit: the records are in the log, and
+                        # their calls must not be refused as if unrecorded.
+                        self._tail = out[-1]
+                        AUDIT_BATCH_RECORDS.observe(len(out))
+                        return out
                     if (
                         self._serialised
                         and reused
@@ -369,6 +375,18 @@ class AuditLog:
                     self._drop_writer()
                     raise
         raise Unavailable("the audit log is contended; call refused", code="audit_unavailable")
+
+    def _committed(self, last: tuple[int, str]) -> bool:
+        """Whether the batch ending with ``last`` is in the log (its commit's reply was lost),
+        asked on a fresh connection; False when that cannot be told either."""
+        try:
+            with self._engine.connect() as conn:
+                stored = conn.execute(
+                    select(AUDIT_RECORDS.c.hash).where(AUDIT_RECORDS.c.seq == last[0])
+                ).scalar_one_or_none()
+        except SQLAlchemyError:
+            return False
+        return stored == last[1]
 
     def _locked_tail(self, raw: Any) -> None:
         """Take :data:`_APPEND_LOCK` in the writer's transaction and read the tail there, the
