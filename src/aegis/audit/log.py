@@ -378,9 +378,14 @@ class AuditLog:
 
     def _committed(self, last: tuple[int, str]) -> bool:
         """Whether the batch ending with ``last`` is in the log (its commit's reply was lost),
-        asked on a fresh connection; False when that cannot be told either."""
+        asked on a fresh connection; False when that cannot be told either. On PostgreSQL the
+        append lock is taken first: the lost transaction holds it until its commit is done, and
+        a look before that would not see the rows yet."""
         try:
-            with self._engine.connect() as conn:
+            with self._engine.begin() as conn:
+                if self._serialised:
+                    conn.exec_driver_sql(f"SET LOCAL statement_timeout = {_APPEND_TIMEOUT_MS}")
+                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_APPEND_LOCK})")
                 stored = conn.execute(
                     select(AUDIT_RECORDS.c.hash).where(AUDIT_RECORDS.c.seq == last[0])
                 ).scalar_one_or_none()
