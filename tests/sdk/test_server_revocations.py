@@ -347,3 +347,41 @@ async def test_the_crls_may_be_read_from_a_pinned_control_plane_only(
     impostor = ServerRevocations(tool.url, bundle, server_id=control_plane)
     with pytest.raises(httpx.ConnectError, match="pinned"):
         await asyncio.to_thread(impostor.refresh)
+
+
+def test_a_refresh_is_bounded_by_its_timeout_while_headers_trickle(tmp_path: Path) -> None:
+    """The deadline was checked between body chunks only: a server trickling its status line
+    and headers a byte at a time, each within httpx's per-read timeout, held a refresh far past
+    ``timeout``. The whole read is waited for until the deadline now, and a second refresh does
+    not start another read while the first still hangs."""
+    pki = build_pki(tmp_path)
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 100:  # a byte every 0.1 s
+                if stop.is_set():
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(0.1)
+
+    threading.Thread(target=serve, daemon=True).start()
+    revocations = ServerRevocations(f"http://127.0.0.1:{server.getsockname()[1]}",
+                                    pki.ca.bundle_pem(), timeout=0.5)  # fmt: skip
+    try:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"within 0\.5 s"):
+            revocations.refresh()
+        assert time.monotonic() - started < 2.0
+        with pytest.raises(TimeoutError, match="still not ended"):
+            revocations.refresh()
+        assert revocations.last_error is not None and "still not ended" in revocations.last_error
+    finally:
+        stop.set()
+        server.close()

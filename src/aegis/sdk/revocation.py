@@ -82,6 +82,8 @@ class ServerRevocations:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: The read under way (or one that outlived its deadline), see :meth:`refresh`.
+        self._fetching: threading.Thread | None = None
         #: Why the latest refresh failed (None: it did not), for the refusal message.
         self.last_error: str | None = None
 
@@ -89,17 +91,41 @@ class ServerRevocations:
 
     def refresh(self) -> None:
         """Read the CRLs from the control plane and install those the bundle vouches for;
-        raises (``httpx.HTTPError``, :class:`InvalidCrl`) and keeps the previous ones otherwise."""
+        raises (``httpx.HTTPError``, :class:`InvalidCrl`, ``TimeoutError``) and keeps the
+        previous ones otherwise.
+
+        The whole read, connection and headers included, is bounded by ``timeout``: httpx
+        bounds each network read only, and a server sending a byte at a time would hold a
+        refresh for days. The read runs on a thread of its own, waited for until the deadline;
+        one that outlives it is left to end by itself, and no other is started meanwhile."""
         try:
+            if self._fetching is not None and self._fetching.is_alive():
+                raise TimeoutError(f"an earlier read of {self._url} has still not ended")
             bundle = self._bundle()
+            got: list[bytes | BaseException] = []
+            self._fetching = threading.Thread(
+                target=self._fetch, args=(bundle, got), name="aegis-crl-fetch", daemon=True
+            )
+            self._fetching.start()
+            self._fetching.join(self._timeout)
+            if not got:
+                raise TimeoutError(f"the CRLs were not read within {self._timeout:g} s")
+            if isinstance(got[0], BaseException):
+                raise got[0]
+            self.load(got[0], bundle)
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            raise
+        self.last_error = None
+
+    def _fetch(self, bundle: bytes, got: list[bytes | BaseException]) -> None:
+        """The CRLs' bytes as sent (a content coding is refused, so that a small answer cannot
+        inflate past the cap), or why not, appended to ``got``."""
+        try:
             ctx = ssl.create_default_context(cadata=bundle.decode("ascii"))
             ctx.check_hostname = False  # Aegis certificates name SPIFFE IDs, not hosts
             if self._server_id is not None:
                 pin_server_spiffe_ids(ctx, (self._server_id,))
-            # The whole read within ``timeout`` (httpx bounds each network read, and a server
-            # trickling a byte at a time would hold a refresh for days), and the bytes as sent:
-            # a content coding is refused, so that a small answer cannot inflate past the cap.
-            deadline = time.monotonic() + self._timeout
             data = bytearray()
             with (
                 httpx.Client(verify=ctx, timeout=self._timeout) as http,
@@ -113,13 +139,9 @@ class ServerRevocations:
                     data += chunk
                     if len(data) > _MAX_CRL_BYTES:
                         raise InvalidCrl(f"the CRLs at {self._url} exceed {_MAX_CRL_BYTES} bytes")
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"the CRLs were not read within {self._timeout:g} s")
-            self.load(bytes(data), bundle)
-        except Exception as exc:
-            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
-            raise
-        self.last_error = None
+            got.append(bytes(data))
+        except BaseException as exc:  # handed to refresh(), which raises it
+            got.append(exc)
 
     def load(self, pem: bytes, bundle: bytes | None = None) -> None:
         """Install the CRLs of ``pem`` (one or more, PEM): each must be signed by an
