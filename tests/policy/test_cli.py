@@ -43,6 +43,21 @@ def test_validate_failure_is_one_line_with_file_and_line(tmp_path: Path) -> None
     assert as_json["error"]["line"] == 6
 
 
+def test_a_policy_file_that_cannot_be_read_is_unreadable_input(tmp_path: Path) -> None:
+    """docs/policy.md: failures exit 1 (policy invalid) or 2 (unreadable input). A missing
+    policy file made validate, build and eval exit 1, as if the policy were invalid."""
+    missing = str(tmp_path / "missing.yaml")
+    call = tmp_path / "call.json"
+    call.write_text('{"tool": "payments.transfer"}')
+    for args in (["validate", missing], ["build", missing, "--out", str(tmp_path / "b")],
+                 ["eval", "--policy", missing, "--input", str(call)]):  # fmt: skip
+        result = RUNNER.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "cannot read the policy file" in result.output and "missing.yaml" in result.output
+        as_json = RUNNER.invoke(app, [*args, "--json"])
+        assert json.loads(as_json.output)["error"]["code"] == "invalid_request"
+
+
 def test_build_writes_a_loadable_bundle(tmp_path: Path) -> None:
     result = RUNNER.invoke(app, ["build", PAYMENTS, "--out", str(tmp_path / "b"), "--json"])
     assert result.exit_code == 0

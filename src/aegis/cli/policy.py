@@ -21,7 +21,8 @@ from aegis.clock import SystemClock
 from aegis.errors import AegisError
 from aegis.policy.dryrun import dry_run
 from aegis.policy.evaluator import compile_policy
-from aegis.policy.loader import load_file
+from aegis.policy.loader import load_document
+from aegis.policy.model import PolicyDocument
 from aegis.policy.rego import build_bundle, bundle_files
 from aegis.policy.shadow import shadow_report
 from aegis.policy.testing import run_path
@@ -60,6 +61,18 @@ def _failures(as_json: bool) -> Iterator[None]:
         raise typer.Exit(2) from exc
 
 
+def _read_policy(file: Path) -> PolicyDocument:
+    """The policy in ``file``; one that cannot be read is unreadable input (exit 2), not an
+    invalid policy (exit 1)."""
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise OSError(
+            f"{file}: cannot read the policy file ({exc.strerror or exc}); check the path"
+        ) from exc
+    return load_document(data, str(file))
+
+
 @app.command()
 def validate(
     file: Annotated[Path, typer.Argument(help="policy file (YAML or JSON)")],
@@ -67,7 +80,7 @@ def validate(
 ) -> None:
     """Check a policy against the aegis/v1 schema and report file:line on error."""
     with _failures(as_json):
-        policy = compile_policy(load_file(file))
+        policy = compile_policy(_read_policy(file))
         doc = policy.document
         info = {
             "file": str(file),
@@ -90,7 +103,7 @@ def build(
 ) -> None:
     """Write an OPA bundle: .manifest, policy.rego (Rego v1), data.json and bundle.tar.gz."""
     with _failures(as_json):
-        policy = compile_policy(load_file(file))
+        policy = compile_policy(_read_policy(file))
         out.mkdir(parents=True, exist_ok=True)
         written = []
         for name, data in bundle_files(policy).items():
@@ -110,7 +123,7 @@ def eval_(
 ) -> None:
     """Dry-run one call: print the decision and why each rule matched or not."""
     with _failures(as_json):
-        compiled = compile_policy(load_file(policy))
+        compiled = compile_policy(_read_policy(policy))
         call = json.loads(input_.read_text())
         if not isinstance(call, dict):
             raise ValueError("the input must be a JSON object")
