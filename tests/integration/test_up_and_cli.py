@@ -184,3 +184,17 @@ def test_up_sets_up_the_configuration_file_it_was_given(tmp_path: Path) -> None:
     # stdout is the one JSON document --json promises; the access log went to stderr.
     assert json.loads(out)["init"]["config"] == str(tmp_path / "custom.yaml")
     assert '"GET /readyz HTTP/1.1" 200' in err
+
+
+def test_the_demo_runs_against_up_served_on_another_port(
+    server: tuple[str, Path, str],
+) -> None:
+    """``aegis up --port`` moves the issuer to its port; the demo's gateway took aegis.yaml's, so
+    every call it made was refused ``invalid_issuer``. It takes the control plane's now."""
+    url, directory, _ = server
+    done = subprocess.run([*AEGIS, "demo", "--url", url, "--json"], cwd=directory, env=_env(),
+                          capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
+    outcomes = {o["name"]: o for o in json.loads(done.stdout)["scenarios"]}
+    assert outcomes["allowed"]["actual"] == "allowed"
+    assert all(o["ok"] or o["skipped"] for o in outcomes.values()), outcomes

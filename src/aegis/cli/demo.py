@@ -133,7 +133,14 @@ def demo(
                 raise AegisError(f"--url: {exc}", code="config_invalid") from None
             config = config_file(ctx)
             key = _admin_key(admin_key or os.environ.get("AEGIS_ADMIN_KEY"), config)
-            stack = DemoStack.attached(url, config, key, secrets.token_hex(3))
+            try:
+                stack = DemoStack.attached(url, config, key, secrets.token_hex(3))
+            except httpx.HTTPError as exc:
+                raise AegisError(
+                    f"the control plane at {url} could not set the demo up: "
+                    f"{type(exc).__name__}: {exc}"[:400],
+                    code="registry_unavailable",
+                ) from exc
         try:
             try:
                 result = _run(stack, started, attached=url is not None)
