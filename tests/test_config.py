@@ -108,3 +108,17 @@ def test_arbitrary_yaml_never_escapes_as_anything_but_config_error(text: str) ->
             load_config(p, environ={})
         except ConfigError:
             pass
+
+
+def test_data_dir_moves_the_files_the_embedded_defaults_keep(tmp_path: Path) -> None:
+    """``data_dir`` was documented as where the embedded defaults keep their files, yet nothing
+    but ``aegis init`` read it: the database and key files stayed under ``.aegis/``."""
+    cfg = load_config(_write(tmp_path, "data_dir: state\nkeys:\n  kek_file: elsewhere/kek\n"),
+                      environ={})  # fmt: skip
+    assert cfg.database_url() == f"sqlite:///{tmp_path / 'state' / 'aegis.db'}"
+    assert cfg.path(cfg.secrets.pepper_file) == tmp_path / "state" / "pepper"
+    assert cfg.path(cfg.pki.ca_dir) == tmp_path / "state" / "pki"
+    assert cfg.path(cfg.audit.state_dir) == tmp_path / "state" / "audit-export"
+    assert cfg.path(cfg.keys.kek_file) == tmp_path / "elsewhere" / "kek"  # set on its own
+    default = load_config(_write(tmp_path, ""), environ={})
+    assert default.database_url() == f"sqlite:///{tmp_path / '.aegis' / 'aegis.db'}"

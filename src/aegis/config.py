@@ -665,6 +665,31 @@ class AegisConfig(_Section):
     #: Directory the config file was read from; relative paths resolve against it.
     base_dir: str = "."
 
+    @model_validator(mode="before")
+    @classmethod
+    def _data_dir(cls, data: Any) -> Any:
+        """The files the embedded defaults keep in ``data_dir`` follow it when it is set (the
+        database, key files, CA and export state); each may still be set on its own."""
+        if not isinstance(data, dict):
+            return data
+        where = data.get("data_dir")
+        if not isinstance(where, str) or where.rstrip("/") in ("", ".aegis"):
+            return data
+        where = where.rstrip("/")
+        follow = {
+            ("database", "url"): f"sqlite:///{where}/aegis.db",
+            ("keys", "kek_file"): f"{where}/kek",
+            ("secrets", "pepper_file"): f"{where}/pepper",
+            ("pki", "ca_dir"): f"{where}/pki",
+            ("audit", "state_dir"): f"{where}/audit-export",
+        }
+        out = dict(data)
+        for (section, key), value in follow.items():
+            given = out.get(section) or {}
+            if isinstance(given, dict) and key not in given:
+                out[section] = {**given, key: value}
+        return out
+
     @field_validator("issuer")
     @classmethod
     def _issuer(cls, v: str) -> str:
