@@ -8,10 +8,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import psycopg
 import pytest
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
 
 from aegis.clock import SystemClock
 from aegis.errors import Unavailable
@@ -19,6 +17,7 @@ from aegis.policy.service import EVENT_ACTIVATED, PolicyService, registry_event_
 from aegis.policy.store import SqlPolicyStore
 from aegis.stores import open_registry_store
 from aegis.stores.sql.registry import SqlRegistryStore
+from tests.support.pg import run_sql
 
 DOC = """
 apiVersion: aegis/v1
@@ -44,13 +43,6 @@ def pg(fresh_pg_url: str) -> Iterator[tuple[PolicyService, SqlPolicyStore, SqlRe
 
 def _activations(registry: SqlRegistryStore) -> list[Any]:
     return [e for e in registry.list_events(limit=1000) if e.type == EVENT_ACTIVATED]
-
-
-def _psql(url: str, sql: str) -> None:
-    u = make_url(url)
-    with psycopg.connect(host=u.host, port=u.port or 5432, user=u.username, dbname=u.database,
-                         autocommit=True, connect_timeout=3) as conn:  # fmt: skip
-        conn.execute(sql)  # type: ignore[arg-type]
 
 
 def test_two_activations_at_once_are_serialised_and_the_log_names_the_one_in_force(
@@ -114,7 +106,7 @@ def test_an_activation_whose_event_cannot_be_written_does_not_take_effect(
         DOC.replace("NAME", "a").replace("ACTION", "deny"), tenant="acme", env="prod", actor="t"
     )
     other = service.store(DOC.replace("NAME", "b").replace("ACTION", "allow"), actor="t")
-    _psql(fresh_pg_url, """
+    run_sql(fresh_pg_url, """
         CREATE FUNCTION refuse_activation_events() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
           IF NEW.type = 'policy.activated' THEN RAISE EXCEPTION 'event log refuses'; END IF;
@@ -128,7 +120,7 @@ def test_an_activation_whose_event_cannot_be_written_does_not_take_effect(
             service.activate("acme", "prod", other, actor="mallory")
         assert err.value.code == "policy_unavailable" and err.value.status == 503
     finally:
-        _psql(fresh_pg_url, "DROP TRIGGER refuse_activation_events ON events; "
+        run_sql(fresh_pg_url, "DROP TRIGGER refuse_activation_events ON events; "
                             "DROP FUNCTION refuse_activation_events();")  # fmt: skip
     active = store.active("acme", "prod")
     assert active is not None and active.version == first.version

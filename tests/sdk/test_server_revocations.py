@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -238,17 +239,22 @@ def test_one_intermediates_crl_never_vouches_for_the_others_certificates(
         revocations.check(leaf.public_bytes(serialization.Encoding.DER))
 
 
-def test_a_refresh_is_bounded_by_its_timeout_against_a_trickling_server(
-    tmp_path: Path,
-) -> None:
-    """httpx's timeout bounds each read, not the whole fetch: a server trickling a byte every
-    0.3 s held refresh() (and start()) far past ``timeout``, up to the 4 MiB cap."""
+def _serving(tmp_path: Path) -> tuple[Any, ssl.SSLContext]:
+    """A CA and the TLS server context of one of its serving certificates."""
     pki = build_pki(tmp_path)
     key = ec.generate_private_key(ec.SECP256R1())
     issued = pki.service.issue("gw", key.public_key())
     pem = serialization.Encoding.PEM
     chain = b"".join(c.public_bytes(pem) for c in (issued.certificate, *issued.chain))
-    ctx = server_context(chain, key, pki.ca.bundle_pem(), require_client_cert=False)
+    return pki, server_context(chain, key, pki.ca.bundle_pem(), require_client_cert=False)
+
+
+def test_a_refresh_is_bounded_by_its_timeout_against_a_trickling_server(
+    tmp_path: Path,
+) -> None:
+    """httpx's timeout bounds each read, not the whole fetch: a server trickling a byte every
+    0.3 s held refresh() (and start()) far past ``timeout``, up to the 4 MiB cap."""
+    pki, ctx = _serving(tmp_path)
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     done = threading.Event()
@@ -298,12 +304,7 @@ def test_a_refresh_holds_no_more_than_the_cap_against_a_compressed_answer(
     import gzip
     import tracemalloc
 
-    pki = build_pki(tmp_path)
-    key = ec.generate_private_key(ec.SECP256R1())
-    issued = pki.service.issue("gw", key.public_key())
-    pem = serialization.Encoding.PEM
-    chain = b"".join(c.public_bytes(pem) for c in (issued.certificate, *issued.chain))
-    ctx = server_context(chain, key, pki.ca.bundle_pem(), require_client_cert=False)
+    pki, ctx = _serving(tmp_path)
     body = gzip.compress(gzip.compress(b"\0" * (64 * 1024 * 1024), 9), 9)
     assert len(body) < 100_000
     listener = socket.create_server(("127.0.0.1", 0))

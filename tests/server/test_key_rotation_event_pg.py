@@ -8,22 +8,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import psycopg
 import pytest
-from sqlalchemy.engine import make_url
 
 from aegis.config import load_config
 from aegis.errors import AegisError
 from aegis.server.admin_ops import rotate_keys
 from aegis.server.services import build_services
+from tests.support.pg import run_sql
 from tests.support.server import write_dev_config
-
-
-def _psql(url: str, sql: str) -> None:
-    u = make_url(url)
-    with psycopg.connect(host=u.host, port=u.port or 5432, user=u.username, dbname=u.database,
-                         autocommit=True, connect_timeout=3) as conn:  # fmt: skip
-        conn.execute(sql)  # type: ignore[arg-type]
 
 
 def test_key_rotation_is_not_committed_without_its_event(tmp_path: Path, fresh_pg_url: str) -> None:
@@ -34,7 +26,7 @@ def test_key_rotation_is_not_committed_without_its_event(tmp_path: Path, fresh_p
     services = build_services(config)
     try:
         before = services.keyring.signing_key().kid
-        _psql(fresh_pg_url, """
+        run_sql(fresh_pg_url, """
             CREATE FUNCTION refuse_rotation_events() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN
               IF NEW.type = 'keys.rotated' THEN RAISE EXCEPTION 'event log refuses'; END IF;
@@ -47,7 +39,7 @@ def test_key_rotation_is_not_committed_without_its_event(tmp_path: Path, fresh_p
             with pytest.raises(AegisError):
                 rotate_keys(services, force=True, actor="admin_key:ops")
         finally:
-            _psql(fresh_pg_url, "DROP TRIGGER refuse_rotation_events ON events; "
+            run_sql(fresh_pg_url, "DROP TRIGGER refuse_rotation_events ON events; "
                                 "DROP FUNCTION refuse_rotation_events();")  # fmt: skip
         services.keyring.load()
         rotated = [
