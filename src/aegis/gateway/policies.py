@@ -15,7 +15,8 @@ in newly activated versions. Three cases, none of which can turn into an allow b
 
 A missing ``request.body`` makes every condition on it false (docs/policy.md), so a deny rule on
 the body would not fire for a body policy never saw (streamed, too large, or not sent as JSON). When
-the policy in force reads the body of a tool, such a call is refused (``invalid_request``) instead.
+a rule of the policy in force whose outcome is enforced reads the body of a tool, such a call is
+refused (``invalid_request``) instead; what a rule in shadow reads never refuses a call.
 
 The same holds for a field policy reads by name but the upstream may find under another spelling
 (:func:`misspelled`): a condition on ``request.body.amount`` is false for ``{"Amount": 20000}``,
