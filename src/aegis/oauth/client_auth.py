@@ -221,9 +221,12 @@ class ClientAuthenticator:
                 check_tls_client(client, agent, peer)
             else:
                 check_self_signed_client(client, agent, cert)
-        except ClientAuthError:
+        except ClientAuthError as exc:
             self.limiter.record_failure(*keys)
-            raise
+            # Until the certificate has proved the client, every refusal reads the same as for
+            # a client that does not exist (which certificate a client takes is not for an
+            # unauthenticated caller to learn); what was wrong is logged.
+            raise unproven_client(str(exc.details.get("detail", exc.message))) from exc
         return AuthenticatedClient(client, client.auth_method)
 
     def _load(self, client_id: str) -> Client:
