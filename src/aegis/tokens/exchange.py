@@ -155,7 +155,7 @@ class TokenExchanger:
             scopes = self._scopes(form, granted, child)
             audience = self._audience(form, resources)
             cnf = confirm(auth) if confirm is not None else None
-            auth = await self._auth.consume(auth)
+            auth = await self._auth.consume(auth, source)  # a replay counts as a failure
             if links:
                 await self._consume(chain)
         except AegisError as exc:
