@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from aegis.clock import Clock, new_id
-from aegis.crypto.jws import encode_segment, sign_compact
+from aegis.crypto.jws import MAX_TOKEN_BYTES, encode_segment, sign_compact
 from aegis.crypto.keyring import KeyRing
+from aegis.errors import AegisError
 from aegis.tokens.claims import join_scopes
 from aegis.tokens.verifier import ACCESS_TOKEN_TYP
 
@@ -81,4 +82,11 @@ class TokenIssuer:
         if extra:
             claims.update({k: v for k, v in extra.items() if k not in claims})
         token = sign_compact(self._header(key.kid), claims, key.sign)
+        if len(token) > MAX_TOKEN_BYTES:
+            # Every verifier (Aegis's own included) refuses it: never hand one out.
+            raise AegisError(
+                f"the token would be {len(token)} bytes, over the {MAX_TOKEN_BYTES} a token may "
+                "be; ask for fewer scopes (scope=...)",
+                code="invalid_scope",
+            )
         return IssuedToken(token, claims, lifetime)
