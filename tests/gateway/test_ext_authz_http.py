@@ -4,6 +4,7 @@ trusted proxy). 200 allows with ``x-aegis-*`` headers; a refusal answers its sta
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -375,3 +376,39 @@ def test_envoy_mode_reads_a_field_holding_a_comma_as_joined_repeats(
         f"{envoy}/check/payments/charge", headers={**creds(agent), "x-account": value}
     )
     assert resp.status_code == status, resp.text
+
+
+def test_an_answer_the_proxy_stopped_waiting_for_is_recorded_undelivered(
+    env: Env, envoy: str
+) -> None:
+    """As at the gRPC door: when Envoy's HTTP ext_authz (200 ms by default) or nginx gives up
+    and applies its failure mode, a second record says the answer was never delivered. The
+    audit log held only an allow for a call that never reached the upstream."""
+    agent = Agent(env)
+    before = env.audit.count()
+    store: Any = env.services.cache._store
+    read = store.get_agent
+
+    def slow_read(agent_id: str) -> Any:  # a registry under load
+        time.sleep(0.6)
+        return read(agent_id)
+
+    store.get_agent = slow_read
+    env.services.cache.invalidate()
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{envoy}/check/payments/charge", headers=creds(agent), timeout=0.2)
+        for _ in range(40):
+            time.sleep(0.05)
+            if env.audit.count() >= before + 2:
+                break
+    finally:
+        store.get_agent = read
+    records = list(env.audit.records())[before:]
+    decision = next(r for r in records if r["kind"] == "gateway.decision")
+    assert decision["action"] == "allow"
+    [undelivered] = [r for r in records if r["kind"] == "gateway.forward_failed"]
+    assert (undelivered["code"], undelivered["decision_id"]) == (
+        "answer_not_delivered",
+        decision["decision_id"],
+    )

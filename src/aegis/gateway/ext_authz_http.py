@@ -95,12 +95,17 @@ class HttpExtAuthz:
         )
 
     async def handle(self, request: Request) -> Response:
+        checked: list[CheckedRequest] = []
         try:
-            result = await self._check(request)
+            result = await self._check(request, checked)
         except Exception as exc:  # a bug is a denial, never an allow
             log_event("ext_authz.http_error", level=logging.ERROR, error=type(exc).__name__)
             count_decision("deny", "server_error")
             result = Result("", "deny", 500, "server_error", "internal error")
+        if checked and await request.is_disconnected():
+            # The proxy stopped waiting (its ext_authz timeout) and applied its own failure
+            # mode: as at the gRPC door, a second record says the answer was never delivered.
+            await self._ext.undelivered(checked[0], result)
         if result.allowed:
             headers = {**result.headers, **result.upstream_headers}
             if self._settings.http_mode == "envoy":
@@ -112,7 +117,7 @@ class HttpExtAuthz:
             return Response(status_code=200, headers=headers)
         return JSONResponse(refusal_body(result), result.status, result.headers)
 
-    async def _check(self, request: Request) -> Result:
+    async def _check(self, request: Request, checked: list[CheckedRequest]) -> Result:
         s = self._settings
         peer = request.client.host if request.client else ""
         trusted = peer in self._trusted
@@ -166,7 +171,7 @@ class HttpExtAuthz:
             if self._ext.xfcc_mode == s.http_mode:
                 default = NGINX_HEADER if s.http_mode == "nginx" else ENVOY_HEADER
                 cert = _one(request, self._ext.xfcc_header or default)
-        return await self._ext.check(
+        checked.append(
             CheckedRequest(
                 method=method,
                 target=target,
@@ -182,6 +187,7 @@ class HttpExtAuthz:
                 fields_joined=envoy,
             )
         )
+        return await self._ext.check(checked[0])
 
     async def upgrade(self, websocket: WebSocket) -> None:
         """A check the server took for a WebSocket handshake (``Connection: upgrade``): refused
