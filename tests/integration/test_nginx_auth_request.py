@@ -59,6 +59,8 @@ http {{
       auth_request_set $aegis_tenant $upstream_http_x_aegis_tenant;
       auth_request_set $aegis_decision $upstream_http_x_aegis_decision_id;
       auth_request_set $aegis_attestation $upstream_http_x_aegis_attestation;
+      auth_request_set $aegis_nonce $upstream_http_dpop_nonce;
+      add_header DPoP-Nonce $aegis_nonce always;
       proxy_set_header X-Aegis-Agent-Id $aegis_agent;
       proxy_set_header X-Aegis-Tenant $aegis_tenant;
       proxy_set_header X-Aegis-Decision-Id $aegis_decision;
@@ -66,6 +68,20 @@ http {{
       proxy_set_header X-Aegis-Override "";
       proxy_set_header Authorization "";
       proxy_set_header DPoP "";
+      proxy_set_header X-Forwarded-For $remote_addr;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-Host $host:$server_port;
+      proxy_set_header X-Real-IP "";
+      proxy_set_header Forwarded "";
+      proxy_set_header X-Forwarded-Prefix "";
+      proxy_set_header X-Forwarded-Port "";
+      proxy_set_header X-Original-URI "";
+      proxy_set_header X-Original-Method "";
+      proxy_set_header X-Original-URL "";
+      proxy_set_header X-Rewrite-URL "";
+      proxy_set_header X-Original-Path "";
+      proxy_set_header X-Script-Name "";
+      proxy_set_header X-SSL-Client-Cert "";
       add_header X-Aegis-Decision-Id $aegis_decision always;
       proxy_pass http://127.0.0.1:{upstream};
     }}
@@ -216,6 +232,13 @@ def test_what_the_client_claims_about_itself_goes_nowhere(front: Front) -> None:
         # The same variable as X-Aegis-Agent-Id to a CGI or WSGI upstream: nginx's defaults
         # (underscores_in_headers off) drop it.
         "x_aegis_agent_id": "admin",
+        # The door reads nginx's own X-Original-URI, never these: an upstream that serves the
+        # path they name (IIS, Symfony), or mounts itself at the prefix (Flask, Spring), would
+        # serve another call than the one decided.
+        "x-original-uri": "/admin/delete-everything",
+        "x-original-method": "DELETE",
+        "x-forwarded-prefix": "/admin",
+        "x-real-ip": "10.9.9.9",
     }
     resp = _post(front, agent, token, "/payments/charge", **claims)
     assert resp.status_code == 200, resp.text
@@ -223,6 +246,10 @@ def test_what_the_client_claims_about_itself_goes_nowhere(front: Front) -> None:
     assert seen["x-aegis-tenant"] == "acme"
     assert "x-aegis-override" not in seen
     assert seen["x-aegis-agent-id"] == agent.id and "x_aegis_agent_id" not in seen
+    for claim in ("x-original-uri", "x-original-method", "x-forwarded-prefix", "x-real-ip",
+                  "x-ssl-client-cert"):  # fmt: skip
+        assert claim not in seen, claim
+    assert seen["x-forwarded-for"] == "127.0.0.1"
     decision_id = resp.headers["x-aegis-decision-id"]
     audit = AuditLog(front.srv.config.database_url(), clock=front.srv.services.clock)
     try:
