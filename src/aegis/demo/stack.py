@@ -166,9 +166,11 @@ class DemoStack:
         config = load_config(config_path)
         # The issuer the control plane signs as, which `aegis up --port` moves off aegis.yaml's:
         # the demo's gateway must accept its tokens.
-        meta = httpx.get(
-            f"{url.rstrip('/')}/.well-known/oauth-authorization-server", timeout=10.0
-        ).raise_for_status().json()
+        meta = (
+            httpx.get(f"{url.rstrip('/')}/.well-known/oauth-authorization-server", timeout=10.0)
+            .raise_for_status()
+            .json()
+        )
         if isinstance(meta, dict) and isinstance(meta.get("issuer"), str):
             config = config.model_copy(update={"issuer": meta["issuer"]})
         tenant, env = f"demo-{suffix}", "demo"

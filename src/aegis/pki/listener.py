@@ -25,6 +25,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
+import h11
 from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
@@ -45,8 +46,11 @@ class _Handover(asyncio.Protocol):
     loop calls only after the handshake) it hands the TLS transport to ``make_http``, which builds
     the HTTP protocol with the session's facts; nothing can arrive before that."""
 
-    def __init__(self, make_http: Callable[[asyncio.Transport], asyncio.Protocol]) -> None:
+    def __init__(
+        self, make_http: Callable[[asyncio.Transport], asyncio.Protocol], first_request: float
+    ) -> None:
         self._make_http = make_http
+        self._first_request = first_request
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (asyncio's or uvloop's, which does not subclass asyncio.Transport).
@@ -54,6 +58,22 @@ class _Handover(asyncio.Protocol):
         http = self._make_http(stream)
         stream.set_protocol(http)
         http.connection_made(stream)
+        # uvicorn starts no timer until it has answered a request: a client that completes the
+        # handshake (no certificate needed where one is only asked for) and sends nothing, or
+        # a request head a byte at a time, would hold the connection for good.
+        asyncio.get_running_loop().call_later(self._first_request, _close_if_idle, http, stream)
+
+
+def _close_if_idle(http: asyncio.Protocol, stream: asyncio.Transport) -> None:
+    """Close a connection on which no request has begun (its head not yet whole). Once one has
+    (uvicorn keeps its cycle), the connection is uvicorn's: its keep-alive timeout closes it
+    between requests."""
+    conn = getattr(http, "conn", None)
+    started = getattr(http, "cycle", None) is not None or (
+        conn is not None and conn.their_state is not h11.IDLE
+    )
+    if not started and not stream.is_closing():
+        stream.close()
 
 
 def _with_tls(app: Any, ext: dict[str, Any]) -> Any:
@@ -152,7 +172,7 @@ class MTLSListener:
             return
         try:
             await loop.connect_accepted_socket(
-                lambda: _Handover(self._http),
+                lambda: _Handover(self._http, self._timeout),
                 conn,
                 ssl=self._context(),
                 ssl_handshake_timeout=self._timeout,
