@@ -134,7 +134,11 @@ class PeerCertificateMiddleware:
             await self.app(scope, receive, send)
             return
         forwarded = [v for k, v in scope["headers"] if k == self._header]
-        scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in self._strip]
+        # However spelled: a CGI or WSGI upstream (or Envoy, which passes underscores by
+        # default) reads X_SSL_Client_Cert as X-SSL-Client-Cert.
+        scope["headers"] = [
+            (k, v) for k, v in scope["headers"] if k.replace(b"_", b"-") not in self._strip
+        ]
         scope.pop(PEER_SCOPE_KEY, None)
         scope.pop(CERT_SCOPE_KEY, None)
         source = "tls"
