@@ -35,6 +35,7 @@ from aegis.pki.service import PkiService
 from aegis.policy.loader import load_document
 from aegis.registry.service import AgentSpec
 from aegis.server.services import Services, build_services
+from aegis.telemetry.metrics import REGISTRY
 from aegis.types import ClientAuthMethod, TenantStatus
 from tests.gateway import test_ext_authz_grpc
 from tests.gateway.conftest import Agent, Env, dpop_headers
@@ -626,3 +627,28 @@ def test_nginx_policy_sees_the_original_host_not_the_subrequests(env: Env, nginx
     assert resp.status_code == 200, resp.text
     other = nginx_call(nginx, agent, "/payments/charge", **{"x-forwarded-host": "gw.example.org"})
     assert (other.status_code, other.json()["code"]) == (403, "access_denied")
+
+
+def _rejections(code: str) -> float:
+    return (
+        REGISTRY.get_sample_value(
+            "aegis_mtls_rejections_total", {"listener": "ext_authz", "code": code}
+        )
+        or 0.0
+    )
+
+
+def test_a_malformed_forwarded_certificate_at_ext_authz_is_counted_and_audited(
+    mtls: Pki,
+) -> None:
+    """Refused (401 ``cert_invalid``) but, unlike every other refused certificate, neither
+    counted in ``aegis_mtls_rejections_total`` nor written as ``mtls.rejected``: it was parsed
+    outside the step that records refused certificates."""
+    before = _rejections("cert_invalid")
+    for url in mtls.door("nginx"):
+        resp = cert_call(url, mtls, **{"x-ssl-client-cert": "junk"})
+        assert (resp.status_code, resp.json()["code"]) == (401, "cert_invalid")
+    log = mtls.services.extras["exchange_audit"]  # the pipeline's audit database
+    records = [r for r in log.records(kind="mtls.rejected") if r["code"] == "cert_invalid"]
+    assert _rejections("cert_invalid") == before + 1, "refused certificate not counted"
+    assert len(records) == 1, "refused certificate not audited as mtls.rejected"

@@ -478,12 +478,15 @@ class ExtAuthz:
 
     async def _peer(self, req: CheckedRequest) -> PeerIdentity | None:
         text = req.certificate or ""
-        der = parse_xfcc(text) if req.certificate_format == "xfcc" else parse_nginx(text)
-        # Without the internal CA no certificate can be validated; the peer stays unknown, so a
-        # certificate-bound token fails its binding check (closed), while DPoP calls still work.
-        if der is None or self._validator is None:
-            return None
         try:
+            # A forwarded value that does not parse is refused as a certificate that does not
+            # validate is: counted and recorded as an mTLS refusal, not only as the call's.
+            der = parse_xfcc(text) if req.certificate_format == "xfcc" else parse_nginx(text)
+            # Without the internal CA no certificate can be validated; the peer stays unknown,
+            # so a certificate-bound token fails its binding check (closed), while DPoP calls
+            # still work.
+            if der is None or self._validator is None:
+                return None
             return await self._validator.validate_async(der, source="forwarded")
         except AegisError as exc:
             # Counted and recorded as every refused certificate is (mtls.rejected), besides the
