@@ -118,6 +118,8 @@ class CallContext:
     #: Whether the door read the body refusing integers beyond +-2**53 (the policy in force then
     #: read bodies); else policy checks it once it decides (a policy activated meanwhile).
     integers_checked: bool = False
+    #: The front door the call came by, as its mTLS refusals are counted (``listener``).
+    door: str = "gateway"
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -443,6 +443,7 @@ class ExtAuthz:
             "client": req.client,
             "can_sanitize": False,
             "fields_joined": req.fields_joined,
+            "door": "ext_authz",
         }
         try:
             if bad is not None:

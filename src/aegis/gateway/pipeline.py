@@ -42,6 +42,7 @@ from aegis.gateway.overrides import refuse_redirecting_fields
 from aegis.gateway.policies import PolicyDirectory
 from aegis.gateway.routing import bare_host
 from aegis.pki.binding import X5T_S256, check_certificate_binding, check_peer_is_subject
+from aegis.pki.middleware import audit_refusal
 from aegis.policy.decision import Decision, SanitizeObligation
 from aegis.policy.input import AgentInfo, ChainInfo, PolicyCall, build_input
 from aegis.policy.obligations import apply_to_body, mask_text
@@ -50,7 +51,12 @@ from aegis.registry.cache import RegistryCache
 from aegis.stores.base import ReplayStore, RevocationStore
 from aegis.telemetry import names
 from aegis.telemetry.logging import log_event
-from aegis.telemetry.metrics import PIPELINE_STEP_SECONDS, PIPELINE_STEPS, count_decision
+from aegis.telemetry.metrics import (
+    MTLS_REJECTIONS,
+    PIPELINE_STEP_SECONDS,
+    PIPELINE_STEPS,
+    count_decision,
+)
 from aegis.telemetry.tracing import get_tracer
 from aegis.tokens.chain import ChainRules, prefetch_chain_agents, verify_chain
 from aegis.tokens.claims import AccessToken
@@ -274,9 +280,16 @@ class Pipeline:
     async def _decide(self, ctx: CallContext, facts: EvidenceFacts) -> Decision:
         t = time.perf_counter()
         if ctx.route.require_client_cert and ctx.peer is None:  # step 1, for every front door
-            raise AegisError(
-                "this route requires a client certificate (mTLS)", code="cert_required"
-            )
+            why = "this route requires a client certificate (mTLS)"
+            # Counted and recorded as every refused certificate is (routes decide whether one
+            # is needed, so the certificate step itself lets the call through).
+            MTLS_REJECTIONS.labels(listener=ctx.door, code="cert_required").inc()
+            await audit_refusal(self._audit.append_async if self._audit is not None else None, {
+                "listener": ctx.door, "stage": "peer_certificate", "code": "cert_required",
+                "reason": why, "client": ctx.client, "method": ctx.method[:16],
+                "path": ctx.path[:512],
+            })  # fmt: skip
+            raise AegisError(why, code="cert_required")
         refuse_redirecting_fields(ctx.headers, ctx.query)
         creds: Credentials = read_credentials(ctx)
         facts.scheme = creds.scheme
