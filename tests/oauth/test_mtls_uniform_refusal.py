@@ -9,7 +9,7 @@ nginx forwards it (trusted proxy 127.0.0.1).
 
 from __future__ import annotations
 
-import datetime as dt
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -20,14 +20,12 @@ from urllib.parse import quote
 import httpx
 import pytest
 import uvicorn
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.x509.oid import NameOID
 
 from aegis.crypto.keys import b64u_encode
 from aegis.types import ClientAuthMethod
-from tests.pki.conftest import Pki, build_pki
+from tests.pki.conftest import Pki, build_pki, self_signed_der
 from tests.pki.harness import control_plane
 from tests.support.server import free_port
 
@@ -60,20 +58,8 @@ def _serve(app: object) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-def _self_signed_pem(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> str:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "self")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .sign(key, None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
+def _self_signed_pem(key: ec.EllipticCurvePrivateKey) -> str:
+    return ssl.DER_cert_to_PEM_cert(self_signed_der(key))
 
 
 def _answer(url: str, client_id: str, cert_pem: str) -> tuple[int, str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import NameOID
 
 from aegis.clock import Clock, SystemClock
 from aegis.config import AegisConfig
@@ -25,6 +27,24 @@ from aegis.types import ClientAuthMethod
 from tests.pki.fakes import MemoryRegistryStore, MemoryReplayStore
 
 TRUST_DOMAIN = "example.org"
+
+
+def self_signed_der(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
+    """A self-signed certificate of ``key`` (DER), valid for the hour: what an agent using
+    ``self_signed_tls_client_auth`` presents."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "self")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .sign(key, None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.DER)
 
 
 def make_csr(

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.x509.oid import NameOID
 
 from aegis.crypto.keys import b64u_encode
 from aegis.errors import ClientAuthError, TokenError
@@ -19,7 +17,7 @@ from aegis.pki.peer import PeerIdentity
 from aegis.pki.profile import x5t_s256
 from aegis.tokens.claims import AccessToken
 from aegis.types import ClientAuthMethod
-from tests.pki.conftest import Pki
+from tests.pki.conftest import Pki, self_signed_der
 from tests.pki.harness import control_plane
 
 
@@ -80,22 +78,6 @@ def test_tls_client_auth_matches_the_registered_san_uri(pki: Pki) -> None:
         check_tls_client(client, agent, None)
 
 
-def _self_signed(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "self")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .sign(key, None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.DER)
-
-
 def test_self_signed_tls_client_auth_matches_a_registered_jwk(pki: Pki) -> None:
     key = ed25519.Ed25519PrivateKey.generate()
     jwk = {"kty": "OKP", "crv": "Ed25519", "x": b64u_encode(key.public_key().public_bytes_raw())}
@@ -104,13 +86,15 @@ def test_self_signed_tls_client_auth_matches_a_registered_jwk(pki: Pki) -> None:
         "alpha", auth_method=ClientAuthMethod.SELF_SIGNED_TLS_CLIENT_AUTH, actor="t"
     )
     agent = pki.cache.agent("alpha")
-    check_self_signed_client(client, agent, _self_signed(key))
+    check_self_signed_client(client, agent, self_signed_der(key))
     with pytest.raises(ClientAuthError, match=r"^client authentication failed$") as info:
-        check_self_signed_client(client, agent, _self_signed(ed25519.Ed25519PrivateKey.generate()))
+        check_self_signed_client(
+            client, agent, self_signed_der(ed25519.Ed25519PrivateKey.generate())
+        )
     assert "not registered" in info.value.details["detail"]  # logged, not answered
     with pytest.raises(ClientAuthError, match="Ed25519 or P-256"):
         check_self_signed_client(
-            client, agent, _self_signed(ec.generate_private_key(ec.SECP384R1()))
+            client, agent, self_signed_der(ec.generate_private_key(ec.SECP384R1()))
         )
 
 
@@ -131,7 +115,7 @@ async def test_self_signed_client_gets_a_token_bound_to_its_certificate_through_
     client, _ = pki.registry.create_client(
         "alpha", auth_method=ClientAuthMethod.SELF_SIGNED_TLS_CLIENT_AUTH, actor="t"
     )
-    der = _self_signed(key)
+    der = self_signed_der(key)
     cert_pem = x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode()
     cp = control_plane(pki, name="bind-ss", trusted_proxies=["10.0.0.7"], mode="nginx")
     transport = httpx.ASGITransport(app=cp.app, client=("10.0.0.7", 40000))
