@@ -3,8 +3,10 @@ agents with Ed25519 keys, and a builder for call contexts."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -101,3 +103,22 @@ def make_ctx(
 
 def dpop_headers(agent: Agent, token: str, **kw: Any) -> list[tuple[str, str]]:
     return [("authorization", f"DPoP {token}"), ("dpop", agent.proof(token, **kw))]
+
+
+@contextlib.contextmanager
+def slow_registry(env: Env, seconds: float = 0.6) -> Iterator[None]:
+    """The registry under load: each agent read takes ``seconds`` more (the cache emptied so
+    that the next call reads), as long as the block lasts."""
+    store: Any = env.services.cache._store
+    read = store.get_agent
+
+    def slow_read(agent_id: str) -> Any:
+        time.sleep(seconds)
+        return read(agent_id)
+
+    store.get_agent = slow_read
+    env.services.cache.invalidate()
+    try:
+        yield
+    finally:
+        store.get_agent = read

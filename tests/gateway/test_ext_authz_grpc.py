@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -31,7 +30,7 @@ from aegis.gateway.ext_authz_grpc import (
 from aegis.policy.decision import DEFAULT_DENY_REASON
 from aegis.policy.loader import load_document
 from aegis.tokens.verifier import verify_jwt
-from tests.gateway.conftest import Agent, Env, dpop_headers
+from tests.gateway.conftest import Agent, Env, dpop_headers, slow_registry
 from tests.gateway.test_pipeline import POLICY
 
 ROUTES: Any = [
@@ -608,16 +607,7 @@ async def test_a_check_envoy_stops_waiting_for_is_decided_recorded_and_marked_un
     allow on record is never the last word about a call Envoy refused."""
     agent = Agent(env)
     before = env.audit.count()
-    store: Any = env.services.cache._store
-    read = store.get_agent
-
-    def slow_read(agent_id: str) -> Any:  # a registry under load
-        time.sleep(0.6)
-        return read(agent_id)
-
-    store.get_agent = slow_read
-    env.services.cache.invalidate()
-    try:
+    with slow_registry(env):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Check(check(dpop_headers(agent, agent.token())), timeout=0.2)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -625,8 +615,6 @@ async def test_a_check_envoy_stops_waiting_for_is_decided_recorded_and_marked_un
             await asyncio.sleep(0.05)
             if env.audit.count() >= before + 2:
                 break
-    finally:
-        store.get_agent = read
     records = list(env.audit.records())[before:]
     decision = next(r for r in records if r["kind"] == "gateway.decision")
     failed = next(r for r in records if r["kind"] == "gateway.forward_failed")

@@ -16,7 +16,7 @@ from aegis.gateway.ext_authz import ExtAuthz
 from aegis.gateway.ext_authz_http import create_ext_authz_http_app
 from aegis.policy.decision import DEFAULT_DENY_REASON
 from aegis.policy.loader import load_document
-from tests.gateway.conftest import Agent, Env
+from tests.gateway.conftest import Agent, Env, slow_registry
 from tests.gateway.harness import serve
 from tests.gateway.test_ext_authz_grpc import FORWARDED_RULES, HEADER_RULE, ROUTES
 from tests.gateway.test_pipeline import POLICY
@@ -388,24 +388,13 @@ def test_an_answer_the_proxy_stopped_waiting_for_is_recorded_undelivered(
     audit log held only an allow for a call that never reached the upstream."""
     agent = Agent(env)
     before = env.audit.count()
-    store: Any = env.services.cache._store
-    read = store.get_agent
-
-    def slow_read(agent_id: str) -> Any:  # a registry under load
-        time.sleep(0.6)
-        return read(agent_id)
-
-    store.get_agent = slow_read
-    env.services.cache.invalidate()
-    try:
+    with slow_registry(env):
         with pytest.raises(httpx.TimeoutException):
             httpx.post(f"{envoy}/check/payments/charge", headers=creds(agent), timeout=0.2)
         for _ in range(40):
             time.sleep(0.05)
             if env.audit.count() >= before + 2:
                 break
-    finally:
-        store.get_agent = read
     records = list(env.audit.records())[before:]
     decision = next(r for r in records if r["kind"] == "gateway.decision")
     assert decision["action"] == "allow"
