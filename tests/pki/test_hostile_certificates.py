@@ -19,11 +19,10 @@ from aegis.telemetry.metrics import REGISTRY
 from aegis.types import ClientAuthMethod
 from tests.gateway.test_ext_authz_forwarded import Pki as DoorPki
 from tests.gateway.test_ext_authz_forwarded import cert_call, mtls  # noqa: F401
-from tests.pki.conftest import Pki, pki  # noqa: F401
+from tests.pki.conftest import Pki, pki, self_signed_der  # noqa: F401
 from tests.pki.forge import forge_leaf
 from tests.pki.harness import control_plane, gateway_app
 from tests.pki.hostile import duplicate_extension_cert, x400_san_cert
-from tests.pki.test_binding import _self_signed
 
 
 def _pem(der: bytes) -> str:
@@ -115,7 +114,7 @@ async def test_a_self_signed_key_of_an_unknown_algorithm_is_invalid_client(pki: 
     client, _ = pki.registry.create_client(
         "alpha", auth_method=ClientAuthMethod.SELF_SIGNED_TLS_CLIENT_AUTH, actor="t"
     )
-    der = _self_signed(ec.generate_private_key(ec.SECP256R1()))
+    der = self_signed_der(ec.generate_private_key(ec.SECP256R1()))
     der = der.replace(bytes.fromhex("06072a8648ce3d0201"), bytes.fromhex("06072a8648ce3d0209"))
     cp = control_plane(pki, name="unknown-key", trusted_proxies=["10.0.0.7"], mode="nginx")
     transport = httpx.ASGITransport(app=cp.app, client=("10.0.0.7", 40000))
