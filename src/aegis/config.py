@@ -247,6 +247,9 @@ class GatewayRoute(_Section):
     #: ``key`` member when it sends one. Set, a body sending that member is refused when the
     #: policy for the tool reads the body, which policy reads at the top level.
     wrap_parameters: str | None = Field(default=None, min_length=1, max_length=128)
+    #: The upstream is an MCP server's Streamable HTTP endpoint: each POST is one JSON-RPC
+    #: message, and a ``tools/call`` is decided as the tool ``<tool>.<name>`` (docs/gateway.md).
+    mcp: bool = False
 
     @field_validator("path_prefix")
     @classmethod

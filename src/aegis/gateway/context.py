@@ -60,12 +60,14 @@ class Route:
     upstream_spiffe_id: str | None = None
     #: The key the upstream files a JSON body's members under (Rails ``wrap_parameters``).
     wrap_parameters: str | None = None
+    #: An MCP server's endpoint: calls are decided message by message (``aegis.gateway.mcp``).
+    mcp: bool = False
 
 
 def route_from_settings(r: GatewayRoute) -> Route:
     return Route(
         r.path_prefix, r.upstream, r.tool, r.tenant, r.env, r.host, r.allow_bearer, r.audience,
-        r.require_client_cert, r.upstream_spiffe_id, r.wrap_parameters,
+        r.require_client_cert, r.upstream_spiffe_id, r.wrap_parameters, r.mcp,
     )  # fmt: skip
 
 

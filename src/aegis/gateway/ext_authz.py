@@ -56,6 +56,7 @@ from aegis.gateway.context import (
 )
 from aegis.gateway.evidence import Result
 from aegis.gateway.fields import UPGRADE_REFUSED, parse_json_body, proxy_claim, vet_fields
+from aegis.gateway.mcp import mcp_call
 from aegis.gateway.overrides import refuse_method_override
 from aegis.gateway.pipeline import Pipeline
 from aegis.gateway.routing import RouteTable
@@ -457,12 +458,15 @@ class ExtAuthz:
 
     def _body_facts(self, facts: dict[str, Any], raw: bytes | None) -> None:
         """Body fields of the context for a body seen whole (``raw``); a body not seen whole
-        (None) keeps the digest ``streamed`` and stays hidden from policy."""
+        (None) keeps the digest ``streamed`` and stays hidden from policy. On an MCP route the
+        call is decided under the tool its message acts on (a POST not shown whole is refused)."""
+        limit = self._settings.max_body_bytes
+        if raw is not None and len(raw) > limit:
+            raise AegisError(f"request body larger than {limit} bytes", code="payload_too_large")
+        if facts["route"].mcp:
+            facts["route"], _ = mcp_call(facts["route"], facts["method"], facts["headers"], raw)
         if raw is None:
             return
-        limit = self._settings.max_body_bytes
-        if len(raw) > limit:
-            raise AegisError(f"request body larger than {limit} bytes", code="payload_too_large")
         fields = facts["headers"]
         content_type = next((v for k, v in fields if k == "content-type"), None)
         coding = next((v for k, v in fields if k == "content-encoding"), None)

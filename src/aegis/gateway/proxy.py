@@ -83,6 +83,7 @@ from aegis.gateway.hygiene import (
     marked_private,
     steers_cache,
 )
+from aegis.gateway.mcp import MCP_METHODS, REFUSED, McpInvalid, McpMessage, mcp_call, rpc_error
 from aegis.gateway.overrides import (
     MethodOverrideWatch,
     overrides_method,
@@ -152,8 +153,15 @@ def _denial(send: Send) -> Send:
 _CLOSE: Final = {"connection": "close"}
 
 
-async def _error(send: Send, result: Result, extra: dict[str, str] | None = None) -> None:
-    body = {
+async def _error(
+    send: Send,
+    result: Result,
+    extra: dict[str, str] | None = None,
+    rpc: tuple[str | int | None, int] | None = None,
+) -> None:
+    """A refusal's answer; on an MCP route (``rpc``: the message's id and the JSON-RPC error
+    code) the body is a JSON-RPC error whose ``data`` is the usual body."""
+    body: dict[str, Any] = {
         "error": spec_for(result.code or "server_error").oauth_error,
         "error_description": result.message,
         "code": result.code,
@@ -161,7 +169,15 @@ async def _error(send: Send, result: Result, extra: dict[str, str] | None = None
         "decision_id": result.decision_id,
         **result.details,
     }
+    if rpc is not None:
+        body = rpc_error(body, *rpc)
     await _json(send, result.status, body, {**result.headers, **(extra or {})})
+
+
+def _rpc_id(ctx: CallContext) -> str | int | None:
+    """The id of the JSON-RPC message an MCP route's call carried (None if it had none)."""
+    rid = ctx.body.get("id") if isinstance(ctx.body, dict) else None
+    return rid if isinstance(rid, str | int) and not isinstance(rid, bool) else None
 
 
 #: Why an answer the upstream broke off is not delivered whole.
@@ -374,6 +390,8 @@ class ReverseProxy:
         stream: AsyncIterator[bytes] | None = None
         streamed: _Streamed | None = None
         bodiless = False
+        message: McpMessage | None = None
+        method = facts["method"]
         try:
             if bad_path is not None:
                 raise bad_path
@@ -386,19 +404,25 @@ class ReverseProxy:
                 raise AegisError(
                     f"request body larger than {limit} bytes", code="payload_too_large"
                 )
+            if route.mcp:  # decided under the tool its one JSON-RPC message acts on
+                if method == "POST":
+                    raw = await self._read(receive, limit)
+                route, message = mcp_call(route, method, headers, raw)
+                facts["route"] = route
             content_type = values.get("content-type")
             # A policy that reads this tool's bodies sees them whole, up to the body limit; only
             # the rules it enforces refuse a body they would read unlike some upstream.
             reads = self._pipeline.reads_body(route)
             strict = reads and self._pipeline.reads_body(route, enforced=True)
-            shown = limit if reads else self._settings.policy_body_bytes
+            # An MCP message is always shown: a refusal names its id.
+            shown = limit if reads or route.mcp else self._settings.policy_body_bytes
             small_declared = declared is not None and int(declared) <= shown
             # A POST form (or untyped or JSON-ish body) is read whole too: it may carry a
             # _method override (checked below).
-            method = facts["method"]
             form = read_whole_for_override(method, content_type)
             if is_json_type(content_type) or form or small_declared:
-                raw = await self._read(receive, limit)
+                if raw is None:
+                    raw = await self._read(receive, limit)
                 refuse_method_override(method, content_type, raw, values.get("content-encoding"))
                 # Policy sees (and sanitization rewrites) only bodies it can hold whole.
                 small = len(raw) <= shown
@@ -423,11 +447,20 @@ class ReverseProxy:
                 stream = self._bounded(receive, limit, overflow, streamed, watch)
                 facts["body_digest"], facts["raw_body"] = STREAMED_BODY_DIGEST, None
         except AegisError as exc:
-            return await _error(send, await self._pipeline.refuse(CallContext(**facts), exc), close)
+            refused = await self._pipeline.refuse(CallContext(**facts), exc)
+            rpc = None
+            if route.mcp:
+                rpc = (message.id if message is not None else None, REFUSED)
+                if isinstance(exc, McpInvalid):
+                    rpc = (exc.rpc_id, exc.rpc_code)
+                if exc.code == "method_not_allowed":
+                    close = {**(close or {}), "allow": ", ".join(MCP_METHODS)}
+            return await _error(send, refused, close, rpc)
         ctx = CallContext(**facts)
         result = await self._pipeline.run(ctx)
         if not result.allowed:
-            return await _error(send, result)
+            rpc = (message.id if message is not None else None, REFUSED) if route.mcp else None
+            return await _error(send, result, rpc=rpc)
         data: Any = None if bodiless else raw if stream is None else stream
         if result.body_changed:
             data = json.dumps(result.body, separators=(",", ":")).encode()
@@ -871,8 +904,10 @@ class ReverseProxy:
         await self._forward_failed(ctx, result, status, error, message)
         # The fields of every other refusal's body (code and message besides the OAuth pair),
         # so that a client reads one shape whatever refused the call.
-        body = {"error": error, "error_description": message, "code": error, "message": message,
-                "decision_id": result.decision_id}  # fmt: skip
+        body: dict[str, Any] = {"error": error, "error_description": message, "code": error,
+                                "message": message, "decision_id": result.decision_id}  # fmt: skip
+        if ctx.route.mcp:
+            body = rpc_error(body, _rpc_id(ctx), REFUSED)
         await _json(send, status, body, result.headers)
 
     async def _forward_failed(

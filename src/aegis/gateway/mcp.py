@@ -1,0 +1,238 @@
+"""MCP routes: the Model Context Protocol's Streamable HTTP transport (MCP 2025-06-18 and later)
+decided message by message at the reverse proxy and the ext_authz doors.
+
+A route with ``mcp: true`` fronts an MCP server's endpoint. Each POST carries one JSON-RPC 2.0
+message, and the call is decided under the tool that message acts on, so that one policy governs
+each MCP tool as it governs an HTTP tool:
+
+* ``tools/call`` is decided as the tool ``<route tool>.<params.name>`` (``github.create_issue``),
+  with the whole message as the request body policy reads (``request.body.params.arguments``);
+* every other message (``initialize``, ``tools/list``, ``ping``, notifications, the client's
+  answers to the server), the GET that opens the server's event stream and the DELETE that ends a
+  session are decided as the route's own tool (``github``).
+
+What the gateway cannot decide alike is refused, never passed under the route's own tool: a
+batch (a JSON array; MCP 2025-06-18 removed batching, and each message would need its own
+decision), a body that is not one JSON-RPC message, a ``tools/call`` whose name is not a plain
+tool name (1 to 128 letters, digits, ``_``, ``-``, ``.``: the characters MCP asks tool names to
+keep to, none of which a policy glob reads specially), an ``Mcp-Method`` or ``Mcp-Name`` field
+that does not say what the body says (a server or router that reads those instead would act on
+another call than the one decided), and a POST whose body the door was not shown. Refusals on
+an MCP route carry a JSON-RPC error (``jsonrpc``, ``id``, ``error.code``, ``error.message``), its
+``data`` the gateway's usual refusal body, so that an MCP client reports the refusal on the call
+that was refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aegis.errors import AegisError, InvalidRequest
+from aegis.gateway.context import Route
+from aegis.gateway.fields import is_encoded, is_json_type, parse_json_body
+
+__all__ = [
+    "HEADER_MISMATCH",
+    "INVALID_REQUEST",
+    "MCP_METHODS",
+    "PARSE_ERROR",
+    "REFUSED",
+    "McpInvalid",
+    "McpMessage",
+    "mcp_call",
+    "read_message",
+    "rpc_error",
+]
+
+#: The HTTP methods of the Streamable HTTP transport: POST (a message), GET (the server's event
+#: stream), DELETE (the end of a session). Anything else on an MCP route is 405.
+MCP_METHODS: Final = ("POST", "GET", "DELETE")
+#: JSON-RPC 2.0's own error codes, and MCP's for routing fields that disagree with the body.
+PARSE_ERROR: Final = -32700
+INVALID_REQUEST: Final = -32600
+HEADER_MISMATCH: Final = -32020
+#: Every other refusal (token, proof, policy, approval, a dependency down): an
+#: implementation-defined code of JSON-RPC's server-error band, outside the codes MCP and its
+#: SDKs use; ``error.data.code`` names the refusal.
+REFUSED: Final = -32003
+#: A tool name MCP asks servers to keep to (1 to 128 of these characters, case-sensitive).
+TOOL_NAME: Final = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+#: The routing fields a client may send beside the body (MCP 2026-07-28), and the member of
+#: ``params`` the ``Mcp-Name`` field repeats for each method that has one.
+_METHOD_FIELD: Final = "mcp-method"
+_NAME_FIELD: Final = "mcp-name"
+_NAMED_BY: Final = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+#: A field value carried in base64 because it is not printable ASCII (``=?base64?...?=``).
+_BASE64_VALUE: Final = re.compile(r"=\?base64\?([A-Za-z0-9+/]*={0,2})\?=")
+
+
+class McpInvalid(InvalidRequest):
+    """A POST on an MCP route that is not one JSON-RPC message the gateway can decide alike;
+    ``rpc_code`` is the JSON-RPC error code it is answered with, ``rpc_id`` the message's id
+    where it could be read."""
+
+    def __init__(
+        self, message: str, rpc_code: int = INVALID_REQUEST, rpc_id: str | int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.rpc_code, self.rpc_id = rpc_code, rpc_id
+
+
+@dataclass(frozen=True, slots=True)
+class McpMessage:
+    """What the decision needs of one JSON-RPC message."""
+
+    #: The request's id (None for a notification or a message whose id could not be read).
+    id: str | int | None
+    #: The method; None for the client's answer (``result`` or ``error``) to a server request.
+    method: str | None
+    #: The tool a ``tools/call`` names.
+    tool: str | None = None
+
+
+def _is_id(value: Any) -> bool:
+    # MCP: "a string or integer", never null (JSON-RPC's fractional ids are not MCP's either).
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def read_message(body: Any) -> McpMessage:
+    """The message a POST carries, or :class:`McpInvalid` naming what to send instead."""
+    if isinstance(body, list):
+        raise McpInvalid(
+            "a JSON-RPC batch is not accepted on an MCP route: send one message per request "
+            "(MCP 2025-06-18 has no batches), so that each is decided on its own"
+        )
+    if not isinstance(body, dict):
+        raise McpInvalid("the body must be one JSON-RPC 2.0 message (a JSON object)")
+    rid = body.get("id")
+    known = rid if _is_id(rid) else None
+    if body.get("jsonrpc") != "2.0":
+        raise McpInvalid('a JSON-RPC message needs "jsonrpc": "2.0"', rpc_id=known)
+    if "id" in body and not _is_id(rid):
+        raise McpInvalid("a JSON-RPC id on an MCP route is a string or an integer")
+    if "method" not in body:
+        if "id" not in body or ("result" in body) == ("error" in body):
+            raise McpInvalid(
+                "a JSON-RPC message without a method is an answer: an id and exactly one of "
+                "result or error"
+            )
+        return McpMessage(known, None)
+    method = body["method"]
+    if not isinstance(method, str) or not method:
+        raise McpInvalid("a JSON-RPC method is a non-empty string", rpc_id=known)
+    if "result" in body or "error" in body:
+        raise McpInvalid("a JSON-RPC request carries no result or error", rpc_id=known)
+    params = body.get("params")
+    if "params" in body and not isinstance(params, dict):
+        raise McpInvalid("MCP params are a JSON object", rpc_id=known)
+    tool = None
+    if method == "tools/call":
+        tool = (params or {}).get("name")
+        if not isinstance(tool, str) or not TOOL_NAME.fullmatch(tool):
+            raise McpInvalid(
+                "tools/call needs params.name, a tool name of 1 to 128 letters, digits, '_', "
+                "'-' or '.'",
+                rpc_id=known,
+            )
+    return McpMessage(known, method, tool)
+
+
+def _field_value(value: str) -> str | None:
+    """A routing field's value as the client meant it (base64-carried values decoded), or None
+    when it cannot be read."""
+    carried = _BASE64_VALUE.fullmatch(value.strip())
+    if carried is None:
+        return value.strip()
+    try:
+        return base64.b64decode(carried.group(1), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+
+
+def _check_routing_fields(
+    message: McpMessage, body: dict[str, Any], fields: Iterable[tuple[str, str]]
+) -> None:
+    """Refuse ``Mcp-Method`` / ``Mcp-Name`` fields that repeat or differ from the body."""
+    seen: dict[str, str] = {}
+    for name, value in fields:
+        if name in (_METHOD_FIELD, _NAME_FIELD):
+            if name in seen:
+                raise McpInvalid(
+                    f"the {name} field appears more than once", HEADER_MISMATCH, message.id
+                )
+            seen[name] = value
+    if _METHOD_FIELD in seen and _field_value(seen[_METHOD_FIELD]) != message.method:
+        raise McpInvalid(
+            "the Mcp-Method field does not name the body's method; send the same method in both",
+            HEADER_MISMATCH,
+            message.id,
+        )
+    if _NAME_FIELD in seen:
+        key = _NAMED_BY.get(message.method or "")
+        named = (body.get("params") or {}).get(key) if key else None
+        if not isinstance(named, str) or _field_value(seen[_NAME_FIELD]) != named:
+            raise McpInvalid(
+                "the Mcp-Name field does not name what the body's params name; send the same "
+                "name in both, or leave the field out",
+                HEADER_MISMATCH,
+                message.id,
+            )
+
+
+def mcp_call(
+    route: Route,
+    method: str,
+    fields: Iterable[tuple[str, str]],
+    raw: bytes | None,
+) -> tuple[Route, McpMessage | None]:
+    """The route a call on an MCP route is decided under, and the message a POST carries.
+
+    ``fields`` are the request's ``(lowercase name, value)`` pairs and ``raw`` its whole body
+    (None when the door was not shown it whole). Raises :class:`McpInvalid` (400), or
+    ``method_not_allowed`` (405) for a method the transport does not use."""
+    if method not in MCP_METHODS:
+        raise AegisError(
+            f"an MCP route takes {', '.join(MCP_METHODS)} only", code="method_not_allowed"
+        )
+    fields = tuple(fields)
+    if method != "POST":
+        return route, None
+    if raw is None:
+        raise McpInvalid(
+            "the message of a POST on an MCP route must be shown whole to be decided (Envoy: "
+            "with_request_body, sized to the gateway's max_body_bytes; nginx auth_request "
+            "cannot send it: use the reverse proxy)"
+        )
+    content_type = next((v for k, v in fields if k == "content-type"), None)
+    coding = next((v for k, v in fields if k == "content-encoding"), None)
+    if not is_json_type(content_type) or is_encoded(coding):
+        raise McpInvalid(
+            "a POST on an MCP route carries one JSON-RPC message as application/json, "
+            "without a content coding"
+        )
+    try:
+        body = parse_json_body(raw, content_type, coding)
+    except InvalidRequest as exc:
+        raise McpInvalid(exc.message, PARSE_ERROR) from None
+    message = read_message(body)
+    _check_routing_fields(message, body, fields)
+    if message.tool is not None:
+        route = dataclasses.replace(route, tool=f"{route.tool}.{message.tool}")
+    return route, message
+
+
+def rpc_error(body: dict[str, Any], rpc_id: str | int | None, rpc_code: int) -> dict[str, Any]:
+    """A refusal body as a JSON-RPC error answering the message ``rpc_id``: the gateway's own
+    body (``code``, ``message``, ``decision_id`` …) is its ``data``."""
+    message = str(body.get("message") or "refused")
+    return {
+        "jsonrpc": "2.0",
+        "id": rpc_id,
+        "error": {"code": rpc_code, "message": message, "data": body},
+    }

@@ -1,0 +1,330 @@
+"""MCP routes end to end: a real MCP server (the ``mcp`` SDK's Streamable HTTP app) behind the
+gateway, driven by the SDK's own client, whose requests carry a DPoP-bound token and a fresh proof
+each. Each ``tools/call`` is decided as ``<route tool>.<tool name>``; refusals reach the client as
+JSON-RPC errors on the call refused, and what the gateway cannot decide alike is refused."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Generator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import httpx2
+import pytest
+from envoy.service.auth.v3 import external_auth_pb2 as pb
+from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+from google.rpc import code_pb2
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.server.mcpserver import MCPServer
+from mcp.shared.exceptions import MCPError
+
+from aegis.audit.attest import attestation_rules
+from aegis.config import GatewaySettings
+from aegis.gateway.app import build_pipeline, create_gateway_app
+from aegis.gateway.ext_authz import ExtAuthz, TrustedPeers
+from aegis.gateway.ext_authz_grpc import AuthorizationService, start_grpc_server
+from aegis.gateway.mcp import HEADER_MISMATCH, INVALID_REQUEST, PARSE_ERROR, REFUSED
+from aegis.policy.loader import load_document
+from aegis.tokens.verifier import verify_jwt
+from tests.gateway.conftest import Agent, Env, dpop_headers
+from tests.gateway.harness import exchange, gateway_here, serve_here, signed_call
+from tests.gateway.test_ext_authz_grpc import check, denied
+
+POLICY = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: repo-tools}
+spec:
+  rules:
+    - {id: session, action: allow, reason: MCP session plumbing, match: {tools: [repo]}}
+    - {id: search, action: allow, reason: search allowed, match: {tools: [repo.search]}}
+    - {id: pay, action: allow, reason: small payments, match: {tools: [repo.pay]}}
+    - {id: pay-limit, action: deny, reason: payment over the limit, match: {tools: [repo.pay]},
+       when: {path: request.body.params.arguments.amount, gt: 100}}
+"""
+
+
+def _server() -> MCPServer:
+    server = MCPServer("repo")
+
+    @server.tool()
+    def search(query: str) -> str:
+        """Search the repository."""
+        return f"found {query}"
+
+    @server.tool()
+    def pay(amount: int) -> str:
+        """Pay an amount."""
+        return f"paid {amount}"
+
+    @server.tool()
+    def delete_repo(name: str) -> str:
+        """Delete a repository."""
+        calls.append(name)
+        return f"deleted {name}"
+
+    return server
+
+
+#: What the server's delete_repo did: a refused call must never reach it.
+calls: list[str] = []
+
+
+class DpopAuth(httpx2.Auth):
+    """The agent's credentials on every request: a fresh token and a DPoP proof naming the
+    gateway's public URL."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def auth_flow(
+        self, request: httpx2.Request
+    ) -> Generator[httpx2.Request, httpx2.Response, None]:
+        token = self.agent.token()
+        request.headers["Authorization"] = f"DPoP {token}"
+        request.headers["DPoP"] = self.agent.proof(token, request.method, request.url.path)
+        yield request
+
+
+@dataclass
+class Mcp:
+    port: int
+    agent: Agent
+    env: Env
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[ClientSession]:
+        client = httpx2.AsyncClient(auth=DpopAuth(self.agent), timeout=10)
+        async with (
+            client,
+            streamable_http_client(f"http://127.0.0.1:{self.port}/mcp", http_client=client) as (
+                read,
+                write,
+            ),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            yield session
+
+    async def post(
+        self, body: bytes, fields: list[tuple[str, str]] | None = None
+    ) -> tuple[bytes, Any]:
+        fields = fields or [
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json, text/event-stream"),
+        ]
+        [(head, answer)] = await exchange(
+            self.port, signed_call(self.agent, "POST", "/mcp", fields, body)
+        )
+        return head, json.loads(answer)
+
+
+@pytest.fixture
+async def mcp(env: Env) -> AsyncIterator[Mcp]:
+    calls.clear()
+    async with serve_here(_server().streamable_http_app()) as url:
+        data = env.settings.model_dump()
+        data["routes"] = [{"path_prefix": "/mcp", "upstream": url, "tool": "repo",
+                           "tenant": "acme", "env": "prod", "mcp": True}]  # fmt: skip
+        settings = GatewaySettings.model_validate(data)
+        env.policies.activate("acme", "prod", env.policies.put(load_document(POLICY), now=0),
+                              actor="test", now=0)  # fmt: skip
+        pipeline = build_pipeline(
+            env.services, settings, policy_store=env.policies, audit=env.audit
+        )
+        app = create_gateway_app(env.services, settings, pipeline=pipeline)
+        async with gateway_here(app) as port:
+            yield Mcp(port, Agent(env, "caller"), env)
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[Any]:
+    return [leaf for e in group.exceptions
+            for leaf in (_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])]  # fmt: skip
+
+
+def _decisions(env: Env) -> list[dict[str, Any]]:
+    return list(env.audit.records(kind="gateway.decision"))
+
+
+async def test_each_tool_call_is_decided_as_its_own_tool(mcp: Mcp) -> None:
+    async with mcp.session() as session:
+        listed = await session.list_tools()
+        assert {t.name for t in listed.tools} == {"search", "pay", "delete_repo"}
+        found = await session.call_tool("search", {"query": "aegis"})
+        assert found.content[0].text == "found aegis"
+        paid = await session.call_tool("pay", {"amount": 100})
+        assert paid.content[0].text == "paid 100"
+        with pytest.raises(MCPError) as over:
+            await session.call_tool("pay", {"amount": 101})
+        with pytest.raises(MCPError) as unlisted:
+            await session.call_tool("delete_repo", {"name": "main"})
+        # The session survives its refusals.
+        assert (await session.call_tool("search", {"query": "again"})).content[
+            0
+        ].text == "found again"
+    assert over.value.code == REFUSED
+    assert over.value.data["code"] == "access_denied"
+    assert over.value.message == "payment over the limit"
+    assert unlisted.value.data["code"] == "access_denied"
+    assert calls == []  # the refused call never reached the server
+    tools = [(d["tool"], d["action"]) for d in _decisions(mcp.env)]
+    assert ("repo.search", "allow") in tools
+    assert ("repo.pay", "allow") in tools
+    assert ("repo.pay", "deny") in tools
+    assert ("repo.delete_repo", "deny") in tools
+    assert ("repo", "allow") in tools  # initialize, tools/list, notifications
+
+
+async def test_a_token_refusal_reaches_the_client_on_the_call_refused(mcp: Mcp) -> None:
+    other = Agent(mcp.env, "stranger", tenant="globex")  # its tenant is not the route's
+    mcp.agent = other
+    refused: list[MCPError] = []
+    try:
+        async with mcp.session():
+            pass
+    except* MCPError as group:  # raised in the client's task group
+        refused.extend(_leaves(group))
+    assert [(e.code, e.data["code"]) for e in refused] == [(REFUSED, "tenant_mismatch")]
+
+
+async def test_a_batch_is_refused_whole(mcp: Mcp) -> None:
+    batch = [
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+         "params": {"name": "search", "arguments": {"query": "x"}}},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+         "params": {"name": "delete_repo", "arguments": {"name": "main"}}},
+    ]  # fmt: skip
+    head, answer = await mcp.post(json.dumps(batch).encode())
+    assert head.startswith(b"HTTP/1.1 400")
+    assert answer["jsonrpc"] == "2.0"
+    assert answer["id"] is None
+    assert answer["error"]["code"] == INVALID_REQUEST
+    assert answer["error"]["data"]["code"] == "invalid_request"
+    assert "batch" in answer["error"]["message"]
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "rpc_id"),
+    [
+        (b'{"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "del/ete"}}',
+         INVALID_REQUEST, 7),
+        (b'{"jsonrpc": "2.0", "id": "a", "method": "tools/call", "params": {"name": 5}}',
+         INVALID_REQUEST, "a"),
+        (b'{"jsonrpc": "2.0", "id": 3, "method": "tools/call"}', INVALID_REQUEST, 3),
+        (b'{"jsonrpc": "1.0", "id": 3, "method": "ping"}', INVALID_REQUEST, 3),
+        (b'{"jsonrpc": "2.0", "id": true, "method": "ping"}', INVALID_REQUEST, None),
+        (b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "search",'
+         b' "name": "delete_repo"}}', PARSE_ERROR, None),
+        (b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "search",'
+         b' "Name": "delete_repo"}}', PARSE_ERROR, None),
+        (b'{"jsonrpc": "2.0", "id": 1, "method": ', PARSE_ERROR, None),
+        (b"", INVALID_REQUEST, None),
+    ],
+)  # fmt: skip
+async def test_a_message_the_gateway_cannot_read_alike_is_refused(
+    mcp: Mcp, body: bytes, code: int, rpc_id: Any
+) -> None:
+    head, answer = await mcp.post(body)
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert answer["error"]["code"] == code
+    assert answer["id"] == rpc_id
+    assert answer["error"]["data"]["decision_id"]
+    assert calls == []
+
+
+async def test_routing_fields_must_say_what_the_body_says(mcp: Mcp) -> None:
+    call = {"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+            "params": {"name": "delete_repo", "arguments": {"name": "main"}}}  # fmt: skip
+    base = [("Content-Type", "application/json"), ("Accept", "application/json, text/event-stream")]
+    for extra in (
+        [("Mcp-Method", "tools/list")],
+        [("Mcp-Name", "search")],
+        [("Mcp-Method", "tools/call"), ("Mcp-Method", "tools/call")],
+        [("Mcp-Name", "=?base64?c2VhcmNo?=")],  # "search"
+    ):
+        head, answer = await mcp.post(json.dumps(call).encode(), base + extra)
+        assert head.startswith(b"HTTP/1.1 400"), (extra, head)
+        assert answer["error"]["code"] == HEADER_MISMATCH
+        assert answer["id"] == 9
+    # Fields that agree are no reason to refuse: the call is decided (and denied) by policy.
+    agreeing = [("Mcp-Method", "tools/call"), ("Mcp-Name", "=?base64?ZGVsZXRlX3JlcG8=?=")]
+    head, answer = await mcp.post(json.dumps(call).encode(), base + agreeing)
+    assert head.startswith(b"HTTP/1.1 403"), head
+    assert answer["error"]["data"]["code"] == "access_denied"
+    assert calls == []
+
+
+async def test_methods_the_transport_does_not_use_are_refused(mcp: Mcp) -> None:
+    [(head, answer)] = await exchange(mcp.port, signed_call(mcp.agent, "PUT", "/mcp"))
+    assert head.startswith(b"HTTP/1.1 405")
+    assert b"\r\nallow: POST, GET, DELETE\r\n" in head
+    assert json.loads(answer)["error"]["data"]["code"] == "method_not_allowed"
+
+
+async def test_a_message_not_json_is_refused(mcp: Mcp) -> None:
+    body = b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "delete_repo"}}'
+    head, answer = await mcp.post(body, [("Content-Type", "text/plain")])
+    assert head.startswith(b"HTTP/1.1 400")
+    assert answer["error"]["code"] == INVALID_REQUEST
+    assert calls == []
+
+
+# The ext_authz doors decide an MCP route's calls as the proxy does, from the body the proxy in
+# front shows them (Envoy's with_request_body).
+
+
+@pytest.fixture
+async def stub(env: Env) -> AsyncIterator[pb_grpc.AuthorizationStub]:
+    data = env.settings.model_dump()
+    data["routes"] = [{"path_prefix": "/mcp", "upstream": "http://127.0.0.1:9", "tool": "repo",
+                       "tenant": "acme", "env": "prod", "mcp": True}]  # fmt: skip
+    env.policies.activate("acme", "prod", env.policies.put(load_document(POLICY), now=0),
+                          actor="test", now=0)  # fmt: skip
+    ext = ExtAuthz(env.pipeline, GatewaySettings.model_validate(data))
+    server, port = await start_grpc_server(
+        AuthorizationService(ext, TrustedPeers(["127.0.0.1"])), "127.0.0.1", 0
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield pb_grpc.AuthorizationStub(channel)
+    finally:
+        await server.stop(grace=None)
+
+
+async def test_ext_authz_decides_each_tool_call_as_its_own_tool(
+    env: Env, stub: pb_grpc.AuthorizationStub
+) -> None:
+    agent = Agent(env)
+
+    async def call(tool: str, *, shown: bool = True, **arguments: Any) -> pb.CheckResponse:
+        body = json.dumps({"jsonrpc": "2.0", "id": 4, "method": "tools/call",
+                           "params": {"name": tool, "arguments": arguments}}).encode()  # fmt: skip
+        headers = [*dpop_headers(agent, agent.token(), path="/mcp"),
+                   ("content-type", "application/json")]  # fmt: skip
+        if not shown:  # the proxy in front did not send the body
+            return await stub.Check(
+                check([*headers, ("content-length", str(len(body)))], path="/mcp")
+            )  # type: ignore[no-any-return]
+        return await stub.Check(check(headers, path="/mcp", body=body))  # type: ignore[no-any-return]
+
+    ok = await call("search", query="x")
+    assert ok.status.code == code_pb2.OK, ok
+    attestation = {h.header.key: h.header.value for h in ok.ok_response.response_headers_to_add}
+    claims = verify_jwt(
+        attestation["x-aegis-attestation"], env.services.keyring.public_key,
+        attestation_rules(env.services.config.issuer), env.services.clock.now(),
+    ).payload  # fmt: skip
+    assert claims["tool"] == "repo.search"
+    status, _, body = denied(await call("delete_repo", name="main"))
+    assert (status, body["code"]) == (403, "access_denied")
+    status, _, body = denied(await call("pay", amount=101))
+    assert (status, body["code"]) == (403, "access_denied")
+    # A message the door was not shown cannot be decided: refused, never decided as "repo".
+    status, _, body = denied(await call("delete_repo", shown=False, name="main"))
+    assert (status, body["code"]) == (400, "invalid_request")
+    assert "shown whole" in body["message"]

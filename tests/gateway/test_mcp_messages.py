@@ -1,0 +1,190 @@
+"""The JSON-RPC reading of an MCP route's messages: what is decided under which tool, and that
+any JSON value is either read or refused with a JSON-RPC error code, never let through unread."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aegis.errors import AegisError
+from aegis.gateway.context import Route
+from aegis.gateway.mcp import (
+    HEADER_MISMATCH,
+    INVALID_REQUEST,
+    PARSE_ERROR,
+    TOOL_NAME,
+    McpInvalid,
+    McpMessage,
+    mcp_call,
+    read_message,
+    rpc_error,
+)
+
+ROUTE = Route("/mcp", "http://127.0.0.1:9", "repo", "acme", "prod", mcp=True)
+JSON = [("content-type", "application/json")]
+
+
+def test_a_tool_call_is_decided_under_its_tool_and_the_rest_under_the_routes() -> None:
+    call = b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "a.b-c_D"}}'
+    route, message = mcp_call(ROUTE, "POST", JSON, call)
+    assert (route.tool, message) == ("repo.a.b-c_D", McpMessage(1, "tools/call", "a.b-c_D"))
+    for body in (
+        b'{"jsonrpc": "2.0", "id": "x", "method": "tools/list"}',
+        b'{"jsonrpc": "2.0", "method": "notifications/initialized"}',
+        b'{"jsonrpc": "2.0", "id": 5, "result": {}}',
+        b'{"jsonrpc": "2.0", "id": 5, "error": {"code": 1, "message": "no"}}',
+    ):
+        assert mcp_call(ROUTE, "POST", JSON, body)[0].tool == "repo"
+    assert mcp_call(ROUTE, "GET", [], None) == (ROUTE, None)
+    assert mcp_call(ROUTE, "DELETE", [], None) == (ROUTE, None)
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH", "HEAD", "OPTIONS"])
+def test_methods_outside_the_transport_are_405(method: str) -> None:
+    with pytest.raises(AegisError) as refused:
+        mcp_call(ROUTE, method, [], None)
+    assert refused.value.code == "method_not_allowed"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        [],
+        [{"jsonrpc": "2.0", "id": 1, "method": "ping"}],
+        "ping",
+        None,
+        {"id": 1, "method": "ping"},
+        {"jsonrpc": "2.0", "id": None, "method": "ping"},
+        {"jsonrpc": "2.0", "id": 1.5, "method": "ping"},
+        {"jsonrpc": "2.0", "id": False, "method": "ping"},
+        {"jsonrpc": "2.0", "id": 1, "method": ""},
+        {"jsonrpc": "2.0", "id": 1, "method": ["tools/call"]},
+        {"jsonrpc": "2.0", "id": 1, "method": "ping", "result": {}},
+        {"jsonrpc": "2.0", "id": 1, "method": "ping", "params": []},
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {}},
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": ""}},
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "a*"}},
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "a b"}},
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "x" * 129}},
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "é"}},
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "a\n"}},
+        {"jsonrpc": "2.0", "id": 1},
+        {"jsonrpc": "2.0", "result": {}},
+        {"jsonrpc": "2.0", "id": 1, "result": {}, "error": {}},
+    ],
+)
+def test_what_is_not_one_message_is_invalid(body: Any) -> None:
+    with pytest.raises(McpInvalid) as refused:
+        read_message(body)
+    assert refused.value.rpc_code == INVALID_REQUEST
+    assert refused.value.code == "invalid_request"
+
+
+@pytest.mark.parametrize(
+    ("body", "fields"),
+    [
+        (b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}', [("content-type", "text/plain")]),
+        (b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}', []),
+        (b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}', [*JSON, ("content-encoding", "gzip")]),
+        (None, JSON),
+    ],
+)
+def test_a_message_must_be_shown_as_plain_json(body: bytes | None, fields: Any) -> None:
+    with pytest.raises(McpInvalid):
+        mcp_call(ROUTE, "POST", fields, body)
+
+
+def test_json_the_upstream_may_read_otherwise_is_a_parse_error() -> None:
+    for body in (
+        b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "a", "name": "b"}}',
+        b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "a", "NAME": "b"}}',
+        b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "a"}',
+        b"\xff",
+    ):
+        with pytest.raises(McpInvalid) as refused:
+            mcp_call(ROUTE, "POST", JSON, body)
+        assert refused.value.rpc_code == PARSE_ERROR
+
+
+@pytest.mark.parametrize(
+    ("fields", "ok"),
+    [
+        ([("mcp-method", "tools/call")], True),
+        ([("mcp-method", "tools/call"), ("mcp-name", "search")], True),
+        ([("mcp-name", "=?base64?c2VhcmNo?=")], True),
+        ([("mcp-method", "tools/list")], False),
+        ([("mcp-name", "delete")], False),
+        ([("mcp-name", "=?base64?ZGVsZXRl?=")], False),
+        ([("mcp-name", "=?base64?!!?=")], False),
+        ([("mcp-method", "tools/call"), ("mcp-method", "tools/call")], False),
+        ([("mcp-name", "search"), ("mcp-name", "search")], False),
+    ],
+)
+def test_routing_fields_agree_with_the_body(fields: list[tuple[str, str]], ok: bool) -> None:
+    body = b'{"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "search"}}'
+    if ok:
+        assert mcp_call(ROUTE, "POST", [*JSON, *fields], body)[0].tool == "repo.search"
+        return
+    with pytest.raises(McpInvalid) as refused:
+        mcp_call(ROUTE, "POST", [*JSON, *fields], body)
+    assert (refused.value.rpc_code, refused.value.rpc_id) == (HEADER_MISMATCH, 3)
+
+
+def test_a_name_field_on_a_method_that_names_nothing_is_refused() -> None:
+    body = b'{"jsonrpc": "2.0", "id": 3, "method": "tools/list"}'
+    with pytest.raises(McpInvalid):
+        mcp_call(ROUTE, "POST", [*JSON, ("mcp-name", "search")], body)
+
+
+def test_a_refusal_is_a_json_rpc_error_carrying_the_gateways_body() -> None:
+    body = {"code": "access_denied", "message": "no", "decision_id": "d"}
+    assert rpc_error(body, 7, -32003) == {
+        "jsonrpc": "2.0",
+        "id": 7,
+        "error": {"code": -32003, "message": "no", "data": body},
+    }
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+_message = st.fixed_dictionaries(
+    {"jsonrpc": st.sampled_from(["2.0", "2.0", "1.0"])},
+    optional={
+        "id": st.one_of(st.integers(), st.text(max_size=4), st.none(), st.booleans()),
+        "method": st.one_of(st.sampled_from(["tools/call", "ping", "tools/list"]), _json),
+        "params": st.one_of(
+            st.fixed_dictionaries({}, optional={"name": st.one_of(st.text(max_size=10), _json)}),
+            _json,
+        ),
+        "result": _json,
+        "error": _json,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(_message, _json))
+def test_any_json_is_read_or_refused_never_passed_unread(body: Any) -> None:
+    refused: McpInvalid | None = None
+    try:
+        message = read_message(body)
+    except McpInvalid as exc:
+        refused = exc
+    if refused is not None:
+        assert refused.rpc_code == INVALID_REQUEST
+        return
+    assert isinstance(body, dict) and body["jsonrpc"] == "2.0"
+    if body.get("method") == "tools/call":
+        # A tool call is always decided under a name policy reads literally.
+        assert message.tool is not None and TOOL_NAME.fullmatch(message.tool)
+        assert message.tool == body["params"]["name"]
+    else:
+        assert message.tool is None
