@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from mcp.server.mcpserver import MCPServer
 
 from aegis.audit.log import AuditLog
 from aegis.clock import new_id
@@ -56,6 +57,10 @@ spec:
       action: allow
       match: {tools: ["finance.report"], chain: {min_depth: 2}}
       when: {path: chain.agents, contains: orchestrator}
+    - {id: repo-session, action: allow, match: {tools: [repo]}}
+    - {id: repo-search, action: allow, match: {tools: [repo.search]}}
+    - {id: repo-refund, action: approval_needed, match: {tools: [repo.refund]},
+       approval: {group: treasury, expires_in: 600}}
 """
 SCOPES = ("payments:write", "crm:read", "finance:read")
 APPROVER = "approver@example.com"
@@ -118,12 +123,38 @@ class Stack:
         return agent_id, AgentClient(self.url, ClientSecret(client_id, secret, method))  # type: ignore[arg-type]
 
 
+def mcp_server() -> MCPServer:
+    """An MCP server with three tools: ``search`` (allowed), ``refund`` (needs an approval) and
+    ``delete_repo`` (no rule allows it; it records every call it runs in ``deleted``)."""
+    server = MCPServer("repo")
+
+    @server.tool()
+    def search(query: str) -> str:
+        return f"found {query}"
+
+    @server.tool()
+    def refund(amount: int) -> str:
+        return f"refunded {amount}"
+
+    @server.tool()
+    def delete_repo(name: str) -> str:
+        deleted.append(name)
+        return f"deleted {name}"
+
+    return server
+
+
+#: What the MCP server's delete_repo ran.
+deleted: list[str] = []
+
+
 @pytest.fixture(scope="package")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     upstream = Upstream()
     with (
         run_server(tmp_path_factory.mktemp("sdk"), APPROVALS_YAML) as srv,
         serve(upstream.app) as up,
+        serve(mcp_server().streamable_http_app()) as mcp_up,
     ):
         gw_port = free_port()
         settings = GatewaySettings.model_validate(
@@ -138,6 +169,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                      "tenant": "acme", "env": "prod"},
                     {"path_prefix": "/treasury", "upstream": up, "tool": "treasury.transfer",
                      "tenant": "acme", "env": "prod"},
+                    {"path_prefix": "/mcp", "upstream": mcp_up, "tool": "repo",
+                     "tenant": "acme", "env": "prod", "mcp": True},
                 ],
                 "upstream_timeout": 2.0,
                 "policy_poll_interval": 0.05,

@@ -16,6 +16,7 @@ allows an ephemeral key), or ``dpop_key``.
 from __future__ import annotations
 
 import hashlib
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -99,6 +100,16 @@ class AgentClient:
         self._ahttp: httpx.AsyncClient | None = None
 
     # -- plumbing ----------------------------------------------------------------------------
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of a fixed certificate (None: no certificate, or a renewing one)."""
+        return self._tls
+
+    @property
+    def renews_certificate(self) -> bool:
+        """Whether the agent's certificate is renewed while it runs (:mod:`aegis.sdk.renewing`)."""
+        return self._renewing is not None
 
     @property
     def ahttp(self) -> httpx.AsyncClient:

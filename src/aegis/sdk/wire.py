@@ -37,7 +37,8 @@ _MAX_ERROR_BODY: Final = 64 * 1024
 
 
 def parse_body(response: httpx.Response) -> dict[str, Any]:
-    """The JSON object of an (already read) error response, or ``{}``."""
+    """The JSON object of an (already read) error response, or ``{}``. A refusal on an MCP
+    route is a JSON-RPC error whose ``data`` is the gateway's body: that body is returned."""
     content = response.content
     if not content or len(content) > _MAX_ERROR_BODY:
         return {}
@@ -45,7 +46,13 @@ def parse_body(response: httpx.Response) -> dict[str, Any]:
         body = json.loads(content)
     except ValueError:
         return {}
-    return body if isinstance(body, dict) else {}
+    if not isinstance(body, dict):
+        return {}
+    error = body.get("error")
+    if body.get("jsonrpc") == "2.0" and isinstance(error, dict):
+        data = error.get("data")
+        return data if isinstance(data, dict) else {}
+    return body
 
 
 def is_gateway_refusal(response: httpx.Response, body: Mapping[str, Any]) -> bool:
