@@ -250,6 +250,11 @@ class GatewayRoute(_Section):
     #: The upstream is an MCP server's Streamable HTTP endpoint: each POST is one JSON-RPC
     #: message, and a ``tools/call`` is decided as the tool ``<tool>.<name>`` (docs/gateway.md).
     mcp: bool = False
+    #: On an MCP route, accept ``tools/call`` arguments whose value is a string of JSON text (an
+    #: object, array or null). Refused by default: the Python MCP SDK's servers parse such
+    #: strings before the tool runs, so policy would read a string where the tool gets an
+    #: object. Set it only for a server that does not, or when policy reads no argument.
+    mcp_json_text_arguments: bool = False
 
     @field_validator("path_prefix")
     @classmethod
@@ -288,6 +293,8 @@ class GatewayRoute(_Section):
     def _pinned_needs_tls(self) -> GatewayRoute:
         if self.upstream_spiffe_id is not None and not self.upstream.startswith("https://"):
             raise ValueError("upstream_spiffe_id needs an https upstream")
+        if self.mcp_json_text_arguments and not self.mcp:
+            raise ValueError("mcp_json_text_arguments applies to an MCP route (mcp: true) only")
         return self
 
 
@@ -435,6 +442,15 @@ class GatewaySettings(_Section):
         keys = [(r.host, r.path_prefix) for r in self.routes]
         if len(set(keys)) != len(keys):
             raise ValueError("two routes have the same host and path_prefix")
+        for mcp in (r for r in self.routes if r.mcp):
+            # An MCP route's tool calls are decided as "<tool>.<name>": another route's tool
+            # under that name would share their rules ("repo.admin" + "x" and "repo" + "admin.x").
+            clash = next((r.tool for r in self.routes if r.tool.startswith(mcp.tool + ".")), None)
+            if clash is not None:
+                raise ValueError(
+                    f"the route tool {clash!r} lies under the MCP route tool {mcp.tool!r}, whose "
+                    f"tool calls are decided as {mcp.tool!r}.<name>: rename one of them"
+                )
         if self.port in (self.ext_authz.grpc_port, self.ext_authz.http_port):
             raise ValueError("ext_authz ports must differ from gateway.port")
         return self

@@ -21,13 +21,20 @@ from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
+from pydantic import BaseModel
 
 from aegis.audit.attest import attestation_rules
 from aegis.config import GatewaySettings
 from aegis.gateway.app import build_pipeline, create_gateway_app
 from aegis.gateway.ext_authz import ExtAuthz, TrustedPeers
 from aegis.gateway.ext_authz_grpc import AuthorizationService, start_grpc_server
-from aegis.gateway.mcp import HEADER_MISMATCH, INVALID_REQUEST, PARSE_ERROR, REFUSED
+from aegis.gateway.mcp import (
+    HEADER_MISMATCH,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    PARSE_ERROR,
+    REFUSED,
+)
 from aegis.policy.loader import load_document
 from aegis.tokens.verifier import verify_jwt
 from tests.gateway.conftest import Agent, Env, dpop_headers
@@ -45,7 +52,19 @@ spec:
     - {id: pay, action: allow, reason: small payments, match: {tools: [repo.pay]}}
     - {id: pay-limit, action: deny, reason: payment over the limit, match: {tools: [repo.pay]},
        when: {path: request.body.params.arguments.amount, gt: 100}}
+    - {id: transfer, action: allow, reason: transfers, match: {tools: [repo.transfer]}}
+    - {id: transfer-limit, action: deny, reason: transfer over the limit,
+       match: {tools: [repo.transfer]},
+       when: {path: request.body.params.arguments.payment.amount, gt: 100}}
+    - {id: wipe, action: allow, reason: scratch files, match: {tools: [repo.wipe]}}
+    - {id: wipe-prod, action: deny, reason: never prod, match: {tools: [repo.wipe]},
+       when: {path: request.body.params.arguments.targets, contains: prod}}
 """
+
+
+class Payment(BaseModel):
+    amount: int
+    to: str
 
 
 def _server() -> MCPServer:
@@ -67,10 +86,22 @@ def _server() -> MCPServer:
         calls.append(name)
         return f"deleted {name}"
 
+    @server.tool()
+    def transfer(payment: Payment) -> str:
+        """Transfer an amount."""
+        calls.append(f"transfer {payment.amount}")
+        return f"sent {payment.amount}"
+
+    @server.tool()
+    def wipe(targets: list[str]) -> str:
+        """Wipe files."""
+        calls.append(f"wipe {targets}")
+        return f"wiped {targets}"
+
     return server
 
 
-#: What the server's delete_repo did: a refused call must never reach it.
+#: What the server's delete_repo, transfer and wipe did: a refused call must never reach them.
 calls: list[str] = []
 
 
@@ -153,7 +184,9 @@ def _decisions(env: Env) -> list[dict[str, Any]]:
 async def test_each_tool_call_is_decided_as_its_own_tool(mcp: Mcp) -> None:
     async with mcp.session() as session:
         listed = await session.list_tools()
-        assert {t.name for t in listed.tools} == {"search", "pay", "delete_repo"}
+        assert {t.name for t in listed.tools} == {
+            "search", "pay", "delete_repo", "transfer", "wipe"
+        }  # fmt: skip
         found = await session.call_tool("search", {"query": "aegis"})
         assert found.content[0].text == "found aegis"
         paid = await session.call_tool("pay", {"amount": 100})
@@ -177,6 +210,34 @@ async def test_each_tool_call_is_decided_as_its_own_tool(mcp: Mcp) -> None:
     assert ("repo.pay", "deny") in tools
     assert ("repo.delete_repo", "deny") in tools
     assert ("repo", "allow") in tools  # initialize, tools/list, notifications
+
+
+async def test_arguments_are_decided_as_the_tool_gets_them(mcp: Mcp) -> None:
+    async with mcp.session() as session:
+        sent = await session.call_tool("transfer", {"payment": {"amount": 100, "to": "bob"}})
+        assert sent.content[0].text == "sent 100"
+        with pytest.raises(MCPError) as over:
+            await session.call_tool("transfer", {"payment": {"amount": 1000, "to": "eve"}})
+        assert over.value.data["code"] == "access_denied"
+        # The server would parse these strings into an object and a list before the tool runs
+        # (where policy read a string, and "pr\u006fd" holds no "prod"): refused, not decided.
+        for tool, arguments in (
+            ("transfer", {"payment": json.dumps({"amount": 1000, "to": "eve"})}),
+            ("wipe", {"targets": '["pr\\u006fd"]'}),
+            ("wipe", {"targets": " null"}),
+        ):
+            with pytest.raises(MCPError) as smuggled:
+                await session.call_tool(tool, arguments)
+            assert (smuggled.value.code, smuggled.value.data["code"]) == (
+                INVALID_PARAMS,
+                "invalid_request",
+            )
+        with pytest.raises(MCPError) as wiped:
+            await session.call_tool("wipe", {"targets": ["prod"]})
+        assert wiped.value.data["code"] == "access_denied"
+        # A string that is not JSON of an object, array or null is an ordinary string.
+        assert (await session.call_tool("wipe", {"targets": ["12", "true"]})).content
+    assert calls == ["transfer 100", "wipe ['12', 'true']"]
 
 
 async def test_a_token_refusal_reaches_the_client_on_the_call_refused(mcp: Mcp) -> None:
@@ -264,6 +325,16 @@ async def test_methods_the_transport_does_not_use_are_refused(mcp: Mcp) -> None:
     assert head.startswith(b"HTTP/1.1 405")
     assert b"\r\nallow: POST, GET, DELETE\r\n" in head
     assert json.loads(answer)["error"]["data"]["code"] == "method_not_allowed"
+
+
+async def test_a_refused_answer_names_no_id(mcp: Mcp) -> None:
+    # The client's answer to a server request: its id is the server's numbering, not the
+    # client's, so the refusal names none. Refused here for its tenant.
+    mcp.agent = Agent(mcp.env, "stranger", tenant="globex")
+    head, answer = await mcp.post(b'{"jsonrpc": "2.0", "id": 12, "result": {}}')
+    assert head.startswith(b"HTTP/1.1 403"), head
+    assert answer["id"] is None
+    assert answer["error"]["data"]["code"] == "tenant_mismatch"
 
 
 async def test_a_message_not_json_is_refused(mcp: Mcp) -> None:

@@ -8,11 +8,14 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
+from aegis.config import GatewaySettings
 from aegis.errors import AegisError
-from aegis.gateway.context import Route
+from aegis.gateway.context import Route, route_from_settings
 from aegis.gateway.mcp import (
     HEADER_MISMATCH,
+    INVALID_PARAMS,
     INVALID_REQUEST,
     PARSE_ERROR,
     TOOL_NAME,
@@ -121,6 +124,10 @@ def test_json_the_upstream_may_read_otherwise_is_a_parse_error() -> None:
         ([("mcp-name", "=?base64?!!?=")], False),
         ([("mcp-method", "tools/call"), ("mcp-method", "tools/call")], False),
         ([("mcp-name", "search"), ("mcp-name", "search")], False),
+        # A CGI or WSGI reader takes the underscored spelling for the field.
+        ([("mcp_name", "delete")], False),
+        ([("mcp_method", "tools/list")], False),
+        ([("mcp-name", "search"), ("mcp_name", "delete")], False),
     ],
 )
 def test_routing_fields_agree_with_the_body(fields: list[tuple[str, str]], ok: bool) -> None:
@@ -131,6 +138,48 @@ def test_routing_fields_agree_with_the_body(fields: list[tuple[str, str]], ok: b
     with pytest.raises(McpInvalid) as refused:
         mcp_call(ROUTE, "POST", [*JSON, *fields], body)
     assert (refused.value.rpc_code, refused.value.rpc_id) == (HEADER_MISMATCH, 3)
+
+
+@pytest.mark.parametrize(
+    ("value", "refused"),
+    [
+        ('{"amount": 1000}', True),
+        ('["prod"]', True),
+        ("null", True),
+        (" \n[1]", True),
+        ("true", False),  # the server leaves numbers and booleans as the string they came as
+        ("12", False),
+        ('"quoted"', False),
+        ("NaN", False),
+        ("[1", False),
+        ("hello", False),
+        ("[" * 100_000, False),  # too deep for the server's reader too: left a string
+    ],
+)
+def test_a_string_argument_of_json_text_is_refused(value: str, refused: bool) -> None:
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": "t", "arguments": {"a": 1, "b": value}}}  # fmt: skip
+    if not refused:
+        assert read_message(body).tool == "t"
+        return
+    with pytest.raises(McpInvalid) as refusal:
+        read_message(body)
+    assert (refusal.value.rpc_code, refusal.value.rpc_id) == (INVALID_PARAMS, 1)
+    assert "'b'" in refusal.value.message
+    assert read_message(body, json_text_arguments=True).tool == "t"  # the route's opt-in
+
+
+def test_arguments_are_an_object() -> None:
+    for arguments in ([1], "x", 5):
+        body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                "params": {"name": "t", "arguments": arguments}}  # fmt: skip
+        with pytest.raises(McpInvalid) as refusal:
+            read_message(body)
+        assert refusal.value.rpc_code == INVALID_PARAMS
+
+
+def test_an_answer_is_refused_under_no_id() -> None:
+    assert read_message({"jsonrpc": "2.0", "id": 5, "result": {}}) == McpMessage(None, None)
 
 
 def test_a_name_field_on_a_method_that_names_nothing_is_refused() -> None:
@@ -188,3 +237,40 @@ def test_any_json_is_read_or_refused_never_passed_unread(body: Any) -> None:
         assert message.tool == body["params"]["name"]
     else:
         assert message.tool is None
+
+
+def _route(tool: str, **extra: Any) -> dict[str, Any]:
+    return {"path_prefix": f"/{tool}", "upstream": "http://127.0.0.1:9", "tool": tool,
+            "tenant": "acme", "env": "prod", **extra}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "routes",
+    [
+        [_route("repo", mcp=True), _route("repo.admin")],
+        [_route("repo.admin"), _route("repo", mcp=True)],
+        [_route("repo", mcp=True), _route("repo.admin", mcp=True)],
+    ],
+)
+def test_no_route_tool_lies_under_an_mcp_routes_tool_calls(routes: list[dict[str, Any]]) -> None:
+    with pytest.raises(ValidationError, match="lies under the MCP route tool 'repo'"):
+        GatewaySettings.model_validate({"routes": routes})
+
+
+def test_tools_beside_an_mcp_route_are_fine() -> None:
+    routes = [_route("repo", mcp=True), _route("repository"), _route("repo2", mcp=True)]
+    assert len(GatewaySettings.model_validate({"routes": routes}).routes) == 3
+
+
+def test_json_text_arguments_are_an_mcp_routes_setting() -> None:
+    with pytest.raises(ValidationError, match="MCP route"):
+        GatewaySettings.model_validate({"routes": [_route("repo", mcp_json_text_arguments=True)]})
+    route = route_from_settings(
+        GatewaySettings.model_validate(
+            {"routes": [_route("repo", mcp=True, mcp_json_text_arguments=True)]}
+        ).routes[0]
+    )
+    body = b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "arguments": {"a": "[1]"}}}'
+    assert mcp_call(route, "POST", JSON, body)[0].tool == "repo.t"
+    with pytest.raises(McpInvalid):
+        mcp_call(ROUTE, "POST", JSON, body)

@@ -62,12 +62,15 @@ class Route:
     wrap_parameters: str | None = None
     #: An MCP server's endpoint: calls are decided message by message (``aegis.gateway.mcp``).
     mcp: bool = False
+    #: Accept tool arguments that are strings of JSON text (refused otherwise: ``aegis.gateway.mcp``).
+    mcp_json_text_arguments: bool = False
 
 
 def route_from_settings(r: GatewayRoute) -> Route:
     return Route(
         r.path_prefix, r.upstream, r.tool, r.tenant, r.env, r.host, r.allow_bearer, r.audience,
         r.require_client_cert, r.upstream_spiffe_id, r.wrap_parameters, r.mcp,
+        r.mcp_json_text_arguments,
     )  # fmt: skip
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from aegis.gateway.fields import is_encoded, is_json_type, parse_json_body
 
 __all__ = [
     "HEADER_MISMATCH",
+    "INVALID_PARAMS",
     "INVALID_REQUEST",
     "MCP_METHODS",
     "PARSE_ERROR",
@@ -56,6 +58,7 @@ MCP_METHODS: Final = ("POST", "GET", "DELETE")
 #: JSON-RPC 2.0's own error codes, and MCP's for routing fields that disagree with the body.
 PARSE_ERROR: Final = -32700
 INVALID_REQUEST: Final = -32600
+INVALID_PARAMS: Final = -32602
 HEADER_MISMATCH: Final = -32020
 #: Every other refusal (token, proof, policy, approval, a dependency down): an
 #: implementation-defined code of JSON-RPC's server-error band, outside the codes MCP and its
@@ -101,8 +104,14 @@ def _is_id(value: Any) -> bool:
     return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 
-def read_message(body: Any) -> McpMessage:
-    """The message a POST carries, or :class:`McpInvalid` naming what to send instead."""
+def read_message(body: Any, *, json_text_arguments: bool = False) -> McpMessage:
+    """The message a POST carries, or :class:`McpInvalid` naming what to send instead.
+
+    A ``tools/call`` argument whose value is a string holding JSON text of an object, an array
+    or null is refused unless ``json_text_arguments``: MCP servers such as the Python SDK's
+    parse such a string before the tool runs (``FuncMetadata.pre_parse_json``), so the tool
+    would get an object where policy read a string (and ``pr\u006fd`` where policy read no
+    ``prod``)."""
     if isinstance(body, list):
         raise McpInvalid(
             "a JSON-RPC batch is not accepted on an MCP route: send one message per request "
@@ -122,7 +131,9 @@ def read_message(body: Any) -> McpMessage:
                 "a JSON-RPC message without a method is an answer: an id and exactly one of "
                 "result or error"
             )
-        return McpMessage(known, None)
+        # The id of an answer is the server's numbering, not the client's: a refusal of it
+        # names none (MCP: the error for an answer or a notification has no id).
+        return McpMessage(None, None)
     method = body["method"]
     if not isinstance(method, str) or not method:
         raise McpInvalid("a JSON-RPC method is a non-empty string", rpc_id=known)
@@ -140,7 +151,33 @@ def read_message(body: Any) -> McpMessage:
                 "'-' or '.'",
                 rpc_id=known,
             )
+        arguments = (params or {}).get("arguments")
+        if arguments is not None and not isinstance(arguments, dict):
+            raise McpInvalid("tools/call arguments are a JSON object", INVALID_PARAMS, known)
+        if not json_text_arguments:
+            for name, value in (arguments or {}).items():
+                if _holds_json(value):
+                    raise McpInvalid(
+                        f"the argument {name[:64]!r} is a string holding JSON (an object, array "
+                        "or null), which the MCP server may parse before the tool runs, so the "
+                        "tool would get another value than policy read: send the value itself, "
+                        "not a string of it (or set the route's mcp_json_text_arguments)",
+                        INVALID_PARAMS,
+                        known,
+                    )
     return McpMessage(known, method, tool)
+
+
+def _holds_json(value: Any) -> bool:
+    """Whether a string argument is what the Python MCP SDK replaces with its parse: JSON text
+    of an object, an array or null, as ``json.loads`` (the SDK's reader) reads it."""
+    if not isinstance(value, str):
+        return False
+    try:
+        parsed = json.loads(value)
+    except (ValueError, RecursionError):
+        return False  # left as the string by the server too
+    return parsed is None or isinstance(parsed, dict | list)
 
 
 def _field_value(value: str) -> str | None:
@@ -160,7 +197,9 @@ def _check_routing_fields(
 ) -> None:
     """Refuse ``Mcp-Method`` / ``Mcp-Name`` fields that repeat or differ from the body."""
     seen: dict[str, str] = {}
-    for name, value in fields:
+    for spelled, value in fields:
+        # A CGI or WSGI reader takes Mcp_Name for Mcp-Name: either spelling is the field.
+        name = spelled.replace("_", "-")
         if name in (_METHOD_FIELD, _NAME_FIELD):
             if name in seen:
                 raise McpInvalid(
@@ -220,7 +259,7 @@ def mcp_call(
         body = parse_json_body(raw, content_type, coding)
     except InvalidRequest as exc:
         raise McpInvalid(exc.message, PARSE_ERROR) from None
-    message = read_message(body)
+    message = read_message(body, json_text_arguments=route.mcp_json_text_arguments)
     _check_routing_fields(message, body, fields)
     if message.tool is not None:
         route = dataclasses.replace(route, tool=f"{route.tool}.{message.tool}")
