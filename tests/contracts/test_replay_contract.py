@@ -205,3 +205,82 @@ async def test_a_redis_that_never_answers_is_unavailable_quickly(frozen_clock: F
         await server.wait_closed()
     assert info.value.code == "replay_store_unavailable"
     assert elapsed < 1.0, f"took {elapsed:.2f}s to give up on a silent server"
+
+
+# claim: a key held for one owner (an MCP session for the agent that opened it).
+
+
+async def test_a_claim_is_held_for_its_owner_only(replay: ReplayStore, fast: Fast) -> None:
+    exp = fast.clock.now() + 60
+    assert await replay.claim("mcp-session", "s1", "acme/prod/alice", exp)
+    assert await replay.claim("mcp-session", "s1", "acme/prod/alice", exp)  # its holder again
+    assert not await replay.claim("mcp-session", "s1", "acme/prod/mallory", exp)
+    assert not await replay.claim("mcp-session", "s1", "acme/prod/alice ", exp)
+    # Refusing changed nothing: the holder still holds it.
+    assert await replay.claim("mcp-session", "s1", "acme/prod/alice", exp)
+    # Other keys, namespaces and single-use ids of the same name are apart.
+    assert await replay.claim("mcp-session", "s2", "acme/prod/mallory", exp)
+    assert await replay.claim("other", "s1", "acme/prod/mallory", exp)
+    await replay.consume("mcp-session", "s1", exp)
+    await replay.consume("claim", "mcp-session:s1", exp)
+
+
+async def test_a_claim_lasts_while_its_holder_uses_it(replay: ReplayStore, fast: Fast) -> None:
+    assert await replay.claim("mcp-session", "s", "alice", fast.clock.now() + 1.0)
+    await fast.pass_time(0.6)
+    # Used again: held one second from now, not from the first claim.
+    assert await replay.claim("mcp-session", "s", "alice", fast.clock.now() + 1.0)
+    await fast.pass_time(0.6)
+    assert not await replay.claim("mcp-session", "s", "mallory", fast.clock.now() + 1.0)
+    # A claim with an earlier expiry never shortens it.
+    assert await replay.claim("mcp-session", "s", "alice", fast.clock.now() - 30)
+    assert not await replay.claim("mcp-session", "s", "mallory", fast.clock.now() + 1.0)
+    await fast.pass_time(1.2)
+    # Past its time unused, the key is free.
+    assert await replay.claim("mcp-session", "s", "mallory", fast.clock.now() + 60)
+    assert not await replay.claim("mcp-session", "s", "alice", fast.clock.now() + 60)
+
+
+async def test_concurrent_claims_of_one_key_have_one_winner(
+    redis_url: str, redis_prefix: str, frozen_clock: FrozenClock
+) -> None:
+    """Two replicas racing for one key with different owners: every answer names one owner."""
+    stores = [
+        RedisReplayStore.from_url(
+            redis_url, clock=frozen_clock, prefix=redis_prefix,
+            timeout=PATIENT_TIMEOUT, connect_timeout=PATIENT_TIMEOUT,
+        )
+        for _ in "ab"
+    ]  # fmt: skip
+    try:
+        exp = frozen_clock.now() + 60
+        owners = [f"owner-{i % 5}" for i in range(50)]
+        won = await asyncio.gather(
+            *(
+                stores[i % 2].claim("mcp-session", "raced", owner, exp)
+                for i, owner in enumerate(owners)
+            )
+        )
+    finally:
+        for store in stores:
+            await store.close()
+    assert len({owner for owner, ok in zip(owners, won, strict=True) if ok}) == 1
+
+
+async def test_a_claim_on_a_dead_redis_is_unavailable(frozen_clock: FrozenClock) -> None:
+    store = open_replay_store(DEAD_REDIS, clock=frozen_clock, prefix="aegis-test:")
+    try:
+        with pytest.raises(Unavailable) as info:
+            await store.claim("mcp-session", "s", "alice", frozen_clock.now() + 60)
+    finally:
+        await store.close()
+    assert info.value.code == "replay_store_unavailable"
+
+
+async def test_a_full_memory_store_refuses_a_new_claim(frozen_clock: FrozenClock) -> None:
+    store = MemoryReplayStore(frozen_clock, max_entries=2)
+    for key in "ab":
+        assert await store.claim("mcp-session", key, "alice", frozen_clock.now() + 60)
+    with pytest.raises(Unavailable):
+        await store.claim("mcp-session", "c", "alice", frozen_clock.now() + 60)
+    assert await store.claim("mcp-session", "a", "alice", frozen_clock.now() + 60)  # still held

@@ -127,9 +127,17 @@ class Mcp:
     agent: Agent
     env: Env
 
+    #: The Mcp-Session-Id the server gave the last session opened.
+    session_id: str | None = None
+
     @asynccontextmanager
     async def session(self) -> AsyncIterator[ClientSession]:
-        client = httpx2.AsyncClient(auth=DpopAuth(self.agent), timeout=10)
+        async def keep(response: httpx2.Response) -> None:
+            self.session_id = response.headers.get("mcp-session-id", self.session_id)
+
+        client = httpx2.AsyncClient(
+            auth=DpopAuth(self.agent), timeout=10, event_hooks={"response": [keep]}
+        )
         async with (
             client,
             streamable_http_client(f"http://127.0.0.1:{self.port}/mcp", http_client=client) as (
@@ -142,16 +150,21 @@ class Mcp:
             yield session
 
     async def post(
-        self, body: bytes, fields: list[tuple[str, str]] | None = None
+        self,
+        body: bytes,
+        fields: list[tuple[str, str]] | None = None,
+        *,
+        method: str = "POST",
+        agent: Agent | None = None,
     ) -> tuple[bytes, Any]:
         fields = fields or [
             ("Content-Type", "application/json"),
             ("Accept", "application/json, text/event-stream"),
         ]
         [(head, answer)] = await exchange(
-            self.port, signed_call(self.agent, "POST", "/mcp", fields, body)
+            self.port, signed_call(agent or self.agent, method, "/mcp", fields, body)
         )
-        return head, json.loads(answer)
+        return head, json.loads(answer) if answer else None
 
 
 @pytest.fixture
@@ -325,6 +338,31 @@ async def test_methods_the_transport_does_not_use_are_refused(mcp: Mcp) -> None:
     assert head.startswith(b"HTTP/1.1 405")
     assert b"\r\nallow: POST, GET, DELETE\r\n" in head
     assert json.loads(answer)["error"]["data"]["code"] == "method_not_allowed"
+
+
+async def test_a_session_serves_the_agent_that_opened_it_only(mcp: Mcp) -> None:
+    other = Agent(mcp.env, "other")  # the same tenant and environment, another agent
+    listing = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).encode()
+    async with mcp.session() as session:
+        sid = mcp.session_id
+        assert sid
+        stolen = [("Mcp-Session-Id", sid), ("MCP-Protocol-Version", "2025-06-18")]
+        for method, body in (("DELETE", b""), ("POST", listing), ("GET", b"")):
+            fields = stolen if method != "POST" else [*stolen, ("Content-Type", "application/json")]
+            head, answer = await mcp.post(body, fields, method=method, agent=other)
+            assert head.startswith(b"HTTP/1.1 404"), (method, head)
+            assert answer["error"]["data"]["code"] == "not_found"
+        # However spelled, the field names the session.
+        head, _ = await mcp.post(b"", [("Mcp_Session_Id", sid)], method="DELETE", agent=other)
+        assert head.startswith(b"HTTP/1.1 404"), head
+        head, _ = await mcp.post(b"", [*stolen, ("Mcp_Session_Id", "x")], method="DELETE")
+        assert head.startswith(b"HTTP/1.1 400"), head
+        # The session is whole: its agent goes on using it.
+        found = await session.call_tool("search", {"query": "still mine"})
+        assert found.content[0].text == "found still mine"
+    refusals = [d for d in _decisions(mcp.env) if d["agent_id"] == "other"]
+    assert {d["code"] for d in refusals} == {"not_found"}
+    assert len(refusals) == 4
 
 
 async def test_a_refused_answer_names_no_id(mcp: Mcp) -> None:

@@ -118,6 +118,7 @@ def build_pipeline(
         public_url=settings.public_url,
         limits=limits,
         approvals=gate,
+        mcp_session_idle=settings.mcp_session_idle,
     )
 
 

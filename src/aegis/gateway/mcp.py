@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import hashlib
 import json
 import re
 from collections.abc import Iterable
@@ -50,6 +51,7 @@ __all__ = [
     "mcp_call",
     "read_message",
     "rpc_error",
+    "session_id",
 ]
 
 #: The HTTP methods of the Streamable HTTP transport: POST (a message), GET (the server's event
@@ -71,6 +73,13 @@ TOOL_NAME: Final = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 _METHOD_FIELD: Final = "mcp-method"
 _NAME_FIELD: Final = "mcp-name"
 _NAMED_BY: Final = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+#: The session an MCP server handed out on ``initialize``, sent back on every later request; the
+#: pipeline holds it for the agent that first used it (``session_key``, the replay store's
+#: ``claim``).
+SESSION_FIELD: Final = "mcp-session-id"
+SESSION_NAMESPACE: Final = "mcp-session"
+#: MCP: "only visible ASCII characters (ranging from 0x21 to 0x7E)".
+_SESSION_ID: Final = re.compile(r"[\x21-\x7e]{1,256}")
 #: A field value carried in base64 because it is not printable ASCII (``=?base64?...?=``).
 _BASE64_VALUE: Final = re.compile(r"=\?base64\?([A-Za-z0-9+/]*={0,2})\?=")
 
@@ -224,6 +233,26 @@ def _check_routing_fields(
             )
 
 
+def session_id(fields: Iterable[tuple[str, str]]) -> str | None:
+    """The ``Mcp-Session-Id`` a request names (however spelled: a CGI or WSGI reader takes
+    ``Mcp_Session_Id`` for it), or None; :class:`McpInvalid` for two, or one MCP would not
+    issue."""
+    values = [v for k, v in fields if k.replace("_", "-") == SESSION_FIELD]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise McpInvalid("the Mcp-Session-Id field appears more than once")
+    if not _SESSION_ID.fullmatch(values[0]):
+        raise McpInvalid("an Mcp-Session-Id is 1 to 256 visible ASCII characters")
+    return values[0]
+
+
+def session_key(route: Route, session: str) -> str:
+    """Where a session is held: per upstream server (two routes to one server share its
+    sessions), hashed to a bounded key."""
+    return hashlib.sha256(f"{route.upstream}\n{session}".encode()).hexdigest()
+
+
 def mcp_call(
     route: Route,
     method: str,
@@ -240,6 +269,7 @@ def mcp_call(
             f"an MCP route takes {', '.join(MCP_METHODS)} only", code="method_not_allowed"
         )
     fields = tuple(fields)
+    session_id(fields)
     if method != "POST":
         return route, None
     if raw is None:

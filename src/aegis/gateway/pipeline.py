@@ -37,6 +37,7 @@ from aegis.gateway.evidence import (
     count_refusal,
     refusal_headers,
 )
+from aegis.gateway.mcp import SESSION_NAMESPACE, session_id, session_key
 from aegis.gateway.names import name_keys, query_key
 from aegis.gateway.overrides import refuse_redirecting_fields
 from aegis.gateway.policies import PolicyDirectory
@@ -143,12 +144,13 @@ class Pipeline:
         public_url: str | None = None,
         limits: LimitsHook | None = None,
         approvals: ApprovalHook | None = None,
+        mcp_session_idle: float = 86400.0,
     ) -> None:
         self._verifier, self._dpop, self._replay = verifier, dpop, replay
         self._cache, self._revocation, self._rules = cache, revocation, chain_rules
         self._policies, self._attester, self._audit = policies, attester, audit
         self._clock, self._public_url, self._limits = clock, public_url, limits
-        self._approvals = approvals
+        self._approvals, self._mcp_session_idle = approvals, mcp_session_idle
 
     @property
     def audit(self) -> AuditLog | None:
@@ -353,6 +355,8 @@ class Pipeline:
             raise TokenError(
                 "the token's tenant or environment is not this route's", code="tenant_mismatch"
             )
+        if route.mcp:
+            await self._hold_session(ctx, token)
         t = self._timed(facts, _SUBJECT, t)
         await prefetch_chain_agents(token, self._cache, self._rules)
         chain = verify_chain(
@@ -402,6 +406,24 @@ class Pipeline:
             decision = await self._approvals(ctx, facts, call)
             facts.decision = decision
         return decision
+
+    async def _hold_session(self, ctx: CallContext, token: AccessToken) -> None:
+        """An MCP session serves the agent that first used it only: another agent naming its
+        ``Mcp-Session-Id`` (read off a log, a proxy, a shared host) is answered as for a session
+        that does not exist, and could neither read its stream, answer its server's requests
+        nor end it. Each call extends the hold by ``mcp_session_idle``."""
+        session = session_id(ctx.headers)
+        if session is None:
+            return
+        owner = f"{token.tenant}\n{token.env}\n{token.agent_id}"
+        expires = self._clock.now() + self._mcp_session_idle
+        if not await self._replay.claim(
+            SESSION_NAMESPACE, session_key(ctx.route, session), owner, expires
+        ):
+            raise AegisError(
+                "no such MCP session for this agent: initialize a session of its own",
+                code="not_found",
+            )
 
     def _enforce(self, ctx: CallContext, facts: EvidenceFacts, decision: Decision) -> Result:
         if decision.action == "approval_needed":

@@ -53,6 +53,8 @@ class _ExpiringMap:
         self._what = what
         self._expiry: dict[str, float] = {}
         self._heap: list[tuple[float, str]] = []
+        #: What a key holds, for the keys put with a value.
+        self._values: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self._expiry)
@@ -63,6 +65,7 @@ class _ExpiringMap:
             exp, key = heapq.heappop(heap)
             if expiry.get(key) == exp:
                 del expiry[key]
+                self._values.pop(key, None)
         if len(heap) > 2 * len(expiry) + 1024:  # too many stale items: rebuild, O(n) and rare
             self._heap = [(exp, key) for key, exp in expiry.items()]
             heapq.heapify(self._heap)
@@ -74,8 +77,15 @@ class _ExpiringMap:
             return None
         return exp
 
-    def put(self, key: str, expires_at: float, *, only_new: bool = False) -> bool:
-        """Keep ``key`` until at least ``expires_at`` (never shortening a live entry).
+    def value(self, key: str) -> str | None:
+        """What a live ``key`` holds (None: not live, or put without a value)."""
+        return self._values.get(key) if self.get(key) is not None else None
+
+    def put(
+        self, key: str, expires_at: float, *, only_new: bool = False, value: str | None = None
+    ) -> bool:
+        """Keep ``key`` (holding ``value``) until at least ``expires_at`` (never shortening a
+        live entry).
 
         With ``only_new``, a live ``key`` is left as it is and False returned. Raises
         ``Unavailable`` when the store is full of live entries: refusing is safe, forgetting is not.
@@ -94,6 +104,8 @@ class _ExpiringMap:
         if exp != current:
             self._expiry[key] = exp
             heapq.heappush(self._heap, (exp, key))
+        if value is not None:
+            self._values[key] = value
         return True
 
 
@@ -102,6 +114,7 @@ class MemoryReplayStore:
 
     def __init__(self, clock: Clock, *, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
         self._seen = _ExpiringMap(clock, max_entries, "replay_store_unavailable", "replay")
+        self._claims = _ExpiringMap(clock, max_entries, "replay_store_unavailable", "replay")
         self._lock = threading.Lock()
 
     async def consume(self, namespace: str, jti: str, expires_at: float) -> None:
@@ -110,6 +123,15 @@ class MemoryReplayStore:
             fresh = self._seen.put(replay_key(namespace, jti), expires_at, only_new=True)
         if not fresh:
             raise ReplayDetected("this single-use proof was already used; create a fresh one")
+
+    async def claim(self, namespace: str, key: str, owner: str, expires_at: float) -> bool:
+        check_time(expires_at, "expires_at")
+        entry = replay_key(namespace, key)
+        with self._lock:
+            held = self._claims.value(entry)
+            if held is not None and held != owner:
+                return False
+            return self._claims.put(entry, expires_at, value=owner)
 
     async def close(self) -> None:
         return None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Final
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -108,6 +109,8 @@ class RedisReplayStore:
         self._r = client
         self._clock = clock
         self._prefix = f"{prefix}replay:"
+        #: Claims live apart from single-use ids: no namespace of one can reach a key of the other.
+        self._claim_prefix = f"{prefix}claim:"
 
     @classmethod
     def from_url(
@@ -134,8 +137,33 @@ class RedisReplayStore:
         if not fresh:
             raise ReplayDetected("this single-use proof was already used; create a fresh one")
 
+    async def claim(self, namespace: str, key: str, owner: str, expires_at: float) -> bool:
+        check_time(expires_at, "expires_at")
+        name = _key(self._claim_prefix, replay_key(namespace, key))
+        try:
+            held = await self._r.eval(
+                _CLAIM, 1, name, _key(owner), _ttl_ms(expires_at, self._clock.now())
+            )
+        except (RedisError, OSError) as exc:
+            raise Unavailable(
+                "the replay store (redis) is unreachable", code="replay_store_unavailable"
+            ) from exc
+        return bool(held == 1)
+
     async def close(self) -> None:
         await self._r.aclose()
+
+
+#: ``claim`` in one step: refuse while another owner holds the key, else hold it for the owner
+#: and extend (never shorten) its time to live.
+_CLAIM: Final = """
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[1] then return 0 end
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return 1
+"""
 
 
 class RedisRevocationStore:
