@@ -27,6 +27,7 @@ from aegis.pki.middleware import client_cert_from_scope, peer_from_scope
 from aegis.registry.service import RegistryService
 from aegis.telemetry.logging import log_event
 from aegis.telemetry.metrics import TOKEN_ENDPOINT_SECONDS, TOKENS_ISSUED, count_rejection
+from aegis.tokens.dpop import CheckedProof
 from aegis.tokens.exchange import ACCESS_TOKEN_TYPE, TOKEN_EXCHANGE
 from aegis.types import AdminKey, AdminRole, Agent, AgentStatus, TenantStatus
 
@@ -34,8 +35,12 @@ __all__ = ["DpopHook", "OAuthEndpoints", "read_form"]
 
 _NO_STORE: Final = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 _FORM: Final = "application/x-www-form-urlencoded"
-#: A hook that validates a DPoP proof sent to the token endpoint and returns its JWK thumbprint.
-DpopHook = Callable[[Request], Awaitable[str | None]]
+#: A hook that checks a DPoP proof sent to the token endpoint (None: no proof), to be spent once
+#: the whole request is valid.
+DpopHook = Callable[[Request], Awaitable[CheckedProof | None]]
+#: Proof refusals at the token endpoint: 400 (RFC 9449 §5 and §8, after RFC 6749 §5.2, where
+#: only invalid_client is a 401), never the Basic challenge of a client authentication failure.
+_PROOF_CODES: Final = frozenset({"invalid_dpop_proof", "use_dpop_nonce"})
 
 
 async def read_form(request: Request, max_bytes: int) -> tuple[dict[str, str], list[str]]:
@@ -118,7 +123,7 @@ class OAuthEndpoints:
             source=_client_ip(request),
         )
         headers = dict(_NO_STORE)
-        status = spec.status
+        status = 400 if exc.code in _PROOF_CODES else spec.status
         if status == 401:
             # RFC 6749 §5.2: a 401 carries a WWW-Authenticate challenge for the schemes we accept.
             headers["WWW-Authenticate"] = 'Basic realm="aegis", charset="UTF-8"'
@@ -132,6 +137,13 @@ class OAuthEndpoints:
         return JSONResponse(body, status_code=status, headers=headers)
 
     # -- token -----------------------------------------------------------------------------
+
+    async def _proof(self, request: Request) -> CheckedProof | None:
+        """The request's checked DPoP proof (not yet spent), or None if it sent none."""
+        proof = await self.dpop(request) if self.dpop is not None else None
+        if proof is None and "dpop" in request.headers:
+            raise AegisError("DPoP is not enabled on this server", code="invalid_dpop_proof")
+        return proof
 
     async def token(self, request: Request) -> Response:
         started = time.perf_counter()
@@ -156,9 +168,8 @@ class OAuthEndpoints:
                 consume=False,
             )
             req = self._tokens.parse_request(form, resources)
-            jkt = await self.dpop(request) if self.dpop is not None else None
-            if jkt is None and "dpop" in request.headers:
-                raise AegisError("DPoP is not enabled on this server", code="invalid_dpop_proof")
+            proof = await self._proof(request)
+            jkt = proof.jkt if proof is not None else None
             if auth.client.dpop_bound and jkt is None:
                 raise InvalidRequest(
                     "this client must send a DPoP proof", code="invalid_dpop_proof"
@@ -169,8 +180,10 @@ class OAuthEndpoints:
                 # RFC 8705 §3: bind the token to the certificate of this mutual-TLS connection.
                 req = type(req)(req.scopes, req.audiences, req.lifetime, {X5T_S256: bound})
             issued = self._tokens.client_credentials(auth.client, req)
-            # Only now, with the request fully validated, is the assertion's jti spent; a replay
-            # counts against the address and the client.
+            # Only now, with the request fully validated, are the proof's and the assertion's
+            # jtis spent; a replayed assertion counts against the address and the client.
+            if proof is not None:
+                await proof.spend()
             await self._auth.consume(auth, _client_ip(request))
         except AegisError as exc:
             return self._error("token", exc, request)
@@ -190,13 +203,14 @@ class OAuthEndpoints:
         """RFC 8693 token exchange: delegation grants and on-behalf-of (aegis.tokens.exchange)."""
         assert self._tokens.exchanger is not None
         peer, cert = peer_from_scope(request.scope), client_cert_from_scope(request.scope)
-        jkt = await self.dpop(request) if self.dpop is not None else None
-        if jkt is None and "dpop" in request.headers:
-            raise AegisError("DPoP is not enabled on this server", code="invalid_dpop_proof")
+        proofs: list[CheckedProof] = []
 
-        def confirm(auth: AuthenticatedClient) -> dict[str, Any] | None:
-            if jkt is not None:
-                return {"jkt": jkt}
+        async def confirm(auth: AuthenticatedClient) -> dict[str, Any] | None:
+            # Inside the exchange, so that a refused proof is recorded as every refusal is.
+            proof = await self._proof(request)
+            if proof is not None:
+                proofs.append(proof)
+                return {"jkt": proof.jkt}
             if auth.client.dpop_bound:
                 raise InvalidRequest(
                     "this client must send a DPoP proof", code="invalid_dpop_proof"
@@ -204,13 +218,19 @@ class OAuthEndpoints:
             bound = certificate_to_bind(auth.client, auth.method, peer, cert)
             return {X5T_S256: bound} if bound is not None else None
 
+        async def spend() -> None:
+            for proof in proofs:
+                await proof.spend()
+
         issued, auth = await self._tokens.exchanger.exchange(
             form,
             resources,
             authorization=request.headers.get("authorization"),
             source=_client_ip(request),
             confirm=confirm,
+            spend=spend,
         )
+        jkt = proofs[0].jkt if proofs else None
         TOKENS_ISSUED.labels(grant_type=TOKEN_EXCHANGE, auth_method=auth.method.value).inc()
         TOKEN_ENDPOINT_SECONDS.observe(time.perf_counter() - started)
         body = {

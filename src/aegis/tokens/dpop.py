@@ -42,6 +42,7 @@ __all__ = [
     "DPOP_TYP",
     "MAX_PROOF_BYTES",
     "REPLAY_MARGIN",
+    "CheckedProof",
     "DpopProof",
     "DpopVerifier",
     "NonceSource",
@@ -314,29 +315,50 @@ class DpopVerifier:
         await self._replay.consume(REPLAY_NAMESPACE, f"{proof.jkt}:{proof.jti}", proof.expires_at)
 
 
+@dataclass(frozen=True, slots=True)
+class CheckedProof:
+    """A token endpoint proof that passed every check but its ``jti``'s: spent (:meth:`spend`)
+    only once the whole request is valid, so that a request refused for something else leaves
+    the proof unspent, as it leaves the client assertion."""
+
+    proof: DpopProof
+    verifier: DpopVerifier
+
+    @property
+    def jkt(self) -> str:
+        return self.proof.jkt
+
+    async def spend(self) -> None:
+        """Record the ``jti``; a replay is ``invalid_dpop_proof`` (RFC 9449 §5), a replay store
+        outage stays ``replay_store_unavailable`` (fail closed)."""
+        try:
+            await self.verifier.consume(self.proof)
+        except AegisError as exc:
+            if exc.code == "replay_detected":
+                raise _bad("this proof was already used; sign a new one") from None
+            raise
+
+
 def token_endpoint_hook(
     verifier: DpopVerifier, token_url: str
-) -> Callable[[Any], Awaitable[str | None]]:
-    """The token endpoint's DPoP hook: the proof's ``jkt``, or None when no proof was sent.
+) -> Callable[[Any], Awaitable[CheckedProof | None]]:
+    """The token endpoint's DPoP hook: the checked proof, or None when none was sent.
 
-    At the token endpoint every proof failure, a replay included, is ``invalid_dpop_proof``
-    (RFC 9449 §5); a replay store outage stays ``replay_store_unavailable`` (fail closed).
+    At the token endpoint every proof failure is ``invalid_dpop_proof`` (RFC 9449 §5), answered
+    400. The endpoint asks no server nonce (§8): a verifier that would is refused here.
     """
+    if verifier.nonces is not None:
+        raise ValueError("the token endpoint asks no DPoP nonces; give it a verifier without")
 
-    async def hook(request: Any) -> str | None:
+    async def hook(request: Any) -> CheckedProof | None:
         values = request.headers.getlist("dpop")
         if not values:
             return None
         # §4.3: "there is not more than one DPoP HTTP request header field"
         if len(values) != 1:
             raise _bad("send exactly one DPoP header")
-        proof = verifier.verify(values[0], method=request.method, url=token_url)
-        try:
-            await verifier.consume(proof)
-        except AegisError as exc:
-            if exc.code == "replay_detected":
-                raise _bad("this proof was already used; sign a new one") from None
-            raise
-        return proof.jkt
+        return CheckedProof(
+            verifier.verify(values[0], method=request.method, url=token_url), verifier
+        )
 
     return hook

@@ -116,12 +116,14 @@ class TokenExchanger:
         *,
         authorization: str | None,
         source: str,
-        confirm: Callable[[AuthenticatedClient], dict[str, Any] | None] | None = None,
+        confirm: Callable[[AuthenticatedClient], Awaitable[dict[str, Any] | None]] | None = None,
+        spend: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[IssuedToken, AuthenticatedClient]:
-        """Validate the whole request, then spend the assertion and grant jtis, then issue.
+        """Validate the whole request, then spend the proof, assertion and grant jtis, then issue.
 
         ``confirm`` returns the new token's ``cnf`` (DPoP key or certificate thumbprint) for the
-        authenticated child, or raises if the child must bind and did not.
+        authenticated child, or raises if the child must bind and did not; ``spend`` spends
+        what ``confirm`` checked (a DPoP proof's ``jti``), once everything else is valid.
         """
         subject = form.get("subject_token", "")
         delegated = form.get("subject_token_type") == DELEGATION_GRANT
@@ -154,7 +156,9 @@ class TokenExchanger:
                 )
             scopes = self._scopes(form, granted, child)
             audience = self._audience(form, resources)
-            cnf = confirm(auth) if confirm is not None else None
+            cnf = await confirm(auth) if confirm is not None else None
+            if spend is not None:
+                await spend()
             auth = await self._auth.consume(auth, source)  # a replay counts as a failure
             if links:
                 await self._consume(chain)
