@@ -16,6 +16,7 @@ from aegis.audit.log import AuditLog
 from aegis.clock import FrozenClock
 from aegis.crypto.keys import b64u_decode
 from aegis.stores.memory import MemoryReplayStore
+from aegis.telemetry.metrics import REGISTRY
 from aegis.tokens.delegation import mint_grant
 from aegis.tokens.dpop import DpopVerifier, NonceSource, token_endpoint_hook
 from aegis.tokens.exchange import DELEGATION_GRANT, EXCHANGE_AUDIT_KIND, JWT_TYPE, TOKEN_EXCHANGE
@@ -67,7 +68,9 @@ def test_replayed_or_misdirected_proof_is_refused(server: RunningServer) -> None
     url = f"{server.url}/oauth/token"
     proof = mint_proof(agent.key, "POST", url)
     assert _post(agent, proof).status_code == 200
+    replays = REGISTRY.get_sample_value("aegis_replay_attempts_total") or 0.0
     again = _post(agent, proof)
+    assert REGISTRY.get_sample_value("aegis_replay_attempts_total") == replays + 1
     assert (again.status_code, again.json()["error"]) == (400, "invalid_dpop_proof")
     elsewhere = _post(agent, mint_proof(agent.key, "POST", f"{server.url}/oauth/other"))
     assert (elsewhere.status_code, elsewhere.json()["error"]) == (400, "invalid_dpop_proof")

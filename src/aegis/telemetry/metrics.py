@@ -92,7 +92,8 @@ FAILED_SIGNATURE_VERIFICATIONS: Final = Counter(
 )
 REPLAY_ATTEMPTS: Final = Counter(
     "aegis_replay_attempts_total",
-    "Single-use proofs (DPoP jti, single-use token jti) presented a second time.",
+    "Single-use proofs (DPoP jti, single-use token jti) presented a second time, at the "
+    "gateway or the token endpoint.",
     registry=REGISTRY,
 )
 EXPIRED_TOKEN_REJECTIONS: Final = Counter(

@@ -34,6 +34,7 @@ from aegis.crypto.keys import (
 )
 from aegis.errors import AegisError, InvalidRequest, TokenError
 from aegis.stores.base import ReplayStore
+from aegis.telemetry.metrics import REPLAY_ATTEMPTS
 
 __all__ = [
     "DEFAULT_FUTURE_SKEW",
@@ -335,6 +336,7 @@ class CheckedProof:
             await self.verifier.consume(self.proof)
         except AegisError as exc:
             if exc.code == "replay_detected":
+                REPLAY_ATTEMPTS.inc()  # told apart from a malformed proof, as at the gateway
                 raise _bad("this proof was already used; sign a new one") from None
             raise
 
