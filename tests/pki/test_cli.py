@@ -366,3 +366,30 @@ def test_a_private_file_never_takes_the_mode_or_place_of_a_file_found_there(
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".cert.pem.tmp", ".key.pem.tmp", "cert.pem", "key.pem"
     ]  # fmt: skip
+
+
+def test_agents_cert_refuses_a_control_plane_whose_certificate_was_revoked(
+    pki: Pki, control_plane_url: str, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "trust.pem"
+    bundle.write_bytes(pki.ca.bundle_pem())
+    client_id, secret = pki.secrets["beta"]
+
+    def enrol(*extra: str) -> Result:
+        args = ["agents", "cert", "--client-id", client_id, "--out-dir", str(tmp_path / "b"),
+                "--bundle", str(bundle), "--url", control_plane_url, "--json", *extra]  # fmt: skip
+        return runner.invoke(aegis, args, env={"AEGIS_CLIENT_SECRET": secret})
+
+    assert enrol().exit_code == 0
+    before = len(pki.store.for_agent("beta"))
+    # The serving certificate (the "gw" agent's) is revoked: refused in the handshake, before
+    # the client secret is sent, so nothing is issued.
+    assert pki.store.revoke_agent("gw", "keyCompromise")
+    refused = enrol()
+    assert refused.exit_code == 1
+    assert refused.stderr.startswith("error: server_untrusted: ")
+    assert "revoked" in refused.stderr and refused.stderr.count("\n") == 1
+    assert len(pki.store.for_agent("beta")) == before
+    # An operator may still choose to skip the check, as before.
+    assert enrol("--no-check-revocation").exit_code == 0
+    assert len(pki.store.for_agent("beta")) == before + 1

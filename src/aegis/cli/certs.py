@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives import serialization
 from aegis.cli._common import JsonOpt
 from aegis.clock import SystemClock
 from aegis.errors import AegisError
-from aegis.pki.pinning import pin_server_spiffe_id
 from aegis.pki.renewal import CertificateManager, Credential, basic_credentials
+from aegis.sdk.revocation import InvalidCrl, ServerRevocations, guard_server
 
 __all__ = ["agent_cert", "fail_cleanly", "say", "write_file"]
 
@@ -112,6 +112,12 @@ def agent_cert(
     watch: Annotated[
         bool, typer.Option(help="keep running and renew at 2/3 of the lifetime")
     ] = False,
+    check_revocation: Annotated[
+        bool,
+        typer.Option(
+            help="refuse a control plane whose certificate the CA revoked (its CRLs, read first)"
+        ),
+    ] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Enrol this agent (and with --watch keep its certificate renewed) through /pki/v1/sign."""
@@ -131,12 +137,26 @@ def agent_cert(
             raise AegisError(
                 f"{bundle_file} is not a PEM trust bundle", code="config_invalid"
             ) from None
-        if server_id is not None:
-            pin_server_spiffe_id(verify, server_id)  # the control plane, by its SPIFFE ID
-        else:
-            # Aegis certificates name SPIFFE IDs, not hosts: without --server-id any certificate
-            # the bundle's CA issued with serverAuth is taken for the control plane (docs/pki.md).
-            verify.check_hostname = False
+        # Aegis certificates name SPIFFE IDs, not hosts: without --server-id any certificate the
+        # bundle's CA issued with serverAuth is taken for the control plane (docs/pki.md).
+        verify.check_hostname = False
+        revocations = None
+        if check_revocation:
+            # The CA's CRLs, signed (so read over a connection that cannot itself consult them):
+            # a control plane whose certificate was revoked is refused in the handshake, before
+            # the client secret is sent. Fails closed while no current CRL is held.
+            revocations = ServerRevocations(url, trust, server_id=server_id)
+            try:
+                revocations.refresh()
+            except InvalidCrl as exc:
+                raise AegisError(
+                    f"the CA's revocation lists from {url} do not verify: {exc}",
+                    code="server_untrusted",
+                ) from None
+        servers = (server_id,) if server_id is not None else ()
+        verify = guard_server(verify, servers, revocations)
+        if revocations is not None and watch:
+            revocations.start()  # kept current for every renewal's handshake
         out_dir.mkdir(parents=True, exist_ok=True)
 
     def save(cred: Credential) -> None:
