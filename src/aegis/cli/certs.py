@@ -148,10 +148,9 @@ def agent_cert(
             revocations = ServerRevocations(url, trust, server_id=server_id)
             try:
                 revocations.refresh()
-            except InvalidCrl as exc:
-                raise AegisError(
-                    f"the CA's revocation lists from {url} do not verify: {exc}",
-                    code="server_untrusted",
+            except InvalidCrl as exc:  # reported as a refused server (server_untrusted)
+                raise ssl.SSLCertVerificationError(
+                    f"the CA's revocation lists from {url} do not verify: {exc}"
                 ) from None
         servers = (server_id,) if server_id is not None else ()
         verify = guard_server(verify, servers, revocations)
