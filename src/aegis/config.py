@@ -415,8 +415,9 @@ class GatewaySettings(_Section):
     #: How often the gateway checks for a newly activated policy version (seconds).
     policy_poll_interval: float = Field(default=2.0, gt=0, le=300)
     #: How long an MCP session stays held for the agent that opened it after its last call
-    #: (seconds; held in the replay store). Longer than the MCP servers keep an idle session.
-    mcp_session_idle: float = Field(default=86400.0, ge=60, le=30 * 86400)
+    #: (seconds; held in the replay store). Keep it longer than the MCP servers keep an idle
+    #: session (the Python SDK's: 30 minutes): a hold that lapses first frees the session.
+    mcp_session_idle: float = Field(default=86400.0, ge=600, le=30 * 86400)
     #: How old a DPoP proof's ``iat`` may be, and how far ahead of this clock (seconds).
     dpop_iat_window: float = Field(default=60.0, gt=0, le=600)
     dpop_future_skew: float = Field(default=5.0, ge=0, le=60)

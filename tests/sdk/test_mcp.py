@@ -109,6 +109,34 @@ async def test_an_approved_call_is_sent_once_more_with_its_override(stack: Stack
     ]
 
 
+async def test_a_denied_approval_fails_the_call_only(stack: Stack) -> None:
+    from aegis.approvals.wiring import approvals_for
+
+    agent_id, agent = stack.key_agent("mcp-denied")
+    agent.approvals = ApprovalPolicy(timeout=3, poll_initial=0.01, poll_max=0.05)
+    service, decided = approvals_for(stack.srv.services), []
+
+    async def asleep(seconds: float) -> None:  # the human refuses while the SDK waits
+        if decided:
+            return
+        pending = [r for r in await service.list_requests("pending") if r.agent_id == agent_id]
+        await service.decide(
+            pending[0].id, via="cli", credential=APPROVER, approve=False, reason="no"
+        )
+        decided.append(pending[0].id)
+
+    agent.asleep = asleep
+    with agent:
+        async with mcp_session(agent, f"{stack.gateway}/mcp", audience=GW_AUD) as session:
+            with pytest.raises(MCPError) as refused:
+                await session.call_tool("refund", {"amount": 40})
+            # The session goes on.
+            after = await session.call_tool("search", {"query": "after"})
+    assert refused.value.data["code"] == "approval_needed"
+    assert refused.value.data["approval_id"] == decided[0]
+    assert after.content[0].text == "found after"
+
+
 async def test_credentials_never_travel_in_cleartext_or_on_a_sync_client(stack: Stack) -> None:
     _, agent = stack.key_agent("mcp-hygiene")
     with agent:

@@ -74,12 +74,13 @@ _METHOD_FIELD: Final = "mcp-method"
 _NAME_FIELD: Final = "mcp-name"
 _NAMED_BY: Final = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 #: The session an MCP server handed out on ``initialize``, sent back on every later request; the
-#: pipeline holds it for the agent that first used it (``session_key``, the replay store's
-#: ``claim``).
+#: pipeline holds it for the agent whose allowed call first named it (``session_key``, the
+#: replay store's ``claim``).
 SESSION_FIELD: Final = "mcp-session-id"
 SESSION_NAMESPACE: Final = "mcp-session"
-#: MCP: "only visible ASCII characters (ranging from 0x21 to 0x7E)".
-_SESSION_ID: Final = re.compile(r"[\x21-\x7e]{1,256}")
+#: MCP: "only visible ASCII characters (ranging from 0x21 to 0x7E)"; never a comma, which is how
+#: a proxy joins two fields (Envoy's check request: "VICTIM,x", of which a server reads VICTIM).
+_SESSION_ID: Final = re.compile(r"[\x21-\x2b\x2d-\x7e]{1,256}")
 #: A field value carried in base64 because it is not printable ASCII (``=?base64?...?=``).
 _BASE64_VALUE: Final = re.compile(r"=\?base64\?([A-Za-z0-9+/]*={0,2})\?=")
 
@@ -243,14 +244,17 @@ def session_id(fields: Iterable[tuple[str, str]]) -> str | None:
     if len(values) > 1:
         raise McpInvalid("the Mcp-Session-Id field appears more than once")
     if not _SESSION_ID.fullmatch(values[0]):
-        raise McpInvalid("an Mcp-Session-Id is 1 to 256 visible ASCII characters")
+        raise McpInvalid(
+            "an Mcp-Session-Id is 1 to 256 visible ASCII characters and no comma (two fields "
+            "joined by a proxy read as one)"
+        )
     return values[0]
 
 
-def session_key(route: Route, session: str) -> str:
-    """Where a session is held: per upstream server (two routes to one server share its
-    sessions), hashed to a bounded key."""
-    return hashlib.sha256(f"{route.upstream}\n{session}".encode()).hexdigest()
+def session_key(session: str) -> str:
+    """Where a session is held: by its id alone, a secret its server drew at random (whatever
+    route or spelling of the upstream the call came by), hashed to a bounded key."""
+    return hashlib.sha256(session.encode()).hexdigest()
 
 
 def mcp_call(

@@ -355,8 +355,6 @@ class Pipeline:
             raise TokenError(
                 "the token's tenant or environment is not this route's", code="tenant_mismatch"
             )
-        if route.mcp:
-            await self._hold_session(ctx, token)
         t = self._timed(facts, _SUBJECT, t)
         await prefetch_chain_agents(token, self._cache, self._rules)
         chain = verify_chain(
@@ -398,6 +396,10 @@ class Pipeline:
         t = self._timed(facts, _POLICY, t)
         if self._limits is not None:
             await self._limits(ctx, token)
+        if route.mcp and decision.action != "deny":
+            # Only a call policy lets through holds a session: a refused one could otherwise
+            # hold ids ahead of their owners, or fill the store.
+            await self._hold_session(ctx, token)
         self._timed(facts, _LIMITS, t)
         if decision.action == "approval_needed" and self._approvals is not None:
             # A call this door cannot enforce once approved is refused before it is held or an
@@ -417,9 +419,7 @@ class Pipeline:
             return
         owner = f"{token.tenant}\n{token.env}\n{token.agent_id}"
         expires = self._clock.now() + self._mcp_session_idle
-        if not await self._replay.claim(
-            SESSION_NAMESPACE, session_key(ctx.route, session), owner, expires
-        ):
+        if not await self._replay.claim(SESSION_NAMESPACE, session_key(session), owner, expires):
             raise AegisError(
                 "no such MCP session for this agent: initialize a session of its own",
                 code="not_found",

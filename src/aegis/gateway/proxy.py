@@ -175,8 +175,11 @@ async def _error(
 
 
 def _rpc_id(ctx: CallContext) -> str | int | None:
-    """The id of the JSON-RPC message an MCP route's call carried (None if it had none)."""
-    rid = ctx.body.get("id") if isinstance(ctx.body, dict) else None
+    """The id of the JSON-RPC request an MCP route's call carried (None for a notification, or
+    an answer to the server, whose id is the server's numbering)."""
+    if not isinstance(ctx.body, dict) or "method" not in ctx.body:
+        return None
+    rid = ctx.body.get("id")
     return rid if isinstance(rid, str | int) and not isinstance(rid, bool) else None
 
 

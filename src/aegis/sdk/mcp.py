@@ -12,7 +12,9 @@ token, a DPoP nonce, a dependency the gateway found down, a human approval (the 
 the decision, then is sent once more with its override). A refusal is never raised inside the MCP
 transport, where it would end the session: it reaches the MCP client as the JSON-RPC error the
 gateway answered, and the call raises ``mcp.shared.exceptions.MCPError`` whose ``data`` is the
-gateway's body (``code``, ``message``, ``decision_id``).
+gateway's body (``code``, ``message``, ``decision_id``); an approval denied or not decided in
+time fails its call with the gateway's ``approval_needed`` answer. A token that cannot be
+obtained at all ends the session with the SDK's error.
 
 Credentials go over ``https`` only (or to loopback). A client holding a renewing certificate
 (:class:`~aegis.sdk.renewing.RenewingCertificate`) is refused: the session's connections would
@@ -25,11 +27,13 @@ from collections.abc import AsyncGenerator, AsyncIterator, Generator, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, cast
 
+import httpx
 import httpx2
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
 from aegis.sdk.auth import AegisAuth, refuse_cleartext
+from aegis.sdk.errors import AegisClientError
 
 if TYPE_CHECKING:
     from aegis.sdk.client import AgentClient
@@ -62,6 +66,11 @@ class McpAuth(httpx2.Auth):
             try:
                 sent = await flow.asend(cast(Any, response))
             except StopAsyncIteration:
+                return
+            except (AegisClientError, httpx.HTTPError):
+                # An approval denied or not decided in time, or its status unreadable: raised
+                # here it would end the session. The gateway's last answer (its JSON-RPC
+                # approval_needed error) reaches the MCP client instead, failing this call only.
                 return
 
 

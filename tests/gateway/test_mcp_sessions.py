@@ -1,0 +1,143 @@
+"""MCP sessions held for the agent that opened them, in process (the pipeline) and at the gRPC
+ext_authz door: only an allowed call holds a session, a session is held by its id whatever route
+or upstream spelling it comes by, and two fields joined by a proxy never read as a fresh id."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+
+import pytest
+from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+from google.rpc import code_pb2
+
+from aegis.config import GatewaySettings
+from aegis.gateway.app import build_pipeline, create_gateway_app
+from aegis.gateway.context import Route
+from aegis.policy.loader import load_document
+from tests.gateway.conftest import PAY, Agent, Env, dpop_headers, make_ctx
+from tests.gateway.harness import exchange, gateway_here, signed_call
+from tests.gateway.helpers import mint_proof
+from tests.gateway.test_ext_authz_grpc import check, denied
+from tests.gateway.test_mcp import POLICY, stub  # noqa: F401  (the ext_authz fixture)
+
+ONLY_OWNER = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: repo-owner-only}
+spec:
+  rules:
+    - {id: owner, action: allow, reason: the owner only, match: {tools: [repo], agent: {ids: [owner]}}}
+"""
+LISTING = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+
+
+def _route(host: str | None = None, upstream: str = "http://127.0.0.1:9") -> Route:
+    return dataclasses.replace(
+        PAY, path_prefix="/mcp", upstream=upstream, tool="repo", host=host, mcp=True
+    )
+
+
+async def _call(env: Env, agent: Agent, sid: str, route: Route | None = None) -> str | None:
+    """A tools/list naming session ``sid``: None if allowed, else the refusal's code."""
+    route = route or _route()
+    token = agent.token()
+    proof = mint_proof(agent.key, "POST", f"https://{route.host or 'gw.example.com'}/mcp",
+                       token=token)  # fmt: skip
+    ctx = make_ctx(
+        [("authorization", f"DPoP {token}"), ("dpop", proof), ("mcp-session-id", sid)],
+        body=LISTING, route=route, path="/mcp",
+    )  # fmt: skip
+    result = await env.pipeline.run(ctx)
+    return None if result.allowed else result.code
+
+
+def _activate(env: Env, policy: str) -> None:
+    env.policies.activate("acme", "prod", env.policies.put(load_document(policy), now=0),
+                          actor="test", now=0)  # fmt: skip
+
+
+async def test_a_call_refused_by_policy_holds_no_session(env: Env) -> None:
+    _activate(env, ONLY_OWNER)
+    owner, intruder = Agent(env, "owner"), Agent(env, "intruder")
+    sid = secrets.token_hex(16)
+    assert await _call(env, intruder, sid) == "access_denied"
+    assert await _call(env, owner, sid) is None  # the intruder's refused call held nothing
+    assert await _call(env, intruder, sid) == "access_denied"  # policy first, as for any call
+
+
+async def test_refused_calls_cannot_fill_the_store(env: Env) -> None:
+    _activate(env, ONLY_OWNER)
+    owner, intruder = Agent(env, "owner"), Agent(env, "intruder")
+    env.services.replay._claims._max = 5  # type: ignore[attr-defined]  # stands for 1,000,000
+    for _ in range(5):
+        assert await _call(env, intruder, secrets.token_hex(16)) == "access_denied"
+    assert await _call(env, owner, secrets.token_hex(16)) is None
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("http://mcp.internal:8000", "http://MCP.internal:8000"),
+        ("http://mcp.internal", "http://mcp.internal:80"),
+        ("http://mcp-a.internal", "http://mcp-alias.internal"),
+    ],
+)
+async def test_a_session_is_held_by_its_id_whatever_route_it_comes_by(
+    env: Env, first: str, second: str
+) -> None:
+    _activate(env, POLICY)
+    owner, other = Agent(env, "owner"), Agent(env, "other")
+    sid = secrets.token_hex(16)
+    a, b = _route("a.example.com", first), _route("b.example.com", second)
+    assert await _call(env, owner, sid, a) is None
+    assert await _call(env, other, sid, a) == "not_found"
+    assert await _call(env, other, sid, b) == "not_found"
+    assert await _call(env, owner, sid, b) is None
+
+
+async def test_joined_session_fields_never_read_as_a_fresh_id(
+    env: Env,
+    stub: pb_grpc.AuthorizationStub,  # noqa: F811
+) -> None:
+    owner, other = Agent(env, "owner"), Agent(env, "other")
+    victim = secrets.token_hex(16)
+
+    async def listing(agent: Agent, *session: tuple[str, str]) -> object:
+        headers = [*dpop_headers(agent, agent.token(), path="/mcp"),
+                   ("content-type", "application/json"), *session]  # fmt: skip
+        return await stub.Check(check(headers, path="/mcp", body=json.dumps(LISTING).encode()))
+
+    assert (await listing(owner, ("mcp-session-id", victim))).status.code == code_pb2.OK
+    status, _, body = denied(await listing(other, ("mcp-session-id", victim)))
+    assert (status, body["code"]) == (404, "not_found")
+    # Envoy joins two fields into "VICTIM,x", of which the server reads VICTIM: refused.
+    status, _, body = denied(
+        await listing(other, ("mcp-session-id", victim), ("mcp-session-id", "x"))
+    )
+    assert (status, body["code"]) == (400, "invalid_request")
+
+
+async def test_an_answer_refused_after_the_decision_names_no_id(env: Env) -> None:
+    data = env.settings.model_dump()
+    data["routes"] = [{"path_prefix": "/mcp", "upstream": "http://127.0.0.1:9", "tool": "repo",
+                       "tenant": "acme", "env": "prod", "mcp": True}]  # fmt: skip
+    settings = GatewaySettings.model_validate(data)
+    _activate(env, POLICY)
+    pipeline = build_pipeline(env.services, settings, policy_store=env.policies, audit=env.audit)
+    app = create_gateway_app(env.services, settings, pipeline=pipeline)
+    answer = json.dumps({"jsonrpc": "2.0", "id": 12, "result": {}}).encode()
+    request = json.dumps({"jsonrpc": "2.0", "id": 13, "method": "ping"}).encode()
+    fields = [("Content-Type", "application/json"),
+              ("Accept", "application/json, text/event-stream")]  # fmt: skip
+    async with gateway_here(app) as port:  # the upstream is unreachable: 502 after the decision
+        [(head, body)] = await exchange(
+            port, signed_call(Agent(env, "caller"), "POST", "/mcp", fields, answer)
+        )
+        [(_, pinged)] = await exchange(
+            port, signed_call(Agent(env, "caller2"), "POST", "/mcp", fields, request)
+        )
+    assert head.startswith(b"HTTP/1.1 502"), head
+    assert json.loads(body)["id"] is None  # the server's numbering, not the client's
+    assert json.loads(pinged)["id"] == 13
