@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
@@ -47,9 +48,9 @@ def settings_with_routes(env: Env) -> GatewaySettings:
     return GatewaySettings.model_validate(data)
 
 
-@pytest.fixture
-async def stub(env: Env) -> AsyncIterator[pb_grpc.AuthorizationStub]:
-    ext = ExtAuthz(env.pipeline, settings_with_routes(env))
+@asynccontextmanager
+async def grpc_stub(ext: ExtAuthz) -> AsyncIterator[pb_grpc.AuthorizationStub]:
+    """A client of ``ext``'s gRPC door on a loopback port (loopback is a trusted proxy)."""
     server, port = await start_grpc_server(
         AuthorizationService(ext, TrustedPeers(["127.0.0.1"])), "127.0.0.1", 0
     )
@@ -58,6 +59,12 @@ async def stub(env: Env) -> AsyncIterator[pb_grpc.AuthorizationStub]:
             yield pb_grpc.AuthorizationStub(channel)
     finally:
         await server.stop(grace=None)
+
+
+@pytest.fixture
+async def stub(env: Env) -> AsyncIterator[pb_grpc.AuthorizationStub]:
+    async with grpc_stub(ExtAuthz(env.pipeline, settings_with_routes(env))) as client:
+        yield client
 
 
 def check(

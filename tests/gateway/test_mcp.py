@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import httpx2
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2 as pb
@@ -26,8 +25,7 @@ from pydantic import BaseModel
 from aegis.audit.attest import attestation_rules
 from aegis.config import GatewaySettings
 from aegis.gateway.app import build_pipeline, create_gateway_app
-from aegis.gateway.ext_authz import ExtAuthz, TrustedPeers
-from aegis.gateway.ext_authz_grpc import AuthorizationService, start_grpc_server
+from aegis.gateway.ext_authz import ExtAuthz
 from aegis.gateway.mcp import (
     HEADER_MISMATCH,
     INVALID_PARAMS,
@@ -39,7 +37,7 @@ from aegis.policy.loader import load_document
 from aegis.tokens.verifier import verify_jwt
 from tests.gateway.conftest import Agent, Env, dpop_headers
 from tests.gateway.harness import exchange, gateway_here, serve_here, signed_call
-from tests.gateway.test_ext_authz_grpc import check, denied
+from tests.gateway.test_ext_authz_grpc import check, denied, grpc_stub
 
 POLICY = """
 apiVersion: aegis/v1
@@ -394,15 +392,8 @@ async def stub(env: Env) -> AsyncIterator[pb_grpc.AuthorizationStub]:
                        "tenant": "acme", "env": "prod", "mcp": True}]  # fmt: skip
     env.policies.activate("acme", "prod", env.policies.put(load_document(POLICY), now=0),
                           actor="test", now=0)  # fmt: skip
-    ext = ExtAuthz(env.pipeline, GatewaySettings.model_validate(data))
-    server, port = await start_grpc_server(
-        AuthorizationService(ext, TrustedPeers(["127.0.0.1"])), "127.0.0.1", 0
-    )
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield pb_grpc.AuthorizationStub(channel)
-    finally:
-        await server.stop(grace=None)
+    async with grpc_stub(ExtAuthz(env.pipeline, GatewaySettings.model_validate(data))) as client:
+        yield client
 
 
 async def test_ext_authz_decides_each_tool_call_as_its_own_tool(

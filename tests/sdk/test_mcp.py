@@ -76,24 +76,33 @@ async def test_a_dependency_down_is_retried_then_reported_on_the_call(stack: Sta
     assert len(outage) == 2
 
 
-async def test_an_approved_call_is_sent_once_more_with_its_override(stack: Stack) -> None:
+def _deciding_agent(
+    stack: Stack, name: str, *, approve: bool
+) -> tuple[str, AgentClient, list[str]]:
+    """An agent whose ``asleep`` is where the human decides its pending request (once): the
+    agent's id and client, and the approval ids decided."""
     from aegis.approvals.wiring import approvals_for
 
-    agent_id, agent = stack.key_agent("mcp-refunder")
+    agent_id, agent = stack.key_agent(name)
     agent.approvals = ApprovalPolicy(timeout=3, poll_initial=0.01, poll_max=0.05)
     service, decided = approvals_for(stack.srv.services), []
 
-    async def asleep(seconds: float) -> None:  # the human decides while the SDK waits
+    async def asleep(seconds: float) -> None:
         if decided:
             return
         pending = [r for r in await service.list_requests("pending") if r.agent_id == agent_id]
         assert len(pending) == 1
         await service.decide(
-            pending[0].id, via="cli", credential=APPROVER, approve=True, reason="test"
+            pending[0].id, via="cli", credential=APPROVER, approve=approve, reason="test"
         )
         decided.append(pending[0].id)
 
     agent.asleep = asleep
+    return agent_id, agent, decided
+
+
+async def test_an_approved_call_is_sent_once_more_with_its_override(stack: Stack) -> None:
+    agent_id, agent, decided = _deciding_agent(stack, "mcp-refunder", approve=True)
     with agent:
         async with mcp_session(agent, f"{stack.gateway}/mcp", audience=GW_AUD) as session:
             refunded = await session.call_tool("refund", {"amount": 40})
@@ -110,22 +119,7 @@ async def test_an_approved_call_is_sent_once_more_with_its_override(stack: Stack
 
 
 async def test_a_denied_approval_fails_the_call_only(stack: Stack) -> None:
-    from aegis.approvals.wiring import approvals_for
-
-    agent_id, agent = stack.key_agent("mcp-denied")
-    agent.approvals = ApprovalPolicy(timeout=3, poll_initial=0.01, poll_max=0.05)
-    service, decided = approvals_for(stack.srv.services), []
-
-    async def asleep(seconds: float) -> None:  # the human refuses while the SDK waits
-        if decided:
-            return
-        pending = [r for r in await service.list_requests("pending") if r.agent_id == agent_id]
-        await service.decide(
-            pending[0].id, via="cli", credential=APPROVER, approve=False, reason="no"
-        )
-        decided.append(pending[0].id)
-
-    agent.asleep = asleep
+    _, agent, decided = _deciding_agent(stack, "mcp-denied", approve=False)
     with agent:
         async with mcp_session(agent, f"{stack.gateway}/mcp", audience=GW_AUD) as session:
             with pytest.raises(MCPError) as refused:
