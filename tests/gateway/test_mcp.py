@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import httpx2
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2 as pb
@@ -26,6 +27,7 @@ from aegis.audit.attest import attestation_rules
 from aegis.config import GatewaySettings
 from aegis.gateway.app import build_pipeline, create_gateway_app
 from aegis.gateway.ext_authz import ExtAuthz
+from aegis.gateway.ext_authz_http import create_ext_authz_http_app
 from aegis.gateway.mcp import (
     HEADER_MISMATCH,
     INVALID_PARAMS,
@@ -36,7 +38,7 @@ from aegis.gateway.mcp import (
 from aegis.policy.loader import load_document
 from aegis.tokens.verifier import verify_jwt
 from tests.gateway.conftest import Agent, Env, dpop_headers
-from tests.gateway.harness import exchange, gateway_here, serve_here, signed_call
+from tests.gateway.harness import exchange, gateway_here, serve, serve_here, signed_call
 from tests.gateway.test_ext_authz_grpc import check, denied, grpc_stub
 
 POLICY = """
@@ -428,3 +430,45 @@ async def test_ext_authz_decides_each_tool_call_as_its_own_tool(
     status, _, body = denied(await call("delete_repo", shown=False, name="main"))
     assert (status, body["code"]) == (400, "invalid_request")
     assert "shown whole" in body["message"]
+
+
+MCP_ROUTE: Any = {"path_prefix": "/mcp", "upstream": "http://127.0.0.1:9", "tool": "repo",
+                  "tenant": "acme", "env": "prod", "mcp": True}  # fmt: skip
+
+
+def _call_headers(agent: Agent) -> dict[str, str]:
+    token = agent.token()
+    return {"authorization": f"DPoP {token}", "dpop": agent.proof(token, "POST", "/mcp"),
+            "content-type": "application/json"}  # fmt: skip
+
+
+def test_the_http_door_decides_what_envoy_shows_and_refuses_what_nginx_cannot(env: Env) -> None:
+    env.policies.activate("acme", "prod", env.policies.put(load_document(POLICY), now=0),
+                          actor="test", now=0)  # fmt: skip
+    agent = Agent(env)
+
+    def call(url: str, tool: str) -> httpx.Response:
+        body = json.dumps({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                           "params": {"name": tool, "arguments": {"query": "x"}}})  # fmt: skip
+        return httpx.post(url, headers=_call_headers(agent), content=body)
+
+    for mode in ({"http_mode": "envoy", "path_prefix": "/check"},
+                 {"http_mode": "nginx", "trusted_proxies": ["127.0.0.1"]}):  # fmt: skip
+        data = env.settings.model_dump()
+        data.update(routes=[MCP_ROUTE], ext_authz=mode)
+        settings = GatewaySettings.model_validate(data)
+        app = create_ext_authz_http_app(ExtAuthz(env.pipeline, settings), settings.ext_authz)
+        with serve(app) as url:
+            if mode["http_mode"] == "envoy":  # Envoy's http_service sends the body it buffered
+                allowed = call(f"{url}/check/mcp", "search")
+                assert allowed.status_code == 200, allowed.text
+                refused = call(f"{url}/check/mcp", "delete_repo")
+                assert (refused.status_code, refused.json()["code"]) == (403, "access_denied")
+                record = next(r for r in env.audit.records()
+                              if r["decision_id"] == refused.json()["decision_id"])  # fmt: skip
+                assert record["tool"] == "repo.delete_repo"
+            else:  # auth_request sends no body: the message cannot be decided
+                nginx = {"x-original-uri": "/mcp", "x-original-method": "POST"}
+                refused = httpx.get(f"{url}/auth", headers={**_call_headers(agent), **nginx})
+                assert (refused.status_code, refused.json()["code"]) == (400, "invalid_request")
+                assert "shown whole" in refused.json()["message"]
