@@ -3,6 +3,7 @@ any JSON value is either read or refused with a JSON-RPC error code, never let t
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -274,3 +275,42 @@ def test_json_text_arguments_are_an_mcp_routes_setting() -> None:
     assert mcp_call(route, "POST", JSON, body)[0].tool == "repo.t"
     with pytest.raises(McpInvalid):
         mcp_call(ROUTE, "POST", JSON, body)
+
+
+def _server_parses(value: str) -> bool:
+    """What the Python MCP SDK's ``pre_parse_json`` replaces with its parse."""
+    try:
+        parsed = json.loads(value)
+    except (ValueError, RecursionError):
+        return False
+    return not isinstance(parsed, str | int | float)
+
+
+_json_text = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=8,
+).map(json.dumps)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.one_of(
+        st.text(max_size=24),
+        _json_text,
+        st.tuples(st.sampled_from(["", " ", "\n\t", "\r ", "\x0b", "\ufeff"]), _json_text).map(
+            "".join
+        ),
+    )
+)
+def test_a_string_argument_is_refused_exactly_when_the_server_would_parse_it(value: str) -> None:
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": "t", "arguments": {"a": value}}}  # fmt: skip
+    refused = False
+    try:
+        read_message(body)
+    except McpInvalid:
+        refused = True
+    assert refused == _server_parses(value)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -183,6 +184,9 @@ def _holds_json(value: Any) -> bool:
     of an object, an array or null, as ``json.loads`` (the SDK's reader) reads it."""
     if not isinstance(value, str):
         return False
+    start = value.lstrip(" \t\n\r")[:1]  # the whitespace json.loads skips
+    if start not in ("{", "[", "n"):  # no object, array or null can begin otherwise
+        return False
     try:
         parsed = json.loads(value)
     except (ValueError, RecursionError):
@@ -296,8 +300,14 @@ def mcp_call(
     message = read_message(body, json_text_arguments=route.mcp_json_text_arguments)
     _check_routing_fields(message, body, fields)
     if message.tool is not None:
-        route = dataclasses.replace(route, tool=f"{route.tool}.{message.tool}")
+        route = _tool_route(route, message.tool)
     return route, message
+
+
+@functools.lru_cache(maxsize=4096)
+def _tool_route(route: Route, tool: str) -> Route:
+    """``route`` decided as its tool ``tool`` (routes are frozen: one per tool is kept)."""
+    return dataclasses.replace(route, tool=f"{route.tool}.{tool}")
 
 
 def rpc_error(body: dict[str, Any], rpc_id: str | int | None, rpc_code: int) -> dict[str, Any]:
