@@ -448,12 +448,18 @@ class GatewaySettings(_Section):
             raise ValueError("two routes have the same host and path_prefix")
         for mcp in (r for r in self.routes if r.mcp):
             # An MCP route's tool calls are decided as "<tool>.<name>": another route's tool
-            # under that name would share their rules ("repo.admin" + "x" and "repo" + "admin.x").
+            # under that name would share their rules ("repo.admin" + "x" and "repo" + "admin.x"),
+            # and a plain route named as the MCP route would share its session's rules.
             clash = next((r.tool for r in self.routes if r.tool.startswith(mcp.tool + ".")), None)
             if clash is not None:
                 raise ValueError(
                     f"the route tool {clash!r} lies under the MCP route tool {mcp.tool!r}, whose "
                     f"tool calls are decided as {mcp.tool!r}.<name>: rename one of them"
+                )
+            if any(r.tool == mcp.tool and not r.mcp for r in self.routes):
+                raise ValueError(
+                    f"the tool {mcp.tool!r} names an MCP route and a route that is not one: "
+                    "rename one of them"
                 )
         if self.port in (self.ext_authz.grpc_port, self.ext_authz.http_port):
             raise ValueError("ext_authz ports must differ from gateway.port")

@@ -472,3 +472,33 @@ def test_the_http_door_decides_what_envoy_shows_and_refuses_what_nginx_cannot(en
                 refused = httpx.get(f"{url}/auth", headers={**_call_headers(agent), **nginx})
                 assert (refused.status_code, refused.json()["code"]) == (400, "invalid_request")
                 assert "shown whole" in refused.json()["message"]
+
+
+async def test_a_get_or_delete_with_a_body_is_refused(mcp: Mcp) -> None:
+    call = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                       "params": {"name": "delete_repo", "arguments": {"name": "main"}}}).encode()  # fmt: skip
+    for method in ("GET", "DELETE"):
+        head, answer = await mcp.post(call, [("Content-Type", "application/json")], method=method)
+        assert head.startswith(b"HTTP/1.1 400"), (method, head)
+        assert answer["error"]["data"]["code"] == "invalid_request"
+        assert "carries no body" in answer["error"]["message"]
+    assert calls == []
+
+
+async def test_ext_authz_refuses_what_the_transport_does_not_carry(
+    env: Env, stub: pb_grpc.AuthorizationStub
+) -> None:
+    agent = Agent(env)
+    put = [*dpop_headers(agent, agent.token(), method="PUT", path="/mcp")]
+    status, headers, body = denied(await stub.Check(check(put, path="/mcp", method="PUT")))
+    assert (status, body["code"], headers.get("allow")) == (
+        405,
+        "method_not_allowed",
+        "POST, GET, DELETE",
+    )
+    call = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                       "params": {"name": "delete_repo", "arguments": {}}}).encode()  # fmt: skip
+    get = [*dpop_headers(agent, agent.token(), method="GET", path="/mcp"),
+           ("content-type", "application/json")]  # fmt: skip
+    status, _, body = denied(await stub.Check(check(get, path="/mcp", method="GET", body=call)))
+    assert (status, body["code"]) == (400, "invalid_request")

@@ -181,6 +181,35 @@ def test_arguments_are_an_object() -> None:
 
 def test_an_answer_is_refused_under_no_id() -> None:
     assert read_message({"jsonrpc": "2.0", "id": 5, "result": {}}) == McpMessage(None, None)
+    with pytest.raises(McpInvalid) as refused:  # refused for its missing "jsonrpc"
+        read_message({"id": 12, "result": {}})
+    assert refused.value.rpc_id is None
+
+
+def test_a_bad_session_field_on_a_readable_request_names_its_id() -> None:
+    call = b'{"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "search"}}'
+    for session in (
+        [("mcp-session-id", "a"), ("mcp-session-id", "b")],
+        [("mcp-session-id", "a,b")],
+    ):
+        with pytest.raises(McpInvalid) as refused:
+            mcp_call(ROUTE, "POST", [*JSON, *session], call)
+        assert refused.value.rpc_id == 7
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [[("content-length", "5")], [("transfer-encoding", "chunked")], [("content-length", "0")]],
+)
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+def test_a_get_or_delete_carries_no_body(method: str, fields: list[tuple[str, str]]) -> None:
+    if fields == [("content-length", "0")]:
+        assert mcp_call(ROUTE, method, fields, None) == (ROUTE, None)
+        return
+    with pytest.raises(McpInvalid, match="carries no body"):
+        mcp_call(ROUTE, method, fields, None)
+    with pytest.raises(McpInvalid, match="carries no body"):
+        mcp_call(ROUTE, method, [], b"{}")
 
 
 def test_a_name_field_on_a_method_that_names_nothing_is_refused() -> None:
@@ -256,6 +285,15 @@ def _route(tool: str, **extra: Any) -> dict[str, Any]:
 def test_no_route_tool_lies_under_an_mcp_routes_tool_calls(routes: list[dict[str, Any]]) -> None:
     with pytest.raises(ValidationError, match="lies under the MCP route tool 'repo'"):
         GatewaySettings.model_validate({"routes": routes})
+
+
+def test_an_mcp_routes_tool_names_no_other_kind_of_route() -> None:
+    with pytest.raises(ValidationError, match="names an MCP route and a route that is not one"):
+        GatewaySettings.model_validate(
+            {"routes": [_route("repo", mcp=True), {**_route("repo"), "path_prefix": "/plain"}]}
+        )
+    two = [_route("repo", mcp=True), {**_route("repo", mcp=True), "path_prefix": "/repo2"}]
+    assert len(GatewaySettings.model_validate({"routes": two}).routes) == 2
 
 
 def test_tools_beside_an_mcp_route_are_fine() -> None:

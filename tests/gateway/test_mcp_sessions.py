@@ -141,3 +141,85 @@ async def test_an_answer_refused_after_the_decision_names_no_id(env: Env) -> Non
     assert head.startswith(b"HTTP/1.1 502"), head
     assert json.loads(body)["id"] is None  # the server's numbering, not the client's
     assert json.loads(pinged)["id"] == 13
+
+
+APPROVAL_FOR_INTRUDER = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: repo-owner-or-approval}
+spec:
+  rules:
+    - {id: owner, action: allow, reason: the owner, match: {tools: [repo], agent: {ids: [owner]}}}
+    - {id: others, action: approval_needed, reason: others need a human,
+       match: {tools: [repo], agent: {ids: [intruder]}},
+       approval: {group: ops, channel: slack, expires_in: 600}}
+    - {id: redacted, action: sanitize, reason: the auditor's calls are redacted,
+       match: {tools: [repo], agent: {ids: [auditor]}},
+       obligations: [{kind: redact, target: request, path: params.cursor}]}
+"""
+
+
+async def test_a_call_held_for_approval_holds_no_session(env: Env) -> None:
+    _activate(env, APPROVAL_FOR_INTRUDER)
+    owner, intruder = Agent(env, "owner"), Agent(env, "intruder")
+    sid = secrets.token_hex(16)
+    assert await _call(env, intruder, sid) == "approval_needed"
+    assert await _call(env, owner, sid) is None
+    env.services.replay._claims._max = 3  # type: ignore[attr-defined]  # stands for 1,000,000
+    for _ in range(3):
+        assert await _call(env, intruder, secrets.token_hex(16)) == "approval_needed"
+    assert await _call(env, owner, secrets.token_hex(16)) is None  # the store is not full
+
+
+async def test_a_sanitize_the_door_cannot_apply_holds_no_session(env: Env) -> None:
+    _activate(env, APPROVAL_FOR_INTRUDER)
+    owner, auditor = Agent(env, "owner"), Agent(env, "auditor")
+    sid = secrets.token_hex(16)
+
+    async def at_ext_authz(agent: Agent) -> str | None:
+        token = agent.token()
+        proof = mint_proof(agent.key, "POST", "https://gw.example.com/mcp", token=token)
+        ctx = make_ctx([("authorization", f"DPoP {token}"), ("dpop", proof),
+                        ("mcp-session-id", sid)], body=LISTING, route=_route(), path="/mcp")  # fmt: skip
+        ctx = dataclasses.replace(ctx, can_sanitize=False, door="ext_authz")
+        result = await env.pipeline.run(ctx)
+        return None if result.allowed else result.code
+
+    assert await at_ext_authz(auditor) == "policy_error"  # an ext_authz answer rewrites nothing
+    assert await at_ext_authz(owner) is None
+
+
+SHADOW = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: repo-trial}
+spec:
+  mode: shadow
+  rules:
+    - {id: session, action: allow, reason: plumbing, match: {tools: [repo]}}
+"""
+
+
+async def test_callers_cannot_mint_metric_label_sets(env: Env) -> None:
+    """The tool an MCP call is decided as comes from the request; metrics name the route's
+    configured tool, or every call could add a label set kept for the life of the process."""
+    from aegis.gateway.mcp import mcp_call
+    from aegis.policy.shadow import SHADOW_WOULD_DENY
+    from aegis.telemetry.metrics import REGISTRY
+
+    _activate(env, SHADOW)
+    agent = Agent(env, "caller")
+    children = len(SHADOW_WOULD_DENY._metrics)  # type: ignore[attr-defined]
+    for _ in range(20):
+        body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                "params": {"name": secrets.token_hex(8), "arguments": {}}}  # fmt: skip
+        route, _ = mcp_call(_route(), "POST", (("content-type", "application/json"),),
+                            json.dumps(body).encode())  # fmt: skip
+        token = agent.token()
+        proof = mint_proof(agent.key, "POST", "https://gw.example.com/mcp", token=token)
+        ctx = make_ctx([("authorization", f"DPoP {token}"), ("dpop", proof)], body=body,
+                       route=route, path="/mcp")  # fmt: skip
+        assert (await env.pipeline.run(ctx)).allowed  # shadow mode: counted as would-deny
+    assert len(SHADOW_WOULD_DENY._metrics) - children <= 1  # type: ignore[attr-defined]
+    labels = {"rule": "<default-deny>", "tool": "repo"}
+    assert (REGISTRY.get_sample_value("aegis_shadow_would_deny_total", labels) or 0) >= 20

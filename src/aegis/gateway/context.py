@@ -64,6 +64,14 @@ class Route:
     mcp: bool = False
     #: Accept tool arguments that are strings of JSON text (refused otherwise: ``aegis.gateway.mcp``).
     mcp_json_text_arguments: bool = False
+    #: For a call decided as one MCP tool (``<tool>.<name>``), the route's configured tool.
+    base_tool: str | None = None
+
+    @property
+    def metric_tool(self) -> str:
+        """The tool metrics are labelled with: the configured one, never a name from a request
+        (an MCP tool's name would let callers grow the label sets without bound)."""
+        return self.base_tool or self.tool
 
 
 def route_from_settings(r: GatewayRoute) -> Route:

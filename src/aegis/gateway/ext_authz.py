@@ -56,7 +56,7 @@ from aegis.gateway.context import (
 )
 from aegis.gateway.evidence import Result
 from aegis.gateway.fields import UPGRADE_REFUSED, parse_json_body, proxy_claim, vet_fields
-from aegis.gateway.mcp import mcp_call
+from aegis.gateway.mcp import MCP_METHODS, mcp_call
 from aegis.gateway.overrides import refuse_method_override
 from aegis.gateway.pipeline import Pipeline
 from aegis.gateway.routing import RouteTable
@@ -453,7 +453,10 @@ class ExtAuthz:
             if req.certificate:
                 facts["peer"] = await self._peer(req)
         except AegisError as exc:
-            return await self._pipeline.refuse(CallContext(**facts), exc)
+            refused = await self._pipeline.refuse(CallContext(**facts), exc)
+            if exc.code == "method_not_allowed" and route.mcp:  # RFC 9110 §15.5.6
+                refused.headers["allow"] = ", ".join(MCP_METHODS)
+            return refused
         return await self._pipeline.run(CallContext(**facts))
 
     def _body_facts(self, facts: dict[str, Any], raw: bytes | None) -> None:

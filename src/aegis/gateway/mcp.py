@@ -17,10 +17,11 @@ decision), a body that is not one JSON-RPC message, a ``tools/call`` whose name 
 tool name (1 to 128 letters, digits, ``_``, ``-``, ``.``: the characters MCP asks tool names to
 keep to, none of which a policy glob reads specially), an ``Mcp-Method`` or ``Mcp-Name`` field
 that does not say what the body says (a server or router that reads those instead would act on
-another call than the one decided), and a POST whose body the door was not shown. Refusals on
-an MCP route carry a JSON-RPC error (``jsonrpc``, ``id``, ``error.code``, ``error.message``), its
-``data`` the gateway's usual refusal body, so that an MCP client reports the refusal on the call
-that was refused.
+another call than the one decided), a GET or DELETE with a body, and a POST whose body the door
+was not shown. At the reverse proxy, refusals on an MCP route carry a JSON-RPC error
+(``jsonrpc``, ``id``, ``error.code``, ``error.message``), its ``data`` the gateway's usual
+refusal body, so that an MCP client reports the refusal on the call that was refused (the
+ext_authz doors answer the usual body: the proxy in front writes the answer).
 """
 
 from __future__ import annotations
@@ -47,12 +48,17 @@ __all__ = [
     "MCP_METHODS",
     "PARSE_ERROR",
     "REFUSED",
+    "SESSION_FIELD",
+    "SESSION_NAMESPACE",
+    "TOOL_NAME",
     "McpInvalid",
     "McpMessage",
     "mcp_call",
     "read_message",
+    "request_id",
     "rpc_error",
     "session_id",
+    "session_key",
 ]
 
 #: The HTTP methods of the Streamable HTTP transport: POST (a message), GET (the server's event
@@ -115,6 +121,16 @@ def _is_id(value: Any) -> bool:
     return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 
+def request_id(body: Any) -> str | int | None:
+    """The id a refusal of ``body`` names: a request's, when it can be read. None for a
+    notification, and for the client's answer to a server request, whose id is the server's
+    numbering, not the client's (MCP: the error for an answer or a notification has no id)."""
+    if not isinstance(body, dict) or "method" not in body:
+        return None
+    rid = body.get("id")
+    return rid if _is_id(rid) else None
+
+
 def read_message(body: Any, *, json_text_arguments: bool = False) -> McpMessage:
     """The message a POST carries, or :class:`McpInvalid` naming what to send instead.
 
@@ -131,7 +147,7 @@ def read_message(body: Any, *, json_text_arguments: bool = False) -> McpMessage:
     if not isinstance(body, dict):
         raise McpInvalid("the body must be one JSON-RPC 2.0 message (a JSON object)")
     rid = body.get("id")
-    known = rid if _is_id(rid) else None
+    known = request_id(body)
     if body.get("jsonrpc") != "2.0":
         raise McpInvalid('a JSON-RPC message needs "jsonrpc": "2.0"', rpc_id=known)
     if "id" in body and not _is_id(rid):
@@ -277,8 +293,13 @@ def mcp_call(
             f"an MCP route takes {', '.join(MCP_METHODS)} only", code="method_not_allowed"
         )
     fields = tuple(fields)
-    session_id(fields)
     if method != "POST":
+        session_id(fields)
+        # The server's event stream and the end of a session carry no message: a body would be
+        # forwarded, and read by some server, without having been decided as one.
+        framing = {k: v for k, v in fields if k in ("content-length", "transfer-encoding")}
+        if raw or "transfer-encoding" in framing or framing.get("content-length", "0") != "0":
+            raise McpInvalid(f"a {method} on an MCP route carries no body")
         return route, None
     if raw is None:
         raise McpInvalid(
@@ -298,6 +319,10 @@ def mcp_call(
     except InvalidRequest as exc:
         raise McpInvalid(exc.message, PARSE_ERROR) from None
     message = read_message(body, json_text_arguments=route.mcp_json_text_arguments)
+    try:
+        session_id(fields)
+    except McpInvalid as exc:
+        raise McpInvalid(exc.message, exc.rpc_code, message.id) from None
     _check_routing_fields(message, body, fields)
     if message.tool is not None:
         route = _tool_route(route, message.tool)
@@ -307,7 +332,7 @@ def mcp_call(
 @functools.lru_cache(maxsize=4096)
 def _tool_route(route: Route, tool: str) -> Route:
     """``route`` decided as its tool ``tool`` (routes are frozen: one per tool is kept)."""
-    return dataclasses.replace(route, tool=f"{route.tool}.{tool}")
+    return dataclasses.replace(route, tool=f"{route.tool}.{tool}", base_tool=route.tool)
 
 
 def rpc_error(body: dict[str, Any], rpc_id: str | int | None, rpc_code: int) -> dict[str, Any]:

@@ -392,14 +392,10 @@ class Pipeline:
             body_names=ctx.body_names, wrapper=route.wrap_parameters,
         )  # fmt: skip
         facts.decision = decision
-        record_shadow(decision, route.tool)
+        record_shadow(decision, route.metric_tool)
         t = self._timed(facts, _POLICY, t)
         if self._limits is not None:
             await self._limits(ctx, token)
-        if route.mcp and decision.action != "deny":
-            # Only a call policy lets through holds a session: a refused one could otherwise
-            # hold ids ahead of their owners, or fill the store.
-            await self._hold_session(ctx, token)
         self._timed(facts, _LIMITS, t)
         if decision.action == "approval_needed" and self._approvals is not None:
             # A call this door cannot enforce once approved is refused before it is held or an
@@ -407,6 +403,12 @@ class Pipeline:
             _enforceable(ctx, decision)
             decision = await self._approvals(ctx, facts, call)
             facts.decision = decision
+        if route.mcp and decision.action in ("allow", "sanitize"):
+            # Only a call that goes through holds its session: one refused (by policy, held for
+            # an approval, a sanitize this door cannot apply) could otherwise take ids ahead of
+            # their owners, or fill the store.
+            _enforceable(ctx, decision)
+            await self._hold_session(ctx, token)
         return decision
 
     async def _hold_session(self, ctx: CallContext, token: AccessToken) -> None:

@@ -83,7 +83,15 @@ from aegis.gateway.hygiene import (
     marked_private,
     steers_cache,
 )
-from aegis.gateway.mcp import MCP_METHODS, REFUSED, McpInvalid, McpMessage, mcp_call, rpc_error
+from aegis.gateway.mcp import (
+    MCP_METHODS,
+    REFUSED,
+    McpInvalid,
+    McpMessage,
+    mcp_call,
+    request_id,
+    rpc_error,
+)
 from aegis.gateway.overrides import (
     MethodOverrideWatch,
     overrides_method,
@@ -172,15 +180,6 @@ async def _error(
     if rpc is not None:
         body = rpc_error(body, *rpc)
     await _json(send, result.status, body, {**result.headers, **(extra or {})})
-
-
-def _rpc_id(ctx: CallContext) -> str | int | None:
-    """The id of the JSON-RPC request an MCP route's call carried (None for a notification, or
-    an answer to the server, whose id is the server's numbering)."""
-    if not isinstance(ctx.body, dict) or "method" not in ctx.body:
-        return None
-    rid = ctx.body.get("id")
-    return rid if isinstance(rid, str | int) and not isinstance(rid, bool) else None
 
 
 #: Why an answer the upstream broke off is not delivered whole.
@@ -910,7 +909,7 @@ class ReverseProxy:
         body: dict[str, Any] = {"error": error, "error_description": message, "code": error,
                                 "message": message, "decision_id": result.decision_id}  # fmt: skip
         if ctx.route.mcp:
-            body = rpc_error(body, _rpc_id(ctx), REFUSED)
+            body = rpc_error(body, request_id(ctx.body), REFUSED)
         await _json(send, status, body, result.headers)
 
     async def _forward_failed(
@@ -928,7 +927,7 @@ class ReverseProxy:
         also binds what part of it had been passed on to the upstream (a body cut off over the
         limit or stalled has reached it in part): its size and SHA-256."""
         result.details["forward_failed"] = code
-        count_forward_failure(ctx.route.tool, code)
+        count_forward_failure(ctx.route.metric_tool, code)
         fields: dict[str, Any] = {
             "tenant": ctx.route.tenant, "env": ctx.route.env, "method": ctx.method,
             "path": ctx.path, "status": status, "code": code, "reason": message,
