@@ -130,8 +130,8 @@ def _exchange(child: AgentClient, subject: str, proof: str | None, **form: str) 
 def test_invalid_dpop_proof_at_the_token_endpoint_is_a_400(server: RunningServer) -> None:
     """RFC 9449 §5: "If the DPoP proof is invalid, the authorization server issues an error
     response per Section 5.2 of [RFC6749] with invalid_dpop_proof" -- RFC 6749 §5.2: HTTP 400
-    unless specified otherwise (only invalid_client may be 401). A 401 with
-    ``WWW-Authenticate: Basic`` tells the client its *client authentication* failed."""
+    unless specified otherwise (only invalid_client may be 401). Not a 401 with
+    ``WWW-Authenticate: Basic``, which would tell the client its authentication failed."""
     agent = AgentClient(server, "status")
     wrong_htu = mint_proof(agent.key, "POST", f"{server.url}/oauth/other")
     resp = _cc(agent, wrong_htu)
@@ -150,9 +150,8 @@ def test_dpop_bound_client_without_a_proof_is_a_400(server: RunningServer) -> No
 def test_client_credentials_refused_for_its_audience_does_not_spend_the_proof(
     server: RunningServer,
 ) -> None:
-    """dpop.py: "a proof that fails validation never spends its jti; consume records it once
-    everything else has passed", and endpoints.py spends the client assertion "only now, with the
-    request fully validated". The proof is spent before the grant is judged instead."""
+    """A request refused for its audience leaves its proof unspent, as it leaves the client
+    assertion: the corrected retry may send the same proof."""
     agent = AgentClient(server, "retry-cc")
     proof = mint_proof(agent.key, "POST", f"{server.url}/oauth/token")
     refused = _cc(agent, proof, resource="https://unknown.example")
@@ -164,10 +163,8 @@ def test_client_credentials_refused_for_its_audience_does_not_spend_the_proof(
 def test_token_exchange_refused_for_its_scope_does_not_spend_the_proof(
     server: RunningServer,
 ) -> None:
-    """exchange.py reads everything "before anything single-use (the client assertion, the
-    grant) is spent: a mistyped ... must not burn the grant its corrected retry needs"; the
-    token endpoint spends the DPoP proof before the exchange is even looked at (before the actor
-    is authenticated, before the parameters are checked)."""
+    """An exchange refused for its scope leaves its proof unspent, with the grant and the actor's
+    assertion: the corrected retry is issued a token bound to the same key."""
     parent, child = AgentClient(server, "parent"), AgentClient(server, "child")
     grant, _ = _grant(parent, child)
     proof = mint_proof(child.key, "POST", f"{server.url}/oauth/token")
@@ -182,10 +179,8 @@ def test_token_exchange_refused_for_its_scope_does_not_spend_the_proof(
 
 
 def test_exchange_refused_for_its_dpop_proof_is_audited(server: RunningServer) -> None:
-    """exchange.py / services.py: "Every exchange, issued or refused (with the presented chain),
-    is audited". A refusal of the DPoP proof happens in the endpoint before the exchanger runs
-    and leaves no ``delegation.exchange`` record, while a dpop_bound client sending *no* proof
-    (refused inside the exchanger) is recorded."""
+    """Every exchange, issued or refused, is recorded with the presented chain: one refused for
+    its DPoP proof too, as one refused for sending none."""
     parent, child = AgentClient(server, "aparent"), AgentClient(server, "achild")
     grant, grant_jti = _grant(parent, child)
     bad = mint_proof(child.key, "POST", f"{server.url}/oauth/elsewhere")

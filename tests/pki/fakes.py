@@ -129,6 +129,7 @@ class MemoryRegistryStore:
 class MemoryReplayStore:
     def __init__(self) -> None:
         self.seen: dict[tuple[str, str], float] = {}
+        self.claims: dict[tuple[str, str], str] = {}
 
     async def consume(self, namespace: str, jti: str, expires_at: float) -> None:
         from aegis.errors import ReplayDetected
@@ -136,6 +137,10 @@ class MemoryReplayStore:
         if (namespace, jti) in self.seen:
             raise ReplayDetected("jti was already used")
         self.seen[(namespace, jti)] = expires_at
+
+    async def claim(self, namespace: str, key: str, owner: str, expires_at: float) -> bool:
+        held = self.claims.setdefault((namespace, key), owner)
+        return held == owner
 
     async def close(self) -> None:
         return None

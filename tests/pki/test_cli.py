@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -65,14 +66,14 @@ def test_commands_without_a_ca_fail_with_one_line(config: Path) -> None:
     assert result.output.count("\n") == 1
 
 
-@pytest.fixture
-def control_plane_url(pki: Pki) -> Iterator[str]:
-    """The PKI endpoints on a real TLS port, in a thread with its own event loop."""
+@contextmanager
+def serving(pki: Pki, api: Starlette) -> Iterator[str]:
+    """``api`` on a real TLS port (the "gw" agent's serving certificate), in a thread with its
+    own event loop."""
     ready, stop = threading.Event(), threading.Event()
     port: list[int] = []
 
     async def main() -> None:
-        api = Starlette(routes=PkiEndpoints(pki.service, max_body_bytes=65536).routes())
         async with serve(
             api, gateway_server_context(pki, require_client_cert=False), name="cli"
         ) as srv:
@@ -87,6 +88,15 @@ def control_plane_url(pki: Pki) -> Iterator[str]:
     yield f"https://127.0.0.1:{port[0]}"
     stop.set()
     thread.join(10)
+
+
+@pytest.fixture
+def control_plane_url(pki: Pki) -> Iterator[str]:
+    """The PKI endpoints on a real TLS port."""
+    with serving(
+        pki, Starlette(routes=PkiEndpoints(pki.service, max_body_bytes=65536).routes())
+    ) as url:
+        yield url
 
 
 def test_agent_cert_enrols_and_writes_private_files(
@@ -393,3 +403,39 @@ def test_agents_cert_refuses_a_control_plane_whose_certificate_was_revoked(
     # An operator may still choose to skip the check, as before.
     assert enrol("--no-check-revocation").exit_code == 0
     assert len(pki.store.for_agent("beta")) == before + 1
+
+
+def test_agents_cert_refuses_revocation_lists_its_bundle_does_not_vouch_for(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """A control plane answering CRLs some other CA signed is refused as an untrusted server:
+    its listing nothing proves nothing."""
+    import datetime
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    other = ec.generate_private_key(ec.SECP256R1())
+    name = pki.ca.current.cert.subject  # the same name as the real intermediate, another key
+    now = datetime.datetime.now(datetime.UTC)
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(name)
+        .last_update(now)
+        .next_update(now + datetime.timedelta(minutes=5))
+        .sign(other, hashes.SHA256())
+    )
+    pem = crl.public_bytes(serialization.Encoding.PEM)
+    api = Starlette(routes=[Route("/pki/v1/crl.pem", lambda _: Response(pem), methods=["GET"])])
+    bundle = tmp_path / "trust.pem"
+    bundle.write_bytes(pki.ca.bundle_pem())
+    client_id, secret = pki.secrets["beta"]
+    with serving(pki, api) as url:
+        args = ["agents", "cert", "--client-id", client_id, "--out-dir", str(tmp_path / "b"),
+                "--bundle", str(bundle), "--url", url]  # fmt: skip
+        refused = runner.invoke(aegis, args, env={"AEGIS_CLIENT_SECRET": secret})
+    assert refused.exit_code == 1
+    assert refused.stderr.startswith("error: server_untrusted: ")
+    assert "do not verify" in refused.stderr and refused.stderr.count("\n") == 1

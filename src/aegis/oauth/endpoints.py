@@ -38,9 +38,9 @@ _FORM: Final = "application/x-www-form-urlencoded"
 #: A hook that checks a DPoP proof sent to the token endpoint (None: no proof), to be spent once
 #: the whole request is valid.
 DpopHook = Callable[[Request], Awaitable[CheckedProof | None]]
-#: Proof refusals at the token endpoint: 400 (RFC 9449 §5 and §8, after RFC 6749 §5.2, where
-#: only invalid_client is a 401), never the Basic challenge of a client authentication failure.
-_PROOF_CODES: Final = frozenset({"invalid_dpop_proof", "use_dpop_nonce"})
+#: A proof refusal at the token endpoint: 400 (RFC 9449 §5, after RFC 6749 §5.2, where only
+#: invalid_client is a 401), never the Basic challenge of a client authentication failure.
+_PROOF_REFUSED: Final = "invalid_dpop_proof"
 
 
 async def read_form(request: Request, max_bytes: int) -> tuple[dict[str, str], list[str]]:
@@ -123,7 +123,7 @@ class OAuthEndpoints:
             source=_client_ip(request),
         )
         headers = dict(_NO_STORE)
-        status = 400 if exc.code in _PROOF_CODES else spec.status
+        status = 400 if exc.code == _PROOF_REFUSED else spec.status
         if status == 401:
             # RFC 6749 §5.2: a 401 carries a WWW-Authenticate challenge for the schemes we accept.
             headers["WWW-Authenticate"] = 'Basic realm="aegis", charset="UTF-8"'
