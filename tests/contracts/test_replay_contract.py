@@ -284,3 +284,28 @@ async def test_a_full_memory_store_refuses_a_new_claim(frozen_clock: FrozenClock
     with pytest.raises(Unavailable):
         await store.claim("mcp-session", "c", "alice", frozen_clock.now() + 60)
     assert await store.claim("mcp-session", "a", "alice", frozen_clock.now() + 60)  # still held
+
+
+async def test_held_by_names_the_holder_and_changes_nothing(
+    replay: ReplayStore, fast: Fast
+) -> None:
+    assert await replay.held_by("mcp-session", "h") is None
+    assert await replay.held_by("mcp-session", "h") is None  # asking holds nothing
+    assert await replay.claim("mcp-session", "h", "mallory", fast.clock.now() + 60)
+    assert await replay.held_by("mcp-session", "h") == "mallory"
+    odd = "acme\nprod\n\ud800a\x00"  # owners are compared exactly, whatever they hold
+    assert await replay.claim("mcp-session", "o", odd, fast.clock.now() + 1.0)
+    assert await replay.held_by("mcp-session", "o") == odd
+    assert await replay.held_by("other", "o") is None
+    await fast.pass_time(1.2)
+    assert await replay.held_by("mcp-session", "o") is None
+
+
+async def test_held_by_on_a_dead_redis_is_unavailable(frozen_clock: FrozenClock) -> None:
+    store = open_replay_store(DEAD_REDIS, clock=frozen_clock, prefix="aegis-test:")
+    try:
+        with pytest.raises(Unavailable) as info:
+            await store.held_by("mcp-session", "s")
+    finally:
+        await store.close()
+    assert info.value.code == "replay_store_unavailable"

@@ -49,10 +49,13 @@ def settings_with_routes(env: Env) -> GatewaySettings:
 
 
 @asynccontextmanager
-async def grpc_stub(ext: ExtAuthz) -> AsyncIterator[pb_grpc.AuthorizationStub]:
-    """A client of ``ext``'s gRPC door on a loopback port (loopback is a trusted proxy)."""
+async def grpc_stub(
+    ext: ExtAuthz, *, buffered: bool = False
+) -> AsyncIterator[pb_grpc.AuthorizationStub]:
+    """A client of ``ext``'s gRPC door on a loopback port (loopback is a trusted proxy);
+    ``buffered``: Envoy sends every body (``envoy_buffers_body``)."""
     server, port = await start_grpc_server(
-        AuthorizationService(ext, TrustedPeers(["127.0.0.1"])), "127.0.0.1", 0
+        AuthorizationService(ext, TrustedPeers(["127.0.0.1"]), buffered=buffered), "127.0.0.1", 0
     )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -467,6 +467,17 @@ def test_the_http_door_decides_what_envoy_shows_and_refuses_what_nginx_cannot(en
                 record = next(r for r in env.audit.records()
                               if r["decision_id"] == refused.json()["decision_id"])  # fmt: skip
                 assert record["tool"] == "repo.delete_repo"
+                # An empty check body says nothing (Envoy without with_request_body sends
+                # none): a GET cannot be shown to carry no body here, so it is refused.
+                token = agent.token()
+                get = httpx.get(
+                    f"{url}/check/mcp",
+                    headers={
+                        "authorization": f"DPoP {token}",
+                        "dpop": agent.proof(token, "GET", "/mcp"),
+                    },
+                )
+                assert (get.status_code, get.json()["code"]) == (400, "invalid_request")
             else:  # auth_request sends no body: the message cannot be decided
                 nginx = {"x-original-uri": "/mcp", "x-original-method": "POST"}
                 refused = httpx.get(f"{url}/auth", headers={**_call_headers(agent), **nginx})
@@ -482,7 +493,6 @@ async def test_a_get_or_delete_with_a_body_is_refused(mcp: Mcp) -> None:
         assert head.startswith(b"HTTP/1.1 400"), (method, head)
         assert answer["error"]["data"]["code"] == "invalid_request"
         assert "carries no body" in answer["error"]["message"]
-    assert calls == []
 
 
 async def test_ext_authz_refuses_what_the_transport_does_not_carry(
@@ -502,3 +512,43 @@ async def test_ext_authz_refuses_what_the_transport_does_not_carry(
            ("content-type", "application/json")]  # fmt: skip
     status, _, body = denied(await stub.Check(check(get, path="/mcp", method="GET", body=call)))
     assert (status, body["code"]) == (400, "invalid_request")
+
+
+def _bare(agent: Agent, method: str, **http: Any) -> pb.CheckRequest:
+    """A check of ``method /mcp`` as Envoy builds it, with ``http`` fields set."""
+    from envoy.service.auth.v3 import attribute_context_pb2 as ac
+
+    token = agent.token()
+    req = ac.AttributeContext.HttpRequest(
+        method=method, path="/mcp", host="gw.example.com", scheme="https", protocol="HTTP/1.1",
+        **http,
+    )  # fmt: skip
+    req.headers["authorization"] = f"DPoP {token}"
+    req.headers["dpop"] = agent.proof(token, method, "/mcp")
+    return pb.CheckRequest(
+        attributes=ac.AttributeContext(request=ac.AttributeContext.Request(http=req))
+    )
+
+
+async def test_a_get_passes_ext_authz_only_where_envoy_shows_it_carries_no_body(env: Env) -> None:
+    env.policies.activate("acme", "prod", env.policies.put(load_document(POLICY), now=0),
+                          actor="test", now=0)  # fmt: skip
+    data = env.settings.model_dump()
+    data["routes"] = [MCP_ROUTE]
+    ext = ExtAuthz(env.pipeline, GatewaySettings.model_validate(data))
+    agent = Agent(env)
+    call = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                       "params": {"name": "delete_repo", "arguments": {}}}).encode()  # fmt: skip
+    for method in ("GET", "DELETE"):
+        # Envoy sends every body: a check showing none is a request without one.
+        async with grpc_stub(ext, buffered=True) as buffered:
+            assert (await buffered.Check(_bare(agent, method))).status.code == code_pb2.OK
+            for unseen in ({"raw_body": call[:40]}, {"body": call.decode()}):
+                answer = await buffered.Check(_bare(agent, method, **unseen))
+                status, _, body = denied(answer)
+                assert (status, body["code"]) == (400, "invalid_request"), unseen
+        # Without it, a chunked body Envoy did not send looks like none: refused.
+        async with grpc_stub(ext) as unbuffered:
+            status, _, body = denied(await unbuffered.Check(_bare(agent, method)))
+            assert (status, body["code"]) == (400, "invalid_request")
+            assert "envoy_buffers_body" in body["message"]

@@ -42,8 +42,8 @@ def test_a_tool_call_is_decided_under_its_tool_and_the_rest_under_the_routes() -
         b'{"jsonrpc": "2.0", "id": 5, "error": {"code": 1, "message": "no"}}',
     ):
         assert mcp_call(ROUTE, "POST", JSON, body)[0].tool == "repo"
-    assert mcp_call(ROUTE, "GET", [], None) == (ROUTE, None)
-    assert mcp_call(ROUTE, "DELETE", [], None) == (ROUTE, None)
+    assert mcp_call(ROUTE, "GET", [], b"") == (ROUTE, None)  # seen to carry no body
+    assert mcp_call(ROUTE, "DELETE", [], b"") == (ROUTE, None)
 
 
 @pytest.mark.parametrize("method", ["PUT", "PATCH", "HEAD", "OPTIONS"])
@@ -204,12 +204,15 @@ def test_a_bad_session_field_on_a_readable_request_names_its_id() -> None:
 @pytest.mark.parametrize("method", ["GET", "DELETE"])
 def test_a_get_or_delete_carries_no_body(method: str, fields: list[tuple[str, str]]) -> None:
     if fields == [("content-length", "0")]:
-        assert mcp_call(ROUTE, method, fields, None) == (ROUTE, None)
-        return
-    with pytest.raises(McpInvalid, match="carries no body"):
-        mcp_call(ROUTE, method, fields, None)
+        assert mcp_call(ROUTE, method, fields, b"") == (ROUTE, None)
+    else:
+        with pytest.raises(McpInvalid, match="carries no body"):
+            mcp_call(ROUTE, method, fields, b"")
     with pytest.raises(McpInvalid, match="carries no body"):
         mcp_call(ROUTE, method, [], b"{}")
+    # A door not shown whether there is a body (None) cannot vouch that there is none.
+    with pytest.raises(McpInvalid, match="must see that it does not"):
+        mcp_call(ROUTE, method, [], None)
 
 
 def test_a_name_field_on_a_method_that_names_nothing_is_refused() -> None:

@@ -7,15 +7,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import secrets
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from google.rpc import code_pb2
 
-from aegis.config import GatewaySettings
+from aegis.approvals import ApprovalService, build_approval_service
+from aegis.config import ApprovalSettings, GatewaySettings
 from aegis.gateway.app import build_pipeline, create_gateway_app
+from aegis.gateway.approval_gate import ApprovalGate
 from aegis.gateway.context import Route
+from aegis.gateway.pipeline import Pipeline
 from aegis.policy.loader import load_document
+from aegis.telemetry.metrics import REGISTRY
 from tests.gateway.conftest import PAY, Agent, Env, dpop_headers, make_ctx
 from tests.gateway.harness import exchange, gateway_here, signed_call
 from tests.gateway.helpers import mint_proof
@@ -128,7 +134,10 @@ async def test_an_answer_refused_after_the_decision_names_no_id(env: Env) -> Non
     pipeline = build_pipeline(env.services, settings, policy_store=env.policies, audit=env.audit)
     app = create_gateway_app(env.services, settings, pipeline=pipeline)
     answer = json.dumps({"jsonrpc": "2.0", "id": 12, "result": {}}).encode()
-    request = json.dumps({"jsonrpc": "2.0", "id": 13, "method": "ping"}).encode()
+    request = json.dumps({"jsonrpc": "2.0", "id": 13, "method": "tools/call",
+                          "params": {"name": "search", "arguments": {"query": "x"}}}).encode()  # fmt: skip
+    labels = {"tool": "repo", "code": "bad_gateway"}
+    failures = REGISTRY.get_sample_value("aegis_gateway_forward_failures_total", labels) or 0
     fields = [("Content-Type", "application/json"),
               ("Accept", "application/json, text/event-stream")]  # fmt: skip
     async with gateway_here(app) as port:  # the upstream is unreachable: 502 after the decision
@@ -141,6 +150,8 @@ async def test_an_answer_refused_after_the_decision_names_no_id(env: Env) -> Non
     assert head.startswith(b"HTTP/1.1 502"), head
     assert json.loads(body)["id"] is None  # the server's numbering, not the client's
     assert json.loads(pinged)["id"] == 13
+    # Counted under the route's configured tool, not the tool name the request sent.
+    assert REGISTRY.get_sample_value("aegis_gateway_forward_failures_total", labels) == failures + 2
 
 
 APPROVAL_FOR_INTRUDER = """
@@ -223,3 +234,66 @@ async def test_callers_cannot_mint_metric_label_sets(env: Env) -> None:
     assert len(SHADOW_WOULD_DENY._metrics) - children <= 1  # type: ignore[attr-defined]
     labels = {"rule": "<default-deny>", "tool": "repo"}
     assert (REGISTRY.get_sample_value("aegis_shadow_would_deny_total", labels) or 0) >= 20
+
+
+GATED = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: repo-owner-or-approval}
+spec:
+  rules:
+    - {id: owner, action: allow, reason: the owner, match: {tools: [repo], agent: {ids: [owner]}}}
+    - {id: others, action: approval_needed, reason: others need a human,
+       match: {tools: [repo], agent: {ids: [other]}},
+       approval: {group: finance, channel: slack, expires_in: 600}}
+"""
+
+
+@pytest.fixture
+def gated(env: Env) -> Iterator[tuple[Pipeline, ApprovalService]]:
+    """A pipeline whose approval_needed calls are held by the real approval service."""
+    settings = ApprovalSettings.model_validate(
+        {"approvers": [{"id": "carol@example.com", "groups": ["finance"]}]}
+    )
+    config = env.services.config.model_copy(update={"approvals": settings})
+    service = build_approval_service(
+        config, clock=env.services.clock, keyring=env.services.keyring,
+        replay=env.services.replay, audit=env.audit,
+    )  # fmt: skip
+    pipeline = build_pipeline(
+        env.services, env.settings, policy_store=env.policies, audit=env.audit,
+        approvals=ApprovalGate(service, env.services.cache),
+    )  # fmt: skip
+    _activate(env, GATED)
+    yield pipeline, service
+    service.close()
+
+
+async def _listing(pipeline: Pipeline, agent: Agent, sid: str, override: str | None = None) -> Any:
+    token = agent.token()
+    proof = mint_proof(agent.key, "POST", "https://gw.example.com/mcp", token=token)
+    fields = [("authorization", f"DPoP {token}"), ("dpop", proof), ("mcp-session-id", sid)]
+    fields += [("x-aegis-override", override)] if override else []
+    return await pipeline.run(make_ctx(fields, body=LISTING, route=_route(), path="/mcp"))
+
+
+async def test_no_human_is_asked_and_no_override_spent_for_anothers_session(
+    env: Env, gated: tuple[Pipeline, ApprovalService]
+) -> None:
+    pipeline, service = gated
+    owner, other = Agent(env, "owner"), Agent(env, "other")
+    held = secrets.token_hex(16)
+    assert (await _listing(pipeline, owner, held)).allowed
+    # Naming the owner's session: refused before any approval is asked for.
+    assert (await _listing(pipeline, other, held)).code == "not_found"
+    assert [r for r in await service.list_requests("pending") if r.agent_id == "other"] == []
+    # Approved while the session was free, then the owner took it: the override stays unspent.
+    free = secrets.token_hex(16)
+    asked = await _listing(pipeline, other, free)
+    assert asked.code == "approval_needed"
+    approval_id = asked.details["approval_id"]
+    await service.decide(approval_id, via="cli", credential="carol@example.com", approve=True)
+    override = str((await service.status(approval_id, other.id))["override_token"])
+    assert (await _listing(pipeline, owner, free)).allowed
+    assert (await _listing(pipeline, other, free, override)).code == "not_found"
+    assert (await service.get(approval_id)).state == "approved"

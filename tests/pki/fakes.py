@@ -142,6 +142,9 @@ class MemoryReplayStore:
         held = self.claims.setdefault((namespace, key), owner)
         return held == owner
 
+    async def held_by(self, namespace: str, key: str) -> str | None:
+        return self.claims.get((namespace, key))
+
     async def close(self) -> None:
         return None
 

@@ -296,10 +296,20 @@ def mcp_call(
     if method != "POST":
         session_id(fields)
         # The server's event stream and the end of a session carry no message: a body would be
-        # forwarded, and read by some server, without having been decided as one.
+        # forwarded, and read by some server, without having been decided as one. The door must
+        # have seen that there is none (raw == b""); None is a body it was not shown, or could
+        # not tell apart from none.
         framing = {k: v for k, v in fields if k in ("content-length", "transfer-encoding")}
-        if raw or "transfer-encoding" in framing or framing.get("content-length", "0") != "0":
-            raise McpInvalid(f"a {method} on an MCP route carries no body")
+        if (
+            raw != b""
+            or "transfer-encoding" in framing
+            or framing.get("content-length", "0") != "0"
+        ):
+            raise McpInvalid(
+                f"a {method} on an MCP route carries no body, and this door must see that it "
+                "does not (Envoy: with_request_body on every route, and "
+                "gateway.ext_authz.envoy_buffers_body)"
+            )
         return route, None
     if raw is None:
         raise McpInvalid(

@@ -399,8 +399,11 @@ class Pipeline:
         self._timed(facts, _LIMITS, t)
         if decision.action == "approval_needed" and self._approvals is not None:
             # A call this door cannot enforce once approved is refused before it is held or an
-            # override spent on it: the human's approval would be burnt on a refusal.
+            # override spent on it: the human's approval would be burnt on a refusal. So is one
+            # naming another agent's MCP session (read only: an approval holds nothing).
             _enforceable(ctx, decision)
+            if route.mcp:
+                await self._hold_session(ctx, token, check_only=True)
             decision = await self._approvals(ctx, facts, call)
             facts.decision = decision
         if route.mcp and decision.action in ("allow", "sanitize"):
@@ -411,17 +414,25 @@ class Pipeline:
             await self._hold_session(ctx, token)
         return decision
 
-    async def _hold_session(self, ctx: CallContext, token: AccessToken) -> None:
+    async def _hold_session(
+        self, ctx: CallContext, token: AccessToken, *, check_only: bool = False
+    ) -> None:
         """An MCP session serves the agent that first used it only: another agent naming its
         ``Mcp-Session-Id`` (read off a log, a proxy, a shared host) is answered as for a session
         that does not exist, and could neither read its stream, answer its server's requests
-        nor end it. Each call extends the hold by ``mcp_session_idle``."""
+        nor end it. Each call extends the hold by ``mcp_session_idle``; ``check_only`` refuses
+        a session another agent holds and holds nothing."""
         session = session_id(ctx.headers)
         if session is None:
             return
-        owner = f"{token.tenant}\n{token.env}\n{token.agent_id}"
-        expires = self._clock.now() + self._mcp_session_idle
-        if not await self._replay.claim(SESSION_NAMESPACE, session_key(session), owner, expires):
+        owner, key = f"{token.tenant}\n{token.env}\n{token.agent_id}", session_key(session)
+        if check_only:
+            held = await self._replay.held_by(SESSION_NAMESPACE, key)
+            mine = held is None or held == owner
+        else:
+            expires = self._clock.now() + self._mcp_session_idle
+            mine = await self._replay.claim(SESSION_NAMESPACE, key, owner, expires)
+        if not mine:
             raise AegisError(
                 "no such MCP session for this agent: initialize a session of its own",
                 code="not_found",

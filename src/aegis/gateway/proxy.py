@@ -409,7 +409,10 @@ class ReverseProxy:
             if route.mcp:  # decided under the tool its one JSON-RPC message acts on
                 if method == "POST":
                     raw = await self._read(receive, limit)
-                route, message = mcp_call(route, method, headers, raw)
+                framed = declared not in (None, "0") or "transfer-encoding" in values
+                # Other methods: the framing says whether a body follows (b"": none).
+                seen_body = raw if method == "POST" else (None if framed else b"")
+                route, message = mcp_call(route, method, headers, seen_body)
                 facts["route"] = route
             content_type = values.get("content-type")
             # A policy that reads this tool's bodies sees them whole, up to the body limit; only

@@ -133,6 +133,11 @@ class ReplayStore(Protocol):
         when the store cannot answer."""
         ...
 
+    async def held_by(self, namespace: str, key: str) -> str | None:
+        """The owner holding ``key`` now (None: nobody), changing nothing. Raises
+        ``Unavailable`` (``replay_store_unavailable``) when the store cannot answer."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -133,6 +133,10 @@ class MemoryReplayStore:
                 return False
             return self._claims.put(entry, expires_at, value=owner)
 
+    async def held_by(self, namespace: str, key: str) -> str | None:
+        with self._lock:
+            return self._claims.value(replay_key(namespace, key))
+
     async def close(self) -> None:
         return None
 

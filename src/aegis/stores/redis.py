@@ -150,6 +150,18 @@ class RedisReplayStore:
             ) from exc
         return bool(held == 1)
 
+    async def held_by(self, namespace: str, key: str) -> str | None:
+        name = _key(self._claim_prefix, replay_key(namespace, key))
+        try:
+            held = await self._r.get(name)
+        except (RedisError, OSError) as exc:
+            raise Unavailable(
+                "the replay store (redis) is unreachable", code="replay_store_unavailable"
+            ) from exc
+        if held is None:
+            return None
+        return held.decode("utf-8", "surrogatepass") if isinstance(held, bytes) else held
+
     async def close(self) -> None:
         await self._r.aclose()
 
