@@ -10,12 +10,11 @@ from typing import Any
 
 import pytest
 
-from aegis.approvals import ApprovalService, build_approval_service
+from aegis.approvals import ApprovalService
 from aegis.approvals.model import ApprovalRequest
 from aegis.approvals.wiring import approvals_for
 from aegis.config import ApprovalSettings
 from aegis.errors import AegisError, NotFound, Unavailable
-from aegis.gateway.app import build_pipeline
 from aegis.gateway.approval_gate import ApprovalGate
 from aegis.gateway.context import STREAMED_BODY_DIGEST, body_digest
 from aegis.gateway.pipeline import Pipeline
@@ -23,7 +22,7 @@ from aegis.policy.loader import load_document
 from aegis.registry.service import AgentSpec
 from aegis.telemetry.metrics import REGISTRY
 from tests.approvals.conftest import FINANCE, held
-from tests.gateway.conftest import PAY, Agent, Env, dpop_headers, make_ctx
+from tests.gateway.conftest import PAY, Agent, Env, approval_gated, dpop_headers, make_ctx
 
 POLICY = """
 apiVersion: aegis/v1
@@ -53,23 +52,11 @@ spec:
 
 @pytest.fixture
 def gated(env: Env) -> Iterator[tuple[Env, Pipeline, ApprovalService]]:
-    settings = ApprovalSettings.model_validate(
-        {"approvers": [{"id": "carol@example.com", "groups": ["finance"]}]}
-    )
-    config = env.services.config.model_copy(update={"approvals": settings})
-    service = build_approval_service(
-        config, clock=env.services.clock, keyring=env.services.keyring,
-        replay=env.services.replay, audit=env.audit,
-    )  # fmt: skip
-    pipeline = build_pipeline(
-        env.services, env.settings, policy_store=env.policies, audit=env.audit,
-        approvals=ApprovalGate(service, env.services.cache),
-    )  # fmt: skip
     env.policies.activate(
         "acme", "prod", env.policies.put(load_document(POLICY), now=0), actor="t", now=0
     )
-    yield env, pipeline, service
-    service.close()
+    with approval_gated(env) as (pipeline, service):
+        yield env, pipeline, service
 
 
 async def _approved_override(

@@ -122,3 +122,29 @@ def slow_registry(env: Env, seconds: float = 0.6) -> Iterator[None]:
         yield
     finally:
         store.get_agent = read
+
+
+@contextlib.contextmanager
+def approval_gated(env: Env) -> Iterator[tuple[Pipeline, Any]]:
+    """The env's pipeline with its approval_needed calls held by the real approval service
+    (one approver, carol@example.com, in the group ``finance``): (pipeline, service)."""
+    from aegis.approvals import build_approval_service
+    from aegis.config import ApprovalSettings
+    from aegis.gateway.approval_gate import ApprovalGate
+
+    settings = ApprovalSettings.model_validate(
+        {"approvers": [{"id": "carol@example.com", "groups": ["finance"]}]}
+    )
+    config = env.services.config.model_copy(update={"approvals": settings})
+    service = build_approval_service(
+        config, clock=env.services.clock, keyring=env.services.keyring,
+        replay=env.services.replay, audit=env.audit,
+    )  # fmt: skip
+    pipeline = build_pipeline(
+        env.services, env.settings, policy_store=env.policies, audit=env.audit,
+        approvals=ApprovalGate(service, env.services.cache),
+    )  # fmt: skip
+    try:
+        yield pipeline, service
+    finally:
+        service.close()

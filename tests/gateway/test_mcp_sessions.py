@@ -14,15 +14,14 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from google.rpc import code_pb2
 
-from aegis.approvals import ApprovalService, build_approval_service
-from aegis.config import ApprovalSettings, GatewaySettings
+from aegis.approvals import ApprovalService
+from aegis.config import GatewaySettings
 from aegis.gateway.app import build_pipeline, create_gateway_app
-from aegis.gateway.approval_gate import ApprovalGate
 from aegis.gateway.context import Route
 from aegis.gateway.pipeline import Pipeline
 from aegis.policy.loader import load_document
 from aegis.telemetry.metrics import REGISTRY
-from tests.gateway.conftest import PAY, Agent, Env, dpop_headers, make_ctx
+from tests.gateway.conftest import PAY, Agent, Env, approval_gated, dpop_headers, make_ctx
 from tests.gateway.harness import exchange, gateway_here, signed_call
 from tests.gateway.helpers import mint_proof
 from tests.gateway.test_ext_authz_grpc import check, denied
@@ -154,7 +153,8 @@ async def test_an_answer_refused_after_the_decision_names_no_id(env: Env) -> Non
     assert REGISTRY.get_sample_value("aegis_gateway_forward_failures_total", labels) == failures + 2
 
 
-APPROVAL_FOR_INTRUDER = """
+#: The owner is allowed, the intruder and "other" need an approval, the auditor is sanitized.
+GATED = """
 apiVersion: aegis/v1
 kind: Policy
 metadata: {name: repo-owner-or-approval}
@@ -162,8 +162,8 @@ spec:
   rules:
     - {id: owner, action: allow, reason: the owner, match: {tools: [repo], agent: {ids: [owner]}}}
     - {id: others, action: approval_needed, reason: others need a human,
-       match: {tools: [repo], agent: {ids: [intruder]}},
-       approval: {group: ops, channel: slack, expires_in: 600}}
+       match: {tools: [repo], agent: {ids: [intruder, other]}},
+       approval: {group: finance, channel: slack, expires_in: 600}}
     - {id: redacted, action: sanitize, reason: the auditor's calls are redacted,
        match: {tools: [repo], agent: {ids: [auditor]}},
        obligations: [{kind: redact, target: request, path: params.cursor}]}
@@ -171,7 +171,7 @@ spec:
 
 
 async def test_a_call_held_for_approval_holds_no_session(env: Env) -> None:
-    _activate(env, APPROVAL_FOR_INTRUDER)
+    _activate(env, GATED)
     owner, intruder = Agent(env, "owner"), Agent(env, "intruder")
     sid = secrets.token_hex(16)
     assert await _call(env, intruder, sid) == "approval_needed"
@@ -183,7 +183,7 @@ async def test_a_call_held_for_approval_holds_no_session(env: Env) -> None:
 
 
 async def test_a_sanitize_the_door_cannot_apply_holds_no_session(env: Env) -> None:
-    _activate(env, APPROVAL_FOR_INTRUDER)
+    _activate(env, GATED)
     owner, auditor = Agent(env, "owner"), Agent(env, "auditor")
     sid = secrets.token_hex(16)
 
@@ -236,37 +236,12 @@ async def test_callers_cannot_mint_metric_label_sets(env: Env) -> None:
     assert (REGISTRY.get_sample_value("aegis_shadow_would_deny_total", labels) or 0) >= 20
 
 
-GATED = """
-apiVersion: aegis/v1
-kind: Policy
-metadata: {name: repo-owner-or-approval}
-spec:
-  rules:
-    - {id: owner, action: allow, reason: the owner, match: {tools: [repo], agent: {ids: [owner]}}}
-    - {id: others, action: approval_needed, reason: others need a human,
-       match: {tools: [repo], agent: {ids: [other]}},
-       approval: {group: finance, channel: slack, expires_in: 600}}
-"""
-
-
 @pytest.fixture
 def gated(env: Env) -> Iterator[tuple[Pipeline, ApprovalService]]:
     """A pipeline whose approval_needed calls are held by the real approval service."""
-    settings = ApprovalSettings.model_validate(
-        {"approvers": [{"id": "carol@example.com", "groups": ["finance"]}]}
-    )
-    config = env.services.config.model_copy(update={"approvals": settings})
-    service = build_approval_service(
-        config, clock=env.services.clock, keyring=env.services.keyring,
-        replay=env.services.replay, audit=env.audit,
-    )  # fmt: skip
-    pipeline = build_pipeline(
-        env.services, env.settings, policy_store=env.policies, audit=env.audit,
-        approvals=ApprovalGate(service, env.services.cache),
-    )  # fmt: skip
     _activate(env, GATED)
-    yield pipeline, service
-    service.close()
+    with approval_gated(env) as both:
+        yield both
 
 
 async def _listing(pipeline: Pipeline, agent: Agent, sid: str, override: str | None = None) -> Any:
