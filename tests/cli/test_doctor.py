@@ -214,3 +214,22 @@ def test_doctor_checks_something_or_fails(tmp_path: Path, monkeypatch: pytest.Mo
                     "    - {id: a, action: allow, match: {tools: [read]}}\n")  # fmt: skip
     fine = runner.invoke(app, ["--config", str(config), "--policy", str(good)])
     assert (fine.exit_code, fine.output) == (0, "ok: no findings\n")
+
+
+def test_mcp_routes_an_ext_authz_door_cannot_serve_whole_warn(tmp_path: Path) -> None:
+    route = ('  routes:\n    - {path_prefix: /mcp, upstream: "http://u", tool: repo, tenant: t, '
+             "env: e, mcp: true}\n")  # fmt: skip
+    fine = f"gateway:\n{route}  ext_authz: {{grpc_port: 9901, envoy_buffers_body: true}}\n"
+    assert check_config(load_config(_config(tmp_path, fine), environ={})) == []
+    doors = f"gateway:\n{route}  ext_authz: {{grpc_port: 9901, http_port: 9902}}\n"
+    [finding] = check_config(load_config(_config(tmp_path, doors), environ={}))
+    assert (finding.level, finding.check, finding.subject) == (
+        "warn", "mcp_routes", "gateway.ext_authz"
+    )  # fmt: skip
+    assert "HTTP ext_authz door and the gRPC" in finding.message and "/mcp" in finding.message
+    short = f"gateway:\n{route}  mcp_session_idle: 900\n"
+    [finding] = check_config(load_config(_config(tmp_path, short), environ={}))
+    assert (finding.check, finding.subject) == ("mcp_routes", "gateway.mcp_session_idle")
+    # Without an MCP route, neither is a concern.
+    plain = "gateway:\n  mcp_session_idle: 900\n  ext_authz: {http_port: 9902}\n"
+    assert check_config(load_config(_config(tmp_path, plain), environ={})) == []

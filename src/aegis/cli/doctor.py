@@ -9,6 +9,11 @@ Checks, each a plain function returning :class:`Finding` records so tests and ot
 * ``host_routes`` — a gateway host with routes of its own is matched only against them (as nginx
   server blocks and Envoy virtual hosts choose): each host-less route it does not also name warns,
   since calls to that host on that path are refused (``no_route``).
+* ``mcp_routes`` — MCP routes an ext_authz door cannot serve whole: at the HTTP door, and at the
+  gRPC door without ``gateway.ext_authz.envoy_buffers_body``, every GET and DELETE on them is
+  refused (the door cannot see that they carry no body), so MCP clients go without the server's
+  event stream; and a ``gateway.mcp_session_idle`` shorter than the 30 minutes the Python MCP
+  SDK keeps an idle session lets a hold lapse while its session lives.
 * ``high_risk_without_parent`` — a policy rule that allows a high-risk tool (``high_risk_tools``
   globs, from ``delegation.high_risk_tools`` or ``--high-risk-tool``) without requiring a verified
   delegation chain (a match on ``chain.parent`` or ``chain.depth``) is an error: such a tool should
@@ -158,6 +163,50 @@ def check_config(config: AegisConfig) -> list[Finding]:
             )
         )
     findings.extend(_host_routes(config))
+    findings.extend(_mcp_routes(config))
+    return findings
+
+
+#: How long the Python MCP SDK's servers keep an idle session (seconds).
+MCP_SDK_SESSION_IDLE: Final = 1800
+
+
+def _mcp_routes(config: AegisConfig) -> list[Finding]:
+    """What MCP routes cannot get from the doors and settings configured (see the module
+    docstring's ``mcp_routes``)."""
+    gateway = config.gateway
+    mcp = [r.path_prefix for r in gateway.routes if r.mcp]
+    if not mcp:
+        return []
+    ext, findings = gateway.ext_authz, []
+    doors = []
+    if ext.http_port is not None:
+        doors.append("the HTTP ext_authz door")
+    if ext.grpc_port is not None and not ext.envoy_buffers_body:
+        doors.append("the gRPC ext_authz door without envoy_buffers_body")
+    if doors:
+        findings.append(
+            Finding(
+                "warn",
+                "mcp_routes",
+                f"at {' and '.join(doors)}, every GET and DELETE on the MCP routes "
+                f"{', '.join(mcp[:8])} is refused (the door cannot see that it carries no body): "
+                "MCP clients go without the server's event stream; serve them through the "
+                "reverse proxy, or set envoy_buffers_body with Envoy buffering every body",
+                "gateway.ext_authz",
+            )
+        )
+    if gateway.mcp_session_idle < MCP_SDK_SESSION_IDLE:
+        findings.append(
+            Finding(
+                "warn",
+                "mcp_routes",
+                f"gateway.mcp_session_idle is {gateway.mcp_session_idle:g} s, shorter than the "
+                f"{MCP_SDK_SESSION_IDLE} s the Python MCP SDK keeps an idle session: a hold that "
+                "lapses first leaves the session to whichever agent names it next",
+                "gateway.mcp_session_idle",
+            )
+        )
     return findings
 
 
