@@ -148,3 +148,26 @@ def approval_gated(env: Env) -> Iterator[tuple[Pipeline, Any]]:
         yield pipeline, service
     finally:
         service.close()
+
+
+def activate(env: Env, text: str) -> None:
+    """Put the policy ``text`` in force for acme/prod."""
+    from aegis.policy.loader import load_document
+
+    env.policies.activate("acme", "prod", env.policies.put(load_document(text), now=0), actor="t",
+                          now=0)  # fmt: skip
+
+
+def gateway_app(env: Env, routes: list[dict[str, Any]], policy: str | None = None,
+                **settings: Any) -> Any:  # fmt: skip
+    """The gateway application on the env's services, policy store and audit log, serving
+    ``routes`` with ``settings`` over the env's own, under ``policy`` when given."""
+    from aegis.gateway.app import create_gateway_app
+
+    data = env.settings.model_dump()
+    data.update(settings, routes=routes)
+    gateway = GatewaySettings.model_validate(data)
+    if policy is not None:
+        activate(env, policy)
+    pipeline = build_pipeline(env.services, gateway, policy_store=env.policies, audit=env.audit)
+    return create_gateway_app(env.services, gateway, pipeline=pipeline)

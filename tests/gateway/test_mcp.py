@@ -25,7 +25,6 @@ from pydantic import BaseModel
 
 from aegis.audit.attest import attestation_rules
 from aegis.config import GatewaySettings
-from aegis.gateway.app import build_pipeline, create_gateway_app
 from aegis.gateway.ext_authz import ExtAuthz
 from aegis.gateway.ext_authz_http import create_ext_authz_http_app
 from aegis.gateway.mcp import (
@@ -35,9 +34,8 @@ from aegis.gateway.mcp import (
     PARSE_ERROR,
     REFUSED,
 )
-from aegis.policy.loader import load_document
 from aegis.tokens.verifier import verify_jwt
-from tests.gateway.conftest import Agent, Env, dpop_headers
+from tests.gateway.conftest import Agent, Env, activate, dpop_headers, gateway_app
 from tests.gateway.harness import exchange, gateway_here, serve, serve_here, signed_call
 from tests.gateway.test_ext_authz_grpc import check, denied, grpc_stub
 
@@ -60,6 +58,10 @@ spec:
     - {id: wipe-prod, action: deny, reason: never prod, match: {tools: [repo.wipe]},
        when: {path: request.body.params.arguments.targets, contains: prod}}
 """
+
+
+MCP_ROUTE: Any = {"path_prefix": "/mcp", "upstream": "http://127.0.0.1:9", "tool": "repo",
+                  "tenant": "acme", "env": "prod", "mcp": True}  # fmt: skip
 
 
 class Payment(BaseModel):
@@ -171,16 +173,7 @@ class Mcp:
 async def mcp(env: Env) -> AsyncIterator[Mcp]:
     calls.clear()
     async with serve_here(_server().streamable_http_app()) as url:
-        data = env.settings.model_dump()
-        data["routes"] = [{"path_prefix": "/mcp", "upstream": url, "tool": "repo",
-                           "tenant": "acme", "env": "prod", "mcp": True}]  # fmt: skip
-        settings = GatewaySettings.model_validate(data)
-        env.policies.activate("acme", "prod", env.policies.put(load_document(POLICY), now=0),
-                              actor="test", now=0)  # fmt: skip
-        pipeline = build_pipeline(
-            env.services, settings, policy_store=env.policies, audit=env.audit
-        )
-        app = create_gateway_app(env.services, settings, pipeline=pipeline)
+        app = gateway_app(env, [{**MCP_ROUTE, "upstream": url}], POLICY)
         async with gateway_here(app) as port:
             yield Mcp(port, Agent(env, "caller"), env)
 
@@ -392,8 +385,7 @@ async def stub(env: Env) -> AsyncIterator[pb_grpc.AuthorizationStub]:
     data = env.settings.model_dump()
     data["routes"] = [{"path_prefix": "/mcp", "upstream": "http://127.0.0.1:9", "tool": "repo",
                        "tenant": "acme", "env": "prod", "mcp": True}]  # fmt: skip
-    env.policies.activate("acme", "prod", env.policies.put(load_document(POLICY), now=0),
-                          actor="test", now=0)  # fmt: skip
+    activate(env, POLICY)
     async with grpc_stub(ExtAuthz(env.pipeline, GatewaySettings.model_validate(data))) as client:
         yield client
 
@@ -432,10 +424,6 @@ async def test_ext_authz_decides_each_tool_call_as_its_own_tool(
     assert "shown whole" in body["message"]
 
 
-MCP_ROUTE: Any = {"path_prefix": "/mcp", "upstream": "http://127.0.0.1:9", "tool": "repo",
-                  "tenant": "acme", "env": "prod", "mcp": True}  # fmt: skip
-
-
 def _call_headers(agent: Agent) -> dict[str, str]:
     token = agent.token()
     return {"authorization": f"DPoP {token}", "dpop": agent.proof(token, "POST", "/mcp"),
@@ -443,8 +431,7 @@ def _call_headers(agent: Agent) -> dict[str, str]:
 
 
 def test_the_http_door_decides_what_envoy_shows_and_refuses_what_nginx_cannot(env: Env) -> None:
-    env.policies.activate("acme", "prod", env.policies.put(load_document(POLICY), now=0),
-                          actor="test", now=0)  # fmt: skip
+    activate(env, POLICY)
     agent = Agent(env)
 
     def call(url: str, tool: str) -> httpx.Response:
@@ -531,8 +518,7 @@ def _bare(agent: Agent, method: str, **http: Any) -> pb.CheckRequest:
 
 
 async def test_a_get_passes_ext_authz_only_where_envoy_shows_it_carries_no_body(env: Env) -> None:
-    env.policies.activate("acme", "prod", env.policies.put(load_document(POLICY), now=0),
-                          actor="test", now=0)  # fmt: skip
+    activate(env, POLICY)
     data = env.settings.model_dump()
     data["routes"] = [MCP_ROUTE]
     ext = ExtAuthz(env.pipeline, GatewaySettings.model_validate(data))

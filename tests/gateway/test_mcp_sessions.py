@@ -15,17 +15,23 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from google.rpc import code_pb2
 
 from aegis.approvals import ApprovalService
-from aegis.config import GatewaySettings
-from aegis.gateway.app import build_pipeline, create_gateway_app
 from aegis.gateway.context import Route
 from aegis.gateway.pipeline import Pipeline
-from aegis.policy.loader import load_document
 from aegis.telemetry.metrics import REGISTRY
-from tests.gateway.conftest import PAY, Agent, Env, approval_gated, dpop_headers, make_ctx
+from tests.gateway.conftest import (
+    PAY,
+    Agent,
+    Env,
+    activate,
+    approval_gated,
+    dpop_headers,
+    gateway_app,
+    make_ctx,
+)
 from tests.gateway.harness import exchange, gateway_here, signed_call
 from tests.gateway.helpers import mint_proof
 from tests.gateway.test_ext_authz_grpc import check, denied
-from tests.gateway.test_mcp import POLICY, stub  # noqa: F401  (the ext_authz fixture)
+from tests.gateway.test_mcp import MCP_ROUTE, POLICY, stub  # noqa: F401  (the ext_authz fixture)
 
 ONLY_OWNER = """
 apiVersion: aegis/v1
@@ -58,13 +64,8 @@ async def _call(env: Env, agent: Agent, sid: str, route: Route | None = None) ->
     return None if result.allowed else result.code
 
 
-def _activate(env: Env, policy: str) -> None:
-    env.policies.activate("acme", "prod", env.policies.put(load_document(policy), now=0),
-                          actor="test", now=0)  # fmt: skip
-
-
 async def test_a_call_refused_by_policy_holds_no_session(env: Env) -> None:
-    _activate(env, ONLY_OWNER)
+    activate(env, ONLY_OWNER)
     owner, intruder = Agent(env, "owner"), Agent(env, "intruder")
     sid = secrets.token_hex(16)
     assert await _call(env, intruder, sid) == "access_denied"
@@ -73,7 +74,7 @@ async def test_a_call_refused_by_policy_holds_no_session(env: Env) -> None:
 
 
 async def test_refused_calls_cannot_fill_the_store(env: Env) -> None:
-    _activate(env, ONLY_OWNER)
+    activate(env, ONLY_OWNER)
     owner, intruder = Agent(env, "owner"), Agent(env, "intruder")
     env.services.replay._claims._max = 5  # type: ignore[attr-defined]  # stands for 1,000,000
     for _ in range(5):
@@ -92,7 +93,7 @@ async def test_refused_calls_cannot_fill_the_store(env: Env) -> None:
 async def test_a_session_is_held_by_its_id_whatever_route_it_comes_by(
     env: Env, first: str, second: str
 ) -> None:
-    _activate(env, POLICY)
+    activate(env, POLICY)
     owner, other = Agent(env, "owner"), Agent(env, "other")
     sid = secrets.token_hex(16)
     a, b = _route("a.example.com", first), _route("b.example.com", second)
@@ -125,13 +126,7 @@ async def test_joined_session_fields_never_read_as_a_fresh_id(
 
 
 async def test_an_answer_refused_after_the_decision_names_no_id(env: Env) -> None:
-    data = env.settings.model_dump()
-    data["routes"] = [{"path_prefix": "/mcp", "upstream": "http://127.0.0.1:9", "tool": "repo",
-                       "tenant": "acme", "env": "prod", "mcp": True}]  # fmt: skip
-    settings = GatewaySettings.model_validate(data)
-    _activate(env, POLICY)
-    pipeline = build_pipeline(env.services, settings, policy_store=env.policies, audit=env.audit)
-    app = create_gateway_app(env.services, settings, pipeline=pipeline)
+    app = gateway_app(env, [MCP_ROUTE], POLICY)
     answer = json.dumps({"jsonrpc": "2.0", "id": 12, "result": {}}).encode()
     request = json.dumps({"jsonrpc": "2.0", "id": 13, "method": "tools/call",
                           "params": {"name": "search", "arguments": {"query": "x"}}}).encode()  # fmt: skip
@@ -171,7 +166,7 @@ spec:
 
 
 async def test_a_call_held_for_approval_holds_no_session(env: Env) -> None:
-    _activate(env, GATED)
+    activate(env, GATED)
     owner, intruder = Agent(env, "owner"), Agent(env, "intruder")
     sid = secrets.token_hex(16)
     assert await _call(env, intruder, sid) == "approval_needed"
@@ -183,7 +178,7 @@ async def test_a_call_held_for_approval_holds_no_session(env: Env) -> None:
 
 
 async def test_a_sanitize_the_door_cannot_apply_holds_no_session(env: Env) -> None:
-    _activate(env, GATED)
+    activate(env, GATED)
     owner, auditor = Agent(env, "owner"), Agent(env, "auditor")
     sid = secrets.token_hex(16)
 
@@ -218,7 +213,7 @@ async def test_callers_cannot_mint_metric_label_sets(env: Env) -> None:
     from aegis.policy.shadow import SHADOW_WOULD_DENY
     from aegis.telemetry.metrics import REGISTRY
 
-    _activate(env, SHADOW)
+    activate(env, SHADOW)
     agent = Agent(env, "caller")
     children = len(SHADOW_WOULD_DENY._metrics)  # type: ignore[attr-defined]
     for _ in range(20):
@@ -239,7 +234,7 @@ async def test_callers_cannot_mint_metric_label_sets(env: Env) -> None:
 @pytest.fixture
 def gated(env: Env) -> Iterator[tuple[Pipeline, ApprovalService]]:
     """A pipeline whose approval_needed calls are held by the real approval service."""
-    _activate(env, GATED)
+    activate(env, GATED)
     with approval_gated(env) as both:
         yield both
 

@@ -16,11 +16,10 @@ from aegis.errors import ConfigError, TokenError, Unavailable
 from aegis.gateway.app import build_pipeline
 from aegis.gateway.context import STREAMED_BODY_DIGEST, body_digest
 from aegis.pki.binding import X5T_S256
-from aegis.policy.loader import load_document
 from aegis.policy.store import MemoryPolicyStore
 from aegis.registry.cache import RegistryCache
 from aegis.tokens.dpop import access_token_hash
-from tests.gateway.conftest import GW, OPEN, PAY, Agent, Env, dpop_headers, make_ctx
+from tests.gateway.conftest import GW, OPEN, PAY, Agent, Env, activate, dpop_headers, make_ctx
 from tests.gateway.helpers import mint_proof
 
 POLICY = """
@@ -52,12 +51,6 @@ spec:
       match: {tools: ["payments"]}
       when: {path: request.body.amount, lte: 0}
 """
-
-
-def activate(env: Env, text: str) -> None:
-    """Put the policy ``text`` in force for acme/prod."""
-    env.policies.activate("acme", "prod", env.policies.put(load_document(text), now=0), actor="t",
-                          now=0)  # fmt: skip
 
 
 async def test_allowed_with_allowlist_fallback_and_attested(env: Env) -> None:

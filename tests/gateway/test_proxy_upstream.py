@@ -14,10 +14,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from aegis.config import GatewaySettings
-from aegis.gateway.app import build_pipeline, create_gateway_app
 from aegis.policy.loader import load_document
-from tests.gateway.conftest import Agent, Env
+from tests.gateway.conftest import Agent, Env, gateway_app
 from tests.gateway.harness import gateway_here, raw_answer, signed_call
 
 POLICY = """
@@ -101,18 +99,10 @@ async def gateway(env: Env, request: pytest.FixtureRequest) -> AsyncIterator[Gat
     if given (``h11``), else the default one."""
     upstream = ScriptedUpstream()
     async with upstream.running() as url:
-        data = env.settings.model_dump()
-        data.update(connect_timeout=1, upstream_timeout=1, client_body_deadline=1,
-                    max_body_bytes=64 * 1024 * 1024)  # fmt: skip
-        data["routes"] = [{"path_prefix": "/payments", "upstream": url, "tool": "payments",
-                           "tenant": "acme", "env": "prod"}]  # fmt: skip
-        settings = GatewaySettings.model_validate(data)
-        env.policies.activate("acme", "prod", env.policies.put(load_document(POLICY), now=0),
-                              actor="test", now=0)  # fmt: skip
-        pipeline = build_pipeline(
-            env.services, settings, policy_store=env.policies, audit=env.audit
-        )
-        app = create_gateway_app(env.services, settings, pipeline=pipeline)
+        route = {"path_prefix": "/payments", "upstream": url, "tool": "payments",
+                 "tenant": "acme", "env": "prod"}  # fmt: skip
+        app = gateway_app(env, [route], POLICY, connect_timeout=1, upstream_timeout=1,
+                          client_body_deadline=1, max_body_bytes=64 * 1024 * 1024)  # fmt: skip
         async with gateway_here(app, http=getattr(request, "param", "auto")) as port:
             yield Gateway(port, upstream, Agent(env, "caller"), env)
 
