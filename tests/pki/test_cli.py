@@ -99,6 +99,16 @@ def control_plane_url(pki: Pki) -> Iterator[str]:
         yield url
 
 
+def _enrol(pki: Pki, tmp_path: Path, url: str, *extra: str) -> Result:
+    """``aegis agents cert`` for the "beta" agent at ``url``, trusting the CA's bundle."""
+    bundle = tmp_path / "trust.pem"
+    bundle.write_bytes(pki.ca.bundle_pem())
+    client_id, secret = pki.secrets["beta"]
+    args = ["agents", "cert", "--client-id", client_id, "--out-dir", str(tmp_path / "b"),
+            "--bundle", str(bundle), "--url", url, *extra]  # fmt: skip
+    return runner.invoke(aegis, args, env={"AEGIS_CLIENT_SECRET": secret})
+
+
 def test_agent_cert_enrols_and_writes_private_files(
     pki: Pki, control_plane_url: str, tmp_path: Path
 ) -> None:
@@ -268,16 +278,8 @@ def test_operator_issue_revoke_and_bootstrap(config: Path, tmp_path: Path) -> No
 def test_agents_cert_with_server_id_enrols_only_at_the_pinned_control_plane(
     pki: Pki, control_plane_url: str, tmp_path: Path
 ) -> None:
-    bundle = tmp_path / "trust.pem"
-    bundle.write_bytes(pki.ca.bundle_pem())
-    client_id, secret = pki.secrets["beta"]
-    env = {"AEGIS_CLIENT_SECRET": secret}
-
     def enrol(server_id: str) -> Result:
-        args = ["agents", "cert", "--client-id", client_id, "--out-dir", str(tmp_path / "b"),
-                "--bundle", str(bundle), "--server-id", server_id, "--url", control_plane_url,
-                "--json"]  # fmt: skip
-        return runner.invoke(aegis, args, env=env)
+        return _enrol(pki, tmp_path, control_plane_url, "--server-id", server_id, "--json")
 
     before = len(pki.store.for_agent("beta"))
     # The fixture serves the "gw" agent's certificate: pinned to another identity, it is refused
@@ -381,14 +383,8 @@ def test_a_private_file_never_takes_the_mode_or_place_of_a_file_found_there(
 def test_agents_cert_refuses_a_control_plane_whose_certificate_was_revoked(
     pki: Pki, control_plane_url: str, tmp_path: Path
 ) -> None:
-    bundle = tmp_path / "trust.pem"
-    bundle.write_bytes(pki.ca.bundle_pem())
-    client_id, secret = pki.secrets["beta"]
-
     def enrol(*extra: str) -> Result:
-        args = ["agents", "cert", "--client-id", client_id, "--out-dir", str(tmp_path / "b"),
-                "--bundle", str(bundle), "--url", control_plane_url, "--json", *extra]  # fmt: skip
-        return runner.invoke(aegis, args, env={"AEGIS_CLIENT_SECRET": secret})
+        return _enrol(pki, tmp_path, control_plane_url, "--json", *extra)
 
     assert enrol().exit_code == 0
     before = len(pki.store.for_agent("beta"))
@@ -429,13 +425,8 @@ def test_agents_cert_refuses_revocation_lists_its_bundle_does_not_vouch_for(
     )
     pem = crl.public_bytes(serialization.Encoding.PEM)
     api = Starlette(routes=[Route("/pki/v1/crl.pem", lambda _: Response(pem), methods=["GET"])])
-    bundle = tmp_path / "trust.pem"
-    bundle.write_bytes(pki.ca.bundle_pem())
-    client_id, secret = pki.secrets["beta"]
     with serving(pki, api) as url:
-        args = ["agents", "cert", "--client-id", client_id, "--out-dir", str(tmp_path / "b"),
-                "--bundle", str(bundle), "--url", url]  # fmt: skip
-        refused = runner.invoke(aegis, args, env={"AEGIS_CLIENT_SECRET": secret})
+        refused = _enrol(pki, tmp_path, url)
     assert refused.exit_code == 1
     assert refused.stderr.startswith("error: server_untrusted: ")
     assert "do not verify" in refused.stderr and refused.stderr.count("\n") == 1
