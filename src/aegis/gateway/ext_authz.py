@@ -466,8 +466,11 @@ class ExtAuthz:
         limit = self._settings.max_body_bytes
         if raw is not None and len(raw) > limit:
             raise AegisError(f"request body larger than {limit} bytes", code="payload_too_large")
+        message = None
         if facts["route"].mcp:
-            facts["route"], _ = mcp_call(facts["route"], facts["method"], facts["headers"], raw)
+            facts["route"], message = mcp_call(
+                facts["route"], facts["method"], facts["headers"], raw
+            )
         if raw is None:
             return
         fields = facts["headers"]
@@ -476,9 +479,12 @@ class ExtAuthz:
         refuse_method_override(facts["method"], content_type, raw, coding)
         reads = self._pipeline.reads_body(facts["route"])
         strict = reads and self._pipeline.reads_body(facts["route"], enforced=True)
-        shown = limit if reads else self._settings.policy_body_bytes
+        # An MCP message is always shown, as at the reverse proxy.
+        shown = limit if reads or facts["route"].mcp else self._settings.policy_body_bytes
         small = len(raw) <= shown
-        if small:
+        if message is not None and not strict:
+            facts["body"] = message.body  # parsed alike once (a strict read checks integers too)
+        elif small:
             facts["body"] = parse_json_body(raw, content_type, coding, safe_integers=strict)
         facts["body_digest"] = body_digest(raw) if raw else EMPTY_BODY_DIGEST
         facts["raw_body"] = raw if small else None

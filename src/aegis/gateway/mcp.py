@@ -114,6 +114,9 @@ class McpMessage:
     method: str | None
     #: The tool a ``tools/call`` names.
     tool: str | None = None
+    #: The message as parsed (without the check of unsafe integers), for a door to show policy
+    #: instead of parsing the same bytes again.
+    body: Any = dataclasses.field(default=None, compare=False, repr=False)
 
 
 def _is_id(value: Any) -> bool:
@@ -336,7 +339,7 @@ def mcp_call(
     _check_routing_fields(message, body, fields)
     if message.tool is not None:
         route = _tool_route(route, message.tool)
-    return route, message
+    return route, dataclasses.replace(message, body=body)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -432,7 +432,9 @@ class ReverseProxy:
                 # Policy sees (and sanitization rewrites) only bodies it can hold whole.
                 small = len(raw) <= shown
                 facts["body"] = (
-                    parse_json_body(
+                    message.body  # parsed alike once (a strict read checks integers too)
+                    if message is not None and not strict
+                    else parse_json_body(
                         raw, content_type, values.get("content-encoding"), safe_integers=strict
                     )
                     if small
