@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from aegis.audit.attest import attestation_rules
 from aegis.config import GatewaySettings
+from aegis.errors import Unavailable
 from aegis.gateway.ext_authz import ExtAuthz
 from aegis.gateway.ext_authz_http import create_ext_authz_http_app
 from aegis.gateway.mcp import (
@@ -33,6 +34,8 @@ from aegis.gateway.mcp import (
     INVALID_REQUEST,
     PARSE_ERROR,
     REFUSED,
+    SESSION_NAMESPACE,
+    session_key,
 )
 from aegis.tokens.verifier import verify_jwt
 from tests.gateway.conftest import Agent, Env, activate, dpop_headers, gateway_app
@@ -538,3 +541,109 @@ async def test_a_get_passes_ext_authz_only_where_envoy_shows_it_carries_no_body(
             status, _, body = denied(await unbuffered.Check(_bare(agent, method)))
             assert (status, body["code"]) == (400, "invalid_request")
             assert "envoy_buffers_body" in body["message"]
+
+
+INITIALIZE = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
+              "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                         "clientInfo": {"name": "probe", "version": "1"}}}  # fmt: skip
+LISTING = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+ACCEPT = {"accept": "application/json, text/event-stream"}
+
+
+async def _initialize(port: int, agent: Agent) -> httpx2.Response:
+    async with httpx2.AsyncClient(auth=DpopAuth(agent), timeout=10) as client:
+        return await client.post(f"http://127.0.0.1:{port}/mcp", json=INITIALIZE, headers=ACCEPT)
+
+
+async def test_a_session_is_held_from_the_answer_that_hands_it_out(mcp: Mcp) -> None:
+    opened = await _initialize(mcp.port, mcp.agent)
+    sid = opened.headers["mcp-session-id"]
+    # Before its agent has named it once, the id is already that agent's.
+    fields = [("Mcp-Session-Id", sid), ("Content-Type", "application/json"),
+              ("Accept", ACCEPT["accept"])]  # fmt: skip
+    head, answer = await mcp.post(json.dumps(LISTING).encode(), fields, agent=Agent(mcp.env, "x"))
+    assert head.startswith(b"HTTP/1.1 404"), head
+    assert answer["error"]["data"]["code"] == "not_found"
+    holder = await mcp.env.services.replay.held_by(SESSION_NAMESPACE, session_key(sid))
+    assert holder == "acme\nprod\ncaller"
+
+
+@pytest.fixture
+async def handing_out(env: Env) -> AsyncIterator[tuple[int, list[tuple[bytes, bytes]]]]:
+    """A gateway in front of a server that answers every message with the session fields
+    the test puts in the list it yields."""
+    fields: list[tuple[bytes, bytes]] = []
+
+    async def server(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            return await send({"type": "lifespan.shutdown.complete"})
+        head = [(b"content-type", b"application/json"), *fields]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send({"type": "http.response.body", "body": b'{"jsonrpc": "2.0", "id": 0, '
+                    b'"result": {}}'})  # fmt: skip
+
+    async with serve_here(server) as url:
+        app = gateway_app(env, [{**MCP_ROUTE, "upstream": url}], POLICY)
+        async with gateway_here(app) as port:
+            yield port, fields
+
+
+@pytest.mark.parametrize(
+    "handed",
+    [
+        [b"taken"],  # held by another agent
+        [b"a,b"],  # two fields joined, or an id this gateway reads otherwise
+        [b"one", b"two"],
+        [b"caf\xc3\xa9"],
+    ],
+)
+async def test_a_session_id_that_cannot_be_held_is_never_passed_on(
+    env: Env, handing_out: tuple[int, list[tuple[bytes, bytes]]], handed: list[bytes]
+) -> None:
+    port, fields = handing_out
+    await env.pipeline.claim_session("taken", "acme\nprod\nother")
+    fields += [(b"mcp-session-id", value) for value in handed]
+    opened = await _initialize(port, Agent(env, "caller"))
+    assert opened.status_code == 502
+    assert "mcp-session-id" not in opened.headers
+    assert opened.json()["id"] == 0
+    assert opened.json()["error"]["data"]["code"] == "bad_gateway"
+    assert await env.services.replay.held_by(SESSION_NAMESPACE, session_key("taken")) == (
+        "acme\nprod\nother"
+    )
+    failed = list(env.audit.records(kind="gateway.forward_failed"))
+    assert [r["code"] for r in failed] == ["bad_gateway"]
+
+
+async def test_an_opened_session_not_held_for_want_of_a_store_is_refused(
+    env: Env,
+    handing_out: tuple[int, list[tuple[bytes, bytes]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    port, fields = handing_out
+    fields.append((b"mcp-session-id", b"fresh"))
+
+    async def unavailable(*args: object) -> bool:
+        raise Unavailable("the replay store is down", code="replay_store_unavailable")
+
+    monkeypatch.setattr(env.services.replay, "claim", unavailable)
+    opened = await _initialize(port, Agent(env, "caller"))
+    assert opened.status_code == 503
+    assert "mcp-session-id" not in opened.headers
+    assert opened.json()["error"]["data"]["code"] == "replay_store_unavailable"
+
+
+async def test_only_the_initialize_answer_opens_a_session(
+    env: Env, handing_out: tuple[int, list[tuple[bytes, bytes]]]
+) -> None:
+    # Servers send the session's id on every answer; on any other message the id the request
+    # named was held (or none was named), and an answer naming another is not the gateway's to
+    # hold.
+    port, fields = handing_out
+    fields.append((b"mcp-session-id", b"echoed"))
+    async with httpx2.AsyncClient(auth=DpopAuth(Agent(env, "caller")), timeout=10) as client:
+        listed = await client.post(f"http://127.0.0.1:{port}/mcp", json=LISTING, headers=ACCEPT)
+    assert listed.status_code == 200
+    assert await env.services.replay.held_by(SESSION_NAMESPACE, session_key("echoed")) is None

@@ -70,6 +70,9 @@ class Result:
     #: Whether the call passes with an approval's override token: only the request fields the
     #: approval is bound to (``aegis.approvals.model.is_bound``) may then reach the upstream.
     approved: bool = False
+    #: On an allowed call of an MCP route, who holds the sessions it opens (its agent, tenant
+    #: and environment; ``Pipeline.claim_session``).
+    session_holder: str | None = None
     #: Facts for the caller's error body (:data:`ANSWERED_DETAILS`), e.g. the approval id.
     details: dict[str, Any] = field(default_factory=dict)
 

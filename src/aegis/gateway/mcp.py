@@ -54,6 +54,7 @@ __all__ = [
     "McpInvalid",
     "McpMessage",
     "mcp_call",
+    "opens_session",
     "read_message",
     "request_id",
     "rpc_error",
@@ -272,6 +273,11 @@ def session_id(fields: Iterable[tuple[str, str]]) -> str | None:
             "joined by a proxy read as one)"
         )
     return values[0]
+
+
+def opens_session(method: str, body: Any) -> bool:
+    """Whether a call carries the ``initialize`` request whose answer hands out a session."""
+    return method == "POST" and isinstance(body, dict) and body.get("method") == "initialize"
 
 
 def session_key(session: str) -> str:

@@ -77,6 +77,12 @@ LimitsHook = Callable[[CallContext, AccessToken], Awaitable[None]]
 ApprovalHook = Callable[[CallContext, EvidenceFacts, PolicyCall], Awaitable[Decision]]
 
 
+def session_holder(token: AccessToken) -> str:
+    """Who holds the MCP sessions a token's calls open or name: its agent, in its tenant and
+    environment."""
+    return f"{token.tenant}\n{token.env}\n{token.agent_id}"
+
+
 def _enforceable(ctx: CallContext, decision: Decision) -> list[SanitizeObligation]:
     """The request obligations of ``decision`` that rewrite the body; ``policy_error`` when this
     door cannot apply its obligations to this call: an ext_authz door rewrites nothing, and a
@@ -425,18 +431,24 @@ class Pipeline:
         session = session_id(ctx.headers)
         if session is None:
             return
-        owner, key = f"{token.tenant}\n{token.env}\n{token.agent_id}", session_key(session)
+        owner = session_holder(token)
         if check_only:
-            held = await self._replay.held_by(SESSION_NAMESPACE, key)
+            held = await self._replay.held_by(SESSION_NAMESPACE, session_key(session))
             mine = held is None or held == owner
         else:
-            expires = self._clock.now() + self._mcp_session_idle
-            mine = await self._replay.claim(SESSION_NAMESPACE, key, owner, expires)
+            mine = await self.claim_session(session, owner)
         if not mine:
             raise AegisError(
                 "no such MCP session for this agent: initialize a session of its own",
                 code="not_found",
             )
+
+    async def claim_session(self, session: str, holder: str) -> bool:
+        """Hold MCP session ``session`` for ``holder`` (:func:`session_holder`) another
+        ``mcp_session_idle``: False, and nothing changed, while another agent holds it. Raises
+        ``Unavailable`` when the replay store cannot answer."""
+        expires = self._clock.now() + self._mcp_session_idle
+        return await self._replay.claim(SESSION_NAMESPACE, session_key(session), holder, expires)
 
     def _enforce(self, ctx: CallContext, facts: EvidenceFacts, decision: Decision) -> Result:
         if decision.action == "approval_needed":
@@ -464,6 +476,7 @@ class Pipeline:
             body=body,
             body_changed=changed,
             approved=facts.approval_id is not None,
+            session_holder=session_holder(token) if ctx.route.mcp else None,
         )
 
     def _refuse(self, facts: EvidenceFacts, exc: AegisError) -> Result:

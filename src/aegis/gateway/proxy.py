@@ -86,11 +86,14 @@ from aegis.gateway.hygiene import (
 from aegis.gateway.mcp import (
     MCP_METHODS,
     REFUSED,
+    SESSION_FIELD,
     McpInvalid,
     McpMessage,
     mcp_call,
+    opens_session,
     request_id,
     rpc_error,
+    session_id,
 )
 from aegis.gateway.overrides import (
     MethodOverrideWatch,
@@ -727,6 +730,15 @@ class ReverseProxy:
                     "(200 to 599); it must send one",
                     result,
                 )  # fmt: skip
+            if ctx.route.mcp and opens_session(ctx.method, ctx.body):
+                status, code = 502, "bad_gateway"
+                try:
+                    why = await self._hold_opened(upstream, result)
+                except AegisError as exc:  # the replay store cannot answer: 503
+                    status, code, why = exc.status, exc.code, exc.message
+                if why is not None:
+                    upstream.close()  # the id is never passed on
+                    return await self._gateway_error(send, ctx, status, code, why, result)
             if streamed is not None and streamed.whole:
                 # The body has passed whole: its record is written before the caller is answered.
                 await self._body_forwarded(ctx, result, streamed)
@@ -778,6 +790,29 @@ class ReverseProxy:
             await self._relay(send, ctx, upstream, out_headers, result)
         finally:
             upstream.release()
+
+    async def _hold_opened(self, upstream: aiohttp.ClientResponse, result: Result) -> str | None:
+        """Hold the session an MCP server hands out on ``initialize`` for the agent that asked,
+        before the agent learns its id: until then another agent naming the id (learnt from
+        the server's logs, say) would be the first to hold it. Returns why the answer cannot be
+        passed on (None: it can): an id another agent already holds, or one that could not be
+        held as it is read. Raises ``Unavailable`` when the replay store cannot answer."""
+        handed = upstream.headers.getall(SESSION_FIELD, ())
+        if not handed:
+            return None
+        assert result.session_holder is not None, "an allowed call of an MCP route"
+        try:
+            session = session_id((SESSION_FIELD, value) for value in handed)
+        except McpInvalid as exc:
+            return f"the MCP server handed out a session this gateway cannot hold: {exc.message}"
+        if session is not None and not await self._pipeline.claim_session(
+            session, result.session_holder
+        ):
+            return (
+                "the MCP server handed out the id of a session another agent holds; it must "
+                "draw each session id at random"
+            )
+        return None
 
     async def _relay(
         self,
