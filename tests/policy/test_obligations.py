@@ -139,6 +139,9 @@ def test_secrets_and_addresses_in_their_wider_forms_are_masked() -> None:
         "hf_" + "aBcDeFgHiJkLmNoPqRsTuVwXyZ01234567",  # Hugging Face
         "npm_" + "a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8",
         "pypi-AgEIcHlwaS5vcmc" + "CJDk3ZjVmZTc3LWI2NzgtNGM" * 3,
+        "ghp_" + "a1B2c3D4e5F6" * 3,  # GitHub
+        "sk_live_" + "4eC39HqLyjWDarjtT1zdp7dc",  # Stripe
+        "xoxb-" + "1234567890-abcdefghij",  # Slack
     ],
 )
 def test_provider_api_keys_are_masked(key: str) -> None:
@@ -146,6 +149,8 @@ def test_provider_api_keys_are_masked(key: str) -> None:
         (f"key {key} end", f"key {SECRET_MASK} end"),
         (f'{{"k": "{key}"}}', f'{{"k": "{SECRET_MASK}"}}'),
         (f"OPENAI_API_KEY={key}", f"OPENAI_API_KEY={SECRET_MASK}"),
+        # After "_" (no word boundary there), as AWS keys are: a name glued to the key.
+        (f"ID_{key}", f"ID_{SECRET_MASK}"),
     ):
         assert mask_text(text, ["secret"]) == expected, (key, text)
 

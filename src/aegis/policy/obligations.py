@@ -61,24 +61,25 @@ _SECRETS: Final = (
         r"-----BEGIN [A-Z ]{0,40}PRIVATE KEY-----.{0,10000}?-----END [A-Z ]{0,40}PRIVATE KEY-----",
         re.DOTALL,
     ),
-    # Not \b: "ID_AKIA…" has no word boundary before the key, which is still one.
+    # Not \b, nor a lookbehind refusing "_": "ID_AKIA…" and "ID_sk-…" have no word boundary
+    # before the key, which is still one.
     re.compile(r"(?<![A-Za-z0-9])(?:AKIA|ASIA)[0-9A-Z]{16}(?![A-Za-z0-9])"),
-    re.compile(r"\b(?:sk|pk|rk)_(?:live|test)_[0-9A-Za-z]{16,128}"),
-    re.compile(r"\bgh[pousr]_[0-9A-Za-z]{36,255}"),
+    re.compile(r"(?<![A-Za-z0-9])(?:sk|pk|rk)_(?:live|test)_[0-9A-Za-z]{16,128}"),
+    re.compile(r"(?<![A-Za-z0-9])gh[pousr]_[0-9A-Za-z]{36,255}"),
     re.compile(r"(?<![A-Za-z0-9])github_pat_[0-9A-Za-z_]{22,255}"),  # a fine-grained token
-    re.compile(r"\bxox[abprs]-[0-9A-Za-z-]{10,200}"),
+    re.compile(r"(?<![A-Za-z0-9])xox[abprs]-[0-9A-Za-z-]{10,200}"),
     # OpenAI (sk-…, sk-proj-…, sk-svcacct-…) and Anthropic (sk-ant-api03-…) keys: a run with a
     # digit in it, so that a slug such as "sk-learn-tutorial-page" is not taken for one.
-    re.compile(r"(?<![0-9A-Za-z_-])sk-(?=[A-Za-z_-]{0,512}[0-9])[0-9A-Za-z_-]{20,512}"),
-    re.compile(r"(?<![0-9A-Za-z_-])AIza[0-9A-Za-z_-]{35}(?![0-9A-Za-z_-])"),  # Google API key
+    re.compile(r"(?<![0-9A-Za-z-])sk-(?=[A-Za-z_-]{0,512}[0-9])[0-9A-Za-z_-]{20,512}"),
+    re.compile(r"(?<![0-9A-Za-z-])AIza[0-9A-Za-z_-]{35}(?![0-9A-Za-z_-])"),  # Google API key
     # GitLab tokens: personal, deploy, runner, trigger, CI job, feed, incoming mail, OAuth …
     re.compile(
-        r"(?<![0-9A-Za-z_-])gl(?:pat|dt|rt|ptt|cbt|ft|imt|soat|oas|agent)-[0-9A-Za-z_-]{20,255}"
+        r"(?<![0-9A-Za-z-])gl(?:pat|dt|rt|ptt|cbt|ft|imt|soat|oas|agent)-[0-9A-Za-z_-]{20,255}"
     ),
-    re.compile(r"(?<![0-9A-Za-z_-])hf_[0-9A-Za-z]{30,64}(?![0-9A-Za-z_-])"),  # Hugging Face
-    re.compile(r"(?<![0-9A-Za-z_-])npm_[0-9A-Za-z]{36}(?![0-9A-Za-z_-])"),  # npm
-    re.compile(r"(?<![0-9A-Za-z_-])pypi-AgE[0-9A-Za-z_-]{50,512}"),  # PyPI (a macaroon)
-    re.compile(r"\beyJ[0-9A-Za-z_-]{4,}\.eyJ[0-9A-Za-z_-]{4,}\.[0-9A-Za-z_-]{4,}"),
+    re.compile(r"(?<![0-9A-Za-z-])hf_[0-9A-Za-z]{30,64}(?![0-9A-Za-z_-])"),  # Hugging Face
+    re.compile(r"(?<![0-9A-Za-z-])npm_[0-9A-Za-z]{36}(?![0-9A-Za-z_-])"),  # npm
+    re.compile(r"(?<![0-9A-Za-z-])pypi-AgE[0-9A-Za-z_-]{50,512}"),  # PyPI (a macaroon)
+    re.compile(r"(?<![A-Za-z0-9])eyJ[0-9A-Za-z_-]{4,}\.eyJ[0-9A-Za-z_-]{4,}\.[0-9A-Za-z_-]{4,}"),
     re.compile(r"(?i)\bbearer\s{1,8}[0-9A-Za-z._~+/=-]{16,4096}"),
 )
 
