@@ -12,6 +12,7 @@ import pytest
 
 from aegis.approvals import ApprovalService, build_approval_service
 from aegis.approvals.model import (
+    UNRECORDED_AFTER,
     bound_headers,
     call_digest,
     is_secret_name,
@@ -534,3 +535,113 @@ async def test_an_approver_scoped_to_tenants_decides_only_theirs(tmp_path: Any) 
     finally:
         s.service.close()
         s.audit.close()
+
+
+class _AuditHangs:
+    """The audit log holding the appends of one kind until ``release`` (a batch waiting on a
+    slow database), then failing them or (``writes``) writing them; every other kind is
+    written at once."""
+
+    def __init__(self, setup: Setup, kind: str, *, writes: bool = False) -> None:
+        self._audit, self._real = setup.audit, setup.audit.append_async
+        self.kind, self.writes = kind, writes
+        self.in_flight, self.release = asyncio.Event(), asyncio.Event()
+
+    def __enter__(self) -> _AuditHangs:
+        async def hanging(kind: str, record: dict[str, Any]) -> tuple[int, str]:
+            if kind == self.kind:
+                self.in_flight.set()
+                await self.release.wait()
+                if not self.writes:
+                    raise Unavailable("the audit log cannot be written", code="audit_unavailable")
+            return await self._real(kind, record)
+
+        self._audit.append_async = hanging  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._audit.append_async = self._real  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("writes", [False, True])
+async def test_an_approval_hands_out_no_override_until_it_is_on_record(
+    setup: Setup, writes: bool
+) -> None:
+    svc = setup.service
+    req = await svc.hold(held(), FINANCE)
+    with _AuditHangs(setup, "approval.decided", writes=writes) as audit:
+        deciding = asyncio.create_task(
+            svc.decide(req.id, via="slack", credential="UCAROL", approve=True)
+        )
+        await audit.in_flight.wait()
+        # Meanwhile the agent polls its status URL: nothing to redeem yet.
+        status = await svc.status(req.id, "payer")
+        assert status["state"] == "pending" and "override_token" not in status
+        assert (await svc.get(req.id)).state == "approving"
+        # Nor can a second approver take another decision.
+        assert (
+            await _refused(svc.decide(req.id, via="slack", credential="UCAROL", approve=False))
+            == "approval_decided"
+        )
+        audit.release.set()
+        if writes:
+            await deciding
+        else:
+            with pytest.raises(AegisError) as info:
+                await deciding
+            assert "did not take effect" in info.value.message
+    if writes:
+        token = (await svc.status(req.id, "payer"))["override_token"]
+        assert (await svc.redeem(held(decision_id="dec-retry"), token)).state == "used"
+        assert [r["decision"] for r in setup.audited("approval.decided")] == ["approved"]
+    else:
+        assert (await svc.get(req.id)).state == "pending"
+        assert setup.audited("approval.decided") == []
+
+
+@pytest.mark.parametrize("writes", [False, True])
+async def test_a_request_is_neither_listed_nor_decided_until_it_is_on_record(
+    setup: Setup, writes: bool
+) -> None:
+    svc = setup.service
+    with _AuditHangs(setup, "approval.requested", writes=writes) as audit:
+        holding = asyncio.create_task(svc.hold(held(), FINANCE))
+        await audit.in_flight.wait()
+        assert await svc.list_requests("pending") == []
+        [stored] = await svc.list_requests()
+        assert stored.state == "recording"
+        assert (
+            await _refused(
+                svc.decide(stored.id, via="cli", credential="carol@example.com", approve=True)
+            )
+            == "approval_not_found"
+        )
+        # The same call asked again meanwhile is the same request, not yet decidable.
+        assert (await svc.hold(held(), FINANCE)).id == stored.id
+        audit.release.set()
+        if writes:
+            assert (await holding).state == "pending"
+        else:
+            with pytest.raises(AegisError):
+                await holding
+    assert (await svc.get(stored.id)).state == ("pending" if writes else "expired")
+    assert [r["id"] for r in setup.audited("approval.requested")] == ([stored.id] if writes else [])
+
+
+@pytest.mark.parametrize("state", ["recording", "approving"])
+async def test_a_change_a_stopped_process_left_unrecorded_is_closed(
+    setup: Setup, state: str
+) -> None:
+    svc = setup.service
+    req = await svc.hold(held(), FINANCE)
+    now = setup.clock.now()
+    left = dataclasses.replace(req, state=state, decided_at=now if state == "approving" else None)
+    assert svc.store.transition(left, "pending")
+    setup.clock.advance(UNRECORDED_AFTER - 1)
+    assert await svc.expire_due() == 0
+    setup.clock.advance(1)
+    assert await svc.expire_due() == 1
+    assert (await svc.get(req.id)).state == "expired"
+    [closed] = setup.audited("approval.expired")
+    assert closed["from"] == state
+    assert (await svc.hold(held(), FINANCE)).id != req.id  # the call can be asked again

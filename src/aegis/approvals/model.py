@@ -2,19 +2,25 @@
 
 States (every arrow is one guarded write, ``UPDATE ... WHERE state = <from>``)::
 
-    pending ──approve──▶ approved ──override used──▶ used
-       │  └──deny──▶ denied ◀──withdraw──┤
-       └──expire──▶ expired ◀──override window over
+    recording ──recorded──▶ pending ──approve──▶ approving ──recorded──▶ approved ──used──▶ used
+                               │  └──deny──▶ denied ◀──withdraw──────────────────────┤
+                               └──expire──▶ expired ◀──override window over─────────┘
 
-A request is *open* while ``pending`` or ``approved``; at most one request is open per call digest
-(a unique column holds the digest only while open), so the same call asked again returns the same
-id. The digest binds everything the upstream acts on and everything the approval stood for: the
-tenant, environment, agent, tool, the host and upstream of the route, method, path, the query (in
-order: an upstream may read the first ``to`` of two), the request headers the upstream receives
+``recording`` and ``approving`` hold a change until its audit record is written: a request is
+listed as pending (and can be decided) only once ``approval.requested`` is in the log, and an
+approval hands out an override only once ``approval.decided`` is. A record that fails moves it
+back (``approving`` to ``pending``) or closes it (``recording`` to ``expired``); one left so by a
+stopped process is closed after :data:`UNRECORDED_AFTER` seconds.
+
+A request is *open* while in any of the first four states; at most one request is open per call
+digest (a unique column holds the digest only while open), so the same call asked again returns the
+same id. The digest binds everything the upstream acts on and everything the approval stood for:
+the tenant, environment, agent, tool, the host and upstream of the route, method, path, the query
+(in order: an upstream may read the first ``to`` of two), the request headers the upstream receives
 (:func:`bound_headers`), the body byte for byte (its SHA-256: a payment of 12,001 is another call
-than one of 12,000), the delegation chain and origin user (separation of duties is judged on
-them), and the approval the policy required (its groups): an override approved by finance does not
-pass a call that policy now holds for security.
+than one of 12,000), the delegation chain and origin user (separation of duties is judged on them),
+and the approval the policy required (its groups): an override approved by finance does not pass a
+call that policy now holds for security.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ __all__ = [
     "MAX_SHOWN_FIELDS",
     "OPEN_STATES",
     "REDACTED",
+    "UNRECORDED_AFTER",
+    "UNRECORDED_STATES",
     "ApprovalRequest",
     "HeldCall",
     "State",
@@ -42,8 +50,13 @@ __all__ = [
     "redact_parameters",
 ]
 
-State = Literal["pending", "approved", "denied", "expired", "used"]
-OPEN_STATES: Final[tuple[State, ...]] = ("pending", "approved")
+State = Literal["recording", "pending", "approving", "approved", "denied", "expired", "used"]
+OPEN_STATES: Final[tuple[State, ...]] = ("recording", "pending", "approving", "approved")
+#: States shown to the agent as ``pending``: the change is not on record yet.
+UNRECORDED_STATES: Final[tuple[State, ...]] = ("recording", "approving")
+#: Seconds after which a request still ``recording`` or ``approving`` is closed (``expired``):
+#: the process writing its record stopped before it could move it on.
+UNRECORDED_AFTER: Final = 300.0
 CLOSED_STATES: Final[tuple[State, ...]] = ("denied", "expired", "used")
 REDACTED: Final = "[redacted]"
 #: Names (body keys, query parameters, headers) whose values approvers never see: any that

@@ -8,6 +8,9 @@ Contract, for a security reviewer:
   code, audited as ``approval.rejected``, and leaves the request unchanged.
 * Only a ``pending`` request can be decided and only before ``expires_at``; every state change is
   a guarded write, so of two racing decisions exactly one wins.
+* Nothing opens a way through unrecorded: a request is stored as ``recording`` (neither listed as
+  pending nor decidable) until ``approval.requested`` is written, and an approval as
+  ``approving`` (no override handed out or redeemed) until ``approval.decided`` is.
 * An approval whose override is not yet used can be withdrawn by whoever may decide it
   (:meth:`ApprovalService.withdraw`): the request becomes ``denied`` and redeeming fails.
 * Every change is in the audit log (``approval.requested``, ``approval.decided``,
@@ -30,6 +33,7 @@ from typing import Any, NoReturn
 
 from aegis.approvals.directory import ApproverDirectory, Via
 from aegis.approvals.model import (
+    UNRECORDED_STATES,
     ApprovalRequest,
     HeldCall,
     State,
@@ -125,7 +129,7 @@ class ApprovalService:
         await self.expire_due()
         now = self._clock.now()
         fresh = ApprovalRequest(
-            id=f"apr_{new_id()}", state="pending", tenant=call.tenant, env=call.env,
+            id=f"apr_{new_id()}", state="recording", tenant=call.tenant, env=call.env,
             agent_id=call.agent_id, agent_owner=call.agent_owner, tool=call.tool,
             method=call.method, path=call.path, digest=call_digest(call),
             parameters=redact_parameters(call.body), rule_ids=call.rule_ids, group=need.group,
@@ -146,12 +150,19 @@ class ApprovalService:
                 "decision_id", "chain", "origin_user", "policy_version", "query", "headers",
                 "chain_owners")})  # fmt: skip
         except AegisError:
-            # A request the audit log does not hold must not stay open for an approver (nor be
-            # found again by the retried call): closed, the next attempt opens a new one.
+            # A request the audit log does not hold was never shown to an approver (it was
+            # stored as ``recording``); closed, the next attempt opens a new one.
             closed = dataclasses.replace(req, state="expired")
             with contextlib.suppress(AegisError):
-                await self._run(self.store.transition, closed, "pending")
+                await self._run(self.store.transition, closed, "recording")
             raise
+        req = dataclasses.replace(req, state="pending")
+        if not await self._run(self.store.transition, req, "recording"):
+            raise AegisError(
+                f"approval request {req.id} was closed while its record was being written; "
+                "retry the call",
+                code="approvals_unavailable",
+            )
         APPROVAL_REQUESTS.labels(rule=req.rule).inc()
         await self._gauge()
         if req.channel not in self._notifiers:  # nothing to send: record it now
@@ -262,6 +273,10 @@ class ApprovalService:
     ) -> ApprovalRequest:
         """Approve or deny ``approval_id`` as the approver behind ``credential``."""
         who, req, claimed = await self._decider(approval_id, via, credential)
+        if req.state == "recording":
+            await self._reject("approval_not_found", f"{req.id} is not on record yet; it can "
+                               "be decided once it is listed as pending", req.id, claimed,
+                               via)  # fmt: skip
         if req.state != "pending":
             code = "approval_expired" if req.state == "expired" else "approval_decided"
             await self._reject(code, f"the request is already {req.state}", req.id, claimed, via)
@@ -272,7 +287,10 @@ class ApprovalService:
             req, state=state, decided_at=now, decided_by=who.id, decided_via=via,
             decision_reason=reason, override_expires_at=override_until,
         )  # fmt: skip
-        if not await self._run(self.store.transition, done, "pending"):
+        # An approval is held as ``approving`` until its record is written: no override is
+        # handed out or redeemed for a decision the audit log does not hold.
+        taken = dataclasses.replace(done, state="approving") if approve else done
+        if not await self._run(self.store.transition, taken, "pending"):
             await self._reject("approval_decided", "another decision was taken first",
                                req.id, claimed, via)  # fmt: skip
         try:
@@ -281,7 +299,12 @@ class ApprovalService:
                                "agent_id": req.agent_id, "tool": req.tool, "digest": req.digest,
                                "rule_ids": list(req.rule_ids), "group": req.group})  # fmt: skip
         except AegisError as exc:
-            raise await self._unrecorded(req, done, exc) from exc
+            raise await self._unrecorded(req, taken, exc) from exc
+        if approve and not await self._run(self.store.transition, done, "approving"):
+            # Closed meanwhile (left ``approving`` past UNRECORDED_AFTER): it did not take effect.
+            await self._reject("approval_expired", "the request was closed while its approval "
+                               "was being recorded; it did not take effect", req.id, claimed,
+                               via)  # fmt: skip
         APPROVAL_DECISIONS.labels(rule=req.rule, outcome=state).inc()
         APPROVAL_DECISION_SECONDS.labels(outcome=state).observe(max(0.0, now - req.created_at))
         await self._gauge()
@@ -291,12 +314,12 @@ class ApprovalService:
         self, before: ApprovalRequest, done: ApprovalRequest, exc: AegisError
     ) -> AegisError:
         """The error for a decision the audit log could not take. An approval does not take
-        effect unrecorded: the request goes back to pending (no override can be redeemed
-        meanwhile: redeeming records its presentation first). A denial, a withdrawal, stands:
-        closing is the safe way to fail, and the log line names it."""
-        if done.state == "approved":
+        effect unrecorded: the request goes back from ``approving`` to pending (no override was
+        handed out meanwhile). A denial, a withdrawal, stands: closing is the safe way to fail,
+        and the log line names it."""
+        if done.state == "approving":
             try:
-                reverted = await self._run(self.store.transition, before, "approved")
+                reverted = await self._run(self.store.transition, before, "approving")
             except AegisError:
                 reverted = False
             if reverted:
@@ -443,7 +466,9 @@ class ApprovalService:
         req = await self.get(approval_id)
         if req.agent_id != agent_id:  # not the caller's: answered as unknown, leaking nothing
             raise AegisError(f"no approval request {approval_id!r}", code="approval_not_found")
-        out: dict[str, Any] = {"approval_id": req.id, "state": req.state,
+        # A change not yet on record has not taken effect.
+        shown = "pending" if req.state in UNRECORDED_STATES else req.state
+        out: dict[str, Any] = {"approval_id": req.id, "state": shown,
                                "expires_at": int(req.expires_at), "tool": req.tool}  # fmt: skip
         if req.state == "approved":
             out["override_token"] = self.overrides.mint(req)

@@ -3,8 +3,9 @@
 :class:`aegis.approvals.store.SqlApprovalStore` creates it idempotently (``create_all`` with
 ``checkfirst``) in the configured database, so pending requests survive a restart and are shared
 by every gateway replica on one PostgreSQL. ``open_digest`` holds the call digest only while the
-request is open (pending or approved) and is NULL afterwards; its unique index is what makes "the
-same call while one is open gets the same id" hold across processes (NULLs never collide).
+request is open (recording, pending, approving or approved) and is NULL afterwards; its unique
+index is what makes "the same call while one is open gets the same id" hold across processes (NULLs
+never collide).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ APPROVAL_REQUESTS: Final = Table(
     "approval_requests",
     METADATA,
     Column("id", String(64), primary_key=True),
-    #: pending | approved | denied | expired | used
+    #: recording | pending | approving | approved | denied | expired | used
     Column("state", String(16), nullable=False),
     #: The call digest while the request is open, else NULL (unique: one open request per call).
     Column("open_digest", String(80), nullable=True, unique=True),

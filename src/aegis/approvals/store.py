@@ -15,7 +15,13 @@ from typing import Any, Final
 from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from aegis.approvals.model import APPROVAL_ID, OPEN_STATES, ApprovalRequest, State
+from aegis.approvals.model import (
+    APPROVAL_ID,
+    OPEN_STATES,
+    UNRECORDED_AFTER,
+    ApprovalRequest,
+    State,
+)
 from aegis.approvals.sql_tables import APPROVAL_REQUESTS, METADATA
 from aegis.errors import Unavailable
 from aegis.stores.sql.engine import create_tables, lock_transaction, make_engine
@@ -127,10 +133,14 @@ class SqlApprovalStore:
 
     def due(self, now: float) -> list[ApprovalRequest]:
         """Open requests past their time: pending past ``expires_at``, approved past the
-        override window."""
+        override window, and one still waiting for its audit record ``UNRECORDED_AFTER``
+        seconds after the change (its process stopped before moving it on)."""
+        stuck = now - UNRECORDED_AFTER
         query = select(T).where(
             ((T.c.state == "pending") & (T.c.expires_at <= now))
             | ((T.c.state == "approved") & (T.c.override_expires_at <= now))
+            | ((T.c.state == "recording") & (T.c.created_at <= stuck))
+            | ((T.c.state == "approving") & (T.c.decided_at <= stuck))
         )
         try:
             with self._engine.connect() as conn:

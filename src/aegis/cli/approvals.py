@@ -12,11 +12,12 @@ import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import typer
 from rich.console import Console
 
+from aegis.approvals.model import State
 from aegis.approvals.notifiers import request_lines
 from aegis.approvals.service import ApprovalService
 from aegis.approvals.wiring import approvals_for
@@ -29,7 +30,6 @@ app = typer.Typer(help="Decide calls held for human approval.", no_args_is_help=
 ApprovalId = Annotated[str, typer.Argument(help="The approval id (apr_...).")]
 As = Annotated[str, typer.Option("--as", help="The configured approver who decides (its id).")]
 Reason = Annotated[str, typer.Option(help="Why (kept in the audit log, shown to the agent).")]
-StateOpt = Literal["pending", "approved", "denied", "expired", "used"]
 
 
 @contextmanager
@@ -61,15 +61,16 @@ def _show(view: dict[str, Any], console: Console) -> None:
 def list_approvals(
     ctx: typer.Context,
     state: Annotated[
-        str | None, typer.Option(help="Only this state: pending, approved, denied, expired, used.")
+        str | None,
+        typer.Option(
+            help="Only this state: recording, pending, approving, approved, denied, expired, used."
+        ),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List approval requests, newest first (expired ones are closed first)."""
-    if state not in (None, "pending", "approved", "denied", "expired", "used"):
-        raise typer.BadParameter(
-            "use pending, approved, denied, expired or used", param_hint="--state"
-        )
+    if state is not None and state not in get_args(State):
+        raise typer.BadParameter(f"use one of {', '.join(get_args(State))}", param_hint="--state")
     with _service(ctx) as service:
         items = [r.to_dict() for r in asyncio.run(service.list_requests(state))]  # type: ignore[arg-type]
     rows = [

@@ -9,11 +9,12 @@ duties. A refused decision is audited and answered with its own code; the reques
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from aegis.approvals.model import State
 from aegis.approvals.service import ApprovalService
 from aegis.approvals.wiring import approvals_for
 from aegis.server.admin_auth import Operator, Reader
@@ -40,9 +41,7 @@ def _service(request: Request) -> ApprovalService:
 async def list_approvals(
     key: Reader,
     request: Request,
-    state: Annotated[
-        Literal["pending", "approved", "denied", "expired", "used"] | None, Query()
-    ] = None,
+    state: Annotated[State | None, Query()] = None,
 ) -> dict[str, Any]:
     items = await _service(request).list_requests(state)
     return {"items": [r.to_dict() for r in items]}
