@@ -16,7 +16,7 @@ import pytest
 
 from aegis.policy.loader import load_document
 from tests.gateway.conftest import Agent, Env, gateway_app
-from tests.gateway.harness import gateway_here, raw_answer, signed_call
+from tests.gateway.harness import exchange, gateway_here, raw_answer, signed_call
 
 POLICY = """
 apiVersion: aegis/v1
@@ -343,3 +343,36 @@ async def test_an_absolute_form_target_is_refused_under_either_parser(gateway: G
     assert json.loads(body)["code"] == "invalid_request"
     assert ok_head.startswith(b"HTTP/1.1 200"), ok_head
     assert [h[""] for h in gateway.upstream.heads] == ["GET /payments/x?a=1 HTTP/1.1"]
+
+
+async def test_a_cookie_an_upstream_sets_is_never_sent_with_another_call(env: Env) -> None:
+    """The proxy's pooled session serves every agent: a Set-Cookie in the answer to alice goes
+    to alice only, and mallory's call (or alice's next one) reaches the upstream with no Cookie
+    it did not send. The upstream is named by host name: cookies from an IP address host are
+    never stored anyway."""
+    upstream = ScriptedUpstream()
+
+    async def sets_cookie(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          head: dict[str, str]) -> None:  # fmt: skip
+        agent = head.get("x-aegis-agent-id", "?")
+        writer.write(raw_answer(b"{}", "application/json",
+                                fields=f"Set-Cookie: sid=of-{agent}; Path=/\r\n".encode()))  # fmt: skip
+        await writer.drain()
+
+    upstream.script["/payments/login"] = sets_cookie
+    async with upstream.running() as url:
+        route = {"path_prefix": "/payments", "upstream": url.replace("127.0.0.1", "localhost"),
+                 "tool": "payments", "tenant": "acme", "env": "prod"}  # fmt: skip
+        alice, mallory = Agent(env, "alice"), Agent(env, "mallory")
+        async with gateway_here(gateway_app(env, [route], POLICY)) as port:
+            [(head, _)] = await exchange(port, signed_call(alice, "GET", "/payments/login"))
+            assert b"set-cookie: sid=of-alice" in head.lower(), head  # passed on to alice
+            answers = await exchange(
+                port,
+                signed_call(mallory, "GET", "/payments/list"),
+                signed_call(alice, "GET", "/payments/list", [("Cookie", "mine=1")]),
+            )
+    assert [h[:12] for h, _ in answers] == [b"HTTP/1.1 200"] * 2
+    mallorys, alices = upstream.heads[-2:]
+    assert mallorys["x-aegis-agent-id"] == "mallory" and "cookie" not in mallorys
+    assert alices["cookie"] == "mine=1"  # what the caller sent, and nothing of the gateway's

@@ -292,6 +292,10 @@ class ReverseProxy:
                 self._upstream_check, limit=self._pool, keepalive_timeout=30
             ),
             auto_decompress=False,
+            # One session serves every agent: a cookie an upstream set in its answer to one
+            # must never be sent with another's calls (nor with any call: it is a Cookie field
+            # no caller sent and policy never saw). Answers pass Set-Cookie on to the caller.
+            cookie_jar=aiohttp.DummyCookieJar(),
             # Nothing the caller did not send and policy did not see: no Accept: */* or
             # Content-Type: application/octet-stream of aiohttp's own.
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
