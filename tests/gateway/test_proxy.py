@@ -236,6 +236,13 @@ def test_paths_that_read_the_same_everywhere_pass(raw: str, decoded: str) -> Non
         "/admin/%EF%BC%9Bx/users",  # FULLWIDTH SEMICOLON: an empty segment once normalised
         "/admin%EF%BC%9Fx",  # FULLWIDTH QUESTION MARK: the path ends there once normalised
         "/admin%EF%BC%83x",  # FULLWIDTH NUMBER SIGN
+        "/public/%u002e%u002e/payments",  # IIS (http.sys) reads %uNNNN: '..'
+        "/public/%U002E%U002E/payments",
+        "/public/x%u002f..%u002fpayments",  # '/'
+        "/public/%uff0e%uff0e/payments",  # FULLWIDTH FULL STOPs, never decoded here
+        "/payments/100%",  # a '%' that starts no encoding
+        "/payments/%4",
+        "/payments/%g0",
     ],
 )
 def test_paths_another_server_could_read_differently_are_refused(raw: str) -> None:
@@ -337,7 +344,7 @@ def test_queries_that_read_the_same_everywhere_pass(
 @pytest.mark.parametrize(
     "query",
     ["action=read;action=delete", "a=1#x", "action%00=delete", "a%0D=1", "a=%00",
-     "account=vict%FFim", "caf%E9=1"],
+     "account=vict%FFim", "caf%E9=1", "action=%u0064elete", "a=100%", "a=%4", "%u0061=1"],
 )  # fmt: skip
 def test_queries_another_server_could_read_differently_are_refused(query: str) -> None:
     with pytest.raises(InvalidRequest):

@@ -20,6 +20,11 @@ __all__ = [
 #: Percent-encodings of ``/``, ``\\`` and ``%``: decoding them changes how the path splits into
 #: segments, or leaves a second layer of encoding for the upstream to decode.
 _RESEGMENTING: Final = re.compile(r"%(?:2f|5c|25)", re.IGNORECASE)
+#: A ``%`` that does not start a percent-encoding (RFC 3986 §2.1: ``%`` and two hex digits):
+#: ``%u002e`` is text here, but IIS (http.sys, ``PercentUAllowed``) and ASP.NET's ``UrlDecode``
+#: read it as ``.``, so ``/public/%u002e%u002e/payments`` would be decided under ``/public`` and
+#: served as ``/payments``.
+_STRAY_PERCENT: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f\\]")
 _CONTROL_CHAR: Final = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -48,6 +53,11 @@ def vet_query(query: str) -> tuple[tuple[str, str], ...]:
         raise InvalidRequest("the request target must not contain a fragment ('#')")
     if ";" in query:
         raise InvalidRequest("encode ';' in the query string as %3B")
+    if _STRAY_PERCENT.search(query):
+        raise InvalidRequest(
+            "the query string holds a '%' that does not start a percent-encoding of two hex "
+            "digits (some upstreams read %uNNNN as a character); encode '%' as %25"
+        )
     try:
         # Strict: policy would read an invalid UTF-8 escape as U+FFFD, PHP keeps the raw byte.
         params = tuple(parse_qsl(query, keep_blank_values=True, errors="strict"))
@@ -83,6 +93,11 @@ def vet_path(raw_path: str) -> str:
     """
     if not raw_path.startswith("/") or _RESEGMENTING.search(raw_path):
         raise InvalidRequest("send an absolute path without encoded '/', '\\' or '%'")
+    if _STRAY_PERCENT.search(raw_path):
+        raise InvalidRequest(
+            "the request path holds a '%' that does not start a percent-encoding of two hex "
+            "digits (IIS reads %uNNNN as a character)"
+        )
     if "#" in raw_path:
         # Some parsers keep a fragment in the target; the upstream client would drop it, and
         # policy would have decided on a path the upstream never sees.
