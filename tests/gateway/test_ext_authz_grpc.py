@@ -530,7 +530,8 @@ async def test_forwarding_claims_envoy_does_not_set_are_removed_before_the_upstr
     claims = [("x-real-ip", "10.0.0.5"), ("forwarded", "for=10.0.0.5"),
               ("x-forwarded-host", "admin.example.com"), ("x_forwarded_for", "10.0.0.5"),
               ("true-client-ip", "10.0.0.1"), ("client-ip", "10.0.0.1"),
-              ("cf-connecting-ip", "10.0.0.1"), ("x-original-host", "admin.example.com")]  # fmt: skip
+              ("cf-connecting-ip", "10.0.0.1"), ("x-original-host", "admin.example.com"),
+              ("client-cert", ":MIIB:"), ("x-ssl-client-verify", "SUCCESS")]  # fmt: skip
     resp = await stub.Check(check([*dpop_headers(agent, agent.token()), *envoys, *claims]))
     assert resp.status.code == code_pb2.OK, resp
     assert set(resp.ok_response.headers_to_remove) == {
@@ -544,6 +545,8 @@ async def test_forwarding_claims_envoy_does_not_set_are_removed_before_the_upstr
         "client-ip",
         "cf-connecting-ip",
         "x-original-host",
+        "client-cert",
+        "x-ssl-client-verify",
     }
 
 

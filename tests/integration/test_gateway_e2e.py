@@ -166,6 +166,9 @@ def test_client_claims_about_proxies_are_replaced_by_what_the_gateway_saw(stack:
         "x-forwarded-for": "10.0.0.1", "x-forwarded-proto": "https",
         "x-forwarded-host": "admin.internal", "x_forwarded_host": "admin.internal",
         "x-forwarded-port": "443", "forwarded": "for=10.0.0.1;proto=https", "x-real-ip": "10.0.0.1",
+        # A certificate an upstream would take for one a TLS-terminating proxy checked.
+        "client-cert": ":MIIB:", "x-ssl-client-cert": "-----BEGIN", "x_ssl_client_verify": "SUCCESS",
+        "x-arr-clientcert": "MIIB", "x-amzn-mtls-clientcert-leaf": "MIIB",
     }  # fmt: skip
     resp = httpx.post(url, json={}, headers={**agent.headers(token, "POST", url), **claims})
     assert resp.status_code == 200, resp.text
@@ -173,8 +176,10 @@ def test_client_claims_about_proxies_are_replaced_by_what_the_gateway_saw(stack:
     host = url.split("/")[2]
     assert (seen["x-forwarded-for"], seen["x-forwarded-proto"]) == ("127.0.0.1", "http")
     assert seen["x-forwarded-host"] == host
-    for name in ("x-forwarded-port", "x_forwarded_host", "forwarded", "x-real-ip"):
-        assert name not in seen
+    for name in ("x-forwarded-port", "x_forwarded_host", "forwarded", "x-real-ip", "client-cert",
+                 "x-ssl-client-cert", "x_ssl_client_verify", "x-arr-clientcert",
+                 "x-amzn-mtls-clientcert-leaf"):  # fmt: skip
+        assert name not in seen, name
 
 
 def test_replayed_proof_is_refused(stack: Stack) -> None:

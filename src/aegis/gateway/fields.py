@@ -48,14 +48,29 @@ PROXY_CLAIMS: Final = frozenset(
 )  # fmt: skip
 
 
+#: Fields a TLS-terminating proxy sets to pass on the client's certificate or its check: RFC
+#: 9440's ``Client-Cert`` and ``Client-Cert-Chain``, nginx's and HAProxy's customary
+#: ``X-SSL-Client-*``, IIS ARR's ``X-ARR-ClientCert``, AWS ALB's ``X-Amzn-Mtls-Clientcert*``.
+CERTIFICATE_CLAIMS: Final = frozenset(
+    {"ssl-client-cert", "ssl-client-verify", "x-ssl-cert", "x-arr-clientcert", "x-client-verify",
+     "x-client-dn"}
+)  # fmt: skip
+_CERTIFICATE_CLAIM_PREFIXES: Final = ("client-cert", "x-client-cert", "x-ssl-client-",
+                                      "x-amzn-mtls-clientcert")  # fmt: skip
+
+
 def proxy_claim(name: str) -> bool:
     """Whether a request field (lowercase name) is a claim about the client or the path through
-    proxies (:data:`PROXY_CLAIMS`, ``X-Forwarded-*``, however spelled): from a caller it is
-    unverified, and an upstream that believes it would take a spoofed address, scheme or host
-    for the gateway's word. Every door shows policy its own ``X-Forwarded-For/Proto/Host``
-    instead."""
+    proxies (:data:`PROXY_CLAIMS`, ``X-Forwarded-*``, a client certificate a proxy vouches for
+    (:data:`CERTIFICATE_CLAIMS`), however spelled): from a caller it is unverified, and an
+    upstream that believes it would take a spoofed address, scheme, host or certificate for the
+    gateway's word. Every door shows policy its own ``X-Forwarded-For/Proto/Host`` instead."""
     norm = name.replace("_", "-")
-    return norm in PROXY_CLAIMS or norm.startswith("x-forwarded-")
+    return (
+        norm in PROXY_CLAIMS
+        or norm in CERTIFICATE_CLAIMS
+        or norm.startswith(("x-forwarded-", *_CERTIFICATE_CLAIM_PREFIXES))
+    )
 
 
 #: Header fields a request may carry, and their names and values in all (bytes): past these a
