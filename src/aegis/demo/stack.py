@@ -29,6 +29,7 @@ from aegis.config import AegisConfig, GatewaySettings, load_config
 from aegis.crypto.keys import Ed25519SigningKey
 from aegis.demo.tools import crm_app, payments_app
 from aegis.errors import AegisError
+from aegis.gateway.server import gateway_server
 from aegis.policy.service import PolicyService
 from aegis.policy.store import SqlPolicyStore
 from aegis.sdk import AgentClient, PrivateKey
@@ -50,16 +51,21 @@ def _free_port() -> int:
 
 
 class Served:
-    """One ASGI app on a loopback port, served by uvicorn in a daemon thread."""
+    """One ASGI app on a loopback port, served by uvicorn in a daemon thread; a gateway
+    (``door``) as ``aegis gateway`` serves it (its request targets read as sent)."""
 
-    def __init__(self, name: str, app: Any, port: int | None = None) -> None:
+    def __init__(self, name: str, app: Any, port: int | None = None, *, door: bool = False) -> None:
         self.name, self.port = name, port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="error", lifespan="on",
-            server_header=False,
-        )  # fmt: skip
-        self._server = uvicorn.Server(config)
+        if door:
+            self._server = gateway_server(app, "127.0.0.1", self.port, log_level="error")
+        else:
+            # Nothing believes a caller's X-Forwarded-* on loopback (uvicorn's default would).
+            config = uvicorn.Config(
+                app, host="127.0.0.1", port=self.port, log_level="error", lifespan="on",
+                server_header=False, proxy_headers=False,
+            )  # fmt: skip
+            self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name=f"demo-{name}", daemon=True)
 
     def start(self) -> Served:
@@ -152,7 +158,7 @@ class DemoStack:
             stack.install_policy()
             stack._served.append(Served("control-plane", create_app(services), cp).start())
             gateway_app = create_gateway_app(services, config.gateway)
-            stack._served.append(Served("gateway", gateway_app, gw).start())
+            stack._served.append(Served("gateway", gateway_app, gw, door=True).start())
         except BaseException:
             stack.stop()
             raise
@@ -188,7 +194,7 @@ class DemoStack:
         try:
             stack.install_policy()
             stack._served.append(
-                Served("gateway", create_gateway_app(services, settings), gw).start()
+                Served("gateway", create_gateway_app(services, settings), gw, door=True).start()
             )
         except BaseException:
             stack.stop()
