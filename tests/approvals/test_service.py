@@ -295,6 +295,10 @@ def test_bound_headers_ignore_the_order_of_different_fields_not_of_repeats() -> 
     one = (("x-b", "1"), ("x-a", "1"), ("x-a", "2"))
     assert bound_headers(one) == bound_headers((("x-a", "1"), ("x-b", "1"), ("x-a", "2")))
     assert bound_headers(one) != bound_headers((("x-a", "2"), ("x-b", "1"), ("x-a", "1")))
+    # One variable to a CGI or WSGI upstream, however spelled: its values keep their order.
+    dashed_first = (("x-foo", "a"), ("x-goo", "1"), ("x_foo", "b"))
+    assert bound_headers(dashed_first) != bound_headers((("x_foo", "b"), ("x-goo", "1"),
+                                                         ("x-foo", "a")))  # fmt: skip
 
 
 async def test_approvers_see_the_query_and_headers_the_approval_is_bound_to(setup: Setup) -> None:

@@ -152,15 +152,17 @@ def bound_headers(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str]
     """The request headers an approval is bound to: every one the upstream acts on, without the
     fields of :data:`_UNBOUND` (names compared with ``_`` read as ``-``), ordered by name. The
     order of different fields is not the caller's to keep (HTTP/2, proxies and Envoy's header
-    map reorder them); the order of one field's repeated values is, and a stable sort keeps it."""
+    map reorder them); the order of one field's repeated values is, and a stable sort keeps it.
+    So is the order of ``X-Foo`` and ``X_Foo``, sorted as one name: a CGI or WSGI upstream
+    reads both as ``HTTP_X_FOO``, and which of them it takes may depend on which came first."""
     out = [(name.lower(), value) for name, value in headers if is_bound(name)]
-    return tuple(sorted(out, key=lambda pair: pair[0]))
+    return tuple(sorted(out, key=lambda pair: pair[0].replace("_", "-")))
 
 
 def call_digest(call: HeldCall) -> str:
     """``sha256:<hex>`` over the canonical JSON of what makes the call this call."""
     canonical = {
-        "v": 3,
+        "v": 4,
         "tenant": call.tenant,
         "env": call.env,
         "agent": call.agent_id,
