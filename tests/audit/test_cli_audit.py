@@ -95,7 +95,12 @@ def test_prove_and_check_proof_offline(cli: Cli, log: AuditLog, tmp_path: Path) 
     jwks.write_text(cli.run("jwks").stdout)
     file.write_text(proof.stdout)
     assert cli.json("audit", "check-proof", str(file), "--jwks", str(jwks))["tree_sizes"] == [6]
-    doc["record"] = doc["record"].replace("d-3", "d-9")
+    # The real record repeated after another: Python reads the last, which verifies; a checker
+    # keeping the first would be shown the other as proven.
+    forged = doc["record"].replace("d-3", "d-9")
+    file.write_text('{"record":' + json.dumps(forged) + "," + json.dumps(doc)[1:])
+    cli.fails("audit", "check-proof", str(file), "--jwks", str(jwks), code="invalid_proof")
+    doc["record"] = forged
     file.write_text(json.dumps(doc))
     cli.fails("audit", "check-proof", str(file), "--jwks", str(jwks), code="invalid_proof")
     cli.fails("audit", "prove", "no-such-decision", code="not_found")

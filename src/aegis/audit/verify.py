@@ -22,7 +22,7 @@ from aegis.audit.checkpoint import Checkpoint, verify_checkpoint
 from aegis.audit.export import EXPORT_FORMAT, EXPORT_VERSION
 from aegis.audit.log import GENESIS_HASH, record_hash
 from aegis.audit.merkle import CompactRange, leaf_hash
-from aegis.crypto.jws import parse_compact
+from aegis.crypto.jws import StrictJSONError, parse_compact, strict_json
 from aegis.crypto.keys import PublicKey
 from aegis.errors import EvidenceError
 
@@ -66,7 +66,12 @@ def _parse(lines: Iterable[str]) -> Iterator[tuple[int, dict[str, Any]]]:
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw)
+            # Strict: a line repeating a member ({"record": forged, ..., "record": real}) would
+            # verify as Python reads it (the last) and show a reader keeping the first another
+            # record; so would a lone surrogate, which no reader decodes alike.
+            obj = strict_json(raw)
+        except StrictJSONError as exc:
+            raise _damage(number, 0, "malformed", f"the line {exc}") from None
         except ValueError:
             raise _damage(number, 0, "malformed", "not a JSON object") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
@@ -132,7 +137,7 @@ class _Walk:
         if record_hash(obj["prev_hash"], obj["record"]) != obj["hash"]:
             raise _damage(number, seq, "record_edited", "the record does not match its hash")
         try:
-            inner = json.loads(obj["record"])
+            inner = json.loads(obj["record"])  # as written: the hash binds the text
         except ValueError:
             raise _damage(number, seq, "record_edited", "the record is not JSON") from None
         if not isinstance(inner, dict) or inner.get("kind") != obj["kind"]:

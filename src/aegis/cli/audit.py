@@ -29,6 +29,7 @@ from aegis.audit.retention import prune
 from aegis.audit.runner import build_shippers
 from aegis.audit.verify import verify_export
 from aegis.cli._common import JsonOpt, emit, open_services
+from aegis.crypto.jws import StrictJSONError, strict_json
 from aegis.crypto.keys import PublicKey
 from aegis.errors import EvidenceError
 
@@ -52,8 +53,8 @@ def load_jwks(paths: list[Path]) -> Callable[[str], PublicKey | None]:
     keys: list[Any] = []
     for path in paths:
         try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
+            doc = strict_json(path.read_text())
+        except (OSError, ValueError) as exc:  # a repeated member included
             raise EvidenceError(f"{path}: not a readable JSON JWK Set") from exc
         if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
             raise EvidenceError(f"{path}: a JWK Set has a 'keys' array")
@@ -120,7 +121,9 @@ def check_proof_cmd(
 ) -> None:
     """Check an inclusion or consistency proof offline against the JWKS."""
     try:
-        doc = json.loads(proof.read_text())
+        doc = strict_json(proof.read_text())
+    except StrictJSONError as exc:  # read alike by every checker, or not at all
+        raise EvidenceError(f"{proof}: the proof {exc}", code="invalid_proof") from exc
     except (OSError, ValueError) as exc:
         raise EvidenceError(f"{proof}: not a JSON proof", code="invalid_proof") from exc
     checkpoints = check_proof(doc, load_jwks(jwks), issuer=issuer)
