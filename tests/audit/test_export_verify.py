@@ -318,3 +318,39 @@ def test_an_export_cut_at_its_start_does_not_pass_for_a_pruned_logs(
         EvidenceError, match=r"truncated.*starts after 5, its signed end says after 0"
     ):
         verify_export(forged, jwks_resolver(keyring.jwks()))
+
+
+def test_an_export_line_repeating_a_member_is_malformed(
+    log: AuditLog, checkpointer: Checkpointer, keyring: KeyRing
+) -> None:
+    """{"record": forged, ..., "record": real} verifies as Python reads it (the last member); a
+    reader keeping the first would be shown the forged record in an export called intact."""
+    fill(log, 3)
+    lines = export_text(checkpointer)
+    i = next(n for n, line in enumerate(lines) if loads(line).get("seq") == 2)
+    forged = loads(lines[i])["record"].replace('"allow"', '"deny"')
+    lines[i] = '{"record":' + json.dumps(forged) + "," + lines[i][1:]
+    assert _damage(lines, keyring) == ("malformed", 0)
+
+
+def test_verify_chain_holds_the_kind_column_to_the_record(
+    tmp_path: Path, log: AuditLog, checkpointer: Checkpointer
+) -> None:
+    """The column is outside the hash, and what records(kind=...) and every sink read."""
+    fill(log, 5)
+    checkpointer.checkpoint()
+    with sqlite3.connect(tmp_path / "audit.db") as db:
+        db.execute("UPDATE audit_records SET kind = 'gateway.heartbeat' WHERE seq = 3")
+    report = log.verify_chain()
+    assert (report.ok, report.first_bad) == (False, 3)
+    assert report.reason == "the kind column does not match the record"
+
+
+def test_a_record_holding_a_lone_surrogate_verifies(
+    log: AuditLog, checkpointer: Checkpointer, keyring: KeyRing
+) -> None:
+    """Stored ASCII-escaped (its one canonical text), it is read as written everywhere."""
+    fill(log, 2)
+    log.append("approval.requested", {"decision_id": "d-x", "parameters": {"note": "\ud800"}})
+    assert log.verify_chain().ok
+    _verify(export_text(checkpointer), keyring)

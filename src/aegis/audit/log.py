@@ -92,6 +92,16 @@ def canonical_json(record: dict[str, Any]) -> str:
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
+def _kind_of(record: str) -> Any:
+    """The ``kind`` a stored record's text names (None when it names none or is not JSON). Read
+    as written (a lone surrogate included): the hash already binds the text."""
+    try:
+        body = json.loads(record)
+    except ValueError:
+        return None
+    return body.get("kind") if isinstance(body, dict) else None
+
+
 def record_hash(prev_hash: str, canonical: str) -> str:
     return hashlib.sha256(prev_hash.encode("ascii") + canonical.encode("utf-8")).hexdigest()
 
@@ -99,7 +109,7 @@ def record_hash(prev_hash: str, canonical: str) -> str:
 @dataclass(frozen=True, slots=True)
 class ChainReport:
     """The result of walking the chain. ``first_bad`` is the ``seq`` of the first row whose position,
-    ``prev_hash`` or ``hash`` is wrong, or None when the whole chain verifies."""
+    ``prev_hash``, ``hash`` or ``kind`` is wrong, or None when the whole chain verifies."""
 
     records: int
     first_bad: int | None
@@ -542,12 +552,13 @@ class AuditLog:
         expected, count = start + 1, 0
         query = select(
             AUDIT_RECORDS.c.seq,
+            AUDIT_RECORDS.c.kind,
             AUDIT_RECORDS.c.record,
             AUDIT_RECORDS.c.prev_hash,
             AUDIT_RECORDS.c.hash,
         ).order_by(AUDIT_RECORDS.c.seq)
         with self._engine.connect() as conn:
-            for seq, body, prev_hash, digest in conn.execute(query):
+            for seq, kind, body, prev_hash, digest in conn.execute(query):
                 count += 1
                 if seq != expected:
                     return ChainReport(count, expected, "a record is missing at this position")
@@ -555,6 +566,10 @@ class AuditLog:
                     return ChainReport(count, seq, "prev_hash does not match the previous record")
                 if record_hash(prev_hash, body) != digest:
                     return ChainReport(count, seq, "the record does not match its hash")
+                # The kind column is outside the hash, and what records(kind=...) and the
+                # sinks read: it must say what the hashed record says.
+                if _kind_of(body) != kind:
+                    return ChainReport(count, seq, "the kind column does not match the record")
                 if seq in witnessed and witnessed[seq] != digest:
                     return ChainReport(
                         count, seq, "the chain head differs from the checkpoint at this size"
