@@ -274,3 +274,24 @@ def test_a_checkpoint_row_written_outside_aegis_is_no_prune_point(
     clock.advance(10)
     assert real.tree_size == 8
     assert prune(log, before=clock.now(), verify=cp.verify_stored).deleted == 8
+
+
+@pytest.mark.postgres
+def test_a_trigger_set_to_fire_for_replication_only_is_installed_again_at_start(
+    pg_log: AuditLog, keyring: KeyRing, clock: FrozenClock, fresh_pg_url: str
+) -> None:
+    """``ENABLE REPLICA`` leaves a trigger enabled that never fires in an ordinary session."""
+    fill(pg_log, 3)
+    Checkpointer(pg_log, keyring, issuer=ISSUER, clock=clock).checkpoint()
+    with pg_log.engine.begin() as conn:
+        for trigger in ("audit_records_append_only", "audit_records_prune_prefix"):
+            conn.exec_driver_sql(f"ALTER TABLE audit_records ENABLE REPLICA TRIGGER {trigger}")
+    restarted = AuditLog(fresh_pg_url, clock=clock)
+    try:
+        with pytest.raises(DBAPIError, match="append-only"), restarted.engine.begin() as conn:
+            conn.exec_driver_sql(
+                "UPDATE audit_records SET record = replace(record, 'allow', 'deny') WHERE seq = 2"
+            )
+        assert restarted.verify_chain().ok
+    finally:
+        restarted.close()

@@ -176,8 +176,10 @@ def _marker(conn: Connection) -> str | None:
 
 def _installed(conn: Connection) -> bool:
     """Whether this schema's guard function carries the marker and every trigger is on its
-    table, enabled. A dropped or disabled trigger (or a second Aegis schema in the database,
-    whose functions live elsewhere) is installed again, not taken as present."""
+    table, firing in every session (``O``rigin or ``A``lways). A dropped or disabled trigger,
+    one set to fire only for replication (``ENABLE REPLICA``: never in an ordinary session),
+    or a second Aegis schema in the database, whose functions live elsewhere, is installed
+    again, not taken as present."""
     marker = _marker(conn)
     if marker != _MARKER:
         return False
@@ -187,7 +189,7 @@ def _installed(conn: Connection) -> bool:
             "WHERE c.relnamespace = "
             "(SELECT oid FROM pg_namespace WHERE nspname = current_schema()) "
             "AND NOT t.tgisinternal "
-            "AND t.tgenabled <> 'D' AND t.tgname = ANY(:names)"
+            "AND t.tgenabled IN ('O', 'A') AND t.tgname = ANY(:names)"
         ),
         {"names": list(_TRIGGERS)},
     ).scalar()
