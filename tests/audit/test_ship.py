@@ -81,6 +81,54 @@ def test_a_record_after_a_line_torn_by_a_crash_is_a_line_of_its_own(
     assert readable == [1, 2, "torn", 3]
 
 
+def _readable(paths: list[Path]) -> list[object]:
+    seqs: list[object] = []
+    for raw in (line for path in paths for line in path.read_text().splitlines()):
+        try:
+            seqs.append(json.loads(raw)["seq"])
+        except ValueError:
+            seqs.append("torn")
+    return seqs
+
+
+def test_a_file_whose_first_line_a_crash_tore_still_rotates(
+    log: AuditLog, tmp_path: Path, clock: FrozenClock
+) -> None:
+    """Power lost during the first write to a fresh file: the rotation that names the file by
+    its first record reads past the fragment, and shipping goes on."""
+    sink = JsonlSink(tmp_path / "out" / "audit.jsonl", max_bytes=2048)
+    fill(log, 1)
+    shipper = _shipper(log, sink, tmp_path, clock)
+    shipper.run_once()
+    sink.path.write_text(sink.path.read_text()[:30])  # record 1 torn
+    shipper.cursor_file.write_text(json.dumps({"version": 1, "seq": 0}))
+    fill(log, 40, start=1)
+    again = _shipper(log, JsonlSink(sink.path, max_bytes=2048), tmp_path, clock)
+    assert again.run_once().sent == 41 and again.cursor == 41
+    files = [*sink.rotated(), sink.path]
+    assert len(files) > 2
+    assert _readable(files) == ["torn", *range(1, 42)]
+
+
+def test_a_record_holding_a_lone_surrogate_is_shipped_as_stored(
+    log: AuditLog, tmp_path: Path, clock: FrozenClock
+) -> None:
+    """The log keeps such a record ASCII-escaped (it has no UTF-8 form); the line carries that
+    text as is, where re-encoding it failed the batch on every try and stalled the sink."""
+    fill(log, 2)
+    log.append("approval.requested", {"decision_id": "d-x", "parameters": {"note": "\ud800"}})
+    fill(log, 2, start=2)
+    sink = JsonlSink(tmp_path / "out" / "audit.jsonl")
+    shipper = _shipper(log, sink, tmp_path, clock)
+    assert shipper.run_once().sent == 5 and shipper.cursor == 5
+    lines = sink.path.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(x)["seq"] for x in lines] == [1, 2, 3, 4, 5]
+    assert json.loads(lines[2])["record"]["parameters"]["note"] == "\ud800"
+    # Every other line reads as it did: members sorted, the record as its canonical text.
+    first = json.loads(lines[0])
+    assert lines[0] == json.dumps(first, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 @pytest.fixture
 def tls(tmp_path: Path) -> tuple[Path, Path, Path]:
     return make_ca(tmp_path)

@@ -55,13 +55,13 @@ class ShippedRecord:
     hash: str
 
     def line(self) -> str:
-        return json.dumps(
-            {"seq": self.seq, "time": self.time, "kind": self.kind, "hash": self.hash}
-            | {"record": json.loads(self.record)},
-            sort_keys=True,
-            separators=(",", ":"),
-            ensure_ascii=False,
-        )
+        """One JSON object, its members sorted, with the record as the chain holds it: its
+        canonical text is put in as is, never decoded and encoded again (a record holding a
+        lone surrogate is stored ASCII-escaped, and would have no UTF-8 form re-encoded)."""
+        head = json.dumps({"hash": self.hash, "kind": self.kind}, sort_keys=True,
+                          separators=(",", ":"), ensure_ascii=False)  # fmt: skip
+        tail = json.dumps({"seq": self.seq, "time": self.time}, separators=(",", ":"))
+        return f'{head[:-1]},"record":{self.record},{tail[1:]}'
 
 
 class Sink(Protocol):

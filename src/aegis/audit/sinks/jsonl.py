@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from aegis.audit.ship import ShippedRecord, SinkDown
+from aegis.audit.ship import ShippedRecord, SinkDown, SinkRejected
 
 __all__ = ["JsonlSink"]
 
@@ -72,11 +72,22 @@ class JsonlSink:
         first = self._first_seq()
         last = _last_seq(self.path)
         target = self.path.with_name(f"{self.path.stem}.{first}-{last}{self.path.suffix}")
+        n = 0
+        while target.exists():  # only a file of torn lines alone (0-0) can meet another
+            n += 1
+            target = self.path.with_name(f"{self.path.stem}.{first}-{last}{self.path.suffix}.{n}")
         os.replace(self.path, target)
 
     def _first_seq(self) -> int:
+        """The ``seq`` of the first whole line (0: none): a crash during the first write to a
+        file leaves its first line torn, and the file must still rotate."""
         with self.path.open("rb") as f:
-            return int(json.loads(f.readline())["seq"])
+            for raw in f:
+                try:
+                    return int(json.loads(raw)["seq"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+        return 0
 
     def send(self, records: list[ShippedRecord]) -> None:
         try:
@@ -94,6 +105,8 @@ class JsonlSink:
                 os.fsync(f.fileno())
         except OSError as exc:  # disk full, permissions: retry later, never skip
             raise SinkDown(f"cannot write {self.path}: {exc.strerror}") from exc
+        except (ValueError, TypeError) as exc:  # a record no line can hold: dead-lettered
+            raise SinkRejected(f"a record cannot be written as a JSON line: {exc}") from exc
 
     def close(self) -> None:
         return None
