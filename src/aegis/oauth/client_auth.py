@@ -61,20 +61,19 @@ class FailureLimiter:
         self._max_keys = max_keys
         self._hits: dict[str, deque[float]] = {}
 
-    def _recent(self, key: str) -> deque[float]:
-        now = self._clock.monotonic()
-        q = self._hits.get(key)
-        if q is None:
-            if len(self._hits) >= self._max_keys:
-                self._hits.clear()  # bounded memory; errs towards forgetting, never towards blocking all
-            q = self._hits[key] = deque()
+    def _trimmed(self, q: deque[float], now: float) -> deque[float]:
         while q and now - q[0] >= self._window:
             q.popleft()
         return q
 
     def check(self, *keys: str) -> None:
+        """Refuse while any key has ``limit`` failures in the window. Reads only: a request
+        that is never counted as a failure holds no entry, so requests that do not fail cannot
+        crowd out the counts of those that did."""
+        now = self._clock.monotonic()
         for key in keys:
-            if len(self._recent(key)) >= self._limit:
+            q = self._hits.get(key)
+            if q is not None and len(self._trimmed(q, now)) >= self._limit:
                 raise AegisError(
                     "too many failed client authentications; wait and retry", code="rate_limited"
                 )
@@ -82,7 +81,22 @@ class FailureLimiter:
     def record_failure(self, *keys: str) -> None:
         now = self._clock.monotonic()
         for key in keys:
-            self._recent(key).append(now)
+            q = self._hits.get(key)
+            if q is None:
+                if len(self._hits) >= self._max_keys and not self._make_room(now):
+                    continue  # bounded memory: this key goes uncounted, never all of them
+                q = self._hits[key] = deque()
+            self._trimmed(q, now).append(now)
+
+    def _make_room(self, now: float) -> bool:
+        """Free entries for new keys when the table is full: first those with no failure left
+        in the window, then those still under the limit; never one that refuses now (flooding
+        the table with new keys must not lift a limit). False when every key refuses now."""
+        self._hits = {k: q for k, q in self._hits.items() if self._trimmed(q, now)}
+        if len(self._hits) < self._max_keys:
+            return True
+        self._hits = {k: q for k, q in self._hits.items() if len(q) >= self._limit}
+        return len(self._hits) < self._max_keys
 
 
 def _parse_basic(header: str) -> tuple[str, str]:
