@@ -62,7 +62,7 @@ def test_demo_json_reports_every_expected_outcome_and_stops(tmp_path: Path) -> N
 def test_demo_help_names_its_options() -> None:
     done = subprocess.run([*AEGIS, "demo", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
-    for option in ("--url", "--keep", "--json", "--admin-key"):
+    for option in ("--url", "--keep", "--json", "--admin-key-file"):
         assert option in done.stdout
 
 
@@ -150,3 +150,24 @@ def test_a_remote_control_plane_over_http_is_refused_before_the_admin_key_travel
         cwd=site,
     )  # fmt: skip
     assert keyed.stderr.startswith("error: registry_unavailable"), keyed.stderr[-2000:]
+
+
+def test_the_admin_key_is_read_from_a_file_never_from_the_command_line(tmp_path: Path) -> None:
+    """Any user of the machine can read another's command line (ps, /proc): the key comes from
+    --admin-key-file, $AEGIS_ADMIN_KEY or .aegis/admin.key."""
+    site, env = _site(tmp_path)
+    url = "http://127.0.0.1:9"
+
+    def demo(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*AEGIS, "demo", "--url", url, *args], capture_output=True,
+                              text=True, timeout=120, env={**env, **extra}, cwd=site)  # fmt: skip
+
+    on_argv = demo("--admin-key", "s3cret")
+    assert on_argv.returncode == 2 and "No such option" in on_argv.stderr, on_argv.stderr
+    missing = demo("--admin-key-file", str(tmp_path / "none"))
+    assert missing.stderr.startswith("error: config_invalid: --url needs an admin API key")
+    (tmp_path / "key").write_text("k\n")
+    filed = demo("--admin-key-file", str(tmp_path / "key"), AEGIS_ADMIN_KEY="from-env")
+    assert filed.stderr.startswith("error: registry_unavailable"), filed.stderr[-2000:]
+    (site / ".aegis" / "admin.key").unlink()
+    assert demo().stderr.startswith("error: config_invalid: --url needs an admin API key")

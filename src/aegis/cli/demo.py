@@ -36,14 +36,24 @@ __all__ = ["demo"]
 _MARK = {True: "[green]✔ pass[/]", False: "[red]✘ FAIL[/]"}
 
 
-def _admin_key(given: str | None, config: Path) -> str:
-    if given:
+def _admin_key(key_file: Path | None, config: Path) -> str:
+    """The admin API key for ``--url``: from ``--admin-key-file``, else ``$AEGIS_ADMIN_KEY``,
+    else ``.aegis/admin.key`` beside the configuration; never from the command line, which
+    other users of the machine can read."""
+    if key_file is None and (given := os.environ.get("AEGIS_ADMIN_KEY")):
         return given
-    path = config.parent / ".aegis" / "admin.key"
-    if path.exists():
-        return path.read_text().strip()
+    path = key_file or config.parent / ".aegis" / "admin.key"
+    try:
+        key = path.read_text().strip()
+    except FileNotFoundError:
+        key = ""
+    except OSError as exc:
+        raise AegisError(f"cannot read the admin API key from {path}: {exc.strerror}",
+                         code="config_invalid") from None  # fmt: skip
+    if key:
+        return key
     raise AegisError(
-        "--url needs an admin API key: --admin-key, $AEGIS_ADMIN_KEY or .aegis/admin.key",
+        "--url needs an admin API key: --admin-key-file, $AEGIS_ADMIN_KEY or .aegis/admin.key",
         code="config_invalid",
     )
 
@@ -104,13 +114,13 @@ def demo(
         str | None,
         typer.Option("--url", help="Use the control plane running here (with its --config)."),
     ] = None,
-    admin_key: Annotated[
-        str | None,
+    admin_key_file: Annotated[
+        Path | None,
         typer.Option(
-            "--admin-key",
-            envvar="AEGIS_ADMIN_KEY",
-            help="Admin API key for --url; prefer $AEGIS_ADMIN_KEY or .aegis/admin.key, since "
-            "other users of this machine can read a command line.",
+            "--admin-key-file",
+            help="File holding the admin API key for --url (default: $AEGIS_ADMIN_KEY, else "
+            ".aegis/admin.key); the key itself is never taken on the command line, which other "
+            "users of this machine can read.",
         ),
     ] = None,
     keep: Annotated[
@@ -132,7 +142,7 @@ def demo(
             except ValueError as exc:
                 raise AegisError(f"--url: {exc}", code="config_invalid") from None
             config = config_file(ctx)
-            key = _admin_key(admin_key or os.environ.get("AEGIS_ADMIN_KEY"), config)
+            key = _admin_key(admin_key_file, config)
             try:
                 stack = DemoStack.attached(url, config, key, secrets.token_hex(3))
             except httpx.HTTPError as exc:
