@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -73,3 +74,16 @@ def mint_proof(
         body.pop(name, None)
         head.pop(name, None)
     return sign_compact(encode_segment(head), body, key.sign)
+
+
+def door_status(resp: Any) -> int:
+    """The status a client gets from an ext_authz HTTP door's answer (an ``httpx.Response``):
+    the door's own, or in nginx mode the one the documented error_page answers with
+    (``X-Aegis-Status``: ``auth_request`` passes only 401 and 403 on, so the door answers 403
+    for any other, with the JSON body in ``X-Aegis-Error`` too)."""
+    real = resp.headers.get("x-aegis-status")
+    if real is None:
+        return int(resp.status_code)
+    assert resp.status_code == (int(real) if real in ("401", "403") else 403)
+    assert json.loads(resp.headers["x-aegis-error"]) == resp.json()
+    return int(real)

@@ -40,7 +40,7 @@ from aegis.types import ClientAuthMethod, TenantStatus
 from tests.gateway import test_ext_authz_grpc
 from tests.gateway.conftest import Agent, Env, dpop_headers
 from tests.gateway.harness import serve
-from tests.gateway.helpers import mint_proof
+from tests.gateway.helpers import door_status, mint_proof
 from tests.gateway.test_ext_authz_grpc import ROUTES, check, denied, settings_with_routes
 from tests.gateway.test_pipeline import POLICY
 
@@ -336,7 +336,7 @@ def test_nginx_a_proof_for_one_path_cannot_ride_a_host_onto_another(env: Env, ng
         "x-forwarded-host": "gw.example.com:443/payments/charge#",
     }
     resp = httpx.get(f"{nginx}/auth", headers=headers)
-    assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request")
+    assert (door_status(resp), resp.json()["code"]) == (400, "invalid_request")
 
 
 @pytest.mark.parametrize("host", [h for h in BAD_HOSTS if h])  # an empty one is "not sent"
@@ -344,7 +344,7 @@ def test_nginx_refuses_forwarded_hosts_that_are_not_authorities(
     env: Env, nginx: str, host: str
 ) -> None:
     resp = nginx_call(nginx, Agent(env), "/payments/charge", **{"x-forwarded-host": host})
-    assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request")
+    assert (door_status(resp), resp.json()["code"]) == (400, "invalid_request")
 
 
 @pytest.mark.parametrize("host", GOOD_HOSTS)
@@ -355,7 +355,7 @@ def test_nginx_allows_ordinary_forwarded_hosts(env: Env, nginx: str, host: str) 
 
 def test_nginx_refuses_a_forwarded_scheme_other_than_http(env: Env, nginx: str) -> None:
     resp = nginx_call(nginx, Agent(env), "/payments/charge", **{"x-forwarded-proto": "gopher"})
-    assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request")
+    assert (door_status(resp), resp.json()["code"]) == (400, "invalid_request")
 
 
 # h11 refuses a Host with a space or an empty one before the door sees it; the rest reach it.
@@ -365,7 +365,7 @@ ENVOY_BAD_HOSTS = [h for h in BAD_HOSTS if h and " " not in h]
 @pytest.mark.parametrize("host", ENVOY_BAD_HOSTS)
 def test_envoy_refuses_hosts_that_are_not_authorities(env: Env, envoy: str, host: str) -> None:
     resp = httpx.post(f"{envoy}/check/payments/charge", headers={**creds(Agent(env)), "host": host})
-    assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request")
+    assert (door_status(resp), resp.json()["code"]) == (400, "invalid_request")
 
 
 @pytest.mark.parametrize("host", GOOD_HOSTS)
@@ -391,11 +391,11 @@ def test_envoy_routes_by_the_check_host_never_a_forwarded_host(env: Env) -> None
                     trusted_proxies=["127.0.0.1"]):  # fmt: skip
         admin = {**creds(agent, "/api/users", "admin.example.com"), "host": "admin.example.com"}
         resp = httpx.post(f"{url}/check/api/users", headers=admin)
-        assert (resp.status_code, resp.json()["code"]) == (403, "access_denied")
+        assert (door_status(resp), resp.json()["code"]) == (403, "access_denied")
         forged = {**creds(agent, "/api/users", "admin.example.com"), "host": "admin.example.com",
                   "x-forwarded-host": "public.example.com"}  # fmt: skip
         resp = httpx.post(f"{url}/check/api/users", headers=forged)
-        assert (resp.status_code, resp.json()["code"]) == (403, "access_denied")
+        assert (door_status(resp), resp.json()["code"]) == (403, "access_denied")
         # The public route's proof is for its own host.
         public = {**creds(agent, "/api/users", "public.example.com"), "host": "public.example.com"}
         assert httpx.post(f"{url}/check/api/users", headers=public).status_code == 200
@@ -473,10 +473,10 @@ def test_nginx_ignores_a_certificate_header_unless_pki_says_nginx_sets_it(mtls: 
     for url in mtls.door("none"):
         assert cert_call(url, mtls).json()["code"] == "cert_required"
         resp = cert_call(url, mtls, **{"x-ssl-client-cert": quote(mtls.pem)})
-        assert (resp.status_code, resp.json()["code"]) == (401, "cert_required")
+        assert (door_status(resp), resp.json()["code"]) == (401, "cert_required")
     for url in mtls.door("envoy"):  # another proxy's header mode is not nginx's
         resp = cert_call(url, mtls, **{"x-ssl-client-cert": quote(mtls.pem)})
-        assert (resp.status_code, resp.json()["code"]) == (401, "cert_required")
+        assert (door_status(resp), resp.json()["code"]) == (401, "cert_required")
 
 
 def test_nginx_believes_the_certificate_header_when_pki_says_nginx_sets_it(mtls: Pki) -> None:
@@ -505,7 +505,7 @@ def test_nginx_reads_only_the_certificate_header_pki_names(tmp_path: Path) -> No
         ext = build_ext_authz(pki.services, settings, build_pipeline(pki.services, settings))
         with serve(create_ext_authz_http_app(ext, settings.ext_authz)) as url:
             forged = cert_call(url, pki, **{"x-ssl-client-cert": quote(pki.pem)})
-            assert (forged.status_code, forged.json()["code"]) == (401, "cert_required")
+            assert (door_status(forged), forged.json()["code"]) == (401, "cert_required")
             named = cert_call(url, pki, **{"x-client-cert": quote(pki.pem)})
             assert named.status_code == 200, named.text
             assert named.headers["x-aegis-agent-id"] == "alpha"
@@ -563,11 +563,11 @@ def test_nginx_refuses_a_fragment_in_the_query_and_methods_the_proxy_refuses(
     agent = Agent(env)
     assert nginx_call(nginx, agent, "/payments/charge?action=delete").status_code == 200
     resp = nginx_call(nginx, agent, "/payments/charge?action=delete#x")
-    assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request")
+    assert (door_status(resp), resp.json()["code"]) == (400, "invalid_request")
     resp = nginx_call(nginx, agent, "/payments/charge", **{"x-original-method": "MOVE"})
-    assert (resp.status_code, resp.json()["code"]) == (405, "method_not_allowed")
+    assert (door_status(resp), resp.json()["code"]) == (405, "method_not_allowed")
     resp = nginx_call(nginx, agent, "/payments/charge", **{"x-original-method": "get"})
-    assert (resp.status_code, resp.json()["code"]) == (405, "method_not_allowed")
+    assert (door_status(resp), resp.json()["code"]) == (405, "method_not_allowed")
     assert resp.headers["allow"] == "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
@@ -589,7 +589,7 @@ def test_a_required_certificate_must_name_the_tokens_agent(mtls: Pki) -> None:
         headers = {"authorization": f"Bearer {unbound}", "x-original-uri": "/payments/charge",
                    "x-original-method": "POST"}  # fmt: skip
         other = httpx.get(f"{url}/auth", headers={**headers, "x-ssl-client-cert": quote(their_pem)})
-        assert (other.status_code, other.json()["code"]) == (401, "invalid_token"), other.text
+        assert (door_status(other), other.json()["code"]) == (401, "invalid_token"), other.text
         own = httpx.get(f"{url}/auth", headers={**headers, "x-ssl-client-cert": quote(mtls.pem)})
         assert own.status_code == 200, own.text
 
@@ -626,7 +626,7 @@ def test_nginx_policy_sees_the_original_host_not_the_subrequests(env: Env, nginx
     resp = nginx_call(nginx, agent, "/payments/charge", **{"x-forwarded-host": "gw.example.com"})
     assert resp.status_code == 200, resp.text
     other = nginx_call(nginx, agent, "/payments/charge", **{"x-forwarded-host": "gw.example.org"})
-    assert (other.status_code, other.json()["code"]) == (403, "access_denied")
+    assert (door_status(other), other.json()["code"]) == (403, "access_denied")
 
 
 def _rejections(code: str) -> float:
@@ -647,7 +647,7 @@ def test_a_malformed_forwarded_certificate_at_ext_authz_is_counted_and_audited(
     before = _rejections("cert_invalid")
     for url in mtls.door("nginx"):
         resp = cert_call(url, mtls, **{"x-ssl-client-cert": "junk"})
-        assert (resp.status_code, resp.json()["code"]) == (401, "cert_invalid")
+        assert (door_status(resp), resp.json()["code"]) == (401, "cert_invalid")
     log = mtls.services.extras["exchange_audit"]  # the pipeline's audit database
     records = [r for r in log.records(kind="mtls.rejected") if r["code"] == "cert_invalid"]
     assert _rejections("cert_invalid") == before + 1, "refused certificate not counted"

@@ -18,6 +18,7 @@ from aegis.policy.decision import DEFAULT_DENY_REASON
 from aegis.policy.loader import load_document
 from tests.gateway.conftest import Agent, Env, slow_registry
 from tests.gateway.harness import serve
+from tests.gateway.helpers import door_status
 from tests.gateway.test_ext_authz_grpc import FORWARDED_RULES, HEADER_RULE, ROUTES
 from tests.gateway.test_pipeline import POLICY
 
@@ -85,19 +86,19 @@ def test_envoy_mode_refusals_carry_status_challenge_and_json(env: Env, envoy: st
     assert replay.json()["decision_id"] == replay.headers["x-aegis-decision-id"]
     assert replay.headers["www-authenticate"].startswith("DPoP error=")
     denied = httpx.post(f"{envoy}/check/crm/x", headers=creds(agent, "/crm/x"))
-    assert (denied.status_code, denied.json()["code"]) == (403, "access_denied")
+    assert (door_status(denied), denied.json()["code"]) == (403, "access_denied")
     assert "x-aegis-agent-id" not in denied.headers
     none = httpx.post(f"{envoy}/check/payments/charge")
-    assert (none.status_code, none.json()["code"]) == (401, "unauthenticated")
+    assert (door_status(none), none.json()["code"]) == (401, "unauthenticated")
     # The proof was made for the path without Envoy's prefix; outside the prefix nothing routes.
     outside = httpx.post(f"{envoy}/payments/charge", headers=creds(agent))
-    assert (outside.status_code, outside.json()["code"]) == (404, "not_found")
+    assert (door_status(outside), outside.json()["code"]) == (404, "not_found")
     h = creds(agent)
     two = [*h.items(), ("dpop", h["dpop"])]
     twice = httpx.post(f"{envoy}/check/payments/charge", headers=two)
-    assert (twice.status_code, twice.json()["code"]) == (400, "invalid_request")
+    assert (door_status(twice), twice.json()["code"]) == (400, "invalid_request")
     dots = httpx.post(f"{envoy}/check/payments/%2e%2e/admin", headers=creds(agent))
-    assert (dots.status_code, dots.json()["code"]) == (400, "invalid_request")
+    assert (door_status(dots), dots.json()["code"]) == (400, "invalid_request")
 
 
 def test_nginx_mode_reads_the_original_request_from_trusted_headers(env: Env, nginx: str) -> None:
@@ -118,15 +119,15 @@ def test_nginx_mode_reads_the_original_request_from_trusted_headers(env: Env, ng
     assert httpx.get(f"{nginx}/auth", headers=headers).status_code == 401
     for target in ("//admin/payments/charge", "http://evil.example/payments/charge"):
         odd = {**creds(agent), "x-original-uri": target, "x-original-method": "POST"}
-        assert httpx.get(f"{nginx}/auth", headers=odd).status_code in (400, 404)
+        assert door_status(httpx.get(f"{nginx}/auth", headers=odd)) in (400, 404)
     missing = httpx.get(f"{nginx}/auth", headers=creds(agent))
-    assert (missing.status_code, missing.json()["code"]) == (400, "invalid_request")
+    assert (door_status(missing), missing.json()["code"]) == (400, "invalid_request")
     twice = httpx.get(
         f"{nginx}/auth",
         headers=[*creds(agent).items(), ("x-original-uri", "/payments/charge"),
                  ("x-original-uri", "/crm/x"), ("x-original-method", "POST")],
     )  # fmt: skip
-    assert twice.status_code == 400
+    assert door_status(twice) == 400
 
 
 def test_nginx_mode_refuses_peers_that_are_not_trusted_proxies(
@@ -135,7 +136,7 @@ def test_nginx_mode_refuses_peers_that_are_not_trusted_proxies(
     agent = Agent(env)
     headers = {**creds(agent), "x-original-uri": "/payments/charge", "x-original-method": "POST"}
     resp = httpx.get(f"{untrusted_nginx}/auth", headers=headers)
-    assert (resp.status_code, resp.json()["code"]) == (403, "access_denied")
+    assert (door_status(resp), resp.json()["code"]) == (403, "access_denied")
 
 
 def test_a_forwarded_address_does_not_make_a_peer_a_trusted_proxy(
@@ -147,7 +148,7 @@ def test_a_forwarded_address_does_not_make_a_peer_a_trusted_proxy(
     headers = {**creds(agent), "x-original-uri": "/payments/charge", "x-original-method": "POST",
                "x-forwarded-for": "192.0.2.1", "x-forwarded-proto": "https"}  # fmt: skip
     resp = httpx.get(f"{untrusted_nginx}/auth", headers=headers)
-    assert (resp.status_code, resp.json()["code"]) == (403, "access_denied")
+    assert (door_status(resp), resp.json()["code"]) == (403, "access_denied")
 
 
 def test_nginx_mode_never_shows_a_body_to_policy(env: Env, nginx: str) -> None:
@@ -158,7 +159,7 @@ def test_nginx_mode_never_shows_a_body_to_policy(env: Env, nginx: str) -> None:
     headers = {**creds(agent), "x-original-uri": "/payments/charge", "x-original-method": "POST"}
     # nginx withholds the body, so a policy that reads it cannot decide: refused, never allowed.
     resp = httpx.get(f"{nginx}/auth", headers=headers)
-    assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request")
+    assert (door_status(resp), resp.json()["code"]) == (400, "invalid_request")
 
 
 def test_nginx_mode_needs_trusted_proxies() -> None:
@@ -212,7 +213,7 @@ def test_a_path_another_route_may_claim_is_not_decided_as_the_catch_all(
 ) -> None:
     agent = Agent(env)
     resp = httpx.post(f"{catch_all}/check{path}", headers=creds(agent, path))
-    assert (resp.status_code, resp.json()["code"]) == (status, code), resp.text
+    assert (door_status(resp), resp.json()["code"]) == (status, code), resp.text
     record = next(
         r for r in env.audit.records() if r.get("decision_id") == resp.json()["decision_id"]
     )
@@ -232,7 +233,7 @@ def test_refusals_before_any_route_are_audited(env: Env, envoy: str, untrusted_n
     ]
     records = {r["decision_id"]: r for r in env.audit.records(kind="gateway.refused")}
     for resp, status, code in answers:
-        assert (resp.status_code, resp.json()["code"]) == (status, code), resp.text
+        assert (door_status(resp), resp.json()["code"]) == (status, code), resp.text
         record = records[resp.json()["decision_id"]]
         assert (record["door"], record["status"], record["code"]) == ("ext_authz", status, code)
 
@@ -275,7 +276,7 @@ def _assert_decided(resp: httpx.Response, denied_by: str | None) -> None:
     if denied_by is None:
         assert resp.status_code == 200, resp.text
         return
-    assert (resp.status_code, resp.json()["message"]) == (403, denied_by), resp.text
+    assert (door_status(resp), resp.json()["message"]) == (403, denied_by), resp.text
 
 
 def test_envoy_mode_removes_the_forwarding_claims_envoy_does_not_set(
@@ -328,7 +329,7 @@ def test_a_field_value_outside_ascii_is_refused_and_audited(
                                      "x-original-method": "POST"})  # fmt: skip
     for url, headers in (envoy_check, nginx_check):
         resp = httpx.post(url, headers={**headers, "x-note": value})
-        assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request"), resp.text
+        assert (door_status(resp), resp.json()["code"]) == (400, "invalid_request"), resp.text
         assert "outside ASCII" in resp.json()["message"]
         [record] = [r for r in env.audit.records()
                     if r["decision_id"] == resp.json()["decision_id"]]  # fmt: skip
@@ -356,7 +357,7 @@ def test_a_protocol_upgrade_is_refused_and_audited(
                                      "x-original-method": "GET"})  # fmt: skip
     for url, headers in (envoy_check, nginx_check):
         resp = httpx.get(url, headers={**headers, **fields})
-        assert (resp.status_code, resp.json()["code"]) == (400, "invalid_request"), resp.text
+        assert (door_status(resp), resp.json()["code"]) == (400, "invalid_request"), resp.text
         assert "Upgrade" in resp.json()["message"]
         [record] = [r for r in env.audit.records(kind="gateway.refused")
                     if r["decision_id"] == resp.json()["decision_id"]]  # fmt: skip

@@ -40,6 +40,7 @@ from aegis.gateway.mcp import (
 from aegis.tokens.verifier import verify_jwt
 from tests.gateway.conftest import Agent, Env, activate, dpop_headers, gateway_app
 from tests.gateway.harness import exchange, gateway_here, serve, serve_here, signed_call
+from tests.gateway.helpers import door_status
 from tests.gateway.test_ext_authz_grpc import check, denied, grpc_stub
 
 POLICY = """
@@ -453,7 +454,7 @@ def test_the_http_door_decides_what_envoy_shows_and_refuses_what_nginx_cannot(en
                 allowed = call(f"{url}/check/mcp", "search")
                 assert allowed.status_code == 200, allowed.text
                 refused = call(f"{url}/check/mcp", "delete_repo")
-                assert (refused.status_code, refused.json()["code"]) == (403, "access_denied")
+                assert (door_status(refused), refused.json()["code"]) == (403, "access_denied")
                 record = next(r for r in env.audit.records()
                               if r["decision_id"] == refused.json()["decision_id"])  # fmt: skip
                 assert record["tool"] == "repo.delete_repo"
@@ -467,11 +468,11 @@ def test_the_http_door_decides_what_envoy_shows_and_refuses_what_nginx_cannot(en
                         "dpop": agent.proof(token, "GET", "/mcp"),
                     },
                 )
-                assert (get.status_code, get.json()["code"]) == (400, "invalid_request")
+                assert (door_status(get), get.json()["code"]) == (400, "invalid_request")
             else:  # auth_request sends no body: the message cannot be decided
                 nginx = {"x-original-uri": "/mcp", "x-original-method": "POST"}
                 refused = httpx.get(f"{url}/auth", headers={**_call_headers(agent), **nginx})
-                assert (refused.status_code, refused.json()["code"]) == (400, "invalid_request")
+                assert (door_status(refused), refused.json()["code"]) == (400, "invalid_request")
                 assert "shown whole" in refused.json()["message"]
 
 

@@ -60,6 +60,11 @@ http {{
       auth_request_set $aegis_decision $upstream_http_x_aegis_decision_id;
       auth_request_set $aegis_attestation $upstream_http_x_aegis_attestation;
       auth_request_set $aegis_nonce $upstream_http_dpop_nonce;
+      auth_request_set $aegis_status $upstream_http_x_aegis_status;
+      auth_request_set $aegis_error $upstream_http_x_aegis_error;
+      auth_request_set $aegis_retry $upstream_http_retry_after;
+      auth_request_set $aegis_allow $upstream_http_allow;
+      error_page 401 403 = @aegis_refused;
       add_header DPoP-Nonce $aegis_nonce always;
       proxy_set_header X-Aegis-Agent-Id $aegis_agent;
       proxy_set_header X-Aegis-Tenant $aegis_tenant;
@@ -82,8 +87,30 @@ http {{
       proxy_set_header X-Original-Path "";
       proxy_set_header X-Script-Name "";
       proxy_set_header X-SSL-Client-Cert "";
+      proxy_set_header Client-Cert "";
+      proxy_set_header Client-Cert-Chain "";
       add_header X-Aegis-Decision-Id $aegis_decision always;
       proxy_pass http://127.0.0.1:{upstream};
+    }}
+    location @aegis_refused {{
+      default_type application/json;
+      add_header Cache-Control no-store always;
+      add_header DPoP-Nonce $aegis_nonce always;
+      add_header Retry-After $aegis_retry always;
+      add_header Allow $aegis_allow always;
+      add_header X-Aegis-Decision-Id $aegis_decision always;
+      if ($aegis_status = 400) {{ return 400 $aegis_error; }}
+      if ($aegis_status = 401) {{ return 401 $aegis_error; }}
+      if ($aegis_status = 404) {{ return 404 $aegis_error; }}
+      if ($aegis_status = 405) {{ return 405 $aegis_error; }}
+      if ($aegis_status = 408) {{ return 408 $aegis_error; }}
+      if ($aegis_status = 409) {{ return 409 $aegis_error; }}
+      if ($aegis_status = 413) {{ return 413 $aegis_error; }}
+      if ($aegis_status = 422) {{ return 422 $aegis_error; }}
+      if ($aegis_status = 429) {{ return 429 $aegis_error; }}
+      if ($aegis_status = 500) {{ return 500 $aegis_error; }}
+      if ($aegis_status = 503) {{ return 503 $aegis_error; }}
+      return 403 $aegis_error;
     }}
     location = /_aegis {{
       internal;
@@ -259,3 +286,28 @@ def test_what_the_client_claims_about_itself_goes_nowhere(front: Front) -> None:
     finally:
         audit.close()
     assert record["client"] == "127.0.0.1"  # nginx's view of the peer, not the claimed 10.9.9.9
+
+
+def test_every_refusal_reaches_the_client_with_its_status_and_json_body(front: Front) -> None:
+    """auth_request passes only 401 and 403 on (any other status was nginx's own 500 page): the
+    door answers 403 with the real status and body in fields the documented error_page answers
+    with, so a 400 stays a 400 and every refusal is the gateway's JSON."""
+    agent = AgentClient(front.srv, "nginx-statuses")
+    token = agent.access_token()
+    denied = _post(front, agent, token, "/crm/lookup")
+    assert denied.status_code == 403 and denied.json()["code"] == "access_denied"
+    assert denied.headers["x-aegis-decision-id"] == denied.json()["decision_id"]
+    assert denied.headers["cache-control"] == "no-store"
+    url = f"{front.url}/payments/charge"
+    anonymous = httpx.post(url, json={}, timeout=10)
+    assert anonymous.status_code == 401 and anonymous.json()["code"] == "unauthenticated"
+    assert anonymous.headers.get_list("www-authenticate") == [anonymous.headers["www-authenticate"]]
+    assert anonymous.headers["www-authenticate"].startswith("DPoP")
+    bad_url = f"{front.url}/payments/x%2Fy"  # an encoded '/': refused before any decision
+    bad = httpx.post(bad_url, json={}, headers=agent.headers(token, "POST", bad_url), timeout=10)
+    assert bad.status_code == 400, bad.text
+    assert bad.json()["code"] == "invalid_request"
+    odd = httpx.request("PROPFIND", url, headers=agent.headers(token, "PROPFIND", url), timeout=10)
+    assert odd.status_code == 405, odd.text
+    assert odd.json()["code"] == "method_not_allowed" and "POST" in odd.headers["allow"]
+    assert "x-aegis-error" not in denied.headers and "x-aegis-status" not in denied.headers

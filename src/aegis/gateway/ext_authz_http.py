@@ -38,6 +38,7 @@ byte becomes ``!``), not the forwarded bytes, and nothing here can tell the two 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -84,6 +85,24 @@ def _one(request: Request, name: str) -> str | None:
     return values[0] if len(values) == 1 else None
 
 
+#: The statuses nginx's ``auth_request`` passes on; it answers any other with its own 500 page.
+_NGINX_PASSES: Final = frozenset({401, 403})
+
+
+def _for_nginx(body: dict[str, Any], result: Result) -> Response:
+    """A refusal as nginx's ``auth_request`` can pass it on: 401 or 403 (any other status would
+    become nginx's 500), with the real status in ``X-Aegis-Status`` and the JSON body in
+    ``X-Aegis-Error`` (ASCII), for the configuration's ``error_page`` to answer with
+    (docs/gateway.md): a 503 stays a 503 a client retries, a 413 a 413."""
+    status = result.status if result.status in _NGINX_PASSES else 403
+    headers = {
+        **result.headers,
+        "x-aegis-status": str(result.status),
+        "x-aegis-error": json.dumps(body, separators=(",", ":"), ensure_ascii=True),
+    }
+    return JSONResponse(body, status, headers)
+
+
 class HttpExtAuthz:
     def __init__(self, ext: ExtAuthz, settings: ExtAuthzSettings) -> None:
         self._ext, self._settings = ext, settings
@@ -115,7 +134,10 @@ class HttpExtAuthz:
                 if drop:
                     headers[_HEADERS_TO_REMOVE] = ",".join(drop)
             return Response(status_code=200, headers=headers)
-        return JSONResponse(refusal_body(result), result.status, result.headers)
+        body = refusal_body(result)
+        if self._settings.http_mode == "nginx":
+            return _for_nginx(body, result)
+        return JSONResponse(body, result.status, result.headers)
 
     async def _check(self, request: Request, checked: list[CheckedRequest]) -> Result:
         s = self._settings
@@ -198,7 +220,12 @@ class HttpExtAuthz:
         asked = Asked("GET", raw, websocket.headers.get("host", ""), peer)
         result = await self._ext.undecided(400, "invalid_request", UPGRADE_REFUSED, asked)
         if "websocket.http.response" in websocket.scope.get("extensions", {}):
-            answer = JSONResponse(refusal_body(result), result.status, result.headers)
+            body = refusal_body(result)
+            answer = (
+                _for_nginx(body, result)
+                if self._settings.http_mode == "nginx"
+                else JSONResponse(body, result.status, result.headers)
+            )
             return await websocket.send_denial_response(answer)
         await websocket.close(1008)
 
