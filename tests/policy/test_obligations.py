@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -36,6 +37,25 @@ def test_redact_paths_with_wildcards_and_lists() -> None:
         "meta": {"x": {"k": REDACTED}, "y": {"k": REDACTED}},
     }
     assert body == before
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "expected"),
+    [
+        # JSON:API's shape: the '*' meets a list, and the key lies inside each element.
+        ("data.*.ssn", {"data": [{"attributes": {"ssn": "1"}}, {"id": "2"}]},
+         {"data": [{"attributes": {"ssn": REDACTED}}, {"id": "2"}]}),
+        ("*.ssn", [{"customer": {"ssn": "1"}}], [{"customer": {"ssn": REDACTED}}]),
+        # The '*' still reads as the index too, and nested lists are walked.
+        ("data.*.ssn", {"data": [{"ssn": "1"}, [{"ssn": "2"}]]},
+         {"data": [{"ssn": REDACTED}, [{"ssn": REDACTED}]]}),
+        ("data.*", {"data": [{"a": 1}, "x"]}, {"data": [REDACTED, REDACTED]}),
+    ],
+)  # fmt: skip
+def test_a_wildcard_meeting_a_list_reads_as_its_index_and_as_its_elements_keys(
+    path: str, body: Any, expected: Any
+) -> None:
+    assert apply_to_body(body, [S("redact", "response", path=path)], "response") == expected
 
 
 def test_redact_matches_member_names_in_any_case() -> None:

@@ -287,7 +287,18 @@ def _redact(value: Any, keys: list[str]) -> Any:
     if not keys:
         return REDACTED
     if isinstance(value, list):  # a path walks through lists element by element
-        return [_redact(v, keys if keys[0] != "*" else keys[1:]) for v in value]
+        if keys[0] != "*":
+            return [_redact(v, keys) for v in value]
+        out = []
+        for v in value:
+            v = _redact(v, keys[1:])  # the '*' read as the element's index
+            if isinstance(v, dict):
+                # ... and as a key of the element, the list walked through as any other:
+                # data.*.ssn hides {"data": [{"attributes": {"ssn": …}}]} as it hides
+                # {"data": {"x": {"ssn": …}}} (hiding more is the safe side).
+                v = _redact(v, keys)
+            out.append(v)
+        return out
     if isinstance(value, str):
         return _redact_encoded(value, keys)
     if not isinstance(value, dict):
