@@ -289,7 +289,7 @@ def _redact(value: Any, keys: list[str]) -> Any:
     if isinstance(value, list):  # a path walks through lists element by element
         if keys[0] != "*":
             return [_redact(v, keys) for v in value]
-        out = []
+        walked = []
         for v in value:
             v = _redact(v, keys[1:])  # the '*' read as the element's index
             if isinstance(v, dict):
@@ -297,8 +297,8 @@ def _redact(value: Any, keys: list[str]) -> Any:
                 # data.*.ssn hides {"data": [{"attributes": {"ssn": …}}]} as it hides
                 # {"data": {"x": {"ssn": …}}} (hiding more is the safe side).
                 v = _redact(v, keys)
-            out.append(v)
-        return out
+            walked.append(v)
+        return walked
     if isinstance(value, str):
         return _redact_encoded(value, keys)
     if not isinstance(value, dict):
