@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import socket
+import ssl
+import threading
 from pathlib import Path
 
 import httpx
@@ -21,6 +24,8 @@ from aegis.pki.peer import TrustBundle
 from aegis.pki.profile import x5t_s256
 from aegis.pki.service import PkiService
 from aegis.pki.spiffe import check_leaf_svid
+from aegis.pki.tls import client_context, server_context
+from aegis.sdk.revocation import ServerRevocations, guard_server
 from aegis.types import AgentStatus, TenantStatus
 from tests.pki.conftest import TRUST_DOMAIN, Pki, build_pki, make_csr
 
@@ -367,22 +372,75 @@ def test_disabling_the_enrolling_client_ends_its_certificates(pki: Pki) -> None:
     assert other_secret is not None
     status, body = _post_sign(pki, {"csr": make_csr()[1].decode()}, (leaked, secret))
     assert status == 201, body
-    stolen = x509.load_pem_x509_certificate(body["certificate"].encode())
+    stolen, stolen_serial = (
+        x509.load_pem_x509_certificate(body["certificate"].encode()),
+        body["serial"],
+    )
     status, body = _post_sign(pki, {"csr": make_csr()[1].decode()}, (other.client_id, other_secret))
     kept = x509.load_pem_x509_certificate(body["certificate"].encode())
     der, kept_der = (c.public_bytes(serialization.Encoding.DER) for c in (stolen, kept))
     assert pki.store.get(body["serial"]).enrolled_by == other.client_id
     pki.validator.validate(der)
+    mark = pki.store.revocation_mark()
     pki.registry.set_client_active(leaked, False, actor="t")
     pki.cache.invalidate()
     with pytest.raises(AegisError) as info:
         pki.validator.validate(der)
-    assert info.value.code == "cert_revoked" and leaked in info.value.message
+    assert info.value.code == "cert_revoked"
+    # Revoked in the store, so in the CRL every peer that checks only the chain and the CRL
+    # (nginx, Envoy, the SDK's server checks) reads, and the mark pooled connections follow.
+    assert pki.store.get(stolen_serial).revocation_reason == "privilege_withdrawn"
+    listed = {r.serial_number for r in x509.load_der_x509_crl(pki.service.crl_der())}
+    assert stolen.serial_number in listed and kept.serial_number not in listed
+    assert pki.store.revocation_mark() != mark
     pki.registry.set_client_active(leaked, True, actor="t")
     pki.cache.invalidate()
     with pytest.raises(AegisError):
         pki.validator.validate(der)
     assert pki.validator.validate(kept_der).agent_id == "alpha"
+
+
+def test_a_server_certificate_enrolled_with_a_disabled_client_fails_the_sdks_checks(
+    pki: Pki,
+) -> None:
+    """Over real TLS: a serving agent's secret leaked, the thief enrolled a serving certificate,
+    and the operator disabled the client. An agent pinning the server's SPIFFE ID and checking
+    the CA's CRL refuses the handshake before it sends a credential."""
+    client_id, secret = pki.secrets["gw"]
+    key, csr = make_csr()
+    status, body = _post_sign(pki, {"csr": csr.decode()}, (client_id, secret))
+    assert status == 201, body
+    stolen = x509.load_pem_x509_certificate(body["certificate"].encode())
+    pki.registry.set_client_active(client_id, False, actor="t")
+    bundle = pki.ca.bundle_pem()
+    revocations = ServerRevocations("https://control-plane.invalid", bundle)
+    revocations.load(pki.service.crl_pem())
+    pem = serialization.Encoding.PEM
+    chain = stolen.public_bytes(pem) + pki.ca.current.cert.public_bytes(pem)
+    server = server_context(chain, key, bundle, require_client_cert=False)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        try:
+            with server.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(1)
+        except (ssl.SSLError, OSError):
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    agent = guard_server(client_context(None, None, bundle), (body["spiffe_id"],), revocations)
+    try:
+        with (
+            pytest.raises(ssl.SSLCertVerificationError),
+            socket.create_connection(listener.getsockname(), timeout=5) as raw,
+            agent.wrap_socket(raw) as tls,
+        ):
+            tls.sendall(b"a client secret would go here")
+    finally:
+        listener.close()
+        thread.join(5)
 
 
 def test_an_agent_no_longer_serving_does_not_pass_as_a_server(pki: Pki) -> None:

@@ -45,7 +45,7 @@ from aegis.registry.secrets import hash_secret, new_secret
 from aegis.registry.service import RegistryService
 from aegis.telemetry.logging import log_event
 from aegis.telemetry.metrics import CERTS_ISSUED
-from aegis.types import Agent, AgentStatus, Tenant, TenantStatus
+from aegis.types import Agent, AgentStatus, Client, Tenant, TenantStatus
 
 __all__ = ["BOOTSTRAP_PREFIX", "IssuedCertificate", "PkiService", "is_serving", "open_pki"]
 
@@ -280,6 +280,7 @@ class PkiService:
         leaving ``active`` revokes its certificates at once."""
         registry.status_listeners.append(self.on_agent_status)
         registry.tenant_listeners.append(self.on_tenant_status)
+        registry.client_listeners.append(self.on_client_status)
 
     def on_agent_status(self, agent: Agent) -> None:
         """Registry status listener: leaving ``active`` revokes the agent's live certificates."""
@@ -293,6 +294,15 @@ class PkiService:
         the CRL (nginx, Envoy) and connections pooled to its tools would outlive it."""
         if tenant.status is not TenantStatus.ACTIVE:
             self.store.revoke_tenant(tenant.id, tenant.status.value)
+
+    def on_client_status(self, client: Client) -> None:
+        """Registry client listener: a disabled client's credentials enrolled nothing that
+        lives on. Disabling is the answer to a leaked secret; the certificates enrolled with it
+        are revoked in the store and so listed in the CRL, for the peers that check only the
+        chain and the CRL (nginx, Envoy, the SDK's server checks) and for connections pooled to
+        a tool serving with one."""
+        if not client.active:
+            self.store.revoke_enrolled_by(client.client_id, "privilege_withdrawn")
 
     def crl_der(self) -> bytes:
         """The current intermediate's CRL, DER (RFC 5280 §5), short ``nextUpdate``."""

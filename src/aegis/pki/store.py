@@ -131,6 +131,10 @@ class CertificateStore:
         """Revoke every unexpired certificate of every agent of ``tenant_id``; their serials."""
         return self._revoke_live(CERTIFICATES.c.tenant_id == tenant_id, reason)
 
+    def revoke_enrolled_by(self, client_id: str, reason: str) -> list[str]:
+        """Revoke every unexpired certificate enrolled with ``client_id``'s credentials."""
+        return self._revoke_live(CERTIFICATES.c.enrolled_by == client_id, reason)
+
     def _revoke_live(self, which: Any, reason: str) -> list[str]:
         now = self._clock.now()
         cols = CERTIFICATES.c

@@ -154,6 +154,9 @@ class RegistryService:
         #: Called likewise after every committed tenant status change (the internal CA revokes
         #: the certificates of every agent of a tenant that leaves ``active``).
         self.tenant_listeners: list[Callable[[Tenant], None]] = []
+        #: Called likewise after every committed enable or disable of a client (the internal CA
+        #: revokes the certificates enrolled with a disabled client's credentials).
+        self.client_listeners: list[Callable[[Client], None]] = []
 
     def _event(
         self, type_: str, actor: str, subject: str, tenant: str | None, **data: Any
@@ -422,8 +425,9 @@ class RegistryService:
 
     def set_client_active(self, client_id: str, active: bool, *, actor: str) -> Client:
         """Enable or disable a client; disabling ends every token this client holds now, for
-        good (its ``tokens_not_before`` moves to now and never back): enabling it again does not
-        revive them. The agent's other clients keep theirs."""
+        good (its ``tokens_not_before`` moves to now and never back), and (``client_listeners``)
+        every certificate enrolled with its credentials: enabling it again does not revive them.
+        The agent's other clients keep theirs."""
         with self.store.atomic():
             before = self.store.get_client(client_id)
             if active:
@@ -441,6 +445,9 @@ class RegistryService:
                 f"client:{client_id}",
                 agent.tenant_id,
             )
+        # Run for a repeated disable too: what follows it may have failed after it committed.
+        for listener in self.client_listeners:
+            listener(client)
         return client
 
     def _refuse_retired(self, client: Client) -> None:
