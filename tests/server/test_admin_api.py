@@ -376,3 +376,62 @@ def test_every_route_names_its_role(tmp_path: Path) -> None:
                 assert role is Admin, original.path
     finally:
         asyncio.run(services.aclose())
+
+
+async def test_a_body_some_reader_would_read_otherwise_is_refused(api: Api) -> None:
+    """Python keeps the last of two members: {"role": "auditor", "role": "admin"} made an admin
+    key, and a policy rule reading "deny" first was stored as an allow."""
+    rule = ('{"id": "block", "action": "deny", "match": {"tools": ["payments.*"]}, '
+            '"action": "allow"}')  # fmt: skip
+    policy = ('{"apiVersion": "aegis/v1", "kind": "Policy", "metadata": {"name": "dup"}, '
+              '"spec": {"rules": [' + rule + "]}}")  # fmt: skip
+    call = '{"tool": "payments.transfer", "body": {"amount": 1}}'
+    for role, path, body in (
+        (
+            AdminRole.ADMIN,
+            "/admin/admin-keys",
+            '{"name": "ci", "role": "auditor", "role": "admin"}',
+        ),
+        (AdminRole.OPERATOR, "/policy/versions", '{"policy": ' + policy + "}"),
+        (
+            AdminRole.OPERATOR,
+            "/policy/dry-run",
+            '{"policy": ' + policy + ', "input": ' + call + "}",
+        ),
+        (AdminRole.OPERATOR, "/admin/agents", '{"id": "a", "id": "b"}'),
+        (AdminRole.OPERATOR, "/admin/agents", '{"id": "a", "amount": NaN}'),
+    ):
+        response = await api.http.post(
+            f"/v1{path}", content=body,
+            headers={**api.auth(role), "content-type": "application/json"},
+        )  # fmt: skip
+        assert _assert_error(response, 400, "invalid_request")["message"], path
+    keys = (await api.call(AdminRole.ADMIN, "GET", "/admin/admin-keys")).json()["items"]
+    assert [k["name"] for k in keys if k["name"] == "ci"] == []
+    assert (await api.call(AdminRole.OPERATOR, "GET", "/policy/versions")).json()["items"] == []
+
+
+async def test_a_chunked_body_over_the_limit_is_413(api: Api) -> None:
+    limit = api.services.config.server.max_body_bytes
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: sent chunked
+        for _ in range(limit // 1024 + 2):
+            yield b" " * 1024
+
+    response = await api.http.post(
+        "/v1/admin/agents", content=chunks(),
+        headers={**api.auth(AdminRole.OPERATOR), "content-type": "application/json"},
+    )  # fmt: skip
+    _assert_error(response, 413, "payload_too_large")
+
+
+async def test_an_unknown_query_parameter_is_refused(api: Api) -> None:
+    """A misspelt filter (?tenat=globex) answered with every tenant's agents."""
+    typo = await api.call(AdminRole.AUDITOR, "GET", "/admin/agents?tenat=globex")
+    body = _assert_error(typo, 400, "invalid_request")
+    assert body["field"] == "tenat" and "tenant" in str(body["message"])
+    assert (
+        await api.call(AdminRole.AUDITOR, "GET", "/admin/agents?tenant=acme")
+    ).status_code == 200
+    # A role's dependency reads no query; the path has none to read.
+    assert (await api.call(AdminRole.AUDITOR, "GET", "/admin/keys?x=1")).status_code == 400

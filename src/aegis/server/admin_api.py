@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -68,6 +69,28 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return _error_response(request, err)
 
 
+def _query_names(dependant: Dependant) -> set[str]:
+    """The query parameters a route reads, its dependencies' included."""
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+async def _known_query(request: Request) -> None:
+    """Refuse a query parameter the route does not read: a misspelt filter
+    (``?tenat=globex``) would otherwise answer with every tenant's records."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    known = _query_names(dependant) if isinstance(dependant, Dependant) else set()
+    unknown = sorted(name for name in request.query_params if name not in known)
+    if unknown:
+        accepted = ", ".join(sorted(known)) or "none"
+        raise InvalidRequest(
+            f"unknown query parameter {unknown[0][:64]!r}; this endpoint reads {accepted}",
+            field=unknown[0][:64],
+        )
+
+
 def create_admin_app(services: Services) -> FastAPI:
     """The admin API as an ASGI app, mounted at ``/v1`` by :func:`aegis.server.app.create_app`."""
     app = FastAPI(
@@ -79,6 +102,7 @@ def create_admin_app(services: Services) -> FastAPI:
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
+        dependencies=[Depends(_known_query)],
     )
     app.state.services = services
     app.include_router(router)

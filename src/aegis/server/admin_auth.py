@@ -2,7 +2,8 @@
 
 :class:`AdminAuthMiddleware` wraps the whole admin app, so no request reaches a route, the OpenAPI
 document or even a 404 without a valid, unrevoked admin API key. It also caps request bodies,
-turns an unexpected exception into a JSON ``server_error`` and counts every request by outcome.
+refuses JSON bodies some reader would read otherwise (a repeated member), turns an unexpected
+exception into a JSON ``server_error`` and counts every request by outcome.
 As a second line behind the per-route dependencies, an ``auditor`` key never gets past it with a
 method other than GET or HEAD.
 """
@@ -18,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from aegis.crypto.jws import StrictJSONError, strict_json
 from aegis.errors import AccessDenied, AegisError, ClientAuthError, InvalidRequest
 from aegis.server.services import Services
 from aegis.telemetry.logging import log_event
@@ -50,8 +52,19 @@ def actor(key: AdminKey) -> str:
     return f"admin_key:{key.key_id}"
 
 
-class _BodyTooLarge(Exception):
-    pass
+def _check_json(body: bytes) -> None:
+    """Refuse a body that is JSON some reader would read otherwise: a repeated member (Python
+    keeps the last, so {"action": "deny", ..., "action": "allow"} stored an allow a reviewer
+    reads as a deny, and {"role": "auditor", "role": "admin"} made an admin key), NaN or
+    Infinity, a lone surrogate. A body that is not JSON at all is the route's to refuse."""
+    if not body.strip():
+        return
+    try:
+        strict_json(body.decode("utf-8"))
+    except StrictJSONError as exc:
+        raise InvalidRequest(f"the request body {exc}") from None
+    except ValueError:  # not UTF-8, or not JSON: the route's own reading refuses it
+        return
 
 
 def _unauthenticated() -> ClientAuthError:
@@ -91,18 +104,31 @@ class AdminAuthMiddleware:
                 if int(v) > self._max:
                     raise _too_large(self._max)
 
-    def _limited(self, receive: Receive) -> Receive:
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+    async def _whole_body(self, receive: Receive) -> Receive:
+        """Read the body here, whole and capped (413 whatever its framing: an error raised
+        inside the framework's own body read would turn into its 400), check that it is JSON
+        every reader reads alike, then hand it to the app as received."""
+        body = bytearray()
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self._max:
-                raise _BodyTooLarge
-            return message
+            if message["type"] == "http.disconnect":
+                raise InvalidRequest("the client went away before sending its whole body")
+            body += message.get("body", b"")
+            if len(body) > self._max:
+                raise _too_large(self._max)
+            if not message.get("more_body", False):
+                break
+        _check_json(bytes(body))
+        sent = False
 
-        return limited
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # then only the client's disconnect
+
+        return replay
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -126,11 +152,9 @@ class AdminAuthMiddleware:
         try:
             scope[SCOPE_KEY] = await self._authenticate(scope)
             self._check_length(scope)
-            await self.app(scope, self._limited(receive), tracked)
+            await self.app(scope, await self._whole_body(receive), tracked)
         except AegisError as exc:
             await _reply(scope, tracked, exc, status)
-        except _BodyTooLarge:
-            await _reply(scope, tracked, _too_large(self._max), status)
         except Exception as exc:  # answered as JSON and logged; the server keeps running
             log_event(
                 "admin.unhandled_error",
