@@ -90,6 +90,25 @@ async def test_a_retired_agents_client_is_neither_enabled_nor_given_a_secret(api
     assert client["active"] is False
 
 
+async def test_only_an_admin_brings_back_a_quarantined_agents_client(api: Api) -> None:  # noqa: F811
+    """Disabled and quarantined over a leak: an operator re-enabling the client, or handing it
+    a new secret, would have it issue tokens the moment the agent is released."""
+    client_id, _ = await _agent_with_client(api)
+    await api.call(OP, "POST", f"/admin/clients/{client_id}/disable")
+    await api.call(OP, "POST", "/admin/agents/finance-agent/quarantine", REASON)
+    enabled = await api.call(OP, "POST", f"/admin/clients/{client_id}/enable")
+    rotated = await api.call(OP, "POST", f"/admin/clients/{client_id}/rotate-secret")
+    assert [(r.status_code, r.json()["code"]) for r in (enabled, rotated)] == [
+        (403, "forbidden")
+    ] * 2
+    assert "client_secret" not in rotated.json()
+    assert (await api.call(OP, "GET", f"/admin/clients/{client_id}")).json()["active"] is False
+    # Disabling needs no admin; an admin may do either.
+    assert (await api.call(OP, "POST", f"/admin/clients/{client_id}/disable")).status_code == 200
+    admin = await api.call(AdminRole.ADMIN, "POST", f"/admin/clients/{client_id}/rotate-secret")
+    assert admin.status_code == 200 and admin.json()["client_secret"]
+
+
 async def test_a_revocation_is_recorded_with_who_made_it(api: Api) -> None:  # noqa: F811
     client_id, secret = await _agent_with_client(api)
     token = await _mint(api, "payments:read")

@@ -398,13 +398,17 @@ class RegistryService:
             )
         return client, secret
 
-    def rotate_secret(self, client_id: str, *, actor: str) -> tuple[Client, str]:
-        """A new secret; the previous one keeps working for the overlap window, older ones stop now."""
+    def rotate_secret(
+        self, client_id: str, *, actor: str, may_change_quarantined: bool = True
+    ) -> tuple[Client, str]:
+        """A new secret; the previous one keeps working for the overlap window, older ones stop now.
+        A quarantined agent's client gets one only with ``may_change_quarantined`` (admins)."""
         now = self._clock.now()
         secret = new_secret("aegis_cs_")
         with self.store.atomic():
             client = self.store.get_client(client_id)
             self._refuse_retired(client)
+            self._refuse_quarantined(client, may_change_quarantined)
             if client.auth_method not in _SECRET_METHODS:
                 raise Conflict(
                     f"client {client_id} authenticates with {client.auth_method.value}, not a secret"
@@ -423,15 +427,19 @@ class RegistryService:
             self._event("client.secret_rotated", actor, f"client:{client_id}", agent.tenant_id)
         return client, secret
 
-    def set_client_active(self, client_id: str, active: bool, *, actor: str) -> Client:
+    def set_client_active(
+        self, client_id: str, active: bool, *, actor: str, may_change_quarantined: bool = True
+    ) -> Client:
         """Enable or disable a client; disabling ends every token this client holds now, for
         good (its ``tokens_not_before`` moves to now and never back), and (``client_listeners``)
         every certificate enrolled with its credentials: enabling it again does not revive them.
-        The agent's other clients keep theirs."""
+        The agent's other clients keep theirs. A quarantined agent's client is enabled only with
+        ``may_change_quarantined`` (admins); any key may disable one."""
         with self.store.atomic():
             before = self.store.get_client(client_id)
             if active:
                 self._refuse_retired(before)
+                self._refuse_quarantined(before, may_change_quarantined)
             client = replace(before, active=active)
             now = self._clock.now()
             if not active or not before.active:  # enabling an enabled client changes nothing
@@ -449,6 +457,18 @@ class RegistryService:
         for listener in self.client_listeners:
             listener(client)
         return client
+
+    def _refuse_quarantined(self, client: Client, may_change_quarantined: bool) -> None:
+        """Under investigation, an agent's credentials change only by an admin's hand: a
+        release must not bring back a client disabled, or a secret handed out, meanwhile."""
+        if may_change_quarantined:
+            return
+        if self.store.get_agent(client.agent_id).status is AgentStatus.QUARANTINED:
+            raise AccessDenied(
+                f"client {client.client_id} belongs to a quarantined agent; only an admin key "
+                "may enable it or give it a new secret",
+                code="forbidden",
+            )
 
     def _refuse_retired(self, client: Client) -> None:
         """Retired is final: a retired agent's client gets no fresh secret and is not enabled."""

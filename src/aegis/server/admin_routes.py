@@ -185,7 +185,9 @@ def get_client(client_id: str, key: Reader, s: Svc) -> dict[str, Any]:
 
 @router.post("/clients/{client_id}/rotate-secret")
 def rotate_secret(client_id: str, key: Operator, s: Svc) -> dict[str, Any]:
-    client, secret = s.registry.rotate_secret(client_id, actor=actor(key))
+    client, secret = s.registry.rotate_secret(
+        client_id, actor=actor(key), may_change_quarantined=key.role is AdminRole.ADMIN
+    )
     s.cache.invalidate()
     return {**client_view(client), "client_secret": secret}
 
@@ -199,7 +201,9 @@ def disable_client(client_id: str, key: Operator, s: Svc) -> dict[str, Any]:
 
 @router.post("/clients/{client_id}/enable")
 def enable_client(client_id: str, key: Operator, s: Svc) -> dict[str, Any]:
-    client = s.registry.set_client_active(client_id, True, actor=actor(key))
+    client = s.registry.set_client_active(
+        client_id, True, actor=actor(key), may_change_quarantined=key.role is AdminRole.ADMIN
+    )
     s.cache.invalidate()
     return client_view(client)
 
