@@ -151,6 +151,16 @@ def test_header_rules(header: dict[str, Any], code: str) -> None:
         ({"max_depth": True}, "invalid_claim"),
         ({"scope": ["payments:read"]}, "invalid_claim"),
         ({"origin_user": "alice"}, "invalid_claim"),  # without origin_iss
+        # The user's expiry: a number, and never before the link's own.
+        (
+            {"origin_user": "alice", "origin_iss": "https://idp", "origin_exp": "never"},
+            "invalid_claim",
+        ),
+        ({"origin_user": "alice", "origin_iss": "https://idp", "origin_exp": T0}, "invalid_claim"),
+        (
+            {"origin_user": "alice", "origin_iss": "https://idp", "origin_exp": True},
+            "invalid_claim",
+        ),
     ],
 )
 def test_claim_rules(over: dict[str, Any], code: str) -> None:
@@ -231,3 +241,15 @@ def test_split_chain_bounds() -> None:
 def test_chain_digest_is_order_sensitive() -> None:
     a, b = f"{new_id()}.x.y", f"{new_id()}.x.y"
     assert chain_digest([a, b]) != chain_digest([b, a]) != chain_digest([a])
+
+
+def test_a_user_rooted_link_without_the_users_expiry_is_bounded_by_its_own() -> None:
+    """A root link signed before the user's expiry was carried: its exp, which the token service
+    set no later than the user's, bounds the chain instead."""
+    header = {"alg": "EdDSA", "typ": DELEGATION_TYP, "kid": PARENT.kid}
+    user = {"origin_user": "alice", "origin_iss": "https://idp"}
+    grant = _verify(_raw(header, _claims(**user)))
+    assert grant.origin_exp == grant.exp
+    later = grant.exp + 600
+    assert _verify(_raw(header, _claims(**user, origin_exp=later))).origin_exp == later
+    assert _verify(_raw(header, _claims())).origin_exp is None

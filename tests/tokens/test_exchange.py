@@ -333,10 +333,12 @@ async def test_a_rotation_of_the_service_key_leaves_user_rooted_chains_valid(
     tmp_path: Path,
 ) -> None:
     """The service signs a user-rooted chain's first link; tokens exchanged below it, after a
-    routine rotation, still carry it and verify until they expire."""
-    w = _user_world(tmp_path)
+    routine rotation, still carry it and verify until they expire (the user's token, which
+    bounds them all, lives long enough here)."""
+    w = _user_world(tmp_path, max_lifetime=86400)
     fin, pay = w.agent("finance"), w.agent("payments")
-    await w.exchange(fin, _user_token(), subject_type=JWT_TYPE, expires_in="3600")
+    user = _user_token(exp=int(w.clock.now()) + 86400)
+    await w.exchange(fin, user, subject_type=JWT_TYPE, expires_in="3600")
     w.clock.advance(3000)
     w.keyring.rotate(force=True)  # the root link's key is retired
     w.clock.advance(500)
@@ -364,3 +366,27 @@ def test_a_first_link_with_an_iat_out_of_any_range_is_a_typed_refusal() -> None:
     rules = ChainRules(issuer="https://ts", service_keys=lambda kid, **_: None)
     with pytest.raises(AegisError):
         verify_links([link], cache=None, rules=rules, tenant="t", env="e", at=0)  # type: ignore[arg-type]
+
+
+async def test_nothing_below_a_user_outlives_the_users_token(tmp_path: Path) -> None:
+    """The user's expiry is signed into the root link: a token exchanged further down is capped
+    at it, no link signed after it is exchanged, and the gateway refuses every token of the
+    chain past it."""
+    w = _user_world(tmp_path)
+    fin, pay = w.agent("finance"), w.agent("payments")
+    user_exp = int(w.clock.now()) + 45
+    await w.exchange(fin, _user_token(exp=user_exp), subject_type=JWT_TYPE)
+    issued = await w.exchange(pay, w.grant(fin, pay, max_depth=1), expires_in="3600")
+    assert issued.claims["origin_user"] == "alice@example.com"
+    assert issued.claims["exp"] <= user_exp
+    assert pay.token is not None
+    assert verify_chain(pay.token, cache=w.cache, rules=w.rules, now=w.clock.now()).depth == 2
+    w.clock.advance(45 + w.rules.leeway)
+    with pytest.raises(AegisError) as info:
+        verify_chain(pay.token, cache=w.cache, rules=w.rules, now=w.clock.now())
+    assert info.value.code == "parent_expired"
+    # Finance signs a fresh grant under the chain half an hour later: refused.
+    w.clock.advance(1800)
+    with pytest.raises(AegisError) as info:
+        await w.exchange(pay, w.grant(fin, pay, max_depth=1), expires_in="3600")
+    assert "parent_expired" in info.value.message

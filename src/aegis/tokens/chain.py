@@ -103,6 +103,8 @@ class Chain:
     depth: int
     origin_user: str | None = None
     origin_issuer: str | None = None
+    #: When the user's token a user-rooted chain acts for expires (None: agent-rooted).
+    origin_exp: float | None = None
     #: Tools the last link allows (None when not delegated: delegation restricts nothing).
     tools: tuple[str, ...] | None = None
     grants: tuple[Grant, ...] = field(default=(), repr=False)
@@ -226,6 +228,17 @@ def verify_links(
     last = grants[-1]
     if not last.iat - rules.leeway <= at < last.exp + rules.leeway:
         raise _fail("the parent grant has expired; ask the parent for a new one", "parent_expired")
+    origin_exp = grants[0].origin_exp
+    if origin_exp is not None and (
+        at >= origin_exp + rules.leeway
+        or any(g.iat >= origin_exp + rules.leeway for g in grants[1:])
+    ):
+        # Nothing acts for a user past their token: no link signed after it, no token
+        # exchanged after it (and none, below and at exchange, that lives past it).
+        raise _fail(
+            "the user's token this chain acts for has expired; the user must sign in again",
+            "parent_expired",
+        )
     if len(set(agents)) != len(agents):
         raise _fail("an agent appears twice in the delegation chain", "delegation_cycle")
     _check_agents(agents, grants, signers, cache, tenant, env)
@@ -235,6 +248,7 @@ def verify_links(
         depth=len(grants),
         origin_user=grants[0].origin_user,
         origin_issuer=grants[0].origin_issuer,
+        origin_exp=origin_exp,
         tools=last.tools,
         grants=tuple(grants),
     )
@@ -345,6 +359,11 @@ def verify_chain(
                 raise _fail("the token holds scopes its grant does not", "scope_widened")
             if now >= chain.grants[-1].exp + rules.max_token_lifetime + rules.leeway:
                 raise _fail("the token outlived its delegation", "parent_expired")
+            if chain.origin_exp is not None and now >= chain.origin_exp + rules.leeway:
+                raise _fail(
+                    "the user's token this chain acts for has expired; the user must sign in again",
+                    "parent_expired",
+                )
         if tool is not None and not chain.allows_tool(tool):
             raise TokenError(
                 f"tool {tool!r} was not delegated to this agent", code="insufficient_scope"

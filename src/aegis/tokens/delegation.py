@@ -85,6 +85,8 @@ class Grant(NamedTuple):
     #: For a user-rooted first link (issued by the token service): the end user and their issuer.
     origin_user: str | None = None
     origin_issuer: str | None = None
+    #: ... and when the user's token expires: nothing in the chain outlives it.
+    origin_exp: float | None = None
 
     def summary(self) -> dict[str, Any]:
         """Non-secret facts for logs and error details (never the token itself)."""
@@ -322,6 +324,14 @@ def _grant_from_claims(token: str, claims: dict[str, Any]) -> Grant:
     iat, exp = float(claims["iat"]), float(claims["exp"])
     if not (math.isfinite(iat) and math.isfinite(exp)) or exp <= iat:
         raise bad("exp", "must be after iat")
+    origin_exp: float | None = None
+    if origin is not None:
+        # A link signed before the user's expiry was carried has none: its own exp, which the
+        # token service set no later than the user's, bounds the chain instead.
+        raw = claims.get("origin_exp", exp)
+        if type(raw) not in (int, float) or not math.isfinite(raw) or raw < exp:
+            raise bad("origin_exp", "must be a number no earlier than exp")
+        origin_exp = float(raw)
     return Grant(
         token,
         iss,
@@ -335,4 +345,5 @@ def _grant_from_claims(token: str, claims: dict[str, Any]) -> Grant:
         parent_chain,
         origin,
         origin_iss if origin is not None else None,
+        origin_exp,
     )

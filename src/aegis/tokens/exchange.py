@@ -146,14 +146,11 @@ class TokenExchanger:
             # mistyped expires_in must not burn the grant its corrected retry needs.
             requested = _lifetime(form)
             now = self._clock.now()
-            user_exp: float | None = None
             if links:
                 chain = self._delegated(links, child, now)
                 parent_agent, granted = subject, chain.grants[-1].scopes
             else:
-                chain, parent_agent, granted, user_exp = self._user_rooted(
-                    subject, child, auth, now
-                )
+                chain, parent_agent, granted = self._user_rooted(subject, child, auth, now)
             scopes = self._scopes(form, granted, child)
             audience = self._audience(form, resources)
             cnf = await confirm(auth) if confirm is not None else None
@@ -179,8 +176,8 @@ class TokenExchanger:
             extra["origin_user"] = chain.origin_user
             extra["origin_iss"] = chain.origin_issuer
         lifetime = min(requested or self._default_lifetime, self._max_lifetime)
-        if user_exp is not None:  # acting for a user: never past the user's own token
-            lifetime = min(lifetime, max(1, math.floor(user_exp - now)))
+        if chain.origin_exp is not None:  # acting for a user: never past the user's own token
+            lifetime = min(lifetime, max(1, math.floor(chain.origin_exp - now)))
         issued = self._issuer.issue(
             agent_id=child.id,
             client_id=auth.client.client_id,
@@ -274,9 +271,10 @@ class TokenExchanger:
 
     def _user_rooted(
         self, subject: str, child: Agent, auth: AuthenticatedClient, now: float
-    ) -> tuple[Chain, str, tuple[str, ...], float]:
-        """The chain a user's token roots (a grant Aegis signs from itself to ``child``), the
-        root, the scopes it grants and the user token's ``exp``, which bounds the root too."""
+    ) -> tuple[Chain, str, tuple[str, ...]]:
+        """The chain a user's token roots (a grant Aegis signs from itself to ``child``, carrying
+        the user token's ``exp``, which bounds the root and everything below it), the root and
+        the scopes it grants."""
         iss = parse_compact(subject).payload.get("iss")  # selects the trust only; verified below
         trust = self._external.get(iss) if isinstance(iss, str) else None
         if trust is None:
@@ -301,7 +299,7 @@ class TokenExchanger:
             now=now,
             lifetime=min(300, max(1, math.floor(user.exp - now))),
             alg=self._keyring.settings.signing_alg,
-            extra={"origin_user": user.sub, "origin_iss": trust.issuer},
+            extra={"origin_user": user.sub, "origin_iss": trust.issuer, "origin_exp": user.exp},
         )
         chain = verify_links(
             [root],
@@ -311,7 +309,7 @@ class TokenExchanger:
             env=child.env,
             at=now,
         )
-        return chain, root, granted, user.exp
+        return chain, root, granted
 
     def _scopes(
         self, form: Mapping[str, str], granted: Sequence[str], child: Agent
