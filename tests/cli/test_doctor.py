@@ -233,3 +233,21 @@ def test_mcp_routes_an_ext_authz_door_cannot_serve_whole_warn(tmp_path: Path) ->
     # Without an MCP route, neither is a concern.
     plain = "gateway:\n  mcp_session_idle: 900\n  ext_authz: {http_port: 9902}\n"
     assert check_config(load_config(_config(tmp_path, plain), environ={})) == []
+
+
+def test_a_tenant_trusting_two_user_token_issuers_warns(tmp_path: Path) -> None:
+    (tmp_path / "jwks.json").write_text('{"keys": []}')
+
+    def trusts(*pairs: tuple[str, str]) -> str:
+        entries = "".join(f"    - {{issuer: '{iss}', tenant: {tenant}, jwks_file: jwks.json}}\n"
+                          for iss, tenant in pairs)  # fmt: skip
+        return "delegation:\n  external_issuers:\n" + entries
+
+    apart = trusts(("https://idp.acme", "acme"), ("https://idp.globex", "globex"))
+    assert check_config(load_config(_config(tmp_path, apart), environ={})) == []
+    shared = trusts(("https://idp.acme", "acme"), ("https://partner.example", "acme"))
+    [finding] = check_config(load_config(_config(tmp_path, shared), environ={}))
+    assert (finding.level, finding.check, finding.subject) == (
+        "warn", "origin_issuers", "delegation.external_issuers"
+    )  # fmt: skip
+    assert "chain.origin_iss" in finding.message and "https://partner.example" in finding.message

@@ -338,6 +338,20 @@ async def test_origin_user_reaches_policy_and_every_audit_record(
     assert mallory.exchange(fin2.grant(mallory, max_depth=1)).status_code == 200
     code, record = await gw.call(mallory)
     assert (code, record["origin_user"]) == ("access_denied", "mallory@example.com")
+    # Two issuers a tenant trusts may each have an alice@example.com: policy sees which one
+    # vouched for the user.
+    for issuer, expected in ((USER_ISS, None), ("https://partner.example", "access_denied")):
+        by_issuer = Gateway(server, tmp_path / _dir_for(issuer), f"""
+    - id: corporate-alice-may-pay
+      action: allow
+      match: {{tools: [pay_invoice], chain: {{origin_users: [alice@example.com]}}}}
+      when: {{path: chain.origin_iss, eq: "{issuer}"}}
+""")  # fmt: skip
+        assert (await by_issuer.call(pay))[0] == expected, issuer
+
+
+def _dir_for(issuer: str) -> str:
+    return issuer.split("//")[1].replace(".", "-")
 
 
 async def test_a_refused_chain_is_audited_as_presented(

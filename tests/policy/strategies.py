@@ -163,6 +163,7 @@ def calls(policy: CompiledPolicy) -> st.SearchStrategy[PolicyCall]:
         ChainInfo,
         agents=st.lists(names, max_size=4).map(tuple),
         origin_user=st.one_of(st.none(), st.sampled_from(["alice", "mallory"])),
+        origin_iss=st.one_of(st.none(), st.sampled_from(["https://idp", "https://partner"])),
     )
     query = nested(("request", "query")).map(
         lambda q: {k: v if isinstance(v, str) else str(v) for k, v in q.items()}

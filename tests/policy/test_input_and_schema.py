@@ -32,7 +32,9 @@ def test_input_document_shape() -> None:
         time=1700000000.9,
         method="get",
         scopes=("s",),
-        chain=ChainInfo(agents=("orchestrator", "planner"), origin_user="alice"),
+        chain=ChainInfo(
+            agents=("orchestrator", "planner"), origin_user="alice", origin_iss="https://idp"
+        ),
         body={"x": 1},
         query={"q": ["1", "2"]},
         headers={"X-Trace": "1", "Authorization": "Bearer secret", "Cookie": "c", "DPoP": "p"},
@@ -59,6 +61,7 @@ def test_input_document_shape() -> None:
         "parent": "planner",
         "depth": 2,
         "origin_user": "alice",
+        "origin_iss": "https://idp",
     }
     assert doc["request"]["headers"] == {"x-trace": "1"}  # credentials never reach policy
     assert doc["time"] == {"unix": 1700000000}

@@ -14,6 +14,9 @@ Checks, each a plain function returning :class:`Finding` records so tests and ot
   refused (the door cannot see that they carry no body), so MCP clients go without the server's
   event stream; and a ``gateway.mcp_session_idle`` shorter than the 30 minutes the Python MCP
   SDK keeps an idle session lets a hold lapse while its session lives.
+* ``origin_issuers`` — a tenant trusting more than one issuer of end-user tokens warns: each may
+  have a user of the same name (``alice@example.com``), so a rule matching ``chain.origin_users``
+  must also match ``chain.origin_iss``.
 * ``high_risk_without_parent`` — a policy rule that allows a high-risk tool (``high_risk_tools``
   globs, from ``delegation.high_risk_tools`` or ``--high-risk-tool``) without requiring a verified
   delegation chain (a match on ``chain.parent`` or ``chain.depth``) is an error: such a tool should
@@ -164,7 +167,27 @@ def check_config(config: AegisConfig) -> list[Finding]:
         )
     findings.extend(_host_routes(config))
     findings.extend(_mcp_routes(config))
+    findings.extend(_origin_issuers(config))
     return findings
+
+
+def _origin_issuers(config: AegisConfig) -> list[Finding]:
+    """A tenant trusting two issuers of end-user tokens (see the module docstring)."""
+    by_tenant: dict[str, list[str]] = {}
+    for trust in _delegation(config).external_issuers:
+        by_tenant.setdefault(trust.tenant, []).append(trust.issuer)
+    return [
+        Finding(
+            "warn",
+            "origin_issuers",
+            f"tenant {tenant!r} trusts {len(issuers)} issuers of user tokens "
+            f"({', '.join(issuers[:4])}): each may have a user of the same name, so a rule on "
+            "chain.origin_users must also match chain.origin_iss",
+            "delegation.external_issuers",
+        )
+        for tenant, issuers in sorted(by_tenant.items())
+        if len(issuers) > 1
+    ]
 
 
 #: How long the Python MCP SDK's servers keep an idle session (seconds).

@@ -386,7 +386,11 @@ class Pipeline:
             client_id=token.client_id,
             jti=token.jti,
             auth_method=facts.auth_method or "bearer",
-            chain=ChainInfo(agents=chain.agents[:-1], origin_user=chain.origin_user),
+            chain=ChainInfo(
+                agents=chain.agents[:-1],
+                origin_user=chain.origin_user,
+                origin_iss=chain.origin_issuer,
+            ),
             body=ctx.body,
             query=ctx.policy_query(),
             headers=ctx.policy_headers(),

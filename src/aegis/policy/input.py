@@ -58,6 +58,9 @@ class ChainInfo:
 
     agents: tuple[str, ...] = ()
     origin_user: str | None = None
+    #: The issuer that vouched for ``origin_user``: two issuers a tenant trusts may each have an
+    #: ``alice@example.com``.
+    origin_iss: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +201,7 @@ def build_input(call: PolicyCall) -> dict[str, Any]:
             "parent": agents[-1] if agents else None,
             "depth": len(agents),
             "origin_user": call.chain.origin_user,
+            "origin_iss": call.chain.origin_iss,
         },
         "request": {
             "body": call.body,
@@ -275,7 +279,9 @@ def call_from_dict(data: Mapping[str, Any]) -> PolicyCall:
         jti=_opt_str(data, "jti"),
         auth_method=auth,
         chain=ChainInfo(
-            agents=_str_tuple(chain, "agents"), origin_user=_opt_str(chain, "origin_user")
+            agents=_str_tuple(chain, "agents"),
+            origin_user=_opt_str(chain, "origin_user"),
+            origin_iss=_opt_str(chain, "origin_iss"),
         ),
         body=data.get("body"),
         query=_mapping(data, "query"),
