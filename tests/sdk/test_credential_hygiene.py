@@ -151,3 +151,50 @@ def test_a_redirect_to_another_origin_carries_no_proof_nor_override() -> None:
     same = gw_seen[-1]["headers"]  # /payments/done, redirected within the gateway's origin
     assert gw_seen[-1]["path"] == "/payments/done" and "dpop" in same
     agent.close()
+
+
+def test_an_answer_after_a_redirect_is_passed_on_never_retried() -> None:
+    """The answer to a request a redirect made is not the gateway's decision on the call sent:
+    the gateway acted on a POST and redirected to another origin, whose 503 must not send the
+    POST again (a second transfer), nor its nonce go back to the gateway."""
+    agent, _ = _agent_with_token()
+    nonce = {**refusal(401, "use_dpop_nonce")[1], "DPoP-Nonce": "nonce-from-B"}
+    for answer in (refusal(503, "replay_store_unavailable"),
+                   (401, nonce, refusal(401, "use_dpop_nonce")[2])):  # fmt: skip
+
+        def redirect(method: str, path: str, headers: dict[str, str]) -> Answer:
+            return 303, {"location": f"{elsewhere}/s"}, b""
+
+        with (
+            recording_server(lambda m, p, h, a=answer: a) as (elsewhere, _),
+            recording_server(redirect) as (gw, gw_seen),
+            agent.client(gw, audience="aegis-gateway", scope="payments:write") as http,
+        ):
+            got = http.post("/payments/transfer", json={"amount": 1}, follow_redirects=True)
+        assert got.status_code == answer[0]
+        assert [s["method"] for s in gw_seen] == ["POST"]
+        assert "nonce" not in _payload(gw_seen[0]["headers"]["dpop"])
+    agent.close()
+
+
+def test_a_redirect_to_another_origin_carries_no_override_without_a_proof() -> None:
+    """Certificate-bound and Bearer tokens carry no proof: the override still stays behind."""
+    agent = AgentClient("http://127.0.0.1:9", PrivateKey("c", Ed25519SigningKey.generate()),
+                        dpop=False)  # fmt: skip
+    auth = agent.auth(audience="aegis-gateway", scope="payments:write")
+    now = agent.clock.now()
+    agent.tokens.put(auth._key, CachedToken("h.p.s", "Bearer", now, now + 300, "", {}))
+
+    def redirect(method: str, path: str, headers: dict[str, str]) -> Answer:
+        return 307, {"location": f"{elsewhere}/collect"}, b""
+
+    with (
+        recording_server() as (elsewhere, elsewhere_seen),
+        recording_server(redirect) as (gw, _),
+        agent.client(gw, audience="aegis-gateway", scope="payments:write") as http,
+    ):
+        http.post("/payments/transfer", json={"amount": 1}, follow_redirects=True,
+                  headers={"x-aegis-override": "ovr-1"})  # fmt: skip
+    agent.close()
+    got = elsewhere_seen[0]["headers"]
+    assert "authorization" not in got and "x-aegis-override" not in got

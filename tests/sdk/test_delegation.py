@@ -3,6 +3,7 @@ real token endpoint (RFC 8693) and calls through the gateway, whose policy wants
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -94,6 +95,29 @@ def test_a_child_cannot_widen_what_it_was_granted(stack: Stack, orchestrator: Ag
     with finance, pytest.raises(GrantRefusedError) as err:
         finance.token(GW_AUD, "finance:read payments:write", on_behalf_of=grant)
     assert err.value.code == "invalid_scope"
+
+
+def test_two_calls_at_once_on_a_new_grant_exchange_it_once(
+    stack: Stack, orchestrator: AgentClient
+) -> None:
+    """The grant is single use: the second caller waits for the token the first fetches,
+    where exchanging it too failed its call (grant_replayed)."""
+    finance_id, finance = stack.key_agent("finance-at-once")
+    grant = orchestrator.delegate(
+        finance_id, scopes=["finance:read"], tools=["finance.report"], me="orchestrator"
+    )
+
+    async def both() -> list[int]:
+        async with (
+            finance,
+            finance.async_client(
+                stack.gateway, audience=GW_AUD, scope="finance:read", on_behalf_of=grant
+            ) as http,
+        ):
+            answers = await asyncio.gather(*(http.get("/finance/report") for _ in range(2)))
+            return [a.status_code for a in answers]
+
+    assert asyncio.run(both()) == [200, 200]
 
 
 def test_two_hops_extend_the_chain(stack: Stack, orchestrator: AgentClient) -> None:

@@ -30,6 +30,12 @@ def test_no_policy_named_is_refused_before_sending() -> None:
         policy_dry_run("http://127.0.0.1:9", "k", CALL)
 
 
+def test_the_admin_key_is_never_sent_in_clear() -> None:
+    """An operator's key: over https, or to this host's loopback, as every SDK credential."""
+    with pytest.raises(ValueError, match="https only"):
+        policy_dry_run("http://aegis.example.com", "aegis_ak_secret", CALL, tenant="t", env="e")
+
+
 def test_a_wrong_admin_key_is_a_typed_error(stack: Stack) -> None:
     with pytest.raises(ClientAuthenticationError) as err:
         policy_dry_run(stack.url, "aegis_ak_0000_nope", CALL, policy=yaml.safe_load(POLICY))

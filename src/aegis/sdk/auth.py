@@ -17,7 +17,7 @@ import base64
 import json
 import time
 from collections.abc import AsyncGenerator, Generator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import httpx
 
@@ -30,7 +30,11 @@ from aegis.sdk.wire import parse_body
 if TYPE_CHECKING:
     from aegis.sdk.client import AgentClient
 
-__all__ = ["AegisAuth"]
+__all__ = ["PREPARED_FOR", "AegisAuth"]
+
+
+#: The request extension naming the origin the auth flow prepared a request for.
+PREPARED_FOR: Final = "aegis.prepared_for"
 
 
 class AegisAuth(httpx.Auth):
@@ -69,6 +73,9 @@ class AegisAuth(httpx.Auth):
         self, request: httpx.Request, token: CachedToken, nonce: str | None, override: str | None
     ) -> None:
         refuse_cleartext(request.url)
+        # Where these credentials are for: a redirect keeps the extensions, and the client's
+        # request hook drops what it must not carry to another origin (AgentClient._foreign).
+        request.extensions[PREPARED_FOR] = origin_of(request.url)
         signer = self._client.signer
         if token.token_type.lower() == "dpop" and signer is not None:
             request.headers["Authorization"] = f"DPoP {token.access_token}"
@@ -80,8 +87,13 @@ class AegisAuth(httpx.Auth):
         if override is not None:
             request.headers[self._client.approvals.header] = override
 
-    def _plan(self, response: httpx.Response, attempts: Attempts) -> Step:
+    def _plan(self, request: httpx.Request, response: httpx.Response, attempts: Attempts) -> Step:
         c = self._client
+        if response.request is not request:
+            # The answer to a request a redirect made, not to the one this flow prepared (from
+            # another origin, perhaps, after the gateway had acted on a POST): passed on as it
+            # came, never read as the gateway's refusal, retried or taken a nonce from.
+            return Step("done")
         return plan(
             response,
             attempts,
@@ -108,7 +120,7 @@ class AegisAuth(httpx.Auth):
             response = yield request
             if response.status_code >= 400:
                 response.read()  # refusals are small; allowed answers stay streamed
-            step = self._plan(response, attempts)
+            step = self._plan(request, response, attempts)
             if step.kind == "done":
                 return
             if step.kind == "raise":
@@ -160,7 +172,7 @@ class AegisAuth(httpx.Auth):
             response = yield request
             if response.status_code >= 400:
                 await response.aread()
-            step = self._plan(response, attempts)
+            step = self._plan(request, response, attempts)
             if step.kind == "done":
                 return
             if step.kind == "raise":

@@ -8,6 +8,7 @@ clock. The cache is bounded; it never holds refresh tokens (Aegis issues none) o
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -57,6 +58,25 @@ class TokenCache:
         self.margin = margin
         self._tokens: dict[TokenKey, CachedToken] = {}
         self._lock = threading.Lock()
+        self._fetching: dict[TokenKey, threading.Lock] = {}
+        self._afetching: dict[tuple[int, TokenKey], asyncio.Lock] = {}
+
+    def fetch_lock(self, key: TokenKey) -> threading.Lock:
+        """The lock one thread holds while it fetches the token for ``key``: a second caller
+        waits and takes the token fetched, where fetching too would spend a single-use
+        delegation grant twice (``grant_replayed``: the second call fails)."""
+        with self._lock:
+            if len(self._fetching) >= _MAX_ENTRIES:  # drop the idle ones (bounded memory)
+                self._fetching = {k: v for k, v in self._fetching.items() if v.locked()}
+            return self._fetching.setdefault(key, threading.Lock())
+
+    def afetch_lock(self, key: TokenKey) -> asyncio.Lock:
+        """:meth:`fetch_lock` for the running event loop's tasks."""
+        slot = (id(asyncio.get_running_loop()), key)
+        with self._lock:
+            if len(self._afetching) >= _MAX_ENTRIES:
+                self._afetching = {k: v for k, v in self._afetching.items() if v.locked()}
+            return self._afetching.setdefault(slot, asyncio.Lock())
 
     def get(self, key: TokenKey) -> CachedToken | None:
         """The token for ``key`` if it is still fresh; a stale one is dropped."""

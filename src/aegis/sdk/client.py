@@ -27,6 +27,7 @@ from aegis.crypto.keys import Ed25519SigningKey
 from aegis.pki.renewal import Credential as Issued
 from aegis.sdk.approvals import ApprovalPolicy
 from aegis.sdk.auth import (
+    PREPARED_FOR,
     AegisAuth,
     default_asleep,
     default_sleep,
@@ -219,32 +220,42 @@ class AgentClient:
         return token
 
     def token_for(self, key: TokenKey, *, subject_token: str | None = None) -> CachedToken:
-        """The cached token for ``key``, or a new one from the token endpoint."""
+        """The cached token for ``key``, or a new one from the token endpoint: fetched by one
+        caller at a time, the others taking what it fetched."""
         cached = self.tokens.get(key)
         if cached is not None:
             return cached
-        for attempt in range(self.retry.unavailable_attempts + 1):
-            # A fresh assertion and proof per attempt: each jti is single use.
-            form, headers = self._token_request(key, subject_token)
-            response = self.http.post(self.token_url, data=form, headers=headers)
-            delay = self._unavailable(response, attempt)
-            if delay is None:
-                break
-            self.sleep(delay)
-        return self._accept(key, response)
+        with self.tokens.fetch_lock(key):
+            cached = self.tokens.get(key)
+            if cached is not None:
+                return cached
+            for attempt in range(self.retry.unavailable_attempts + 1):
+                # A fresh assertion and proof per attempt: each jti is single use.
+                form, headers = self._token_request(key, subject_token)
+                response = self.http.post(self.token_url, data=form, headers=headers)
+                delay = self._unavailable(response, attempt)
+                if delay is None:
+                    break
+                self.sleep(delay)
+            return self._accept(key, response)
 
     async def atoken_for(self, key: TokenKey, *, subject_token: str | None = None) -> CachedToken:
+        """:meth:`token_for`, asynchronously."""
         cached = self.tokens.get(key)
         if cached is not None:
             return cached
-        for attempt in range(self.retry.unavailable_attempts + 1):
-            form, headers = self._token_request(key, subject_token)
-            response = await self.ahttp.post(self.token_url, data=form, headers=headers)
-            delay = self._unavailable(response, attempt)
-            if delay is None:
-                break
-            await self.asleep(delay)
-        return self._accept(key, response)
+        async with self.tokens.afetch_lock(key):
+            cached = self.tokens.get(key)
+            if cached is not None:
+                return cached
+            for attempt in range(self.retry.unavailable_attempts + 1):
+                form, headers = self._token_request(key, subject_token)
+                response = await self.ahttp.post(self.token_url, data=form, headers=headers)
+                delay = self._unavailable(response, attempt)
+                if delay is None:
+                    break
+                await self.asleep(delay)
+            return self._accept(key, response)
 
     def token(
         self,
@@ -315,12 +326,15 @@ class AgentClient:
     def _foreign(self, request: httpx.Request) -> None:
         """Run on every request the client sends, redirects included: httpx strips
         ``Authorization`` on a redirect to another origin but keeps the other fields, so a
-        ``DPoP`` proof made for another origin (its ``htu``), and the override sent with it,
-        are removed before they reach a host they were not for."""
+        ``DPoP`` proof made for another origin (its ``htu``), and the override sent with it
+        (with a proof or without one: certificate-bound and Bearer tokens carry none), are
+        removed before they reach a host they were not for."""
+        here = origin_of(request.url)
         proof = request.headers.get("dpop")
-        if proof is None or proof_origin(proof) == origin_of(request.url):
+        prepared = request.extensions.get(PREPARED_FOR)
+        if (proof is None or proof_origin(proof) == here) and prepared in (None, here):
             return
-        del request.headers["dpop"]
+        request.headers.pop("dpop", None)
         request.headers.pop(self.approvals.header, None)
 
     # -- delegation --------------------------------------------------------------------------

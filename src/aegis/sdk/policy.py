@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from aegis.sdk.auth import refuse_cleartext
 from aegis.sdk.errors import InvalidRequestError
 from aegis.sdk.wire import error_from_response
 
@@ -39,6 +40,7 @@ def policy_dry_run(
             "name the policy: policy=, version=, or tenant= and env=", code="invalid_request"
         )
     url = f"{base_url.rstrip('/')}/v1/policy/dry-run"
+    refuse_cleartext(url)  # an operator's key: never in clear beyond loopback
     headers = {"Authorization": f"Bearer {admin_key}"}
     if http is None:
         response = httpx.post(url, json=body, headers=headers, timeout=10.0)
