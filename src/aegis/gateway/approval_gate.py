@@ -32,6 +32,7 @@ from aegis.gateway.overrides import is_form_type
 from aegis.gateway.routing import bare_host
 from aegis.policy.decision import ApprovalRequirement, Decision
 from aegis.policy.input import PolicyCall
+from aegis.policy.obligations import apply_to_body
 from aegis.registry.cache import RegistryCache
 from aegis.telemetry.metrics import APPROVAL_REJECTIONS
 
@@ -49,6 +50,16 @@ def requirement_of(decision: Decision) -> ApprovalRequirement:
         channel=decision.approvals[0].channel,
         expires_in=min(a.expires_in for a in decision.approvals),
     )
+
+
+def _as_forwarded(body: Any, decision: Decision) -> Any:
+    """The body as approvers are shown it and the request is recorded: with the request
+    obligations of the rules that matched applied, as it will be forwarded once approved. What
+    policy keeps from the upstream stays out of the approval's record and its notifications
+    (Slack, Teams, webhooks); the approval is bound to the bytes received all the same."""
+    if body is None or not decision.obligations:
+        return body
+    return apply_to_body(body, decision.obligations, "request")
 
 
 def shown_body(ctx: CallContext) -> Any:
@@ -137,7 +148,8 @@ class ApprovalGate:
             decision_id=facts.decision_id, tenant=call.tenant, env=call.env,
             agent_id=call.agent.id, agent_owner=call.agent.owner or "", tool=call.tool,
             method=ctx.method, path=ctx.path, query=ctx.query, body_digest=ctx.body_digest,
-            body=shown_body(ctx), chain=facts.chain, origin_user=call.chain.origin_user,
+            body=_as_forwarded(shown_body(ctx), decision), chain=facts.chain,
+            origin_user=call.chain.origin_user,
             rule_ids=decision.rule_ids, policy_version=decision.policy_version,
             reasons=decision.reasons, host=bare_host(ctx.host), authority=ctx.host,
             target=_target(ctx.url), upstream=ctx.route.upstream,

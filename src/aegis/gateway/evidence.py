@@ -18,8 +18,10 @@ from opentelemetry import trace
 from aegis.errors import AegisError
 from aegis.gateway.auth import Scheme, challenge
 from aegis.gateway.context import CallContext
+from aegis.gateway.names import name_keys, query_key
 from aegis.policy.decision import Decision, SanitizeObligation
 from aegis.policy.input import AuthMethod
+from aegis.policy.obligations import mask_text
 from aegis.telemetry import names
 from aegis.telemetry.metrics import (
     APPROVAL_NEEDED,
@@ -169,6 +171,7 @@ def audit_record(
     ctx: CallContext, facts: EvidenceFacts, result: Result, digest: str, attestation: str | None
 ) -> dict[str, Any]:
     token, decision = facts.token, facts.decision
+    redacted, patterns = _hidden(decision)
     return {
         "decision_id": facts.decision_id,
         "time": facts.time,
@@ -176,7 +179,9 @@ def audit_record(
         "tenant": ctx.route.tenant,
         "env": ctx.route.env,
         "method": ctx.method,
-        "path": ctx.path,
+        # What policy masks is kept out of the record too (a card number in the path of a
+        # call refused for it): the record is append-only and shipped to SIEMs.
+        "path": mask_text(ctx.path, patterns) if patterns else ctx.path,
         "client": ctx.client,
         "peer": ctx.peer.spiffe_id if ctx.peer is not None else None,
         "peer_serial": ctx.peer.serial if ctx.peer is not None else None,
@@ -213,7 +218,7 @@ def audit_record(
         "risk_score": None,
         "trace_id": _trace_id(),
         "correlation_id": _correlation_id(ctx),
-        "params": _param_digests(ctx.query, _redacted_names(decision)),
+        "params": _param_digests(ctx.query, redacted, patterns),
     }
 
 
@@ -234,21 +239,34 @@ def _correlation_id(ctx: CallContext) -> str | None:
     return value
 
 
-def _redacted_names(decision: Decision | None) -> frozenset[str]:
-    """Field names the policy redacts (the last key of each ``redact`` path): such a query
-    parameter is not even hashed in the record."""
-    if decision is None:
-        return frozenset()
-    return frozenset(
-        o.path.rsplit(".", 1)[-1] for o in decision.obligations if o.kind == "redact" and o.path
+def _hidden(decision: Decision | None) -> tuple[frozenset[str], tuple[str, ...]]:
+    """What the decision's obligations (either target) keep from sight: the names it redacts
+    (the last key of each ``redact`` path, as lenient servers file a parameter:
+    :func:`~aegis.gateway.names.query_key`) and its mask patterns."""
+    if decision is None or not decision.obligations:
+        return frozenset(), ()
+    obligations = decision.obligations
+    redacted = frozenset(
+        query_key(o.path.rsplit(".", 1)[-1]) for o in obligations if o.kind == "redact" and o.path
     )
+    patterns = tuple(sorted({o.pattern for o in obligations if o.kind == "mask" and o.pattern}))
+    return redacted, patterns
 
 
-def _param_digests(query: tuple[tuple[str, str], ...], redacted: frozenset[str]) -> dict[str, str]:
+def _param_digests(
+    query: tuple[tuple[str, str], ...], redacted: frozenset[str], patterns: tuple[str, ...]
+) -> dict[str, str]:
     """Data minimisation: each query parameter by name with a SHA-256 digest of its value, or
-    ``redacted`` when policy redacts a field of that name."""
+    ``redacted`` when policy redacts a field of that name (however a lenient server reads the
+    name: ``SSN``, ``ssn[]``) or a mask finds something in it: a digest of a card number or an
+    SSN is found again by trying every candidate."""
     out: dict[str, str] = {}
     for name, value in query[:_MAX_PARAMS]:
+        masked = bool(patterns) and (
+            mask_text(name, patterns) != name or mask_text(value, patterns) != value
+        )
+        hidden = "*" in redacted or bool(name_keys(name) & redacted) or masked
+        shown = mask_text(name[:64], patterns) if patterns else name[:64]
         digest = "sha256:" + hashlib.sha256(value.encode("utf-8")).hexdigest()
-        out.setdefault(name[:64], "redacted" if name in redacted or "*" in redacted else digest)
+        out.setdefault(shown, "redacted" if hidden else digest)
     return out
