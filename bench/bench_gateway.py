@@ -16,6 +16,10 @@ throughput the reverse proxy adds over calling the upstream directly.
    proxied call, and concurrent throughput. Every request carries a fresh DPoP proof, minted
    before timing.
 
+Every figure uses the embedded stores (memory replay and revocation) but one: the one-token
+pipeline on Redis, as ``aegis gateway run`` requires it (``--redis URL``, ``none`` to leave it
+out), measured against memory in interleaved slices of the same run.
+
 Bounded and loopback only:  .venv/bin/python bench/bench_gateway.py [--calls 2000] [--http 400]
 """
 
@@ -283,10 +287,38 @@ def cpu_profile(
     return out | {f"step_{s}": min(v) * 1e6 for s, v in steps.items()}
 
 
+async def store_rows(n: int, redis_url: str, rounds: int = 10) -> dict[str, list[float]]:
+    """The one-token pipeline (no audit) on the embedded stores (memory replay and revocation,
+    as every other figure here) and on Redis, as ``aegis gateway run`` requires them: each call
+    then spends the proof's jti and checks revocation over the network. Interleaved slices."""
+    redis = (f"stores:\n  replay: {redis_url}\n  revocation: {redis_url}\n"
+             f"  redis_prefix: 'aegis-bench-{time.time_ns()}:'\n")  # fmt: skip
+    out: dict[str, list[float]] = {"memory": [], "redis": []}
+    with tempfile.TemporaryDirectory() as t1, tempfile.TemporaryDirectory() as t2:
+        setups = {}
+        for name, tmp, extra in (("memory", t1, ""), ("redis", t2, redis)):
+            services = build_services(
+                load_config(write_dev_config(Path(tmp), 8080, extra), environ={})
+            )
+            key, _, token = register(services)
+            await pipeline_bench(services, key, token, 20, None)  # connections, caches
+            setups[name] = (services, key, token)
+        try:
+            for _ in range(rounds):
+                for name, (services, key, token) in setups.items():
+                    out[name] += await pipeline_bench(services, key, token, n // rounds, None)
+        finally:
+            for services, _, _ in setups.values():
+                await services.aclose()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--http", type=int, default=400)
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0",
+                        help="Redis for the stores row ('none' to leave it out)")  # fmt: skip
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         config_path = write_dev_config(Path(tmp), 8080)
@@ -320,6 +352,14 @@ def main() -> None:
               f" us, ratio {cpu['pipeline'] / cpu['raw_seen']:.2f}")  # fmt: skip
         print("  per step, one token (CPU us): "
               + ", ".join(f"{s} {cpu['step_' + s]:.1f}" for s in STEPS))  # fmt: skip
+        if args.redis != "none":
+            rows = asyncio.run(store_rows(min(args.calls, 1000), args.redis))
+            mem, red = pct(rows["memory"], 0.5), pct(rows["redis"], 0.5)
+            print(f"stores (every figure above: memory, the embedded default): one token, no"
+                  f" audit, p50 {mem:8.1f} us on memory, {red:8.1f} us on Redis as"
+                  f" `aegis gateway run` requires (p99 {pct(rows['redis'], .99):8.1f} us):"
+                  f" Redis adds {red - mem:+.1f} us, ratio to raw (1 verify + 1 sign)"
+                  f" {red / raw_seen:.2f}")  # fmt: skip
         if args.http > 0:  # --http 0: the in-process figures alone
             report(proxy_bench(config_path, key, token, args.http))
 

@@ -31,6 +31,7 @@ from tests.support.server import write_dev_config
 from aegis.config import GatewaySettings, load_config
 from aegis.gateway.app import build_pipeline
 from aegis.gateway.context import CallContext, body_digest
+from aegis.gateway.fields import parse_json_body
 from aegis.gateway.mcp import mcp_call
 from aegis.policy.store import MemoryPolicyStore
 from aegis.server.services import build_services
@@ -60,29 +61,36 @@ async def _slices(n: int, slice_size: int) -> tuple[list[float], list[float]]:
             proof = mint_proof(key, "POST", GW + "/pay/x", token=token)
             return (("authorization", f"DPoP {token}"), ("dpop", proof), *FIELDS)
 
-        def ctx(route: object, fields: tuple[tuple[str, str], ...]) -> CallContext:
+        def ctx(route: object, fields: tuple[tuple[str, str], ...], body: object) -> CallContext:
             return CallContext(method="POST", url=GW + "/pay/x", host="gw.bench", path="/pay/x",
                                route=route, headers=fields, body_digest=body_digest(RAW),  # type: ignore[arg-type]
-                               body=MESSAGE, raw_body=RAW)  # fmt: skip
+                               body=body, raw_body=RAW)  # fmt: skip
+
+        # Each side parses the body as the proxy does: a plain route with parse_json_body, an
+        # MCP route once, in mcp_call, whose parse the proxy then shows policy.
+        def plain_body() -> object:
+            return parse_json_body(RAW, "application/json")
 
         plain_fields = [headers() for _ in range(n + 20)]
         mcp_fields = [headers() for _ in range(n + 20)]
         for f in plain_fields[:10]:  # warm both paths
-            assert (await pipe.run(ctx(ROUTE, f))).allowed
+            assert (await pipe.run(ctx(ROUTE, f, plain_body()))).allowed
         for f in mcp_fields[:10]:
-            route, _ = mcp_call(MCP_ROUTE, "POST", f, RAW)
-            assert (await pipe.run(ctx(route, f))).allowed
+            route, message = mcp_call(MCP_ROUTE, "POST", f, RAW)
+            assert message is not None
+            assert (await pipe.run(ctx(route, f, message.body))).allowed
         plain, mcp = [], []
         for start in range(20, n + 20, slice_size):
             for f in plain_fields[start : start + slice_size]:
                 t = time.perf_counter()
-                result = await pipe.run(ctx(ROUTE, f))
+                result = await pipe.run(ctx(ROUTE, f, plain_body()))
                 plain.append(time.perf_counter() - t)
                 assert result.allowed
             for f in mcp_fields[start : start + slice_size]:
                 t = time.perf_counter()
-                route, _ = mcp_call(MCP_ROUTE, "POST", f, RAW)
-                result = await pipe.run(ctx(route, f))
+                route, message = mcp_call(MCP_ROUTE, "POST", f, RAW)
+                assert message is not None
+                result = await pipe.run(ctx(route, f, message.body))
                 mcp.append(time.perf_counter() - t)
                 assert result.allowed
                 assert route.tool == "payments.transfer"

@@ -251,31 +251,35 @@ def proxy_bench(config_path: Path, key: Any, token: str, n: int) -> dict[str, fl
             _sequential(client, audited, [mint_proof(key, "POST", audited, token=token)], token)
             _sequential(client, bare, [mint_proof(key, "POST", bare, token=token)], token)
             _sequential(client, floor, [""] * 20, "")
-            direct = _sequential(client, upstream + "/pay/x", [""] * n, "")
-            c_floor = gateway_cpu()
-            passthrough = _sequential(client, floor, _proofs(key, floor, token, n), token)
-            out["floor_cpu"] = (gateway_cpu() - c_floor) / n * 1e6
-            proofs_a, proofs_b = _proofs(key, audited, token, n), _proofs(key, bare, token, n)
-            c0 = gateway_cpu()
-            a = _sequential(client, audited, proofs_a, token)
-            c1 = gateway_cpu()
-            b = _sequential(client, bare, proofs_b, token)
-            c2 = gateway_cpu()
-        out.update(direct_p50=_pct(direct, 0.5), direct_p99=_pct(direct, 0.99))
-        out.update(floor_p50=_pct(passthrough, 0.5), floor_p99=_pct(passthrough, 0.99))
-        out.update(proxy_p50=_pct(a, 0.5), proxy_p99=_pct(a, 0.99))
-        out.update(bare_p50=_pct(b, 0.5), bare_p99=_pct(b, 0.99))
-        out.update(proxy_cpu=(c1 - c0) / n * 1e6, bare_cpu=(c2 - c1) / n * 1e6)
-        proofs_a, proofs_b = _proofs(key, audited, token, n), _proofs(key, bare, token, n)
-        c_a = gateway_cpu()
-        out["proxy_rps"] = asyncio.run(_burst(audited, token, proofs_a))
-        c3 = gateway_cpu()
-        out["proxy_burst_cpu"] = (c3 - c_a) / n * 1e6
-        out["bare_rps"] = asyncio.run(_burst(bare, token, proofs_b))
-        out["burst_cpu"] = (gateway_cpu() - c3) / n * 1e6
-        c4 = gateway_cpu()
-        out["floor_rps"] = asyncio.run(_burst(floor, token, _proofs(key, floor, token, n)))
-        out["floor_burst_cpu"] = (gateway_cpu() - c4) / n * 1e6
+            # The four targets in interleaved rounds: an added p50 subtracts figures taken over
+            # the same minutes, whatever else the machine did meanwhile.
+            targets = {"direct": (upstream + "/pay/x", False), "floor": (floor, True),
+                       "proxy": (audited, True), "bare": (bare, True)}  # fmt: skip
+            samples: dict[str, list[float]] = {name: [] for name in targets}
+            cpu = dict.fromkeys(targets, 0.0)
+            rounds = 10
+            for i in range(rounds):
+                m = n // rounds + (1 if i < n % rounds else 0)
+                for name, (url, signed) in targets.items():
+                    proofs = _proofs(key, url, token, m) if signed else [""] * m
+                    before = gateway_cpu()
+                    samples[name] += _sequential(client, url, proofs, token if signed else "")
+                    cpu[name] += gateway_cpu() - before
+        for name in targets:
+            out[f"{name}_p50"] = _pct(samples[name], 0.5)
+            out[f"{name}_p99"] = _pct(samples[name], 0.99)
+        out.update(floor_cpu=cpu["floor"] / n * 1e6, proxy_cpu=cpu["proxy"] / n * 1e6,
+                   bare_cpu=cpu["bare"] / n * 1e6)  # fmt: skip
+        for name, url in (("proxy", audited), ("bare", bare), ("floor", floor)):
+            proofs = _proofs(key, url, token, n)
+            before = gateway_cpu()
+            rps = asyncio.run(_burst(url, token, proofs))
+            used = gateway_cpu() - before
+            out[f"{name}_rps"] = rps
+            out[f"{name}_burst_cpu"] = used / n * 1e6
+            # How busy the gateway's core was: below ~100% the achieved rate was bounded by the
+            # client and the upstream on the other core, not by the gateway.
+            out[f"{name}_busy"] = used / (n / rps)
     finally:
         for parent, _ in pipes:
             parent.send("stop")
@@ -301,16 +305,18 @@ def report(h: dict[str, float]) -> None:
     print(f"gateway CPU per proxied call (process CPU of the gateway, all threads):"
           f" sequential audited {h['proxy_cpu']:7.1f} us, sequential no audit {h['bare_cpu']:7.1f}"
           f" us; 16 in flight: audited {h['proxy_burst_cpu']:7.1f} us"
-          f" -> {1e6 / h['proxy_burst_cpu']:6.0f} req/s per fully available core (goal >= 2500),"
-          f" no audit {h['burst_cpu']:7.1f} us -> {1e6 / h['burst_cpu']:6.0f} req/s")  # fmt: skip
+          f" (extrapolated to a saturated core: {1e6 / h['proxy_burst_cpu']:6.0f} req/s),"
+          f" no audit {h['bare_burst_cpu']:7.1f} us ({1e6 / h['bare_burst_cpu']:6.0f} req/s)")  # fmt: skip
     print(f"pass-through floor CPU per call: sequential {h['floor_cpu']:7.1f} us, 16 in flight"
           f" {h['floor_burst_cpu']:7.1f} us -> {1e6 / h['floor_burst_cpu']:6.0f} req/s per core;"
           f" the decision's share of the gateway's CPU:"
-          f" {1 - h['floor_burst_cpu'] / h['burst_cpu']:4.0%}")  # fmt: skip
-    print(f"throughput, gateway process on one core (16 in flight): audited {h['proxy_rps']:6.0f}"
-          f" req/s, no audit {h['bare_rps']:6.0f} req/s, pass-through floor {h['floor_rps']:6.0f}"
-          f" req/s  (client and upstream share the other"
-          f" {max(1, (os.cpu_count() or 2) - 1)} core(s))")  # fmt: skip
+          f" {1 - h['floor_burst_cpu'] / h['bare_burst_cpu']:4.0%}")  # fmt: skip
+    print(f"throughput achieved, gateway process on one core (16 in flight): audited"
+          f" {h['proxy_rps']:6.0f} req/s, core {h['proxy_busy']:4.0%} busy (goal >= 2500);"
+          f" no audit {h['bare_rps']:6.0f} req/s, {h['bare_busy']:4.0%} busy; pass-through floor"
+          f" {h['floor_rps']:6.0f} req/s, {h['floor_busy']:4.0%} busy  (client and upstream share"
+          f" the other {max(1, (os.cpu_count() or 2) - 1)} core(s): a core under ~100% busy"
+          " was held back by them)")  # fmt: skip
 
 
 def main() -> None:
