@@ -411,6 +411,15 @@ async def test_a_body_some_reader_would_read_otherwise_is_refused(api: Api) -> N
     assert (await api.call(AdminRole.OPERATOR, "GET", "/policy/versions")).json()["items"] == []
 
 
+async def test_a_body_nested_too_deeply_is_a_400_not_a_500(api: Api) -> None:
+    body = "[" * 30_000 + "]" * 30_000
+    response = await api.http.post(
+        "/v1/admin/agents", content=body,
+        headers={**api.auth(AdminRole.OPERATOR), "content-type": "application/json"},
+    )  # fmt: skip
+    assert "nested too deeply" in str(_assert_error(response, 400, "invalid_request")["message"])
+
+
 async def test_a_chunked_body_over_the_limit_is_413(api: Api) -> None:
     limit = api.services.config.server.max_body_bytes
 

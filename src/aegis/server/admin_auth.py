@@ -63,6 +63,8 @@ def _check_json(body: bytes) -> None:
         strict_json(body.decode("utf-8"))
     except StrictJSONError as exc:
         raise InvalidRequest(f"the request body {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("the request body is JSON nested too deeply") from None
     except ValueError:  # not UTF-8, or not JSON: the route's own reading refuses it
         return
 
