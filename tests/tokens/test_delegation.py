@@ -161,6 +161,11 @@ def test_header_rules(header: dict[str, Any], code: str) -> None:
             {"origin_user": "alice", "origin_iss": "https://idp", "origin_exp": True},
             "invalid_claim",
         ),
+        # No float holds it: a typed refusal, not an OverflowError (a 500).
+        (
+            {"origin_user": "alice", "origin_iss": "https://idp", "origin_exp": 10**400},
+            "invalid_claim",
+        ),
     ],
 )
 def test_claim_rules(over: dict[str, Any], code: str) -> None:

@@ -329,9 +329,12 @@ def _grant_from_claims(token: str, claims: dict[str, Any]) -> Grant:
         # A link signed before the user's expiry was carried has none: its own exp, which the
         # token service set no later than the user's, bounds the chain instead.
         raw = claims.get("origin_exp", exp)
-        if type(raw) not in (int, float) or not math.isfinite(raw) or raw < exp:
+        try:
+            origin_exp = float(raw) if type(raw) in (int, float) else math.nan
+        except OverflowError:  # an integer no float holds
+            origin_exp = math.nan
+        if not math.isfinite(origin_exp) or origin_exp < exp:
             raise bad("origin_exp", "must be a number no earlier than exp")
-        origin_exp = float(raw)
     return Grant(
         token,
         iss,
