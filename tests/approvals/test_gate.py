@@ -357,3 +357,20 @@ async def test_a_call_approvers_could_not_be_shown_whole_is_never_held(
     assert [r.code for r in held] == ["approval_needed"] * 3
     shown = (await service.get(held[2].details["approval_id"])).parameters
     assert shown == {"form": {"to": "ACME", "amount": "10", "memo": "june;amount=999999"}}
+
+
+async def test_a_change_not_yet_on_record_is_answered_as_pending(
+    gated: tuple[Env, Pipeline, ApprovalService],
+) -> None:
+    """The status URL shows a request whose approval is being recorded as pending: so does the
+    answer to the same call asked again meanwhile."""
+    env, pipeline, service = gated
+    agent = Agent(env)
+    first = await pipeline.run(make_ctx(dpop_headers(agent, agent.token()), body={"amount": 5000}))
+    approval_id = first.details["approval_id"]
+    req = await service.get(approval_id)
+    approving = dataclasses.replace(req, state="approving", decided_at=req.created_at)
+    assert service.store.transition(approving, "pending")
+    again = await pipeline.run(make_ctx(dpop_headers(agent, agent.token()), body={"amount": 5000}))
+    assert again.details["approval_id"] == approval_id
+    assert again.details["approval_state"] == "pending", again.details

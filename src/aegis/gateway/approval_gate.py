@@ -20,7 +20,7 @@ import dataclasses
 from typing import Any
 from urllib.parse import parse_qsl
 
-from aegis.approvals.model import MAX_SHOWN_FIELDS, HeldCall, bound_headers
+from aegis.approvals.model import MAX_SHOWN_FIELDS, UNRECORDED_STATES, HeldCall, bound_headers
 from aegis.approvals.override import OVERRIDE_HEADER
 from aegis.approvals.service import ApprovalService
 from aegis.crypto.jws import holds_unsafe_integer
@@ -179,6 +179,7 @@ class ApprovalGate:
             code="approval_needed",
             approval_id=req.id,
             status_url=self.service.status_url(req.id),
-            approval_state=req.state,
+            # A change not yet on record has not taken effect (as the status URL shows it).
+            approval_state="pending" if req.state in UNRECORDED_STATES else req.state,
             expires_at=int(req.expires_at),
         )
