@@ -7,6 +7,7 @@ import socket
 import ssl
 import threading
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -398,6 +399,34 @@ def test_disabling_the_enrolling_client_ends_its_certificates(pki: Pki) -> None:
     with pytest.raises(AegisError):
         pki.validator.validate(der)
     assert pki.validator.validate(kept_der).agent_id == "alpha"
+
+
+def test_a_certificate_enrolled_while_its_client_is_disabled_is_revoked(pki: Pki) -> None:
+    """The client was checked before the disable committed, the record written after the
+    disable's listener revoked what the client had enrolled: the issuer reads the client again
+    once the record is there, revokes the certificate and refuses."""
+    client_id, _ = pki.secrets["alpha"]
+    real_record = pki.store.record
+    made: list[Any] = []
+
+    def record_after_disable(rec: Any) -> None:
+        pki.registry.set_client_active(client_id, False, actor="admin")  # its listener runs now
+        real_record(rec)
+        made.append(rec)
+
+    pki.store.record = record_after_disable  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Conflict, match="disabled while its certificate was issued"):
+            pki.service.issue(
+                "alpha", ec.generate_private_key(ec.SECP256R1()).public_key(),
+                via="client_secret", client_id=client_id,
+            )  # fmt: skip
+    finally:
+        pki.store.record = real_record  # type: ignore[method-assign]
+    [rec] = made
+    assert pki.store.get(rec.serial).revocation_reason == "privilege_withdrawn"
+    listed = {r.serial_number for r in x509.load_der_x509_crl(pki.service.crl_der())}
+    assert int(rec.serial, 16) in listed
 
 
 def test_a_server_certificate_enrolled_with_a_disabled_client_fails_the_sdks_checks(

@@ -187,6 +187,14 @@ class PkiService:
                 f"agent {agent.id} (or its tenant) became {left.value} while its certificate was "
                 "issued; the certificate is revoked"
             )
+        # Likewise a disable of the enrolling client (the answer to a leaked secret), whose
+        # listener revokes what the client enrolled: one it ran before this record was written.
+        if client_id is not None and not self._cache.client_from_store(client_id).active:
+            self.store.revoke_serial(record.serial, "privilege_withdrawn")
+            raise Conflict(
+                f"client {client_id} was disabled while its certificate was issued; the "
+                "certificate is revoked"
+            )
         CERTS_ISSUED.labels(auth=via).inc()
         return IssuedCertificate(cert, (issuer.cert,), record)
 

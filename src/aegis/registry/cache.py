@@ -144,6 +144,10 @@ class RegistryCache:
         """The tenant as the store holds it now (see :meth:`agent_from_store`)."""
         return self._store.get_tenant(tenant_id)
 
+    def client_from_store(self, client_id: str) -> Client:
+        """The client as the store holds it now (see :meth:`agent_from_store`)."""
+        return self._store.get_client(client_id)
+
     def invalidate(self) -> None:
         """Forget everything (this process just wrote to the registry), and what reads under
         way would bring back."""
