@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from aegis.config import GatewayRoute, GatewaySettings
 from aegis.crypto.jws import fold_name
 from aegis.errors import ConfigError, InvalidRequest
-from aegis.gateway.fields import is_encoded, parse_json_body, vet_fields
+from aegis.gateway.fields import is_encoded, parse_json_body, proxy_claim, vet_fields
 from aegis.gateway.hygiene import forwardable, joined
 from aegis.gateway.names import name_keys
 from aegis.gateway.proxy import ReverseProxy
@@ -48,6 +48,19 @@ def test_hop_by_hop_and_connection_named_fields_are_dropped() -> None:
     ]
     out = forwardable(pairs, frozenset({"authorization", "dpop"}))
     assert out == [("content-type", "application/json"), ("accept", "*/*")]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["client-cert", "Client-Cert-Chain", "x-ssl-client-cert", "X_SSL_Client_Verify",
+     "ssl_client_cert", "ssl-client-verify", "ssl_client_s_dn", "ssl-client-s-dn-cn",
+     "ssl_client_i_dn", "ssl_client_m_serial", "x-arr-clientcert", "x-amzn-mtls-clientcert-leaf",
+     "x-client-cert", "x-client-dn"],
+)  # fmt: skip
+def test_a_certificate_a_proxy_would_vouch_for_is_a_claim(name: str) -> None:
+    """Apache mod_ssl's SSL_CLIENT_* family whole (the subject DN is what upstreams authorise
+    on), RFC 9440's pair, and the other proxies' names: a caller's copy reaches no upstream."""
+    assert proxy_claim(name.lower())
 
 
 def test_identity_fields_are_dropped_however_spelled() -> None:

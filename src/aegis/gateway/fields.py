@@ -52,11 +52,12 @@ PROXY_CLAIMS: Final = frozenset(
 #: 9440's ``Client-Cert`` and ``Client-Cert-Chain``, nginx's and HAProxy's customary
 #: ``X-SSL-Client-*``, IIS ARR's ``X-ARR-ClientCert``, AWS ALB's ``X-Amzn-Mtls-Clientcert*``.
 CERTIFICATE_CLAIMS: Final = frozenset(
-    {"ssl-client-cert", "ssl-client-verify", "x-ssl-cert", "x-arr-clientcert", "x-client-verify",
-     "x-client-dn"}
+    {"x-ssl-cert", "x-arr-clientcert", "x-client-verify", "x-client-dn"}
 )  # fmt: skip
-_CERTIFICATE_CLAIM_PREFIXES: Final = ("client-cert", "x-client-cert", "x-ssl-client-",
-                                      "x-amzn-mtls-clientcert")  # fmt: skip
+#: ... and whole families: Apache mod_ssl's ``SSL_CLIENT_*`` (``SSL_CLIENT_S_DN``, the subject
+#: upstreams authorise on), its ``X-`` spelling, RFC 9440's pair, AWS ALB's.
+_CERTIFICATE_CLAIM_PREFIXES: Final = ("client-cert", "x-client-cert", "ssl-client-",
+                                      "x-ssl-client-", "x-amzn-mtls-clientcert")  # fmt: skip
 
 
 def proxy_claim(name: str) -> bool:
