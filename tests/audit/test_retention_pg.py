@@ -183,22 +183,43 @@ def test_an_insert_only_role_appends_and_prunes_but_cannot_delete(
 
 
 @pytest.mark.postgres
-def test_a_dropped_or_disabled_trigger_is_installed_again_at_start(
-    pg_log: AuditLog, keyring: KeyRing, clock: FrozenClock, fresh_pg_url: str
+@pytest.mark.parametrize(
+    ("damage", "refused"),
+    [
+        (
+            [
+                "DROP TRIGGER audit_records_append_only ON audit_records",
+                "ALTER TABLE audit_checkpoints DISABLE TRIGGER audit_checkpoints_append_only",
+            ],
+            ["DELETE FROM audit_records WHERE seq = 3", "DELETE FROM audit_checkpoints"],
+        ),
+        # Set to fire for replication only: enabled, and never firing in an ordinary session.
+        (
+            [
+                f"ALTER TABLE audit_records ENABLE REPLICA TRIGGER {trigger}"
+                for trigger in ("audit_records_append_only", "audit_records_prune_prefix")
+            ],
+            ["UPDATE audit_records SET record = replace(record, 'allow', 'deny') WHERE seq = 2"],
+        ),
+    ],
+    ids=["dropped-or-disabled", "replica-only"],
+)
+def test_a_trigger_that_would_not_fire_is_installed_again_at_start(
+    pg_log: AuditLog,
+    keyring: KeyRing,
+    clock: FrozenClock,
+    fresh_pg_url: str,
+    damage: list[str],
+    refused: list[str],
 ) -> None:
     fill(pg_log, 3)
     Checkpointer(pg_log, keyring, issuer=ISSUER, clock=clock).checkpoint()
     with pg_log.engine.begin() as conn:
-        conn.exec_driver_sql("DROP TRIGGER audit_records_append_only ON audit_records")
-        conn.exec_driver_sql(
-            "ALTER TABLE audit_checkpoints DISABLE TRIGGER audit_checkpoints_append_only"
-        )
+        for statement in damage:
+            conn.exec_driver_sql(statement)
     restarted = AuditLog(fresh_pg_url, clock=clock)  # the guard function's marker is still there
     try:
-        for statement in (
-            "DELETE FROM audit_records WHERE seq = 3",
-            "DELETE FROM audit_checkpoints",
-        ):
+        for statement in refused:
             with (
                 pytest.raises(DBAPIError, match="append-only"),
                 restarted.engine.begin() as conn,
@@ -274,24 +295,3 @@ def test_a_checkpoint_row_written_outside_aegis_is_no_prune_point(
     clock.advance(10)
     assert real.tree_size == 8
     assert prune(log, before=clock.now(), verify=cp.verify_stored).deleted == 8
-
-
-@pytest.mark.postgres
-def test_a_trigger_set_to_fire_for_replication_only_is_installed_again_at_start(
-    pg_log: AuditLog, keyring: KeyRing, clock: FrozenClock, fresh_pg_url: str
-) -> None:
-    """``ENABLE REPLICA`` leaves a trigger enabled that never fires in an ordinary session."""
-    fill(pg_log, 3)
-    Checkpointer(pg_log, keyring, issuer=ISSUER, clock=clock).checkpoint()
-    with pg_log.engine.begin() as conn:
-        for trigger in ("audit_records_append_only", "audit_records_prune_prefix"):
-            conn.exec_driver_sql(f"ALTER TABLE audit_records ENABLE REPLICA TRIGGER {trigger}")
-    restarted = AuditLog(fresh_pg_url, clock=clock)
-    try:
-        with pytest.raises(DBAPIError, match="append-only"), restarted.engine.begin() as conn:
-            conn.exec_driver_sql(
-                "UPDATE audit_records SET record = replace(record, 'allow', 'deny') WHERE seq = 2"
-            )
-        assert restarted.verify_chain().ok
-    finally:
-        restarted.close()
