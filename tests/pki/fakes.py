@@ -150,6 +150,8 @@ class MemoryReplayStore:
 
 
 class MemoryRevocationStore:
+    remote = False
+
     def __init__(self) -> None:
         self.jtis: set[str] = set()
         self.not_before: dict[str, float] = {}

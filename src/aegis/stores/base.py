@@ -144,6 +144,10 @@ class ReplayStore(Protocol):
 class RevocationStore(Protocol):
     """Revoked token ids (with a TTL: the token's own expiry) and per-subject not-before marks."""
 
+    #: Whether :meth:`check` waits on the network (Redis): the gateway then starts it beside the
+    #: replay step's own round trip instead of after it.
+    remote: bool
+
     async def revoke_jti(self, jti: str, expires_at: float) -> None: ...
 
     async def set_not_before(self, subject: str, at: float) -> None:

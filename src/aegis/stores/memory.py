@@ -144,6 +144,8 @@ class MemoryReplayStore:
 class MemoryRevocationStore:
     """Revoked jtis (until the token's expiry) and subject not-before marks (see MARK_TTL)."""
 
+    remote = False
+
     def __init__(self, clock: Clock, *, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
         self._clock = clock
         code = "revocation_store_unavailable"

@@ -181,6 +181,7 @@ return 1
 class RedisRevocationStore:
     #: Not-before marks outlive every token they could concern (the hard 24 h lifetime cap).
     MARK_TTL = 2 * 86400
+    remote = True
 
     def __init__(self, client: aioredis.Redis, *, clock: Clock, prefix: str = "aegis:") -> None:
         self._r = client

@@ -10,6 +10,8 @@ caller denies.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from aegis.errors import NotFound, TokenError
 from aegis.registry.cache import RegistryCache
 from aegis.stores.base import RevocationStore
@@ -19,10 +21,24 @@ from aegis.types import Agent, AgentStatus, TenantStatus
 __all__ = ["check_subject"]
 
 
+def revocation_check(token: AccessToken, revocation: RevocationStore) -> Awaitable[None]:
+    """The revocation store's check of ``token``: its jti, and the not-before marks of its agent
+    and client (named by the verified token, so it can start before the registry is read)."""
+    return revocation.check(
+        token.jti, (f"agent:{token.agent_id}", f"client:{token.client_id}"), token.iat
+    )
+
+
 async def check_subject(
-    token: AccessToken, cache: RegistryCache, revocation: RevocationStore
+    token: AccessToken,
+    cache: RegistryCache,
+    revocation: RevocationStore,
+    *,
+    revoked: Awaitable[None] | None = None,
 ) -> Agent:
-    """Return the token's agent if every subject check passes; raise a typed error otherwise."""
+    """Return the token's agent if every subject check passes; raise a typed error otherwise.
+    ``revoked`` is :func:`revocation_check` already started (its outcome is taken where the
+    check would run)."""
     try:
         agent = await cache.agent_async(token.agent_id)
         client = await cache.client_async(token.client_id)
@@ -53,7 +69,5 @@ async def check_subject(
             "token carries a scope its agent no longer holds; get a new token",
             code="token_revoked",
         )
-    await revocation.check(
-        token.jti, (f"agent:{agent.id}", f"client:{client.client_id}"), token.iat
-    )
+    await (revoked if revoked is not None else revocation_check(token, revocation))
     return agent
