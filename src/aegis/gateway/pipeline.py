@@ -350,8 +350,10 @@ class Pipeline:
         finally:
             if revoked is not None:
                 # Never cancelled mid-command (the client would drop its pooled connection):
-                # a call refused before it needed the answer waits for it, and reads it.
-                await asyncio.wait((revoked,))
+                # a call refused before it needed the answer waits for it, and reads it. One
+                # that went through has read it already, and takes no further loop pass here.
+                if not revoked.done():
+                    await asyncio.wait((revoked,))
                 if not revoked.cancelled():
                     revoked.exception()
 
