@@ -308,6 +308,105 @@ def test_a_tenant_leaving_active_revokes_its_agents_certificates(tmp_path: Path)
     assert {r.serial_number for r in x509.load_der_x509_crl(pki.service.crl_der())} == ours
 
 
+def _listed(pki: Pki) -> set[int]:
+    return {r.serial_number for r in x509.load_der_x509_crl(pki.service.crl_der())}
+
+
+def test_withdrawing_the_serving_role_revokes_the_agents_certificates(tmp_path: Path) -> None:
+    """The gateway's own agent `gw` serves; its certificates carry serverAuth. Withdrawing the
+    role (role `server`, or attribute `serving: true`) revokes them in the store: listed in the
+    CRL that nginx, Envoy and the SDK's server checks read, and the revocation mark moves, so
+    gateway connections pooled to the tool renew. A change that keeps the role revokes nothing."""
+    pki = build_pki(tmp_path, FrozenClock(1_800_000_000))
+    served, kept = pki.key_and_cert("gw")[1], pki.key_and_cert("alpha")[1]
+    assert (
+        ExtendedKeyUsageOID.SERVER_AUTH
+        in served.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    )
+    mark = pki.store.revocation_mark()
+    pki.registry.update_agent("gw", actor="t", display_name="the gateway", roles=("server", "x"))
+    assert pki.store.revocation_mark() == mark and _listed(pki) == set()
+    pki.clock.advance(1)  # type: ignore[attr-defined]
+    pki.registry.update_agent("gw", actor="t", roles=("x",))
+    assert pki.store.revocation_mark() != mark
+    assert _listed(pki) == {served.serial_number}
+    assert pki.store.get(format(served.serial_number, "x")).revocation_reason == (
+        "privilege_withdrawn"
+    )
+    record = pki.store.get(format(kept.serial_number, "x"))
+    assert record is not None and record.revoked_at is None
+    # Enrolled again, it gets a client certificate only; the attribute serves as the role does.
+    again = pki.key_and_cert("gw")[1]
+    usage = again.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert ExtendedKeyUsageOID.SERVER_AUTH not in usage
+    pki.registry.update_agent("gw", actor="t", attributes={"serving": True})
+    serving = pki.key_and_cert("gw")[1]
+    pki.registry.update_agent("gw", actor="t", attributes={})
+    assert _listed(pki) == {served.serial_number, again.serial_number, serving.serial_number}
+
+
+def test_removing_an_agents_key_revokes_its_certificates(tmp_path: Path) -> None:
+    """Removing a key (one that signs client assertions) ends every earlier token of the agent;
+    which key enrolled a certificate is not recorded, so its certificates end too, in the store
+    and the CRL, not only in Aegis's own validator. Adding a key ends nothing."""
+    from aegis.crypto.keys import Ed25519SigningKey
+
+    pki = build_pki(tmp_path, FrozenClock(1_800_000_000))
+    first, second = (Ed25519SigningKey.generate().public.to_jwk() for _ in range(2))
+    pki.registry.update_agent("alpha", actor="t", jwks=(first,))
+    cert = pki.key_and_cert("alpha")[1]
+    pki.registry.update_agent("alpha", actor="t", jwks=(first, second))
+    assert _listed(pki) == set()
+    pki.clock.advance(1)  # type: ignore[attr-defined]
+    mark = pki.store.revocation_mark()
+    pki.registry.update_agent("alpha", actor="t", jwks=(second,))
+    assert pki.store.revocation_mark() != mark
+    assert _listed(pki) == {cert.serial_number}
+    pki.cache.invalidate()
+    with pytest.raises(AegisError) as info:
+        pki.validator.validate(cert.public_bytes(serialization.Encoding.DER))
+    assert info.value.code == "cert_revoked"
+    pki.clock.advance(1)  # type: ignore[attr-defined]
+    fresh = pki.key_and_cert("alpha")[1]  # enrolled again: good
+    assert pki.validator.validate(fresh.public_bytes(serialization.Encoding.DER)).agent_id == (
+        "alpha"
+    )
+
+
+@pytest.mark.parametrize("change", [{"roles": ()}, "key"])
+def test_a_certificate_issued_while_its_agent_changes_is_revoked(
+    tmp_path: Path, change: Any
+) -> None:
+    """The agent was read before the update committed, the record written after the update's
+    listener revoked the agent's certificates: the issuer reads the agent again once the record
+    is there, revokes the certificate and refuses."""
+    from aegis.crypto.keys import Ed25519SigningKey
+
+    pki = build_pki(tmp_path, FrozenClock(1_800_000_000))
+    key = Ed25519SigningKey.generate().public.to_jwk()
+    pki.registry.update_agent("gw", actor="t", jwks=(key,))
+    pki.clock.advance(1)  # type: ignore[attr-defined]
+    fields = {"jwks": ()} if change == "key" else change
+    real_record = pki.store.record
+    made: list[Any] = []
+
+    def record_after_update(rec: Any) -> None:
+        pki.clock.advance(1)  # type: ignore[attr-defined]
+        pki.registry.update_agent("gw", actor="admin", **fields)  # its listener runs now
+        real_record(rec)
+        made.append(rec)
+
+    pki.store.record = record_after_update  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Conflict, match="was changed while its certificate was issued"):
+            pki.service.issue("gw", ec.generate_private_key(ec.SECP256R1()).public_key())
+    finally:
+        pki.store.record = real_record  # type: ignore[method-assign]
+    [rec] = made
+    assert pki.store.get(rec.serial).revocation_reason == "privilege_withdrawn"
+    assert int(rec.serial, 16) in _listed(pki)
+
+
 def test_rotation_keeps_both_intermediates_in_the_bundle_during_overlap(tmp_path: Path) -> None:
     clock = FrozenClock(1_800_000_000)
     pki = build_pki(tmp_path, clock)
@@ -474,12 +573,14 @@ def test_a_server_certificate_enrolled_with_a_disabled_client_fails_the_sdks_che
 
 def test_an_agent_no_longer_serving_does_not_pass_as_a_server(pki: Pki) -> None:
     """The usage is in the certificate, the role in the registry: an agent whose server role is
-    withdrawn is refused as a server (an upstream) on the certificate it got before, and passes
-    as a client still."""
+    withdrawn is refused as a server (an upstream) on the certificate it got before, by the
+    registry check alone (here without the revocation the CA's listener makes, as where the
+    update is made by a process that has not opened the CA), and passes as a client still."""
     _, cert = pki.key_and_cert("gw")  # registered with role server: serverAuth and clientAuth
     der = cert.public_bytes(serialization.Encoding.DER)
     upstream = pki.service.validator(eku=ExtendedKeyUsageOID.SERVER_AUTH)
     assert upstream.validate(der).agent_id == "gw"
+    pki.registry.update_listeners.clear()
     pki.registry.update_agent("gw", actor="test", roles=())
     pki.cache.invalidate()
     with pytest.raises(AegisError) as info:

@@ -187,6 +187,16 @@ class PkiService:
                 f"agent {agent.id} (or its tenant) became {left.value} while its certificate was "
                 "issued; the certificate is revoked"
             )
+        # Likewise an update that withdrew its serving role or ended its credentials (a key
+        # removed), whose listener revoked the agent's certificates before this one was there.
+        if (req.server and not is_serving(now_agent)) or (
+            now_agent.tokens_not_before > agent.tokens_not_before
+        ):
+            self.store.revoke_serial(record.serial, "privilege_withdrawn")
+            raise Conflict(
+                f"agent {agent.id} was changed while its certificate was issued (its serving "
+                "role withdrawn or a key removed); the certificate is revoked: enrol again"
+            )
         # Likewise a disable of the enrolling client (the answer to a leaked secret), whose
         # listener revokes what the client enrolled: one it ran before this record was written.
         if client_id is not None and not self._cache.client_from_store(client_id).active:
@@ -289,6 +299,7 @@ class PkiService:
         registry.status_listeners.append(self.on_agent_status)
         registry.tenant_listeners.append(self.on_tenant_status)
         registry.client_listeners.append(self.on_client_status)
+        registry.update_listeners.append(self.on_agent_update)
 
     def on_agent_status(self, agent: Agent) -> None:
         """Registry status listener: leaving ``active`` revokes the agent's live certificates."""
@@ -302,6 +313,23 @@ class PkiService:
         the CRL (nginx, Envoy) and connections pooled to its tools would outlive it."""
         if tenant.status is not TenantStatus.ACTIVE:
             self.store.revoke_tenant(tenant.id, tenant.status.value)
+
+    def on_agent_update(self, before: Agent, after: Agent) -> None:
+        """Registry update listener: a change that ends what the agent holds revokes its live
+        certificates in the store, so the CRL lists them and the revocation mark moves (gateway
+        connections pooled to the agent renew, and their new handshakes are refused).
+
+        * Its serving role withdrawn (role ``server`` or attribute ``serving: true`` removed):
+          its certificates carry serverAuth, and peers that check only the chain and the CRL
+          (nginx, Envoy, the SDK's server checks) would go on taking it for a server.
+        * One of its keys removed (``tokens_not_before`` moved): which key enrolled a
+          certificate is not recorded, so every earlier certificate ends, as its tokens do
+          (the validator already refuses them: issued before ``tokens_not_before``).
+
+        The agent enrols again for a certificate of its present registration."""
+        withdrawn = is_serving(before) and not is_serving(after)
+        if withdrawn or after.tokens_not_before > before.tokens_not_before:
+            self.store.revoke_agent(after.id, "privilege_withdrawn")
 
     def on_client_status(self, client: Client) -> None:
         """Registry client listener: a disabled client's credentials enrolled nothing that

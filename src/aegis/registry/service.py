@@ -157,6 +157,9 @@ class RegistryService:
         #: Called likewise after every committed enable or disable of a client (the internal CA
         #: revokes the certificates enrolled with a disabled client's credentials).
         self.client_listeners: list[Callable[[Client], None]] = []
+        #: Called likewise with the records before and after every committed ``update_agent``
+        #: (the internal CA revokes the certificates a withdrawn serving role or key ended).
+        self.update_listeners: list[Callable[[Agent, Agent], None]] = []
 
     def _event(
         self, type_: str, actor: str, subject: str, tenant: str | None, **data: Any
@@ -351,6 +354,8 @@ class RegistryService:
                 "agent.updated", actor, f"agent:{agent_id}", agent.tenant_id,
                 fields=sorted(fields), changes=_changes(before, agent, fields),
             )  # fmt: skip
+        for listener in self.update_listeners:
+            listener(before, agent)
         return agent
 
     # -- clients ---------------------------------------------------------------------------
