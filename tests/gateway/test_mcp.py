@@ -194,9 +194,8 @@ def _decisions(env: Env) -> list[dict[str, Any]]:
 async def test_each_tool_call_is_decided_as_its_own_tool(mcp: Mcp) -> None:
     async with mcp.session() as session:
         listed = await session.list_tools()
-        assert {t.name for t in listed.tools} == {
-            "search", "pay", "delete_repo", "transfer", "wipe"
-        }  # fmt: skip
+        # delete_repo is denied whatever the call sends: not listed (and refused when called).
+        assert {t.name for t in listed.tools} == {"search", "pay", "transfer", "wipe"}
         found = await session.call_tool("search", {"query": "aegis"})
         assert found.content[0].text == "found aegis"
         paid = await session.call_tool("pay", {"amount": 100})
@@ -648,3 +647,71 @@ async def test_only_the_initialize_answer_opens_a_session(
         listed = await client.post(f"http://127.0.0.1:{port}/mcp", json=LISTING, headers=ACCEPT)
     assert listed.status_code == 200
     assert await env.services.replay.held_by(SESSION_NAMESPACE, session_key("echoed")) is None
+
+
+LISTED_POLICY = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: repo-listing}
+spec:
+  rules:
+    - {id: session, action: allow, match: {tools: [repo]}}
+    - {id: search, action: allow, match: {tools: [repo.search]}}
+    - {id: pay, action: approval_needed, match: {tools: [repo.pay]},
+       approval: {group: finance}}
+    - {id: pay-limit, action: deny, match: {tools: [repo.pay]},
+       when: {path: request.body.params.arguments.amount, gt: 100}}
+    - {id: ops-delete, action: allow, match: {tools: [repo.delete_repo], agent: {ids: [ops]}}}
+    - {id: try-delete, action: allow, shadow: true, match: {tools: [repo.delete_repo]}}
+    - {id: wipe, action: sanitize, match: {tools: ["repo.w*"]},
+       obligations: [{kind: redact, target: response, path: secret}]}
+    - {id: no-wipe, action: deny, match: {tools: [repo.wipe], agent: {ids: [caller]}}}
+    - {id: transfer, action: allow, match: {tools: [repo.transfer], scopes: [payments:write]}}
+    - {id: transfer-scope, action: deny, match: {tools: [repo.transfer], scopes: [admin]}}
+"""
+
+
+@pytest.mark.parametrize("json_response", [False, True], ids=["event-stream", "json"])
+async def test_a_tool_list_names_only_tools_the_agent_could_call(
+    env: Env, json_response: bool
+) -> None:
+    """A tool the agent's call of would be denied whatever it sends is left out of the
+    `tools/list` answer, as an event stream or as JSON: one only another agent may call
+    (delete_repo), one denied to this agent by a rule without conditions (wipe), one allowed
+    only by a rule in shadow. One a condition may deny (pay: approval under the limit), one to
+    sanitize (write), one denied for a scope the agent lacks (transfer) stays. Calls are
+    decided as before; the agent allowed to delete sees delete_repo."""
+    server = _server()
+
+    @server.tool()
+    def write(text: str) -> str:
+        """Write a file."""
+        return text
+
+    async with serve_here(server.streamable_http_app(json_response=json_response)) as url:
+        app = gateway_app(env, [{**MCP_ROUTE, "upstream": url}], LISTED_POLICY)
+        async with gateway_here(app) as port:
+            caller, ops = Mcp(port, Agent(env, "caller"), env), Mcp(port, Agent(env, "ops"), env)
+            async with caller.session() as session:
+                listed = await session.list_tools()
+                assert [t.name for t in listed.tools] == ["search", "pay", "transfer", "write"]
+                assert listed.tools[0].description == "Search the repository."
+                with pytest.raises(MCPError) as refused:
+                    await session.call_tool("delete_repo", {"name": "main"})
+                assert refused.value.data["code"] == "access_denied"
+            async with ops.session() as session:
+                listed = await session.list_tools()
+                assert [t.name for t in listed.tools] == [
+                    "search", "pay", "delete_repo", "transfer", "wipe", "write"
+                ]  # fmt: skip
+    assert calls == []
+
+
+async def test_a_tool_list_under_the_allow_list_names_the_tools_it_allows(env: Env) -> None:
+    """While no policy is active the allow-list decides, and lists, by exact tool name."""
+    allow = [{"tool": "repo"}, {"tool": "repo.search", "agents": ["caller"]},
+             {"tool": "repo.pay", "agents": ["ops"]}]  # fmt: skip
+    async with serve_here(_server().streamable_http_app()) as url:
+        app = gateway_app(env, [{**MCP_ROUTE, "upstream": url}], allow=allow)
+        async with gateway_here(app) as port, Mcp(port, Agent(env, "caller"), env).session() as s:
+            assert [t.name for t in (await s.list_tools()).tools] == ["search"]

@@ -11,8 +11,9 @@ content coding, no validator or digest of the unsanitized body."""
 from __future__ import annotations
 
 import html
+import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 from urllib.parse import unquote
 
@@ -73,7 +74,11 @@ _SANITIZED_DROP_WORDS: Final = (
 
 
 def response_rules(result: Result) -> bool:
-    return any(o.target == "response" and o.kind != "drop_header" for o in result.obligations)
+    """Whether the answer is read whole and rewritten: obligations on its body, or the tools
+    an MCP ``tools/list`` answer names (``Result.listed``)."""
+    return result.listed is not None or any(
+        o.target == "response" and o.kind != "drop_header" for o in result.obligations
+    )
 
 
 def mask_patterns(result: Result, target: str = "response") -> tuple[str, ...]:
@@ -283,10 +288,79 @@ def sanitized_body(raw: bytes, ctype: str | None, as_json: bool, result: Result)
     else:
         body = _maskable_text(raw, ctype, mask_patterns(result))
     clean = apply_to_body(body, result.obligations, "response")
+    if result.listed is not None:
+        clean = _listed_message(clean, result.listed) if as_json else _listed_events(
+            str(clean), result.listed
+        )  # fmt: skip
     patterns = mask_patterns(result)
     if as_json and patterns and (hidden := _hidden_in_json(clean, patterns)) is not None:
         raise InvalidRequest(hidden)
     return clean
+
+
+def _listed_message(message: Any, listed: Callable[[Any], bool]) -> Any:
+    """A JSON-RPC message (or batch) with each ``result.tools`` list kept to the tools
+    ``listed`` admits (an entry that is not an object naming a tool is left out)."""
+    if isinstance(message, list):
+        return [_listed_message(m, listed) for m in message]
+    if isinstance(message, dict):
+        result = message.get("result")
+        if isinstance(result, dict) and isinstance(result.get("tools"), list):
+            tools = [t for t in result["tools"] if isinstance(t, dict) and listed(t.get("name"))]
+            return {**message, "result": {**result, "tools": tools}}
+    return message
+
+
+#: Server-sent events end lines with CRLF, LF or CR (WHATWG HTML §9.2.5); each ends the same.
+_EVENT_LINE_END: Final = re.compile(r"\r\n|\r|\n")
+
+
+def _listed_events(text: str, listed: Callable[[Any], bool]) -> str:
+    """An event stream with :func:`_listed_message` applied to each event's data that is JSON.
+    Lines are rejoined with LF, which an event-stream reader reads as it read CR or CRLF; an
+    event whose data is rewritten carries it on one ``data:`` line where its first was. Data
+    that is JSON only to a lenient reader (a member repeated) is refused: a client would read
+    one tool list, this gateway another."""
+    lines = _EVENT_LINE_END.split(text)
+    out: list[str] = []
+    block: list[str] = []
+    for line in [*lines, None]:
+        if line is not None and line != "":
+            block.append(line)
+            continue
+        out.extend(_listed_event(block, listed) if line is not None else block)
+        block = []
+        if line is not None:
+            out.append(line)
+    return "\n".join(out)
+
+
+def _listed_event(block: list[str], listed: Callable[[Any], bool]) -> list[str]:
+    """One complete event's lines, its data kept to the tools ``listed`` admits."""
+    data, first = [], None
+    for i, line in enumerate(block):
+        name, colon, value = line.partition(":")
+        if name == "data":
+            first = i if first is None else first
+            data.append(value[1:] if colon and value.startswith(" ") else value)
+    if first is None:
+        return block
+    raw = "\n".join(data)
+    try:
+        message = parse_json_body(raw.encode("utf-8"), "application/json", fold_case=False)
+    except InvalidRequest:
+        try:
+            json.loads(raw)
+        except ValueError:
+            return block  # no reader takes it for a message
+        raise InvalidRequest(
+            "an event's data is not JSON that reads one way (UTF-8, no member repeated)"
+        ) from None
+    kept = _listed_message(message, listed)
+    if kept == message:
+        return block
+    rest = [line for line in block if line.partition(":")[0] != "data"]
+    return [*rest[:first], "data: " + json.dumps(kept), *rest[first:]]
 
 
 #: Media types read as text besides ``text/*`` and the JSON types.

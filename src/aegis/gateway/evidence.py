@@ -10,6 +10,7 @@ secret: token and proof appear only by ``jti``, the request only by its digest.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +76,9 @@ class Result:
     #: On an allowed call of an MCP route, who holds the sessions it opens (its agent, tenant
     #: and environment; ``Pipeline.claim_session``).
     session_holder: str | None = None
+    #: On an allowed ``tools/list`` of an MCP route, whether the answer may name a tool: one
+    #: this agent's call of would be denied whatever it sends is left out (the reverse proxy).
+    listed: Callable[[Any], bool] | None = None
     #: Facts for the caller's error body (:data:`ANSWERED_DETAILS`), e.g. the approval id.
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -103,6 +107,8 @@ class EvidenceFacts:
     #: Whether the call's DPoP proof was refused as seen before (not its single-use token).
     proof_replayed: bool = False
     error: AegisError | None = None
+    #: For an allowed ``tools/list`` of an MCP route: ``Result.listed``.
+    listed: Callable[[Any], bool] | None = None
     #: ``(step index, seconds)`` of each pipeline step this call ran, recorded at its end.
     step_times: list[tuple[int, float]] = field(default_factory=list)
 

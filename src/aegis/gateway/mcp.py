@@ -53,6 +53,7 @@ __all__ = [
     "TOOL_NAME",
     "McpInvalid",
     "McpMessage",
+    "lists_tools",
     "mcp_call",
     "opens_session",
     "read_message",
@@ -278,6 +279,11 @@ def session_id(fields: Iterable[tuple[str, str]]) -> str | None:
 def opens_session(method: str, body: Any) -> bool:
     """Whether a call carries the ``initialize`` request whose answer hands out a session."""
     return method == "POST" and isinstance(body, dict) and body.get("method") == "initialize"
+
+
+def lists_tools(body: Any) -> bool:
+    """Whether a call carries a ``tools/list`` request, whose answer names the server's tools."""
+    return isinstance(body, dict) and body.get("method") == "tools/list" and "id" in body
 
 
 def session_key(session: str) -> str:

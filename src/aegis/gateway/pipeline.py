@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 from opentelemetry import context as otel_context
@@ -38,7 +38,13 @@ from aegis.gateway.evidence import (
     count_refusal,
     refusal_headers,
 )
-from aegis.gateway.mcp import SESSION_NAMESPACE, session_id, session_key
+from aegis.gateway.mcp import (
+    SESSION_NAMESPACE,
+    TOOL_NAME,
+    lists_tools,
+    session_id,
+    session_key,
+)
 from aegis.gateway.names import name_keys, query_key
 from aegis.gateway.overrides import refuse_redirecting_fields
 from aegis.gateway.policies import PolicyDirectory
@@ -452,7 +458,26 @@ class Pipeline:
             # their owners, or fill the store.
             _enforceable(ctx, decision)
             await self._hold_session(ctx, token)
+            if ctx.can_sanitize and lists_tools(ctx.body):
+                facts.listed = self._lister(call)
         return decision
+
+    def _lister(self, call: PolicyCall) -> Callable[[Any], bool]:
+        """Whether the answer to an agent's ``tools/list`` may name a tool: not one whose
+        ``tools/call`` by this agent would be denied whatever it sent (judged on the rules'
+        selectors, never their conditions: :meth:`CompiledPolicy.could_allow`), nor one whose
+        name the gateway refuses in a call."""
+        base, route = build_input(call), call.tool
+        tenant, env, agent_id = call.tenant, call.env, call.agent.id
+
+        def listed(name: Any) -> bool:
+            if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+                return False
+            tool = f"{route}.{name}"
+            doc = {**base, "tool": tool}
+            return self._policies.could_allow(tenant, env, tool, agent_id, doc)
+
+        return listed
 
     async def _hold_session(
         self, ctx: CallContext, token: AccessToken, *, check_only: bool = False
@@ -511,6 +536,7 @@ class Pipeline:
             body_changed=changed,
             approved=facts.approval_id is not None,
             session_holder=session_holder(token) if ctx.route.mcp else None,
+            listed=facts.listed,
         )
 
     def _refuse(self, facts: EvidenceFacts, exc: AegisError) -> Result:

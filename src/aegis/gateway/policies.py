@@ -424,6 +424,20 @@ class PolicyDirectory:
             return decision
         return allowlist_decision(self._allow, tool, agent_id)
 
+    def could_allow(
+        self, tenant: str, env: str, tool: str, agent_id: str, doc: dict[str, Any]
+    ) -> bool:
+        """Whether a call of ``tool`` by ``agent_id`` could be anything but denied, whatever its
+        request holds (:meth:`CompiledPolicy.could_allow`; the allow-list while no policy is
+        active). True while neither can be read now: such a call is decided when it is made."""
+        watcher = self._watcher(tenant, env)
+        policy = watcher.current() if watcher is not None else None
+        if policy is not None:
+            return policy.could_allow(doc)
+        if watcher is None or watcher.nothing_active:
+            return allowlist_decision(self._allow, tool, agent_id).action != "deny"
+        return True
+
     def poll_all(self) -> None:
         """One round of the poll thread: every watcher, each failure recorded by its watcher."""
         for watcher in list(self._watchers.values()):

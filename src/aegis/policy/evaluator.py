@@ -138,6 +138,25 @@ class CompiledPolicy:
             enforced = combine(errors, hits)
         return Decision.from_outcome(enforced, self.version, shadow_outcome)
 
+    def could_allow(self, doc: dict[str, Any]) -> bool:
+        """Whether a call with ``doc``'s tool, agent, token and chain could be decided other
+        than ``deny``, whatever its request (body, query, headers) holds: False only when no
+        enforced rule but a deny can match on those facts alone, or an enforced deny rule
+        without conditions matches. Conditions are never read (they may read the request), so
+        this errs towards True. For listing what an agent may call, never for deciding."""
+        if self._shadow_mode:
+            return True
+        scratch: list[str] = []
+        possible = False
+        for rule in self.candidates(doc.get("tool")):
+            if rule.lowered.shadow or not all(pred(doc, scratch) for pred in rule.match):
+                continue
+            if rule.lowered.outcome.action != "deny":
+                possible = True
+            elif rule.when is None:
+                return False
+        return possible
+
 
 def compile_policy(doc: PolicyDocument, *, version: str | None = None) -> CompiledPolicy:
     """Compile a validated document; ``version`` defaults to its content address."""

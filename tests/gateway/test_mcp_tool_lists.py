@@ -1,0 +1,119 @@
+"""What a ``tools/list`` answer keeps (``aegis.gateway.answers``): each JSON-RPC answer's
+``result.tools`` cut to the tools the agent could call, in a JSON answer or in an event stream,
+as an event-stream reader (the MCP SDK's, ``httpx2.EventSource``) reads it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aegis.errors import InvalidRequest
+from aegis.gateway.answers import sanitized_body
+from aegis.gateway.pipeline import Result
+
+ALLOWED = {"search", "pay"}
+
+
+def _result() -> Result:
+    return Result("d", "allow", 200, None, "allowed", listed=lambda name: name in ALLOWED)
+
+
+def _events(text: str) -> list[tuple[str, str, str]]:
+    response = httpx2.Response(
+        200, headers={"content-type": "text/event-stream"}, content=text.encode(),
+        request=httpx2.Request("POST", "http://gw.test/mcp"),
+    )  # fmt: skip
+    return [(e.event, e.data, e.id) for e in httpx2.EventSource(response)]
+
+
+def _answer(*names: Any, rpc_id: Any = 1) -> dict[str, Any]:
+    tools = [{"name": n, "inputSchema": {"type": "object"}} for n in names]
+    return {"jsonrpc": "2.0", "id": rpc_id, "result": {"tools": tools, "nextCursor": "c2"}}
+
+
+def test_a_json_answer_keeps_the_tools_the_agent_could_call() -> None:
+    raw = json.dumps(_answer("search", "delete_repo", "pay", 7)).encode()
+    clean = sanitized_body(raw, "application/json", True, _result())
+    assert [t["name"] for t in clean["result"]["tools"]] == ["search", "pay"]
+    assert clean["result"]["nextCursor"] == "c2"
+    # Entries that name no tool are left out; an error answer passes as it is.
+    odd = {"jsonrpc": "2.0", "id": 1, "result": {"tools": ["search", {"title": "x"}]}}
+    assert (
+        sanitized_body(json.dumps(odd).encode(), "application/json", True, _result())["result"][
+            "tools"
+        ]
+        == []
+    )
+    error = {"jsonrpc": "2.0", "id": 1, "error": {"code": -1, "message": "no"}}
+    assert sanitized_body(json.dumps(error).encode(), "application/json", True, _result()) == error
+
+
+def test_a_json_answer_read_two_ways_is_refused() -> None:
+    raw = b'{"jsonrpc": "2.0", "id": 1, "result": {"tools": []}, "result": {"tools": []}}'
+    with pytest.raises(InvalidRequest):
+        sanitized_body(raw, "application/json", True, _result())
+
+
+def test_an_event_stream_keeps_its_events_and_cuts_each_tool_list() -> None:
+    listing = json.dumps(_answer("search", "delete_repo"))
+    half = len(listing) // 2
+    text = (
+        ": a comment\r\n"
+        "event: message\r\nid: 7\r\n"
+        f"data: {listing[:half]}\r\ndata:{listing[half:]}\r\n\r\n"
+        'event: message\rdata: {"jsonrpc": "2.0", "method": "notifications/message"}\r\r'
+        "data: not json\n\n"
+        f"event: other\ndata: {json.dumps(_answer('delete_repo', rpc_id='x'))}\n\n"
+        "data: unfinished"
+    )
+    clean = sanitized_body(text.encode(), "text/event-stream", False, _result())
+    seen = _events(clean)
+    before = _events(text)
+    assert [(e, i) for e, _, i in seen] == [(e, i) for e, _, i in before]
+    assert json.loads(seen[0][1]) == _answer("search")
+    assert seen[1][1] == before[1][1] and seen[2][1] == "not json"
+    assert json.loads(seen[3][1])["result"]["tools"] == []
+
+
+def test_an_event_whose_data_a_lenient_reader_takes_for_a_tool_list_is_refused() -> None:
+    text = 'data: {"jsonrpc": "2.0", "id": 1, "result": {"tools": []}, "id": 2}\n\n'
+    with pytest.raises(InvalidRequest, match="reads one way"):
+        sanitized_body(text.encode(), "text/event-stream", False, _result())
+
+
+_NAMES = st.sampled_from(["search", "pay", "delete_repo", "wipe", "x.y", ""])
+_ENDS = st.sampled_from(["\n", "\r", "\r\n"])
+
+
+@st.composite
+def _streams(draw: Any) -> tuple[str, list[dict[str, Any]]]:
+    names = st.lists(_NAMES, max_size=5)
+    messages = draw(st.lists(names.map(lambda ns: _answer(*ns)), max_size=4))
+    parts = []
+    for message in messages:
+        end = draw(_ENDS)
+        data = json.dumps(message, indent=draw(st.sampled_from([None, 1])))
+        lines = [f"data: {line}" for line in data.split("\n")]
+        if draw(st.booleans()):
+            lines.insert(0, "event: message")
+        if draw(st.booleans()):
+            lines.insert(0, ": keep-alive")
+        parts.append(end.join(lines) + end + end)
+    return "".join(parts), messages
+
+
+@settings(max_examples=200, deadline=None)
+@given(_streams())
+def test_every_tool_list_in_any_stream_is_cut(stream: tuple[str, list[dict[str, Any]]]) -> None:
+    text, messages = stream
+    clean = sanitized_body(text.encode(), "text/event-stream; charset=utf-8", False, _result())
+    got = [json.loads(data) for _, data, _ in _events(clean)]
+    assert len(got) == len(messages)
+    for message, read in zip(messages, got, strict=True):
+        kept = [t for t in message["result"]["tools"] if t["name"] in ALLOWED]
+        assert read == {**message, "result": {**message["result"], "tools": kept}}
