@@ -225,6 +225,25 @@ async def test_a_claim_is_held_for_its_owner_only(replay: ReplayStore, fast: Fas
     await replay.consume("claim", "mcp-session:s1", exp)
 
 
+async def test_a_claim_that_only_extends_takes_no_key_nobody_holds(
+    replay: ReplayStore, fast: Fast
+) -> None:
+    """``held=True`` extends its owner's hold and takes nothing: a key nobody holds stays free
+    (an MCP session no initialize answer handed out is named by no one's hold)."""
+    exp = fast.clock.now() + 1.0
+    assert not await replay.claim("mcp-session", "s", "alice", exp, held=True)
+    assert await replay.held_by("mcp-session", "s") is None
+    assert await replay.claim("mcp-session", "s", "alice", exp)
+    await fast.pass_time(0.6)
+    assert await replay.claim("mcp-session", "s", "alice", fast.clock.now() + 1.0, held=True)
+    assert not await replay.claim("mcp-session", "s", "mallory", fast.clock.now() + 1.0, held=True)
+    await fast.pass_time(0.6)
+    assert await replay.held_by("mcp-session", "s") == "alice"  # extended from the second claim
+    await fast.pass_time(0.6)
+    assert await replay.held_by("mcp-session", "s") is None
+    assert not await replay.claim("mcp-session", "s", "alice", fast.clock.now() + 1.0, held=True)
+
+
 async def test_a_claim_lasts_while_its_holder_uses_it(replay: ReplayStore, fast: Fast) -> None:
     assert await replay.claim("mcp-session", "s", "alice", fast.clock.now() + 1.0)
     await fast.pass_time(0.6)

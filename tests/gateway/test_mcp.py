@@ -6,6 +6,7 @@ JSON-RPC errors on the call refused, and what the gateway cannot decide alike is
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import AsyncIterator, Generator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -568,6 +569,28 @@ async def test_a_session_is_held_from_the_answer_that_hands_it_out(mcp: Mcp) -> 
     assert holder == "acme\nprod\ncaller"
 
 
+async def test_the_proxy_serves_only_sessions_it_saw_handed_out(mcp: Mcp) -> None:
+    """An allowed agent naming ids no server handed out (to fill the store: each hold lasts
+    `mcp_session_idle`) is answered 404, as for a session that does not exist, and holds
+    nothing; an MCP client then opens a session of its own. The session its own initialize
+    opened serves it, however many ids were named before."""
+    replay = mcp.env.services.replay
+    replay._claims._max = 3  # type: ignore[attr-defined]  # stands for the 1,000,000 default
+    for made_up in (secrets.token_hex(16) for _ in range(4)):
+        fields = [("Mcp-Session-Id", made_up), ("Content-Type", "application/json"),
+                  ("Accept", ACCEPT["accept"])]  # fmt: skip
+        head, answer = await mcp.post(json.dumps(LISTING).encode(), fields)
+        assert head.startswith(b"HTTP/1.1 404"), head
+        assert answer["error"]["data"]["code"] == "not_found"
+        assert await replay.held_by(SESSION_NAMESPACE, session_key(made_up)) is None
+    async with mcp.session() as session:
+        assert (await session.call_tool("search", {"query": "x"})).content[0].text == "found x"
+    assert mcp.session_id is not None
+    assert await replay.held_by(SESSION_NAMESPACE, session_key(mcp.session_id)) == (
+        "acme\nprod\ncaller"
+    )
+
+
 @pytest.fixture
 async def handing_out(env: Env) -> AsyncIterator[tuple[int, list[tuple[bytes, bytes]]]]:
     """A gateway in front of a server that answers every message with the session fields
@@ -625,7 +648,7 @@ async def test_an_opened_session_not_held_for_want_of_a_store_is_refused(
     port, fields = handing_out
     fields.append((b"mcp-session-id", b"fresh"))
 
-    async def unavailable(*args: object) -> bool:
+    async def unavailable(*args: object, **kwargs: object) -> bool:
         raise Unavailable("the replay store is down", code="replay_store_unavailable")
 
     monkeypatch.setattr(env.services.replay, "claim", unavailable)

@@ -138,9 +138,12 @@ class MemoryReplayStore:
             raise ReplayDetected("jti was already used")
         self.seen[(namespace, jti)] = expires_at
 
-    async def claim(self, namespace: str, key: str, owner: str, expires_at: float) -> bool:
-        held = self.claims.setdefault((namespace, key), owner)
-        return held == owner
+    async def claim(
+        self, namespace: str, key: str, owner: str, expires_at: float, *, held: bool = False
+    ) -> bool:
+        if held and (namespace, key) not in self.claims:
+            return False
+        return self.claims.setdefault((namespace, key), owner) == owner
 
     async def held_by(self, namespace: str, key: str) -> str | None:
         return self.claims.get((namespace, key))

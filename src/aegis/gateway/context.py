@@ -131,6 +131,10 @@ class CallContext:
     #: Whether the door read the body refusing integers beyond +-2**53 (the policy in force then
     #: read bodies); else policy checks it once it decides (a policy activated meanwhile).
     integers_checked: bool = False
+    #: Whether the door relays the upstream's answers, and so holds the MCP session an
+    #: ``initialize`` answer hands out (the reverse proxy): a call naming a session nobody holds
+    #: is then refused as for one that does not exist, and takes no hold.
+    sees_answers: bool = False
     #: The front door the call came by, as its mTLS refusals are counted (``listener``).
     door: str = "gateway"
     extras: dict[str, Any] = field(default_factory=dict)

@@ -491,23 +491,28 @@ class Pipeline:
         if session is None:
             return
         owner = session_holder(token)
+        # A door that held each session as its initialize answer passed takes no hold on use:
+        # an agent naming ids no server handed out would fill the store for a day each.
+        opened_here = ctx.sees_answers
         if check_only:
             held = await self._replay.held_by(SESSION_NAMESPACE, session_key(session))
-            mine = held is None or held == owner
+            mine = held == owner or (held is None and not opened_here)
         else:
-            mine = await self.claim_session(session, owner)
+            mine = await self.claim_session(session, owner, held=opened_here)
         if not mine:
             raise AegisError(
                 "no such MCP session for this agent: initialize a session of its own",
                 code="not_found",
             )
 
-    async def claim_session(self, session: str, holder: str) -> bool:
+    async def claim_session(self, session: str, holder: str, *, held: bool = False) -> bool:
         """Hold MCP session ``session`` for ``holder`` (:func:`session_holder`) another
-        ``mcp_session_idle``: False, and nothing changed, while another agent holds it. Raises
-        ``Unavailable`` when the replay store cannot answer."""
+        ``mcp_session_idle``: False, and nothing changed, while another agent holds it (or,
+        ``held``, while nobody does). Raises ``Unavailable`` when the replay store cannot
+        answer."""
         expires = self._clock.now() + self._mcp_session_idle
-        return await self._replay.claim(SESSION_NAMESPACE, session_key(session), holder, expires)
+        key = session_key(session)
+        return await self._replay.claim(SESSION_NAMESPACE, key, holder, expires, held=held)
 
     def _enforce(self, ctx: CallContext, facts: EvidenceFacts, decision: Decision) -> Result:
         if decision.action == "approval_needed":

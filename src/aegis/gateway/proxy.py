@@ -392,6 +392,7 @@ class ReverseProxy:
             "query": params,
             "peer": peer_from_scope(scope),
             "client": client[0] if client else None,
+            "sees_answers": True,
         }
         limit = self._settings.max_body_bytes
         overflow: list[AegisError] = []  # set when a streamed body goes over the limit

@@ -126,11 +126,14 @@ class ReplayStore(Protocol):
         """
         ...
 
-    async def claim(self, namespace: str, key: str, owner: str, expires_at: float) -> bool:
+    async def claim(
+        self, namespace: str, key: str, owner: str, expires_at: float, *, held: bool = False
+    ) -> bool:
         """Hold ``key`` for ``owner`` until at least ``expires_at`` (a claim by its holder
         extends it, never shortens it); False, and nothing changed, while another owner holds
-        it. Atomic across processes. Raises ``Unavailable`` (``replay_store_unavailable``)
-        when the store cannot answer."""
+        it, or (``held``: only extend a hold ``owner`` has) while nobody does. Atomic across
+        processes. Raises ``Unavailable`` (``replay_store_unavailable``) when the store cannot
+        answer."""
         ...
 
     async def held_by(self, namespace: str, key: str) -> str | None:

@@ -124,12 +124,14 @@ class MemoryReplayStore:
         if not fresh:
             raise ReplayDetected("this single-use proof was already used; create a fresh one")
 
-    async def claim(self, namespace: str, key: str, owner: str, expires_at: float) -> bool:
+    async def claim(
+        self, namespace: str, key: str, owner: str, expires_at: float, *, held: bool = False
+    ) -> bool:
         check_time(expires_at, "expires_at")
         entry = replay_key(namespace, key)
         with self._lock:
-            held = self._claims.value(entry)
-            if held is not None and held != owner:
+            holder = self._claims.value(entry)
+            if holder != owner and (holder is not None or held):
                 return False
             return self._claims.put(entry, expires_at, value=owner)
 

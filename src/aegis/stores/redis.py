@@ -137,13 +137,16 @@ class RedisReplayStore:
         if not fresh:
             raise ReplayDetected("this single-use proof was already used; create a fresh one")
 
-    async def claim(self, namespace: str, key: str, owner: str, expires_at: float) -> bool:
+    async def claim(
+        self, namespace: str, key: str, owner: str, expires_at: float, *, held: bool = False
+    ) -> bool:
         check_time(expires_at, "expires_at")
         name = _key(self._claim_prefix, replay_key(namespace, key))
         try:
             held = await self._r.eval(
-                _CLAIM, 1, name, _key(owner), _ttl_ms(expires_at, self._clock.now())
-            )
+                _CLAIM, 1, name, _key(owner), _ttl_ms(expires_at, self._clock.now()),
+                "1" if held else "0",
+            )  # fmt: skip
         except (RedisError, OSError) as exc:
             raise Unavailable(
                 "the replay store (redis) is unreachable", code="replay_store_unavailable"
@@ -166,11 +169,12 @@ class RedisReplayStore:
         await self._r.aclose()
 
 
-#: ``claim`` in one step: refuse while another owner holds the key, else hold it for the owner
-#: and extend (never shorten) its time to live.
+#: ``claim`` in one step: refuse while another owner holds the key (or, with ARGV[3] = "1",
+#: while nobody does), else hold it for the owner and extend (never shorten) its time to live.
 _CLAIM: Final = """
 local held = redis.call('GET', KEYS[1])
 if held and held ~= ARGV[1] then return 0 end
+if not held and ARGV[3] == '1' then return 0 end
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 end
