@@ -187,6 +187,10 @@ def test_clients_and_token_commands(cli: Cli) -> None:
     assert [c["client_id"] for c in json.loads(listed.stdout)["items"]] == [created["client_id"]]
     rotated = cli.json("clients", "rotate-secret", created["client_id"])
     assert rotated["client_secret"] not in (None, created["client_secret"])
+    assert len(rotated["secrets"]) == 2  # the previous one for the overlap
+    cut = cli.json("clients", "rotate-secret", created["client_id"], "--revoke-previous")
+    assert cut["client_secret"] not in (None, rotated["client_secret"])
+    assert len(cut["secrets"]) == 1
     human = cli.run("clients", "create", "finance-agent", "--dpop-bound")
     assert human.exit_code == 0 and "client_secret aegis_cs_" in human.stdout
 

@@ -163,6 +163,28 @@ def test_rotation_keeps_the_previous_secret_for_the_overlap_only(env: Env) -> No
     env.registry.check_secret(env.stored(client.client_id), newer)
 
 
+@pytest.mark.parametrize("how", ["revoke_previous", "while_disabled"])
+def test_a_leaked_secret_stops_at_its_rotation(env: Env, how: str) -> None:
+    """The answer to a leak: rotating with ``revoke_previous``, or rotating while the client is
+    disabled (disable, rotate, enable), stops the previous secret now, not after the overlap;
+    the event says so. An ordinary rotation keeps the overlap (above)."""
+    client, leaked = env.client(env.agent())
+    if how == "while_disabled":
+        env.registry.set_client_active(client.client_id, False, actor=ACTOR)
+        _, fresh = env.registry.rotate_secret(client.client_id, actor=ACTOR)
+        env.registry.set_client_active(client.client_id, True, actor=ACTOR)
+    else:
+        _, fresh = env.registry.rotate_secret(client.client_id, actor=ACTOR, revoke_previous=True)
+    stored = env.stored(client.client_id)
+    assert len(stored.secrets) == 1
+    with pytest.raises(ClientAuthError):
+        env.registry.check_secret(stored, leaked)
+    env.registry.check_secret(stored, fresh)
+    [event] = [e for e in env.services.registry_store.list_events(limit=100)
+               if e.type == "client.secret_rotated"]  # fmt: skip
+    assert event.data["previous_revoked"] is True
+
+
 def test_a_client_without_a_secret_method_cannot_rotate(env: Env) -> None:
     from aegis.crypto.keys import Ed25519SigningKey
     from aegis.types import ClientAuthMethod

@@ -109,6 +109,27 @@ async def test_only_an_admin_brings_back_a_quarantined_agents_client(api: Api) -
     assert admin.status_code == 200 and admin.json()["client_secret"]
 
 
+async def test_a_rotation_can_stop_the_previous_secret_at_once(api: Api) -> None:  # noqa: F811
+    """`{"revoke_previous": true}` (a leak): the old secret authenticates nothing from now on;
+    without it the old secret keeps its overlap."""
+    client_id, old = await _agent_with_client(api)
+    kept = await api.call(OP, "POST", f"/admin/clients/{client_id}/rotate-secret")
+    middle = kept.json()["client_secret"]
+    form = {"grant_type": "client_credentials"}
+    for secret in (old, middle):
+        ok = await api.http.post("/oauth/token", data=form, auth=(client_id, secret))
+        assert ok.status_code == 200, ok.text
+    cut = await api.call(OP, "POST", f"/admin/clients/{client_id}/rotate-secret",
+                         {"revoke_previous": True})  # fmt: skip
+    assert cut.status_code == 200
+    for secret, status in ((old, 401), (middle, 401), (cut.json()["client_secret"], 200)):
+        answer = await api.http.post("/oauth/token", data=form, auth=(client_id, secret))
+        assert answer.status_code == status, answer.text
+    odd = await api.call(OP, "POST", f"/admin/clients/{client_id}/rotate-secret",
+                         {"revoke_previous": "yes please"})  # fmt: skip
+    assert odd.status_code == 400
+
+
 async def test_a_revocation_is_recorded_with_who_made_it(api: Api) -> None:  # noqa: F811
     client_id, secret = await _agent_with_client(api)
     token = await _mint(api, "payments:read")

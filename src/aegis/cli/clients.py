@@ -61,10 +61,24 @@ def create(
 
 
 @app.command("rotate-secret")
-def rotate_secret(ctx: typer.Context, client_id: ClientId, as_json: JsonOpt = False) -> None:
-    """Issue a new secret (printed once); the previous one works for the overlap window."""
+def rotate_secret(
+    ctx: typer.Context,
+    client_id: ClientId,
+    revoke_previous: Annotated[
+        bool,
+        typer.Option(
+            "--revoke-previous",
+            help="The previous secret stops now (a leak), not after secrets.rotation_overlap.",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Issue a new secret (printed once); the previous one works for the overlap window, unless
+    --revoke-previous or the client is disabled (the answer to a leak): then it stops now."""
     with open_services(ctx) as services:
-        client, secret = services.registry.rotate_secret(client_id, actor=actor())
+        client, secret = services.registry.rotate_secret(
+            client_id, actor=actor(), revoke_previous=revoke_previous
+        )
     view = {**client_view(client), "client_secret": secret}
     emit(view, as_json, lambda c: _show_secret(view, c))
 

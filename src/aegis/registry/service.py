@@ -404,9 +404,17 @@ class RegistryService:
         return client, secret
 
     def rotate_secret(
-        self, client_id: str, *, actor: str, may_change_quarantined: bool = True
+        self,
+        client_id: str,
+        *,
+        actor: str,
+        may_change_quarantined: bool = True,
+        revoke_previous: bool = False,
     ) -> tuple[Client, str]:
         """A new secret; the previous one keeps working for the overlap window, older ones stop now.
+        With ``revoke_previous``, or for a disabled client (disabling is the answer to a leaked
+        secret, and nothing uses a disabled client's secret meanwhile), every earlier secret stops
+        now: a leaked one must not come back for the overlap when the client is enabled again.
         A quarantined agent's client gets one only with ``may_change_quarantined`` (admins)."""
         now = self._clock.now()
         secret = new_secret("aegis_cs_")
@@ -420,16 +428,18 @@ class RegistryService:
                 )
             # At most two secrets live: the new one and the one it replaces (for the overlap).
             # A secret already rotated away stops working now.
+            overlap = not revoke_previous and client.active
             kept = [
                 replace(s, expires_at=now + self._overlap)
                 for s in client.secrets
-                if s.expires_at is None
+                if s.expires_at is None and overlap
             ]
             kept.append(ClientSecret(hash_secret(self._pepper, secret), now))
             client = replace(client, secrets=tuple(kept))
             self.store.update_client(client)
             agent = self.store.get_agent(client.agent_id)
-            self._event("client.secret_rotated", actor, f"client:{client_id}", agent.tenant_id)
+            self._event("client.secret_rotated", actor, f"client:{client_id}", agent.tenant_id,
+                        previous_revoked=not overlap)  # fmt: skip
         return client, secret
 
     def set_client_active(

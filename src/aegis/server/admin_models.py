@@ -72,6 +72,11 @@ class RotateIn(_Body):
     force: bool = False
 
 
+class SecretRotateIn(_Body):
+    #: The previous secret stops now (a leak), not after ``secrets.rotation_overlap``.
+    revoke_previous: bool = False
+
+
 class TokenIn(_Body):
     agent_id: _Short
     client_id: str | None = Field(default=None, max_length=200)

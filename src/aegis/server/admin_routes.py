@@ -22,6 +22,7 @@ from aegis.server.admin_models import (
     ClientIn,
     ReasonIn,
     RotateIn,
+    SecretRotateIn,
     TokenIn,
 )
 from aegis.server.admin_ops import (
@@ -184,9 +185,14 @@ def get_client(client_id: str, key: Reader, s: Svc) -> dict[str, Any]:
 
 
 @router.post("/clients/{client_id}/rotate-secret")
-def rotate_secret(client_id: str, key: Operator, s: Svc) -> dict[str, Any]:
+def rotate_secret(
+    client_id: str, key: Operator, s: Svc, body: SecretRotateIn | None = None
+) -> dict[str, Any]:
     client, secret = s.registry.rotate_secret(
-        client_id, actor=actor(key), may_change_quarantined=key.role is AdminRole.ADMIN
+        client_id,
+        actor=actor(key),
+        may_change_quarantined=key.role is AdminRole.ADMIN,
+        revoke_previous=body is not None and body.revoke_previous,
     )
     s.cache.invalidate()
     return {**client_view(client), "client_secret": secret}
