@@ -144,7 +144,7 @@ class AgentClient:
             "iss": self.client_id,
             "sub": self.client_id,
             "jti": new_id(),
-            "aud": f"{self.srv.url}/oauth/token",
+            "aud": self.srv.url,
             "iat": now,
             "exp": now + 60,
         }

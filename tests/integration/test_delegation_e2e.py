@@ -80,7 +80,7 @@ class Agent:
     def assertion(self) -> str:
         now = int(time.time())
         claims = {"iss": self.client_id, "sub": self.client_id, "jti": new_id(),
-                  "aud": f"{self.srv.url}/oauth/token", "iat": now, "exp": now + 60}  # fmt: skip
+                  "aud": self.srv.url, "iat": now, "exp": now + 60}  # fmt: skip
         header = encode_segment({"alg": "EdDSA", "typ": "JWT", "kid": self.key.kid})
         return sign_compact(header, claims, self.key.sign)
 

@@ -123,8 +123,9 @@ def test_private_key_jwt_es256_with_authlib(server: RunningServer) -> None:
         with OAuth2Client(
             client.client_id,
             signer,
+            # authlib's audience is its first argument: the issuer (rfc7523bis).
             token_endpoint_auth_method=PrivateKeyJWT(
-                token_url, alg="ES256", claims={"exp": int(time.time()) + 60}
+                server.url, alg="ES256", claims={"exp": int(time.time()) + 60}
             ),
         ) as oc:
             token = oc.fetch_token(token_url, grant_type="client_credentials")
@@ -148,15 +149,20 @@ def _key_client(srv: RunningServer, agent_id: str) -> str:
     return client.client_id
 
 
-def test_assertion_audience_is_the_token_endpoint_or_the_issuer(server: RunningServer) -> None:
+def test_assertion_audience_is_the_issuer_alone(server: RunningServer) -> None:
+    """draft-ietf-oauth-rfc7523bis: the issuer identifier as a string and nothing else. The
+    token endpoint (a hostile authorization server can claim it in its own metadata, and have a
+    client sign assertions for it), a list, or the issuer among other audiences could have been
+    made for another party."""
     key = Ed25519SigningKey.generate()
     agent_id = _agent(server, jwks=(key.public.to_jwk(),))
     cid, src = _key_client(server, agent_id), _source()
-    endpoint = f"{server.url}/oauth/token"
-    for aud in (server.url, endpoint, [endpoint, "https://other.example"]):
-        resp = _post(server, src, data=_with_assertion(_assertion(key.sign, "EdDSA", cid, aud)))
-        assert resp.status_code == 200, (aud, resp.text)
-    wrong: list[Any] = [f"{server.url}/", f"{server.url}/oauth", ["https://other.example"], 7]
+    resp = _post(server, src, data=_with_assertion(_assertion(key.sign, "EdDSA", cid, server.url)))
+    assert resp.status_code == 200, resp.text
+    endpoint, other = f"{server.url}/oauth/token", "https://other.example"
+    wrong: list[Any] = [f"{server.url}/", f"{server.url}/oauth", ["https://other.example"], 7,
+                        endpoint, [server.url], [endpoint, other], [server.url, other],
+                        [server.url, server.url]]  # fmt: skip
     for aud in wrong:
         assertion = _assertion(key.sign, "EdDSA", _key_client(server, agent_id), aud)
         resp = _post(server, _source(), data=_with_assertion(assertion))
@@ -168,7 +174,7 @@ def test_assertion_algorithms_outside_the_allowlist_are_refused(server: RunningS
     private, jwk = _p256()
     key = Ed25519SigningKey.generate()
     agent_id = _agent(server, jwks=(jwk, key.public.to_jwk()))
-    url = f"{server.url}/oauth/token"
+    url = server.url  # the assertions' audience: the issuer
     es256, ec_kid = _es256_signer(private), public_key_from_jwk(jwk).kid
     good = _assertion(es256, "ES256", _key_client(server, agent_id), url, ec_kid)
     assert _post(server, _source(), data=_with_assertion(good)).status_code == 200
@@ -228,7 +234,7 @@ def test_bad_assertions_count_against_the_client_they_name(server: RunningServer
     client, _ = server.services.registry.create_client(
         agent_id, auth_method=ClientAuthMethod.PRIVATE_KEY_JWT, actor=ADMIN
     )
-    cid, url = client.client_id, f"{server.url}/oauth/token"
+    cid, url = client.client_id, server.url
     for _ in range(LIMIT):  # signed by a key the client never registered, each from a new peer
         forged = _assertion(stranger.sign, "EdDSA", cid, url)
         assert _post(server, _source(), data=_with_assertion(forged)).status_code == 401
@@ -242,7 +248,7 @@ def test_replayed_assertions_count_against_the_client(server: RunningServer) -> 
     client, _ = server.services.registry.create_client(
         agent_id, auth_method=ClientAuthMethod.PRIVATE_KEY_JWT, actor=ADMIN
     )
-    cid, url = client.client_id, f"{server.url}/oauth/token"
+    cid, url = client.client_id, server.url
     captured = _assertion(key.sign, "EdDSA", cid, url)
     assert _post(server, _source(), data=_with_assertion(captured)).status_code == 200
     for _ in range(LIMIT):
@@ -282,7 +288,7 @@ def test_a_forged_assertion_learns_nothing_of_the_client_it_names(server: Runnin
     )
     answers = set()
     for client_id in (secret_client, jwt_client.client_id, "agent-nobody.c1"):
-        claims = {"iss": client_id, "sub": client_id, "aud": f"{server.url}/oauth/token",
+        claims = {"iss": client_id, "sub": client_id, "aud": server.url,
                   "exp": int(time.time()) + 60, "jti": new_id()}  # fmt: skip
         forged = sign_compact(encode_segment({"alg": "EdDSA", "kid": key.kid}), claims, key.sign)
         resp = _post(server, _source(), data={"grant_type": "client_credentials",

@@ -135,7 +135,7 @@ def test_a_refused_request_does_not_spend_its_client_assertion(server: RunningSe
         agent_id, auth_method=ClientAuthMethod.PRIVATE_KEY_JWT, actor=ADMIN
     )
     url, now = f"{server.url}/oauth/token", int(time.time())
-    claims = {"iss": client.client_id, "sub": client.client_id, "aud": url}
+    claims = {"iss": client.client_id, "sub": client.client_id, "aud": server.url}
     claims |= {"exp": now + 60, "iat": now, "jti": new_id()}
     assertion = sign_compact(encode_segment({"alg": "EdDSA", "typ": "JWT"}), claims, key.sign)
     form = {

@@ -63,7 +63,7 @@ async def _scenario(a: RunningServer) -> None:
             "shared-agent", auth_method=ClientAuthMethod.PRIVATE_KEY_JWT, actor="test"
         )
         cid, url, now = key_client.client_id, f"{a.url}/oauth/token", int(time.time())
-        claims = {"iss": cid, "sub": cid, "aud": url, "exp": now + 60, "iat": now}
+        claims = {"iss": cid, "sub": cid, "aud": a.url, "exp": now + 60, "iat": now}
         claims["jti"] = new_id()
         assertion = sign_compact(encode_segment({"alg": "EdDSA"}), claims, key.sign)
         form = {

@@ -110,8 +110,9 @@ def test_private_key_jwt_with_authlib(server: RunningServer) -> None:
         with OAuth2Client(
             client.client_id,
             OKPKey.import_key(key.private_jwk()),
+            # authlib's audience is its first argument: the issuer (rfc7523bis).
             token_endpoint_auth_method=PrivateKeyJWT(
-                token_url, alg="EdDSA", claims={"exp": int(time.time()) + 60}
+                server.url, alg="EdDSA", claims={"exp": int(time.time()) + 60}
             ),
         ) as oc:
             token = oc.fetch_token(
@@ -156,20 +157,21 @@ def test_private_key_jwt_replay_and_bad_assertions(server: RunningServer) -> Non
             },
         )
 
-    good = _assertion(key, client.client_id, url)
+    good = _assertion(key, client.client_id, server.url)
     assert post(good).status_code == 200
     replayed = post(good)
     assert replayed.status_code == 401 and replayed.json()["error"] == "invalid_client"
     assert "replayed" in replayed.json()["error_description"]
     cases = {
-        "wrong key": _assertion(other, client.client_id, url),
+        "wrong key": _assertion(other, client.client_id, server.url),
         "wrong audience": _assertion(key, client.client_id, "https://elsewhere.example/token"),
+        "token endpoint audience": _assertion(key, client.client_id, url),
         "expired": _assertion(
             key, client.client_id, url, exp=int(time.time()) - 120, iat=int(time.time()) - 200
         ),
-        "too long": _assertion(key, client.client_id, url, exp=int(time.time()) + 3600),
-        "iss differs": _assertion(key, client.client_id, url, iss="someone-else"),
-        "no jti": _assertion(key, client.client_id, url, jti=None),
+        "too long": _assertion(key, client.client_id, server.url, exp=int(time.time()) + 3600),
+        "iss differs": _assertion(key, client.client_id, server.url, iss="someone-else"),
+        "no jti": _assertion(key, client.client_id, server.url, jti=None),
     }
     for name, assertion in cases.items():
         resp = post(assertion)

@@ -44,7 +44,7 @@ class Handle:
     token: AccessToken | None = None
 
 
-def client_assertion(agent: Handle, now: float, audience: str = f"{ISSUER}/oauth/token") -> str:
+def client_assertion(agent: Handle, now: float, audience: str = ISSUER) -> str:
     claims = {
         "iss": agent.client_id,
         "sub": agent.client_id,
@@ -84,7 +84,7 @@ class World:
             self.cache,
             self.replay,
             clock=self.clock,
-            audiences=frozenset({ISSUER, f"{ISSUER}/oauth/token"}),
+            audiences=frozenset({ISSUER}),
             assertion_max_lifetime=300.0,
             leeway=30.0,
             limiter=FailureLimiter(self.clock, limit=10_000, window=60.0),

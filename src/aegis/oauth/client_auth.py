@@ -308,10 +308,15 @@ class ClientAuthenticator:
             claims = verify_jwt(assertion, keys.get, self._rules(client_id), now).payload
         except AegisError as exc:
             raise unproven_client(f"client assertion rejected: {exc.code}") from exc
-        aud = claims["aud"]
-        auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
-        if not self._audiences.intersection(a for a in auds if isinstance(a, str)):
-            raise ClientAuthError("client assertion audience must be the token endpoint or issuer")
+        # draft-ietf-oauth-rfc7523bis: the issuer identifier, as a string, and nothing else. An
+        # assertion naming the token endpoint (which a hostile authorization server can claim as
+        # its own in its metadata), or other audiences too, could have been made for another
+        # party, and be played here.
+        if not isinstance(claims["aud"], str) or claims["aud"] not in self._audiences:
+            raise ClientAuthError(
+                "client assertion audience must be the issuer identifier alone, as a string "
+                "(not the token endpoint, not a list)"
+            )
         exp = float(claims["exp"])
         if exp - now > self._max_life:
             raise ClientAuthError(f"client assertion must expire within {int(self._max_life)} s")

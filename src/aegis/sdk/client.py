@@ -183,7 +183,7 @@ class AgentClient:
         headers: dict[str, str] = {}
         if subject_token is None:
             form["grant_type"] = "client_credentials"
-            self.credential.apply(form, headers, self.token_url, now)
+            self.credential.apply(form, headers, self.issuer_url, now)
         else:
             form.update(exchange_form(subject_token, self.agent_key_assertion(now)))
         if key.scope:
@@ -203,7 +203,7 @@ class AgentClient:
                 "client assertion, RFC 7523)",
                 code="invalid_request",
             )
-        return self.credential.assertion(self.token_url, now)
+        return self.credential.assertion(self.issuer_url, now)
 
     def _unavailable(self, response: httpx.Response, attempt: int) -> float | None:
         """The backoff before another token request, when the token service answered 503 (a

@@ -47,8 +47,9 @@ ASSERTION_LIFETIME: Final = 60
 
 
 def client_assertion(key: Ed25519SigningKey, client_id: str, audience: str, now: float) -> str:
-    """RFC 7523 §3: ``iss = sub = client_id``, ``aud`` = the token endpoint, short ``exp``, fresh
-    ``jti`` (the server spends it once)."""
+    """RFC 7523 §3 as draft-ietf-oauth-rfc7523bis updates it: ``iss = sub = client_id``, ``aud``
+    = the authorization server's issuer identifier (a string, nothing else), short ``exp``,
+    fresh ``jti`` (the server spends it once)."""
     iat = int(now)
     claims = {
         "iss": client_id,
@@ -70,9 +71,7 @@ class ClientSecret:
     secret: str = field(repr=False)
     method: Literal["basic", "post"] = "basic"
 
-    def apply(
-        self, form: dict[str, str], headers: dict[str, str], token_url: str, now: float
-    ) -> None:
+    def apply(self, form: dict[str, str], headers: dict[str, str], issuer: str, now: float) -> None:
         if self.method == "post":
             form["client_id"], form["client_secret"] = self.client_id, self.secret
             return
@@ -95,15 +94,14 @@ class PrivateKey:
     def from_jwk(cls, client_id: str, jwk: dict[str, str]) -> PrivateKey:
         return cls(client_id, Ed25519SigningKey.from_jwk(jwk))
 
-    def apply(
-        self, form: dict[str, str], headers: dict[str, str], token_url: str, now: float
-    ) -> None:
+    def apply(self, form: dict[str, str], headers: dict[str, str], issuer: str, now: float) -> None:
         form["client_assertion_type"] = JWT_BEARER
-        form["client_assertion"] = client_assertion(self.key, self.client_id, token_url, now)
+        form["client_assertion"] = client_assertion(self.key, self.client_id, issuer, now)
 
-    def assertion(self, token_url: str, now: float) -> str:
-        """An assertion on its own (the ``actor_token`` of a token exchange)."""
-        return client_assertion(self.key, self.client_id, token_url, now)
+    def assertion(self, issuer: str, now: float) -> str:
+        """An assertion on its own (the ``actor_token`` of a token exchange), for the
+        authorization server ``issuer`` names."""
+        return client_assertion(self.key, self.client_id, issuer, now)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         return None
@@ -129,9 +127,7 @@ class Certificate:
     #: kept current by its owner); None, a revoked server certificate is taken until it expires.
     revocations: ServerRevocations | None = None
 
-    def apply(
-        self, form: dict[str, str], headers: dict[str, str], token_url: str, now: float
-    ) -> None:
+    def apply(self, form: dict[str, str], headers: dict[str, str], issuer: str, now: float) -> None:
         form["client_id"] = self.client_id  # RFC 8705 §2: the certificate authenticates it
 
     def ssl_context(self) -> ssl.SSLContext:

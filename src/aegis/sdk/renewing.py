@@ -209,9 +209,7 @@ class RenewingCertificate:
     #: Refuse a revoked server certificate (see :class:`~aegis.sdk.Certificate`).
     revocations: ServerRevocations | None = None
 
-    def apply(
-        self, form: dict[str, str], headers: dict[str, str], token_url: str, now: float
-    ) -> None:
+    def apply(self, form: dict[str, str], headers: dict[str, str], issuer: str, now: float) -> None:
         form["client_id"] = self.client_id  # RFC 8705 §2: the certificate authenticates it
 
     def ssl_context(self) -> None:

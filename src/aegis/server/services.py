@@ -134,7 +134,7 @@ def build_services(config: AegisConfig, *, clock: Clock | None = None) -> Servic
         cache,
         replay,
         clock=clock,
-        audiences=frozenset({config.issuer, f"{config.issuer}/oauth/token"}),
+        audiences=frozenset({config.issuer}),
         assertion_max_lifetime=float(config.oauth.assertion_max_lifetime),
         leeway=float(tok.leeway),
         limiter=FailureLimiter(
