@@ -287,7 +287,7 @@ def test_introspection_and_revocation(server: RunningServer) -> None:
     assert httpx.post(url, data={"token": token}, auth=(oc.client_id, osecret)).json() == {
         "active": False
     }
-    # revocation: unknown tokens get 200; another client's revocation does nothing
+    # revocation: unknown tokens get 200; another tenant's client revokes nothing, told nothing
     rurl = f"{server.url}/oauth/revoke"
     assert httpx.post(rurl, data={"token": "garbage"}, auth=(client_id, secret)).status_code == 200
     assert httpx.post(rurl, data={"token": token}, auth=(oc.client_id, osecret)).status_code == 200
@@ -377,3 +377,32 @@ def test_rejections_are_logged_without_secrets(
     dump = " ".join(repr(r.__dict__) for r in caplog.records)
     assert secret not in dump and secret[:-2] not in dump
     assert token not in dump and token.split(".")[1] not in dump
+
+
+def test_revoking_another_clients_token_is_refused(server: RunningServer) -> None:
+    """RFC 7009 §2.1: a token issued to another client is refused, not answered 200 (which reads
+    as revoked while the token stays live), where the caller could introspect it anyway (its
+    tenant, its agent active). A suspended agent's client, which may not introspect, is told
+    nothing: 200, as for an invalid token. The token's own client revokes it."""
+    agent_id, owner, owner_secret = _secret_client(server)
+    sibling, sibling_secret = server.services.registry.create_client(agent_id, actor=ADMIN)
+    _, stranger, stranger_secret = _secret_client(server)  # another agent of the tenant
+    assert sibling_secret is not None
+    token = _token(server, owner, owner_secret)
+    revoke, look = f"{server.url}/oauth/revoke", f"{server.url}/oauth/introspect"
+    for caller in ((sibling.client_id, sibling_secret), (stranger, stranger_secret)):
+        refused = httpx.post(revoke, data={"token": token}, auth=caller)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"] == "unauthorized_client"
+        assert token not in refused.text
+    assert httpx.post(look, data={"token": token}, auth=(owner, owner_secret)).json()["active"]
+    stranger_agent = server.services.registry.store.get_client(stranger).agent_id
+    server.services.registry.set_agent_status(stranger_agent, AgentStatus.SUSPENDED, actor=ADMIN)
+    server.services.cache.invalidate()
+    quiet = httpx.post(revoke, data={"token": token}, auth=(stranger, stranger_secret))
+    assert quiet.status_code == 200
+    assert httpx.post(look, data={"token": token}, auth=(owner, owner_secret)).json()["active"]
+    assert httpx.post(revoke, data={"token": token}, auth=(owner, owner_secret)).status_code == 200
+    assert httpx.post(look, data={"token": token}, auth=(owner, owner_secret)).json() == {
+        "active": False
+    }

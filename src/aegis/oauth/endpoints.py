@@ -271,6 +271,18 @@ class OAuthEndpoints:
         if self._registry.store.get_tenant(agent.tenant_id).status is not TenantStatus.ACTIVE:
             raise ClientAuthError("the agent's tenant is suspended; its clients cannot introspect")
 
+    def _introspecting(self, tenant: str | None, client_id: str | None) -> str | None:
+        """``tenant`` while the client ``client_id`` may introspect its tokens (its agent and
+        tenant active), else None."""
+        if tenant is None or client_id is None:
+            return None
+        try:
+            client = self._registry.store.get_client(client_id)
+            self._active_caller(self._registry.store.get_agent(client.agent_id))
+        except ClientAuthError:
+            return None
+        return tenant
+
     async def introspect(self, request: Request) -> Response:
         try:
             form, _ = await read_form(request, self._max)
@@ -289,7 +301,7 @@ class OAuthEndpoints:
     async def revoke(self, request: Request) -> Response:
         try:
             form, _ = await read_form(request, self._max)
-            _, client_id, admin = await self._caller(request, form)
+            tenant, client_id, admin = await self._caller(request, form)
             who = f"admin_key:{admin.key_id}" if admin is not None else f"client:{client_id}"
             if admin is not None and admin.role is AdminRole.AUDITOR:
                 # As on the admin API: an auditor key reads, it never changes anything.
@@ -298,7 +310,10 @@ class OAuthEndpoints:
                 )
             if "token" not in form:
                 raise InvalidRequest("token is required")
-            revoked = await self._tokens.revoke(form["token"], client_id=client_id)
+            # Told that another client's token is live only where introspection would tell it.
+            revoked = await self._tokens.revoke(
+                form["token"], client_id=client_id, tenant=self._introspecting(tenant, client_id)
+            )
             if revoked is not None:  # who ended which token, as every admin change is recorded
                 self._registry.record(
                     "token.revoked", who, f"agent:{revoked.agent_id}", revoked.tenant,

@@ -172,9 +172,15 @@ class TokenService:
                 out[name] = claims[name]
         return out
 
-    async def revoke(self, token: str, *, client_id: str | None) -> AccessToken | None:
+    async def revoke(
+        self, token: str, *, client_id: str | None, tenant: str | None = None
+    ) -> AccessToken | None:
         """Revoke ``token``; ``client_id`` None means an admin caller. Silent for unknown tokens.
-        Returns the token revoked, None when there was nothing to do."""
+        Returns the token revoked, None when there was nothing to do. Another client's live
+        token of ``tenant`` (the caller's, given while the caller may introspect it anyway) is
+        refused, ``unauthorized_client`` (RFC 7009 §2.1): a 200 would read as revoked while
+        the token stays live. Another tenant's is answered as an invalid token is, revealing
+        nothing."""
         try:
             verified = self._verifier.verify(token)
         except TokenError:
@@ -183,7 +189,13 @@ class TokenService:
             # reads as done while the token stays live.
             return None
         if client_id is not None and verified.client_id != client_id:
-            return None  # not this client's token: nothing to do, and nothing to reveal
+            if tenant is not None and verified.tenant == tenant:
+                raise GrantError(
+                    "this token was issued to another client: only that client, or an "
+                    "operator's admin key, revokes it; it is still live",
+                    code="unauthorized_client",
+                )
+            return None  # another tenant's token: nothing to do, and nothing to reveal
         # Kept past the last moment any replica accepts the token: one whose clock lags this
         # one (within the leeway already allowed for token times) accepts it until
         # exp + leeway on its own clock, later than exp + leeway on this one's.
