@@ -119,6 +119,7 @@ class TokenService:
             audience=tuple(dict.fromkeys(audiences)),
             lifetime=lifetime,
             cnf=req.cnf,
+            not_before=max(agent.tokens_not_before, client.tokens_not_before),
         )
 
     async def _live(self, token: str) -> AccessToken:

@@ -45,6 +45,7 @@ from aegis.registry.secrets import hash_secret, new_secret
 from aegis.registry.service import RegistryService
 from aegis.telemetry.logging import log_event
 from aegis.telemetry.metrics import CERTS_ISSUED
+from aegis.tokens.issuer import IAT_AHEAD
 from aegis.types import Agent, AgentStatus, Client, Tenant, TenantStatus
 
 __all__ = ["BOOTSTRAP_PREFIX", "IssuedCertificate", "PkiService", "is_serving", "open_pki"]
@@ -168,7 +169,7 @@ class PkiService:
             x5t_s256=x5t_s256(cert),
             not_before=cert.not_valid_before_utc.timestamp(),
             not_after=cert.not_valid_after_utc.timestamp(),
-            issued_at=now,
+            issued_at=self._issued_at(now, agent, client_id),
             enrolled_by=client_id,
         )
         self.store.record(record)
@@ -313,6 +314,16 @@ class PkiService:
         the CRL (nginx, Envoy) and connections pooled to its tools would outlive it."""
         if tenant.status is not TenantStatus.ACTIVE:
             self.store.revoke_tenant(tenant.id, tenant.status.value)
+
+    def _issued_at(self, now: float, agent: Agent, client_id: str | None) -> float:
+        """The record's issue time: ``now``, or the agent's (and enrolling client's)
+        ``tokens_not_before`` mark when it is ahead (a key removal sets it a cache lifetime
+        ahead), as token ``iat`` values are (``TokenIssuer.issue``): a certificate issued once
+        the mark was read is not refused for it."""
+        marks = [agent.tokens_not_before]
+        if client_id is not None:
+            marks.append(self._cache.client(client_id).tokens_not_before)
+        return max(now, min(max(marks), now + IAT_AHEAD))
 
     def on_agent_update(self, before: Agent, after: Agent) -> None:
         """Registry update listener: a change that ends what the agent holds revokes its live

@@ -15,16 +15,19 @@ of its agent, those of the agent's other clients included: ending too many token
 holders ask for new ones, keeping one alive would not be noticed.
 
 Returning to ``active`` (an agent reactivated or released, a tenant reactivated, a client enabled
-again) moves the mark once more, to the start of the current second: a token service whose
-registry cache had not yet seen the suspension, or whose clock runs ahead, may have issued tokens
-with an ``iat`` past the suspension's mark, refused while the agent was inactive; without this
-they would come back with the reactivation. Tokens carry whole seconds (``iat``), so the mark is
-rounded down: a token issued just after the reactivation is not refused.
+again) moves the mark once more, to the instant of the return: a token service whose registry
+cache had not yet seen the suspension, or whose clock runs ahead, may have issued tokens with an
+``iat`` past the suspension's mark, refused while the agent was inactive; without this they would
+come back with the reactivation. Removing a key from an agent that stays active moves the mark
+``cache_ttl`` (``stores.registry_cache_ttl``) past the removal: a token service that has not yet
+re-read the agent still takes an assertion signed with the removed key until then, and nothing
+else would refuse the token it issues. Token ``iat`` values are whole seconds: a token service
+that has read a mark issues ``iat`` rounded up to it (``TokenIssuer.issue``), so tokens issued
+after a mark are never refused for it, while those issued by a service that had not read it are.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import secrets
 from collections.abc import Callable
@@ -130,9 +133,9 @@ def _changes(before: Agent, after: Agent, fields: Any) -> dict[str, Any]:
 
 
 def _reopening(now: float) -> float:
-    """The ``tokens_not_before`` mark of a return to active: the start of the current second,
-    as token ``iat`` values are whole seconds (see the module docstring)."""
-    return float(math.floor(now))
+    """The ``tokens_not_before`` mark of a return to active: the instant of the return (see
+    the module docstring; tokens issued after it carry an ``iat`` rounded up to it)."""
+    return now
 
 
 class RegistryService:
@@ -143,11 +146,15 @@ class RegistryService:
         clock: Clock,
         pepper: bytes,
         secret_overlap: float = 86400.0,
+        cache_ttl: float = 1.0,
     ) -> None:
         self.store = store
         self._clock = clock
         self._pepper = pepper
         self._overlap = secret_overlap
+        #: How long a token service may act on a registry record it read (the longest
+        #: ``stores.registry_cache_ttl`` of the replicas): see the module docstring.
+        self._cache_ttl = cache_ttl
         #: Called with the new record after every committed agent status change (the internal CA
         #: revokes the agent's certificates here). A listener's error reaches the caller.
         self.status_listeners: list[Callable[[Agent], None]] = []
@@ -349,7 +356,8 @@ class RegistryService:
             self.store.update_agent(agent)
             kept = {jwk_thumbprint(j) for j in agent.jwks}
             if any(jwk_thumbprint(j) not in kept for j in before.jwks):
-                agent = self._end_earlier_tokens(agent)
+                # Past what a token service with the agent still cached may issue with the key.
+                agent = self._end_tokens_before(agent, self._clock.now() + self._cache_ttl)
             self._event(
                 "agent.updated", actor, f"agent:{agent_id}", agent.tenant_id,
                 fields=sorted(fields), changes=_changes(before, agent, fields),

@@ -188,6 +188,7 @@ class TokenExchanger:
             lifetime=lifetime,
             cnf=cnf,
             extra=extra,
+            not_before=max(child.tokens_not_before, auth.client.tokens_not_before),
         )
         if self._audit is not None:  # fails closed: no record, no token
             await self._audit(

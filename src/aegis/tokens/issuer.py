@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from aegis.clock import Clock, new_id
 from aegis.crypto.jws import MAX_TOKEN_BYTES, encode_segment, sign_compact
@@ -12,7 +13,12 @@ from aegis.errors import AegisError
 from aegis.tokens.claims import join_scopes
 from aegis.tokens.verifier import ACCESS_TOKEN_TYP
 
-__all__ = ["IssuedToken", "TokenIssuer"]
+__all__ = ["IAT_AHEAD", "IssuedToken", "TokenIssuer"]
+
+#: How far ahead of this issuer's clock a token's ``iat`` may be set to meet its subject's
+#: ``tokens_not_before`` mark (marks are at most ``registry_cache_ttl``, one second, ahead of the
+#: clock of the replica that set them; the rest is room for clocks that differ).
+IAT_AHEAD: Final = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +58,14 @@ class TokenIssuer:
         lifetime: int,
         cnf: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
+        not_before: float = 0.0,
     ) -> IssuedToken:
+        """``not_before``: the subject's ``tokens_not_before`` marks (its agent's and client's)
+        as this issuer reads them. ``iat`` is whole seconds, so a token issued at or after a
+        mark that falls inside a second would read as issued before it: its ``iat`` (and
+        ``nbf``) is then the mark rounded up, at most :data:`IAT_AHEAD` seconds ahead. A
+        token service whose registry cache has not yet seen a mark issues ``iat`` as it is,
+        before the mark, and the token is refused: what the mark ended stays ended."""
         # Never mint what the verifier refuses: aud must be one non-empty string or a non-empty
         # list of them (RFC 7519 §4.1.3; AccessToken.from_claims), and join_scopes refuses scopes
         # that would not split back into themselves.
@@ -63,13 +76,15 @@ class TokenIssuer:
         # token would outlive its key and fail later for no visible reason. Cap it here too.
         lifetime = min(lifetime, int(self._keyring.settings.max_token_lifetime))
         now = int(self._clock.now())
+        iat = max(now, min(math.ceil(not_before), now + IAT_AHEAD))
+        exp = max(now + lifetime, iat + 1)  # not lengthened by a later iat
         claims: dict[str, Any] = {
             "iss": self.issuer,
             "sub": agent_id,
             "aud": audience[0] if len(audience) == 1 else list(audience),
-            "exp": now + lifetime,
-            "iat": now,
-            "nbf": now,
+            "exp": exp,
+            "iat": iat,
+            "nbf": iat,
             "jti": new_id(),
             "client_id": client_id,
             "scope": join_scopes(scopes),
@@ -89,4 +104,4 @@ class TokenIssuer:
                 "be; ask for fewer scopes (scope=...)",
                 code="invalid_scope",
             )
-        return IssuedToken(token, claims, lifetime)
+        return IssuedToken(token, claims, exp - now)
