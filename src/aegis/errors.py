@@ -153,6 +153,8 @@ CODES: dict[str, ErrorSpec] = {
     "replay_store_unavailable": _S(503, "temporarily_unavailable", retryable=True),
     "revocation_store_unavailable": _S(503, "temporarily_unavailable", retryable=True),
     "registry_unavailable": _S(503, "temporarily_unavailable", retryable=True),
+    # a tokens_not_before mark moved a moment ago: what is issued now would be refused for it
+    "credentials_settling": _S(503, "temporarily_unavailable", retryable=True),
     "key_store_unavailable": _S(503, "temporarily_unavailable", retryable=True),
     "policy_unavailable": _S(503, "temporarily_unavailable", retryable=True),
     "audit_unavailable": _S(503, "temporarily_unavailable", retryable=True),

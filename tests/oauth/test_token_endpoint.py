@@ -406,3 +406,26 @@ def test_revoking_another_clients_token_is_refused(server: RunningServer) -> Non
     assert httpx.post(look, data={"token": token}, auth=(owner, owner_secret)).json() == {
         "active": False
     }
+
+
+def test_a_token_asked_while_a_mark_lies_ahead_is_answered_with_the_wait(
+    server: RunningServer,
+) -> None:
+    """A return to active or a key removal sets the subject's `tokens_not_before` at or ahead
+    of now; a token issued before it passes would be refused for it, so the token endpoint
+    answers 503 `temporarily_unavailable` with `Retry-After` (the SDK waits and asks again)
+    rather than a token that is dead on arrival."""
+    from dataclasses import replace
+
+    agent_id, client_id, secret = _secret_client(server)
+    store = server.services.registry_store
+    store.update_agent(replace(store.get_agent(agent_id), tokens_not_before=time.time() + 20.5))
+    server.services.cache.invalidate()
+    url = f"{server.url}/oauth/token"
+    answer = httpx.post(url, data={"grant_type": "client_credentials"}, auth=(client_id, secret))
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"] == "temporarily_unavailable"
+    assert 20 <= int(answer.headers["retry-after"]) <= 22
+    store.update_agent(replace(store.get_agent(agent_id), tokens_not_before=time.time() - 1))
+    server.services.cache.invalidate()
+    assert _token(server, client_id, secret)

@@ -373,6 +373,34 @@ def test_removing_an_agents_key_revokes_its_certificates(tmp_path: Path) -> None
     )
 
 
+def test_nothing_is_enrolled_while_a_key_removals_mark_lies_ahead(tmp_path: Path) -> None:
+    """A key removal sets the agent's mark a registry-cache lifetime ahead (for token services
+    that still hold the key): a bootstrap token or a certificate made before it would be refused
+    for it at once, so none is made until it passes (503 `credentials_settling`, with the
+    wait), and nothing single-use is spent meanwhile. Afterwards both work."""
+    from aegis.crypto.keys import Ed25519SigningKey
+
+    clock = FrozenClock(1_800_000_000)
+    pki = build_pki(tmp_path, clock)
+    old, new = Ed25519SigningKey.generate(), Ed25519SigningKey.generate()
+    pki.registry.update_agent("beta", actor="op", jwks=[old.public.to_jwk(), new.public.to_jwk()])
+    clock.advance(10)
+    pki.registry.update_agent("beta", actor="op", jwks=[new.public.to_jwk()])
+    clock.advance(0.1)
+    with pytest.raises(AegisError) as info:
+        pki.service.new_bootstrap_token("beta", lifetime=600)
+    assert (info.value.code, info.value.spec.status) == ("credentials_settling", 503)
+    status, body = _post_sign(pki, {"csr": make_csr()[1].decode()}, pki.secrets["beta"])
+    assert (status, body["error"]) == (503, "temporarily_unavailable"), body
+    clock.advance(1)
+    token = pki.service.new_bootstrap_token("beta", lifetime=600)
+    clock.advance(30)
+    status, body = _post_sign(pki, {"csr": make_csr()[1].decode(), "bootstrap_token": token})
+    assert status == 201, body
+    status, body = _post_sign(pki, {"csr": make_csr()[1].decode()}, pki.secrets["beta"])
+    assert status == 201, body
+
+
 @pytest.mark.parametrize("change", [{"roles": ()}, "key"])
 def test_a_certificate_issued_while_its_agent_changes_is_revoked(
     tmp_path: Path, change: Any

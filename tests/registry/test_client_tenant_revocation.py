@@ -12,7 +12,7 @@ import pytest
 
 from aegis.clock import FrozenClock
 from aegis.config import load_config
-from aegis.errors import TokenError
+from aegis.errors import TokenError, Unavailable
 from aegis.server.services import build_services
 from aegis.tokens.subject import check_subject
 from aegis.types import AgentStatus, TenantStatus
@@ -122,8 +122,9 @@ def _minted_by_a_stale_replica(reg: Env, client_id: str) -> str:
 @pytest.mark.parametrize("what", ["agent", "tenant", "client"])
 def test_tokens_issued_while_inactive_stay_dead_after_reactivation(reg: Env, what: str) -> None:
     """Refused while the agent, its tenant or its client is inactive, a token minted in that time
-    (a replica that had not seen the change yet) is not revived by the return to active; one
-    issued in the same second as the reactivation, after it, is accepted."""
+    (a replica that had not seen the change yet) is not revived by the return to active. In the
+    rest of the reactivation's second a token service asks for a moment (a whole-second iat would
+    read as before the return); from the next second its tokens are good."""
     agent = reg.agent()
     client, _ = reg.client(agent)
     change = {
@@ -143,6 +144,10 @@ def test_tokens_issued_while_inactive_stay_dead_after_reactivation(reg: Env, wha
     change(True)
     assert _refusal(reg, stale) == "token_revoked"
     reg.clock.advance(0.2)  # the same second as the reactivation (iat rounds down)
+    with pytest.raises(Unavailable) as info:
+        reg.token(client.client_id)
+    assert (info.value.code, info.value.details["retry_after"]) == ("credentials_settling", 1)
+    reg.clock.advance(0.3)
     assert _refusal(reg, reg.token(client.client_id)) is None
 
 

@@ -129,6 +129,8 @@ class OAuthEndpoints:
             headers["WWW-Authenticate"] = 'Basic realm="aegis", charset="UTF-8"'
         if exc.code == "rate_limited":
             headers["Retry-After"] = "60"
+        elif exc.code == "credentials_settling":
+            headers["Retry-After"] = str(exc.details.get("retry_after", 1))
         if spec.status >= 500 and exc.code == "server_error":
             message = "internal error"
         else:

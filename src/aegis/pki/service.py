@@ -45,7 +45,7 @@ from aegis.registry.secrets import hash_secret, new_secret
 from aegis.registry.service import RegistryService
 from aegis.telemetry.logging import log_event
 from aegis.telemetry.metrics import CERTS_ISSUED
-from aegis.tokens.issuer import IAT_AHEAD
+from aegis.tokens.issuer import refuse_unsettled
 from aegis.types import Agent, AgentStatus, Client, Tenant, TenantStatus
 
 __all__ = ["BOOTSTRAP_PREFIX", "IssuedCertificate", "PkiService", "is_serving", "open_pki"]
@@ -144,6 +144,12 @@ class PkiService:
         if wanted <= 0:
             raise InvalidRequest("lifetime must be a positive number of seconds")
         now = self._clock.now()
+        # A certificate issued before the agent's (or enrolling client's) mark is refused for
+        # it: while a mark lies ahead (a key removal sets it a cache lifetime ahead), none is.
+        marks = [agent.tokens_not_before]
+        if client_id is not None:
+            marks.append(self._cache.client(client_id).tokens_not_before)
+        refuse_unsettled(max(marks), now, "a certificate", whole_seconds=False)
         not_after = min(now + min(wanted, s.leaf_max_lifetime), self.ca.not_after_cap())
         if not_after <= now:
             raise AegisError("the issuing ca has expired; rotate it", code="ca_unavailable")
@@ -169,7 +175,7 @@ class PkiService:
             x5t_s256=x5t_s256(cert),
             not_before=cert.not_valid_before_utc.timestamp(),
             not_after=cert.not_valid_after_utc.timestamp(),
-            issued_at=self._issued_at(now, agent, client_id),
+            issued_at=now,
             enrolled_by=client_id,
         )
         self.store.record(record)
@@ -269,6 +275,11 @@ class PkiService:
         agent = self._cache.agent(agent_id)
         if agent.status is not AgentStatus.ACTIVE:
             raise Conflict(f"agent {agent_id} is {agent.status.value}")
+        # One made before the agent's mark is refused at enrolment (and spent): none is made
+        # while the mark lies ahead.
+        refuse_unsettled(
+            agent.tokens_not_before, self._clock.now(), "a bootstrap token", whole_seconds=False
+        )
         token = new_secret(BOOTSTRAP_PREFIX)
         ttl = self._settings.bootstrap_token_lifetime if lifetime is None else lifetime
         self.store.add_bootstrap(
@@ -314,16 +325,6 @@ class PkiService:
         the CRL (nginx, Envoy) and connections pooled to its tools would outlive it."""
         if tenant.status is not TenantStatus.ACTIVE:
             self.store.revoke_tenant(tenant.id, tenant.status.value)
-
-    def _issued_at(self, now: float, agent: Agent, client_id: str | None) -> float:
-        """The record's issue time: ``now``, or the agent's (and enrolling client's)
-        ``tokens_not_before`` mark when it is ahead (a key removal sets it a cache lifetime
-        ahead), as token ``iat`` values are (``TokenIssuer.issue``): a certificate issued once
-        the mark was read is not refused for it."""
-        marks = [agent.tokens_not_before]
-        if client_id is not None:
-            marks.append(self._cache.client(client_id).tokens_not_before)
-        return max(now, min(max(marks), now + IAT_AHEAD))
 
     def on_agent_update(self, before: Agent, after: Agent) -> None:
         """Registry update listener: a change that ends what the agent holds revokes its live

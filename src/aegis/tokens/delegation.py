@@ -162,14 +162,16 @@ def mint_grant(
     token, split), empty for a parent acting on its own authority. Returns the compact grant only;
     present ``~``-joined ``parent_links + [grant]`` as the ``subject_token``.
     """
-    iat = int(now)
+    # Milliseconds: marks (a return to active) are exact instants, and a grant signed just after
+    # one, in the same second, must not read as signed before it. Only Aegis reads grants.
+    iat = math.floor(now * 1000) / 1000
     claims: dict[str, Any] = {
         **(extra or {}),
         "iss": parent,
         "sub": child,
         "aud": audience,
         "iat": iat,
-        "exp": iat + lifetime,
+        "exp": int(now) + lifetime,
         "jti": new_id(),
         "scope": join_scopes(list(scopes)),
         "tools": list(tools),

@@ -37,7 +37,7 @@ from aegis.tokens.chain import Chain, ChainRules, audit_rejection, presented_cha
 from aegis.tokens.claims import split_scopes
 from aegis.tokens.delegation import ANY_TOOL, CHAIN_SEPARATOR, mint_grant, split_chain
 from aegis.tokens.external import ExternalTrust, verify_user_token
-from aegis.tokens.issuer import IssuedToken, TokenIssuer
+from aegis.tokens.issuer import IssuedToken, TokenIssuer, refuse_unsettled
 from aegis.types import Agent, AgentStatus, TenantStatus
 
 if TYPE_CHECKING:
@@ -146,6 +146,7 @@ class TokenExchanger:
             # mistyped expires_in must not burn the grant its corrected retry needs.
             requested = _lifetime(form)
             now = self._clock.now()
+            refuse_unsettled(max(child.tokens_not_before, auth.client.tokens_not_before), now)
             if links:
                 chain = self._delegated(links, child, now)
                 parent_agent, granted = subject, chain.grants[-1].scopes

@@ -4,21 +4,38 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 from aegis.clock import Clock, new_id
 from aegis.crypto.jws import MAX_TOKEN_BYTES, encode_segment, sign_compact
 from aegis.crypto.keyring import KeyRing
-from aegis.errors import AegisError
+from aegis.errors import AegisError, Unavailable
 from aegis.tokens.claims import join_scopes
 from aegis.tokens.verifier import ACCESS_TOKEN_TYP
 
-__all__ = ["IAT_AHEAD", "IssuedToken", "TokenIssuer"]
+__all__ = ["IssuedToken", "TokenIssuer", "refuse_unsettled"]
 
-#: How far ahead of this issuer's clock a token's ``iat`` may be set to meet its subject's
-#: ``tokens_not_before`` mark (marks are at most ``registry_cache_ttl``, one second, ahead of the
-#: clock of the replica that set them; the rest is room for clocks that differ).
-IAT_AHEAD: Final = 5
+
+def refuse_unsettled(
+    not_before: float, now: float, what: str = "a token", *, whole_seconds: bool = True
+) -> None:
+    """Raise ``Unavailable`` (``credentials_settling``, 503, ``retry_after`` seconds) while
+    ``not_before``, the subject's ``tokens_not_before`` mark (its agent's, its client's), is
+    ahead of ``now`` in whole seconds: token ``iat`` values are whole seconds, so what is issued
+    now would read as issued before the mark and be refused for it. A return to active sets
+    the mark to its instant, a key removal a registry-cache lifetime ahead: the wait is a
+    second or two. Never a later ``iat``: a mark set meanwhile (a suspension) must reach every
+    token issued before it. ``whole_seconds`` False: what is issued records ``now`` exactly
+    (certificates, bootstrap tokens)."""
+    issued_at = math.floor(now) if whole_seconds else now
+    if issued_at < not_before:
+        wait = max(1, math.ceil(not_before - issued_at))
+        raise Unavailable(
+            f"the agent's or client's credentials changed a moment ago; {what} issued now "
+            f"would be refused for it: ask again in {wait} s",
+            code="credentials_settling",
+            retry_after=wait,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,11 +78,9 @@ class TokenIssuer:
         not_before: float = 0.0,
     ) -> IssuedToken:
         """``not_before``: the subject's ``tokens_not_before`` marks (its agent's and client's)
-        as this issuer reads them. ``iat`` is whole seconds, so a token issued at or after a
-        mark that falls inside a second would read as issued before it: its ``iat`` (and
-        ``nbf``) is then the mark rounded up, at most :data:`IAT_AHEAD` seconds ahead. A
-        token service whose registry cache has not yet seen a mark issues ``iat`` as it is,
-        before the mark, and the token is refused: what the mark ended stays ended."""
+        as this issuer reads them; while they are ahead of ``iat`` nothing is issued
+        (:func:`refuse_unsettled`). A token service whose registry cache has not yet seen a mark
+        issues as it is, and the token is refused: what the mark ended stays ended."""
         # Never mint what the verifier refuses: aud must be one non-empty string or a non-empty
         # list of them (RFC 7519 §4.1.3; AccessToken.from_claims), and join_scopes refuses scopes
         # that would not split back into themselves.
@@ -75,16 +90,15 @@ class TokenIssuer:
         # The ring keeps a retired key published for max_token_lifetime + leeway only: a longer
         # token would outlive its key and fail later for no visible reason. Cap it here too.
         lifetime = min(lifetime, int(self._keyring.settings.max_token_lifetime))
+        refuse_unsettled(not_before, self._clock.now())
         now = int(self._clock.now())
-        iat = max(now, min(math.ceil(not_before), now + IAT_AHEAD))
-        exp = max(now + lifetime, iat + 1)  # not lengthened by a later iat
         claims: dict[str, Any] = {
             "iss": self.issuer,
             "sub": agent_id,
             "aud": audience[0] if len(audience) == 1 else list(audience),
-            "exp": exp,
-            "iat": iat,
-            "nbf": iat,
+            "exp": now + lifetime,
+            "iat": now,
+            "nbf": now,
             "jti": new_id(),
             "client_id": client_id,
             "scope": join_scopes(scopes),
@@ -104,4 +118,4 @@ class TokenIssuer:
                 "be; ask for fewer scopes (scope=...)",
                 code="invalid_scope",
             )
-        return IssuedToken(token, claims, exp - now)
+        return IssuedToken(token, claims, lifetime)
