@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aegis.errors import InvalidRequest
-from aegis.gateway.answers import sanitized_body
+from aegis.gateway.answers import EventCut, sanitized_body
 from aegis.gateway.pipeline import Result
 
 ALLOWED = {"search", "pay"}
@@ -117,3 +117,74 @@ def test_every_tool_list_in_any_stream_is_cut(stream: tuple[str, list[dict[str, 
     for message, read in zip(messages, got, strict=True):
         kept = [t for t in message["result"]["tools"] if t["name"] in ALLOWED]
         assert read == {**message, "result": {**message["result"], "tools": kept}}
+
+
+@pytest.mark.parametrize("description", ["Area in m²", "３件まで検索します", "1.5E15 rows"])
+def test_an_event_stream_is_cut_whatever_text_it_holds(description: str) -> None:
+    """No mask applies to a tool list: text the masks could not read as a client does (other
+    digits, numbers with exponents) is no reason to refuse it."""
+    listing = {**_answer("search", "wipe")}
+    listing["result"]["tools"][0]["description"] = description
+    raw = f"event: message\r\ndata: {json.dumps(listing, ensure_ascii=False)}\r\n\r\n"
+    clean = sanitized_body(raw.encode(), "text/event-stream", False, _result())
+    [(_, data, _)] = _events(clean)
+    assert json.loads(data)["result"]["tools"] == [listing["result"]["tools"][0]]
+
+
+def test_a_byte_order_mark_does_not_hide_the_first_event() -> None:
+    """An event-stream reader (WHATWG; JavaScript's TextDecoder) drops one leading U+FEFF and
+    reads the `data` line after it: so does the cut."""
+    text = "\ufeffdata: " + json.dumps(_answer("search", "delete_repo")) + "\n\n"
+    clean = sanitized_body(text.encode(), "text/event-stream", False, _result())
+    assert clean.startswith("\ufeff")
+    assert "delete_repo" not in clean and "search" in clean
+
+
+@pytest.mark.parametrize("ctype", ["application/json-rpc", "application/jsonrequest", "text/plain"])
+def test_a_tool_list_neither_json_nor_an_event_stream_is_refused(ctype: str) -> None:
+    """MCP clients read any application/json* answer as JSON: one the cut would not read as
+    JSON is refused (502) rather than passed whole."""
+    raw = json.dumps(_answer("search", "delete_repo")).encode()
+    with pytest.raises(InvalidRequest, match="must be JSON"):
+        sanitized_body(raw, ctype, False, _result())
+
+
+def _cut_in_chunks(text: str, cuts: list[int], limit: int = 1 << 20) -> str:
+    raw = text.encode()
+    points = sorted({min(c, len(raw)) for c in cuts})
+    cutter = EventCut(_result().listed or (lambda _: True), limit)
+    out, start = "", 0
+    for point in [*points, len(raw)]:
+        out += cutter.feed(raw[start:point])
+        start = point
+    return out + cutter.feed(b"", final=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_streams(), st.lists(st.integers(min_value=0, max_value=4000), max_size=12))
+def test_a_stream_cut_as_it_passes_reads_as_one_cut_whole(
+    stream: tuple[str, list[dict[str, Any]]], cuts: list[int]
+) -> None:
+    """However the upstream's bytes arrive (a CRLF or a UTF-8 character split between reads), a
+    reader takes from the stream cut event by event what it takes from the whole cut at once."""
+    text, _ = stream
+    text = "\ufeff" + text.replace("search", "s\u00e9arch", 1) + "data: unended"
+    whole = sanitized_body(text.encode(), "text/event-stream", False, _result())
+    assert _events(_cut_in_chunks(text, cuts)) == _events(whole)
+
+
+def test_an_event_longer_than_the_limit_ends_the_stream() -> None:
+    cutter = EventCut(lambda _: True, 64)
+    assert cutter.feed(b"data: 1\n\n") == "data: 1\n\n"
+    with pytest.raises(InvalidRequest, match="longer than 64"):
+        cutter.feed(b"data: " + b"x" * 80)
+
+
+def test_a_crlf_split_between_reads_is_one_line_end() -> None:
+    """A CR at the end of a read may be the first half of a CRLF: taken for a line end of its
+    own, the LF after it would end the event early, splitting one message in two."""
+    listing = json.dumps(_answer("search", "delete_repo"), indent=1).split("\n")
+    text = "".join(f"data: {line}\r\n" for line in listing) + "\r\n"
+    cuts = [i + 1 for i, byte in enumerate(text.encode()) if byte == 0x0D]  # after every CR
+    [(_, data, _)] = _events(_cut_in_chunks(text, cuts))
+    assert [t["name"] for t in json.loads(data)["result"]["tools"]] == ["search"]

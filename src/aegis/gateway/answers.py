@@ -10,6 +10,7 @@ content coding, no validator or digest of the unsanitized body."""
 
 from __future__ import annotations
 
+import codecs
 import html
 import json
 import re
@@ -29,9 +30,12 @@ from aegis.policy.obligations import (
 )
 
 __all__ = [
+    "EVENT_STREAM",
     "SANITIZED_REQUEST_DROP",
     "SANITIZED_REQUEST_REFUSE",
     "SANITIZE_INLINE",
+    "EventCut",
+    "answer_obligations",
     "mask_patterns",
     "maskable_field",
     "media_type",
@@ -79,6 +83,11 @@ def response_rules(result: Result) -> bool:
     return result.listed is not None or any(
         o.target == "response" and o.kind != "drop_header" for o in result.obligations
     )
+
+
+def answer_obligations(result: Result) -> bool:
+    """Whether the decision's obligations rewrite the answer's body (masks, redactions)."""
+    return any(o.target == "response" and o.kind != "drop_header" for o in result.obligations)
 
 
 def mask_patterns(result: Result, target: str = "response") -> tuple[str, ...]:
@@ -278,6 +287,13 @@ SANITIZE_INLINE: Final = 16 * 1024
 def sanitized_body(raw: bytes, ctype: str | None, as_json: bool, result: Result) -> Any:
     """The answer's body with the decision's response obligations applied; ``InvalidRequest``
     (or ``RecursionError``, ``UnicodeDecodeError``) when it cannot be sanitized."""
+    if result.listed is not None and not as_json and media_type(ctype or "") != EVENT_STREAM:
+        # MCP clients read other application/json* types as JSON: cut as neither, they would
+        # pass whole.
+        raise InvalidRequest(
+            "an answer to tools/list must be JSON (application/json) or an event stream "
+            "(text/event-stream)"
+        )
     if as_json:
         try:
             body: Any = parse_json_body(raw, ctype, fold_case=False)
@@ -311,6 +327,7 @@ def _listed_message(message: Any, listed: Callable[[Any], bool]) -> Any:
     return message
 
 
+EVENT_STREAM: Final = "text/event-stream"
 #: Server-sent events end lines with CRLF, LF or CR (WHATWG HTML §9.2.5); each ends the same.
 _EVENT_LINE_END: Final = re.compile(r"\r\n|\r|\n")
 
@@ -321,7 +338,9 @@ def _listed_events(text: str, listed: Callable[[Any], bool]) -> str:
     event whose data is rewritten carries it on one ``data:`` line where its first was. Data
     that is JSON only to a lenient reader (a member repeated) is refused: a client would read
     one tool list, this gateway another."""
-    lines = _EVENT_LINE_END.split(text)
+    # A reader drops one byte-order mark at the start (WHATWG: "data" after it is a field).
+    bom = "\ufeff" if text.startswith("\ufeff") else ""
+    lines = _EVENT_LINE_END.split(text[len(bom) :])
     out: list[str] = []
     block: list[str] = []
     for line in [*lines, None]:
@@ -332,7 +351,51 @@ def _listed_events(text: str, listed: Callable[[Any], bool]) -> str:
         block = []
         if line is not None:
             out.append(line)
-    return "\n".join(out)
+    return bom + "\n".join(out)
+
+
+class EventCut:
+    """:func:`_listed_events` as an event stream passes: each complete event is cut and given
+    back at once, so a server's request to the client on the stream (``roots/list``, a
+    sampling request) reaches it before the stream ends, and a stream never ends (the GET
+    stream) is cut all the same. An incomplete line is held until its end is read, and a
+    trailing CR until the next byte shows whether LF follows. ``InvalidRequest`` when one event
+    grows past ``limit`` characters unended (it could not be cut whole)."""
+
+    def __init__(self, listed: Callable[[Any], bool], limit: int) -> None:
+        self._listed, self._limit = listed, limit
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._pending = ""  # the unended line (and a held CR)
+        self._block: list[str] = []  # the lines of the event not yet ended
+        self._size = 0
+        self._started = False
+
+    def feed(self, data: bytes, *, final: bool = False) -> str:
+        text = self._pending + self._decoder.decode(data, final)
+        out = ""
+        if not self._started and text:
+            self._started = True
+            if text.startswith("\ufeff"):  # one leading mark, which readers drop
+                out, text = "\ufeff", text[1:]
+        held = ""
+        if not final and text.endswith("\r"):
+            text, held = text[:-1], "\r"
+        *lines, rest = _EVENT_LINE_END.split(text)
+        self._pending = rest + held
+        for line in lines:
+            if line:
+                self._block.append(line)
+                self._size += len(line)
+                continue
+            out += "".join(f"{kept}\n" for kept in _listed_event(self._block, self._listed))
+            out += "\n"
+            self._block, self._size = [], 0
+        if self._size + len(self._pending) > self._limit:
+            raise InvalidRequest(f"an event of the stream is longer than {self._limit} characters")
+        if final:  # an unended event, which readers drop, as it came
+            out += "".join(f"{line}\n" for line in self._block) + self._pending
+            self._block, self._pending = [], ""
+        return out
 
 
 def _listed_event(block: list[str], listed: Callable[[Any], bool]) -> list[str]:
@@ -420,7 +483,8 @@ def _maskable_text(raw: bytes, content_type: str | None, patterns: tuple[str, ..
             "a text answer to mask must declare no charset but UTF-8 in its body "
             "(<meta charset>, <?xml encoding>): a client decodes by it"
         )
-    if (why := _hidden_from_masks(text, patterns)) is not None:
+    # Without masks (a tool list to cut, say) nothing is looked for in the text as written.
+    if patterns and (why := _hidden_from_masks(text, patterns)) is not None:
         raise InvalidRequest(why)
     return text
 

@@ -458,7 +458,10 @@ class Pipeline:
             # their owners, or fill the store.
             _enforceable(ctx, decision)
             await self._hold_session(ctx, token)
-            if ctx.can_sanitize and lists_tools(ctx.body):
+            # The answer to a tools/list, and the event stream a GET opens (where a server may
+            # deliver that answer, on a resumed stream), name tools: cut to those the agent
+            # could call, by a door that rewrites answers.
+            if ctx.can_sanitize and (lists_tools(ctx.body) or ctx.method == "GET"):
                 facts.listed = self._lister(call)
         return decision
 

@@ -46,9 +46,12 @@ from aegis.approvals.model import is_bound
 from aegis.config import GatewaySettings
 from aegis.errors import AegisError, ConfigError, InvalidRequest, spec_for
 from aegis.gateway.answers import (
+    EVENT_STREAM,
     SANITIZE_INLINE,
     SANITIZED_REQUEST_DROP,
     SANITIZED_REQUEST_REFUSE,
+    EventCut,
+    answer_obligations,
     hidden_from_request_masks,
     mask_patterns,
     maskable_field,
@@ -72,6 +75,7 @@ from aegis.gateway.fields import (
     is_json_type,
     parse_json_body,
     proxy_claim,
+    utf8_labelled,
     vet_fields,
 )
 from aegis.gateway.hygiene import (
@@ -119,6 +123,12 @@ __all__ = ["WHOLE_ANSWER_BYTES", "ReverseProxy"]
 WHOLE_ANSWER_BYTES: Final = 64 * 1024
 _CHUNK: Final = 64 * 1024
 _MAX_REMEMBERED_HOSTS: Final = 1024
+
+
+def _event_stream(upstream: aiohttp.ClientResponse) -> bool:
+    """Whether the upstream answers with one ``Content-Type``, ``text/event-stream``."""
+    types = upstream.headers.getall("content-type", ())
+    return len(types) == 1 and media_type(types[0]) == EVENT_STREAM
 
 
 async def _answer(
@@ -790,7 +800,12 @@ class ReverseProxy:
             out_headers = [(k, v) for k, v in out_headers if k not in result.headers]
             out_headers += result.headers.items()
             out_headers = marked_private(out_headers)
-            if response_rules(result):
+            # A tool list is cut from an answer that holds one (200); an event stream event by
+            # event as it passes, unless masks or redactions need the whole answer.
+            cut = result.listed is not None and upstream.status == 200
+            if cut and not answer_obligations(result) and _event_stream(upstream):
+                return await self._relay_events(send, ctx, upstream, out_headers, result)
+            if cut or answer_obligations(result):
                 return await self._sanitized(send, ctx, upstream, out_headers, result)
             await self._relay(send, ctx, upstream, out_headers, result)
         finally:
@@ -863,6 +878,52 @@ class ReverseProxy:
                 await self._forward_failed(ctx, result, 502, "bad_gateway", _BROKEN_ANSWER)
             raise
         await send({"type": "http.response.body", "body": b""})
+
+    async def _relay_events(
+        self,
+        send: Send,
+        ctx: CallContext,
+        upstream: aiohttp.ClientResponse,
+        headers: list[tuple[str, str]],
+        result: Result,
+    ) -> None:
+        """An event stream with the tools each answer lists cut to those the agent could call
+        (:class:`EventCut`), sent on event by event. Once the status is sent, an event that
+        cannot be cut ends the stream: it is never passed whole."""
+        assert result.listed is not None
+        encoding = upstream.headers.get("content-encoding", "identity").lower()
+        if encoding != "identity" or not utf8_labelled(upstream.headers.get("content-type")):
+            return await self._gateway_error(
+                send, ctx, 502, "bad_gateway",
+                "the upstream's event stream is content-coded or not UTF-8, so the tools it lists "
+                "cannot be cut to those this agent may call",
+                result,
+            )  # fmt: skip
+        cut = EventCut(result.listed, self._settings.max_body_bytes)
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in sanitized_fields(headers)]
+        await send({"type": "http.response.start", "status": upstream.status, "headers": raw})
+        try:
+            async for chunk in upstream.content.iter_chunked(_CHUNK):
+                if text := cut.feed(chunk):
+                    await send({"type": "http.response.body", "body": text.encode(),
+                                "more_body": True})  # fmt: skip
+            rest = cut.feed(b"", final=True)
+        except (TimeoutError, aiohttp.ClientError, InvalidRequest, UnicodeDecodeError) as exc:
+            # The status is sent: the caller learns of it as a stream that ends early.
+            if isinstance(exc, TimeoutError):
+                why, status, code = (
+                    "the upstream stalled in its event stream",
+                    504,
+                    "upstream_timeout",
+                )
+            elif isinstance(exc, aiohttp.ClientError):
+                why, status, code = _BROKEN_ANSWER, 502, "bad_gateway"
+            else:
+                reason = exc.message if isinstance(exc, InvalidRequest) else "it is not UTF-8"
+                why, status, code = f"the event stream cannot be cut: {reason}", 502, "bad_gateway"
+            await self._forward_failed(ctx, result, status, code, why)
+            raise
+        await send({"type": "http.response.body", "body": rest.encode()})
 
     async def _sanitized(
         self,
