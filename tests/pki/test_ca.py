@@ -373,6 +373,44 @@ def test_removing_an_agents_key_revokes_its_certificates(tmp_path: Path) -> None
     )
 
 
+@pytest.mark.parametrize("change", ["role", "key"])
+def test_an_update_whose_revocation_fails_is_not_made_and_its_retry_revokes(
+    tmp_path: Path, change: str
+) -> None:
+    """The certificate store cannot answer when a serving role is withdrawn or a key removed:
+    the update is refused and not made (made, its retry would change nothing and so revoke
+    nothing); the retry revokes, and the CRL lists the certificate."""
+    from aegis.crypto.keys import Ed25519SigningKey
+    from aegis.errors import Unavailable
+
+    pki = build_pki(tmp_path, FrozenClock(1_800_000_000))
+    fields: dict[str, Any] = {"roles": ()}
+    if change == "key":
+        pki.registry.update_agent(
+            "gw", actor="t", jwks=(Ed25519SigningKey.generate().public.to_jwk(),)
+        )
+        fields = {"jwks": ()}
+    served = pki.key_and_cert("gw")[1]
+    pki.clock.advance(1)  # type: ignore[attr-defined]
+    real = pki.store.revoke_agent
+    calls: list[str] = []
+
+    def failing_once(agent_id: str, reason: str) -> Any:
+        calls.append(agent_id)
+        if len(calls) == 1:
+            raise Unavailable("the certificate store cannot answer", code="registry_unavailable")
+        return real(agent_id, reason)
+
+    pki.store.revoke_agent = failing_once  # type: ignore[method-assign]
+    before = pki.registry.store.get_agent("gw")
+    with pytest.raises(Unavailable):
+        pki.registry.update_agent("gw", actor="admin", **fields)
+    assert pki.registry.store.get_agent("gw") == before  # not made
+    assert served.serial_number not in _listed(pki)
+    pki.registry.update_agent("gw", actor="admin", **fields)
+    assert served.serial_number in _listed(pki)
+
+
 def test_nothing_is_enrolled_while_a_key_removals_mark_lies_ahead(tmp_path: Path) -> None:
     """A key removal sets the agent's mark a registry-cache lifetime ahead (for token services
     that still hold the key): a bootstrap token or a certificate made before it would be refused

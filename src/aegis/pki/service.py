@@ -23,6 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from aegis.clock import Clock
 from aegis.config import AegisConfig, PkiSettings
+from aegis.crypto.keys import jwk_thumbprint
 from aegis.errors import AegisError, ClientAuthError, Conflict, InvalidRequest, NotFound
 from aegis.oauth.client_auth import ClientAuthenticator
 from aegis.pki.ca import CaFiles, CertificateAuthority
@@ -334,13 +335,14 @@ class PkiService:
         * Its serving role withdrawn (role ``server`` or attribute ``serving: true`` removed):
           its certificates carry serverAuth, and peers that check only the chain and the CRL
           (nginx, Envoy, the SDK's server checks) would go on taking it for a server.
-        * One of its keys removed (``tokens_not_before`` moved): which key enrolled a
+        * One of its keys removed (its ``tokens_not_before`` moves): which key enrolled a
           certificate is not recorded, so every earlier certificate ends, as its tokens do
           (the validator already refuses them: issued before ``tokens_not_before``).
 
         The agent enrols again for a certificate of its present registration."""
         withdrawn = is_serving(before) and not is_serving(after)
-        if withdrawn or after.tokens_not_before > before.tokens_not_before:
+        kept = {jwk_thumbprint(j) for j in after.jwks}
+        if withdrawn or any(jwk_thumbprint(j) not in kept for j in before.jwks):
             self.store.revoke_agent(after.id, "privilege_withdrawn")
 
     def on_client_status(self, client: Client) -> None:

@@ -164,8 +164,9 @@ class RegistryService:
         #: Called likewise after every committed enable or disable of a client (the internal CA
         #: revokes the certificates enrolled with a disabled client's credentials).
         self.client_listeners: list[Callable[[Client], None]] = []
-        #: Called likewise with the records before and after every committed ``update_agent``
-        #: (the internal CA revokes the certificates a withdrawn serving role or key ended).
+        #: Called with the records before and after every ``update_agent``, once before it
+        #: commits (a failure aborts it) and once after (the internal CA revokes the
+        #: certificates a withdrawn serving role or a removed key ended). Judge by the records.
         self.update_listeners: list[Callable[[Agent, Agent], None]] = []
 
     def _event(
@@ -343,15 +344,17 @@ class RegistryService:
             raise InvalidRequest(
                 "owner must be the accountable human's e-mail address", field="owner"
             )
+        # What the change ends (certificates) is ended before it commits as well as after: if
+        # that fails, the change is not made, and its retry ends it again. (Run after the
+        # commit only, a failure left the change made and its retry, changing nothing, ending
+        # nothing.) A change that then fails has ended too much, never too little.
+        planned = self.store.get_agent(agent_id)
+        self._refuse_change(planned, may_change_quarantined)
+        for listener in self.update_listeners:
+            listener(planned, replace(planned, **fields))
         with self.store.atomic():
             before = self.store.get_agent(agent_id)
-            if before.status is AgentStatus.RETIRED:
-                raise Conflict(f"agent {agent_id} is retired and cannot change")
-            if before.status is AgentStatus.QUARANTINED and not may_change_quarantined:
-                raise AccessDenied(
-                    f"agent {agent_id} is quarantined; only an admin key may change it",
-                    code="forbidden",
-                )
+            self._refuse_change(before, may_change_quarantined)
             agent = replace(before, updated_at=self._clock.now(), **fields)
             self.store.update_agent(agent)
             kept = {jwk_thumbprint(j) for j in agent.jwks}
@@ -365,6 +368,16 @@ class RegistryService:
         for listener in self.update_listeners:
             listener(before, agent)
         return agent
+
+    @staticmethod
+    def _refuse_change(agent: Agent, may_change_quarantined: bool) -> None:
+        if agent.status is AgentStatus.RETIRED:
+            raise Conflict(f"agent {agent.id} is retired and cannot change")
+        if agent.status is AgentStatus.QUARANTINED and not may_change_quarantined:
+            raise AccessDenied(
+                f"agent {agent.id} is quarantined; only an admin key may change it",
+                code="forbidden",
+            )
 
     # -- clients ---------------------------------------------------------------------------
 
