@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tests.gateway.conftest import Agent, Env, gateway_app
@@ -15,162 +16,84 @@ from tests.gateway.harness import gateway_here, serve_here
 from tests.gateway.test_mcp import LISTED_POLICY, MCP_ROUTE, Mcp
 
 TOOLS = [{"name": n, "inputSchema": {"type": "object"}} for n in ("search", "delete_repo")]
+SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+#: What the server does with a request that is not initialize: (scope, message or None, send).
+Handler = Callable[[dict[str, Any], Any, Send], Awaitable[None]]
+
+
+async def _plain(send: Send, status: int, body: bytes = b"", headers: Any = ()) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": list(headers)})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _event(message: Any, *, event_id: str | None = None) -> bytes:
+    head = f"id: {event_id}\n" if event_id else ""
+    return f"{head}event: message\ndata: {json.dumps(message)}\n\n".encode()
+
+
+def _server(handle: Handler) -> Any:
+    """An MCP server over Streamable HTTP: it opens a session on initialize and leaves every
+    other request to ``handle`` (the message None for GET and DELETE)."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            return await send({"type": "lifespan.shutdown.complete"})
+        body, more = b"", True
+        while more:
+            part = await receive()
+            body, more = body + part.get("body", b""), part.get("more_body", False)
+        message = json.loads(body) if scope["method"] == "POST" else None
+        if message is not None and message.get("method") == "initialize":
+            answer = {"jsonrpc": "2.0", "id": message["id"], "result": {
+                "protocolVersion": message["params"]["protocolVersion"],
+                "capabilities": {"tools": {}}, "serverInfo": {"name": "s", "version": "1"}}}  # fmt: skip
+            session = secrets.token_hex(16).encode()
+            fields = [(b"content-type", b"application/json"), (b"mcp-session-id", session)]
+            return await _plain(send, 200, json.dumps(answer).encode(), fields)
+        await handle(scope, message, send)
+
+    return app
 
 
 def _asking_first() -> Any:
     """Asks the client for its roots on the tools/list answer's stream, then answers."""
     answered = asyncio.Event()
 
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                m = await receive()
-                if m["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        body = b""
-        while True:
-            m = await receive()
-            body += m.get("body", b"")
-            if not m.get("more_body"):
-                break
-        if scope["method"] != "POST":
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 405 if scope["method"] == "GET" else 200,
-                    "headers": [],
-                }
-            )
-            await send({"type": "http.response.body", "body": b""})
-            return
-        message = json.loads(body)
-        if message.get("method") == "initialize":
-            answer: Any = {
-                "jsonrpc": "2.0",
-                "id": message["id"],
-                "result": {
-                    "protocolVersion": message["params"]["protocolVersion"],
-                    "capabilities": {"tools": {}},
-                    "serverInfo": {"name": "s", "version": "1"},
-                },
-            }
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"mcp-session-id", secrets.token_hex(16).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
-            return
-        if "method" not in message or "id" not in message:  # the client's answer, a notification
+    async def handle(scope: Any, message: Any, send: Send) -> None:
+        if message is None:
+            return await _plain(send, 405 if scope["method"] == "GET" else 200)
+        if "method" not in message or "id" not in message:  # an answer, a notification
             if message.get("id") == "r1":
                 answered.set()
-            await send({"type": "http.response.start", "status": 202, "headers": []})
-            await send({"type": "http.response.body", "body": b""})
-            return
-        # tools/list: ask the client for its roots first, as the stream of this request.
+            return await _plain(send, 202)
+        await send({"type": "http.response.start", "status": 200, "headers": SSE})
         ask = {"jsonrpc": "2.0", "id": "r1", "method": "roots/list"}
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"text/event-stream")],
-            }
-        )
-        await send(
-            {
-                "type": "http.response.body",
-                "more_body": True,
-                "body": f"event: message\ndata: {json.dumps(ask)}\n\n".encode(),
-            }
-        )
+        await send({"type": "http.response.body", "body": _event(ask), "more_body": True})
         await asyncio.wait_for(answered.wait(), 10)
         answer = {"jsonrpc": "2.0", "id": message["id"], "result": {"tools": TOOLS}}
-        await send(
-            {
-                "type": "http.response.body",
-                "body": f"event: message\ndata: {json.dumps(answer)}\n\n".encode(),
-            }
-        )
+        await send({"type": "http.response.body", "body": _event(answer)})
 
-    return app
+    return _server(handle)
 
 
 def _resuming() -> Any:
     """Answers tools/list on the stream the client resumes with GET and Last-Event-ID."""
 
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                m = await receive()
-                if m["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        body = b""
-        while True:
-            m = await receive()
-            body += m.get("body", b"")
-            if not m.get("more_body"):
-                break
-        headers = dict(scope["headers"])
-        sse = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+    async def handle(scope: Any, message: Any, send: Send) -> None:
         if scope["method"] == "GET":
-            last = headers.get(b"last-event-id")
-            if last is None:
-                await send({"type": "http.response.start", "status": 405, "headers": []})
-                await send({"type": "http.response.body", "body": b""})
-                return
+            if b"last-event-id" not in dict(scope["headers"]):
+                return await _plain(send, 405)
             answer = {"jsonrpc": "2.0", "id": 1, "result": {"tools": TOOLS}}
-            text = f"id: ev2\nevent: message\ndata: {json.dumps(answer)}\n\n"
-            await send({"type": "http.response.start", "status": 200, "headers": sse})
-            await send({"type": "http.response.body", "body": text.encode()})
-            return
-        if scope["method"] == "DELETE":
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            await send({"type": "http.response.body", "body": b""})
-            return
-        message = json.loads(body)
-        method = message.get("method")
-        if method == "initialize":
-            answer = {
-                "jsonrpc": "2.0",
-                "id": message["id"],
-                "result": {
-                    "protocolVersion": message["params"]["protocolVersion"],
-                    "capabilities": {"tools": {}},
-                    "serverInfo": {"name": "s", "version": "1"},
-                },
-            }
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"mcp-session-id", secrets.token_hex(16).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
-            return
-        if "id" not in message:  # a notification
-            await send({"type": "http.response.start", "status": 202, "headers": []})
-            await send({"type": "http.response.body", "body": b""})
-            return
+            return await _plain(send, 200, _event(answer, event_id="ev2"), SSE)
+        if message is None or "id" not in message:  # DELETE, a notification
+            return await _plain(send, 200 if message is None else 202)
         # tools/list: a priming event, then the stream closes; the answer follows on resumption.
-        await send({"type": "http.response.start", "status": 200, "headers": sse})
-        await send({"type": "http.response.body", "body": b"id: ev1\nretry: 10\ndata: \n\n"})
+        await _plain(send, 200, b"id: ev1\nretry: 10\ndata: \n\n", SSE)
 
-    return app
+    return _server(handle)
 
 
 async def test_a_server_may_ask_the_client_before_it_lists_its_tools(env: Env) -> None:

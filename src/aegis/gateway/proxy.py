@@ -863,21 +863,7 @@ class ReverseProxy:
                     send, ctx, 502, "bad_gateway", _BROKEN_ANSWER, result
                 )
             return await _answer(send, upstream.status, headers, data)
-        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-        await send({"type": "http.response.start", "status": upstream.status, "headers": raw})
-        try:
-            async for chunk in upstream.content.iter_chunked(_CHUNK):
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            # The status is sent: the caller learns of it only as a connection that ends before
-            # the answer does (raised on, the server drops it), never as a whole answer.
-            if isinstance(exc, TimeoutError):
-                why = "the upstream stalled in the middle of its answer"
-                await self._forward_failed(ctx, result, 504, "upstream_timeout", why)
-            else:
-                await self._forward_failed(ctx, result, 502, "bad_gateway", _BROKEN_ANSWER)
-            raise
-        await send({"type": "http.response.body", "body": b""})
+        await self._stream(send, ctx, upstream, headers, result)
 
     async def _relay_events(
         self,
@@ -900,21 +886,36 @@ class ReverseProxy:
                 result,
             )  # fmt: skip
         cut = EventCut(result.listed, self._settings.max_body_bytes)
-        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in sanitized_fields(headers)]
+        await self._stream(send, ctx, upstream, sanitized_fields(headers), result, cut)
+
+    async def _stream(
+        self,
+        send: Send,
+        ctx: CallContext,
+        upstream: aiohttp.ClientResponse,
+        headers: list[tuple[str, str]],
+        result: Result,
+        cut: EventCut | None = None,
+    ) -> None:
+        """The answer chunk by chunk as it arrives (through ``cut``, an event stream's tool
+        lists cut event by event). Once the status is sent, a broken upstream, or an event that
+        cannot be cut, can only end the answer short: never passed on whole."""
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
         await send({"type": "http.response.start", "status": upstream.status, "headers": raw})
         try:
             async for chunk in upstream.content.iter_chunked(_CHUNK):
-                if text := cut.feed(chunk):
-                    await send({"type": "http.response.body", "body": text.encode(),
-                                "more_body": True})  # fmt: skip
-            rest = cut.feed(b"", final=True)
+                data = chunk if cut is None else cut.feed(chunk).encode()
+                if data:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+            rest = b"" if cut is None else cut.feed(b"", final=True).encode()
         except (TimeoutError, aiohttp.ClientError, InvalidRequest, UnicodeDecodeError) as exc:
-            # The status is sent: the caller learns of it as a stream that ends early.
+            # The caller learns of it only as a connection that ends before the answer does
+            # (raised on, the server drops it).
             if isinstance(exc, TimeoutError):
                 why, status, code = (
-                    "the upstream stalled in its event stream",
+                    "the upstream stalled in the middle of its answer",
                     504,
-                    "upstream_timeout",
+                    ("upstream_timeout"),
                 )
             elif isinstance(exc, aiohttp.ClientError):
                 why, status, code = _BROKEN_ANSWER, 502, "bad_gateway"
@@ -923,7 +924,7 @@ class ReverseProxy:
                 why, status, code = f"the event stream cannot be cut: {reason}", 502, "bad_gateway"
             await self._forward_failed(ctx, result, status, code, why)
             raise
-        await send({"type": "http.response.body", "body": rest.encode()})
+        await send({"type": "http.response.body", "body": rest})
 
     async def _sanitized(
         self,
