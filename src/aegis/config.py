@@ -418,6 +418,10 @@ class GatewaySettings(_Section):
     #: (seconds; held in the replay store). Keep it longer than the MCP servers keep an idle
     #: session (the Python SDK's: 30 minutes): a hold that lapses first frees the session.
     mcp_session_idle: float = Field(default=86400.0, ge=600, le=30 * 86400)
+    #: How many MCP sessions one agent may hold at once (an ``initialize`` past it is 429
+    #: ``mcp_session_limit``; a session ended with DELETE, or idle past ``mcp_session_idle``,
+    #: frees its place): no agent fills the replay store with sessions.
+    mcp_sessions_per_agent: int = Field(default=1000, ge=1, le=1_000_000)
     #: How old a DPoP proof's ``iat`` may be, and how far ahead of this clock (seconds).
     dpop_iat_window: float = Field(default=60.0, gt=0, le=600)
     dpop_future_skew: float = Field(default=5.0, ge=0, le=60)

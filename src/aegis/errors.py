@@ -76,6 +76,8 @@ CODES: dict[str, ErrorSpec] = {
     "unsupported_grant_type": _S(400, "unsupported_grant_type"),
     "unsupported_token_type": _S(400, "unsupported_token_type"),
     "rate_limited": _S(429, "slow_down", retryable=True),
+    # an agent holds as many MCP sessions as gateway.mcp_sessions_per_agent allows
+    "mcp_session_limit": _S(429, "slow_down", retryable=True),
     # token and signature verification
     "invalid_token": _S(401, "invalid_token"),
     "malformed_token": _S(401, "invalid_token"),

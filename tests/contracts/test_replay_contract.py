@@ -11,6 +11,7 @@ import pytest
 from aegis.clock import FrozenClock
 from aegis.errors import ReplayDetected, TokenError, Unavailable
 from aegis.stores import ReplayStore, open_replay_store
+from aegis.stores.base import HoldLimit
 from aegis.stores.memory import MemoryReplayStore
 from aegis.stores.redis import RedisReplayStore
 from tests.contracts.conftest import PATIENT_TIMEOUT, Fast
@@ -242,6 +243,31 @@ async def test_a_claim_that_only_extends_takes_no_key_nobody_holds(
     await fast.pass_time(0.6)
     assert await replay.held_by("mcp-session", "s") is None
     assert not await replay.claim("mcp-session", "s", "alice", fast.clock.now() + 1.0, held=True)
+
+
+async def test_an_owner_holds_at_most_its_limit_of_keys(replay: ReplayStore, fast: Fast) -> None:
+    """With a limit, a new hold past it is refused (``HoldLimit``), changing nothing; extending a
+    key held already, another owner's claims, a released key and a lapsed one are not held
+    against it."""
+    now = fast.clock.now
+    ns = "mcp-session"
+    assert await replay.claim(ns, "a", "alice", now() + 1.0, limit=2)
+    assert await replay.claim(ns, "b", "alice", now() + 60, limit=2)
+    with pytest.raises(HoldLimit):
+        await replay.claim(ns, "c", "alice", now() + 60, limit=2)
+    assert await replay.held_by(ns, "c") is None
+    assert await replay.claim(ns, "b", "alice", now() + 60, limit=2)  # its own: extended
+    assert await replay.claim(ns, "c", "bob", now() + 60, limit=2)  # another owner's count
+    assert not await replay.claim(ns, "c", "alice", now() + 60, limit=2)  # bob's
+    await replay.release(ns, "b", "alice")
+    assert await replay.held_by(ns, "b") is None
+    assert await replay.claim(ns, "d", "alice", now() + 60, limit=2)
+    await replay.release(ns, "c", "alice")  # not alice's: left to bob
+    assert await replay.held_by(ns, "c") == "bob"
+    await fast.pass_time(1.2)  # "a" lapses, and with it its place
+    assert await replay.claim(ns, "e", "alice", now() + 60, limit=2)
+    with pytest.raises(HoldLimit):
+        await replay.claim(ns, "f", "alice", now() + 60, limit=2)
 
 
 async def test_a_claim_lasts_while_its_holder_uses_it(replay: ReplayStore, fast: Fast) -> None:

@@ -585,10 +585,30 @@ async def test_the_proxy_serves_only_sessions_it_saw_handed_out(mcp: Mcp) -> Non
         assert await replay.held_by(SESSION_NAMESPACE, session_key(made_up)) is None
     async with mcp.session() as session:
         assert (await session.call_tool("search", {"query": "x"})).content[0].text == "found x"
-    assert mcp.session_id is not None
-    assert await replay.held_by(SESSION_NAMESPACE, session_key(mcp.session_id)) == (
-        "acme\nprod\ncaller"
-    )
+        assert mcp.session_id is not None
+        assert await replay.held_by(SESSION_NAMESPACE, session_key(mcp.session_id)) == (
+            "acme\nprod\ncaller"
+        )
+    # Ended by its client (DELETE): no longer held.
+    assert await replay.held_by(SESSION_NAMESPACE, session_key(mcp.session_id)) is None
+
+
+async def test_an_agent_holds_at_most_its_share_of_sessions(env: Env) -> None:
+    """`gateway.mcp_sessions_per_agent`: an initialize past it is 429 `mcp_session_limit`, and
+    its session never passed on; a session its client ends (DELETE) frees its place. Another
+    agent is not held to this one's count."""
+    async with serve_here(_server().streamable_http_app()) as url:
+        app = gateway_app(env, [{**MCP_ROUTE, "upstream": url}], POLICY, mcp_sessions_per_agent=2)
+        async with gateway_here(app) as port:
+            caller = Mcp(port, Agent(env, "caller"), env)
+            async with caller.session(), caller.session():
+                refused = await _initialize(port, caller.agent)
+                assert refused.status_code == 429, refused.text
+                assert refused.json()["error"]["data"]["code"] == "mcp_session_limit"
+                assert "mcp-session-id" not in refused.headers
+                assert (await _initialize(port, Agent(env, "other"))).status_code == 200
+            # Both ended (the SDK client sends DELETE on leaving): places free again.
+            assert (await _initialize(port, caller.agent)).status_code == 200
 
 
 @pytest.fixture

@@ -139,11 +139,22 @@ class MemoryReplayStore:
         self.seen[(namespace, jti)] = expires_at
 
     async def claim(
-        self, namespace: str, key: str, owner: str, expires_at: float, *, held: bool = False
+        self,
+        namespace: str,
+        key: str,
+        owner: str,
+        expires_at: float,
+        *,
+        held: bool = False,
+        limit: int | None = None,
     ) -> bool:
         if held and (namespace, key) not in self.claims:
             return False
         return self.claims.setdefault((namespace, key), owner) == owner
+
+    async def release(self, namespace: str, key: str, owner: str) -> None:
+        if self.claims.get((namespace, key)) == owner:
+            del self.claims[(namespace, key)]
 
     async def held_by(self, namespace: str, key: str) -> str | None:
         return self.claims.get((namespace, key))

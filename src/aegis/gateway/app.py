@@ -119,6 +119,7 @@ def build_pipeline(
         limits=limits,
         approvals=gate,
         mcp_session_idle=settings.mcp_session_idle,
+        mcp_sessions_per_agent=settings.mcp_sessions_per_agent,
     )
 
 

@@ -56,7 +56,7 @@ from aegis.policy.input import AgentInfo, ChainInfo, PolicyCall, build_input
 from aegis.policy.obligations import apply_to_body, mask_text
 from aegis.policy.shadow import record_shadow
 from aegis.registry.cache import RegistryCache
-from aegis.stores.base import ReplayStore, RevocationStore
+from aegis.stores.base import HoldLimit, ReplayStore, RevocationStore
 from aegis.telemetry import names
 from aegis.telemetry.logging import log_event
 from aegis.telemetry.metrics import (
@@ -158,12 +158,14 @@ class Pipeline:
         limits: LimitsHook | None = None,
         approvals: ApprovalHook | None = None,
         mcp_session_idle: float = 86400.0,
+        mcp_sessions_per_agent: int = 1000,
     ) -> None:
         self._verifier, self._dpop, self._replay = verifier, dpop, replay
         self._cache, self._revocation, self._rules = cache, revocation, chain_rules
         self._policies, self._attester, self._audit = policies, attester, audit
         self._clock, self._public_url, self._limits = clock, public_url, limits
         self._approvals, self._mcp_session_idle = approvals, mcp_session_idle
+        self._mcp_sessions_per_agent = mcp_sessions_per_agent
 
     @property
     def audit(self) -> AuditLog | None:
@@ -514,8 +516,22 @@ class Pipeline:
         ``held``, while nobody does). Raises ``Unavailable`` when the replay store cannot
         answer."""
         expires = self._clock.now() + self._mcp_session_idle
-        key = session_key(session)
-        return await self._replay.claim(SESSION_NAMESPACE, key, holder, expires, held=held)
+        key, limit = session_key(session), self._mcp_sessions_per_agent
+        try:
+            return await self._replay.claim(
+                SESSION_NAMESPACE, key, holder, expires, held=held, limit=limit
+            )
+        except HoldLimit:
+            raise AegisError(
+                f"this agent holds {limit} MCP sessions, the most gateway.mcp_sessions_per_agent "
+                "allows: end one (DELETE) or wait until one has been idle for "
+                "gateway.mcp_session_idle",
+                code="mcp_session_limit",
+            ) from None
+
+    async def release_session(self, session: str, holder: str) -> None:
+        """Free ``holder``'s hold of MCP session ``session`` (its server ended it)."""
+        await self._replay.release(SESSION_NAMESPACE, session_key(session), holder)
 
     def _enforce(self, ctx: CallContext, facts: EvidenceFacts, decision: Decision) -> Result:
         if decision.action == "approval_needed":

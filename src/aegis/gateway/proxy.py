@@ -754,6 +754,8 @@ class ReverseProxy:
                 if why is not None:
                     upstream.close()  # the id is never passed on
                     return await self._gateway_error(send, ctx, status, code, why, result)
+            if ctx.route.mcp and ctx.method == "DELETE" and 200 <= upstream.status < 300:
+                await self._release_ended(ctx, result)
             if streamed is not None and streamed.whole:
                 # The body has passed whole: its record is written before the caller is answered.
                 await self._body_forwarded(ctx, result, streamed)
@@ -810,6 +812,18 @@ class ReverseProxy:
             await self._relay(send, ctx, upstream, out_headers, result)
         finally:
             upstream.release()
+
+    async def _release_ended(self, ctx: CallContext, result: Result) -> None:
+        """The server ended the session the DELETE named: its agent's hold goes, and with it
+        its place among ``mcp_sessions_per_agent``. Not freed (the store cannot answer), it
+        lapses after ``mcp_session_idle``."""
+        session = session_id(ctx.headers)
+        if session is None or result.session_holder is None:
+            return
+        try:
+            await self._pipeline.release_session(session, result.session_holder)
+        except AegisError as exc:
+            log_event("gateway.session_not_freed", level=logging.WARNING, code=exc.code)
 
     async def _hold_opened(self, upstream: aiohttp.ClientResponse, result: Result) -> str | None:
         """Hold the session an MCP server hands out on ``initialize`` for the agent that asked,

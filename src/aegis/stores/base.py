@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol
 
-from aegis.errors import TokenError
+from aegis.errors import AegisError, TokenError
 from aegis.types import (
     AdminKey,
     Agent,
@@ -28,6 +28,7 @@ from aegis.types import (
 )
 
 __all__ = [
+    "HoldLimit",
     "KeyStore",
     "RegistryStore",
     "ReplayStore",
@@ -127,13 +128,25 @@ class ReplayStore(Protocol):
         ...
 
     async def claim(
-        self, namespace: str, key: str, owner: str, expires_at: float, *, held: bool = False
+        self,
+        namespace: str,
+        key: str,
+        owner: str,
+        expires_at: float,
+        *,
+        held: bool = False,
+        limit: int | None = None,
     ) -> bool:
         """Hold ``key`` for ``owner`` until at least ``expires_at`` (a claim by its holder
         extends it, never shortens it); False, and nothing changed, while another owner holds
-        it, or (``held``: only extend a hold ``owner`` has) while nobody does. Atomic across
-        processes. Raises ``Unavailable`` (``replay_store_unavailable``) when the store cannot
-        answer."""
+        it, or (``held``: only extend a hold ``owner`` has) while nobody does. With ``limit``,
+        a new hold is refused (``HoldLimit``) while ``owner`` holds ``limit`` keys of the
+        namespace (every claim of the namespace must then pass one). Atomic across processes.
+        Raises ``Unavailable`` (``replay_store_unavailable``) when the store cannot answer."""
+        ...
+
+    async def release(self, namespace: str, key: str, owner: str) -> None:
+        """Drop ``owner``'s hold of ``key`` (another owner's, or none, is left as it is)."""
         ...
 
     async def held_by(self, namespace: str, key: str) -> str | None:
@@ -142,6 +155,12 @@ class ReplayStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class HoldLimit(AegisError):
+    """An owner holds as many keys of a namespace as its claims allow (``claim(limit=)``)."""
+
+    default_code = "mcp_session_limit"
 
 
 class RevocationStore(Protocol):

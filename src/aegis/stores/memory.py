@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from aegis.clock import Clock
 from aegis.errors import ReplayDetected, TokenError, Unavailable
-from aegis.stores.base import check_time, replay_key
+from aegis.stores.base import HoldLimit, check_time, replay_key
 
 __all__ = ["DEFAULT_MAX_ENTRIES", "MARK_TTL", "MemoryReplayStore", "MemoryRevocationStore"]
 
@@ -77,6 +77,11 @@ class _ExpiringMap:
             return None
         return exp
 
+    def drop(self, key: str) -> None:
+        """Forget ``key`` now (its heap item goes stale, and is dropped when it surfaces)."""
+        self._expiry.pop(key, None)
+        self._values.pop(key, None)
+
     def value(self, key: str) -> str | None:
         """What a live ``key`` holds (None: not live, or put without a value)."""
         return self._values.get(key) if self.get(key) is not None else None
@@ -115,6 +120,9 @@ class MemoryReplayStore:
     def __init__(self, clock: Clock, *, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
         self._seen = _ExpiringMap(clock, max_entries, "replay_store_unavailable", "replay")
         self._claims = _ExpiringMap(clock, max_entries, "replay_store_unavailable", "replay")
+        #: Per (namespace, owner), the keys held under a limit and their expiry (``claim``).
+        self._holds: dict[tuple[str, str], dict[str, float]] = {}
+        self._clock = clock
         self._lock = threading.Lock()
 
     async def consume(self, namespace: str, jti: str, expires_at: float) -> None:
@@ -125,7 +133,14 @@ class MemoryReplayStore:
             raise ReplayDetected("this single-use proof was already used; create a fresh one")
 
     async def claim(
-        self, namespace: str, key: str, owner: str, expires_at: float, *, held: bool = False
+        self,
+        namespace: str,
+        key: str,
+        owner: str,
+        expires_at: float,
+        *,
+        held: bool = False,
+        limit: int | None = None,
     ) -> bool:
         check_time(expires_at, "expires_at")
         entry = replay_key(namespace, key)
@@ -133,7 +148,24 @@ class MemoryReplayStore:
             holder = self._claims.value(entry)
             if holder != owner and (holder is not None or held):
                 return False
-            return self._claims.put(entry, expires_at, value=owner)
+            if limit is None:
+                return self._claims.put(entry, expires_at, value=owner)
+            now = self._clock.now()
+            holds = self._holds.setdefault((namespace, owner), {})
+            for gone in [k for k, exp in holds.items() if exp <= now]:
+                del holds[gone]
+            if holder is None and entry not in holds and len(holds) >= limit:
+                raise HoldLimit(f"the owner holds {limit} keys of {namespace!r} already")
+            self._claims.put(entry, expires_at, value=owner)
+            holds[entry] = max(holds.get(entry, 0.0), expires_at)
+            return True
+
+    async def release(self, namespace: str, key: str, owner: str) -> None:
+        entry = replay_key(namespace, key)
+        with self._lock:
+            if self._claims.value(entry) == owner:
+                self._claims.drop(entry)
+            self._holds.get((namespace, owner), {}).pop(entry, None)
 
     async def held_by(self, namespace: str, key: str) -> str | None:
         with self._lock:

@@ -13,6 +13,7 @@ repeated ``SET NX`` whose first attempt did reach Redis answers "already used", 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from typing import Final
@@ -25,7 +26,7 @@ from redis.exceptions import RedisError
 
 from aegis.clock import Clock
 from aegis.errors import ReplayDetected, TokenError, Unavailable
-from aegis.stores.base import check_time, replay_key
+from aegis.stores.base import HoldLimit, check_time, replay_key
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -111,6 +112,8 @@ class RedisReplayStore:
         self._prefix = f"{prefix}replay:"
         #: Claims live apart from single-use ids: no namespace of one can reach a key of the other.
         self._claim_prefix = f"{prefix}claim:"
+        #: Per (namespace, owner), a sorted set of the keys held under a limit, by expiry.
+        self._holds_prefix = f"{prefix}holds:"
 
     @classmethod
     def from_url(
@@ -137,21 +140,45 @@ class RedisReplayStore:
         if not fresh:
             raise ReplayDetected("this single-use proof was already used; create a fresh one")
 
+    def _holds(self, namespace: str, owner: str) -> bytes:
+        digest = hashlib.sha256(_key(namespace, "\n", owner)).hexdigest()
+        return _key(self._holds_prefix, digest)
+
     async def claim(
-        self, namespace: str, key: str, owner: str, expires_at: float, *, held: bool = False
+        self,
+        namespace: str,
+        key: str,
+        owner: str,
+        expires_at: float,
+        *,
+        held: bool = False,
+        limit: int | None = None,
     ) -> bool:
         check_time(expires_at, "expires_at")
         name = _key(self._claim_prefix, replay_key(namespace, key))
+        now = self._clock.now()
         try:
-            held = await self._r.eval(
-                _CLAIM, 1, name, _key(owner), _ttl_ms(expires_at, self._clock.now()),
-                "1" if held else "0",
+            answer = await self._r.eval(
+                _CLAIM, 2, name, self._holds(namespace, owner), _key(owner),
+                _ttl_ms(expires_at, now), "1" if held else "0", str(limit or 0),
+                str(int(now * 1000)),
             )  # fmt: skip
         except (RedisError, OSError) as exc:
             raise Unavailable(
                 "the replay store (redis) is unreachable", code="replay_store_unavailable"
             ) from exc
-        return bool(held == 1)
+        if answer == -1:
+            raise HoldLimit(f"the owner holds {limit} keys of {namespace!r} already")
+        return bool(answer == 1)
+
+    async def release(self, namespace: str, key: str, owner: str) -> None:
+        name = _key(self._claim_prefix, replay_key(namespace, key))
+        try:
+            await self._r.eval(_RELEASE, 2, name, self._holds(namespace, owner), _key(owner))
+        except (RedisError, OSError) as exc:
+            raise Unavailable(
+                "the replay store (redis) is unreachable", code="replay_store_unavailable"
+            ) from exc
 
     async def held_by(self, namespace: str, key: str) -> str | None:
         name = _key(self._claim_prefix, replay_key(namespace, key))
@@ -171,13 +198,31 @@ class RedisReplayStore:
 
 #: ``claim`` in one step: refuse while another owner holds the key (or, with ARGV[3] = "1",
 #: while nobody does), else hold it for the owner and extend (never shorten) its time to live.
+#: With a limit (ARGV[4] > 0), KEYS[2] holds the owner's keys by expiry (ms, ARGV[5] is now):
+#: a new hold is refused (-1) while the owner holds that many live ones.
 _CLAIM: Final = """
 local held = redis.call('GET', KEYS[1])
 if held and held ~= ARGV[1] then return 0 end
 if not held and ARGV[3] == '1' then return 0 end
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local ttl, limit, now = tonumber(ARGV[2]), tonumber(ARGV[4]), tonumber(ARGV[5])
+if limit > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  if not held and redis.call('ZCARD', KEYS[2]) >= limit then return -1 end
 end
+if redis.call('PTTL', KEYS[1]) < ttl then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+  if limit > 0 then
+    redis.call('ZADD', KEYS[2], now + ttl, KEYS[1])
+    if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], ttl) end
+  end
+end
+return 1
+"""
+#: ``release``: drop the owner's hold of KEYS[1] (another owner's is left) and its place in
+#: the owner's set KEYS[2].
+_RELEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+redis.call('ZREM', KEYS[2], KEYS[1])
 return 1
 """
 
