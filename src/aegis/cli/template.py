@@ -92,6 +92,7 @@ COMMENTS: Final[dict[str, str]] = {
     "gateway.metrics_clients": "addresses or networks served /metrics on the proxy port",
     "gateway.policy_poll_interval": "seconds between checks for a newly activated policy",
     "gateway.mcp_session_idle": "seconds an MCP session stays held for its agent after its last call",
+    "gateway.mcp_sessions_per_agent": "MCP sessions one agent may hold at once (429 past it)",
     "gateway.dpop_iat_window": "how old a DPoP proof's iat may be (seconds)",
     "gateway.dpop_future_skew": "how far ahead of this clock a DPoP iat may be (seconds)",
     "gateway.dpop_nonce_key": "base64 32-byte DPoP nonce key, same on every replica; null: no nonces",
