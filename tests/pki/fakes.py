@@ -95,6 +95,9 @@ class MemoryRegistryStore:
     def update_agent(self, agent: Agent) -> None:
         self._update("agents", agent.id, agent)
 
+    def check_agent(self, agent: Agent) -> None:
+        return None
+
     def create_client(self, client: Client) -> None:
         self._create("clients", client.client_id, client)
 

@@ -411,11 +411,12 @@ def test_an_update_whose_revocation_fails_is_not_made_and_its_retry_revokes(
     assert served.serial_number in _listed(pki)
 
 
-def test_nothing_is_enrolled_while_a_key_removals_mark_lies_ahead(tmp_path: Path) -> None:
-    """A key removal sets the agent's mark a registry-cache lifetime ahead (for token services
-    that still hold the key): a bootstrap token or a certificate made before it would be refused
-    for it at once, so none is made until it passes (503 `credentials_settling`, with the
-    wait), and nothing single-use is spent meanwhile. Afterwards both work."""
+def test_enrolment_after_a_key_removal_and_while_a_mark_lies_ahead(tmp_path: Path) -> None:
+    """A bootstrap token made just after a key removal enrols (the mark is the removal's
+    instant). While a mark lies ahead (set on a replica whose clock runs ahead) nothing is
+    enrolled that it would end: 503 `credentials_settling`, nothing single-use spent."""
+    from dataclasses import replace
+
     from aegis.crypto.keys import Ed25519SigningKey
 
     clock = FrozenClock(1_800_000_000)
@@ -425,16 +426,18 @@ def test_nothing_is_enrolled_while_a_key_removals_mark_lies_ahead(tmp_path: Path
     clock.advance(10)
     pki.registry.update_agent("beta", actor="op", jwks=[new.public.to_jwk()])
     clock.advance(0.1)
-    with pytest.raises(AegisError) as info:
-        pki.service.new_bootstrap_token("beta", lifetime=600)
-    assert (info.value.code, info.value.spec.status) == ("credentials_settling", 503)
-    status, body = _post_sign(pki, {"csr": make_csr()[1].decode()}, pki.secrets["beta"])
-    assert (status, body["error"]) == (503, "temporarily_unavailable"), body
-    clock.advance(1)
     token = pki.service.new_bootstrap_token("beta", lifetime=600)
     clock.advance(30)
     status, body = _post_sign(pki, {"csr": make_csr()[1].decode(), "bootstrap_token": token})
     assert status == 201, body
+    stored = pki.registry.store.get_agent("beta")
+    pki.registry.store.update_agent(replace(stored, tokens_not_before=clock.now() + 2.5))
+    with pytest.raises(AegisError) as info:
+        pki.service.new_bootstrap_token("beta", lifetime=600)
+    assert (info.value.code, info.value.details["retry_after"]) == ("credentials_settling", 3)
+    status, body = _post_sign(pki, {"csr": make_csr()[1].decode()}, pki.secrets["beta"])
+    assert (status, body["code"]) == (503, "credentials_settling"), body
+    clock.advance(3)
     status, body = _post_sign(pki, {"csr": make_csr()[1].decode()}, pki.secrets["beta"])
     assert status == 201, body
 

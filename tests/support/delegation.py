@@ -67,10 +67,7 @@ class World:
     ) -> None:
         self.clock = FrozenClock(T0)
         self.store = MemoryRegistryStore()
-        # Its services read the registry with no cache: no mark need lie past a key removal.
-        self.registry = RegistryService(
-            self.store, clock=self.clock, pepper=os.urandom(32), cache_ttl=0.0
-        )
+        self.registry = RegistryService(self.store, clock=self.clock, pepper=os.urandom(32))
         self.cache = RegistryCache(self.store, clock=self.clock, ttl=0.0)
         self.keyring = KeyRing(MemoryKeyStore(), os.urandom(32), self.clock)
         self.keyring.ensure_initialized()

@@ -30,3 +30,23 @@ def test_a_grant_signed_after_a_return_is_exchanged(returned: str) -> None:
     with pytest.raises(AegisError) as info:
         asyncio.run(w.exchange(child, before))
     assert info.value.details.get("reason", info.value.code) in ("parent_inactive", "token_revoked")
+
+
+def test_a_token_exchanged_in_the_second_its_grant_was_signed_is_good_without_leeway() -> None:
+    """Grants carry milliseconds and tokens whole seconds: with `tokens.leeway: 0` a token
+    exchanged in the same second as its grant must not read as issued before the grant."""
+    from dataclasses import replace
+
+    from aegis.tokens.chain import verify_chain
+
+    w = World()
+    w.rules = replace(w.rules, leeway=0.0)
+    w.exchanger.rules = w.rules
+    orch, fin = w.agent("orchestrator"), w.agent("finance")
+    w.clock.set(T0 + 10.5)
+    grant = w.grant(orch, fin)
+    w.clock.set(T0 + 10.6)
+    asyncio.run(w.exchange(fin, grant))
+    w.clock.set(T0 + 10.7)
+    assert fin.token is not None
+    assert verify_chain(fin.token, cache=w.cache, rules=w.rules, now=w.clock.now()).depth == 1

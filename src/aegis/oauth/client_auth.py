@@ -230,7 +230,7 @@ class ClientAuthenticator:
         self.limiter.check(*keys)
         try:
             client = self._load(client_id)
-            agent = self._cache.agent(client.agent_id)
+            agent = self._cache.agent_from_store(client.agent_id)
             if client.auth_method is ClientAuthMethod.TLS_CLIENT_AUTH:
                 check_tls_client(client, agent, peer)
             else:
@@ -244,8 +244,12 @@ class ClientAuthenticator:
         return AuthenticatedClient(client, client.auth_method)
 
     def _load(self, client_id: str) -> Client:
+        """The client as the store holds it now, never a cached copy: a secret stopped, a key
+        removed or a client disabled a moment ago on any replica authenticates nothing here
+        (the token service's cache would take them for up to ``registry_cache_ttl``, and what
+        it issued would live). Its agent is read alike."""
         try:
-            client = self._cache.client(client_id)
+            client = self._cache.client_from_store(client_id)
         except NotFound:
             raise unproven_client("no such client") from None
         if not client.active:
@@ -294,7 +298,7 @@ class ClientAuthenticator:
         client = self._load(client_id)
         if client.auth_method is not ClientAuthMethod.PRIVATE_KEY_JWT:
             raise unproven_client(f"client is registered for {client.auth_method.value}")
-        agent = self._cache.agent(client.agent_id)
+        agent = self._cache.agent_from_store(client.agent_id)
         keys: dict[str, PublicKey] = {}
         for jwk in agent.jwks:
             key = public_key_from_jwk({k: v for k, v in jwk.items() if k != "kid"})

@@ -86,7 +86,8 @@ class TokenService:
         return TokenRequest(scopes, audiences, lifetime)
 
     def client_credentials(self, client: Client, req: TokenRequest) -> IssuedToken:
-        agent = self._cache.agent(client.agent_id)
+        # As the client was (ClientAuthenticator): read now, so the marks passed on are current.
+        agent = self._cache.agent_from_store(client.agent_id)
         if agent.status is not AgentStatus.ACTIVE:
             raise GrantError(
                 f"agent {agent.id} is {agent.status.value}", code="unauthorized_client"

@@ -60,6 +60,8 @@ class PkiEndpoints:
         headers = dict(_NO_STORE)
         if spec.status == 401:
             headers["WWW-Authenticate"] = 'Basic realm="aegis", charset="UTF-8"'
+        if "retry_after" in exc.details:  # credentials_settling: the wait, as the token endpoint
+            headers["Retry-After"] = str(exc.details["retry_after"])
         body = {"error": spec.oauth_error, "code": exc.code, "error_description": message}
         return JSONResponse(body, status_code=spec.status, headers=headers)
 

@@ -18,12 +18,11 @@ Returning to ``active`` (an agent reactivated or released, a tenant reactivated,
 again) moves the mark once more, to the instant of the return: a token service whose registry
 cache had not yet seen the suspension, or whose clock runs ahead, may have issued tokens with an
 ``iat`` past the suspension's mark, refused while the agent was inactive; without this they would
-come back with the reactivation. Removing a key from an agent that stays active moves the mark
-``cache_ttl`` (``stores.registry_cache_ttl``) past the removal: a token service that has not yet
-re-read the agent still takes an assertion signed with the removed key until then, and nothing
-else would refuse the token it issues. Token ``iat`` values are whole seconds: a token service
-that has read a mark issues ``iat`` rounded up to it (``TokenIssuer.issue``), so tokens issued
-after a mark are never refused for it, while those issued by a service that had not read it are.
+come back with the reactivation. A token service authenticates a client, and reads its agent,
+from the store, never a cached copy (``ClientAuthenticator``): a secret stopped or a key removed a
+moment ago authenticates nothing anywhere. Token ``iat`` values are whole seconds and never ahead
+of the clock: while a mark lies ahead of the current second, nothing is issued
+(``refuse_unsettled``), so every mark reaches every token issued before it.
 """
 
 from __future__ import annotations
@@ -146,15 +145,11 @@ class RegistryService:
         clock: Clock,
         pepper: bytes,
         secret_overlap: float = 86400.0,
-        cache_ttl: float = 1.0,
     ) -> None:
         self.store = store
         self._clock = clock
         self._pepper = pepper
         self._overlap = secret_overlap
-        #: How long a token service may act on a registry record it read (the longest
-        #: ``stores.registry_cache_ttl`` of the replicas): see the module docstring.
-        self._cache_ttl = cache_ttl
         #: Called with the new record after every committed agent status change (the internal CA
         #: revokes the agent's certificates here). A listener's error reaches the caller.
         self.status_listeners: list[Callable[[Agent], None]] = []
@@ -350,6 +345,7 @@ class RegistryService:
         # nothing.) A change that then fails has ended too much, never too little.
         planned = self.store.get_agent(agent_id)
         self._refuse_change(planned, may_change_quarantined)
+        self.store.check_agent(replace(planned, **fields))  # a refused change ends nothing
         for listener in self.update_listeners:
             listener(planned, replace(planned, **fields))
         with self.store.atomic():
@@ -359,8 +355,7 @@ class RegistryService:
             self.store.update_agent(agent)
             kept = {jwk_thumbprint(j) for j in agent.jwks}
             if any(jwk_thumbprint(j) not in kept for j in before.jwks):
-                # Past what a token service with the agent still cached may issue with the key.
-                agent = self._end_tokens_before(agent, self._clock.now() + self._cache_ttl)
+                agent = self._end_earlier_tokens(agent)
             self._event(
                 "agent.updated", actor, f"agent:{agent_id}", agent.tenant_id,
                 fields=sorted(fields), changes=_changes(before, agent, fields),

@@ -107,7 +107,6 @@ def build_services(config: AegisConfig, *, clock: Clock | None = None) -> Servic
         clock=clock,
         pepper=config.pepper(),
         secret_overlap=float(config.secrets.rotation_overlap),
-        cache_ttl=float(config.stores.registry_cache_ttl),
     )
     cache = RegistryCache(registry_store, clock=clock, ttl=config.stores.registry_cache_ttl)
     issuer = TokenIssuer(keyring, issuer=config.issuer, clock=clock)

@@ -20,6 +20,7 @@ nested entry can change no decision.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -226,7 +227,9 @@ def verify_links(
         grants.append(grant)
         agents.append(grant.sub)
     last = grants[-1]
-    if not last.iat - rules.leeway <= at < last.exp + rules.leeway:
+    # Grants carry milliseconds, tokens whole seconds: a token issued in the second its grant
+    # was signed reads as issued before it.
+    if not math.floor(last.iat) - rules.leeway <= at < last.exp + rules.leeway:
         raise _fail("the parent grant has expired; ask the parent for a new one", "parent_expired")
     origin_exp = grants[0].origin_exp
     if origin_exp is not None and (

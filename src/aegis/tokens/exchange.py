@@ -135,7 +135,7 @@ class TokenExchanger:
             if delegated:
                 links = split_chain(subject, max_links=self.rules.max_depth)
             auth = await self._actor(form, source)
-            child = self._cache.agent(auth.client.agent_id)
+            child = self._cache.agent_from_store(auth.client.agent_id)
             if child.status is not AgentStatus.ACTIVE:
                 raise TokenError(f"agent {child.id} is {child.status.value}", code="agent_inactive")
             # As the client-credentials grant refuses it: suspending a tenant leaves its agents

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Row, select
 
 from aegis.errors import InvalidRequest
-from aegis.stores.sql.connection import SqlBase, storable
+from aegis.stores.sql.connection import SqlBase, check_values, storable
 from aegis.stores.sql.engine import HOT_PATH_STATEMENT_TIMEOUT
 from aegis.stores.sql.schema import ADMIN_KEYS, AGENTS, CLIENTS, ENVIRONMENTS, EVENTS, TENANTS
 from aegis.types import (
@@ -183,6 +183,9 @@ class SqlRegistryStore(SqlBase):
             q = q.where(AGENTS.c.status == status.value)
         with self._connection() as conn:
             return [_agent(r) for r in conn.execute(q).all()]
+
+    def check_agent(self, agent: Agent) -> None:
+        check_values(AGENTS, _agent_row(agent), "agent")
 
     def update_agent(self, agent: Agent) -> None:
         row = _agent_row(agent)
