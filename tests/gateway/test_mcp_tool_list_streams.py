@@ -11,6 +11,9 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
+from mcp.shared.exceptions import MCPError
+
 from tests.gateway.conftest import Agent, Env, gateway_app
 from tests.gateway.harness import gateway_here, serve_here
 from tests.gateway.test_mcp import LISTED_POLICY, MCP_ROUTE, Mcp
@@ -111,3 +114,29 @@ async def test_a_tool_list_on_a_resumed_stream_is_cut_too(env: Env) -> None:
         async with gateway_here(app) as port, Mcp(port, Agent(env, "caller"), env).session() as s:
             listed = await s.list_tools()
             assert [t.name for t in listed.tools] == ["search"]
+
+
+@pytest.mark.parametrize("status", [201, 203, 206])
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "event-stream"])
+async def test_a_tool_list_under_any_2xx_is_cut_or_refused(
+    env: Env, status: int, stream: bool
+) -> None:
+    """An MCP client reads the body of any 2xx but 202 as the answer: each is cut (a part, 206,
+    cannot be cut on its own and is refused), never passed whole."""
+
+    async def handle(scope: Any, message: Any, send: Send) -> None:
+        if message is None or "id" not in message:
+            return await _plain(send, 405 if message is None else 202)
+        answer = {"jsonrpc": "2.0", "id": message["id"], "result": {"tools": TOOLS}}
+        body = _event(answer) if stream else json.dumps(answer).encode()
+        ctype = [SSE[0]] if stream else [(b"content-type", b"application/json")]
+        await _plain(send, status, body, ctype)
+
+    async with serve_here(_server(handle)) as url:
+        app = gateway_app(env, [{**MCP_ROUTE, "upstream": url}], LISTED_POLICY)
+        async with gateway_here(app) as port, Mcp(port, Agent(env, "caller"), env).session() as s:
+            if status == 206:
+                with pytest.raises(MCPError):
+                    await s.list_tools()
+            else:
+                assert [t.name for t in (await s.list_tools()).tools] == ["search"]

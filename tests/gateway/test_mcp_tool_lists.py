@@ -131,13 +131,16 @@ def test_an_event_stream_is_cut_whatever_text_it_holds(description: str) -> None
     assert json.loads(data)["result"]["tools"] == [listing["result"]["tools"][0]]
 
 
-def test_a_byte_order_mark_does_not_hide_the_first_event() -> None:
-    """An event-stream reader (WHATWG; JavaScript's TextDecoder) drops one leading U+FEFF and
-    reads the `data` line after it: so does the cut."""
-    text = "\ufeffdata: " + json.dumps(_answer("search", "delete_repo")) + "\n\n"
-    clean = sanitized_body(text.encode(), "text/event-stream", False, _result())
-    assert clean.startswith("\ufeff")
-    assert "delete_repo" not in clean and "search" in clean
+def test_a_stream_starting_with_a_byte_order_mark_is_refused() -> None:
+    """WHATWG readers (JavaScript's) drop one leading U+FEFF and read the `data` line after it;
+    the MCP SDK's reader keeps it and ignores that line: the two read different tool lists, so
+    no cut serves both."""
+    text = "\ufeffdata: x\ndata: " + json.dumps(_answer("search", "delete_repo")) + "\n\n"
+    with pytest.raises(InvalidRequest, match="byte-order mark"):
+        sanitized_body(text.encode(), "text/event-stream", False, _result())
+    with pytest.raises(InvalidRequest, match="byte-order mark"):
+        EventCut(lambda _: True, 1024).feed(text.encode()[:3])
+    assert EventCut(lambda _: True, 1024).feed(b"") == ""
 
 
 @pytest.mark.parametrize("ctype", ["application/json-rpc", "application/jsonrequest", "text/plain"])
@@ -168,7 +171,7 @@ def test_a_stream_cut_as_it_passes_reads_as_one_cut_whole(
     """However the upstream's bytes arrive (a CRLF or a UTF-8 character split between reads), a
     reader takes from the stream cut event by event what it takes from the whole cut at once."""
     text, _ = stream
-    text = "\ufeff" + text.replace("search", "s\u00e9arch", 1) + "data: unended"
+    text = ": hello\n" + text.replace("search", "s\u00e9arch", 1) + "data: unended"
     whole = sanitized_body(text.encode(), "text/event-stream", False, _result())
     assert _events(_cut_in_chunks(text, cuts)) == _events(whole)
 
@@ -188,3 +191,37 @@ def test_a_crlf_split_between_reads_is_one_line_end() -> None:
     cuts = [i + 1 for i, byte in enumerate(text.encode()) if byte == 0x0D]  # after every CR
     [(_, data, _)] = _events(_cut_in_chunks(text, cuts))
     assert [t["name"] for t in json.loads(data)["result"]["tools"]] == ["search"]
+
+
+def test_each_byte_is_read_once_however_the_stream_is_split(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A long line arriving in small reads is not scanned again with each read (that is
+    quadratic in the line, on the event loop): the line ends are looked for in new text only."""
+    import aegis.gateway.answers as answers
+
+    scanned = [0]
+    real = answers._EVENT_LINE_END
+
+    class Counting:
+        def finditer(self, text: str, pos: int = 0) -> Any:
+            scanned[0] += len(text) - pos
+            return real.finditer(text, pos)
+
+    monkeypatch.setattr(answers, "_EVENT_LINE_END", Counting())
+    raw = b"data: " + b"x" * 100_000 + b"\n\n"
+    assert _cut_in_chunks(raw.decode(), list(range(0, len(raw), 256))).endswith("x\n\n")
+    assert scanned[0] <= len(raw)
+
+
+def test_a_keep_alive_comment_passes_at_once() -> None:
+    cutter = EventCut(lambda _: True, 1024)
+    assert cutter.feed(b": keep-alive\n") == ": keep-alive\n"
+    assert cutter.feed(b"data: 1\n: inside an event\n") == ""
+    assert cutter.feed(b"\n") == "data: 1\n: inside an event\n\n"
+
+
+def test_data_nested_too_deeply_cannot_be_cut() -> None:
+    deep = b"data: " + b"[" * 100_000 + b"]" * 100_000 + b"\n\n"
+    with pytest.raises(InvalidRequest, match="nested too deeply"):
+        EventCut(lambda _: True, 1 << 20).feed(deep)

@@ -333,69 +333,76 @@ _EVENT_LINE_END: Final = re.compile(r"\r\n|\r|\n")
 
 
 def _listed_events(text: str, listed: Callable[[Any], bool]) -> str:
-    """An event stream with :func:`_listed_message` applied to each event's data that is JSON.
-    Lines are rejoined with LF, which an event-stream reader reads as it read CR or CRLF; an
-    event whose data is rewritten carries it on one ``data:`` line where its first was. Data
-    that is JSON only to a lenient reader (a member repeated) is refused: a client would read
-    one tool list, this gateway another."""
-    # A reader drops one byte-order mark at the start (WHATWG: "data" after it is a field).
-    bom = "\ufeff" if text.startswith("\ufeff") else ""
-    lines = _EVENT_LINE_END.split(text[len(bom) :])
-    out: list[str] = []
-    block: list[str] = []
-    for line in [*lines, None]:
-        if line is not None and line != "":
-            block.append(line)
-            continue
-        out.extend(_listed_event(block, listed) if line is not None else block)
-        block = []
-        if line is not None:
-            out.append(line)
-    return bom + "\n".join(out)
+    """A whole event stream with :func:`_listed_message` applied to each event's data that is
+    JSON (:class:`EventCut`, fed at once)."""
+    return EventCut(listed, len(text) + 1).feed(text.encode(), final=True)
 
 
 class EventCut:
-    """:func:`_listed_events` as an event stream passes: each complete event is cut and given
-    back at once, so a server's request to the client on the stream (``roots/list``, a
-    sampling request) reaches it before the stream ends, and a stream never ends (the GET
-    stream) is cut all the same. An incomplete line is held until its end is read, and a
-    trailing CR until the next byte shows whether LF follows. ``InvalidRequest`` when one event
-    grows past ``limit`` characters unended (it could not be cut whole)."""
+    """An event stream with :func:`_listed_message` applied to each event's data that is JSON,
+    as it passes: each complete event is cut and given back at once, so a server's request to
+    the client on the stream (``roots/list``, a sampling request) reaches it before the stream
+    ends, a comment between events (a keep-alive) passes at once, and a stream that never ends
+    (the GET stream) is cut all the same. Lines are given back ended with LF, which a reader
+    reads as it read CR or CRLF; an event whose data is rewritten carries it on one ``data:``
+    line where its first was. Each byte is read once, however the stream is split (a CR at the
+    end of a read may be the first half of a CRLF: an LF after it is its pair).
+
+    ``InvalidRequest`` (the stream cannot be cut as its client reads it): one event growing
+    past ``limit`` characters; data that is JSON only to a lenient reader (a member repeated),
+    or nested too deeply; a stream starting with a byte-order mark, which WHATWG readers drop
+    and the MCP SDK's takes into the first field's name (``\ufeffdata`` is no ``data``)."""
 
     def __init__(self, listed: Callable[[Any], bool], limit: int) -> None:
         self._listed, self._limit = listed, limit
         self._decoder = codecs.getincrementaldecoder("utf-8")()
-        self._pending = ""  # the unended line (and a held CR)
+        self._parts: list[str] = []  # the line not yet ended, in the pieces it came in
+        self._pending = 0  # its length
+        self._skip_lf = False  # a CR ended the last line: an LF first in the next read pairs it
         self._block: list[str] = []  # the lines of the event not yet ended
         self._size = 0
         self._started = False
 
     def feed(self, data: bytes, *, final: bool = False) -> str:
-        text = self._pending + self._decoder.decode(data, final)
-        out = ""
+        text = self._decoder.decode(data, final)
         if not self._started and text:
             self._started = True
-            if text.startswith("\ufeff"):  # one leading mark, which readers drop
-                out, text = "\ufeff", text[1:]
-        held = ""
-        if not final and text.endswith("\r"):
-            text, held = text[:-1], "\r"
-        *lines, rest = _EVENT_LINE_END.split(text)
-        self._pending = rest + held
-        for line in lines:
-            if line:
-                self._block.append(line)
-                self._size += len(line)
-                continue
-            out += "".join(f"{kept}\n" for kept in _listed_event(self._block, self._listed))
-            out += "\n"
-            self._block, self._size = [], 0
-        if self._size + len(self._pending) > self._limit:
+            if text.startswith("\ufeff"):
+                raise InvalidRequest(
+                    "it starts with a byte-order mark, which some event-stream readers drop "
+                    "and others read into the first field's name"
+                )
+        out: list[str] = []
+        pos = 0
+        if self._skip_lf and text:
+            pos, self._skip_lf = (1 if text.startswith("\n") else 0), False
+        for end in _EVENT_LINE_END.finditer(text, pos):
+            line = "".join((*self._parts, text[pos : end.start()]))
+            self._parts, self._pending, pos = [], 0, end.end()
+            self._line(line, out)
+        if pos == len(text) and text.endswith("\r"):
+            self._skip_lf = True
+        if pos < len(text):
+            self._parts.append(text[pos:])
+            self._pending += len(text) - pos
+        if self._size + self._pending > self._limit:
             raise InvalidRequest(f"an event of the stream is longer than {self._limit} characters")
         if final:  # an unended event, which readers drop, as it came
-            out += "".join(f"{line}\n" for line in self._block) + self._pending
-            self._block, self._pending = [], ""
-        return out
+            out.extend(f"{line}\n" for line in self._block)
+            out.extend(self._parts)
+            self._block, self._parts, self._size, self._pending = [], [], 0, 0
+        return "".join(out)
+
+    def _line(self, line: str, out: list[str]) -> None:
+        if line and not self._block and line.startswith(":"):
+            out.append(f"{line}\n")  # a comment between events: nothing to cut
+        elif line:
+            self._block.append(line)
+            self._size += len(line)
+        else:
+            out.extend(f"{kept}\n" for kept in _listed_event(self._block, self._listed))
+            out.append("\n")
+            self._block, self._size = [], 0
 
 
 def _listed_event(block: list[str], listed: Callable[[Any], bool]) -> list[str]:
@@ -416,9 +423,13 @@ def _listed_event(block: list[str], listed: Callable[[Any], bool]) -> list[str]:
             json.loads(raw)
         except ValueError:
             return block  # no reader takes it for a message
+        except RecursionError:
+            raise InvalidRequest("an event's data is JSON nested too deeply") from None
         raise InvalidRequest(
             "an event's data is not JSON that reads one way (UTF-8, no member repeated)"
         ) from None
+    except RecursionError:
+        raise InvalidRequest("an event's data is JSON nested too deeply") from None
     kept = _listed_message(message, listed)
     if kept == message:
         return block

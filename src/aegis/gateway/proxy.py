@@ -804,8 +804,10 @@ class ReverseProxy:
             out_headers = marked_private(out_headers)
             # A tool list is cut from an answer that holds one (200); an event stream event by
             # event as it passes, unless masks or redactions need the whole answer.
-            cut = result.listed is not None and upstream.status == 200
-            if cut and not answer_obligations(result) and _event_stream(upstream):
+            # Every 2xx: an MCP client reads any of them but 202 as the answer.
+            cut = result.listed is not None and 200 <= upstream.status < 300
+            whole = upstream.status != 206 and "content-range" not in upstream.headers
+            if cut and whole and not answer_obligations(result) and _event_stream(upstream):
                 return await self._relay_events(send, ctx, upstream, out_headers, result)
             if cut or answer_obligations(result):
                 return await self._sanitized(send, ctx, upstream, out_headers, result)
@@ -922,7 +924,9 @@ class ReverseProxy:
                 if data:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
             rest = b"" if cut is None else cut.feed(b"", final=True).encode()
-        except (TimeoutError, aiohttp.ClientError, InvalidRequest, UnicodeDecodeError) as exc:
+        except (
+            TimeoutError, aiohttp.ClientError, InvalidRequest, UnicodeDecodeError, RecursionError
+        ) as exc:  # fmt: skip
             # The caller learns of it only as a connection that ends before the answer does
             # (raised on, the server drops it).
             if isinstance(exc, TimeoutError):
