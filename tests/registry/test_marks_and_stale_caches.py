@@ -170,3 +170,30 @@ def test_a_mark_far_ahead_asks_for_as_long(env: Env) -> None:
     with pytest.raises(Unavailable) as info:
         _with_secret(env, client.client_id, secret)
     assert info.value.details["retry_after"] == 31
+
+
+def test_a_key_removed_while_a_request_is_under_way_is_not_issued_on(env: Env) -> None:
+    """The key is removed after the request's credentials were checked (against the store) and
+    before the token is issued: the token service sees the change and asks again (503), and the
+    retry, checked anew, is refused."""
+    leaked, kept = Ed25519SigningKey.generate(), Ed25519SigningKey.generate()
+    cid = _keyed(env, leaked, kept)
+    env.clock.set(T0 + 30.99)
+    now = int(env.clock.now())
+    claims = {"iss": cid, "sub": cid, "aud": env.services.config.issuer, "exp": now + 60,
+              "iat": now, "jti": new_id()}  # fmt: skip
+    signed = sign_compact(encode_segment({"alg": "EdDSA", "kid": leaked.kid}), claims, leaked.sign)
+    form = {"client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            "client_assertion": signed}  # fmt: skip
+    authenticator = env.services.authenticator
+    auth = asyncio.run(authenticator.authenticate(form, None, "10.0.0.7", consume=False))
+    env.clock.set(T0 + 30.995)
+    env.registry.update_agent("kagent", actor=ACTOR, jwks=[kept.public.to_jwk()])
+    env.clock.set(T0 + 31.001)
+    with pytest.raises(Unavailable) as info:
+        env.services.tokens.client_credentials(
+            auth.client, TokenRequest((), ()), read_at=auth.read_at
+        )
+    assert info.value.code == "credentials_settling"
+    with pytest.raises(ClientAuthError):
+        asyncio.run(authenticator.authenticate(form, None, "10.0.0.7", consume=False))

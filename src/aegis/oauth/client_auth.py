@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import base64
 from collections import deque
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Final
 from urllib.parse import unquote_plus
 
@@ -27,7 +27,7 @@ from aegis.registry.cache import RegistryCache
 from aegis.registry.service import RegistryService
 from aegis.stores.base import ReplayStore
 from aegis.tokens.verifier import VerifyRules, verify_jwt
-from aegis.types import Client, ClientAuthMethod
+from aegis.types import Agent, Client, ClientAuthMethod
 
 __all__ = [
     "JWT_BEARER_ASSERTION",
@@ -49,6 +49,9 @@ class AuthenticatedClient:
     method: ClientAuthMethod
     #: For private_key_jwt: the assertion's (namespace, jti key, expiry) still to be consumed.
     pending_jti: tuple[str, str, float] | None = None
+    #: When the records the credentials were checked against were read: a mark set since (a
+    #: key removed, the client disabled) ends what was authenticated (``TokenService``).
+    read_at: float = 0.0
 
 
 class FailureLimiter:
@@ -144,6 +147,10 @@ class ClientAuthenticator:
         self._max_life = assertion_max_lifetime
         self._leeway = leeway
         self.limiter = limiter
+        #: Checks a ``tls_client_auth`` certificate (its serial) as the store holds it now, for
+        #: the agent as read now; raises ``ClientAuthError``. Set by the internal CA; without
+        #: one, no certificate authenticates a ``tls_client_auth`` client.
+        self.certificate_now: Callable[[str, Agent], None] | None = None
 
     async def authenticate(
         self,
@@ -160,6 +167,7 @@ class ClientAuthenticator:
         With ``consume=False`` a client assertion's jti is not recorded yet: the caller finishes
         validating the request and then calls :meth:`consume`, so a refused request writes nothing.
         """
+        read_at = self._clock.now()
         basic = (
             authorization[6:].strip()
             if authorization and authorization[:6].lower() == "basic "
@@ -167,7 +175,10 @@ class ClientAuthenticator:
         )
         methods = [basic is not None, "client_secret" in form, "client_assertion" in form]
         if not any(methods) and client_cert is not None and form.get("client_id"):
-            return self._authenticate_mtls(form["client_id"], peer, client_cert, source)
+            return replace(
+                self._authenticate_mtls(form["client_id"], peer, client_cert, source),
+                read_at=read_at,
+            )
         if sum(methods) != 1:
             raise InvalidRequest(
                 "use exactly one client authentication method (Basic, client_secret or client_assertion)"
@@ -196,7 +207,7 @@ class ClientAuthenticator:
                 client, pending = self._check_assertion(form)
             else:
                 client = self._check_secret(client_id, secret, method, form)
-            auth = AuthenticatedClient(client, method, pending)
+            auth = AuthenticatedClient(client, method, pending, read_at)
             if consume:
                 await self.consume(auth)
         except ClientAuthError:
@@ -220,7 +231,7 @@ class ClientAuthenticator:
                     self.limiter.record_failure(f"addr:{source}", f"client:{auth.client.client_id}")
                 raise ClientAuthError("client assertion was already used (jti replayed)") from exc
             raise
-        return AuthenticatedClient(auth.client, auth.method, None)
+        return replace(auth, pending_jti=None)
 
     def _authenticate_mtls(
         self, client_id: str, peer: PeerIdentity | None, cert: bytes, source: str
@@ -233,6 +244,12 @@ class ClientAuthenticator:
             agent = self._cache.agent_from_store(client.agent_id)
             if client.auth_method is ClientAuthMethod.TLS_CLIENT_AUTH:
                 check_tls_client(client, agent, peer)
+                assert peer is not None  # check_tls_client refuses a missing one
+                # The peer was validated on cached records (the CRL's, the registry's): the
+                # certificate is checked again as the store holds it now, as the client was.
+                if self.certificate_now is None:
+                    raise ClientAuthError("no certificate store to check the certificate against")
+                self.certificate_now(peer.serial, agent)
             else:
                 check_self_signed_client(client, agent, cert)
         except ClientAuthError as exc:

@@ -181,7 +181,7 @@ class OAuthEndpoints:
             elif (bound := certificate_to_bind(auth.client, auth.method, peer, cert)) is not None:
                 # RFC 8705 §3: bind the token to the certificate of this mutual-TLS connection.
                 req = type(req)(req.scopes, req.audiences, req.lifetime, {X5T_S256: bound})
-            issued = self._tokens.client_credentials(auth.client, req)
+            issued = self._tokens.client_credentials(auth.client, req, read_at=auth.read_at)
             # Only now, with the request fully validated, are the proof's and the assertion's
             # jtis spent; a replayed assertion counts against the address and the client.
             if proof is not None:

@@ -20,7 +20,7 @@ from aegis.registry.cache import RegistryCache
 from aegis.stores.base import RevocationStore
 from aegis.tokens.chain import prefetch_chain_agents, verify_chain
 from aegis.tokens.claims import AccessToken, split_scopes
-from aegis.tokens.issuer import IssuedToken, TokenIssuer
+from aegis.tokens.issuer import IssuedToken, TokenIssuer, refuse_changed, refuse_unsettled
 from aegis.tokens.subject import check_subject
 from aegis.tokens.verifier import AccessTokenVerifier
 from aegis.types import AgentStatus, Client, TenantStatus
@@ -85,15 +85,27 @@ class TokenService:
                 raise InvalidRequest("expires_in must be positive")
         return TokenRequest(scopes, audiences, lifetime)
 
-    def client_credentials(self, client: Client, req: TokenRequest) -> IssuedToken:
+    def client_credentials(
+        self, client: Client, req: TokenRequest, *, read_at: float | None = None
+    ) -> IssuedToken:
+        """A token for ``client``; ``read_at``: when its credentials were checked against it
+        (``AuthenticatedClient.read_at``), so that a change since refuses (503, ask again)."""
         # As the client was (ClientAuthenticator): read now, so the marks passed on are current.
         agent = self._cache.agent_from_store(client.agent_id)
         if agent.status is not AgentStatus.ACTIVE:
             raise GrantError(
                 f"agent {agent.id} is {agent.status.value}", code="unauthorized_client"
             )
-        if self._cache.tenant(agent.tenant_id).status is not TenantStatus.ACTIVE:
+        if self._cache.tenant_from_store(agent.tenant_id).status is not TenantStatus.ACTIVE:
             raise GrantError("the agent's tenant is suspended", code="unauthorized_client")
+        if read_at is not None:
+            current = self._cache.client_from_store(client.client_id)
+            # A mark still ahead is waited out (its own wait); one passed since the credentials
+            # were checked is a change under way (ask again).
+            refuse_unsettled(
+                max(agent.tokens_not_before, current.tokens_not_before), self._clock.now()
+            )
+            refuse_changed(read_at, client, current, agent)
         allowed = agent.allowed_scopes
         if req.scopes:
             granted = tuple(s for s in req.scopes if s in allowed)

@@ -95,6 +95,8 @@ class PkiService:
         self._clock = clock
         self._pepper = pepper
         self._auth = authenticator
+        if authenticator is not None:
+            authenticator.certificate_now = self.certificate_now
         #: Bundles handed to validators, replaced together when the CA files change.
         self._bundles: list[TrustBundle] = []
         self._checked = clock.monotonic()
@@ -326,6 +328,25 @@ class PkiService:
         the CRL (nginx, Envoy) and connections pooled to its tools would outlive it."""
         if tenant.status is not TenantStatus.ACTIVE:
             self.store.revoke_tenant(tenant.id, tenant.status.value)
+
+    def certificate_now(self, serial: str, agent: Agent) -> None:
+        """A client certificate as the store holds it now (the peer validator reads cached
+        records): on record, not revoked, issued at or after ``agent``'s mark (``agent`` as
+        read now), and its enrolling client still enabled and not disabled since. Raises
+        ``ClientAuthError``."""
+        record = self.store.get(serial)
+        if record is None or record.revoked_at is not None:
+            raise ClientAuthError("the client certificate is revoked")
+        if record.issued_at < agent.tokens_not_before:
+            raise ClientAuthError("the client certificate was issued before the agent's "
+                                  "credentials were last ended")  # fmt: skip
+        if record.enrolled_by is not None:
+            try:
+                client = self._cache.client_from_store(record.enrolled_by)
+            except NotFound:
+                raise ClientAuthError("the client that enrolled the certificate is gone") from None
+            if not client.active or record.issued_at < client.tokens_not_before:
+                raise ClientAuthError("the client that enrolled the certificate was disabled")
 
     def on_agent_update(self, before: Agent, after: Agent) -> None:
         """Registry update listener: a change that ends what the agent holds revokes its live

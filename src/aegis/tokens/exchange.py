@@ -37,7 +37,7 @@ from aegis.tokens.chain import Chain, ChainRules, audit_rejection, presented_cha
 from aegis.tokens.claims import split_scopes
 from aegis.tokens.delegation import ANY_TOOL, CHAIN_SEPARATOR, mint_grant, split_chain
 from aegis.tokens.external import ExternalTrust, verify_user_token
-from aegis.tokens.issuer import IssuedToken, TokenIssuer, refuse_unsettled
+from aegis.tokens.issuer import IssuedToken, TokenIssuer, refuse_changed, refuse_unsettled
 from aegis.types import Agent, AgentStatus, TenantStatus
 
 if TYPE_CHECKING:
@@ -147,6 +147,10 @@ class TokenExchanger:
             requested = _lifetime(form)
             now = self._clock.now()
             refuse_unsettled(max(child.tokens_not_before, auth.client.tokens_not_before), now)
+            refuse_changed(
+                auth.read_at, auth.client, self._cache.client_from_store(auth.client.client_id),
+                child,
+            )  # fmt: skip
             if links:
                 chain = self._delegated(links, child, now)
                 parent_agent, granted = subject, chain.grants[-1].scopes

@@ -12,8 +12,22 @@ from aegis.crypto.keyring import KeyRing
 from aegis.errors import AegisError, Unavailable
 from aegis.tokens.claims import join_scopes
 from aegis.tokens.verifier import ACCESS_TOKEN_TYP
+from aegis.types import Agent, Client
 
-__all__ = ["IssuedToken", "TokenIssuer", "refuse_unsettled"]
+__all__ = ["IssuedToken", "TokenIssuer", "refuse_changed", "refuse_unsettled"]
+
+
+def refuse_changed(read_at: float, checked: Client, client: Client, agent: Agent) -> None:
+    """Raise ``Unavailable`` (``credentials_settling``) when a client whose credentials were
+    checked against ``checked`` (read at ``read_at``) has changed since, as ``client`` and
+    ``agent`` are read now: a secret stopped, a key removed, the client disabled while the
+    request was under way must not be issued on."""
+    if client != checked or max(agent.tokens_not_before, client.tokens_not_before) > read_at:
+        raise Unavailable(
+            "the client's credentials changed while they were checked; ask again",
+            code="credentials_settling",
+            retry_after=1,
+        )
 
 
 def refuse_unsettled(
