@@ -16,7 +16,7 @@ from mcp.shared.exceptions import MCPError
 
 from tests.gateway.conftest import Agent, Env, gateway_app
 from tests.gateway.harness import gateway_here, serve_here
-from tests.gateway.test_mcp import LISTED_POLICY, MCP_ROUTE, Mcp
+from tests.gateway.test_mcp import LISTED_POLICY, MCP_ROUTE, Mcp, _initialize
 
 TOOLS = [{"name": n, "inputSchema": {"type": "object"}} for n in ("search", "delete_repo")]
 SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
@@ -140,3 +140,25 @@ async def test_a_tool_list_under_any_2xx_is_cut_or_refused(
                     await s.list_tools()
             else:
                 assert [t.name for t in (await s.list_tools()).tools] == ["search"]
+
+
+async def test_a_session_refused_for_the_agents_share_is_ended_at_the_server(env: Env) -> None:
+    """The agent's share is full: the session its initialize opened is never passed on, and the
+    gateway ends it at the server (a DELETE naming it, sent as the initialize was) rather than
+    leave it open there until its idle time runs out."""
+    ended: list[tuple[bytes | None, bytes | None]] = []
+
+    async def handle(scope: Any, message: Any, send: Send) -> None:
+        if scope["method"] == "DELETE":
+            fields = dict(scope["headers"])
+            ended.append((fields.get(b"mcp-session-id"), fields.get(b"x-aegis-agent-id")))
+        await _plain(send, 200 if message is None else 202)
+
+    async with serve_here(_server(handle)) as url:
+        app = gateway_app(env, [{**MCP_ROUTE, "upstream": url}], LISTED_POLICY,
+                          mcp_sessions_per_agent=1)  # fmt: skip
+        async with gateway_here(app) as port:
+            caller = Agent(env, "caller")
+            codes = [(await _initialize(port, caller)).status_code for _ in range(3)]
+    assert codes == [200, 429, 429]
+    assert len(ended) == 2 and all(sid and agent == b"caller" for sid, agent in ended)

@@ -125,6 +125,10 @@ _CHUNK: Final = 64 * 1024
 _MAX_REMEMBERED_HOSTS: Final = 1024
 
 
+#: Request fields a DELETE ending a refused session does not carry (it has no body).
+_NOT_ON_DELETE: Final = frozenset({"content-type", "content-length", "transfer-encoding", "expect"})
+
+
 def _event_stream(upstream: aiohttp.ClientResponse) -> bool:
     """Whether the upstream answers with one ``Content-Type``, ``text/event-stream``."""
     types = upstream.headers.getall("content-type", ())
@@ -753,6 +757,9 @@ class ReverseProxy:
                     status, code, why = exc.status, exc.code, exc.message
                 if why is not None:
                     upstream.close()  # the id is never passed on
+                    if code == "mcp_session_limit":  # the agent's own session: end it there
+                        handed = upstream.headers.get(SESSION_FIELD)
+                        await self._end_refused(url, headers, tls, handed)
                     return await self._gateway_error(send, ctx, status, code, why, result)
             if ctx.route.mcp and ctx.method == "DELETE" and 200 <= upstream.status < 300:
                 await self._release_ended(ctx, result)
@@ -814,6 +821,27 @@ class ReverseProxy:
             await self._relay(send, ctx, upstream, out_headers, result)
         finally:
             upstream.release()
+
+    async def _end_refused(
+        self, url: Any, headers: dict[str, str], tls: dict[str, Any], session: str | None
+    ) -> None:
+        """Best effort: end at the server the session an ``initialize`` opened that the agent's
+        share refused (never passed on, it would stay open there until its idle time ran out).
+        Sent as the initialize was, with its identity fields; a failure is logged."""
+        if session is None:
+            return
+        ending = {k: v for k, v in headers.items() if k.lower() not in _NOT_ON_DELETE}
+        ending[SESSION_FIELD] = session
+        assert self._session is not None
+        try:
+            budget = self._settings.connect_timeout + self._settings.upstream_timeout
+            async with asyncio.timeout(budget):
+                answer = await self._session.request(
+                    "DELETE", url, headers=ending, allow_redirects=False, **tls
+                )
+                answer.release()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            log_event("gateway.session_not_ended", level=logging.WARNING, error=type(exc).__name__)
 
     async def _release_ended(self, ctx: CallContext, result: Result) -> None:
         """The server ended the session the DELETE named: its agent's hold goes, and with it
