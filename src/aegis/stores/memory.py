@@ -150,12 +150,13 @@ class MemoryReplayStore:
                 return False
             if limit is None:
                 return self._claims.put(entry, expires_at, value=owner)
-            now = self._clock.now()
             holds = self._holds.setdefault((namespace, owner), {})
-            for gone in [k for k, exp in holds.items() if exp <= now]:
-                del holds[gone]
-            if holder is None and entry not in holds and len(holds) >= limit:
-                raise HoldLimit(f"the owner holds {limit} keys of {namespace!r} already")
+            if holder is None:  # a new hold: count the owner's live ones (an extension does not)
+                now = self._clock.now()
+                for gone in [k for k, exp in holds.items() if exp <= now]:
+                    del holds[gone]
+                if len(holds) >= limit:
+                    raise HoldLimit(f"the owner holds {limit} keys of {namespace!r} already")
             self._claims.put(entry, expires_at, value=owner)
             holds[entry] = max(holds.get(entry, 0.0), expires_at)
             return True

@@ -205,9 +205,9 @@ local held = redis.call('GET', KEYS[1])
 if held and held ~= ARGV[1] then return 0 end
 if not held and ARGV[3] == '1' then return 0 end
 local ttl, limit, now = tonumber(ARGV[2]), tonumber(ARGV[4]), tonumber(ARGV[5])
-if limit > 0 then
+if limit > 0 and not held then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-  if not held and redis.call('ZCARD', KEYS[2]) >= limit then return -1 end
+  if redis.call('ZCARD', KEYS[2]) >= limit then return -1 end
 end
 if redis.call('PTTL', KEYS[1]) < ttl then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
