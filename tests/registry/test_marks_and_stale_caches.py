@@ -48,13 +48,18 @@ def _with_secret(env: Env, cid: str, secret: str) -> str:
     return env.services.tokens.client_credentials(auth.client, TokenRequest((), ())).token
 
 
-def _with_key(env: Env, cid: str, key: Ed25519SigningKey) -> str:
+def _assertion_form(env: Env, cid: str, key: Ed25519SigningKey) -> dict[str, str]:
+    """A private_key_jwt client authentication ``key`` signs, for the issuer, now."""
     now = int(env.clock.now())
     claims = {"iss": cid, "sub": cid, "aud": env.services.config.issuer, "exp": now + 60,
               "iat": now, "jti": new_id()}  # fmt: skip
     assertion = sign_compact(encode_segment({"alg": "EdDSA", "kid": key.kid}), claims, key.sign)
-    form = {"client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+    return {"client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
             "client_assertion": assertion}  # fmt: skip
+
+
+def _with_key(env: Env, cid: str, key: Ed25519SigningKey) -> str:
+    form = _assertion_form(env, cid, key)
     auth = asyncio.run(env.services.authenticator.authenticate(form, None, "10.0.0.7"))
     return env.services.tokens.client_credentials(auth.client, TokenRequest((), ())).token
 
@@ -179,12 +184,7 @@ def test_a_key_removed_while_a_request_is_under_way_is_not_issued_on(env: Env) -
     leaked, kept = Ed25519SigningKey.generate(), Ed25519SigningKey.generate()
     cid = _keyed(env, leaked, kept)
     env.clock.set(T0 + 30.99)
-    now = int(env.clock.now())
-    claims = {"iss": cid, "sub": cid, "aud": env.services.config.issuer, "exp": now + 60,
-              "iat": now, "jti": new_id()}  # fmt: skip
-    signed = sign_compact(encode_segment({"alg": "EdDSA", "kid": leaked.kid}), claims, leaked.sign)
-    form = {"client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-            "client_assertion": signed}  # fmt: skip
+    form = _assertion_form(env, cid, leaked)
     authenticator = env.services.authenticator
     auth = asyncio.run(authenticator.authenticate(form, None, "10.0.0.7", consume=False))
     env.clock.set(T0 + 30.995)
