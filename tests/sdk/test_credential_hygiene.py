@@ -24,9 +24,9 @@ def _payload(jws: str) -> dict[str, Any]:
     return dict(json.loads(base64.urlsafe_b64decode(seg + "=" * (-len(seg) % 4))))
 
 
-def _agent_with_token() -> tuple[AgentClient, AegisAuth]:
+def _agent_with_token(origins: list[str] | None = None) -> tuple[AgentClient, AegisAuth]:
     agent = AgentClient("http://127.0.0.1:9", PrivateKey("client-1", Ed25519SigningKey.generate()))
-    auth = agent.auth(audience="aegis-gateway", scope="payments:write")
+    auth = agent.auth(audience="aegis-gateway", scope="payments:write", origins=origins)
     now = agent.clock.now()
     agent.tokens.put(
         auth._key, CachedToken("header.payload.sig", "DPoP", now, now + 300, "payments:write", {})
@@ -41,15 +41,16 @@ def test_a_dpop_nonce_goes_back_only_to_the_server_that_issued_it() -> None:
             return status, {**fields, "DPoP-Nonce": "nonce-from-A"}, body
         return 200, {}, b"{}"
 
-    agent, auth = _agent_with_token()
     with (
         recording_server(demand_nonce) as (a_url, a_seen),
         recording_server() as (b_url, b_seen),
-        httpx.Client(auth=auth) as http,
     ):
+        agent, auth = _agent_with_token(origins=[a_url, b_url])
+        http = httpx.Client(auth=auth)
         assert http.get(f"{a_url}/tool").status_code == 200
         assert http.get(f"{b_url}/other-tool").status_code == 200
         assert http.get(f"{a_url}/tool").status_code == 200  # A's nonce kept for A: one trip
+        http.close()
     assert "nonce" not in _payload(b_seen[0]["headers"]["dpop"])
     assert [_payload(s["headers"]["dpop"]).get("nonce") for s in a_seen] == [
         None, "nonce-from-A", "nonce-from-A"]  # fmt: skip
@@ -64,6 +65,35 @@ def test_credentials_are_not_sent_in_clear(url: str) -> None:
     with httpx.Client(auth=auth) as http, pytest.raises(ValueError, match="https only"):
         http.get("http://gateway.example.com/payments")
     agent.close()
+
+
+def test_an_auth_sends_its_token_to_its_own_origins_only() -> None:
+    """A token is for one audience, not for whatever URL the caller (or an agent's prompt)
+    hands the client: an auth sends it to the origins it was given, by default to its first
+    request's, and refuses any other before a byte is sent."""
+    with recording_server() as (gw, gw_seen), recording_server() as (evil, evil_seen):
+        agent, auth = _agent_with_token()  # pinned to the first request's origin
+        with httpx.Client(auth=auth) as http:
+            assert http.get(f"{gw}/payments").status_code == 200
+            with pytest.raises(ValueError, match="sends its token to"):
+                http.get(f"{evil}/collect")
+            assert http.get(f"{gw}/payments/2").status_code == 200
+        agent.close()
+        agent, auth = _agent_with_token(origins=[f"{gw}/any/path"])  # named: an origin, no path
+        with httpx.Client(auth=auth) as http:
+            with pytest.raises(ValueError, match="sends its token to"):
+                http.get(f"{evil}/collect")  # not even as the first request
+            assert http.get(f"{gw}/other").status_code == 200
+        agent.close()
+        agent, _ = _agent_with_token()
+        with agent.client(gw, audience="aegis-gateway", scope="payments:write") as own:
+            with pytest.raises(ValueError, match="sends its token to"):
+                own.get(f"{evil}/collect")  # an absolute URL past the client's base URL
+            assert own.get("/payments").status_code == 200
+        agent.close()
+    assert evil_seen == []
+    assert [s["path"] for s in gw_seen] == ["/payments", "/payments/2", "/other", "/payments"]
+    assert all(s["headers"]["authorization"].startswith("DPoP ") for s in gw_seen)
 
 
 def test_a_cached_tokens_repr_holds_no_token() -> None:

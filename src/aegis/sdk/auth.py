@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import threading
 import time
-from collections.abc import AsyncGenerator, Generator
+from collections.abc import AsyncGenerator, Generator, Iterable
 from typing import TYPE_CHECKING, Final
 
 import httpx
@@ -47,17 +48,37 @@ class AegisAuth(httpx.Auth):
         *,
         subject_token: str | None = None,
         raise_for_denial: bool = True,
+        origins: Iterable[str] | None = None,
     ) -> None:
         self._client = client
         self._key = key
         self._subject = subject_token
         self._raise = raise_for_denial
+        #: The origins this auth sends its token to (``scheme://host:port``): those named, or
+        #: else the first request's. A token is for an audience, not for any URL a caller (or
+        #: an agent's prompt) hands the client: to another origin it would be a leaked token.
+        self._origins = (
+            None if origins is None else frozenset(origin_of(httpx.URL(o)) for o in origins)
+        )
+        self._pinning = threading.Lock()
         #: Each server's last DPoP nonce, by origin (RFC 9449 §8.2: used "until the server
         #: provides the client with a new nonce"; a nonce is its server's, never another's), so
         #: only the first call to each pays the extra round trip.
         self._nonces: dict[str, str] = {}
 
     # -- one attempt -------------------------------------------------------------------------
+
+    def _admit(self, request: httpx.Request) -> None:
+        """Refuse, before anything is sent, a request to an origin this auth is not for."""
+        here = origin_of(request.url)
+        with self._pinning:
+            if self._origins is None:
+                self._origins = frozenset({here})
+        if here not in self._origins:
+            raise ValueError(
+                f"{here}: this auth sends its token to {', '.join(sorted(self._origins))} only; "
+                "name the others with origins=, or use an auth per server"
+            )
 
     def _nonce_for(self, request: httpx.Request) -> str | None:
         return self._nonces.get(origin_of(request.url))
@@ -112,6 +133,8 @@ class AegisAuth(httpx.Auth):
     def sync_auth_flow(
         self, request: httpx.Request
     ) -> Generator[httpx.Request, httpx.Response, None]:
+        refuse_cleartext(request.url)
+        self._admit(request)
         c = self._client
         token = c.token_for(self._key, subject_token=self._subject)
         attempts, nonce, override = Attempts(), self._nonce_for(request), None
@@ -164,6 +187,8 @@ class AegisAuth(httpx.Auth):
     async def async_auth_flow(
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        refuse_cleartext(request.url)
+        self._admit(request)
         c = self._client
         token = await c.atoken_for(self._key, subject_token=self._subject)
         attempts, nonce, override = Attempts(), self._nonce_for(request), None

@@ -291,13 +291,17 @@ class AgentClient:
         *,
         on_behalf_of: str | None = None,
         raise_for_denial: bool = True,
+        origins: Sequence[str] | None = None,
     ) -> AegisAuth:
-        """An ``httpx.Auth`` for this agent (acting for a parent with ``on_behalf_of``)."""
+        """An ``httpx.Auth`` for this agent (acting for a parent with ``on_behalf_of``). It
+        sends the token to ``origins`` only (URLs or ``scheme://host[:port]``), by default to
+        the origin of its first request: a request elsewhere raises ``ValueError`` unsent."""
         return AegisAuth(
             self,
             self.key(audience, scope, tenant, on_behalf_of),
             subject_token=on_behalf_of,
             raise_for_denial=raise_for_denial,
+            origins=origins,
         )
 
     def client(self, base_url: str = "", **auth: Any) -> httpx.Client:
@@ -305,7 +309,7 @@ class AgentClient:
         follows to another origin carries no proof and no override (:meth:`_foreign`)."""
         return httpx.Client(
             base_url=base_url,
-            auth=self.auth(**auth),
+            auth=self.auth(**self._for_base(base_url, auth)),
             timeout=self._timeout,
             event_hooks={"request": [self._foreign]},
             **self._tls_options(sync=True),
@@ -317,11 +321,18 @@ class AgentClient:
 
         return httpx.AsyncClient(
             base_url=base_url,
-            auth=self.auth(**auth),
+            auth=self.auth(**self._for_base(base_url, auth)),
             timeout=self._timeout,
             event_hooks={"request": [foreign]},
             **self._tls_options(),
         )
+
+    @staticmethod
+    def _for_base(base_url: str, auth: dict[str, Any]) -> dict[str, Any]:
+        """A client with a base URL sends its token to that origin (unless told others)."""
+        if base_url and "origins" not in auth:
+            return {**auth, "origins": (base_url,)}
+        return auth
 
     def _foreign(self, request: httpx.Request) -> None:
         """Run on every request the client sends, redirects included: httpx strips

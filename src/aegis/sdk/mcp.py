@@ -45,8 +45,17 @@ class McpAuth(httpx2.Auth):
     """:class:`AegisAuth`'s flow for the ``httpx2`` client the ``mcp`` SDK uses (async only); a
     refusal is returned to the MCP client, never raised."""
 
-    def __init__(self, client: AgentClient, key: Any, *, subject_token: str | None = None) -> None:
-        self._inner = AegisAuth(client, key, subject_token=subject_token, raise_for_denial=False)
+    def __init__(
+        self,
+        client: AgentClient,
+        key: Any,
+        *,
+        subject_token: str | None = None,
+        origins: Sequence[str] | None = None,
+    ) -> None:
+        self._inner = AegisAuth(
+            client, key, subject_token=subject_token, raise_for_denial=False, origins=origins
+        )
 
     def auth_flow(
         self, request: httpx2.Request
@@ -95,7 +104,10 @@ async def mcp_session(
             "(Certificate) or none (DPoP alone)"
         )
     auth = McpAuth(
-        agent, agent.key(audience, scope, tenant, on_behalf_of), subject_token=on_behalf_of
+        agent,
+        agent.key(audience, scope, tenant, on_behalf_of),
+        subject_token=on_behalf_of,
+        origins=(url,),
     )
     verify = agent.ssl_context or True
     async with (
