@@ -1,5 +1,5 @@
 """One real stack for the SDK tests: the control plane, a gateway in front of a recording tool
-server, a gateway whose replay store is down, and a policy; all uvicorn servers on loopback."""
+server and two MCP servers (Streamable HTTP on /mcp, the older HTTP+SSE on /legacy), a gateway whose replay store is down, and a policy; all uvicorn servers on loopback."""
 
 from __future__ import annotations
 
@@ -155,6 +155,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         run_server(tmp_path_factory.mktemp("sdk"), APPROVALS_YAML) as srv,
         serve(upstream.app) as up,
         serve(mcp_server().streamable_http_app()) as mcp_up,
+        serve(
+            mcp_server().sse_app(sse_path="/legacy/sse", message_path="/legacy/messages/")
+        ) as legacy_up,
     ):
         gw_port = free_port()
         settings = GatewaySettings.model_validate(
@@ -170,6 +173,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                     {"path_prefix": "/treasury", "upstream": up, "tool": "treasury.transfer",
                      "tenant": "acme", "env": "prod"},
                     {"path_prefix": "/mcp", "upstream": mcp_up, "tool": "repo",
+                     "tenant": "acme", "env": "prod", "mcp": True},
+                    {"path_prefix": "/legacy", "upstream": legacy_up, "tool": "repo",
                      "tenant": "acme", "env": "prod", "mcp": True},
                 ],
                 "upstream_timeout": 2.0,

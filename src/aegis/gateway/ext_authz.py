@@ -469,7 +469,7 @@ class ExtAuthz:
         message = None
         if facts["route"].mcp:
             facts["route"], message = mcp_call(
-                facts["route"], facts["method"], facts["headers"], raw
+                facts["route"], facts["method"], facts["headers"], raw, facts["query"]
             )
         if raw is None:
             return

@@ -40,6 +40,7 @@ from typing import Any, Final
 from aegis.errors import AegisError, InvalidRequest
 from aegis.gateway.context import Route
 from aegis.gateway.fields import is_encoded, is_json_type, parse_json_body
+from aegis.gateway.names import name_keys, query_key
 
 __all__ = [
     "HEADER_MISMATCH",
@@ -53,6 +54,7 @@ __all__ = [
     "TOOL_NAME",
     "McpInvalid",
     "McpMessage",
+    "legacy_session",
     "lists_tools",
     "mcp_call",
     "opens_session",
@@ -90,6 +92,10 @@ SESSION_NAMESPACE: Final = "mcp-session"
 #: MCP: "only visible ASCII characters (ranging from 0x21 to 0x7E)"; never a comma, which is how
 #: a proxy joins two fields (Envoy's check request: "VICTIM,x", of which a server reads VICTIM).
 _SESSION_ID: Final = re.compile(r"[\x21-\x2b\x2d-\x7e]{1,256}")
+#: The query parameter the older HTTP+SSE transport (MCP 2024-11-05) names its session by on
+#: each POST: ``session_id`` (the Python SDK) or ``sessionId`` (the TypeScript SDK), as a
+#: lenient server may file either.
+_LEGACY_SESSION_KEYS: Final = frozenset({query_key("session_id"), query_key("sessionId")})
 #: A field value carried in base64 because it is not printable ASCII (``=?base64?...?=``).
 _BASE64_VALUE: Final = re.compile(r"=\?base64\?([A-Za-z0-9+/]*={0,2})\?=")
 
@@ -276,6 +282,23 @@ def session_id(fields: Iterable[tuple[str, str]]) -> str | None:
     return values[0]
 
 
+def legacy_session(query: Iterable[tuple[str, str]]) -> str | None:
+    """The session the older HTTP+SSE transport's ``?session_id=`` (or ``?sessionId=``) names,
+    or None; :class:`McpInvalid` for two different ones (a server reads one of them), or one
+    MCP would not issue."""
+    values = {v for k, v in query if name_keys(k) & _LEGACY_SESSION_KEYS}
+    if not values:
+        return None
+    if len(values) > 1:
+        raise McpInvalid("the query names more than one session (session_id, sessionId)")
+    (value,) = values
+    if not _SESSION_ID.fullmatch(value):
+        raise McpInvalid(
+            "a session_id is 1 to 256 visible ASCII characters and no comma, as an Mcp-Session-Id"
+        )
+    return value
+
+
 def opens_session(method: str, body: Any) -> bool:
     """Whether a call carries the ``initialize`` request whose answer hands out a session."""
     return method == "POST" and isinstance(body, dict) and body.get("method") == "initialize"
@@ -297,6 +320,7 @@ def mcp_call(
     method: str,
     fields: Iterable[tuple[str, str]],
     raw: bytes | None,
+    query: Iterable[tuple[str, str]] = (),
 ) -> tuple[Route, McpMessage | None]:
     """The route a call on an MCP route is decided under, and the message a POST carries.
 
@@ -310,6 +334,7 @@ def mcp_call(
     fields = tuple(fields)
     if method != "POST":
         session_id(fields)
+        legacy_session(query)
         # The server's event stream and the end of a session carry no message: a body would be
         # forwarded, and read by some server, without having been decided as one. The door must
         # have seen that there is none (raw == b""); None is a body it was not shown, or could
@@ -346,6 +371,7 @@ def mcp_call(
     message = read_message(body, json_text_arguments=route.mcp_json_text_arguments)
     try:
         session_id(fields)
+        legacy_session(query)
     except McpInvalid as exc:
         raise McpInvalid(exc.message, exc.rpc_code, message.id) from None
     _check_routing_fields(message, body, fields)

@@ -41,6 +41,7 @@ from aegis.gateway.evidence import (
 from aegis.gateway.mcp import (
     SESSION_NAMESPACE,
     TOOL_NAME,
+    legacy_session,
     lists_tools,
     session_id,
     session_key,
@@ -491,14 +492,24 @@ class Pipeline:
         ``Mcp-Session-Id`` (read off a log, a proxy, a shared host) is answered as for a session
         that does not exist, and could neither read its stream, answer its server's requests
         nor end it. Each call extends the hold by ``mcp_session_idle``; ``check_only`` refuses
-        a session another agent holds and holds nothing."""
-        session = session_id(ctx.headers)
-        if session is None:
-            return
+        a session another agent holds and holds nothing.
+
+        A session of the older HTTP+SSE transport (``?session_id=``) is handed out in an event
+        of the server's stream, which no door reads: it is held for the first agent whose call
+        names it, as at the ext_authz doors."""
         owner = session_holder(token)
-        # A door that held each session as its initialize answer passed takes no hold on use:
-        # an agent naming ids no server handed out would fill the store for a day each.
-        opened_here = ctx.sees_answers
+        session = session_id(ctx.headers)
+        if session is not None:
+            # A door that held each session as its initialize answer passed takes no hold on
+            # use: an agent naming ids no server handed out would fill the store for a day each.
+            await self._hold_one(session, owner, ctx.sees_answers, check_only)
+        legacy = legacy_session(ctx.query)
+        if legacy is not None:
+            await self._hold_one(legacy, owner, False, check_only)
+
+    async def _hold_one(
+        self, session: str, owner: str, opened_here: bool, check_only: bool
+    ) -> None:
         if check_only:
             held = await self._replay.held_by(SESSION_NAMESPACE, session_key(session))
             mine = held == owner or (held is None and not opened_here)

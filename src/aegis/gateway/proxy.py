@@ -434,7 +434,7 @@ class ReverseProxy:
                 framed = declared not in (None, "0") or "transfer-encoding" in values
                 # Other methods: the framing says whether a body follows (b"": none).
                 seen_body = raw if method == "POST" else (None if framed else b"")
-                route, message = mcp_call(route, method, headers, seen_body)
+                route, message = mcp_call(route, method, headers, seen_body, params)
                 facts["route"] = route
             content_type = values.get("content-type")
             # A policy that reads this tool's bodies sees them whole, up to the body limit; only
@@ -813,6 +813,12 @@ class ReverseProxy:
             # event as it passes, unless masks or redactions need the whole answer.
             # Every 2xx: an MCP client reads any of them but 202 as the answer.
             cut = result.listed is not None and 200 <= upstream.status < 300
+            if cut and upstream.status == 202 and not answer_obligations(result):
+                # Accepted: the answer comes on the event stream (the older HTTP+SSE transport
+                # says "Accepted" here), where it is cut. An MCP client reads no answer off a
+                # 202, so its body, which could list tools uncut, is left behind.
+                kept = [(k, v) for k, v in sanitized_fields(out_headers) if k != "content-type"]
+                return await _answer(send, 202, kept, b"")
             whole = upstream.status != 206 and "content-range" not in upstream.headers
             if cut and whole and not answer_obligations(result) and _event_stream(upstream):
                 return await self._relay_events(send, ctx, upstream, out_headers, result)
