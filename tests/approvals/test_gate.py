@@ -21,6 +21,7 @@ from aegis.gateway.pipeline import Pipeline
 from aegis.policy.loader import load_document
 from aegis.registry.service import AgentSpec
 from aegis.telemetry.metrics import REGISTRY
+from aegis.tokens.delegation import mint_grant
 from tests.approvals.conftest import FINANCE, held
 from tests.gateway.conftest import PAY, Agent, Env, approval_gated, dpop_headers, make_ctx
 
@@ -374,3 +375,49 @@ async def test_a_change_not_yet_on_record_is_answered_as_pending(
     again = await pipeline.run(make_ctx(dpop_headers(agent, agent.token()), body={"amount": 5000}))
     assert again.details["approval_id"] == approval_id
     assert again.details["approval_state"] == "pending", again.details
+
+
+# -- the origin user and its issuer --------------------------------------------------------
+
+
+def _user_rooted_token(env: Env, agent: Agent, user: str, user_iss: str) -> str:
+    """A token of ``agent`` acting for ``user`` of identity provider ``user_iss``, as the token
+    service issues it (root link signed by the service's own key)."""
+    services = env.services
+    issuer = services.config.issuer
+    now = services.clock.now()
+    root = mint_grant(
+        services.keyring.signing_key(),  # type: ignore[arg-type]
+        parent=issuer, child=agent.id, audience=issuer, scopes=("payments:write",),
+        tools=("*",), max_depth=3, now=now, lifetime=300,
+        alg=services.keyring.settings.signing_alg,
+        extra={"origin_user": user, "origin_iss": user_iss, "origin_exp": int(now) + 600},
+    )  # fmt: skip
+    return agent.token(
+        parent_agent=root, act={"sub": agent.id}, delegation_depth=1, origin_user=user,
+        origin_iss=user_iss,
+    )  # fmt: skip
+
+
+async def test_an_override_for_one_issuers_user_is_not_spent_on_another_issuers_same_user(
+    gated: tuple[Env, Pipeline, ApprovalService],
+) -> None:
+    """A call made for another user is another call, and the same ``sub`` of two identity
+    providers is two users: alice of idp-a's approval is not spent on a call for alice of
+    idp-b. Approvers see the issuer, and the request records it."""
+    env, pipeline, service = gated
+    agent = Agent(env)
+    token_a = _user_rooted_token(env, agent, "alice", "https://idp-a.example")
+    held = await pipeline.run(make_ctx(dpop_headers(agent, token_a), body={"amount": 5000}))
+    assert held.code == "approval_needed", held
+    approval_id = held.details["approval_id"]
+    await service.decide(approval_id, via="cli", credential="carol@example.com", approve=True)
+    override = str((await service.status(approval_id, agent.id))["override_token"])
+
+    token_b = _user_rooted_token(env, agent, "alice", "https://idp-b.example")
+    headers = [*dpop_headers(agent, token_b), ("x-aegis-override", override)]
+    result = await pipeline.run(make_ctx(headers, body={"amount": 5000}))
+    assert result.code == "override_digest_mismatch", (result.status, result.code, result.action)
+    request = await service.get(approval_id)
+    assert (request.origin_user, request.origin_iss) == ("alice", "https://idp-a.example")
+    assert request.state == "approved"  # not spent on the other user's call

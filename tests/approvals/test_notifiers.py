@@ -197,16 +197,19 @@ def test_slack_and_teams_show_where_and_for_whom_the_call_is_made() -> None:
     message names the tenant, the environment, the origin user, the delegation chain and the
     policy's reasons, the caller's text escaped as any other."""
     prod = _request(env="prod", origin_user="alice@example.com", chain=("orchestrator",),
-                    reasons=("payment above 5000 needs finance approval",))  # fmt: skip
+                    reasons=("payment above 5000 needs finance approval",),
+                    origin_iss="https://idp-a.example")  # fmt: skip
     staging = _request(env="staging", origin_user="<!channel> bob`", chain=())
     header = _slack_sections(prod)[0]
-    for shown in ("tenant: `acme`", "env: `prod`", "on behalf of: `alice@example.com`",
+    for shown in ("tenant: `acme`", "env: `prod`",
+                  "on behalf of: `alice@example.com (of https://idp-a.example)`",
                   "delegated by: `orchestrator`", "needs finance approval"):  # fmt: skip
         assert shown in header, header
     other = _slack_sections(staging)[0]
     assert "env: `staging`" in other and "&lt;!channel&gt; bob`\u200b" in other
     assert "delegated by" not in other
-    for req, who in ((prod, "alice@example.com"), (staging, "<!channel> bob`")):
+    for req, who in ((prod, "alice@example.com (of https://idp-a.example)"),
+                     (staging, "<!channel> bob`")):  # fmt: skip
         card = message_for("teams", req, "https://aegis.example/approvals/apr_1")
         body = card["attachments"][0]["content"]["body"]
         runs = "\n".join(i["text"] for b in body if b["type"] == "RichTextBlock"

@@ -97,7 +97,10 @@ class HeldCall:
     #: The parsed JSON body (for the redacted view), or None.
     body: Any
     chain: tuple[str, ...] = ()
+    #: The user the chain acts for and the issuer of that user's token: ``sub`` values of two
+    #: issuers are two users.
     origin_user: str | None = None
+    origin_iss: str | None = None
     rule_ids: tuple[str, ...] = ()
     policy_version: str | None = None
     reasons: tuple[str, ...] = ()
@@ -162,7 +165,7 @@ def bound_headers(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str]
 def call_digest(call: HeldCall) -> str:
     """``sha256:<hex>`` over the canonical JSON of what makes the call this call."""
     canonical = {
-        "v": 4,
+        "v": 5,
         "tenant": call.tenant,
         "env": call.env,
         "agent": call.agent_id,
@@ -178,6 +181,7 @@ def call_digest(call: HeldCall) -> str:
         "body": call.body_digest,
         "chain": list(call.chain),
         "origin_user": call.origin_user,
+        "origin_iss": call.origin_iss,
         "approval": call.approval,
     }
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -288,6 +292,7 @@ class ApprovalRequest:
     decision_id: str
     chain: tuple[str, ...] = ()
     origin_user: str | None = None
+    origin_iss: str | None = None
     policy_version: str | None = None
     reasons: tuple[str, ...] = ()
     decided_at: float | None = None

@@ -59,6 +59,7 @@ def _summary(req: ApprovalRequest, status_url: str) -> dict[str, Any]:
         "reasons": list(req.reasons),
         "group": req.group,
         "origin_user": req.origin_user,
+        "origin_iss": req.origin_iss,
         "chain": list(req.chain),
         "expires_at": int(req.expires_at),
         "status_url": status_url,
@@ -149,7 +150,10 @@ def _context(s: dict[str, Any]) -> list[tuple[str, str]]:
     origin user comes from the caller's token: shown escaped and cut like any caller text."""
     out = [("tenant", s["tenant"]), ("env", s["env"])]
     if s["origin_user"]:
-        out.append(("on behalf of", _cut(_visible(s["origin_user"]), 256)))
+        user = _cut(_visible(s["origin_user"]), 256)
+        if s.get("origin_iss"):
+            user += f" (of {_cut(_visible(s['origin_iss']), 256)})"
+        out.append(("on behalf of", user))
     if s["chain"]:
         out.append(("delegated by", " → ".join(s["chain"])))
     if s["reasons"]:

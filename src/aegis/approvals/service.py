@@ -135,6 +135,7 @@ class ApprovalService:
             parameters=redact_parameters(call.body), rule_ids=call.rule_ids, group=need.group,
             channel=need.channel, created_at=now, expires_at=now + need.expires_in,
             decision_id=call.decision_id, chain=call.chain, origin_user=call.origin_user,
+            origin_iss=call.origin_iss,
             policy_version=call.policy_version, reasons=call.reasons,
             query=redact_fields(call.query), headers=redact_fields(call.headers),
             chain_owners=call.chain_owners,
@@ -147,7 +148,7 @@ class ApprovalService:
             await self._record("approval.requested", {k: view[k] for k in (
                 "id", "agent_id", "agent_owner", "tool", "tenant", "env", "method", "path",
                 "digest", "parameters", "rule_ids", "group", "channel", "expires_at",
-                "decision_id", "chain", "origin_user", "policy_version", "query", "headers",
+                "decision_id", "chain", "origin_user", "origin_iss", "policy_version", "query", "headers",
                 "chain_owners")})  # fmt: skip
         except AegisError:
             # A request the audit log does not hold was never shown to an approver (it was

@@ -36,7 +36,7 @@ _COLUMNS: Final = (
 )  # fmt: skip
 _BODY: Final = (
     "method", "path", "parameters", "rule_ids", "channel", "decision_id", "chain", "origin_user",
-    "policy_version", "reasons", "decided_via", "decision_reason", "notify_error", "query",
+    "origin_iss", "policy_version", "reasons", "decided_via", "decision_reason", "notify_error", "query",
     "headers", "chain_owners",
 )  # fmt: skip
 _TUPLES: Final = frozenset({"rule_ids", "chain", "reasons", "chain_owners"})

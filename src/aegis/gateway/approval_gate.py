@@ -149,7 +149,7 @@ class ApprovalGate:
             agent_id=call.agent.id, agent_owner=call.agent.owner or "", tool=call.tool,
             method=ctx.method, path=ctx.path, query=ctx.query, body_digest=ctx.body_digest,
             body=_as_forwarded(shown_body(ctx), decision), chain=facts.chain,
-            origin_user=call.chain.origin_user,
+            origin_user=call.chain.origin_user, origin_iss=call.chain.origin_iss,
             rule_ids=decision.rule_ids, policy_version=decision.policy_version,
             reasons=decision.reasons, host=bare_host(ctx.host), authority=ctx.host,
             target=_target(ctx.url), upstream=ctx.route.upstream,
