@@ -390,3 +390,21 @@ async def test_nothing_below_a_user_outlives_the_users_token(tmp_path: Path) -> 
     with pytest.raises(AegisError) as info:
         await w.exchange(pay, w.grant(fin, pay, max_depth=1), expires_in="3600")
     assert "parent_expired" in info.value.message
+
+
+@pytest.mark.parametrize("after", [-0.5, 0.0, 10.0])
+async def test_nothing_is_minted_in_the_leeway_after_the_users_token(
+    tmp_path: Path, after: float
+) -> None:
+    """The leeway forgives skew in judging a token, not a new one minted from it: a link signed
+    in the last half second of the user's token, or within the leeway after it, is refused at
+    the exchange, never turned into a token that outlives the user's."""
+    w = _user_world(tmp_path)
+    fin, pay = w.agent("finance"), w.agent("payments")
+    user_exp = int(w.clock.now()) + 45
+    await w.exchange(fin, _user_token(exp=user_exp), subject_type=JWT_TYPE)
+    w.clock.advance(user_exp - w.clock.now() + after)
+    assert after < w.rules.leeway  # the chain itself would still verify
+    with pytest.raises(AegisError) as info:
+        await w.exchange(pay, w.grant(fin, pay, max_depth=1), expires_in="3600")
+    assert "parent_expired" in info.value.message

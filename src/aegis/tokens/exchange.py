@@ -156,6 +156,7 @@ class TokenExchanger:
                 parent_agent, granted = subject, chain.grants[-1].scopes
             else:
                 chain, parent_agent, granted = self._user_rooted(subject, child, auth, now)
+            _refuse_past_user(chain, now)
             scopes = self._scopes(form, granted, child)
             audience = self._audience(form, resources)
             cnf = await confirm(auth) if confirm is not None else None
@@ -182,7 +183,7 @@ class TokenExchanger:
             extra["origin_iss"] = chain.origin_issuer
         lifetime = min(requested or self._default_lifetime, self._max_lifetime)
         if chain.origin_exp is not None:  # acting for a user: never past the user's own token
-            lifetime = min(lifetime, max(1, math.floor(chain.origin_exp - now)))
+            lifetime = min(lifetime, math.floor(chain.origin_exp - now))
         issued = self._issuer.issue(
             agent_id=child.id,
             client_id=auth.client.client_id,
@@ -378,3 +379,17 @@ def _on_the_wire(exc: AegisError) -> AegisError:
     return InvalidRequest(
         f"{exc.message} ({exc.code})", code="invalid_request", reason=exc.code, **exc.details
     )
+
+
+def _refuse_past_user(chain: Chain, now: float) -> None:
+    """A chain acting for a user mints nothing past the user's token: not in the leeway after
+    it expired (the leeway forgives skew in judging a token, not a new one minted from it), not
+    in its last second (a token lives whole seconds), and not from a link signed after it."""
+    user_exp = chain.origin_exp
+    if user_exp is None:
+        return
+    if math.floor(user_exp - now) < 1 or any(g.iat >= user_exp for g in chain.grants[1:]):
+        raise TokenError(
+            "the user's token this chain acts for has expired; the user must sign in again",
+            code="parent_expired",
+        )
