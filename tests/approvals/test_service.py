@@ -410,6 +410,62 @@ async def test_chain_owners_are_read_from_the_registry_when_deciding(tmp_path: A
         s.service.close()
 
 
+async def test_a_request_that_expires_while_its_approver_is_judged_is_not_approved(
+    tmp_path: Any,
+) -> None:
+    """The request must be pending and not expired when it is decided: a registry read that
+    takes past its expiry (separation of duties) ends in approval_expired, not in an approval
+    with a fresh override window."""
+    s = make_setup(tmp_path)
+
+    def slow_owner_of(agent_id: str) -> str:
+        s.clock.advance(5)  # the registry answers 5 s later
+        return "owner@example.com"
+
+    svc = build_approval_service(s.config, clock=s.clock, keyring=s.services.keyring,
+                                 replay=s.services.replay, audit=s.audit,
+                                 owner_of=slow_owner_of)  # fmt: skip
+    try:
+        req = await svc.hold(held(chain=("payer",)), FINANCE)
+        s.clock.advance(req.expires_at - s.clock.now() - 1)  # 1 s before the request expires
+        got = await _refused(svc.decide(req.id, via="slack", credential="UCAROL", approve=True))
+        assert got == "approval_expired"
+        assert (await svc.get(req.id)).state in ("pending", "expired")  # the sweep closes it
+        assert (await svc.get(req.id)).decided_by is None
+    finally:
+        svc.close()
+        s.service.close()
+        s.audit.close()
+
+
+async def test_an_override_whose_window_closes_while_it_is_recorded_is_refused(
+    setup: Setup,
+) -> None:
+    """The override's window is judged again once its presentation is on record (an audit
+    write that took past it): the approval stays unused."""
+    svc, clock = setup.service, setup.clock
+    call = held()
+    req = await svc.hold(call, FINANCE)
+    await svc.decide(req.id, via="slack", credential="UCAROL", approve=True)
+    token = (await svc.status(req.id, call.agent_id))["override_token"]
+    approved = await svc.get(req.id)
+    assert approved.override_expires_at is not None
+    record = svc._record
+
+    async def slow_record(kind: str, data: dict[str, Any]) -> None:
+        await record(kind, data)
+        if kind == "approval.override_presented":
+            clock.advance(approved.override_expires_at - clock.now() + 0.5)  # type: ignore[operator]
+
+    clock.advance(approved.override_expires_at - clock.now() - 1.5)  # type: ignore[operator]
+    svc._record = slow_record  # type: ignore[method-assign]
+    try:
+        assert await _refused(svc.redeem(call, token)) == "override_expired"
+    finally:
+        svc._record = record  # type: ignore[method-assign]
+    assert (await svc.get(req.id)).state != "used"
+
+
 async def test_redeeming_a_withdrawn_approval_says_so(setup: Setup) -> None:
     svc = setup.service
     req = await svc.hold(held(), FINANCE)

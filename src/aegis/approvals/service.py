@@ -282,6 +282,11 @@ class ApprovalService:
             code = "approval_expired" if req.state == "expired" else "approval_decided"
             await self._reject(code, f"the request is already {req.state}", req.id, claimed, via)
         now = self._clock.now()
+        if now >= req.expires_at:
+            # Expired while the approver was being judged (a slow registry read): the sweep
+            # would have closed it, and an approval now would open a fresh override window.
+            await self._reject("approval_expired", "the request expired before it was decided",
+                               req.id, claimed, via)  # fmt: skip
         state: State = "approved" if approve else "denied"
         override_until = now + self.settings.override_lifetime if approve else None
         done = dataclasses.replace(
@@ -446,6 +451,11 @@ class ApprovalService:
         # call (503) with the approval still unused, instead of burning it on a refusal.
         await self._record("approval.override_presented", {"id": req.id,
                            "agent_id": call.agent_id, "decision_id": call.decision_id})  # fmt: skip
+        if req.override_expires_at is None or self._clock.now() >= req.override_expires_at:
+            # Its window closed while the presentation was being recorded.
+            raise AegisError(
+                "the override token has expired; ask for a new approval", code="override_expired"
+            )
         try:
             await self._replay.consume(OVERRIDE_REPLAY_NAMESPACE, ov.jti, ov.exp + 60)
         except ReplayDetected:
