@@ -300,3 +300,26 @@ def test_a_time_zone_outside_the_iana_database_is_refused(tz: str) -> None:
     window = f"{{time: {{tz: {tz}, hours: {{from: 9, to: 17}}}}}}"
     error = _error(_rules(f"- {{id: d, action: deny, when: {window}}}\n"))
     assert "unknown time zone" in error.message
+
+
+@pytest.mark.parametrize(
+    ("api", "when", "field"),
+    [
+        ("apiVersion", "{path: request.body.amount, in_: [2]}", "in_"),
+        ("apiVersion", "{all_: [{path: request.body.amount, gt: 5}]}", "all_"),
+        ("apiVersion", "{not_: {path: request.body.amount, exists: true}}", "not_"),
+        ("api_version", "{path: request.body.amount, gt: 5}", "apiVersion"),
+    ],
+)
+def test_the_models_python_names_are_unknown_fields(api: str, when: str, field: str) -> None:
+    """Only the documented names (the published schema's: ``in``, ``all``, ``not``,
+    ``apiVersion``) are read; the models' Python names are unknown fields, as schema-based
+    tools read them."""
+    doc = (
+        f"{api}: aegis/v1\nkind: Policy\nmetadata: {{name: p}}\nspec:\n  rules:\n"
+        f"    - {{id: a, action: allow}}\n    - {{id: d, action: deny, when: {when}}}\n"
+    )
+    with pytest.raises(PolicyError) as info:
+        load_document(doc)
+    message = info.value.message
+    assert f"unknown field '{field}'" in message or f"field '{field}' is required" in message

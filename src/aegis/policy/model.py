@@ -192,7 +192,7 @@ def _checking(info: ValidationInfo) -> bool:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(
-        extra="forbid", frozen=True, strict=True, populate_by_name=True, validate_by_alias=True
+        extra="forbid", frozen=True, strict=True, validate_by_name=False, validate_by_alias=True
     )
 
 
