@@ -113,6 +113,23 @@ def test_test_command_fails_with_a_diff(tmp_path: Path) -> None:
     assert data["failed"] == 1
 
 
+def test_test_command_decides_under_each_reading_of_the_path(tmp_path: Path) -> None:
+    """A policy test decides as the gateway and the dry run do: ``/admin.json`` is also read as
+    ``/admin`` (Rails), which a rule denies, so a case wanting ``allow`` fails."""
+    (tmp_path / "p.yaml").write_text(
+        "apiVersion: aegis/v1\nkind: Policy\nmetadata: {name: p}\nspec:\n  rules:\n"
+        "    - {id: allow-api, action: allow, match: {tools: [api]}}\n"
+        "    - {id: deny-admin, action: deny, when: {path: path_loose, eq: /admin}}\n"
+    )
+    (tmp_path / "p_test.yaml").write_text(
+        "cases:\n  - note: admin as json\n    input: {tool: api, method: GET, path: /admin.json}"
+        "\n    want: {action: deny, rule_ids: [deny-admin]}\n"
+    )
+    result = RUNNER.invoke(app, ["test", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "1 passed, 0 failed" in result.output
+
+
 def test_test_command_fails_when_there_is_nothing_to_run(tmp_path: Path) -> None:
     assert RUNNER.invoke(app, ["test", str(tmp_path)]).exit_code == 1
 

@@ -18,6 +18,7 @@ from aegis.errors import AegisError
 from aegis.policy.evaluator import compile_policy
 from aegis.policy.input import build_input, call_from_dict
 from aegis.policy.loader import load_file
+from aegis.policy.readings import decide_readings
 from aegis.policy.yamlsource import parse_source
 
 __all__ = ["CaseResult", "discover", "run_file", "run_path"]
@@ -83,7 +84,9 @@ def run_file(path: str | Path) -> list[CaseResult]:
             unknown = sorted(set(want) - {"action", "reasons", "rule_ids"})
             if unknown or "action" not in want:
                 raise ValueError("want takes action and optionally reasons, rule_ids")
-            decision = policy.evaluate(build_input(call_from_dict(case.get("input") or {})))
+            # Decided as the gateway and the dry run decide it: under each reading of its path.
+            doc = build_input(call_from_dict(case.get("input") or {}))
+            decision = decide_readings(policy, doc, policy.evaluate(doc))
         except (AegisError, ValueError) as exc:
             results.append(_failure(where, note, str(exc)))
             continue
