@@ -276,6 +276,45 @@ def test_tree_nodes_inserted_outside_the_checkpointer_are_never_signed(
     assert checkpointer.latest() == signed  # nothing was signed over the stored nodes
 
 
+def test_nodes_planted_while_a_checkpoint_is_taken_are_never_signed(
+    log: AuditLog, checkpointer: Checkpointer, keyring: KeyRing
+) -> None:
+    """A checkpoint row larger than the synced tree sends the checkpointer to sync again (another
+    process may have appended and checkpointed): that second sync verifies the nodes past the
+    newest checkpoint this log signed too, so a leaf planted in between, behind a checkpoint
+    row nobody signed, is never signed over."""
+    fill(log, 3)
+    signed = checkpointer.checkpoint()
+    fake = canonical_json({"decision_id": "d-fake", "action": "allow", "kind": "gateway.decision"})
+    tree, real_sync = checkpointer.tree, checkpointer.tree.sync
+    planted = [{"level": lv, "idx": ix, "hash": h}
+               for lv, ix, h in tree.compact_range(3).append(leaf_hash(fake.encode()))]  # fmt: skip
+
+    def sync_then_plant(*, trusted: int | None = None) -> TreeHead:
+        head = real_sync(trusted=trusted)
+        if head.size == 3:  # between the checkpointer's two syncs
+            other = KeyRing(MemoryKeyStore(), random_bytes(32), FrozenClock(0.0))
+            other.ensure_initialized()
+            row_head = dataclasses.replace(head, size=4)
+            token = sign_checkpoint(other, issuer=ISSUER, head=row_head, now=0.0)
+            with log.engine.begin() as conn:
+                conn.execute(insert(AUDIT_CHECKPOINTS), [{
+                    "tree_size": 4, "time": 0.0, "root_hash": head.root.hex(),
+                    "chain_hash": head.chain_hash, "token": token}])  # fmt: skip
+                conn.execute(insert(AUDIT_TREE_NODES), planted)
+            fill(log, 4, start=3)
+        return head
+
+    tree.sync = sync_then_plant  # type: ignore[method-assign]
+    try:
+        with pytest.raises(EvidenceError, match="something other than Aegis"):
+            checkpointer.checkpoint()
+    finally:
+        tree.sync = real_sync  # type: ignore[method-assign]
+    assert all(cp.tree_size in (3, 4) for cp in checkpointer.all())  # nothing signed over it
+    assert checkpointer._trusted_size() == signed.tree_size
+
+
 def test_honest_checkpoints_verify_what_was_synced_since_the_last(
     log: AuditLog, checkpointer: Checkpointer, keyring: KeyRing
 ) -> None:

@@ -261,7 +261,9 @@ class Checkpointer:
         head = self.tree.sync(trusted=self._trusted_size())
         last = self.latest()
         if last is not None and last.tree_size > head.size:
-            head = self.tree.sync()  # another process may have appended and checkpointed since
+            # Another process may have appended and checkpointed since (or a row nobody signed
+            # says so): the nodes past the newest checkpoint this log signed are verified again.
+            head = self.tree.sync(trusted=self._trusted_size())
         if last is not None and last.tree_size >= head.size:
             # A stored checkpoint covering the whole log must be of this log: one larger than
             # the log, or of another root or chain head, was not written by a checkpointer of
