@@ -131,3 +131,10 @@ def test_retention_never_prunes_what_a_sink_has_not_received(
     with caplog.at_level(logging.ERROR):
         assert behind.run_once().sent == 1
     assert any(r.getMessage() == "audit.export_gap" for r in caplog.records)
+    # A sink starting afresh on the pruned log says where its copy starts.
+    caplog.clear()
+    fresh = Shipper(log, JsonlSink(tmp_path / "c.jsonl"), state_dir=tmp_path / "c", clock=clock)
+    with caplog.at_level(logging.WARNING):
+        assert fresh.run_once().sent == 1
+    (gap,) = [r for r in caplog.records if r.getMessage() == "audit.export_gap"]
+    assert gap.levelno == logging.WARNING

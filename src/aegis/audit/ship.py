@@ -176,12 +176,14 @@ class Shipper:
             batch = self.pending()
             if not batch:
                 return ShipStats(sent, dead)
-            if batch[0].seq != self.cursor + 1 and self.cursor:
+            if batch[0].seq != self.cursor + 1:
                 # Retention removed records this sink never received (an outage longer than
-                # audit.retention_days, with pruning in another process): say so, loudly.
+                # audit.retention_days, with pruning in another process): say so, loudly. A
+                # sink starting afresh (a new one, or its cursor file removed to ship again)
+                # starts where the log now starts: said as a warning, so its history is known.
                 log_event(
                     "audit.export_gap",
-                    level=logging.ERROR,
+                    level=logging.ERROR if self.cursor else logging.WARNING,
                     sink=self.sink.name,
                     first_missing=self.cursor + 1,
                     resumed_at=batch[0].seq,
