@@ -184,6 +184,32 @@ def test_syslog_over_tls_survives_a_receiver_restart(
     sink.close()
 
 
+def test_one_record_a_sink_refuses_keeps_none_of_its_batch_from_the_sink(
+    log: AuditLog,
+    tmp_path: Path,
+    clock: FrozenClock,
+    tls: tuple[Path, Path, Path],
+    receiver: SyslogTlsReceiver,
+) -> None:
+    """A record over syslog's 64 KiB makes the sink refuse its whole batch: the shipper halves
+    the batch until that record is alone, dead-letters it, and delivers its neighbours."""
+    sink = SyslogSink(
+        "127.0.0.1", receiver.port, context=SyslogSink.context(str(tls[0])), server_name="localhost"
+    )
+    shipper = Shipper(log, sink, state_dir=tmp_path / "state", clock=clock, batch_size=8)
+    fill(log, 5)
+    log.append("gateway.decision", {"decision_id": "d-big", "n": 5, "blob": "x" * 70_000})
+    fill(log, 6, start=6)
+    stats = shipper.run_once()
+    assert (stats.sent, stats.dead_lettered, shipper.cursor) == (11, 1, 12)
+    assert _wait_for(receiver, 11) == [1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12]
+    dead = [json.loads(x) for x in shipper.dead_letter_file.read_text().splitlines()]
+    assert [d["entry"]["seq"] for d in dead] == [6] and "larger than" in dead[0]["reason"]
+    fill(log, 2, start=12)  # back to whole batches
+    assert shipper.run_once().sent == 2 and shipper._narrow is None
+    sink.close()
+
+
 def test_syslog_refuses_a_receiver_it_cannot_authenticate(
     log: AuditLog, tmp_path: Path, clock: FrozenClock, receiver: SyslogTlsReceiver
 ) -> None:
@@ -246,7 +272,8 @@ def test_otlp_retries_a_down_collector_and_dead_letters_a_refused_batch(
     assert stats.dead_lettered == 3 and shipper.cursor == 10
     dead = [json.loads(x) for x in shipper.dead_letter_file.read_text().splitlines()]
     assert [d["entry"]["seq"] for d in dead[-3:]] == [8, 9, 10]
-    assert "rejected 2 of 3" in dead[-1]["reason"] and "too old" in dead[-1]["reason"]
+    # Refused in every batch, each record is found refused alone.
+    assert "rejected 2 of 1" in dead[-1]["reason"] and "too old" in dead[-1]["reason"]
     collector.answer = json.dumps({"partialSuccess": {}}).encode()  # nothing rejected
     fill(log, 1, start=10)
     assert shipper.run_once().sent == 1

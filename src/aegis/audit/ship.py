@@ -8,8 +8,9 @@ sink is back, so nothing is lost and, for the file sink, nothing is sent twice.
 
 Failures are of two kinds. :class:`SinkDown` (connection refused, timeout, 5xx, 429) is retried with
 exponential backoff, forever unless ``max_attempts`` is set; :class:`SinkRejected` (the receiver
-refuses the batch itself, e.g. HTTP 400) sends the batch to the dead-letter file
-``<state_dir>/<sink>.dead.jsonl`` and moves on, so one poison batch cannot stall the trail.
+refuses the batch itself, e.g. HTTP 400) halves the batch until the records refused alone are
+found: those go to the dead-letter file ``<state_dir>/<sink>.dead.jsonl``, the rest are
+delivered, so one poison record can neither stall the trail nor keep its neighbours from it.
 A batch dead-lettered after ``max_attempts`` is kept there the same way; nothing is dropped.
 """
 
@@ -119,6 +120,8 @@ class Shipper:
         self.dead_letter_file = state_dir / f"{sink.name}.dead.jsonl"
         self.attempts = 0
         self.retry_at = 0.0
+        #: The batch size while a refused batch is narrowed down to its refused records.
+        self._narrow: int | None = None
         # Resume from whichever is further: our cursor, or what the sink shows it already holds
         # (a crash between the sink's write and the cursor's leaves the sink ahead).
         self.cursor = max(self._read_cursor(), sink.delivered())
@@ -154,7 +157,7 @@ class Shipper:
             )
             .where(AUDIT_RECORDS.c.seq > self.cursor)
             .order_by(AUDIT_RECORDS.c.seq)
-            .limit(self._batch)
+            .limit(self._narrow or self._batch)
         )
         with self.log.engine.connect() as conn:
             return [
@@ -191,7 +194,12 @@ class Shipper:
             try:
                 self.sink.send(batch)
             except SinkRejected as exc:
+                if len(batch) > 1:
+                    # Which of them does the sink refuse? Halve until each refused one is alone.
+                    self._narrow = len(batch) // 2
+                    continue
                 self._dead_letter(batch, f"rejected: {exc}")
+                self._narrow = None
                 dead += len(batch)
                 continue
             except SinkDown as exc:
