@@ -272,8 +272,7 @@ def test_otlp_retries_a_down_collector_and_dead_letters_a_refused_batch(
     assert stats.dead_lettered == 3 and shipper.cursor == 10
     dead = [json.loads(x) for x in shipper.dead_letter_file.read_text().splitlines()]
     assert [d["entry"]["seq"] for d in dead[-3:]] == [8, 9, 10]
-    # Refused in every batch, each record is found refused alone.
-    assert "rejected 2 of 1" in dead[-1]["reason"] and "too old" in dead[-1]["reason"]
+    assert "rejected 2 of 3" in dead[-1]["reason"] and "too old" in dead[-1]["reason"]
     collector.answer = json.dumps({"partialSuccess": {}}).encode()  # nothing rejected
     fill(log, 1, start=10)
     assert shipper.run_once().sent == 1

@@ -33,7 +33,15 @@ from aegis.errors import ConfigError
 from aegis.telemetry.logging import log_event
 from aegis.telemetry.metrics import AUDIT_EXPORTED, AUDIT_SINK_DOWN
 
-__all__ = ["ShipStats", "ShippedRecord", "Shipper", "Sink", "SinkDown", "SinkRejected"]
+__all__ = [
+    "ShipStats",
+    "ShippedRecord",
+    "Shipper",
+    "Sink",
+    "SinkDown",
+    "SinkPartlyRejected",
+    "SinkRejected",
+]
 
 _CURSOR_VERSION: Final = 1
 
@@ -43,7 +51,13 @@ class SinkDown(Exception):
 
 
 class SinkRejected(Exception):
-    """The sink refuses this batch for good; it goes to the dead-letter file."""
+    """The sink refuses this batch for good, all of it: the shipper narrows it down to the
+    records refused alone, which go to the dead-letter file."""
+
+
+class SinkPartlyRejected(SinkRejected):
+    """The sink kept part of this batch and refused the rest without saying which: sent again,
+    the kept records would reach it twice, so the batch goes to the dead-letter file whole."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +134,10 @@ class Shipper:
         self.dead_letter_file = state_dir / f"{sink.name}.dead.jsonl"
         self.attempts = 0
         self.retry_at = 0.0
-        #: The batch size while a refused batch is narrowed down to its refused records.
+        #: The batch size while a refused batch is narrowed down to its refused records, and
+        #: the last record of that batch (past it, whole batches again).
         self._narrow: int | None = None
+        self._narrow_until = 0
         # Resume from whichever is further: our cursor, or what the sink shows it already holds
         # (a crash between the sink's write and the cursor's leaves the sink ahead).
         self.cursor = max(self._read_cursor(), sink.delivered())
@@ -145,6 +161,8 @@ class Shipper:
     def _advance(self, seq: int) -> None:
         _write_atomic(self.cursor_file, json.dumps({"version": _CURSOR_VERSION, "seq": seq}))
         self.cursor = seq
+        if seq >= self._narrow_until:
+            self._narrow = None
 
     def pending(self) -> list[ShippedRecord]:
         query = (
@@ -194,12 +212,12 @@ class Shipper:
             try:
                 self.sink.send(batch)
             except SinkRejected as exc:
-                if len(batch) > 1:
+                if len(batch) > 1 and not isinstance(exc, SinkPartlyRejected):
                     # Which of them does the sink refuse? Halve until each refused one is alone.
                     self._narrow = len(batch) // 2
+                    self._narrow_until = max(self._narrow_until, batch[-1].seq)
                     continue
                 self._dead_letter(batch, f"rejected: {exc}")
-                self._narrow = None
                 dead += len(batch)
                 continue
             except SinkDown as exc:

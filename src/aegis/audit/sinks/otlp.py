@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import httpx
 
-from aegis.audit.ship import ShippedRecord, SinkDown, SinkRejected
+from aegis.audit.ship import ShippedRecord, SinkDown, SinkPartlyRejected, SinkRejected
 
 __all__ = ["OtlpSink", "encode_request"]
 
@@ -99,7 +99,8 @@ class OtlpSink:
 def _partial_success(body: bytes, sent: int) -> None:
     """A 2xx that says some records were refused (``partialSuccess.rejectedLogRecords``, OTLP
     §"Partial Success") is a refusal: the spec says not to retry them, and which ones it does
-    not say, so the batch is dead-lettered whole (the accepted ones may then be in both)."""
+    not say, so the batch is dead-lettered whole, never sent again (the accepted ones would
+    reach the collector twice; they are in both the collector and the dead-letter file)."""
     if not body:
         return
     try:
@@ -109,7 +110,7 @@ def _partial_success(body: bytes, sent: int) -> None:
         return  # not the JSON encoding's answer: a 2xx is a delivery
     if rejected > 0:
         why = str(partial.get("errorMessage") or "")[:200]
-        raise SinkRejected(
+        raise SinkPartlyRejected(
             f"OTLP endpoint rejected {rejected} of {sent} records of the batch"
             + (f": {why}" if why else "")
         )
