@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import uuid
 
 import pytest
 from mcp.client.session import ClientSession
@@ -41,7 +42,10 @@ async def test_a_legacy_session_serves_the_agent_that_opened_it_only(stack: Stac
             async with intruder.async_client(
                 stack.gateway, audience=GW_AUD, raise_for_denial=False
             ) as http:
-                for query in ({"session_id": sid}, {"sessionId": sid}, {"Session.Id": sid}):
+                # The Python SDK's server reads the id as a UUID: each spelling is the session.
+                spellings = (sid.upper(), str(uuid.UUID(sid)), f"{{{sid}}}", f"urn:uuid:{sid}")
+                for query in ({"session_id": sid}, {"sessionId": sid}, {"Session.Id": sid},
+                              *({"session_id": other} for other in spellings)):  # fmt: skip
                     got = await http.post("/legacy/messages/", params=query, json=CALL)
                     assert got.status_code == 404, (query, got.text)
                     assert got.json()["error"]["data"]["code"] == "not_found"
@@ -53,7 +57,7 @@ async def test_a_legacy_session_serves_the_agent_that_opened_it_only(stack: Stac
             assert again.content[0].text == "found again"
     records = list(stack.audit.records(kind="gateway.decision"))
     refused = [r for r in records if r["agent_id"] == intruder_id]
-    assert [(r["action"], r["code"]) for r in refused] == [("deny", "not_found")] * 3
+    assert [(r["action"], r["code"]) for r in refused] == [("deny", "not_found")] * 7
     # Two sessions named: refused as the message is read, before its token is (no agent yet).
     assert any(r["code"] == "invalid_request" and "more than one session" in str(r)
                for r in records)  # fmt: skip

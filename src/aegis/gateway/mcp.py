@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
 import re
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -311,7 +313,12 @@ def lists_tools(body: Any) -> bool:
 
 def session_key(session: str) -> str:
     """Where a session is held: by its id alone, a secret its server drew at random (whatever
-    route or spelling of the upstream the call came by), hashed to a bounded key."""
+    route or spelling of the upstream the call came by), hashed to a bounded key. An id that
+    reads as a UUID is held as that UUID, however spelled: the Python SDK's HTTP+SSE server
+    reads ``?session_id=`` with ``UUID(hex=...)``, which takes upper case, hyphens, braces and a
+    ``urn:uuid:`` prefix for the same session."""
+    with contextlib.suppress(ValueError):
+        session = uuid.UUID(session).hex
     return hashlib.sha256(session.encode()).hexdigest()
 
 
