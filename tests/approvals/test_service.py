@@ -438,11 +438,13 @@ async def test_a_request_that_expires_while_its_approver_is_judged_is_not_approv
         s.audit.close()
 
 
+@pytest.mark.parametrize("slow", ["audit", "replay"])
 async def test_an_override_whose_window_closes_while_it_is_recorded_is_refused(
-    setup: Setup,
+    setup: Setup, slow: str
 ) -> None:
-    """The override's window is judged again once its presentation is on record (an audit
-    write that took past it): the approval stays unused."""
+    """The override's window is judged again after the last await before the approval is used
+    (an audit write, or a replay store's spend, that took past it): the approval stays
+    unused."""
     svc, clock = setup.service, setup.clock
     call = held()
     req = await svc.hold(call, FINANCE)
@@ -450,20 +452,28 @@ async def test_an_override_whose_window_closes_while_it_is_recorded_is_refused(
     token = (await svc.status(req.id, call.agent_id))["override_token"]
     approved = await svc.get(req.id)
     assert approved.override_expires_at is not None
-    record = svc._record
+    until = approved.override_expires_at
+    record, consume = svc._record, svc._replay.consume
 
     async def slow_record(kind: str, data: dict[str, Any]) -> None:
         await record(kind, data)
         if kind == "approval.override_presented":
-            clock.advance(approved.override_expires_at - clock.now() + 0.5)  # type: ignore[operator]
+            clock.advance(until - clock.now() + 0.5)
 
-    clock.advance(approved.override_expires_at - clock.now() - 1.5)  # type: ignore[operator]
-    svc._record = slow_record  # type: ignore[method-assign]
+    async def slow_consume(*args: Any, **kw: Any) -> None:
+        await consume(*args, **kw)
+        clock.advance(until - clock.now() + 0.5)  # the replay store answers late
+
+    clock.advance(until - clock.now() - 1.5)
+    if slow == "audit":
+        svc._record = slow_record  # type: ignore[method-assign]
+    else:
+        svc._replay.consume = slow_consume  # type: ignore[method-assign]
     try:
         assert await _refused(svc.redeem(call, token)) == "override_expired"
     finally:
-        svc._record = record  # type: ignore[method-assign]
-    assert (await svc.get(req.id)).state != "used"
+        svc._record, svc._replay.consume = record, consume  # type: ignore[method-assign]
+    assert (await svc.get(req.id)).state == "expired"  # closed by its window, never used
 
 
 async def test_redeeming_a_withdrawn_approval_says_so(setup: Setup) -> None:

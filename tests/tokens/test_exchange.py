@@ -24,7 +24,7 @@ from aegis.tokens.delegation import CHAIN_SEPARATOR
 from aegis.tokens.exchange import EXCHANGE_AUDIT_KIND, JWT_TYPE, nested_act
 from aegis.tokens.external import ExternalIssuer, load_trust
 from aegis.types import AgentStatus
-from tests.support.delegation import ISSUER, Handle, World
+from tests.support.delegation import ISSUER, Handle, World, client_assertion
 
 USER_ISS = "https://login.example"
 USER_KEY = Ed25519SigningKey.generate()
@@ -390,6 +390,29 @@ async def test_nothing_below_a_user_outlives_the_users_token(tmp_path: Path) -> 
     with pytest.raises(AegisError) as info:
         await w.exchange(pay, w.grant(fin, pay, max_depth=1), expires_in="3600")
     assert "parent_expired" in info.value.message
+
+
+async def test_an_exchange_that_waited_past_the_users_token_mints_nothing(tmp_path: Path) -> None:
+    """The user's expiry is judged when the token is minted, after the exchange's awaits (a
+    slow replay store spending the proof): a token is never minted after the user's, nor
+    outlives it."""
+    w = _user_world(tmp_path)
+    fin = w.agent("finance")
+    user_exp = int(w.clock.now()) + 5
+
+    async def slow_spend() -> None:  # the replay store answers 8 s later
+        w.clock.advance(8)
+
+    form = {
+        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+        "subject_token": _user_token(exp=user_exp),
+        "subject_token_type": JWT_TYPE,
+        "actor_token": client_assertion(fin, w.clock.now()),
+        "actor_token_type": JWT_TYPE,
+    }
+    with pytest.raises(AegisError) as info:
+        await w.exchanger.exchange(form, [], authorization=None, source="test", spend=slow_spend)
+    assert "parent_expired" in info.value.message, (info.value.code, info.value.message)
 
 
 @pytest.mark.parametrize("after", [-0.5, 0.0, 10.0])

@@ -451,15 +451,16 @@ class ApprovalService:
         # call (503) with the approval still unused, instead of burning it on a refusal.
         await self._record("approval.override_presented", {"id": req.id,
                            "agent_id": call.agent_id, "decision_id": call.decision_id})  # fmt: skip
-        if req.override_expires_at is None or self._clock.now() >= req.override_expires_at:
-            # Its window closed while the presentation was being recorded.
-            raise AegisError(
-                "the override token has expired; ask for a new approval", code="override_expired"
-            )
         try:
             await self._replay.consume(OVERRIDE_REPLAY_NAMESPACE, ov.jti, ov.exp + 60)
         except ReplayDetected:
             raise AegisError("the override token was already used", code="override_used") from None
+        if req.override_expires_at is None or self._clock.now() >= req.override_expires_at:
+            # Its window closed while the presentation was recorded or the token spent (the
+            # last awaits before the approval is used): the approval stays unused.
+            raise AegisError(
+                "the override token has expired; ask for a new approval", code="override_expired"
+            )
         used = dataclasses.replace(req, state="used")
         if not await self._run(self.store.transition, used, "approved"):
             # Another change came first: a use elsewhere, or the approval was withdrawn.

@@ -165,6 +165,9 @@ class TokenExchanger:
             auth = await self._auth.consume(auth, source)  # a replay counts as a failure
             if links:
                 await self._consume(chain)
+            # Judged again after the awaits (a slow replay store): the token is minted now.
+            now = self._clock.now()
+            _refuse_past_user(chain, now)
         except AegisError as exc:
             audit_rejection(
                 exc, stage="exchange", agent=child.id if child else None, links=presented
@@ -195,6 +198,7 @@ class TokenExchanger:
             cnf=cnf,
             extra=extra,
             not_before=max(child.tokens_not_before, auth.client.tokens_not_before),
+            expires_by=chain.origin_exp,
         )
         if self._audit is not None:  # fails closed: no record, no token
             await self._audit(

@@ -9,7 +9,7 @@ from typing import Any
 from aegis.clock import Clock, new_id
 from aegis.crypto.jws import MAX_TOKEN_BYTES, encode_segment, sign_compact
 from aegis.crypto.keyring import KeyRing
-from aegis.errors import AegisError, Unavailable
+from aegis.errors import AegisError, TokenError, Unavailable
 from aegis.tokens.claims import join_scopes
 from aegis.tokens.verifier import ACCESS_TOKEN_TYP
 from aegis.types import Agent, Client
@@ -90,11 +90,14 @@ class TokenIssuer:
         cnf: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
         not_before: float = 0.0,
+        expires_by: float | None = None,
     ) -> IssuedToken:
         """``not_before``: the subject's ``tokens_not_before`` marks (its agent's and client's)
         as this issuer reads them; while they are ahead of ``iat`` nothing is issued
         (:func:`refuse_unsettled`). A token service whose registry cache has not yet seen a mark
-        issues as it is, and the token is refused: what the mark ended stays ended."""
+        issues as it is, and the token is refused: what the mark ended stays ended.
+        ``expires_by``: an instant the token must not outlive (the user token a delegated one
+        acts for), judged at the instant the token is issued; none is issued past it."""
         # Never mint what the verifier refuses: aud must be one non-empty string or a non-empty
         # list of them (RFC 7519 §4.1.3; AccessToken.from_claims), and join_scopes refuses scopes
         # that would not split back into themselves.
@@ -106,11 +109,19 @@ class TokenIssuer:
         lifetime = min(lifetime, int(self._keyring.settings.max_token_lifetime))
         refuse_unsettled(not_before, self._clock.now())
         now = int(self._clock.now())
+        exp = now + lifetime
+        if expires_by is not None:
+            exp = min(exp, math.floor(expires_by))
+            if exp <= now:
+                raise TokenError(
+                    "the user's token this chain acts for has expired; the user must sign in again",
+                    code="parent_expired",
+                )
         claims: dict[str, Any] = {
             "iss": self.issuer,
             "sub": agent_id,
             "aud": audience[0] if len(audience) == 1 else list(audience),
-            "exp": now + lifetime,
+            "exp": exp,
             "iat": now,
             "nbf": now,
             "jti": new_id(),
