@@ -20,11 +20,14 @@ Messages are lowercase, say what failed and what to fix, and never contain a sec
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 __all__ = [
     "CODES",
+    "REFUSAL_FIELD",
     "AccessDenied",
     "AegisError",
     "ClientAuthError",
@@ -39,8 +42,22 @@ __all__ = [
     "ReplayDetected",
     "TokenError",
     "Unavailable",
+    "refusal_mark",
     "spec_for",
 ]
+
+#: The field on every answer the gateway writes itself (a refusal, or its own error after
+#: forwarding): :func:`refusal_mark` of the request's ``Authorization``. The upstream never
+#: sees that field (every door removes the credentials), so a tool cannot answer in the
+#: gateway's name: an agent that took a tool's Aegis-shaped 503 for the gateway's would send a
+#: POST the tool had already acted on again.
+REFUSAL_FIELD: Final = "x-aegis-refusal"
+
+
+def refusal_mark(authorization: str) -> str:
+    """The :data:`REFUSAL_FIELD` value for a request sent with ``authorization``."""
+    digest = hashlib.sha256(b"aegis-refusal\x00" + authorization.encode("utf-8", "replace"))
+    return base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode("ascii")
 
 
 @dataclass(frozen=True, slots=True)

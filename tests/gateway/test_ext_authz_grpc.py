@@ -20,6 +20,7 @@ from google.rpc import code_pb2
 
 from aegis.audit.attest import attestation_rules
 from aegis.config import GatewaySettings
+from aegis.errors import REFUSAL_FIELD, refusal_mark
 from aegis.gateway import ext_authz_grpc
 from aegis.gateway.ext_authz import ExtAuthz, TrustedPeers
 from aegis.gateway.ext_authz_grpc import (
@@ -129,6 +130,7 @@ async def test_allowed_call_is_ok_with_identity_headers(
     }
     back = {h.header.key: h.header.value for h in ok.response_headers_to_add}
     assert back["x-aegis-decision-id"] == up["x-aegis-decision-id"]
+    assert REFUSAL_FIELD not in back and REFUSAL_FIELD not in up  # an allow is never marked
     claims = verify_jwt(
         back["x-aegis-attestation"], env.services.keyring.public_key,
         attestation_rules(env.services.config.issuer), env.services.clock.now(),
@@ -153,6 +155,9 @@ async def test_policy_denial_is_403_with_json_body(
     assert (status, body["code"]) == (403, "access_denied")
     assert body["decision_id"] == headers["x-aegis-decision-id"] and body["message"]
     assert headers["content-type"] == "application/json"
+    # Marked as the gateway's for the credentials it was sent with (the upstream never sees
+    # them): a tool cannot answer in the gateway's name.
+    assert headers[REFUSAL_FIELD] == refusal_mark(f"DPoP {token}")
 
 
 async def test_bad_token_is_401_with_challenge(env: Env, stub: pb_grpc.AuthorizationStub) -> None:

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from aegis.config import ExtAuthzSettings, GatewaySettings
+from aegis.errors import REFUSAL_FIELD, refusal_mark
 from aegis.gateway.ext_authz import ExtAuthz
 from aegis.gateway.ext_authz_http import create_ext_authz_http_app
 from aegis.policy.decision import DEFAULT_DENY_REASON
@@ -84,6 +85,7 @@ def test_envoy_mode_refusals_carry_status_challenge_and_json(env: Env, envoy: st
     assert replay.status_code == 401
     assert replay.json()["code"] == "replay_detected"
     assert replay.json()["decision_id"] == replay.headers["x-aegis-decision-id"]
+    assert replay.headers[REFUSAL_FIELD] == refusal_mark(headers["authorization"])
     assert replay.headers["www-authenticate"].startswith("DPoP error=")
     denied = httpx.post(f"{envoy}/check/crm/x", headers=creds(agent, "/crm/x"))
     assert (door_status(denied), denied.json()["code"]) == (403, "access_denied")

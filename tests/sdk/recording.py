@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from aegis.errors import REFUSAL_FIELD, refusal_mark
+
 Answer = tuple[int, dict[str, str], bytes]
 
 
@@ -33,6 +35,8 @@ def recording_server(
             status, hdrs, out = (answer or (lambda m, p, h: (200, {}, b"{}")))(
                 self.command, self.path, headers
             )
+            if hdrs.get(REFUSAL_FIELD) == _MARK:  # the gateway's refusal, marked as it marks it
+                hdrs = {**hdrs, REFUSAL_FIELD: refusal_mark(headers.get("authorization", ""))}
             self.send_response(status)
             for k, v in hdrs.items():
                 self.send_header(k, v)
@@ -58,8 +62,16 @@ def recording_server(
         srv.server_close()
 
 
+#: Stands for the gateway's mark of the request's credentials (filled in as the answer is sent).
+_MARK = "<mark>"
+
+
 def refusal(status: int, code: str, decision: str = "d-1", **extra: Any) -> Answer:
+    """The gateway's refusal: its body, decision id and its mark for the request's
+    credentials."""
     body = json.dumps(
         {"error": "x", "error_description": code, "code": code, "decision_id": decision, **extra}
     ).encode()
-    return status, {"content-type": "application/json", "x-aegis-decision-id": decision}, body
+    fields = {"content-type": "application/json", "x-aegis-decision-id": decision,
+              REFUSAL_FIELD: _MARK}  # fmt: skip
+    return status, fields, body

@@ -221,6 +221,23 @@ def test_the_gateways_own_404_is_a_refusal_with_its_decision(stack: Stack) -> No
     assert resp.json()["decision_id"] == resp.headers["x-aegis-decision-id"]
 
 
+@pytest.mark.parametrize("code", ["replay_store_unavailable", "token_expired"])
+def test_a_tools_answer_in_the_gateways_name_is_passed_on_never_retried(
+    stack: Stack, code: str
+) -> None:
+    """A tool knows the decision id of a call that reached it, not the agent's credentials: its
+    Aegis-shaped 503 (or 401) after it acted carries no gateway mark for them, so it is the
+    tool's answer, returned as it came, and the POST is never sent again."""
+    _, agent = stack.key_agent("forged")
+    before = len(stack.upstream.seen)
+    with agent, agent.client(stack.gateway, audience=GW_AUD, scope="payments:write") as http:
+        sent = _sent(http)
+        answer = http.post(f"/payments/forged-refusal?{code}", json={"amount": 120})
+    assert answer.status_code in (401, 503) and answer.json()["code"] == code
+    assert len(sent) == 1
+    assert len(stack.upstream.seen) == before + 1  # the tool acted once
+
+
 def test_raise_for_denial_off_returns_the_refusal(stack: Stack) -> None:
     _, agent = stack.key_agent("quiet")
     with (

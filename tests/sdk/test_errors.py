@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from aegis import sdk
-from aegis.errors import CODES
+from aegis.errors import CODES, REFUSAL_FIELD, refusal_mark
 from aegis.sdk import (
     AccessDeniedError,
     AegisClientError,
@@ -118,10 +118,36 @@ def test_admin_body_and_unreadable_bodies() -> None:
     assert (type(err), err.code) == (ServerError, "server_error")
 
 
-def _refusal(status: int, code: str, **extra: Any) -> httpx.Response:
+#: The credentials the planned request was sent with, and the gateway's mark for them.
+SENT = "DPoP eyJ.token.sig"
+
+
+def _refusal(status: int, code: str, *, marked: bool = True, **extra: Any) -> httpx.Response:
+    """A gateway refusal of a request sent with :data:`SENT` (``marked``: with the gateway's
+    mark for those credentials, as only the gateway can write it)."""
     body = {"error": code, "error_description": code, "code": code, "decision_id": "d", **extra}
     headers = {"x-aegis-decision-id": "d", **extra.pop("headers", {})}
-    return _resp(status, {k: v for k, v in body.items() if k != "headers"}, **headers)
+    if marked:
+        headers[REFUSAL_FIELD] = refusal_mark(SENT)
+    response = _resp(status, {k: v for k, v in body.items() if k != "headers"}, **headers)
+    response.request = httpx.Request(
+        "POST", "https://gw.example/pay", headers={"authorization": SENT}
+    )
+    return response
+
+
+@pytest.mark.parametrize("mark", [None, "forged", refusal_mark("DPoP another.token.sig")])
+def test_an_answer_without_the_gateways_mark_for_the_sent_credentials_is_never_retried(
+    mark: str | None,
+) -> None:
+    """A tool knows the decision id of a call that reached it, never the agent's credentials:
+    an Aegis-shaped answer without the gateway's mark for them (or with another request's) is
+    the tool's, passed on as it came; retrying it would send a POST the tool acted on again."""
+    for status, code in ((503, "replay_store_unavailable"), (401, "token_expired"),
+                         (401, "use_dpop_nonce"), (403, "approval_needed")):  # fmt: skip
+        headers = {} if mark is None else {REFUSAL_FIELD: mark}
+        resp = _refusal(status, code, marked=False, headers=headers)
+        assert _plan(resp, Attempts()) == "done"
 
 
 def _plan(resp: httpx.Response, attempts: Attempts, **kw: Any) -> str:

@@ -289,6 +289,8 @@ class Asked:
     target: str
     host: str
     client: str | None
+    #: The request's first ``Authorization`` (the refusal is marked for it).
+    authorization: str | None = None
 
 
 class ExtAuthz:
@@ -344,6 +346,7 @@ class ExtAuthz:
         return await self._pipeline.refuse_unrouted(
             door="ext_authz", method=asked.method, target=asked.target, host=asked.host,
             client=asked.client, status=status, code=code, message=message,
+            authorization=asked.authorization,
         )  # fmt: skip
 
     async def undelivered(self, req: CheckedRequest, result: Result) -> None:
@@ -373,7 +376,8 @@ class ExtAuthz:
                       decision_id=result.decision_id)  # fmt: skip
 
     async def check(self, req: CheckedRequest) -> Result:
-        seen = Asked(req.method, req.target, req.host, req.client)
+        sent = next((v for k, v in req.headers if k == "authorization"), None)
+        seen = Asked(req.method, req.target, req.host, req.client, sent)
         if req.refused is not None:
             return await self.undecided(400, "invalid_request", req.refused, seen)
         if any(name == "upgrade" for name, _ in req.headers):

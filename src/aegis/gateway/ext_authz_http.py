@@ -148,6 +148,7 @@ class HttpExtAuthz:
             (request.scope.get("raw_path") or b"").decode("latin-1"),
             request.headers.get("host", ""),
             peer or None,
+            request.headers.get("authorization"),
         )
         if s.http_mode == "nginx":
             if not trusted:

@@ -27,7 +27,7 @@ from opentelemetry import trace
 from aegis.audit.attest import Attester, request_digest
 from aegis.audit.log import AuditLog
 from aegis.clock import Clock, new_id
-from aegis.errors import AegisError, TokenError, Unavailable
+from aegis.errors import REFUSAL_FIELD, AegisError, TokenError, Unavailable, refusal_mark
 from aegis.gateway.auth import Credentials, read_credentials
 from aegis.gateway.context import CallContext, Route
 from aegis.gateway.evidence import (
@@ -249,11 +249,13 @@ class Pipeline:
         status: int,
         code: str,
         message: str,
+        authorization: str | None = None,
     ) -> Result:
         """A front door's refusal before any route was chosen (method not allowed, no route, a
         target or host it cannot read): no tool, so no policy or attestation, but counted and
-        audited (``gateway.refused``) like every refusal, before it is answered. The path is
-        kept without its query; every field is bounded."""
+        audited (``gateway.refused``) like every refusal, before it is answered, and marked for
+        the ``authorization`` the request came with. The path is kept without its query; every
+        field is bounded."""
         decision_id = new_id()
         count_decision("deny", code)
         if self._audit is not None:
@@ -274,6 +276,8 @@ class Pipeline:
             except AegisError as exc:  # refused either way; the missing record is logged
                 log_event("gateway.audit_failed", level=logging.ERROR, code=exc.code)
         headers = {"cache-control": "no-store", "x-aegis-decision-id": decision_id}
+        if authorization is not None:
+            headers[REFUSAL_FIELD] = refusal_mark(authorization)
         return Result(decision_id, "deny", status, code, message, headers)
 
     async def refuse(self, ctx: CallContext, exc: AegisError) -> Result:
@@ -613,9 +617,19 @@ class Pipeline:
             log_event("gateway.audit_failed", level=logging.ERROR, code=exc.code)
             return self._refuse(facts, exc)
         result.headers["x-aegis-decision-id"] = facts.decision_id
+        if not result.allowed:
+            mark_refusal(result.headers, ctx)
         if attestation is not None:
             result.headers["x-aegis-attestation"] = attestation
             if result.allowed:
                 result.upstream_headers["x-aegis-decision-id"] = facts.decision_id
                 result.upstream_headers["x-aegis-attestation"] = attestation
         return result
+
+
+def mark_refusal(headers: dict[str, str], ctx: CallContext) -> None:
+    """Mark an answer the gateway writes itself as the gateway's (:data:`REFUSAL_FIELD`), for
+    the credentials the call came with (none: unmarked)."""
+    sent = next((v for k, v in ctx.headers if k == "authorization"), None)
+    if sent is not None:
+        headers[REFUSAL_FIELD] = refusal_mark(sent)

@@ -106,7 +106,7 @@ from aegis.gateway.overrides import (
     refuse_coded_override,
     refuse_method_override,
 )
-from aegis.gateway.pipeline import Pipeline, Result
+from aegis.gateway.pipeline import Pipeline, Result, mark_refusal
 from aegis.gateway.routing import RouteTable
 from aegis.gateway.target import vet_path, vet_query
 from aegis.pki.middleware import peer_from_scope
@@ -508,6 +508,7 @@ class ReverseProxy:
 
     async def _unrouted(self, scope: Scope, status: int, code: str, message: str) -> Result:
         host = next((v for k, v in scope["headers"] if k.lower() == b"host"), b"")
+        sent = next((v for k, v in scope["headers"] if k.lower() == b"authorization"), None)
         client = scope.get("client")
         return await self._pipeline.refuse_unrouted(
             door="proxy",
@@ -518,6 +519,7 @@ class ReverseProxy:
             status=status,
             code=code,
             message=message,
+            authorization=None if sent is None else sent.decode("latin-1"),
         )
 
     def _netloc(self, scope: Scope, values: dict[str, str]) -> str:
@@ -718,7 +720,9 @@ class ReverseProxy:
                 )
                 body = {"error": spec_for(too_big.code).oauth_error, "code": too_big.code,
                         "message": too_big.message, "decision_id": result.decision_id}  # fmt: skip
-                return await _json(send, too_big.status, body, result.headers)
+                headers = dict(result.headers)
+                mark_refusal(headers, ctx)
+                return await _json(send, too_big.status, body, headers)
             if isinstance(exc, aiohttp.ConnectionTimeoutError):
                 # Waiting for a free pooled connection counts against connect_timeout too.
                 why = (
@@ -1069,7 +1073,9 @@ class ReverseProxy:
                                 "message": message, "decision_id": result.decision_id}  # fmt: skip
         if ctx.route.mcp:
             body = rpc_error(body, request_id(ctx.body), REFUSED)
-        await _json(send, status, body, result.headers)
+        headers = dict(result.headers)
+        mark_refusal(headers, ctx)
+        await _json(send, status, body, headers)
 
     async def _forward_failed(
         self,

@@ -18,7 +18,7 @@ from typing import Any, Final
 import httpx
 
 from aegis.crypto.jws import parse_compact
-from aegis.errors import CODES, AegisError
+from aegis.errors import CODES, REFUSAL_FIELD, AegisError, refusal_mark
 from aegis.sdk.cache import CachedToken
 from aegis.sdk.errors import AccessDeniedError, AegisClientError, error_class
 
@@ -57,14 +57,23 @@ def parse_body(response: httpx.Response) -> dict[str, Any]:
 
 def is_gateway_refusal(response: httpx.Response, body: Mapping[str, Any]) -> bool:
     """A refusal the gateway itself made (not an upstream's own 4xx): an error status, a known
-    Aegis ``code`` and the decision id both in the body and in the header."""
-    return (
+    Aegis ``code``, the decision id both in the body and in the header, and the gateway's mark
+    for the credentials this request was sent with (:data:`~aegis.errors.REFUSAL_FIELD`). A tool
+    knows the decision id of a call that reached it, never the credentials: without the mark,
+    its Aegis-shaped 503 would have the agent send a POST the tool had acted on again."""
+    if not (
         response.status_code >= 400
         and isinstance(body.get("code"), str)
         and body.get("code") in CODES
         and body.get("decision_id") is not None
         and body.get("decision_id") == response.headers.get(DECISION_HEADER)
-    )
+    ):
+        return False
+    try:
+        sent = response.request.headers.get("authorization")
+    except RuntimeError:  # a response built without its request
+        return False
+    return sent is not None and response.headers.get_list(REFUSAL_FIELD) == [refusal_mark(sent)]
 
 
 def _code_of(body: Mapping[str, Any], status: int) -> str:
