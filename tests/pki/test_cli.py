@@ -217,6 +217,31 @@ def test_agents_cert_is_the_same_command_and_fails_in_one_line(
     clear = control_plane_url.replace("https://", "http://")
     plain = runner.invoke(aegis, [*args, "--url", clear], env=env)
     assert (plain.exit_code, plain.stderr.split(":")[:2]) == (1, ["error", " invalid_request"])
+    # The secret on the command line (readable in the process list) is refused, unsent.
+    out = tmp_path / "argv"
+    argv = [*args[:5], str(out), *args[6:], "--url", control_plane_url, "--client-secret", secret]
+    on_argv = runner.invoke(aegis, argv, env={})
+    assert (on_argv.exit_code, on_argv.stderr.split(":")[:2]) == (1, ["error", " invalid_request"])
+    assert "command line" in on_argv.stderr and secret not in on_argv.output
+    assert not out.exists()
+
+
+def test_a_written_file_is_on_disk_before_it_replaces_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key renewed under --watch replaces the only working one: the new file is flushed to
+    disk before the rename, and the rename after it, so a crash leaves one or the other whole."""
+    from aegis.cli import certs
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(
+        os, "replace", lambda src, dst: (events.append("replace"), real_replace(src, dst))[1]
+    )
+    certs.write_file(tmp_path / "key.pem", b"-----BEGIN PRIVATE KEY-----\n", private=True)
+    assert events == ["fsync", "replace", "fsync"]
+    assert (tmp_path / "key.pem").read_bytes() == b"-----BEGIN PRIVATE KEY-----\n"
 
 
 def test_operator_issue_revoke_and_bootstrap(config: Path, tmp_path: Path) -> None:

@@ -179,3 +179,18 @@ async def test_an_unreadable_revocation_mark_renews_the_outbound_context(pki: Pk
     await asyncio.sleep(1.5)
     assert manager.client_context() is not context
     await manager.stop()
+
+
+@pytest.mark.parametrize("url", ["http://aegis.example.com", "ftp://aegis.example.com"])
+def test_enrolment_credentials_are_never_sent_in_clear(url: str) -> None:
+    """Enrolment sends the client's secret and takes the trust bundle the agent trusts from
+    then on: a control plane over http elsewhere is refused before anything is sent."""
+    from aegis.clock import SystemClock
+    from aegis.pki.renewal import CertificateManager, basic_credentials
+
+    with pytest.raises(ValueError, match="https only"):
+        CertificateManager(url, basic_credentials("c", "enrol-s3cret"), clock=SystemClock(),
+                           trust_pem=b"")  # fmt: skip
+    loopback = CertificateManager("http://127.0.0.1:9", basic_credentials("c", "s"),
+                                  clock=SystemClock(), trust_pem=b"")  # fmt: skip
+    assert loopback is not None

@@ -11,8 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
+from aegis.clock import FrozenClock
 from aegis.crypto.keys import Ed25519SigningKey
-from aegis.sdk import AgentClient, CachedToken, ClientSecret, PrivateKey
+from aegis.sdk import AgentClient, ApprovalPolicy, CachedToken, ClientSecret, PrivateKey
 from aegis.sdk.auth import AegisAuth
 from tests.sdk.recording import Answer, recording_server, refusal
 
@@ -228,3 +229,59 @@ def test_a_redirect_to_another_origin_carries_no_override_without_a_proof() -> N
     agent.close()
     got = elsewhere_seen[0]["headers"]
     assert "authorization" not in got and "x-aegis-override" not in got
+
+
+def test_a_dpop_proof_never_carries_the_urls_userinfo() -> None:
+    """RFC 9449 §4.2: ``htu`` is the HTTP target URI (no query, no fragment); RFC 9110 §4.2.4:
+    a sender must not generate userinfo in one: a password in the URL handed to the client is
+    never signed into a proof sent (and perhaps logged) with every request."""
+    with recording_server() as (gw, seen):
+        agent, auth = _agent_with_token()
+        url = gw.replace("http://", "http://svc:hunter2@") + "/payments"
+        with httpx.Client(auth=auth) as http:
+            assert http.get(url).status_code == 200
+        agent.close()
+    proof = seen[0]["headers"]["dpop"]
+    htu = _payload(proof)["htu"]
+    assert "hunter2" not in htu, htu
+    assert htu == f"{gw}/payments"
+
+
+def test_the_call_after_an_approval_wait_is_not_sent_with_a_stale_token() -> None:
+    """A token is replaced before anything is sent with it past its refresh point: the call
+    sent again with its one-time override after an approval wait of minutes carries the token
+    the cache holds then, not the one taken before the wait (stale, or bound to a certificate
+    renewed meanwhile)."""
+    clock = FrozenClock(T0)
+    issued: list[str] = []
+
+    def server(method: str, path: str, headers: dict[str, str]) -> Answer:
+        if path == "/oauth/token":
+            token = _jws({"jti": f"t{len(issued)}", "iat": clock.now()})
+            issued.append(token)
+            body = {"access_token": token, "token_type": "DPoP", "expires_in": 300}
+            return 200, {"content-type": "application/json"}, json.dumps(body).encode()
+        if path.startswith("/v1/approvals/"):
+            state = "pending" if clock.now() < T0 + 280 else "approved"
+            answer = {"state": state, "override_token": "ovr-1"}
+            return 200, {"content-type": "application/json"}, json.dumps(answer).encode()
+        if headers.get("x-aegis-override") == "ovr-1":
+            return 200, {}, b"{}"
+        return refusal(403, "approval_needed", decision="d-1", approval_id="a1",
+                       status_url="/v1/approvals/a1")  # fmt: skip
+
+    with recording_server(server) as (url, seen):
+        agent = AgentClient(url, PrivateKey("c", Ed25519SigningKey.generate()), clock=clock,
+                            approvals=ApprovalPolicy(timeout=600, poll_initial=10, poll_max=10),
+                            sleep=clock.advance)  # fmt: skip
+        with httpx.Client(auth=agent.auth(audience="aegis-gateway")) as http:
+            response = http.post(f"{url}/treasury/transfer", json={"amount": 250_000})
+        assert response.status_code == 200
+        agent.close()
+    final = [s for s in seen if s["headers"].get("x-aegis-override") == "ovr-1"]
+    assert len(final) == 1
+    sent_with = final[0]["headers"]["authorization"].split(" ", 1)[1]
+    # The first token (issued at T0, lifetime 300 s, margin 30 s) is stale from T0 + 270; the
+    # call with the override left after T0 + 280.
+    assert len(issued) >= 2
+    assert sent_with == issued[-1], "the override call carried the token the cache had replaced"

@@ -82,7 +82,16 @@ def write_file(path: Path, data: bytes, *, private: bool = False) -> None:
             os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            # On disk before it takes the old file's place: a crash after the rename must not
+            # leave an empty or torn key.pem where a working one was.
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(name, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself
+        finally:
+            os.close(directory)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name)
@@ -90,6 +99,7 @@ def write_file(path: Path, data: bytes, *, private: bool = False) -> None:
 
 
 def agent_cert(
+    ctx: typer.Context,
     url: Annotated[str, typer.Option(help="control plane base URL, e.g. https://aegis:8443")],
     client_id: Annotated[str, typer.Option(envvar="AEGIS_CLIENT_ID", help="the agent's client")],
     out_dir: Annotated[Path, typer.Option(help="cert.pem (leaf and chain), key.pem, bundle.pem")],
@@ -99,7 +109,11 @@ def agent_cert(
     client_secret: Annotated[
         str,
         typer.Option(
-            envvar="AEGIS_CLIENT_SECRET", prompt=True, hide_input=True, help="never on argv"
+            envvar="AEGIS_CLIENT_SECRET",
+            prompt=True,
+            hide_input=True,
+            help="$AEGIS_CLIENT_SECRET or the prompt; refused on the command line, which other "
+            "users can read",
         ),
     ],
     server_id: Annotated[
@@ -122,6 +136,13 @@ def agent_cert(
 ) -> None:
     """Enrol this agent (and with --watch keep its certificate renewed) through /pki/v1/sign."""
     with fail_cleanly():
+        source = ctx.get_parameter_source("client_secret")
+        if source is not None and source.name == "COMMANDLINE":
+            raise AegisError(
+                "the client secret is never taken on the command line (other users read it in "
+                "the process list): set $AEGIS_CLIENT_SECRET or answer the prompt",
+                code="invalid_request",
+            )
         if not url.lower().startswith("https://"):
             # The client secret would travel in clear, and the bundle answered, which the agent
             # trusts from then on, would come from whoever is on the path.

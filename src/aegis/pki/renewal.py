@@ -129,6 +129,8 @@ class CertificateManager:
     ) -> None:
         if (credentials is None) == (enrol is None):
             raise ValueError("give either credentials (enrol over HTTP) or enrol, not both")
+        if credentials is not None:
+            _refuse_cleartext(base_url)
         self._url = base_url.rstrip("/")
         self._credentials = credentials
         self._clock = clock
@@ -307,3 +309,17 @@ class CertificateManager:
                 log_event("pki.renewal_failed", error=type(exc).__name__, remaining=remaining)
                 await asyncio.sleep(max(0.2, min(5.0, remaining / 10)))
                 await self._recheck_outbound()  # revocations still count while renewal fails
+
+
+_LOOPBACK: Final = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def _refuse_cleartext(url: str) -> None:
+    """Enrolment sends the client's credentials and receives the trust bundle the agent trusts
+    from then on: over ``https`` only, or to this host's loopback (the SDK's rule)."""
+    parts = httpx.URL(url)
+    if parts.scheme != "https" and not (parts.scheme == "http" and parts.host in _LOOPBACK):
+        raise ValueError(
+            f"{parts.scheme}://{parts.host}: enrolment credentials are sent over https only (or "
+            "to loopback); use an https URL"
+        )

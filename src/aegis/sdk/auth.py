@@ -156,9 +156,13 @@ class AegisAuth(httpx.Auth):
                 nonce = self._keep_nonce(request, step.nonce)
             elif step.kind == "backoff":
                 c.sleep(step.delay)
+                token = c.token_for(self._key, subject_token=self._subject)
             elif step.kind == "approval":
                 assert isinstance(step.error, ApprovalRequiredError)
                 override = self._wait_sync(step.error, token)
+                # The wait lasted minutes: the call goes with the token the cache holds now
+                # (replaced before its expiry, or bound to a renewed certificate).
+                token = c.token_for(self._key, subject_token=self._subject)
 
     def _wait_sync(self, refusal: ApprovalRequiredError, token: CachedToken) -> str:
         """Poll until the human decided. Each poll takes the cached token anew (a wait outlasts
@@ -210,9 +214,11 @@ class AegisAuth(httpx.Auth):
                 nonce = self._keep_nonce(request, step.nonce)
             elif step.kind == "backoff":
                 await c.asleep(step.delay)
+                token = await c.atoken_for(self._key, subject_token=self._subject)
             elif step.kind == "approval":
                 assert isinstance(step.error, ApprovalRequiredError)
                 override = await self._wait_async(step.error, token)
+                token = await c.atoken_for(self._key, subject_token=self._subject)
 
     async def _wait_async(self, refusal: ApprovalRequiredError, token: CachedToken) -> str:
         """:meth:`_wait_sync`, asynchronously."""

@@ -27,9 +27,15 @@ DPOP_ALG: Final = "EdDSA"
 
 
 def htu_of(url: str) -> str:
-    """RFC 9449 §4.2 ``htu``: "The HTTP target URI ... without query and fragment parts"."""
+    """RFC 9449 §4.2 ``htu``: "The HTTP target URI ... without query and fragment parts", and
+    without userinfo (RFC 9110 §4.2.4: a sender must not generate it in a target URI; it would
+    carry a password in every proof)."""
     parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, parts.path or "/", "", ""))
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path or "/", "", ""))
 
 
 class DpopSigner:
