@@ -194,3 +194,29 @@ def test_enrolment_credentials_are_never_sent_in_clear(url: str) -> None:
     loopback = CertificateManager("http://127.0.0.1:9", basic_credentials("c", "s"),
                                   clock=SystemClock(), trust_pem=b"")  # fmt: skip
     assert loopback is not None
+
+
+@pytest.mark.parametrize("field", ["x5t#S256", "serial", "spiffe_id"])
+async def test_what_a_certificate_says_is_read_from_it_not_from_the_answer(
+    pki: Pki, field: str
+) -> None:
+    """Tokens are bound to the thumbprint and the agent acts as the SPIFFE ID the manager
+    holds: an answer whose words for them differ from the certificate it carries is refused,
+    never believed."""
+    from aegis.errors import AegisError
+
+    real = pki.service.local_enrolment("alpha")
+
+    async def lying(csr: str, lifetime: int | None) -> tuple[dict[str, object], bytes]:
+        body, trust = await real(csr, lifetime)
+        return {**body, field: "spiffe://example.org/other" if field == "spiffe_id" else "x"}, trust
+
+    honest = CertificateManager("", None, clock=pki.clock, trust_pem=pki.ca.bundle_pem(),
+                                enrol=real, lifetime=LIFETIME)  # fmt: skip
+    got = await honest.obtain()
+    assert got.spiffe_id.endswith("/agent/alpha") and got.x5t_s256
+    manager = CertificateManager("", None, clock=pki.clock, trust_pem=pki.ca.bundle_pem(),
+                                 enrol=lying, lifetime=LIFETIME)  # fmt: skip
+    with pytest.raises(AegisError) as info:
+        await manager.obtain()
+    assert info.value.code == "cert_invalid"

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from aegis.clock import Clock
 from aegis.errors import CODES, AegisError
 from aegis.pki.pinning import ServerCheck, check_server, pin_server_spiffe_id
+from aegis.pki.profile import serial_hex, x5t_s256
 from aegis.pki.tls import client_context, server_context
 from aegis.telemetry.logging import log_event
 
@@ -207,15 +208,24 @@ class CertificateManager:
         if cert.public_key() != key.public_key():
             raise AegisError("the ca returned a certificate for another key", code="cert_invalid")
         chain = tuple(x509.load_pem_x509_certificates(body["chain"].encode()))
+        # What the certificate says, read from it: the thumbprint tokens are bound to and the
+        # identity it names are never taken from the answer's word for them.
+        facts = {"x5t#S256": x5t_s256(cert), "serial": serial_hex(cert)}
+        facts["spiffe_id"] = _uri_san(cert)
+        if any(body.get(k) != v for k, v in facts.items()):
+            raise AegisError(
+                "the ca's answer does not describe the certificate it returned",
+                code="cert_invalid",
+            )
         self._trust = trust
         pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (cert, *chain))
         cred = Credential(
             key=key,
             certificate=cert,
             chain=chain,
-            spiffe_id=body["spiffe_id"],
-            serial=body["serial"],
-            x5t_s256=body["x5t#S256"],
+            spiffe_id=facts["spiffe_id"],
+            serial=facts["serial"],
+            x5t_s256=facts["x5t#S256"],
             received_at=self._clock.now(),
             not_after=cert.not_valid_after_utc.timestamp(),
             trust_pem=trust,
@@ -323,3 +333,13 @@ def _refuse_cleartext(url: str) -> None:
             f"{parts.scheme}://{parts.host}: enrolment credentials are sent over https only (or "
             "to loopback); use an https URL"
         )
+
+
+def _uri_san(cert: x509.Certificate) -> str:
+    """The one URI SAN (the SPIFFE ID) of an issued certificate, or "" when it has not one."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (x509.ExtensionNotFound, x509.DuplicateExtension, ValueError):
+        return ""
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    return uris[0] if len(uris) == 1 else ""
