@@ -673,9 +673,13 @@ async def test_an_opened_session_not_held_for_want_of_a_store_is_refused(
 
     monkeypatch.setattr(env.services.replay, "claim", unavailable)
     opened = await _initialize(port, Agent(env, "caller"))
-    assert opened.status_code == 503
+    # The server acted (it opened the session, then ended by the gateway): the answer never
+    # invites the client to send the initialize again as if it had not been forwarded (a 503
+    # *_unavailable is what an SDK retries).
+    assert opened.status_code == 502
     assert "mcp-session-id" not in opened.headers
-    assert opened.json()["error"]["data"]["code"] == "replay_store_unavailable"
+    data = opened.json()["error"]["data"]
+    assert data["code"] == "bad_gateway" and "replay store" in data["message"]
 
 
 async def test_only_the_initialize_answer_opens_a_session(

@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 import pytest
 
 from aegis.crypto.keys import b64u_decode, b64u_encode
-from aegis.errors import ConfigError, TokenError, Unavailable
+from aegis.errors import REFUSAL_FIELD, ConfigError, TokenError, Unavailable, refusal_mark
 from aegis.gateway.app import build_pipeline
 from aegis.gateway.context import STREAMED_BODY_DIGEST, body_digest
 from aegis.pki.binding import X5T_S256
@@ -326,6 +326,10 @@ async def test_audit_unavailable_refuses_the_call(env: Env) -> None:
     result = await env.pipeline.run(make_ctx(dpop_headers(agent, token), body={"amount": 1}))
     assert (result.status, result.code) == (503, "audit_unavailable")
     assert not result.allowed and not result.upstream_headers
+    # The gateway's own answer, marked as every one is (an SDK then retries it as the
+    # gateway's 503, never takes it for the tool's).
+    assert result.headers.get(REFUSAL_FIELD) == refusal_mark(f"DPoP {token}")
+    assert result.headers.get("x-aegis-decision-id") == result.decision_id
 
 
 async def test_attestation_verifies_with_the_published_key(env: Env) -> None:

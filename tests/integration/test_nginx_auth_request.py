@@ -21,6 +21,7 @@ from tests.support.server import RunningServer, free_port, run_server
 
 from aegis.audit.log import AuditLog
 from aegis.config import GatewaySettings
+from aegis.errors import refusal_mark
 from aegis.gateway.app import build_pipeline
 from aegis.gateway.ext_authz import ExtAuthz
 from aegis.gateway.ext_authz_http import create_ext_authz_http_app
@@ -64,6 +65,7 @@ http {{
       auth_request_set $aegis_error $upstream_http_x_aegis_error;
       auth_request_set $aegis_retry $upstream_http_retry_after;
       auth_request_set $aegis_allow $upstream_http_allow;
+      auth_request_set $aegis_refusal $upstream_http_x_aegis_refusal;
       error_page 401 403 = @aegis_refused;
       add_header DPoP-Nonce $aegis_nonce always;
       proxy_set_header X-Aegis-Agent-Id $aegis_agent;
@@ -99,6 +101,7 @@ http {{
       add_header Retry-After $aegis_retry always;
       add_header Allow $aegis_allow always;
       add_header X-Aegis-Decision-Id $aegis_decision always;
+      add_header X-Aegis-Refusal $aegis_refusal always;
       if ($aegis_status = 400) {{ return 400 $aegis_error; }}
       if ($aegis_status = 401) {{ return 401 $aegis_error; }}
       if ($aegis_status = 404) {{ return 404 $aegis_error; }}
@@ -298,6 +301,9 @@ def test_every_refusal_reaches_the_client_with_its_status_and_json_body(front: F
     assert denied.status_code == 403 and denied.json()["code"] == "access_denied"
     assert denied.headers["x-aegis-decision-id"] == denied.json()["decision_id"]
     assert denied.headers["cache-control"] == "no-store"
+    # The gateway's mark for the credentials sent (which the upstream never sees) reaches the
+    # client: an SDK retries, refreshes or waits only on marked answers.
+    assert denied.headers["x-aegis-refusal"] == refusal_mark(f"DPoP {token}")
     url = f"{front.url}/payments/charge"
     anonymous = httpx.post(url, json={}, timeout=10)
     assert anonymous.status_code == 401 and anonymous.json()["code"] == "unauthenticated"

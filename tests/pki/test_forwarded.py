@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -9,8 +10,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from aegis.errors import AegisError
+from aegis.errors import REFUSAL_FIELD, AegisError, refusal_mark
 from aegis.pki.forwarded import parse_nginx, parse_xfcc
+from aegis.pki.middleware import PeerCertificateMiddleware
+from aegis.sdk.wire import is_gateway_refusal, parse_body
 from aegis.types import AgentStatus
 from tests.pki.conftest import Pki
 from tests.pki.harness import gateway_app, rejections
@@ -118,3 +121,35 @@ async def test_trusted_proxy_addresses_are_compared_as_addresses(pki: Pki) -> No
         assert (await _get(app, peer, header)).status_code == 200, peer
     for peer in ("10.0.0.70", "fd00::8", "unix-socket"):
         assert (await _get(app, peer, header)).json()["code"] == "cert_required", peer
+
+
+async def test_an_mtls_listener_refusal_is_the_gateways_own_marked_answer() -> None:
+    """A peer-certificate refusal is answered by the listener itself: with a decision id (in
+    the body, the header and its mtls.rejected record) and the gateway's mark, so an SDK reads
+    it as the refusal it is, never as a tool's 403."""
+    reached: list[Any] = []
+
+    async def proxy(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope)
+
+    app = PeerCertificateMiddleware(
+        proxy, validator=None,  # type: ignore[arg-type]  # never reached: refused first
+        trusted_proxies=["127.0.0.1"], mode="envoy", listener="gateway",
+    )  # fmt: skip
+    auth = "DPoP header.payload.sig"
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 4711))
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+        answer = await client.post(
+            "/payments/charge",
+            headers=[
+                ("authorization", auth),
+                ("x-forwarded-client-cert", "a"),
+                ("x-forwarded-client-cert", "b"),
+            ],
+            json={"amount": 1},
+        )
+    assert not reached
+    assert answer.status_code >= 400 and answer.json()["code"] == "cert_invalid"
+    # Written by the gateway itself: marked (and decided), so the SDK raises it as a refusal.
+    assert answer.headers.get(REFUSAL_FIELD) == refusal_mark(auth)
+    assert is_gateway_refusal(answer, parse_body(answer))

@@ -227,7 +227,8 @@ class Pipeline:
                 result = await self._evidence(ctx, facts, result)
             except Exception as exc:  # never an answer without its evidence: refuse, logged
                 log_event("gateway.evidence_failed", level=logging.ERROR, error=type(exc).__name__)
-                result = self._refuse(facts, AegisError("internal error", code="server_error"))
+                failed = self._refuse(facts, AegisError("internal error", code="server_error"))
+                result = _sealed(ctx, facts, failed)
             self._timed(facts, _EVIDENCE, started)
             if span.is_recording():  # without a tracing SDK the span records nothing
                 span.set_attributes(facts.span_attributes(result))
@@ -615,16 +616,22 @@ class Pipeline:
                 await self._audit.append_async("gateway.decision", record)
         except Unavailable as exc:
             log_event("gateway.audit_failed", level=logging.ERROR, code=exc.code)
-            return self._refuse(facts, exc)
-        result.headers["x-aegis-decision-id"] = facts.decision_id
-        if not result.allowed:
-            mark_refusal(result.headers, ctx)
+            return _sealed(ctx, facts, self._refuse(facts, exc))
+        _sealed(ctx, facts, result)
         if attestation is not None:
             result.headers["x-aegis-attestation"] = attestation
             if result.allowed:
                 result.upstream_headers["x-aegis-decision-id"] = facts.decision_id
                 result.upstream_headers["x-aegis-attestation"] = attestation
         return result
+
+
+def _sealed(ctx: CallContext, facts: EvidenceFacts, result: Result) -> Result:
+    """``result`` with its decision id and, for every answer but an allow, the gateway's mark."""
+    result.headers["x-aegis-decision-id"] = facts.decision_id
+    if not result.allowed:
+        mark_refusal(result.headers, ctx)
+    return result
 
 
 def mark_refusal(headers: dict[str, str], ctx: CallContext) -> None:

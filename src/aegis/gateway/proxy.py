@@ -755,13 +755,21 @@ class ReverseProxy:
                 )  # fmt: skip
             if ctx.route.mcp and opens_session(ctx.method, ctx.body):
                 status, code = 502, "bad_gateway"
+                ended = False
                 try:
                     why = await self._hold_opened(upstream, result)
-                except AegisError as exc:  # the replay store cannot answer: 503
-                    status, code, why = exc.status, exc.code, exc.message
+                except AegisError as exc:
+                    # The share is full (429), or the replay store cannot answer: the session
+                    # is the agent's own, ended at the server. Answered 502 when the store is
+                    # down: after the server acted, nothing the gateway says may invite the
+                    # client to send the request again as if it had not been forwarded.
+                    ended = True
+                    status, code = (429, exc.code) if exc.code == "mcp_session_limit" else (
+                        502, "bad_gateway")  # fmt: skip
+                    why = exc.message
                 if why is not None:
                     upstream.close()  # the id is never passed on
-                    if code == "mcp_session_limit":  # the agent's own session: end it there
+                    if ended:
                         handed = upstream.headers.get(SESSION_FIELD)
                         await self._end_refused(url, headers, tls, handed)
                     return await self._gateway_error(send, ctx, status, code, why, result)

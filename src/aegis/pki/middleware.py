@@ -32,7 +32,8 @@ from typing import Any, Final
 from cryptography import x509
 from starlette.responses import JSONResponse
 
-from aegis.errors import AegisError
+from aegis.clock import new_id
+from aegis.errors import REFUSAL_FIELD, AegisError, refusal_mark
 from aegis.pki.forwarded import ENVOY_HEADER, NGINX_HEADER, parse_nginx, parse_xfcc
 from aegis.pki.peer import PeerIdentity, PeerValidator
 from aegis.telemetry.logging import log_event
@@ -189,6 +190,7 @@ class PeerCertificateMiddleware:
     ) -> None:
         MTLS_REJECTIONS.labels(listener=self._listener, code=exc.code).inc()
         client = scope.get("client")
+        decision_id = new_id()
         cert = {k: exc.details.get(k) for k in ("serial", "spiffe_id")}
         log_event(
             "mtls.peer_refused",
@@ -202,6 +204,7 @@ class PeerCertificateMiddleware:
         await audit_refusal(
             self._audit,
             {
+                "decision_id": decision_id,
                 "listener": self._listener,
                 "stage": "peer_certificate",
                 "code": exc.code,
@@ -216,5 +219,11 @@ class PeerCertificateMiddleware:
         if scope["type"] != "http":
             await send({"type": "websocket.close", "code": 1008})
             return
-        body = {"error": exc.spec.oauth_error, **exc.to_dict()}
-        await JSONResponse(body, status_code=exc.status)(scope, receive, send)
+        body = {"error": exc.spec.oauth_error, **exc.to_dict(), "decision_id": decision_id}
+        # The gateway's own answer, marked as every one is (docs/gateway.md), so an SDK reads it
+        # as the refusal it is, never as a tool's.
+        headers = {"cache-control": "no-store", "x-aegis-decision-id": decision_id}
+        sent = next((v for k, v in scope["headers"] if k.lower() == b"authorization"), None)
+        if sent is not None:
+            headers[REFUSAL_FIELD] = refusal_mark(sent.decode("latin-1"))
+        await JSONResponse(body, status_code=exc.status, headers=headers)(scope, receive, send)
