@@ -444,3 +444,31 @@ async def test_an_unknown_query_parameter_is_refused(api: Api) -> None:
     ).status_code == 200
     # A role's dependency reads no query; the path has none to read.
     assert (await api.call(AdminRole.AUDITOR, "GET", "/admin/keys?x=1")).status_code == 400
+
+
+@pytest.mark.parametrize(
+    "encoding", ["utf-16", "utf-32", "utf-8-sig", "latin-1"], ids=lambda e: str(e)
+)
+async def test_a_body_not_in_plain_utf8_is_refused_never_read_unchecked(
+    api: Api, encoding: str
+) -> None:
+    """The repeated-member check reads UTF-8; the routes' own readers also take UTF-16, UTF-32
+    and a byte-order mark (keeping a repeated member's last value): such a body is refused, so
+    {"role": "auditor", "role": "admin"} never makes an admin key, nor "deny", "allow" an
+    allow."""
+    key = '{"name": "ci-\u00e9", "role": "auditor", "role": "admin"}'
+    policy = (
+        '{"policy": {"apiVersion": "aegis/v1", "kind": "Policy", "metadata": {"name": "crm"},'
+        ' "spec": {"rules": [{"id": "crm", "action": "deny", "action": "allow",'
+        ' "match": {"tools": ["crm.*"]}}]}}}'
+    )
+    for path, body, role in (("/v1/admin/admin-keys", key, AdminRole.ADMIN),
+                             ("/v1/policy/versions", policy, AdminRole.OPERATOR)):  # fmt: skip
+        response = await api.http.post(
+            path,
+            content=body.encode(encoding),
+            headers={**api.auth(role), "content-type": "application/json"},
+        )
+        assert response.status_code == 400, (path, response.status_code, response.text)
+        assert response.json()["code"] == "invalid_request"
+    assert not any(k.name.startswith("ci-") for k in api.services.registry_store.list_admin_keys())

@@ -59,13 +59,21 @@ def _check_json(body: bytes) -> None:
     Infinity, a lone surrogate. A body that is not JSON at all is the route's to refuse."""
     if not body.strip():
         return
+    # JSON is UTF-8 without a byte-order mark (RFC 8259 §8.1); the routes' readers also take
+    # UTF-16, UTF-32 and a BOM, which this check would not read: refused, not passed on unread.
     try:
-        strict_json(body.decode("utf-8"))
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("the request body must be UTF-8 (send JSON in UTF-8)") from None
+    if text.startswith("\ufeff"):
+        raise InvalidRequest("the request body must not start with a byte-order mark")
+    try:
+        strict_json(text)
     except StrictJSONError as exc:
         raise InvalidRequest(f"the request body {exc}") from None
     except RecursionError:
         raise InvalidRequest("the request body is JSON nested too deeply") from None
-    except ValueError:  # not UTF-8, or not JSON: the route's own reading refuses it
+    except ValueError:  # not JSON: the route's own reading refuses it
         return
 
 
