@@ -375,3 +375,38 @@ def test_what_follows_a_status_change_can_be_retried(env: Env, status: AgentStat
     env.registry.set_agent_status(agent_id, AgentStatus.RETIRED, actor=ACTOR)
     with pytest.raises(Conflict):  # retired stays retired
         env.registry.set_agent_status(agent_id, AgentStatus.ACTIVE, actor=ACTOR)
+
+
+@pytest.mark.parametrize(
+    "owner", ["alice\x07@example.com", "alice@example.com\x7f", "alice\u200b@example.com"]
+)
+def test_an_owner_with_an_invisible_character_is_refused(env: Env, owner: str) -> None:
+    """An owner shown as alice@example.com must be her for separation of duties: one holding a
+    control or format character is refused, on registration and on update, and the approvals'
+    comparison drops such characters in any case."""
+    from aegis.approvals.service import party
+
+    assert party(owner) == party("alice@example.com")
+    with pytest.raises(InvalidRequest) as info:
+        env.registry.register_agent(AgentSpec("a1", "acme", "prod", owner), actor=ACTOR)
+    assert info.value.details.get("field") == "owner"
+    env.registry.register_agent(AgentSpec("a2", "acme", "prod", "bob@example.com"), actor=ACTOR)
+    with pytest.raises(InvalidRequest):
+        env.registry.update_agent("a2", actor=ACTOR, owner=owner)
+    assert env.registry.store.get_agent("a2").owner == "bob@example.com"
+
+
+def test_disabling_a_client_stops_the_secret_in_its_overlap(env: Env) -> None:
+    """Disabling is the answer to a leak: the secret rotated away, still in its overlap, does
+    not work again once the client is enabled; the current one does."""
+    client, leaked = env.client(env.agent())
+    env.clock.advance(10)
+    _, fresh = env.registry.rotate_secret(client.client_id, actor=ACTOR)
+    env.registry.check_secret(env.stored(client.client_id), leaked)  # the overlap, so far
+    env.registry.set_client_active(client.client_id, False, actor=ACTOR)
+    env.clock.advance(10)
+    env.registry.set_client_active(client.client_id, True, actor=ACTOR)
+    stored = env.stored(client.client_id)
+    env.registry.check_secret(stored, fresh)
+    with pytest.raises(ClientAuthError):
+        env.registry.check_secret(stored, leaked)

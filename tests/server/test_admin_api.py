@@ -7,6 +7,7 @@ reachable without a key, fails here rather than in production.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import typing
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ import pytest
 from fastapi.routing import APIRoute, iter_route_contexts
 
 from aegis.config import load_config
+from aegis.crypto.keys import Ed25519SigningKey
 from aegis.server.admin_api import create_admin_app
 from aegis.server.admin_auth import Admin, Operator, Reader
 from aegis.server.app import create_app
@@ -472,3 +474,32 @@ async def test_a_body_not_in_plain_utf8_is_refused_never_read_unchecked(
         assert response.status_code == 400, (path, response.status_code, response.text)
         assert response.json()["code"] == "invalid_request"
     assert not any(k.name.startswith("ci-") for k in api.services.registry_store.list_admin_keys())
+
+
+@pytest.mark.parametrize("where", ["attributes", "kid", "patch"])
+async def test_deeply_nested_agent_values_are_refused_not_stored(api: Api, where: str) -> None:
+    """A value nested 300 levels deep (under the body's limits) was stored, and every answer
+    showing the agent was then a 500, a suspension committed included: it is refused 400 naming
+    the field, and nothing is stored."""
+    deep: object = json.loads("[" * 300 + "]" * 300)
+    body: dict[str, object] = {"id": f"deep-{where}", "tenant": "acme", "env": "prod",
+                               "owner": "a@example.com"}  # fmt: skip
+    if where == "attributes":
+        body["attributes"] = {"a": deep}
+    elif where == "kid":
+        key = Ed25519SigningKey.generate().public.to_jwk()
+        body["jwks"] = [{**key, "kid": deep}]
+    created = await api.call(AdminRole.OPERATOR, "POST", "/admin/agents", body)
+    if where == "patch":
+        assert created.status_code == 201, created.text
+        created = await api.call(
+            AdminRole.OPERATOR, "PATCH", f"/admin/agents/{body['id']}", {"attributes": {"a": deep}}
+        )
+    assert created.status_code == 400, created.text
+    assert created.json()["code"] == "invalid_request"
+    assert created.json().get("field") in ("attributes", "jwks")
+    listed = await api.call(AdminRole.AUDITOR, "GET", "/admin/agents")
+    assert listed.status_code == 200
+    stored = {a.id: a for a in api.services.registry_store.list_agents()}
+    assert where == "patch" or body["id"] not in stored
+    assert where != "patch" or stored[str(body["id"])].attributes == {}

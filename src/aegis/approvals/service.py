@@ -65,13 +65,12 @@ __all__ = ["ApprovalService", "party"]
 
 def party(name: str) -> str:
     """A person's id as separation of duties compares them: NFKC-normalised, case-folded,
-    without format characters (a zero-width space), surrounding spaces or a trailing dot; so
-    ``Carol@Example.com``, ``carol@example.com`` in fullwidth letters and
-    ``carol@example.com`` followed by a zero-width space are one
-    person. (Look-alike letters from other scripts are not folded: keep owners and approver ids
+    without format or control characters (a zero-width space, a BEL), surrounding spaces or a
+    trailing dot; so ``Carol@Example.com``, ``carol@example.com`` in fullwidth letters and
+    ``carol@example.com`` followed by a zero-width space are one person. (Look-alike letters from other scripts are not folded: keep owners and approver ids
     ASCII.)"""
     text = unicodedata.normalize("NFKC", name)
-    text = "".join(c for c in text if unicodedata.category(c) != "Cf")
+    text = "".join(c for c in text if unicodedata.category(c) not in ("Cf", "Cc"))
     return text.strip().rstrip(".").casefold()
 
 

@@ -65,6 +65,9 @@ ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9.-]{0,62}")
 #: RFC 6749 §3.3 scope-token characters, bounded in length.
 SCOPE_PATTERN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,128}")
 _OWNER_PATTERN = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+#: How deep an agent's attributes may nest (policy reads them by path; a deeper value is no
+#: attribute anyone writes a rule on, and its answer could not be serialised).
+_MAX_ATTRIBUTE_DEPTH = 16
 _SECRET_METHODS = (ClientAuthMethod.CLIENT_SECRET_BASIC, ClientAuthMethod.CLIENT_SECRET_POST)
 
 _TRANSITIONS: dict[AgentStatus, frozenset[AgentStatus]] = {
@@ -232,10 +235,7 @@ class RegistryService:
 
     def register_agent(self, spec: AgentSpec, *, actor: str) -> Agent:
         check_id(spec.id, "agent")
-        if not isinstance(spec.owner, str) or not _OWNER_PATTERN.fullmatch(spec.owner):
-            raise InvalidRequest(
-                "owner must be the accountable human's e-mail address", field="owner"
-            )
+        _check_owner(spec.owner)
         scopes = _check_scopes(tuple(spec.allowed_scopes))
         jwks = tuple(self._check_jwk(j) for j in spec.jwks)
         now = self._clock.now()
@@ -252,7 +252,7 @@ class RegistryService:
             allowed_scopes=scopes,
             software_version=spec.software_version,
             model=spec.model,
-            attributes=dict(spec.attributes or {}),
+            attributes=_check_attributes(spec.attributes or {}),
             jwks=jwks,
         )
         with self.store.atomic():
@@ -265,7 +265,12 @@ class RegistryService:
 
     def _check_jwk(self, jwk: dict[str, Any]) -> dict[str, Any]:
         key = public_key_from_jwk(jwk)  # refuses private members and unknown key types
-        return {**key.to_jwk(), "kid": jwk.get("kid", key.kid)}
+        kid = jwk.get("kid", key.kid)
+        if not isinstance(kid, str) or not 0 < len(kid) <= 200:
+            raise InvalidRequest(
+                "a key's kid must be a string of 1 to 200 characters", field="jwks"
+            )
+        return {**key.to_jwk(), "kid": kid}
 
     def set_agent_status(
         self, agent_id: str, status: AgentStatus, *, actor: str, reason: str = ""
@@ -335,10 +340,10 @@ class RegistryService:
             fields["jwks"] = tuple(self._check_jwk(j) for j in fields["jwks"])
         if "roles" in fields:
             fields["roles"] = tuple(fields["roles"])
-        if "owner" in fields and not _OWNER_PATTERN.fullmatch(str(fields["owner"])):
-            raise InvalidRequest(
-                "owner must be the accountable human's e-mail address", field="owner"
-            )
+        if "attributes" in fields:
+            fields["attributes"] = _check_attributes(fields["attributes"])
+        if "owner" in fields:
+            _check_owner(fields["owner"])
         # What the change ends (certificates) is ended before it commits as well as after: if
         # that fails, the change is not made, and its retry ends it again. (Run after the
         # commit only, a failure left the change made and its retry, changing nothing, ending
@@ -462,8 +467,9 @@ class RegistryService:
         self, client_id: str, active: bool, *, actor: str, may_change_quarantined: bool = True
     ) -> Client:
         """Enable or disable a client; disabling ends every token this client holds now, for
-        good (its ``tokens_not_before`` moves to now and never back), and (``client_listeners``)
-        every certificate enrolled with its credentials: enabling it again does not revive them.
+        good (its ``tokens_not_before`` moves to now and never back), every secret rotated away
+        and still in its overlap, and (``client_listeners``) every certificate enrolled with its
+        credentials: enabling it again does not revive them.
         The agent's other clients keep theirs. A quarantined agent's client is enabled only with
         ``may_change_quarantined`` (admins); any key may disable one."""
         with self.store.atomic():
@@ -476,6 +482,11 @@ class RegistryService:
             if not active or not before.active:  # enabling an enabled client changes nothing
                 mark = now if not active else _reopening(now)  # see the module docstring
                 client = replace(client, tokens_not_before=max(client.tokens_not_before, mark))
+            if not active:
+                # Disabling answers a leak: a secret rotated away and still in its overlap stops
+                # now, or it would work again when the client is enabled.
+                current = tuple(s for s in client.secrets if s.expires_at is None)
+                client = replace(client, secrets=current or client.secrets)
             self.store.update_client(client)
             agent = self.store.get_agent(client.agent_id)
             self._event(
@@ -554,3 +565,34 @@ class RegistryService:
             self.store.update_admin_key(key)
             self._event("admin_key.revoked", actor, f"admin_key:{key_id}", None)
         return key
+
+
+def _check_owner(owner: object) -> None:
+    """The accountable human's e-mail address: printable, without a control or format
+    character, which would show as ``alice@example.com`` and compare as someone else."""
+    if not (isinstance(owner, str) and owner.isprintable() and _OWNER_PATTERN.fullmatch(owner)):
+        raise InvalidRequest(
+            "owner must be the accountable human's e-mail address (printable characters, no "
+            "control or format characters)",
+            field="owner",
+        )
+
+
+def _check_attributes(attributes: object) -> dict[str, Any]:
+    """An agent's attributes: a JSON object nesting at most ``_MAX_ATTRIBUTE_DEPTH`` levels."""
+    if not isinstance(attributes, dict):
+        raise InvalidRequest("attributes must be a JSON object", field="attributes")
+
+    def walk(value: object, depth: int) -> None:
+        if depth > _MAX_ATTRIBUTE_DEPTH:
+            raise InvalidRequest(
+                f"attributes nest deeper than {_MAX_ATTRIBUTE_DEPTH} levels", field="attributes"
+            )
+        if isinstance(value, dict):
+            value = list(value.values())
+        if isinstance(value, list):
+            for child in value:
+                walk(child, depth + 1)
+
+    walk(attributes, 1)
+    return dict(attributes)
