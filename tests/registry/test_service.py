@@ -378,7 +378,15 @@ def test_what_follows_a_status_change_can_be_retried(env: Env, status: AgentStat
 
 
 @pytest.mark.parametrize(
-    "owner", ["alice\x07@example.com", "alice@example.com\x7f", "alice\u200b@example.com"]
+    "owner",
+    [
+        "alice\x07@example.com",
+        "alice@example.com\x7f",
+        "alice\u200b@example.com",  # zero-width space (format)
+        "alice\u034f@example.com",  # combining grapheme joiner (a mark)
+        "alice\ufe0f@example.com",  # variation selector
+        "alice\u3164@example.com",  # Hangul filler (a letter)
+    ],
 )
 def test_an_owner_with_an_invisible_character_is_refused(env: Env, owner: str) -> None:
     """An owner shown as alice@example.com must be her for separation of duties: one holding a

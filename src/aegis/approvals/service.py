@@ -29,7 +29,7 @@ import dataclasses
 import logging
 import unicodedata
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 from aegis.approvals.directory import ApproverDirectory, Via
 from aegis.approvals.model import (
@@ -63,6 +63,16 @@ from aegis.telemetry.metrics import (
 __all__ = ["ApprovalService", "party"]
 
 
+#: Default-ignorable code points outside the format category (Unicode's
+#: Default_Ignorable_Code_Point): drawn as nothing, so ``alice`` with one is ``alice``.
+_IGNORABLE: Final = frozenset(
+    "\u034f\u115f\u1160\u17b4\u17b5\u3164\uffa0"
+    + "".join(map(chr, range(0x180B, 0x1810)))
+    + "".join(map(chr, range(0xFE00, 0xFE10)))
+    + "".join(map(chr, range(0xE0100, 0xE01F0)))
+)
+
+
 def party(name: str) -> str:
     """A person's id as separation of duties compares them: NFKC-normalised, case-folded,
     without format or control characters (a zero-width space, a BEL), surrounding spaces or a
@@ -70,7 +80,9 @@ def party(name: str) -> str:
     ``carol@example.com`` followed by a zero-width space are one person. (Look-alike letters from other scripts are not folded: keep owners and approver ids
     ASCII.)"""
     text = unicodedata.normalize("NFKC", name)
-    text = "".join(c for c in text if unicodedata.category(c) not in ("Cf", "Cc"))
+    text = "".join(
+        c for c in text if unicodedata.category(c) not in ("Cf", "Cc") and c not in _IGNORABLE
+    )
     return text.strip().rstrip(".").casefold()
 
 

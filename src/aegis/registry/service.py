@@ -568,12 +568,18 @@ class RegistryService:
 
 
 def _check_owner(owner: object) -> None:
-    """The accountable human's e-mail address: printable, without a control or format
-    character, which would show as ``alice@example.com`` and compare as someone else."""
-    if not (isinstance(owner, str) and owner.isprintable() and _OWNER_PATTERN.fullmatch(owner)):
+    """The accountable human's e-mail address, in printable ASCII (a domain in its ``xn--``
+    form): an invisible character (a control, a variation selector, a Hangul filler) would
+    show as ``alice@example.com`` and compare as someone else in separation of duties."""
+    if not (
+        isinstance(owner, str)
+        and owner.isascii()
+        and owner.isprintable()
+        and _OWNER_PATTERN.fullmatch(owner)
+    ):
         raise InvalidRequest(
-            "owner must be the accountable human's e-mail address (printable characters, no "
-            "control or format characters)",
+            "owner must be the accountable human's e-mail address in printable ASCII (a domain "
+            "in its xn-- form)",
             field="owner",
         )
 

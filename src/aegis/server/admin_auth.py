@@ -61,10 +61,14 @@ def _check_json(body: bytes) -> None:
         return
     # JSON is UTF-8 without a byte-order mark (RFC 8259 §8.1); the routes' readers also take
     # UTF-16, UTF-32 and a BOM, which this check would not read: refused, not passed on unread.
+    # UTF-16 and UTF-32 text in ASCII is valid UTF-8 (its NULs too): a body holding a NUL byte
+    # is none that JSON in UTF-8 or a form can be (both escape it), so it is refused as well.
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidRequest("the request body must be UTF-8 (send JSON in UTF-8)") from None
+    if "\x00" in text:
+        raise InvalidRequest("the request body must be UTF-8 (it holds a NUL byte)")
     if text.startswith("\ufeff"):
         raise InvalidRequest("the request body must not start with a byte-order mark")
     try:
