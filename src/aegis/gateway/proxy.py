@@ -476,6 +476,15 @@ class ReverseProxy:
                 stream = self._bounded(receive, limit, overflow, streamed, watch)
                 facts["body_digest"], facts["raw_body"] = STREAMED_BODY_DIGEST, None
         except AegisError as exc:
+            if "body_digest" not in facts:
+                # Refused after the body was read (a repeated member, a _method override, an
+                # MCP message it cannot decide), or before one the request declares: the
+                # evidence names that body, or says it was not seen, never an empty one.
+                framed = values.get("content-length", "0") != "0" or "transfer-encoding" in values
+                if raw is not None:
+                    facts["body_digest"] = body_digest(raw) if raw else EMPTY_BODY_DIGEST
+                elif framed:
+                    facts["body_digest"] = STREAMED_BODY_DIGEST
             refused = await self._pipeline.refuse(CallContext(**facts), exc)
             rpc = None
             if route.mcp:
@@ -1111,4 +1120,10 @@ class ReverseProxy:
                 "body_digest": "sha256:" + streamed.hash.hexdigest(), "bytes": streamed.size,
                 "complete": streamed.whole,
             })  # fmt: skip
+        elif result.body_changed:
+            # Sanitized: the upstream may have received the rewritten body before it failed
+            # (the decision's digest covers the body received); this record binds what went.
+            sent = json.dumps(result.body, separators=(",", ":")).encode()
+            fields.update({"body_digest": body_digest(sent), "bytes": len(sent),
+                           "sanitized": True})  # fmt: skip
         await self._after_decision("gateway.forward_failed", ctx, result, fields)

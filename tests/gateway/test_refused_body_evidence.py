@@ -1,0 +1,44 @@
+"""The evidence of a call refused after its body was read names that body: the audit record's
+request digest (and the attestation over it) is of the bytes received, never of an empty body
+that another request (a bodiless POST) would share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from aegis.audit.attest import request_digest
+from aegis.gateway.context import EMPTY_BODY_DIGEST, body_digest
+from tests.gateway.conftest import Agent, Env, gateway_app
+from tests.gateway.harness import gateway_here
+
+ROUTE = {"path_prefix": "/payments", "upstream": "http://127.0.0.1:9", "tool": "payments",
+         "tenant": "acme", "env": "prod"}  # fmt: skip
+
+
+def _record(env: Env, decision_id: str) -> dict[str, Any]:
+    return next(r for r in env.audit.records() if r.get("decision_id") == decision_id)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"amount": 1, "amount": 100000}', b'{"_method": "DELETE", "amount": 1}'],
+    ids=["repeated-member", "body-method-override"],
+)
+async def test_a_body_refused_after_it_was_read_is_attested_as_that_body(
+    env: Env, raw: bytes
+) -> None:
+    agent = Agent(env)
+    token = agent.token()
+    async with gateway_here(gateway_app(env, [ROUTE])) as port:
+        url = f"http://127.0.0.1:{port}/payments/charge"
+        headers = {"authorization": f"DPoP {token}", "content-type": "application/json",
+                   "dpop": agent.proof(token, "POST", "/payments/charge")}  # fmt: skip
+        async with httpx.AsyncClient() as http:
+            answer = await http.post(url, content=raw, headers=headers)
+    assert answer.status_code == 400, answer.text
+    record = _record(env, answer.headers["x-aegis-decision-id"])
+    assert record["request_digest"] != request_digest("POST", url, EMPTY_BODY_DIGEST)
+    assert record["request_digest"] == request_digest("POST", url, body_digest(raw))
