@@ -323,3 +323,39 @@ def test_the_models_python_names_are_unknown_fields(api: str, when: str, field: 
         load_document(doc)
     message = info.value.message
     assert f"unknown field '{field}'" in message or f"field '{field}' is required" in message
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        "{path: request.body.ids, eq: [9007199254740993]}",
+        "{path: request.body.o, eq: {id: 9007199254740993}}",
+        "{path: request.body.ids, in: [[9007199254740993]]}",
+    ],
+)
+def test_an_integer_beyond_2_53_is_refused_inside_a_literal_too(when: str) -> None:
+    """A body never holds such an integer (the gateway refuses it), so a deny on a literal
+    holding one would never fire: refused at load, however deep in the literal."""
+    doc = (
+        "apiVersion: aegis/v1\nkind: Policy\nmetadata: {name: p}\nspec:\n  rules:\n"
+        f"    - {{id: a, action: allow}}\n    - {{id: d, action: deny, when: {when}}}\n"
+    )
+    with pytest.raises(PolicyError) as info:
+        load_document(doc)
+    assert "2**53" in info.value.message
+
+
+def test_a_stored_document_with_one_id_twice_is_never_compiled() -> None:
+    """The loader refuses a repeated rule id; a stored row written around it is refused when
+    compiled (the Rego bundle keys rules by id: a deny sharing its id with an allow would read
+    as the allow there), never decided."""
+    from aegis.policy.evaluator import compile_policy
+    from aegis.policy.model import STORED, PolicyDocument
+
+    rules = [{"id": "r", "action": "deny", "when": {"path": "request.body.amount", "gt": 100}},
+             {"id": "r", "action": "allow"}]  # fmt: skip
+    body = {"apiVersion": "aegis/v1", "kind": "Policy", "metadata": {"name": "dup"},
+            "spec": {"rules": rules}}  # fmt: skip
+    doc = PolicyDocument.model_validate(body, context=STORED)  # as a stored row is read back
+    with pytest.raises(PolicyError, match="unique"):
+        compile_policy(doc, version="v1")

@@ -30,6 +30,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final
 
+from aegis.errors import PolicyError
 from aegis.policy.decision import ApprovalRequirement, RuleOutcome, SanitizeObligation
 from aegis.policy.model import Condition, PolicyDocument, Rule, TimeWindow
 from aegis.policy.safe_regex import MAX_SUBJECT_LENGTH, SafeRegex, compile_safe, glob_to_regex
@@ -257,7 +258,14 @@ def _outcome(rule: Rule) -> RuleOutcome:
 
 
 def lower(doc: PolicyDocument) -> LoweredPolicy:
-    """Lower a validated document; never fails on a document that passed the loader."""
+    """Lower a validated document; never fails on a document that passed the loader. Rule ids
+    are unique there; a document that reached here otherwise (a stored row written around the
+    loader) is refused: the Rego bundle keys rules by id, and two rules of one id would read
+    one's hit as the other's outcome (a deny's as an allow)."""
+    ids = [rule.id for rule in doc.spec.rules]
+    if len(set(ids)) != len(ids):
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        raise PolicyError(f"rule ids must be unique; repeated: {', '.join(twice)}")
     rules = []
     for i, rule in enumerate(doc.spec.rules):
         tools = tuple(rule.match.tools) if rule.match.tools else None

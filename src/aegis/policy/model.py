@@ -376,9 +376,15 @@ class Condition(_Strict):
         # numbers as doubles read it as another): a literal beyond it would never match.
         if not _checking(info):
             return self
-        for value in [self.eq, self.ne, *(self.in_ or ()), *(self.not_in or ()), self.lt,
-                      self.lte, self.gt, self.gte]:  # fmt: skip
-            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53:
+        stack: list[Any] = [self.eq, self.ne, *(self.in_ or ()), *(self.not_in or ()), self.lt,
+                             self.lte, self.gt, self.gte]  # fmt: skip
+        while stack:  # literals nest (a list or an object compared whole)
+            value = stack.pop()
+            if isinstance(value, list):
+                stack.extend(value)
+            elif isinstance(value, dict):
+                stack.extend(value.values())
+            elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53:
                 raise ValueError(
                     f"the integer {value} is beyond +-2**53, which JSON readers that hold numbers "
                     "as doubles cannot tell from its neighbours; a body never holds it"
