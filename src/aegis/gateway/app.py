@@ -186,7 +186,9 @@ def create_gateway_app(
         }
         middleware.append(Middleware(PeerCertificateMiddleware, **peer_check))
         front = cast(ASGIApp, PeerCertificateMiddleware(proxy, **peer_check))
-    app = GatewayApp(front, routes=routes, lifespan=lifespan, middleware=middleware)
+    app = GatewayApp(
+        front, routes=routes, lifespan=lifespan, middleware=middleware, pipeline=pipeline
+    )
     app.state.proxy = proxy
     # Set when pki.gateway_agent is: the listener serves mTLS with certificates.server_context.
     app.state.certificates = certificates
@@ -203,11 +205,13 @@ class GatewayApp(Starlette):
     check when there is a CA), without Starlette's exception layers and router on a path that
     gains nothing from them and is paid on every proxied call. An unexpected error there is
     answered ``500 server_error`` (JSON) if nothing was sent yet, then raised to the server,
-    which logs it, as Starlette's own error layer would."""
+    which logs it, as Starlette's own error layer would. That 500 is the gateway's own answer:
+    audited (``gateway.refused``), with a decision id and the gateway's mark."""
 
-    def __init__(self, front: ASGIApp, **kwargs: Any) -> None:
+    def __init__(self, front: ASGIApp, *, pipeline: Pipeline | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._front = front
+        self._pipeline = pipeline
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OWN_PATHS:
@@ -223,11 +227,29 @@ class GatewayApp(Starlette):
             await self._front(scope, receive, tracked)
         except Exception:
             if not started:
-                count_decision("deny", "server_error")
-                detail = {"error": "server_error", "code": "server_error",
-                          "error_description": "the gateway failed to handle this call"}  # fmt: skip
-                await JSONResponse(detail, status_code=500)(scope, receive, send)
+                await self._failed(scope, receive, send)
             raise
+
+    async def _failed(self, scope: Scope, receive: Receive, send: Send) -> None:
+        why = "the gateway failed to handle this call"
+        detail = {"error": "server_error", "code": "server_error", "error_description": why}
+        headers: dict[str, str] = {"cache-control": "no-store"}
+        try:
+            assert self._pipeline is not None
+            fields = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            client = scope.get("client")
+            result = await self._pipeline.refuse_unrouted(
+                door="gateway", method=str(scope.get("method", "")),
+                target=(scope.get("raw_path") or b"").decode("latin-1"),
+                host=fields.get("host", ""), client=client[0] if client else None,
+                status=500, code="server_error", message=why,
+                authorization=fields.get("authorization"),
+            )  # fmt: skip
+            headers = result.headers
+            detail["decision_id"] = result.decision_id
+        except Exception:  # the answer goes out all the same, unrecorded; the error is raised on
+            count_decision("deny", "server_error")
+        await JSONResponse(detail, status_code=500, headers=headers)(scope, receive, send)
 
 
 def _gateway_certificates(services: Services, pki: object) -> CertificateManager | None:

@@ -47,6 +47,7 @@ from google.rpc import code_pb2, status_pb2
 from aegis.gateway.evidence import Result
 from aegis.gateway.ext_authz import (
     CREDENTIAL_HEADERS,
+    Asked,
     CheckedRequest,
     ExtAuthz,
     TrustedPeers,
@@ -268,6 +269,28 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             return to_response(result, req)
         except Exception as exc:  # the pipeline refuses its own errors; this is a bug: deny
             log_event("ext_authz.grpc_error", level=logging.ERROR, error=type(exc).__name__)
+            return await self._failed(request)
+
+    async def _failed(
+        self, request: external_auth_pb2.CheckRequest
+    ) -> external_auth_pb2.CheckResponse:
+        """The door's own 500: audited (``gateway.refused``) and marked like every refusal; if
+        even that fails, the answer built at import, counted."""
+        try:
+            http = request.attributes.request.http
+            auth = next((v for k, v in http.headers.items() if k.lower() == "authorization"), None)
+            asked = Asked(http.method, http.path, http.host, None, auth)
+            result = await self._ext.undecided(500, "server_error", "internal error", asked)
+            headers = {**result.headers, "content-type": "application/json"}
+            return external_auth_pb2.CheckResponse(
+                status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message="server_error"),
+                denied_response=external_auth_pb2.DeniedHttpResponse(
+                    status=http_status_pb2.HttpStatus(code=500),
+                    headers=[_option(k, v) for k, v in headers.items()],
+                    body=json.dumps(refusal_body(result)),
+                ),
+            )
+        except Exception:
             count_decision("deny", "server_error")
             return _INTERNAL_ERROR
 

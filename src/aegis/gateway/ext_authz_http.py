@@ -119,8 +119,7 @@ class HttpExtAuthz:
             result = await self._check(request, checked)
         except Exception as exc:  # a bug is a denial, never an allow
             log_event("ext_authz.http_error", level=logging.ERROR, error=type(exc).__name__)
-            count_decision("deny", "server_error")
-            result = Result("", "deny", 500, "server_error", "internal error")
+            result = await self._failed(request)
         if checked and await request.is_disconnected():
             # The proxy stopped waiting (its ext_authz timeout) and applied its own failure
             # mode: as at the gRPC door, a second record says the answer was never delivered.
@@ -138,6 +137,20 @@ class HttpExtAuthz:
         if self._settings.http_mode == "nginx":
             return _for_nginx(body, result)
         return JSONResponse(body, result.status, result.headers)
+
+    async def _failed(self, request: Request) -> Result:
+        """The door's own 500: audited (``gateway.refused``) and marked like every refusal; if
+        even that fails, answered all the same, counted."""
+        peer = request.client.host if request.client else None
+        asked = Asked(
+            request.method, (request.scope.get("raw_path") or b"").decode("latin-1"),
+            request.headers.get("host", ""), peer, request.headers.get("authorization"),
+        )  # fmt: skip
+        try:
+            return await self._ext.undecided(500, "server_error", "internal error", asked)
+        except Exception:
+            count_decision("deny", "server_error")
+            return Result("", "deny", 500, "server_error", "internal error")
 
     async def _check(self, request: Request, checked: list[CheckedRequest]) -> Result:
         s = self._settings
