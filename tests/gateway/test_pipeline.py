@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 import pytest
 
+from aegis.approvals.model import bound_headers
 from aegis.crypto.keys import b64u_decode, b64u_encode
 from aegis.errors import REFUSAL_FIELD, ConfigError, TokenError, Unavailable, refusal_mark
 from aegis.gateway.app import build_pipeline
@@ -348,7 +349,9 @@ async def test_attestation_verifies_with_the_published_key(env: Env) -> None:
     claims = jws.payload
     assert claims["decision"] == "allow" and claims["agent_id"] == agent.id
     assert claims["decision_id"] == result.decision_id
-    assert claims["request_digest"] == request_digest("POST", ctx.url, ctx.body_digest)
+    assert claims["request_digest"] == request_digest(
+        "POST", ctx.url, ctx.body_digest, bound_headers(ctx.headers)
+    )
     forged = result.headers["x-aegis-attestation"].rsplit(".", 1)[0] + "." + b64u_encode(bytes(64))
     with pytest.raises(TokenError):
         verify_jwt(forged, keyring.public_key, attestation_rules(issuer), 0)
@@ -807,3 +810,30 @@ async def test_a_path_that_needs_an_approval_as_some_upstream_reads_it_is_held(e
                ("dpop", mint_proof(agent.key, "POST", GW + path, token=token))]  # fmt: skip
     result = await env.pipeline.run(make_ctx(headers, body={}, path=path))
     assert (result.status, result.code) == (403, "approval_needed"), result
+
+
+async def test_the_request_digest_binds_the_fields_the_upstream_acts_on(env: Env) -> None:
+    """Two calls differing only in a field a policy decides on (or that says how the body is
+    read) are two decisions: their attestations name different request digests; a field the
+    upstream never acts on (a trace id) changes nothing."""
+    from aegis.audit.attest import attestation_rules
+    from aegis.tokens.verifier import verify_jwt
+
+    agent = Agent(env)
+
+    async def digest(*extra: tuple[str, str]) -> str:
+        token = agent.token()
+        result = await env.pipeline.run(
+            make_ctx([*dpop_headers(agent, token), *extra], body={"amount": 1})
+        )
+        assert result.allowed, result.code
+        claims = verify_jwt(
+            result.headers["x-aegis-attestation"], env.services.keyring.public_key,
+            attestation_rules(env.services.config.issuer), env.services.clock.now(),
+        ).payload  # fmt: skip
+        return str(claims["request_digest"])
+
+    plain = await digest()
+    assert await digest(("x-account", "alice")) != await digest(("x-account", "mallory"))
+    assert await digest(("content-encoding", "identity")) != plain
+    assert await digest(("traceparent", "00-" + "1" * 32 + "-" + "2" * 16 + "-01")) == plain

@@ -27,13 +27,18 @@ async def test_forwarded_sanitized_body_is_bound_even_when_the_upstream_times_ou
 ) -> None:
     received: list[bytes] = []
 
+    gone = asyncio.Event()
+
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
-                      if line.startswith(b"content-length:"))  # fmt: skip
-        received.append(await reader.readexactly(length))
-        await asyncio.sleep(5)  # never answers within upstream_timeout
-        writer.close()
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                          if line.startswith(b"content-length:"))  # fmt: skip
+            received.append(await reader.readexactly(length))
+            await reader.read()  # never answers: until the gateway gives up and hangs up
+        finally:
+            writer.close()
+            gone.set()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
@@ -50,8 +55,10 @@ async def test_forwarded_sanitized_body_is_bound_even_when_the_upstream_times_ou
                     agent, "POST", "/payments/charge", [("Content-Type", "application/json")], body
                 ),
             )
+        await asyncio.wait_for(gone.wait(), 5)
     finally:
         server.close()
+        await server.wait_closed()
     assert head.startswith(b"HTTP/1.1 504"), head
     assert received and b"078-05-1120" not in received[0]  # the sanitized body reached it
     forwarded = "sha256:" + hashlib.sha256(received[0]).hexdigest()

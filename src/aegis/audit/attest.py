@@ -11,6 +11,8 @@ what the gateway decided. Anyone verifies it with the JWKS at ``/.well-known/jwk
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Sequence
 from typing import Any, Final
 
 from aegis.crypto.jws import encode_segment, sign_compact
@@ -40,10 +42,17 @@ ATTESTATION_CLAIMS: Final = (
 )
 
 
-def request_digest(method: str, url: str, body_digest: str) -> str:
-    """``sha256:<hex>`` over ``METHOD \\n URL \\n body digest``: what the decision was about."""
-    text = f"{method.upper()}\n{url}\n{body_digest}"
-    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+def request_digest(
+    method: str, url: str, body_digest: str, headers: Sequence[tuple[str, str]] = ()
+) -> str:
+    """``sha256:<hex>`` over ``METHOD \\n URL \\n body digest \\n fields``: what the decision
+    was about. ``fields`` is the compact JSON of the request fields the upstream acts on as
+    ``[name, value]`` pairs (:func:`aegis.approvals.model.bound_headers`: every field but the
+    credentials, tracing, transport and proxy fields, ordered by name): two requests that differ
+    in a field a policy decides on, or in how the body is read, never share a digest."""
+    fields = json.dumps(headers, ensure_ascii=False, separators=(",", ":"))
+    text = f"{method.upper()}\n{url}\n{body_digest}\n{fields}"
+    return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def attestation_rules(issuer: str) -> VerifyRules:

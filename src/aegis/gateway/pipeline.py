@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from aegis.approvals.model import bound_headers
 from aegis.audit.attest import Attester, request_digest
 from aegis.audit.log import AuditLog
 from aegis.clock import Clock, new_id
@@ -591,7 +592,7 @@ class Pipeline:
         return result
 
     async def _evidence(self, ctx: CallContext, facts: EvidenceFacts, result: Result) -> Result:
-        digest = request_digest(ctx.method, ctx.url, ctx.body_digest)
+        digest = request_digest(ctx.method, ctx.url, ctx.body_digest, bound_headers(ctx.headers))
         attestation: str | None = None
         try:
             attestation = self._attester.sign(
