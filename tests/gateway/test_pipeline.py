@@ -11,11 +11,11 @@ from typing import Any, NoReturn
 
 import pytest
 
-from aegis.approvals.model import bound_headers
 from aegis.crypto.keys import b64u_decode, b64u_encode
 from aegis.errors import REFUSAL_FIELD, ConfigError, TokenError, Unavailable, refusal_mark
 from aegis.gateway.app import build_pipeline
 from aegis.gateway.context import STREAMED_BODY_DIGEST, body_digest
+from aegis.gateway.pipeline import attested_fields
 from aegis.pki.binding import X5T_S256
 from aegis.policy.store import MemoryPolicyStore
 from aegis.registry.cache import RegistryCache
@@ -350,7 +350,7 @@ async def test_attestation_verifies_with_the_published_key(env: Env) -> None:
     assert claims["decision"] == "allow" and claims["agent_id"] == agent.id
     assert claims["decision_id"] == result.decision_id
     assert claims["request_digest"] == request_digest(
-        "POST", ctx.url, ctx.body_digest, bound_headers(ctx.headers)
+        "POST", ctx.url, ctx.body_digest, attested_fields(ctx)
     )
     forged = result.headers["x-aegis-attestation"].rsplit(".", 1)[0] + "." + b64u_encode(bytes(64))
     with pytest.raises(TokenError):
@@ -836,4 +836,8 @@ async def test_the_request_digest_binds_the_fields_the_upstream_acts_on(env: Env
     plain = await digest()
     assert await digest(("x-account", "alice")) != await digest(("x-account", "mallory"))
     assert await digest(("content-encoding", "identity")) != plain
-    assert await digest(("traceparent", "00-" + "1" * 32 + "-" + "2" * 16 + "-01")) == plain
+    # Every field the upstream receives, tracing and application data (baggage) included.
+    for field in ("baggage", "user-agent", "x-request-id", "date", "traceparent"):
+        assert await digest((field, "a")) != await digest((field, "b")), field
+    # Not the credentials (fresh on every call) nor fields the upstream never receives.
+    assert await digest(("connection", "close"), ("x-aegis-role", "admin")) == plain

@@ -24,7 +24,6 @@ from urllib.parse import urlsplit
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from aegis.approvals.model import bound_headers
 from aegis.audit.attest import Attester, request_digest
 from aegis.audit.log import AuditLog
 from aegis.clock import Clock, new_id
@@ -39,6 +38,7 @@ from aegis.gateway.evidence import (
     count_refusal,
     refusal_headers,
 )
+from aegis.gateway.hygiene import REQUEST_DROP, forwardable
 from aegis.gateway.mcp import (
     SESSION_NAMESPACE,
     TOOL_NAME,
@@ -592,7 +592,7 @@ class Pipeline:
         return result
 
     async def _evidence(self, ctx: CallContext, facts: EvidenceFacts, result: Result) -> Result:
-        digest = request_digest(ctx.method, ctx.url, ctx.body_digest, bound_headers(ctx.headers))
+        digest = request_digest(ctx.method, ctx.url, ctx.body_digest, attested_fields(ctx))
         attestation: str | None = None
         try:
             attestation = self._attester.sign(
@@ -625,6 +625,15 @@ class Pipeline:
                 result.upstream_headers["x-aegis-decision-id"] = facts.decision_id
                 result.upstream_headers["x-aegis-attestation"] = attestation
         return result
+
+
+def attested_fields(ctx: CallContext) -> list[tuple[str, str]]:
+    """The request fields an attestation's digest covers: every one the upstream receives (all
+    but the credentials, ``Host``, framing, hop-by-hop and proxy fields, and ``x-aegis-*``; the
+    gateway's own ``x-forwarded-*`` included), ordered by name (``_`` read as ``-``), repeats in
+    arrival order: a field a policy decides on is always one of them."""
+    fields = forwardable(ctx.headers, REQUEST_DROP)
+    return sorted(fields, key=lambda pair: pair[0].replace("_", "-"))
 
 
 def _sealed(ctx: CallContext, facts: EvidenceFacts, result: Result) -> Result:
