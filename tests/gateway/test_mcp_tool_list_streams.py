@@ -116,13 +116,14 @@ async def test_a_tool_list_on_a_resumed_stream_is_cut_too(env: Env) -> None:
             assert [t.name for t in listed.tools] == ["search"]
 
 
-@pytest.mark.parametrize("status", [201, 203, 206])
+@pytest.mark.parametrize("status", [201, 203, 206, 300])
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "event-stream"])
 async def test_a_tool_list_under_any_2xx_is_cut_or_refused(
     env: Env, status: int, stream: bool
 ) -> None:
-    """An MCP client reads the body of any 2xx but 202 as the answer: each is cut (a part, 206,
-    cannot be cut on its own and is refused), never passed whole."""
+    """An MCP client reads the body of any 2xx but 202, and of a 3xx it cannot follow (a 300
+    without Location), as the answer: each is cut (a part, 206, cannot be cut on its own and is
+    refused), never passed whole."""
 
     async def handle(scope: Any, message: Any, send: Send) -> None:
         if message is None or "id" not in message:

@@ -830,10 +830,11 @@ class ReverseProxy:
             out_headers = [(k, v) for k, v in out_headers if k not in result.headers]
             out_headers += result.headers.items()
             out_headers = marked_private(out_headers)
-            # A tool list is cut from an answer that holds one (200); an event stream event by
-            # event as it passes, unless masks or redactions need the whole answer.
-            # Every 2xx: an MCP client reads any of them but 202 as the answer.
-            cut = result.listed is not None and 200 <= upstream.status < 300
+            # A tool list is cut from an answer that holds one; an event stream event by event
+            # as it passes, unless masks or redactions need the whole answer. Every answer
+            # below 400: an MCP client reads any 2xx but 202, and a 3xx it cannot follow (a 300
+            # without Location), as the answer.
+            cut = result.listed is not None and 200 <= upstream.status < 400
             if cut and upstream.status == 202 and not answer_obligations(result):
                 # Accepted: the answer comes on the event stream (the older HTTP+SSE transport
                 # says "Accepted" here), where it is cut. An MCP client reads no answer off a
