@@ -377,9 +377,13 @@ async def test_a_used_override_cannot_be_withdrawn(setup: Setup) -> None:
 
 def test_one_person_is_one_party_however_the_id_is_spelled() -> None:
     same = {party(n) for n in ("Carol@Example.com", "\uff43\uff41\uff52\uff4f\uff4c@example.com",
-                               "carol@example.com\u200b", " carol@example.com. ")}  # fmt: skip
+                               "carol@example.com\u200b", " carol@example.com. ",
+                               "carol@example.com .", "carol@example.com\ufff0",
+                               "carol\u034f@example.com")}  # fmt: skip
     assert same == {"carol@example.com"}
     assert party("carol@example.org") != party("carol@example.com")
+    # A domain in its Unicode form and in its xn-- form (owners must use the latter) is one.
+    assert party("carol@b\u00fccher.example") == party("carol@xn--bcher-kva.example")
 
 
 async def test_chain_owners_are_read_from_the_registry_when_deciding(tmp_path: Any) -> None:

@@ -71,13 +71,16 @@ async def test_the_http_doors_own_500_is_audited_and_marked(
     assert _refused(env, answer.headers["x-aegis-decision-id"])["code"] == "server_error"
 
 
+@pytest.mark.parametrize("raw", [False, True], ids=["headers", "header_map"])
 async def test_the_grpc_doors_own_500_is_audited_and_marked(
     env: Env,
     stub: pb_grpc.AuthorizationStub,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
+    raw: bool,
 ) -> None:
     monkeypatch.setattr(ExtAuthz, "check", _bug)
-    answer = await stub.Check(check({"authorization": "DPoP some.token.value"}))
+    # With Envoy's encode_raw_headers (the docs ask for it) the fields come in header_map.
+    answer = await stub.Check(check({"authorization": "DPoP some.token.value"}, raw_map=raw))
     status, headers, body = denied(answer)
     assert (status, body["code"]) == (500, "server_error")
     assert headers[REFUSAL_FIELD] == refusal_mark("DPoP some.token.value")

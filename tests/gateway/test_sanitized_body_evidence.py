@@ -69,3 +69,48 @@ async def test_forwarded_sanitized_body_is_bound_even_when_the_upstream_times_ou
     (failed,) = [r for r in later if r.get("kind") == "gateway.forward_failed"]
     assert (failed["body_digest"], failed["sanitized"]) == (forwarded, True), failed
     assert failed["bytes"] == len(received[0])
+
+
+BOTH_WAYS = """
+apiVersion: aegis/v1
+kind: Policy
+metadata: {name: hide}
+spec:
+  rules:
+    - {id: hide, action: sanitize, reason: hidden, match: {tools: [payments]},
+       obligations: [{kind: redact, target: request, path: ssn},
+                     {kind: redact, target: response, path: ssn}]}
+"""
+
+
+async def test_no_forwarded_body_is_bound_when_nothing_was_forwarded(env: Env) -> None:
+    """A sanitized call refused before anything is sent (If-Match on a call whose answer is
+    rewritten) binds no forwarded body: the upstream received none."""
+    connections: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    route = {"path_prefix": "/payments", "upstream": url, "tool": "payments",
+             "tenant": "acme", "env": "prod"}  # fmt: skip
+    app = gateway_app(env, [route], BOTH_WAYS)
+    body = b'{"amount":5,"ssn":"078-05-1120"}'
+    agent = Agent(env, "caller")
+    try:
+        async with gateway_here(app) as port:
+            [(head, _)] = await exchange(
+                port,
+                signed_call(agent, "POST", "/payments/charge",
+                            [("Content-Type", "application/json"), ("If-Match", '"x"')], body),
+            )  # fmt: skip
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert not connections  # nothing reached the upstream
+    records: list[dict[str, Any]] = list(env.audit.records())
+    (failed,) = [r for r in records if r.get("kind") == "gateway.forward_failed"]
+    assert "body_digest" not in failed and "sanitized" not in failed, failed

@@ -70,20 +70,33 @@ _IGNORABLE: Final = frozenset(
     + "".join(map(chr, range(0x180B, 0x1810)))
     + "".join(map(chr, range(0xFE00, 0xFE10)))
     + "".join(map(chr, range(0xE0100, 0xE01F0)))
+    + "\u2065"
+    + "".join(map(chr, range(0xFFF0, 0xFFF9)))
+    + "".join(map(chr, range(0xE0000, 0xE1000)))
 )
 
 
 def party(name: str) -> str:
     """A person's id as separation of duties compares them: NFKC-normalised, case-folded,
-    without format or control characters (a zero-width space, a BEL), surrounding spaces or a
-    trailing dot; so ``Carol@Example.com``, ``carol@example.com`` in fullwidth letters and
-    ``carol@example.com`` followed by a zero-width space are one person. (Look-alike letters from other scripts are not folded: keep owners and approver ids
-    ASCII.)"""
+    without format or control characters (a zero-width space, a BEL) or default-ignorable ones,
+    without surrounding spaces or trailing dots (however interleaved), and with the domain in
+    its IDNA A-label form; so ``Carol@Example.com``, ``carol@example.com`` in fullwidth letters,
+    ``carol@example.com .`` and ``carol@bücher.example`` / ``carol@xn--bcher-kva.example`` are
+    one person each. (Look-alike letters from other scripts are not folded: keep owners and
+    approver ids ASCII.)"""
     text = unicodedata.normalize("NFKC", name)
     text = "".join(
         c for c in text if unicodedata.category(c) not in ("Cf", "Cc") and c not in _IGNORABLE
     )
-    return text.strip().rstrip(".").casefold()
+    before = None
+    while text != before:
+        before, text = text, text.strip().rstrip(".")
+    text = text.casefold()
+    local, at, domain = text.rpartition("@")
+    if at and not domain.isascii():
+        with contextlib.suppress(UnicodeError):
+            domain = domain.encode("idna").decode("ascii")
+    return f"{local}{at}{domain}"
 
 
 class ApprovalService:

@@ -470,6 +470,10 @@ class ExtAuthz:
         limit = self._settings.max_body_bytes
         if raw is not None and len(raw) > limit:
             raise AegisError(f"request body larger than {limit} bytes", code="payload_too_large")
+        if raw is not None:
+            # Named before anything can refuse the body (a repeated member, a _method override,
+            # an MCP message): the refusal's evidence is of the body it refused.
+            facts["body_digest"] = body_digest(raw) if raw else EMPTY_BODY_DIGEST
         message = None
         if facts["route"].mcp:
             facts["route"], message = mcp_call(
@@ -490,7 +494,6 @@ class ExtAuthz:
             facts["body"] = message.body  # parsed alike once (a strict read checks integers too)
         elif small:
             facts["body"] = parse_json_body(raw, content_type, coding, safe_integers=strict)
-        facts["body_digest"] = body_digest(raw) if raw else EMPTY_BODY_DIGEST
         facts["raw_body"] = raw if small else None
         facts["integers_checked"] = strict
 

@@ -278,7 +278,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         even that fails, the answer built at import, counted."""
         try:
             http = request.attributes.request.http
-            auth = next((v for k, v in http.headers.items() if k.lower() == "authorization"), None)
+            auth = next((v for k, v in _headers(http) if k == "authorization"), None)
             asked = Asked(http.method, http.path, http.host, None, auth)
             result = await self._ext.undecided(500, "server_error", "internal error", asked)
             headers = {**result.headers, "content-type": "application/json"}

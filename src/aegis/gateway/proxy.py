@@ -715,6 +715,7 @@ class ReverseProxy:
         deadline = self._settings.connect_timeout + self._settings.upstream_timeout
         if streamed is not None:
             deadline += self._settings.client_body_deadline
+        ctx.extras["sent"] = True  # from here the upstream may receive the body
         try:
             async with asyncio.timeout(deadline):
                 upstream = await self._session.request(
@@ -1121,7 +1122,7 @@ class ReverseProxy:
                 "body_digest": "sha256:" + streamed.hash.hexdigest(), "bytes": streamed.size,
                 "complete": streamed.whole,
             })  # fmt: skip
-        elif result.body_changed:
+        elif result.body_changed and ctx.extras.get("sent"):
             # Sanitized: the upstream may have received the rewritten body before it failed
             # (the decision's digest covers the body received); this record binds what went.
             sent = json.dumps(result.body, separators=(",", ":")).encode()
