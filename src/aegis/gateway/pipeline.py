@@ -43,7 +43,6 @@ from aegis.gateway.mcp import (
     SESSION_NAMESPACE,
     TOOL_NAME,
     legacy_session,
-    lists_tools,
     session_id,
     session_key,
 )
@@ -467,19 +466,20 @@ class Pipeline:
             # their owners, or fill the store.
             _enforceable(ctx, decision)
             await self._hold_session(ctx, token)
-            # The answer to a tools/list, and the event stream a GET opens (where a server may
-            # deliver that answer, on a resumed stream), name tools: cut to those the agent
-            # could call, by a door that rewrites answers.
-            if ctx.can_sanitize and (lists_tools(ctx.body) or ctx.method == "GET"):
-                facts.listed = self._lister(call)
+            # The answer to a tools/list names tools: cut to those the agent could call, by a
+            # door that rewrites answers. So is every other answer on an MCP route: a server
+            # may deliver a listing on the event stream a GET opens (a resumed stream), or on
+            # another request's stream (two requests of one id, which a server files alike).
+            if ctx.can_sanitize:
+                facts.listed = self._lister(call, route.base_tool or route.tool)
         return decision
 
-    def _lister(self, call: PolicyCall) -> Callable[[Any], bool]:
-        """Whether the answer to an agent's ``tools/list`` may name a tool: not one whose
-        ``tools/call`` by this agent would be denied whatever it sent (judged on the rules'
-        selectors, never their conditions: :meth:`CompiledPolicy.could_allow`), nor one whose
-        name the gateway refuses in a call."""
-        base, route = build_input(call), call.tool
+    def _lister(self, call: PolicyCall, route: str) -> Callable[[Any], bool]:
+        """Whether an answer on MCP route ``route`` (its own tool, whatever tool the call acts
+        on) may name a tool: not one whose ``tools/call`` by this agent would be denied whatever
+        it sent (judged on the rules' selectors, never their conditions:
+        :meth:`CompiledPolicy.could_allow`), nor one whose name the gateway refuses in a call."""
+        base = build_input(call)
         tenant, env, agent_id = call.tenant, call.env, call.agent.id
 
         def listed(name: Any) -> bool:
