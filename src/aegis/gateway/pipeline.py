@@ -479,14 +479,16 @@ class Pipeline:
         on) may name a tool: not one whose ``tools/call`` by this agent would be denied whatever
         it sent (judged on the rules' selectors, never their conditions:
         :meth:`CompiledPolicy.could_allow`), nor one whose name the gateway refuses in a call."""
-        base = build_input(call)
         tenant, env, agent_id = call.tenant, call.env, call.agent.id
+        built: list[dict[str, Any]] = []  # the input, built when an answer names a tool
 
         def listed(name: Any) -> bool:
             if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
                 return False
+            if not built:
+                built.append(build_input(call))
             tool = f"{route}.{name}"
-            doc = {**base, "tool": tool}
+            doc = {**built[0], "tool": tool}
             return self._policies.could_allow(tenant, env, tool, agent_id, doc)
 
         return listed
