@@ -382,8 +382,14 @@ def test_one_person_is_one_party_however_the_id_is_spelled() -> None:
                                "carol\u034f@example.com")}  # fmt: skip
     assert same == {"carol@example.com"}
     assert party("carol@example.org") != party("carol@example.com")
-    # A domain in its Unicode form and in its xn-- form (owners must use the latter) is one.
+    # A domain in its Unicode form and in its xn-- form (owners must use the latter) is one,
+    # as IDNA 2008 spells it (straße keeps its ß), and a trailing full stop of any script goes.
     assert party("carol@b\u00fccher.example") == party("carol@xn--bcher-kva.example")
+    assert party("carol@stra\u00dfe.example") == party("carol@xn--strae-oqa.example")
+    assert party("carol@example.com\u3002") == party("carol@example.com")
+    # A letter and its accent split by an ignorable meet again.
+    assert party("jose\u200b\u0301@example.com") == party("jos\u00e9@example.com")
+    assert party("carol@example.org") != party("carol@example.com")
 
 
 async def test_chain_owners_are_read_from_the_registry_when_deciding(tmp_path: Any) -> None:

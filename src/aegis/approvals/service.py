@@ -31,6 +31,8 @@ import unicodedata
 from collections.abc import Callable
 from typing import Any, Final, NoReturn
 
+import idna
+
 from aegis.approvals.directory import ApproverDirectory, Via
 from aegis.approvals.model import (
     UNRECORDED_STATES,
@@ -77,26 +79,45 @@ _IGNORABLE: Final = frozenset(
 
 
 def party(name: str) -> str:
-    """A person's id as separation of duties compares them: NFKC-normalised, case-folded,
-    without format or control characters (a zero-width space, a BEL) or default-ignorable ones,
-    without surrounding spaces or trailing dots (however interleaved), and with the domain in
-    its IDNA A-label form; so ``Carol@Example.com``, ``carol@example.com`` in fullwidth letters,
-    ``carol@example.com .`` and ``carol@bücher.example`` / ``carol@xn--bcher-kva.example`` are
-    one person each. (Look-alike letters from other scripts are not folded: keep owners and
-    approver ids ASCII.)"""
+    """A person's id as separation of duties compares them: NFKC-normalised (again once what
+    follows is dropped, so a letter and its accent meet), without format or control characters
+    (a zero-width space, a BEL) or default-ignorable ones, without surrounding spaces or
+    trailing dots of any script (however interleaved), the local part case-folded and the domain
+    as its IDNA 2008 A-label (UTS 46); so ``Carol@Example.com``, ``carol@example.com`` in
+    fullwidth letters, ``carol@example.com .``, ``carol@bücher.example`` and
+    ``carol@xn--bcher-kva.example`` are one person each. (Look-alike letters from other scripts
+    are not folded: keep owners and approver ids ASCII.)"""
     text = unicodedata.normalize("NFKC", name)
     text = "".join(
         c for c in text if unicodedata.category(c) not in ("Cf", "Cc") and c not in _IGNORABLE
     )
+    text = unicodedata.normalize("NFKC", text).translate(_DOTS)
+    local, at, domain = _trimmed(text).rpartition("@")
+    if not at:
+        return _trimmed(text.casefold())
+    return _trimmed(f"{local.casefold()}@{_a_label(domain)}")
+
+
+#: Full stops of other scripts, read as "." (IDNA maps them to one).
+_DOTS: Final = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": ".", "\ufe12": "."})
+
+
+def _trimmed(text: str) -> str:
+    """Without surrounding spaces and trailing dots, however interleaved."""
     before = None
     while text != before:
         before, text = text, text.strip().rstrip(".")
-    text = text.casefold()
-    local, at, domain = text.rpartition("@")
-    if at and not domain.isascii():
-        with contextlib.suppress(UnicodeError):
-            domain = domain.encode("idna").decode("ascii")
-    return f"{local}{at}{domain}"
+    return text
+
+
+def _a_label(domain: str) -> str:
+    """A domain as its IDNA 2008 A-label (UTS 46, non-transitional: ``straße`` stays itself),
+    ``xn--`` labels decoded first so both spellings meet; case-folded as it is if it is no
+    domain IDNA reads."""
+    try:
+        return idna.encode(idna.decode(domain, uts46=True), uts46=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return domain.casefold()
 
 
 class ApprovalService:
