@@ -130,6 +130,16 @@ _MAX_REMEMBERED_HOSTS: Final = 1024
 _NOT_ON_DELETE: Final = frozenset({"content-type", "content-length", "transfer-encoding", "expect"})
 
 
+async def _read_capped(upstream: aiohttp.ClientResponse, limit: int) -> bytearray:
+    """The answer's body, read until it is whole or one chunk past ``limit`` bytes."""
+    raw = bytearray()
+    async for chunk in upstream.content.iter_chunked(_CHUNK):
+        raw += chunk
+        if len(raw) > limit:
+            break
+    return raw
+
+
 def _asks_for_listing(ctx: CallContext) -> bool:
     """Whether the call is a ``tools/list`` (its answer must be one that can be cut) or a GET
     (the event stream where a server may deliver it)."""
@@ -972,16 +982,14 @@ class ReverseProxy:
             or _has_no_body(ctx.method, upstream.status)
         ):
             return await self._relay(send, ctx, upstream, headers, result)
-        raw = bytearray()
         try:
-            async for chunk in upstream.content.iter_chunked(_CHUNK):
-                raw += chunk
-                if len(raw) > limit:
-                    break
-        except (TimeoutError, aiohttp.ClientError):
+            raw = await _read_capped(upstream, limit)
+        except TimeoutError:
             return await self._gateway_error(
                 send, ctx, 504, "upstream_timeout", "the upstream did not answer in time", result
             )
+        except aiohttp.ClientError:
+            return await self._gateway_error(send, ctx, 502, "bad_gateway", _BROKEN_ANSWER, result)
         if len(raw) > limit:  # too large to read here: passed on as it comes
             start = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
             await send({"type": "http.response.start", "status": upstream.status,
@@ -1110,10 +1118,7 @@ class ReverseProxy:
         raw = bytearray()
         try:
             if (upstream.content_length or 0) <= limit:
-                async for chunk in upstream.content.iter_chunked(_CHUNK):
-                    raw += chunk
-                    if len(raw) > limit:
-                        break
+                raw = await _read_capped(upstream, limit)
         except (TimeoutError, aiohttp.ClientError):
             return await self._gateway_error(
                 send, ctx, 504, "upstream_timeout", "the upstream did not answer in time", result
