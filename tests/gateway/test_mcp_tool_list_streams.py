@@ -11,13 +11,12 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import httpx2
 import pytest
 from mcp.shared.exceptions import MCPError
 
 from tests.gateway.conftest import Agent, Env, gateway_app
 from tests.gateway.harness import gateway_here, serve_here
-from tests.gateway.test_mcp import ACCEPT, LISTED_POLICY, MCP_ROUTE, DpopAuth, Mcp, _initialize
+from tests.gateway.test_mcp import LISTED_POLICY, MCP_ROUTE, Mcp, _initialize
 
 TOOLS = [{"name": n, "inputSchema": {"type": "object"}} for n in ("search", "delete_repo")]
 SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
@@ -164,55 +163,3 @@ async def test_a_session_refused_for_the_agents_share_is_ended_at_the_server(env
             codes = [(await _initialize(port, caller)).status_code for _ in range(3)]
     assert codes == [200, 429, 429]
     assert len(ended) == 2 and all(sid and agent == b"caller" for sid, agent in ended)
-
-
-@pytest.mark.parametrize(
-    "shape", ["json", "event-stream", "json-escaped", "large"], ids=lambda s: str(s)
-)
-async def test_a_tool_list_answered_on_another_requests_stream_is_cut_too(
-    env: Env, shape: str
-) -> None:
-    """A server may deliver a tools/list answer on another request's stream: the Python SDK
-    files each request's stream under str(id), so a tools/call with id "7" sent while the
-    tools/list with id 7 is computed takes its answer. Every answer on an MCP route is cut as
-    a listing is: the agent never reads a tool it could not call. A listing too large to read
-    here (over gateway.max_body_bytes) is the documented exception (docs/gateway.md)."""
-
-    async def handle(scope: Any, message: Any, send: Send) -> None:
-        if message is None or "id" not in message:
-            return await _plain(send, 405 if message is None else 202)
-        answer = {"jsonrpc": "2.0", "id": message["id"], "result": {"tools": TOOLS}}
-        if shape == "event-stream":
-            return await _plain(send, 200, _event(answer), SSE)
-        body = json.dumps(answer).encode()
-        if shape == "json-escaped":  # "tools" written with an escape: read as the same key
-            body = body.replace(b'"tools"', b'"tool\\u0073"')
-        if shape == "large":
-            filler = [{"name": f"t{i}", "inputSchema": {"type": "object"}} for i in range(30_000)]
-            big = {**answer, "result": {"tools": [*TOOLS, *filler]}}
-            body = json.dumps(big).encode()
-        await _plain(send, 200, body, [(b"content-type", b"application/json")])
-
-    call = {"jsonrpc": "2.0", "id": "7", "method": "tools/call",
-            "params": {"name": "search", "arguments": {"query": "x"}}}  # fmt: skip
-    async with serve_here(_server(handle)) as url:
-        app = gateway_app(env, [{**MCP_ROUTE, "upstream": url}], LISTED_POLICY)
-        async with gateway_here(app) as port:
-            agent = Agent(env, "caller")
-            session = (await _initialize(port, agent)).headers["mcp-session-id"]
-            async with httpx2.AsyncClient(auth=DpopAuth(agent), timeout=10) as client:
-                called = await client.post(
-                    f"http://127.0.0.1:{port}/mcp", json=call,
-                    headers={**ACCEPT, "mcp-session-id": session},
-                )  # fmt: skip
-    assert called.status_code == 200, called.text
-    if shape == "event-stream":
-        data = [line[5:] for line in called.text.splitlines() if line.startswith("data:")]
-        messages = [json.loads(d) for d in data if d.strip()]
-    else:
-        messages = [called.json()]
-    names = {t["name"] for m in messages for t in m["result"]["tools"]}
-    if shape == "large":
-        assert "delete_repo" in names  # over max_body_bytes: passed as it came
-    else:
-        assert names == {"search"}, names

@@ -43,6 +43,7 @@ from aegis.gateway.mcp import (
     SESSION_NAMESPACE,
     TOOL_NAME,
     legacy_session,
+    lists_tools,
     session_id,
     session_key,
 )
@@ -466,11 +467,10 @@ class Pipeline:
             # their owners, or fill the store.
             _enforceable(ctx, decision)
             await self._hold_session(ctx, token)
-            # The answer to a tools/list names tools: cut to those the agent could call, by a
-            # door that rewrites answers. So is every other answer on an MCP route: a server
-            # may deliver a listing on the event stream a GET opens (a resumed stream), or on
-            # another request's stream (two requests of one id, which a server files alike).
-            if ctx.can_sanitize:
+            # The answer to a tools/list, and the event stream a GET opens (where a server may
+            # deliver that answer, on a resumed stream), name tools: cut to those the agent
+            # could call, by a door that rewrites answers.
+            if ctx.can_sanitize and (lists_tools(ctx.body) or ctx.method == "GET"):
                 facts.listed = self._lister(call, route.base_tool or route.tool)
         return decision
 

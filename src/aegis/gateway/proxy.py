@@ -93,7 +93,6 @@ from aegis.gateway.mcp import (
     SESSION_FIELD,
     McpInvalid,
     McpMessage,
-    lists_tools,
     mcp_call,
     opens_session,
     request_id,
@@ -138,12 +137,6 @@ async def _read_capped(upstream: aiohttp.ClientResponse, limit: int) -> bytearra
         if len(raw) > limit:
             break
     return raw
-
-
-def _asks_for_listing(ctx: CallContext) -> bool:
-    """Whether the call is a ``tools/list`` (its answer must be one that can be cut) or a GET
-    (the event stream where a server may deliver it)."""
-    return ctx.method == "GET" or lists_tools(ctx.body)
 
 
 def _event_stream(upstream: aiohttp.ClientResponse) -> bool:
@@ -862,8 +855,6 @@ class ReverseProxy:
             whole = upstream.status != 206 and "content-range" not in upstream.headers
             if cut and whole and not answer_obligations(result) and _event_stream(upstream):
                 return await self._relay_events(send, ctx, upstream, out_headers, result)
-            if cut and not answer_obligations(result) and not _asks_for_listing(ctx):
-                return await self._cut_other(send, ctx, upstream, out_headers, result)
             if cut or answer_obligations(result):
                 return await self._sanitized(send, ctx, upstream, out_headers, result)
             await self._relay(send, ctx, upstream, out_headers, result)
@@ -956,66 +947,6 @@ class ReverseProxy:
                 )
             return await _answer(send, upstream.status, headers, data)
         await self._stream(send, ctx, upstream, headers, result)
-
-    async def _cut_other(
-        self,
-        send: Send,
-        ctx: CallContext,
-        upstream: aiohttp.ClientResponse,
-        headers: list[tuple[str, str]],
-        result: Result,
-    ) -> None:
-        """The answer to an MCP message other than a ``tools/list`` (event streams are cut as
-        they pass, before this): a server may deliver a listing on it (two requests of one id),
-        so a JSON answer that could hold one (it names ``tools`` or escapes a character) is read
-        and cut as a listing is. Passed as it came: an answer no MCP client reads as a listing
-        (not JSON, a part, empty), and one too large or content-coded to read here (docs)."""
-        encoding = upstream.headers.get("content-encoding", "identity").lower()
-        ctype = upstream.headers.get("content-type")
-        limit = self._settings.max_body_bytes
-        if (
-            not is_json_type(ctype)
-            or encoding != "identity"
-            or upstream.status == 206
-            or "content-range" in upstream.headers
-            or (upstream.content_length or 0) > limit
-            or _has_no_body(ctx.method, upstream.status)
-        ):
-            return await self._relay(send, ctx, upstream, headers, result)
-        try:
-            raw = await _read_capped(upstream, limit)
-        except TimeoutError:
-            return await self._gateway_error(
-                send, ctx, 504, "upstream_timeout", "the upstream did not answer in time", result
-            )
-        except aiohttp.ClientError:
-            return await self._gateway_error(send, ctx, 502, "bad_gateway", _BROKEN_ANSWER, result)
-        if len(raw) > limit:  # too large to read here: passed on as it comes
-            start = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-            await send({"type": "http.response.start", "status": upstream.status,
-                        "headers": start})  # fmt: skip
-            await send({"type": "http.response.body", "body": bytes(raw), "more_body": True})
-            try:
-                async for chunk in upstream.content.iter_chunked(_CHUNK):
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            finally:
-                await send({"type": "http.response.body", "body": b""})
-            return
-        data = bytes(raw)
-        if b"tools" not in data and b"\\u" not in data:
-            return await _answer(send, upstream.status, headers, data)  # no listing in it
-        try:
-            clean = sanitized_body(data, ctype, True, result)
-            unchanged = clean == json.loads(data)
-        except (InvalidRequest, UnicodeDecodeError, RecursionError, ValueError) as exc:
-            why = exc.message if isinstance(exc, InvalidRequest) else "it is not JSON"
-            return await self._gateway_error(
-                send, ctx, 502, "bad_gateway",
-                f"the upstream answer could hold a tool list that cannot be cut: {why}", result,
-            )  # fmt: skip
-        if unchanged:
-            return await _answer(send, upstream.status, headers, data)
-        await _answer(send, upstream.status, sanitized_fields(headers), json.dumps(clean).encode())
 
     async def _relay_events(
         self,
