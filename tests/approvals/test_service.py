@@ -387,6 +387,9 @@ def test_one_person_is_one_party_however_the_id_is_spelled() -> None:
     assert party("carol@b\u00fccher.example") == party("carol@xn--bcher-kva.example")
     assert party("carol@stra\u00dfe.example") == party("carol@xn--strae-oqa.example")
     assert party("carol@example.com\u3002") == party("carol@example.com")
+    # A domain IDNA 2008 refuses (an emoji, an underscore label) is one under IDNA 2003.
+    assert party("carol@i\u2764.ws") == party("carol@xn--i-7iq.ws")
+    assert party("carol@mail_x.b\u00fccher.example") == party("carol@mail_x.xn--bcher-kva.example")
     # A letter and its accent split by an ignorable meet again.
     assert party("jose\u200b\u0301@example.com") == party("jos\u00e9@example.com")
     assert party("carol@example.org") != party("carol@example.com")

@@ -112,12 +112,19 @@ def _trimmed(text: str) -> str:
 
 def _a_label(domain: str) -> str:
     """A domain as its IDNA 2008 A-label (UTS 46, non-transitional: ``straße`` stays itself),
-    ``xn--`` labels decoded first so both spellings meet; case-folded as it is if it is no
-    domain IDNA reads."""
+    ``xn--`` labels decoded first so both spellings meet; as its IDNA 2003 A-label when IDNA
+    2008 refuses it; case-folded and normalised if neither reads it."""
     try:
         return idna.encode(idna.decode(domain, uts46=True), uts46=True).decode("ascii")
     except (idna.IDNAError, UnicodeError, ValueError):
-        return domain.casefold()
+        pass
+    # A name IDNA 2008 refuses (an emoji, an underscore label) still has one spelling under
+    # IDNA 2003, which browsers long used: i❤.ws and xn--i-7iq.ws are one domain.
+    folded = unicodedata.normalize("NFKC", domain.casefold())
+    try:
+        return folded.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return folded
 
 
 class ApprovalService:
