@@ -418,3 +418,26 @@ def test_disabling_a_client_stops_the_secret_in_its_overlap(env: Env) -> None:
     env.registry.check_secret(stored, fresh)
     with pytest.raises(ClientAuthError):
         env.registry.check_secret(stored, leaked)
+
+
+@pytest.mark.parametrize("text", ["ok\nforged log line", "\x1b[2Jcleared", "fin\u200bance"])
+def test_free_text_with_a_control_or_format_character_is_refused(env: Env, text: str) -> None:
+    """A name written into a log line or a terminal forges what follows it (a line break, an
+    escape sequence), and a role with an invisible character matches no rule: display names,
+    versions, models, roles and admin-key names hold none, on registration and on update."""
+    from aegis.types import AdminRole
+
+    for field, spec in (
+        ("display_name", AgentSpec("a1", "acme", "prod", "bob@example.com", display_name=text)),
+        ("roles", AgentSpec("a1", "acme", "prod", "bob@example.com", roles=("ops", text))),
+        ("model", AgentSpec("a1", "acme", "prod", "bob@example.com", model=text)),
+    ):
+        with pytest.raises(InvalidRequest) as info:
+            env.registry.register_agent(spec, actor=ACTOR)
+        assert info.value.details.get("field") == field
+    env.registry.register_agent(AgentSpec("a2", "acme", "prod", "bob@example.com"), actor=ACTOR)
+    with pytest.raises(InvalidRequest):
+        env.registry.update_agent("a2", actor=ACTOR, display_name=text)
+    with pytest.raises(InvalidRequest):
+        env.registry.create_admin_key(text, AdminRole.AUDITOR, actor=ACTOR)
+    assert env.registry.store.get_agent("a2").display_name == "a2"

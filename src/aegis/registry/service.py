@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import re
 import secrets
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Final
 
 from aegis.clock import Clock, new_id
 from aegis.crypto.keys import jwk_thumbprint, public_key_from_jwk
@@ -236,6 +237,10 @@ class RegistryService:
     def register_agent(self, spec: AgentSpec, *, actor: str) -> Agent:
         check_id(spec.id, "agent")
         _check_owner(spec.owner)
+        _check_text(
+            display_name=spec.display_name, software_version=spec.software_version,
+            model=spec.model, roles=spec.roles,
+        )  # fmt: skip
         scopes = _check_scopes(tuple(spec.allowed_scopes))
         jwks = tuple(self._check_jwk(j) for j in spec.jwks)
         now = self._clock.now()
@@ -338,6 +343,7 @@ class RegistryService:
             fields["allowed_scopes"] = _check_scopes(tuple(fields["allowed_scopes"]))
         if "jwks" in fields:
             fields["jwks"] = tuple(self._check_jwk(j) for j in fields["jwks"])
+        _check_text(**{k: fields[k] for k in _TEXT_FIELDS if k in fields})
         if "roles" in fields:
             fields["roles"] = tuple(fields["roles"])
         if "attributes" in fields:
@@ -535,6 +541,7 @@ class RegistryService:
     # -- admin API keys --------------------------------------------------------------------
 
     def create_admin_key(self, name: str, role: AdminRole, *, actor: str) -> tuple[AdminKey, str]:
+        _check_text(name=name)
         key_id = secrets.token_hex(8)
         secret = f"aegis_ak_{key_id}_{new_secret('')}"
         key = AdminKey(key_id, name, role, hash_secret(self._pepper, secret), self._clock.now())
@@ -602,3 +609,20 @@ def _check_attributes(attributes: object) -> dict[str, Any]:
 
     walk(attributes, 1)
     return dict(attributes)
+
+
+#: Agent fields of free text, shown in logs, the CLI and approval messages.
+_TEXT_FIELDS: Final = ("display_name", "software_version", "model", "roles")
+
+
+def _check_text(**values: object) -> None:
+    """Free text (a name, a version, roles) holds no control or format character: a line
+    break or an escape sequence written into a log line or a terminal by a name would forge
+    what follows it, and a role spelled with an invisible character would match no rule."""
+    for field, value in values.items():
+        texts = value if isinstance(value, list | tuple) else (value,)
+        for text in texts:
+            if isinstance(text, str) and any(unicodedata.category(c) in ("Cc", "Cf") for c in text):
+                raise InvalidRequest(
+                    f"{field} must not hold control or format characters", field=field
+                )
