@@ -15,6 +15,7 @@ from aegis.audit.export import write_export
 from aegis.audit.log import AuditLog
 from aegis.clock import FrozenClock, random_bytes
 from aegis.crypto.keyring import KeyRing
+from tests.audit.receivers import OtlpCollector
 from tests.crypto.fakes import MemoryKeyStore
 
 ISSUER = "https://aegis.test"
@@ -71,3 +72,11 @@ def either_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'audit.db'}"
     else:
         yield request.getfixturevalue("fresh_pg_url")
+
+
+@pytest.fixture
+def collector() -> Iterator[OtlpCollector]:
+    """A real OTLP/HTTP collector on loopback (:class:`tests.audit.receivers.OtlpCollector`)."""
+    c = OtlpCollector()
+    yield c
+    c.close()

@@ -174,25 +174,39 @@ class SyslogTlsReceiver:
 
 class OtlpCollector:
     """An OTLP/HTTP logs endpoint that parses each JSON-encoded request (the OTLP "JSON Protobuf
-    Encoding"); ``status`` sets the answer."""
+    Encoding"); ``status`` sets the answer, ``refuse_next`` answers that many requests 400 first
+    (a passing refusal), and ``poison`` rejects the records whose body holds it with an OTLP
+    partial success, keeping the others (:attr:`kept`)."""
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.status = 200
         #: The body of a 200 answer (an ExportLogsServiceResponse in the JSON encoding).
         self.answer = b""
+        self.refuse_next = 0
+        self.poison: str | None = None
+        #: Each request's record count, refused ones included.
+        self.sizes: list[int] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["content-length"]))
+                status, answer = outer.status, outer.answer
                 if self.path == "/v1/logs" and self.headers["content-type"] == "application/json":
-                    if outer.status == 200:
-                        outer.requests.append(json.loads(body))
-                    self.send_response(outer.status)
+                    request = json.loads(body)
+                    outer.sizes.append(len(_records(request)))
+                    if outer.refuse_next:
+                        outer.refuse_next -= 1
+                        status = 400
+                    elif outer.poison is not None:
+                        status, answer = 200, outer._partly(request)
+                    if status == 200:
+                        outer.requests.append(request)
+                    self.send_response(status)
                 else:
                     self.send_response(415)
-                answer = outer.answer if outer.status == 200 else b""
+                answer = answer if status == 200 else b""
                 self.send_header("content-length", str(len(answer)))
                 self.end_headers()
                 self.wfile.write(answer)
@@ -205,18 +219,32 @@ class OtlpCollector:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
+    def _partly(self, request: dict[str, Any]) -> bytes:
+        """Keep the records without :attr:`poison` (moved into their own request), reject the
+        rest, and say how many in a partial success."""
+        records = _records(request)
+        kept = [r for r in records if self.poison not in r["body"]["stringValue"]]
+        request["resourceLogs"] = [{"scopeLogs": [{"logRecords": kept}]}]
+        rejected = len(records) - len(kept)
+        return json.dumps({"partialSuccess": {"rejectedLogRecords": str(rejected)}} if rejected
+                          else {}).encode()  # fmt: skip
+
     def seqs(self) -> list[int]:
-        out = []
-        for req in self.requests:
-            for rl in req["resourceLogs"]:
-                for sl in rl["scopeLogs"]:
-                    for lr in sl["logRecords"]:
-                        attrs = {a["key"]: a["value"] for a in lr["attributes"]}
-                        # proto3 JSON: int64 is a decimal string.
-                        out.append(int(attrs["aegis.audit.seq"]["intValue"]))
-        return out
+        """The seq of every record kept, in arrival order."""
+        return [
+            # proto3 JSON: int64 is a decimal string.
+            int({a["key"]: a["value"] for a in lr["attributes"]}["aegis.audit.seq"]["intValue"])
+            for req in self.requests
+            for lr in _records(req)
+        ]
 
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=2)
+
+
+def _records(request: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        lr for rl in request["resourceLogs"] for sl in rl["scopeLogs"] for lr in sl["logRecords"]
+    ]

@@ -231,13 +231,6 @@ def test_syslog_format_escapes_structured_data() -> None:
     )
 
 
-@pytest.fixture
-def collector() -> Iterator[OtlpCollector]:
-    c = OtlpCollector()
-    yield c
-    c.close()
-
-
 def test_otlp_retries_a_down_collector_and_dead_letters_a_refused_batch(
     log: AuditLog, tmp_path: Path, clock: FrozenClock, collector: OtlpCollector
 ) -> None:
