@@ -112,14 +112,26 @@ def _jws(claims: dict[str, object]) -> str:
     return f"{enc({'alg': 'EdDSA', 'typ': 'at+jwt'})}.{enc(claims)}.c2ln"
 
 
+def _held_until(
+    clock: FrozenClock, approved_at: float, path: str, headers: dict[str, str]
+) -> Answer:
+    """A gateway and control plane in one: the call is held for approval (approval_needed) until
+    ``approved_at``, its status polled at /v1/approvals/a1, then passed with override ovr-1."""
+    if path.startswith("/v1/approvals/"):
+        state = "pending" if clock.now() < approved_at else "approved"
+        answer = {"state": state, "override_token": "ovr-1"}
+        return 200, {"content-type": "application/json"}, json.dumps(answer).encode()
+    if headers.get("x-aegis-override") == "ovr-1":
+        return 200, {}, b"{}"
+    return refusal(403, "approval_needed", decision="d-1", approval_id="a1",
+                   status_url="/v1/approvals/a1")  # fmt: skip
+
+
 def test_an_approval_wait_outliving_the_token_refreshes_it() -> None:
     """A token fetched a while ago is used until 30 s before it expires; an approval wait lasts
     minutes. Each poll takes the cached token anew, and one the server refuses as expired (its
     clock ahead of the agent's) is refreshed and the poll repeated: a human's approval is not
     lost to an expired token."""
-    from aegis.clock import FrozenClock
-    from aegis.sdk import ApprovalPolicy
-
     clock = FrozenClock(T0)
     old = _jws({"jti": "old", "exp": T0 + 60})
     new = _jws({"jti": "new", "exp": T0 + 10_000})
@@ -131,14 +143,7 @@ def test_an_approval_wait_outliving_the_token_refreshes_it() -> None:
             return 200, {"content-type": "application/json"}, json.dumps(body).encode()
         if token == old and clock.now() >= T0 + 10:  # the server's clock runs ahead
             return refusal(401, "token_expired", decision="d-exp")
-        if path.startswith("/v1/approvals/"):
-            state = "pending" if clock.now() < T0 + 90 else "approved"
-            answer = {"state": state, "override_token": "ovr-1"}
-            return 200, {"content-type": "application/json"}, json.dumps(answer).encode()
-        if headers.get("x-aegis-override") == "ovr-1":
-            return 200, {}, b"{}"
-        return refusal(403, "approval_needed", decision="d-1", approval_id="a1",
-                       status_url="/v1/approvals/a1")  # fmt: skip
+        return _held_until(clock, T0 + 90, path, headers)
 
     with recording_server(server) as (url, seen):
         agent = AgentClient(url, PrivateKey("c", Ed25519SigningKey.generate()), clock=clock,
@@ -261,14 +266,7 @@ def test_the_call_after_an_approval_wait_is_not_sent_with_a_stale_token() -> Non
             issued.append(token)
             body = {"access_token": token, "token_type": "DPoP", "expires_in": 300}
             return 200, {"content-type": "application/json"}, json.dumps(body).encode()
-        if path.startswith("/v1/approvals/"):
-            state = "pending" if clock.now() < T0 + 280 else "approved"
-            answer = {"state": state, "override_token": "ovr-1"}
-            return 200, {"content-type": "application/json"}, json.dumps(answer).encode()
-        if headers.get("x-aegis-override") == "ovr-1":
-            return 200, {}, b"{}"
-        return refusal(403, "approval_needed", decision="d-1", approval_id="a1",
-                       status_url="/v1/approvals/a1")  # fmt: skip
+        return _held_until(clock, T0 + 280, path, headers)
 
     with recording_server(server) as (url, seen):
         agent = AgentClient(url, PrivateKey("c", Ed25519SigningKey.generate()), clock=clock,
