@@ -231,6 +231,11 @@ def to_response(result: Result, req: CheckedRequest) -> external_auth_pb2.CheckR
                 ],
             ),
         )
+    return _denied(result)
+
+
+def _denied(result: Result) -> external_auth_pb2.CheckResponse:
+    """A refusal as Envoy passes it to the client: status, fields and the JSON body."""
     headers = {**result.headers, "content-type": "application/json"}
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=_grpc_code(result.status), message=result.code or ""),
@@ -280,16 +285,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             http = request.attributes.request.http
             auth = next((v for k, v in _headers(http) if k == "authorization"), None)
             asked = Asked(http.method, http.path, http.host, None, auth)
-            result = await self._ext.undecided(500, "server_error", "internal error", asked)
-            headers = {**result.headers, "content-type": "application/json"}
-            return external_auth_pb2.CheckResponse(
-                status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message="server_error"),
-                denied_response=external_auth_pb2.DeniedHttpResponse(
-                    status=http_status_pb2.HttpStatus(code=500),
-                    headers=[_option(k, v) for k, v in headers.items()],
-                    body=json.dumps(refusal_body(result)),
-                ),
-            )
+            return _denied(await self._ext.undecided(500, "server_error", "internal error", asked))
         except Exception:
             count_decision("deny", "server_error")
             return _INTERNAL_ERROR

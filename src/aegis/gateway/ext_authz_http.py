@@ -141,13 +141,8 @@ class HttpExtAuthz:
     async def _failed(self, request: Request) -> Result:
         """The door's own 500: audited (``gateway.refused``) and marked like every refusal; if
         even that fails, answered all the same, counted."""
-        peer = request.client.host if request.client else None
-        asked = Asked(
-            request.method, (request.scope.get("raw_path") or b"").decode("latin-1"),
-            request.headers.get("host", ""), peer, request.headers.get("authorization"),
-        )  # fmt: skip
         try:
-            return await self._ext.undecided(500, "server_error", "internal error", asked)
+            return await self._ext.undecided(500, "server_error", "internal error", _asked(request))
         except Exception:
             count_decision("deny", "server_error")
             return Result("", "deny", 500, "server_error", "internal error")
@@ -156,13 +151,7 @@ class HttpExtAuthz:
         s = self._settings
         peer = request.client.host if request.client else ""
         trusted = peer in self._trusted
-        seen = Asked(
-            request.method,
-            (request.scope.get("raw_path") or b"").decode("latin-1"),
-            request.headers.get("host", ""),
-            peer or None,
-            request.headers.get("authorization"),
-        )
+        seen = _asked(request)
         if s.http_mode == "nginx":
             if not trusted:
                 return await self._ext.undecided(
@@ -278,3 +267,14 @@ def create_ext_authz_http_app(ext: ExtAuthz, settings: ExtAuthzSettings) -> Star
     app = Starlette(routes=routes)
     app.state.ext_authz = door
     return app
+
+
+def _asked(request: Request) -> Asked:
+    """What this door was asked, for the record of a refusal before any route was chosen."""
+    return Asked(
+        request.method,
+        (request.scope.get("raw_path") or b"").decode("latin-1"),
+        request.headers.get("host", ""),
+        request.client.host if request.client and request.client.host else None,
+        request.headers.get("authorization"),
+    )
