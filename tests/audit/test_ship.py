@@ -149,6 +149,14 @@ def _wait_for(receiver: SyslogTlsReceiver, n: int) -> list[int]:
     return receiver.seqs()
 
 
+def _syslog(receiver: SyslogTlsReceiver, tls: tuple[Path, Path, Path]) -> SyslogSink:
+    """A syslog sink to the loopback receiver, trusting the test CA, naming it as its
+    certificate does."""
+    return SyslogSink(
+        "127.0.0.1", receiver.port, context=SyslogSink.context(str(tls[0])), server_name="localhost"
+    )
+
+
 def test_syslog_over_tls_survives_a_receiver_restart(
     log: AuditLog,
     tmp_path: Path,
@@ -156,9 +164,7 @@ def test_syslog_over_tls_survives_a_receiver_restart(
     tls: tuple[Path, Path, Path],
     receiver: SyslogTlsReceiver,
 ) -> None:
-    sink = SyslogSink(
-        "127.0.0.1", receiver.port, context=SyslogSink.context(str(tls[0])), server_name="localhost"
-    )
+    sink = _syslog(receiver, tls)
     shipper = _shipper(log, sink, tmp_path, clock)
     fill(log, 7)
     assert shipper.run_once().sent == 7
@@ -193,9 +199,7 @@ def test_one_record_a_sink_refuses_keeps_none_of_its_batch_from_the_sink(
 ) -> None:
     """A record over syslog's 64 KiB makes the sink refuse its whole batch: the shipper halves
     the batch until that record is alone, dead-letters it, and delivers its neighbours."""
-    sink = SyslogSink(
-        "127.0.0.1", receiver.port, context=SyslogSink.context(str(tls[0])), server_name="localhost"
-    )
+    sink = _syslog(receiver, tls)
     shipper = Shipper(log, sink, state_dir=tmp_path / "state", clock=clock, batch_size=8)
     fill(log, 5)
     log.append("gateway.decision", {"decision_id": "d-big", "n": 5, "blob": "x" * 70_000})

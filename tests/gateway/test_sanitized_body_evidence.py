@@ -11,15 +11,18 @@ from typing import Any
 from tests.gateway.conftest import Agent, Env, gateway_app
 from tests.gateway.harness import exchange, gateway_here, signed_call
 
-POLICY = """
+_RULE = """
 apiVersion: aegis/v1
 kind: Policy
 metadata: {name: hide}
 spec:
   rules:
     - {id: hide, action: sanitize, reason: hidden, match: {tools: [payments]},
-       obligations: [{kind: redact, target: request, path: ssn}]}
+       obligations: [{kind: redact, target: request, path: ssn}%s]}
 """
+POLICY = _RULE % ""
+#: The answer is rewritten too (a call with If-Match is then refused before it is sent).
+BOTH_WAYS = _RULE % ",\n                     {kind: redact, target: response, path: ssn}"
 
 
 async def test_forwarded_sanitized_body_is_bound_even_when_the_upstream_times_out(
@@ -69,18 +72,6 @@ async def test_forwarded_sanitized_body_is_bound_even_when_the_upstream_times_ou
     (failed,) = [r for r in later if r.get("kind") == "gateway.forward_failed"]
     assert (failed["body_digest"], failed["sanitized"]) == (forwarded, True), failed
     assert failed["bytes"] == len(received[0])
-
-
-BOTH_WAYS = """
-apiVersion: aegis/v1
-kind: Policy
-metadata: {name: hide}
-spec:
-  rules:
-    - {id: hide, action: sanitize, reason: hidden, match: {tools: [payments]},
-       obligations: [{kind: redact, target: request, path: ssn},
-                     {kind: redact, target: response, path: ssn}]}
-"""
 
 
 async def test_no_forwarded_body_is_bound_when_nothing_was_forwarded(env: Env) -> None:
